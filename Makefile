@@ -1,0 +1,29 @@
+# latticaray — set-up, demo, tests, benchmarks.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VPY) pyproject.toml
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) examples/demo.py
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Mesh: identity, multiaddr, transports, connection manager, RPC, DHT, NAT traversal, simulator."""

@@ -1,0 +1,1 @@
+"""NAT traversal: AutoNAT reachability, NAT type detection, circuit relay, hole punching, rendezvous."""

@@ -1,0 +1,1 @@
+"""Object store: CIDs, serialization, shared-memory store, eviction/spill, Bitswap exchange."""

@@ -1,0 +1,1 @@
+"""Scheduler: capacity advertisement, placement policy (sans-I/O), local resource accounting."""
