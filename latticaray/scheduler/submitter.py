@@ -1,0 +1,208 @@
+"""Submitter side of placement: spillback retries, waiting for capacity, infeasible timeouts.
+
+:class:`Submitter` is a sans-I/O state machine owned by the node that submits tasks. It asks the
+:class:`~latticaray.scheduler.policy.PlacementPolicy` for a node and returns *actions* for its
+driver to carry out:
+
+* :class:`SendPlacement` — send the request to ``node_id`` (RPC ``/latticaray/sched/1``);
+* :class:`Placed` — the node accepted it (started or queued it there);
+* :class:`PlacementWarning` — a request is infeasible right now (logged once, clearly);
+* :class:`PlacementFailed` — it stayed infeasible past ``infeasible_timeout``
+  (carries :class:`~latticaray.scheduler.errors.TaskUnschedulableError`).
+
+Spillback: a rejection's hint replaces the node's view in the snapshot and the node is excluded
+for this request; after ``max_attempts`` rejections the request waits (exclusions cleared) and is
+retried on :meth:`poll`. Waiting requests are bounded by ``max_waiting`` (``submit`` raises
+:class:`~latticaray.scheduler.errors.QueueFull`: backpressure to the caller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .errors import QueueFull, TaskUnschedulableError
+from .local import Admission, AdmissionKind
+from .policy import ClusterSnapshot, DecisionKind, PlacementPolicy, PlacementRequest
+
+__all__ = ["Submitter", "SendPlacement", "Placed", "PlacementWarning", "PlacementFailed"]
+
+
+@dataclass(frozen=True)
+class SendPlacement:
+    node_id: str
+    request: PlacementRequest
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Placed:
+    task_id: str
+    node_id: str
+    admission: Admission
+    attempts: int
+    local_bytes: int
+    holder_available: bool
+
+
+@dataclass(frozen=True)
+class PlacementWarning:
+    task_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PlacementFailed:
+    task_id: str
+    error: TaskUnschedulableError
+
+
+Action = SendPlacement | Placed | PlacementWarning | PlacementFailed
+
+
+@dataclass
+class _InFlight:
+    request: PlacementRequest
+    node_id: str
+    attempt: int
+    local_bytes: int
+    holder_available: bool
+
+
+@dataclass
+class _Infeasible:
+    request: PlacementRequest
+    since: float
+    reason: str
+
+
+class Submitter:
+    """Drives requests of one submitter through placement, spillback and waiting."""
+
+    def __init__(self, submitter_id: str, policy: PlacementPolicy, snapshot: ClusterSnapshot, *,
+                 max_attempts: int = 4, infeasible_timeout: float = 30.0, max_waiting: int = 100_000,
+                 retry_interval: float = 0.5, retry_batch: int = 256) -> None:
+        self.submitter_id = submitter_id
+        self.policy = policy
+        self.snapshot = snapshot
+        self.max_attempts = max_attempts
+        self.infeasible_timeout = infeasible_timeout
+        self.max_waiting = max_waiting
+        self.retry_interval = retry_interval
+        self.retry_batch = retry_batch
+        self._in_flight: dict[str, _InFlight] = {}
+        self._attempts: dict[str, int] = {}
+        self._waiting: "OrderedDict[str, PlacementRequest]" = OrderedDict()
+        self._infeasible: dict[str, _Infeasible] = {}
+        self.rejections = 0
+
+    # introspection -----------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def infeasible(self) -> int:
+        return len(self._infeasible)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When :meth:`poll` should next run (None: nothing is waiting)."""
+        times = [i.since + self.infeasible_timeout for i in self._infeasible.values()]
+        if self._waiting or self._infeasible:
+            times.append(now + self.retry_interval)
+        return min(times) if times else None
+
+    # events ------------------------------------------------------------------------------------
+    def submit(self, request: PlacementRequest, now: float) -> list[Action]:
+        if len(self._waiting) + len(self._infeasible) >= self.max_waiting:
+            raise QueueFull(f"submitter {self.submitter_id} already holds {self.max_waiting} "
+                            f"requests waiting for capacity")
+        self._attempts[request.task_id] = 0
+        return self._try(request, now)
+
+    def on_admission(self, admission: Admission, now: float) -> list[Action]:
+        flight = self._in_flight.pop(admission.task_id, None)
+        if flight is None:
+            return []  # late or duplicate reply
+        if admission.kind is not AdmissionKind.REJECTED:
+            self._attempts.pop(admission.task_id, None)
+            return [Placed(admission.task_id, flight.node_id, admission, flight.attempt,
+                           flight.local_bytes, flight.holder_available)]
+        self.rejections += 1
+        self.policy.forget(admission.task_id, flight.node_id)
+        if admission.hint is not None and admission.hint.node_id == flight.node_id:
+            self.snapshot.update_node(admission.hint)
+        request = dataclasses.replace(flight.request, excluded=flight.request.excluded | {flight.node_id})
+        return self._try(request, now)
+
+    def on_send_failed(self, task_id: str, now: float) -> list[Action]:
+        """The request never reached its node (unreachable, timeout): try another one."""
+        flight = self._in_flight.pop(task_id, None)
+        if flight is None:
+            return []
+        self.policy.forget(task_id, flight.node_id)
+        request = dataclasses.replace(flight.request, excluded=flight.request.excluded | {flight.node_id})
+        return self._try(request, now)
+
+    def poll(self, now: float) -> list[Action]:
+        """Retry waiting and infeasible requests; fail those infeasible for too long."""
+        actions: list[Action] = []
+        for task_id in list(self._infeasible):
+            entry = self._infeasible[task_id]
+            decision = self.policy.place(self.snapshot, entry.request, now)
+            if decision.kind is DecisionKind.INFEASIBLE:
+                if now - entry.since >= self.infeasible_timeout:
+                    del self._infeasible[task_id]
+                    self._attempts.pop(task_id, None)
+                    actions.append(PlacementFailed(task_id, TaskUnschedulableError(
+                        task_id, decision.reason, waited_s=now - entry.since)))
+                continue
+            del self._infeasible[task_id]
+            actions.extend(self._act(entry.request, decision, now))
+        tried = 0
+        for task_id in list(self._waiting):
+            if tried >= self.retry_batch:
+                break
+            tried += 1
+            request = self._waiting.pop(task_id)
+            decision = self.policy.place(self.snapshot, request, now)
+            if decision.kind is DecisionKind.WAIT:
+                self._waiting[task_id] = request
+                self._waiting.move_to_end(task_id, last=False)
+                break  # keep FIFO order; later ones would likely wait too
+            actions.extend(self._act(request, decision, now))
+        return actions
+
+    # internals ---------------------------------------------------------------------------------
+    def _try(self, request: PlacementRequest, now: float) -> list[Action]:
+        if self._attempts.get(request.task_id, 0) >= self.max_attempts:
+            # Bounded spillback: wait for fresher ads, then start over with no exclusions.
+            self._attempts[request.task_id] = 0
+            self._waiting[request.task_id] = dataclasses.replace(request, excluded=frozenset())
+            return []
+        decision = self.policy.place(self.snapshot, request, now)
+        return self._act(request, decision, now)
+
+    def _act(self, request: PlacementRequest, decision, now: float) -> list[Action]:
+        if decision.kind is DecisionKind.PLACE:
+            attempt = self._attempts.get(request.task_id, 0) + 1
+            self._attempts[request.task_id] = attempt
+            self._in_flight[request.task_id] = _InFlight(request, decision.node_id, attempt,
+                                                         decision.local_bytes, decision.holder_available)
+            return [SendPlacement(decision.node_id, request, attempt)]
+        if decision.kind is DecisionKind.WAIT:
+            self._waiting[request.task_id] = dataclasses.replace(request, excluded=frozenset())
+            return []
+        first = request.task_id not in self._infeasible
+        if first:
+            self._infeasible[request.task_id] = _Infeasible(request, now, decision.reason)
+            return [PlacementWarning(request.task_id,
+                                     f"task {request.task_id} is infeasible right now: {decision.reason}; "
+                                     f"it fails with TaskUnschedulableError unless a node that fits "
+                                     f"joins within {self.infeasible_timeout:g}s")]
+        return []
