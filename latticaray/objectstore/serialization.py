@@ -1,0 +1,257 @@
+"""Serialization of Python values into a flat payload plus metadata, read back without copying.
+
+* ``numpy.ndarray`` (non-object dtypes) -> Arrow IPC tensor message.
+* ``pyarrow`` ``Table`` / ``RecordBatch`` / ``Array`` / ``ChunkedArray`` -> Arrow IPC stream.
+* ``torch.Tensor`` (CPU, when torch is importable) -> Arrow IPC tensor of its numpy view.
+* Anything else -> cloudpickle, pickle protocol 5, with out-of-band buffers: large buffers nested
+  in arbitrary objects (numpy arrays in dicts, bytes-like PickleBuffers) are laid out in the payload
+  beside the pickle stream and handed back as views on load, not copied.
+
+Every buffer in a payload starts at a 64-byte aligned offset, so when the payload lives in a
+page-aligned shared-memory mapping, arrays read back are aligned, read-only views into it.
+
+Public API (the runtime imports these)::
+
+    ser = serialize(value)          # SerializedObject: .meta (dict), .nbytes, .inlineable
+    ser.write_into(dest)            # fill a writable buffer of exactly ser.nbytes (one copy)
+    payload = ser.to_bytes()        # the payload as bytes (for small values)
+    value = deserialize(ser.meta, payload)           # payload: bytes / memoryview / mmap slice
+    blob = serialize_inline(value); deserialize_inline(blob)   # self-describing small form
+
+``INLINE_THRESHOLD`` (64 KiB): values whose payload is at most this size are meant to ride inline
+in task messages instead of going through the store.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import sys
+from typing import Any, Callable
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+
+from . import dagcbor
+from .errors import CodecError, SerializationError
+
+__all__ = ["SerializedObject", "serialize", "deserialize", "serialize_inline",
+           "deserialize_inline", "INLINE_THRESHOLD", "ALIGNMENT"]
+
+INLINE_THRESHOLD = 64 * 1024
+ALIGNMENT = 64
+_COPY_THREADS = 2  # Arrow's parallel memcpy for large writes
+
+
+def _align(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) & ~(ALIGNMENT - 1)
+
+
+def _writable_arrow_buffer(dest: Any) -> pa.Buffer:
+    buffer = pa.py_buffer(dest)
+    if not buffer.is_mutable:
+        raise SerializationError("destination buffer is read-only")
+    return buffer
+
+
+class SerializedObject:
+    """A value ready to be written: metadata plus a writer that fills ``nbytes`` bytes."""
+
+    __slots__ = ("meta", "nbytes", "_writer")
+
+    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[Any], None]) -> None:
+        self.meta = meta
+        self.nbytes = nbytes
+        self._writer = writer
+
+    @property
+    def inlineable(self) -> bool:
+        return self.nbytes <= INLINE_THRESHOLD
+
+    def write_into(self, dest: Any) -> None:
+        view = memoryview(dest).cast("B")
+        if view.nbytes != self.nbytes:
+            raise SerializationError(f"destination is {view.nbytes} bytes, payload is {self.nbytes}")
+        if self.nbytes:
+            self._writer(view)
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(self.nbytes)
+        self.write_into(out)
+        return bytes(out)
+
+
+# --- Arrow: tensors ------------------------------------------------------------------------------
+
+def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        array = np.ascontiguousarray(array)
+    tensor = pa.Tensor.from_numpy(array)
+    size = pa.ipc.get_tensor_size(tensor)
+
+    def write(dest: memoryview) -> None:
+        writer = pa.FixedSizeBufferWriter(_writable_arrow_buffer(dest))
+        if size > 1 << 20:
+            writer.set_memcopy_threads(_COPY_THREADS)
+        pa.ipc.write_tensor(tensor, writer)
+        writer.close()
+
+    meta = {"ser": kind, "dtype": array.dtype.str, "shape": list(array.shape)}
+    return SerializedObject(meta, size, write)
+
+
+# --- Arrow: IPC streams --------------------------------------------------------------------------
+
+def _serialize_stream(batches_schema: pa.Schema, batches: list[pa.RecordBatch], kind: str,
+                      extra: dict[str, Any]) -> SerializedObject:
+    sizer = pa.MockOutputStream()
+    with pa.ipc.new_stream(sizer, batches_schema) as stream_writer:
+        for batch in batches:
+            stream_writer.write_batch(batch)
+    size = sizer.size()
+
+    def write(dest: memoryview) -> None:
+        sink = pa.FixedSizeBufferWriter(_writable_arrow_buffer(dest))
+        if size > 1 << 20:
+            sink.set_memcopy_threads(_COPY_THREADS)
+        with pa.ipc.new_stream(sink, batches_schema) as stream_writer:
+            for batch in batches:
+                stream_writer.write_batch(batch)
+        sink.close()
+
+    meta = {"ser": kind, "schema": batches_schema.serialize().to_pybytes(), **extra}
+    return SerializedObject(meta, size, write)
+
+
+def _serialize_arrow(value: Any) -> SerializedObject:
+    if isinstance(value, pa.Table):
+        return _serialize_stream(value.schema, value.to_batches(), "arrow-table", {})
+    if isinstance(value, pa.RecordBatch):
+        return _serialize_stream(value.schema, [value], "arrow-batch", {})
+    if isinstance(value, pa.ChunkedArray):
+        table = pa.table({"a": value})
+        return _serialize_stream(table.schema, table.to_batches(), "arrow-chunked", {})
+    if isinstance(value, pa.Array):
+        batch = pa.RecordBatch.from_arrays([value], ["a"])
+        return _serialize_stream(batch.schema, [batch], "arrow-array", {})
+    raise SerializationError(f"not an Arrow value: {type(value).__name__}")  # pragma: no cover
+
+
+# --- pickle 5 with out-of-band buffers -----------------------------------------------------------
+
+def _serialize_pickle(value: Any) -> SerializedObject:
+    out_of_band: list[pickle.PickleBuffer] = []
+    try:
+        stream = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band.append)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+    views: list[memoryview] = []
+    for buffer in out_of_band:
+        try:
+            views.append(buffer.raw())
+        except BufferError:  # non-contiguous: unavoidable copy
+            views.append(memoryview(bytes(buffer)))
+    layout: list[list[int]] = []
+    offset = _align(len(stream))
+    for view in views:
+        layout.append([offset, view.nbytes])
+        offset = _align(offset + view.nbytes)
+    total = (layout[-1][0] + layout[-1][1]) if layout else len(stream)
+
+    def write(dest: memoryview) -> None:
+        dest[:len(stream)] = stream
+        for (start, length), view in zip(layout, views):
+            if length >= 1 << 20:
+                np.copyto(np.frombuffer(dest[start:start + length], dtype=np.uint8),
+                          np.frombuffer(view, dtype=np.uint8))
+            else:
+                dest[start:start + length] = view
+
+    meta = {"ser": "pickle5", "pickle": len(stream), "buffers": layout}
+    return SerializedObject(meta, total, write)
+
+
+def serialize(value: Any) -> SerializedObject:
+    """Serialize ``value``; no copy happens until :meth:`SerializedObject.write_into`."""
+    if isinstance(value, np.ndarray) and value.dtype != object and value.dtype.fields is None:
+        try:
+            return _serialize_tensor(value, "arrow-tensor")
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            pass  # dtypes Arrow tensors lack (e.g. datetime64, strings): pickle-5 below
+    if isinstance(value, (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)):
+        return _serialize_arrow(value)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        serialized = _serialize_tensor(value.detach().numpy(), "torch")
+        return serialized
+    return _serialize_pickle(value)
+
+
+def deserialize(meta: dict[str, Any], payload: Any) -> Any:
+    """Rebuild a value from ``meta`` and its payload; arrays are views into ``payload``."""
+    kind = meta.get("ser") if isinstance(meta, dict) else None
+    view = memoryview(payload).cast("B") if not isinstance(payload, pa.Buffer) else None
+    source = payload if view is None else pa.py_buffer(view)
+    try:
+        if kind in ("arrow-tensor", "torch"):
+            array = pa.ipc.read_tensor(source).to_numpy()
+            wanted = np.dtype(meta["dtype"]) if "dtype" in meta else array.dtype
+            if wanted != array.dtype and wanted.itemsize == array.dtype.itemsize:
+                array = array.view(wanted)  # e.g. bool travels as uint8
+            if kind == "torch":
+                import torch  # noqa: PLC0415 - optional dependency, present if it was written
+
+                return torch.from_numpy(array)
+            return array
+        if kind in ("arrow-table", "arrow-batch", "arrow-array", "arrow-chunked"):
+            reader = pa.ipc.open_stream(source)
+            if kind == "arrow-batch":
+                return reader.read_next_batch()
+            if kind == "arrow-array":
+                return reader.read_next_batch().column(0)
+            table = reader.read_all()
+            return table.column(0) if kind == "arrow-chunked" else table
+        if kind == "pickle5":
+            if view is None:
+                view = memoryview(payload)
+            stream_len = int(meta["pickle"])
+            buffers = [view[int(start):int(start) + int(length)] for start, length in meta["buffers"]]
+            for start, length in meta["buffers"]:
+                if int(start) < stream_len or int(start) + int(length) > view.nbytes:
+                    raise SerializationError("pickle-5 buffer layout lies outside the payload")
+            return pickle.loads(view[:stream_len], buffers=buffers)
+    except SerializationError:
+        raise
+    except Exception as exc:
+        raise SerializationError(f"cannot deserialize a {kind!r} payload: {exc}") from exc
+    raise SerializationError(f"unknown serializer {kind!r}")
+
+
+_INLINE_MAGIC = b"LRI1"
+
+
+def serialize_inline(value: Any) -> bytes:
+    """Self-describing bytes for a small value: ``b"LRI1" || u32 meta_len || meta || payload``."""
+    ser = serialize(value)
+    meta = dagcbor.encode(ser.meta)
+    header = _INLINE_MAGIC + struct.pack(">I", len(meta)) + meta
+    start = _align(len(header))
+    out = bytearray(start + ser.nbytes)
+    out[:len(header)] = header
+    ser.write_into(memoryview(out)[start:])
+    return bytes(out)
+
+
+def deserialize_inline(blob: bytes | memoryview) -> Any:
+    view = memoryview(blob)
+    if view.nbytes < 8 or bytes(view[:4]) != _INLINE_MAGIC:
+        raise SerializationError("not an inline latticaray value (bad magic)")
+    (meta_len,) = struct.unpack(">I", view[4:8])
+    if 8 + meta_len > view.nbytes:
+        raise SerializationError("inline value truncated")
+    try:
+        meta = dagcbor.decode(view[8:8 + meta_len])
+    except CodecError as exc:
+        raise SerializationError(f"bad inline metadata: {exc}") from None
+    return deserialize(meta, view[_align(8 + meta_len):])

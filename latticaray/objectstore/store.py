@@ -1,0 +1,596 @@
+"""Per-node object store in shared memory (files under /dev/shm, memory-mapped), with a budget.
+
+Layout of a store directory (``root``, on tmpfs)::
+
+    config            msgpack {capacity, spill_dir, spill_capacity}: lets other processes attach
+    lock              fcntl.flock'ed around every change to the ledger and the objects directory
+    ledger            msgpack {used, spill_used, reservations {owner: bytes}, pins {cid: {pid: n}}}
+    objects/<cid>     sealed objects: payload (page aligned) | manifest | u32 length | b"LRAYOBJ1"
+    tmp/<pid>-<id>    objects being written; sealed by rename(2), so a half-written object is never
+                      visible under objects/ (crash-safe); leftovers of dead processes are removed
+
+Budget: bytes under ``objects/`` plus reservations of writes in flight never exceed ``capacity``.
+A put reserves its size first, evicting least-recently-used unpinned objects (use time = file
+mtime, touched on ``get``): they are spilled to ``spill_dir`` on disk (written, fsynced, renamed)
+while the spill budget allows, else deleted. Pinned objects are never evicted or spilled; a put
+that cannot fit beside them raises :class:`StoreFull`. ``get`` of a spilled object restores it
+transparently. Two puts of the same content (any processes) keep one copy: the second sees the
+sealed CID and discards its temp file.
+
+Any process on the host may open the same directory (``LocalStore.attach(root)``) and put/get;
+reads are zero-copy: ``get`` returns values whose buffers are read-only views of the mapping.
+A mapping stays valid after its file is evicted (tmpfs frees the pages when the last view dies).
+
+Public API::
+
+    store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None)
+    client = LocalStore.attach(root)                 # another process on the same host
+    cid = store.put(value, pin=False)                # serialize + seal -> root CID (bafyrei...)
+    value = store.get(cid)                           # zero-copy; ObjectNotFound if absent
+    obj = store.get_object(cid)                      # StoredObject: .manifest, .payload (memoryview)
+    store.contains(cid); store.pin(cid); store.unpin(cid); store.delete(cid); store.stats()
+    writer = store.open_writer(manifest)             # for fetched blocks: write_block(i, data), seal()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import msgpack
+import psutil
+
+from .cid import SHA2_256, Cid
+from .errors import BlockVerificationError, ObjectNotFound, ObjectStoreError, StoreFull
+from .manifest import DEFAULT_CHUNK_SIZE, Manifest, build_manifest
+from .serialization import SerializedObject, deserialize, serialize
+
+__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity"]
+
+_TRAILER_MAGIC = b"LRAYOBJ1"
+_TRAILER = struct.Struct(">I8s")
+_DEFAULT_RAM_FRACTION = 0.3
+
+
+def default_capacity(fraction: float = _DEFAULT_RAM_FRACTION, shm_root: str = "/dev/shm") -> int:
+    """A fraction of RAM, bounded by the free space of the shm filesystem."""
+    budget = int(psutil.virtual_memory().total * fraction)
+    with contextlib.suppress(OSError):
+        budget = min(budget, int(shutil.disk_usage(shm_root).free * 0.9))
+    return budget
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StoredObject:
+    """A sealed object mapped read-only: ``payload`` is a zero-copy memoryview of the mapping."""
+
+    cid: Cid
+    manifest: Manifest
+    payload: memoryview
+
+    def value(self) -> Any:
+        return deserialize(self.manifest.meta, self.payload)
+
+    def block(self, index: int) -> memoryview:
+        start, end = self.manifest.block_range(index)
+        return self.payload[start:end]
+
+
+def _map_readonly(path: str) -> tuple[mmap.mmap | None, int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None, 0
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ), size
+    finally:
+        os.close(fd)
+
+
+def _read_sealed(cid: Cid, path: str, manifest_cache: "OrderedDict[Cid, Manifest]") -> StoredObject:
+    mapping, size = _map_readonly(path)
+    if mapping is None or size < _TRAILER.size:
+        raise ObjectStoreError(f"sealed object file {path} is truncated")
+    view = memoryview(mapping)
+    manifest_len, magic = _TRAILER.unpack(view[size - _TRAILER.size:])
+    if magic != _TRAILER_MAGIC or manifest_len > size - _TRAILER.size:
+        raise ObjectStoreError(f"sealed object file {path} has a bad trailer")
+    payload_end = size - _TRAILER.size - manifest_len
+    manifest = manifest_cache.get(cid)
+    if manifest is None:
+        manifest = Manifest.decode(cid, view[payload_end:payload_end + manifest_len])
+        manifest_cache[cid] = manifest
+        while len(manifest_cache) > 1024:
+            manifest_cache.popitem(last=False)
+    if manifest.size != payload_end:
+        raise ObjectStoreError(f"sealed object file {path} has {payload_end} payload bytes, manifest says {manifest.size}")
+    return StoredObject(cid, manifest, view[:payload_end])
+
+
+def _sealed_size(manifest: Manifest) -> int:
+    return manifest.size + len(manifest.encoded) + _TRAILER.size
+
+
+class ObjectWriter:
+    """An object being assembled in a temp file (from a local put or from fetched blocks).
+
+    ``write_block`` verifies each block against the manifest before accepting it. ``seal`` makes
+    the object visible atomically; ``abort`` discards it and releases its reservation.
+    """
+
+    def __init__(self, store: "LocalStore", manifest: Manifest, temp_path: str, reservation: str) -> None:
+        self.store = store
+        self.manifest = manifest
+        self._path = temp_path
+        self._reservation = reservation
+        self._have = bytearray(len(manifest.blocks))
+        self._missing = len(manifest.blocks)
+        fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(manifest.size, 1))
+            self._map = mmap.mmap(fd, max(manifest.size, 1))
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)[:manifest.size]
+        self._done = False
+
+    @property
+    def root(self) -> Cid:
+        return self.manifest.root
+
+    def has_block(self, index: int) -> bool:
+        return bool(self._have[index])
+
+    def have_bitmap(self) -> bytes:
+        return bytes(self._have)
+
+    def missing_blocks(self) -> list[int]:
+        return [i for i, have in enumerate(self._have) if not have]
+
+    @property
+    def complete(self) -> bool:
+        return self._missing == 0
+
+    def write_block(self, index: int, data: bytes | memoryview) -> bool:
+        """Verify and store block ``index``; False if it was already present."""
+        if self._done:
+            raise ObjectStoreError("writer already sealed or aborted")
+        if not 0 <= index < len(self._have):
+            raise IndexError(f"block index {index} out of range")
+        if self._have[index]:
+            return False
+        expected = self.manifest.blocks[index]
+        if len(data) != self.manifest.sizes[index] or not expected.verify(data):
+            raise BlockVerificationError(expected)
+        start, end = self.manifest.block_range(index)
+        self._view[start:end] = data
+        self._have[index] = 1
+        self._missing -= 1
+        return True
+
+    def read_block(self, index: int) -> memoryview | None:
+        if not self._have[index]:
+            return None
+        start, end = self.manifest.block_range(index)
+        return self._view[start:end]
+
+    def payload_view(self) -> memoryview:
+        return self._view
+
+    def seal(self, pin: bool = False) -> Cid:
+        if not self.complete:
+            raise ObjectStoreError(f"cannot seal {self.root}: {self._missing} blocks missing")
+        self._release_mapping()
+        with open(self._path, "r+b") as file:
+            file.truncate(self.manifest.size)
+            file.seek(self.manifest.size)
+            file.write(self.manifest.encoded)
+            file.write(_TRAILER.pack(len(self.manifest.encoded), _TRAILER_MAGIC))
+        self._done = True
+        return self.store._seal(self.manifest, self._path, self._reservation, pin)
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._release_mapping()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+        self.store._release_reservation(self._reservation)
+
+    def _release_mapping(self) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a block view handed out is still alive; the GC closes it later
+            pass
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        with contextlib.suppress(Exception):
+            self.abort()
+
+
+class LocalStore:
+    """The shared-memory object store of one node, attachable from other processes on the host."""
+
+    def __init__(self, root: str | None = None, capacity_bytes: int | None = None,
+                 spill_dir: str | None = None, spill_capacity_bytes: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, hash_code: int = SHA2_256,
+                 _attach: bool = False) -> None:
+        if root is None:
+            root = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                                f"latticaray-{os.getuid()}", f"store-{os.getpid()}-{secrets.token_hex(3)}")
+        self.root = os.path.abspath(root)
+        self.chunk_size = chunk_size
+        self.hash_code = hash_code
+        self._objects = os.path.join(self.root, "objects")
+        self._tmp = os.path.join(self.root, "tmp")
+        self._thread_lock = threading.RLock()
+        self._manifests: OrderedDict[Cid, Manifest] = OrderedDict()
+        config_path = os.path.join(self.root, "config")
+        if _attach:
+            try:
+                with open(config_path, "rb") as file:
+                    config = msgpack.unpackb(file.read(4096))
+            except FileNotFoundError:
+                raise ObjectStoreError(f"no object store at {self.root}") from None
+            self.capacity = int(config["capacity"])
+            self.spill_dir = config["spill_dir"]
+            self.spill_capacity = int(config["spill_capacity"])
+            return
+        self.capacity = int(capacity_bytes) if capacity_bytes is not None else default_capacity()
+        if spill_dir is None:
+            spill_dir = os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}",
+                                     os.path.basename(self.root))
+        self.spill_dir = spill_dir
+        self.spill_capacity = (int(spill_capacity_bytes) if spill_capacity_bytes is not None
+                               else 4 * self.capacity)
+        for path in (self._objects, self._tmp, self.spill_dir, os.path.join(self.spill_dir, ".tmp")):
+            os.makedirs(path, exist_ok=True)
+        with self._locked() as ledger:
+            with open(config_path + ".tmp", "wb") as file:
+                file.write(msgpack.packb({"capacity": self.capacity, "spill_dir": self.spill_dir,
+                                          "spill_capacity": self.spill_capacity}))
+            os.replace(config_path + ".tmp", config_path)
+            self._recover(ledger)
+
+    @classmethod
+    def attach(cls, root: str) -> "LocalStore":
+        """Open an existing store directory from another process (the same-host client)."""
+        return cls(root, _attach=True)
+
+    # --- ledger under flock ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        with self._thread_lock:
+            fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                ledger = self._load_ledger()
+                before = msgpack.packb(ledger)
+                yield ledger
+                after = msgpack.packb(ledger)
+                if after != before:
+                    path = os.path.join(self.root, "ledger")
+                    with open(path + ".tmp", "wb") as file:
+                        file.write(after)
+                    os.replace(path + ".tmp", path)
+            finally:
+                os.close(fd)  # closing releases the flock
+
+    def _load_ledger(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.root, "ledger"), "rb") as file:
+                ledger = msgpack.unpackb(file.read(), strict_map_key=False)
+        except FileNotFoundError:
+            ledger = {}
+        ledger.setdefault("used", 0)
+        ledger.setdefault("spill_used", 0)
+        ledger.setdefault("reservations", {})
+        ledger.setdefault("pins", {})
+        return ledger
+
+    def _recover(self, ledger: dict[str, Any]) -> None:
+        """Drop state of dead processes and recount bytes from the directories."""
+        for name in os.listdir(self._tmp):
+            pid = name.split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._tmp, name))
+        ledger["reservations"] = {k: v for k, v in ledger["reservations"].items()
+                                  if _pid_alive(int(k.split("-", 1)[0]))}
+        pins = {}
+        for cid, holders in ledger["pins"].items():
+            alive = {pid: n for pid, n in holders.items() if _pid_alive(int(pid))}
+            if alive:
+                pins[cid] = alive
+        ledger["pins"] = pins
+        ledger["used"] = sum(e.stat().st_size for e in os.scandir(self._objects) if e.is_file())
+        ledger["spill_used"] = sum(e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file())
+
+    # --- budget ----------------------------------------------------------------------------------
+    def _reserve(self, ledger: dict[str, Any], nbytes: int, keep: str | None = None) -> str:
+        if nbytes > self.capacity:
+            raise StoreFull(f"object of {nbytes} bytes exceeds the store capacity of {self.capacity}")
+        self._make_room(ledger, nbytes, keep)
+        token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        ledger["reservations"][token] = nbytes
+        return token
+
+    def _release_reservation(self, token: str) -> None:
+        with self._locked() as ledger:
+            ledger["reservations"].pop(token, None)
+
+    def _committed(self, ledger: dict[str, Any]) -> int:
+        return ledger["used"] + sum(ledger["reservations"].values())
+
+    def _make_room(self, ledger: dict[str, Any], nbytes: int, keep: str | None) -> None:
+        if self._committed(ledger) + nbytes <= self.capacity:
+            return
+        candidates = []
+        for entry in os.scandir(self._objects):
+            if entry.is_file() and entry.name not in ledger["pins"]:
+                stat = entry.stat()
+                candidates.append((stat.st_mtime_ns, entry.name, stat.st_size))
+        candidates.sort()
+        for _, name, size in candidates:
+            if self._committed(ledger) + nbytes <= self.capacity:
+                break
+            self._evict_one(ledger, name, size, keep)
+        if self._committed(ledger) + nbytes > self.capacity:
+            raise StoreFull(f"cannot fit {nbytes} bytes: {self._committed(ledger)} of {self.capacity} "
+                            "are pinned or reserved by writes in flight")
+
+    def _evict_one(self, ledger: dict[str, Any], name: str, size: int, keep: str | None) -> None:
+        source = os.path.join(self._objects, name)
+        if size <= self.spill_capacity:
+            self._make_spill_room(ledger, size, keep)
+            if ledger["spill_used"] + size <= self.spill_capacity:
+                temp = os.path.join(self.spill_dir, ".tmp", f"{os.getpid()}-{secrets.token_hex(6)}")
+                try:
+                    shutil.copyfile(source, temp)
+                    with open(temp, "rb") as file:
+                        os.fsync(file.fileno())
+                    os.replace(temp, os.path.join(self.spill_dir, name))
+                    ledger["spill_used"] += size
+                except OSError:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(source)
+        ledger["used"] -= size
+
+    def _make_spill_room(self, ledger: dict[str, Any], nbytes: int, keep: str | None) -> None:
+        if ledger["spill_used"] + nbytes <= self.spill_capacity:
+            return
+        spilled = []
+        for entry in os.scandir(self.spill_dir):
+            if entry.is_file() and entry.name not in ledger["pins"] and entry.name != keep:
+                stat = entry.stat()
+                spilled.append((stat.st_mtime_ns, entry.name, stat.st_size))
+        spilled.sort()
+        for _, name, size in spilled:
+            if ledger["spill_used"] + nbytes <= self.spill_capacity:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.spill_dir, name))
+            ledger["spill_used"] -= size
+
+    # --- writing ---------------------------------------------------------------------------------
+    def open_writer(self, manifest: Manifest) -> ObjectWriter:
+        """Reserve room for ``manifest``'s object and return a writer for its blocks."""
+        with self._locked() as ledger:
+            token = self._reserve(ledger, _sealed_size(manifest))
+        temp = os.path.join(self._tmp, f"{token}")
+        try:
+            return ObjectWriter(self, manifest, temp, token)
+        except BaseException:
+            self._release_reservation(token)
+            raise
+
+    def put(self, value: Any, pin: bool = False) -> Cid:
+        """Serialize ``value`` into the store; return its root CID (deduplicated by content)."""
+        return self.put_serialized(serialize(value), pin=pin)
+
+    def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
+        blocks = max(1, -(-ser.nbytes // self.chunk_size))
+        estimate = ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
+        with self._locked() as ledger:
+            token = self._reserve(ledger, estimate)
+        temp = os.path.join(self._tmp, token)
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, max(ser.nbytes, 1))
+                mapping = mmap.mmap(fd, max(ser.nbytes, 1))
+            finally:
+                os.close(fd)
+            view = memoryview(mapping)[:ser.nbytes]
+            try:
+                ser.write_into(view)
+                manifest = build_manifest(view, ser.meta, self.chunk_size, self.hash_code)
+            finally:
+                view.release()
+                mapping.close()
+            if _sealed_size(manifest) > estimate:
+                raise ObjectStoreError("internal error: manifest larger than its reservation")
+            with open(temp, "r+b") as file:
+                file.truncate(manifest.size)
+                file.seek(manifest.size)
+                file.write(manifest.encoded)
+                file.write(_TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            self._release_reservation(token)
+            raise
+        self._manifests[manifest.root] = manifest
+        return self._seal(manifest, temp, token, pin)
+
+    def _seal(self, manifest: Manifest, temp: str, token: str, pin: bool) -> Cid:
+        name = str(manifest.root)
+        final = os.path.join(self._objects, name)
+        with self._locked() as ledger:
+            ledger["reservations"].pop(token, None)
+            if os.path.exists(final):
+                os.unlink(temp)
+                os.utime(final)
+            else:
+                spilled = os.path.join(self.spill_dir, name)
+                if os.path.exists(spilled):
+                    ledger["spill_used"] -= os.stat(spilled).st_size
+                    os.unlink(spilled)
+                os.rename(temp, final)
+                ledger["used"] += os.stat(final).st_size
+            if pin:
+                self._add_pin(ledger, name)
+        return manifest.root
+
+    # --- reading ---------------------------------------------------------------------------------
+    def get_object(self, cid: Cid | str) -> StoredObject:
+        """Map a sealed object read-only (restoring it from spill if needed)."""
+        cid = Cid.coerce(cid)
+        path = os.path.join(self._objects, str(cid))
+        for _ in range(3):  # an eviction may race with us; restore and retry
+            try:
+                stored = _read_sealed(cid, path, self._manifests)
+            except FileNotFoundError:
+                if not self._restore(cid):
+                    raise ObjectNotFound(cid) from None
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+            return stored
+        raise ObjectNotFound(cid, "object kept being evicted while being read")
+
+    def get(self, cid: Cid | str) -> Any:
+        """The deserialized value; arrays are read-only views into shared memory."""
+        return self.get_object(cid).value()
+
+    def manifest(self, cid: Cid | str) -> Manifest:
+        cid = Cid.coerce(cid)
+        manifest = self._manifests.get(cid)
+        return manifest if manifest is not None else self.get_object(cid).manifest
+
+    def contains(self, cid: Cid | str) -> bool:
+        name = str(Cid.coerce(cid))
+        return (os.path.exists(os.path.join(self._objects, name))
+                or os.path.exists(os.path.join(self.spill_dir, name)))
+
+    def in_memory(self, cid: Cid | str) -> bool:
+        return os.path.exists(os.path.join(self._objects, str(Cid.coerce(cid))))
+
+    def is_spilled(self, cid: Cid | str) -> bool:
+        name = str(Cid.coerce(cid))
+        return not self.in_memory(cid) and os.path.exists(os.path.join(self.spill_dir, name))
+
+    def _restore(self, cid: Cid) -> bool:
+        name = str(cid)
+        spilled = os.path.join(self.spill_dir, name)
+        with self._locked() as ledger:
+            if os.path.exists(os.path.join(self._objects, name)):
+                return True
+            try:
+                size = os.stat(spilled).st_size
+            except FileNotFoundError:
+                return False
+            token = self._reserve(ledger, size, keep=name)
+            temp = os.path.join(self._tmp, token)
+            try:
+                shutil.copyfile(spilled, temp)
+                os.rename(temp, os.path.join(self._objects, name))
+                ledger["used"] += size
+                os.unlink(spilled)
+                ledger["spill_used"] -= size
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                if exc.errno != errno.ENOENT:
+                    raise
+                return False
+            finally:
+                ledger["reservations"].pop(token, None)
+        return True
+
+    def list(self) -> list[Cid]:
+        names = set(os.listdir(self._objects)) | {n for n in os.listdir(self.spill_dir) if n != ".tmp"}
+        return [Cid.parse(n) for n in sorted(names)]
+
+    # --- pins, deletion, stats -------------------------------------------------------------------
+    def _add_pin(self, ledger: dict[str, Any], name: str) -> None:
+        holders = ledger["pins"].setdefault(name, {})
+        pid = str(os.getpid())
+        holders[pid] = holders.get(pid, 0) + 1
+
+    def pin(self, cid: Cid | str) -> None:
+        """Keep the object in memory (never evicted or spilled) until as many ``unpin`` calls."""
+        cid = Cid.coerce(cid)
+        if not self.in_memory(cid) and not self._restore(cid):
+            raise ObjectNotFound(cid)
+        with self._locked() as ledger:
+            self._add_pin(ledger, str(cid))
+
+    def unpin(self, cid: Cid | str) -> None:
+        name = str(Cid.coerce(cid))
+        pid = str(os.getpid())
+        with self._locked() as ledger:
+            holders = ledger["pins"].get(name, {})
+            if holders.get(pid, 0) > 1:
+                holders[pid] -= 1
+            else:
+                holders.pop(pid, None)
+            if not holders:
+                ledger["pins"].pop(name, None)
+
+    def is_pinned(self, cid: Cid | str) -> bool:
+        with self._locked() as ledger:
+            return str(Cid.coerce(cid)) in ledger["pins"]
+
+    def delete(self, cid: Cid | str) -> None:
+        """Remove the object (memory and spill) and its pins."""
+        name = str(Cid.coerce(cid))
+        with self._locked() as ledger:
+            ledger["pins"].pop(name, None)
+            for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    size = os.stat(path).st_size
+                    os.unlink(path)
+                    ledger[key] -= size
+        self._manifests.pop(Cid.parse(name), None)
+
+    def stats(self) -> dict[str, int]:
+        with self._locked() as ledger:
+            return {"capacity": self.capacity, "used": ledger["used"],
+                    "reserved": sum(ledger["reservations"].values()),
+                    "spill_capacity": self.spill_capacity, "spill_used": ledger["spill_used"],
+                    "objects": len(os.listdir(self._objects)), "pinned": len(ledger["pins"]),
+                    "spilled": len(os.listdir(self.spill_dir)) - 1}
+
+    def destroy(self) -> None:
+        """Delete the store directory and its spill directory (for tests and node shutdown)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
