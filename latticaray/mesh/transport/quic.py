@@ -1,0 +1,911 @@
+"""QUIC transport over aioquic's sans-I/O ``QuicConnection``, one UDP socket per node.
+
+Every inbound and outbound connection of a node shares the one listening UDP socket and is
+demultiplexed by destination connection ID, so the address peers observe, the address AutoNAT
+confirms and the port a hole punch opens are all the same mapping. ``send_raw`` sends arbitrary
+datagrams from that socket (hole punching) and datagrams that are not QUIC packets for a known
+connection go to ``unknown_datagram_handler``.
+
+Both ends authenticate with libp2p certificates (:mod:`latticaray.mesh.tls`), ALPN ``libp2p``.
+aioquic 1.7.2 only asks a client for its certificate behind a private flag
+(``tls.Context._request_client_certificate``); we set it on every server connection and a test
+checks the client certificate really arrives, so an aioquic change cannot silently drop client
+authentication. aioquic is fed ``time.monotonic()`` (uvloop's cached clock upsets its timers).
+
+Each connection carries :class:`QuicChannel` objects (one bidirectional QUIC stream each) that
+implement the :class:`~latticaray.mesh.channel.Channel` contract with backpressure both ways:
+
+* write: ``drain()`` waits while the stream's unacknowledged send buffer is over a high-water
+  mark, which it stays at when the peer's flow-control window is exhausted;
+* read: the receive window we grant the peer (MAX_STREAM_DATA / MAX_DATA) advances only with what
+  the application has *read*, not with what arrived (aioquic's own policy doubles windows on
+  arrival, which lets a stalled reader's memory grow without bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+)
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
+from ..identity import KeyPair, PeerId
+from ..multiaddr import Multiaddr
+from ..tls import ALPN_LIBP2P, CertifiedKey, make_certified_key, verify_certificate
+
+__all__ = ["QuicConfig", "QuicTransport", "QuicConn", "QuicChannel"]
+
+log = logging.getLogger(__name__)
+
+CONNECTION_ID_LENGTH = 8
+#: aioquic writes STREAM/CRYPTO frame lengths that break above this datagram size.
+MAX_SAFE_DATAGRAM_SIZE = 16384
+MIN_DATAGRAM_SIZE = 1200
+APP_ERROR_AUTH_FAILED = 0x100
+APP_ERROR_CLOSED = 0x0
+STREAM_ERROR_ABORTED = 0x1
+STREAM_ERROR_REFUSED = 0x2
+
+
+@dataclass
+class QuicConfig:
+    """Tunables of the QUIC transport (sizes in bytes, times in seconds)."""
+
+    #: Datagram size for paths to non-loopback addresses (the internet's safe size is ~1200-1452).
+    max_datagram_size: int = 1350
+    #: Datagram size for loopback paths (aioquic breaks above 16384).
+    loopback_max_datagram_size: int = 16384
+    #: Receive window per stream; the most a stalled reader can have buffered per channel.
+    stream_receive_window: int = 4 * 1024 * 1024
+    #: Receive window per connection.
+    connection_receive_window: int = 16 * 1024 * 1024
+    #: ``drain()`` waits while a channel has more than this written but unacknowledged.
+    write_high_water: int = 4 * 1024 * 1024
+    #: Bidirectional streams (channels) a peer may open at once on one connection.
+    max_streams: int = 64
+    #: Peer-opened channels waiting in ``accept_channel`` before further ones are refused.
+    accept_backlog: int = 64
+    handshake_timeout: float = 10.0
+    #: aioquic idle timeout: a connection with no traffic at all this long is closed.
+    idle_timeout: float = 60.0
+    #: Send a PING when nothing was received for this long (keeps NAT mappings, < 30 s).
+    keepalive_interval: float = 10.0
+    #: Close the connection when something we sent got no answer at all for this long.
+    unresponsive_timeout: float = 8.0
+    #: SO_RCVBUF / SO_SNDBUF of the UDP socket.
+    socket_buffer_bytes: int = 8 * 1024 * 1024
+    #: Inbound connections still handshaking at once; further Initial packets are dropped.
+    max_pending_handshakes: int = 256
+    #: All connections on this transport.
+    max_connections: int = 4096
+    congestion_control: str = "reno"
+
+    def datagram_size_for(self, host: str) -> int:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        size = self.loopback_max_datagram_size if loopback else self.max_datagram_size
+        return max(MIN_DATAGRAM_SIZE, min(size, MAX_SAFE_DATAGRAM_SIZE))
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class _MeshQuicConnection(QuicConnection):
+    """aioquic connection with mutual authentication and consumption-driven receive windows."""
+
+    def __init__(self, *, configuration: QuicConfiguration, stream_window: int,
+                 connection_window: int, max_streams: int, **kwargs) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._local_max_streams_bidi.value = max_streams
+        self._local_max_streams_bidi.sent = max_streams
+        self.stream_consumed: dict[int, int] = {}
+        self.connection_consumed = 0
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def peer_certificate(self):
+        return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
+
+    def _write_stream_limits(self, builder, space, stream) -> None:
+        if not stream.max_stream_data_local:
+            return
+        window = self._stream_window
+        target = self.stream_consumed.get(stream.stream_id, 0) + window
+        if target - stream.max_stream_data_local >= window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _write_connection_limits(self, builder, space) -> None:
+        limit = self._local_max_data
+        window = self._connection_window
+        target = self.connection_consumed + window
+        if target - limit.value >= window // 4:
+            limit.value = target
+        used = limit.used
+        limit.used = 0  # stop aioquic from doubling MAX_DATA on arrival
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = used
+
+    def stream_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+
+class QuicChannel:
+    """One bidirectional QUIC stream as a :class:`~latticaray.mesh.channel.Channel`."""
+
+    transport = "quic"
+
+    def __init__(self, conn: "QuicConn", stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self.remote_peer: PeerId = conn.remote_peer
+        self.local_peer: PeerId = conn.local_peer
+        self.remote_addr: Multiaddr | None = conn.remote_addr
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._received = 0
+        self._consumed = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self._read_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._write_closed = False
+        self._closed = False
+        conn._quic.stream_consumed[stream_id] = 0
+
+    # -- fed by the connection ----------------------------------------------------------------
+    def _feed(self, data: bytes, end_stream: bool) -> None:
+        if data:
+            if self._closed:
+                self._credit(len(data))  # discarded; keep the peer's window moving
+            else:
+                self._chunks.append(data)
+                self._buffered += len(data)
+            self._received += len(data)
+        if end_stream:
+            self._eof = True
+        self._wake_reader()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._closed = True
+        self._wake_reader()
+        self._wake_drain()
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _check_drain(self) -> None:
+        if self._drain_waiter is not None and (
+            self._closed or self.send_buffered <= self._conn.config.write_high_water // 2
+        ):
+            self._wake_drain()
+
+    def _credit(self, n: int) -> None:
+        quic = self._conn._quic
+        self._consumed += n
+        quic.stream_consumed[self.stream_id] = self._consumed
+        quic.connection_consumed += n
+        self._conn._schedule_transmit()
+
+    # -- Channel API ---------------------------------------------------------------------------
+    @property
+    def send_buffered(self) -> int:
+        return self._conn._quic.stream_buffered(self.stream_id)
+
+    @property
+    def receive_buffered(self) -> int:
+        return self._buffered
+
+    async def read(self, max_bytes: int) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof or self._closed:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunk = self._chunks[0]
+        if len(chunk) <= max_bytes:
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = chunk[max_bytes:]
+            chunk = chunk[:max_bytes]
+        self._buffered -= len(chunk)
+        self._credit(len(chunk))
+        return chunk
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._write_closed:
+            raise ConnectionClosed("write on a closed QUIC channel")
+        if not data:
+            return
+        self._conn._quic.send_stream_data(self.stream_id, bytes(data))
+        self._conn._note_sent()
+        self._conn._schedule_transmit()
+
+    async def drain(self) -> None:
+        high = self._conn.config.write_high_water
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise ConnectionClosed("QUIC channel closed")
+            if self.send_buffered <= high:
+                return
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def close(self) -> None:
+        """Send FIN after what was written; reading continues until the peer's FIN."""
+        if self._write_closed or self._closed:
+            return
+        self._write_closed = True
+        try:
+            self._conn._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        except Exception:  # noqa: BLE001 - connection already gone: nothing left to flush
+            pass
+        self._conn._schedule_transmit()
+        if self._eof:
+            self._finish()
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        quic = self._conn._quic
+        try:
+            if not self._write_closed:
+                quic.reset_stream(self.stream_id, STREAM_ERROR_ABORTED)
+            if not self._eof:
+                quic.stop_stream(self.stream_id, STREAM_ERROR_ABORTED)
+        except Exception:  # noqa: BLE001 - stream or connection already finished
+            pass
+        self._write_closed = True
+        self._fail(ConnectionClosed("QUIC channel aborted locally"))
+        self._discard()
+        self._conn._schedule_transmit()
+
+    def _discard(self) -> None:
+        if self._buffered:
+            n, self._buffered = self._buffered, 0
+            self._chunks.clear()
+            self._credit(n)
+        self._conn._forget_channel(self.stream_id)
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._wake_drain()
+        if not self._chunks:
+            self._conn._forget_channel(self.stream_id)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or self._write_closed or self._eof
+
+    def __repr__(self) -> str:
+        return f"<QuicChannel {self.stream_id} to {self.remote_peer}>"
+
+
+class QuicConn:
+    """One authenticated QUIC connection to a peer; a factory of :class:`QuicChannel`."""
+
+    transport = "quic"
+
+    def __init__(self, transport: "QuicTransport", quic: _MeshQuicConnection,
+                 addr: tuple, is_client: bool, expected_peer: PeerId | None) -> None:
+        self._transport = transport
+        self._quic = quic
+        self.config = transport.config
+        self.addr = addr
+        self.is_client = is_client
+        self.expected_peer = expected_peer
+        self.local_peer: PeerId = transport.key.peer_id
+        self.remote_peer: PeerId | None = None
+        self.remote_addr = _udp_multiaddr(addr)
+        self.created_at = _now()
+        self._loop = transport._loop
+        self._channels: dict[int, QuicChannel] = {}
+        self._finished_streams: set[int] = set()
+        self._accept_queue: collections.deque[QuicChannel] = collections.deque()
+        self._accept_waiter: asyncio.Future | None = None
+        self._ready: asyncio.Future = self._loop.create_future()
+        self._closed_future: asyncio.Future = self._loop.create_future()
+        self._cids: set[bytes] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_scheduled = False
+        self._last_rx = _now()
+        self._unanswered_since: float | None = None
+        self._close_callbacks: list[Callable[["QuicConn"], None]] = []
+        self.close_reason: str | None = None
+        self._ready.add_done_callback(_consume_exception)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def is_established(self) -> bool:
+        return self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed_future.done()
+
+    def on_close(self, callback: Callable[["QuicConn"], None]) -> None:
+        if self.is_closed:
+            self._loop.call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_future)
+
+    async def wait_ready(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            self._terminate(f"handshake did not complete within {timeout:.1f} s", send=True)
+            raise PeerUnreachable(
+                f"QUIC handshake with {self.addr[0]}:{self.addr[1]} timed out after {timeout:.1f} s"
+            ) from None
+
+    # -- channels -------------------------------------------------------------------------------
+    def open_channel(self) -> QuicChannel:
+        if not self.is_established or self.is_closed:
+            raise ConnectionClosed("QUIC connection is not open")
+        stream_id = self._quic.get_next_available_stream_id()
+        channel = QuicChannel(self, stream_id)
+        self._channels[stream_id] = channel
+        return channel
+
+    def _forget_channel(self, stream_id: int) -> None:
+        if self._channels.pop(stream_id, None) is not None:
+            self._finished_streams.add(stream_id)
+            self._quic.stream_consumed.pop(stream_id, None)
+
+    async def accept_channel(self) -> QuicChannel:
+        while not self._accept_queue:
+            if self.is_closed:
+                raise ConnectionClosed(f"QUIC connection closed: {self.close_reason}")
+            self._accept_waiter = self._loop.create_future()
+            try:
+                await self._accept_waiter
+            finally:
+                self._accept_waiter = None
+        return self._accept_queue.popleft()
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, reason: str = "closed") -> None:
+        """Close gracefully: CONNECTION_CLOSE is sent after data already queued."""
+        if self.is_closed:
+            return
+        self._quic.close(error_code=APP_ERROR_CLOSED, reason_phrase=reason[:100])
+        self._transmit()
+        self._terminate(reason, send=False)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self.close(reason)
+
+    def _terminate(self, reason: str, *, send: bool, error: BaseException | None = None) -> None:
+        if self.is_closed:
+            return
+        if send:
+            try:
+                self._quic.close(error_code=APP_ERROR_CLOSED, reason_phrase=reason[:100])
+                self._transmit()
+            except Exception:  # noqa: BLE001 - best effort notice to the peer
+                pass
+        self.close_reason = reason
+        failure = error or ConnectionClosed(f"QUIC connection to {self._peer_name()} closed: {reason}")
+        if not self._ready.done():
+            self._ready.set_exception(failure)
+        for channel in list(self._channels.values()):
+            channel._fail(ConnectionClosed(f"QUIC connection to {self._peer_name()} closed: {reason}"))
+        self._channels.clear()
+        if self._accept_waiter is not None and not self._accept_waiter.done():
+            self._accept_waiter.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closed_future.set_result(None)
+        self._transport._forget(self)
+        for callback in self._close_callbacks:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - a callback bug must not break teardown
+                log.exception("QUIC close callback failed")
+        self._close_callbacks.clear()
+
+    def _peer_name(self) -> str:
+        return str(self.remote_peer or self.expected_peer or f"{self.addr[0]}:{self.addr[1]}")
+
+    # -- datagrams, events, timers ----------------------------------------------------------------
+    def _datagram_received(self, data: bytes, addr: tuple) -> None:
+        now = _now()
+        self._last_rx = now
+        self._unanswered_since = None
+        self._quic.receive_datagram(data, addr, now)
+        if addr != self.addr and self._quic._network_paths and \
+                self._quic._network_paths[0].addr == addr:
+            self.addr = addr  # migrated
+            self.remote_addr = _udp_multiaddr(addr)
+        self._process_events()
+        self._transmit()
+        for channel in list(self._channels.values()):
+            channel._check_drain()
+
+    def _process_events(self) -> None:
+        quic = self._quic
+        while True:
+            event = quic.next_event()
+            if event is None:
+                return
+            kind = type(event)
+            if kind is events.StreamDataReceived:
+                self._on_stream_data(event)
+            elif kind is events.HandshakeCompleted:
+                self._on_handshake(event)
+            elif kind is events.ConnectionIdIssued:
+                self._cids.add(event.connection_id)
+                self._transport._register_cid(event.connection_id, self)
+            elif kind is events.ConnectionIdRetired:
+                self._cids.discard(event.connection_id)
+                self._transport._unregister_cid(event.connection_id, self)
+            elif kind is events.StreamReset:
+                channel = self._channels.get(event.stream_id)
+                if channel is not None:
+                    channel._fail(ConnectionClosed(f"stream reset by peer (code {event.error_code})"))
+                    channel._discard()
+            elif kind is events.StopSendingReceived:
+                channel = self._channels.get(event.stream_id)
+                if channel is not None:
+                    try:
+                        quic.reset_stream(event.stream_id, STREAM_ERROR_ABORTED)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    channel._fail(ConnectionClosed("peer stopped reading this stream"))
+                    channel._discard()
+            elif kind is events.ConnectionTerminated:
+                reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+                error = None
+                if not self._ready.done() and event.error_code == APP_ERROR_AUTH_FAILED:
+                    error = HandshakeError(f"peer refused our authentication: {reason}")
+                self._terminate(f"terminated by peer or transport: {reason}", send=False,
+                                error=error)
+                return
+
+    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        try:
+            if event.alpn_protocol != ALPN_LIBP2P:
+                raise HandshakeError(f"peer negotiated ALPN {event.alpn_protocol!r}, not 'libp2p'")
+            cert = self._quic.peer_certificate()
+            if cert is None:
+                raise HandshakeError("peer presented no certificate")
+            peer = verify_certificate(cert)
+            if self.expected_peer is not None and peer != self.expected_peer:
+                raise PeerIdMismatch(self.expected_peer, peer)
+        except HandshakeError as exc:
+            log.info("QUIC handshake with %s:%s refused: %s", self.addr[0], self.addr[1], exc)
+            self._quic.close(error_code=APP_ERROR_AUTH_FAILED, reason_phrase=str(exc)[:100])
+            self._transmit()
+            self._terminate(str(exc), send=False, error=exc)
+            return
+        self.remote_peer = peer
+        self._ready.set_result(self)
+        self._transport._on_established(self)
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        channel = self._channels.get(event.stream_id)
+        if channel is None:
+            if self.remote_peer is None or not _peer_initiated(event.stream_id, self.is_client) \
+                    or event.stream_id in self._finished_streams:
+                self._quic.connection_consumed += len(event.data)  # discarded stream
+                return
+            if len(self._accept_queue) >= self.config.accept_backlog:
+                self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                return
+            channel = QuicChannel(self, event.stream_id)
+            self._channels[event.stream_id] = channel
+            self._accept_queue.append(channel)
+            if self._accept_waiter is not None and not self._accept_waiter.done():
+                self._accept_waiter.set_result(None)
+        channel._feed(event.data, event.end_stream)
+        if event.end_stream and channel._write_closed:
+            channel._finish()
+
+    def _schedule_transmit(self) -> None:
+        if not self._transmit_scheduled and not self.is_closed:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._transmit_soon)
+
+    def _transmit_soon(self) -> None:
+        self._transmit_scheduled = False
+        if not self.is_closed:
+            self._transmit()
+
+    def _note_sent(self) -> None:
+        if self._unanswered_since is None:
+            self._unanswered_since = _now()
+
+    def _transmit(self) -> None:
+        quic = self._quic
+        sendto = self._transport._sendto
+        for data, addr in quic.datagrams_to_send(now=_now()):
+            sendto(data, addr)
+        timer_at = quic.get_timer()
+        if timer_at != self._timer_at or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = timer_at
+            if timer_at is not None:
+                self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.is_closed:
+            return
+        self._quic.handle_timer(now=_now())
+        self._process_events()
+        if not self.is_closed:
+            self._transmit()
+
+    def _tick(self, now: float) -> None:
+        """Keepalive and liveness, called about once a second by the transport."""
+        if self.is_closed:
+            return
+        if not self._ready.done():
+            if now - self.created_at > self.config.handshake_timeout:
+                self._terminate("handshake timed out", send=True)
+            return
+        if self._unanswered_since is not None and \
+                now - self._unanswered_since > self.config.unresponsive_timeout:
+            self._terminate(
+                f"peer unresponsive for {now - self._unanswered_since:.1f} s", send=True
+            )
+            return
+        if now - self._last_rx > self.config.keepalive_interval:
+            self._quic.send_ping(0)
+            self._note_sent()
+            self._transmit()
+
+    def __repr__(self) -> str:
+        return f"<QuicConn {self._peer_name()} {'out' if self.is_client else 'in'}>"
+
+
+def _consume_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _peer_initiated(stream_id: int, is_client: bool) -> bool:
+    client_initiated = stream_id % 2 == 0
+    return client_initiated != is_client
+
+
+def _udp_multiaddr(addr: tuple) -> Multiaddr:
+    host, port = addr[0], addr[1]
+    family = "ip6" if ":" in host else "ip4"
+    if family == "ip6" and host.startswith("::ffff:") and "." in host:
+        family, host = "ip4", host[7:]
+    return Multiaddr([(family, host), ("udp", port), ("quic-v1", None)])
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, transport: "QuicTransport") -> None:
+        self._owner = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            self._owner._datagram_received(data, addr)
+        except Exception:  # noqa: BLE001 - one bad datagram must never stop the node
+            log.exception("QUIC: error handling a datagram from %s", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("QUIC socket error: %s", exc)
+
+
+class QuicTransport:
+    """The node's QUIC endpoint: one UDP socket, every connection in and out.
+
+    ``on_connection(conn)`` is called for each authenticated connection, inbound and outbound.
+    """
+
+    def __init__(self, key: KeyPair, config: QuicConfig | None = None, *,
+                 on_connection: Callable[[QuicConn], None] | None = None,
+                 certified: CertifiedKey | None = None) -> None:
+        self.key = key
+        self.config = config or QuicConfig()
+        self.on_connection = on_connection
+        self.unknown_datagram_handler: Callable[[bytes, tuple], None] | None = None
+        self.accept_inbound = True
+        self._certified = certified or make_certified_key(key)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._by_cid: dict[bytes, QuicConn] = {}
+        self._conns: set[QuicConn] = set()
+        self._tick_task: asyncio.Task | None = None
+        self._local: tuple | None = None
+        self.stats = collections.Counter()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> Multiaddr:
+        """Bind the one UDP socket; returns its ``/ip4|ip6/../udp/../quic-v1`` address."""
+        if self._udp is not None:
+            raise RuntimeError("QUIC transport is already bound")
+        self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
+                except OSError:
+                    pass
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._udp, _ = await self._loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), sock=sock
+        )
+        self._local = sock.getsockname()
+        self._tick_task = self._loop.create_task(self._tick_loop())
+        return self.listen_addr
+
+    @property
+    def listen_addr(self) -> Multiaddr:
+        if self._local is None:
+            raise RuntimeError("QUIC transport is not bound")
+        return _udp_multiaddr(self._local)
+
+    @property
+    def local_address(self) -> tuple | None:
+        return self._local
+
+    @property
+    def connections(self) -> list[QuicConn]:
+        return list(self._conns)
+
+    async def close(self) -> None:
+        for conn in list(self._conns):
+            conn.close("transport shutting down")
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+            self._tick_task = None
+        if self._udp is not None:
+            # let the CONNECTION_CLOSE datagrams leave before the socket goes
+            await asyncio.sleep(0)
+            self._udp.close()
+            self._udp = None
+
+    # -- dialing ----------------------------------------------------------------------------------
+    async def dial(self, addr: Multiaddr | tuple, expected_peer: PeerId | None = None,
+                   timeout: float | None = None) -> QuicConn:
+        """Connect and authenticate; raises PeerIdMismatch / HandshakeError / PeerUnreachable."""
+        if isinstance(addr, Multiaddr):
+            if addr.transport != "quic" or addr.host is None:
+                raise PeerUnreachable(f"{addr} is not a QUIC address")
+            if expected_peer is None:
+                expected_peer = addr.peer_id
+            target = (addr.host, addr.port)
+        else:
+            target = (addr[0], addr[1])
+        if self._udp is None:
+            raise RuntimeError("QUIC transport must listen() before dialing (one shared socket)")
+        if len(self._conns) >= self.config.max_connections:
+            raise PeerUnreachable("QUIC connection limit reached")
+        host = target[0]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            infos = await self._loop.getaddrinfo(host, target[1], type=socket.SOCK_DGRAM)
+            if not infos:
+                raise PeerUnreachable(f"cannot resolve {host}") from None
+            target = infos[0][4][:2]
+        if self._local is not None and len(self._local) == 4 and ":" not in target[0]:
+            target = ("::ffff:" + target[0], target[1])  # IPv6 socket dialing IPv4
+        quic = self._make_connection(is_client=True, remote_host=target[0])
+        conn = QuicConn(self, quic, target, is_client=True, expected_peer=expected_peer)
+        self._add(conn)
+        self._register_cid(quic.host_cid, conn)
+        conn._cids.add(quic.host_cid)
+        quic.connect(target, now=_now())
+        conn._transmit()
+        self.stats["dials"] += 1
+        try:
+            await conn.wait_ready(timeout or self.config.handshake_timeout)
+        except ConnectionClosed as exc:
+            raise PeerUnreachable(f"QUIC dial to {target[0]}:{target[1]} failed: {exc}") from None
+        return conn
+
+    def send_raw(self, addr: tuple, data: bytes) -> None:
+        """Send one datagram from the shared socket (hole-punch packets)."""
+        self._sendto(bytes(data), addr)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _make_connection(self, *, is_client: bool, remote_host: str,
+                         original_dcid: bytes | None = None) -> _MeshQuicConnection:
+        cfg = self.config
+        configuration = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN_LIBP2P],
+            certificate=self._certified.certificate,
+            private_key=self._certified.private_key,
+            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
+            idle_timeout=cfg.idle_timeout,
+            max_datagram_size=cfg.datagram_size_for(remote_host.removeprefix("::ffff:")),
+            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
+            max_stream_data=cfg.stream_receive_window,
+            connection_id_length=CONNECTION_ID_LENGTH,
+            congestion_control_algorithm=cfg.congestion_control,
+            server_name=None,
+        )
+        return _MeshQuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_dcid,
+            stream_window=cfg.stream_receive_window,
+            connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
+            max_streams=cfg.max_streams,
+        )
+
+    def _add(self, conn: QuicConn) -> None:
+        self._conns.add(conn)
+
+    def _forget(self, conn: QuicConn) -> None:
+        self._conns.discard(conn)
+        for cid in conn._cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        conn._cids.clear()
+
+    def _register_cid(self, cid: bytes, conn: QuicConn) -> None:
+        self._by_cid[cid] = conn
+
+    def _unregister_cid(self, cid: bytes, conn: QuicConn) -> None:
+        if self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+
+    def _on_established(self, conn: QuicConn) -> None:
+        self.stats["established"] += 1
+        if self.on_connection is not None:
+            try:
+                self.on_connection(conn)
+            except Exception:  # noqa: BLE001
+                log.exception("QUIC on_connection callback failed")
+
+    def _sendto(self, data: bytes, addr: tuple) -> None:
+        if self._udp is not None:
+            self._udp.sendto(data, addr)
+
+    def _datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except Exception:  # noqa: BLE001 - not a QUIC packet (e.g. a hole-punch probe)
+            self._unknown(data, addr)
+            return
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            if header.packet_type != QuicPacketType.INITIAL:
+                self._unknown(data, addr)
+                return
+            if header.version is not None and header.version not in \
+                    QuicConfiguration().supported_versions:
+                self._sendto(
+                    encode_quic_version_negotiation(
+                        source_cid=header.destination_cid,
+                        destination_cid=header.source_cid,
+                        supported_versions=QuicConfiguration().supported_versions,
+                    ),
+                    addr,
+                )
+                return
+            conn = self._accept(header.destination_cid, addr, len(data))
+            if conn is None:
+                return
+        conn._datagram_received(data, addr)
+
+    def _accept(self, dcid: bytes, addr: tuple, size: int) -> QuicConn | None:
+        if not self.accept_inbound or size < MIN_DATAGRAM_SIZE:
+            self.stats["initial_dropped"] += 1
+            return None
+        pending = sum(1 for c in self._conns if not c._ready.done())
+        if pending >= self.config.max_pending_handshakes or \
+                len(self._conns) >= self.config.max_connections:
+            self.stats["initial_dropped"] += 1
+            return None
+        quic = self._make_connection(is_client=False, remote_host=addr[0], original_dcid=dcid)
+        conn = QuicConn(self, quic, addr, is_client=False, expected_peer=None)
+        self._add(conn)
+        for cid in (dcid, quic.host_cid):
+            self._register_cid(cid, conn)
+            conn._cids.add(cid)
+        self.stats["accepted"] += 1
+        return conn
+
+    def _unknown(self, data: bytes, addr: tuple) -> None:
+        self.stats["unknown_datagrams"] += 1
+        handler = self.unknown_datagram_handler
+        if handler is not None:
+            try:
+                handler(data, addr)
+            except Exception:  # noqa: BLE001
+                log.exception("unknown-datagram handler failed")
+
+    async def _tick_loop(self) -> None:
+        period = max(0.05, min(1.0, self.config.unresponsive_timeout / 4,
+                               self.config.keepalive_interval / 2))
+        while True:
+            await asyncio.sleep(period)
+            now = _now()
+            for conn in list(self._conns):
+                try:
+                    conn._tick(now)
+                except Exception:  # noqa: BLE001
+                    log.exception("QUIC tick failed for %r", conn)
