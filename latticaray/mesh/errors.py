@@ -65,3 +65,17 @@ class RpcCancelled(RpcError):
 
     def __init__(self, message: str = "cancelled") -> None:
         super().__init__("CANCELLED", message)
+
+
+class RpcUnimplemented(RpcError):
+    """The remote has no service of that name (or not of that call kind)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNIMPLEMENTED", message)
+
+
+class RpcConnectionLost(RpcError, ConnectionClosed):
+    """The session carrying the call closed (peer died, channel broke, or a protocol violation)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)

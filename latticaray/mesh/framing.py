@@ -1,0 +1,175 @@
+"""Wire framing of ``/latticaray/rpc/1``: a sans-I/O frame encoder and incremental decoder.
+
+A frame is ``u32 body_len | u16 header_len | header | payload`` (big endian), where ``header`` is
+a msgpack array ``[kind, call_id, flags, *fields]`` and ``payload`` is raw bytes carried as is
+(never re-encoded). ``body_len`` counts header_len's two bytes, the header and the payload.
+
+The decoder never trusts the peer: it bounds the header and payload sizes before buffering them,
+checks the header's shape, and raises :class:`~latticaray.mesh.errors.ProtocolViolation` (or
+:class:`~latticaray.mesh.errors.FrameTooLarge`) with a precise message on any violation. It owns
+no socket and no clock; the RPC session feeds it the bytes it read. See docs/protocol/rpc.md.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from .errors import FrameTooLarge, ProtocolViolation
+
+PROTOCOL_ID = "/latticaray/rpc/1"
+
+PREFIX = struct.Struct("!IH")
+PREFIX_SIZE = PREFIX.size
+MAX_HEADER_SIZE = 4096
+
+# Frame kinds (header[0]).
+OPEN = 1      # [1, call_id, flags, service, call_type, timeout_ms]; payload = first message if MSG
+MESSAGE = 2   # [2, call_id, flags]; payload = one message if MSG (else a bare half-close)
+CREDIT = 3    # [3, call_id, flags, n_bytes]; receiver grants n_bytes more of stream window
+CANCEL = 4    # [4, call_id, flags]; caller abandons the call (or callee drops it)
+ERROR = 5     # [5, call_id, flags, code, message]; payload = remote traceback (utf-8, may be empty)
+GOAWAY = 6    # [6, 0, 0, code, message]; the session is closing (e.g. after a violation)
+
+KIND_NAMES = {OPEN: "OPEN", MESSAGE: "MESSAGE", CREDIT: "CREDIT", CANCEL: "CANCEL",
+              ERROR: "ERROR", GOAWAY: "GOAWAY"}
+_MIN_FIELDS = {OPEN: 6, MESSAGE: 3, CREDIT: 4, CANCEL: 3, ERROR: 5, GOAWAY: 5}
+
+# Flags (header[2]), a bit set.
+FLAG_END = 0x01       # the sender's direction of this call ends with this frame
+FLAG_MSG = 0x02       # the payload is a message (possibly empty)
+FLAG_RESPONSE = 0x04  # sent by the callee: the call id belongs to the receiver's outgoing calls
+
+# Call types carried in OPEN.
+UNARY = 0
+SERVER_STREAM = 1
+CLIENT_STREAM = 2
+BIDI = 3
+CALL_TYPE_NAMES = {UNARY: "unary", SERVER_STREAM: "server-stream",
+                   CLIENT_STREAM: "client-stream", BIDI: "bidi"}
+
+MAX_CALL_ID = (1 << 63) - 1
+MAX_SERVICE_NAME = 256
+
+_pack_prefix = PREFIX.pack
+_unpack_prefix = PREFIX.unpack_from
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+
+#: Payloads at most this long are copied into the frame's prefix buffer (one write piece);
+#: longer ones stay separate pieces so they are never copied before the socket write.
+INLINE_PAYLOAD = 8192
+
+
+def encode_frame(header: list, payload: bytes | bytearray | memoryview = b"") -> list:
+    """Return the frame as a list of write pieces (the payload is not copied when large)."""
+    h = _packb(header)
+    plen = len(payload)
+    prefix = _pack_prefix(2 + len(h) + plen, len(h)) + h
+    if plen == 0:
+        return [prefix]
+    if plen <= INLINE_PAYLOAD:
+        return [prefix + payload]
+    return [prefix, payload]
+
+
+class FrameDecoder:
+    """Incremental frame parser: ``feed(data)`` returns the complete frames it contained.
+
+    Each frame is returned as ``(header, payload)`` with ``header`` a validated list and
+    ``payload`` a ``bytes`` object. ``max_payload`` bounds each frame's payload.
+    """
+
+    __slots__ = ("max_payload", "_buf", "_max_body")
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._max_body = 2 + MAX_HEADER_SIZE + max_payload
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[list, bytes]]:
+        buf = self._buf
+        if buf:
+            buf += data
+            view = memoryview(buf)
+        else:
+            view = data
+        end = len(view)
+        pos = 0
+        frames = []
+        append = frames.append
+        max_body = self._max_body
+        try:
+            while end - pos >= PREFIX_SIZE:
+                body_len, hlen = _unpack_prefix(view, pos)
+                if body_len > max_body:
+                    raise FrameTooLarge(
+                        f"frame of {body_len} bytes exceeds the limit of {max_body} "
+                        f"(max payload {self.max_payload})")
+                if hlen > MAX_HEADER_SIZE or hlen == 0 or hlen + 2 > body_len:
+                    raise ProtocolViolation(
+                        f"frame header length {hlen} is invalid for a body of {body_len} bytes")
+                stop = pos + 4 + body_len
+                if stop > end:
+                    break
+                hstart = pos + PREFIX_SIZE
+                pstart = hstart + hlen
+                try:
+                    header = _unpackb(view[hstart:pstart])
+                except Exception as exc:
+                    raise ProtocolViolation(f"frame header is not valid msgpack: {exc}") from None
+                _check_header(header)
+                if pstart == stop:
+                    append((header, b""))
+                elif buf:
+                    append((header, bytes(view[pstart:stop])))
+                else:
+                    append((header, view[pstart:stop]))
+                pos = stop
+        finally:
+            if buf:
+                view.release()
+        if buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += data[pos:] if pos else data
+        return frames
+
+
+def _check_header(header: object) -> None:
+    if type(header) is not list or len(header) < 3:
+        raise ProtocolViolation(f"frame header must be an array [kind, call_id, flags, ...], "
+                                f"got {type(header).__name__}")
+    kind, call_id, flags = header[0], header[1], header[2]
+    if type(kind) is not int or kind not in _MIN_FIELDS:
+        raise ProtocolViolation(f"unknown frame kind {kind!r}")
+    if len(header) < _MIN_FIELDS[kind]:
+        raise ProtocolViolation(
+            f"{KIND_NAMES[kind]} frame header has {len(header)} fields, "
+            f"needs {_MIN_FIELDS[kind]}")
+    if type(call_id) is not int or not 0 <= call_id <= MAX_CALL_ID:
+        raise ProtocolViolation(f"invalid call id {call_id!r}")
+    if type(flags) is not int or not 0 <= flags <= 0xFF:
+        raise ProtocolViolation(f"invalid flags {flags!r}")
+    if kind == OPEN:
+        service, call_type, timeout_ms = header[3], header[4], header[5]
+        if type(service) is not str or not 0 < len(service) <= MAX_SERVICE_NAME:
+            raise ProtocolViolation("OPEN frame carries an invalid service name")
+        if type(call_type) is not int or call_type not in CALL_TYPE_NAMES:
+            raise ProtocolViolation(f"OPEN frame carries an unknown call type {call_type!r}")
+        if type(timeout_ms) is not int or timeout_ms < 0:
+            raise ProtocolViolation(f"OPEN frame carries an invalid timeout {timeout_ms!r}")
+    elif kind == CREDIT:
+        n = header[3]
+        if type(n) is not int or not 0 < n <= (1 << 40):
+            raise ProtocolViolation(f"CREDIT frame carries an invalid grant {n!r}")
+    elif kind == ERROR or kind == GOAWAY:
+        if type(header[3]) is not str or type(header[4]) is not str:
+            raise ProtocolViolation(f"{KIND_NAMES[kind]} frame needs string code and message")

@@ -1,0 +1,1091 @@
+"""Streaming RPC over one authenticated :class:`~latticaray.mesh.channel.Channel` (``/latticaray/rpc/1``).
+
+One :class:`RpcSession` per connection multiplexes any number of calls in both directions (either
+end may call the other). Services are registered by name on an :class:`RpcRouter`; four call kinds
+exist: unary, server-streaming, client-streaming and bidirectional. Frames and their meaning are
+specified in docs/protocol/rpc.md; the byte-level codec is :mod:`latticaray.mesh.framing`.
+
+What the session guarantees:
+
+* every call has a deadline; it travels in the OPEN frame, the server cancels the handler when it
+  passes and the caller raises :class:`~latticaray.mesh.errors.RpcTimeout`;
+* cancellation travels both ways (a cancelled caller cancels the handler task; a handler that
+  raises makes the caller raise the typed :class:`~latticaray.mesh.errors.RpcError`);
+* streams are flow controlled with per-call byte credit, so a stalled reader stops its writer and
+  memory stays bounded; the session also stops reading while its own send buffer is full;
+* a malformed or oversize frame closes only this session (after a GOAWAY saying why); a closed
+  channel fails every in-flight call at once with :class:`~latticaray.mesh.errors.RpcConnectionLost`.
+
+Hot path notes: writes are queued and handed to the channel once per event-loop iteration by a
+writer task; a unary handler is stepped synchronously and only gets a task if it really awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import heapq
+import inspect
+import logging
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import msgpack
+
+from . import framing
+from .errors import (
+    ConnectionClosed,
+    FrameTooLarge,
+    ProtocolViolation,
+    RpcCancelled,
+    RpcConnectionLost,
+    RpcError,
+    RpcTimeout,
+    RpcUnimplemented,
+)
+from .framing import (
+    BIDI,
+    CANCEL,
+    CLIENT_STREAM,
+    CREDIT,
+    ERROR,
+    FLAG_END,
+    FLAG_MSG,
+    FLAG_RESPONSE,
+    GOAWAY,
+    INLINE_PAYLOAD,
+    MESSAGE,
+    OPEN,
+    PROTOCOL_ID,
+    SERVER_STREAM,
+    UNARY,
+    FrameDecoder,
+)
+
+__all__ = [
+    "PROTOCOL_ID", "RpcLimits", "RpcRouter", "RpcSession", "CallContext", "StreamCall", "Status",
+    "RpcError", "RpcTimeout", "RpcCancelled", "RpcUnimplemented", "RpcConnectionLost",
+]
+
+log = logging.getLogger(__name__)
+
+#: Stream window every receiver starts with; a receiver wanting more grants it at once (CREDIT).
+INITIAL_WINDOW = 256 * 1024
+#: Flow-control cost of a message beyond its payload, so empty messages are not free.
+MESSAGE_OVERHEAD = 32
+_MAX_ERROR_MESSAGE = 1024
+_MAX_TRACEBACK = 16 * 1024
+
+
+class Status:
+    """Status codes carried in ERROR frames (names follow gRPC's)."""
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """Per-session limits. Defaults suit a mesh node; tests shrink them."""
+
+    #: Largest payload of one frame (= one message). Larger data must be sent as a stream.
+    max_frame_size: int = 16 * 1024 * 1024
+    #: Calls the remote may have open on us at once (more get RESOURCE_EXHAUSTED); our own
+    #: outgoing unary calls wait for a slot beyond this many.
+    max_concurrent_calls: int = 4096
+    #: Deadline of a call made without an explicit timeout, and the cap on a caller's deadline.
+    default_timeout: float = 30.0
+    max_timeout: float = 24 * 3600.0
+    #: Receive window of each stream, in bytes (a slow reader holds at most this plus one message).
+    stream_window: int = 1024 * 1024
+    #: Queued outgoing bytes above which senders (and the reader) wait for the channel.
+    write_buffer_high: int = 4 * 1024 * 1024
+    #: Bytes asked of the channel per read.
+    read_size: int = 256 * 1024
+    #: How long a graceful close may spend flushing queued frames before it aborts the channel.
+    close_timeout: float = 2.0
+    #: Send the handler's traceback to the caller with INTERNAL errors.
+    expose_tracebacks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_frame_size < 1024:
+            raise ValueError("max_frame_size must be at least 1024 bytes")
+        if self.stream_window < INITIAL_WINDOW:
+            raise ValueError(f"stream_window must be at least {INITIAL_WINDOW} bytes")
+        if self.max_concurrent_calls < 1 or self.default_timeout <= 0:
+            raise ValueError("max_concurrent_calls and default_timeout must be positive")
+
+
+UnaryHandler = Callable[["CallContext", bytes], Awaitable[bytes]]
+ServerStreamHandler = Callable[["CallContext", bytes], AsyncIterator[bytes]]
+ClientStreamHandler = Callable[["CallContext", "StreamCall"], Awaitable[bytes]]
+BidiHandler = Callable[["CallContext", "StreamCall"], AsyncIterator[bytes]]
+
+
+class RpcRouter:
+    """Services by name. One router may serve many sessions (every connection of a node)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[int, Callable, bool]] = {}
+
+    def register_unary(self, service: str, handler: UnaryHandler, *, eager: bool = False) -> None:
+        """``async def handler(ctx, payload: bytes) -> bytes``.
+
+        ``eager=True`` runs the handler inline up to its first real suspension, so a handler that
+        never waits costs no task. Only for handlers that do not use ``asyncio.timeout()`` or
+        ``asyncio.current_task()`` before their first await (the reader task is current then).
+        """
+        self._register(service, UNARY, handler, inspect.iscoroutinefunction, "an async function",
+                       eager)
+
+    def register_server_stream(self, service: str, handler: ServerStreamHandler) -> None:
+        """``async def handler(ctx, payload: bytes)`` that ``yield``s bytes."""
+        self._register(service, SERVER_STREAM, handler, inspect.isasyncgenfunction,
+                       "an async generator function")
+
+    def register_client_stream(self, service: str, handler: ClientStreamHandler) -> None:
+        """``async def handler(ctx, requests) -> bytes``; ``async for msg in requests``."""
+        self._register(service, CLIENT_STREAM, handler, inspect.iscoroutinefunction,
+                       "an async function")
+
+    def register_bidi(self, service: str, handler: BidiHandler) -> None:
+        """``async def handler(ctx, requests)`` that reads ``requests`` and ``yield``s bytes."""
+        self._register(service, BIDI, handler, inspect.isasyncgenfunction,
+                       "an async generator function")
+
+    def unregister(self, service: str) -> None:
+        self._handlers.pop(service, None)
+
+    def services(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def lookup(self, service: str) -> tuple[int, Callable, bool] | None:
+        return self._handlers.get(service)
+
+    def _register(self, service: str, call_type: int, handler: Callable,
+                  check: Callable[[Any], bool], what: str, eager: bool = False) -> None:
+        if not isinstance(service, str) or not 0 < len(service) <= framing.MAX_SERVICE_NAME:
+            raise ValueError(f"service name must be 1..{framing.MAX_SERVICE_NAME} characters")
+        if not check(handler):
+            raise TypeError(f"handler for {service!r} must be {what}, got {handler!r}")
+        if service in self._handlers:
+            raise ValueError(f"service {service!r} is already registered")
+        self._handlers[service] = (call_type, handler, eager)
+
+
+class CallContext:
+    """What a handler knows about its call."""
+
+    __slots__ = ("session", "call_id", "service", "deadline", "_cancelled")
+
+    def __init__(self, session: "RpcSession", call_id: int, service: str, deadline: float) -> None:
+        self.session = session
+        self.call_id = call_id
+        self.service = service
+        #: Event-loop time (``loop.time()``) after which the call is cancelled.
+        self.deadline = deadline
+        self._cancelled = False
+
+    @property
+    def peer_id(self):
+        """The authenticated identity of the caller (``channel.remote_peer``)."""
+        return self.session.channel.remote_peer
+
+    @property
+    def remote_addr(self):
+        return self.session.channel.remote_addr
+
+    @property
+    def transport(self) -> str:
+        return self.session.channel.transport
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller cancelled, the deadline passed, or the session closed."""
+        return self._cancelled
+
+    def time_remaining(self) -> float:
+        return max(0.0, self.deadline - self.session._loop.time())
+
+    def abort(self, code: str, message: str) -> None:
+        """End the call with an error status the caller receives as :class:`RpcError`."""
+        raise RpcError(code, message)
+
+
+class _Resume(collections.abc.Coroutine):
+    """Hands a coroutine that was already stepped once (eagerly) to an asyncio Task."""
+
+    __slots__ = ("_coro", "_first", "_started")
+
+    def __init__(self, coro, first_yield) -> None:
+        self._coro = coro
+        self._first = first_yield
+        self._started = False
+
+    def send(self, value):
+        if not self._started:
+            self._started = True
+            return self._first
+        return self._coro.send(value)
+
+    def throw(self, typ, val=None, tb=None):
+        self._started = True
+        if val is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(val)
+
+    def close(self):
+        self._coro.close()
+
+    def __await__(self):
+        return self
+
+
+class _InUnary:
+    """A unary handler that awaited, so runs as a task (kept for cancel and deadline)."""
+
+    __slots__ = ("ctx", "task", "reason")
+
+    def __init__(self, ctx: CallContext) -> None:
+        self.ctx = ctx
+        self.task: asyncio.Task | None = None
+        self.reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.ctx._cancelled = True
+        if self.reason is None:
+            self.reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+
+class StreamCall:
+    """One streaming call, either end: a bounded inbound queue plus credit-limited sending.
+
+    Caller side (returned by :meth:`RpcSession.call_stream`, :meth:`~RpcSession.call_client_stream`,
+    :meth:`~RpcSession.call_bidi`): ``await send(msg)``, ``end()`` (no more requests),
+    ``async for reply in call``, ``await result()`` (client stream: the single reply),
+    ``cancel()``; usable as ``async with`` (leaving cancels it if unfinished).
+    Handler side: it is the ``requests`` argument (``async for msg in requests``).
+    """
+
+    __slots__ = ("_session", "call_id", "service", "outgoing", "deadline", "ctx", "task",
+                 "reason", "_queue", "_queued_bytes", "_consumed", "_recv_waiter", "_recv_done",
+                 "_error", "_credit", "_credit_waiter", "_send_done", "_finished", "_window")
+
+    def __init__(self, session: "RpcSession", call_id: int, service: str, outgoing: bool,
+                 deadline: float) -> None:
+        self._session = session
+        self.call_id = call_id
+        self.service = service
+        self.outgoing = outgoing
+        self.deadline = deadline
+        self.ctx: CallContext | None = None
+        self.task: asyncio.Task | None = None
+        self.reason: str | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._consumed = 0
+        self._recv_waiter: asyncio.Future | None = None
+        self._recv_done = False
+        self._error: BaseException | None = None
+        self._credit = INITIAL_WINDOW
+        self._credit_waiter: asyncio.Future | None = None
+        self._send_done = False
+        self._finished = False
+        self._window = session.limits.stream_window
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        """Received bytes not yet read by the application (bounded by the stream window)."""
+        return self._queued_bytes
+
+    @property
+    def done(self) -> bool:
+        return self._finished
+
+    async def send(self, message: bytes | bytearray | memoryview) -> None:
+        """Send one message; waits while the receiver's window is exhausted."""
+        if self._error is not None:
+            raise self._error
+        if self._send_done:
+            raise RpcError(Status.INVALID_ARGUMENT, "send after end() on this call")
+        session = self._session
+        n = len(message)
+        if n > session.limits.max_frame_size:
+            raise FrameTooLarge(f"message of {n} bytes exceeds max_frame_size "
+                                f"{session.limits.max_frame_size}; split it into several messages")
+        while self._credit <= 0:
+            waiter = self._credit_waiter = session._loop.create_future()
+            await waiter
+            if self._error is not None:
+                raise self._error
+        self._credit -= n + MESSAGE_OVERHEAD
+        flags = FLAG_MSG if self.outgoing else FLAG_MSG | FLAG_RESPONSE
+        session._send([MESSAGE, self.call_id, flags], message)
+        if session._pending_bytes > session.limits.write_buffer_high:
+            await session._wait_writable()
+            if self._error is not None:
+                raise self._error
+
+    def end(self) -> None:
+        """No more messages from this side (half-close)."""
+        if self._send_done or self._finished:
+            return
+        self._send_done = True
+        flags = FLAG_END if self.outgoing else FLAG_END | FLAG_RESPONSE
+        self._session._send([MESSAGE, self.call_id, flags])
+
+    def __aiter__(self) -> "StreamCall":
+        return self
+
+    async def __anext__(self) -> bytes:
+        queue = self._queue
+        while not queue:
+            if self._error is not None:
+                raise self._error
+            if self._recv_done:
+                raise StopAsyncIteration
+            waiter = self._recv_waiter = self._session._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._recv_waiter = None
+        message = queue.popleft()
+        n = len(message) + MESSAGE_OVERHEAD
+        self._queued_bytes -= n
+        self._consumed += n
+        if self._consumed >= self._window // 2 and not self._recv_done and not self._finished:
+            flags = 0 if self.outgoing else FLAG_RESPONSE
+            self._session._send([CREDIT, self.call_id, flags, self._consumed])
+            self._consumed = 0
+        return message
+
+    async def result(self) -> bytes:
+        """The single reply of a client-streaming call (ends our side first if still open)."""
+        self.end()
+        reply = None
+        async for message in self:
+            if reply is not None:
+                raise RpcError(Status.INTERNAL, "client-stream call got more than one reply")
+            reply = message
+        if reply is None:
+            raise RpcError(Status.INTERNAL, "client-stream call ended without a reply")
+        return reply
+
+    def cancel(self) -> None:
+        """Abandon the call: the remote handler is cancelled; local readers raise RpcCancelled."""
+        if self._finished:
+            return
+        session = self._session
+        if self.outgoing:
+            session._send([CANCEL, self.call_id, 0])
+            session._out_streams.pop(self.call_id, None)
+        else:
+            session._send([CANCEL, self.call_id, FLAG_RESPONSE])
+            session._in_calls.pop(self.call_id, None)
+        self._fail(RpcCancelled("cancelled by this side"))
+
+    async def __aenter__(self) -> "StreamCall":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if not self._finished:
+            self.cancel()
+
+    # -- session side ------------------------------------------------------------------------
+    def _deliver(self, flags: int, payload: bytes) -> None:
+        if flags & FLAG_MSG:
+            if self._recv_done:
+                raise ProtocolViolation(f"message after end of stream on call {self.call_id}")
+            n = len(payload) + MESSAGE_OVERHEAD
+            self._queued_bytes += n
+            if self._queued_bytes > self._window + self._session.limits.max_frame_size:
+                raise ProtocolViolation(
+                    f"peer overran the stream window of call {self.call_id} "
+                    f"({self._queued_bytes} bytes queued, window {self._window})")
+            self._queue.append(payload)
+        if flags & FLAG_END:
+            self._recv_done = True
+            if self.outgoing:
+                self._finished = True
+                if self._session._out_streams.pop(self.call_id, None) is not None:
+                    self._session._release_slot()
+                self._wake_credit()
+        self._wake_recv()
+
+    def _grant(self, n: int) -> None:
+        self._credit += n
+        self._wake_credit()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._finished and self._error is not None:
+            return
+        self._finished = True
+        if self._error is None:
+            self._error = error
+        if self.ctx is not None:
+            self.ctx._cancelled = True
+        self._wake_recv()
+        self._wake_credit()
+
+    def stop(self, reason: str) -> None:
+        """Handler side: cancel the running handler (caller cancelled, deadline, closing)."""
+        if self.reason is None:
+            self.reason = reason
+        self._fail(RpcCancelled(reason))
+        if self.task is not None:
+            self.task.cancel()
+
+    def _wake_recv(self) -> None:
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_credit(self) -> None:
+        waiter = self._credit_waiter
+        if waiter is not None:
+            self._credit_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _error_from_frame(header: list, payload: bytes) -> RpcError:
+    code, message = header[3], header[4]
+    if code == Status.DEADLINE_EXCEEDED:
+        return RpcTimeout(f"remote: {message}")
+    if code == Status.CANCELLED:
+        return RpcCancelled(f"remote: {message}")
+    if code == Status.UNIMPLEMENTED:
+        return RpcUnimplemented(message)
+    tb = bytes(payload[:_MAX_TRACEBACK]).decode("utf-8", "replace") if payload else None
+    return RpcError(code, message, tb)
+
+
+class RpcSession:
+    """Multiplexes RPC calls in both directions over one channel (see the module docstring).
+
+    Create it inside a running event loop; it starts its reader and writer tasks at once.
+    """
+
+    def __init__(self, channel, router: RpcRouter | None = None,
+                 limits: RpcLimits | None = None) -> None:
+        self.channel = channel
+        self.router = router if router is not None else RpcRouter()
+        self.limits = limits if limits is not None else RpcLimits()
+        self._loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder(self.limits.max_frame_size)
+        self._next_call_id = 0
+        self._out_unary: dict[int, asyncio.Future] = {}
+        self._out_streams: dict[int, StreamCall] = {}
+        self._in_calls: dict[int, _InUnary | StreamCall] = {}
+        self._deadlines: list[tuple[float, int, bool]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._out: list = []
+        self._pending_bytes = 0
+        self._out_waiter: asyncio.Future | None = None
+        self._writable: asyncio.Future | None = None
+        self._slot_waiters: deque[asyncio.Future] = deque()
+        self._closed = False
+        self._closing = False
+        self.close_reason: str | None = None
+        self._close_callbacks: list[Callable[["RpcSession"], None]] = []
+        self._done = self._loop.create_future()
+        self._writer_task = self._loop.create_task(self._write_loop())
+        self._reader_task = self._loop.create_task(self._read_loop())
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def remote_peer(self):
+        return self.channel.remote_peer
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def active_calls(self) -> int:
+        return len(self._out_unary) + len(self._out_streams) + len(self._in_calls)
+
+    def on_close(self, callback: Callable[["RpcSession"], None]) -> None:
+        """``callback(session)`` once the session has closed (at once if it already has)."""
+        if self._closed:
+            self._loop.call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
+    async def call(self, service: str, payload: bytes | bytearray | memoryview = b"",
+                   timeout: float | None = None) -> bytes:
+        """Unary call: send ``payload``, return the reply; raises the RpcError family."""
+        if self._closed:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+        n = len(payload)
+        if n > self.limits.max_frame_size:
+            raise FrameTooLarge(f"request of {n} bytes exceeds max_frame_size "
+                                f"{self.limits.max_frame_size}; send it as a client stream")
+        if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
+            await self._wait_slot()
+        if self._pending_bytes > self.limits.write_buffer_high:
+            await self._wait_writable()
+        timeout = self._timeout(timeout)
+        loop = self._loop
+        call_id = self._next_call_id = self._next_call_id + 1
+        future = loop.create_future()
+        self._out_unary[call_id] = future
+        self._add_deadline(loop.time() + timeout, call_id, True)
+        self._send([OPEN, call_id, FLAG_MSG | FLAG_END, service, UNARY, int(timeout * 1000) + 1],
+                   payload)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._out_unary.pop(call_id, None) is not None and not self._closed:
+                self._send([CANCEL, call_id, 0])
+                self._release_slot()
+            raise
+
+    def call_stream(self, service: str, payload: bytes = b"",
+                    timeout: float | None = None) -> StreamCall:
+        """Server-streaming call: ``async for reply in session.call_stream(...)``."""
+        call = self._open_stream(service, SERVER_STREAM, timeout, payload)
+        call._send_done = True
+        return call
+
+    def call_client_stream(self, service: str, timeout: float | None = None) -> StreamCall:
+        """Client-streaming call: ``await c.send(m)`` ..., then ``await c.result()``."""
+        return self._open_stream(service, CLIENT_STREAM, timeout, None)
+
+    def call_bidi(self, service: str, timeout: float | None = None) -> StreamCall:
+        """Bidirectional call: ``send``/``end`` requests while iterating replies."""
+        return self._open_stream(service, BIDI, timeout, None)
+
+    def close(self, reason: str = "closed locally") -> None:
+        """Fail in-flight calls, flush what is queued (GOAWAY included), close the channel."""
+        if self._closing:
+            return
+        self._send([GOAWAY, 0, 0, Status.UNAVAILABLE, reason[:_MAX_ERROR_MESSAGE]])
+        self._shutdown(reason, graceful=True)
+
+    async def aclose(self, reason: str = "closed locally") -> None:
+        self.close(reason)
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._done)
+
+    # -- outgoing ----------------------------------------------------------------------------
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.limits.default_timeout
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        return min(timeout, self.limits.max_timeout)
+
+    def _open_stream(self, service: str, call_type: int, timeout: float | None,
+                     payload: bytes | None) -> StreamCall:
+        if self._closed:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+        if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
+            raise RpcError(Status.RESOURCE_EXHAUSTED,
+                           f"{self.limits.max_concurrent_calls} calls already in flight")
+        if payload is not None and len(payload) > self.limits.max_frame_size:
+            raise FrameTooLarge(f"request of {len(payload)} bytes exceeds max_frame_size")
+        timeout = self._timeout(timeout)
+        call_id = self._next_call_id = self._next_call_id + 1
+        deadline = self._loop.time() + timeout
+        call = StreamCall(self, call_id, service, True, deadline)
+        self._out_streams[call_id] = call
+        self._add_deadline(deadline, call_id, True)
+        header = [OPEN, call_id, 0, service, call_type, int(timeout * 1000) + 1]
+        if payload is not None:
+            header[2] = FLAG_MSG | FLAG_END
+            self._send(header, payload)
+        else:
+            self._send(header)
+        extra = self.limits.stream_window - INITIAL_WINDOW
+        if extra > 0:
+            self._send([CREDIT, call_id, 0, extra])
+        return call
+
+    def _send(self, header: list, payload: bytes | bytearray | memoryview = b"") -> None:
+        if self._closed:
+            return
+        h = msgpack.packb(header)
+        plen = len(payload)
+        prefix = framing._pack_prefix(2 + len(h) + plen, len(h)) + h
+        out = self._out
+        if plen == 0:
+            out.append(prefix)
+        elif plen <= INLINE_PAYLOAD:
+            out.append(prefix + payload)
+        else:
+            out.append(prefix)
+            out.append(payload)
+        self._pending_bytes += len(prefix) + plen
+        waiter = self._out_waiter
+        if waiter is not None:
+            self._out_waiter = None
+            waiter.set_result(None)
+
+    async def _wait_writable(self) -> None:
+        if self._closed:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+        await self._writable
+        if self._closed:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+
+    def _wake_writable(self) -> None:
+        writable = self._writable
+        if writable is not None:
+            self._writable = None
+            if not writable.done():
+                writable.set_result(None)
+
+    async def _wait_slot(self) -> None:
+        while (len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls
+               and not self._closed):
+            waiter = self._loop.create_future()
+            self._slot_waiters.append(waiter)
+            await waiter
+        if self._closed:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _write_loop(self) -> None:
+        channel = self.channel
+        loop = self._loop
+        try:
+            while True:
+                out = self._out
+                if not out:
+                    if self._closing:
+                        break
+                    waiter = self._out_waiter = loop.create_future()
+                    await waiter
+                    continue
+                self._out = []
+                self._pending_bytes = 0
+                if len(out) == 1:
+                    channel.write(out[0])
+                else:
+                    run: list = []
+                    for piece in out:
+                        if len(piece) > 65536:
+                            if run:
+                                channel.write(b"".join(run) if len(run) > 1 else run[0])
+                                run = []
+                            channel.write(piece)
+                        else:
+                            run.append(piece)
+                    if run:
+                        channel.write(b"".join(run) if len(run) > 1 else run[0])
+                await channel.drain()
+                self._wake_writable()
+        except asyncio.CancelledError:
+            return
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            self._shutdown(f"channel write failed: {exc}", graceful=False)
+            return
+        if self._closing:
+            channel.close()
+            self._finish_close()
+
+    # -- deadlines ---------------------------------------------------------------------------
+    def _add_deadline(self, deadline: float, call_id: int, outgoing: bool) -> None:
+        heap = self._deadlines
+        heapq.heappush(heap, (deadline, call_id, outgoing))
+        if len(heap) > 4096 and len(heap) > 4 * self.active_calls:
+            self._compact_deadlines()
+        if self._timer is None or deadline < self._timer_at:
+            self._arm_timer(deadline)
+
+    def _compact_deadlines(self) -> None:
+        live = []
+        for entry in self._deadlines:
+            call_id = entry[1]
+            if entry[2]:
+                if call_id in self._out_unary or call_id in self._out_streams:
+                    live.append(entry)
+            elif call_id in self._in_calls:
+                live.append(entry)
+        heapq.heapify(live)
+        self._deadlines = live
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, call_id, outgoing = heapq.heappop(heap)
+            if outgoing:
+                future = self._out_unary.pop(call_id, None)
+                if future is not None:
+                    if not future.done():
+                        future.set_exception(RpcTimeout(f"call {call_id} exceeded its deadline"))
+                    self._send([CANCEL, call_id, 0])
+                    self._release_slot()
+                    continue
+                stream = self._out_streams.pop(call_id, None)
+                if stream is not None:
+                    stream._fail(RpcTimeout(f"stream {stream.service!r} exceeded its deadline"))
+                    self._send([CANCEL, call_id, 0])
+                    self._release_slot()
+            else:
+                call = self._in_calls.get(call_id)
+                if call is not None:
+                    call.stop(Status.DEADLINE_EXCEEDED)
+        if heap and not self._closed:
+            self._arm_timer(heap[0][0])
+
+    # -- incoming ----------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        channel = self.channel
+        feed = self._decoder.feed
+        read_size = self.limits.read_size
+        high = self.limits.write_buffer_high
+        reason = "remote closed the connection"
+        try:
+            while True:
+                data = await channel.read(read_size)
+                if not data:
+                    break
+                frames = feed(data)
+                if frames:
+                    self._dispatch(frames)
+                if self._pending_bytes > high:
+                    await self._wait_writable()
+        except asyncio.CancelledError:
+            return
+        except ProtocolViolation as exc:
+            log.warning("rpc session with %s: protocol violation: %s", self._peer_name(), exc)
+            self._send([GOAWAY, 0, 0, "PROTOCOL_VIOLATION", str(exc)[:_MAX_ERROR_MESSAGE]])
+            self._shutdown(f"protocol violation: {exc}", graceful=True)
+            return
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            reason = f"channel read failed: {exc}"
+        except RpcConnectionLost:
+            return
+        except Exception as exc:  # a bug here must close this session, not hang its calls
+            log.exception("rpc session with %s failed", self._peer_name())
+            reason = f"internal error: {exc!r}"
+        self._shutdown(reason, graceful=False)
+
+    def _peer_name(self) -> str:
+        try:
+            return str(self.channel.remote_peer)
+        except Exception:
+            return "?"
+
+    def _dispatch(self, frames: list) -> None:
+        out_unary = self._out_unary
+        for header, payload in frames:
+            kind = header[0]
+            flags = header[2]
+            if flags & FLAG_RESPONSE:
+                call_id = header[1]
+                future = out_unary.get(call_id)
+                if future is not None:
+                    if kind == MESSAGE:
+                        del out_unary[call_id]
+                        if not future.done():
+                            future.set_result(payload)
+                        if self._slot_waiters:
+                            self._release_slot()
+                    elif kind == ERROR:
+                        del out_unary[call_id]
+                        if not future.done():
+                            future.set_exception(_error_from_frame(header, payload))
+                        if self._slot_waiters:
+                            self._release_slot()
+                    continue
+                stream = self._out_streams.get(call_id)
+                if stream is None:
+                    if kind == GOAWAY:
+                        self._on_goaway(header)
+                    continue
+                if kind == MESSAGE:
+                    stream._deliver(flags, payload)
+                elif kind == CREDIT:
+                    stream._grant(header[3])
+                elif kind == ERROR:
+                    self._out_streams.pop(call_id, None)
+                    stream._fail(_error_from_frame(header, payload))
+                    self._release_slot()
+                elif kind == CANCEL:
+                    self._out_streams.pop(call_id, None)
+                    stream._fail(RpcCancelled("remote dropped the call"))
+                    self._release_slot()
+            elif kind == OPEN:
+                self._on_open(header, flags, payload)
+            elif kind == MESSAGE:
+                call = self._in_calls.get(header[1])
+                if type(call) is StreamCall:
+                    call._deliver(flags, payload)
+            elif kind == CREDIT:
+                call = self._in_calls.get(header[1])
+                if type(call) is StreamCall:
+                    call._grant(header[3])
+            elif kind == CANCEL:
+                call = self._in_calls.pop(header[1], None)
+                if call is not None:
+                    call.stop(Status.CANCELLED)
+            elif kind == GOAWAY:
+                self._on_goaway(header)
+
+    def _on_goaway(self, header: list) -> None:
+        reason = f"remote is closing the session: [{header[3]}] {header[4]}"
+        self._shutdown(reason, graceful=True)
+        raise RpcConnectionLost(reason)
+
+    def _on_open(self, header: list, flags: int, payload: bytes) -> None:
+        call_id, service, call_type, timeout_ms = header[1], header[3], header[4], header[5]
+        if call_id in self._in_calls:
+            raise ProtocolViolation(f"call id {call_id} opened twice")
+        entry = self.router._handlers.get(service)
+        if entry is None:
+            self._send_error(call_id, Status.UNIMPLEMENTED,
+                             f"no service {service!r} on peer {self.channel.local_peer}")
+            return
+        if entry[0] != call_type:
+            self._send_error(call_id, Status.UNIMPLEMENTED,
+                             f"service {service!r} is {framing.CALL_TYPE_NAMES[entry[0]]}, "
+                             f"called as {framing.CALL_TYPE_NAMES[call_type]}")
+            return
+        if len(self._in_calls) >= self.limits.max_concurrent_calls:
+            self._send_error(call_id, Status.RESOURCE_EXHAUSTED,
+                             f"peer has {len(self._in_calls)} calls in progress from you")
+            return
+        timeout = timeout_ms / 1000.0 if timeout_ms else self.limits.default_timeout
+        deadline = self._loop.time() + min(timeout, self.limits.max_timeout)
+        handler = entry[1]
+        ctx = CallContext(self, call_id, service, deadline)
+        if call_type == UNARY:
+            self._start_unary(ctx, handler, payload, entry[2])
+            return
+        call = StreamCall(self, call_id, service, False, deadline)
+        call.ctx = ctx
+        self._in_calls[call_id] = call
+        self._add_deadline(deadline, call_id, False)
+        if call_type == SERVER_STREAM:
+            call._recv_done = True
+            runner = self._run_server_stream(call, handler(ctx, payload))
+        else:
+            if flags & (FLAG_MSG | FLAG_END):
+                call._deliver(flags, payload)
+            extra = self.limits.stream_window - INITIAL_WINDOW
+            if extra > 0:
+                self._send([CREDIT, call_id, FLAG_RESPONSE, extra])
+            if call_type == CLIENT_STREAM:
+                runner = self._run_client_stream(call, handler)
+            else:
+                runner = self._run_server_stream(call, handler(ctx, call))
+        call.task = self._loop.create_task(runner)
+
+    def _start_unary(self, ctx: CallContext, handler: Callable, payload: bytes,
+                     eager: bool) -> None:
+        call_id = ctx.call_id
+        if not eager:
+            try:
+                coro = handler(ctx, payload)
+            except Exception as exc:
+                self._send_exception(call_id, exc)
+                return
+            call = _InUnary(ctx)
+            self._in_calls[call_id] = call
+            self._add_deadline(ctx.deadline, call_id, False)
+            task = call.task = self._loop.create_task(coro)
+            task.add_done_callback(lambda t, c=call: self._on_unary_done(c, t))
+            return
+        try:
+            coro = handler(ctx, payload)
+            first = coro.send(None)
+        except StopIteration as stop:
+            self._send_reply(call_id, stop.value)
+            return
+        except Exception as exc:  # the handler failed before its first await
+            self._send_exception(call_id, exc)
+            return
+        except asyncio.CancelledError:
+            self._send_error(call_id, Status.CANCELLED, "handler cancelled itself")
+            return
+        call = _InUnary(ctx)
+        self._in_calls[call_id] = call
+        self._add_deadline(ctx.deadline, call_id, False)
+        task = call.task = self._loop.create_task(_Resume(coro, first))
+        task.add_done_callback(lambda t, c=call: self._on_unary_done(c, t))
+
+    def _on_unary_done(self, call: _InUnary, task: asyncio.Task) -> None:
+        call_id = call.ctx.call_id
+        self._in_calls.pop(call_id, None)
+        if self._closed:
+            return
+        if task.cancelled():
+            if call.reason == Status.DEADLINE_EXCEEDED:
+                self._send_error(call_id, Status.DEADLINE_EXCEEDED, "handler exceeded the deadline")
+            elif call.reason is None:
+                self._send_error(call_id, Status.CANCELLED, "handler was cancelled")
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._send_exception(call_id, exc)
+        else:
+            self._send_reply(call_id, task.result())
+
+    def _send_reply(self, call_id: int, reply: object) -> None:
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            self._send_error(call_id, Status.INTERNAL,
+                             f"handler returned {type(reply).__name__}, expected bytes")
+            return
+        if len(reply) > self.limits.max_frame_size:
+            self._send_error(call_id, Status.RESOURCE_EXHAUSTED,
+                             f"reply of {len(reply)} bytes exceeds max_frame_size "
+                             f"{self.limits.max_frame_size}; use a server stream")
+            return
+        self._send([MESSAGE, call_id, FLAG_MSG | FLAG_END | FLAG_RESPONSE], reply)
+
+    def _send_error(self, call_id: int, code: str, message: str, tb: str = "") -> None:
+        self._send([ERROR, call_id, FLAG_RESPONSE, code, message[:_MAX_ERROR_MESSAGE]],
+                   tb.encode("utf-8", "replace")[:_MAX_TRACEBACK])
+
+    def _send_exception(self, call_id: int, exc: BaseException) -> None:
+        if isinstance(exc, RpcError):
+            self._send_error(call_id, exc.code, exc.message)
+            return
+        tb = ""
+        if self.limits.expose_tracebacks:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self._send_error(call_id, Status.INTERNAL, f"{type(exc).__name__}: {exc}", tb)
+
+    async def _run_server_stream(self, call: StreamCall, replies: AsyncIterator[bytes]) -> None:
+        call_id = call.call_id
+        try:
+            async for reply in replies:
+                if not isinstance(reply, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"stream handler yielded {type(reply).__name__}, "
+                                    "expected bytes")
+                await call.send(reply)
+            if not call._finished:
+                call.end()
+        except asyncio.CancelledError:
+            if call.reason == Status.DEADLINE_EXCEEDED and not self._closed:
+                self._send_error(call_id, Status.DEADLINE_EXCEEDED, "handler exceeded the deadline")
+        except RpcError as exc:
+            if call.reason is None and not self._closed:
+                self._send_exception(call_id, exc)
+        except Exception as exc:
+            if not self._closed:
+                self._send_exception(call_id, exc)
+        finally:
+            self._in_calls.pop(call_id, None)
+            call._finished = True
+            aclose = getattr(replies, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    pass
+
+    async def _run_client_stream(self, call: StreamCall, handler: Callable) -> None:
+        call_id = call.call_id
+        try:
+            reply = await handler(call.ctx, call)
+            if not self._closed and call.reason is None:
+                self._send_reply(call_id, reply)
+        except asyncio.CancelledError:
+            if call.reason == Status.DEADLINE_EXCEEDED and not self._closed:
+                self._send_error(call_id, Status.DEADLINE_EXCEEDED, "handler exceeded the deadline")
+        except Exception as exc:
+            if not self._closed and call.reason is None:
+                self._send_exception(call_id, exc)
+        finally:
+            self._in_calls.pop(call_id, None)
+            call._finished = True
+
+    # -- closing -----------------------------------------------------------------------------
+    def _shutdown(self, reason: str, graceful: bool) -> None:
+        if self._closing:
+            if not graceful and not self._closed:
+                self._finish_close()
+            return
+        self._closing = True
+        self.close_reason = reason
+        error = RpcConnectionLost(f"session closed: {reason}")
+        for future in self._out_unary.values():
+            if not future.done():
+                future.set_exception(error)
+        self._out_unary.clear()
+        for stream in list(self._out_streams.values()):
+            stream._fail(error)
+        self._out_streams.clear()
+        for call in list(self._in_calls.values()):
+            call.stop("session closed")
+        self._in_calls.clear()
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._slot_waiters.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
+        if self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+        if graceful and self._out and not self._writer_task.done():
+            waiter = self._out_waiter
+            if waiter is not None:
+                self._out_waiter = None
+                waiter.set_result(None)
+            # The writer flushes what is queued, then closes the channel and finishes.
+            self._loop.call_later(self.limits.close_timeout, self._finish_close)
+        else:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_writable()
+        if self._writer_task is not asyncio.current_task():
+            self._writer_task.cancel()
+        self._out.clear()
+        try:
+            if self.channel.is_closed:
+                pass
+            else:
+                self.channel.close()
+        except Exception:  # closing a broken channel must not raise into the loop
+            pass
+        if not self._done.done():
+            self._done.set_result(None)
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("rpc session close callback failed")
