@@ -1,0 +1,516 @@
+"""The user API: init/shutdown, @remote functions and actor classes, get/put/wait/cancel/kill.
+
+Behaves like Ray's API where the issue is silent. `init()` with no arguments starts an
+embedded node on a background event-loop thread (so notebooks stay responsive) with worker
+processes started in the background; `init(bootstrap=[...])` also joins a mesh.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import inspect
+import os
+import threading
+import time
+from typing import Any
+
+from latticaray.runtime import context, serialization
+from latticaray.runtime.core import DriverCore
+from latticaray.runtime.errors import GetTimeoutError
+from latticaray.runtime.ids import ids
+from latticaray.runtime.protocol import STREAMING
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.scheduler.resources import normalize
+
+_TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "num_returns", "max_retries",
+                 "retry_exceptions", "scheduling_strategy", "name", "runtime_env",
+                 "_generator_backpressure_num_objects", "label_selector"}
+_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "max_restarts",
+                  "max_task_retries", "max_concurrency", "name", "namespace", "lifetime",
+                  "get_if_exists", "scheduling_strategy", "runtime_env", "label_selector"}
+
+
+class NodeAffinitySchedulingStrategy:
+    """Run on the node with this id; with soft=True fall back to anywhere if it cannot."""
+
+    def __init__(self, node_id: str, soft: bool = False):
+        self.node_id = node_id
+        self.soft = soft
+
+    def to_wire(self) -> dict:
+        return {"affinity": self.node_id, "soft": self.soft}
+
+
+def _strategy_wire(strategy) -> Any:
+    if strategy is None or strategy == "DEFAULT":
+        return None
+    if isinstance(strategy, str):
+        if strategy != "SPREAD":
+            raise ValueError(f"unknown scheduling_strategy {strategy!r}: use DEFAULT, SPREAD or "
+                             f"NodeAffinitySchedulingStrategy")
+        return "SPREAD"
+    if isinstance(strategy, NodeAffinitySchedulingStrategy):
+        return strategy.to_wire()
+    raise TypeError(f"unsupported scheduling_strategy {strategy!r}")
+
+
+def _demand(options: dict, default_cpus: float) -> dict:
+    demand = dict(options.get("resources") or {})
+    for reserved in ("CPU", "GPU", "memory"):
+        if reserved in demand:
+            raise ValueError(f"use num_cpus/num_gpus/memory, not resources={{{reserved!r}: ...}}")
+    demand["CPU"] = options.get("num_cpus", default_cpus)
+    if options.get("num_gpus"):
+        demand["GPU"] = options["num_gpus"]
+    if options.get("memory"):
+        demand["memory"] = options["memory"]
+    return normalize(demand)
+
+
+def _check_options(options: dict, allowed: set, what: str) -> None:
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown option(s) for a remote {what}: {sorted(unknown)}")
+
+
+def _retry_exceptions_wire(value) -> Any:
+    if value is True or value is False or value is None:
+        return bool(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, type) for v in value):
+        return [v.__module__ + "." + v.__qualname__ for v in value]
+    raise TypeError("retry_exceptions must be a bool or a list of exception classes")
+
+
+def _num_returns_wire(value, is_generator: bool) -> int:
+    if value is None:
+        return STREAMING if is_generator else 1
+    if value in ("streaming", "dynamic"):
+        return STREAMING
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise ValueError(f"num_returns must be a non-negative int or 'streaming', got {value!r}")
+
+
+class RemoteFunction:
+    """A function turned into a task by @remote: call `.remote(...)`, tune with `.options(...)`."""
+
+    def __init__(self, function, options: dict, _shared: dict | None = None):
+        _check_options(options, _TASK_OPTIONS, "function")
+        self._function = function
+        self._options = options
+        self._shared = _shared if _shared is not None else {}
+        self._name = getattr(function, "__qualname__", "task")
+        is_gen = inspect.isgeneratorfunction(function)
+        wire = {"res": _demand(options, 1.0),
+                "max_retries": int(options.get("max_retries", 3)),
+                "retry_exc": _retry_exceptions_wire(options.get("retry_exceptions", False))}
+        strategy = _strategy_wire(options.get("scheduling_strategy"))
+        if strategy is not None:
+            wire["strategy"] = strategy
+        if options.get("_generator_backpressure_num_objects"):
+            wire["window"] = int(options["_generator_backpressure_num_objects"])
+        self._call_opts = {"nret": _num_returns_wire(options.get("num_returns"), is_gen),
+                           "wire": wire}
+        self.__doc__ = getattr(function, "__doc__", None)
+        self.__name__ = getattr(function, "__name__", "task")
+
+    def _code(self) -> tuple[bytes, bytes]:
+        shared = self._shared
+        if "hash" not in shared:
+            blob = serialization.dumps_code(self._function)
+            shared["blob"], shared["hash"] = blob, serialization.code_hash(blob)
+        return shared["hash"], shared["blob"]
+
+    def remote(self, *args, **kwargs):
+        core = context.require_core()
+        code_hash, blob = self._code()
+        return core.submit_task(code_hash, blob, self._name, args, kwargs, self._call_opts)
+
+    def options(self, **options) -> "RemoteFunction":
+        merged = dict(self._options)
+        merged.update(options)
+        return RemoteFunction(self._function, merged, self._shared)
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"remote function {self._name} cannot be called directly: "
+                        f"use {self.__name__}.remote(...)")
+
+
+def method(*, num_returns=None, concurrency_group=None):
+    """Decorate an actor method to set its num_returns (as ray.method)."""
+    def decorate(fn):
+        fn.__lattica_num_returns__ = num_returns
+        return fn
+    return decorate
+
+
+def _method_meta(cls) -> dict:
+    methods = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls, predicate=inspect.isfunction):
+        if name.startswith("__") and name != "__call__":
+            continue
+        gen = inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member)
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+            is_async = True
+        methods[name] = _num_returns_wire(getattr(member, "__lattica_num_returns__", None), gen)
+    return {"methods": methods, "is_async": is_async, "cname": cls.__qualname__}
+
+
+class ActorClass:
+    """A class turned into an actor factory by @remote: `.remote(...)` creates an actor."""
+
+    def __init__(self, cls, options: dict, _shared: dict | None = None):
+        _check_options(options, _ACTOR_OPTIONS, "class")
+        self._cls = cls
+        self._options = options
+        self._shared = _shared if _shared is not None else {}
+        if "meta" not in self._shared:
+            self._shared["meta"] = _method_meta(cls)
+
+    def _code(self) -> tuple[bytes, bytes]:
+        shared = self._shared
+        if "hash" not in shared:
+            blob = serialization.dumps_code(self._cls)
+            shared["blob"], shared["hash"] = blob, serialization.code_hash(blob)
+        return shared["hash"], shared["blob"]
+
+    def options(self, **options) -> "ActorClass":
+        merged = dict(self._options)
+        merged.update(options)
+        return ActorClass(self._cls, merged, self._shared)
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        core = context.require_core()
+        options = self._options
+        meta = self._shared["meta"]
+        wire = {"resources": _demand(options, options.get("num_cpus", 0)),
+                "max_restarts": int(options.get("max_restarts", 0)),
+                "max_task_retries": int(options.get("max_task_retries", 0)),
+                "max_concurrency": options.get("max_concurrency"),
+                "is_async": meta["is_async"], "meta": meta,
+                "name": options.get("name"),
+                "namespace": options.get("namespace") or core.namespace,
+                "lifetime": options.get("lifetime"),
+                "get_if_exists": bool(options.get("get_if_exists"))}
+        strategy = _strategy_wire(options.get("scheduling_strategy"))
+        if strategy is not None:
+            wire["strategy"] = strategy
+        code_hash, blob = self._code()
+        actor_id = ids.next_id()
+        reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
+        return ActorHandle(reply.get("aid", actor_id), reply.get("node", core.node_id), meta,
+                           wire["max_task_retries"])
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor class {self._cls.__qualname__} cannot be instantiated directly: "
+                        f"use .remote(...)")
+
+
+class ActorMethod:
+    """`handle.method` : call `.remote(...)`, or `.options(num_returns=...)` first."""
+
+    def __init__(self, handle: "ActorHandle", name: str, nret: int):
+        self._handle = handle
+        self._name = name
+        self._nret = nret
+
+    def remote(self, *args, **kwargs):
+        handle = self._handle
+        return context.require_core().submit_actor_task(
+            handle._actor_id, handle._node, self._name, args, kwargs, self._nret,
+            handle._max_task_retries, self._name)
+
+    def options(self, num_returns=None, **_ignored) -> "ActorMethod":
+        return ActorMethod(self._handle, self._name,
+                           _num_returns_wire(num_returns, self._nret == STREAMING))
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor method {self._name} cannot be called directly: use .remote()")
+
+
+class ActorHandle:
+    """A handle to a live actor; serializable, usable from any task or peer of the mesh."""
+
+    def __init__(self, actor_id: bytes, node: str, meta: dict, max_task_retries: int = 0):
+        self._actor_id = actor_id
+        self._node = node
+        self._meta = meta
+        self._max_task_retries = max_task_retries
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        methods = self._meta["methods"]
+        if name not in methods:
+            raise AttributeError(f"actor {self._meta['cname']} has no method {name!r}")
+        return ActorMethod(self, name, methods[name])
+
+    @property
+    def actor_id(self) -> str:
+        return self._actor_id.hex()
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._node, self._meta, self._max_task_retries))
+
+    def __repr__(self) -> str:
+        return f"Actor({self._meta['cname']}, {self._actor_id.hex()})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+
+def remote(*args, **options):
+    """`@remote` or `@remote(num_cpus=..., ...)` on a function or a class."""
+    def make(target):
+        if inspect.isclass(target):
+            return ActorClass(target, options)
+        if callable(target):
+            return RemoteFunction(target, options)
+        raise TypeError("@remote applies to functions and classes")
+
+    if len(args) == 1 and not options and callable(args[0]):
+        return make(args[0])
+    if args:
+        raise TypeError("@remote takes keyword options only, e.g. @remote(num_cpus=2)")
+    return make
+
+
+# ---------------------------------------------------------------------- init / shutdown
+class _EmbeddedRuntime:
+    """A node on a background event-loop thread, owned by this driver process."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.node = None
+        self.mesh_runtime = None
+
+    def start(self, make_node, start_mesh=None) -> None:
+        try:
+            import uvloop
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        self.loop = loop
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="latticaray-node", daemon=True)
+        self.thread.start()
+        started.wait()
+        self.node = make_node()
+        asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
+        if start_mesh is not None:
+            self.mesh_runtime = asyncio.run_coroutine_threadsafe(start_mesh(self.node),
+                                                                 loop).result()
+
+    def stop(self) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if self.mesh_runtime is not None:
+                asyncio.run_coroutine_threadsafe(self.mesh_runtime.stop(), loop).result(15)
+            asyncio.run_coroutine_threadsafe(self.node.stop(), loop).result(15)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join(10)
+            if not loop.is_running():
+                loop.close()
+
+
+_runtime: _EmbeddedRuntime | None = None
+_init_lock = threading.Lock()
+
+
+def _default_resources(num_cpus, num_gpus, resources) -> dict:
+    total = dict(resources or {})
+    total["CPU"] = float(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
+    if num_gpus:
+        total["GPU"] = float(num_gpus)
+    return total
+
+
+def init(address: str | None = None, *, bootstrap: list[str] | None = None,
+         credential: str | None = None, num_cpus: float | None = None,
+         num_gpus: float | None = None, resources: dict | None = None,
+         namespace: str = "default", ignore_reinit_error: bool = False,
+         listen: list[str] | None = None, mesh_key_path: str | None = None,
+         _mesh: bool | None = None, _max_workers: int | None = None):
+    """Start (or join) latticaray from this process.
+
+    No arguments: an embedded local node with worker processes sized to this machine.
+    `bootstrap=[multiaddr, ...]` joins an existing mesh (with `credential`, a membership
+    credential from the mesh's `latticaray invite`).
+    """
+    global _runtime
+    with _init_lock:
+        if _runtime is not None:
+            if ignore_reinit_error:
+                return _runtime_info()
+            raise RuntimeError("latticaray.init() was already called: call shutdown() first, "
+                               "or pass ignore_reinit_error=True")
+        if context.current_core() is not None:
+            raise RuntimeError("init() cannot be called inside a task or actor")
+        address = address or os.environ.get("LATTICARAY_ADDRESS")
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh)
+        total = _default_resources(num_cpus, num_gpus, resources)
+        runtime = _EmbeddedRuntime()
+        start_mesh = None
+        node_id = None
+        if use_mesh:
+            from latticaray.runtime.cluster import MeshRuntime
+            mesh_runtime = MeshRuntime.prepare(bootstrap=bootstrap or [], credential=credential,
+                                               listen=listen, key_path=mesh_key_path)
+            node_id = mesh_runtime.node_id
+            start_mesh = mesh_runtime.start
+        if node_id is None:
+            node_id = "local-" + os.urandom(8).hex()
+
+        from latticaray.runtime.node import RuntimeNode
+
+        def make_node():
+            return RuntimeNode(node_id, total, max_workers=_max_workers)
+
+        runtime.start(make_node, start_mesh)
+        _runtime = runtime
+        context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
+        return _runtime_info()
+
+
+def _runtime_info() -> dict:
+    return {"node_id": _runtime.node.node_id,
+            "address": getattr(_runtime.mesh_runtime, "listen_addrs", [])}
+
+
+def shutdown() -> None:
+    """Stop the embedded node and its worker processes (idempotent)."""
+    global _runtime
+    with _init_lock:
+        runtime, _runtime = _runtime, None
+        core = context.current_core()
+        if isinstance(core, DriverCore):
+            context.set_core(None)
+        if runtime is not None:
+            runtime.stop()
+
+
+atexit.register(shutdown)
+
+
+def is_initialized() -> bool:
+    return context.current_core() is not None
+
+
+# ---------------------------------------------------------------------- verbs
+def get(refs, *, timeout: float | None = None):
+    """Values of `refs` (one ObjectRef, a list of them, or a CID string), raising task errors."""
+    core = context.require_core()
+    if isinstance(refs, ObjectRef):
+        return core.get([refs], timeout)[0]
+    if isinstance(refs, str):
+        if not serialization.is_cid_string(refs):
+            raise ValueError(f"{refs!r} is not a CID")
+        return core.get_by_cid(refs, timeout)
+    if isinstance(refs, (list, tuple)):
+        for ref in refs:
+            if not isinstance(ref, ObjectRef):
+                raise TypeError(f"get() takes ObjectRefs, got {type(ref).__name__}")
+        if not refs:
+            return []
+        return core.get(list(refs), timeout)
+    if isinstance(refs, ObjectRefGenerator):
+        raise TypeError("iterate an ObjectRefGenerator to get its refs, then get() them")
+    raise TypeError(f"get() takes an ObjectRef, a list of ObjectRefs or a CID string, "
+                    f"got {type(refs).__name__}")
+
+
+def put(value) -> ObjectRef:
+    """Store `value` in the object store; returns its ref (whose `.cid` names it mesh-wide)."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself")
+    return context.require_core().put(value)
+
+
+def wait(refs: list[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Split `refs` into (ready, not ready) once `num_returns` are ready or `timeout` passes."""
+    if isinstance(refs, ObjectRef):
+        raise TypeError("wait() takes a list of ObjectRefs")
+    refs = list(refs)
+    if len(set(r.id for r in refs)) != len(refs):
+        raise ValueError("wait() got duplicate ObjectRefs")
+    if num_returns <= 0 or num_returns > len(refs):
+        raise ValueError(f"num_returns must be between 1 and {len(refs)}")
+    ready_idx = set(context.require_core().wait(refs, num_returns, timeout, fetch_local))
+    ready = [r for i, r in enumerate(refs) if i in ready_idx]
+    not_ready = [r for i, r in enumerate(refs) if i not in ready_idx]
+    return ready, not_ready
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task producing `ref`; `force` kills the worker running it."""
+    if isinstance(ref, ObjectRefGenerator):
+        from latticaray.runtime.ids import object_id
+        ref = ObjectRef(object_id(ref.task_id(), 0), ref._owner, _count=False)
+    if not isinstance(ref, ObjectRef):
+        raise TypeError("cancel() takes an ObjectRef")
+    context.require_core().cancel(ref, force, recursive)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill an actor's worker at once; with no_restart=False it may restart (max_restarts)."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError("kill() takes an ActorHandle")
+    context.require_core().kill_actor(actor._actor_id, actor._node, no_restart)
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor registered under `name` (ValueError if none)."""
+    core = context.require_core()
+    reply = core.get_actor(name, namespace or core.namespace)
+    meta = reply.get("meta") or {"methods": {}, "is_async": False, "cname": name}
+    return ActorHandle(reply["aid"], reply["node"], meta, int(reply.get("max_task_retries", 0)))
+
+
+def nodes() -> list[dict]:
+    return context.require_core().nodes()
+
+
+def _sum_resources(key: str) -> dict:
+    total: dict[str, float] = {}
+    for node in nodes():
+        if node.get("Alive"):
+            for name, amount in node.get(key, {}).items():
+                total[name] = total.get(name, 0.0) + amount
+    return total
+
+
+def cluster_resources() -> dict:
+    return _sum_resources("Resources")
+
+
+def available_resources() -> dict:
+    return _sum_resources("Available")
+
+
+def get_runtime_context() -> context.RuntimeContext:
+    return context.require_core().runtime_context()
+
+
+def timeline_wait(predicate, timeout: float, interval: float = 0.01) -> bool:
+    """Poll `predicate` until true or `timeout` (a helper for examples and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

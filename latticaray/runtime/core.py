@@ -1,0 +1,287 @@
+"""Core clients: what the user API calls into, in a driver (`DriverCore`) or a worker (`WorkerCore`).
+
+Both speak the same request vocabulary to their node (see docs/protocol/runtime.md, "client ops"):
+fire-and-forget posts (submit, actor_call, put, release, kill, cancel) and requests with a reply
+(get, wait, stream_next, get_actor, named create_actor, cid, nodes). A driver's node runs in a
+background event-loop thread of the same process; a worker's node is at the end of its socketpair.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+from latticaray.runtime import context, serialization
+from latticaray.runtime.errors import GetTimeoutError, TaskError
+from latticaray.runtime.ids import ids, object_id
+from latticaray.runtime.protocol import ERROR, OK
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+
+RELEASE_BATCH = 64
+
+
+def raise_error_value(data: bytes):
+    err = serialization.deserialize(data)
+    if isinstance(err, TaskError):
+        raise err.as_instanceof_cause()
+    raise err
+
+
+def decode_value(entry) -> object:
+    status, data = entry
+    if status == OK:
+        return serialization.deserialize(data)
+    raise_error_value(data)
+
+
+class CoreClient:
+    """Common client logic: ids, reference counts, argument encoding, result decoding."""
+
+    node_id: str
+    job_id: str = "job"
+    namespace: str = "default"
+
+    def __init__(self):
+        self._ref_counts: dict[bytes, int] = {}
+        self._escaped: set[bytes] = set()
+        self._shipped: set[bytes] = set()
+        self._release_queue: list[bytes] = []
+        self._lock = threading.Lock()
+
+    # ---- transport (subclasses)
+    def post(self, message: dict) -> None:
+        raise NotImplementedError
+
+    def request(self, message: dict, timeout: float | None = None) -> dict:
+        raise NotImplementedError
+
+    # ---- reference counting
+    def add_ref(self, oid: bytes) -> None:
+        counts = self._ref_counts
+        counts[oid] = counts.get(oid, 0) + 1
+
+    def remove_ref(self, oid: bytes) -> None:
+        counts = self._ref_counts
+        left = counts.get(oid, 0) - 1
+        if left > 0:
+            counts[oid] = left
+            return
+        counts.pop(oid, None)
+        if oid in self._escaped:
+            return
+        self._release_queue.append(oid)
+        if len(self._release_queue) >= RELEASE_BATCH:
+            self.flush_releases()
+
+    def escape_ref(self, ref: ObjectRef) -> None:
+        self._escaped.add(ref.id)
+
+    def flush_releases(self) -> None:
+        if self._release_queue:
+            batch, self._release_queue = self._release_queue, []
+            self.post({"op": "release", "oids": batch})
+
+    # ---- encoding
+    def code_fields(self, code_hash: bytes, blob: bytes) -> dict:
+        if code_hash in self._shipped:
+            return {}
+        self._shipped.add(code_hash)
+        return {"blob": blob}
+
+    @staticmethod
+    def encode_args(args: tuple, kwargs: dict) -> list:
+        has_ref = any(type(a) is ObjectRef for a in args) or any(
+            type(v) is ObjectRef for v in kwargs.values())
+        if not has_ref:
+            return ["b", serialization.serialize((args, kwargs))]
+        positional = [[1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
+                      for a in args]
+        keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef else [0, serialization.serialize(v)]
+                   for k, v in kwargs.items()}
+        return ["l", positional, keyword]
+
+    # ---- verbs
+    def submit_task(self, fn_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict):
+        task_id = ids.next_id()
+        nret = opts["nret"]
+        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name,
+                   "args": self.encode_args(args, kwargs), "nret": nret, "opts": opts["wire"],
+                   "parent": context.current_task_id.get()}
+        message.update(self.code_fields(fn_hash, blob))
+        self.post(message)
+        return self._returns(task_id, nret)
+
+    def _returns(self, task_id: bytes, nret: int):
+        if nret == -1:
+            return ObjectRefGenerator(task_id, self.node_id)
+        refs = [ObjectRef(object_id(task_id, i), self.node_id) for i in range(nret)]
+        if nret == 1:
+            return refs[0]
+        return refs
+
+    def create_actor(self, cls_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict,
+                     actor_id: bytes) -> dict:
+        message = {"op": "create_actor", "aid": actor_id, "cls": cls_hash, "cname": name,
+                   "args": self.encode_args(args, kwargs), "opts": opts}
+        message.update(self.code_fields(cls_hash, blob))
+        if opts.get("name"):
+            reply = self.request(message)
+            if "error" in reply:
+                raise_error_value(reply["error"])
+            return reply
+        self.post(message)
+        return {"node": self.node_id}
+
+    def submit_actor_task(self, actor_id: bytes, actor_node: str, method: str, args, kwargs,
+                          nret: int, retries: int, name: str):
+        task_id = ids.next_id()
+        self.post({"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
+                   "m": method, "args": self.encode_args(args, kwargs), "nret": nret,
+                   "retries": retries, "name": name})
+        return self._returns(task_id, nret)
+
+    def put(self, value) -> ObjectRef:
+        oid = object_id(ids.next_id(), 0)
+        self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
+        return ObjectRef(oid, self.node_id)
+
+    def get(self, refs: list[ObjectRef], timeout: float | None):
+        reply = self.request({"op": "get", "oids": [[r.id, r.owner] for r in refs],
+                              "timeout": timeout}, timeout)
+        if reply.get("timeout"):
+            raise GetTimeoutError(f"get timed out after {timeout} s")
+        if "error" in reply:
+            raise_error_value(reply["error"])
+        return [decode_value(entry) for entry in reply["vals"]]
+
+    def get_by_cid(self, cid: str, timeout: float | None):
+        reply = self.request({"op": "get_cid", "cid": cid, "timeout": timeout}, timeout)
+        if reply.get("timeout"):
+            raise GetTimeoutError(f"fetching {cid} timed out after {timeout} s")
+        if "error" in reply:
+            raise_error_value(reply["error"])
+        return decode_value(reply["val"])
+
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
+             fetch_local: bool) -> list[int]:
+        reply = self.request({"op": "wait", "oids": [[r.id, r.owner] for r in refs],
+                              "k": num_returns, "timeout": timeout, "fetch": fetch_local})
+        return reply["ready"]
+
+    def object_cid(self, ref: ObjectRef) -> str:
+        reply = self.request({"op": "cid", "oid": ref.id, "owner": ref.owner})
+        if "error" in reply:
+            raise_error_value(reply["error"])
+        return reply["cid"]
+
+    def stream_next(self, task_id: bytes, index: int, timeout: float | None):
+        reply = self.request({"op": "stream_next", "tid": task_id, "i": index,
+                              "timeout": timeout}, timeout)
+        if reply.get("timeout"):
+            raise GetTimeoutError(f"next stream item timed out after {timeout} s")
+        if reply.get("end"):
+            return None
+        return ObjectRef(reply["oid"], reply.get("owner", self.node_id))
+
+    def value_future(self, ref: ObjectRef) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def resolve():
+            try:
+                future.set_result(self.get([ref], None)[0])
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=resolve, daemon=True, name="ref-future").start()
+        return future
+
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        self.post({"op": "cancel", "oid": ref.id, "owner": ref.owner, "force": force,
+                   "recursive": recursive})
+
+    def kill_actor(self, actor_id: bytes, actor_node: str, no_restart: bool) -> None:
+        self.post({"op": "kill", "aid": actor_id, "anode": actor_node, "no_restart": no_restart})
+
+    def get_actor(self, name: str, namespace: str) -> dict:
+        reply = self.request({"op": "get_actor", "name": name, "ns": namespace})
+        if "error" in reply:
+            raise_error_value(reply["error"])
+        return reply
+
+    def nodes(self) -> list[dict]:
+        return self.request({"op": "nodes"})["nodes"]
+
+    def runtime_context(self) -> context.RuntimeContext:
+        task_id = context.current_task_id.get()
+        actor_id = context.current_actor_id.get()
+        return context.RuntimeContext(
+            node_id=self.node_id, job_id=self.job_id,
+            task_id=task_id.hex() if task_id else None,
+            actor_id=actor_id.hex() if actor_id else None,
+            worker_id=getattr(self, "worker_id", "driver"), namespace=self.namespace)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class DriverCore(CoreClient):
+    """A driver's client: its node runs on an event loop in a background thread of this process."""
+
+    def __init__(self, node, loop: asyncio.AbstractEventLoop, namespace: str = "default"):
+        super().__init__()
+        self.node = node
+        self.loop = loop
+        self.node_id = node.node_id
+        self.namespace = namespace
+        self.client = node.local_client()
+        self._outbox: list[dict] = []
+        self._flush_scheduled = False
+
+    def post(self, message: dict) -> None:
+        self._outbox.append(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outbox = self._outbox, []
+        handle = self.node.handle_post
+        for message in batch:
+            handle(message, self.client)
+
+    def request(self, message: dict, timeout: float | None = None) -> dict:
+        if self.loop.is_closed():
+            raise RuntimeError("latticaray has been shut down")
+        future = asyncio.run_coroutine_threadsafe(
+            self.node.handle_request(message, self.client), self.loop)
+        return future.result()
+
+    def get(self, refs: list[ObjectRef], timeout: float | None):
+        ready = self.node.ready_entries([r.id for r in refs]) if not self._outbox else None
+        if ready is not None:
+            return [decode_value(entry) for entry in ready]
+        return super().get(refs, timeout)
+
+
+class WorkerCore(CoreClient):
+    """A worker's client: requests travel to the node over the worker's socketpair."""
+
+    def __init__(self, conn, node_id: str, worker_id: str):
+        super().__init__()
+        self.conn = conn
+        self.node_id = node_id
+        self.worker_id = worker_id
+
+    def post(self, message: dict) -> None:
+        self.conn.send(message)
+
+    def request(self, message: dict, timeout: float | None = None) -> dict:
+        if self._release_queue:
+            self.flush_releases()
+        message["task"] = context.current_task_id.get()
+        reply = self.conn.request(message)
+        if "error" in reply and isinstance(reply["error"], str):
+            raise RuntimeError(reply["error"])
+        return reply

@@ -1,0 +1,1012 @@
+"""RuntimeNode: one node's side of tasks and actors (asyncio; owns the worker processes).
+
+A node accepts client operations (from its driver thread and from its workers, see core.py),
+keeps the table of objects it owns, resolves task arguments, accounts resources with the
+scheduler's ResourceLedger, runs tasks on a pool of worker processes, hosts actors on dedicated
+worker processes, retries tasks whose worker died, restarts actors, and streams generator items
+with backpressure. Placement on other peers of the mesh goes through `self.cluster` (cluster.py)
+when the node is part of a mesh.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from latticaray.runtime import serialization
+from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, GetTimeoutError,
+                                       ObjectLostError, ObjectNotFoundError, TaskCancelledError,
+                                       WorkerCrashedError)
+from latticaray.runtime.ids import index_of, object_id, task_of
+from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
+from latticaray.scheduler.errors import InsufficientResources, TaskUnschedulableError
+from latticaray.scheduler.resources import ResourceLedger, normalize
+
+PENDING = -1
+DEFAULT_STREAM_WINDOW = 16
+
+
+def error_blob(exc: BaseException) -> bytes:
+    return serialization.dumps_code(exc)
+
+
+class ObjectEntry:
+    """One object the node owns or holds: pending until its producer seals it."""
+
+    __slots__ = ("status", "data", "cid", "waiters", "released", "holder")
+
+    def __init__(self, status: int = PENDING, data: bytes | None = None):
+        self.status = status
+        self.data = data
+        self.cid: str | None = None
+        self.waiters: list | None = None
+        self.released = False
+        self.holder: str | None = None
+
+    def seal(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
+        waiters, self.waiters = self.waiters, None
+        if waiters:
+            for callback in waiters:
+                callback()
+
+    def on_ready(self, callback) -> None:
+        if self.status != PENDING:
+            callback()
+        elif self.waiters is None:
+            self.waiters = [callback]
+        else:
+            self.waiters.append(callback)
+
+
+class TaskRecord:
+    """A task or actor call owned by this node, from submission to its last result."""
+
+    __slots__ = ("tid", "msg", "nret", "retries_left", "retry_exc", "demand", "deps_left",
+                 "worker", "cancelled", "children", "actor", "name", "done", "remote_peer",
+                 "client", "dep_error")
+
+    def __init__(self, tid: bytes, msg: dict, nret: int, retries_left: int, retry_exc,
+                 demand: dict, name: str, actor=None):
+        self.tid = tid
+        self.msg = msg
+        self.nret = nret
+        self.retries_left = retries_left
+        self.retry_exc = retry_exc
+        self.demand = demand
+        self.deps_left = 0
+        self.worker = None
+        self.cancelled = False
+        self.children: list[bytes] | None = None
+        self.actor = actor
+        self.name = name
+        self.done = False
+        self.remote_peer: str | None = None
+        self.client = None
+        self.dep_error: bytes | None = None
+
+
+class StreamState:
+    """Items a streaming task has produced, what the consumer took, and who waits for more."""
+
+    __slots__ = ("count", "finished", "consumed", "waiters", "worker", "window")
+
+    def __init__(self, window: int):
+        self.count = 0
+        self.finished = False
+        self.consumed = 0
+        self.waiters: list = []
+        self.worker = None
+        self.window = window
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for callback in waiters:
+            callback()
+
+
+class LocalClient:
+    """The driver thread of this process, as a client of the node."""
+
+    kind = "driver"
+    current_task = None
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+
+class WorkerHandle:
+    """A worker process as seen by its node."""
+
+    kind = "worker"
+
+    def __init__(self, worker_id: str, proc: subprocess.Popen, writer, is_actor: bool):
+        self.worker_id = worker_id
+        self.proc = proc
+        self.writer = writer
+        self.is_actor = is_actor
+        self.ready = False
+        self.alive = True
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.loaded: set[bytes] = set()
+        self.blocked = 0
+        self.actor = None
+        self._early: list[bytes] = []
+
+    def send(self, message: dict) -> None:
+        if not self.alive:
+            return
+        if self.writer is None:
+            self._early.append(pack(message))
+        else:
+            self.writer.write(pack(message))
+
+    def attach(self, writer) -> None:
+        self.writer = writer
+        for frame in self._early:
+            writer.write(frame)
+        self._early.clear()
+
+    @property
+    def current_task(self):
+        return next(iter(self.tasks), None)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class ActorRecord:
+    """An actor hosted on this node."""
+
+    def __init__(self, aid: bytes, msg: dict, opts: dict):
+        self.aid = aid
+        self.msg = msg
+        self.opts = opts
+        self.name = opts.get("name")
+        self.namespace = opts.get("namespace") or "default"
+        self.max_restarts = int(opts.get("max_restarts", 0))
+        self.restarts = 0
+        self.state = "PENDING"
+        self.worker: WorkerHandle | None = None
+        self.outbox: collections.deque[TaskRecord] = collections.deque()
+        self.inflight: dict[bytes, TaskRecord] = {}
+        self.no_restart = False
+        self.death_cause = ""
+        self.demand = normalize(opts.get("resources") or {})
+
+
+class RuntimeNode:
+    """The runtime half of a node: objects, tasks, actors and the worker pool."""
+
+    def __init__(self, node_id: str, resources: dict[str, float], *, max_workers: int | None = None,
+                 worker_env: dict[str, str] | None = None, prestart: int | None = None):
+        self.node_id = node_id
+        self.ledger = ResourceLedger(resources)
+        self.total_resources = self.ledger.total
+        cpus = self.total_resources.get("CPU", 0.0)
+        self.max_active_workers = max_workers or max(1, int(cpus) or 1)
+        self.prestart = self.max_active_workers if prestart is None else prestart
+        self.worker_env = worker_env or {}
+        self.objects: dict[bytes, ObjectEntry] = {}
+        self.cid_index: dict[str, bytes] = {}
+        self.code: dict[bytes, bytes] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.ready_queue: collections.deque[TaskRecord] = collections.deque()
+        self.task_workers: list[WorkerHandle] = []
+        self.idle_workers: collections.deque[WorkerHandle] = collections.deque()
+        self.starting_workers = 0
+        self.actors: dict[bytes, ActorRecord] = {}
+        self.named_actors: dict[tuple[str, str], bytes] = {}
+        self.streams: dict[bytes, StreamState] = {}
+        self.cluster = None  # cluster.MeshCluster when this node is part of a mesh
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._worker_seq = 0
+        self._local_client = LocalClient(node_id)
+        self._stopping = False
+        self._reader_tasks: set[asyncio.Task] = set()
+        self.stats = collections.Counter()
+        self._post_handlers = {
+            "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
+            "release": self._on_release, "create_actor": self._on_create_actor_post,
+            "kill": self._on_kill, "cancel": self._on_cancel,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def local_client(self) -> LocalClient:
+        return self._local_client
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for _ in range(self.prestart):
+            self._spawn_task_worker()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        workers = list(self.task_workers) + [a.worker for a in self.actors.values() if a.worker]
+        for worker in workers:
+            worker.alive = False
+            worker.kill()
+        deadline = time.monotonic() + 5.0
+        for worker in workers:
+            while worker.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            try:
+                if worker.writer is not None:
+                    worker.writer.close()
+            except Exception:
+                pass
+        for task in list(self._reader_tasks):
+            task.cancel()
+        if self._reader_tasks:
+            await asyncio.gather(*self._reader_tasks, return_exceptions=True)
+
+    def worker_pids(self) -> list[int]:
+        workers = list(self.task_workers) + [a.worker for a in self.actors.values() if a.worker]
+        return [w.proc.pid for w in workers if w.alive]
+
+    # ------------------------------------------------------------------ worker processes
+    def _spawn_worker(self, is_actor: bool) -> WorkerHandle:
+        self._worker_seq += 1
+        worker_id = f"{self.node_id[-8:]}-w{self._worker_seq}"
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env.update(self.worker_env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "latticaray.runtime.worker", str(child_sock.fileno()),
+             self.node_id, worker_id],
+            pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        child_sock.close()
+        parent_sock.setblocking(False)
+        worker = WorkerHandle(worker_id, proc, None, is_actor)
+        task = self.loop.create_task(self._connect_worker(worker, parent_sock))
+        self._reader_tasks.add(task)
+        task.add_done_callback(self._reader_tasks.discard)
+        return worker
+
+    async def _connect_worker(self, worker: WorkerHandle, sock: socket.socket) -> None:
+        reader = asyncio.StreamReader(limit=1 << 20, loop=self.loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+        transport, _ = await self.loop.connect_accepted_socket(lambda: protocol, sock=sock)
+        worker.attach(asyncio.StreamWriter(transport, protocol, reader, self.loop))
+        await self._read_worker(worker, reader)
+
+    def _spawn_task_worker(self) -> None:
+        worker = self._spawn_worker(is_actor=False)
+        self.task_workers.append(worker)
+        self.starting_workers += 1
+
+    async def _read_worker(self, worker: WorkerHandle, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await read_frame(reader)
+                self._on_worker_message(worker, message)
+        except (ChannelClosed, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            return
+        self._on_worker_died(worker)
+
+    def _on_worker_message(self, worker: WorkerHandle, message: dict) -> None:
+        op = message["op"]
+        if op == "done":
+            self._on_done(worker, message)
+        elif op == "yield":
+            self._on_yield(message)
+        elif op == "hello":
+            worker.ready = True
+            if not worker.is_actor:
+                self.starting_workers -= 1
+                self.idle_workers.append(worker)
+                self._dispatch()
+        elif op == "actor_ready":
+            self._on_actor_ready(worker, message)
+        elif "rid" in message:
+            self.loop.create_task(self._serve_worker_request(worker, message))
+        else:
+            self.handle_post(message, worker)
+
+    async def _serve_worker_request(self, worker: WorkerHandle, message: dict) -> None:
+        blocking = message["op"] in ("get", "wait", "stream_next")
+        released = None
+        if blocking and not worker.is_actor and not self._request_ready(message):
+            released = self._block_worker(worker)
+        try:
+            reply = await self.handle_request(message, worker)
+        except Exception as exc:  # a bug must not kill the node: report it to the worker
+            reply = {"error": error_blob(RuntimeError(f"node failed to serve request: {exc!r}"))}
+        finally:
+            if released:
+                worker.blocked -= 1
+        reply["op"] = "reply"
+        reply["rid"] = message["rid"]
+        worker.send(reply)
+
+    def _request_ready(self, message: dict) -> bool:
+        if message["op"] != "get":
+            return False
+        objects = self.objects
+        for oid, _owner in message["oids"]:
+            entry = objects.get(oid)
+            if entry is None or entry.status == PENDING:
+                return False
+        return True
+
+    def _block_worker(self, worker: WorkerHandle) -> bool:
+        """A task worker waits on objects: lend its CPU to other tasks meanwhile (as Ray does)."""
+        worker.blocked += 1
+        for tid in worker.tasks:
+            self.ledger.release(tid.hex())
+        self._dispatch()
+        return True
+
+    def _on_worker_died(self, worker: WorkerHandle) -> None:
+        if not worker.alive and self._stopping:
+            return
+        worker.alive = False
+        worker.kill()
+        try:
+            worker.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._stopping:
+            return
+        self.stats["worker_deaths"] += 1
+        if worker.is_actor:
+            actor = worker.actor
+            if actor is not None and actor.worker is worker:
+                self._on_actor_worker_died(actor)
+            return
+        if worker in self.task_workers:
+            self.task_workers.remove(worker)
+        if not worker.ready:
+            self.starting_workers -= 1
+        try:
+            self.idle_workers.remove(worker)
+        except ValueError:
+            pass
+        for tid, rec in list(worker.tasks.items()):
+            self.ledger.release(tid.hex())
+            rec.worker = None
+            if rec.cancelled:
+                self._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif self._stream_started(rec):
+                self._fail(rec, WorkerCrashedError(
+                    f"worker running streaming task {rec.name} died after it produced items"))
+            elif rec.retries_left != 0:
+                rec.retries_left -= 1
+                self.stats["retries"] += 1
+                self.ready_queue.appendleft(rec)
+            else:
+                self._fail(rec, WorkerCrashedError(
+                    f"worker {worker.worker_id} running task {rec.name} died "
+                    f"(exit code {worker.proc.returncode}) and no retries are left"))
+        worker.tasks.clear()
+        self._dispatch()
+
+    def _stream_started(self, rec: TaskRecord) -> bool:
+        stream = self.streams.get(rec.tid)
+        return stream is not None and stream.count > 0
+
+    # ------------------------------------------------------------------ client ops
+    def handle_post(self, message: dict, client) -> None:
+        handler = self._post_handlers.get(message["op"])
+        if handler is None:
+            return
+        handler(message, client)
+
+    async def handle_request(self, message: dict, client) -> dict:
+        op = message["op"]
+        if op == "get":
+            return await self._req_get(message)
+        if op == "wait":
+            return await self._req_wait(message)
+        if op == "stream_next":
+            return await self._req_stream_next(message)
+        if op == "cid":
+            return await self._req_cid(message)
+        if op == "get_cid":
+            return await self._req_get_cid(message)
+        if op == "create_actor":
+            return self._create_actor(message, client)
+        if op == "get_actor":
+            return self._req_get_actor(message)
+        if op == "nodes":
+            return {"nodes": self.nodes()}
+        return {"error": error_blob(ValueError(f"unknown runtime request {op!r}"))}
+
+    def ready_entries(self, oids: list[bytes]):
+        """Called from the driver thread: (status, data) of each if all are sealed, else None."""
+        objects = self.objects
+        out = []
+        for oid in oids:
+            entry = objects.get(oid)
+            if entry is None or entry.status == PENDING:
+                return None
+            out.append((entry.status, entry.data))
+        return out
+
+    # ---- objects
+    def _on_put(self, message: dict, client) -> None:
+        entry = ObjectEntry(OK, message["d"])
+        self.objects[message["oid"]] = entry
+
+    def _on_release(self, message: dict, client) -> None:
+        objects = self.objects
+        for oid in message["oids"]:
+            entry = objects.get(oid)
+            if entry is None:
+                continue
+            if entry.status == PENDING or entry.waiters:
+                entry.released = True
+                continue
+            del objects[oid]
+            if entry.cid is not None:
+                self.cid_index.pop(entry.cid, None)
+
+    def _seal(self, oid: bytes, status: int, data: bytes) -> None:
+        entry = self.objects.get(oid)
+        if entry is None:
+            entry = self.objects[oid] = ObjectEntry()
+        if entry.status != PENDING:
+            return
+        entry.seal(status, data)
+        if entry.released:
+            self.objects.pop(oid, None)
+
+    async def _entries_for(self, oids: list, timeout: float | None, k: int | None = None):
+        """Wait until k (default all) of the objects are sealed; returns their entries."""
+        entries = []
+        for oid, owner in oids:
+            entry = self.objects.get(oid)
+            if entry is None:
+                entry = await self._locate(oid, owner)
+            entries.append(entry)
+        need = len(entries) if k is None else min(k, len(entries))
+        pending = [e for e in entries if e.status == PENDING]
+        if len(entries) - len(pending) >= need:
+            return entries
+        future = self.loop.create_future()
+        remaining = [need - (len(entries) - len(pending))]
+
+        def one_ready():
+            remaining[0] -= 1
+            if remaining[0] <= 0 and not future.done():
+                future.set_result(None)
+
+        for entry in pending:
+            entry.on_ready(one_ready)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            return None
+        return entries
+
+    async def _locate(self, oid: bytes, owner: str) -> ObjectEntry:
+        if self.cluster is not None and owner and owner != self.node_id:
+            return await self.cluster.fetch_object(oid, owner)
+        entry = ObjectEntry()
+        entry.seal(ERROR, error_blob(ObjectLostError(
+            f"object {oid.hex()} is not known to its owner node {owner[:16] or self.node_id[:16]} "
+            f"(released or never created)")))
+        return entry
+
+    async def _req_get(self, message: dict) -> dict:
+        entries = await self._entries_for(message["oids"], message.get("timeout"))
+        if entries is None:
+            return {"timeout": True}
+        return {"vals": [(e.status, e.data) for e in entries]}
+
+    async def _req_wait(self, message: dict) -> dict:
+        oids = message["oids"]
+        entries = await self._entries_for(oids, message.get("timeout"), message["k"])
+        if entries is None:
+            entries = [self.objects.get(oid) for oid, _ in oids]
+        ready = [i for i, e in enumerate(entries) if e is not None and e.status != PENDING]
+        return {"ready": ready[:message["k"]]}
+
+    def cid_for(self, oid: bytes, entry: ObjectEntry) -> str:
+        if entry.cid is None:
+            entry.cid = serialization.cid_of(entry.data)
+            self.cid_index[entry.cid] = oid
+        return entry.cid
+
+    async def _req_cid(self, message: dict) -> dict:
+        oid = message["oid"]
+        entries = await self._entries_for([(oid, message.get("owner", ""))], None)
+        entry = entries[0]
+        if entry.status == ERROR and entry.cid is None and entry.data is not None:
+            # an object that failed still has a CID: its error is what it holds
+            pass
+        return {"cid": self.cid_for(oid, entry)}
+
+    async def _req_get_cid(self, message: dict) -> dict:
+        cid = message["cid"]
+        oid = self.cid_index.get(cid)
+        entry = self.objects.get(oid) if oid is not None else None
+        if entry is not None and entry.status != PENDING:
+            return {"val": (entry.status, entry.data)}
+        if self.cluster is not None:
+            found = await self.cluster.fetch_by_cid(cid, message.get("timeout"))
+            if found is not None:
+                return {"val": found}
+        return {"error": error_blob(ObjectNotFoundError(f"no peer of the mesh holds {cid}"))}
+
+    # ---- tasks
+    def _on_submit(self, message: dict, client) -> None:
+        tid = message["tid"]
+        opts = message["opts"]
+        if "blob" in message:
+            self.code[message["fn"]] = message.pop("blob")
+        nret = message["nret"]
+        rec = TaskRecord(tid, message, nret, opts.get("max_retries", 3), opts.get("retry_exc"),
+                         opts.get("res") or {"CPU": 1.0}, message.get("name", "task"))
+        rec.client = client
+        self.tasks[tid] = rec
+        objects = self.objects
+        if nret == STREAMING:
+            self.streams[tid] = StreamState(opts.get("window") or DEFAULT_STREAM_WINDOW)
+        else:
+            for i in range(nret):
+                objects[object_id(tid, i)] = ObjectEntry()
+        parent = message.get("parent") or getattr(client, "current_task", None)
+        if parent is not None:
+            parent_rec = self.tasks.get(parent)
+            if parent_rec is not None:
+                if parent_rec.children is None:
+                    parent_rec.children = []
+                parent_rec.children.append(tid)
+        self._resolve_args(rec, self._schedule)
+
+    def _resolve_args(self, rec: TaskRecord, then) -> None:
+        args = rec.msg["args"]
+        if args[0] == "b":
+            then(rec)
+            return
+        slots = [item for item in args[1] if item[0] == 1]
+        slots += [item for item in args[2].values() if item[0] == 1]
+        if not slots:
+            then(rec)
+            return
+        rec.deps_left = len(slots)
+
+        def resolve(item, entry):
+            def on_ready():
+                if entry.status == ERROR and rec.dep_error is None:
+                    rec.dep_error = entry.data
+                item[:] = [0, entry.data]
+                rec.deps_left -= 1
+                if rec.deps_left == 0:
+                    if rec.dep_error is not None:
+                        self._fail_with_blob(rec, rec.dep_error)
+                    elif not rec.done:
+                        then(rec)
+            entry.on_ready(on_ready)
+
+        for item in slots:
+            oid, owner = item[1], item[2]
+            entry = self.objects.get(oid)
+            if entry is not None:
+                resolve(item, entry)
+            else:
+                async def locate(item=item, oid=oid, owner=owner):
+                    resolve(item, await self._locate(oid, owner))
+                self.loop.create_task(locate())
+
+    def _schedule(self, rec: TaskRecord) -> None:
+        if rec.done:
+            return
+        demand = rec.demand
+        if self.cluster is not None:
+            target = self.cluster.place_task(rec)
+            if target is not None and target != self.node_id:
+                self.cluster.run_remote(rec, target)
+                return
+        if not self.ledger.could_ever_fit(demand):
+            self._fail(rec, TaskUnschedulableError(
+                rec.tid.hex(), f"no node can ever provide {dict(demand)} "
+                               f"(this node has {self.total_resources})"))
+            return
+        self.ready_queue.append(rec)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        queue = self.ready_queue
+        ledger = self.ledger
+        while queue:
+            rec = queue[0]
+            if rec.done:
+                queue.popleft()
+                continue
+            if not self.idle_workers:
+                self._maybe_spawn()
+                return
+            try:
+                ledger.acquire(rec.tid.hex(), rec.demand)
+            except InsufficientResources:
+                return
+            queue.popleft()
+            worker = self.idle_workers.popleft()
+            self._run_on(worker, rec)
+
+    def _maybe_spawn(self) -> None:
+        active = sum(1 for w in self.task_workers if not w.blocked)
+        if active < self.max_active_workers and self.starting_workers < len(self.ready_queue):
+            self._spawn_task_worker()
+
+    def _run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
+        msg = rec.msg
+        rec.worker = worker
+        worker.tasks[rec.tid] = rec
+        out = {"op": "task", "tid": rec.tid, "fn": msg["fn"], "args": msg["args"],
+               "nret": rec.nret, "name": rec.name}
+        if rec.nret == STREAMING:
+            stream = self.streams[rec.tid]
+            stream.worker = worker
+            out["window"] = stream.window
+        if msg["fn"] not in worker.loaded:
+            out["blob"] = self.code[msg["fn"]]
+            worker.loaded.add(msg["fn"])
+        worker.send(out)
+
+    def _on_done(self, worker: WorkerHandle, message: dict) -> None:
+        tid = message["tid"]
+        rec = worker.tasks.pop(tid, None)
+        if rec is None:
+            return
+        if worker.is_actor:
+            actor = worker.actor
+            if actor is not None:
+                actor.inflight.pop(tid, None)
+        else:
+            self.ledger.release(tid.hex())
+            if worker.alive:
+                self.idle_workers.append(worker)
+        err = message.get("err")
+        if err is not None and not message.get("cancelled") and not rec.cancelled \
+                and self._should_retry_exception(rec, message.get("mro", [])):
+            rec.retries_left -= 1
+            self.stats["retries"] += 1
+            if rec.actor is None:
+                self.ready_queue.append(rec)
+            else:
+                self._send_actor_call(rec.actor, rec)
+            self._dispatch()
+            return
+        self._complete(rec, message)
+        if not worker.is_actor:
+            self._dispatch()
+
+    def _complete(self, rec: TaskRecord, message: dict) -> None:
+        """Seal a task's results (local worker reply or remote node reply)."""
+        err = message.get("err")
+        tid = rec.tid
+        if rec.nret == STREAMING:
+            stream = self.streams.get(tid)
+            if stream is not None:
+                if err is not None:
+                    self._seal(object_id(tid, stream.count), ERROR, err)
+                    stream.count += 1
+                stream.finished = True
+                stream.wake()
+        elif err is not None:
+            for i in range(rec.nret):
+                self._seal(object_id(tid, i), ERROR, err)
+        else:
+            for i, data in enumerate(message["vals"]):
+                self._seal(object_id(tid, i), OK, data)
+        rec.done = True
+        self.tasks.pop(tid, None)
+
+    def _should_retry_exception(self, rec: TaskRecord, mro: list[str]) -> bool:
+        retry = rec.retry_exc
+        if not retry or rec.retries_left == 0:
+            return False
+        if retry is True:
+            return True
+        return any(name in retry for name in mro)
+
+    def _fail(self, rec: TaskRecord, exc: BaseException) -> None:
+        self._fail_with_blob(rec, error_blob(exc))
+
+    def _fail_with_blob(self, rec: TaskRecord, blob: bytes) -> None:
+        if rec.done:
+            return
+        self._complete(rec, {"err": blob})
+
+    def _on_yield(self, message: dict) -> None:
+        tid = message["tid"]
+        stream = self.streams.get(tid)
+        if stream is None:
+            return
+        index = message["i"]
+        self._seal(object_id(tid, index), OK, message["d"])
+        stream.count = max(stream.count, index + 1)
+        stream.wake()
+
+    async def _req_stream_next(self, message: dict) -> dict:
+        tid, index = message["tid"], message["i"]
+        stream = self.streams.get(tid)
+        if stream is None:
+            if self.cluster is not None:
+                return await self.cluster.remote_stream_next(message)
+            return {"end": True}
+        if index >= stream.count and not stream.finished:
+            future = self.loop.create_future()
+
+            def wake():
+                if not future.done():
+                    future.set_result(None)
+
+            deadline = None if message.get("timeout") is None else \
+                self.loop.time() + message["timeout"]
+            while index >= stream.count and not stream.finished:
+                future = self.loop.create_future()
+                stream.waiters.append(lambda f=future: f.done() or f.set_result(None))
+                left = None if deadline is None else max(0.0, deadline - self.loop.time())
+                try:
+                    await asyncio.wait_for(future, left)
+                except asyncio.TimeoutError:
+                    return {"timeout": True}
+        if index < stream.count:
+            if index + 1 > stream.consumed:
+                stream.consumed = index + 1
+                self._ack_stream(tid, stream)
+            return {"oid": object_id(tid, index), "owner": self.node_id}
+        self.streams.pop(tid, None)
+        return {"end": True}
+
+    def _ack_stream(self, tid: bytes, stream: StreamState) -> None:
+        if stream.worker is not None:
+            stream.worker.send({"op": "gen_ack", "tid": tid, "n": stream.consumed})
+        elif self.cluster is not None:
+            self.cluster.ack_remote_stream(tid, stream.consumed)
+
+    # ---- cancel
+    def _on_cancel(self, message: dict, client) -> None:
+        self.cancel_task(task_of(message["oid"]), message.get("force", False),
+                         message.get("recursive", True))
+
+    def cancel_task(self, tid: bytes, force: bool, recursive: bool) -> None:
+        rec = self.tasks.get(tid)
+        if rec is None or rec.done:
+            return
+        rec.cancelled = True
+        if recursive and rec.children:
+            for child in rec.children:
+                self.cancel_task(child, force, recursive)
+        worker = rec.worker
+        if rec.remote_peer is not None and self.cluster is not None:
+            self.cluster.cancel_remote(rec, force)
+            return
+        if worker is None:
+            if rec.actor is not None:
+                actor = rec.actor
+                try:
+                    actor.outbox.remove(rec)
+                except ValueError:
+                    pass
+            self._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled before it ran"))
+            return
+        if force and not worker.is_actor:
+            worker.kill()
+        else:
+            worker.send({"op": "cancel", "tid": tid})
+
+    # ---- actors
+    def _on_create_actor_post(self, message: dict, client) -> None:
+        self._create_actor(message, client)
+
+    def _create_actor(self, message: dict, client) -> dict:
+        aid = message["aid"]
+        opts = message["opts"]
+        if "blob" in message:
+            self.code[message["cls"]] = message.pop("blob")
+        name = opts.get("name")
+        namespace = opts.get("namespace") or "default"
+        if name:
+            existing = self.named_actors.get((namespace, name))
+            if existing is not None and existing in self.actors \
+                    and self.actors[existing].state != "DEAD":
+                if opts.get("get_if_exists"):
+                    record = self.actors[existing]
+                    return {"aid": existing, "node": self.node_id, "existing": True,
+                            "meta": record.opts.get("meta")}
+                return {"error": error_blob(ActorNameTakenError(
+                    f"an actor named {name!r} already exists in namespace {namespace!r}"))}
+            if self.cluster is not None:
+                claim_error = self.cluster.claim_actor_name(namespace, name, aid)
+                if claim_error is not None:
+                    return {"error": error_blob(ActorNameTakenError(claim_error))}
+        if self.cluster is not None:
+            target = self.cluster.place_actor(message)
+            if target is not None and target != self.node_id:
+                return self.cluster.create_remote_actor(message, target)
+        return self.host_actor(message)
+
+    def host_actor(self, message: dict) -> dict:
+        aid = message["aid"]
+        opts = message["opts"]
+        actor = ActorRecord(aid, message, opts)
+        if not self.ledger.could_ever_fit(actor.demand):
+            actor.state = "DEAD"
+            actor.death_cause = (f"the actor needs {actor.demand}, more than this node's "
+                                 f"{self.total_resources}")
+            self.actors[aid] = actor
+            return {"error": error_blob(TaskUnschedulableError(aid.hex(), actor.death_cause))}
+        try:
+            if actor.demand:
+                self.ledger.acquire("actor-" + aid.hex(), actor.demand)
+        except InsufficientResources as exc:
+            actor.state = "DEAD"
+            actor.death_cause = f"not enough resources on this node for the actor: {exc}"
+            self.actors[aid] = actor
+            return {"error": error_blob(TaskUnschedulableError(aid.hex(), actor.death_cause))}
+        self.actors[aid] = actor
+        if actor.name:
+            self.named_actors[(actor.namespace, actor.name)] = aid
+        self._start_actor_worker(actor)
+        return {"aid": aid, "node": self.node_id}
+
+    def _start_actor_worker(self, actor: ActorRecord) -> None:
+        worker = self._spawn_worker(is_actor=True)
+        worker.actor = actor
+        actor.worker = worker
+        actor.state = "ALIVE"
+        msg = actor.msg
+        opts = actor.opts
+        worker.send({"op": "actor_create", "aid": actor.aid, "cls": msg["cls"],
+                     "blob": self.code[msg["cls"]], "args": msg["args"],
+                     "mc": opts.get("max_concurrency") or (1000 if opts.get("is_async") else 1),
+                     "async": bool(opts.get("is_async")), "name": msg.get("cname", "actor")})
+        worker.loaded.add(msg["cls"])
+        while actor.outbox:
+            self._send_actor_call(actor, actor.outbox.popleft())
+
+    def _on_actor_ready(self, worker: WorkerHandle, message: dict) -> None:
+        actor = worker.actor
+        if actor is None or "err" not in message:
+            return
+        actor.state = "DEAD"
+        actor.no_restart = True
+        cause = serialization.deserialize(message["err"])
+        actor.death_cause = f"the actor's constructor raised:\n{cause}"
+        worker.kill()
+
+    def _on_actor_call(self, message: dict, client) -> None:
+        aid = message["aid"]
+        actor = self.actors.get(aid)
+        tid = message["tid"]
+        nret = message["nret"]
+        rec = TaskRecord(tid, message, nret, message.get("retries", 0), None, {},
+                         message.get("name", message["m"]))
+        rec.client = client
+        self.tasks[tid] = rec
+        if nret == STREAMING:
+            self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
+        else:
+            for i in range(nret):
+                self.objects[object_id(tid, i)] = ObjectEntry()
+        if actor is None:
+            if self.cluster is not None and message.get("anode") != self.node_id:
+                self._resolve_args(rec, lambda r: self.cluster.call_remote_actor(r))
+                return
+            self._fail(rec, ActorDiedError(f"actor {aid.hex()} does not exist on this node"))
+            return
+        rec.actor = actor
+        if actor.state == "DEAD":
+            self._fail(rec, ActorDiedError(self._death_message(actor)))
+            return
+        actor.outbox.append(rec)
+        self._resolve_args(rec, lambda r: self._pump_actor(actor))
+
+    def _pump_actor(self, actor: ActorRecord) -> None:
+        if actor.state != "ALIVE":
+            return
+        outbox = actor.outbox
+        while outbox and outbox[0].deps_left == 0:
+            rec = outbox.popleft()
+            if rec.done:
+                continue
+            self._send_actor_call(actor, rec)
+
+    def _send_actor_call(self, actor: ActorRecord, rec: TaskRecord) -> None:
+        worker = actor.worker
+        msg = rec.msg
+        rec.worker = worker
+        worker.tasks[rec.tid] = rec
+        actor.inflight[rec.tid] = rec
+        out = {"op": "actor_call", "tid": rec.tid, "m": msg["m"], "args": msg["args"],
+               "nret": rec.nret, "name": rec.name}
+        if rec.nret == STREAMING:
+            stream = self.streams[rec.tid]
+            stream.worker = worker
+            out["window"] = stream.window
+        worker.send(out)
+
+    def _death_message(self, actor: ActorRecord) -> str:
+        return (f"actor {actor.name or actor.aid.hex()} is dead: "
+                f"{actor.death_cause or 'its worker process died'}")
+
+    def _on_actor_worker_died(self, actor: ActorRecord) -> None:
+        inflight = list(actor.inflight.values())
+        actor.inflight.clear()
+        can_restart = (not actor.no_restart and actor.state != "DEAD"
+                       and (actor.max_restarts < 0 or actor.restarts < actor.max_restarts))
+        if not can_restart:
+            actor.state = "DEAD"
+            if not actor.death_cause:
+                actor.death_cause = ("it was killed" if actor.no_restart else
+                                     "its worker process died and no restarts are left")
+            if actor.demand:
+                self.ledger.release("actor-" + actor.aid.hex())
+            if actor.name and self.named_actors.get((actor.namespace, actor.name)) == actor.aid:
+                del self.named_actors[(actor.namespace, actor.name)]
+                if self.cluster is not None:
+                    self.cluster.release_actor_name(actor.namespace, actor.name, actor.aid)
+            for rec in inflight + list(actor.outbox):
+                self._fail(rec, ActorDiedError(self._death_message(actor)))
+            actor.outbox.clear()
+            return
+        actor.restarts += 1
+        self.stats["actor_restarts"] += 1
+        retry = []
+        for rec in inflight:
+            rec.worker = None
+            if rec.retries_left != 0 and not self._stream_started(rec):
+                rec.retries_left -= 1
+                retry.append(rec)
+            else:
+                self._fail(rec, ActorDiedError(
+                    f"actor {actor.name or actor.aid.hex()} died while running {rec.name} "
+                    f"(it restarts; the call has no retries left)"))
+        actor.outbox.extendleft(reversed(retry))
+        self._start_actor_worker(actor)
+
+    def _on_kill(self, message: dict, client) -> None:
+        aid = message["aid"]
+        actor = self.actors.get(aid)
+        if actor is None:
+            if self.cluster is not None:
+                self.cluster.kill_remote_actor(message)
+            return
+        if message.get("no_restart", True):
+            actor.no_restart = True
+            actor.death_cause = "it was killed with kill()"
+        if actor.worker is not None:
+            actor.worker.kill()
+
+    def _req_get_actor(self, message: dict) -> dict:
+        key = (message.get("ns") or "default", message["name"])
+        aid = self.named_actors.get(key)
+        if aid is not None:
+            actor = self.actors[aid]
+            return {"aid": aid, "node": self.node_id, "meta": actor.opts.get("meta")}
+        if self.cluster is not None:
+            found = self.cluster.lookup_actor_name(*key)
+            if found is not None:
+                return found
+        return {"error": error_blob(ValueError(
+            f"no actor named {key[1]!r} in namespace {key[0]!r}"))}
+
+    # ---- cluster view
+    def local_view(self) -> dict:
+        return {"NodeID": self.node_id, "Alive": True, "Resources": self.total_resources,
+                "Available": self.ledger.available, "Workers": len(self.task_workers),
+                "Actors": sum(1 for a in self.actors.values() if a.state != "DEAD")}
+
+    def nodes(self) -> list[dict]:
+        if self.cluster is not None:
+            return self.cluster.nodes()
+        return [self.local_view()]

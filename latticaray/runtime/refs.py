@@ -1,0 +1,137 @@
+"""ObjectRef (a future value named by CID once sealed) and ObjectRefGenerator (streamed refs)."""
+from __future__ import annotations
+
+import asyncio
+
+from latticaray.runtime import context
+
+
+class ObjectRef:
+    """A reference to a task's result or a put object.
+
+    Until the object exists it is bound to the producing task (its id is the task id plus the
+    return index); once sealed, `ref.cid` / `str(ref)` give the object's CID, by which any peer
+    of the mesh can fetch it. Refs are serializable and can be passed to other tasks.
+    """
+
+    __slots__ = ("id", "owner", "_cid", "_counted", "__weakref__")
+
+    def __init__(self, object_id: bytes, owner: str = "", cid: str | None = None,
+                 _count: bool = True):
+        self.id = object_id
+        self.owner = owner
+        self._cid = cid
+        self._counted = False
+        if _count:
+            core = context.current_core()
+            if core is not None:
+                core.add_ref(object_id)
+                self._counted = True
+
+    def __del__(self):
+        if self._counted:
+            core = context.current_core()
+            if core is not None:
+                try:
+                    core.remove_ref(self.id)
+                except Exception:
+                    pass
+
+    @property
+    def cid(self) -> str:
+        """The object's CID, waiting for the producing task to finish if needed."""
+        if self._cid is None:
+            self._cid = context.require_core().object_cid(self)
+        return self._cid
+
+    def cid_if_known(self) -> str | None:
+        return self._cid
+
+    def hex(self) -> str:
+        return self.id.hex()
+
+    def task_id(self) -> bytes:
+        return self.id[:16]
+
+    def __str__(self) -> str:
+        try:
+            return self.cid
+        except Exception:
+            return f"ObjectRef({self.id.hex()})"
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self.id.hex()}{', ' + self._cid if self._cid else ''})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectRef) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __reduce__(self):
+        core = context.current_core()
+        if core is not None:
+            core.escape_ref(self)
+        return (_rebuild_ref, (self.id, self.owner, self._cid))
+
+    def future(self):
+        """A concurrent.futures.Future resolving to the value."""
+        return context.require_core().value_future(self)
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future()).__await__()
+
+
+def _rebuild_ref(object_id: bytes, owner: str, cid: str | None) -> ObjectRef:
+    return ObjectRef(object_id, owner, cid)
+
+
+class ObjectRefGenerator:
+    """Refs of a streaming task's items, in order, as the task yields them.
+
+    Iterating waits for the next item; the producer is held back (backpressure) when the
+    consumer falls behind by more than the stream window.
+    """
+
+    def __init__(self, task_id: bytes, owner: str):
+        self._task_id = task_id
+        self._owner = owner
+        self._next_index = 0
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ObjectRef:
+        return self._next_sync(None)
+
+    def _next_sync(self, timeout: float | None) -> ObjectRef:
+        if self._done:
+            raise StopIteration
+        ref = context.require_core().stream_next(self._task_id, self._next_index, timeout)
+        if ref is None:
+            self._done = True
+            raise StopIteration
+        self._next_index += 1
+        return ref
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> ObjectRef:
+        if self._done:
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self._next_sync, None)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def task_id(self) -> bytes:
+        return self._task_id
+
+    def __reduce__(self):
+        return (ObjectRefGenerator, (self._task_id, self._owner))
+
+    def __repr__(self) -> str:
+        return f"ObjectRefGenerator({self._task_id.hex()})"

@@ -1,0 +1,420 @@
+"""Worker process: executes tasks and hosts actors for the node that spawned it.
+
+Started as `python -m latticaray.runtime.worker <fd> <node_id> <worker_id>` with one end of a Unix
+socketpair as `fd`. A reader thread receives frames from the node; tasks run on the main thread
+(one at a time), actor calls run on the main thread, a thread pool (max_concurrency > 1) or an
+asyncio loop (async actors). User code calling the runtime API (nested tasks, get, put, actors)
+goes through `WorkerCore`, which sends requests to the node over the same channel.
+"""
+from __future__ import annotations
+
+import _thread
+import asyncio
+import inspect
+import os
+import queue
+import socket
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+from latticaray.runtime import context, serialization
+from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskError
+from latticaray.runtime.protocol import ERROR, OK, STREAMING, BlockingFrameReader, ChannelClosed, pack
+
+STREAM_WINDOW = 16
+
+
+class WorkerConnection:
+    """The worker's end of the node channel: locked sends, a reader thread, request replies."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._reader = BlockingFrameReader(sock)
+        self._pending: dict[int, list] = {}
+        self._next_rid = 0
+        self._rid_lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        frame = pack(message)
+        with self._send_lock:
+            self.sock.sendall(frame)
+
+    def read(self) -> dict:
+        return self._reader.read()
+
+    def request(self, message: dict, timeout: float | None = None) -> dict:
+        with self._rid_lock:
+            self._next_rid += 1
+            rid = self._next_rid
+        slot = [threading.Event(), None]
+        self._pending[rid] = slot
+        message["rid"] = rid
+        self.send(message)
+        slot[0].wait()
+        self._pending.pop(rid, None)
+        return slot[1]
+
+    def deliver_reply(self, message: dict) -> None:
+        slot = self._pending.get(message["rid"])
+        if slot is not None:
+            slot[1] = message
+            slot[0].set()
+
+    def fail_all(self) -> None:
+        for slot in list(self._pending.values()):
+            slot[1] = {"op": "reply", "error": "node closed the worker channel"}
+            slot[0].set()
+
+
+class StreamCredit:
+    """Backpressure for streaming tasks: a producer may run at most STREAM_WINDOW items ahead."""
+
+    def __init__(self):
+        self._consumed: dict[bytes, int] = {}
+        self._cond = threading.Condition()
+
+    def wait_for_room(self, task_id: bytes, index: int, window: int, cancelled) -> None:
+        with self._cond:
+            while index - self._consumed.get(task_id, 0) >= window:
+                if cancelled():
+                    raise KeyboardInterrupt
+                self._cond.wait(0.5)
+
+    def ack(self, task_id: bytes, consumed: int) -> None:
+        with self._cond:
+            if consumed > self._consumed.get(task_id, 0):
+                self._consumed[task_id] = consumed
+            self._cond.notify_all()
+
+    def forget(self, task_id: bytes) -> None:
+        with self._cond:
+            self._consumed.pop(task_id, None)
+
+
+def decode_args(encoded):
+    if encoded[0] == "b":
+        return serialization.deserialize(encoded[1])
+    _, positional, keyword = encoded
+    args = [serialization.deserialize(item[1]) for item in positional]
+    kwargs = {key: serialization.deserialize(item[1]) for key, item in keyword.items()}
+    return args, kwargs
+
+
+def encode_error(function_name: str, exc: BaseException, node_id: str) -> tuple[bytes, list[str]]:
+    if isinstance(exc, (TaskCancelledError, ActorDiedError)):
+        return serialization.dumps_code(exc), [type(exc).__name__]
+    if isinstance(exc, TaskError):  # a failed dependency or nested get: pass it through as is
+        err = exc
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        err = TaskError(function_name, type(exc).__name__, tb, exc, node_id)
+    try:
+        data = serialization.dumps_code(err)
+    except Exception:
+        err = TaskError(function_name, type(exc).__name__, err.remote_traceback, None, node_id)
+        data = serialization.dumps_code(err)
+    mro = [cls.__module__ + "." + cls.__qualname__ for cls in type(exc).__mro__]
+    return data, mro
+
+
+class Worker:
+    """Executes what the node sends; one instance per worker process."""
+
+    def __init__(self, conn: WorkerConnection, node_id: str, worker_id: str):
+        self.conn = conn
+        self.node_id = node_id
+        self.worker_id = worker_id
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.code_cache: dict[bytes, object] = {}
+        self.credit = StreamCredit()
+        self.cancelled: set[bytes] = set()
+        self.running_main: bytes | None = None
+        self.actor = None
+        self.actor_id: bytes | None = None
+        self.actor_error: bytes | None = None
+        self.actor_pool: ThreadPoolExecutor | None = None
+        self.actor_loop: asyncio.AbstractEventLoop | None = None
+        self.actor_semaphore: asyncio.Semaphore | None = None
+
+    # ---- reader thread
+    def read_loop(self) -> None:
+        try:
+            while True:
+                message = self.conn.read()
+                op = message["op"]
+                if op == "reply":
+                    self.conn.deliver_reply(message)
+                elif op == "gen_ack":
+                    self.credit.ack(message["tid"], message["n"])
+                elif op == "cancel":
+                    self._cancel(message["tid"])
+                elif op == "actor_call" and (self.actor_pool is not None
+                                             or self.actor_loop is not None):
+                    self._dispatch_concurrent(message)
+                else:
+                    self.inbox.put(message)
+        except (ChannelClosed, OSError):
+            pass
+        self.conn.fail_all()
+        self.inbox.put({"op": "exit"})
+
+    def _cancel(self, task_id: bytes) -> None:
+        self.cancelled.add(task_id)
+        if self.running_main == task_id:
+            _thread.interrupt_main()
+
+    # ---- main thread
+    def main_loop(self) -> None:
+        while True:
+            message = self.inbox.get()
+            op = message["op"]
+            if op == "exit":
+                return
+            try:
+                if op == "task":
+                    self._run_task(message)
+                elif op == "actor_create":
+                    self._create_actor(message)
+                elif op == "actor_call":
+                    if self.actor_pool is not None or self.actor_loop is not None:
+                        self._dispatch_concurrent(message)
+                    else:
+                        self._run_actor_call(message)
+            except KeyboardInterrupt:
+                # a cancel that arrived just after its task finished: nothing left to stop
+                continue
+
+    def _load(self, code_hash: bytes, blob: bytes | None):
+        obj = self.code_cache.get(code_hash)
+        if obj is None:
+            if blob is None:
+                raise RuntimeError("node sent a task without its code and the worker has none")
+            obj = serialization.deserialize(blob)
+            self.code_cache[code_hash] = obj
+        return obj
+
+    def _run_task(self, message: dict) -> None:
+        task_id = message["tid"]
+        name = message.get("name", "task")
+        if task_id in self.cancelled:
+            self.cancelled.discard(task_id)
+            self._finish_cancelled(task_id, name)
+            return
+        token = context.current_task_id.set(task_id)
+        self.running_main = task_id
+        try:
+            fn = self._load(message["fn"], message.get("blob"))
+            args, kwargs = decode_args(message["args"])
+            result = fn(*args, **kwargs)
+            if message["nret"] == STREAMING:
+                self._stream_sync(task_id, result, message)
+                self.running_main = None
+                return
+            self.running_main = None
+            self._reply_results(task_id, result, message["nret"], name)
+        except KeyboardInterrupt:
+            self.running_main = None
+            self._finish_cancelled(task_id, name)
+        except BaseException as exc:  # user code: report every failure to the owner
+            self.running_main = None
+            data, mro = encode_error(name, exc, self.node_id)
+            self.conn.send({"op": "done", "tid": task_id, "err": data, "mro": mro})
+        finally:
+            self.running_main = None
+            self.cancelled.discard(task_id)
+            context.current_task_id.reset(token)
+
+    def _finish_cancelled(self, task_id: bytes, name: str) -> None:
+        err = serialization.dumps_code(TaskCancelledError(f"task {name} was cancelled"))
+        self.conn.send({"op": "done", "tid": task_id, "err": err, "mro": ["cancelled"],
+                        "cancelled": True})
+
+    def _reply_results(self, task_id: bytes, result, nret: int, name: str) -> None:
+        if nret == 1:
+            values = [serialization.serialize(result)]
+        elif nret == 0:
+            values = []
+        else:
+            items = tuple(result)
+            if len(items) != nret:
+                raise ValueError(f"task {name} declared num_returns={nret} "
+                                 f"but returned {len(items)} values")
+            values = [serialization.serialize(item) for item in items]
+        self.conn.send({"op": "done", "tid": task_id, "vals": values})
+
+    def _stream_sync(self, task_id: bytes, generator, message: dict) -> None:
+        window = message.get("window") or STREAM_WINDOW
+        index = 0
+        name = message.get("name", "task")
+        try:
+            for item in generator:
+                self.credit.wait_for_room(task_id, index, window,
+                                          lambda: task_id in self.cancelled)
+                self.conn.send({"op": "yield", "tid": task_id, "i": index,
+                                "d": serialization.serialize(item)})
+                index += 1
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            data, mro = encode_error(name, exc, self.node_id)
+            self.conn.send({"op": "done", "tid": task_id, "n": index, "err": data, "mro": mro})
+            return
+        finally:
+            self.credit.forget(task_id)
+        self.conn.send({"op": "done", "tid": task_id, "n": index})
+
+    async def _stream_async(self, task_id: bytes, agen, message: dict) -> None:
+        window = message.get("window") or STREAM_WINDOW
+        index = 0
+        name = message.get("name", "task")
+        loop = asyncio.get_running_loop()
+        try:
+            async for item in agen:
+                await loop.run_in_executor(None, self.credit.wait_for_room, task_id, index,
+                                           window, lambda: task_id in self.cancelled)
+                self.conn.send({"op": "yield", "tid": task_id, "i": index,
+                                "d": serialization.serialize(item)})
+                index += 1
+        except BaseException as exc:
+            data, mro = encode_error(name, exc, self.node_id)
+            self.conn.send({"op": "done", "tid": task_id, "n": index, "err": data, "mro": mro})
+            return
+        finally:
+            self.credit.forget(task_id)
+        self.conn.send({"op": "done", "tid": task_id, "n": index})
+
+    # ---- actors
+    def _create_actor(self, message: dict) -> None:
+        self.actor_id = message["aid"]
+        context.current_actor_id.set(self.actor_id)
+        name = message.get("name", "actor")
+        try:
+            cls = self._load(message["cls"], message.get("blob"))
+            args, kwargs = decode_args(message["args"])
+            self.actor = cls(*args, **kwargs)
+        except BaseException as exc:
+            data, _ = encode_error(f"{name}.__init__", exc, self.node_id)
+            self.actor_error = data
+            self.conn.send({"op": "actor_ready", "aid": self.actor_id, "err": data})
+            return
+        max_concurrency = message.get("mc") or 1
+        if message.get("async"):
+            self.actor_loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run_loop():
+                asyncio.set_event_loop(self.actor_loop)
+                self.actor_semaphore = asyncio.Semaphore(max_concurrency)
+                context.current_actor_id.set(self.actor_id)
+                ready.set()
+                self.actor_loop.run_forever()
+
+            threading.Thread(target=run_loop, name="actor-loop", daemon=True).start()
+            ready.wait()
+        elif max_concurrency > 1:
+            self.actor_pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="actor")
+        self.conn.send({"op": "actor_ready", "aid": self.actor_id})
+
+    def _dispatch_concurrent(self, message: dict) -> None:
+        if self.actor_loop is not None:
+            asyncio.run_coroutine_threadsafe(self._run_actor_call_async(message), self.actor_loop)
+        else:
+            self.actor_pool.submit(self._run_actor_call, message)
+
+    def _actor_method(self, message: dict):
+        if self.actor_error is not None:
+            raise ActorDiedError(
+                "the actor's constructor raised, so it cannot run calls:\n"
+                + str(serialization.deserialize(self.actor_error)))
+        method_name = message["m"]
+        if method_name == "__lattica_ready__":
+            return lambda: True
+        return getattr(self.actor, method_name)
+
+    def _run_actor_call(self, message: dict) -> None:
+        task_id = message["tid"]
+        name = message.get("name", message["m"])
+        if task_id in self.cancelled:
+            self.cancelled.discard(task_id)
+            self._finish_cancelled(task_id, name)
+            return
+        token = context.current_task_id.set(task_id)
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            self.running_main = task_id
+        try:
+            method = self._actor_method(message)
+            args, kwargs = decode_args(message["args"])
+            result = method(*args, **kwargs)
+            if message["nret"] == STREAMING:
+                self._stream_sync(task_id, result, message)
+                return
+            if on_main:
+                self.running_main = None
+            self._reply_results(task_id, result, message["nret"], name)
+        except KeyboardInterrupt:
+            self._finish_cancelled(task_id, name)
+        except BaseException as exc:
+            data, mro = encode_error(name, exc, self.node_id)
+            self.conn.send({"op": "done", "tid": task_id, "err": data, "mro": mro})
+        finally:
+            if on_main:
+                self.running_main = None
+            self.cancelled.discard(task_id)
+            context.current_task_id.reset(token)
+
+    async def _run_actor_call_async(self, message: dict) -> None:
+        task_id = message["tid"]
+        name = message.get("name", message["m"])
+        async with self.actor_semaphore:
+            if task_id in self.cancelled:
+                self.cancelled.discard(task_id)
+                self._finish_cancelled(task_id, name)
+                return
+            context.current_task_id.set(task_id)
+            try:
+                method = self._actor_method(message)
+                args, kwargs = decode_args(message["args"])
+                result = method(*args, **kwargs)
+                if message["nret"] == STREAMING:
+                    if inspect.isasyncgen(result):
+                        await self._stream_async(task_id, result, message)
+                    else:
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, self._stream_sync, task_id, result, message)
+                    return
+                if inspect.isawaitable(result):
+                    result = await result
+                self._reply_results(task_id, result, message["nret"], name)
+            except asyncio.CancelledError:
+                self._finish_cancelled(task_id, name)
+            except BaseException as exc:
+                data, mro = encode_error(name, exc, self.node_id)
+                self.conn.send({"op": "done", "tid": task_id, "err": data, "mro": mro})
+
+
+def main(argv: list[str]) -> None:
+    fd, node_id, worker_id = int(argv[0]), argv[1], argv[2]
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    conn = WorkerConnection(sock)
+    worker = Worker(conn, node_id, worker_id)
+    from latticaray.runtime.core import WorkerCore
+    context.set_core(WorkerCore(conn, node_id, worker_id))
+    conn.send({"op": "hello", "pid": os.getpid(), "wid": worker_id})
+    threading.Thread(target=worker.read_loop, name="worker-reader", daemon=True).start()
+    try:
+        worker.main_loop()
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
