@@ -1,1 +1,38 @@
-"""Cluster state: signed delta-CRDTs with gossip and anti-entropy (sans-I/O core + asyncio driver)."""
+"""Cluster state: signed delta-CRDTs with gossip and anti-entropy (sans-I/O core + asyncio driver).
+
+Layout:
+
+* :mod:`.hlc` — hybrid logical clocks.
+* :mod:`.atoms` — the signed atom (unit of state, delta and verification) and its wire form.
+* :mod:`.store` — the slot store: admission checks, merge, digest trie, tombstone/TTL GC.
+* :mod:`.crdts` — LWW-register, LWW-map, OR-set, PN-counter, map of CRDTs (views over the store).
+* :mod:`.members`, :mod:`.actors`, :mod:`.jobs` — the typed collections the runtime uses.
+* :mod:`.replication` — the sans-I/O replica: local writes, gossip, anti-entropy.
+* :mod:`.core` — :class:`StateCore`, replica + typed collections (what the simulator runs).
+* :mod:`.persistence` — snapshots on disk.
+* :mod:`.cluster` — :class:`ClusterState`, the asyncio driver over mesh RPC.
+"""
+
+from .actors import ActorRecord, ActorState, Actors, ClaimResult, NoSuchClaim
+from .atoms import Atom, Limits
+from .core import StateCore
+from .crdts import CrdtMap, LWWMap, LWWRegister, ORSet, PNCounter
+from .errors import (
+    ClockSkewError, DeltaTooLarge, ExpiredAtom, MalformedDelta, NotAMember, SignatureInvalid,
+    SnapshotError, StateError, StoreFull, UnknownCollection, WriteRejected,
+)
+from .hlc import Hlc, HybridClock
+from .jobs import JobRecord, JobStatus, Jobs
+from .members import FailureDetector, Liveness, MemberInfo, Members, Reachability
+from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationStats
+from .store import Change, CollectionSpec, CrdtStore
+
+__all__ = [
+    "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom", "Limits",
+    "StateCore", "CrdtMap", "LWWMap", "LWWRegister", "ORSet", "PNCounter", "ClockSkewError",
+    "DeltaTooLarge", "ExpiredAtom", "MalformedDelta", "NotAMember", "SignatureInvalid",
+    "SnapshotError", "StateError", "StoreFull", "UnknownCollection", "WriteRejected", "Hlc",
+    "HybridClock", "JobRecord", "JobStatus", "Jobs", "FailureDetector", "Liveness", "MemberInfo",
+    "Members", "Reachability", "PROTOCOL_ID", "Replica", "ReplicationConfig",
+    "ReplicationStats", "Change", "CollectionSpec", "CrdtStore",
+]

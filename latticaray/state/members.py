@@ -1,0 +1,190 @@
+"""The ``members`` collection: who is in the mesh, how to reach them, what they offer, and liveness.
+
+Each member writes only its own entry (key = its peer ID; enforced by the write rule on every
+replica), re-signed at every heartbeat. Liveness is judged locally from the age of the latest
+heartbeat (the HLC time of the member's entry): ``alive`` below ``suspect_after``, ``suspect``
+below ``dead_after``, then ``dead``. Entries older than ``remove_after`` expire on every replica
+(the collection's TTL) and are refused if they arrive later, so departed peers do not accumulate.
+A member leaving cleanly writes a tombstone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+from ..mesh.identity import PeerId
+from .atoms import Atom
+from .errors import MalformedDelta
+from .schema import check_fields, check_labels, check_resources, check_str
+from .store import Change, CollectionSpec
+
+__all__ = ["MEMBERS", "Reachability", "Liveness", "MemberInfo", "FailureDetector", "Members"]
+
+MEMBERS = "members"
+MAX_ADDRS = 32
+
+
+class Reachability(str, Enum):
+    PUBLIC = "public"
+    PRIVATE = "private"
+    RELAYED = "relayed"
+    UNKNOWN = "unknown"
+
+
+class Liveness(str, Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class FailureDetector:
+    """Heartbeat-age thresholds in seconds."""
+
+    suspect_after: float = 5.0
+    dead_after: float = 15.0
+    remove_after: float = 120.0
+
+    def judge(self, heartbeat: float, now: float) -> Liveness:
+        age = now - heartbeat
+        if age < self.suspect_after:
+            return Liveness.ALIVE
+        if age < self.dead_after:
+            return Liveness.SUSPECT
+        return Liveness.DEAD
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    peer_id: PeerId
+    addrs: tuple[str, ...]
+    reachability: Reachability
+    resources_total: dict[str, float] = field(default_factory=dict)
+    resources_available: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Wall time (seconds) of the member's latest heartbeat, from its signed HLC timestamp.
+    heartbeat: float = 0.0
+
+    @classmethod
+    def from_atom(cls, atom: Atom) -> "MemberInfo":
+        value = atom.decoded_value()
+        return cls(atom.author, tuple(value["addrs"]), Reachability(value["reachability"]),
+                   dict(value["resources_total"]), dict(value["resources_available"]),
+                   dict(value["labels"]), atom.hlc.seconds)
+
+
+_FIELDS = {"addrs", "reachability", "resources_total", "resources_available", "labels"}
+
+
+def validate_member_value(value: Any) -> str | None:
+    problem = check_fields(value, _FIELDS)
+    if problem:
+        return problem
+    addrs = value["addrs"]
+    if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
+        return f"addrs must be a list of at most {MAX_ADDRS} multiaddrs"
+    for addr in addrs:
+        problem = check_str(addr, "address", 512)
+        if problem:
+            return problem
+    if value["reachability"] not in {r.value for r in Reachability}:
+        return f"unknown reachability {value['reachability']!r}"
+    return (check_resources(value["resources_total"], "resources_total")
+            or check_resources(value["resources_available"], "resources_available")
+            or check_labels(value["labels"], "labels"))
+
+
+def members_rule(atom: Atom) -> str | None:
+    if atom.key != str(atom.author) or atom.subkey != "":
+        return "a member may only write its own entry"
+    if atom.tombstone:
+        return None if atom.value == b"" else "a tombstone carries no value"
+    try:
+        return validate_member_value(atom.decoded_value())
+    except MalformedDelta as exc:
+        return str(exc)
+
+
+def members_spec(detector: FailureDetector) -> CollectionSpec:
+    return CollectionSpec(MEMBERS, members_rule, live_ttl=detector.remove_after)
+
+
+class Members:
+    """Typed accessors for ``members`` over a replica (see :class:`~.replication.Replica`)."""
+
+    def __init__(self, replica: Any, detector: FailureDetector | None = None) -> None:
+        self._replica = replica
+        self.detector = detector or FailureDetector()
+        replica.store.define(members_spec(self.detector))
+
+    def _now(self, now: float | None) -> float:
+        return self._replica.wall_clock() if now is None else now
+
+    def upsert_self(self, *, addrs: list[str] | None = None,
+                    reachability: Reachability | str | None = None,
+                    resources_total: dict[str, float] | None = None,
+                    resources_available: dict[str, float] | None = None,
+                    labels: dict[str, str] | None = None) -> Atom:
+        """Publish this node's entry (also a heartbeat); omitted fields keep their last value."""
+        current = self.get(self._replica.peer_id)
+        value = {
+            "addrs": list(addrs if addrs is not None else (current.addrs if current else [])),
+            "reachability": Reachability(reachability if reachability is not None else
+                                         (current.reachability if current else "unknown")).value,
+            "resources_total": dict(resources_total if resources_total is not None else
+                                    (current.resources_total if current else {})),
+            "resources_available": dict(resources_available if resources_available is not None
+                                        else (current.resources_available if current else {})),
+            "labels": dict(labels if labels is not None else (current.labels if current else {})),
+        }
+        problem = validate_member_value(value)
+        if problem:
+            raise ValueError(f"member entry: {problem}")
+        return self._replica.write(MEMBERS, str(self._replica.peer_id), "", value)
+
+    def heartbeat(self) -> Atom:
+        return self.upsert_self()
+
+    def leave(self) -> Atom:
+        return self._replica.write(MEMBERS, str(self._replica.peer_id), "", tombstone=True)
+
+    def get(self, peer_id: PeerId | str) -> MemberInfo | None:
+        atom = self._replica.store.get((MEMBERS, str(peer_id), ""))
+        if atom is None or atom.tombstone:
+            return None
+        return MemberInfo.from_atom(atom)
+
+    def all(self) -> list[MemberInfo]:
+        """Every member with an entry, including suspect and dead ones not yet removed."""
+        out = []
+        store = self._replica.store
+        for key in store.keys(MEMBERS):
+            atom = store.get((MEMBERS, key, ""))
+            if atom is not None and not atom.tombstone:
+                out.append(MemberInfo.from_atom(atom))
+        return out
+
+    def liveness(self, peer_id: PeerId | str, now: float | None = None) -> Liveness | None:
+        info = self.get(peer_id)
+        return None if info is None else self.detector.judge(info.heartbeat, self._now(now))
+
+    def alive(self, now: float | None = None) -> list[MemberInfo]:
+        now = self._now(now)
+        return [m for m in self.all() if self.detector.judge(m.heartbeat, now) is Liveness.ALIVE]
+
+    def dead(self, now: float | None = None) -> list[MemberInfo]:
+        now = self._now(now)
+        return [m for m in self.all() if self.detector.judge(m.heartbeat, now) is Liveness.DEAD]
+
+    def watch(self, callback: Callable[[PeerId, MemberInfo | None], None]) -> Callable[[], None]:
+        """``callback(peer_id, info_or_None)`` on every change (None: left, expired, removed)."""
+        def on_changes(changes: list[Change]) -> None:
+            for change in changes:
+                atom = change.new
+                if atom is None or atom.tombstone:
+                    callback(PeerId.from_string(change.slot[1]), None)
+                else:
+                    callback(atom.author, MemberInfo.from_atom(atom))
+        return self._replica.store.watch(MEMBERS, on_changes)
