@@ -1,0 +1,64 @@
+"""The 256-bit XOR keyspace: DHT ids of peers and keys, distances, bucket indices, contacts.
+
+A peer's DHT id is SHA-256 of its peer-ID bytes; a key's DHT id is SHA-256 of the key bytes.
+Ids are Python ints so XOR distance and comparisons are single machine-level operations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+__all__ = ["ID_BITS", "dht_id", "key_id", "bucket_index", "Contact", "id_to_bytes", "id_from_bytes"]
+
+ID_BITS = 256
+ID_BYTES = ID_BITS // 8
+
+
+@lru_cache(maxsize=1 << 16)
+def dht_id(peer_id_bytes: bytes) -> int:
+    """The DHT id of a peer: SHA-256 of its peer-ID bytes, as an int (cached; ids repeat a lot)."""
+    return int.from_bytes(hashlib.sha256(peer_id_bytes).digest(), "big")
+
+
+def key_id(key: bytes) -> int:
+    """The DHT id of a record or provider key: SHA-256 of the key bytes."""
+    return int.from_bytes(hashlib.sha256(key).digest(), "big")
+
+
+def id_to_bytes(node_id: int) -> bytes:
+    return node_id.to_bytes(ID_BYTES, "big")
+
+
+def id_from_bytes(data: bytes) -> int:
+    if len(data) != ID_BYTES:
+        raise ValueError(f"a DHT id is {ID_BYTES} bytes, got {len(data)}")
+    return int.from_bytes(data, "big")
+
+
+def bucket_index(local_id: int, other_id: int) -> int:
+    """Index of the k-bucket ``other_id`` belongs to: floor(log2(distance)); -1 for ourselves."""
+    return (local_id ^ other_id).bit_length() - 1
+
+
+class Contact:
+    """A peer as the DHT knows it: peer-ID bytes, its DHT id, and the addresses it was seen at."""
+
+    __slots__ = ("peer_id", "node_id", "addrs")
+
+    def __init__(self, peer_id: bytes, addrs: tuple[str, ...] = (), node_id: int | None = None) -> None:
+        self.peer_id = peer_id
+        self.node_id = dht_id(peer_id) if node_id is None else node_id
+        self.addrs = tuple(addrs)
+
+    def with_addrs(self, addrs: tuple[str, ...]) -> "Contact":
+        return Contact(self.peer_id, addrs, self.node_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Contact) and other.peer_id == self.peer_id
+
+    def __hash__(self) -> int:
+        return hash(self.peer_id)
+
+    def __repr__(self) -> str:
+        return f"Contact({self.peer_id[-6:].hex()}, id={self.node_id >> 224:08x}…)"
