@@ -38,6 +38,7 @@ the tasks of the group then carry a hard affinity to their bundle's resources.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class PlacementRequest:
     args: tuple[tuple[bytes | str, int], ...] = ()
     #: Nodes that rejected this request already (spillback hints); never chosen again.
     excluded: frozenset[str] = frozenset()
+    #: When the submitter first tried to place it (for delay scheduling); set by the Submitter.
+    submitted_at: float | None = None
 
     def __post_init__(self) -> None:
         self.resources = normalize(self.resources)
@@ -163,6 +166,8 @@ class ClusterSnapshot:
         self.local_node = local_node
         self.version = 0
         self._feasible_cache: dict[tuple, list[str]] = {}
+        self._load_sum = 0.0
+        self._alive = 0
         for view in nodes:
             self.update_node(view)
 
@@ -172,12 +177,26 @@ class ClusterSnapshot:
         if old is not None and view.ad_time < old.ad_time:
             return
         self.nodes[view.node_id] = view
+        if old is not None:
+            self._account(old, -1)
+        self._account(view, +1)
         if old is None or old.total != view.total or old.labels != view.labels or old.alive != view.alive:
             self._invalidate()
 
     def remove_node(self, node_id: str) -> None:
-        if self.nodes.pop(node_id, None) is not None:
+        old = self.nodes.pop(node_id, None)
+        if old is not None:
+            self._account(old, -1)
             self._invalidate()
+
+    def _account(self, view: NodeView, sign: int) -> None:
+        if view.alive:
+            self._alive += sign
+            self._load_sum += sign * (view.running + view.queued) / view.cpu_slots
+
+    def mean_load(self) -> float:
+        """Mean over live nodes of (running + queued) per CPU, as advertised."""
+        return max(0.0, self._load_sum / self._alive) if self._alive else 0.0
 
     def set_object(self, cid: bytes | str, size: int, holders: Iterable[str]) -> None:
         self.objects[cid] = ObjectInfo(int(size), frozenset(holders))
@@ -258,17 +277,18 @@ class PlacementPolicy:
     stopped advertising.
     """
 
-    def __init__(self, *, seed: int | None = None, choices: int = 2, locality_weight: float = 0.35,
+    def __init__(self, *, seed: int | None = None, choices: int = 2, locality_slack: float = 1.3,
                  settle_time: float = 0.05, pending_max_age: float = 30.0,
-                 extra_samples_when_full: int = 8) -> None:
+                 extra_samples_when_full: int = 8, locality_delay: float = 0.0) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
         self.rng = random.Random(seed)
         self.choices = choices
-        self.locality_weight = locality_weight
+        self.locality_slack = locality_slack
         self.settle_time = settle_time
         self.pending_max_age = pending_max_age
         self.extra_samples_when_full = extra_samples_when_full
+        self.locality_delay = locality_delay
         self._pending: dict[str, _Pending] = {}
         self._spread_cursor: dict[tuple, int] = {}
 
@@ -369,12 +389,15 @@ class PlacementPolicy:
                 and fits(view.total, request.resources)
                 and labels_match(view.labels, request.label_selector))
 
-    def _holders(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> set[str]:
+    def _holders(self, snapshot: ClusterSnapshot, request: PlacementRequest,
+                 ignore_excluded: bool = False) -> set[str]:
         holders: set[str] = set()
         for cid, _size in request.args:
             info = snapshot.objects.get(cid)
             if info is not None:
                 holders.update(info.holders)
+        if ignore_excluded and request.excluded:
+            request = dataclasses.replace(request, excluded=frozenset())
         return {h for h in holders if self._node_feasible(snapshot, request, h)}
 
     def _sample(self, feasible: list[str], count: int, taken: set[str]) -> list[str]:
@@ -390,41 +413,52 @@ class PlacementPolicy:
                 out.append(node)
         return out
 
-    def _best(self, estimates: list[_Estimate]) -> _Estimate | None:
-        now_ok = [e for e in estimates if e.room_now]
-        if now_ok:
-            return min(now_ok, key=lambda e: (-e.local_bytes, e.load_after, e.node.node_id))
-        queue_ok = [e for e in estimates if e.queue_space]
-        if not queue_ok:
+    @staticmethod
+    def _least_loaded(estimates: list[_Estimate]) -> _Estimate | None:
+        usable = [e for e in estimates if e.queue_space]
+        if not usable:
             return None
-        total_bytes = max((e.local_bytes for e in estimates), default=0)
-
-        def score(e: _Estimate) -> tuple:
-            frac = e.local_bytes / total_bytes if total_bytes else 0.0
-            return (e.load_after * (1.0 - self.locality_weight * frac), e.node.node_id)
-        return min(queue_ok, key=score)
+        return min(usable, key=lambda e: (not e.room_now, e.load_after, e.node.node_id))
 
     def _place_default(self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float) -> Decision:
         feasible = self._feasible(snapshot, request)
         if not feasible:
             return self._no_candidate(snapshot, request)
-        holders = self._holders(snapshot, request)
+        holders = sorted(self._holders(snapshot, request))
+        holder_estimates = [self._estimate(snapshot.nodes[n], request, now, snapshot) for n in holders]
+        # Locality: a holder that can start it now, or would queue it no deeper than
+        # locality_slack x the mesh's mean load, wins; most argument bytes first.
+        limit = max(1.0, self.locality_slack * snapshot.mean_load())
+        local = [e for e in holder_estimates
+                 if e.room_now or (e.queue_space and e.load_after <= limit)]
+        if local:
+            best = min(local, key=lambda e: (-e.local_bytes, not e.room_now, e.load_after, e.node.node_id))
+            return Decision(DecisionKind.PLACE, best.node.node_id, reason="locality",
+                            local_bytes=best.local_bytes, holder_available=True, room_now=best.room_now)
+        if (self.locality_delay > 0 and request.submitted_at is not None
+                and now - request.submitted_at < self.locality_delay
+                and snapshot.mean_load() >= 1.0
+                and (holders or self._holders(snapshot, request, ignore_excluded=True))):
+            # Delay scheduling: the mesh is saturated and the holders are full; waiting a little
+            # for a slot next to the data beats queueing behind strangers far from it.
+            return Decision(DecisionKind.WAIT, reason="waiting for a node that holds the arguments",
+                            holder_available=True)
+        # Load: power-of-d choices among sampled nodes (busy holders still compete on load).
         taken = set(holders)
-        candidates = sorted(holders) + self._sample(feasible, self.choices, taken)
-        estimates = [self._estimate(snapshot.nodes[n], request, now, snapshot) for n in candidates]
-        best = self._best(estimates)
+        sampled = [self._estimate(snapshot.nodes[n], request, now, snapshot)
+                   for n in self._sample(feasible, self.choices, taken)]
+        best = self._least_loaded(holder_estimates + sampled)
         if best is None or not best.room_now:
             # Everyone sampled is busy: look a little wider before queueing behind them.
             more = [self._estimate(snapshot.nodes[n], request, now, snapshot)
                     for n in self._sample(feasible, self.extra_samples_when_full, taken)]
-            wider = [e for e in more if e.room_now] or ([] if best is not None else more)
-            if wider:
-                best = self._best(estimates + wider) if best is None else self._best([best] + wider)
+            free = [e for e in more if e.room_now]
+            best = self._least_loaded(([best] if best else []) + (free or more))
         if best is None:
             return Decision(DecisionKind.WAIT, reason="every candidate node is full and its queue is full",
                             holder_available=bool(holders))
         return Decision(DecisionKind.PLACE, best.node.node_id,
-                        reason="locality" if best.local_bytes else ("free" if best.room_now else "queued"),
+                        reason="free" if best.room_now else "queued",
                         local_bytes=best.local_bytes, holder_available=bool(holders),
                         room_now=best.room_now)
 

@@ -82,7 +82,7 @@ class Submitter:
 
     def __init__(self, submitter_id: str, policy: PlacementPolicy, snapshot: ClusterSnapshot, *,
                  max_attempts: int = 4, infeasible_timeout: float = 30.0, max_waiting: int = 100_000,
-                 retry_interval: float = 0.5, retry_batch: int = 256) -> None:
+                 retry_interval: float = 0.5, retry_batch: int = 256, max_consecutive_waits: int = 32) -> None:
         self.submitter_id = submitter_id
         self.policy = policy
         self.snapshot = snapshot
@@ -91,6 +91,7 @@ class Submitter:
         self.max_waiting = max_waiting
         self.retry_interval = retry_interval
         self.retry_batch = retry_batch
+        self.max_consecutive_waits = max_consecutive_waits
         self._in_flight: dict[str, _InFlight] = {}
         self._attempts: dict[str, int] = {}
         self._waiting: "OrderedDict[str, PlacementRequest]" = OrderedDict()
@@ -123,6 +124,8 @@ class Submitter:
             raise QueueFull(f"submitter {self.submitter_id} already holds {self.max_waiting} "
                             f"requests waiting for capacity")
         self._attempts[request.task_id] = 0
+        if request.submitted_at is None:
+            request = dataclasses.replace(request, submitted_at=now)
         return self._try(request, now)
 
     def on_admission(self, admission: Admission, now: float) -> list[Action]:
@@ -164,18 +167,23 @@ class Submitter:
                 continue
             del self._infeasible[task_id]
             actions.extend(self._act(entry.request, decision, now))
-        tried = 0
+        tried = waits = 0
+        still_waiting: list[tuple[str, PlacementRequest]] = []
         for task_id in list(self._waiting):
-            if tried >= self.retry_batch:
+            if tried >= self.retry_batch or waits >= self.max_consecutive_waits:
                 break
             tried += 1
             request = self._waiting.pop(task_id)
             decision = self.policy.place(self.snapshot, request, now)
             if decision.kind is DecisionKind.WAIT:
-                self._waiting[task_id] = request
-                self._waiting.move_to_end(task_id, last=False)
-                break  # keep FIFO order; later ones would likely wait too
+                waits += 1
+                still_waiting.append((task_id, request))
+                continue
+            waits = 0
             actions.extend(self._act(request, decision, now))
+        for task_id, request in reversed(still_waiting):  # keep FIFO order
+            self._waiting[task_id] = request
+            self._waiting.move_to_end(task_id, last=False)
         return actions
 
     # internals ---------------------------------------------------------------------------------
