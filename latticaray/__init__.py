@@ -10,9 +10,10 @@ from latticaray.runtime.api import (ActorClass, ActorHandle, NodeAffinitySchedul
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
                                        GetTimeoutError, LatticaError, NodeDiedError,
                                        NotMemberError, ObjectLostError, ObjectNotFoundError,
-                                       TaskCancelledError, TaskError, WorkerCrashedError)
+                                       TaskCancelledError, TaskError, TaskUnschedulableError,
+                                       WorkerCrashedError)
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
-from latticaray.scheduler.errors import TaskUnschedulableError
+
 
 __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "remote", "method", "get", "put", "wait",

@@ -124,3 +124,13 @@ class NotMemberError(LatticaError, PermissionError):
 
 class CredentialError(LatticaError, ValueError):
     """A membership credential is malformed, expired, or not signed by the mesh key."""
+
+
+from latticaray.scheduler.errors import TaskUnschedulableError as _SchedulerUnschedulable  # noqa: E402
+
+
+class TaskUnschedulableError(_SchedulerUnschedulable, LatticaError):
+    """No node of the mesh can ever satisfy the request (the scheduler's error, picklable)."""
+
+    def __reduce__(self):
+        return (type(self), (self.task_id, self.reason, self.waited_s))

@@ -24,7 +24,8 @@ from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, GetT
                                        WorkerCrashedError)
 from latticaray.runtime.ids import index_of, object_id, task_of
 from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
-from latticaray.scheduler.errors import InsufficientResources, TaskUnschedulableError
+from latticaray.runtime.errors import TaskUnschedulableError
+from latticaray.scheduler.errors import InsufficientResources
 from latticaray.scheduler.resources import ResourceLedger, normalize
 
 PENDING = -1

@@ -8,11 +8,11 @@ goes through `WorkerCore`, which sends requests to the node over the same channe
 """
 from __future__ import annotations
 
-import _thread
 import asyncio
 import inspect
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -164,7 +164,8 @@ class Worker:
     def _cancel(self, task_id: bytes) -> None:
         self.cancelled.add(task_id)
         if self.running_main == task_id:
-            _thread.interrupt_main()
+            # a real signal, so a blocking call (sleep, socket read) in the task is interrupted
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     # ---- main thread
     def main_loop(self) -> None:

@@ -1,0 +1,11 @@
+"""Fixtures for runtime tests: one embedded latticaray node per test module."""
+import pytest
+
+import latticaray as lattica
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    lattica.init(num_cpus=2)
+    yield lattica
+    lattica.shutdown()
