@@ -1,0 +1,514 @@
+"""Connection manager: one RPC session per peer over the best transport, dial by peer ID.
+
+Transports are wrapped in adapters (:class:`TransportAdapter`) that produce authenticated
+:class:`RawConnection` objects: a peer ID, a :class:`~latticaray.mesh.channel.Channel` and a way
+to close. The manager wraps each in an :class:`~latticaray.mesh.rpc.RpcSession` and keeps, per
+peer, the connections it has; every protocol of the node reuses the peer's *primary* connection.
+
+* Dialing by peer ID tries the peer's known addresses in transport-preference order (same-host
+  Unix socket first, then TCP, then QUIC by default), happy-eyeballs style: the next attempt
+  starts when the previous one has not succeeded after ``happy_eyeballs_delay``; the first
+  authenticated connection wins and the others are closed. Concurrent dials to one peer share a
+  single attempt.
+* When both peers dial each other at once, both keep the connection *dialed by the smaller peer
+  ID* as primary (both sides compute the same answer); the other is closed by its dialer once it
+  has no calls in flight.
+* ``on_peer_connected`` fires when a peer gets its first connection, ``on_peer_disconnected``
+  when its last one closes. Inbound connections beyond ``max_connections`` are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import ConnectionClosed, HandshakeError, MeshError, PeerIdMismatch, PeerUnreachable
+from .identity import PeerId
+from .multiaddr import Multiaddr
+from .rpc import RpcLimits, RpcRouter, RpcSession
+
+__all__ = [
+    "RawConnection",
+    "MeshConnection",
+    "TransportAdapter",
+    "QuicAdapter",
+    "ConnectionManager",
+    "PeerStore",
+    "DEFAULT_TRANSPORT_PREFERENCE",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRANSPORT_PREFERENCE = ("unix", "tcp", "quic")
+RPC_PROTOCOL_PREAMBLE = b"\x11/latticaray/rpc/1"
+MAX_ADDRS_PER_PEER = 32
+MAX_PEERS_IN_STORE = 100_000
+
+
+@dataclass
+class RawConnection:
+    """An authenticated transport connection, before the manager wraps it in an RPC session."""
+
+    peer_id: PeerId
+    channel: object
+    transport: str
+    remote_addr: Multiaddr | None
+    outbound: bool
+    close: Callable[[str], None]
+    on_close: Callable[[Callable[[], None]], None] | None = None
+
+
+@dataclass(eq=False)
+class MeshConnection:
+    raw: RawConnection
+    session: RpcSession
+    dialer: PeerId
+    opened_at: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.raw.peer_id
+
+    @property
+    def transport(self) -> str:
+        return self.raw.transport
+
+    @property
+    def remote_addr(self) -> Multiaddr | None:
+        return self.raw.remote_addr
+
+    @property
+    def outbound(self) -> bool:
+        return self.raw.outbound
+
+    def close(self, reason: str = "closed") -> None:
+        if not self.closed:
+            self.session.close(reason)
+
+    def __repr__(self) -> str:
+        way = "out" if self.outbound else "in"
+        return f"<MeshConnection {self.transport} {way} {self.peer_id}>"
+
+
+class TransportAdapter:
+    """What the manager needs of a transport."""
+
+    name = "?"
+
+    def can_listen(self, addr: Multiaddr) -> bool:
+        return addr.transport == self.name
+
+    def can_dial(self, addr: Multiaddr) -> bool:
+        return addr.transport == self.name
+
+    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+        raise NotImplementedError
+
+    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
+                   timeout: float) -> RawConnection:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class QuicAdapter(TransportAdapter):
+    """QUIC: one shared UDP socket; the RPC session runs on one stream opened by the dialer."""
+
+    name = "quic"
+
+    def __init__(self, transport, on_inbound: Callable[[RawConnection], None],
+                 preamble_timeout: float = 10.0) -> None:
+        self.transport = transport  # latticaray.mesh.transport.quic.QuicTransport
+        self._on_inbound = on_inbound
+        self._preamble_timeout = preamble_timeout
+        self._tasks: set[asyncio.Task] = set()
+        transport.on_connection = self._on_connection
+
+    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+        if self.transport.local_address is not None:
+            raise MeshError("QUIC listens on one UDP socket per node; a second quic address "
+                            f"({addr}) is not supported")
+        bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0)
+        return [bound]
+
+    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
+                   timeout: float) -> RawConnection:
+        conn = await self.transport.dial(addr.without_peer(), expected_peer, timeout)
+        channel = conn.open_channel()
+        channel.write(RPC_PROTOCOL_PREAMBLE)
+        return self._raw(conn, channel, outbound=True)
+
+    def _raw(self, conn, channel, outbound: bool) -> RawConnection:
+        return RawConnection(
+            peer_id=conn.remote_peer,
+            channel=channel,
+            transport="quic",
+            remote_addr=conn.remote_addr,
+            outbound=outbound,
+            close=conn.close,
+            on_close=lambda cb: conn.on_close(lambda _c: cb()),
+        )
+
+    def _on_connection(self, conn) -> None:
+        if not conn.is_client:
+            task = asyncio.get_running_loop().create_task(self._accept(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, conn) -> None:
+        try:
+            channel = await asyncio.wait_for(conn.accept_channel(), self._preamble_timeout)
+            preamble = bytearray()
+            while len(preamble) < len(RPC_PROTOCOL_PREAMBLE):
+                chunk = await asyncio.wait_for(
+                    channel.read(len(RPC_PROTOCOL_PREAMBLE) - len(preamble)),
+                    self._preamble_timeout,
+                )
+                if not chunk:
+                    raise ConnectionClosed("stream ended before the protocol preamble")
+                preamble += chunk
+            if bytes(preamble) != RPC_PROTOCOL_PREAMBLE:
+                raise HandshakeError(f"unexpected protocol preamble {bytes(preamble)[:32]!r}")
+        except (asyncio.TimeoutError, ConnectionClosed, HandshakeError) as exc:
+            log.info("inbound QUIC connection from %s dropped: %s", conn.remote_peer, exc or "timeout")
+            conn.close("no rpc stream")
+            return
+        self._on_inbound(self._raw(conn, channel, outbound=False))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.transport.close()
+
+
+class PeerStore:
+    """Known addresses per peer (most recently added first), bounded in peers and addresses."""
+
+    def __init__(self) -> None:
+        self._addrs: OrderedDict[PeerId, list[Multiaddr]] = OrderedDict()
+
+    def add(self, peer: PeerId, addrs) -> None:
+        known = self._addrs.pop(peer, [])
+        for addr in addrs:
+            addr = Multiaddr.parse(addr)
+            if addr.peer_id is not None and addr.peer_id != peer and addr.transport != "circuit":
+                raise PeerIdMismatch(peer, addr.peer_id)
+            bare = addr.without_peer() if addr.transport != "circuit" else addr
+            if bare in known:
+                known.remove(bare)
+            known.insert(0, bare)
+        self._addrs[peer] = known[:MAX_ADDRS_PER_PEER]
+        while len(self._addrs) > MAX_PEERS_IN_STORE:
+            self._addrs.popitem(last=False)
+
+    def get(self, peer: PeerId) -> list[Multiaddr]:
+        return list(self._addrs.get(peer, ()))
+
+    def remove(self, peer: PeerId, addr: Multiaddr) -> None:
+        known = self._addrs.get(peer)
+        if known and addr in known:
+            known.remove(addr)
+
+    def peers(self) -> list[PeerId]:
+        return list(self._addrs)
+
+
+class ConnectionManager:
+    def __init__(self, local_peer: PeerId, router: RpcRouter, *,
+                 rpc_limits: RpcLimits | None = None,
+                 transport_preference: tuple[str, ...] = DEFAULT_TRANSPORT_PREFERENCE,
+                 max_connections: int = 1024,
+                 dial_timeout: float = 10.0,
+                 happy_eyeballs_delay: float = 0.25) -> None:
+        self.local_peer = local_peer
+        self.router = router
+        self.rpc_limits = rpc_limits or RpcLimits()
+        self.transport_preference = tuple(transport_preference)
+        self.max_connections = max_connections
+        self.dial_timeout = dial_timeout
+        self.happy_eyeballs_delay = happy_eyeballs_delay
+        self.peerstore = PeerStore()
+        self.adapters: dict[str, TransportAdapter] = {}
+        self._conns: dict[PeerId, list[MeshConnection]] = {}
+        self._dialing: dict[PeerId, asyncio.Future] = {}
+        self._connected_cbs: list[Callable[[PeerId], None]] = []
+        self._disconnected_cbs: list[Callable[[PeerId], None]] = []
+        self._closing = False
+        self._reaper: asyncio.Task | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+    def add_adapter(self, adapter: TransportAdapter) -> None:
+        self.adapters[adapter.name] = adapter
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    def on_peer_connected(self, callback: Callable[[PeerId], None]) -> None:
+        self._connected_cbs.append(callback)
+
+    def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
+        self._disconnected_cbs.append(callback)
+
+    # -- queries -------------------------------------------------------------------------------------
+    def connected_peers(self) -> list[PeerId]:
+        return [peer for peer, conns in self._conns.items() if conns]
+
+    def connections(self, peer: PeerId | None = None) -> list[MeshConnection]:
+        if peer is not None:
+            return list(self._conns.get(peer, ()))
+        return [c for conns in self._conns.values() for c in conns]
+
+    def connection_count(self) -> int:
+        return sum(len(c) for c in self._conns.values())
+
+    def primary(self, peer: PeerId) -> MeshConnection | None:
+        conns = [c for c in self._conns.get(peer, ()) if not c.closed and not c.session.closed]
+        if not conns:
+            return None
+        # the connection dialed by the smaller peer ID wins; ties go to the oldest
+        return min(conns, key=lambda c: (c.dialer.to_bytes(), c.opened_at))
+
+    # -- getting a session -------------------------------------------------------------------------------
+    async def session(self, peer: PeerId, timeout: float | None = None) -> RpcSession:
+        return (await self.get(peer, timeout)).session
+
+    async def get(self, peer: PeerId, timeout: float | None = None) -> MeshConnection:
+        """The peer's primary connection, dialing its known addresses if there is none."""
+        conn = self.primary(peer)
+        if conn is not None:
+            return conn
+        if peer == self.local_peer:
+            raise PeerUnreachable("cannot connect to ourselves")
+        pending = self._dialing.get(peer)
+        if pending is None:
+            pending = asyncio.ensure_future(self._dial_peer(peer, timeout or self.dial_timeout))
+            self._dialing[peer] = pending
+            pending.add_done_callback(lambda _f, p=peer: self._dialing.pop(p, None))
+        return await asyncio.shield(pending)
+
+    async def dial_addr(self, addr: Multiaddr, timeout: float | None = None) -> MeshConnection:
+        """Dial one address (verifying its ``/p2p`` ID if it has one) and register the connection."""
+        addr = Multiaddr.parse(addr)
+        expected = addr.peer_id
+        if expected is not None:
+            existing = self.primary(expected)
+            if existing is not None:
+                return existing
+            if expected == self.local_peer:
+                raise PeerUnreachable("cannot connect to ourselves")
+        raw = await self._dial_one(addr, expected, timeout or self.dial_timeout)
+        conn = self._register(raw)
+        if expected is None:
+            self.peerstore.add(raw.peer_id, [addr])
+        return self.primary(conn.peer_id) or conn
+
+    def _ordered_addrs(self, peer: PeerId) -> list[Multiaddr]:
+        rank = {name: i for i, name in enumerate(self.transport_preference)}
+        candidates = []
+        for index, addr in enumerate(self.peerstore.get(peer)):
+            transport = addr.transport
+            if transport not in rank or transport not in self.adapters:
+                continue
+            if not self.adapters[transport].can_dial(addr):
+                continue
+            if transport == "unix" and not os.path.exists(addr.unix_path or ""):
+                continue  # not on this host
+            loopback_first = 0 if addr.is_loopback() else 1
+            candidates.append((rank[transport], loopback_first, index, addr))
+        candidates.sort(key=lambda c: c[:3])
+        return [c[3] for c in candidates]
+
+    async def _dial_peer(self, peer: PeerId, timeout: float) -> MeshConnection:
+        addrs = self._ordered_addrs(peer)
+        if not addrs:
+            raise PeerUnreachable(f"no dialable address known for {peer}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        errors: list[str] = []
+        attempts: list[asyncio.Task] = []
+        winner: RawConnection | None = None
+        mismatch: PeerIdMismatch | None = None
+        try:
+            for addr in addrs:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                task = loop.create_task(self._dial_one(addr.with_peer(peer), peer, remaining))
+                task.addr = addr  # type: ignore[attr-defined]
+                attempts.append(task)
+                winner = await self._first_success(attempts, errors, self.happy_eyeballs_delay)
+                if winner is not None:
+                    break
+            while winner is None and any(not t.done() for t in attempts):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                winner = await self._first_success(attempts, errors, remaining)
+        finally:
+            for task in attempts:
+                if not task.done():
+                    task.cancel()
+                    task.add_done_callback(_close_late_winner)
+                elif not task.cancelled() and task.exception() is None and task.result() is not winner:
+                    task.result().close("happy-eyeballs loser")
+                elif not task.cancelled() and isinstance(task.exception(), PeerIdMismatch):
+                    mismatch = task.exception()
+        if winner is None:
+            if mismatch is not None:
+                raise mismatch
+            detail = "; ".join(errors) or f"no answer within {timeout:.1f} s"
+            raise PeerUnreachable(f"could not reach {peer}: {detail}")
+        return self._register(winner)
+
+    async def _first_success(self, attempts, errors, wait: float) -> RawConnection | None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        while True:
+            pending = [t for t in attempts if not t.done()]
+            for task in attempts:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return task.result()
+            if not pending:
+                return None
+            remaining = end - loop.time()
+            if remaining <= 0:
+                return None
+            done, _ = await asyncio.wait(pending, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    errors.append(f"{task.addr}: {task.exception()}")  # type: ignore[attr-defined]
+
+    async def _dial_one(self, addr: Multiaddr, expected: PeerId | None,
+                        timeout: float) -> RawConnection:
+        adapter = self.adapters.get(addr.transport or "")
+        if adapter is None or not adapter.can_dial(addr):
+            raise PeerUnreachable(f"no transport can dial {addr}")
+        try:
+            raw = await asyncio.wait_for(adapter.dial(addr, expected, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise PeerUnreachable(f"dial {addr} timed out after {timeout:.1f} s") from None
+        except (OSError, ConnectionClosed) as exc:
+            raise PeerUnreachable(f"dial {addr} failed: {exc}") from None
+        if expected is not None and raw.peer_id != expected:
+            raw.close("peer id mismatch")
+            raise PeerIdMismatch(expected, raw.peer_id)
+        return raw
+
+    # -- registration ----------------------------------------------------------------------------------
+    def accept_inbound(self, raw: RawConnection) -> None:
+        """Adapters call this with each authenticated inbound connection."""
+        if self._closing or self.connection_count() >= self.max_connections:
+            log.info("refusing inbound %s connection from %s: limit of %d connections",
+                     raw.transport, raw.peer_id, self.max_connections)
+            raw.close("connection limit")
+            return
+        self._register(raw)
+
+    def _register(self, raw: RawConnection) -> MeshConnection:
+        if self._closing:
+            raw.close("node shutting down")
+            raise ConnectionClosed("node is shutting down")
+        session = RpcSession(raw.channel, self.router, self.rpc_limits)
+        dialer = self.local_peer if raw.outbound else raw.peer_id
+        conn = MeshConnection(raw=raw, session=session, dialer=dialer)
+        peer = raw.peer_id
+        conns = self._conns.setdefault(peer, [])
+        first = not conns
+        conns.append(conn)
+        session.on_close(lambda _s, c=conn: self._on_closed(c))
+        if raw.on_close is not None:
+            raw.on_close(lambda s=session: s.close("transport connection closed"))
+        log.debug("connected to %s over %s (%s)", peer, raw.transport,
+                  "outbound" if raw.outbound else "inbound")
+        if first:
+            for callback in list(self._connected_cbs):
+                _safe_call(callback, peer)
+        return conn
+
+    def _on_closed(self, conn: MeshConnection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        try:
+            conn.raw.close(conn.session.close_reason or "session closed")
+        except Exception:  # noqa: BLE001 - closing an already dead transport
+            pass
+        conns = self._conns.get(conn.peer_id)
+        if conns is None or conn not in conns:
+            return
+        conns.remove(conn)
+        if not conns:
+            del self._conns[conn.peer_id]
+            for callback in list(self._disconnected_cbs):
+                _safe_call(callback, conn.peer_id)
+
+    async def _reap_loop(self) -> None:
+        """Close duplicate connections we dialed once they are idle and not primary."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for peer, conns in list(self._conns.items()):
+                if len(conns) < 2:
+                    continue
+                primary = self.primary(peer)
+                for conn in list(conns):
+                    if conn is primary or conn.dialer != self.local_peer:
+                        continue
+                    if now - conn.opened_at > 2.0 and conn.session.active_calls == 0:
+                        conn.close("duplicate connection")
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    async def disconnect(self, peer: PeerId, reason: str = "disconnect requested") -> None:
+        conns = list(self._conns.get(peer, ()))
+        for conn in conns:
+            conn.close(reason)
+        for conn in conns:
+            try:
+                await asyncio.wait_for(conn.session.wait_closed(), 5.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for task in list(self._dialing.values()):
+            task.cancel()
+        conns = self.connections()
+        for conn in conns:
+            conn.close("node shutting down")
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.session.wait_closed()) for c in conns],
+                               timeout=3.0)
+        for adapter in list(self.adapters.values()):
+            try:
+                await adapter.close()
+            except Exception:  # noqa: BLE001 - keep closing the others
+                log.exception("closing transport %s failed", adapter.name)
+
+
+def _close_late_winner(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close("happy-eyeballs loser")
+
+
+def _safe_call(callback, *args) -> None:
+    try:
+        callback(*args)
+    except Exception:  # noqa: BLE001 - a listener bug must not break the manager
+        log.exception("connection event callback failed")
+
+
+def make_stream_adapter(name: str, key, certified, on_inbound, options: dict) -> TransportAdapter | None:
+    """The TCP+TLS or Unix adapter, if that transport module is available (else None)."""
+    return None

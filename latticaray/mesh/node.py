@@ -1,0 +1,321 @@
+"""MeshNode: one peer of the mesh in one asyncio event loop.
+
+It owns the node's identity, its transports (QUIC on one UDP socket, TCP+TLS, same-host Unix
+sockets), the connection manager (one RPC session per peer, reused by every protocol), the RPC
+router where services register, and the identify/ping protocols. This is the contract the
+upper layers use (see docs/architecture.md)::
+
+    node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]))
+    await node.start()
+    node.register_unary("/x/echo/1", handler)          # async (ctx, payload) -> bytes
+    await node.call(peer_id, "/x/echo/1", b"hi", timeout=5)
+    await node.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from .connmgr import (
+    DEFAULT_TRANSPORT_PREFERENCE,
+    ConnectionManager,
+    MeshConnection,
+    QuicAdapter,
+    TransportAdapter,
+)
+from .errors import MultiaddrError
+from .identify import IdentifyInfo, IdentifyService
+from .identity import KeyPair, PeerId
+from .multiaddr import Multiaddr
+from .rpc import RpcLimits, RpcRouter, StreamCall
+from .tls import make_certified_key
+from .transport.quic import QuicConfig, QuicTransport
+
+__all__ = ["MeshNode", "MeshConfig", "AGENT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    AGENT_VERSION = f"latticaray/{_pkg_version('latticaray')}"
+except Exception:  # noqa: BLE001 - not installed as a distribution
+    AGENT_VERSION = "latticaray/dev"
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
+
+
+@dataclass
+class MeshConfig:
+    """Configuration of a :class:`MeshNode`."""
+
+    #: Addresses to listen on (port 0 picks a free port). One QUIC address at most.
+    listen: list = field(default_factory=lambda: list(DEFAULT_LISTEN))
+    #: Multiaddrs (with /p2p/<id>) to connect to at start.
+    bootstrap: list = field(default_factory=list)
+    #: The host key; if None, ``key_path`` is loaded or created, else a fresh key is made.
+    key: KeyPair | None = None
+    key_path: str | None = None
+    #: Transports to use, in preference order for dialing ("unix", "tcp", "quic").
+    transports: tuple[str, ...] = DEFAULT_TRANSPORT_PREFERENCE
+    #: Also listen on a same-host Unix socket (when the unix transport is available).
+    same_host_fast_path: bool = True
+    #: Directory for the Unix socket; default: a private directory under the system temp dir.
+    unix_socket_dir: str | None = None
+    quic: QuicConfig = field(default_factory=QuicConfig)
+    #: Keyword options for the TCP transport (engineer B's ``TcpConfig``), if any.
+    tcp_options: dict = field(default_factory=dict)
+    rpc_limits: RpcLimits = field(default_factory=RpcLimits)
+    max_connections: int = 1024
+    dial_timeout: float = 10.0
+    happy_eyeballs_delay: float = 0.25
+    #: Run identify on every new connection (learns listen addrs and our observed address).
+    auto_identify: bool = True
+    agent_version: str = AGENT_VERSION
+
+
+class MeshNode:
+    def __init__(self, config: MeshConfig | None = None) -> None:
+        self.config = config or MeshConfig()
+        if self.config.key is not None:
+            self.key = self.config.key
+        elif self.config.key_path:
+            self.key = KeyPair.load_or_create(self.config.key_path)
+        else:
+            self.key = KeyPair.generate()
+        self.peer_id: PeerId = self.key.peer_id
+        self.router = RpcRouter()
+        self.connections = ConnectionManager(
+            self.peer_id,
+            self.router,
+            rpc_limits=self.config.rpc_limits,
+            transport_preference=tuple(self.config.transports),
+            max_connections=self.config.max_connections,
+            dial_timeout=self.config.dial_timeout,
+            happy_eyeballs_delay=self.config.happy_eyeballs_delay,
+        )
+        self.identify_service = IdentifyService(self)
+        self.quic: QuicTransport | None = None
+        self._listen_addrs: list[Multiaddr] = []
+        self._certified = None
+        self._started = False
+        self._stopped = False
+        self._tasks: set[asyncio.Task] = set()
+        self._unix_dir_created: str | None = None
+        self.connections.on_peer_connected(self._on_connected)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> "MeshNode":
+        if self._started:
+            return self
+        self._started = True
+        self._certified = make_certified_key(self.key)
+        wanted = set(self.config.transports)
+        listen = [Multiaddr.parse(a) for a in self.config.listen]
+        try:
+            for addr in listen:
+                transport = addr.transport
+                if transport not in wanted:
+                    continue
+                adapter = self._adapter_for(transport)
+                if adapter is None:
+                    log.warning("no %s transport available; not listening on %s", transport, addr)
+                    continue
+                bound = await adapter.listen(addr)
+                self._listen_addrs.extend(bound)
+            if "unix" in wanted and self.config.same_host_fast_path and \
+                    not any(a.transport == "unix" for a in listen):
+                adapter = self._adapter_for("unix")
+                if adapter is not None:
+                    path = self._unix_socket_path()
+                    self._listen_addrs.extend(
+                        await adapter.listen(Multiaddr([("unix", path)]))
+                    )
+            # transports we did not listen on can still dial out
+            for name in self.config.transports:
+                self._adapter_for(name)
+        except BaseException:
+            await self.stop()
+            raise
+        self.connections.start()
+        for addr in self.config.bootstrap:
+            self._spawn(self._bootstrap_one(Multiaddr.parse(addr)))
+        log.info("node %s listening on %s", self.peer_id,
+                 ", ".join(str(a) for a in self._listen_addrs))
+        return self
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in list(self._tasks):
+            task.cancel()
+        await self.connections.close()
+        if self._unix_dir_created:
+            for name in os.listdir(self._unix_dir_created):
+                try:
+                    os.unlink(os.path.join(self._unix_dir_created, name))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self._unix_dir_created)
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> "MeshNode":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _bootstrap_one(self, addr: Multiaddr) -> None:
+        try:
+            await self.connect(addr)
+        except Exception as exc:  # noqa: BLE001 - bootstrap failures are reported, not fatal
+            log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+
+    # -- transports ----------------------------------------------------------------------------------
+    def _adapter_for(self, name: str) -> TransportAdapter | None:
+        adapter = self.connections.adapters.get(name)
+        if adapter is not None:
+            return adapter
+        if name == "quic":
+            self.quic = QuicTransport(self.key, self.config.quic, certified=self._certified)
+            adapter = QuicAdapter(self.quic, self.connections.accept_inbound)
+        elif name in ("tcp", "unix"):
+            from .connmgr import make_stream_adapter
+
+            adapter = make_stream_adapter(name, self.key, self._certified,
+                                          self.connections.accept_inbound, self.config.tcp_options)
+        else:
+            raise MultiaddrError(f"unknown transport {name!r}")
+        if adapter is not None:
+            self.connections.add_adapter(adapter)
+        return adapter
+
+    def _unix_socket_path(self) -> str:
+        base = self.config.unix_socket_dir
+        if base is None:
+            base = tempfile.mkdtemp(prefix="latticaray-")
+            self._unix_dir_created = base
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return os.path.join(base, f"{str(self.peer_id)[-10:]}-{os.getpid()}.sock")
+
+    # -- identity and addresses ------------------------------------------------------------------------
+    @property
+    def listen_addrs(self) -> list[Multiaddr]:
+        return [a.with_peer(self.peer_id) for a in self._listen_addrs]
+
+    def add_addrs(self, peer_id: PeerId, addrs) -> None:
+        self.connections.peerstore.add(peer_id, addrs)
+
+    def addrs_of(self, peer_id: PeerId) -> list[Multiaddr]:
+        return self.connections.peerstore.get(peer_id)
+
+    def observed_addrs(self) -> dict[PeerId, Multiaddr]:
+        """Our address as each connected peer reported seeing it (identify)."""
+        return dict(self.identify_service.observed_by)
+
+    def protocols(self) -> list[str]:
+        return self.router.services()
+
+    # -- connections ------------------------------------------------------------------------------------
+    async def connect(self, addr, timeout: float | None = None) -> PeerId:
+        """Dial a multiaddr (verifying its /p2p id if present); returns the peer's ID."""
+        conn = await self.connections.dial_addr(Multiaddr.parse(addr), timeout)
+        return conn.peer_id
+
+    async def disconnect(self, peer_id: PeerId) -> None:
+        await self.connections.disconnect(peer_id)
+
+    def connected_peers(self) -> list[PeerId]:
+        return self.connections.connected_peers()
+
+    def connection_to(self, peer_id: PeerId) -> MeshConnection | None:
+        return self.connections.primary(peer_id)
+
+    def on_peer_connected(self, callback: Callable[[PeerId], None]) -> None:
+        self.connections.on_peer_connected(callback)
+
+    def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
+        self.connections.on_peer_disconnected(callback)
+
+    def _on_connected(self, peer: PeerId) -> None:
+        if self.config.auto_identify and not self._stopped:
+            self._spawn(self._identify_quietly(peer))
+
+    async def _identify_quietly(self, peer: PeerId) -> None:
+        try:
+            await self.identify_service.identify(peer)
+        except Exception as exc:  # noqa: BLE001 - identify is best effort
+            log.debug("identify with %s failed: %s", peer, exc)
+
+    # -- services ------------------------------------------------------------------------------------
+    def register_unary(self, service: str, handler) -> None:
+        self.router.register_unary(service, handler)
+
+    def register_server_stream(self, service: str, handler) -> None:
+        self.router.register_server_stream(service, handler)
+
+    def register_client_stream(self, service: str, handler) -> None:
+        self.router.register_client_stream(service, handler)
+
+    def register_bidi(self, service: str, handler) -> None:
+        self.router.register_bidi(service, handler)
+
+    def unregister(self, service: str) -> None:
+        self.router.unregister(service)
+
+    # -- calls --------------------------------------------------------------------------------------------
+    async def call(self, peer_id: PeerId, service: str, payload=b"",
+                   timeout: float | None = None) -> bytes:
+        """Unary call; dials the peer if needed. Raises RpcError / RpcTimeout / PeerUnreachable."""
+        conn = self.connections.primary(peer_id)
+        if conn is None:
+            conn = await self.connections.get(peer_id, timeout)
+        return await conn.session.call(service, payload, timeout)
+
+    async def call_stream(self, peer_id: PeerId, service: str, payload=b"",
+                          timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Server-streaming call: ``async for item in node.call_stream(...)``."""
+        conn = await self.connections.get(peer_id, timeout)
+        stream = conn.session.call_stream(service, payload, timeout)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            if not stream.done:
+                stream.cancel()
+
+    async def open_client_stream(self, peer_id: PeerId, service: str,
+                                 timeout: float | None = None) -> StreamCall:
+        """Client-streaming call: ``await c.send(m)`` ..., ``c.end()``, ``await c.result()``."""
+        conn = await self.connections.get(peer_id, timeout)
+        return conn.session.call_client_stream(service, timeout)
+
+    async def open_bidi(self, peer_id: PeerId, service: str,
+                        timeout: float | None = None) -> StreamCall:
+        """Bidirectional call: ``send``/``end`` while iterating replies."""
+        conn = await self.connections.get(peer_id, timeout)
+        return conn.session.call_bidi(service, timeout)
+
+    async def identify(self, peer_id: PeerId, timeout: float = 10.0) -> IdentifyInfo:
+        return await self.identify_service.identify(peer_id, timeout)
+
+    async def ping(self, peer_id: PeerId, timeout: float = 10.0) -> float:
+        return await self.identify_service.ping(peer_id, timeout)
+
+    def __repr__(self) -> str:
+        return f"<MeshNode {self.peer_id}>"
+

@@ -1,0 +1,199 @@
+"""MeshNode: connect, calls of every kind between nodes, identify/ping, events, limits, shutdown."""
+
+import asyncio
+import time
+
+import pytest
+
+from latticaray.mesh.errors import PeerIdMismatch, PeerUnreachable, RpcError
+from latticaray.mesh.identity import KeyPair
+from latticaray.mesh.multiaddr import Multiaddr
+from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.mesh.transport.quic import QuicConfig
+
+QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+
+
+async def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def echo(ctx, payload):
+    return b"echo:" + payload + b" from " + str(ctx.peer_id).encode()
+
+
+async def count(ctx, payload):
+    for i in range(int(payload)):
+        yield str(i).encode()
+
+
+@pytest.fixture
+async def pair():
+    a = MeshNode(MeshConfig(**QUIC_ONLY))
+    b = MeshNode(MeshConfig(**QUIC_ONLY))
+    await a.start()
+    await b.start()
+    for n in (a, b):
+        n.register_unary("/test/echo/1", echo)
+        n.register_server_stream("/test/count/1", count)
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_connect_and_unary_call_both_ways(pair):
+    a, b = pair
+    assert b.listen_addrs and all(m.peer_id == b.peer_id for m in b.listen_addrs)
+    peer = await a.connect(b.listen_addrs[0])
+    assert peer == b.peer_id
+    assert await a.call(b.peer_id, "/test/echo/1", b"hi", timeout=10) == \
+        b"echo:hi from " + str(a.peer_id).encode()
+    # the callee can call back over the same connection without knowing any address
+    assert await b.call(a.peer_id, "/test/echo/1", b"yo", timeout=10) == \
+        b"echo:yo from " + str(b.peer_id).encode()
+    assert a.connected_peers() == [b.peer_id] and b.connected_peers() == [a.peer_id]
+    assert len(a.connections.connections()) == 1
+
+
+async def test_server_stream_call(pair):
+    a, b = pair
+    a.add_addrs(b.peer_id, b.listen_addrs)
+    items = [x async for x in a.call_stream(b.peer_id, "/test/count/1", b"5", timeout=10)]
+    assert items == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_dial_by_peer_id_needs_an_address(pair):
+    a, b = pair
+    with pytest.raises(PeerUnreachable, match="no dialable address"):
+        await a.call(b.peer_id, "/test/echo/1", b"x", timeout=5)
+
+
+async def test_wrong_peer_id_in_address_is_refused(pair):
+    a, b = pair
+    other = KeyPair.generate().peer_id
+    wrong = b.listen_addrs[0].without_peer().with_peer(other)
+    with pytest.raises(PeerIdMismatch):
+        await a.connect(wrong)
+    assert a.connected_peers() == []
+
+
+async def test_unknown_service_is_a_typed_error(pair):
+    a, b = pair
+    await a.connect(b.listen_addrs[0])
+    with pytest.raises(RpcError) as info:
+        await a.call(b.peer_id, "/nope/1", b"", timeout=5)
+    assert info.value.code == "UNIMPLEMENTED"
+
+
+async def test_identify_and_ping(pair):
+    a, b = pair
+    await a.connect(b.listen_addrs[0])
+    info = await a.identify(b.peer_id)
+    assert info.peer_id == b.peer_id
+    assert [x.without_peer() for x in b.listen_addrs] == info.listen_addrs
+    assert "/latticaray/identify/1" in info.protocols and "/test/echo/1" in info.protocols
+    assert info.observed_addr == a.quic.listen_addr  # one socket: observed = our listen addr
+    assert info.agent_version.startswith("latticaray/")
+    assert 0 < await a.ping(b.peer_id) < 5
+    # auto-identify on connect taught b our observed address too
+    await wait_for(lambda: a.peer_id in b.observed_addrs(), what="auto identify")
+    assert b.observed_addrs()[a.peer_id] == b.quic.listen_addr
+
+
+async def test_connect_disconnect_events(pair):
+    a, b = pair
+    events = []
+    b.on_peer_connected(lambda p: events.append(("up", p)))
+    b.on_peer_disconnected(lambda p: events.append(("down", p)))
+    await a.connect(b.listen_addrs[0])
+    await wait_for(lambda: events, what="connect event")
+    await a.disconnect(b.peer_id)
+    await wait_for(lambda: len(events) == 2, what="disconnect event")
+    assert events == [("up", a.peer_id), ("down", a.peer_id)]
+    assert b.connected_peers() == []
+
+
+async def test_simultaneous_dials_converge_on_one_primary(pair):
+    a, b = pair
+    a.add_addrs(b.peer_id, b.listen_addrs)
+    b.add_addrs(a.peer_id, a.listen_addrs)
+    await asyncio.gather(a.connect(b.listen_addrs[0]), b.connect(a.listen_addrs[0]))
+    await wait_for(lambda: len(a.connections.connections()) == 2 and
+                   len(b.connections.connections()) == 2, what="both connections registered")
+    pa, pb = a.connection_to(b.peer_id), b.connection_to(a.peer_id)
+    assert pa.dialer == pb.dialer == min(a.peer_id, b.peer_id)
+    # the duplicate is closed by its dialer once idle; calls keep working throughout
+    await wait_for(lambda: len(a.connections.connections()) == 1 and
+                   len(b.connections.connections()) == 1, timeout=15, what="duplicate reaped")
+    assert await a.call(b.peer_id, "/test/echo/1", b"z", timeout=10)
+
+
+async def test_concurrent_calls_share_one_dial(pair):
+    a, b = pair
+    a.add_addrs(b.peer_id, b.listen_addrs)
+    replies = await asyncio.gather(*[a.call(b.peer_id, "/test/echo/1", str(i).encode(), timeout=20)
+                                     for i in range(200)])
+    assert len(replies) == 200 and replies[7].startswith(b"echo:7 ")
+    assert len(a.connections.connections()) == 1
+
+
+async def test_connection_limit_refuses_inbound():
+    a = MeshNode(MeshConfig(**QUIC_ONLY, max_connections=1))
+    b, c = MeshNode(MeshConfig(**QUIC_ONLY)), MeshNode(MeshConfig(**QUIC_ONLY))
+    for n in (a, b, c):
+        await n.start()
+    try:
+        await b.connect(a.listen_addrs[0])
+        await wait_for(lambda: a.connected_peers(), what="first inbound")
+        try:
+            await c.connect(a.listen_addrs[0], timeout=5)
+        except Exception:
+            pass
+        await asyncio.sleep(0.3)
+        assert a.connected_peers() == [b.peer_id]
+    finally:
+        for n in (a, b, c):
+            await n.stop()
+
+
+async def test_key_path_persists_identity(tmp_path):
+    path = tmp_path / "id.key"
+    n1 = MeshNode(MeshConfig(**QUIC_ONLY, key_path=str(path)))
+    n2 = MeshNode(MeshConfig(**QUIC_ONLY, key_path=str(path)))
+    assert n1.peer_id == n2.peer_id
+
+
+async def test_dead_peer_fails_in_flight_calls_promptly():
+    quic = QuicConfig(unresponsive_timeout=1.5, keepalive_interval=0.5)
+    a = MeshNode(MeshConfig(**QUIC_ONLY, quic=quic))
+    b = MeshNode(MeshConfig(**QUIC_ONLY, quic=quic))
+    await a.start()
+    await b.start()
+    hang = asyncio.Event()
+
+    async def slow(ctx, payload):
+        await hang.wait()
+        return b""
+
+    b.register_unary("/test/slow/1", slow)
+    try:
+        await a.connect(b.listen_addrs[0])
+        call = asyncio.ensure_future(a.call(b.peer_id, "/test/slow/1", b"", timeout=60))
+        await asyncio.sleep(0.2)
+        # b vanishes without closing anything (its socket simply stops answering)
+        b.quic._udp.close()
+        b.quic._udp = None
+        start = time.monotonic()
+        with pytest.raises(RpcError):
+            await asyncio.wait_for(call, 15)
+        assert time.monotonic() - start < 10
+    finally:
+        hang.set()
+        await a.stop()
+        await b.stop()
