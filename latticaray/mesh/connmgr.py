@@ -509,6 +509,56 @@ def _safe_call(callback, *args) -> None:
         log.exception("connection event callback failed")
 
 
+class StreamAdapter(TransportAdapter):
+    """TCP+TLS or Unix socket transports: each connection is one authenticated StreamChannel."""
+
+    def __init__(self, name: str, transport, on_inbound: Callable[[RawConnection], None]) -> None:
+        self.name = name
+        self.transport = transport
+        self._on_inbound = on_inbound
+
+    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+        if self.name == "unix":
+            bound = await self.transport.listen(addr.unix_path, on_channel=self._inbound)
+        else:
+            bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0,
+                                                on_channel=self._inbound)
+        return [bound]
+
+    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
+                   timeout: float) -> RawConnection:
+        if self.name == "unix":
+            channel = await self.transport.dial(addr.unix_path, expected_peer, timeout=timeout)
+        else:
+            channel = await self.transport.dial(addr.host, addr.port, expected_peer,
+                                                timeout=timeout)
+        return self._raw(channel, outbound=True, addr=addr.without_peer())
+
+    def _raw(self, channel, outbound: bool, addr: Multiaddr | None = None) -> RawConnection:
+        return RawConnection(
+            peer_id=channel.remote_peer,
+            channel=channel,
+            transport=self.name,
+            remote_addr=channel.remote_addr or addr,
+            outbound=outbound,
+            close=lambda _reason: channel.close(),
+        )
+
+    def _inbound(self, channel) -> None:
+        self._on_inbound(self._raw(channel, outbound=False))
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
 def make_stream_adapter(name: str, key, certified, on_inbound, options: dict) -> TransportAdapter | None:
     """The TCP+TLS or Unix adapter, if that transport module is available (else None)."""
-    return None
+    try:
+        if name == "tcp":
+            from .transport.tcp import TcpTransport as transport_class
+        else:
+            from .transport.unix import UnixTransport as transport_class
+    except ImportError:
+        log.info("%s transport is not available", name)
+        return None
+    return StreamAdapter(name, transport_class(key, **(options or {})), on_inbound)

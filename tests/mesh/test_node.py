@@ -197,3 +197,46 @@ async def test_dead_peer_fails_in_flight_calls_promptly():
         hang.set()
         await a.stop()
         await b.stop()
+
+
+@pytest.mark.parametrize("transports, listen, expected", [
+    (("tcp",), ["/ip4/127.0.0.1/tcp/0"], "tcp"),
+    (("tcp", "quic"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "tcp"),
+    (("quic", "tcp"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "quic"),
+])
+async def test_dial_by_peer_id_follows_transport_preference(transports, listen, expected):
+    a = MeshNode(MeshConfig(listen=listen, transports=transports))
+    b = MeshNode(MeshConfig(listen=listen, transports=transports))
+    await a.start()
+    await b.start()
+    b.register_unary("/test/echo/1", echo)
+    try:
+        a.add_addrs(b.peer_id, b.listen_addrs)
+        assert (await a.call(b.peer_id, "/test/echo/1", b"t", timeout=10)).startswith(b"echo:t")
+        assert a.connection_to(b.peer_id).transport == expected
+        await wait_for(lambda: b.connection_to(a.peer_id) is not None, what="inbound side")
+        assert b.connection_to(a.peer_id).transport == expected
+        # identify over this transport reports the observed address
+        info = await a.identify(b.peer_id)
+        assert info.observed_addr is not None and info.observed_addr.transport == expected
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_happy_eyeballs_falls_back_to_a_working_address():
+    a = MeshNode(MeshConfig(**QUIC_ONLY, happy_eyeballs_delay=0.1, dial_timeout=5))
+    b = MeshNode(MeshConfig(**QUIC_ONLY))
+    await a.start()
+    await b.start()
+    try:
+        dead = Multiaddr.parse("/ip4/127.0.0.1/udp/9/quic-v1")  # nobody answers there
+        a.add_addrs(b.peer_id, b.listen_addrs)
+        a.add_addrs(b.peer_id, [dead])  # most recent first: tried first
+        assert a.addrs_of(b.peer_id)[0] == dead
+        start = time.monotonic()
+        assert await a.ping(b.peer_id, timeout=10) >= 0
+        assert time.monotonic() - start < 5
+    finally:
+        await a.stop()
+        await b.stop()
