@@ -38,6 +38,10 @@ def _message_size(msg: dict[str, Any]) -> int:
     return size
 
 
+def _noop() -> None:
+    pass
+
+
 class _Request:
     __slots__ = ("src", "op", "contact", "timer", "on_ping")
 
@@ -142,6 +146,16 @@ class SimDht:
         """The node vanishes without notice (crash or network loss)."""
         self.net.set_down(peer_id)
         self.joined.discard(peer_id)
+
+    def run_for(self, duration: float) -> None:
+        """Advance virtual time by ``duration``, processing every event due meanwhile.
+
+        A sentinel event pins the clock to the end even when only cancelled timers remain
+        (``Simulator.run(until=...)`` stops early in that case).
+        """
+        until = self.sim.now + duration
+        self.sim.call_at(until, _noop)
+        self.sim.run(until=until)
 
     # operations ------------------------------------------------------------------------------
     def run_op(self, core: DhtCore, op: Operation,
