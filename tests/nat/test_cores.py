@@ -85,6 +85,12 @@ def test_autonat_classifies_public_and_private_addresses():
     assert client.status(private_ep) is Reachability.PRIVATE
     assert client.reachability() is Reachability.PUBLIC
     assert client.public_addresses() == [public_ep]
+    only_private = AutoNatClient(policy=LAB)
+    only_private.add_candidate(private_ep, 0.0)
+    only_private.add_candidate(("198.19.1.10", 4001), 0.0)      # a LAN address: servers refuse it
+    run_autonat_round(only_private, make_servers(), 0.0, lambda s, ep: False)
+    assert only_private.status(("198.19.1.10", 4001)) is Reachability.UNKNOWN
+    assert only_private.reachability() is Reachability.PRIVATE
 
 
 def test_autonat_one_vote_is_not_enough_and_rechecks_over_time():
@@ -288,6 +294,14 @@ def test_dcutr_synchronizes_punch_after_rtt_half():
     assert init.done
 
 
+def test_dcutr_public_side_is_dialed_by_the_other():
+    init = HolePunchSession(Role.INITIATOR, [("198.18.0.12", 4001)], NatType.NO_NAT, our_public=True)
+    resp = HolePunchSession(Role.RESPONDER, [("198.18.0.103", 7)], NatType.ENDPOINT_DEPENDENT)
+    (sync, punch), resp = exchange(init, resp)
+    assert punch.mode is PunchMode.AWAIT
+    assert resp.on_message(sync.data, 0.2)[0].mode is PunchMode.DIAL
+
+
 def test_dcutr_retries_three_times_then_gives_up():
     init = HolePunchSession(Role.INITIATOR, [("198.18.0.101", 4001)], NatType.ENDPOINT_INDEPENDENT,
                             HolePunchConfig(max_attempts=3, retry_delay=1.0))
@@ -313,6 +327,8 @@ def test_dcutr_retries_three_times_then_gives_up():
 def test_dcutr_modes_and_refusals():
     assert holepunch.choose_mode(NatType.ENDPOINT_INDEPENDENT, NatType.ENDPOINT_DEPENDENT) is PunchMode.BIRTHDAY_EASY
     assert holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT) is PunchMode.BIRTHDAY_HARD
+    assert holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT, False, True) is PunchMode.DIAL
+    assert holepunch.choose_mode(NatType.NO_NAT, NatType.ENDPOINT_DEPENDENT, True, False) is PunchMode.AWAIT
     sym = NatType.ENDPOINT_DEPENDENT
     init = HolePunchSession(Role.INITIATOR, [("198.18.0.103", 1)], sym)
     resp = HolePunchSession(Role.RESPONDER, [("198.18.0.104", 1)], sym)

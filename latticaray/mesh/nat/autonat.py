@@ -213,11 +213,12 @@ class AutoNatClient:
         return [ep for ep, st in self._addrs.items() if st.reachability is Reachability.PUBLIC]
 
     def reachability(self) -> Reachability:
-        """Public if any address is; private if every address is; unknown otherwise."""
+        """Public if any address is; else private if any address was found private (the others
+        could not be tested, e.g. a LAN address the servers refuse to dial); else unknown."""
         values = [st.reachability for st in self._addrs.values()]
         if Reachability.PUBLIC in values:
             return Reachability.PUBLIC
-        if values and all(v is Reachability.PRIVATE for v in values):
+        if Reachability.PRIVATE in values:
             return Reachability.PRIVATE
         return Reachability.UNKNOWN
 
@@ -250,7 +251,9 @@ class AutoNatClient:
     def on_response(self, server: str, msg: dict, now: float) -> None:
         probe_id, statuses = decode_dial_response(msg, len(self._addrs) + 1)
         probe = self._probes.get(probe_id)
-        if probe is None or probe.server != server or probe.answered:
+        if probe is None:
+            return          # already finished: every dial-back arrived before this response
+        if probe.server != server or probe.answered:
             raise MalformedMessage(f"unexpected dial response {probe_id} from {server}")
         if len(statuses) != len(probe.entries):
             raise MalformedMessage("dial response must hold one status per requested address")

@@ -44,10 +44,18 @@ class PunchMode(enum.Enum):
     DIRECT = "direct"
     BIRTHDAY_EASY = "birthday-easy"   # we are the cone side: probe many ports
     BIRTHDAY_HARD = "birthday-hard"   # we are the symmetric side: open many sockets
+    DIAL = "dial"                     # they are publicly reachable: we just dial them
+    AWAIT = "await"                   # we are publicly reachable: they dial us
     NONE = "none"
 
 
-def choose_mode(ours: NatType, theirs: NatType) -> PunchMode:
+def choose_mode(ours: NatType, theirs: NatType, our_public: bool = False,
+                their_public: bool = False) -> PunchMode:
+    """How to get a direct path, from both sides' NAT types and AutoNAT reachability."""
+    if their_public and not our_public:
+        return PunchMode.DIAL
+    if our_public and not their_public:
+        return PunchMode.AWAIT
     if ours.is_hard and theirs.is_hard:
         return PunchMode.NONE
     if ours.is_hard:
@@ -106,8 +114,11 @@ class HolePunchSession:
     """One coordination between two peers over their relayed connection."""
 
     def __init__(self, role: Role, our_addrs: list[Endpoint], our_nat: NatType,
-                 config: HolePunchConfig | None = None, random_bytes=os.urandom) -> None:
+                 config: HolePunchConfig | None = None, random_bytes=os.urandom,
+                 our_public: bool = False) -> None:
         self.role = role
+        self.our_public = our_public
+        self.remote_public = False
         self.our_addrs = list(our_addrs)[:MAX_ADDRS]
         self.our_nat = our_nat
         self.config = config or HolePunchConfig()
@@ -141,7 +152,8 @@ class HolePunchSession:
 
     def _connect_message(self) -> bytes:
         return wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
-                           nat=self.our_nat.value, tok=self.token, n=self.attempt)
+                           nat=self.our_nat.value, tok=self.token, n=self.attempt,
+                           pub=self.our_public)
 
     # ------------------------------------------------------------------------ both sides
     def on_message(self, data: bytes, now: float) -> list:
@@ -156,6 +168,7 @@ class HolePunchSession:
                 raise MalformedMessage(f"unknown NAT type {nat_text!r}") from None
             attempt = wire.get_int(msg, "n", 1, 1000)
             token = wire.get_bytes(msg, "tok", TOKEN_SIZE, TOKEN_SIZE)
+            self.remote_public = msg.get("pub") is True
             self.remote_addrs, self.remote_nat = addrs, nat
             if self.role is Role.RESPONDER:
                 if not self.config.enabled:
@@ -166,11 +179,12 @@ class HolePunchSession:
                 self.state = State.WAIT_SYNC
                 self._timer = now + self.config.message_timeout
                 return [SendMessage(wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
-                                                nat=self.our_nat.value, tok=token, n=attempt))]
+                                                nat=self.our_nat.value, tok=token, n=attempt,
+                                                pub=self.our_public))]
             if self.state is not State.WAIT_CONNECT or attempt != self.attempt or token != self.token:
                 raise MalformedMessage("unexpected hp_connect reply (wrong attempt or token)")
             self.rtt = max(0.0, now - self._sent_at)
-            mode = choose_mode(self.our_nat, nat)
+            mode = choose_mode(self.our_nat, nat, self.our_public, self.remote_public)
             if mode is PunchMode.NONE:
                 self.state = State.FAILED
                 return [SendMessage(wire.encode("hp_refuse", m="both sides are endpoint-dependent")),
@@ -183,7 +197,7 @@ class HolePunchSession:
             attempt = wire.get_int(msg, "n", 1, 1000)
             if self.role is not Role.RESPONDER or self.state is not State.WAIT_SYNC or attempt != self.attempt:
                 raise MalformedMessage("unexpected hp_sync")
-            mode = choose_mode(self.our_nat, self.remote_nat)
+            mode = choose_mode(self.our_nat, self.remote_nat, self.our_public, self.remote_public)
             if mode is PunchMode.NONE:
                 self.state = State.FAILED
                 return [GiveUp("both peers are behind endpoint-dependent (symmetric) NATs")]

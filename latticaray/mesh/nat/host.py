@@ -1,0 +1,705 @@
+"""The asyncio driver of NAT traversal: one node's reachability, relaying and hole punching.
+
+:class:`NatNode` owns the node's QUIC transport (ONE shared UDP socket), and runs over it:
+
+* the NAT control plane: small datagrams prefixed with :data:`MAGIC` (first byte 0x1a, which is
+  never a QUIC packet) that the transport hands over as "unknown datagrams": observed-address
+  requests (STUN-like), AutoNAT dial requests/responses/dial-backs, and hole-punch packets;
+* AutoNAT (client, and server on public nodes; dial-backs leave from a *separate* socket);
+* NAT type detection from the mapped addresses several public nodes observe;
+* a relay reservation (TCP+TLS, :mod:`relay_transport`) and relayed RPC sessions whose bytes are
+  an end-to-end TLS session (:mod:`tunnel`);
+* DCUtR-style upgrades of relayed connections to direct QUIC: synchronized spraying, and
+  birthday probing when exactly one side is behind an endpoint-dependent NAT; the relay stays as
+  fallback and :class:`PathMetrics` say which path each peer uses.
+
+Until the mesh's ``MeshNode`` takes these pieces over, ``NatNode`` is also a small standalone
+peer (``register_unary`` / ``call``), which is what the netlab tests and ``bench/nat_matrix.py`` run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from ..errors import MeshError, PeerUnreachable, RpcConnectionLost, RpcError
+from ..identity import KeyPair, PeerId
+from ..rpc import RpcRouter, RpcSession
+from ..transport.quic import QuicConfig, QuicConn, QuicTransport
+from . import autonat, wire
+from .addresses import AddressPolicy, Endpoint, check_endpoint
+from .autonat import (AutoNatClient, AutoNatClientConfig, AutoNatServer, AutoNatServerConfig,
+                      Reachability)
+from .birthday import BirthdayConfig, EasySideProber, HardSidePlan
+from .errors import DialBackRefused, MalformedMessage, NatError
+from .holepunch import (GiveUp, HolePunchConfig, HolePunchSession, PathMetrics, PunchMode,
+                        PunchSucceeded, Role, SendMessage, StartPunch)
+from .nattype import NatReport, NatType, NatTypeDetector
+from .relay import RelayConfig
+from .relay_transport import RelayClient, RelayServer
+from .tunnel import SecureTunnel
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"\x1aLR1"
+DCUTR_SERVICE = "/latticaray/dcutr/1"
+PING_SERVICE = "/latticaray/nat/ping/1"
+MAX_CONTROL_DATAGRAM = 2048
+
+
+@dataclass
+class NatNodeConfig:
+    listen_host: str = "0.0.0.0"
+    quic_port: int = 0
+    policy: AddressPolicy = field(default_factory=AddressPolicy)
+    serve_autonat: bool = False
+    serve_relay: bool = False
+    relay_port: int = 0
+    relay_config: RelayConfig = field(default_factory=RelayConfig)
+    relay_capture: bool = False
+    hole_punching: bool = True
+    punch_budget: float = 3.0            # seconds of spraying per attempt
+    punch: HolePunchConfig = field(default_factory=HolePunchConfig)
+    birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
+    direct_dial_timeout: float = 1.0
+    autonat_client: AutoNatClientConfig = field(default_factory=AutoNatClientConfig)
+    autonat_server: AutoNatServerConfig = field(default_factory=AutoNatServerConfig)
+    quic: QuicConfig = field(default_factory=lambda: QuicConfig(handshake_timeout=3.0))
+
+
+@dataclass
+class PeerLink:
+    """Everything this node has to one peer: its sessions per path and the path metrics."""
+
+    peer: PeerId
+    metrics: PathMetrics
+    relayed: RpcSession | None = None
+    direct: RpcSession | None = None
+    direct_conn: QuicConn | None = None
+    direct_path: str = "direct"
+    direct_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    upgrade_task: asyncio.Task | None = None
+
+    def best(self) -> RpcSession | None:
+        if self.direct is not None and not self.direct.closed:
+            return self.direct
+        if self.relayed is not None and not self.relayed.closed:
+            return self.relayed
+        return None
+
+    @property
+    def path(self) -> str:
+        if self.direct is not None and not self.direct.closed:
+            return self.direct_path
+        if self.relayed is not None and not self.relayed.closed:
+            return "relayed"
+        return "none"
+
+
+class NatNode:
+    """A node's NAT-traversal side over its shared QUIC socket (see the module docstring)."""
+
+    def __init__(self, key: KeyPair | None = None, config: NatNodeConfig | None = None) -> None:
+        self.key = key or KeyPair.generate()
+        self.config = config or NatNodeConfig()
+        self.router = RpcRouter()
+        self.transport = QuicTransport(self.key, self.config.quic, on_connection=self._on_quic)
+        self.links: dict[PeerId, PeerLink] = {}
+        self.autonat_client = AutoNatClient(self.config.autonat_client, self.config.policy)
+        self.autonat_server = AutoNatServer(self.config.autonat_server, self.config.policy)
+        self.nat_detector: NatTypeDetector | None = None
+        self.nat_report: NatReport | None = None
+        self.relay_server: RelayServer | None = None
+        self.relay_client = RelayClient(self.key, self._on_relayed_incoming)
+        self.relay_info: tuple[PeerId, str, int] | None = None
+        self.mapped: dict[Endpoint, Endpoint] = {}        # observer -> mapped endpoint of our socket
+        self.stats: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dialback: asyncio.DatagramTransport | None = None
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._txids = itertools.count(1 << 40)   # AutoNAT probe ids use the low range
+        self._punch_waiters: dict[bytes, Callable[[Endpoint], None]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._extra_transports: list[QuicTransport] = []
+        self._rng = random.Random()
+        self.router.register_unary(DCUTR_SERVICE, self._handle_dcutr)
+        self.router.register_unary(PING_SERVICE, self._handle_ping)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> PeerId:
+        return self.key.peer_id
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        host, port = self.transport.local_address[:2]
+        return (host, port)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.transport.listen(self.config.listen_host, self.config.quic_port)
+        self.transport.unknown_datagram_handler = self._on_datagram
+        self.nat_detector = NatTypeDetector(self._local_endpoints())
+        if self.config.serve_autonat:
+            self._dialback, _ = await self._loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, local_addr=(self.config.listen_host, 0))
+        if self.config.serve_relay:
+            self.relay_server = RelayServer(self.key, self.config.relay_config,
+                                            self.config.listen_host, self.config.relay_port,
+                                            capture=self.config.relay_capture)
+            await self.relay_server.start()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links.values():
+            for session in (link.direct, link.relayed):
+                if session is not None:
+                    session.close("node stopping")
+        await self.relay_client.close()
+        if self.relay_server is not None:
+            await self.relay_server.stop()
+        if self._dialback is not None:
+            self._dialback.close()
+        for extra in self._extra_transports:
+            await extra.close()
+        await self.transport.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _count(self, name: str) -> None:
+        self.stats[name] = self.stats.get(name, 0) + 1
+
+    def _local_endpoints(self) -> list[Endpoint]:
+        host, port = self.local_endpoint
+        if host not in ("0.0.0.0", "::"):
+            return [(host, port)]
+        names = set()
+        try:
+            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+                names.add(info[4][0])
+        except OSError:
+            pass
+        try:
+            import psutil
+            for addrs in psutil.net_if_addrs().values():
+                for a in addrs:
+                    if a.family == socket.AF_INET:
+                        names.add(a.address)
+        except Exception:
+            pass
+        return [(ip, port) for ip in sorted(names) if not ip.startswith("127.")]
+
+    # -- services --------------------------------------------------------------------------
+    def register_unary(self, service: str, handler) -> None:
+        self.router.register_unary(service, handler)
+
+    async def _handle_ping(self, ctx, payload: bytes) -> bytes:
+        return bytes(payload)
+
+    # -- control plane datagrams ------------------------------------------------------------
+    def _send_control(self, addr: Endpoint, data: bytes) -> None:
+        self.transport.send_raw(addr, MAGIC + data)
+
+    def _on_datagram(self, data: bytes, addr: tuple) -> None:
+        if not data.startswith(MAGIC) or len(data) > MAX_CONTROL_DATAGRAM:
+            self._count("datagrams_ignored")
+            return
+        source = (addr[0].removeprefix("::ffff:"), addr[1])
+        try:
+            msg = wire.decode(data[len(MAGIC):], MAX_CONTROL_DATAGRAM)
+            self._dispatch_control(msg, source)
+        except NatError as exc:
+            self._count("control_rejected")
+            log.debug("control datagram from %s rejected: %s", source, exc)
+
+    def _dispatch_control(self, msg: dict, source: Endpoint) -> None:
+        kind = msg["t"]
+        now = self._loop.time()
+        if kind == "obs_req":
+            txid = wire.get_int(msg, "id", 0, 2**63)
+            self._send_control(source, wire.encode("obs", id=txid, a=list(source)))
+        elif kind == "dial":
+            if not self.config.serve_autonat:
+                raise MalformedMessage("this node does not serve AutoNAT")
+            try:
+                plan = self.autonat_server.handle_request(source, msg, now)
+            except DialBackRefused as exc:
+                self._send_control(source, wire.encode("dial_err", id=msg.get("id", 0), s=exc.code, m=exc.message))
+                return
+            self._send_control(source, plan.response())
+            for dial_back in plan.dial_backs:
+                self._spawn(self._send_dial_backs(dial_back))
+        elif kind in ("obs", "dial_resp", "dial_err"):
+            txid = wire.get_int(msg, "id", 0, 2**63)
+            future = self._waiters.get(txid)
+            if future is not None and not future.done():
+                future.set_result((msg, source))
+        elif kind == "dial_back":
+            self.autonat_client.on_dial_back(msg, source, now)
+            self._count("dial_backs_confirmed")
+        elif kind == "punch":
+            token = wire.get_bytes(msg, "tok", 16, 16)
+            waiter = self._punch_waiters.get(token)
+            if waiter is None:
+                raise MalformedMessage("punch packet with an unknown token")
+            waiter(source)
+        else:
+            raise MalformedMessage(f"unknown control message {kind!r}")
+
+    async def _send_dial_backs(self, dial_back: autonat.DialBack) -> None:
+        data = MAGIC + autonat.encode_dial_back(dial_back.nonce)
+        for delay in (0.0, 0.2, 0.5)[: self.config.autonat_server.dial_back_copies]:
+            await asyncio.sleep(delay)
+            if self._dialback is not None:
+                self._dialback.sendto(data, dial_back.endpoint)
+
+    async def _request(self, addr: Endpoint, msg_type: str, timeout: float = 2.0, tries: int = 4,
+                       **fields) -> tuple[dict, Endpoint]:
+        txid = next(self._txids)
+        future = self._loop.create_future()
+        self._waiters[txid] = future
+        try:
+            for _ in range(tries):
+                self._send_control(addr, wire.encode(msg_type, id=txid, **fields))
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), timeout / tries)
+                except asyncio.TimeoutError:
+                    continue
+            raise PeerUnreachable(f"no answer to {msg_type} from {addr[0]}:{addr[1]}")
+        finally:
+            self._waiters.pop(txid, None)
+
+    async def _request_raw(self, addr: Endpoint, payload: bytes, txid: int, timeout: float,
+                           tries: int = 3) -> dict:
+        future = self._loop.create_future()
+        self._waiters[txid] = future
+        try:
+            for _ in range(tries):
+                self._send_control(addr, payload)
+                try:
+                    return (await asyncio.wait_for(asyncio.shield(future), timeout / tries))[0]
+                except asyncio.TimeoutError:
+                    continue
+            raise PeerUnreachable(f"no AutoNAT answer from {addr[0]}:{addr[1]}")
+        finally:
+            self._waiters.pop(txid, None)
+
+    # -- observed addresses, NAT type, reachability -----------------------------------------
+    async def observe(self, server: Endpoint, timeout: float = 2.0) -> Endpoint:
+        """Ask ``server`` which address our shared socket's packets come from."""
+        msg, _ = await self._request(server, "obs_req", timeout)
+        mapped = check_endpoint(msg.get("a"), "observed address")
+        self.mapped[server] = mapped
+        self.nat_detector.observe(server, mapped, self._loop.time())
+        return mapped
+
+    async def detect_nat(self, servers: list[Endpoint]) -> NatReport:
+        results = await asyncio.gather(*(self.observe(s) for s in servers), return_exceptions=True)
+        for server, result in zip(servers, results):
+            if isinstance(result, Exception):
+                log.info("observe via %s failed: %s", server, result)
+        self.nat_report = self.nat_detector.report(self._loop.time())
+        return self.nat_report
+
+    async def check_reachability(self, servers: list[Endpoint]) -> Reachability:
+        """One AutoNAT round against ``servers`` (their QUIC endpoints)."""
+        now = self._loop.time()
+        for ep in self._local_endpoints():
+            self.autonat_client.add_candidate(ep, now)
+        for mapped in set(self.mapped.values()):
+            self.autonat_client.add_candidate(mapped, now)
+        probes = self.autonat_client.probes_due(now, [(f"{h}:{p}", h) for h, p in servers])
+
+        async def run(probe) -> None:
+            host, port = probe.server.rsplit(":", 1)
+            try:
+                msg = await self._request_raw((host, int(port)), probe.request, probe.probe_id, 3.0)
+            except PeerUnreachable:
+                return
+            try:
+                if msg["t"] == "dial_err":
+                    self.autonat_client.on_refused(probe.server, probe.probe_id, self._loop.time())
+                else:
+                    self.autonat_client.on_response(probe.server, msg, self._loop.time())
+            except NatError as exc:
+                log.info("bad AutoNAT response from %s: %s", probe.server, exc)
+
+        await asyncio.gather(*(run(p) for p in probes))
+        deadline = self._loop.time() + self.config.autonat_client.dial_back_timeout
+        while self._loop.time() < deadline and self.autonat_client._probes:
+            await asyncio.sleep(0.05)
+        self.autonat_client.tick(self._loop.time() + self.config.autonat_client.response_timeout)
+        return self.autonat_client.reachability()
+
+    @property
+    def is_public(self) -> bool:
+        return self.autonat_client.reachability() is Reachability.PUBLIC
+
+    def punch_addresses(self) -> list[Endpoint]:
+        addrs = list(dict.fromkeys(self.mapped.values()))
+        return addrs + [ep for ep in self._local_endpoints() if ep not in addrs]
+
+    # -- relay ----------------------------------------------------------------------------
+    async def reserve_relay(self, relay_peer: PeerId, host: str, port: int) -> None:
+        await self.relay_client.reserve(relay_peer, host, port)
+        self.relay_info = (relay_peer, host, port)
+
+    def circuit_address(self) -> str | None:
+        if self.relay_info is None:
+            return None
+        relay_peer, host, port = self.relay_info
+        return f"/ip4/{host}/tcp/{port}/p2p/{relay_peer}/p2p-circuit/p2p/{self.peer_id}"
+
+    def _link(self, peer: PeerId) -> PeerLink:
+        link = self.links.get(peer)
+        if link is None:
+            link = self.links[peer] = PeerLink(peer, PathMetrics(str(peer)))
+        return link
+
+    async def _on_relayed_incoming(self, tunnel: SecureTunnel) -> None:
+        link = self._link(tunnel.remote_peer)
+        if link.relayed is not None and not link.relayed.closed:
+            link.relayed.close("replaced by a newer relayed connection")
+        link.relayed = RpcSession(tunnel, self.router)
+        link.metrics.record(self._loop.time(), "relayed-inbound")
+        if link.metrics.path == "none":
+            link.metrics.path = "relayed"
+
+    # -- direct QUIC ------------------------------------------------------------------------
+    def _on_quic(self, conn: QuicConn) -> None:
+        if conn.is_client:
+            return            # the dialer attaches its own connection
+        self._spawn(self._accept_direct(conn, "direct"))
+
+    async def _accept_direct(self, conn: QuicConn, path: str) -> None:
+        try:
+            channel = await asyncio.wait_for(conn.accept_channel(), 10.0)
+        except (asyncio.TimeoutError, MeshError):
+            conn.close("no channel opened")
+            return
+        link = self._link(conn.remote_peer)
+        pending = getattr(link, "pending_path", None)
+        self._attach_direct(link, conn, RpcSession(channel, self.router), pending or path)
+
+    def _attach_direct(self, link: PeerLink, conn: QuicConn, session: RpcSession, path: str) -> None:
+        old = link.direct
+        link.direct, link.direct_conn, link.direct_path = session, conn, path
+        if old is not None and old is not session:
+            old.close("replaced by a newer direct connection")
+        now = self._loop.time()
+        link.metrics.record(now, f"direct:{path}")
+        link.metrics.path = path
+        if link.relayed is not None and link.metrics.upgraded_at is None:
+            link.metrics.upgraded_at = now
+        link.direct_ready.set()
+
+        def on_close(_session) -> None:
+            if link.direct is session:
+                link.direct_ready.clear()
+                link.metrics.record(self._loop.time(), "direct-closed")
+                link.metrics.path = "relayed" if link.relayed and not link.relayed.closed else "none"
+        session.on_close(on_close)
+
+    async def _dial_direct(self, peer: PeerId, addr: Endpoint, path: str,
+                           transport: QuicTransport | None = None,
+                           timeout: float | None = None) -> PeerLink:
+        transport = transport or self.transport
+        conn = await transport.dial(addr, expected_peer=peer,
+                                    timeout=timeout or self.config.direct_dial_timeout)
+        session = RpcSession(conn.open_channel(), self.router)
+        link = self._link(peer)
+        self._attach_direct(link, conn, session, path)
+        await session.call(PING_SERVICE, b"hello", timeout=5.0)    # opens the stream at the peer
+        return link
+
+    # -- connecting -------------------------------------------------------------------------
+    async def connect(self, peer: PeerId, direct_addrs: list[Endpoint] = (),
+                      relay: tuple[PeerId, str, int] | None = None,
+                      wait_upgrade: float = 0.0) -> PeerLink:
+        """Reach ``peer``: direct if one of ``direct_addrs`` answers, else through ``relay``
+        (then try to upgrade to a direct path in the background, unless punching is off)."""
+        link = self._link(peer)
+        start = self._loop.time()
+        if link.best() is not None:
+            return link
+        for addr in direct_addrs:
+            try:
+                await self._dial_direct(peer, addr, "direct")
+                link.metrics.connected_at = self._loop.time() - start
+                return link
+            except (MeshError, OSError) as exc:
+                log.info("direct dial of %s at %s failed: %s", peer, addr, exc)
+        if relay is None:
+            raise PeerUnreachable(f"{peer}: no direct address answered and no relay is known")
+        relay_peer, host, port = relay
+        tunnel = await self.relay_client.connect(relay_peer, host, port, peer)
+        link.relayed = RpcSession(tunnel, self.router)
+        link.metrics.connected_at = self._loop.time() - start
+        link.metrics.path = "relayed"
+        link.metrics.record(self._loop.time(), "relayed-outbound")
+        link.metrics.started = start
+        if self.config.hole_punching:
+            link.upgrade_task = self._spawn(self._upgrade(link, start))
+            if wait_upgrade > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(link.upgrade_task), wait_upgrade)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+        return link
+
+    async def call(self, peer: PeerId, service: str, payload: bytes = b"",
+                   timeout: float = 10.0) -> bytes:
+        """Unary call over the best path; falls back to the relay if the direct path dropped."""
+        link = self.links.get(peer)
+        session = link.best() if link else None
+        if session is None:
+            raise PeerUnreachable(f"not connected to {peer}")
+        try:
+            return await session.call(service, payload, timeout=timeout)
+        except RpcConnectionLost:
+            fallback = link.best()
+            if fallback is None or fallback is session:
+                raise
+            return await fallback.call(service, payload, timeout=timeout)
+
+    # -- hole punching (DCUtR) --------------------------------------------------------------
+    def _our_nat(self) -> NatType:
+        return self.nat_report.nat_type if self.nat_report else NatType.UNKNOWN
+
+    async def _upgrade(self, link: PeerLink, start: float) -> bool:
+        """Initiator side: coordinate over the relayed session, punch, retry up to 3 times."""
+        session = HolePunchSession(Role.INITIATOR, self.punch_addresses(), self._our_nat(),
+                                   self.config.punch, our_public=self.is_public)
+        pending = list(session.start(self._loop.time()))
+        while True:
+            while pending:
+                action = pending.pop(0)
+                if isinstance(action, SendMessage):
+                    if link.relayed is None or link.relayed.closed:
+                        return False
+                    try:
+                        reply = await link.relayed.call(DCUTR_SERVICE, action.data, timeout=5.0)
+                    except RpcError as exc:
+                        log.info("hole punch coordination with %s failed: %s", link.peer, exc)
+                        return False
+                    if reply:
+                        pending += session.on_message(reply, self._loop.time())
+                elif isinstance(action, StartPunch):
+                    link.metrics.punch_attempts += 1
+                    link.metrics.rtt_relay = session.rtt
+                    remote = await self._punch(link, action, initiator=True)
+                    pending += session.on_punch_result(action.attempt, remote, self._loop.time())
+                elif isinstance(action, PunchSucceeded):
+                    return True
+                elif isinstance(action, GiveUp):
+                    link.metrics.record(self._loop.time(), f"punch-gave-up: {action.reason}")
+                    return False
+            timer = session.next_timer()
+            if session.done or timer is None:
+                return session.state.value == "succeeded"
+            await asyncio.sleep(max(0.0, timer - self._loop.time()))
+            pending += session.tick(self._loop.time())
+
+    async def _handle_dcutr(self, ctx, payload: bytes) -> bytes:
+        link = self._link(ctx.peer_id)
+        session = getattr(link, "dcutr", None)
+        msg = wire.decode(bytes(payload))
+        if msg["t"] == "hp_connect" or session is None:
+            session = HolePunchSession(Role.RESPONDER, self.punch_addresses(), self._our_nat(),
+                                       HolePunchConfig(enabled=self.config.hole_punching),
+                                       our_public=self.is_public)
+            link.dcutr = session
+        reply = b""
+        for action in session.on_message(bytes(payload), self._loop.time()):
+            if isinstance(action, SendMessage):
+                reply = action.data
+            elif isinstance(action, StartPunch):
+                self._spawn(self._responder_punch(link, session, action))
+        return reply
+
+    async def _responder_punch(self, link: PeerLink, session: HolePunchSession,
+                               action: StartPunch) -> None:
+        remote = await self._punch(link, action, initiator=False)
+        session.on_punch_result(action.attempt, remote, self._loop.time())
+
+    async def _punch(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
+        delay = action.at - self._loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        mode = action.mode
+        link.pending_path = "birthday" if mode in (PunchMode.BIRTHDAY_EASY, PunchMode.BIRTHDAY_HARD) else "punched"
+        try:
+            if mode is PunchMode.DIAL:
+                return await self._punch_dial(link, action)
+            if mode is PunchMode.AWAIT:
+                return await self._await_direct(link, self.config.punch_budget + 2)
+            if mode is PunchMode.DIRECT:
+                return await self._punch_spray(link, action, initiator)
+            if mode is PunchMode.BIRTHDAY_EASY:
+                return await self._birthday_easy(link, action)
+            if mode is PunchMode.BIRTHDAY_HARD:
+                return await self._birthday_hard(link, action)
+        except (MeshError, OSError) as exc:
+            log.info("punch (%s) with %s failed: %s", mode.value, link.peer, exc)
+        return None
+
+    async def _await_direct(self, link: PeerLink, timeout: float) -> Endpoint | None:
+        try:
+            await asyncio.wait_for(link.direct_ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        conn = link.direct_conn
+        return (conn.addr[0], conn.addr[1]) if conn else None
+
+    async def _punch_dial(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
+        for addr in action.remote_addrs:
+            try:
+                await self._dial_direct(link.peer, addr, "direct")
+                return addr
+            except (MeshError, OSError):
+                continue
+        return None
+
+    async def _punch_spray(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
+        """Both sides spray punch packets; the initiator dials QUIC once the peer's packet arrives."""
+        seen: asyncio.Future = self._loop.create_future()
+
+        def on_punch(source: Endpoint) -> None:
+            if not seen.done():
+                seen.set_result(source)
+        self._punch_waiters[action.token] = on_punch
+        packet = MAGIC + wire.encode("punch", tok=action.token)
+        deadline = self._loop.time() + self.config.punch_budget
+        try:
+            while self._loop.time() < deadline and not link.direct_ready.is_set():
+                for addr in action.remote_addrs:
+                    self.transport.send_raw(addr, packet)
+                if seen.done() and initiator:
+                    remote = seen.result()
+                    for _ in range(3):
+                        self.transport.send_raw(remote, packet)
+                    await self._dial_direct(link.peer, remote, "punched",
+                                            timeout=max(1.0, deadline - self._loop.time()))
+                    return remote
+                try:
+                    await asyncio.wait_for(asyncio.shield(seen), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            if not initiator:
+                return await self._await_direct(link, 2.0)
+            return None
+        finally:
+            self._punch_waiters.pop(action.token, None)
+
+    async def _birthday_easy(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
+        """We are behind a cone NAT (or none): probe many ports of the hard side's public IP."""
+        hard_ips = list(dict.fromkeys(ip for ip, _ in action.remote_addrs))[:1]
+        if not hard_ips:
+            return None
+        hard_ip = hard_ips[0]
+        hit: asyncio.Future = self._loop.create_future()
+
+        def on_punch(source: Endpoint) -> None:
+            if source[0] == hard_ip and not hit.done():
+                hit.set_result(source)
+        self._punch_waiters[action.token] = on_punch
+        packet = MAGIC + wire.encode("punch", tok=action.token)
+        await asyncio.sleep(0.1)            # let the hard side's mappings exist first
+        prober = EasySideProber(self.config.birthday, self._loop.time(), self._rng)
+        try:
+            while (not prober.finished(self._loop.time()) and not hit.done()
+                   and not link.direct_ready.is_set()):
+                for port in prober.next_batch(self._loop.time()):
+                    self.transport.send_raw((hard_ip, port), packet)
+                try:
+                    await asyncio.wait_for(asyncio.shield(hit), 0.02)
+                except asyncio.TimeoutError:
+                    pass
+            link.metrics.record(self._loop.time(), f"birthday-probes:{prober.probes_sent}")
+            if hit.done():
+                prober.on_reply(hit.result()[1])
+            elif not link.direct_ready.is_set():
+                return None
+            # the hard side now dials us from the socket that matched
+            return await self._await_direct(link, 5.0)
+        finally:
+            self._punch_waiters.pop(action.token, None)
+
+    async def _birthday_hard(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
+        """We are behind a symmetric NAT: open many sockets toward the easy side's mapping."""
+        cfg = self.config.birthday
+        easy = [a for a in action.remote_addrs if self.config.policy.is_public(a[0])] or list(action.remote_addrs)
+        target = easy[0]
+        packet = MAGIC + wire.encode("punch", tok=action.token)
+        socks: list[socket.socket] = []
+        hit: asyncio.Future = self._loop.create_future()
+        try:
+            for _ in range(cfg.hard_sockets):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.bind((self.config.listen_host if self.config.listen_host != "::" else "0.0.0.0", 0))
+                socks.append(sock)
+
+            def make_reader(sock: socket.socket):
+                def readable() -> None:
+                    try:
+                        data, src = sock.recvfrom(MAX_CONTROL_DATAGRAM)
+                    except OSError:
+                        return
+                    if data == packet and not hit.done():
+                        hit.set_result((sock.getsockname()[1], (src[0], src[1])))
+                return readable
+            for sock in socks:
+                self._loop.add_reader(sock.fileno(), make_reader(sock))
+            plan = HardSidePlan(cfg, self._loop.time())
+            while not plan.finished(self._loop.time()) and not hit.done():
+                if plan.sends_due(self._loop.time()):
+                    for sock in socks:
+                        try:
+                            sock.sendto(packet, target)
+                        except OSError:
+                            pass
+                try:
+                    await asyncio.wait_for(asyncio.shield(hit), max(0.01, min(0.1, plan.next_timer() - self._loop.time())))
+                except asyncio.TimeoutError:
+                    pass
+            if not hit.done():
+                return None
+            local_port, easy_endpoint = hit.result()
+            hit_sock = next(s for s in socks if s.getsockname()[1] == local_port)
+            for _ in range(3):               # tell the easy side which port matched
+                try:
+                    hit_sock.sendto(packet, easy_endpoint)
+                except OSError:
+                    pass
+        finally:
+            for sock in socks:
+                try:
+                    self._loop.remove_reader(sock.fileno())
+                except Exception:
+                    pass
+                sock.close()
+        # re-bind a QUIC endpoint on the socket's port: the NAT mapping belongs to the 5-tuple
+        extra = QuicTransport(self.key, self.config.quic, on_connection=self._on_quic)
+        await extra.listen(self.config.listen_host, local_port)
+        extra.unknown_datagram_handler = self._on_datagram
+        self._extra_transports.append(extra)
+        await self._dial_direct(link.peer, easy_endpoint, "birthday", transport=extra, timeout=4.0)
+        return easy_endpoint
+
+    # -- introspection ------------------------------------------------------------------------
+    def path_of(self, peer: PeerId) -> str:
+        link = self.links.get(peer)
+        return link.path if link else "none"

@@ -1,0 +1,117 @@
+"""A NAT-traversal mesh inside the netlab: one :class:`NatNode` per lab host, each on its own
+namespace thread (shared by the netlab tests and ``bench/nat_matrix.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from netlab_util import NamespaceLoop  # noqa: E402
+
+from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy  # noqa: E402
+from latticaray.mesh.nat.autonat import AutoNatClientConfig  # noqa: E402
+from latticaray.mesh.nat.host import NatNode, NatNodeConfig  # noqa: E402
+
+LAB_POLICY = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
+PUBLIC_NODES = ("pub1", "pub2")
+IPS = {"pub1": "198.18.0.11", "pub2": "198.18.0.12", "hostD": "198.18.0.31"}
+
+
+class LabMesh:
+    """pub1: relay + AutoNAT + observer; pub2: AutoNAT + observer; every other host a peer."""
+
+    def __init__(self, prefix: str, hosts: list[str], quic_port: int, relay_port: int,
+                 **overrides) -> None:
+        self.prefix = prefix
+        self.quic_port = quic_port
+        self.relay_port = relay_port
+        self.loops: dict[str, NamespaceLoop] = {}
+        self.nodes: dict[str, NatNode] = {}
+        self.hosts = list(dict.fromkeys(["pub1", *hosts]))
+        self.overrides = overrides
+
+    def config_for(self, host: str) -> NatNodeConfig:
+        public = host in PUBLIC_NODES
+        cfg = NatNodeConfig(
+            quic_port=self.quic_port, policy=LAB_POLICY, serve_autonat=public,
+            serve_relay=(host == "pub1"), relay_port=self.relay_port,
+            # only two public observers exist in the lab: a public node can ask just the other one
+            autonat_client=AutoNatClientConfig(min_confirmations=1 if public else 2,
+                                               dial_back_timeout=1.5))
+        node_overrides = self.overrides.get(host, {})
+        common = {k: v for k, v in self.overrides.items() if k not in self.hosts and k != "per_host"}
+        return replace(cfg, **{**common, **node_overrides})
+
+    def start(self) -> None:
+        for host in self.hosts:
+            self.loops[host] = NamespaceLoop(self.prefix, host)
+        for host in self.hosts:
+            node = NatNode(config=self.config_for(host))
+            self.loops[host].run(node.start(), 30)
+            self.nodes[host] = node
+
+    def servers_for(self, host: str) -> list[tuple[str, int]]:
+        return [(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host and p in self.nodes or
+                (p != host and p in PUBLIC_NODES)]
+
+    def discover(self, hosts: list[str] | None = None, timeout: float = 40.0) -> dict:
+        """NAT type + one AutoNAT round on every host (in parallel); returns host -> (type, reach)."""
+        hosts = hosts or self.hosts
+
+        async def one(host: str):
+            node = self.nodes[host]
+            observers = [(IPS[p], self.quic_port) for p in PUBLIC_NODES]
+            report = await node.detect_nat(observers)
+            servers = [(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host]
+            reach = await node.check_reachability(servers)
+            return report, reach
+        futures = {h: self.loops[h].submit(one(h)) for h in hosts}
+        return {h: f.result(timeout) for h, f in futures.items()}
+
+    def reserve_all(self, hosts: list[str]) -> None:
+        relay = self.nodes["pub1"]
+        for host in hosts:
+            self.loops[host].run(self.nodes[host].reserve_relay(relay.peer_id, IPS["pub1"], self.relay_port), 20)
+
+    def relay_tuple(self):
+        return (self.nodes["pub1"].peer_id, IPS["pub1"], self.relay_port)
+
+    def direct_addrs(self, host: str) -> list[tuple[str, int]]:
+        return [(IPS[host], self.quic_port)] if host in IPS else []
+
+    def connect(self, src: str, dst: str, wait_upgrade: float = 0.0, timeout: float = 60.0):
+        node, target = self.nodes[src], self.nodes[dst]
+        return self.loops[src].run(node.connect(target.peer_id, self.direct_addrs(dst),
+                                                self.relay_tuple(), wait_upgrade=wait_upgrade), timeout)
+
+    def call(self, src: str, dst: str, service: str, payload: bytes, timeout: float = 20.0) -> bytes:
+        node = self.nodes[src]
+        return self.loops[src].run(node.call(self.nodes[dst].peer_id, service, payload, timeout), timeout + 5)
+
+    def wait_upgrade(self, src: str, dst: str, timeout: float = 30.0) -> str:
+        node = self.nodes[src]
+        link = node.links[self.nodes[dst].peer_id]
+
+        async def wait():
+            if link.upgrade_task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(link.upgrade_task), timeout)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+            return link.path
+        return self.loops[src].run(wait(), timeout + 5)
+
+    def stop(self) -> None:
+        for host, node in self.nodes.items():
+            try:
+                self.loops[host].run(node.stop(), 20)
+            except Exception:
+                pass
+        for loop in self.loops.values():
+            loop.stop()
+        self.nodes.clear()
+        self.loops.clear()
