@@ -312,6 +312,12 @@ class SessionConfig:
     #: A peer that sent this many bad blocks, or failed this many requests in a row, is dropped.
     max_bad_blocks: int = 2
     max_failures: int = 3
+    #: After a failed request a peer gets no new requests for backoff_base * 2**(failures-1) s.
+    backoff_base: float = 0.25
+    backoff_max: float = 4.0
+    #: End game: once every missing block is in flight, idle peers also ask for blocks still
+    #: in flight elsewhere (the first copy wins), so a stalled provider cannot hold up the end.
+    endgame: bool = True
 
 
 @dataclass
@@ -329,6 +335,7 @@ class _Peer:
     bytes_received: int = 0
     throughput: float = 0.0     # bytes/s EWMA over completed requests
     last_request_start: float = 0.0
+    retry_at: float = float("-inf")
 
     def can_serve(self, index: int) -> bool:
         if self.dropped or index in self.lacks:
@@ -371,6 +378,8 @@ class FetchSession:
         self._request_ids = itertools.count(1)
         self._next_provider_lookup = float("inf")
         self._next_refresh = float("inf")
+        self._last_now = float("-inf")
+        self._duplicated: set[int] = set()
 
     # --- progress ----------------------------------------------------------------------------
     @property
@@ -462,6 +471,8 @@ class FetchSession:
         if state is not None:
             state.inflight -= len(inflight.blocks) + inflight.manifest
             state.failures += 1
+            state.retry_at = now + min(self.config.backoff_max,
+                                       self.config.backoff_base * 2 ** (state.failures - 1))
             if state.failures >= self.config.max_failures:
                 state.dropped = True
         self._return_blocks(request_id, inflight)
@@ -499,6 +510,8 @@ class FetchSession:
         if self.done:
             return float("inf")
         times = [self.deadline, self._next_provider_lookup, self._next_refresh]
+        if self.manifest is not None:
+            times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
         times += [inflight.deadline for inflight in self._inflight.values()]
         return min(times)
 
@@ -537,6 +550,7 @@ class FetchSession:
         for index in inflight.blocks:
             if self._block_owner.get(index) == request_id:
                 del self._block_owner[index]
+                self._duplicated.discard(index)
                 if self.sink is not None and not self.sink.has_block(index):
                     self._missing.append(index)
 
@@ -554,7 +568,6 @@ class FetchSession:
                 state.inflight -= 1
             state.full = state.full or state.bitmap is None
             state.answered_have = True
-            self.bytes_received += len(data)
             return [ManifestReady(self.manifest)]
         index = self.manifest.index_of(cid)
         if index is None or self.sink is None:
@@ -568,9 +581,9 @@ class FetchSession:
         inflight = self._inflight.get(request_id)
         if self._block_owner.get(index) == request_id:
             del self._block_owner[index]
-            if inflight is not None and index in inflight.blocks:
-                inflight.blocks.remove(index)
-                state.inflight -= 1
+        if inflight is not None and index in inflight.blocks:
+            inflight.blocks.remove(index)
+            state.inflight -= 1
         state.bytes_received += len(data)
         if inflight is not None and now > inflight.started:
             rate = len(data) / (now - inflight.started)
@@ -597,6 +610,7 @@ class FetchSession:
         return self.config.request_timeout_base + blocks * self.config.request_timeout_per_block
 
     def _schedule(self, now: float) -> list[Any]:
+        self._last_now = now
         if self.done:
             return []
         if self.manifest is None:
@@ -631,6 +645,8 @@ class FetchSession:
     def _refresh_partials(self, now: float) -> list[Any]:
         actions: list[Any] = []
         self._next_refresh = float("inf")
+        self._last_now = float("-inf")
+        self._duplicated: set[int] = set()
         for state in sorted(self.peers.values(), key=lambda p: str(p.peer)):
             if state.dropped or state.full or state.inflight:
                 continue
@@ -646,8 +662,9 @@ class FetchSession:
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
         cfg = self.config
-        live = [p for p in self.peers.values() if not p.dropped and (p.full or p.bitmap is not None)]
-        if not live or not self._missing:
+        live = [p for p in self.peers.values() if not p.dropped and (p.full or p.bitmap is not None)
+                and p.retry_at <= now]
+        if not live:
             return actions
         # peers by expected speed: measured throughput, unknown peers get the benefit of the doubt
         known = [p.throughput for p in live if p.throughput > 0]
@@ -676,6 +693,8 @@ class FetchSession:
             budget[best.peer] -= 1
             batches.setdefault(best.peer, []).append(index)
         self._missing.extend(reversed(skipped))
+        if cfg.endgame and not self._missing and self._block_owner:
+            self._assign_endgame(live, budget, batches)
         for peer, indices in batches.items():
             state = self.peers[peer]
             for start in range(0, len(indices), cfg.blocks_per_request):
@@ -684,12 +703,25 @@ class FetchSession:
                 actions.append(self._send(state, Request(self.root, wants), chunk, False, now))
         return actions
 
+    def _assign_endgame(self, live: list[_Peer], budget: dict[Hashable, int],
+                        batches: dict[Hashable, list[int]]) -> None:
+        for index, request_id in sorted(self._block_owner.items()):
+            if index in self._duplicated:
+                continue
+            owner = self._inflight[request_id].peer
+            for state in sorted(live, key=lambda p: str(p.peer)):
+                if state.peer != owner and budget[state.peer] > 0 and state.can_serve(index):
+                    budget[state.peer] -= 1
+                    batches.setdefault(state.peer, []).append(index)
+                    self._duplicated.add(index)
+                    break
+
     def _send(self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float) -> SendRequest:
         request_id = next(self._request_ids)
         timeout = self._request_timeout(len(blocks) + manifest)
         self._inflight[request_id] = _Inflight(state.peer, list(blocks), manifest, now, now + timeout)
         for index in blocks:
-            self._block_owner[index] = request_id
+            self._block_owner.setdefault(index, request_id)
         state.inflight += len(blocks) + manifest
         state.last_request_start = now
         return SendRequest(state.peer, request_id, request, timeout)

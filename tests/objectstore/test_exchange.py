@@ -1,0 +1,155 @@
+"""ObjectExchange between real MeshNodes over loopback: fetch, corrupt blocks, provider death,
+missing objects, replication, concurrent fetchers (swarm)."""
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+
+from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.objectstore.cid import Cid
+from latticaray.objectstore.errors import ObjectNotFound
+from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
+from latticaray.objectstore.bitswap import SessionConfig
+
+MB = 1 << 20
+TRANSPORTS = {
+    "quic": dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)),
+    "tcp": dict(listen=["/ip4/127.0.0.1/tcp/0"], transports=("tcp",)),
+}
+
+
+class Peer:
+    def __init__(self, node, store, exchange):
+        self.node, self.store, self.exchange = node, store, exchange
+
+
+@pytest.fixture
+async def mesh(make_store):
+    peers = []
+
+    async def make(count, transport="quic", config=None, chunk_size=MB, capacity=256 << 20):
+        for _ in range(count):
+            node = MeshNode(MeshConfig(**TRANSPORTS[transport]))
+            await node.start()
+            store = make_store(f"n{len(peers)}", capacity_bytes=capacity, chunk_size=chunk_size)
+            everyone = lambda cid, me=node: _others(peers, me)  # noqa: E731
+            exchange = ObjectExchange(node, None, store, providers=everyone, config=config or ExchangeConfig())
+            await exchange.start()
+            peers.append(Peer(node, store, exchange))
+        for a in peers:
+            for b in peers:
+                if a is not b:
+                    a.node.add_addrs(b.node.peer_id, b.node.listen_addrs)
+        return peers
+
+    try:
+        yield make
+    finally:
+        for peer in peers:
+            await peer.exchange.stop()
+            await peer.node.stop()
+
+
+async def _others(peers, me):
+    return [p.node.peer_id for p in peers if p.node is not me]
+
+
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+async def test_fetch_between_two_nodes(mesh, transport):
+    seed, fetcher = await mesh(2, transport)
+    value = np.random.default_rng(3).standard_normal(3 * MB // 8 + 1000)
+    cid = seed.store.put(value)
+    await seed.exchange.provide(cid)
+    seen = []
+    assert await fetcher.exchange.fetch(cid, timeout=30, progress=lambda d, t: seen.append((d, t))) == cid
+    result = fetcher.store.get(cid)
+    np.testing.assert_array_equal(result, value)
+    assert seen and seen[-1][0] == seen[-1][1] == seed.store.manifest(cid).size
+    assert fetcher.exchange.ledgers.ledger(seed.node.peer_id).received >= value.nbytes
+    assert seed.exchange.ledgers.ledger(fetcher.node.peer_id).sent >= value.nbytes
+    assert await fetcher.exchange.fetch(cid, timeout=1) == cid  # local hit
+
+
+async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
+    liar, honest, fetcher = await mesh(3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)),
+                                       chunk_size=256 * 1024)
+    value = np.arange(3 * MB // 8, dtype=np.int64)
+    cid = liar.store.put(value)
+    assert honest.store.put(value) == cid
+    # flip a byte in every block of the liar's shm copy: it now serves bad blocks
+    path = os.path.join(liar.store.root, "objects", str(cid))
+    manifest = liar.store.manifest(cid)
+    with open(path, "r+b") as file:
+        for i in range(len(manifest.blocks)):
+            file.seek(manifest.block_range(i)[0] + 100)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0xFF]))
+    liar.exchange._open.clear()
+    await fetcher.exchange.fetch(cid, timeout=30)
+    np.testing.assert_array_equal(fetcher.store.get(cid), value)
+    assert fetcher.exchange.ledgers.ledger(liar.node.peer_id).bad_blocks >= 1
+    assert fetcher.exchange.ledgers.ledger(honest.node.peer_id).bad_blocks == 0
+
+
+async def test_provider_killed_mid_transfer_fetch_completes_from_another(mesh):
+    cfg = ExchangeConfig(session=SessionConfig(window=2, blocks_per_request=1))
+    victim, survivor, fetcher = await mesh(3, config=cfg, chunk_size=256 * 1024)
+    value = np.random.default_rng(5).integers(0, 1 << 30, 2 * MB, dtype=np.int64)  # 16 MB, 64 blocks
+    cid = victim.store.put(value)
+    survivor.store.put(value)
+    killed = asyncio.Event()
+
+    def on_progress(done, total):
+        if done > total // 8 and not killed.is_set():
+            killed.set()
+            asyncio.get_running_loop().create_task(victim.node.stop())
+
+    await fetcher.exchange.fetch(cid, timeout=60, progress=on_progress)
+    assert killed.is_set()
+    np.testing.assert_array_equal(fetcher.store.get(cid), value)
+    assert victim.exchange.ledgers.ledger(fetcher.node.peer_id).sent > 0
+    assert survivor.exchange.ledgers.ledger(fetcher.node.peer_id).sent > 0
+
+
+async def test_missing_cid_raises_object_not_found_after_its_deadline(mesh):
+    a, b = await mesh(2)
+    missing = Cid.of(b"never stored anywhere")
+    start = time.monotonic()
+    with pytest.raises(ObjectNotFound):
+        await b.exchange.fetch(missing, timeout=1.5)
+    elapsed = time.monotonic() - start
+    assert 1.4 <= elapsed < 15
+
+
+async def test_replicate_asks_peers_to_fetch_and_pin(mesh):
+    origin, r1, r2, r3 = await mesh(4)
+    cid = origin.store.put({"model": np.ones(MB // 4)})
+    for peer in (r1, r2, r3):
+        await origin.node.connect(peer.node.listen_addrs[0])
+    confirmed = await origin.exchange.replicate(cid, 2, timeout=30)
+    assert len(confirmed) == 2
+    holders = [p for p in (r1, r2, r3) if p.store.contains(cid)]
+    assert len(holders) == 2 and all(p.store.is_pinned(cid) for p in holders)
+    with pytest.raises(ObjectNotFound):
+        await r3.exchange.replicate(Cid.of(b"nothing"), 1)
+
+
+async def test_concurrent_fetchers_form_a_swarm(mesh):
+    seed, *fetchers, late = await mesh(5, chunk_size=256 * 1024)
+    value = np.random.default_rng(9).integers(0, 255, 12 * MB, dtype=np.uint8)
+    cid = seed.store.put(value)
+    results = await asyncio.gather(*(f.exchange.fetch(cid, timeout=60) for f in fetchers))
+    assert results == [cid] * 3
+    for f in fetchers:
+        np.testing.assert_array_equal(f.store.get(cid), value)
+    # fetchers became providers: with the seed gone, a late fetcher is served by them
+    await seed.exchange.stop()
+    await seed.node.stop()
+    assert await late.exchange.fetch(cid, timeout=60) == cid
+    np.testing.assert_array_equal(late.store.get(cid), value)
+    served = [f.exchange.ledgers.ledger(late.node.peer_id).sent for f in fetchers]
+    assert sum(served) >= value.nbytes and sum(1 for s in served if s) >= 2
