@@ -517,9 +517,11 @@ class StreamAdapter(TransportAdapter):
         self.transport = transport
         self._on_inbound = on_inbound
 
-    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+    async def listen(self, addr: Multiaddr | None) -> list[Multiaddr]:
+        """Listen on ``addr``; for unix, ``None`` lets the transport pick its default path."""
         if self.name == "unix":
-            bound = await self.transport.listen(addr.unix_path, on_channel=self._inbound)
+            path = addr.unix_path if addr is not None else None
+            bound = await self.transport.listen(path, on_channel=self._inbound)
         else:
             bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0,
                                                 on_channel=self._inbound)

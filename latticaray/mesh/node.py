@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -65,8 +63,8 @@ class MeshConfig:
     transports: tuple[str, ...] = DEFAULT_TRANSPORT_PREFERENCE
     #: Also listen on a same-host Unix socket (when the unix transport is available).
     same_host_fast_path: bool = True
-    #: Directory for the Unix socket; default: a private directory under the system temp dir.
-    unix_socket_dir: str | None = None
+    #: Keyword options for the Unix transport (e.g. ``run_dir`` for its socket).
+    unix_options: dict = field(default_factory=dict)
     quic: QuicConfig = field(default_factory=QuicConfig)
     #: Keyword options for the TCP transport (engineer B's ``TcpConfig``), if any.
     tcp_options: dict = field(default_factory=dict)
@@ -106,7 +104,6 @@ class MeshNode:
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task] = set()
-        self._unix_dir_created: str | None = None
         self.connections.on_peer_connected(self._on_connected)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -132,10 +129,7 @@ class MeshNode:
                     not any(a.transport == "unix" for a in listen):
                 adapter = self._adapter_for("unix")
                 if adapter is not None:
-                    path = self._unix_socket_path()
-                    self._listen_addrs.extend(
-                        await adapter.listen(Multiaddr([("unix", path)]))
-                    )
+                    self._listen_addrs.extend(await adapter.listen(None))
             # transports we did not listen on can still dial out
             for name in self.config.transports:
                 self._adapter_for(name)
@@ -156,16 +150,6 @@ class MeshNode:
         for task in list(self._tasks):
             task.cancel()
         await self.connections.close()
-        if self._unix_dir_created:
-            for name in os.listdir(self._unix_dir_created):
-                try:
-                    os.unlink(os.path.join(self._unix_dir_created, name))
-                except OSError:
-                    pass
-            try:
-                os.rmdir(self._unix_dir_created)
-            except OSError:
-                pass
 
     async def __aenter__(self) -> "MeshNode":
         return await self.start()
@@ -196,21 +180,14 @@ class MeshNode:
         elif name in ("tcp", "unix"):
             from .connmgr import make_stream_adapter
 
+            options = self.config.tcp_options if name == "tcp" else self.config.unix_options
             adapter = make_stream_adapter(name, self.key, self._certified,
-                                          self.connections.accept_inbound, self.config.tcp_options)
+                                          self.connections.accept_inbound, options)
         else:
             raise MultiaddrError(f"unknown transport {name!r}")
         if adapter is not None:
             self.connections.add_adapter(adapter)
         return adapter
-
-    def _unix_socket_path(self) -> str:
-        base = self.config.unix_socket_dir
-        if base is None:
-            base = tempfile.mkdtemp(prefix="latticaray-")
-            self._unix_dir_created = base
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        return os.path.join(base, f"{str(self.peer_id)[-10:]}-{os.getpid()}.sock")
 
     # -- identity and addresses ------------------------------------------------------------------------
     @property

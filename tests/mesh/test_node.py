@@ -240,3 +240,19 @@ async def test_happy_eyeballs_falls_back_to_a_working_address():
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_default_node_prefers_the_same_host_unix_path(tmp_path):
+    cfg = lambda: MeshConfig(unix_options={"run_dir": str(tmp_path)})  # noqa: E731
+    a, b = MeshNode(cfg()), MeshNode(cfg())
+    await a.start()
+    await b.start()
+    try:
+        assert {x.transport for x in b.listen_addrs} == {"quic", "tcp", "unix"}
+        a.add_addrs(b.peer_id, b.listen_addrs)
+        assert await a.ping(b.peer_id, timeout=10) >= 0
+        assert a.connection_to(b.peer_id).transport == "unix"
+    finally:
+        await a.stop()
+        await b.stop()
+    assert not list(tmp_path.glob("*.sock")), "unix sockets left behind"
