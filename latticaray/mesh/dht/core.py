@@ -65,6 +65,26 @@ class DhtConfig:
 
 
 _NEW, _INFLIGHT, _DONE, _FAILED = 0, 1, 2, 3
+#: records per message and their total bytes, kept well under the codec's message bound
+RECORDS_PER_MESSAGE = 200
+RECORD_BYTES_PER_MESSAGE = 1536 * 1024
+
+
+def batch_records(records: list[Record]) -> list[list[Record]]:
+    """Split records into batches that each fit one message."""
+    batches: list[list[Record]] = []
+    current: list[Record] = []
+    size = 0
+    for record in records:
+        if current and (len(current) >= RECORDS_PER_MESSAGE
+                        or size + record.size > RECORD_BYTES_PER_MESSAGE):
+            batches.append(current)
+            current, size = [], 0
+        current.append(record)
+        size += record.size
+    if current:
+        batches.append(current)
+    return batches
 
 
 class Operation:
@@ -209,6 +229,11 @@ class Lookup(Operation):
 
     def queried(self) -> int:
         return self.messages
+
+    def seen(self, peer_id: bytes) -> Contact | None:
+        """A contact this lookup heard of (answered or not), e.g. to learn a peer's addresses."""
+        cand = self._candidates.get(peer_id)
+        return None if cand is None else cand.contact
 
 
 class FindNodeOp(Lookup):
@@ -502,7 +527,10 @@ class DhtCore:
             return {"peers": self.routing.closest(target, k, exclude=sender.peer_id)}
         if op == GET_VALUE:
             key = request["key"]
-            return {"records": self.records.get(key, now),
+            held = self.records.get(key, now)
+            if len(held) > 1:  # the newest first, so a truncated answer keeps the freshest
+                held.sort(key=lambda r: r.expiration, reverse=True)
+            return {"records": batch_records(held)[0] if held else [],
                     "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id)}
         if op == GET_PROVIDERS:
             key = request["key"]
@@ -553,8 +581,7 @@ class DhtCore:
                     by_key[key] = live
                     self.records.last_refreshed[key] = now
         for key, records in by_key.items():
-            for i in range(0, len(records), 200):
-                batch = records[i:i + 200]
+            for batch in batch_records(records):
                 ops.append(StoreOp(self, key, self.request(PUT_VALUE, records=batch), now,
                                    lambda t, b=batch: [self._store_one(r, t) for r in b]))
         for key, last in list(self.provided.items()):

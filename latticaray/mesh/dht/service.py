@@ -1,0 +1,295 @@
+"""Asyncio driver of the DHT core over mesh RPC: ``DhtService(node)``.
+
+It registers ``/latticaray/dht/1`` on a :class:`~latticaray.mesh.node.MeshNode`, answers requests
+with :meth:`DhtCore.handle_request` (the caller's identity is the connection's authenticated peer
+ID, never a claim in the message), and runs client operations by sending each request the core
+asks for as one unary RPC with a deadline. Record expirations are wall-clock (``time.time()``) so
+that every node reads them alike; the core never reads the clock itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from ..errors import MeshError
+from ..identity import PeerId, PeerIdError
+from ..multiaddr import Multiaddr
+from .core import DhtConfig, DhtCore, GetProvidersOp, Operation
+from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
+from .keyspace import Contact, dht_id
+from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
+from .records import Record, RecordValidator
+
+__all__ = ["DhtService", "DhtValue", "ProviderInfo"]
+
+log = logging.getLogger(__name__)
+
+#: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
+#: peer-ID bytes, ``.subkey``, ``.signature``).
+DhtValue = Record
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """A provider found by ``find_providers``: its peer ID and the addresses it announced."""
+
+    peer_id: PeerId
+    addrs: list[Multiaddr]
+
+
+def _parse_addrs(addrs: tuple[str, ...]) -> list[Multiaddr]:
+    out = []
+    for text in addrs:
+        try:
+            out.append(Multiaddr.parse(text))
+        except (MeshError, ValueError):
+            continue
+    return out
+
+
+class DhtService:
+    """One node's DHT over its :class:`MeshNode`. See docs/architecture.md (DHT contract)."""
+
+    def __init__(self, node: Any, config: DhtConfig | None = None, *,
+                 validators: dict[bytes, RecordValidator] | None = None,
+                 clock: Callable[[], float] = time.time, maintenance_interval: float = 60.0,
+                 max_concurrent_handlers: int = 256) -> None:
+        self.node = node
+        self.clock = clock
+        self.maintenance_interval = maintenance_interval
+        addrs = tuple(str(a) for a in node.listen_addrs)[:8] if getattr(node, "listen_addrs", None) else ()
+        self.core = DhtCore(node.peer_id.to_bytes(), addrs=addrs, config=config,
+                            validators=validators, now=clock())
+        self._tasks: set[asyncio.Task] = set()
+        self._maintenance: asyncio.Task | None = None
+        self._handler_slots = asyncio.Semaphore(max_concurrent_handlers)
+        self._closed = False
+        node.register_unary(PROTOCOL_ID, self._handle)
+
+    @property
+    def config(self) -> DhtConfig:
+        return self.core.config
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def bootstrap(self, addrs: list | None = None, refresh: bool = True) -> int:
+        """Join the DHT: connect to ``addrs`` (multiaddrs with /p2p/) if given, else use the peers
+        the node is connected to, look ourselves up, then refresh every bucket farther than our
+        nearest neighbour. Starts periodic maintenance. Returns the routing table size."""
+        self._refresh_addrs()
+        seeds: list[Contact] = []
+        for addr in addrs or ():
+            try:
+                peer = await self.node.connect(addr, timeout=self.config.request_timeout)
+            except (MeshError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("DHT bootstrap peer %s unreachable: %s", addr, exc)
+                continue
+            seeds.append(Contact(peer.to_bytes(), (str(addr),)))
+        if not addrs:
+            for peer in self.node.connected_peers():
+                seeds.append(Contact(peer.to_bytes(), tuple(str(a) for a in self.node.addrs_of(peer))))
+        now = self.clock()
+        await self._run(self.core.bootstrap(seeds, now))
+        if refresh:
+            await asyncio.gather(*(self._run(op) for op in self.core.refresh_ops(self.clock(), True)))
+        self.start()
+        return len(self.core.routing)
+
+    def start(self) -> None:
+        """Start periodic maintenance (expiry sweeps, refresh, republish); idempotent."""
+        if self._maintenance is None and not self._closed:
+            self._maintenance = asyncio.ensure_future(self._maintenance_loop())
+
+    async def close(self) -> None:
+        """Stop maintenance and in-flight background work and unregister the service."""
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.node.unregister(PROTOCOL_ID)
+        tasks = [t for t in [self._maintenance, *self._tasks] if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        self._maintenance = None
+
+    # public API ------------------------------------------------------------------------------
+    async def put(self, key: bytes, value: bytes, expiration: float,
+                  subkey: bytes | None = None) -> int:
+        """Sign and store ``value`` under (key, subkey) on the key's k closest nodes until
+        ``expiration`` (wall-clock seconds); republished until then. Returns how many nodes hold it.
+
+        Raises :class:`RecordRejected` if the record is invalid (too big, expired, a key we may not
+        write) or every node refused it, :class:`DhtOperationFailed` if no node could be reached.
+        """
+        record = Record.create(bytes(key), bytes(value), float(expiration), self.node.key,
+                               subkey=None if subkey is None else bytes(subkey))
+        op = await self._run(self.core.put([record], self.clock()))
+        if op.result == 0:
+            if op.errors:
+                reason = max(op.errors, key=op.errors.get)
+                if reason != "unreachable":
+                    raise RecordRejected(reason, f"every node refused the record ({op.errors})")
+            raise DhtOperationFailed(f"record for {key[:60]!r} could not be stored on any node")
+        return op.result
+
+    async def get(self, key: bytes) -> Record | dict[bytes | None, Record] | None:
+        """The freshest verified value of ``key``: a record, or a dict subkey -> record when the
+        key holds subkeys (the plain slot then appears under ``None``), or None if not found."""
+        op = await self._run(self.core.get_value(bytes(key), self.clock()))
+        records = op.result
+        if not records:
+            return None
+        if list(records) == [None]:
+            return records[None]
+        return dict(records)
+
+    async def provide(self, cid: bytes) -> int:
+        """Announce this node as a provider of ``cid`` (re-announced periodically)."""
+        op = await self._run(self.core.add_provider(bytes(cid), self.clock()))
+        return op.result
+
+    async def find_providers(self, cid: bytes, count: int = 20) -> AsyncIterator[ProviderInfo]:
+        """Providers of ``cid``, yielded as they are found (at most ``count``). Their addresses
+        are also added to the node's peer store so they can be dialed at once."""
+        op = self.core.get_providers(bytes(cid), count, self.clock())
+        for contact in op.take_new():
+            yield self._provider_info(contact)
+        async for _ in self._steps(op):
+            for contact in op.take_new():
+                yield self._provider_info(contact)
+
+    async def find_peer(self, peer_id: PeerId) -> list[Multiaddr]:
+        """Addresses of ``peer_id``: from the peer store if known, else from a DHT lookup."""
+        known = self.node.addrs_of(peer_id)
+        if known:
+            return known
+        pid = peer_id.to_bytes()
+        contact = self.core.routing.get(pid)
+        if contact is None or not contact.addrs:
+            op = await self._run(self.core.find_node(dht_id(pid), self.clock()))
+            contact = next((c for c in op.result if c.peer_id == pid), None)
+            if contact is None:
+                contact = op.seen(pid)
+        if contact is None or not contact.addrs:
+            return []
+        addrs = _parse_addrs(contact.addrs)
+        with contextlib.suppress(MeshError, ValueError):
+            self.node.add_addrs(peer_id, addrs)
+        return addrs
+
+    # driving operations ----------------------------------------------------------------------
+    async def _run(self, op: Operation) -> Any:
+        async for _ in self._steps(op):
+            pass
+        return op
+
+    async def _steps(self, op: Operation) -> AsyncIterator[None]:
+        """Drive ``op`` to completion, yielding after each batch of responses."""
+        pending: dict[asyncio.Task, Contact] = {}
+        try:
+            while True:
+                for contact, request in op.next_requests(self.clock()):
+                    task = asyncio.ensure_future(self._request(contact, request))
+                    pending[task] = contact
+                self._send_pings()
+                if op.done or not pending:
+                    return
+                deadline = op.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self.clock()) + 0.001
+                done, _ = await asyncio.wait(pending, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                now = self.clock()
+                for task in done:
+                    contact = pending.pop(task)
+                    response = task.result()
+                    if response is None:
+                        op.on_failure(contact, now)
+                    else:
+                        op.on_response(contact, response, now)
+                if done:
+                    yield
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _request(self, contact: Contact, request: dict[str, Any]) -> dict[str, Any] | None:
+        """One RPC; None if the peer could not be reached, timed out or answered garbage."""
+        try:
+            peer = PeerId.from_bytes(contact.peer_id)
+        except PeerIdError:
+            return None
+        if contact.addrs and not self.node.connection_to(peer):
+            with contextlib.suppress(MeshError, ValueError):
+                self.node.add_addrs(peer, _parse_addrs(contact.addrs))
+        try:
+            raw = await self.node.call(peer, PROTOCOL_ID, encode(request),
+                                       timeout=self.config.request_timeout)
+            return decode_response(raw)
+        except DhtProtocolError as exc:
+            log.debug("bad DHT response from %s: %s", peer, exc)
+            return None
+        except (MeshError, OSError, asyncio.TimeoutError) as exc:
+            log.debug("DHT request to %s failed: %s", peer, exc)
+            return None
+
+    def _send_pings(self) -> None:
+        for contact in self.core.take_pings():
+            self._spawn(self._ping(contact))
+
+    async def _ping(self, contact: Contact) -> None:
+        response = await self._request(contact, self.core.request(PING))
+        self.core.ping_done(contact, response is not None and "error" not in response, self.clock())
+
+    def _spawn(self, coro) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _provider_info(self, contact: Contact) -> ProviderInfo:
+        peer = PeerId.from_bytes(contact.peer_id)
+        addrs = _parse_addrs(contact.addrs)
+        if addrs and peer != self.node.peer_id:
+            with contextlib.suppress(MeshError, ValueError):
+                self.node.add_addrs(peer, addrs)
+        return ProviderInfo(peer, addrs)
+
+    def _refresh_addrs(self) -> None:
+        self.core.addrs = tuple(str(a) for a in self.node.listen_addrs)[:8]
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintenance_interval)
+            try:
+                ops = self.core.maintenance(self.clock())
+                for i in range(0, len(ops), 8):
+                    await asyncio.gather(*(self._run(op) for op in ops[i:i + 8]))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - maintenance must outlive one bad round
+                log.exception("DHT maintenance round failed")
+
+    # serving ---------------------------------------------------------------------------------
+    async def _handle(self, ctx: Any, payload: bytes) -> bytes:
+        try:
+            request = decode_request(payload)
+        except DhtProtocolError as exc:
+            self.core.stats["bad_requests"] += 1
+            return encode(error_response("bad_request", str(exc)))
+        try:
+            caller = ctx.peer_id
+            addrs = request.get("addrs") or tuple(str(a) for a in self.node.addrs_of(caller))[:8]
+            sender = Contact(caller.to_bytes(), tuple(addrs))
+            response = self.core.handle_request(sender, request, self.clock())
+            self._send_pings()
+            return encode(response)
+        except DhtError as exc:
+            return encode(error_response("refused", str(exc)))

@@ -1,0 +1,118 @@
+"""DhtService over real MeshNodes on loopback QUIC: bootstrap, put/get with subkeys, providers,
+find_peer, and refusal of malformed or forged input from an authenticated peer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+
+from latticaray.mesh.dht import DhtConfig, DhtService, Record, RecordRejected
+from latticaray.mesh.dht.messages import PROTOCOL_ID, decode_response, encode
+from latticaray.mesh.node import MeshConfig, MeshNode
+
+QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+N = 8
+
+
+@pytest.fixture
+async def mesh():
+    nodes: list[MeshNode] = []
+    dhts: list[DhtService] = []
+    config = DhtConfig(k=4, request_timeout=5.0)
+    try:
+        for _ in range(N):
+            node = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
+            nodes.append(node)
+            dhts.append(DhtService(node, config))
+        seed = [str(nodes[0].listen_addrs[0])]
+        assert await dhts[0].bootstrap() == 0
+        for dht in dhts[1:]:
+            assert await asyncio.wait_for(dht.bootstrap(seed), 30) >= 1
+        yield nodes, dhts
+    finally:
+        for dht in dhts:
+            await dht.close()
+        for node in nodes:
+            await node.stop()
+
+
+async def test_put_get_subkeys_and_missing(mesh):
+    nodes, dhts = mesh
+    exp = time.time() + 300
+    stored = await dhts[1].put(b"plain", b"hello", exp)
+    assert stored >= 4
+    got = await dhts[6].get(b"plain")
+    assert got.value == b"hello" and got.publisher == nodes[1].peer_id.to_bytes()
+    # several nodes write their own subkey under one key at once: none is lost
+    await asyncio.gather(*(d.put(b"capacity/cpu", b"free-%d" % i, exp, subkey=n.peer_id.to_bytes())
+                           for i, (n, d) in enumerate(zip(nodes, dhts))))
+    merged = await dhts[3].get(b"capacity/cpu")
+    assert set(merged) == {n.peer_id.to_bytes() for n in nodes}
+    assert merged[nodes[2].peer_id.to_bytes()].value == b"free-2"
+    assert await dhts[5].get(b"never-written") is None
+    # a newer value replaces the old one everywhere it is read
+    await dhts[2].put(b"plain", b"bye", exp + 10)
+    assert (await dhts[7].get(b"plain")).value == b"bye"
+
+
+async def test_invalid_puts_raise_typed_errors(mesh):
+    nodes, dhts = mesh
+    with pytest.raises(RecordRejected) as info:
+        await dhts[0].put(b"big", b"x" * (64 * 1024 + 1), time.time() + 60)
+    assert info.value.reason == "oversize"
+    with pytest.raises(RecordRejected) as info:
+        await dhts[0].put(b"k", b"v", time.time() - 1)
+    assert info.value.reason == "expired"
+    with pytest.raises(RecordRejected) as info:  # another peer's capacity entry
+        await dhts[0].put(b"capacity/gpu", b"v", time.time() + 60, subkey=nodes[1].peer_id.to_bytes())
+    assert info.value.reason == "unauthorized"
+
+
+async def test_providers_stream_with_addresses(mesh):
+    nodes, dhts = mesh
+    for i in (2, 4):
+        assert await dhts[i].provide(b"bafk-content") >= 1
+    found = [p async for p in dhts[7].find_providers(b"bafk-content", count=5)]
+    assert {p.peer_id for p in found} == {nodes[2].peer_id, nodes[4].peer_id}
+    assert all(p.addrs for p in found)
+    first = None
+    async for p in dhts[6].find_providers(b"bafk-content", count=1):
+        first = p
+        break
+    assert first is not None and first.peer_id in (nodes[2].peer_id, nodes[4].peer_id)
+
+
+async def test_find_peer_returns_dialable_addresses(mesh):
+    nodes, dhts = mesh
+    target = nodes[5]
+    asker = nodes[7]
+    if target.peer_id in asker.connected_peers():
+        await asker.disconnect(target.peer_id)
+    asker.connections.peerstore._addrs.pop(target.peer_id, None)
+    addrs = await dhts[7].find_peer(target.peer_id)
+    assert addrs and all(a.transport == "quic" for a in addrs if a.transport)
+    peer = await asker.connect(addrs[0].with_peer(target.peer_id), timeout=10)
+    assert peer == target.peer_id
+
+
+async def test_malformed_and_forged_requests_are_refused(mesh):
+    nodes, dhts = mesh
+    victim = nodes[3].peer_id
+    reply = decode_response(await nodes[0].call(victim, PROTOCOL_ID, b"\xc1garbage", timeout=5))
+    assert reply["error"] == "bad_request"
+    reply = decode_response(await nodes[0].call(victim, PROTOCOL_ID,
+                                                msgpack.packb({"op": "find_node", "target": b"x"}),
+                                                timeout=5))
+    assert reply["error"] == "bad_request" and "32 bytes" in reply["message"]
+    good = Record.create(b"forge", b"v", time.time() + 60, nodes[1].key)
+    forged = Record(b"forge", None, b"evil", good.expiration, good.publisher, good.signature)
+    reply = decode_response(await nodes[0].call(
+        victim, PROTOCOL_ID, encode({"op": "put_value", "records": [forged]}), timeout=5))
+    assert reply == {"results": ["bad_signature"]}
+    assert await dhts[3].get(b"forge") is None
+    # the node is still serving
+    assert await dhts[0].put(b"after", b"ok", time.time() + 60) >= 1
+    assert (await dhts[3].get(b"after")).value == b"ok"
