@@ -89,3 +89,47 @@ def test_parser_has_subcommands():
     args = parser.parse_args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/1.2.3.4/tcp/1"])
     assert args.listen == ["/ip4/127.0.0.1/tcp/0"] and args.command == "node"
     assert parser.parse_args(["up", "--nodes", "5"]).nodes == 5
+
+
+async def test_killed_node_process_fails_in_flight_quic_calls_promptly(tmp_path):
+    import asyncio
+    import signal
+
+    from latticaray.mesh.errors import RpcError
+    from latticaray.mesh.identity import PeerId
+    from latticaray.mesh.node import MeshConfig, MeshNode
+    from latticaray.mesh.transport.quic import QuicConfig
+
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latticaray", "node", "--ready-file", str(ready),
+         "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--transports", "quic"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",),
+                                 quic=QuicConfig(unresponsive_timeout=2.0, keepalive_interval=1.0)))
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        info = json.loads(ready.read_text())
+        await driver.start()
+        peer = await driver.connect(info["listen"][0])
+        assert peer == PeerId.from_string(info["peer_id"])
+        assert await driver.call(peer, "/latticaray/echo/1", b"x", timeout=10) == b"x"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        start = time.monotonic()
+        # a large request keeps data in flight to the dead peer; the call must fail, not hang
+        try:
+            await driver.call(peer, "/latticaray/echo/1", b"y" * 200_000, timeout=60)
+            raise AssertionError("call to a killed node succeeded")
+        except RpcError:
+            pass
+        assert time.monotonic() - start < 10
+        assert peer not in driver.connected_peers()
+    finally:
+        await driver.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
