@@ -21,7 +21,8 @@ from .errors import MalformedDelta, SnapshotError
 from .hlc import Hlc
 from .store import CrdtStore
 
-__all__ = ["save_snapshot", "load_snapshot", "SnapshotLoad", "SNAPSHOT_MAGIC"]
+__all__ = ["save_snapshot", "load_snapshot", "encode_snapshot", "write_snapshot_file",
+           "SnapshotLoad", "SNAPSHOT_MAGIC"]
 
 SNAPSHOT_MAGIC = b"latticaray-state-snapshot/1\n"
 MAX_SNAPSHOT_BYTES = 1 << 30
@@ -34,17 +35,21 @@ class SnapshotLoad:
     skipped_reason: str | None = None
 
 
-def save_snapshot(path: str | os.PathLike, store: CrdtStore, now: float) -> int:
-    """Write every atom of ``store`` to ``path`` atomically; returns the number of bytes."""
+def encode_snapshot(store: CrdtStore, now: float) -> bytes:
+    """The snapshot bytes of ``store`` (call on the thread that owns the store)."""
+    return SNAPSHOT_MAGIC + msgpack.packb(
+        {"saved_at": now, "hlc": list(store.clock.last),
+         "atoms": [encode_atom(a) for a in store.atoms()]}, use_bin_type=True)
+
+
+def write_snapshot_file(path: str | os.PathLike, data: bytes) -> int:
+    """Write snapshot bytes atomically (temp file, fsync, rename); safe to run in a thread."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = msgpack.packb({"saved_at": now, "hlc": list(store.clock.last),
-                          "atoms": [encode_atom(a) for a in store.atoms()]}, use_bin_type=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, SNAPSHOT_MAGIC)
-        view = memoryview(body)
+        view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
@@ -52,7 +57,12 @@ def save_snapshot(path: str | os.PathLike, store: CrdtStore, now: float) -> int:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return len(SNAPSHOT_MAGIC) + len(body)
+    return len(data)
+
+
+def save_snapshot(path: str | os.PathLike, store: CrdtStore, now: float) -> int:
+    """Write every atom of ``store`` to ``path`` atomically; returns the number of bytes."""
+    return write_snapshot_file(path, encode_snapshot(store, now))
 
 
 def load_snapshot(path: str | os.PathLike, store: CrdtStore, now: float,

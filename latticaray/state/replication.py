@@ -115,6 +115,8 @@ class Replica:
         self._next_gc: float | None = None
         self._sessions: dict[int, _Session] = {}
         self._session_seq = 0
+        #: Called when gossip becomes pending, so a sleeping driver can re-arm its timer.
+        self.on_pending: Callable[[], None] | None = None
 
     # local writes -----------------------------------------------------------------------------
     def _wall(self) -> float:
@@ -201,6 +203,8 @@ class Replica:
         self._pending_sources.add(source)
         if self._next_gossip is None:
             self._next_gossip = now + self.config.gossip_interval
+            if self.on_pending is not None:
+                self.on_pending()
 
     def flush_gossip(self) -> list[Outgoing]:
         """Push pending atoms to ``fanout`` random peers now."""
