@@ -21,10 +21,14 @@ How a node is chosen (strategy ``DEFAULT``):
    since the ad was made (anti-herding: a submitter never sends a burst to one node because it
    looked idle in a stale ad). Placements are forgotten once a newer ad covers them, when rejected,
    or after ``pending_max_age``.
-4. *Choice*: nodes that can start the task now win over nodes that would queue it; among those the
-   node holding the most argument bytes wins (locality), then the lower load. If every candidate
-   would queue it, the lowest ``load_after * (1 - locality_weight * local_fraction)`` wins, where
-   ``load_after`` is (running + queued + 1) per CPU — locality is then traded against load.
+4. *Locality first*: the holder with the most argument bytes wins if it can start the task now, or
+   would queue it no deeper than ``locality_slack`` x the mesh's mean load (so locality never
+   piles work on one node). When the mesh is saturated (mean load >= 1) and every holder is full,
+   the request WAITs up to ``locality_delay`` seconds for a slot next to its data (delay
+   scheduling) instead of queueing behind strangers far from it.
+5. *Load*: otherwise the least loaded of the sampled nodes (free now beats queueing; then
+   ``(running + queued + 1) / CPUs``); if none is free, ``extra_samples_when_full`` more are
+   looked at before queueing.
 
 ``SPREAD`` walks the feasible nodes round-robin (per submitter), taking the first that can start
 the task now (else the least loaded of those looked at). ``NodeAffinity(node, soft=False)`` places
@@ -279,7 +283,7 @@ class PlacementPolicy:
 
     def __init__(self, *, seed: int | None = None, choices: int = 2, locality_slack: float = 1.3,
                  settle_time: float = 0.05, pending_max_age: float = 30.0,
-                 extra_samples_when_full: int = 8, locality_delay: float = 0.0) -> None:
+                 extra_samples_when_full: int = 8, locality_delay: float = 5.0) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
         self.rng = random.Random(seed)

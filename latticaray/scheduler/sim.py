@@ -28,7 +28,6 @@ from .policy import ClusterSnapshot, NodeView, PlacementPolicy, PlacementRequest
 from .resources import ResourceLedger
 from .submitter import Placed, PlacementFailed, SendPlacement, Submitter
 
-DEBUG = False
 __all__ = ["SimulationConfig", "SimulationResult", "run_simulation"]
 
 
@@ -51,7 +50,7 @@ class SimulationConfig:
     max_attempts: int = 4
     choices: int = 2
     locality_slack: float = 1.3
-    locality_delay: float = 3.0
+    locality_delay: float = 10.0
     sample_every: float = 0.5
     #: Stop the run after this much virtual time even if tasks remain (bounded loops).
     time_limit: float = 600.0
@@ -70,6 +69,8 @@ class SimulationResult:
     spillbacks: int = 0
     infeasible_placements: int = 0
     saturated_ratios: list[float] = field(default_factory=list)
+    #: Why tasks that had a feasible holder were placed elsewhere (policy reason -> count).
+    nonlocal_reasons: dict[str, int] = field(default_factory=dict)
     saturated_utilization: list[float] = field(default_factory=list)
     virtual_time: float = 0.0
     events: int = 0
@@ -83,6 +84,7 @@ class SimulationResult:
             "nodes": self.config.nodes, "submitters": self.config.submitters, "tasks": self.config.tasks,
             "placed": self.placed, "failed": self.failed, "finished": self.finished,
             "max_mean_load_ratio_median": round(statistics.median(ratios), 3),
+            "max_mean_load_ratio_p90": round(sorted(ratios)[int(0.9 * (len(ratios) - 1))], 3),
             "max_mean_load_ratio_worst": round(max(ratios), 3),
             "saturated_samples": len(self.saturated_ratios),
             "cpu_utilization_at_saturation": round(statistics.mean(self.saturated_utilization), 3)
@@ -96,6 +98,7 @@ class SimulationResult:
             "placement_latency_s_p50": round(lat[len(lat) // 2], 4),
             "placement_latency_s_p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
             "spillbacks": self.spillbacks,
+            "nonlocal_reasons": dict(sorted(self.nonlocal_reasons.items())),
             "placed_on_infeasible_node": self.infeasible_placements,
             "virtual_time_s": round(self.virtual_time, 2),
             "events": self.events, "messages": self.messages,
@@ -175,6 +178,10 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                     result.with_feasible_holder += 1
                     if action.node_id in holders_of_task[action.task_id]:
                         result.placed_with_data += 1
+                    else:
+                        why = action.reason + (" (saturated)" if submitters[sid].snapshot.mean_load() >= 1
+                                               else "")
+                        result.nonlocal_reasons[why] = result.nonlocal_reasons.get(why, 0) + 1
                 del holders_of_task[action.task_id]
             elif isinstance(action, PlacementFailed):
                 result.failed += 1
@@ -288,13 +295,6 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         if utilization > 0.9 and (queued_total + waiting) > total_cpu * 0.5:
             mean = sum(loads) / len(loads)
             result.saturated_ratios.append(max(loads) / mean)
-            if DEBUG:
-                imax = max(range(len(loads)), key=loads.__getitem__)
-                ls = list(locals_.values())[imax]
-                print(f"t={sim.now:.1f} mean={mean:.2f} max={loads[imax]:.2f} node={ls.node_id} "
-                      f"total={ls.ledger.total} labels={ls.labels} run={ls.running} q={ls.queued} "
-                      f"sorted={sorted(loads)[-5:]}")
-            result.saturated_utilization.append(utilization)
         if sim.now < config.time_limit and result.finished + result.failed < config.tasks:
             sim.call_later(config.sample_every, sample)
 

@@ -44,6 +44,8 @@ class Placed:
     attempts: int
     local_bytes: int
     holder_available: bool
+    #: The policy's reason for the final choice ("locality", "free", "queued", ...).
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class _InFlight:
     attempt: int
     local_bytes: int
     holder_available: bool
+    reason: str = ""
 
 
 @dataclass
@@ -135,7 +138,7 @@ class Submitter:
         if admission.kind is not AdmissionKind.REJECTED:
             self._attempts.pop(admission.task_id, None)
             return [Placed(admission.task_id, flight.node_id, admission, flight.attempt,
-                           flight.local_bytes, flight.holder_available)]
+                           flight.local_bytes, flight.holder_available, flight.reason)]
         self.rejections += 1
         self.policy.forget(admission.task_id, flight.node_id)
         if admission.hint is not None and admission.hint.node_id == flight.node_id:
@@ -201,7 +204,8 @@ class Submitter:
             attempt = self._attempts.get(request.task_id, 0) + 1
             self._attempts[request.task_id] = attempt
             self._in_flight[request.task_id] = _InFlight(request, decision.node_id, attempt,
-                                                         decision.local_bytes, decision.holder_available)
+                                                         decision.local_bytes, decision.holder_available,
+                                                         decision.reason)
             return [SendPlacement(decision.node_id, request, attempt)]
         if decision.kind is DecisionKind.WAIT:
             self._waiting[request.task_id] = dataclasses.replace(request, excluded=frozenset())
