@@ -406,6 +406,20 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def mesh_info() -> dict:
+    """This driver's node id and listen addresses (empty when not part of a mesh)."""
+    if _runtime is None:
+        raise RuntimeError("latticaray is not initialized: call latticaray.init() first")
+    return _runtime_info()
+
+
+def invite(peer_id: str | None = None, ttl: float | None = None) -> str:
+    """A membership credential for this mesh (only on the node that holds the mesh key)."""
+    if _runtime is None or _runtime.mesh_runtime is None:
+        raise RuntimeError("invite() needs a mesh: init(listen=[...]) or init(_mesh=True) first")
+    return _runtime.mesh_runtime.invite(peer_id, ttl)
+
+
 def is_initialized() -> bool:
     return context.current_core() is not None
 

@@ -71,7 +71,7 @@ class TaskRecord:
 
     __slots__ = ("tid", "msg", "nret", "retries_left", "retry_exc", "demand", "deps_left",
                  "worker", "cancelled", "children", "actor", "name", "done", "remote_peer",
-                 "client", "dep_error")
+                 "client", "dep_error", "excluded")
 
     def __init__(self, tid: bytes, msg: dict, nret: int, retries_left: int, retry_exc,
                  demand: dict, name: str, actor=None):
@@ -91,6 +91,7 @@ class TaskRecord:
         self.remote_peer: str | None = None
         self.client = None
         self.dep_error: bytes | None = None
+        self.excluded: set[str] | None = None
 
 
 class StreamState:
@@ -420,9 +421,9 @@ class RuntimeNode:
         if op == "get_cid":
             return await self._req_get_cid(message)
         if op == "create_actor":
-            return self._create_actor(message, client)
+            return await self._create_actor_request(message, client)
         if op == "get_actor":
-            return self._req_get_actor(message)
+            return await self._req_get_actor(message)
         if op == "nodes":
             return {"nodes": self.nodes()}
         return {"error": error_blob(ValueError(f"unknown runtime request {op!r}"))}
@@ -586,7 +587,7 @@ class RuntimeNode:
             def on_ready():
                 if entry.status == ERROR and rec.dep_error is None:
                     rec.dep_error = entry.data
-                item[:] = [0, entry.data]
+                item[:] = [0, entry.data, item[1]]
                 rec.deps_left -= 1
                 if rec.deps_left == 0:
                     if rec.dep_error is not None:
@@ -609,8 +610,11 @@ class RuntimeNode:
         if rec.done:
             return
         demand = rec.demand
-        if self.cluster is not None:
+        if self.cluster is not None and not rec.msg["opts"].get("placed"):
             target = self.cluster.place_task(rec)
+            if isinstance(target, BaseException):
+                self._fail(rec, target)
+                return
             if target is not None and target != self.node_id:
                 self.cluster.run_remote(rec, target)
                 return
@@ -709,6 +713,9 @@ class RuntimeNode:
                 self._seal(object_id(tid, i), OK, data)
         rec.done = True
         self.tasks.pop(tid, None)
+        notify = getattr(rec.client, "on_task_complete", None)
+        if notify is not None:
+            notify(rec, message)
 
     def _should_retry_exception(self, rec: TaskRecord, mro: list[str]) -> bool:
         retry = rec.retry_exc
@@ -735,6 +742,10 @@ class RuntimeNode:
         self._seal(object_id(tid, index), OK, message["d"])
         stream.count = max(stream.count, index + 1)
         stream.wake()
+        rec = self.tasks.get(tid)
+        notify = getattr(rec.client, "on_task_yield", None) if rec is not None else None
+        if notify is not None:
+            notify(rec, message)
 
     async def _req_stream_next(self, message: dict) -> dict:
         tid, index = message["tid"], message["i"]
@@ -809,6 +820,16 @@ class RuntimeNode:
     def _on_create_actor_post(self, message: dict, client) -> None:
         self._create_actor(message, client)
 
+    async def _create_actor_request(self, message: dict, client) -> dict:
+        opts = message["opts"]
+        name = opts.get("name")
+        if name and self.cluster is not None:
+            namespace = opts.get("namespace") or "default"
+            reply = await self.cluster.claim_actor_name(namespace, name, message)
+            if reply is not None:
+                return reply
+        return self._create_actor(message, client)
+
     def _create_actor(self, message: dict, client) -> dict:
         aid = message["aid"]
         opts = message["opts"]
@@ -826,10 +847,6 @@ class RuntimeNode:
                             "meta": record.opts.get("meta")}
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
-            if self.cluster is not None:
-                claim_error = self.cluster.claim_actor_name(namespace, name, aid)
-                if claim_error is not None:
-                    return {"error": error_blob(ActorNameTakenError(claim_error))}
         if self.cluster is not None:
             target = self.cluster.place_actor(message)
             if target is not None and target != self.node_id:
@@ -901,7 +918,8 @@ class RuntimeNode:
                 self.objects[object_id(tid, i)] = ObjectEntry()
         if actor is None:
             if self.cluster is not None and message.get("anode") != self.node_id:
-                self._resolve_args(rec, lambda r: self.cluster.call_remote_actor(r))
+                self.cluster.enqueue_actor_call(rec)
+                self._resolve_args(rec, lambda r: self.cluster.pump_actor(aid))
                 return
             self._fail(rec, ActorDiedError(f"actor {aid.hex()} does not exist on this node"))
             return
@@ -988,14 +1006,14 @@ class RuntimeNode:
         if actor.worker is not None:
             actor.worker.kill()
 
-    def _req_get_actor(self, message: dict) -> dict:
+    async def _req_get_actor(self, message: dict) -> dict:
         key = (message.get("ns") or "default", message["name"])
         aid = self.named_actors.get(key)
         if aid is not None:
             actor = self.actors[aid]
             return {"aid": aid, "node": self.node_id, "meta": actor.opts.get("meta")}
         if self.cluster is not None:
-            found = self.cluster.lookup_actor_name(*key)
+            found = await self.cluster.lookup_actor_name(*key)
             if found is not None:
                 return found
         return {"error": error_blob(ValueError(

@@ -405,7 +405,10 @@ def main(argv: list[str]) -> None:
     worker = Worker(conn, node_id, worker_id)
     from latticaray.runtime.core import WorkerCore
     context.set_core(WorkerCore(conn, node_id, worker_id))
-    conn.send({"op": "hello", "pid": os.getpid(), "wid": worker_id})
+    try:
+        conn.send({"op": "hello", "pid": os.getpid(), "wid": worker_id})
+    except OSError:
+        os._exit(0)  # the node went away before this worker came up
     threading.Thread(target=worker.read_loop, name="worker-reader", daemon=True).start()
     try:
         worker.main_loop()

@@ -1,0 +1,890 @@
+"""The runtime over the mesh: remote tasks and actors, object fetches, admission, node views.
+
+`MeshRuntime` starts a MeshNode next to a RuntimeNode and attaches a `MeshCluster` to it; the
+RuntimeNode then asks the cluster where to place work (the scheduler's PlacementPolicy over a
+ClusterSnapshot built from the views peers push), and the cluster carries it to the chosen peer.
+
+Protocols (all payloads msgpack; see docs/protocol/runtime.md):
+  /latticaray/admit/1         unary   present a membership credential, get the peer's back
+  /latticaray/runtime-view/1  unary   push this node's resources/load and the peers it knows
+  /latticaray/task/1          bidi    one session per (caller node -> executor node): tasks,
+                                      actor creation and calls, cancel, stream acks in; results,
+                                      stream items and chunked large values out
+  /latticaray/object/1        server  an object by id (from its owner) or by CID (from a holder)
+  /latticaray/names/1         unary   named-actor claims and lookups at the name's arbiter
+Every handler refuses non-members before it decodes anything beyond the admission request.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+
+import msgpack
+
+from latticaray.mesh.errors import MeshError, RpcError
+from latticaray.mesh.identity import KeyPair
+from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.mesh.rpc import Status
+from latticaray.runtime import serialization
+from latticaray.runtime.admission import Admission, MeshKey
+from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
+                                       NodeDiedError, NotMemberError, ObjectLostError,
+                                       TaskCancelledError, TaskUnschedulableError)
+from latticaray.runtime.ids import object_id
+from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
+                                     error_blob)
+from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeAffinity, NodeView,
+                                         PlacementPolicy, PlacementRequest)
+
+log = logging.getLogger(__name__)
+
+ADMIT_PROTOCOL = "/latticaray/admit/1"
+VIEW_PROTOCOL = "/latticaray/runtime-view/1"
+TASK_PROTOCOL = "/latticaray/task/1"
+OBJECT_PROTOCOL = "/latticaray/object/1"
+NAMES_PROTOCOL = "/latticaray/names/1"
+
+VIEW_INTERVAL = 0.3
+PEER_DEAD_AFTER = 4.0
+SESSION_TIMEOUT = 20 * 3600.0
+CHUNK = 4 << 20
+BY_REF_ARG = 256 << 10
+MAX_CONTROL_MESSAGE = 1 << 20
+UNPACK_LIMITS = dict(raw=False, strict_map_key=False)
+
+
+def _unpack(data: bytes) -> dict:
+    message = msgpack.unpackb(data, **UNPACK_LIMITS)
+    if not isinstance(message, dict):
+        raise RpcError(Status.INVALID_ARGUMENT, "runtime messages are msgpack maps")
+    return message
+
+
+def _pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+class PeerState:
+    """What this node knows about one admitted peer."""
+
+    def __init__(self, node_id: str, peer_id):
+        self.node_id = node_id
+        self.peer_id = peer_id
+        self.last_seen = time.monotonic()
+        self.alive = True
+        self.outbox: asyncio.Queue | None = None
+        self.session_task: asyncio.Task | None = None
+        self.inflight: dict[bytes, TaskRecord] = {}
+        self.shipped: set[bytes] = set()
+        self.parts: dict[tuple, list[bytes]] = {}
+        self.view: dict = {}
+
+
+class OwnedActor:
+    """An actor this node created (owns): where it lives and how many restarts it used."""
+
+    def __init__(self, aid: bytes, message: dict, host: str):
+        self.aid = aid
+        self.message = message
+        self.host = host
+        self.restarts = 0
+        self.max_restarts = int(message["opts"].get("max_restarts", 0))
+        self.dead_cause: str | None = None
+
+
+class RemoteClient:
+    """A peer that opened a task session to this node, as a client of the RuntimeNode."""
+
+    kind = "remote"
+    current_task = None
+
+    def __init__(self, cluster: "MeshCluster", node_id: str, outbox: asyncio.Queue):
+        self.cluster = cluster
+        self.node_id = node_id
+        self.outbox = outbox
+        self.closed = False
+
+    def send(self, message: dict) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(_pack(message))
+
+    def _send_value(self, tid: bytes, slot, data: bytes) -> bytes | None:
+        """Large values travel as parts ahead of the frame that refers to them."""
+        if data is None or len(data) <= CHUNK:
+            return data
+        for start in range(0, len(data), CHUNK):
+            self.send({"k": "part", "tid": tid, "slot": slot, "d": data[start:start + CHUNK]})
+        return None
+
+    def on_task_complete(self, rec: TaskRecord, message: dict) -> None:
+        node = self.cluster.node
+        tid = rec.tid
+        out = {"k": "done", "tid": tid}
+        if message.get("err") is not None:
+            out["err"] = message["err"]
+            out["mro"] = message.get("mro", [])
+        if "vals" in message:
+            out["vals"] = [self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
+        if rec.nret == STREAMING:
+            node.streams.pop(tid, None)
+        else:
+            for i in range(rec.nret):
+                node.objects.pop(object_id(tid, i), None)
+        self.send(out)
+
+    def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
+        tid, index = rec.tid, message["i"]
+        data = self._send_value(tid, ("y", index), message["d"])
+        self.send({"k": "yield", "tid": tid, "i": index, "d": data})
+        self.cluster.node.objects.pop(object_id(tid, index), None)
+
+
+class MeshCluster:
+    """Placement across peers, remote execution, object fetches and admission for one node."""
+
+    def __init__(self, node, mesh: MeshNode, admission: Admission):
+        self.node = node
+        self.mesh = mesh
+        self.admission = admission
+        self.node_id = node.node_id
+        self.loop = asyncio.get_running_loop()
+        self.peers: dict[str, PeerState] = {}
+        self.snapshot = ClusterSnapshot(local_node=self.node_id)
+        self.policy = PlacementPolicy()
+        self.owned_actors: dict[bytes, OwnedActor] = {}
+        self.actor_outbox: dict[bytes, collections.deque] = {}
+        self.actor_location: dict[bytes, str] = {}
+        self.names: dict[tuple[str, str], dict] = {}
+        self.stats = collections.Counter()
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def register(self) -> None:
+        mesh = self.mesh
+        mesh.register_unary(ADMIT_PROTOCOL, self._serve_admit)
+        mesh.register_unary(VIEW_PROTOCOL, self._serve_view)
+        mesh.register_bidi(TASK_PROTOCOL, self._serve_session)
+        mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
+        mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
+        mesh.on_peer_connected(lambda peer: self.spawn(self._admit_with(peer)))
+        mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
+        self.spawn(self._view_loop())
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ admission
+    async def join(self, addr: str) -> None:
+        peer = await self.mesh.connect(addr, timeout=10.0)
+        await self._admit_with(peer)
+
+    async def _admit_with(self, peer) -> None:
+        node_id = str(peer)
+        if node_id in self.peers and self.peers[node_id].alive:
+            return
+        if not self.admission.is_member:
+            return
+        try:
+            reply = await self.mesh.call(peer, ADMIT_PROTOCOL,
+                                         _pack({"cred": self.admission.own_credential}),
+                                         timeout=10.0)
+            their = _unpack(reply).get("cred")
+            self.admission.admit(node_id, their)
+        except (MeshError, CredentialError, ValueError) as exc:
+            log.info("peer %s was not admitted: %s", node_id, exc)
+            return
+        self._add_peer(node_id, peer)
+
+    async def _serve_admit(self, ctx, payload: bytes) -> bytes:
+        if len(payload) > 4096:
+            raise RpcError(Status.INVALID_ARGUMENT, "admission request too large")
+        if not self.admission.is_member:
+            raise RpcError(Status.PERMISSION_DENIED, "this node is not a member of a mesh")
+        try:
+            credential = msgpack.unpackb(payload, raw=False, max_str_len=2048,
+                                         max_map_len=4).get("cred")
+            self.admission.admit(str(ctx.peer_id), credential)
+        except (CredentialError, ValueError, AttributeError, TypeError) as exc:
+            self.stats["admission_refused"] += 1
+            raise RpcError(Status.PERMISSION_DENIED, f"membership credential refused: {exc}")
+        self._add_peer(str(ctx.peer_id), ctx.peer_id)
+        return _pack({"cred": self.admission.own_credential})
+
+    def _require_member(self, ctx) -> str:
+        node_id = str(ctx.peer_id)
+        if not self.admission.allowed(node_id):
+            self.stats["refused_non_member"] += 1
+            raise RpcError(Status.PERMISSION_DENIED,
+                           f"peer {node_id} is not a member of this mesh; request refused unread")
+        return node_id
+
+    def _add_peer(self, node_id: str, peer_id) -> PeerState:
+        state = self.peers.get(node_id)
+        if state is None or not state.alive:
+            state = PeerState(node_id, peer_id)
+            self.peers[node_id] = state
+            self.spawn(self._push_view(state))
+        return state
+
+    # ------------------------------------------------------------------ views and liveness
+    def _local_view(self) -> NodeView:
+        node = self.node
+        running = sum(len(w.tasks) for w in node.task_workers)
+        return NodeView(self.node_id, dict(node.total_resources), node.ledger.available,
+                        queued=len(node.ready_queue), running=running, ad_time=time.monotonic())
+
+    def _view_payload(self) -> bytes:
+        view = self._local_view()
+        peers = {}
+        for state in self.peers.values():
+            if state.alive:
+                peers[state.node_id] = [str(a) for a in self.mesh.addrs_of(state.peer_id)]
+        return _pack({"total": view.total, "avail": view.available, "queued": view.queued,
+                      "running": view.running, "peers": peers,
+                      "names": [[ns, name, rec] for (ns, name), rec in self.names.items()]})
+
+    async def _view_loop(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(VIEW_INTERVAL)
+            now = time.monotonic()
+            payload = self._view_payload()
+            for state in list(self.peers.values()):
+                if not state.alive:
+                    continue
+                if now - state.last_seen > PEER_DEAD_AFTER:
+                    self._peer_gone(state.node_id, "stopped answering")
+                    continue
+                self.spawn(self._push_view(state, payload))
+
+    async def _push_view(self, state: PeerState, payload: bytes | None = None) -> None:
+        try:
+            await self.mesh.call(state.peer_id, VIEW_PROTOCOL, payload or self._view_payload(),
+                                 timeout=2.0)
+        except MeshError:
+            pass
+
+    async def _serve_view(self, ctx, payload: bytes) -> bytes:
+        node_id = self._require_member(ctx)
+        view = _unpack(payload)
+        state = self.peers.get(node_id)
+        if state is None or not state.alive:
+            state = self._add_peer(node_id, ctx.peer_id)
+        state.last_seen = time.monotonic()
+        state.view = view
+        self.snapshot.update_node(NodeView(node_id, dict(view.get("total", {})),
+                                           dict(view.get("avail", {})),
+                                           queued=int(view.get("queued", 0)),
+                                           running=int(view.get("running", 0)),
+                                           ad_time=time.monotonic()))
+        for other, addrs in (view.get("peers") or {}).items():
+            if other != self.node_id and other not in self.peers and addrs:
+                self.spawn(self._introduce(addrs))
+        for ns, name, rec in view.get("names") or []:
+            self.names.setdefault((ns, name), rec)
+        return b""
+
+    async def _introduce(self, addrs: list[str]) -> None:
+        for addr in addrs[:4]:
+            try:
+                peer = await self.mesh.connect(addr, timeout=5.0)
+            except (MeshError, ValueError):
+                continue
+            await self._admit_with(peer)
+            return
+
+    def alive_peers(self) -> list[str]:
+        return [n for n, s in self.peers.items() if s.alive]
+
+    def _peer_gone(self, node_id: str, why: str) -> None:
+        state = self.peers.get(node_id)
+        if state is None or not state.alive:
+            return
+        state.alive = False
+        self.stats["peers_lost"] += 1
+        log.info("peer %s is gone (%s)", node_id, why)
+        self.snapshot.remove_node(node_id)
+        if state.session_task is not None:
+            state.session_task.cancel()
+        inflight = list(state.inflight.values())
+        state.inflight.clear()
+        for rec in inflight:
+            rec.remote_peer = None
+            if rec.done:
+                continue
+            if "aid" in rec.msg:
+                self._actor_call_lost(rec, node_id)
+            elif rec.cancelled:
+                self.node._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif self.node._stream_started(rec):
+                self.node._fail(rec, NodeDiedError(
+                    f"node {node_id} running streaming task {rec.name} died mid-stream"))
+            elif rec.retries_left != 0:
+                rec.retries_left -= 1
+                self.stats["retries"] += 1
+                rec.excluded = (rec.excluded or set()) | {node_id}
+                self.node._schedule(rec)
+            else:
+                self.node._fail(rec, NodeDiedError(
+                    f"node {node_id} running task {rec.name} died and no retries are left"))
+        for owned in list(self.owned_actors.values()):
+            if owned.host == node_id and owned.dead_cause is None:
+                self._restart_owned_actor(owned, node_id)
+
+    def nodes(self) -> list[dict]:
+        out = [self.node.local_view()]
+        for node_id, state in self.peers.items():
+            view = state.view
+            out.append({"NodeID": node_id, "Alive": state.alive,
+                        "Resources": dict(view.get("total", {})),
+                        "Available": dict(view.get("avail", {})) if state.alive else {}})
+        return out
+
+    # ------------------------------------------------------------------ placement
+    def place_task(self, rec: TaskRecord):
+        if not any(s.alive for s in self.peers.values()):
+            return None
+        strategy = rec.msg["opts"].get("strategy")
+        return self._place(rec.tid.hex(), rec.demand, strategy, rec.excluded)
+
+    def _place(self, request_id: str, demand: dict, strategy, excluded=None):
+        if isinstance(strategy, dict):
+            target = strategy["affinity"]
+            alive = target == self.node_id or (target in self.peers and self.peers[target].alive)
+            if alive and not (excluded and target in excluded):
+                return target
+            if not strategy.get("soft"):
+                return TaskUnschedulableError(request_id, f"node affinity to {target}, which is "
+                                                          f"not an alive member of the mesh")
+            strategy = None
+        self.snapshot.update_node(self._local_view())
+        request = PlacementRequest(request_id, dict(demand), self.node_id,
+                                   strategy="SPREAD" if strategy == "SPREAD" else "DEFAULT",
+                                   excluded=frozenset(excluded or ()))
+        decision = self.policy.place(self.snapshot, request, time.monotonic())
+        if decision.kind is DecisionKind.PLACE:
+            return decision.node_id
+        if decision.kind is DecisionKind.INFEASIBLE:
+            return TaskUnschedulableError(request_id, decision.reason)
+        return None
+
+    # ------------------------------------------------------------------ sessions (caller side)
+    def _send(self, node_id: str, message: dict) -> bool:
+        state = self.peers.get(node_id)
+        if state is None or not state.alive:
+            return False
+        if state.outbox is None:
+            state.outbox = asyncio.Queue()
+            state.session_task = self.spawn(self._session(state))
+        state.outbox.put_nowait(message)
+        return True
+
+    async def _session(self, state: PeerState) -> None:
+        try:
+            call = await self.mesh.open_bidi(state.peer_id, TASK_PROTOCOL, timeout=SESSION_TIMEOUT)
+            reader = self.spawn(self._session_replies(state, call))
+            try:
+                while True:
+                    message = await state.outbox.get()
+                    await call.send(_pack(message))
+            finally:
+                reader.cancel()
+                call.cancel()
+        except asyncio.CancelledError:
+            raise
+        except MeshError as exc:
+            self._peer_gone(state.node_id, f"task session failed: {exc}")
+
+    async def _session_replies(self, state: PeerState, call) -> None:
+        try:
+            async for raw in call:
+                self._on_session_reply(state, _unpack(raw))
+        except asyncio.CancelledError:
+            raise
+        except (MeshError, ValueError) as exc:
+            self._peer_gone(state.node_id, f"task session broke: {exc}")
+            return
+        self._peer_gone(state.node_id, "task session ended")
+
+    def _on_session_reply(self, state: PeerState, message: dict) -> None:
+        kind = message["k"]
+        tid = message.get("tid")
+        if kind == "part":
+            slot = message["slot"]
+            key = (tid, tuple(slot) if isinstance(slot, list) else slot)
+            state.parts.setdefault(key, []).append(message["d"])
+            return
+        if kind == "yield":
+            data = message["d"]
+            if data is None:
+                data = b"".join(state.parts.pop((tid, ("y", message["i"])), []))
+            self.node._on_yield({"tid": tid, "i": message["i"], "d": data})
+            return
+        if kind == "done":
+            rec = state.inflight.pop(tid, None)
+            if rec is None or rec.done:
+                return
+            rec.remote_peer = None
+            if "vals" in message:
+                message["vals"] = [v if v is not None else b"".join(state.parts.pop((tid, i), []))
+                                   for i, v in enumerate(message["vals"])]
+            if message.get("err") is not None and not rec.cancelled \
+                    and self.node._should_retry_exception(rec, message.get("mro", [])):
+                rec.retries_left -= 1
+                self.node._schedule(rec)
+                return
+            self.node._complete(rec, message)
+            return
+        if kind == "created":
+            owned = self.owned_actors.get(message["aid"])
+            if owned is not None and message.get("error") is not None:
+                owned.dead_cause = str(serialization.deserialize(message["error"]))
+                self._fail_actor_calls(owned.aid, owned.dead_cause)
+
+    def _wire_args(self, args: list) -> list:
+        if args[0] == "b":
+            return args
+        def slim(item):
+            if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
+                return [1, item[2], self.node_id]
+            return item[:2]
+        return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
+
+    def run_remote(self, rec: TaskRecord, target: str) -> None:
+        state = self.peers[target]
+        msg = rec.msg
+        out = {"tid": rec.tid, "fn": msg["fn"], "name": rec.name, "nret": rec.nret,
+               "args": self._wire_args(msg["args"]), "opts": dict(msg["opts"], placed=True)}
+        if msg["fn"] not in state.shipped:
+            out["blob"] = self.node.code[msg["fn"]]
+            state.shipped.add(msg["fn"])
+        rec.remote_peer = target
+        state.inflight[rec.tid] = rec
+        self.stats["remote_tasks"] += 1
+        if not self._send(target, {"k": "task", "m": out}):
+            state.inflight.pop(rec.tid, None)
+            rec.remote_peer = None
+            self.node.ready_queue.append(rec)
+            self.node._dispatch()
+
+    def cancel_remote(self, rec: TaskRecord, force: bool) -> None:
+        self._send(rec.remote_peer, {"k": "cancel", "tid": rec.tid, "force": force})
+
+    def ack_remote_stream(self, tid: bytes, consumed: int) -> None:
+        rec = self.node.tasks.get(tid)
+        if rec is not None and rec.remote_peer is not None:
+            self._send(rec.remote_peer, {"k": "ack", "tid": tid, "n": consumed})
+
+    # ------------------------------------------------------------------ sessions (executor side)
+    async def _serve_session(self, ctx, requests):
+        caller = self._require_member(ctx)
+        outbox: asyncio.Queue = asyncio.Queue()
+        client = RemoteClient(self, caller, outbox)
+        reader = self.spawn(self._session_requests(client, requests))
+        reader.add_done_callback(lambda _t: outbox.put_nowait(None))
+        try:
+            while True:
+                frame = await outbox.get()
+                if frame is None:
+                    break
+                yield frame
+        finally:
+            client.closed = True
+            reader.cancel()
+
+    async def _session_requests(self, client: RemoteClient, requests) -> None:
+        node = self.node
+        async for raw in requests:
+            if not self.admission.allowed(client.node_id):
+                return
+            message = _unpack(raw)
+            kind = message.get("k")
+            if kind == "task":
+                task = message["m"]
+                if "blob" in task:
+                    node.code[task["fn"]] = task.pop("blob")
+                if task["fn"] not in node.code:
+                    client.send({"k": "done", "tid": task["tid"], "err": error_blob(
+                        RuntimeError("executor lacks the task's code"))})
+                    continue
+                task["opts"]["placed"] = True
+                task["op"] = "submit"
+                node._on_submit(task, client)
+            elif kind == "acall":
+                call = message["m"]
+                call["anode"] = self.node_id
+                node._on_actor_call(call, client)
+            elif kind == "create":
+                create = message["m"]
+                if "blob" in create:
+                    node.code[create["cls"]] = create.pop("blob")
+                reply = node.host_actor(create)
+                client.send({"k": "created", "aid": create["aid"], "error": reply.get("error")})
+            elif kind == "cancel":
+                node.cancel_task(message["tid"], bool(message.get("force")), True)
+            elif kind == "ack":
+                stream = node.streams.get(message["tid"])
+                if stream is not None and message["n"] > stream.consumed:
+                    stream.consumed = message["n"]
+                    node._ack_stream(message["tid"], stream)
+            elif kind == "kill":
+                node._on_kill({"aid": message["aid"], "no_restart": message.get("no_restart")},
+                              client)
+
+    # ------------------------------------------------------------------ objects
+    async def fetch_object(self, oid: bytes, owner: str) -> ObjectEntry:
+        entry = ObjectEntry()
+        state = self.peers.get(owner)
+        if state is None or not state.alive:
+            entry.seal(ERROR, error_blob(ObjectLostError(
+                f"object {oid.hex()} is owned by node {owner}, which is not reachable")))
+            return entry
+        try:
+            status, data, _cid = await self._fetch(state, {"oid": oid})
+        except (MeshError, ValueError, LookupError) as exc:
+            entry.seal(ERROR, error_blob(ObjectLostError(
+                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}")))
+            return entry
+        entry.seal(status, data)
+        return entry
+
+    async def fetch_by_cid(self, cid: str, timeout: float | None):
+        for node_id in self.alive_peers():
+            try:
+                status, data, _ = await asyncio.wait_for(
+                    self._fetch(self.peers[node_id], {"cid": cid}), timeout or 30.0)
+            except (MeshError, ValueError, LookupError, asyncio.TimeoutError):
+                continue
+            if serialization.cid_of(data) != cid:
+                log.warning("peer %s served data that does not hash to %s", node_id, cid)
+                continue
+            return (status, data)
+        return None
+
+    async def _fetch(self, state: PeerState, request: dict):
+        header = None
+        chunks = []
+        async for raw in self.mesh.call_stream(state.peer_id, OBJECT_PROTOCOL, _pack(request),
+                                               timeout=3600.0):
+            if header is None:
+                header = _unpack(raw)
+                if header.get("missing"):
+                    raise LookupError(header.get("why", "not found"))
+            else:
+                chunks.append(raw)
+        if header is None:
+            raise LookupError("empty object reply")
+        data = b"".join(chunks)
+        if len(data) != header["size"]:
+            raise ValueError(f"object reply has {len(data)} bytes, header said {header['size']}")
+        return header["s"], data, header.get("cid")
+
+    async def _serve_object(self, ctx, payload: bytes):
+        self._require_member(ctx)
+        request = _unpack(payload)
+        node = self.node
+        if "oid" in request:
+            oid = request["oid"]
+            entry = node.objects.get(oid)
+        else:
+            oid = node.cid_index.get(request.get("cid"))
+            entry = node.objects.get(oid) if oid is not None else None
+        if entry is None:
+            yield _pack({"missing": True, "why": "this node does not hold the object"})
+            return
+        if entry.status == PENDING:
+            ready = self.loop.create_future()
+            entry.on_ready(lambda: ready.done() or ready.set_result(None))
+            await ready
+        data = entry.data
+        cid = node.cid_for(oid, entry)
+        yield _pack({"s": entry.status, "size": len(data), "cid": cid})
+        view = memoryview(data)
+        for start in range(0, len(data), CHUNK):
+            yield bytes(view[start:start + CHUNK])
+
+    # ------------------------------------------------------------------ actors
+    def place_actor(self, message: dict):
+        strategy = message["opts"].get("strategy")
+        if strategy is None or not self.alive_peers():
+            return None
+        demand = message["opts"].get("resources") or {}
+        target = self._place(message["aid"].hex(), demand, strategy)
+        if isinstance(target, BaseException):
+            return None
+        return target
+
+    def create_remote_actor(self, message: dict, target: str) -> dict:
+        aid = message["aid"]
+        owned = OwnedActor(aid, message, target)
+        self.owned_actors[aid] = owned
+        self.actor_location[aid] = target
+        self._send_create(owned, target)
+        return {"aid": aid, "node": target}
+
+    def _send_create(self, owned: OwnedActor, target: str) -> None:
+        message = dict(owned.message)
+        state = self.peers[target]
+        if message["cls"] not in state.shipped:
+            message["blob"] = self.node.code[message["cls"]]
+            state.shipped.add(message["cls"])
+        message["opts"] = dict(message["opts"], strategy=None,
+                               max_restarts=max(0, owned.max_restarts - owned.restarts)
+                               if owned.max_restarts >= 0 else -1)
+        self._send(target, {"k": "create", "m": message})
+
+    def _restart_owned_actor(self, owned: OwnedActor, dead_node: str) -> None:
+        if owned.max_restarts >= 0 and owned.restarts >= owned.max_restarts:
+            owned.dead_cause = (f"its node {dead_node} died and no restarts are left "
+                                f"(max_restarts={owned.max_restarts})")
+            self._fail_actor_calls(owned.aid, owned.dead_cause)
+            return
+        owned.restarts += 1
+        self.stats["actor_restarts"] += 1
+        demand = owned.message["opts"].get("resources") or {}
+        target = self._place(owned.aid.hex(), demand, None, {dead_node})
+        if isinstance(target, BaseException) or target is None:
+            target = self.node_id
+        owned.host = target
+        self.actor_location[owned.aid] = target
+        if target == self.node_id:
+            message = dict(owned.message)
+            message["opts"] = dict(message["opts"], max_restarts=0)
+            self.node.host_actor(message)
+        else:
+            self._send_create(owned, target)
+        for (ns, name), rec in list(self.names.items()):
+            if rec.get("aid") == owned.aid:
+                rec["node"] = target
+        self.pump_actor(owned.aid)
+
+    def _fail_actor_calls(self, aid: bytes, cause: str) -> None:
+        outbox = self.actor_outbox.pop(aid, collections.deque())
+        for rec in outbox:
+            self.node._fail(rec, ActorDiedError(f"actor {aid.hex()} is dead: {cause}"))
+        for state in self.peers.values():
+            for tid, rec in list(state.inflight.items()):
+                if rec.msg.get("aid") == aid:
+                    state.inflight.pop(tid, None)
+                    self.node._fail(rec, ActorDiedError(f"actor {aid.hex()} is dead: {cause}"))
+
+    def _actor_call_lost(self, rec: TaskRecord, node_id: str) -> None:
+        aid = rec.msg["aid"]
+        owned = self.owned_actors.get(aid)
+        if owned is not None and owned.dead_cause is None and rec.retries_left != 0:
+            rec.retries_left -= 1
+            self.actor_outbox.setdefault(aid, collections.deque()).appendleft(rec)
+            return
+        self.node._fail(rec, ActorDiedError(
+            f"actor {aid.hex()} was on node {node_id}, which died while running {rec.name}"))
+
+    def enqueue_actor_call(self, rec: TaskRecord) -> None:
+        self.actor_outbox.setdefault(rec.msg["aid"], collections.deque()).append(rec)
+
+    def pump_actor(self, aid: bytes) -> None:
+        outbox = self.actor_outbox.get(aid)
+        owned = self.owned_actors.get(aid)
+        if owned is not None and owned.dead_cause is not None:
+            self._fail_actor_calls(aid, owned.dead_cause)
+            return
+        while outbox and outbox[0].deps_left == 0:
+            rec = outbox[0]
+            if rec.done:
+                outbox.popleft()
+                continue
+            host = self.actor_location.get(aid) or rec.msg.get("anode")
+            if host == self.node_id:
+                local = self.node.actors.get(aid)
+                if local is None:
+                    return
+                outbox.popleft()
+                rec.actor = local
+                local.outbox.append(rec)
+                self.node._pump_actor(local)
+                continue
+            state = self.peers.get(host)
+            if state is None or not state.alive:
+                if owned is None:
+                    outbox.popleft()
+                    self.node._fail(rec, ActorDiedError(
+                        f"actor {aid.hex()} lives on node {host}, which is not reachable"))
+                    continue
+                return  # the owner restarts it; calls wait here
+            outbox.popleft()
+            msg = rec.msg
+            out = {"tid": rec.tid, "aid": aid, "m": msg["m"], "nret": rec.nret,
+                   "name": rec.name, "args": self._wire_args(msg["args"])}
+            rec.remote_peer = host
+            state.inflight[rec.tid] = rec
+            self._send(host, {"k": "acall", "m": out})
+
+    def kill_remote_actor(self, message: dict) -> None:
+        aid = message["aid"]
+        owned = self.owned_actors.get(aid)
+        host = self.actor_location.get(aid) or message.get("anode")
+        if owned is not None and message.get("no_restart", True):
+            owned.dead_cause = "it was killed with kill()"
+        self._send(host, {"k": "kill", "aid": aid, "no_restart": message.get("no_restart", True)})
+
+    # ------------------------------------------------------------------ named actors
+    def _arbiter(self, namespace: str, name: str) -> str:
+        candidates = [self.node_id] + self.alive_peers()
+        return min(candidates, key=lambda n: hashlib.sha256(
+            f"{namespace}/{name}/{n}".encode()).digest())
+
+    async def claim_actor_name(self, namespace: str, name: str, message: dict):
+        """None when this creation may go ahead, else the reply to give the creator."""
+        request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
+                   "owner": self.node_id, "meta": message["opts"].get("meta"),
+                   "get_if_exists": bool(message["opts"].get("get_if_exists"))}
+        reply = await self._names_call(self._arbiter(namespace, name), request)
+        if reply.get("ok"):
+            return None
+        if reply.get("existing") and request["get_if_exists"]:
+            return {"aid": reply["existing"]["aid"], "node": reply["existing"]["node"],
+                    "meta": reply["existing"].get("meta"), "existing": True}
+        return {"error": error_blob(ActorNameTakenError(
+            f"an actor named {name!r} already exists in namespace {namespace!r} "
+            f"(claimed by node {reply.get('holder', '?')})"))}
+
+    async def lookup_actor_name(self, namespace: str, name: str):
+        reply = await self._names_call(self._arbiter(namespace, name),
+                                       {"op": "lookup", "ns": namespace, "name": name})
+        record = reply.get("existing")
+        if not record:
+            return None
+        return {"aid": record["aid"], "node": record["node"], "meta": record.get("meta")}
+
+    def release_actor_name(self, namespace: str, name: str, aid: bytes) -> None:
+        self.spawn(self._names_call(self._arbiter(namespace, name),
+                                    {"op": "release", "ns": namespace, "name": name, "aid": aid}))
+
+    async def _names_call(self, arbiter: str, request: dict) -> dict:
+        if arbiter == self.node_id:
+            return self._names_op(request, self.node_id)
+        try:
+            reply = await self.mesh.call(self.peers[arbiter].peer_id, NAMES_PROTOCOL,
+                                         _pack(request), timeout=10.0)
+        except (MeshError, KeyError):
+            return self._names_op(request, self.node_id)
+        return _unpack(reply)
+
+    async def _serve_names(self, ctx, payload: bytes) -> bytes:
+        caller = self._require_member(ctx)
+        if len(payload) > MAX_CONTROL_MESSAGE:
+            raise RpcError(Status.INVALID_ARGUMENT, "names request too large")
+        return _pack(self._names_op(_unpack(payload), caller))
+
+    def _names_op(self, request: dict, caller: str) -> dict:
+        key = (request["ns"], request["name"])
+        record = self.names.get(key)
+        if record is not None and not self._name_holder_alive(record):
+            del self.names[key]
+            record = None
+        op = request["op"]
+        if op == "claim":
+            if record is not None and record["aid"] != request["aid"]:
+                return {"ok": False, "existing": record, "holder": record["owner"]}
+            self.names[key] = {"aid": request["aid"], "node": request["owner"],
+                               "owner": request["owner"], "meta": request.get("meta")}
+            return {"ok": True}
+        if op == "lookup":
+            return {"existing": record}
+        if op == "release":
+            if record is not None and record["aid"] == request["aid"]:
+                del self.names[key]
+            return {"ok": True}
+        if op == "moved":
+            if record is not None and record["aid"] == request["aid"]:
+                record["node"] = request["node"]
+            return {"ok": True}
+        return {"error": f"unknown names op {op!r}"}
+
+    def _name_holder_alive(self, record: dict) -> bool:
+        owner = record.get("owner")
+        if owner == self.node_id:
+            return True
+        state = self.peers.get(owner)
+        return state is not None and state.alive
+
+    def note_actor_host(self, aid: bytes, host: str) -> None:
+        for rec in self.names.values():
+            if rec["aid"] == aid:
+                rec["node"] = host
+
+
+class MeshRuntime:
+    """A MeshNode plus the MeshCluster that carries a RuntimeNode's work across the mesh."""
+
+    def __init__(self, key: KeyPair, bootstrap: list[str], admission: Admission,
+                 listen: list[str] | None):
+        self.key = key
+        self.node_id = str(key.peer_id)
+        self.bootstrap = list(bootstrap)
+        self.admission = admission
+        self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+        self.mesh: MeshNode | None = None
+        self.cluster: MeshCluster | None = None
+
+    @classmethod
+    def prepare(cls, *, bootstrap: list[str], credential: str | None,
+                listen: list[str] | None = None, key_path: str | None = None,
+                mesh_key_path: str | None = None) -> "MeshRuntime":
+        key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
+        if bootstrap:
+            admission = Admission.join(credential)
+        else:
+            mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
+            admission = Admission.create_mesh(str(key.peer_id), mesh_key)
+        return cls(key, bootstrap, admission, listen)
+
+    async def start(self, runtime_node) -> "MeshRuntime":
+        from latticaray.mesh.transport.quic import QuicConfig
+        config = MeshConfig(listen=self.listen, key=self.key,
+                            quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0))
+        self.mesh = MeshNode(config)
+        await self.mesh.start()
+        self.cluster = MeshCluster(runtime_node, self.mesh, self.admission)
+        self.cluster.register()
+        runtime_node.cluster = self.cluster
+        for addr in self.bootstrap:
+            try:
+                await self.cluster.join(addr)
+            except (MeshError, ValueError) as exc:
+                log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+        return self
+
+    async def wait_for_peers(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.cluster.alive_peers()) >= count:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        return [str(a) for a in self.mesh.listen_addrs] if self.mesh else []
+
+    def invite(self, peer_id: str | None = None, ttl: float | None = None) -> str:
+        if ttl is None:
+            return self.admission.invite(peer_id)
+        return self.admission.invite(peer_id, ttl)
+
+    async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()

@@ -1,0 +1,77 @@
+"""A standalone node process: `python -m latticaray.runtime.node_main [options]`.
+
+Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop until SIGTERM or
+SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "invite": ...}
+("invite" only on the node that created the mesh). This is what `latticaray node` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="latticaray node", description=__doc__)
+    parser.add_argument("--bootstrap", action="append", default=[],
+                        help="multiaddr (with /p2p/<id>) of a member to join; repeatable")
+    parser.add_argument("--credential", default=os.environ.get("LATTICARAY_CREDENTIAL"),
+                        help="membership credential from `latticaray invite`")
+    parser.add_argument("--listen", action="append", default=None, help="multiaddr to listen on")
+    parser.add_argument("--num-cpus", type=float, default=None)
+    parser.add_argument("--num-gpus", type=float, default=None)
+    parser.add_argument("--resources", default=None, help='JSON map, e.g. {"TPU": 4}')
+    parser.add_argument("--key-path", default=None, help="host key file (created if missing)")
+    parser.add_argument("--mesh-key-path", default=None,
+                        help="mesh key file for a node that starts a mesh (created if missing)")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+        asyncio.get_running_loop()  # already inside a loop; uvloop is chosen by main()
+    except ImportError:
+        pass
+    from latticaray.runtime.api import _default_resources
+    from latticaray.runtime.cluster import MeshRuntime
+    from latticaray.runtime.node import RuntimeNode
+
+    resources = _default_resources(args.num_cpus, args.num_gpus,
+                                   json.loads(args.resources) if args.resources else None)
+    mesh_runtime = MeshRuntime.prepare(bootstrap=args.bootstrap, credential=args.credential,
+                                       listen=args.listen, key_path=args.key_path,
+                                       mesh_key_path=args.mesh_key_path)
+    node = RuntimeNode(mesh_runtime.node_id, resources)
+    await node.start()
+    await mesh_runtime.start(node)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = {"node_id": mesh_runtime.node_id, "addrs": mesh_runtime.listen_addrs,
+             "pid": os.getpid()}
+    if mesh_runtime.admission.mesh_key is not None:
+        ready["invite"] = mesh_runtime.invite()
+    print(json.dumps(ready), flush=True)
+    await stop.wait()
+    await mesh_runtime.stop()
+    await node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
