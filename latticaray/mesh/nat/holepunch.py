@@ -255,7 +255,8 @@ class PathMetrics:
     """Which path a connection uses, and how it got there (for status and the NAT matrix)."""
 
     peer: str
-    path: str = "none"            # "direct", "punched", "birthday", "relayed"
+    path: str = "none"            # "direct", "punched", "birthday", "reversal", "relayed"
+    started_at: float | None = None
     connected_at: float | None = None
     first_rpc_at: float | None = None
     upgraded_at: float | None = None

@@ -434,6 +434,7 @@ class NatNode:
         start = self._loop.time()
         if link.best() is not None:
             return link
+        link.metrics.started_at = start
         for addr in direct_addrs:
             try:
                 await self._dial_direct(peer, addr, "direct")
@@ -449,7 +450,6 @@ class NatNode:
         link.metrics.connected_at = self._loop.time() - start
         link.metrics.path = "relayed"
         link.metrics.record(self._loop.time(), "relayed-outbound")
-        link.metrics.started = start
         if self.config.hole_punching:
             link.upgrade_task = self._spawn(self._upgrade(link, start))
             if wait_upgrade > 0:
@@ -539,7 +539,8 @@ class NatNode:
         if delay > 0:
             await asyncio.sleep(delay)
         mode = action.mode
-        link.pending_path = "birthday" if mode in (PunchMode.BIRTHDAY_EASY, PunchMode.BIRTHDAY_HARD) else "punched"
+        link.pending_path = {PunchMode.BIRTHDAY_EASY: "birthday", PunchMode.BIRTHDAY_HARD: "birthday",
+                             PunchMode.DIAL: "reversal", PunchMode.AWAIT: "reversal"}.get(mode, "punched")
         try:
             if mode is PunchMode.DIAL:
                 return await self._punch_dial(link, action)
@@ -566,7 +567,7 @@ class NatNode:
     async def _punch_dial(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
         for addr in action.remote_addrs:
             try:
-                await self._dial_direct(link.peer, addr, "direct")
+                await self._dial_direct(link.peer, addr, "reversal")
                 return addr
             except (MeshError, OSError):
                 continue
@@ -629,7 +630,11 @@ class NatNode:
                     pass
             link.metrics.record(self._loop.time(), f"birthday-probes:{prober.probes_sent}")
             if hit.done():
+                # the hard side's packet got in (a mapping we probed, maybe in an earlier round):
+                # answer it so the hard side learns which of its sockets matched
                 prober.on_reply(hit.result()[1])
+                for _ in range(3):
+                    self.transport.send_raw(hit.result(), packet)
             elif not link.direct_ready.is_set():
                 return None
             # the hard side now dials us from the socket that matched
@@ -698,6 +703,20 @@ class NatNode:
         self._extra_transports.append(extra)
         await self._dial_direct(link.peer, easy_endpoint, "birthday", transport=extra, timeout=4.0)
         return easy_endpoint
+
+    async def disconnect(self, peer: PeerId) -> None:
+        """Close every path to ``peer`` and forget its link (relay reservation stays)."""
+        link = self.links.pop(peer, None)
+        if link is None:
+            return
+        if link.upgrade_task is not None:
+            link.upgrade_task.cancel()
+            await asyncio.gather(link.upgrade_task, return_exceptions=True)
+        for session in (link.direct, link.relayed):
+            if session is not None:
+                await session.aclose("disconnect")
+        if link.direct_conn is not None:
+            link.direct_conn.close("disconnect")
 
     # -- introspection ------------------------------------------------------------------------
     def path_of(self, peer: PeerId) -> str:

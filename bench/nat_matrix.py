@@ -1,0 +1,201 @@
+"""NAT traversal matrix on real kernel NATs (needs root and ../shared/netlab).
+
+Brings up the netlab, runs a relay/bootstrap node on pub1 and a node on each of hostA, hostB
+(cone NATs), hostC (symmetric NAT), hostD (public, stateful firewall) and pub2 (public), and for
+every ordered pair measures: connected, final path, time to first RPC, time to direct upgrade,
+and unary RPC QPS over the final path. Then 20 birthday-probing attempts cone <-> symmetric, the
+same matrix with natB as a port-remapping cone, and a symmetric-symmetric pair (natA symmetric).
+The last line is one JSON object with every figure.
+
+Usage: sudo .venv/bin/python bench/nat_matrix.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "nat"))
+
+from labnodes import LabMesh  # noqa: E402
+from netlab_util import lab, netlab_available  # noqa: E402
+
+from latticaray.mesh.nat.host import PING_SERVICE  # noqa: E402
+
+NODES = ["hostA", "hostB", "hostC", "hostD", "pub2"]
+PRIVATE = ["hostA", "hostB", "hostC", "hostD"]
+QPS_SECONDS = 1.0
+QPS_CONCURRENCY = 16
+
+
+async def measure_pair(node, peer, direct_addrs, relay, qps_seconds: float, upgrade_timeout: float):
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    row = {"connected": False, "path": "none", "first_rpc_s": None, "upgrade_s": None, "qps": 0.0}
+    try:
+        link = await node.connect(peer, direct_addrs, relay)
+        await node.call(peer, PING_SERVICE, b"first", timeout=10)
+    except Exception as exc:  # a failed pair is a result, not a crash
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return row
+    row["connected"] = True
+    row["first_rpc_s"] = loop.time() - t0
+    if link.upgrade_task is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(link.upgrade_task), upgrade_timeout)
+        except (asyncio.TimeoutError, Exception):
+            pass
+    if link.metrics.upgraded_at is not None:
+        row["upgrade_s"] = link.metrics.upgraded_at - t0
+    row["path"] = link.path
+    row["punch_attempts"] = link.metrics.punch_attempts
+    count = 0
+    end = loop.time() + qps_seconds
+    payload = b"q" * 64
+
+    async def worker():
+        nonlocal count
+        while loop.time() < end:
+            await node.call(peer, PING_SERVICE, payload, timeout=10)
+            count += 1
+    started = loop.time()
+    try:
+        await asyncio.gather(*(worker() for _ in range(QPS_CONCURRENCY)))
+    except Exception as exc:
+        row["error"] = f"qps: {type(exc).__name__}: {exc}"[:200]
+    row["qps"] = count / max(1e-9, loop.time() - started)
+    row["path_after_qps"] = link.path
+    return row
+
+
+def run_pair(mesh: LabMesh, src: str, dst: str, qps_seconds: float, punching: bool = True) -> dict:
+    a, b = mesh.nodes[src], mesh.nodes[dst]
+    mesh.loops[src].run(a.disconnect(b.peer_id), 20)
+    mesh.loops[dst].run(b.disconnect(a.peer_id), 20)
+    a.config.hole_punching = punching
+    try:
+        return mesh.loops[src].run(
+            measure_pair(a, b.peer_id, mesh.direct_addrs(dst), mesh.relay_tuple(), qps_seconds, 20.0),
+            90)
+    finally:
+        a.config.hole_punching = True
+
+
+def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str,
+               extra=None) -> dict:
+    with lab(prefix, *up_args):
+        mesh = LabMesh(prefix, NODES, quic_port=4001, relay_port=4002)
+        try:
+            mesh.start()
+            discovery = mesh.discover()
+            mesh.reserve_all(PRIVATE)
+            nat = {h: {"nat_type": r.nat_type.value, "reachability": reach.value,
+                       "mapped": [f"{ip}:{port}" for ip, port in r.mapped]}
+                   for h, (r, reach) in discovery.items()}
+            rows = {}
+            for src, dst in itertools.permutations(NODES, 2):
+                rows[f"{src}->{dst}"] = run_pair(mesh, src, dst, qps_seconds)
+            result = {"label": label, "up_args": up_args, "nat": nat, "pairs": rows}
+            if extra is not None:
+                result.update(extra(mesh))
+            return result
+        finally:
+            mesh.stop()
+
+
+def birthday_trials(mesh: LabMesh, attempts: int) -> dict:
+    wins, times, probes = 0, [], []
+    outcomes = []
+    for i in range(attempts):
+        src, dst = ("hostA", "hostC") if i % 2 == 0 else ("hostC", "hostA")
+        row = run_pair(mesh, src, dst, 0.0)
+        outcomes.append(row["path"])
+        if row["path"] == "birthday":
+            wins += 1
+            times.append(row["upgrade_s"])
+    return {"birthday": {"attempts": attempts, "direct": wins, "rate": wins / attempts,
+                         "outcomes": outcomes,
+                         "median_upgrade_s": sorted(times)[len(times) // 2] if times else None}}
+
+
+def relay_baseline(mesh: LabMesh) -> dict:
+    return {"relay_baseline_hostA_hostB": run_pair(mesh, "hostA", "hostB", QPS_SECONDS, punching=False)}
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_matrix(result: dict) -> None:
+    print(f"\n== {result['label']}  (netlab up {' '.join(result['up_args']) or '(defaults)'})")
+    print(f"{'node':8} {'NAT type':22} {'reachability':12} mapped")
+    for host, info in result["nat"].items():
+        print(f"{host:8} {info['nat_type']:22} {info['reachability']:12} {', '.join(info['mapped'])}")
+    print(f"\n{'pair':16} {'conn':5} {'path':9} {'1st RPC s':>9} {'upgrade s':>9} {'tries':>5} {'QPS':>8}")
+    for pair, row in result["pairs"].items():
+        print(f"{pair:16} {'yes' if row['connected'] else 'NO':5} {row['path']:9} "
+              f"{fmt(row['first_rpc_s'], '.3f'):>9} {fmt(row['upgrade_s'], '.3f'):>9} "
+              f"{row.get('punch_attempts', 0):>5} {row['qps']:8.0f}"
+              + (f"  ! {row['error']}" if row.get("error") else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter QPS windows, 6 birthday tries")
+    parser.add_argument("--prefix", default=f"lrb{os.getpid() % 100000}")
+    args = parser.parse_args()
+    reason = netlab_available()
+    if reason is not None:
+        print(f"nat_matrix: cannot run: {reason}")
+        print(json.dumps({"skipped": reason}))
+        return 0
+    qps_seconds = 0.3 if args.quick else QPS_SECONDS
+    attempts = 6 if args.quick else 20
+    started = time.time()
+    runs = [
+        run_matrix(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)",
+                   extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m)}),
+        run_matrix(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
+                   "natB = cone-remap (port-translating cone)"),
+        run_matrix(args.prefix, ["--nat", "natA=symmetric"], qps_seconds,
+                   "natA = symmetric (symmetric-symmetric pairs hostA<->hostC)"),
+    ]
+    for result in runs:
+        print_matrix(result)
+    base = runs[0]
+    bday = base["birthday"]
+    print(f"\nbirthday probing cone<->symmetric: {bday['direct']}/{bday['attempts']} direct "
+          f"({bday['rate']:.0%}), median upgrade {fmt(bday['median_upgrade_s'], '.3f')} s")
+    rb = base["relay_baseline_hostA_hostB"]
+    ab = base["pairs"]["hostA->hostB"]
+    print(f"baseline hostA->hostB relayed (punching off): {rb['qps']:.0f} QPS; "
+          f"punched direct: {ab['qps']:.0f} QPS")
+    all_pairs = [row for r in runs for row in r["pairs"].values()]
+    connected = sum(1 for row in all_pairs if row["connected"])
+    print(f"connected pairs: {connected}/{len(all_pairs)}; wall time {time.time() - started:.0f} s "
+          "(machine shared with other engineers' jobs: QPS and timings are noisy)")
+    import aioquic
+    import cryptography
+    summary = {
+        "bench": "nat_matrix",
+        "connected": connected, "pairs": len(all_pairs),
+        "runs": runs,
+        "birthday_rate": bday["rate"],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "aioquic": aioquic.__version__,
+                     "cryptography": cryptography.__version__},
+    }
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
