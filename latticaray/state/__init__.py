@@ -15,6 +15,7 @@ Layout:
 
 from .actors import ActorRecord, ActorState, Actors, ClaimResult, NoSuchClaim
 from .atoms import Atom, Limits
+from .cluster import ClusterState
 from .core import StateCore
 from .crdts import CrdtMap, LWWMap, LWWRegister, ORSet, PNCounter
 from .errors import (
@@ -28,7 +29,7 @@ from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationSta
 from .store import Change, CollectionSpec, CrdtStore
 
 __all__ = [
-    "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom", "Limits",
+    "ClusterState", "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom", "Limits",
     "StateCore", "CrdtMap", "LWWMap", "LWWRegister", "ORSet", "PNCounter", "ClockSkewError",
     "DeltaTooLarge", "ExpiredAtom", "MalformedDelta", "NotAMember", "SignatureInvalid",
     "SnapshotError", "StateError", "StoreFull", "UnknownCollection", "WriteRejected", "Hlc",
