@@ -48,7 +48,7 @@ class ClusterState:
                  config: ReplicationConfig | None = None,
                  detector: FailureDetector | None = None, limits: Limits = DEFAULT_LIMITS,
                  snapshot_path: str | None = None, snapshot_interval: float = 30.0,
-                 heartbeat_interval: float = 1.0, call_timeout: float = 5.0,
+                 heartbeat_interval: float | None = None, call_timeout: float = 5.0,
                  max_in_flight: int = 64, tombstone_ttl: float = 24 * 3600.0,
                  publish_self: bool = True, rng: random.Random | None = None) -> None:
         self.node = node
@@ -177,14 +177,14 @@ class ClusterState:
 
     # timers -----------------------------------------------------------------------------------
     async def _run(self) -> None:
-        next_heartbeat = time.time() + self.heartbeat_interval
+        next_heartbeat = time.time() + self._heartbeat_every()
         next_snapshot = time.time() + self.snapshot_interval
         while True:
             now = time.time()
             try:
                 self._refresh_peers(now)
                 if now >= next_heartbeat:
-                    next_heartbeat = now + self.heartbeat_interval
+                    next_heartbeat = now + self._heartbeat_every()
                     if self.publish_self:
                         self._heartbeat()
                 self._dispatch(self.replica.tick(now))
@@ -206,6 +206,11 @@ class ClusterState:
                 await self._wake.wait()
             finally:
                 alarm.cancel()
+
+    def _heartbeat_every(self) -> float:
+        if self.heartbeat_interval is not None:
+            return self.heartbeat_interval
+        return self.members.heartbeat_interval()
 
     def _heartbeat(self) -> None:
         own = self.members.get(self.peer_id)

@@ -3,7 +3,8 @@
 Each member writes only its own entry (key = its peer ID; enforced by the write rule on every
 replica), re-signed at every heartbeat. Liveness is judged locally from the age of the latest
 heartbeat (the HLC time of the member's entry): ``alive`` below ``suspect_after``, ``suspect``
-below ``dead_after``, then ``dead``. Entries older than ``remove_after`` expire on every replica
+below ``dead_after``, then ``dead`` (thresholds stretch with the heartbeat interval as the mesh
+grows, see :class:`FailureDetector`). Entries older than ``remove_after`` expire on every replica
 (the collection's TTL) and are refused if they arrive later, so departed peers do not accumulate.
 A member leaving cleanly writes a tombstone.
 """
@@ -41,17 +42,34 @@ class Liveness(str, Enum):
 
 @dataclass(frozen=True)
 class FailureDetector:
-    """Heartbeat-age thresholds in seconds."""
+    """Heartbeat-age thresholds (seconds) for a small mesh, stretched as the mesh grows.
+
+    Every member heartbeats every :meth:`interval_for` seconds: ``heartbeat_interval`` until the
+    mesh has ``heartbeats_per_second`` members, then slower, so the whole mesh gossips about
+    ``heartbeats_per_second`` heartbeats per second. The suspect and dead thresholds stretch by
+    the same factor, capped at a quarter and a half of ``remove_after``.
+    """
 
     suspect_after: float = 5.0
     dead_after: float = 15.0
     remove_after: float = 120.0
+    heartbeat_interval: float = 1.0
+    heartbeats_per_second: float = 50.0
 
-    def judge(self, heartbeat: float, now: float) -> Liveness:
+    def interval_for(self, members: int) -> float:
+        return max(self.heartbeat_interval, members / self.heartbeats_per_second)
+
+    def thresholds(self, members: int) -> tuple[float, float]:
+        scale = self.interval_for(members) / self.heartbeat_interval
+        return (min(self.suspect_after * scale, max(self.suspect_after, self.remove_after / 4)),
+                min(self.dead_after * scale, max(self.dead_after, self.remove_after / 2)))
+
+    def judge(self, heartbeat: float, now: float, members: int = 0) -> Liveness:
+        suspect_after, dead_after = self.thresholds(members)
         age = now - heartbeat
-        if age < self.suspect_after:
+        if age < suspect_after:
             return Liveness.ALIVE
-        if age < self.dead_after:
+        if age < dead_after:
             return Liveness.SUSPECT
         return Liveness.DEAD
 
@@ -166,17 +184,32 @@ class Members:
                 out.append(MemberInfo.from_atom(atom))
         return out
 
+    def count(self) -> int:
+        """Entries held (alive, suspect or dead, not yet removed)."""
+        return len(self._replica.store.keys(MEMBERS))
+
+    def heartbeat_interval(self) -> float:
+        """How often this node should heartbeat, given the mesh's current size."""
+        return self.detector.interval_for(self.count())
+
     def liveness(self, peer_id: PeerId | str, now: float | None = None) -> Liveness | None:
         info = self.get(peer_id)
-        return None if info is None else self.detector.judge(info.heartbeat, self._now(now))
+        return None if info is None else self.detector.judge(info.heartbeat, self._now(now),
+                                                             self.count())
+
+    def _judged(self, now: float | None, wanted: Liveness) -> list[MemberInfo]:
+        now, members = self._now(now), self.all()
+        return [m for m in members
+                if self.detector.judge(m.heartbeat, now, len(members)) is wanted]
 
     def alive(self, now: float | None = None) -> list[MemberInfo]:
-        now = self._now(now)
-        return [m for m in self.all() if self.detector.judge(m.heartbeat, now) is Liveness.ALIVE]
+        return self._judged(now, Liveness.ALIVE)
+
+    def suspect(self, now: float | None = None) -> list[MemberInfo]:
+        return self._judged(now, Liveness.SUSPECT)
 
     def dead(self, now: float | None = None) -> list[MemberInfo]:
-        now = self._now(now)
-        return [m for m in self.all() if self.detector.judge(m.heartbeat, now) is Liveness.DEAD]
+        return self._judged(now, Liveness.DEAD)
 
     def watch(self, callback: Callable[[PeerId, MemberInfo | None], None]) -> Callable[[], None]:
         """``callback(peer_id, info_or_None)`` on every change (None: left, expired, removed)."""

@@ -17,7 +17,7 @@ Sans-I/O: ``now`` (seconds of wall time) is passed to every call that needs it.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -77,11 +77,14 @@ class CrdtStore:
 
     def __init__(self, clock: HybridClock | None = None, *,
                  is_member: Callable[[PeerId], bool] | None = None,
-                 tombstone_ttl: float = 24 * 3600.0, max_slots: int = 1_000_000) -> None:
+                 tombstone_ttl: float = 24 * 3600.0, max_slots: int = 1_000_000,
+                 max_slots_per_author: int = 100_000) -> None:
         self.clock = clock if clock is not None else HybridClock()
         self.is_member = is_member if is_member is not None else (lambda peer: True)
         self.tombstone_ttl = tombstone_ttl
         self.max_slots = max_slots
+        self.max_slots_per_author = max_slots_per_author
+        self._per_author: Counter = Counter()
         self._specs: dict[str, CollectionSpec] = {}
         self._tree: dict[str, dict[str, dict[str, Atom]]] = {}
         self._hash: dict[SlotId, int] = {}
@@ -170,6 +173,10 @@ class CrdtStore:
         verify_atom(atom)
         if current is None and self._size >= self.max_slots:
             raise StoreFull(f"store holds {self._size} slots (limit {self.max_slots})")
+        if ((current is None or current.author != atom.author)
+                and self._per_author[atom.author] >= self.max_slots_per_author):
+            raise StoreFull(f"author {atom.author.short()} already holds "
+                            f"{self.max_slots_per_author} slots")
         return True
 
     def merge(self, atoms: Iterable[Atom], now: float) -> MergeReport:
@@ -222,11 +229,13 @@ class CrdtStore:
         fp = atom_fingerprint(h, atom)
         if old is not None:
             self._trie_update(h, self._fingerprint[slot] ^ fp, 0)
+            self._per_author[old.author] -= 1
         else:
             self._positions.add((h, slot))
             self._trie_update(h, fp, 1)
             self._size += 1
         self._fingerprint[slot] = fp
+        self._per_author[atom.author] += 1
         subkeys[atom.subkey] = atom
         return Change(slot, old, atom)
 
@@ -241,6 +250,9 @@ class CrdtStore:
         self._positions.remove((h, slot))
         self._trie_update(h, self._fingerprint.pop(slot), -1)
         self._size -= 1
+        self._per_author[atom.author] -= 1
+        if not self._per_author[atom.author]:
+            del self._per_author[atom.author]
         return Change(slot, atom, None)
 
     # digest trie ------------------------------------------------------------------------------
@@ -282,6 +294,10 @@ class CrdtStore:
         for h, slot in self._positions[start:stop]:
             out.append((h, self.get(slot)))
         return out
+
+    def slots_by(self, author: PeerId) -> int:
+        """How many slots currently hold an atom by ``author`` (bounded by the per-author quota)."""
+        return self._per_author.get(author, 0)
 
     def fingerprint(self, slot: SlotId) -> int:
         return self._fingerprint.get(slot, 0)

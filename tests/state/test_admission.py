@@ -191,3 +191,18 @@ def test_unsolicited_anti_entropy_reply_is_ignored():
     assert alice.replica.handle_message(BOB.peer_id, reply, NOW) == (None, [])
     assert alice.lww_map("kv").get("x") is None
     assert alice.replica.stats.messages_rejected["unexpected_reply"] == 1
+
+
+def test_per_author_quota_stops_one_member_filling_the_store():
+    bob = StateCore(BOB, wall_clock=lambda: NOW)
+    bob.store.max_slots_per_author = 3
+    bob.lww_map("kv")
+    spam = [sign_atom(MALLORY, "kv", f"spam{i}", "", Hlc(int(NOW * 1000), i), encode_value(i))
+            for i in range(10)]
+    report = bob.store.merge(spam, NOW)
+    assert len(report.applied) == 3 and bob.store.slots_by(MALLORY.peer_id) == 3
+    honest = sign_atom(ALICE, "kv", "mine", "", Hlc(int(NOW * 1000), 0), encode_value(1))
+    assert bob.store.merge([honest], NOW).applied == [honest]
+    # taking over another author's slot counts against the new author
+    takeover = sign_atom(MALLORY, "kv", "mine", "", Hlc(int(NOW * 1000), 50), encode_value(2))
+    assert [type(e).__name__ for _, e in bob.store.merge([takeover], NOW).rejected] == ["StoreFull"]

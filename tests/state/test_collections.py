@@ -175,3 +175,14 @@ def test_tombstones_are_collected_after_their_ttl():
     clock.t += 61
     core.store.gc(clock.t)
     assert len(core.store) == 0 and core.store.node(0, 0) == (0, 0)
+
+
+def test_heartbeat_interval_and_thresholds_stretch_with_mesh_size():
+    detector = FailureDetector(suspect_after=5, dead_after=15, remove_after=120,
+                               heartbeat_interval=1, heartbeats_per_second=50)
+    assert detector.interval_for(10) == 1 and detector.interval_for(1000) == 20
+    assert detector.thresholds(10) == (5, 15)
+    assert detector.thresholds(100) == (10, 30)
+    assert detector.thresholds(1000) == (30, 60)  # capped by remove_after
+    assert detector.judge(0, 20, members=10) is Liveness.DEAD
+    assert detector.judge(0, 20, members=1000) is Liveness.ALIVE
