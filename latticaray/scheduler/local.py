@@ -42,10 +42,14 @@ class FairQueue(Generic[T]):
         self.limit = limit
         self.per_submitter_limit = per_submitter_limit
         self._queues: "OrderedDict[str, deque[tuple[str, T]]]" = OrderedDict()
+        self._keys: set[str] = set()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
     def submitters(self) -> list[str]:
         return list(self._queues)
@@ -63,9 +67,13 @@ class FairQueue(Generic[T]):
         if not self.has_room(submitter):
             raise QueueFull(f"submitter {submitter} already has {self.per_submitter_limit} waiting")
         self._queues.setdefault(submitter, deque()).append((key, item))
+        self._keys.add(key)
         self._size += 1
 
     def remove(self, key: str) -> T | None:
+        if key not in self._keys:
+            return None
+        self._keys.discard(key)
         for submitter, queue in self._queues.items():
             for i, (k, item) in enumerate(queue):
                 if k == key:
@@ -79,9 +87,10 @@ class FairQueue(Generic[T]):
     def pop_ready(self, can_run: Callable[[T], bool]) -> T | None:
         """Pop the head of the first submitter (in round-robin order) whose head can run."""
         for submitter, queue in self._queues.items():
-            _key, item = queue[0]
+            key, item = queue[0]
             if can_run(item):
                 queue.popleft()
+                self._keys.discard(key)
                 self._size -= 1
                 del self._queues[submitter]
                 if queue:
@@ -113,10 +122,14 @@ class LocalScheduler:
     """One node's admission control and fair local queue over a :class:`ResourceLedger`."""
 
     def __init__(self, node_id: str, ledger: ResourceLedger, *, labels: Mapping[str, str] | None = None,
-                 queue_limit: int = 64, per_submitter_limit: int | None = None) -> None:
+                 queue_limit: int | None = None, per_submitter_limit: int | None = None) -> None:
         self.node_id = node_id
         self.ledger = ledger
         self.labels = dict(labels or {})
+        if queue_limit is None:
+            # One waiting request per CPU keeps workers busy between placements; deeper queues
+            # only let stale-ad herding pile work on a few nodes (the backlog waits at submitters).
+            queue_limit = max(1, int(ledger.total.get("CPU", 1)))
         self.queue: FairQueue[PlacementRequest] = FairQueue(queue_limit, per_submitter_limit)
         self._running: dict[str, PlacementRequest] = {}
         #: Bumped on every change of load or capacity (the advertiser refreshes on change).
@@ -138,18 +151,18 @@ class LocalScheduler:
 
     def offer(self, request: PlacementRequest, now: float) -> Admission:
         """Admit, queue or reject ``request`` (which a submitter placed here)."""
-        if request.task_id in self._running or self.queue_contains(request.task_id):
+        if request.task_id in self._running or request.task_id in self.queue:
             return Admission(AdmissionKind.REJECTED, request.task_id, self.node_id,
                              reason="duplicate task id", hint=self.view(now))
         if not labels_match(self.labels, request.label_selector):
             return self._reject(request, now, f"labels {self.labels} do not match "
                                               f"{request.label_selector}", infeasible=True)
-        if not self.ledger.could_ever_fit(request.resources):
+        if not self.ledger.could_ever_fit(request.resources, normalized=True):
             return self._reject(request, now, f"total capacity {self.ledger.total} cannot hold "
                                               f"{request.resources}", infeasible=True)
         if not self.accepting:
             return self._reject(request, now, "node is draining", infeasible=True)
-        if self.ledger.can_fit(request.resources):
+        if self.ledger.can_fit(request.resources, normalized=True):
             allocation = self.ledger.acquire(request.task_id, request.resources)
             self._running[request.task_id] = request
             self.version += 1
@@ -160,10 +173,7 @@ class LocalScheduler:
         self.queue.push(request.submitter, request.task_id, request)
         self.version += 1
         return Admission(AdmissionKind.QUEUED, request.task_id, self.node_id,
-                         reason=f"waiting for {self.ledger.missing(request.resources)}")
-
-    def queue_contains(self, task_id: str) -> bool:
-        return any(k == task_id for q in self.queue._queues.values() for k, _ in q)
+                         reason=f"waiting for {self.ledger.missing(request.resources, normalized=True)}")
 
     def _reject(self, request: PlacementRequest, now: float, reason: str, infeasible: bool = False) -> Admission:
         return Admission(AdmissionKind.REJECTED, request.task_id, self.node_id, reason=reason,
@@ -200,7 +210,7 @@ class LocalScheduler:
     def _dispatch(self) -> list[Admission]:
         started: list[Admission] = []
         while len(self.queue):
-            request = self.queue.pop_ready(lambda r: self.ledger.can_fit(r.resources))
+            request = self.queue.pop_ready(lambda r: self.ledger.can_fit(r.resources, normalized=True))
             if request is None:
                 break
             allocation = self.ledger.acquire(request.task_id, request.resources)

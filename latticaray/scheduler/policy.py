@@ -28,7 +28,8 @@ How a node is chosen (strategy ``DEFAULT``):
    scheduling) instead of queueing behind strangers far from it.
 5. *Load*: otherwise the least loaded of the sampled nodes (free now beats queueing; then
    ``(running + queued + 1) / CPUs``); if none is free, ``extra_samples_when_full`` more are
-   looked at before queueing.
+   looked at before queueing, and in meshes of up to ``full_scan_limit`` feasible nodes every one
+   is looked at before deciding to WAIT.
 
 ``SPREAD`` walks the feasible nodes round-robin (per submitter), taking the first that can start
 the task now (else the least loaded of those looked at). ``NodeAffinity(node, soft=False)`` places
@@ -160,13 +161,14 @@ class ClusterSnapshot:
     """A submitter's view of the mesh: node views and object locations.
 
     Load-only updates (same totals, labels and liveness) keep the feasibility cache; membership
-    or capacity changes invalidate it.
+    or capacity changes invalidate it. ``objects`` is used as given (not copied), so several
+    snapshots on one node can share one table of object locations.
     """
 
-    def __init__(self, nodes: Iterable[NodeView] = (), objects: Mapping[bytes | str, ObjectInfo] | None = None,
+    def __init__(self, nodes: Iterable[NodeView] = (), objects: dict[bytes | str, ObjectInfo] | None = None,
                  local_node: str | None = None) -> None:
         self.nodes: dict[str, NodeView] = {}
-        self.objects: dict[bytes | str, ObjectInfo] = dict(objects or {})
+        self.objects: dict[bytes | str, ObjectInfo] = objects if objects is not None else {}
         self.local_node = local_node
         self.version = 0
         self._feasible_cache: dict[tuple, list[str]] = {}
@@ -283,7 +285,8 @@ class PlacementPolicy:
 
     def __init__(self, *, seed: int | None = None, choices: int = 2, locality_slack: float = 1.3,
                  settle_time: float = 0.05, pending_max_age: float = 30.0,
-                 extra_samples_when_full: int = 8, locality_delay: float = 5.0) -> None:
+                 extra_samples_when_full: int = 8, locality_delay: float = 5.0,
+                 full_scan_limit: int = 128) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
         self.rng = random.Random(seed)
@@ -293,6 +296,7 @@ class PlacementPolicy:
         self.pending_max_age = pending_max_age
         self.extra_samples_when_full = extra_samples_when_full
         self.locality_delay = locality_delay
+        self.full_scan_limit = full_scan_limit
         self._pending: dict[str, _Pending] = {}
         self._spread_cursor: dict[tuple, int] = {}
 
@@ -458,6 +462,11 @@ class PlacementPolicy:
                     for n in self._sample(feasible, self.extra_samples_when_full, taken)]
             free = [e for e in more if e.room_now]
             best = self._least_loaded(([best] if best else []) + (free or more))
+            if best is None and len(feasible) <= self.full_scan_limit:
+                # Small mesh: before waiting, make sure no feasible node at all can take it.
+                rest = [self._estimate(snapshot.nodes[n], request, now, snapshot)
+                        for n in feasible if n not in taken]
+                best = self._least_loaded(rest)
         if best is None:
             return Decision(DecisionKind.WAIT, reason="every candidate node is full and its queue is full",
                             holder_available=bool(holders))

@@ -155,22 +155,27 @@ class ResourceLedger:
         return len(self._allocations)
 
     # checks -----------------------------------------------------------------------------------
-    def could_ever_fit(self, demand: Mapping[str, float]) -> bool:
-        """True when the request fits the node's total capacity (an idle node could run it)."""
-        demand = normalize(demand)
+    def could_ever_fit(self, demand: Mapping[str, float], *, normalized: bool = False) -> bool:
+        """True when the request fits the node's total capacity (an idle node could run it).
+
+        ``normalized=True`` skips validation for a demand that already went through
+        :func:`normalize` (as every ``PlacementRequest.resources`` has)."""
+        if not normalized:
+            demand = normalize(demand)
         return all(self._total_units.get(k, 0) >= _units(v) for k, v in demand.items())
 
-    def missing(self, demand: Mapping[str, float]) -> dict[str, float]:
+    def missing(self, demand: Mapping[str, float], *, normalized: bool = False) -> dict[str, float]:
         """What is short right now for ``demand`` (empty when :meth:`acquire` would succeed)."""
-        demand = normalize(demand)
+        if not normalized:
+            demand = normalize(demand)
         short = {k: (_units(v) - self._free_units.get(k, 0)) / GRANULARITY
                  for k, v in demand.items() if self._free_units.get(k, 0) < _units(v)}
         if not short and demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None:
             short[GPU] = demand[GPU]  # enough GPU in aggregate, but fragmented across devices
         return short
 
-    def can_fit(self, demand: Mapping[str, float]) -> bool:
-        return not self.missing(demand)
+    def can_fit(self, demand: Mapping[str, float], *, normalized: bool = False) -> bool:
+        return not self.missing(demand, normalized=normalized)
 
     # acquire / release ------------------------------------------------------------------------
     def acquire(self, allocation_id: str, demand: Mapping[str, float],

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from latticaray.mesh.sim import Simulator, VirtualNetwork
 
 from .local import AdmissionKind, LocalScheduler
-from .policy import ClusterSnapshot, NodeView, PlacementPolicy, PlacementRequest
-from .resources import ResourceLedger
+from .policy import (
+    ClusterSnapshot, Decision, DecisionKind, NodeView, ObjectInfo, PlacementPolicy, PlacementRequest,
+)
+from .resources import ResourceLedger, fits
 from .submitter import Placed, PlacementFailed, SendPlacement, Submitter
 
-__all__ = ["SimulationConfig", "SimulationResult", "run_simulation"]
+__all__ = ["SimulationConfig", "SimulationResult", "RandomPlacement", "run_simulation"]
 
 
 @dataclass
@@ -43,7 +45,7 @@ class SimulationConfig:
     ad_period: float = 1.0
     view_period: float = 1.0
     latency: float = 0.005
-    queue_per_cpu: int = 2
+    queue_per_cpu: int = 1
     gpu_task_fraction: float = 0.02
     custom_task_fraction: float = 0.005
     label_task_fraction: float = 0.05
@@ -52,6 +54,9 @@ class SimulationConfig:
     locality_slack: float = 1.3
     locality_delay: float = 10.0
     sample_every: float = 0.5
+    #: "latticaray" (this package's policy) or "random" (baseline: uniform random feasible node
+    #: with room in its ad, no locality, no anti-herding memory).
+    policy: str = "latticaray"
     #: Stop the run after this much virtual time even if tasks remain (bounded loops).
     time_limit: float = 600.0
 
@@ -105,6 +110,26 @@ class SimulationResult:
         }
 
 
+class RandomPlacement(PlacementPolicy):
+    """Baseline: a uniformly random feasible node whose ad shows room (or queue space)."""
+
+    def _place_default(self, snapshot, request, now):
+        feasible = self._feasible(snapshot, request)
+        if not feasible:
+            return self._no_candidate(snapshot, request)
+        for _ in range(16):
+            view = snapshot.nodes[feasible[self.rng.randrange(len(feasible))]]
+            room = fits(view.available, request.resources)
+            if room or view.queue_limit is None or view.queued < view.queue_limit:
+                return Decision(DecisionKind.PLACE, view.node_id, reason="random",
+                                local_bytes=self._local_bytes(view.node_id, request, snapshot),
+                                room_now=room)
+        return Decision(DecisionKind.WAIT, reason="random candidates were full")
+
+    def _record(self, node_id, request, now, queues):
+        pass  # no anti-herding memory
+
+
 def run_simulation(config: SimulationConfig) -> SimulationResult:
     sim = Simulator(seed=config.seed)
     rng = sim.rng
@@ -129,9 +154,12 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     # submitters ------------------------------------------------------------------------------
     submitter_ids = node_ids[:: max(1, config.nodes // config.submitters)][: config.submitters]
     submitters: dict[str, Submitter] = {}
+    # Object locations come from the DHT provider records; every submitter sees the same table.
+    object_table: dict = {}
     for k, sid in enumerate(submitter_ids):
-        snapshot = ClusterSnapshot(board.values(), local_node=sid)
-        policy = PlacementPolicy(seed=config.seed * 1000 + k, choices=config.choices,
+        snapshot = ClusterSnapshot(board.values(), objects=object_table, local_node=sid)
+        policy_class = RandomPlacement if config.policy == "random" else PlacementPolicy
+        policy = policy_class(seed=config.seed * 1000 + k, choices=config.choices,
                                  locality_slack=config.locality_slack,
                                  locality_delay=config.locality_delay, settle_time=2 * config.latency)
         submitters[sid] = Submitter(sid, policy, snapshot, max_attempts=config.max_attempts,
@@ -267,8 +295,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         sub = submitters[sid]
         request = make_task(k, sid)
         size, holders = objects[request.args[0][0]]
-        for s in submitters.values():  # object locations are learned from the DHT/provider records
-            s.snapshot.set_object(request.args[0][0], size, holders)
+        object_table[request.args[0][0]] = ObjectInfo(size, holders)
         submitted_at[request.task_id] = sim.now
         holders_of_task[request.task_id] = holders
         feasible_holder[request.task_id] = any(is_feasible(h, request) for h in holders)
@@ -295,6 +322,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         if utilization > 0.9 and (queued_total + waiting) > total_cpu * 0.5:
             mean = sum(loads) / len(loads)
             result.saturated_ratios.append(max(loads) / mean)
+            result.saturated_utilization.append(utilization)
         if sim.now < config.time_limit and result.finished + result.failed < config.tasks:
             sim.call_later(config.sample_every, sample)
 
