@@ -115,3 +115,72 @@ class LabMesh:
             loop.stop()
         self.nodes.clear()
         self.loops.clear()
+
+
+class MeshLab:
+    """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNat` on it."""
+
+    def __init__(self, prefix: str, hosts: list[str], quic_port: int, relay_port: int,
+                 hole_punching: bool = True, relay_capture: bool = False) -> None:
+        self.prefix = prefix
+        self.quic_port = quic_port
+        self.relay_port = relay_port
+        self.hosts = list(dict.fromkeys(["pub1", *hosts]))
+        self.hole_punching = hole_punching
+        self.relay_capture = relay_capture
+        self.loops: dict[str, NamespaceLoop] = {}
+        self.nodes: dict = {}
+        self.nats: dict = {}
+
+    async def _start_one(self, host: str):
+        from latticaray.mesh.nat.mesh_nat import MeshNat
+        from latticaray.mesh.node import MeshConfig, MeshNode
+        node = MeshNode(MeshConfig(listen=[f"/ip4/0.0.0.0/udp/{self.quic_port}/quic-v1"],
+                                   transports=("quic",), dial_timeout=10.0))
+        await node.start()
+        public = host in PUBLIC_NODES
+        nat = MeshNat(node, NatNodeConfig(
+            policy=LAB_POLICY, serve_autonat=public, serve_relay=(host == "pub1"),
+            relay_port=self.relay_port, relay_capture=self.relay_capture,
+            hole_punching=self.hole_punching,
+            autonat_client=AutoNatClientConfig(min_confirmations=1 if public else 2,
+                                               dial_back_timeout=1.5)))
+        await nat.start()
+        return node, nat
+
+    def start(self) -> None:
+        for host in self.hosts:
+            self.loops[host] = NamespaceLoop(self.prefix, host)
+        for host in self.hosts:
+            self.nodes[host], self.nats[host] = self.loops[host].run(self._start_one(host), 30)
+
+    def discover_and_reserve(self) -> dict:
+        relay = self.nodes["pub1"].peer_id
+
+        async def one(host: str):
+            nat = self.nats[host]
+            report = await nat.detect_nat([(IPS[p], self.quic_port) for p in PUBLIC_NODES])
+            reach = await nat.check_reachability([(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host])
+            if host not in PUBLIC_NODES:
+                await nat.reserve_relay(relay, IPS["pub1"], self.relay_port)
+            return report, reach
+        futures = {h: self.loops[h].submit(one(h)) for h in self.hosts}
+        return {h: f.result(40) for h, f in futures.items()}
+
+    def circuit_addr(self, host: str) -> str:
+        return self.nats[host].circuit_address()
+
+    def stop(self) -> None:
+        async def stop_one(host):
+            await self.nats[host].stop()
+            await self.nodes[host].stop()
+        for host in list(self.nodes):
+            try:
+                self.loops[host].run(stop_one(host), 20)
+            except Exception:
+                pass
+        for loop in self.loops.values():
+            loop.stop()
+        self.nodes.clear()
+        self.nats.clear()
+        self.loops.clear()

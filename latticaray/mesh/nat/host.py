@@ -104,11 +104,14 @@ class PeerLink:
 class NatNode:
     """A node's NAT-traversal side over its shared QUIC socket (see the module docstring)."""
 
-    def __init__(self, key: KeyPair | None = None, config: NatNodeConfig | None = None) -> None:
+    def __init__(self, key: KeyPair | None = None, config: NatNodeConfig | None = None, *,
+                 transport: QuicTransport | None = None, router: RpcRouter | None = None) -> None:
         self.key = key or KeyPair.generate()
         self.config = config or NatNodeConfig()
-        self.router = RpcRouter()
-        self.transport = QuicTransport(self.key, self.config.quic, on_connection=self._on_quic)
+        self.router = router if router is not None else RpcRouter()
+        self._owns_transport = transport is None
+        self.transport = transport if transport is not None else QuicTransport(
+            self.key, self.config.quic, on_connection=self._on_quic)
         self.links: dict[PeerId, PeerLink] = {}
         self.autonat_client = AutoNatClient(self.config.autonat_client, self.config.policy)
         self.autonat_server = AutoNatServer(self.config.autonat_server, self.config.policy)
@@ -142,7 +145,10 @@ class NatNode:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.transport.listen(self.config.listen_host, self.config.quic_port)
+        if self._owns_transport:
+            await self.transport.listen(self.config.listen_host, self.config.quic_port)
+        elif self.transport.local_address is None:
+            raise RuntimeError("the shared QUIC transport must be listening before NAT starts")
         self.transport.unknown_datagram_handler = self._on_datagram
         self.nat_detector = NatTypeDetector(self._local_endpoints())
         if self.config.serve_autonat:
@@ -170,7 +176,10 @@ class NatNode:
             self._dialback.close()
         for extra in self._extra_transports:
             await extra.close()
-        await self.transport.close()
+        if self._owns_transport:
+            await self.transport.close()
+        elif self.transport.unknown_datagram_handler == self._on_datagram:
+            self.transport.unknown_datagram_handler = None
 
     def _spawn(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
@@ -556,6 +565,9 @@ class NatNode:
             log.info("punch (%s) with %s failed: %s", mode.value, link.peer, exc)
         return None
 
+    def _direct_up(self, link: PeerLink) -> bool:
+        return link.direct_ready.is_set()
+
     async def _await_direct(self, link: PeerLink, timeout: float) -> Endpoint | None:
         try:
             await asyncio.wait_for(link.direct_ready.wait(), timeout)
@@ -584,7 +596,7 @@ class NatNode:
         packet = MAGIC + wire.encode("punch", tok=action.token)
         deadline = self._loop.time() + self.config.punch_budget
         try:
-            while self._loop.time() < deadline and not link.direct_ready.is_set():
+            while self._loop.time() < deadline and not self._direct_up(link):
                 for addr in action.remote_addrs:
                     self.transport.send_raw(addr, packet)
                 if seen.done() and initiator:
@@ -621,7 +633,7 @@ class NatNode:
         prober = EasySideProber(self.config.birthday, self._loop.time(), self._rng)
         try:
             while (not prober.finished(self._loop.time()) and not hit.done()
-                   and not link.direct_ready.is_set()):
+                   and not self._direct_up(link)):
                 for port in prober.next_batch(self._loop.time()):
                     self.transport.send_raw((hard_ip, port), packet)
                 try:
@@ -635,7 +647,7 @@ class NatNode:
                 prober.on_reply(hit.result()[1])
                 for _ in range(3):
                     self.transport.send_raw(hit.result(), packet)
-            elif not link.direct_ready.is_set():
+            elif not self._direct_up(link):
                 return None
             # the hard side now dials us from the socket that matched
             return await self._await_direct(link, 5.0)

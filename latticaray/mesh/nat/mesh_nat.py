@@ -1,0 +1,187 @@
+"""NAT traversal attached to a :class:`~latticaray.mesh.node.MeshNode`.
+
+:class:`MeshNat` runs the NAT machinery of :class:`~latticaray.mesh.nat.host.NatNode` on the
+node's own shared QUIC socket and RPC router, and plugs relayed connections into the node's
+connection manager:
+
+* a ``circuit`` transport adapter: dialing ``<relay addr>/p2p/RELAY/p2p-circuit/p2p/PEER``
+  opens a circuit on the relay and an end-to-end TLS session inside it; inbound circuits are
+  handed to the manager like any inbound connection (transport name ``relay``), so
+  ``node.call`` works over the relay with no change for the caller;
+* after a relayed connection that this node dialed comes up, a DCUtR upgrade runs over it; once
+  a direct QUIC connection is registered, the relayed one is closed and the circuit address stays
+  in the peer store, so the manager re-dials through the relay if the direct path dies.
+
+Usage::
+
+    nat = MeshNat(node, NatNodeConfig(policy=..., serve_relay=True, relay_port=4002))
+    await nat.start()                                  # after node.start()
+    await nat.detect_nat(observers); await nat.check_reachability(servers)
+    await nat.reserve_relay(relay_peer, host, port)    # private nodes
+    nat.circuit_address()                              # advertise this (identify/DHT)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..connmgr import RPC_PROTOCOL_PREAMBLE, MeshConnection, RawConnection, TransportAdapter
+from ..errors import PeerUnreachable
+from ..identity import PeerId
+from ..multiaddr import Multiaddr
+from ..transport.quic import QuicTransport
+from .addresses import Endpoint
+from .host import NatNode, NatNodeConfig, PeerLink
+from .tunnel import SecureTunnel
+
+log = logging.getLogger(__name__)
+
+CIRCUIT = "circuit"
+RELAY_TRANSPORT_NAME = "relay"
+
+
+def _relayed_raw(tunnel: SecureTunnel, outbound: bool, addr: Multiaddr | None) -> RawConnection:
+    return RawConnection(peer_id=tunnel.remote_peer, channel=tunnel, transport=RELAY_TRANSPORT_NAME,
+                         remote_addr=addr, outbound=outbound, close=lambda _reason: tunnel.close())
+
+
+class CircuitAdapter(TransportAdapter):
+    """Dials ``/p2p-circuit`` addresses through the relay named in them (TCP relay leg)."""
+
+    name = CIRCUIT
+
+    def __init__(self, nat: "MeshNat") -> None:
+        self.nat = nat
+
+    def can_listen(self, addr: Multiaddr) -> bool:
+        return False
+
+    def can_dial(self, addr: Multiaddr) -> bool:
+        relay = addr.relay_addr
+        return addr.transport == CIRCUIT and relay is not None and relay.transport == "tcp" \
+            and addr.relay_peer is not None
+
+    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float) -> RawConnection:
+        target = expected_peer or addr.peer_id
+        if target is None:
+            raise PeerUnreachable(f"circuit address {addr} names no target peer")
+        relay = addr.relay_addr
+        tunnel = await self.nat.relay_client.connect(addr.relay_peer, relay.host, relay.port, target,
+                                                     timeout=timeout)
+        self.nat._note_relayed_dial(target)
+        return _relayed_raw(tunnel, True, addr)
+
+    async def close(self) -> None:
+        return None
+
+
+class MeshNat(NatNode):
+    """NAT traversal for one MeshNode (see the module docstring)."""
+
+    def __init__(self, node, config: NatNodeConfig | None = None) -> None:
+        if node.quic is None or node.quic.local_address is None:
+            raise RuntimeError("MeshNat needs a started MeshNode that listens on QUIC")
+        super().__init__(node.key, config, transport=node.quic, router=node.router)
+        self.node = node
+        self._dialed_relayed: set[PeerId] = set()
+
+    async def start(self) -> None:
+        await super().start()
+        manager = self.node.connections
+        manager.add_adapter(CircuitAdapter(self))
+        if CIRCUIT not in manager.transport_preference:
+            manager.transport_preference = tuple(manager.transport_preference) + (CIRCUIT,)
+        self.node.on_peer_connected(self._on_peer_connected)
+
+    # -- relayed connections into the manager ----------------------------------------------
+    async def _on_relayed_incoming(self, tunnel: SecureTunnel) -> None:
+        self.node.connections.accept_inbound(_relayed_raw(tunnel, False, None))
+
+    def _note_relayed_dial(self, peer: PeerId) -> None:
+        self._dialed_relayed.add(peer)
+
+    def _relayed_connection(self, peer: PeerId) -> MeshConnection | None:
+        for conn in self.node.connections.connections(peer):
+            if conn.transport == RELAY_TRANSPORT_NAME and not conn.closed and not conn.session.closed:
+                return conn
+        return None
+
+    def _direct_connection(self, peer: PeerId) -> MeshConnection | None:
+        for conn in self.node.connections.connections(peer):
+            if conn.transport == "quic" and not conn.closed and not conn.session.closed:
+                return conn
+        return None
+
+    def _on_peer_connected(self, peer: PeerId) -> None:
+        if peer not in self._dialed_relayed:
+            return
+        self._dialed_relayed.discard(peer)
+        relayed = self._relayed_connection(peer)
+        if relayed is None or not self.config.hole_punching:
+            return
+        link = self._link(peer)
+        link.relayed = relayed.session
+        link.metrics.path = "relayed"
+        link.metrics.started_at = self._loop.time()
+        link.upgrade_task = self._spawn(self._upgrade_and_migrate(link))
+
+    async def _upgrade_and_migrate(self, link: PeerLink) -> bool:
+        ok = await self._upgrade(link, self._loop.time())
+        if ok and self._direct_connection(link.peer) is not None:
+            relayed = self._relayed_connection(link.peer)
+            if relayed is not None:
+                relayed.close("upgraded to a direct connection")
+        return ok
+
+    # -- direct paths through the manager ---------------------------------------------------
+    def _direct_up(self, link: PeerLink) -> bool:
+        return self._direct_connection(link.peer) is not None
+
+    async def _await_direct(self, link: PeerLink, timeout: float) -> Endpoint | None:
+        deadline = self._loop.time() + timeout
+        while self._loop.time() < deadline:
+            conn = self._direct_connection(link.peer)
+            if conn is not None:
+                self._mark_direct(link, conn)
+                addr = conn.remote_addr
+                return (addr.host, addr.port) if addr is not None else ("?", 0)
+            await asyncio.sleep(0.02)
+        return None
+
+    def _mark_direct(self, link: PeerLink, conn: MeshConnection) -> None:
+        now = self._loop.time()
+        path = getattr(link, "pending_path", None) or "direct"
+        link.direct, link.direct_path = conn.session, path
+        link.metrics.path = path
+        if link.metrics.upgraded_at is None:
+            link.metrics.upgraded_at = now
+        link.metrics.record(now, f"direct:{path}")
+        link.direct_ready.set()
+
+    async def _dial_direct(self, peer: PeerId, addr: Endpoint, path: str,
+                           transport: QuicTransport | None = None,
+                           timeout: float | None = None) -> PeerLink:
+        timeout = timeout or self.config.direct_dial_timeout
+        target = Multiaddr.parse(f"/ip4/{addr[0]}/udp/{addr[1]}/quic-v1/p2p/{peer}")
+        manager = self.node.connections
+        if transport is None or transport is self.transport:
+            raw = await manager.adapters["quic"].dial(target, peer, timeout)
+        else:
+            conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
+            channel = conn.open_channel()
+            channel.write(RPC_PROTOCOL_PREAMBLE)
+            raw = RawConnection(peer_id=conn.remote_peer, channel=channel, transport="quic",
+                                remote_addr=conn.remote_addr, outbound=True, close=conn.close,
+                                on_close=lambda cb, c=conn: c.on_close(lambda _c: cb()))
+        manager.accept_inbound(raw)
+        link = self._link(peer)
+        link.pending_path = path
+        conn = self._direct_connection(peer)
+        if conn is None:
+            raise PeerUnreachable(f"direct connection to {peer} was refused by the manager")
+        self._mark_direct(link, conn)
+        return link
+
+    def _on_quic(self, conn) -> None:
+        return None       # the node's QUIC adapter accepts inbound connections
