@@ -1,17 +1,18 @@
 """Cluster-state CRDT replication at 1,000 simulated nodes: rounds and bytes to converge.
 
 Runs the production sans-I/O state cores (``latticaray.state``) on the discrete-event simulator
-(``latticaray.mesh.sim``): 20 ms one-way latency, gossip flush every 0.1 s to 6 random peers,
+(``latticaray.mesh.sim``): 20 ms one-way latency, gossip flush every 0.1 s (atoms pushed to 2 random peers, announced to 6 more),
 anti-entropy (digest trie) with one random peer every 1 s. Every replica starts with the same
 1,000-entry ``members`` collection (one signed entry per node), installed without traffic.
 
 Scenarios:
-  A  one write, whole network connected: time, gossip rounds and bytes until all 1,000 hold it.
+  A  one write, whole network connected: time, gossip rounds and bytes until all 1,000 hold it;
+     baseline in the same run: eager push only (to 8 peers, no announcements).
   B  50/50 partition, one write on one side, heal: anti-entropy rounds and bytes per round until
      all 1,000 replicas have identical digests.
   C  50/50 partition, 10 writes on each side, heal: same measures.
   D  idle, in sync: bytes per node per anti-entropy round.
-Baseline (computed in the same run): a full-state exchange, i.e. one replica's whole state sent
+Reference (computed in the same run): a full-state exchange, i.e. one replica's whole state sent
 once per node per round.
 
 Usage: python bench/crdt.py [--nodes 1000] [--seed 1]
@@ -63,6 +64,18 @@ def write(cluster: SimCluster, index: int, cpu_free: float):
     atom = core.replica.write(MEMBERS, str(pid), "", msgpack.unpackb(member_value(index, cpu_free)))
     cluster.after_write(pid)
     return atom
+
+
+def spread_one_write(cluster: SimCluster, index: int, cpu_free: float):
+    n = len(cluster.ids)
+    before_bytes, before_msgs = cluster.net.stats.bytes_sent, cluster.net.stats.messages_sent
+    atom = write(cluster, index, cpu_free)
+    spread = cluster.run_until(lambda: cluster.count_having(atom.slot, atom) == n, timeout=10,
+                               check_every=0.01)
+    sent = cluster.net.stats.bytes_sent - before_bytes
+    messages = cluster.net.stats.messages_sent - before_msgs
+    cluster.run_until(cluster.converged, timeout=5)
+    return spread, sent, messages
 
 
 def measure_heal(cluster: SimCluster, writes_per_side: tuple[int, int], interval: float) -> dict:
@@ -118,14 +131,13 @@ def main() -> None:
     cluster.run_until(lambda: False, timeout=3 * ae_interval)
     idle_per_node_round = (cluster.net.stats.bytes_sent - before) / (3 * n)
 
-    # A: one write, connected
-    before_bytes, before_msgs = cluster.net.stats.bytes_sent, cluster.net.stats.messages_sent
-    atom = write(cluster, 0, 7.5)
-    spread = cluster.run_until(lambda: cluster.count_having(atom.slot, atom) == n, timeout=10,
-                               check_every=0.01)
-    a_bytes = cluster.net.stats.bytes_sent - before_bytes
-    a_msgs = cluster.net.stats.messages_sent - before_msgs
-    cluster.run_until(cluster.converged, timeout=5)
+    # A: one write, connected (default gossip: eager + lazy), then the eager-only baseline
+    spread, a_bytes, a_msgs = spread_one_write(cluster, 0, 7.5)
+    config = cluster.config  # shared by every replica
+    eager, lazy = config.fanout, config.lazy_fanout
+    config.fanout, config.lazy_fanout = eager + lazy, 0
+    base_spread, base_bytes, base_msgs = spread_one_write(cluster, 2, 7.4)
+    config.fanout, config.lazy_fanout = eager, lazy
 
     # B and C: partition, heal
     b = measure_heal(cluster, (1, 0), ae_interval)
@@ -142,7 +154,9 @@ def main() -> None:
          f"{math.ceil(spread / gossip_interval) if spread else '-'} gossip rounds of "
          f"{gossip_interval} s"),
         ("A: traffic for that write", f"{a_bytes} B, {a_msgs} msgs",
-         f"{a_bytes / n:.0f} B/node"),
+         f"{a_bytes / n:.0f} B/node (push {eager} + announce {lazy})"),
+        ("A baseline: eager push only", f"{base_spread:.2f} s" if base_spread else "not reached",
+         f"{base_bytes / n:.0f} B/node (push to {eager + lazy})"),
         ("B: heal, 1 write -> converged",
          f"{b['rounds_to_converge']} AE rounds ({b['seconds_to_converge']:.2f} s)",
          f"round = {ae_interval} s; target <= 3"),
@@ -168,6 +182,10 @@ def main() -> None:
         "single_write_spread_s": spread,
         "single_write_gossip_rounds": math.ceil(spread / gossip_interval) if spread else None,
         "single_write_bytes": a_bytes, "single_write_messages": a_msgs,
+        "lazy_fanout": lazy,
+        "baseline_eager_only_spread_s": base_spread, "baseline_eager_only_bytes": base_bytes,
+        "baseline_eager_only_messages": base_msgs,
+        "heal_target_met": bool(b["rounds_to_converge"] and b["rounds_to_converge"] <= 3),
         "heal_single_write_rounds": b["rounds_to_converge"],
         "heal_single_write_seconds": b["seconds_to_converge"],
         "heal_single_write_bytes_per_round": b["bytes_per_round"],

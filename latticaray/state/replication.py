@@ -5,9 +5,11 @@ node's key. It signs local writes (:meth:`Replica.write`) and speaks protocol
 ``/latticaray/state/1`` (docs/protocol/state.md) as bytes in, bytes out:
 
 * **Gossip** — atoms that changed local state (local writes, and atoms newly learned from peers)
-  are batched and pushed every ``gossip_interval`` to ``fanout`` random peers. A replica forwards
-  an atom only the first time it applies it (infect-and-die), so each write costs about
-  ``N * fanout`` small messages cluster-wide.
+  are batched every ``gossip_interval`` and pushed in full to ``fanout`` random peers and
+  announced (``ihave``: slot hash and version only) to ``lazy_fanout`` others, which pull what
+  they lack (``iwant``). A replica forwards an atom only the first time it applies it
+  (infect-and-die), so a write costs each replica about ``fanout`` copies of the atom plus
+  ``lazy_fanout`` announcements.
 * **Anti-entropy** — every ``anti_entropy_interval`` the replica opens a session with one random
   peer and descends the two digest tries together: the responder answers each differing node
   with its children's fingerprints, or, once a node holds at most ``leaf_max`` slots, with a short
@@ -45,7 +47,13 @@ Outgoing = tuple[PeerId, bytes]
 
 @dataclass
 class ReplicationConfig:
-    fanout: int = 6
+    #: Peers each gossip flush sends the atoms to in full ("eager push") ...
+    fanout: int = 2
+    #: ... and peers it only announces them to ("ihave"; they pull what they lack with "iwant").
+    lazy_fanout: int = 6
+    #: An announced atom is asked for again (from another announcer) after this long.
+    want_timeout: float = 1.0
+    max_outstanding_wants: int = 65536
     gossip_interval: float = 0.1
     anti_entropy_interval: float = 1.0
     gc_interval: float = 10.0
@@ -115,6 +123,7 @@ class Replica:
         self._next_gc: float | None = None
         self._sessions: dict[int, _Session] = {}
         self._session_seq = 0
+        self._requested: dict[int, float] = {}
         #: Called when gossip becomes pending, so a sleeping driver can re-arm its timer.
         self.on_pending: Callable[[], None] | None = None
 
@@ -207,7 +216,7 @@ class Replica:
                 self.on_pending()
 
     def flush_gossip(self) -> list[Outgoing]:
-        """Push pending atoms to ``fanout`` random peers now."""
+        """Send pending atoms now: in full to ``fanout`` peers, as ``ihave`` to ``lazy_fanout``."""
         atoms, self._pending = self._pending, []
         sources, self._pending_sources = self._pending_sources, set()
         candidates = self._peers
@@ -215,15 +224,67 @@ class Replica:
             candidates = [p for p in candidates if p not in sources]
         if not atoms or not candidates:
             return []
-        targets = self.rng.sample(candidates, min(self.config.fanout, len(candidates)))
+        cfg = self.config
+        targets = self.rng.sample(candidates, min(cfg.fanout + cfg.lazy_fanout, len(candidates)))
+        eager, lazy = targets[:cfg.fanout], targets[cfg.fanout:]
+        out = []
         messages = [self._encode({"t": "delta", "a": [encode_atom(a) for a in chunk]})
                     for chunk in self._chunks(atoms)]
-        out = []
-        for peer in targets:
+        for peer in eager:
             for data in messages:
                 self.stats.bytes_sent["delta"] += len(data)
                 out.append((peer, data))
+        if lazy:
+            store = self.store
+            entries = [[h, a.hlc.wall_ms, a.hlc.logical, store.fingerprint(a.slot)]
+                       for a in atoms if (h := store.slot_hash_of(a.slot)) is not None]
+            for start in range(0, len(entries), cfg.max_wants_per_message):
+                data = self._encode({"t": "ihave",
+                                     "h": entries[start:start + cfg.max_wants_per_message]})
+                for peer in lazy:
+                    self.stats.bytes_sent["ihave"] += len(data)
+                    out.append((peer, data))
         return out
+
+    def _answer_ihave(self, msg: dict, now: float) -> bytes | None:
+        """Ask for the announced atoms this replica lacks (or holds older), unless already asked."""
+        cfg = self.config
+        wants = []
+        for entry in _list_field(msg, "h", cfg.max_wants_per_message):
+            if not (isinstance(entry, list) and len(entry) == 4
+                    and all(type(x) is int for x in entry)):
+                raise MalformedDelta("ihave entry must be [hash, wall, logical, fp]")
+            h, wall, logical, fp = entry
+            own = self.store.atoms_with_hash(h)
+            if any((a.hlc.wall_ms, a.hlc.logical) >= (wall, logical) for a in own):
+                continue
+            asked = self._requested.get(h)
+            if asked is not None and now - asked < cfg.want_timeout:
+                continue
+            self._requested[h] = now
+            wants.append(h)
+        if len(self._requested) > cfg.max_outstanding_wants:
+            horizon = now - cfg.want_timeout
+            self._requested = {h: t for h, t in self._requested.items() if t >= horizon}
+        if not wants:
+            return None
+        data = self._encode({"t": "iwant", "w": wants})
+        self.stats.bytes_sent["iwant"] += len(data)
+        return data
+
+    def _answer_iwant(self, src: PeerId, msg: dict) -> list[Outgoing]:
+        chosen: dict[tuple, Atom] = {}
+        for h in _list_field(msg, "w", self.config.max_wants_per_message):
+            if type(h) is not int or not 0 <= h <= _U64:
+                raise MalformedDelta("wanted slot hashes are 64-bit integers")
+            for atom in self.store.atoms_with_hash(h):
+                chosen[atom.slot] = atom
+        atoms = self._budgeted(list(chosen.values()))
+        if not atoms:
+            return []
+        data = self._encode({"t": "delta", "a": [encode_atom(a) for a in atoms]})
+        self.stats.bytes_sent["delta"] += len(data)
+        return [(src, data)]
 
     def _chunks(self, atoms: list[Atom]) -> list[list[Atom]]:
         chunks: list[list[Atom]] = [[]]
@@ -407,6 +468,10 @@ class Replica:
                 return self._answer_anti_entropy(src, msg, now), []
             if kind == "aer":
                 return None, self._continue_session(src, msg, now)
+            if kind == "ihave":
+                return self._answer_ihave(msg, now), []
+            if kind == "iwant":
+                return None, self._answer_iwant(src, msg)
             raise MalformedDelta(f"unknown state message type {kind!r}")
         except (MalformedDelta, NotAMember) as exc:
             self.stats.messages_rejected[type(exc).__name__] += 1

@@ -295,6 +295,10 @@ class CrdtStore:
             out.append((h, self.get(slot)))
         return out
 
+    def slot_hash_of(self, slot: SlotId) -> int | None:
+        """The trie position of a held slot (None if the slot is empty)."""
+        return self._hash.get(slot)
+
     def slots_by(self, author: PeerId) -> int:
         """How many slots currently hold an atom by ``author`` (bounded by the per-author quota)."""
         return self._per_author.get(author, 0)

@@ -96,6 +96,9 @@ def test_unsigned_delta_is_malformed_and_changes_nothing():
     msgpack.packb({"v": 1, "t": "ae", "s": 1, "n": [[1, 99, 0, 0]]}),
     msgpack.packb({"v": 1, "t": "ae", "s": "x"}),
     msgpack.packb({"v": 1, "t": "ae", "s": 1, "w": [-1]}),
+    msgpack.packb({"v": 1, "t": "ihave", "h": [[1, 2]]}),
+    msgpack.packb({"v": 1, "t": "ihave", "h": "x"}),
+    msgpack.packb({"v": 1, "t": "iwant", "w": ["a"]}),
 ])
 def test_malformed_messages_raise_typed_errors_and_leave_state_alone(payload):
     bob = core_for(BOB)

@@ -97,3 +97,15 @@ def test_a_restarted_replica_catches_up_from_empty():
     cluster.net.set_down(victim, False)
     assert cluster.run_until(cluster.converged, timeout=15) is not None
     assert all(cluster.count_having(a.slot, a) == 10 for a in atoms)
+
+
+def test_announcements_alone_spread_a_write_and_each_replica_pulls_it_about_once():
+    config = ReplicationConfig(fanout=0, lazy_fanout=4)
+    cluster = SimCluster(50, seed=7, config=config)
+    atom = write_member(cluster, 0, "/ip4/127.0.0.1/tcp/7")
+    elapsed = cluster.run_until(lambda: cluster.count_having(atom.slot, atom) == 50, timeout=5)
+    assert elapsed is not None and elapsed < 2.0
+    pulled = sum(core.replica.stats.bytes_sent["iwant"] > 0 for core in cluster.cores.values())
+    full_copies = sum(core.replica.stats.bytes_sent["delta"] for core in cluster.cores.values())
+    assert pulled >= 40  # most replicas learned it by pulling
+    assert full_copies < 50 * 2 * 500, full_copies  # about one copy each, not one per announcement
