@@ -4,7 +4,7 @@ Wire record (``docs/protocol/scheduler.md``, format ``/latticaray/capacity/1``):
 
     {"v": 1, "node": <peer id str>, "seq": int, "time": float (advertiser wall clock),
      "total": {res: float}, "avail": {res: float}, "labels": {str: str},
-     "queued": int, "running": int, "qlimit": int | None, "store_free": int}
+     "queued": int, "running": int, "qlimit": int | None, "store_free": int, "accepting": bool}
 
 stored in the DHT under ``capacity/<resource>`` for every resource the node has (``capacity/CPU``,
 ``capacity/GPU``, ``capacity/<custom>``) with the node's peer-ID bytes as the subkey. The DHT
@@ -70,13 +70,15 @@ class CapacityAd:
     running: int = 0
     queue_limit: int | None = None
     store_free: int = 0
+    #: False while the node drains (takes no new work); it stays a member.
+    accepting: bool = True
 
     def encode(self) -> bytes:
         data = msgpack.packb({
             "v": 1, "node": self.node, "seq": self.seq, "time": float(self.time),
             "total": self.total, "avail": self.available, "labels": self.labels,
             "queued": self.queued, "running": self.running, "qlimit": self.queue_limit,
-            "store_free": self.store_free}, use_bin_type=True)
+            "store_free": self.store_free, "accepting": self.accepting}, use_bin_type=True)
         if len(data) > MAX_AD_BYTES:
             raise InvalidCapacityAd(f"capacity ad is {len(data)} bytes, over the {MAX_AD_BYTES} limit")
         return data
@@ -99,6 +101,9 @@ class CapacityAd:
             seq, when = obj["seq"], obj["time"]
             queued, running, qlimit = obj["queued"], obj["running"], obj.get("qlimit")
             store_free = obj.get("store_free", 0)
+            accepting = obj.get("accepting", True)
+            if not isinstance(accepting, bool):
+                raise InvalidCapacityAd("accepting must be a boolean")
             if not isinstance(node, str) or not 0 < len(node) <= 128:
                 raise InvalidCapacityAd("node must be a peer id string")
             if publisher is not None and node != publisher:
@@ -122,7 +127,8 @@ class CapacityAd:
             raise InvalidCapacityAd(f"capacity ad lacks field {exc}") from None
         except ValueError as exc:  # ResourceError from normalize
             raise InvalidCapacityAd(f"capacity ad has bad resources: {exc}") from None
-        return cls(node, seq, float(when), total, available, labels, queued, running, qlimit, store_free)
+        return cls(node, seq, float(when), total, available, labels, queued, running, qlimit, store_free,
+                   accepting)
 
 
 def _as_map(value: Any, name: str) -> dict:
@@ -179,7 +185,8 @@ class AdvertiserCore:
         self._last_publish = now
         self._published_version = version
         ad = CapacityAd(self.node_id, self._seq, now, dict(view.total), dict(view.available),
-                        dict(view.labels), view.queued, view.running, view.queue_limit, store_free)
+                        dict(view.labels), view.queued, view.running, view.queue_limit, store_free,
+                        view.alive)
         keys = tuple(sorted(capacity_key(r) for r in (set(view.total) | {CPU})))
         dropped = tuple(k for k in self._keys if k not in keys)
         self._keys = keys
@@ -282,7 +289,7 @@ def view_from_ad(ad: CapacityAd, received_at: float, max_age: float = 15.0,
     """A :class:`NodeView` on the *submitter's* clock: the ad counts as made when received
     (clocks of different nodes are not compared). An ad older than ``max_age`` marks the node
     not alive."""
-    alive = True if now is None else (now - received_at) <= max_age
+    alive = ad.accepting and (True if now is None else (now - received_at) <= max_age)
     return NodeView(ad.node, dict(ad.total), dict(ad.available), dict(ad.labels), queued=ad.queued,
                     running=ad.running, ad_time=received_at, queue_limit=ad.queue_limit, alive=alive)
 

@@ -147,7 +147,7 @@ class LocalScheduler:
     def view(self, now: float) -> NodeView:
         return NodeView(self.node_id, self.ledger.total, self.ledger.available, dict(self.labels),
                         queued=self.queued, running=self.running, ad_time=now,
-                        queue_limit=self.queue.limit, alive=True)
+                        queue_limit=self.queue.limit, alive=self.accepting)
 
     def offer(self, request: PlacementRequest, now: float) -> Admission:
         """Admit, queue or reject ``request`` (which a submitter placed here)."""

@@ -114,6 +114,10 @@ class Submitter:
     def infeasible(self) -> int:
         return len(self._infeasible)
 
+    def pending_requests(self) -> list[PlacementRequest]:
+        """Requests waiting for capacity or infeasible right now (not in flight)."""
+        return list(self._waiting.values()) + [i.request for i in self._infeasible.values()]
+
     def next_wakeup(self, now: float) -> float | None:
         """When :meth:`poll` should next run (None: nothing is waiting)."""
         times = [i.since + self.infeasible_timeout for i in self._infeasible.values()]
