@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 
 
 class ClusterState:
-    """Cluster metadata of one mesh node: ``members``, ``actors``, ``jobs`` and custom CRDTs."""
+    """Cluster metadata of one mesh node: ``members``, ``actors``, ``jobs`` and custom CRDTs.
+
+    Not thread-safe: use it (reads and writes alike) from the event loop that runs the node.
+    """
+
+    PEER_REFRESH_INTERVAL = 0.5
 
     def __init__(self, node: Any, key: KeyPair | None = None, *,
                  is_member: Callable[[PeerId], bool] | None = None,
@@ -179,10 +184,13 @@ class ClusterState:
     async def _run(self) -> None:
         next_heartbeat = time.time() + self._heartbeat_every()
         next_snapshot = time.time() + self.snapshot_interval
+        next_peer_refresh = 0.0
         while True:
             now = time.time()
             try:
-                self._refresh_peers(now)
+                if now >= next_peer_refresh:
+                    next_peer_refresh = now + self.PEER_REFRESH_INTERVAL
+                    self._refresh_peers(now)
                 if now >= next_heartbeat:
                     next_heartbeat = now + self._heartbeat_every()
                     if self.publish_self:
@@ -229,7 +237,10 @@ class ClusterState:
         self.replica.set_peers(sorted(peers))
 
     def _on_member_change(self, peer: PeerId, info: MemberInfo | None) -> None:
-        if info is None or peer == self.peer_id or self._known_addrs.get(peer) == info.addrs:
+        if info is None:
+            self._known_addrs.pop(peer, None)
+            return
+        if peer == self.peer_id or self._known_addrs.get(peer) == info.addrs:
             return
         self._known_addrs[peer] = info.addrs
         add_addrs = getattr(self.node, "add_addrs", None)

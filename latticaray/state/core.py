@@ -14,6 +14,7 @@ from ..mesh.identity import KeyPair, PeerId
 from .actors import Actors
 from .atoms import DEFAULT_LIMITS, Limits
 from .crdts import CrdtMap, LWWMap, define_collection
+from .errors import UnknownCollection
 from .jobs import Jobs
 from .members import FailureDetector, Members
 from .replication import Replica, ReplicationConfig
@@ -51,6 +52,6 @@ class StateCore:
         """Define (if needed) and return an LWW-map collection."""
         try:
             self.store.spec(name)
-        except Exception:
+        except UnknownCollection:
             define_collection(self.store, name, "lww")
         return LWWMap(self.replica, name)

@@ -33,7 +33,7 @@ import msgpack
 from ..mesh.identity import KeyPair, PeerId
 from .atoms import DEFAULT_LIMITS, Atom, Limits, decode_atom, encode_atom, encode_value, sign_atom
 from .errors import DeltaTooLarge, MalformedDelta, NotAMember, WriteRejected
-from .hlc import Hlc, HybridClock
+from .hlc import Hlc
 from .store import TRIE_DEPTH, CrdtStore, MergeReport
 
 __all__ = ["Replica", "ReplicationConfig", "ReplicationStats", "PROTOCOL_ID", "Outgoing"]
@@ -341,20 +341,20 @@ class Replica:
                 if not (isinstance(kid, list) and len(kid) == 3 and all(type(x) is int for x in kid)):
                     raise MalformedDelta("anti-entropy child must be [prefix, fp, count]")
                 theirs[kid[0]] = (kid[1], kid[2])
-            mine = {cp: (fp, cnt) for cp, fp, cnt in store.children(depth, prefix)}
-            for cp, (fp, cnt) in mine.items():
+            own_children = {cp: (fp, cnt) for cp, fp, cnt in store.children(depth, prefix)}
+            for cp, (fp, cnt) in own_children.items():
                 if cp not in theirs:
                     push_all(depth + 1, cp)
                 elif theirs[cp] != (fp, cnt):
                     next_nodes.append([depth + 1, cp, fp, cnt])
             for cp in theirs:
-                if cp not in mine:
+                if cp not in own_children:
                     next_nodes.append([depth + 1, cp, 0, 0])
         for entry in _list_field(msg, "l", self.config.max_nodes_per_message):
             depth, prefix, listing = _node_children(entry)
-            mine: dict[int, list[Atom]] = {}
+            own_items: dict[int, list[Atom]] = {}
             for h, atom in store.items_under(depth, prefix):
-                mine.setdefault(h, []).append(atom)
+                own_items.setdefault(h, []).append(atom)
             seen = set()
             for item in listing:
                 if not (isinstance(item, list) and len(item) == 4
@@ -362,7 +362,7 @@ class Replica:
                     raise MalformedDelta("anti-entropy listing entry must be [hash, wall, logical, fp]")
                 h, wall, logical, fp = item
                 seen.add(h)
-                own = mine.get(h)
+                own = own_items.get(h)
                 if not own:
                     want.append(h)
                     continue
@@ -375,7 +375,7 @@ class Replica:
                     elif store.fingerprint(atom.slot) != fp:
                         push[atom.slot] = atom
                         want.append(h)
-            for h, own in mine.items():
+            for h, own in own_items.items():
                 if h not in seen:
                     for atom in own:
                         push[atom.slot] = atom
