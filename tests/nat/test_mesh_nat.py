@@ -85,7 +85,10 @@ def test_mesh_node_upgrades_to_direct_and_survives_relay_loss(punching):
     lab = punching
     a, b = lab.nodes["hostA"], lab.nodes["hostB"]
     assert call(lab, "hostA", "hostB", b"first").endswith(b"from relay")
-    assert wait_until(lambda: (c := a.connection_to(b.peer_id)) is not None and c.transport == "quic")
+    links = lab.nats["hostA"].links
+    assert wait_until(lambda: b.peer_id in links and links[b.peer_id].upgrade_task is not None
+                      and links[b.peer_id].upgrade_task.done(), 30)
+    assert links[b.peer_id].metrics.path == "punched", links[b.peer_id].metrics.events
     assert wait_until(lambda: all(c.transport == "quic" for c in a.connections.connections(b.peer_id)))
     lab.loops["pub1"].run(lab.nats["pub1"].relay_server.stop(), 20)
     assert call(lab, "hostA", "hostB", b"after relay", circuit=False) == b"echo after relay from quic"
@@ -97,7 +100,10 @@ def test_mesh_node_birthday_upgrade_cone_to_symmetric(punching):
     lab = punching
     a, c = lab.nodes["hostA"], lab.nodes["hostC"]
     assert call(lab, "hostA", "hostC", b"first").endswith(b"from relay")
-    assert wait_until(lambda: (x := a.connection_to(c.peer_id)) is not None and x.transport == "quic", 20)
-    link = lab.nats["hostA"].links[c.peer_id]
+    links = lab.nats["hostA"].links
+    assert wait_until(lambda: c.peer_id in links and links[c.peer_id].upgrade_task is not None
+                      and links[c.peer_id].upgrade_task.done(), 30)
+    link = links[c.peer_id]
     assert link.metrics.path == "birthday", link.metrics.events
+    assert a.connection_to(c.peer_id).transport == "quic"
     assert call(lab, "hostA", "hostC", b"direct", circuit=False) == b"echo direct from quic"
