@@ -186,3 +186,18 @@ def test_heartbeat_interval_and_thresholds_stretch_with_mesh_size():
     assert detector.thresholds(1000) == (30, 60)  # capped by remove_after
     assert detector.judge(0, 20, members=10) is Liveness.DEAD
     assert detector.judge(0, 20, members=1000) is Liveness.ALIVE
+
+
+def test_member_entries_are_what_the_scheduler_reads():
+    """Interface check with latticaray.scheduler: the advertiser's upsert and the view builder."""
+    from latticaray.scheduler.advertiser import view_from_member
+
+    clock = Clock()
+    (core,) = make(1, clock)
+    core.members.upsert_self(resources_total={"CPU": 8.0, "GPU": 1.0},
+                             resources_available={"CPU": 6.0, "GPU": 1.0},
+                             labels={"zone": "eu"})
+    view = view_from_member(core.members.alive()[0], clock.t)
+    assert view.node_id == str(core.peer_id) and view.total == {"CPU": 8.0, "GPU": 1.0}
+    assert view.available["CPU"] == 6.0 and view.labels == {"zone": "eu"} and view.running == 2
+    assert view.ad_time == clock.t

@@ -1,0 +1,1 @@
+"""Tests of latticaray.state (signed delta-CRDTs, replication, typed collections)."""
