@@ -41,6 +41,8 @@ from .holepunch import (GiveUp, HolePunchConfig, HolePunchSession, PathMetrics, 
                         PunchSucceeded, Role, SendMessage, StartPunch)
 from .nattype import NatReport, NatType, NatTypeDetector
 from .relay import RelayConfig
+from .rendezvous import PROTOCOL_ID as RENDEZVOUS_SERVICE
+from .rendezvous import RendezvousConfig, RendezvousServer
 from .relay_transport import RelayClient, RelayServer
 from .tunnel import SecureTunnel
 
@@ -62,6 +64,8 @@ class NatNodeConfig:
     relay_port: int = 0
     relay_config: RelayConfig = field(default_factory=RelayConfig)
     relay_capture: bool = False
+    serve_rendezvous: bool = False
+    rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     hole_punching: bool = True
     punch_budget: float = 3.0            # seconds of spraying per attempt
     punch: HolePunchConfig = field(default_factory=HolePunchConfig)
@@ -132,6 +136,11 @@ class NatNode:
         self._rng = random.Random()
         self.router.register_unary(DCUTR_SERVICE, self._handle_dcutr)
         self.router.register_unary(PING_SERVICE, self._handle_ping)
+        self.rendezvous_server: RendezvousServer | None = None
+        if self.config.serve_rendezvous:
+            self.rendezvous_server = RendezvousServer(self.config.rendezvous)
+            self.router.register_unary(RENDEZVOUS_SERVICE, self._handle_rendezvous)
+        self._maintenance: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -216,6 +225,24 @@ class NatNode:
 
     async def _handle_ping(self, ctx, payload: bytes) -> bytes:
         return bytes(payload)
+
+    async def _handle_rendezvous(self, ctx, payload: bytes) -> bytes:
+        return self.rendezvous_server.handle(str(ctx.peer_id), bytes(payload), self._loop.time())
+
+    # -- periodic upkeep ----------------------------------------------------------------------
+    def start_maintenance(self, servers: list[Endpoint], max_interval: float = 60.0) -> None:
+        """Re-run AutoNAT whenever an address is due a re-check (at most ``max_interval`` apart)."""
+        async def loop() -> None:
+            while True:
+                due = self.autonat_client.next_timer()
+                delay = max_interval if due is None else min(max_interval, max(1.0, due - self._loop.time()))
+                await asyncio.sleep(delay)
+                try:
+                    await self.check_reachability(servers)
+                except (MeshError, OSError) as exc:
+                    log.info("AutoNAT re-check failed: %s", exc)
+        if self._maintenance is None:
+            self._maintenance = self._spawn(loop())
 
     # -- control plane datagrams ------------------------------------------------------------
     def _send_control(self, addr: Endpoint, data: bytes) -> None:

@@ -1,0 +1,96 @@
+"""MeshNat on loopback (no root needed): relayed MeshNode RPC, upgrade to direct, rendezvous."""
+
+import asyncio
+
+import pytest
+
+from latticaray.mesh.identity import PeerId
+from latticaray.mesh.nat import rendezvous_client
+from latticaray.mesh.nat.addresses import AddressPolicy
+from latticaray.mesh.nat.errors import RendezvousRefused
+from latticaray.mesh.nat.host import NatNodeConfig
+from latticaray.mesh.nat.mesh_nat import MeshNat
+from latticaray.mesh.node import MeshConfig, MeshNode
+
+LOOPBACK = AddressPolicy(allow_loopback=True)
+
+
+async def make(serve=False, punching=False, capture=False):
+    node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)))
+    await node.start()
+    nat = MeshNat(node, NatNodeConfig(listen_host="127.0.0.1", policy=LOOPBACK, serve_relay=serve,
+                                      serve_rendezvous=serve, relay_capture=capture,
+                                      hole_punching=punching))
+    await nat.start()
+
+    async def echo(ctx, payload):
+        return bytes(payload) + b"|" + ctx.transport.encode()
+    node.register_unary("/test/echo/1", echo)
+    return node, nat
+
+
+@pytest.fixture
+async def trio(request):
+    punching = getattr(request, "param", False)
+    made = []
+    try:
+        for serve in (True, False, False):
+            made.append(await make(serve=serve, punching=punching, capture=serve))
+        relay_node, relay_nat = made[0]
+        for _, nat in made[1:]:
+            await nat.reserve_relay(relay_node.peer_id, "127.0.0.1", relay_nat.relay_server.port)
+        yield made
+    finally:
+        for node, nat in reversed(made):
+            await nat.stop()
+            await node.stop()
+
+
+async def wait_for(cond, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_mesh_node_call_over_circuit_address(trio):
+    (relay, relay_nat), (a, a_nat), (b, b_nat) = trio
+    secret = b"loopback-secret-" * 16
+    a.add_addrs(b.peer_id, [b_nat.circuit_address()])
+    assert await a.call(b.peer_id, "/test/echo/1", secret, timeout=10) == secret + b"|relay"
+    assert a.connection_to(b.peer_id).transport == "relay"
+    # the target sees the caller authenticated end to end and can call back on the same connection
+    await wait_for(lambda: b.connection_to(a.peer_id) is not None)
+    assert await b.call(a.peer_id, "/test/echo/1", b"back", timeout=10) == b"back|relay"
+    assert secret[:16] not in bytes(relay_nat.relay_server.captured)
+
+
+@pytest.mark.parametrize("trio", [True], indirect=True)
+async def test_mesh_node_upgrades_relayed_connection_to_direct(trio):
+    (relay, _), (a, a_nat), (b, b_nat) = trio
+    a.add_addrs(b.peer_id, [b_nat.circuit_address()])
+    assert await a.call(b.peer_id, "/test/echo/1", b"x", timeout=10) == b"x|relay"
+    await wait_for(lambda: b.peer_id in a_nat.links and a_nat.links[b.peer_id].upgrade_task is not None
+                   and a_nat.links[b.peer_id].upgrade_task.done())
+    await wait_for(lambda: all(c.transport == "quic" for c in a.connections.connections(b.peer_id)))
+    assert await a.call(b.peer_id, "/test/echo/1", b"y", timeout=10) == b"y|quic"
+    assert a_nat.links[b.peer_id].metrics.upgraded_at is not None
+
+
+async def test_rendezvous_register_and_discover_then_connect(trio):
+    (relay, _), (a, a_nat), (b, b_nat) = trio
+    a.add_addrs(relay.peer_id, relay.listen_addrs)
+    b.add_addrs(relay.peer_id, relay.listen_addrs)
+    ttl = await rendezvous_client.register(b.call, relay.peer_id, "lab", [b_nat.circuit_address()], ttl=60)
+    assert 0 < ttl <= 60
+    found, cookie = await rendezvous_client.discover(a.call, relay.peer_id, "lab")
+    assert [p.peer for p in found] == [str(b.peer_id)]
+    assert (await rendezvous_client.discover(a.call, relay.peer_id, "lab", cookie=cookie))[0] == []
+    peer = PeerId.from_string(found[0].peer)
+    a.add_addrs(peer, list(found[0].addrs))
+    assert await a.call(peer, "/test/echo/1", b"found", timeout=10) == b"found|relay"
+    with pytest.raises(RendezvousRefused, match="ttl"):
+        await rendezvous_client.register(b.call, relay.peer_id, "lab", ["/ip4/1.2.3.4/tcp/1"], ttl=1)
+    await rendezvous_client.unregister(b.call, relay.peer_id, "lab")
+    assert (await rendezvous_client.discover(a.call, relay.peer_id, "lab"))[0] == []
