@@ -256,3 +256,15 @@ async def test_default_node_prefers_the_same_host_unix_path(tmp_path):
         await a.stop()
         await b.stop()
     assert not list(tmp_path.glob("*.sock")), "unix sockets left behind"
+
+
+def test_node_thread_for_synchronous_code():
+    from latticaray.mesh.node import NodeThread
+
+    with NodeThread(MeshConfig(**QUIC_ONLY)) as server, NodeThread(MeshConfig(**QUIC_ONLY)) as client:
+        server.node.register_unary("/test/echo/1", echo)
+        peer = client.run(client.node.connect(server.node.listen_addrs[0]), 20)
+        assert peer == server.node.peer_id
+        assert client.run(client.node.call(peer, "/test/echo/1", b"sync", timeout=10), 20) \
+            .startswith(b"echo:sync")
+    assert not server._thread.is_alive() and not client._thread.is_alive()

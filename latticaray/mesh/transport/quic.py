@@ -268,6 +268,8 @@ class QuicChannel:
             chunk = chunk[:max_bytes]
         self._buffered -= len(chunk)
         self._credit(len(chunk))
+        if self._closed and not self._chunks and self._error is None:
+            self._conn._forget_channel(self.stream_id)
         return chunk
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
