@@ -158,12 +158,9 @@ class MeshLab:
         relay = self.nodes["pub1"].peer_id
 
         async def one(host: str):
-            nat = self.nats[host]
-            report = await nat.detect_nat([(IPS[p], self.quic_port) for p in PUBLIC_NODES])
-            reach = await nat.check_reachability([(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host])
-            if host not in PUBLIC_NODES:
-                await nat.reserve_relay(relay, IPS["pub1"], self.relay_port)
-            return report, reach
+            return await self.nats[host].auto_configure(
+                [(IPS[p], self.quic_port) for p in PUBLIC_NODES],
+                relays=[(relay, IPS["pub1"], self.relay_port)])
         futures = {h: self.loops[h].submit(one(h)) for h in self.hosts}
         return {h: f.result(40) for h, f in futures.items()}
 

@@ -150,3 +150,18 @@ async def test_relay_survives_garbage_and_wrong_identity():
         await p.close()
     finally:
         await relay.stop()
+
+
+async def test_relay_refuses_connections_over_its_limit():
+    relay = RelayServer(KeyPair.generate(), host="127.0.0.1", max_connections=1)
+    await relay.start()
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", relay.port)     # holds the one slot
+        await wait_for(lambda: len(relay._tasks) == 1)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", relay.port)
+        assert await asyncio.wait_for(r2.read(10), 10) == b""
+        assert relay.connections_refused == 1
+        for w in (w1, w2):
+            w.close()
+    finally:
+        await relay.stop()

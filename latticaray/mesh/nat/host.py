@@ -70,7 +70,8 @@ class NatNodeConfig:
     punch_budget: float = 3.0            # seconds of spraying per attempt
     punch: HolePunchConfig = field(default_factory=HolePunchConfig)
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
-    direct_dial_timeout: float = 1.0
+    direct_dial_timeout: float = 2.0
+    happy_eyeballs_delay: float = 0.25
     autonat_client: AutoNatClientConfig = field(default_factory=AutoNatClientConfig)
     autonat_server: AutoNatServerConfig = field(default_factory=AutoNatServerConfig)
     quic: QuicConfig = field(default_factory=lambda: QuicConfig(handshake_timeout=3.0))
@@ -103,6 +104,11 @@ class PeerLink:
         if self.relayed is not None and not self.relayed.closed:
             return "relayed"
         return "none"
+
+
+def _close_unused_tunnel(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 class NatNode:
@@ -379,6 +385,26 @@ class NatNode:
         self.autonat_client.tick(self._loop.time() + self.config.autonat_client.response_timeout)
         return self.autonat_client.reachability()
 
+    async def auto_configure(self, observers: list[Endpoint],
+                             relays: list[tuple[PeerId, str, int]] = (),
+                             maintain: bool = True) -> tuple[NatReport, Reachability]:
+        """Bootstrap sequence: NAT type from ``observers``, AutoNAT against them, and, if the node
+        is not public, a reservation on the first relay that grants one."""
+        report = await self.detect_nat(observers)
+        own = set(self._local_endpoints())
+        servers = [ep for ep in observers if ep not in own]
+        reach = await self.check_reachability(servers)
+        if reach is not Reachability.PUBLIC:
+            for relay_peer, host, port in relays:
+                try:
+                    await self.reserve_relay(relay_peer, host, port)
+                    break
+                except (MeshError, OSError) as exc:
+                    log.info("reservation on relay %s failed: %s", relay_peer, exc)
+        if maintain:
+            self.start_maintenance(servers)
+        return report, reach
+
     @property
     def is_public(self) -> bool:
         return self.autonat_client.reachability() is Reachability.PUBLIC
@@ -471,29 +497,63 @@ class NatNode:
         if link.best() is not None:
             return link
         link.metrics.started_at = start
-        for addr in direct_addrs:
-            try:
-                await self._dial_direct(peer, addr, "direct")
+
+        async def try_direct() -> bool:
+            for addr in direct_addrs:
+                try:
+                    await self._dial_direct(peer, addr, "direct")
+                    return True
+                except (MeshError, OSError) as exc:
+                    log.info("direct dial of %s at %s failed: %s", peer, addr, exc)
+            return False
+
+        # happy eyeballs: direct first, the relay joins the race after a short head start
+        direct = self._spawn(try_direct()) if direct_addrs else None
+        if direct is not None:
+            await asyncio.wait({direct}, timeout=self.config.happy_eyeballs_delay)
+            if direct.done() and direct.result():
                 link.metrics.connected_at = self._loop.time() - start
                 return link
-            except (MeshError, OSError) as exc:
-                log.info("direct dial of %s at %s failed: %s", peer, addr, exc)
         if relay is None:
+            if direct is not None and await direct:
+                link.metrics.connected_at = self._loop.time() - start
+                return link
             raise PeerUnreachable(f"{peer}: no direct address answered and no relay is known")
         relay_peer, host, port = relay
-        tunnel = await self.relay_client.connect(relay_peer, host, port, peer)
+        relayed = self._loop.create_task(self.relay_client.connect(relay_peer, host, port, peer))
+        racing = {relayed} | ({direct} if direct is not None else set())
+        while True:
+            done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            if direct in done and direct.result():
+                relayed.add_done_callback(_close_unused_tunnel)
+                link.metrics.connected_at = self._loop.time() - start
+                return link
+            if relayed in done:
+                break
+            racing = {relayed}
+        tunnel = relayed.result()          # raises if the relay failed too
         link.relayed = RpcSession(tunnel, self.router)
         link.metrics.connected_at = self._loop.time() - start
         link.metrics.path = "relayed"
         link.metrics.record(self._loop.time(), "relayed-outbound")
         if self.config.hole_punching:
-            link.upgrade_task = self._spawn(self._upgrade(link, start))
+            link.upgrade_task = self._spawn(self._upgrade_after(link, direct, start))
             if wait_upgrade > 0:
                 try:
                     await asyncio.wait_for(asyncio.shield(link.upgrade_task), wait_upgrade)
                 except (asyncio.TimeoutError, Exception):
                     pass
         return link
+
+    async def _upgrade_after(self, link: PeerLink, direct: asyncio.Task | None, start: float) -> bool:
+        """Hole punch unless the still-running direct dial of ``connect`` gets there first."""
+        if direct is not None:
+            try:
+                if await direct:
+                    return True
+            except Exception:
+                pass
+        return await self._upgrade(link, start)
 
     async def call(self, peer: PeerId, service: str, payload: bytes = b"",
                    timeout: float = 10.0) -> bytes:

@@ -105,8 +105,10 @@ class RelayServer:
     """The relay service on a public node: listens on TCP, enforces ``RelayService`` limits."""
 
     def __init__(self, key: KeyPair, config: RelayConfig | None = None, host: str = "0.0.0.0",
-                 port: int = 0, capture: bool = False) -> None:
+                 port: int = 0, capture: bool = False, max_connections: int = 1024) -> None:
         self.key = key
+        self.max_connections = max_connections
+        self.connections_refused = 0
         self.service = RelayService(config)
         self.host = host
         self.port = port
@@ -147,6 +149,10 @@ class RelayServer:
         log.debug("relay: %s", line)
 
     def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= self.max_connections:
+            self.connections_refused += 1
+            writer.close()
+            return
         task = asyncio.get_running_loop().create_task(self._handle(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
