@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
-from .resources import CPU, fits, normalize, shortfall
+from .resources import CPU, Normalized, fits, normalize, shortfall
 
 __all__ = [
     "NodeView", "ObjectInfo", "ClusterSnapshot", "PlacementRequest", "Decision", "DecisionKind",
@@ -118,7 +118,8 @@ class PlacementRequest:
     submitted_at: float | None = None
 
     def __post_init__(self) -> None:
-        self.resources = normalize(self.resources)
+        if not isinstance(self.resources, Normalized):
+            self.resources = normalize(self.resources)
 
 
 class DecisionKind(Enum):
@@ -386,8 +387,10 @@ class PlacementPolicy:
         return Decision(DecisionKind.INFEASIBLE, reason=self._infeasible_reason(snapshot, request))
 
     def _feasible(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> list[str]:
+        """Feasible node ids. Exclusions are filtered here only when they are a sizeable part of
+        the list; otherwise callers skip them while sampling (cheaper on a 1,000-node list)."""
         nodes = snapshot.feasible_nodes(request.resources, request.label_selector)
-        if request.excluded:
+        if request.excluded and len(nodes) <= 4 * len(request.excluded) + 64:
             nodes = [n for n in nodes if n not in request.excluded]
         return nodes
 
@@ -452,7 +455,7 @@ class PlacementPolicy:
             return Decision(DecisionKind.WAIT, reason="waiting for a node that holds the arguments",
                             holder_available=True)
         # Load: power-of-d choices among sampled nodes (busy holders still compete on load).
-        taken = set(holders)
+        taken = set(holders) | request.excluded
         sampled = [self._estimate(snapshot.nodes[n], request, now, snapshot)
                    for n in self._sample(feasible, self.choices, taken)]
         best = self._least_loaded(holder_estimates + sampled)
@@ -485,6 +488,8 @@ class PlacementPolicy:
         looked: list[_Estimate] = []
         for i in range(min(len(feasible), 32)):
             node_id = feasible[(start + i) % len(feasible)]
+            if node_id in request.excluded:
+                continue
             estimate = self._estimate(snapshot.nodes[node_id], request, now, snapshot)
             looked.append(estimate)
             if estimate.room_now:

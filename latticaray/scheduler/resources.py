@@ -23,7 +23,7 @@ from .errors import InsufficientResources, ResourceError
 
 __all__ = [
     "CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY", "GRANULARITY",
-    "normalize", "fits", "shortfall", "Allocation", "ResourceLedger",
+    "Normalized", "normalize", "fits", "shortfall", "Allocation", "ResourceLedger",
 ]
 
 CPU = "CPU"
@@ -41,13 +41,17 @@ def _units(amount: float) -> int:
     return int(round(amount * GRANULARITY))
 
 
+class Normalized(dict):
+    """A resource map that already went through :func:`normalize` (so it is not re-checked)."""
+
+
 def normalize(resources: Mapping[str, float] | None) -> dict[str, float]:
     """Validate a resource request or capacity and return it without zero entries.
 
     Raises :class:`ResourceError` for non-string or oversize names, non-finite or negative amounts,
     and GPU amounts above 1 that are not whole numbers (``num_gpus=1.5`` is refused, as in Ray).
     """
-    out: dict[str, float] = {}
+    out: dict[str, float] = Normalized()
     for name, amount in (resources or {}).items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME_LEN:
             raise ResourceError(f"resource name must be a non-empty string of at most "

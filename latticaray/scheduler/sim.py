@@ -117,7 +117,7 @@ class RandomPlacement(PlacementPolicy):
         feasible = self._feasible(snapshot, request)
         if not feasible:
             return self._no_candidate(snapshot, request)
-        for _ in range(16):
+        for _ in range(8):
             view = snapshot.nodes[feasible[self.rng.randrange(len(feasible))]]
             room = fits(view.available, request.resources)
             if room or view.queue_limit is None or view.queued < view.queue_limit:
