@@ -26,7 +26,7 @@ from .connmgr import (
     QuicAdapter,
     TransportAdapter,
 )
-from .errors import MultiaddrError
+from .errors import MultiaddrError, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
 from .multiaddr import Multiaddr
@@ -256,12 +256,34 @@ class MeshNode:
 
     # -- calls --------------------------------------------------------------------------------------------
     async def call(self, peer_id: PeerId, service: str, payload=b"",
-                   timeout: float | None = None) -> bytes:
-        """Unary call; dials the peer if needed. Raises RpcError / RpcTimeout / PeerUnreachable."""
-        conn = self.connections.primary(peer_id)
-        if conn is None:
-            conn = await self.connections.get(peer_id, timeout)
-        return await conn.session.call(service, payload, timeout)
+                   timeout: float | None = None, *, idempotent: bool = False) -> bytes:
+        """Unary call; dials the peer if needed. Raises RpcError / RpcTimeout / PeerUnreachable.
+
+        ``idempotent=True``: if the connection is lost before the reply, the call is retried
+        once on a fresh connection (within the same overall deadline).
+        """
+        loop = asyncio.get_running_loop()
+        total = timeout if timeout is not None else self.config.rpc_limits.default_timeout
+        deadline = loop.time() + total
+        attempts = 2 if idempotent else 1
+        for attempt in range(attempts):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RpcTimeout(f"call {service!r} to {peer_id} exceeded its deadline")
+            conn = self.connections.primary(peer_id)
+            if conn is None:
+                conn = await self.connections.get(peer_id, remaining)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RpcTimeout(f"call {service!r} to {peer_id} exceeded its deadline")
+            try:
+                return await conn.session.call(service, payload, remaining)
+            except RpcConnectionLost:
+                if attempt + 1 >= attempts:
+                    raise
+                conn.close("connection lost during a call")
+                log.debug("retrying idempotent call %s to %s on a new connection", service, peer_id)
+        raise AssertionError("unreachable")
 
     async def call_stream(self, peer_id: PeerId, service: str, payload=b"",
                           timeout: float | None = None) -> AsyncIterator[bytes]:

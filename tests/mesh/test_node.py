@@ -268,3 +268,22 @@ def test_node_thread_for_synchronous_code():
         assert client.run(client.node.call(peer, "/test/echo/1", b"sync", timeout=10), 20) \
             .startswith(b"echo:sync")
     assert not server._thread.is_alive() and not client._thread.is_alive()
+
+
+async def test_idempotent_calls_retry_once_on_a_new_connection(pair):
+    a, b = pair
+    calls = []
+
+    async def flaky(ctx, payload):
+        calls.append(ctx.session)
+        if len(calls) in (1, 2):
+            ctx.session.channel.abort()  # the connection dies before the reply
+            await asyncio.sleep(10)
+        return b"done"
+
+    b.register_unary("/test/flaky/1", flaky)
+    a.add_addrs(b.peer_id, b.listen_addrs)
+    with pytest.raises(RpcError):
+        await a.call(b.peer_id, "/test/flaky/1", b"", timeout=10)
+    assert await a.call(b.peer_id, "/test/flaky/1", b"", timeout=10, idempotent=True) == b"done"
+    assert len(calls) == 3 and calls[1] is not calls[2]

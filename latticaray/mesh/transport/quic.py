@@ -700,11 +700,15 @@ class QuicTransport:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
-                except OSError:
-                    pass
+            # *BUFFORCE lets a privileged process exceed net.core.[rw]mem_max
+            for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+                                 (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
+                for opt in (force, plain):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
+                        break
+                    except OSError:
+                        continue
             sock.bind((host, port))
             sock.setblocking(False)
         except OSError:
