@@ -3,8 +3,11 @@
 Brings up the netlab, runs a relay/bootstrap node on pub1 and a node on each of hostA, hostB
 (cone NATs), hostC (symmetric NAT), hostD (public, stateful firewall) and pub2 (public), and for
 every ordered pair measures: connected, final path, time to first RPC, time to direct upgrade,
-and unary RPC QPS over the final path. Then 20 birthday-probing attempts cone <-> symmetric, the
-same matrix with natB as a port-remapping cone, and a symmetric-symmetric pair (natA symmetric).
+and unary RPC QPS over the final path. The matrix runs once through real MeshNodes (MeshNat: the
+connection manager dials direct QUIC or the /p2p-circuit address) and once through NatNode (the
+same NAT code with its own session table); then 20 birthday-probing attempts cone <-> symmetric,
+a relayed-only baseline, the matrix with natB as a port-remapping cone, and with natA symmetric
+(symmetric-symmetric pairs hostA <-> hostC).
 The last line is one JSON object with every figure.
 
 Usage: sudo .venv/bin/python bench/nat_matrix.py [--quick]
@@ -25,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "nat"))
 
-from labnodes import LabMesh  # noqa: E402
+from labnodes import IPS, LabMesh, MeshLab  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
 
 from latticaray.mesh.nat.host import PING_SERVICE  # noqa: E402
@@ -76,6 +79,86 @@ async def measure_pair(node, peer, direct_addrs, relay, qps_seconds: float, upgr
     return row
 
 
+async def measure_pair_mesh(node, nat, peer, addrs, qps_seconds: float, upgrade_timeout: float):
+    """The same figures through a real MeshNode: ``node.call`` picks the connection."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    row = {"connected": False, "path": "none", "first_rpc_s": None, "upgrade_s": None, "qps": 0.0}
+    node.add_addrs(peer, addrs)
+    try:
+        await node.call(peer, PING_SERVICE, b"first", timeout=15)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return row
+    row["connected"] = True
+    row["first_rpc_s"] = loop.time() - t0
+    link = nat.links.get(peer)
+    if link is not None and link.upgrade_task is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(link.upgrade_task), upgrade_timeout)
+        except (asyncio.TimeoutError, Exception):
+            pass
+    conn = node.connection_to(peer)
+    transport = conn.transport if conn is not None else "none"
+    if link is not None and link.metrics.path not in ("none", "relayed") and transport == "quic":
+        row["path"] = link.metrics.path
+    else:
+        row["path"] = {"quic": "direct", "relay": "relayed"}.get(transport, transport)
+    if link is not None:
+        row["punch_attempts"] = link.metrics.punch_attempts
+        if link.metrics.upgraded_at is not None:
+            row["upgrade_s"] = link.metrics.upgraded_at - t0
+    count = 0
+    end = loop.time() + qps_seconds
+    payload = b"q" * 64
+
+    async def worker():
+        nonlocal count
+        while loop.time() < end:
+            await node.call(peer, PING_SERVICE, payload, timeout=10)
+            count += 1
+    started = loop.time()
+    try:
+        await asyncio.gather(*(worker() for _ in range(QPS_CONCURRENCY)))
+    except Exception as exc:
+        row["error"] = f"qps: {type(exc).__name__}: {exc}"[:200]
+    row["qps"] = count / max(1e-9, loop.time() - started)
+    return row
+
+
+def run_pair_mesh(lab: MeshLab, src: str, dst: str, qps_seconds: float) -> dict:
+    a, b = lab.nodes[src], lab.nodes[dst]
+
+    async def forget(node, nat, peer):
+        nat.links.pop(peer, None)
+        await node.disconnect(peer)
+    lab.loops[src].run(forget(a, lab.nats[src], b.peer_id), 20)
+    lab.loops[dst].run(forget(b, lab.nats[dst], a.peer_id), 20)
+    addrs = []
+    if dst in IPS:
+        addrs.append(f"/ip4/{IPS[dst]}/udp/{lab.quic_port}/quic-v1/p2p/{b.peer_id}")
+    if lab.nats[dst].circuit_address():
+        addrs.append(lab.circuit_addr(dst))
+    return lab.loops[src].run(measure_pair_mesh(a, lab.nats[src], b.peer_id, addrs, qps_seconds, 20.0), 90)
+
+
+def run_matrix_mesh(prefix: str, up_args: list[str], qps_seconds: float, label: str) -> dict:
+    with lab(prefix, *up_args):
+        mesh = MeshLab(prefix, NODES, quic_port=4001, relay_port=4002)
+        try:
+            mesh.start()
+            discovery = mesh.discover_and_reserve()
+            nat = {h: {"nat_type": r.nat_type.value, "reachability": reach.value,
+                       "mapped": [f"{ip}:{port}" for ip, port in r.mapped]}
+                   for h, (r, reach) in discovery.items()}
+            rows = {f"{s}->{d}": run_pair_mesh(mesh, s, d, qps_seconds)
+                    for s, d in itertools.permutations(NODES, 2)}
+            return {"label": label, "stack": "MeshNode+MeshNat", "up_args": up_args, "nat": nat,
+                    "pairs": rows}
+        finally:
+            mesh.stop()
+
+
 def run_pair(mesh: LabMesh, src: str, dst: str, qps_seconds: float, punching: bool = True) -> dict:
     a, b = mesh.nodes[src], mesh.nodes[dst]
     mesh.loops[src].run(a.disconnect(b.peer_id), 20)
@@ -103,7 +186,7 @@ def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str,
             rows = {}
             for src, dst in itertools.permutations(NODES, 2):
                 rows[f"{src}->{dst}"] = run_pair(mesh, src, dst, qps_seconds)
-            result = {"label": label, "up_args": up_args, "nat": nat, "pairs": rows}
+            result = {"label": label, "stack": "NatNode", "up_args": up_args, "nat": nat, "pairs": rows}
             if extra is not None:
                 result.update(extra(mesh))
             return result
@@ -135,7 +218,7 @@ def fmt(value, spec):
 
 
 def print_matrix(result: dict) -> None:
-    print(f"\n== {result['label']}  (netlab up {' '.join(result['up_args']) or '(defaults)'})")
+    print(f"\n== {result['label']}  [{result['stack']}]  (netlab up {' '.join(result['up_args']) or '(defaults)'})")
     print(f"{'node':8} {'NAT type':22} {'reachability':12} mapped")
     for host, info in result["nat"].items():
         print(f"{host:8} {info['nat_type']:22} {info['reachability']:12} {', '.join(info['mapped'])}")
@@ -152,6 +235,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter QPS windows, 6 birthday tries")
     parser.add_argument("--prefix", default=f"lrb{os.getpid() % 100000}")
     args = parser.parse_args()
+    # aioquic logs late packets of connections closed between pairs; they are expected here
+    import logging
+    logging.getLogger("quic").setLevel(logging.CRITICAL)
     reason = netlab_available()
     if reason is not None:
         print(f"nat_matrix: cannot run: {reason}")
@@ -161,6 +247,7 @@ def main() -> int:
     attempts = 6 if args.quick else 20
     started = time.time()
     runs = [
+        run_matrix_mesh(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)"),
         run_matrix(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)",
                    extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m)}),
         run_matrix(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
@@ -170,7 +257,7 @@ def main() -> int:
     ]
     for result in runs:
         print_matrix(result)
-    base = runs[0]
+    base = runs[1]
     bday = base["birthday"]
     print(f"\nbirthday probing cone<->symmetric: {bday['direct']}/{bday['attempts']} direct "
           f"({bday['rate']:.0%}), median upgrade {fmt(bday['median_upgrade_s'], '.3f')} s")
