@@ -79,21 +79,21 @@ class IdentifyInfo:
         if not isinstance(record, dict):
             raise ProtocolViolation("identify record is not a map")
 
-        def typed(key, kind, default=None):
-            value = record.get(key, default)
+        def typed(key, kind):
+            value = record.get(key)
             if value is not None and not isinstance(value, kind):
                 raise ProtocolViolation(f"identify field {key!r} has type {type(value).__name__}")
             return value
 
         try:
-            peer = PeerId.from_bytes(typed("id", bytes, b""))
-            addrs = [Multiaddr.from_bytes(a) for a in (typed("la", list, []) or [])
+            peer = PeerId.from_bytes(typed("id", bytes) or b"")
+            addrs = [Multiaddr.from_bytes(a) for a in (typed("la", list) or [])
                      if isinstance(a, bytes)][:MAX_LISTEN_ADDRS]
             observed_raw = typed("oa", bytes)
             observed = Multiaddr.from_bytes(observed_raw) if observed_raw else None
         except (PeerIdError, MultiaddrError) as exc:
             raise ProtocolViolation(f"identify record: {exc}") from None
-        protocols = [p for p in (typed("p", list, []) or []) if isinstance(p, str)
+        protocols = [p for p in (typed("p", list) or []) if isinstance(p, str)
                      and len(p) <= MAX_STRING]
         if expected_peer is not None and peer != expected_peer:
             raise ProtocolViolation(
@@ -105,8 +105,8 @@ class IdentifyInfo:
             listen_addrs=addrs,
             observed_addr=observed,
             protocols=protocols,
-            agent_version=(typed("av", str, "") or "")[:MAX_STRING],
-            protocol_version=(typed("v", str, "") or "")[:MAX_STRING],
+            agent_version=(typed("av", str) or "")[:MAX_STRING],
+            protocol_version=(typed("v", str) or "")[:MAX_STRING],
         )
 
 

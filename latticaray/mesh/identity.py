@@ -117,6 +117,8 @@ class PeerId:
     __slots__ = ("_bytes", "_public_key_bytes", "_text", "_public_key")
 
     def __init__(self, multihash: bytes) -> None:
+        if not isinstance(multihash, (bytes, bytearray, memoryview)):
+            raise PeerIdError(f"peer ID bytes must be bytes, got {type(multihash).__name__}")
         multihash = bytes(multihash)
         if len(multihash) < 2:
             raise PeerIdError(f"peer ID multihash too short ({len(multihash)} bytes)")

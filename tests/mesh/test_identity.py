@@ -114,3 +114,9 @@ def test_garbage_key_file_is_refused(tmp_path):
         KeyPair.load(path)
     with pytest.raises(KeyFileError):
         KeyPair.from_private_bytes(b"123")
+
+
+@pytest.mark.parametrize("value", [None, 12, "12D3KooW"])
+def test_peer_id_from_non_bytes_is_a_peer_id_error(value):
+    with pytest.raises(PeerIdError, match="must be bytes"):
+        PeerId.from_bytes(value)
