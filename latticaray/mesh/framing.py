@@ -74,26 +74,52 @@ def encode_frame(header: list, payload: bytes | bytearray | memoryview = b"") ->
     return [prefix, payload]
 
 
+#: An incomplete frame with at least this much payload is collected as a list of the received
+#: chunks and joined once when complete (one copy), instead of growing a buffer.
+LARGE_PAYLOAD = 64 * 1024
+
+
 class FrameDecoder:
     """Incremental frame parser: ``feed(data)`` returns the complete frames it contained.
 
     Each frame is returned as ``(header, payload)`` with ``header`` a validated list and
-    ``payload`` a ``bytes`` object. ``max_payload`` bounds each frame's payload.
+    ``payload`` a ``bytes`` object. ``max_payload`` bounds each frame's payload; nothing beyond
+    the current frame (at most ``max_payload`` + header) is ever buffered.
     """
 
-    __slots__ = ("max_payload", "_buf", "_max_body")
+    __slots__ = ("max_payload", "_buf", "_max_body", "_large")
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
         self._max_body = 2 + MAX_HEADER_SIZE + max_payload
         self._buf = bytearray()
+        # [header, chunks, bytes still missing] of a large frame being collected
+        self._large: list | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
+        if self._large is not None:
+            return sum(len(c) for c in self._large[1])
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[list, bytes]]:
+        frames: list[tuple[list, bytes]] = []
+        pos = 0
+        large = self._large
+        if large is not None:
+            missing = large[2]
+            n = len(data)
+            if n < missing:
+                large[1].append(data)
+                large[2] = missing - n
+                return frames
+            large[1].append(data if n == missing else memoryview(data)[:missing])
+            frames.append((large[0], b"".join(large[1])))
+            self._large = None
+            if n == missing:
+                return frames
+            pos = missing
         buf = self._buf
         if buf:
             buf += data
@@ -101,8 +127,6 @@ class FrameDecoder:
         else:
             view = data
         end = len(view)
-        pos = 0
-        frames = []
         append = frames.append
         max_body = self._max_body
         try:
@@ -116,15 +140,16 @@ class FrameDecoder:
                     raise ProtocolViolation(
                         f"frame header length {hlen} is invalid for a body of {body_len} bytes")
                 stop = pos + 4 + body_len
-                if stop > end:
-                    break
                 hstart = pos + PREFIX_SIZE
                 pstart = hstart + hlen
-                try:
-                    header = _unpackb(view[hstart:pstart])
-                except Exception as exc:
-                    raise ProtocolViolation(f"frame header is not valid msgpack: {exc}") from None
-                _check_header(header)
+                if stop > end:
+                    if stop - pstart >= LARGE_PAYLOAD and end >= pstart:
+                        header = _decode_header(view[hstart:pstart])
+                        tail = bytes(view[pstart:end]) if buf else memoryview(data)[pstart:end]
+                        self._large = [header, [tail] if end > pstart else [], stop - end]
+                        pos = end
+                    break
+                header = _decode_header(view[hstart:pstart])
                 if pstart == stop:
                     append((header, b""))
                 elif buf:
@@ -139,8 +164,17 @@ class FrameDecoder:
             if pos:
                 del buf[:pos]
         elif pos < end:
-            buf += data[pos:] if pos else data
+            buf += memoryview(data)[pos:]
         return frames
+
+
+def _decode_header(raw) -> list:
+    try:
+        header = _unpackb(raw)
+    except Exception as exc:
+        raise ProtocolViolation(f"frame header is not valid msgpack: {exc}") from None
+    _check_header(header)
+    return header
 
 
 def _check_header(header: object) -> None:

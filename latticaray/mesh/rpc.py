@@ -334,7 +334,7 @@ class StreamCall:
         self._credit -= n + MESSAGE_OVERHEAD
         flags = FLAG_MSG if self.outgoing else FLAG_MSG | FLAG_RESPONSE
         session._send([MESSAGE, self.call_id, flags], message)
-        if session._pending_bytes > session.limits.write_buffer_high:
+        while session._pending_bytes > session._write_high:
             await session._wait_writable()
             if self._error is not None:
                 raise self._error
@@ -498,6 +498,9 @@ class RpcSession:
         self._out_waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None
         self._slot_waiters: deque[asyncio.Future] = deque()
+        self._write_high = self.limits.write_buffer_high
+        self._deferred: deque[tuple[list, int, bytes]] = deque()
+        self._deferred_bytes = 0
         self._closed = False
         self._closing = False
         self.close_reason: str | None = None
@@ -537,7 +540,7 @@ class RpcSession:
                                 f"{self.limits.max_frame_size}; send it as a client stream")
         if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
             await self._wait_slot()
-        if self._pending_bytes > self.limits.write_buffer_high:
+        while self._pending_bytes > self._write_high:
             await self._wait_writable()
         timeout = self._timeout(timeout)
         loop = self._loop
@@ -647,7 +650,23 @@ class RpcSession:
         if self._closed:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
 
+    def _run_deferred(self) -> None:
+        """Start calls that arrived while our send queue was full, as far as it has room."""
+        deferred = self._deferred
+        high = self._write_high
+        while deferred and self._pending_bytes <= high and not self._closing:
+            header, flags, payload = deferred.popleft()
+            self._deferred_bytes -= len(payload)
+            try:
+                self._on_open(header, flags, payload)
+            except ProtocolViolation as exc:
+                self._send([GOAWAY, 0, 0, "PROTOCOL_VIOLATION", str(exc)[:_MAX_ERROR_MESSAGE]])
+                self._shutdown(f"protocol violation: {exc}", graceful=True)
+                return
+
     def _wake_writable(self) -> None:
+        if self._deferred:
+            self._run_deferred()
         writable = self._writable
         if writable is not None:
             self._writable = None
@@ -768,7 +787,8 @@ class RpcSession:
         channel = self.channel
         feed = self._decoder.feed
         read_size = self.limits.read_size
-        high = self.limits.write_buffer_high
+        max_deferred = self.limits.max_concurrent_calls
+        max_deferred_bytes = 4 * self.limits.write_buffer_high + self.limits.max_frame_size
         reason = "remote closed the connection"
         try:
             while True:
@@ -778,7 +798,11 @@ class RpcSession:
                 frames = feed(data)
                 if frames:
                     self._dispatch(frames)
-                if self._pending_bytes > high:
+                # Reading continues while our replies are blocked (replies and credit from the
+                # peer must still get through, or two busy peers would wait on each other);
+                # only a peer flooding us with more new calls than that makes us stop reading.
+                while self._deferred and (len(self._deferred) > max_deferred
+                                          or self._deferred_bytes > max_deferred_bytes):
                     await self._wait_writable()
         except asyncio.CancelledError:
             return
@@ -842,7 +866,11 @@ class RpcSession:
                     stream._fail(RpcCancelled("remote dropped the call"))
                     self._release_slot()
             elif kind == OPEN:
-                self._on_open(header, flags, payload)
+                if self._deferred or self._pending_bytes > self._write_high:
+                    self._deferred.append((header, flags, payload))
+                    self._deferred_bytes += len(payload)
+                else:
+                    self._on_open(header, flags, payload)
             elif kind == MESSAGE:
                 call = self._in_calls.get(header[1])
                 if type(call) is StreamCall:
@@ -1046,6 +1074,7 @@ class RpcSession:
         for call in list(self._in_calls.values()):
             call.stop("session closed")
         self._in_calls.clear()
+        self._deferred.clear()
         for waiter in self._slot_waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -97,36 +97,60 @@ async def test_slow_client_stream_consumer_blocks_sender():
         await server.aclose()
 
 
-async def test_session_stops_reading_while_its_replies_cannot_be_sent():
-    """Unary flood with a peer that does not read replies: the server's send queue stays bounded
-    because it stops reading requests while its queue is above write_buffer_high."""
+async def test_unread_replies_keep_server_memory_bounded():
+    """Unary flood from a peer that does not read its replies: the server parks new calls once its
+    send queue is above write_buffer_high, and stops reading only when the parked calls exceed
+    max_concurrent_calls; everything it holds stays bounded."""
     router = RpcRouter()
 
     async def echo(ctx, payload):
         return payload
 
     router.register_unary("echo", echo, eager=True)
-    limits = RpcLimits(write_buffer_high=1 << 20, close_timeout=0.2)
+    limits = RpcLimits(write_buffer_high=1 << 20, close_timeout=0.2, max_concurrent_calls=100)
     a, b = memory_pipe(high_water=256 * 1024)
-    client = RpcSession(a, RpcRouter(), limits)
+    client = RpcSession(a, RpcRouter(), RpcLimits(close_timeout=0.2))
     server = RpcSession(b, router, limits)
     # Stop the client from reading: its reader task is cancelled, so replies pile up in the pipe.
     client._reader_task.cancel()
     payload = b"q" * 16384
     tasks = [asyncio.ensure_future(client.call("echo", payload, timeout=30)) for _ in range(1000)]
     try:
-        await wait_until(lambda: len(a.inbox) > 256 * 1024, timeout=10)
+        await wait_until(lambda: len(server._deferred) > 100 and len(b.inbox) > 0, timeout=10)
         for _ in range(200):
             await asyncio.sleep(0)
-        server_queue = server._pending_bytes
-        in_pipe_to_client = len(a.inbox)
-        print(f"\nunread replies: server queue {server_queue} B, pipe {in_pipe_to_client} B")
-        assert server_queue <= limits.write_buffer_high + 16384 + 64
-        # the server stopped consuming requests, so they wait in its inbox instead
-        assert len(b.inbox) > 0
+        held = server._pending_bytes + server._deferred_bytes
+        print(f"\nunread replies: server send queue {server._pending_bytes} B, parked calls "
+              f"{len(server._deferred)} ({server._deferred_bytes} B), unread requests "
+              f"{len(b.inbox)} B, replies in pipe {len(a.inbox)} B")
+        assert server._pending_bytes <= limits.write_buffer_high + 16384 + 64
+        assert len(server._deferred) <= 100 + 256 * 1024 // 16384 + 1
+        assert held < 4 * 1024 * 1024
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
         await server.aclose()
+
+
+async def test_two_peers_flooding_each_other_do_not_deadlock():
+    """Both sides call each other with large payloads at once; neither may stop reading."""
+    router = RpcRouter()
+
+    async def echo(ctx, payload):
+        return payload
+
+    router.register_unary("echo", echo, eager=True)
+    limits = RpcLimits(write_buffer_high=512 * 1024)
+    a, b = memory_pipe(high_water=256 * 1024)
+    left, right = RpcSession(a, router, limits), RpcSession(b, router, limits)
+    payload = b"p" * 200_000
+    try:
+        calls = [left.call("echo", payload, timeout=60) for _ in range(100)]
+        calls += [right.call("echo", payload, timeout=60) for _ in range(100)]
+        replies = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        assert all(r == payload for r in replies)
+    finally:
+        await left.aclose()
+        await right.aclose()

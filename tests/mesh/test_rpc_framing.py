@@ -38,6 +38,27 @@ def test_roundtrip_byte_by_byte_and_in_one_piece():
     assert decoder.buffered == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=40))
+def test_large_frames_survive_any_chunking(cuts):
+    big1 = bytes(range(256)) * 1200        # 300 KiB: collected as chunks
+    big2 = b"\x07" * (framing.LARGE_PAYLOAD)  # exactly the threshold
+    frames = [([framing.MESSAGE, 1, 2], big1), ([framing.MESSAGE, 2, 2], b"small"),
+              ([framing.MESSAGE, 3, 3], big2), ([framing.CANCEL, 4, 0], b"")]
+    wire = frames_bytes(*frames)
+    decoder = FrameDecoder(1 << 20)
+    got, pos = [], 0
+    for cut in cuts:
+        got.extend(decoder.feed(wire[pos:pos + cut]))
+        pos += cut
+        if pos >= len(wire):
+            break
+    if pos < len(wire):
+        got.extend(decoder.feed(wire[pos:]))
+    assert [(h, bytes(p)) for h, p in got] == frames
+    assert decoder.buffered == 0
+
+
 def test_large_payload_is_a_separate_write_piece():
     payload = b"p" * (framing.INLINE_PAYLOAD + 1)
     pieces = encode_frame([framing.MESSAGE, 1, 2], payload)

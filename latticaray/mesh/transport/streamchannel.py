@@ -17,6 +17,9 @@ from ..errors import ConnectionClosed, HandshakeError
 
 __all__ = ["StreamChannel"]
 
+#: Received chunks smaller than this are joined into one read (fewer, larger parses).
+_JOIN_BELOW = 64 * 1024
+
 
 class StreamChannel(asyncio.Protocol):
     """One authenticated byte stream; ``remote_peer`` is set once its handshake succeeded."""
@@ -118,16 +121,16 @@ class StreamChannel(asyncio.Protocol):
         if len(first) > max_bytes:
             chunks[0] = first[max_bytes:]
             data = first[:max_bytes]
-        elif len(chunks) == 1 or len(first) + len(chunks[1]) > max_bytes:
-            data = chunks.popleft()
+        elif len(chunks) == 1 or len(first) >= _JOIN_BELOW:
+            data = chunks.popleft()  # large chunks are handed on as they are: no copy
         else:
             pieces = [chunks.popleft()]
             size = len(first)
-            while chunks and size + len(chunks[0]) <= max_bytes:
+            while chunks and size + len(chunks[0]) <= max_bytes and len(chunks[0]) < _JOIN_BELOW:
                 piece = chunks.popleft()
                 pieces.append(piece)
                 size += len(piece)
-            data = b"".join(pieces)
+            data = b"".join(pieces) if len(pieces) > 1 else pieces[0]
         self._buffered -= len(data)
         if self._reading_paused and self._buffered <= self._read_high_water // 2:
             self._reading_paused = False
