@@ -148,7 +148,13 @@ class CrdtStore:
 
     # writes -----------------------------------------------------------------------------------
     def apply_local(self, atom: Atom) -> Change:
-        """Apply an atom this replica just signed (trusted; no admission checks)."""
+        """Apply an atom this replica just signed (trusted; no admission checks).
+
+        Like any merge it only replaces an older atom, so every replica keeps the same maximum.
+        """
+        current = self.get(atom.slot)
+        if current is not None and current.order >= atom.order:
+            return Change(atom.slot, current, current)
         change = self._put(atom)
         self._notify([change])
         return change
