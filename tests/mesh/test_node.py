@@ -287,3 +287,21 @@ async def test_idempotent_calls_retry_once_on_a_new_connection(pair):
         await a.call(b.peer_id, "/test/flaky/1", b"", timeout=10)
     assert await a.call(b.peer_id, "/test/flaky/1", b"", timeout=10, idempotent=True) == b"done"
     assert len(calls) == 3 and calls[1] is not calls[2]
+
+
+async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pair):
+    from latticaray.mesh.transport.quic import QuicTransport
+
+    a, b = pair
+    rogue = QuicTransport(KeyPair.generate())
+    await rogue.listen("127.0.0.1", 0)
+    try:
+        conn = await rogue.dial(b.listen_addrs[0])
+        ch = conn.open_channel()
+        ch.write(b"\x11/not-latticaray/1" + b"\x00" * 100)
+        await asyncio.wait_for(conn.wait_closed(), 15)
+        assert b.connected_peers() == []
+    finally:
+        await rogue.close()
+    await a.connect(b.listen_addrs[0])
+    assert (await a.call(b.peer_id, "/test/echo/1", b"ok", timeout=10)).startswith(b"echo:ok")

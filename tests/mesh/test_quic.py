@@ -217,3 +217,21 @@ async def test_unauthenticated_client_is_refused():
         await asyncio.sleep(0.2)
         assert all(c.remote_peer is None or c.is_closed for c in b.transport.connections)
         assert b.conns == []
+
+
+async def test_streams_beyond_the_accept_backlog_are_refused():
+    async with Endpoint(QuicConfig(accept_backlog=2)) as a, Endpoint(QuicConfig(accept_backlog=2)) as b:
+        conn = await a.transport.dial(b.addr)
+        channels = [conn.open_channel() for _ in range(5)]
+        for ch in channels:
+            ch.write(b"hello")
+        await wait_for(lambda: b.conns and len(b.conns[0]._accept_queue) == 2, what="backlog")
+        refused = 0
+        for ch in channels[2:]:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ch.read(10), 10)
+            refused += 1
+        assert refused == 3
+        accepted = await asyncio.wait_for(b.conns[0].accept_channel(), 5)
+        assert await accepted.read(10) == b"hello"
+        assert not conn.is_closed  # the connection itself survives

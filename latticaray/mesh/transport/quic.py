@@ -415,6 +415,7 @@ class QuicConn:
         if not self.is_established or self.is_closed:
             raise ConnectionClosed("QUIC connection is not open")
         stream_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(stream_id, b"")  # creates the stream: the next ID differs
         channel = QuicChannel(self, stream_id)
         self._channels[stream_id] = channel
         return channel
