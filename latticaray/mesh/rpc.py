@@ -532,7 +532,7 @@ class RpcSession:
     async def call(self, service: str, payload: bytes | bytearray | memoryview = b"",
                    timeout: float | None = None) -> bytes:
         """Unary call: send ``payload``, return the reply; raises the RpcError family."""
-        if self._closed:
+        if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         n = len(payload)
         if n > self.limits.max_frame_size:
@@ -542,6 +542,8 @@ class RpcSession:
             await self._wait_slot()
         while self._pending_bytes > self._write_high:
             await self._wait_writable()
+        if self._closing:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
         timeout = self._timeout(timeout)
         loop = self._loop
         call_id = self._next_call_id = self._next_call_id + 1
@@ -597,7 +599,7 @@ class RpcSession:
 
     def _open_stream(self, service: str, call_type: int, timeout: float | None,
                      payload: bytes | None) -> StreamCall:
-        if self._closed:
+        if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
             raise RpcError(Status.RESOURCE_EXHAUSTED,
@@ -642,12 +644,12 @@ class RpcSession:
             waiter.set_result(None)
 
     async def _wait_writable(self) -> None:
-        if self._closed:
+        if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         if self._writable is None:
             self._writable = self._loop.create_future()
         await self._writable
-        if self._closed:
+        if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
 
     def _run_deferred(self) -> None:
@@ -675,11 +677,11 @@ class RpcSession:
 
     async def _wait_slot(self) -> None:
         while (len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls
-               and not self._closed):
+               and not self._closing):
             waiter = self._loop.create_future()
             self._slot_waiters.append(waiter)
             await waiter
-        if self._closed:
+        if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
 
     def _release_slot(self) -> None:
@@ -758,7 +760,7 @@ class RpcSession:
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = self._loop.time() + 0.001  # call_at may fire up to the clock resolution early
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             _, call_id, outgoing = heapq.heappop(heap)
@@ -1075,6 +1077,7 @@ class RpcSession:
             call.stop("session closed")
         self._in_calls.clear()
         self._deferred.clear()
+        self._wake_writable()
         for waiter in self._slot_waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -411,6 +411,19 @@ async def test_close_callbacks_and_goaway(pair):
     assert "node shutting down" in client.close_reason
 
 
+async def test_calls_made_while_closing_fail_at_once(pair):
+    client, server, _ = pair
+    client.close("going away")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(RpcConnectionLost, match="going away"):
+        await client.call("echo", b"", timeout=30)
+    with pytest.raises(RpcConnectionLost):
+        client.call_stream("count", b"3", timeout=30)
+    assert loop.time() - t0 < 1.0
+    await asyncio.wait_for(server.wait_closed(), 5)
+
+
 async def test_invalid_timeout_rejected(pair):
     client, _, _ = pair
     with pytest.raises(ValueError):
