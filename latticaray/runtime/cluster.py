@@ -747,7 +747,7 @@ class MeshCluster:
     async def claim_actor_name(self, namespace: str, name: str, message: dict):
         """None when this creation may go ahead, else the reply to give the creator."""
         request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
-                   "owner": self.node_id, "meta": message["opts"].get("meta"),
+                   "owner": self.node_id, "host": message.get("host") or self.node_id, "meta": message["opts"].get("meta"),
                    "get_if_exists": bool(message["opts"].get("get_if_exists"))}
         reply = await self._names_call(self._arbiter(namespace, name), request)
         if reply.get("ok"):
@@ -797,7 +797,7 @@ class MeshCluster:
         if op == "claim":
             if record is not None and record["aid"] != request["aid"]:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
-            self.names[key] = {"aid": request["aid"], "node": request["owner"],
+            self.names[key] = {"aid": request["aid"], "node": request.get("host") or request["owner"],
                                "owner": request["owner"], "meta": request.get("meta")}
             return {"ok": True}
         if op == "lookup":

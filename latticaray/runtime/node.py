@@ -825,6 +825,7 @@ class RuntimeNode:
         name = opts.get("name")
         if name and self.cluster is not None:
             namespace = opts.get("namespace") or "default"
+            message["host"] = self.cluster.place_actor(message) or self.node_id
             reply = await self.cluster.claim_actor_name(namespace, name, message)
             if reply is not None:
                 return reply
@@ -848,7 +849,7 @@ class RuntimeNode:
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
         if self.cluster is not None:
-            target = self.cluster.place_actor(message)
+            target = message.pop("host", None) or self.cluster.place_actor(message)
             if target is not None and target != self.node_id:
                 return self.cluster.create_remote_actor(message, target)
         return self.host_actor(message)
@@ -917,7 +918,8 @@ class RuntimeNode:
             for i in range(nret):
                 self.objects[object_id(tid, i)] = ObjectEntry()
         if actor is None:
-            if self.cluster is not None and message.get("anode") != self.node_id:
+            if self.cluster is not None and (message.get("anode") != self.node_id
+                                             or aid in self.cluster.actor_location):
                 self.cluster.enqueue_actor_call(rec)
                 self._resolve_args(rec, lambda r: self.cluster.pump_actor(aid))
                 return

@@ -1,0 +1,66 @@
+"""Helpers for multi-process mesh tests: start node processes, wait for them, stop them."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import latticaray as lattica
+
+
+def _die_with_parent() -> None:
+    """Children of a test never outlive it, even if the test process is killed."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class NodeProcess:
+    """A `python -m latticaray.runtime.node_main` child; stop() always reaps it."""
+
+    def __init__(self, bootstrap: str, credential: str | None, num_cpus: float = 1):
+        args = [sys.executable, "-m", "latticaray.runtime.node_main", "--bootstrap", bootstrap,
+                "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]
+        if credential:
+            args += ["--credential", credential]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=_die_with_parent)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError("node process exited before it was ready")
+        self.info = json.loads(line)
+        self.node_id = self.info["node_id"]
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in lattica.nodes() if n["Alive"] and n.get("Resources")}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -1,0 +1,238 @@
+"""The runtime across node processes of one mesh: a driver node plus node processes on loopback.
+
+Covers remote tasks, refs and large objects across nodes, get by CID from another peer, remote
+actors (named, ordered, streaming), kill -9 of a node in the middle of a 2,000-task job, actor
+restart after its node dies, and refusal of a non-member's task submission.
+"""
+import asyncio
+import collections
+import os
+import pickle
+import time
+
+import msgpack
+import pytest
+
+import latticaray as lattica
+from latticaray.mesh.errors import MeshError, RpcError
+from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.runtime.admission import MeshKey
+from latticaray.runtime.cluster import ADMIT_PROTOCOL, TASK_PROTOCOL
+
+from meshutil import NodeProcess, alive_nodes, wait_for
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    nodes = []
+    try:
+        info = lattica.mesh_info()
+        invite = lattica.invite()
+        for _ in range(2):
+            nodes.append(NodeProcess(info["address"][0], invite))
+        wait_for(lambda: len(alive_nodes()) >= 3, 30, "3 alive nodes")
+        yield {"addr": info["address"][0], "invite": invite, "nodes": nodes,
+               "driver": info["node_id"]}
+    finally:
+        for node in nodes:
+            node.stop()
+        lattica.shutdown()
+
+
+@lattica.remote
+def whereami(x):
+    return lattica.get_runtime_context().node_id, x
+
+
+@lattica.remote
+def slow_square(x):
+    time.sleep(0.004)
+    return x * x
+
+
+@lattica.remote
+def total_len(blob):
+    return len(blob)
+
+
+@lattica.remote
+def fetch_by_cid(cid):
+    return lattica.get(cid)
+
+
+@lattica.remote
+def nested_sum(n):
+    return sum(lattica.get([slow_square.remote(i) for i in range(n)]))
+
+
+def test_tasks_spread_over_three_nodes(mesh):
+    results = lattica.get([whereami.options(scheduling_strategy="SPREAD").remote(i)
+                           for i in range(60)], timeout=60)
+    assert [x for _, x in results] == list(range(60))
+    assert len({node for node, _ in results}) == 3
+    assert lattica.cluster_resources()["CPU"] == 3
+
+
+def test_node_affinity_and_nested_tasks(mesh):
+    target = mesh["nodes"][0].node_id
+    strategy = lattica.NodeAffinitySchedulingStrategy(target)
+    node, _ = lattica.get(whereami.options(scheduling_strategy=strategy).remote(0), timeout=30)
+    assert node == target
+    assert lattica.get(nested_sum.options(scheduling_strategy=strategy).remote(10),
+                       timeout=60) == sum(i * i for i in range(10))
+
+
+def test_large_ref_argument_fetched_across_nodes(mesh):
+    blob = os.urandom(6 << 20)
+    ref = lattica.put(blob)
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    assert lattica.get(total_len.options(scheduling_strategy=strategy).remote(ref),
+                       timeout=60) == len(blob)
+
+
+def test_get_by_cid_from_another_peer(mesh):
+    ref = lattica.put({"payload": list(range(100))})
+    cid = ref.cid
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
+    assert lattica.get(fetch_by_cid.options(scheduling_strategy=strategy).remote(cid),
+                       timeout=30) == {"payload": list(range(100))}
+
+
+def test_remote_result_cid(mesh):
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    ref = slow_square.options(scheduling_strategy=strategy).remote(12)
+    assert lattica.get(str(ref), timeout=30) == 144
+
+
+@lattica.remote
+class Account:
+    def __init__(self, balance):
+        self.balance = balance
+
+    def deposit(self, amount):
+        self.balance += amount
+        return self.balance
+
+    def node(self):
+        return lattica.get_runtime_context().node_id
+
+    def history(self, n):
+        for i in range(n):
+            yield self.balance + i
+
+
+@lattica.remote
+def deposit_via_name(name, amount):
+    return lattica.get(lattica.get_actor(name).deposit.remote(amount))
+
+
+def test_remote_actor_state_order_and_names(mesh):
+    target = mesh["nodes"][0].node_id
+    account = Account.options(
+        name="acct", scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(target)).remote(0)
+    assert lattica.get(account.node.remote(), timeout=30) == target
+    refs = [account.deposit.remote(1) for _ in range(100)]
+    assert lattica.get(refs, timeout=60) == list(range(1, 101))
+    assert [lattica.get(r) for r in account.history.remote(3)] == [100, 101, 102]
+    other = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    assert lattica.get(deposit_via_name.options(scheduling_strategy=other).remote("acct", 5),
+                       timeout=30) == 105
+    with pytest.raises(lattica.ActorNameTakenError):
+        Account.options(name="acct").remote(0)
+
+
+@lattica.remote
+def produce(n):
+    for i in range(n):
+        yield i * 10
+
+
+def test_remote_streaming_generator(mesh):
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    gen = produce.options(scheduling_strategy=strategy).remote(50)
+    assert [lattica.get(r) for r in gen] == [i * 10 for i in range(50)]
+
+
+def test_kill9_node_during_2000_task_job(mesh):
+    victim = NodeProcess(mesh["addr"], mesh["invite"])
+    try:
+        wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
+        refs = [slow_square.options(scheduling_strategy="SPREAD").remote(i) for i in range(2000)]
+        ready, _ = lattica.wait(refs, num_returns=200, timeout=120)
+        victim.kill9()
+        results = lattica.get(refs, timeout=180)
+        assert results == [i * i for i in range(2000)]
+        wait_for(lambda: victim.node_id not in alive_nodes(), 30, "the victim to be seen dead")
+    finally:
+        victim.stop()
+
+
+def test_actor_restarts_after_its_node_dies(mesh):
+    victim = NodeProcess(mesh["addr"], mesh["invite"])
+    try:
+        wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
+        strategy = lattica.NodeAffinitySchedulingStrategy(victim.node_id, soft=True)
+        account = Account.options(max_restarts=1, max_task_retries=1,
+                                  scheduling_strategy=strategy).remote(1000)
+        assert lattica.get(account.node.remote(), timeout=30) == victim.node_id
+        assert lattica.get(account.deposit.remote(1), timeout=30) == 1001
+        victim.kill9()
+        new_node = lattica.get(account.node.remote(), timeout=60)
+        assert new_node != victim.node_id
+        assert lattica.get(account.deposit.remote(1), timeout=30) == 1001  # state rebuilt
+        never = Account.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
+            mesh["nodes"][1].node_id)).remote(0)
+        assert lattica.get(never.deposit.remote(1), timeout=30) == 1
+    finally:
+        victim.stop()
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_non_member_submission_refused_and_never_deserialized(mesh, tmp_path):
+    marker = tmp_path / "unpickled"
+    poison = pickle.dumps(_CreatesFileWhenUnpickled(str(marker)))
+    forged = MeshKey.generate().issue()
+    task = {"k": "task", "m": {"tid": os.urandom(16), "fn": b"f" * 16, "blob": poison,
+                               "name": "evil", "nret": 1, "args": ["b", poison], "opts": {}}}
+
+    async def attempt():
+        stranger = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"]))
+        await stranger.start()
+        outcomes = {}
+        try:
+            peer = await stranger.connect(mesh["addr"], timeout=10)
+            try:
+                await stranger.call(peer, ADMIT_PROTOCOL,
+                                    msgpack.packb({"cred": forged}), timeout=10)
+                outcomes["admit"] = "accepted"
+            except RpcError as exc:
+                outcomes["admit"] = exc.code
+            call = await stranger.open_bidi(peer, TASK_PROTOCOL, timeout=10)
+            try:
+                await call.send(msgpack.packb(task, use_bin_type=True))
+                async for _reply in call:
+                    outcomes["task"] = "answered"
+                    break
+                else:
+                    outcomes["task"] = "closed"
+            except RpcError as exc:
+                outcomes["task"] = exc.code
+            except MeshError as exc:
+                outcomes["task"] = type(exc).__name__
+        finally:
+            await stranger.stop()
+        return outcomes
+
+    outcomes = asyncio.run(attempt())
+    assert outcomes["admit"] == "PERMISSION_DENIED"
+    assert outcomes["task"] == "PERMISSION_DENIED"
+    time.sleep(0.5)
+    assert not marker.exists()
