@@ -166,7 +166,12 @@ class SchedulerService:
             meta = self._meta.pop(admission.task_id, b"")
             if self.on_start is None:
                 continue
-            result = self.on_start(admission.task_id, meta)
+            try:
+                result = self.on_start(admission.task_id, meta)
+            except Exception:  # a failing hook must not wedge the node's resources
+                log.exception("on_start hook failed for %s; releasing its resources", admission.task_id)
+                self.local.finish(admission.task_id, self.clock())
+                continue
             if asyncio.iscoroutine(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)
@@ -243,6 +248,11 @@ class SchedulerClient:
             self._ensure_pump()
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         finally:
+            if not future.done():
+                # Timed out or cancelled: stop placing it. (If an offer is in flight and the node
+                # admits it anyway, the reply is dropped; the node frees it when the runtime's
+                # task session for it never arrives.)
+                self.submitter.cancel(request.task_id)
             self._futures.pop(request.task_id, None)
             self._meta.pop(request.task_id, None)
 
@@ -274,10 +284,13 @@ class SchedulerClient:
                          "meta": self._meta.get(request.task_id, b"")})
         self.sent += 1
         try:
-            reply = await self.node.call(PeerId.from_string(action.node_id), SCHED_PROTOCOL, payload,
+            peer_type = type(self.node.peer_id)
+            parse = getattr(peer_type, "from_string", PeerId.from_string)
+            reply = await self.node.call(parse(action.node_id), SCHED_PROTOCOL, payload,
                                          timeout=self.call_timeout)
             admission = self._decode_admission(action, bytes(reply))
-        except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd) as exc:
+        except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd,
+                ValueError) as exc:
             log.info("offer of %s to %s failed: %s", request.task_id, action.node_id, exc)
             self._handle(self.submitter.on_send_failed(request.task_id, self._now()))
             return

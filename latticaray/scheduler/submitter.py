@@ -114,6 +114,18 @@ class Submitter:
     def infeasible(self) -> int:
         return len(self._infeasible)
 
+    def cancel(self, task_id: str) -> bool:
+        """Stop placing ``task_id`` (the caller gave up); a late reply for it is ignored."""
+        found = False
+        flight = self._in_flight.pop(task_id, None)
+        if flight is not None:
+            self.policy.forget(task_id, flight.node_id)
+            found = True
+        found = (self._waiting.pop(task_id, None) is not None) or found
+        found = (self._infeasible.pop(task_id, None) is not None) or found
+        self._attempts.pop(task_id, None)
+        return found
+
     def pending_requests(self) -> list[PlacementRequest]:
         """Requests waiting for capacity or infeasible right now (not in flight)."""
         return list(self._waiting.values()) + [i.request for i in self._infeasible.values()]
@@ -151,11 +163,16 @@ class Submitter:
         return self._try(request, now)
 
     def on_send_failed(self, task_id: str, now: float) -> list[Action]:
-        """The request never reached its node (unreachable, timeout): try another one."""
+        """The request never reached its node (unreachable, timeout): try another one.
+
+        The node counts as not alive until an ad newer than this failure says otherwise."""
         flight = self._in_flight.pop(task_id, None)
         if flight is None:
             return []
         self.policy.forget(task_id, flight.node_id)
+        view = self.snapshot.nodes.get(flight.node_id)
+        if view is not None and view.alive:
+            self.snapshot.update_node(dataclasses.replace(view, alive=False, ad_time=max(view.ad_time, now)))
         request = dataclasses.replace(flight.request, excluded=flight.request.excluded | {flight.node_id})
         return self._try(request, now)
 
