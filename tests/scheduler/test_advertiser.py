@@ -166,3 +166,24 @@ def test_build_snapshot_from_members_prefers_dht_views():
     assert snapshot.nodes["A"].running == 3
     assert snapshot.nodes["B"].queued == 3
     assert snapshot.objects["cid"].holders == frozenset({"A"})
+
+
+async def test_advertiser_writes_the_crdt_members_entry_that_small_meshes_read():
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.state.core import StateCore
+
+    key = KeyPair.generate()
+    state = StateCore(key, wall_clock=lambda: 1000.0)
+    local = LocalScheduler(str(key.peer_id), ResourceLedger({"CPU": 4, "accel": 2}), labels={"zone": "eu"})
+    local.offer(PlacementRequest("t", {"CPU": 3}, "s"), 0.0)
+    advertiser = CapacityAdvertiser(local, str(key.peer_id), key.peer_id.to_bytes(), dht=None,
+                                    members=state.members, clock=lambda: 1000.0)
+    await advertiser.publish_once()
+    assert advertiser.failures == 0
+    (member,) = state.members.alive(1000.0)
+    snapshot = build_snapshot(members=[member], now=1000.0)
+    view = snapshot.nodes[str(key.peer_id)]
+    assert view.total == {"CPU": 4, "accel": 2} and view.available["CPU"] == 1 and view.running == 3
+    assert view.labels == {"zone": "eu"}
+    decision = PlacementPolicy(seed=0).place(snapshot, PlacementRequest("u", {"accel": 1}, "s"), 0.0)
+    assert decision.node_id == str(key.peer_id)
