@@ -73,7 +73,14 @@ async def server_main(args) -> None:
     from latticaray.mesh.identity import KeyPair
     from latticaray.mesh.rpc import RpcRouter, RpcSession
 
-    router = RpcRouter()
+    node = None
+    if args.stack == "node":
+        from latticaray.mesh.node import MeshNode
+
+        node = MeshNode(node_config(args, server=True))
+        router = node.router
+    else:
+        router = RpcRouter()
 
     async def echo(ctx, payload):
         return payload
@@ -114,7 +121,13 @@ async def server_main(args) -> None:
         sessions.append(RpcSession(channel, router, limits))
 
     key = KeyPair.generate()
-    if args.transport.startswith("quic"):
+    if node is not None:
+        await node.start()
+        key = node.key
+        addr = next(a for a in node.listen_addrs
+                    if a.transport == ("quic" if args.transport.startswith("quic")
+                                       else args.transport))
+    elif args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
 
         async def serve(conn):
@@ -146,14 +159,74 @@ async def server_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------ client process
+def node_config(args, server: bool):
+    from latticaray.mesh.node import MeshConfig
+
+    kind = "quic" if args.transport.startswith("quic") else args.transport
+    listen = []
+    if kind == "quic":
+        listen = ["/ip4/127.0.0.1/udp/0/quic-v1"]
+    elif kind == "tcp" and server:
+        listen = ["/ip4/127.0.0.1/tcp/0"]
+    return MeshConfig(
+        listen=listen, transports=(kind,), same_host_fast_path=(kind == "unix" and server),
+        unix_options={"run_dir": args.run_dir},
+        quic=quic_config(args.transport) if kind == "quic" else MeshConfig().quic,
+        rpc_limits=server_limits() if server else MeshConfig().rpc_limits,
+        auto_identify=False)
+
+
+class NodeCaller:
+    """The client side through MeshNode: ``call`` / ``call_client_stream`` like a session."""
+
+    def __init__(self, node, peer):
+        self.node, self.peer = node, peer
+
+    async def call(self, service, payload, timeout):
+        return await self.node.call(self.peer, service, payload, timeout)
+
+    def call_client_stream(self, service, timeout):
+        return self.node.connection_to(self.peer).session.call_client_stream(service, timeout)
+
+    @property
+    def transport(self):
+        return self.node.connection_to(self.peer).session.channel.transport
+
+    async def aclose(self):
+        await self.node.stop()
+
+
+class SessionCaller:
+    def __init__(self, transport, session):
+        self._transport, self.session = transport, session
+        self.call = session.call
+        self.call_client_stream = session.call_client_stream
+
+    @property
+    def transport(self):
+        return self.session.channel.transport
+
+    async def aclose(self):
+        await self.session.aclose()
+        await self._transport.close()
+
+
 async def connect(args):
     from latticaray.mesh.identity import KeyPair, PeerId
     from latticaray.mesh.multiaddr import Multiaddr
     from latticaray.mesh.rpc import RpcRouter, RpcSession
 
-    key = KeyPair.generate()
     peer = PeerId.from_string(args.peer)
     addr = Multiaddr.parse(args.addr)
+    if args.stack == "node":
+        from latticaray.mesh.node import MeshNode
+
+        node = MeshNode(node_config(args, server=False))
+        await node.start()
+        connected = await node.connect(addr.with_peer(peer) if addr.peer_id is None else addr)
+        assert connected == peer
+        return NodeCaller(node, peer)
+    key = KeyPair.generate()
     if args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
 
@@ -171,7 +244,7 @@ async def connect(args):
 
         transport = UnixTransport(key, run_dir=args.run_dir)
         channel = await transport.dial(addr.unix_path, peer)
-    return transport, RpcSession(channel, RpcRouter())
+    return SessionCaller(transport, RpcSession(channel, RpcRouter()))
 
 
 from latticaray.mesh.errors import RpcError  # noqa: E402  (after sys.path is set)
@@ -251,25 +324,24 @@ async def measure_bulk(session, total: int, time_limit: float) -> dict:
 
 
 async def client_main(args) -> None:
-    transport, session = await connect(args)
-    result = {"transport": args.transport}
-    await session.call("bench/echo", b"warm", timeout=30)
+    caller = await connect(args)
+    result = {"transport": args.transport, "stack": args.stack, "channel": caller.transport}
+    await caller.call("bench/echo", b"warm", 30)
     for size in args.sizes:
-        result[f"rpc_{size}"] = await measure_calls(session, size, args.concurrency, args.warmup,
+        result[f"rpc_{size}"] = await measure_calls(caller, size, args.concurrency, args.warmup,
                                                     args.duration)
     if args.bulk_total:
-        result["bulk"] = await measure_bulk(session, args.bulk_total, args.duration * 2)
-    await session.aclose()
-    await transport.close()
+        result["bulk"] = await measure_bulk(caller, args.bulk_total, args.duration * 2)
+    await caller.aclose()
     print(json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------ driver
-def spawn_server(transport: str, run_dir: str, lifetime: float) -> tuple[subprocess.Popen, str,
+def spawn_server(transport: str, run_dir: str, lifetime: float, stack: str) -> tuple[subprocess.Popen, str,
                                                                            str]:
     server = subprocess.Popen(
         [sys.executable, __file__, "server", "--transport", transport, "--run-dir", run_dir,
-         "--server-lifetime", str(lifetime)],
+         "--server-lifetime", str(lifetime), "--stack", stack],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     if not line.startswith("READY"):
@@ -283,12 +355,13 @@ def spawn_server(transport: str, run_dir: str, lifetime: float) -> tuple[subproc
 
 def run_transport(args, transport: str, run_dir: str) -> dict:
     limit = len(args.sizes) * (args.warmup + args.duration + CALL_TIMEOUT + 40) + args.duration * 2 + 180
-    server, peer, addr = spawn_server(transport, run_dir, limit + 30)
+    server, peer, addr = spawn_server(transport, run_dir, limit + 30, args.stack)
     try:
         cmd = [sys.executable, __file__, "client", "--transport", transport, "--run-dir", run_dir,
                "--peer", peer, "--addr", addr, "--sizes", ",".join(map(str, args.sizes)),
                "--concurrency", str(args.concurrency), "--warmup", str(args.warmup),
-               "--duration", str(args.duration), "--bulk-total", str(args.bulk_total)]
+               "--duration", str(args.duration), "--bulk-total", str(args.bulk_total),
+               "--stack", args.stack]
         client = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         if client.returncode != 0:
             return {"transport": transport, "error": client.stderr[-3000:]}
@@ -364,8 +437,9 @@ def fmt(value, spec=",.0f") -> str:
 
 
 def print_table(args, results: list[dict], raw: list[dict]) -> None:
-    print(f"\nlatticaray RPC, two processes on loopback, {args.concurrency} calls in flight, "
-          f"uvloop; {args.duration:.0f} s windows")
+    print(f"\nlatticaray RPC ({'MeshNode' if args.stack == 'node' else 'transport + RpcSession'}"
+          f"), two processes on loopback, {args.concurrency} calls in flight, uvloop; "
+          f"{args.duration:.0f} s windows")
     head = (f"{'transport':<10} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8}")
     print(head)
@@ -420,7 +494,7 @@ def driver(args) -> None:
         raw = anchors(args)
     print_table(args, results, raw)
     summary = {
-        "bench": "rpc", "concurrency": args.concurrency, "duration_s": args.duration,
+        "bench": "rpc", "stack": args.stack, "concurrency": args.concurrency, "duration_s": args.duration,
         "sizes": args.sizes, "results": results, "raw_baseline": raw,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},
@@ -440,6 +514,9 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--bulk-total", type=int, default=256 << 20)
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--stack", choices=["node", "direct"], default="node",
+                   help="node: MeshNode on both sides (full stack); direct: transport + "
+                        "RpcSession without the connection manager")
     p.add_argument("--quick", action="store_true", help="2 s windows, 64 MiB bulk")
     p.add_argument("--run-dir", default=tempfile.gettempdir())
     p.add_argument("--peer")
