@@ -79,7 +79,6 @@ def main() -> None:
     print("nonlocal placements by reason (latticaray):", ours["nonlocal_reasons"])
 
     import msgpack
-    import sortedcontainers  # noqa: F401  (listed for the record of versions)
     print(json.dumps({
         "bench": "scheduler", "config": size, "seed": args.seed,
         "results": {n: {k: v for k, v in results[n].items()} for n in names},

@@ -1,8 +1,5 @@
 """Node admission, fair queues, submitter spillback, infeasible timeouts, and a small simulation."""
 
-import dataclasses
-from collections import Counter
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
