@@ -19,7 +19,7 @@ drops out of placement within one TTL. The same totals, availability and labels 
   publish and what (:class:`PublishAd`).
 * :class:`CapacityAdvertiser` — asyncio driver writing to a ``DhtService`` and ``Members``.
 * Snapshot builders (pure): :func:`view_from_ad`, :func:`views_from_dht`,
-  :func:`view_from_member`, :func:`build_snapshot`; and :class:`CandidateSampler`, the large-mesh
+  :func:`view_from_member`, :func:`member_views`, :func:`build_snapshot`; and :class:`CandidateSampler`, the large-mesh
   path that reads only the DHT key of the resource a request needs and samples from it.
 """
 
@@ -42,7 +42,7 @@ from .resources import CPU, normalize
 __all__ = [
     "CAPACITY_FORMAT", "CAPACITY_PREFIX", "MAX_AD_BYTES", "CapacityAd", "PublishAd", "AdvertiserCore",
     "CapacityAdvertiser", "capacity_key", "view_from_ad", "views_from_dht", "view_from_member",
-    "build_snapshot", "CandidateSampler",
+    "member_views", "build_snapshot", "CandidateSampler",
 ]
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,17 @@ def view_from_member(member: Any, now: float, alive: bool = True) -> NodeView:
     running = int(max(0.0, total.get(CPU, 0.0) - available.get(CPU, 0.0)))
     return NodeView(str(member.peer_id), total, available, dict(member.labels), queued=0,
                     running=running, ad_time=float(getattr(member, "heartbeat", now)), alive=alive)
+
+
+def member_views(members: Any, wall_now: float, local_now: float) -> list[NodeView]:
+    """Views of the alive CRDT members with ad times moved onto the local (event loop) clock:
+    a heartbeat ``age`` seconds old gets ``ad_time = local_now - age``."""
+    views = []
+    for member in members.alive(wall_now):
+        view = view_from_member(member, wall_now)
+        view.ad_time = local_now - max(0.0, wall_now - view.ad_time)
+        views.append(view)
+    return views
 
 
 def build_snapshot(members: Iterable[Any] = (), dht_views: Iterable[NodeView] = (),

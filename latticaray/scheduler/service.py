@@ -186,16 +186,20 @@ class SchedulerService:
 class SchedulerClient:
     """Places requests from this node over ``/latticaray/sched/1`` with spillback.
 
-    Candidates come from ``sampler`` (DHT capacity keys, large meshes) and/or ``views()`` (a
-    callable returning current :class:`NodeView` s, e.g. built from the CRDT member view).
+    Candidates come from ``views()`` (a callable returning current :class:`NodeView` s, e.g.
+    :func:`~latticaray.scheduler.advertiser.member_views` of the CRDT members) and, in meshes
+    larger than ``small_mesh_limit``, from ``sampler`` (DHT capacity keys). View ``ad_time`` s must
+    be on the event loop's clock (``member_views`` converts).
     """
 
     def __init__(self, node: Any, *, sampler: CandidateSampler | None = None,
                  views: Callable[[], Iterable[NodeView]] | None = None,
                  policy: PlacementPolicy | None = None, call_timeout: float = 5.0,
                  refresh_interval: float = 0.3, max_attempts: int = 4,
-                 infeasible_timeout: float = 30.0, max_waiting: int = 10_000) -> None:
+                 infeasible_timeout: float = 30.0, max_waiting: int = 10_000,
+                 small_mesh_limit: int = 64) -> None:
         self.node = node
+        self.small_mesh_limit = small_mesh_limit
         self.sampler = sampler
         if sampler is not None:
             # ad times must be on the clock the submitter uses (the event loop's)
@@ -218,10 +222,14 @@ class SchedulerClient:
         return asyncio.get_running_loop().time()
 
     async def refresh(self, demands: Iterable[dict] = ({"CPU": 1},)) -> None:
+        """Update the snapshot: from ``views()`` (the CRDT member view) and, when that view is
+        missing or larger than ``small_mesh_limit`` nodes, from DHT capacity keys."""
+        count = 0
         if self.views is not None:
             for view in self.views():
                 self.snapshot.update_node(view)
-        if self.sampler is not None:
+                count += 1
+        if self.sampler is not None and (self.views is None or count > self.small_mesh_limit):
             for demand in demands:
                 try:
                     for view in await self.sampler.candidates(demand):

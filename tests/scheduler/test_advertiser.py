@@ -187,3 +187,18 @@ async def test_advertiser_writes_the_crdt_members_entry_that_small_meshes_read()
     assert view.labels == {"zone": "eu"}
     decision = PlacementPolicy(seed=0).place(snapshot, PlacementRequest("u", {"accel": 1}, "s"), 0.0)
     assert decision.node_id == str(key.peer_id)
+
+
+def test_member_views_move_heartbeats_onto_the_local_clock():
+    from latticaray.scheduler.advertiser import member_views
+
+    class Member:
+        def __init__(self, pid, heartbeat):
+            self.peer_id, self.heartbeat, self.labels = pid, heartbeat, {}
+            self.resources_total, self.resources_available = {"CPU": 2}, {"CPU": 2}
+
+    class Members:
+        def alive(self, now):
+            return [Member("A", 1000.0), Member("B", 997.5)]
+    views = {v.node_id: v for v in member_views(Members(), wall_now=1001.0, local_now=50.0)}
+    assert views["A"].ad_time == pytest.approx(49.0) and views["B"].ad_time == pytest.approx(46.5)

@@ -126,3 +126,24 @@ async def test_client_spills_over_unreachable_and_rejecting_nodes():
         await client.close()
         for s in services:
             await s.close()
+
+
+async def test_small_meshes_use_the_member_view_large_ones_also_the_dht():
+    from latticaray.scheduler.policy import NodeView
+
+    class Sampler:
+        calls = 0
+        clock = None
+
+        async def candidates(self, demand):
+            Sampler.calls += 1
+            return [NodeView("dht-node", {"CPU": 1}, {"CPU": 1}, ad_time=0.0)]
+    members = [NodeView(f"m{i}", {"CPU": 1}, {"CPU": 1}) for i in range(3)]
+    client = SchedulerClient(FakeMesh().node("d"), sampler=Sampler(), views=lambda: members,
+                             small_mesh_limit=3)
+    await client.refresh()
+    assert Sampler.calls == 0 and set(client.snapshot.nodes) == {"m0", "m1", "m2"}
+    members.append(NodeView("m3", {"CPU": 1}, {"CPU": 1}))
+    await client.refresh()
+    assert Sampler.calls == 1 and "dht-node" in client.snapshot.nodes
+    await client.close()
