@@ -546,13 +546,11 @@ class NatNode:
         return link
 
     async def _upgrade_after(self, link: PeerLink, direct: asyncio.Task | None, start: float) -> bool:
-        """Hole punch unless the still-running direct dial of ``connect`` gets there first."""
-        if direct is not None:
-            try:
-                if await direct:
-                    return True
-            except Exception:
-                pass
+        """Hole punch unless the direct dial of ``connect`` already succeeded."""
+        if direct is not None and direct.done() and not direct.cancelled() \
+                and direct.exception() is None and direct.result():
+            return True
+        # a direct dial still in flight may yet win; punching does not wait for its timeout
         return await self._upgrade(link, start)
 
     async def call(self, peer: PeerId, service: str, payload: bytes = b"",
@@ -631,12 +629,12 @@ class NatNode:
         session.on_punch_result(action.attempt, remote, self._loop.time())
 
     async def _punch(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
-        delay = action.at - self._loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
         mode = action.mode
         link.pending_path = {PunchMode.BIRTHDAY_EASY: "birthday", PunchMode.BIRTHDAY_HARD: "birthday",
                              PunchMode.DIAL: "reversal", PunchMode.AWAIT: "reversal"}.get(mode, "punched")
+        delay = action.at - self._loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
         try:
             if mode is PunchMode.DIAL:
                 return await self._punch_dial(link, action)
