@@ -71,6 +71,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_pack = framing._packb
+_pack_prefix = framing._pack_prefix
+
 #: Stream window every receiver starts with; a receiver wanting more grants it at once (CREDIT).
 INITIAL_WINDOW = 256 * 1024
 #: Flow-control cost of a message beyond its payload, so empty messages are not free.
@@ -494,11 +497,16 @@ class RpcSession:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._out: list = []
+        self._out_large = False  # a large payload is queued as its own piece
         self._pending_bytes = 0
         self._out_waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None
         self._slot_waiters: deque[asyncio.Future] = deque()
         self._write_high = self.limits.write_buffer_high
+        self._max_frame = self.limits.max_frame_size
+        self._max_calls = self.limits.max_concurrent_calls
+        self._default_timeout = self.limits.default_timeout
+        self._max_timeout = self.limits.max_timeout
         self._deferred: deque[tuple[list, int, bytes]] = deque()
         self._deferred_bytes = 0
         self._closed = False
@@ -534,28 +542,30 @@ class RpcSession:
         """Unary call: send ``payload``, return the reply; raises the RpcError family."""
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
-        n = len(payload)
-        if n > self.limits.max_frame_size:
-            raise FrameTooLarge(f"request of {n} bytes exceeds max_frame_size "
-                                f"{self.limits.max_frame_size}; send it as a client stream")
-        if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
+        if len(payload) > self._max_frame:
+            raise FrameTooLarge(f"request of {len(payload)} bytes exceeds max_frame_size "
+                                f"{self._max_frame}; send it as a client stream")
+        out_unary = self._out_unary
+        if len(out_unary) + len(self._out_streams) >= self._max_calls:
             await self._wait_slot()
         while self._pending_bytes > self._write_high:
             await self._wait_writable()
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
-        timeout = self._timeout(timeout)
-        loop = self._loop
+        if timeout is None:
+            timeout = self._default_timeout
+        elif not 0 < timeout <= self._max_timeout:
+            timeout = self._timeout(timeout)
         call_id = self._next_call_id = self._next_call_id + 1
-        future = loop.create_future()
-        self._out_unary[call_id] = future
-        self._add_deadline(loop.time() + timeout, call_id, True)
+        future = self._loop.create_future()
+        out_unary[call_id] = future
+        self._add_deadline(self._loop.time() + timeout, call_id, True)
         self._send([OPEN, call_id, FLAG_MSG | FLAG_END, service, UNARY, int(timeout * 1000) + 1],
                    payload)
         try:
             return await future
         except asyncio.CancelledError:
-            if self._out_unary.pop(call_id, None) is not None and not self._closed:
+            if out_unary.pop(call_id, None) is not None and not self._closed:
                 self._send([CANCEL, call_id, 0])
                 self._release_slot()
             raise
@@ -626,18 +636,19 @@ class RpcSession:
     def _send(self, header: list, payload: bytes | bytearray | memoryview = b"") -> None:
         if self._closed:
             return
-        h = msgpack.packb(header)
+        h = _pack(header)
         plen = len(payload)
-        prefix = framing._pack_prefix(2 + len(h) + plen, len(h)) + h
+        hlen = len(h)
         out = self._out
         if plen == 0:
-            out.append(prefix)
+            out.append(_pack_prefix(2 + hlen, hlen) + h)
         elif plen <= INLINE_PAYLOAD:
-            out.append(prefix + payload)
+            out.append(b"".join((_pack_prefix(2 + hlen + plen, hlen), h, payload)))
         else:
-            out.append(prefix)
+            out.append(_pack_prefix(2 + hlen + plen, hlen) + h)
             out.append(payload)
-        self._pending_bytes += len(prefix) + plen
+            self._out_large = True
+        self._pending_bytes += 6 + hlen + plen
         waiter = self._out_waiter
         if waiter is not None:
             self._out_waiter = None
@@ -708,7 +719,10 @@ class RpcSession:
                 self._pending_bytes = 0
                 if len(out) == 1:
                     channel.write(out[0])
+                elif not self._out_large:
+                    channel.write(b"".join(out))
                 else:
+                    self._out_large = False
                     run: list = []
                     for piece in out:
                         if len(piece) > 65536:
@@ -907,12 +921,14 @@ class RpcSession:
                              f"service {service!r} is {framing.CALL_TYPE_NAMES[entry[0]]}, "
                              f"called as {framing.CALL_TYPE_NAMES[call_type]}")
             return
-        if len(self._in_calls) >= self.limits.max_concurrent_calls:
+        if len(self._in_calls) >= self._max_calls:
             self._send_error(call_id, Status.RESOURCE_EXHAUSTED,
                              f"peer has {len(self._in_calls)} calls in progress from you")
             return
-        timeout = timeout_ms / 1000.0 if timeout_ms else self.limits.default_timeout
-        deadline = self._loop.time() + min(timeout, self.limits.max_timeout)
+        timeout = timeout_ms / 1000.0 if timeout_ms else self._default_timeout
+        if timeout > self._max_timeout:
+            timeout = self._max_timeout
+        deadline = self._loop.time() + timeout
         handler = entry[1]
         ctx = CallContext(self, call_id, service, deadline)
         if call_type == UNARY:
@@ -956,7 +972,11 @@ class RpcSession:
             coro = handler(ctx, payload)
             first = coro.send(None)
         except StopIteration as stop:
-            self._send_reply(call_id, stop.value)
+            reply = stop.value
+            if type(reply) is bytes and len(reply) <= self._max_frame:
+                self._send([MESSAGE, call_id, FLAG_MSG | FLAG_END | FLAG_RESPONSE], reply)
+            else:
+                self._send_reply(call_id, reply)
             return
         except Exception as exc:  # the handler failed before its first await
             self._send_exception(call_id, exc)
