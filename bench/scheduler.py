@@ -38,6 +38,7 @@ ROWS = [
      lambda s: f"{s['messages_per_placement_p99']} / {s['messages_per_placement_max']}"),
     ("placement latency s (p50 / p99)",
      lambda s: f"{s['placement_latency_s_p50']} / {s['placement_latency_s_p99']}"),
+    ("fairness: Jain index of submitters' latency", lambda s: s["submitter_latency_jain_index"]),
     ("spillbacks (re-sent requests)", lambda s: s["spillbacks"]),
     ("placed on an infeasible node", lambda s: s["placed_on_infeasible_node"]),
     ("virtual time s / events", lambda s: f"{s['virtual_time_s']} / {s['events']}"),

@@ -69,6 +69,8 @@ class SimulationResult:
     finished: int = 0
     attempts: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    #: submitter -> [sum of placement latencies, count]
+    per_submitter: dict[str, list[float]] = field(default_factory=dict)
     with_feasible_holder: int = 0
     placed_with_data: int = 0
     spillbacks: int = 0
@@ -80,6 +82,13 @@ class SimulationResult:
     virtual_time: float = 0.0
     events: int = 0
     messages: int = 0
+
+    def jain_index(self) -> float | None:
+        """Jain's fairness index of the submitters' mean placement latency (1.0 = all equal)."""
+        means = [total / count for total, count in self.per_submitter.values() if count]
+        if not means or not any(means):
+            return None
+        return round(sum(means) ** 2 / (len(means) * sum(m * m for m in means)), 4)
 
     def summary(self) -> dict:
         att = sorted(self.attempts) or [0]
@@ -102,6 +111,7 @@ class SimulationResult:
             "messages_per_placement_max": 2 * att[-1],
             "placement_latency_s_p50": round(lat[len(lat) // 2], 4),
             "placement_latency_s_p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
+            "submitter_latency_jain_index": self.jain_index(),
             "spillbacks": self.spillbacks,
             "nonlocal_reasons": dict(sorted(self.nonlocal_reasons.items())),
             "placed_on_infeasible_node": self.infeasible_placements,
@@ -201,7 +211,11 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             elif isinstance(action, Placed):
                 result.placed += 1
                 result.attempts.append(action.attempts)
-                result.latencies.append(sim.now - submitted_at.pop(action.task_id))
+                latency = sim.now - submitted_at.pop(action.task_id)
+                result.latencies.append(latency)
+                acc = result.per_submitter.setdefault(sid, [0.0, 0])
+                acc[0] += latency
+                acc[1] += 1
                 if feasible_holder.pop(action.task_id):
                     result.with_feasible_holder += 1
                     if action.node_id in holders_of_task[action.task_id]:
