@@ -235,3 +235,23 @@ async def test_streams_beyond_the_accept_backlog_are_refused():
         accepted = await asyncio.wait_for(b.conns[0].accept_channel(), 5)
         assert await accepted.read(10) == b"hello"
         assert not conn.is_closed  # the connection itself survives
+
+
+async def test_graceful_close_delivers_data_written_before_it():
+    async with Endpoint() as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        ch = conn.open_channel()
+        payload = os.urandom(1_000_000)
+        ch.write(payload)
+        ch.close()
+        conn.close("done")  # right away: data must still arrive before CONNECTION_CLOSE
+        await wait_for(lambda: b.conns, what="inbound")
+        server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
+        got = bytearray()
+        while True:
+            chunk = await asyncio.wait_for(server_ch.read(1 << 20), 10)
+            if not chunk:
+                break
+            got += chunk
+        assert bytes(got) == payload
+        await asyncio.wait_for(conn.wait_closed(), 10)

@@ -380,6 +380,8 @@ class QuicConn:
         self._last_rx = _now()
         self._unanswered_since: float | None = None
         self._close_callbacks: list[Callable[["QuicConn"], None]] = []
+        self._closing = False
+        self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
         self._ready.add_done_callback(_consume_exception)
 
@@ -412,7 +414,7 @@ class QuicConn:
 
     # -- channels -------------------------------------------------------------------------------
     def open_channel(self) -> QuicChannel:
-        if not self.is_established or self.is_closed:
+        if not self.is_established or self.is_closed or self._closing:
             raise ConnectionClosed("QUIC connection is not open")
         stream_id = self._quic.get_next_available_stream_id()
         self._quic.send_stream_data(stream_id, b"")  # creates the stream: the next ID differs
@@ -437,16 +439,42 @@ class QuicConn:
         return self._accept_queue.popleft()
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, reason: str = "closed") -> None:
-        """Close gracefully: CONNECTION_CLOSE is sent after data already queued."""
+    def close(self, reason: str = "closed", flush_timeout: float = 2.0) -> None:
+        """Close gracefully: data already written is delivered (acknowledged) first, for at
+        most ``flush_timeout`` seconds, then CONNECTION_CLOSE is sent."""
+        if self.is_closed or self._closing:
+            return
+        if flush_timeout > 0 and self.is_established and self._unacked_total() > 0:
+            self._closing = True
+            self._flush_waiter = self._loop.create_future()
+            task = self._loop.create_task(self._close_after_flush(reason, flush_timeout))
+            self._transport._background(task)
+            return
+        self.abort(reason)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Send CONNECTION_CLOSE now, dropping unsent data."""
         if self.is_closed:
             return
         self._quic.close(error_code=APP_ERROR_CLOSED, reason_phrase=reason[:100])
         self._transmit()
         self._terminate(reason, send=False)
 
-    def abort(self, reason: str = "aborted") -> None:
-        self.close(reason)
+    def _unacked_total(self) -> int:
+        return sum(self._quic.stream_buffered(sid) for sid in list(self._quic._streams))
+
+    async def _close_after_flush(self, reason: str, timeout: float) -> None:
+        deadline = self._loop.time() + timeout
+        while not self.is_closed and self._unacked_total() > 0:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            self._flush_waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._flush_waiter, remaining)
+            except asyncio.TimeoutError:
+                break
+        self.abort(reason)
 
     def _terminate(self, reason: str, *, send: bool, error: BaseException | None = None) -> None:
         if self.is_closed:
@@ -466,6 +494,8 @@ class QuicConn:
         self._channels.clear()
         if self._accept_waiter is not None and not self._accept_waiter.done():
             self._accept_waiter.set_result(None)
+        if self._flush_waiter is not None and not self._flush_waiter.done():
+            self._flush_waiter.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -495,6 +525,9 @@ class QuicConn:
         self._transmit()
         for channel in list(self._channels.values()):
             channel._check_drain()
+        waiter = self._flush_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _process_events(self) -> None:
         quic = self._quic
@@ -689,6 +722,7 @@ class QuicTransport:
         self._by_cid: dict[bytes, QuicConn] = {}
         self._conns: set[QuicConn] = set()
         self._tick_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
         self.stats = collections.Counter()
 
@@ -739,6 +773,10 @@ class QuicTransport:
     async def close(self) -> None:
         for conn in list(self._conns):
             conn.close("transport shutting down")
+        if self._tasks:  # graceful closes flushing their data (each bounded in time)
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        for conn in list(self._conns):
+            conn.abort("transport shutting down")
         if self._tick_task is not None:
             self._tick_task.cancel()
             try:
@@ -797,6 +835,10 @@ class QuicTransport:
         self._sendto(bytes(data), addr)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _background(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _make_connection(self, *, is_client: bool, remote_host: str,
                          original_dcid: bytes | None = None) -> _MeshQuicConnection:
         cfg = self.config
