@@ -255,3 +255,20 @@ async def test_graceful_close_delivers_data_written_before_it():
             got += chunk
         assert bytes(got) == payload
         await asyncio.wait_for(conn.wait_closed(), 10)
+
+
+async def test_stateless_retry_validates_client_addresses_under_handshake_load():
+    # threshold 0: every new client must complete a Retry round trip first
+    async with Endpoint() as a, Endpoint(QuicConfig(retry_when_pending_handshakes=0)) as b:
+        conn = await a.transport.dial(b.addr)
+        assert conn.remote_peer == b.key.peer_id
+        assert b.transport.stats["retries_sent"] == 1
+        await wait_for(lambda: b.conns, what="inbound after retry")
+        assert b.conns[0].remote_peer == a.key.peer_id
+        # a forged Initial carrying a bogus token is dropped without state
+        before = len(b.transport.connections)
+        fake = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8)
+        a.transport.send_raw(b.transport.local_address, fake + b"\x10" + os.urandom(16) +
+                             b"\x44\xd0" + os.urandom(1300))
+        await wait_for(lambda: b.transport.stats["retry_token_invalid"] == 1, what="bad token")
+        assert len(b.transport.connections) == before

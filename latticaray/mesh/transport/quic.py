@@ -44,9 +44,11 @@ from aioquic.quic.connection import (
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
 from ..identity import KeyPair, PeerId
@@ -96,6 +98,10 @@ class QuicConfig:
     socket_buffer_bytes: int = 8 * 1024 * 1024
     #: Inbound connections still handshaking at once; further Initial packets are dropped.
     max_pending_handshakes: int = 256
+    #: With this many inbound handshakes pending, new clients must first prove their address
+    #: with a stateless Retry round trip (RFC 9000 8.1.2) — cheap defence against spoofed floods.
+    #: 0 = always, a value >= max_pending_handshakes = never.
+    retry_when_pending_handshakes: int = 32
     #: All connections on this transport.
     max_connections: int = 4096
     congestion_control: str = "reno"
@@ -717,6 +723,7 @@ class QuicTransport:
         self.unknown_datagram_handler: Callable[[bytes, tuple], None] | None = None
         self.accept_inbound = True
         self._certified = certified or make_certified_key(key)
+        self._retry = QuicRetryTokenHandler()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._by_cid: dict[bytes, QuicConn] = {}
@@ -840,7 +847,8 @@ class QuicTransport:
         task.add_done_callback(self._tasks.discard)
 
     def _make_connection(self, *, is_client: bool, remote_host: str,
-                         original_dcid: bytes | None = None) -> _MeshQuicConnection:
+                         original_dcid: bytes | None = None,
+                         retry_scid: bytes | None = None) -> _MeshQuicConnection:
         cfg = self.config
         configuration = QuicConfiguration(
             is_client=is_client,
@@ -859,6 +867,7 @@ class QuicTransport:
         return _MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
             stream_window=cfg.stream_receive_window,
             connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
             max_streams=cfg.max_streams,
@@ -915,12 +924,12 @@ class QuicTransport:
                     addr,
                 )
                 return
-            conn = self._accept(header.destination_cid, addr, len(data))
+            conn = self._accept(header, addr, len(data))
             if conn is None:
                 return
         conn._datagram_received(data, addr)
 
-    def _accept(self, dcid: bytes, addr: tuple, size: int) -> QuicConn | None:
+    def _accept(self, header, addr: tuple, size: int) -> QuicConn | None:
         if not self.accept_inbound or size < MIN_DATAGRAM_SIZE:
             self.stats["initial_dropped"] += 1
             return None
@@ -929,7 +938,34 @@ class QuicTransport:
                 len(self._conns) >= self.config.max_connections:
             self.stats["initial_dropped"] += 1
             return None
-        quic = self._make_connection(is_client=False, remote_host=addr[0], original_dcid=dcid)
+        dcid = header.destination_cid
+        original_dcid, retry_scid = dcid, None
+        if header.token:
+            try:
+                original_dcid = self._retry.validate_token(
+                    address=addr, destination_cid=dcid, token=header.token, now=_now())
+            except ValueError:
+                self.stats["retry_token_invalid"] += 1
+                return None
+            retry_scid = dcid
+        elif pending >= self.config.retry_when_pending_handshakes:
+            retry_cid = os.urandom(CONNECTION_ID_LENGTH)
+            self._sendto(
+                encode_quic_retry(
+                    version=header.version,
+                    source_cid=retry_cid,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=dcid,
+                    retry_token=self._retry.create_token(
+                        address=addr, original_destination_connection_id=dcid,
+                        retry_source_connection_id=retry_cid, now=_now()),
+                ),
+                addr,
+            )
+            self.stats["retries_sent"] += 1
+            return None
+        quic = self._make_connection(is_client=False, remote_host=addr[0],
+                                     original_dcid=original_dcid, retry_scid=retry_scid)
         conn = QuicConn(self, quic, addr, is_client=False, expected_peer=None)
         self._add(conn)
         for cid in (dcid, quic.host_cid):
