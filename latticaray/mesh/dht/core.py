@@ -15,7 +15,8 @@ driver (service.py) and the simulator driver (latticaray/mesh/sim/dht.py) are tw
 
 from __future__ import annotations
 
-import bisect
+from bisect import insort
+from operator import attrgetter
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ class DhtConfig:
 
 
 _NEW, _INFLIGHT, _DONE, _FAILED = 0, 1, 2, 3
+_distance_of = attrgetter("distance")
 #: records per message and their total bytes, kept well under the codec's message bound
 RECORDS_PER_MESSAGE = 200
 RECORD_BYTES_PER_MESSAGE = 1536 * 1024
@@ -132,7 +134,10 @@ class Lookup(Operation):
         self.stall = cfg.stall_timeout
         self.max_requests = cfg.max_lookup_requests
         self.paths = max(1, cfg.disjoint_paths)
-        self._shortlists: list[list[tuple[int, bytes]]] = [[] for _ in range(self.paths)]
+        # per path: candidates nearest first, trimmed to the 2k non-failed nearest (a farther
+        # peer can never enter the k closest while 2k nearer ones are still candidates)
+        self._shortlists: list[list[_Candidate]] = [[] for _ in range(self.paths)]
+        self._failed_counts = [0] * self.paths
         self._candidates: dict[bytes, _Candidate] = {}
         self._inflight: list[dict[bytes, float]] = [{} for _ in range(self.paths)]
         self.messages = 0
@@ -148,39 +153,59 @@ class Lookup(Operation):
         if pid in self._candidates or pid == self.core.peer_id:
             return
         distance = contact.node_id ^ self.target
-        self._candidates[pid] = _Candidate(contact, distance, depth, path)
-        bisect.insort(self._shortlists[path], (distance, pid))
+        shortlist = self._shortlists[path]
+        cap = 2 * self.k + self._failed_counts[path]
+        if len(shortlist) >= cap and distance >= shortlist[-1].distance:
+            return
+        cand = _Candidate(contact, distance, depth, path)
+        self._candidates[pid] = cand
+        insort(shortlist, cand, key=_distance_of)
+        if len(shortlist) > cap:
+            dropped = shortlist.pop()
+            if dropped.state == _NEW:
+                del self._candidates[dropped.contact.peer_id]
+            elif dropped.state == _FAILED:
+                self._failed_counts[path] -= 1
 
     def next_requests(self, now: float) -> list[tuple[Contact, dict[str, Any]]]:
         if self.done:
             return []
         out = []
         all_paths_done = True
+        k = self.k
+        stall = self.stall
+        request = self.request
         for p in range(self.paths):
             inflight = self._inflight[p]
-            active = sum(1 for sent in inflight.values() if now - sent < self.stall)
+            active = 0
+            for sent in inflight.values():
+                if now - sent < stall:
+                    active += 1
             budget = self.alpha - active
-            waiting = False
+            if self.messages >= self.max_requests:
+                budget = 0
+            waiting = sent_here = False
             considered = 0
-            for _, pid in self._shortlists[p]:
-                cand = self._candidates[pid]
-                if cand.state == _FAILED:
+            for cand in self._shortlists[p]:
+                state = cand.state
+                if state == _FAILED:
                     continue
                 considered += 1
-                if considered > self.k:
+                if considered > k:
                     break
-                if cand.state == _NEW:
-                    if budget > 0 and self.messages < self.max_requests:
+                if state == _NEW:
+                    waiting = True
+                    if budget > 0:
                         cand.state = _INFLIGHT
                         cand.sent_at = now
-                        inflight[pid] = now
+                        inflight[cand.contact.peer_id] = now
                         budget -= 1
                         self.messages += 1
-                        out.append((cand.contact, self.request))
+                        sent_here = True
+                        out.append((cand.contact, request))
+                elif state == _INFLIGHT:
                     waiting = True
-                elif cand.state == _INFLIGHT:
-                    waiting = True
-            if waiting and (inflight or out):
+            if waiting and (inflight or sent_here):
                 all_paths_done = False
         if all_paths_done:
             self._finish(now)
@@ -197,6 +222,7 @@ class Lookup(Operation):
         self._inflight[cand.path].pop(contact.peer_id, None)
         if "error" in response:
             cand.state = _FAILED
+            self._failed_counts[cand.path] += 1
             return
         cand.state = _DONE
         self.core.peer_responded(cand.contact, now)
@@ -212,6 +238,7 @@ class Lookup(Operation):
             return
         self._inflight[cand.path].pop(contact.peer_id, None)
         cand.state = _FAILED
+        self._failed_counts[cand.path] += 1
         self.core.peer_failed(cand.contact, now)
 
     def _handle_payload(self, cand: _Candidate, response: dict[str, Any], now: float) -> None:

@@ -4,12 +4,18 @@ over mesh RPC.
 
 Messages travel as the in-memory dicts the core produces (the msgpack codec is exercised by the
 asyncio driver and its tests; here its byte size is estimated). A request the virtual network drops
-or a node that is down surfaces as a timeout after ``config.request_timeout``, exactly as a real
-RPC deadline would.
+or a node that is down surfaces as a timeout ``config.request_timeout`` after it was sent, exactly
+as a real RPC deadline would. To keep the event queue small, that timeout is only scheduled once
+the request is known to be lost: dropped at send (loss, partition, destination down), its response
+dropped, or its destination leaving while it is in flight (use :meth:`SimDht.leave`; changing
+partitions under in-flight requests is not supported).
 
 Join procedure (Kademlia's): a new node adds one live seed, looks up its own id, then looks up a
-random id in every bucket farther than its closest neighbour. Nodes join one after another at
-``join_interval`` of virtual time, so lookups of overlapping joins run concurrently.
+random id in every bucket farther than its closest neighbour (``join_refresh="all"``). A cheaper
+variant, ``join_refresh=n``, refreshes only the ``n`` farthest of those buckets (0: self-lookup
+only); the rest fill from the traffic the node sees and from periodic bucket refresh. Nodes join
+one after another at ``join_interval`` of virtual time, so lookups of overlapping joins run
+concurrently.
 """
 
 from __future__ import annotations
@@ -43,14 +49,15 @@ def _noop() -> None:
 
 
 class _Request:
-    __slots__ = ("src", "op", "contact", "timer", "on_ping")
+    __slots__ = ("src", "op", "contact", "sent_at", "lost", "on_ping")
 
-    def __init__(self, src: bytes, op: Operation | None, contact: Contact,
+    def __init__(self, src: bytes, op: Operation | None, contact: Contact, sent_at: float,
                  on_ping: Callable[[bool], None] | None = None) -> None:
         self.src = src
         self.op = op
         self.contact = contact
-        self.timer: TimerHandle | None = None
+        self.sent_at = sent_at
+        self.lost = False
         self.on_ping = on_ping
 
 
@@ -59,7 +66,9 @@ class SimDht:
 
     def __init__(self, seed: int = 0, config: DhtConfig | None = None,
                  latency: tuple[float, float] = (0.005, 0.05), loss: float = 0.0,
-                 keys: Callable[[int], KeyPair] | None = None) -> None:
+                 keys: Callable[[int], KeyPair] | None = None,
+                 join_refresh: str | int = "all") -> None:
+        self.join_refresh = join_refresh
         self.sim = Simulator(seed=seed)
         self.rng = random.Random(seed ^ 0x5EED)
         self.config = config or DhtConfig()
@@ -106,6 +115,9 @@ class SimDht:
 
         def after_self_lookup(_op: Operation) -> None:
             refreshes = core.refresh_ops(self.sim.now, all_buckets=True)
+            if self.join_refresh != "all":
+                # refresh_ops lists buckets nearest first: keep the farthest n
+                refreshes = refreshes[len(refreshes) - int(self.join_refresh):] if int(self.join_refresh) else []
             remaining = [len(refreshes)]
 
             def one_done(_op2: Operation) -> None:
@@ -146,6 +158,9 @@ class SimDht:
         """The node vanishes without notice (crash or network loss)."""
         self.net.set_down(peer_id)
         self.joined.discard(peer_id)
+        for rid, req in self._pending.items():
+            if req.contact.peer_id == peer_id:
+                self._lost(rid, req)
 
     def run_for(self, duration: float) -> None:
         """Advance virtual time by ``duration``, processing every event due meanwhile.
@@ -206,11 +221,18 @@ class SimDht:
                       op: Operation | None, on_ping: Callable[[bool], None] | None = None) -> None:
         rid = self._next_rid
         self._next_rid += 1
-        req = _Request(core.peer_id, op, contact, on_ping)
+        req = _Request(core.peer_id, op, contact, self.sim.now, on_ping)
         self._pending[rid] = req
-        req.timer = self.sim.call_later(self.config.request_timeout, self._timeout, rid)
-        self.net.send(core.peer_id, contact.peer_id, ("req", rid, request),
-                      size=_message_size(request), kind=request["op"])
+        delivered = self.net.send(core.peer_id, contact.peer_id, ("req", rid, request),
+                                  size=_message_size(request), kind=request["op"])
+        if not delivered or not self.net.is_up(contact.peer_id):
+            self._lost(rid, req)
+
+    def _lost(self, rid: int, req: _Request) -> None:
+        """The request or its response will never arrive: time out when the deadline passes."""
+        if not req.lost:
+            req.lost = True
+            self.sim.call_at(req.sent_at + self.config.request_timeout, self._timeout, rid)
 
     def _send_pings(self, core: DhtCore) -> None:
         for contact in core.take_pings():
@@ -223,13 +245,14 @@ class SimDht:
             core = self.nodes[dst]
             response = core.handle_request(self.contacts[src], body, self.sim.now)
             self._send_pings(core)
-            self.net.send(dst, src, ("resp", rid, response), size=_message_size(response))
+            if not self.net.send(dst, src, ("resp", rid, response), size=_message_size(response)):
+                req = self._pending.get(rid)
+                if req is not None:
+                    self._lost(rid, req)
             return
         req = self._pending.pop(rid, None)
         if req is None:
             return
-        if req.timer is not None:
-            req.timer.cancel()
         self._complete(req, body)
 
     def _timeout(self, rid: int) -> None:
