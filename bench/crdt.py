@@ -1,8 +1,8 @@
 """Cluster-state CRDT replication at 1,000 simulated nodes: rounds and bytes to converge.
 
 Runs the production sans-I/O state cores (``latticaray.state``) on the discrete-event simulator
-(``latticaray.mesh.sim``): 20 ms one-way latency, gossip flush every 0.1 s (atoms pushed to 2 random peers, announced to 6 more),
-anti-entropy (digest trie) with one random peer every 1 s. Every replica starts with the same
+(``latticaray.mesh.sim``): 20 ms one-way latency, gossip flush every 0.1 s (atoms pushed to 2
+random peers, announced to 6 more), anti-entropy (digest trie) with one random peer every 1 s. Every replica starts with the same
 1,000-entry ``members`` collection (one signed entry per node), installed without traffic.
 
 Scenarios:
@@ -200,7 +200,8 @@ def main() -> None:
         "all_converged": bool(b["all_hold_every_write"] and c["all_hold_every_write"]),
         "sim_wall_s": round(wall, 2),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {"python": sys.version.split()[0], "msgpack": ".".join(map(str, msgpack.version)),
+        "versions": {"python": sys.version.split()[0],
+                     "msgpack": ".".join(map(str, msgpack.version)),
                      "cryptography": cryptography.__version__},
     }
     print(json.dumps(figures))

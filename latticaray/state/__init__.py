@@ -29,7 +29,8 @@ from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationSta
 from .store import Change, CollectionSpec, CrdtStore
 
 __all__ = [
-    "ClusterState", "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom", "Limits",
+    "ClusterState", "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom",
+    "Limits",
     "StateCore", "CrdtMap", "LWWMap", "LWWRegister", "ORSet", "PNCounter", "ClockSkewError",
     "DeltaTooLarge", "ExpiredAtom", "MalformedDelta", "NotAMember", "SignatureInvalid",
     "SnapshotError", "StateError", "StoreFull", "UnknownCollection", "WriteRejected", "Hlc",

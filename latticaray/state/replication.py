@@ -251,8 +251,7 @@ class Replica:
         cfg = self.config
         wants = []
         for entry in _list_field(msg, "h", cfg.max_wants_per_message):
-            if not (isinstance(entry, list) and len(entry) == 4
-                    and all(type(x) is int for x in entry)):
+            if not _int_list(entry, 4):
                 raise MalformedDelta("ihave entry must be [hash, wall, logical, fp]")
             h, wall, logical, fp = entry
             own = self.store.atoms_with_hash(h)
@@ -338,7 +337,7 @@ class Replica:
                 raise MalformedDelta("trie leaves have no children")
             theirs = {}
             for kid in kids:
-                if not (isinstance(kid, list) and len(kid) == 3 and all(type(x) is int for x in kid)):
+                if not _int_list(kid, 3):
                     raise MalformedDelta("anti-entropy child must be [prefix, fp, count]")
                 theirs[kid[0]] = (kid[1], kid[2])
             own_children = {cp: (fp, cnt) for cp, fp, cnt in store.children(depth, prefix)}
@@ -357,9 +356,9 @@ class Replica:
                 own_items.setdefault(h, []).append(atom)
             seen = set()
             for item in listing:
-                if not (isinstance(item, list) and len(item) == 4
-                        and all(type(x) is int for x in item)):
-                    raise MalformedDelta("anti-entropy listing entry must be [hash, wall, logical, fp]")
+                if not _int_list(item, 4):
+                    raise MalformedDelta("anti-entropy listing entry must be "
+                                         "[hash, wall, logical, fp]")
                 h, wall, logical, fp = item
                 seen.add(h)
                 own = own_items.get(h)
@@ -380,7 +379,7 @@ class Replica:
                     for atom in own:
                         push[atom.slot] = atom
         for entry in _list_field(msg, "x", self.config.max_nodes_per_message):
-            if not (isinstance(entry, list) and len(entry) == 2 and all(type(x) is int for x in entry)):
+            if not _int_list(entry, 2):
                 raise MalformedDelta("anti-entropy empty-node entry must be [depth, prefix]")
             _check_node(entry[0], entry[1])
             push_all(entry[0], entry[1])
@@ -423,7 +422,7 @@ class Replica:
                 reply_atoms[atom.slot] = atom
         children, leaves, empty = [], [], []
         for entry in _list_field(msg, "n", self.config.max_nodes_per_message):
-            if not (isinstance(entry, list) and len(entry) == 4 and all(type(x) is int for x in entry)):
+            if not _int_list(entry, 4):
                 raise MalformedDelta("anti-entropy node must be [depth, prefix, fp, count]")
             depth, prefix, fp, count = entry
             _check_node(depth, prefix)
@@ -448,7 +447,8 @@ class Replica:
         return data
 
     # inbound ----------------------------------------------------------------------------------
-    def handle_message(self, src: PeerId, data: bytes, now: float) -> tuple[bytes | None, list[Outgoing]]:
+    def handle_message(self, src: PeerId, data: bytes,
+                       now: float) -> tuple[bytes | None, list[Outgoing]]:
         """Handle one message (or RPC reply) from the authenticated peer ``src``.
 
         Returns ``(reply, sends)``: ``reply`` goes back to ``src`` (the RPC response), ``sends``
@@ -508,6 +508,11 @@ class Replica:
         if msg.get("v") != WIRE_VERSION:
             raise MalformedDelta(f"unsupported state wire version {msg.get('v')!r}")
         return msg
+
+
+def _int_list(value: Any, length: int) -> bool:
+    return (isinstance(value, list) and len(value) == length
+            and all(type(x) is int for x in value))
 
 
 def _list_field(msg: dict, name: str, limit: int) -> list:

@@ -123,7 +123,8 @@ class SimCluster:
 
     def count_having(self, slot: tuple[str, str, str], atom: Atom) -> int:
         return sum(1 for core in self.cores.values()
-                   if (held := core.store.get(slot)) is not None and held.signature == atom.signature)
+                   if (held := core.store.get(slot)) is not None
+                   and held.signature == atom.signature)
 
     def run_until(self, predicate: Callable[[], bool], timeout: float, check_every: float = 0.05,
                   max_events: int = 50_000_000) -> float | None:

@@ -126,7 +126,8 @@ class CrdtStore:
                 yield from subkeys.values()
 
     # watching ---------------------------------------------------------------------------------
-    def watch(self, collection: str, callback: Callable[[list[Change]], None]) -> Callable[[], None]:
+    def watch(self, collection: str,
+              callback: Callable[[list[Change]], None]) -> Callable[[], None]:
         """Call ``callback(changes)`` after every merge, local write or GC touching ``collection``.
 
         Returns a function that removes the watch.
@@ -160,7 +161,7 @@ class CrdtStore:
         return change
 
     def admit(self, atom: Atom, now: float) -> bool:
-        """Check ``atom`` for merge: False if it would not change the slot; raise if inadmissible."""
+        """Admission check: False if ``atom`` would not change its slot; raises if inadmissible."""
         spec = self.spec(atom.collection)
         ttl = self.tombstone_ttl if atom.tombstone else spec.live_ttl
         if ttl is not None and atom.hlc.wall_ms < int((now - ttl) * 1000):

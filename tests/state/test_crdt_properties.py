@@ -143,7 +143,7 @@ def views(core: StateCore):
 
 
 def anti_entropy_to_fixpoint(replicas, now):
-    """Pairwise anti-entropy sessions over a ring, each run to completion, until all digests agree."""
+    """Pairwise anti-entropy sessions over a ring, each run to completion, until digests agree."""
     for _ in range(len(replicas) * 2):
         for i, a in enumerate(replicas):
             b = replicas[(i + 1) % len(replicas)]
