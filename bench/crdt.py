@@ -2,7 +2,8 @@
 
 Runs the production sans-I/O state cores (``latticaray.state``) on the discrete-event simulator
 (``latticaray.mesh.sim``): 20 ms one-way latency, gossip flush every 0.1 s (atoms pushed to 2
-random peers, announced to 6 more), anti-entropy (digest trie) with one random peer every 1 s. Every replica starts with the same
+random peers, announced to 6 more), anti-entropy (digest trie) with one random peer every
+1 s. Every replica starts with the same
 1,000-entry ``members`` collection (one signed entry per node), installed without traffic.
 
 Scenarios:
