@@ -113,6 +113,8 @@ class RemoteClient:
 
     def _send_value(self, tid: bytes, slot, data: bytes) -> bytes | None:
         """Large values travel as parts ahead of the frame that refers to them."""
+        if data is not None:
+            data = serialization.materialize(data)
         if data is None or len(data) <= CHUNK:
             return data
         for start in range(0, len(data), CHUNK):
@@ -457,7 +459,8 @@ class MeshCluster:
         if args[0] == "b":
             return args
         def slim(item):
-            if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
+            if item[0] == 0 and len(item) > 2 and (len(item[1]) > BY_REF_ARG
+                                                   or serialization.is_store_ref(item[1])):
                 return [1, item[2], self.node_id]
             return item[:2]
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
@@ -567,7 +570,7 @@ class MeshCluster:
                     self._fetch(self.peers[node_id], {"cid": cid}), timeout or 30.0)
             except (MeshError, ValueError, LookupError, asyncio.TimeoutError):
                 continue
-            if serialization.cid_of(data) != cid:
+            if serialization.cid_of(data) != cid and not cid.startswith("bafy"):
                 log.warning("peer %s served data that does not hash to %s", node_id, cid)
                 continue
             return (status, data)
@@ -599,8 +602,16 @@ class MeshCluster:
             oid = request["oid"]
             entry = node.objects.get(oid)
         else:
-            oid = node.cid_index.get(request.get("cid"))
+            cid = str(request.get("cid", ""))
+            oid = node.cid_index.get(cid)
             entry = node.objects.get(oid) if oid is not None else None
+            if entry is None and node.store is not None and cid.startswith("bafy"):
+                try:
+                    if node.store.contains(cid):
+                        entry = ObjectEntry(OK, serialization.STORE_MAGIC + cid.encode("ascii"))
+                        entry.cid = cid
+                except Exception:
+                    entry = None
         if entry is None:
             yield _pack({"missing": True, "why": "this node does not hold the object"})
             return
@@ -608,8 +619,8 @@ class MeshCluster:
             ready = self.loop.create_future()
             entry.on_ready(lambda: ready.done() or ready.set_result(None))
             await ready
-        data = entry.data
         cid = node.cid_for(oid, entry)
+        data = serialization.materialize(entry.data)
         yield _pack({"s": entry.status, "size": len(data), "cid": cid})
         view = memoryview(data)
         for start in range(0, len(data), CHUNK):

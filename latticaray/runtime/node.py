@@ -191,14 +191,19 @@ class RuntimeNode:
     """The runtime half of a node: objects, tasks, actors and the worker pool."""
 
     def __init__(self, node_id: str, resources: dict[str, float], *, max_workers: int | None = None,
-                 worker_env: dict[str, str] | None = None, prestart: int | None = None):
+                 worker_env: dict[str, str] | None = None, prestart: int | None = None,
+                 store=None, store_capacity: int | None = None):
         self.node_id = node_id
         self.ledger = ResourceLedger(resources)
         self.total_resources = self.ledger.total
         cpus = self.total_resources.get("CPU", 0.0)
         self.max_active_workers = max_workers or max(1, int(cpus) or 1)
         self.prestart = self.max_active_workers if prestart is None else prestart
-        self.worker_env = worker_env or {}
+        self.worker_env = dict(worker_env or {})
+        self.store = store
+        self.store_capacity = store_capacity
+        self._own_store = False
+        self.store_refs: collections.Counter = collections.Counter()
         self.objects: dict[bytes, ObjectEntry] = {}
         self.cid_index: dict[str, bytes] = {}
         self.code: dict[bytes, bytes] = {}
@@ -229,6 +234,12 @@ class RuntimeNode:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.store is None:
+            from latticaray.objectstore.store import LocalStore
+            self.store = LocalStore(capacity_bytes=self.store_capacity)
+            self._own_store = True
+        serialization.set_store(self.store)
+        self.worker_env[serialization.STORE_ROOT_ENV] = self.store.root
         for _ in range(self.prestart):
             self._spawn_task_worker()
 
@@ -251,6 +262,10 @@ class RuntimeNode:
             task.cancel()
         if self._reader_tasks:
             await asyncio.gather(*self._reader_tasks, return_exceptions=True)
+        if self._own_store and self.store is not None:
+            import shutil
+            shutil.rmtree(self.store.root, ignore_errors=True)
+            shutil.rmtree(self.store.spill_dir, ignore_errors=True)
 
     def worker_pids(self) -> list[int]:
         workers = list(self.task_workers) + [a.worker for a in self.actors.values() if a.worker]
@@ -441,8 +456,11 @@ class RuntimeNode:
 
     # ---- objects
     def _on_put(self, message: dict, client) -> None:
-        entry = ObjectEntry(OK, message["d"])
+        data = message["d"]
+        entry = ObjectEntry(OK, data)
         self.objects[message["oid"]] = entry
+        if data[:1] == b"\x00" and serialization.is_store_ref(data):
+            self.store_refs[serialization.store_cid(data)] += 1
 
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
@@ -454,8 +472,21 @@ class RuntimeNode:
                 entry.released = True
                 continue
             del objects[oid]
-            if entry.cid is not None:
-                self.cid_index.pop(entry.cid, None)
+            self._forget(entry)
+
+    def _forget(self, entry: ObjectEntry) -> None:
+        if entry.cid is not None:
+            self.cid_index.pop(entry.cid, None)
+        data = entry.data
+        if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+            cid = serialization.store_cid(data)
+            self.store_refs[cid] -= 1
+            if self.store_refs[cid] <= 0:
+                del self.store_refs[cid]
+                try:
+                    self.store.delete(cid)
+                except Exception:
+                    pass  # already evicted or deleted: nothing to free
 
     def _seal(self, oid: bytes, status: int, data: bytes) -> None:
         entry = self.objects.get(oid)
@@ -464,8 +495,11 @@ class RuntimeNode:
         if entry.status != PENDING:
             return
         entry.seal(status, data)
+        if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+            self.store_refs[serialization.store_cid(data)] += 1
         if entry.released:
             self.objects.pop(oid, None)
+            self._forget(entry)
 
     async def _entries_for(self, oids: list, timeout: float | None, k: int | None = None):
         """Wait until k (default all) of the objects are sealed; returns their entries."""
@@ -539,6 +573,12 @@ class RuntimeNode:
         entry = self.objects.get(oid) if oid is not None else None
         if entry is not None and entry.status != PENDING:
             return {"val": (entry.status, entry.data)}
+        if self.store is not None and cid.startswith("bafy"):
+            try:
+                if self.store.contains(cid):
+                    return {"val": (OK, serialization.STORE_MAGIC + cid.encode("ascii"))}
+            except Exception:
+                pass  # not a CID the store understands: ask the mesh
         if self.cluster is not None:
             found = await self.cluster.fetch_by_cid(cid, message.get("timeout"))
             if found is not None:

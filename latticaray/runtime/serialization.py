@@ -1,26 +1,45 @@
-"""How the runtime turns values into bytes and back, and names bytes by CID.
+"""How the runtime turns values into bytes and back; the seam to the object store layer.
 
-This is the seam to the object store layer: values are serialized with pickle protocol 5
-(cloudpickle where plain pickle cannot), errors travel as pickled exception objects, and
-object names are CIDv1 strings computed by the object store's `cid` function when present.
+Small values are pickled (protocol 5; cloudpickle where plain pickle cannot) and travel inline.
+Values larger than STORE_THRESHOLD are written once into the node's shared-memory LocalStore
+(latticaray.objectstore: Arrow for arrays/tables, pickle-5 out-of-band buffers otherwise) and
+travel as a small reference ``STORE_MAGIC + <CID>``; every process of the node (driver, node,
+workers) maps them read-only, so arrays reach workers and drivers without copies.
+Object names are CIDv1 strings from latticaray.objectstore.cid.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
+import os
 import pickle
 
 import cloudpickle
 
-# Types plain pickle handles by value with no reference to importable code.
+STORE_THRESHOLD = 1 << 20
+STORE_MAGIC = b"\x00LRSTORE1:"
+STORE_ROOT_ENV = "LATTICARAY_STORE_ROOT"
+
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
-_PLAIN_CONTAINERS = (tuple, list, dict)
+_store = None
+
+
+def set_store(store) -> None:
+    """The LocalStore this process writes large values into (None: keep everything inline)."""
+    global _store
+    _store = store
+
+
+def get_store():
+    global _store
+    if _store is None and os.environ.get(STORE_ROOT_ENV):
+        from latticaray.objectstore.store import LocalStore
+        _store = LocalStore.attach(os.environ[STORE_ROOT_ENV])
+    return _store
 
 
 def _is_plain(value, depth: int = 0) -> bool:
     cls = type(value)
     if cls in _PLAIN_TYPES:
-        return True
+        return cls is not bytes and cls is not bytearray or len(value) < STORE_THRESHOLD
     if depth > 2 or cls not in (tuple, list, dict):
         return False
     if cls is dict:
@@ -30,36 +49,75 @@ def _is_plain(value, depth: int = 0) -> bool:
 
 
 def serialize(value) -> bytes:
-    """Bytes for `value`; plain data takes the fast C pickler, anything else cloudpickle."""
+    """Inline bytes for small values; a store reference for large ones (when a store is set)."""
     if _is_plain(value):
         return pickle.dumps(value, protocol=5)
-    return cloudpickle.dumps(value, protocol=5)
+    store = get_store()
+    if store is not None:
+        nbytes = getattr(value, "nbytes", None)
+        if isinstance(nbytes, int) and nbytes >= STORE_THRESHOLD or (
+                type(value) in (bytes, bytearray) and len(value) >= STORE_THRESHOLD):
+            ref = _put_in_store(store, value)
+            if ref is not None:
+                return ref
+    data = cloudpickle.dumps(value, protocol=5)
+    if store is not None and len(data) >= STORE_THRESHOLD:
+        ref = _put_in_store(store, value)
+        if ref is not None:
+            return ref
+    return data
+
+
+def _put_in_store(store, value) -> bytes | None:
+    from latticaray.objectstore.errors import ObjectStoreError
+    from latticaray.objectstore.serialization import serialize as store_serialize
+    try:
+        cid = store.put_serialized(store_serialize(value))
+    except (ObjectStoreError, pickle.PicklingError, TypeError, AttributeError):
+        return None  # not storable (e.g. a lambda inside) or store full: travel inline instead
+    return STORE_MAGIC + str(cid).encode("ascii")
+
+
+def is_store_ref(data) -> bool:
+    return data is not None and data[:len(STORE_MAGIC)] == STORE_MAGIC
+
+
+def store_cid(data: bytes) -> str:
+    return bytes(data[len(STORE_MAGIC):]).decode("ascii")
 
 
 def deserialize(data) -> object:
+    if data[:len(STORE_MAGIC)] == STORE_MAGIC:
+        store = get_store()
+        if store is None:
+            raise RuntimeError("a value lives in a shared-memory store this process cannot see")
+        return store.get(store_cid(data))
     return pickle.loads(data)
 
 
+def materialize(data: bytes) -> bytes:
+    """Inline bytes of a value, reading it out of the store if it lives there (to ship it)."""
+    if not is_store_ref(data):
+        return data
+    return cloudpickle.dumps(deserialize(data), protocol=5)
+
+
 def dumps_code(obj) -> bytes:
-    """Functions and classes travel by value (cloudpickle), shipped once per node by hash."""
+    """Functions, classes and errors travel by value (cloudpickle)."""
     return cloudpickle.dumps(obj, protocol=5)
 
 
 def code_hash(blob: bytes) -> bytes:
+    import hashlib
     return hashlib.sha256(blob).digest()[:16]
 
 
 def cid_of(data) -> str:
-    """CIDv1 (raw codec, sha2-256 multihash, base32 'b' prefix) of `data`."""
-    try:
-        from latticaray.objectstore.cid import cid_for_bytes  # object store's naming, when built
-    except ImportError:
-        cid_for_bytes = None
-    if cid_for_bytes is not None:
-        return str(cid_for_bytes(bytes(data)))
-    digest = hashlib.sha256(data).digest()
-    raw = bytes([0x01, 0x55, 0x12, 0x20]) + digest
-    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+    """The CID naming an object: its store CID if it lives in the store, else CIDv1 raw sha2-256."""
+    if is_store_ref(data):
+        return store_cid(data)
+    from latticaray.objectstore.cid import Cid
+    return str(Cid.of(bytes(data)))
 
 
 def is_cid_string(text: str) -> bool:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
+import shutil
+import tempfile
 import os
 import signal
 import subprocess
@@ -40,6 +43,15 @@ class NodeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """A node killed with -9 cannot remove its shared-memory store: do it for it."""
+        pid = self.proc.pid
+        for root in glob.glob(f"/dev/shm/latticaray-{os.getuid()}/store-{pid}-*") + glob.glob(
+                os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}",
+                             f"store-{pid}-*")):
+            shutil.rmtree(root, ignore_errors=True)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -51,6 +63,7 @@ class NodeProcess:
                 self.proc.wait(10)
         if self.proc.stdout:
             self.proc.stdout.close()
+        self._remove_leftovers()
 
 
 def alive_nodes() -> set[str]:

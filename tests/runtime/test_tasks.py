@@ -281,3 +281,25 @@ def test_large_object_roundtrip(runtime):
     blob = os.urandom(8 << 20)
     ref = lattica.put(blob)
     assert lattica.get(add.remote(ref, b"!")) == blob + b"!"
+
+
+def test_large_arrays_travel_through_shared_memory_without_copies(runtime):
+    import numpy as np
+
+    @lattica.remote
+    def inspect_array(arr):
+        # a zero-copy view of the shared-memory store is read-only
+        return arr.flags.writeable, float(arr.sum())
+
+    @lattica.remote
+    def make_array(n):
+        return np.arange(n, dtype=np.float64)
+
+    arr = np.ones(1 << 20, dtype=np.float64)
+    ref = lattica.put(arr)
+    assert ref.cid.startswith("bafy")
+    writeable, total = lattica.get(inspect_array.remote(ref))
+    assert writeable is False and total == float(1 << 20)
+    result = lattica.get(make_array.remote(1 << 20))
+    assert result.flags.writeable is False and result[-1] == (1 << 20) - 1
+    assert lattica.get(ref.cid).shape == arr.shape
