@@ -1,1 +1,27 @@
-"""Scheduler: capacity advertisement, placement policy (sans-I/O), local resource accounting."""
+"""Scheduler: capacity advertisement, placement policy (sans-I/O), local resource accounting.
+
+Modules: ``resources`` (ResourceLedger, GPU ids), ``policy`` (PlacementPolicy over a
+ClusterSnapshot), ``local`` (node admission, fair bounded queue), ``submitter`` (spillback,
+waiting, infeasible timeout), ``advertiser`` (capacity records in the DHT and CRDT members),
+``service`` (``/latticaray/sched/1`` over a MeshNode), ``sim`` (many-node simulation).
+"""
+
+from .errors import (
+    InsufficientResources, InvalidCapacityAd, QueueFull, ResourceError, SchedulerError,
+    TaskUnschedulableError,
+)
+from .local import Admission, AdmissionKind, FairQueue, LocalScheduler
+from .policy import (
+    DEFAULT, SPREAD, ClusterSnapshot, Decision, DecisionKind, NodeAffinity, NodeView, ObjectInfo,
+    PlacementPolicy, PlacementRequest,
+)
+from .resources import Allocation, ResourceLedger, normalize
+from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
+
+__all__ = [
+    "SchedulerError", "TaskUnschedulableError", "InsufficientResources", "ResourceError", "QueueFull",
+    "InvalidCapacityAd", "ResourceLedger", "Allocation", "normalize", "ClusterSnapshot", "NodeView",
+    "ObjectInfo", "PlacementRequest", "PlacementPolicy", "Decision", "DecisionKind", "DEFAULT",
+    "SPREAD", "NodeAffinity", "LocalScheduler", "FairQueue", "Admission", "AdmissionKind",
+    "Submitter", "SendPlacement", "Placed", "PlacementWarning", "PlacementFailed",
+]
