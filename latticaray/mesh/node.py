@@ -15,7 +15,9 @@ upper layers use (see docs/architecture.md)::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -77,6 +79,48 @@ class MeshConfig:
     agent_version: str = AGENT_VERSION
 
 
+def interface_addresses() -> list[str]:
+    """IP addresses of this host's interfaces (loopback included)."""
+    try:
+        import psutil
+    except ImportError:
+        return ["127.0.0.1"]
+    addrs = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                addrs.append(entry.address.split("%")[0])  # drop an IPv6 zone
+    return addrs
+
+
+def expand_unspecified(bound: list[Multiaddr], host_addrs: list[str]) -> list[Multiaddr]:
+    """Replace a wildcard listen address (0.0.0.0 / ::) by one address per interface IP.
+
+    Peers cannot dial 0.0.0.0; they can dial the addresses it stands for. IPv6 link-local
+    addresses are skipped (they need a zone to be dialable).
+    """
+    out: list[Multiaddr] = []
+    for addr in bound:
+        host = addr.host
+        try:
+            ip = ipaddress.ip_address(host) if host else None
+        except ValueError:
+            ip = None
+        if ip is None or not ip.is_unspecified:
+            out.append(addr)
+            continue
+        for text in host_addrs:
+            try:
+                candidate = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if candidate.version != ip.version or candidate.is_link_local:
+                continue
+            family = "ip4" if candidate.version == 4 else "ip6"
+            out.append(Multiaddr(((family, str(candidate)),) + addr.components[1:]))
+    return out
+
+
 class MeshNode:
     def __init__(self, config: MeshConfig | None = None) -> None:
         self.config = config or MeshConfig()
@@ -124,7 +168,7 @@ class MeshNode:
                     log.warning("no %s transport available; not listening on %s", transport, addr)
                     continue
                 bound = await adapter.listen(addr)
-                self._listen_addrs.extend(bound)
+                self._listen_addrs.extend(expand_unspecified(bound, interface_addresses()))
             if "unix" in wanted and self.config.same_host_fast_path and \
                     not any(a.transport == "unix" for a in listen):
                 adapter = self._adapter_for("unix")

@@ -305,3 +305,15 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
         await rogue.close()
     await a.connect(b.listen_addrs[0])
     assert (await a.call(b.peer_id, "/test/echo/1", b"ok", timeout=10)).startswith(b"echo:ok")
+
+
+def test_wildcard_listen_addresses_expand_to_interface_addresses():
+    from latticaray.mesh.node import expand_unspecified, interface_addresses
+
+    bound = [Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"), Multiaddr.parse("/ip6/::/tcp/4002"),
+             Multiaddr.parse("/ip4/127.0.0.1/tcp/5")]
+    hosts = ["127.0.0.1", "192.168.1.7", "::1", "fe80::1", "2001:db8::5", "garbage"]
+    assert [str(a) for a in expand_unspecified(bound, hosts)] == [
+        "/ip4/127.0.0.1/udp/4001/quic-v1", "/ip4/192.168.1.7/udp/4001/quic-v1",
+        "/ip6/::1/tcp/4002", "/ip6/2001:db8::5/tcp/4002", "/ip4/127.0.0.1/tcp/5"]
+    assert "127.0.0.1" in interface_addresses()
