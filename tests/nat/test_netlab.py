@@ -149,6 +149,23 @@ def test_cone_to_symmetric_uses_birthday_probing(mesh):
     assert mesh.call("hostA", "hostC", PING_SERVICE, b"via birthday") == b"via birthday"
 
 
+def test_tcp_simultaneous_open_between_cone_nats(nat_lab):
+    prefix, _ = nat_lab
+    m = LabMesh(prefix, ["pub2", "hostA", "hostB"], quic_port=4601, relay_port=4602,
+                punch_protocol="tcp", tcp_port=4603)
+    try:
+        m.start()
+        m.discover()
+        m.reserve_all(["hostA", "hostB"])
+        link = m.connect("hostA", "hostB")
+        assert m.wait_upgrade("hostA", "hostB") == "tcp-punched", link.metrics.events
+        assert m.call("hostA", "hostB", PING_SERVICE, b"over tcp") == b"over tcp"
+        back = m.nodes["hostB"].links[m.nodes["hostA"].peer_id]
+        assert back.path == "tcp-punched"
+    finally:
+        m.stop()
+
+
 def test_punched_connection_survives_the_relay_going_away(mesh):
     link = mesh.connect("hostB", "hostA")
     assert mesh.wait_upgrade("hostB", "hostA") == "punched", link.metrics.events

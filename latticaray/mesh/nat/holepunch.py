@@ -87,6 +87,7 @@ class StartPunch:
     mode: PunchMode
     remote_addrs: tuple[Endpoint, ...]
     token: bytes
+    remote_tcp_port: int = 0          # the peer's TCP port for simultaneous open (0: none)
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ class HolePunchSession:
 
     def __init__(self, role: Role, our_addrs: list[Endpoint], our_nat: NatType,
                  config: HolePunchConfig | None = None, random_bytes=os.urandom,
-                 our_public: bool = False) -> None:
+                 our_public: bool = False, our_tcp_port: int = 0) -> None:
         self.role = role
+        self.our_tcp_port = our_tcp_port
+        self.remote_tcp_port = 0
         self.our_public = our_public
         self.remote_public = False
         self.our_addrs = list(our_addrs)[:MAX_ADDRS]
@@ -153,7 +156,7 @@ class HolePunchSession:
     def _connect_message(self) -> bytes:
         return wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
                            nat=self.our_nat.value, tok=self.token, n=self.attempt,
-                           pub=self.our_public)
+                           pub=self.our_public, tcp=self.our_tcp_port)
 
     # ------------------------------------------------------------------------ both sides
     def on_message(self, data: bytes, now: float) -> list:
@@ -169,6 +172,7 @@ class HolePunchSession:
             attempt = wire.get_int(msg, "n", 1, 1000)
             token = wire.get_bytes(msg, "tok", TOKEN_SIZE, TOKEN_SIZE)
             self.remote_public = msg.get("pub") is True
+            self.remote_tcp_port = wire.get_int(msg, "tcp", 0, 65535, optional=True, default=0)
             self.remote_addrs, self.remote_nat = addrs, nat
             if self.role is Role.RESPONDER:
                 if not self.config.enabled:
@@ -180,7 +184,7 @@ class HolePunchSession:
                 self._timer = now + self.config.message_timeout
                 return [SendMessage(wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
                                                 nat=self.our_nat.value, tok=token, n=attempt,
-                                                pub=self.our_public))]
+                                                pub=self.our_public, tcp=self.our_tcp_port))]
             if self.state is not State.WAIT_CONNECT or attempt != self.attempt or token != self.token:
                 raise MalformedMessage("unexpected hp_connect reply (wrong attempt or token)")
             self.rtt = max(0.0, now - self._sent_at)
@@ -192,7 +196,8 @@ class HolePunchSession:
             self.state = State.PUNCHING
             self._timer = None
             return [SendMessage(wire.encode("hp_sync", n=self.attempt)),
-                    StartPunch(self.attempt, now + self.rtt / 2, mode, addrs, self.token)]
+                    StartPunch(self.attempt, now + self.rtt / 2, mode, addrs, self.token,
+                               self.remote_tcp_port)]
         if kind == "hp_sync":
             attempt = wire.get_int(msg, "n", 1, 1000)
             if self.role is not Role.RESPONDER or self.state is not State.WAIT_SYNC or attempt != self.attempt:
@@ -203,7 +208,7 @@ class HolePunchSession:
                 return [GiveUp("both peers are behind endpoint-dependent (symmetric) NATs")]
             self.state = State.PUNCHING
             self._timer = None
-            return [StartPunch(attempt, now, mode, self.remote_addrs, self.token)]
+            return [StartPunch(attempt, now, mode, self.remote_addrs, self.token, self.remote_tcp_port)]
         if kind == "hp_refuse":
             self.state = State.FAILED
             return [GiveUp("peer refused: " + (wire.get_str(msg, "m", 256, optional=True) or ""))]

@@ -27,7 +27,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..errors import MeshError, PeerUnreachable, RpcConnectionLost, RpcError
+from ..errors import MeshError, PeerIdMismatch, PeerUnreachable, RpcConnectionLost, RpcError
 from ..identity import KeyPair, PeerId
 from ..rpc import RpcRouter, RpcSession
 from ..transport.quic import QuicConfig, QuicConn, QuicTransport
@@ -44,7 +44,8 @@ from .relay import RelayConfig
 from .rendezvous import PROTOCOL_ID as RENDEZVOUS_SERVICE
 from .rendezvous import RendezvousConfig, RendezvousServer
 from .relay_transport import RelayClient, RelayServer
-from .tunnel import SecureTunnel
+from .tcp_punch import simultaneous_open
+from .tunnel import SecureTunnel, StreamPair
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class NatNodeConfig:
     serve_rendezvous: bool = False
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     hole_punching: bool = True
+    punch_protocol: str = "quic"         # "quic" (UDP spraying) or "tcp" (simultaneous open)
+    tcp_port: int = 0                    # local TCP port for simultaneous open (0: no TCP punching)
     punch_budget: float = 3.0            # seconds of spraying per attempt
     punch: HolePunchConfig = field(default_factory=HolePunchConfig)
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
@@ -104,6 +107,17 @@ class PeerLink:
         if self.relayed is not None and not self.relayed.closed:
             return "relayed"
         return "none"
+
+
+class _StreamHandle:
+    """What a PeerLink keeps of a direct stream connection (TCP): its address and a close."""
+
+    def __init__(self, addr: Endpoint, tunnel: SecureTunnel) -> None:
+        self.addr = addr
+        self._tunnel = tunnel
+
+    def close(self, reason: str = "closed") -> None:
+        self._tunnel.close()
 
 
 def _close_unused_tunnel(task: asyncio.Task) -> None:
@@ -575,7 +589,8 @@ class NatNode:
     async def _upgrade(self, link: PeerLink, start: float) -> bool:
         """Initiator side: coordinate over the relayed session, punch, retry up to 3 times."""
         session = HolePunchSession(Role.INITIATOR, self.punch_addresses(), self._our_nat(),
-                                   self.config.punch, our_public=self.is_public)
+                                   self.config.punch, our_public=self.is_public,
+                                   our_tcp_port=self._tcp_punch_port())
         pending = list(session.start(self._loop.time()))
         while True:
             while pending:
@@ -613,7 +628,8 @@ class NatNode:
         if msg["t"] == "hp_connect" or session is None:
             session = HolePunchSession(Role.RESPONDER, self.punch_addresses(), self._our_nat(),
                                        HolePunchConfig(enabled=self.config.hole_punching),
-                                       our_public=self.is_public)
+                                       our_public=self.is_public,
+                                       our_tcp_port=self._tcp_punch_port())
             link.dcutr = session
         reply = b""
         for action in session.on_message(bytes(payload), self._loop.time()):
@@ -640,6 +656,9 @@ class NatNode:
                 return await self._punch_dial(link, action)
             if mode is PunchMode.AWAIT:
                 return await self._await_direct(link, self.config.punch_budget + 2)
+            if mode is PunchMode.DIRECT and self._tcp_punch_port() and action.remote_tcp_port:
+                link.pending_path = "tcp-punched"
+                return await self._punch_tcp(link, action, initiator)
             if mode is PunchMode.DIRECT:
                 return await self._punch_spray(link, action, initiator)
             if mode is PunchMode.BIRTHDAY_EASY:
@@ -700,6 +719,32 @@ class NatNode:
             return None
         finally:
             self._punch_waiters.pop(action.token, None)
+
+    def _tcp_punch_port(self) -> int:
+        return self.config.tcp_port if self.config.punch_protocol == "tcp" else 0
+
+    async def _punch_tcp(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
+        """TCP simultaneous open to the peer's mapped IP and TCP port; then end-to-end TLS."""
+        remote = (action.remote_addrs[0][0], action.remote_tcp_port)
+        deadline = self._loop.time() + self.config.punch_budget + 2.0
+        sock = await simultaneous_open(self.config.tcp_port, remote, deadline,
+                                       host=self.config.listen_host)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        stream = StreamPair(reader, writer)
+        try:
+            if initiator:       # roles decide who is the TLS client: no accept() on either side
+                tunnel = await SecureTunnel.client(stream, self.key, link.peer, transport="tcp")
+            else:
+                tunnel = await SecureTunnel.server(stream, self.key, transport="tcp")
+                if tunnel.remote_peer != link.peer:
+                    tunnel.abort()
+                    raise PeerIdMismatch(link.peer, tunnel.remote_peer)
+        except BaseException:
+            writer.close()
+            raise
+        self._attach_direct(link, _StreamHandle(remote, tunnel), RpcSession(tunnel, self.router),
+                            "tcp-punched")
+        return remote
 
     async def _birthday_easy(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
         """We are behind a cone NAT (or none): probe many ports of the hard side's public IP."""
