@@ -142,11 +142,20 @@ class IdentifyService:
         reply = await self._node.call(peer, IDENTIFY_PROTOCOL, b"", timeout=timeout)
         info = IdentifyInfo.decode(reply, expected_peer=peer)
         self.peer_info[peer] = info
-        if info.listen_addrs:
-            self._node.add_addrs(peer, info.listen_addrs)
+        usable = self._dialable_from_here(peer, info.listen_addrs)
+        if usable:
+            self._node.add_addrs(peer, usable)
         if info.observed_addr is not None:
             self.observed_by[peer] = info.observed_addr
         return info
+
+    def _dialable_from_here(self, peer: PeerId, addrs: list[Multiaddr]) -> list[Multiaddr]:
+        """Loopback and Unix addresses are only meaningful if the peer is on this host."""
+        conn = self._node.connection_to(peer)
+        remote = conn.remote_addr if conn is not None else None
+        same_host = conn is not None and (conn.transport == "unix" or
+                                          (remote is not None and remote.is_loopback()))
+        return [a for a in addrs if same_host or not a.is_loopback()]
 
     async def ping(self, peer: PeerId, timeout: float = 10.0) -> float:
         """Round-trip time in seconds."""

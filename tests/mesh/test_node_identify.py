@@ -72,3 +72,31 @@ def test_random_maps_never_crash(record):
         IdentifyInfo.decode(msgpack.packb(record, use_bin_type=True))
     except ProtocolViolation:
         pass
+
+
+class _StubConn:
+    def __init__(self, transport, remote):
+        self.transport = transport
+        self.remote_addr = Multiaddr.parse(remote) if remote else None
+
+
+class _StubNode:
+    def __init__(self, conn):
+        self._conn = conn
+
+    def register_unary(self, *_):
+        pass
+
+    def connection_to(self, _peer):
+        return self._conn
+
+
+def test_loopback_and_unix_addresses_of_a_remote_host_are_not_kept():
+    from latticaray.mesh.identify import IdentifyService
+
+    addrs = [Multiaddr.parse("/ip4/127.0.0.1/udp/1/quic-v1"), Multiaddr.parse("/unix/%2Ftmp%2Fa.sock"),
+             Multiaddr.parse("/ip4/203.0.113.5/udp/1/quic-v1")]
+    remote = IdentifyService(_StubNode(_StubConn("quic", "/ip4/203.0.113.5/udp/1/quic-v1")))
+    assert remote._dialable_from_here(OTHER, addrs) == addrs[2:]
+    local = IdentifyService(_StubNode(_StubConn("quic", "/ip4/127.0.0.1/udp/9/quic-v1")))
+    assert local._dialable_from_here(OTHER, addrs) == addrs
