@@ -314,3 +314,56 @@ async def test_peer_killed_mid_stream_fails_the_call_promptly(tmp_path):
         await kill_peer_mid_stream("tcp", dial)
     finally:
         await client.close()
+
+
+def test_tcp_and_unix_rpc_under_uvloop(tmp_path):
+    """Nodes run on uvloop: its SSL and Unix socket implementations must work the same."""
+    import uvloop
+
+    from latticaray.mesh.transport.unix import UnixTransport
+
+    async def scenario():
+        router = RpcRouter()
+
+        async def echo(ctx, payload):
+            return payload
+
+        async def chunks(ctx, payload):
+            for _ in range(20):
+                yield b"u" * 300_000
+
+        router.register_unary("echo", echo, eager=True)
+        router.register_server_stream("chunks", chunks)
+        results = {}
+        for name in ("tcp", "unix"):
+            inbound: asyncio.Queue = asyncio.Queue()
+            if name == "tcp":
+                server, client = TcpTransport(KeyPair.generate()), TcpTransport(KeyPair.generate())
+                addr = await server.listen("127.0.0.1", 0, inbound.put_nowait)
+                channel = await client.dial("127.0.0.1", addr.port, server.peer_id)
+            else:
+                server = UnixTransport(KeyPair.generate(), run_dir=str(tmp_path))
+                client = UnixTransport(KeyPair.generate(), run_dir=str(tmp_path))
+                addr = await server.listen(on_channel=inbound.put_nowait)
+                channel = await client.dial(addr.unix_path, server.peer_id)
+            try:
+                accepted = await asyncio.wait_for(inbound.get(), 5)
+                caller, callee = RpcSession(channel, RpcRouter()), RpcSession(accepted, router)
+                payloads = [bytes([i % 256]) * (i * 100) for i in range(500)]
+                replies = await asyncio.gather(*(caller.call("echo", p, timeout=30)
+                                                 for p in payloads))
+                assert replies == payloads
+                total = 0
+                async for chunk in caller.call_stream("chunks", b"", timeout=30):
+                    total += len(chunk)
+                results[name] = total
+                await caller.aclose()
+                await asyncio.wait_for(callee.wait_closed(), 5)
+            finally:
+                await client.close()
+                await server.close()
+        return results
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        results = runner.run(asyncio.wait_for(scenario(), 60))
+    assert results == {"tcp": 6_000_000, "unix": 6_000_000}
