@@ -353,7 +353,7 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
     """
     global _runtime
     with _init_lock:
-        if _runtime is not None:
+        if _runtime is not None or _attached is not None:
             if ignore_reinit_error:
                 return _runtime_info()
             raise RuntimeError("latticaray.init() was already called: call shutdown() first, "
@@ -361,6 +361,8 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
         if context.current_core() is not None:
             raise RuntimeError("init() cannot be called inside a task or actor")
         address = address or os.environ.get("LATTICARAY_ADDRESS")
+        if address:
+            return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh)
         total = _default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
@@ -386,16 +388,40 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
         return _runtime_info()
 
 
+_attached = None
+
+
+def _attach(address: str, namespace: str) -> dict:
+    """Attach this driver to a node process listening on a Unix socket."""
+    global _attached
+    from latticaray.runtime.core import AttachedCore
+    path = address[len("unix:"):] if address.startswith("unix:") else address
+    core = AttachedCore(path, namespace)
+    if core.store_root:
+        from latticaray.objectstore.store import LocalStore
+        serialization.set_store(LocalStore.attach(core.store_root))
+    _attached = core
+    context.set_core(core)
+    return {"node_id": core.node_id, "address": [f"unix:{path}"]}
+
+
 def _runtime_info() -> dict:
+    if _runtime is None and _attached is not None:
+        return {"node_id": _attached.node_id, "address": []}
     return {"node_id": _runtime.node.node_id,
             "address": getattr(_runtime.mesh_runtime, "listen_addrs", [])}
 
 
 def shutdown() -> None:
     """Stop the embedded node and its worker processes (idempotent)."""
-    global _runtime
+    global _runtime, _attached
     with _init_lock:
         runtime, _runtime = _runtime, None
+        if _attached is not None:
+            _attached.shutdown()
+            _attached = None
+            context.set_core(None)
+            serialization.set_store(None)
         core = context.current_core()
         if isinstance(core, DriverCore):
             context.set_core(None)
@@ -408,7 +434,7 @@ atexit.register(shutdown)
 
 def mesh_info() -> dict:
     """This driver's node id and listen addresses (empty when not part of a mesh)."""
-    if _runtime is None:
+    if _runtime is None and _attached is None:
         raise RuntimeError("latticaray is not initialized: call latticaray.init() first")
     return _runtime_info()
 

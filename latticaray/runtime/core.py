@@ -259,10 +259,54 @@ class DriverCore(CoreClient):
         return future.result()
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
-        ready = self.node.ready_entries([r.id for r in refs]) if not self._outbox else None
-        if ready is not None:
-            return [decode_value(entry) for entry in ready]
-        return super().get(refs, timeout)
+        oids = [r.id for r in refs]
+        node = self.node
+        ready = node.ready_entries(oids) if not self._outbox else None
+        if ready is None:
+            ready = self._wait_local(oids, timeout)
+            if ready is None:
+                return super().get(refs, timeout)
+        return [decode_value(entry) for entry in ready]
+
+    def _wait_local(self, oids: list[bytes], timeout: float | None):
+        """Block until objects this node holds are sealed, woken straight from the loop thread.
+
+        Returns None when some object is not in the node's table (owned elsewhere): the caller
+        then takes the general request path, which knows how to fetch it.
+        """
+        done = threading.Event()
+        missing = []
+
+        def register():
+            objects = self.node.objects
+            pending = []
+            for oid in oids:
+                entry = objects.get(oid)
+                if entry is None:
+                    missing.append(oid)
+                    done.set()
+                    return
+                if entry.waiters is not None or entry.status == -1:
+                    pending.append(entry)
+            if not pending:
+                done.set()
+                return
+            left = [len(pending)]
+
+            def one_ready():
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+            for entry in pending:
+                entry.on_ready(one_ready)
+
+        self.loop.call_soon_threadsafe(register)
+        if not done.wait(timeout):
+            raise GetTimeoutError(f"get timed out after {timeout} s")
+        if missing:
+            return None
+        return self.node.ready_entries(oids)
 
 
 class WorkerCore(CoreClient):
@@ -285,3 +329,46 @@ class WorkerCore(CoreClient):
         if "error" in reply and isinstance(reply["error"], str):
             raise RuntimeError(reply["error"])
         return reply
+
+
+class AttachedCore(WorkerCore):
+    """A driver attached to a running node process over its Unix socket (`init(address=...)`)."""
+
+    def __init__(self, path: str, namespace: str = "default"):
+        import socket as socket_module
+
+        from latticaray.runtime.protocol import BlockingFrameReader
+        from latticaray.runtime.worker import WorkerConnection
+        sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        sock.settimeout(10.0)
+        sock.connect(path)
+        sock.settimeout(None)
+        conn = WorkerConnection(sock)
+        welcome = conn.read()
+        if welcome.get("op") != "welcome":
+            sock.close()
+            raise RuntimeError(f"{path} is not a latticaray node socket")
+        super().__init__(conn, welcome["node_id"], "driver")
+        self.namespace = namespace
+        self.store_root = welcome.get("store")
+        self._reader = threading.Thread(target=self._read_replies, daemon=True,
+                                        name="latticaray-attached")
+        self._reader.start()
+
+    def _read_replies(self) -> None:
+        from latticaray.runtime.protocol import ChannelClosed
+        try:
+            while True:
+                message = self.conn.read()
+                if message.get("op") == "reply":
+                    self.conn.deliver_reply(message)
+        except (ChannelClosed, OSError):
+            pass
+        self.conn.fail_all()
+
+    def shutdown(self) -> None:
+        try:
+            self.flush_releases()
+            self.conn.sock.close()
+        except OSError:
+            pass

@@ -167,6 +167,24 @@ class WorkerHandle:
                 pass
 
 
+class AttachedDriver:
+    """A driver process attached over the node's Unix socket (`init(address=...)`)."""
+
+    kind = "driver"
+    is_actor = False
+    current_task = None
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.alive = True
+        self.tasks: dict = {}
+        self.blocked = 0
+
+    def send(self, message: dict) -> None:
+        if self.alive:
+            self.writer.write(pack(message))
+
+
 class ActorRecord:
     """An actor hosted on this node."""
 
@@ -258,6 +276,9 @@ class RuntimeNode:
                     worker.writer.close()
             except Exception:
                 pass
+        server = getattr(self, "_driver_server", None)
+        if server is not None:
+            server.close()
         for task in list(self._reader_tasks):
             task.cancel()
         if self._reader_tasks:
@@ -266,6 +287,33 @@ class RuntimeNode:
             import shutil
             shutil.rmtree(self.store.root, ignore_errors=True)
             shutil.rmtree(self.store.spill_dir, ignore_errors=True)
+
+    async def listen_for_drivers(self, path: str) -> str:
+        """Accept drivers on a Unix socket (owner-only permissions); returns its path."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+
+        async def on_driver(reader, writer):
+            driver = AttachedDriver(writer)
+            driver.send({"op": "welcome", "node_id": self.node_id,
+                         "store": self.store.root if self.store is not None else None})
+            try:
+                while True:
+                    message = await read_frame(reader)
+                    if "rid" in message:
+                        self.loop.create_task(self._serve_worker_request(driver, message))
+                    else:
+                        self.handle_post(message, driver)
+            except (ChannelClosed, ConnectionError, asyncio.CancelledError):
+                pass
+            driver.alive = False
+            writer.close()
+
+        self._driver_server = await asyncio.start_unix_server(on_driver, path=path,
+                                                              limit=1 << 20)
+        os.chmod(path, 0o600)
+        return path
 
     def worker_pids(self) -> list[int]:
         workers = list(self.task_workers) + [a.worker for a in self.actors.values() if a.worker]

@@ -25,6 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-gpus", type=float, default=None)
     parser.add_argument("--resources", default=None, help='JSON map, e.g. {"TPU": 4}')
     parser.add_argument("--key-path", default=None, help="host key file (created if missing)")
+    parser.add_argument("--driver-socket", default=None,
+                        help="Unix socket drivers attach to with init(address='unix:<path>') "
+                             "(default: a private directory under the temp dir)")
     parser.add_argument("--mesh-key-path", default=None,
                         help="mesh key file for a node that starts a mesh (created if missing)")
     return parser.parse_args(argv)
@@ -52,14 +55,22 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    import tempfile
+    socket_path = args.driver_socket or os.path.join(
+        tempfile.gettempdir(), f"latticaray-{os.getuid()}", f"node-{os.getpid()}.sock")
+    await node.listen_for_drivers(socket_path)
     ready = {"node_id": mesh_runtime.node_id, "addrs": mesh_runtime.listen_addrs,
-             "pid": os.getpid()}
+             "pid": os.getpid(), "driver_address": f"unix:{socket_path}"}
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
     print(json.dumps(ready), flush=True)
     await stop.wait()
     await mesh_runtime.stop()
     await node.stop()
+    try:
+        os.unlink(socket_path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,11 @@ def _die_with_parent() -> None:
 class NodeProcess:
     """A `python -m latticaray.runtime.node_main` child; stop() always reaps it."""
 
-    def __init__(self, bootstrap: str, credential: str | None, num_cpus: float = 1):
-        args = [sys.executable, "-m", "latticaray.runtime.node_main", "--bootstrap", bootstrap,
+    def __init__(self, bootstrap: str | None, credential: str | None, num_cpus: float = 1):
+        args = [sys.executable, "-m", "latticaray.runtime.node_main",
                 "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]
+        if bootstrap:
+            args += ["--bootstrap", bootstrap]
         if credential:
             args += ["--credential", credential]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
