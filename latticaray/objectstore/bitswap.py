@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Protocol
 
@@ -303,18 +304,24 @@ class SessionConfig:
     #: Peers asked want-block for the root manifest at once (the rest get want-have).
     manifest_fanout: int = 2
     #: Timeout of a request of n blocks: base + n * per_block.
-    request_timeout_base: float = 2.0
-    request_timeout_per_block: float = 2.0
+    request_timeout_base: float = 5.0
+    request_timeout_per_block: float = 5.0
     #: How often partial holders are asked again for their have-bitmaps, and how often providers
     #: are looked up again while no peer can serve a missing block.
     refresh_interval: float = 1.0
     provider_retry_interval: float = 2.0
-    #: A peer that sent this many bad blocks, or failed this many requests in a row, is dropped.
+    #: A peer that sent this many bad blocks is dropped from the session.
     max_bad_blocks: int = 2
-    max_failures: int = 3
-    #: After a failed request a peer gets no new requests for backoff_base * 2**(failures-1) s.
+    #: After a failed request (timeout, connection lost) a peer gets no new requests for
+    #: backoff_base * 2**(failures-1) s, at most backoff_max; a success resets it. Failures alone
+    #: never drop a peer: under load a live provider can time out, and one that died costs only
+    #: the requests sent after each backoff (the end game covers their blocks).
     backoff_base: float = 0.25
     backoff_max: float = 4.0
+    #: Blocks are fetched in a per-session random order (seeded by ``order_seed``, else by the
+    #: session's own randomness) so that concurrent fetchers hold different blocks and can trade.
+    random_order: bool = True
+    order_seed: int | None = None
     #: End game: once every missing block is in flight, idle peers also ask for blocks still
     #: in flight elsewhere (the first copy wins), so a stalled provider cannot hold up the end.
     endgame: bool = True
@@ -412,7 +419,10 @@ class FetchSession:
         assert self.manifest is not None
         self.sink = sink
         self._missing = [i for i in range(len(self.manifest.blocks)) if not sink.has_block(i)]
-        self._missing.reverse()  # pop() takes the lowest index first
+        if self.config.random_order:
+            random.Random(self.config.order_seed).shuffle(self._missing)
+        else:
+            self._missing.reverse()  # pop() takes the lowest index first
         self._missing_count = len(self._missing)
         if self._missing_count == 0:
             self.done = True
@@ -432,6 +442,7 @@ class FetchSession:
                 if kind == HAVE:
                     state.full = bitmap is None
                     state.bitmap = bitmap
+                    state.lacks.clear()  # a fresh answer supersedes earlier DONT_HAVEs
                 else:
                     state.full, state.bitmap = False, None
             elif self.manifest is not None and kind == DONT_HAVE:
@@ -472,9 +483,7 @@ class FetchSession:
             state.inflight -= len(inflight.blocks) + inflight.manifest
             state.failures += 1
             state.retry_at = now + min(self.config.backoff_max,
-                                       self.config.backoff_base * 2 ** (state.failures - 1))
-            if state.failures >= self.config.max_failures:
-                state.dropped = True
+                                       self.config.backoff_base * 2 ** min(state.failures - 1, 16))
         self._return_blocks(request_id, inflight)
         return self._schedule(now)
 
@@ -514,6 +523,18 @@ class FetchSession:
             times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
         times += [inflight.deadline for inflight in self._inflight.values()]
         return min(times)
+
+    def describe(self) -> dict[str, Any]:
+        """A snapshot of the session for logs and debugging."""
+        return {
+            "root": str(self.root), "done": self.done, "missing": self._missing_count,
+            "unassigned": len(self._missing), "inflight_requests": len(self._inflight),
+            "peers": {str(p.peer)[-8:]: {"full": p.full, "bitmap": p.bitmap is not None,
+                                         "lacks": len(p.lacks), "inflight": p.inflight,
+                                         "failures": p.failures, "dropped": p.dropped,
+                                         "retry_in": round(p.retry_at - self._last_now, 2)}
+                      for p in self.peers.values()},
+        }
 
     # --- internals ---------------------------------------------------------------------------
     def _fail(self, now: float) -> list[Any]:
@@ -645,10 +666,8 @@ class FetchSession:
     def _refresh_partials(self, now: float) -> list[Any]:
         actions: list[Any] = []
         self._next_refresh = float("inf")
-        self._last_now = float("-inf")
-        self._duplicated: set[int] = set()
         for state in sorted(self.peers.values(), key=lambda p: str(p.peer)):
-            if state.dropped or state.full or state.inflight:
+            if state.dropped or state.full:
                 continue
             due = state.asked_have + self.config.refresh_interval
             if due <= now:
