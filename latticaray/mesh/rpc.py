@@ -334,13 +334,15 @@ class StreamCall:
             await waiter
             if self._error is not None:
                 raise self._error
+        if session._pending_bytes > session._write_high or session._turn_waiters:
+            await session._wait_turn(n)
+            if self._error is not None:
+                raise self._error
         self._credit -= n + MESSAGE_OVERHEAD
         flags = FLAG_MSG if self.outgoing else FLAG_MSG | FLAG_RESPONSE
         session._send([MESSAGE, self.call_id, flags], message)
-        while session._pending_bytes > session._write_high:
-            await session._wait_writable()
-            if self._error is not None:
-                raise self._error
+        if session._turn_waiters:
+            session._pass_turn()
 
     def end(self) -> None:
         """No more messages from this side (half-close)."""
@@ -501,6 +503,7 @@ class RpcSession:
         self._pending_bytes = 0
         self._out_waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None
+        self._turn_waiters: deque[tuple[asyncio.Future, int]] = deque()
         self._slot_waiters: deque[asyncio.Future] = deque()
         self._write_high = self.limits.write_buffer_high
         self._max_frame = self.limits.max_frame_size
@@ -548,10 +551,8 @@ class RpcSession:
         out_unary = self._out_unary
         if len(out_unary) + len(self._out_streams) >= self._max_calls:
             await self._wait_slot()
-        while self._pending_bytes > self._write_high:
-            await self._wait_writable()
-        if self._closing:
-            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+        if self._pending_bytes > self._write_high or self._turn_waiters:
+            await self._wait_turn(len(payload))
         if timeout is None:
             timeout = self._default_timeout
         elif not 0 < timeout <= self._max_timeout:
@@ -562,6 +563,8 @@ class RpcSession:
         self._add_deadline(self._loop.time() + timeout, call_id, True)
         self._send([OPEN, call_id, FLAG_MSG | FLAG_END, service, UNARY, int(timeout * 1000) + 1],
                    payload)
+        if self._turn_waiters:
+            self._pass_turn()
         try:
             return await future
         except asyncio.CancelledError:
@@ -663,6 +666,33 @@ class RpcSession:
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
 
+    async def _wait_turn(self, nbytes: int) -> None:
+        """Wait, in FIFO order with other senders, until the send queue has room for ``nbytes``.
+
+        Only as many waiters as fit are woken at once (no herd); each may then queue one message.
+        """
+        if self._closing:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+        waiter = self._loop.create_future()
+        self._turn_waiters.append((waiter, nbytes))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_turn()  # we were given room we will not use
+            raise
+        if self._closing:
+            raise RpcConnectionLost(f"session closed: {self.close_reason}")
+
+    def _pass_turn(self) -> None:
+        waiters = self._turn_waiters
+        room = self._write_high - self._pending_bytes
+        while waiters and (room >= 0 or self._closing):
+            waiter, nbytes = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= nbytes + 64
+
     def _run_deferred(self) -> None:
         """Start calls that arrived while our send queue was full, as far as it has room."""
         deferred = self._deferred
@@ -680,6 +710,8 @@ class RpcSession:
     def _wake_writable(self) -> None:
         if self._deferred:
             self._run_deferred()
+        if self._turn_waiters:
+            self._pass_turn()
         writable = self._writable
         if writable is not None:
             self._writable = None
