@@ -213,6 +213,21 @@ def relay_baseline(mesh: LabMesh) -> dict:
     return {"relay_baseline_hostA_hostB": run_pair(mesh, "hostA", "hostB", QPS_SECONDS, punching=False)}
 
 
+def tcp_punch_pairs(mesh: LabMesh, qps_seconds: float) -> dict:
+    """The cone/firewall pairs again with TCP simultaneous open instead of UDP spraying."""
+    hosts = ("hostA", "hostB", "hostD")
+    for host in hosts:
+        mesh.nodes[host].config.punch_protocol = "tcp"
+        mesh.nodes[host].config.tcp_port = 4003
+    try:
+        rows = {f"{s}->{d}": run_pair(mesh, s, d, qps_seconds)
+                for s, d in itertools.permutations(hosts, 2)}
+    finally:
+        for host in hosts:
+            mesh.nodes[host].config.punch_protocol = "quic"
+    return {"tcp_punch": rows}
+
+
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -222,9 +237,9 @@ def print_matrix(result: dict) -> None:
     print(f"{'node':8} {'NAT type':22} {'reachability':12} mapped")
     for host, info in result["nat"].items():
         print(f"{host:8} {info['nat_type']:22} {info['reachability']:12} {', '.join(info['mapped'])}")
-    print(f"\n{'pair':16} {'conn':5} {'path':9} {'1st RPC s':>9} {'upgrade s':>9} {'tries':>5} {'QPS':>8}")
+    print(f"\n{'pair':16} {'conn':5} {'path':11} {'1st RPC s':>9} {'upgrade s':>9} {'tries':>5} {'QPS':>8}")
     for pair, row in result["pairs"].items():
-        print(f"{pair:16} {'yes' if row['connected'] else 'NO':5} {row['path']:9} "
+        print(f"{pair:16} {'yes' if row['connected'] else 'NO':5} {row['path']:11} "
               f"{fmt(row['first_rpc_s'], '.3f'):>9} {fmt(row['upgrade_s'], '.3f'):>9} "
               f"{row.get('punch_attempts', 0):>5} {row['qps']:8.0f}"
               + (f"  ! {row['error']}" if row.get("error") else ""))
@@ -249,7 +264,8 @@ def main() -> int:
     runs = [
         run_matrix_mesh(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)"),
         run_matrix(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)",
-                   extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m)}),
+                   extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m),
+                                    **tcp_punch_pairs(m, qps_seconds)}),
         run_matrix(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
                    "natB = cone-remap (port-translating cone)"),
         run_matrix(args.prefix, ["--nat", "natA=symmetric"], qps_seconds,
@@ -261,6 +277,11 @@ def main() -> int:
     bday = base["birthday"]
     print(f"\nbirthday probing cone<->symmetric: {bday['direct']}/{bday['attempts']} direct "
           f"({bday['rate']:.0%}), median upgrade {fmt(bday['median_upgrade_s'], '.3f')} s")
+    print("\nTCP simultaneous open (punch protocol tcp), cone and firewall hosts:")
+    for pair, row in base["tcp_punch"].items():
+        print(f"  {pair:16} {'yes' if row['connected'] else 'NO':4} {row['path']:12} "
+              f"upgrade {fmt(row['upgrade_s'], '.3f')} s  {row['qps']:.0f} QPS"
+              + (f"  ! {row['error']}" if row.get("error") else ""))
     rb = base["relay_baseline_hostA_hostB"]
     ab = base["pairs"]["hostA->hostB"]
     print(f"baseline hostA->hostB relayed (punching off): {rb['qps']:.0f} QPS; "

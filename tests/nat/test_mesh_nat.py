@@ -105,5 +105,5 @@ def test_mesh_node_birthday_upgrade_cone_to_symmetric(punching):
                       and links[c.peer_id].upgrade_task.done(), 30)
     link = links[c.peer_id]
     assert link.metrics.path == "birthday", link.metrics.events
-    assert a.connection_to(c.peer_id).transport == "quic"
+    assert wait_until(lambda: a.connection_to(c.peer_id).transport == "quic")
     assert call(lab, "hostA", "hostC", b"direct", circuit=False) == b"echo direct from quic"

@@ -131,7 +131,7 @@ class MeshNat(NatNode):
         if ok and self._direct_connection(link.peer) is not None:
             relayed = self._relayed_connection(link.peer)
             if relayed is not None:
-                relayed.close("upgraded to a direct connection")
+                await relayed.session.aclose("upgraded to a direct connection")
         return ok
 
     # -- direct paths through the manager ---------------------------------------------------
