@@ -51,6 +51,8 @@ def normalize(resources: Mapping[str, float] | None) -> dict[str, float]:
     Raises :class:`ResourceError` for non-string or oversize names, non-finite or negative amounts,
     and GPU amounts above 1 that are not whole numbers (``num_gpus=1.5`` is refused, as in Ray).
     """
+    if isinstance(resources, Normalized):
+        return resources
     out: dict[str, float] = Normalized()
     for name, amount in (resources or {}).items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME_LEN:
