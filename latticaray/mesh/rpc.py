@@ -400,7 +400,7 @@ class StreamCall:
         else:
             session._send([CANCEL, self.call_id, FLAG_RESPONSE])
             session._in_calls.pop(self.call_id, None)
-        self._fail(RpcCancelled("cancelled by this side"))
+        self._fail(RpcCancelled("cancelled by this side"), discard=True)
 
     async def __aenter__(self) -> "StreamCall":
         return self
@@ -434,7 +434,12 @@ class StreamCall:
         self._credit += n
         self._wake_credit()
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, discard: bool = False) -> None:
+        """End the call with ``error``; ``discard`` drops unread messages (local cancel or
+        deadline: nothing more is delivered), else they are read before the error."""
+        if discard:
+            self._queue.clear()
+            self._queued_bytes = 0
         if self._finished and self._error is not None:
             return
         self._finished = True
@@ -820,7 +825,8 @@ class RpcSession:
                     continue
                 stream = self._out_streams.pop(call_id, None)
                 if stream is not None:
-                    stream._fail(RpcTimeout(f"stream {stream.service!r} exceeded its deadline"))
+                    stream._fail(RpcTimeout(f"stream {stream.service!r} exceeded its deadline"),
+                                 discard=True)
                     self._send([CANCEL, call_id, 0])
                     self._release_slot()
             else:

@@ -449,3 +449,81 @@ def test_router_validates_handlers():
     with pytest.raises(ValueError):
         router.register_bidi("", gen)
     assert router.services() == ["x"]
+
+
+@pytest.mark.parametrize("kind", ["client_stream", "bidi"])
+async def test_streaming_call_deadline_and_cancellation_reach_the_handler(pair, kind):
+    client, server, router = pair
+    cancelled = asyncio.Event()
+    got_first = asyncio.Event()
+
+    async def stuck_sink(ctx, requests):
+        async for _ in requests:
+            got_first.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                assert ctx.cancelled
+                cancelled.set()
+                raise
+        return b""
+
+    async def stuck_bidi(ctx, requests):
+        async for message in requests:
+            yield message
+            got_first.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                assert ctx.cancelled
+                cancelled.set()
+                raise
+
+    if kind == "client_stream":
+        router.register_client_stream("stuck", stuck_sink)
+        open_call = client.call_client_stream
+    else:
+        router.register_bidi("stuck", stuck_bidi)
+        open_call = client.call_bidi
+
+    # 1. the deadline passes: the caller raises RpcTimeout, the handler is cancelled
+    call = open_call("stuck", timeout=0.3)
+    await call.send(b"one")
+    await asyncio.wait_for(got_first.wait(), 5)
+    with pytest.raises(RpcTimeout):
+        if kind == "client_stream":
+            await call.result()
+        else:
+            assert await call.__anext__() == b"one"
+            await call.__anext__()
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+    # 2. the caller cancels: the handler is cancelled, the caller's reads raise RpcCancelled
+    got_first.clear()
+    cancelled.clear()
+    call = open_call("stuck", timeout=30)
+    await call.send(b"two")
+    await asyncio.wait_for(got_first.wait(), 5)
+    call.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    with pytest.raises(RpcCancelled):
+        await call.__anext__()
+    await wait_until(lambda: server.active_calls == 0 and client.active_calls == 0)
+
+
+async def test_client_stream_handler_error_is_typed(pair):
+    client, _, router = pair
+
+    async def strict(ctx, requests):
+        async for message in requests:
+            if message != b"ok":
+                raise RpcError(Status.INVALID_ARGUMENT, f"bad item {message!r}")
+        return b"fine"
+
+    router.register_client_stream("strict", strict)
+    call = client.call_client_stream("strict", timeout=5)
+    await call.send(b"ok")
+    await call.send(b"nope")
+    with pytest.raises(RpcError) as info:
+        await call.result()
+    assert info.value.code == Status.INVALID_ARGUMENT and "nope" in info.value.message
