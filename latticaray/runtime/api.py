@@ -243,6 +243,8 @@ class ActorHandle:
             raise AttributeError(name)
         methods = self._meta["methods"]
         if name not in methods:
+            if not methods:  # a handle found by name only: its methods are not known here
+                return ActorMethod(self, name, 1)
             raise AttributeError(f"actor {self._meta['cname']} has no method {name!r}")
         return ActorMethod(self, name, methods[name])
 

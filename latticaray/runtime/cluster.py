@@ -161,8 +161,10 @@ class MeshCluster:
         self.actor_location: dict[bytes, str] = {}
         self.names: dict[tuple[str, str], dict] = {}
         self.stats = collections.Counter()
+        self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
+        self._last_member_publish = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def register(self) -> None:
@@ -258,10 +260,24 @@ class MeshCluster:
                       "running": view.running, "peers": peers,
                       "names": [[ns, name, rec] for (ns, name), rec in self.names.items()]})
 
+    def _publish_member(self, now: float) -> None:
+        """Capacity into the CRDT `members` collection (load hints travel in views)."""
+        if self.state is None or now - self._last_member_publish < 1.0:
+            return
+        self._last_member_publish = now
+        try:
+            self.state.members.upsert_self(
+                addrs=[str(a) for a in self.mesh.listen_addrs],
+                resources_total=dict(self.node.total_resources),
+                resources_available=self.node.ledger.available)
+        except Exception as exc:  # a rejected write must not stop the view loop
+            log.debug("member entry not published: %s", exc)
+
     async def _view_loop(self) -> None:
         while not self._stopped:
             await asyncio.sleep(VIEW_INTERVAL)
             now = time.monotonic()
+            self._publish_member(now)
             payload = self._view_payload()
             for state in list(self.peers.values()):
                 if not state.alive:
@@ -762,7 +778,7 @@ class MeshCluster:
                    "get_if_exists": bool(message["opts"].get("get_if_exists"))}
         reply = await self._names_call(self._arbiter(namespace, name), request)
         if reply.get("ok"):
-            return None
+            return self._claim_in_crdt(namespace, name, message)
         if reply.get("existing") and request["get_if_exists"]:
             return {"aid": reply["existing"]["aid"], "node": reply["existing"]["node"],
                     "meta": reply["existing"].get("meta"), "existing": True}
@@ -770,15 +786,54 @@ class MeshCluster:
             f"an actor named {name!r} already exists in namespace {namespace!r} "
             f"(claimed by node {reply.get('holder', '?')})"))}
 
+    def _claim_in_crdt(self, namespace: str, name: str, message: dict):
+        """Register the name in the CRDT `actors` collection; None if this node holds it."""
+        if self.state is None:
+            return None
+        from latticaray.mesh.identity import PeerId
+        host = message.get("host") or self.node_id
+        try:
+            result = self.state.actors.claim(f"{namespace}/{name}", message["aid"].hex(),
+                                             host=PeerId.from_string(host))
+        except Exception as exc:  # the CRDT refused the write: the arbiter's answer stands
+            log.debug("named actor %s/%s not written to the CRDT: %s", namespace, name, exc)
+            return None
+        if result.won:
+            return None
+        self.spawn(self._names_call(self._arbiter(namespace, name),
+                                    {"op": "release", "ns": namespace, "name": name,
+                                     "aid": message["aid"]}))
+        return {"error": error_blob(ActorNameTakenError(
+            f"an actor named {name!r} already exists in namespace {namespace!r} "
+            f"(claimed by node {result.record.owner} in the cluster state)"))}
+
+    def _on_claim_lost(self, key: str, ours, winner) -> None:
+        """A CRDT merge shows another node's claim on a name wins: our actor gives it up."""
+        aid = bytes.fromhex(ours.actor_id)
+        self.stats["names_lost"] += 1
+        log.warning("actor name %s lost to node %s; stopping actor %s", key, winner.owner,
+                    ours.actor_id)
+        self.node._on_kill({"aid": aid, "no_restart": True, "anode": str(ours.host)}, None)
+
     async def lookup_actor_name(self, namespace: str, name: str):
         reply = await self._names_call(self._arbiter(namespace, name),
                                        {"op": "lookup", "ns": namespace, "name": name})
         record = reply.get("existing")
-        if not record:
-            return None
-        return {"aid": record["aid"], "node": record["node"], "meta": record.get("meta")}
+        if record:
+            return {"aid": record["aid"], "node": record["node"], "meta": record.get("meta")}
+        if self.state is not None:
+            claim = self.state.actors.get(f"{namespace}/{name}")
+            if claim is not None and claim.state.value != "DEAD":
+                return {"aid": bytes.fromhex(claim.actor_id), "node": str(claim.host),
+                        "meta": None}
+        return None
 
     def release_actor_name(self, namespace: str, name: str, aid: bytes) -> None:
+        if self.state is not None:
+            try:
+                self.state.actors.release(f"{namespace}/{name}")
+            except Exception:
+                pass  # this node holds no claim on it (another node created the actor)
         self.spawn(self._names_call(self._arbiter(namespace, name),
                                     {"op": "release", "ns": namespace, "name": name, "aid": aid}))
 
@@ -848,6 +903,7 @@ class MeshRuntime:
         self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
         self.mesh: MeshNode | None = None
         self.cluster: MeshCluster | None = None
+        self.state = None
 
     @classmethod
     def prepare(cls, *, bootstrap: list[str], credential: str | None,
@@ -870,6 +926,12 @@ class MeshRuntime:
         self.cluster = MeshCluster(runtime_node, self.mesh, self.admission)
         self.cluster.register()
         runtime_node.cluster = self.cluster
+        from latticaray.state.cluster import ClusterState
+        self.state = ClusterState(self.mesh, self.key,
+                                  is_member=lambda peer: self.admission.allowed(str(peer)))
+        await self.state.start()
+        self.state.actors.on_claim_lost(self.cluster._on_claim_lost)
+        self.cluster.state = self.state
         for addr in self.bootstrap:
             try:
                 await self.cluster.join(addr)
@@ -897,5 +959,10 @@ class MeshRuntime:
     async def stop(self) -> None:
         if self.cluster is not None:
             await self.cluster.stop()
+        if self.state is not None:
+            try:
+                await self.state.stop()
+            except Exception as exc:
+                log.debug("cluster state did not stop cleanly: %s", exc)
         if self.mesh is not None:
             await self.mesh.stop()

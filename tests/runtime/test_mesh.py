@@ -143,6 +143,27 @@ def test_remote_actor_state_order_and_names(mesh):
 
 
 @lattica.remote
+def create_named(name):
+    try:
+        Account.options(name=name).remote(0)
+        return "created"
+    except lattica.ActorNameTakenError:
+        return "taken"
+
+
+def test_conflicting_names_one_wins_and_is_in_cluster_state(mesh):
+    from latticaray.runtime import api
+
+    racers = [create_named.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
+        node.node_id)).remote("race") for node in mesh["nodes"]]
+    assert sorted(lattica.get(racers, timeout=60)) == ["created", "taken"]
+    assert lattica.get(lattica.get_actor("race").deposit.remote(7), timeout=30) == 7
+    state = api._runtime.mesh_runtime.state
+    wait_for(lambda: state.actors.get("default/race") is not None, 30,
+             "the name's claim to reach the driver's CRDT replica")
+
+
+@lattica.remote
 def produce(n):
     for i in range(n):
         yield i * 10
