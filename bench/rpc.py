@@ -44,6 +44,7 @@ ANCHOR = os.path.join(ROOT, "..", "shared", "anchors", "quic_rpc_bench.py")
 TRANSPORTS = ["quic1200", "quic16k", "tcp", "unix"]
 BULK_MESSAGE = 1 << 20
 CALL_TIMEOUT = 120.0
+STALL_MESSAGE = 64 * 1024
 
 
 def install_uvloop() -> str:
@@ -114,6 +115,19 @@ async def server_main(args) -> None:
     router.register_unary("bench/echo", echo, eager=True)
     router.register_unary("bench/cpu", cpu, eager=True)
     router.register_client_stream("bench/sink", sink)
+    produced = [0]
+
+    async def firehose(ctx, payload):
+        chunk = b"f" * STALL_MESSAGE
+        while True:
+            produced[0] += 1
+            yield chunk
+
+    async def stats(ctx, payload):
+        return json.dumps({"produced": produced[0], "rss": rss_bytes()}).encode()
+
+    router.register_server_stream("bench/firehose", firehose)
+    router.register_unary("bench/stats", stats, eager=True)
     sessions = []
     limits = server_limits()
 
@@ -188,6 +202,9 @@ class NodeCaller:
     def call_client_stream(self, service, timeout):
         return self.node.connection_to(self.peer).session.call_client_stream(service, timeout)
 
+    def call_stream(self, service, payload, timeout):
+        return self.node.connection_to(self.peer).session.call_stream(service, payload, timeout)
+
     @property
     def transport(self):
         return self.node.connection_to(self.peer).session.channel.transport
@@ -201,6 +218,7 @@ class SessionCaller:
         self._transport, self.session = transport, session
         self.call = session.call
         self.call_client_stream = session.call_client_stream
+        self.call_stream = session.call_stream
 
     @property
     def transport(self):
@@ -323,6 +341,34 @@ async def measure_bulk(session, total: int, time_limit: float) -> dict:
             "client_cpu_s": round(c1 - c0, 3), "server_cpu_s": round(s1 - s0, 3)}
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def measure_stall(caller, stall: float = 1.5) -> dict:
+    """A server stream of 64 KiB messages as fast as it can; the client reads a few, then stops
+    reading for ``stall`` seconds. Flow control must stop the producer: we report how much it
+    produced while nobody read, what the client holds, and both processes' RSS growth."""
+    stats0 = json.loads(await caller.call("bench/stats", b"", 30))
+    rss0 = rss_bytes()
+    stream = caller.call_stream("bench/firehose", b"", 60)
+    for _ in range(10):
+        await stream.__anext__()
+    await asyncio.sleep(0.3)
+    stats1 = json.loads(await caller.call("bench/stats", b"", 30))
+    await asyncio.sleep(stall)
+    stats2 = json.loads(await caller.call("bench/stats", b"", 30))
+    queued, rss1 = stream.queued_bytes, rss_bytes()
+    stream.cancel()
+    return {"message_bytes": STALL_MESSAGE, "stall_s": stall,
+            "produced_during_stall": stats2["produced"] - stats1["produced"],
+            "produced_total": stats2["produced"] - stats0["produced"],
+            "client_queued_bytes": queued,
+            "client_rss_growth_mb": round((rss1 - rss0) / 1e6, 1),
+            "server_rss_growth_mb": round((stats2["rss"] - stats0["rss"]) / 1e6, 1)}
+
+
 async def client_main(args) -> None:
     caller = await connect(args)
     result = {"transport": args.transport, "stack": args.stack, "channel": caller.transport}
@@ -332,6 +378,7 @@ async def client_main(args) -> None:
                                                     args.duration)
     if args.bulk_total:
         result["bulk"] = await measure_bulk(caller, args.bulk_total, args.duration * 2)
+    result["stall"] = await measure_stall(caller)
     await caller.aclose()
     print(json.dumps(result), flush=True)
 
@@ -463,6 +510,14 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
                 print(f"{r['transport']:<10} {b['MBps']:>8} MB/s  ({b['bytes'] >> 20} MiB in "
                       f"{b['seconds']} s; CPU client {b['client_cpu_s']} s, server "
                       f"{b['server_cpu_s']} s)")
+    print("\nstalled reader (server streams 64 KiB messages; client stops reading 1.5 s)")
+    for r in results:
+        if "stall" in r:
+            st = r["stall"]
+            print(f"{r['transport']:<10} produced {st['produced_during_stall']} msgs while "
+                  f"stalled ({st['produced_total']} in all); client holds "
+                  f"{st['client_queued_bytes'] / 1e6:.2f} MB unread; RSS growth client "
+                  f"{st['client_rss_growth_mb']} MB, server {st['server_rss_growth_mb']} MB")
     if raw:
         print("\nraw transport baseline (../shared/anchors/quic_rpc_bench.py, same run)")
         for r in raw:
