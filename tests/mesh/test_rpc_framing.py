@@ -197,3 +197,64 @@ async def test_peer_ignoring_flow_control_is_cut_off():
     finally:
         await client.aclose()
         await server.aclose()
+
+
+_header_strategy = st.one_of(
+    st.tuples(st.just(framing.OPEN), st.integers(0, 5), st.integers(0, 7),
+              st.sampled_from(["echo", "stream", "sink", "nope"]), st.integers(0, 3),
+              st.integers(0, 3000)).map(list),
+    st.tuples(st.just(framing.MESSAGE), st.integers(0, 5), st.integers(0, 7)).map(list),
+    st.tuples(st.just(framing.CREDIT), st.integers(0, 5), st.integers(0, 7),
+              st.integers(1, 1 << 20)).map(list),
+    st.tuples(st.just(framing.CANCEL), st.integers(0, 5), st.integers(0, 7)).map(list),
+    st.tuples(st.just(framing.ERROR), st.integers(0, 5), st.integers(0, 7),
+              st.sampled_from(["INTERNAL", "X"]), st.text(max_size=20)).map(list),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_header_strategy, st.binary(max_size=64)), max_size=25))
+def test_random_frame_sequences_never_break_the_node(frames):
+    """Well-formed frames in any order (duplicate ids, stray messages, credits, cancels, errors
+    for unknown calls): the session either keeps serving or closes with a protocol violation;
+    no handler or session task dies with an unexpected error."""
+
+    async def scenario():
+        router = RpcRouter()
+
+        async def echo(ctx, payload):
+            return payload
+
+        async def stream(ctx, payload):
+            for _ in range(3):
+                yield b"s"
+
+        async def sink(ctx, requests):
+            n = 0
+            async for message in requests:
+                n += len(message)
+            return str(n).encode()
+
+        router.register_unary("echo", echo)
+        router.register_server_stream("stream", stream)
+        router.register_client_stream("sink", sink)
+        loop = asyncio.get_running_loop()
+        unexpected = []
+        loop.set_exception_handler(lambda _loop, context: unexpected.append(context))
+        attacker, victim, _ = await _session_pair(router)
+        attacker._next_call_id = 1000  # its own calls must not collide with the raw frames
+        attacker.channel.write(frames_bytes(*[(h, p) for h, p in frames]))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if victim.closed or victim._closing:
+            assert "protocol violation" in victim.close_reason
+        else:
+            # the same session still serves calls
+            assert await attacker.call("echo", b"alive", timeout=5) == b"alive"
+        await attacker.aclose()
+        await victim.aclose()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not unexpected, unexpected
+
+    asyncio.run(scenario())
