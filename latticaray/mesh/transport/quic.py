@@ -400,6 +400,16 @@ class QuicConn:
     def is_closed(self) -> bool:
         return self._closed_future.done()
 
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds (None before the first RTT sample)."""
+        loss = self._quic._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self._quic._max_datagram_size
+
     def on_close(self, callback: Callable[["QuicConn"], None]) -> None:
         if self.is_closed:
             self._loop.call_soon(callback, self)
