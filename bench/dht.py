@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -200,6 +201,7 @@ def main() -> None:
     import aioquic, cryptography, msgpack  # noqa: E401, PLC0415
     print(json.dumps({
         "bench": "dht", "simulated": sim_results, "real": real_result,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "note": "shared machine, loaded by other engineers' work during runs"},
         "versions": {"python": platform.python_version(), "aioquic": aioquic.__version__,

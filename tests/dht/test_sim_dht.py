@@ -62,6 +62,9 @@ def test_get_finds_stored_values_in_few_hops(net150):
         op = sim.run_until_done(getter, getter.get_value(key, sim.sim.now))
         assert op.result[None].value == value
         assert op.hops is not None and op.hops <= 3
+    quick = sim.run_until_done(getter, getter.get_value(key, sim.sim.now, quorum=1))
+    assert quick.result[None].value == value and quick.holders == 1
+    assert quick.messages < op.messages, "a quorum of one ends the lookup early"
     missing = sim.run_until_done(sim.nodes[ids[0]], sim.nodes[ids[0]].get_value(b"nope", sim.sim.now))
     assert missing.result == {}
 

@@ -271,13 +271,17 @@ class FindNodeOp(Lookup):
 
 class GetValueOp(Lookup):
     """GET: walks to the key's k closest peers, merging every valid record seen (newest expiration
-    per subkey). ``hops`` is the lookup depth at which a record was first found."""
+    per subkey). ``hops`` is the lookup depth at which a record was first found. With ``quorum``
+    it stops as soon as that many peers have returned valid records (faster, but a subkey map
+    may then be read from fewer replicas)."""
 
-    def __init__(self, core: "DhtCore", key: bytes, now: float) -> None:
+    def __init__(self, core: "DhtCore", key: bytes, now: float, quorum: int | None = None) -> None:
         self.key = key
         self.records: dict[bytes | None, Record] = {}
         self.hops: int | None = None
         self.rejected = 0
+        self.quorum = quorum
+        self.holders = 0
         for record in core.records.get(key, now):
             self.records[record.subkey] = record
         super().__init__(core, key_id(key), core.request(GET_VALUE, key=key), now)
@@ -297,8 +301,12 @@ class GetValueOp(Lookup):
             old = self.records.get(record.subkey)
             if old is None or record.newer_than(old):
                 self.records[record.subkey] = record
-        if found and self.hops is None:
-            self.hops = cand.depth
+        if found:
+            self.holders += 1
+            if self.hops is None:
+                self.hops = cand.depth
+            if self.quorum is not None and self.holders >= self.quorum:
+                self._finish(now)
 
     @property
     def result(self) -> dict[bytes | None, Record]:
@@ -500,8 +508,8 @@ class DhtCore:
             indices = self.routing.stale_buckets(now)
         return [self.find_node(self.routing.random_id_in_bucket(i, self.rng), now) for i in indices]
 
-    def get_value(self, key: bytes, now: float) -> GetValueOp:
-        return GetValueOp(self, key, now)
+    def get_value(self, key: bytes, now: float, quorum: int | None = None) -> GetValueOp:
+        return GetValueOp(self, key, now, quorum)
 
     def put(self, records: list[Record], now: float, publish: bool = True) -> StoreOp:
         """Store records of one key on its k closest peers. Each is validated here first (raises

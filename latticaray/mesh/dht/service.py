@@ -57,8 +57,7 @@ class DhtService:
 
     def __init__(self, node: Any, config: DhtConfig | None = None, *,
                  validators: dict[bytes, RecordValidator] | None = None,
-                 clock: Callable[[], float] = time.time, maintenance_interval: float = 60.0,
-                 max_concurrent_handlers: int = 256) -> None:
+                 clock: Callable[[], float] = time.time, maintenance_interval: float = 60.0) -> None:
         self.node = node
         self.clock = clock
         self.maintenance_interval = maintenance_interval
@@ -67,7 +66,6 @@ class DhtService:
                             validators=validators, now=clock())
         self._tasks: set[asyncio.Task] = set()
         self._maintenance: asyncio.Task | None = None
-        self._handler_slots = asyncio.Semaphore(max_concurrent_handlers)
         self._closed = False
         node.register_unary(PROTOCOL_ID, self._handle)
 
@@ -138,10 +136,14 @@ class DhtService:
             raise DhtOperationFailed(f"record for {key[:60]!r} could not be stored on any node")
         return op.result
 
-    async def get(self, key: bytes) -> Record | dict[bytes | None, Record] | None:
+    async def get(self, key: bytes, quorum: int | None = None
+                  ) -> Record | dict[bytes | None, Record] | None:
         """The freshest verified value of ``key``: a record, or a dict subkey -> record when the
-        key holds subkeys (the plain slot then appears under ``None``), or None if not found."""
-        op = await self._run(self.core.get_value(bytes(key), self.clock()))
+        key holds subkeys (the plain slot then appears under ``None``), or None if not found.
+
+        By default the lookup reads every one of the key's k closest nodes (complete subkey maps);
+        ``quorum=q`` returns once q nodes have answered with records (lower latency)."""
+        op = await self._run(self.core.get_value(bytes(key), self.clock(), quorum))
         records = op.result
         if not records:
             return None
