@@ -317,3 +317,34 @@ def test_wildcard_listen_addresses_expand_to_interface_addresses():
         "/ip4/127.0.0.1/udp/4001/quic-v1", "/ip4/192.168.1.7/udp/4001/quic-v1",
         "/ip6/::1/tcp/4002", "/ip6/2001:db8::5/tcp/4002", "/ip4/127.0.0.1/tcp/5"]
     assert "127.0.0.1" in interface_addresses()
+
+
+async def test_client_stream_and_bidi_calls_through_the_node(pair):
+    a, b = pair
+
+    async def total(ctx, requests):
+        n = 0
+        async for message in requests:
+            n += int(message)
+        return str(n).encode()
+
+    async def upper(ctx, requests):
+        async for message in requests:
+            yield message.upper()
+
+    b.register_client_stream("/test/sum/1", total)
+    b.register_bidi("/test/upper/1", upper)
+    a.add_addrs(b.peer_id, b.listen_addrs)
+    call = await a.open_client_stream(b.peer_id, "/test/sum/1", timeout=10)
+    for i in range(10):
+        await call.send(str(i).encode())
+    call.end()
+    assert await call.result() == b"45"
+    bidi = await a.open_bidi(b.peer_id, "/test/upper/1", timeout=10)
+    replies = []
+    for word in (b"mesh", b"quic"):
+        await bidi.send(word)
+        replies.append(await bidi.__anext__())
+    bidi.end()
+    assert replies == [b"MESH", b"QUIC"]
+    assert [r async for r in bidi] == []

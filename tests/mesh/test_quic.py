@@ -274,3 +274,12 @@ async def test_stateless_retry_validates_client_addresses_under_handshake_load()
                              b"\x44\xd0" + os.urandom(1300))
         await wait_for(lambda: b.transport.stats["retry_token_invalid"] == 1, what="bad token")
         assert len(b.transport.connections) == before
+
+
+def test_datagram_size_is_chosen_per_path():
+    cfg = QuicConfig()
+    assert cfg.datagram_size_for("127.0.0.1") == 16384
+    assert cfg.datagram_size_for("::1") == 16384
+    assert cfg.datagram_size_for("198.18.0.5") == 1350
+    assert QuicConfig(loopback_max_datagram_size=65000).datagram_size_for("127.0.0.1") == 16384
+    assert QuicConfig(max_datagram_size=500).datagram_size_for("198.18.0.5") == 1200
