@@ -400,8 +400,8 @@ def _attach(address: str, namespace: str) -> dict:
     path = address[len("unix:"):] if address.startswith("unix:") else address
     core = AttachedCore(path, namespace)
     if core.store_root:
-        from latticaray.objectstore.store import LocalStore
-        serialization.set_store(LocalStore.attach(core.store_root))
+        os.environ[serialization.STORE_ROOT_ENV] = core.store_root  # attached on first use
+        serialization.set_store(None)
     _attached = core
     context.set_core(core)
     return {"node_id": core.node_id, "address": [f"unix:{path}"]}
@@ -424,6 +424,7 @@ def shutdown() -> None:
             _attached = None
             context.set_core(None)
             serialization.set_store(None)
+            os.environ.pop(serialization.STORE_ROOT_ENV, None)
         core = context.current_core()
         if isinstance(core, DriverCore):
             context.set_core(None)

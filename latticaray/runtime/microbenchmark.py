@@ -136,11 +136,15 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
         def put_large(self, nbytes):
             lattica.put(np.zeros(nbytes // 8, dtype=np.int64))
 
-    lattica.get(small_value.remote())  # workers are up before timing starts
-    t0 = time.perf_counter()
-    for _ in range(200):
+    for _ in range(500):  # workers up and warm before timing starts
         lattica.get(small_value.remote())
-    rtt_ms = (time.perf_counter() - t0) / 200 * 1000
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(200):
+            lattica.get(small_value.remote())
+        samples.append((time.perf_counter() - t0) / 200 * 1000)
+    rtt_ms = statistics.median(samples)
     print(f"no-op task round trip ms {rtt_ms:.3f}", flush=True)
     results.append(("no-op task round trip ms", rtt_ms, 0.0))
 

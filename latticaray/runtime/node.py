@@ -221,6 +221,7 @@ class RuntimeNode:
         self.store = store
         self.store_capacity = store_capacity
         self._own_store = False
+        self.store_ready = None
         self.store_refs: collections.Counter = collections.Counter()
         self.objects: dict[bytes, ObjectEntry] = {}
         self.cid_index: dict[str, bytes] = {}
@@ -253,11 +254,17 @@ class RuntimeNode:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         if self.store is None:
-            from latticaray.objectstore.store import LocalStore
-            self.store = LocalStore(capacity_bytes=self.store_capacity)
+            # created off the loop (it imports pyarrow): init() returns before it is ready, and
+            # until then large values simply travel inline
+            root = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+                                f"latticaray-{os.getuid()}",
+                                f"store-{os.getpid()}-{os.urandom(3).hex()}")
+            self.worker_env[serialization.STORE_ROOT_ENV] = root
             self._own_store = True
-        serialization.set_store(self.store)
-        self.worker_env[serialization.STORE_ROOT_ENV] = self.store.root
+            self.store_ready = self.loop.run_in_executor(None, self._create_store, root)
+        else:
+            serialization.set_store(self.store)
+            self.worker_env[serialization.STORE_ROOT_ENV] = self.store.root
         for _ in range(self.prestart):
             self._spawn_task_worker()
 
@@ -283,10 +290,16 @@ class RuntimeNode:
             task.cancel()
         if self._reader_tasks:
             await asyncio.gather(*self._reader_tasks, return_exceptions=True)
-        if self._own_store and self.store is not None:
+        if self._own_store:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.store_ready), 30)
+            except Exception:
+                pass  # the store never came up: nothing of it to remove beyond its directory
             import shutil
-            shutil.rmtree(self.store.root, ignore_errors=True)
-            shutil.rmtree(self.store.spill_dir, ignore_errors=True)
+            shutil.rmtree(self.worker_env[serialization.STORE_ROOT_ENV], ignore_errors=True)
+            if self.store is not None:
+                shutil.rmtree(self.store.spill_dir, ignore_errors=True)
+            serialization.set_store(None)
 
     async def listen_for_drivers(self, path: str) -> str:
         """Accept drivers on a Unix socket (owner-only permissions); returns its path."""
@@ -297,7 +310,7 @@ class RuntimeNode:
         async def on_driver(reader, writer):
             driver = AttachedDriver(writer)
             driver.send({"op": "welcome", "node_id": self.node_id,
-                         "store": self.store.root if self.store is not None else None})
+                         "store": self.worker_env.get(serialization.STORE_ROOT_ENV)})
             try:
                 while True:
                     message = await read_frame(reader)
@@ -314,6 +327,12 @@ class RuntimeNode:
                                                               limit=1 << 20)
         os.chmod(path, 0o600)
         return path
+
+    def _create_store(self, root: str) -> None:
+        from latticaray.objectstore.store import LocalStore
+        store = LocalStore(root=root, capacity_bytes=self.store_capacity)
+        self.store = store
+        serialization.set_store(store)
 
     def worker_pids(self) -> list[int]:
         workers = list(self.task_workers) + [a.worker for a in self.actors.values() if a.worker]

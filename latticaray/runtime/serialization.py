@@ -31,8 +31,12 @@ def set_store(store) -> None:
 def get_store():
     global _store
     if _store is None and os.environ.get(STORE_ROOT_ENV):
+        from latticaray.objectstore.errors import ObjectStoreError
         from latticaray.objectstore.store import LocalStore
-        _store = LocalStore.attach(os.environ[STORE_ROOT_ENV])
+        try:
+            _store = LocalStore.attach(os.environ[STORE_ROOT_ENV])
+        except ObjectStoreError:
+            return None  # the node is still creating it: values travel inline meanwhile
     return _store
 
 
