@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
-import heapq
 import inspect
 import logging
 import traceback
@@ -45,6 +44,7 @@ from .errors import (
     RpcTimeout,
     RpcUnimplemented,
 )
+from .rpcflow import INITIAL_WINDOW, MESSAGE_OVERHEAD, DeadlineQueue, StreamWindow
 from .framing import (
     BIDI,
     CANCEL,
@@ -74,10 +74,6 @@ log = logging.getLogger(__name__)
 _pack = framing._packb
 _pack_prefix = framing._pack_prefix
 
-#: Stream window every receiver starts with; a receiver wanting more grants it at once (CREDIT).
-INITIAL_WINDOW = 256 * 1024
-#: Flow-control cost of a message beyond its payload, so empty messages are not free.
-MESSAGE_OVERHEAD = 32
 _MAX_ERROR_MESSAGE = 1024
 _MAX_TRACEBACK = 16 * 1024
 
@@ -283,8 +279,8 @@ class StreamCall:
     """
 
     __slots__ = ("_session", "call_id", "service", "outgoing", "deadline", "ctx", "task",
-                 "reason", "_queue", "_queued_bytes", "_consumed", "_recv_waiter", "_recv_done",
-                 "_error", "_credit", "_credit_waiter", "_send_done", "_finished", "_window")
+                 "reason", "_queue", "_flow", "_recv_waiter", "_recv_done", "_error",
+                 "_credit_waiter", "_send_done", "_finished")
 
     def __init__(self, session: "RpcSession", call_id: int, service: str, outgoing: bool,
                  deadline: float) -> None:
@@ -297,22 +293,19 @@ class StreamCall:
         self.task: asyncio.Task | None = None
         self.reason: str | None = None
         self._queue: deque[bytes] = deque()
-        self._queued_bytes = 0
-        self._consumed = 0
+        self._flow = StreamWindow(session.limits.stream_window, session.limits.max_frame_size)
         self._recv_waiter: asyncio.Future | None = None
         self._recv_done = False
         self._error: BaseException | None = None
-        self._credit = INITIAL_WINDOW
         self._credit_waiter: asyncio.Future | None = None
         self._send_done = False
         self._finished = False
-        self._window = session.limits.stream_window
 
     # -- public ------------------------------------------------------------------------------
     @property
     def queued_bytes(self) -> int:
         """Received bytes not yet read by the application (bounded by the stream window)."""
-        return self._queued_bytes
+        return self._flow.unread
 
     @property
     def done(self) -> bool:
@@ -329,7 +322,7 @@ class StreamCall:
         if n > session.limits.max_frame_size:
             raise FrameTooLarge(f"message of {n} bytes exceeds max_frame_size "
                                 f"{session.limits.max_frame_size}; split it into several messages")
-        while self._credit <= 0:
+        while not self._flow.can_send():
             waiter = self._credit_waiter = session._loop.create_future()
             await waiter
             if self._error is not None:
@@ -338,7 +331,7 @@ class StreamCall:
             await session._wait_turn(n)
             if self._error is not None:
                 raise self._error
-        self._credit -= n + MESSAGE_OVERHEAD
+        self._flow.sent(n)
         flags = FLAG_MSG if self.outgoing else FLAG_MSG | FLAG_RESPONSE
         session._send([MESSAGE, self.call_id, flags], message)
         if session._turn_waiters:
@@ -368,13 +361,10 @@ class StreamCall:
             finally:
                 self._recv_waiter = None
         message = queue.popleft()
-        n = len(message) + MESSAGE_OVERHEAD
-        self._queued_bytes -= n
-        self._consumed += n
-        if self._consumed >= self._window // 2 and not self._recv_done and not self._finished:
+        grant = self._flow.consumed(len(message))
+        if grant and not self._recv_done and not self._finished:
             flags = 0 if self.outgoing else FLAG_RESPONSE
-            self._session._send([CREDIT, self.call_id, flags, self._consumed])
-            self._consumed = 0
+            self._session._send([CREDIT, self.call_id, flags, grant])
         return message
 
     async def result(self) -> bytes:
@@ -414,12 +404,10 @@ class StreamCall:
         if flags & FLAG_MSG:
             if self._recv_done:
                 raise ProtocolViolation(f"message after end of stream on call {self.call_id}")
-            n = len(payload) + MESSAGE_OVERHEAD
-            self._queued_bytes += n
-            if self._queued_bytes > self._window + self._session.limits.max_frame_size:
-                raise ProtocolViolation(
-                    f"peer overran the stream window of call {self.call_id} "
-                    f"({self._queued_bytes} bytes queued, window {self._window})")
+            try:
+                self._flow.received(len(payload))
+            except ProtocolViolation as exc:
+                raise ProtocolViolation(f"call {self.call_id}: {exc}") from None
             self._queue.append(payload)
         if flags & FLAG_END:
             self._recv_done = True
@@ -431,7 +419,7 @@ class StreamCall:
         self._wake_recv()
 
     def _grant(self, n: int) -> None:
-        self._credit += n
+        self._flow.granted(n)
         self._wake_credit()
 
     def _fail(self, error: BaseException, discard: bool = False) -> None:
@@ -439,7 +427,7 @@ class StreamCall:
         deadline: nothing more is delivered), else they are read before the error."""
         if discard:
             self._queue.clear()
-            self._queued_bytes = 0
+            self._flow.discard_unread()
         if self._finished and self._error is not None:
             return
         self._finished = True
@@ -500,7 +488,7 @@ class RpcSession:
         self._out_unary: dict[int, asyncio.Future] = {}
         self._out_streams: dict[int, StreamCall] = {}
         self._in_calls: dict[int, _InUnary | StreamCall] = {}
-        self._deadlines: list[tuple[float, int, bool]] = []
+        self._deadlines = DeadlineQueue()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._out: list = []
@@ -784,24 +772,17 @@ class RpcSession:
 
     # -- deadlines ---------------------------------------------------------------------------
     def _add_deadline(self, deadline: float, call_id: int, outgoing: bool) -> None:
-        heap = self._deadlines
-        heapq.heappush(heap, (deadline, call_id, outgoing))
-        if len(heap) > 4096 and len(heap) > 4 * self.active_calls:
-            self._compact_deadlines()
+        deadlines = self._deadlines
+        deadlines.add(deadline, call_id, outgoing)
+        if len(deadlines) > 4096 and len(deadlines) > 4 * self.active_calls:
+            deadlines.compact(self._is_live)
         if self._timer is None or deadline < self._timer_at:
             self._arm_timer(deadline)
 
-    def _compact_deadlines(self) -> None:
-        live = []
-        for entry in self._deadlines:
-            call_id = entry[1]
-            if entry[2]:
-                if call_id in self._out_unary or call_id in self._out_streams:
-                    live.append(entry)
-            elif call_id in self._in_calls:
-                live.append(entry)
-        heapq.heapify(live)
-        self._deadlines = live
+    def _is_live(self, call_id: int, outgoing: bool) -> bool:
+        if outgoing:
+            return call_id in self._out_unary or call_id in self._out_streams
+        return call_id in self._in_calls
 
     def _arm_timer(self, when: float) -> None:
         if self._timer is not None:
@@ -812,9 +793,7 @@ class RpcSession:
     def _on_timer(self) -> None:
         self._timer = None
         now = self._loop.time() + 0.001  # call_at may fire up to the clock resolution early
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, call_id, outgoing = heapq.heappop(heap)
+        for call_id, outgoing in self._deadlines.pop_expired(now):
             if outgoing:
                 future = self._out_unary.pop(call_id, None)
                 if future is not None:
@@ -833,8 +812,9 @@ class RpcSession:
                 call = self._in_calls.get(call_id)
                 if call is not None:
                     call.stop(Status.DEADLINE_EXCEEDED)
-        if heap and not self._closed:
-            self._arm_timer(heap[0][0])
+        next_deadline = self._deadlines.next_deadline()
+        if next_deadline is not None and not self._closed:
+            self._arm_timer(next_deadline)
 
     # -- incoming ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:

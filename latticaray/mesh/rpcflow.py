@@ -1,0 +1,116 @@
+"""Sans-I/O bookkeeping of ``/latticaray/rpc/1``: per-stream credit windows and call deadlines.
+
+These are the protocol rules of the RPC session that involve numbers and time, kept free of
+asyncio so they can be tested (and simulated) on their own: the session feeds them message sizes
+and ``now`` and acts on what they return. The byte-level codec is :mod:`latticaray.mesh.framing`.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from .errors import ProtocolViolation
+
+__all__ = ["INITIAL_WINDOW", "MESSAGE_OVERHEAD", "StreamWindow", "DeadlineQueue"]
+
+#: Window every stream receiver starts with (both directions); more is granted with CREDIT.
+INITIAL_WINDOW = 256 * 1024
+#: Flow-control cost of a message beyond its payload, so empty messages are not free.
+MESSAGE_OVERHEAD = 32
+
+
+class StreamWindow:
+    """Credit accounting of one stream call, both directions.
+
+    Sending: ``can_send()`` while credit is positive (a message may overrun it once);
+    ``sent(n)`` charges a message; ``granted(n)`` adds the peer's CREDIT.
+    Receiving: ``received(n)`` checks the peer respected our window (raises ProtocolViolation
+    when more than ``window + max_message`` is unread); ``consumed(n)`` returns the credit to
+    grant back (0 until half a window was read, so grants are batched).
+    """
+
+    __slots__ = ("credit", "window", "max_message", "unread", "_consumed")
+
+    def __init__(self, window: int, max_message: int) -> None:
+        if window < INITIAL_WINDOW:
+            raise ValueError(f"window must be at least {INITIAL_WINDOW} bytes")
+        self.credit = INITIAL_WINDOW
+        self.window = window
+        self.max_message = max_message
+        self.unread = 0
+        self._consumed = 0
+
+    def initial_grant(self) -> int:
+        """Credit to send at once so the peer may use our whole window (0 if the default)."""
+        return self.window - INITIAL_WINDOW
+
+    def can_send(self) -> bool:
+        return self.credit > 0
+
+    def sent(self, nbytes: int) -> None:
+        self.credit -= nbytes + MESSAGE_OVERHEAD
+
+    def granted(self, nbytes: int) -> None:
+        self.credit += nbytes
+
+    def received(self, nbytes: int) -> None:
+        self.unread += nbytes + MESSAGE_OVERHEAD
+        if self.unread > self.window + self.max_message:
+            raise ProtocolViolation(
+                f"peer overran the stream window ({self.unread} bytes unread, "
+                f"window {self.window})")
+
+    def consumed(self, nbytes: int) -> int:
+        cost = nbytes + MESSAGE_OVERHEAD
+        self.unread -= cost
+        self._consumed += cost
+        if self._consumed >= self.window // 2:
+            grant, self._consumed = self._consumed, 0
+            return grant
+        return 0
+
+    def discard_unread(self) -> None:
+        self.unread = 0
+
+
+class DeadlineQueue:
+    """Deadlines of open calls, earliest first, with lazy removal.
+
+    Entries of calls that finished stay until they expire or ``compact`` drops them; callers
+    check liveness of what ``pop_expired`` returns.
+    """
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, bool]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, deadline: float, call_id: int, outgoing: bool) -> bool:
+        """Track a deadline; True if it is now the earliest (re-arm the timer)."""
+        heap = self._heap
+        heapq.heappush(heap, (deadline, call_id, outgoing))
+        return heap[0][0] == deadline
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_expired(self, now: float) -> list[tuple[int, bool]]:
+        """``(call_id, outgoing)`` of every entry whose deadline is at or before ``now``."""
+        heap = self._heap
+        expired = []
+        while heap and heap[0][0] <= now:
+            _, call_id, outgoing = heapq.heappop(heap)
+            expired.append((call_id, outgoing))
+        return expired
+
+    def compact(self, is_live) -> None:
+        """Drop entries for which ``is_live(call_id, outgoing)`` is false."""
+        live = [entry for entry in self._heap if is_live(entry[1], entry[2])]
+        heapq.heapify(live)
+        self._heap = live
+
+    def clear(self) -> None:
+        self._heap.clear()
