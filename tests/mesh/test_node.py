@@ -155,7 +155,9 @@ async def test_connection_limit_refuses_inbound():
             await c.connect(a.listen_addrs[0], timeout=5)
         except Exception:
             pass
-        await asyncio.sleep(0.3)
+        # a refuses the second peer: c sees its connection closed
+        await wait_for(lambda: c.connected_peers() == [] and not c.quic.connections,
+                       what="refused connection closed")
         assert a.connected_peers() == [b.peer_id]
     finally:
         for n in (a, b, c):
@@ -184,8 +186,15 @@ async def test_dead_peer_fails_in_flight_calls_promptly():
     b.register_unary("/test/slow/1", slow)
     try:
         await a.connect(b.listen_addrs[0])
-        call = asyncio.ensure_future(a.call(b.peer_id, "/test/slow/1", b"", timeout=60))
-        await asyncio.sleep(0.2)
+        started = asyncio.Event()
+
+        async def slow_started(ctx, payload):
+            started.set()
+            return await slow(ctx, payload)
+
+        b.register_unary("/test/slow/2", slow_started)
+        call = asyncio.ensure_future(a.call(b.peer_id, "/test/slow/2", b"", timeout=60))
+        await asyncio.wait_for(started.wait(), 10)
         # b vanishes without closing anything (its socket simply stops answering)
         b.quic._udp.close()
         b.quic._udp = None
