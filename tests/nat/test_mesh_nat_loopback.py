@@ -94,3 +94,17 @@ async def test_rendezvous_register_and_discover_then_connect(trio):
         await rendezvous_client.register(b.call, relay.peer_id, "lab", ["/ip4/1.2.3.4/tcp/1"], ttl=1)
     await rendezvous_client.unregister(b.call, relay.peer_id, "lab")
     assert (await rendezvous_client.discover(a.call, relay.peer_id, "lab"))[0] == []
+
+
+async def test_reservation_is_renewed_after_the_relay_restarts(trio):
+    (relay, relay_nat), (a, a_nat), (b, b_nat) = trio
+    server = relay_nat.relay_server
+    port = server.port
+    await server.stop()
+    await wait_for(lambda: all(r.closed.is_set() for r in b_nat.relay_client.reservations.values()))
+    assert b_nat.circuit_addresses() == []
+    server.port = port                      # the relay comes back on the same address
+    await server.start()
+    await wait_for(lambda: len(b_nat.circuit_addresses()) == 1, timeout=15)
+    a.add_addrs(b.peer_id, [b_nat.circuit_address()])
+    assert await a.call(b.peer_id, "/test/echo/1", b"again", timeout=10) == b"again|relay"

@@ -40,7 +40,7 @@ from .errors import DialBackRefused, MalformedMessage, NatError
 from .holepunch import (GiveUp, HolePunchConfig, HolePunchSession, PathMetrics, PunchMode,
                         PunchSucceeded, Role, SendMessage, StartPunch)
 from .nattype import NatReport, NatType, NatTypeDetector
-from .relay import RelayConfig
+from .relay import RelayConfig, ReservationKeeper
 from .rendezvous import PROTOCOL_ID as RENDEZVOUS_SERVICE
 from .rendezvous import RendezvousConfig, RendezvousServer
 from .relay_transport import RelayClient, RelayServer
@@ -161,6 +161,9 @@ class NatNode:
             self.rendezvous_server = RendezvousServer(self.config.rendezvous)
             self.router.register_unary(RENDEZVOUS_SERVICE, self._handle_rendezvous)
         self._maintenance: asyncio.Task | None = None
+        self.reservations = ReservationKeeper()
+        self._relay_addrs: dict[str, tuple[PeerId, str, int]] = {}
+        self._keeper: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -428,9 +431,50 @@ class NatNode:
         return addrs + [ep for ep in self._local_endpoints() if ep not in addrs]
 
     # -- relay ----------------------------------------------------------------------------
-    async def reserve_relay(self, relay_peer: PeerId, host: str, port: int) -> None:
+    async def reserve_relay(self, relay_peer: PeerId, host: str, port: int, keep: bool = True) -> None:
+        """Reserve a slot on a relay; with ``keep``, re-reserve (with backoff) whenever it drops."""
         await self.relay_client.reserve(relay_peer, host, port)
-        self.relay_info = (relay_peer, host, port)
+        self.relay_info = self.relay_info or (relay_peer, host, port)
+        self._relay_addrs[str(relay_peer)] = (relay_peer, host, port)
+        if keep:
+            now = self._loop.time()
+            self.reservations.add_relay(str(relay_peer), f"/ip4/{host}/tcp/{port}", now)
+            self.reservations.on_reserved(str(relay_peer), self.relay_client.reservations[str(relay_peer)].ttl, now)
+            if self._keeper is None:
+                self._keeper = self._spawn(self._keep_reservations())
+
+    async def _keep_reservations(self, poll: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(poll)
+            now = self._loop.time()
+            for relay_id, state in list(self.reservations.relays.items()):
+                live = self.relay_client.reservations.get(relay_id)
+                if live is not None and not live.closed.is_set():
+                    continue
+                if state.expires > now:        # it just dropped: try again at once
+                    state.expires = 0.0
+                    state.next_attempt = now
+                if state.next_attempt > now:
+                    continue
+                relay_peer, host, port = self._relay_addrs[relay_id]
+                try:
+                    await self.relay_client.reserve(relay_peer, host, port)
+                    self.reservations.on_reserved(relay_id, self.relay_client.reservations[relay_id].ttl,
+                                                  self._loop.time())
+                    log.info("re-reserved on relay %s", relay_peer)
+                except (MeshError, OSError) as exc:
+                    self.reservations.on_failed(relay_id, str(exc), self._loop.time())
+
+    def circuit_addresses(self) -> list[str]:
+        """One ``/p2p-circuit`` address per live reservation (what to advertise)."""
+        out = []
+        for relay_id, reservation in self.relay_client.reservations.items():
+            if reservation.closed.is_set():
+                continue
+            relay_peer, host, port = self._relay_addrs.get(relay_id, (reservation.relay_peer,
+                                                                      reservation.host, reservation.port))
+            out.append(f"/ip4/{host}/tcp/{port}/p2p/{relay_peer}/p2p-circuit/p2p/{self.peer_id}")
+        return out
 
     def circuit_address(self) -> str | None:
         if self.relay_info is None:
