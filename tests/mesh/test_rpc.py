@@ -527,3 +527,41 @@ async def test_client_stream_handler_error_is_typed(pair):
     with pytest.raises(RpcError) as info:
         await call.result()
     assert info.value.code == Status.INVALID_ARGUMENT and "nope" in info.value.message
+
+
+async def test_eager_handler_that_awaits_is_cancellable_and_returns(pair):
+    """An eager handler that suspends continues as a task: its reply, its exceptions, deadline
+    and caller cancellation all behave as for a normal handler."""
+    client, server, router = pair
+    cancelled = asyncio.Event()
+    release = asyncio.Event()
+
+    async def eager_wait(ctx, payload):
+        if payload == b"hang":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        await release.wait()
+        if payload == b"boom":
+            raise KeyError("late failure")
+        return payload * 2
+
+    router.register_unary("eager_wait", eager_wait, eager=True)
+    pending = asyncio.ensure_future(client.call("eager_wait", b"ab", timeout=10))
+    failing = asyncio.ensure_future(client.call("eager_wait", b"boom", timeout=10))
+    await wait_until(lambda: server.active_calls == 2)
+    release.set()
+    assert await pending == b"abab"
+    with pytest.raises(RpcError, match="KeyError"):
+        await failing
+    with pytest.raises(RpcTimeout):
+        await client.call("eager_wait", b"hang", timeout=0.2)
+    await asyncio.wait_for(cancelled.wait(), 5)
+    cancelled.clear()
+    task = asyncio.ensure_future(client.call("eager_wait", b"hang", timeout=30))
+    await wait_until(lambda: server.active_calls == 1)
+    task.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    await wait_until(lambda: server.active_calls == 0)
