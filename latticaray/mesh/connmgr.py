@@ -45,6 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TRANSPORT_PREFERENCE = ("unix", "tcp", "quic")
+#: Path quality used to pick a peer's primary connection (lower is better; others rank last).
+#: Fixed, not configurable, so both ends of a pair of connections agree on the primary.
+TRANSPORT_QUALITY = {"unix": 0, "tcp": 1, "quic": 2}
 RPC_PROTOCOL_PREAMBLE = b"\x11/latticaray/rpc/1"
 MAX_ADDRS_PER_PEER = 32
 MAX_PEERS_IN_STORE = 100_000
@@ -273,8 +276,23 @@ class ConnectionManager:
         conns = [c for c in self._conns.get(peer, ()) if not c.closed and not c.session.closed]
         if not conns:
             return None
-        # the connection dialed by the smaller peer ID wins; ties go to the oldest
-        return min(conns, key=lambda c: (c.dialer.to_bytes(), c.opened_at))
+        # Both ends must pick the same one: best path quality first, then the connection dialed
+        # by the smaller peer ID; ties (our own duplicate dials) go to the oldest.
+        return min(conns, key=lambda c: (TRANSPORT_QUALITY.get(c.transport, len(TRANSPORT_QUALITY)),
+                                         c.dialer.to_bytes(), c.opened_at))
+
+    async def upgrade(self, peer: PeerId, addr: Multiaddr,
+                      timeout: float | None = None) -> MeshConnection | None:
+        """Dial ``addr`` even though ``peer`` is connected; if the new path is better it becomes
+        primary (on both ends) and the old connection is closed by its dialer once idle."""
+        current = self.primary(peer)
+        transport = addr.transport or ""
+        if current is not None and TRANSPORT_QUALITY.get(transport, 99) >= \
+                TRANSPORT_QUALITY.get(current.transport, 99):
+            return current
+        raw = await self._dial_one(addr.with_peer(peer), peer, timeout or self.dial_timeout)
+        self._register(raw)
+        return self.primary(peer)
 
     # -- getting a session -------------------------------------------------------------------------------
     async def session(self, peer: PeerId, timeout: float | None = None) -> RpcSession:

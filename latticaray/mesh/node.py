@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -278,9 +279,31 @@ class MeshNode:
 
     async def _identify_quietly(self, peer: PeerId) -> None:
         try:
-            await self.identify_service.identify(peer)
+            info = await self.identify_service.identify(peer)
         except Exception as exc:  # noqa: BLE001 - identify is best effort
             log.debug("identify with %s failed: %s", peer, exc)
+            return
+        await self._maybe_upgrade_to_same_host(peer, info.listen_addrs)
+
+    async def _maybe_upgrade_to_same_host(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        """Move a peer on this host to the Unix socket path (only the smaller peer ID dials, so
+        the pair does not race)."""
+        if "unix" not in self.config.transports or not self.config.same_host_fast_path:
+            return
+        if self.peer_id > peer or "unix" not in self.connections.adapters:
+            return
+        current = self.connections.primary(peer)
+        if current is None or current.transport == "unix":
+            return
+        for addr in addrs:
+            path = addr.unix_path
+            if addr.transport == "unix" and path and os.path.exists(path):
+                try:
+                    await self.connections.upgrade(peer, addr)
+                    log.debug("moved %s to the same-host path %s", peer, addr)
+                except Exception as exc:  # noqa: BLE001 - the current path keeps working
+                    log.debug("same-host upgrade to %s failed: %s", peer, exc)
+                return
 
     # -- services ------------------------------------------------------------------------------------
     def register_unary(self, service: str, handler, **options) -> None:

@@ -357,3 +357,23 @@ async def test_client_stream_and_bidi_calls_through_the_node(pair):
     bidi.end()
     assert replies == [b"MESH", b"QUIC"]
     assert [r async for r in bidi] == []
+
+
+async def test_peers_on_one_host_move_to_the_unix_path_after_identify(tmp_path):
+    cfg = lambda: MeshConfig(unix_options={"run_dir": str(tmp_path)})  # noqa: E731
+    a, b = MeshNode(cfg()), MeshNode(cfg())
+    await a.start()
+    await b.start()
+    b.register_unary("/test/echo/1", echo)
+    try:
+        quic_addr = next(x for x in b.listen_addrs if x.transport == "quic")
+        await a.connect(quic_addr)  # explicit QUIC address, like a bootstrap entry
+        await wait_for(lambda: a.connection_to(b.peer_id).transport == "unix" and
+                       b.connection_to(a.peer_id).transport == "unix", what="upgrade to unix")
+        assert (await a.call(b.peer_id, "/test/echo/1", b"u", timeout=10)).startswith(b"echo:u")
+        # the QUIC connection is closed once idle, on both ends
+        await wait_for(lambda: len(a.connections.connections()) == 1 and
+                       len(b.connections.connections()) == 1, timeout=15, what="old path closed")
+    finally:
+        await a.stop()
+        await b.stop()
