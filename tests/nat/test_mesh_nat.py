@@ -5,7 +5,6 @@ relay (end-to-end encrypted), and, with hole punching on, the node upgrades to a
 connection and closes the relayed one.
 """
 
-import asyncio
 import time
 
 import pytest

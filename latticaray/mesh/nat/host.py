@@ -25,7 +25,7 @@ import logging
 import random
 import socket
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 from ..errors import MeshError, PeerIdMismatch, PeerUnreachable, RpcConnectionLost, RpcError
 from ..identity import KeyPair, PeerId
@@ -92,6 +92,8 @@ class PeerLink:
     direct_path: str = "direct"
     direct_ready: asyncio.Event = field(default_factory=asyncio.Event)
     upgrade_task: asyncio.Task | None = None
+    dcutr: HolePunchSession | None = None        # the responder's coordination, if any
+    pending_path: str | None = None              # label for the direct path a punch will bring
 
     def best(self) -> RpcSession | None:
         if self.direct is not None and not self.direct.closed:
@@ -510,7 +512,7 @@ class NatNode:
             conn.close("no channel opened")
             return
         link = self._link(conn.remote_peer)
-        pending = getattr(link, "pending_path", None)
+        pending = link.pending_path
         self._attach_direct(link, conn, RpcSession(channel, self.router), pending or path)
 
     def _attach_direct(self, link: PeerLink, conn: QuicConn, session: RpcSession, path: str) -> None:
@@ -667,7 +669,7 @@ class NatNode:
 
     async def _handle_dcutr(self, ctx, payload: bytes) -> bytes:
         link = self._link(ctx.peer_id)
-        session = getattr(link, "dcutr", None)
+        session = link.dcutr
         msg = wire.decode(bytes(payload))
         if msg["t"] == "hp_connect" or session is None:
             session = HolePunchSession(Role.RESPONDER, self.punch_addresses(), self._our_nat(),

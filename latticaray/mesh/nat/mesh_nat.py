@@ -151,7 +151,7 @@ class MeshNat(NatNode):
 
     def _mark_direct(self, link: PeerLink, conn: MeshConnection) -> None:
         now = self._loop.time()
-        path = getattr(link, "pending_path", None) or "direct"
+        path = link.pending_path or "direct"
         link.direct, link.direct_path = conn.session, path
         link.metrics.path = path
         if link.metrics.upgraded_at is None:

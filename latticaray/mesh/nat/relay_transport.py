@@ -43,6 +43,8 @@ class FramedStream:
     def __init__(self, stream) -> None:
         self.stream = stream
         self._buf = bytearray()
+        #: set on a target's stream while the relay splices it; resolved when the circuit ends
+        self.done: asyncio.Future | None = None
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
@@ -300,7 +302,7 @@ class RelayServer:
             self.service.close_circuit(cid)
             a.close()
             b.close()
-            waiter = getattr(b, "done", None)
+            waiter = b.done
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
