@@ -300,6 +300,15 @@ class AutoNatClient:
         for probe_id in [p.probe_id for p in self._probes.values() if p.deadline <= now]:
             self._finish(self._probes.pop(probe_id), now)
 
+    @property
+    def pending_probes(self) -> int:
+        return len(self._probes)
+
+    def finish_pending(self, now: float) -> None:
+        """Finish every probe now, as if its deadline had passed (end of a driver's round)."""
+        for probe_id in list(self._probes):
+            self._finish(self._probes.pop(probe_id), now)
+
     def next_timer(self) -> float | None:
         times = [p.deadline for p in self._probes.values()]
         times += [st.next_check for st in self._addrs.values() if not st.in_flight]

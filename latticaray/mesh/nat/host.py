@@ -20,7 +20,6 @@ peer (``register_unary`` / ``call``), which is what the netlab tests and ``bench
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import socket
@@ -150,12 +149,11 @@ class NatNode:
         self.stats: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dialback: asyncio.DatagramTransport | None = None
-        self._waiters: dict[int, asyncio.Future] = {}
-        self._txids = itertools.count(1 << 40)   # AutoNAT probe ids use the low range
+        self._waiters: dict[int, tuple[asyncio.Future, Endpoint]] = {}
         self._punch_waiters: dict[bytes, Callable[[Endpoint], None]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._extra_transports: list[QuicTransport] = []
-        self._rng = random.Random()
+        self._rng = random.SystemRandom()
         self.router.register_unary(DCUTR_SERVICE, self._handle_dcutr)
         self.router.register_unary(PING_SERVICE, self._handle_ping)
         self.rendezvous_server: RendezvousServer | None = None
@@ -228,12 +226,7 @@ class NatNode:
         host, port = self.local_endpoint
         if host not in ("0.0.0.0", "::"):
             return [(host, port)]
-        names = set()
-        try:
-            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-                names.add(info[4][0])
-        except OSError:
-            pass
+        names = set()           # interface addresses of this network namespace (no DNS lookups)
         try:
             import psutil
             for addrs in psutil.net_if_addrs().values():
@@ -242,7 +235,8 @@ class NatNode:
                         names.add(a.address)
         except Exception:
             pass
-        return [(ip, port) for ip in sorted(names) if not ip.startswith("127.")]
+        return [(ip, port) for ip in sorted(names)
+                if not ip.startswith("127.") and self.config.policy.is_routable_candidate(ip)]
 
     # -- services --------------------------------------------------------------------------
     def register_unary(self, service: str, handler) -> None:
@@ -303,9 +297,14 @@ class NatNode:
             for dial_back in plan.dial_backs:
                 self._spawn(self._send_dial_backs(dial_back))
         elif kind in ("obs", "dial_resp", "dial_err"):
-            txid = wire.get_int(msg, "id", 0, 2**63)
-            future = self._waiters.get(txid)
-            if future is not None and not future.done():
+            txid = wire.get_int(msg, "id", 0, 2**64 - 1)
+            waiter = self._waiters.get(txid)
+            if waiter is None:
+                raise MalformedMessage(f"{kind} for no request in flight")
+            future, expected = waiter
+            if source != expected:
+                raise MalformedMessage(f"{kind} from {source[0]}:{source[1]}, not from the server asked")
+            if not future.done():
                 future.set_result((msg, source))
         elif kind == "dial_back":
             self.autonat_client.on_dial_back(msg, source, now)
@@ -328,9 +327,9 @@ class NatNode:
 
     async def _request(self, addr: Endpoint, msg_type: str, timeout: float = 2.0, tries: int = 4,
                        **fields) -> tuple[dict, Endpoint]:
-        txid = next(self._txids)
+        txid = self._rng.getrandbits(62) | (1 << 62)    # unguessable, never an AutoNAT probe id
         future = self._loop.create_future()
-        self._waiters[txid] = future
+        self._waiters[txid] = (future, (addr[0], addr[1]))
         try:
             for _ in range(tries):
                 self._send_control(addr, wire.encode(msg_type, id=txid, **fields))
@@ -345,7 +344,7 @@ class NatNode:
     async def _request_raw(self, addr: Endpoint, payload: bytes, txid: int, timeout: float,
                            tries: int = 3) -> dict:
         future = self._loop.create_future()
-        self._waiters[txid] = future
+        self._waiters[txid] = (future, (addr[0], addr[1]))
         try:
             for _ in range(tries):
                 self._send_control(addr, payload)
@@ -399,9 +398,9 @@ class NatNode:
 
         await asyncio.gather(*(run(p) for p in probes))
         deadline = self._loop.time() + self.config.autonat_client.dial_back_timeout
-        while self._loop.time() < deadline and self.autonat_client._probes:
+        while self._loop.time() < deadline and self.autonat_client.pending_probes:
             await asyncio.sleep(0.05)
-        self.autonat_client.tick(self._loop.time() + self.config.autonat_client.response_timeout)
+        self.autonat_client.finish_pending(self._loop.time())
         return self.autonat_client.reachability()
 
     async def auto_configure(self, observers: list[Endpoint],
