@@ -588,6 +588,9 @@ class NatNode:
                 link.metrics.connected_at = self._loop.time() - start
                 return link
             if relayed in done:
+                if relayed.exception() is not None and direct is not None and not direct.done():
+                    racing = {direct}           # the relay failed: the direct dial may still win
+                    continue
                 break
             racing = {relayed}
         tunnel = relayed.result()          # raises if the relay failed too
