@@ -165,3 +165,19 @@ async def test_relay_refuses_connections_over_its_limit():
             w.close()
     finally:
         await relay.stop()
+
+
+async def test_idle_circuit_ends_at_its_duration_limit():
+    a, b = Peer(), Peer()
+    relay = RelayServer(KeyPair.generate(), RelayConfig(circuit_max_duration=1.0), host="127.0.0.1")
+    await relay.start()
+    try:
+        await b.client.reserve(relay.peer_id, "127.0.0.1", relay.port)
+        tunnel = await a.client.connect(relay.peer_id, "127.0.0.1", relay.port, b.key.peer_id)
+        assert await asyncio.wait_for(tunnel.read(100), 10) == b""     # closed by the relay, idle
+        assert any("duration limit" in line for line in relay.log_lines)
+        assert not relay.service.circuits
+    finally:
+        await a.close()
+        await b.close()
+        await relay.stop()

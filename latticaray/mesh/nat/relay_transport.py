@@ -290,7 +290,12 @@ class RelayServer:
 
         tasks = [loop.create_task(pump(a, b)), loop.create_task(pump(b, a))]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            circuit = self.service.circuits.get(cid)
+            budget = (circuit.deadline - loop.time()) if circuit is not None else 0.0
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:             # an idle circuit still ends at its duration limit
+                self._log(f"circuit {cid} closed: duration limit reached")
             for task in done:
                 exc = task.exception()
                 if isinstance(exc, CircuitLimitExceeded):
