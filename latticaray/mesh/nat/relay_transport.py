@@ -252,10 +252,16 @@ class RelayServer:
             return
         finally:
             self._pending.pop(circuit.circuit_id, None)
-        await stream.send_message(connect_response(circuit))
-        await target_stream.send_message(wire.encode("accept_resp", s=OK, m=""))
-        self._log(f"circuit {circuit.circuit_id}: {peer} -> {target}")
-        await self._splice(circuit.circuit_id, stream, target_stream)
+        try:
+            await stream.send_message(connect_response(circuit))
+            await target_stream.send_message(wire.encode("accept_resp", s=OK, m=""))
+            self._log(f"circuit {circuit.circuit_id}: {peer} -> {target}")
+            await self._splice(circuit.circuit_id, stream, target_stream)
+        finally:                     # never leave the target's handler waiting
+            self.service.close_circuit(circuit.circuit_id)
+            target_stream.close()
+            if target_stream.done is not None and not target_stream.done.done():
+                target_stream.done.set_result(None)
 
     async def _serve_accept(self, stream: FramedStream, peer: str, msg: dict) -> None:
         loop = asyncio.get_running_loop()
