@@ -128,7 +128,15 @@ async def real(count: int, ops: int, seed: int) -> dict:
         for i in range(1, count, 8):  # join in small waves: enough concurrency, bounded load
             await asyncio.gather(*(d.bootstrap(seed_addr) for d in dhts[i:i + 8]))
         build_s = time.perf_counter() - t0
-        store_ms, get_ms, found, replicas = [], [], 0, []
+        # baseline in the same run: one DHT ping RPC between two random (connected) nodes
+        from latticaray.mesh.dht.messages import PROTOCOL_ID, encode  # noqa: PLC0415
+        ping_ms = []
+        for _ in range(ops):
+            a, b = rng.sample(range(count), 2)
+            t = time.perf_counter()
+            await nodes[a].call(nodes[b].peer_id, PROTOCOL_ID, encode({"op": "ping"}), timeout=10)
+            ping_ms.append((time.perf_counter() - t) * 1000)
+        store_ms, get_ms, quick_ms, found, replicas = [], [], [], 0, []
         expiration = time.time() + 3600
         for i in range(ops):
             writer = rng.randrange(count)
@@ -140,10 +148,19 @@ async def real(count: int, ops: int, seed: int) -> dict:
             got = await dhts[reader].get(b"real/%d" % i)
             get_ms.append((time.perf_counter() - t) * 1000)
             found += got is not None and got.value == b"v%d" % i
+            reader = rng.randrange(count)
+            t = time.perf_counter()
+            got = await dhts[reader].get(b"real/%d" % i, quorum=1)
+            quick_ms.append((time.perf_counter() - t) * 1000)
+            found += got is not None and got.value == b"v%d" % i
         return {"nodes": count, "operations": ops, "transport": "quic", "build_s": round(build_s, 1),
+                "rpc_ping_ms_p50": round(_pct(ping_ms, 0.5), 2),
+                "rpc_ping_ms_p99": round(_pct(ping_ms, 0.99), 2),
                 "store_ms_p50": round(_pct(store_ms, 0.5), 1), "store_ms_p99": round(_pct(store_ms, 0.99), 1),
                 "get_ms_p50": round(_pct(get_ms, 0.5), 1), "get_ms_p99": round(_pct(get_ms, 0.99), 1),
-                "get_success_rate": found / ops, "replicas_median": statistics.median(replicas),
+                "get_quorum1_ms_p50": round(_pct(quick_ms, 0.5), 1),
+                "get_quorum1_ms_p99": round(_pct(quick_ms, 0.99), 1),
+                "get_success_rate": found / (2 * ops), "replicas_median": statistics.median(replicas),
                 "connections_median": statistics.median(len(n.connected_peers()) for n in nodes)}
     finally:
         for dht in dhts:
@@ -194,9 +211,12 @@ def main() -> None:
         r = real_result
         print(f"\nreal DHT: {r['nodes']} nodes in one process over loopback QUIC, {r['operations']} "
               f"store+get pairs from random nodes")
+        print(f"  baseline: one DHT ping RPC p50 {r['rpc_ping_ms_p50']} ms  p99 {r['rpc_ping_ms_p99']} ms")
         print(f"  store p50 {r['store_ms_p50']} ms  p99 {r['store_ms_p99']} ms   "
               f"get p50 {r['get_ms_p50']} ms  p99 {r['get_ms_p99']} ms   "
               f"get ok {r['get_success_rate']:.0%}  replicas {r['replicas_median']}")
+        print(f"  get with quorum=1 (stop at the first holder): p50 {r['get_quorum1_ms_p50']} ms  "
+              f"p99 {r['get_quorum1_ms_p99']} ms")
 
     import aioquic, cryptography, msgpack  # noqa: E401, PLC0415
     print(json.dumps({
