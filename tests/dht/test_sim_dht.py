@@ -182,3 +182,15 @@ def test_lookups_survive_loss_and_dead_peers():
         op = sim.run_until_done(getter, getter.get_value(b"lossy", sim.sim.now))
         found += None in op.result
     assert found >= 19
+
+
+def test_client_mode_nodes_query_but_never_enter_routing_tables(net150):
+    sim = net150
+    client = sim.new_node()
+    client.config = DhtConfig(server_mode=False)
+    ids = sorted(p for p in sim.nodes if p != client.peer_id)
+    sim.run_until_done(client, client.bootstrap([sim.contacts[ids[0]]], sim.sim.now))
+    assert len(client.routing) >= sim.config.k, "a client still learns the servers it talks to"
+    op = sim.run_until_done(client, client.find_node(dht_id(b"anything"), sim.sim.now))
+    assert len(op.result) == sim.config.k
+    assert not any(client.peer_id in sim.nodes[p].routing for p in ids)
