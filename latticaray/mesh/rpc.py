@@ -260,6 +260,9 @@ class _InUnary:
         self.task: asyncio.Task | None = None
         self.reason: str | None = None
 
+    def on_done(self, task: asyncio.Task) -> None:
+        self.ctx.session._on_unary_done(self, task)
+
     def stop(self, reason: str) -> None:
         self.ctx._cancelled = True
         if self.reason is None:
@@ -489,6 +492,7 @@ class RpcSession:
         self._out_streams: dict[int, StreamCall] = {}
         self._in_calls: dict[int, _InUnary | StreamCall] = {}
         self._deadlines = DeadlineQueue()
+        self._deadline_adds = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._out: list = []
@@ -772,12 +776,15 @@ class RpcSession:
 
     # -- deadlines ---------------------------------------------------------------------------
     def _add_deadline(self, deadline: float, call_id: int, outgoing: bool) -> None:
-        deadlines = self._deadlines
-        deadlines.add(deadline, call_id, outgoing)
-        if len(deadlines) > 4096 and len(deadlines) > 4 * self.active_calls:
-            deadlines.compact(self._is_live)
+        self._deadlines.add(deadline, call_id, outgoing)
         if self._timer is None or deadline < self._timer_at:
             self._arm_timer(deadline)
+        self._deadline_adds += 1
+        if self._deadline_adds >= 4096:
+            # entries of finished calls stay until they expire: drop them now and then
+            self._deadline_adds = 0
+            if len(self._deadlines) > 4 * self.active_calls:
+                self._deadlines.compact(self._is_live)
 
     def _is_live(self, call_id: int, outgoing: bool) -> bool:
         if outgoing:
@@ -984,7 +991,7 @@ class RpcSession:
             self._in_calls[call_id] = call
             self._add_deadline(ctx.deadline, call_id, False)
             task = call.task = self._loop.create_task(coro)
-            task.add_done_callback(lambda t, c=call: self._on_unary_done(c, t))
+            task.add_done_callback(call.on_done)
             return
         try:
             coro = handler(ctx, payload)
@@ -1006,7 +1013,7 @@ class RpcSession:
         self._in_calls[call_id] = call
         self._add_deadline(ctx.deadline, call_id, False)
         task = call.task = self._loop.create_task(_Resume(coro, first))
-        task.add_done_callback(lambda t, c=call: self._on_unary_done(c, t))
+        task.add_done_callback(call.on_done)
 
     def _on_unary_done(self, call: _InUnary, task: asyncio.Task) -> None:
         call_id = call.ctx.call_id

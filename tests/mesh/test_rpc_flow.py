@@ -154,3 +154,24 @@ async def test_two_peers_flooding_each_other_do_not_deadlock():
     finally:
         await left.aclose()
         await right.aclose()
+
+
+async def test_deadline_entries_of_finished_calls_are_dropped():
+    """Finished calls leave their deadline entry behind (lazy removal); the session compacts them
+    so a long-lived connection does not accumulate one entry per call ever made."""
+    router = RpcRouter()
+
+    async def echo(ctx, payload):
+        return payload
+
+    router.register_unary("echo", echo, eager=True)
+    a, b = memory_pipe()
+    client, server = RpcSession(a, RpcRouter()), RpcSession(b, router)
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(client.call("echo", b"x", timeout=60) for _ in range(2000)))
+        assert len(client._deadlines) <= 4096 + 2000
+        assert client.active_calls == 0
+    finally:
+        await client.aclose()
+        await server.aclose()
