@@ -16,7 +16,6 @@ from typing import Any
 
 from latticaray.runtime import context, serialization
 from latticaray.runtime.core import DriverCore
-from latticaray.runtime.errors import GetTimeoutError
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -333,11 +332,18 @@ _runtime: _EmbeddedRuntime | None = None
 _init_lock = threading.Lock()
 
 
-def _default_resources(num_cpus, num_gpus, resources) -> dict:
+def _default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     total = dict(resources or {})
     total["CPU"] = float(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
     if num_gpus:
         total["GPU"] = float(num_gpus)
+    if memory is None:
+        try:  # as Ray: 70% of this machine's memory is schedulable as "memory"
+            memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
+        except (ValueError, OSError):
+            memory = 0
+    if memory:
+        total["memory"] = float(memory)
     return total
 
 

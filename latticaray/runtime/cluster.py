@@ -31,13 +31,13 @@ from latticaray.mesh.rpc import Status
 from latticaray.runtime import serialization
 from latticaray.runtime.admission import Admission, MeshKey
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
-                                       NodeDiedError, NotMemberError, ObjectLostError,
+                                       NodeDiedError, ObjectLostError,
                                        TaskCancelledError, TaskUnschedulableError)
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
                                      error_blob)
-from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeAffinity, NodeView,
-                                         PlacementPolicy, PlacementRequest)
+from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeView, PlacementPolicy,
+                                         PlacementRequest)
 
 log = logging.getLogger(__name__)
 
@@ -774,7 +774,8 @@ class MeshCluster:
     async def claim_actor_name(self, namespace: str, name: str, message: dict):
         """None when this creation may go ahead, else the reply to give the creator."""
         request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
-                   "owner": self.node_id, "host": message.get("host") or self.node_id, "meta": message["opts"].get("meta"),
+                   "owner": self.node_id, "host": message.get("host") or self.node_id,
+                   "meta": message["opts"].get("meta"),
                    "get_if_exists": bool(message["opts"].get("get_if_exists"))}
         reply = await self._names_call(self._arbiter(namespace, name), request)
         if reply.get("ok"):
@@ -863,7 +864,8 @@ class MeshCluster:
         if op == "claim":
             if record is not None and record["aid"] != request["aid"]:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
-            self.names[key] = {"aid": request["aid"], "node": request.get("host") or request["owner"],
+            self.names[key] = {"aid": request["aid"],
+                               "node": request.get("host") or request["owner"],
                                "owner": request["owner"], "meta": request.get("meta")}
             return {"ok": True}
         if op == "lookup":

@@ -15,7 +15,7 @@ import time
 from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
-from latticaray.runtime.protocol import ERROR, OK
+from latticaray.runtime.protocol import OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
 
 RELEASE_BATCH = 64
@@ -249,7 +249,10 @@ class DriverCore(CoreClient):
         batch, self._outbox = self._outbox, []
         handle = self.node.handle_post
         for message in batch:
-            handle(message, self.client)
+            if callable(message):  # a waiter registration riding the same wake-up as submits
+                message()
+            else:
+                handle(message, self.client)
 
     def request(self, message: dict, timeout: float | None = None) -> dict:
         if self.loop.is_closed():
@@ -267,6 +270,37 @@ class DriverCore(CoreClient):
             if ready is None:
                 return super().get(refs, timeout)
         return [decode_value(entry) for entry in ready]
+
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
+             fetch_local: bool) -> list[int]:
+        node = self.node
+        objects = node.objects
+        if self._outbox:  # let the loop take in what was just submitted
+            flushed = threading.Event()
+            self.post(flushed.set)
+            flushed.wait()
+        if any(r.id not in objects for r in refs):
+            return super().wait(refs, num_returns, timeout, fetch_local)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = node.seal_cond
+        with cond:
+            node.seal_waiters += 1
+        try:
+            while True:
+                seen = node.seal_count
+                ready = [i for i, r in enumerate(refs)
+                         if (e := objects.get(r.id)) is not None and e.status != -1]
+                if len(ready) >= num_returns:
+                    return ready[:num_returns]
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return ready
+                with cond:
+                    if node.seal_count == seen:
+                        cond.wait(left)
+        finally:
+            with cond:
+                node.seal_waiters -= 1
 
     def _wait_local(self, oids: list[bytes], timeout: float | None):
         """Block until objects this node holds are sealed, woken straight from the loop thread.
@@ -301,7 +335,7 @@ class DriverCore(CoreClient):
             for entry in pending:
                 entry.on_ready(one_ready)
 
-        self.loop.call_soon_threadsafe(register)
+        self.post(register)
         if not done.wait(timeout):
             raise GetTimeoutError(f"get timed out after {timeout} s")
         if missing:
@@ -337,7 +371,6 @@ class AttachedCore(WorkerCore):
     def __init__(self, path: str, namespace: str = "default"):
         import socket as socket_module
 
-        from latticaray.runtime.protocol import BlockingFrameReader
         from latticaray.runtime.worker import WorkerConnection
         sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         sock.settimeout(10.0)

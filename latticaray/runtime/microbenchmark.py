@@ -9,7 +9,6 @@ are printed beside ours where the issue gives them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform

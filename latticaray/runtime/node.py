@@ -16,13 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from latticaray.runtime import serialization
-from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, GetTimeoutError,
-                                       ObjectLostError, ObjectNotFoundError, TaskCancelledError,
+from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, ObjectLostError,
+                                       ObjectNotFoundError, TaskCancelledError,
                                        WorkerCrashedError)
-from latticaray.runtime.ids import index_of, object_id, task_of
+from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.scheduler.errors import InsufficientResources
@@ -241,6 +242,9 @@ class RuntimeNode:
         self._stopping = False
         self._reader_tasks: set[asyncio.Task] = set()
         self.stats = collections.Counter()
+        self.seal_count = 0  # the driver's wait() sleeps on seal_cond until this moves
+        self.seal_waiters = 0
+        self.seal_cond = threading.Condition()
         self._post_handlers = {
             "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
             "release": self._on_release, "create_actor": self._on_create_actor_post,
@@ -562,6 +566,10 @@ class RuntimeNode:
         if entry.status != PENDING:
             return
         entry.seal(status, data)
+        self.seal_count += 1
+        if self.seal_waiters:
+            with self.seal_cond:
+                self.seal_cond.notify_all()
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
             self.store_refs[serialization.store_cid(data)] += 1
         if entry.released:

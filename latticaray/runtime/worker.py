@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskError
-from latticaray.runtime.protocol import ERROR, OK, STREAMING, BlockingFrameReader, ChannelClosed, pack
+from latticaray.runtime.protocol import STREAMING, BlockingFrameReader, ChannelClosed, pack
 
 STREAM_WINDOW = 16
 

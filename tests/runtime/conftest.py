@@ -6,6 +6,6 @@ import latticaray as lattica
 
 @pytest.fixture(scope="module")
 def runtime():
-    lattica.init(num_cpus=2)
+    lattica.init(num_cpus=2, resources={"widget": 1})
     yield lattica
     lattica.shutdown()

@@ -5,7 +5,6 @@ actors (named, ordered, streaming), kill -9 of a node in the middle of a 2,000-t
 restart after its node dies, and refusal of a non-member's task submission.
 """
 import asyncio
-import collections
 import os
 import pickle
 import time

@@ -157,6 +157,15 @@ def test_cluster_resources(runtime):
     assert "CPU" in lattica.available_resources()
 
 
+def test_custom_resources_and_memory(runtime):
+    assert lattica.get(double.options(memory=10 << 20).remote(3), timeout=30) == 6
+    assert lattica.get(double.options(resources={"widget": 1}).remote(4), timeout=30) == 8
+    with pytest.raises(lattica.TaskUnschedulableError, match="gizmo"):
+        lattica.get(double.options(resources={"gizmo": 1}).remote(1), timeout=30)
+    with pytest.raises(ValueError):
+        double.options(resources={"CPU": 1})
+
+
 def test_unschedulable(runtime):
     with pytest.raises(lattica.TaskUnschedulableError):
         lattica.get(double.options(num_gpus=4).remote(1), timeout=30)
