@@ -98,6 +98,11 @@ class FrameDecoder:
         self._large: list | None = None
 
     @property
+    def has_partial(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return self._large is not None or bool(self._buf)
+
+    @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
         if self._large is not None:

@@ -111,6 +111,9 @@ class RpcLimits:
     write_buffer_high: int = 4 * 1024 * 1024
     #: Bytes asked of the channel per read.
     read_size: int = 256 * 1024
+    #: A peer that started a frame must deliver more of it within this many seconds (a peer
+    #: trickling a large frame would otherwise pin up to max_frame_size of memory forever).
+    frame_timeout: float = 30.0
     #: How long a graceful close may spend flushing queued frames before it aborts the channel.
     close_timeout: float = 2.0
     #: Send the handler's traceback to the caller with INTERNAL errors.
@@ -826,14 +829,25 @@ class RpcSession:
     # -- incoming ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         channel = self.channel
-        feed = self._decoder.feed
+        decoder = self._decoder
+        feed = decoder.feed
         read_size = self.limits.read_size
+        frame_timeout = self.limits.frame_timeout
         max_deferred = self.limits.max_concurrent_calls
         max_deferred_bytes = 4 * self.limits.write_buffer_high + self.limits.max_frame_size
         reason = "remote closed the connection"
         try:
             while True:
-                data = await channel.read(read_size)
+                if decoder.has_partial:
+                    try:
+                        data = await asyncio.wait_for(channel.read(read_size), frame_timeout)
+                    except asyncio.TimeoutError:
+                        reason = (f"peer sent part of a frame and nothing more for "
+                                  f"{frame_timeout} s")
+                        log.warning("rpc session with %s: %s", self._peer_name(), reason)
+                        break
+                else:
+                    data = await channel.read(read_size)
                 if not data:
                     break
                 frames = feed(data)

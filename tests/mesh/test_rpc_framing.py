@@ -258,3 +258,27 @@ def test_random_frame_sequences_never_break_the_node(frames):
         assert not unexpected, unexpected
 
     asyncio.run(scenario())
+
+
+async def test_peer_stalling_mid_frame_is_cut_off_at_the_frame_deadline():
+    router = RpcRouter()
+
+    async def echo(ctx, payload):
+        return payload
+
+    router.register_unary("echo", echo)
+    a, b = memory_pipe()
+    from latticaray.mesh.rpc import RpcLimits
+
+    client = RpcSession(a, RpcRouter())
+    server = RpcSession(b, router, RpcLimits(frame_timeout=0.3))
+    try:
+        assert await client.call("echo", b"1", timeout=5) == b"1"
+        # the start of a 1 MiB frame, then silence (the connection itself stays open)
+        wire = frames_bytes(([framing.MESSAGE, 5, framing.FLAG_MSG], b"z" * (1 << 20)))
+        client.channel.write(wire[:100_000])
+        await asyncio.wait_for(server.wait_closed(), 10)
+        assert "part of a frame" in server.close_reason
+    finally:
+        await client.aclose()
+        await server.aclose()
