@@ -93,13 +93,14 @@ class SimulationResult:
     def summary(self) -> dict:
         att = sorted(self.attempts) or [0]
         lat = sorted(self.latencies) or [0.0]
-        ratios = self.saturated_ratios or [float("nan")]
+        ratios = sorted(self.saturated_ratios)
         return {
             "nodes": self.config.nodes, "submitters": self.config.submitters, "tasks": self.config.tasks,
             "placed": self.placed, "failed": self.failed, "finished": self.finished,
-            "max_mean_load_ratio_median": round(statistics.median(ratios), 3),
-            "max_mean_load_ratio_p90": round(sorted(ratios)[int(0.9 * (len(ratios) - 1))], 3),
-            "max_mean_load_ratio_worst": round(max(ratios), 3),
+            # None when the run never reached saturation (no sample qualified)
+            "max_mean_load_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+            "max_mean_load_ratio_p90": round(ratios[int(0.9 * (len(ratios) - 1))], 3) if ratios else None,
+            "max_mean_load_ratio_worst": round(ratios[-1], 3) if ratios else None,
             "saturated_samples": len(self.saturated_ratios),
             "cpu_utilization_at_saturation": round(statistics.mean(self.saturated_utilization), 3)
             if self.saturated_utilization else None,
