@@ -158,9 +158,10 @@ class MeshLab:
         relay = self.nodes["pub1"].peer_id
 
         async def one(host: str):
-            return await self.nats[host].auto_configure(
-                [(IPS[p], self.quic_port) for p in PUBLIC_NODES],
-                relays=[(relay, IPS["pub1"], self.relay_port)])
+            nat = self.nats[host]
+            nat.config.observers = tuple((IPS[p], self.quic_port) for p in PUBLIC_NODES)
+            nat.config.relays = (f"/ip4/{IPS['pub1']}/tcp/{self.relay_port}/p2p/{relay}",)
+            return await nat.auto_configure()
         futures = {h: self.loops[h].submit(one(h)) for h in self.hosts}
         return {h: f.result(40) for h, f in futures.items()}
 

@@ -424,3 +424,13 @@ def test_rendezvous_wire_handles_bad_input_without_raising():
                 wire.encode("register", ns="lab", addrs=["no-slash"])):
         reply = wire.decode(rv.handle("A", bad, 2.0))
         assert reply["t"] == "error" and reply["s"] == MALFORMED
+
+
+def test_relay_bootstrap_address_parsing():
+    from latticaray.mesh.errors import MultiaddrError
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.mesh.nat.host import parse_relay_addr
+    peer = KeyPair.generate().peer_id
+    assert parse_relay_addr(f"/ip4/198.18.0.11/tcp/4002/p2p/{peer}") == (peer, "198.18.0.11", 4002)
+    with pytest.raises(MultiaddrError):
+        parse_relay_addr("/ip4/198.18.0.11/udp/4002/quic-v1")

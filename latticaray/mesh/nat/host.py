@@ -26,8 +26,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import MeshError, PeerIdMismatch, PeerUnreachable, RpcConnectionLost, RpcError
+from ..errors import (MeshError, MultiaddrError, PeerIdMismatch, PeerUnreachable,
+                      RpcConnectionLost, RpcError)
 from ..identity import KeyPair, PeerId
+from ..multiaddr import Multiaddr
 from ..rpc import RpcRouter, RpcSession
 from ..transport.quic import QuicConfig, QuicConn, QuicTransport
 from . import autonat, wire
@@ -54,8 +56,20 @@ PING_SERVICE = "/latticaray/nat/ping/1"
 MAX_CONTROL_DATAGRAM = 2048
 
 
+def parse_relay_addr(text: str) -> tuple[PeerId, str, int]:
+    """``/ip4/HOST/tcp/PORT/p2p/RELAY`` -> (relay peer, host, port)."""
+    addr = Multiaddr.parse(text)
+    if addr.transport != "tcp" or addr.peer_id is None or addr.host is None:
+        raise MultiaddrError(f"a relay address must be /ip4|ip6/../tcp/../p2p/<relay>: {text}")
+    return addr.peer_id, addr.host, addr.port
+
+
 @dataclass
 class NatNodeConfig:
+    #: Bootstrap lists: observers/AutoNAT servers (QUIC endpoints of public nodes) and relays
+    #: (``/ip4/../tcp/../p2p/<relay>`` multiaddrs), used by :meth:`NatNode.auto_configure`.
+    observers: tuple[Endpoint, ...] = ()
+    relays: tuple[str, ...] = ()
     listen_host: str = "0.0.0.0"
     quic_port: int = 0
     policy: AddressPolicy = field(default_factory=AddressPolicy)
@@ -403,11 +417,16 @@ class NatNode:
         self.autonat_client.finish_pending(self._loop.time())
         return self.autonat_client.reachability()
 
-    async def auto_configure(self, observers: list[Endpoint],
-                             relays: list[tuple[PeerId, str, int]] = (),
+    async def auto_configure(self, observers: list[Endpoint] | None = None,
+                             relays: list[tuple[PeerId, str, int]] | None = None,
                              maintain: bool = True) -> tuple[NatReport, Reachability]:
         """Bootstrap sequence: NAT type from ``observers``, AutoNAT against them, and, if the node
-        is not public, a reservation on the first relay that grants one."""
+        is not public, a reservation on the first relay that grants one. Without arguments the
+        configuration's bootstrap lists are used."""
+        if observers is None:
+            observers = list(self.config.observers)
+        if relays is None:
+            relays = [parse_relay_addr(text) for text in self.config.relays]
         report = await self.detect_nat(observers)
         own = set(self._local_endpoints())
         servers = [ep for ep in observers if ep not in own]

@@ -145,12 +145,3 @@ class RendezvousServer:
             return wire.encode("error", s=exc.code, m=exc.message)
         except Exception as exc:  # MalformedMessage and friends: never crash the point
             return wire.encode("error", s=MALFORMED, m=str(exc)[:200])
-
-
-@dataclass
-class BootstrapConfig:
-    """Where a node starts: bootstrap peers (also relay/rendezvous candidates) and namespaces."""
-
-    bootstrap: tuple[str, ...] = ()
-    rendezvous_namespaces: tuple[str, ...] = ("latticaray",)
-    treat_as_public: tuple[str, ...] = ()
