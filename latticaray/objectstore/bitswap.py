@@ -124,6 +124,23 @@ def encode_response(response: Response) -> bytes:
     })
 
 
+def _bin_header(length: int) -> bytes:
+    if length < 1 << 8:
+        return b"\xc4" + length.to_bytes(1, "big")
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+def encode_block_response(cid: Cid, data: bytes | memoryview) -> bytes:
+    """``encode_response(Response(blocks=[(cid, data)]))`` with a single copy of ``data``."""
+    packer = msgpack.Packer()
+    prefix = (packer.pack_map_header(2) + packer.pack("p") + packer.pack_array_header(0)
+              + packer.pack("b") + packer.pack_array_header(1) + packer.pack_array_header(2)
+              + packer.pack(bytes(cid)) + _bin_header(len(data)))
+    return b"".join((prefix, data))
+
+
 def decode_response(data: bytes | memoryview) -> Response:
     message = _unpack(data, MAX_RESPONSE_BYTES, "bitswap response")
     if not isinstance(message, dict):

@@ -537,7 +537,7 @@ class ObjectExchange:
                 if data is None:
                     yield bs.encode_response(bs.Response(presences=[(cid, bs.DONT_HAVE, None)]))
                     continue
-                message = bs.encode_response(bs.Response(blocks=[(cid, bytes(data))]))
+                message = bs.encode_block_response(cid, data)
                 self.ledgers.record_sent(peer, len(data))
                 yield message
             finally:

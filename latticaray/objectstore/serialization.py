@@ -14,6 +14,7 @@ Public API (the runtime imports these)::
 
     ser = serialize(value)          # SerializedObject: .meta (dict), .nbytes, .inlineable
     ser.write_into(dest)            # fill a writable buffer of exactly ser.nbytes (one copy)
+    ser.write_to_file(path)         # or write it to a file with write(2) (what the store does)
     payload = ser.to_bytes()        # the payload as bytes (for small values)
     value = deserialize(ser.meta, payload)           # payload: bytes / memoryview / mmap slice
     blob = serialize_inline(value); deserialize_inline(blob)   # self-describing small form
@@ -60,7 +61,7 @@ class SerializedObject:
 
     __slots__ = ("meta", "nbytes", "_writer")
 
-    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[Any], None]) -> None:
+    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[pa.NativeFile], None]) -> None:
         self.meta = meta
         self.nbytes = nbytes
         self._writer = writer
@@ -74,7 +75,23 @@ class SerializedObject:
         if view.nbytes != self.nbytes:
             raise SerializationError(f"destination is {view.nbytes} bytes, payload is {self.nbytes}")
         if self.nbytes:
-            self._writer(view)
+            sink = pa.FixedSizeBufferWriter(_writable_arrow_buffer(view))
+            if self.nbytes > 1 << 20:
+                sink.set_memcopy_threads(_COPY_THREADS)
+            self._writer(sink)
+            sink.close()
+
+    def write_to_file(self, path: str) -> None:
+        """Write the payload to ``path`` (created or truncated) with plain writes."""
+        sink = pa.OSFile(path, mode="w")
+        try:
+            if self.nbytes:
+                self._writer(sink)
+            written = sink.tell()
+        finally:
+            sink.close()
+        if written != self.nbytes:
+            raise SerializationError(f"wrote {written} bytes, expected {self.nbytes}")
 
     def to_bytes(self) -> bytes:
         out = bytearray(self.nbytes)
@@ -90,12 +107,8 @@ def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
     tensor = pa.Tensor.from_numpy(array)
     size = pa.ipc.get_tensor_size(tensor)
 
-    def write(dest: memoryview) -> None:
-        writer = pa.FixedSizeBufferWriter(_writable_arrow_buffer(dest))
-        if size > 1 << 20:
-            writer.set_memcopy_threads(_COPY_THREADS)
-        pa.ipc.write_tensor(tensor, writer)
-        writer.close()
+    def write(sink: pa.NativeFile) -> None:
+        pa.ipc.write_tensor(tensor, sink)
 
     meta = {"ser": kind, "dtype": array.dtype.str, "shape": list(array.shape)}
     return SerializedObject(meta, size, write)
@@ -111,14 +124,10 @@ def _serialize_stream(batches_schema: pa.Schema, batches: list[pa.RecordBatch], 
             stream_writer.write_batch(batch)
     size = sizer.size()
 
-    def write(dest: memoryview) -> None:
-        sink = pa.FixedSizeBufferWriter(_writable_arrow_buffer(dest))
-        if size > 1 << 20:
-            sink.set_memcopy_threads(_COPY_THREADS)
+    def write(sink: pa.NativeFile) -> None:
         with pa.ipc.new_stream(sink, batches_schema) as stream_writer:
             for batch in batches:
                 stream_writer.write_batch(batch)
-        sink.close()
 
     meta = {"ser": kind, "schema": batches_schema.serialize().to_pybytes(), **extra}
     return SerializedObject(meta, size, write)
@@ -159,14 +168,14 @@ def _serialize_pickle(value: Any) -> SerializedObject:
         offset = _align(offset + view.nbytes)
     total = (layout[-1][0] + layout[-1][1]) if layout else len(stream)
 
-    def write(dest: memoryview) -> None:
-        dest[:len(stream)] = stream
+    def write(sink: pa.NativeFile) -> None:
+        sink.write(stream)
+        position = len(stream)
         for (start, length), view in zip(layout, views):
-            if length >= 1 << 20:
-                np.copyto(np.frombuffer(dest[start:start + length], dtype=np.uint8),
-                          np.frombuffer(view, dtype=np.uint8))
-            else:
-                dest[start:start + length] = view
+            if start > position:
+                sink.write(bytes(start - position))
+            sink.write(view)
+            position = start + length
 
     meta = {"ser": "pickle5", "pickle": len(stream), "buffers": layout}
     return SerializedObject(meta, total, write)

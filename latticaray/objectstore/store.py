@@ -148,12 +148,15 @@ class ObjectWriter:
         self._reservation = reservation
         self._have = bytearray(len(manifest.blocks))
         self._missing = len(manifest.blocks)
-        fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # blocks are written with pwrite (cheaper than faulting fresh tmpfs pages through a
+        # mapping) and read back, for peers we serve while fetching, through a read-only mapping
+        self._fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, max(manifest.size, 1))
-            self._map = mmap.mmap(fd, max(manifest.size, 1))
-        finally:
-            os.close(fd)
+            os.ftruncate(self._fd, max(manifest.size, 1))
+            self._map = mmap.mmap(self._fd, max(manifest.size, 1), access=mmap.ACCESS_READ)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._view = memoryview(self._map)[:manifest.size]
         self._done = False
 
@@ -185,8 +188,10 @@ class ObjectWriter:
         expected = self.manifest.blocks[index]
         if len(data) != self.manifest.sizes[index] or not expected.verify(data):
             raise BlockVerificationError(expected)
-        start, end = self.manifest.block_range(index)
-        self._view[start:end] = data
+        start, _ = self.manifest.block_range(index)
+        written = os.pwrite(self._fd, data, start)
+        while written < len(data):  # pwrite may write less on huge buffers
+            written += os.pwrite(self._fd, memoryview(data)[written:], start + written)
         self._have[index] = 1
         self._missing -= 1
         return True
@@ -222,6 +227,9 @@ class ObjectWriter:
         self.store._release_reservation(self._reservation)
 
     def _release_mapping(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._view.release()
         try:
             self._map.close()
@@ -422,19 +430,18 @@ class LocalStore:
             token = self._reserve(ledger, estimate)
         temp = os.path.join(self._tmp, token)
         try:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, max(ser.nbytes, 1))
-                mapping = mmap.mmap(fd, max(ser.nbytes, 1))
-            finally:
-                os.close(fd)
-            view = memoryview(mapping)[:ser.nbytes]
-            try:
-                ser.write_into(view)
-                manifest = build_manifest(view, ser.meta, self.chunk_size, self.hash_code)
-            finally:
-                view.release()
-                mapping.close()
+            os.close(os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            ser.write_to_file(temp)  # write(2) beats faulting fresh tmpfs pages via a mapping
+            if ser.nbytes:
+                mapping, _ = _map_readonly(temp)
+                view = memoryview(mapping)
+                try:
+                    manifest = build_manifest(view, ser.meta, self.chunk_size, self.hash_code)
+                finally:
+                    view.release()
+                    mapping.close()
+            else:
+                manifest = build_manifest(b"", ser.meta, self.chunk_size, self.hash_code)
             if _sealed_size(manifest) > estimate:
                 raise ObjectStoreError("internal error: manifest larger than its reservation")
             with open(temp, "r+b") as file:

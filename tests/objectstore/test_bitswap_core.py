@@ -243,6 +243,11 @@ def test_codec_round_trip_and_bounds():
     assert back == request
     response = bs.Response([(root, bs.HAVE, b"\x01")], [(Cid.of(b"a"), b"a")])
     assert bs.decode_response(bs.encode_response(response)) == response
+    block_cid = Cid.of(b"block")
+    for size in (5, 300, 70_000):
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        assert bs.encode_block_response(block_cid, memoryview(data)) == \
+            bs.encode_response(bs.Response(blocks=[(block_cid, data)]))
     with pytest.raises(CodecError):
         bs.decode_request(b"\xc1garbage")
     with pytest.raises(CodecError, match="exceeds"):
