@@ -233,21 +233,24 @@ class _FetchRun:
 
     async def find_providers(self) -> None:
         exchange = self.exchange
-        connected = [p for p in exchange._connected_peers() if p != exchange.node.peer_id]
+        me = exchange.node.peer_id
+        connected = [p for p in exchange._connected_peers() if p != me]
         self.apply(self.session.add_peers(connected[:exchange.config.max_connected_candidates], self.now()))
-        sources = []
         if exchange.providers is not None:
-            sources.append(exchange.providers(self.root))
-        if exchange.dht is not None:
-            sources.append(exchange._dht_providers(self.root))
-        for source in sources:
             try:
-                found = await asyncio.wait_for(source, timeout=exchange.config.dht_lookup_timeout)
+                found = await asyncio.wait_for(exchange.providers(self.root),
+                                               timeout=exchange.config.dht_lookup_timeout)
+                self.apply(self.session.add_peers([p for p in found if p != me], self.now()))
             except Exception as exc:  # a failing source must not end the fetch
                 log.debug("bitswap: provider source failed for %s: %r", self.root, exc)
-                continue
-            found = [p for p in found if p != exchange.node.peer_id]
-            self.apply(self.session.add_peers(found, self.now()))
+        if exchange.dht is not None:
+            try:
+                async with asyncio.timeout(exchange.config.dht_lookup_timeout):
+                    async for peer in exchange._dht_providers(self.root):
+                        if peer != me:  # each provider joins the session as soon as it is found
+                            self.apply(self.session.add_peers([peer], self.now()))
+            except Exception as exc:
+                log.debug("bitswap: DHT provider lookup failed for %s: %r", self.root, exc)
 
     async def request(self, action: bs.SendRequest) -> None:
         exchange = self.exchange
@@ -393,8 +396,8 @@ class ObjectExchange:
                 else:
                     self._provided.discard(root)
 
-    async def _dht_providers(self, root: Cid) -> list[Hashable]:
-        found: list[Hashable] = []
+    async def _dht_providers(self, root: Cid):
+        """Provider peer IDs from the DHT, as they are found (their addresses go to the peer store)."""
         async for item in self.dht.find_providers(bytes(root), count=self.config.max_dht_providers):
             peer = getattr(item, "peer_id", item)
             if isinstance(peer, (bytes, bytearray)):
@@ -404,11 +407,8 @@ class ObjectExchange:
             addrs = getattr(item, "addrs", ())
             if addrs and hasattr(self.node, "add_addrs"):
                 with contextlib.suppress(Exception):
-                    from latticaray.mesh.multiaddr import Multiaddr  # noqa: PLC0415
-
-                    self.node.add_addrs(peer, [a if not isinstance(a, str) else Multiaddr.parse(a) for a in addrs])
-            found.append(peer)
-        return found
+                    self.node.add_addrs(peer, list(addrs))
+            yield peer
 
     def _connected_peers(self) -> list[Hashable]:
         try:

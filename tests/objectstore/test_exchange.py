@@ -153,3 +153,39 @@ async def test_concurrent_fetchers_form_a_swarm(mesh):
     np.testing.assert_array_equal(late.store.get(cid), value)
     served = [f.exchange.ledgers.ledger(late.node.peer_id).sent for f in fetchers]
     assert sum(served) >= value.nbytes and sum(1 for s in served if s) >= 2
+
+
+async def test_fetch_finds_providers_through_the_dht(make_store):
+    from latticaray.mesh.dht.core import DhtConfig
+    from latticaray.mesh.dht.service import DhtService
+
+    nodes, dhts, exchanges = [], [], []
+    try:
+        for i in range(4):
+            node = await MeshNode(MeshConfig(**TRANSPORTS["quic"])).start()
+            dht = DhtService(node, DhtConfig(k=4))
+            nodes.append(node)
+            dhts.append(dht)
+            # the fetcher (i == 3) may only learn providers from the DHT, not from its connections
+            config = ExchangeConfig(max_connected_candidates=0 if i == 3 else 32)
+            exchanges.append(ObjectExchange(node, dht, make_store(f"d{i}"), config=config))
+        assert await dhts[0].bootstrap() == 0
+        for dht in dhts[1:]:
+            assert await asyncio.wait_for(dht.bootstrap([str(nodes[0].listen_addrs[0])]), 30) >= 1
+        seed, fetcher = exchanges[2], exchanges[3]
+        value = np.arange(MB, dtype=np.int32)
+        cid = seed.store.put(value)
+        await seed.provide(cid)
+        await fetcher.fetch(cid, timeout=30)
+        np.testing.assert_array_equal(fetcher.store.get(cid), value)
+        assert fetcher.ledgers.ledger(nodes[2].peer_id).received >= value.nbytes
+        # the fetcher announced itself: the DHT now lists both as providers
+        found = {p.peer_id async for p in dhts[1].find_providers(bytes(cid))}
+        assert {nodes[2].peer_id, nodes[3].peer_id} <= found
+    finally:
+        for exchange in exchanges:
+            await exchange.stop()
+        for dht in dhts:
+            await dht.close()
+        for node in nodes:
+            await node.stop()
