@@ -9,7 +9,11 @@ The same sans-I/O objects that run in a node — :class:`PlacementPolicy`, :clas
 * a placement is a request message to the chosen node and an admission reply (2 messages per
   attempt); a rejection carries a hint and the submitter spills over to another node;
 * tasks need CPU (some a GPU or a custom resource, some a label) and take one argument object held
-  by 1-3 random nodes; a task runs for an exponentially distributed time.
+  by 1-3 nodes, drawn in proportion to their CPUs (objects are results of earlier tasks); a task
+  runs for an exponentially distributed time;
+* node queues are bounded (``queue_per_cpu``); what does not fit waits at the submitters.
+
+``policy="random"`` swaps in :class:`RandomPlacement` as a baseline.
 
 :func:`run_simulation` returns a :class:`SimulationResult` with the load balance at saturation,
 data-local placement, placement latency in messages and seconds, and spillback counts.
