@@ -330,10 +330,7 @@ def views_from_dht(result: Any, received_at: float) -> tuple[list[NodeView], lis
         except InvalidCapacityAd as exc:
             problems.append(str(exc))
             continue
-        view = view_from_ad(ad, received_at)
-        old = views.get(ad.node)
-        if old is None:
-            views[ad.node] = view
+        views.setdefault(ad.node, view_from_ad(ad, received_at))
     return list(views.values()), problems
 
 
