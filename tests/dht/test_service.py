@@ -116,3 +116,23 @@ async def test_malformed_and_forged_requests_are_refused(mesh):
     # the node is still serving
     assert await dhts[0].put(b"after", b"ok", time.time() + 60) >= 1
     assert (await dhts[3].get(b"after")).value == b"ok"
+
+
+async def test_bootstrap_keeps_only_peers_that_speak_the_dht():
+    plain = await MeshNode(MeshConfig(**QUIC_ONLY)).start()   # a mesh peer without a DHT service
+    server = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
+    joiner = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
+    server_dht = DhtService(server, DhtConfig(k=4))
+    joiner_dht = DhtService(joiner, DhtConfig(k=4))
+    try:
+        await joiner.connect(plain.listen_addrs[0], timeout=10)
+        await joiner.connect(server.listen_addrs[0], timeout=10)
+        assert await joiner_dht.bootstrap() == 1
+        assert server.peer_id.to_bytes() in joiner_dht.core.routing
+        assert plain.peer_id.to_bytes() not in joiner_dht.core.routing
+        assert joiner.peer_id.to_bytes() in server_dht.core.routing, "the joiner announced itself"
+    finally:
+        await joiner_dht.close()
+        await server_dht.close()
+        for node in (joiner, server, plain):
+            await node.stop()

@@ -124,7 +124,8 @@ class Lookup(Operation):
     """Iterative lookup of the k closest peers to ``target`` with alpha requests in flight per
     path; ends when the k closest non-failed candidates of every path have answered."""
 
-    def __init__(self, core: "DhtCore", target: int, request: dict[str, Any], now: float) -> None:
+    def __init__(self, core: "DhtCore", target: int, request: dict[str, Any], now: float,
+                 seeds: list[Contact] = ()) -> None:
         cfg = core.config
         self.core = core
         self.target = target
@@ -143,7 +144,10 @@ class Lookup(Operation):
         self.messages = 0
         self.done = False
         self.started = now
-        for i, contact in enumerate(core.routing.closest(target, self.k)):
+        initial = core.routing.closest(target, self.k)
+        known = {c.peer_id for c in initial}
+        initial += [c for c in seeds if c.peer_id not in known]
+        for i, contact in enumerate(initial):
             self._add(contact, 1, i % self.paths)
         if not self._candidates:
             self._finish(now)
@@ -470,11 +474,6 @@ class DhtCore:
     def ping_done(self, contact: Contact, alive: bool, now: float) -> None:
         self.routing.ping_result(contact.peer_id, alive, now, contact.node_id)
 
-    def add_seed(self, contact: Contact, now: float) -> None:
-        """Add a bootstrap peer given by configuration (not yet heard from)."""
-        if contact.peer_id != self.peer_id:
-            self.peer_responded(contact, now)
-
     # requests we send ------------------------------------------------------------------------
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         msg: dict[str, Any] = {"op": op, "server": self.config.server_mode}
@@ -490,11 +489,12 @@ class DhtCore:
         return FindNodeOp(self, target, self.request(FIND_NODE, target=id_to_bytes(target)), now)
 
     def bootstrap(self, seeds: list[Contact], now: float) -> FindNodeOp:
-        """Join: add the seeds, then look ourselves up (fills our neighbourhood and announces us
-        to it). Follow with :meth:`refresh_ops` (``all_buckets=True``) to fill farther buckets."""
-        for seed in seeds:
-            self.add_seed(seed, now)
-        return self.find_node(self.node_id, now)
+        """Join: look ourselves up starting from the seeds (fills our neighbourhood and announces
+        us to it). A seed enters the routing table only once it answers. Follow with
+        :meth:`refresh_ops` (``all_buckets=True``) to fill farther buckets."""
+        seeds = [s for s in seeds if s.peer_id != self.peer_id]
+        return FindNodeOp(self, self.node_id,
+                          self.request(FIND_NODE, target=id_to_bytes(self.node_id)), now, seeds)
 
     def refresh_ops(self, now: float, all_buckets: bool = False) -> list[FindNodeOp]:
         """Lookups of a random id in each stale bucket (or, after joining, in every bucket

@@ -75,23 +75,29 @@ class DhtService:
 
     # lifecycle -------------------------------------------------------------------------------
     async def bootstrap(self, addrs: list | None = None, refresh: bool = True) -> int:
-        """Join the DHT: connect to ``addrs`` (multiaddrs with /p2p/) if given, else use the peers
-        the node is connected to, look ourselves up, then refresh every bucket farther than our
-        nearest neighbour. Starts periodic maintenance. Returns the routing table size."""
+        """Join the DHT: connect to ``addrs`` (multiaddrs with /p2p/; default: the node's
+        configured bootstrap addresses) and use them and every peer the node is already connected
+        to as seeds, look ourselves up, then refresh every bucket farther than our nearest
+        neighbour. Starts periodic maintenance. Returns the routing table size."""
         self._refresh_addrs()
-        seeds: list[Contact] = []
-        for addr in addrs or ():
+        if addrs is None:
+            addrs = list(getattr(getattr(self.node, "config", None), "bootstrap", None) or ())
+        seeds: dict[bytes, Contact] = {}
+        for addr in addrs:
             try:
                 peer = await self.node.connect(addr, timeout=self.config.request_timeout)
             except (MeshError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("DHT bootstrap peer %s unreachable: %s", addr, exc)
                 continue
-            seeds.append(Contact(peer.to_bytes(), (str(addr),)))
-        if not addrs:
-            for peer in self.node.connected_peers():
-                seeds.append(Contact(peer.to_bytes(), tuple(str(a) for a in self.node.addrs_of(peer))))
-        now = self.clock()
-        await self._run(self.core.bootstrap(seeds, now))
+            seeds[peer.to_bytes()] = Contact(peer.to_bytes(), (str(addr),))
+        for peer in self.node.connected_peers():
+            if peer.to_bytes() not in seeds:
+                known = tuple(str(a) for a in self.node.addrs_of(peer))[:8]
+                seeds[peer.to_bytes()] = Contact(peer.to_bytes(), known)
+        for _attempt in range(3):  # a lost datagram must not leave us alone: retry the seeds
+            await self._run(self.core.bootstrap(list(seeds.values()), self.clock()))
+            if len(self.core.routing) or not seeds:
+                break
         if refresh:
             await asyncio.gather(*(self._run(op) for op in self.core.refresh_ops(self.clock(), True)))
         self.start()

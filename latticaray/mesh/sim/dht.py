@@ -113,7 +113,14 @@ class SimDht:
                 on_joined(core)
             return
 
+        attempts = [0]
+
         def after_self_lookup(_op: Operation) -> None:
+            if len(core.routing) == 0 and attempts[0] < 3:  # the seed was unreachable: retry
+                attempts[0] += 1
+                self.run_op(core, core.bootstrap([self.contacts[seed]], self.sim.now),
+                            after_self_lookup)
+                return
             refreshes = core.refresh_ops(self.sim.now, all_buckets=True)
             if self.join_refresh != "all":
                 # refresh_ops lists buckets nearest first: keep the farthest n
