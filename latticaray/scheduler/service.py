@@ -170,7 +170,7 @@ class SchedulerService:
                 result = self.on_start(admission.task_id, meta)
             except Exception:  # a failing hook must not wedge the node's resources
                 log.exception("on_start hook failed for %s; releasing its resources", admission.task_id)
-                self.local.finish(admission.task_id, self.clock())
+                self._started(self.local.finish(admission.task_id, self.clock()))
                 continue
             if asyncio.iscoroutine(result):
                 task = asyncio.ensure_future(result)
@@ -180,6 +180,12 @@ class SchedulerService:
     def finish(self, task_key: str) -> None:
         """The task ``task_key`` (as passed to ``on_start``) ended: free it, start queued ones."""
         self._started(self.local.finish(task_key, self.clock()))
+        self._changed()
+
+    def cancel(self, task_key: str) -> None:
+        """Drop a queued task or end a running one (its submitter gave up on it)."""
+        self._meta.pop(task_key, None)
+        self._started(self.local.cancel(task_key, self.clock()))
         self._changed()
 
 

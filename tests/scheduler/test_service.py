@@ -79,6 +79,9 @@ async def test_offer_view_queue_and_fairness_by_authenticated_peer():
     view = msgpack.unpackb(await handler(Ctx("Z"), pack({"v": 1, "op": "view"})))
     ad = CapacityAd.decode(view["ad"], publisher="A")
     assert ad.running == 1 and ad.queued == 2
+    service.cancel("X:x2")  # queued: dropped, nothing starts
+    service.cancel("Y:y0")  # running: ends, the next queued one starts
+    assert [k for k, _ in started[3:]] == ["X:x1"] and local.queued == 0
     await service.close()
 
 
@@ -147,3 +150,17 @@ async def test_small_meshes_use_the_member_view_large_ones_also_the_dht():
     await client.refresh()
     assert Sampler.calls == 1 and "dht-node" in client.snapshot.nodes
     await client.close()
+
+
+async def test_a_failing_start_hook_releases_the_resources():
+    mesh = FakeMesh()
+    local = LocalScheduler("A", ResourceLedger({"CPU": 1}))
+
+    def broken(key, meta):
+        raise RuntimeError("worker pool is gone")
+    service = SchedulerService(mesh.node("A"), local, on_start=broken)
+    handler = mesh.handlers[("A", SCHED_PROTOCOL)]
+    reply = msgpack.unpackb(await handler(Ctx("X"), pack({"v": 1, "op": "offer", "task": "t", "res": {"CPU": 1}})))
+    assert reply["kind"] == "started"
+    assert local.running == 0 and local.ledger.available == {"CPU": 1}
+    await service.close()
