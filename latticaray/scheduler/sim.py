@@ -58,6 +58,11 @@ class SimulationConfig:
     locality_slack: float = 1.3
     locality_delay: float = 10.0
     sample_every: float = 0.5
+    #: None: each submitter reads every node's ad (the CRDT member view of a small mesh). N: it
+    #: reads N random nodes per refresh from ``capacity/CPU`` plus samples of the GPU and custom
+    #: resource keys, and fetches the ads of its arguments' holders (2 messages each) — the
+    #: large-mesh path where no node knows everyone.
+    view_sample: int | None = None
     #: "latticaray" (this package's policy) or "random" (baseline: uniform random feasible node
     #: with room in its ad, no locality, no anti-herding memory).
     policy: str = "latticaray"
@@ -86,6 +91,8 @@ class SimulationResult:
     virtual_time: float = 0.0
     events: int = 0
     messages: int = 0
+    #: holder ad fetches in sampled-view mode (messages)
+    lookup_messages: int = 0
 
     def jain_index(self) -> float | None:
         """Jain's fairness index of the submitters' mean placement latency (1.0 = all equal)."""
@@ -122,6 +129,7 @@ class SimulationResult:
             "placed_on_infeasible_node": self.infeasible_placements,
             "virtual_time_s": round(self.virtual_time, 2),
             "events": self.events, "messages": self.messages,
+            "holder_lookup_messages_per_task": round(self.lookup_messages / max(1, self.placed), 3),
         }
 
 
@@ -165,6 +173,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         locals_[nid] = LocalScheduler(nid, ResourceLedger(total), labels=labels,
                                       queue_limit=config.queue_per_cpu * cpus)
     board: dict[str, NodeView] = {nid: ls.view(0.0) for nid, ls in locals_.items()}
+    gpu_nodes = [n for n in node_ids if "GPU" in locals_[n].ledger.total]
+    accel_nodes = [n for n in node_ids if "accel" in locals_[n].ledger.total]
 
     # submitters ------------------------------------------------------------------------------
     submitter_ids = node_ids[:: max(1, config.nodes // config.submitters)][: config.submitters]
@@ -172,7 +182,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     # Object locations come from the DHT provider records; every submitter sees the same table.
     object_table: dict = {}
     for k, sid in enumerate(submitter_ids):
-        snapshot = ClusterSnapshot(board.values(), objects=object_table, local_node=sid)
+        initial = board.values() if config.view_sample is None else []
+        snapshot = ClusterSnapshot(initial, objects=object_table, local_node=sid)
         policy_class = RandomPlacement if config.policy == "random" else PlacementPolicy
         policy = policy_class(seed=config.seed * 1000 + k, choices=config.choices,
                                  locality_slack=config.locality_slack,
@@ -268,10 +279,27 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         if sim.now < config.time_limit:
             sim.call_later(config.ad_period, advertise, nid)
 
+    def fetch_holders(sid: str, holders) -> None:
+        snapshot = submitters[sid].snapshot
+        for h in holders:
+            known = snapshot.nodes.get(h)
+            if known is None or sim.now - known.ad_time > config.view_period:
+                snapshot.update_node(board[h])
+                result.lookup_messages += 2
+
     def refresh_view(sid: str) -> None:
         sub = submitters[sid]
-        for view in board.values():
-            sub.snapshot.update_node(view)
+        if config.view_sample is None:
+            for view in board.values():
+                sub.snapshot.update_node(view)
+        else:
+            picks = rng.sample(node_ids, min(config.view_sample, len(node_ids)))
+            picks += rng.sample(gpu_nodes, min(config.view_sample, len(gpu_nodes)))
+            picks += accel_nodes  # a rare resource's key is small: read whole
+            for nid in picks:
+                sub.snapshot.update_node(board[nid])
+            for request in sub.pending_requests()[:32]:  # keep waiting tasks' holders current
+                fetch_holders(sid, holders_of_task.get(request.task_id, ()))
         handle_actions(sid, sub.poll(sim.now))
         if sim.now < config.time_limit and (result.placed + result.failed) < config.tasks:
             sim.call_later(config.view_period, refresh_view, sid)
@@ -282,7 +310,6 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         sim.call_later(rng.uniform(0, config.view_period), refresh_view, sid)
 
     # workload --------------------------------------------------------------------------------
-    gpu_nodes = [n for n in node_ids if "GPU" in locals_[n].ledger.total]
     cpu_cum_weights: list[float] = []
     for nid in node_ids:
         cpu_cum_weights.append((cpu_cum_weights[-1] if cpu_cum_weights else 0.0)
@@ -318,6 +345,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         submitted_at[request.task_id] = sim.now
         holders_of_task[request.task_id] = holders
         feasible_holder[request.task_id] = any(is_feasible(h, request) for h in holders)
+        if config.view_sample is not None:
+            fetch_holders(sid, holders)
         handle_actions(sid, sub.submit(request, sim.now))
 
     for k in range(config.tasks):
