@@ -129,7 +129,8 @@ class RemoteClient:
             out["err"] = message["err"]
             out["mro"] = message.get("mro", [])
         if "vals" in message:
-            out["vals"] = [self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
+            out["vals"] = [v if self.cluster.exchange is not None and serialization.is_store_ref(v)
+                           else self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
@@ -162,6 +163,7 @@ class MeshCluster:
         self.names: dict[tuple[str, str], dict] = {}
         self.stats = collections.Counter()
         self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
+        self.exchange = None  # latticaray.objectstore ObjectExchange: store objects between nodes
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self._last_member_publish = 0.0
@@ -463,6 +465,16 @@ class MeshCluster:
                 rec.retries_left -= 1
                 self.node._schedule(rec)
                 return
+            missing = [serialization.store_cid(v) for v in message.get("vals") or []
+                       if serialization.is_store_ref(v)
+                       and not self.node.store.contains(serialization.store_cid(v))]
+            if missing and self.exchange is not None:
+                state.inflight[tid] = rec  # still ours if the executor dies meanwhile
+                def complete(rec=rec, message=message):
+                    if state.inflight.pop(rec.tid, None) is not None and not rec.done:
+                        self.node._complete(rec, message)
+                self.spawn(self._fetch_then(missing, state.node_id, complete))
+                return
             self.node._complete(rec, message)
             return
         if kind == "created":
@@ -475,8 +487,11 @@ class MeshCluster:
         if args[0] == "b":
             return args
         def slim(item):
-            if item[0] == 0 and len(item) > 2 and (len(item[1]) > BY_REF_ARG
-                                                   or serialization.is_store_ref(item[1])):
+            if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
+                if self.exchange is None:
+                    return [1, item[2], self.node_id]
+                return [0, item[1], item[2], self.node_id]  # fetched by CID, else from us
+            if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
                 return [1, item[2], self.node_id]
             return item[:2]
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
@@ -540,10 +555,18 @@ class MeshCluster:
                     continue
                 task["opts"]["placed"] = True
                 task["op"] = "submit"
-                node._on_submit(task, client)
+                missing = self._missing_store_args(task["args"])
+                if missing:
+                    self.spawn(self._fetch_then(missing, client.node_id,
+                                                lambda t=task: node._on_submit(t, client)))
+                else:
+                    node._on_submit(task, client)
             elif kind == "acall":
                 call = message["m"]
                 call["anode"] = self.node_id
+                missing = self._missing_store_args(call["args"])
+                if missing:  # in line: later calls of this caller must not overtake it
+                    await self._fetch_then(missing, client.node_id, lambda: None)
                 node._on_actor_call(call, client)
             elif kind == "create":
                 create = message["m"]
@@ -563,6 +586,30 @@ class MeshCluster:
                               client)
 
     # ------------------------------------------------------------------ objects
+    def _missing_store_args(self, args: list) -> list:
+        if args[0] == "b" or self.exchange is None:
+            return []
+        items = list(args[1]) + list(args[2].values())
+        return [i for i in items if i[0] == 0 and serialization.is_store_ref(i[1])
+                and not self.node.store.contains(serialization.store_cid(i[1]))]
+
+    async def _fetch_then(self, items: list, peer: str, then) -> None:
+        """Bring store objects into this node's store (Bitswap) before going on. An argument
+        the exchange cannot get is fetched from its owner instead (by object id, inline)."""
+        state = self.peers.get(peer)
+        hint = [state.peer_id] if state is not None else []
+        for item in items:
+            cid = serialization.store_cid(item[1]) if isinstance(item, list) else item
+            try:
+                await self.exchange.fetch(cid, timeout=30.0, peers=hint)
+                continue
+            except Exception as exc:
+                log.warning("could not fetch %s from %s by CID: %s", cid, peer, exc)
+            if isinstance(item, list) and len(item) >= 4:
+                entry = await self.fetch_object(item[2], item[3])
+                item[1] = entry.data if entry.status == OK else item[1]
+        then()
+
     async def fetch_object(self, oid: bytes, owner: str) -> ObjectEntry:
         entry = ObjectEntry()
         state = self.peers.get(owner)
@@ -580,6 +627,14 @@ class MeshCluster:
         return entry
 
     async def fetch_by_cid(self, cid: str, timeout: float | None):
+        if self.exchange is not None and cid.startswith("bafy"):
+            try:
+                await self.exchange.fetch(cid, timeout=timeout or 30.0,
+                                          peers=[s.peer_id for s in self.peers.values()
+                                                 if s.alive])
+                return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
+            except Exception as exc:
+                log.debug("exchange could not fetch %s: %s", cid, exc)
         for node_id in self.alive_peers():
             try:
                 status, data, _ = await asyncio.wait_for(
@@ -934,6 +989,13 @@ class MeshRuntime:
         await self.state.start()
         self.state.actors.on_claim_lost(self.cluster._on_claim_lost)
         self.cluster.state = self.state
+        if runtime_node.store_ready is not None:
+            await runtime_node.store_ready
+        if runtime_node.store is not None:
+            from latticaray.objectstore.exchange import ObjectExchange
+            self.exchange = ObjectExchange(self.mesh, None, runtime_node.store)
+            await self.exchange.start()
+            self.cluster.exchange = self.exchange
         for addr in self.bootstrap:
             try:
                 await self.cluster.join(addr)
@@ -961,6 +1023,8 @@ class MeshRuntime:
     async def stop(self) -> None:
         if self.cluster is not None:
             await self.cluster.stop()
+        if getattr(self, "exchange", None) is not None:
+            await self.exchange.stop()
         if self.state is not None:
             try:
                 await self.state.stop()

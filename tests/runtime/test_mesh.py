@@ -256,3 +256,17 @@ def test_non_member_submission_refused_and_never_deserialized(mesh, tmp_path):
     assert outcomes["task"] == "PERMISSION_DENIED"
     time.sleep(0.5)
     assert not marker.exists()
+
+
+@lattica.remote
+def big_array(n):
+    import numpy as np
+    return np.arange(n, dtype=np.float64)
+
+
+def test_large_result_from_remote_node_lands_in_local_store(mesh):
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    array = lattica.get(big_array.options(scheduling_strategy=strategy).remote(1 << 20),
+                        timeout=60)
+    assert array[-1] == (1 << 20) - 1
+    assert array.flags.writeable is False  # a view of this node's shared-memory store
