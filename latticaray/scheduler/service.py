@@ -203,8 +203,11 @@ class SchedulerClient:
                  policy: PlacementPolicy | None = None, call_timeout: float = 5.0,
                  refresh_interval: float = 0.3, max_attempts: int = 4,
                  infeasible_timeout: float = 30.0, max_waiting: int = 10_000,
-                 small_mesh_limit: int = 64) -> None:
+                 small_mesh_limit: int = 64, holder_view_max_age: float = 1.0,
+                 max_holder_fetches: int = 4) -> None:
         self.node = node
+        self.holder_view_max_age = holder_view_max_age
+        self.max_holder_fetches = max_holder_fetches
         self.small_mesh_limit = small_mesh_limit
         self.sampler = sampler
         if sampler is not None:
@@ -245,6 +248,43 @@ class SchedulerClient:
                 except Exception as exc:  # DHT errors are typed by the DHT layer
                     log.warning("capacity lookup failed: %s", exc)
 
+    async def fetch_holder_views(self, request: PlacementRequest) -> int:
+        """Ask the holders of ``request``'s arguments (from ``snapshot.objects``) for their current
+        ad when the snapshot has none or an old one, so locality works without knowing everyone.
+        Returns how many views were fetched."""
+        now = self._now()
+        holders: list[str] = []
+        for cid, _size in request.args:
+            info = self.snapshot.objects.get(cid)
+            for holder in sorted(info.holders) if info is not None else ():
+                known = self.snapshot.nodes.get(holder)
+                if holder not in holders and (known is None or now - known.ad_time > self.holder_view_max_age):
+                    holders.append(holder)
+        results = await asyncio.gather(*(self._fetch_view(h) for h in holders[:self.max_holder_fetches]))
+        fetched = 0
+        for view in results:
+            if view is not None:
+                self.snapshot.update_node(view)
+                fetched += 1
+        return fetched
+
+    async def _fetch_view(self, node_id: str) -> NodeView | None:
+        from latticaray.mesh.errors import MeshError
+        try:
+            reply = await self.node.call(self._peer(node_id), SCHED_PROTOCOL, _pack({"v": 1, "op": "view"}),
+                                         timeout=self.call_timeout)
+            obj = _unpack(bytes(reply), MAX_REPLY_BYTES)
+            return view_from_ad(CapacityAd.decode(obj["ad"], publisher=node_id), received_at=self._now())
+        except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd,
+                KeyError, ValueError) as exc:
+            log.info("capacity view of %s unavailable: %s", node_id, exc)
+            return None
+
+    def _peer(self, node_id: str) -> Any:
+        from latticaray.mesh.identity import PeerId
+        parse = getattr(type(self.node.peer_id), "from_string", PeerId.from_string)
+        return parse(node_id)
+
     async def place(self, request: PlacementRequest, meta: bytes = b"",
                     timeout: float | None = None) -> Placed:
         """Place ``request``; returns the accepting node's answer (started or queued there).
@@ -258,6 +298,7 @@ class SchedulerClient:
         self._meta[request.task_id] = meta
         try:
             await self.refresh([request.resources])
+            await self.fetch_holder_views(request)
             self._handle(self.submitter.submit(request, self._now()))
             self._ensure_pump()
             return await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -290,7 +331,6 @@ class SchedulerClient:
 
     async def _send(self, action: SendPlacement) -> None:
         from latticaray.mesh.errors import MeshError
-        from latticaray.mesh.identity import PeerId
         request = action.request
         payload = _pack({"v": 1, "op": "offer", "task": request.task_id, "res": request.resources,
                          "sel": {k: (v if isinstance(v, str) else list(v))
@@ -298,9 +338,7 @@ class SchedulerClient:
                          "meta": self._meta.get(request.task_id, b"")})
         self.sent += 1
         try:
-            peer_type = type(self.node.peer_id)
-            parse = getattr(peer_type, "from_string", PeerId.from_string)
-            reply = await self.node.call(parse(action.node_id), SCHED_PROTOCOL, payload,
+            reply = await self.node.call(self._peer(action.node_id), SCHED_PROTOCOL, payload,
                                          timeout=self.call_timeout)
             admission = self._decode_admission(action, bytes(reply))
         except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd,

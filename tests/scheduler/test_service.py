@@ -164,3 +164,24 @@ async def test_a_failing_start_hook_releases_the_resources():
     assert reply["kind"] == "started"
     assert local.running == 0 and local.ledger.available == {"CPU": 1}
     await service.close()
+
+
+async def test_client_fetches_holder_views_it_does_not_know_and_places_there():
+    from latticaray.scheduler.policy import NodeView
+
+    mesh = FakeMesh()
+    holder = LocalScheduler("holder", ResourceLedger({"CPU": 2}))
+    other = LocalScheduler("other", ResourceLedger({"CPU": 64}))
+    services = [SchedulerService(mesh.node("holder"), holder), SchedulerService(mesh.node("other"), other)]
+    # The sampled view knows only "other"; the argument's holder is learned from provider records.
+    client = SchedulerClient(mesh.node("driver"), views=lambda: [other.view(0)], policy=PlacementPolicy(seed=1))
+    client.snapshot.set_object("cid-1", 10 << 20, ["holder", "gone"])
+    try:
+        placed = await client.place(PlacementRequest("t", {"CPU": 1}, "d", args=(("cid-1", 10 << 20),)),
+                                    timeout=10)
+        assert placed.node_id == "holder" and placed.local_bytes == 10 << 20
+        assert "holder" in client.snapshot.nodes and "gone" not in client.snapshot.nodes
+    finally:
+        await client.close()
+        for s in services:
+            await s.close()
