@@ -189,3 +189,22 @@ async def test_fetch_finds_providers_through_the_dht(make_store):
             await dht.close()
         for node in nodes:
             await node.stop()
+
+
+async def test_malformed_requests_get_clear_errors_and_the_node_keeps_serving(mesh):
+    from latticaray.mesh.errors import RpcError
+    from latticaray.objectstore.bitswap import PROTOCOL_ID
+    from latticaray.objectstore.exchange import REPLICATE_PROTOCOL_ID
+
+    server, client = await mesh(2)
+    cid = server.store.put(np.arange(1000))
+    for garbage in (b"", b"\xc1\xc1", b"\x93\x01\x02\x03", b"\x00" * 300_000):
+        with pytest.raises(RpcError) as info:
+            async for _ in client.node.call_stream(server.node.peer_id, PROTOCOL_ID, garbage, timeout=10):
+                pass
+        assert info.value.code == "INVALID_ARGUMENT"
+    for garbage in (b"", b"\x81\xa4root\xa3bad", b"\x00" * 5000):
+        import msgpack
+        reply = msgpack.unpackb(await client.node.call(server.node.peer_id, REPLICATE_PROTOCOL_ID, garbage, timeout=10))
+        assert reply["ok"] is False and reply["error"]
+    assert await client.exchange.fetch(cid, timeout=30) == cid
