@@ -147,7 +147,11 @@ class _Reader:
                 if previous is not None and sort_key <= (len(previous), previous):
                     raise CodecError("map keys duplicated or not in canonical order")
                 previous = key_bytes
-                result[key_bytes.decode("utf-8", errors="strict")] = self.item(depth + 1)
+                try:
+                    key = key_bytes.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CodecError("map key is not valid UTF-8") from None
+                result[key] = self.item(depth + 1)
             return result
         if major == 6:
             if value != _CID_TAG:

@@ -96,7 +96,37 @@ def test_dag_cbor_rfc8949_vectors_and_canonical_order():
     (bytes.fromhex("5a7fffffff"), "exceeds"),                 # declared length past the end
     (bytes.fromhex("81" * 40 + "00"), "deeper"),
     (bytes.fromhex("d82a4401551220"), "CID|link"),
+    (bytes.fromhex("a161ff00"), "UTF-8"),
 ])
 def test_dag_cbor_rejects_malformed_input(data, message):
     with pytest.raises(CodecError, match=message):
         dagcbor.decode(data)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.binary(max_size=64),
+                     st.text(max_size=32))
+_values = st.recursive(_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=5), st.dictionaries(st.text(max_size=8), children, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_values)
+def test_dag_cbor_round_trips_and_is_deterministic(value):
+    encoded = dagcbor.encode(value)
+    assert dagcbor.decode(encoded) == value
+    assert dagcbor.encode(dagcbor.decode(encoded)) == encoded
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_crash_the_decoders(data):
+    try:
+        dagcbor.decode(data)
+    except CodecError:
+        pass
+    try:
+        Cid.decode(data)
+    except InvalidCid:
+        pass
