@@ -460,8 +460,15 @@ def anchors(args) -> list[dict]:
         runs += [("raw tls, 256 KB", ["--transport", "tls", "--size", "262144"] + c),
                  ("raw tcp, 256 KB", ["--transport", "tcp", "--size", "262144"] + c)]
     if args.bulk_total:
-        runs += [("raw quic 16 KB dgram bulk", ["--transport", "quic", "--mode", "bulk",
-                                                 "--total", str(args.bulk_total)] + QUIC_BIG)]
+        small = str(min(args.bulk_total, 64 << 20))
+        runs += [("raw quic 1200 B bulk", ["--transport", "quic", "--mode", "bulk",
+                                            "--total", small]),
+                 ("raw quic 16 KB dgram bulk", ["--transport", "quic", "--mode", "bulk",
+                                                 "--total", str(args.bulk_total)] + QUIC_BIG),
+                 ("raw tls bulk", ["--transport", "tls", "--mode", "bulk",
+                                   "--total", str(args.bulk_total)]),
+                 ("raw tcp bulk", ["--transport", "tcp", "--mode", "bulk",
+                                   "--total", str(args.bulk_total)])]
     return [run_anchor(args, label, extra) for label, extra in runs]
 
 
