@@ -266,10 +266,10 @@ def main() -> int:
         run_matrix(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)",
                    extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m),
                                     **tcp_punch_pairs(m, qps_seconds)}),
-        run_matrix(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
-                   "natB = cone-remap (port-translating cone)"),
-        run_matrix(args.prefix, ["--nat", "natA=symmetric"], qps_seconds,
-                   "natA = symmetric (symmetric-symmetric pairs hostA<->hostC)"),
+        run_matrix_mesh(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
+                        "natB = cone-remap (port-translating cone)"),
+        run_matrix_mesh(args.prefix, ["--nat", "natA=symmetric"], qps_seconds,
+                        "natA = symmetric (symmetric-symmetric pairs hostA<->hostC)"),
     ]
     for result in runs:
         print_matrix(result)
