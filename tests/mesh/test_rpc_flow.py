@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from latticaray.mesh.rpc import INITIAL_WINDOW, MESSAGE_OVERHEAD, RpcLimits, RpcRouter, RpcSession
+from latticaray.mesh.rpc import MESSAGE_OVERHEAD, RpcLimits, RpcRouter, RpcSession
 from test_rpc_support import memory_pipe, wait_until
 
 MESSAGE = 64 * 1024

@@ -14,7 +14,7 @@ from latticaray.mesh import framing
 from latticaray.mesh.errors import FrameTooLarge, ProtocolViolation, RpcConnectionLost
 from latticaray.mesh.framing import FrameDecoder, encode_frame
 from latticaray.mesh.rpc import RpcRouter, RpcSession
-from test_rpc_support import memory_pipe, wait_until
+from test_rpc_support import memory_pipe
 
 
 def frames_bytes(*frames) -> bytes:

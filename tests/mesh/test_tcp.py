@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +23,6 @@ from latticaray.mesh.tls import (
     make_certified_key,
 )
 from latticaray.mesh.transport.tcp import TcpTransport
-from test_rpc_support import wait_until
 
 
 @pytest.fixture
