@@ -72,6 +72,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _pack = framing._packb
+_current_task = asyncio.current_task
+# asyncio's own bookkeeping of the running task (C-accelerated; used by every Task step). The
+# eager path steps a handler outside any task, so it takes the current task out for that step.
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
 _pack_prefix = framing._pack_prefix
 
 _MAX_ERROR_MESSAGE = 1024
@@ -144,8 +149,9 @@ class RpcRouter:
         """``async def handler(ctx, payload: bytes) -> bytes``.
 
         ``eager=True`` runs the handler inline up to its first real suspension, so a handler that
-        never waits costs no task. Only for handlers that do not use ``asyncio.timeout()`` or
-        ``asyncio.current_task()`` before their first await (the reader task is current then).
+        never waits costs no task. Until its first await no task is current, so such a handler
+        must not use ``asyncio.timeout()`` or ``asyncio.current_task()`` before awaiting (they
+        raise RuntimeError there, which the caller receives as an INTERNAL error).
         """
         self._register(service, UNARY, handler, inspect.iscoroutinefunction, "an async function",
                        eager)
@@ -1007,6 +1013,11 @@ class RpcSession:
             task = call.task = self._loop.create_task(coro)
             task.add_done_callback(call.on_done)
             return
+        # While the handler runs inline no task is current, so asyncio.timeout() or
+        # current_task() in it fail loudly instead of capturing (and later cancelling) our reader.
+        current = _current_task(self._loop)
+        if current is not None:
+            _leave_task(self._loop, current)
         try:
             coro = handler(ctx, payload)
             first = coro.send(None)
@@ -1023,6 +1034,9 @@ class RpcSession:
         except asyncio.CancelledError:
             self._send_error(call_id, Status.CANCELLED, "handler cancelled itself")
             return
+        finally:
+            if current is not None:
+                _enter_task(self._loop, current)
         call = _InUnary(ctx)
         self._in_calls[call_id] = call
         self._add_deadline(ctx.deadline, call_id, False)

@@ -565,3 +565,22 @@ async def test_eager_handler_that_awaits_is_cancellable_and_returns(pair):
     task.cancel()
     await asyncio.wait_for(cancelled.wait(), 5)
     await wait_until(lambda: server.active_calls == 0)
+
+
+async def test_eager_handler_cannot_capture_the_session_reader(pair):
+    """asyncio.timeout() before the first await of an eager handler must not bind to (and later
+    cancel) the session's reader task: it fails that call loudly, the session keeps working."""
+    client, server, router = pair
+
+    async def careless(ctx, payload):
+        async with asyncio.timeout(0.05):
+            await asyncio.sleep(1)
+        return b"unreachable"
+
+    router.register_unary("careless", careless, eager=True)
+    with pytest.raises(RpcError) as info:
+        await client.call("careless", b"", timeout=5)
+    assert info.value.code == Status.INTERNAL and "RuntimeError" in info.value.message
+    await asyncio.sleep(0.1)  # past the timeout the handler asked for
+    assert not server._reader_task.done()
+    assert await client.call("echo", b"still here", timeout=5) == b"still here"
