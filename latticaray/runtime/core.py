@@ -47,7 +47,7 @@ class CoreClient:
         self._escaped: set[bytes] = set()
         self._shipped: set[bytes] = set()
         self._release_queue: list[bytes] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
 
     # ---- transport (subclasses)
     def post(self, message: dict) -> None:
@@ -58,28 +58,32 @@ class CoreClient:
 
     # ---- reference counting
     def add_ref(self, oid: bytes) -> None:
-        counts = self._ref_counts
-        counts[oid] = counts.get(oid, 0) + 1
+        with self._lock:  # refs are made and dropped on several threads (threaded actors, GC)
+            counts = self._ref_counts
+            counts[oid] = counts.get(oid, 0) + 1
 
     def remove_ref(self, oid: bytes) -> None:
-        counts = self._ref_counts
-        left = counts.get(oid, 0) - 1
-        if left > 0:
-            counts[oid] = left
-            return
-        counts.pop(oid, None)
-        if oid in self._escaped:
-            return
-        self._release_queue.append(oid)
-        if len(self._release_queue) >= RELEASE_BATCH:
+        with self._lock:
+            counts = self._ref_counts
+            left = counts.get(oid, 0) - 1
+            if left > 0:
+                counts[oid] = left
+                return
+            counts.pop(oid, None)
+            if oid in self._escaped:
+                return
+            self._release_queue.append(oid)
+            flush = len(self._release_queue) >= RELEASE_BATCH
+        if flush:
             self.flush_releases()
 
     def escape_ref(self, ref: ObjectRef) -> None:
         self._escaped.add(ref.id)
 
     def flush_releases(self) -> None:
-        if self._release_queue:
+        with self._lock:
             batch, self._release_queue = self._release_queue, []
+        if batch:
             self.post({"op": "release", "oids": batch})
 
     # ---- encoding
