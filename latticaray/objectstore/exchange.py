@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,10 @@ class ExchangeConfig:
     reprovide_interval: float = 12 * 3600.0
     accept_replication: bool = True
     max_concurrent_replications: int = 4
-    show_progress: bool = False
+    #: Show a progress bar for fetches of at least progress_min_bytes (quiet by default; the
+    #: environment variable LATTICARAY_PROGRESS=1 turns it on when stderr is a terminal).
+    show_progress: bool = field(default_factory=lambda: os.environ.get("LATTICARAY_PROGRESS") == "1"
+                                and sys.stderr.isatty())
     progress_min_bytes: int = 64 << 20
 
 

@@ -83,6 +83,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove_dead_default_stores(parent: str, spill_parent: str) -> None:
+    """Default-named stores (``store-<pid>-<hex>``) of processes that died leak shared memory:
+    remove them (and their spill directories) when a new default store is created."""
+    for directory in (parent, spill_parent):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            parts = name.split("-")
+            if len(parts) == 3 and parts[0] == "store" and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 @dataclass
 class StoredObject:
     """A sealed object mapped read-only: ``payload`` is a zero-copy memoryview of the mapping."""
@@ -249,8 +263,12 @@ class LocalStore:
                  chunk_size: int = DEFAULT_CHUNK_SIZE, hash_code: int = SHA2_256,
                  _attach: bool = False) -> None:
         if root is None:
-            root = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
-                                f"latticaray-{os.getuid()}", f"store-{os.getpid()}-{secrets.token_hex(3)}")
+            parent = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                                  f"latticaray-{os.getuid()}")
+            if spill_dir is None:
+                _remove_dead_default_stores(parent, os.path.join(tempfile.gettempdir(),
+                                                                 f"latticaray-spill-{os.getuid()}"))
+            root = os.path.join(parent, f"store-{os.getpid()}-{secrets.token_hex(3)}")
         self.root = os.path.abspath(root)
         self.chunk_size = chunk_size
         self.hash_code = hash_code

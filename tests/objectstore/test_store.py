@@ -171,3 +171,19 @@ def test_corrupt_sealed_file_and_missing_cid(make_store):
     cid = store.put(b"x" * 5000)
     store.delete(cid)
     assert not store.contains(cid) and store.stats()["used"] == 0
+
+
+def test_default_stores_of_dead_processes_are_removed():
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "from latticaray.objectstore.store import LocalStore; "
+                            "s = LocalStore(capacity_bytes=1 << 20); s.put(b'x' * 1000); print(s.root, s.spill_dir)"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    leaked_root, leaked_spill = child.stdout.split()
+    assert os.path.isdir(leaked_root) and os.path.isdir(leaked_spill)
+    store = LocalStore(capacity_bytes=1 << 20)
+    try:
+        assert not os.path.exists(leaked_root) and not os.path.exists(leaked_spill)
+    finally:
+        store.destroy()
