@@ -116,8 +116,8 @@ class RpcLimits:
     write_buffer_high: int = 4 * 1024 * 1024
     #: Bytes asked of the channel per read.
     read_size: int = 256 * 1024
-    #: A peer that started a frame must deliver more of it within this many seconds (a peer
-    #: trickling a large frame would otherwise pin up to max_frame_size of memory forever).
+    #: A peer that started a frame must deliver more of it within this many seconds (checked
+    #: every frame_timeout; a stalled partial frame would otherwise pin memory forever).
     frame_timeout: float = 30.0
     #: How long a graceful close may spend flushing queued frames before it aborts the channel.
     close_timeout: float = 2.0
@@ -523,6 +523,9 @@ class RpcSession:
         self.close_reason: str | None = None
         self._close_callbacks: list[Callable[["RpcSession"], None]] = []
         self._done = self._loop.create_future()
+        self._read_progress = 0
+        self._stall_mark = -1
+        self._stall_timer = self._loop.call_later(self.limits.frame_timeout, self._check_stall)
         self._writer_task = self._loop.create_task(self._write_loop())
         self._reader_task = self._loop.create_task(self._read_loop())
 
@@ -835,27 +838,17 @@ class RpcSession:
     # -- incoming ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         channel = self.channel
-        decoder = self._decoder
-        feed = decoder.feed
+        feed = self._decoder.feed
         read_size = self.limits.read_size
-        frame_timeout = self.limits.frame_timeout
         max_deferred = self.limits.max_concurrent_calls
         max_deferred_bytes = 4 * self.limits.write_buffer_high + self.limits.max_frame_size
         reason = "remote closed the connection"
         try:
             while True:
-                if decoder.has_partial:
-                    try:
-                        data = await asyncio.wait_for(channel.read(read_size), frame_timeout)
-                    except asyncio.TimeoutError:
-                        reason = (f"peer sent part of a frame and nothing more for "
-                                  f"{frame_timeout} s")
-                        log.warning("rpc session with %s: %s", self._peer_name(), reason)
-                        break
-                else:
-                    data = await channel.read(read_size)
+                data = await channel.read(read_size)
                 if not data:
                     break
+                self._read_progress += 1
                 frames = feed(data)
                 if frames:
                     self._dispatch(frames)
@@ -880,6 +873,19 @@ class RpcSession:
             log.exception("rpc session with %s failed", self._peer_name())
             reason = f"internal error: {exc!r}"
         self._shutdown(reason, graceful=False)
+
+    def _check_stall(self) -> None:
+        """Every frame_timeout: close if a frame was partly received and no read since."""
+        if self._closing:
+            return
+        if self._decoder.has_partial and self._read_progress == self._stall_mark:
+            reason = (f"peer sent part of a frame and nothing more for "
+                      f"{self.limits.frame_timeout} s")
+            log.warning("rpc session with %s: %s", self._peer_name(), reason)
+            self._shutdown(reason, graceful=False)
+            return
+        self._stall_mark = self._read_progress
+        self._stall_timer = self._loop.call_later(self.limits.frame_timeout, self._check_stall)
 
     def _peer_name(self) -> str:
         try:
@@ -1158,6 +1164,7 @@ class RpcSession:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stall_timer.cancel()
         self._deadlines.clear()
         if self._reader_task is not asyncio.current_task():
             self._reader_task.cancel()
