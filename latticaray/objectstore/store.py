@@ -211,8 +211,8 @@ class ObjectWriter:
         return True
 
     def read_block(self, index: int) -> memoryview | None:
-        if not self._have[index]:
-            return None
+        if self._done or not self._have[index]:
+            return None  # sealed (now served from the store) or aborted, or not here yet
         start, end = self.manifest.block_range(index)
         return self._view[start:end]
 

@@ -140,7 +140,7 @@ async def test_replicate_asks_peers_to_fetch_and_pin(mesh):
 
 async def test_concurrent_fetchers_form_a_swarm(mesh):
     seed, *fetchers, late = await mesh(5, chunk_size=256 * 1024)
-    value = np.random.default_rng(9).integers(0, 255, 12 * MB, dtype=np.uint8)
+    value = np.random.default_rng(9).integers(0, 255, 5 * MB, dtype=np.uint8)
     cid = seed.store.put(value)
     results = await asyncio.gather(*(f.exchange.fetch(cid, timeout=60) for f in fetchers))
     assert results == [cid] * 3
