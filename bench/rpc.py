@@ -384,8 +384,8 @@ async def client_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
-def spawn_server(transport: str, run_dir: str, lifetime: float, stack: str) -> tuple[subprocess.Popen, str,
-                                                                           str]:
+def spawn_server(transport: str, run_dir: str, lifetime: float,
+                 stack: str) -> tuple[subprocess.Popen, str, str]:
     server = subprocess.Popen(
         [sys.executable, __file__, "server", "--transport", transport, "--run-dir", run_dir,
          "--server-lifetime", str(lifetime), "--stack", stack],
@@ -401,7 +401,8 @@ def spawn_server(transport: str, run_dir: str, lifetime: float, stack: str) -> t
 
 
 def run_transport(args, transport: str, run_dir: str) -> dict:
-    limit = len(args.sizes) * (args.warmup + args.duration + CALL_TIMEOUT + 40) + args.duration * 2 + 180
+    per_size = args.warmup + args.duration + CALL_TIMEOUT + 40
+    limit = len(args.sizes) * per_size + args.duration * 2 + 180
     server, peer, addr = spawn_server(transport, run_dir, limit + 30, args.stack)
     try:
         cmd = [sys.executable, __file__, "client", "--transport", transport, "--run-dir", run_dir,
@@ -556,7 +557,8 @@ def driver(args) -> None:
         raw = anchors(args)
     print_table(args, results, raw)
     summary = {
-        "bench": "rpc", "stack": args.stack, "concurrency": args.concurrency, "duration_s": args.duration,
+        "bench": "rpc", "stack": args.stack, "concurrency": args.concurrency,
+        "duration_s": args.duration,
         "sizes": args.sizes, "results": results, "raw_baseline": raw,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "loadavg": os.getloadavg()},

@@ -1,4 +1,6 @@
-"""Streaming RPC over one authenticated :class:`~latticaray.mesh.channel.Channel` (``/latticaray/rpc/1``).
+"""Streaming RPC ``/latticaray/rpc/1`` over one authenticated channel.
+
+The channel is any :class:`~latticaray.mesh.channel.Channel` (QUIC stream, TCP+TLS, Unix socket).
 
 One :class:`RpcSession` per connection multiplexes any number of calls in both directions (either
 end may call the other). Services are registered by name on an :class:`RpcRouter`; four call kinds
@@ -14,7 +16,8 @@ What the session guarantees:
 * streams are flow controlled with per-call byte credit, so a stalled reader stops its writer and
   memory stays bounded; the session also stops reading while its own send buffer is full;
 * a malformed or oversize frame closes only this session (after a GOAWAY saying why); a closed
-  channel fails every in-flight call at once with :class:`~latticaray.mesh.errors.RpcConnectionLost`.
+  channel fails every in-flight call at once with
+  :class:`~latticaray.mesh.errors.RpcConnectionLost`.
 
 Hot path notes: writes are queued and handed to the channel once per event-loop iteration by a
 writer task; frames are parsed from one buffer per read; a caller's unary call is a future (no
@@ -65,7 +68,8 @@ from .framing import (
 )
 
 __all__ = [
-    "PROTOCOL_ID", "INITIAL_WINDOW", "MESSAGE_OVERHEAD", "RpcLimits", "RpcRouter", "RpcSession", "CallContext", "StreamCall", "Status",
+    "PROTOCOL_ID", "INITIAL_WINDOW", "MESSAGE_OVERHEAD", "RpcLimits", "RpcRouter", "RpcSession",
+    "CallContext", "StreamCall", "Status",
     "RpcError", "RpcTimeout", "RpcCancelled", "RpcUnimplemented", "RpcConnectionLost",
 ]
 

@@ -1,4 +1,4 @@
-"""RpcSession over an in-memory channel: every call kind, deadlines, cancellation, errors, limits."""
+"""RpcSession over an in-memory channel: every call kind, deadlines, cancellation, errors."""
 
 from __future__ import annotations
 
