@@ -8,7 +8,8 @@
 2. two nodes (separate processes) on loopback, 100 MB fetched over each transport: MB/s.
 3. one seed, 1/2/4/8 fetcher processes fetching the same object at once: completion time of all.
    Target: 8 peers <= 1.5x the 1-peer time (swarming: fetchers serve each other).
-4. cross-host over netlab namespaces: not run here (needs root and the NAT engineer's harness).
+4. with --netlab (root): 100 MB from a seed on netlab's pub1 to pub2 (public) and to hostA (behind
+   a cone NAT, dialing out), over TCP and QUIC: MB/s. Real kernel routing and NAT, one machine.
 
 The last line printed is one JSON object with every figure, the machine and library versions.
 """
@@ -144,17 +145,28 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
 
 # --- node processes ------------------------------------------------------------------------------
 
-def _node_process(conn, transport: str, shm_dir: str, chunk_size: int) -> None:
-    asyncio.run(_node_main(conn, transport, shm_dir, chunk_size))
+def _node_process(conn, transport: str, shm_dir: str, chunk_size: int, netns: str | None = None,
+                  listen_ip: str = "127.0.0.1") -> None:
+    if netns is not None:  # enter a netlab node's network namespace before any socket exists
+        import ctypes
+
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {netns}")
+        finally:
+            os.close(fd)
+    asyncio.run(_node_main(conn, transport, shm_dir, chunk_size, listen_ip))
 
 
-async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int) -> None:
+async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen_ip: str) -> None:
     from latticaray.mesh.multiaddr import Multiaddr
     from latticaray.mesh.node import MeshConfig, MeshNode
     from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
     from latticaray.objectstore.store import LocalStore
 
-    listen = {"quic": ["/ip4/127.0.0.1/udp/0/quic-v1"], "tcp": ["/ip4/127.0.0.1/tcp/0"], "unix": []}[transport]
+    listen = {"quic": [f"/ip4/{listen_ip}/udp/0/quic-v1"], "tcp": [f"/ip4/{listen_ip}/tcp/0"],
+              "unix": []}[transport]
     node = MeshNode(MeshConfig(listen=listen, transports=(transport,)))
     await node.start()
     spill = tempfile.mkdtemp(prefix="bench-spill-")
@@ -185,6 +197,8 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int) -> Non
                 start = time.perf_counter()
                 await exchange.fetch(arg, timeout=600)
                 conn.send(time.perf_counter() - start)
+            elif command == "uploaded":
+                conn.send(sum(ledger.sent for ledger in exchange.ledgers.peers.values()))
             elif command == "stop":
                 break
     finally:
@@ -196,11 +210,13 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int) -> Non
 
 
 class NodeProcess:
-    def __init__(self, transport: str, shm_base: str, chunk_size: int = MiB) -> None:
+    def __init__(self, transport: str, shm_base: str, chunk_size: int = MiB, netns: str | None = None,
+                 listen_ip: str = "127.0.0.1") -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.dir = tempfile.mkdtemp(prefix="bench-node-", dir=shm_base)
-        self.process = ctx.Process(target=_node_process, args=(child, transport, os.path.join(self.dir, "s"), chunk_size))
+        self.process = ctx.Process(target=_node_process, args=(child, transport, os.path.join(self.dir, "s"),
+                                                               chunk_size, netns, listen_ip))
         self.process.start()
 
     def ask(self, command: str, arg=None, timeout: float = 900):
@@ -222,8 +238,10 @@ class NodeProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def bench_transfer(transport: str, size: int, shm_base: str) -> dict[str, float]:
-    seed, fetcher = NodeProcess(transport, shm_base), NodeProcess(transport, shm_base)
+def bench_transfer(transport: str, size: int, shm_base: str, seed_at: tuple = (None, "127.0.0.1"),
+                   fetcher_at: tuple = (None, "127.0.0.1")) -> dict[str, float]:
+    seed = NodeProcess(transport, shm_base, netns=seed_at[0], listen_ip=seed_at[1])
+    fetcher = NodeProcess(transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1])
     try:
         cid = seed.ask("put", (size, 1))
         fetcher.ask("connect", seed.ask("info"))
@@ -255,6 +273,9 @@ def bench_swarm(size: int, counts: list[int], shm_base: str, transport: str = "q
                 times.append(f.conn.recv())
             results[f"{count}_peers_s"] = round(time.perf_counter() - start, 3)
             results[f"{count}_peers_fastest_s"] = round(min(times), 3)
+            seed_sent = seed.ask("uploaded")
+            peers_sent = sum(f.ask("uploaded") for f in fetchers)
+            results[f"{count}_peers_seed_upload_share"] = round(seed_sent / max(1, seed_sent + peers_sent), 2)
         finally:
             for f in fetchers:
                 f.stop()
@@ -262,28 +283,62 @@ def bench_swarm(size: int, counts: list[int], shm_base: str, transport: str = "q
     return results
 
 
+NETLAB = os.environ.get("NETLAB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                   "shared", "netlab", "netlab")
+
+
+def bench_netlab(size: int, shm_base: str) -> dict:
+    """Seed on pub1 (public, 198.18.0.11); fetchers on pub2 (public) and on hostA (behind a cone NAT)."""
+    import subprocess
+
+    if os.geteuid() != 0 or not os.access(NETLAB, os.X_OK):
+        return {"skipped": "needs root and the netlab script"}
+    prefix = "lrobj"
+    env = dict(os.environ, NETLAB_PREFIX=prefix)
+    subprocess.run([NETLAB, "--prefix", prefix, "up", "--force"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        ns = lambda node: f"/run/netns/{prefix}-{node}"  # noqa: E731
+        results = {}
+        for transport in ("tcp", "quic"):
+            for name, node, ip in (("public_to_public", "pub2", "198.18.0.12"),
+                                   ("behind_cone_nat_to_public", "hostA", "198.19.1.10")):
+                results[f"{transport}_{name}"] = bench_transfer(
+                    transport, size, shm_base, seed_at=(ns("pub1"), "198.18.0.11"), fetcher_at=(ns(node), ip))
+        return results
+    finally:
+        subprocess.run([NETLAB, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     parser.add_argument("--swarm-size-mb", type=int, default=None)
     parser.add_argument("--skip-swarm", action="store_true")
+    parser.add_argument("--only-swarm", action="store_true")
+    parser.add_argument("--netlab", action="store_true", help="also measure across netlab namespaces (root)")
+    parser.add_argument("--only-netlab", action="store_true")
     args = parser.parse_args()
     shm_base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     size = 20 * MB if args.quick else 100 * MB
     swarm_size = (args.swarm_size_mb or (64 if args.quick else 1000)) * MB
     figures: dict = {"size_MB": size // MB}
 
-    figures["reference"] = memcpy_gbps(size)
-    figures["hashing"] = hash_gbps(size)
-    figures["same_host"] = bench_same_host(size, shm_base)
-    figures["transfer"] = {t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")}
-    if not args.skip_swarm:
+    if args.netlab or args.only_netlab:
+        figures["cross_host_netlab"] = bench_netlab(size, shm_base)
+    else:
+        figures["cross_host_netlab"] = "not run (pass --netlab; needs root and the netlab harness)"
+    if not args.only_swarm and not args.only_netlab:
+        figures["reference"] = memcpy_gbps(size)
+        figures["hashing"] = hash_gbps(size)
+        figures["same_host"] = bench_same_host(size, shm_base)
+        figures["transfer"] = {t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")}
+    if not args.skip_swarm and not args.only_netlab:
         figures["swarm_size_MB"] = swarm_size // MB
         figures["swarm_transport"] = "tcp"
         figures["swarm"] = bench_swarm(swarm_size, [1, 2, 4, 8], shm_base, transport="tcp")
         one = figures["swarm"]["1_peers_s"]
         figures["swarm"]["8_over_1_ratio"] = round(figures["swarm"]["8_peers_s"] / one, 2)
-    figures["cross_host_netlab"] = "not run (needs root and the netlab harness)"
 
     import pyarrow
     import aioquic
@@ -293,9 +348,25 @@ def main() -> None:
                           "pyarrow": pyarrow.__version__, "aioquic": aioquic.__version__,
                           "load_avg": os.getloadavg()}
 
-    ref, same = figures["reference"], figures["same_host"]
     print(f"{'measure':<44}{'value':>14}")
     print("-" * 58)
+    rows = []
+    if not args.only_swarm and not args.only_netlab:
+        rows += _local_rows(figures, size)
+    if isinstance(figures["cross_host_netlab"], dict):
+        for key, value in figures["cross_host_netlab"].items():
+            rows.append((f"netlab {key} (MB/s)", value.get("MBps", value) if isinstance(value, dict) else value))
+    if "swarm" in figures:
+        for key, value in figures["swarm"].items():
+            rows.append((f"swarm {swarm_size // MB} MB: {key}", value))
+    for name, value in rows:
+        print(f"{name:<44}{value!s:>14}")
+    print("(machine shared with other engineers' jobs during the run: figures are noisy)")
+    print(json.dumps(figures))
+
+
+def _local_rows(figures: dict, size: int) -> list:
+    ref, same = figures["reference"], figures["same_host"]
     rows = [
         ("memcpy warm / cold (GB/s)", f"{ref['memcpy_warm_GBps']} / {ref['memcpy_cold_GBps']}"),
         ("sha256 1 thread (GB/s)", figures["hashing"]["sha256_1thread_GBps"]),
@@ -310,13 +381,7 @@ def main() -> None:
     ]
     for transport, result in figures["transfer"].items():
         rows.append((f"{size // MB} MB node to node over {transport} (MB/s)", result["MBps"]))
-    if "swarm" in figures:
-        for key, value in figures["swarm"].items():
-            rows.append((f"swarm {swarm_size // MB} MB: {key}", value))
-    for name, value in rows:
-        print(f"{name:<44}{value!s:>14}")
-    print("(machine shared with other engineers' jobs during the run: figures are noisy)")
-    print(json.dumps(figures))
+    return rows
 
 
 if __name__ == "__main__":
