@@ -1,9 +1,10 @@
 """latticaray runtime demo: a real workload on an embedded local mesh, narrated.
 
 Starts this process as the mesh's first node (embedded, with worker processes), joins extra node
-processes with an invite credential, then runs tasks (a Monte Carlo estimate of pi spread over the
-nodes), an actor (a running histogram fed by tasks), a streaming generator, and a large array put
-once and read by CID from a task on another node. Run: `python examples/runtime_demo.py [--nodes 1]`.
+processes with an invite credential, then runs tasks (a Monte Carlo estimate of pi spread over
+the nodes), an actor (a running histogram fed by tasks), a streaming generator, and a large array
+put once and read by CID from a task on another node.
+Run: `python examples/runtime_demo.py [--nodes 1]`.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    lattica.init(_mesh=True, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
     me = lattica.mesh_info()
     print(f"[init] embedded node {me['node_id'][:20]}... up in {time.perf_counter() - t0:.2f} s")
     procs = []
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
             procs.append(proc)
             print(f"[mesh] node {node_id[:20]}... joined (pid {proc.pid})")
         deadline = time.monotonic() + 30
-        while len([n for n in lattica.nodes() if n["Alive"]]) < 1 + args.nodes:
+        while len([n for n in lattica.nodes() if n["Alive"] and n["Resources"]]) < 1 + args.nodes:
             if time.monotonic() > deadline:
                 raise RuntimeError("extra nodes did not become visible")
             time.sleep(0.05)

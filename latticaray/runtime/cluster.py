@@ -367,6 +367,8 @@ class MeshCluster:
         out = [self.node.local_view()]
         for node_id, state in self.peers.items():
             view = state.view
+            if not view:
+                continue  # admitted, but its first view (its capacity) has not arrived yet
             out.append({"NodeID": node_id, "Alive": state.alive,
                         "Resources": dict(view.get("total", {})),
                         "Available": dict(view.get("avail", {})) if state.alive else {}})
