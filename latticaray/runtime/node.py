@@ -72,7 +72,7 @@ class TaskRecord:
 
     __slots__ = ("tid", "msg", "nret", "retries_left", "retry_exc", "demand", "deps_left",
                  "worker", "cancelled", "children", "actor", "name", "done", "remote_peer",
-                 "client", "dep_error", "excluded")
+                 "client", "dep_error", "excluded", "pins")
 
     def __init__(self, tid: bytes, msg: dict, nret: int, retries_left: int, retry_exc,
                  demand: dict, name: str, actor=None):
@@ -93,6 +93,7 @@ class TaskRecord:
         self.client = None
         self.dep_error: bytes | None = None
         self.excluded: set[str] | None = None
+        self.pins: list[str] | None = None  # store objects its arguments need until it is done
 
 
 class StreamState:
@@ -550,14 +551,16 @@ class RuntimeNode:
             self.cid_index.pop(entry.cid, None)
         data = entry.data
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
-            cid = serialization.store_cid(data)
-            self.store_refs[cid] -= 1
-            if self.store_refs[cid] <= 0:
-                del self.store_refs[cid]
-                try:
-                    self.store.delete(cid)
-                except Exception:
-                    pass  # already evicted or deleted: nothing to free
+            self._unpin(serialization.store_cid(data))
+
+    def _unpin(self, cid: str) -> None:
+        self.store_refs[cid] -= 1
+        if self.store_refs[cid] <= 0:
+            del self.store_refs[cid]
+            try:
+                self.store.delete(cid)
+            except Exception:
+                pass  # already evicted or deleted: nothing to free
 
     def _seal(self, oid: bytes, status: int, data: bytes) -> None:
         entry = self.objects.get(oid)
@@ -702,7 +705,14 @@ class RuntimeNode:
             def on_ready():
                 if entry.status == ERROR and rec.dep_error is None:
                     rec.dep_error = entry.data
-                item[:] = [0, entry.data, item[1]]
+                data = entry.data
+                if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+                    cid = serialization.store_cid(data)
+                    self.store_refs[cid] += 1  # the driver may drop its ref before we run
+                    if rec.pins is None:
+                        rec.pins = []
+                    rec.pins.append(cid)
+                item[:] = [0, data, item[1]]
                 rec.deps_left -= 1
                 if rec.deps_left == 0:
                     if rec.dep_error is not None:
@@ -828,6 +838,10 @@ class RuntimeNode:
                 self._seal(object_id(tid, i), OK, data)
         rec.done = True
         self.tasks.pop(tid, None)
+        if rec.pins:
+            pins, rec.pins = rec.pins, None
+            for cid in pins:
+                self._unpin(cid)
         notify = getattr(rec.client, "on_task_complete", None)
         if notify is not None:
             notify(rec, message)

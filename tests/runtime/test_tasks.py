@@ -312,3 +312,21 @@ def test_large_arrays_travel_through_shared_memory_without_copies(runtime):
     result = lattica.get(make_array.remote(1 << 20))
     assert result.flags.writeable is False and result[-1] == (1 << 20) - 1
     assert lattica.get(ref.cid).shape == arr.shape
+
+
+def test_put_ref_dropped_right_after_submit_stays_readable(runtime):
+    import numpy as np
+
+    @lattica.remote
+    def total(arr):
+        time.sleep(0.2)
+        return float(arr.sum())
+
+    lattica.get(total.remote(np.zeros(4)))  # the workers are up: the next tasks queue quickly
+    refs = [total.remote(lattica.put(np.full(1 << 18, i, dtype=np.float64))) for i in range(6)]
+    import gc
+
+    from latticaray.runtime import context
+    gc.collect()  # the put refs are gone: only the queued tasks keep the arrays alive
+    context.current_core().flush_releases()
+    assert lattica.get(refs, timeout=60) == [float(i * (1 << 18)) for i in range(6)]
