@@ -296,6 +296,7 @@ async def measure_calls(session, size: int, concurrency: int, warmup: float,
                 latencies.append(perf() - t)
             if len(reply) != size:
                 raise RuntimeError("bad echo")
+            del reply  # RSS then shows what the stack buffers, not replies kept by the bench
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
@@ -304,6 +305,8 @@ async def measure_calls(session, size: int, concurrency: int, warmup: float,
     await asyncio.sleep(duration)
     state["phase"] = 2
     t1, c1, w1, n = perf(), time.process_time(), time.time(), state["count"]
+    client_rss = rss_bytes()
+    server_rss = json.loads(await session.call("bench/stats", b"", CALL_TIMEOUT + 60))["rss"]
     s0, s1 = await server_cpu(session, w0), await server_cpu(session, w1)
     done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT + 30)
     for task in pending:
@@ -319,7 +322,8 @@ async def measure_calls(session, size: int, concurrency: int, warmup: float,
             "p50_ms": q(0.5), "p99_ms": q(0.99), "client_cpu_s": round(c1 - c0, 3),
             "server_cpu_s": round(s1 - s0, 3),
             "cpu_us_per_call": round(((c1 - c0) + (s1 - s0)) / max(n, 1) * 1e6, 1),
-            "errors": state["errors"], "last_error": state.get("last_error")}
+            "errors": state["errors"], "last_error": state.get("last_error"),
+            "client_rss_mb": round(client_rss / 1e6, 1), "server_rss_mb": round(server_rss / 1e6, 1)}
 
 
 async def measure_bulk(session, total: int, time_limit: float) -> dict:
@@ -496,7 +500,7 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
           f"), two processes on loopback, {args.concurrency} calls in flight, uvloop; "
           f"{args.duration:.0f} s windows")
     head = (f"{'transport':<10} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8}")
+            f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8} {'RSS cli/srv MB':>15}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -509,7 +513,8 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
                 label = "128 B" if size == 128 else f"{size // 1024} KB"
                 print(f"{r['transport']:<10} {label:>7} {fmt(m['qps']):>9} {m['p50_ms']:>8} "
                       f"{m['p99_ms']:>8} {m['client_cpu_s']:>9} {m['server_cpu_s']:>9} "
-                      f"{m['cpu_us_per_call']:>8}")
+                      f"{m['cpu_us_per_call']:>8} "
+                      f"{str(m['client_rss_mb']) + ' / ' + str(m['server_rss_mb']):>15}")
     if args.bulk_total:
         print("\nsingle-stream bulk (client stream of 1 MiB messages)")
         for r in results:

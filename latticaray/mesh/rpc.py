@@ -514,6 +514,7 @@ class RpcSession:
         self._out_waiter: asyncio.Future | None = None
         self._writable: asyncio.Future | None = None
         self._turn_waiters: deque[tuple[asyncio.Future, int]] = deque()
+        self._reserved = 0  # send-queue room promised to woken senders not yet run
         self._slot_waiters: deque[asyncio.Future] = deque()
         self._write_high = self.limits.write_buffer_high
         self._max_frame = self.limits.max_frame_size
@@ -692,19 +693,32 @@ class RpcSession:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
+                self._reserved -= waiter.result()
                 self._pass_turn()  # we were given room we will not use
             raise
+        # the room reserved for us becomes real queued bytes as soon as we send (no await between)
+        self._reserved -= waiter.result()
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
 
     def _pass_turn(self) -> None:
+        """Wake waiting senders in order while their messages fit under write_buffer_high,
+        counting room already promised to woken senders that have not run yet."""
         waiters = self._turn_waiters
-        room = self._write_high - self._pending_bytes
-        while waiters and (room >= 0 or self._closing):
+        if self._closing:
+            while waiters:
+                waiter, _ = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(0)
+            return
+        room = self._write_high - self._pending_bytes - self._reserved
+        while waiters and room >= 0:
             waiter, nbytes = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                room -= nbytes + 64
+                cost = nbytes + 64
+                self._reserved += cost
+                waiter.set_result(cost)
+                room -= cost
 
     def _run_deferred(self) -> None:
         """Start calls that arrived while our send queue was full, as far as it has room."""

@@ -175,3 +175,43 @@ async def test_deadline_entries_of_finished_calls_are_dropped():
     finally:
         await client.aclose()
         await server.aclose()
+
+
+async def test_unary_flood_keeps_the_send_queue_under_its_limit():
+    """1000 callers with 64 KiB requests: however the wakeups interleave, the caller's send queue
+    never holds more than write_buffer_high plus one message per sender woken at the limit."""
+    router = RpcRouter()
+
+    async def echo(ctx, payload):
+        await asyncio.sleep(0)
+        return payload[:16]
+
+    router.register_unary("echo", echo)
+    limits = RpcLimits(write_buffer_high=512 * 1024)
+    a, b = memory_pipe(high_water=128 * 1024)
+    client, server = RpcSession(a, RpcRouter(), limits), RpcSession(b, router)
+    payload = b"r" * 65536
+    peak = 0
+    done = False
+
+    async def sample():
+        nonlocal peak
+        for _ in range(1_000_000):  # bounded; ends when the flood is over
+            peak = max(peak, client._pending_bytes)
+            if done:
+                return
+            await asyncio.sleep(0)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(client.call("echo", payload, timeout=60) for _ in range(1000))), 60)
+        assert replies == [b"r" * 16] * 1000
+        done = True
+        await asyncio.wait_for(sampler, 10)
+        print(f"\nunary flood: peak send queue {peak / 1e6:.2f} MB (limit 0.52 MB)")
+        assert peak <= limits.write_buffer_high + 2 * (65536 + 64)
+    finally:
+        sampler.cancel()
+        await client.aclose()
+        await server.aclose()
