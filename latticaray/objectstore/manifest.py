@@ -24,7 +24,7 @@ from . import dagcbor
 from .cid import DAG_CBOR, RAW, SHA2_256, Cid, hash_digest
 from .errors import BlockVerificationError, CodecError
 
-__all__ = ["Manifest", "build_manifest", "DEFAULT_CHUNK_SIZE", "MAX_BLOCK_SIZE", "MAX_MANIFEST_SIZE"]
+__all__ = ["Manifest", "build_manifest", "manifest_from_digests", "block_spans", "hash_pool", "DEFAULT_CHUNK_SIZE", "MAX_BLOCK_SIZE", "MAX_MANIFEST_SIZE"]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_BLOCK_SIZE = 2 << 20
@@ -109,11 +109,29 @@ def build_manifest(payload: Any, meta: dict[str, Any], chunk_size: int = DEFAULT
         raise ValueError(f"chunk size must be in (0, {MAX_BLOCK_SIZE}]")
     view = memoryview(payload).cast("B")
     size = view.nbytes
-    spans = [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+    spans = block_spans(size, chunk_size)
     chunks = [view[a:b] for a, b in spans]
     if len(chunks) > 2:
         digests = list(_pool().map(lambda c: hash_digest(hash_code, c), chunks))
     else:
         digests = [hash_digest(hash_code, c) for c in chunks]
+    return manifest_from_digests(size, chunk_size, digests, meta, hash_code)
+
+
+def block_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+
+
+def manifest_from_digests(size: int, chunk_size: int, digests: list[bytes], meta: dict[str, Any],
+                          hash_code: int = SHA2_256) -> Manifest:
+    """The manifest of a payload whose blocks (``block_spans``) hash to ``digests``."""
+    spans = block_spans(size, chunk_size)
+    if len(digests) != len(spans):
+        raise ValueError(f"{len(digests)} digests for {len(spans)} blocks")
     blocks = [Cid(RAW, hash_code, d) for d in digests]
     return _encode(size, chunk_size, blocks, [b - a for a, b in spans], meta, hash_code)
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    """The shared thread pool that hashes blocks (hashlib and blake3 release the GIL)."""
+    return _pool()

@@ -59,12 +59,16 @@ def _writable_arrow_buffer(dest: Any) -> pa.Buffer:
 class SerializedObject:
     """A value ready to be written: metadata plus a writer that fills ``nbytes`` bytes."""
 
-    __slots__ = ("meta", "nbytes", "_writer")
+    __slots__ = ("meta", "nbytes", "_writer", "segments")
 
-    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[pa.NativeFile], None]) -> None:
+    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[pa.NativeFile], None],
+                 segments: list[tuple[int, memoryview]] | None = None) -> None:
         self.meta = meta
         self.nbytes = nbytes
         self._writer = writer
+        #: (payload offset, buffer) of large buffers the payload holds verbatim: the store hashes
+        #: blocks inside them from the source memory while the payload is being written.
+        self.segments = segments or []
 
     @property
     def inlineable(self) -> bool:
@@ -111,7 +115,11 @@ def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
         pa.ipc.write_tensor(tensor, sink)
 
     meta = {"ser": kind, "dtype": array.dtype.str, "shape": list(array.shape)}
-    return SerializedObject(meta, size, write)
+    segments = []
+    if array.flags.c_contiguous and array.nbytes >= 1 << 20:
+        # an Arrow IPC tensor message ends with the tensor's bytes, verbatim
+        segments.append((size - array.nbytes, memoryview(array.reshape(-1)).cast("B")))
+    return SerializedObject(meta, size, write, segments)
 
 
 # --- Arrow: IPC streams --------------------------------------------------------------------------
@@ -178,7 +186,8 @@ def _serialize_pickle(value: Any) -> SerializedObject:
             position = start + length
 
     meta = {"ser": "pickle5", "pickle": len(stream), "buffers": layout}
-    return SerializedObject(meta, total, write)
+    segments = [(start, view) for (start, length), view in zip(layout, views) if length >= 1 << 20]
+    return SerializedObject(meta, total, write, segments)
 
 
 def serialize(value: Any) -> SerializedObject:

@@ -51,9 +51,9 @@ from typing import Any, Iterator
 import msgpack
 import psutil
 
-from .cid import SHA2_256, Cid
+from .cid import SHA2_256, Cid, hash_digest
 from .errors import BlockVerificationError, ObjectNotFound, ObjectStoreError, StoreFull
-from .manifest import DEFAULT_CHUNK_SIZE, Manifest, build_manifest
+from .manifest import DEFAULT_CHUNK_SIZE, Manifest, block_spans, build_manifest, hash_pool, manifest_from_digests
 from .serialization import SerializedObject, deserialize, serialize
 
 __all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity"]
@@ -449,17 +449,7 @@ class LocalStore:
         temp = os.path.join(self._tmp, token)
         try:
             os.close(os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-            ser.write_to_file(temp)  # write(2) beats faulting fresh tmpfs pages via a mapping
-            if ser.nbytes:
-                mapping, _ = _map_readonly(temp)
-                view = memoryview(mapping)
-                try:
-                    manifest = build_manifest(view, ser.meta, self.chunk_size, self.hash_code)
-                finally:
-                    view.release()
-                    mapping.close()
-            else:
-                manifest = build_manifest(b"", ser.meta, self.chunk_size, self.hash_code)
+            manifest = self._write_and_hash(ser, temp)
             if _sealed_size(manifest) > estimate:
                 raise ObjectStoreError("internal error: manifest larger than its reservation")
             with open(temp, "r+b") as file:
@@ -474,6 +464,39 @@ class LocalStore:
             raise
         self._manifests[manifest.root] = manifest
         return self._seal(manifest, temp, token, pin)
+
+    def _write_and_hash(self, ser: SerializedObject, temp: str) -> Manifest:
+        """Write the payload to ``temp`` and hash its blocks; blocks that lie inside a verbatim
+        source buffer (``ser.segments``) are hashed from the source while the write runs."""
+        if not ser.nbytes:
+            ser.write_to_file(temp)
+            return build_manifest(b"", ser.meta, self.chunk_size, self.hash_code)
+        spans = block_spans(ser.nbytes, self.chunk_size)
+        pool = hash_pool()
+        early: dict[int, Any] = {}
+        for offset, source in ser.segments:
+            end = offset + source.nbytes
+            for i, (a, b) in enumerate(spans):
+                if offset <= a and b <= end:
+                    early[i] = pool.submit(hash_digest, self.hash_code, source[a - offset:b - offset])
+        ser.write_to_file(temp)  # write(2) beats faulting fresh tmpfs pages via a mapping
+        mapping, _ = _map_readonly(temp)
+        view = memoryview(mapping)
+        try:
+            for offset, source in ser.segments:  # the layout promise, checked at both ends
+                edge = min(64, source.nbytes)
+                end = offset + source.nbytes
+                if (view[offset:offset + edge] != source[:edge]
+                        or view[end - edge:end] != source[source.nbytes - edge:]):
+                    early.clear()
+                    break
+            late = {i: pool.submit(hash_digest, self.hash_code, view[a:b])
+                    for i, (a, b) in enumerate(spans) if i not in early}
+            digests = [(early.get(i) or late[i]).result() for i in range(len(spans))]
+        finally:
+            view.release()
+            mapping.close()
+        return manifest_from_digests(ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code)
 
     def _seal(self, manifest: Manifest, temp: str, token: str, pin: bool) -> Cid:
         name = str(manifest.root)

@@ -187,3 +187,24 @@ def test_default_stores_of_dead_processes_are_removed():
         assert not os.path.exists(leaked_root) and not os.path.exists(leaked_spill)
     finally:
         store.destroy()
+
+
+@pytest.mark.parametrize("value", [
+    np.random.default_rng(4).standard_normal(3 * MB // 8 + 17),                  # Arrow tensor
+    {"w": np.random.default_rng(5).standard_normal(2 * MB // 8 + 5), "k": "v"},  # pickle-5 buffers
+], ids=["tensor", "pickle5"])
+def test_hashing_from_source_buffers_gives_the_plain_cid(make_store, value):
+    store = make_store()
+    ser = serialize(value)
+    assert ser.segments, "large buffers should be hashed from the source while writing"
+    expected = build_manifest(ser.to_bytes(), ser.meta, store.chunk_size).root
+    assert store.put(value) == expected
+
+
+def test_a_broken_segment_promise_falls_back_to_hashing_the_file(make_store):
+    store = make_store()
+    ser = serialize(np.arange(3 * MB // 8, dtype=np.int64))
+    offset, source = ser.segments[0]
+    ser.segments = [(offset, memoryview(bytes(source.nbytes)))]   # lies: zeros, not the data
+    expected = build_manifest(serialize(np.arange(3 * MB // 8, dtype=np.int64)).to_bytes(), ser.meta).root
+    assert store.put_serialized(ser) == expected
