@@ -208,3 +208,33 @@ def test_a_broken_segment_promise_falls_back_to_hashing_the_file(make_store):
     ser.segments = [(offset, memoryview(bytes(source.nbytes)))]   # lies: zeros, not the data
     expected = build_manifest(serialize(np.arange(3 * MB // 8, dtype=np.int64)).to_bytes(), ser.meta).root
     assert store.put_serialized(ser) == expected
+
+
+def _child_puts(root, seed, results):
+    client = LocalStore.attach(root)
+    cids = [str(client.put(_blob(seed * 10 + i))) for i in range(4)]
+    cids.append(str(client.put(_blob(999))))  # the same content from every process
+    results.put(cids)
+
+
+def test_processes_sharing_a_small_store_keep_its_budget_and_accounting(make_store):
+    store = make_store(capacity_bytes=6 * MB, spill_capacity_bytes=4 * MB)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    children = [ctx.Process(target=_child_puts, args=(store.root, seed, results)) for seed in range(3)]
+    for child in children:
+        child.start()
+    try:
+        lists = [results.get(timeout=90) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():  # pragma: no cover
+                child.kill()
+    assert len({cids[-1] for cids in lists}) == 1
+    stats = store.stats()
+    on_disk = sum(e.stat().st_size for e in os.scandir(os.path.join(store.root, "objects")))
+    spilled = sum(e.stat().st_size for e in os.scandir(store.spill_dir) if e.is_file())
+    assert stats["used"] == on_disk <= store.capacity
+    assert stats["spill_used"] == spilled <= store.spill_capacity
+    assert stats["reserved"] == 0 and os.listdir(os.path.join(store.root, "tmp")) == []
