@@ -208,3 +208,30 @@ async def test_malformed_requests_get_clear_errors_and_the_node_keeps_serving(me
         reply = msgpack.unpackb(await client.node.call(server.node.peer_id, REPLICATE_PROTOCOL_ID, garbage, timeout=10))
         assert reply["ok"] is False and reply["error"]
     assert await client.exchange.fetch(cid, timeout=30) == cid
+
+
+def test_progress_reporter_calls_back_and_draws_a_bar_only_when_asked(capsys, monkeypatch):
+    import builtins
+
+    from latticaray.objectstore.exchange import _Progress
+
+    seen = []
+    quiet = _Progress(Cid.of(b"x"), lambda done, total: seen.append((done, total)), False, 0)
+    quiet.start(10)
+    quiet.advance(4)
+    quiet.advance(6)
+    quiet.close()
+    assert seen == [(4, 10), (10, 10)] and capsys.readouterr().err == ""
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):  # the fallback when tqdm is not installed
+        if name == "tqdm":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    loud = _Progress(Cid.of(b"x"), None, True, 0)
+    loud.start(3 * MB)
+    loud.advance(3 * MB)
+    loud.close()
+    assert "3/3 MiB" in capsys.readouterr().err
