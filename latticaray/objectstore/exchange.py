@@ -337,9 +337,10 @@ class ObjectExchange:
                 self.store.pin(root)
             return root
         future = self._fetches.get(root)
+        pinned_at_seal = future is None and pin
         if future is None:
             reporter = _Progress(root, progress, self.config.show_progress, self.config.progress_min_bytes)
-            run = _FetchRun(self, root, timeout, False, reporter, list(peers))
+            run = _FetchRun(self, root, timeout, pin, reporter, list(peers))
             self._runs[root] = run
             future = asyncio.ensure_future(run.run())
             self._fetches[root] = future
@@ -357,11 +358,9 @@ class ObjectExchange:
             result = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 1.0)
         except asyncio.TimeoutError:
             raise ObjectNotFound(root, "fetch did not finish before its deadline") from None
-        if pin:
+        if pin and not pinned_at_seal:
             self.store.pin(result)
-        if self.config.announce_partial or self.dht is not None:
-            with contextlib.suppress(Exception):
-                await self.provide(result)
+        await self.provide(result)
         return result
 
     async def get(self, cid: Cid | str, timeout: float = 30.0) -> Any:
