@@ -388,20 +388,7 @@ class AttachedCore(WorkerCore):
         super().__init__(conn, welcome["node_id"], "driver")
         self.namespace = namespace
         self.store_root = welcome.get("store")
-        self._reader = threading.Thread(target=self._read_replies, daemon=True,
-                                        name="latticaray-attached")
-        self._reader.start()
-
-    def _read_replies(self) -> None:
-        from latticaray.runtime.protocol import ChannelClosed
-        try:
-            while True:
-                message = self.conn.read()
-                if message.get("op") == "reply":
-                    self.conn.deliver_reply(message)
-        except (ChannelClosed, OSError):
-            pass
-        self.conn.fail_all()
+        conn.router = lambda _message: None  # a driver gets only replies; requests read them
 
     def shutdown(self) -> None:
         try:

@@ -944,6 +944,11 @@ class RuntimeNode:
             worker.kill()
         else:
             worker.send({"op": "cancel", "tid": tid})
+            if not worker.is_actor and worker.proc.poll() is None:
+                try:  # the worker's main thread runs user code: a signal makes it look
+                    os.kill(worker.proc.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
 
     # ---- actors
     def _on_create_actor_post(self, message: dict, client) -> None:

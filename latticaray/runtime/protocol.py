@@ -56,16 +56,45 @@ class BlockingFrameReader:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._buffer = bytearray()
+        self._eof = False
+
+    def _parse(self) -> dict | None:
+        buffer = self._buffer
+        if len(buffer) >= 4:
+            (length,) = HEADER.unpack_from(buffer)
+            if len(buffer) >= 4 + length:
+                body = bytes(buffer[4:4 + length])
+                del buffer[:4 + length]
+                return unpack(body)
+        return None
 
     def read(self) -> dict:
+        """The next frame, waiting for it."""
         while True:
-            if len(self._buffer) >= 4:
-                (length,) = HEADER.unpack_from(self._buffer)
-                if len(self._buffer) >= 4 + length:
-                    body = bytes(self._buffer[4:4 + length])
-                    del self._buffer[:4 + length]
-                    return unpack(body)
+            message = self._parse()
+            if message is not None:
+                return message
+            if self._eof:
+                raise ChannelClosed("node closed the worker channel")
             chunk = self._sock.recv(1 << 20)
             if not chunk:
                 raise ChannelClosed("node closed the worker channel")
             self._buffer += chunk
+
+    def read_available(self) -> list[dict]:
+        """Every complete frame that can be had without waiting."""
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                self._eof = True
+                break
+            self._buffer += chunk
+        out = []
+        while (message := self._parse()) is not None:
+            out.append(message)
+        if not out and self._eof:
+            raise ChannelClosed("node closed the worker channel")
+        return out

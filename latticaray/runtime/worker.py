@@ -9,9 +9,10 @@ goes through `WorkerCore`, which sends requests to the node over the same channe
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
-import queue
+import select
 import signal
 import socket
 import sys
@@ -27,7 +28,14 @@ STREAM_WINDOW = 16
 
 
 class WorkerConnection:
-    """The worker's end of the node channel: locked sends, a reader thread, request replies."""
+    """The worker's end of the node channel: locked sends, shared reading, request replies.
+
+    There is no reader thread: whichever thread needs a frame reads, holding `read_lock` (the
+    main thread between tasks, or a thread waiting for its reply while the main thread is busy
+    running user code). Replies go to their waiters, work goes to `deferred` for the main
+    thread, and the rest to `router`. Saving the thread hand-off per call is what makes sync
+    calls fast.
+    """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -36,6 +44,28 @@ class WorkerConnection:
         self._pending: dict[int, list] = {}
         self._next_rid = 0
         self._rid_lock = threading.Lock()
+        self.read_lock = threading.Lock()
+        self.deferred: collections.deque = collections.deque()
+        self.router = self.deferred.append
+        self.closed = False
+
+    def pump(self) -> None:
+        """Read at least one frame (all that are there) and route them. Hold read_lock."""
+        if self.closed:
+            raise ChannelClosed("node closed the worker channel")
+        try:
+            messages = self._reader.read_available()
+            if not messages:
+                messages = [self._reader.read()]
+        except (ChannelClosed, OSError):
+            self.closed = True
+            self.fail_all()
+            raise ChannelClosed("node closed the worker channel") from None
+        for message in messages:
+            if message["op"] == "reply":
+                self.deliver_reply(message)
+            else:
+                self.router(message)
 
     def send(self, message: dict) -> None:
         frame = pack(message)
@@ -52,9 +82,24 @@ class WorkerConnection:
         slot = [threading.Event(), None]
         self._pending[rid] = slot
         message["rid"] = rid
-        self.send(message)
-        slot[0].wait()
-        self._pending.pop(rid, None)
+        try:
+            self.send(message)
+            event = slot[0]
+            while not event.is_set():
+                if self.read_lock.acquire(blocking=False):
+                    try:
+                        while not event.is_set():
+                            self.pump()
+                    except ChannelClosed:
+                        break
+                    finally:
+                        self.read_lock.release()
+                else:
+                    event.wait(0.002)  # another thread reads; it hands our reply over
+        finally:
+            self._pending.pop(rid, None)
+        if slot[1] is None:
+            return {"op": "reply", "error": "node closed the worker channel"}
         return slot[1]
 
     def deliver_reply(self, message: dict) -> None:
@@ -76,12 +121,20 @@ class StreamCredit:
         self._consumed: dict[bytes, int] = {}
         self._cond = threading.Condition()
 
-    def wait_for_room(self, task_id: bytes, index: int, window: int, cancelled) -> None:
-        with self._cond:
-            while index - self._consumed.get(task_id, 0) >= window:
+    def wait_for_room(self, task_id: bytes, index: int, window: int, cancelled,
+                      pump=None) -> None:
+        """Wait until the consumer is close enough; `pump` reads frames (the main thread's way
+        of receiving the acks it waits for)."""
+        while True:
+            with self._cond:
+                if index - self._consumed.get(task_id, 0) < window:
+                    return
                 if cancelled():
                     raise KeyboardInterrupt
-                self._cond.wait(0.5)
+                if pump is None:
+                    self._cond.wait(0.5)
+                    continue
+            pump()
 
     def ack(self, task_id: bytes, consumed: int) -> None:
         with self._cond:
@@ -127,7 +180,6 @@ class Worker:
         self.conn = conn
         self.node_id = node_id
         self.worker_id = worker_id
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.code_cache: dict[bytes, object] = {}
         self.credit = StreamCredit()
         self.cancelled: set[bytes] = set()
@@ -138,42 +190,68 @@ class Worker:
         self.actor_pool: ThreadPoolExecutor | None = None
         self.actor_loop: asyncio.AbstractEventLoop | None = None
         self.actor_semaphore: asyncio.Semaphore | None = None
+        self.main_ident = threading.main_thread().ident
+        conn.router = self.route
 
-    # ---- reader thread
-    def read_loop(self) -> None:
-        try:
-            while True:
-                message = self.conn.read()
-                op = message["op"]
-                if op == "reply":
-                    self.conn.deliver_reply(message)
-                elif op == "gen_ack":
-                    self.credit.ack(message["tid"], message["n"])
-                elif op == "cancel":
-                    self._cancel(message["tid"])
-                elif op == "actor_call" and (self.actor_pool is not None
-                                             or self.actor_loop is not None):
-                    self._dispatch_concurrent(message)
-                else:
-                    self.inbox.put(message)
-        except (ChannelClosed, OSError):
-            pass
-        self.conn.fail_all()
-        self.inbox.put({"op": "exit"})
+    # ---- frames that are not replies (routed by whichever thread read them)
+    def route(self, message: dict) -> None:
+        op = message["op"]
+        if op == "gen_ack":
+            self.credit.ack(message["tid"], message["n"])
+        elif op == "cancel":
+            self._cancel(message["tid"])
+        elif op == "actor_call" and (self.actor_pool is not None or self.actor_loop is not None):
+            self._dispatch_concurrent(message)
+        else:
+            self.conn.deferred.append(message)
 
     def _cancel(self, task_id: bytes) -> None:
         self.cancelled.add(task_id)
         if self.running_main == task_id:
+            if threading.get_ident() == self.main_ident:
+                raise KeyboardInterrupt  # read while the task itself waited on the node
             # a real signal, so a blocking call (sleep, socket read) in the task is interrupted
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            signal.pthread_kill(self.main_ident, signal.SIGUSR1)
+
+    def on_cancel_signal(self, signum, frame) -> None:
+        """SIGUSR1 from the node (or a thread of ours): cancel the running task if it is the
+        target; the cancel frame may still be unread, so read what is there."""
+        task_id = self.running_main
+        if task_id is None:
+            return
+        if task_id not in self.cancelled and self.conn.read_lock.acquire(blocking=False):
+            try:
+                select.select([self.conn.sock], [], [], 0.2)
+                for message in self.conn._reader.read_available():
+                    if message["op"] == "reply":
+                        self.conn.deliver_reply(message)
+                    elif message["op"] == "cancel":
+                        self.cancelled.add(message["tid"])
+                    else:
+                        self.route(message)
+            except (ChannelClosed, OSError):
+                pass  # the main loop sees the closed channel next time it reads
+            finally:
+                self.conn.read_lock.release()
+        if task_id in self.cancelled and self.running_main == task_id:
+            raise KeyboardInterrupt
+
+    def pump_main(self) -> None:
+        with self.conn.read_lock:
+            self.conn.pump()
 
     # ---- main thread
     def main_loop(self) -> None:
+        conn = self.conn
         while True:
-            message = self.inbox.get()
+            with conn.read_lock:
+                try:
+                    while not conn.deferred:
+                        conn.pump()
+                except ChannelClosed:
+                    return
+                message = conn.deferred.popleft()
             op = message["op"]
-            if op == "exit":
-                return
             try:
                 if op == "task":
                     self._run_task(message)
@@ -250,10 +328,12 @@ class Worker:
         window = message.get("window") or STREAM_WINDOW
         index = 0
         name = message.get("name", "task")
+        on_main = threading.get_ident() == self.main_ident
         try:
             for item in generator:
                 self.credit.wait_for_room(task_id, index, window,
-                                          lambda: task_id in self.cancelled)
+                                          lambda: task_id in self.cancelled,
+                                          self.pump_main if on_main else None)
                 self.conn.send({"op": "yield", "tid": task_id, "i": index,
                                 "d": serialization.serialize(item)})
                 index += 1
@@ -405,11 +485,11 @@ def main(argv: list[str]) -> None:
     worker = Worker(conn, node_id, worker_id)
     from latticaray.runtime.core import WorkerCore
     context.set_core(WorkerCore(conn, node_id, worker_id))
+    signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     try:
         conn.send({"op": "hello", "pid": os.getpid(), "wid": worker_id})
     except OSError:
         os._exit(0)  # the node went away before this worker came up
-    threading.Thread(target=worker.read_loop, name="worker-reader", daemon=True).start()
     try:
         worker.main_loop()
     finally:
