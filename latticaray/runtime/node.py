@@ -767,7 +767,7 @@ class RuntimeNode:
             except InsufficientResources:
                 return
             queue.popleft()
-            worker = self.idle_workers.popleft()
+            worker = self.idle_workers.pop()  # the most recently idle: warm caches
             self._run_on(worker, rec)
 
     def _maybe_spawn(self) -> None:
