@@ -194,3 +194,15 @@ def test_client_mode_nodes_query_but_never_enter_routing_tables(net150):
     op = sim.run_until_done(client, client.find_node(dht_id(b"anything"), sim.sim.now))
     assert len(op.result) == sim.config.k
     assert not any(client.peer_id in sim.nodes[p].routing for p in ids)
+
+
+def test_simulation_is_deterministic_from_its_seed():
+    def run(seed: int) -> tuple:
+        sim = _network(40, seed=seed)
+        core = sim.nodes[sorted(sim.nodes)[3]]
+        op = sim.run_until_done(core, core.find_node(dht_id(b"t"), sim.sim.now))
+        return (sim.net.stats.messages_sent, sim.sim.now, [c.peer_id for c in op.result],
+                sorted((p, len(c.routing)) for p, c in sim.nodes.items()))
+
+    assert run(4) == run(4)
+    assert run(4) != run(5)

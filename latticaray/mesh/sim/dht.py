@@ -82,7 +82,9 @@ class SimDht:
         self._pending: dict[int, _Request] = {}
         self._next_rid = 0
         self._wakeups: dict[int, TimerHandle] = {}
-        self._key_factory = keys or (lambda i: KeyPair.generate())
+        # host keys derived from the seed, so peer IDs (and so the whole run) repeat exactly
+        key_rng = random.Random(seed ^ 0x6B657973)
+        self._key_factory = keys or (lambda i: KeyPair.from_private_bytes(key_rng.randbytes(32)))
         self._created = 0
         self.joined: set[bytes] = set()
 
