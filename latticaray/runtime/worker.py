@@ -1,10 +1,12 @@
 """Worker process: executes tasks and hosts actors for the node that spawned it.
 
 Started as `python -m latticaray.runtime.worker <fd> <node_id> <worker_id>` with one end of a Unix
-socketpair as `fd`. A reader thread receives frames from the node; tasks run on the main thread
-(one at a time), actor calls run on the main thread, a thread pool (max_concurrency > 1) or an
+socketpair as `fd`. The main thread reads frames from the node between tasks and runs tasks
+(one at a time); actor calls run on the main thread, a thread pool (max_concurrency > 1) or an
 asyncio loop (async actors). User code calling the runtime API (nested tasks, get, put, actors)
-goes through `WorkerCore`, which sends requests to the node over the same channel.
+goes through `WorkerCore`, which sends requests to the node over the same channel and reads the
+channel itself while it waits (see WorkerConnection). The node cancels a running task by sending
+a cancel frame and SIGUSR1.
 """
 from __future__ import annotations
 

@@ -142,6 +142,31 @@ def test_remote_actor_state_order_and_names(mesh):
 
 
 @lattica.remote
+def sleepy(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_cancel_remote_task(mesh):
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
+    ref = sleepy.options(scheduling_strategy=strategy).remote(60)
+    time.sleep(0.5)
+    lattica.cancel(ref)
+    with pytest.raises(lattica.TaskCancelledError):
+        lattica.get(ref, timeout=30)
+    assert lattica.get(sleepy.options(scheduling_strategy=strategy).remote(0), timeout=30) == "woke"
+
+
+def test_remote_error_carries_traceback(mesh):
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    with pytest.raises(TypeError) as info:
+        lattica.get(slow_square.options(scheduling_strategy=strategy).remote(None), timeout=30)
+    assert isinstance(info.value, lattica.TaskError)
+    assert "slow_square" in info.value.remote_traceback
+    assert info.value.node_id == mesh["nodes"][1].node_id
+
+
+@lattica.remote
 def create_named(name):
     try:
         Account.options(name=name).remote(0)
@@ -270,3 +295,40 @@ def test_large_result_from_remote_node_lands_in_local_store(mesh):
                         timeout=60)
     assert array[-1] == (1 << 20) - 1
     assert array.flags.writeable is False  # a view of this node's shared-memory store
+
+
+JOINING_DRIVER = """
+import sys, time
+import latticaray as lattica
+try:
+    lattica.init(bootstrap=[sys.argv[1]], credential="lrc1.junk.junk")
+except lattica.CredentialError as exc:
+    print("refused:", exc)
+lattica.init(bootstrap=[sys.argv[1]], credential=sys.argv[2], num_cpus=1,
+             listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+deadline = time.monotonic() + 30
+while len([n for n in lattica.nodes() if n["Alive"] and n["Resources"]]) < 4:
+    assert time.monotonic() < deadline, lattica.nodes()
+    time.sleep(0.05)
+
+@lattica.remote
+def where(i):
+    return lattica.get_runtime_context().node_id
+
+nodes = set(lattica.get([where.options(scheduling_strategy="SPREAD").remote(i)
+                         for i in range(40)], timeout=60))
+print("nodes used:", len(nodes))
+lattica.shutdown()
+"""
+
+
+def test_driver_joins_with_init_bootstrap_and_credential(mesh):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", JOINING_DRIVER, mesh["addr"], mesh["invite"]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: credential is not decodable" in proc.stdout
+    used = int(proc.stdout.split("nodes used:")[1].split()[0])
+    assert used >= 3
