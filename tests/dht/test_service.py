@@ -78,6 +78,8 @@ async def test_providers_stream_with_addresses(mesh):
     found = [p async for p in dhts[7].find_providers(b"bafk-content", count=5)]
     assert {p.peer_id for p in found} == {nodes[2].peer_id, nodes[4].peer_id}
     assert all(p.addrs for p in found)
+    others = [p async for p in dhts[2].find_providers(b"bafk-content", count=5)]
+    assert [p.peer_id for p in others] == [nodes[4].peer_id], "a node is never its own provider"
     first = None
     async for p in dhts[6].find_providers(b"bafk-content", count=1):
         first = p

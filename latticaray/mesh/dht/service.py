@@ -165,12 +165,17 @@ class DhtService:
     async def find_providers(self, cid: bytes, count: int = 20) -> AsyncIterator[ProviderInfo]:
         """Providers of ``cid``, yielded as they are found (at most ``count``). Their addresses
         are also added to the node's peer store so they can be dialed at once."""
-        op = self.core.get_providers(bytes(cid), count, self.clock())
-        for contact in op.take_new():
-            yield self._provider_info(contact)
-        async for _ in self._steps(op):
-            for contact in op.take_new():
-                yield self._provider_info(contact)
+        op = self.core.get_providers(bytes(cid), count + 1, self.clock())  # +1: we may be one
+        me = self.core.peer_id
+        given = 0
+        async with contextlib.aclosing(self._steps_with_start(op)) as steps:
+            async for _ in steps:
+                for contact in op.take_new():
+                    if contact.peer_id != me and given < count:
+                        given += 1
+                        yield self._provider_info(contact)
+                if given >= count:
+                    return
 
     async def find_peer(self, peer_id: PeerId) -> list[Multiaddr]:
         """Addresses of ``peer_id``: from the peer store if known, else from a DHT lookup."""
@@ -196,6 +201,13 @@ class DhtService:
         async for _ in self._steps(op):
             pass
         return op
+
+    async def _steps_with_start(self, op: Operation) -> AsyncIterator[None]:
+        """Like :meth:`_steps`, but yields once first (for results known before any request)."""
+        yield
+        async with contextlib.aclosing(self._steps(op)) as steps:
+            async for _ in steps:
+                yield
 
     async def _steps(self, op: Operation) -> AsyncIterator[None]:
         """Drive ``op`` to completion, yielding after each batch of responses."""
