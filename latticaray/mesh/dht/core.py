@@ -442,7 +442,7 @@ class DhtCore:
         self.rng = rng or random.Random(self.node_id)
         self.routing = RoutingTable(self.node_id, k=cfg.k, replacement_size=cfg.replacement_size,
                                     max_failures=cfg.max_failures,
-                                    refresh_interval=cfg.refresh_interval, now=now,
+                                    refresh_interval=cfg.refresh_interval,
                                     ping_interval=cfg.ping_interval)
         self.records = RecordStore(cfg.max_records, cfg.per_publisher_records, cfg.per_publisher_bytes)
         self.providers = ProviderStore(cfg.max_providers, cfg.max_providers_per_key, cfg.per_provider_keys)

@@ -39,15 +39,13 @@ class RoutingTable:
     """
 
     def __init__(self, local_id: int, k: int = 20, replacement_size: int = 8, max_failures: int = 2,
-                 refresh_interval: float = 3600.0, now: float = 0.0,
-                 ping_interval: float = 30.0) -> None:
+                 refresh_interval: float = 3600.0, ping_interval: float = 30.0) -> None:
         self.ping_interval = ping_interval
         self.local_id = local_id
         self.k = k
         self.replacement_size = replacement_size
         self.max_failures = max_failures
         self.refresh_interval = refresh_interval
-        self._created = now
         self._buckets: dict[int, _Bucket] = {}
         self._size = 0
 
@@ -119,7 +117,7 @@ class RoutingTable:
             return None
         bucket = self._buckets.get(index)
         if bucket is None:
-            bucket = self._buckets[index] = _Bucket(self._created)
+            bucket = self._buckets[index] = _Bucket(now)
         entries = bucket.entries
         pid = contact.peer_id
         known = entries.pop(pid, None)
