@@ -138,3 +138,44 @@ async def test_bootstrap_keeps_only_peers_that_speak_the_dht():
         await server_dht.close()
         for node in (joiner, server, plain):
             await node.stop()
+
+
+async def test_maintenance_republishes_to_nodes_that_joined_later():
+    from latticaray.mesh.dht.keyspace import dht_id, key_id
+
+    config = DhtConfig(k=3, republish_interval=0.5, request_timeout=5.0)
+    nodes, dhts = [], []
+    try:
+        for _ in range(10):
+            node = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
+            nodes.append(node)
+            dhts.append(DhtService(node, config, maintenance_interval=0.2))
+        ids = [dht_id(n.peer_id.to_bytes()) for n in nodes]
+
+        def closest(key: bytes) -> list[int]:
+            return sorted(range(10), key=lambda i: ids[i] ^ key_id(key))[:3]
+
+        # a key whose 3 closest nodes include late joiners (nodes 4..9)
+        key = next(b"kept-%d" % i for i in range(1000) if max(closest(b"kept-%d" % i)) >= 4)
+        seed = [str(nodes[0].listen_addrs[0])]
+        await dhts[0].bootstrap([])
+        for dht in dhts[1:4]:
+            await dht.bootstrap(seed)
+        assert await dhts[1].put(key, b"v", time.time() + 120) >= 3
+        late = [i for i in closest(key) if i >= 4]
+        assert not any(dhts[i].core.records.get(key, time.time()) for i in late)
+        for dht in dhts[4:]:
+            await dht.bootstrap(seed)
+
+        def held() -> bool:
+            return all(dhts[i].core.records.get(key, time.time()) for i in closest(key))
+
+        deadline = time.monotonic() + 30
+        while not held():
+            assert time.monotonic() < deadline, "republishing never reached the new closest nodes"
+            await asyncio.sleep(0.1)
+    finally:
+        for dht in dhts:
+            await dht.close()
+        for node in nodes:
+            await node.stop()
