@@ -34,3 +34,10 @@ def test_network_latency_loss_partition_and_down():
     sim.run()
     assert [m for *_, m in got] == ["hi", "y"]
     assert net.stats.messages_dropped == 2  # partitioned "x", and "z" to a down node
+
+
+def test_run_until_advances_the_clock_past_cancelled_timers():
+    sim = Simulator()
+    sim.call_later(1.0, lambda: None).cancel()
+    sim.run(until=5.0)
+    assert sim.now == 5.0

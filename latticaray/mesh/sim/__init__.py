@@ -87,7 +87,7 @@ class Simulator:
             if max_events is not None and count >= max_events:
                 return
             if not self.step():
-                return
+                break  # only cancelled timers were left
             count += 1
             if stop is not None and stop():
                 return
