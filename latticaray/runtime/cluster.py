@@ -134,15 +134,22 @@ class RemoteClient:
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
+            sent_by_ref = {i for i, v in enumerate(out.get("vals") or [])
+                           if serialization.is_store_ref(v)}
             for i in range(rec.nret):
-                node.objects.pop(object_id(tid, i), None)
+                entry = node.objects.pop(object_id(tid, i), None)
+                # a store object sent by reference stays until the caller says it has its copy
+                if entry is not None and i not in sent_by_ref:
+                    node._forget(entry)
         self.send(out)
 
     def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
         tid, index = rec.tid, message["i"]
         data = self._send_value(tid, ("y", index), message["d"])
         self.send({"k": "yield", "tid": tid, "i": index, "d": data})
-        self.cluster.node.objects.pop(object_id(tid, index), None)
+        entry = self.cluster.node.objects.pop(object_id(tid, index), None)
+        if entry is not None:
+            self.cluster.node._forget(entry)
 
 
 class MeshCluster:
@@ -467,16 +474,19 @@ class MeshCluster:
                 rec.retries_left -= 1
                 self.node._schedule(rec)
                 return
-            missing = [serialization.store_cid(v) for v in message.get("vals") or []
-                       if serialization.is_store_ref(v)
-                       and not self.node.store.contains(serialization.store_cid(v))]
+            by_ref = [serialization.store_cid(v) for v in message.get("vals") or []
+                      if serialization.is_store_ref(v)]
+            missing = [c for c in by_ref if not self.node.store.contains(c)]
             if missing and self.exchange is not None:
                 state.inflight[tid] = rec  # still ours if the executor dies meanwhile
-                def complete(rec=rec, message=message):
+                def complete(rec=rec, message=message, by_ref=by_ref):
+                    self._send(state.node_id, {"k": "fetched", "cids": by_ref})
                     if state.inflight.pop(rec.tid, None) is not None and not rec.done:
                         self.node._complete(rec, message)
                 self.spawn(self._fetch_then(missing, state.node_id, complete))
                 return
+            if by_ref:
+                self._send(state.node_id, {"k": "fetched", "cids": by_ref})
             self.node._complete(rec, message)
             return
         if kind == "created":
@@ -586,6 +596,10 @@ class MeshCluster:
             elif kind == "kill":
                 node._on_kill({"aid": message["aid"], "no_restart": message.get("no_restart")},
                               client)
+            elif kind == "fetched":  # the caller has its own copies of these results now
+                for cid in message.get("cids", [])[:1024]:
+                    if node.store_refs.get(cid, 0) > 0:
+                        node._unpin(cid)
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:

@@ -291,10 +291,14 @@ def big_array(n):
 
 def test_large_result_from_remote_node_lands_in_local_store(mesh):
     strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
-    array = lattica.get(big_array.options(scheduling_strategy=strategy).remote(1 << 20),
-                        timeout=60)
+    ref = big_array.options(scheduling_strategy=strategy).remote(1 << 20)
+    array = lattica.get(ref, timeout=60)
     assert array[-1] == (1 << 20) - 1
     assert array.flags.writeable is False  # a view of this node's shared-memory store
+    pid = mesh["nodes"][1].proc.pid
+    pattern = f"/dev/shm/latticaray-{os.getuid()}/store-{pid}-*/objects/{ref.cid}"
+    import glob
+    wait_for(lambda: not glob.glob(pattern), 30, "the executor to drop its copy of the result")
 
 
 JOINING_DRIVER = """
