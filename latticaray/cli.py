@@ -434,11 +434,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR")
     p.add_argument("--check", action="store_true", help="have every node ping every other")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("start", add_help=False,
+                       help="run a worker node (mesh + worker pool) in the foreground; "
+                            "`latticaray start --help` for its options")
+    p.set_defaults(func=_passthrough("latticaray.runtime.node_main"))
+
+    p = sub.add_parser("invite", help="print a membership credential signed by the mesh key")
+    p.add_argument("--mesh-key-path", required=True, metavar="PATH",
+                   help="the mesh key file (created with mode 0600 if missing)")
+    p.add_argument("--peer-id", help="bind the credential to this peer ID (default: any holder)")
+    p.add_argument("--ttl", type=float, help="validity in seconds")
+    p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser("microbenchmark", add_help=False,
+                       help="the rows of `ray microbenchmark` on an embedded local mesh")
+    p.set_defaults(func=_passthrough("latticaray.runtime.microbenchmark"))
     return parser
 
 
+def _passthrough(module: str):
+    """A subcommand whose arguments belong to another module's own ``main(argv)``."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return importlib.import_module(module).main(args.rest) or 0
+    return run
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    from latticaray.runtime.admission import make_invite
+    kwargs = {} if args.ttl is None else {"ttl": args.ttl}
+    print(make_invite(args.mesh_key_path, peer_id=args.peer_id, **kwargs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command not in ("start", "microbenchmark"):
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits
+    args.rest = rest
     if args.command != "node":
         logging.basicConfig(level=logging.WARNING)
     return args.func(args) or 0

@@ -2,7 +2,7 @@
 
 Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop until SIGTERM or
 SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "invite": ...}
-("invite" only on the node that created the mesh). This is what `latticaray node` runs.
+("invite" only on the node that created the mesh). This is what `latticaray start` runs.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="latticaray node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="latticaray start", description=__doc__)
     parser.add_argument("--bootstrap", action="append", default=[],
                         help="multiaddr (with /p2p/<id>) of a member to join; repeatable")
     parser.add_argument("--credential", default=os.environ.get("LATTICARAY_CREDENTIAL"),
