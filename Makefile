@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo demo-mesh test bench venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): $(VPY) pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) examples/demo.py
+	$(VPY) examples/runtime_demo.py
+
+demo-mesh: $(STAMP)
+	$(VPY) examples/mesh_demo.py
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests

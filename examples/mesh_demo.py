@@ -1,6 +1,6 @@
 """Demo: start a 3-node local mesh (3 OS processes on loopback) and run RPC across all pairs.
 
-Run with ``make demo`` (or ``.venv/bin/python examples/demo.py``). What it shows:
+Run with ``make demo-mesh`` (or ``.venv/bin/python examples/mesh_demo.py``). What it shows:
 
 1. ``latticaray up``: three node processes, each with its own Ed25519 identity, listening on QUIC,
    TCP+TLS and a same-host Unix socket; nodes 1 and 2 bootstrap to node 0.
