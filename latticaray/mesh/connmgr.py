@@ -10,9 +10,16 @@ peer, the connections it has; every protocol of the node reuses the peer's *prim
   starts when the previous one has not succeeded after ``happy_eyeballs_delay``; the first
   authenticated connection wins and the others are closed. Concurrent dials to one peer share a
   single attempt.
-* When both peers dial each other at once, both keep the connection *dialed by the smaller peer
-  ID* as primary (both sides compute the same answer); the other is closed by its dialer once it
-  has no calls in flight.
+* The *primary* connection of a peer is chosen by path rank first (:func:`path_rank`: same-host
+  Unix socket, then TCP, then QUIC, then any other direct transport, and relayed connections
+  last), so a direct connection always wins over a relayed one; among equal paths both ends keep
+  the connection *dialed by the smaller peer ID* (both sides compute the same answer). A
+  non-primary connection is closed by its dialer once it has no calls in flight.
+* Unspecified addresses (``0.0.0.0``, ``::``) and port 0 are never stored nor dialed
+  (:func:`is_dialable_addr`).
+* Transports beyond the built-in ones (e.g. NAT traversal's ``circuit`` dialer) join with
+  :meth:`ConnectionManager.register_transport`; connections authenticated outside the manager
+  (a hole-punched QUIC connection) join with :meth:`ConnectionManager.add_connection`.
 * ``on_peer_connected`` fires when a peer gets its first connection, ``on_peer_disconnected``
   when its last one closes. Inbound connections beyond ``max_connections`` are refused.
 """
@@ -20,6 +27,7 @@ peer, the connections it has; every protocol of the node reuses the peer's *prim
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import time
@@ -40,6 +48,9 @@ __all__ = [
     "ConnectionManager",
     "PeerStore",
     "DEFAULT_TRANSPORT_PREFERENCE",
+    "RELAYED_TRANSPORTS",
+    "is_dialable_addr",
+    "path_rank",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,9 +59,36 @@ DEFAULT_TRANSPORT_PREFERENCE = ("unix", "tcp", "quic")
 #: Path quality used to pick a peer's primary connection (lower is better; others rank last).
 #: Fixed, not configurable, so both ends of a pair of connections agree on the primary.
 TRANSPORT_QUALITY = {"unix": 0, "tcp": 1, "quic": 2}
+#: Transport names of connections that go through a relay; they rank below every direct path.
+RELAYED_TRANSPORTS = frozenset({"relay"})
+_UNKNOWN_DIRECT_RANK = 50
+_RELAYED_RANK = 100
 RPC_PROTOCOL_PREAMBLE = b"\x11/latticaray/rpc/1"
 MAX_ADDRS_PER_PEER = 32
 MAX_PEERS_IN_STORE = 100_000
+
+
+def path_rank(transport: str) -> int:
+    """Primary-selection rank of a connection's transport (lower is better): known direct
+    transports by quality, other direct transports after them, relayed connections last."""
+    if transport in RELAYED_TRANSPORTS:
+        return _RELAYED_RANK
+    return TRANSPORT_QUALITY.get(transport, _UNKNOWN_DIRECT_RANK)
+
+
+def is_dialable_addr(addr: Multiaddr) -> bool:
+    """False for addresses nobody can dial: an unspecified IP (``0.0.0.0``, ``::``) or port 0
+    (for a circuit address this checks the relay's part)."""
+    host = addr.host
+    if host is not None:
+        try:
+            if ipaddress.ip_address(host).is_unspecified:
+                return False
+        except ValueError:
+            pass            # a DNS name
+        if addr.port == 0:
+            return False
+    return True
 
 
 @dataclass
@@ -89,6 +127,11 @@ class MeshConnection:
     @property
     def outbound(self) -> bool:
         return self.raw.outbound
+
+    @property
+    def relayed(self) -> bool:
+        """True if this connection goes through a relay (a fallback path)."""
+        return self.raw.transport in RELAYED_TRANSPORTS
 
     def close(self, reason: str = "closed") -> None:
         if not self.closed:
@@ -192,22 +235,35 @@ class QuicAdapter(TransportAdapter):
 
 
 class PeerStore:
-    """Known addresses per peer (most recently added first), bounded in peers and addresses."""
+    """Known addresses per peer (most recently added first), bounded in peers and addresses.
+
+    Addresses are stored without the peer's own trailing ``/p2p/<id>`` (a circuit address keeps
+    its relay part: ``<relay addr>/p2p/RELAY/p2p-circuit``). Undialable addresses (unspecified IP
+    or port 0) are dropped.
+    """
 
     def __init__(self) -> None:
         self._addrs: OrderedDict[PeerId, list[Multiaddr]] = OrderedDict()
 
     def add(self, peer: PeerId, addrs) -> None:
+        """Remember ``addrs`` for ``peer``; raises :class:`PeerIdMismatch` for an address that
+        names another peer as its target."""
         known = self._addrs.pop(peer, [])
-        for addr in addrs:
-            addr = Multiaddr.parse(addr)
-            if addr.peer_id is not None and addr.peer_id != peer and addr.transport != "circuit":
-                raise PeerIdMismatch(peer, addr.peer_id)
-            bare = addr.without_peer() if addr.transport != "circuit" else addr
-            if bare in known:
-                known.remove(bare)
-            known.insert(0, bare)
-        self._addrs[peer] = known[:MAX_ADDRS_PER_PEER]
+        try:
+            for addr in addrs:
+                addr = Multiaddr.parse(addr)
+                if addr.peer_id is not None and addr.peer_id != peer:
+                    raise PeerIdMismatch(peer, addr.peer_id)
+                if not is_dialable_addr(addr):
+                    log.debug("not storing undialable address %s of %s", addr, peer)
+                    continue
+                bare = addr.without_peer()
+                if bare in known:
+                    known.remove(bare)
+                known.insert(0, bare)
+        finally:
+            if known:
+                self._addrs[peer] = known[:MAX_ADDRS_PER_PEER]
         while len(self._addrs) > MAX_PEERS_IN_STORE:
             self._addrs.popitem(last=False)
 
@@ -216,8 +272,9 @@ class PeerStore:
 
     def remove(self, peer: PeerId, addr: Multiaddr) -> None:
         known = self._addrs.get(peer)
-        if known and addr in known:
-            known.remove(addr)
+        bare = Multiaddr.parse(addr).without_peer()
+        if known and bare in known:
+            known.remove(bare)
 
     def peers(self) -> list[PeerId]:
         return list(self._addrs)
@@ -250,6 +307,13 @@ class ConnectionManager:
     def add_adapter(self, adapter: TransportAdapter) -> None:
         self.adapters[adapter.name] = adapter
 
+    def register_transport(self, adapter: TransportAdapter) -> None:
+        """Add a dial-only or extra transport (e.g. NAT traversal's ``circuit`` adapter): its
+        addresses are dialed after those of every transport already known, i.e. as a fallback."""
+        self.add_adapter(adapter)
+        if adapter.name not in self.transport_preference:
+            self.transport_preference = tuple(self.transport_preference) + (adapter.name,)
+
     def start(self) -> None:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
@@ -276,10 +340,9 @@ class ConnectionManager:
         conns = [c for c in self._conns.get(peer, ()) if not c.closed and not c.session.closed]
         if not conns:
             return None
-        # Both ends must pick the same one: best path quality first, then the connection dialed
-        # by the smaller peer ID; ties (our own duplicate dials) go to the oldest.
-        return min(conns, key=lambda c: (TRANSPORT_QUALITY.get(c.transport, len(TRANSPORT_QUALITY)),
-                                         c.dialer.to_bytes(), c.opened_at))
+        # Both ends must pick the same one: best path first (direct before relayed), then the
+        # connection dialed by the smaller peer ID; ties (our own duplicate dials) go to the oldest.
+        return min(conns, key=lambda c: (path_rank(c.transport), c.dialer.to_bytes(), c.opened_at))
 
     async def upgrade(self, peer: PeerId, addr: Multiaddr,
                       timeout: float | None = None) -> MeshConnection | None:
@@ -287,8 +350,7 @@ class ConnectionManager:
         primary (on both ends) and the old connection is closed by its dialer once idle."""
         current = self.primary(peer)
         transport = addr.transport or ""
-        if current is not None and TRANSPORT_QUALITY.get(transport, 99) >= \
-                TRANSPORT_QUALITY.get(current.transport, 99):
+        if current is not None and path_rank(transport) >= path_rank(current.transport):
             return current
         raw = await self._dial_one(addr.with_peer(peer), peer, timeout or self.dial_timeout)
         self._register(raw)
@@ -312,20 +374,29 @@ class ConnectionManager:
             pending.add_done_callback(lambda _f, p=peer: self._dialing.pop(p, None))
         return await asyncio.shield(pending)
 
-    async def dial_addr(self, addr: Multiaddr, timeout: float | None = None) -> MeshConnection:
-        """Dial one address (verifying its ``/p2p`` ID if it has one) and register the connection."""
+    async def dial_addr(self, addr: Multiaddr, timeout: float | None = None, *,
+                        force_new: bool = False) -> MeshConnection:
+        """Dial one address (verifying its ``/p2p`` ID if it has one) and register the connection.
+
+        Returns the peer's primary connection afterwards; an existing primary is reused without
+        dialing unless ``force_new``, which always dials and returns the new connection itself
+        (it becomes primary only if its path ranks better, see :func:`path_rank`)."""
         addr = Multiaddr.parse(addr)
         expected = addr.peer_id
         if expected is not None:
-            existing = self.primary(expected)
-            if existing is not None:
-                return existing
             if expected == self.local_peer:
                 raise PeerUnreachable("cannot connect to ourselves")
+            existing = self.primary(expected)
+            if existing is not None and not force_new:
+                return existing
+        if not is_dialable_addr(addr):
+            raise PeerUnreachable(f"{addr} is not dialable (unspecified address or port 0)")
         raw = await self._dial_one(addr, expected, timeout or self.dial_timeout)
         conn = self._register(raw)
         if expected is None:
             self.peerstore.add(raw.peer_id, [addr])
+        if force_new:
+            return conn
         return self.primary(conn.peer_id) or conn
 
     def _ordered_addrs(self, peer: PeerId) -> list[Multiaddr]:
@@ -339,6 +410,8 @@ class ConnectionManager:
                 continue
             if transport == "unix" and not os.path.exists(addr.unix_path or ""):
                 continue  # not on this host
+            if not is_dialable_addr(addr):
+                continue
             loopback_first = 0 if addr.is_loopback() else 1
             candidates.append((rank[transport], loopback_first, index, addr))
         candidates.sort(key=lambda c: c[:3])
@@ -422,6 +495,15 @@ class ConnectionManager:
         return raw
 
     # -- registration ----------------------------------------------------------------------------------
+    def add_connection(self, raw: RawConnection) -> MeshConnection:
+        """Register a connection authenticated outside the manager (e.g. a hole-punched QUIC
+        connection, either direction). It becomes the peer's primary if its path ranks best.
+        Raises :class:`ConnectionClosed` (and closes ``raw``) if the manager is shutting down."""
+        if raw.peer_id == self.local_peer:
+            raw.close("connection to ourselves")
+            raise PeerUnreachable("cannot connect to ourselves")
+        return self._register(raw)
+
     def accept_inbound(self, raw: RawConnection) -> None:
         """Adapters call this with each authenticated inbound connection."""
         if self._closing or self.connection_count() >= self.max_connections:

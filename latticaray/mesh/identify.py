@@ -5,6 +5,10 @@ Identify: a unary call with an empty request; the reply is a msgpack map describ
 the caller at, which is how a node behind a NAT learns candidate public addresses. The reply's
 peer ID must equal the authenticated peer of the connection, so a peer cannot speak for another.
 
+A node advertises :attr:`~latticaray.mesh.node.MeshNode.advertised_addrs` (listen addresses plus
+circuit and confirmed public addresses); unspecified addresses (``0.0.0.0``, ``::``) are never
+sent, and any received are dropped, since nobody can dial them.
+
 Ping: a unary echo of 32 random bytes; the caller measures the round trip.
 
 The record codec (:class:`IdentifyInfo`) is pure; :class:`IdentifyService` wires it to a node.
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from .connmgr import is_dialable_addr
 from .errors import MeshError, MultiaddrError, ProtocolViolation, RpcError
 from .identity import PeerId, PeerIdError
 from .multiaddr import Multiaddr
@@ -126,7 +131,7 @@ class IdentifyService:
         node = self._node
         info = IdentifyInfo(
             peer_id=node.peer_id,
-            listen_addrs=[a.without_peer() for a in node.listen_addrs],
+            listen_addrs=[a.without_peer() for a in node.advertised_addrs],
             observed_addr=ctx.remote_addr,
             protocols=node.protocols(),
             agent_version=node.config.agent_version,
@@ -141,6 +146,7 @@ class IdentifyService:
     async def identify(self, peer: PeerId, timeout: float = 10.0) -> IdentifyInfo:
         reply = await self._node.call(peer, IDENTIFY_PROTOCOL, b"", timeout=timeout)
         info = IdentifyInfo.decode(reply, expected_peer=peer)
+        info.listen_addrs = [a for a in info.listen_addrs if is_dialable_addr(a)]
         self.peer_info[peer] = info
         usable = self._dialable_from_here(peer, info.listen_addrs)
         if usable:

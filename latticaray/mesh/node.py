@@ -10,6 +10,11 @@ upper layers use (see docs/architecture.md)::
     node.register_unary("/x/echo/1", handler)          # async (ctx, payload) -> bytes
     await node.call(peer_id, "/x/echo/1", b"hi", timeout=5)
     await node.stop()
+
+What the node tells others about itself (identify, DHT peer records) is
+:attr:`MeshNode.advertised_addrs`: addresses added with :meth:`MeshNode.add_advertised_addrs`
+(relay circuit addresses, AutoNAT-confirmed public addresses) followed by the listen addresses,
+never an unspecified one.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from .connmgr import (
     MeshConnection,
     QuicAdapter,
     TransportAdapter,
+    is_dialable_addr,
 )
-from .errors import MultiaddrError, RpcConnectionLost, RpcTimeout
+from .errors import MultiaddrError, PeerIdMismatch, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
 from .multiaddr import Multiaddr
@@ -37,7 +43,7 @@ from .rpc import RpcLimits, RpcRouter, StreamCall
 from .tls import make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
-__all__ = ["MeshNode", "MeshConfig", "NodeThread", "AGENT_VERSION"]
+__all__ = ["MeshNode", "MeshConfig", "NodeThread", "AGENT_VERSION", "MAX_ADVERTISED_EXTRA"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ except Exception:  # noqa: BLE001 - not installed as a distribution
     AGENT_VERSION = "latticaray/dev"
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
+#: At most this many addresses may be added with ``add_advertised_addrs``.
+MAX_ADVERTISED_EXTRA = 16
 
 
 @dataclass
@@ -145,6 +153,8 @@ class MeshNode:
         self.identify_service = IdentifyService(self)
         self.quic: QuicTransport | None = None
         self._listen_addrs: list[Multiaddr] = []
+        self._extra_addrs: list[Multiaddr] = []
+        self._addrs_changed_cbs: list[Callable[[], None]] = []
         self._certified = None
         self._started = False
         self._stopped = False
@@ -239,7 +249,60 @@ class MeshNode:
     def listen_addrs(self) -> list[Multiaddr]:
         return [a.with_peer(self.peer_id) for a in self._listen_addrs]
 
+    @property
+    def advertised_addrs(self) -> list[Multiaddr]:
+        """What identify and the DHT tell peers, each ending in ``/p2p/<our id>``: the added
+        addresses (circuit, confirmed public) first, then the listen addresses; no duplicates,
+        never an unspecified address or port 0."""
+        out: dict[Multiaddr, None] = {}
+        for addr in self._extra_addrs + self._listen_addrs:
+            if is_dialable_addr(addr):
+                out.setdefault(addr.with_peer(self.peer_id), None)
+        return list(out)
+
+    def add_advertised_addrs(self, addrs) -> None:
+        """Advertise extra addresses, e.g. ``<relay>/p2p/RELAY/p2p-circuit/p2p/ME`` while a relay
+        reservation is held, or an AutoNAT-confirmed public address. A circuit address must
+        name this node as its target (or none); unspecified addresses or port 0 are refused
+        with :class:`MultiaddrError`."""
+        parsed = []
+        for addr in addrs:
+            addr = Multiaddr.parse(addr)
+            if addr.peer_id is not None and addr.peer_id != self.peer_id:
+                raise PeerIdMismatch(self.peer_id, addr.peer_id)
+            if not is_dialable_addr(addr):
+                raise MultiaddrError(f"cannot advertise {addr}: unspecified address or port 0")
+            parsed.append(addr.without_peer())
+        new = [a for a in dict.fromkeys(parsed) if a not in self._extra_addrs]
+        if not new:
+            return
+        if len(self._extra_addrs) + len(new) > MAX_ADVERTISED_EXTRA:
+            raise MultiaddrError(f"at most {MAX_ADVERTISED_EXTRA} extra addresses can be advertised")
+        self._extra_addrs = new + self._extra_addrs
+        self._addrs_changed()
+
+    def remove_advertised_addrs(self, addrs) -> None:
+        """Stop advertising addresses added with :meth:`add_advertised_addrs` (others are
+        ignored)."""
+        gone = {Multiaddr.parse(a).without_peer() for a in addrs}
+        kept = [a for a in self._extra_addrs if a not in gone]
+        if len(kept) != len(self._extra_addrs):
+            self._extra_addrs = kept
+            self._addrs_changed()
+
+    def on_addrs_changed(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs whenever :attr:`advertised_addrs` changes."""
+        self._addrs_changed_cbs.append(callback)
+
+    def _addrs_changed(self) -> None:
+        for callback in list(self._addrs_changed_cbs):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a listener bug must not break the node
+                log.exception("address change callback failed")
+
     def add_addrs(self, peer_id: PeerId, addrs) -> None:
+        """Remember addresses of a peer for dialing (undialable ones are dropped)."""
         self.connections.peerstore.add(peer_id, addrs)
 
     def addrs_of(self, peer_id: PeerId) -> list[Multiaddr]:

@@ -5,6 +5,11 @@ with :meth:`DhtCore.handle_request` (the caller's identity is the connection's a
 ID, never a claim in the message), and runs client operations by sending each request the core
 asks for as one unary RPC with a deadline. Record expirations are wall-clock (``time.time()``) so
 that every node reads them alike; the core never reads the clock itself.
+
+The addresses this node puts in its DHT contact (sent with every request, returned by other nodes
+for ``find_peer``) are the node's ``advertised_addrs``, kept current through
+``node.on_addrs_changed``: a private node's relay circuit addresses reach the DHT that way. The
+request handler never awaits, so it is registered as an eager RPC handler (no task per request).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from .records import Record, RecordValidator
 __all__ = ["DhtService", "DhtValue", "ProviderInfo"]
 
 log = logging.getLogger(__name__)
+
+#: At most this many of our addresses go into our DHT contact (circuit addresses come first).
+MAX_OWN_ADDRS = 8
 
 #: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
 #: peer-ID bytes, ``.subkey``, ``.signature``).
@@ -61,13 +69,17 @@ class DhtService:
         self.node = node
         self.clock = clock
         self.maintenance_interval = maintenance_interval
-        addrs = tuple(str(a) for a in node.listen_addrs)[:8] if getattr(node, "listen_addrs", None) else ()
-        self.core = DhtCore(node.peer_id.to_bytes(), addrs=addrs, config=config,
+        self.core = DhtCore(node.peer_id.to_bytes(), addrs=self._own_addrs(), config=config,
                             validators=validators, now=clock())
         self._tasks: set[asyncio.Task] = set()
         self._maintenance: asyncio.Task | None = None
         self._closed = False
-        node.register_unary(PROTOCOL_ID, self._handle)
+        if hasattr(node, "on_addrs_changed"):
+            node.on_addrs_changed(self._refresh_addrs)
+        try:
+            node.register_unary(PROTOCOL_ID, self._handle, eager=True)
+        except TypeError:       # a node object without eager handlers (test doubles)
+            node.register_unary(PROTOCOL_ID, self._handle)
 
     @property
     def config(self) -> DhtConfig:
@@ -282,8 +294,15 @@ class DhtService:
                 self.node.add_addrs(peer, addrs)
         return ProviderInfo(peer, addrs)
 
+    def _own_addrs(self) -> tuple[str, ...]:
+        addrs = getattr(self.node, "advertised_addrs", None)
+        if addrs is None:
+            addrs = getattr(self.node, "listen_addrs", None) or ()
+        return tuple(str(a) for a in addrs)[:MAX_OWN_ADDRS]
+
     def _refresh_addrs(self) -> None:
-        self.core.addrs = tuple(str(a) for a in self.node.listen_addrs)[:8]
+        if not self._closed:
+            self.core.addrs = self._own_addrs()
 
     async def _maintenance_loop(self) -> None:
         while True:
@@ -299,6 +318,7 @@ class DhtService:
 
     # serving ---------------------------------------------------------------------------------
     async def _handle(self, ctx: Any, payload: bytes) -> bytes:
+        # Registered eager: it must not await, nor use asyncio.timeout()/current_task().
         try:
             request = decode_request(payload)
         except DhtProtocolError as exc:

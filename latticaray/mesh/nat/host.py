@@ -415,6 +415,7 @@ class NatNode:
         while self._loop.time() < deadline and self.autonat_client.pending_probes:
             await asyncio.sleep(0.05)
         self.autonat_client.finish_pending(self._loop.time())
+        self._addresses_changed()
         return self.autonat_client.reachability()
 
     async def auto_configure(self, observers: list[Endpoint] | None = None,
@@ -462,6 +463,7 @@ class NatNode:
             self.reservations.on_reserved(str(relay_peer), self.relay_client.reservations[str(relay_peer)].ttl, now)
             if self._keeper is None:
                 self._keeper = self._spawn(self._keep_reservations())
+        self._addresses_changed()
 
     async def _keep_reservations(self, poll: float = 1.0) -> None:
         while True:
@@ -484,6 +486,16 @@ class NatNode:
                     log.info("re-reserved on relay %s", relay_peer)
                 except (MeshError, OSError) as exc:
                     self.reservations.on_failed(relay_id, str(exc), self._loop.time())
+            self._addresses_changed()
+
+    def _addresses_changed(self) -> None:
+        """Hook: the circuit addresses or the AutoNAT verdicts may have changed (MeshNat
+        advertises them through its MeshNode)."""
+
+    def public_addresses(self) -> list[str]:
+        """AutoNAT-confirmed public QUIC addresses of this node, as multiaddr text."""
+        from .addresses import endpoint_to_multiaddr_text
+        return [endpoint_to_multiaddr_text(ep) for ep in self.autonat_client.public_addresses()]
 
     def circuit_addresses(self) -> list[str]:
         """One ``/p2p-circuit`` address per live reservation (what to advertise)."""

@@ -8,9 +8,14 @@ connection manager:
   opens a circuit on the relay and an end-to-end TLS session inside it; inbound circuits are
   handed to the manager like any inbound connection (transport name ``relay``), so
   ``node.call`` works over the relay with no change for the caller;
-* after a relayed connection that this node dialed comes up, a DCUtR upgrade runs over it; once
-  a direct QUIC connection is registered, the relayed one is closed and the circuit address stays
-  in the peer store, so the manager re-dials through the relay if the direct path dies.
+* the node advertises what NAT traversal learns: one circuit address per live relay reservation
+  and the AutoNAT-confirmed public addresses go to ``node.add_advertised_addrs`` (and are
+  removed when the reservation drops or the verdict changes), so identify and the DHT's peer
+  records carry them and other peers can dial a private node through its relay;
+* after a relayed connection that this node dialed comes up, a DCUtR upgrade runs over it; a
+  direct connection ranks above any relayed one, so it becomes primary at once on both ends; the
+  relayed one is then closed and the circuit address stays in the peer store, so the manager
+  re-dials through the relay if the direct path dies.
 
 Usage::
 
@@ -18,7 +23,7 @@ Usage::
     await nat.start()                                  # after node.start()
     await nat.detect_nat(observers); await nat.check_reachability(servers)
     await nat.reserve_relay(relay_peer, host, port)    # private nodes
-    nat.circuit_address()                              # advertise this (identify/DHT)
+    nat.circuit_address()                              # advertised via identify/DHT
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import asyncio
 import logging
 
 from ..connmgr import RPC_PROTOCOL_PREAMBLE, MeshConnection, RawConnection, TransportAdapter
-from ..errors import PeerUnreachable
+from ..errors import MeshError, PeerUnreachable
 from ..identity import PeerId
 from ..multiaddr import Multiaddr
 from ..transport.quic import QuicTransport
@@ -85,14 +90,36 @@ class MeshNat(NatNode):
         super().__init__(node.key, config, transport=node.quic, router=node.router)
         self.node = node
         self._dialed_relayed: set[PeerId] = set()
+        self._advertised: set[str] = set()
 
     async def start(self) -> None:
         await super().start()
-        manager = self.node.connections
-        manager.add_adapter(CircuitAdapter(self))
-        if CIRCUIT not in manager.transport_preference:
-            manager.transport_preference = tuple(manager.transport_preference) + (CIRCUIT,)
+        self.node.connections.register_transport(CircuitAdapter(self))
         self.node.on_peer_connected(self._on_peer_connected)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._withdraw_advertised()
+
+    # -- advertising through the node ------------------------------------------------------
+    def _addresses_changed(self) -> None:
+        wanted = set(self.circuit_addresses()) | set(self.public_addresses())
+        gone = self._advertised - wanted
+        new = wanted - self._advertised
+        if gone:
+            self.node.remove_advertised_addrs(sorted(gone))
+        if new:
+            try:
+                self.node.add_advertised_addrs(sorted(new))
+            except MeshError as exc:
+                log.warning("cannot advertise %s: %s", sorted(new), exc)
+                new = set()
+        self._advertised = (self._advertised - gone) | new
+
+    def _withdraw_advertised(self) -> None:
+        if self._advertised:
+            self.node.remove_advertised_addrs(sorted(self._advertised))
+            self._advertised = set()
 
     # -- relayed connections into the manager ----------------------------------------------
     async def _on_relayed_incoming(self, tunnel: SecureTunnel) -> None:
@@ -166,20 +193,20 @@ class MeshNat(NatNode):
         target = Multiaddr.parse(f"/ip4/{addr[0]}/udp/{addr[1]}/quic-v1/p2p/{peer}")
         manager = self.node.connections
         if transport is None or transport is self.transport:
-            raw = await manager.adapters["quic"].dial(target, peer, timeout)
+            conn = await manager.dial_addr(target, timeout, force_new=True)
         else:
-            conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
-            channel = conn.open_channel()
+            quic_conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
+            channel = quic_conn.open_channel()
             channel.write(RPC_PROTOCOL_PREAMBLE)
-            raw = RawConnection(peer_id=conn.remote_peer, channel=channel, transport="quic",
-                                remote_addr=conn.remote_addr, outbound=True, close=conn.close,
-                                on_close=lambda cb, c=conn: c.on_close(lambda _c: cb()))
-        manager.accept_inbound(raw)
+            raw = RawConnection(peer_id=quic_conn.remote_peer, channel=channel, transport="quic",
+                                remote_addr=quic_conn.remote_addr, outbound=True,
+                                close=quic_conn.close,
+                                on_close=lambda cb, c=quic_conn: c.on_close(lambda _c: cb()))
+            conn = manager.add_connection(raw)
+        if conn.closed or conn.session.closed:
+            raise PeerUnreachable(f"direct connection to {peer} closed as soon as it opened")
         link = self._link(peer)
         link.pending_path = path
-        conn = self._direct_connection(peer)
-        if conn is None:
-            raise PeerUnreachable(f"direct connection to {peer} was refused by the manager")
         self._mark_direct(link, conn)
         return link
 
