@@ -59,16 +59,21 @@ def _writable_arrow_buffer(dest: Any) -> pa.Buffer:
 class SerializedObject:
     """A value ready to be written: metadata plus a writer that fills ``nbytes`` bytes."""
 
-    __slots__ = ("meta", "nbytes", "_writer", "segments")
+    __slots__ = ("meta", "nbytes", "_writer", "segments", "pieces")
 
     def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[pa.NativeFile], None],
-                 segments: list[tuple[int, memoryview]] | None = None) -> None:
+                 segments: list[tuple[int, memoryview]] | None = None,
+                 pieces: list[tuple[int, memoryview]] | None = None) -> None:
         self.meta = meta
         self.nbytes = nbytes
         self._writer = writer
         #: (payload offset, buffer) of large buffers the payload holds verbatim: the store hashes
         #: blocks inside them from the source memory while the payload is being written.
         self.segments = segments or []
+        #: when not None, the whole payload as (offset, bytes-like) pieces in increasing offset
+        #: order, not overlapping; bytes between pieces are zero. Lets the store copy any block of
+        #: the payload on its own (copy and hash block by block, in parallel, while it is cached).
+        self.pieces = pieces
 
     @property
     def inlineable(self) -> bool:
@@ -116,10 +121,29 @@ def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
 
     meta = {"ser": kind, "dtype": array.dtype.str, "shape": list(array.shape)}
     segments = []
+    pieces = None
     if array.flags.c_contiguous and array.nbytes >= 1 << 20:
         # an Arrow IPC tensor message ends with the tensor's bytes, verbatim
-        segments.append((size - array.nbytes, memoryview(array.reshape(-1)).cast("B")))
-    return SerializedObject(meta, size, write, segments)
+        body = memoryview(array.reshape(-1)).cast("B")
+        segments.append((size - array.nbytes, body))
+        header = _tensor_header(tensor, size - array.nbytes)
+        if header is not None:
+            pieces = [(0, memoryview(header)), (len(header), body)]
+    return SerializedObject(meta, size, write, segments, pieces)
+
+
+def _tensor_header(tensor: pa.Tensor, header_size: int) -> bytes | None:
+    """The bytes of a tensor IPC message before its body, without copying the body: the message
+    is written into a buffer that only has room for the header, so the body write fails."""
+    header = bytearray(header_size)
+    sink = pa.FixedSizeBufferWriter(pa.py_buffer(header))
+    try:
+        pa.ipc.write_tensor(tensor, sink)
+    except (OSError, pa.ArrowException):
+        pass
+    else:
+        return None  # an empty body: nothing to gain
+    return bytes(header) if sink.tell() == header_size else None
 
 
 # --- Arrow: IPC streams --------------------------------------------------------------------------
@@ -187,7 +211,8 @@ def _serialize_pickle(value: Any) -> SerializedObject:
 
     meta = {"ser": "pickle5", "pickle": len(stream), "buffers": layout}
     segments = [(start, view) for (start, length), view in zip(layout, views) if length >= 1 << 20]
-    return SerializedObject(meta, total, write, segments)
+    pieces = [(0, memoryview(stream))] + [(start, view) for (start, _), view in zip(layout, views)]
+    return SerializedObject(meta, total, write, segments, pieces)
 
 
 def serialize(value: Any) -> SerializedObject:
