@@ -179,3 +179,37 @@ async def test_maintenance_republishes_to_nodes_that_joined_later():
             await dht.close()
         for node in nodes:
             await node.stop()
+
+
+async def test_find_peer_returns_addresses_the_peer_advertises_later(mesh):
+    """A relay circuit address added after start (as MeshNat does) reaches the DHT contact that
+    other nodes store and return."""
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.mesh.multiaddr import Multiaddr
+
+    nodes, dhts = mesh
+    target, asker = nodes[6], nodes[1]
+    relay = KeyPair.generate().peer_id
+    circuit = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4002/p2p/{relay}/p2p-circuit/p2p/{target.peer_id}")
+    target.add_advertised_addrs([circuit])
+    assert dhts[6].core.addrs[0] == str(circuit)
+    # the contact travels with every request: a lookup from the target refreshes it everywhere
+    await dhts[6].bootstrap(refresh=False)
+    if target.peer_id in asker.connected_peers():
+        await asker.disconnect(target.peer_id)
+    asker.connections.peerstore._addrs.pop(target.peer_id, None)
+    dhts[1].core.routing.remove(target.peer_id.to_bytes())
+    addrs = await dhts[1].find_peer(target.peer_id)
+    assert circuit in addrs
+    assert circuit.without_peer() in asker.addrs_of(target.peer_id)
+
+
+async def test_dht_requests_are_served_by_an_eager_handler(mesh):
+    nodes, dhts = mesh
+    kind, handler, eager = nodes[0].router.lookup(PROTOCOL_ID)
+    assert eager is True
+    # many requests at once all get answers from the inline handler
+    replies = await asyncio.gather(*(
+        nodes[2].call(nodes[0].peer_id, PROTOCOL_ID, encode({"op": "ping"}), timeout=10)
+        for _ in range(200)))
+    assert all("error" not in decode_response(r) for r in replies)
