@@ -4,7 +4,12 @@
     .venv/bin/python bench/objects.py --quick    # smaller sizes
 
 1. same host: 100 MB numpy array put by one process, got by another (zero-copy view, then a full
-   read of the data); reference: this machine's memcpy measured in the same run.
+   read of the data); reference: this machine's memcpy measured in the same run. Puts are timed
+   per hash (sha2-256, BLAKE3) on the plain path (write(2) into fresh tmpfs pages: the baseline)
+   and on the warm path (copy+hash block by block into a pre-faulted spare), interleaved so both
+   see the same load; plus the first put of a process (no spare yet) and back-to-back puts (no
+   idle time to make a spare: the store then keeps to the plain path).
+   ``--only-same-host`` runs just this part.
 2. two nodes (separate processes) on loopback, 100 MB fetched over each transport: MB/s.
 3. one seed, 1/2/4/8 fetcher processes fetching the same object at once: completion time of all.
    Target: 8 peers <= 1.5x the 1-peer time (swarming: fetchers serve each other).
@@ -90,36 +95,51 @@ def _same_host_getter(root, cid, queue):
     queue.put((got, read, array.nbytes, not array.flags.writeable, total))
 
 
+def _put_seconds(store, array, count: int, wait_warm: bool) -> list[float]:
+    seconds = []
+    for _ in range(count):
+        if wait_warm:
+            store.wait_warm(30)  # as after a moment of idle time: the spare is ready
+        start = time.perf_counter()
+        cid = store.put(array)
+        seconds.append(time.perf_counter() - start)
+        store.delete(cid)
+    return seconds
+
+
 def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
+    """Put rates of the plain path (write(2) into fresh tmpfs pages; the baseline) and of the warm
+    path (copy+hash into a pre-faulted spare), per hash, all in this run; then the get."""
+    from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
     from latticaray.objectstore.store import LocalStore
 
     root = tempfile.mkdtemp(prefix="bench-store-", dir=shm_base)
     spill = tempfile.mkdtemp(prefix="bench-spill-")
-    store = LocalStore(os.path.join(root, "s"), capacity_bytes=4 * size + (64 << 20), spill_dir=spill)
+    array = np.random.default_rng(1).standard_normal(size // 8)
+    results: dict = {}
+    hashes = [("sha256", SHA2_256)] + ([("blake3", BLAKE3)] if blake3_available() else [])
+    stores = []
     try:
-        array = np.random.default_rng(1).standard_normal(size // 8)
-        store_hash = store.hash_code
-        results = {}
-        puts = []
-        for _ in range(3):
-            start = time.perf_counter()
-            cid = store.put(array)
-            puts.append(time.perf_counter() - start)
-            store.delete(cid)
+        for name, code in hashes:
+            plain = LocalStore(os.path.join(root, f"plain-{name}"), capacity_bytes=8 * size,
+                               spill_dir=os.path.join(spill, f"plain-{name}"), hash_code=code, warm=False)
+            warm = LocalStore(os.path.join(root, f"warm-{name}"), capacity_bytes=16 * size,
+                              spill_dir=os.path.join(spill, f"warm-{name}"), hash_code=code)
+            stores += [plain, warm]
+            first = _put_seconds(warm, array, 1, False)[0]  # no spare yet in this process
+            results[f"put_warm_{name}_first_GBps"] = round(size / first / 1e9, 2)
+            plain_s, warm_s = [], []
+            for _ in range(5):  # interleaved, so both paths see the same load from other jobs
+                plain_s += _put_seconds(plain, array, 1, False)
+                warm_s += _put_seconds(warm, array, 1, True)
+            for path, seconds in (("plain", plain_s), ("warm", warm_s)):
+                results[f"put_{path}_{name}_GBps"] = round(size / min(seconds) / 1e9, 2)
+                results[f"put_{path}_{name}_median_GBps"] = round(size / sorted(seconds)[2] / 1e9, 2)
+            back_to_back = _put_seconds(warm, array, 5, False)
+            results[f"put_warm_{name}_back_to_back_GBps"] = round(size / sorted(back_to_back)[2] / 1e9, 2)
+            warm.close()
+        store = stores[-1]
         cid = store.put(array)
-        results["put_GBps"] = round(array.nbytes / min(puts) / 1e9, 2)
-        from latticaray.objectstore.cid import BLAKE3, blake3_available
-
-        if blake3_available():
-            store.hash_code = BLAKE3
-            blake_puts = []
-            for _ in range(3):
-                start = time.perf_counter()
-                other = store.put(array)
-                blake_puts.append(time.perf_counter() - start)
-                store.delete(other)
-            store.hash_code = store_hash
-            results["put_blake3_GBps"] = round(array.nbytes / min(blake_puts) / 1e9, 2)
         ctx = mp.get_context("spawn")
         gets, reads = [], []
         for _ in range(3):
@@ -135,10 +155,14 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
         results["get_zero_copy_ms"] = round(get * 1e3, 3)
         results["get_GBps"] = round(array.nbytes / get / 1e9, 1)
         results["get_and_read_all_GBps"] = round(array.nbytes / (get + read) / 1e9, 2)
-        results["put_then_get_GBps"] = round(array.nbytes / (min(puts) + get) / 1e9, 2)
+        for name, _ in hashes:
+            for path in ("plain", "warm"):
+                put_rate = results[f"put_{path}_{name}_GBps"]
+                results[f"put_then_get_{path}_{name}_GBps"] = round(size / (size / put_rate / 1e9 + get) / 1e9, 2)
         return results
     finally:
-        store.destroy()
+        for store in stores:
+            store.destroy()
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -318,6 +342,7 @@ def main() -> None:
     parser.add_argument("--only-swarm", action="store_true")
     parser.add_argument("--netlab", action="store_true", help="also measure across netlab namespaces (root)")
     parser.add_argument("--only-netlab", action="store_true")
+    parser.add_argument("--only-same-host", action="store_true", help="memcpy, hashing and part 1 only")
     args = parser.parse_args()
     shm_base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     size = 20 * MB if args.quick else 100 * MB
@@ -332,8 +357,9 @@ def main() -> None:
         figures["reference"] = memcpy_gbps(size)
         figures["hashing"] = hash_gbps(size)
         figures["same_host"] = bench_same_host(size, shm_base)
-        figures["transfer"] = {t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")}
-    if not args.skip_swarm and not args.only_netlab:
+        if not args.only_same_host:
+            figures["transfer"] = {t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")}
+    if not args.skip_swarm and not args.only_netlab and not args.only_same_host:
         figures["swarm_size_MB"] = swarm_size // MB
         figures["swarm_transport"] = "tcp"
         figures["swarm"] = bench_swarm(swarm_size, [1, 2, 4, 8], shm_base, transport="tcp")
@@ -348,8 +374,8 @@ def main() -> None:
                           "pyarrow": pyarrow.__version__, "aioquic": aioquic.__version__,
                           "load_avg": os.getloadavg()}
 
-    print(f"{'measure':<44}{'value':>14}")
-    print("-" * 58)
+    print(f"{'measure':<52}{'value':>14}")
+    print("-" * 66)
     rows = []
     if not args.only_swarm and not args.only_netlab:
         rows += _local_rows(figures, size)
@@ -360,7 +386,7 @@ def main() -> None:
         for key, value in figures["swarm"].items():
             rows.append((f"swarm {swarm_size // MB} MB: {key}", value))
     for name, value in rows:
-        print(f"{name:<44}{value!s:>14}")
+        print(f"{name:<52}{value!s:>14}")
     print("(machine shared with other engineers' jobs during the run: figures are noisy)")
     print(json.dumps(figures))
 
@@ -373,13 +399,25 @@ def _local_rows(figures: dict, size: int) -> list:
         ("blake3 1 thread / all threads (GB/s)",
          f"{figures['hashing'].get('blake3_1thread_GBps', '-')} / {figures['hashing'].get('blake3_mt_GBps', '-')}"),
         ("manifest build, sha256 threads (GB/s)", figures["hashing"]["manifest_sha256_1MiB_blocks_threads_GBps"]),
-        (f"put {size // MB} MB numpy (GB/s)", same["put_GBps"]),
-        ("put with BLAKE3 CIDs instead (GB/s)", same.get("put_blake3_GBps", "-")),
+    ]
+    for name in ("sha256", "blake3"):
+        if f"put_plain_{name}_GBps" not in same:
+            continue
+        rows += [
+            (f"put {size // MB} MB, {name}, plain (baseline): best / median",
+             f"{same[f'put_plain_{name}_GBps']} / {same[f'put_plain_{name}_median_GBps']}"),
+            (f"put, {name}, warm spare: best / median", f"{same[f'put_warm_{name}_GBps']} / "
+                                                      f"{same[f'put_warm_{name}_median_GBps']}"),
+            (f"put, {name}, warm: first / back to back", f"{same[f'put_warm_{name}_first_GBps']} / "
+                                                       f"{same[f'put_warm_{name}_back_to_back_GBps']}"),
+            (f"put then get, {name}: plain / warm", f"{same[f'put_then_get_plain_{name}_GBps']} / "
+                                                  f"{same[f'put_then_get_warm_{name}_GBps']}"),
+        ]
+    rows += [
         ("get from another process, zero-copy (ms)", same["get_zero_copy_ms"]),
         ("get + read every byte (GB/s)", same["get_and_read_all_GBps"]),
-        ("put then get, end to end (GB/s)", same["put_then_get_GBps"]),
     ]
-    for transport, result in figures["transfer"].items():
+    for transport, result in figures.get("transfer", {}).items():
         rows.append((f"{size // MB} MB node to node over {transport} (MB/s)", result["MBps"]))
     return rows
 

@@ -58,6 +58,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -304,7 +305,11 @@ class _WarmFile:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(self.fd, 0, size)
-            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            self.map = mmap.mmap(self.fd, size)
+            # map every page now, with one store per page (numpy lets the GIL go): unlike
+            # MAP_POPULATE this never holds the address-space lock for long, which would stall
+            # the mmap/munmap of puts running beside it
+            np.frombuffer(self.map, dtype=np.uint8)[::mmap.PAGESIZE] = 0
         except BaseException:
             os.close(self.fd)
             with contextlib.suppress(FileNotFoundError):
@@ -346,7 +351,10 @@ class LocalStore:
         self.warm_enabled = warm
         self._warm: _WarmFile | None = None
         self._warm_lock = threading.Lock()
+        self._warm_ready = threading.Condition(self._warm_lock)  # notified when a refill ends
         self._warm_refilling = False
+        self._last_large_put_end = float("-inf")
+        self._refill_seconds = 0.0  # how long the last spare took to make
         self._warm_pid = os.getpid()
         self._warm_unmap: list[_WarmFile] = []  # spent spares whose mappings are yet to be closed
         config_path = os.path.join(self.root, "config")
@@ -525,6 +533,7 @@ class LocalStore:
     def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
         blocks = max(1, -(-ser.nbytes // self.chunk_size))
         estimate = ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
+        started = time.monotonic()
         warm = self._take_warm(estimate) if ser.nbytes >= WARM_MIN_BYTES else None
         if warm is not None:
             manifest = self._put_into_warm(ser, warm, estimate)
@@ -557,7 +566,7 @@ class LocalStore:
             return self._seal(manifest, temp, token, pin)
         finally:
             if ser.nbytes >= WARM_MIN_BYTES:
-                self._schedule_warm(estimate)
+                self._schedule_warm(estimate, started)
 
     # --- warm spare ------------------------------------------------------------------------------
     def _forget_parents_warm(self) -> None:
@@ -655,12 +664,17 @@ class LocalStore:
             target[position:end] = 0
         return hash_digest(self.hash_code, dest[start:end])
 
-    def _schedule_warm(self, estimate: int) -> None:
-        """Prepare a spare of about ``estimate`` bytes in the background, if there is free room."""
+    def _schedule_warm(self, estimate: int, put_started: float) -> None:
+        """Prepare a spare of about ``estimate`` bytes in the background, if there is free room
+        and large puts leave enough idle time between them to make one (a spare costs more CPU
+        than it saves: it only helps when it is made in otherwise idle time)."""
         size = -(-estimate // _WARM_GRANULE) * _WARM_GRANULE
         with self._warm_lock:
             self._forget_parents_warm()
+            idle = put_started - self._last_large_put_end
+            self._last_large_put_end = time.monotonic()
             if (not self.warm_enabled or size > self.capacity // 8 or self._warm_refilling
+                    or idle < self._refill_seconds
                     or (self._warm is not None and self._warm.size >= size)):
                 unmap_now = not self._warm_refilling
                 size = 0
@@ -682,6 +696,10 @@ class LocalStore:
 
     def _refill_warm(self, size: int) -> None:
         token = None
+        with contextlib.suppress(OSError, AttributeError):
+            # making a spare costs more CPU than the write it saves (pages are allocated, zeroed
+            # and mapped either way): it must only use idle time, never slow the puts beside it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             self._unmap_spent()
             with self._locked() as ledger:
@@ -690,7 +708,9 @@ class LocalStore:
                     return  # only from free room: a spare never evicts anything
                 token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
                 ledger["reservations"][token] = size
+            started = time.monotonic()
             warm = _WarmFile(os.path.join(self._tmp, token), token, size)
+            self._refill_seconds = time.monotonic() - started
             with self._warm_lock:
                 previous, self._warm = self._warm, warm
             token = None
@@ -703,6 +723,7 @@ class LocalStore:
                 self._release_reservation(token)
             with self._warm_lock:
                 self._warm_refilling = False
+                self._warm_ready.notify_all()
 
     def _discard_warm(self, warm: _WarmFile) -> None:
         warm.close()
@@ -722,16 +743,10 @@ class LocalStore:
 
     def wait_warm(self, timeout: float) -> bool:
         """Wait (bounded) until no spare is being prepared; True if a spare is ready."""
-        import time  # noqa: PLC0415 - only this helper needs a clock
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._warm_lock:
-                self._forget_parents_warm()
-                if not self._warm_refilling:
-                    return self._warm is not None
-            time.sleep(0.005)
-        return False
+        with self._warm_lock:
+            self._forget_parents_warm()
+            self._warm_ready.wait_for(lambda: not self._warm_refilling, timeout=timeout)
+            return not self._warm_refilling and self._warm is not None
 
     def close(self) -> None:
         """Release this process's spare (the store's objects stay)."""
