@@ -24,7 +24,18 @@ CLONE_NEWNET = 0x40000000
 
 
 def netlab_available() -> str | None:
-    """None if the lab can run here, else the reason it cannot."""
+    """None if the lab can run here, else the reason it cannot.
+
+    CI sets LATTICARAY_REQUIRE_NETLAB=1 (it runs as root beside ../shared): there a lab that
+    cannot run is an error, never a silent skip.
+    """
+    reason = _unavailable_reason()
+    if reason is not None and os.environ.get("LATTICARAY_REQUIRE_NETLAB") == "1":
+        raise RuntimeError(f"netlab is required here but cannot run: {reason}")
+    return reason
+
+
+def _unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "netlab needs root"
     if not os.access(NETLAB, os.X_OK):
