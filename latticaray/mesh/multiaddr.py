@@ -17,6 +17,7 @@ from typing import Iterable
 from urllib.parse import quote, unquote
 
 from .errors import MultiaddrError
+from .varint import VarintError, decode_varint, encode_varint
 from .identity import PeerId, PeerIdError
 
 __all__ = ["Multiaddr", "MultiaddrError"]
@@ -43,30 +44,11 @@ _ALIASES = {"ipfs": "p2p"}
 _BY_CODE = {code: name for name, (code, _) in _PROTOCOLS.items()}
 
 
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _decode_varint(data: bytes, offset: int) -> tuple[int, int]:
-    value = 0
-    shift = 0
-    for i in range(offset, min(len(data), offset + 9)):
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if i > offset and byte == 0:
-                raise MultiaddrError(f"non-minimal varint at byte {offset}")
-            return value, i + 1
-        shift += 7
-    raise MultiaddrError(f"truncated or overlong varint at byte {offset}")
+    try:
+        return decode_varint(data, offset)
+    except VarintError as exc:
+        raise MultiaddrError(str(exc)) from None
 
 
 def _parse_value(name: str, kind: str, text: str) -> object:
@@ -126,7 +108,7 @@ def _value_bytes(name: str, kind: str, value: object) -> bytes:
         raw = value.to_bytes()  # type: ignore[union-attr]
     else:
         raw = str(value).encode("utf-8")
-    return _encode_varint(len(raw)) + raw
+    return encode_varint(len(raw)) + raw
 
 
 def _value_text(kind: str, value: object) -> str:
@@ -256,7 +238,7 @@ class Multiaddr:
         out = bytearray()
         for name, value in self._components:
             code, kind = _PROTOCOLS[name]
-            out += _encode_varint(code)
+            out += encode_varint(code)
             out += _value_bytes(name, kind, value)
         return bytes(out)
 
