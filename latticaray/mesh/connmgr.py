@@ -9,7 +9,9 @@ peer, the connections it has; every protocol of the node reuses the peer's *prim
   Unix socket first, then TCP, then QUIC by default), happy-eyeballs style: the next attempt
   starts when the previous one has not succeeded after ``happy_eyeballs_delay``; the first
   authenticated connection wins and the others are closed. Concurrent dials to one peer share a
-  single attempt.
+  single attempt. Relay (circuit) addresses come last, except that for a peer offering only
+  private-range direct addresses the first relay attempt starts with the first direct one
+  (:func:`dial_schedule`).
 * The *primary* connection of a peer is chosen by path rank first (:func:`path_rank`: same-host
   Unix socket, then TCP, then QUIC, then any other direct transport, and relayed connections
   last), so a direct connection always wins over a relayed one; among equal paths both ends keep
@@ -49,6 +51,7 @@ __all__ = [
     "PeerStore",
     "DEFAULT_TRANSPORT_PREFERENCE",
     "RELAYED_TRANSPORTS",
+    "dial_schedule",
     "is_dialable_addr",
     "path_rank",
 ]
@@ -89,6 +92,36 @@ def is_dialable_addr(addr: Multiaddr) -> bool:
         if addr.port == 0:
             return False
     return True
+
+
+def _is_public_or_local(addr: Multiaddr) -> bool:
+    """True for a direct address likely to be dialable from anywhere it is offered: a global IP,
+    loopback (same host), a DNS name or a Unix socket. False for private-use IPs (a LAN behind
+    a NAT, or a lab range)."""
+    host = addr.host
+    if host is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return ip.is_global or ip.is_loopback
+
+
+def dial_schedule(addrs: list[Multiaddr]) -> tuple[list[Multiaddr], set[int]]:
+    """Order of happy-eyeballs attempts and the indexes after which the next attempt starts
+    without waiting.
+
+    Circuit (relay) addresses normally come last. When a peer offers a relay address and no
+    public (or same-host) direct address, its private direct addresses are probably behind a
+    NAT: the first relay attempt then starts together with the first direct one, so the first
+    call does not wait for a direct address that may be unreachable (the direct path is found
+    later by hole punching)."""
+    direct = [a for a in addrs if a.transport != "circuit"]
+    relayed = [a for a in addrs if a.transport == "circuit"]
+    if not relayed or not direct or any(_is_public_or_local(a) for a in direct):
+        return direct + relayed, set()
+    return direct[:1] + relayed + direct[1:], {0}
 
 
 @dataclass
@@ -418,7 +451,7 @@ class ConnectionManager:
         return [c[3] for c in candidates]
 
     async def _dial_peer(self, peer: PeerId, timeout: float) -> MeshConnection:
-        addrs = self._ordered_addrs(peer)
+        addrs, no_wait = dial_schedule(self._ordered_addrs(peer))
         if not addrs:
             raise PeerUnreachable(f"no dialable address known for {peer}")
         loop = asyncio.get_running_loop()
@@ -428,14 +461,15 @@ class ConnectionManager:
         winner: RawConnection | None = None
         mismatch: PeerIdMismatch | None = None
         try:
-            for addr in addrs:
+            for index, addr in enumerate(addrs):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 task = loop.create_task(self._dial_one(addr.with_peer(peer), peer, remaining))
                 task.addr = addr  # type: ignore[attr-defined]
                 attempts.append(task)
-                winner = await self._first_success(attempts, errors, self.happy_eyeballs_delay)
+                wait = 0.0 if index in no_wait else self.happy_eyeballs_delay
+                winner = await self._first_success(attempts, errors, wait)
                 if winner is not None:
                     break
             while winner is None and any(not t.done() for t in attempts):

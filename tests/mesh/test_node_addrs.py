@@ -192,3 +192,68 @@ async def test_add_connection_refuses_ourselves():
         manager.add_connection(_raw(end, me, "quic", outbound=True))
     far.close()
     await manager.close()
+
+
+def test_dial_schedule_races_the_relay_only_without_a_public_direct_address():
+    from latticaray.mesh.connmgr import dial_schedule
+    lan = Multiaddr.parse("/ip4/198.19.1.10/udp/4001/quic-v1")
+    lan2 = Multiaddr.parse("/ip4/10.1.2.3/tcp/4001")
+    local = Multiaddr.parse("/ip4/127.0.0.1/udp/4001/quic-v1")
+    circuit = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit")
+    assert dial_schedule([circuit, lan, lan2]) == ([lan, circuit, lan2], {0})
+    assert dial_schedule([lan, local, circuit]) == ([lan, local, circuit], set())
+    assert dial_schedule([lan, lan2]) == ([lan, lan2], set())
+    assert dial_schedule([circuit]) == ([circuit], set())
+
+
+class _HangingDirect(TransportAdapter):
+    """A direct transport whose dials never complete (and send nothing anywhere)."""
+    name = "quic"
+
+    def __init__(self):
+        self.cancelled = asyncio.Event()
+
+    async def dial(self, addr, expected_peer, timeout):
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            self.cancelled.set()
+
+    async def close(self):
+        return None
+
+
+class _PipeCircuit(TransportAdapter):
+    """A circuit transport that 'connects' over an in-memory pipe."""
+    name = "circuit"
+
+    def __init__(self, remote):
+        self.remote = remote
+        self.far_ends = []
+
+    async def dial(self, addr, expected_peer, timeout):
+        end, far = memory_pipe()
+        self.far_ends.append(far)
+        return _raw(end, self.remote, "relay", outbound=True)
+
+    async def close(self):
+        for far in self.far_ends:
+            far.close()
+
+
+async def test_private_only_peer_is_reached_through_the_relay_without_waiting():
+    me, remote = KeyPair.generate().peer_id, KeyPair.generate().peer_id
+    manager = ConnectionManager(me, RpcRouter(), transport_preference=("quic",),
+                                happy_eyeballs_delay=30.0)
+    direct = _HangingDirect()
+    manager.add_adapter(direct)
+    manager.register_transport(_PipeCircuit(remote))
+    manager.peerstore.add(remote, ["/ip4/198.19.1.10/udp/4001/quic-v1",
+                                   f"/ip4/198.18.0.11/tcp/4002/p2p/{RELAY}/p2p-circuit"])
+    try:
+        # without the race this would wait the 30 s happy-eyeballs delay (and time out here)
+        conn = await asyncio.wait_for(manager.get(remote, timeout=60), 10)
+        assert conn.transport == "relay"
+        await asyncio.wait_for(direct.cancelled.wait(), 5)     # the direct attempt is abandoned
+    finally:
+        await manager.close()
