@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 MB = 1_000_000
+NODE_HASH = "sha256"  # multihash of the node processes' puts (--hash); the runtime uses blake3
 MiB = 1 << 20
 
 
@@ -83,6 +84,7 @@ def hash_gbps(nbytes: int) -> dict[str, float]:
 # --- 1. same host --------------------------------------------------------------------------------
 
 def _same_host_getter(root, cid, queue):
+    from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.store import LocalStore
 
     client = LocalStore.attach(root)
@@ -111,6 +113,7 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
     """Put rates of the plain path (write(2) into fresh tmpfs pages; the baseline) and of the warm
     path (copy+hash into a pre-faulted spare), per hash, all in this run; then the get."""
     from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
+    from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.store import LocalStore
 
     root = tempfile.mkdtemp(prefix="bench-store-", dir=shm_base)
@@ -170,7 +173,7 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
 # --- node processes ------------------------------------------------------------------------------
 
 def _node_process(conn, transport: str, shm_dir: str, chunk_size: int, netns: str | None = None,
-                  listen_ip: str = "127.0.0.1") -> None:
+                  listen_ip: str = "127.0.0.1", hash_name: str = "sha256") -> None:
     if netns is not None:  # enter a netlab node's network namespace before any socket exists
         import ctypes
 
@@ -180,13 +183,15 @@ def _node_process(conn, transport: str, shm_dir: str, chunk_size: int, netns: st
                 raise OSError(ctypes.get_errno(), f"setns {netns}")
         finally:
             os.close(fd)
-    asyncio.run(_node_main(conn, transport, shm_dir, chunk_size, listen_ip))
+    asyncio.run(_node_main(conn, transport, shm_dir, chunk_size, listen_ip, hash_name))
 
 
-async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen_ip: str) -> None:
+async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen_ip: str,
+                     hash_name: str) -> None:
     from latticaray.mesh.multiaddr import Multiaddr
     from latticaray.mesh.node import MeshConfig, MeshNode
     from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
+    from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.store import LocalStore
 
     listen = {"quic": [f"/ip4/{listen_ip}/udp/0/quic-v1"], "tcp": [f"/ip4/{listen_ip}/tcp/0"],
@@ -194,7 +199,9 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen
     node = MeshNode(MeshConfig(listen=listen, transports=(transport,)))
     await node.start()
     spill = tempfile.mkdtemp(prefix="bench-spill-")
-    store = LocalStore(shm_dir, capacity_bytes=8 << 30, spill_dir=spill, chunk_size=chunk_size)
+    # the seed's hash names the blocks; fetchers verify with it
+    store = LocalStore(shm_dir, capacity_bytes=8 << 30, spill_dir=spill, chunk_size=chunk_size,
+                       hash_code={"sha256": SHA2_256, "blake3": BLAKE3}[hash_name])
     known: list = []
 
     async def providers(cid):
@@ -240,7 +247,8 @@ class NodeProcess:
         self.conn, child = ctx.Pipe()
         self.dir = tempfile.mkdtemp(prefix="bench-node-", dir=shm_base)
         self.process = ctx.Process(target=_node_process, args=(child, transport, os.path.join(self.dir, "s"),
-                                                               chunk_size, netns, listen_ip))
+                                                               chunk_size, netns, listen_ip,
+                                                               NODE_HASH))
         self.process.start()
 
     def ask(self, command: str, arg=None, timeout: float = 900):
@@ -300,6 +308,8 @@ def bench_swarm(size: int, counts: list[int], shm_base: str, transport: str = "q
             seed_sent = seed.ask("uploaded")
             peers_sent = sum(f.ask("uploaded") for f in fetchers)
             results[f"{count}_peers_seed_upload_share"] = round(seed_sent / max(1, seed_sent + peers_sent), 2)
+            # block bytes sent over bytes needed: above 1.0, blocks were sent twice (end game, retries)
+            results[f"{count}_peers_sent_over_needed"] = round((seed_sent + peers_sent) / (count * size), 3)
         finally:
             for f in fetchers:
                 f.stop()
@@ -343,11 +353,19 @@ def main() -> None:
     parser.add_argument("--netlab", action="store_true", help="also measure across netlab namespaces (root)")
     parser.add_argument("--only-netlab", action="store_true")
     parser.add_argument("--only-same-host", action="store_true", help="memcpy, hashing and part 1 only")
+    parser.add_argument("--hash", choices=("sha256", "blake3"), default=None,
+                        help="multihash of the node processes' objects (parts 2-4); default: what the "
+                             "runtime uses (blake3 when installed)")
+    parser.add_argument("--swarm-peers", default="1,2,4,8", help="fetcher counts for part 3")
     args = parser.parse_args()
+    global NODE_HASH
+    from latticaray.objectstore.cid import blake3_available
+
+    NODE_HASH = args.hash or ("blake3" if blake3_available() else "sha256")
     shm_base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     size = 20 * MB if args.quick else 100 * MB
     swarm_size = (args.swarm_size_mb or (64 if args.quick else 1000)) * MB
-    figures: dict = {"size_MB": size // MB}
+    figures: dict = {"size_MB": size // MB, "node_hash": NODE_HASH}
 
     if args.netlab or args.only_netlab:
         figures["cross_host_netlab"] = bench_netlab(size, shm_base)
@@ -362,9 +380,11 @@ def main() -> None:
     if not args.skip_swarm and not args.only_netlab and not args.only_same_host:
         figures["swarm_size_MB"] = swarm_size // MB
         figures["swarm_transport"] = "tcp"
-        figures["swarm"] = bench_swarm(swarm_size, [1, 2, 4, 8], shm_base, transport="tcp")
-        one = figures["swarm"]["1_peers_s"]
-        figures["swarm"]["8_over_1_ratio"] = round(figures["swarm"]["8_peers_s"] / one, 2)
+        counts = [int(c) for c in args.swarm_peers.split(",")]
+        figures["swarm"] = bench_swarm(swarm_size, counts, shm_base, transport="tcp")
+        if 1 in counts and 8 in counts:
+            one = figures["swarm"]["1_peers_s"]
+            figures["swarm"]["8_over_1_ratio"] = round(figures["swarm"]["8_peers_s"] / one, 2)
 
     import pyarrow
     import aioquic

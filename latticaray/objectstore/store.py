@@ -24,13 +24,18 @@ A mapping stays valid after its file is evicted (tmpfs frees the pages when the 
 Warm spare (put throughput): on this kind of host, a put's cost is dominated not by copying but by
 the kernel allocating, zeroing and mapping fresh tmpfs pages (write(2) into /dev/shm ~2 GB/s while
 memcpy into mapped memory is ~11 GB/s). After a large put (>= ``WARM_MIN_BYTES``), each process
-prepares in a background thread one spare temp file of that size: ``posix_fallocate``d and mapped
-writable with ``MAP_POPULATE``. The next put that fits writes its payload straight into that
-mapping (no intermediate buffer), hashes its blocks, trims the file to its sealed size and
+prepares in a background thread one spare temp file of that size: ``posix_fallocate``d, mapped
+writable and every page touched. The next put that fits copies its payload straight into that
+mapping block by block (no intermediate buffer), hashing each block right after copying it while
+it is in cache, on the hash pool's threads; then it trims the file to its sealed size and
 renames it into ``objects/`` as usual. The spare is a reservation in the ledger (so the budget
-holds), is made only from free room (never evicts anything) and is capped at ``capacity // 8``;
-its reservation token ends in ``-warm`` and ``stats()["warm"]`` reports it. ``warm=False``
-disables it.
+holds), is made only from free room (never evicts anything, needs twice its size free), and the
+spares of all processes together stay within ``capacity // 8``; its reservation token ends in
+``-warm`` and ``stats()["warm"]`` reports it. Making a spare costs more CPU than the write it
+saves (the pages are allocated, zeroed and mapped either way), so it is made by a niced thread,
+and only while large puts leave it the idle time: a put that comes sooner takes the plain path.
+``close()`` (or process exit) gives it back; spares of processes that died without closing are
+reclaimed when room is needed or the next spare is made. ``warm=False`` disables it.
 
 Public API::
 
@@ -704,8 +709,10 @@ class LocalStore:
             self._unmap_spent()
             with self._locked() as ledger:
                 self._reclaim_dead(ledger)
-                if self._committed(ledger) + 2 * size > self.capacity:
-                    return  # only from free room: a spare never evicts anything
+                spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
+                if (self._committed(ledger) + 2 * size > self.capacity
+                        or spares + size > self.capacity // 8):
+                    return  # only from free room (never evicts), all processes' spares <= 1/8
                 token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
                 ledger["reservations"][token] = size
             started = time.monotonic()

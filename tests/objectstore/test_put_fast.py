@@ -96,6 +96,18 @@ def test_spare_is_made_only_from_free_room(make_store):
     assert tight.in_memory(pinned) and tight.in_memory(other)
 
 
+def test_spares_of_all_processes_stay_within_an_eighth_of_capacity(make_store):
+    store = make_store(capacity_bytes=32 * WARM_MIN_BYTES)  # spares: at most 4 x 16 MiB in all
+    store.put(np.zeros(WARM_MIN_BYTES + MB, dtype=np.uint8))  # wants a 32 MiB spare
+    assert store.wait_warm(60) and store.stats()["warm"] == 2 * WARM_MIN_BYTES
+    other = LocalStore.attach(store.root)
+    other.put(np.ones(2 * WARM_MIN_BYTES + MB, dtype=np.uint8))  # wants 48 MiB: 32 + 48 > 64
+    assert not other.wait_warm(30)
+    assert store.stats()["warm"] == 2 * WARM_MIN_BYTES
+    other.close()
+    store.close()
+
+
 def test_own_spare_gives_way_to_a_put_that_needs_its_room(make_store):
     store = make_store(capacity_bytes=20 * WARM_MIN_BYTES, spill_capacity_bytes=0)
     store.put(np.zeros(WARM_MIN_BYTES, dtype=np.uint8), pin=True)
