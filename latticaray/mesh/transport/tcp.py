@@ -24,9 +24,8 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from typing import Awaitable, Callable
 
-from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
+from ..errors import HandshakeError, PeerIdMismatch
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from ..tls import (
@@ -41,6 +40,7 @@ from ..tls import (
     verify_auth_proof,
     verify_certificate,
 )
+from .streambase import OnChannel, StreamTransportBase
 from .streamchannel import StreamChannel
 
 __all__ = ["TcpTransport"]
@@ -48,7 +48,6 @@ __all__ = ["TcpTransport"]
 log = logging.getLogger(__name__)
 
 ACCEPTED = b"\x00"
-OnChannel = Callable[[StreamChannel], "Awaitable[None] | None"]
 
 
 def _tcp_multiaddr(host: str, port: int) -> Multiaddr:
@@ -68,7 +67,7 @@ def _reusable_socket(host: str) -> socket.socket:
     return sock
 
 
-class TcpTransport:
+class TcpTransport(StreamTransportBase):
     """Listen for and dial TCP+TLS connections; each yields one authenticated channel."""
 
     name = "tcp"
@@ -76,26 +75,13 @@ class TcpTransport:
     def __init__(self, key: KeyPair, *, handshake_timeout: float = 10.0,
                  write_high_water: int = 1024 * 1024, read_high_water: int = 4 * 1024 * 1024,
                  max_pending_handshakes: int = 256) -> None:
-        self.key = key
-        self.peer_id: PeerId = key.peer_id
-        self.handshake_timeout = handshake_timeout
-        self.write_high_water = write_high_water
-        self.read_high_water = read_high_water
-        self.max_pending_handshakes = max_pending_handshakes
+        super().__init__(key, handshake_timeout=handshake_timeout,
+                         write_high_water=write_high_water, read_high_water=read_high_water,
+                         max_pending_handshakes=max_pending_handshakes)
         self._certified = make_certified_key(key)
         self._own_cert_der = self._certified.certificate_der
         self._server_ctx = server_ssl_context(self._certified)
         self._client_ctx = client_ssl_context(self._certified)
-        self._server: asyncio.AbstractServer | None = None
-        self._listen_addr: Multiaddr | None = None
-        self._on_channel: OnChannel | None = None
-        self._pending = 0
-        self._tasks: set[asyncio.Task] = set()
-        self._channels: set[StreamChannel] = set()
-
-    @property
-    def listen_addr(self) -> Multiaddr | None:
-        return self._listen_addr
 
     @property
     def listen_port(self) -> int | None:
@@ -124,43 +110,6 @@ class TcpTransport:
         self._listen_addr = _tcp_multiaddr(bound[0], bound[1])
         return self._listen_addr
 
-    def _new_inbound(self) -> StreamChannel:
-        channel = StreamChannel("tcp", read_high_water=self.read_high_water,
-                                write_high_water=self.write_high_water)
-        channel.local_peer = self.peer_id
-        task = asyncio.get_running_loop().create_task(self._accept(channel))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return channel
-
-    async def _accept(self, channel: StreamChannel) -> None:
-        if self._pending >= self.max_pending_handshakes:
-            await channel._connected
-            channel.abort()
-            return
-        self._pending += 1
-        try:
-            await asyncio.wait_for(self._server_handshake(channel), self.handshake_timeout)
-        except asyncio.CancelledError:
-            channel.abort()
-            raise
-        except (HandshakeError, ConnectionClosed, OSError, asyncio.TimeoutError) as exc:
-            log.info("tcp: inbound handshake from %s failed: %s", channel.remote_addr,
-                     exc or type(exc).__name__)
-            channel.abort()
-            return
-        finally:
-            self._pending -= 1
-        self._track(channel)
-        if self._on_channel is not None:
-            try:
-                result = self._on_channel(channel)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("tcp: on_channel callback failed; closing the channel")
-                channel.abort()
-
     async def _server_handshake(self, channel: StreamChannel) -> None:
         await channel._connected
         peername = channel._io.get_extra_info("peername")
@@ -184,50 +133,34 @@ class TcpTransport:
         """
         loop = asyncio.get_running_loop()
         deadline = timeout if timeout is not None else self.handshake_timeout
-        channel = StreamChannel("tcp", read_high_water=self.read_high_water,
-                                write_high_water=self.write_high_water)
-        channel.local_peer = self.peer_id
+        channel = self._new_channel()
         channel.remote_addr = _tcp_multiaddr(host, port)
-        sock = None
-        try:
-            async with asyncio.timeout(deadline):
-                if local_port is not None:
-                    sock = _reusable_socket(host)
-                    bind_host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
-                    if ipaddress.ip_address(host).is_loopback:
-                        bind_host = host if sock.family == socket.AF_INET else "::1"
-                    sock.bind((bind_host, local_port))
-                    await loop.sock_connect(sock, (host, port))
-                    await loop.create_connection(
-                        lambda: channel, sock=sock, ssl=self._client_ctx, server_hostname=host,
-                        ssl_handshake_timeout=deadline)
-                else:
-                    await loop.create_connection(
-                        lambda: channel, host, port, ssl=self._client_ctx,
-                        server_hostname=host, ssl_handshake_timeout=deadline)
-                sock = None
-                await self._client_handshake(channel, expected_peer)
-        except (TimeoutError, asyncio.TimeoutError):
-            channel.abort()
+        sock: socket.socket | None = None
+
+        async def connect() -> None:
+            nonlocal sock
+            if local_port is not None:
+                sock = _reusable_socket(host)
+                bind_host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+                if ipaddress.ip_address(host).is_loopback:
+                    bind_host = host if sock.family == socket.AF_INET else "::1"
+                sock.bind((bind_host, local_port))
+                await loop.sock_connect(sock, (host, port))
+                await loop.create_connection(
+                    lambda: channel, sock=sock, ssl=self._client_ctx, server_hostname=host,
+                    ssl_handshake_timeout=deadline)
+            else:
+                await loop.create_connection(
+                    lambda: channel, host, port, ssl=self._client_ctx,
+                    server_hostname=host, ssl_handshake_timeout=deadline)
+            sock = None  # owned by the channel's transport from here on
+            await self._client_handshake(channel, expected_peer)
+
+        def close_socket() -> None:
             if sock is not None:
                 sock.close()
-            raise PeerUnreachable(f"tcp dial to {host}:{port} timed out after {deadline} s") \
-                from None
-        except HandshakeError:
-            channel.abort()
-            raise
-        except (OSError, ConnectionClosed) as exc:
-            channel.abort()
-            if sock is not None:
-                sock.close()
-            raise PeerUnreachable(f"tcp dial to {host}:{port} failed: {exc}") from exc
-        except BaseException:
-            channel.abort()
-            if sock is not None:
-                sock.close()
-            raise
-        self._track(channel)
-        return channel
+
+        return await self._establish(channel, connect, f"{host}:{port}", deadline, close_socket)
 
     async def _client_handshake(self, channel: StreamChannel, expected: PeerId | None) -> None:
         ssl_object = channel._io.get_extra_info("ssl_object")
@@ -244,21 +177,3 @@ class TcpTransport:
         if await channel.read_exactly(1) != ACCEPTED:
             raise HandshakeError(f"peer {peer} refused our authentication")
         channel.remote_peer = peer
-
-    def _track(self, channel: StreamChannel) -> None:
-        self._channels.add(channel)
-        channel._connection_lost_hook = self._channels.discard
-
-    async def close(self) -> None:
-        """Stop listening and close every channel this transport made."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in list(self._channels):
-            channel.abort()
-        self._channels.clear()
-        await asyncio.sleep(0)  # let the aborted transports run connection_lost

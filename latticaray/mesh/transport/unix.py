@@ -29,11 +29,11 @@ import socket
 import stat
 import struct
 import tempfile
-from typing import Awaitable, Callable
 
-from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
+from ..errors import HandshakeError, PeerIdMismatch, PeerUnreachable
 from ..identity import KeyPair, PeerId, PeerIdError, decode_public_key_protobuf
 from ..multiaddr import Multiaddr
+from .streambase import OnChannel, StreamTransportBase
 from .streamchannel import StreamChannel
 
 __all__ = ["UnixTransport", "default_run_dir"]
@@ -50,8 +50,6 @@ TRANSCRIPT_CONTEXT = b"latticaray-unix-auth:v1:"
 ACCEPTED = b"\x00"
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
-
-OnChannel = Callable[[StreamChannel], "Awaitable[None] | None"]
 
 
 def default_run_dir() -> str:
@@ -90,7 +88,7 @@ def _peer_uid(sock: socket.socket | None) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
-class UnixTransport:
+class UnixTransport(StreamTransportBase):
     """Listen on and dial Unix domain sockets; each connection yields one authenticated channel."""
 
     name = "unix"
@@ -99,26 +97,13 @@ class UnixTransport:
                  handshake_timeout: float = 10.0, write_high_water: int = 1024 * 1024,
                  read_high_water: int = 4 * 1024 * 1024, max_pending_handshakes: int = 256,
                  same_uid_only: bool = True) -> None:
-        self.key = key
-        self.peer_id: PeerId = key.peer_id
+        super().__init__(key, handshake_timeout=handshake_timeout,
+                         write_high_water=write_high_water, read_high_water=read_high_water,
+                         max_pending_handshakes=max_pending_handshakes)
         self.run_dir = run_dir if run_dir is not None else default_run_dir()
-        self.handshake_timeout = handshake_timeout
-        self.write_high_water = write_high_water
-        self.read_high_water = read_high_water
-        self.max_pending_handshakes = max_pending_handshakes
         self.same_uid_only = same_uid_only
         self._public_pb = key.peer_id.public_key_protobuf
-        self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None
-        self._listen_addr: Multiaddr | None = None
-        self._on_channel: OnChannel | None = None
-        self._pending = 0
-        self._tasks: set[asyncio.Task] = set()
-        self._channels: set[StreamChannel] = set()
-
-    @property
-    def listen_addr(self) -> Multiaddr | None:
-        return self._listen_addr
 
     @property
     def path(self) -> str | None:
@@ -159,41 +144,9 @@ class UnixTransport:
         return self._listen_addr
 
     def _new_inbound(self) -> StreamChannel:
-        channel = StreamChannel("unix", read_high_water=self.read_high_water,
-                                write_high_water=self.write_high_water)
-        channel.local_peer = self.peer_id
+        channel = super()._new_inbound()
         channel.remote_addr = self._listen_addr
-        task = asyncio.get_running_loop().create_task(self._accept(channel))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         return channel
-
-    async def _accept(self, channel: StreamChannel) -> None:
-        if self._pending >= self.max_pending_handshakes:
-            await channel._connected
-            channel.abort()
-            return
-        self._pending += 1
-        try:
-            await asyncio.wait_for(self._server_handshake(channel), self.handshake_timeout)
-        except asyncio.CancelledError:
-            channel.abort()
-            raise
-        except (HandshakeError, ConnectionClosed, OSError, asyncio.TimeoutError) as exc:
-            log.info("unix: inbound handshake failed: %s", exc or type(exc).__name__)
-            channel.abort()
-            return
-        finally:
-            self._pending -= 1
-        self._track(channel)
-        if self._on_channel is not None:
-            try:
-                result = self._on_channel(channel)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("unix: on_channel callback failed; closing the channel")
-                channel.abort()
 
     async def _server_handshake(self, channel: StreamChannel) -> None:
         await channel._connected
@@ -221,31 +174,17 @@ class UnixTransport:
         """Connect to a node's socket and authenticate both ways; returns the channel."""
         loop = asyncio.get_running_loop()
         deadline = timeout if timeout is not None else self.handshake_timeout
-        channel = StreamChannel("unix", read_high_water=self.read_high_water,
-                                write_high_water=self.write_high_water)
-        channel.local_peer = self.peer_id
+        channel = self._new_channel()
         try:
             channel.remote_addr = Multiaddr([("unix", os.path.abspath(path))])
         except Exception as exc:
             raise PeerUnreachable(f"bad unix socket path {path!r}: {exc}") from None
-        try:
-            async with asyncio.timeout(deadline):
-                await loop.create_unix_connection(lambda: channel, path)
-                await self._client_handshake(channel, expected_peer)
-        except (TimeoutError, asyncio.TimeoutError):
-            channel.abort()
-            raise PeerUnreachable(f"unix dial to {path} timed out after {deadline} s") from None
-        except HandshakeError:
-            channel.abort()
-            raise
-        except (OSError, ConnectionClosed) as exc:
-            channel.abort()
-            raise PeerUnreachable(f"unix dial to {path} failed: {exc}") from exc
-        except BaseException:
-            channel.abort()
-            raise
-        self._track(channel)
-        return channel
+
+        async def connect() -> None:
+            await loop.create_unix_connection(lambda: channel, path)
+            await self._client_handshake(channel, expected_peer)
+
+        return await self._establish(channel, connect, path, deadline)
 
     async def _client_handshake(self, channel: StreamChannel, expected: PeerId | None) -> None:
         client_nonce = os.urandom(NONCE_LEN)
@@ -265,10 +204,6 @@ class UnixTransport:
             raise HandshakeError(f"peer {server} refused our authentication")
         channel.remote_peer = server
 
-    def _track(self, channel: StreamChannel) -> None:
-        self._channels.add(channel)
-        channel._connection_lost_hook = self._channels.discard
-
     async def close(self) -> None:
         """Stop listening (removing the socket file) and close every channel."""
         if self._server is not None:
@@ -281,11 +216,4 @@ class UnixTransport:
             except FileNotFoundError:
                 pass
             self._path = None
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in list(self._channels):
-            channel.abort()
-        self._channels.clear()
-        await asyncio.sleep(0)  # let the aborted transports run connection_lost
+        await super().close()
