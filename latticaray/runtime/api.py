@@ -352,12 +352,14 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          namespace: str = "default", ignore_reinit_error: bool = False,
          listen: list[str] | None = None, mesh_key_path: str | None = None,
-         _mesh: bool | None = None, _max_workers: int | None = None):
+         nat=None, _mesh: bool | None = None, _max_workers: int | None = None):
     """Start (or join) latticaray from this process.
 
     No arguments: an embedded local node with worker processes sized to this machine.
     `bootstrap=[multiaddr, ...]` joins an existing mesh (with `credential`, a membership
-    credential from the mesh's `latticaray invite`).
+    credential from the mesh's `latticaray invite`). `nat=` (a cluster.NatSettings or a dict of
+    its fields: observers, relays, lab, hole_punching, ...) runs NAT traversal for a node behind a
+    NAT: it reserves a relay slot, advertises its circuit address and upgrades by hole punching.
     """
     global _runtime
     with _init_lock:
@@ -371,15 +373,16 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
             return _attach(address, namespace)
-        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh)
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
         total = _default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.cluster import MeshRuntime
+            from latticaray.runtime.cluster import MeshRuntime, NatSettings
             mesh_runtime = MeshRuntime.prepare(bootstrap=bootstrap or [], credential=credential,
-                                               listen=listen, key_path=mesh_key_path)
+                                               listen=listen, key_path=mesh_key_path,
+                                               nat=NatSettings.coerce(nat))
             node_id = mesh_runtime.node_id
             start_mesh = mesh_runtime.start
         if node_id is None:

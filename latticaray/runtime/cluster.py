@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import time
@@ -25,7 +26,7 @@ import time
 import msgpack
 
 from latticaray.mesh.errors import MeshError, RpcError
-from latticaray.mesh.identity import KeyPair
+from latticaray.mesh.identity import KeyPair, PeerId
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.rpc import Status
 from latticaray.runtime import serialization
@@ -50,6 +51,7 @@ NAMES_PROTOCOL = "/latticaray/names/1"
 VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 SESSION_TIMEOUT = 20 * 3600.0
+MAX_INTRODUCED_ADDRS = 8
 CHUNK = 4 << 20
 BY_REF_ARG = 256 << 10
 MAX_CONTROL_MESSAGE = 1 << 20
@@ -174,6 +176,7 @@ class MeshCluster:
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self._last_member_publish = 0.0
+        self._introducing: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def register(self) -> None:
@@ -276,7 +279,7 @@ class MeshCluster:
         self._last_member_publish = now
         try:
             self.state.members.upsert_self(
-                addrs=[str(a) for a in self.mesh.listen_addrs],
+                addrs=[str(a) for a in self.mesh.advertised_addrs],
                 resources_total=dict(self.node.total_resources),
                 resources_available=self.node.ledger.available)
         except Exception as exc:  # a rejected write must not stop the view loop
@@ -318,19 +321,29 @@ class MeshCluster:
                                            ad_time=time.monotonic()))
         for other, addrs in (view.get("peers") or {}).items():
             if other != self.node_id and other not in self.peers and addrs:
-                self.spawn(self._introduce(addrs))
+                self.spawn(self._introduce(other, addrs))
         for ns, name, rec in view.get("names") or []:
             self.names.setdefault((ns, name), rec)
         return b""
 
-    async def _introduce(self, addrs: list[str]) -> None:
-        for addr in addrs[:4]:
-            try:
-                peer = await self.mesh.connect(addr, timeout=5.0)
-            except (MeshError, ValueError):
-                continue
-            await self._admit_with(peer)
+    async def _introduce(self, node_id: str, addrs: list[str]) -> None:
+        """Meet a peer another member told us about: its addresses (circuit ones included) go to
+        the peer store and the connection manager picks the path (direct, relayed, or both raced)."""
+        if node_id in self._introducing:
             return
+        self._introducing.add(node_id)
+        try:
+            peer = PeerId.from_string(node_id)
+            self.mesh.add_addrs(peer, [a for a in addrs[:MAX_INTRODUCED_ADDRS]
+                                       if isinstance(a, str)])
+        except (MeshError, ValueError, TypeError) as exc:
+            log.debug("introduction of %s ignored: %s", node_id, exc)
+            self._introducing.discard(node_id)
+            return
+        try:
+            await self._admit_with(peer)
+        finally:
+            self._introducing.discard(node_id)
 
     def alive_peers(self) -> list[str]:
         return [n for n, s in self.peers.items() if s.alive]
@@ -964,38 +977,128 @@ class MeshCluster:
                 rec["node"] = host
 
 
+@dataclasses.dataclass
+class NatSettings:
+    """How a runtime node takes part in NAT traversal (see docs/protocol/nat.md).
+
+    A node behind a NAT gives `observers` (QUIC endpoints of public nodes, for NAT type and
+    AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`); at start it reserves a relay slot when it
+    is not public and advertises its circuit address. A public node may `serve_relay` on
+    `relay_port` and `serve_autonat`. `lab=True` treats the netlab's 198.18.0.0/15 as public.
+    """
+
+    observers: tuple = ()
+    relays: tuple = ()
+    serve_relay: bool = False
+    relay_port: int = 0
+    serve_autonat: bool = False
+    hole_punching: bool = True
+    lab: bool = False
+    auto_configure: bool = True
+
+    @classmethod
+    def coerce(cls, value) -> "NatSettings | None":
+        if value is None or value is False or isinstance(value, cls):
+            return value or None
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(value) - fields
+            if unknown:
+                raise ValueError(f"unknown NAT settings {sorted(unknown)}; known: {sorted(fields)}")
+            value = dict(value)
+            value["observers"] = tuple(_endpoint(e) for e in value.get("observers", ()))
+            value["relays"] = tuple(value.get("relays", ()))
+            return cls(**value)
+        raise TypeError(f"nat= takes a NatSettings, a dict of its fields or True, not {value!r}")
+
+    def config(self):
+        from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
+        from latticaray.mesh.nat.autonat import AutoNatClientConfig
+        from latticaray.mesh.nat.host import NatNodeConfig
+        policy = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES) if self.lab else AddressPolicy()
+        confirmations = max(1, min(2, len(self.observers)))
+        return NatNodeConfig(observers=tuple(self.observers), relays=tuple(self.relays),
+                             policy=policy, serve_relay=self.serve_relay,
+                             relay_port=self.relay_port, serve_autonat=self.serve_autonat,
+                             hole_punching=self.hole_punching,
+                             autonat_client=AutoNatClientConfig(min_confirmations=confirmations,
+                                                                dial_back_timeout=1.5))
+
+
+def _endpoint(value) -> tuple[str, int]:
+    """("198.18.0.11", 4001), [host, port] or "host:port" -> (host, port)."""
+    if isinstance(value, str):
+        host, _, port = value.rpartition(":")
+        return host, int(port)
+    host, port = value
+    return str(host), int(port)
+
+
+class _ProvidingRefs(collections.Counter):
+    """The node's store-object pin counts; a CID counted for the first time is announced."""
+
+    def __init__(self, counts, on_new):
+        super().__init__(counts)
+        self._on_new = on_new
+
+    def __setitem__(self, cid, count):
+        is_new = cid not in self
+        super().__setitem__(cid, count)
+        if is_new and count > 0:
+            self._on_new(cid)
+
+
 class MeshRuntime:
-    """A MeshNode plus the MeshCluster that carries a RuntimeNode's work across the mesh."""
+    """A MeshNode plus the MeshCluster that carries a RuntimeNode's work across the mesh.
+
+    Beside the runtime's own protocols it runs a DhtService (server mode; bootstrapped from the
+    bootstrap peers) that the ObjectExchange announces store objects into and resolves CIDs
+    through, and, when `nat` is given, MeshNat (relay reservation, circuit address, hole punching).
+    """
 
     def __init__(self, key: KeyPair, bootstrap: list[str], admission: Admission,
-                 listen: list[str] | None):
+                 listen: list[str] | None, nat: "NatSettings | None" = None):
         self.key = key
         self.node_id = str(key.peer_id)
         self.bootstrap = list(bootstrap)
         self.admission = admission
         self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+        self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.cluster: MeshCluster | None = None
         self.state = None
+        self.dht = None
+        self.nat = None
+        self.exchange = None
+        self.timings: dict[str, float] = {}
+        self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
     def prepare(cls, *, bootstrap: list[str], credential: str | None,
                 listen: list[str] | None = None, key_path: str | None = None,
-                mesh_key_path: str | None = None) -> "MeshRuntime":
+                mesh_key_path: str | None = None,
+                nat: "NatSettings | None" = None) -> "MeshRuntime":
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
             admission = Admission.join(credential)
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen)
+        return cls(key, bootstrap, admission, listen, nat)
 
     async def start(self, runtime_node) -> "MeshRuntime":
+        from latticaray.mesh.dht.service import DhtService
         from latticaray.mesh.transport.quic import QuicConfig
+        started = time.monotonic()
         config = MeshConfig(listen=self.listen, key=self.key,
                             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0))
         self.mesh = MeshNode(config)
         await self.mesh.start()
+        self.dht = DhtService(self.mesh)
+        if self.nat_settings is not None:
+            await self._start_nat()
         self.cluster = MeshCluster(runtime_node, self.mesh, self.admission)
         self.cluster.register()
         runtime_node.cluster = self.cluster
@@ -1009,15 +1112,50 @@ class MeshRuntime:
             await runtime_node.store_ready
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
-            self.exchange = ObjectExchange(self.mesh, None, runtime_node.store)
+            self.exchange = ObjectExchange(self.mesh, self.dht, runtime_node.store)
             await self.exchange.start()
             self.cluster.exchange = self.exchange
+            runtime_node.store_refs = _ProvidingRefs(runtime_node.store_refs, self._provide)
         for addr in self.bootstrap:
             try:
                 await self.cluster.join(addr)
             except (MeshError, ValueError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+        self.timings["join_s"] = time.monotonic() - started
+        if self.bootstrap:
+            try:
+                await asyncio.wait_for(self.dht.bootstrap([]), 15.0)
+            except (MeshError, asyncio.TimeoutError) as exc:
+                log.warning("DHT bootstrap did not complete: %r", exc)
+        self.dht.start()
+        self.timings["dht_s"] = time.monotonic() - started
         return self
+
+    async def _start_nat(self) -> None:
+        from latticaray.mesh.nat.mesh_nat import MeshNat
+        settings = self.nat_settings
+        self.nat = MeshNat(self.mesh, settings.config())
+        await self.nat.start()
+        if settings.auto_configure:
+            report, reach = await asyncio.wait_for(self.nat.auto_configure(), 60.0)
+            self.timings["nat_type"] = str(getattr(report, "nat_type", report))
+            self.timings["reachability"] = str(reach)
+            log.info("NAT: %s, reachability %s, circuit %s", report, reach,
+                     self.nat.circuit_addresses())
+
+    def _provide(self, cid: str) -> None:
+        """Announce a store object this node holds as provided in the DHT (in the background)."""
+        if self.exchange is None or not cid.startswith("baf"):
+            return
+        task = asyncio.get_running_loop().create_task(self._provide_quietly(cid))
+        self._provide_tasks.add(task)
+        task.add_done_callback(self._provide_tasks.discard)
+
+    async def _provide_quietly(self, cid: str) -> None:
+        try:
+            await self.exchange.provide(cid)
+        except Exception as exc:  # an announcement that fails is retried by the reprovider
+            log.debug("providing %s failed: %r", cid, exc)
 
     async def wait_for_peers(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -1031,20 +1169,33 @@ class MeshRuntime:
     def listen_addrs(self) -> list[str]:
         return [str(a) for a in self.mesh.listen_addrs] if self.mesh else []
 
+    @property
+    def advertised_addrs(self) -> list[str]:
+        return [str(a) for a in self.mesh.advertised_addrs] if self.mesh else []
+
     def invite(self, peer_id: str | None = None, ttl: float | None = None) -> str:
         if ttl is None:
             return self.admission.invite(peer_id)
         return self.admission.invite(peer_id, ttl)
 
     async def stop(self) -> None:
+        for task in list(self._provide_tasks):
+            task.cancel()
         if self.cluster is not None:
             await self.cluster.stop()
-        if getattr(self, "exchange", None) is not None:
+        if self.exchange is not None:
             await self.exchange.stop()
         if self.state is not None:
             try:
                 await self.state.stop()
             except Exception as exc:
                 log.debug("cluster state did not stop cleanly: %s", exc)
+        if self.dht is not None:
+            await self.dht.close()
+        if self.nat is not None:
+            try:
+                await self.nat.stop()
+            except Exception as exc:
+                log.debug("NAT traversal did not stop cleanly: %s", exc)
         if self.mesh is not None:
             await self.mesh.stop()

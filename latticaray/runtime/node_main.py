@@ -1,8 +1,9 @@
 """A standalone node process: `python -m latticaray.runtime.node_main [options]`.
 
 Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop until SIGTERM or
-SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "invite": ...}
-("invite" only on the node that created the mesh). This is what `latticaray start` runs.
+SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "advertised": [...],
+"timings": {...}, "invite": ...} ("invite" only on the node that created the mesh). With --nat
+(and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. This is what `latticaray start` runs.
 """
 from __future__ import annotations
 
@@ -30,7 +31,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "(default: a private directory under the temp dir)")
     parser.add_argument("--mesh-key-path", default=None,
                         help="mesh key file for a node that starts a mesh (created if missing)")
+    parser.add_argument("--nat", action="store_true",
+                        help="take part in NAT traversal: find the NAT type, reserve a relay slot "
+                             "when not public, advertise the circuit address, hole-punch")
+    parser.add_argument("--observer", action="append", default=[],
+                        help="HOST:PORT, QUIC endpoint of a public node (NAT type, AutoNAT)")
+    parser.add_argument("--relay", action="append", default=[],
+                        help="/ip4/HOST/tcp/PORT/p2p/ID of a relay to reserve a slot on")
+    parser.add_argument("--serve-relay", type=int, default=None, metavar="PORT",
+                        help="offer the relay service (TCP PORT) and AutoNAT: for public nodes")
+    parser.add_argument("--no-hole-punching", action="store_true")
+    parser.add_argument("--lab", action="store_true",
+                        help="treat the netlab's 198.18.0.0/15 addresses as public")
     return parser.parse_args(argv)
+
+
+def nat_settings(args: argparse.Namespace):
+    """The NatSettings the NAT options ask for, or None when NAT traversal is off."""
+    if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
+        return None
+    from latticaray.runtime.cluster import NatSettings
+    serving = args.serve_relay is not None
+    return NatSettings.coerce({
+        "observers": args.observer, "relays": args.relay, "serve_relay": serving,
+        "relay_port": args.serve_relay or 0, "serve_autonat": serving,
+        "hole_punching": not args.no_hole_punching, "lab": args.lab,
+        "auto_configure": not serving})
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -47,7 +73,8 @@ async def run(args: argparse.Namespace) -> None:
                                    json.loads(args.resources) if args.resources else None)
     mesh_runtime = MeshRuntime.prepare(bootstrap=args.bootstrap, credential=args.credential,
                                        listen=args.listen, key_path=args.key_path,
-                                       mesh_key_path=args.mesh_key_path)
+                                       mesh_key_path=args.mesh_key_path,
+                                       nat=nat_settings(args))
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)
@@ -60,6 +87,7 @@ async def run(args: argparse.Namespace) -> None:
         tempfile.gettempdir(), f"latticaray-{os.getuid()}", f"node-{os.getpid()}.sock")
     await node.listen_for_drivers(socket_path)
     ready = {"node_id": mesh_runtime.node_id, "addrs": mesh_runtime.listen_addrs,
+             "advertised": mesh_runtime.advertised_addrs, "timings": mesh_runtime.timings,
              "pid": os.getpid(), "driver_address": f"unix:{socket_path}"}
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
