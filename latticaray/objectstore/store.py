@@ -360,6 +360,7 @@ class LocalStore:
         self._warm_refilling = False
         self._last_large_put_end = float("-inf")
         self._refill_seconds = 0.0  # how long the last spare took to make
+        self.spares_made = 0  # by this process (observability; tests)
         self._warm_pid = os.getpid()
         self._warm_unmap: list[_WarmFile] = []  # spent spares whose mappings are yet to be closed
         config_path = os.path.join(self.root, "config")
@@ -718,6 +719,7 @@ class LocalStore:
             started = time.monotonic()
             warm = _WarmFile(os.path.join(self._tmp, token), token, size)
             self._refill_seconds = time.monotonic() - started
+            self.spares_made += 1
             with self._warm_lock:
                 previous, self._warm = self._warm, warm
             token = None

@@ -162,3 +162,16 @@ def test_spares_of_exited_and_killed_processes_do_not_leak(make_store):
     cid = store.put(np.full(20 * WARM_MIN_BYTES, 7, dtype=np.uint8))
     assert store.in_memory(cid) and store.stats()["warm"] == 0
     assert not [n for n in os.listdir(os.path.join(store.root, "tmp")) if n.endswith("-warm")]
+
+
+def test_arrow_tables_without_pieces_take_the_warm_path_too(make_store):
+    table = pa.table({"x": np.arange(WARM_MIN_BYTES // 8 + 1000, dtype=np.int64)})
+    store = make_store()
+    store.delete(store.put(table))
+    assert store.wait_warm(60)
+    spare = [n for n in os.listdir(os.path.join(store.root, "tmp")) if n.endswith("-warm")]
+    cid = store.put(table)
+    assert spare and spare[0] not in os.listdir(os.path.join(store.root, "tmp"))
+    assert store.get(cid).equals(table)
+    assert cid == make_store("plain", warm=False).put(table)
+
