@@ -14,7 +14,9 @@ Public API (the runtime imports these)::
 
     ser = serialize(value)          # SerializedObject: .meta (dict), .nbytes, .inlineable
     ser.write_into(dest)            # fill a writable buffer of exactly ser.nbytes (one copy)
-    ser.write_to_file(path)         # or write it to a file with write(2) (what the store does)
+    ser.write_to_file(path)         # or write it to a file with write(2) (the store's plain path)
+    ser.pieces                      # None, or [(offset, buffer)]: the payload as source views, so
+                                    # the store copies and hashes it block by block
     payload = ser.to_bytes()        # the payload as bytes (for small values)
     value = deserialize(ser.meta, payload)           # payload: bytes / memoryview / mmap slice
     blob = serialize_inline(value); deserialize_inline(blob)   # self-describing small form

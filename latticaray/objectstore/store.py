@@ -39,7 +39,8 @@ reclaimed when room is needed or the next spare is made. ``warm=False`` disables
 
 Public API::
 
-    store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None)
+    store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None,
+                       chunk_size=1 << 20, hash_code=SHA2_256, warm=True)
     client = LocalStore.attach(root)                 # another process on the same host
     cid = store.put(value, pin=False)                # serialize + seal -> root CID (bafyrei...)
     value = store.get(cid)                           # zero-copy; ObjectNotFound if absent
@@ -77,7 +78,7 @@ from .errors import BlockVerificationError, ObjectNotFound, ObjectStoreError, St
 from .manifest import DEFAULT_CHUNK_SIZE, Manifest, block_spans, build_manifest, hash_pool, manifest_from_digests
 from .serialization import SerializedObject, deserialize, serialize
 
-__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity"]
+__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity", "WARM_MIN_BYTES"]
 
 _TRAILER_MAGIC = b"LRAYOBJ1"
 _TRAILER = struct.Struct(">I8s")
