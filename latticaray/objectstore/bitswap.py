@@ -69,7 +69,7 @@ class Response:
     #: (cid, HAVE | DONT_HAVE, bitmap | None). A HAVE for a root with a bitmap comes from a
     #: partial holder: bit i (LSB first in byte i // 8) set = it holds block i.
     presences: list[tuple[Cid, int, bytes | None]] = field(default_factory=list)
-    blocks: list[tuple[Cid, bytes]] = field(default_factory=list)
+    blocks: list[tuple[Cid, bytes | memoryview]] = field(default_factory=list)
 
 
 def encode_request(request: Request) -> bytes:
@@ -141,7 +141,43 @@ def encode_block_response(cid: Cid, data: bytes | memoryview) -> bytes:
     return b"".join((prefix, data))
 
 
+_BLOCK_RESPONSE_PREFIX = b"\x82\xa1p\x90\xa1b\x91\x92"  # {"p": [], "b": [[ ... (as encoded above)
+
+
+def _decode_block_response(data: bytes | memoryview) -> Response | None:
+    """The common one-block response, its block a view of ``data`` (no copy); None if ``data``
+    is not exactly that shape (the general decoder then handles it)."""
+    view = memoryview(data).cast("B")
+    start = len(_BLOCK_PREFIX_VIEW)
+    if view.nbytes < start + 4 or view[:start] != _BLOCK_PREFIX_VIEW or view[start] != 0xC4:
+        return None
+    cid_end = start + 2 + view[start + 1]
+    if cid_end >= view.nbytes:
+        return None
+    kind = view[cid_end]
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(kind)
+    if width is None or cid_end + 1 + width > view.nbytes:
+        return None
+    length = int.from_bytes(view[cid_end + 1:cid_end + 1 + width], "big")
+    body = cid_end + 1 + width
+    if body + length != view.nbytes:
+        return None
+    if length > MAX_BLOCK_SIZE:
+        raise CodecError(f"block of {length} bytes exceeds {MAX_BLOCK_SIZE}")
+    cid = _cid(bytes(view[start + 2:cid_end]))
+    return Response(blocks=[(cid, view[body:])])
+
+
+_BLOCK_PREFIX_VIEW = memoryview(_BLOCK_RESPONSE_PREFIX)
+
+
 def decode_response(data: bytes | memoryview) -> Response:
+    """Decode and validate a response; a one-block response's block is a view of ``data``."""
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise CodecError(f"bitswap response of {len(data)} bytes exceeds the {MAX_RESPONSE_BYTES}-byte limit")
+    fast = _decode_block_response(data)
+    if fast is not None:
+        return fast
     message = _unpack(data, MAX_RESPONSE_BYTES, "bitswap response")
     if not isinstance(message, dict):
         raise CodecError("bitswap response is not a map")

@@ -259,6 +259,26 @@ def test_codec_round_trip_and_bounds():
         bs.decode_response(msgpack.packb({"p": [], "b": [[b"notacid", b"x"]]}))
 
 
+def test_one_block_responses_decode_without_copying_the_block():
+    block_cid = Cid.of(b"block")
+    for size in (0, 5, 300, 70_000, bs.MAX_BLOCK_SIZE):
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        message = bs.encode_block_response(block_cid, data)
+        (cid, block), = bs.decode_response(message).blocks
+        assert cid == block_cid and block == data
+        assert isinstance(block, memoryview) and block.obj is message  # a view, not a copy
+    message = bs.encode_block_response(block_cid, b"y" * 1000)
+    for broken in (message[:-1], message + b"\x00", message[:20]):
+        with pytest.raises(CodecError):
+            bs.decode_response(broken)
+    oversize = bs._BLOCK_RESPONSE_PREFIX + b"\xc4" + bytes([len(bytes(block_cid))]) + bytes(block_cid)
+    oversize += b"\xc6" + (bs.MAX_BLOCK_SIZE + 1).to_bytes(4, "big") + b"\x00" * (bs.MAX_BLOCK_SIZE + 1)
+    with pytest.raises(CodecError, match="exceeds"):
+        bs.decode_response(oversize)
+    with pytest.raises(CodecError, match="CID"):
+        bs.decode_response(bs._BLOCK_RESPONSE_PREFIX + b"\xc4\x07notacid\xc4\x01x")
+
+
 def test_end_game_duplicates_blocks_stuck_at_a_slow_provider(object_data):
     payload, manifest = object_data
     times = {}
