@@ -40,6 +40,15 @@ def get_store():
     return _store
 
 
+def close_store() -> None:
+    """Give back this process's warm spare before it exits (``os._exit`` skips exit hooks)."""
+    if _store is not None:
+        try:
+            _store.close()
+        except OSError:
+            pass
+
+
 def _is_plain(value, depth: int = 0) -> bool:
     cls = type(value)
     if cls in _PLAIN_TYPES:

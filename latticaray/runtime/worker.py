@@ -499,6 +499,7 @@ def main(argv: list[str]) -> None:
             sock.close()
         except OSError:
             pass
+        serialization.close_store()
         os._exit(0)
 
 
