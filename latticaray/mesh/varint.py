@@ -39,7 +39,7 @@ def decode_varint(data: bytes | memoryview, offset: int = 0) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
             if byte == 0 and i > 0:
-                raise VarintError(f"non-minimal varint at byte {offset}")
+                raise VarintError(f"varint at byte {offset} is not minimally encoded")
             return value, pos + 1
         shift += 7
     raise VarintError(f"varint at byte {offset} is longer than {MAX_VARINT_BYTES} bytes")

@@ -22,6 +22,9 @@ import base64
 import hashlib
 from typing import Final
 
+from latticaray.mesh import varint as _varint
+from latticaray.mesh.varint import VarintError
+
 from .errors import InvalidCid
 
 __all__ = ["Cid", "RAW", "DAG_CBOR", "DAG_PB", "SHA2_256", "BLAKE3", "encode_varint",
@@ -35,7 +38,6 @@ BLAKE3: Final = 0x1E
 
 _CODEC_NAMES = {RAW: "raw", DAG_PB: "dag-pb", DAG_CBOR: "dag-cbor"}
 _HASH_LENGTHS = {SHA2_256: 32, BLAKE3: 32}
-_MAX_VARINT_BYTES = 9  # multiformats unsigned-varint: at most 63 bits, 9 bytes
 
 try:  # optional, faster hash
     import blake3 as _blake3
@@ -48,35 +50,18 @@ def blake3_available() -> bool:
 
 
 def encode_varint(value: int) -> bytes:
-    if value < 0 or value >= 1 << 63:
-        raise InvalidCid(f"varint out of range: {value}")
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    try:
+        return _varint.encode_varint(value)
+    except VarintError as exc:
+        raise InvalidCid(str(exc)) from None
 
 
 def decode_varint(data: bytes | memoryview, offset: int = 0) -> tuple[int, int]:
     """Decode an unsigned varint at ``offset``; return ``(value, next_offset)``."""
-    value = 0
-    shift = 0
-    for i in range(_MAX_VARINT_BYTES):
-        pos = offset + i
-        if pos >= len(data):
-            raise InvalidCid("truncated varint")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise InvalidCid("varint is not minimally encoded")
-            return value, pos + 1
-        shift += 7
-    raise InvalidCid("varint longer than 9 bytes")
+    try:
+        return _varint.decode_varint(data, offset)
+    except VarintError as exc:
+        raise InvalidCid(str(exc)) from None
 
 
 def hash_digest(hash_code: int, data: bytes | memoryview) -> bytes:
