@@ -52,6 +52,8 @@ VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 SESSION_TIMEOUT = 20 * 3600.0
 MAX_INTRODUCED_ADDRS = 8
+MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
+SESSION_REOPEN_WINDOW = 60.0
 CHUNK = 4 << 20
 BY_REF_ARG = 256 << 10
 MAX_CONTROL_MESSAGE = 1 << 20
@@ -83,6 +85,7 @@ class PeerState:
         self.shipped: set[bytes] = set()
         self.parts: dict[tuple, list[bytes]] = {}
         self.view: dict = {}
+        self.reopen_times: list[float] = []
 
 
 class OwnedActor:
@@ -447,7 +450,7 @@ class MeshCluster:
         except asyncio.CancelledError:
             raise
         except MeshError as exc:
-            self._peer_gone(state.node_id, f"task session failed: {exc}")
+            self._session_lost(state, f"task session failed: {exc}")
 
     async def _session_replies(self, state: PeerState, call) -> None:
         try:
@@ -456,9 +459,48 @@ class MeshCluster:
         except asyncio.CancelledError:
             raise
         except (MeshError, ValueError) as exc:
-            self._peer_gone(state.node_id, f"task session broke: {exc}")
+            self._session_lost(state, f"task session broke: {exc}")
             return
-        self._peer_gone(state.node_id, "task session ended")
+        self._session_lost(state, "task session ended")
+
+    def _session_lost(self, state: PeerState, why: str) -> None:
+        """A task session ended. If the peer is still connected (its connection was replaced, e.g.
+        relayed -> hole-punched direct, which closes the streams of the old one), open a new
+        session and send the work in flight again; otherwise the peer is gone."""
+        now = time.monotonic()
+        state.reopen_times = [t for t in state.reopen_times if now - t < SESSION_REOPEN_WINDOW]
+        if (not state.alive or self._stopped or self.mesh.connection_to(state.peer_id) is None
+                or len(state.reopen_times) >= MAX_SESSION_REOPENS):
+            self._peer_gone(state.node_id, why)
+            return
+        state.reopen_times.append(now)
+        self.stats["sessions_reopened"] += 1
+        log.info("task session to %s reopened (%s)", state.node_id, why)
+        if state.session_task is not None and state.session_task is not asyncio.current_task():
+            state.session_task.cancel()
+        state.session_task = None
+        state.outbox = None
+        state.shipped.clear()
+        state.parts.clear()
+        inflight = list(state.inflight.values())
+        state.inflight.clear()
+        actors = set()
+        for rec in inflight:
+            rec.remote_peer = None
+            if rec.done:
+                continue
+            if "aid" in rec.msg:
+                self._actor_call_lost(rec, state.node_id)
+                actors.add(rec.msg["aid"])
+            elif rec.cancelled:
+                self.node._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif self.node._stream_started(rec):
+                self.node._fail(rec, NodeDiedError(
+                    f"the session to node {state.node_id} broke while streaming {rec.name}"))
+            else:
+                self.run_remote(rec, state.node_id)
+        for aid in actors:
+            self.pump_actor(aid)
 
     def _on_session_reply(self, state: PeerState, message: dict) -> None:
         kind = message["k"]
@@ -984,7 +1026,8 @@ class NatSettings:
     A node behind a NAT gives `observers` (QUIC endpoints of public nodes, for NAT type and
     AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`); at start it reserves a relay slot when it
     is not public and advertises its circuit address. A public node may `serve_relay` on
-    `relay_port` and `serve_autonat`. `lab=True` treats the netlab's 198.18.0.0/15 as public.
+    `relay_port` and `serve_autonat`. `lab=True` treats the netlab's 198.18.0.0/15 as public and
+    turns off the same-host Unix-socket path (lab namespaces share one machine).
     """
 
     observers: tuple = ()
@@ -1092,7 +1135,10 @@ class MeshRuntime:
         from latticaray.mesh.dht.service import DhtService
         from latticaray.mesh.transport.quic import QuicConfig
         started = time.monotonic()
-        config = MeshConfig(listen=self.listen, key=self.key,
+        # netlab hosts share this machine's filesystem but stand for separate machines: no
+        # same-host Unix-socket shortcut around their NATs
+        in_lab = self.nat_settings is not None and self.nat_settings.lab
+        config = MeshConfig(listen=self.listen, key=self.key, same_host_fast_path=not in_lab,
                             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0))
         self.mesh = MeshNode(config)
         await self.mesh.start()

@@ -1,0 +1,198 @@
+"""The runtime over real kernel NATs (netlab): a driver behind a NAT runs tasks on a worker behind
+another NAT.
+
+pub1 runs a runtime node that is the mesh's bootstrap, relay and AutoNAT server. A worker node
+(`python -m latticaray.runtime.node_main --nat ...`) runs inside hostB (cone NAT) or hostC
+(symmetric NAT); a driver process inside hostA (cone NAT) joins with
+`init(bootstrap=..., credential=..., nat=...)`, meets the worker through pub1 (its circuit address
+travels in the runtime views), and runs `remote` tasks that need the worker's custom resource.
+Every process is started with `ip netns exec` and stopped by the test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "runtime"))
+
+from meshutil import _die_with_parent  # noqa: E402
+
+pytestmark = pytest.mark.netlab
+
+PUB1 = "198.18.0.11"
+HOST_IPS = {"hostA": "198.19.1.10", "hostB": "198.19.2.10", "hostC": "198.19.3.10"}
+QUIC_PORT = 4701
+RELAY_PORT = 4702
+
+DRIVER = r"""
+import json, logging, sys, time
+import latticaray as lattica
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                    format="%(asctime)s %(name)s %(levelname)s %(message)s")
+for name in ("latticaray.runtime.cluster", "latticaray.mesh.nat"):
+    logging.getLogger(name).setLevel(logging.INFO)
+from latticaray.runtime import api
+
+bootstrap, credential, relay, worker_resource, listen = sys.argv[1:6]
+started = time.monotonic()
+lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[listen],
+             nat={"observers": ["198.18.0.11:4701"], "relays": [relay], "lab": True})
+joined = time.monotonic() - started
+
+def worker_alive():
+    return [n["NodeID"] for n in lattica.nodes()
+            if n["Alive"] and n.get("Resources", {}).get(worker_resource)]
+
+deadline = time.monotonic() + 60
+while not worker_alive():
+    assert time.monotonic() < deadline, lattica.nodes()
+    time.sleep(0.05)
+worker = worker_alive()[0]
+seen = time.monotonic() - started
+
+@lattica.remote
+def where(i):
+    return lattica.get_runtime_context().node_id, i * i
+
+t0 = time.monotonic()
+first = lattica.get(where.options(resources={worker_resource: 0.01}).remote(7), timeout=60)
+first_latency = time.monotonic() - t0
+mesh_runtime = api._runtime.mesh_runtime
+def path_to(node_id):
+    peer = next(p for p in mesh_runtime.mesh.connected_peers() if str(p) == node_id)
+    conn = mesh_runtime.mesh.connection_to(peer)
+    return conn.transport if conn is not None else "none"
+first_path = path_to(worker)
+results = lattica.get([where.options(resources={worker_resource: 0.01}).remote(i)
+                       for i in range(40)], timeout=120)
+t1 = time.monotonic()
+lattica.get([where.options(resources={worker_resource: 0.01}).remote(i) for i in range(40)],
+            timeout=120)
+batch_s = time.monotonic() - t1
+
+path = path_to(worker)
+deadline = time.monotonic() + 20
+while path == "relay" and time.monotonic() < deadline:  # a punch may still be on its way
+    time.sleep(0.2)
+    path = path_to(worker)
+print(json.dumps({"worker": worker, "first": first, "results": results, "join_s": joined,
+                  "worker_seen_s": seen, "first_task_s": first_latency,
+                  "tasks_40_s": batch_s, "path": path, "first_path": first_path,
+                  "sessions_reopened": mesh_runtime.cluster.stats["sessions_reopened"],
+                  "advertised": mesh_runtime.advertised_addrs,
+                  "timings": mesh_runtime.timings}), flush=True)
+lattica.shutdown()
+"""
+
+
+class LabProcess:
+    """A process inside one lab namespace; stop() always reaps it."""
+
+    def __init__(self, prefix: str, host: str, args: list[str]):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen(["ip", "netns", "exec", f"{prefix}-{host}", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env, preexec_fn=_die_with_parent)
+
+    def ready_line(self, timeout: float) -> dict:
+        import selectors
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not selector.select(timeout):
+                raise AssertionError(f"no ready line within {timeout} s")
+        finally:
+            selector.close()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"process exited: {self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def node_args(host_ip: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "1",
+            "--listen", f"/ip4/{host_ip}/udp/{QUIC_PORT}/quic-v1", "--lab", *extra]
+
+
+@pytest.fixture(scope="module")
+def runtime_lab(nat_lab):
+    prefix = nat_lab[0]
+    processes = []
+    try:
+        pub1 = LabProcess(prefix, "pub1", node_args(PUB1, "--serve-relay", str(RELAY_PORT)))
+        processes.append(pub1)
+        info = pub1.ready_line(60)
+        bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
+        relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
+        yield {"prefix": prefix, "bootstrap": bootstrap, "relay": relay,
+               "invite": info["invite"], "processes": processes}
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def start_worker(lab: dict, host: str) -> tuple[LabProcess, dict]:
+    worker = LabProcess(lab["prefix"], host, node_args(
+        HOST_IPS[host], "--bootstrap", lab["bootstrap"], "--credential", lab["invite"],
+        "--resources", json.dumps({f"on_{host}": 1}), "--nat",
+        "--observer", f"{PUB1}:{QUIC_PORT}", "--relay", lab["relay"]))
+    lab["processes"].append(worker)
+    return worker, worker.ready_line(90)
+
+
+def run_driver(lab: dict, worker_host: str) -> dict:
+    driver = LabProcess(lab["prefix"], "hostA", [
+        sys.executable, "-c", DRIVER, lab["bootstrap"], lab["invite"], lab["relay"],
+        f"on_{worker_host}", f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1"])
+    try:
+        driver.proc.wait(240)
+        out = driver.proc.stdout.read()
+        assert driver.proc.returncode == 0, driver.proc.stderr.read()[-4000:]
+        return json.loads(out.strip().splitlines()[-1])
+    finally:
+        driver.stop()
+
+
+def check_report(report: dict, worker_info: dict) -> None:
+    assert report["worker"] == worker_info["node_id"]
+    assert report["first"] == [worker_info["node_id"], 49]
+    assert report["results"] == [[worker_info["node_id"], i * i] for i in range(40)]
+    print(f"\nruntime over NAT: join {report['join_s']:.2f} s, worker seen after "
+          f"{report['worker_seen_s']:.2f} s, first task {report['first_task_s'] * 1000:.0f} ms, "
+          f"40 tasks {report['tasks_40_s'] * 1000:.0f} ms, path at first task "
+          f"{report['first_path']}, final path {report['path']}, task sessions reopened "
+          f"{report['sessions_reopened']}")
+
+
+def test_driver_behind_cone_nat_runs_tasks_on_worker_behind_cone_nat(runtime_lab):
+    worker, info = start_worker(runtime_lab, "hostB")
+    assert any("p2p-circuit" in a for a in info["advertised"]), info
+    report = run_driver(runtime_lab, "hostB")
+    check_report(report, info)
+    assert any("p2p-circuit" in a for a in report["advertised"]), report
+    assert report["path"] == "quic", report  # hole punched: the relayed connection was replaced
+
+
+def test_worker_behind_symmetric_nat_still_runs_tasks(runtime_lab):
+    worker, info = start_worker(runtime_lab, "hostC")
+    assert any("p2p-circuit" in a for a in info["advertised"]), info
+    report = run_driver(runtime_lab, "hostC")
+    check_report(report, info)
+    assert report["path"] in ("quic", "relay"), report
