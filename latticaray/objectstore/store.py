@@ -37,10 +37,28 @@ and only while large puts leave it the idle time: a put that comes sooner takes 
 ``close()`` (or process exit) gives it back; spares of processes that died without closing are
 reclaimed when room is needed or the next spare is made. ``warm=False`` disables it.
 
+Recycling (back-to-back puts): ``delete`` of a large sealed object (>= ``WARM_MIN_BYTES``) may turn
+its file into this process's spare instead of unlinking it, so the next put reuses pages that are
+already allocated and resident. Under the ledger lock the file is renamed out of ``objects/`` into
+``tmp/<pid>-<id>-warm`` (from then on no CID names it and nobody can open it by name; a crash
+leaves only a temp file that recovery removes) and its bytes become a spare reservation (rounded
+up to the spare granule; only if that keeps the budget and all spares within ``capacity // 8``).
+The rule that keeps readers safe: a recycled file is written only after the kernel proves that
+no one else has it open or mapped: a background thread opens it and takes a write lease
+(``F_SETLEASE F_WRLCK``), which Linux grants only when the file has no other open file, and a
+mapping (even after its fd is closed) keeps its file open. Since the file can no longer be
+opened by name, what is proven at that moment stays true. If the lease is refused (a reader in
+any process, this one included, still holds a view, or leases are unavailable) the file is
+unlinked as a plain delete would, and readers keep their bytes. Eviction never recycles (it runs
+precisely when room is needed). A recycled spare serves only puts whose payload comes as
+``pieces`` (every byte of the kept size is written, gaps zeroed); the put trims the file to the
+new object's size, so nothing of the old object survives. ``recycle=False`` (or the environment
+variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False`` turns it off too.
+
 Public API::
 
     store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None,
-                       chunk_size=1 << 20, hash_code=SHA2_256, warm=True)
+                       chunk_size=1 << 20, hash_code=SHA2_256, warm=True, recycle=None)
     client = LocalStore.attach(root)                 # another process on the same host
     cid = store.put(value, pin=False)                # serialize + seal -> root CID (bafyrei...)
     value = store.get(cid)                           # zero-copy; ObjectNotFound if absent
@@ -86,6 +104,14 @@ _DEFAULT_RAM_FRACTION = 0.3
 WARM_MIN_BYTES = 16 << 20
 _WARM_GRANULE = 16 << 20
 _WARM_SUFFIX = "-warm"
+RECYCLE_ENV = "LATTICARAY_STORE_RECYCLE"
+
+
+def _prove_not_open_elsewhere(fd: int) -> None:
+    """Raise OSError unless ``fd`` is the only open file (or mapping) of its inode: Linux grants
+    a write lease only then. The lease is dropped at once; it is only a probe."""
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
 def default_capacity(fraction: float = _DEFAULT_RAM_FRACTION, shm_root: str = "/dev/shm") -> int:
@@ -304,12 +330,15 @@ def _register_for_exit(store: "LocalStore") -> None:
 class _WarmFile:
     """A pre-allocated, pre-faulted temp file mapped writable, waiting for the next large put."""
 
-    def __init__(self, path: str, token: str, size: int) -> None:
+    def __init__(self, path: str, token: str, size: int, recycled: bool = False) -> None:
         self.path = path
         self.token = token
         self.size = size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.recycled = recycled  # made from a deleted object's file (see the module docstring)
+        self.fd = os.open(path, os.O_RDWR if recycled else os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if recycled:
+                _prove_not_open_elsewhere(self.fd)  # before any byte of it is written
             os.posix_fallocate(self.fd, 0, size)
             self.map = mmap.mmap(self.fd, size)
             # map every page now, with one store per page (numpy lets the GIL go): unlike
@@ -339,7 +368,7 @@ class LocalStore:
     def __init__(self, root: str | None = None, capacity_bytes: int | None = None,
                  spill_dir: str | None = None, spill_capacity_bytes: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, hash_code: int = SHA2_256,
-                 warm: bool = True, _attach: bool = False) -> None:
+                 warm: bool = True, recycle: bool | None = None, _attach: bool = False) -> None:
         if root is None:
             parent = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                                   f"latticaray-{os.getuid()}")
@@ -355,6 +384,10 @@ class LocalStore:
         self._thread_lock = threading.RLock()
         self._manifests: OrderedDict[Cid, Manifest] = OrderedDict()
         self.warm_enabled = warm
+        if recycle is None:
+            recycle = os.environ.get(RECYCLE_ENV, "1") not in ("0", "false", "no", "off")
+        self.recycle_enabled = warm and recycle
+        self.spares_recycled = 0  # deleted objects' files made into spares (observability; tests)
         self._warm: _WarmFile | None = None
         self._warm_lock = threading.Lock()
         self._warm_ready = threading.Condition(self._warm_lock)  # notified when a refill ends
@@ -541,7 +574,7 @@ class LocalStore:
         blocks = max(1, -(-ser.nbytes // self.chunk_size))
         estimate = ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
         started = time.monotonic()
-        warm = self._take_warm(estimate) if ser.nbytes >= WARM_MIN_BYTES else None
+        warm = self._take_warm(estimate, ser) if ser.nbytes >= WARM_MIN_BYTES else None
         if warm is not None:
             manifest = self._put_into_warm(ser, warm, estimate)
         else:
@@ -582,11 +615,11 @@ class LocalStore:
             self._warm_pid = os.getpid()
             self._warm, self._warm_unmap, self._warm_refilling = None, [], False
 
-    def _take_warm(self, estimate: int) -> _WarmFile | None:
+    def _take_warm(self, estimate: int, ser: SerializedObject) -> _WarmFile | None:
         with self._warm_lock:
             self._forget_parents_warm()
             warm = self._warm
-            if warm is None or warm.size < estimate:
+            if warm is None or warm.size < estimate or (warm.recycled and ser.pieces is None):
                 return None
             self._warm = None
             return warm
@@ -721,16 +754,74 @@ class LocalStore:
             warm = _WarmFile(os.path.join(self._tmp, token), token, size)
             self._refill_seconds = time.monotonic() - started
             self.spares_made += 1
-            with self._warm_lock:
-                previous, self._warm = self._warm, warm
             token = None
-            if previous is not None:
-                self._discard_warm(previous)
+            self._install_warm(warm)
         except OSError:
             pass  # no spare this time (e.g. shm full): puts take the plain path
         finally:
             if token is not None:
                 self._release_reservation(token)
+            with self._warm_lock:
+                self._warm_refilling = False
+                self._warm_ready.notify_all()
+
+    def _install_warm(self, warm: _WarmFile) -> None:
+        with self._warm_lock:
+            previous, self._warm = self._warm, warm
+        if previous is not None:
+            self._discard_warm(previous)
+
+    def _recycle_file(self, ledger: dict[str, Any], name: str) -> tuple[str, int] | None:
+        """Move sealed object ``name`` out of ``objects/`` to become this process's next spare
+        (the caller holds the ledger lock); None when it is not to be recycled. The file is not
+        written until ``_finish_recycle`` has proven nobody else has it open or mapped."""
+        path = os.path.join(self._objects, name)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        if size < WARM_MIN_BYTES:
+            return None
+        rounded = -(-size // _WARM_GRANULE) * _WARM_GRANULE
+        with self._warm_lock:
+            self._forget_parents_warm()
+            if self._warm_refilling or (self._warm is not None and self._warm.size >= rounded):
+                return None
+            self._warm_refilling = True
+        spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
+        token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
+        if (spares + rounded > self.capacity // 8
+                or self._committed(ledger) - size + rounded > self.capacity):
+            token = None
+        else:
+            try:
+                os.rename(path, os.path.join(self._tmp, token))
+            except OSError:
+                token = None
+        if token is None:
+            with self._warm_lock:
+                self._warm_refilling = False
+                self._warm_ready.notify_all()
+            return None
+        ledger["used"] -= size
+        ledger["reservations"][token] = rounded
+        return token, rounded
+
+    def _finish_recycle(self, token: str, size: int) -> None:
+        """Background: prove the file unshared, extend it to ``size``, map and fault it in."""
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        path = os.path.join(self._tmp, token)
+        try:
+            self._unmap_spent()  # our own leftover mapping of it would (rightly) refuse the lease
+            warm = _WarmFile(path, token, size, recycled=True)
+            self.spares_recycled += 1
+            self._install_warm(warm)
+        except OSError:  # still open or mapped somewhere (or no leases here): delete it plainly
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._release_reservation(token)
+        finally:
             with self._warm_lock:
                 self._warm_refilling = False
                 self._warm_ready.notify_all()
@@ -922,10 +1013,14 @@ class LocalStore:
             return str(Cid.coerce(cid)) in ledger["pins"]
 
     def delete(self, cid: Cid | str) -> None:
-        """Remove the object (memory and spill) and its pins."""
+        """Remove the object (memory and spill) and its pins; a large one's file may become this
+        process's spare (see Recycling in the module docstring)."""
         name = str(Cid.coerce(cid))
+        recycled = None
         with self._locked() as ledger:
             ledger["pins"].pop(name, None)
+            if self.recycle_enabled:
+                recycled = self._recycle_file(ledger, name)
             for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -933,6 +1028,10 @@ class LocalStore:
                     os.unlink(path)
                     ledger[key] -= size
         self._manifests.pop(Cid.parse(name), None)
+        if recycled is not None:
+            _register_for_exit(self)
+            threading.Thread(target=self._finish_recycle, args=recycled,
+                             name="latticaray-store-recycle", daemon=True).start()
 
     def stats(self) -> dict[str, int]:
         with self._locked() as ledger:
