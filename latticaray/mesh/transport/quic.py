@@ -20,6 +20,12 @@ implement the :class:`~latticaray.mesh.channel.Channel` contract with backpressu
 * read: the receive window we grant the peer (MAX_STREAM_DATA / MAX_DATA) advances only with what
   the application has *read*, not with what arrived (aioquic's own policy doubles windows on
   arrival, which lets a stalled reader's memory grow without bound).
+
+aioquic is bound by per-packet Python work, so the driver keeps its own share small: datagrams
+read in one loop iteration are answered by one transmit, the aioquic timer is re-armed only when
+its deadline moves earlier, loopback paths are not paced, and connections share one frame
+dispatch table (fewer objects for the garbage collector to scan: with thousands of connections
+in a process, full collections had paused the loop for up to ~1 s).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
@@ -105,18 +112,77 @@ class QuicConfig:
     #: All connections on this transport.
     max_connections: int = 4096
     congestion_control: str = "reno"
+    #: RTT assumed before the first sample: the first handshake retransmission fires after
+    #: twice this. RFC 9002 recommends 333 ms; aioquic's 100 ms makes a busy process (many
+    #: handshakes at once) retransmit handshakes that were never lost, and each spurious
+    #: retransmission adds work to the very backlog that delayed the answer.
+    initial_rtt: float = 0.333
+    #: Pace sends on loopback paths too. aioquic paces from timers; on loopback there is no
+    #: bottleneck queue to protect and each paced burst costs a timer wake-up, which capped
+    #: large transfers.
+    pace_loopback: bool = False
 
     def datagram_size_for(self, host: str) -> int:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        size = self.loopback_max_datagram_size if loopback else self.max_datagram_size
+        size = self.loopback_max_datagram_size if _is_loopback(host) else self.max_datagram_size
         return max(MIN_DATAGRAM_SIZE, min(size, MAX_SAFE_DATAGRAM_SIZE))
+
+    def paces(self, host: str) -> bool:
+        return self.pace_loopback or not _is_loopback(host)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Unpaced(QuicPacketPacer):
+    """A pacer that never holds a packet back (congestion control still applies)."""
+
+    def next_send_time(self, now: float) -> None:
+        return None
+
+    def update_after_send(self, now: float) -> None:
+        pass
 
 
 def _now() -> float:
     return time.monotonic()
+
+
+class _SharedFrameHandlers:
+    """aioquic's frame dispatch table without a per-connection copy.
+
+    aioquic builds a dict of ~60 bound methods, tuples and frozensets for every connection:
+    about a third of the objects a connection keeps alive. With thousands of connections in
+    one process those objects made each full garbage collection pause the loop for up to ~1 s.
+    This stands in for that dict: one object per connection, reading one table per class."""
+
+    __slots__ = ("_conn", "_table")
+
+    def __init__(self, conn: QuicConnection, table: dict) -> None:
+        self._conn = conn
+        self._table = table
+
+    def __getitem__(self, frame_type: int):
+        function, epochs = self._table[frame_type]
+        return function.__get__(self._conn), epochs
+
+
+_FRAME_TABLE_ATTR = "_QuicConnection__frame_handlers"
+_shared_frame_table: dict | None = None
+
+
+def _share_frame_handlers(conn: QuicConnection) -> None:
+    global _shared_frame_table
+    own = getattr(conn, _FRAME_TABLE_ATTR, None)
+    if not isinstance(own, dict):
+        return  # aioquic changed its internals: keep its own table
+    if _shared_frame_table is None:
+        _shared_frame_table = {frame_type: (handler.__func__, epochs)
+                               for frame_type, (handler, epochs) in own.items()}
+    setattr(conn, _FRAME_TABLE_ATTR, _SharedFrameHandlers(conn, _shared_frame_table))
 
 
 class _MeshQuicConnection(QuicConnection):
@@ -125,6 +191,7 @@ class _MeshQuicConnection(QuicConnection):
     def __init__(self, *, configuration: QuicConfiguration, stream_window: int,
                  connection_window: int, max_streams: int, **kwargs) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        _share_frame_handlers(self)
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._local_max_streams_bidi.value = max_streams
@@ -299,10 +366,12 @@ class QuicChannel:
             if self.send_buffered <= high:
                 return
             self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._conn._draining.add(self)
             try:
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
+                self._conn._draining.discard(self)
 
     def close(self) -> None:
         """Send FIN after what was written; reading continues until the peer's FIN."""
@@ -386,6 +455,7 @@ class QuicConn:
         self._last_rx = _now()
         self._unanswered_since: float | None = None
         self._close_callbacks: list[Callable[["QuicConn"], None]] = []
+        self._draining: set[QuicChannel] = set()
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
@@ -538,9 +608,12 @@ class QuicConn:
             self.addr = addr  # migrated
             self.remote_addr = _udp_multiaddr(addr)
         self._process_events()
-        self._transmit()
-        for channel in list(self._channels.values()):
-            channel._check_drain()
+        # Datagrams that arrive together are answered together: the transmit runs once, after
+        # the loop has handed us every datagram it read in this iteration.
+        self._schedule_transmit()
+        if self._draining:
+            for channel in list(self._draining):
+                channel._check_drain()
         waiter = self._flush_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -645,13 +718,17 @@ class QuicConn:
         for data, addr in quic.datagrams_to_send(now=_now()):
             sendto(data, addr)
         timer_at = quic.get_timer()
-        if timer_at != self._timer_at or self._timer is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._timer_at = timer_at
-            if timer_at is not None:
-                self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer)
+        if timer_at is None:
+            return
+        # The deadline moves with nearly every packet. An armed timer that fires too early is
+        # harmless (handle_timer acts only on what is due, then we re-arm), so it is replaced
+        # only when the new deadline is earlier: no cancel + call_later per packet.
+        if self._timer is not None:
+            if timer_at >= self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = timer_at
+        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -872,9 +949,10 @@ class QuicTransport:
             max_stream_data=cfg.stream_receive_window,
             connection_id_length=CONNECTION_ID_LENGTH,
             congestion_control_algorithm=cfg.congestion_control,
+            initial_rtt=cfg.initial_rtt,
             server_name=None,
         )
-        return _MeshQuicConnection(
+        quic = _MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
@@ -882,6 +960,10 @@ class QuicTransport:
             connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
             max_streams=cfg.max_streams,
         )
+        host = remote_host.removeprefix("::ffff:")
+        if not cfg.paces(host):
+            quic._loss._pacer = _Unpaced(max_datagram_size=configuration.max_datagram_size)
+        return quic
 
     def _add(self, conn: QuicConn) -> None:
         self._conns.add(conn)
