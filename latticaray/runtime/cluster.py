@@ -52,6 +52,9 @@ VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 SESSION_TIMEOUT = 20 * 3600.0
 MAX_INTRODUCED_ADDRS = 8
+CAPACITY_TTL = 15.0           # DHT capacity ads: lifetime, refresh period, least gap on change
+CAPACITY_REFRESH = 5.0
+CAPACITY_MIN_INTERVAL = 2.0
 MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
 SESSION_REOPEN_WINDOW = 60.0
 CHUNK = 4 << 20
@@ -1093,12 +1096,37 @@ class _ProvidingRefs(collections.Counter):
             self._on_new(cid)
 
 
+class _RuntimeLoad:
+    """What the scheduler's CapacityAdvertiser reads of a RuntimeNode: its view, and a version
+    that changes whenever capacity or load does (checked when read)."""
+
+    def __init__(self, cluster: MeshCluster):
+        self.cluster = cluster
+        self._signature = None
+        self._version = 0
+
+    def view(self, now: float) -> NodeView:
+        view = self.cluster._local_view()
+        view.ad_time = now
+        return view
+
+    @property
+    def version(self) -> int:
+        view = self.cluster._local_view()
+        signature = (tuple(sorted(view.available.items())), view.queued, view.running)
+        if signature != self._signature:
+            self._signature = signature
+            self._version += 1
+        return self._version
+
+
 class MeshRuntime:
     """A MeshNode plus the MeshCluster that carries a RuntimeNode's work across the mesh.
 
     Beside the runtime's own protocols it runs a DhtService (server mode; bootstrapped from the
     bootstrap peers) that the ObjectExchange announces store objects into and resolves CIDs
-    through, and, when `nat` is given, MeshNat (relay reservation, circuit address, hole punching).
+    through and that the scheduler's CapacityAdvertiser publishes `capacity/<resource>` ads
+    into, and, when `nat` is given, MeshNat (relay reservation, circuit address, hole punching).
     """
 
     def __init__(self, key: KeyPair, bootstrap: list[str], admission: Admission,
@@ -1116,6 +1144,7 @@ class MeshRuntime:
         self.nat = None
         self.exchange = None
         self.timings: dict[str, float] = {}
+        self.advertiser = None
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -1175,7 +1204,29 @@ class MeshRuntime:
                 log.warning("DHT bootstrap did not complete: %r", exc)
         self.dht.start()
         self.timings["dht_s"] = time.monotonic() - started
+        self._start_advertiser()
         return self
+
+    def _start_advertiser(self) -> None:
+        """Capacity ads into the DHT (`capacity/<resource>`, this node's subkey); the CRDT
+        `members` entry is written by the cluster's view loop (with the advertised addresses)."""
+        from latticaray.scheduler.advertiser import AdvertiserCore, CapacityAdvertiser
+        store = getattr(self.cluster.node, "store", None)
+
+        def store_free() -> int:
+            try:
+                if store is None:
+                    return 0
+                stats = store.stats()
+                return max(0, int(stats["capacity"] - stats["used"] - stats["reserved"]))
+            except Exception:
+                return 0
+        self.advertiser = CapacityAdvertiser(
+            _RuntimeLoad(self.cluster), self.node_id, self.key.peer_id.to_bytes(), self.dht,
+            core=AdvertiserCore(self.node_id, ttl=CAPACITY_TTL, refresh_interval=CAPACITY_REFRESH,
+                                min_interval=CAPACITY_MIN_INTERVAL),
+            store_free=store_free)
+        self.advertiser.start()
 
     async def _start_nat(self) -> None:
         from latticaray.mesh.nat.mesh_nat import MeshNat
@@ -1227,6 +1278,8 @@ class MeshRuntime:
     async def stop(self) -> None:
         for task in list(self._provide_tasks):
             task.cancel()
+        if self.advertiser is not None:
+            await self.advertiser.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         if self.exchange is not None:

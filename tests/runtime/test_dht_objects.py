@@ -103,3 +103,33 @@ class Holder:
 
     def cid(self):
         return self.ref.cid
+
+
+def test_capacity_of_every_node_is_advertised_in_the_dht(mesh):
+    from latticaray.scheduler.advertiser import capacity_key, views_from_dht
+    expected = {mesh["driver"], *(node.node_id for node in mesh["nodes"])}
+    stranger = NodeThread(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"])).start()
+    try:
+        dht = DhtService(stranger.node)
+
+        async def read_ads():
+            await dht.bootstrap([mesh["nodes"][0].info["addrs"][0]])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            views = []
+            while loop.time() < deadline:
+                views, problems = views_from_dht(await dht.get(capacity_key("CPU")), loop.time())
+                assert not problems, problems
+                if {v.node_id for v in views} >= expected:
+                    break
+                await asyncio.sleep(0.3)
+            await dht.close()
+            return views
+
+        views = stranger.run(read_ads(), 60)
+    finally:
+        stranger.stop()
+    by_node = {v.node_id: v for v in views}
+    assert set(by_node) >= expected, sorted(by_node)
+    for node_id in expected:
+        assert by_node[node_id].total["CPU"] == 1
