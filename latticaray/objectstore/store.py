@@ -37,9 +37,11 @@ and only while large puts leave it the idle time: a put that comes sooner takes 
 ``close()`` (or process exit) gives it back; spares of processes that died without closing are
 reclaimed when room is needed or the next spare is made. ``warm=False`` disables it.
 
-Recycling (back-to-back puts): ``delete`` of a large sealed object (>= ``WARM_MIN_BYTES``) may turn
-its file into this process's spare instead of unlinking it, so the next put reuses pages that are
-already allocated and resident. Under the ledger lock the file is renamed out of ``objects/`` into
+Recycling (back-to-back puts): ``delete`` of a large sealed object (>= ``WARM_MIN_BYTES``), or
+a large put whose content is already sealed (a duplicate: its temp file would be discarded), may
+turn that file into this process's spare instead of unlinking it, so the next put reuses pages
+that are already allocated and resident. Under the ledger lock the file is renamed out of
+``objects/`` (or its temp name) into
 ``tmp/<pid>-<id>-warm`` (from then on no CID names it and nobody can open it by name; a crash
 leaves only a temp file that recovery removes) and its bytes become a spare reservation (rounded
 up to the spare granule; only if that keeps the budget and all spares within ``capacity // 8``).
@@ -575,8 +577,9 @@ class LocalStore:
         estimate = ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
         started = time.monotonic()
         warm = self._take_warm(estimate, ser) if ser.nbytes >= WARM_MIN_BYTES else None
+        duplicate = False
         if warm is not None:
-            manifest = self._put_into_warm(ser, warm, estimate)
+            manifest, duplicate = self._put_into_warm(ser, warm, estimate, pin)
         else:
             with self._locked() as ledger:
                 if self._warm is not None and self._committed(ledger) + estimate > self.capacity:
@@ -601,6 +604,8 @@ class LocalStore:
             warm = None
         self._manifests[manifest.root] = manifest
         try:
+            if duplicate:
+                return manifest.root
             if warm is not None:
                 return self._seal(manifest, warm.path, warm.token, pin)
             return self._seal(manifest, temp, token, pin)
@@ -624,8 +629,11 @@ class LocalStore:
             self._warm = None
             return warm
 
-    def _put_into_warm(self, ser: SerializedObject, warm: _WarmFile, estimate: int) -> Manifest:
-        """Write the payload straight into the pre-faulted mapping, hash it, trim and trail it."""
+    def _put_into_warm(self, ser: SerializedObject, warm: _WarmFile, estimate: int,
+                       pin: bool) -> tuple[Manifest, bool]:
+        """Write the payload straight into the pre-faulted mapping, hash it, trim and trail it.
+        If the object turns out to be sealed already (a duplicate put), the spare stays this
+        process's spare, untouched but for the bytes just written: (manifest, True)."""
         try:
             view = memoryview(warm.map)
             try:
@@ -636,6 +644,9 @@ class LocalStore:
                 view.release()
             if _sealed_size(manifest) > estimate:
                 raise ObjectStoreError("internal error: manifest larger than its reservation")
+            if self._touch_if_sealed(manifest, pin):
+                self._install_warm(warm)
+                return manifest, True
             trailer = manifest.encoded + _TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC)
             os.ftruncate(warm.fd, manifest.size)  # frees the spare's unused pages
             if os.pwrite(warm.fd, trailer, manifest.size) != len(trailer):
@@ -644,13 +655,28 @@ class LocalStore:
             warm.fd = -1
             with self._warm_lock:  # unmapping 100 MB takes ~8 ms: the refill thread does it
                 self._warm_unmap.append(warm)
-            return manifest
+            return manifest, False
         except BaseException:
             warm.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(warm.path)
             self._release_reservation(warm.token)
             raise
+
+    def _touch_if_sealed(self, manifest: Manifest, pin: bool) -> bool:
+        """True if ``manifest``'s object is already sealed (marked used, pinned if asked)."""
+        name = str(manifest.root)
+        final = os.path.join(self._objects, name)
+        if not os.path.exists(final):
+            return False
+        with self._locked() as ledger:
+            try:
+                os.utime(final)
+            except FileNotFoundError:
+                return False  # deleted meanwhile: seal ours
+            if pin:
+                self._add_pin(ledger, name)
+        return True
 
     def _copy_and_hash(self, ser: SerializedObject, dest: memoryview) -> Manifest:
         """Fill ``dest`` with the payload and hash its blocks.
@@ -771,11 +797,13 @@ class LocalStore:
         if previous is not None:
             self._discard_warm(previous)
 
-    def _recycle_file(self, ledger: dict[str, Any], name: str) -> tuple[str, int] | None:
-        """Move sealed object ``name`` out of ``objects/`` to become this process's next spare
-        (the caller holds the ledger lock); None when it is not to be recycled. The file is not
-        written until ``_finish_recycle`` has proven nobody else has it open or mapped."""
-        path = os.path.join(self._objects, name)
+    def _recycle_file(self, ledger: dict[str, Any], path: str, sealed: bool) -> tuple[str, int] | None:
+        """Move ``path`` (a sealed object's file, or a temp file a duplicate put wrote) to become
+        this process's next spare (the caller holds the ledger lock); None when it is not to be
+        recycled. The file is not written until ``_finish_recycle`` has proven nobody else has
+        it open or mapped."""
+        if not self.recycle_enabled:
+            return None
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
@@ -803,9 +831,16 @@ class LocalStore:
                 self._warm_refilling = False
                 self._warm_ready.notify_all()
             return None
-        ledger["used"] -= size
+        if sealed:
+            ledger["used"] -= size
         ledger["reservations"][token] = rounded
         return token, rounded
+
+    def _start_recycle(self, recycled: tuple[str, int] | None) -> None:
+        if recycled is not None:
+            _register_for_exit(self)
+            threading.Thread(target=self._finish_recycle, args=recycled,
+                             name="latticaray-store-recycle", daemon=True).start()
 
     def _finish_recycle(self, token: str, size: int) -> None:
         """Background: prove the file unshared, extend it to ``size``, map and fault it in."""
@@ -896,10 +931,13 @@ class LocalStore:
     def _seal(self, manifest: Manifest, temp: str, token: str, pin: bool) -> Cid:
         name = str(manifest.root)
         final = os.path.join(self._objects, name)
+        recycled = None
         with self._locked() as ledger:
             ledger["reservations"].pop(token, None)
-            if os.path.exists(final):
-                os.unlink(temp)
+            if os.path.exists(final):  # a duplicate: its freshly written file may be recycled
+                recycled = self._recycle_file(ledger, temp, sealed=False)
+                if recycled is None:
+                    os.unlink(temp)
                 os.utime(final)
             else:
                 spilled = os.path.join(self.spill_dir, name)
@@ -910,6 +948,7 @@ class LocalStore:
                 ledger["used"] += os.stat(final).st_size
             if pin:
                 self._add_pin(ledger, name)
+        self._start_recycle(recycled)
         return manifest.root
 
     # --- reading ---------------------------------------------------------------------------------
@@ -1019,8 +1058,7 @@ class LocalStore:
         recycled = None
         with self._locked() as ledger:
             ledger["pins"].pop(name, None)
-            if self.recycle_enabled:
-                recycled = self._recycle_file(ledger, name)
+            recycled = self._recycle_file(ledger, os.path.join(self._objects, name), sealed=True)
             for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
                 path = os.path.join(directory, name)
                 with contextlib.suppress(FileNotFoundError):
@@ -1028,10 +1066,7 @@ class LocalStore:
                     os.unlink(path)
                     ledger[key] -= size
         self._manifests.pop(Cid.parse(name), None)
-        if recycled is not None:
-            _register_for_exit(self)
-            threading.Thread(target=self._finish_recycle, args=recycled,
-                             name="latticaray-store-recycle", daemon=True).start()
+        self._start_recycle(recycled)
 
     def stats(self) -> dict[str, int]:
         with self._locked() as ledger:

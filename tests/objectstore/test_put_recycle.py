@@ -189,3 +189,39 @@ def test_repeated_put_delete_cycles_stay_correct_and_in_budget(make_store):
         assert _within_budget(store)
         previous = cid
     assert store.spares_recycled >= 3
+
+
+def test_a_duplicate_put_recycles_its_temp_file_and_never_touches_the_sealed_object(make_store):
+    store = _fresh(make_store, "duplicate")
+    value = _array(30)
+    cid = store.put(value)
+    sealed = os.path.join(store.root, "objects", str(cid))
+    inode = os.stat(sealed).st_ino
+    assert store.put(value) == cid  # plain path: written to a temp file, then found sealed
+    assert store.wait_warm(60) and store.spares_recycled == 1
+    assert os.stat(sealed).st_ino == inode and len(os.listdir(os.path.join(store.root, "objects"))) == 1
+    [spare] = _tmp_names(store)
+    spare_inode = os.stat(os.path.join(store.root, "tmp", spare)).st_ino
+    other = _array(31)
+    other_cid = store.put(other)  # into the recycled duplicate's file
+    assert os.stat(os.path.join(store.root, "objects", str(other_cid))).st_ino == spare_inode != inode
+    assert np.array_equal(store.get(cid), value) and np.array_equal(store.get(other_cid), other)
+    assert _within_budget(store)
+
+
+def test_a_duplicate_put_into_the_spare_keeps_the_spare(make_store):
+    store = _fresh(make_store, "dup-warm")
+    value = _array(32)
+    cid = store.put(value)
+    store.put(value)  # duplicate -> its temp file becomes the spare
+    assert store.wait_warm(60)
+    spare = _tmp_names(store)
+    assert len(spare) == 1
+    view = store.get(cid)
+    assert store.put(value, pin=True) == cid  # written into the spare, found sealed: spare kept
+    assert _tmp_names(store) == spare and store._warm is not None
+    assert store.is_pinned(cid) and np.array_equal(view, value)
+    assert _within_budget(store)
+    other = _array(33)
+    assert np.array_equal(store.get(store.put(other)), other)  # the kept spare still serves
+    assert _tmp_names(store) == [] and np.array_equal(view, value)
