@@ -52,6 +52,7 @@ VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 SESSION_TIMEOUT = 20 * 3600.0
 MAX_INTRODUCED_ADDRS = 8
+DHT_BOOTSTRAP_TIMEOUT = 30.0
 CAPACITY_TTL = 15.0           # DHT capacity ads: lifetime, refresh period, least gap on change
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
@@ -1145,6 +1146,7 @@ class MeshRuntime:
         self.exchange = None
         self.timings: dict[str, float] = {}
         self.advertiser = None
+        self._dht_bootstrap: asyncio.Task | None = None
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -1198,14 +1200,23 @@ class MeshRuntime:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
-            try:
-                await asyncio.wait_for(self.dht.bootstrap([]), 15.0)
-            except (MeshError, asyncio.TimeoutError) as exc:
-                log.warning("DHT bootstrap did not complete: %r", exc)
-        self.dht.start()
-        self.timings["dht_s"] = time.monotonic() - started
+            # in the background: lookups that meet departed peers wait out their timeouts, and
+            # init() must not (the exchange also asks connected peers meanwhile)
+            self._dht_bootstrap = asyncio.get_running_loop().create_task(
+                self._bootstrap_dht(started))
+        else:
+            self.dht.start()
         self._start_advertiser()
         return self
+
+    async def _bootstrap_dht(self, started: float) -> None:
+        try:
+            size = await asyncio.wait_for(self.dht.bootstrap([]), DHT_BOOTSTRAP_TIMEOUT)
+            self.timings["dht_bootstrap_s"] = time.monotonic() - started
+            log.info("DHT joined: %d peers in the routing table", size)
+        except (MeshError, asyncio.TimeoutError) as exc:
+            log.warning("DHT bootstrap did not complete: %r", exc)
+        self.dht.start()
 
     def _start_advertiser(self) -> None:
         """Capacity ads into the DHT (`capacity/<resource>`, this node's subkey); the CRDT
@@ -1276,8 +1287,10 @@ class MeshRuntime:
         return self.admission.invite(peer_id, ttl)
 
     async def stop(self) -> None:
-        for task in list(self._provide_tasks):
+        pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]
+        for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.cluster is not None:
