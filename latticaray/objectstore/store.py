@@ -52,10 +52,13 @@ mapping (even after its fd is closed) keeps its file open. Since the file can no
 opened by name, what is proven at that moment stays true. If the lease is refused (a reader in
 any process, this one included, still holds a view, or leases are unavailable) the file is
 unlinked as a plain delete would, and readers keep their bytes. Eviction never recycles (it runs
-precisely when room is needed). A recycled spare serves only puts whose payload comes as
-``pieces`` (every byte of the kept size is written, gaps zeroed); the put trims the file to the
-new object's size, so nothing of the old object survives. ``recycle=False`` (or the environment
-variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False`` turns it off too.
+precisely when room is needed). A put into a recycled spare writes every byte it keeps (payload
+``pieces`` are copied with their gaps zeroed; other payloads are written over zeroed memory) and
+trims the file to the new object's size, so nothing of the old object survives. ``recycle=False`` (or the environment
+variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False`` turns it off too. A fresh spare being made when a file to
+recycle comes gives way (its maker stops within one granule and gives its reservation back).
+A duplicate put that went into the spare finds the object sealed before trimming the spare and
+keeps the spare as it is (no file to recycle, nothing to map again).
 
 Public API::
 
@@ -332,7 +335,8 @@ def _register_for_exit(store: "LocalStore") -> None:
 class _WarmFile:
     """A pre-allocated, pre-faulted temp file mapped writable, waiting for the next large put."""
 
-    def __init__(self, path: str, token: str, size: int, recycled: bool = False) -> None:
+    def __init__(self, path: str, token: str, size: int, recycled: bool = False,
+                 abandon: threading.Event | None = None) -> None:
         self.path = path
         self.token = token
         self.size = size
@@ -341,12 +345,23 @@ class _WarmFile:
         try:
             if recycled:
                 _prove_not_open_elsewhere(self.fd)  # before any byte of it is written
-            os.posix_fallocate(self.fd, 0, size)
+            # in steps, so that a fresh spare can be given up for a recycled file (``abandon``)
+            for start in range(0, size, _WARM_GRANULE):
+                if abandon is not None and abandon.is_set():
+                    raise InterruptedError("spare abandoned for a recycled file")
+                os.posix_fallocate(self.fd, start, min(_WARM_GRANULE, size - start))
             self.map = mmap.mmap(self.fd, size)
             # map every page now, with one store per page (numpy lets the GIL go): unlike
             # MAP_POPULATE this never holds the address-space lock for long, which would stall
             # the mmap/munmap of puts running beside it
-            np.frombuffer(self.map, dtype=np.uint8)[::mmap.PAGESIZE] = 0
+            pages = np.frombuffer(self.map, dtype=np.uint8)
+            for start in range(0, size, _WARM_GRANULE):
+                if abandon is not None and abandon.is_set():
+                    del pages
+                    self.map.close()
+                    raise InterruptedError("spare abandoned for a recycled file")
+                pages[start:start + _WARM_GRANULE:mmap.PAGESIZE] = 0
+            del pages
         except BaseException:
             os.close(self.fd)
             with contextlib.suppress(FileNotFoundError):
@@ -394,6 +409,9 @@ class LocalStore:
         self._warm_lock = threading.Lock()
         self._warm_ready = threading.Condition(self._warm_lock)  # notified when a refill ends
         self._warm_refilling = False
+        self._abandon_refill = threading.Event()  # tells a fresh spare's maker to give up
+        self._fresh_token: str | None = None  # reservation of the fresh spare being made
+        self._recycling = False  # a file is on its way to become the spare (one at a time)
         self._last_large_put_end = float("-inf")
         self._refill_seconds = 0.0  # how long the last spare took to make
         self.spares_made = 0  # by this process (observability; tests)
@@ -619,12 +637,13 @@ class LocalStore:
         if self._warm_pid != os.getpid():
             self._warm_pid = os.getpid()
             self._warm, self._warm_unmap, self._warm_refilling = None, [], False
+            self._recycling, self._fresh_token = False, None
 
     def _take_warm(self, estimate: int, ser: SerializedObject) -> _WarmFile | None:
         with self._warm_lock:
             self._forget_parents_warm()
             warm = self._warm
-            if warm is None or warm.size < estimate or (warm.recycled and ser.pieces is None):
+            if warm is None or warm.size < estimate:
                 return None
             self._warm = None
             return warm
@@ -638,13 +657,17 @@ class LocalStore:
             view = memoryview(warm.map)
             try:
                 payload = view[:ser.nbytes]
+                if warm.recycled and ser.pieces is None:
+                    # a writer that could skip bytes (padding) must not leave old bytes there:
+                    # zeroing resident pages costs far less than fresh ones
+                    np.frombuffer(payload, dtype=np.uint8)[:] = 0
                 manifest = self._copy_and_hash(ser, payload)
                 payload.release()
             finally:
                 view.release()
             if _sealed_size(manifest) > estimate:
                 raise ObjectStoreError("internal error: manifest larger than its reservation")
-            if self._touch_if_sealed(manifest, pin):
+            if self.recycle_enabled and self._touch_if_sealed(manifest, pin):
                 self._install_warm(warm)
                 return manifest, True
             trailer = manifest.encoded + _TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC)
@@ -740,12 +763,13 @@ class LocalStore:
             idle = put_started - self._last_large_put_end
             self._last_large_put_end = time.monotonic()
             if (not self.warm_enabled or size > self.capacity // 8 or self._warm_refilling
-                    or idle < self._refill_seconds
+                    or self._recycling or idle < self._refill_seconds
                     or (self._warm is not None and self._warm.size >= size)):
                 unmap_now = not self._warm_refilling
                 size = 0
             else:
                 self._warm_refilling = True
+                self._abandon_refill.clear()
         if size == 0:
             if unmap_now:
                 self._unmap_spent()
@@ -772,12 +796,13 @@ class LocalStore:
                 self._reclaim_dead(ledger)
                 spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
                 if (self._committed(ledger) + 2 * size > self.capacity
-                        or spares + size > self.capacity // 8):
+                        or spares + size > self.capacity // 8 or self._abandon_refill.is_set()):
                     return  # only from free room (never evicts), all processes' spares <= 1/8
                 token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
                 ledger["reservations"][token] = size
+                self._fresh_token = token
             started = time.monotonic()
-            warm = _WarmFile(os.path.join(self._tmp, token), token, size)
+            warm = _WarmFile(os.path.join(self._tmp, token), token, size, abandon=self._abandon_refill)
             self._refill_seconds = time.monotonic() - started
             self.spares_made += 1
             token = None
@@ -788,6 +813,7 @@ class LocalStore:
             if token is not None:
                 self._release_reservation(token)
             with self._warm_lock:
+                self._fresh_token = None
                 self._warm_refilling = False
                 self._warm_ready.notify_all()
 
@@ -813,10 +839,14 @@ class LocalStore:
         rounded = -(-size // _WARM_GRANULE) * _WARM_GRANULE
         with self._warm_lock:
             self._forget_parents_warm()
-            if self._warm_refilling or (self._warm is not None and self._warm.size >= rounded):
+            if self._recycling or (self._warm is not None and self._warm.size >= rounded):
                 return None
-            self._warm_refilling = True
-        spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
+            self._recycling = True
+            fresh = self._warm_refilling  # a fresh spare is being made: it will give way
+        # a fresh spare (pages yet to be allocated and zeroed) is worth less than this file: its
+        # maker gives up within one granule, so its reservation is not counted against the cap
+        spares = sum(v for k, v in ledger["reservations"].items()
+                     if k.endswith(_WARM_SUFFIX) and not (fresh and k == self._fresh_token))
         token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
         if (spares + rounded > self.capacity // 8
                 or self._committed(ledger) - size + rounded > self.capacity):
@@ -828,9 +858,11 @@ class LocalStore:
                 token = None
         if token is None:
             with self._warm_lock:
-                self._warm_refilling = False
+                self._recycling = False
                 self._warm_ready.notify_all()
             return None
+        if fresh:
+            self._abandon_refill.set()
         if sealed:
             ledger["used"] -= size
         ledger["reservations"][token] = rounded
@@ -848,6 +880,10 @@ class LocalStore:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         path = os.path.join(self._tmp, token)
         try:
+            with self._warm_lock:  # a fresh spare's maker gives up within one granule
+                self._warm_ready.wait_for(lambda: not self._warm_refilling, timeout=60)
+                if self._warm_refilling:
+                    raise TimeoutError("a fresh spare is still being made")
             self._unmap_spent()  # our own leftover mapping of it would (rightly) refuse the lease
             warm = _WarmFile(path, token, size, recycled=True)
             self.spares_recycled += 1
@@ -858,7 +894,7 @@ class LocalStore:
             self._release_reservation(token)
         finally:
             with self._warm_lock:
-                self._warm_refilling = False
+                self._recycling = False
                 self._warm_ready.notify_all()
 
     def _discard_warm(self, warm: _WarmFile) -> None:
@@ -881,8 +917,9 @@ class LocalStore:
         """Wait (bounded) until no spare is being prepared; True if a spare is ready."""
         with self._warm_lock:
             self._forget_parents_warm()
-            self._warm_ready.wait_for(lambda: not self._warm_refilling, timeout=timeout)
-            return not self._warm_refilling and self._warm is not None
+            self._warm_ready.wait_for(lambda: not self._warm_refilling and not self._recycling,
+                                      timeout=timeout)
+            return not self._warm_refilling and not self._recycling and self._warm is not None
 
     def close(self) -> None:
         """Release this process's spare (the store's objects stay)."""

@@ -225,3 +225,16 @@ def test_a_duplicate_put_into_the_spare_keeps_the_spare(make_store):
     other = _array(33)
     assert np.array_equal(store.get(store.put(other)), other)  # the kept spare still serves
     assert _tmp_names(store) == [] and np.array_equal(view, value)
+
+
+def test_a_payload_without_pieces_written_into_a_recycled_file_keeps_no_old_byte(make_store):
+    import pyarrow as pa
+    store = _fresh(make_store, "arrow")
+    store.delete(store.put(_array(40)))  # random bytes left in the recycled file
+    assert store.wait_warm(60) and store.spares_recycled == 1
+    [spare] = _tmp_names(store)
+    table = pa.table({"x": np.arange(WARM_MIN_BYTES // 8 + 1000, dtype=np.int64)})
+    cid = store.put(table)
+    assert spare not in _tmp_names(store)  # the recycled file took it
+    assert store.get(cid).equals(table)
+    assert cid == make_store("plain", capacity_bytes=512 * MB, warm=False).put(table)
