@@ -121,6 +121,10 @@ class QuicConfig:
     #: bottleneck queue to protect and each paced burst costs a timer wake-up, which capped
     #: large transfers.
     pace_loopback: bool = False
+    #: Connection IDs we ask the peer to issue us (RFC 9000 active_connection_id_limit, >= 2).
+    #: aioquic asks for 8; each costs objects, a routing entry and a NEW_CONNECTION_ID frame,
+    #: and 2 still leave a spare for a migration.
+    connection_ids: int = 2
 
     def datagram_size_for(self, host: str) -> int:
         size = self.loopback_max_datagram_size if _is_loopback(host) else self.max_datagram_size
@@ -189,9 +193,11 @@ class _MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
     def __init__(self, *, configuration: QuicConfiguration, stream_window: int,
-                 connection_window: int, max_streams: int, **kwargs) -> None:
+                 connection_window: int, max_streams: int, connection_ids: int = 2,
+                 **kwargs) -> None:
         super().__init__(configuration=configuration, **kwargs)
         _share_frame_handlers(self)
+        self._local_active_connection_id_limit = max(2, connection_ids)
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._local_max_streams_bidi.value = max_streams
@@ -959,6 +965,7 @@ class QuicTransport:
             stream_window=cfg.stream_receive_window,
             connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
             max_streams=cfg.max_streams,
+            connection_ids=cfg.connection_ids,
         )
         host = remote_host.removeprefix("::ffff:")
         if not cfg.paces(host):
