@@ -875,9 +875,9 @@ class LocalStore:
                              name="latticaray-store-recycle", daemon=True).start()
 
     def _finish_recycle(self, token: str, size: int) -> None:
-        """Background: prove the file unshared, extend it to ``size``, map and fault it in."""
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        """Background: prove the file unshared, extend it to ``size``, map and fault it in. Not
+        niced (unlike making a fresh spare): it only maps pages that exist, a cost the next put
+        would pay anyway, and a starved recycle would leave back-to-back puts without a spare."""
         path = os.path.join(self._tmp, token)
         try:
             with self._warm_lock:  # a fresh spare's maker gives up within one granule
