@@ -58,7 +58,10 @@ trims the file to the new object's size, so nothing of the old object survives. 
 variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False`` turns it off too. A fresh spare being made when a file to
 recycle comes gives way (its maker stops within one granule and gives its reservation back).
 A duplicate put that went into the spare finds the object sealed before trimming the spare and
-keeps the spare as it is (no file to recycle, nothing to map again).
+keeps the spare as it is (no file to recycle, nothing to map again). A recycled file's pages
+exist, so it is mapped with ``MAP_POPULATE`` (no page-by-page faulting) by a thread that is not
+niced; a put that comes while a file fitting it is being recycled waits for it (bounded, a few
+ms per 100 MB), and a put that went into a recycled file schedules no fresh spare.
 
 Public API::
 
@@ -350,12 +353,14 @@ class _WarmFile:
                 if abandon is not None and abandon.is_set():
                     raise InterruptedError("spare abandoned for a recycled file")
                 os.posix_fallocate(self.fd, start, min(_WARM_GRANULE, size - start))
-            self.map = mmap.mmap(self.fd, size)
+            # a recycled file's pages exist: populating its page table in one call is cheap
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if recycled else 0)
+            self.map = mmap.mmap(self.fd, size, flags=flags)
             # map every page now, with one store per page (numpy lets the GIL go): unlike
             # MAP_POPULATE this never holds the address-space lock for long, which would stall
             # the mmap/munmap of puts running beside it
             pages = np.frombuffer(self.map, dtype=np.uint8)
-            for start in range(0, size, _WARM_GRANULE):
+            for start in range(0, 0 if recycled else size, _WARM_GRANULE):
                 if abandon is not None and abandon.is_set():
                     del pages
                     self.map.close()
@@ -412,6 +417,7 @@ class LocalStore:
         self._abandon_refill = threading.Event()  # tells a fresh spare's maker to give up
         self._fresh_token: str | None = None  # reservation of the fresh spare being made
         self._recycling = False  # a file is on its way to become the spare (one at a time)
+        self._recycling_size = 0
         self._last_large_put_end = float("-inf")
         self._refill_seconds = 0.0  # how long the last spare took to make
         self.spares_made = 0  # by this process (observability; tests)
@@ -596,6 +602,7 @@ class LocalStore:
         started = time.monotonic()
         warm = self._take_warm(estimate, ser) if ser.nbytes >= WARM_MIN_BYTES else None
         duplicate = False
+        recycled_spare = warm is not None and warm.recycled
         if warm is not None:
             manifest, duplicate = self._put_into_warm(ser, warm, estimate, pin)
         else:
@@ -629,7 +636,9 @@ class LocalStore:
             return self._seal(manifest, temp, token, pin)
         finally:
             if ser.nbytes >= WARM_MIN_BYTES:
-                self._schedule_warm(estimate, started)
+                # after a put into a recycled file, deletes (or duplicates) are feeding spares:
+                # a fresh one would only be abandoned for the next recycled file
+                self._schedule_warm(estimate, started, fresh=not recycled_spare)
 
     # --- warm spare ------------------------------------------------------------------------------
     def _forget_parents_warm(self) -> None:
@@ -642,6 +651,10 @@ class LocalStore:
     def _take_warm(self, estimate: int, ser: SerializedObject) -> _WarmFile | None:
         with self._warm_lock:
             self._forget_parents_warm()
+            if self._warm is None and self._recycling and self._recycling_size >= estimate:
+                # a file on its way to become the spare is ready in a few ms (its pages exist):
+                # far sooner than this put would allocate fresh ones
+                self._warm_ready.wait_for(lambda: not self._recycling, timeout=2.0)
             warm = self._warm
             if warm is None or warm.size < estimate:
                 return None
@@ -753,7 +766,7 @@ class LocalStore:
             target[position:end] = 0
         return hash_digest(self.hash_code, dest[start:end])
 
-    def _schedule_warm(self, estimate: int, put_started: float) -> None:
+    def _schedule_warm(self, estimate: int, put_started: float, fresh: bool = True) -> None:
         """Prepare a spare of about ``estimate`` bytes in the background, if there is free room
         and large puts leave enough idle time between them to make one (a spare costs more CPU
         than it saves: it only helps when it is made in otherwise idle time)."""
@@ -762,7 +775,7 @@ class LocalStore:
             self._forget_parents_warm()
             idle = put_started - self._last_large_put_end
             self._last_large_put_end = time.monotonic()
-            if (not self.warm_enabled or size > self.capacity // 8 or self._warm_refilling
+            if (not self.warm_enabled or not fresh or size > self.capacity // 8 or self._warm_refilling
                     or self._recycling or idle < self._refill_seconds
                     or (self._warm is not None and self._warm.size >= size)):
                 unmap_now = not self._warm_refilling
@@ -841,7 +854,7 @@ class LocalStore:
             self._forget_parents_warm()
             if self._recycling or (self._warm is not None and self._warm.size >= rounded):
                 return None
-            self._recycling = True
+            self._recycling, self._recycling_size = True, rounded
             fresh = self._warm_refilling  # a fresh spare is being made: it will give way
         # a fresh spare (pages yet to be allocated and zeroed) is worth less than this file: its
         # maker gives up within one granule, so its reservation is not counted against the cap
