@@ -60,6 +60,14 @@ async def measure_pair(node, peer, direct_addrs, relay, qps_seconds: float, upgr
         row["upgrade_s"] = link.metrics.upgraded_at - t0
     row["path"] = link.path
     row["punch_attempts"] = link.metrics.punch_attempts
+    await measure_qps(node, peer, qps_seconds, row)
+    row["path_after_qps"] = link.path
+    return row
+
+
+async def measure_qps(node, peer, qps_seconds: float, row: dict) -> None:
+    """Pings in flight from QPS_CONCURRENCY callers for ``qps_seconds``; sets ``row["qps"]``."""
+    loop = asyncio.get_running_loop()
     count = 0
     end = loop.time() + qps_seconds
     payload = b"q" * 64
@@ -75,8 +83,6 @@ async def measure_pair(node, peer, direct_addrs, relay, qps_seconds: float, upgr
     except Exception as exc:
         row["error"] = f"qps: {type(exc).__name__}: {exc}"[:200]
     row["qps"] = count / max(1e-9, loop.time() - started)
-    row["path_after_qps"] = link.path
-    return row
 
 
 async def measure_pair_mesh(node, nat, peer, addrs, qps_seconds: float, upgrade_timeout: float):
@@ -108,21 +114,7 @@ async def measure_pair_mesh(node, nat, peer, addrs, qps_seconds: float, upgrade_
         row["punch_attempts"] = link.metrics.punch_attempts
         if link.metrics.upgraded_at is not None:
             row["upgrade_s"] = link.metrics.upgraded_at - t0
-    count = 0
-    end = loop.time() + qps_seconds
-    payload = b"q" * 64
-
-    async def worker():
-        nonlocal count
-        while loop.time() < end:
-            await node.call(peer, PING_SERVICE, payload, timeout=10)
-            count += 1
-    started = loop.time()
-    try:
-        await asyncio.gather(*(worker() for _ in range(QPS_CONCURRENCY)))
-    except Exception as exc:
-        row["error"] = f"qps: {type(exc).__name__}: {exc}"[:200]
-    row["qps"] = count / max(1e-9, loop.time() - started)
+    await measure_qps(node, peer, qps_seconds, row)
     return row
 
 
@@ -195,7 +187,7 @@ def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str,
 
 
 def birthday_trials(mesh: LabMesh, attempts: int) -> dict:
-    wins, times, probes = 0, [], []
+    wins, times = 0, []
     outcomes = []
     for i in range(attempts):
         src, dst = ("hostA", "hostC") if i % 2 == 0 else ("hostC", "hostA")
