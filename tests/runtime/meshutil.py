@@ -1,6 +1,7 @@
 """Helpers for multi-process mesh tests: start node processes, wait for them, stop them."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import json
@@ -79,3 +80,22 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def driver_with_nodes(count: int = 2):
+    """This process as the mesh's first node (embedded driver) plus ``count`` node processes."""
+    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    nodes = []
+    try:
+        info = lattica.mesh_info()
+        invite = lattica.invite()
+        for _ in range(count):
+            nodes.append(NodeProcess(info["address"][0], invite))
+        wait_for(lambda: len(alive_nodes()) >= count + 1, 30, f"{count + 1} alive nodes")
+        yield {"addr": info["address"][0], "invite": invite, "nodes": nodes,
+               "driver": info["node_id"]}
+    finally:
+        for node in nodes:
+            node.stop()
+        lattica.shutdown()

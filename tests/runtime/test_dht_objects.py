@@ -15,24 +15,13 @@ from latticaray.mesh.dht.service import DhtService
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.cid import Cid
 
-from meshutil import NodeProcess, alive_nodes, wait_for
+from meshutil import driver_with_nodes
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
-    nodes = []
-    try:
-        info = lattica.mesh_info()
-        invite = lattica.invite()
-        for _ in range(2):
-            nodes.append(NodeProcess(info["address"][0], invite))
-        wait_for(lambda: len(alive_nodes()) >= 3, 30, "3 alive nodes")
-        yield {"driver": info["node_id"], "nodes": nodes}
-    finally:
-        for node in nodes:
-            node.stop()
-        lattica.shutdown()
+    with driver_with_nodes(2) as cluster:
+        yield cluster
 
 
 @lattica.remote

@@ -18,25 +18,13 @@ from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import MeshKey
 from latticaray.runtime.cluster import ADMIT_PROTOCOL, TASK_PROTOCOL
 
-from meshutil import NodeProcess, alive_nodes, wait_for
+from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
-    nodes = []
-    try:
-        info = lattica.mesh_info()
-        invite = lattica.invite()
-        for _ in range(2):
-            nodes.append(NodeProcess(info["address"][0], invite))
-        wait_for(lambda: len(alive_nodes()) >= 3, 30, "3 alive nodes")
-        yield {"addr": info["address"][0], "invite": invite, "nodes": nodes,
-               "driver": info["node_id"]}
-    finally:
-        for node in nodes:
-            node.stop()
-        lattica.shutdown()
+    with driver_with_nodes(2) as cluster:
+        yield cluster
 
 
 @lattica.remote
