@@ -44,10 +44,6 @@ def _message_size(msg: dict[str, Any]) -> int:
     return size
 
 
-def _noop() -> None:
-    pass
-
-
 class _Request:
     __slots__ = ("src", "op", "contact", "sent_at", "lost", "on_ping")
 
@@ -172,14 +168,8 @@ class SimDht:
                 self._lost(rid, req)
 
     def run_for(self, duration: float) -> None:
-        """Advance virtual time by ``duration``, processing every event due meanwhile.
-
-        A sentinel event pins the clock to the end even when only cancelled timers remain
-        (``Simulator.run(until=...)`` stops early in that case).
-        """
-        until = self.sim.now + duration
-        self.sim.call_at(until, _noop)
-        self.sim.run(until=until)
+        """Advance virtual time by ``duration``, processing every event due meanwhile."""
+        self.sim.run(until=self.sim.now + duration)
 
     # operations ------------------------------------------------------------------------------
     def run_op(self, core: DhtCore, op: Operation,
