@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
-from .errors import MalformedDelta, StateError
+from .errors import StateError
 from .hlc import Hlc
-from .schema import check_fields, check_peer_id, check_str
+from .schema import TOMBSTONE, check_fields, check_peer_id, check_str, own_entry_value
 from .store import Change, CollectionSpec
 
 __all__ = ["ACTORS", "ActorState", "ActorRecord", "ClaimResult", "Actors", "NoSuchClaim"]
@@ -72,14 +72,10 @@ class ClaimResult:
 
 
 def actors_rule(atom: Atom) -> str | None:
-    if atom.subkey != str(atom.author):
-        return "a peer may only write its own claim"
-    if atom.tombstone:
-        return None if atom.value == b"" else "a tombstone carries no value"
-    try:
-        value = atom.decoded_value()
-    except MalformedDelta as exc:
-        return str(exc)
+    problem, value = own_entry_value(atom, atom.subkey == str(atom.author),
+                                     "a peer may only write its own claim")
+    if problem or value is TOMBSTONE:
+        return problem
     problem = (check_fields(value, {"actor_id", "host", "state", "claimed_at"})
                or check_str(value["actor_id"], "actor_id")
                or check_peer_id(value["host"], "host"))

@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
-from .errors import MalformedDelta
-from .schema import check_fields, check_labels, check_number
+from .schema import TOMBSTONE, check_fields, check_labels, check_number, own_entry_value
 from .store import Change, CollectionSpec
 
 __all__ = ["JOBS", "JobStatus", "JobRecord", "Jobs"]
@@ -47,14 +46,10 @@ class JobRecord:
 
 
 def jobs_rule(atom: Atom) -> str | None:
-    if atom.subkey != str(atom.author):
-        return "only a job's driver may write its entry"
-    if atom.tombstone:
-        return None if atom.value == b"" else "a tombstone carries no value"
-    try:
-        value = atom.decoded_value()
-    except MalformedDelta as exc:
-        return str(exc)
+    problem, value = own_entry_value(atom, atom.subkey == str(atom.author),
+                                     "only a job's driver may write its entry")
+    if problem or value is TOMBSTONE:
+        return problem
     problem = (check_fields(value, {"status", "start", "end", "metadata"})
                or check_number(value["start"], "start")
                or check_number(value["end"], "end", allow_none=True)

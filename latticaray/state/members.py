@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
-from .errors import MalformedDelta
-from .schema import check_fields, check_labels, check_resources, check_str
+from .schema import (TOMBSTONE, check_fields, check_labels, check_resources, check_str,
+                     own_entry_value)
 from .store import Change, CollectionSpec
 
 __all__ = ["MEMBERS", "Reachability", "Liveness", "MemberInfo", "FailureDetector", "Members"]
@@ -115,14 +115,11 @@ def validate_member_value(value: Any) -> str | None:
 
 
 def members_rule(atom: Atom) -> str | None:
-    if atom.key != str(atom.author) or atom.subkey != "":
-        return "a member may only write its own entry"
-    if atom.tombstone:
-        return None if atom.value == b"" else "a tombstone carries no value"
-    try:
-        return validate_member_value(atom.decoded_value())
-    except MalformedDelta as exc:
-        return str(exc)
+    problem, value = own_entry_value(atom, atom.key == str(atom.author) and atom.subkey == "",
+                                     "a member may only write its own entry")
+    if problem or value is TOMBSTONE:
+        return problem
+    return validate_member_value(value)
 
 
 def members_spec(detector: FailureDetector) -> CollectionSpec:

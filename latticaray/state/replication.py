@@ -320,8 +320,7 @@ class Replica:
         if session is None or session.peer != src:
             self.stats.messages_rejected["unexpected_reply"] += 1
             return []
-        report = self._merge_from(src, _atoms_field(msg, self.limits), now,
-                                  forward=None)
+        self._merge_from(src, _atoms_field(msg, self.limits), now, forward=None)
         store = self.store
         next_nodes: list[list[int]] = []
         push: dict[tuple, Atom] = {}

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ..mesh.identity import PeerId, PeerIdError
+from .errors import MalformedDelta
 
 
 def check_str(value: Any, name: str, max_len: int = 256) -> str | None:
@@ -68,3 +69,24 @@ def check_fields(value: Any, required: set[str], optional: set[str] = frozenset(
     if extra:
         return f"value has unknown fields {sorted(map(str, extra))}"
     return None
+
+
+#: What :func:`own_entry_value` gives for a well-formed tombstone (nothing more to check).
+TOMBSTONE = object()
+
+
+def own_entry_value(atom, allowed: bool, refusal: str) -> tuple[str | None, Any]:
+    """The common start of a write rule for entries only their author may write.
+
+    Returns ``(problem, None)`` when the write is refused (not ``allowed``, a tombstone with a value,
+    an undecodable value), ``(None, TOMBSTONE)`` for a well-formed tombstone, else ``(None, value)``
+    with the decoded value left for the collection's own checks.
+    """
+    if not allowed:
+        return refusal, None
+    if atom.tombstone:
+        return (None, TOMBSTONE) if atom.value == b"" else ("a tombstone carries no value", None)
+    try:
+        return None, atom.decoded_value()
+    except MalformedDelta as exc:
+        return str(exc), None
