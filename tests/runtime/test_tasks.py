@@ -208,22 +208,20 @@ def test_retry_exceptions(runtime, tmp_path):
         lattica.get(fail.options(retry_exceptions=[KeyError]).remote("not retried"), timeout=60)
 
 
-def test_cancel_running_task(runtime):
-    ref = sleep_then.remote(60, "never")
-    time.sleep(0.3)
-    lattica.cancel(ref)
-    with pytest.raises(lattica.TaskCancelledError):
-        lattica.get(ref, timeout=30)
+def test_force_cancel_kills_worker(runtime, tmp_path):
+    started = tmp_path / "started"
 
-
-def test_force_cancel_kills_worker(runtime):
     @lattica.remote
-    def spin():
+    def spin(path):
+        open(path, "w").close()
         while True:
             pass
 
-    ref = spin.remote()
-    time.sleep(0.3)
+    ref = spin.remote(str(started))
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
     lattica.cancel(ref, force=True)
     with pytest.raises(lattica.TaskCancelledError):
         lattica.get(ref, timeout=30)
