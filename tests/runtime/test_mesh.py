@@ -187,15 +187,29 @@ def test_remote_streaming_generator(mesh):
     assert [lattica.get(r) for r in gen] == [i * 10 for i in range(50)]
 
 
-def test_kill9_node_during_2000_task_job(mesh):
+@lattica.remote
+def mark_then_sleep(path, seconds):
+    open(path, "w").close()
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_kill9_node_during_2000_task_job(mesh, tmp_path):
     victim = NodeProcess(mesh["addr"], mesh["invite"])
     try:
         wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
+        started = tmp_path / "started"
+        pinned = lattica.NodeAffinitySchedulingStrategy(victim.node_id)
+        no_retry = mark_then_sleep.options(max_retries=0, scheduling_strategy=pinned).remote(
+            str(started), 120)
+        wait_for(started.exists, 30, "the task without retries to start on the victim")
         refs = [slow_square.options(scheduling_strategy="SPREAD").remote(i) for i in range(2000)]
         ready, _ = lattica.wait(refs, num_returns=200, timeout=120)
         victim.kill9()
         results = lattica.get(refs, timeout=180)
         assert results == [i * i for i in range(2000)]
+        with pytest.raises(lattica.NodeDiedError):
+            lattica.get(no_retry, timeout=60)
         wait_for(lambda: victim.node_id not in alive_nodes(), 30, "the victim to be seen dead")
     finally:
         victim.stop()
