@@ -37,6 +37,7 @@ from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, Cred
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
                                      error_blob)
+from latticaray.runtime.placement import DEFERRED
 from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeView, PlacementPolicy,
                                          PlacementRequest)
 
@@ -424,7 +425,10 @@ class MeshCluster:
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
         if isinstance(target, TaskUnschedulableError) and placement is not None \
                 and not hard_affinity:
-            return placement.defer(rec, target.reason)
+            return placement.defer(rec.tid.hex(), rec.demand, target.reason,
+                                   retry=lambda: self.node._schedule(rec),
+                                   fail=lambda exc: self.node._fail(rec, exc),
+                                   settled=lambda: rec.done)
         return target
 
     def _place(self, request_id: str, demand: dict, strategy, excluded=None):
@@ -792,15 +796,56 @@ class MeshCluster:
             yield bytes(view[start:start + CHUNK])
 
     # ------------------------------------------------------------------ actors
-    def place_actor(self, message: dict):
+    def place_actor(self, message: dict, defer: bool = False):
+        """Where to create an actor: a peer's id or None (here; with a strategy, or when this
+        node could host it, actors stay here). With ``defer``, an actor no admitted node can
+        host waits for DHT capacity ads (DEFERRED); its calls wait with it."""
         strategy = message["opts"].get("strategy")
-        if strategy is None or not self.alive_peers():
-            return None
         demand = message["opts"].get("resources") or {}
-        target = self._place(message["aid"].hex(), demand, strategy)
+        try:
+            fits_here = self.node.ledger.could_ever_fit(demand)
+        except ValueError:
+            return None  # hosting it here reports the malformed request
+        can_defer = defer and self.placement is not None
+        if strategy is None and fits_here:
+            return None
+        if not self.alive_peers() and (fits_here or not can_defer):
+            return None
+        aid = message["aid"]
+        target = self._place(aid.hex(), demand, strategy)
+        hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
+        if isinstance(target, TaskUnschedulableError) and can_defer and not hard_affinity:
+            return self._defer_actor(message, target.reason)
         if isinstance(target, BaseException):
             return None
         return target
+
+    def _defer_actor(self, message: dict, reason: str):
+        aid = message["aid"]
+        owned = self.owned_actors.get(aid)
+        if owned is None:
+            owned = self.owned_actors[aid] = OwnedActor(aid, message, self.node_id)
+            self.actor_location[aid] = self.node_id  # calls wait in the outbox meanwhile
+
+        def fail(exc: BaseException) -> None:
+            owned.dead_cause = str(exc)
+            self._fail_actor_calls(aid, owned.dead_cause)
+        return self.placement.defer(aid.hex(), message["opts"].get("resources") or {}, reason,
+                                    retry=lambda: self._place_deferred_actor(message),
+                                    fail=fail, settled=lambda: owned.dead_cause is not None)
+
+    def _place_deferred_actor(self, message: dict) -> None:
+        target = self.place_actor(message, defer=True)
+        if target is DEFERRED:
+            return
+        aid = message["aid"]
+        if target is None or target == self.node_id:
+            self.owned_actors.pop(aid, None)
+            self.actor_location.pop(aid, None)
+            self.node.host_actor(message)
+        else:
+            self.create_remote_actor(message, target)
+        self.pump_actor(aid)
 
     def create_remote_actor(self, message: dict, target: str) -> dict:
         aid = message["aid"]
@@ -912,6 +957,9 @@ class MeshCluster:
         host = self.actor_location.get(aid) or message.get("anode")
         if owned is not None and message.get("no_restart", True):
             owned.dead_cause = "it was killed with kill()"
+            if host == self.node_id:  # never created: it was waiting for DHT capacity ads
+                self._fail_actor_calls(aid, owned.dead_cause)
+                return
         self._send(host, {"k": "kill", "aid": aid, "no_restart": message.get("no_restart", True)})
 
     # ------------------------------------------------------------------ named actors

@@ -989,7 +989,9 @@ class RuntimeNode:
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
         if self.cluster is not None:
-            target = message.pop("host", None) or self.cluster.place_actor(message)
+            target = message.pop("host", None) or self.cluster.place_actor(message, defer=True)
+            if target is DEFERRED:
+                return {"aid": aid, "node": self.node_id}
             if target is not None and target != self.node_id:
                 return self.cluster.create_remote_actor(message, target)
         return self.host_actor(message)

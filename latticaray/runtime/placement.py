@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import random
 import time
+from typing import Callable
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import PeerId
@@ -46,6 +47,15 @@ class Deferred:
 
 
 DEFERRED = Deferred()
+
+
+@dataclasses.dataclass
+class _Parked:
+    """How the cluster places a waiting request again, fails it, or sees it settled elsewhere."""
+
+    retry: Callable[[], None]
+    fail: Callable[[BaseException], None]
+    settled: Callable[[], bool]
 
 
 @dataclasses.dataclass
@@ -231,7 +241,7 @@ class DhtPlacement:
         self.dial_timeout = dial_timeout
         self.max_new_per_lookup = max_new_per_lookup
         self.clock = clock
-        self.waiting_records: dict[str, object] = {}
+        self.parked: dict[str, _Parked] = {}
         self.stats = collections.Counter()
         self._admitting: set[str] = set()
         self._admission_slots = asyncio.Semaphore(max_admissions)
@@ -252,15 +262,17 @@ class DhtPlacement:
             self.core.demand(resource, now)
             self._wake.set()
 
-    def defer(self, rec, reason: str):
-        """No admitted node can take ``rec``: wait for the DHT to name one (DEFERRED), or the
-        TaskUnschedulableError to fail it with when too many requests wait already."""
-        request_id = rec.tid.hex()
-        if not self.core.wait(request_id, rec.demand, reason, self.clock()):
+    def defer(self, request_id: str, demand: dict, reason: str, *, retry: Callable[[], None],
+              fail: Callable[[BaseException], None], settled: Callable[[], bool]):
+        """No admitted node can take the request: DEFERRED while it waits for the DHT to name
+        one (``retry`` places it again, ``fail`` ends it at its deadline, ``settled`` says it
+        ended meanwhile), or the TaskUnschedulableError for it when too many wait already."""
+        if request_id not in self.core.waiting:
+            self.stats["deferred"] += 1
+        if not self.core.wait(request_id, demand, reason, self.clock()):
             return TaskUnschedulableError(request_id, f"{reason} (and {len(self.core.waiting)} "
                                                       f"requests already wait for capacity)")
-        self.waiting_records[request_id] = rec
-        self.stats["deferred"] += 1
+        self.parked[request_id] = _Parked(retry, fail, settled)
         self._wake.set()
         return DEFERRED
 
@@ -278,10 +290,10 @@ class DhtPlacement:
         while True:
             now = self.clock()
             for entry in self.core.expired(now):
-                rec = self.waiting_records.pop(entry.request_id, None)
-                if rec is not None and not rec.done:
+                parked = self.parked.pop(entry.request_id, None)
+                if parked is not None and not parked.settled():
                     self.stats["unschedulable"] += 1
-                    self.cluster.node._fail(rec, TaskUnschedulableError(
+                    parked.fail(TaskUnschedulableError(
                         entry.request_id, f"{entry.reason}; nor any node advertising "
                                           f"capacity/{entry.resource} in the DHT",
                         waited_s=now - entry.since))
@@ -302,11 +314,11 @@ class DhtPlacement:
     def _retry_waiting(self) -> None:
         """Place the waiting requests again; one still infeasible waits on (same deadline)."""
         for request_id in list(self.core.waiting):
-            rec = self.waiting_records.pop(request_id, None)
-            if rec is not None and not rec.done:
+            parked = self.parked.pop(request_id, None)
+            if parked is not None and not parked.settled():
                 self.stats["retried"] += 1
-                self.cluster.node._schedule(rec)
-            if request_id not in self.waiting_records:
+                parked.retry()
+            if request_id not in self.parked:
                 self.core.release(request_id)
 
     async def _lookup(self, resource: str) -> None:

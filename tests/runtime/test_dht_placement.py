@@ -2,9 +2,10 @@
 
 Three node processes: D (sparse peering: admits peers only through its bootstrap role, placement
 or when asked; the driver attaches to it), A (joins through D, full peering), and C (joins
-through A, sparse, the only node with a "tpu"). D never gets a pushed view of C, yet a task
-asking for a tpu lands on C because C's DHT capacity ad names it; afterwards C feeds D's views.
-A request no node can take still fails with TaskUnschedulableError, after the wait.
+through A, sparse, the only node with "tpu"s). D never gets a pushed view of C, yet a task and an
+actor asking for a tpu land on C because C's DHT capacity ad names it; afterwards C feeds D's
+views. A request no node can take still fails with TaskUnschedulableError after the wait (an
+actor's calls with ActorDiedError saying why).
 The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
 """
 import time
@@ -23,6 +24,12 @@ def whereami():
     return lattica.get_runtime_context().node_id
 
 
+@lattica.remote
+class Accelerated:
+    def where(self):
+        return lattica.get_runtime_context().node_id
+
+
 @pytest.fixture(scope="module")
 def sparse_mesh():
     nodes = []
@@ -33,7 +40,7 @@ def sparse_mesh():
         a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--capacity-wait", "3"))
         nodes.append(a)
         c = NodeProcess(a.info["addrs"][0], invite,
-                        extra_args=("--peering", "sparse", "--resources", '{"tpu": 1}'))
+                        extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'))
         nodes.append(c)
         yield {"d": d, "a": a, "c": c}
     finally:
@@ -56,16 +63,18 @@ def test_task_lands_on_node_found_only_through_dht_capacity(sparse_mesh, attach)
     wait_for(lambda: a.node_id in alive_nodes(), 30, "D to see A")
     assert c.node_id not in {n["NodeID"] for n in lattica.nodes()}, "D already knows C"
     assert lattica.cluster_resources().get("tpu", 0) == 0
-    started = time.monotonic()
+    actor = Accelerated.options(resources={"tpu": 1}).remote()
+    calls = [actor.where.remote() for _ in range(3)]  # wait with the actor for its placement
     node = lattica.get(whereami.options(resources={"tpu": 1}).remote(), timeout=60)
     assert node == c.node_id
+    assert lattica.get(calls, timeout=60) == [c.node_id] * 3
     # the advertiser is now a peer like any other: its pushed views reach D
     wait_for(lambda: c.node_id in alive_nodes(), 30, "C's view at D")
-    assert lattica.cluster_resources().get("tpu") == 1
+    assert lattica.cluster_resources().get("tpu") == 2
     # once admitted, C takes tpu work at once (no DHT wait)
     started = time.monotonic()
     assert lattica.get([whereami.options(resources={"tpu": 1}).remote() for _ in range(3)],
-                       timeout=60) == [c.node_id] * 3
+                       timeout=60) == [c.node_id] * 3  # one tpu left beside the actor's
     assert time.monotonic() - started < 10
 
 
@@ -77,6 +86,9 @@ def test_unschedulable_request_fails_after_its_wait(sparse_mesh, attach):
         lattica.get(ref, timeout=60)
     waited = time.monotonic() - started
     assert 3.0 <= waited < 20, waited
+    actor = Accelerated.options(resources={"quantum": 1}).remote()
+    with pytest.raises(lattica.ActorDiedError, match="cannot be scheduled.*quantum"):
+        lattica.get(actor.where.remote(), timeout=60)
 
 
 # the sans-I/O directory ---------------------------------------------------------------------
