@@ -123,10 +123,10 @@ class CapacityDirectoryCore:
         self.keys.move_to_end(resource)
 
     def _gap(self, key: _Key, urgent: bool) -> float:
-        """Least time between lookups of a key; doubles per answer that named no node."""
+        """Least time between lookups of a key; doubles per further answer that named no node."""
         base = self.min_gap if urgent else self.refresh_interval
         ceiling = self.refresh_interval if urgent else self.idle_backoff_max
-        return min(ceiling, base * (2 ** min(key.empty_streak, 16)))
+        return min(ceiling, base * (2 ** min(max(0, key.empty_streak - 1), 16)))
 
     def lookup_due(self, resource: str, now: float, urgent: bool) -> bool:
         key = self.keys.get(resource)

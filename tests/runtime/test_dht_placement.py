@@ -113,8 +113,8 @@ def test_urgent_lookups_rate_limited_and_back_off_when_dht_is_empty():
         assert wake is not None and wake > now
         now = min(wake, 40.0) if wake < 40.0 else 40.0
     gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert gaps[:3] == [2.0, 4.0, 4.0]  # 1 s doubled per empty answer, capped at refresh_interval
-    assert all(g == 4.0 for g in gaps[2:])
+    # 1 s, doubled per further empty answer, capped at refresh_interval
+    assert gaps[:4] == [1.0, 2.0, 4.0, 4.0] and all(g == 4.0 for g in gaps[2:])
     # an answer naming a node resets the gap
     core.lookup_started("tpu", 50.0)
     assert core.lookup_done("tpu", [_view("n1", tpu=1)], 50.0) == [_view("n1", tpu=1)]
@@ -137,8 +137,8 @@ def test_background_refresh_only_for_recent_demand_and_quiet_when_empty():
         if wake is None:
             break
         now = wake
-    # 0, then gaps 10, 20, 40, 40 (doubling from 5 s while empty) until demand is 100 s old
-    assert starts == [0.0, 10.0, 30.0, 70.0]
+    # gaps 5, 10, 20, 40 (doubling while empty, at most 40) until the demand is 100 s old
+    assert starts == [0.0, 5.0, 15.0, 35.0, 75.0]
     assert core.next_wakeup(200.0) is None
 
 
