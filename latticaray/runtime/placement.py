@@ -35,6 +35,7 @@ from latticaray.mesh.identity import PeerId
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.scheduler.advertiser import CandidateSampler, capacity_key, views_from_dht
 from latticaray.scheduler.policy import NodeView
+from latticaray.scheduler.resources import fits
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class _Key:
 class _Waiting:
     request_id: str
     resource: str
+    demand: dict
     since: float
     deadline: float
     reason: str
@@ -85,7 +87,8 @@ class CapacityDirectoryCore:
     def __init__(self, *, ttl: float = 3.0, refresh_interval: float = 5.0, min_gap: float = 1.0,
                  idle_backoff_max: float = 60.0, interest_window: float = 60.0,
                  max_keys: int = 16, sample_size: int = 32, wait_timeout: float = 10.0,
-                 max_waiting: int = 4096, redial_after: float = 20.0, seed: int | None = None):
+                 max_waiting: int = 4096, redial_after: float = 20.0, background_peers: int = 8,
+                 seed: int | None = None):
         if not 0 < min_gap <= refresh_interval <= idle_backoff_max:
             raise ValueError("need 0 < min_gap <= refresh_interval <= idle_backoff_max")
         self.ttl = ttl
@@ -98,6 +101,7 @@ class CapacityDirectoryCore:
         self.wait_timeout = wait_timeout
         self.max_waiting = max_waiting
         self.redial_after = redial_after
+        self.background_peers = background_peers
         self.rng = random.Random(seed)
         self.keys: collections.OrderedDict[str, _Key] = collections.OrderedDict()
         self.waiting: dict[str, _Waiting] = {}
@@ -174,6 +178,15 @@ class CapacityDirectoryCore:
         return key.views
 
     # dialing -------------------------------------------------------------------------------
+    def worth_meeting(self, resource: str, total: dict, known: int) -> bool:
+        """Whether to admit an advertiser of ``resource`` this node has not met: it could take a
+        request waiting on the key, or (nothing waits) fewer than ``background_peers`` admitted
+        nodes have the resource (``known``, counting admissions under way)."""
+        demands = [w.demand for w in self.waiting.values() if w.resource == resource]
+        if demands:
+            return any(fits(total, demand) for demand in demands)
+        return known < self.background_peers
+
     def may_dial(self, node_id: str, now: float) -> bool:
         until = self._no_dial.get(node_id)
         if until is not None and now >= until:
@@ -198,7 +211,7 @@ class CapacityDirectoryCore:
         if entry is None:
             if len(self.waiting) >= self.max_waiting:
                 return False
-            entry = self.waiting[request_id] = _Waiting(request_id, resource, now,
+            entry = self.waiting[request_id] = _Waiting(request_id, resource, dict(demand), now,
                                                         now + self.wait_timeout, reason)
             self.demand(resource, now)
         entry.reason = reason
@@ -337,14 +350,17 @@ class DhtPlacement:
             kept = self.core.lookup_done(resource, views, self.clock(), self.cluster.node_id)
             self._wake.set()
         self.stats["lookups"] += 1
-        self._use(kept)
+        self._use(resource, kept)
 
-    def _use(self, views: list[NodeView]) -> None:
-        """Ads of admitted peers fill in until their first pushed view; other advertisers are
-        admitted (a few at a time)."""
+    def _use(self, resource: str, views: list[NodeView]) -> None:
+        """Ads of admitted peers fill in until their first pushed view; advertisers not met yet
+        are admitted when worth it (a few at a time)."""
         cluster = self.cluster
         now = self.clock()
         started = 0
+        known = len(self._admitting) + sum(
+            1 for v in cluster.snapshot.nodes.values()
+            if v.alive and v.node_id != cluster.node_id and v.total.get(resource, 0) > 0)
         for view in views:
             state = cluster.peers.get(view.node_id)
             if state is not None and state.alive:
@@ -353,7 +369,8 @@ class DhtPlacement:
                     self.peer_ready()
                 continue
             if (started >= self.max_new_per_lookup or view.node_id in self._admitting
-                    or not self.core.may_dial(view.node_id, now)):
+                    or not self.core.may_dial(view.node_id, now)
+                    or not self.core.worth_meeting(resource, view.total, known + started)):
                 continue
             started += 1
             self._admitting.add(view.node_id)

@@ -8,13 +8,19 @@ views. A request no node can take still fails with TaskUnschedulableError after 
 actor's calls with ActorDiedError saying why).
 The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
 """
+import asyncio
+import collections
 import time
+import types
 
 import pytest
 
 import latticaray as lattica
-from latticaray.runtime.placement import CapacityDirectoryCore
-from latticaray.scheduler.policy import NodeView
+from latticaray.mesh.identity import KeyPair
+from latticaray.runtime.errors import TaskUnschedulableError
+from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
+from latticaray.scheduler.advertiser import CapacityAd
+from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 
 from meshutil import NodeProcess, alive_nodes, wait_for
 
@@ -165,3 +171,139 @@ def test_waiting_keeps_its_first_deadline_and_dialing_holds_off():
     assert entry.request_id == "t1" and entry.reason == "still no tpu" and core.waiting == {}
     core.hold_off("n1", 0.0)
     assert not core.may_dial("n1", 19.9) and core.may_dial("n1", 20.0)
+
+
+# the asyncio driver over a fake DHT and cluster ------------------------------------------------
+
+class FakeDht:
+    """`capacity/<resource>` answers from CapacityAds; counts the gets."""
+
+    def __init__(self, ads):
+        self.ads = ads
+        self.gets = collections.Counter()
+
+    async def get(self, key):
+        self.gets[key] += 1
+        records = {ad.node.encode(): types.SimpleNamespace(value=ad.encode(), publisher=ad.node)
+                   for ad in self.ads if key[len(b"capacity/"):].decode() in ad.total}
+        return records or None
+
+    async def find_peer(self, peer):
+        return []
+
+
+class FakeCluster:
+    """What DhtPlacement uses of a MeshCluster; admission succeeds for ``reachable`` nodes."""
+
+    def __init__(self, reachable):
+        self.node_id = str(KeyPair.generate().peer_id)
+        self.reachable = set(reachable)
+        self.peers = {}
+        self.snapshot = ClusterSnapshot(local_node=self.node_id)
+        self.mesh = types.SimpleNamespace(connection_to=lambda peer: object())
+        self.dialled = collections.Counter()
+        self.tasks = set()
+        self.node = types.SimpleNamespace()
+
+    def spawn(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _admit_with(self, peer):
+        self.dialled[str(peer)] += 1
+        if str(peer) in self.reachable:
+            self.peers[str(peer)] = types.SimpleNamespace(alive=True, view={})
+
+    async def stop(self):
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _ads(count, **total):
+    return [CapacityAd(str(KeyPair.generate().peer_id), 1, 0.0, dict(total), dict(total))
+            for _ in range(count)]
+
+
+async def _until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _placement(ads, reachable, **core):
+    cluster = FakeCluster(reachable)
+    core = CapacityDirectoryCore(**{"min_gap": 0.05, "refresh_interval": 0.2,
+                                    "idle_backoff_max": 0.8, **core})
+    return cluster, DhtPlacement(cluster, FakeDht(ads), core)
+
+
+def test_background_refresh_meets_only_a_few_advertisers():
+    async def run():
+        ads = _ads(20, CPU=4.0)
+        cluster, placement = _placement(ads, {ad.node for ad in ads})
+        placement.start()
+        placement.note_demand({"CPU": 1.0})
+        await _until(lambda: placement.dht.gets[b"capacity/CPU"] >= 3, 5, "three refreshes")
+        await _until(lambda: not placement._admitting, 5, "admissions to finish")
+        # 8 met (background_peers), the ads stand in for their views until views arrive
+        assert len(cluster.peers) == 8 and sum(cluster.dialled.values()) == 8
+        assert set(cluster.snapshot.nodes) == set(cluster.peers)
+        await cluster.stop()
+    asyncio.run(run())
+
+
+def test_waiting_request_meets_only_fitting_advertisers_and_is_retried():
+    async def run():
+        small, big = _ads(12, CPU=1.0, tpu=1.0), _ads(3, CPU=1.0, tpu=4.0)
+        unreachable = big[0].node
+        cluster, placement = _placement(small + big, {ad.node for ad in small + big[1:]})
+        placement.start()
+        retried = []
+
+        def retry():  # what MeshCluster.place_task does: place, or wait on
+            if any(v.total.get("tpu", 0) >= 2 for v in cluster.snapshot.nodes.values()):
+                retried.append(True)
+            else:
+                placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
+                                settled=lambda: False)
+        failed = []
+        assert placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
+                               settled=lambda: False) is DEFERRED
+        await _until(lambda: retried, 5, "the request placed again")
+        await _until(lambda: not placement._admitting, 5, "admissions to finish")
+        assert set(cluster.dialled) == {ad.node for ad in big}  # no 1-tpu node was dialled
+        assert set(cluster.peers) == {ad.node for ad in big[1:]}
+        assert not failed and not placement.core.waiting
+        # the unreachable one is held off: later lookups do not dial it again
+        gets = placement.dht.gets[b"capacity/tpu"]
+        placement.defer("t2", {"tpu": 3.0}, "no tpu", retry=lambda: None, fail=failed.append,
+                        settled=lambda: False)
+        await _until(lambda: placement.dht.gets[b"capacity/tpu"] >= gets + 2, 5, "two lookups")
+        assert cluster.dialled[unreachable] == 1
+        await cluster.stop()
+    asyncio.run(run())
+
+
+def test_request_nothing_can_take_fails_at_its_deadline_with_few_lookups():
+    async def run():
+        cluster, placement = _placement(_ads(5, CPU=2.0), set(), wait_timeout=0.6)
+        placement.start()
+        failed = []
+        started = time.monotonic()
+        placement.defer("t1", {"quantum": 1.0}, "no quantum", retry=lambda: None,
+                        fail=failed.append, settled=lambda: False)
+        await _until(lambda: failed, 5, "the request to fail")
+        waited = time.monotonic() - started
+        [error] = failed
+        assert isinstance(error, TaskUnschedulableError) and "capacity/quantum" in str(error)
+        assert 0.6 <= waited < 2.0
+        # 0.6 s at a 0.05 s gap doubling per empty answer up to 0.2 s: a handful, not 12
+        assert 2 <= placement.dht.gets[b"capacity/quantum"] <= 6
+        assert not cluster.dialled
+        await cluster.stop()
+    asyncio.run(run())
