@@ -37,6 +37,7 @@ from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, Cred
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
                                      error_blob)
+from latticaray.runtime.placement import DEFERRED
 from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeView, PlacementPolicy,
                                          PlacementRequest)
 
@@ -56,6 +57,7 @@ DHT_BOOTSTRAP_TIMEOUT = 30.0
 CAPACITY_TTL = 15.0           # DHT capacity ads: lifetime, refresh period, least gap on change
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
+CAPACITY_WAIT = 10.0          # how long work no known node can take waits for DHT capacity ads
 MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
 SESSION_REOPEN_WINDOW = 60.0
 CHUNK = 4 << 20
@@ -184,6 +186,8 @@ class MeshCluster:
         self._stopped = False
         self._last_member_publish = 0.0
         self._introducing: set[str] = set()
+        self.placement = None  # runtime.placement DhtPlacement: candidates from DHT capacity ads
+        self.sparse = False  # meet peers only when needed: no admission on connect/introduction
 
     # ------------------------------------------------------------------ lifecycle
     def register(self) -> None:
@@ -193,7 +197,7 @@ class MeshCluster:
         mesh.register_bidi(TASK_PROTOCOL, self._serve_session)
         mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
         mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
-        mesh.on_peer_connected(lambda peer: self.spawn(self._admit_with(peer)))
+        mesh.on_peer_connected(lambda peer: self.sparse or self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
         self.spawn(self._view_loop())
 
@@ -320,14 +324,17 @@ class MeshCluster:
         if state is None or not state.alive:
             state = self._add_peer(node_id, ctx.peer_id)
         state.last_seen = time.monotonic()
+        first_view = not state.view
         state.view = view
         self.snapshot.update_node(NodeView(node_id, dict(view.get("total", {})),
                                            dict(view.get("avail", {})),
                                            queued=int(view.get("queued", 0)),
                                            running=int(view.get("running", 0)),
                                            ad_time=time.monotonic()))
+        if first_view and self.placement is not None:
+            self.placement.peer_ready()
         for other, addrs in (view.get("peers") or {}).items():
-            if other != self.node_id and other not in self.peers and addrs:
+            if other != self.node_id and other not in self.peers and addrs and not self.sparse:
                 self.spawn(self._introduce(other, addrs))
         for ns, name, rec in view.get("names") or []:
             self.names.setdefault((ns, name), rec)
@@ -363,6 +370,8 @@ class MeshCluster:
         self.stats["peers_lost"] += 1
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
+        if self.placement is not None:
+            self.placement.peer_gone(node_id)
         if state.session_task is not None:
             state.session_task.cancel()
         inflight = list(state.inflight.values())
@@ -403,10 +412,24 @@ class MeshCluster:
 
     # ------------------------------------------------------------------ placement
     def place_task(self, rec: TaskRecord):
-        if not any(s.alive for s in self.peers.values()):
+        """A peer's id, None (run here), DEFERRED (waits for DHT capacity ads) or the
+        TaskUnschedulableError to fail the task with."""
+        placement = self.placement
+        if placement is not None:
+            placement.note_demand(rec.demand)
+        if not any(s.alive for s in self.peers.values()) and (
+                placement is None or self.node.ledger.could_ever_fit(rec.demand)):
             return None
         strategy = rec.msg["opts"].get("strategy")
-        return self._place(rec.tid.hex(), rec.demand, strategy, rec.excluded)
+        target = self._place(rec.tid.hex(), rec.demand, strategy, rec.excluded)
+        hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
+        if isinstance(target, TaskUnschedulableError) and placement is not None \
+                and not hard_affinity:
+            return placement.defer(rec.tid.hex(), rec.demand, target.reason,
+                                   retry=lambda: self.node._schedule(rec),
+                                   fail=lambda exc: self.node._fail(rec, exc),
+                                   settled=lambda: rec.done)
+        return target
 
     def _place(self, request_id: str, demand: dict, strategy, excluded=None):
         if isinstance(strategy, dict):
@@ -773,15 +796,56 @@ class MeshCluster:
             yield bytes(view[start:start + CHUNK])
 
     # ------------------------------------------------------------------ actors
-    def place_actor(self, message: dict):
+    def place_actor(self, message: dict, defer: bool = False):
+        """Where to create an actor: a peer's id or None (here; with a strategy, or when this
+        node could host it, actors stay here). With ``defer``, an actor no admitted node can
+        host waits for DHT capacity ads (DEFERRED); its calls wait with it."""
         strategy = message["opts"].get("strategy")
-        if strategy is None or not self.alive_peers():
-            return None
         demand = message["opts"].get("resources") or {}
-        target = self._place(message["aid"].hex(), demand, strategy)
+        try:
+            fits_here = self.node.ledger.could_ever_fit(demand)
+        except ValueError:
+            return None  # hosting it here reports the malformed request
+        can_defer = defer and self.placement is not None
+        if strategy is None and fits_here:
+            return None
+        if not self.alive_peers() and (fits_here or not can_defer):
+            return None
+        aid = message["aid"]
+        target = self._place(aid.hex(), demand, strategy)
+        hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
+        if isinstance(target, TaskUnschedulableError) and can_defer and not hard_affinity:
+            return self._defer_actor(message, target.reason)
         if isinstance(target, BaseException):
             return None
         return target
+
+    def _defer_actor(self, message: dict, reason: str):
+        aid = message["aid"]
+        owned = self.owned_actors.get(aid)
+        if owned is None:
+            owned = self.owned_actors[aid] = OwnedActor(aid, message, self.node_id)
+            self.actor_location[aid] = self.node_id  # calls wait in the outbox meanwhile
+
+        def fail(exc: BaseException) -> None:
+            owned.dead_cause = str(exc)
+            self._fail_actor_calls(aid, owned.dead_cause)
+        return self.placement.defer(aid.hex(), message["opts"].get("resources") or {}, reason,
+                                    retry=lambda: self._place_deferred_actor(message),
+                                    fail=fail, settled=lambda: owned.dead_cause is not None)
+
+    def _place_deferred_actor(self, message: dict) -> None:
+        target = self.place_actor(message, defer=True)
+        if target is DEFERRED:
+            return
+        aid = message["aid"]
+        if target is None or target == self.node_id:
+            self.owned_actors.pop(aid, None)
+            self.actor_location.pop(aid, None)
+            self.node.host_actor(message)
+        else:
+            self.create_remote_actor(message, target)
+        self.pump_actor(aid)
 
     def create_remote_actor(self, message: dict, target: str) -> dict:
         aid = message["aid"]
@@ -893,6 +957,9 @@ class MeshCluster:
         host = self.actor_location.get(aid) or message.get("anode")
         if owned is not None and message.get("no_restart", True):
             owned.dead_cause = "it was killed with kill()"
+            if host == self.node_id:  # never created: it was waiting for DHT capacity ads
+                self._fail_actor_calls(aid, owned.dead_cause)
+                return
         self._send(host, {"k": "kill", "aid": aid, "no_restart": message.get("no_restart", True)})
 
     # ------------------------------------------------------------------ named actors
@@ -1128,10 +1195,19 @@ class MeshRuntime:
     bootstrap peers) that the ObjectExchange announces store objects into and resolves CIDs
     through and that the scheduler's CapacityAdvertiser publishes `capacity/<resource>` ads
     into, and, when `nat` is given, MeshNat (relay reservation, circuit address, hole punching).
+    Placement also reads those ads (runtime.placement): work no admitted peer can take waits up
+    to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
+    `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
+    ask, instead of every peer connected or introduced ("full").
     """
 
     def __init__(self, key: KeyPair, bootstrap: list[str], admission: Admission,
-                 listen: list[str] | None, nat: "NatSettings | None" = None):
+                 listen: list[str] | None, nat: "NatSettings | None" = None,
+                 peering: str = "full", capacity_wait: float = CAPACITY_WAIT):
+        if peering not in ("full", "sparse"):
+            raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
+        self.peering = peering
+        self.capacity_wait = capacity_wait
         self.key = key
         self.node_id = str(key.peer_id)
         self.bootstrap = list(bootstrap)
@@ -1153,14 +1229,15 @@ class MeshRuntime:
     def prepare(cls, *, bootstrap: list[str], credential: str | None,
                 listen: list[str] | None = None, key_path: str | None = None,
                 mesh_key_path: str | None = None,
-                nat: "NatSettings | None" = None) -> "MeshRuntime":
+                nat: "NatSettings | None" = None, peering: str = "full",
+                capacity_wait: float = CAPACITY_WAIT) -> "MeshRuntime":
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
             admission = Admission.join(credential)
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat)
+        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
 
     async def start(self, runtime_node) -> "MeshRuntime":
         from latticaray.mesh.dht.service import DhtService
@@ -1177,7 +1254,12 @@ class MeshRuntime:
         if self.nat_settings is not None:
             await self._start_nat()
         self.cluster = MeshCluster(runtime_node, self.mesh, self.admission)
+        self.cluster.sparse = self.peering == "sparse"
         self.cluster.register()
+        from latticaray.runtime.placement import CapacityDirectoryCore, DhtPlacement
+        self.cluster.placement = DhtPlacement(
+            self.cluster, self.dht, CapacityDirectoryCore(wait_timeout=self.capacity_wait))
+        self.cluster.placement.start()
         runtime_node.cluster = self.cluster
         from latticaray.state.cluster import ClusterState
         self.state = ClusterState(self.mesh, self.key,

@@ -26,6 +26,7 @@ from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, Obje
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
 from latticaray.runtime.errors import TaskUnschedulableError
+from latticaray.runtime.placement import DEFERRED
 from latticaray.scheduler.errors import InsufficientResources
 from latticaray.scheduler.resources import ResourceLedger, normalize
 
@@ -740,6 +741,8 @@ class RuntimeNode:
         demand = rec.demand
         if self.cluster is not None and not rec.msg["opts"].get("placed"):
             target = self.cluster.place_task(rec)
+            if target is DEFERRED:
+                return
             if isinstance(target, BaseException):
                 self._fail(rec, target)
                 return
@@ -986,7 +989,9 @@ class RuntimeNode:
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
         if self.cluster is not None:
-            target = message.pop("host", None) or self.cluster.place_actor(message)
+            target = message.pop("host", None) or self.cluster.place_actor(message, defer=True)
+            if target is DEFERRED:
+                return {"aid": aid, "node": self.node_id}
             if target is not None and target != self.node_id:
                 return self.cluster.create_remote_actor(message, target)
         return self.host_actor(message)

@@ -41,6 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--serve-relay", type=int, default=None, metavar="PORT",
                         help="offer the relay service (TCP PORT) and AutoNAT: for public nodes")
     parser.add_argument("--no-hole-punching", action="store_true")
+    parser.add_argument("--peering", choices=("full", "sparse"), default="full",
+                        help="full: admit every member connected or introduced; sparse: admit "
+                             "peers only through bootstrap, placement (DHT capacity ads) or "
+                             "when they ask")
+    parser.add_argument("--capacity-wait", type=float, default=None, metavar="SECONDS",
+                        help="how long work no known node can take waits for a node advertising "
+                             "the resources in the DHT before it fails as unschedulable")
     parser.add_argument("--lab", action="store_true",
                         help="treat the netlab's 198.18.0.0/15 addresses as public")
     return parser.parse_args(argv)
@@ -66,7 +73,7 @@ async def run(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     from latticaray.runtime.api import _default_resources
-    from latticaray.runtime.cluster import MeshRuntime
+    from latticaray.runtime.cluster import CAPACITY_WAIT, MeshRuntime
     from latticaray.runtime.node import RuntimeNode
 
     resources = _default_resources(args.num_cpus, args.num_gpus,
@@ -74,7 +81,9 @@ async def run(args: argparse.Namespace) -> None:
     mesh_runtime = MeshRuntime.prepare(bootstrap=args.bootstrap, credential=args.credential,
                                        listen=args.listen, key_path=args.key_path,
                                        mesh_key_path=args.mesh_key_path,
-                                       nat=nat_settings(args))
+                                       nat=nat_settings(args), peering=args.peering,
+                                       capacity_wait=CAPACITY_WAIT if args.capacity_wait is None
+                                       else args.capacity_wait)
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)

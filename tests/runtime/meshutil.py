@@ -25,9 +25,11 @@ def _die_with_parent() -> None:
 class NodeProcess:
     """A `python -m latticaray.runtime.node_main` child; stop() always reaps it."""
 
-    def __init__(self, bootstrap: str | None, credential: str | None, num_cpus: float = 1):
+    def __init__(self, bootstrap: str | None, credential: str | None, num_cpus: float = 1,
+                 extra_args: tuple[str, ...] = ()):
         args = [sys.executable, "-m", "latticaray.runtime.node_main",
-                "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]
+                "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
+                *extra_args]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
         if credential:

@@ -1,0 +1,309 @@
+"""Placement from the capacity nodes advertise in the DHT (`capacity/<resource>`).
+
+Three node processes: D (sparse peering: admits peers only through its bootstrap role, placement
+or when asked; the driver attaches to it), A (joins through D, full peering), and C (joins
+through A, sparse, the only node with "tpu"s). D never gets a pushed view of C, yet a task and an
+actor asking for a tpu land on C because C's DHT capacity ad names it; afterwards C feeds D's
+views. A request no node can take still fails with TaskUnschedulableError after the wait (an
+actor's calls with ActorDiedError saying why).
+The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
+"""
+import asyncio
+import collections
+import time
+import types
+
+import pytest
+
+import latticaray as lattica
+from latticaray.mesh.identity import KeyPair
+from latticaray.runtime.errors import TaskUnschedulableError
+from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
+from latticaray.scheduler.advertiser import CapacityAd
+from latticaray.scheduler.policy import ClusterSnapshot, NodeView
+
+from meshutil import NodeProcess, alive_nodes, wait_for
+
+
+@lattica.remote
+def whereami():
+    return lattica.get_runtime_context().node_id
+
+
+@lattica.remote
+class Accelerated:
+    def where(self):
+        return lattica.get_runtime_context().node_id
+
+
+@pytest.fixture(scope="module")
+def sparse_mesh():
+    nodes = []
+    try:
+        d = NodeProcess(None, None, extra_args=("--peering", "sparse", "--capacity-wait", "30"))
+        nodes.append(d)
+        invite = d.info["invite"]
+        a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--capacity-wait", "3"))
+        nodes.append(a)
+        c = NodeProcess(a.info["addrs"][0], invite,
+                        extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'))
+        nodes.append(c)
+        yield {"d": d, "a": a, "c": c}
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def attach():
+    def attach_to(node: NodeProcess):
+        lattica.init(address=node.info["driver_address"])
+    yield attach_to
+    if lattica.is_initialized():
+        lattica.shutdown()
+
+
+def test_task_lands_on_node_found_only_through_dht_capacity(sparse_mesh, attach):
+    d, a, c = sparse_mesh["d"], sparse_mesh["a"], sparse_mesh["c"]
+    attach(d)
+    wait_for(lambda: a.node_id in alive_nodes(), 30, "D to see A")
+    assert c.node_id not in {n["NodeID"] for n in lattica.nodes()}, "D already knows C"
+    assert lattica.cluster_resources().get("tpu", 0) == 0
+    actor = Accelerated.options(resources={"tpu": 1}).remote()
+    calls = [actor.where.remote() for _ in range(3)]  # wait with the actor for its placement
+    node = lattica.get(whereami.options(resources={"tpu": 1}).remote(), timeout=60)
+    assert node == c.node_id
+    assert lattica.get(calls, timeout=60) == [c.node_id] * 3
+    # the advertiser is now a peer like any other: its pushed views reach D
+    wait_for(lambda: c.node_id in alive_nodes(), 30, "C's view at D")
+    assert lattica.cluster_resources().get("tpu") == 2
+    # once admitted, C takes tpu work at once (no DHT wait)
+    started = time.monotonic()
+    assert lattica.get([whereami.options(resources={"tpu": 1}).remote() for _ in range(3)],
+                       timeout=60) == [c.node_id] * 3  # one tpu left beside the actor's
+    assert time.monotonic() - started < 10
+
+
+def test_unschedulable_request_fails_after_its_wait(sparse_mesh, attach):
+    attach(sparse_mesh["a"])  # A waits 3 s for capacity
+    started = time.monotonic()
+    ref = whereami.options(resources={"quantum": 1}).remote()
+    with pytest.raises(lattica.TaskUnschedulableError, match="quantum"):
+        lattica.get(ref, timeout=60)
+    waited = time.monotonic() - started
+    assert 3.0 <= waited < 20, waited
+    actor = Accelerated.options(resources={"quantum": 1}).remote()
+    with pytest.raises(lattica.ActorDiedError, match="cannot be scheduled.*quantum"):
+        lattica.get(actor.where.remote(), timeout=60)
+
+
+# the sans-I/O directory ---------------------------------------------------------------------
+
+def _view(node_id, **total):
+    return NodeView(node_id, dict(total), dict(total))
+
+
+def test_urgent_lookups_rate_limited_and_back_off_when_dht_is_empty():
+    core = CapacityDirectoryCore(min_gap=1.0, refresh_interval=4.0, idle_backoff_max=32.0,
+                                 wait_timeout=100.0)
+    assert core.wait("t1", {"tpu": 1.0, "CPU": 1.0}, "no tpu", now=0.0)
+    assert core.due(0.0) == ["tpu"]
+    starts = []
+    now = 0.0
+    while now < 40.0:
+        for resource in core.due(now):
+            core.lookup_started(resource, now)
+            starts.append(now)
+            core.lookup_done(resource, [], now)
+        wake = core.next_wakeup(now)
+        assert wake is not None and wake > now
+        now = min(wake, 40.0) if wake < 40.0 else 40.0
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    # 1 s, doubled per further empty answer, capped at refresh_interval
+    assert gaps[:4] == [1.0, 2.0, 4.0, 4.0] and all(g == 4.0 for g in gaps[2:])
+    # an answer naming a node resets the gap
+    core.lookup_started("tpu", 50.0)
+    assert core.lookup_done("tpu", [_view("n1", tpu=1)], 50.0) == [_view("n1", tpu=1)]
+    assert not core.lookup_due("tpu", 50.5, urgent=True)
+    assert core.lookup_due("tpu", 51.0, urgent=True)
+
+
+def test_background_refresh_only_for_recent_demand_and_quiet_when_empty():
+    core = CapacityDirectoryCore(min_gap=1.0, refresh_interval=5.0, idle_backoff_max=40.0,
+                                 interest_window=100.0)
+    core.demand("CPU", 0.0)
+    starts = []
+    now = 0.0
+    while True:
+        for resource in core.due(now):
+            core.lookup_started(resource, now)
+            starts.append(now)
+            core.lookup_done(resource, [], now)
+        wake = core.next_wakeup(now)
+        if wake is None:
+            break
+        now = wake
+    # gaps 5, 10, 20, 40 (doubling while empty, at most 40) until the demand is 100 s old
+    assert starts == [0.0, 5.0, 15.0, 35.0, 75.0]
+    assert core.next_wakeup(200.0) is None
+
+
+def test_bounds_sample_keys_and_waiting():
+    core = CapacityDirectoryCore(max_keys=3, sample_size=4, max_waiting=2, seed=1)
+    for i, resource in enumerate(["a", "b", "c", "d"]):
+        core.demand(resource, float(i))
+    assert list(core.keys) == ["b", "c", "d"]
+    core.lookup_started("d", 5.0)
+    views = [_view(f"n{i}", d=1) for i in range(10)] + [_view("me", d=1)]
+    kept = core.lookup_done("d", views, 5.0, own_node="me")
+    assert len(kept) == 4 and all(v.node_id != "me" for v in kept)
+    assert core.cached("d", 5.0 + core.ttl) == kept and core.cached("d", 6.0 + core.ttl) == []
+    assert core.wait("t1", {"x": 1}, "r", 0.0) and core.wait("t2", {"x": 1}, "r", 0.0)
+    assert not core.wait("t3", {"x": 1}, "r", 0.0)
+
+
+def test_waiting_keeps_its_first_deadline_and_dialing_holds_off():
+    core = CapacityDirectoryCore(wait_timeout=10.0, redial_after=20.0)
+    assert core.wait("t1", {"tpu": 1}, "no tpu", 0.0)
+    assert core.wait("t1", {"tpu": 1}, "still no tpu", 6.0)  # retried: same deadline
+    assert core.expired(9.9) == []
+    [entry] = core.expired(10.0)
+    assert entry.request_id == "t1" and entry.reason == "still no tpu" and core.waiting == {}
+    core.hold_off("n1", 0.0)
+    assert not core.may_dial("n1", 19.9) and core.may_dial("n1", 20.0)
+
+
+# the asyncio driver over a fake DHT and cluster ------------------------------------------------
+
+class FakeDht:
+    """`capacity/<resource>` answers from CapacityAds; counts the gets."""
+
+    def __init__(self, ads):
+        self.ads = ads
+        self.gets = collections.Counter()
+
+    async def get(self, key):
+        self.gets[key] += 1
+        records = {ad.node.encode(): types.SimpleNamespace(value=ad.encode(), publisher=ad.node)
+                   for ad in self.ads if key[len(b"capacity/"):].decode() in ad.total}
+        return records or None
+
+    async def find_peer(self, peer):
+        return []
+
+
+class FakeCluster:
+    """What DhtPlacement uses of a MeshCluster; admission succeeds for ``reachable`` nodes."""
+
+    def __init__(self, reachable):
+        self.node_id = str(KeyPair.generate().peer_id)
+        self.reachable = set(reachable)
+        self.peers = {}
+        self.snapshot = ClusterSnapshot(local_node=self.node_id)
+        self.mesh = types.SimpleNamespace(connection_to=lambda peer: object())
+        self.dialled = collections.Counter()
+        self.tasks = set()
+        self.node = types.SimpleNamespace()
+
+    def spawn(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _admit_with(self, peer):
+        self.dialled[str(peer)] += 1
+        if str(peer) in self.reachable:
+            self.peers[str(peer)] = types.SimpleNamespace(alive=True, view={})
+
+    async def stop(self):
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _ads(count, **total):
+    return [CapacityAd(str(KeyPair.generate().peer_id), 1, 0.0, dict(total), dict(total))
+            for _ in range(count)]
+
+
+async def _until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _placement(ads, reachable, **core):
+    cluster = FakeCluster(reachable)
+    core = CapacityDirectoryCore(**{"min_gap": 0.05, "refresh_interval": 0.2,
+                                    "idle_backoff_max": 0.8, **core})
+    return cluster, DhtPlacement(cluster, FakeDht(ads), core)
+
+
+def test_background_refresh_meets_only_a_few_advertisers():
+    async def run():
+        ads = _ads(20, CPU=4.0)
+        cluster, placement = _placement(ads, {ad.node for ad in ads})
+        placement.start()
+        placement.note_demand({"CPU": 1.0})
+        await _until(lambda: placement.dht.gets[b"capacity/CPU"] >= 3, 5, "three refreshes")
+        await _until(lambda: not placement._admitting, 5, "admissions to finish")
+        # 8 met (background_peers), the ads stand in for their views until views arrive
+        assert len(cluster.peers) == 8 and sum(cluster.dialled.values()) == 8
+        assert set(cluster.snapshot.nodes) == set(cluster.peers)
+        await cluster.stop()
+    asyncio.run(run())
+
+
+def test_waiting_request_meets_only_fitting_advertisers_and_is_retried():
+    async def run():
+        small, big = _ads(12, CPU=1.0, tpu=1.0), _ads(3, CPU=1.0, tpu=4.0)
+        unreachable = big[0].node
+        cluster, placement = _placement(small + big, {ad.node for ad in small + big[1:]})
+        placement.start()
+        retried = []
+
+        def retry():  # what MeshCluster.place_task does: place, or wait on
+            if any(v.total.get("tpu", 0) >= 2 for v in cluster.snapshot.nodes.values()):
+                retried.append(True)
+            else:
+                placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
+                                settled=lambda: False)
+        failed = []
+        assert placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
+                               settled=lambda: False) is DEFERRED
+        await _until(lambda: retried, 5, "the request placed again")
+        await _until(lambda: not placement._admitting, 5, "admissions to finish")
+        assert set(cluster.dialled) == {ad.node for ad in big}  # no 1-tpu node was dialled
+        assert set(cluster.peers) == {ad.node for ad in big[1:]}
+        assert not failed and not placement.core.waiting
+        # the unreachable one is held off: later lookups do not dial it again
+        gets = placement.dht.gets[b"capacity/tpu"]
+        placement.defer("t2", {"tpu": 3.0}, "no tpu", retry=lambda: None, fail=failed.append,
+                        settled=lambda: False)
+        await _until(lambda: placement.dht.gets[b"capacity/tpu"] >= gets + 2, 5, "two lookups")
+        assert cluster.dialled[unreachable] == 1
+        await cluster.stop()
+    asyncio.run(run())
+
+
+def test_request_nothing_can_take_fails_at_its_deadline_with_few_lookups():
+    async def run():
+        cluster, placement = _placement(_ads(5, CPU=2.0), set(), wait_timeout=0.6)
+        placement.start()
+        failed = []
+        started = time.monotonic()
+        placement.defer("t1", {"quantum": 1.0}, "no quantum", retry=lambda: None,
+                        fail=failed.append, settled=lambda: False)
+        await _until(lambda: failed, 5, "the request to fail")
+        waited = time.monotonic() - started
+        [error] = failed
+        assert isinstance(error, TaskUnschedulableError) and "capacity/quantum" in str(error)
+        assert 0.6 <= waited < 2.0
+        # 0.6 s at a 0.05 s gap doubling per empty answer up to 0.2 s: a handful, not 12
+        assert 2 <= placement.dht.gets[b"capacity/quantum"] <= 6
+        assert not cluster.dialled
+        await cluster.stop()
+    asyncio.run(run())
