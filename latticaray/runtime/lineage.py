@@ -77,14 +77,14 @@ class LineageTable:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.specs: collections.OrderedDict[bytes, TaskSpec] = collections.OrderedDict()
-        self.no_lineage: dict[bytes, str] = {}  # owned task -> why it has none (while live)
+        self.no_lineage: dict[bytes, list] = {}  # owned task -> [why it has none, live returns]
         self.evicted: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def record(self, tid: bytes, message: dict, retries_left: int, nret: int) -> None:
         if nret < 1:
             return
         if retries_left == 0:
-            self.no_lineage[tid] = "its task has max_retries=0"
+            self.no_lineage[tid] = ["its task has max_retries=0", nret]
             return
         msg = {k: v for k, v in message.items() if k not in ("blob", "args", "parent")}
         msg["args"] = _copy_args(message["args"])
@@ -98,9 +98,10 @@ class LineageTable:
             if len(self.evicted) > EVICTED_MEMORY:
                 self.evicted.popitem(last=False)
 
-    def record_actor_call(self, tid: bytes) -> None:
-        self.no_lineage[tid] = "it is the return of an actor call (actor outputs are not " \
-                               "re-executed)"
+    def record_actor_call(self, tid: bytes, nret: int) -> None:
+        if nret >= 1:
+            self.no_lineage[tid] = ["it is the return of an actor call (actor outputs are not "
+                                    "re-executed)", nret]
 
     def completed(self, tid: bytes, retries_left: int, failed: bool) -> None:
         spec = self.specs.get(tid)
@@ -115,7 +116,11 @@ class LineageTable:
         tid = task_of(oid)
         spec = self.specs.get(tid)
         if spec is None:
-            self.no_lineage.pop(tid, None)
+            known = self.no_lineage.get(tid)
+            if known is not None:
+                known[1] -= 1
+                if known[1] <= 0:
+                    del self.no_lineage[tid]
             return
         spec.live.discard(oid)
         if not spec.live:
@@ -127,13 +132,14 @@ class LineageTable:
             self.bytes -= spec.size
 
     def why_not(self, tid: bytes) -> str:
-        reason = self.no_lineage.get(tid)
-        if reason is not None:
-            return reason
+        known = self.no_lineage.get(tid)
+        if known is not None:
+            return known[0]
         if tid in self.evicted:
             return (f"its lineage was evicted (lineage budget {self.max_bytes} bytes, "
                     f"LATTICARAY_MAX_LINEAGE_BYTES)")
-        return "it was created by put() (only task returns can be re-executed)"
+        return ("it was created by put() or yielded by a streaming task (only returns of "
+                "normal tasks can be re-executed)")
 
 
 class Recovery:

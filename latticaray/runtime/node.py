@@ -1088,7 +1088,7 @@ class RuntimeNode:
         rec.client = client
         self.tasks[tid] = rec
         if client is None or client.kind != "remote":
-            self.recovery.table.record_actor_call(tid)
+            self.recovery.table.record_actor_call(tid, nret)
         if nret == STREAMING:
             self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
         else:

@@ -192,3 +192,12 @@ def test_lineage_budget_and_release():
     table.record(b"z" * 16, message, 0, 1)
     assert "max_retries=0" in table.why_not(b"z" * 16)
     assert "put()" in table.why_not(b"q" * 16)
+    call = b"a" * 16
+    table.record_actor_call(call, 2)
+    assert "actor" in table.why_not(call)
+    table.released(call + bytes(4))
+    assert "actor" in table.why_not(call)  # its second return is still referenced
+    table.released(call + b"\x00\x00\x00\x01")
+    assert call not in table.no_lineage
+    table.record_actor_call(b"n" * 16, 0)  # no returns: nothing is kept
+    assert b"n" * 16 not in table.no_lineage
