@@ -36,6 +36,7 @@ PENDING = -1
 DEFAULT_MAX_LINEAGE_BYTES = 64 << 20
 SPEC_OVERHEAD = 256           # bytes counted per task beside its inline arguments
 REPLICA_FETCH_TIMEOUT = 5.0   # how long to look for another copy before re-executing
+HOLDER_FETCH_TIMEOUT = 30.0   # the same, while the node that made it is alive (it has it)
 EVICTED_MEMORY = 4096         # how many evicted task ids are remembered (for the error's reason)
 
 
@@ -270,8 +271,9 @@ class Recovery:
             state = cluster.peers.get(holder)
             if state is not None and state.alive:
                 hint.append(state.peer_id)
+        timeout = HOLDER_FETCH_TIMEOUT if hint else REPLICA_FETCH_TIMEOUT
         try:
-            await exchange.fetch(cid, timeout=REPLICA_FETCH_TIMEOUT, peers=hint)
+            await exchange.fetch(cid, timeout=timeout, peers=hint)
         except Exception as exc:  # no provider answered in time: the object is lost
             log.info("no copy of %s found (%r)", cid, exc)
             return False

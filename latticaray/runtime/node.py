@@ -628,14 +628,20 @@ class RuntimeNode:
         return entry
 
     async def _req_get(self, message: dict) -> dict:
-        entries = await self._entries_for(message["oids"], message.get("timeout"))
+        timeout = message.get("timeout")
+        deadline = None if timeout is None else self.loop.time() + timeout
+        entries = await self._entries_for(message["oids"], timeout)
         if entries is None:
             return {"timeout": True}
         recovery = self.recovery
         for i, (oid, _owner) in enumerate(message["oids"]):
             entry = entries[i]
             if self.objects.get(oid) is entry and recovery.is_missing(entry):
-                entries[i] = await recovery.ensure_local(oid, entry)
+                left = None if deadline is None else max(0.0, deadline - self.loop.time())
+                try:
+                    entries[i] = await asyncio.wait_for(recovery.ensure_local(oid, entry), left)
+                except asyncio.TimeoutError:  # a re-execution it started goes on
+                    return {"timeout": True}
         return {"vals": [(e.status, e.data) for e in entries]}
 
     async def _req_wait(self, message: dict) -> dict:

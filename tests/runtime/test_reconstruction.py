@@ -102,6 +102,8 @@ def test_lost_return_is_reexecuted_elsewhere(mesh, node_b, tmp_path):
     assert runs(log) == [node_b.node_id]
     assert not driver_holds(ref)  # the only copy is on B, which made it
     kill(node_b)
+    with pytest.raises(lattica.GetTimeoutError):  # recovery honours the get's deadline
+        lattica.get(ref, timeout=0.5)
     value = lattica.get(ref, timeout=90)
     assert np.array_equal(value, np.arange(N, dtype=np.float64) * 3)
     executions = runs(log)
