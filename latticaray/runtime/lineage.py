@@ -63,8 +63,10 @@ class TaskSpec:
         self.tid = tid
         self.msg = msg
         self.retries_left = retries_left
-        self.live = {object_id(tid, i) for i in range(nret)}
-        self.size = SPEC_OVERHEAD + _args_size(msg["args"])
+        # returns still referenced (None: the single return of the common one-return task)
+        self.live = None if nret == 1 else {object_id(tid, i) for i in range(nret)}
+        args = msg["args"]
+        self.size = SPEC_OVERHEAD + (len(args[1]) if args[0] == "b" else _args_size(args))
         self.executions = 1
 
 
@@ -77,7 +79,7 @@ class LineageTable:
                                            DEFAULT_MAX_LINEAGE_BYTES))
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.specs: collections.OrderedDict[bytes, TaskSpec] = collections.OrderedDict()
+        self.specs: dict[bytes, TaskSpec] = {}  # in submission order: oldest evicted first
         self.no_lineage: dict[bytes, list] = {}  # owned task -> [why it has none, live returns]
         self.evicted: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
@@ -87,13 +89,14 @@ class LineageTable:
         if retries_left == 0:
             self.no_lineage[tid] = ["its task has max_retries=0", nret]
             return
-        msg = {k: v for k, v in message.items() if k not in ("blob", "args", "parent")}
-        msg["args"] = _copy_args(message["args"])
-        spec = TaskSpec(tid, msg, retries_left, nret)
+        if message["args"][0] != "b":  # resolution rewrites "l" arguments in place
+            message = dict(message, args=_copy_args(message["args"]))
+        spec = TaskSpec(tid, message, retries_left, nret)
         self.specs[tid] = spec
         self.bytes += spec.size
         while self.bytes > self.max_bytes and self.specs:
-            old_tid, old = self.specs.popitem(last=False)
+            old_tid = next(iter(self.specs))
+            old = self.specs.pop(old_tid)
             self.bytes -= old.size
             self.evicted[old_tid] = None
             if len(self.evicted) > EVICTED_MEMORY:
@@ -123,9 +126,11 @@ class LineageTable:
                 if known[1] <= 0:
                     del self.no_lineage[tid]
             return
-        spec.live.discard(oid)
-        if not spec.live:
-            self._drop(tid)
+        if spec.live is not None:
+            spec.live.discard(oid)
+            if spec.live:
+                return
+        self._drop(tid)
 
     def _drop(self, tid: bytes) -> None:
         spec = self.specs.pop(tid, None)
@@ -244,6 +249,8 @@ class Recovery:
                 return entry
             cid = serialization.store_cid(entry.data)
             if await self._fetch_copy(cid, entry.holder):
+                if node.objects.get(oid) is not entry:
+                    return entry  # released meanwhile: nobody here counts on the copy
                 if entry.status == OK and serialization.is_store_ref(entry.data) \
                         and serialization.store_cid(entry.data) == cid:
                     self._adopt(entry, cid)
@@ -321,7 +328,7 @@ class Recovery:
             spec.retries_left -= 1
         spec.executions += 1
         self.stats["reexecuted"] += 1
-        msg = dict(spec.msg)
+        msg = {k: v for k, v in spec.msg.items() if k not in ("blob", "parent")}
         msg["args"] = _copy_args(spec.msg["args"])
         opts = msg["opts"]
         nret = msg["nret"]
