@@ -248,15 +248,16 @@ class Recovery:
             if not self.is_missing(entry):
                 return entry
             cid = serialization.store_cid(entry.data)
-            if await self._fetch_copy(cid, entry.holder):
-                if node.objects.get(oid) is not entry:
-                    return entry  # released meanwhile: nobody here counts on the copy
-                if entry.status == OK and serialization.is_store_ref(entry.data) \
-                        and serialization.store_cid(entry.data) == cid:
-                    self._adopt(entry, cid)
-                continue
-            if entry.status != OK or task_of(oid) in node.tasks \
-                    or serialization.store_cid(entry.data) != cid:
+            fetched = await self._fetch_copy(cid, entry.holder)
+            if node.objects.get(oid) is not entry:
+                return entry  # released meanwhile: nobody here counts on it any more
+            unchanged = entry.status == OK and serialization.is_store_ref(entry.data) \
+                and serialization.store_cid(entry.data) == cid
+            if fetched and unchanged:
+                self._adopt(entry, cid)
+                if not self.is_missing(entry):
+                    return entry
+            if not unchanged or task_of(oid) in node.tasks:
                 continue  # another getter re-executed it meanwhile: wait for that run
             why = self._reexecute(oid, cid)
             if why is not None:
