@@ -556,26 +556,37 @@ class MeshCluster:
                 rec.retries_left -= 1
                 self.node._schedule(rec)
                 return
-            by_ref = [serialization.store_cid(v) for v in message.get("vals") or []
-                      if serialization.is_store_ref(v)]
-            missing = [c for c in by_ref if not self.node.store.contains(c)]
-            if missing and self.exchange is not None:
-                state.inflight[tid] = rec  # still ours if the executor dies meanwhile
-                def complete(rec=rec, message=message, by_ref=by_ref):
-                    self._send(state.node_id, {"k": "fetched", "cids": by_ref})
-                    if state.inflight.pop(rec.tid, None) is not None and not rec.done:
-                        self.node._complete(rec, message)
-                self.spawn(self._fetch_then(missing, state.node_id, complete))
-                return
-            if by_ref:
-                self._send(state.node_id, {"k": "fetched", "cids": by_ref})
-            self.node._complete(rec, message)
+            self._complete_remote(state, rec, message)
             return
         if kind == "created":
             owned = self.owned_actors.get(message["aid"])
             if owned is not None and message.get("error") is not None:
                 owned.dead_cause = str(serialization.deserialize(message["error"]))
                 self._fail_actor_calls(owned.aid, owned.dead_cause)
+
+    def _complete_remote(self, state: PeerState, rec: TaskRecord, message: dict) -> None:
+        """Seal a remote task's results. A store result this node lacks stays on the executor
+        (its `holder`, which keeps it pinned until told `fetched`): it is fetched when it is
+        needed here, and re-created from lineage if that node is gone by then."""
+        node = self.node
+        local = []
+        for i, value in enumerate(message.get("vals") or []):
+            if not serialization.is_store_ref(value):
+                continue
+            cid = serialization.store_cid(value)
+            entry = node.objects.get(object_id(rec.tid, i))
+            if self.exchange is not None and entry is not None and entry.status == PENDING \
+                    and not node.store.contains(cid):
+                entry.holder = state.node_id
+            else:
+                local.append(cid)
+        if local:
+            self.unpin_at(state.node_id, local)
+        node._complete(rec, message)
+
+    def unpin_at(self, node_id: str, cids: list[str]) -> None:
+        """Tell the node that ran a task it need not keep these store results for us any more."""
+        self._send(node_id, {"k": "fetched", "cids": cids})
 
     def _wire_args(self, args: list) -> list:
         if args[0] == "b":
@@ -788,6 +799,8 @@ class MeshCluster:
             ready = self.loop.create_future()
             entry.on_ready(lambda: ready.done() or ready.set_result(None))
             await ready
+        if "oid" in request and node.recovery.is_missing(entry):
+            entry = await node.recovery.ensure_local(oid, entry)
         cid = node.cid_for(oid, entry)
         data = serialization.materialize(entry.data)
         yield _pack({"s": entry.status, "size": len(data), "cid": cid})

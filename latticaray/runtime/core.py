@@ -12,6 +12,7 @@ import concurrent.futures
 import threading
 import time
 
+from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
@@ -273,7 +274,10 @@ class DriverCore(CoreClient):
             ready = self._wait_local(oids, timeout)
             if ready is None:
                 return super().get(refs, timeout)
-        return [decode_value(entry) for entry in ready]
+        try:
+            return [decode_value(entry) for entry in ready]
+        except ObjectNotFound:  # its store copy is gone: the node recovers it (lineage.py)
+            return super().get(refs, timeout)
 
     def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
              fetch_local: bool) -> list[int]:

@@ -91,7 +91,24 @@ class ActorDiedError(LatticaError):
 
 
 class ObjectLostError(LatticaError):
-    """Every copy of an object is gone and it cannot be re-created from lineage."""
+    """Every copy of an object is gone and it cannot be re-created from lineage.
+
+    `object_id` (hex), `cid` and `reason` say which object and why, where the runtime knows.
+    """
+
+    def __init__(self, message: str = "", *, object_id: str | None = None,
+                 cid: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.object_id = object_id
+        self.cid = cid
+        self.reason = reason
+
+    def __reduce__(self):
+        return _rebuild_lost, (type(self), str(self), self.object_id, self.cid, self.reason)
+
+
+def _rebuild_lost(cls, message, object_id, cid, reason):
+    return cls(message, object_id=object_id, cid=cid, reason=reason)
 
 
 class ObjectNotFoundError(ObjectLostError):

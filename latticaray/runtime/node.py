@@ -24,6 +24,7 @@ from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, Obje
                                        ObjectNotFoundError, TaskCancelledError,
                                        WorkerCrashedError)
 from latticaray.runtime.ids import object_id, task_of
+from latticaray.runtime.lineage import Recovery
 from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.placement import DEFERRED
@@ -238,6 +239,7 @@ class RuntimeNode:
         self.named_actors: dict[tuple[str, str], bytes] = {}
         self.streams: dict[bytes, StreamState] = {}
         self.cluster = None  # cluster.MeshCluster when this node is part of a mesh
+        self.recovery = Recovery(self)  # lineage of owned returns; lost-object recovery
         self.loop: asyncio.AbstractEventLoop | None = None
         self._worker_seq = 0
         self._local_client = LocalClient(node_id)
@@ -525,7 +527,7 @@ class RuntimeNode:
         out = []
         for oid in oids:
             entry = objects.get(oid)
-            if entry is None or entry.status == PENDING:
+            if entry is None or entry.status == PENDING or entry.holder is not None:
                 return None
             out.append((entry.status, entry.data))
         return out
@@ -541,6 +543,7 @@ class RuntimeNode:
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
         for oid in message["oids"]:
+            self.recovery.on_release(oid)
             entry = objects.get(oid)
             if entry is None:
                 continue
@@ -555,6 +558,10 @@ class RuntimeNode:
             self.cid_index.pop(entry.cid, None)
         data = entry.data
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+            if entry.holder is not None:  # the only copy is on the node that made it
+                if self.cluster is not None:
+                    self.cluster.unpin_at(entry.holder, [serialization.store_cid(data)])
+                return
             self._unpin(serialization.store_cid(data))
 
     def _unpin(self, cid: str) -> None:
@@ -577,7 +584,8 @@ class RuntimeNode:
         if self.seal_waiters:
             with self.seal_cond:
                 self.seal_cond.notify_all()
-        if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+        if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
+                and entry.holder is None:
             self.store_refs[serialization.store_cid(data)] += 1
         if entry.released:
             self.objects.pop(oid, None)
@@ -621,9 +629,20 @@ class RuntimeNode:
         return entry
 
     async def _req_get(self, message: dict) -> dict:
-        entries = await self._entries_for(message["oids"], message.get("timeout"))
+        timeout = message.get("timeout")
+        deadline = None if timeout is None else self.loop.time() + timeout
+        entries = await self._entries_for(message["oids"], timeout)
         if entries is None:
             return {"timeout": True}
+        recovery = self.recovery
+        for i, (oid, _owner) in enumerate(message["oids"]):
+            entry = entries[i]
+            if self.objects.get(oid) is entry and recovery.is_missing(entry):
+                left = None if deadline is None else max(0.0, deadline - self.loop.time())
+                try:
+                    entries[i] = await asyncio.wait_for(recovery.ensure_local(oid, entry), left)
+                except asyncio.TimeoutError:  # a re-execution it started goes on
+                    return {"timeout": True}
         return {"vals": [(e.status, e.data) for e in entries]}
 
     async def _req_wait(self, message: dict) -> dict:
@@ -654,6 +673,8 @@ class RuntimeNode:
         oid = self.cid_index.get(cid)
         entry = self.objects.get(oid) if oid is not None else None
         if entry is not None and entry.status != PENDING:
+            if self.recovery.is_missing(entry):
+                entry = await self.recovery.ensure_local(oid, entry)
             return {"val": (entry.status, entry.data)}
         if self.store is not None and cid.startswith("bafy"):
             try:
@@ -678,6 +699,7 @@ class RuntimeNode:
                          opts.get("res") or {"CPU": 1.0}, message.get("name", "task"))
         rec.client = client
         self.tasks[tid] = rec
+        self.recovery.on_submit(rec, client)
         objects = self.objects
         if nret == STREAMING:
             self.streams[tid] = StreamState(opts.get("window") or DEFAULT_STREAM_WINDOW)
@@ -710,7 +732,8 @@ class RuntimeNode:
                 if entry.status == ERROR and rec.dep_error is None:
                     rec.dep_error = entry.data
                 data = entry.data
-                if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
+                if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
+                        and entry.holder is None:
                     cid = serialization.store_cid(data)
                     self.store_refs[cid] += 1  # the driver may drop its ref before we run
                     if rec.pins is None:
@@ -725,11 +748,28 @@ class RuntimeNode:
                         then(rec)
             entry.on_ready(on_ready)
 
+        def recover(item, oid, entry):
+            async def ensure_local():
+                try:
+                    found = await self.recovery.ensure_local(oid, entry)
+                except Exception as exc:  # a bug must not leave the task waiting forever
+                    found = ObjectEntry(ERROR, error_blob(ObjectLostError(
+                        f"recovering argument {oid.hex()} failed: {exc!r}")))
+                resolve(item, found)
+            self.loop.create_task(ensure_local())
+
         for item in slots:
             oid, owner = item[1], item[2]
             entry = self.objects.get(oid)
             if entry is not None:
-                resolve(item, entry)
+                if entry.status == PENDING:  # its value may be elsewhere once sealed
+                    entry.on_ready(lambda item=item, oid=oid, entry=entry: (
+                        recover(item, oid, entry) if self.recovery.is_lost(entry)
+                        else resolve(item, entry)))
+                elif self.recovery.is_lost(entry):
+                    recover(item, oid, entry)
+                else:
+                    resolve(item, entry)
             else:
                 async def locate(item=item, oid=oid, owner=owner):
                     resolve(item, await self._locate(oid, owner))
@@ -754,6 +794,8 @@ class RuntimeNode:
                 rec.tid.hex(), f"no node can ever provide {dict(demand)} "
                                f"(this node has {self.total_resources})"))
             return
+        if self.recovery.fetch_args_first(rec):
+            return  # an argument's only copy is on another node: it comes here first
         self.ready_queue.append(rec)
         self._dispatch()
 
@@ -842,6 +884,8 @@ class RuntimeNode:
         else:
             for i, data in enumerate(message["vals"]):
                 self._seal(object_id(tid, i), OK, data)
+        if rec.actor is None and "aid" not in rec.msg:
+            self.recovery.on_complete(rec, err is not None)
         rec.done = True
         self.tasks.pop(tid, None)
         if rec.pins:
@@ -1054,6 +1098,8 @@ class RuntimeNode:
                          message.get("name", message["m"]))
         rec.client = client
         self.tasks[tid] = rec
+        if client is None or client.kind != "remote":
+            self.recovery.table.record_actor_call(tid, nret)
         if nret == STREAMING:
             self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
         else:

@@ -1,0 +1,205 @@
+"""Lost objects across node processes: other copies first, then re-execution from lineage.
+
+A driver node plus one node process for the whole module; each test that kills a node starts its
+own extra node process (B), makes a store-resident value there, kills B with SIGKILL and then
+asks for the value. Executions are counted with one line per run in a file under tmp_path.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import latticaray as lattica
+from latticaray.runtime import api, serialization
+from latticaray.runtime.lineage import LineageTable, TaskSpec
+
+from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
+
+N = 400_000  # float64: 3.2 MB, above the store threshold (1 MiB)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with driver_with_nodes(1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def node_b(mesh):
+    """A node process that the test kills; stopped (and its store removed) in any case."""
+    node = NodeProcess(mesh["addr"], mesh["invite"])
+    try:
+        wait_for(lambda: node.node_id in alive_nodes(), 30, "node B to join")
+        yield node
+    finally:
+        node.stop()
+
+
+def kill(node: NodeProcess) -> None:
+    node.kill9()
+    wait_for(lambda: node.node_id not in alive_nodes(), 30, "the driver to see node B gone")
+
+
+def runs(path) -> list[str]:
+    """Node ids of the executions logged to `path`, in order."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().split()
+
+
+def _log_run(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(lattica.get_runtime_context().node_id + "\n")
+
+
+@lattica.remote(max_retries=2)
+def make_big(path, k):
+    _log_run(path)
+    return np.arange(N, dtype=np.float64) * k
+
+
+@lattica.remote(max_retries=2)
+def plus_one(path, array):
+    _log_run(path)
+    return array + 1
+
+
+@lattica.remote
+def total(array):
+    return float(array.sum())
+
+
+@lattica.remote
+def holds(cid):
+    return serialization.get_store().contains(cid)
+
+
+@lattica.remote
+class Maker:
+    def big(self, path):
+        _log_run(path)
+        return np.ones(N)
+
+
+def on(node: NodeProcess, soft: bool = True) -> lattica.NodeAffinitySchedulingStrategy:
+    return lattica.NodeAffinitySchedulingStrategy(node.node_id, soft=soft)
+
+
+def recovery_stats():
+    return api._runtime.node.recovery.stats
+
+
+def driver_holds(ref) -> bool:
+    return serialization.get_store().contains(ref.cid)
+
+
+def test_lost_return_is_reexecuted_elsewhere(mesh, node_b, tmp_path):
+    log = str(tmp_path / "make_big")
+    ref = make_big.options(scheduling_strategy=on(node_b)).remote(log, 3)
+    ready, _ = lattica.wait([ref], timeout=60)
+    assert ready == [ref]
+    assert runs(log) == [node_b.node_id]
+    assert not driver_holds(ref)  # the only copy is on B, which made it
+    kill(node_b)
+    with pytest.raises(lattica.GetTimeoutError):  # recovery honours the get's deadline
+        lattica.get(ref, timeout=0.5)
+    value = lattica.get(ref, timeout=90)
+    assert np.array_equal(value, np.arange(N, dtype=np.float64) * 3)
+    executions = runs(log)
+    assert len(executions) == 2 and executions[1] != node_b.node_id
+
+
+def test_chain_is_reconstructed_recursively(mesh, node_b, tmp_path):
+    first_log, second_log = str(tmp_path / "first"), str(tmp_path / "second")
+    first = make_big.options(scheduling_strategy=on(node_b)).remote(first_log, 2)
+    second = plus_one.options(scheduling_strategy=on(node_b)).remote(second_log, first)
+    ready, _ = lattica.wait([first, second], num_returns=2, timeout=60)
+    assert len(ready) == 2
+    assert runs(first_log) == [node_b.node_id] and runs(second_log) == [node_b.node_id]
+    assert not driver_holds(first) and not driver_holds(second)
+    kill(node_b)
+    value = lattica.get(second, timeout=120)
+    assert np.array_equal(value, np.arange(N, dtype=np.float64) * 2 + 1)
+    assert len(runs(first_log)) == 2 and len(runs(second_log)) == 2
+    assert node_b.node_id not in runs(first_log)[1:] + runs(second_log)[1:]
+
+
+def test_no_retries_means_object_lost(mesh, node_b, tmp_path):
+    log = str(tmp_path / "once")
+    ref = make_big.options(scheduling_strategy=on(node_b), max_retries=0).remote(log, 1)
+    lattica.wait([ref], timeout=60)
+    cid = ref.cid
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(ref, timeout=60)
+    assert info.value.cid == cid and info.value.object_id == ref.id.hex()
+    assert "max_retries=0" in info.value.reason
+    assert runs(log) == [node_b.node_id]
+
+
+def test_actor_output_is_not_reexecuted(mesh, node_b, tmp_path):
+    log = str(tmp_path / "actor")
+    maker = Maker.options(scheduling_strategy=on(node_b, soft=False)).remote()
+    ref = maker.big.remote(log)
+    lattica.wait([ref], timeout=60)
+    assert runs(log) == [node_b.node_id]
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(ref, timeout=60)
+    assert "actor" in info.value.reason
+    assert runs(log) == [node_b.node_id]
+
+
+def test_put_object_comes_from_a_replica_else_is_lost(mesh):
+    other = mesh["nodes"][0]
+    array = np.arange(N, dtype=np.float64)
+    shared = lattica.put(array)
+    strategy = lattica.NodeAffinitySchedulingStrategy(other.node_id)
+    assert lattica.get(total.options(scheduling_strategy=strategy).remote(shared),
+                       timeout=60) == array.sum()
+    # the task's node fetched a replica into its store
+    assert lattica.get(holds.options(scheduling_strategy=strategy).remote(shared.cid), timeout=60)
+    store = serialization.get_store()
+    fetched = recovery_stats()["fetched_replicas"]
+    store.delete(shared.cid)  # as if evicted: the driver (owner) lost its own copy
+    assert not driver_holds(shared)
+    assert np.array_equal(lattica.get(shared, timeout=60), array)
+    assert recovery_stats()["fetched_replicas"] == fetched + 1
+    assert driver_holds(shared)
+
+    alone = lattica.put(np.arange(N, dtype=np.float64) + 7)  # no other node has a copy
+    cid = alone.cid
+    store.delete(cid)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(alone, timeout=60)
+    assert info.value.cid == cid and "put()" in info.value.reason
+
+
+def test_lineage_budget_and_release():
+    table = LineageTable(max_bytes=3 * 1024)
+    message = {"fn": b"f", "name": "f", "nret": 1, "opts": {},
+               "args": ["l", [[0, b"x" * 512], [1, b"o" * 20, "owner"]], {}]}
+    tids = [bytes([i]) * 16 for i in range(6)]
+    for tid in tids:
+        table.record(tid, message, 3, 1)
+    assert table.bytes <= table.max_bytes
+    assert tids[0] not in table.specs and tids[-1] in table.specs
+    assert "evicted" in table.why_not(tids[0])
+    kept = table.specs[tids[-1]]
+    assert kept.msg["args"] is not message["args"]  # resolution may rewrite the original
+    assert kept.size == TaskSpec(tids[-1], message, 3, 1).size
+    table.released(tids[-1] + bytes(4))
+    assert tids[-1] not in table.specs
+    table.record(b"z" * 16, message, 0, 1)
+    assert "max_retries=0" in table.why_not(b"z" * 16)
+    assert "put()" in table.why_not(b"q" * 16)
+    call = b"a" * 16
+    table.record_actor_call(call, 2)
+    assert "actor" in table.why_not(call)
+    table.released(call + bytes(4))
+    assert "actor" in table.why_not(call)  # its second return is still referenced
+    table.released(call + b"\x00\x00\x00\x01")
+    assert call not in table.no_lineage
+    table.record_actor_call(b"n" * 16, 0)  # no returns: nothing is kept
+    assert b"n" * 16 not in table.no_lineage
