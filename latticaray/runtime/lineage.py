@@ -20,7 +20,6 @@ and why.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
