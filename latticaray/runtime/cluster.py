@@ -25,6 +25,7 @@ import time
 
 import msgpack
 
+from latticaray.mesh.connmgr import path_rank
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import KeyPair, PeerId
 from latticaray.mesh.node import MeshConfig, MeshNode
@@ -541,14 +542,14 @@ class MeshCluster:
             self._move_session(state)
 
     def _move_session(self, state: PeerState) -> None:
-        """If the peer's primary connection is no longer the one the task session runs on (a
-        hole-punched direct path replaced the relay), open a new session on the primary for new
-        work and let the old one finish the work it carries (see TaskSession)."""
+        """If the peer's primary connection is a better path than the one the task session runs
+        on (a hole-punched direct path replaced the relay), open a new session on the primary
+        for new work and let the old one finish the work it carries (see TaskSession)."""
         old = state.session
         if old is None or old.conn is None or old.retiring:
             return
         primary = self.mesh.connection_to(state.peer_id)
-        if primary is None or primary is old.conn:
+        if primary is None or path_rank(primary.transport) >= path_rank(old.conn.transport):
             return
         old.retiring = True
         old.next_gate = asyncio.Event()

@@ -168,8 +168,11 @@ class MeshNat(NatNode):
 
     async def _upgrade_and_migrate(self, link: PeerLink, relayed: MeshConnection) -> bool:
         ok = await self._upgrade(link, self._loop.time())
-        if ok and self._direct_connection(link.peer) is not None and not relayed.closed:
-            self._spawn(self._drain(link.peer, relayed))
+        if ok and self._direct_connection(link.peer) is not None:
+            # both ends may have dialed the relay: every relayed connection to the peer drains
+            for conn in self.node.connections.connections(link.peer):
+                if conn.relayed and not conn.closed:
+                    self._spawn(self._drain(link.peer, conn))
         return ok
 
     async def _drain(self, peer: PeerId, relayed: MeshConnection) -> None:
@@ -179,7 +182,8 @@ class MeshNat(NatNode):
         loop = self._loop
         started = loop.time()
         deadline = started + self.config.relay_drain_timeout
-        record = {"peer": str(peer), "active_at_start": relayed.session.active_calls}
+        record = {"peer": str(peer), "outbound": relayed.outbound,
+                  "active_at_start": relayed.session.active_calls}
         self.drains.append(record)
         del self.drains[:-32]
         while not relayed.closed and relayed.session.active_calls > 0 and loop.time() < deadline:
