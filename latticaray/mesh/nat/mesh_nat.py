@@ -40,12 +40,13 @@ from ..identity import PeerId
 from ..multiaddr import Multiaddr
 from ..transport.quic import QuicTransport
 from .addresses import Endpoint
-from .host import NatNode, NatNodeConfig, PeerLink
+from .host import PING_SERVICE, NatNode, NatNodeConfig, PeerLink
 from .tunnel import SecureTunnel
 
 log = logging.getLogger(__name__)
 
 CIRCUIT = "circuit"
+PATH_CHECK_TIMEOUT = 5.0
 RELAY_TRANSPORT_NAME = "relay"
 
 
@@ -169,11 +170,25 @@ class MeshNat(NatNode):
     async def _upgrade_and_migrate(self, link: PeerLink, relayed: MeshConnection) -> bool:
         ok = await self._upgrade(link, self._loop.time())
         if ok and self._direct_connection(link.peer) is not None:
-            # both ends may have dialed the relay: every relayed connection to the peer drains
-            for conn in self.node.connections.connections(link.peer):
-                if conn.relayed and not conn.closed:
-                    self._spawn(self._drain(link.peer, conn))
+            self._spawn(self._retire_relayed(link.peer))
         return ok
+
+    async def _retire_relayed(self, peer: PeerId) -> None:
+        """Once the peer answers over the direct connection (so it has registered it too and
+        opens new calls there), every relayed connection to it drains; both ends may have
+        dialed the relay."""
+        direct = self._direct_connection(peer)
+        if direct is None:
+            return
+        try:
+            await direct.session.call(PING_SERVICE, b"direct", timeout=PATH_CHECK_TIMEOUT)
+        except MeshError as exc:
+            log.info("direct connection to %s did not answer (%s); the relay stays", peer, exc)
+            self.drains.append({"peer": str(peer), "outcome": "direct path unconfirmed"})
+            return
+        for conn in self.node.connections.connections(peer):
+            if conn.relayed and not conn.closed:
+                self._spawn(self._drain(peer, conn))
 
     async def _drain(self, peer: PeerId, relayed: MeshConnection) -> None:
         """Let the calls and streams open on ``relayed`` finish (new ones go direct), then close
@@ -182,10 +197,16 @@ class MeshNat(NatNode):
         loop = self._loop
         started = loop.time()
         deadline = started + self.config.relay_drain_timeout
-        record = {"peer": str(peer), "outbound": relayed.outbound,
-                  "active_at_start": relayed.session.active_calls}
+        record = {"peer": str(peer), "outbound": relayed.outbound}
         self.drains.append(record)
         del self.drains[:-32]
+        try:
+            # the reply comes after every call the peer opened here before it went direct
+            # (one ordered stream), so active_calls counts those too
+            await relayed.session.call(PING_SERVICE, b"relay", timeout=PATH_CHECK_TIMEOUT)
+        except MeshError as exc:
+            log.info("relayed connection to %s did not answer before draining: %s", peer, exc)
+        record["active_at_start"] = relayed.session.active_calls
         while not relayed.closed and relayed.session.active_calls > 0 and loop.time() < deadline:
             if self._direct_connection(peer) is None:
                 record["outcome"] = "direct path lost; relayed connection kept"
