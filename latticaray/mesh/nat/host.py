@@ -415,6 +415,10 @@ class NatNode:
         """The port of this node's alternate observer socket (0: it serves none)."""
         return self._alt_observer.get_extra_info("sockname")[1] if self._alt_observer else 0
 
+    def alternate_observers(self) -> dict[Endpoint, Endpoint]:
+        """Observer -> its alternate observer endpoint, as learned from ``obs`` replies."""
+        return {server: (server[0], port) for server, port in self._alt_ports.items()}
+
     async def observe(self, server: Endpoint, timeout: float = 2.0, *,
                       alternate: bool = False) -> Endpoint:
         """Ask ``server`` which address our shared socket's packets come from. ``alternate``
