@@ -1,4 +1,6 @@
-"""The runtime across real kernel NATs (netlab; needs root): join time, first-task latency, path.
+"""The runtime across real kernel NATs (netlab; needs root): join time, first-task latency, path,
+upgrade time (relayed -> direct, from the relayed dial to the direct connection) and how the task
+session crossed it (moved behind a fence / reopened with work re-sent).
 
 pub1 runs the bootstrap/relay runtime node; a worker node runs behind hostB's cone NAT and another
 behind hostC's symmetric NAT; a driver process behind hostA's cone NAT joins with
@@ -50,16 +52,25 @@ def main() -> int:
                                  "join_s": report["join_s"], "first_task_s": report["first_task_s"],
                                  "tasks_40_s": report["tasks_40_s"],
                                  "first_path": report["first_path"], "path": report["path"],
+                                 "punch_path": report["punch_path"],
+                                 "upgrade_s": report["upgrade_s"],
+                                 "sessions_moved": report["sessions_moved"],
+                                 "sessions_reopened": report["sessions_reopened"],
+                                 "tasks_resent": report["tasks_resent"],
+                                 "worker_nat_type": worker["timings"].get("nat_type"),
                                  "worker_join_s": worker["timings"].get("join_s")})
         finally:
             for process in processes:
                 process.stop()
     print(f"{'driver(hostA, cone) -> worker':32} {'run':>3} {'ok':>3} {'join s':>7} "
-          f"{'1st task ms':>11} {'40 tasks ms':>11} {'path@1st':>9} {'path':>6}")
+          f"{'1st task ms':>11} {'40 tasks ms':>11} {'path@1st':>9} {'path':>6} {'punch':>9} "
+          f"{'upgrade ms':>10} {'moved':>5} {'reopened':>8} {'resent':>6}")
     for r in rows:
+        upgrade = "-" if r["upgrade_s"] is None else f"{r['upgrade_s'] * 1000:.0f}"
         print(f"{r['worker'] + ' (' + r['worker_nat'] + ')':32} {r['run']:>3} {str(r['ok'])[0]:>3} "
               f"{r['join_s']:7.2f} {r['first_task_s'] * 1000:11.1f} {r['tasks_40_s'] * 1000:11.1f} "
-              f"{r['first_path']:>9} {r['path']:>6}")
+              f"{r['first_path']:>9} {r['path']:>6} {r['punch_path']:>9} {upgrade:>10} "
+              f"{r['sessions_moved']:>5} {r['sessions_reopened']:>8} {r['tasks_resent']:>6}")
     summary = {}
     for host in ("hostB", "hostC"):
         mine = [r for r in rows if r["worker"] == host]
@@ -68,6 +79,9 @@ def main() -> int:
                              "first_task_ms_median": statistics.median(
                                  r["first_task_s"] * 1000 for r in mine),
                              "paths": sorted({r["path"] for r in mine}),
+                             "upgrade_ms": sorted(round(r["upgrade_s"] * 1000) for r in mine
+                                                  if r["upgrade_s"] is not None),
+                             "sessions_reopened": sum(r["sessions_reopened"] for r in mine),
                              "all_ok": all(r["ok"] for r in mine)}
     import aioquic
     print(json.dumps({"bench": "runtime_over_nat", "rows": rows, "summary": summary,

@@ -23,7 +23,9 @@ peer, the connections it has; every protocol of the node reuses the peer's *prim
   :meth:`ConnectionManager.register_transport`; connections authenticated outside the manager
   (a hole-punched QUIC connection) join with :meth:`ConnectionManager.add_connection`.
 * ``on_peer_connected`` fires when a peer gets its first connection, ``on_peer_disconnected``
-  when its last one closes. Inbound connections beyond ``max_connections`` are refused.
+  when its last one closes, ``on_connection_added`` for every connection registered (e.g. a
+  direct path joining a relayed one: users of long-lived streams move them to the new primary).
+  Inbound connections beyond ``max_connections`` are refused.
 """
 
 from __future__ import annotations
@@ -333,6 +335,7 @@ class ConnectionManager:
         self._dialing: dict[PeerId, asyncio.Future] = {}
         self._connected_cbs: list[Callable[[PeerId], None]] = []
         self._disconnected_cbs: list[Callable[[PeerId], None]] = []
+        self._added_cbs: list[Callable[[MeshConnection], None]] = []
         self._closing = False
         self._reaper: asyncio.Task | None = None
 
@@ -356,6 +359,10 @@ class ConnectionManager:
 
     def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
         self._disconnected_cbs.append(callback)
+
+    def on_connection_added(self, callback: Callable[[MeshConnection], None]) -> None:
+        """``callback(conn)`` after each connection is registered (it may now be the primary)."""
+        self._added_cbs.append(callback)
 
     # -- queries -------------------------------------------------------------------------------------
     def connected_peers(self) -> list[PeerId]:
@@ -566,6 +573,8 @@ class ConnectionManager:
         if first:
             for callback in list(self._connected_cbs):
                 _safe_call(callback, peer)
+        for callback in list(self._added_cbs):
+            _safe_call(callback, conn)
         return conn
 
     def _on_closed(self, conn: MeshConnection) -> None:

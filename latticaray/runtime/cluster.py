@@ -25,6 +25,7 @@ import time
 
 import msgpack
 
+from latticaray.mesh.connmgr import path_rank
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import KeyPair, PeerId
 from latticaray.mesh.node import MeshConfig, MeshNode
@@ -59,6 +60,7 @@ CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0          # how long work no known node can take waits for DHT capacity ads
 MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
+FENCE_TIMEOUT = 5.0           # a moved task session waits this long for the old one's fence
 SESSION_REOPEN_WINDOW = 60.0
 CHUNK = 4 << 20
 BY_REF_ARG = 256 << 10
@@ -77,6 +79,42 @@ def _pack(message: dict) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
+class TaskSession:
+    """One task session (caller side) to a peer: its outbox, the connection it runs on and the
+    work sent over it whose reply has not come back (task/actor-call ids, ("create", aid)).
+
+    When the peer's primary connection changes (relayed -> hole-punched direct), the session
+    *retires*: it sends a ``fence`` and takes no new work; a new session on the new connection
+    holds its messages until the executor answers the fence (``fenced``: everything sent before
+    it has been dispatched, so per-caller order holds across the move), and the retired session
+    stays open until every reply it owes has come back."""
+
+    def __init__(self, gate: asyncio.Event | None = None):
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+        self.conn = None
+        self.pending: set = set()
+        self.gate = gate
+        self.next_gate: asyncio.Event | None = None
+        self.retiring = False
+        self.fenced = False
+
+
+def _reply_key(message: dict, outgoing: bool):
+    """What a session message is owed (outgoing) or settles (a reply): a task id, or
+    ("create", actor id); None for anything else."""
+    kind = message.get("k")
+    if outgoing and kind in ("task", "acall"):
+        return message["m"]["tid"]
+    if outgoing and kind == "create":
+        return ("create", message["m"]["aid"])
+    if not outgoing and kind == "done":
+        return message.get("tid")
+    if not outgoing and kind == "created":
+        return ("create", message.get("aid"))
+    return None
+
+
 class PeerState:
     """What this node knows about one admitted peer."""
 
@@ -85,13 +123,21 @@ class PeerState:
         self.peer_id = peer_id
         self.last_seen = time.monotonic()
         self.alive = True
-        self.outbox: asyncio.Queue | None = None
-        self.session_task: asyncio.Task | None = None
+        self.session: TaskSession | None = None
+        self.retiring: list[TaskSession] = []
         self.inflight: dict[bytes, TaskRecord] = {}
         self.shipped: set[bytes] = set()
         self.parts: dict[tuple, list[bytes]] = {}
         self.view: dict = {}
         self.reopen_times: list[float] = []
+
+    def cancel_sessions(self) -> None:
+        for session in [self.session, *self.retiring]:
+            if session is not None and session.task is not None \
+                    and session.task is not asyncio.current_task():
+                session.task.cancel()
+        self.session = None
+        self.retiring = []
 
 
 class OwnedActor:
@@ -199,6 +245,7 @@ class MeshCluster:
         mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
         mesh.on_peer_connected(lambda peer: self.sparse or self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
+        mesh.connections.on_connection_added(self._on_connection_added)
         self.spawn(self._view_loop())
 
     def spawn(self, coro) -> asyncio.Task:
@@ -372,8 +419,7 @@ class MeshCluster:
         self.snapshot.remove_node(node_id)
         if self.placement is not None:
             self.placement.peer_gone(node_id)
-        if state.session_task is not None:
-            state.session_task.cancel()
+        state.cancel_sessions()
         inflight = list(state.inflight.values())
         state.inflight.clear()
         for rec in inflight:
@@ -457,19 +503,32 @@ class MeshCluster:
         state = self.peers.get(node_id)
         if state is None or not state.alive:
             return False
-        if state.outbox is None:
-            state.outbox = asyncio.Queue()
-            state.session_task = self.spawn(self._session(state))
-        state.outbox.put_nowait(message)
+        session = state.session
+        if session is None:
+            session = state.session = TaskSession()
+            session.task = self.spawn(self._session(state, session))
+        key = _reply_key(message, True)
+        if key is not None:
+            session.pending.add(key)
+        session.outbox.put_nowait(message)
         return True
 
-    async def _session(self, state: PeerState) -> None:
+    async def _session(self, state: PeerState, session: TaskSession) -> None:
         try:
-            call = await self.mesh.open_bidi(state.peer_id, TASK_PROTOCOL, timeout=SESSION_TIMEOUT)
-            reader = self.spawn(self._session_replies(state, call))
+            conn = await self.mesh.connections.get(state.peer_id, SESSION_TIMEOUT)
+            call = conn.session.call_bidi(TASK_PROTOCOL, SESSION_TIMEOUT)
+            session.conn = conn
+            reader = self.spawn(self._session_replies(state, session, call))
             try:
+                if session.gate is not None and not session.gate.is_set():
+                    try:
+                        await asyncio.wait_for(session.gate.wait(), FENCE_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        log.info("no fence from %s's previous task session within %.0f s",
+                                 state.node_id, FENCE_TIMEOUT)
+                self._move_session(state)       # the path may have changed while we opened
                 while True:
-                    message = await state.outbox.get()
+                    message = await session.outbox.get()
                     await call.send(_pack(message))
             finally:
                 reader.cancel()
@@ -477,23 +536,71 @@ class MeshCluster:
         except asyncio.CancelledError:
             raise
         except MeshError as exc:
-            self._session_lost(state, f"task session failed: {exc}")
+            self._session_lost(state, f"task session failed: {exc}", session)
 
-    async def _session_replies(self, state: PeerState, call) -> None:
+    async def _session_replies(self, state: PeerState, session: TaskSession, call) -> None:
         try:
             async for raw in call:
-                self._on_session_reply(state, _unpack(raw))
+                message = _unpack(raw)
+                if message.get("k") == "fenced":
+                    session.fenced = True
+                    if session.next_gate is not None:
+                        session.next_gate.set()
+                else:
+                    self._on_session_reply(state, message)
+                    session.pending.discard(_reply_key(message, False))
+                if session.retiring:
+                    self._retire_if_drained(state, session)
         except asyncio.CancelledError:
             raise
         except (MeshError, ValueError) as exc:
-            self._session_lost(state, f"task session broke: {exc}")
+            self._session_lost(state, f"task session broke: {exc}", session)
             return
-        self._session_lost(state, "task session ended")
+        self._session_lost(state, "task session ended", session)
 
-    def _session_lost(self, state: PeerState, why: str) -> None:
+    # -- moving task sessions to a better path -------------------------------------------------
+    def _on_connection_added(self, conn) -> None:
+        state = self.peers.get(str(conn.peer_id))
+        if state is not None and state.alive and not self._stopped:
+            self._move_session(state)
+
+    def _move_session(self, state: PeerState) -> None:
+        """If the peer's primary connection is a better path than the one the task session runs
+        on (a hole-punched direct path replaced the relay), open a new session on the primary
+        for new work and let the old one finish the work it carries (see TaskSession)."""
+        old = state.session
+        if old is None or old.conn is None or old.retiring:
+            return
+        primary = self.mesh.connection_to(state.peer_id)
+        if primary is None or path_rank(primary.transport) >= path_rank(old.conn.transport):
+            return
+        old.retiring = True
+        old.next_gate = asyncio.Event()
+        old.outbox.put_nowait({"k": "fence"})
+        state.retiring.append(old)
+        new = state.session = TaskSession(old.next_gate)
+        new.task = self.spawn(self._session(state, new))
+        self.stats["sessions_moved"] += 1
+        log.info("task session to %s moves from %s to %s (%d replies still due on the old one)",
+                 state.node_id, old.conn.transport, primary.transport, len(old.pending))
+
+    def _retire_if_drained(self, state: PeerState, session: TaskSession) -> None:
+        session.pending = {k for k in session.pending
+                           if not isinstance(k, bytes) or k in state.inflight}
+        if session.fenced and not session.pending:
+            if session in state.retiring:
+                state.retiring.remove(session)
+            session.task.cancel()
+
+    def _session_lost(self, state: PeerState, why: str, session: TaskSession | None = None) -> None:
         """A task session ended. If the peer is still connected (its connection was replaced, e.g.
-        relayed -> hole-punched direct, which closes the streams of the old one), open a new
+        relayed -> direct, and the old one closed before its replies came back), open a new
         session and send the work in flight again; otherwise the peer is gone."""
+        if session is not None and session.retiring:
+            self._retired_session_lost(state, why, session)
+            return
+        if session is not None and session is not state.session:
+            return
         now = time.monotonic()
         state.reopen_times = [t for t in state.reopen_times if now - t < SESSION_REOPEN_WINDOW]
         if (not state.alive or self._stopped or self.mesh.connection_to(state.peer_id) is None
@@ -503,14 +610,34 @@ class MeshCluster:
         state.reopen_times.append(now)
         self.stats["sessions_reopened"] += 1
         log.info("task session to %s reopened (%s)", state.node_id, why)
-        if state.session_task is not None and state.session_task is not asyncio.current_task():
-            state.session_task.cancel()
-        state.session_task = None
-        state.outbox = None
+        state.cancel_sessions()
         state.shipped.clear()
         state.parts.clear()
         inflight = list(state.inflight.values())
         state.inflight.clear()
+        self._resend(state, inflight)
+
+    def _retired_session_lost(self, state: PeerState, why: str, session: TaskSession) -> None:
+        """A retired session closed before all its replies came back (the old path's drain
+        deadline passed, or it broke): that work is sent again on the current session."""
+        if session in state.retiring:
+            state.retiring.remove(session)
+        if session.next_gate is not None:
+            session.next_gate.set()
+        if session.task is not None and session.task is not asyncio.current_task():
+            session.task.cancel()
+        lost = [state.inflight.pop(k) for k in session.pending
+                if isinstance(k, bytes) and k in state.inflight]
+        if not state.alive or self._stopped:
+            return
+        if lost:
+            log.info("task session to %s closed with %d tasks in flight on the old path (%s); "
+                     "sending them again", state.node_id, len(lost), why)
+            self.stats["tasks_resent"] += len(lost)
+            state.shipped.clear()
+        self._resend(state, lost)
+
+    def _resend(self, state: PeerState, inflight: list) -> None:
         actors = set()
         for rec in inflight:
             rec.remote_peer = None
@@ -679,6 +806,8 @@ class MeshCluster:
                     node.code[create["cls"]] = create.pop("blob")
                 reply = node.host_actor(create)
                 client.send({"k": "created", "aid": create["aid"], "error": reply.get("error")})
+            elif kind == "fence":  # the caller moves to a new session once this is answered
+                client.send({"k": "fenced"})
             elif kind == "cancel":
                 node.cancel_task(message["tid"], bool(message.get("force")), True)
             elif kind == "ack":

@@ -188,6 +188,22 @@ def test_nat_type_detection():
     assert public.report(0.0).nat_type is NatType.NO_NAT
 
 
+def test_nat_type_from_one_observer_and_its_alternate_port():
+    """A single public node still classifies the NAT: its main and alternate port are two
+    destinations; a repeat from the same endpoint is not a second observer."""
+    sym = NatTypeDetector([("198.19.3.10", 4001)])
+    sym.observe(("198.18.0.11", 4001), ("198.18.0.103", 31337), 0.0)
+    sym.observe(("198.18.0.11", 4001), ("198.18.0.103", 31337), 1.0)
+    assert sym.report(1.0).nat_type is NatType.UNKNOWN and sym.report(1.0).observers == 1
+    sym.observe(("198.18.0.11", 40123), ("198.18.0.103", 5123), 1.0)
+    assert sym.report(1.0).nat_type is NatType.ENDPOINT_DEPENDENT
+
+    cone = NatTypeDetector([("198.19.1.10", 4001)])
+    cone.observe(("198.18.0.11", 4001), ("198.18.0.101", 4001), 0.0)
+    cone.observe(("198.18.0.11", 40123), ("198.18.0.101", 4001), 0.0)
+    assert cone.report(0.0).nat_type is NatType.ENDPOINT_INDEPENDENT
+
+
 # ------------------------------------------------------------------------------ relay
 def test_relay_reservations_and_circuits_with_limits():
     svc = relay.RelayService(relay.RelayConfig(max_reservations=2, max_reservations_per_ip=1,

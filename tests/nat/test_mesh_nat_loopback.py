@@ -8,19 +8,20 @@ from latticaray.mesh.identity import PeerId
 from latticaray.mesh.nat import rendezvous_client
 from latticaray.mesh.nat.addresses import AddressPolicy
 from latticaray.mesh.nat.errors import RendezvousRefused
-from latticaray.mesh.nat.host import NatNodeConfig
+from latticaray.mesh.nat import wire
+from latticaray.mesh.nat.host import MAGIC, NatNodeConfig
 from latticaray.mesh.nat.mesh_nat import MeshNat
 from latticaray.mesh.node import MeshConfig, MeshNode
 
 LOOPBACK = AddressPolicy(allow_loopback=True)
 
 
-async def make(serve=False, punching=False, capture=False):
+async def make(serve=False, punching=False, capture=False, autonat=False):
     node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)))
     await node.start()
     nat = MeshNat(node, NatNodeConfig(listen_host="127.0.0.1", policy=LOOPBACK, serve_relay=serve,
                                       serve_rendezvous=serve, relay_capture=capture,
-                                      hole_punching=punching))
+                                      hole_punching=punching, serve_autonat=autonat))
     await nat.start()
 
     async def echo(ctx, payload):
@@ -108,3 +109,66 @@ async def test_reservation_is_renewed_after_the_relay_restarts(trio):
     await wait_for(lambda: len(b_nat.circuit_addresses()) == 1, timeout=15)
     a.add_addrs(b.peer_id, [b_nat.circuit_address()])
     assert await a.call(b.peer_id, "/test/echo/1", b"again", timeout=10) == b"again|relay"
+
+
+async def test_alternate_observer_port_answers_observations_only():
+    server_node, server = await make(autonat=True)
+    client_node, client = await make()
+    try:
+        alt_port = server.alt_observer_port
+        assert alt_port not in (0, server.local_endpoint[1])
+        main = server.local_endpoint
+        mapped = await client.observe(main)
+        assert client.alternate_observers() == {main: (main[0], alt_port)}
+        assert await client.observe((main[0], alt_port), alternate=True) == mapped
+        assert list(client.mapped) == [main]          # the alternate mapping is never advertised
+        assert client.nat_detector.report(asyncio.get_running_loop().time()).observers == 2
+        rejected = server.stats.get("control_rejected", 0)
+        # anything but obs_req on the alternate port is dropped (it must not act as AutoNAT)
+        client.transport.send_raw((main[0], alt_port), MAGIC + wire.encode("dial", id=1))
+        await wait_for(lambda: server.stats.get("control_rejected", 0) == rejected + 1)
+    finally:
+        for node, nat in ((client_node, client), (server_node, server)):
+            await nat.stop()
+            await node.stop()
+
+
+async def test_upgrade_drains_the_relay_calls_in_flight_finish_there():
+    """A call open on the relayed connection when the direct path comes up completes over the
+    relay; new calls go direct; the relayed connection closes once it is idle."""
+    made = []
+    try:
+        for serve, punching in ((True, False), (False, False), (False, True)):
+            made.append(await make(serve=serve, punching=punching))
+        (relay, relay_nat), (a, a_nat), (b, b_nat) = made
+        for _, nat in made[1:]:
+            await nat.reserve_relay(relay.peer_id, "127.0.0.1", relay_nat.relay_server.port)
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def held(ctx, payload):
+            started.set()
+            await asyncio.wait_for(release.wait(), 20)
+            return b"held|" + ctx.transport.encode()
+        b.register_unary("/test/held/1", held)
+        a.add_addrs(b.peer_id, [b_nat.circuit_address()])
+        in_flight = asyncio.ensure_future(a.call(b.peer_id, "/test/held/1", b"", timeout=30))
+        await asyncio.wait_for(started.wait(), 10)
+        assert a.connection_to(b.peer_id).transport == "relay"
+        upgrade = a_nat.upgrade(b.peer_id)           # a's automatic punching is off
+        assert upgrade is not None and await asyncio.wait_for(upgrade, 20) is True
+        assert await a.call(b.peer_id, "/test/echo/1", b"new", timeout=10) == b"new|quic"
+
+        def relayed():
+            return [c for c in a.connections.connections(b.peer_id) if c.relayed and not c.closed]
+        await wait_for(lambda: a_nat.drains and "active_at_start" in a_nat.drains[-1])
+        assert relayed() and not in_flight.done()    # still open: the held call is on it
+        assert a_nat.drains[-1]["active_at_start"] >= 1
+        release.set()
+        assert await asyncio.wait_for(in_flight, 10) == b"held|relay"
+        await wait_for(lambda: not relayed())
+        assert a_nat.drains[-1]["outcome"] == "drained", a_nat.drains
+        assert a_nat.drains[-1]["active_at_close"] == 0
+    finally:
+        for node, nat in reversed(made):
+            await nat.stop()
+            await node.stop()

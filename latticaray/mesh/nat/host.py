@@ -6,7 +6,9 @@
   never a QUIC packet) that the transport hands over as "unknown datagrams": observed-address
   requests (STUN-like), AutoNAT dial requests/responses/dial-backs, and hole-punch packets;
 * AutoNAT (client, and server on public nodes; dial-backs leave from a *separate* socket);
-* NAT type detection from the mapped addresses several public nodes observe;
+* NAT type detection from the mapped addresses several public nodes observe, or one public node
+  on its main and its alternate observer port (an AutoNAT server answers ``obs_req`` on a second
+  socket too and names that port in its ``obs`` replies);
 * a relay reservation (TCP+TLS, :mod:`relay_transport`) and relayed RPC sessions whose bytes are
   an end-to-end TLS session (:mod:`tunnel`);
 * DCUtR-style upgrades of relayed connections to direct QUIC: synchronized spraying, and
@@ -74,6 +76,7 @@ class NatNodeConfig:
     quic_port: int = 0
     policy: AddressPolicy = field(default_factory=AddressPolicy)
     serve_autonat: bool = False
+    observer_alt_port: int = 0           # AutoNAT servers answer obs_req here too (0: any port)
     serve_relay: bool = False
     relay_port: int = 0
     relay_config: RelayConfig = field(default_factory=RelayConfig)
@@ -87,6 +90,7 @@ class NatNodeConfig:
     punch: HolePunchConfig = field(default_factory=HolePunchConfig)
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
     direct_dial_timeout: float = 2.0
+    relay_drain_timeout: float = 30.0    # after an upgrade, open relayed calls get this long
     happy_eyeballs_delay: float = 0.25
     autonat_client: AutoNatClientConfig = field(default_factory=AutoNatClientConfig)
     autonat_server: AutoNatServerConfig = field(default_factory=AutoNatServerConfig)
@@ -140,6 +144,32 @@ def _close_unused_tunnel(task: asyncio.Task) -> None:
         task.result().close()
 
 
+class _AltObserver(asyncio.DatagramProtocol):
+    """An AutoNAT server's alternate observer socket: answers ``obs_req`` and nothing else."""
+
+    def __init__(self, node: "NatNode") -> None:
+        self.node = node
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if not data.startswith(MAGIC) or len(data) > MAX_CONTROL_DATAGRAM:
+            return
+        source = (addr[0].removeprefix("::ffff:"), addr[1])
+        try:
+            msg = wire.decode(data[len(MAGIC):], MAX_CONTROL_DATAGRAM)
+            if msg["t"] != "obs_req":
+                raise MalformedMessage("the alternate observer port answers obs_req only")
+            txid = wire.get_int(msg, "id", 0, 2**63)
+        except NatError as exc:
+            self.node._count("control_rejected")
+            log.debug("datagram to the alternate observer port from %s rejected: %s", source, exc)
+            return
+        self.transport.sendto(MAGIC + wire.encode("obs", id=txid, a=list(source)), source)
+
+
 class NatNode:
     """A node's NAT-traversal side over its shared QUIC socket (see the module docstring)."""
 
@@ -163,6 +193,8 @@ class NatNode:
         self.stats: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dialback: asyncio.DatagramTransport | None = None
+        self._alt_observer: asyncio.DatagramTransport | None = None
+        self._alt_ports: dict[Endpoint, int] = {}         # observer -> its alternate port
         self._waiters: dict[int, tuple[asyncio.Future, Endpoint]] = {}
         self._punch_waiters: dict[bytes, Callable[[Endpoint], None]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -200,6 +232,9 @@ class NatNode:
         if self.config.serve_autonat:
             self._dialback, _ = await self._loop.create_datagram_endpoint(
                 asyncio.DatagramProtocol, local_addr=(self.config.listen_host, 0))
+            self._alt_observer, _ = await self._loop.create_datagram_endpoint(
+                lambda: _AltObserver(self), local_addr=(self.config.listen_host,
+                                                        self.config.observer_alt_port))
         if self.config.serve_relay:
             self.relay_server = RelayServer(self.key, self.config.relay_config,
                                             self.config.listen_host, self.config.relay_port,
@@ -220,6 +255,8 @@ class NatNode:
             await self.relay_server.stop()
         if self._dialback is not None:
             self._dialback.close()
+        if self._alt_observer is not None:
+            self._alt_observer.close()
         for extra in self._extra_transports:
             await extra.close()
         if self._owns_transport:
@@ -298,7 +335,9 @@ class NatNode:
         now = self._loop.time()
         if kind == "obs_req":
             txid = wire.get_int(msg, "id", 0, 2**63)
-            self._send_control(source, wire.encode("obs", id=txid, a=list(source)))
+            alt = self.alt_observer_port
+            extra = {"ap": alt} if alt else {}
+            self._send_control(source, wire.encode("obs", id=txid, a=list(source), **extra))
         elif kind == "dial":
             if not self.config.serve_autonat:
                 raise MalformedMessage("this node does not serve AutoNAT")
@@ -371,11 +410,27 @@ class NatNode:
             self._waiters.pop(txid, None)
 
     # -- observed addresses, NAT type, reachability -----------------------------------------
-    async def observe(self, server: Endpoint, timeout: float = 2.0) -> Endpoint:
-        """Ask ``server`` which address our shared socket's packets come from."""
+    @property
+    def alt_observer_port(self) -> int:
+        """The port of this node's alternate observer socket (0: it serves none)."""
+        return self._alt_observer.get_extra_info("sockname")[1] if self._alt_observer else 0
+
+    def alternate_observers(self) -> dict[Endpoint, Endpoint]:
+        """Observer -> its alternate observer endpoint, as learned from ``obs`` replies."""
+        return {server: (server[0], port) for server, port in self._alt_ports.items()}
+
+    async def observe(self, server: Endpoint, timeout: float = 2.0, *,
+                      alternate: bool = False) -> Endpoint:
+        """Ask ``server`` which address our shared socket's packets come from. ``alternate``
+        marks a server's alternate observer port: it feeds NAT type detection only (the mapping
+        it sees is not one other peers would reach us at)."""
         msg, _ = await self._request(server, "obs_req", timeout)
         mapped = check_endpoint(msg.get("a"), "observed address")
-        self.mapped[server] = mapped
+        if not alternate:
+            self.mapped[server] = mapped
+            alt = wire.get_int(msg, "ap", 0, 65535, optional=True, default=0)
+            if alt and alt != server[1]:
+                self._alt_ports[server] = alt
         self.nat_detector.observe(server, mapped, self._loop.time())
         return mapped
 
@@ -384,6 +439,15 @@ class NatNode:
         for server, result in zip(servers, results):
             if isinstance(result, Exception):
                 log.info("observe via %s failed: %s", server, result)
+        report = self.nat_detector.report(self._loop.time())
+        if report.nat_type is NatType.UNKNOWN:
+            # too few observers: ask their alternate ports (a second destination per observer)
+            alternates = [(s[0], self._alt_ports[s]) for s in servers if s in self._alt_ports]
+            results = await asyncio.gather(*(self.observe(a, alternate=True) for a in alternates),
+                                           return_exceptions=True)
+            for server, result in zip(alternates, results):
+                if isinstance(result, Exception):
+                    log.info("observe via alternate port %s failed: %s", server, result)
         self.nat_report = self.nat_detector.report(self._loop.time())
         return self.nat_report
 
@@ -690,9 +754,13 @@ class NatNode:
                     remote = await self._punch(link, action, initiator=True)
                     pending += session.on_punch_result(action.attempt, remote, self._loop.time())
                 elif isinstance(action, PunchSucceeded):
+                    log.info("hole punch with %s: direct (%s, attempt %d, %.2f s)", link.peer,
+                             link.pending_path, action.attempt, self._loop.time() - start)
                     return True
                 elif isinstance(action, GiveUp):
                     link.metrics.record(self._loop.time(), f"punch-gave-up: {action.reason}")
+                    log.info("hole punch with %s gave up (%s; we are %s, they are %s)", link.peer,
+                             action.reason, self._our_nat().value, session.remote_nat.value)
                     return False
             timer = session.next_timer()
             if session.done or timer is None:

@@ -13,9 +13,12 @@ connection manager:
   removed when the reservation drops or the verdict changes), so identify and the DHT's peer
   records carry them and other peers can dial a private node through its relay;
 * after a relayed connection that this node dialed comes up, a DCUtR upgrade runs over it; a
-  direct connection ranks above any relayed one, so it becomes primary at once on both ends; the
-  relayed one is then closed and the circuit address stays in the peer store, so the manager
-  re-dials through the relay if the direct path dies.
+  direct connection ranks above any relayed one, so it becomes primary at once on both ends and
+  every new call or stream goes over it. The relayed connection then *drains*: calls and streams
+  already open on it finish there (users of long-lived streams, like the runtime's task
+  sessions, move them on ``on_connection_added``), and it is closed once it carries none, or
+  after ``relay_drain_timeout`` at the latest. The circuit address stays in the peer store, so the
+  manager re-dials through the relay if the direct path dies.
 
 Usage::
 
@@ -37,12 +40,13 @@ from ..identity import PeerId
 from ..multiaddr import Multiaddr
 from ..transport.quic import QuicTransport
 from .addresses import Endpoint
-from .host import NatNode, NatNodeConfig, PeerLink
+from .host import PING_SERVICE, NatNode, NatNodeConfig, PeerLink
 from .tunnel import SecureTunnel
 
 log = logging.getLogger(__name__)
 
 CIRCUIT = "circuit"
+PATH_CHECK_TIMEOUT = 5.0
 RELAY_TRANSPORT_NAME = "relay"
 
 
@@ -74,7 +78,6 @@ class CircuitAdapter(TransportAdapter):
         relay = addr.relay_addr
         tunnel = await self.nat.relay_client.connect(addr.relay_peer, relay.host, relay.port, target,
                                                      timeout=timeout)
-        self.nat._note_relayed_dial(target)
         return _relayed_raw(tunnel, True, addr)
 
     async def close(self) -> None:
@@ -89,13 +92,13 @@ class MeshNat(NatNode):
             raise RuntimeError("MeshNat needs a started MeshNode that listens on QUIC")
         super().__init__(node.key, config, transport=node.quic, router=node.router)
         self.node = node
-        self._dialed_relayed: set[PeerId] = set()
         self._advertised: set[str] = set()
+        self.drains: list[dict] = []          # one record per drained relayed connection
 
     async def start(self) -> None:
         await super().start()
         self.node.connections.register_transport(CircuitAdapter(self))
-        self.node.on_peer_connected(self._on_peer_connected)
+        self.node.connections.on_connection_added(self._on_connection_added)
 
     async def stop(self) -> None:
         await super().stop()
@@ -125,9 +128,6 @@ class MeshNat(NatNode):
     async def _on_relayed_incoming(self, tunnel: SecureTunnel) -> None:
         self.node.connections.accept_inbound(_relayed_raw(tunnel, False, None))
 
-    def _note_relayed_dial(self, peer: PeerId) -> None:
-        self._dialed_relayed.add(peer)
-
     def _relayed_connection(self, peer: PeerId) -> MeshConnection | None:
         for conn in self.node.connections.connections(peer):
             if conn.transport == RELAY_TRANSPORT_NAME and not conn.closed and not conn.session.closed:
@@ -140,26 +140,86 @@ class MeshNat(NatNode):
                 return conn
         return None
 
-    def _on_peer_connected(self, peer: PeerId) -> None:
-        if peer not in self._dialed_relayed:
-            return
-        self._dialed_relayed.discard(peer)
+    def _on_connection_added(self, conn: MeshConnection) -> None:
+        """The dialer of a relayed connection initiates the upgrade (DCUtR), whether or not the
+        peer had other connections already (e.g. its own relayed dial to us)."""
+        if conn.relayed and conn.outbound and self.config.hole_punching:
+            self._start_upgrade(conn)
+
+    def upgrade(self, peer: PeerId) -> asyncio.Task | None:
+        """Start a hole-punch upgrade of ``peer``'s relayed connection now, with this node as the
+        initiator (also when the peer dialed the relay, or automatic punching is off). Returns
+        the task (True once a direct path is up), the one already running, or None when there
+        is a direct connection already or no relayed one."""
         relayed = self._relayed_connection(peer)
-        if relayed is None or not self.config.hole_punching:
-            return
+        return self._start_upgrade(relayed) if relayed is not None else None
+
+    def _start_upgrade(self, conn: MeshConnection) -> asyncio.Task | None:
+        peer = conn.peer_id
         link = self._link(peer)
-        link.relayed = relayed.session
+        if link.upgrade_task is not None and not link.upgrade_task.done():
+            return link.upgrade_task
+        if self._direct_connection(peer) is not None:
+            return None
+        link.relayed = conn.session
         link.metrics.path = "relayed"
         link.metrics.started_at = self._loop.time()
-        link.upgrade_task = self._spawn(self._upgrade_and_migrate(link))
+        link.upgrade_task = self._spawn(self._upgrade_and_migrate(link, conn))
+        return link.upgrade_task
 
-    async def _upgrade_and_migrate(self, link: PeerLink) -> bool:
+    async def _upgrade_and_migrate(self, link: PeerLink, relayed: MeshConnection) -> bool:
         ok = await self._upgrade(link, self._loop.time())
         if ok and self._direct_connection(link.peer) is not None:
-            relayed = self._relayed_connection(link.peer)
-            if relayed is not None:
-                await relayed.session.aclose("upgraded to a direct connection")
+            self._spawn(self._retire_relayed(link.peer))
         return ok
+
+    async def _retire_relayed(self, peer: PeerId) -> None:
+        """Once the peer answers over the direct connection (so it has registered it too and
+        opens new calls there), every relayed connection to it drains; both ends may have
+        dialed the relay."""
+        direct = self._direct_connection(peer)
+        if direct is None:
+            return
+        try:
+            await direct.session.call(PING_SERVICE, b"direct", timeout=PATH_CHECK_TIMEOUT)
+        except MeshError as exc:
+            log.info("direct connection to %s did not answer (%s); the relay stays", peer, exc)
+            self.drains.append({"peer": str(peer), "outcome": "direct path unconfirmed"})
+            return
+        for conn in self.node.connections.connections(peer):
+            if conn.relayed and not conn.closed:
+                self._spawn(self._drain(peer, conn))
+
+    async def _drain(self, peer: PeerId, relayed: MeshConnection) -> None:
+        """Let the calls and streams open on ``relayed`` finish (new ones go direct), then close
+        it; at ``relay_drain_timeout`` it closes with whatever is still open. If the direct path
+        dies meanwhile the relayed connection stays: it is the peer's primary again."""
+        loop = self._loop
+        started = loop.time()
+        deadline = started + self.config.relay_drain_timeout
+        record = {"peer": str(peer), "outbound": relayed.outbound}
+        self.drains.append(record)
+        del self.drains[:-32]
+        try:
+            # the reply comes after every call the peer opened here before it went direct
+            # (one ordered stream), so active_calls counts those too
+            await relayed.session.call(PING_SERVICE, b"relay", timeout=PATH_CHECK_TIMEOUT)
+        except MeshError as exc:
+            log.info("relayed connection to %s did not answer before draining: %s", peer, exc)
+        record["active_at_start"] = relayed.session.active_calls
+        while not relayed.closed and relayed.session.active_calls > 0 and loop.time() < deadline:
+            if self._direct_connection(peer) is None:
+                record["outcome"] = "direct path lost; relayed connection kept"
+                return
+            await asyncio.sleep(0.05)
+        record["drain_s"] = loop.time() - started
+        record["active_at_close"] = 0 if relayed.closed else relayed.session.active_calls
+        record["outcome"] = "closed by peer or idle reaper" if relayed.closed else (
+            "drained" if record["active_at_close"] == 0 else "drain deadline")
+        if not relayed.closed:
+            log.info("relayed connection to %s closed after %.2f s of draining (%d calls open)",
+                     peer, record["drain_s"], record["active_at_close"])
+            await relayed.session.aclose("upgraded to a direct connection")
 
     # -- direct paths through the manager ---------------------------------------------------
     def _direct_up(self, link: PeerLink) -> bool:

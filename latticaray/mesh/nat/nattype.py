@@ -1,9 +1,11 @@
 """NAT mapping-type detection (sans-I/O) from the addresses several peers observed.
 
-Send from ONE local socket to two or more peers at different IPs and collect the source address
-each saw (the "mapped" address). Same mapped address for every destination: endpoint-independent
+Send from ONE local socket to two or more observer endpoints and collect the source address each
+saw (the "mapped" address). Same mapped address for every destination: endpoint-independent
 mapping ("cone"; hole punching works). Different: endpoint-dependent ("symmetric"; needs birthday
-probing or a relay). Mapped equal to a local address: no NAT.
+probing or a relay). Mapped equal to a local address: no NAT. The endpoints are peers at different
+IPs, or one observer's main and alternate port (RFC 5780's OTHER-ADDRESS idea), so a mesh with a
+single public node still tells a symmetric NAT from a cone one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class NatReport:
     nat_type: NatType
     mapped: tuple[Endpoint, ...]        # distinct mapped endpoints seen
     port_preserving: bool | None        # mapped port == local port (None when unknown)
-    observers: int                      # distinct observer IPs
+    observers: int                      # distinct observer endpoints
 
     @property
     def public_ip(self) -> str | None:
@@ -39,7 +41,7 @@ class NatReport:
 
 
 class NatTypeDetector:
-    """Accumulates (observer, mapped) pairs for one local socket and classifies its NAT.
+    """Accumulates (observer endpoint, mapped) pairs for one local socket and classifies its NAT.
 
     Observations older than ``max_age`` are dropped (mappings and paths change).
     """
@@ -50,16 +52,17 @@ class NatTypeDetector:
         self.min_observers = min_observers
         self.max_age = max_age
         self.max_observations = max_observations
-        self._obs: dict[str, tuple[Endpoint, float]] = {}   # observer IP -> (mapped, when)
+        self._obs: dict[Endpoint, tuple[Endpoint, float]] = {}  # observer -> (mapped, when)
 
     def observe(self, observer: Endpoint, mapped: Endpoint, now: float) -> None:
-        if observer[0] not in self._obs and len(self._obs) >= self.max_observations:
+        observer = (observer[0], observer[1])
+        if observer not in self._obs and len(self._obs) >= self.max_observations:
             oldest = min(self._obs, key=lambda k: self._obs[k][1])
             del self._obs[oldest]
-        self._obs[observer[0]] = (mapped, now)
+        self._obs[observer] = (mapped, now)
 
     def report(self, now: float) -> NatReport:
-        fresh = {ip: m for ip, (m, t) in self._obs.items() if now - t <= self.max_age}
+        fresh = {ep: m for ep, (m, t) in self._obs.items() if now - t <= self.max_age}
         mapped = tuple(sorted(set(fresh.values())))
         local_ports = {port for _, port in self.local_endpoints}
         port_preserving = (all(port in local_ports for _, port in mapped)

@@ -1,0 +1,126 @@
+"""A task session moves to a better path with work in flight, on loopback (no root needed).
+
+The path change here is QUIC -> same-host Unix socket instead of relay -> hole-punched QUIC: the
+runtime code under test (MeshCluster's fence and retiring sessions) does not depend on which
+transports are involved. The driver runs with `nat={"lab": True, "auto_configure": False}`,
+which only turns its automatic same-host upgrade off, so the test decides when the better
+connection appears: after four tasks are running over QUIC. Every task creates its own file
+exclusively, so a second execution fails loudly; the node and the driver are child processes
+the test always stops.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "runtime"))
+
+from meshutil import _die_with_parent  # noqa: E402
+
+DRIVER = r"""
+import asyncio, json, os, sys, time
+import latticaray as lattica
+from latticaray.runtime import api
+
+bootstrap, credential, workdir = sys.argv[1:4]
+lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
+runtime = api._runtime.mesh_runtime
+
+def wait_for(cond, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+def worker_alive():
+    return [n["NodeID"] for n in lattica.nodes() if n["Alive"] and n.get("Resources", {}).get("mv")]
+wait_for(worker_alive, "the node never showed up")
+worker = worker_alive()[0]
+peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
+
+def unix_addrs():
+    return [a for a in runtime.mesh.addrs_of(peer) if a.transport == "unix"]
+wait_for(unix_addrs, "identify never told us the node's unix address")
+
+@lattica.remote
+def step(i, workdir, hold):
+    import os, time
+    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    deadline = time.monotonic() + 60
+    while hold and not os.path.exists(os.path.join(workdir, "go")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to go")
+        time.sleep(0.02)
+    return lattica.get_runtime_context().node_id, i * i
+
+opts = dict(resources={"mv": 0.01})
+held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]
+wait_for(lambda: all(os.path.exists(os.path.join(workdir, f"run-{i}")) for i in range(4)),
+         "the held tasks never started")
+path_before = runtime.mesh.connection_to(peer).transport
+upgraded = asyncio.run_coroutine_threadsafe(
+    runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), api._runtime.loop).result(30)
+more = lattica.get([step.options(**opts).remote(i, workdir, False) for i in range(4, 8)],
+                   timeout=60)
+ready, _ = lattica.wait(held, num_returns=len(held), timeout=0)
+state = runtime.cluster.peers[worker]
+retiring_before_go = len(state.retiring)
+open(os.path.join(workdir, "go"), "w").close()
+results = lattica.get(held, timeout=120) + more
+wait_for(lambda: not state.retiring, "the old task session was never closed")
+print(json.dumps({"worker": worker, "results": results, "path_before": path_before,
+                  "path_after": upgraded.transport, "held_done_before_go": len(ready),
+                  "retiring_before_go": retiring_before_go,
+                  "stats": {k: runtime.cluster.stats[k] for k in
+                            ("sessions_moved", "sessions_reopened", "tasks_resent")}}), flush=True)
+lattica.shutdown()
+"""
+
+
+def _child(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=_die_with_parent)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=10)
+
+
+def test_task_session_moves_to_a_better_path_and_tasks_in_flight_run_once(tmp_path):
+    node = _child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
+                   "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"mv": 1}'])
+    driver = None
+    try:
+        info = json.loads(node.stdout.readline() or "{}")
+        assert "node_id" in info, _stop(node)[1][-3000:]
+        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
+        workdir = tmp_path / "runs"
+        workdir.mkdir()
+        driver = _child([sys.executable, "-c", DRIVER, bootstrap, info["invite"], str(workdir)])
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if driver is not None:
+            _stop(driver)
+        _stop(node)
+    worker = info["node_id"]
+    assert report["worker"] == worker
+    assert report["results"] == [[worker, i * i] for i in range(8)], report
+    assert sorted(os.listdir(workdir)) == ["go"] + [f"run-{i}" for i in range(8)]
+    assert report["path_before"] == "quic" and report["path_after"] == "unix", report
+    # the held tasks were still owed on the old session while new work ran on the new one
+    assert report["held_done_before_go"] == 0 and report["retiring_before_go"] == 1, report
+    assert report["stats"] == {"sessions_moved": 1, "sessions_reopened": 0,
+                               "tasks_resent": 0}, report
