@@ -224,7 +224,9 @@ class RuntimeNode:
         self.store_capacity = store_capacity
         self._own_store = False
         self.store_ready = None
-        self.store_refs: collections.Counter = collections.Counter()
+        self.store_refs: collections.Counter = collections.Counter()  # by store name
+        self.on_cid_known = None  # called with a store object's CID once it is exposed (DHT)
+        self.sent_by_cid: dict[str, list[str]] = {}  # CID -> local names awaiting "fetched"
         self.objects: dict[bytes, ObjectEntry] = {}
         self.cid_index: dict[str, bytes] = {}
         self.code: dict[bytes, bytes] = {}
@@ -535,7 +537,7 @@ class RuntimeNode:
         entry = ObjectEntry(OK, data)
         self.objects[message["oid"]] = entry
         if data[:1] == b"\x00" and serialization.is_store_ref(data):
-            self.store_refs[serialization.store_cid(data)] += 1
+            self.store_refs[serialization.store_name(data)] += 1
 
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
@@ -554,7 +556,7 @@ class RuntimeNode:
             self.cid_index.pop(entry.cid, None)
         data = entry.data
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
-            self._unpin(serialization.store_cid(data))
+            self._unpin(serialization.store_name(data))
 
     def _unpin(self, cid: str) -> None:
         self.store_refs[cid] -= 1
@@ -577,7 +579,7 @@ class RuntimeNode:
             with self.seal_cond:
                 self.seal_cond.notify_all()
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
-            self.store_refs[serialization.store_cid(data)] += 1
+            self.store_refs[serialization.store_name(data)] += 1
         if entry.released:
             self.objects.pop(oid, None)
             self._forget(entry)
@@ -635,9 +637,33 @@ class RuntimeNode:
 
     def cid_for(self, oid: bytes, entry: ObjectEntry) -> str:
         if entry.cid is None:
-            entry.cid = serialization.cid_of(entry.data)
+            entry.cid = serialization.cid_of(entry.data)  # hashes a local put, once
             self.cid_index[entry.cid] = oid
+            if self.on_cid_known is not None and serialization.is_store_ref(entry.data):
+                self.on_cid_known(entry.cid)
         return entry.cid
+
+    def portable(self, data: bytes, awaiting_fetch: bool = False) -> bytes:
+        """A store reference about to leave this node, named by CID (hashing a local put now;
+        the CID is announced). ``awaiting_fetch``: the receiver answers "fetched" with the CID,
+        which ``name_fetched`` maps back to the name our pin count uses."""
+        out = serialization.portable(data)
+        if out is not data:
+            cid = serialization.store_name(out)
+            if awaiting_fetch:
+                self.sent_by_cid.setdefault(cid, []).append(serialization.store_name(data))
+            if self.on_cid_known is not None:
+                self.on_cid_known(cid)
+        return out
+
+    def name_fetched(self, cid: str) -> str:
+        names = self.sent_by_cid.get(cid)
+        if not names:
+            return cid
+        name = names.pop()
+        if not names:
+            del self.sent_by_cid[cid]
+        return name
 
     async def _req_cid(self, message: dict) -> dict:
         oid = message["oid"]
@@ -710,7 +736,7 @@ class RuntimeNode:
                     rec.dep_error = entry.data
                 data = entry.data
                 if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
-                    cid = serialization.store_cid(data)
+                    cid = serialization.store_name(data)
                     self.store_refs[cid] += 1  # the driver may drop its ref before we run
                     if rec.pins is None:
                         rec.pins = []
