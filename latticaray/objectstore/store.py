@@ -81,6 +81,7 @@ Public API::
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import errno
 import fcntl
@@ -491,6 +492,7 @@ class LocalStore:
         self._retained: OrderedDict[tuple[int, int], _WarmFile] = OrderedDict()
         self.gifts_taken = 0  # recycled files this process got back (observability; tests)
         self.gifts_reused_mapping = 0  # of which it still had mapped
+        self._expected: collections.deque[str] = collections.deque(maxlen=4)  # see expect_back
         config_path = os.path.join(self.root, "config")
         if _attach:
             try:
@@ -935,6 +937,7 @@ class LocalStore:
             self._warm_pid = os.getpid()
             self._warm, self._warm_unmap, self._warm_refilling = None, [], False
             self._retained = OrderedDict()
+            self._expected = collections.deque(maxlen=4)
             self._recycling, self._fresh_token = False, None
 
     def _take_warm(self, estimate: int, ser: SerializedObject) -> _WarmFile | None:
@@ -965,8 +968,10 @@ class LocalStore:
         if not writer or not _pid_alive(writer):
             return False
         rounded = -(-size // _WARM_GRANULE) * _WARM_GRANULE
-        spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
-        if (spares + rounded > self.capacity // 8
+        # given-back files have a cap of their own: a fresh spare that a starved, niced thread
+        # is still making must not keep pages that exist from being reused
+        gifts = sum(v for k, v in ledger["reservations"].items() if k.endswith(_GIFT_SUFFIX))
+        if (gifts + rounded > self.capacity // 8
                 or self._committed(ledger) - size + rounded > self.capacity):
             return False
         token = f"{writer}-{secrets.token_hex(6)}{_GIFT_SUFFIX}"
@@ -983,6 +988,9 @@ class LocalStore:
         (proven unshared first); gifts that do not fit are given up."""
         prefix = f"{os.getpid()}-"
         names = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+        if not names and self._await_expected(estimate):
+            names = [n for n in os.listdir(self._tmp)
+                     if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
         if not names:
             return None
         chosen = None
@@ -1015,7 +1023,33 @@ class LocalStore:
             self._release_reservation(token)
             return None
         self.gifts_taken += 1
+        with self._warm_lock:
+            if self._warm_refilling:  # files come back: a fresh spare would cost for nothing
+                self._abandon_refill.set()
         return warm
+
+    def expect_back(self, name: str) -> None:
+        """This process dropped its last reference to its local object ``name``: whoever deletes
+        it gives its file back here, soon. The next put that finds no spare waits for that
+        (bounded) rather than write fresh pages (which the kernel zeroes at ~2 GB/s)."""
+        if self.recycle_enabled and is_local_name(name):
+            with self._warm_lock:
+                self._expected.append(name)
+
+    def _await_expected(self, estimate: int) -> bool:
+        """Wait for the files of the expected names to leave ``local/``, at most a quarter of
+        what writing ``estimate`` fresh bytes would cost; True if one did."""
+        with self._warm_lock:
+            expected, self._expected = list(self._expected), collections.deque(maxlen=4)
+        if not expected:
+            return False
+        deadline = time.monotonic() + min(0.25, estimate / 8e9)
+        pending = [os.path.join(self._local, name) for name in expected]
+        while True:
+            gone = [p for p in pending if not os.path.lexists(p)]
+            if gone or time.monotonic() >= deadline:
+                return bool(gone)
+            time.sleep(0.0002)
 
     def _adopt(self, path: str, token: str, size: int) -> _WarmFile:
         """Make the given-back file at ``path`` a spare: through the mapping this process kept
@@ -1032,7 +1066,8 @@ class LocalStore:
             # the write lease is taken on the very file the mapping holds: granted only if no
             # other process (nor another open file here) has the inode open or mapped
             _prove_not_open_elsewhere(retained.fd)
-            os.posix_fallocate(retained.fd, 0, size)
+            if os.fstat(retained.fd).st_size < size:
+                os.ftruncate(retained.fd, size)  # its pages up to there exist and are mapped
         except OSError:
             self._unmap_later(retained)
             raise

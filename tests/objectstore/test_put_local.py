@@ -264,3 +264,23 @@ def test_no_gift_when_recycling_is_off_or_the_writer_is_gone(make_store, monkeyp
     nowarm = _fresh_local(make_store, "nowarm", warm=False)
     nowarm.delete(nowarm.put_local(_array(41)))
     assert _gifts(nowarm) == [] and nowarm.stats()["used"] == 0
+
+
+def test_a_put_waits_briefly_for_a_file_it_expects_back(make_store):
+    import threading
+
+    store = _fresh_local(make_store)
+    assert not store._await_expected(8 << 30)  # nothing expected: no wait at all
+    name = store.put_local(_array(50))
+    store.expect_back(name)
+    deleter = LocalStore.attach(store.root)  # as the node process would
+    timer = threading.Timer(0.01, deleter.delete, [name])
+    timer.start()
+    try:
+        assert store._await_expected(8 << 30)  # up to 250 ms: the delete comes within it
+    finally:
+        timer.join()
+    assert len(_gifts(store)) == 1
+    store.expect_back(store.put_local(_array(51)))  # takes the gift; expects its own back
+    assert store.gifts_taken == 1
+    assert not store._await_expected(WARM_MIN_BYTES)  # never deleted: gives up after ~2 ms
