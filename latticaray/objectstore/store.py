@@ -6,6 +6,10 @@ Layout of a store directory (``root``, on tmpfs)::
     lock              fcntl.flock'ed around every change to the ledger and the objects directory
     ledger            msgpack {used, spill_used, reservations {owner: bytes}, pins {cid: {pid: n}}}
     objects/<cid>     sealed objects: payload (page aligned) | manifest | u32 length | b"LRAYOBJ1"
+    local/<name>      objects put by ``put_local``, not hashed yet: payload | zeros | msgpack
+                      [size, chunk, hash code, meta, writer pid] | u32 length | b"LRAYLOC1",
+                      the file as large as the reservation; once linked, a symlink to
+                      ../objects/<cid>
     tmp/<pid>-<id>    objects being written; sealed by rename(2), so a half-written object is never
                       visible under objects/ (crash-safe); leftovers of dead processes are removed
 
@@ -65,15 +69,54 @@ it (bounded; ~20 ms per 100 MB), and a put that went into a recycled file schedu
 spare. Measured trade-off: a recycled spare is ready far sooner than a fresh one, but a put into
 it ran slower here (~2.5-4 GB/s) than into a fresh, fully touched spare (~5 GB/s).
 
+Local names (taking the hash off the put's path): hashing every block costs more than copying it
+(BLAKE3 ~3 GB/s per core, memcpy ~11 GB/s), and most objects are only ever read on this host. So
+``put_local`` copies the payload (into a spare, block spans on the pool's threads; or write(2))
+and seals it, by the same temp-file-and-rename(2) as any put, under ``local/<name>``: ``name`` is
+``L`` + 32 random hex digits, unguessable, readable by every process of the host that is given
+it (``get(name)`` maps it zero-copy, no hashing). The CID is computed by ``resolve(name)``, by
+whichever process asks first (the runtime asks when ``ref.cid`` is read and when a reference or
+the object leaves the node): it hashes the blocks from the mapping, then under the ledger lock
+writes the manifest and the usual trailer in place (voiding the local trailer's magic first),
+cuts the file to its sealed size (never below the payload, which readers have mapped), renames
+it to ``objects/<cid>`` and leaves ``local/<name>`` as a symlink to it. If that CID is sealed
+already the local file is dropped instead (dedup). Readers read the local trailer with pread,
+twice, like a seqlock: a trailer that changed meanwhile is read again, via the symlink. The
+ledger's ``links`` counts the names linked to each CID; deleting a linked name deletes the
+object with the last name, unless the object was sealed under its CID before any of them. Pins
+taken by name move to the CID. Eviction links a local object first (the spill is named by
+CID), then spills it as any other. Objects received from peers are untouched by this: they are
+verified block by block and sealed under their CID as before.
+
+Gifts (back-to-back local puts): a local object's trailer names its writer. When an unresolved
+local object is deleted (by any process: in the runtime, the node), its file (>=
+``WARM_MIN_BYTES``) is renamed to ``tmp/<writer pid>-<id>-gift-warm`` and its bytes become a
+reservation of the writer, instead of being unlinked (given-back files of all processes stay
+within ``capacity // 8``, apart from fresh spares). The writer's next put that finds no spare
+takes it: it proves with the write lease that no one else has the file open or mapped (else it
+unlinks it: readers keep their bytes), and writes through the mapping it kept when it wrote the
+file (``_RETAINED_MAX`` such mappings, with their fds; dropped once their file is deleted
+elsewhere), so the put is a plain memcpy into mapped, resident pages. The lease is taken on the
+kept fd itself, which the kernel counts as the only opener when nobody else has the file. A
+process that drops its last reference to an object it put (``expect_back``) lets its next put
+wait, at most a quarter of what fresh pages would cost, for that file to come back.
+``warm=False`` or ``LATTICARAY_STORE_RECYCLE=0`` (of the writer or of the deleter) turn gifts
+off. Before a given-back file is written, it is cut to the new payload's size, so nothing of the
+old object survives.
+
 Public API::
 
     store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None,
                        chunk_size=1 << 20, hash_code=SHA2_256, warm=True, recycle=None)
     client = LocalStore.attach(root)                 # another process on the same host
     cid = store.put(value, pin=False)                # serialize + seal -> root CID (bafyrei...)
+    name = store.put_local(value, pin=False)         # seal without hashing -> local name (L...)
+    cid = store.resolve(name)                        # hash + link it (once); CIDs pass through
+    store.cid_if_resolved(name)                      # its CID if known without hashing, or None
     value = store.get(cid)                           # zero-copy; ObjectNotFound if absent
     obj = store.get_object(cid)                      # StoredObject: .manifest, .payload (memoryview)
     store.contains(cid); store.pin(cid); store.unpin(cid); store.delete(cid); store.stats()
+                                                     # (all of these take local names too)
     writer = store.open_writer(manifest)             # for fetched blocks: write_block(i, data), seal()
     store.wait_warm(timeout); store.close()          # the warm spare: wait for it; give it back
 """
@@ -628,7 +671,7 @@ class LocalStore:
                     manifest = self._hash_local(os.path.join(self._local, name))
                 except (FileNotFoundError, _TornRead):
                     continue
-                cid, _ = self._link_local(ledger, name, manifest, recycle=False)
+                cid = self._link_local(ledger, name, manifest, gift=False)
                 if self._committed(ledger) + nbytes <= self.capacity:
                     break  # a copy of it was sealed already: linking freed this one
                 name = str(cid)
@@ -833,27 +876,24 @@ class LocalStore:
             except (FileNotFoundError, _TornRead):
                 continue  # linked meanwhile by another process: the alias says where
             with self._locked() as ledger:
-                cid, recycled = self._link_local(ledger, name, manifest, recycle=True)
-            self._start_recycle(recycled)
-            return cid
+                return self._link_local(ledger, name, manifest, gift=True)
         raise ObjectNotFound(name, "local object kept changing while being resolved")
 
-    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest,
-                    recycle: bool) -> tuple[Cid, tuple[str, int] | None]:
+    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest, gift: bool) -> Cid:
         """Seal the local object ``name`` under ``manifest``'s CID (the caller holds the ledger
-        lock); ``name`` becomes a symlink to it. Returns the CID and a file to recycle, if any."""
+        lock); ``name`` becomes a symlink to it. If a copy is sealed already, this file is
+        dropped (``gift``: given back to its writer)."""
         path = os.path.join(self._local, name)
         cid = self._alias(name)
         if cid is not None:
-            return cid, None  # linked by another process between our hashing and the lock
+            return cid  # linked by another process between our hashing and the lock
         size = os.stat(path).st_size
         cname = str(manifest.root)
         final = os.path.join(self._objects, cname)
         previous = ledger["links"].get(cname)
-        recycled = None
         if os.path.exists(final):  # a copy is sealed: keep that one, drop this file
             os.utime(final)
-            if not (recycle and self._gift_file(ledger, path)):
+            if not (gift and self._gift_file(ledger, path)):
                 os.unlink(path)
                 ledger["used"] -= size
             born = bool(previous and previous[1])
@@ -885,7 +925,7 @@ class LocalStore:
             for pid, count in holders.items():
                 merged[pid] = merged.get(pid, 0) + count
         self._manifests[manifest.root] = manifest
-        return manifest.root, recycled
+        return manifest.root
 
     def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
         estimate = self._estimate(ser)
