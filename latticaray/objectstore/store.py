@@ -1026,6 +1026,11 @@ class LocalStore:
     def _take_gift(self, estimate: int) -> _WarmFile | None:
         """A file given back to this process that fits ``estimate``, made this put's spare
         (proven unshared first); gifts that do not fit are given up."""
+        with self._warm_lock:  # kept mappings of files deleted elsewhere hold their pages
+            stale = [key for key, kept in self._retained.items() if os.fstat(kept.fd).st_nlink == 0]
+            dropped = [self._retained.pop(key) for key in stale]
+        for kept in dropped:
+            self._unmap_later(kept)
         prefix = f"{os.getpid()}-"
         names = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
         if not names and self._await_expected(estimate):

@@ -284,3 +284,26 @@ def test_a_put_waits_briefly_for_a_file_it_expects_back(make_store):
     store.expect_back(store.put_local(_array(51)))  # takes the gift; expects its own back
     assert store.gifts_taken == 1
     assert not store._await_expected(WARM_MIN_BYTES)  # never deleted: gives up after ~2 ms
+
+
+def test_runtime_store_refs_name_local_puts_and_resolve_when_they_leave(make_store):
+    from latticaray.runtime import serialization
+
+    store = make_store()
+    value = _array(60)
+    previous = serialization._store
+    serialization.set_store(store)
+    try:
+        data = serialization.serialize(value)
+        assert serialization.is_store_ref(data)
+        name = serialization.store_name(data)
+        assert is_local_name(name) and store.cid_if_resolved(name) is None
+        assert np.array_equal(serialization.deserialize(data), value)
+        assert store.cid_if_resolved(name) is None  # reading it did not hash it
+        expected = str(make_store("plain", warm=False).put(value))
+        out = serialization.portable(data)
+        assert serialization.store_name(out) == expected == serialization.cid_of(data)
+        assert serialization.portable(out) is out
+        assert np.array_equal(serialization.deserialize(out), value)
+    finally:
+        serialization.set_store(previous)
