@@ -78,9 +78,10 @@ it (``get(name)`` maps it zero-copy, no hashing). The CID is computed by ``resol
 whichever process asks first (the runtime asks when ``ref.cid`` is read and when a reference or
 the object leaves the node): it hashes the blocks from the mapping, then under the ledger lock
 writes the manifest and the usual trailer in place (voiding the local trailer's magic first),
-cuts the file to its sealed size (never below the payload, which readers have mapped), renames
-it to ``objects/<cid>`` and leaves ``local/<name>`` as a symlink to it. If that CID is sealed
-already the local file is dropped instead (dedup). Readers read the local trailer with pread,
+cuts the file to its sealed size (never below the payload, which readers have mapped), links
+it as ``objects/<cid>`` (a hard link) and replaces ``local/<name>`` by a symlink to it; a store
+opened after a crash finishes a link cut short (or restores the voided magic). If that CID is
+sealed already the local file is dropped instead (dedup). Readers read the local trailer with pread,
 twice, like a seqlock: a trailer that changed meanwhile is read again, via the symlink. The
 ledger's ``links`` counts the names linked to each CID; deleting a linked name deletes the
 object with the last name, unless the object was sealed under its CID before any of them. Pins
@@ -145,8 +146,9 @@ import msgpack
 import numpy as np
 import psutil
 
-from .cid import SHA2_256, Cid, hash_digest
-from .errors import BlockVerificationError, ObjectNotFound, ObjectStoreError, StoreFull
+from . import dagcbor
+from .cid import DAG_CBOR, SHA2_256, Cid, hash_digest
+from .errors import BlockVerificationError, CodecError, ObjectNotFound, ObjectStoreError, StoreFull
 from .manifest import DEFAULT_CHUNK_SIZE, Manifest, block_spans, build_manifest, hash_pool, manifest_from_digests
 from .serialization import SerializedObject, deserialize, serialize
 
@@ -603,6 +605,7 @@ class LocalStore:
 
     def _recover(self, ledger: dict[str, Any]) -> None:
         """Drop state of dead processes and recount bytes from the directories."""
+        made = self._recover_local()
         for name in os.listdir(self._tmp):
             pid = name.split("-", 1)[0]
             if not pid.isdigit() or not _pid_alive(int(pid)):
@@ -624,7 +627,7 @@ class LocalStore:
             if entry.is_symlink():
                 target = os.path.basename(os.readlink(entry.path))
                 counts[target] = counts.get(target, 0) + 1
-        ledger["links"] = {cid: [n, bool(ledger["links"].get(cid, [0, False])[1])]
+        ledger["links"] = {cid: [n, cid in made or bool(ledger["links"].get(cid, [0, False])[1])]
                            for cid, n in counts.items()}
         ledger["spill_used"] = sum(e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file())
 
@@ -912,12 +915,12 @@ class LocalStore:
                 os.ftruncate(fd, sealed)
             finally:
                 os.close(fd)
-            os.rename(path, final)
+            # a second name first, then the local one becomes a symlink: a crash in between
+            # leaves both names on one sealed file, which recovery turns into the symlink
+            os.link(path, final)
             ledger["used"] += sealed - size
             born = previous is None or bool(previous[1])
-        link = os.path.join(self._tmp, f"{os.getpid()}-{secrets.token_hex(6)}-link")
-        os.symlink(os.path.join("..", "objects", cname), link)
-        os.replace(link, path)
+        self._symlink_local(name, cname)
         ledger["links"][cname] = [(previous[0] if previous else 0) + 1, born]
         holders = ledger["pins"].pop(name, None)
         if holders:
@@ -926,6 +929,54 @@ class LocalStore:
                 merged[pid] = merged.get(pid, 0) + count
         self._manifests[manifest.root] = manifest
         return manifest.root
+
+    def _symlink_local(self, name: str, cname: str) -> None:
+        link = os.path.join(self._tmp, f"{os.getpid()}-{secrets.token_hex(6)}-link")
+        os.symlink(os.path.join("..", "objects", cname), link)
+        os.replace(link, os.path.join(self._local, name))
+
+    def _recover_local(self) -> set[str]:
+        """Finish or undo links that a crash interrupted (the caller holds the ledger lock):
+        a local file whose magic was voided gets it back (its trailer is intact); one already
+        carrying its manifest is linked under its CID. Returns the CIDs so made."""
+        made = set()
+        for entry in os.scandir(self._local):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                with open(entry.path, "r+b") as file:
+                    size = os.fstat(file.fileno()).st_size
+                    if size < _TRAILER.size:
+                        continue
+                    file.seek(size - _TRAILER.size)
+                    length, magic = _TRAILER.unpack(file.read(_TRAILER.size))
+                    if magic == bytes(8) and length <= size - _TRAILER.size:
+                        file.seek(size - _TRAILER.size - length)
+                        fields = msgpack.unpackb(file.read(length), raw=False, strict_map_key=False)
+                        if isinstance(fields, list) and len(fields) == 5:
+                            file.seek(size - len(_LOCAL_MAGIC))
+                            file.write(_LOCAL_MAGIC)
+                        continue
+                    if magic != _TRAILER_MAGIC or length > size - _TRAILER.size:
+                        continue
+                    file.seek(size - _TRAILER.size - length)
+                    encoded = file.read(length)
+                blocks = dagcbor.decode(encoded).get("blocks") or []
+                code = blocks[0].hash_code if blocks else self.hash_code
+                root = Cid.of(encoded, DAG_CBOR, code)
+                Manifest.decode(root, encoded)
+            except (OSError, ValueError, TypeError, AttributeError, msgpack.UnpackException,
+                    ObjectStoreError, CodecError):
+                continue
+            final = os.path.join(self._objects, str(root))
+            try:
+                if os.stat(final).st_ino == entry.inode():
+                    made.add(str(root))  # the crash came between the two names
+            except FileNotFoundError:
+                os.link(entry.path, final)
+                made.add(str(root))
+            self._symlink_local(entry.name, str(root))
+        return made
 
     def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
         estimate = self._estimate(ser)

@@ -307,3 +307,32 @@ def test_runtime_store_refs_name_local_puts_and_resolve_when_they_leave(make_sto
         assert np.array_equal(serialization.deserialize(out), value)
     finally:
         serialization.set_store(previous)
+
+
+@pytest.mark.parametrize("stage", ["magic voided", "manifest written", "linked, not yet a symlink"])
+def test_a_link_cut_short_by_a_crash_is_finished_or_undone_by_recovery(make_store, stage):
+    from latticaray.objectstore.store import _TRAILER, _TRAILER_MAGIC, _sealed_size
+
+    store = make_store("node", warm=False)
+    value = _array(70)
+    name = store.put_local(value)
+    path = os.path.join(store.root, "local", name)
+    manifest = store._hash_local(path)
+    size = os.stat(path).st_size
+    with open(path, "r+b") as file:  # the steps of _link_local, up to the crash
+        file.seek(size - 8)
+        file.write(bytes(8))
+        if stage != "magic voided":
+            file.seek(manifest.size)
+            file.write(manifest.encoded + _TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC))
+            file.truncate(_sealed_size(manifest))
+    if stage == "linked, not yet a symlink":
+        os.link(path, os.path.join(store.root, "objects", str(manifest.root)))
+    again = LocalStore(store.root, capacity_bytes=store.capacity, spill_dir=store.spill_dir)
+    assert np.array_equal(again.get(name), value)
+    assert again.resolve(name) == manifest.root
+    stats = again.stats()
+    assert stats["objects"] == 1 and stats["used"] == _sealed_size(manifest)
+    again.delete(name)
+    assert again.stats()["used"] == 0 and not again.contains(manifest.root)
+    again.close()
