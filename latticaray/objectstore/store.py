@@ -1140,12 +1140,16 @@ class LocalStore:
         if not expected:
             return False
         deadline = time.monotonic() + min(0.25, estimate / 8e9)
-        pending = [os.path.join(self._local, name) for name in expected]
-        while True:
-            gone = [p for p in pending if not os.path.lexists(p)]
-            if gone or time.monotonic() >= deadline:
-                return bool(gone)
+        # names gone already were dealt with by earlier puts (taken, or not given back)
+        pending = [p for p in (os.path.join(self._local, name) for name in expected)
+                   if os.path.lexists(p)]
+        while pending:
+            if any(not os.path.lexists(p) for p in pending):
+                return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.0002)
+        return False
 
     def _adopt(self, path: str, token: str, size: int) -> _WarmFile:
         """Make the given-back file at ``path`` a spare: through the mapping this process kept
