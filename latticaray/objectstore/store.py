@@ -1084,7 +1084,8 @@ class LocalStore:
             self._unmap_later(kept)
         prefix = f"{os.getpid()}-"
         names = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
-        if not names and self._await_expected(estimate):
+        if not names:  # listed again either way: a file may have come back meanwhile
+            self._await_expected(estimate)
             names = [n for n in os.listdir(self._tmp)
                      if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
         if not names:
