@@ -84,13 +84,15 @@ opened after a crash finishes a link cut short (or restores the voided magic). I
 sealed already the local file is dropped instead (dedup). Readers read the local trailer with pread,
 twice, like a seqlock: a trailer that changed meanwhile is read again, via the symlink. The
 ledger's ``links`` counts the names linked to each CID; deleting a linked name deletes the
-object with the last name, unless the object was sealed under its CID before any of them. Pins
+object with the last name, unless the object was sealed under its CID before any of them
+(``links`` entries: [names, made by a link, writer pid]). Pins
 taken by name move to the CID. Eviction links a local object first (the spill is named by
 CID), then spills it as any other. Objects received from peers are untouched by this: they are
 verified block by block and sealed under their CID as before.
 
-Gifts (back-to-back local puts): a local object's trailer names its writer. When an unresolved
-local object is deleted (by any process: in the runtime, the node), its file (>=
+Gifts (back-to-back local puts): a local object's trailer names its writer (and ``links``
+keeps it once linked). When an unresolved local object is deleted (by any process: in the
+runtime, the node), or the last name of an object its link sealed, its file (>=
 ``WARM_MIN_BYTES``) is renamed to ``tmp/<writer pid>-<id>-gift-warm`` and its bytes become a
 reservation of the writer, instead of being unlinked (given-back files of all processes stay
 within ``capacity // 8``, apart from fresh spares). The writer's next put that finds no spare
@@ -627,8 +629,11 @@ class LocalStore:
             if entry.is_symlink():
                 target = os.path.basename(os.readlink(entry.path))
                 counts[target] = counts.get(target, 0) + 1
-        ledger["links"] = {cid: [n, cid in made or bool(ledger["links"].get(cid, [0, False])[1])]
-                           for cid, n in counts.items()}
+        old = ledger["links"]
+        ledger["links"] = {}
+        for cid, n in counts.items():
+            _, born, writer = (list(old.get(cid) or []) + [0, False, 0])[:3]
+            ledger["links"][cid] = [n, cid in made or bool(born), int(writer)]
         ledger["spill_used"] = sum(e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file())
 
     # --- budget ----------------------------------------------------------------------------------
@@ -671,10 +676,10 @@ class LocalStore:
             if is_local_name(name):
                 # spilled objects are named by CID: link it under its CID first (hashing it now)
                 try:
-                    manifest = self._hash_local(os.path.join(self._local, name))
+                    manifest, writer = self._hash_local(os.path.join(self._local, name))
                 except (FileNotFoundError, _TornRead):
                     continue
-                cid = self._link_local(ledger, name, manifest, gift=False)
+                cid = self._link_local(ledger, name, manifest, writer, gift=False)
                 if self._committed(ledger) + nbytes <= self.capacity:
                     break  # a copy of it was sealed already: linking freed this one
                 name = str(cid)
@@ -855,15 +860,16 @@ class LocalStore:
             return Cid.coerce(name)
         return self._alias(name)
 
-    def _hash_local(self, path: str) -> Manifest:
-        meta, payload, nbytes, chunk, code, _ = _read_local(path)
+    def _hash_local(self, path: str) -> tuple[Manifest, int]:
+        """The manifest of an unresolved local object, and its writer (0: none to give back to)."""
+        meta, payload, nbytes, chunk, code, writer = _read_local(path)
         try:
             spans = block_spans(nbytes, chunk)
             digests = list(hash_pool().map(lambda span: hash_digest(code, payload[span[0]:span[1]]),
                                            spans))
         finally:
             payload.release()
-        return manifest_from_digests(nbytes, chunk, digests, meta, code)
+        return manifest_from_digests(nbytes, chunk, digests, meta, code), writer
 
     def resolve(self, name: str | Cid) -> Cid:
         """The CID of a local name: hashes the object (once, by whichever process asks first)
@@ -875,17 +881,19 @@ class LocalStore:
             if cid is not None:
                 return cid
             try:
-                manifest = self._hash_local(os.path.join(self._local, name))
+                manifest, writer = self._hash_local(os.path.join(self._local, name))
             except (FileNotFoundError, _TornRead):
                 continue  # linked meanwhile by another process: the alias says where
             with self._locked() as ledger:
-                return self._link_local(ledger, name, manifest, gift=True)
+                return self._link_local(ledger, name, manifest, writer, gift=True)
         raise ObjectNotFound(name, "local object kept changing while being resolved")
 
-    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest, gift: bool) -> Cid:
+    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest, writer: int,
+                    gift: bool) -> Cid:
         """Seal the local object ``name`` under ``manifest``'s CID (the caller holds the ledger
         lock); ``name`` becomes a symlink to it. If a copy is sealed already, this file is
-        dropped (``gift``: given back to its writer)."""
+        dropped (``gift``: given back to its writer). The writer is remembered with the link
+        count: when the last name goes, so does the object, back to its writer."""
         path = os.path.join(self._local, name)
         cid = self._alias(name)
         if cid is not None:
@@ -896,10 +904,11 @@ class LocalStore:
         previous = ledger["links"].get(cname)
         if os.path.exists(final):  # a copy is sealed: keep that one, drop this file
             os.utime(final)
-            if not (gift and self._gift_file(ledger, path)):
+            if not (gift and self._gift_file(ledger, path, writer)):
                 os.unlink(path)
                 ledger["used"] -= size
             born = bool(previous and previous[1])
+            writer = int(previous[2]) if previous and len(previous) > 2 else 0
         else:
             spilled = os.path.join(self.spill_dir, cname)
             if os.path.exists(spilled):
@@ -921,7 +930,7 @@ class LocalStore:
             ledger["used"] += sealed - size
             born = previous is None or bool(previous[1])
         self._symlink_local(name, cname)
-        ledger["links"][cname] = [(previous[0] if previous else 0) + 1, born]
+        ledger["links"][cname] = [(previous[0] if previous else 0) + 1, born, writer]
         holders = ledger["pins"].pop(name, None)
         if holders:
             merged = ledger["pins"].setdefault(cname, {})
@@ -1045,16 +1054,19 @@ class LocalStore:
         return self._take_gift(estimate)
 
     # --- gifts: files of deleted local objects, back to the process that wrote them ------------
-    def _gift_file(self, ledger: dict[str, Any], path: str) -> bool:
-        """Hand the unresolved local object at ``path`` (being deleted, or dropped as a duplicate)
-        to the process that wrote it, as a spare (the caller holds the ledger lock). False when
-        it is to be unlinked instead."""
+    def _gift_file(self, ledger: dict[str, Any], path: str, writer: int | None = None) -> bool:
+        """Hand the file of a deleted object (an unresolved local object, whose trailer names
+        its writer; or a sealed one whose ``writer`` is known) to the process that wrote it, as
+        a spare (the caller holds the ledger lock). False when it is to be unlinked instead."""
         if not self.recycle_enabled:
             return False
         try:
             size = os.stat(path).st_size
-            writer = _read_local(path, map_payload=False)[5] if size >= WARM_MIN_BYTES else 0
+            if writer is None:
+                writer = _read_local(path, map_payload=False)[5] if size >= WARM_MIN_BYTES else 0
         except (OSError, _TornRead, ObjectStoreError):
+            return False
+        if size < WARM_MIN_BYTES:
             return False
         if not writer or not _pid_alive(writer):
             return False
@@ -1761,12 +1773,18 @@ class LocalStore:
         if entry[0] > 0:
             return None
         del ledger["links"][cname]
-        return self._delete_sealed(ledger, cname) if entry[1] else None
+        if not entry[1]:
+            return None
+        return self._delete_sealed(ledger, cname, entry[2] if len(entry) > 2 else 0)
 
-    def _delete_sealed(self, ledger: dict[str, Any], name: str) -> tuple[str, int] | None:
+    def _delete_sealed(self, ledger: dict[str, Any], name: str, writer: int = 0
+                       ) -> tuple[str, int] | None:
         ledger["pins"].pop(name, None)
         ledger["links"].pop(name, None)  # local names linked to it now lead nowhere
-        recycled = self._recycle_file(ledger, os.path.join(self._objects, name), sealed=True)
+        path = os.path.join(self._objects, name)
+        recycled = None
+        if not (writer and self._gift_file(ledger, path, writer)):
+            recycled = self._recycle_file(ledger, path, sealed=True)
         for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
             path = os.path.join(directory, name)
             with contextlib.suppress(FileNotFoundError):

@@ -317,7 +317,7 @@ def test_a_link_cut_short_by_a_crash_is_finished_or_undone_by_recovery(make_stor
     value = _array(70)
     name = store.put_local(value)
     path = os.path.join(store.root, "local", name)
-    manifest = store._hash_local(path)
+    manifest, _ = store._hash_local(path)
     size = os.stat(path).st_size
     with open(path, "r+b") as file:  # the steps of _link_local, up to the crash
         file.seek(size - 8)
@@ -336,3 +336,21 @@ def test_a_link_cut_short_by_a_crash_is_finished_or_undone_by_recovery(make_stor
     again.delete(name)
     assert again.stats()["used"] == 0 and not again.contains(manifest.root)
     again.close()
+
+
+def test_a_resolved_local_object_goes_back_to_its_writer_with_its_last_name(make_store):
+    store = _fresh_local(make_store)
+    n = WARM_MIN_BYTES // 8 + 20_000
+    store.delete(store.put_local(_array(80, n)))  # plain path; its file comes back
+    first = store.put_local(_array(81, n))  # into that file, mapped here and kept
+    inode = os.stat(os.path.join(store.root, "local", first)).st_ino
+    cid = store.resolve(first)
+    assert os.stat(os.path.join(store.root, "objects", str(cid))).st_ino == inode
+    store.delete(first)  # the last name of an object its link made: back to the writer
+    assert not store.contains(cid) and len(_gifts(store)) == 1
+    assert store.stats()["used"] == 0 and _within_budget(store)
+    reused = store.gifts_reused_mapping
+    again = store.put_local(_array(82, n))
+    assert store.gifts_reused_mapping == reused + 1
+    assert os.stat(os.path.join(store.root, "local", again)).st_ino == inode
+    assert np.array_equal(store.get(again), _array(82, n))
