@@ -163,6 +163,7 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
                 memcpy_s.append(time.perf_counter() - start)
                 plain_s += _put_seconds(plain, array, 1, False)
                 warm_s += _put_seconds(warm, array, 1, True)
+                warm.wait_warm(30)  # its recycling thread would run beside the local puts
                 puts, resolves = _local_put_seconds(local, array, 2)
                 local_s += puts
                 resolve_s += resolves
