@@ -672,6 +672,9 @@ class RuntimeNode:
         if entry.status == ERROR and entry.cid is None and entry.data is not None:
             # an object that failed still has a CID: its error is what it holds
             pass
+        if entry.cid is None and serialization.is_store_ref(entry.data):
+            # a local put is hashed off the event loop; cid_for then finds it linked
+            await self.loop.run_in_executor(None, serialization.store_cid, entry.data)
         return {"cid": self.cid_for(oid, entry)}
 
     async def _req_get_cid(self, message: dict) -> dict:
