@@ -6,9 +6,12 @@
 1. same host: 100 MB numpy array put by one process, got by another (zero-copy view, then a full
    read of the data); reference: this machine's memcpy measured in the same run. Puts are timed
    per hash (sha2-256, BLAKE3) on the plain path (write(2) into fresh tmpfs pages: the baseline)
-   and on the warm path (copy+hash block by block into a pre-faulted spare), interleaved so both
-   see the same load; plus the first put of a process (no spare yet) and back-to-back puts (no
-   idle time to make a spare: the store then keeps to the plain path).
+   and on the warm path (copy+hash block by block into a pre-faulted spare), and local puts (the
+   runtime's path: copied into a spare, sealed under a local name, not hashed; each object is
+   deleted right after, so its file comes back as the next put's spare through the mapping kept
+   of it), interleaved so all see the same load; plus the first put of a process (no spare yet)
+   and back-to-back puts (no idle time to make a fresh spare). For local puts, the latency until
+   the CID is known (``resolve``: hash + link, asked right after the put) is reported apart.
    ``--only-same-host`` runs just this part.
 2. two nodes (separate processes) on loopback, 100 MB fetched over each transport: MB/s.
 3. one seed, 1/2/4/8 fetcher processes fetching the same object at once: completion time of all.
@@ -109,6 +112,22 @@ def _put_seconds(store, array, count: int, wait_warm: bool) -> list[float]:
     return seconds
 
 
+def _local_put_seconds(store, array, count: int) -> tuple[list[float], list[float]]:
+    """Local puts, each deleted right after (its file comes back as the next put's spare);
+    every other one is resolved first, to time how long its CID then takes."""
+    puts, resolves = [], []
+    for i in range(count):
+        start = time.perf_counter()
+        name = store.put_local(array)
+        puts.append(time.perf_counter() - start)
+        if i % 2:
+            start = time.perf_counter()
+            store.resolve(name)
+            resolves.append(time.perf_counter() - start)
+        store.delete(name)
+    return puts, resolves
+
+
 def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
     """Put rates of the plain path (write(2) into fresh tmpfs pages; the baseline) and of the warm
     path (copy+hash into a pre-faulted spare), per hash, all in this run; then the get."""
@@ -128,36 +147,70 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
                                spill_dir=os.path.join(spill, f"plain-{name}"), hash_code=code, warm=False)
             warm = LocalStore(os.path.join(root, f"warm-{name}"), capacity_bytes=16 * size,
                               spill_dir=os.path.join(spill, f"warm-{name}"), hash_code=code)
-            stores += [plain, warm]
+            local = LocalStore(os.path.join(root, f"local-{name}"), capacity_bytes=16 * size,
+                               spill_dir=os.path.join(spill, f"local-{name}"), hash_code=code)
+            stores += [plain, warm, local]
             first = _put_seconds(warm, array, 1, False)[0]  # no spare yet in this process
             results[f"put_warm_{name}_first_GBps"] = round(size / first / 1e9, 2)
-            plain_s, warm_s = [], []
-            for _ in range(5):  # interleaved, so both paths see the same load from other jobs
+            first = _local_put_seconds(local, array, 1)[0][0]
+            results[f"put_local_{name}_first_GBps"] = round(size / first / 1e9, 2)
+            plain_s, warm_s, local_s, resolve_s, memcpy_s = [], [], [], [], []
+            target = np.empty_like(array)
+            target[:] = 0
+            for _ in range(5):  # interleaved, so all paths see the same load from other jobs
+                start = time.perf_counter()
+                np.copyto(target, array)
+                memcpy_s.append(time.perf_counter() - start)
                 plain_s += _put_seconds(plain, array, 1, False)
                 warm_s += _put_seconds(warm, array, 1, True)
-            for path, seconds in (("plain", plain_s), ("warm", warm_s)):
+                warm.wait_warm(30)  # its recycling thread would run beside the local puts
+                puts, resolves = _local_put_seconds(local, array, 2)
+                local_s += puts
+                resolve_s += resolves
+            del target
+            for path, seconds in (("plain", plain_s), ("warm", warm_s), ("local", local_s),
+                                  ("memcpy", memcpy_s)):
                 results[f"put_{path}_{name}_GBps"] = round(size / min(seconds) / 1e9, 2)
-                results[f"put_{path}_{name}_median_GBps"] = round(size / sorted(seconds)[2] / 1e9, 2)
+                results[f"put_{path}_{name}_median_GBps"] = round(
+                    size / sorted(seconds)[len(seconds) // 2] / 1e9, 2)
+            resolve_s.sort()
+            results[f"cid_after_local_put_{name}_ms"] = [round(resolve_s[0] * 1e3, 1),
+                                                         round(resolve_s[len(resolve_s) // 2] * 1e3, 1)]
+            both = sorted(p + r for p, r in zip(local_s[1::2], resolve_s))
+            results[f"put_local_then_cid_{name}_median_GBps"] = round(size / both[len(both) // 2] / 1e9, 2)
             back_to_back = _put_seconds(warm, array, 5, False)
             results[f"put_warm_{name}_back_to_back_GBps"] = round(size / sorted(back_to_back)[2] / 1e9, 2)
+            back_to_back = _local_put_seconds(local, array, 5)[0]
+            results[f"put_local_{name}_back_to_back_GBps"] = round(size / sorted(back_to_back)[2] / 1e9, 2)
+            results[f"local_{name}_gifts_taken_reused_mapping"] = [local.gifts_taken,
+                                                                  local.gifts_reused_mapping]
             warm.close()
         store = stores[-1]
-        cid = store.put(array)
         ctx = mp.get_context("spawn")
-        gets, reads = [], []
-        for _ in range(3):
-            queue = ctx.Queue()
-            child = ctx.Process(target=_same_host_getter, args=(store.root, str(cid), queue))
-            child.start()
-            got, read, nbytes, readonly, total = queue.get(timeout=120)
-            child.join(timeout=30)
-            assert nbytes == array.nbytes and readonly
-            gets.append(got)
-            reads.append(read)
-        get, read = min(gets), min(reads)
-        results["get_zero_copy_ms"] = round(get * 1e3, 3)
-        results["get_GBps"] = round(array.nbytes / get / 1e9, 1)
-        results["get_and_read_all_GBps"] = round(array.nbytes / (get + read) / 1e9, 2)
+        for kind, key in (("cid", str(store.put(array))), ("local", store.put_local(array))):
+            gets, reads = [], []
+            for _ in range(3):
+                queue = ctx.Queue()
+                child = ctx.Process(target=_same_host_getter, args=(store.root, key, queue))
+                child.start()
+                got, read, nbytes, readonly, total = queue.get(timeout=120)
+                child.join(timeout=30)
+                assert nbytes == array.nbytes and readonly
+                gets.append(got)
+                reads.append(read)
+            get, read = min(gets), min(reads)
+            suffix = "" if kind == "cid" else "_by_local_name"
+            results[f"get_zero_copy{suffix}_ms"] = round(get * 1e3, 3)
+            results[f"get{suffix}_GBps"] = round(array.nbytes / get / 1e9, 1)
+            results[f"get_and_read_all{suffix}_GBps"] = round(array.nbytes / (get + read) / 1e9, 2)
+        get = results["get_zero_copy_by_local_name_ms"] / 1e3
+        for name, _ in hashes:
+            put_rate = results[f"put_local_{name}_GBps"]
+            results[f"put_then_get_local_{name}_GBps"] = round(size / (size / put_rate / 1e9 + get) / 1e9, 2)
+            put_rate = results[f"put_local_{name}_median_GBps"]
+            results[f"put_then_get_local_{name}_median_GBps"] = round(
+                size / (size / put_rate / 1e9 + get) / 1e9, 2)
+        get = results["get_zero_copy_ms"] / 1e3
         for name, _ in hashes:
             for path in ("plain", "warm"):
                 put_rate = results[f"put_{path}_{name}_GBps"]
@@ -432,9 +485,21 @@ def _local_rows(figures: dict, size: int) -> list:
                                                        f"{same[f'put_warm_{name}_back_to_back_GBps']}"),
             (f"put then get, {name}: plain / warm", f"{same[f'put_then_get_plain_{name}_GBps']} / "
                                                   f"{same[f'put_then_get_warm_{name}_GBps']}"),
+            (f"memcpy {size // MB} MB in the same loop: best / median",
+             f"{same[f'put_memcpy_{name}_GBps']} / {same[f'put_memcpy_{name}_median_GBps']}"),
+            (f"local put, {name}: best / median", f"{same[f'put_local_{name}_GBps']} / "
+                                                f"{same[f'put_local_{name}_median_GBps']}"),
+            (f"local put, {name}: first / back to back", f"{same[f'put_local_{name}_first_GBps']} / "
+                                                       f"{same[f'put_local_{name}_back_to_back_GBps']}"),
+            (f"local put then get, {name}: best / median",
+             f"{same[f'put_then_get_local_{name}_GBps']} / {same[f'put_then_get_local_{name}_median_GBps']}"),
+            (f"CID after a local put, {name}: best / median (ms)",
+             " / ".join(str(v) for v in same[f"cid_after_local_put_{name}_ms"])),
+            (f"local put + CID, {name}: median (GB/s)", same[f"put_local_then_cid_{name}_median_GBps"]),
         ]
     rows += [
         ("get from another process, zero-copy (ms)", same["get_zero_copy_ms"]),
+        ("same, by local name (ms)", same["get_zero_copy_by_local_name_ms"]),
         ("get + read every byte (GB/s)", same["get_and_read_all_GBps"]),
     ]
     for transport, result in figures.get("transfer", {}).items():

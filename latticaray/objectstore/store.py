@@ -6,6 +6,10 @@ Layout of a store directory (``root``, on tmpfs)::
     lock              fcntl.flock'ed around every change to the ledger and the objects directory
     ledger            msgpack {used, spill_used, reservations {owner: bytes}, pins {cid: {pid: n}}}
     objects/<cid>     sealed objects: payload (page aligned) | manifest | u32 length | b"LRAYOBJ1"
+    local/<name>      objects put by ``put_local``, not hashed yet: payload | zeros | msgpack
+                      [size, chunk, hash code, meta, writer pid] | u32 length | b"LRAYLOC1",
+                      the file as large as the reservation; once linked, a symlink to
+                      ../objects/<cid>
     tmp/<pid>-<id>    objects being written; sealed by rename(2), so a half-written object is never
                       visible under objects/ (crash-safe); leftovers of dead processes are removed
 
@@ -65,15 +69,57 @@ it (bounded; ~20 ms per 100 MB), and a put that went into a recycled file schedu
 spare. Measured trade-off: a recycled spare is ready far sooner than a fresh one, but a put into
 it ran slower here (~2.5-4 GB/s) than into a fresh, fully touched spare (~5 GB/s).
 
+Local names (taking the hash off the put's path): hashing every block costs more than copying it
+(BLAKE3 ~3 GB/s per core, memcpy ~11 GB/s), and most objects are only ever read on this host. So
+``put_local`` copies the payload (into a spare, block spans on the pool's threads; or write(2))
+and seals it, by the same temp-file-and-rename(2) as any put, under ``local/<name>``: ``name`` is
+``L`` + 32 random hex digits, unguessable, readable by every process of the host that is given
+it (``get(name)`` maps it zero-copy, no hashing). The CID is computed by ``resolve(name)``, by
+whichever process asks first (the runtime asks when ``ref.cid`` is read and when a reference or
+the object leaves the node): it hashes the blocks from the mapping, then under the ledger lock
+writes the manifest and the usual trailer in place (voiding the local trailer's magic first),
+cuts the file to its sealed size (never below the payload, which readers have mapped), links
+it as ``objects/<cid>`` (a hard link) and replaces ``local/<name>`` by a symlink to it; a store
+opened after a crash finishes a link cut short (or restores the voided magic). If that CID is
+sealed already the local file is dropped instead (dedup). Readers read the local trailer with pread,
+twice, like a seqlock: a trailer that changed meanwhile is read again, via the symlink. The
+ledger's ``links`` counts the names linked to each CID; deleting a linked name deletes the
+object with the last name, unless the object was sealed under its CID before any of them
+(``links`` entries: [names, made by a link, writer pid]). Pins
+taken by name move to the CID. Eviction links a local object first (the spill is named by
+CID), then spills it as any other. Objects received from peers are untouched by this: they are
+verified block by block and sealed under their CID as before.
+
+Gifts (back-to-back local puts): a local object's trailer names its writer (and ``links``
+keeps it once linked). When an unresolved local object is deleted (by any process: in the
+runtime, the node), or the last name of an object its link sealed, its file (>=
+``WARM_MIN_BYTES``) is renamed to ``tmp/<writer pid>-<id>-gift-warm`` and its bytes become a
+reservation of the writer, instead of being unlinked (given-back files of all processes stay
+within ``capacity // 8``, apart from fresh spares). The writer's next put that finds no spare
+takes it: it proves with the write lease that no one else has the file open or mapped (else it
+unlinks it: readers keep their bytes), and writes through the mapping it kept when it wrote the
+file (``_RETAINED_MAX`` such mappings, with their fds; dropped once their file is deleted
+elsewhere), so the put is a plain memcpy into mapped, resident pages. The lease is taken on the
+kept fd itself, which the kernel counts as the only opener when nobody else has the file. A
+process that drops its last reference to an object it put (``expect_back``) lets its next put
+wait, at most a quarter of what fresh pages would cost, for that file to come back.
+``warm=False`` or ``LATTICARAY_STORE_RECYCLE=0`` (of the writer or of the deleter) turn gifts
+off. Before a given-back file is written, it is cut to the new payload's size, so nothing of the
+old object survives.
+
 Public API::
 
     store = LocalStore(root=None, capacity_bytes=None, spill_dir=None, spill_capacity_bytes=None,
                        chunk_size=1 << 20, hash_code=SHA2_256, warm=True, recycle=None)
     client = LocalStore.attach(root)                 # another process on the same host
     cid = store.put(value, pin=False)                # serialize + seal -> root CID (bafyrei...)
+    name = store.put_local(value, pin=False)         # seal without hashing -> local name (L...)
+    cid = store.resolve(name)                        # hash + link it (once); CIDs pass through
+    store.cid_if_resolved(name)                      # its CID if known without hashing, or None
     value = store.get(cid)                           # zero-copy; ObjectNotFound if absent
     obj = store.get_object(cid)                      # StoredObject: .manifest, .payload (memoryview)
     store.contains(cid); store.pin(cid); store.unpin(cid); store.delete(cid); store.stats()
+                                                     # (all of these take local names too)
     writer = store.open_writer(manifest)             # for fetched blocks: write_block(i, data), seal()
     store.wait_warm(timeout); store.close()          # the warm spare: wait for it; give it back
 """
@@ -81,6 +127,7 @@ Public API::
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import errno
 import fcntl
@@ -101,19 +148,27 @@ import msgpack
 import numpy as np
 import psutil
 
-from .cid import SHA2_256, Cid, hash_digest
-from .errors import BlockVerificationError, ObjectNotFound, ObjectStoreError, StoreFull
+from . import dagcbor
+from .cid import DAG_CBOR, SHA2_256, Cid, hash_digest
+from .errors import BlockVerificationError, CodecError, ObjectNotFound, ObjectStoreError, StoreFull
 from .manifest import DEFAULT_CHUNK_SIZE, Manifest, block_spans, build_manifest, hash_pool, manifest_from_digests
 from .serialization import SerializedObject, deserialize, serialize
 
-__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity", "WARM_MIN_BYTES"]
+__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity", "WARM_MIN_BYTES",
+           "is_local_name"]
 
 _TRAILER_MAGIC = b"LRAYOBJ1"
+_LOCAL_MAGIC = b"LRAYLOC1"
 _TRAILER = struct.Struct(">I8s")
+_LOCAL_PREFIX = "L"
+_LOCAL_NAME_HEX = 32
+_COPY_SPAN = 8 << 20  # a payload is copied by the pool's threads in spans of this size
 _DEFAULT_RAM_FRACTION = 0.3
 WARM_MIN_BYTES = 16 << 20
 _WARM_GRANULE = 16 << 20
 _WARM_SUFFIX = "-warm"
+_GIFT_SUFFIX = "-gift" + _WARM_SUFFIX  # a spare handed to the process that wrote it (Gifts)
+_RETAINED_MAX = 2  # spent spares whose mappings a process keeps for when their files come back
 RECYCLE_ENV = "LATTICARAY_STORE_RECYCLE"
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
@@ -123,6 +178,51 @@ def _prove_not_open_elsewhere(fd: int) -> None:
     a write lease only then. The lease is dropped at once; it is only a probe."""
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def is_local_name(name: Any) -> bool:
+    """True for the names ``put_local`` gives (``L`` + 32 hex digits); CIDs never look like it."""
+    return (isinstance(name, str) and len(name) == 1 + _LOCAL_NAME_HEX and name[0] == _LOCAL_PREFIX
+            and all(c in "0123456789abcdef" for c in name[1:]))
+
+
+class _TornRead(Exception):
+    """A local object's trailer changed while it was read (it was being linked under its CID)."""
+
+
+def _read_local(path: str, map_payload: bool = True
+                ) -> tuple[dict[str, Any], memoryview, int, int, int, int]:
+    """Map an unresolved local object: (meta, payload view, size, chunk size, hash code, pid of
+    the writer if it takes recycled files back, else 0). ``map_payload=False``: an empty view.
+
+    The trailer is read with pread (never through the mapping: linking the object under its CID
+    shrinks the file below the trailer) and read again after, like a seqlock: linking voids
+    the magic first, so an unchanged second read proves the first saw a whole trailer."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, _TRAILER.size, size - _TRAILER.size) if size >= _TRAILER.size else b""
+        if len(tail) != _TRAILER.size:
+            raise _TornRead(path)
+        blob_len, magic = _TRAILER.unpack(tail)
+        if magic != _LOCAL_MAGIC or blob_len > size - _TRAILER.size:
+            raise _TornRead(path)
+        blob = os.pread(fd, blob_len, size - _TRAILER.size - blob_len)
+        if os.pread(fd, _TRAILER.size, size - _TRAILER.size) != tail or len(blob) != blob_len:
+            raise _TornRead(path)
+        try:
+            nbytes, chunk, code, meta, writer = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ObjectStoreError(f"local object {path} has a bad trailer: {exc}") from None
+        if nbytes + blob_len + _TRAILER.size > size:
+            raise ObjectStoreError(f"local object {path} is truncated")
+        if nbytes == 0 or not map_payload:
+            return meta, memoryview(b""), nbytes, chunk, code, writer
+        # only the payload is mapped: it is never cut off, unlike the trailer
+        mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
+        return meta, memoryview(mapping), nbytes, chunk, code, writer
+    finally:
+        os.close(fd)
 
 
 def default_capacity(fraction: float = _DEFAULT_RAM_FRACTION, shm_root: str = "/dev/shm") -> int:
@@ -414,6 +514,7 @@ class LocalStore:
         self.hash_code = hash_code
         self._objects = os.path.join(self.root, "objects")
         self._tmp = os.path.join(self.root, "tmp")
+        self._local = os.path.join(self.root, "local")
         self._thread_lock = threading.RLock()
         self._manifests: OrderedDict[Cid, Manifest] = OrderedDict()
         self.warm_enabled = warm
@@ -434,6 +535,11 @@ class LocalStore:
         self.spares_made = 0  # by this process (observability; tests)
         self._warm_pid = os.getpid()
         self._warm_unmap: list[_WarmFile] = []  # spent spares whose mappings are yet to be closed
+        # spares written by local puts, still mapped (and open) for when their files come back
+        self._retained: OrderedDict[tuple[int, int], _WarmFile] = OrderedDict()
+        self.gifts_taken = 0  # recycled files this process got back (observability; tests)
+        self.gifts_reused_mapping = 0  # of which it still had mapped
+        self._expected: collections.deque[str] = collections.deque(maxlen=4)  # see expect_back
         config_path = os.path.join(self.root, "config")
         if _attach:
             try:
@@ -452,7 +558,8 @@ class LocalStore:
         self.spill_dir = spill_dir
         self.spill_capacity = (int(spill_capacity_bytes) if spill_capacity_bytes is not None
                                else 4 * self.capacity)
-        for path in (self._objects, self._tmp, self.spill_dir, os.path.join(self.spill_dir, ".tmp")):
+        for path in (self._objects, self._tmp, self._local, self.spill_dir,
+                     os.path.join(self.spill_dir, ".tmp")):
             os.makedirs(path, exist_ok=True)
         with self._locked() as ledger:
             with open(config_path + ".tmp", "wb") as file:
@@ -495,10 +602,12 @@ class LocalStore:
         ledger.setdefault("spill_used", 0)
         ledger.setdefault("reservations", {})
         ledger.setdefault("pins", {})
+        ledger.setdefault("links", {})  # {cid: [local names linked to it, made by linking one]}
         return ledger
 
     def _recover(self, ledger: dict[str, Any]) -> None:
         """Drop state of dead processes and recount bytes from the directories."""
+        made = self._recover_local()
         for name in os.listdir(self._tmp):
             pid = name.split("-", 1)[0]
             if not pid.isdigit() or not _pid_alive(int(pid)):
@@ -512,7 +621,19 @@ class LocalStore:
             if alive:
                 pins[cid] = alive
         ledger["pins"] = pins
-        ledger["used"] = sum(e.stat().st_size for e in os.scandir(self._objects) if e.is_file())
+        ledger["used"] = (sum(e.stat().st_size for e in os.scandir(self._objects) if e.is_file())
+                          + sum(e.stat().st_size for e in os.scandir(self._local)
+                                if e.is_file(follow_symlinks=False)))
+        counts: dict[str, int] = {}
+        for entry in os.scandir(self._local):
+            if entry.is_symlink():
+                target = os.path.basename(os.readlink(entry.path))
+                counts[target] = counts.get(target, 0) + 1
+        old = ledger["links"]
+        ledger["links"] = {}
+        for cid, n in counts.items():
+            _, born, writer = (list(old.get(cid) or []) + [0, False, 0])[:3]
+            ledger["links"][cid] = [n, cid in made or bool(born), int(writer)]
         ledger["spill_used"] = sum(e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file())
 
     # --- budget ----------------------------------------------------------------------------------
@@ -543,14 +664,31 @@ class LocalStore:
             return
         self._reclaim_dead(ledger)
         candidates = []
-        for entry in os.scandir(self._objects):
-            if entry.is_file() and entry.name not in ledger["pins"]:
-                stat = entry.stat()
-                candidates.append((stat.st_mtime_ns, entry.name, stat.st_size))
+        for directory in (self._objects, self._local):
+            for entry in os.scandir(directory):
+                if entry.is_file(follow_symlinks=False) and entry.name not in ledger["pins"]:
+                    stat = entry.stat(follow_symlinks=False)
+                    candidates.append((stat.st_mtime_ns, entry.name, stat.st_size))
         candidates.sort()
         for _, name, size in candidates:
             if self._committed(ledger) + nbytes <= self.capacity:
                 break
+            if is_local_name(name):
+                # spilled objects are named by CID: link it under its CID first (hashing it now)
+                try:
+                    manifest, writer = self._hash_local(os.path.join(self._local, name))
+                except (FileNotFoundError, _TornRead):
+                    continue
+                cid = self._link_local(ledger, name, manifest, writer, gift=False)
+                if self._committed(ledger) + nbytes <= self.capacity:
+                    break  # a copy of it was sealed already: linking freed this one
+                name = str(cid)
+                try:
+                    size = os.stat(os.path.join(self._objects, name)).st_size
+                except FileNotFoundError:
+                    continue
+                if name in ledger["pins"]:
+                    continue
             self._evict_one(ledger, name, size, keep)
         if self._committed(ledger) + nbytes > self.capacity:
             raise StoreFull(f"cannot fit {nbytes} bytes: {self._committed(ledger)} of {self.capacity} "
@@ -607,9 +745,250 @@ class LocalStore:
         """Serialize ``value`` into the store; return its root CID (deduplicated by content)."""
         return self.put_serialized(serialize(value), pin=pin)
 
-    def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
+    def _estimate(self, ser: SerializedObject) -> int:
+        """Bytes reserved for ``ser``: at least its sealed size (payload, manifest, trailer)."""
         blocks = max(1, -(-ser.nbytes // self.chunk_size))
-        estimate = ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
+        return ser.nbytes + 512 + 2 * len(msgpack.packb(ser.meta, default=bytes)) + 48 * blocks
+
+    def put_local(self, value: Any, pin: bool = False) -> str:
+        """Serialize ``value`` into the store without hashing it; return its local name.
+
+        The object is sealed (complete, crash-safe, readable by every process of the host that
+        is given the name) at once; its CID is computed later, by ``resolve`` (see Local names
+        in the module docstring)."""
+        return self.put_serialized_local(serialize(value), pin=pin)
+
+    def put_serialized_local(self, ser: SerializedObject, pin: bool = False) -> str:
+        estimate = self._estimate(ser)
+        writer = os.getpid() if self.recycle_enabled else 0  # who takes its file back (Gifts)
+        trailer = msgpack.packb([ser.nbytes, self.chunk_size, self.hash_code, ser.meta, writer],
+                                use_bin_type=True, default=bytes)
+        trailer += _TRAILER.pack(len(trailer), _LOCAL_MAGIC)
+        if ser.nbytes + len(trailer) > estimate:
+            raise ObjectStoreError("internal error: local trailer larger than its reservation")
+        started = time.monotonic()
+        name = _LOCAL_PREFIX + secrets.token_hex(_LOCAL_NAME_HEX // 2)
+        if writer and ser.nbytes >= WARM_MIN_BYTES:
+            _register_for_exit(self)  # its file may come back: given-back spares go at exit
+        warm = self._take_warm(estimate, ser) if ser.nbytes >= WARM_MIN_BYTES else None
+        recycled_spare = warm is not None and warm.recycled
+        try:
+            if warm is not None:
+                path, token = warm.path, warm.token
+                try:
+                    with memoryview(warm.map) as view, view[:ser.nbytes] as payload:
+                        self._copy_into(ser, payload, zero_first=warm.recycled)
+                    # the file keeps the reserved size, so linking it under its CID later
+                    # writes the manifest in place and only shrinks it (the budget holds); cut
+                    # to the payload first, so no byte of a recycled file's object survives
+                    os.ftruncate(warm.fd, ser.nbytes)
+                    os.ftruncate(warm.fd, estimate)
+                    if os.pwrite(warm.fd, trailer, estimate - len(trailer)) != len(trailer):
+                        raise ObjectStoreError("short write of a local object's trailer")
+                    self._retain(warm)
+                except BaseException:
+                    warm.close()
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(warm.path)
+                    self._release_reservation(warm.token)
+                    raise
+            else:
+                with self._locked() as ledger:
+                    if self._warm is not None and self._committed(ledger) + estimate > self.capacity:
+                        self._drop_warm(ledger)
+                    token = self._reserve(ledger, estimate)
+                path = os.path.join(self._tmp, token)
+                try:
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                    ser.write_to_file(path)
+                    with open(path, "r+b") as file:
+                        file.truncate(estimate)
+                        file.seek(estimate - len(trailer))
+                        file.write(trailer)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    self._release_reservation(token)
+                    raise
+            with self._locked() as ledger:
+                ledger["reservations"].pop(token, None)
+                try:
+                    os.rename(path, os.path.join(self._local, name))
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    raise
+                ledger["used"] += estimate
+                if pin:
+                    self._add_pin(ledger, name)
+            return name
+        finally:
+            if ser.nbytes >= WARM_MIN_BYTES:
+                self._schedule_warm(estimate, started, fresh=not recycled_spare)
+
+    def _copy_into(self, ser: SerializedObject, dest: memoryview, zero_first: bool) -> None:
+        """Fill ``dest`` with the payload (no hashing), spans copied by the pool's threads."""
+        if ser.pieces is None:
+            if zero_first:  # a writer that skips padding must not leave a recycled file's bytes
+                np.frombuffer(dest, dtype=np.uint8)[:] = 0
+            ser.write_into(dest)
+            return
+        target = np.frombuffer(dest, dtype=np.uint8)
+        sources = [(offset, np.frombuffer(piece, dtype=np.uint8)) for offset, piece in ser.pieces]
+        spans = block_spans(ser.nbytes, _COPY_SPAN)
+        if len(spans) == 1:
+            self._copy_span(spans[0], sources, target)
+        else:
+            list(hash_pool().map(lambda span: self._copy_span(span, sources, target), spans))
+
+    # --- local names -----------------------------------------------------------------------------
+    def _alias(self, name: str) -> Cid | None:
+        """The CID a local name was linked to; None while it is unresolved. ObjectNotFound if
+        the name is unknown (never put, or deleted)."""
+        try:
+            return Cid.parse(os.path.basename(os.readlink(os.path.join(self._local, name))))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None  # a regular file: not linked yet
+            if exc.errno == errno.ENOENT:
+                raise ObjectNotFound(name) from None
+            raise
+
+    def cid_if_resolved(self, name: str | Cid) -> Cid | None:
+        """The CID of ``name`` if it is known without hashing (a CID, or a linked local name)."""
+        if not is_local_name(name):
+            return Cid.coerce(name)
+        return self._alias(name)
+
+    def _hash_local(self, path: str) -> tuple[Manifest, int]:
+        """The manifest of an unresolved local object, and its writer (0: none to give back to)."""
+        meta, payload, nbytes, chunk, code, writer = _read_local(path)
+        try:
+            spans = block_spans(nbytes, chunk)
+            digests = list(hash_pool().map(lambda span: hash_digest(code, payload[span[0]:span[1]]),
+                                           spans))
+        finally:
+            payload.release()
+        return manifest_from_digests(nbytes, chunk, digests, meta, code), writer
+
+    def resolve(self, name: str | Cid) -> Cid:
+        """The CID of a local name: hashes the object (once, by whichever process asks first)
+        and links it under its CID (deduplicated against a copy sealed already)."""
+        if not is_local_name(name):
+            return Cid.coerce(name)
+        for _ in range(3):
+            cid = self._alias(name)
+            if cid is not None:
+                return cid
+            try:
+                manifest, writer = self._hash_local(os.path.join(self._local, name))
+            except (FileNotFoundError, _TornRead):
+                continue  # linked meanwhile by another process: the alias says where
+            with self._locked() as ledger:
+                return self._link_local(ledger, name, manifest, writer, gift=True)
+        raise ObjectNotFound(name, "local object kept changing while being resolved")
+
+    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest, writer: int,
+                    gift: bool) -> Cid:
+        """Seal the local object ``name`` under ``manifest``'s CID (the caller holds the ledger
+        lock); ``name`` becomes a symlink to it. If a copy is sealed already, this file is
+        dropped (``gift``: given back to its writer). The writer is remembered with the link
+        count: when the last name goes, so does the object, back to its writer."""
+        path = os.path.join(self._local, name)
+        cid = self._alias(name)
+        if cid is not None:
+            return cid  # linked by another process between our hashing and the lock
+        size = os.stat(path).st_size
+        cname = str(manifest.root)
+        final = os.path.join(self._objects, cname)
+        previous = ledger["links"].get(cname)
+        if os.path.exists(final):  # a copy is sealed: keep that one, drop this file
+            os.utime(final)
+            if not (gift and self._gift_file(ledger, path, writer)):
+                os.unlink(path)
+                ledger["used"] -= size
+            born = bool(previous and previous[1])
+            writer = int(previous[2]) if previous and len(previous) > 2 else 0
+        else:
+            spilled = os.path.join(self.spill_dir, cname)
+            if os.path.exists(spilled):
+                ledger["spill_used"] -= os.stat(spilled).st_size
+                os.unlink(spilled)
+            sealed = _sealed_size(manifest)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes(8), size - 8)  # void the local magic first (see _read_local)
+                trailer = manifest.encoded + _TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC)
+                if os.pwrite(fd, trailer, manifest.size) != len(trailer):
+                    raise ObjectStoreError(f"short write of the manifest of {cname}")
+                os.ftruncate(fd, sealed)
+            finally:
+                os.close(fd)
+            # a second name first, then the local one becomes a symlink: a crash in between
+            # leaves both names on one sealed file, which recovery turns into the symlink
+            os.link(path, final)
+            ledger["used"] += sealed - size
+            born = previous is None or bool(previous[1])
+        self._symlink_local(name, cname)
+        ledger["links"][cname] = [(previous[0] if previous else 0) + 1, born, writer]
+        holders = ledger["pins"].pop(name, None)
+        if holders:
+            merged = ledger["pins"].setdefault(cname, {})
+            for pid, count in holders.items():
+                merged[pid] = merged.get(pid, 0) + count
+        self._manifests[manifest.root] = manifest
+        return manifest.root
+
+    def _symlink_local(self, name: str, cname: str) -> None:
+        link = os.path.join(self._tmp, f"{os.getpid()}-{secrets.token_hex(6)}-link")
+        os.symlink(os.path.join("..", "objects", cname), link)
+        os.replace(link, os.path.join(self._local, name))
+
+    def _recover_local(self) -> set[str]:
+        """Finish or undo links that a crash interrupted (the caller holds the ledger lock):
+        a local file whose magic was voided gets it back (its trailer is intact); one already
+        carrying its manifest is linked under its CID. Returns the CIDs so made."""
+        made = set()
+        for entry in os.scandir(self._local):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                with open(entry.path, "r+b") as file:
+                    size = os.fstat(file.fileno()).st_size
+                    if size < _TRAILER.size:
+                        continue
+                    file.seek(size - _TRAILER.size)
+                    length, magic = _TRAILER.unpack(file.read(_TRAILER.size))
+                    if magic == bytes(8) and length <= size - _TRAILER.size:
+                        file.seek(size - _TRAILER.size - length)
+                        fields = msgpack.unpackb(file.read(length), raw=False, strict_map_key=False)
+                        if isinstance(fields, list) and len(fields) == 5:
+                            file.seek(size - len(_LOCAL_MAGIC))
+                            file.write(_LOCAL_MAGIC)
+                        continue
+                    if magic != _TRAILER_MAGIC or length > size - _TRAILER.size:
+                        continue
+                    file.seek(size - _TRAILER.size - length)
+                    encoded = file.read(length)
+                blocks = dagcbor.decode(encoded).get("blocks") or []
+                code = blocks[0].hash_code if blocks else self.hash_code
+                root = Cid.of(encoded, DAG_CBOR, code)
+                Manifest.decode(root, encoded)
+            except (OSError, ValueError, TypeError, AttributeError, msgpack.UnpackException,
+                    ObjectStoreError, CodecError):
+                continue
+            final = os.path.join(self._objects, str(root))
+            try:
+                if os.stat(final).st_ino == entry.inode():
+                    made.add(str(root))  # the crash came between the two names
+            except FileNotFoundError:
+                os.link(entry.path, final)
+                made.add(str(root))
+            self._symlink_local(entry.name, str(root))
+        return made
+
+    def put_serialized(self, ser: SerializedObject, pin: bool = False) -> Cid:
+        estimate = self._estimate(ser)
         started = time.monotonic()
         warm = self._take_warm(estimate, ser) if ser.nbytes >= WARM_MIN_BYTES else None
         duplicate = False
@@ -657,6 +1036,8 @@ class LocalStore:
         if self._warm_pid != os.getpid():
             self._warm_pid = os.getpid()
             self._warm, self._warm_unmap, self._warm_refilling = None, [], False
+            self._retained = OrderedDict()
+            self._expected = collections.deque(maxlen=4)
             self._recycling, self._fresh_token = False, None
 
     def _take_warm(self, estimate: int, ser: SerializedObject) -> _WarmFile | None:
@@ -667,10 +1048,176 @@ class LocalStore:
                 # far sooner than this put would allocate fresh ones
                 self._warm_ready.wait_for(lambda: not self._recycling, timeout=2.0)
             warm = self._warm
-            if warm is None or warm.size < estimate:
-                return None
-            self._warm = None
-            return warm
+            if warm is not None and warm.size >= estimate:
+                self._warm = None
+                return warm
+        return self._take_gift(estimate)
+
+    # --- gifts: files of deleted local objects, back to the process that wrote them ------------
+    def _gift_file(self, ledger: dict[str, Any], path: str, writer: int | None = None) -> bool:
+        """Hand the file of a deleted object (an unresolved local object, whose trailer names
+        its writer; or a sealed one whose ``writer`` is known) to the process that wrote it, as
+        a spare (the caller holds the ledger lock). False when it is to be unlinked instead."""
+        if not self.recycle_enabled:
+            return False
+        try:
+            size = os.stat(path).st_size
+            if writer is None:
+                writer = _read_local(path, map_payload=False)[5] if size >= WARM_MIN_BYTES else 0
+        except (OSError, _TornRead, ObjectStoreError):
+            return False
+        if size < WARM_MIN_BYTES:
+            return False
+        if not writer or not _pid_alive(writer):
+            return False
+        rounded = -(-size // _WARM_GRANULE) * _WARM_GRANULE
+        # given-back files have a cap of their own: a fresh spare that a starved, niced thread
+        # is still making must not keep pages that exist from being reused
+        gifts = sum(v for k, v in ledger["reservations"].items() if k.endswith(_GIFT_SUFFIX))
+        if (gifts + rounded > self.capacity // 8
+                or self._committed(ledger) - size + rounded > self.capacity):
+            return False
+        token = f"{writer}-{secrets.token_hex(6)}{_GIFT_SUFFIX}"
+        try:
+            os.rename(path, os.path.join(self._tmp, token))
+        except OSError:
+            return False
+        ledger["used"] -= size
+        ledger["reservations"][token] = rounded
+        return True
+
+    def _take_gift(self, estimate: int) -> _WarmFile | None:
+        """A file given back to this process that fits ``estimate``, made this put's spare
+        (proven unshared first); gifts that do not fit are given up."""
+        with self._warm_lock:  # kept mappings of files deleted elsewhere hold their pages
+            stale = [key for key, kept in self._retained.items() if os.fstat(kept.fd).st_nlink == 0]
+            dropped = [self._retained.pop(key) for key in stale]
+        for kept in dropped:
+            self._unmap_later(kept)
+        prefix = f"{os.getpid()}-"
+        names = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+        if not names:  # listed again either way: a file may have come back meanwhile
+            self._await_expected(estimate)
+            names = [n for n in os.listdir(self._tmp)
+                     if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+        if not names:
+            return None
+        chosen = None
+        with self._locked() as ledger:
+            for name in names:
+                size = ledger["reservations"].get(name)
+                if size is None:
+                    continue
+                if chosen is None and size >= estimate:
+                    # in use from now on: no longer an idle spare (the spares' cap is for those)
+                    token = f"{os.getpid()}-{secrets.token_hex(6)}"
+                    path = os.path.join(self._tmp, token)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(os.path.join(self._tmp, name), path)
+                        del ledger["reservations"][name]
+                        ledger["reservations"][token] = size
+                        chosen = (path, token, size)
+                        continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._tmp, name))
+                del ledger["reservations"][name]
+        if chosen is None:
+            return None
+        path, token, size = chosen
+        try:
+            warm = self._adopt(path, token, size)
+        except OSError:  # someone still has it open or mapped: it goes as a plain delete would
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._release_reservation(token)
+            return None
+        self.gifts_taken += 1
+        with self._warm_lock:
+            if self._warm_refilling:  # files come back: a fresh spare would cost for nothing
+                self._abandon_refill.set()
+        return warm
+
+    def expect_back(self, name: str) -> None:
+        """This process dropped its last reference to its local object ``name``: whoever deletes
+        it gives its file back here, soon. The next put that finds no spare waits for that
+        (bounded) rather than write fresh pages (which the kernel zeroes at ~2 GB/s)."""
+        if self.recycle_enabled and is_local_name(name):
+            with self._warm_lock:
+                self._expected.append(name)
+
+    def _await_expected(self, estimate: int) -> bool:
+        """Wait for the files of the expected names to leave ``local/``, at most a quarter of
+        what writing ``estimate`` fresh bytes would cost; True if one did."""
+        with self._warm_lock:
+            expected, self._expected = list(self._expected), collections.deque(maxlen=4)
+        if not expected:
+            return False
+        deadline = time.monotonic() + min(0.25, estimate / 8e9)
+        # names gone already were dealt with by earlier puts (taken, or not given back)
+        pending = [p for p in (os.path.join(self._local, name) for name in expected)
+                   if os.path.lexists(p)]
+        while pending:
+            if any(not os.path.lexists(p) for p in pending):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0002)
+        return False
+
+    def _adopt(self, path: str, token: str, size: int) -> _WarmFile:
+        """Make the given-back file at ``path`` a spare: through the mapping this process kept
+        of it when it wrote it (no mapping or page-table work at all), else mapped anew."""
+        stat = os.stat(path)
+        with self._warm_lock:
+            retained = self._retained.pop((stat.st_dev, stat.st_ino), None)
+        if retained is not None and retained.size < size:
+            self._unmap_later(retained)
+            retained = None
+        if retained is None:
+            return _WarmFile(path, token, size, recycled=True)
+        try:
+            # the write lease is taken on the very file the mapping holds: granted only if no
+            # other process (nor another open file here) has the inode open or mapped
+            _prove_not_open_elsewhere(retained.fd)
+            if os.fstat(retained.fd).st_size < size:
+                os.ftruncate(retained.fd, size)  # its pages up to there exist and are mapped
+        except OSError:
+            self._unmap_later(retained)
+            raise
+        retained.path, retained.token, retained.size, retained.recycled = path, token, size, True
+        self.gifts_reused_mapping += 1
+        return retained
+
+    def _retain(self, warm: _WarmFile) -> None:
+        """Keep a spent spare's fd and mapping (bounded): if its file comes back, it is reused."""
+        stat = os.fstat(warm.fd)
+        with self._warm_lock:
+            self._retained[(stat.st_dev, stat.st_ino)] = warm
+            stale = [key for key, kept in self._retained.items()
+                     if os.fstat(kept.fd).st_nlink == 0]  # deleted, not given back
+            while len(self._retained) - len(stale) > _RETAINED_MAX:
+                stale.append(next(k for k in self._retained if k not in stale))
+            dropped = [self._retained.pop(key) for key in stale]
+        for kept in dropped:
+            self._unmap_later(kept)
+
+    def _release_retained(self, path: str) -> None:
+        """Close this process's kept mapping of ``path``'s file (it would refuse the lease)."""
+        with contextlib.suppress(OSError):
+            stat = os.stat(path)
+            with self._warm_lock:
+                kept = self._retained.pop((stat.st_dev, stat.st_ino), None)
+            if kept is not None:
+                kept.close()
+
+    def _unmap_later(self, warm: _WarmFile) -> None:
+        """Close a spare's fd now and its mapping on a background thread (~8 ms per 100 MB)."""
+        if warm.fd >= 0:
+            os.close(warm.fd)
+            warm.fd = -1
+        with self._warm_lock:
+            self._warm_unmap.append(warm)
+        threading.Thread(target=self._unmap_spent, name="latticaray-store-unmap", daemon=True).start()
 
     def _put_into_warm(self, ser: SerializedObject, warm: _WarmFile, estimate: int,
                        pin: bool) -> tuple[Manifest, bool]:
@@ -760,6 +1307,13 @@ class LocalStore:
 
     def _copy_block(self, span: tuple[int, int], sources: list[tuple[int, np.ndarray]],
                     target: np.ndarray, dest: memoryview) -> bytes:
+        self._copy_span(span, sources, target)
+        return hash_digest(self.hash_code, dest[span[0]:span[1]])
+
+    @staticmethod
+    def _copy_span(span: tuple[int, int], sources: list[tuple[int, np.ndarray]],
+                   target: np.ndarray) -> None:
+        """Copy payload bytes [start, end) from the pieces; gaps between pieces are zeroed."""
         start, end = span
         position = start
         for offset, source in sources:  # few pieces (a header and a body, or pickle buffers)
@@ -775,7 +1329,6 @@ class LocalStore:
             position = high
         if position < end:
             target[position:end] = 0
-        return hash_digest(self.hash_code, dest[start:end])
 
     def _schedule_warm(self, estimate: int, put_started: float, fresh: bool = True) -> None:
         """Prepare a spare of about ``estimate`` bytes in the background, if there is free room
@@ -795,8 +1348,9 @@ class LocalStore:
                 self._warm_refilling = True
                 self._abandon_refill.clear()
         if size == 0:
-            if unmap_now:
-                self._unmap_spent()
+            if unmap_now and self._warm_unmap:  # off the put's path: it takes ~8 ms per 100 MB
+                threading.Thread(target=self._unmap_spent, name="latticaray-store-unmap",
+                                 daemon=True).start()
             return
         _register_for_exit(self)
         threading.Thread(target=self._refill_warm, args=(size,), name="latticaray-store-warm",
@@ -909,6 +1463,7 @@ class LocalStore:
                 if self._warm_refilling:
                     raise TimeoutError("a fresh spare is still being made")
             self._unmap_spent()  # our own leftover mapping of it would (rightly) refuse the lease
+            self._release_retained(path)
             warm = _WarmFile(path, token, size, recycled=True)
             self.spares_recycled += 1
             self._install_warm(warm)
@@ -953,8 +1508,20 @@ class LocalStore:
         with self._warm_lock:
             self._forget_parents_warm()
             warm, self._warm = self._warm, None
+            retained, self._retained = list(self._retained.values()), OrderedDict()
+        for kept in retained:
+            kept.close()
         if warm is not None:
             self._discard_warm(warm)
+        prefix = f"{os.getpid()}-"
+        with contextlib.suppress(FileNotFoundError):
+            gifts = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+            if gifts:
+                with self._locked() as ledger:
+                    for name in gifts:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self._tmp, name))
+                        ledger["reservations"].pop(name, None)
 
     def _write_and_hash(self, ser: SerializedObject, temp: str) -> Manifest:
         """Write the payload to ``temp`` and hash its blocks; blocks that lie inside a verbatim
@@ -1014,8 +1581,9 @@ class LocalStore:
 
     # --- reading ---------------------------------------------------------------------------------
     def get_object(self, cid: Cid | str) -> StoredObject:
-        """Map a sealed object read-only (restoring it from spill if needed)."""
-        cid = Cid.coerce(cid)
+        """Map a sealed object read-only (restoring it from spill if needed); a local name is
+        resolved first (its manifest names its blocks)."""
+        cid = self.resolve(cid)
         path = os.path.join(self._objects, str(cid))
         for _ in range(3):  # an eviction may race with us; restore and retry
             try:
@@ -1030,24 +1598,67 @@ class LocalStore:
         raise ObjectNotFound(cid, "object kept being evicted while being read")
 
     def get(self, cid: Cid | str) -> Any:
-        """The deserialized value; arrays are read-only views into shared memory."""
+        """The deserialized value; arrays are read-only views into shared memory. Accepts a
+        CID or a local name (read without hashing while it is unresolved)."""
+        if is_local_name(cid):
+            for _ in range(3):
+                linked = self._alias(cid)
+                if linked is not None:
+                    return self.get_object(linked).value()
+                path = os.path.join(self._local, cid)
+                try:
+                    meta, payload, _, _, _, _ = _read_local(path)
+                except (FileNotFoundError, _TornRead):
+                    continue  # being linked under its CID right now: the alias comes next
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path, follow_symlinks=False)
+                return deserialize(meta, payload)
+            raise ObjectNotFound(cid, "local object kept changing while being read")
         return self.get_object(cid).value()
 
     def manifest(self, cid: Cid | str) -> Manifest:
-        cid = Cid.coerce(cid)
+        cid = self.resolve(cid)
         manifest = self._manifests.get(cid)
         return manifest if manifest is not None else self.get_object(cid).manifest
 
+    def _unresolved_local(self, name: Any) -> str | None:
+        """The path of ``name`` if it is a local name whose object is not linked to a CID yet."""
+        if not is_local_name(name):
+            return None
+        path = os.path.join(self._local, name)
+        return path if os.path.isfile(path) and not os.path.islink(path) else None
+
+    def _known_cid(self, name: Cid | str) -> Cid | None:
+        """``name`` as a CID if it is one or a linked local name; None for an unresolved or
+        unknown local name."""
+        if not is_local_name(name):
+            return Cid.coerce(name)
+        try:
+            return self._alias(name)
+        except ObjectNotFound:
+            return None
+
     def contains(self, cid: Cid | str) -> bool:
-        name = str(Cid.coerce(cid))
+        if self._unresolved_local(cid) is not None:
+            return True
+        cid = self._known_cid(cid)
+        if cid is None:
+            return False
+        name = str(cid)
         return (os.path.exists(os.path.join(self._objects, name))
                 or os.path.exists(os.path.join(self.spill_dir, name)))
 
     def in_memory(self, cid: Cid | str) -> bool:
-        return os.path.exists(os.path.join(self._objects, str(Cid.coerce(cid))))
+        if self._unresolved_local(cid) is not None:
+            return True
+        cid = self._known_cid(cid)
+        return cid is not None and os.path.exists(os.path.join(self._objects, str(cid)))
 
     def is_spilled(self, cid: Cid | str) -> bool:
-        name = str(Cid.coerce(cid))
+        cid = self._known_cid(cid)
+        if cid is None:
+            return False
+        name = str(cid)
         return not self.in_memory(cid) and os.path.exists(os.path.join(self.spill_dir, name))
 
     def _restore(self, cid: Cid) -> bool:
@@ -1090,6 +1701,12 @@ class LocalStore:
 
     def pin(self, cid: Cid | str) -> None:
         """Keep the object in memory (never evicted or spilled) until as many ``unpin`` calls."""
+        if is_local_name(cid):
+            with self._locked() as ledger:  # linking moves pins under the lock: check under it
+                if self._alias(cid) is None:
+                    self._add_pin(ledger, cid)
+                    return
+            cid = self.resolve(cid)
         cid = Cid.coerce(cid)
         if not self.in_memory(cid) and not self._restore(cid):
             raise ObjectNotFound(cid)
@@ -1097,9 +1714,15 @@ class LocalStore:
             self._add_pin(ledger, str(cid))
 
     def unpin(self, cid: Cid | str) -> None:
-        name = str(Cid.coerce(cid))
         pid = str(os.getpid())
         with self._locked() as ledger:
+            if is_local_name(cid) and cid in ledger["pins"]:
+                name = cid
+            else:
+                known = self._known_cid(cid)  # an unresolved local name not pinned: no pin
+                if known is None:
+                    return
+                name = str(known)
             holders = ledger["pins"].get(name, {})
             if holders.get(pid, 0) > 1:
                 holders[pid] -= 1
@@ -1110,32 +1733,75 @@ class LocalStore:
 
     def is_pinned(self, cid: Cid | str) -> bool:
         with self._locked() as ledger:
-            return str(Cid.coerce(cid)) in ledger["pins"]
+            if is_local_name(cid) and cid in ledger["pins"]:
+                return True
+            known = self._known_cid(cid)
+            return known is not None and str(known) in ledger["pins"]
 
     def delete(self, cid: Cid | str) -> None:
         """Remove the object (memory and spill) and its pins; a large one's file may become this
-        process's spare (see Recycling in the module docstring)."""
-        name = str(Cid.coerce(cid))
-        recycled = None
+        process's spare (see Recycling in the module docstring). Deleting a local name removes
+        the name; the object it was linked to goes with the last such name, unless it was
+        sealed under its CID before any of them (then it stays, evictable, until deleted)."""
         with self._locked() as ledger:
-            ledger["pins"].pop(name, None)
-            recycled = self._recycle_file(ledger, os.path.join(self._objects, name), sealed=True)
-            for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
-                path = os.path.join(directory, name)
+            if is_local_name(cid):
+                recycled = self._delete_local(ledger, cid)
+            else:
+                recycled = self._delete_sealed(ledger, str(Cid.coerce(cid)))
+        self._start_recycle(recycled)
+
+    def _delete_local(self, ledger: dict[str, Any], name: str) -> tuple[str, int] | None:
+        ledger["pins"].pop(name, None)
+        try:
+            linked = self._alias(name)
+        except ObjectNotFound:
+            return None
+        path = os.path.join(self._local, name)
+        if linked is None:
+            if not self._gift_file(ledger, path):
                 with contextlib.suppress(FileNotFoundError):
                     size = os.stat(path).st_size
                     os.unlink(path)
-                    ledger[key] -= size
+                    ledger["used"] -= size
+            return None
+        os.unlink(path)
+        cname = str(linked)
+        entry = ledger["links"].get(cname)
+        if entry is None:
+            return None
+        entry[0] -= 1
+        if entry[0] > 0:
+            return None
+        del ledger["links"][cname]
+        if not entry[1]:
+            return None
+        return self._delete_sealed(ledger, cname, entry[2] if len(entry) > 2 else 0)
+
+    def _delete_sealed(self, ledger: dict[str, Any], name: str, writer: int = 0
+                       ) -> tuple[str, int] | None:
+        ledger["pins"].pop(name, None)
+        ledger["links"].pop(name, None)  # local names linked to it now lead nowhere
+        path = os.path.join(self._objects, name)
+        recycled = None
+        if not (writer and self._gift_file(ledger, path, writer)):
+            recycled = self._recycle_file(ledger, path, sealed=True)
+        for directory, key in ((self._objects, "used"), (self.spill_dir, "spill_used")):
+            path = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                size = os.stat(path).st_size
+                os.unlink(path)
+                ledger[key] -= size
         self._manifests.pop(Cid.parse(name), None)
-        self._start_recycle(recycled)
+        return recycled
 
     def stats(self) -> dict[str, int]:
         with self._locked() as ledger:
             warm = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
-            return {"capacity": self.capacity, "used": ledger["used"],
+            local = sum(1 for e in os.scandir(self._local) if e.is_file(follow_symlinks=False))
+            return {"local": local,"capacity": self.capacity, "used": ledger["used"],
                     "reserved": sum(ledger["reservations"].values()) - warm, "warm": warm,
                     "spill_capacity": self.spill_capacity, "spill_used": ledger["spill_used"],
-                    "objects": len(os.listdir(self._objects)), "pinned": len(ledger["pins"]),
+                    "objects": len(os.listdir(self._objects)) + local, "pinned": len(ledger["pins"]),
                     "spilled": len(os.listdir(self.spill_dir)) - 1}
 
     def destroy(self) -> None:
@@ -1145,6 +1811,9 @@ class LocalStore:
         self._unmap_spent()
         with self._warm_lock:
             warm, self._warm = self._warm, None
+            retained, self._retained = list(self._retained.values()), OrderedDict()
+        for kept in retained:
+            kept.close()
         if warm is not None:
             warm.close()
         shutil.rmtree(self.root, ignore_errors=True)

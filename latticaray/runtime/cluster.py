@@ -186,7 +186,8 @@ class RemoteClient:
             out["err"] = message["err"]
             out["mro"] = message.get("mro", [])
         if "vals" in message:
-            out["vals"] = [v if self.cluster.exchange is not None and serialization.is_store_ref(v)
+            out["vals"] = [node.portable(v, awaiting_fetch=True)
+                           if self.cluster.exchange is not None and serialization.is_store_ref(v)
                            else self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
@@ -722,7 +723,8 @@ class MeshCluster:
             if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
                 if self.exchange is None:
                     return [1, item[2], self.node_id]
-                return [0, item[1], item[2], self.node_id]  # fetched by CID, else from us
+                # fetched by CID, else from us
+                return [0, self.node.portable(item[1]), item[2], self.node_id]
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
                 return [1, item[2], self.node_id]
             return item[:2]
@@ -820,6 +822,7 @@ class MeshCluster:
                               client)
             elif kind == "fetched":  # the caller has its own copies of these results now
                 for cid in message.get("cids", [])[:1024]:
+                    cid = node.name_fetched(cid)
                     if node.store_refs.get(cid, 0) > 0:
                         node._unpin(cid)
 
@@ -1417,6 +1420,7 @@ class MeshRuntime:
             await self.exchange.start()
             self.cluster.exchange = self.exchange
             runtime_node.store_refs = _ProvidingRefs(runtime_node.store_refs, self._provide)
+            runtime_node.on_cid_known = self._provide  # local puts: once their CID is known
         for addr in self.bootstrap:
             try:
                 await self.cluster.join(addr)

@@ -48,6 +48,7 @@ class CoreClient:
         self._escaped: set[bytes] = set()
         self._shipped: set[bytes] = set()
         self._release_queue: list[bytes] = []
+        self._stored: dict[bytes, str] = {}  # put by this process into the shared-memory store
         self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
 
     # ---- transport (subclasses)
@@ -71,12 +72,18 @@ class CoreClient:
                 counts[oid] = left
                 return
             counts.pop(oid, None)
+            stored = self._stored.pop(oid, None)
             if oid in self._escaped:
                 return
             self._release_queue.append(oid)
-            flush = len(self._release_queue) >= RELEASE_BATCH
+            # a large object's memory (and its pages, recycled for the next put) comes back now
+            flush = len(self._release_queue) >= RELEASE_BATCH or stored is not None
         if flush:
             self.flush_releases()
+        if stored is not None:
+            store = serialization.get_store()
+            if store is not None and hasattr(store, "expect_back"):
+                store.expect_back(stored)
 
     def escape_ref(self, ref: ObjectRef) -> None:
         self._escaped.add(ref.id)
@@ -148,8 +155,13 @@ class CoreClient:
 
     def put(self, value) -> ObjectRef:
         oid = object_id(ids.next_id(), 0)
-        self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
-        return ObjectRef(oid, self.node_id)
+        data = serialization.serialize(value)
+        self.post({"op": "put", "oid": oid, "d": data})
+        ref = ObjectRef(oid, self.node_id)
+        if serialization.is_store_ref(data):
+            with self._lock:
+                self._stored[oid] = serialization.store_name(data)
+        return ref
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
         reply = self.request({"op": "get", "oids": [[r.id, r.owner] for r in refs],

@@ -175,7 +175,7 @@ class Recovery:
             return True
         store = self.node.store
         try:
-            return store is not None and not store.contains(serialization.store_cid(entry.data))
+            return store is not None and not store.contains(serialization.store_name(entry.data))
         except Exception:
             return True
 
@@ -222,7 +222,7 @@ class Recovery:
                 node._fail_with_blob(rec, entry.data)
                 return
             item[1] = entry.data  # a re-executed task may have made a new value (new CID)
-            cid = serialization.store_cid(entry.data)
+            cid = serialization.store_name(entry.data)
             node.store_refs[cid] += 1  # as argument resolution pins: held until the task ends
             if rec.pins is None:
                 rec.pins = []
@@ -302,7 +302,7 @@ class Recovery:
         data = entry.data
         if not serialization.is_store_ref(data):
             return
-        cid = serialization.store_cid(data)
+        cid = serialization.store_name(data)
         if entry.holder is not None:
             holder, entry.holder = entry.holder, None
             if node.cluster is not None:

@@ -3,8 +3,10 @@
 Method (as `ray microbenchmark`): each row runs its operation for a 1 s warm-up, then 4 trials of
 about 2 s each; the figure is the mean (and standard deviation) over the trials of operations
 per second (times the row's multiplier). `--duration` scales the trial length for quick runs.
-Extra rows: init() time and no-op task round trip. Ray 2.60 figures measured on this machine
-are printed beside ours where the issue gives them.
+Extra rows: init() time, no-op task round trip, and put gigabytes with one element of the array
+changed before each put (so no put can be recognised as a copy of an earlier one: every put
+writes all its bytes, as Ray's do). Ray 2.60 figures measured on this machine are printed beside
+ours where the issue gives them.
 """
 from __future__ import annotations
 
@@ -156,7 +158,12 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
             lambda: lattica.get([s.put_batch.remote(1000) for s in spawners]), 1000 * n_cpu)
     arr = np.zeros(large_mb * 1024 * 1024 // 8, dtype=np.int64)
     row("single client put gigabytes", lambda: lattica.put(arr), large_mb / 1024)
-    del arr
+
+    def put_changed():
+        arr[0] += 1
+        lattica.put(arr)
+    row("single client put gigabytes, new content each put", put_changed, large_mb / 1024)
+    arr = None  # frees the array (the closures above are done with it)
     row("single client tasks and get batch",
         lambda: lattica.get([small_value.remote() for _ in range(1000)]))
     if want("multi client put gigabytes"):

@@ -226,7 +226,9 @@ class RuntimeNode:
         self.store_capacity = store_capacity
         self._own_store = False
         self.store_ready = None
-        self.store_refs: collections.Counter = collections.Counter()
+        self.store_refs: collections.Counter = collections.Counter()  # by store name
+        self.on_cid_known = None  # called with a store object's CID once it is exposed (DHT)
+        self.sent_by_cid: dict[str, list[str]] = {}  # CID -> local names awaiting "fetched"
         self.objects: dict[bytes, ObjectEntry] = {}
         self.cid_index: dict[str, bytes] = {}
         self.code: dict[bytes, bytes] = {}
@@ -538,7 +540,7 @@ class RuntimeNode:
         entry = ObjectEntry(OK, data)
         self.objects[message["oid"]] = entry
         if data[:1] == b"\x00" and serialization.is_store_ref(data):
-            self.store_refs[serialization.store_cid(data)] += 1
+            self.store_refs[serialization.store_name(data)] += 1
 
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
@@ -560,9 +562,9 @@ class RuntimeNode:
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data):
             if entry.holder is not None:  # the only copy is on the node that made it
                 if self.cluster is not None:
-                    self.cluster.unpin_at(entry.holder, [serialization.store_cid(data)])
+                    self.cluster.unpin_at(entry.holder, [serialization.store_name(data)])
                 return
-            self._unpin(serialization.store_cid(data))
+            self._unpin(serialization.store_name(data))
 
     def _unpin(self, cid: str) -> None:
         self.store_refs[cid] -= 1
@@ -586,7 +588,7 @@ class RuntimeNode:
                 self.seal_cond.notify_all()
         if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
                 and entry.holder is None:
-            self.store_refs[serialization.store_cid(data)] += 1
+            self.store_refs[serialization.store_name(data)] += 1
         if entry.released:
             self.objects.pop(oid, None)
             self._forget(entry)
@@ -655,9 +657,33 @@ class RuntimeNode:
 
     def cid_for(self, oid: bytes, entry: ObjectEntry) -> str:
         if entry.cid is None:
-            entry.cid = serialization.cid_of(entry.data)
+            entry.cid = serialization.cid_of(entry.data)  # hashes a local put, once
             self.cid_index[entry.cid] = oid
+            if self.on_cid_known is not None and serialization.is_store_ref(entry.data):
+                self.on_cid_known(entry.cid)
         return entry.cid
+
+    def portable(self, data: bytes, awaiting_fetch: bool = False) -> bytes:
+        """A store reference about to leave this node, named by CID (hashing a local put now;
+        the CID is announced). ``awaiting_fetch``: the receiver answers "fetched" with the CID,
+        which ``name_fetched`` maps back to the name our pin count uses."""
+        out = serialization.portable(data)
+        if out is not data:
+            cid = serialization.store_name(out)
+            if awaiting_fetch:
+                self.sent_by_cid.setdefault(cid, []).append(serialization.store_name(data))
+            if self.on_cid_known is not None:
+                self.on_cid_known(cid)
+        return out
+
+    def name_fetched(self, cid: str) -> str:
+        names = self.sent_by_cid.get(cid)
+        if not names:
+            return cid
+        name = names.pop()
+        if not names:
+            del self.sent_by_cid[cid]
+        return name
 
     async def _req_cid(self, message: dict) -> dict:
         oid = message["oid"]
@@ -666,6 +692,9 @@ class RuntimeNode:
         if entry.status == ERROR and entry.cid is None and entry.data is not None:
             # an object that failed still has a CID: its error is what it holds
             pass
+        if entry.cid is None and serialization.is_store_ref(entry.data):
+            # a local put is hashed off the event loop; cid_for then finds it linked
+            await self.loop.run_in_executor(None, serialization.store_cid, entry.data)
         return {"cid": self.cid_for(oid, entry)}
 
     async def _req_get_cid(self, message: dict) -> dict:
@@ -734,7 +763,7 @@ class RuntimeNode:
                 data = entry.data
                 if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
                         and entry.holder is None:
-                    cid = serialization.store_cid(data)
+                    cid = serialization.store_name(data)
                     self.store_refs[cid] += 1  # the driver may drop its ref before we run
                     if rec.pins is None:
                         rec.pins = []

@@ -3,9 +3,14 @@
 Small values are pickled (protocol 5; cloudpickle where plain pickle cannot) and travel inline.
 Values larger than STORE_THRESHOLD are written once into the node's shared-memory LocalStore
 (latticaray.objectstore: Arrow for arrays/tables, pickle-5 out-of-band buffers otherwise) and
-travel as a small reference ``STORE_MAGIC + <CID>``; every process of the node (driver, node,
+travel as a small reference ``STORE_MAGIC + <name>``; every process of the node (driver, node,
 workers) maps them read-only, so arrays reach workers and drivers without copies.
-Object names are CIDv1 strings from latticaray.objectstore.cid.
+
+A put names its object by a local name (``LocalStore.put_local``: copied, not hashed); its CID
+(CIDv1, latticaray.objectstore.cid) is computed when something asks for it: ``store_cid`` /
+``cid_of`` (``ref.cid``, serving it to a peer) and ``portable`` (a reference about to leave the
+node, which peers resolve by CID). ``store_name`` is the name as written, for bookkeeping that
+must not hash (pin counts).
 """
 from __future__ import annotations
 
@@ -85,18 +90,37 @@ def _put_in_store(store, value) -> bytes | None:
     from latticaray.objectstore.errors import ObjectStoreError
     from latticaray.objectstore.serialization import serialize as store_serialize
     try:
-        cid = store.put_serialized(store_serialize(value))
+        name = store.put_serialized_local(store_serialize(value))
     except (ObjectStoreError, pickle.PicklingError, TypeError, AttributeError):
         return None  # not storable (e.g. a lambda inside) or store full: travel inline instead
-    return STORE_MAGIC + str(cid).encode("ascii")
+    return STORE_MAGIC + str(name).encode("ascii")
 
 
 def is_store_ref(data) -> bool:
     return data is not None and data[:len(STORE_MAGIC)] == STORE_MAGIC
 
 
-def store_cid(data: bytes) -> str:
+def store_name(data: bytes) -> str:
+    """The name in a store reference as written: a CID, or a local name (never hashes)."""
     return bytes(data[len(STORE_MAGIC):]).decode("ascii")
+
+
+def store_cid(data: bytes) -> str:
+    """The CID of a store reference; a local name is resolved (its object hashed, once)."""
+    name = store_name(data)
+    if name[:1] == "b":
+        return name
+    store = get_store()
+    if store is None:
+        raise RuntimeError("a value lives in a shared-memory store this process cannot see")
+    return str(store.resolve(name))
+
+
+def portable(data: bytes) -> bytes:
+    """A store reference as it may leave this node: named by its CID."""
+    if is_store_ref(data) and data[len(STORE_MAGIC):len(STORE_MAGIC) + 1] != b"b":
+        return STORE_MAGIC + store_cid(data).encode("ascii")
+    return data
 
 
 def deserialize(data) -> object:
@@ -104,7 +128,7 @@ def deserialize(data) -> object:
         store = get_store()
         if store is None:
             raise RuntimeError("a value lives in a shared-memory store this process cannot see")
-        return store.get(store_cid(data))
+        return store.get(store_name(data))
     return pickle.loads(data)
 
 
