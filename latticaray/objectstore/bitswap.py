@@ -11,9 +11,12 @@ call per request; the request carries a want-list, the provider streams back pre
   nobody else waits).
 * :class:`FetchSession` -- fetches one object (root manifest, then its blocks). Fed events with
   ``now``; returns actions. It asks want-have broadly and want-block from the best peers, spreads
-  blocks across providers by their load and measured throughput, re-requests on timeout or when a
-  provider fails, drops and penalizes peers that send bad blocks, uses partial holders (peers still
-  fetching) through their have-bitmaps, and fails with ``ObjectNotFound`` at its deadline.
+  blocks across providers by their load and measured delivery rate (each peer's window is about a
+  second of its rate), asks full holders first for blocks no partial holder has (rarest first:
+  a seed's upload goes to what the swarm lacks), re-requests on timeout or when a provider fails,
+  duplicates only late blocks in the end game, drops and penalizes peers that send bad blocks,
+  uses partial holders (peers still fetching) through their have-bitmaps, and fails with
+  ``ObjectNotFound`` at its deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Protocol
 
 import msgpack
+import numpy as np
 
 from .cid import Cid
 from .errors import BlockVerificationError, CodecError, InvalidCid, ObjectNotFound
@@ -350,8 +354,15 @@ class Failed:
 
 @dataclass
 class SessionConfig:
-    #: Blocks in flight per peer (a peer's pipeline depth).
+    #: Most blocks in flight per peer (a peer's pipeline depth). Within it, a peer is sent about
+    #: ``window_seconds`` of blocks at its measured delivery rate (at least ``min_window``; a peer
+    #: of unknown rate gets ``min_window``): a contended seed, slow to each of its fetchers, then
+    #: holds few blocks of each, and fetchers do not queue there blocks they could get elsewhere.
     window: int = 8
+    min_window: int = 2
+    window_seconds: float = 1.0
+    #: A peer's delivery rate is sampled over at least this much time it spent busy for us.
+    rate_period: float = 1.0
     #: Blocks per request (one stream); a request's timeout grows with its size.
     blocks_per_request: int = 4
     #: Peers asked want-block for the root manifest at once (the rest get want-have).
@@ -378,6 +389,17 @@ class SessionConfig:
     #: End game: once every missing block is in flight, idle peers also ask for blocks still
     #: in flight elsewhere (the first copy wins), so a stalled provider cannot hold up the end.
     endgame: bool = True
+    #: ... but only for blocks that are late: asked longer ago than twice the time their peer's
+    #: measured rate makes them due, plus this slack (so a healthy end sends no block twice).
+    endgame_slack: float = 0.25
+    #: Swarm policy (rarest first at full holders): a full holder (a seed) is asked first for
+    #: blocks no partial holder (a fellow fetcher) has, so that its upload, which every fetcher
+    #: shares, goes to blocks the swarm lacks; blocks partial holders have go to them, and to a
+    #: full holder only with the budget it has left after that.
+    spare_full_holders: bool = True
+    #: A partial holder delivering to us below this fraction of our best peer's rate does not
+    #: count as a source: its blocks may then be asked of full holders too.
+    slow_source_fraction: float = 0.1
 
 
 @dataclass
@@ -393,14 +415,23 @@ class _Peer:
     bad_blocks: int = 0
     dropped: bool = False
     bytes_received: int = 0
-    throughput: float = 0.0     # bytes/s EWMA over completed requests
+    throughput: float = 0.0     # bytes/s EWMA of delivery rate while busy for us
     last_request_start: float = 0.0
+    last_delivery: float = float("-inf")
+    rate_bytes: int = 0
+    rate_time: float = 0.0
     retry_at: float = float("-inf")
+    #: one byte per block (non-zero = held), unpacked from ``bitmap`` once the manifest is known
+    have: bytes | None = None
 
     def can_serve(self, index: int) -> bool:
         if self.dropped or index in self.lacks:
             return False
-        return self.full or (self.bitmap is not None and bitmap_has(self.bitmap, index))
+        if self.full:
+            return True
+        if self.have is not None:
+            return bool(self.have[index])
+        return self.bitmap is not None and bitmap_has(self.bitmap, index)
 
 
 @dataclass
@@ -440,6 +471,9 @@ class FetchSession:
         self._next_refresh = float("inf")
         self._last_now = float("-inf")
         self._duplicated: set[int] = set()
+        #: per block, 1 if no live partial holder is known to have it (recomputed when stale)
+        self._rare: bytes = b""
+        self._rare_stale = True
 
     # --- progress ----------------------------------------------------------------------------
     @property
@@ -471,6 +505,8 @@ class FetchSession:
         """Give the session the writer for the object's blocks (after ManifestReady)."""
         assert self.manifest is not None
         self.sink = sink
+        for state in self.peers.values():
+            self._set_bitmap(state, state.bitmap)
         self._missing = [i for i in range(len(self.manifest.blocks)) if not sink.has_block(i)]
         if self.config.random_order:
             random.Random(self.config.order_seed).shuffle(self._missing)
@@ -494,10 +530,11 @@ class FetchSession:
                 state.answered_have = True
                 if kind == HAVE:
                     state.full = bitmap is None
-                    state.bitmap = bitmap
+                    self._set_bitmap(state, bitmap)
                     state.lacks.clear()  # a fresh answer supersedes earlier DONT_HAVEs
                 else:
-                    state.full, state.bitmap = False, None
+                    state.full = False
+                    self._set_bitmap(state, None)
             elif self.manifest is not None and kind == DONT_HAVE:
                 index = self.manifest.index_of(cid)
                 if index is not None:
@@ -516,7 +553,9 @@ class FetchSession:
             return []
         state = self.peers.get(peer)
         if state is not None:
-            state.failures = 0
+            if state.failures:
+                state.failures = 0
+                self._rare_stale = True
             state.inflight -= len(inflight.blocks) + inflight.manifest
             for index in inflight.blocks:
                 if self._block_owner.get(index) == request_id:
@@ -535,6 +574,7 @@ class FetchSession:
         if state is not None:
             state.inflight -= len(inflight.blocks) + inflight.manifest
             state.failures += 1
+            self._rare_stale = True
             state.retry_at = now + min(self.config.backoff_max,
                                        self.config.backoff_base * 2 ** min(state.failures - 1, 16))
         self._return_blocks(request_id, inflight)
@@ -545,6 +585,7 @@ class FetchSession:
         if state is None:
             return []
         state.dropped = True
+        self._rare_stale = True
         actions: list[Any] = []
         for request_id, inflight in list(self._inflight.items()):
             if inflight.peer == peer:
@@ -575,6 +616,9 @@ class FetchSession:
         if self.manifest is not None:
             times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
         times += [inflight.deadline for inflight in self._inflight.values()]
+        if self.config.endgame and self.sink is not None and not self._missing:
+            late = [self._late_at(f) for f in self._inflight.values() if f.blocks]
+            times += [t for t in late if t > self._last_now]
         return min(times)
 
     def describe(self) -> dict[str, Any]:
@@ -659,9 +703,22 @@ class FetchSession:
             inflight.blocks.remove(index)
             state.inflight -= 1
         state.bytes_received += len(data)
-        if inflight is not None and now > inflight.started:
-            rate = len(data) / (now - inflight.started)
-            state.throughput = rate if state.throughput == 0 else 0.7 * state.throughput + 0.3 * rate
+        if inflight is not None:
+            # delivery rate while the peer is busy for us: from the later of the request's start and
+            # the previous block, so time spent waiting in the peer's queue behind our own earlier
+            # blocks is not counted twice
+            since = max(inflight.started, state.last_delivery)
+            state.rate_bytes += len(data)
+            state.rate_time += max(0.0, now - since)
+            state.last_delivery = now
+            # samples over at least rate_period of busy time: a peer that serves others between
+            # our blocks delivers in bursts, and one burst is not its rate for us
+            if state.rate_time > 0 and (state.throughput == 0 or state.rate_time >= self.config.rate_period):
+                rate = state.rate_bytes / state.rate_time
+                state.throughput = rate if state.throughput == 0 else 0.5 * state.throughput + 0.5 * rate
+                state.rate_bytes, state.rate_time = 0, 0.0
+                if not state.full:
+                    self._rare_stale = True  # a slow partial holder stops counting as a source
         if not fresh:
             self.duplicate_blocks += 1
             return []
@@ -678,6 +735,7 @@ class FetchSession:
         state.bad_blocks += 1
         if state.bad_blocks >= self.config.max_bad_blocks or index is None:
             state.dropped = True
+            self._rare_stale = True
         return [Penalize(state.peer, reason)]
 
     def _request_timeout(self, blocks: int) -> float:
@@ -731,6 +789,45 @@ class FetchSession:
                 self._next_refresh = min(self._next_refresh, due)
         return actions
 
+    def _set_bitmap(self, state: _Peer, bitmap: bytes | None) -> None:
+        state.bitmap = bitmap
+        state.have = None
+        if bitmap is not None and self.manifest is not None:
+            count = len(self.manifest.blocks)
+            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:count]
+            if len(bits) < count:
+                bits = np.concatenate([bits, np.zeros(count - len(bits), dtype=np.uint8)])
+            state.have = bits.tobytes()
+        self._rare_stale = True
+
+    def _window(self, state: _Peer) -> int:
+        """Blocks to keep in flight at ``state``: about window_seconds at its measured rate."""
+        cfg = self.config
+        if state.throughput <= 0 or self.manifest is None:
+            return min(cfg.window, cfg.min_window)
+        wanted = int(state.throughput * cfg.window_seconds / self.manifest.chunk_size) + 1
+        return max(cfg.min_window, min(cfg.window, wanted))
+
+    def _sources(self) -> list[_Peer]:
+        """Partial holders that count as a source of their blocks: live, not failing, not far
+        slower than the best peer we know."""
+        live = [p for p in self.peers.values() if not p.dropped and not p.full and p.have is not None
+                and p.failures == 0]
+        rates = [p.throughput for p in self.peers.values() if not p.dropped and p.throughput > 0]
+        floor = self.config.slow_source_fraction * max(rates) if rates else 0.0
+        return [p for p in live if p.throughput == 0 or p.throughput >= floor]
+
+    def _rare_flags(self) -> bytes:
+        """One byte per block: 1 if no partial holder in :meth:`_sources` has it."""
+        if self._rare_stale and self.manifest is not None:
+            count = len(self.manifest.blocks)
+            held = np.zeros(count, dtype=np.uint8)
+            for state in self._sources():
+                held |= np.frombuffer(state.have, dtype=np.uint8)
+            self._rare = (held == 0).astype(np.uint8).tobytes()
+            self._rare_stale = False
+        return self._rare
+
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
         cfg = self.config
@@ -741,29 +838,41 @@ class FetchSession:
         # peers by expected speed: measured throughput, unknown peers get the benefit of the doubt
         known = [p.throughput for p in live if p.throughput > 0]
         default_rate = max(known) if known else 1.0
+        budget = {p.peer: self._window(p) - p.inflight for p in live}
+        load = {p.peer: p.inflight for p in live}
+        open_peers = [p for p in live if budget[p.peer] > 0]
+        spare = cfg.spare_full_holders and any(not p.full for p in live)
+        rare = self._rare_flags() if spare else b""
         batches: dict[Hashable, list[int]] = {}
         skipped: list[int] = []
-        budget = {p.peer: cfg.window - p.inflight for p in live}
-        while self._missing:
-            index = self._missing.pop()
-            if self.sink is not None and self.sink.has_block(index) or index in self._block_owner:
-                continue
+
+        def assign(index: int, candidates: list[_Peer], spare: bool) -> bool:
             best = None
             best_cost = 0.0
-            for state in live:
-                if budget[state.peer] <= 0 or not state.can_serve(index):
+            for state in candidates:
+                if not state.can_serve(index) or (spare and state.full and not rare[index]):
                     continue
-                rate = state.throughput or default_rate
-                cost = (cfg.window - budget[state.peer] + 1) / rate
+                cost = (load[state.peer] + 1) / (state.throughput or default_rate)
                 if best is None or cost < best_cost or (cost == best_cost and str(state.peer) < str(best.peer)):
                     best, best_cost = state, cost
             if best is None:
-                skipped.append(index)
-                if all(budget[p.peer] <= 0 for p in live):
-                    break
-                continue
+                return False
             budget[best.peer] -= 1
+            load[best.peer] += 1
+            if budget[best.peer] <= 0:
+                open_peers.remove(best)
             batches.setdefault(best.peer, []).append(index)
+            return True
+
+        while self._missing and open_peers:
+            index = self._missing.pop()
+            if self.sink is not None and self.sink.has_block(index) or index in self._block_owner:
+                continue
+            if not assign(index, open_peers, spare):
+                skipped.append(index)
+        if spare and skipped and any(p.full for p in open_peers):
+            # full holders' budget left once no block only they have remains for them
+            skipped = [i for i in skipped if not (open_peers and assign(i, [p for p in open_peers if p.full], False))]
         self._missing.extend(reversed(skipped))
         if cfg.endgame and not self._missing and self._block_owner:
             self._assign_endgame(live, budget, batches)
@@ -778,7 +887,7 @@ class FetchSession:
     def _assign_endgame(self, live: list[_Peer], budget: dict[Hashable, int],
                         batches: dict[Hashable, list[int]]) -> None:
         for index, request_id in sorted(self._block_owner.items()):
-            if index in self._duplicated:
+            if index in self._duplicated or self._late_at(self._inflight[request_id]) > self._last_now:
                 continue
             owner = self._inflight[request_id].peer
             for state in sorted(live, key=lambda p: str(p.peer)):
@@ -787,6 +896,18 @@ class FetchSession:
                     batches.setdefault(state.peer, []).append(index)
                     self._duplicated.add(index)
                     break
+
+    def _late_at(self, inflight: _Inflight) -> float:
+        """When a request's blocks count as late for the end game: twice the time the owner's
+        in-flight blocks take at its measured rate (else at our best peer's), plus a slack."""
+        owner = self.peers.get(inflight.peer)
+        rate = owner.throughput if owner is not None else 0.0
+        if rate <= 0:
+            rate = max((p.throughput for p in self.peers.values() if not p.dropped), default=0.0)
+        if rate <= 0 or self.manifest is None or owner is None:
+            return (inflight.started + inflight.deadline) / 2
+        expected = max(1, owner.inflight) * self.manifest.chunk_size / rate
+        return inflight.started + 2 * expected + self.config.endgame_slack
 
     def _send(self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float) -> SendRequest:
         request_id = next(self._request_ids)
@@ -822,6 +943,13 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
     root = request.root
     cancelled = set(request.cancels)
     wants = sorted(request.wants, key=lambda w: -w.priority)
+    if (have_flags is not None and manifest is not None and root == manifest.root
+            and any(w.kind == WANT_BLOCK and w.cid not in cancelled for w in request.wants)
+            and not any(w.cid == root and w.kind == WANT_HAVE for w in request.wants)):
+        # a partial holder's blocks change while it fetches: a block request (the manifest's too)
+        # also gets its current have-bitmap, so the fetcher neither takes it for a full holder nor
+        # keeps a stale view of it between want-haves
+        plan.presences.append((root, HAVE, bitmap_from_flags(have_flags)))
     for want in wants:
         if want.cid in cancelled:
             continue
