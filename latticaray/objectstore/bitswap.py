@@ -206,11 +206,7 @@ def decode_response(data: bytes | memoryview) -> Response:
 
 def bitmap_from_flags(flags: bytes | bytearray) -> bytes:
     """Pack one-byte-per-block flags into a bitmap (LSB first)."""
-    out = bytearray((len(flags) + 7) // 8)
-    for i, flag in enumerate(flags):
-        if flag:
-            out[i >> 3] |= 1 << (i & 7)
-    return bytes(out)
+    return np.packbits(np.frombuffer(bytes(flags), dtype=np.uint8) != 0, bitorder="little").tobytes()
 
 
 def bitmap_has(bitmap: bytes, index: int) -> bool:
@@ -423,6 +419,7 @@ class _Peer:
     retry_at: float = float("-inf")
     #: one byte per block (non-zero = held), unpacked from ``bitmap`` once the manifest is known
     have: bytes | None = None
+    have_ranked: Any = None     # the same as a numpy array in the session's block order
 
     def can_serve(self, index: int) -> bool:
         if self.dropped or index in self.lacks:
@@ -464,7 +461,11 @@ class FetchSession:
         self.duplicate_blocks = 0
         self._inflight: dict[int, _Inflight] = {}
         self._block_owner: dict[int, int] = {}   # block index -> request id in flight
-        self._missing: list[int] = []
+        # Blocks live in "rank space": position k is the k-th block of this session's order.
+        self._order = np.zeros(0, dtype=np.int64)    # position -> block index
+        self._rank: list[int] = []                    # block index -> position
+        #: by position, 1 = still missing and not in flight: to be asked of some peer
+        self._need = np.zeros(0, dtype=np.uint8)
         self._missing_count = 0
         self._request_ids = itertools.count(1)
         self._next_provider_lookup = float("inf")
@@ -472,7 +473,7 @@ class FetchSession:
         self._last_now = float("-inf")
         self._duplicated: set[int] = set()
         #: per block, 1 if no live partial holder is known to have it (recomputed when stale)
-        self._rare: bytes = b""
+        self._rare = np.zeros(0, dtype=np.uint8)
         self._rare_stale = True
 
     # --- progress ----------------------------------------------------------------------------
@@ -505,14 +506,17 @@ class FetchSession:
         """Give the session the writer for the object's blocks (after ManifestReady)."""
         assert self.manifest is not None
         self.sink = sink
+        order = list(range(len(self.manifest.blocks)))
+        if self.config.random_order:
+            random.Random(self.config.order_seed).shuffle(order)
+        self._order = np.array(order, dtype=np.int64)
+        self._rank = [0] * len(order)
+        for position, index in enumerate(order):
+            self._rank[index] = position
+        self._need = np.array([0 if sink.has_block(i) else 1 for i in order], dtype=np.uint8)
         for state in self.peers.values():
             self._set_bitmap(state, state.bitmap)
-        self._missing = [i for i in range(len(self.manifest.blocks)) if not sink.has_block(i)]
-        if self.config.random_order:
-            random.Random(self.config.order_seed).shuffle(self._missing)
-        else:
-            self._missing.reverse()  # pop() takes the lowest index first
-        self._missing_count = len(self._missing)
+        self._missing_count = int(self._need.sum())
         if self._missing_count == 0:
             self.done = True
             return [Completed(self.manifest)]
@@ -616,7 +620,7 @@ class FetchSession:
         if self.manifest is not None:
             times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
         times += [inflight.deadline for inflight in self._inflight.values()]
-        if self.config.endgame and self.sink is not None and not self._missing:
+        if self.config.endgame and self.sink is not None and not self._need.any():
             late = [self._late_at(f) for f in self._inflight.values() if f.blocks]
             times += [t for t in late if t > self._last_now]
         return min(times)
@@ -625,7 +629,7 @@ class FetchSession:
         """A snapshot of the session for logs and debugging."""
         return {
             "root": str(self.root), "done": self.done, "missing": self._missing_count,
-            "unassigned": len(self._missing), "inflight_requests": len(self._inflight),
+            "unassigned": int(self._need.sum()), "inflight_requests": len(self._inflight),
             "peers": {str(p.peer)[-8:]: {"full": p.full, "bitmap": p.bitmap is not None,
                                          "lacks": len(p.lacks), "inflight": p.inflight,
                                          "failures": p.failures, "dropped": p.dropped,
@@ -650,7 +654,8 @@ class FetchSession:
         live = [p for p in self.peers.values() if not p.dropped]
         if self.manifest is None:
             return not any(p.full or p.bitmap is not None or not p.answered_have for p in live)
-        return any(not any(p.can_serve(i) for p in live) for i in self._missing[-64:])
+        wanted = self._order[np.flatnonzero(self._need)[:64]].tolist()
+        return any(not any(p.can_serve(i) for p in live) for i in wanted)
 
     def _requeue(self, request_id: int, index: int) -> None:
         if self._block_owner.get(index) == request_id:
@@ -662,7 +667,7 @@ class FetchSession:
                 if state is not None:
                     state.inflight -= 1
             if self.sink is not None and not self.sink.has_block(index):
-                self._missing.append(index)
+                self._need[self._rank[index]] = 1
 
     def _return_blocks(self, request_id: int, inflight: _Inflight) -> None:
         for index in inflight.blocks:
@@ -670,7 +675,7 @@ class FetchSession:
                 del self._block_owner[index]
                 self._duplicated.discard(index)
                 if self.sink is not None and not self.sink.has_block(index):
-                    self._missing.append(index)
+                    self._need[self._rank[index]] = 1
 
     def _on_block(self, state: _Peer, request_id: int, cid: Cid, data: bytes, now: float) -> list[Any]:
         if self.manifest is None:
@@ -723,6 +728,7 @@ class FetchSession:
             self.duplicate_blocks += 1
             return []
         self.bytes_received += len(data)
+        self._need[self._rank[index]] = 0  # it may come unasked: from a request given up on
         self._missing_count -= 1
         if self._missing_count == 0:
             self.done = True
@@ -798,6 +804,9 @@ class FetchSession:
             if len(bits) < count:
                 bits = np.concatenate([bits, np.zeros(count - len(bits), dtype=np.uint8)])
             state.have = bits.tobytes()
+            state.have_ranked = bits[self._order] if len(self._order) == count else None
+        else:
+            state.have_ranked = None
         self._rare_stale = True
 
     def _window(self, state: _Peer) -> int:
@@ -817,16 +826,29 @@ class FetchSession:
         floor = self.config.slow_source_fraction * max(rates) if rates else 0.0
         return [p for p in live if p.throughput == 0 or p.throughput >= floor]
 
-    def _rare_flags(self) -> bytes:
-        """One byte per block: 1 if no partial holder in :meth:`_sources` has it."""
-        if self._rare_stale and self.manifest is not None:
-            count = len(self.manifest.blocks)
-            held = np.zeros(count, dtype=np.uint8)
+    def _rare_ranked(self) -> Any:
+        """By position in the session's order: 1 if no partial holder in :meth:`_sources` has it."""
+        if self._rare_stale or len(self._rare) != len(self._need):
+            held = np.zeros(len(self._need), dtype=np.uint8)
             for state in self._sources():
-                held |= np.frombuffer(state.have, dtype=np.uint8)
-            self._rare = (held == 0).astype(np.uint8).tobytes()
+                if state.have_ranked is not None:
+                    held |= state.have_ranked
+            self._rare = (held == 0).astype(np.uint8)
             self._rare_stale = False
         return self._rare
+
+    def _candidates(self, state: _Peer, only_rare: bool, count: int) -> list[int]:
+        """Up to ``count`` blocks ``state`` can serve that are needed, in the session's order."""
+        if state.full:
+            mask = self._need & self._rare_ranked() if only_rare else self._need
+        elif state.have_ranked is not None:
+            mask = self._need & state.have_ranked
+        else:
+            return []
+        positions = np.flatnonzero(mask)
+        if state.lacks:
+            return [i for i in self._order[positions].tolist() if i not in state.lacks][:count]
+        return self._order[positions[:count]].tolist()
 
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
@@ -840,41 +862,34 @@ class FetchSession:
         default_rate = max(known) if known else 1.0
         budget = {p.peer: self._window(p) - p.inflight for p in live}
         load = {p.peer: p.inflight for p in live}
-        open_peers = [p for p in live if budget[p.peer] > 0]
-        spare = cfg.spare_full_holders and any(not p.full for p in live)
-        rare = self._rare_flags() if spare else b""
         batches: dict[Hashable, list[int]] = {}
-        skipped: list[int] = []
+        spare = cfg.spare_full_holders and any(not p.full for p in live)
+        taken: set[int] = set()
 
-        def assign(index: int, candidates: list[_Peer], spare: bool) -> bool:
-            best = None
-            best_cost = 0.0
-            for state in candidates:
-                if not state.can_serve(index) or (spare and state.full and not rare[index]):
+        def fill(peers: list[_Peer], only_rare: bool) -> None:
+            # the cheapest peer (load over rate) takes its next block in the session's order
+            total = sum(budget[p.peer] for p in peers)
+            queues = {p.peer: iter(self._candidates(p, only_rare, total + len(taken))) for p in peers}
+            while peers:
+                best = min(peers, key=lambda p: ((load[p.peer] + 1) / (p.throughput or default_rate), str(p.peer)))
+                index = next((i for i in queues[best.peer] if i not in taken), None)
+                if index is None:
+                    peers.remove(best)
                     continue
-                cost = (load[state.peer] + 1) / (state.throughput or default_rate)
-                if best is None or cost < best_cost or (cost == best_cost and str(state.peer) < str(best.peer)):
-                    best, best_cost = state, cost
-            if best is None:
-                return False
-            budget[best.peer] -= 1
-            load[best.peer] += 1
-            if budget[best.peer] <= 0:
-                open_peers.remove(best)
-            batches.setdefault(best.peer, []).append(index)
-            return True
+                taken.add(index)
+                budget[best.peer] -= 1
+                load[best.peer] += 1
+                if budget[best.peer] <= 0:
+                    peers.remove(best)
+                batches.setdefault(best.peer, []).append(index)
 
-        while self._missing and open_peers:
-            index = self._missing.pop()
-            if self.sink is not None and self.sink.has_block(index) or index in self._block_owner:
-                continue
-            if not assign(index, open_peers, spare):
-                skipped.append(index)
-        if spare and skipped and any(p.full for p in open_peers):
-            # full holders' budget left once no block only they have remains for them
-            skipped = [i for i in skipped if not (open_peers and assign(i, [p for p in open_peers if p.full], False))]
-        self._missing.extend(reversed(skipped))
-        if cfg.endgame and not self._missing and self._block_owner:
+        if self._need.any():
+            fill([p for p in live if budget[p.peer] > 0], spare)
+            if spare:  # full holders' budget left once no block only they have remains for them
+                fill([p for p in live if p.full and budget[p.peer] > 0], False)
+        for index in taken:
+            self._need[self._rank[index]] = 0
+        if cfg.endgame and not self._need.any() and self._block_owner:
             self._assign_endgame(live, budget, batches)
         for peer, indices in batches.items():
             state = self.peers[peer]
