@@ -35,7 +35,7 @@ from .errors import BlockVerificationError, CodecError, InvalidCid, ObjectNotFou
 from .manifest import MAX_BLOCK_SIZE, Manifest
 
 __all__ = [
-    "PROTOCOL_ID", "WANT_HAVE", "WANT_BLOCK", "HAVE", "DONT_HAVE", "WantEntry", "Request",
+    "PROTOCOL_ID", "WANT_HAVE", "WANT_BLOCK", "HAVE", "DONT_HAVE", "PENDING", "WantEntry", "Request",
     "Response", "encode_request", "decode_request", "encode_response", "decode_response",
     "Ledgers", "FetchSession", "SessionConfig", "SendRequest", "CancelRequest", "FindProviders",
     "ManifestReady", "Penalize", "Completed", "Failed", "BlockSink",
@@ -44,6 +44,9 @@ __all__ = [
 PROTOCOL_ID = "/latticaray/bitswap/1"
 WANT_HAVE, WANT_BLOCK = 0, 1
 HAVE, DONT_HAVE = 0, 1
+#: Root presence with the bitmap of blocks a partial holder has asked for and not yet received
+#: (sent only to requests that set ``pending``).
+PENDING = 2
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_WANTS_PER_REQUEST = 1024
@@ -66,6 +69,8 @@ class Request:
     root: Cid | None
     wants: list[WantEntry] = field(default_factory=list)
     cancels: list[Cid] = field(default_factory=list)
+    #: ask a partial holder to add its PENDING bitmap to its root presences
+    pending: bool = False
 
 
 @dataclass
@@ -77,12 +82,15 @@ class Response:
 
 
 def encode_request(request: Request) -> bytes:
-    return msgpack.packb({
+    message = {
         "v": 1,
         "root": bytes(request.root) if request.root is not None else None,
         "wants": [[bytes(w.cid), w.kind, w.priority, w.send_dont_have] for w in request.wants],
         "cancel": [bytes(c) for c in request.cancels],
-    })
+    }
+    if request.pending:
+        message["pend"] = True
+    return msgpack.packb(message)
 
 
 def _unpack(data: bytes | memoryview, limit: int, what: str) -> Any:
@@ -118,7 +126,10 @@ def decode_request(data: bytes | memoryview) -> Request:
                 or not isinstance(entry[2], int) or not isinstance(entry[3], bool)):
             raise CodecError("malformed want-list entry")
         entries.append(WantEntry(_cid(entry[0]), entry[1], entry[2], entry[3]))
-    return Request(_cid(root) if root is not None else None, entries, [_cid(c) for c in cancels])
+    pending = message.get("pend", False)
+    if not isinstance(pending, bool):
+        raise CodecError("bitswap request pend must be a bool")
+    return Request(_cid(root) if root is not None else None, entries, [_cid(c) for c in cancels], pending)
 
 
 def encode_response(response: Response) -> bytes:
@@ -190,7 +201,8 @@ def decode_response(data: bytes | memoryview) -> Response:
         raise CodecError("bitswap response p/b must be lists")
     out = Response()
     for entry in presences:
-        if (not isinstance(entry, list) or len(entry) != 3 or entry[1] not in (HAVE, DONT_HAVE)
+        if (not isinstance(entry, list) or len(entry) != 3 or entry[1] not in (HAVE, DONT_HAVE, PENDING)
+                or (entry[1] == PENDING and not isinstance(entry[2], bytes))
                 or not (entry[2] is None or (isinstance(entry[2], bytes)
                                              and len(entry[2]) <= _MAX_BITMAP_BYTES))):
             raise CodecError("malformed presence entry")
@@ -393,6 +405,9 @@ class SessionConfig:
     #: shares, goes to blocks the swarm lacks; blocks partial holders have go to them, and to a
     #: full holder only with the budget it has left after that.
     spare_full_holders: bool = True
+    #: Ask partial holders for their PENDING bitmaps: a block a fellow fetcher has asked for is not
+    #: asked of a full holder first either (it will soon be at the fellow fetcher).
+    share_pending: bool = True
     #: A partial holder delivering to us below this fraction of our best peer's rate does not
     #: count as a source: its blocks may then be asked of full holders too.
     slow_source_fraction: float = 0.1
@@ -420,6 +435,8 @@ class _Peer:
     #: one byte per block (non-zero = held), unpacked from ``bitmap`` once the manifest is known
     have: bytes | None = None
     have_ranked: Any = None     # the same as a numpy array in the session's block order
+    pending: bytes | None = None      # its PENDING bitmap: blocks it has asked for
+    pending_ranked: Any = None
 
     def can_serve(self, index: int) -> bool:
         if self.dropped or index in self.lacks:
@@ -516,6 +533,7 @@ class FetchSession:
         self._need = np.array([0 if sink.has_block(i) else 1 for i in order], dtype=np.uint8)
         for state in self.peers.values():
             self._set_bitmap(state, state.bitmap)
+            self._set_pending(state, state.pending)
         self._missing_count = int(self._need.sum())
         if self._missing_count == 0:
             self.done = True
@@ -530,15 +548,20 @@ class FetchSession:
             return []
         actions: list[Any] = []
         for cid, kind, bitmap in response.presences:
-            if cid == self.root:
+            if cid == self.root and kind == PENDING:
+                self._set_pending(state, bitmap)
+            elif cid == self.root:
                 state.answered_have = True
                 if kind == HAVE:
                     state.full = bitmap is None
                     self._set_bitmap(state, bitmap)
+                    if bitmap is not None:  # as fresh as a want-have's answer: no refresh due yet
+                        state.asked_have = max(state.asked_have, now)
                     state.lacks.clear()  # a fresh answer supersedes earlier DONT_HAVEs
                 else:
                     state.full = False
                     self._set_bitmap(state, None)
+                    self._set_pending(state, None)
             elif self.manifest is not None and kind == DONT_HAVE:
                 index = self.manifest.index_of(cid)
                 if index is not None:
@@ -809,6 +832,26 @@ class FetchSession:
             state.have_ranked = None
         self._rare_stale = True
 
+    def _set_pending(self, state: _Peer, bitmap: bytes | None) -> None:
+        state.pending = bitmap
+        state.pending_ranked = None
+        if bitmap is not None and self.manifest is not None and len(self._order) == len(self.manifest.blocks):
+            count = len(self.manifest.blocks)
+            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:count]
+            if len(bits) < count:
+                bits = np.concatenate([bits, np.zeros(count - len(bits), dtype=np.uint8)])
+            state.pending_ranked = bits[self._order]
+        self._rare_stale = True
+
+    def pending_flags(self) -> bytes | None:
+        """One byte per block, 1 = asked for and not yet received (for PENDING presences)."""
+        if self.manifest is None or self.done:
+            return None
+        flags = np.zeros(len(self.manifest.blocks), dtype=np.uint8)
+        if self._block_owner:
+            flags[list(self._block_owner)] = 1
+        return flags.tobytes()
+
     def _window(self, state: _Peer) -> int:
         """Blocks to keep in flight at ``state``: about window_seconds at its measured rate."""
         cfg = self.config
@@ -827,12 +870,16 @@ class FetchSession:
         return [p for p in live if p.throughput == 0 or p.throughput >= floor]
 
     def _rare_ranked(self) -> Any:
-        """By position in the session's order: 1 if no partial holder in :meth:`_sources` has it."""
+        """By position in the session's order: 1 if no partial holder in :meth:`_sources` has it
+        or has asked for it (then it will soon have it: asking a full holder too would make the
+        full holder send it twice)."""
         if self._rare_stale or len(self._rare) != len(self._need):
             held = np.zeros(len(self._need), dtype=np.uint8)
             for state in self._sources():
                 if state.have_ranked is not None:
                     held |= state.have_ranked
+                if state.pending_ranked is not None:
+                    held |= state.pending_ranked
             self._rare = (held == 0).astype(np.uint8)
             self._rare_stale = False
         return self._rare
@@ -927,6 +974,7 @@ class FetchSession:
     def _send(self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float) -> SendRequest:
         request_id = next(self._request_ids)
         timeout = self._request_timeout(len(blocks) + manifest)
+        request.pending = self.config.share_pending
         self._inflight[request_id] = _Inflight(state.peer, list(blocks), manifest, now, now + timeout)
         for index in blocks:
             self._block_owner.setdefault(index, request_id)
@@ -948,7 +996,8 @@ class ServePlan:
     blocks: list[tuple[Cid, int]] = field(default_factory=list)
 
 
-def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes | None) -> ServePlan:
+def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes | None,
+                  pending_flags: bytes | None = None) -> ServePlan:
     """Decide the answer to ``request`` for a holder of ``manifest``.
 
     ``manifest`` is None when we know nothing of the request's root; ``have_flags`` is None when
@@ -965,6 +1014,8 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
         # also gets its current have-bitmap, so the fetcher neither takes it for a full holder nor
         # keeps a stale view of it between want-haves
         plan.presences.append((root, HAVE, bitmap_from_flags(have_flags)))
+        if request.pending and pending_flags is not None:
+            plan.presences.append((root, PENDING, bitmap_from_flags(pending_flags)))
     for want in wants:
         if want.cid in cancelled:
             continue
@@ -976,6 +1027,8 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
             if want.kind == WANT_HAVE:
                 bitmap = None if have_flags is None else bitmap_from_flags(have_flags)
                 plan.presences.append((root, HAVE, bitmap))
+                if bitmap is not None and request.pending and pending_flags is not None:
+                    plan.presences.append((root, PENDING, bitmap_from_flags(pending_flags)))
             else:
                 plan.blocks.append((root, -1))
             continue

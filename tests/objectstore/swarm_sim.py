@@ -1,9 +1,11 @@
 """A swarm in the discrete-event simulator: one seed and N fetchers, each running a FetchSession,
 every node serving with ``plan_response`` through an uplink of limited rate.
 
-Each node's uplink sends one block at a time (FIFO over all its requests, as a shaped link with
-the exchange's upload slots drains them); cancelled requests leave the queue. Presences are small
-and go out at once. A fetcher serves what its sink holds (have-bitmaps) once it has the manifest.
+Uplinks: ``sharing="fifo"`` sends one block at a time, first come first served; ``"fair"``
+sends up to ``slots`` blocks at once (the exchange's upload slots, 8), sharing the rate equally, as
+TCP connections share a bottleneck; further blocks wait for a slot in arrival order. Cancelled
+requests leave the queue. Presences are small and go out at once. A fetcher serves what its sink
+holds (have-bitmaps) once it has the manifest.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class SimNode:
     session: bs.FetchSession | None = None
     queue: deque = field(default_factory=deque)
     busy: bool = False
+    active: list = field(default_factory=list)    # fair sharing: [remaining bytes, entry, data]
+    clock: float = 0.0                             # fair sharing: when ``active`` was last advanced
+    wakeup: object = None
     uploaded: int = 0
     done_at: float | None = None
     timer: object = None
@@ -52,7 +57,9 @@ class SimNode:
 class Swarm:
     def __init__(self, payload: bytes, manifest, fetchers: int, rate: float, latency: float = 0.002,
                  config: bs.SessionConfig | None = None, seed_rate: float | None = None,
-                 fetcher_rates: list[float] | None = None, sim_seed: int = 1, timeout: float = 600.0):
+                 fetcher_rates: list[float] | None = None, sim_seed: int = 1, timeout: float = 600.0,
+                 sharing: str = "fifo", slots: int = 8):
+        self.sharing, self.slots = sharing, slots
         self.sim = Simulator(seed=sim_seed)
         self.payload, self.manifest, self.latency = payload, manifest, latency
         self.seed = SimNode("seed", seed_rate or rate, manifest=manifest)
@@ -77,7 +84,8 @@ class Swarm:
         rid = action.request_id
         request = bs.decode_request(bs.encode_request(action.request))
         flags = None if server.sink is None else bytes(server.sink.flags)
-        plan = bs.plan_response(request, server.manifest, flags)
+        pending = None if server.session is None or server.sink is None else server.session.pending_flags()
+        plan = bs.plan_response(request, server.manifest, flags, pending)
         key = (client.name, rid)
         if plan.presences:
             response = bs.decode_response(bs.encode_response(bs.Response(presences=plan.presences)))
@@ -90,6 +98,9 @@ class Swarm:
         self._pump(server)
 
     def _pump(self, server: SimNode) -> None:
+        if self.sharing == "fair":
+            self._pump_fair(server)
+            return
         while server.queue and not server.busy:
             key, client, cid, index, last = server.queue.popleft()
             if key in self.cancelled:
@@ -98,6 +109,36 @@ class Swarm:
             server.busy = True
             server.uploaded += len(data) if index != -1 else 0
             self.sim.call_later(len(data) / server.rate, self._sent, server, key, client, cid, data, last)
+
+    def _pump_fair(self, server: SimNode) -> None:
+        now = self.sim.now
+        if server.active:  # advance every active transfer by its share of the elapsed time
+            done = (now - server.clock) * server.rate / len(server.active)
+            for transfer in server.active:
+                transfer[0] -= done
+        server.clock = now
+        for transfer in [t for t in server.active if t[1][0] in self.cancelled]:
+            server.active.remove(transfer)
+        finished = [t for t in server.active if t[0] <= 1e-9]
+        for transfer in finished:
+            server.active.remove(transfer)
+        while server.queue and len(server.active) < self.slots:
+            entry = server.queue.popleft()
+            if entry[0] in self.cancelled:
+                continue
+            data = self._block(entry[3])
+            server.uploaded += len(data) if entry[3] != -1 else 0
+            server.active.append([float(len(data)), entry, data])
+        if server.wakeup is not None:
+            server.wakeup.cancel()
+            server.wakeup = None
+        if server.active:
+            delay = min(t[0] for t in server.active) * len(server.active) / server.rate
+            server.wakeup = self.sim.call_later(delay, self._pump, server)
+        for _, (key, client, cid, _index, last), data in finished:
+            self.sim.call_later(self.latency, self._deliver, client, server, key[1], bs.Response(blocks=[(cid, data)]))
+            if last:
+                self.sim.call_later(self.latency, self._finish, client, server, key[1])
 
     def _sent(self, server, key, client, cid, data, last) -> None:
         server.busy = False
@@ -125,6 +166,9 @@ class Swarm:
                 self._serve(node, self.nodes[action.peer], action)
             elif isinstance(action, bs.CancelRequest):
                 self.cancelled.add((node.name, action.request_id))
+                if self.sharing == "fair":
+                    server = self.nodes[action.peer]
+                    self.sim.call_later(0, self._pump, server)
             elif isinstance(action, bs.FindProviders):
                 others = [n for n in self.nodes if n != node.name]
                 self.sim.call_later(0.01, lambda n=node, o=others: self._feed(n, n.session.add_peers(o, self.sim.now)))
