@@ -15,7 +15,11 @@
    ``--only-same-host`` runs just this part.
 2. two nodes (separate processes) on loopback, 100 MB fetched over each transport: MB/s.
 3. one seed, 1/2/4/8 fetcher processes fetching the same object at once: completion time of all.
-   Target: 8 peers <= 1.5x the 1-peer time (swarming: fetchers serve each other).
+   Target: 8 peers <= 1.5x the 1-peer time (swarming: fetchers serve each other). Measured on
+   loopback (CPU-bound on a small machine) and, as root, on netlab with every host's uplink shaped
+   (``tc tbf``, ``--swarm-rate-mbit``) so that the seed's uplink limits one fetch, with the CPU
+   used printed beside each figure (bench/objects_swarm.py). ``--swarm-where``, ``--swarm-peers``,
+   ``--swarm-size-mb`` narrow it.
 4. with --netlab (root): 100 MB from a seed on netlab's pub1 to pub2 (public) and to hostA (behind
    a cone NAT, dialing out), over TCP and QUIC: MB/s. Real kernel routing and NAT, one machine.
 
@@ -337,37 +341,18 @@ def bench_transfer(transport: str, size: int, shm_base: str, seed_at: tuple = (N
         fetcher.stop()
 
 
-def bench_swarm(size: int, counts: list[int], shm_base: str, transport: str = "quic") -> dict[str, float]:
-    results = {}
-    for count in counts:
-        seed = NodeProcess(transport, shm_base)
-        fetchers = [NodeProcess(transport, shm_base) for _ in range(count)]
-        try:
-            cid = seed.ask("put", (size, 2))
-            seed_addrs = seed.ask("info")
-            addrs = [f.ask("info") for f in fetchers]
-            for i, f in enumerate(fetchers):
-                f.ask("connect", seed_addrs + [a for j, other in enumerate(addrs) if j < i for a in other[:1]])
-            start = time.perf_counter()
-            for f in fetchers:
-                f.conn.send(("fetch", cid))
-            times = []
-            for f in fetchers:
-                if not f.conn.poll(900):
-                    raise TimeoutError("swarm fetch did not finish")
-                times.append(f.conn.recv())
-            results[f"{count}_peers_s"] = round(time.perf_counter() - start, 3)
-            results[f"{count}_peers_fastest_s"] = round(min(times), 3)
-            seed_sent = seed.ask("uploaded")
-            peers_sent = sum(f.ask("uploaded") for f in fetchers)
-            results[f"{count}_peers_seed_upload_share"] = round(seed_sent / max(1, seed_sent + peers_sent), 2)
-            # block bytes sent over bytes needed: above 1.0, blocks were sent twice (end game, retries)
-            results[f"{count}_peers_sent_over_needed"] = round((seed_sent + peers_sent) / (count * size), 3)
-        finally:
-            for f in fetchers:
-                f.stop()
-            seed.stop()
-    return results
+def bench_swarm(size: int, counts: list[int], shm_base: str, where: list[str], rate_mbit: float,
+                transport: str = "tcp") -> dict:
+    """Part 3 (bench/objects_swarm.py): loopback (CPU-bound here) and netlab with shaped uplinks."""
+    import objects_swarm
+
+    make_node = lambda netns, ip: NodeProcess(transport, shm_base, netns=netns, listen_ip=ip)  # noqa: E731
+    out = {}
+    if "loopback" in where:
+        out["loopback"] = objects_swarm.bench_swarm_loopback(make_node, size, counts)
+    if "netlab" in where:
+        out["netlab"] = objects_swarm.bench_swarm_netlab(make_node, size, counts, rate_mbit, NETLAB)
+    return out
 
 
 NETLAB = os.environ.get("NETLAB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -410,6 +395,11 @@ def main() -> None:
                         help="multihash of the node processes' objects (parts 2-4); default: what the "
                              "runtime uses (blake3 when installed)")
     parser.add_argument("--swarm-peers", default="1,2,4,8", help="fetcher counts for part 3")
+    parser.add_argument("--swarm-where", default=None,
+                        help="part 3 settings, comma-separated: loopback, netlab (default: both when "
+                             "root and netlab are available, else loopback)")
+    parser.add_argument("--swarm-rate-mbit", type=float, default=40.0,
+                        help="part 3 on netlab: every host's uplink rate (tc tbf), Mbit/s")
     args = parser.parse_args()
     global NODE_HASH
     from latticaray.objectstore.cid import blake3_available
@@ -434,10 +424,9 @@ def main() -> None:
         figures["swarm_size_MB"] = swarm_size // MB
         figures["swarm_transport"] = "tcp"
         counts = [int(c) for c in args.swarm_peers.split(",")]
-        figures["swarm"] = bench_swarm(swarm_size, counts, shm_base, transport="tcp")
-        if 1 in counts and 8 in counts:
-            one = figures["swarm"]["1_peers_s"]
-            figures["swarm"]["8_over_1_ratio"] = round(figures["swarm"]["8_peers_s"] / one, 2)
+        where = (args.swarm_where.split(",") if args.swarm_where else
+                 ["loopback", "netlab"] if os.geteuid() == 0 and os.access(NETLAB, os.X_OK) else ["loopback"])
+        figures["swarm"] = bench_swarm(swarm_size, counts, shm_base, where, args.swarm_rate_mbit)
 
     import pyarrow
     import aioquic
@@ -456,8 +445,11 @@ def main() -> None:
         for key, value in figures["cross_host_netlab"].items():
             rows.append((f"netlab {key} (MB/s)", value.get("MBps", value) if isinstance(value, dict) else value))
     if "swarm" in figures:
-        for key, value in figures["swarm"].items():
-            rows.append((f"swarm {swarm_size // MB} MB: {key}", value))
+        import objects_swarm
+
+        for where, result in figures["swarm"].items():
+            rows.append(("swarm: object size (MB)", swarm_size // MB))
+            rows += objects_swarm.rows(result, f"swarm {where}")
     for name, value in rows:
         print(f"{name:<52}{value!s:>14}")
     print("(machine shared with other engineers' jobs during the run: figures are noisy)")

@@ -11,9 +11,12 @@ call per request; the request carries a want-list, the provider streams back pre
   nobody else waits).
 * :class:`FetchSession` -- fetches one object (root manifest, then its blocks). Fed events with
   ``now``; returns actions. It asks want-have broadly and want-block from the best peers, spreads
-  blocks across providers by their load and measured throughput, re-requests on timeout or when a
-  provider fails, drops and penalizes peers that send bad blocks, uses partial holders (peers still
-  fetching) through their have-bitmaps, and fails with ``ObjectNotFound`` at its deadline.
+  blocks across providers by their load and measured delivery rate (each peer's window is about a
+  second of its rate), asks full holders first for blocks no partial holder has (rarest first:
+  a seed's upload goes to what the swarm lacks), re-requests on timeout or when a provider fails,
+  duplicates only late blocks in the end game, drops and penalizes peers that send bad blocks,
+  uses partial holders (peers still fetching) through their have-bitmaps, and fails with
+  ``ObjectNotFound`` at its deadline.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Protocol
 
 import msgpack
+import numpy as np
 
 from .cid import Cid
 from .errors import BlockVerificationError, CodecError, InvalidCid, ObjectNotFound
 from .manifest import MAX_BLOCK_SIZE, Manifest
 
 __all__ = [
-    "PROTOCOL_ID", "WANT_HAVE", "WANT_BLOCK", "HAVE", "DONT_HAVE", "WantEntry", "Request",
+    "PROTOCOL_ID", "WANT_HAVE", "WANT_BLOCK", "HAVE", "DONT_HAVE", "PENDING", "WantEntry", "Request",
     "Response", "encode_request", "decode_request", "encode_response", "decode_response",
     "Ledgers", "FetchSession", "SessionConfig", "SendRequest", "CancelRequest", "FindProviders",
     "ManifestReady", "Penalize", "Completed", "Failed", "BlockSink",
@@ -40,6 +44,9 @@ __all__ = [
 PROTOCOL_ID = "/latticaray/bitswap/1"
 WANT_HAVE, WANT_BLOCK = 0, 1
 HAVE, DONT_HAVE = 0, 1
+#: Root presence with the bitmap of blocks a partial holder has asked for and not yet received
+#: (sent only to requests that set ``pending``).
+PENDING = 2
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_WANTS_PER_REQUEST = 1024
@@ -62,6 +69,8 @@ class Request:
     root: Cid | None
     wants: list[WantEntry] = field(default_factory=list)
     cancels: list[Cid] = field(default_factory=list)
+    #: ask a partial holder to add its PENDING bitmap to its root presences
+    pending: bool = False
 
 
 @dataclass
@@ -73,12 +82,15 @@ class Response:
 
 
 def encode_request(request: Request) -> bytes:
-    return msgpack.packb({
+    message = {
         "v": 1,
         "root": bytes(request.root) if request.root is not None else None,
         "wants": [[bytes(w.cid), w.kind, w.priority, w.send_dont_have] for w in request.wants],
         "cancel": [bytes(c) for c in request.cancels],
-    })
+    }
+    if request.pending:
+        message["pend"] = True
+    return msgpack.packb(message)
 
 
 def _unpack(data: bytes | memoryview, limit: int, what: str) -> Any:
@@ -114,7 +126,10 @@ def decode_request(data: bytes | memoryview) -> Request:
                 or not isinstance(entry[2], int) or not isinstance(entry[3], bool)):
             raise CodecError("malformed want-list entry")
         entries.append(WantEntry(_cid(entry[0]), entry[1], entry[2], entry[3]))
-    return Request(_cid(root) if root is not None else None, entries, [_cid(c) for c in cancels])
+    pending = message.get("pend", False)
+    if not isinstance(pending, bool):
+        raise CodecError("bitswap request pend must be a bool")
+    return Request(_cid(root) if root is not None else None, entries, [_cid(c) for c in cancels], pending)
 
 
 def encode_response(response: Response) -> bytes:
@@ -186,7 +201,8 @@ def decode_response(data: bytes | memoryview) -> Response:
         raise CodecError("bitswap response p/b must be lists")
     out = Response()
     for entry in presences:
-        if (not isinstance(entry, list) or len(entry) != 3 or entry[1] not in (HAVE, DONT_HAVE)
+        if (not isinstance(entry, list) or len(entry) != 3 or entry[1] not in (HAVE, DONT_HAVE, PENDING)
+                or (entry[1] == PENDING and not isinstance(entry[2], bytes))
                 or not (entry[2] is None or (isinstance(entry[2], bytes)
                                              and len(entry[2]) <= _MAX_BITMAP_BYTES))):
             raise CodecError("malformed presence entry")
@@ -202,11 +218,7 @@ def decode_response(data: bytes | memoryview) -> Response:
 
 def bitmap_from_flags(flags: bytes | bytearray) -> bytes:
     """Pack one-byte-per-block flags into a bitmap (LSB first)."""
-    out = bytearray((len(flags) + 7) // 8)
-    for i, flag in enumerate(flags):
-        if flag:
-            out[i >> 3] |= 1 << (i & 7)
-    return bytes(out)
+    return np.packbits(np.frombuffer(bytes(flags), dtype=np.uint8) != 0, bitorder="little").tobytes()
 
 
 def bitmap_has(bitmap: bytes, index: int) -> bool:
@@ -350,8 +362,15 @@ class Failed:
 
 @dataclass
 class SessionConfig:
-    #: Blocks in flight per peer (a peer's pipeline depth).
+    #: Most blocks in flight per peer (a peer's pipeline depth). Within it, a peer is sent about
+    #: ``window_seconds`` of blocks at its measured delivery rate (at least ``min_window``; a peer
+    #: of unknown rate gets ``min_window``): a contended seed, slow to each of its fetchers, then
+    #: holds few blocks of each, and fetchers do not queue there blocks they could get elsewhere.
     window: int = 8
+    min_window: int = 2
+    window_seconds: float = 1.0
+    #: A peer's delivery rate is sampled over at least this much time it spent busy for us.
+    rate_period: float = 1.0
     #: Blocks per request (one stream); a request's timeout grows with its size.
     blocks_per_request: int = 4
     #: Peers asked want-block for the root manifest at once (the rest get want-have).
@@ -378,6 +397,20 @@ class SessionConfig:
     #: End game: once every missing block is in flight, idle peers also ask for blocks still
     #: in flight elsewhere (the first copy wins), so a stalled provider cannot hold up the end.
     endgame: bool = True
+    #: ... but only for blocks that are late: asked longer ago than twice the time their peer's
+    #: measured rate makes them due, plus this slack (so a healthy end sends no block twice).
+    endgame_slack: float = 0.25
+    #: Swarm policy (rarest first at full holders): a full holder (a seed) is asked first for
+    #: blocks no partial holder (a fellow fetcher) has, so that its upload, which every fetcher
+    #: shares, goes to blocks the swarm lacks; blocks partial holders have go to them, and to a
+    #: full holder only with the budget it has left after that.
+    spare_full_holders: bool = True
+    #: Ask partial holders for their PENDING bitmaps: a block a fellow fetcher has asked for is not
+    #: asked of a full holder first either (it will soon be at the fellow fetcher).
+    share_pending: bool = True
+    #: A partial holder delivering to us below this fraction of our best peer's rate does not
+    #: count as a source: its blocks may then be asked of full holders too.
+    slow_source_fraction: float = 0.1
 
 
 @dataclass
@@ -393,14 +426,26 @@ class _Peer:
     bad_blocks: int = 0
     dropped: bool = False
     bytes_received: int = 0
-    throughput: float = 0.0     # bytes/s EWMA over completed requests
+    throughput: float = 0.0     # bytes/s EWMA of delivery rate while busy for us
     last_request_start: float = 0.0
+    last_delivery: float = float("-inf")
+    rate_bytes: int = 0
+    rate_time: float = 0.0
     retry_at: float = float("-inf")
+    #: one byte per block (non-zero = held), unpacked from ``bitmap`` once the manifest is known
+    have: bytes | None = None
+    have_ranked: Any = None     # the same as a numpy array in the session's block order
+    pending: bytes | None = None      # its PENDING bitmap: blocks it has asked for
+    pending_ranked: Any = None
 
     def can_serve(self, index: int) -> bool:
         if self.dropped or index in self.lacks:
             return False
-        return self.full or (self.bitmap is not None and bitmap_has(self.bitmap, index))
+        if self.full:
+            return True
+        if self.have is not None:
+            return bool(self.have[index])
+        return self.bitmap is not None and bitmap_has(self.bitmap, index)
 
 
 @dataclass
@@ -433,13 +478,20 @@ class FetchSession:
         self.duplicate_blocks = 0
         self._inflight: dict[int, _Inflight] = {}
         self._block_owner: dict[int, int] = {}   # block index -> request id in flight
-        self._missing: list[int] = []
+        # Blocks live in "rank space": position k is the k-th block of this session's order.
+        self._order = np.zeros(0, dtype=np.int64)    # position -> block index
+        self._rank: list[int] = []                    # block index -> position
+        #: by position, 1 = still missing and not in flight: to be asked of some peer
+        self._need = np.zeros(0, dtype=np.uint8)
         self._missing_count = 0
         self._request_ids = itertools.count(1)
         self._next_provider_lookup = float("inf")
         self._next_refresh = float("inf")
         self._last_now = float("-inf")
         self._duplicated: set[int] = set()
+        #: per block, 1 if no live partial holder is known to have it (recomputed when stale)
+        self._rare = np.zeros(0, dtype=np.uint8)
+        self._rare_stale = True
 
     # --- progress ----------------------------------------------------------------------------
     @property
@@ -471,12 +523,18 @@ class FetchSession:
         """Give the session the writer for the object's blocks (after ManifestReady)."""
         assert self.manifest is not None
         self.sink = sink
-        self._missing = [i for i in range(len(self.manifest.blocks)) if not sink.has_block(i)]
+        order = list(range(len(self.manifest.blocks)))
         if self.config.random_order:
-            random.Random(self.config.order_seed).shuffle(self._missing)
-        else:
-            self._missing.reverse()  # pop() takes the lowest index first
-        self._missing_count = len(self._missing)
+            random.Random(self.config.order_seed).shuffle(order)
+        self._order = np.array(order, dtype=np.int64)
+        self._rank = [0] * len(order)
+        for position, index in enumerate(order):
+            self._rank[index] = position
+        self._need = np.array([0 if sink.has_block(i) else 1 for i in order], dtype=np.uint8)
+        for state in self.peers.values():
+            self._set_bitmap(state, state.bitmap)
+            self._set_pending(state, state.pending)
+        self._missing_count = int(self._need.sum())
         if self._missing_count == 0:
             self.done = True
             return [Completed(self.manifest)]
@@ -490,14 +548,20 @@ class FetchSession:
             return []
         actions: list[Any] = []
         for cid, kind, bitmap in response.presences:
-            if cid == self.root:
+            if cid == self.root and kind == PENDING:
+                self._set_pending(state, bitmap)
+            elif cid == self.root:
                 state.answered_have = True
                 if kind == HAVE:
                     state.full = bitmap is None
-                    state.bitmap = bitmap
+                    self._set_bitmap(state, bitmap)
+                    if bitmap is not None:  # as fresh as a want-have's answer: no refresh due yet
+                        state.asked_have = max(state.asked_have, now)
                     state.lacks.clear()  # a fresh answer supersedes earlier DONT_HAVEs
                 else:
-                    state.full, state.bitmap = False, None
+                    state.full = False
+                    self._set_bitmap(state, None)
+                    self._set_pending(state, None)
             elif self.manifest is not None and kind == DONT_HAVE:
                 index = self.manifest.index_of(cid)
                 if index is not None:
@@ -516,7 +580,9 @@ class FetchSession:
             return []
         state = self.peers.get(peer)
         if state is not None:
-            state.failures = 0
+            if state.failures:
+                state.failures = 0
+                self._rare_stale = True
             state.inflight -= len(inflight.blocks) + inflight.manifest
             for index in inflight.blocks:
                 if self._block_owner.get(index) == request_id:
@@ -535,6 +601,7 @@ class FetchSession:
         if state is not None:
             state.inflight -= len(inflight.blocks) + inflight.manifest
             state.failures += 1
+            self._rare_stale = True
             state.retry_at = now + min(self.config.backoff_max,
                                        self.config.backoff_base * 2 ** min(state.failures - 1, 16))
         self._return_blocks(request_id, inflight)
@@ -545,6 +612,7 @@ class FetchSession:
         if state is None:
             return []
         state.dropped = True
+        self._rare_stale = True
         actions: list[Any] = []
         for request_id, inflight in list(self._inflight.items()):
             if inflight.peer == peer:
@@ -575,13 +643,16 @@ class FetchSession:
         if self.manifest is not None:
             times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
         times += [inflight.deadline for inflight in self._inflight.values()]
+        if self.config.endgame and self.sink is not None and not self._need.any():
+            late = [self._late_at(f) for f in self._inflight.values() if f.blocks]
+            times += [t for t in late if t > self._last_now]
         return min(times)
 
     def describe(self) -> dict[str, Any]:
         """A snapshot of the session for logs and debugging."""
         return {
             "root": str(self.root), "done": self.done, "missing": self._missing_count,
-            "unassigned": len(self._missing), "inflight_requests": len(self._inflight),
+            "unassigned": int(self._need.sum()), "inflight_requests": len(self._inflight),
             "peers": {str(p.peer)[-8:]: {"full": p.full, "bitmap": p.bitmap is not None,
                                          "lacks": len(p.lacks), "inflight": p.inflight,
                                          "failures": p.failures, "dropped": p.dropped,
@@ -606,7 +677,8 @@ class FetchSession:
         live = [p for p in self.peers.values() if not p.dropped]
         if self.manifest is None:
             return not any(p.full or p.bitmap is not None or not p.answered_have for p in live)
-        return any(not any(p.can_serve(i) for p in live) for i in self._missing[-64:])
+        wanted = self._order[np.flatnonzero(self._need)[:64]].tolist()
+        return any(not any(p.can_serve(i) for p in live) for i in wanted)
 
     def _requeue(self, request_id: int, index: int) -> None:
         if self._block_owner.get(index) == request_id:
@@ -618,7 +690,7 @@ class FetchSession:
                 if state is not None:
                     state.inflight -= 1
             if self.sink is not None and not self.sink.has_block(index):
-                self._missing.append(index)
+                self._need[self._rank[index]] = 1
 
     def _return_blocks(self, request_id: int, inflight: _Inflight) -> None:
         for index in inflight.blocks:
@@ -626,7 +698,7 @@ class FetchSession:
                 del self._block_owner[index]
                 self._duplicated.discard(index)
                 if self.sink is not None and not self.sink.has_block(index):
-                    self._missing.append(index)
+                    self._need[self._rank[index]] = 1
 
     def _on_block(self, state: _Peer, request_id: int, cid: Cid, data: bytes, now: float) -> list[Any]:
         if self.manifest is None:
@@ -659,13 +731,27 @@ class FetchSession:
             inflight.blocks.remove(index)
             state.inflight -= 1
         state.bytes_received += len(data)
-        if inflight is not None and now > inflight.started:
-            rate = len(data) / (now - inflight.started)
-            state.throughput = rate if state.throughput == 0 else 0.7 * state.throughput + 0.3 * rate
+        if inflight is not None:
+            # delivery rate while the peer is busy for us: from the later of the request's start and
+            # the previous block, so time spent waiting in the peer's queue behind our own earlier
+            # blocks is not counted twice
+            since = max(inflight.started, state.last_delivery)
+            state.rate_bytes += len(data)
+            state.rate_time += max(0.0, now - since)
+            state.last_delivery = now
+            # samples over at least rate_period of busy time: a peer that serves others between
+            # our blocks delivers in bursts, and one burst is not its rate for us
+            if state.rate_time > 0 and (state.throughput == 0 or state.rate_time >= self.config.rate_period):
+                rate = state.rate_bytes / state.rate_time
+                state.throughput = rate if state.throughput == 0 else 0.5 * state.throughput + 0.5 * rate
+                state.rate_bytes, state.rate_time = 0, 0.0
+                if not state.full:
+                    self._rare_stale = True  # a slow partial holder stops counting as a source
         if not fresh:
             self.duplicate_blocks += 1
             return []
         self.bytes_received += len(data)
+        self._need[self._rank[index]] = 0  # it may come unasked: from a request given up on
         self._missing_count -= 1
         if self._missing_count == 0:
             self.done = True
@@ -678,6 +764,7 @@ class FetchSession:
         state.bad_blocks += 1
         if state.bad_blocks >= self.config.max_bad_blocks or index is None:
             state.dropped = True
+            self._rare_stale = True
         return [Penalize(state.peer, reason)]
 
     def _request_timeout(self, blocks: int) -> float:
@@ -731,6 +818,85 @@ class FetchSession:
                 self._next_refresh = min(self._next_refresh, due)
         return actions
 
+    def _set_bitmap(self, state: _Peer, bitmap: bytes | None) -> None:
+        state.bitmap = bitmap
+        state.have = None
+        if bitmap is not None and self.manifest is not None:
+            count = len(self.manifest.blocks)
+            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:count]
+            if len(bits) < count:
+                bits = np.concatenate([bits, np.zeros(count - len(bits), dtype=np.uint8)])
+            state.have = bits.tobytes()
+            state.have_ranked = bits[self._order] if len(self._order) == count else None
+        else:
+            state.have_ranked = None
+        self._rare_stale = True
+
+    def _set_pending(self, state: _Peer, bitmap: bytes | None) -> None:
+        state.pending = bitmap
+        state.pending_ranked = None
+        if bitmap is not None and self.manifest is not None and len(self._order) == len(self.manifest.blocks):
+            count = len(self.manifest.blocks)
+            bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:count]
+            if len(bits) < count:
+                bits = np.concatenate([bits, np.zeros(count - len(bits), dtype=np.uint8)])
+            state.pending_ranked = bits[self._order]
+        self._rare_stale = True
+
+    def pending_flags(self) -> bytes | None:
+        """One byte per block, 1 = asked for and not yet received (for PENDING presences)."""
+        if self.manifest is None or self.done:
+            return None
+        flags = np.zeros(len(self.manifest.blocks), dtype=np.uint8)
+        if self._block_owner:
+            flags[list(self._block_owner)] = 1
+        return flags.tobytes()
+
+    def _window(self, state: _Peer) -> int:
+        """Blocks to keep in flight at ``state``: about window_seconds at its measured rate."""
+        cfg = self.config
+        if state.throughput <= 0 or self.manifest is None:
+            return min(cfg.window, cfg.min_window)
+        wanted = int(state.throughput * cfg.window_seconds / self.manifest.chunk_size) + 1
+        return max(cfg.min_window, min(cfg.window, wanted))
+
+    def _sources(self) -> list[_Peer]:
+        """Partial holders that count as a source of their blocks: live, not failing, not far
+        slower than the best peer we know."""
+        live = [p for p in self.peers.values() if not p.dropped and not p.full and p.have is not None
+                and p.failures == 0]
+        rates = [p.throughput for p in self.peers.values() if not p.dropped and p.throughput > 0]
+        floor = self.config.slow_source_fraction * max(rates) if rates else 0.0
+        return [p for p in live if p.throughput == 0 or p.throughput >= floor]
+
+    def _rare_ranked(self) -> Any:
+        """By position in the session's order: 1 if no partial holder in :meth:`_sources` has it
+        or has asked for it (then it will soon have it: asking a full holder too would make the
+        full holder send it twice)."""
+        if self._rare_stale or len(self._rare) != len(self._need):
+            held = np.zeros(len(self._need), dtype=np.uint8)
+            for state in self._sources():
+                if state.have_ranked is not None:
+                    held |= state.have_ranked
+                if state.pending_ranked is not None:
+                    held |= state.pending_ranked
+            self._rare = (held == 0).astype(np.uint8)
+            self._rare_stale = False
+        return self._rare
+
+    def _candidates(self, state: _Peer, only_rare: bool, count: int) -> list[int]:
+        """Up to ``count`` blocks ``state`` can serve that are needed, in the session's order."""
+        if state.full:
+            mask = self._need & self._rare_ranked() if only_rare else self._need
+        elif state.have_ranked is not None:
+            mask = self._need & state.have_ranked
+        else:
+            return []
+        positions = np.flatnonzero(mask)
+        if state.lacks:
+            return [i for i in self._order[positions].tolist() if i not in state.lacks][:count]
+        return self._order[positions[:count]].tolist()
+
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
         cfg = self.config
@@ -741,31 +907,36 @@ class FetchSession:
         # peers by expected speed: measured throughput, unknown peers get the benefit of the doubt
         known = [p.throughput for p in live if p.throughput > 0]
         default_rate = max(known) if known else 1.0
+        budget = {p.peer: self._window(p) - p.inflight for p in live}
+        load = {p.peer: p.inflight for p in live}
         batches: dict[Hashable, list[int]] = {}
-        skipped: list[int] = []
-        budget = {p.peer: cfg.window - p.inflight for p in live}
-        while self._missing:
-            index = self._missing.pop()
-            if self.sink is not None and self.sink.has_block(index) or index in self._block_owner:
-                continue
-            best = None
-            best_cost = 0.0
-            for state in live:
-                if budget[state.peer] <= 0 or not state.can_serve(index):
+        spare = cfg.spare_full_holders and any(not p.full for p in live)
+        taken: set[int] = set()
+
+        def fill(peers: list[_Peer], only_rare: bool) -> None:
+            # the cheapest peer (load over rate) takes its next block in the session's order
+            total = sum(budget[p.peer] for p in peers)
+            queues = {p.peer: iter(self._candidates(p, only_rare, total + len(taken))) for p in peers}
+            while peers:
+                best = min(peers, key=lambda p: ((load[p.peer] + 1) / (p.throughput or default_rate), str(p.peer)))
+                index = next((i for i in queues[best.peer] if i not in taken), None)
+                if index is None:
+                    peers.remove(best)
                     continue
-                rate = state.throughput or default_rate
-                cost = (cfg.window - budget[state.peer] + 1) / rate
-                if best is None or cost < best_cost or (cost == best_cost and str(state.peer) < str(best.peer)):
-                    best, best_cost = state, cost
-            if best is None:
-                skipped.append(index)
-                if all(budget[p.peer] <= 0 for p in live):
-                    break
-                continue
-            budget[best.peer] -= 1
-            batches.setdefault(best.peer, []).append(index)
-        self._missing.extend(reversed(skipped))
-        if cfg.endgame and not self._missing and self._block_owner:
+                taken.add(index)
+                budget[best.peer] -= 1
+                load[best.peer] += 1
+                if budget[best.peer] <= 0:
+                    peers.remove(best)
+                batches.setdefault(best.peer, []).append(index)
+
+        if self._need.any():
+            fill([p for p in live if budget[p.peer] > 0], spare)
+            if spare:  # full holders' budget left once no block only they have remains for them
+                fill([p for p in live if p.full and budget[p.peer] > 0], False)
+        for index in taken:
+            self._need[self._rank[index]] = 0
+        if cfg.endgame and not self._need.any() and self._block_owner:
             self._assign_endgame(live, budget, batches)
         for peer, indices in batches.items():
             state = self.peers[peer]
@@ -778,7 +949,7 @@ class FetchSession:
     def _assign_endgame(self, live: list[_Peer], budget: dict[Hashable, int],
                         batches: dict[Hashable, list[int]]) -> None:
         for index, request_id in sorted(self._block_owner.items()):
-            if index in self._duplicated:
+            if index in self._duplicated or self._late_at(self._inflight[request_id]) > self._last_now:
                 continue
             owner = self._inflight[request_id].peer
             for state in sorted(live, key=lambda p: str(p.peer)):
@@ -788,9 +959,22 @@ class FetchSession:
                     self._duplicated.add(index)
                     break
 
+    def _late_at(self, inflight: _Inflight) -> float:
+        """When a request's blocks count as late for the end game: twice the time the owner's
+        in-flight blocks take at its measured rate (else at our best peer's), plus a slack."""
+        owner = self.peers.get(inflight.peer)
+        rate = owner.throughput if owner is not None else 0.0
+        if rate <= 0:
+            rate = max((p.throughput for p in self.peers.values() if not p.dropped), default=0.0)
+        if rate <= 0 or self.manifest is None or owner is None:
+            return (inflight.started + inflight.deadline) / 2
+        expected = max(1, owner.inflight) * self.manifest.chunk_size / rate
+        return inflight.started + 2 * expected + self.config.endgame_slack
+
     def _send(self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float) -> SendRequest:
         request_id = next(self._request_ids)
         timeout = self._request_timeout(len(blocks) + manifest)
+        request.pending = self.config.share_pending
         self._inflight[request_id] = _Inflight(state.peer, list(blocks), manifest, now, now + timeout)
         for index in blocks:
             self._block_owner.setdefault(index, request_id)
@@ -812,7 +996,8 @@ class ServePlan:
     blocks: list[tuple[Cid, int]] = field(default_factory=list)
 
 
-def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes | None) -> ServePlan:
+def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes | None,
+                  pending_flags: bytes | None = None) -> ServePlan:
     """Decide the answer to ``request`` for a holder of ``manifest``.
 
     ``manifest`` is None when we know nothing of the request's root; ``have_flags`` is None when
@@ -822,6 +1007,15 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
     root = request.root
     cancelled = set(request.cancels)
     wants = sorted(request.wants, key=lambda w: -w.priority)
+    if (have_flags is not None and manifest is not None and root == manifest.root
+            and any(w.kind == WANT_BLOCK and w.cid not in cancelled for w in request.wants)
+            and not any(w.cid == root and w.kind == WANT_HAVE for w in request.wants)):
+        # a partial holder's blocks change while it fetches: a block request (the manifest's too)
+        # also gets its current have-bitmap, so the fetcher neither takes it for a full holder nor
+        # keeps a stale view of it between want-haves
+        plan.presences.append((root, HAVE, bitmap_from_flags(have_flags)))
+        if request.pending and pending_flags is not None:
+            plan.presences.append((root, PENDING, bitmap_from_flags(pending_flags)))
     for want in wants:
         if want.cid in cancelled:
             continue
@@ -833,6 +1027,8 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
             if want.kind == WANT_HAVE:
                 bitmap = None if have_flags is None else bitmap_from_flags(have_flags)
                 plan.presences.append((root, HAVE, bitmap))
+                if bitmap is not None and request.pending and pending_flags is not None:
+                    plan.presences.append((root, PENDING, bitmap_from_flags(pending_flags)))
             else:
                 plan.blocks.append((root, -1))
             continue

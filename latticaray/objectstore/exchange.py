@@ -524,7 +524,11 @@ class ObjectExchange:
                 abort("INVALID_ARGUMENT", str(exc))
             raise ExchangeError(f"bad bitswap request from {peer}: {exc}") from None
         manifest, flags, source = self._holding(request.root)
-        plan = bs.plan_response(request, manifest, flags)
+        pending = None
+        if flags is not None and request.pending:  # a partial holder: what its fetch has asked for
+            run = self._runs.get(request.root)
+            pending = run.session.pending_flags() if run is not None else None
+        plan = bs.plan_response(request, manifest, flags, pending)
         if plan.presences:
             yield bs.encode_response(bs.Response(presences=plan.presences))
         for cid, index in plan.blocks:
