@@ -563,8 +563,7 @@ class FetchSession:
                     self._set_bitmap(state, None)
                     self._set_pending(state, None)
             elif self.manifest is not None and kind == DONT_HAVE:
-                index = self.manifest.index_of(cid)
-                if index is not None:
+                for index in self.manifest.indexes_of(cid):
                     state.lacks.add(index)
                     self._requeue(request_id, index)
         for cid, data in response.blocks:
@@ -715,16 +714,19 @@ class FetchSession:
             state.full = state.full or state.bitmap is None
             state.answered_have = True
             return [ManifestReady(self.manifest)]
-        index = self.manifest.index_of(cid)
-        if index is None or self.sink is None:
+        places = self.manifest.indexes_of(cid)
+        if not places or self.sink is None:
             return []
+        inflight = self._inflight.get(request_id)
+        index = places[0]
+        if len(places) > 1 and inflight is not None:  # the place this request asked for, if any
+            index = next((i for i in places if i in inflight.blocks), index)
         try:
             fresh = self.sink.write_block(index, data)
         except BlockVerificationError as exc:
             state.lacks.add(index)
             self._requeue(request_id, index)
             return self._bad_block(state, index, str(exc))
-        inflight = self._inflight.get(request_id)
         if self._block_owner.get(index) == request_id:
             del self._block_owner[index]
         if inflight is not None and index in inflight.blocks:
@@ -747,12 +749,17 @@ class FetchSession:
                 state.rate_bytes, state.rate_time = 0, 0.0
                 if not state.full:
                     self._rare_stale = True  # a slow partial holder stops counting as a source
-        if not fresh:
+        filled = [index] if fresh else []
+        for other in places:  # the same content fills its other places without asking for them
+            if other != index and not self.sink.has_block(other) and self.sink.write_block(other, data):
+                filled.append(other)
+        if not filled:
             self.duplicate_blocks += 1
             return []
-        self.bytes_received += len(data)
-        self._need[self._rank[index]] = 0  # it may come unasked: from a request given up on
-        self._missing_count -= 1
+        for place in filled:
+            self.bytes_received += len(data)
+            self._need[self._rank[place]] = 0  # it may come unasked: from a request given up on
+            self._missing_count -= 1
         if self._missing_count == 0:
             self.done = True
             actions: list[Any] = [CancelRequest(f.peer, rid) for rid, f in self._inflight.items()]
@@ -1006,6 +1013,7 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
     plan = ServePlan()
     root = request.root
     cancelled = set(request.cancels)
+    planned: set[Cid] = set()
     wants = sorted(request.wants, key=lambda w: -w.priority)
     if (have_flags is not None and manifest is not None and root == manifest.root
             and any(w.kind == WANT_BLOCK and w.cid not in cancelled for w in request.wants)
@@ -1032,8 +1040,15 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
             else:
                 plan.blocks.append((root, -1))
             continue
-        index = manifest.index_of(want.cid)
-        held = index is not None and (have_flags is None or bool(have_flags[index]))
+        places = manifest.indexes_of(want.cid)
+        if have_flags is not None:
+            places = tuple(i for i in places if have_flags[i])
+        held = bool(places)
+        index = places[0] if held else None
+        if held and want.kind != WANT_HAVE:
+            if want.cid in planned:
+                continue  # one copy answers every place of a repeated block
+            planned.add(want.cid)
         if not held:
             if want.send_dont_have:
                 plan.presences.append((want.cid, DONT_HAVE, None))

@@ -55,11 +55,19 @@ class Manifest:
         return start, start + self.sizes[index]
 
     def index_of(self, cid: Cid) -> int | None:
+        """The first place of block ``cid`` in the object (None if it is not one of its blocks)."""
+        places = self.indexes_of(cid)
+        return places[0] if places else None
+
+    def indexes_of(self, cid: Cid) -> tuple[int, ...]:
+        """Every place of block ``cid``: blocks of equal content (zero pages) share one CID."""
         index_map = self.__dict__.get("_index")
         if index_map is None:
-            index_map = {block: i for i, block in enumerate(self.blocks)}
+            index_map = {}
+            for i, block in enumerate(self.blocks):
+                index_map[block] = index_map.get(block, ()) + (i,)
             object.__setattr__(self, "_index", index_map)
-        return index_map.get(cid)
+        return index_map.get(cid, ())
 
     @classmethod
     def decode(cls, root: Cid, data: bytes | memoryview) -> "Manifest":

@@ -235,3 +235,16 @@ def test_progress_reporter_calls_back_and_draws_a_bar_only_when_asked(capsys, mo
     loud.advance(3 * MB)
     loud.close()
     assert "3/3 MiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+async def test_object_of_identical_blocks(mesh, transport):
+    """Blocks with the same content share one CID: one copy received fills every place it has."""
+    seed, fetcher = await mesh(2, transport)
+    value = np.zeros(5 * MB // 8 + 100, dtype=np.int64)  # five identical 1 MiB blocks and a tail
+    cid = seed.store.put(value)
+    manifest = seed.store.manifest(cid)
+    assert len(manifest.blocks) == 6 and len(set(manifest.blocks)) == 3  # header, 4 alike, tail
+    await seed.exchange.provide(cid)
+    assert await fetcher.exchange.fetch(cid, timeout=20) == cid
+    np.testing.assert_array_equal(fetcher.store.get(cid), value)
