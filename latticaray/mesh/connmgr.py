@@ -411,8 +411,13 @@ class ConnectionManager:
         if pending is None:
             pending = asyncio.ensure_future(self._dial_peer(peer, timeout or self.dial_timeout))
             self._dialing[peer] = pending
-            pending.add_done_callback(lambda _f, p=peer: self._dialing.pop(p, None))
+            pending.add_done_callback(lambda f, p=peer: self._dial_settled(p, f))
         return await asyncio.shield(pending)
+
+    def _dial_settled(self, peer: PeerId, dial: asyncio.Future) -> None:
+        self._dialing.pop(peer, None)
+        if not dial.cancelled():
+            dial.exception()  # retrieved: callers that gave up waiting (shutdown) leave it unread
 
     async def dial_addr(self, addr: Multiaddr, timeout: float | None = None, *,
                         force_new: bool = False) -> MeshConnection:
