@@ -12,6 +12,7 @@ Protocols (all payloads msgpack; see docs/protocol/runtime.md):
                                       stream items and chunked large values out
   /latticaray/object/1        server  an object by id (from its owner) or by CID (from a holder)
   /latticaray/names/1         unary   named-actor claims and lookups at the name's arbiter
+  /latticaray/ref/1           unary   borrow / unborrow registrations at an object's owner
 Every handler refuses non-members before it decodes anything beyond the admission request.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import KeyPair, PeerId
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.rpc import Status
-from latticaray.runtime import serialization
+from latticaray.runtime import refcount, serialization
 from latticaray.runtime.admission import Admission, MeshKey
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
                                        NodeDiedError, ObjectLostError,
@@ -47,6 +48,8 @@ VIEW_PROTOCOL = "/latticaray/runtime-view/1"
 TASK_PROTOCOL = "/latticaray/task/1"
 OBJECT_PROTOCOL = "/latticaray/object/1"
 NAMES_PROTOCOL = "/latticaray/names/1"
+REF_PROTOCOL = "/latticaray/ref/1"
+MAX_REF_OPS = 65536
 
 VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
@@ -143,6 +146,10 @@ class RemoteClient:
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
+            if message.get("inner"):  # held here until the caller holds them (`held`)
+                node.refs.forward(tid, self.node_id,
+                                  [object_id(tid, i) for i in range(rec.nret)])
+                out["inner"] = message["inner"]
             sent_by_ref = {i for i, v in enumerate(out.get("vals") or [])
                            if serialization.is_store_ref(v)}
             for i in range(rec.nret):
@@ -150,6 +157,15 @@ class RemoteClient:
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
+        if node.refs.unsettled():
+            # refs the task borrowed are registered with their owners before the caller, which
+            # lets go of the task's arguments on `done`, hears of it
+            self.cluster.spawn(self._send_when_settled(out))
+        else:
+            self.send(out)
+
+    async def _send_when_settled(self, out: dict) -> None:
+        await self.cluster.node.refs.settled()
         self.send(out)
 
     def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
@@ -193,6 +209,7 @@ class MeshCluster:
         mesh.register_bidi(TASK_PROTOCOL, self._serve_session)
         mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
         mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
+        mesh.register_unary(REF_PROTOCOL, self._serve_ref)
         mesh.on_peer_connected(lambda peer: self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
         self.spawn(self._view_loop())
@@ -363,6 +380,8 @@ class MeshCluster:
         self.stats["peers_lost"] += 1
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
+        self.node.refs.node_gone(node_id)
+        refcount.kill_orphaned_actors(self.node, node_id)
         if state.session_task is not None:
             state.session_task.cancel()
         inflight = list(state.inflight.values())
@@ -541,18 +560,27 @@ class MeshCluster:
                 def complete(rec=rec, message=message, by_ref=by_ref):
                     self._send(state.node_id, {"k": "fetched", "cids": by_ref})
                     if state.inflight.pop(rec.tid, None) is not None and not rec.done:
-                        self.node._complete(rec, message)
+                        self._complete_remote(state, rec, message)
                 self.spawn(self._fetch_then(missing, state.node_id, complete))
                 return
             if by_ref:
                 self._send(state.node_id, {"k": "fetched", "cids": by_ref})
-            self.node._complete(rec, message)
+            self._complete_remote(state, rec, message)
             return
         if kind == "created":
             owned = self.owned_actors.get(message["aid"])
             if owned is not None and message.get("error") is not None:
                 owned.dead_cause = str(serialization.deserialize(message["error"]))
                 self._fail_actor_calls(owned.aid, owned.dead_cause)
+
+    def _complete_remote(self, state: PeerState, rec: TaskRecord, message: dict) -> None:
+        self.node._complete(rec, message)
+        if message.get("inner"):  # refs inside the results: the executor holds them until then
+            self.spawn(self._ack_held(state.node_id, rec.tid))
+
+    async def _ack_held(self, node_id: str, tid: bytes) -> None:
+        await self.node.refs.settled()
+        self._send(node_id, {"k": "held", "tid": tid})
 
     def _wire_args(self, args: list) -> list:
         if args[0] == "b":
@@ -655,6 +683,8 @@ class MeshCluster:
             elif kind == "kill":
                 node._on_kill({"aid": message["aid"], "no_restart": message.get("no_restart")},
                               client)
+            elif kind == "held":  # the caller counts the refs inside a task's results now
+                node.refs.held(message["tid"], client.node_id)
             elif kind == "fetched":  # the caller has its own copies of these results now
                 for cid in message.get("cids", [])[:1024]:
                     if node.store_refs.get(cid, 0) > 0:
@@ -772,6 +802,25 @@ class MeshCluster:
         for start in range(0, len(data), CHUNK):
             yield bytes(view[start:start + CHUNK])
 
+    # ------------------------------------------------------------------ reference counts
+    async def ref_call(self, owner: str, ops: list) -> None:
+        state = self.peers.get(owner)
+        if state is None or not state.alive:
+            raise LookupError(f"owner {owner} is not an alive member")
+        await self.mesh.call(state.peer_id, REF_PROTOCOL, _pack({"ops": ops}), timeout=10.0)
+
+    async def _serve_ref(self, ctx, payload: bytes) -> bytes:
+        caller = self._require_member(ctx)
+        if len(payload) > MAX_CONTROL_MESSAGE:
+            raise RpcError(Status.INVALID_ARGUMENT, "reference update too large")
+        ops = _unpack(payload).get("ops")
+        if not isinstance(ops, list) or len(ops) > MAX_REF_OPS or not all(
+                isinstance(o, list) and len(o) == 2 and o[0] in (0, 1)
+                and isinstance(o[1], bytes) for o in ops):
+            raise RpcError(Status.INVALID_ARGUMENT, "ops must be [[0|1, object id], ...]")
+        self.node.refs.on_ops(caller, ops)
+        return b""
+
     # ------------------------------------------------------------------ actors
     def place_actor(self, message: dict):
         strategy = message["opts"].get("strategy")
@@ -806,6 +855,7 @@ class MeshCluster:
         if owned.max_restarts >= 0 and owned.restarts >= owned.max_restarts:
             owned.dead_cause = (f"its node {dead_node} died and no restarts are left "
                                 f"(max_restarts={owned.max_restarts})")
+            self.node.refs.task_done(owned.aid)
             self._fail_actor_calls(owned.aid, owned.dead_cause)
             return
         owned.restarts += 1
@@ -893,6 +943,7 @@ class MeshCluster:
         host = self.actor_location.get(aid) or message.get("anode")
         if owned is not None and message.get("no_restart", True):
             owned.dead_cause = "it was killed with kill()"
+            self.node.refs.task_done(aid)
         self._send(host, {"k": "kill", "aid": aid, "no_restart": message.get("no_restart", True)})
 
     # ------------------------------------------------------------------ named actors
@@ -906,7 +957,8 @@ class MeshCluster:
         request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
                    "owner": self.node_id, "host": message.get("host") or self.node_id,
                    "meta": message["opts"].get("meta"),
-                   "get_if_exists": bool(message["opts"].get("get_if_exists"))}
+                   "get_if_exists": bool(message["opts"].get("get_if_exists")),
+                   "detached": message["opts"].get("lifetime") == "detached"}
         reply = await self._names_call(self._arbiter(namespace, name), request)
         if reply.get("ok"):
             return self._claim_in_crdt(namespace, name, message)
@@ -996,7 +1048,8 @@ class MeshCluster:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
             self.names[key] = {"aid": request["aid"],
                                "node": request.get("host") or request["owner"],
-                               "owner": request["owner"], "meta": request.get("meta")}
+                               "owner": request["owner"], "meta": request.get("meta"),
+                               "detached": bool(request.get("detached"))}
             return {"ok": True}
         if op == "lookup":
             return {"existing": record}
@@ -1011,7 +1064,8 @@ class MeshCluster:
         return {"error": f"unknown names op {op!r}"}
 
     def _name_holder_alive(self, record: dict) -> bool:
-        owner = record.get("owner")
+        # a detached actor outlives its owner: its name lives as long as its host
+        owner = record.get("node") if record.get("detached") else record.get("owner")
         if owner == self.node_id:
             return True
         state = self.peers.get(owner)

@@ -16,7 +16,7 @@ from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
 
 RELEASE_BATCH = 64
 
@@ -77,6 +77,22 @@ class CoreClient:
         if flush:
             self.flush_releases()
 
+    def add_borrowed_ref(self, oid: bytes, owner: str) -> None:
+        """A ref deserialized here: the first copy in this process registers it with the node."""
+        with self._lock:
+            counts = self._ref_counts
+            held = counts.get(oid, 0)
+            counts[oid] = held + 1
+            if held:
+                return
+            if oid in self._release_queue:  # its release must reach the node before the borrow
+                batch, self._release_queue = self._release_queue, []
+            else:
+                batch = None
+        if batch:
+            self.post({"op": "release", "oids": batch})
+        self.post({"op": "borrow", "oid": oid, "owner": owner})
+
     def escape_ref(self, ref: ObjectRef) -> None:
         self._escaped.add(ref.id)
 
@@ -94,24 +110,31 @@ class CoreClient:
         return {"blob": blob}
 
     @staticmethod
-    def encode_args(args: tuple, kwargs: dict) -> list:
+    def encode_args(args: tuple, kwargs: dict, message: dict) -> list:
+        """Arguments on the wire; refs nested inside them go to `message["inner"]` (the node
+        keeps them alive until the task is done)."""
         has_ref = any(type(a) is ObjectRef for a in args) or any(
             type(v) is ObjectRef for v in kwargs.values())
-        if not has_ref:
-            return ["b", serialization.serialize((args, kwargs))]
-        positional = [[1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
-                      for a in args]
-        keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef else [0, serialization.serialize(v)]
-                   for k, v in kwargs.items()}
-        return ["l", positional, keyword]
+        with collect_refs() as inner:
+            if not has_ref:
+                encoded = ["b", serialization.serialize((args, kwargs))]
+            else:
+                positional = [[1, a.id, a.owner] if type(a) is ObjectRef
+                              else [0, serialization.serialize(a)] for a in args]
+                keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef
+                           else [0, serialization.serialize(v)] for k, v in kwargs.items()}
+                encoded = ["l", positional, keyword]
+        if inner:
+            message["inner"] = inner
+        return encoded
 
     # ---- verbs
     def submit_task(self, fn_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict):
         task_id = ids.next_id()
         nret = opts["nret"]
-        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name,
-                   "args": self.encode_args(args, kwargs), "nret": nret, "opts": opts["wire"],
-                   "parent": context.current_task_id.get()}
+        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name, "nret": nret,
+                   "opts": opts["wire"], "parent": context.current_task_id.get()}
+        message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(fn_hash, blob))
         self.post(message)
         return self._returns(task_id, nret)
@@ -127,7 +150,8 @@ class CoreClient:
     def create_actor(self, cls_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict,
                      actor_id: bytes) -> dict:
         message = {"op": "create_actor", "aid": actor_id, "cls": cls_hash, "cname": name,
-                   "args": self.encode_args(args, kwargs), "opts": opts}
+                   "opts": opts}
+        message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(cls_hash, blob))
         if opts.get("name"):
             reply = self.request(message)
@@ -140,14 +164,20 @@ class CoreClient:
     def submit_actor_task(self, actor_id: bytes, actor_node: str, method: str, args, kwargs,
                           nret: int, retries: int, name: str):
         task_id = ids.next_id()
-        self.post({"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
-                   "m": method, "args": self.encode_args(args, kwargs), "nret": nret,
-                   "retries": retries, "name": name})
+        message = {"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
+                   "m": method, "nret": nret, "retries": retries, "name": name}
+        message["args"] = self.encode_args(args, kwargs, message)
+        self.post(message)
         return self._returns(task_id, nret)
 
     def put(self, value) -> ObjectRef:
         oid = object_id(ids.next_id(), 0)
-        self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
+        with collect_refs() as inner:
+            data = serialization.serialize(value)
+        message = {"op": "put", "oid": oid, "d": data}
+        if inner:
+            message["inner"] = inner  # the node keeps them alive as long as this object
+        self.post(message)
         return ObjectRef(oid, self.node_id)
 
     def get(self, refs: list[ObjectRef], timeout: float | None):

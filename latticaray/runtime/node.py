@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from latticaray.runtime import serialization
+from latticaray.runtime import refcount, serialization
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, ObjectLostError,
                                        ObjectNotFoundError, TaskCancelledError,
                                        WorkerCrashedError)
@@ -246,10 +246,11 @@ class RuntimeNode:
         self.seal_count = 0  # the driver's wait() sleeps on seal_cond until this moves
         self.seal_waiters = 0
         self.seal_cond = threading.Condition()
+        self.refs = refcount.RefTable(self)
         self._post_handlers = {
             "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
             "release": self._on_release, "create_actor": self._on_create_actor_post,
-            "kill": self._on_kill, "cancel": self._on_cancel,
+            "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -327,6 +328,8 @@ class RuntimeNode:
                 pass
             driver.alive = False
             writer.close()
+            if not self._stopping:
+                self._client_gone(driver)
 
         self._driver_server = await asyncio.start_unix_server(on_driver, path=path,
                                                               limit=1 << 20)
@@ -455,6 +458,7 @@ class RuntimeNode:
         if self._stopping:
             return
         self.stats["worker_deaths"] += 1
+        self.refs.client_gone(worker)
         if worker.is_actor:
             actor = worker.actor
             if actor is not None and actor.worker is worker:
@@ -533,21 +537,36 @@ class RuntimeNode:
     def _on_put(self, message: dict, client) -> None:
         data = message["d"]
         entry = ObjectEntry(OK, data)
-        self.objects[message["oid"]] = entry
+        oid = message["oid"]
+        self.objects[oid] = entry
         if data[:1] == b"\x00" and serialization.is_store_ref(data):
             self.store_refs[serialization.store_cid(data)] += 1
+        self.refs.create(oid, client)
+        if "inner" in message:
+            self.refs.contain(oid, message["inner"])
 
     def _on_release(self, message: dict, client) -> None:
-        objects = self.objects
-        for oid in message["oids"]:
-            entry = objects.get(oid)
-            if entry is None:
-                continue
-            if entry.status == PENDING or entry.waiters:
-                entry.released = True
-                continue
-            del objects[oid]
-            self._forget(entry)
+        self.refs.release(message["oids"], client)
+
+    def _on_borrow(self, message: dict, client) -> None:
+        self.refs.hold(message["oid"], message.get("owner") or self.node_id, client)
+
+    def _free_object(self, oid: bytes) -> None:
+        """Nothing references the object any more: drop it (once sealed, if it is pending)."""
+        entry = self.objects.get(oid)
+        if entry is None:
+            return
+        if entry.status == PENDING or entry.waiters:
+            entry.released = True
+            return
+        del self.objects[oid]
+        self._forget(entry)
+
+    def _client_gone(self, client) -> None:
+        """An attached driver disconnected: its refs are released, its actors end with it."""
+        self.refs.client_gone(client)
+        for aid in getattr(client, "owned_actors", ()):
+            self._on_kill({"aid": aid, "no_restart": True}, None)
 
     def _forget(self, entry: ObjectEntry) -> None:
         if entry.cid is not None:
@@ -581,6 +600,7 @@ class RuntimeNode:
         if entry.released:
             self.objects.pop(oid, None)
             self._forget(entry)
+            self.refs.drop_contents(oid)
 
     async def _entries_for(self, oids: list, timeout: float | None, k: int | None = None):
         """Wait until k (default all) of the objects are sealed; returns their entries."""
@@ -678,11 +698,16 @@ class RuntimeNode:
         rec.client = client
         self.tasks[tid] = rec
         objects = self.objects
+        refs = self.refs
         if nret == STREAMING:
             self.streams[tid] = StreamState(opts.get("window") or DEFAULT_STREAM_WINDOW)
         else:
             for i in range(nret):
-                objects[object_id(tid, i)] = ObjectEntry()
+                oid = object_id(tid, i)
+                objects[oid] = ObjectEntry()
+                refs.create(oid, client)
+        if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
+            refs.pin_task(tid, refcount.task_arg_refs(message))
         parent = message.get("parent") or getattr(client, "current_task", None)
         if parent is not None:
             parent_rec = self.tasks.get(parent)
@@ -837,10 +862,15 @@ class RuntimeNode:
             for i in range(rec.nret):
                 self._seal(object_id(tid, i), ERROR, err)
         else:
+            inner = message.get("inner")
             for i, data in enumerate(message["vals"]):
+                if inner and inner[i]:  # counted before the seal, which may free the result
+                    self.refs.contain(object_id(tid, i), inner[i])
                 self._seal(object_id(tid, i), OK, data)
         rec.done = True
         self.tasks.pop(tid, None)
+        if tid in self.refs.task_pins:
+            self.refs.task_done(tid)
         if rec.pins:
             pins, rec.pins = rec.pins, None
             for cid in pins:
@@ -985,11 +1015,23 @@ class RuntimeNode:
                             "meta": record.opts.get("meta")}
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
+        self._adopt_actor(message, client)
         if self.cluster is not None:
             target = message.pop("host", None) or self.cluster.place_actor(message)
             if target is not None and target != self.node_id:
                 return self.cluster.create_remote_actor(message, target)
         return self.host_actor(message)
+
+    def _adopt_actor(self, message: dict, client) -> None:
+        """This node owns the actor it creates: it keeps the refs in its creation arguments and,
+        unless the actor is detached, ends it when the attached driver that made it goes."""
+        message.setdefault("owner", self.node_id)
+        if "inner" in message:
+            self.refs.pin_task(message["aid"], message.pop("inner"))
+        if isinstance(client, AttachedDriver) and message["opts"].get("lifetime") != "detached":
+            if not hasattr(client, "owned_actors"):
+                client.owned_actors = []
+            client.owned_actors.append(message["aid"])
 
     def host_actor(self, message: dict) -> dict:
         aid = message["aid"]
@@ -1053,7 +1095,11 @@ class RuntimeNode:
             self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
         else:
             for i in range(nret):
-                self.objects[object_id(tid, i)] = ObjectEntry()
+                oid = object_id(tid, i)
+                self.objects[oid] = ObjectEntry()
+                self.refs.create(oid, client)
+        if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
+            self.refs.pin_task(tid, refcount.task_arg_refs(message))
         if actor is None:
             if self.cluster is not None and (message.get("anode") != self.node_id
                                              or aid in self.cluster.actor_location):
@@ -1109,6 +1155,7 @@ class RuntimeNode:
                                      "its worker process died and no restarts are left")
             if actor.demand:
                 self.ledger.release("actor-" + actor.aid.hex())
+            self.refs.task_done(actor.aid)
             if actor.name and self.named_actors.get((actor.namespace, actor.name)) == actor.aid:
                 del self.named_actors[(actor.namespace, actor.name)]
                 if self.cluster is not None:

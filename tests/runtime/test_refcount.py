@@ -1,0 +1,158 @@
+"""Reference counting across processes and nodes (in the spirit of Ray's test_reference_counting).
+
+A driver node plus node processes on loopback. Each test makes an object large enough to live in
+a shared-memory store, moves refs to it around (inside other objects, into tasks and actors on
+other nodes, back inside results) and checks on the owner that the object stays while anything
+references it and is deleted from the store once nothing does, including when the borrowing node
+is killed.
+"""
+import gc
+
+import numpy as np
+import pytest
+
+import latticaray as lattica
+from latticaray.runtime import api, context, serialization
+
+from meshutil import NodeProcess, driver_with_nodes, wait_for
+
+N = 300_000  # 2.4 MB of float64: above the store threshold
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with driver_with_nodes(2) as cluster:
+        yield cluster
+
+
+def on(node_id: str):
+    return lattica.NodeAffinitySchedulingStrategy(node_id)
+
+
+def drop_refs() -> None:
+    """Finalize unreachable refs and send their releases to the node now."""
+    gc.collect()
+    context.current_core().flush_releases()
+
+
+def owner_node():
+    return api._runtime.node
+
+
+def in_driver_store(cid: str) -> bool:
+    return owner_node().store.contains(cid)
+
+
+@lattica.remote
+def sum_first(refs):
+    return float(lattica.get(refs[0]).sum())
+
+
+@lattica.remote
+def in_store_here(cid):
+    return serialization.get_store().contains(cid)
+
+
+@lattica.remote
+def make_nested(value):
+    ref = lattica.put(np.full(N, float(value)))
+    return [ref, ref.cid]  # the CID in the owner's store
+
+
+@lattica.remote
+class Holder:
+    def hold(self, refs):
+        self.refs = refs
+        return lattica.get_runtime_context().node_id
+
+    def total(self):
+        return float(lattica.get(self.refs[0]).sum())
+
+    def drop(self):
+        self.refs = None
+        return True
+
+
+def test_object_inside_another_lives_until_the_outer_is_released(mesh):
+    x = lattica.put(np.ones(N))
+    cid, xid = x.cid, x.id
+    outer = lattica.put([x])
+    del x
+    drop_refs()
+    # the outer object keeps it: readable here and from a task on another node
+    inner = lattica.get(outer)[0]
+    assert float(lattica.get(inner).sum()) == N
+    del inner
+    drop_refs()
+    assert lattica.get(sum_first.options(scheduling_strategy=on(mesh["nodes"][0].node_id))
+                       .remote(outer), timeout=60) == N
+    assert in_driver_store(cid) and xid in owner_node().objects
+    del outer
+    drop_refs()
+    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
+             "the inner object to be released with the outer one")
+
+
+def test_nested_ref_in_local_task_args_does_not_free_callers_object(mesh):
+    x = lattica.put(np.ones(N))
+    cid = x.cid
+    here = on(mesh["driver"])
+    # the worker deserializes and drops its copy; the driver's own ref must still count
+    assert lattica.get(sum_first.options(scheduling_strategy=here).remote([x]), timeout=60) == N
+    assert lattica.get(sum_first.options(scheduling_strategy=here).remote([x]), timeout=60) == N
+    assert float(lattica.get(x).sum()) == N
+    del x
+    drop_refs()
+    wait_for(lambda: not in_driver_store(cid), 20, "the object to be released")
+
+
+def test_ref_held_by_an_actor_on_another_node(mesh):
+    other = mesh["nodes"][1].node_id
+    holder = Holder.options(scheduling_strategy=on(other)).remote()
+    x = lattica.put(np.full(N, 2.0))
+    cid, xid = x.cid, x.id
+    assert lattica.get(holder.hold.remote([x]), timeout=60) == other
+    del x
+    drop_refs()
+    # only the borrower (the actor's node) keeps it alive now
+    assert lattica.get(holder.total.remote(), timeout=60) == 2.0 * N
+    assert in_driver_store(cid)
+    assert other in owner_node().refs.borrowers.get(xid, ())
+    assert lattica.get(holder.drop.remote(), timeout=30)
+    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
+             "the object to be released after the borrower dropped it")
+    lattica.kill(holder)
+
+
+def test_ref_returned_inside_a_result_lives_on_its_owner_until_dropped(mesh):
+    other = mesh["nodes"][0].node_id
+    lst = lattica.get(make_nested.options(scheduling_strategy=on(other)).remote(3), timeout=60)
+    ref, cid = lst
+    assert ref.owner == other
+    probe = in_store_here.options(scheduling_strategy=on(other))
+    assert float(lattica.get(ref, timeout=60).sum()) == 3.0 * N
+    assert lattica.get(probe.remote(cid), timeout=30)
+    del lst, ref
+    drop_refs()
+    wait_for(lambda: not lattica.get(probe.remote(cid), timeout=30), 20,
+             "the owner node to delete the object once the driver dropped its refs")
+
+
+def test_killed_borrower_node_does_not_pin_an_object(mesh):
+    extra = NodeProcess(mesh["addr"], mesh["invite"])
+    try:
+        wait_for(lambda: any(n["NodeID"] == extra.node_id and n["Alive"] and n.get("Resources")
+                             for n in lattica.nodes()), 30, "the extra node")
+        holder = Holder.options(scheduling_strategy=on(extra.node_id)).remote()
+        x = lattica.put(np.full(N, 5.0))
+        cid, xid = x.cid, x.id
+        assert lattica.get(holder.hold.remote([x]), timeout=60) == extra.node_id
+        del x
+        drop_refs()
+        assert lattica.get(holder.total.remote(), timeout=60) == 5.0 * N
+        assert extra.node_id in owner_node().refs.borrowers.get(xid, ())
+        extra.kill9()
+        wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
+                 "the object borrowed by the killed node to be released")
+    finally:
+        extra.stop()
