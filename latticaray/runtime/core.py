@@ -19,6 +19,7 @@ from latticaray.runtime.protocol import OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
 
 RELEASE_BATCH = 64
+_NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
 
 def raise_error_value(data: bytes):
@@ -31,8 +32,32 @@ def raise_error_value(data: bytes):
 def decode_value(entry) -> object:
     status, data = entry
     if status == OK:
-        return serialization.deserialize(data)
+        core = context.current_core()
+        if core is None:
+            return serialization.deserialize(data)
+        with core.borrowing():
+            return serialization.deserialize(data)
     raise_error_value(data)
+
+
+class _Borrowing:
+    """Refs deserialized inside this block are registered with the node in one message."""
+
+    __slots__ = ("core", "outer")
+
+    def __init__(self, core: "CoreClient"):
+        self.core = core
+
+    def __enter__(self) -> None:
+        local = self.core._borrow_local
+        self.outer = getattr(local, "batch", None)
+        local.batch = []
+
+    def __exit__(self, *exc) -> None:
+        local = self.core._borrow_local
+        batch, local.batch = local.batch, self.outer
+        if batch:
+            self.core.post_borrows(batch)
 
 
 class CoreClient:
@@ -48,6 +73,7 @@ class CoreClient:
         self._shipped: set[bytes] = set()
         self._release_queue: list[bytes] = []
         self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
+        self._borrow_local = threading.local()
 
     # ---- transport (subclasses)
     def post(self, message: dict) -> None:
@@ -85,13 +111,21 @@ class CoreClient:
             counts[oid] = held + 1
             if held:
                 return
-            if oid in self._release_queue:  # its release must reach the node before the borrow
-                batch, self._release_queue = self._release_queue, []
-            else:
-                batch = None
-        if batch:
-            self.post({"op": "release", "oids": batch})
-        self.post({"op": "borrow", "oid": oid, "owner": owner})
+        batch = getattr(self._borrow_local, "batch", None)
+        if batch is not None:
+            batch.append([oid, owner])
+        else:
+            self.post_borrows([[oid, owner]])
+
+    def borrowing(self) -> _Borrowing:
+        return _Borrowing(self)
+
+    def post_borrows(self, refs: list) -> None:
+        with self._lock:  # a queued release of one of them must reach the node first
+            releases, self._release_queue = self._release_queue, []
+        if releases:
+            self.post({"op": "release", "oids": releases})
+        self.post({"op": "borrow", "refs": refs})
 
     def escape_ref(self, ref: ObjectRef) -> None:
         self._escaped.add(ref.id)
@@ -172,6 +206,9 @@ class CoreClient:
 
     def put(self, value) -> ObjectRef:
         oid = object_id(ids.next_id(), 0)
+        if type(value) in _NO_REFS:
+            self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
+            return ObjectRef(oid, self.node_id)
         with collect_refs() as inner:
             data = serialization.serialize(value)
         message = {"op": "put", "oid": oid, "d": data}

@@ -120,6 +120,7 @@ class LocalClient:
 
     kind = "driver"
     current_task = None
+    ref_holds = None  # its holds end with the node: not tracked per process
 
     def __init__(self, node_id: str):
         self.node_id = node_id
@@ -142,6 +143,7 @@ class WorkerHandle:
         self.blocked = 0
         self.actor = None
         self._early: list[bytes] = []
+        refcount.track_holds(self)
 
     def send(self, message: dict) -> None:
         if not self.alive:
@@ -181,6 +183,7 @@ class AttachedDriver:
         self.alive = True
         self.tasks: dict = {}
         self.blocked = 0
+        refcount.track_holds(self)
 
     def send(self, message: dict) -> None:
         if self.alive:
@@ -549,7 +552,9 @@ class RuntimeNode:
         self.refs.release(message["oids"], client)
 
     def _on_borrow(self, message: dict, client) -> None:
-        self.refs.hold(message["oid"], message.get("owner") or self.node_id, client)
+        hold = self.refs.hold
+        for oid, owner in message["refs"]:
+            hold(oid, owner or self.node_id, client)
 
     def _free_object(self, oid: bytes) -> None:
         """Nothing references the object any more: drop it (once sealed, if it is pending)."""

@@ -36,14 +36,10 @@ BORROW = 1
 UNBORROW = 0
 
 
-def _holds_of(client) -> dict | None:
-    """Per-process holds, so that a process that dies gives back what it held."""
-    if client is None or client.kind == "remote":
-        return None
-    holds = getattr(client, "ref_holds", None)
-    if holds is None:
-        holds = client.ref_holds = {}
-    return holds
+def track_holds(client) -> None:
+    """Count what this process (a worker, an attached driver) holds, so that when it dies or
+    disconnects its holds are given back. The embedded driver dies with its node: not tracked."""
+    client.ref_holds = {}
 
 
 class RefTable:
@@ -64,10 +60,10 @@ class RefTable:
     # ------------------------------------------------------------------ holds
     def create(self, oid: bytes, client) -> None:
         """An object this node owns, held by the process that created its ref."""
-        if client is not None and client.kind == "remote":
+        if client.kind == "remote":
             return  # the caller node owns it; this node only runs the task
         self.counts[oid] = 1
-        holds = _holds_of(client)
+        holds = getattr(client, "ref_holds", None)
         if holds is not None:
             holds[oid] = holds.get(oid, 0) + 1
 
@@ -86,14 +82,15 @@ class RefTable:
                 return False
         else:
             counts[oid] = held + 1
-        holds = _holds_of(client)
+        holds = getattr(client, "ref_holds", None)
         if holds is not None:
             holds[oid] = holds.get(oid, 0) + 1
         return True
 
     def release(self, oids, client) -> None:
         """A process let go of its last ref to each of `oids`."""
-        holds = _holds_of(client)
+        holds = getattr(client, "ref_holds", None)
+        counts = self.counts
         for oid in oids:
             if holds is not None:
                 left = holds.get(oid, 0) - 1
@@ -101,10 +98,16 @@ class RefTable:
                     holds[oid] = left
                 else:
                     holds.pop(oid, None)
-            if oid in self.counts:
-                self.unhold(oid)
-            else:
+            held = counts.get(oid)
+            if held is None:
                 self.node._free_object(oid)  # never counted: freed on its only release
+            elif held > 1:
+                counts[oid] = held - 1
+            elif oid in self.owners or oid in self.borrowers or oid in self.contents:
+                self.unhold(oid)
+            else:  # the common case: an object only this process referenced
+                del counts[oid]
+                self.node._free_object(oid)
 
     def unhold(self, oid: bytes) -> None:
         counts = self.counts
@@ -128,9 +131,9 @@ class RefTable:
     def _free(self, oid: bytes) -> None:
         self.counts.pop(oid, None)
         self.borrowers.pop(oid, None)
-        self.stats["freed"] += 1
         self.node._free_object(oid)
-        self.drop_contents(oid)
+        if self.contents:
+            self.drop_contents(oid)
 
     def client_gone(self, client) -> None:
         """A process of this node died or disconnected: its holds go with it."""

@@ -151,12 +151,13 @@ class StreamCredit:
 
 
 def decode_args(encoded):
-    if encoded[0] == "b":
-        return serialization.deserialize(encoded[1])
-    _, positional, keyword = encoded
-    args = [serialization.deserialize(item[1]) for item in positional]
-    kwargs = {key: serialization.deserialize(item[1]) for key, item in keyword.items()}
-    return args, kwargs
+    with context.require_core().borrowing():  # refs inside: one registration message
+        if encoded[0] == "b":
+            return serialization.deserialize(encoded[1])
+        _, positional, keyword = encoded
+        args = [serialization.deserialize(item[1]) for item in positional]
+        kwargs = {key: serialization.deserialize(item[1]) for key, item in keyword.items()}
+        return args, kwargs
 
 
 def encode_error(function_name: str, exc: BaseException, node_id: str) -> tuple[bytes, list[str]]:
