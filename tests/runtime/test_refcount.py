@@ -6,13 +6,19 @@ other nodes, back inside results) and checks on the owner that the object stays 
 references it and is deleted from the store once nothing does, including when the borrowing node
 is killed.
 """
+import asyncio
 import gc
+import time
 
+import msgpack
 import numpy as np
 import pytest
 
 import latticaray as lattica
+from latticaray.mesh.errors import RpcError
+from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime import api, context, serialization
+from latticaray.runtime.cluster import REF_PROTOCOL
 
 from meshutil import NodeProcess, driver_with_nodes, wait_for
 
@@ -57,6 +63,28 @@ def in_store_here(cid):
 def make_nested(value):
     ref = lattica.put(np.full(N, float(value)))
     return [ref, ref.cid]  # the CID in the owner's store
+
+
+@lattica.remote
+class Gate:
+    def __init__(self):
+        self.opened = False
+
+    def open(self):
+        self.opened = True
+
+    def is_open(self):
+        return self.opened
+
+
+@lattica.remote
+def hold_until_open(refs, gate):
+    deadline = time.monotonic() + 60
+    while not lattica.get(gate.is_open.remote()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate was never opened")
+        time.sleep(0.02)
+    return [float(lattica.get(refs[0]).sum()), refs[0]]
 
 
 @lattica.remote
@@ -156,3 +184,66 @@ def test_killed_borrower_node_does_not_pin_an_object(mesh):
                  "the object borrowed by the killed node to be released")
     finally:
         extra.stop()
+
+
+def test_ref_passed_to_a_task_on_another_node_lives_while_it_runs(mesh):
+    other = mesh["nodes"][1].node_id
+    gate = Gate.options(scheduling_strategy=on(mesh["driver"])).remote()
+    x = lattica.put(np.full(N, 4.0))
+    cid, xid = x.cid, x.id
+    result = hold_until_open.options(scheduling_strategy=on(other)).remote([x], gate)
+    del x
+    drop_refs()
+    lattica.get(gate.is_open.remote(), timeout=30)  # the node has taken in the release
+    assert in_driver_store(cid) and xid in owner_node().objects
+    gate.open.remote()
+    total, back = lattica.get(result, timeout=60)
+    assert total == 4.0 * N
+    # the task returned the ref inside its result: the result keeps it now
+    del result
+    drop_refs()
+    assert float(lattica.get(back).sum()) == 4.0 * N
+    del back
+    drop_refs()
+    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
+             "the object to be released once the task and its result are gone")
+    lattica.kill(gate)
+
+
+def test_dead_worker_gives_back_its_refs(mesh):
+    holder = Holder.options(scheduling_strategy=on(mesh["driver"])).remote()
+    x = lattica.put(np.full(N, 6.0))
+    cid = x.cid
+    assert lattica.get(holder.hold.remote([x]), timeout=60) == mesh["driver"]
+    del x
+    drop_refs()
+    assert lattica.get(holder.total.remote(), timeout=60) == 6.0 * N
+    assert in_driver_store(cid)
+    lattica.kill(holder)  # its worker process is killed without releasing anything
+    wait_for(lambda: not in_driver_store(cid), 20, "the dead worker's refs to be released")
+
+
+def test_non_member_cannot_borrow_or_release(mesh):
+    """Registrations are refused before decoding when the caller is not a member."""
+    x = lattica.put(np.ones(N))
+    cid = x.cid
+
+    async def attempt():
+        stranger = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"]))
+        await stranger.start()
+        try:
+            peer = await stranger.connect(mesh["addr"], timeout=10)
+            try:
+                await stranger.call(peer, REF_PROTOCOL, msgpack.packb(
+                    {"ops": [[1, x.id]]}, use_bin_type=True), timeout=10)
+            except RpcError as exc:
+                return exc.code
+            return "accepted"
+        finally:
+            await stranger.stop()
+
+    assert asyncio.run(attempt()) == "PERMISSION_DENIED"
+    assert x.id not in owner_node().refs.borrowers
+    del x
+    drop_refs()
+    wait_for(lambda: not in_driver_store(cid), 20, "the object to be released (no stranger pin)")
