@@ -803,6 +803,10 @@ class MeshCluster:
             yield bytes(view[start:start + CHUNK])
 
     # ------------------------------------------------------------------ reference counts
+    def is_alive(self, node_id: str) -> bool:
+        state = self.peers.get(node_id)
+        return state is not None and state.alive
+
     async def ref_call(self, owner: str, ops: list) -> None:
         state = self.peers.get(owner)
         if state is None or not state.alive:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 BORROW = 1
 UNBORROW = 0
+DELIVERY_ATTEMPTS = 4  # to an owner that is still a live member (a connection being replaced)
+RETRY_DELAY = 0.25
 
 
 def track_holds(client) -> None:
@@ -236,13 +238,25 @@ class RefTable:
                     self._queues.pop(owner, None)
                     return
                 self._queues[owner] = []
-                try:
-                    await self.node.cluster.ref_call(owner, batch)
-                    self.stats["ref_calls"] += 1
-                except Exception as exc:  # the owner is gone: its objects went with it
-                    log.debug("reference updates to %s not delivered: %r", owner, exc)
+                await self._deliver(owner, batch)
         finally:
             self._senders.pop(owner, None)
+
+    async def _deliver(self, owner: str, batch: list) -> None:
+        cluster = self.node.cluster
+        for attempt in range(DELIVERY_ATTEMPTS):
+            try:
+                await cluster.ref_call(owner, batch)
+                self.stats["ref_calls"] += 1
+                return
+            except Exception as exc:
+                if not cluster.is_alive(owner):  # the owner is gone: its objects went with it
+                    log.debug("reference updates to %s dropped: %r", owner, exc)
+                    return
+                log.info("reference updates to %s failed (attempt %d): %r", owner,
+                         attempt + 1, exc)
+                await asyncio.sleep(RETRY_DELAY * (attempt + 1))
+        self.stats["ref_updates_lost"] += len(batch)
 
     def unsettled(self) -> bool:
         return bool(self._senders)

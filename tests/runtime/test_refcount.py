@@ -17,7 +17,7 @@ import pytest
 import latticaray as lattica
 from latticaray.mesh.errors import RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
-from latticaray.runtime import api, context, serialization
+from latticaray.runtime import api, context, refcount, serialization
 from latticaray.runtime.cluster import REF_PROTOCOL
 
 from meshutil import NodeProcess, driver_with_nodes, wait_for
@@ -247,3 +247,112 @@ def test_non_member_cannot_borrow_or_release(mesh):
     del x
     drop_refs()
     wait_for(lambda: not in_driver_store(cid), 20, "the object to be released (no stranger pin)")
+
+
+# ---------------------------------------------------------------------- RefTable on its own
+class FakeClient:
+    kind = "worker"
+
+    def __init__(self):
+        refcount.track_holds(self)
+
+
+class FakeCluster:
+    def __init__(self):
+        self.calls = []
+        self.alive = {"owner-node"}
+
+    def is_alive(self, node_id):
+        return node_id in self.alive
+
+    async def ref_call(self, owner, ops):
+        self.calls.append((owner, [list(op) for op in ops]))
+
+
+class FakeNode:
+    def __init__(self):
+        self.node_id = "this-node"
+        self.objects = {}
+        self.freed = []
+        self.cluster = FakeCluster()
+        self.loop = None
+
+    def _free_object(self, oid):
+        if self.objects.pop(oid, None) is not None:
+            self.freed.append(oid)
+
+
+def table_with(*oids):
+    node = FakeNode()
+    table = refcount.RefTable(node)
+    creator = FakeClient()
+    for oid in oids:
+        node.objects[oid] = object()
+        table.create(oid, creator)
+    return node, table, creator
+
+
+def test_table_containment_frees_inner_after_outer():
+    node, table, creator = table_with(b"inner", b"outer")
+    table.contain(b"outer", [[b"inner", "this-node"]])
+    table.release([b"inner"], creator)
+    assert node.freed == []
+    table.release([b"outer"], creator)
+    assert node.freed == [b"outer", b"inner"]
+    assert not table.counts and not table.contents
+
+
+def test_table_borrower_keeps_object_until_it_unborrows_or_dies():
+    node, table, creator = table_with(b"x", b"y")
+    table.on_ops("peer-b", [[refcount.BORROW, b"x"], [refcount.BORROW, b"y"]])
+    table.release([b"x", b"y"], creator)
+    assert node.freed == [] and table.counts == {b"x": 0, b"y": 0}
+    table.on_ops("peer-b", [[refcount.UNBORROW, b"x"]])
+    assert node.freed == [b"x"]
+    table.node_gone("peer-b")
+    assert node.freed == [b"x", b"y"]
+    table.on_ops("peer-c", [[refcount.BORROW, b"x"]])  # too late: already released
+    assert b"x" not in table.borrowers
+
+
+def test_table_dead_process_gives_back_its_holds():
+    node, table, creator = table_with(b"x")
+    worker = FakeClient()
+    table.hold(b"x", "this-node", worker)
+    table.hold(b"x", "this-node", worker)
+    table.release([b"x"], creator)
+    assert node.freed == []
+    table.client_gone(worker)
+    assert node.freed == [b"x"]
+
+
+def test_table_registers_borrows_with_the_owner_in_order():
+    async def scenario():
+        node = FakeNode()
+        node.loop = asyncio.get_running_loop()
+        table = refcount.RefTable(node)
+        table.hold(b"r", "owner-node")
+        table.hold(b"r", "owner-node")
+        table.unhold(b"r")
+        table.unhold(b"r")
+        table.hold(b"r", "owner-node")
+        assert table.unsettled()
+        await table.settled()
+        assert not table.unsettled()
+        return node.cluster.calls
+
+    calls = asyncio.run(scenario())
+    ops = [op for owner, batch in calls for op in batch]
+    assert {owner for owner, _ in calls} == {"owner-node"}
+    assert ops == [[1, b"r"], [0, b"r"], [1, b"r"]]
+
+
+def test_table_forwarded_results_held_until_the_caller_acknowledges():
+    node, table, creator = table_with(b"inner", b"result")
+    table.contain(b"result", [[b"inner", "this-node"]])
+    table.release([b"inner"], creator)
+    assert table.forward(b"task", "caller", [b"result"]) == [[b"inner", "this-node"]]
+    table.held(b"task", "someone-else")
+    assert node.freed == []
+    table.held(b"task", "caller")
+    assert node.freed == [b"inner"]
