@@ -134,6 +134,24 @@ def test_nested_ref_in_local_task_args_does_not_free_callers_object(mesh):
     wait_for(lambda: not in_driver_store(cid), 20, "the object to be released")
 
 
+@lattica.remote
+def total_len(blob):
+    return len(blob)
+
+
+def test_ref_argument_outlives_the_callers_ref_until_the_task_ran(mesh):
+    # 300 KiB: inline (not in the store) and fetched by the executor from the owner by id
+    strategy = on(mesh["nodes"][0].node_id)
+    results = []
+    for i in range(5):
+        x = lattica.put(bytes([i]) * (300 << 10))
+        results.append(total_len.options(scheduling_strategy=strategy).remote(x))
+        del x
+        drop_refs()
+    assert lattica.get(results, timeout=60) == [300 << 10] * 5
+    wait_for(lambda: not owner_node().refs.task_pins, 10, "the tasks' argument pins to go")
+
+
 def test_ref_held_by_an_actor_on_another_node(mesh):
     other = mesh["nodes"][1].node_id
     holder = Holder.options(scheduling_strategy=on(other)).remote()
