@@ -208,8 +208,8 @@ class MeshCluster:
         mesh.register_unary(VIEW_PROTOCOL, self._serve_view)
         mesh.register_bidi(TASK_PROTOCOL, self._serve_session)
         mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
-        mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
         mesh.register_unary(REF_PROTOCOL, self._serve_ref)
+        mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
         mesh.on_peer_connected(lambda peer: self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
         self.spawn(self._view_loop())
@@ -377,11 +377,11 @@ class MeshCluster:
         if state is None or not state.alive:
             return
         state.alive = False
+        self.node.refs.node_gone(node_id)
+        refcount.kill_orphaned_actors(self.node, node_id)
         self.stats["peers_lost"] += 1
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
-        self.node.refs.node_gone(node_id)
-        refcount.kill_orphaned_actors(self.node, node_id)
         if state.session_task is not None:
             state.session_task.cancel()
         inflight = list(state.inflight.values())
@@ -943,11 +943,12 @@ class MeshCluster:
 
     def kill_remote_actor(self, message: dict) -> None:
         aid = message["aid"]
+        if message.get("no_restart", True):
+            self.node.refs.task_done(aid)  # its creation arguments are not needed again
         owned = self.owned_actors.get(aid)
         host = self.actor_location.get(aid) or message.get("anode")
         if owned is not None and message.get("no_restart", True):
             owned.dead_cause = "it was killed with kill()"
-            self.node.refs.task_done(aid)
         self._send(host, {"k": "kill", "aid": aid, "no_restart": message.get("no_restart", True)})
 
     # ------------------------------------------------------------------ named actors
