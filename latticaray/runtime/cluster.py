@@ -112,6 +112,7 @@ class RemoteClient:
 
     kind = "remote"
     current_task = None
+    ref_holds = None  # its caller node counts the refs
 
     def __init__(self, cluster: "MeshCluster", node_id: str, outbox: asyncio.Queue):
         self.cluster = cluster

@@ -48,6 +48,8 @@ class RefTable:
     """One node's reference counts (owned and borrowed objects), borrowers and containment."""
 
     def __init__(self, node):
+        from latticaray.runtime.node import PENDING
+        self._pending = PENDING
         self.node = node
         self.counts: dict[bytes, int] = {}           # oid -> holds on this node
         self.owners: dict[bytes, str] = {}           # borrowed oid -> its owner node
@@ -62,12 +64,12 @@ class RefTable:
     # ------------------------------------------------------------------ holds
     def create(self, oid: bytes, client) -> None:
         """An object this node owns, held by the process that created its ref."""
-        if client.kind == "remote":
-            return  # the caller node owns it; this node only runs the task
-        self.counts[oid] = 1
-        holds = getattr(client, "ref_holds", None)
+        holds = client.ref_holds
         if holds is not None:
             holds[oid] = holds.get(oid, 0) + 1
+        elif client.kind == "remote":
+            return  # the caller node owns it; this node only runs the task
+        self.counts[oid] = 1
 
     def hold(self, oid: bytes, owner: str, client=None) -> bool:
         """One more hold; False if the object is already gone from its owner (this node)."""
@@ -91,8 +93,10 @@ class RefTable:
 
     def release(self, oids, client) -> None:
         """A process let go of its last ref to each of `oids`."""
-        holds = getattr(client, "ref_holds", None)
+        holds = client.ref_holds
         counts = self.counts
+        objects = self.node.objects
+        pending = self._pending
         for oid in oids:
             if holds is not None:
                 left = holds.get(oid, 0) - 1
@@ -101,15 +105,23 @@ class RefTable:
                 else:
                     holds.pop(oid, None)
             held = counts.get(oid)
-            if held is None:
-                self.node._free_object(oid)  # never counted: freed on its only release
-            elif held > 1:
-                counts[oid] = held - 1
-            elif oid in self.owners or oid in self.borrowers or oid in self.contents:
-                self.unhold(oid)
-            else:  # the common case: an object only this process referenced
-                del counts[oid]
-                self.node._free_object(oid)
+            if held is not None:
+                if held > 1:
+                    counts[oid] = held - 1
+                    continue
+                if oid in self.owners or oid in self.borrowers or oid in self.contents:
+                    self.unhold(oid)
+                    continue
+                del counts[oid]  # the common case: an object only this process referenced
+            # (an object never counted, e.g. a stream item, is freed on its only release)
+            entry = objects.get(oid)
+            if entry is None:
+                continue
+            if entry.status == pending or entry.waiters:
+                entry.released = True
+                continue
+            del objects[oid]
+            self.node._forget(entry)
 
     def unhold(self, oid: bytes) -> None:
         counts = self.counts
