@@ -545,6 +545,8 @@ class MeshCluster:
             if rec is None or rec.done:
                 return
             rec.remote_peer = None
+            if message.get("inner"):  # refs inside the results: the executor holds them until
+                message["held_by"] = state.node_id  # node._complete has counted them here
             if "vals" in message:
                 message["vals"] = [v if v is not None else b"".join(state.parts.pop((tid, i), []))
                                    for i, v in enumerate(message["vals"])]
@@ -561,27 +563,18 @@ class MeshCluster:
                 def complete(rec=rec, message=message, by_ref=by_ref):
                     self._send(state.node_id, {"k": "fetched", "cids": by_ref})
                     if state.inflight.pop(rec.tid, None) is not None and not rec.done:
-                        self._complete_remote(state, rec, message)
+                        self.node._complete(rec, message)
                 self.spawn(self._fetch_then(missing, state.node_id, complete))
                 return
             if by_ref:
                 self._send(state.node_id, {"k": "fetched", "cids": by_ref})
-            self._complete_remote(state, rec, message)
+            self.node._complete(rec, message)
             return
         if kind == "created":
             owned = self.owned_actors.get(message["aid"])
             if owned is not None and message.get("error") is not None:
                 owned.dead_cause = str(serialization.deserialize(message["error"]))
                 self._fail_actor_calls(owned.aid, owned.dead_cause)
-
-    def _complete_remote(self, state: PeerState, rec: TaskRecord, message: dict) -> None:
-        self.node._complete(rec, message)
-        if message.get("inner"):  # refs inside the results: the executor holds them until then
-            self.spawn(self._ack_held(state.node_id, rec.tid))
-
-    async def _ack_held(self, node_id: str, tid: bytes) -> None:
-        await self.node.refs.settled()
-        self._send(node_id, {"k": "held", "tid": tid})
 
     def _wire_args(self, args: list) -> list:
         if args[0] == "b":
@@ -807,6 +800,14 @@ class MeshCluster:
     def is_alive(self, node_id: str) -> bool:
         state = self.peers.get(node_id)
         return state is not None and state.alive
+
+    def ack_held(self, node_id: str, tid: bytes) -> None:
+        """Refs inside a task's results are counted here: the executor may let go of them once
+        this node's own registrations are through."""
+        async def ack():
+            await self.node.refs.settled()
+            self._send(node_id, {"k": "held", "tid": tid})
+        self.spawn(ack())
 
     async def ref_call(self, owner: str, ops: list) -> None:
         state = self.peers.get(owner)

@@ -252,7 +252,7 @@ class RuntimeNode:
         self.refs = refcount.RefTable(self)
         self._post_handlers = {
             "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
-            "release": self._on_release, "create_actor": self._on_create_actor_post,
+            "release": self._on_release_counted, "create_actor": self._on_create_actor_post,
             "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
         }
 
@@ -549,23 +549,26 @@ class RuntimeNode:
             self.refs.contain(oid, message["inner"])
 
     def _on_release(self, message: dict, client) -> None:
+        objects = self.objects
+        for oid in message["oids"]:
+            entry = objects.get(oid)
+            if entry is None:
+                continue
+            if entry.status == PENDING or entry.waiters:
+                entry.released = True
+                continue
+            del objects[oid]
+            self._forget(entry)
+
+    def _on_release_counted(self, message: dict, client) -> None:
+        """A process dropped its last ref to these: objects nothing else holds are freed (by
+        `_on_release`, which drops them once sealed)."""
         self.refs.release(message["oids"], client)
 
     def _on_borrow(self, message: dict, client) -> None:
         hold = self.refs.hold
         for oid, owner in message["refs"]:
             hold(oid, owner or self.node_id, client)
-
-    def _free_object(self, oid: bytes) -> None:
-        """Nothing references the object any more: drop it (once sealed, if it is pending)."""
-        entry = self.objects.get(oid)
-        if entry is None:
-            return
-        if entry.status == PENDING or entry.waiters:
-            entry.released = True
-            return
-        del self.objects[oid]
-        self._forget(entry)
 
     def _client_gone(self, client) -> None:
         """An attached driver disconnected: its refs are released, its actors end with it."""
@@ -872,6 +875,8 @@ class RuntimeNode:
                 if inner and inner[i]:  # counted before the seal, which may free the result
                     self.refs.contain(object_id(tid, i), inner[i])
                 self._seal(object_id(tid, i), OK, data)
+            if inner and "held_by" in message:
+                self.cluster.ack_held(message["held_by"], tid)
         rec.done = True
         self.tasks.pop(tid, None)
         if tid in self.refs.task_pins:

@@ -48,8 +48,6 @@ class RefTable:
     """One node's reference counts (owned and borrowed objects), borrowers and containment."""
 
     def __init__(self, node):
-        from latticaray.runtime.node import PENDING
-        self._pending = PENDING
         self.node = node
         self.counts: dict[bytes, int] = {}           # oid -> holds on this node
         self.owners: dict[bytes, str] = {}           # borrowed oid -> its owner node
@@ -95,8 +93,7 @@ class RefTable:
         """A process let go of its last ref to each of `oids`."""
         holds = client.ref_holds
         counts = self.counts
-        objects = self.node.objects
-        pending = self._pending
+        free = []
         for oid in oids:
             if holds is not None:
                 left = holds.get(oid, 0) - 1
@@ -114,14 +111,9 @@ class RefTable:
                     continue
                 del counts[oid]  # the common case: an object only this process referenced
             # (an object never counted, e.g. a stream item, is freed on its only release)
-            entry = objects.get(oid)
-            if entry is None:
-                continue
-            if entry.status == pending or entry.waiters:
-                entry.released = True
-                continue
-            del objects[oid]
-            self.node._forget(entry)
+            free.append(oid)
+        if free:
+            self.node._on_release({"op": "release", "oids": free}, client)
 
     def unhold(self, oid: bytes) -> None:
         counts = self.counts
@@ -145,7 +137,7 @@ class RefTable:
     def _free(self, oid: bytes) -> None:
         self.counts.pop(oid, None)
         self.borrowers.pop(oid, None)
-        self.node._free_object(oid)
+        self.node._on_release({"op": "release", "oids": [oid]}, None)
         if self.contents:
             self.drop_contents(oid)
 

@@ -295,9 +295,10 @@ class FakeNode:
         self.cluster = FakeCluster()
         self.loop = None
 
-    def _free_object(self, oid):
-        if self.objects.pop(oid, None) is not None:
-            self.freed.append(oid)
+    def _on_release(self, message, client):
+        for oid in message["oids"]:
+            if self.objects.pop(oid, None) is not None:
+                self.freed.append(oid)
 
 
 def table_with(*oids):
