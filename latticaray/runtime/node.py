@@ -875,12 +875,12 @@ class RuntimeNode:
                 if inner and inner[i]:  # counted before the seal, which may free the result
                     self.refs.contain(object_id(tid, i), inner[i])
                 self._seal(object_id(tid, i), OK, data)
-            if inner and "held_by" in message:
-                self.cluster.ack_held(message["held_by"], tid)
         rec.done = True
         self.tasks.pop(tid, None)
         if tid in self.refs.task_pins:
             self.refs.task_done(tid)
+        if "held_by" in message:  # refs inside remote results are counted here now
+            self.cluster.ack_held(message["held_by"], tid)
         if rec.pins:
             pins, rec.pins = rec.pins, None
             for cid in pins:
