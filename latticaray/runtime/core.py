@@ -19,6 +19,7 @@ from latticaray.runtime.protocol import OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
 
 RELEASE_BATCH = 64
+REF_MARK = b"_rebuild_ref"
 _NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
 
@@ -33,7 +34,8 @@ def decode_value(entry) -> object:
     status, data = entry
     if status == OK:
         core = context.current_core()
-        if core is None:
+        # a pickle holding refs names their rebuild function; a store value may hold refs too
+        if core is None or REF_MARK not in data and not serialization.is_store_ref(data):
             return serialization.deserialize(data)
         with core.borrowing():
             return serialization.deserialize(data)
@@ -149,6 +151,9 @@ class CoreClient:
         keeps them alive until the task is done)."""
         has_ref = any(type(a) is ObjectRef for a in args) or any(
             type(v) is ObjectRef for v in kwargs.values())
+        if not has_ref and all(type(a) in _NO_REFS for a in args) and all(
+                type(v) in _NO_REFS for v in kwargs.values()):
+            return ["b", serialization.serialize((args, kwargs))]
         with collect_refs() as inner:
             if not has_ref:
                 encoded = ["b", serialization.serialize((args, kwargs))]
