@@ -119,6 +119,17 @@ class CoreClient:
         else:
             self.post_borrows([[oid, owner]])
 
+    def put_counted(self, value) -> ObjectRef:
+        """`put`, and the refs pickled inside the value live as long as the object (the node
+        counts them as its contents, told right behind the put on the same channel)."""
+        if type(value) in _NO_REFS:
+            return self.put(value)
+        with collect_refs() as inner:
+            ref = self.put(value)
+        if inner:
+            self.post({"op": "contain", "oid": ref.id, "inner": inner})
+        return ref
+
     def borrowing(self) -> _Borrowing:
         return _Borrowing(self)
 
@@ -211,15 +222,7 @@ class CoreClient:
 
     def put(self, value) -> ObjectRef:
         oid = object_id(ids.next_id(), 0)
-        if type(value) in _NO_REFS:
-            self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
-            return ObjectRef(oid, self.node_id)
-        with collect_refs() as inner:
-            data = serialization.serialize(value)
-        message = {"op": "put", "oid": oid, "d": data}
-        if inner:
-            message["inner"] = inner  # the node keeps them alive as long as this object
-        self.post(message)
+        self.post({"op": "put", "oid": oid, "d": serialization.serialize(value)})
         return ObjectRef(oid, self.node_id)
 
     def get(self, refs: list[ObjectRef], timeout: float | None):

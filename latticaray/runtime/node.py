@@ -251,7 +251,8 @@ class RuntimeNode:
         self.seal_cond = threading.Condition()
         self.refs = refcount.RefTable(self)
         self._post_handlers = {
-            "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
+            "submit": self._on_submit, "actor_call": self._on_actor_call,
+            "put": self._on_put_counted, "contain": self._on_contain,
             "release": self._on_release_counted, "create_actor": self._on_create_actor_post,
             "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
         }
@@ -540,13 +541,17 @@ class RuntimeNode:
     def _on_put(self, message: dict, client) -> None:
         data = message["d"]
         entry = ObjectEntry(OK, data)
-        oid = message["oid"]
-        self.objects[oid] = entry
+        self.objects[message["oid"]] = entry
         if data[:1] == b"\x00" and serialization.is_store_ref(data):
             self.store_refs[serialization.store_cid(data)] += 1
-        self.refs.create(oid, client)
-        if "inner" in message:
-            self.refs.contain(oid, message["inner"])
+
+    def _on_put_counted(self, message: dict, client) -> None:
+        self._on_put(message, client)
+        self.refs.create(message["oid"], client)
+
+    def _on_contain(self, message: dict, client) -> None:
+        """Refs pickled inside a put object: they live as long as it does."""
+        self.refs.contain(message["oid"], message["inner"])
 
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
