@@ -489,7 +489,7 @@ def put(value) -> ObjectRef:
     """Store `value` in the object store; returns its ref (whose `.cid` names it mesh-wide)."""
     if isinstance(value, ObjectRef):
         raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself")
-    return context.require_core().put(value)
+    return context.require_core().put_counted(value)
 
 
 def wait(refs: list[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,

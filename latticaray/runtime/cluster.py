@@ -12,6 +12,7 @@ Protocols (all payloads msgpack; see docs/protocol/runtime.md):
                                       stream items and chunked large values out
   /latticaray/object/1        server  an object by id (from its owner) or by CID (from a holder)
   /latticaray/names/1         unary   named-actor claims and lookups at the name's arbiter
+  /latticaray/ref/1           unary   borrow / unborrow registrations at an object's owner
 Every handler refuses non-members before it decodes anything beyond the admission request.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import KeyPair, PeerId
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.rpc import Status
-from latticaray.runtime import serialization
+from latticaray.runtime import refcount, serialization
 from latticaray.runtime.admission import Admission, MeshKey
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
                                        NodeDiedError, ObjectLostError,
@@ -49,6 +50,8 @@ VIEW_PROTOCOL = "/latticaray/runtime-view/1"
 TASK_PROTOCOL = "/latticaray/task/1"
 OBJECT_PROTOCOL = "/latticaray/object/1"
 NAMES_PROTOCOL = "/latticaray/names/1"
+REF_PROTOCOL = "/latticaray/ref/1"
+MAX_REF_OPS = 65536
 
 VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
@@ -157,6 +160,7 @@ class RemoteClient:
 
     kind = "remote"
     current_task = None
+    ref_holds = None  # its caller node counts the refs
 
     def __init__(self, cluster: "MeshCluster", node_id: str, outbox: asyncio.Queue):
         self.cluster = cluster
@@ -192,6 +196,10 @@ class RemoteClient:
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
+            if message.get("inner"):  # held here until the caller holds them (`held`)
+                node.refs.forward(tid, self.node_id,
+                                  [object_id(tid, i) for i in range(rec.nret)])
+                out["inner"] = message["inner"]
             sent_by_ref = {i for i, v in enumerate(out.get("vals") or [])
                            if serialization.is_store_ref(v)}
             for i in range(rec.nret):
@@ -199,6 +207,15 @@ class RemoteClient:
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
+        if node.refs.unsettled():
+            # refs the task borrowed are registered with their owners before the caller, which
+            # lets go of the task's arguments on `done`, hears of it
+            self.cluster.spawn(self._send_when_settled(out))
+        else:
+            self.send(out)
+
+    async def _send_when_settled(self, out: dict) -> None:
+        await self.cluster.node.refs.settled()
         self.send(out)
 
     def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
@@ -243,6 +260,7 @@ class MeshCluster:
         mesh.register_unary(VIEW_PROTOCOL, self._serve_view)
         mesh.register_bidi(TASK_PROTOCOL, self._serve_session)
         mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
+        mesh.register_unary(REF_PROTOCOL, self._serve_ref)
         mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
         mesh.on_peer_connected(lambda peer: self.sparse or self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
@@ -415,6 +433,8 @@ class MeshCluster:
         if state is None or not state.alive:
             return
         state.alive = False
+        self.node.refs.node_gone(node_id)
+        refcount.kill_orphaned_actors(self.node, node_id)
         self.stats["peers_lost"] += 1
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
@@ -676,6 +696,8 @@ class MeshCluster:
             if rec is None or rec.done:
                 return
             rec.remote_peer = None
+            if message.get("inner"):  # refs inside the results: the executor holds them until
+                message["held_by"] = state.node_id  # node._complete has counted them here
             if "vals" in message:
                 message["vals"] = [v if v is not None else b"".join(state.parts.pop((tid, i), []))
                                    for i, v in enumerate(message["vals"])]
@@ -820,6 +842,8 @@ class MeshCluster:
             elif kind == "kill":
                 node._on_kill({"aid": message["aid"], "no_restart": message.get("no_restart")},
                               client)
+            elif kind == "held":  # the caller counts the refs inside a task's results now
+                node.refs.held(message["tid"], client.node_id)
             elif kind == "fetched":  # the caller has its own copies of these results now
                 for cid in message.get("cids", [])[:1024]:
                     cid = node.name_fetched(cid)
@@ -940,6 +964,37 @@ class MeshCluster:
         for start in range(0, len(data), CHUNK):
             yield bytes(view[start:start + CHUNK])
 
+    # ------------------------------------------------------------------ reference counts
+    def is_alive(self, node_id: str) -> bool:
+        state = self.peers.get(node_id)
+        return state is not None and state.alive
+
+    def ack_held(self, node_id: str, tid: bytes) -> None:
+        """Refs inside a task's results are counted here: the executor may let go of them once
+        this node's own registrations are through."""
+        async def ack():
+            await self.node.refs.settled()
+            self._send(node_id, {"k": "held", "tid": tid})
+        self.spawn(ack())
+
+    async def ref_call(self, owner: str, ops: list) -> None:
+        state = self.peers.get(owner)
+        if state is None or not state.alive:
+            raise LookupError(f"owner {owner} is not an alive member")
+        await self.mesh.call(state.peer_id, REF_PROTOCOL, _pack({"ops": ops}), timeout=10.0)
+
+    async def _serve_ref(self, ctx, payload: bytes) -> bytes:
+        caller = self._require_member(ctx)
+        if len(payload) > MAX_CONTROL_MESSAGE:
+            raise RpcError(Status.INVALID_ARGUMENT, "reference update too large")
+        ops = _unpack(payload).get("ops")
+        if not isinstance(ops, list) or len(ops) > MAX_REF_OPS or not all(
+                isinstance(o, list) and len(o) == 2 and o[0] in (0, 1)
+                and isinstance(o[1], bytes) for o in ops):
+            raise RpcError(Status.INVALID_ARGUMENT, "ops must be [[0|1, object id], ...]")
+        self.node.refs.on_ops(caller, ops)
+        return b""
+
     # ------------------------------------------------------------------ actors
     def place_actor(self, message: dict, defer: bool = False):
         """Where to create an actor: a peer's id or None (here; with a strategy, or when this
@@ -1015,6 +1070,7 @@ class MeshCluster:
         if owned.max_restarts >= 0 and owned.restarts >= owned.max_restarts:
             owned.dead_cause = (f"its node {dead_node} died and no restarts are left "
                                 f"(max_restarts={owned.max_restarts})")
+            self.node.refs.task_done(owned.aid)
             self._fail_actor_calls(owned.aid, owned.dead_cause)
             return
         owned.restarts += 1
@@ -1098,6 +1154,8 @@ class MeshCluster:
 
     def kill_remote_actor(self, message: dict) -> None:
         aid = message["aid"]
+        if message.get("no_restart", True):
+            self.node.refs.task_done(aid)  # its creation arguments are not needed again
         owned = self.owned_actors.get(aid)
         host = self.actor_location.get(aid) or message.get("anode")
         if owned is not None and message.get("no_restart", True):
@@ -1118,7 +1176,8 @@ class MeshCluster:
         request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
                    "owner": self.node_id, "host": message.get("host") or self.node_id,
                    "meta": message["opts"].get("meta"),
-                   "get_if_exists": bool(message["opts"].get("get_if_exists"))}
+                   "get_if_exists": bool(message["opts"].get("get_if_exists")),
+                   "detached": message["opts"].get("lifetime") == "detached"}
         reply = await self._names_call(self._arbiter(namespace, name), request)
         if reply.get("ok"):
             return self._claim_in_crdt(namespace, name, message)
@@ -1208,7 +1267,8 @@ class MeshCluster:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
             self.names[key] = {"aid": request["aid"],
                                "node": request.get("host") or request["owner"],
-                               "owner": request["owner"], "meta": request.get("meta")}
+                               "owner": request["owner"], "meta": request.get("meta"),
+                               "detached": bool(request.get("detached"))}
             return {"ok": True}
         if op == "lookup":
             return {"existing": record}
@@ -1223,7 +1283,8 @@ class MeshCluster:
         return {"error": f"unknown names op {op!r}"}
 
     def _name_holder_alive(self, record: dict) -> bool:
-        owner = record.get("owner")
+        # a detached actor outlives its owner: its name lives as long as its host
+        owner = record.get("node") if record.get("detached") else record.get("owner")
         if owner == self.node_id:
             return True
         state = self.peers.get(owner)

@@ -17,9 +17,11 @@ from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
 
 RELEASE_BATCH = 64
+REF_MARK = b"_rebuild_ref"
+_NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
 
 def raise_error_value(data: bytes):
@@ -32,8 +34,33 @@ def raise_error_value(data: bytes):
 def decode_value(entry) -> object:
     status, data = entry
     if status == OK:
-        return serialization.deserialize(data)
+        core = context.current_core()
+        # a pickle holding refs names their rebuild function; a store value may hold refs too
+        if core is None or REF_MARK not in data and not serialization.is_store_ref(data):
+            return serialization.deserialize(data)
+        with core.borrowing():
+            return serialization.deserialize(data)
     raise_error_value(data)
+
+
+class _Borrowing:
+    """Refs deserialized inside this block are registered with the node in one message."""
+
+    __slots__ = ("core", "outer")
+
+    def __init__(self, core: "CoreClient"):
+        self.core = core
+
+    def __enter__(self) -> None:
+        local = self.core._borrow_local
+        self.outer = getattr(local, "batch", None)
+        local.batch = []
+
+    def __exit__(self, *exc) -> None:
+        local = self.core._borrow_local
+        batch, local.batch = local.batch, self.outer
+        if batch:
+            self.core.post_borrows(batch)
 
 
 class CoreClient:
@@ -50,6 +77,7 @@ class CoreClient:
         self._release_queue: list[bytes] = []
         self._stored: dict[bytes, str] = {}  # put by this process into the shared-memory store
         self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
+        self._borrow_local = threading.local()
 
     # ---- transport (subclasses)
     def post(self, message: dict) -> None:
@@ -85,6 +113,41 @@ class CoreClient:
             if store is not None and hasattr(store, "expect_back"):
                 store.expect_back(stored)
 
+    def add_borrowed_ref(self, oid: bytes, owner: str) -> None:
+        """A ref deserialized here: the first copy in this process registers it with the node."""
+        with self._lock:
+            counts = self._ref_counts
+            held = counts.get(oid, 0)
+            counts[oid] = held + 1
+            if held:
+                return
+        batch = getattr(self._borrow_local, "batch", None)
+        if batch is not None:
+            batch.append([oid, owner])
+        else:
+            self.post_borrows([[oid, owner]])
+
+    def put_counted(self, value) -> ObjectRef:
+        """`put`, and the refs pickled inside the value live as long as the object (the node
+        counts them as its contents, told right behind the put on the same channel)."""
+        if type(value) in _NO_REFS:
+            return self.put(value)
+        with collect_refs() as inner:
+            ref = self.put(value)
+        if inner:
+            self.post({"op": "contain", "oid": ref.id, "inner": inner})
+        return ref
+
+    def borrowing(self) -> _Borrowing:
+        return _Borrowing(self)
+
+    def post_borrows(self, refs: list) -> None:
+        with self._lock:  # a queued release of one of them must reach the node first
+            releases, self._release_queue = self._release_queue, []
+        if releases:
+            self.post({"op": "release", "oids": releases})
+        self.post({"op": "borrow", "refs": refs})
+
     def escape_ref(self, ref: ObjectRef) -> None:
         self._escaped.add(ref.id)
 
@@ -102,24 +165,34 @@ class CoreClient:
         return {"blob": blob}
 
     @staticmethod
-    def encode_args(args: tuple, kwargs: dict) -> list:
+    def encode_args(args: tuple, kwargs: dict, message: dict) -> list:
+        """Arguments on the wire; refs nested inside them go to `message["inner"]` (the node
+        keeps them alive until the task is done)."""
         has_ref = any(type(a) is ObjectRef for a in args) or any(
             type(v) is ObjectRef for v in kwargs.values())
-        if not has_ref:
+        if not has_ref and all(type(a) in _NO_REFS for a in args) and all(
+                type(v) in _NO_REFS for v in kwargs.values()):
             return ["b", serialization.serialize((args, kwargs))]
-        positional = [[1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
-                      for a in args]
-        keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef else [0, serialization.serialize(v)]
-                   for k, v in kwargs.items()}
-        return ["l", positional, keyword]
+        with collect_refs() as inner:
+            if not has_ref:
+                encoded = ["b", serialization.serialize((args, kwargs))]
+            else:
+                positional = [[1, a.id, a.owner] if type(a) is ObjectRef
+                              else [0, serialization.serialize(a)] for a in args]
+                keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef
+                           else [0, serialization.serialize(v)] for k, v in kwargs.items()}
+                encoded = ["l", positional, keyword]
+        if inner:
+            message["inner"] = inner
+        return encoded
 
     # ---- verbs
     def submit_task(self, fn_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict):
         task_id = ids.next_id()
         nret = opts["nret"]
-        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name,
-                   "args": self.encode_args(args, kwargs), "nret": nret, "opts": opts["wire"],
-                   "parent": context.current_task_id.get()}
+        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name, "nret": nret,
+                   "opts": opts["wire"], "parent": context.current_task_id.get()}
+        message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(fn_hash, blob))
         self.post(message)
         return self._returns(task_id, nret)
@@ -135,7 +208,8 @@ class CoreClient:
     def create_actor(self, cls_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict,
                      actor_id: bytes) -> dict:
         message = {"op": "create_actor", "aid": actor_id, "cls": cls_hash, "cname": name,
-                   "args": self.encode_args(args, kwargs), "opts": opts}
+                   "opts": opts}
+        message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(cls_hash, blob))
         if opts.get("name"):
             reply = self.request(message)
@@ -148,9 +222,10 @@ class CoreClient:
     def submit_actor_task(self, actor_id: bytes, actor_node: str, method: str, args, kwargs,
                           nret: int, retries: int, name: str):
         task_id = ids.next_id()
-        self.post({"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
-                   "m": method, "args": self.encode_args(args, kwargs), "nret": nret,
-                   "retries": retries, "name": name})
+        message = {"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
+                   "m": method, "nret": nret, "retries": retries, "name": name}
+        message["args"] = self.encode_args(args, kwargs, message)
+        self.post(message)
         return self._returns(task_id, nret)
 
     def put(self, value) -> ObjectRef:

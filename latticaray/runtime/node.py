@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from latticaray.runtime import serialization
+from latticaray.runtime import refcount, serialization
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, ObjectLostError,
                                        ObjectNotFoundError, TaskCancelledError,
                                        WorkerCrashedError)
@@ -122,6 +122,7 @@ class LocalClient:
 
     kind = "driver"
     current_task = None
+    ref_holds = None  # its holds end with the node: not tracked per process
 
     def __init__(self, node_id: str):
         self.node_id = node_id
@@ -144,6 +145,7 @@ class WorkerHandle:
         self.blocked = 0
         self.actor = None
         self._early: list[bytes] = []
+        refcount.track_holds(self)
 
     def send(self, message: dict) -> None:
         if not self.alive:
@@ -183,6 +185,7 @@ class AttachedDriver:
         self.alive = True
         self.tasks: dict = {}
         self.blocked = 0
+        refcount.track_holds(self)
 
     def send(self, message: dict) -> None:
         if self.alive:
@@ -251,10 +254,12 @@ class RuntimeNode:
         self.seal_count = 0  # the driver's wait() sleeps on seal_cond until this moves
         self.seal_waiters = 0
         self.seal_cond = threading.Condition()
+        self.refs = refcount.RefTable(self)
         self._post_handlers = {
-            "submit": self._on_submit, "actor_call": self._on_actor_call, "put": self._on_put,
-            "release": self._on_release, "create_actor": self._on_create_actor_post,
-            "kill": self._on_kill, "cancel": self._on_cancel,
+            "submit": self._on_submit, "actor_call": self._on_actor_call,
+            "put": self._on_put_counted, "contain": self._on_contain,
+            "release": self._on_release_counted, "create_actor": self._on_create_actor_post,
+            "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -332,6 +337,8 @@ class RuntimeNode:
                 pass
             driver.alive = False
             writer.close()
+            if not self._stopping:
+                self._client_gone(driver)
 
         self._driver_server = await asyncio.start_unix_server(on_driver, path=path,
                                                               limit=1 << 20)
@@ -460,6 +467,7 @@ class RuntimeNode:
         if self._stopping:
             return
         self.stats["worker_deaths"] += 1
+        self.refs.client_gone(worker)
         if worker.is_actor:
             actor = worker.actor
             if actor is not None and actor.worker is worker:
@@ -542,6 +550,14 @@ class RuntimeNode:
         if data[:1] == b"\x00" and serialization.is_store_ref(data):
             self.store_refs[serialization.store_name(data)] += 1
 
+    def _on_put_counted(self, message: dict, client) -> None:
+        self._on_put(message, client)
+        self.refs.create(message["oid"], client)
+
+    def _on_contain(self, message: dict, client) -> None:
+        """Refs pickled inside a put object: they live as long as it does."""
+        self.refs.contain(message["oid"], message["inner"])
+
     def _on_release(self, message: dict, client) -> None:
         objects = self.objects
         for oid in message["oids"]:
@@ -554,6 +570,22 @@ class RuntimeNode:
                 continue
             del objects[oid]
             self._forget(entry)
+
+    def _on_release_counted(self, message: dict, client) -> None:
+        """A process dropped its last ref to these: objects nothing else holds are freed (by
+        `_on_release`, which drops them once sealed)."""
+        self.refs.release(message["oids"], client)
+
+    def _on_borrow(self, message: dict, client) -> None:
+        hold = self.refs.hold
+        for oid, owner in message["refs"]:
+            hold(oid, owner or self.node_id, client)
+
+    def _client_gone(self, client) -> None:
+        """An attached driver disconnected: its refs are released, its actors end with it."""
+        self.refs.client_gone(client)
+        for aid in getattr(client, "owned_actors", ()):
+            self._on_kill({"aid": aid, "no_restart": True}, None)
 
     def _forget(self, entry: ObjectEntry) -> None:
         if entry.cid is not None:
@@ -592,6 +624,7 @@ class RuntimeNode:
         if entry.released:
             self.objects.pop(oid, None)
             self._forget(entry)
+            self.refs.drop_contents(oid)
 
     async def _entries_for(self, oids: list, timeout: float | None, k: int | None = None):
         """Wait until k (default all) of the objects are sealed; returns their entries."""
@@ -730,11 +763,16 @@ class RuntimeNode:
         self.tasks[tid] = rec
         self.recovery.on_submit(rec, client)
         objects = self.objects
+        refs = self.refs
         if nret == STREAMING:
             self.streams[tid] = StreamState(opts.get("window") or DEFAULT_STREAM_WINDOW)
         else:
             for i in range(nret):
-                objects[object_id(tid, i)] = ObjectEntry()
+                oid = object_id(tid, i)
+                objects[oid] = ObjectEntry()
+                refs.create(oid, client)
+        if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
+            refs.pin_task(tid, refcount.task_arg_refs(message))
         parent = message.get("parent") or getattr(client, "current_task", None)
         if parent is not None:
             parent_rec = self.tasks.get(parent)
@@ -911,12 +949,19 @@ class RuntimeNode:
             for i in range(rec.nret):
                 self._seal(object_id(tid, i), ERROR, err)
         else:
+            inner = message.get("inner")
             for i, data in enumerate(message["vals"]):
+                if inner and inner[i]:  # counted before the seal, which may free the result
+                    self.refs.contain(object_id(tid, i), inner[i])
                 self._seal(object_id(tid, i), OK, data)
         if rec.actor is None and "aid" not in rec.msg:
             self.recovery.on_complete(rec, err is not None)
         rec.done = True
         self.tasks.pop(tid, None)
+        if tid in self.refs.task_pins:
+            self.refs.task_done(tid)
+        if "held_by" in message:  # refs inside remote results are counted here now
+            self.cluster.ack_held(message["held_by"], tid)
         if rec.pins:
             pins, rec.pins = rec.pins, None
             for cid in pins:
@@ -1061,6 +1106,7 @@ class RuntimeNode:
                             "meta": record.opts.get("meta")}
                 return {"error": error_blob(ActorNameTakenError(
                     f"an actor named {name!r} already exists in namespace {namespace!r}"))}
+        self._adopt_actor(message, client)
         if self.cluster is not None:
             target = message.pop("host", None) or self.cluster.place_actor(message, defer=True)
             if target is DEFERRED:
@@ -1068,6 +1114,17 @@ class RuntimeNode:
             if target is not None and target != self.node_id:
                 return self.cluster.create_remote_actor(message, target)
         return self.host_actor(message)
+
+    def _adopt_actor(self, message: dict, client) -> None:
+        """This node owns the actor it creates: it keeps the refs in its creation arguments and,
+        unless the actor is detached, ends it when the attached driver that made it goes."""
+        message.setdefault("owner", self.node_id)
+        if "inner" in message:
+            self.refs.pin_task(message["aid"], message.pop("inner"))
+        if isinstance(client, AttachedDriver) and message["opts"].get("lifetime") != "detached":
+            if not hasattr(client, "owned_actors"):
+                client.owned_actors = []
+            client.owned_actors.append(message["aid"])
 
     def host_actor(self, message: dict) -> dict:
         aid = message["aid"]
@@ -1133,7 +1190,11 @@ class RuntimeNode:
             self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
         else:
             for i in range(nret):
-                self.objects[object_id(tid, i)] = ObjectEntry()
+                oid = object_id(tid, i)
+                self.objects[oid] = ObjectEntry()
+                self.refs.create(oid, client)
+        if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
+            self.refs.pin_task(tid, refcount.task_arg_refs(message))
         if actor is None:
             if self.cluster is not None and (message.get("anode") != self.node_id
                                              or aid in self.cluster.actor_location):
@@ -1189,6 +1250,7 @@ class RuntimeNode:
                                      "its worker process died and no restarts are left")
             if actor.demand:
                 self.ledger.release("actor-" + actor.aid.hex())
+            self.refs.task_done(actor.aid)
             if actor.name and self.named_actors.get((actor.namespace, actor.name)) == actor.aid:
                 del self.named_actors[(actor.namespace, actor.name)]
                 if self.cluster is not None:

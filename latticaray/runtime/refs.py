@@ -2,8 +2,25 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from latticaray.runtime import context
+
+_collecting = threading.local()
+
+
+class collect_refs:
+    """Within this block, refs pickled on this thread are listed (as [id, owner]) instead of
+    escaping: the caller hands the list to the node, which counts them as contained in the value
+    (or as pinned by a task's arguments) and keeps them alive exactly that long."""
+
+    def __enter__(self) -> list:
+        self._outer = getattr(_collecting, "refs", None)
+        _collecting.refs = found = []
+        return found
+
+    def __exit__(self, *exc) -> None:
+        _collecting.refs = self._outer
 
 
 class ObjectRef:
@@ -69,9 +86,13 @@ class ObjectRef:
         return hash(self.id)
 
     def __reduce__(self):
-        core = context.current_core()
-        if core is not None:
-            core.escape_ref(self)
+        found = getattr(_collecting, "refs", None)
+        if found is not None:
+            found.append([self.id, self.owner])
+        else:  # pickled outside the runtime's serialization: nothing can track it, pin it
+            core = context.current_core()
+            if core is not None:
+                core.escape_ref(self)
         return (_rebuild_ref, (self.id, self.owner, self._cid))
 
     def future(self):
@@ -83,7 +104,12 @@ class ObjectRef:
 
 
 def _rebuild_ref(object_id: bytes, owner: str, cid: str | None) -> ObjectRef:
-    return ObjectRef(object_id, owner, cid)
+    ref = ObjectRef(object_id, owner, cid, _count=False)
+    core = context.current_core()
+    if core is not None:
+        core.add_borrowed_ref(object_id, owner)  # a deserialized copy: the node learns of it
+        ref._counted = True
+    return ref
 
 
 class ObjectRefGenerator:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from latticaray.runtime import context, serialization
 from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskError
 from latticaray.runtime.protocol import STREAMING, BlockingFrameReader, ChannelClosed, pack
+from latticaray.runtime.refs import collect_refs
 
 STREAM_WINDOW = 16
 
@@ -150,12 +151,13 @@ class StreamCredit:
 
 
 def decode_args(encoded):
-    if encoded[0] == "b":
-        return serialization.deserialize(encoded[1])
-    _, positional, keyword = encoded
-    args = [serialization.deserialize(item[1]) for item in positional]
-    kwargs = {key: serialization.deserialize(item[1]) for key, item in keyword.items()}
-    return args, kwargs
+    with context.require_core().borrowing():  # refs inside: one registration message
+        if encoded[0] == "b":
+            return serialization.deserialize(encoded[1])
+        _, positional, keyword = encoded
+        args = [serialization.deserialize(item[1]) for item in positional]
+        kwargs = {key: serialization.deserialize(item[1]) for key, item in keyword.items()}
+        return args, kwargs
 
 
 def encode_error(function_name: str, exc: BaseException, node_id: str) -> tuple[bytes, list[str]]:
@@ -267,6 +269,11 @@ class Worker:
             except KeyboardInterrupt:
                 # a cancel that arrived just after its task finished: nothing left to stop
                 continue
+            finally:
+                message = None
+                core = context.current_core()
+                if core is not None and core._release_queue:
+                    core.flush_releases()  # refs the task held are let go of now, not later
 
     def _load(self, code_hash: bytes, blob: bytes | None):
         obj = self.code_cache.get(code_hash)
@@ -315,16 +322,24 @@ class Worker:
 
     def _reply_results(self, task_id: bytes, result, nret: int, name: str) -> None:
         if nret == 1:
-            values = [serialization.serialize(result)]
+            items = (result,)
         elif nret == 0:
-            values = []
+            items = ()
         else:
             items = tuple(result)
             if len(items) != nret:
                 raise ValueError(f"task {name} declared num_returns={nret} "
                                  f"but returned {len(items)} values")
-            values = [serialization.serialize(item) for item in items]
-        self.conn.send({"op": "done", "tid": task_id, "vals": values})
+        values = []
+        inner = []
+        for item in items:
+            with collect_refs() as found:
+                values.append(serialization.serialize(item))
+            inner.append(found)
+        message = {"op": "done", "tid": task_id, "vals": values}
+        if any(inner):  # refs inside results: the node keeps them alive with each result
+            message["inner"] = inner
+        self.conn.send(message)
 
     def _stream_sync(self, task_id: bytes, generator, message: dict) -> None:
         window = message.get("window") or STREAM_WINDOW
