@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import socket
 import time
 
 import aioquic
@@ -183,6 +184,30 @@ async def test_send_raw_and_unknown_datagrams_use_the_listen_socket():
         a.transport.send_raw(b.transport.local_address, b"punch!")
         await wait_for(lambda: seen, what="raw datagram")
         assert seen[0] == (b"punch!", a.transport.local_address)
+
+
+async def test_datagrams_waiting_together_are_read_in_one_wake_up():
+    """The receive path drains the socket (up to receive_batch) per readiness callback, so a
+    burst costs one loop iteration and one transmit, not one per datagram."""
+    async with Endpoint(QuicConfig(receive_batch=16)) as a, Endpoint() as b:
+        loop = asyncio.get_running_loop()
+        seen, marks = [], []
+
+        def handler(data, addr):
+            if not seen:  # runs after this wake-up's reads, before the next wake-up's
+                loop.call_soon(lambda: marks.append(len(seen)))
+            seen.append(data)
+
+        a.transport.unknown_datagram_handler = handler
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(40):  # queued in a's socket before its loop looks at it
+                sender.sendto(b"burst %d" % i, a.transport.local_address)
+            await wait_for(lambda: len(seen) == 40, what="40 datagrams")
+        finally:
+            sender.close()
+        assert seen == [b"burst %d" % i for i in range(40)]
+        assert marks == [16]
 
 
 async def test_garbage_datagrams_do_not_hurt_the_node():
