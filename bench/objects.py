@@ -21,7 +21,11 @@
    used printed beside each figure (bench/objects_swarm.py). ``--swarm-where``, ``--swarm-peers``,
    ``--swarm-size-mb`` narrow it.
 4. with --netlab (root): 100 MB from a seed on netlab's pub1 to pub2 (public) and to hostA (behind
-   a cone NAT, dialing out), over TCP and QUIC: MB/s. Real kernel routing and NAT, one machine.
+   a cone NAT, dialing out: a direct path), over TCP and QUIC: MB/s. Real kernel routing and NAT,
+   one machine. Baselines in the same run between the same namespaces: a raw TCP stream, a Python
+   ssl TLS 1.3 stream, and the bare RPC stream (1 MiB messages, no store) per transport; the path
+   the fetcher used is printed; CPU seconds per 100 MB of both processes and their share of time
+   spent waiting for a CPU (other jobs) come with each run. ``NETLAB_PREFIX`` names the lab.
 
 The last line printed is one JSON object with every figure, the machine and library versions.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -232,14 +237,7 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
 def _node_process(conn, transport: str, shm_dir: str, chunk_size: int, netns: str | None = None,
                   listen_ip: str = "127.0.0.1", hash_name: str = "sha256") -> None:
     if netns is not None:  # enter a netlab node's network namespace before any socket exists
-        import ctypes
-
-        fd = os.open(netns, os.O_RDONLY)
-        try:
-            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), f"setns {netns}")
-        finally:
-            os.close(fd)
+        _enter_netns(netns)
     asyncio.run(_node_main(conn, transport, shm_dir, chunk_size, listen_ip, hash_name))
 
 
@@ -264,6 +262,13 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen
     async def providers(cid):
         return list(known)
 
+    bulk_block = os.urandom(MiB)
+
+    async def bulk(ctx, payload):  # the bare RPC baseline of part 4: 1 MiB messages, nothing else
+        for _ in range(int(payload) // MiB):
+            yield bulk_block
+
+    node.register_server_stream(_BULK_SERVICE, bulk)
     exchange = ObjectExchange(node, None, store, providers=providers, config=ExchangeConfig())
     await exchange.start()
     loop = asyncio.get_running_loop()
@@ -285,6 +290,21 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen
                 start = time.perf_counter()
                 await exchange.fetch(arg, timeout=600)
                 conn.send(time.perf_counter() - start)
+            elif command == "path":  # how this node reaches each peer (transport, address, relayed)
+                conn.send([(c.transport, str(c.remote_addr), c.relayed, "out" if c.outbound else "in")
+                           for c in node.connections.connections()])
+            elif command == "pull_bulk":  # bare RPC stream of arg[1] bytes from arg[0]: no store
+                from latticaray.mesh.identity import PeerId
+
+                start, got, cpu = time.perf_counter(), 0, time.process_time()
+                async for item in node.call_stream(PeerId.from_string(arg[0]), _BULK_SERVICE,
+                                                   str(arg[1]).encode(), timeout=600, window=8 << 20):
+                    got += len(item)
+                conn.send((got, time.perf_counter() - start, time.process_time() - cpu))
+            elif command == "settle":  # let the store finish its background spare first
+                conn.send(await loop.run_in_executor(None, store.wait_warm, arg))
+            elif command == "cpu":  # (CPU s, s runnable but waiting for a CPU) so far, all threads
+                conn.send((time.process_time(), _runqueue_wait()))
             elif command == "uploaded":
                 conn.send(sum(ledger.sent for ledger in exchange.ledgers.peers.values()))
             elif command == "stop":
@@ -295,6 +315,21 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen
         store.destroy()
         shutil.rmtree(spill, ignore_errors=True)
         conn.send("stopped")
+
+
+_BULK_SERVICE = "/bench/bulk/1"
+
+
+def _runqueue_wait() -> float:
+    """Seconds this process's threads spent runnable but not running (schedstat; 0 if absent):
+    on a machine shared with other jobs this tells waiting for a CPU apart from idling."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/self/task/{task}/schedstat") as file:
+                    total += int(file.read().split()[1])
+    return total / 1e9
 
 
 class NodeProcess:
@@ -359,27 +394,198 @@ NETLAB = os.environ.get("NETLAB") or os.path.join(os.path.dirname(os.path.abspat
                                                    "shared", "netlab", "netlab")
 
 
-def bench_netlab(size: int, shm_base: str) -> dict:
-    """Seed on pub1 (public, 198.18.0.11); fetchers on pub2 (public) and on hostA (behind a cone NAT)."""
+def _enter_netns(netns: str) -> None:
+    """Move this process into a netlab node's network namespace (before any socket exists)."""
+    import ctypes
+
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {netns}")
+    finally:
+        os.close(fd)
+
+
+def _tls_contexts():
+    """The TCP transport's own TLS 1.3 contexts (libp2p certificate, ALPN libp2p)."""
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.mesh.tls import client_ssl_context, make_certified_key, server_ssl_context
+
+    certified = make_certified_key(KeyPair.generate())
+    return server_ssl_context(certified), client_ssl_context(certified)
+
+
+def _socket_sender(netns: str, ip: str, tls: bool, nbytes: int, queue) -> None:
+    import socket
+
+    _enter_netns(netns)
+    server_ctx = _tls_contexts()[0] if tls else None
+    listener = socket.create_server((ip, 0))
+    queue.put(listener.getsockname()[1])
+    sock, _ = listener.accept()
+    listener.close()
+    if server_ctx is not None:
+        sock = server_ctx.wrap_socket(sock, server_side=True)
+    block = memoryview(os.urandom(MiB))
+    start_cpu = time.process_time()
+    for _ in range(nbytes // MiB):
+        sock.sendall(block)
+    queue.put(time.process_time() - start_cpu)
+    with contextlib.suppress(OSError):
+        sock.recv(1)  # the receiver closes once it has everything
+    sock.close()
+
+
+def _socket_receiver(netns: str, addr: tuple, tls: bool, nbytes: int, queue) -> None:
+    import socket
+
+    _enter_netns(netns)
+    client_ctx = _tls_contexts()[1] if tls else None
+    sock = socket.create_connection(addr, timeout=60)
+    if client_ctx is not None:
+        sock = client_ctx.wrap_socket(sock, server_hostname=None)
+    buffer = bytearray(4 * MiB)
+    got = 0
+    start, start_cpu = time.perf_counter(), time.process_time()
+    while got < nbytes:
+        n = sock.recv_into(buffer)
+        if not n:
+            break
+        got += n
+    queue.put((got, time.perf_counter() - start, time.process_time() - start_cpu))
+    sock.close()
+
+
+def bench_socket_stream(tls: bool, nbytes: int, seed_at: tuple, fetcher_at: tuple) -> dict:
+    """Baseline: one blocking TCP stream (optionally Python ssl TLS 1.3) seed -> fetcher, 1 MiB
+    sendall / 4 MiB recv_into, no framing and no store."""
+    ctx = mp.get_context("spawn")
+    ports, results = ctx.Queue(), ctx.Queue()
+    nbytes = nbytes // MiB * MiB
+    sender = ctx.Process(target=_socket_sender, args=(seed_at[0], seed_at[1], tls, nbytes, ports))
+    sender.start()
+    receiver = None
+    try:
+        port = ports.get(timeout=60)
+        receiver = ctx.Process(target=_socket_receiver, args=(fetcher_at[0], (seed_at[1], port), tls,
+                                                               nbytes, results))
+        receiver.start()
+        got, seconds, receiver_cpu = results.get(timeout=300)
+        sender_cpu = ports.get(timeout=60)
+        if got != nbytes:
+            raise RuntimeError(f"socket baseline received {got} of {nbytes} bytes")
+        return {"MBps": round(nbytes / seconds / MB, 1),
+                "cpu_s_per_100MB": {"seed": round(sender_cpu * 100 * MB / nbytes, 3),
+                                    "fetcher": round(receiver_cpu * 100 * MB / nbytes, 3)}}
+    finally:
+        for process in (receiver, sender):
+            if process is not None:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=10)
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
+
+
+def bench_node_pair(transport: str, size: int, shm_base: str, seed_at: tuple, fetcher_at: tuple,
+                    reps: int) -> dict:
+    """One seed and one fetcher node process: per repetition the bare RPC stream baseline (1 MiB
+    messages, no store) and an exchange fetch of a fresh object, each with the CPU seconds both
+    processes used and the seconds they waited for a CPU (load from other jobs)."""
+    seed = NodeProcess(transport, shm_base, netns=seed_at[0], listen_ip=seed_at[1])
+    fetcher = NodeProcess(transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1])
+    runs: dict[str, list] = {"rpc_bulk": [], "exchange": []}
+    try:
+        seed_addrs = seed.ask("info")
+        fetcher.ask("connect", seed_addrs)
+        seed_peer = seed_addrs[0].rsplit("/p2p/", 1)[1]
+        paths = fetcher.ask("path")
+        for rep in range(reps):
+            cid = seed.ask("put", (size, 100 + rep))
+            seed.ask("settle", 60)  # the store's background spare must not compete with the fetch
+            for what in ("rpc_bulk", "exchange"):
+                before = (seed.ask("cpu"), fetcher.ask("cpu"))
+                if what == "rpc_bulk":
+                    got, seconds, _ = fetcher.ask("pull_bulk", (seed_peer, size // MiB * MiB))
+                else:
+                    got, seconds = size, fetcher.ask("fetch", cid)
+                after = (seed.ask("cpu"), fetcher.ask("cpu"))
+                runs[what].append({
+                    "MBps": round(got / seconds / MB, 1),
+                    "cpu_s_per_100MB": {side: round((after[i][0] - before[i][0]) * 100 * MB / got, 3)
+                                        for i, side in enumerate(("seed", "fetcher"))},
+                    "cpu_wait_share": {side: round((after[i][1] - before[i][1]) / seconds, 2)
+                                       for i, side in enumerate(("seed", "fetcher"))},
+                })
+        out = {"path": [dict(zip(("transport", "remote_addr", "relayed", "direction"), p)) for p in paths]}
+        for what, items in runs.items():
+            out[what] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
+        return out
+    finally:
+        seed.stop()
+        fetcher.stop()
+
+
+def bench_netlab(size: int, shm_base: str, reps: int = 3) -> dict:
+    """Seed on pub1 (public, 198.18.0.11); fetchers on pub2 (public) and on hostA (behind a cone
+    NAT, dialing out through it: a direct path, no relay, no hole punch needed). Per fetcher host
+    and in the same run: raw TCP and Python ssl TLS 1.3 socket streams (baselines), then per
+    transport the bare RPC stream and the exchange fetch, ``reps`` times each."""
     import subprocess
 
     if os.geteuid() != 0 or not os.access(NETLAB, os.X_OK):
         return {"skipped": "needs root and the netlab script"}
-    prefix = "lrobj"
+    prefix = os.environ.get("NETLAB_PREFIX", "lrobj")
     env = dict(os.environ, NETLAB_PREFIX=prefix)
     subprocess.run([NETLAB, "--prefix", prefix, "up", "--force"], env=env, check=True,
                    capture_output=True, timeout=120)
     try:
         ns = lambda node: f"/run/netns/{prefix}-{node}"  # noqa: E731
-        results = {}
-        for transport in ("tcp", "quic"):
-            for name, node, ip in (("public_to_public", "pub2", "198.18.0.12"),
-                                   ("behind_cone_nat_to_public", "hostA", "198.19.1.10")):
-                results[f"{transport}_{name}"] = bench_transfer(
-                    transport, size, shm_base, seed_at=(ns("pub1"), "198.18.0.11"), fetcher_at=(ns(node), ip))
+        seed_at = (ns("pub1"), "198.18.0.11")
+        results: dict = {"seed": "pub1 198.18.0.11 (public)", "load_avg_before": os.getloadavg()}
+        for name, node, ip in (("public_to_public", "pub2", "198.18.0.12"),
+                               ("behind_cone_nat_to_public", "hostA", "198.19.1.10")):
+            fetcher_at = (ns(node), ip)
+            host: dict = {"fetcher": f"{node} {ip}"}
+            for label, tls in (("tcp_socket", False), ("tls13_socket", True)):
+                items = [bench_socket_stream(tls, size, seed_at, fetcher_at) for _ in range(reps)]
+                host[label] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
+            for transport in ("tcp", "quic"):
+                host[transport] = bench_node_pair(transport, size, shm_base, seed_at, fetcher_at, reps)
+            results[name] = host
+        results["load_avg_after"] = os.getloadavg()
         return results
     finally:
         subprocess.run([NETLAB, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120)
+
+
+def _netlab_rows(netlab: dict) -> list:
+    rows = []
+    for name, host in netlab.items():
+        if not isinstance(host, dict) or "fetcher" not in host:
+            continue
+        rows.append((f"netlab {name}: seed pub1 -> fetcher {host['fetcher']}", ""))
+        for label in ("tcp_socket", "tls13_socket"):
+            spread = host[label]["MBps"]
+            rows.append((f"  {label} baseline (MB/s min/med/max)",
+                         f"{spread['min']}/{spread['median']}/{spread['max']}"))
+        for transport in ("tcp", "quic"):
+            pair = host[transport]
+            path = ", ".join(f"{p['transport']} {'relayed' if p['relayed'] else 'direct'} "
+                             f"{p['direction']} to {p['remote_addr']}" for p in pair["path"])
+            rows.append((f"  {transport} path: {path}", ""))
+            for what in ("rpc_bulk", "exchange"):
+                spread = pair[what]["MBps"]
+                cpu = pair[what]["runs"][0]["cpu_s_per_100MB"]
+                rows.append((f"  {transport} {what} (MB/s min/med/max)",
+                             f"{spread['min']}/{spread['median']}/{spread['max']}"))
+                rows.append((f"  {transport} {what} CPU s/100MB seed, fetcher (1st run)",
+                             f"{cpu['seed']}, {cpu['fetcher']}"))
+    return rows
 
 
 def main() -> None:
@@ -390,6 +596,7 @@ def main() -> None:
     parser.add_argument("--only-swarm", action="store_true")
     parser.add_argument("--netlab", action="store_true", help="also measure across netlab namespaces (root)")
     parser.add_argument("--only-netlab", action="store_true")
+    parser.add_argument("--netlab-reps", type=int, default=3, help="repetitions per part-4 measure")
     parser.add_argument("--only-same-host", action="store_true", help="memcpy, hashing and part 1 only")
     parser.add_argument("--hash", choices=("sha256", "blake3"), default=None,
                         help="multihash of the node processes' objects (parts 2-4); default: what the "
@@ -411,7 +618,7 @@ def main() -> None:
     figures: dict = {"size_MB": size // MB, "node_hash": NODE_HASH}
 
     if args.netlab or args.only_netlab:
-        figures["cross_host_netlab"] = bench_netlab(size, shm_base)
+        figures["cross_host_netlab"] = bench_netlab(size, shm_base, args.netlab_reps)
     else:
         figures["cross_host_netlab"] = "not run (pass --netlab; needs root and the netlab harness)"
     if not args.only_swarm and not args.only_netlab:
@@ -442,8 +649,7 @@ def main() -> None:
     if not args.only_swarm and not args.only_netlab:
         rows += _local_rows(figures, size)
     if isinstance(figures["cross_host_netlab"], dict):
-        for key, value in figures["cross_host_netlab"].items():
-            rows.append((f"netlab {key} (MB/s)", value.get("MBps", value) if isinstance(value, dict) else value))
+        rows += _netlab_rows(figures["cross_host_netlab"])
     if "swarm" in figures:
         import objects_swarm
 

@@ -416,10 +416,12 @@ class MeshNode:
         raise AssertionError("unreachable")
 
     async def call_stream(self, peer_id: PeerId, service: str, payload=b"",
-                          timeout: float | None = None) -> AsyncIterator[bytes]:
-        """Server-streaming call: ``async for item in node.call_stream(...)``."""
+                          timeout: float | None = None,
+                          window: int | None = None) -> AsyncIterator[bytes]:
+        """Server-streaming call: ``async for item in node.call_stream(...)``; ``window`` is the
+        call's receive window in bytes (see :meth:`RpcSession.call_stream`)."""
         conn = await self.connections.get(peer_id, timeout)
-        stream = conn.session.call_stream(service, payload, timeout)
+        stream = conn.session.call_stream(service, payload, timeout, window)
         try:
             async for item in stream:
                 yield item

@@ -116,6 +116,9 @@ class RpcLimits:
     max_timeout: float = 24 * 3600.0
     #: Receive window of each stream, in bytes (a slow reader holds at most this plus one message).
     stream_window: int = 1024 * 1024
+    #: Largest receive window a caller may ask for one stream it opens (``window=``): a bulk
+    #: reader that asked for n large messages lets all of them be in flight at once.
+    max_stream_window: int = 64 * 1024 * 1024
     #: Queued outgoing bytes above which senders (and the reader) wait for the channel.
     write_buffer_high: int = 4 * 1024 * 1024
     #: Bytes asked of the channel per read.
@@ -133,6 +136,8 @@ class RpcLimits:
             raise ValueError("max_frame_size must be at least 1024 bytes")
         if self.stream_window < INITIAL_WINDOW:
             raise ValueError(f"stream_window must be at least {INITIAL_WINDOW} bytes")
+        if self.max_stream_window < self.stream_window:
+            raise ValueError("max_stream_window must be at least stream_window")
         if self.max_concurrent_calls < 1 or self.default_timeout <= 0:
             raise ValueError("max_concurrent_calls and default_timeout must be positive")
 
@@ -299,7 +304,7 @@ class StreamCall:
                  "_credit_waiter", "_send_done", "_finished")
 
     def __init__(self, session: "RpcSession", call_id: int, service: str, outgoing: bool,
-                 deadline: float) -> None:
+                 deadline: float, window: int | None = None) -> None:
         self._session = session
         self.call_id = call_id
         self.service = service
@@ -309,7 +314,8 @@ class StreamCall:
         self.task: asyncio.Task | None = None
         self.reason: str | None = None
         self._queue: deque[bytes] = deque()
-        self._flow = StreamWindow(session.limits.stream_window, session.limits.max_frame_size)
+        self._flow = StreamWindow(window or session.limits.stream_window,
+                                  session.limits.max_frame_size)
         self._recv_waiter: asyncio.Future | None = None
         self._recv_done = False
         self._error: BaseException | None = None
@@ -588,9 +594,13 @@ class RpcSession:
             raise
 
     def call_stream(self, service: str, payload: bytes = b"",
-                    timeout: float | None = None) -> StreamCall:
-        """Server-streaming call: ``async for reply in session.call_stream(...)``."""
-        call = self._open_stream(service, SERVER_STREAM, timeout, payload)
+                    timeout: float | None = None, window: int | None = None) -> StreamCall:
+        """Server-streaming call: ``async for reply in session.call_stream(...)``.
+
+        ``window``: this call's receive window in bytes (default ``limits.stream_window``, at
+        most ``limits.max_stream_window``); a bulk reader asks for what it expects in flight.
+        """
+        call = self._open_stream(service, SERVER_STREAM, timeout, payload, window)
         call._send_done = True
         return call
 
@@ -625,7 +635,7 @@ class RpcSession:
         return min(timeout, self.limits.max_timeout)
 
     def _open_stream(self, service: str, call_type: int, timeout: float | None,
-                     payload: bytes | None) -> StreamCall:
+                     payload: bytes | None, window: int | None = None) -> StreamCall:
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
@@ -634,9 +644,11 @@ class RpcSession:
         if payload is not None and len(payload) > self.limits.max_frame_size:
             raise FrameTooLarge(f"request of {len(payload)} bytes exceeds max_frame_size")
         timeout = self._timeout(timeout)
+        if window is not None:
+            window = max(INITIAL_WINDOW, min(int(window), self.limits.max_stream_window))
         call_id = self._next_call_id = self._next_call_id + 1
         deadline = self._loop.time() + timeout
-        call = StreamCall(self, call_id, service, True, deadline)
+        call = StreamCall(self, call_id, service, True, deadline, window)
         self._out_streams[call_id] = call
         self._add_deadline(deadline, call_id, True)
         header = [OPEN, call_id, 0, service, call_type, int(timeout * 1000) + 1]
@@ -645,7 +657,7 @@ class RpcSession:
             self._send(header, payload)
         else:
             self._send(header)
-        extra = self.limits.stream_window - INITIAL_WINDOW
+        extra = call._flow.initial_grant()
         if extra > 0:
             self._send([CREDIT, call_id, 0, extra])
         return call

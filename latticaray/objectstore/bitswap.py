@@ -52,6 +52,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_WANTS_PER_REQUEST = 1024
 MAX_RESPONSE_BYTES = MAX_BLOCK_SIZE + 64 * 1024
 _MAX_BITMAP_BYTES = 64 * 1024
+#: Bytes a block response adds to its block (msgpack envelope, CID, RPC message cost), rounded up.
+_RESPONSE_OVERHEAD = 256
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -326,6 +328,10 @@ class SendRequest:
     request_id: int
     request: Request
     timeout: float
+    #: Bytes of blocks the request asks for (0 when unknown, e.g. the manifest): the driver
+    #: opens the stream with at least this receive window, so every requested block can be in
+    #: flight at once instead of one window's worth per round trip.
+    window: int = 0
 
 
 @dataclass(frozen=True)
@@ -987,7 +993,10 @@ class FetchSession:
             self._block_owner.setdefault(index, request_id)
         state.inflight += len(blocks) + manifest
         state.last_request_start = now
-        return SendRequest(state.peer, request_id, request, timeout)
+        window = 0
+        if blocks and self.manifest is not None:
+            window = sum(self.manifest.sizes[i] for i in blocks) + _RESPONSE_OVERHEAD * len(blocks)
+        return SendRequest(state.peer, request_id, request, timeout, window)
 
 
 # --- serving -------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ class _FetchRun:
         peer, rid = action.peer, action.request_id
         payload = bs.encode_request(action.request)
         try:
-            stream = exchange.node.call_stream(peer, bs.PROTOCOL_ID, payload, timeout=action.timeout)
+            stream = exchange.node.call_stream(peer, bs.PROTOCOL_ID, payload, timeout=action.timeout,
+                                               window=action.window or None)
             async with contextlib.aclosing(stream):
                 async for item in stream:
                     try:

@@ -1,7 +1,9 @@
 """QUIC transport: mutual libp2p authentication, one shared socket, channels, backpressure, liveness."""
 
 import asyncio
+import collections
 import os
+import socket
 import time
 
 import aioquic
@@ -10,7 +12,7 @@ from aioquic import tls as aioquic_tls
 
 from latticaray.mesh.errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
 from latticaray.mesh.identity import KeyPair
-from latticaray.mesh.transport.quic import QuicConfig, QuicTransport
+from latticaray.mesh.transport.quic import QuicConfig, QuicTransport, _UdpSocket
 
 
 async def wait_for(predicate, timeout=10.0, what="condition"):
@@ -183,6 +185,71 @@ async def test_send_raw_and_unknown_datagrams_use_the_listen_socket():
         a.transport.send_raw(b.transport.local_address, b"punch!")
         await wait_for(lambda: seen, what="raw datagram")
         assert seen[0] == (b"punch!", a.transport.local_address)
+
+
+async def test_datagrams_waiting_together_are_read_in_one_wake_up():
+    """The receive path drains the socket (up to receive_batch) per readiness callback, so a
+    burst costs one loop iteration and one transmit, not one per datagram."""
+    async with Endpoint(QuicConfig(receive_batch=16)) as a, Endpoint() as b:
+        loop = asyncio.get_running_loop()
+        seen, marks = [], []
+
+        def handler(data, addr):
+            if not seen:  # runs after this wake-up's reads, before the next wake-up's
+                loop.call_soon(lambda: marks.append(len(seen)))
+            seen.append(data)
+
+        a.transport.unknown_datagram_handler = handler
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(40):  # queued in a's socket before its loop looks at it
+                sender.sendto(b"burst %d" % i, a.transport.local_address)
+            await wait_for(lambda: len(seen) == 40, what="40 datagrams")
+        finally:
+            sender.close()
+        assert seen == [b"burst %d" % i for i in range(40)]
+        assert marks == [16]
+
+
+class _RecordingSocket:
+    def __init__(self):
+        self.calls = []
+
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        (level, kind, size), = ancdata
+        self.calls.append(("gso", int.from_bytes(size, "little"), len(b"".join(buffers)), addr))
+
+    def sendto(self, data, addr):
+        self.calls.append(("one", len(data), addr))
+
+
+def test_runs_of_equal_size_datagrams_go_out_as_one_gso_send():
+    sock = _RecordingSocket()
+    udp = _UdpSocket.__new__(_UdpSocket)  # no event loop needed: only the send path
+    udp._sock, udp._queue, udp._closed, udp._gso, udp.gso_sends = sock, collections.deque(), False, True, 0
+    x, y = ("198.18.0.1", 1), ("198.18.0.2", 2)
+    udp.send_many([(b"a" * 1350, x)] * 3 + [(b"b" * 90, x)]  # a run; the short one ends it
+                  + [(b"c" * 1350, x)] + [(b"d" * 1350, y)] * 2  # new address: new run
+                  + [(b"e" * 50, y), (b"f" * 1350, y)]  # a longer one after a short one: alone
+                  + [(b"g" * 16384, x)] * 5)  # at most ~64 KB per send
+    assert sock.calls == [
+        ("gso", 1350, 3 * 1350 + 90, x), ("one", 1350, x), ("gso", 1350, 2 * 1350 + 50, y),
+        ("one", 1350, y), ("gso", 16384, 3 * 16384, x), ("gso", 16384, 2 * 16384, x)]
+    assert udp.gso_sends == 4
+
+
+async def test_bulk_transfer_uses_gso_and_arrives_intact():
+    async with Endpoint() as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        ch = conn.open_channel()
+        sent = os.urandom(4 << 20)
+        ch.write(sent)
+        await wait_for(lambda: b.conns, what="inbound")
+        server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
+        got = bytearray()
+        await asyncio.wait_for(_read_exactly(server_ch, len(sent), got), 30)
+        assert bytes(got) == sent
+        assert a.transport._udp.gso_sends > 0
 
 
 async def test_garbage_datagrams_do_not_hurt_the_node():

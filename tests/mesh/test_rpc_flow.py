@@ -56,6 +56,44 @@ async def test_stalled_stream_reader_stops_the_server_generator():
         await server.aclose()
 
 
+async def test_per_call_window_lets_a_bulk_reader_have_more_in_flight():
+    """call_stream(window=...) raises that call's receive window (capped by max_stream_window):
+    a stalled reader then lets the producer run ahead by that window, not the session default."""
+    produced = 0
+    router = RpcRouter()
+
+    async def firehose(ctx, payload):
+        nonlocal produced
+        chunk = b"f" * MESSAGE
+        for _ in range(200):
+            produced += 1
+            yield chunk
+
+    router.register_server_stream("firehose", firehose)
+    limits = RpcLimits(stream_window=WINDOW, max_stream_window=4 * WINDOW)
+    a, b = memory_pipe(high_water=256 * 1024)
+    client, server = RpcSession(a, RpcRouter(), limits), RpcSession(b, router, limits)
+    per_message = MESSAGE + MESSAGE_OVERHEAD
+    try:
+        for asked, granted in ((3 * WINDOW, 3 * WINDOW), (64 * WINDOW, 4 * WINDOW)):
+            produced = 0
+            stream = client.call_stream("firehose", b"", timeout=60, window=asked)
+            await wait_until(lambda: stream.queued_bytes >= granted - per_message, timeout=10)
+            settled = produced
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert produced == settled, "producer kept going although nobody reads"
+            assert granted // per_message <= produced <= granted // per_message + 2
+            assert stream.queued_bytes <= granted + per_message
+            count = 0
+            async for _ in stream:
+                count += 1
+            assert count == 200
+    finally:
+        await client.aclose()
+        await server.aclose()
+
+
 async def test_slow_client_stream_consumer_blocks_sender():
     router = RpcRouter()
     gate = asyncio.Event()

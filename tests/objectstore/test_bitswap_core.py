@@ -152,6 +152,18 @@ def test_fetch_spreads_blocks_across_providers(object_data):
     assert session.duplicate_blocks == 0
 
 
+def test_block_requests_ask_for_a_receive_window_that_holds_their_blocks(object_data):
+    payload, manifest = object_data
+    outcome, _ = run_fetch([Provider("p1", payload, manifest)], manifest)
+    _assert_complete(outcome, payload)
+    requests = [a for a in outcome["actions"] if isinstance(a, bs.SendRequest)]
+    blocks = [r for r in requests if r.request.wants[0].cid != manifest.root]
+    assert blocks and all(r.window == 0 for r in requests if r not in blocks)
+    for request in blocks:
+        sizes = [manifest.sizes[manifest.index_of(w.cid)] for w in request.request.wants]
+        assert sum(sizes) < request.window <= sum(sizes) + 1024 * len(sizes)
+
+
 def test_corrupt_blocks_are_rejected_penalized_and_refetched(object_data):
     payload, manifest = object_data
     liar = Provider("liar", payload, manifest, corrupt=range(len(manifest.blocks)))
