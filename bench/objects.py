@@ -96,7 +96,6 @@ def hash_gbps(nbytes: int) -> dict[str, float]:
 # --- 1. same host --------------------------------------------------------------------------------
 
 def _same_host_getter(root, cid, queue):
-    from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.store import LocalStore
 
     client = LocalStore.attach(root)
@@ -141,7 +140,6 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
     """Put rates of the plain path (write(2) into fresh tmpfs pages; the baseline) and of the warm
     path (copy+hash into a pre-faulted spare), per hash, all in this run; then the get."""
     from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
-    from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.store import LocalStore
 
     root = tempfile.mkdtemp(prefix="bench-store-", dir=shm_base)

@@ -67,11 +67,6 @@ def nat_settings(args: argparse.Namespace):
 
 
 async def run(args: argparse.Namespace) -> None:
-    try:
-        import uvloop
-        asyncio.get_running_loop()  # already inside a loop; uvloop is chosen by main()
-    except ImportError:
-        pass
     from latticaray.runtime.api import _default_resources
     from latticaray.runtime.cluster import CAPACITY_WAIT, MeshRuntime
     from latticaray.runtime.node import RuntimeNode

@@ -4,7 +4,6 @@ host's uplink limited by ``tc tbf``. The fetchers must get most of the object fr
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys

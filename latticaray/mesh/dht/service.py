@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
 from ..multiaddr import Multiaddr
-from .core import DhtConfig, DhtCore, GetProvidersOp, Operation
+from .core import DhtConfig, DhtCore, Operation
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .keyspace import Contact, dht_id
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
