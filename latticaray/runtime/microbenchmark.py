@@ -163,6 +163,11 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
         arr[0] += 1
         lattica.put(arr)
     row("single client put gigabytes, new content each put", put_changed, large_mb / 1024)
+    # Ray's row copies np.zeros, whose untouched pages all map the kernel's one zero page (reads
+    # hit the cache); this one copies an array of real, distinct pages
+    arr = np.arange(large_mb * 1024 * 1024 // 8, dtype=np.int64)
+    row("single client put gigabytes, array of distinct pages", lambda: lattica.put(arr),
+        large_mb / 1024)
     arr = None  # frees the array (the closures above are done with it)
     row("single client tasks and get batch",
         lambda: lattica.get([small_value.remote() for _ in range(1000)]))
