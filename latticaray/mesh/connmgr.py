@@ -530,7 +530,10 @@ class ConnectionManager:
         if adapter is None or not adapter.can_dial(addr):
             raise PeerUnreachable(f"no transport can dial {addr}")
         try:
-            raw = await asyncio.wait_for(adapter.dial(addr, expected, timeout), timeout)
+            # asyncio.timeout, not wait_for: no inner task whose error (a dial failing as it is
+            # cancelled at shutdown) would be left unretrieved
+            async with asyncio.timeout(timeout):
+                raw = await adapter.dial(addr, expected, timeout)
         except asyncio.TimeoutError:
             raise PeerUnreachable(f"dial {addr} timed out after {timeout:.1f} s") from None
         except (OSError, ConnectionClosed) as exc:
