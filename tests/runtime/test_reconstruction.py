@@ -67,6 +67,12 @@ def plus_one(path, array):
     return array + 1
 
 
+@lattica.remote(max_retries=2)
+def plus_one_nested(path, refs):
+    _log_run(path)
+    return lattica.get(refs[0]) + 1
+
+
 @lattica.remote
 def total(array):
     return float(array.sum())
@@ -127,10 +133,13 @@ def test_chain_is_reconstructed_recursively(mesh, node_b, tmp_path):
     assert node_b.node_id not in runs(first_log)[1:] + runs(second_log)[1:]
 
 
-def test_released_argument_is_reconstructed_from_kept_lineage(mesh, node_b, tmp_path):
+@pytest.mark.parametrize("nested", [False, True], ids=["argument", "nested-in-argument"])
+def test_released_argument_is_reconstructed_from_kept_lineage(mesh, node_b, tmp_path, nested):
     first_log, second_log = str(tmp_path / "first"), str(tmp_path / "second")
     first = make_big.options(scheduling_strategy=on(node_b)).remote(first_log, 5)
-    second = plus_one.options(scheduling_strategy=on(node_b)).remote(second_log, first)
+    consumer = plus_one_nested if nested else plus_one
+    second = consumer.options(scheduling_strategy=on(node_b)).remote(
+        second_log, [first] if nested else first)
     assert lattica.wait([second], timeout=60)[0] == [second]
     assert runs(first_log) == [node_b.node_id] and runs(second_log) == [node_b.node_id]
     first_id, first_cid = first.id, first.cid
