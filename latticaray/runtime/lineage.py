@@ -1,7 +1,8 @@
 """Lineage of owned task returns, and recovery of owned objects whose every copy is gone.
 
 The owner node of a task's returns keeps the task's specification (function hash, arguments as
-submitted, options, the retries it has left) while any of those returns is still referenced,
+submitted, options, the retries it has left) while any of those returns is still referenced, or
+while the lineage of a task whose arguments name one of them (top level or nested) is kept,
 within a byte budget (`LATTICARAY_MAX_LINEAGE_BYTES`, oldest evicted first). A store-resident
 object can go missing: the node that ran the task holds the only copy and died, or a store
 evicted the owner's copy. `Recovery.ensure_local` makes an owned object present in this node's
@@ -11,8 +12,10 @@ store again, in this order:
 2. another copy: the object exchange asks the last known holder, connected peers and the DHT's
    providers of the CID (a node that fetched the object as an argument holds a replica);
 3. re-execution: the producing task is submitted again from its lineage (its lost arguments are
-   recovered the same way first, recursively, when the new run resolves them). It spends the
-   task's retry budget, shared with failure retries; `max_retries=0` forbids it.
+   recovered the same way first, recursively, when the new run resolves them; an owned argument
+   every holder released is re-created from its kept lineage, and the re-run holds it until it
+   ends). It spends the task's retry budget, shared with failure retries; `max_retries=0`
+   forbids it.
 
 Objects made by `put`, actor-call returns and tasks without lineage (released, evicted from the
 budget) cannot be re-executed: the getter receives `ObjectLostError` naming the object, its CID
@@ -24,7 +27,7 @@ import collections
 import logging
 import os
 
-from latticaray.runtime import serialization
+from latticaray.runtime import refcount, serialization
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.protocol import ERROR, OK
@@ -56,17 +59,19 @@ def _args_size(args: list) -> int:
 class TaskSpec:
     """What re-running one task needs: its submission message and the retries it has left."""
 
-    __slots__ = ("tid", "msg", "retries_left", "live", "size", "executions")
+    __slots__ = ("tid", "msg", "retries_left", "live", "size", "executions", "deps", "kept")
 
     def __init__(self, tid: bytes, msg: dict, retries_left: int, nret: int):
         self.tid = tid
         self.msg = msg
         self.retries_left = retries_left
-        # returns still referenced (None: the single return of the common one-return task)
-        self.live = None if nret == 1 else {object_id(tid, i) for i in range(nret)}
+        # returns still referenced: a bool for the common one-return task, else a set
+        self.live: bool | set = True if nret == 1 else {object_id(tid, i) for i in range(nret)}
         args = msg["args"]
         self.size = SPEC_OVERHEAD + (len(args[1]) if args[0] == "b" else _args_size(args))
         self.executions = 1
+        self.deps: tuple = ()  # tasks in the table whose returns the arguments name
+        self.kept = 0          # specs in the table whose deps name this one
 
 
 class LineageTable:
@@ -88,18 +93,31 @@ class LineageTable:
         if retries_left == 0:
             self.no_lineage[tid] = ["its task has max_retries=0", nret]
             return
+        deps = self._deps_of(tid, message)
         if message["args"][0] != "b":  # resolution rewrites "l" arguments in place
             message = dict(message, args=_copy_args(message["args"]))
         spec = TaskSpec(tid, message, retries_left, nret)
+        if deps:
+            spec.deps = deps
+            for dep in deps:
+                self.specs[dep].kept += 1
         self.specs[tid] = spec
         self.bytes += spec.size
         while self.bytes > self.max_bytes and self.specs:
             old_tid = next(iter(self.specs))
-            old = self.specs.pop(old_tid)
-            self.bytes -= old.size
+            self._drop(old_tid)
             self.evicted[old_tid] = None
             if len(self.evicted) > EVICTED_MEMORY:
                 self.evicted.popitem(last=False)
+
+    def _deps_of(self, tid: bytes, message: dict) -> tuple:
+        """Owned tasks in the table whose returns the arguments name (a task id in the table
+        is one this node owns)."""
+        if "inner" not in message and message["args"][0] != "l":
+            return ()
+        deps = {task_of(oid) for oid, _owner in refcount.task_arg_refs(message)}
+        deps.discard(tid)
+        return tuple(dep for dep in deps if dep in self.specs)
 
     def record_actor_call(self, tid: bytes, nret: int) -> None:
         if nret >= 1:
@@ -125,16 +143,38 @@ class LineageTable:
                 if known[1] <= 0:
                     del self.no_lineage[tid]
             return
-        if spec.live is not None:
+        if spec.live is True:
+            spec.live = False
+        elif spec.live:
             spec.live.discard(oid)
-            if spec.live:
-                return
-        self._drop(tid)
+        if not spec.live and not spec.kept:
+            self._drop(tid)
+
+    def revived(self, oid: bytes) -> None:
+        """A released return is being re-created (an argument of a re-run): referenced again."""
+        spec = self.specs.get(task_of(oid))
+        if spec is None:
+            return
+        if isinstance(spec.live, set):
+            spec.live.add(oid)
+        else:
+            spec.live = True
 
     def _drop(self, tid: bytes) -> None:
-        spec = self.specs.pop(tid, None)
-        if spec is not None:
+        """Forget a spec, and the specs only it kept (iteratively: chains may be long)."""
+        todo = [tid]
+        while todo:
+            spec = self.specs.pop(todo.pop(), None)
+            if spec is None:
+                continue
             self.bytes -= spec.size
+            for dep in spec.deps:
+                kept = self.specs.get(dep)
+                if kept is None:  # evicted or failed meanwhile
+                    continue
+                kept.kept -= 1
+                if not kept.kept and not kept.live:
+                    todo.append(dep)
 
     def why_not(self, tid: bytes) -> str:
         known = self.no_lineage.get(tid)
@@ -350,6 +390,48 @@ class Recovery:
             entry.status = PENDING
             entry.data = None
         node.tasks[tid] = rec
+        self._hold_args(rec)
         node._resolve_args(rec, node._schedule)
         return None
+
+    def _hold_args(self, rec) -> None:
+        """A re-run holds the refs its arguments carry until it ends, as a submission does.
+        An owned one every holder released is re-created first, from the lineage that this
+        task's lineage kept (its own re-run does the same for its arguments)."""
+        node = self.node
+        refs = refcount.task_arg_refs(rec.msg)
+        if not refs:
+            return
+        for oid, owner in refs:
+            if owner and owner != node.node_id:
+                continue
+            entry = node.objects.get(oid)
+            if entry is None:
+                self._revive(oid)
+            elif entry.released and oid not in node.refs.counts:
+                # its producer is running again and nothing holds it: this re-run will
+                entry.released = False
+                node.refs.counts[oid] = 0
+                self.table.revived(oid)
+        node.refs.pin_task(rec.tid, refs)
+
+    def _revive(self, oid: bytes) -> None:
+        """An owned object every holder released: a pending entry, sealed by a re-run of its
+        task (or with `ObjectLostError` when it has no lineage), held by nothing until the
+        caller pins it."""
+        from latticaray.runtime.node import ObjectEntry  # node imports this module
+        node = self.node
+        node.objects[oid] = ObjectEntry()
+        node.refs.counts[oid] = 0
+        if task_of(oid) in node.tasks:
+            return  # its task is running (another return of it was lost): that run seals it
+        why = self._reexecute(oid, "released")
+        if why is None:
+            self.stats["revived"] += 1
+            self.table.revived(oid)
+            return
+        self.stats["lost"] += 1
+        node._seal(oid, ERROR, serialization.dumps_code(ObjectLostError(
+            f"object {oid.hex()} was released by every holder and cannot be re-executed for "
+            f"a task that needs it again: {why}", object_id=oid.hex(), reason=why)))
 

@@ -4,13 +4,15 @@ A driver node plus one node process for the whole module; each test that kills a
 own extra node process (B), makes a store-resident value there, kills B with SIGKILL and then
 asks for the value. Executions are counted with one line per run in a file under tmp_path.
 """
+import gc
 import os
 
 import numpy as np
 import pytest
 
 import latticaray as lattica
-from latticaray.runtime import api, serialization
+from latticaray.runtime import api, context, serialization
+from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.lineage import LineageTable, TaskSpec
 
 from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
@@ -63,6 +65,12 @@ def make_big(path, k):
 def plus_one(path, array):
     _log_run(path)
     return array + 1
+
+
+@lattica.remote(max_retries=2)
+def plus_one_nested(path, refs):
+    _log_run(path)
+    return lattica.get(refs[0]) + 1
 
 
 @lattica.remote
@@ -123,6 +131,44 @@ def test_chain_is_reconstructed_recursively(mesh, node_b, tmp_path):
     assert np.array_equal(value, np.arange(N, dtype=np.float64) * 2 + 1)
     assert len(runs(first_log)) == 2 and len(runs(second_log)) == 2
     assert node_b.node_id not in runs(first_log)[1:] + runs(second_log)[1:]
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["argument", "nested-in-argument"])
+def test_released_argument_is_reconstructed_from_kept_lineage(mesh, node_b, tmp_path, nested):
+    first_log, second_log = str(tmp_path / "first"), str(tmp_path / "second")
+    first = make_big.options(scheduling_strategy=on(node_b)).remote(first_log, 5)
+    consumer = plus_one_nested if nested else plus_one
+    second = consumer.options(scheduling_strategy=on(node_b)).remote(
+        second_log, [first] if nested else first)
+    assert lattica.wait([second], timeout=60)[0] == [second]
+    assert runs(first_log) == [node_b.node_id] and runs(second_log) == [node_b.node_id]
+    first_id, first_cid = first.id, first.cid
+    node = api._runtime.node
+    del first
+    gc.collect()
+    context.current_core().flush_releases()
+    wait_for(lambda: first_id not in node.objects, 20, "the owner to release the argument")
+    on_b = holds.options(scheduling_strategy=on(node_b, soft=False))
+    wait_for(lambda: not lattica.get(on_b.remote(first_cid), timeout=30), 20,
+             "node B to delete the argument's copy")
+    assert task_of(first_id) in node.recovery.table.specs  # kept by the second task's lineage
+    assert not driver_holds(second)
+    kill(node_b)
+    revived = recovery_stats()["revived"]
+    value = lattica.get(second, timeout=120)
+    assert np.array_equal(value, np.arange(N, dtype=np.float64) * 5 + 1)
+    assert len(runs(first_log)) == 2 and len(runs(second_log)) == 2
+    assert node_b.node_id not in runs(first_log)[1:] + runs(second_log)[1:]
+    assert recovery_stats()["revived"] == revived + 1
+    # the re-created argument was held by the re-run only: it is released again
+    wait_for(lambda: first_id not in node.objects, 20, "the re-created argument to be released")
+    assert task_of(first_id) in node.recovery.table.specs
+    second_tid = task_of(second.id)
+    del second
+    gc.collect()
+    context.current_core().flush_releases()
+    wait_for(lambda: second_tid not in node.recovery.table.specs, 20, "the lineage to go")
+    assert task_of(first_id) not in node.recovery.table.specs
 
 
 def test_no_retries_means_object_lost(mesh, node_b, tmp_path):
@@ -203,3 +249,40 @@ def test_lineage_budget_and_release():
     assert call not in table.no_lineage
     table.record_actor_call(b"n" * 16, 0)  # no returns: nothing is kept
     assert b"n" * 16 not in table.no_lineage
+
+
+def _ref_arg(tid: bytes) -> list:
+    return [1, object_id(tid, 0), "owner"]
+
+
+def test_lineage_keeps_argument_lineage():
+    table = LineageTable(max_bytes=1 << 20)
+    a, b, c, d = (bytes([i]) * 16 for i in b"abcd")
+    table.record(a, {"nret": 1, "opts": {}, "args": ["l", [], {}]}, 3, 1)
+    table.record(b, {"nret": 1, "opts": {}, "args": ["l", [_ref_arg(a), _ref_arg(a)], {}]}, 3, 1)
+    nested = [[object_id(b, 0), "owner"], [object_id(a, 0), "owner"]]  # refs inside a value
+    table.record(c, {"nret": 1, "opts": {}, "args": ["b", b"x" * 64], "inner": nested}, 3, 1)
+    assert sorted(table.specs[c].deps) == sorted([a, b]) and table.specs[a].kept == 2
+    table.released(object_id(a, 0))
+    table.released(object_id(c, 0))
+    assert set(table.specs) == {a, b}  # a is kept by b; c's lineage is gone
+    table.released(object_id(a, 0))  # a second release (of a re-created copy) changes nothing
+    assert a in table.specs
+    table.revived(object_id(a, 0))
+    table.released(object_id(b, 0))
+    assert set(table.specs) == {a}  # re-created: referenced again on its own
+    table.released(object_id(a, 0))
+    assert not table.specs and table.bytes == 0
+
+    small = LineageTable(max_bytes=1000)  # specs of 256 and 288 bytes: d evicts a
+    small.record(a, {"nret": 1, "opts": {}, "args": ["l", [], {}]}, 3, 1)
+    small.record(b, {"nret": 1, "opts": {}, "args": ["l", [_ref_arg(a)], {}]}, 3, 1)
+    small.released(object_id(a, 0))
+    small.record(c, {"nret": 1, "opts": {}, "args": ["l", [_ref_arg(b)], {}]}, 3, 1)
+    small.record(d, {"nret": 1, "opts": {}, "args": ["l", [], {}]}, 3, 1)
+    assert "evicted" in small.why_not(a) and b in small.specs  # the oldest went first
+    small.completed(b, 3, failed=True)  # its dependents lose nothing they can use
+    small.released(object_id(b, 0))
+    small.released(object_id(c, 0))
+    small.released(object_id(d, 0))
+    assert not small.specs and small.bytes == 0
