@@ -996,10 +996,11 @@ class MeshCluster:
         return b""
 
     # ------------------------------------------------------------------ actors
-    def place_actor(self, message: dict, defer: bool = False):
+    def place_actor(self, message: dict, defer: bool = False, wait=None):
         """Where to create an actor: a peer's id or None (here; with a strategy, or when this
         node could host it, actors stay here). With ``defer``, an actor no admitted node can
-        host waits for DHT capacity ads (DEFERRED); its calls wait with it."""
+        host waits for DHT capacity ads (DEFERRED); its calls wait with it, or ``wait(message,
+        reason)`` parks it instead."""
         strategy = message["opts"].get("strategy")
         demand = message["opts"].get("resources") or {}
         try:
@@ -1015,10 +1016,48 @@ class MeshCluster:
         target = self._place(aid.hex(), demand, strategy)
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
         if isinstance(target, TaskUnschedulableError) and can_defer and not hard_affinity:
-            return self._defer_actor(message, target.reason)
+            return (wait or self._defer_actor)(message, target.reason)
         if isinstance(target, BaseException):
             return None
         return target
+
+    async def place_named_actor(self, namespace: str, name: str, message: dict):
+        """Where to create a named actor, known before its name is claimed: place_actor, the
+        creation waiting (not the actor: nothing is created yet) for DHT capacity ads while no
+        admitted node can host it. Raises the TaskUnschedulableError of a wait that ends at its
+        deadline; None (here) at once when the name is already held, so the claim answers."""
+        done = asyncio.get_running_loop().create_future()
+        request_id = message["aid"].hex()
+
+        def settle(target) -> None:
+            if done.done():
+                return
+            if isinstance(target, BaseException):
+                done.set_exception(target)
+            else:
+                done.set_result(target)
+
+        def park(message: dict, reason: str):
+            return self.placement.defer(request_id, message["opts"].get("resources") or {},
+                                        reason, retry=attempt, fail=settle, settled=done.done)
+
+        def attempt() -> None:
+            target = self.place_actor(message, defer=True, wait=park)
+            if target is not DEFERRED:
+                settle(target)
+        attempt()
+        if done.done():
+            return done.result()
+        try:
+            if await self.lookup_actor_name(namespace, name) is not None:
+                return None
+            return await done
+        finally:
+            if not done.done():
+                done.cancel()
+                self.placement.withdraw(request_id)
+            elif not done.cancelled():
+                done.exception()  # retrieved: a failure after the name check is not raised
 
     def _defer_actor(self, message: dict, reason: str):
         aid = message["aid"]
@@ -1205,6 +1244,9 @@ class MeshCluster:
         self.spawn(self._names_call(self._arbiter(namespace, name),
                                     {"op": "release", "ns": namespace, "name": name,
                                      "aid": message["aid"]}))
+        if message["opts"].get("get_if_exists"):
+            return {"aid": bytes.fromhex(result.record.actor_id), "node": str(result.record.host),
+                    "meta": None, "existing": True}
         return {"error": error_blob(ActorNameTakenError(
             f"an actor named {name!r} already exists in namespace {namespace!r} "
             f"(claimed by node {result.record.owner} in the cluster state)"))}
@@ -1283,12 +1325,17 @@ class MeshCluster:
         return {"error": f"unknown names op {op!r}"}
 
     def _name_holder_alive(self, record: dict) -> bool:
-        # a detached actor outlives its owner: its name lives as long as its host
-        owner = record.get("node") if record.get("detached") else record.get("owner")
-        if owner == self.node_id:
-            return True
-        state = self.peers.get(owner)
-        return state is not None and state.alive
+        # a detached actor outlives its owner: its name lives as long as its host, judged by its
+        # owner while this arbiter has not met the host (sparse peering)
+        holders = [record.get("node"), record.get("owner")] if record.get("detached") \
+            else [record.get("owner")]
+        for holder in holders:
+            if holder == self.node_id:
+                return True
+            state = self.peers.get(holder)
+            if state is not None:
+                return state.alive
+        return False
 
     def note_actor_host(self, aid: bytes, host: str) -> None:
         for rec in self.names.values():

@@ -1083,10 +1083,20 @@ class RuntimeNode:
         name = opts.get("name")
         if name and self.cluster is not None:
             namespace = opts.get("namespace") or "default"
-            message["host"] = self.cluster.place_actor(message) or self.node_id
+            try:
+                host = await self.cluster.place_named_actor(namespace, name, message)
+            except TaskUnschedulableError as exc:
+                return {"error": error_blob(exc)}
+            message["host"] = host or self.node_id
             reply = await self.cluster.claim_actor_name(namespace, name, message)
             if reply is not None:
                 return reply
+            reply = self._create_actor(message, client)
+            # the claim went through: a creation that failed here gives the name back (unless
+            # the name's holder is another actor of this node)
+            if "error" in reply and self.named_actors.get((namespace, name)) is None:
+                self.cluster.release_actor_name(namespace, name, message["aid"])
+            return reply
         return self._create_actor(message, client)
 
     def _create_actor(self, message: dict, client) -> dict:

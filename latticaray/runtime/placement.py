@@ -14,7 +14,9 @@ told about (a sparse mesh, a node that joined through another bootstrap, a rare 
   advertised nodes it has not met (the usual `/latticaray/admit/1` exchange: only admitted
   members get work; from then on they push views like any peer), puts the ad's view into the
   snapshot until the peer's first pushed view arrives, and retries the waiting requests. A
-  request still infeasible at its deadline fails with TaskUnschedulableError.
+  request still infeasible at its deadline fails with TaskUnschedulableError. A named actor's
+  creation waits here before its name is claimed (`MeshCluster.place_named_actor`), so the name
+  is claimed with the host the wait found.
 
 Bounds: one lookup in flight per key, at most ``max_keys`` keys tracked, ``sample_size`` ads
 kept per key, ``max_admissions`` admissions in flight and ``max_new_per_lookup`` started per
@@ -288,6 +290,11 @@ class DhtPlacement:
         self.parked[request_id] = _Parked(retry, fail, settled)
         self._wake.set()
         return DEFERRED
+
+    def withdraw(self, request_id: str) -> None:
+        """The request no longer waits (its creator gave up): forget it without failing it."""
+        self.parked.pop(request_id, None)
+        self.core.release(request_id)
 
     def peer_gone(self, node_id: str) -> None:
         self.core.hold_off(node_id, self.clock())

@@ -5,7 +5,11 @@ or when asked; the driver attaches to it), A (joins through D, full peering), an
 through A, sparse, the only node with "tpu"s). D never gets a pushed view of C, yet a task and an
 actor asking for a tpu land on C because C's DHT capacity ad names it; afterwards C feeds D's
 views. A request no node can take still fails with TaskUnschedulableError after the wait (an
-actor's calls with ActorDiedError saying why).
+actor's calls with ActorDiedError saying why). A fourth node E (joins through A, sparse, the only
+one with "npu"s) is met by D only when a named actor asks for an npu: the actor is created there,
+its name claimed with E as host, found with get_actor from a driver on another node, and the name
+still refuses a second creation; a named actor no node can host fails its creation after the wait
+and leaves its name free.
 The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
 """
 import asyncio
@@ -17,6 +21,7 @@ import pytest
 
 import latticaray as lattica
 from latticaray.mesh.identity import KeyPair
+from latticaray.runtime.cluster import MeshCluster
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
 from latticaray.scheduler.advertiser import CapacityAd
@@ -48,7 +53,10 @@ def sparse_mesh():
         c = NodeProcess(a.info["addrs"][0], invite,
                         extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'))
         nodes.append(c)
-        yield {"d": d, "a": a, "c": c}
+        e = NodeProcess(a.info["addrs"][0], invite,
+                        extra_args=("--peering", "sparse", "--resources", '{"npu": 1}'))
+        nodes.append(e)
+        yield {"d": d, "a": a, "c": c, "e": e}
     finally:
         for node in nodes:
             node.stop()
@@ -95,6 +103,80 @@ def test_unschedulable_request_fails_after_its_wait(sparse_mesh, attach):
     actor = Accelerated.options(resources={"quantum": 1}).remote()
     with pytest.raises(lattica.ActorDiedError, match="cannot be scheduled.*quantum"):
         lattica.get(actor.where.remote(), timeout=60)
+
+
+def test_named_actor_lands_on_node_found_only_through_dht_capacity(sparse_mesh, attach):
+    d, a, e = sparse_mesh["d"], sparse_mesh["a"], sparse_mesh["e"]
+    attach(d)
+    wait_for(lambda: a.node_id in alive_nodes(), 30, "D to see A")
+    assert e.node_id not in {n["NodeID"] for n in lattica.nodes()}, "D already knows E"
+    actor = Accelerated.options(name="npu-holder", namespace="dht", lifetime="detached",
+                                resources={"npu": 1}).remote()
+    try:
+        assert lattica.get(actor.where.remote(), timeout=60) == e.node_id
+        assert lattica.get_actor("npu-holder", namespace="dht")._node == e.node_id
+        lattica.shutdown()
+        attach(a)  # another driver, on another node
+        found = lattica.get_actor("npu-holder", namespace="dht")
+        assert lattica.get([found.where.remote() for _ in range(3)], timeout=60) \
+            == [e.node_id] * 3
+        with pytest.raises(lattica.ActorNameTakenError, match="npu-holder"):
+            Accelerated.options(name="npu-holder", namespace="dht", lifetime="detached",
+                                resources={"npu": 1}).remote()
+        again = Accelerated.options(name="npu-holder", namespace="dht", get_if_exists=True,
+                                    resources={"npu": 1}).remote()
+        assert lattica.get(again.where.remote(), timeout=60) == e.node_id
+    finally:
+        lattica.kill(lattica.get_actor("npu-holder", namespace="dht"))
+
+
+def test_unschedulable_named_actor_fails_after_its_wait_and_frees_its_name(sparse_mesh, attach):
+    attach(sparse_mesh["a"])  # A waits 3 s for capacity
+    started = time.monotonic()
+    with pytest.raises(lattica.TaskUnschedulableError, match="capacity/quantum"):
+        Accelerated.options(name="quantum-holder", namespace="dht",
+                            resources={"quantum": 1}).remote()
+    waited = time.monotonic() - started
+    assert 3.0 <= waited < 20, waited
+    with pytest.raises(ValueError):
+        lattica.get_actor("quantum-holder", namespace="dht")
+    actor = Accelerated.options(name="quantum-holder", namespace="dht").remote()
+    assert lattica.get(actor.where.remote(), timeout=60) == sparse_mesh["a"].node_id
+
+
+def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
+    """In a sparse mesh the name's arbiter may not know the node a named actor was placed on
+    through the DHT: the claim then lives as long as its owner, which the arbiter does know."""
+    arbiter = object.__new__(MeshCluster)
+    arbiter.node_id = "arbiter"
+    arbiter.names = {}
+    arbiter.peers = {"owner": types.SimpleNamespace(alive=True)}
+    claim = {"op": "claim", "ns": "dht", "name": "x", "aid": b"1", "owner": "owner",
+             "host": "unmet-host", "detached": True}
+    assert arbiter._names_op(claim, "owner") == {"ok": True}
+    second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
+    assert second["ok"] is False and second["existing"]["node"] == "unmet-host"
+    arbiter.peers["unmet-host"] = types.SimpleNamespace(alive=True)
+    arbiter.peers["owner"].alive = False  # once met, the host alone keeps a detached name
+    assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
+    arbiter.peers["unmet-host"].alive = False
+    assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c") == {"existing": None}
+
+
+def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not():
+    holder, host = KeyPair.generate().peer_id, KeyPair.generate().peer_id
+    record = types.SimpleNamespace(actor_id="aa" * 8, host=host, owner=holder)
+    node = object.__new__(MeshCluster)
+    node.node_id, node.peers = "me", {}
+    node.spawn = lambda coro: coro.close()
+    node.state = types.SimpleNamespace(actors=types.SimpleNamespace(
+        claim=lambda *args, **kwargs: types.SimpleNamespace(won=False, record=record)))
+    message = {"aid": b"\x01" * 8, "host": str(KeyPair.generate().peer_id),
+               "opts": {"get_if_exists": True}}
+    assert node._claim_in_crdt("dht", "x", message) == {
+        "aid": b"\xaa" * 8, "node": str(host), "meta": None, "existing": True}
+    message["opts"] = {}
+    assert "error" in node._claim_in_crdt("dht", "x", message)
 
 
 # the sans-I/O directory ---------------------------------------------------------------------
