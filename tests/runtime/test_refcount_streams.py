@@ -53,8 +53,8 @@ def store_used() -> int:
     return node().store.stats()["used"]
 
 
-def stream_finished(gen) -> bool:
-    stream = node().streams.get(gen.task_id())
+def stream_finished(tid: bytes) -> bool:
+    stream = node().streams.get(tid)
     return stream is not None and stream.finished
 
 
@@ -97,7 +97,7 @@ class TestEmbedded:
         gen = big_items.remote(6)
         tid = gen.task_id()
         kept = next(gen)
-        wait_for(lambda: stream_finished(gen), 30, "the stream to finish")
+        wait_for(lambda: stream_finished(tid), 30, "the stream to finish")
         assert store_used() >= baseline + 5 * N * 8  # five items waiting in the generator
         del gen
         drop_refs()
@@ -176,7 +176,7 @@ class TestAcrossNodes:
         gen = items_with_refs.options(scheduling_strategy=strategy).remote(4)
         tid = gen.task_id()
         taken = [next(gen) for _ in range(3)]
-        wait_for(lambda: stream_finished(gen), 60, "the remote stream to finish")
+        wait_for(lambda: stream_finished(tid), 60, "the remote stream to finish")
         values = [lattica.get(item, timeout=60) for item in taken]
         refs = [ref for ref, _cid in values]
         cids = [cid for _ref, cid in values]
@@ -185,11 +185,12 @@ class TestAcrossNodes:
         assert all(lattica.get(probe.remote(cid), timeout=30) for cid in cids)
         del values, refs
         kept = taken.pop(0)
+        kept_id = kept.id
         del taken, gen  # item 3 was never taken: it goes with the generator
         drop_refs()
         wait_for(lambda: not any(lattica.get(probe.remote(cid), timeout=30) for cid in cids[1:]),
                  30, "the owner node to delete objects inside the dropped items")
-        wait_for(lambda: not any(oid[:16] == tid and oid != kept.id for oid in node().objects),
+        wait_for(lambda: not any(oid[:16] == tid and oid != kept_id for oid in node().objects),
                  20, "the dropped and untaken items to leave the driver")
         # the kept item still holds the object inside it on the other node
         assert lattica.get(probe.remote(cids[0]), timeout=30)
