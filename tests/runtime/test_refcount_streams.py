@@ -162,6 +162,25 @@ class TestEmbedded:
         wait_for(lambda: store_used() <= baseline and no_items_left(tid), 20,
                  "the items a worker took to be released once it dropped them")
 
+    def test_items_of_a_dead_submitter_are_released(self):
+        baseline = store_used()
+        holder = StreamHolder.remote()
+        tid = lattica.get(holder.start.remote(4), timeout=60)
+        wait_for(lambda: stream_finished(tid), 30, "the stream to finish")
+        assert store_used() >= baseline + 4 * N * 8
+        lattica.kill(holder)  # its worker dies holding the generator and one item
+        wait_for(lambda: store_used() <= baseline and no_items_left(tid)
+                 and tid not in node().streams, 20,
+                 "the items of the dead actor's stream to be released")
+
+
+@lattica.remote
+class StreamHolder:
+    def start(self, count):
+        self.gen = big_items.remote(count)
+        self.first = next(self.gen)
+        return self.gen.task_id()
+
 
 @lattica.remote
 def sum_of_stream(gen):
