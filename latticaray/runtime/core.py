@@ -1,9 +1,10 @@
 """Core clients: what the user API calls into, in a driver (`DriverCore`) or a worker (`WorkerCore`).
 
 Both speak the same request vocabulary to their node (see docs/protocol/runtime.md, "client ops"):
-fire-and-forget posts (submit, actor_call, put, release, kill, cancel) and requests with a reply
-(get, wait, stream_next, get_actor, named create_actor, cid, nodes). A driver's node runs in a
-background event-loop thread of the same process; a worker's node is at the end of its socketpair.
+fire-and-forget posts (submit, actor_call, put, release, stream_drop, kill, cancel) and requests
+with a reply (get, wait, stream_next, get_actor, named create_actor, cid, nodes). A driver's node
+runs in a background event-loop thread of the same process; a worker's node is at the end of its
+socketpair.
 """
 from __future__ import annotations
 
