@@ -167,6 +167,7 @@ class RemoteClient:
         self.node_id = node_id
         self.outbox = outbox
         self.closed = False
+        self.held_back: list | None = None  # replies waiting for this node's registrations
 
     def send(self, message: dict) -> None:
         if not self.closed:
@@ -207,24 +208,39 @@ class RemoteClient:
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
-        if node.refs.unsettled():
-            # refs the task borrowed are registered with their owners before the caller, which
-            # lets go of the task's arguments on `done`, hears of it
-            self.cluster.spawn(self._send_when_settled(out))
+        # refs the task borrowed are registered with their owners before the caller, which
+        # lets go of the task's arguments on `done`, hears of it
+        self._send_settled(out)
+
+    def _send_settled(self, out: dict) -> None:
+        """Send once every borrow registration made so far has reached its owner, in order."""
+        if self.held_back is not None:
+            self.held_back.append(out)
+        elif self.cluster.node.refs.unsettled():
+            self.held_back = [out]
+            self.cluster.spawn(self._send_when_settled())
         else:
             self.send(out)
 
-    async def _send_when_settled(self, out: dict) -> None:
+    async def _send_when_settled(self) -> None:
         await self.cluster.node.refs.settled()
-        self.send(out)
+        held, self.held_back = self.held_back, None
+        for out in held:
+            self.send(out)
 
     def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
         tid, index = rec.tid, message["i"]
+        oid = object_id(tid, index)
+        node = self.cluster.node
         data = self._send_value(tid, ("y", index), message["d"])
-        self.send({"k": "yield", "tid": tid, "i": index, "d": data})
-        entry = self.cluster.node.objects.pop(object_id(tid, index), None)
+        out = {"k": "yield", "tid": tid, "i": index, "d": data}
+        if message.get("inner"):  # held here until the caller holds them (`held` with oid)
+            node.refs.forward(oid, self.node_id, [oid])
+            out["inner"] = message["inner"]
+        self._send_settled(out)
+        entry = node.objects.pop(oid, None)
         if entry is not None:
-            self.cluster.node._forget(entry)
+            node._forget(entry)
 
 
 class MeshCluster:
@@ -689,7 +705,10 @@ class MeshCluster:
             data = message["d"]
             if data is None:
                 data = b"".join(state.parts.pop((tid, ("y", message["i"])), []))
-            self.node._on_yield({"tid": tid, "i": message["i"], "d": data})
+            inner = message.get("inner")
+            self.node._on_yield({"tid": tid, "i": message["i"], "d": data, "inner": inner})
+            if inner:  # counted here now: the executor may let go of them
+                self.ack_held(state.node_id, object_id(tid, message["i"]))
             return
         if kind == "done":
             rec = state.inflight.pop(tid, None)

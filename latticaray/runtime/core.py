@@ -1,9 +1,10 @@
 """Core clients: what the user API calls into, in a driver (`DriverCore`) or a worker (`WorkerCore`).
 
 Both speak the same request vocabulary to their node (see docs/protocol/runtime.md, "client ops"):
-fire-and-forget posts (submit, actor_call, put, release, kill, cancel) and requests with a reply
-(get, wait, stream_next, get_actor, named create_actor, cid, nodes). A driver's node runs in a
-background event-loop thread of the same process; a worker's node is at the end of its socketpair.
+fire-and-forget posts (submit, actor_call, put, release, stream_drop, kill, cancel) and requests
+with a reply (get, wait, stream_next, get_actor, named create_actor, cid, nodes). A driver's node
+runs in a background event-loop thread of the same process; a worker's node is at the end of its
+socketpair.
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ class CoreClient:
 
     def _returns(self, task_id: bytes, nret: int):
         if nret == -1:
-            return ObjectRefGenerator(task_id, self.node_id)
+            return ObjectRefGenerator(task_id, self.node_id, _owned=True)
         refs = [ObjectRef(object_id(task_id, i), self.node_id) for i in range(nret)]
         if nret == 1:
             return refs[0]
@@ -274,7 +275,17 @@ class CoreClient:
             raise GetTimeoutError(f"next stream item timed out after {timeout} s")
         if reply.get("end"):
             return None
-        return ObjectRef(reply["oid"], reply.get("owner", self.node_id))
+        oid, owner = reply["oid"], reply.get("owner", self.node_id)
+        if reply.get("held"):  # the node handed this process the generator's hold on it
+            return ObjectRef(oid, owner)
+        ref = ObjectRef(oid, owner, _count=False)  # taken before (a copy of the generator)
+        self.add_borrowed_ref(oid, owner)
+        ref._counted = True
+        return ref
+
+    def drop_stream(self, task_id: bytes) -> None:
+        """The generator of a streaming task this process submitted was dropped."""
+        self.post({"op": "stream_drop", "tid": task_id})
 
     def value_future(self, ref: ObjectRef) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()

@@ -260,6 +260,7 @@ class RuntimeNode:
             "put": self._on_put_counted, "contain": self._on_contain,
             "release": self._on_release_counted, "create_actor": self._on_create_actor_post,
             "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
+            "stream_drop": self._on_stream_drop,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -518,7 +519,7 @@ class RuntimeNode:
         if op == "wait":
             return await self._req_wait(message)
         if op == "stream_next":
-            return await self._req_stream_next(message)
+            return await self._req_stream_next(message, client)
         if op == "cid":
             return await self._req_cid(message)
         if op == "get_cid":
@@ -766,6 +767,7 @@ class RuntimeNode:
         refs = self.refs
         if nret == STREAMING:
             self.streams[tid] = StreamState(opts.get("window") or DEFAULT_STREAM_WINDOW)
+            refs.open_stream(tid, client)
         else:
             for i in range(nret):
                 oid = object_id(tid, i)
@@ -942,9 +944,12 @@ class RuntimeNode:
             if stream is not None:
                 if err is not None:
                     self._seal(object_id(tid, stream.count), ERROR, err)
+                    self.refs.stream_item(tid, object_id(tid, stream.count))
                     stream.count += 1
                 stream.finished = True
                 stream.wake()
+            if self.refs.stream_end(tid):
+                self.streams.pop(tid, None)
         elif err is not None:
             for i in range(rec.nret):
                 self._seal(object_id(tid, i), ERROR, err)
@@ -992,15 +997,21 @@ class RuntimeNode:
         if stream is None:
             return
         index = message["i"]
-        self._seal(object_id(tid, index), OK, message["d"])
+        oid = object_id(tid, index)
+        if message.get("inner"):  # refs inside the item live as long as it does
+            self.refs.contain(oid, message["inner"])
+        self._seal(oid, OK, message["d"])
         stream.count = max(stream.count, index + 1)
+        if not self.refs.stream_item(tid, oid):  # nobody will take it: the producer goes on
+            stream.consumed = max(stream.consumed, index + 1)
+            self._ack_stream(tid, stream)
         stream.wake()
         rec = self.tasks.get(tid)
         notify = getattr(rec.client, "on_task_yield", None) if rec is not None else None
         if notify is not None:
             notify(rec, message)
 
-    async def _req_stream_next(self, message: dict) -> dict:
+    async def _req_stream_next(self, message: dict, client=None) -> dict:
         tid, index = message["tid"], message["i"]
         stream = self.streams.get(tid)
         if stream is None:
@@ -1028,9 +1039,26 @@ class RuntimeNode:
             if index + 1 > stream.consumed:
                 stream.consumed = index + 1
                 self._ack_stream(tid, stream)
-            return {"oid": object_id(tid, index), "owner": self.node_id}
+            oid = object_id(tid, index)
+            reply = {"oid": oid, "owner": self.node_id}
+            if self.refs.take_item(tid, oid, client):
+                reply["held"] = True  # the generator's hold is the taker's now
+            return reply
         self.streams.pop(tid, None)
         return {"end": True}
+
+    def _on_stream_drop(self, message: dict, client) -> None:
+        """The process that submitted a streaming task dropped its generator (or died): the
+        items nobody took are released, and so are the ones the task still yields."""
+        tid = message["tid"]
+        stream = self.streams.get(tid)
+        running = stream is not None and not stream.finished
+        self.refs.drop_stream(tid, running)
+        if not running:
+            self.streams.pop(tid, None)
+        elif stream.count > stream.consumed:
+            stream.consumed = stream.count
+            self._ack_stream(tid, stream)
 
     def _ack_stream(self, tid: bytes, stream: StreamState) -> None:
         if stream.worker is not None:
@@ -1198,6 +1226,7 @@ class RuntimeNode:
             self.recovery.table.record_actor_call(tid, nret)
         if nret == STREAMING:
             self.streams[tid] = StreamState(DEFAULT_STREAM_WINDOW)
+            self.refs.open_stream(tid, client)
         else:
             for i in range(nret):
                 oid = object_id(tid, i)

@@ -8,8 +8,12 @@ The node where an object is created (put, or a task's result) owns it. Its `RefT
   `borrow`, and every process posts `release` when its last copy is dropped;
 * one per submitted task whose arguments carry the ref (top level or nested): released when the
   task is done;
-* one per object containing the ref (a list of refs put in the store, refs inside a result):
-  released when the containing object is;
+* one per object containing the ref (a list of refs put in the store, refs inside a result or
+  a streamed item): released when the containing object is;
+* one for each item a streaming task yielded that no process has taken from its generator yet
+  (`ObjectRefGenerator`): taking it hands this hold to the taking process; dropping the
+  generator (or the death of the process that submitted the task) releases the items not taken,
+  and the items a dropped generator's task still yields are released as they arrive;
 * and a set of *borrower* nodes: other nodes holding it for any of the reasons above, which
   registered with `/latticaray/ref/1` and unregister when their own count drops to zero. A
   borrower node that dies is dropped from every set.
@@ -55,6 +59,9 @@ class RefTable:
         self.contents: dict[bytes, list] = {}        # object -> [[oid, owner], ...] inside it
         self.task_pins: dict[bytes, list] = {}       # task or actor id -> refs its args carry
         self.forwarded: dict[bytes, tuple[str, list]] = {}  # tid -> (caller, refs in results)
+        self.streamed: dict[bytes, tuple[object, set]] = {}  # streaming tid -> (submitter,
+        #                                                       items no process took yet)
+        self.dropped_streams: set[bytes] = set()  # generator dropped, task still yielding
         self._queues: dict[str, list] = {}
         self._senders: dict[str, asyncio.Task] = {}
         self.stats = collections.Counter()
@@ -79,7 +86,7 @@ class RefTable:
                 self.owners[oid] = owner
                 self._send(owner, BORROW, oid)
             elif oid in self.node.objects:
-                counts[oid] = 2  # not counted so far (a stream item): its consumer holds one
+                counts[oid] = 2  # not counted so far: whoever made it holds one
             else:
                 return False
         else:
@@ -110,7 +117,6 @@ class RefTable:
                     self.unhold(oid)
                     continue
                 del counts[oid]  # the common case: an object only this process referenced
-            # (an object never counted, e.g. a stream item, is freed on its only release)
             free.append(oid)
         if free:
             self.node._on_release({"op": "release", "oids": free}, client)
@@ -142,7 +148,10 @@ class RefTable:
             self.drop_contents(oid)
 
     def client_gone(self, client) -> None:
-        """A process of this node died or disconnected: its holds go with it."""
+        """A process of this node died or disconnected: its holds go with it, and so do the
+        streams it submitted (their generators died with it)."""
+        for tid in [t for t, (owner, _) in self.streamed.items() if owner is client]:
+            self.node._on_stream_drop({"tid": tid}, client)
         holds = getattr(client, "ref_holds", None)
         if not holds:
             return
@@ -191,6 +200,57 @@ class RefTable:
             del self.forwarded[tid]
             for oid, _owner in entry[1]:
                 self.unhold(oid)
+
+    # ------------------------------------------------------------------ streamed items (owner side)
+    def open_stream(self, tid: bytes, client) -> None:
+        """`client` submitted a streaming task: this node owns its items."""
+        if client is not None and client.kind != "remote":
+            self.streamed[tid] = (client, set())
+
+    def stream_item(self, tid: bytes, oid: bytes) -> bool:
+        """A sealed item of a streaming task: if this node owns it, its generator holds it until
+        a process takes it. False if the generator was dropped: the item is freed at once."""
+        if tid in self.dropped_streams:
+            self._free(oid)
+            return False
+        entry = self.streamed.get(tid)
+        if entry is not None:
+            self.counts[oid] = self.counts.get(oid, 0) + 1
+            entry[1].add(oid)
+        return True
+
+    def take_item(self, tid: bytes, oid: bytes, client) -> bool:
+        """A process takes an item from the generator: True if that hands it the generator's
+        hold (its first taker); otherwise the process registers its copy as a borrow."""
+        entry = self.streamed.get(tid)
+        if entry is None or oid not in entry[1]:
+            return False
+        entry[1].discard(oid)
+        holds = getattr(client, "ref_holds", None)
+        if holds is not None:
+            holds[oid] = holds.get(oid, 0) + 1
+        return True
+
+    def drop_stream(self, tid: bytes, running: bool) -> None:
+        """The generator is gone: items nobody took are released, and so will be the items
+        its task yields from now on, if it is still `running`."""
+        entry = self.streamed.pop(tid, None)
+        if running:
+            self.dropped_streams.add(tid)
+        if entry is not None:
+            for oid in entry[1]:
+                self.unhold(oid)
+
+    def stream_end(self, tid: bytes) -> bool:
+        """The streaming task is done: no more items will arrive. True if its generator was
+        dropped already (nobody will read the end of the stream)."""
+        entry = self.streamed.get(tid)
+        if entry is not None and not entry[1]:
+            del self.streamed[tid]
+        if tid in self.dropped_streams:
+            self.dropped_streams.discard(tid)
+            return True
+        return False
 
     # ------------------------------------------------------------------ borrowers (owner side)
     def on_ops(self, peer: str, ops: list) -> None:

@@ -116,14 +116,26 @@ class ObjectRefGenerator:
     """Refs of a streaming task's items, in order, as the task yields them.
 
     Iterating waits for the next item; the producer is held back (backpressure) when the
-    consumer falls behind by more than the stream window.
+    consumer falls behind by more than the stream window. Each item taken is an ObjectRef
+    counted like any other; when the generator the submitter got is dropped, the items nobody
+    took are released (copies of it, pickled elsewhere, do not keep them).
     """
 
-    def __init__(self, task_id: bytes, owner: str):
+    def __init__(self, task_id: bytes, owner: str, _owned: bool = False):
         self._task_id = task_id
         self._owner = owner
         self._next_index = 0
         self._done = False
+        self._owned = _owned
+
+    def __del__(self):
+        if self._owned:
+            core = context.current_core()
+            if core is not None:
+                try:
+                    core.drop_stream(self._task_id)
+                except Exception:
+                    pass
 
     def __iter__(self):
         return self

@@ -150,6 +150,16 @@ class StreamCredit:
             self._consumed.pop(task_id, None)
 
 
+def yield_message(task_id: bytes, index: int, item) -> dict:
+    """A streamed item; refs inside it are listed so the node counts them as its contents."""
+    with collect_refs() as inner:
+        message = {"op": "yield", "tid": task_id, "i": index,
+                   "d": serialization.serialize(item)}
+    if inner:
+        message["inner"] = inner
+    return message
+
+
 def decode_args(encoded):
     with context.require_core().borrowing():  # refs inside: one registration message
         if encoded[0] == "b":
@@ -351,8 +361,7 @@ class Worker:
                 self.credit.wait_for_room(task_id, index, window,
                                           lambda: task_id in self.cancelled,
                                           self.pump_main if on_main else None)
-                self.conn.send({"op": "yield", "tid": task_id, "i": index,
-                                "d": serialization.serialize(item)})
+                self.conn.send(yield_message(task_id, index, item))
                 index += 1
         except KeyboardInterrupt:
             raise
@@ -373,8 +382,7 @@ class Worker:
             async for item in agen:
                 await loop.run_in_executor(None, self.credit.wait_for_room, task_id, index,
                                            window, lambda: task_id in self.cancelled)
-                self.conn.send({"op": "yield", "tid": task_id, "i": index,
-                                "d": serialization.serialize(item)})
+                self.conn.send(yield_message(task_id, index, item))
                 index += 1
         except BaseException as exc:
             data, mro = encode_error(name, exc, self.node_id)
