@@ -50,6 +50,8 @@ VIEW_PROTOCOL = "/latticaray/runtime-view/1"
 TASK_PROTOCOL = "/latticaray/task/1"
 OBJECT_PROTOCOL = "/latticaray/object/1"
 NAMES_PROTOCOL = "/latticaray/names/1"
+STREAM_PROTOCOL = "/latticaray/stream/1"
+STREAM_POLL = 20.0            # longest one remote stream_next waits at the owner before re-asking
 REF_PROTOCOL = "/latticaray/ref/1"
 MAX_REF_OPS = 65536
 
@@ -278,6 +280,7 @@ class MeshCluster:
         mesh.register_server_stream(OBJECT_PROTOCOL, self._serve_object)
         mesh.register_unary(REF_PROTOCOL, self._serve_ref)
         mesh.register_unary(NAMES_PROTOCOL, self._serve_names)
+        mesh.register_unary(STREAM_PROTOCOL, self._serve_stream_next)
         mesh.on_peer_connected(lambda peer: self.sparse or self.spawn(self._admit_with(peer)))
         mesh.on_peer_disconnected(lambda peer: self._peer_gone(str(peer), "disconnected"))
         mesh.connections.on_connection_added(self._on_connection_added)
@@ -1299,6 +1302,46 @@ class MeshCluster:
                 pass  # this node holds no claim on it (another node created the actor)
         self.spawn(self._names_call(self._arbiter(namespace, name),
                                     {"op": "release", "ns": namespace, "name": name, "aid": aid}))
+
+    async def remote_stream_next(self, owner: str, message: dict) -> dict:
+        """The next item of a stream another node owns (its generator was passed here): asks the
+        owner, re-asking every STREAM_POLL seconds while the caller waits without a deadline. The
+        item's ref comes back as a borrow (the owner's generator keeps its own hold)."""
+        loop = asyncio.get_running_loop()
+        timeout = message.get("timeout")
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            state = self.peers.get(owner)
+            if state is None:
+                return {"error": error_blob(NodeDiedError(
+                    f"node {owner}, which owns this stream, is not a live peer"))}
+            wait = STREAM_POLL if deadline is None else max(0.0, min(STREAM_POLL,
+                                                                      deadline - loop.time()))
+            request = {"tid": message["tid"], "i": message["i"], "timeout": wait}
+            try:
+                reply = _unpack(await self.mesh.call(state.peer_id, STREAM_PROTOCOL,
+                                                     _pack(request), timeout=wait + 10.0))
+            except MeshError as exc:
+                return {"error": error_blob(NodeDiedError(
+                    f"could not reach node {owner}, which owns this stream: {exc}"))}
+            if reply.get("timeout") and (deadline is None or loop.time() < deadline):
+                continue
+            reply.pop("held", None)
+            return reply
+
+    async def _serve_stream_next(self, ctx, payload: bytes) -> bytes:
+        self._require_member(ctx)
+        if len(payload) > MAX_CONTROL_MESSAGE:
+            raise RpcError(Status.INVALID_ARGUMENT, "stream request too large")
+        request = _unpack(payload)
+        tid, index, timeout = request.get("tid"), request.get("i"), request.get("timeout")
+        if not (isinstance(tid, bytes) and type(index) is int and index >= 0
+                and (timeout is None or isinstance(timeout, (int, float)))):
+            raise RpcError(Status.INVALID_ARGUMENT, "malformed stream request")
+        timeout = STREAM_POLL if timeout is None else min(float(timeout), STREAM_POLL)
+        reply = await self.node._req_stream_next(
+            {"tid": tid, "i": index, "timeout": max(0.0, timeout), "borrow": True})
+        return _pack(reply)
 
     async def _names_call(self, arbiter: str, request: dict) -> dict:
         if arbiter == self.node_id:

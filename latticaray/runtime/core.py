@@ -268,11 +268,13 @@ class CoreClient:
             raise_error_value(reply["error"])
         return reply["cid"]
 
-    def stream_next(self, task_id: bytes, index: int, timeout: float | None):
+    def stream_next(self, task_id: bytes, index: int, timeout: float | None, owner: str = ""):
         reply = self.request({"op": "stream_next", "tid": task_id, "i": index,
-                              "timeout": timeout}, timeout)
+                              "timeout": timeout, "owner": owner}, timeout)
         if reply.get("timeout"):
             raise GetTimeoutError(f"next stream item timed out after {timeout} s")
+        if "error" in reply:
+            raise_error_value(reply["error"])
         if reply.get("end"):
             return None
         oid, owner = reply["oid"], reply.get("owner", self.node_id)

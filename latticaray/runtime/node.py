@@ -1015,8 +1015,9 @@ class RuntimeNode:
         tid, index = message["tid"], message["i"]
         stream = self.streams.get(tid)
         if stream is None:
-            if self.cluster is not None:
-                return await self.cluster.remote_stream_next(message)
+            owner = message.get("owner")
+            if self.cluster is not None and owner and owner != self.node_id:
+                return await self.cluster.remote_stream_next(owner, message)
             return {"end": True}
         if index >= stream.count and not stream.finished:
             future = self.loop.create_future()
@@ -1041,7 +1042,7 @@ class RuntimeNode:
                 self._ack_stream(tid, stream)
             oid = object_id(tid, index)
             reply = {"oid": oid, "owner": self.node_id}
-            if self.refs.take_item(tid, oid, client):
+            if not message.get("borrow") and self.refs.take_item(tid, oid, client):
                 reply["held"] = True  # the generator's hold is the taker's now
             return reply
         self.streams.pop(tid, None)

@@ -146,7 +146,8 @@ class ObjectRefGenerator:
     def _next_sync(self, timeout: float | None) -> ObjectRef:
         if self._done:
             raise StopIteration
-        ref = context.require_core().stream_next(self._task_id, self._next_index, timeout)
+        ref = context.require_core().stream_next(self._task_id, self._next_index, timeout,
+                                                 self._owner)
         if ref is None:
             self._done = True
             raise StopIteration

@@ -188,6 +188,22 @@ def test_remote_streaming_generator(mesh):
 
 
 @lattica.remote
+def drain(gen):
+    return lattica.get_runtime_context().node_id, [lattica.get(r) for r in gen]
+
+
+def test_generator_passed_to_another_node_is_iterated_there(mesh):
+    """The consumer's node asks the stream's owner (the driver's node) for each item."""
+    consumer = mesh["nodes"][0].node_id
+    gen = produce.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
+        mesh["nodes"][1].node_id)).remote(20)
+    where, items = lattica.get(drain.options(
+        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(consumer)).remote(gen),
+        timeout=60)
+    assert where == consumer and items == [i * 10 for i in range(20)]
+
+
+@lattica.remote
 def mark_then_sleep(path, seconds):
     open(path, "w").close()
     time.sleep(seconds)
