@@ -172,8 +172,28 @@ class RemoteClient:
         self.held_back: list | None = None  # replies waiting for this node's registrations
 
     def send(self, message: dict) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        vals = message.get("vals")
+        if message.get("k") == "done" and vals and any(
+                serialization.is_store_ref(v) and v[len(serialization.STORE_MAGIC):][:1] != b"b"
+                for v in vals):
+            # results under local names: hashed off the event loop, sent in their turn
+            self.outbox.put_nowait(self.cluster.spawn(self._packed_portable(message)))
+        else:
             self.outbox.put_nowait(_pack(message))
+
+    async def _packed_portable(self, message: dict) -> bytes:
+        node = self.cluster.node
+        try:
+            message["vals"] = [await node.portable_async(v, awaiting_fetch=True)
+                               if serialization.is_store_ref(v) else v for v in message["vals"]]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            message = {"k": "done", "tid": message["tid"], "err": error_blob(ObjectLostError(
+                f"a result could not be named by CID to send it: {exc!r}"))}
+        return _pack(message)
 
     def _send_value(self, tid: bytes, slot, data: bytes) -> bytes | None:
         """Large values travel as parts ahead of the frame that refers to them."""
@@ -193,8 +213,8 @@ class RemoteClient:
             out["err"] = message["err"]
             out["mro"] = message.get("mro", [])
         if "vals" in message:
-            out["vals"] = [node.portable(v, awaiting_fetch=True)
-                           if self.cluster.exchange is not None and serialization.is_store_ref(v)
+            # store results keep their local names until `send` names them by CID
+            out["vals"] = [v if self.cluster.exchange is not None and serialization.is_store_ref(v)
                            else self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
@@ -569,6 +589,9 @@ class MeshCluster:
                 self._move_session(state)       # the path may have changed while we opened
                 while True:
                     message = await session.outbox.get()
+                    if message.get("k") in ("task", "acall"):
+                        # in line: what this peer is sent after it waits for its hashing
+                        await self._portable_args(message["m"]["args"])
                     await call.send(_pack(message))
             finally:
                 reader.cancel()
@@ -761,6 +784,8 @@ class MeshCluster:
         self._send(node_id, {"k": "fetched", "cids": cids})
 
     def _wire_args(self, args: list) -> list:
+        """Arguments as a peer is sent them. A store reference keeps its local name here: the
+        task session names it by CID (``_portable_args``) when the message goes out."""
         if args[0] == "b":
             return args
         def slim(item):
@@ -768,11 +793,29 @@ class MeshCluster:
                 if self.exchange is None:
                     return [1, item[2], self.node_id]
                 # fetched by CID, else from us
-                return [0, self.node.portable(item[1]), item[2], self.node_id]
+                return [0, item[1], item[2], self.node_id]
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
                 return [1, item[2], self.node_id]
             return item[:2]
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
+
+    async def _portable_args(self, args: list) -> None:
+        """Name the store references among wired arguments by CID; a local put is hashed off
+        the event loop. One that cannot be resolved (deleted meanwhile) goes by reference."""
+        if args[0] == "b":
+            return
+        for item in [*args[1], *args[2].values()]:
+            if item[0] != 0 or not serialization.is_store_ref(item[1]):
+                continue
+            try:
+                item[1] = await self.node.portable_async(item[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("argument %s could not be named by CID: %r",
+                            serialization.store_name(item[1]), exc)
+                if len(item) > 3:
+                    item[:] = [1, item[2], item[3]]
 
     def run_remote(self, rec: TaskRecord, target: str) -> None:
         state = self.peers[target]
@@ -811,6 +854,8 @@ class MeshCluster:
                 frame = await outbox.get()
                 if frame is None:
                     break
+                if isinstance(frame, asyncio.Future):
+                    frame = await frame
                 yield frame
         finally:
             client.closed = True
@@ -979,6 +1024,8 @@ class MeshCluster:
             await ready
         if "oid" in request and node.recovery.is_missing(entry):
             entry = await node.recovery.ensure_local(oid, entry)
+        if entry.cid is None:
+            await node.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
         cid = node.cid_for(oid, entry)
         data = serialization.materialize(entry.data)
         yield _pack({"s": entry.status, "size": len(data), "cid": cid})

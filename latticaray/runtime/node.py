@@ -232,6 +232,7 @@ class RuntimeNode:
         self.store_refs: collections.Counter = collections.Counter()  # by store name
         self.on_cid_known = None  # called with a store object's CID once it is exposed (DHT)
         self.sent_by_cid: dict[str, list[str]] = {}  # CID -> local names awaiting "fetched"
+        self._hashing: dict[str, asyncio.Future] = {}  # local name -> its resolution under way
         self.objects: dict[bytes, ObjectEntry] = {}
         self.cid_index: dict[str, bytes] = {}
         self.code: dict[bytes, bytes] = {}
@@ -710,6 +711,37 @@ class RuntimeNode:
                 self.on_cid_known(cid)
         return out
 
+    def cid_pending(self, data) -> bool:
+        """Whether naming ``data`` by CID would hash: a store reference under a local name
+        whose object is not linked to its CID yet."""
+        if not serialization.is_store_ref(data) or serialization.store_name(data)[:1] == "b" \
+                or self.store is None:
+            return False
+        try:
+            return self.store.cid_if_resolved(serialization.store_name(data)) is None
+        except Exception:
+            return False  # not a name the store knows: ``portable`` reports it as before
+
+    async def resolve_off_loop(self, data) -> None:
+        """Hash the local put ``data`` refers to (if it is not linked yet) on an executor
+        thread; one resolution per object, shared by every caller waiting for it. Raises what
+        the store raises (ObjectNotFound: the object was deleted meanwhile)."""
+        if not self.cid_pending(data):
+            return
+        name = serialization.store_name(data)
+        future = self._hashing.get(name)
+        if future is None:
+            future = self.loop.run_in_executor(None, serialization.store_cid, data)
+            self._hashing[name] = future
+            future.add_done_callback(  # its error is read by the callers; mark it seen
+                lambda f: (self._hashing.pop(name, None), f.cancelled() or f.exception()))
+        await asyncio.shield(future)
+
+    async def portable_async(self, data: bytes, awaiting_fetch: bool = False) -> bytes:
+        """``portable`` with the hashing (if any) done off the event loop."""
+        await self.resolve_off_loop(data)
+        return self.portable(data, awaiting_fetch)
+
     def name_fetched(self, cid: str) -> str:
         names = self.sent_by_cid.get(cid)
         if not names:
@@ -726,9 +758,8 @@ class RuntimeNode:
         if entry.status == ERROR and entry.cid is None and entry.data is not None:
             # an object that failed still has a CID: its error is what it holds
             pass
-        if entry.cid is None and serialization.is_store_ref(entry.data):
-            # a local put is hashed off the event loop; cid_for then finds it linked
-            await self.loop.run_in_executor(None, serialization.store_cid, entry.data)
+        if entry.cid is None:
+            await self.resolve_off_loop(entry.data)  # cid_for then finds it linked
         return {"cid": self.cid_for(oid, entry)}
 
     async def _req_get_cid(self, message: dict) -> dict:
