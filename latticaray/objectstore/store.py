@@ -787,10 +787,7 @@ class LocalStore:
                         raise ObjectStoreError("short write of a local object's trailer")
                     self._retain(warm)
                 except BaseException:
-                    warm.close()
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(warm.path)
-                    self._release_reservation(warm.token)
+                    self._discard_spare(warm)
                     raise
             else:
                 with self._locked() as ledger:
@@ -1251,11 +1248,15 @@ class LocalStore:
                 self._warm_unmap.append(warm)
             return manifest, False
         except BaseException:
-            warm.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(warm.path)
-            self._release_reservation(warm.token)
+            self._discard_spare(warm)
             raise
+
+    def _discard_spare(self, warm) -> None:
+        """A spare whose put failed: closed, its file removed, its reservation given back."""
+        warm.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(warm.path)
+        self._release_reservation(warm.token)
 
     def _touch_if_sealed(self, manifest: Manifest, pin: bool) -> bool:
         """True if ``manifest``'s object is already sealed (marked used, pinned if asked)."""
