@@ -67,6 +67,9 @@ CAPACITY_WAIT = 10.0          # how long work no known node can take waits for D
 MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
 FENCE_TIMEOUT = 5.0           # a moved task session waits this long for the old one's fence
 SESSION_REOPEN_WINDOW = 60.0
+SEEN_TASKS = 10_000           # finished task ids an executor remembers per caller, and how long
+SEEN_TASKS_TTL = 600.0
+SEEN_RESULT_BYTES = 64 << 20  # reply bytes it keeps per caller to answer a re-sent task again
 CHUNK = 4 << 20
 BY_REF_ARG = 256 << 10
 MAX_CONTROL_MESSAGE = 1 << 20
@@ -118,6 +121,40 @@ def _reply_key(message: dict, outgoing: bool):
     if not outgoing and kind == "created":
         return ("create", message.get("aid"))
     return None
+
+
+class CallerTasks:
+    """Executor side: the task and actor-call ids one caller node sent here, so that one it sends
+    again (its task session broke or moved with the work in flight) is not run twice. A running
+    one is answered on the session that sent it last; a finished one with its reply frames, kept
+    while they fit in SEEN_RESULT_BYTES (oldest dropped first) for SEEN_TASKS_TTL. A finished id
+    whose frames were dropped runs again when re-sent; one past SEEN_TASKS or SEEN_TASKS_TTL is
+    forgotten. Streaming tasks are not tracked (their items are not kept)."""
+
+    def __init__(self):
+        self.running: dict[bytes, "RemoteClient"] = {}
+        self.finished: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        self.result_bytes = 0
+
+    def expire(self, now: float) -> None:
+        finished = self.finished
+        while finished:
+            tid, (at, frames, size) = next(iter(finished.items()))
+            if len(finished) <= SEEN_TASKS and now - at < SEEN_TASKS_TTL:
+                break
+            finished.popitem(last=False)
+            self.result_bytes -= size
+
+    def record(self, tid: bytes, frames: list, size: int, now: float) -> None:
+        self.finished[tid] = [now, frames, size]
+        self.result_bytes += size
+        for entry in self.finished.values():
+            if self.result_bytes <= SEEN_RESULT_BYTES:
+                break
+            if entry[1] is not None:
+                self.result_bytes -= entry[2]
+                entry[1], entry[2] = None, 0
+        self.expire(now)
 
 
 class PeerState:
@@ -195,19 +232,28 @@ class RemoteClient:
                 f"a result could not be named by CID to send it: {exc!r}"))}
         return _pack(message)
 
-    def _send_value(self, tid: bytes, slot, data: bytes) -> bytes | None:
+    def _send_value(self, tid: bytes, slot, data: bytes, sent: list | None = None) -> bytes | None:
         """Large values travel as parts ahead of the frame that refers to them."""
         if data is not None:
             data = serialization.materialize(data)
         if data is None or len(data) <= CHUNK:
             return data
         for start in range(0, len(data), CHUNK):
-            self.send({"k": "part", "tid": tid, "slot": slot, "d": data[start:start + CHUNK]})
+            part = {"k": "part", "tid": tid, "slot": slot, "d": data[start:start + CHUNK]}
+            if sent is not None:
+                sent.append(part)
+            self.send(part)
         return None
 
     def on_task_complete(self, rec: TaskRecord, message: dict) -> None:
+        seen = self.cluster.seen_tasks.get(self.node_id)
+        answerer = seen.running.pop(rec.tid, None) if seen is not None else None
+        if answerer is not None and answerer is not self:
+            answerer.on_task_complete(rec, message)  # the task was sent again on a later session
+            return
         node = self.cluster.node
         tid = rec.tid
+        parts: list = []
         out = {"k": "done", "tid": tid}
         if message.get("err") is not None:
             out["err"] = message["err"]
@@ -215,7 +261,8 @@ class RemoteClient:
         if "vals" in message:
             # store results keep their local names until `send` names them by CID
             out["vals"] = [v if self.cluster.exchange is not None and serialization.is_store_ref(v)
-                           else self._send_value(tid, i, v) for i, v in enumerate(message["vals"])]
+                           else self._send_value(tid, i, v, parts)
+                           for i, v in enumerate(message["vals"])]
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
@@ -230,6 +277,10 @@ class RemoteClient:
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
+        if answerer is not None:  # kept to answer this task id again if it is re-sent
+            size = sum(len(p["d"]) for p in parts) + len(out.get("err") or b"") + sum(
+                len(v) for v in out.get("vals") or [] if v is not None)
+            seen.record(tid, [*parts, out], size, time.monotonic())
         # refs the task borrowed are registered with their owners before the caller, which
         # lets go of the task's arguments on `done`, hears of it
         self._send_settled(out)
@@ -282,6 +333,7 @@ class MeshCluster:
         self.actor_location: dict[bytes, str] = {}
         self.names: dict[tuple[str, str], dict] = {}
         self.stats = collections.Counter()
+        self.seen_tasks: dict[str, CallerTasks] = {}  # executor side, per caller node
         self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
         self.exchange = None  # latticaray.objectstore ObjectExchange: store objects between nodes
         self._tasks: set[asyncio.Task] = set()
@@ -475,6 +527,7 @@ class MeshCluster:
         self.node.refs.node_gone(node_id)
         refcount.kill_orphaned_actors(self.node, node_id)
         self.stats["peers_lost"] += 1
+        self.seen_tasks.pop(node_id, None)
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
         if self.placement is not None:
@@ -876,6 +929,8 @@ class MeshCluster:
                     client.send({"k": "done", "tid": task["tid"], "err": error_blob(
                         RuntimeError("executor lacks the task's code"))})
                     continue
+                if self._seen_before(client, task):
+                    continue
                 task["opts"]["placed"] = True
                 task["op"] = "submit"
                 missing = self._missing_store_args(task["args"])
@@ -886,6 +941,8 @@ class MeshCluster:
                     node._on_submit(task, client)
             elif kind == "acall":
                 call = message["m"]
+                if self._seen_before(client, call):
+                    continue
                 call["anode"] = self.node_id
                 missing = self._missing_store_args(call["args"])
                 if missing:  # in line: later calls of this caller must not overtake it
@@ -916,6 +973,31 @@ class MeshCluster:
                     cid = node.name_fetched(cid)
                     if node.store_refs.get(cid, 0) > 0:
                         node._unpin(cid)
+
+    def _seen_before(self, client: RemoteClient, message: dict) -> bool:
+        """Whether this caller sent this task id before (see CallerTasks): if it did, the re-sent
+        message is attached to that run, or answered with its kept reply; if not, it is noted."""
+        if message.get("nret") == STREAMING:
+            return False
+        tid = message["tid"]
+        seen = self.seen_tasks.setdefault(client.node_id, CallerTasks())
+        seen.expire(time.monotonic())
+        if tid in seen.running:
+            seen.running[tid] = client
+            self.stats["resent_tasks_attached"] += 1
+            return True
+        finished = seen.finished.get(tid)
+        if finished is not None and finished[1] is not None:
+            self.stats["resent_tasks_answered"] += 1
+            *parts, done = finished[1]
+            for part in parts:
+                client.send(part)
+            client._send_settled(done)
+            return True
+        if finished is not None:  # its reply is gone: it runs again
+            seen.finished.pop(tid)
+        seen.running[tid] = client
+        return False
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:

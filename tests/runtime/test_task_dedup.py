@@ -1,0 +1,134 @@
+"""Executors deduplicate task ids a caller sends again after its task session broke (loopback).
+
+The driver runs tasks on a node over QUIC; then a same-host Unix connection appears, the task
+session moves to it (fence) and the old QUIC connection is closed while work is still owed on it,
+so the driver sends that work again on the new session. Four tasks are still running on the node
+at that point, and one has finished but its `done` was dropped by the driver (a test hook on the
+session's frame decoder stands for the frame lost with the old path). Every task creates its own
+file exclusively, so a second execution fails loudly. The node and the driver are child
+processes the test always stops.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from meshutil import _die_with_parent
+
+DRIVER = r"""
+import asyncio, json, os, sys, time
+import latticaray as lattica
+from latticaray.runtime import api
+from latticaray.runtime import cluster as cluster_mod
+
+bootstrap, credential, workdir = sys.argv[1:4]
+lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
+runtime = api._runtime.mesh_runtime
+loop = api._runtime.loop
+
+def wait_for(cond, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+def worker_alive():
+    return [n["NodeID"] for n in lattica.nodes() if n["Alive"] and n.get("Resources", {}).get("dd")]
+wait_for(worker_alive, "the node never showed up")
+worker = worker_alive()[0]
+peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
+def unix_addrs():
+    return [a for a in runtime.mesh.addrs_of(peer) if a.transport == "unix"]
+wait_for(unix_addrs, "identify never told us the node's unix address")
+
+dropped = []
+armed = [False]
+unpack = cluster_mod._unpack
+def lossy_unpack(raw):
+    message = unpack(raw)
+    if armed[0] and message.get("k") == "done":
+        armed[0] = False
+        dropped.append(message["tid"])
+        return {"k": "lost-in-test"}
+    return message
+cluster_mod._unpack = lossy_unpack
+
+@lattica.remote
+def step(i, workdir, hold):
+    import os, time
+    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    deadline = time.monotonic() + 60
+    while hold and not os.path.exists(os.path.join(workdir, "go")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to go")
+        time.sleep(0.02)
+    return lattica.get_runtime_context().node_id, i * i
+
+opts = dict(resources={"dd": 0.01})
+held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]
+wait_for(lambda: all(os.path.exists(os.path.join(workdir, f"run-{i}")) for i in range(4)),
+         "the held tasks never started")
+armed[0] = True
+finished = step.options(**opts).remote(10, workdir, False)
+wait_for(lambda: dropped, "the finished task's reply never came")
+assert dropped[0] == finished.id[:-4]
+
+state = runtime.cluster.peers[worker]
+asyncio.run_coroutine_threadsafe(
+    runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), loop).result(30)
+wait_for(lambda: state.retiring, "the task session never moved")
+old = state.retiring[0]
+owed = len(old.pending)
+loop.call_soon_threadsafe(old.conn.close, "test: the old path breaks")
+wait_for(lambda: runtime.cluster.stats["tasks_resent"] >= 5, "the owed work was never re-sent")
+open(os.path.join(workdir, "go"), "w").close()
+results = lattica.get(held + [finished], timeout=120)
+print(json.dumps({"worker": worker, "results": results, "owed": owed,
+                  "stats": {k: runtime.cluster.stats[k] for k in
+                            ("sessions_moved", "tasks_resent")}}), flush=True)
+lattica.shutdown()
+"""
+
+
+def _child(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=_die_with_parent)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=10)
+
+
+def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
+    node = _child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
+                   "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"dd": 1}'])
+    driver = None
+    try:
+        info = json.loads(node.stdout.readline() or "{}")
+        assert "node_id" in info, _stop(node)[1][-3000:]
+        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
+        workdir = tmp_path / "runs"
+        workdir.mkdir()
+        driver = _child([sys.executable, "-c", DRIVER, bootstrap, info["invite"], str(workdir)])
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if driver is not None:
+            _stop(driver)
+        _stop(node)
+    worker = info["node_id"]
+    assert report["results"] == [[worker, i * i] for i in (0, 1, 2, 3, 10)], report
+    assert sorted(os.listdir(workdir)) == ["go"] + [f"run-{i}" for i in (0, 1, 10, 2, 3)]
+    assert report["owed"] == 5, report
+    assert report["stats"] == {"sessions_moved": 1, "tasks_resent": 5}, report
