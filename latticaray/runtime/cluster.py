@@ -127,9 +127,11 @@ class CallerTasks:
     """Executor side: the task and actor-call ids one caller node sent here, so that one it sends
     again (its task session broke or moved with the work in flight) is not run twice. A running
     one is answered on the session that sent it last; a finished one with its reply frames, kept
-    while they fit in SEEN_RESULT_BYTES (oldest dropped first) for SEEN_TASKS_TTL. A finished id
-    whose frames were dropped runs again when re-sent; one past SEEN_TASKS or SEEN_TASKS_TTL is
-    forgotten. Streaming tasks are not tracked (their items are not kept)."""
+    while they fit in SEEN_RESULT_BYTES (oldest dropped first) for SEEN_TASKS_TTL. Only a message
+    the caller marks as sent again (`again`) is matched: a retry or a lineage re-execution reuses
+    the task id on purpose and runs. A finished id whose frames were dropped runs again when
+    re-sent; one past SEEN_TASKS or SEEN_TASKS_TTL is forgotten. Streaming tasks are not tracked
+    (their items are not kept)."""
 
     def __init__(self):
         self.running: dict[bytes, "RemoteClient"] = {}
@@ -145,7 +147,13 @@ class CallerTasks:
             finished.popitem(last=False)
             self.result_bytes -= size
 
+    def forget(self, tid: bytes) -> None:
+        entry = self.finished.pop(tid, None)
+        if entry is not None:
+            self.result_bytes -= entry[2]
+
     def record(self, tid: bytes, frames: list, size: int, now: float) -> None:
+        self.forget(tid)
         self.finished[tid] = [now, frames, size]
         self.result_bytes += size
         for entry in self.finished.values():
@@ -172,6 +180,7 @@ class PeerState:
         self.parts: dict[tuple, list[bytes]] = {}
         self.view: dict = {}
         self.reopen_times: list[float] = []
+        self.resent: set[bytes] = set()  # work to mark `again` when it is sent (see CallerTasks)
 
     def cancel_sessions(self) -> None:
         for session in [self.session, *self.retiring]:
@@ -533,6 +542,7 @@ class MeshCluster:
         if self.placement is not None:
             self.placement.peer_gone(node_id)
         state.cancel_sessions()
+        state.resent.clear()
         inflight = list(state.inflight.values())
         state.inflight.clear()
         for rec in inflight:
@@ -760,6 +770,7 @@ class MeshCluster:
             if rec.done:
                 continue
             if "aid" in rec.msg:
+                state.resent.add(rec.tid)
                 self._actor_call_lost(rec, state.node_id)
                 actors.add(rec.msg["aid"])
             elif rec.cancelled:
@@ -768,6 +779,7 @@ class MeshCluster:
                 self.node._fail(rec, NodeDiedError(
                     f"the session to node {state.node_id} broke while streaming {rec.name}"))
             else:
+                state.resent.add(rec.tid)
                 self.run_remote(rec, state.node_id)
         for aid in actors:
             self.pump_actor(aid)
@@ -878,6 +890,9 @@ class MeshCluster:
         if msg["fn"] not in state.shipped:
             out["blob"] = self.node.code[msg["fn"]]
             state.shipped.add(msg["fn"])
+        if rec.tid in state.resent:
+            state.resent.discard(rec.tid)
+            out["again"] = True
         rec.remote_peer = target
         state.inflight[rec.tid] = rec
         self.stats["remote_tasks"] += 1
@@ -982,6 +997,10 @@ class MeshCluster:
         tid = message["tid"]
         seen = self.seen_tasks.setdefault(client.node_id, CallerTasks())
         seen.expire(time.monotonic())
+        if not message.pop("again", False):
+            seen.forget(tid)
+            seen.running[tid] = client
+            return False
         if tid in seen.running:
             seen.running[tid] = client
             self.stats["resent_tasks_attached"] += 1
@@ -995,7 +1014,7 @@ class MeshCluster:
             client._send_settled(done)
             return True
         if finished is not None:  # its reply is gone: it runs again
-            seen.finished.pop(tid)
+            seen.forget(tid)
         seen.running[tid] = client
         return False
 
@@ -1338,6 +1357,9 @@ class MeshCluster:
             msg = rec.msg
             out = {"tid": rec.tid, "aid": aid, "m": msg["m"], "nret": rec.nret,
                    "name": rec.name, "args": self._wire_args(msg["args"])}
+            if rec.tid in state.resent:
+                state.resent.discard(rec.tid)
+                out["again"] = True
             rec.remote_peer = host
             state.inflight[rec.tid] = rec
             self._send(host, {"k": "acall", "m": out})

@@ -6,14 +6,20 @@ so the driver sends that work again on the new session. Four tasks are still run
 at that point, and one has finished but its `done` was dropped by the driver (a test hook on the
 session's frame decoder stands for the frame lost with the old path). Every task creates its own
 file exclusively, so a second execution fails loudly. The node and the driver are child
-processes the test always stops.
+processes the test always stops. The executor's table itself (bounds, a deliberate re-run of the
+same id) is checked directly.
 """
 
+import collections
 import json
 import os
 import subprocess
 import sys
+import time
 
+from latticaray.runtime import cluster as cluster_mod
+from latticaray.runtime.cluster import CallerTasks, MeshCluster
+from latticaray.runtime.node import STREAMING
 from meshutil import _die_with_parent
 
 DRIVER = r"""
@@ -132,3 +138,77 @@ def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
     assert sorted(os.listdir(workdir)) == ["go"] + [f"run-{i}" for i in (0, 1, 10, 2, 3)]
     assert report["owed"] == 5, report
     assert report["stats"] == {"sessions_moved": 1, "tasks_resent": 5}, report
+
+
+class _Client:
+    """What CallerTasks and _seen_before use of a RemoteClient: the frames it was given."""
+
+    def __init__(self, node_id: str = "caller"):
+        self.node_id = node_id
+        self.frames: list = []
+
+    def send(self, message: dict) -> None:
+        self.frames.append(message)
+
+    _send_settled = send
+
+
+class _Cluster:
+    seen_before = MeshCluster._seen_before
+
+    def __init__(self):
+        self.seen_tasks: dict = {}
+        self.stats = collections.Counter()
+
+
+def _task(tid: bytes, again: bool = False) -> dict:
+    message = {"tid": tid, "nret": 1}
+    if again:
+        message["again"] = True
+    return message
+
+
+def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
+    cluster, first, second = _Cluster(), _Client(), _Client()
+    assert not cluster.seen_before(first, _task(b"t1"))
+    assert cluster.seen_tasks["caller"].running[b"t1"] is first
+    # sent again while it runs: attached, answered on the later session
+    assert cluster.seen_before(second, _task(b"t1", again=True))
+    seen = cluster.seen_tasks["caller"]
+    assert seen.running[b"t1"] is second and second.frames == []
+    seen.running.pop(b"t1")
+    part = {"k": "part", "tid": b"t1", "slot": 0, "d": b"x" * 10}
+    done = {"k": "done", "tid": b"t1", "vals": [None]}
+    seen.record(b"t1", [part, done], 10, time.monotonic())
+    # sent again once finished: the kept frames answer it, in order, and nothing runs
+    third = _Client()
+    assert cluster.seen_before(third, _task(b"t1", again=True))
+    assert third.frames == [part, done]
+    assert cluster.stats == {"resent_tasks_attached": 1, "resent_tasks_answered": 1}
+    # the same id sent afresh (a lineage re-execution, a caller-side retry) runs again
+    assert not cluster.seen_before(third, _task(b"t1"))
+    assert b"t1" not in seen.finished and seen.result_bytes == 0
+    # an unknown id sent again runs (this node never saw it)
+    assert not cluster.seen_before(third, _task(b"t2", again=True))
+    # streaming tasks are not tracked
+    assert not cluster.seen_before(third, {"tid": b"t3", "nret": STREAMING, "again": True})
+    assert b"t3" not in seen.running
+
+
+def test_executor_table_is_bounded(monkeypatch):
+    monkeypatch.setattr(cluster_mod, "SEEN_RESULT_BYTES", 100)
+    monkeypatch.setattr(cluster_mod, "SEEN_TASKS", 3)
+    cluster, client = _Cluster(), _Client()
+    seen = cluster.seen_tasks["caller"] = CallerTasks()
+    now = time.monotonic()
+    seen.record(b"a", [{"k": "done", "tid": b"a"}], 60, now)
+    seen.record(b"b", [{"k": "done", "tid": b"b"}], 60, now)
+    # over the byte budget: the oldest reply goes, its id stays known
+    assert seen.finished[b"a"][1] is None and seen.result_bytes == 60
+    assert not cluster.seen_before(client, _task(b"a", again=True))  # its reply is gone: runs
+    assert client.frames == [] and b"a" in seen.running
+    for tid in (b"c", b"d", b"e"):
+        seen.record(tid, [{"k": "done", "tid": tid}], 1, now)
+    assert list(seen.finished) == [b"c", b"d", b"e"]  # at most SEEN_TASKS ids
+    seen.expire(now + cluster_mod.SEEN_TASKS_TTL)
+    assert not seen.finished and seen.result_bytes == 0
