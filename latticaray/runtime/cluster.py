@@ -185,25 +185,52 @@ class RemoteClient:
 
     async def _packed_portable(self, message: dict) -> bytes:
         node = self.cluster.node
+        vals, named = message["vals"], []
         try:
-            message["vals"] = [await node.portable_async(v, awaiting_fetch=True)
-                               if serialization.is_store_ref(v) else v for v in message["vals"]]
+            out = []
+            for v in vals:
+                if serialization.is_store_ref(v):
+                    portable = await node.portable_async(v, awaiting_fetch=True)
+                    if portable is not v:
+                        named.append(serialization.store_name(portable))
+                    v = portable
+                out.append(v)
+            message["vals"] = out
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # the caller gets an error, not the results, so it never answers "fetched": the
+            # results kept for it (`on_task_complete`) are let go of here
+            for cid in named:
+                node.name_fetched(cid)
+            for v in vals:
+                name = serialization.store_name(v) if serialization.is_store_ref(v) else None
+                if name is not None and node.store_refs.get(name, 0) > 0:
+                    node._unpin(name)
             message = {"k": "done", "tid": message["tid"], "err": error_blob(ObjectLostError(
                 f"a result could not be named by CID to send it: {exc!r}"))}
         return _pack(message)
 
     def _send_value(self, tid: bytes, slot, data: bytes) -> bytes | None:
-        """Large values travel as parts ahead of the frame that refers to them."""
-        if data is not None:
-            data = serialization.materialize(data)
-        if data is None or len(data) <= CHUNK:
-            return data
-        for start in range(0, len(data), CHUNK):
-            self.send({"k": "part", "tid": tid, "slot": slot, "d": data[start:start + CHUNK]})
+        """Large values travel as parts ahead of the frame that refers to them. A store value's
+        buffers are not copied here: its parts are slices of the store's mapping (the views keep
+        the mapped bytes, whatever becomes of the object), packed one by one as the session's
+        flow control takes them."""
+        if data is None:
+            return None
+        pieces = serialization.materialize_pieces(data)
+        if sum(len(p) for p in pieces) <= CHUNK:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if not self.closed:
+            self.outbox.put_nowait(self._parts(tid, slot, pieces))
         return None
+
+    @staticmethod
+    async def _parts(tid: bytes, slot, pieces: list):
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), CHUNK):
+                yield _pack({"k": "part", "tid": tid, "slot": slot, "d": view[start:start + CHUNK]})
 
     def on_task_complete(self, rec: TaskRecord, message: dict) -> None:
         node = self.cluster.node
@@ -856,6 +883,11 @@ class MeshCluster:
                     break
                 if isinstance(frame, asyncio.Future):
                     frame = await frame
+                elif not isinstance(frame, bytes):  # a value's parts (`_send_value`)
+                    async for part in frame:
+                        yield part
+                        await asyncio.sleep(0)  # a window's worth of parts is no single step
+                    continue
                 yield frame
         finally:
             client.closed = True
@@ -1027,11 +1059,16 @@ class MeshCluster:
         if entry.cid is None:
             await node.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
         cid = node.cid_for(oid, entry)
-        data = serialization.materialize(entry.data)
-        yield _pack({"s": entry.status, "size": len(data), "cid": cid})
-        view = memoryview(data)
-        for start in range(0, len(data), CHUNK):
-            yield bytes(view[start:start + CHUNK])
+        # a store object goes out as slices of its mapping (the store keeps a mapped file's
+        # bytes while a view of it lives); only pickle's own bytes are made, off the loop
+        pieces = [entry.data] if not serialization.is_store_ref(entry.data) else \
+            await self.loop.run_in_executor(None, serialization.materialize_pieces, entry.data)
+        yield _pack({"s": entry.status, "size": sum(len(p) for p in pieces), "cid": cid})
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), CHUNK):
+                yield view[start:start + CHUNK]
+                await asyncio.sleep(0)  # a window's worth of chunks is no single step
 
     # ------------------------------------------------------------------ reference counts
     def is_alive(self, node_id: str) -> bool:
