@@ -616,7 +616,7 @@ class MeshCluster:
                 self._move_session(state)       # the path may have changed while we opened
                 while True:
                     message = await session.outbox.get()
-                    if message.get("k") in ("task", "acall"):
+                    if message.get("k") in ("task", "acall", "create"):
                         # in line: what this peer is sent after it waits for its hashing
                         await self._portable_args(message["m"]["args"])
                     await call.send(_pack(message))
@@ -813,8 +813,8 @@ class MeshCluster:
     def _wire_args(self, args: list) -> list:
         """Arguments as a peer is sent them. A store reference keeps its local name here: the
         task session names it by CID (``_portable_args``) when the message goes out."""
-        if args[0] == "b":
-            return args
+        if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
+            return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
         def slim(item):
             if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
                 if self.exchange is None:
@@ -830,6 +830,14 @@ class MeshCluster:
         """Name the store references among wired arguments by CID; a local put is hashed off
         the event loop. One that cannot be resolved (deleted meanwhile) goes by reference."""
         if args[0] == "b":
+            if serialization.is_store_ref(args[1]):  # all arguments, stored as one value
+                try:
+                    args[1] = await self.node.portable_async(args[1])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the peer reports the arguments it cannot find
+                    log.warning("arguments %s could not be named by CID: %r",
+                                serialization.store_name(args[1]), exc)
             return
         for item in [*args[1], *args[2].values()]:
             if item[0] != 0 or not serialization.is_store_ref(item[1]):
@@ -927,6 +935,9 @@ class MeshCluster:
                 create = message["m"]
                 if "blob" in create:
                     node.code[create["cls"]] = create.pop("blob")
+                missing = self._missing_store_args(create["args"])
+                if missing:  # in line: the actor's calls come after its creation
+                    await self._fetch_then(missing, client.node_id, lambda: None)
                 reply = node.host_actor(create)
                 client.send({"k": "created", "aid": create["aid"], "error": reply.get("error")})
             elif kind == "fence":  # the caller moves to a new session once this is answered
@@ -951,8 +962,12 @@ class MeshCluster:
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:
-        if args[0] == "b" or self.exchange is None:
+        if self.exchange is None:
             return []
+        if args[0] == "b":
+            ref = args[1]
+            return [serialization.store_cid(ref)] if serialization.is_store_ref(ref) and \
+                not self.node.store.contains(serialization.store_cid(ref)) else []
         items = list(args[1]) + list(args[2].values())
         return [i for i in items if i[0] == 0 and serialization.is_store_ref(i[1])
                 and not self.node.store.contains(serialization.store_cid(i[1]))]
@@ -1209,6 +1224,7 @@ class MeshCluster:
         message["opts"] = dict(message["opts"], strategy=None,
                                max_restarts=max(0, owned.max_restarts - owned.restarts)
                                if owned.max_restarts >= 0 else -1)
+        message["args"] = self._wire_args(message["args"])  # named by CID as it goes out
         self._send(target, {"k": "create", "m": message})
 
     def _restart_owned_actor(self, owned: OwnedActor, dead_node: str) -> None:

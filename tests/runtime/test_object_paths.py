@@ -5,6 +5,9 @@
   it (timed in the same run on an equal object).
 * A 200 MB item a streaming generator yields for a caller on another node goes out as parts
   that are slices of the store's mapping, packed one at a time (same comparison).
+* Actor constructor arguments (and a task's) large enough to be stored reach an actor created
+  on another node: the store value is named by CID on an executor thread, once, and fetched
+  there by CID before the actor is created.
 * A result deleted before it could be named by CID for its remote caller: the caller gets
   ObjectLostError and the executor node lets go of its pin on the result.
 * The spliced pickle those slices form loads to the same value as ``materialize``.
@@ -228,3 +231,46 @@ def test_result_deleted_before_hashing_releases_its_pin(mesh, monkeypatch):
     assert len(deleted) == 1
     assert deleted[0] not in node.store_refs, "the executor still pins the lost result"
     assert not node.sent_by_cid
+
+
+@lattica.remote
+class Holder:
+    def __init__(self, first, second=None):
+        self.sizes = [int(first.nbytes), None if second is None else int(second.nbytes)]
+        self.first = int(first[0])
+
+    def seen(self):
+        return self.sizes, self.first, lattica.get_runtime_context().node_id
+
+
+@lattica.remote
+def first_and_size(array):
+    return int(array[0]), int(array.nbytes)
+
+
+def test_actor_constructor_arguments_named_off_loop(mesh, monkeypatch):
+    node, _ = _node()
+    remote_id = mesh["nodes"][0].node_id
+    target = lattica.NodeAffinitySchedulingStrategy(remote_id)
+    loop_thread = _run_on_loop(_thread_ident())
+    hashed = []
+    real = serialization.store_cid
+
+    def counting(ref_data):
+        if node.cid_pending(ref_data):
+            hashed.append((serialization.store_name(ref_data), threading.get_ident()))
+        return real(ref_data)
+    monkeypatch.setattr(serialization, "store_cid", counting)
+    big, other = np.full(3 << 20, 9, dtype=np.uint8), np.ones(2 << 20, dtype=np.uint8)
+    holder = Holder.options(scheduling_strategy=target).remote(big, second=other)
+    assert lattica.get(holder.seen.remote(), timeout=60) == ([3 << 20, 2 << 20], 9, remote_id)
+    assert len(hashed) == 1, hashed  # the arguments, stored as one value, hashed once
+    assert hashed[0][1] != loop_thread, "the constructor arguments were hashed on the loop"
+    hashed.clear()
+    assert lattica.get(first_and_size.options(scheduling_strategy=target).remote(big),
+                       timeout=60) == (9, 3 << 20)
+    assert len(hashed) == 1 and hashed[0][1] != loop_thread, hashed
+
+
+async def _thread_ident():
+    return threading.get_ident()
