@@ -231,28 +231,54 @@ class RemoteClient:
 
     async def _packed_portable(self, message: dict) -> bytes:
         node = self.cluster.node
+        vals, named = message["vals"], []
         try:
-            message["vals"] = [await node.portable_async(v, awaiting_fetch=True)
-                               if serialization.is_store_ref(v) else v for v in message["vals"]]
+            out = []
+            for v in vals:
+                if serialization.is_store_ref(v):
+                    portable = await node.portable_async(v, awaiting_fetch=True)
+                    if portable is not v:
+                        named.append(serialization.store_name(portable))
+                    v = portable
+                out.append(v)
+            message["vals"] = out
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # the caller gets an error, not the results, so it never answers "fetched": the
+            # results kept for it (`on_task_complete`) are let go of here
+            for cid in named:
+                node.name_fetched(cid)
+            for v in vals:
+                name = serialization.store_name(v) if serialization.is_store_ref(v) else None
+                if name is not None and node.store_refs.get(name, 0) > 0:
+                    node._unpin(name)
             message = {"k": "done", "tid": message["tid"], "err": error_blob(ObjectLostError(
                 f"a result could not be named by CID to send it: {exc!r}"))}
         return _pack(message)
 
     def _send_value(self, tid: bytes, slot, data: bytes, sent: list | None = None) -> bytes | None:
-        """Large values travel as parts ahead of the frame that refers to them."""
-        if data is not None:
-            data = serialization.materialize(data)
-        if data is None or len(data) <= CHUNK:
-            return data
-        for start in range(0, len(data), CHUNK):
-            part = {"k": "part", "tid": tid, "slot": slot, "d": data[start:start + CHUNK]}
-            if sent is not None:
-                sent.append(part)
-            self.send(part)
+        """Large values travel as parts ahead of the frame that refers to them. A store value's
+        buffers are not copied here: its parts are slices of the store's mapping (the views keep
+        the mapped bytes, whatever becomes of the object), packed one by one as the session's
+        flow control takes them. ``sent`` collects ``(slot, pieces)`` to answer a re-sent task."""
+        if data is None:
+            return None
+        pieces = serialization.materialize_pieces(data)
+        if sum(len(p) for p in pieces) <= CHUNK:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if sent is not None:
+            sent.append((slot, pieces))
+        if not self.closed:
+            self.outbox.put_nowait(self._parts(tid, slot, pieces))
         return None
+
+    @staticmethod
+    async def _parts(tid: bytes, slot, pieces: list):
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), CHUNK):
+                yield _pack({"k": "part", "tid": tid, "slot": slot, "d": view[start:start + CHUNK]})
 
     def on_task_complete(self, rec: TaskRecord, message: dict) -> None:
         seen = self.cluster.seen_tasks.get(self.node_id)
@@ -287,7 +313,8 @@ class RemoteClient:
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
         if answerer is not None:  # kept to answer this task id again if it is re-sent
-            size = sum(len(p["d"]) for p in parts) + len(out.get("err") or b"") + sum(
+            size = sum(len(piece) for _, pieces in parts for piece in pieces) + len(
+                out.get("err") or b"") + sum(
                 len(v) for v in out.get("vals") or [] if v is not None)
             seen.record(tid, [*parts, out], size, time.monotonic())
         # refs the task borrowed are registered with their owners before the caller, which
@@ -652,7 +679,7 @@ class MeshCluster:
                 self._move_session(state)       # the path may have changed while we opened
                 while True:
                     message = await session.outbox.get()
-                    if message.get("k") in ("task", "acall"):
+                    if message.get("k") in ("task", "acall", "create"):
                         # in line: what this peer is sent after it waits for its hashing
                         await self._portable_args(message["m"]["args"])
                     await call.send(_pack(message))
@@ -851,8 +878,8 @@ class MeshCluster:
     def _wire_args(self, args: list) -> list:
         """Arguments as a peer is sent them. A store reference keeps its local name here: the
         task session names it by CID (``_portable_args``) when the message goes out."""
-        if args[0] == "b":
-            return args
+        if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
+            return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
         def slim(item):
             if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
                 if self.exchange is None:
@@ -868,6 +895,14 @@ class MeshCluster:
         """Name the store references among wired arguments by CID; a local put is hashed off
         the event loop. One that cannot be resolved (deleted meanwhile) goes by reference."""
         if args[0] == "b":
+            if serialization.is_store_ref(args[1]):  # all arguments, stored as one value
+                try:
+                    args[1] = await self.node.portable_async(args[1])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the peer reports the arguments it cannot find
+                    log.warning("arguments %s could not be named by CID: %r",
+                                serialization.store_name(args[1]), exc)
             return
         for item in [*args[1], *args[2].values()]:
             if item[0] != 0 or not serialization.is_store_ref(item[1]):
@@ -924,6 +959,11 @@ class MeshCluster:
                     break
                 if isinstance(frame, asyncio.Future):
                     frame = await frame
+                elif not isinstance(frame, bytes):  # a value's parts (`_send_value`)
+                    async for part in frame:
+                        yield part
+                        await asyncio.sleep(0)  # a window's worth of parts is no single step
+                    continue
                 yield frame
         finally:
             client.closed = True
@@ -967,6 +1007,9 @@ class MeshCluster:
                 create = message["m"]
                 if "blob" in create:
                     node.code[create["cls"]] = create.pop("blob")
+                missing = self._missing_store_args(create["args"])
+                if missing:  # in line: the actor's calls come after its creation
+                    await self._fetch_then(missing, client.node_id, lambda: None)
                 reply = node.host_actor(create)
                 client.send({"k": "created", "aid": create["aid"], "error": reply.get("error")})
             elif kind == "fence":  # the caller moves to a new session once this is answered
@@ -1009,8 +1052,9 @@ class MeshCluster:
         if finished is not None and finished[1] is not None:
             self.stats["resent_tasks_answered"] += 1
             *parts, done = finished[1]
-            for part in parts:
-                client.send(part)
+            for slot, pieces in parts:
+                if not client.closed:
+                    client.outbox.put_nowait(client._parts(tid, slot, pieces))
             client._send_settled(done)
             return True
         if finished is not None:  # its reply is gone: it runs again
@@ -1020,8 +1064,12 @@ class MeshCluster:
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:
-        if args[0] == "b" or self.exchange is None:
+        if self.exchange is None:
             return []
+        if args[0] == "b":
+            ref = args[1]
+            return [serialization.store_cid(ref)] if serialization.is_store_ref(ref) and \
+                not self.node.store.contains(serialization.store_cid(ref)) else []
         items = list(args[1]) + list(args[2].values())
         return [i for i in items if i[0] == 0 and serialization.is_store_ref(i[1])
                 and not self.node.store.contains(serialization.store_cid(i[1]))]
@@ -1128,11 +1176,16 @@ class MeshCluster:
         if entry.cid is None:
             await node.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
         cid = node.cid_for(oid, entry)
-        data = serialization.materialize(entry.data)
-        yield _pack({"s": entry.status, "size": len(data), "cid": cid})
-        view = memoryview(data)
-        for start in range(0, len(data), CHUNK):
-            yield bytes(view[start:start + CHUNK])
+        # a store object goes out as slices of its mapping (the store keeps a mapped file's
+        # bytes while a view of it lives); only pickle's own bytes are made, off the loop
+        pieces = [entry.data] if not serialization.is_store_ref(entry.data) else \
+            await self.loop.run_in_executor(None, serialization.materialize_pieces, entry.data)
+        yield _pack({"s": entry.status, "size": sum(len(p) for p in pieces), "cid": cid})
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), CHUNK):
+                yield view[start:start + CHUNK]
+                await asyncio.sleep(0)  # a window's worth of chunks is no single step
 
     # ------------------------------------------------------------------ reference counts
     def is_alive(self, node_id: str) -> bool:
@@ -1273,6 +1326,7 @@ class MeshCluster:
         message["opts"] = dict(message["opts"], strategy=None,
                                max_restarts=max(0, owned.max_restarts - owned.restarts)
                                if owned.max_restarts >= 0 else -1)
+        message["args"] = self._wire_args(message["args"])  # named by CID as it goes out
         self._send(target, {"k": "create", "m": message})
 
     def _restart_owned_actor(self, owned: OwnedActor, dead_node: str) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import struct
 
 import cloudpickle
 
@@ -137,6 +139,46 @@ def materialize(data: bytes) -> bytes:
     if not is_store_ref(data):
         return data
     return cloudpickle.dumps(deserialize(data), protocol=5)
+
+
+def materialize_pieces(data) -> list:
+    """``materialize(data)`` as a list of pieces whose concatenation is a pickle equal in
+    meaning to it, without copying the value's buffers: pickle's own bytes plus read-only
+    memoryviews of the buffers (for a store object, its shared-memory mapping).
+
+    The value is pickled with its protocol-5 buffers out of band; each ``NEXT_BUFFER``
+    (``READONLY_BUFFER``) is replaced by the in-band opcode pickle itself would write
+    (BINBYTES8 for a read-only buffer, BYTEARRAY8 otherwise) followed by the buffer. FRAME
+    opcodes are dropped (frames are optional in a pickle) so that no frame spans a buffer."""
+    if not is_store_ref(data):
+        return [data]
+    buffers = []
+    head = cloudpickle.dumps(deserialize(data), protocol=5, buffer_callback=buffers.append)
+    if not buffers:
+        return [head]
+    pieces, at, taken = [], 0, 0
+    view = memoryview(head)
+    pending = None  # the buffer whose NEXT_BUFFER was just read
+    for op, _arg, pos in pickletools.genops(head):
+        if pending is not None:
+            readonly = op.code == "\x98"  # READONLY_BUFFER
+            pieces.append((b"\x8e" if readonly else b"\x96")  # BINBYTES8 / BYTEARRAY8
+                          + struct.pack("<Q", pending.nbytes))
+            pieces.append(pending)
+            pending = None
+            if readonly:
+                at = pos + 1
+                continue
+        if op.code == "\x95":  # FRAME: opcode and an 8-byte length
+            pieces.append(view[at:pos])
+            at = pos + 9
+        elif op.code == "\x97":  # NEXT_BUFFER
+            pieces.append(view[at:pos])
+            at = pos + 1
+            pending = buffers[taken].raw().toreadonly()
+            taken += 1
+    pieces.append(view[at:])
+    return [p for p in pieces if len(p)]
 
 
 def dumps_code(obj) -> bytes:
