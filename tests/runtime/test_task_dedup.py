@@ -146,11 +146,18 @@ class _Client:
     def __init__(self, node_id: str = "caller"):
         self.node_id = node_id
         self.frames: list = []
+        self.closed = False
+        self.outbox = self  # parts are queued as one item each (here: the frame they make)
 
     def send(self, message: dict) -> None:
         self.frames.append(message)
 
     _send_settled = send
+    put_nowait = send
+
+    @staticmethod
+    def _parts(tid: bytes, slot, pieces: list) -> dict:
+        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
 
 
 class _Cluster:
@@ -179,7 +186,7 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     seen.running.pop(b"t1")
     part = {"k": "part", "tid": b"t1", "slot": 0, "d": b"x" * 10}
     done = {"k": "done", "tid": b"t1", "vals": [None]}
-    seen.record(b"t1", [part, done], 10, time.monotonic())
+    seen.record(b"t1", [(0, [b"x" * 10]), done], 10, time.monotonic())
     # sent again once finished: the kept frames answer it, in order, and nothing runs
     third = _Client()
     assert cluster.seen_before(third, _task(b"t1", again=True))
