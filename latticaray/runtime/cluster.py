@@ -888,7 +888,7 @@ class MeshCluster:
                 return [0, item[1], item[2], self.node_id]
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
                 return [1, item[2], self.node_id]
-            return item[:2]
+            return item[:3] if item[0] == 1 else item[:2]  # a ref keeps its owner
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
 
     async def _portable_args(self, args: list) -> None:

@@ -204,6 +204,7 @@ class ActorRecord:
         self.max_restarts = int(opts.get("max_restarts", 0))
         self.restarts = 0
         self.state = "PENDING"
+        self.arg_pins: list[str] = []  # store values of ref arguments, until the constructor ran
         self.worker: WorkerHandle | None = None
         self.outbox: collections.deque[TaskRecord] = collections.deque()
         self.inflight: dict[bytes, TaskRecord] = {}
@@ -1221,6 +1222,47 @@ class RuntimeNode:
         return {"aid": aid, "node": self.node_id}
 
     def _start_actor_worker(self, actor: ActorRecord) -> None:
+        args = actor.msg["args"]
+        if args[0] == "l" and any(item[0] == 1 for item in (*args[1], *args[2].values())):
+            self.loop.create_task(self._resolve_actor_args(actor))  # calls queue meanwhile
+            return
+        self._spawn_actor_worker(actor)
+
+    async def _resolve_actor_args(self, actor: ActorRecord) -> None:
+        """Top-level ref arguments of a constructor become their values before the actor starts
+        (as a task's do); store values stay pinned until the constructor has run."""
+        args = actor.msg["args"]
+        for item in (*args[1], *args[2].values()):
+            if item[0] != 1:
+                continue
+            oid, owner = item[1], (item[2] if len(item) > 2 else "")
+            entry = self.objects.get(oid)
+            if entry is None:
+                entry = await self._locate(oid, owner)
+            if entry.status == PENDING:
+                ready = self.loop.create_future()
+                entry.on_ready(lambda: ready.done() or ready.set_result(None))
+                await ready
+            if self.recovery.is_lost(entry):
+                entry = await self.recovery.ensure_local(oid, entry)
+            if entry.status == ERROR:
+                actor.state = "DEAD"
+                actor.no_restart = True
+                actor.death_cause = ("an argument of the actor's constructor failed:\n"
+                                     f"{serialization.deserialize(entry.data)}")
+                while actor.outbox:
+                    self._fail(actor.outbox.popleft(), ActorDiedError(self._death_message(actor)))
+                return
+            data = entry.data
+            if serialization.is_store_ref(data) and entry.holder is None:
+                name = serialization.store_name(data)
+                self.store_refs[name] += 1
+                actor.arg_pins.append(name)
+            item[:] = [0, data, item[1]]
+        if actor.state == "PENDING":
+            self._spawn_actor_worker(actor)
+
+    def _spawn_actor_worker(self, actor: ActorRecord) -> None:
         worker = self._spawn_worker(is_actor=True)
         worker.actor = actor
         actor.worker = worker
@@ -1237,6 +1279,9 @@ class RuntimeNode:
 
     def _on_actor_ready(self, worker: WorkerHandle, message: dict) -> None:
         actor = worker.actor
+        if actor is not None:
+            while actor.arg_pins:  # the constructor has its arguments now
+                self._unpin(actor.arg_pins.pop())
         if actor is None or "err" not in message:
             return
         actor.state = "DEAD"

@@ -157,3 +157,39 @@ def test_cancel_a_task_known_to_be_running(runtime, tmp_path):
     lattica.cancel(ref)
     with pytest.raises(lattica.TaskCancelledError):
         lattica.get(ref, timeout=DEADLINE)
+
+
+@lattica.remote
+class Holder:
+    def __init__(self, small, big=None):
+        self.small, self.big = small, big
+
+    def summary(self):
+        return self.small, None if self.big is None else float(self.big.sum())
+
+
+@lattica.remote
+def seven_after_file(path):
+    wait_for_file(path)
+    return 7
+
+
+@lattica.remote
+def raises_key_error():
+    raise KeyError("no such key")
+
+
+def test_actor_constructor_ref_arguments_are_resolved(runtime, tmp_path):
+    import numpy as np
+    gate = str(tmp_path / "gate")
+    big = lattica.put(np.ones(1_000_000))
+    assert lattica.get(Holder.remote(lattica.put(41), big=big).summary.remote(),
+                       timeout=DEADLINE) == (41, 1_000_000.0)
+    # a pending task's result: calls queue until the constructor has its value
+    pending = Holder.remote(seven_after_file.remote(gate), big)
+    call = pending.summary.remote()
+    open(gate, "w").close()
+    assert lattica.get(call, timeout=DEADLINE) == (7, 1_000_000.0)
+    failed = Holder.remote(raises_key_error.remote())
+    with pytest.raises(lattica.ActorDiedError, match="constructor failed"):
+        lattica.get(failed.summary.remote(), timeout=DEADLINE)

@@ -354,3 +354,20 @@ def test_driver_joins_with_init_bootstrap_and_credential(mesh):
     assert "refused: credential is not decodable" in proc.stdout
     used = int(proc.stdout.split("nodes used:")[1].split()[0])
     assert used >= 3
+
+
+@lattica.remote
+class RemoteHolder:
+    def __init__(self, blob):
+        self.blob = blob
+
+    def where_and_size(self):
+        return lattica.get_runtime_context().node_id, len(self.blob)
+
+
+def test_remote_actor_constructor_takes_a_ref(mesh):
+    node = mesh["nodes"][0].node_id
+    blob = lattica.put(b"z" * (3 << 20))
+    holder = RemoteHolder.options(
+        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(node)).remote(blob)
+    assert lattica.get(holder.where_and_size.remote(), timeout=60) == (node, 3 << 20)
