@@ -9,9 +9,11 @@ and stops the event loop for up to a second. The policy:
   collection walks; then raise the thresholds so young collections run less often and full
   collections are rarer.
 * ``refreeze_loop`` (optional): every ``interval`` seconds collect the young generations and
-  freeze again, so long-lived connection state stops being walked by full collections. The cost:
-  a reference cycle that was frozen and later becomes garbage is never collected (objects freed
-  by reference counting are still freed), so this is a bounded-leak trade for pause time.
+  freeze again, so long-lived connection state stops being walked by full collections. A
+  reference cycle that was frozen and later becomes garbage (a closed connection's state) is
+  not collected until the loop's periodic full collection (``full_every`` refreezes: unfreeze,
+  collect everything, freeze again), so the leak is bounded by that period and the one long
+  pause happens at a known rate instead of whenever the heap grew by a quarter.
 
 Only node processes apply it: the embedded node of ``init()`` shares its process with user code,
 whose objects and GC expectations the runtime must not change.
@@ -52,8 +54,22 @@ def refreeze() -> int:
     return gc.get_freeze_count()
 
 
-async def refreeze_loop(interval: float) -> None:
-    """Run ``refreeze`` every ``interval`` seconds until cancelled."""
+def full_collect_and_refreeze() -> int:
+    """Unfreeze, collect every generation (frozen garbage included), freeze again."""
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    return found
+
+
+async def refreeze_loop(interval: float, full_every: int = 30) -> None:
+    """Run ``refreeze`` every ``interval`` seconds, and instead every ``full_every``-th time
+    ``full_collect_and_refreeze``, until cancelled."""
+    rounds = 0
     while True:
         await asyncio.sleep(interval)
-        refreeze()
+        rounds += 1
+        if full_every and rounds % full_every == 0:
+            full_collect_and_refreeze()
+        else:
+            refreeze()

@@ -34,7 +34,7 @@ def test_node_process_with_policy_off_keeps_cpython_defaults():
         node.stop()
 
 
-def test_policy_freezes_survivors_and_still_collects_new_cycles():
+def test_policy_freezes_survivors_collects_new_cycles_and_frozen_ones_in_full_collections():
     script = textwrap.dedent("""
         import gc, json
         from latticaray.runtime import gcpolicy
@@ -54,6 +54,10 @@ def test_policy_freezes_survivors_and_still_collects_new_cycles():
         garbage = [Cycle() for _ in range(500)]
         del garbage
         assert gc.collect() >= 500
+        del kept  # frozen cycles: invisible to collections until the periodic full one
+        assert gc.collect() < 1000
+        assert gcpolicy.full_collect_and_refreeze() >= 1000
+        assert gc.get_freeze_count() > 0
         print(json.dumps({"frozen": after, "thresholds": gc.get_threshold()}))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
