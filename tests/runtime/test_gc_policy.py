@@ -64,4 +64,4 @@ def test_policy_freezes_survivors_collects_new_cycles_and_frozen_ones_in_full_co
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert '"thresholds": [10000, 10, 20]' in out.stdout
+    assert '"thresholds": [700, 10, 100]' in out.stdout
