@@ -2,13 +2,15 @@
 
 Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop until SIGTERM or
 SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "advertised": [...],
-"timings": {...}, "invite": ...} ("invite" only on the node that created the mesh). With --nat
-(and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. This is what `latticaray start` runs.
+"timings": {...}, "gc": {...}, "invite": ...} ("invite" only on the node that created the mesh). With --nat
+(and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. Once started it applies the GC policy of
+latticaray.runtime.gcpolicy (--gc-policy). This is what `latticaray start` runs.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -48,6 +50,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--capacity-wait", type=float, default=None, metavar="SECONDS",
                         help="how long work no known node can take waits for a node advertising "
                              "the resources in the DHT before it fails as unschedulable")
+    parser.add_argument("--gc-policy", choices=("startup", "refreeze", "off"), default="startup",
+                        help="startup: after start-up freeze what is alive and raise the GC "
+                             "thresholds (shorter pauses with many connections); refreeze: also "
+                             "freeze survivors every --gc-refreeze-interval seconds (frozen "
+                             "cycles that become garbage are never collected); off: CPython's "
+                             "defaults")
+    parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument("--lab", action="store_true",
                         help="treat the netlab's 198.18.0.0/15 addresses as public")
     return parser.parse_args(argv)
@@ -69,6 +78,7 @@ def nat_settings(args: argparse.Namespace):
 async def run(args: argparse.Namespace) -> None:
     from latticaray.runtime.api import _default_resources
     from latticaray.runtime.cluster import CAPACITY_WAIT, MeshRuntime
+    from latticaray.runtime import gcpolicy
     from latticaray.runtime.node import RuntimeNode
 
     resources = _default_resources(args.num_cpus, args.num_gpus,
@@ -90,13 +100,22 @@ async def run(args: argparse.Namespace) -> None:
     socket_path = args.driver_socket or os.path.join(
         tempfile.gettempdir(), f"latticaray-{os.getuid()}", f"node-{os.getpid()}.sock")
     await node.listen_for_drivers(socket_path)
+    refresher = None
+    if args.gc_policy != "off":
+        gcpolicy.apply_startup_policy()
+    if args.gc_policy == "refreeze":
+        refresher = asyncio.ensure_future(gcpolicy.refreeze_loop(args.gc_refreeze_interval))
     ready = {"node_id": mesh_runtime.node_id, "addrs": mesh_runtime.listen_addrs,
              "advertised": mesh_runtime.advertised_addrs, "timings": mesh_runtime.timings,
-             "pid": os.getpid(), "driver_address": f"unix:{socket_path}"}
+             "pid": os.getpid(), "driver_address": f"unix:{socket_path}",
+             "gc": {"policy": args.gc_policy, "frozen": gc.get_freeze_count(),
+                    "thresholds": list(gc.get_threshold())}}
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
     print(json.dumps(ready), flush=True)
     await stop.wait()
+    if refresher is not None:
+        refresher.cancel()
     await mesh_runtime.stop()
     await node.stop()
     try:
