@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "runtime"))
 
-from meshutil import _die_with_parent  # noqa: E402
+from meshutil import SESSION_DRIVER_HELPERS, _die_with_parent  # noqa: E402
 
 pytestmark = pytest.mark.netlab
 
@@ -105,10 +105,7 @@ lattica.shutdown()
 # its own file exclusively, so a second execution fails loudly, and holds until told to go),
 # upgrades to direct itself, runs more tasks to completion over the direct path while the held
 # ones are still in flight, then lets those finish.
-EXACTLY_ONCE = r"""
-import asyncio, json, os, sys, time
-import latticaray as lattica
-from latticaray.runtime import api
+EXACTLY_ONCE = SESSION_DRIVER_HELPERS + r"""
 
 bootstrap, credential, relay, resource, listen, workdir = sys.argv[1:7]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[listen],
@@ -116,33 +113,14 @@ lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[l
                   "hole_punching": False})
 runtime = api._runtime.mesh_runtime
 
-def wait_for(cond, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
 def worker_alive():
-    return [n["NodeID"] for n in lattica.nodes()
-            if n["Alive"] and n.get("Resources", {}).get(resource)]
+    return nodes_offering(resource)
 wait_for(worker_alive, "the worker never showed up")
 worker = worker_alive()[0]
 peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
 
 def transports():
     return sorted(c.transport for c in runtime.mesh.connections.connections(peer) if not c.closed)
-
-@lattica.remote
-def step(i, workdir, hold):
-    import os, time
-    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.close(fd)
-    deadline = time.monotonic() + 60
-    while hold and not os.path.exists(os.path.join(workdir, "go")):
-        if time.monotonic() > deadline:
-            raise TimeoutError("never told to go")
-        time.sleep(0.02)
-    return lattica.get_runtime_context().node_id, i * i
 
 opts = dict(resources={resource: 0.01})
 held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]

@@ -11,32 +11,22 @@ the test always stops.
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "runtime"))
 
-from meshutil import _die_with_parent  # noqa: E402
+from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child  # noqa: E402
 
-DRIVER = r"""
-import asyncio, json, os, sys, time
-import latticaray as lattica
-from latticaray.runtime import api
+DRIVER = SESSION_DRIVER_HELPERS + r"""
 
 bootstrap, credential, workdir = sys.argv[1:4]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
              listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
 runtime = api._runtime.mesh_runtime
 
-def wait_for(cond, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
 def worker_alive():
-    return [n["NodeID"] for n in lattica.nodes() if n["Alive"] and n.get("Resources", {}).get("mv")]
+    return nodes_offering("mv")
 wait_for(worker_alive, "the node never showed up")
 worker = worker_alive()[0]
 peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
@@ -44,18 +34,6 @@ peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
 def unix_addrs():
     return [a for a in runtime.mesh.addrs_of(peer) if a.transport == "unix"]
 wait_for(unix_addrs, "identify never told us the node's unix address")
-
-@lattica.remote
-def step(i, workdir, hold):
-    import os, time
-    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.close(fd)
-    deadline = time.monotonic() + 60
-    while hold and not os.path.exists(os.path.join(workdir, "go")):
-        if time.monotonic() > deadline:
-            raise TimeoutError("never told to go")
-        time.sleep(0.02)
-    return lattica.get_runtime_context().node_id, i * i
 
 opts = dict(resources={"mv": 0.01})
 held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]
@@ -81,40 +59,25 @@ lattica.shutdown()
 """
 
 
-def _child(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=_die_with_parent)
-
-
-def _stop(proc: subprocess.Popen) -> tuple[str, str]:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        return proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate(timeout=10)
-
-
 def test_task_session_moves_to_a_better_path_and_tasks_in_flight_run_once(tmp_path):
-    node = _child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
+    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
                    "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"mv": 1}'])
     driver = None
     try:
         info = json.loads(node.stdout.readline() or "{}")
-        assert "node_id" in info, _stop(node)[1][-3000:]
+        assert "node_id" in info, stop_child(node)[1][-3000:]
         bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
         workdir = tmp_path / "runs"
         workdir.mkdir()
-        driver = _child([sys.executable, "-c", DRIVER, bootstrap, info["invite"], str(workdir)])
+        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
+                              str(workdir)])
         out, err = driver.communicate(timeout=180)
         assert driver.returncode == 0, err[-4000:]
         report = json.loads(out.strip().splitlines()[-1])
     finally:
         if driver is not None:
-            _stop(driver)
-        _stop(node)
+            stop_child(driver)
+        stop_child(node)
     worker = info["node_id"]
     assert report["worker"] == worker
     assert report["results"] == [[worker, i * i] for i in range(8)], report

@@ -101,3 +101,53 @@ def driver_with_nodes(count: int = 2):
         for node in nodes:
             node.stop()
         lattica.shutdown()
+
+
+# The start of a driver script run as a child process by the task-session tests: a deadline wait,
+# the nodes offering a resource, and a task that records its run in a file it creates exclusively
+# (a second execution fails loudly) and, with `hold`, waits until told to go.
+SESSION_DRIVER_HELPERS = r"""
+import asyncio, json, os, sys, time
+import latticaray as lattica
+from latticaray.runtime import api
+
+def wait_for(cond, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+def nodes_offering(resource):
+    return [n["NodeID"] for n in lattica.nodes()
+            if n["Alive"] and n.get("Resources", {}).get(resource)]
+
+@lattica.remote
+def step(i, workdir, hold):
+    import os, time
+    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    deadline = time.monotonic() + 60
+    while hold and not os.path.exists(os.path.join(workdir, "go")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to go")
+        time.sleep(0.02)
+    return lattica.get_runtime_context().node_id, i * i
+"""
+
+
+def start_child(args: list[str]) -> subprocess.Popen:
+    """A child process with this test's import path, stdout and stderr piped; see stop_child."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=_die_with_parent)
+
+
+def stop_child(proc: subprocess.Popen) -> tuple[str, str]:
+    """Terminate (then kill) a child of start_child; its remaining (stdout, stderr)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=10)

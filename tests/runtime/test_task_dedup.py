@@ -13,19 +13,15 @@ same id) is checked directly.
 import collections
 import json
 import os
-import subprocess
 import sys
 import time
 
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
-from meshutil import _die_with_parent
+from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child
 
-DRIVER = r"""
-import asyncio, json, os, sys, time
-import latticaray as lattica
-from latticaray.runtime import api
+DRIVER = SESSION_DRIVER_HELPERS + r"""
 from latticaray.runtime import cluster as cluster_mod
 
 bootstrap, credential, workdir = sys.argv[1:4]
@@ -34,14 +30,8 @@ lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
 runtime = api._runtime.mesh_runtime
 loop = api._runtime.loop
 
-def wait_for(cond, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
 def worker_alive():
-    return [n["NodeID"] for n in lattica.nodes() if n["Alive"] and n.get("Resources", {}).get("dd")]
+    return nodes_offering("dd")
 wait_for(worker_alive, "the node never showed up")
 worker = worker_alive()[0]
 peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
@@ -60,18 +50,6 @@ def lossy_unpack(raw):
         return {"k": "lost-in-test"}
     return message
 cluster_mod._unpack = lossy_unpack
-
-@lattica.remote
-def step(i, workdir, hold):
-    import os, time
-    fd = os.open(os.path.join(workdir, f"run-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.close(fd)
-    deadline = time.monotonic() + 60
-    while hold and not os.path.exists(os.path.join(workdir, "go")):
-        if time.monotonic() > deadline:
-            raise TimeoutError("never told to go")
-        time.sleep(0.02)
-    return lattica.get_runtime_context().node_id, i * i
 
 opts = dict(resources={"dd": 0.01})
 held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]
@@ -99,40 +77,25 @@ lattica.shutdown()
 """
 
 
-def _child(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=_die_with_parent)
-
-
-def _stop(proc: subprocess.Popen) -> tuple[str, str]:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        return proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate(timeout=10)
-
-
 def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
-    node = _child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
+    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
                    "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"dd": 1}'])
     driver = None
     try:
         info = json.loads(node.stdout.readline() or "{}")
-        assert "node_id" in info, _stop(node)[1][-3000:]
+        assert "node_id" in info, stop_child(node)[1][-3000:]
         bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
         workdir = tmp_path / "runs"
         workdir.mkdir()
-        driver = _child([sys.executable, "-c", DRIVER, bootstrap, info["invite"], str(workdir)])
+        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
+                              str(workdir)])
         out, err = driver.communicate(timeout=180)
         assert driver.returncode == 0, err[-4000:]
         report = json.loads(out.strip().splitlines()[-1])
     finally:
         if driver is not None:
-            _stop(driver)
-        _stop(node)
+            stop_child(driver)
+        stop_child(node)
     worker = info["node_id"]
     assert report["results"] == [[worker, i * i] for i in (0, 1, 2, 3, 10)], report
     assert sorted(os.listdir(workdir)) == ["go"] + [f"run-{i}" for i in (0, 1, 10, 2, 3)]
