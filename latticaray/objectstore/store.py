@@ -1287,23 +1287,9 @@ class LocalStore:
             sources = [(offset, np.frombuffer(piece, dtype=np.uint8)) for offset, piece in ser.pieces]
             digests = list(pool.map(lambda span: self._copy_block(span, sources, target, dest), spans))
             return manifest_from_digests(ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code)
-        early = {}
-        for offset, source in ser.segments:
-            end = offset + source.nbytes
-            for i, (a, b) in enumerate(spans):
-                if offset <= a and b <= end:
-                    early[i] = pool.submit(hash_digest, self.hash_code, source[a - offset:b - offset])
+        early = self._hash_inside_sources(pool, ser, spans)
         ser.write_into(dest)
-        for offset, source in ser.segments:  # the layout promise, checked at both ends
-            edge = min(64, source.nbytes)
-            end = offset + source.nbytes
-            if (dest[offset:offset + edge] != source[:edge]
-                    or dest[end - edge:end] != source[source.nbytes - edge:]):
-                early.clear()
-                break
-        late = {i: pool.submit(hash_digest, self.hash_code, dest[a:b])
-                for i, (a, b) in enumerate(spans) if i not in early}
-        digests = [(early.get(i) or late[i]).result() for i in range(len(spans))]
+        digests = self._digests_of_written(pool, ser, spans, early, dest)
         return manifest_from_digests(ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code)
 
     def _copy_block(self, span: tuple[int, int], sources: list[tuple[int, np.ndarray]],
@@ -1524,6 +1510,33 @@ class LocalStore:
                             os.unlink(os.path.join(self._tmp, name))
                         ledger["reservations"].pop(name, None)
 
+    def _hash_inside_sources(self, pool, ser: SerializedObject, spans) -> dict[int, Any]:
+        """Start hashing, from the source, every block that lies inside a verbatim source buffer
+        (``ser.segments``): block index -> future digest."""
+        early: dict[int, Any] = {}
+        for offset, source in ser.segments:
+            end = offset + source.nbytes
+            for i, (a, b) in enumerate(spans):
+                if offset <= a and b <= end:
+                    early[i] = pool.submit(hash_digest, self.hash_code, source[a - offset:b - offset])
+        return early
+
+    def _digests_of_written(self, pool, ser: SerializedObject, spans, early: dict[int, Any],
+                            written) -> list[bytes]:
+        """Every block's digest once the payload is in ``written``: the ones hashed from the
+        sources stand only if the write kept the layout promise (checked at both ends of every
+        segment); the rest are hashed from ``written``."""
+        for offset, source in ser.segments:
+            edge = min(64, source.nbytes)
+            end = offset + source.nbytes
+            if (written[offset:offset + edge] != source[:edge]
+                    or written[end - edge:end] != source[source.nbytes - edge:]):
+                early.clear()
+                break
+        late = {i: pool.submit(hash_digest, self.hash_code, written[a:b])
+                for i, (a, b) in enumerate(spans) if i not in early}
+        return [(early.get(i) or late[i]).result() for i in range(len(spans))]
+
     def _write_and_hash(self, ser: SerializedObject, temp: str) -> Manifest:
         """Write the payload to ``temp`` and hash its blocks; blocks that lie inside a verbatim
         source buffer (``ser.segments``) are hashed from the source while the write runs."""
@@ -1532,26 +1545,12 @@ class LocalStore:
             return build_manifest(b"", ser.meta, self.chunk_size, self.hash_code)
         spans = block_spans(ser.nbytes, self.chunk_size)
         pool = hash_pool()
-        early: dict[int, Any] = {}
-        for offset, source in ser.segments:
-            end = offset + source.nbytes
-            for i, (a, b) in enumerate(spans):
-                if offset <= a and b <= end:
-                    early[i] = pool.submit(hash_digest, self.hash_code, source[a - offset:b - offset])
+        early = self._hash_inside_sources(pool, ser, spans)
         ser.write_to_file(temp)  # write(2) beats faulting fresh tmpfs pages via a mapping
         mapping, _ = _map_readonly(temp)
         view = memoryview(mapping)
         try:
-            for offset, source in ser.segments:  # the layout promise, checked at both ends
-                edge = min(64, source.nbytes)
-                end = offset + source.nbytes
-                if (view[offset:offset + edge] != source[:edge]
-                        or view[end - edge:end] != source[source.nbytes - edge:]):
-                    early.clear()
-                    break
-            late = {i: pool.submit(hash_digest, self.hash_code, view[a:b])
-                    for i, (a, b) in enumerate(spans) if i not in early}
-            digests = [(early.get(i) or late[i]).result() for i in range(len(spans))]
+            digests = self._digests_of_written(pool, ser, spans, early, view)
         finally:
             view.release()
             mapping.close()
