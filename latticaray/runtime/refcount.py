@@ -163,26 +163,26 @@ class RefTable:
     # ------------------------------------------------------------------ containment, task args
     def contain(self, outer: bytes, inner: list) -> None:
         """`outer` carries refs `inner` ([oid, owner] pairs): they live at least as long."""
-        kept = [pair for pair in inner if self.hold(pair[0], pair[1])]
-        if kept:
-            self.contents.setdefault(outer, []).extend(kept)
+        self._hold_under(self.contents, outer, inner)
 
     def drop_contents(self, outer: bytes) -> None:
-        inner = self.contents.pop(outer, None)
-        if inner:
-            for oid, _owner in inner:
-                self.unhold(oid)
+        self._unhold_under(self.contents, outer)
 
     def pin_task(self, key: bytes, refs: list) -> None:
-        kept = [pair for pair in refs if self.hold(pair[0], pair[1])]
-        if kept:
-            self.task_pins.setdefault(key, []).extend(kept)
+        self._hold_under(self.task_pins, key, refs)
 
     def task_done(self, key: bytes) -> None:
-        pins = self.task_pins.pop(key, None)
-        if pins:
-            for oid, _owner in pins:
-                self.unhold(oid)
+        self._unhold_under(self.task_pins, key)
+
+    def _hold_under(self, table: dict, key: bytes, refs: list) -> None:
+        """Hold each of ``refs`` ([oid, owner] pairs) on behalf of ``key`` in ``table``."""
+        kept = [pair for pair in refs if self.hold(pair[0], pair[1])]
+        if kept:
+            table.setdefault(key, []).extend(kept)
+
+    def _unhold_under(self, table: dict, key: bytes) -> None:
+        for oid, _owner in table.pop(key, None) or ():
+            self.unhold(oid)
 
     def forward(self, tid: bytes, caller: str, outers: list[bytes]) -> list | None:
         """Results of a caller's task leave this node: what they contain stays held here until
