@@ -1167,10 +1167,7 @@ class MeshCluster:
         if entry is None:
             yield _pack({"missing": True, "why": "this node does not hold the object"})
             return
-        if entry.status == PENDING:
-            ready = self.loop.create_future()
-            entry.on_ready(lambda: ready.done() or ready.set_result(None))
-            await ready
+        await entry.sealed()
         if "oid" in request and node.recovery.is_missing(entry):
             entry = await node.recovery.ensure_local(oid, entry)
         if entry.cid is None:

@@ -280,10 +280,7 @@ class Recovery:
         """
         node = self.node
         while True:
-            if entry.status == PENDING:
-                ready = node.loop.create_future()
-                entry.on_ready(lambda: ready.done() or ready.set_result(None))
-                await ready
+            await entry.sealed()
             if not self.is_missing(entry):
                 return entry
             cid = serialization.store_cid(entry.data)

@@ -68,6 +68,13 @@ class ObjectEntry:
         else:
             self.waiters.append(callback)
 
+    async def sealed(self) -> None:
+        """Wait (on the running loop) until the producer has sealed the entry."""
+        if self.status == PENDING:
+            ready = asyncio.get_running_loop().create_future()
+            self.on_ready(lambda: ready.done() or ready.set_result(None))
+            await ready
+
 
 class TaskRecord:
     """A task or actor call owned by this node, from submission to its last result."""
@@ -1239,10 +1246,7 @@ class RuntimeNode:
             entry = self.objects.get(oid)
             if entry is None:
                 entry = await self._locate(oid, owner)
-            if entry.status == PENDING:
-                ready = self.loop.create_future()
-                entry.on_ready(lambda: ready.done() or ready.set_result(None))
-                await ready
+            await entry.sealed()
             if self.recovery.is_lost(entry):
                 entry = await self.recovery.ensure_local(oid, entry)
             if entry.status == ERROR:
