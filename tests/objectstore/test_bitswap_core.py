@@ -1,5 +1,6 @@
 """The sans-I/O Bitswap core in the discrete-event simulator: sessions, serving plans, ledgers, codec."""
 
+import dataclasses
 import numpy as np
 import pytest
 
@@ -56,7 +57,11 @@ class Provider:
 def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None, seed=1):
     sim = Simulator(seed=seed)
     manifest = payload_manifest
-    session = bs.FetchSession(manifest.root, deadline=timeout, config=config or bs.SessionConfig())
+    config = config or bs.SessionConfig()
+    if config.random_order and config.order_seed is None:
+        # a simulated fetch is deterministic: its block order is seeded like the simulator
+        config = dataclasses.replace(config, order_seed=seed)
+    session = bs.FetchSession(manifest.root, deadline=timeout, config=config)
     by_name = {p.name: p for p in providers}
     outcome = {"actions": [], "sink": None}
     cancelled = set()
