@@ -211,7 +211,8 @@ class ActorRecord:
         self.max_restarts = int(opts.get("max_restarts", 0))
         self.restarts = 0
         self.state = "PENDING"
-        self.arg_pins: list[str] = []  # store values of ref arguments, until the constructor ran
+        # store values of ref arguments: until the constructor ran, or while the actor may restart
+        self.arg_pins: list[str] = []
         self.worker: WorkerHandle | None = None
         self.outbox: collections.deque[TaskRecord] = collections.deque()
         self.inflight: dict[bytes, TaskRecord] = {}
@@ -1254,6 +1255,7 @@ class RuntimeNode:
                 actor.no_restart = True
                 actor.death_cause = ("an argument of the actor's constructor failed:\n"
                                      f"{serialization.deserialize(entry.data)}")
+                self._release_actor_args(actor)
                 while actor.outbox:
                     self._fail(actor.outbox.popleft(), ActorDiedError(self._death_message(actor)))
                 return
@@ -1283,16 +1285,20 @@ class RuntimeNode:
 
     def _on_actor_ready(self, worker: WorkerHandle, message: dict) -> None:
         actor = worker.actor
-        if actor is not None:
-            while actor.arg_pins:  # the constructor has its arguments now
-                self._unpin(actor.arg_pins.pop())
+        if actor is not None and actor.max_restarts == 0:
+            self._release_actor_args(actor)  # the constructor has its arguments and runs once
         if actor is None or "err" not in message:
             return
         actor.state = "DEAD"
         actor.no_restart = True
+        self._release_actor_args(actor)
         cause = serialization.deserialize(message["err"])
         actor.death_cause = f"the actor's constructor raised:\n{cause}"
         worker.kill()
+
+    def _release_actor_args(self, actor: ActorRecord) -> None:
+        while actor.arg_pins:
+            self._unpin(actor.arg_pins.pop())
 
     def _on_actor_call(self, message: dict, client) -> None:
         aid = message["aid"]
@@ -1370,6 +1376,7 @@ class RuntimeNode:
                                      "its worker process died and no restarts are left")
             if actor.demand:
                 self.ledger.release("actor-" + actor.aid.hex())
+            self._release_actor_args(actor)
             self.refs.task_done(actor.aid)
             if actor.name and self.named_actors.get((actor.namespace, actor.name)) == actor.aid:
                 del self.named_actors[(actor.namespace, actor.name)]

@@ -238,3 +238,41 @@ def test_cancel_actor_call(runtime):
     with pytest.raises(lattica.TaskCancelledError):
         lattica.get(queued, timeout=30)
     lattica.get(blocker, timeout=30)
+
+
+def test_restarted_actor_gets_its_large_constructor_argument_again(runtime):
+    """A constructor argument held in the store (a ref the driver has since dropped) stays pinned
+    while the actor may restart: the restarted constructor reads the same value."""
+    import gc
+
+    import numpy as np
+
+    @lattica.remote(max_restarts=1)
+    class Holder:
+        def __init__(self, array):
+            self.total = int(array.sum())
+
+        def pid(self):
+            return os.getpid()
+
+        def total_(self):
+            return self.total
+
+    array = np.arange(2_000_000, dtype=np.int64)  # 16 MB: a store value, not inlined
+    ref = lattica.put(array)
+    holder = Holder.remote(ref)
+    expected = int(array.sum())
+    assert lattica.get(holder.total_.remote(), timeout=60) == expected
+    del ref
+    gc.collect()
+    pid = lattica.get(holder.pid.remote(), timeout=30)
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 60
+    new_pid = pid
+    while new_pid == pid and time.monotonic() < deadline:
+        try:
+            new_pid = lattica.get(holder.pid.remote(), timeout=30)
+        except lattica.ActorDiedError:
+            pass  # a call in flight when the worker died fails; ask again
+    assert new_pid != pid
+    assert lattica.get(holder.total_.remote(), timeout=60) == expected
