@@ -211,8 +211,11 @@ class ActorRecord:
         self.max_restarts = int(opts.get("max_restarts", 0))
         self.restarts = 0
         self.state = "PENDING"
-        # store values of ref arguments: until the constructor ran, or while the actor may restart
-        self.arg_pins: list[str] = []
+        # argument resolution, as a TaskRecord's; its store values stay pinned until the
+        # constructor ran, or while the actor may restart
+        self.deps_left = 0
+        self.dep_error: bytes | None = None
+        self.pins: list[str] = []
         self.worker: WorkerHandle | None = None
         self.outbox: collections.deque[TaskRecord] = collections.deque()
         self.inflight: dict[bytes, TaskRecord] = {}
@@ -825,14 +828,22 @@ class RuntimeNode:
         self._resolve_args(rec, self._schedule)
 
     def _resolve_args(self, rec: TaskRecord, then) -> None:
+        """Resolve a task's top-level ref arguments, then ``then(rec)``; a failed one fails it."""
+        self._resolve_ref_args(rec, lambda: rec.done or then(rec),
+                               lambda blob: self._fail_with_blob(rec, blob))
+
+    def _resolve_ref_args(self, rec: TaskRecord | ActorRecord, then, fail) -> None:
+        """Replace each top-level ref argument in ``rec.msg["args"]`` by its value (fetched,
+        located or recovered from lineage as needed), pin the store values among them in
+        ``rec.pins``, and call ``then()``, or ``fail(error blob)`` if an argument is an error."""
         args = rec.msg["args"]
         if args[0] == "b":
-            then(rec)
+            then()
             return
         slots = [item for item in args[1] if item[0] == 1]
         slots += [item for item in args[2].values() if item[0] == 1]
         if not slots:
-            then(rec)
+            then()
             return
         rec.deps_left = len(slots)
 
@@ -852,9 +863,9 @@ class RuntimeNode:
                 rec.deps_left -= 1
                 if rec.deps_left == 0:
                     if rec.dep_error is not None:
-                        self._fail_with_blob(rec, rec.dep_error)
-                    elif not rec.done:
-                        then(rec)
+                        fail(rec.dep_error)
+                    else:
+                        then()
             entry.on_ready(on_ready)
 
         def recover(item, oid, entry):
@@ -1230,43 +1241,19 @@ class RuntimeNode:
         return {"aid": aid, "node": self.node_id}
 
     def _start_actor_worker(self, actor: ActorRecord) -> None:
-        args = actor.msg["args"]
-        if args[0] == "l" and any(item[0] == 1 for item in (*args[1], *args[2].values())):
-            self.loop.create_task(self._resolve_actor_args(actor))  # calls queue meanwhile
-            return
-        self._spawn_actor_worker(actor)
+        """Start the actor's worker once its constructor's top-level ref arguments are values
+        (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
+        self._resolve_ref_args(actor, lambda: actor.state != "DEAD" and self._spawn_actor_worker(actor),
+                               lambda blob: self._constructor_argument_failed(actor, blob))
 
-    async def _resolve_actor_args(self, actor: ActorRecord) -> None:
-        """Top-level ref arguments of a constructor become their values before the actor starts
-        (as a task's do); store values stay pinned until the constructor has run."""
-        args = actor.msg["args"]
-        for item in (*args[1], *args[2].values()):
-            if item[0] != 1:
-                continue
-            oid, owner = item[1], (item[2] if len(item) > 2 else "")
-            entry = self.objects.get(oid)
-            if entry is None:
-                entry = await self._locate(oid, owner)
-            await entry.sealed()
-            if self.recovery.is_lost(entry):
-                entry = await self.recovery.ensure_local(oid, entry)
-            if entry.status == ERROR:
-                actor.state = "DEAD"
-                actor.no_restart = True
-                actor.death_cause = ("an argument of the actor's constructor failed:\n"
-                                     f"{serialization.deserialize(entry.data)}")
-                self._release_actor_args(actor)
-                while actor.outbox:
-                    self._fail(actor.outbox.popleft(), ActorDiedError(self._death_message(actor)))
-                return
-            data = entry.data
-            if serialization.is_store_ref(data) and entry.holder is None:
-                name = serialization.store_name(data)
-                self.store_refs[name] += 1
-                actor.arg_pins.append(name)
-            item[:] = [0, data, item[1]]
-        if actor.state == "PENDING":
-            self._spawn_actor_worker(actor)
+    def _constructor_argument_failed(self, actor: ActorRecord, blob: bytes) -> None:
+        actor.state = "DEAD"
+        actor.no_restart = True
+        actor.death_cause = ("an argument of the actor's constructor failed:\n"
+                             f"{serialization.deserialize(blob)}")
+        self._release_actor_args(actor)
+        while actor.outbox:
+            self._fail(actor.outbox.popleft(), ActorDiedError(self._death_message(actor)))
 
     def _spawn_actor_worker(self, actor: ActorRecord) -> None:
         worker = self._spawn_worker(is_actor=True)
@@ -1297,8 +1284,8 @@ class RuntimeNode:
         worker.kill()
 
     def _release_actor_args(self, actor: ActorRecord) -> None:
-        while actor.arg_pins:
-            self._unpin(actor.arg_pins.pop())
+        while actor.pins:
+            self._unpin(actor.pins.pop())
 
     def _on_actor_call(self, message: dict, client) -> None:
         aid = message["aid"]
