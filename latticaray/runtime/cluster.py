@@ -71,6 +71,8 @@ SEEN_TASKS = 10_000           # finished task ids an executor remembers per call
 SEEN_TASKS_TTL = 600.0
 SEEN_RESULT_BYTES = 64 << 20  # reply bytes it keeps per caller to answer a re-sent task again
 CHUNK = 4 << 20
+#: A fetched object this large is joined from its chunks on an executor thread.
+JOIN_OFF_LOOP = 8 << 20
 BY_REF_ARG = 256 << 10
 MAX_CONTROL_MESSAGE = 1 << 20
 UNPACK_LIMITS = dict(raw=False, strict_map_key=False)
@@ -1129,7 +1131,11 @@ class MeshCluster:
         return None
 
     async def _fetch(self, state: PeerState, request: dict):
+        """An object's status, bytes and CID from a peer over ``/latticaray/object/1``: a header
+        giving the size, then chunks that must add up to exactly that size (a reply that runs
+        past it is cut off at the first chunk over)."""
         header = None
+        size = received = 0
         chunks = []
         async for raw in self.mesh.call_stream(state.peer_id, OBJECT_PROTOCOL, _pack(request),
                                                timeout=3600.0):
@@ -1137,13 +1143,24 @@ class MeshCluster:
                 header = _unpack(raw)
                 if header.get("missing"):
                     raise LookupError(header.get("why", "not found"))
+                size = header.get("size")
+                if type(size) is not int or size < 0:
+                    raise ValueError(f"object reply header has no valid size: {size!r}")
             else:
+                received += len(raw)
+                if received > size:
+                    raise ValueError(f"object reply runs past the {size} bytes its header said")
                 chunks.append(raw)
         if header is None:
             raise LookupError("empty object reply")
-        data = b"".join(chunks)
-        if len(data) != header["size"]:
-            raise ValueError(f"object reply has {len(data)} bytes, header said {header['size']}")
+        if received != size:
+            raise ValueError(f"object reply has {received} bytes, header said {size}")
+        if len(chunks) == 1:
+            data = bytes(chunks[0])
+        elif size >= JOIN_OFF_LOOP:  # joining releases the GIL: the loop goes on serving
+            data = await self.loop.run_in_executor(None, b"".join, chunks)
+        else:
+            data = b"".join(chunks)
         return header["s"], data, header.get("cid")
 
     async def _serve_object(self, ctx, payload: bytes):

@@ -17,13 +17,16 @@ import pickle
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
 import latticaray as lattica
+from latticaray.mesh.errors import MeshError
 from latticaray.runtime import api, serialization
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.cluster import CHUNK, RemoteClient, _pack
+from latticaray.runtime.node import ERROR, OK
 
 from meshutil import driver_with_nodes, wait_for
 from test_portable_async import _probe_until, _run_on_loop
@@ -274,3 +277,77 @@ def test_actor_constructor_arguments_named_off_loop(mesh, monkeypatch):
 
 async def _thread_ident():
     return threading.get_ident()
+
+
+def _fake_reply(cluster, monkeypatch, frames):
+    """Make the next object fetches read ``frames`` as the peer's reply; returns the count of
+    frames the reader took."""
+    taken = []
+
+    async def call_stream(peer_id, protocol, payload, timeout=None, **kwargs):
+        for frame in frames:
+            taken.append(frame)
+            yield frame
+            await asyncio.sleep(0)
+    monkeypatch.setattr(cluster.mesh, "call_stream", call_stream)
+    return taken
+
+
+@pytest.mark.parametrize("frames, error", [
+    ([_pack({"s": OK, "size": 10}), b"x" * 8, b"x" * 8, b"x" * 8, b"x" * 8], "runs past the 10"),
+    ([_pack({"s": OK, "size": 10}), b"x" * 4], "has 4 bytes, header said 10"),
+    ([_pack({"s": OK, "size": -1}), b"x"], "no valid size"),
+    ([_pack({"s": OK}), b"x"], "no valid size"),
+    ([msgpack.packb([1, 2, 3])], "msgpack maps"),
+])
+def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, frames, error):
+    node, _ = _node()
+    cluster = node.cluster
+    taken = _fake_reply(cluster, monkeypatch, frames)
+    state = cluster.peers[mesh["nodes"][0].node_id]
+    with pytest.raises((ValueError, MeshError), match=error):
+        _run_on_loop(cluster._fetch(state, {"oid": b"o" * 20}))
+    if "runs past" in error:
+        assert len(taken) == 3, "the reader went on reading past the size it was told"
+    entry = _run_on_loop(cluster.fetch_object(b"o" * 20, mesh["nodes"][0].node_id))
+    assert entry.status == ERROR and b"ObjectLostError" in entry.data  # typed, nothing raised
+
+
+def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
+    """The chunks of a 200 MB reply become one bytes object on an executor thread; joined on
+    the loop (the old way, timed in the same run) they stall it for the whole copy."""
+    from latticaray.runtime import cluster as cluster_module
+
+    node, loop = _node()
+    cluster = node.cluster
+    payload = np.random.default_rng(7).integers(0, 255, BIG, dtype=np.uint8).tobytes()
+    frames = [_pack({"s": OK, "size": BIG})] + [payload[i:i + CHUNK] for i in range(0, BIG, CHUNK)]
+    state = cluster.peers[mesh["nodes"][0].node_id]
+
+    def stall_of_fetch() -> float:
+        _fake_reply(cluster, monkeypatch, frames)
+        finished = threading.Event()
+        started = threading.Event()
+        probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
+        assert started.wait(30)
+        try:
+            status, data, _ = _run_on_loop(cluster._fetch(state, {"oid": b"o" * 20}))
+        finally:
+            finished.set()
+        assert status == OK and data == payload
+        del data
+        return probe.result(60)[0]
+
+    trials = []
+    for _ in range(3):
+        monkeypatch.setattr(cluster_module, "JOIN_OFF_LOOP", 1 << 62)
+        on_loop = stall_of_fetch()
+        monkeypatch.setattr(cluster_module, "JOIN_OFF_LOOP", 8 << 20)
+        off_loop = stall_of_fetch()
+        trials.append((on_loop, off_loop))
+        print(f"join on the loop: max stall {on_loop * 1e3:.1f} ms; "
+              f"on an executor thread: {off_loop * 1e3:.1f} ms")
+        if off_loop < on_loop / 2:
+            break
+    else:
+        pytest.fail(f"joining a fetched object stalled the event loop: {trials}")
