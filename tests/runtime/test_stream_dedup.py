@@ -9,8 +9,10 @@ the consumer took items 0 and 1, items 2 and 3 are produced but their frames are
 driver's side (a hook on the session's frame decoder stands for frames lost with the path), and
 the Unix connection is closed next to a fresh QUIC one: the session reopens and the task is sent
 again with the count of items the driver has. The consumer must see every item once, in order,
-from one execution. The executor's table (re-delivery from `got`, a finished stream answered
-from its kept items, the budget) is checked directly.
+from one execution. A second stream finishes while its last two items and its end are lost
+that way, then the session moves and the old path closes: the executor answers the re-sent task
+from the items it kept. The executor's table (re-delivery from `got`, a finished stream
+answered from its kept items, the budget) is checked directly.
 """
 
 import collections
@@ -41,20 +43,27 @@ loop = api._runtime.loop
 stats = runtime.cluster.stats
 
 @lattica.remote
-def produce(n, workdir):
+def produce(n, workdir, tag):
     import os, time
-    fd = os.open(os.path.join(workdir, "run"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(os.path.join(workdir, f"run-{tag}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     os.close(fd)
     for i in range(n):
         deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(workdir, f"go-{i}")):
+        while not os.path.exists(os.path.join(workdir, f"go-{tag}-{i}")):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"never told to yield item {i}")
             time.sleep(0.02)
         yield i * 10
 
-def go(i):
-    open(os.path.join(workdir, f"go-{i}"), "w").close()
+def waited(cond, what):
+    try:
+        wait_for(cond, what)
+    except AssertionError:
+        raise AssertionError(f"{what}; dropped {dropped}; stats {dict(stats)}; streams "
+                             f"{[(s.count, s.consumed, s.finished) for s in runtime.node.streams.values()]}")
+
+def go(i, tag="a"):
+    open(os.path.join(workdir, f"go-{tag}-{i}"), "w").close()
 
 wait_for(lambda: nodes_offering("sd"), "the node never showed up")
 worker = nodes_offering("sd")[0]
@@ -68,25 +77,32 @@ to_drop = set()
 unpack = cluster_mod._unpack
 def lossy_unpack(raw):
     message = unpack(raw)
-    if message.get("k") == "yield" and message["i"] in to_drop:
-        to_drop.discard(message["i"])
-        dropped.append(message["i"])
+    kind = message.get("k")
+    if kind == "yield" and message["i"] in to_drop or kind == "done" and "done" in to_drop:
+        key = message["i"] if kind == "yield" else "done"
+        to_drop.discard(key)
+        dropped.append(key)
         return {"k": "lost-in-test"}
     return message
 cluster_mod._unpack = lossy_unpack
 
-gen = produce.options(num_returns="streaming", resources={"sd": 0.01},
-                      _generator_backpressure_num_objects=2).remote(count, workdir)
-wait_for(lambda: os.path.exists(os.path.join(workdir, "run")), "the task never started")
+def streaming(n, tag):
+    return produce.options(num_returns="streaming", resources={"sd": 0.01},
+                           _generator_backpressure_num_objects=2).remote(n, workdir, tag)
 
-# break 1, before the first yield: the session moves to the unix path, the old one closes
 state = runtime.cluster.peers[worker]
-asyncio.run_coroutine_threadsafe(
-    runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), loop).result(30)
-wait_for(lambda: state.retiring, "the task session never moved")
-old = state.retiring[0]
-loop.call_soon_threadsafe(old.conn.close, "test: the old path breaks")
-wait_for(lambda: stats["tasks_resent"] >= 1, "the streaming task was never re-sent")
+def move_session_then_break_old_path(resent):
+    asyncio.run_coroutine_threadsafe(
+        runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), loop).result(30)
+    waited(lambda: state.retiring, "the task session never moved")
+    old = state.retiring[0]
+    loop.call_soon_threadsafe(old.conn.close, "test: the old path breaks")
+    waited(lambda: stats["tasks_resent"] >= resent, "the streaming task was never re-sent")
+
+gen = streaming(count, "a")
+wait_for(lambda: os.path.exists(os.path.join(workdir, "run-a")), "the task never started")
+# break 1, before the first yield: the session moves to the unix path, the old one closes
+move_session_then_break_old_path(1)
 
 items = []
 go(0)
@@ -97,7 +113,7 @@ items += [lattica.get(next(gen), timeout=60) for _ in range(2)]
 to_drop.update((2, 3))
 go(2)
 go(3)
-wait_for(lambda: dropped == [2, 3], "items 2 and 3 never came")
+waited(lambda: dropped == [2, 3], "items 2 and 3 never came")
 
 async def reconnect_then_break():
     quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
@@ -106,12 +122,23 @@ async def reconnect_then_break():
     await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
     state.session.conn.close("test: the session's path breaks")
 asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
-wait_for(lambda: stats["sessions_reopened"] >= 1, "the task session never reopened")
+waited(lambda: stats["sessions_reopened"] >= 1, "the task session never reopened")
 
 for i in range(4, count):
     go(i)
 items += [lattica.get(ref, timeout=60) for ref in gen]
-print(json.dumps({"items": items, "dropped": dropped,
+
+# a stream that finished while its last items and its end were lost with the path: the
+# executor answers the re-sent task with them (item 0 was taken, so it is not kept)
+for i in range(3):
+    go(i, "b")
+finished_gen = streaming(3, "b")
+to_drop.update((1, 2, "done"))
+finished_items = [lattica.get(next(finished_gen), timeout=60)]
+waited(lambda: dropped[2:] == [1, 2, "done"], "the finished stream's frames never came")
+move_session_then_break_old_path(2)
+finished_items += [lattica.get(ref, timeout=60) for ref in finished_gen]
+print(json.dumps({"items": items, "finished_items": finished_items, "dropped": dropped,
                   "stats": {k: stats[k] for k in
                             ("sessions_moved", "tasks_resent", "sessions_reopened")}}),
       flush=True)
@@ -139,9 +166,11 @@ def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
             stop_child(driver)
         stop_child(node)
     assert report["items"] == [i * 10 for i in range(N)], report
-    assert report["dropped"] == [2, 3], report
-    assert sorted(os.listdir(workdir)) == sorted(["run"] + [f"go-{i}" for i in range(N)])
-    assert report["stats"] == {"sessions_moved": 1, "tasks_resent": 1,
+    assert report["finished_items"] == [0, 10, 20], report
+    assert report["dropped"] == [2, 3, 1, 2, "done"], report
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["run-a", "run-b"] + [f"go-a-{i}" for i in range(N)] + [f"go-b-{i}" for i in range(3)])
+    assert report["stats"] == {"sessions_moved": 2, "tasks_resent": 2,
                                "sessions_reopened": 1}, report
 
 
