@@ -132,18 +132,26 @@ class CallerTasks:
     while they fit in SEEN_RESULT_BYTES (oldest dropped first) for SEEN_TASKS_TTL. Only a message
     the caller marks as sent again (`again`) is matched: a retry or a lineage re-execution reuses
     the task id on purpose and runs. A finished id whose frames were dropped runs again when
-    re-sent; one past SEEN_TASKS or SEEN_TASKS_TTL is forgotten. Streaming tasks are not tracked
-    (their items are not kept)."""
+    re-sent; one past SEEN_TASKS or SEEN_TASKS_TTL is forgotten.
+
+    A streaming task keeps the frames of every item its consumer has not acknowledged (`ack`;
+    at most the backpressure window of them while it runs) in ``streams``, counted in the same
+    budget: a re-sent one gets the items from the count the caller says it has (`got`), then
+    the later ones. When the budget is short the oldest finished replies go first, then the
+    oldest kept items; a stream that lost items its caller still needs ends with an error
+    instead of delivering a gap (``lost``: items below it are gone)."""
 
     def __init__(self):
         self.running: dict[bytes, "RemoteClient"] = {}
+        # tid -> [finished at, frames | None, size, lost]
         self.finished: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        self.streams: dict[bytes, StreamFrames] = {}
         self.result_bytes = 0
 
     def expire(self, now: float) -> None:
         finished = self.finished
         while finished:
-            tid, (at, frames, size) = next(iter(finished.items()))
+            tid, (at, frames, size, _lost) = next(iter(finished.items()))
             if len(finished) <= SEEN_TASKS and now - at < SEEN_TASKS_TTL:
                 break
             finished.popitem(last=False)
@@ -153,18 +161,80 @@ class CallerTasks:
         entry = self.finished.pop(tid, None)
         if entry is not None:
             self.result_bytes -= entry[2]
+        stream = self.streams.pop(tid, None)
+        if stream is not None:
+            self.result_bytes -= stream.size
 
-    def record(self, tid: bytes, frames: list, size: int, now: float) -> None:
+    def record(self, tid: bytes, frames: list, size: int, now: float, lost: int = 0) -> None:
         self.forget(tid)
-        self.finished[tid] = [now, frames, size]
+        self.finished[tid] = [now, frames, size, lost]
         self.result_bytes += size
+        self._trim()
+        self.expire(now)
+
+    def keep_item(self, tid: bytes, index: int, frames: list, size: int) -> None:
+        """A streamed item went out (or would have, had the session been open): kept until
+        the caller's consumer acknowledges it."""
+        stream = self.streams.get(tid)
+        if stream is None or index < stream.acked:
+            return
+        stream.items[index] = (frames, size)
+        stream.size += size
+        self.result_bytes += size
+        self._trim()
+
+    def acked(self, tid: bytes, consumed: int) -> None:
+        stream = self.streams.get(tid)
+        if stream is not None:
+            self.result_bytes -= stream.drop_below(consumed)
+
+    def stream_finished(self, tid: bytes, done_frames: list, size: int, now: float) -> None:
+        """A streaming task ended: its unacknowledged items and its `done` are kept as one
+        finished reply."""
+        stream = self.streams.pop(tid, None)
+        if stream is None:
+            self.record(tid, done_frames, size, now)
+            return
+        self.result_bytes -= stream.size
+        frames = [frame for item, _size in stream.items.values() for frame in item]
+        self.record(tid, frames + done_frames, stream.size + size, now, stream.lost)
+
+    def _trim(self) -> None:
         for entry in self.finished.values():
             if self.result_bytes <= SEEN_RESULT_BYTES:
-                break
+                return
             if entry[1] is not None:
                 self.result_bytes -= entry[2]
                 entry[1], entry[2] = None, 0
-        self.expire(now)
+        for stream in self.streams.values():
+            while self.result_bytes > SEEN_RESULT_BYTES and stream.items:
+                index, (_frames, size) = stream.items.popitem(last=False)
+                stream.size -= size
+                self.result_bytes -= size
+                stream.lost = index + 1
+
+
+class StreamFrames:
+    """The kept frames of one running streaming task's unacknowledged items (see CallerTasks):
+    index -> (frames, size), in order; items below ``acked`` were acknowledged, items below
+    ``lost`` that were not are gone (budget)."""
+
+    __slots__ = ("items", "size", "acked", "lost")
+
+    def __init__(self):
+        self.items: collections.OrderedDict[int, tuple[list, int]] = collections.OrderedDict()
+        self.size = 0
+        self.acked = 0
+        self.lost = 0
+
+    def drop_below(self, consumed: int) -> int:
+        self.acked = max(self.acked, consumed)
+        freed = 0
+        while self.items and next(iter(self.items)) < consumed:
+            _index, (_frames, size) = self.items.popitem(last=False)
+            freed += size
+        self.size -= freed
+        return freed
 
 
 class PeerState:
@@ -282,12 +352,15 @@ class RemoteClient:
             for start in range(0, len(view), CHUNK):
                 yield _pack({"k": "part", "tid": tid, "slot": slot, "d": view[start:start + CHUNK]})
 
-    def on_task_complete(self, rec: TaskRecord, message: dict) -> None:
+    def on_task_complete(self, rec: TaskRecord, message: dict, answering: bool = False) -> None:
         seen = self.cluster.seen_tasks.get(self.node_id)
         answerer = seen.running.pop(rec.tid, None) if seen is not None else None
         if answerer is not None and answerer is not self:
-            answerer.on_task_complete(rec, message)  # the task was sent again on a later session
+            # the task was sent again on a later session
+            answerer.on_task_complete(rec, message, answering=True)
             return
+        if answering:
+            answerer = self
         node = self.cluster.node
         tid = rec.tid
         parts: list = []
@@ -315,10 +388,14 @@ class RemoteClient:
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
         if answerer is not None:  # kept to answer this task id again if it is re-sent
-            size = sum(len(piece) for _, pieces in parts for piece in pieces) + len(
-                out.get("err") or b"") + sum(
+            size = _parts_size(parts) + len(out.get("err") or b"") + sum(
                 len(v) for v in out.get("vals") or [] if v is not None)
-            seen.record(tid, [*parts, out], size, time.monotonic())
+            if rec.nret == STREAMING:
+                seen.stream_finished(tid, [*parts, out], size, time.monotonic())
+            else:
+                seen.record(tid, [*parts, out], size, time.monotonic())
+        elif seen is not None and rec.nret == STREAMING:
+            seen.forget(tid)  # detached (`_replay_stream`): nothing is kept for it
         # refs the task borrowed are registered with their owners before the caller, which
         # lets go of the task's arguments on `done`, hears of it
         self._send_settled(out)
@@ -341,17 +418,29 @@ class RemoteClient:
 
     def on_task_yield(self, rec: TaskRecord, message: dict) -> None:
         tid, index = rec.tid, message["i"]
+        seen = self.cluster.seen_tasks.get(self.node_id)
+        streamer = seen.running.get(tid, self) if seen is not None else self
+        if streamer is not self:  # the task was sent again on a later session
+            streamer.on_task_yield(rec, message)
+            return
         oid = object_id(tid, index)
         node = self.cluster.node
-        data = self._send_value(tid, ("y", index), message["d"])
+        parts: list = []
+        data = self._send_value(tid, ("y", index), message["d"], parts)
         out = {"k": "yield", "tid": tid, "i": index, "d": data}
         if message.get("inner"):  # held here until the caller holds them (`held` with oid)
             node.refs.forward(oid, self.node_id, [oid])
             out["inner"] = message["inner"]
+        if seen is not None:  # kept until acknowledged, to deliver again if the task is re-sent
+            seen.keep_item(tid, index, [*parts, out], _parts_size(parts) + len(data or b""))
         self._send_settled(out)
         entry = node.objects.pop(oid, None)
         if entry is not None:
             node._forget(entry)
+
+
+def _parts_size(parts: list) -> int:
+    return sum(len(piece) for _, pieces in parts for piece in pieces)
 
 
 class MeshCluster:
@@ -783,6 +872,9 @@ class MeshCluster:
             session.task.cancel()
         lost = [state.inflight.pop(k) for k in session.pending
                 if isinstance(k, bytes) and k in state.inflight]
+        lost_tids = {rec.tid for rec in lost}
+        for key in [key for key in state.parts if key[0] in lost_tids]:
+            del state.parts[key]  # a value cut off with the old path comes whole again
         if not state.alive or self._stopped:
             return
         if lost:
@@ -804,10 +896,7 @@ class MeshCluster:
                 actors.add(rec.msg["aid"])
             elif rec.cancelled:
                 self.node._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
-            elif self.node._stream_started(rec):
-                self.node._fail(rec, NodeDiedError(
-                    f"the session to node {state.node_id} broke while streaming {rec.name}"))
-            else:
+            else:  # a streaming one too: the executor re-delivers what the caller lacks
                 state.resent.add(rec.tid)
                 self.run_remote(rec, state.node_id)
         for aid in actors:
@@ -822,6 +911,10 @@ class MeshCluster:
             state.parts.setdefault(key, []).append(message["d"])
             return
         if kind == "yield":
+            stream = self.node.streams.get(tid)
+            if stream is not None and message["i"] < stream.count:  # delivered before
+                state.parts.pop((tid, ("y", message["i"])), None)
+                return
             data = message["d"]
             if data is None:
                 data = b"".join(state.parts.pop((tid, ("y", message["i"])), []))
@@ -927,9 +1020,13 @@ class MeshCluster:
         if msg["fn"] not in state.shipped:
             out["blob"] = self.node.code[msg["fn"]]
             state.shipped.add(msg["fn"])
+        stream = None
         if rec.tid in state.resent:
             state.resent.discard(rec.tid)
             out["again"] = True
+            stream = self.node.streams.get(rec.tid) if rec.nret == STREAMING else None
+            if stream is not None:
+                out["got"] = stream.count
         rec.remote_peer = target
         state.inflight[rec.tid] = rec
         self.stats["remote_tasks"] += 1
@@ -938,6 +1035,8 @@ class MeshCluster:
             rec.remote_peer = None
             self.node.ready_queue.append(rec)
             self.node._dispatch()
+        elif stream is not None and stream.consumed:  # an ack lost with the old session
+            self._send(target, {"k": "ack", "tid": rec.tid, "n": stream.consumed})
 
     def cancel_remote(self, rec: TaskRecord, force: bool) -> None:
         self._send(rec.remote_peer, {"k": "cancel", "tid": rec.tid, "force": force})
@@ -1019,6 +1118,9 @@ class MeshCluster:
             elif kind == "cancel":
                 node.cancel_task(message["tid"], bool(message.get("force")), True)
             elif kind == "ack":
+                seen = self.seen_tasks.get(client.node_id)
+                if seen is not None:
+                    seen.acked(message["tid"], message["n"])
                 stream = node.streams.get(message["tid"])
                 if stream is not None and message["n"] > stream.consumed:
                     stream.consumed = message["n"]
@@ -1036,33 +1138,74 @@ class MeshCluster:
 
     def _seen_before(self, client: RemoteClient, message: dict) -> bool:
         """Whether this caller sent this task id before (see CallerTasks): if it did, the re-sent
-        message is attached to that run, or answered with its kept reply; if not, it is noted."""
-        if message.get("nret") == STREAMING:
-            return False
+        message is attached to that run, or answered with its kept reply; if not, it is noted.
+        A re-sent streaming task carries `got`, the items its caller has already."""
         tid = message["tid"]
+        streaming = message.get("nret") == STREAMING
+        got = message.pop("got", 0) if streaming else 0
         seen = self.seen_tasks.setdefault(client.node_id, CallerTasks())
         seen.expire(time.monotonic())
         if not message.pop("again", False):
             seen.forget(tid)
             seen.running[tid] = client
+            if streaming:
+                seen.streams[tid] = StreamFrames()
             return False
         if tid in seen.running:
             seen.running[tid] = client
             self.stats["resent_tasks_attached"] += 1
+            if streaming:
+                self._replay_stream(client, seen, tid, got)
             return True
         finished = seen.finished.get(tid)
-        if finished is not None and finished[1] is not None:
+        if finished is not None and finished[1] is not None and got >= finished[3]:
             self.stats["resent_tasks_answered"] += 1
-            *parts, done = finished[1]
-            for slot, pieces in parts:
-                if not client.closed:
-                    client.outbox.put_nowait(client._parts(tid, slot, pieces))
-            client._send_settled(done)
+            self._replay(client, tid, finished[1], got)
+            return True
+        if streaming and got > 0:  # running it again would deliver the caller's items twice
+            self._stream_items_gone(client, tid, got)
             return True
         if finished is not None:  # its reply is gone: it runs again
             seen.forget(tid)
         seen.running[tid] = client
+        if streaming:
+            seen.streams[tid] = StreamFrames()
         return False
+
+    @staticmethod
+    def _replay(client: RemoteClient, tid: bytes, frames: list, got: int = 0) -> None:
+        """Send kept frames again (`part` pieces as (slot, pieces), messages as maps), less
+        the streamed items below `got`, which the caller has."""
+        for frame in frames:
+            if isinstance(frame, dict):
+                if frame.get("k") != "yield" or frame["i"] >= got:
+                    client._send_settled(frame)
+                continue
+            slot, pieces = frame
+            if isinstance(slot, tuple) and slot[1] < got:
+                continue
+            if not client.closed:
+                client.outbox.put_nowait(client._parts(tid, slot, pieces))
+
+    def _replay_stream(self, client: RemoteClient, seen: CallerTasks, tid: bytes,
+                       got: int) -> None:
+        """A running streaming task was re-sent: its kept items from `got` on go to the new
+        session, and so will its later ones (`on_task_yield` follows `seen.running`)."""
+        stream = seen.streams.get(tid)
+        if stream is None or got < stream.lost:
+            seen.running.pop(tid, None)
+            self._stream_items_gone(client, tid, got)
+            self.node.cancel_task(tid, False, True)
+            return
+        self._replay(client, tid, [frame for index, (frames, _size) in stream.items.items()
+                                   if index >= got for frame in frames])
+
+    def _stream_items_gone(self, client: RemoteClient, tid: bytes, got: int) -> None:
+        self.stats["resent_streams_lost"] += 1
+        client.send({"k": "done", "tid": tid, "err": error_blob(ObjectLostError(
+            f"streaming task {tid.hex()} was sent again, but the executor no longer has its "
+            f"items from {got} on (more than {SEEN_RESULT_BYTES} bytes of this caller's "
+            f"replies were unacknowledged, or it never saw the task); the stream ends here"))})
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:

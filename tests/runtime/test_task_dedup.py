@@ -125,6 +125,7 @@ class _Client:
 
 class _Cluster:
     seen_before = MeshCluster._seen_before
+    _replay = staticmethod(MeshCluster._replay)
 
     def __init__(self):
         self.seen_tasks: dict = {}
@@ -160,9 +161,10 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     assert b"t1" not in seen.finished and seen.result_bytes == 0
     # an unknown id sent again runs (this node never saw it)
     assert not cluster.seen_before(third, _task(b"t2", again=True))
-    # streaming tasks are not tracked
-    assert not cluster.seen_before(third, {"tid": b"t3", "nret": STREAMING, "again": True})
-    assert b"t3" not in seen.running
+    # so does an unknown streaming id whose caller has none of its items (see test_stream_dedup)
+    assert not cluster.seen_before(third, {"tid": b"t3", "nret": STREAMING, "again": True,
+                                           "got": 0})
+    assert seen.running[b"t3"] is third and b"t3" in seen.streams
 
 
 def test_executor_table_is_bounded(monkeypatch):

@@ -1,0 +1,296 @@
+"""A streaming task re-sent by its caller attaches to the generator running on the executor.
+
+Loopback, two processes the test always stops: a node and a driver. The driver starts a
+streaming task on the node that creates its run file exclusively (a second execution fails
+loudly) and yields each item only once told to by a condition file, with a backpressure window
+of 2. Before the first yield the task session moves to a same-host Unix connection and the old
+QUIC connection is closed with the task owed on it: the driver sends it again. Mid-stream, after
+the consumer took items 0 and 1, items 2 and 3 are produced but their frames are lost on the
+driver's side (a hook on the session's frame decoder stands for frames lost with the path), and
+the Unix connection is closed next to a fresh QUIC one: the session reopens and the task is sent
+again with the count of items the driver has. The consumer must see every item once, in order,
+from one execution. A second stream finishes while its last two items and its end are lost
+that way, then the session moves and the old path closes: the executor answers the re-sent task
+from the items it kept. The executor's table (re-delivery from `got`, a finished stream
+answered from its kept items, the budget) is checked directly.
+"""
+
+import collections
+import json
+import os
+import sys
+import time
+
+from latticaray.runtime import cluster as cluster_mod
+from latticaray.runtime.cluster import CallerTasks, MeshCluster
+from latticaray.runtime.node import STREAMING
+from latticaray.runtime.serialization import deserialize
+from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child
+
+N = 6
+
+DRIVER = SESSION_DRIVER_HELPERS + r"""
+from latticaray.mesh.identify import PING_PROTOCOL
+from latticaray.mesh.multiaddr import Multiaddr
+from latticaray.runtime import cluster as cluster_mod
+
+bootstrap, credential, workdir, count = sys.argv[1:5]
+count = int(count)
+lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
+runtime = api._runtime.mesh_runtime
+loop = api._runtime.loop
+stats = runtime.cluster.stats
+
+@lattica.remote
+def produce(n, workdir, tag):
+    import os, time
+    fd = os.open(os.path.join(workdir, f"run-{tag}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    for i in range(n):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(workdir, f"go-{tag}-{i}")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"never told to yield item {i}")
+            time.sleep(0.02)
+        yield i * 10
+
+def waited(cond, what):
+    try:
+        wait_for(cond, what)
+    except AssertionError:
+        raise AssertionError(f"{what}; dropped {dropped}; stats {dict(stats)}; streams "
+                             f"{[(s.count, s.consumed, s.finished) for s in runtime.node.streams.values()]}")
+
+def go(i, tag="a"):
+    open(os.path.join(workdir, f"go-{tag}-{i}"), "w").close()
+
+wait_for(lambda: nodes_offering("sd"), "the node never showed up")
+worker = nodes_offering("sd")[0]
+peer = next(p for p in runtime.mesh.connected_peers() if str(p) == worker)
+def unix_addrs():
+    return [a for a in runtime.mesh.addrs_of(peer) if a.transport == "unix"]
+wait_for(unix_addrs, "identify never told us the node's unix address")
+
+dropped = []
+to_drop = set()
+unpack = cluster_mod._unpack
+def lossy_unpack(raw):
+    message = unpack(raw)
+    kind = message.get("k")
+    if kind == "yield" and message["i"] in to_drop or kind == "done" and "done" in to_drop:
+        key = message["i"] if kind == "yield" else "done"
+        to_drop.discard(key)
+        dropped.append(key)
+        return {"k": "lost-in-test"}
+    return message
+cluster_mod._unpack = lossy_unpack
+
+def streaming(n, tag):
+    return produce.options(num_returns="streaming", resources={"sd": 0.01},
+                           _generator_backpressure_num_objects=2).remote(n, workdir, tag)
+
+state = runtime.cluster.peers[worker]
+def move_session_then_break_old_path(resent):
+    asyncio.run_coroutine_threadsafe(
+        runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), loop).result(30)
+    waited(lambda: state.retiring, "the task session never moved")
+    old = state.retiring[0]
+    loop.call_soon_threadsafe(old.conn.close, "test: the old path breaks")
+    waited(lambda: stats["tasks_resent"] >= resent, "the streaming task was never re-sent")
+
+gen = streaming(count, "a")
+wait_for(lambda: os.path.exists(os.path.join(workdir, "run-a")), "the task never started")
+# break 1, before the first yield: the session moves to the unix path, the old one closes
+move_session_then_break_old_path(1)
+
+items = []
+go(0)
+go(1)
+items += [lattica.get(next(gen), timeout=60) for _ in range(2)]
+
+# break 2, mid-stream: items 2 and 3 are produced, their frames lost, then the path closes
+to_drop.update((2, 3))
+go(2)
+go(3)
+waited(lambda: dropped == [2, 3], "items 2 and 3 never came")
+
+async def reconnect_then_break():
+    quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
+                                                    force_new=True)
+    # answered over it: the node has the new connection too, so the driver stays connected
+    await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
+    state.session.conn.close("test: the session's path breaks")
+asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
+waited(lambda: stats["sessions_reopened"] >= 1, "the task session never reopened")
+
+for i in range(4, count):
+    go(i)
+items += [lattica.get(ref, timeout=60) for ref in gen]
+
+# a stream that finished while its last items and its end were lost with the path: the
+# executor answers the re-sent task with them (item 0 was taken, so it is not kept)
+for i in range(3):
+    go(i, "b")
+finished_gen = streaming(3, "b")
+to_drop.update((1, 2, "done"))
+finished_items = [lattica.get(next(finished_gen), timeout=60)]
+waited(lambda: dropped[2:] == [1, 2, "done"], "the finished stream's frames never came")
+move_session_then_break_old_path(2)
+finished_items += [lattica.get(ref, timeout=60) for ref in finished_gen]
+print(json.dumps({"items": items, "finished_items": finished_items, "dropped": dropped,
+                  "stats": {k: stats[k] for k in
+                            ("sessions_moved", "tasks_resent", "sessions_reopened")}}),
+      flush=True)
+lattica.shutdown()
+"""
+
+
+def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
+    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "2",
+                        "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"sd": 1}'])
+    driver = None
+    try:
+        info = json.loads(node.stdout.readline() or "{}")
+        assert "node_id" in info, stop_child(node)[1][-3000:]
+        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
+        workdir = tmp_path / "runs"
+        workdir.mkdir()
+        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
+                              str(workdir), str(N)])
+        out, err = driver.communicate(timeout=180)
+        assert driver.returncode == 0, err[-4000:]
+        report = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if driver is not None:
+            stop_child(driver)
+        stop_child(node)
+    assert report["items"] == [i * 10 for i in range(N)], report
+    assert report["finished_items"] == [0, 10, 20], report
+    assert report["dropped"] == [2, 3, 1, 2, "done"], report
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["run-a", "run-b"] + [f"go-a-{i}" for i in range(N)] + [f"go-b-{i}" for i in range(3)])
+    assert report["stats"] == {"sessions_moved": 2, "tasks_resent": 2,
+                               "sessions_reopened": 1}, report
+
+
+class _Client:
+    """What CallerTasks and the re-send handling use of a RemoteClient: the frames it got."""
+
+    def __init__(self, node_id: str = "caller"):
+        self.node_id = node_id
+        self.frames: list = []
+        self.closed = False
+        self.outbox = self  # parts are queued as one item each (here: the frame they make)
+
+    def send(self, message: dict) -> None:
+        self.frames.append(message)
+
+    _send_settled = send
+    put_nowait = send
+
+    @staticmethod
+    def _parts(tid: bytes, slot, pieces: list) -> dict:
+        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
+
+
+class _Node:
+    def __init__(self):
+        self.cancelled: list = []
+
+    def cancel_task(self, tid: bytes, force: bool, recursive: bool) -> None:
+        self.cancelled.append(tid)
+
+
+class _Cluster:
+    seen_before = MeshCluster._seen_before
+    _replay = staticmethod(MeshCluster._replay)
+    _replay_stream = MeshCluster._replay_stream
+    _stream_items_gone = MeshCluster._stream_items_gone
+
+    def __init__(self):
+        self.seen_tasks: dict = {}
+        self.stats = collections.Counter()
+        self.node = _Node()
+
+
+def _stream(tid: bytes, again: bool = False, got: int = 0) -> dict:
+    message = {"tid": tid, "nret": STREAMING}
+    if again:
+        message.update(again=True, got=got)
+    return message
+
+
+def _yield(tid: bytes, i: int) -> dict:
+    return {"k": "yield", "tid": tid, "i": i, "d": b"%d" % i}
+
+
+def _keep(seen: CallerTasks, tid: bytes, i: int, large: bool = False) -> None:
+    frames = [(("y", i), [b"p" * 10]), _yield(tid, i)] if large else [_yield(tid, i)]
+    seen.keep_item(tid, i, frames, 10)
+
+
+def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
+    cluster, first, second = _Cluster(), _Client(), _Client()
+    assert not cluster.seen_before(first, _stream(b"s"))
+    seen = cluster.seen_tasks["caller"]
+    for i in range(4):
+        _keep(seen, b"s", i, large=i == 2)
+    seen.acked(b"s", 2)  # the consumer took 0 and 1: they are let go of
+    assert list(seen.streams[b"s"].items) == [2, 3] and seen.result_bytes == 20
+    # the caller has item 2 already: only item 3 comes again, and later ones follow it
+    assert cluster.seen_before(second, _stream(b"s", again=True, got=3))
+    assert seen.running[b"s"] is second
+    assert second.frames == [_yield(b"s", 3)]
+    third = _Client()
+    assert cluster.seen_before(third, _stream(b"s", again=True, got=2))
+    assert third.frames == [{"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
+                            _yield(b"s", 2), _yield(b"s", 3)]
+    assert cluster.stats == {"resent_tasks_attached": 2} and not cluster.node.cancelled
+
+
+def test_finished_stream_sent_again_is_answered_from_its_kept_items():
+    cluster, first = _Cluster(), _Client()
+    assert not cluster.seen_before(first, _stream(b"s"))
+    seen = cluster.seen_tasks["caller"]
+    for i in range(3):
+        _keep(seen, b"s", i)
+    seen.acked(b"s", 1)
+    seen.running.pop(b"s")
+    done = {"k": "done", "tid": b"s"}
+    seen.stream_finished(b"s", [done], 0, time.monotonic())
+    assert b"s" not in seen.streams and seen.result_bytes == 20
+    again = _Client()
+    assert cluster.seen_before(again, _stream(b"s", again=True, got=2))
+    assert again.frames == [_yield(b"s", 2), done]
+    assert cluster.stats == {"resent_tasks_answered": 1}
+
+
+def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice(monkeypatch):
+    monkeypatch.setattr(cluster_mod, "SEEN_RESULT_BYTES", 25)
+    cluster, first = _Cluster(), _Client()
+    assert not cluster.seen_before(first, _stream(b"s"))
+    seen = cluster.seen_tasks["caller"]
+    seen.record(b"old", [{"k": "done", "tid": b"old"}], 20, time.monotonic())
+    for i in range(3):
+        _keep(seen, b"s", i)
+    # an old finished reply goes first, then the oldest unacknowledged item
+    assert seen.finished[b"old"][1] is None
+    assert list(seen.streams[b"s"].items) == [1, 2] and seen.streams[b"s"].lost == 1
+    assert seen.result_bytes == 20
+    # a caller that has item 0 already gets items 1 and 2
+    later = _Client()
+    assert cluster.seen_before(later, _stream(b"s", again=True, got=1))
+    assert later.frames == [_yield(b"s", 1), _yield(b"s", 2)]
+    # one that lacks item 0 gets an error, and the generator is cancelled, not run twice
+    lacking = _Client()
+    assert cluster.seen_before(lacking, _stream(b"s", again=True, got=0))
+    assert [f["k"] for f in lacking.frames] == ["done"]
+    error = deserialize(lacking.frames[0]["err"])
+    assert "from 0 on" in str(error), error
+    assert cluster.node.cancelled == [b"s"] and b"s" not in seen.running
+    # a stream this node never saw, re-sent by a caller that has items: an error, no run
+    unknown = _Client()
+    assert cluster.seen_before(unknown, _stream(b"u", again=True, got=3))
+    assert [f["k"] for f in unknown.frames] == ["done"] and b"u" not in seen.running
+    assert cluster.stats["resent_streams_lost"] == 2
