@@ -266,6 +266,50 @@ def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c") == {"existing": None}
 
 
+def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier_claim():
+    """A pending claim (no host yet) holds the name at its arbiter, is answered as pending to
+    lookups (placed once the CRDT says so, before the arbiter heard), and a creation whose
+    pending claim loses a CRDT merge fails with the name error."""
+    arbiter = object.__new__(MeshCluster)
+    arbiter.node_id, arbiter.names, arbiter.peers = "arbiter", {}, {
+        "owner": types.SimpleNamespace(alive=True)}
+    claim = {"op": "claim", "ns": "dht", "name": "x", "aid": b"1", "owner": "owner",
+             "host": None, "pending": True, "wait_s": 30.0}
+    assert arbiter._names_op(claim, "owner") == {"ok": True}
+    second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
+    assert second["ok"] is False and second["existing"]["node"] is None
+    assert second["existing"]["pending"] and second["existing"]["wait_s"] == 30.0
+    placed = {"op": "placed", "ns": "dht", "name": "x", "node": "host"}
+    arbiter._names_op(dict(placed, aid=b"2"), "other")  # not the claimant's actor: ignored
+    assert arbiter.names[("dht", "x")]["pending"]
+    arbiter._names_op(dict(placed, aid=b"1"), "owner")
+    record = arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
+    assert record["node"] == "host" and "pending" not in record
+
+    async def lookup(crdt_state):
+        node = object.__new__(MeshCluster)
+        node.node_id, node.peers = "me", {}
+        node.names = {("dht", "x"): {"aid": b"\x01", "node": None, "owner": "me", "meta": None,
+                                     "detached": False, "pending": True, "wait_s": 30.0}}
+        host = KeyPair.generate().peer_id
+        node.state = types.SimpleNamespace(actors=types.SimpleNamespace(
+            get=lambda key: types.SimpleNamespace(actor_id="01", host=host, state=crdt_state)))
+        return await node._lookup_name("dht", "x"), str(host)
+    found, _ = asyncio.run(lookup(ActorState.PENDING))
+    assert found["pending"] and found["node"] is None and found["wait_s"] == 30.0
+    found, host = asyncio.run(lookup(ActorState.ALIVE))
+    assert not found["pending"] and found["node"] == host
+
+    node = object.__new__(MeshCluster)
+    node.stats = collections.Counter()
+    settled = []
+    node._pending_names = {"dht/x": (b"\x01", settled.append)}
+    ours = types.SimpleNamespace(actor_id="01", host="me")
+    node._on_claim_lost("dht/x", ours, types.SimpleNamespace(owner="winner"))
+    [error] = settled
+    assert isinstance(error, lattica.ActorNameTakenError) and "winner" in str(error)
+
+
 def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not():
     holder, host = KeyPair.generate().peer_id, KeyPair.generate().peer_id
     record = types.SimpleNamespace(actor_id="aa" * 8, host=host, owner=holder,
