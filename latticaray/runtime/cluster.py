@@ -34,12 +34,13 @@ from latticaray.mesh.rpc import Status
 from latticaray.runtime import refcount, serialization
 from latticaray.runtime.admission import Admission, MeshKey
 from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
-                                       NodeDiedError, ObjectLostError,
+                                       GetTimeoutError, NodeDiedError, ObjectLostError,
                                        TaskCancelledError, TaskUnschedulableError)
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
                                      error_blob)
 from latticaray.runtime.placement import DEFERRED
+from latticaray.state.actors import ActorState
 from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeView, PlacementPolicy,
                                          PlacementRequest)
 
@@ -64,6 +65,8 @@ CAPACITY_TTL = 15.0           # DHT capacity ads: lifetime, refresh period, leas
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0          # how long work no known node can take waits for DHT capacity ads
+NAME_POLL_S = 0.2             # a lookup of a named actor pending placement re-asks this often,
+NAME_SETTLE_S = 5.0           # ... past its creator's wait by this much (for the news to arrive)
 MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
 FENCE_TIMEOUT = 5.0           # a moved task session waits this long for the old one's fence
 SESSION_REOPEN_WINDOW = 60.0
@@ -459,6 +462,8 @@ class MeshCluster:
         self.actor_outbox: dict[bytes, collections.deque] = {}
         self.actor_location: dict[bytes, str] = {}
         self.names: dict[tuple[str, str], dict] = {}
+        # named creations waiting for placement under a pending claim: "ns/name" -> (aid, settle)
+        self._pending_names: dict[str, tuple] = {}
         self.stats = collections.Counter()
         self.seen_tasks: dict[str, CallerTasks] = {}  # executor side, per caller node
         self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
@@ -565,7 +570,9 @@ class MeshCluster:
                 peers[state.node_id] = [str(a) for a in self.mesh.addrs_of(state.peer_id)]
         return _pack({"total": view.total, "avail": view.available, "queued": view.queued,
                       "running": view.running, "peers": peers,
-                      "names": [[ns, name, rec] for (ns, name), rec in self.names.items()]})
+                      # a pending claim stays with its arbiter: a copy could outlive its release
+                      "names": [[ns, name, rec] for (ns, name), rec in self.names.items()
+                                if not rec.get("pending")]})
 
     def _publish_member(self, now: float) -> None:
         """Capacity into the CRDT `members` collection (load hints travel in views)."""
@@ -1401,11 +1408,15 @@ class MeshCluster:
             return None
         return target
 
-    async def place_named_actor(self, namespace: str, name: str, message: dict):
-        """Where to create a named actor, known before its name is claimed: place_actor, the
-        creation waiting (not the actor: nothing is created yet) for DHT capacity ads while no
-        admitted node can host it. Raises the TaskUnschedulableError of a wait that ends at its
-        deadline; None (here) at once when the name is already held, so the claim answers."""
+    async def claim_named_actor(self, namespace: str, name: str, message: dict):
+        """Place a named actor's creation and claim its name: None when the creation may go
+        ahead (``message["host"]`` then names its host), else the reply to give the creator.
+
+        A creation some admitted node can take at once claims the name with that host. One that
+        must wait for DHT capacity ads claims the name *pending* first (no host yet), as Ray
+        registers a named actor before scheduling it, so a second creation of the name fails at
+        once; the wait then fills in the host, or at its deadline raises the
+        TaskUnschedulableError and gives the name back. Nothing is created while it waits."""
         done = asyncio.get_running_loop().create_future()
         request_id = message["aid"].hex()
 
@@ -1427,17 +1438,35 @@ class MeshCluster:
                 settle(target)
         attempt()
         if done.done():
-            return done.result()
+            message["host"] = done.result() or self.node_id
+            return await self.claim_actor_name(namespace, name, message)
+        key = f"{namespace}/{name}"
+        arbiter = self._arbiter(namespace, name)  # the peers met meanwhile must not move it
+        message["host"] = None
+        self._pending_names.setdefault(key, (message["aid"], settle))
         try:
-            if await self.lookup_actor_name(namespace, name) is not None:
-                return None
-            return await done
+            reply = await self.claim_actor_name(namespace, name, message, arbiter)
+            if reply is not None:
+                return reply
+            try:
+                host = await done or self.node_id
+            except ActorNameTakenError as exc:  # a merge showed an earlier claim on the name
+                self.release_actor_name(namespace, name, message["aid"], arbiter)
+                return {"error": error_blob(exc)}
+            except BaseException:
+                self.release_actor_name(namespace, name, message["aid"], arbiter)
+                raise
+            message["host"] = host
+            self._name_placed(namespace, name, message["aid"], host, arbiter)
+            return None
         finally:
+            if self._pending_names.get(key, (None,))[0] == message["aid"]:
+                del self._pending_names[key]
             if not done.done():
                 done.cancel()
                 self.placement.withdraw(request_id)
             elif not done.cancelled():
-                done.exception()  # retrieved: a failure after the name check is not raised
+                done.exception()  # retrieved: a failure after the claim was refused is not raised
 
     def _defer_actor(self, message: dict, reason: str):
         aid = message["aid"]
@@ -1594,32 +1623,50 @@ class MeshCluster:
         return min(candidates, key=lambda n: hashlib.sha256(
             f"{namespace}/{name}/{n}".encode()).digest())
 
-    async def claim_actor_name(self, namespace: str, name: str, message: dict):
-        """None when this creation may go ahead, else the reply to give the creator."""
+    def _placement_wait(self) -> float:
+        return self.placement.core.wait_timeout if self.placement is not None else 0.0
+
+    async def claim_actor_name(self, namespace: str, name: str, message: dict,
+                               arbiter: str | None = None):
+        """None when this creation may go ahead, else the reply to give the creator. Without
+        ``message["host"]`` the claim is pending: the creation still waits for a host."""
+        host = message.get("host")
         request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
-                   "owner": self.node_id, "host": message.get("host") or self.node_id,
+                   "owner": self.node_id, "host": host,
                    "meta": message["opts"].get("meta"),
                    "get_if_exists": bool(message["opts"].get("get_if_exists")),
                    "detached": message["opts"].get("lifetime") == "detached"}
-        reply = await self._names_call(self._arbiter(namespace, name), request)
+        if host is None:
+            request.update(pending=True, wait_s=self._placement_wait())
+        reply = await self._names_call(arbiter or self._arbiter(namespace, name), request)
         if reply.get("ok"):
-            return self._claim_in_crdt(namespace, name, message)
-        if reply.get("existing") and request["get_if_exists"]:
-            return {"aid": reply["existing"]["aid"], "node": reply["existing"]["node"],
-                    "meta": reply["existing"].get("meta"), "existing": True}
-        return {"error": error_blob(ActorNameTakenError(
-            f"an actor named {name!r} already exists in namespace {namespace!r} "
-            f"(claimed by node {reply.get('holder', '?')})"))}
+            found = self._claim_in_crdt(namespace, name, message)
+        elif reply.get("existing") and request["get_if_exists"]:
+            found = _found(reply["existing"])
+            found["existing"] = True
+        else:
+            return {"error": error_blob(ActorNameTakenError(
+                f"an actor named {name!r} already exists in namespace {namespace!r} "
+                f"(claimed by node {reply.get('holder', '?')})"))}
+        if found is not None and found.pop("pending", False):
+            found = await self._wait_placed(namespace, name, found)
+            if "error" not in found:
+                found["existing"] = True
+        if found is not None:
+            found.pop("wait_s", None)
+        return found
 
     def _claim_in_crdt(self, namespace: str, name: str, message: dict):
-        """Register the name in the CRDT `actors` collection; None if this node holds it."""
+        """Register the name in the CRDT `actors` collection (pending while it has no host);
+        None if this node holds it."""
         if self.state is None:
             return None
-        from latticaray.mesh.identity import PeerId
-        host = message.get("host") or self.node_id
+        host = message.get("host")
         try:
-            result = self.state.actors.claim(f"{namespace}/{name}", message["aid"].hex(),
-                                             host=PeerId.from_string(host))
+            result = self.state.actors.claim(
+                f"{namespace}/{name}", message["aid"].hex(),
+                host=PeerId.from_string(host or self.node_id),
+                state=ActorState.PENDING if host is None else ActorState.ALIVE)
         except Exception as exc:  # the CRDT refused the write: the arbiter's answer stands
             log.debug("named actor %s/%s not written to the CRDT: %s", namespace, name, exc)
             return None
@@ -1629,40 +1676,101 @@ class MeshCluster:
                                     {"op": "release", "ns": namespace, "name": name,
                                      "aid": message["aid"]}))
         if message["opts"].get("get_if_exists"):
-            return {"aid": bytes.fromhex(result.record.actor_id), "node": str(result.record.host),
-                    "meta": None, "existing": True}
+            pending = result.record.state is ActorState.PENDING
+            return {"aid": bytes.fromhex(result.record.actor_id),
+                    "node": None if pending else str(result.record.host),
+                    "meta": None, "existing": True, "pending": pending}
         return {"error": error_blob(ActorNameTakenError(
             f"an actor named {name!r} already exists in namespace {namespace!r} "
             f"(claimed by node {result.record.owner} in the cluster state)"))}
 
+    def _name_placed(self, namespace: str, name: str, aid: bytes, host: str,
+                     arbiter: str) -> None:
+        """A pending claim's creation found its host: the claim names it from now on."""
+        if self.state is not None:
+            try:
+                self.state.actors.update(f"{namespace}/{name}", ActorState.ALIVE,
+                                         host=PeerId.from_string(host))
+            except Exception as exc:  # no claim of ours there (the CRDT refused it)
+                log.debug("named actor %s/%s: host not written to the CRDT: %s",
+                          namespace, name, exc)
+        self.spawn(self._names_call(arbiter, {"op": "placed", "ns": namespace, "name": name,
+                                              "aid": aid, "node": host}))
+
+    async def _wait_placed(self, namespace: str, name: str, found: dict) -> dict:
+        """A pending named actor as its lookup answers it: once its creator has placed it, or an
+        error when its creation gave the name back or it is still pending after the creator's
+        placement wait (``wait_s``, else this node's) and NAME_SETTLE_S more."""
+        loop = asyncio.get_running_loop()
+        bound = (found.get("wait_s") or self._placement_wait()) + NAME_SETTLE_S
+        deadline = loop.time() + bound
+        while loop.time() < deadline:
+            await asyncio.sleep(min(NAME_POLL_S, max(0.0, deadline - loop.time())))
+            now = await self._lookup_name(namespace, name)
+            if now is None:
+                return {"error": error_blob(ValueError(
+                    f"no actor named {name!r} in namespace {namespace!r}: the one being created "
+                    f"under that name found no node to host it and gave the name back"))}
+            if not now.pop("pending"):
+                now.pop("wait_s", None)
+                return now
+        return {"error": error_blob(GetTimeoutError(
+            f"the actor named {name!r} in namespace {namespace!r} is still waiting for a node "
+            f"to host it (DHT capacity) after {bound:.1f} s"))}
+
     def _on_claim_lost(self, key: str, ours, winner) -> None:
-        """A CRDT merge shows another node's claim on a name wins: our actor gives it up."""
+        """A CRDT merge shows another node's claim on a name wins: our actor gives it up (a
+        creation still waiting for placement fails with ActorNameTakenError)."""
         aid = bytes.fromhex(ours.actor_id)
         self.stats["names_lost"] += 1
+        pending = self._pending_names.get(key)
+        if pending is not None and pending[0] == aid:
+            log.info("pending actor name %s lost to node %s", key, winner.owner)
+            pending[1](ActorNameTakenError(
+                f"the actor name {key!r} (namespace/name) was claimed earlier by node "
+                f"{winner.owner}"))
+            return
         log.warning("actor name %s lost to node %s; stopping actor %s", key, winner.owner,
                     ours.actor_id)
         self.node._on_kill({"aid": aid, "no_restart": True, "anode": str(ours.host)}, None)
 
-    async def lookup_actor_name(self, namespace: str, name: str):
+    async def _lookup_name(self, namespace: str, name: str):
+        """The claim on a name, from its arbiter, else the CRDT: ``{aid, node, meta, pending,
+        wait_s}`` (``node`` None while pending) or None."""
         reply = await self._names_call(self._arbiter(namespace, name),
                                        {"op": "lookup", "ns": namespace, "name": name})
         record = reply.get("existing")
+        claim = self.state.actors.get(f"{namespace}/{name}") if self.state is not None else None
         if record:
-            return {"aid": record["aid"], "node": record["node"], "meta": record.get("meta")}
-        if self.state is not None:
-            claim = self.state.actors.get(f"{namespace}/{name}")
-            if claim is not None and claim.state.value != "DEAD":
-                return {"aid": bytes.fromhex(claim.actor_id), "node": str(claim.host),
-                        "meta": None}
-        return None
+            found = _found(record)
+            if found["pending"] and claim is not None and claim.actor_id == found["aid"].hex() \
+                    and claim.state is ActorState.ALIVE:  # placed; the arbiter has not heard yet
+                found.update(node=str(claim.host), pending=False)
+            return found
+        if claim is None or claim.state is ActorState.DEAD:
+            return None
+        pending = claim.state is ActorState.PENDING
+        return {"aid": bytes.fromhex(claim.actor_id), "node": None if pending else str(claim.host),
+                "meta": None, "pending": pending, "wait_s": None}
 
-    def release_actor_name(self, namespace: str, name: str, aid: bytes) -> None:
+    async def lookup_actor_name(self, namespace: str, name: str):
+        """The named actor's ``{aid, node, meta}``, waiting while it is pending placement (an
+        ``{"error": ...}`` reply when that wait ends without a host); None if no claim."""
+        found = await self._lookup_name(namespace, name)
+        if found is not None and found.pop("pending"):
+            return await self._wait_placed(namespace, name, found)
+        if found is not None:
+            found.pop("wait_s", None)
+        return found
+
+    def release_actor_name(self, namespace: str, name: str, aid: bytes,
+                           arbiter: str | None = None) -> None:
         if self.state is not None:
             try:
                 self.state.actors.release(f"{namespace}/{name}")
             except Exception:
                 pass  # this node holds no claim on it (another node created the actor)
-        self.spawn(self._names_call(self._arbiter(namespace, name),
+        self.spawn(self._names_call(arbiter or self._arbiter(namespace, name),
                                     {"op": "release", "ns": namespace, "name": name, "aid": aid}))
 
     async def remote_stream_next(self, owner: str, message: dict) -> dict:
@@ -1731,16 +1839,24 @@ class MeshCluster:
         if op == "claim":
             if record is not None and record["aid"] != request["aid"]:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
+            pending = bool(request.get("pending"))
             self.names[key] = {"aid": request["aid"],
-                               "node": request.get("host") or request["owner"],
+                               "node": None if pending else request.get("host") or request["owner"],
                                "owner": request["owner"], "meta": request.get("meta"),
                                "detached": bool(request.get("detached"))}
+            if pending:
+                self.names[key].update(pending=True, wait_s=request.get("wait_s"))
             return {"ok": True}
         if op == "lookup":
             return {"existing": record}
         if op == "release":
             if record is not None and record["aid"] == request["aid"]:
                 del self.names[key]
+            return {"ok": True}
+        if op == "placed":
+            if record is not None and record["aid"] == request["aid"]:
+                record["node"] = request["node"]
+                record.pop("pending", None)
             return {"ok": True}
         if op == "moved":
             if record is not None and record["aid"] == request["aid"]:
@@ -1765,6 +1881,12 @@ class MeshCluster:
         for rec in self.names.values():
             if rec["aid"] == aid:
                 rec["node"] = host
+
+
+def _found(record: dict) -> dict:
+    """A name's arbiter record as a lookup answers it."""
+    return {"aid": record["aid"], "node": record.get("node"), "meta": record.get("meta"),
+            "pending": bool(record.get("pending")), "wait_s": record.get("wait_s")}
 
 
 @dataclasses.dataclass

@@ -1163,12 +1163,10 @@ class RuntimeNode:
         name = opts.get("name")
         if name and self.cluster is not None:
             namespace = opts.get("namespace") or "default"
-            try:
-                host = await self.cluster.place_named_actor(namespace, name, message)
+            try:  # sets message["host"]
+                reply = await self.cluster.claim_named_actor(namespace, name, message)
             except TaskUnschedulableError as exc:
                 return {"error": error_blob(exc)}
-            message["host"] = host or self.node_id
-            reply = await self.cluster.claim_actor_name(namespace, name, message)
             if reply is not None:
                 return reply
             reply = self._create_actor(message, client)

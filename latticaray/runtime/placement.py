@@ -15,8 +15,8 @@ told about (a sparse mesh, a node that joined through another bootstrap, a rare 
   members get work; from then on they push views like any peer), puts the ad's view into the
   snapshot until the peer's first pushed view arrives, and retries the waiting requests. A
   request still infeasible at its deadline fails with TaskUnschedulableError. A named actor's
-  creation waits here before its name is claimed (`MeshCluster.place_named_actor`), so the name
-  is claimed with the host the wait found.
+  creation waits here under a pending claim on its name (`MeshCluster.claim_named_actor`): the
+  host the wait finds fills the claim in; at the deadline the name is given back.
 
 Bounds: one lookup in flight per key, at most ``max_keys`` keys tracked, ``sample_size`` ads
 kept per key, ``max_admissions`` admissions in flight and ``max_new_per_lookup`` started per

@@ -9,11 +9,16 @@ actor's calls with ActorDiedError saying why). A fourth node E (joins through A,
 one with "npu"s) is met by D only when a named actor asks for an npu: the actor is created there,
 its name claimed with E as host, found with get_actor from a driver on another node, and the name
 still refuses a second creation; a named actor no node can host fails its creation after the wait
-and leaves its name free.
+and leaves its name free. A named actor that must wait for capacity claims its name before the
+wait: of two such creations one is refused at once (as is a third from another node), get_actor
+waits for the pending one, which lands on a node F started only afterwards.
 The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
 """
 import asyncio
 import collections
+import json
+import sys
+import threading
 import time
 import types
 
@@ -26,8 +31,9 @@ from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
 from latticaray.scheduler.advertiser import CapacityAd
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
+from latticaray.state.actors import ActorState
 
-from meshutil import NodeProcess, alive_nodes, wait_for
+from meshutil import NodeProcess, alive_nodes, start_child, stop_child, wait_for
 
 
 @lattica.remote
@@ -144,6 +150,103 @@ def test_unschedulable_named_actor_fails_after_its_wait_and_frees_its_name(spars
     assert lattica.get(actor.where.remote(), timeout=60) == sparse_mesh["a"].node_id
 
 
+# a driver on another node: "create" tries to create the name (printing how that ended and how
+# long it took), "find" looks it up and calls it
+OTHER_DRIVER = r"""
+import json, sys, time
+import latticaray as lattica
+
+@lattica.remote
+class Accelerated:
+    def where(self):
+        return lattica.get_runtime_context().node_id
+
+lattica.init(address=sys.argv[1])
+if sys.argv[2] == "create":
+    started = time.monotonic()
+    try:
+        Accelerated.options(name="xpu-holder", namespace="dht", lifetime="detached",
+                            resources={"xpu": 1}).remote()
+        outcome = "created"
+    except Exception as exc:
+        outcome = type(exc).__name__ + ": " + str(exc)
+    print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - started}))
+else:
+    found = lattica.get_actor("xpu-holder", namespace="dht")
+    print(json.dumps({"where": lattica.get(found.where.remote(), timeout=60)}))
+lattica.shutdown()
+"""
+
+
+def _other_driver(node: NodeProcess, mode: str) -> dict:
+    child = start_child([sys.executable, "-c", OTHER_DRIVER, node.info["driver_address"], mode])
+    try:
+        out, err = child.communicate(timeout=90)
+    finally:
+        stop_child(child)
+    assert child.returncode == 0, err
+    return json.loads(out)
+
+
+def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, attach):
+    d, a = sparse_mesh["d"], sparse_mesh["a"]
+    wait = 30.0  # D's --capacity-wait: no xpu node exists until F is started below
+    attach(d)
+    wait_for(lambda: a.node_id in alive_nodes(), 30, "D to see A")
+    outcomes: dict[str, tuple] = {}
+
+    def create(tag):
+        started = time.monotonic()
+        try:
+            handle = Accelerated.options(name="xpu-holder", namespace="dht",
+                                         lifetime="detached", resources={"xpu": 1}).remote()
+            outcomes[tag] = (handle, time.monotonic() - started)
+        except Exception as exc:
+            outcomes[tag] = (exc, time.monotonic() - started)
+
+    def look_up():
+        started = time.monotonic()
+        outcomes["get_actor"] = (lattica.get_actor("xpu-holder", namespace="dht"),
+                                 time.monotonic() - started)
+
+    f = None
+    threads = [threading.Thread(target=create, args=(tag,), daemon=True) for tag in "xy"]
+    try:
+        for thread in threads:
+            thread.start()
+        # both must wait for xpu capacity: the one whose claim came second is refused at once
+        wait_for(lambda: outcomes, wait / 3, "one creation refused well before the wait ends")
+        [(loser, (error, elapsed))] = outcomes.items()
+        winner = "y" if loser == "x" else "x"
+        assert isinstance(error, lattica.ActorNameTakenError), error
+        assert "xpu-holder" in str(error) and elapsed < wait / 3, elapsed
+        # a creation from a driver on another node (which waits only 3 s for capacity itself)
+        # is refused for the name, not failed as unschedulable after its own wait
+        result = _other_driver(a, "create")
+        assert result["outcome"].startswith("ActorNameTakenError"), result
+        assert result["elapsed"] < 3.0, result
+        # get_actor on the pending actor waits for its placement
+        lookup = threading.Thread(target=look_up, daemon=True)
+        lookup.start()
+        assert winner not in outcomes and "get_actor" not in outcomes
+        f = NodeProcess(a.info["addrs"][0], d.info["invite"],
+                        extra_args=("--peering", "sparse", "--resources", '{"xpu": 1}'))
+        for thread in threads + [lookup]:
+            thread.join(wait + 15)
+        handle, _ = outcomes[winner]
+        assert isinstance(handle, lattica.ActorHandle), handle
+        assert lattica.get(handle.where.remote(), timeout=60) == f.node_id
+        found, _ = outcomes["get_actor"]
+        assert found._actor_id == handle._actor_id and found._node == f.node_id
+        # a driver on another node finds it through the name
+        assert _other_driver(a, "find") == {"where": f.node_id}
+    finally:
+        if any(isinstance(h, lattica.ActorHandle) for h, _ in outcomes.values()):
+            lattica.kill(lattica.get_actor("xpu-holder", namespace="dht"))
+        if f is not None:
+            f.stop()
+
+
 def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     """In a sparse mesh the name's arbiter may not know the node a named actor was placed on
     through the DHT: the claim then lives as long as its owner, which the arbiter does know."""
@@ -163,9 +266,54 @@ def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c") == {"existing": None}
 
 
+def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier_claim():
+    """A pending claim (no host yet) holds the name at its arbiter, is answered as pending to
+    lookups (placed once the CRDT says so, before the arbiter heard), and a creation whose
+    pending claim loses a CRDT merge fails with the name error."""
+    arbiter = object.__new__(MeshCluster)
+    arbiter.node_id, arbiter.names, arbiter.peers = "arbiter", {}, {
+        "owner": types.SimpleNamespace(alive=True)}
+    claim = {"op": "claim", "ns": "dht", "name": "x", "aid": b"1", "owner": "owner",
+             "host": None, "pending": True, "wait_s": 30.0}
+    assert arbiter._names_op(claim, "owner") == {"ok": True}
+    second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
+    assert second["ok"] is False and second["existing"]["node"] is None
+    assert second["existing"]["pending"] and second["existing"]["wait_s"] == 30.0
+    placed = {"op": "placed", "ns": "dht", "name": "x", "node": "host"}
+    arbiter._names_op(dict(placed, aid=b"2"), "other")  # not the claimant's actor: ignored
+    assert arbiter.names[("dht", "x")]["pending"]
+    arbiter._names_op(dict(placed, aid=b"1"), "owner")
+    record = arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
+    assert record["node"] == "host" and "pending" not in record
+
+    async def lookup(crdt_state):
+        node = object.__new__(MeshCluster)
+        node.node_id, node.peers = "me", {}
+        node.names = {("dht", "x"): {"aid": b"\x01", "node": None, "owner": "me", "meta": None,
+                                     "detached": False, "pending": True, "wait_s": 30.0}}
+        host = KeyPair.generate().peer_id
+        node.state = types.SimpleNamespace(actors=types.SimpleNamespace(
+            get=lambda key: types.SimpleNamespace(actor_id="01", host=host, state=crdt_state)))
+        return await node._lookup_name("dht", "x"), str(host)
+    found, _ = asyncio.run(lookup(ActorState.PENDING))
+    assert found["pending"] and found["node"] is None and found["wait_s"] == 30.0
+    found, host = asyncio.run(lookup(ActorState.ALIVE))
+    assert not found["pending"] and found["node"] == host
+
+    node = object.__new__(MeshCluster)
+    node.stats = collections.Counter()
+    settled = []
+    node._pending_names = {"dht/x": (b"\x01", settled.append)}
+    ours = types.SimpleNamespace(actor_id="01", host="me")
+    node._on_claim_lost("dht/x", ours, types.SimpleNamespace(owner="winner"))
+    [error] = settled
+    assert isinstance(error, lattica.ActorNameTakenError) and "winner" in str(error)
+
+
 def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not():
     holder, host = KeyPair.generate().peer_id, KeyPair.generate().peer_id
-    record = types.SimpleNamespace(actor_id="aa" * 8, host=host, owner=holder)
+    record = types.SimpleNamespace(actor_id="aa" * 8, host=host, owner=holder,
+                                   state=ActorState.ALIVE)
     node = object.__new__(MeshCluster)
     node.node_id, node.peers = "me", {}
     node.spawn = lambda coro: coro.close()
@@ -174,7 +322,7 @@ def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not()
     message = {"aid": b"\x01" * 8, "host": str(KeyPair.generate().peer_id),
                "opts": {"get_if_exists": True}}
     assert node._claim_in_crdt("dht", "x", message) == {
-        "aid": b"\xaa" * 8, "node": str(host), "meta": None, "existing": True}
+        "aid": b"\xaa" * 8, "node": str(host), "meta": None, "existing": True, "pending": False}
     message["opts"] = {}
     assert "error" in node._claim_in_crdt("dht", "x", message)
 
