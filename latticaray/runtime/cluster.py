@@ -881,13 +881,16 @@ class MeshCluster:
         if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
             return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
         def slim(item):
+            # a resolved argument: [0, value, object id, owner]; a borrowed one is fetched
+            # from its owner (which recovers it if lost), an owned one from us
+            owner = item[3] if len(item) > 3 and item[3] else self.node_id
             if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
                 if self.exchange is None:
-                    return [1, item[2], self.node_id]
-                # fetched by CID, else from us
-                return [0, item[1], item[2], self.node_id]
+                    return [1, item[2], owner]
+                # fetched by CID, else from its owner
+                return [0, item[1], item[2], owner]
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
-                return [1, item[2], self.node_id]
+                return [1, item[2], owner]
             return item[:3] if item[0] == 1 else item[:2]  # a ref keeps its owner
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
 

@@ -286,3 +286,111 @@ def test_lineage_keeps_argument_lineage():
     small.released(object_id(c, 0))
     small.released(object_id(d, 0))
     assert not small.specs and small.bytes == 0
+
+
+# ---- borrowed refs: a borrower that finds an object lost gets it recovered by its owner
+#
+# Three node processes: the driver (A, owner of x), the module's node process (B, the borrower)
+# and node_b (C, which runs the producing tasks and is killed). Each execution creates its own
+# file exclusively in a directory, so two runs can never be counted as one.
+
+def _mark_run(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    node_id = lattica.get_runtime_context().node_id
+    for i in range(100):
+        try:
+            fd = os.open(os.path.join(directory, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            continue
+        os.write(fd, node_id.encode())
+        os.close(fd)
+        return
+    raise RuntimeError("more than 100 executions")
+
+
+def executions(directory: str) -> list[str]:
+    """Node ids of the runs marked in `directory`, in order."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(os.listdir(directory), key=int)
+    out = []
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
+            out.append(f.read())
+    return out
+
+
+@lattica.remote(max_retries=2)
+def made_big(directory, k):
+    _mark_run(directory)
+    return np.arange(N, dtype=np.float64) * k
+
+
+@lattica.remote(max_retries=2)
+def made_plus_one(directory, array):
+    _mark_run(directory)
+    return array + 1
+
+
+@lattica.remote
+class Borrower:
+    """Lives on B; keeps the refs it is given (B borrows them from their owner)."""
+
+    def __init__(self):
+        self.refs = []
+
+    def keep(self, refs):
+        self.refs = list(refs)
+        return len(self.refs)
+
+    def total(self):
+        return float(lattica.get(self.refs[0], timeout=120).sum())
+
+    def submit_plus_one(self, directory, node_id):
+        """B submits (so B owns) a task whose argument it borrowed; returns the ref nested."""
+        strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
+        y = made_plus_one.options(scheduling_strategy=strategy).remote(directory, self.refs[0])
+        ready, _ = lattica.wait([y], timeout=60)
+        return [y], len(ready)
+
+
+def test_borrower_gets_lost_object_recovered_by_its_owner(mesh, node_b, tmp_path):
+    """Case 1: A owns x (only copy on C); B borrows x; C dies; B reads x: A re-executes."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 3)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    assert executions(x_runs) == [node_b.node_id] and not driver_holds(x)
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    kill(node_b)
+    assert lattica.get(borrower.total.remote(), timeout=150) == float(
+        (np.arange(N, dtype=np.float64) * 3).sum())
+    runs_of_x = executions(x_runs)
+    assert len(runs_of_x) == 2 and runs_of_x[1] != node_b.node_id
+
+
+def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
+        mesh, node_b, tmp_path):
+    """Case 2: B owns y = t2(x), x borrowed from A; both live only on C; C dies; y is
+    re-executed at B, which needs x: A re-executes x's task."""
+    node_bb = mesh["nodes"][0]
+    x_runs, y_runs = str(tmp_path / "x"), str(tmp_path / "y")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 4)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
+                             timeout=90)
+    assert ready == 1
+    assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
+    # B read x from its owner, which pulled a copy from C to serve it: drop that copy (as if
+    # evicted) so that no node holds x once C is gone
+    wait_for(lambda: driver_holds(x), 20, "the owner to hold the copy it served")
+    serialization.get_store().delete(x.cid)
+    kill(node_b)
+    value = lattica.get(y, timeout=180)
+    assert np.array_equal(value, np.arange(N, dtype=np.float64) * 4 + 1)
+    runs_of_x, runs_of_y = executions(x_runs), executions(y_runs)
+    assert len(runs_of_x) == 2 and len(runs_of_y) == 2
+    assert node_b.node_id not in runs_of_x[1:] + runs_of_y[1:]
