@@ -1098,14 +1098,17 @@ class MeshCluster:
         entry = ObjectEntry()
         state = self.peers.get(owner)
         if state is None or not state.alive:
+            why = f"its owner node {owner} is dead or not reachable (only the owner recovers it)"
             entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} is owned by node {owner}, which is not reachable")))
+                f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why)))
             return entry
         try:
             status, data, _cid = await self._fetch(state, {"oid": oid})
         except (MeshError, ValueError, LookupError) as exc:
+            why = f"its owner node {owner} could not serve it: {exc}"
             entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}")))
+                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
+                object_id=oid.hex(), reason=why)))
             return entry
         entry.seal(status, data)
         return entry

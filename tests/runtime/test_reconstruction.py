@@ -346,6 +346,20 @@ class Borrower:
     def total(self):
         return float(lattica.get(self.refs[0], timeout=120).sum())
 
+    def total_or_why(self):
+        """The sum, or what the ObjectLostError raised here says."""
+        try:
+            return float(lattica.get(self.refs[0], timeout=120).sum())
+        except lattica.ObjectLostError as exc:
+            return {"object_id": exc.object_id, "cid": exc.cid, "reason": exc.reason}
+
+    def make_on(self, directory, node_id):
+        """A task this actor's node owns, run on `node_id`; the ref comes back nested."""
+        strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
+        y = made_big.options(scheduling_strategy=strategy).remote(directory, 6)
+        lattica.wait([y], timeout=60)
+        return [y]
+
     def submit_plus_one(self, directory, node_id):
         """B submits (so B owns) a task whose argument it borrowed; returns the ref nested."""
         strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
@@ -394,3 +408,34 @@ def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
     runs_of_x, runs_of_y = executions(x_runs), executions(y_runs)
     assert len(runs_of_x) == 2 and len(runs_of_y) == 2
     assert node_b.node_id not in runs_of_x[1:] + runs_of_y[1:]
+
+
+def test_borrower_gets_owners_reason_when_lost_object_cannot_be_reexecuted(
+        mesh, node_b, tmp_path):
+    """A borrowed object whose task has max_retries=0: the owner answers ObjectLostError."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b), max_retries=0).remote(x_runs, 1)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    cid = x.cid
+    kill(node_b)
+    why = lattica.get(borrower.total_or_why.remote(), timeout=90)
+    assert why["object_id"] == x.id.hex() and why["cid"] == cid
+    assert "max_retries=0" in why["reason"]
+    assert executions(x_runs) == [node_b.node_id]
+
+
+def test_borrowed_object_of_a_dead_owner_is_lost(mesh, node_b, tmp_path):
+    """The owner (C, an actor's node) dies; the value's copy lives on, on B: the driver, a
+    borrower, gets ObjectLostError naming the dead owner (as in Ray), not the value."""
+    node_bb = mesh["nodes"][0]
+    owner = Borrower.options(scheduling_strategy=on(node_b, soft=False)).remote()
+    [y] = lattica.get(owner.make_on.remote(str(tmp_path / "y"), node_bb.node_id), timeout=90)
+    assert executions(str(tmp_path / "y")) == [node_bb.node_id]
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(y, timeout=60)
+    assert info.value.object_id == y.id.hex()
+    assert node_b.node_id in info.value.reason and "owner" in info.value.reason
