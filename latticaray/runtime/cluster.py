@@ -1171,7 +1171,9 @@ class MeshCluster:
                 except Exception:
                     entry = None
         if entry is None:
-            yield _pack({"missing": True, "why": "this node does not hold the object"})
+            yield _pack({"missing": True, "why": "its owner released it (no holder was left) "
+                         "or never made it" if "oid" in request
+                         else "this node does not hold the object"})
             return
         await entry.sealed()
         if "oid" in request and node.recovery.is_missing(entry):

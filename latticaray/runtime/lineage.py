@@ -20,6 +20,11 @@ store again, in this order:
 Objects made by `put`, actor-call returns and tasks without lineage (released, evicted from the
 budget) cannot be re-executed: the getter receives `ObjectLostError` naming the object, its CID
 and why.
+
+A borrowed object (owned by another node) is recovered by its owner: a borrower asks the owner
+for it by object id (`/latticaray/object/1`), and the owner's handler runs `ensure_local` before
+it answers. So the lineage here names borrowed arguments only by reference; a re-run resolves
+them from their owners like any submission does.
 """
 from __future__ import annotations
 

@@ -360,6 +360,10 @@ class Borrower:
         lattica.wait([y], timeout=60)
         return [y]
 
+    def drop(self):
+        self.refs = []
+        return True
+
     def submit_plus_one(self, directory, node_id):
         """B submits (so B owns) a task whose argument it borrowed; returns the ref nested."""
         strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
@@ -439,3 +443,31 @@ def test_borrowed_object_of_a_dead_owner_is_lost(mesh, node_b, tmp_path):
         lattica.get(y, timeout=60)
     assert info.value.object_id == y.id.hex()
     assert node_b.node_id in info.value.reason and "owner" in info.value.reason
+
+
+def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, node_b, tmp_path):
+    """B's lineage of y = t2(x) names x by reference only (as Ray's does): once A, x's owner,
+    has released x (nobody holds it), re-executing y at B fails with ObjectLostError saying
+    so (the documented limit)."""
+    node_bb = mesh["nodes"][0]
+    x_runs, y_runs = str(tmp_path / "x"), str(tmp_path / "y")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 4)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
+                             timeout=90)
+    assert ready == 1 and executions(y_runs) == [node_b.node_id]
+    x_id = x.id
+    node = api._runtime.node
+    assert lattica.get(borrower.drop.remote(), timeout=60)
+    del x
+    gc.collect()
+    context.current_core().flush_releases()
+    wait_for(lambda: x_id not in node.objects, 20, "the owner to release x")
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(y, timeout=120)
+    assert info.value.object_id == x_id.hex()  # y's re-run failed on its argument
+    assert "released" in info.value.reason and node.node_id in info.value.reason
+    assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
