@@ -6,6 +6,8 @@ asks for the value. Executions are counted with one line per run in a file under
 """
 import gc
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -471,3 +473,29 @@ def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, no
     assert info.value.object_id == x_id.hex()  # y's re-run failed on its argument
     assert "released" in info.value.reason and node.node_id in info.value.reason
     assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
+
+
+def test_executor_asks_the_owner_once_the_only_holder_of_an_argument_dies(
+        mesh, node_b, tmp_path):
+    """A passes x (only copy on C) by reference to a task on B; C stops answering before B
+    can fetch x, then dies. B drops its exchange fetch when it sees C die and asks A, which
+    re-executes x's task; before, B waited out the exchange's 30 s deadline first."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 7)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    node_b.proc.send_signal(signal.SIGSTOP)  # kill9 below reaps it
+    started = time.monotonic()
+    result = total.options(scheduling_strategy=on(node_bb, soft=False)).remote(x)
+    tasks = api._runtime.node.tasks
+    wait_for(lambda: getattr(tasks.get(task_of(result.id)), "remote_peer", None)
+             == node_bb.node_id or result.id not in api._runtime.node.objects,
+             20, "the task to be sent to B")
+    kill(node_b)
+    assert lattica.get(result, timeout=120) == float((np.arange(N, dtype=np.float64) * 7).sum())
+    elapsed = time.monotonic() - started
+    runs_of_x = executions(x_runs)
+    assert len(runs_of_x) == 2 and runs_of_x[1] != node_b.node_id
+    # failure detection (4 s) + the owner's search for another copy (5 s) + the re-run, well
+    # under the 30 s exchange deadline that was waited out before B asked the owner
+    assert elapsed < 25, elapsed
