@@ -1128,7 +1128,10 @@ class MeshCluster:
                 if not waiters:
                     self.gone_waiters.pop(holder, None)
         if not fetch.done():
-            # left to end at its deadline (cancelling it would orphan the exchange's run)
+            # a run from the dead holder that got nothing ends now: one that went on would
+            # be joined by later fetches of the CID and never ask the node a re-run puts it on
+            if self.exchange.abandon(cid, f"its holder {holder} died"):
+                await asyncio.wait([fetch], timeout=5.0)  # the run is gone: fetches start anew
             fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
             return False
         fetch.result()
