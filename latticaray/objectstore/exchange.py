@@ -364,6 +364,16 @@ class ObjectExchange:
         await self.provide(result)
         return result
 
+    def abandon(self, cid: Cid | str, why: str) -> bool:
+        """End the fetch of ``cid`` under way if it has received nothing yet (its source is
+        known to be gone): its waiters get ObjectNotFound, and a later fetch starts afresh,
+        asking every peer again (a running fetch does not re-ask a peer that had no copy)."""
+        run = self._runs.get(Cid.coerce(cid))
+        if run is None or run.session.bytes_received:
+            return False
+        run.finish(error=ObjectNotFound(run.root, why))
+        return True
+
     async def get(self, cid: Cid | str, timeout: float = 30.0) -> Any:
         root = Cid.coerce(cid)
         if not self.store.contains(root):

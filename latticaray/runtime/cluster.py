@@ -466,6 +466,7 @@ class MeshCluster:
         self._pending_names: dict[str, tuple] = {}
         self.stats = collections.Counter()
         self.seen_tasks: dict[str, CallerTasks] = {}  # executor side, per caller node
+        self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
         self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
         self.exchange = None  # latticaray.objectstore ObjectExchange: store objects between nodes
         self._tasks: set[asyncio.Task] = set()
@@ -662,6 +663,9 @@ class MeshCluster:
         refcount.kill_orphaned_actors(self.node, node_id)
         self.stats["peers_lost"] += 1
         self.seen_tasks.pop(node_id, None)
+        for waiter in self.gone_waiters.pop(node_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
         if self.placement is not None:
@@ -983,13 +987,19 @@ class MeshCluster:
         if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
             return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
         def slim(item):
+            # a resolved argument: [0, value, object id, owner]; a borrowed one is fetched
+            # from its owner (which recovers it if lost), an owned one from us
+            owner = item[3] if len(item) > 3 and item[3] else self.node_id
             if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
                 if self.exchange is None:
-                    return [1, item[2], self.node_id]
-                # fetched by CID, else from us
-                return [0, item[1], item[2], self.node_id]
+                    return [1, item[2], owner]
+                # fetched by CID, else from its owner; named: the node holding the only copy
+                entry = self.node.objects.get(item[2])
+                if entry is not None and entry.holder is not None:
+                    return [0, item[1], item[2], owner, entry.holder]
+                return [0, item[1], item[2], owner]
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
-                return [1, item[2], self.node_id]
+                return [1, item[2], owner]
             return item[:3] if item[0] == 1 else item[:2]  # a ref keeps its owner
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
 
@@ -1228,14 +1238,21 @@ class MeshCluster:
 
     async def _fetch_then(self, items: list, peer: str, then) -> None:
         """Bring store objects into this node's store (Bitswap) before going on. An argument
-        the exchange cannot get is fetched from its owner instead (by object id, inline)."""
+        the exchange cannot get is fetched from its owner instead (by object id, inline; the
+        owner recovers it if it is lost), at once when the node named as holding its only
+        copy is dead or dies meanwhile."""
         state = self.peers.get(peer)
         hint = [state.peer_id] if state is not None else []
         for item in items:
             cid = serialization.store_cid(item[1]) if isinstance(item, list) else item
+            holder = item[4] if isinstance(item, list) and len(item) > 4 else None
             try:
-                await self.exchange.fetch(cid, timeout=30.0, peers=hint)
-                continue
+                if holder is None:
+                    await self.exchange.fetch(cid, timeout=30.0, peers=hint)
+                    continue
+                if await self.fetch_while_alive(cid, holder, 30.0, hint):
+                    continue
+                self.stats["args_from_owner_holder_dead"] += 1
             except Exception as exc:
                 log.warning("could not fetch %s from %s by CID: %s", cid, peer, exc)
             if isinstance(item, list) and len(item) >= 4:
@@ -1243,18 +1260,50 @@ class MeshCluster:
                 item[1] = entry.data if entry.status == OK else item[1]
         then()
 
+    async def fetch_while_alive(self, cid: str, holder: str, timeout: float,
+                                peers: list = ()) -> bool:
+        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
+        False when it is (or becomes) dead first; raises what the exchange raises."""
+        state = self.peers.get(holder)
+        if state is None or not state.alive:
+            return False
+        gone = self.loop.create_future()
+        waiters = self.gone_waiters.setdefault(holder, [])
+        waiters.append(gone)
+        fetch = self.loop.create_task(
+            self.exchange.fetch(cid, timeout=timeout, peers=[state.peer_id, *peers]))
+        try:
+            await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if gone in waiters:
+                waiters.remove(gone)
+                if not waiters:
+                    self.gone_waiters.pop(holder, None)
+        if not fetch.done():
+            # a run from the dead holder that got nothing ends now: one that went on would
+            # be joined by later fetches of the CID and never ask the node a re-run puts it on
+            if self.exchange.abandon(cid, f"its holder {holder} died"):
+                await asyncio.wait([fetch], timeout=5.0)  # the run is gone: fetches start anew
+            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return False
+        fetch.result()
+        return True
+
     async def fetch_object(self, oid: bytes, owner: str) -> ObjectEntry:
         entry = ObjectEntry()
         state = self.peers.get(owner)
         if state is None or not state.alive:
+            why = f"its owner node {owner} is dead or not reachable (only the owner recovers it)"
             entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} is owned by node {owner}, which is not reachable")))
+                f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why)))
             return entry
         try:
             status, data, _cid = await self._fetch(state, {"oid": oid})
         except (MeshError, ValueError, LookupError) as exc:
+            why = f"its owner node {owner} could not serve it: {exc}"
             entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}")))
+                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
+                object_id=oid.hex(), reason=why)))
             return entry
         entry.seal(status, data)
         return entry
@@ -1332,7 +1381,9 @@ class MeshCluster:
                 except Exception:
                     entry = None
         if entry is None:
-            yield _pack({"missing": True, "why": "this node does not hold the object"})
+            yield _pack({"missing": True, "why": "its owner released it (no holder was left) "
+                         "or never made it" if "oid" in request
+                         else "this node does not hold the object"})
             return
         await entry.sealed()
         if "oid" in request and node.recovery.is_missing(entry):

@@ -20,6 +20,11 @@ store again, in this order:
 Objects made by `put`, actor-call returns and tasks without lineage (released, evicted from the
 budget) cannot be re-executed: the getter receives `ObjectLostError` naming the object, its CID
 and why.
+
+A borrowed object (owned by another node) is recovered by its owner: a borrower asks the owner
+for it by object id (`/latticaray/object/1`), and the owner's handler runs `ensure_local` before
+it answers. So the lineage here names borrowed arguments only by reference; a re-run resolves
+them from their owners like any submission does.
 """
 from __future__ import annotations
 
@@ -310,14 +315,11 @@ class Recovery:
         exchange = getattr(cluster, "exchange", None)
         if exchange is None:
             return False
-        hint = []
-        if holder is not None:
-            state = cluster.peers.get(holder)
-            if state is not None and state.alive:
-                hint.append(state.peer_id)
-        timeout = HOLDER_FETCH_TIMEOUT if hint else REPLICA_FETCH_TIMEOUT
         try:
-            await exchange.fetch(cid, timeout=timeout, peers=hint)
+            # from the holder while it lives (it has the copy); then any other copy
+            if holder is None or not await cluster.fetch_while_alive(
+                    cid, holder, HOLDER_FETCH_TIMEOUT):
+                await exchange.fetch(cid, timeout=REPLICA_FETCH_TIMEOUT)
         except Exception as exc:  # no provider answered in time: the object is lost
             log.info("no copy of %s found (%r)", cid, exc)
             return False

@@ -859,7 +859,7 @@ class RuntimeNode:
                     if rec.pins is None:
                         rec.pins = []
                     rec.pins.append(cid)
-                item[:] = [0, data, item[1]]
+                item[:] = [0, data, item[1], item[2]]  # the owner: a borrowed value's source
                 rec.deps_left -= 1
                 if rec.deps_left == 0:
                     if rec.dep_error is not None:

@@ -125,6 +125,25 @@ async def test_missing_cid_raises_object_not_found_after_its_deadline(mesh):
     assert 1.4 <= elapsed < 15
 
 
+async def test_abandoned_fetch_fails_its_waiters_and_a_later_fetch_asks_again(mesh):
+    a, b = await mesh(2)
+    value = np.arange(2 * MB // 8, dtype=np.int64)
+    cid = a.store.put(value)
+    a.store.delete(cid)  # nobody has it while b's first fetch runs
+    start = time.monotonic()
+    first = asyncio.ensure_future(b.exchange.fetch(cid, timeout=30))
+    while not b.exchange.abandon(cid, "its source died"):  # once the run exists
+        assert time.monotonic() - start < 10 and not first.done()
+        await asyncio.sleep(0.01)
+    with pytest.raises(ObjectNotFound, match="its source died"):
+        await first
+    assert time.monotonic() - start < 10  # not the run's 30 s deadline
+    assert not b.exchange.abandon(cid, "no run any more")
+    assert a.store.put(value) == cid  # a copy appears (a re-run made it)
+    assert await b.exchange.fetch(cid, timeout=30) == cid
+    np.testing.assert_array_equal(b.store.get(cid), value)
+
+
 async def test_replicate_asks_peers_to_fetch_and_pin(mesh):
     origin, r1, r2, r3 = await mesh(4)
     cid = origin.store.put({"model": np.ones(MB // 4)})

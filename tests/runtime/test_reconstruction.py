@@ -6,6 +6,8 @@ asks for the value. Executions are counted with one line per run in a file under
 """
 import gc
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -286,3 +288,214 @@ def test_lineage_keeps_argument_lineage():
     small.released(object_id(c, 0))
     small.released(object_id(d, 0))
     assert not small.specs and small.bytes == 0
+
+
+# ---- borrowed refs: a borrower that finds an object lost gets it recovered by its owner
+#
+# Three node processes: the driver (A, owner of x), the module's node process (B, the borrower)
+# and node_b (C, which runs the producing tasks and is killed). Each execution creates its own
+# file exclusively in a directory, so two runs can never be counted as one.
+
+def _mark_run(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    node_id = lattica.get_runtime_context().node_id
+    for i in range(100):
+        try:
+            fd = os.open(os.path.join(directory, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            continue
+        os.write(fd, node_id.encode())
+        os.close(fd)
+        return
+    raise RuntimeError("more than 100 executions")
+
+
+def executions(directory: str) -> list[str]:
+    """Node ids of the runs marked in `directory`, in order."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(os.listdir(directory), key=int)
+    out = []
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
+            out.append(f.read())
+    return out
+
+
+@lattica.remote(max_retries=2)
+def made_big(directory, k):
+    _mark_run(directory)
+    return np.arange(N, dtype=np.float64) * k
+
+
+@lattica.remote(max_retries=2)
+def made_plus_one(directory, array):
+    _mark_run(directory)
+    return array + 1
+
+
+@lattica.remote
+class Borrower:
+    """Lives on B; keeps the refs it is given (B borrows them from their owner)."""
+
+    def __init__(self):
+        self.refs = []
+
+    def keep(self, refs):
+        self.refs = list(refs)
+        return len(self.refs)
+
+    def total(self):
+        return float(lattica.get(self.refs[0], timeout=120).sum())
+
+    def total_or_why(self):
+        """The sum, or what the ObjectLostError raised here says."""
+        try:
+            return float(lattica.get(self.refs[0], timeout=120).sum())
+        except lattica.ObjectLostError as exc:
+            return {"object_id": exc.object_id, "cid": exc.cid, "reason": exc.reason}
+
+    def make_on(self, directory, node_id):
+        """A task this actor's node owns, run on `node_id`; the ref comes back nested."""
+        strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
+        y = made_big.options(scheduling_strategy=strategy).remote(directory, 6)
+        lattica.wait([y], timeout=60)
+        return [y]
+
+    def drop(self):
+        self.refs = []
+        return True
+
+    def submit_plus_one(self, directory, node_id):
+        """B submits (so B owns) a task whose argument it borrowed; returns the ref nested."""
+        strategy = lattica.NodeAffinitySchedulingStrategy(node_id, soft=True)
+        y = made_plus_one.options(scheduling_strategy=strategy).remote(directory, self.refs[0])
+        ready, _ = lattica.wait([y], timeout=60)
+        return [y], len(ready)
+
+
+def test_borrower_gets_lost_object_recovered_by_its_owner(mesh, node_b, tmp_path):
+    """Case 1: A owns x (only copy on C); B borrows x; C dies; B reads x: A re-executes."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 3)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    assert executions(x_runs) == [node_b.node_id] and not driver_holds(x)
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    kill(node_b)
+    assert lattica.get(borrower.total.remote(), timeout=150) == float(
+        (np.arange(N, dtype=np.float64) * 3).sum())
+    runs_of_x = executions(x_runs)
+    assert len(runs_of_x) == 2 and runs_of_x[1] != node_b.node_id
+
+
+def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
+        mesh, node_b, tmp_path):
+    """Case 2: B owns y = t2(x), x borrowed from A; both live only on C; C dies; y is
+    re-executed at B, which needs x: A re-executes x's task."""
+    node_bb = mesh["nodes"][0]
+    x_runs, y_runs = str(tmp_path / "x"), str(tmp_path / "y")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 4)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
+                             timeout=90)
+    assert ready == 1
+    assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
+    # B read x from its owner, which pulled a copy from C to serve it: drop that copy (as if
+    # evicted) so that no node holds x once C is gone
+    wait_for(lambda: driver_holds(x), 20, "the owner to hold the copy it served")
+    serialization.get_store().delete(x.cid)
+    kill(node_b)
+    value = lattica.get(y, timeout=180)
+    assert np.array_equal(value, np.arange(N, dtype=np.float64) * 4 + 1)
+    runs_of_x, runs_of_y = executions(x_runs), executions(y_runs)
+    assert len(runs_of_x) == 2 and len(runs_of_y) == 2
+    assert node_b.node_id not in runs_of_x[1:] + runs_of_y[1:]
+
+
+def test_borrower_gets_owners_reason_when_lost_object_cannot_be_reexecuted(
+        mesh, node_b, tmp_path):
+    """A borrowed object whose task has max_retries=0: the owner answers ObjectLostError."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b), max_retries=0).remote(x_runs, 1)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    cid = x.cid
+    kill(node_b)
+    why = lattica.get(borrower.total_or_why.remote(), timeout=90)
+    assert why["object_id"] == x.id.hex() and why["cid"] == cid
+    assert "max_retries=0" in why["reason"]
+    assert executions(x_runs) == [node_b.node_id]
+
+
+def test_borrowed_object_of_a_dead_owner_is_lost(mesh, node_b, tmp_path):
+    """The owner (C, an actor's node) dies; the value's copy lives on, on B: the driver, a
+    borrower, gets ObjectLostError naming the dead owner (as in Ray), not the value."""
+    node_bb = mesh["nodes"][0]
+    owner = Borrower.options(scheduling_strategy=on(node_b, soft=False)).remote()
+    [y] = lattica.get(owner.make_on.remote(str(tmp_path / "y"), node_bb.node_id), timeout=90)
+    assert executions(str(tmp_path / "y")) == [node_bb.node_id]
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(y, timeout=60)
+    assert info.value.object_id == y.id.hex()
+    assert node_b.node_id in info.value.reason and "owner" in info.value.reason
+
+
+def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, node_b, tmp_path):
+    """B's lineage of y = t2(x) names x by reference only (as Ray's does): once A, x's owner,
+    has released x (nobody holds it), re-executing y at B fails with ObjectLostError saying
+    so (the documented limit)."""
+    node_bb = mesh["nodes"][0]
+    x_runs, y_runs = str(tmp_path / "x"), str(tmp_path / "y")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 4)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
+    assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
+                             timeout=90)
+    assert ready == 1 and executions(y_runs) == [node_b.node_id]
+    x_id = x.id
+    node = api._runtime.node
+    assert lattica.get(borrower.drop.remote(), timeout=60)
+    del x
+    gc.collect()
+    context.current_core().flush_releases()
+    wait_for(lambda: x_id not in node.objects, 20, "the owner to release x")
+    kill(node_b)
+    with pytest.raises(lattica.ObjectLostError) as info:
+        lattica.get(y, timeout=120)
+    assert info.value.object_id == x_id.hex()  # y's re-run failed on its argument
+    assert "released" in info.value.reason and node.node_id in info.value.reason
+    assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
+
+
+def test_executor_asks_the_owner_once_the_only_holder_of_an_argument_dies(
+        mesh, node_b, tmp_path):
+    """A passes x (only copy on C) by reference to a task on B; C stops answering before B
+    can fetch x, then dies. B drops its exchange fetch when it sees C die and asks A, which
+    re-executes x's task; before, B waited out the exchange's 30 s deadline first."""
+    node_bb = mesh["nodes"][0]
+    x_runs = str(tmp_path / "x")
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 7)
+    assert lattica.wait([x], timeout=60)[0] == [x]
+    node_b.proc.send_signal(signal.SIGSTOP)  # kill9 below reaps it
+    started = time.monotonic()
+    result = total.options(scheduling_strategy=on(node_bb, soft=False)).remote(x)
+    tasks = api._runtime.node.tasks
+    wait_for(lambda: getattr(tasks.get(task_of(result.id)), "remote_peer", None)
+             == node_bb.node_id or result.id not in api._runtime.node.objects,
+             20, "the task to be sent to B")
+    kill(node_b)
+    assert lattica.get(result, timeout=120) == float((np.arange(N, dtype=np.float64) * 7).sum())
+    elapsed = time.monotonic() - started
+    runs_of_x = executions(x_runs)
+    assert len(runs_of_x) == 2 and runs_of_x[1] != node_b.node_id
+    # failure detection (4 s) + the owner's search for another copy (5 s) + the re-run, well
+    # under the 30 s exchange deadline that was waited out before B asked the owner
+    assert elapsed < 25, elapsed
