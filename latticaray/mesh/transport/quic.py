@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from aioquic import tls as aioquic_tls
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -58,7 +59,8 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.crypto import CryptoPair, NoCallback
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
@@ -199,6 +201,35 @@ def _share_frame_handlers(conn: QuicConnection) -> None:
     setattr(conn, _FRAME_TABLE_ATTR, _SharedFrameHandlers(conn, _shared_frame_table))
 
 
+class _SpentHandshakeState:
+    """Stand-ins for the Initial and Handshake epochs' state once both are discarded.
+
+    aioquic keeps each connection's Initial/Handshake crypto pairs, packet spaces, crypto
+    streams and buffers for its whole life (about 45 tracked objects per connection), though
+    after the handshake it only looks at them to drop a late packet of those epochs: it reads
+    the space's expected packet number, and decryption then fails for want of a key. One
+    key-less pair and one discarded space, shared by every connection, answer those reads."""
+
+    def __init__(self) -> None:
+        self.pair = CryptoPair()
+        for context in (self.pair.recv, self.pair.send):
+            context._setup_cb = context._teardown_cb = NoCallback
+        self.space = QuicPacketSpace()
+        self.space.discarded = True
+        self.initial_pairs: dict[tuple, dict] = {}
+
+    def initial(self, versions: tuple) -> dict:
+        """A shared ``_cryptos_initial`` for these versions (read only after the handshake)."""
+        table = self.initial_pairs.get(versions)
+        if table is None:
+            table = self.initial_pairs[versions] = dict.fromkeys(versions, self.pair)
+        return table
+
+
+_spent_state: _SpentHandshakeState | None = None
+_HANDSHAKE_EPOCHS = (aioquic_tls.Epoch.INITIAL, aioquic_tls.Epoch.HANDSHAKE)
+
+
 class _MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
@@ -219,6 +250,40 @@ class _MeshQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+        if self._quic_logger is None:
+            # each context's callbacks only log key changes to the (absent) qlog: 24 partials
+            # and bound methods per connection for nothing
+            for pair in (*self._cryptos.values(), *self._cryptos_initial.values()):
+                for context in (pair.recv, pair.send):
+                    context._setup_cb = context._teardown_cb = NoCallback
+
+    def _discard_epoch(self, epoch) -> None:
+        super()._discard_epoch(epoch)
+        if epoch == aioquic_tls.Epoch.HANDSHAKE and self._spaces[aioquic_tls.Epoch.INITIAL].discarded:
+            self._release_handshake_state()
+
+    def _release_handshake_state(self) -> None:
+        """Swap the spent Initial/Handshake state for the shared stand-ins."""
+        global _spent_state
+        if _spent_state is None:
+            _spent_state = _SpentHandshakeState()
+        spent = _spent_state
+        for epoch in _HANDSHAKE_EPOCHS:
+            if self._spaces[epoch] is spent.space:
+                continue
+            # CRYPTO data of these epochs is neither read (no key) nor written (TLS is past
+            # them): without the entries, a stray write would fail loudly instead
+            self._crypto_streams.pop(epoch, None)
+            self._crypto_buffers.pop(epoch, None)
+            self._spaces[epoch] = spent.space
+        self._loss.spaces = [space for space in self._loss.spaces if not space.discarded]
+        for epoch, pair in list(self._cryptos.items()):
+            if epoch != aioquic_tls.Epoch.ONE_RTT and not pair.recv.is_valid() \
+                    and not pair.send.is_valid():
+                self._cryptos[epoch] = spent.pair
+        initial = self._cryptos_initial
+        if all(not p.recv.is_valid() and not p.send.is_valid() for p in initial.values()):
+            self._cryptos_initial = spent.initial(tuple(initial))
 
     def peer_certificate(self):
         return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
@@ -959,6 +1024,7 @@ class QuicTransport:
         self._tick_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
+        self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
         self.stats = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -1078,21 +1144,12 @@ class QuicTransport:
                          original_dcid: bytes | None = None,
                          retry_scid: bytes | None = None) -> _MeshQuicConnection:
         cfg = self.config
-        configuration = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
-            certificate=self._certified.certificate,
-            private_key=self._certified.private_key,
-            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
-            idle_timeout=cfg.idle_timeout,
-            max_datagram_size=cfg.datagram_size_for(remote_host.removeprefix("::ffff:")),
-            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_stream_data=cfg.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
-            congestion_control_algorithm=cfg.congestion_control,
-            initial_rtt=cfg.initial_rtt,
-            server_name=None,
-        )
+        size = cfg.datagram_size_for(remote_host.removeprefix("::ffff:"))
+        # aioquic only reads its configuration: connections alike share one (and its lists)
+        configuration = self._configurations.get((is_client, size))
+        if configuration is None:
+            configuration = self._configurations[(is_client, size)] = self._configuration(
+                is_client, size)
         quic = _MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
@@ -1106,6 +1163,24 @@ class QuicTransport:
         if not cfg.paces(host):
             quic._loss._pacer = _Unpaced(max_datagram_size=configuration.max_datagram_size)
         return quic
+
+    def _configuration(self, is_client: bool, max_datagram_size: int) -> QuicConfiguration:
+        cfg = self.config
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN_LIBP2P],
+            certificate=self._certified.certificate,
+            private_key=self._certified.private_key,
+            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
+            idle_timeout=cfg.idle_timeout,
+            max_datagram_size=max_datagram_size,
+            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
+            max_stream_data=cfg.stream_receive_window,
+            connection_id_length=CONNECTION_ID_LENGTH,
+            congestion_control_algorithm=cfg.congestion_control,
+            initial_rtt=cfg.initial_rtt,
+            server_name=None,
+        )
 
     def _add(self, conn: QuicConn) -> None:
         self._conns.add(conn)
