@@ -19,10 +19,11 @@ refreeze (startup + gcpolicy.refreeze every --refreeze-interval seconds).
 
 Per connection (both of its ends live in the process): 'objs/conn' is the tracked objects made
 after start-up (what a full collection walks beyond the start-up heap) divided by the
-connections, 'gc us/conn' the full collection's time divided likewise (under refreeze,
-objects frozen since are not walked and not counted). ``--histogram K`` also
-prints the K most common types among those objects (module.qualname, per connection), taken
-from the first repetition of each variant.
+connections; 'gc us/conn' and 'cpu us/conn' are the wall and CPU (thread) time of a full
+collection with no garbage left (least of 3, right after 'full gc') divided likewise; CPU time
+is the steadier figure on a loaded machine. Under refreeze, objects frozen since are neither
+walked nor counted. ``--histogram K`` also prints the K most common types among those objects
+(module.qualname, per connection), taken from the first repetition of each variant.
 
 The last line of output is one JSON object with every figure.
 """
@@ -168,6 +169,13 @@ async def child(variant: str, count: int, duration: float, workers: int, seed: i
         t = time.perf_counter()
         gc.collect()
         full_gc_ms = (time.perf_counter() - t) * 1000
+        walls, cpus = [], []
+        for _ in range(3):  # the walk alone, no garbage left to free; the least of 3
+            t, c = time.perf_counter(), time.thread_time()
+            gc.collect()
+            cpus.append((time.thread_time() - c) * 1000)
+            walls.append((time.perf_counter() - t) * 1000)
+        walk_ms, walk_cpu_ms = min(walls), min(cpus)
         walked = gc.get_objects()
         tracked = len(walked)
         types = _type_histogram(walked, start_ids, connections, histogram) if histogram else []
@@ -184,7 +192,10 @@ async def child(variant: str, count: int, duration: float, workers: int, seed: i
                 "tracked_at_start": tracked_at_start,
                 "objects_per_connection": round((tracked - tracked_at_start) / per_conn, 1),
                 "full_gc_ms": round(full_gc_ms, 1),
-                "full_gc_us_per_connection": round(full_gc_ms * 1000 / per_conn, 1),
+                "full_gc_walk_ms": round(walk_ms, 1),
+                "full_gc_walk_cpu_ms": round(walk_cpu_ms, 1),
+                "full_gc_us_per_connection": round(walk_ms * 1000 / per_conn, 1),
+                "full_gc_cpu_us_per_connection": round(walk_cpu_ms * 1000 / per_conn, 1),
                 "types_per_connection": types, "garbage_hidden_by_freeze": hidden,
                 "unfrozen_full_gc_ms": round(unfrozen_gc_ms, 1),
                 "connect": {"gc": timer.summary("connect"),
@@ -245,6 +256,7 @@ def main() -> None:
           "taking 'unfrozen gc'; objs/conn, gc us/conn: per connection (both ends), objects "
           "made after start-up")
     print(f"{'variant':>9} {'conns':>6} {'walked':>8} {'objs/conn':>9} {'gc us/conn':>10} "
+          f"{'cpu us/conn':>11} "
           f"{'frozen':>8} {'conn gc2 max':>12} "
           f"{'conn stall':>10} {'gc2 n':>6} {'gc2 max':>8} {'gc1 max':>8} {'stall max':>9} "
           f"{'ping p99':>8} {'full gc':>8} {'hidden':>7} {'unfrozen gc':>11} {'rss MB':>7}")
@@ -266,6 +278,7 @@ def main() -> None:
             s = r["steady"]
             print(f"{variant:>9} {r['connections']:>6} {r['tracked_objects']:>8} "
                   f"{r['objects_per_connection']:>9} {r['full_gc_us_per_connection']:>10} "
+                  f"{r['full_gc_cpu_us_per_connection']:>11} "
                   f"{r['frozen_objects']:>8} {_max_pause(r['connect'], 'gen2'):>12} "
                   f"{r['connect']['max_stall_ms']:>10} "
                   f"{s['gc'].get('gen2', {}).get('count', 0):>6} {_max_pause(s, 'gen2'):>8} "

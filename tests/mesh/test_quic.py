@@ -384,6 +384,10 @@ async def test_handshake_state_is_released_and_late_handshake_packets_are_droppe
             # no per-connection key-logging callbacks
             pair = quic._cryptos[epochs.ONE_RTT]
             assert pair.recv._setup_cb is pair.send._teardown_cb
+            # TLS keeps no handshake-only state (ephemeral keys, transcript) nor the checked
+            # peer certificate
+            assert quic.tls.key_schedule is None and quic.tls._ec_private_keys is None
+            assert quic.peer_certificate() is None
         # a retransmitted Initial/Handshake datagram arriving late finds no key and is dropped
         for data in sent_by_a:
             a.transport.send_raw(b.transport.local_address, data)

@@ -228,6 +228,16 @@ class _SpentHandshakeState:
 
 _spent_state: _SpentHandshakeState | None = None
 _HANDSHAKE_EPOCHS = (aioquic_tls.Epoch.INITIAL, aioquic_tls.Epoch.HANDSHAKE)
+_POST_HANDSHAKE = (aioquic_tls.State.CLIENT_POST_HANDSHAKE, aioquic_tls.State.SERVER_POST_HANDSHAKE)
+#: TLS state only the handshake reads. Past it, a server's TLS refuses every message and a
+#: client's reads only NewSessionTicket, which without a ticket callback touches none of these.
+_TLS_HANDSHAKE_ONLY = (
+    "handshake_extensions", "received_extensions", "_cipher_suites",
+    "_legacy_compression_methods", "_psk_key_exchange_modes", "_signature_algorithms",
+    "_supported_groups", "_supported_versions", "_peer_certificate_chain", "_ec_private_keys",
+    "_certificate_request", "key_schedule", "_key_schedule_psk", "_key_schedule_proxy",
+    "alpn_cb", "update_traffic_key_cb",
+)
 
 
 class _MeshQuicConnection(QuicConnection):
@@ -284,6 +294,11 @@ class _MeshQuicConnection(QuicConnection):
         initial = self._cryptos_initial
         if all(not p.recv.is_valid() and not p.send.is_valid() for p in initial.values()):
             self._cryptos_initial = spent.initial(tuple(initial))
+        tls = self.tls
+        if tls.state in _POST_HANDSHAKE and tls.new_session_ticket_cb is None:
+            for name in _TLS_HANDSHAKE_ONLY:
+                if getattr(tls, name, None) is not None:
+                    setattr(tls, name, None)
 
     def peer_certificate(self):
         return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
@@ -766,6 +781,7 @@ class QuicConn:
             self._transmit()
             self._terminate(str(exc), send=False, error=exc)
             return
+        self._quic.tls._peer_certificate = None  # checked; its parsed extensions need not stay
         self.remote_peer = peer
         self._ready.set_result(self)
         self._transport._on_established(self)
