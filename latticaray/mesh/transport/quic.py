@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import ipaddress
 import logging
 import os
@@ -473,6 +474,8 @@ class QuicChannel:
             if self.send_buffered <= high:
                 return
             self._drain_waiter = asyncio.get_running_loop().create_future()
+            if self._conn._draining is _NONE:
+                self._conn._draining = set()
             self._conn._draining.add(self)
             try:
                 await self._drain_waiter
@@ -550,7 +553,8 @@ class QuicConn:
         self.created_at = _now()
         self._loop = transport._loop
         self._channels: dict[int, QuicChannel] = {}
-        self._finished_streams: set[int] = set()
+        # both stay the shared empty frozenset until first needed: sets are tracked objects
+        self._finished_streams: set[int] | frozenset = _NONE
         self._accept_queue: collections.deque[QuicChannel] = collections.deque()
         self._accept_waiter: asyncio.Future | None = None
         self._ready: asyncio.Future = self._loop.create_future()
@@ -562,7 +566,7 @@ class QuicConn:
         self._last_rx = _now()
         self._unanswered_since: float | None = None
         self._close_callbacks: list[Callable[["QuicConn"], None]] = []
-        self._draining: set[QuicChannel] = set()
+        self._draining: set[QuicChannel] | frozenset = _NONE
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
@@ -617,6 +621,8 @@ class QuicConn:
 
     def _forget_channel(self, stream_id: int) -> None:
         if self._channels.pop(stream_id, None) is not None:
+            if self._finished_streams is _NONE:
+                self._finished_streams = set()
             self._finished_streams.add(stream_id)
             self._quic.stream_consumed.pop(stream_id, None)
 
@@ -809,7 +815,7 @@ class QuicConn:
     def _schedule_transmit(self) -> None:
         if not self._transmit_scheduled and not self.is_closed:
             self._transmit_scheduled = True
-            self._loop.call_soon(self._transmit_soon)
+            self._loop.call_soon(self._transmit_soon, context=self._transport._context)
 
     def _transmit_soon(self) -> None:
         self._transmit_scheduled = False
@@ -836,7 +842,8 @@ class QuicConn:
                 return
             self._timer.cancel()
         self._timer_at = timer_at
-        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer,
+                                            context=self._transport._context)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -869,6 +876,9 @@ class QuicConn:
 
     def __repr__(self) -> str:
         return f"<QuicConn {self._peer_name()} {'out' if self.is_client else 'in'}>"
+
+
+_NONE: frozenset = frozenset()
 
 
 def _consume_exception(fut: asyncio.Future) -> None:
@@ -1041,6 +1051,9 @@ class QuicTransport:
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
         self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
+        # the context the connections' timer and transmit callbacks run in: one for all
+        # instead of a copy of the caller's per scheduled callback (a tracked object each)
+        self._context = contextvars.Context()
         self.stats = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------------
