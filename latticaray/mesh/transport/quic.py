@@ -29,7 +29,10 @@ arrived together as one piece, runs of equal-size datagrams leave in one UDP GSO
 ``UDP_SEGMENT``; plain sends where the kernel refuses it), the aioquic timer is re-armed only when
 its deadline moves earlier, loopback paths are not paced, and connections share one frame
 dispatch table (fewer objects for the garbage collector to scan: with thousands of connections
-in a process, full collections had paused the loop for up to ~1 s).
+in a process, full collections had paused the loop for up to ~1 s). For the same reason a
+connection past its handshake gives up aioquic's spent Initial/Handshake state and TLS's
+handshake-only state (see ``_SpentHandshakeState``), and connections alike share one
+``QuicConfiguration``.
 """
 
 from __future__ import annotations
