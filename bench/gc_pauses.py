@@ -17,6 +17,14 @@ refreeze (startup + gcpolicy.refreeze every --refreeze-interval seconds).
     .venv/bin/python bench/gc_pauses.py                 # N = 48, D = 20 s, 2 repetitions
     .venv/bin/python bench/gc_pauses.py --nodes 32 --duration 10 --repeat 1
 
+Per connection (both of its ends live in the process): 'objs/conn' is the tracked objects made
+after start-up (what a full collection walks beyond the start-up heap) divided by the
+connections; 'gc us/conn' and 'cpu us/conn' are the wall and CPU (thread) time of a full
+collection with no garbage left (least of 3, right after 'full gc') divided likewise; CPU time
+is the steadier figure on a loaded machine. Under refreeze, objects frozen since are neither
+walked nor counted. ``--histogram K`` also prints the K most common types among those objects
+(module.qualname, per connection), taken from the first repetition of each variant.
+
 The last line of output is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -74,8 +82,20 @@ async def _stall_ticker(stalls: list[float], stop: asyncio.Event) -> None:
         stalls.append((loop.time() - t - 0.001) * 1000)
 
 
+def _type_histogram(objects: list, exclude: set[int], per: int, top: int) -> list:
+    counts: dict[str, int] = {}
+    for obj in objects:
+        if id(obj) not in exclude:
+            cls = type(obj)
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            counts[name] = counts.get(name, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    return [[name, round(n / max(1, per), 2)] for name, n in ranked]
+
+
 async def child(variant: str, count: int, duration: float, workers: int, seed: int,
-                refreeze_interval: float, thresholds: tuple[int, int, int] | None) -> dict:
+                refreeze_interval: float, thresholds: tuple[int, int, int] | None,
+                histogram: int = 0) -> dict:
     from latticaray.mesh.node import MeshConfig, MeshNode
     from latticaray.runtime import gcpolicy
 
@@ -92,6 +112,11 @@ async def child(variant: str, count: int, duration: float, workers: int, seed: i
             gcpolicy.apply_startup_policy(thresholds or gcpolicy.DEFAULT_THRESHOLDS)
         if variant == "refreeze":
             refresher = asyncio.ensure_future(gcpolicy.refreeze_loop(refreeze_interval, full_every=0))
+        gc.collect()
+        started = gc.get_objects()
+        tracked_at_start = len(started)
+        start_ids = {id(o) for o in started} if histogram else set()
+        del started
         timer.phase = "connect"
         stalls_connect: list[float] = []
         stop = asyncio.Event()
@@ -140,11 +165,23 @@ async def child(variant: str, count: int, duration: float, workers: int, seed: i
         timer.phase = "end"
         if refresher is not None:
             refresher.cancel()
-        tracked = len(gc.get_objects())
         frozen = gc.get_freeze_count()
         t = time.perf_counter()
         gc.collect()
         full_gc_ms = (time.perf_counter() - t) * 1000
+        walls, cpus = [], []
+        for _ in range(3):  # the walk alone, no garbage left to free; the least of 3
+            t, c = time.perf_counter(), time.thread_time()
+            gc.collect()
+            cpus.append((time.thread_time() - c) * 1000)
+            walls.append((time.perf_counter() - t) * 1000)
+        walk_ms, walk_cpu_ms = min(walls), min(cpus)
+        walked = gc.get_objects()
+        tracked = len(walked)
+        types = _type_histogram(walked, start_ids, connections, histogram) if histogram else []
+        start_ids.clear()
+        del walked
+        per_conn = max(1, connections)
         gc.unfreeze()
         t = time.perf_counter()
         hidden = gc.collect()
@@ -152,7 +189,14 @@ async def child(variant: str, count: int, duration: float, workers: int, seed: i
         return {"variant": variant, "nodes": count, "connections": connections,
                 "connect_s": round(connect_s, 1), "tracked_objects": tracked,
                 "frozen_objects": frozen, "churned_connections": churned,
-                "full_gc_ms": round(full_gc_ms, 1), "garbage_hidden_by_freeze": hidden,
+                "tracked_at_start": tracked_at_start,
+                "objects_per_connection": round((tracked - tracked_at_start) / per_conn, 1),
+                "full_gc_ms": round(full_gc_ms, 1),
+                "full_gc_walk_ms": round(walk_ms, 1),
+                "full_gc_walk_cpu_ms": round(walk_cpu_ms, 1),
+                "full_gc_us_per_connection": round(walk_ms * 1000 / per_conn, 1),
+                "full_gc_cpu_us_per_connection": round(walk_cpu_ms * 1000 / per_conn, 1),
+                "types_per_connection": types, "garbage_hidden_by_freeze": hidden,
                 "unfrozen_full_gc_ms": round(unfrozen_gc_ms, 1),
                 "connect": {"gc": timer.summary("connect"),
                             "max_stall_ms": round(max(stalls_connect, default=0.0), 1)},
@@ -185,6 +229,8 @@ def main() -> None:
     parser.add_argument("--thresholds", default=None,
                         help="gen0,gen1,gen2 for the policy variants (default: gcpolicy's)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--histogram", type=int, default=0, metavar="K",
+                        help="also print the K commonest types made after start-up, per connection")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     thresholds = tuple(int(t) for t in args.thresholds.split(",")) if args.thresholds else None
@@ -195,7 +241,8 @@ def main() -> None:
         except ImportError:
             runner = asyncio.run
         print(json.dumps(runner(child(args.child, args.nodes, args.duration, args.workers,
-                                      args.seed, args.refreeze_interval, thresholds))))
+                                      args.seed, args.refreeze_interval, thresholds,
+                                      args.histogram))))
         return
 
     variants = [v for v in args.variants.split(",") if v]
@@ -206,8 +253,11 @@ def main() -> None:
           f"thresholds {thresholds or DEFAULT_THRESHOLDS}; ms unless noted")
     print("walked: objects a full collection walks (not frozen); full gc: one full collection "
           "at the end; hidden: garbage found only after gc.unfreeze(), in a full collection "
-          "taking 'unfrozen gc'")
-    print(f"{'variant':>9} {'conns':>6} {'walked':>8} {'frozen':>8} {'conn gc2 max':>12} "
+          "taking 'unfrozen gc'; objs/conn, gc us/conn: per connection (both ends), objects "
+          "made after start-up")
+    print(f"{'variant':>9} {'conns':>6} {'walked':>8} {'objs/conn':>9} {'gc us/conn':>10} "
+          f"{'cpu us/conn':>11} "
+          f"{'frozen':>8} {'conn gc2 max':>12} "
           f"{'conn stall':>10} {'gc2 n':>6} {'gc2 max':>8} {'gc1 max':>8} {'stall max':>9} "
           f"{'ping p99':>8} {'full gc':>8} {'hidden':>7} {'unfrozen gc':>11} {'rss MB':>7}")
     for rep in range(args.repeat):
@@ -218,6 +268,8 @@ def main() -> None:
                    "--refreeze-interval", str(args.refreeze_interval)]
             if args.thresholds:
                 cmd += ["--thresholds", args.thresholds]
+            if args.histogram and rep == 0:
+                cmd += ["--histogram", str(args.histogram)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                  timeout=600).stdout
             r = json.loads(out.strip().splitlines()[-1])
@@ -225,12 +277,20 @@ def main() -> None:
             results.append(r)
             s = r["steady"]
             print(f"{variant:>9} {r['connections']:>6} {r['tracked_objects']:>8} "
+                  f"{r['objects_per_connection']:>9} {r['full_gc_us_per_connection']:>10} "
+                  f"{r['full_gc_cpu_us_per_connection']:>11} "
                   f"{r['frozen_objects']:>8} {_max_pause(r['connect'], 'gen2'):>12} "
                   f"{r['connect']['max_stall_ms']:>10} "
                   f"{s['gc'].get('gen2', {}).get('count', 0):>6} {_max_pause(s, 'gen2'):>8} "
                   f"{_max_pause(s, 'gen1'):>8} {s['max_stall_ms']:>9} {s['ping_ms_p99']:>8} "
                   f"{r['full_gc_ms']:>8} {r['garbage_hidden_by_freeze']:>7} "
                   f"{r['unfrozen_full_gc_ms']:>11} {r['peak_rss_mb']:>7}", flush=True)
+    for r in results:
+        if r["types_per_connection"]:
+            print(f"commonest types made after start-up, per connection ({r['variant']}, "
+                  f"repetition {r['repetition']}):")
+            for name, n in r["types_per_connection"]:
+                print(f"  {n:8.2f} {name}")
     print(json.dumps({"bench": "gc_pauses", "nodes": args.nodes, "duration_s": args.duration,
                       "policy_thresholds": list(thresholds) if thresholds else None,
                       "workers": args.workers, "results": results,

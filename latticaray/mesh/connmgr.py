@@ -606,16 +606,20 @@ class ConnectionManager:
         """Close duplicate connections we dialed once they are idle and not primary."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for peer, conns in list(self._conns.items()):
-                if len(conns) < 2:
+            # in a function of its own: loop variables left in this coroutine's frame kept the
+            # last connection looked at (closed or not, with all its transport state) alive
+            self._reap_duplicates(time.monotonic())
+
+    def _reap_duplicates(self, now: float) -> None:
+        for peer, conns in list(self._conns.items()):
+            if len(conns) < 2:
+                continue
+            primary = self.primary(peer)
+            for conn in list(conns):
+                if conn is primary or conn.dialer != self.local_peer:
                     continue
-                primary = self.primary(peer)
-                for conn in list(conns):
-                    if conn is primary or conn.dialer != self.local_peer:
-                        continue
-                    if now - conn.opened_at > 2.0 and conn.session.active_calls == 0:
-                        conn.close("duplicate connection")
+                if now - conn.opened_at > 2.0 and conn.session.active_calls == 0:
+                    conn.close("duplicate connection")
 
     # -- shutdown -------------------------------------------------------------------------------------
     async def disconnect(self, peer: PeerId, reason: str = "disconnect requested") -> None:

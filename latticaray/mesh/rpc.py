@@ -537,6 +537,7 @@ class RpcSession:
         self._read_progress = 0
         self._stall_mark = -1
         self._stall_timer = self._loop.call_later(self.limits.frame_timeout, self._check_stall)
+        self._close_timer: asyncio.TimerHandle | None = None
         self._writer_task = self._loop.create_task(self._write_loop())
         self._reader_task = self._loop.create_task(self._read_loop())
 
@@ -1204,7 +1205,8 @@ class RpcSession:
                 self._out_waiter = None
                 waiter.set_result(None)
             # The writer flushes what is queued, then closes the channel and finishes.
-            self._loop.call_later(self.limits.close_timeout, self._finish_close)
+            self._close_timer = self._loop.call_later(self.limits.close_timeout,
+                                                      self._finish_close)
         else:
             self._finish_close()
 
@@ -1212,6 +1214,11 @@ class RpcSession:
         if self._closed:
             return
         self._closed = True
+        if self._close_timer is not None:
+            # a pending timer would keep this session, its channel and the connection's
+            # transport state alive for close_timeout after the close
+            self._close_timer.cancel()
+            self._close_timer = None
         self._wake_writable()
         if self._writer_task is not asyncio.current_task():
             self._writer_task.cancel()

@@ -132,6 +132,11 @@ async def test_simultaneous_dials_converge_on_one_primary(pair):
     await wait_for(lambda: len(a.connections.connections()) == 1 and
                    len(b.connections.connections()) == 1, timeout=15, what="duplicate reaped")
     assert await a.call(b.peer_id, "/test/echo/1", b"z", timeout=10)
+    # the reaper's sleeping frame keeps no connection (a closed one would stay alive with all
+    # its transport state)
+    for node in (a, b):
+        frame = node.connections._reaper.get_coro().cr_frame
+        assert not [v for v in frame.f_locals.values() if type(v).__name__ == "MeshConnection"]
 
 
 async def test_concurrent_calls_share_one_dial(pair):

@@ -350,3 +350,57 @@ def test_datagram_size_is_chosen_per_path():
     assert cfg.datagram_size_for("198.18.0.5") == 1350
     assert QuicConfig(loopback_max_datagram_size=65000).datagram_size_for("127.0.0.1") == 16384
     assert QuicConfig(max_datagram_size=500).datagram_size_for("198.18.0.5") == 1200
+
+
+def _record_long_header_datagrams(transport, into: list) -> None:
+    """Keep a copy of every long-header (Initial/Handshake) datagram the transport sends."""
+    send_datagrams = transport._send_datagrams
+
+    def recording(datagrams):
+        into.extend(data for data, _ in datagrams if data[0] & 0x80)
+        send_datagrams(datagrams)
+
+    transport._send_datagrams = recording
+
+
+async def test_handshake_state_is_released_and_late_handshake_packets_are_dropped(caplog):
+    async with Endpoint() as a, Endpoint() as b:
+        sent_by_a, sent_by_b = [], []
+        _record_long_header_datagrams(a.transport, sent_by_a)
+        _record_long_header_datagrams(b.transport, sent_by_b)
+        conn = await a.transport.dial(b.addr)
+        await wait_for(lambda: b.conns, what="inbound connection")
+        inbound = b.conns[0]
+        quics = (conn._quic, inbound._quic)
+        await wait_for(lambda: all(q._handshake_confirmed for q in quics), what="confirmed")
+        assert sent_by_a and sent_by_b
+        epochs = aioquic_tls.Epoch
+        for quic in quics:
+            # the spent Initial/Handshake state is gone; both connections share the stand-ins
+            assert set(quic._crypto_streams) == {epochs.ONE_RTT}
+            assert quic._spaces[epochs.HANDSHAKE] is quics[0]._spaces[epochs.INITIAL]
+            assert quic._cryptos[epochs.HANDSHAKE] is quics[0]._cryptos[epochs.INITIAL]
+            assert quic._loss.spaces == [quic._spaces[epochs.ONE_RTT]]
+            # no per-connection key-logging callbacks
+            pair = quic._cryptos[epochs.ONE_RTT]
+            assert pair.recv._setup_cb is pair.send._teardown_cb
+            # TLS keeps no handshake-only state (ephemeral keys, transcript) nor the checked
+            # peer certificate
+            assert quic.tls.key_schedule is None and quic.tls._ec_private_keys is None
+            assert quic.peer_certificate() is None
+        # a retransmitted Initial/Handshake datagram arriving late finds no key and is dropped
+        for data in sent_by_a:
+            a.transport.send_raw(b.transport.local_address, data)
+        for data in sent_by_b:
+            b.transport.send_raw(a.transport.local_address, data)
+        ch = conn.open_channel()
+        ch.write(b"after replay")
+        server_ch = await asyncio.wait_for(inbound.accept_channel(), 10)
+        assert await asyncio.wait_for(server_ch.read(100), 10) == b"after replay"
+        server_ch.write(b"ok")
+        assert await asyncio.wait_for(ch.read(100), 10) == b"ok"
+        assert conn.is_established and inbound.is_established
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        # closing still discards the live epoch (aioquic asserts its space is still tracked)
+        conn.abort("done")
+        await asyncio.wait_for(inbound.wait_closed(), 10)

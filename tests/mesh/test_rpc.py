@@ -411,6 +411,23 @@ async def test_close_callbacks_and_goaway(pair):
     assert "node shutting down" in client.close_reason
 
 
+async def test_a_gracefully_closed_session_is_not_kept_alive_by_its_close_timeout():
+    import gc
+    import weakref
+
+    a, b = memory_pipe()
+    client = RpcSession(a, RpcRouter(), RpcLimits(close_timeout=60.0))
+    server = RpcSession(b, make_router())
+    assert await client.call("echo", b"x", timeout=10) == b"x"
+    client.close("done")  # GOAWAY queued: the writer flushes it, bounded by close_timeout
+    await asyncio.wait_for(client.wait_closed(), 5)
+    await asyncio.wait_for(server.wait_closed(), 5)
+    gone = weakref.ref(client)
+    del client, a
+    gc.collect()
+    assert gone() is None
+
+
 async def test_calls_made_while_closing_fail_at_once(pair):
     client, server, _ = pair
     client.close("going away")

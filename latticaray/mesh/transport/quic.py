@@ -29,13 +29,17 @@ arrived together as one piece, runs of equal-size datagrams leave in one UDP GSO
 ``UDP_SEGMENT``; plain sends where the kernel refuses it), the aioquic timer is re-armed only when
 its deadline moves earlier, loopback paths are not paced, and connections share one frame
 dispatch table (fewer objects for the garbage collector to scan: with thousands of connections
-in a process, full collections had paused the loop for up to ~1 s).
+in a process, full collections had paused the loop for up to ~1 s). For the same reason a
+connection past its handshake gives up aioquic's spent Initial/Handshake state and TLS's
+handshake-only state (see ``_SpentHandshakeState``), and connections alike share one
+``QuicConfiguration``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import ipaddress
 import logging
 import os
@@ -44,6 +48,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from aioquic import tls as aioquic_tls
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -58,7 +63,8 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.crypto import CryptoPair, NoCallback
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
@@ -199,6 +205,45 @@ def _share_frame_handlers(conn: QuicConnection) -> None:
     setattr(conn, _FRAME_TABLE_ATTR, _SharedFrameHandlers(conn, _shared_frame_table))
 
 
+class _SpentHandshakeState:
+    """Stand-ins for the Initial and Handshake epochs' state once both are discarded.
+
+    aioquic keeps each connection's Initial/Handshake crypto pairs, packet spaces, crypto
+    streams and buffers for its whole life (about 45 tracked objects per connection), though
+    after the handshake it only looks at them to drop a late packet of those epochs: it reads
+    the space's expected packet number, and decryption then fails for want of a key. One
+    key-less pair and one discarded space, shared by every connection, answer those reads."""
+
+    def __init__(self) -> None:
+        self.pair = CryptoPair()
+        for context in (self.pair.recv, self.pair.send):
+            context._setup_cb = context._teardown_cb = NoCallback
+        self.space = QuicPacketSpace()
+        self.space.discarded = True
+        self.initial_pairs: dict[tuple, dict] = {}
+
+    def initial(self, versions: tuple) -> dict:
+        """A shared ``_cryptos_initial`` for these versions (read only after the handshake)."""
+        table = self.initial_pairs.get(versions)
+        if table is None:
+            table = self.initial_pairs[versions] = dict.fromkeys(versions, self.pair)
+        return table
+
+
+_spent_state: _SpentHandshakeState | None = None
+_HANDSHAKE_EPOCHS = (aioquic_tls.Epoch.INITIAL, aioquic_tls.Epoch.HANDSHAKE)
+_POST_HANDSHAKE = (aioquic_tls.State.CLIENT_POST_HANDSHAKE, aioquic_tls.State.SERVER_POST_HANDSHAKE)
+#: TLS state only the handshake reads. Past it, a server's TLS refuses every message and a
+#: client's reads only NewSessionTicket, which without a ticket callback touches none of these.
+_TLS_HANDSHAKE_ONLY = (
+    "handshake_extensions", "received_extensions", "_cipher_suites",
+    "_legacy_compression_methods", "_psk_key_exchange_modes", "_signature_algorithms",
+    "_supported_groups", "_supported_versions", "_peer_certificate_chain", "_ec_private_keys",
+    "_certificate_request", "key_schedule", "_key_schedule_psk", "_key_schedule_proxy",
+    "alpn_cb", "update_traffic_key_cb",
+)
+
+
 class _MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
@@ -219,6 +264,45 @@ class _MeshQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+        if self._quic_logger is None:
+            # each context's callbacks only log key changes to the (absent) qlog: 24 partials
+            # and bound methods per connection for nothing
+            for pair in (*self._cryptos.values(), *self._cryptos_initial.values()):
+                for context in (pair.recv, pair.send):
+                    context._setup_cb = context._teardown_cb = NoCallback
+
+    def _discard_epoch(self, epoch) -> None:
+        super()._discard_epoch(epoch)
+        if epoch == aioquic_tls.Epoch.HANDSHAKE and self._spaces[aioquic_tls.Epoch.INITIAL].discarded:
+            self._release_handshake_state()
+
+    def _release_handshake_state(self) -> None:
+        """Swap the spent Initial/Handshake state for the shared stand-ins."""
+        global _spent_state
+        if _spent_state is None:
+            _spent_state = _SpentHandshakeState()
+        spent = _spent_state
+        for epoch in _HANDSHAKE_EPOCHS:
+            if self._spaces[epoch] is spent.space:
+                continue
+            # CRYPTO data of these epochs is neither read (no key) nor written (TLS is past
+            # them): without the entries, a stray write would fail loudly instead
+            self._crypto_streams.pop(epoch, None)
+            self._crypto_buffers.pop(epoch, None)
+            self._spaces[epoch] = spent.space
+        self._loss.spaces = [space for space in self._loss.spaces if not space.discarded]
+        for epoch, pair in list(self._cryptos.items()):
+            if epoch != aioquic_tls.Epoch.ONE_RTT and not pair.recv.is_valid() \
+                    and not pair.send.is_valid():
+                self._cryptos[epoch] = spent.pair
+        initial = self._cryptos_initial
+        if all(not p.recv.is_valid() and not p.send.is_valid() for p in initial.values()):
+            self._cryptos_initial = spent.initial(tuple(initial))
+        tls = self.tls
+        if tls.state in _POST_HANDSHAKE and tls.new_session_ticket_cb is None:
+            for name in _TLS_HANDSHAKE_ONLY:
+                if getattr(tls, name, None) is not None:
+                    setattr(tls, name, None)
 
     def peer_certificate(self):
         return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
@@ -393,6 +477,8 @@ class QuicChannel:
             if self.send_buffered <= high:
                 return
             self._drain_waiter = asyncio.get_running_loop().create_future()
+            if self._conn._draining is _NONE:
+                self._conn._draining = set()
             self._conn._draining.add(self)
             try:
                 await self._drain_waiter
@@ -470,7 +556,8 @@ class QuicConn:
         self.created_at = _now()
         self._loop = transport._loop
         self._channels: dict[int, QuicChannel] = {}
-        self._finished_streams: set[int] = set()
+        # both stay the shared empty frozenset until first needed: sets are tracked objects
+        self._finished_streams: set[int] | frozenset = _NONE
         self._accept_queue: collections.deque[QuicChannel] = collections.deque()
         self._accept_waiter: asyncio.Future | None = None
         self._ready: asyncio.Future = self._loop.create_future()
@@ -482,7 +569,7 @@ class QuicConn:
         self._last_rx = _now()
         self._unanswered_since: float | None = None
         self._close_callbacks: list[Callable[["QuicConn"], None]] = []
-        self._draining: set[QuicChannel] = set()
+        self._draining: set[QuicChannel] | frozenset = _NONE
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
@@ -537,6 +624,8 @@ class QuicConn:
 
     def _forget_channel(self, stream_id: int) -> None:
         if self._channels.pop(stream_id, None) is not None:
+            if self._finished_streams is _NONE:
+                self._finished_streams = set()
             self._finished_streams.add(stream_id)
             self._quic.stream_consumed.pop(stream_id, None)
 
@@ -701,6 +790,7 @@ class QuicConn:
             self._transmit()
             self._terminate(str(exc), send=False, error=exc)
             return
+        self._quic.tls._peer_certificate = None  # checked; its parsed extensions need not stay
         self.remote_peer = peer
         self._ready.set_result(self)
         self._transport._on_established(self)
@@ -728,7 +818,7 @@ class QuicConn:
     def _schedule_transmit(self) -> None:
         if not self._transmit_scheduled and not self.is_closed:
             self._transmit_scheduled = True
-            self._loop.call_soon(self._transmit_soon)
+            self._loop.call_soon(self._transmit_soon, context=self._transport._context)
 
     def _transmit_soon(self) -> None:
         self._transmit_scheduled = False
@@ -755,7 +845,8 @@ class QuicConn:
                 return
             self._timer.cancel()
         self._timer_at = timer_at
-        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer,
+                                            context=self._transport._context)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -788,6 +879,9 @@ class QuicConn:
 
     def __repr__(self) -> str:
         return f"<QuicConn {self._peer_name()} {'out' if self.is_client else 'in'}>"
+
+
+_NONE: frozenset = frozenset()
 
 
 def _consume_exception(fut: asyncio.Future) -> None:
@@ -959,6 +1053,10 @@ class QuicTransport:
         self._tick_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
+        self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
+        # the context the connections' timer and transmit callbacks run in: one for all
+        # instead of a copy of the caller's per scheduled callback (a tracked object each)
+        self._context = contextvars.Context()
         self.stats = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -1078,21 +1176,12 @@ class QuicTransport:
                          original_dcid: bytes | None = None,
                          retry_scid: bytes | None = None) -> _MeshQuicConnection:
         cfg = self.config
-        configuration = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
-            certificate=self._certified.certificate,
-            private_key=self._certified.private_key,
-            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
-            idle_timeout=cfg.idle_timeout,
-            max_datagram_size=cfg.datagram_size_for(remote_host.removeprefix("::ffff:")),
-            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_stream_data=cfg.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
-            congestion_control_algorithm=cfg.congestion_control,
-            initial_rtt=cfg.initial_rtt,
-            server_name=None,
-        )
+        size = cfg.datagram_size_for(remote_host.removeprefix("::ffff:"))
+        # aioquic only reads its configuration: connections alike share one (and its lists)
+        configuration = self._configurations.get((is_client, size))
+        if configuration is None:
+            configuration = self._configurations[(is_client, size)] = self._configuration(
+                is_client, size)
         quic = _MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
@@ -1106,6 +1195,24 @@ class QuicTransport:
         if not cfg.paces(host):
             quic._loss._pacer = _Unpaced(max_datagram_size=configuration.max_datagram_size)
         return quic
+
+    def _configuration(self, is_client: bool, max_datagram_size: int) -> QuicConfiguration:
+        cfg = self.config
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN_LIBP2P],
+            certificate=self._certified.certificate,
+            private_key=self._certified.private_key,
+            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
+            idle_timeout=cfg.idle_timeout,
+            max_datagram_size=max_datagram_size,
+            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
+            max_stream_data=cfg.stream_receive_window,
+            connection_id_length=CONNECTION_ID_LENGTH,
+            congestion_control_algorithm=cfg.congestion_control,
+            initial_rtt=cfg.initial_rtt,
+            server_name=None,
+        )
 
     def _add(self, conn: QuicConn) -> None:
         self._conns.add(conn)
