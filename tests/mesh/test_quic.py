@@ -404,3 +404,39 @@ async def test_handshake_state_is_released_and_late_handshake_packets_are_droppe
         # closing still discards the live epoch (aioquic asserts its space is still tracked)
         conn.abort("done")
         await asyncio.wait_for(inbound.wait_closed(), 10)
+
+
+async def test_finished_streams_cost_no_memory_and_their_late_data_is_discarded():
+    """Hundreds of streams over one connection leave no per-stream record behind; data that
+    arrives late for a finished stream is dropped, and a stream the peer skipped over (opened
+    implicitly, its data later) is still accepted when its data comes."""
+    from aioquic.quic import events
+
+    async with Endpoint() as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        await wait_for(lambda: b.conns, what="inbound")
+        server = b.conns[0]
+        for i in range(300):
+            ch = conn.open_channel()
+            ch.write(b"ping %d" % i)
+            ch.close()
+            accepted = await asyncio.wait_for(server.accept_channel(), 10)
+            assert await asyncio.wait_for(accepted.read(100), 10) == b"ping %d" % i
+            accepted.write(b"pong")
+            accepted.close()
+            assert await asyncio.wait_for(ch.read(100), 10) == b"pong"
+            assert await asyncio.wait_for(ch.read(100), 10) == b""
+        await wait_for(lambda: not server._channels and not conn._channels, what="channels freed")
+        assert server._peer_max_bidi == 4 * 299 and not server._peer_gaps
+
+        consumed = server._quic.connection_consumed
+        server._on_stream_data(events.StreamDataReceived(b"late", False, 4 * 17))
+        assert not server._accept_queue and server._quic.connection_consumed == consumed + 4
+
+        # the peer's next two streams arrive out of order: 4*302 first, then 4*300 and 4*301
+        server._on_stream_data(events.StreamDataReceived(b"c", False, 4 * 302))
+        assert server._peer_gaps == {4 * 300, 4 * 301}
+        server._on_stream_data(events.StreamDataReceived(b"a", False, 4 * 300))
+        server._on_stream_data(events.StreamDataReceived(b"b", False, 4 * 301))
+        assert [ch.stream_id for ch in server._accept_queue] == [4 * 302, 4 * 300, 4 * 301]
+        assert not server._peer_gaps

@@ -556,8 +556,15 @@ class QuicConn:
         self.created_at = _now()
         self._loop = transport._loop
         self._channels: dict[int, QuicChannel] = {}
-        # both stay the shared empty frozenset until first needed: sets are tracked objects
-        self._finished_streams: set[int] | frozenset = _NONE
+        # Peer-initiated streams this end has seen: every one up to the highest ID seen of its
+        # kind (bidirectional, unidirectional) that has no channel is finished, except the
+        # IDs the peer skipped over (opened implicitly, their data not here yet). This is
+        # bounded by the peer's stream limit, where a set of finished IDs grew with every
+        # stream of a long-lived connection. The gap set stays the shared empty frozenset
+        # until first needed: sets are tracked objects.
+        self._peer_max_bidi = -1
+        self._peer_max_uni = -1
+        self._peer_gaps: set[int] | frozenset = _NONE
         self._accept_queue: collections.deque[QuicChannel] = collections.deque()
         self._accept_waiter: asyncio.Future | None = None
         self._ready: asyncio.Future = self._loop.create_future()
@@ -624,10 +631,28 @@ class QuicConn:
 
     def _forget_channel(self, stream_id: int) -> None:
         if self._channels.pop(stream_id, None) is not None:
-            if self._finished_streams is _NONE:
-                self._finished_streams = set()
-            self._finished_streams.add(stream_id)
             self._quic.stream_consumed.pop(stream_id, None)
+
+    def _peer_stream_finished(self, stream_id: int) -> bool:
+        """Whether a peer-initiated stream without a channel was seen and has finished."""
+        highest = self._peer_max_uni if stream_id & 2 else self._peer_max_bidi
+        return stream_id <= highest and stream_id not in self._peer_gaps
+
+    def _note_peer_stream(self, stream_id: int) -> None:
+        highest = self._peer_max_uni if stream_id & 2 else self._peer_max_bidi
+        if highest < 0:
+            highest = (stream_id & 3) - 4
+        if stream_id > highest:
+            if stream_id > highest + 4:  # bounded: aioquic refuses IDs past our stream limit
+                if self._peer_gaps is _NONE:
+                    self._peer_gaps = set()
+                self._peer_gaps.update(range(highest + 4, stream_id, 4))
+            if stream_id & 2:
+                self._peer_max_uni = stream_id
+            else:
+                self._peer_max_bidi = stream_id
+        elif self._peer_gaps:
+            self._peer_gaps.discard(stream_id)
 
     async def accept_channel(self) -> QuicChannel:
         while not self._accept_queue:
@@ -799,9 +824,10 @@ class QuicConn:
         channel = self._channels.get(event.stream_id)
         if channel is None:
             if self.remote_peer is None or not _peer_initiated(event.stream_id, self.is_client) \
-                    or event.stream_id in self._finished_streams:
+                    or self._peer_stream_finished(event.stream_id):
                 self._quic.connection_consumed += len(event.data)  # discarded stream
                 return
+            self._note_peer_stream(event.stream_id)  # a refused one counts as finished
             if len(self._accept_queue) >= self.config.accept_backlog:
                 self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
                 self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
