@@ -1801,8 +1801,30 @@ class MeshCluster:
         if claim is None or claim.state is ActorState.DEAD:
             return None
         pending = claim.state is ActorState.PENDING
-        return {"aid": bytes.fromhex(claim.actor_id), "node": None if pending else str(claim.host),
-                "meta": None, "pending": pending, "wait_s": None}
+        found = {"aid": bytes.fromhex(claim.actor_id), "node": None if pending else str(claim.host),
+                 "meta": None, "pending": pending, "wait_s": None}
+        if not pending:  # the CRDT claim carries no method table: its host has it
+            found["meta"] = await self._hosted_actor_meta(found["node"], namespace, name,
+                                                          found["aid"])
+        return found
+
+    async def _hosted_actor_meta(self, host: str, namespace: str, name: str, aid: bytes):
+        """The method table of a named actor, asked of the node hosting it (None if unknown)."""
+        request = {"op": "hosted", "ns": namespace, "name": name, "aid": aid}
+        if host == self.node_id:
+            return self._names_op(request, self.node_id).get("meta")
+        state = self.peers.get(host)
+        if state is None or not state.alive:
+            return None
+        try:
+            reply = _unpack(await self.mesh.call(state.peer_id, NAMES_PROTOCOL, _pack(request),
+                                                 timeout=10.0))
+        except MeshError as exc:
+            log.debug("named actor %s/%s: its host %s did not answer: %s", namespace, name,
+                      host, exc)
+            return None
+        meta = reply.get("meta")
+        return meta if isinstance(meta, dict) and isinstance(meta.get("methods"), dict) else None
 
     async def lookup_actor_name(self, namespace: str, name: str):
         """The named actor's ``{aid, node, meta}``, waiting while it is pending placement (an
@@ -1909,6 +1931,11 @@ class MeshCluster:
                 record["node"] = request["node"]
                 record.pop("pending", None)
             return {"ok": True}
+        if op == "hosted":  # asked of the actor's host: its method table
+            actor = self.node.actors.get(self.node.named_actors.get(key))
+            if actor is None or actor.aid != request.get("aid") or actor.state == "DEAD":
+                return {"meta": None}
+            return {"meta": actor.opts.get("meta")}
         if op == "moved":
             if record is not None and record["aid"] == request["aid"]:
                 record["node"] = request["node"]

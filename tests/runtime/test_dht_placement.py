@@ -26,7 +26,7 @@ import pytest
 
 import latticaray as lattica
 from latticaray.mesh.identity import KeyPair
-from latticaray.runtime.cluster import MeshCluster
+from latticaray.runtime.cluster import MeshCluster, _pack, _unpack
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
 from latticaray.scheduler.advertiser import CapacityAd
@@ -537,3 +537,41 @@ def test_request_nothing_can_take_fails_at_its_deadline_with_few_lookups():
         assert not cluster.dialled
         await cluster.stop()
     asyncio.run(run())
+
+
+def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
+    """The CRDT claim carries no method table; the actor's host gives it (names/1 `hosted`), so
+    the handle get_actor builds knows the actor's methods and their options."""
+    meta = {"methods": {"incr": 1, "pair": 2}, "is_async": False, "cname": "Counter"}
+    host_peer = KeyPair.generate().peer_id
+    host = object.__new__(MeshCluster)
+    host.node_id, host.names, host.peers = str(host_peer), {}, {}
+    actor = types.SimpleNamespace(aid=b"\x01" * 8, state="ALIVE", opts={"meta": meta})
+    host.node = types.SimpleNamespace(named_actors={("dht", "x"): actor.aid},
+                                      actors={actor.aid: actor})
+    hosted = {"op": "hosted", "ns": "dht", "name": "x"}
+    assert host._names_op(dict(hosted, aid=actor.aid), "asker") == {"meta": meta}
+    assert host._names_op(dict(hosted, aid=b"\x02" * 8), "asker") == {"meta": None}
+    assert host._names_op(dict(hosted, name="y", aid=actor.aid), "asker") == {"meta": None}
+
+    asker = object.__new__(MeshCluster)
+    asker.node_id, asker.names = "asker", {}
+    asker.peers = {str(host_peer): types.SimpleNamespace(alive=True, peer_id=host_peer)}
+    asked = []
+
+    async def call(peer_id, protocol, payload, timeout=None):
+        request = _unpack(payload)
+        asked.append((peer_id, protocol, request["op"]))
+        if request["op"] != "hosted":
+            return _pack({"existing": None})  # the arbiter has not heard of the name
+        return _pack(host._names_op(request, "asker"))
+    asker.mesh = types.SimpleNamespace(call=call)
+    asker._arbiter = lambda namespace, name: str(host_peer)
+    asker.state = types.SimpleNamespace(actors=types.SimpleNamespace(
+        get=lambda key: types.SimpleNamespace(actor_id=actor.aid.hex(), host=host_peer,
+                                              state=ActorState.ALIVE)))
+    found = asyncio.run(asker.lookup_actor_name("dht", "x"))
+    assert found == {"aid": actor.aid, "node": str(host_peer), "meta": meta}
+    assert (host_peer, "/latticaray/names/1", "hosted") in asked
+    actor.state = "DEAD"
+    assert asyncio.run(asker.lookup_actor_name("dht", "x"))["meta"] is None
