@@ -1587,10 +1587,27 @@ class MeshCluster:
             self.node.host_actor(message)
         else:
             self._send_create(owned, target)
-        for (ns, name), rec in list(self.names.items()):
-            if rec.get("aid") == owned.aid:
-                rec["node"] = target
+        opts = owned.message["opts"]
+        if opts.get("name"):
+            self._name_moved(opts.get("namespace") or "default", opts["name"], owned.aid, target)
         self.pump_actor(owned.aid)
+
+    def _name_moved(self, namespace: str, name: str, aid: bytes, host: str) -> None:
+        """A named actor restarted on another node: its name's records (here, at its arbiter
+        and in the CRDT) name the new host, so lookups elsewhere find it there."""
+        record = self.names.get((namespace, name))
+        if record is not None and record.get("aid") == aid:
+            record["node"] = host
+        if self.state is not None:
+            try:
+                self.state.actors.update(f"{namespace}/{name}", ActorState.ALIVE,
+                                         host=PeerId.from_string(host))
+            except Exception as exc:  # no claim of ours there (the CRDT refused it)
+                log.debug("named actor %s/%s: new host not written to the CRDT: %s",
+                          namespace, name, exc)
+        self.spawn(self._names_call(self._arbiter(namespace, name),
+                                    {"op": "moved", "ns": namespace, "name": name, "aid": aid,
+                                     "node": host}))
 
     def _fail_actor_calls(self, aid: bytes, cause: str) -> None:
         outbox = self.actor_outbox.pop(aid, collections.deque())

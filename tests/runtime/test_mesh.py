@@ -371,3 +371,43 @@ def test_remote_actor_constructor_takes_a_ref(mesh):
     holder = RemoteHolder.options(
         scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(node)).remote(blob)
     assert lattica.get(holder.where_and_size.remote(), timeout=60) == (node, 3 << 20)
+
+
+@lattica.remote
+def named_account_from_here(name):
+    handle = lattica.get_actor(name)
+    return lattica.get(handle.node.remote(), timeout=30), lattica.get(handle.deposit.remote(5),
+                                                                      timeout=30)
+
+
+def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh):
+    """After the restart, a lookup of the name from another node finds the new host (the
+    name's arbiter record and CRDT claim moved with it) and calls reach the rebuilt actor."""
+    victim = NodeProcess(mesh["addr"], mesh["invite"])
+    try:
+        wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
+        strategy = lattica.NodeAffinitySchedulingStrategy(victim.node_id, soft=True)
+        account = Account.options(name="moving-account", max_restarts=1, max_task_retries=1,
+                                  scheduling_strategy=strategy).remote(1000)
+        assert lattica.get(account.node.remote(), timeout=30) == victim.node_id
+        assert lattica.get(account.deposit.remote(1), timeout=30) == 1001
+        victim.kill9()
+        new_node = lattica.get(account.node.remote(), timeout=60)
+        assert new_node != victim.node_id
+        elsewhere = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+        # the new host reaches other nodes' views by an RPC to the name's arbiter and by CRDT
+        # gossip, both already under way: allow a few lookups while they land, bounded
+        deadline, failures = time.monotonic() + 30, []
+        while True:
+            try:
+                found = lattica.get(named_account_from_here.options(scheduling_strategy=elsewhere)
+                                    .remote("moving-account"), timeout=60)
+                break
+            except lattica.ActorDiedError as exc:
+                failures.append(str(exc))
+                assert time.monotonic() < deadline and len(failures) < 20, failures
+                time.sleep(0.2)
+        assert tuple(found) == (new_node, 1005), (found, failures)
+        lattica.kill(account)
+    finally:
+        victim.stop()
