@@ -1508,7 +1508,7 @@ class MeshCluster:
                 self.release_actor_name(namespace, name, message["aid"], arbiter)
                 raise
             message["host"] = host
-            self._name_placed(namespace, name, message["aid"], host, arbiter)
+            self._name_hosted_at(namespace, name, message["aid"], host, arbiter=arbiter)
             return None
         finally:
             if self._pending_names.get(key, (None,))[0] == message["aid"]:
@@ -1589,25 +1589,9 @@ class MeshCluster:
             self._send_create(owned, target)
         opts = owned.message["opts"]
         if opts.get("name"):
-            self._name_moved(opts.get("namespace") or "default", opts["name"], owned.aid, target)
+            self._name_hosted_at(opts.get("namespace") or "default", opts["name"], owned.aid,
+                                 target, "moved")
         self.pump_actor(owned.aid)
-
-    def _name_moved(self, namespace: str, name: str, aid: bytes, host: str) -> None:
-        """A named actor restarted on another node: its name's records (here, at its arbiter
-        and in the CRDT) name the new host, so lookups elsewhere find it there."""
-        record = self.names.get((namespace, name))
-        if record is not None and record.get("aid") == aid:
-            record["node"] = host
-        if self.state is not None:
-            try:
-                self.state.actors.update(f"{namespace}/{name}", ActorState.ALIVE,
-                                         host=PeerId.from_string(host))
-            except Exception as exc:  # no claim of ours there (the CRDT refused it)
-                log.debug("named actor %s/%s: new host not written to the CRDT: %s",
-                          namespace, name, exc)
-        self.spawn(self._names_call(self._arbiter(namespace, name),
-                                    {"op": "moved", "ns": namespace, "name": name, "aid": aid,
-                                     "node": host}))
 
     def _fail_actor_calls(self, aid: bytes, cause: str) -> None:
         outbox = self.actor_outbox.pop(aid, collections.deque())
@@ -1752,9 +1736,14 @@ class MeshCluster:
             f"an actor named {name!r} already exists in namespace {namespace!r} "
             f"(claimed by node {result.record.owner} in the cluster state)"))}
 
-    def _name_placed(self, namespace: str, name: str, aid: bytes, host: str,
-                     arbiter: str) -> None:
-        """A pending claim's creation found its host: the claim names it from now on."""
+    def _name_hosted_at(self, namespace: str, name: str, aid: bytes, host: str,
+                        op: str = "placed", arbiter: str | None = None) -> None:
+        """The named actor's host is known now: a pending claim's creation found it
+        (``placed``), or the owner restarted the actor there after its host died (``moved``).
+        Its name's records here, in the CRDT and at the arbiter name it from now on."""
+        record = self.names.get((namespace, name))
+        if op == "moved" and record is not None and record.get("aid") == aid:
+            record["node"] = host
         if self.state is not None:
             try:
                 self.state.actors.update(f"{namespace}/{name}", ActorState.ALIVE,
@@ -1762,8 +1751,9 @@ class MeshCluster:
             except Exception as exc:  # no claim of ours there (the CRDT refused it)
                 log.debug("named actor %s/%s: host not written to the CRDT: %s",
                           namespace, name, exc)
-        self.spawn(self._names_call(arbiter, {"op": "placed", "ns": namespace, "name": name,
-                                              "aid": aid, "node": host}))
+        self.spawn(self._names_call(arbiter or self._arbiter(namespace, name),
+                                    {"op": op, "ns": namespace, "name": name, "aid": aid,
+                                     "node": host}))
 
     async def _wait_placed(self, namespace: str, name: str, found: dict) -> dict:
         """A pending named actor as its lookup answers it: once its creator has placed it, or an

@@ -151,3 +151,24 @@ def stop_child(proc: subprocess.Popen) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate(timeout=10)
+
+
+class FakeRemoteClient:
+    """What CallerTasks and the executor's re-send handling use of a RemoteClient
+    (runtime/cluster.py): the frames it was given."""
+
+    def __init__(self, node_id: str = "caller"):
+        self.node_id = node_id
+        self.frames: list = []
+        self.closed = False
+        self.outbox = self  # parts are queued as one item each (here: the frame they make)
+
+    def send(self, message: dict) -> None:
+        self.frames.append(message)
+
+    _send_settled = send
+    put_nowait = send
+
+    @staticmethod
+    def _parts(tid: bytes, slot, pieces: list) -> dict:
+        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}

@@ -25,7 +25,7 @@ from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
 from latticaray.runtime.serialization import deserialize
-from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, start_child, stop_child
 
 N = 6
 
@@ -174,26 +174,6 @@ def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
                                "sessions_reopened": 1}, report
 
 
-class _Client:
-    """What CallerTasks and the re-send handling use of a RemoteClient: the frames it got."""
-
-    def __init__(self, node_id: str = "caller"):
-        self.node_id = node_id
-        self.frames: list = []
-        self.closed = False
-        self.outbox = self  # parts are queued as one item each (here: the frame they make)
-
-    def send(self, message: dict) -> None:
-        self.frames.append(message)
-
-    _send_settled = send
-    put_nowait = send
-
-    @staticmethod
-    def _parts(tid: bytes, slot, pieces: list) -> dict:
-        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
-
-
 class _Node:
     def __init__(self):
         self.cancelled: list = []
@@ -231,7 +211,7 @@ def _keep(seen: CallerTasks, tid: bytes, i: int, large: bool = False) -> None:
 
 
 def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
-    cluster, first, second = _Cluster(), _Client(), _Client()
+    cluster, first, second = _Cluster(), FakeRemoteClient(), FakeRemoteClient()
     assert not cluster.seen_before(first, _stream(b"s"))
     seen = cluster.seen_tasks["caller"]
     for i in range(4):
@@ -242,7 +222,7 @@ def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
     assert cluster.seen_before(second, _stream(b"s", again=True, got=3))
     assert seen.running[b"s"] is second
     assert second.frames == [_yield(b"s", 3)]
-    third = _Client()
+    third = FakeRemoteClient()
     assert cluster.seen_before(third, _stream(b"s", again=True, got=2))
     assert third.frames == [{"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
                             _yield(b"s", 2), _yield(b"s", 3)]
@@ -250,7 +230,7 @@ def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
 
 
 def test_finished_stream_sent_again_is_answered_from_its_kept_items():
-    cluster, first = _Cluster(), _Client()
+    cluster, first = _Cluster(), FakeRemoteClient()
     assert not cluster.seen_before(first, _stream(b"s"))
     seen = cluster.seen_tasks["caller"]
     for i in range(3):
@@ -260,7 +240,7 @@ def test_finished_stream_sent_again_is_answered_from_its_kept_items():
     done = {"k": "done", "tid": b"s"}
     seen.stream_finished(b"s", [done], 0, time.monotonic())
     assert b"s" not in seen.streams and seen.result_bytes == 20
-    again = _Client()
+    again = FakeRemoteClient()
     assert cluster.seen_before(again, _stream(b"s", again=True, got=2))
     assert again.frames == [_yield(b"s", 2), done]
     assert cluster.stats == {"resent_tasks_answered": 1}
@@ -268,7 +248,7 @@ def test_finished_stream_sent_again_is_answered_from_its_kept_items():
 
 def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice(monkeypatch):
     monkeypatch.setattr(cluster_mod, "SEEN_RESULT_BYTES", 25)
-    cluster, first = _Cluster(), _Client()
+    cluster, first = _Cluster(), FakeRemoteClient()
     assert not cluster.seen_before(first, _stream(b"s"))
     seen = cluster.seen_tasks["caller"]
     seen.record(b"old", [{"k": "done", "tid": b"old"}], 20, time.monotonic())
@@ -279,18 +259,18 @@ def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice
     assert list(seen.streams[b"s"].items) == [1, 2] and seen.streams[b"s"].lost == 1
     assert seen.result_bytes == 20
     # a caller that has item 0 already gets items 1 and 2
-    later = _Client()
+    later = FakeRemoteClient()
     assert cluster.seen_before(later, _stream(b"s", again=True, got=1))
     assert later.frames == [_yield(b"s", 1), _yield(b"s", 2)]
     # one that lacks item 0 gets an error, and the generator is cancelled, not run twice
-    lacking = _Client()
+    lacking = FakeRemoteClient()
     assert cluster.seen_before(lacking, _stream(b"s", again=True, got=0))
     assert [f["k"] for f in lacking.frames] == ["done"]
     error = deserialize(lacking.frames[0]["err"])
     assert "from 0 on" in str(error), error
     assert cluster.node.cancelled == [b"s"] and b"s" not in seen.running
     # a stream this node never saw, re-sent by a caller that has items: an error, no run
-    unknown = _Client()
+    unknown = FakeRemoteClient()
     assert cluster.seen_before(unknown, _stream(b"u", again=True, got=3))
     assert [f["k"] for f in unknown.frames] == ["done"] and b"u" not in seen.running
     assert cluster.stats["resent_streams_lost"] == 2

@@ -19,7 +19,7 @@ import time
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
-from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, start_child, stop_child
 
 DRIVER = SESSION_DRIVER_HELPERS + r"""
 from latticaray.runtime import cluster as cluster_mod
@@ -103,26 +103,6 @@ def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
     assert report["stats"] == {"sessions_moved": 1, "tasks_resent": 5}, report
 
 
-class _Client:
-    """What CallerTasks and _seen_before use of a RemoteClient: the frames it was given."""
-
-    def __init__(self, node_id: str = "caller"):
-        self.node_id = node_id
-        self.frames: list = []
-        self.closed = False
-        self.outbox = self  # parts are queued as one item each (here: the frame they make)
-
-    def send(self, message: dict) -> None:
-        self.frames.append(message)
-
-    _send_settled = send
-    put_nowait = send
-
-    @staticmethod
-    def _parts(tid: bytes, slot, pieces: list) -> dict:
-        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
-
-
 class _Cluster:
     seen_before = MeshCluster._seen_before
     _replay = staticmethod(MeshCluster._replay)
@@ -140,7 +120,7 @@ def _task(tid: bytes, again: bool = False) -> dict:
 
 
 def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
-    cluster, first, second = _Cluster(), _Client(), _Client()
+    cluster, first, second = _Cluster(), FakeRemoteClient(), FakeRemoteClient()
     assert not cluster.seen_before(first, _task(b"t1"))
     assert cluster.seen_tasks["caller"].running[b"t1"] is first
     # sent again while it runs: attached, answered on the later session
@@ -152,7 +132,7 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     done = {"k": "done", "tid": b"t1", "vals": [None]}
     seen.record(b"t1", [(0, [b"x" * 10]), done], 10, time.monotonic())
     # sent again once finished: the kept frames answer it, in order, and nothing runs
-    third = _Client()
+    third = FakeRemoteClient()
     assert cluster.seen_before(third, _task(b"t1", again=True))
     assert third.frames == [part, done]
     assert cluster.stats == {"resent_tasks_attached": 1, "resent_tasks_answered": 1}
@@ -170,7 +150,7 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
 def test_executor_table_is_bounded(monkeypatch):
     monkeypatch.setattr(cluster_mod, "SEEN_RESULT_BYTES", 100)
     monkeypatch.setattr(cluster_mod, "SEEN_TASKS", 3)
-    cluster, client = _Cluster(), _Client()
+    cluster, client = _Cluster(), FakeRemoteClient()
     seen = cluster.seen_tasks["caller"] = CallerTasks()
     now = time.monotonic()
     seen.record(b"a", [{"k": "done", "tid": b"a"}], 60, now)
