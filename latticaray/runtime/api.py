@@ -383,6 +383,7 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
             mesh_runtime = MeshRuntime.prepare(bootstrap=bootstrap or [], credential=credential,
                                                listen=listen, key_path=mesh_key_path,
                                                nat=NatSettings.coerce(nat))
+            mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
             start_mesh = mesh_runtime.start
         if node_id is None:

@@ -475,6 +475,9 @@ class MeshCluster:
         self._introducing: set[str] = set()
         self.placement = None  # runtime.placement DhtPlacement: candidates from DHT capacity ads
         self.sparse = False  # meet peers only when needed: no admission on connect/introduction
+        # the node embedded in a driver process (init()): it ends with the driver, so a detached
+        # actor is placed on another node when one can host it
+        self.embedded = False
 
     # ------------------------------------------------------------------ lifecycle
     def register(self) -> None:
@@ -1446,11 +1449,16 @@ class MeshCluster:
         except ValueError:
             return None  # hosting it here reports the malformed request
         can_defer = defer and self.placement is not None
+        aid = message["aid"]
+        if strategy is None and self.embedded and message["opts"].get("lifetime") == "detached" \
+                and self.alive_peers():
+            target = self._place(aid.hex(), demand, None, {self.node_id})
+            if isinstance(target, str):
+                return target  # else no other node can host it now: placed as any actor
         if strategy is None and fits_here:
             return None
         if not self.alive_peers() and (fits_here or not can_defer):
             return None
-        aid = message["aid"]
         target = self._place(aid.hex(), demand, strategy)
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
         if isinstance(target, TaskUnschedulableError) and can_defer and not hard_affinity:
@@ -2092,6 +2100,7 @@ class MeshRuntime:
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
         self.bootstrap = list(bootstrap)
@@ -2139,6 +2148,7 @@ class MeshRuntime:
             await self._start_nat()
         self.cluster = MeshCluster(runtime_node, self.mesh, self.admission)
         self.cluster.sparse = self.peering == "sparse"
+        self.cluster.embedded = self.embedded
         self.cluster.register()
         from latticaray.runtime.placement import CapacityDirectoryCore, DhtPlacement
         self.cluster.placement = DhtPlacement(

@@ -126,3 +126,51 @@ def test_attached_driver_disconnect_ends_its_non_detached_actors():
     finally:
         lattica.shutdown()
         node.stop()
+
+
+@lattica.remote
+class Where:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def node(self):
+        return lattica.get_runtime_context().get_node_id()
+
+
+def test_detached_actor_without_a_strategy_leaves_the_drivers_embedded_node():
+    """A driver's embedded node ends with the driver: a detached actor created without a
+    strategy goes to another node that can host it (a plain one stays on the driver's node),
+    so it outlives the driver and is found by a later driver."""
+    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    node = None
+    try:
+        driver_node = lattica.get_runtime_context().get_node_id()
+        invite = lattica.invite()
+        node = NodeProcess(lattica.mesh_info()["address"][0], invite)
+        wait_for(lambda: len(alive_nodes()) >= 2, 30, "2 alive nodes")
+        kept = Where.options(name="roamer", lifetime="detached").remote()
+        plain = Where.remote()
+        assert lattica.get(kept.node.remote(), timeout=60) == node.node_id
+        assert lattica.get(plain.node.remote(), timeout=60) == driver_node
+        assert lattica.get(kept.add.remote(4), timeout=30) == 4
+        kept_pid = lattica.get(kept.pid.remote(), timeout=30)
+        del kept, plain
+        lattica.shutdown()
+        assert process_alive(kept_pid)
+
+        lattica.init(bootstrap=[node.info["addrs"][0]], credential=invite, num_cpus=1)
+        kept = find_actor("roamer")
+        assert lattica.get(kept.add.remote(1), timeout=30) == 5
+        lattica.kill(kept)
+        wait_for(lambda: not process_alive(kept_pid), 30, "kill() to end the detached actor")
+    finally:
+        lattica.shutdown()
+        if node is not None:
+            node.stop()
