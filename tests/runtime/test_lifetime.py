@@ -26,6 +26,9 @@ class Counter:
     def pid(self):
         return os.getpid()
 
+    def node(self):
+        return lattica.get_runtime_context().get_node_id()
+
 
 def process_alive(pid: int) -> bool:
     try:
@@ -128,22 +131,6 @@ def test_attached_driver_disconnect_ends_its_non_detached_actors():
         node.stop()
 
 
-@lattica.remote
-class Where:
-    def __init__(self):
-        self.n = 0
-
-    def add(self, k):
-        self.n += k
-        return self.n
-
-    def pid(self):
-        return os.getpid()
-
-    def node(self):
-        return lattica.get_runtime_context().get_node_id()
-
-
 def test_detached_actor_without_a_strategy_leaves_the_drivers_embedded_node():
     """A driver's embedded node ends with the driver: a detached actor created without a
     strategy goes to another node that can host it (a plain one stays on the driver's node),
@@ -155,8 +142,8 @@ def test_detached_actor_without_a_strategy_leaves_the_drivers_embedded_node():
         invite = lattica.invite()
         node = NodeProcess(lattica.mesh_info()["address"][0], invite)
         wait_for(lambda: len(alive_nodes()) >= 2, 30, "2 alive nodes")
-        kept = Where.options(name="roamer", lifetime="detached").remote()
-        plain = Where.remote()
+        kept = Counter.options(name="roamer", lifetime="detached").remote()
+        plain = Counter.remote()
         assert lattica.get(kept.node.remote(), timeout=60) == node.node_id
         assert lattica.get(plain.node.remote(), timeout=60) == driver_node
         assert lattica.get(kept.add.remote(4), timeout=30) == 4
