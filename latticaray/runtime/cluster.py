@@ -1011,26 +1011,28 @@ class MeshCluster:
         the event loop. One that cannot be resolved (deleted meanwhile) goes by reference."""
         if args[0] == "b":
             if serialization.is_store_ref(args[1]):  # all arguments, stored as one value
-                try:
-                    args[1] = await self.node.portable_async(args[1])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # the peer reports the arguments it cannot find
-                    log.warning("arguments %s could not be named by CID: %r",
-                                serialization.store_name(args[1]), exc)
+                # unnamed: the peer reports the arguments it cannot find
+                args[1] = await self._named_by_cid(args[1], "arguments") or args[1]
             return
         for item in [*args[1], *args[2].values()]:
             if item[0] != 0 or not serialization.is_store_ref(item[1]):
                 continue
-            try:
-                item[1] = await self.node.portable_async(item[1])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("argument %s could not be named by CID: %r",
-                            serialization.store_name(item[1]), exc)
-                if len(item) > 3:
-                    item[:] = [1, item[2], item[3]]
+            named = await self._named_by_cid(item[1], "argument")
+            if named is not None:
+                item[1] = named
+            elif len(item) > 3:
+                item[:] = [1, item[2], item[3]]
+
+    async def _named_by_cid(self, data: bytes, what: str) -> bytes | None:
+        """``data`` named by CID for a peer, or None (logged) when its object is gone."""
+        try:
+            return await self.node.portable_async(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s %s could not be named by CID: %r", what,
+                        serialization.store_name(data), exc)
+            return None
 
     def run_remote(self, rec: TaskRecord, target: str) -> None:
         state = self.peers[target]
@@ -1708,12 +1710,9 @@ class MeshCluster:
             return {"error": error_blob(ActorNameTakenError(
                 f"an actor named {name!r} already exists in namespace {namespace!r} "
                 f"(claimed by node {reply.get('holder', '?')})"))}
-        if found is not None and found.pop("pending", False):
-            found = await self._wait_placed(namespace, name, found)
-            if "error" not in found:
-                found["existing"] = True
-        if found is not None:
-            found.pop("wait_s", None)
+        found = await self._when_placed(namespace, name, found)
+        if found is not None and "error" not in found:
+            found["existing"] = True
         return found
 
     def _claim_in_crdt(self, namespace: str, name: str, message: dict):
@@ -1825,27 +1824,25 @@ class MeshCluster:
 
     async def _hosted_actor_meta(self, host: str, namespace: str, name: str, aid: bytes):
         """The method table of a named actor, asked of the node hosting it (None if unknown)."""
-        request = {"op": "hosted", "ns": namespace, "name": name, "aid": aid}
-        if host == self.node_id:
-            return self._names_op(request, self.node_id).get("meta")
         state = self.peers.get(host)
-        if state is None or not state.alive:
+        if host != self.node_id and (state is None or not state.alive):
             return None
-        try:
-            reply = _unpack(await self.mesh.call(state.peer_id, NAMES_PROTOCOL, _pack(request),
-                                                 timeout=10.0))
-        except MeshError as exc:
-            log.debug("named actor %s/%s: its host %s did not answer: %s", namespace, name,
-                      host, exc)
-            return None
+        # a host that does not answer leaves it unknown (the call falls back to this node,
+        # which does not host the actor)
+        reply = await self._names_call(host, {"op": "hosted", "ns": namespace, "name": name,
+                                              "aid": aid})
         meta = reply.get("meta")
         return meta if isinstance(meta, dict) and isinstance(meta.get("methods"), dict) else None
 
     async def lookup_actor_name(self, namespace: str, name: str):
         """The named actor's ``{aid, node, meta}``, waiting while it is pending placement (an
         ``{"error": ...}`` reply when that wait ends without a host); None if no claim."""
-        found = await self._lookup_name(namespace, name)
-        if found is not None and found.pop("pending"):
+        return await self._when_placed(namespace, name, await self._lookup_name(namespace, name))
+
+    async def _when_placed(self, namespace: str, name: str, found: dict | None):
+        """A found claim ``{aid, node, meta, pending, wait_s}`` as ``{aid, node, meta}`` once
+        placed (waiting while it is pending), or the error that wait ended with."""
+        if found is not None and found.pop("pending", False):
             return await self._wait_placed(namespace, name, found)
         if found is not None:
             found.pop("wait_s", None)

@@ -1241,7 +1241,10 @@ class RuntimeNode:
     def _start_actor_worker(self, actor: ActorRecord) -> None:
         """Start the actor's worker once its constructor's top-level ref arguments are values
         (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
-        self._resolve_ref_args(actor, lambda: actor.state != "DEAD" and self._spawn_actor_worker(actor),
+        def start() -> None:
+            if actor.state != "DEAD":
+                self._spawn_actor_worker(actor)
+        self._resolve_ref_args(actor, start,
                                lambda blob: self._constructor_argument_failed(actor, blob))
 
     def _constructor_argument_failed(self, actor: ActorRecord, blob: bytes) -> None:
