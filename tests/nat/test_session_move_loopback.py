@@ -9,14 +9,13 @@ exclusively, so a second execution fails loudly; the node and the driver are chi
 the test always stops.
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "runtime"))
 
-from meshutil import SESSION_DRIVER_HELPERS, start_child, stop_child  # noqa: E402
+from meshutil import SESSION_DRIVER_HELPERS, run_session_driver  # noqa: E402
 
 DRIVER = SESSION_DRIVER_HELPERS + r"""
 
@@ -60,24 +59,8 @@ lattica.shutdown()
 
 
 def test_task_session_moves_to_a_better_path_and_tasks_in_flight_run_once(tmp_path):
-    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
-                   "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"mv": 1}'])
-    driver = None
-    try:
-        info = json.loads(node.stdout.readline() or "{}")
-        assert "node_id" in info, stop_child(node)[1][-3000:]
-        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
-        workdir = tmp_path / "runs"
-        workdir.mkdir()
-        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
-                              str(workdir)])
-        out, err = driver.communicate(timeout=180)
-        assert driver.returncode == 0, err[-4000:]
-        report = json.loads(out.strip().splitlines()[-1])
-    finally:
-        if driver is not None:
-            stop_child(driver)
-        stop_child(node)
+    info, report = run_session_driver(DRIVER, tmp_path, {"mv": 1}, 8)
+    workdir = tmp_path / "runs"
     worker = info["node_id"]
     assert report["worker"] == worker
     assert report["results"] == [[worker, i * i] for i in range(8)], report

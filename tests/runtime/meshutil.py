@@ -153,6 +153,32 @@ def stop_child(proc: subprocess.Popen) -> tuple[str, str]:
         return proc.communicate(timeout=10)
 
 
+def run_session_driver(driver: str, tmp_path, resources: dict, num_cpus: int,
+                       *extra: str) -> tuple[dict, dict]:
+    """Start a node process (QUIC on loopback, ``resources``), run ``driver`` (a script built on
+    SESSION_DRIVER_HELPERS) against it with argv ``bootstrap invite workdir *extra``, stop both;
+    the node's start-up info and the JSON report the driver printed last."""
+    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main",
+                        "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
+                        "--resources", json.dumps(resources)])
+    driver_proc = None
+    try:
+        info = json.loads(node.stdout.readline() or "{}")
+        assert "node_id" in info, stop_child(node)[1][-3000:]
+        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
+        workdir = tmp_path / "runs"
+        workdir.mkdir()
+        driver_proc = start_child([sys.executable, "-c", driver, bootstrap, info["invite"],
+                                   str(workdir), *extra])
+        out, err = driver_proc.communicate(timeout=180)
+        assert driver_proc.returncode == 0, err[-4000:]
+        return info, json.loads(out.strip().splitlines()[-1])
+    finally:
+        if driver_proc is not None:
+            stop_child(driver_proc)
+        stop_child(node)
+
+
 class FakeRemoteClient:
     """What CallerTasks and the executor's re-send handling use of a RemoteClient
     (runtime/cluster.py): the frames it was given."""

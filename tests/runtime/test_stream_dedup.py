@@ -16,16 +16,14 @@ answered from its kept items, the budget) is checked directly.
 """
 
 import collections
-import json
 import os
-import sys
 import time
 
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
 from latticaray.runtime.serialization import deserialize
-from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, start_child, stop_child
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
 
 N = 6
 
@@ -147,24 +145,8 @@ lattica.shutdown()
 
 
 def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
-    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "2",
-                        "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"sd": 1}'])
-    driver = None
-    try:
-        info = json.loads(node.stdout.readline() or "{}")
-        assert "node_id" in info, stop_child(node)[1][-3000:]
-        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
-        workdir = tmp_path / "runs"
-        workdir.mkdir()
-        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
-                              str(workdir), str(N)])
-        out, err = driver.communicate(timeout=180)
-        assert driver.returncode == 0, err[-4000:]
-        report = json.loads(out.strip().splitlines()[-1])
-    finally:
-        if driver is not None:
-            stop_child(driver)
-        stop_child(node)
+    info, report = run_session_driver(DRIVER, tmp_path, {"sd": 1}, 2, str(N))
+    workdir = tmp_path / "runs"
     assert report["items"] == [i * 10 for i in range(N)], report
     assert report["finished_items"] == [0, 10, 20], report
     assert report["dropped"] == [2, 3, 1, 2, "done"], report

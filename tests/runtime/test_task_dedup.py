@@ -11,15 +11,13 @@ same id) is checked directly.
 """
 
 import collections
-import json
 import os
-import sys
 import time
 
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
-from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, start_child, stop_child
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
 
 DRIVER = SESSION_DRIVER_HELPERS + r"""
 from latticaray.runtime import cluster as cluster_mod
@@ -78,24 +76,8 @@ lattica.shutdown()
 
 
 def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
-    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", "8",
-                   "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--resources", '{"dd": 1}'])
-    driver = None
-    try:
-        info = json.loads(node.stdout.readline() or "{}")
-        assert "node_id" in info, stop_child(node)[1][-3000:]
-        bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
-        workdir = tmp_path / "runs"
-        workdir.mkdir()
-        driver = start_child([sys.executable, "-c", DRIVER, bootstrap, info["invite"],
-                              str(workdir)])
-        out, err = driver.communicate(timeout=180)
-        assert driver.returncode == 0, err[-4000:]
-        report = json.loads(out.strip().splitlines()[-1])
-    finally:
-        if driver is not None:
-            stop_child(driver)
-        stop_child(node)
+    info, report = run_session_driver(DRIVER, tmp_path, {"dd": 1}, 8)
+    workdir = tmp_path / "runs"
     worker = info["node_id"]
     assert report["results"] == [[worker, i * i] for i in (0, 1, 2, 3, 10)], report
     assert sorted(os.listdir(workdir)) == ["go"] + [f"run-{i}" for i in (0, 1, 10, 2, 3)]
