@@ -159,6 +159,20 @@ def test_kill_actor(runtime):
     assert lattica.get(replacement.get.remote()) == 5
 
 
+def _pid_after_worker_killed(actor, pid: int, within: float) -> int:
+    """Kill the actor's worker (``pid``) with -9; the pid its ``pid()`` answers with once it
+    answers from another process, or ``pid`` still when ``within`` seconds pass first."""
+    os.kill(pid, 9)
+    deadline = time.monotonic() + within
+    new_pid = pid
+    while new_pid == pid and time.monotonic() < deadline:
+        try:
+            new_pid = lattica.get(actor.pid.remote(), timeout=30)
+        except lattica.ActorDiedError:
+            pass  # a call in flight when the worker died, without retries, fails; ask again
+    return new_pid
+
+
 def test_actor_restart_and_task_retries(runtime):
     counter = Counter.options(max_restarts=1, max_task_retries=1).remote(1)
     first_pid = lattica.get(counter.pid.remote())
@@ -169,14 +183,7 @@ def test_actor_restart_and_task_retries(runtime):
         lattica.get(counter.get.remote(), timeout=60)
     restarted = Counter.options(max_restarts=2).remote(1)
     pid = lattica.get(restarted.pid.remote())
-    os.kill(pid, 9)
-    deadline = time.monotonic() + 30
-    new_pid = pid
-    while new_pid == pid and time.monotonic() < deadline:
-        try:
-            new_pid = lattica.get(restarted.pid.remote(), timeout=30)
-        except lattica.ActorDiedError:
-            pass  # a call in flight when the worker died, without retries, fails; ask again
+    new_pid = _pid_after_worker_killed(restarted, pid, 30)
     assert new_pid != pid and new_pid != first_pid
     assert lattica.get(restarted.get.remote()) == 1  # state re-built by the constructor
 
@@ -266,13 +273,5 @@ def test_restarted_actor_gets_its_large_constructor_argument_again(runtime):
     del ref
     gc.collect()
     pid = lattica.get(holder.pid.remote(), timeout=30)
-    os.kill(pid, 9)
-    deadline = time.monotonic() + 60
-    new_pid = pid
-    while new_pid == pid and time.monotonic() < deadline:
-        try:
-            new_pid = lattica.get(holder.pid.remote(), timeout=30)
-        except lattica.ActorDiedError:
-            pass  # a call in flight when the worker died fails; ask again
-    assert new_pid != pid
+    assert _pid_after_worker_killed(holder, pid, 60) != pid
     assert lattica.get(holder.total_.remote(), timeout=60) == expected
