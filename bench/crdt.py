@@ -39,11 +39,15 @@ from latticaray.state.simulation import SimCluster
 
 
 def member_value(index: int, cpu_free: float = 8.0) -> bytes:
-    return encode_value({
-        "addrs": [f"/ip4/10.{index // 250}.{index % 250}.1/udp/4001/quic-v1"],
-        "reachability": "public", "resources_total": {"CPU": 8.0, "GPU": 1.0},
-        "resources_available": {"CPU": cpu_free, "GPU": 1.0}, "labels": {"zone": f"z{index % 4}"},
-    })
+    return encode_value(
+        {
+            "addrs": [f"/ip4/10.{index // 250}.{index % 250}.1/udp/4001/quic-v1"],
+            "reachability": "public",
+            "resources_total": {"CPU": 8.0, "GPU": 1.0},
+            "resources_available": {"CPU": cpu_free, "GPU": 1.0},
+            "labels": {"zone": f"z{index % 4}"},
+        }
+    )
 
 
 def build(nodes: int, seed: int) -> tuple[SimCluster, int]:
@@ -52,8 +56,9 @@ def build(nodes: int, seed: int) -> tuple[SimCluster, int]:
     for index, pid in enumerate(cluster.ids):
         core = cluster.cores[pid]
         hlc = core.replica.next_hlc()
-        atoms.append(sign_atom(core.replica.key_pair, MEMBERS, str(pid), "", hlc,
-                               member_value(index)))
+        atoms.append(
+            sign_atom(core.replica.key_pair, MEMBERS, str(pid), "", hlc, member_value(index))
+        )
     cluster.preload(atoms)
     state_bytes = sum(len(msgpack.packb(encode_atom(a), use_bin_type=True)) for a in atoms)
     return cluster, state_bytes
@@ -71,8 +76,9 @@ def spread_one_write(cluster: SimCluster, index: int, cpu_free: float):
     n = len(cluster.ids)
     before_bytes, before_msgs = cluster.net.stats.bytes_sent, cluster.net.stats.messages_sent
     atom = write(cluster, index, cpu_free)
-    spread = cluster.run_until(lambda: cluster.count_having(atom.slot, atom) == n, timeout=10,
-                               check_every=0.01)
+    spread = cluster.run_until(
+        lambda: cluster.count_having(atom.slot, atom) == n, timeout=10, check_every=0.01
+    )
     sent = cluster.net.stats.bytes_sent - before_bytes
     messages = cluster.net.stats.messages_sent - before_msgs
     cluster.run_until(cluster.converged, timeout=5)
@@ -81,7 +87,7 @@ def spread_one_write(cluster: SimCluster, index: int, cpu_free: float):
 
 def measure_heal(cluster: SimCluster, writes_per_side: tuple[int, int], interval: float) -> dict:
     n = len(cluster.ids)
-    left, right = set(cluster.ids[: n // 2]), set(cluster.ids[n // 2:])
+    left, right = set(cluster.ids[: n // 2]), set(cluster.ids[n // 2 :])
     cluster.net.partition([left, right])
     written = []
     for k in range(writes_per_side[0]):
@@ -106,11 +112,15 @@ def measure_heal(cluster: SimCluster, writes_per_side: tuple[int, int], interval
         if elapsed is not None:
             rounds = round_index
             break
-    return {"writes": writes_per_side, "holders_before_heal": inside,
-            "rounds_to_converge": rounds, "seconds_to_converge": elapsed,
-            "bytes_per_round": per_round,
-            "max_bytes_per_node_round": max(per_round) / n if per_round else None,
-            "all_hold_every_write": all(cluster.count_having(a.slot, a) == n for a in written)}
+    return {
+        "writes": writes_per_side,
+        "holders_before_heal": inside,
+        "rounds_to_converge": rounds,
+        "seconds_to_converge": elapsed,
+        "bytes_per_round": per_round,
+        "max_bytes_per_node_round": max(per_round) / n if per_round else None,
+        "all_hold_every_write": all(cluster.count_having(a.slot, a) == n for a in written),
+    }
 
 
 def main() -> None:
@@ -151,22 +161,42 @@ def main() -> None:
     rows = [
         ("nodes", n, ""),
         ("state (members entries / bytes)", f"{n} / {state_bytes}", "every replica"),
-        ("A: one write -> all nodes", f"{spread:.2f} s" if spread is not None else "not reached",
-         f"{math.ceil(spread / gossip_interval) if spread else '-'} gossip rounds of "
-         f"{gossip_interval} s"),
-        ("A: traffic for that write", f"{a_bytes} B, {a_msgs} msgs",
-         f"{a_bytes / n:.0f} B/node (push {eager} + announce {lazy})"),
-        ("A baseline: eager push only", f"{base_spread:.2f} s" if base_spread else "not reached",
-         f"{base_bytes / n:.0f} B/node (push to {eager + lazy})"),
-        ("B: heal, 1 write -> converged",
-         f"{b['rounds_to_converge']} AE rounds ({b['seconds_to_converge']:.2f} s)",
-         f"round = {ae_interval} s; target <= 3"),
-        ("B: bytes per round (max, per node)", f"{b['max_bytes_per_node_round']:.0f} B",
-         f"full-state baseline {state_bytes} B/node"),
-        ("C: heal, 10+10 writes -> converged",
-         f"{c['rounds_to_converge']} AE rounds ({c['seconds_to_converge']:.2f} s)", ""),
-        ("C: bytes per round (max, per node)", f"{c['max_bytes_per_node_round']:.0f} B",
-         f"full-state baseline {state_bytes} B/node"),
+        (
+            "A: one write -> all nodes",
+            f"{spread:.2f} s" if spread is not None else "not reached",
+            f"{math.ceil(spread / gossip_interval) if spread else '-'} gossip rounds of "
+            f"{gossip_interval} s",
+        ),
+        (
+            "A: traffic for that write",
+            f"{a_bytes} B, {a_msgs} msgs",
+            f"{a_bytes / n:.0f} B/node (push {eager} + announce {lazy})",
+        ),
+        (
+            "A baseline: eager push only",
+            f"{base_spread:.2f} s" if base_spread else "not reached",
+            f"{base_bytes / n:.0f} B/node (push to {eager + lazy})",
+        ),
+        (
+            "B: heal, 1 write -> converged",
+            f"{b['rounds_to_converge']} AE rounds ({b['seconds_to_converge']:.2f} s)",
+            f"round = {ae_interval} s; target <= 3",
+        ),
+        (
+            "B: bytes per round (max, per node)",
+            f"{b['max_bytes_per_node_round']:.0f} B",
+            f"full-state baseline {state_bytes} B/node",
+        ),
+        (
+            "C: heal, 10+10 writes -> converged",
+            f"{c['rounds_to_converge']} AE rounds ({c['seconds_to_converge']:.2f} s)",
+            "",
+        ),
+        (
+            "C: bytes per round (max, per node)",
+            f"{c['max_bytes_per_node_round']:.0f} B",
+            f"full-state baseline {state_bytes} B/node",
+        ),
         ("D: idle in-sync traffic", f"{idle_per_node_round:.0f} B/node/round", ""),
         ("simulator wall time", f"{wall:.1f} s", f"{cluster.sim.events_processed} events"),
     ]
@@ -174,17 +204,25 @@ def main() -> None:
     print(f"{'measure':<{width}}  {'value':<28}  note")
     print("-" * (width + 50))
     for name, value, note in rows:
-        print(f"{name:<{width}}  {str(value):<28}  {note}")
+        print(f"{name:<{width}}  {value!s:<28}  {note}")
 
     figures = {
-        "bench": "crdt", "nodes": n, "seed": args.seed, "latency_s": 0.02,
-        "gossip_interval_s": gossip_interval, "fanout": cluster.config.fanout,
-        "anti_entropy_interval_s": ae_interval, "state_slots": n, "state_bytes": state_bytes,
+        "bench": "crdt",
+        "nodes": n,
+        "seed": args.seed,
+        "latency_s": 0.02,
+        "gossip_interval_s": gossip_interval,
+        "fanout": cluster.config.fanout,
+        "anti_entropy_interval_s": ae_interval,
+        "state_slots": n,
+        "state_bytes": state_bytes,
         "single_write_spread_s": spread,
         "single_write_gossip_rounds": math.ceil(spread / gossip_interval) if spread else None,
-        "single_write_bytes": a_bytes, "single_write_messages": a_msgs,
+        "single_write_bytes": a_bytes,
+        "single_write_messages": a_msgs,
         "lazy_fanout": lazy,
-        "baseline_eager_only_spread_s": base_spread, "baseline_eager_only_bytes": base_bytes,
+        "baseline_eager_only_spread_s": base_spread,
+        "baseline_eager_only_bytes": base_bytes,
         "baseline_eager_only_messages": base_msgs,
         "heal_target_met": bool(b["rounds_to_converge"] and b["rounds_to_converge"] <= 3),
         "heal_single_write_rounds": b["rounds_to_converge"],
@@ -201,9 +239,11 @@ def main() -> None:
         "all_converged": bool(b["all_hold_every_write"] and c["all_hold_every_write"]),
         "sim_wall_s": round(wall, 2),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {"python": sys.version.split()[0],
-                     "msgpack": ".".join(map(str, msgpack.version)),
-                     "cryptography": cryptography.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "msgpack": ".".join(map(str, msgpack.version)),
+            "cryptography": cryptography.__version__,
+        },
     }
     print(json.dumps(figures))
 

@@ -29,9 +29,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from latticaray.mesh.dht.core import DhtConfig  # noqa: E402
-from latticaray.mesh.dht.records import Record  # noqa: E402
-from latticaray.mesh.sim.dht import SimDht  # noqa: E402
+from latticaray.mesh.dht.core import DhtConfig
+from latticaray.mesh.dht.records import Record
+from latticaray.mesh.sim.dht import SimDht
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -41,11 +41,15 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def simulate(n: int, seed: int, values: int, gets: int, join_refresh: str | int,
-             churn_window: float = 120.0) -> dict:
+def simulate(
+    n: int, seed: int, values: int, gets: int, join_refresh: str | int, churn_window: float = 120.0
+) -> dict:
     cpu0, wall0 = time.process_time(), time.time()
-    sim = SimDht(seed=seed, config=DhtConfig(request_timeout=2.0, stall_timeout=0.5),
-                 join_refresh=join_refresh)
+    sim = SimDht(
+        seed=seed,
+        config=DhtConfig(request_timeout=2.0, stall_timeout=0.5),
+        join_refresh=join_refresh,
+    )
     sim.grow(n, join_interval=0.02)
     build_cpu = time.process_time() - cpu0
     build_messages = sim.net.stats.messages_sent
@@ -74,7 +78,9 @@ def simulate(n: int, seed: int, values: int, gets: int, join_refresh: str | int,
 
             def done(op) -> None:
                 record = op.result.get(None)
-                results.append((record is not None and record.value == stored[key], op.hops, op.messages))
+                results.append(
+                    (record is not None and record.value == stored[key], op.hops, op.messages)
+                )
 
             sim.run_op(origin, origin.get_value(key, sim.sim.now), done)
 
@@ -85,33 +91,50 @@ def simulate(n: int, seed: int, values: int, gets: int, join_refresh: str | int,
                 sim.sim.call_at(start + rng.uniform(0, churn_window), sim.leave, pid)
             for _ in range(n // 5):
                 core = sim.new_node()
-                sim.sim.call_at(start + rng.uniform(0, churn_window), sim._join_with_random_seed, core)
+                sim.sim.call_at(
+                    start + rng.uniform(0, churn_window), sim._join_with_random_seed, core
+                )
             # lookups run throughout the churn window and after it
             for _ in range(count):
                 sim.sim.call_at(start + rng.uniform(0, churn_window * 1.25), issue)
         else:
             for i in range(count):
                 sim.sim.call_at(start + i * 0.01, issue)
-        sim.sim.run(until=start + churn_window * 1.25 + 600, stop=lambda: len(results) >= count
-                    and (not churn or sim.sim.now > start + churn_window))
+        sim.sim.run(
+            until=start + churn_window * 1.25 + 600,
+            stop=lambda: (
+                len(results) >= count and (not churn or sim.sim.now > start + churn_window)
+            ),
+        )
         ok = sum(1 for r in results if r[0])
         hops = [r[1] for r in results if r[1] is not None]
         msgs = [r[2] for r in results]
-        return {"lookups": len(results), "success_rate": ok / max(1, count),
-                "hops_median": statistics.median(hops) if hops else None, "hops_p99": _pct(hops, 0.99),
-                "messages_per_lookup": statistics.mean(msgs) if msgs else None}
+        return {
+            "lookups": len(results),
+            "success_rate": ok / max(1, count),
+            "hops_median": statistics.median(hops) if hops else None,
+            "hops_p99": _pct(hops, 0.99),
+            "messages_per_lookup": statistics.mean(msgs) if msgs else None,
+        }
 
     steady = get_phase(gets, churn=False)
     churned = get_phase(gets, churn=True)
-    return {"nodes": n, "values": values, "join_refresh": join_refresh, "build_cpu_s": round(build_cpu, 1),
-            "build_messages_per_join": round(build_messages / n, 1),
-            "no_churn": steady, "churn_20_20": churned,
-            "total_cpu_s": round(time.process_time() - cpu0, 1),
-            "total_wall_s": round(time.time() - wall0, 1)}
+    return {
+        "nodes": n,
+        "values": values,
+        "join_refresh": join_refresh,
+        "build_cpu_s": round(build_cpu, 1),
+        "build_messages_per_join": round(build_messages / n, 1),
+        "no_churn": steady,
+        "churn_20_20": churned,
+        "total_cpu_s": round(time.process_time() - cpu0, 1),
+        "total_wall_s": round(time.time() - wall0, 1),
+    }
 
 
 async def real(count: int, ops: int, seed: int) -> dict:
-    from latticaray.mesh.dht import DhtConfig as Cfg, DhtService
+    from latticaray.mesh.dht import DhtConfig as Cfg
+    from latticaray.mesh.dht import DhtService
     from latticaray.mesh.node import MeshConfig, MeshNode
 
     rng = random.Random(seed)
@@ -119,17 +142,19 @@ async def real(count: int, ops: int, seed: int) -> dict:
     t0 = time.perf_counter()
     try:
         for _ in range(count):
-            node = await MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
-                                             transports=("quic",))).start()
+            node = await MeshNode(
+                MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+            ).start()
             nodes.append(node)
             dhts.append(DhtService(node, Cfg(request_timeout=10.0, stall_timeout=2.0)))
         seed_addr = [str(nodes[0].listen_addrs[0])]
         await dhts[0].bootstrap()
         for i in range(1, count, 8):  # join in small waves: enough concurrency, bounded load
-            await asyncio.gather(*(d.bootstrap(seed_addr) for d in dhts[i:i + 8]))
+            await asyncio.gather(*(d.bootstrap(seed_addr) for d in dhts[i : i + 8]))
         build_s = time.perf_counter() - t0
         # baseline in the same run: one DHT ping RPC between two random nodes (connected first)
-        from latticaray.mesh.dht.messages import PROTOCOL_ID, encode  # noqa: PLC0415
+        from latticaray.mesh.dht.messages import PROTOCOL_ID, encode
+
         ping = encode({"op": "ping"})
         ping_ms = []
         for _ in range(ops):
@@ -156,15 +181,23 @@ async def real(count: int, ops: int, seed: int) -> dict:
             got = await dhts[reader].get(b"real/%d" % i, quorum=1)
             quick_ms.append((time.perf_counter() - t) * 1000)
             found += got is not None and got.value == b"v%d" % i
-        return {"nodes": count, "operations": ops, "transport": "quic", "build_s": round(build_s, 1),
-                "rpc_ping_ms_p50": round(_pct(ping_ms, 0.5), 2),
-                "rpc_ping_ms_p99": round(_pct(ping_ms, 0.99), 2),
-                "store_ms_p50": round(_pct(store_ms, 0.5), 1), "store_ms_p99": round(_pct(store_ms, 0.99), 1),
-                "get_ms_p50": round(_pct(get_ms, 0.5), 1), "get_ms_p99": round(_pct(get_ms, 0.99), 1),
-                "get_quorum1_ms_p50": round(_pct(quick_ms, 0.5), 1),
-                "get_quorum1_ms_p99": round(_pct(quick_ms, 0.99), 1),
-                "get_success_rate": found / (2 * ops), "replicas_median": statistics.median(replicas),
-                "connections_median": statistics.median(len(n.connected_peers()) for n in nodes)}
+        return {
+            "nodes": count,
+            "operations": ops,
+            "transport": "quic",
+            "build_s": round(build_s, 1),
+            "rpc_ping_ms_p50": round(_pct(ping_ms, 0.5), 2),
+            "rpc_ping_ms_p99": round(_pct(ping_ms, 0.99), 2),
+            "store_ms_p50": round(_pct(store_ms, 0.5), 1),
+            "store_ms_p99": round(_pct(store_ms, 0.99), 1),
+            "get_ms_p50": round(_pct(get_ms, 0.5), 1),
+            "get_ms_p99": round(_pct(get_ms, 0.99), 1),
+            "get_quorum1_ms_p50": round(_pct(quick_ms, 0.5), 1),
+            "get_quorum1_ms_p99": round(_pct(quick_ms, 0.99), 1),
+            "get_success_rate": found / (2 * ops),
+            "replicas_median": statistics.median(replicas),
+            "connections_median": statistics.median(len(n.connected_peers()) for n in nodes),
+        }
     finally:
         for dht in dhts:
             await dht.close()
@@ -178,58 +211,101 @@ def main() -> None:
     parser.add_argument("--sizes", help="comma-separated simulated sizes (overrides the default)")
     parser.add_argument("--real-nodes", type=int, help="real loopback nodes (0 to skip)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--join-refresh", default="2",
-                        help="buckets a joining node refreshes after its self-lookup: the n farthest "
-                             "beyond its nearest neighbour, or 'all' (Kademlia's full procedure)")
+    parser.add_argument(
+        "--join-refresh",
+        default="2",
+        help="buckets a joining node refreshes after its self-lookup: the n farthest "
+        "beyond its nearest neighbour, or 'all' (Kademlia's full procedure)",
+    )
     args = parser.parse_args()
     join_refresh = args.join_refresh if args.join_refresh == "all" else int(args.join_refresh)
-    sizes = [int(s) for s in args.sizes.split(",") if s] if args.sizes is not None else (
-        [100, 1000] if args.quick else [100, 1000, 10000])
+    sizes = (
+        [int(s) for s in args.sizes.split(",") if s]
+        if args.sizes is not None
+        else ([100, 1000] if args.quick else [100, 1000, 10000])
+    )
     real_nodes = args.real_nodes if args.real_nodes is not None else (32 if args.quick else 64)
 
     sim_results = []
-    print(f"simulated DHT (k=20, alpha=3; one-way latency 5-50 ms; join: self-lookup + refresh of "
-          f"{join_refresh} farthest buckets)")
-    header = (f"{'nodes':>7} {'phase':>10} {'GET ok':>8} {'hops p50':>9} {'hops p99':>9} "
-              f"{'msgs/lookup':>12} {'join msgs':>10} {'cpu s':>7}")
+    print(
+        f"simulated DHT (k=20, alpha=3; one-way latency 5-50 ms; join: self-lookup + refresh of "
+        f"{join_refresh} farthest buckets)"
+    )
+    header = (
+        f"{'nodes':>7} {'phase':>10} {'GET ok':>8} {'hops p50':>9} {'hops p99':>9} "
+        f"{'msgs/lookup':>12} {'join msgs':>10} {'cpu s':>7}"
+    )
     print(header)
     for n in sizes:
-        result = simulate(n, args.seed, values=min(100, n), gets=300 if n >= 1000 else 200,
-                          join_refresh=join_refresh)
+        result = simulate(
+            n,
+            args.seed,
+            values=min(100, n),
+            gets=300 if n >= 1000 else 200,
+            join_refresh=join_refresh,
+        )
         sim_results.append(result)
         for phase in ("no_churn", "churn_20_20"):
             r = result[phase]
-            print(f"{n:>7} {phase:>10} {r['success_rate']:>8.1%} {r['hops_median']:>9} "
-                  f"{r['hops_p99']:>9} {r['messages_per_lookup']:>12.1f} "
-                  f"{result['build_messages_per_join']:>10} {result['total_cpu_s']:>7}", flush=True)
+            print(
+                f"{n:>7} {phase:>10} {r['success_rate']:>8.1%} {r['hops_median']:>9} "
+                f"{r['hops_p99']:>9} {r['messages_per_lookup']:>12.1f} "
+                f"{result['build_messages_per_join']:>10} {result['total_cpu_s']:>7}",
+                flush=True,
+            )
 
     real_result = None
     if real_nodes:
         try:
-            import uvloop  # noqa: PLC0415
+            import uvloop
+
             runner = uvloop.run
         except ImportError:
             runner = asyncio.run
         real_result = runner(real(real_nodes, 100, args.seed))
         r = real_result
-        print(f"\nreal DHT: {r['nodes']} nodes in one process over loopback QUIC, {r['operations']} "
-              f"store+get pairs from random nodes")
-        print(f"  baseline: one DHT ping RPC p50 {r['rpc_ping_ms_p50']} ms  p99 {r['rpc_ping_ms_p99']} ms")
-        print(f"  store p50 {r['store_ms_p50']} ms  p99 {r['store_ms_p99']} ms   "
-              f"get p50 {r['get_ms_p50']} ms  p99 {r['get_ms_p99']} ms   "
-              f"get ok {r['get_success_rate']:.0%}  replicas {r['replicas_median']}")
-        print(f"  get with quorum=1 (stop at the first holder): p50 {r['get_quorum1_ms_p50']} ms  "
-              f"p99 {r['get_quorum1_ms_p99']} ms")
+        print(
+            f"\nreal DHT: {r['nodes']} nodes in one process over loopback QUIC, {r['operations']} "
+            f"store+get pairs from random nodes"
+        )
+        print(
+            f"  baseline: one DHT ping RPC p50 {r['rpc_ping_ms_p50']} ms  p99 {r['rpc_ping_ms_p99']} ms"
+        )
+        print(
+            f"  store p50 {r['store_ms_p50']} ms  p99 {r['store_ms_p99']} ms   "
+            f"get p50 {r['get_ms_p50']} ms  p99 {r['get_ms_p99']} ms   "
+            f"get ok {r['get_success_rate']:.0%}  replicas {r['replicas_median']}"
+        )
+        print(
+            f"  get with quorum=1 (stop at the first holder): p50 {r['get_quorum1_ms_p50']} ms  "
+            f"p99 {r['get_quorum1_ms_p99']} ms"
+        )
 
-    import aioquic, cryptography, msgpack  # noqa: E401, PLC0415
-    print(json.dumps({
-        "bench": "dht", "simulated": sim_results, "real": real_result,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "note": "shared machine, loaded by other engineers' work during runs"},
-        "versions": {"python": platform.python_version(), "aioquic": aioquic.__version__,
-                     "cryptography": cryptography.__version__, "msgpack": ".".join(map(str, msgpack.version))},
-    }))
+    import aioquic
+    import cryptography
+    import msgpack
+
+    print(
+        json.dumps(
+            {
+                "bench": "dht",
+                "simulated": sim_results,
+                "real": real_result,
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(),
+                    "note": "shared machine, loaded by other engineers' work during runs",
+                },
+                "versions": {
+                    "python": platform.python_version(),
+                    "aioquic": aioquic.__version__,
+                    "cryptography": cryptography.__version__,
+                    "msgpack": ".".join(map(str, msgpack.version)),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ In both, a second tpu task then measures a warm known peer.
 
 Prints one line per trial and a JSON line with min/median/max per figure (milliseconds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,9 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [os.path.join(ROOT, "tests", "runtime"), ROOT]
 
-import latticaray as lattica  # noqa: E402
 from meshutil import NodeProcess, alive_nodes, wait_for  # noqa: E402
+
+import latticaray as lattica  # noqa: E402
 
 
 @lattica.remote
@@ -46,8 +48,9 @@ def trial(sparse: bool) -> dict:
         invite = d.info["invite"]
         a = NodeProcess(d.info["addrs"][0], invite)
         nodes.append(a)
-        c = NodeProcess(a.info["addrs"][0], invite,
-                        extra_args=(*peering, "--resources", '{"tpu": 1}'))
+        c = NodeProcess(
+            a.info["addrs"][0], invite, extra_args=(*peering, "--resources", '{"tpu": 1}')
+        )
         nodes.append(c)
         lattica.init(address=d.info["driver_address"])
         try:
@@ -80,17 +83,30 @@ def main() -> None:
         for name in ("dht", "views"):  # interleaved: both see the same machine load
             result = trial(sparse=name == "dht")
             results[name].append(result)
-            print(f"trial {i} {name:5s} first {result['first_ms']:8.1f} ms  "
-                  f"warm {result['warm_ms']:6.1f} ms", flush=True)
+            print(
+                f"trial {i} {name:5s} first {result['first_ms']:8.1f} ms  "
+                f"warm {result['warm_ms']:6.1f} ms",
+                flush=True,
+            )
     summary = {}
     for name, rows in results.items():
         for figure in ("first_ms", "warm_ms"):
             values = [r[figure] for r in rows]
-            summary[f"{name}_{figure}"] = {"min": round(min(values), 1),
-                                           "median": round(statistics.median(values), 1),
-                                           "max": round(max(values), 1)}
-    print(json.dumps({"figures": summary, "trials": args.trials, "cpus": os.cpu_count(),
-                      "python": platform.python_version()}))
+            summary[f"{name}_{figure}"] = {
+                "min": round(min(values), 1),
+                "median": round(statistics.median(values), 1),
+                "max": round(max(values), 1),
+            }
+    print(
+        json.dumps(
+            {
+                "figures": summary,
+                "trials": args.trials,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Run: `.venv/bin/python bench/microbenchmark.py [--duration 2] [--only "tasks"]`. The last line
 of output is one JSON object with the figures, the machine and the versions.
 """
+
 import sys
 
 from latticaray.runtime.microbenchmark import main

@@ -54,7 +54,7 @@ async def measure_pair(node, peer, direct_addrs, relay, qps_seconds: float, upgr
     if link.upgrade_task is not None:
         try:
             await asyncio.wait_for(asyncio.shield(link.upgrade_task), upgrade_timeout)
-        except (asyncio.TimeoutError, Exception):
+        except (TimeoutError, Exception):
             pass
     if link.metrics.upgraded_at is not None:
         row["upgrade_s"] = link.metrics.upgraded_at - t0
@@ -77,6 +77,7 @@ async def measure_qps(node, peer, qps_seconds: float, row: dict) -> None:
         while loop.time() < end:
             await node.call(peer, PING_SERVICE, payload, timeout=10)
             count += 1
+
     started = loop.time()
     try:
         await asyncio.gather(*(worker() for _ in range(QPS_CONCURRENCY)))
@@ -102,7 +103,7 @@ async def measure_pair_mesh(node, nat, peer, addrs, qps_seconds: float, upgrade_
     if link is not None and link.upgrade_task is not None:
         try:
             await asyncio.wait_for(asyncio.shield(link.upgrade_task), upgrade_timeout)
-        except (asyncio.TimeoutError, Exception):
+        except (TimeoutError, Exception):
             pass
     conn = node.connection_to(peer)
     transport = conn.transport if conn is not None else "none"
@@ -124,6 +125,7 @@ def run_pair_mesh(lab: MeshLab, src: str, dst: str, qps_seconds: float) -> dict:
     async def forget(node, nat, peer):
         nat.links.pop(peer, None)
         await node.disconnect(peer)
+
     lab.loops[src].run(forget(a, lab.nats[src], b.peer_id), 20)
     lab.loops[dst].run(forget(b, lab.nats[dst], a.peer_id), 20)
     addrs = []
@@ -131,7 +133,9 @@ def run_pair_mesh(lab: MeshLab, src: str, dst: str, qps_seconds: float) -> dict:
         addrs.append(f"/ip4/{IPS[dst]}/udp/{lab.quic_port}/quic-v1/p2p/{b.peer_id}")
     if lab.nats[dst].circuit_address():
         addrs.append(lab.circuit_addr(dst))
-    return lab.loops[src].run(measure_pair_mesh(a, lab.nats[src], b.peer_id, addrs, qps_seconds, 20.0), 90)
+    return lab.loops[src].run(
+        measure_pair_mesh(a, lab.nats[src], b.peer_id, addrs, qps_seconds, 20.0), 90
+    )
 
 
 def run_matrix_mesh(prefix: str, up_args: list[str], qps_seconds: float, label: str) -> dict:
@@ -140,13 +144,25 @@ def run_matrix_mesh(prefix: str, up_args: list[str], qps_seconds: float, label: 
         try:
             mesh.start()
             discovery = mesh.discover_and_reserve()
-            nat = {h: {"nat_type": r.nat_type.value, "reachability": reach.value,
-                       "mapped": [f"{ip}:{port}" for ip, port in r.mapped]}
-                   for h, (r, reach) in discovery.items()}
-            rows = {f"{s}->{d}": run_pair_mesh(mesh, s, d, qps_seconds)
-                    for s, d in itertools.permutations(NODES, 2)}
-            return {"label": label, "stack": "MeshNode+MeshNat", "up_args": up_args, "nat": nat,
-                    "pairs": rows}
+            nat = {
+                h: {
+                    "nat_type": r.nat_type.value,
+                    "reachability": reach.value,
+                    "mapped": [f"{ip}:{port}" for ip, port in r.mapped],
+                }
+                for h, (r, reach) in discovery.items()
+            }
+            rows = {
+                f"{s}->{d}": run_pair_mesh(mesh, s, d, qps_seconds)
+                for s, d in itertools.permutations(NODES, 2)
+            }
+            return {
+                "label": label,
+                "stack": "MeshNode+MeshNat",
+                "up_args": up_args,
+                "nat": nat,
+                "pairs": rows,
+            }
         finally:
             mesh.stop()
 
@@ -158,27 +174,40 @@ def run_pair(mesh: LabMesh, src: str, dst: str, qps_seconds: float, punching: bo
     a.config.hole_punching = punching
     try:
         return mesh.loops[src].run(
-            measure_pair(a, b.peer_id, mesh.direct_addrs(dst), mesh.relay_tuple(), qps_seconds, 20.0),
-            90)
+            measure_pair(
+                a, b.peer_id, mesh.direct_addrs(dst), mesh.relay_tuple(), qps_seconds, 20.0
+            ),
+            90,
+        )
     finally:
         a.config.hole_punching = True
 
 
-def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str,
-               extra=None) -> dict:
+def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str, extra=None) -> dict:
     with lab(prefix, *up_args):
         mesh = LabMesh(prefix, NODES, quic_port=4001, relay_port=4002)
         try:
             mesh.start()
             discovery = mesh.discover()
             mesh.reserve_all(PRIVATE)
-            nat = {h: {"nat_type": r.nat_type.value, "reachability": reach.value,
-                       "mapped": [f"{ip}:{port}" for ip, port in r.mapped]}
-                   for h, (r, reach) in discovery.items()}
+            nat = {
+                h: {
+                    "nat_type": r.nat_type.value,
+                    "reachability": reach.value,
+                    "mapped": [f"{ip}:{port}" for ip, port in r.mapped],
+                }
+                for h, (r, reach) in discovery.items()
+            }
             rows = {}
             for src, dst in itertools.permutations(NODES, 2):
                 rows[f"{src}->{dst}"] = run_pair(mesh, src, dst, qps_seconds)
-            result = {"label": label, "stack": "NatNode", "up_args": up_args, "nat": nat, "pairs": rows}
+            result = {
+                "label": label,
+                "stack": "NatNode",
+                "up_args": up_args,
+                "nat": nat,
+                "pairs": rows,
+            }
             if extra is not None:
                 result.update(extra(mesh))
             return result
@@ -196,13 +225,21 @@ def birthday_trials(mesh: LabMesh, attempts: int) -> dict:
         if row["path"] == "birthday":
             wins += 1
             times.append(row["upgrade_s"])
-    return {"birthday": {"attempts": attempts, "direct": wins, "rate": wins / attempts,
-                         "outcomes": outcomes,
-                         "median_upgrade_s": sorted(times)[len(times) // 2] if times else None}}
+    return {
+        "birthday": {
+            "attempts": attempts,
+            "direct": wins,
+            "rate": wins / attempts,
+            "outcomes": outcomes,
+            "median_upgrade_s": sorted(times)[len(times) // 2] if times else None,
+        }
+    }
 
 
 def relay_baseline(mesh: LabMesh) -> dict:
-    return {"relay_baseline_hostA_hostB": run_pair(mesh, "hostA", "hostB", QPS_SECONDS, punching=False)}
+    return {
+        "relay_baseline_hostA_hostB": run_pair(mesh, "hostA", "hostB", QPS_SECONDS, punching=False)
+    }
 
 
 def tcp_punch_pairs(mesh: LabMesh, qps_seconds: float) -> dict:
@@ -212,8 +249,10 @@ def tcp_punch_pairs(mesh: LabMesh, qps_seconds: float) -> dict:
         mesh.nodes[host].config.punch_protocol = "tcp"
         mesh.nodes[host].config.tcp_port = 4003
     try:
-        rows = {f"{s}->{d}": run_pair(mesh, s, d, qps_seconds)
-                for s, d in itertools.permutations(hosts, 2)}
+        rows = {
+            f"{s}->{d}": run_pair(mesh, s, d, qps_seconds)
+            for s, d in itertools.permutations(hosts, 2)
+        }
     finally:
         for host in hosts:
             mesh.nodes[host].config.punch_protocol = "quic"
@@ -225,25 +264,35 @@ def fmt(value, spec):
 
 
 def print_matrix(result: dict) -> None:
-    print(f"\n== {result['label']}  [{result['stack']}]  (netlab up {' '.join(result['up_args']) or '(defaults)'})")
+    up = " ".join(result["up_args"]) or "(defaults)"
+    print(f"\n== {result['label']}  [{result['stack']}]  (netlab up {up})")
     print(f"{'node':8} {'NAT type':22} {'reachability':12} mapped")
     for host, info in result["nat"].items():
-        print(f"{host:8} {info['nat_type']:22} {info['reachability']:12} {', '.join(info['mapped'])}")
-    print(f"\n{'pair':16} {'conn':5} {'path':11} {'1st RPC s':>9} {'upgrade s':>9} {'tries':>5} {'QPS':>8}")
+        print(
+            f"{host:8} {info['nat_type']:22} {info['reachability']:12} {', '.join(info['mapped'])}"
+        )
+    print(
+        f"\n{'pair':16} {'conn':5} {'path':11} {'1st RPC s':>9} {'upgrade s':>9} {'tries':>5} {'QPS':>8}"
+    )
     for pair, row in result["pairs"].items():
-        print(f"{pair:16} {'yes' if row['connected'] else 'NO':5} {row['path']:11} "
-              f"{fmt(row['first_rpc_s'], '.3f'):>9} {fmt(row['upgrade_s'], '.3f'):>9} "
-              f"{row.get('punch_attempts', 0):>5} {row['qps']:8.0f}"
-              + (f"  ! {row['error']}" if row.get("error") else ""))
+        print(
+            f"{pair:16} {'yes' if row['connected'] else 'NO':5} {row['path']:11} "
+            f"{fmt(row['first_rpc_s'], '.3f'):>9} {fmt(row['upgrade_s'], '.3f'):>9} "
+            f"{row.get('punch_attempts', 0):>5} {row['qps']:8.0f}"
+            + (f"  ! {row['error']}" if row.get("error") else "")
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter QPS windows, 6 birthday tries")
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter QPS windows, 6 birthday tries"
+    )
     parser.add_argument("--prefix", default=f"lrb{os.getpid() % 100000}")
     args = parser.parse_args()
     # aioquic logs late packets of connections closed between pairs; they are expected here
     import logging
+
     logging.getLogger("quic").setLevel(logging.CRITICAL)
     reason = netlab_available()
     if reason is not None:
@@ -254,44 +303,75 @@ def main() -> int:
     attempts = 6 if args.quick else 20
     started = time.time()
     runs = [
-        run_matrix_mesh(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)"),
-        run_matrix(args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)",
-                   extra=lambda m: {**birthday_trials(m, attempts), **relay_baseline(m),
-                                    **tcp_punch_pairs(m, qps_seconds)}),
-        run_matrix_mesh(args.prefix, ["--nat", "natB=cone-remap"], qps_seconds,
-                        "natB = cone-remap (port-translating cone)"),
-        run_matrix_mesh(args.prefix, ["--nat", "natA=symmetric"], qps_seconds,
-                        "natA = symmetric (symmetric-symmetric pairs hostA<->hostC)"),
+        run_matrix_mesh(
+            args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)"
+        ),
+        run_matrix(
+            args.prefix,
+            [],
+            qps_seconds,
+            "default lab (natA, natB cone; natC symmetric)",
+            extra=lambda m: {
+                **birthday_trials(m, attempts),
+                **relay_baseline(m),
+                **tcp_punch_pairs(m, qps_seconds),
+            },
+        ),
+        run_matrix_mesh(
+            args.prefix,
+            ["--nat", "natB=cone-remap"],
+            qps_seconds,
+            "natB = cone-remap (port-translating cone)",
+        ),
+        run_matrix_mesh(
+            args.prefix,
+            ["--nat", "natA=symmetric"],
+            qps_seconds,
+            "natA = symmetric (symmetric-symmetric pairs hostA<->hostC)",
+        ),
     ]
     for result in runs:
         print_matrix(result)
     base = runs[1]
     bday = base["birthday"]
-    print(f"\nbirthday probing cone<->symmetric: {bday['direct']}/{bday['attempts']} direct "
-          f"({bday['rate']:.0%}), median upgrade {fmt(bday['median_upgrade_s'], '.3f')} s")
+    print(
+        f"\nbirthday probing cone<->symmetric: {bday['direct']}/{bday['attempts']} direct "
+        f"({bday['rate']:.0%}), median upgrade {fmt(bday['median_upgrade_s'], '.3f')} s"
+    )
     print("\nTCP simultaneous open (punch protocol tcp), cone and firewall hosts:")
     for pair, row in base["tcp_punch"].items():
-        print(f"  {pair:16} {'yes' if row['connected'] else 'NO':4} {row['path']:12} "
-              f"upgrade {fmt(row['upgrade_s'], '.3f')} s  {row['qps']:.0f} QPS"
-              + (f"  ! {row['error']}" if row.get("error") else ""))
+        print(
+            f"  {pair:16} {'yes' if row['connected'] else 'NO':4} {row['path']:12} "
+            f"upgrade {fmt(row['upgrade_s'], '.3f')} s  {row['qps']:.0f} QPS"
+            + (f"  ! {row['error']}" if row.get("error") else "")
+        )
     rb = base["relay_baseline_hostA_hostB"]
     ab = base["pairs"]["hostA->hostB"]
-    print(f"baseline hostA->hostB relayed (punching off): {rb['qps']:.0f} QPS; "
-          f"punched direct: {ab['qps']:.0f} QPS")
+    print(
+        f"baseline hostA->hostB relayed (punching off): {rb['qps']:.0f} QPS; "
+        f"punched direct: {ab['qps']:.0f} QPS"
+    )
     all_pairs = [row for r in runs for row in r["pairs"].values()]
     connected = sum(1 for row in all_pairs if row["connected"])
-    print(f"connected pairs: {connected}/{len(all_pairs)}; wall time {time.time() - started:.0f} s "
-          "(machine shared with other engineers' jobs: QPS and timings are noisy)")
+    print(
+        f"connected pairs: {connected}/{len(all_pairs)}; wall time {time.time() - started:.0f} s "
+        "(machine shared with other engineers' jobs: QPS and timings are noisy)"
+    )
     import aioquic
     import cryptography
+
     summary = {
         "bench": "nat_matrix",
-        "connected": connected, "pairs": len(all_pairs),
+        "connected": connected,
+        "pairs": len(all_pairs),
         "runs": runs,
         "birthday_rate": bday["rate"],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "aioquic": aioquic.__version__,
-                     "cryptography": cryptography.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "aioquic": aioquic.__version__,
+            "cryptography": cryptography.__version__,
+        },
     }
     print(json.dumps(summary, separators=(",", ":")))
     return 0

@@ -54,6 +54,7 @@ MiB = 1 << 20
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def memcpy_gbps(nbytes: int) -> dict[str, float]:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -89,11 +90,14 @@ def hash_gbps(nbytes: int) -> dict[str, float]:
 
     start = time.perf_counter()
     build_manifest(data, {"ser": "bench"})
-    out["manifest_sha256_1MiB_blocks_threads_GBps"] = round(nbytes / (time.perf_counter() - start) / 1e9, 2)
+    out["manifest_sha256_1MiB_blocks_threads_GBps"] = round(
+        nbytes / (time.perf_counter() - start) / 1e9, 2
+    )
     return out
 
 
 # --- 1. same host --------------------------------------------------------------------------------
+
 
 def _same_host_getter(root, cid, queue):
     from latticaray.objectstore.store import LocalStore
@@ -150,12 +154,25 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
     stores = []
     try:
         for name, code in hashes:
-            plain = LocalStore(os.path.join(root, f"plain-{name}"), capacity_bytes=8 * size,
-                               spill_dir=os.path.join(spill, f"plain-{name}"), hash_code=code, warm=False)
-            warm = LocalStore(os.path.join(root, f"warm-{name}"), capacity_bytes=16 * size,
-                              spill_dir=os.path.join(spill, f"warm-{name}"), hash_code=code)
-            local = LocalStore(os.path.join(root, f"local-{name}"), capacity_bytes=16 * size,
-                               spill_dir=os.path.join(spill, f"local-{name}"), hash_code=code)
+            plain = LocalStore(
+                os.path.join(root, f"plain-{name}"),
+                capacity_bytes=8 * size,
+                spill_dir=os.path.join(spill, f"plain-{name}"),
+                hash_code=code,
+                warm=False,
+            )
+            warm = LocalStore(
+                os.path.join(root, f"warm-{name}"),
+                capacity_bytes=16 * size,
+                spill_dir=os.path.join(spill, f"warm-{name}"),
+                hash_code=code,
+            )
+            local = LocalStore(
+                os.path.join(root, f"local-{name}"),
+                capacity_bytes=16 * size,
+                spill_dir=os.path.join(spill, f"local-{name}"),
+                hash_code=code,
+            )
             stores += [plain, warm, local]
             first = _put_seconds(warm, array, 1, False)[0]  # no spare yet in this process
             results[f"put_warm_{name}_first_GBps"] = round(size / first / 1e9, 2)
@@ -175,22 +192,37 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
                 local_s += puts
                 resolve_s += resolves
             del target
-            for path, seconds in (("plain", plain_s), ("warm", warm_s), ("local", local_s),
-                                  ("memcpy", memcpy_s)):
+            for path, seconds in (
+                ("plain", plain_s),
+                ("warm", warm_s),
+                ("local", local_s),
+                ("memcpy", memcpy_s),
+            ):
                 results[f"put_{path}_{name}_GBps"] = round(size / min(seconds) / 1e9, 2)
                 results[f"put_{path}_{name}_median_GBps"] = round(
-                    size / sorted(seconds)[len(seconds) // 2] / 1e9, 2)
+                    size / sorted(seconds)[len(seconds) // 2] / 1e9, 2
+                )
             resolve_s.sort()
-            results[f"cid_after_local_put_{name}_ms"] = [round(resolve_s[0] * 1e3, 1),
-                                                         round(resolve_s[len(resolve_s) // 2] * 1e3, 1)]
+            results[f"cid_after_local_put_{name}_ms"] = [
+                round(resolve_s[0] * 1e3, 1),
+                round(resolve_s[len(resolve_s) // 2] * 1e3, 1),
+            ]
             both = sorted(p + r for p, r in zip(local_s[1::2], resolve_s))
-            results[f"put_local_then_cid_{name}_median_GBps"] = round(size / both[len(both) // 2] / 1e9, 2)
+            results[f"put_local_then_cid_{name}_median_GBps"] = round(
+                size / both[len(both) // 2] / 1e9, 2
+            )
             back_to_back = _put_seconds(warm, array, 5, False)
-            results[f"put_warm_{name}_back_to_back_GBps"] = round(size / sorted(back_to_back)[2] / 1e9, 2)
+            results[f"put_warm_{name}_back_to_back_GBps"] = round(
+                size / sorted(back_to_back)[2] / 1e9, 2
+            )
             back_to_back = _local_put_seconds(local, array, 5)[0]
-            results[f"put_local_{name}_back_to_back_GBps"] = round(size / sorted(back_to_back)[2] / 1e9, 2)
-            results[f"local_{name}_gifts_taken_reused_mapping"] = [local.gifts_taken,
-                                                                  local.gifts_reused_mapping]
+            results[f"put_local_{name}_back_to_back_GBps"] = round(
+                size / sorted(back_to_back)[2] / 1e9, 2
+            )
+            results[f"local_{name}_gifts_taken_reused_mapping"] = [
+                local.gifts_taken,
+                local.gifts_reused_mapping,
+            ]
             warm.close()
         store = stores[-1]
         ctx = mp.get_context("spawn")
@@ -200,7 +232,7 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
                 queue = ctx.Queue()
                 child = ctx.Process(target=_same_host_getter, args=(store.root, key, queue))
                 child.start()
-                got, read, nbytes, readonly, total = queue.get(timeout=120)
+                got, read, nbytes, readonly, _total = queue.get(timeout=120)
                 child.join(timeout=30)
                 assert nbytes == array.nbytes and readonly
                 gets.append(got)
@@ -213,15 +245,20 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
         get = results["get_zero_copy_by_local_name_ms"] / 1e3
         for name, _ in hashes:
             put_rate = results[f"put_local_{name}_GBps"]
-            results[f"put_then_get_local_{name}_GBps"] = round(size / (size / put_rate / 1e9 + get) / 1e9, 2)
+            results[f"put_then_get_local_{name}_GBps"] = round(
+                size / (size / put_rate / 1e9 + get) / 1e9, 2
+            )
             put_rate = results[f"put_local_{name}_median_GBps"]
             results[f"put_then_get_local_{name}_median_GBps"] = round(
-                size / (size / put_rate / 1e9 + get) / 1e9, 2)
+                size / (size / put_rate / 1e9 + get) / 1e9, 2
+            )
         get = results["get_zero_copy_ms"] / 1e3
         for name, _ in hashes:
             for path in ("plain", "warm"):
                 put_rate = results[f"put_{path}_{name}_GBps"]
-                results[f"put_then_get_{path}_{name}_GBps"] = round(size / (size / put_rate / 1e9 + get) / 1e9, 2)
+                results[f"put_then_get_{path}_{name}_GBps"] = round(
+                    size / (size / put_rate / 1e9 + get) / 1e9, 2
+                )
         return results
     finally:
         for store in stores:
@@ -232,29 +269,46 @@ def bench_same_host(size: int, shm_base: str) -> dict[str, float]:
 
 # --- node processes ------------------------------------------------------------------------------
 
-def _node_process(conn, transport: str, shm_dir: str, chunk_size: int, netns: str | None = None,
-                  listen_ip: str = "127.0.0.1", hash_name: str = "sha256") -> None:
+
+def _node_process(
+    conn,
+    transport: str,
+    shm_dir: str,
+    chunk_size: int,
+    netns: str | None = None,
+    listen_ip: str = "127.0.0.1",
+    hash_name: str = "sha256",
+) -> None:
     if netns is not None:  # enter a netlab node's network namespace before any socket exists
         _enter_netns(netns)
     asyncio.run(_node_main(conn, transport, shm_dir, chunk_size, listen_ip, hash_name))
 
 
-async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen_ip: str,
-                     hash_name: str) -> None:
+async def _node_main(
+    conn, transport: str, shm_dir: str, chunk_size: int, listen_ip: str, hash_name: str
+) -> None:
     from latticaray.mesh.multiaddr import Multiaddr
     from latticaray.mesh.node import MeshConfig, MeshNode
-    from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
     from latticaray.objectstore.cid import BLAKE3, SHA2_256
+    from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
     from latticaray.objectstore.store import LocalStore
 
-    listen = {"quic": [f"/ip4/{listen_ip}/udp/0/quic-v1"], "tcp": [f"/ip4/{listen_ip}/tcp/0"],
-              "unix": []}[transport]
+    listen = {
+        "quic": [f"/ip4/{listen_ip}/udp/0/quic-v1"],
+        "tcp": [f"/ip4/{listen_ip}/tcp/0"],
+        "unix": [],
+    }[transport]
     node = MeshNode(MeshConfig(listen=listen, transports=(transport,)))
     await node.start()
     spill = tempfile.mkdtemp(prefix="bench-spill-")
     # the seed's hash names the blocks; fetchers verify with it
-    store = LocalStore(shm_dir, capacity_bytes=8 << 30, spill_dir=spill, chunk_size=chunk_size,
-                       hash_code={"sha256": SHA2_256, "blake3": BLAKE3}[hash_name])
+    store = LocalStore(
+        shm_dir,
+        capacity_bytes=8 << 30,
+        spill_dir=spill,
+        chunk_size=chunk_size,
+        hash_code={"sha256": SHA2_256, "blake3": BLAKE3}[hash_name],
+    )
     known: list = []
 
     async def providers(cid):
@@ -289,14 +343,23 @@ async def _node_main(conn, transport: str, shm_dir: str, chunk_size: int, listen
                 await exchange.fetch(arg, timeout=600)
                 conn.send(time.perf_counter() - start)
             elif command == "path":  # how this node reaches each peer (transport, address, relayed)
-                conn.send([(c.transport, str(c.remote_addr), c.relayed, "out" if c.outbound else "in")
-                           for c in node.connections.connections()])
+                conn.send(
+                    [
+                        (c.transport, str(c.remote_addr), c.relayed, "out" if c.outbound else "in")
+                        for c in node.connections.connections()
+                    ]
+                )
             elif command == "pull_bulk":  # bare RPC stream of arg[1] bytes from arg[0]: no store
                 from latticaray.mesh.identity import PeerId
 
                 start, got, cpu = time.perf_counter(), 0, time.process_time()
-                async for item in node.call_stream(PeerId.from_string(arg[0]), _BULK_SERVICE,
-                                                   str(arg[1]).encode(), timeout=600, window=8 << 20):
+                async for item in node.call_stream(
+                    PeerId.from_string(arg[0]),
+                    _BULK_SERVICE,
+                    str(arg[1]).encode(),
+                    timeout=600,
+                    window=8 << 20,
+                ):
                     got += len(item)
                 conn.send((got, time.perf_counter() - start, time.process_time() - cpu))
             elif command == "settle":  # let the store finish its background spare first
@@ -331,14 +394,29 @@ def _runqueue_wait() -> float:
 
 
 class NodeProcess:
-    def __init__(self, transport: str, shm_base: str, chunk_size: int = MiB, netns: str | None = None,
-                 listen_ip: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        transport: str,
+        shm_base: str,
+        chunk_size: int = MiB,
+        netns: str | None = None,
+        listen_ip: str = "127.0.0.1",
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.dir = tempfile.mkdtemp(prefix="bench-node-", dir=shm_base)
-        self.process = ctx.Process(target=_node_process, args=(child, transport, os.path.join(self.dir, "s"),
-                                                               chunk_size, netns, listen_ip,
-                                                               NODE_HASH))
+        self.process = ctx.Process(
+            target=_node_process,
+            args=(
+                child,
+                transport,
+                os.path.join(self.dir, "s"),
+                chunk_size,
+                netns,
+                listen_ip,
+                NODE_HASH,
+            ),
+        )
         self.process.start()
 
     def ask(self, command: str, arg=None, timeout: float = 900):
@@ -360,8 +438,13 @@ class NodeProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def bench_transfer(transport: str, size: int, shm_base: str, seed_at: tuple = (None, "127.0.0.1"),
-                   fetcher_at: tuple = (None, "127.0.0.1")) -> dict[str, float]:
+def bench_transfer(
+    transport: str,
+    size: int,
+    shm_base: str,
+    seed_at: tuple = (None, "127.0.0.1"),
+    fetcher_at: tuple = (None, "127.0.0.1"),
+) -> dict[str, float]:
     seed = NodeProcess(transport, shm_base, netns=seed_at[0], listen_ip=seed_at[1])
     fetcher = NodeProcess(transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1])
     try:
@@ -374,8 +457,14 @@ def bench_transfer(transport: str, size: int, shm_base: str, seed_at: tuple = (N
         fetcher.stop()
 
 
-def bench_swarm(size: int, counts: list[int], shm_base: str, where: list[str], rate_mbit: float,
-                transport: str = "tcp") -> dict:
+def bench_swarm(
+    size: int,
+    counts: list[int],
+    shm_base: str,
+    where: list[str],
+    rate_mbit: float,
+    transport: str = "tcp",
+) -> dict:
     """Part 3 (bench/objects_swarm.py): loopback (CPU-bound here) and netlab with shaped uplinks."""
     import objects_swarm
 
@@ -388,8 +477,9 @@ def bench_swarm(size: int, counts: list[int], shm_base: str, where: list[str], r
     return out
 
 
-NETLAB = os.environ.get("NETLAB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                                   "shared", "netlab", "netlab")
+NETLAB = os.environ.get("NETLAB") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "netlab", "netlab"
+)
 
 
 def _enter_netns(netns: str) -> None:
@@ -465,16 +555,21 @@ def bench_socket_stream(tls: bool, nbytes: int, seed_at: tuple, fetcher_at: tupl
     receiver = None
     try:
         port = ports.get(timeout=60)
-        receiver = ctx.Process(target=_socket_receiver, args=(fetcher_at[0], (seed_at[1], port), tls,
-                                                               nbytes, results))
+        receiver = ctx.Process(
+            target=_socket_receiver, args=(fetcher_at[0], (seed_at[1], port), tls, nbytes, results)
+        )
         receiver.start()
         got, seconds, receiver_cpu = results.get(timeout=300)
         sender_cpu = ports.get(timeout=60)
         if got != nbytes:
             raise RuntimeError(f"socket baseline received {got} of {nbytes} bytes")
-        return {"MBps": round(nbytes / seconds / MB, 1),
-                "cpu_s_per_100MB": {"seed": round(sender_cpu * 100 * MB / nbytes, 3),
-                                    "fetcher": round(receiver_cpu * 100 * MB / nbytes, 3)}}
+        return {
+            "MBps": round(nbytes / seconds / MB, 1),
+            "cpu_s_per_100MB": {
+                "seed": round(sender_cpu * 100 * MB / nbytes, 3),
+                "fetcher": round(receiver_cpu * 100 * MB / nbytes, 3),
+            },
+        }
     finally:
         for process in (receiver, sender):
             if process is not None:
@@ -489,8 +584,9 @@ def _spread(values: list[float]) -> dict:
     return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
 
 
-def bench_node_pair(transport: str, size: int, shm_base: str, seed_at: tuple, fetcher_at: tuple,
-                    reps: int) -> dict:
+def bench_node_pair(
+    transport: str, size: int, shm_base: str, seed_at: tuple, fetcher_at: tuple, reps: int
+) -> dict:
     """One seed and one fetcher node process: per repetition the bare RPC stream baseline (1 MiB
     messages, no store) and an exchange fetch of a fresh object, each with the CPU seconds both
     processes used and the seconds they waited for a CPU (load from other jobs)."""
@@ -512,14 +608,24 @@ def bench_node_pair(transport: str, size: int, shm_base: str, seed_at: tuple, fe
                 else:
                     got, seconds = size, fetcher.ask("fetch", cid)
                 after = (seed.ask("cpu"), fetcher.ask("cpu"))
-                runs[what].append({
-                    "MBps": round(got / seconds / MB, 1),
-                    "cpu_s_per_100MB": {side: round((after[i][0] - before[i][0]) * 100 * MB / got, 3)
-                                        for i, side in enumerate(("seed", "fetcher"))},
-                    "cpu_wait_share": {side: round((after[i][1] - before[i][1]) / seconds, 2)
-                                       for i, side in enumerate(("seed", "fetcher"))},
-                })
-        out = {"path": [dict(zip(("transport", "remote_addr", "relayed", "direction"), p)) for p in paths]}
+                runs[what].append(
+                    {
+                        "MBps": round(got / seconds / MB, 1),
+                        "cpu_s_per_100MB": {
+                            side: round((after[i][0] - before[i][0]) * 100 * MB / got, 3)
+                            for i, side in enumerate(("seed", "fetcher"))
+                        },
+                        "cpu_wait_share": {
+                            side: round((after[i][1] - before[i][1]) / seconds, 2)
+                            for i, side in enumerate(("seed", "fetcher"))
+                        },
+                    }
+                )
+        out = {
+            "path": [
+                dict(zip(("transport", "remote_addr", "relayed", "direction"), p)) for p in paths
+            ]
+        }
         for what, items in runs.items():
             out[what] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
         return out
@@ -539,26 +645,37 @@ def bench_netlab(size: int, shm_base: str, reps: int = 3) -> dict:
         return {"skipped": "needs root and the netlab script"}
     prefix = os.environ.get("NETLAB_PREFIX", "lrobj")
     env = dict(os.environ, NETLAB_PREFIX=prefix)
-    subprocess.run([NETLAB, "--prefix", prefix, "up", "--force"], env=env, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [NETLAB, "--prefix", prefix, "up", "--force"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         ns = lambda node: f"/run/netns/{prefix}-{node}"  # noqa: E731
         seed_at = (ns("pub1"), "198.18.0.11")
         results: dict = {"seed": "pub1 198.18.0.11 (public)", "load_avg_before": os.getloadavg()}
-        for name, node, ip in (("public_to_public", "pub2", "198.18.0.12"),
-                               ("behind_cone_nat_to_public", "hostA", "198.19.1.10")):
+        for name, node, ip in (
+            ("public_to_public", "pub2", "198.18.0.12"),
+            ("behind_cone_nat_to_public", "hostA", "198.19.1.10"),
+        ):
             fetcher_at = (ns(node), ip)
             host: dict = {"fetcher": f"{node} {ip}"}
             for label, tls in (("tcp_socket", False), ("tls13_socket", True)):
                 items = [bench_socket_stream(tls, size, seed_at, fetcher_at) for _ in range(reps)]
                 host[label] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
             for transport in ("tcp", "quic"):
-                host[transport] = bench_node_pair(transport, size, shm_base, seed_at, fetcher_at, reps)
+                host[transport] = bench_node_pair(
+                    transport, size, shm_base, seed_at, fetcher_at, reps
+                )
             results[name] = host
         results["load_avg_after"] = os.getloadavg()
         return results
     finally:
-        subprocess.run([NETLAB, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [NETLAB, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120
+        )
 
 
 def _netlab_rows(netlab: dict) -> list:
@@ -569,42 +686,74 @@ def _netlab_rows(netlab: dict) -> list:
         rows.append((f"netlab {name}: seed pub1 -> fetcher {host['fetcher']}", ""))
         for label in ("tcp_socket", "tls13_socket"):
             spread = host[label]["MBps"]
-            rows.append((f"  {label} baseline (MB/s min/med/max)",
-                         f"{spread['min']}/{spread['median']}/{spread['max']}"))
+            rows.append(
+                (
+                    f"  {label} baseline (MB/s min/med/max)",
+                    f"{spread['min']}/{spread['median']}/{spread['max']}",
+                )
+            )
         for transport in ("tcp", "quic"):
             pair = host[transport]
-            path = ", ".join(f"{p['transport']} {'relayed' if p['relayed'] else 'direct'} "
-                             f"{p['direction']} to {p['remote_addr']}" for p in pair["path"])
+            path = ", ".join(
+                f"{p['transport']} {'relayed' if p['relayed'] else 'direct'} "
+                f"{p['direction']} to {p['remote_addr']}"
+                for p in pair["path"]
+            )
             rows.append((f"  {transport} path: {path}", ""))
             for what in ("rpc_bulk", "exchange"):
                 spread = pair[what]["MBps"]
                 cpu = pair[what]["runs"][0]["cpu_s_per_100MB"]
-                rows.append((f"  {transport} {what} (MB/s min/med/max)",
-                             f"{spread['min']}/{spread['median']}/{spread['max']}"))
-                rows.append((f"  {transport} {what} CPU s/100MB seed, fetcher (1st run)",
-                             f"{cpu['seed']}, {cpu['fetcher']}"))
+                rows.append(
+                    (
+                        f"  {transport} {what} (MB/s min/med/max)",
+                        f"{spread['min']}/{spread['median']}/{spread['max']}",
+                    )
+                )
+                rows.append(
+                    (
+                        f"  {transport} {what} CPU s/100MB seed, fetcher (1st run)",
+                        f"{cpu['seed']}, {cpu['fetcher']}",
+                    )
+                )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     parser.add_argument("--swarm-size-mb", type=int, default=None)
     parser.add_argument("--skip-swarm", action="store_true")
     parser.add_argument("--only-swarm", action="store_true")
-    parser.add_argument("--netlab", action="store_true", help="also measure across netlab namespaces (root)")
+    parser.add_argument(
+        "--netlab", action="store_true", help="also measure across netlab namespaces (root)"
+    )
     parser.add_argument("--only-netlab", action="store_true")
     parser.add_argument("--netlab-reps", type=int, default=3, help="repetitions per part-4 measure")
-    parser.add_argument("--only-same-host", action="store_true", help="memcpy, hashing and part 1 only")
-    parser.add_argument("--hash", choices=("sha256", "blake3"), default=None,
-                        help="multihash of the node processes' objects (parts 2-4); default: what the "
-                             "runtime uses (blake3 when installed)")
+    parser.add_argument(
+        "--only-same-host", action="store_true", help="memcpy, hashing and part 1 only"
+    )
+    parser.add_argument(
+        "--hash",
+        choices=("sha256", "blake3"),
+        default=None,
+        help="multihash of the node processes' objects (parts 2-4); default: what the "
+        "runtime uses (blake3 when installed)",
+    )
     parser.add_argument("--swarm-peers", default="1,2,4,8", help="fetcher counts for part 3")
-    parser.add_argument("--swarm-where", default=None,
-                        help="part 3 settings, comma-separated: loopback, netlab (default: both when "
-                             "root and netlab are available, else loopback)")
-    parser.add_argument("--swarm-rate-mbit", type=float, default=40.0,
-                        help="part 3 on netlab: every host's uplink rate (tc tbf), Mbit/s")
+    parser.add_argument(
+        "--swarm-where",
+        default=None,
+        help="part 3 settings, comma-separated: loopback, netlab (default: both when "
+        "root and netlab are available, else loopback)",
+    )
+    parser.add_argument(
+        "--swarm-rate-mbit",
+        type=float,
+        default=40.0,
+        help="part 3 on netlab: every host's uplink rate (tc tbf), Mbit/s",
+    )
     args = parser.parse_args()
     global NODE_HASH
     from latticaray.objectstore.cid import blake3_available
@@ -624,22 +773,34 @@ def main() -> None:
         figures["hashing"] = hash_gbps(size)
         figures["same_host"] = bench_same_host(size, shm_base)
         if not args.only_same_host:
-            figures["transfer"] = {t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")}
+            figures["transfer"] = {
+                t: bench_transfer(t, size, shm_base) for t in ("unix", "tcp", "quic")
+            }
     if not args.skip_swarm and not args.only_netlab and not args.only_same_host:
         figures["swarm_size_MB"] = swarm_size // MB
         figures["swarm_transport"] = "tcp"
         counts = [int(c) for c in args.swarm_peers.split(",")]
-        where = (args.swarm_where.split(",") if args.swarm_where else
-                 ["loopback", "netlab"] if os.geteuid() == 0 and os.access(NETLAB, os.X_OK) else ["loopback"])
+        where = (
+            args.swarm_where.split(",")
+            if args.swarm_where
+            else ["loopback", "netlab"]
+            if os.geteuid() == 0 and os.access(NETLAB, os.X_OK)
+            else ["loopback"]
+        )
         figures["swarm"] = bench_swarm(swarm_size, counts, shm_base, where, args.swarm_rate_mbit)
 
-    import pyarrow
     import aioquic
+    import pyarrow
 
-    figures["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "numpy": np.__version__,
-                          "pyarrow": pyarrow.__version__, "aioquic": aioquic.__version__,
-                          "load_avg": os.getloadavg()}
+    figures["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+        "aioquic": aioquic.__version__,
+        "load_avg": os.getloadavg(),
+    }
 
     print(f"{'measure':<52}{'value':>14}")
     print("-" * 66)
@@ -665,33 +826,68 @@ def _local_rows(figures: dict, size: int) -> list:
     rows = [
         ("memcpy warm / cold (GB/s)", f"{ref['memcpy_warm_GBps']} / {ref['memcpy_cold_GBps']}"),
         ("sha256 1 thread (GB/s)", figures["hashing"]["sha256_1thread_GBps"]),
-        ("blake3 1 thread / all threads (GB/s)",
-         f"{figures['hashing'].get('blake3_1thread_GBps', '-')} / {figures['hashing'].get('blake3_mt_GBps', '-')}"),
-        ("manifest build, sha256 threads (GB/s)", figures["hashing"]["manifest_sha256_1MiB_blocks_threads_GBps"]),
+        (
+            "blake3 1 thread / all threads (GB/s)",
+            "{} / {}".format(
+                figures["hashing"].get("blake3_1thread_GBps", "-"),
+                figures["hashing"].get("blake3_mt_GBps", "-"),
+            ),
+        ),
+        (
+            "manifest build, sha256 threads (GB/s)",
+            figures["hashing"]["manifest_sha256_1MiB_blocks_threads_GBps"],
+        ),
     ]
     for name in ("sha256", "blake3"):
         if f"put_plain_{name}_GBps" not in same:
             continue
         rows += [
-            (f"put {size // MB} MB, {name}, plain (baseline): best / median",
-             f"{same[f'put_plain_{name}_GBps']} / {same[f'put_plain_{name}_median_GBps']}"),
-            (f"put, {name}, warm spare: best / median", f"{same[f'put_warm_{name}_GBps']} / "
-                                                      f"{same[f'put_warm_{name}_median_GBps']}"),
-            (f"put, {name}, warm: first / back to back", f"{same[f'put_warm_{name}_first_GBps']} / "
-                                                       f"{same[f'put_warm_{name}_back_to_back_GBps']}"),
-            (f"put then get, {name}: plain / warm", f"{same[f'put_then_get_plain_{name}_GBps']} / "
-                                                  f"{same[f'put_then_get_warm_{name}_GBps']}"),
-            (f"memcpy {size // MB} MB in the same loop: best / median",
-             f"{same[f'put_memcpy_{name}_GBps']} / {same[f'put_memcpy_{name}_median_GBps']}"),
-            (f"local put, {name}: best / median", f"{same[f'put_local_{name}_GBps']} / "
-                                                f"{same[f'put_local_{name}_median_GBps']}"),
-            (f"local put, {name}: first / back to back", f"{same[f'put_local_{name}_first_GBps']} / "
-                                                       f"{same[f'put_local_{name}_back_to_back_GBps']}"),
-            (f"local put then get, {name}: best / median",
-             f"{same[f'put_then_get_local_{name}_GBps']} / {same[f'put_then_get_local_{name}_median_GBps']}"),
-            (f"CID after a local put, {name}: best / median (ms)",
-             " / ".join(str(v) for v in same[f"cid_after_local_put_{name}_ms"])),
-            (f"local put + CID, {name}: median (GB/s)", same[f"put_local_then_cid_{name}_median_GBps"]),
+            (
+                f"put {size // MB} MB, {name}, plain (baseline): best / median",
+                f"{same[f'put_plain_{name}_GBps']} / {same[f'put_plain_{name}_median_GBps']}",
+            ),
+            (
+                f"put, {name}, warm spare: best / median",
+                f"{same[f'put_warm_{name}_GBps']} / {same[f'put_warm_{name}_median_GBps']}",
+            ),
+            (
+                f"put, {name}, warm: first / back to back",
+                f"{same[f'put_warm_{name}_first_GBps']} / "
+                f"{same[f'put_warm_{name}_back_to_back_GBps']}",
+            ),
+            (
+                f"put then get, {name}: plain / warm",
+                f"{same[f'put_then_get_plain_{name}_GBps']} / "
+                f"{same[f'put_then_get_warm_{name}_GBps']}",
+            ),
+            (
+                f"memcpy {size // MB} MB in the same loop: best / median",
+                f"{same[f'put_memcpy_{name}_GBps']} / {same[f'put_memcpy_{name}_median_GBps']}",
+            ),
+            (
+                f"local put, {name}: best / median",
+                f"{same[f'put_local_{name}_GBps']} / {same[f'put_local_{name}_median_GBps']}",
+            ),
+            (
+                f"local put, {name}: first / back to back",
+                f"{same[f'put_local_{name}_first_GBps']} / "
+                f"{same[f'put_local_{name}_back_to_back_GBps']}",
+            ),
+            (
+                f"local put then get, {name}: best / median",
+                "{} / {}".format(
+                    same[f"put_then_get_local_{name}_GBps"],
+                    same[f"put_then_get_local_{name}_median_GBps"],
+                ),
+            ),
+            (
+                f"CID after a local put, {name}: best / median (ms)",
+                " / ".join(str(v) for v in same[f"cid_after_local_put_{name}_ms"]),
+            ),
+            (
+                f"local put + CID, {name}: median (GB/s)",
+                same[f"put_local_then_cid_{name}_median_GBps"],
+            ),
         ]
     rows += [
         ("get from another process, zero-copy (ms)", same["get_zero_copy_ms"]),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MB = 1_000_000
 LAN_HOSTS = ["hostA"] + [f"hostA{i}" for i in range(2, 9)]
@@ -47,13 +47,23 @@ def _tx_bytes(netns: str | None) -> int | None:
     if netns is None:
         return None
     name = os.path.basename(netns)
-    out = subprocess.run(["ip", "netns", "exec", name, "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["ip", "netns", "exec", name, "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return int(out.stdout) if out.returncode == 0 else None
 
 
-def run_swarm(make_node: Callable, size: int, counts: list[int], seed_at: tuple, fetchers_at: list[tuple],
-              timeout: float = 3600) -> dict:
+def run_swarm(
+    make_node: Callable,
+    size: int,
+    counts: list[int],
+    seed_at: tuple,
+    fetchers_at: list[tuple],
+    timeout: float = 3600,
+) -> dict:
     """One seed at ``seed_at`` = (netns path | None, listen ip), ``count`` fetchers at the first
     ``count`` of ``fetchers_at``; ``make_node(netns, ip)`` starts a node process (bench/objects.py)."""
     results: dict = {}
@@ -108,7 +118,9 @@ def run_swarm(make_node: Callable, size: int, counts: list[int], seed_at: tuple,
     if 1 in counts:
         one = results["1_peers"]["s"]
         for count in counts:
-            results[f"{count}_peers"]["over_1_peer"] = round(results[f"{count}_peers"]["s"] / one, 2)
+            results[f"{count}_peers"]["over_1_peer"] = round(
+                results[f"{count}_peers"]["s"] / one, 2
+            )
     return results
 
 
@@ -117,35 +129,75 @@ def shape_uplinks(prefix: str, nodes: list[str], rate_mbit: float) -> None:
     64 KB), packets waiting more than 50 ms dropped (TCP then backs off, as on a real bottleneck)."""
     burst = max(64_000, int(rate_mbit * 1e6 / 8 * 0.005))
     for node in nodes:
-        subprocess.run(["ip", "netns", "exec", f"{prefix}-{node}", "tc", "qdisc", "replace", "dev", "eth0",
-                        "root", "tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms"],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{prefix}-{node}",
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                f"{rate_mbit}mbit",
+                "burst",
+                str(burst),
+                "latency",
+                "50ms",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
 
-def bench_swarm_netlab(make_node: Callable, size: int, counts: list[int], rate_mbit: float,
-                       netlab_script: str, prefix: str = "h3s") -> dict:
+def bench_swarm_netlab(
+    make_node: Callable,
+    size: int,
+    counts: list[int],
+    rate_mbit: float,
+    netlab_script: str,
+    prefix: str = "h3s",
+) -> dict:
     if os.geteuid() != 0 or not os.access(netlab_script, os.X_OK):
         return {"skipped": "needs root and the netlab script"}
-    hosts = LAN_HOSTS[:max(counts)]
+    hosts = LAN_HOSTS[: max(counts)]
     env = dict(os.environ, NETLAB_PREFIX=prefix)
-    run = lambda *args: subprocess.run([netlab_script, "--prefix", prefix, *args], env=env,  # noqa: E731
-                                       check=True, capture_output=True, timeout=120)
+
+    def run(*args):
+        return subprocess.run(
+            [netlab_script, "--prefix", prefix, *args],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
     run("up", "--force", "--lan-hosts", str(len(hosts)))
     try:
         shape_uplinks(prefix, [SEED_NODE] + hosts, rate_mbit)
         ns = lambda node: f"/run/netns/{prefix}-{node}"  # noqa: E731
-        results = run_swarm(make_node, size, counts, (ns(SEED_NODE), SEED_IP),
-                            [(ns(h), LAN_IP[h]) for h in hosts])
+        results = run_swarm(
+            make_node, size, counts, (ns(SEED_NODE), SEED_IP), [(ns(h), LAN_IP[h]) for h in hosts]
+        )
         results["uplink_Mbps"] = rate_mbit
         results["uplink_MBps"] = round(rate_mbit / 8, 2)
         results["ideal_1_peer_s"] = round(size / (rate_mbit * 1e6 / 8), 1)
         return results
     finally:
-        subprocess.run([netlab_script, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [netlab_script, "--prefix", prefix, "down"], env=env, capture_output=True, timeout=120
+        )
 
 
 def bench_swarm_loopback(make_node: Callable, size: int, counts: list[int]) -> dict:
-    return run_swarm(make_node, size, counts, (None, "127.0.0.1"), [(None, "127.0.0.1")] * max(counts))
+    return run_swarm(
+        make_node, size, counts, (None, "127.0.0.1"), [(None, "127.0.0.1")] * max(counts)
+    )
 
 
 def rows(figures: dict, label: str) -> list[tuple[str, object]]:
@@ -153,15 +205,24 @@ def rows(figures: dict, label: str) -> list[tuple[str, object]]:
     for key, value in figures.items():
         if isinstance(value, dict):
             key = key.replace("_", " ")
-            out.append((f"{label} {key}: time (s) / x 1 peer", f"{value['s']} / {value.get('over_1_peer', '-')}"))
+            out.append(
+                (
+                    f"{label} {key}: time (s) / x 1 peer",
+                    f"{value['s']} / {value.get('over_1_peer', '-')}",
+                )
+            )
             share = f"{value['seed_upload_share']}"
             if "seed_eth0_tx_share" in value:
                 share += f" (eth0 {value['seed_eth0_tx_share']})"
             out.append((f"{label} {key}: seed share of upload", share))
             out.append((f"{label} {key}: sent / needed", value["sent_over_needed"]))
-            out.append((f"{label} {key}: CPU cores all/max, box",
-                        f"{value['nodes_cpu_cores']} / {value['busiest_node_cpu_cores']}, "
-                        f"{int(value['machine_busy_frac'] * 100)}%"))
+            out.append(
+                (
+                    f"{label} {key}: CPU cores all/max, box",
+                    f"{value['nodes_cpu_cores']} / {value['busiest_node_cpu_cores']}, "
+                    f"{int(value['machine_busy_frac'] * 100)}%",
+                )
+            )
         else:
             out.append((f"{label} {key}", value))
     return out

@@ -138,9 +138,11 @@ async def server_main(args) -> None:
     if node is not None:
         await node.start()
         key = node.key
-        addr = next(a for a in node.listen_addrs
-                    if a.transport == ("quic" if args.transport.startswith("quic")
-                                       else args.transport))
+        addr = next(
+            a
+            for a in node.listen_addrs
+            if a.transport == ("quic" if args.transport.startswith("quic") else args.transport)
+        )
     elif args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
 
@@ -183,11 +185,14 @@ def node_config(args, server: bool):
     elif kind == "tcp" and server:
         listen = ["/ip4/127.0.0.1/tcp/0"]
     return MeshConfig(
-        listen=listen, transports=(kind,), same_host_fast_path=(kind == "unix" and server),
+        listen=listen,
+        transports=(kind,),
+        same_host_fast_path=(kind == "unix" and server),
         unix_options={"run_dir": args.run_dir},
         quic=quic_config(args.transport) if kind == "quic" else MeshConfig().quic,
         rpc_limits=server_limits() if server else MeshConfig().rpc_limits,
-        auto_identify=False)
+        auto_identify=False,
+    )
 
 
 class NodeCaller:
@@ -273,8 +278,9 @@ async def server_cpu(session, at: float) -> float:
     return float(await session.call("bench/cpu", repr(at).encode(), timeout=CALL_TIMEOUT + 60))
 
 
-async def measure_calls(session, size: int, concurrency: int, warmup: float,
-                        duration: float) -> dict:
+async def measure_calls(
+    session, size: int, concurrency: int, warmup: float, duration: float
+) -> dict:
     payload = os.urandom(size)
     state = {"phase": 0, "count": 0, "errors": 0}
     latencies: list[float] = []
@@ -308,22 +314,33 @@ async def measure_calls(session, size: int, concurrency: int, warmup: float,
     client_rss = rss_bytes()
     server_rss = json.loads(await session.call("bench/stats", b"", CALL_TIMEOUT + 60))["rss"]
     s0, s1 = await server_cpu(session, w0), await server_cpu(session, w1)
-    done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT + 30)
+    _done, pending = await asyncio.wait(tasks, timeout=CALL_TIMEOUT + 30)
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     latencies.sort()
 
     def q(p):
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3, 3) \
-            if latencies else None
+        return (
+            round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3, 3)
+            if latencies
+            else None
+        )
 
-    return {"calls": n, "seconds": round(t1 - t0, 3), "qps": round(n / (t1 - t0), 1),
-            "p50_ms": q(0.5), "p99_ms": q(0.99), "client_cpu_s": round(c1 - c0, 3),
-            "server_cpu_s": round(s1 - s0, 3),
-            "cpu_us_per_call": round(((c1 - c0) + (s1 - s0)) / max(n, 1) * 1e6, 1),
-            "errors": state["errors"], "last_error": state.get("last_error"),
-            "client_rss_mb": round(client_rss / 1e6, 1), "server_rss_mb": round(server_rss / 1e6, 1)}
+    return {
+        "calls": n,
+        "seconds": round(t1 - t0, 3),
+        "qps": round(n / (t1 - t0), 1),
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "client_cpu_s": round(c1 - c0, 3),
+        "server_cpu_s": round(s1 - s0, 3),
+        "cpu_us_per_call": round(((c1 - c0) + (s1 - s0)) / max(n, 1) * 1e6, 1),
+        "errors": state["errors"],
+        "last_error": state.get("last_error"),
+        "client_rss_mb": round(client_rss / 1e6, 1),
+        "server_rss_mb": round(server_rss / 1e6, 1),
+    }
 
 
 async def measure_bulk(session, total: int, time_limit: float) -> dict:
@@ -341,8 +358,13 @@ async def measure_bulk(session, total: int, time_limit: float) -> dict:
     s0, s1 = await server_cpu(session, w0), await server_cpu(session, w1)
     if received != sent:
         raise RuntimeError(f"bulk: sent {sent} but server counted {received}")
-    return {"bytes": sent, "seconds": round(t1 - t0, 3), "MBps": round(sent / (t1 - t0) / 1e6, 1),
-            "client_cpu_s": round(c1 - c0, 3), "server_cpu_s": round(s1 - s0, 3)}
+    return {
+        "bytes": sent,
+        "seconds": round(t1 - t0, 3),
+        "MBps": round(sent / (t1 - t0) / 1e6, 1),
+        "client_cpu_s": round(c1 - c0, 3),
+        "server_cpu_s": round(s1 - s0, 3),
+    }
 
 
 def rss_bytes() -> int:
@@ -365,12 +387,15 @@ async def measure_stall(caller, stall: float = 1.5) -> dict:
     stats2 = json.loads(await caller.call("bench/stats", b"", 30))
     queued, rss1 = stream.queued_bytes, rss_bytes()
     stream.cancel()
-    return {"message_bytes": STALL_MESSAGE, "stall_s": stall,
-            "produced_during_stall": stats2["produced"] - stats1["produced"],
-            "produced_total": stats2["produced"] - stats0["produced"],
-            "client_queued_bytes": queued,
-            "client_rss_growth_mb": round((rss1 - rss0) / 1e6, 1),
-            "server_rss_growth_mb": round((stats2["rss"] - stats0["rss"]) / 1e6, 1)}
+    return {
+        "message_bytes": STALL_MESSAGE,
+        "stall_s": stall,
+        "produced_during_stall": stats2["produced"] - stats1["produced"],
+        "produced_total": stats2["produced"] - stats0["produced"],
+        "client_queued_bytes": queued,
+        "client_rss_growth_mb": round((rss1 - rss0) / 1e6, 1),
+        "server_rss_growth_mb": round((stats2["rss"] - stats0["rss"]) / 1e6, 1),
+    }
 
 
 async def client_main(args) -> None:
@@ -378,8 +403,9 @@ async def client_main(args) -> None:
     result = {"transport": args.transport, "stack": args.stack, "channel": caller.transport}
     await caller.call("bench/echo", b"warm", 30)
     for size in args.sizes:
-        result[f"rpc_{size}"] = await measure_calls(caller, size, args.concurrency, args.warmup,
-                                                    args.duration)
+        result[f"rpc_{size}"] = await measure_calls(
+            caller, size, args.concurrency, args.warmup, args.duration
+        )
     if args.bulk_total:
         result["bulk"] = await measure_bulk(caller, args.bulk_total, args.duration * 2)
     result["stall"] = await measure_stall(caller)
@@ -388,18 +414,34 @@ async def client_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
-def spawn_server(transport: str, run_dir: str, lifetime: float,
-                 stack: str) -> tuple[subprocess.Popen, str, str]:
+def spawn_server(
+    transport: str, run_dir: str, lifetime: float, stack: str
+) -> tuple[subprocess.Popen, str, str]:
     server = subprocess.Popen(
-        [sys.executable, __file__, "server", "--transport", transport, "--run-dir", run_dir,
-         "--server-lifetime", str(lifetime), "--stack", stack],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            __file__,
+            "server",
+            "--transport",
+            transport,
+            "--run-dir",
+            run_dir,
+            "--server-lifetime",
+            str(lifetime),
+            "--stack",
+            stack,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = server.stdout.readline()
     if not line.startswith("READY"):
         server.kill()
         server.wait(10)
-        raise RuntimeError(f"{transport} server failed to start: {line!r} "
-                           f"{server.stderr.read()[-2000:]}")
+        raise RuntimeError(
+            f"{transport} server failed to start: {line!r} {server.stderr.read()[-2000:]}"
+        )
     _, peer, addr = line.split()
     return server, peer, addr
 
@@ -409,11 +451,31 @@ def run_transport(args, transport: str, run_dir: str) -> dict:
     limit = len(args.sizes) * per_size + args.duration * 2 + 180
     server, peer, addr = spawn_server(transport, run_dir, limit + 30, args.stack)
     try:
-        cmd = [sys.executable, __file__, "client", "--transport", transport, "--run-dir", run_dir,
-               "--peer", peer, "--addr", addr, "--sizes", ",".join(map(str, args.sizes)),
-               "--concurrency", str(args.concurrency), "--warmup", str(args.warmup),
-               "--duration", str(args.duration), "--bulk-total", str(args.bulk_total),
-               "--stack", args.stack]
+        cmd = [
+            sys.executable,
+            __file__,
+            "client",
+            "--transport",
+            transport,
+            "--run-dir",
+            run_dir,
+            "--peer",
+            peer,
+            "--addr",
+            addr,
+            "--sizes",
+            ",".join(map(str, args.sizes)),
+            "--concurrency",
+            str(args.concurrency),
+            "--warmup",
+            str(args.warmup),
+            "--duration",
+            str(args.duration),
+            "--bulk-total",
+            str(args.bulk_total),
+            "--stack",
+            args.stack,
+        ]
         client = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         if client.returncode != 0:
             return {"transport": transport, "error": client.stderr[-3000:]}
@@ -435,8 +497,17 @@ def run_transport(args, transport: str, run_dir: str) -> dict:
 def run_anchor(args, label: str, extra: list[str]) -> dict:
     if not os.path.exists(ANCHOR):
         return {"label": label, "error": f"{ANCHOR} not found"}
-    cmd = [sys.executable, ANCHOR, "run", "--loop", "uvloop", "--duration", str(args.duration),
-           "--warmup", str(args.warmup)] + extra
+    cmd = [
+        sys.executable,
+        ANCHOR,
+        "run",
+        "--loop",
+        "uvloop",
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+    ] + extra
     limit = args.warmup + args.duration * 6 + 240
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
@@ -448,32 +519,55 @@ def run_anchor(args, label: str, extra: list[str]) -> dict:
     return {"label": label, **out["res"]}
 
 
-QUIC_BIG = ["--mds", "16384", "--max-data", "16777216", "--max-stream-data", "16777216",
-            "--max-streams", "1024", "--fine-clock"]
+QUIC_BIG = [
+    "--mds",
+    "16384",
+    "--max-data",
+    "16777216",
+    "--max-stream-data",
+    "16777216",
+    "--max-streams",
+    "1024",
+    "--fine-clock",
+]
 
 
 def anchors(args) -> list[dict]:
     runs = []
     c = ["--concurrency", str(args.concurrency)]
     if 128 in args.sizes:
-        runs += [("raw quic 1200 B, 128 B", ["--transport", "quic", "--size", "128"] + c),
-                 ("raw quic 16 KB dgram, 128 B", ["--transport", "quic", "--size", "128"] + c
-                  + QUIC_BIG),
-                 ("raw tls, 128 B", ["--transport", "tls", "--size", "128"] + c),
-                 ("raw tcp, 128 B", ["--transport", "tcp", "--size", "128"] + c)]
+        runs += [
+            ("raw quic 1200 B, 128 B", ["--transport", "quic", "--size", "128"] + c),
+            (
+                "raw quic 16 KB dgram, 128 B",
+                ["--transport", "quic", "--size", "128"] + c + QUIC_BIG,
+            ),
+            ("raw tls, 128 B", ["--transport", "tls", "--size", "128"] + c),
+            ("raw tcp, 128 B", ["--transport", "tcp", "--size", "128"] + c),
+        ]
     if 262144 in args.sizes:
-        runs += [("raw tls, 256 KB", ["--transport", "tls", "--size", "262144"] + c),
-                 ("raw tcp, 256 KB", ["--transport", "tcp", "--size", "262144"] + c)]
+        runs += [
+            ("raw tls, 256 KB", ["--transport", "tls", "--size", "262144"] + c),
+            ("raw tcp, 256 KB", ["--transport", "tcp", "--size", "262144"] + c),
+        ]
     if args.bulk_total:
         small = str(min(args.bulk_total, 64 << 20))
-        runs += [("raw quic 1200 B bulk", ["--transport", "quic", "--mode", "bulk",
-                                            "--total", small]),
-                 ("raw quic 16 KB dgram bulk", ["--transport", "quic", "--mode", "bulk",
-                                                 "--total", str(args.bulk_total)] + QUIC_BIG),
-                 ("raw tls bulk", ["--transport", "tls", "--mode", "bulk",
-                                   "--total", str(args.bulk_total)]),
-                 ("raw tcp bulk", ["--transport", "tcp", "--mode", "bulk",
-                                   "--total", str(args.bulk_total)])]
+        runs += [
+            ("raw quic 1200 B bulk", ["--transport", "quic", "--mode", "bulk", "--total", small]),
+            (
+                "raw quic 16 KB dgram bulk",
+                ["--transport", "quic", "--mode", "bulk", "--total", str(args.bulk_total)]
+                + QUIC_BIG,
+            ),
+            (
+                "raw tls bulk",
+                ["--transport", "tls", "--mode", "bulk", "--total", str(args.bulk_total)],
+            ),
+            (
+                "raw tcp bulk",
+                ["--transport", "tcp", "--mode", "bulk", "--total", str(args.bulk_total)],
+            ),
+        ]
     return [run_anchor(args, label, extra) for label, extra in runs]
 
 
@@ -496,11 +590,15 @@ def fmt(value, spec=",.0f") -> str:
 
 
 def print_table(args, results: list[dict], raw: list[dict]) -> None:
-    print(f"\nlatticaray RPC ({'MeshNode' if args.stack == 'node' else 'transport + RpcSession'}"
-          f"), two processes on loopback, {args.concurrency} calls in flight, uvloop; "
-          f"{args.duration:.0f} s windows")
-    head = (f"{'transport':<10} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8} {'RSS cli/srv MB':>15}")
+    print(
+        f"\nlatticaray RPC ({'MeshNode' if args.stack == 'node' else 'transport + RpcSession'}"
+        f"), two processes on loopback, {args.concurrency} calls in flight, uvloop; "
+        f"{args.duration:.0f} s windows"
+    )
+    head = (
+        f"{'transport':<10} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8} {'RSS cli/srv MB':>15}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -511,34 +609,42 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
             m = r.get(f"rpc_{size}")
             if m:
                 label = "128 B" if size == 128 else f"{size // 1024} KB"
-                print(f"{r['transport']:<10} {label:>7} {fmt(m['qps']):>9} {m['p50_ms']:>8} "
-                      f"{m['p99_ms']:>8} {m['client_cpu_s']:>9} {m['server_cpu_s']:>9} "
-                      f"{m['cpu_us_per_call']:>8} "
-                      f"{str(m['client_rss_mb']) + ' / ' + str(m['server_rss_mb']):>15}")
+                print(
+                    f"{r['transport']:<10} {label:>7} {fmt(m['qps']):>9} {m['p50_ms']:>8} "
+                    f"{m['p99_ms']:>8} {m['client_cpu_s']:>9} {m['server_cpu_s']:>9} "
+                    f"{m['cpu_us_per_call']:>8} "
+                    f"{str(m['client_rss_mb']) + ' / ' + str(m['server_rss_mb']):>15}"
+                )
     if args.bulk_total:
         print("\nsingle-stream bulk (client stream of 1 MiB messages)")
         for r in results:
             if "bulk" in r:
                 b = r["bulk"]
-                print(f"{r['transport']:<10} {b['MBps']:>8} MB/s  ({b['bytes'] >> 20} MiB in "
-                      f"{b['seconds']} s; CPU client {b['client_cpu_s']} s, server "
-                      f"{b['server_cpu_s']} s)")
+                print(
+                    f"{r['transport']:<10} {b['MBps']:>8} MB/s  ({b['bytes'] >> 20} MiB in "
+                    f"{b['seconds']} s; CPU client {b['client_cpu_s']} s, server "
+                    f"{b['server_cpu_s']} s)"
+                )
     print("\nstalled reader (server streams 64 KiB messages; client stops reading 1.5 s)")
     for r in results:
         if "stall" in r:
             st = r["stall"]
-            print(f"{r['transport']:<10} produced {st['produced_during_stall']} msgs while "
-                  f"stalled ({st['produced_total']} in all); client holds "
-                  f"{st['client_queued_bytes'] / 1e6:.2f} MB unread; RSS growth client "
-                  f"{st['client_rss_growth_mb']} MB, server {st['server_rss_growth_mb']} MB")
+            print(
+                f"{r['transport']:<10} produced {st['produced_during_stall']} msgs while "
+                f"stalled ({st['produced_total']} in all); client holds "
+                f"{st['client_queued_bytes'] / 1e6:.2f} MB unread; RSS growth client "
+                f"{st['client_rss_growth_mb']} MB, server {st['server_rss_growth_mb']} MB"
+            )
     if raw:
         print("\nraw transport baseline (../shared/anchors/quic_rpc_bench.py, same run)")
         for r in raw:
             if "error" in r:
                 print(f"{r['label']:<30} ERROR {r['error'].strip().splitlines()[-1][:100]}")
             elif "qps" in r:
-                print(f"{r['label']:<30} {fmt(r['qps']):>9} QPS  p50 {r['lat_p50_ms']} ms  "
-                      f"p99 {r['lat_p99_ms']} ms")
+                print(
+                    f"{r['label']:<30} {fmt(r['qps']):>9} QPS  p50 {r['lat_p50_ms']} ms  "
+                    f"p99 {r['lat_p99_ms']} ms"
+                )
             else:
                 print(f"{r['label']:<30} {r['MBps']:>9.1f} MB/s")
 
@@ -562,11 +668,18 @@ def driver(args) -> None:
         raw = anchors(args)
     print_table(args, results, raw)
     summary = {
-        "bench": "rpc", "stack": args.stack, "concurrency": args.concurrency,
+        "bench": "rpc",
+        "stack": args.stack,
+        "concurrency": args.concurrency,
         "duration_s": args.duration,
-        "sizes": args.sizes, "results": results, "raw_baseline": raw,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "loadavg": os.getloadavg()},
+        "sizes": args.sizes,
+        "results": results,
+        "raw_baseline": raw,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+        },
         "versions": versions(),
     }
     print(json.dumps(summary))
@@ -583,9 +696,13 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--bulk-total", type=int, default=256 << 20)
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
-    p.add_argument("--stack", choices=["node", "direct"], default="node",
-                   help="node: MeshNode on both sides (full stack); direct: transport + "
-                        "RpcSession without the connection manager")
+    p.add_argument(
+        "--stack",
+        choices=["node", "direct"],
+        default="node",
+        help="node: MeshNode on both sides (full stack); direct: transport + "
+        "RpcSession without the connection manager",
+    )
     p.add_argument("--quick", action="store_true", help="2 s windows, 64 MiB bulk")
     p.add_argument("--run-dir", default=tempfile.gettempdir())
     p.add_argument("--peer")

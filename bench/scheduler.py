@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from latticaray.scheduler.sim import SimulationConfig, run_simulation  # noqa: E402
+from latticaray.scheduler.sim import SimulationConfig, run_simulation
 
 ROWS = [
     ("placed / failed", lambda s: f"{s['placed']} / {s['failed']}"),
@@ -38,10 +38,14 @@ ROWS = [
     ("CPU utilization at saturation", lambda s: s["cpu_utilization_at_saturation"]),
     ("data-local (feasible holder existed)", lambda s: s["data_local_fraction"]),
     ("messages per placement (mean)", lambda s: s["messages_per_placement_mean"]),
-    ("messages per placement (p99 / max)",
-     lambda s: f"{s['messages_per_placement_p99']} / {s['messages_per_placement_max']}"),
-    ("placement latency s (p50 / p99)",
-     lambda s: f"{s['placement_latency_s_p50']} / {s['placement_latency_s_p99']}"),
+    (
+        "messages per placement (p99 / max)",
+        lambda s: f"{s['messages_per_placement_p99']} / {s['messages_per_placement_max']}",
+    ),
+    (
+        "placement latency s (p50 / p99)",
+        lambda s: f"{s['placement_latency_s_p50']} / {s['placement_latency_s_p99']}",
+    ),
     ("fairness: Jain index of submitters' latency", lambda s: s["submitter_latency_jain_index"]),
     ("spillbacks (re-sent requests)", lambda s: s["spillbacks"]),
     ("holder ad fetches per task (messages)", lambda s: s["holder_lookup_messages_per_task"]),
@@ -60,26 +64,38 @@ def run(config: SimulationConfig) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 nodes, 20 submitters, 10,000 tasks")
+    parser.add_argument(
+        "--quick", action="store_true", help="200 nodes, 20 submitters, 10,000 tasks"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--serial", action="store_true", help="run the baseline after, not beside")
-    parser.add_argument("--view-sample", type=int, default=None, metavar="N",
-                        help="also run the large-mesh path: each submitter reads N random nodes "
-                             "per refresh (plus holder ads) instead of every node's ad")
-    parser.add_argument("--queue-per-cpu", type=int, default=1,
-                        help="node queue bound per CPU (ablation: deep queues let stale-ad herding "
-                             "pile work on a few nodes)")
+    parser.add_argument(
+        "--view-sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run the large-mesh path: each submitter reads N random nodes "
+        "per refresh (plus holder ads) instead of every node's ad",
+    )
+    parser.add_argument(
+        "--queue-per-cpu",
+        type=int,
+        default=1,
+        help="node queue bound per CPU (ablation: deep queues let stale-ad herding "
+        "pile work on a few nodes)",
+    )
     args = parser.parse_args()
     if args.quick:
-        size = dict(nodes=200, submitters=20, tasks=10_000, arrival_window=5.0)
+        size = {"nodes": 200, "submitters": 20, "tasks": 10_000, "arrival_window": 5.0}
     else:
-        size = dict(nodes=1000, submitters=50, tasks=100_000, arrival_window=10.0)
+        size = {"nodes": 1000, "submitters": 50, "tasks": 100_000, "arrival_window": 10.0}
     size["queue_per_cpu"] = args.queue_per_cpu
     configs = {"latticaray": SimulationConfig(seed=args.seed, **size)}
     if args.view_sample:
         configs[f"sampled view {args.view_sample}"] = SimulationConfig(
-            seed=args.seed, view_sample=args.view_sample, **size)
+            seed=args.seed, view_sample=args.view_sample, **size
+        )
     if not args.no_baseline:
         configs["random baseline"] = SimulationConfig(seed=args.seed, policy="random", **size)
     if args.serial or len(configs) == 1:
@@ -92,9 +108,11 @@ def main() -> None:
     ours = results["latticaray"]
 
     names = list(results)
-    print(f"scheduler simulation: {size['nodes']} nodes, {size['submitters']} submitters, "
-          f"{size['tasks']} tasks arriving over {size['arrival_window']} s; ads every 1 s; "
-          f"node queues {size['queue_per_cpu']} per CPU")
+    print(
+        f"scheduler simulation: {size['nodes']} nodes, {size['submitters']} submitters, "
+        f"{size['tasks']} tasks arriving over {size['arrival_window']} s; ads every 1 s; "
+        f"node queues {size['queue_per_cpu']} per CPU"
+    )
     width = max(len(r[0]) for r in ROWS) + 2
     print("".ljust(width) + "".join(n.rjust(22) for n in names))
     for label, get in ROWS:
@@ -103,15 +121,25 @@ def main() -> None:
     print("nonlocal placements by reason (latticaray):", ours["nonlocal_reasons"])
 
     import msgpack
-    print(json.dumps({
-        "bench": "scheduler", "config": size, "seed": args.seed,
-        "results": {n: {k: v for k, v in results[n].items()} for n in names},
-        "targets": {"max_mean_load_ratio": 1.5, "data_local_fraction": 0.9},
-        "met": {"max_mean_load_ratio_median": (ours["max_mean_load_ratio_median"] or 99) <= 1.5,
-                "data_local_fraction": (ours["data_local_fraction"] or 0) >= 0.9},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "msgpack": msgpack.version},
-    }, default=str))
+
+    print(
+        json.dumps(
+            {
+                "bench": "scheduler",
+                "config": size,
+                "seed": args.seed,
+                "results": {n: dict(results[n].items()) for n in names},
+                "targets": {"max_mean_load_ratio": 1.5, "data_local_fraction": 0.9},
+                "met": {
+                    "max_mean_load_ratio_median": (ours["max_mean_load_ratio_median"] or 99) <= 1.5,
+                    "data_local_fraction": (ours["data_local_fraction"] or 0) >= 0.9,
+                },
+                "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+                "versions": {"python": platform.python_version(), "msgpack": msgpack.version},
+            },
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,16 @@ async def drive(state: dict) -> int:
             failures += reply != b"hello node%d" % n["index"]
         info = await driver.identify(PeerId.from_string(state["nodes"][0]["peer_id"]))
         print("   identify(node0):")
-        print(f"     agent {info.agent_version}, {len(info.protocols)} protocols: "
-              f"{', '.join(info.protocols)}")
+        print(
+            f"     agent {info.agent_version}, {len(info.protocols)} protocols: "
+            f"{', '.join(info.protocols)}"
+        )
         for addr in info.listen_addrs:
             print(f"     listens on {addr}")
-        print(f"     sees the driver at {info.observed_addr} (the driver's one UDP socket: "
-              f"{driver.quic.listen_addr})")
+        print(
+            f"     sees the driver at {info.observed_addr} (the driver's one UDP socket: "
+            f"{driver.quic.listen_addr})"
+        )
     finally:
         await driver.stop()
     return failures
@@ -71,8 +75,10 @@ def main() -> int:
             for peer, result in sorted(entry.get("ping", {}).items()):
                 target = next(o["index"] for o in state["nodes"] if o["peer_id"] == peer)
                 if result.get("ok"):
-                    print(f"   node{n['index']} -> node{target}: ok over {result['transport']:4}, "
-                          f"ping rtt {result['rtt_ms']:.2f} ms")
+                    print(
+                        f"   node{n['index']} -> node{target}: ok over {result['transport']:4}, "
+                        f"ping rtt {result['rtt_ms']:.2f} ms"
+                    )
                 else:
                     failures += 1
                     print(f"   node{n['index']} -> node{target}: FAILED {result.get('error')}")

@@ -6,11 +6,11 @@ the nodes), an actor (a running histogram fed by tasks), a streaming generator, 
 put once and read by CID from a task on another node.
 Run: `python examples/runtime_demo.py [--nodes 1]`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -62,10 +62,23 @@ def countdown(n: int):
 
 
 def start_node(bootstrap: str, invite: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "latticaray.runtime.node_main",
-                             "--bootstrap", bootstrap, "--credential", invite, "--num-cpus", "1",
-                             "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "latticaray.runtime.node_main",
+            "--bootstrap",
+            bootstrap,
+            "--credential",
+            invite,
+            "--num-cpus",
+            "1",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     info = json.loads(proc.stdout.readline())
     return proc, info["node_id"]
 
@@ -96,19 +109,27 @@ def main(argv: list[str]) -> int:
 
         t = time.perf_counter()
         samples, per_task = 40, 20_000
-        results = lattica.get([sample_pi.options(scheduling_strategy="SPREAD").remote(s, per_task)
-                               for s in range(samples)])
+        results = lattica.get(
+            [
+                sample_pi.options(scheduling_strategy="SPREAD").remote(s, per_task)
+                for s in range(samples)
+            ]
+        )
         inside = sum(r[0] for r in results)
         by_node: dict[str, int] = {}
         for _, node in results:
             by_node[node[:12]] = by_node.get(node[:12], 0) + 1
-        print(f"[tasks] pi ~= {4 * inside / (samples * per_task):.4f} from {samples} tasks in "
-              f"{time.perf_counter() - t:.2f} s; tasks per node: {by_node}")
+        print(
+            f"[tasks] pi ~= {4 * inside / (samples * per_task):.4f} from {samples} tasks in "
+            f"{time.perf_counter() - t:.2f} s; tasks per node: {by_node}"
+        )
 
         hist = Histogram.remote(10)
         totals = lattica.get([feed.remote(hist, s, 1000) for s in range(8)])
-        print(f"[actor] histogram fed by 8 tasks: {max(totals)} values, "
-              f"bins {lattica.get(hist.counts_now.remote())}")
+        print(
+            f"[actor] histogram fed by 8 tasks: {max(totals)} values, "
+            f"bins {lattica.get(hist.counts_now.remote())}"
+        )
 
         items = [lattica.get(ref) for ref in countdown.remote(5)]
         print(f"[stream] generator yielded {items}")
@@ -117,17 +138,22 @@ def main(argv: list[str]) -> int:
         ref = lattica.put(matrix)
         print(f"[object] put a {matrix.nbytes / 1e6:.1f} MB array; its CID is {ref.cid}")
         far = [n["NodeID"] for n in lattica.nodes() if n["NodeID"] != me["node_id"] and n["Alive"]]
-        strategy = (lattica.NodeAffinitySchedulingStrategy(far[0]) if far else None)
-        means, node = lattica.get(column_means_by_cid.options(
-            scheduling_strategy=strategy).remote(ref.cid))
-        print(f"[object] node {node[:12]}... fetched it by CID; column means {means} "
-              f"(local: {matrix.mean(axis=0)[:3].round(4).tolist()})")
+        strategy = lattica.NodeAffinitySchedulingStrategy(far[0]) if far else None
+        means, node = lattica.get(
+            column_means_by_cid.options(scheduling_strategy=strategy).remote(ref.cid)
+        )
+        print(
+            f"[object] node {node[:12]}... fetched it by CID; column means {means} "
+            f"(local: {matrix.mean(axis=0)[:3].round(4).tolist()})"
+        )
 
         try:
             lattica.get(sample_pi.remote(0, None))
         except lattica.TaskError as err:
-            print(f"[errors] a failing task re-raised {err.cause_type} with its remote traceback "
-                  f"({len(err.remote_traceback.splitlines())} lines)")
+            print(
+                f"[errors] a failing task re-raised {err.cause_type} with its remote traceback "
+                f"({len(err.remote_traceback.splitlines())} lines)"
+            )
     finally:
         for proc in procs:
             proc.terminate()

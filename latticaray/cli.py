@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgpack
 
-__all__ = ["main", "build_parser", "mesh_up", "mesh_down", "mesh_status"]
+__all__ = ["build_parser", "main", "mesh_down", "mesh_status", "mesh_up"]
 
 log = logging.getLogger("latticaray.cli")
 
@@ -49,12 +49,15 @@ def default_run_dir() -> Path:
 
 # --- logging ---------------------------------------------------------------------------------------
 
+
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         msg = record.getMessage().replace('"', "'")
-        line = f'ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} ' \
-               f'logger={record.name} msg="{msg}"'
+        line = (
+            f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f'logger={record.name} msg="{msg}"'
+        )
         if record.exc_info:
             line += ' exc="' + self.formatException(record.exc_info).replace("\n", " | ") + '"'
         return line
@@ -79,6 +82,7 @@ def _run(coro) -> int:
 
 # --- `latticaray node` -----------------------------------------------------------------------------
 
+
 def _register_node_services(node, admins: set) -> None:
     from .mesh.errors import RpcError
     from .mesh.identity import PeerId
@@ -91,18 +95,28 @@ def _register_node_services(node, admins: set) -> None:
         if ctx.peer_id not in admins:
             raise RpcError("PERMISSION_DENIED", "admin service is restricted to the mesh admin")
         try:
-            request = msgpack.unpackb(payload, raw=False, max_array_len=MAX_ADMIN_ADDRS,
-                                      max_str_len=4096, max_bin_len=4096, max_map_len=8)
+            request = msgpack.unpackb(
+                payload,
+                raw=False,
+                max_array_len=MAX_ADMIN_ADDRS,
+                max_str_len=4096,
+                max_bin_len=4096,
+                max_map_len=8,
+            )
             op = request["op"]
-        except Exception:  # noqa: BLE001 - malformed request
-            raise RpcError("INVALID_ARGUMENT", "admin request must be a msgpack map with 'op'")
+        except Exception as exc:
+            raise RpcError(
+                "INVALID_ARGUMENT", "admin request must be a msgpack map with 'op'"
+            ) from exc
         if op == "info":
-            return msgpack.packb({
-                "peer_id": str(node.peer_id),
-                "listen": [str(a) for a in node.listen_addrs],
-                "peers": [str(p) for p in node.connected_peers()],
-                "pid": os.getpid(),
-            })
+            return msgpack.packb(
+                {
+                    "peer_id": str(node.peer_id),
+                    "listen": [str(a) for a in node.listen_addrs],
+                    "peers": [str(p) for p in node.connected_peers()],
+                    "pid": os.getpid(),
+                }
+            )
         if op == "ping":
             results = {}
 
@@ -115,9 +129,12 @@ def _register_node_services(node, admins: set) -> None:
                     rtt = await node.ping(peer, timeout=10)  # dials by peer ID if needed
                     probe = b"hello " + name.encode()
                     ok = await node.call(peer, ECHO_PROTOCOL, probe, timeout=10) == probe
-                    results[name] = {"ok": ok, "rtt_ms": round(rtt * 1000, 3),
-                                     "transport": node.connection_to(peer).transport}
-                except Exception as exc:  # noqa: BLE001 - reported back per peer
+                    results[name] = {
+                        "ok": ok,
+                        "rtt_ms": round(rtt * 1000, 3),
+                        "transport": node.connection_to(peer).transport,
+                    }
+                except Exception as exc:
                     results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
             await asyncio.gather(*(ping_one(e) for e in request.get("peers", [])[:MAX_ADMIN_ADDRS]))
@@ -126,6 +143,13 @@ def _register_node_services(node, admins: set) -> None:
 
     node.register_unary(ECHO_PROTOCOL, echo)
     node.register_unary(ADMIN_PROTOCOL, admin)
+
+
+def _write_ready_file(path: str, info: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, path)
 
 
 async def _node_main(args) -> int:
@@ -144,22 +168,25 @@ async def _node_main(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await node.start()
-    info = {"peer_id": str(node.peer_id), "listen": [str(a) for a in node.listen_addrs],
-            "pid": os.getpid()}
-    log.info("node started peer_id=%s listen=%s", node.peer_id,
-             ",".join(str(a) for a in node.listen_addrs))
+    info = {
+        "peer_id": str(node.peer_id),
+        "listen": [str(a) for a in node.listen_addrs],
+        "pid": os.getpid(),
+    }
+    log.info(
+        "node started peer_id=%s listen=%s",
+        node.peer_id,
+        ",".join(str(a) for a in node.listen_addrs),
+    )
     if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(info, fh)
-        os.replace(tmp, args.ready_file)
+        _write_ready_file(args.ready_file, info)
     else:
         print(json.dumps(info), flush=True)
     await stop.wait()
     log.info("node stopping peer_id=%s", node.peer_id)
     try:
         await asyncio.wait_for(node.stop(), 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("node stop took over 10 s; exiting anyway")
     return 0
 
@@ -170,6 +197,7 @@ def cmd_node(args) -> int:
 
 
 # --- local mesh: up / down / status ------------------------------------------------------------------
+
 
 def _state_path(run_dir: Path) -> Path:
     return run_dir / STATE_FILE
@@ -202,8 +230,14 @@ def _pid_is_our_node(pid: int, run_dir: Path) -> bool:
     return "node" in args and any(str(run_dir) in a for a in args)
 
 
-def mesh_up(nodes: int, run_dir: Path, *, transports: str | None = None,
-            timeout: float = 60.0, log_level: str = "warning") -> dict:
+def mesh_up(
+    nodes: int,
+    run_dir: Path,
+    *,
+    transports: str | None = None,
+    timeout: float = 60.0,
+    log_level: str = "warning",
+) -> dict:
     """Start ``nodes`` node processes on loopback; returns the mesh state (also in mesh.json)."""
     from .mesh.identity import KeyPair
 
@@ -223,8 +257,15 @@ def mesh_up(nodes: int, run_dir: Path, *, transports: str | None = None,
     return state
 
 
-def _spawn_nodes(nodes: int, run_dir: Path, state: dict, admin, transports: str | None,
-                 timeout: float, log_level: str) -> None:
+def _spawn_nodes(
+    nodes: int,
+    run_dir: Path,
+    state: dict,
+    admin,
+    transports: str | None,
+    timeout: float,
+    log_level: str,
+) -> None:
     bootstrap: list[str] = []
     for index in range(nodes):
         node_dir = run_dir / f"node{index}"
@@ -232,26 +273,42 @@ def _spawn_nodes(nodes: int, run_dir: Path, state: dict, admin, transports: str 
         ready = node_dir / "ready.json"
         if ready.exists():
             ready.unlink()
-        cmd = [sys.executable, "-m", "latticaray", "node",
-               "--identity", str(node_dir / "identity.key"),
-               "--ready-file", str(ready),
-               "--admin", str(admin.peer_id),
-               "--log-level", log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "latticaray",
+            "node",
+            "--identity",
+            str(node_dir / "identity.key"),
+            "--ready-file",
+            str(ready),
+            "--admin",
+            str(admin.peer_id),
+            "--log-level",
+            log_level,
+        ]
         if transports:
             cmd += ["--transports", transports]
         for addr in bootstrap:
             cmd += ["--bootstrap", addr]
         with open(node_dir / "node.log", "ab") as logfile:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,
+                close_fds=True,
+            )
         entry = {"index": index, "pid": proc.pid, "dir": str(node_dir)}
         state["nodes"].append(entry)
         _write_state(run_dir, state)  # record the PID at once, so `down` can always stop it
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if proc.poll() is not None:
-                raise SystemExit(f"node {index} exited with code {proc.returncode}; "
-                                 f"see {node_dir / 'node.log'}")
+                raise SystemExit(
+                    f"node {index} exited with code {proc.returncode}; see {node_dir / 'node.log'}"
+                )
             if time.monotonic() > deadline:
                 raise SystemExit(f"node {index} did not start within {timeout:.0f} s")
             time.sleep(0.05)
@@ -311,8 +368,14 @@ async def _admin_calls(state: dict, run_dir: Path, check: bool) -> dict:
     from .mesh.node import MeshConfig, MeshNode
 
     admin_key = KeyPair.load(Path(run_dir) / ADMIN_KEY_FILE)
-    client = MeshNode(MeshConfig(key=admin_key, listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
-                                 transports=("quic", "tcp"), auto_identify=False))
+    client = MeshNode(
+        MeshConfig(
+            key=admin_key,
+            listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
+            transports=("quic", "tcp"),
+            auto_identify=False,
+        )
+    )
     await client.start()
     report: dict = {}
     try:
@@ -321,8 +384,9 @@ async def _admin_calls(state: dict, run_dir: Path, check: bool) -> dict:
             client.add_addrs(PeerId.from_string(n["peer_id"]), n["listen"])
 
         async def ask(n, request):
-            reply = await client.call(PeerId.from_string(n["peer_id"]), ADMIN_PROTOCOL,
-                                      msgpack.packb(request), timeout=30)
+            reply = await client.call(
+                PeerId.from_string(n["peer_id"]), ADMIN_PROTOCOL, msgpack.packb(request), timeout=30
+            )
             return msgpack.unpackb(reply, raw=False)
 
         async def one(n):
@@ -332,7 +396,7 @@ async def _admin_calls(state: dict, run_dir: Path, check: bool) -> dict:
                 if check:
                     others = [[o["peer_id"], o["listen"]] for o in nodes if o is not n]
                     entry["ping"] = await ask(n, {"op": "ping", "peers": others})
-            except Exception as exc:  # noqa: BLE001 - reported per node
+            except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
             report[n["index"]] = entry
 
@@ -349,8 +413,9 @@ def mesh_status(run_dir: Path, check: bool = False) -> tuple[dict | None, dict]:
         return None, {}
     for n in state["nodes"]:
         n["alive"] = _pid_is_our_node(n["pid"], run_dir)
-    report = _run(_admin_calls(state, run_dir, check)) if any(
-        n["alive"] for n in state["nodes"]) else {}
+    report = (
+        _run(_admin_calls(state, run_dir, check)) if any(n["alive"] for n in state["nodes"]) else {}
+    )
     return state, report
 
 
@@ -383,7 +448,9 @@ def cmd_status(args) -> int:
         entry = report.get(n["index"], {})
         peers = len(entry.get("info", {}).get("peers", [])) if "info" in entry else "?"
         status = "running" if n["alive"] else "stopped"
-        print(f"node{n['index']}  pid {n['pid']:>7}  {status:8}  peers {peers}  {n.get('peer_id', '')}")
+        print(
+            f"node{n['index']}  pid {n['pid']:>7}  {status:8}  peers {peers}  {n.get('peer_id', '')}"
+        )
         if "error" in entry:
             failures += 1
             print(f"    error: {entry['error']}")
@@ -400,28 +467,47 @@ def cmd_status(args) -> int:
 
 # --- entry point -------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latticaray",
-                                     description="latticaray: tasks and actors over a p2p mesh")
+    parser = argparse.ArgumentParser(
+        prog="latticaray", description="latticaray: tasks and actors over a p2p mesh"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("node", help="run a mesh node in the foreground")
-    p.add_argument("--listen", action="append", metavar="MULTIADDR",
-                   help="address to listen on (repeatable; default loopback QUIC + TCP)")
-    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
-                   help="peer to connect to at start, with /p2p/<id> (repeatable)")
-    p.add_argument("--identity", metavar="PATH",
-                   help="host key file (created with mode 0600 if missing; default: fresh key)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="address to listen on (repeatable; default loopback QUIC + TCP)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="peer to connect to at start, with /p2p/<id> (repeatable)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="PATH",
+        help="host key file (created with mode 0600 if missing; default: fresh key)",
+    )
     p.add_argument("--transports", metavar="LIST", help="e.g. 'quic,tcp' (preference order)")
-    p.add_argument("--admin", action="append", metavar="PEER_ID",
-                   help="peer allowed to use the admin service (set by `up`)")
+    p.add_argument(
+        "--admin",
+        action="append",
+        metavar="PEER_ID",
+        help="peer allowed to use the admin service (set by `up`)",
+    )
     p.add_argument("--ready-file", metavar="PATH", help="write peer id and addresses here")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("up", help="start a local mesh of node processes on loopback")
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--run-dir", metavar="DIR", help=f"state directory (default {default_run_dir()})")
+    p.add_argument(
+        "--run-dir", metavar="DIR", help=f"state directory (default {default_run_dir()})"
+    )
     p.add_argument("--transports", metavar="LIST")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each node")
     p.set_defaults(func=cmd_up)
@@ -435,34 +521,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="have every node ping every other")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("start", add_help=False,
-                       help="run a worker node (mesh + worker pool) in the foreground; "
-                            "`latticaray start --help` for its options")
+    p = sub.add_parser(
+        "start",
+        add_help=False,
+        help="run a worker node (mesh + worker pool) in the foreground; "
+        "`latticaray start --help` for its options",
+    )
     p.set_defaults(func=_passthrough("latticaray.runtime.node_main"))
 
     p = sub.add_parser("invite", help="print a membership credential signed by the mesh key")
-    p.add_argument("--mesh-key-path", required=True, metavar="PATH",
-                   help="the mesh key file (created with mode 0600 if missing)")
+    p.add_argument(
+        "--mesh-key-path",
+        required=True,
+        metavar="PATH",
+        help="the mesh key file (created with mode 0600 if missing)",
+    )
     p.add_argument("--peer-id", help="bind the credential to this peer ID (default: any holder)")
     p.add_argument("--ttl", type=float, help="validity in seconds")
     p.set_defaults(func=cmd_invite)
 
-    p = sub.add_parser("microbenchmark", add_help=False,
-                       help="the rows of `ray microbenchmark` on an embedded local mesh")
+    p = sub.add_parser(
+        "microbenchmark",
+        add_help=False,
+        help="the rows of `ray microbenchmark` on an embedded local mesh",
+    )
     p.set_defaults(func=_passthrough("latticaray.runtime.microbenchmark"))
     return parser
 
 
 def _passthrough(module: str):
     """A subcommand whose arguments belong to another module's own ``main(argv)``."""
+
     def run(args: argparse.Namespace) -> int:
         import importlib
+
         return importlib.import_module(module).main(args.rest) or 0
+
     return run
 
 
 def cmd_invite(args: argparse.Namespace) -> int:
     from latticaray.runtime.admission import make_invite
+
     kwargs = {} if args.ttl is None else {"ttl": args.ttl}
     print(make_invite(args.mesh_key_path, peer_id=args.peer_id, **kwargs))
     return 0

@@ -19,7 +19,8 @@ import threading
 from concurrent.futures import Future
 
 NETLAB = os.environ.get("NETLAB") or os.path.normpath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "netlab", "netlab"))
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "netlab", "netlab")
+)
 CLONE_NEWNET = 0x40000000
 
 
@@ -47,11 +48,17 @@ def _unavailable_reason() -> str | None:
 
 def netlab(prefix: str, *args: str, check: bool = True, timeout: float = 60) -> str:
     env = dict(os.environ, NETLAB_PREFIX=prefix)
-    proc = subprocess.run([NETLAB, "--prefix", prefix, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [NETLAB, "--prefix", prefix, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"netlab {' '.join(args)} failed ({proc.returncode}): "
-                           f"{proc.stderr.strip()[-800:]}")
+        raise RuntimeError(
+            f"netlab {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
     return proc.stdout
 
 

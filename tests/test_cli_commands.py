@@ -18,8 +18,9 @@ def run_cli(*args, timeout=60):
 
 def test_invite_prints_a_credential_the_mesh_key_verifies(tmp_path):
     key_path = tmp_path / "mesh.key"
-    out = run_cli("invite", "--mesh-key-path", str(key_path), "--peer-id", "12D3KooWAlice",
-                  "--ttl", "60")
+    out = run_cli(
+        "invite", "--mesh-key-path", str(key_path), "--peer-id", "12D3KooWAlice", "--ttl", "60"
+    )
     assert out.returncode == 0, out.stderr
     assert os.stat(key_path).st_mode & 0o777 == 0o600
     mesh_public = MeshKey.load_or_create(str(key_path)).public_bytes

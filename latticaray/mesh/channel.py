@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Channel(Protocol):
     #: The authenticated identity of the remote end (verified during the handshake).
-    remote_peer: "PeerId"
+    remote_peer: PeerId
     #: Our own identity.
-    local_peer: "PeerId"
+    local_peer: PeerId
     #: The address of the remote as this side sees it (the observed address for identify).
-    remote_addr: "Multiaddr | None"
+    remote_addr: Multiaddr | None
     #: Short transport name for metrics and path reporting: "quic", "tcp", "unix", "relay", ...
     transport: str
 

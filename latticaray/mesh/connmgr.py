@@ -36,8 +36,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import ConnectionClosed, HandshakeError, MeshError, PeerIdMismatch, PeerUnreachable
 from .identity import PeerId
@@ -45,14 +45,14 @@ from .multiaddr import Multiaddr
 from .rpc import RpcLimits, RpcRouter, RpcSession
 
 __all__ = [
-    "RawConnection",
-    "MeshConnection",
-    "TransportAdapter",
-    "QuicAdapter",
-    "ConnectionManager",
-    "PeerStore",
     "DEFAULT_TRANSPORT_PREFERENCE",
     "RELAYED_TRANSPORTS",
+    "ConnectionManager",
+    "MeshConnection",
+    "PeerStore",
+    "QuicAdapter",
+    "RawConnection",
+    "TransportAdapter",
     "dial_schedule",
     "is_dialable_addr",
     "path_rank",
@@ -90,7 +90,7 @@ def is_dialable_addr(addr: Multiaddr) -> bool:
             if ipaddress.ip_address(host).is_unspecified:
                 return False
         except ValueError:
-            pass            # a DNS name
+            pass  # a DNS name
         if addr.port == 0:
             return False
     return True
@@ -191,8 +191,9 @@ class TransportAdapter:
     async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
         raise NotImplementedError
 
-    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
-                   timeout: float) -> RawConnection:
+    async def dial(
+        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
+    ) -> RawConnection:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -204,8 +205,9 @@ class QuicAdapter(TransportAdapter):
 
     name = "quic"
 
-    def __init__(self, transport, on_inbound: Callable[[RawConnection], None],
-                 preamble_timeout: float = 10.0) -> None:
+    def __init__(
+        self, transport, on_inbound: Callable[[RawConnection], None], preamble_timeout: float = 10.0
+    ) -> None:
         self.transport = transport  # latticaray.mesh.transport.quic.QuicTransport
         self._on_inbound = on_inbound
         self._preamble_timeout = preamble_timeout
@@ -214,13 +216,16 @@ class QuicAdapter(TransportAdapter):
 
     async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
         if self.transport.local_address is not None:
-            raise MeshError("QUIC listens on one UDP socket per node; a second quic address "
-                            f"({addr}) is not supported")
+            raise MeshError(
+                "QUIC listens on one UDP socket per node; a second quic address "
+                f"({addr}) is not supported"
+            )
         bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0)
         return [bound]
 
-    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
-                   timeout: float) -> RawConnection:
+    async def dial(
+        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
+    ) -> RawConnection:
         conn = await self.transport.dial(addr.without_peer(), expected_peer, timeout)
         channel = conn.open_channel()
         channel.write(RPC_PROTOCOL_PREAMBLE)
@@ -257,8 +262,10 @@ class QuicAdapter(TransportAdapter):
                 preamble += chunk
             if bytes(preamble) != RPC_PROTOCOL_PREAMBLE:
                 raise HandshakeError(f"unexpected protocol preamble {bytes(preamble)[:32]!r}")
-        except (asyncio.TimeoutError, ConnectionClosed, HandshakeError) as exc:
-            log.info("inbound QUIC connection from %s dropped: %s", conn.remote_peer, exc or "timeout")
+        except (TimeoutError, ConnectionClosed, HandshakeError) as exc:
+            log.info(
+                "inbound QUIC connection from %s dropped: %s", conn.remote_peer, exc or "timeout"
+            )
             conn.close("no rpc stream")
             return
         self._on_inbound(self._raw(conn, channel, outbound=False))
@@ -316,12 +323,17 @@ class PeerStore:
 
 
 class ConnectionManager:
-    def __init__(self, local_peer: PeerId, router: RpcRouter, *,
-                 rpc_limits: RpcLimits | None = None,
-                 transport_preference: tuple[str, ...] = DEFAULT_TRANSPORT_PREFERENCE,
-                 max_connections: int = 1024,
-                 dial_timeout: float = 10.0,
-                 happy_eyeballs_delay: float = 0.25) -> None:
+    def __init__(
+        self,
+        local_peer: PeerId,
+        router: RpcRouter,
+        *,
+        rpc_limits: RpcLimits | None = None,
+        transport_preference: tuple[str, ...] = DEFAULT_TRANSPORT_PREFERENCE,
+        max_connections: int = 1024,
+        dial_timeout: float = 10.0,
+        happy_eyeballs_delay: float = 0.25,
+    ) -> None:
         self.local_peer = local_peer
         self.router = router
         self.rpc_limits = rpc_limits or RpcLimits()
@@ -384,8 +396,9 @@ class ConnectionManager:
         # connection dialed by the smaller peer ID; ties (our own duplicate dials) go to the oldest.
         return min(conns, key=lambda c: (path_rank(c.transport), c.dialer.to_bytes(), c.opened_at))
 
-    async def upgrade(self, peer: PeerId, addr: Multiaddr,
-                      timeout: float | None = None) -> MeshConnection | None:
+    async def upgrade(
+        self, peer: PeerId, addr: Multiaddr, timeout: float | None = None
+    ) -> MeshConnection | None:
         """Dial ``addr`` even though ``peer`` is connected; if the new path is better it becomes
         primary (on both ends) and the old connection is closed by its dialer once idle."""
         current = self.primary(peer)
@@ -419,8 +432,9 @@ class ConnectionManager:
         if not dial.cancelled():
             dial.exception()  # retrieved: callers that gave up waiting (shutdown) leave it unread
 
-    async def dial_addr(self, addr: Multiaddr, timeout: float | None = None, *,
-                        force_new: bool = False) -> MeshConnection:
+    async def dial_addr(
+        self, addr: Multiaddr, timeout: float | None = None, *, force_new: bool = False
+    ) -> MeshConnection:
         """Dial one address (verifying its ``/p2p`` ID if it has one) and register the connection.
 
         Returns the peer's primary connection afterwards; an existing primary is reused without
@@ -494,7 +508,11 @@ class ConnectionManager:
                 if not task.done():
                     task.cancel()
                     task.add_done_callback(_close_late_winner)
-                elif not task.cancelled() and task.exception() is None and task.result() is not winner:
+                elif (
+                    not task.cancelled()
+                    and task.exception() is None
+                    and task.result() is not winner
+                ):
                     task.result().close("happy-eyeballs loser")
                 elif not task.cancelled() and isinstance(task.exception(), PeerIdMismatch):
                     mismatch = task.exception()
@@ -518,14 +536,16 @@ class ConnectionManager:
             remaining = end - loop.time()
             if remaining <= 0:
                 return None
-            done, _ = await asyncio.wait(pending, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     errors.append(f"{task.addr}: {task.exception()}")  # type: ignore[attr-defined]
 
-    async def _dial_one(self, addr: Multiaddr, expected: PeerId | None,
-                        timeout: float) -> RawConnection:
+    async def _dial_one(
+        self, addr: Multiaddr, expected: PeerId | None, timeout: float
+    ) -> RawConnection:
         adapter = self.adapters.get(addr.transport or "")
         if adapter is None or not adapter.can_dial(addr):
             raise PeerUnreachable(f"no transport can dial {addr}")
@@ -534,7 +554,7 @@ class ConnectionManager:
             # cancelled at shutdown) would be left unretrieved
             async with asyncio.timeout(timeout):
                 raw = await adapter.dial(addr, expected, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerUnreachable(f"dial {addr} timed out after {timeout:.1f} s") from None
         except (OSError, ConnectionClosed) as exc:
             raise PeerUnreachable(f"dial {addr} failed: {exc}") from None
@@ -556,8 +576,12 @@ class ConnectionManager:
     def accept_inbound(self, raw: RawConnection) -> None:
         """Adapters call this with each authenticated inbound connection."""
         if self._closing or self.connection_count() >= self.max_connections:
-            log.info("refusing inbound %s connection from %s: limit of %d connections",
-                     raw.transport, raw.peer_id, self.max_connections)
+            log.info(
+                "refusing inbound %s connection from %s: limit of %d connections",
+                raw.transport,
+                raw.peer_id,
+                self.max_connections,
+            )
             raw.close("connection limit")
             return
         self._register(raw)
@@ -576,8 +600,12 @@ class ConnectionManager:
         session.on_close(lambda _s, c=conn: self._on_closed(c))
         if raw.on_close is not None:
             raw.on_close(lambda s=session: s.close("transport connection closed"))
-        log.debug("connected to %s over %s (%s)", peer, raw.transport,
-                  "outbound" if raw.outbound else "inbound")
+        log.debug(
+            "connected to %s over %s (%s)",
+            peer,
+            raw.transport,
+            "outbound" if raw.outbound else "inbound",
+        )
         if first:
             for callback in list(self._connected_cbs):
                 _safe_call(callback, peer)
@@ -591,7 +619,7 @@ class ConnectionManager:
         conn.closed = True
         try:
             conn.raw.close(conn.session.close_reason or "session closed")
-        except Exception:  # noqa: BLE001 - closing an already dead transport
+        except Exception:
             pass
         conns = self._conns.get(conn.peer_id)
         if conns is None or conn not in conns:
@@ -629,7 +657,7 @@ class ConnectionManager:
         for conn in conns:
             try:
                 await asyncio.wait_for(conn.session.wait_closed(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def close(self) -> None:
@@ -643,12 +671,13 @@ class ConnectionManager:
         for conn in conns:
             conn.close("node shutting down")
         if conns:
-            await asyncio.wait([asyncio.ensure_future(c.session.wait_closed()) for c in conns],
-                               timeout=3.0)
+            await asyncio.wait(
+                [asyncio.ensure_future(c.session.wait_closed()) for c in conns], timeout=3.0
+            )
         for adapter in list(self.adapters.values()):
             try:
                 await adapter.close()
-            except Exception:  # noqa: BLE001 - keep closing the others
+            except Exception:
                 log.exception("closing transport %s failed", adapter.name)
 
 
@@ -660,7 +689,7 @@ def _close_late_winner(task: asyncio.Task) -> None:
 def _safe_call(callback, *args) -> None:
     try:
         callback(*args)
-    except Exception:  # noqa: BLE001 - a listener bug must not break the manager
+    except Exception:
         log.exception("connection event callback failed")
 
 
@@ -678,17 +707,20 @@ class StreamAdapter(TransportAdapter):
             path = addr.unix_path if addr is not None else None
             bound = await self.transport.listen(path, on_channel=self._inbound)
         else:
-            bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0,
-                                                on_channel=self._inbound)
+            bound = await self.transport.listen(
+                addr.host or "127.0.0.1", addr.port or 0, on_channel=self._inbound
+            )
         return [bound]
 
-    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None,
-                   timeout: float) -> RawConnection:
+    async def dial(
+        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
+    ) -> RawConnection:
         if self.name == "unix":
             channel = await self.transport.dial(addr.unix_path, expected_peer, timeout=timeout)
         else:
-            channel = await self.transport.dial(addr.host, addr.port, expected_peer,
-                                                timeout=timeout)
+            channel = await self.transport.dial(
+                addr.host, addr.port, expected_peer, timeout=timeout
+            )
         return self._raw(channel, outbound=True, addr=addr.without_peer())
 
     def _raw(self, channel, outbound: bool, addr: Multiaddr | None = None) -> RawConnection:
@@ -708,7 +740,9 @@ class StreamAdapter(TransportAdapter):
         await self.transport.close()
 
 
-def make_stream_adapter(name: str, key, certified, on_inbound, options: dict) -> TransportAdapter | None:
+def make_stream_adapter(
+    name: str, key, certified, on_inbound, options: dict
+) -> TransportAdapter | None:
     """The TCP+TLS or Unix adapter, if that transport module is available (else None)."""
     try:
         if name == "tcp":

@@ -25,20 +25,26 @@ PREFIX_SIZE = PREFIX.size
 MAX_HEADER_SIZE = 4096
 
 # Frame kinds (header[0]).
-OPEN = 1      # [1, call_id, flags, service, call_type, timeout_ms]; payload = first message if MSG
-MESSAGE = 2   # [2, call_id, flags]; payload = one message if MSG (else a bare half-close)
-CREDIT = 3    # [3, call_id, flags, n_bytes]; receiver grants n_bytes more of stream window
-CANCEL = 4    # [4, call_id, flags]; caller abandons the call (or callee drops it)
-ERROR = 5     # [5, call_id, flags, code, message]; payload = remote traceback (utf-8, may be empty)
-GOAWAY = 6    # [6, 0, 0, code, message]; the session is closing (e.g. after a violation)
+OPEN = 1  # [1, call_id, flags, service, call_type, timeout_ms]; payload = first message if MSG
+MESSAGE = 2  # [2, call_id, flags]; payload = one message if MSG (else a bare half-close)
+CREDIT = 3  # [3, call_id, flags, n_bytes]; receiver grants n_bytes more of stream window
+CANCEL = 4  # [4, call_id, flags]; caller abandons the call (or callee drops it)
+ERROR = 5  # [5, call_id, flags, code, message]; payload = remote traceback (utf-8, may be empty)
+GOAWAY = 6  # [6, 0, 0, code, message]; the session is closing (e.g. after a violation)
 
-KIND_NAMES = {OPEN: "OPEN", MESSAGE: "MESSAGE", CREDIT: "CREDIT", CANCEL: "CANCEL",
-              ERROR: "ERROR", GOAWAY: "GOAWAY"}
+KIND_NAMES = {
+    OPEN: "OPEN",
+    MESSAGE: "MESSAGE",
+    CREDIT: "CREDIT",
+    CANCEL: "CANCEL",
+    ERROR: "ERROR",
+    GOAWAY: "GOAWAY",
+}
 _MIN_FIELDS = {OPEN: 6, MESSAGE: 3, CREDIT: 4, CANCEL: 3, ERROR: 5, GOAWAY: 5}
 
 # Flags (header[2]), a bit set.
-FLAG_END = 0x01       # the sender's direction of this call ends with this frame
-FLAG_MSG = 0x02       # the payload is a message (possibly empty)
+FLAG_END = 0x01  # the sender's direction of this call ends with this frame
+FLAG_MSG = 0x02  # the payload is a message (possibly empty)
 FLAG_RESPONSE = 0x04  # sent by the callee: the call id belongs to the receiver's outgoing calls
 
 # Call types carried in OPEN.
@@ -46,8 +52,12 @@ UNARY = 0
 SERVER_STREAM = 1
 CLIENT_STREAM = 2
 BIDI = 3
-CALL_TYPE_NAMES = {UNARY: "unary", SERVER_STREAM: "server-stream",
-                   CLIENT_STREAM: "client-stream", BIDI: "bidi"}
+CALL_TYPE_NAMES = {
+    UNARY: "unary",
+    SERVER_STREAM: "server-stream",
+    CLIENT_STREAM: "client-stream",
+    BIDI: "bidi",
+}
 
 MAX_CALL_ID = (1 << 63) - 1
 MAX_SERVICE_NAME = 256
@@ -88,7 +98,7 @@ class FrameDecoder:
     the current frame (at most ``max_payload`` + header) is ever buffered.
     """
 
-    __slots__ = ("max_payload", "_buf", "_max_body", "_large")
+    __slots__ = ("_buf", "_large", "_max_body", "max_payload")
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
@@ -141,10 +151,12 @@ class FrameDecoder:
                 if body_len > max_body:
                     raise FrameTooLarge(
                         f"frame of {body_len} bytes exceeds the limit of {max_body} "
-                        f"(max payload {self.max_payload})")
+                        f"(max payload {self.max_payload})"
+                    )
                 if hlen > MAX_HEADER_SIZE or hlen == 0 or hlen + 2 > body_len:
                     raise ProtocolViolation(
-                        f"frame header length {hlen} is invalid for a body of {body_len} bytes")
+                        f"frame header length {hlen} is invalid for a body of {body_len} bytes"
+                    )
                 stop = pos + 4 + body_len
                 hstart = pos + PREFIX_SIZE
                 pstart = hstart + hlen
@@ -189,8 +201,10 @@ def _decode_header(raw) -> list:
 
 def _check_header(header: object) -> None:
     if type(header) is not list or len(header) < 3:
-        raise ProtocolViolation(f"frame header must be an array [kind, call_id, flags, ...], "
-                                f"got {type(header).__name__}")
+        raise ProtocolViolation(
+            f"frame header must be an array [kind, call_id, flags, ...], "
+            f"got {type(header).__name__}"
+        )
     kind, call_id, flags = header[0], header[1], header[2]
     if type(call_id) is not int or not 0 <= call_id <= MAX_CALL_ID:
         raise ProtocolViolation(f"invalid call id {call_id!r}")
@@ -202,8 +216,8 @@ def _check_header(header: object) -> None:
         return
     if len(header) < _MIN_FIELDS[kind]:
         raise ProtocolViolation(
-            f"{KIND_NAMES[kind]} frame header has {len(header)} fields, "
-            f"needs {_MIN_FIELDS[kind]}")
+            f"{KIND_NAMES[kind]} frame header has {len(header)} fields, needs {_MIN_FIELDS[kind]}"
+        )
     if kind == OPEN:
         service, call_type, timeout_ms = header[3], header[4], header[5]
         if type(service) is not str or not 0 < len(service) <= MAX_SERVICE_NAME:

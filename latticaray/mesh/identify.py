@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IDENTIFY_PROTOCOL",
+    "MAX_IDENTIFY_BYTES",
     "PING_PROTOCOL",
     "IdentifyInfo",
     "IdentifyService",
-    "MAX_IDENTIFY_BYTES",
 ]
 
 IDENTIFY_PROTOCOL = "/latticaray/identify/1"
@@ -70,16 +70,22 @@ class IdentifyInfo:
         return msgpack.packb(record, use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes, expected_peer: PeerId | None = None) -> "IdentifyInfo":
+    def decode(cls, data: bytes, expected_peer: PeerId | None = None) -> IdentifyInfo:
         """Parse and validate a record; raises :class:`ProtocolViolation` with the reason."""
         if len(data) > MAX_IDENTIFY_BYTES:
-            raise ProtocolViolation(f"identify record is {len(data)} bytes, over {MAX_IDENTIFY_BYTES}")
+            raise ProtocolViolation(
+                f"identify record is {len(data)} bytes, over {MAX_IDENTIFY_BYTES}"
+            )
         try:
             record = msgpack.unpackb(
-                data, raw=False, max_bin_len=MAX_IDENTIFY_BYTES, max_str_len=MAX_IDENTIFY_BYTES,
-                max_array_len=MAX_PROTOCOLS, max_map_len=32,
+                data,
+                raw=False,
+                max_bin_len=MAX_IDENTIFY_BYTES,
+                max_str_len=MAX_IDENTIFY_BYTES,
+                max_array_len=MAX_PROTOCOLS,
+                max_map_len=32,
             )
-        except Exception as exc:  # noqa: BLE001 - msgpack raises several types
+        except Exception as exc:
             raise ProtocolViolation(f"identify record is not valid msgpack: {exc}") from None
         if not isinstance(record, dict):
             raise ProtocolViolation("identify record is not a map")
@@ -92,14 +98,16 @@ class IdentifyInfo:
 
         try:
             peer = PeerId.from_bytes(typed("id", bytes) or b"")
-            addrs = [Multiaddr.from_bytes(a) for a in (typed("la", list) or [])
-                     if isinstance(a, bytes)][:MAX_LISTEN_ADDRS]
+            addrs = [
+                Multiaddr.from_bytes(a) for a in (typed("la", list) or []) if isinstance(a, bytes)
+            ][:MAX_LISTEN_ADDRS]
             observed_raw = typed("oa", bytes)
             observed = Multiaddr.from_bytes(observed_raw) if observed_raw else None
         except (PeerIdError, MultiaddrError) as exc:
             raise ProtocolViolation(f"identify record: {exc}") from None
-        protocols = [p for p in (typed("p", list) or []) if isinstance(p, str)
-                     and len(p) <= MAX_STRING]
+        protocols = [
+            p for p in (typed("p", list) or []) if isinstance(p, str) and len(p) <= MAX_STRING
+        ]
         if expected_peer is not None and peer != expected_peer:
             raise ProtocolViolation(
                 f"identify record claims peer {peer} but the connection is authenticated as "
@@ -118,7 +126,7 @@ class IdentifyInfo:
 class IdentifyService:
     """Serves identify and ping on a node, and runs identify on each new connection."""
 
-    def __init__(self, node: "MeshNode") -> None:
+    def __init__(self, node: MeshNode) -> None:
         self._node = node
         #: peer -> what it told us about itself
         self.peer_info: dict[PeerId, IdentifyInfo] = {}
@@ -159,8 +167,9 @@ class IdentifyService:
         """Loopback and Unix addresses are only meaningful if the peer is on this host."""
         conn = self._node.connection_to(peer)
         remote = conn.remote_addr if conn is not None else None
-        same_host = conn is not None and (conn.transport == "unix" or
-                                          (remote is not None and remote.is_loopback()))
+        same_host = conn is not None and (
+            conn.transport == "unix" or (remote is not None and remote.is_loopback())
+        )
         return [a for a in addrs if same_host or not a.is_loopback()]
 
     async def ping(self, peer: PeerId, timeout: float = 10.0) -> float:

@@ -20,14 +20,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .errors import MeshError
 
 __all__ = [
+    "KeyFileError",
     "KeyPair",
     "PeerId",
     "PeerIdError",
-    "KeyFileError",
-    "encode_public_key_protobuf",
-    "decode_public_key_protobuf",
-    "base58btc_encode",
     "base58btc_decode",
+    "base58btc_encode",
+    "decode_public_key_protobuf",
+    "encode_public_key_protobuf",
 ]
 
 ED25519_KEY_TYPE = 1
@@ -114,7 +114,7 @@ class PeerId:
     Immutable, hashable, ordered by its byte form. ``str(pid)`` is the base58btc form.
     """
 
-    __slots__ = ("_bytes", "_public_key_bytes", "_text", "_public_key")
+    __slots__ = ("_bytes", "_public_key", "_public_key_bytes", "_text")
 
     def __init__(self, multihash: bytes) -> None:
         if not isinstance(multihash, (bytes, bytearray, memoryview)):
@@ -140,16 +140,16 @@ class PeerId:
         self._public_key: Ed25519PublicKey | None = None
 
     @classmethod
-    def from_public_key(cls, raw_public_key: bytes) -> "PeerId":
+    def from_public_key(cls, raw_public_key: bytes) -> PeerId:
         encoded = encode_public_key_protobuf(raw_public_key)
         return cls(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PeerId":
+    def from_bytes(cls, data: bytes) -> PeerId:
         return cls(data)
 
     @classmethod
-    def from_string(cls, text: str) -> "PeerId":
+    def from_string(cls, text: str) -> PeerId:
         if not isinstance(text, str):
             raise PeerIdError(f"peer ID must be a str, got {type(text).__name__}")
         if not text:
@@ -219,7 +219,7 @@ class PeerId:
 class KeyPair:
     """An Ed25519 host key pair; the peer's identity."""
 
-    __slots__ = ("_private", "_public_bytes", "_peer_id")
+    __slots__ = ("_peer_id", "_private", "_public_bytes")
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._private = private_key
@@ -229,11 +229,11 @@ class KeyPair:
         self._peer_id = PeerId.from_public_key(self._public_bytes)
 
     @classmethod
-    def generate(cls) -> "KeyPair":
+    def generate(cls) -> KeyPair:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_private_bytes(cls, data: bytes) -> "KeyPair":
+    def from_private_bytes(cls, data: bytes) -> KeyPair:
         """From the 32-byte seed, or libp2p's 64-byte seed+public form (checked for consistency)."""
         data = bytes(data)
         if len(data) == 2 * ED25519_SEED_LEN:
@@ -250,14 +250,14 @@ class KeyPair:
         return cls(Ed25519PrivateKey.from_private_bytes(data))
 
     @classmethod
-    def from_libp2p_protobuf(cls, encoded: bytes) -> "KeyPair":
+    def from_libp2p_protobuf(cls, encoded: bytes) -> KeyPair:
         """From a libp2p ``PrivateKey`` protobuf (Type=Ed25519, Data=seed||public)."""
         if len(encoded) != 4 + 64 or encoded[:4] != bytes([0x08, 0x01, 0x12, 0x40]):
             raise KeyFileError("not a libp2p Ed25519 PrivateKey protobuf")
         return cls.from_private_bytes(encoded[4:])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "KeyPair":
+    def load(cls, path: str | os.PathLike) -> KeyPair:
         path = Path(path)
         try:
             mode = path.stat().st_mode & 0o777
@@ -271,7 +271,7 @@ class KeyPair:
             )
         if not data.startswith(_KEY_FILE_MAGIC):
             raise KeyFileError(f"key file {path} is not a latticaray Ed25519 key file")
-        body = data[len(_KEY_FILE_MAGIC):].strip()
+        body = data[len(_KEY_FILE_MAGIC) :].strip()
         try:
             seed = bytes.fromhex(body.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
@@ -279,7 +279,7 @@ class KeyPair:
         return cls.from_private_bytes(seed)
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike) -> "KeyPair":
+    def load_or_create(cls, path: str | os.PathLike) -> KeyPair:
         """Load the key at ``path``, or create one there (mode 0600) if the file does not exist."""
         path = Path(path)
         if path.exists():

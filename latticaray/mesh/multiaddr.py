@@ -13,12 +13,12 @@ protocol (everything after ``/unix`` is then the path).
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import quote, unquote
 
 from .errors import MultiaddrError
-from .varint import VarintError, decode_varint, encode_varint
 from .identity import PeerId, PeerIdError
+from .varint import VarintError, decode_varint, encode_varint
 
 __all__ = ["Multiaddr", "MultiaddrError"]
 
@@ -135,7 +135,7 @@ class Multiaddr:
         self._hash = hash(comps)
 
     @classmethod
-    def parse(cls, text: "str | Multiaddr") -> "Multiaddr":
+    def parse(cls, text: str | Multiaddr) -> Multiaddr:
         if isinstance(text, Multiaddr):
             return text
         if not isinstance(text, str):
@@ -181,10 +181,12 @@ class Multiaddr:
         return cls(components)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Multiaddr":
+    def from_bytes(cls, data: bytes) -> Multiaddr:
         data = bytes(data)
         if len(data) > MAX_MULTIADDR_BYTES:
-            raise MultiaddrError(f"binary multiaddr is {len(data)} bytes, over {MAX_MULTIADDR_BYTES}")
+            raise MultiaddrError(
+                f"binary multiaddr is {len(data)} bytes, over {MAX_MULTIADDR_BYTES}"
+            )
         if not data:
             raise MultiaddrError("binary multiaddr is empty")
         components: list[tuple[str, object]] = []
@@ -200,7 +202,7 @@ class Multiaddr:
                 continue
             fixed = {"ip4": 4, "ip6": 16, "port": 2}.get(kind)
             if fixed is not None:
-                chunk = data[offset:offset + fixed]
+                chunk = data[offset : offset + fixed]
                 if len(chunk) != fixed:
                     raise MultiaddrError(f"/{name} value truncated: need {fixed} bytes")
                 offset += fixed
@@ -213,7 +215,7 @@ class Multiaddr:
                 components.append((name, value))
                 continue
             length, offset = _decode_varint(data, offset)
-            chunk = data[offset:offset + length]
+            chunk = data[offset : offset + length]
             if len(chunk) != length:
                 raise MultiaddrError(f"/{name} value truncated: declared {length} bytes")
             offset += length
@@ -230,7 +232,9 @@ class Multiaddr:
                 if kind == "path":
                     _check_unix_path(value)
                 elif not value or len(value) > MAX_NAME_LEN or "/" in value or "\x00" in value:
-                    raise MultiaddrError(f"/{name} value must be a host name of 1-{MAX_NAME_LEN} chars")
+                    raise MultiaddrError(
+                        f"/{name} value must be a host name of 1-{MAX_NAME_LEN} chars"
+                    )
             components.append((name, value))
         return cls(components)
 
@@ -306,7 +310,7 @@ class Multiaddr:
         return value if name == "p2p" else None  # type: ignore[return-value]
 
     @property
-    def relay_addr(self) -> "Multiaddr | None":
+    def relay_addr(self) -> Multiaddr | None:
         """For a circuit address, the address of the relay (everything before ``/p2p-circuit``)."""
         circuit = self._circuit_index()
         if circuit is None or circuit == 0:
@@ -348,21 +352,21 @@ class Multiaddr:
             return "unix"
         return None
 
-    def without_peer(self) -> "Multiaddr":
+    def without_peer(self) -> Multiaddr:
         """This address without a trailing ``/p2p/<id>`` (unchanged if there is none)."""
         if self._components and self._components[-1][0] == "p2p" and len(self._components) > 1:
             if self.peer_id is not None:
                 return Multiaddr(self._components[:-1])
         return self
 
-    def with_peer(self, peer: PeerId) -> "Multiaddr":
+    def with_peer(self, peer: PeerId) -> Multiaddr:
         """This address ending in ``/p2p/<peer>`` (replacing a different trailing peer ID)."""
         if not isinstance(peer, PeerId):
             raise MultiaddrError(f"with_peer needs a PeerId, got {type(peer).__name__}")
         base = self.without_peer()
         return Multiaddr(base._components + (("p2p", peer),))
 
-    def encapsulate(self, other: "Multiaddr | str") -> "Multiaddr":
+    def encapsulate(self, other: Multiaddr | str) -> Multiaddr:
         other = Multiaddr.parse(other)
         return Multiaddr(self._components + other._components)
 

@@ -24,8 +24,8 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from .connmgr import (
     DEFAULT_TRANSPORT_PREFERENCE,
@@ -43,7 +43,7 @@ from .rpc import RpcLimits, RpcRouter, StreamCall
 from .tls import make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
-__all__ = ["MeshNode", "MeshConfig", "NodeThread", "AGENT_VERSION", "MAX_ADVERTISED_EXTRA"]
+__all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode", "NodeThread"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ try:
     from importlib.metadata import version as _pkg_version
 
     AGENT_VERSION = f"latticaray/{_pkg_version('latticaray')}"
-except Exception:  # noqa: BLE001 - not installed as a distribution
+except Exception:
     AGENT_VERSION = "latticaray/dev"
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
@@ -162,7 +162,7 @@ class MeshNode:
         self.connections.on_peer_connected(self._on_connected)
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    async def start(self) -> "MeshNode":
+    async def start(self) -> MeshNode:
         if self._started:
             return self
         self._started = True
@@ -180,8 +180,11 @@ class MeshNode:
                     continue
                 bound = await adapter.listen(addr)
                 self._listen_addrs.extend(expand_unspecified(bound, interface_addresses()))
-            if "unix" in wanted and self.config.same_host_fast_path and \
-                    not any(a.transport == "unix" for a in listen):
+            if (
+                "unix" in wanted
+                and self.config.same_host_fast_path
+                and not any(a.transport == "unix" for a in listen)
+            ):
                 adapter = self._adapter_for("unix")
                 if adapter is not None:
                     self._listen_addrs.extend(await adapter.listen(None))
@@ -194,8 +197,9 @@ class MeshNode:
         self.connections.start()
         for addr in self.config.bootstrap:
             self._spawn(self._bootstrap_one(Multiaddr.parse(addr)))
-        log.info("node %s listening on %s", self.peer_id,
-                 ", ".join(str(a) for a in self._listen_addrs))
+        log.info(
+            "node %s listening on %s", self.peer_id, ", ".join(str(a) for a in self._listen_addrs)
+        )
         return self
 
     async def stop(self) -> None:
@@ -206,7 +210,7 @@ class MeshNode:
             task.cancel()
         await self.connections.close()
 
-    async def __aenter__(self) -> "MeshNode":
+    async def __aenter__(self) -> MeshNode:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -221,7 +225,7 @@ class MeshNode:
     async def _bootstrap_one(self, addr: Multiaddr) -> None:
         try:
             await self.connect(addr)
-        except Exception as exc:  # noqa: BLE001 - bootstrap failures are reported, not fatal
+        except Exception as exc:
             log.warning("bootstrap peer %s unreachable: %s", addr, exc)
 
     # -- transports ----------------------------------------------------------------------------------
@@ -236,8 +240,9 @@ class MeshNode:
             from .connmgr import make_stream_adapter
 
             options = self.config.tcp_options if name == "tcp" else self.config.unix_options
-            adapter = make_stream_adapter(name, self.key, self._certified,
-                                          self.connections.accept_inbound, options)
+            adapter = make_stream_adapter(
+                name, self.key, self._certified, self.connections.accept_inbound, options
+            )
         else:
             raise MultiaddrError(f"unknown transport {name!r}")
         if adapter is not None:
@@ -277,7 +282,9 @@ class MeshNode:
         if not new:
             return
         if len(self._extra_addrs) + len(new) > MAX_ADVERTISED_EXTRA:
-            raise MultiaddrError(f"at most {MAX_ADVERTISED_EXTRA} extra addresses can be advertised")
+            raise MultiaddrError(
+                f"at most {MAX_ADVERTISED_EXTRA} extra addresses can be advertised"
+            )
         self._extra_addrs = new + self._extra_addrs
         self._addrs_changed()
 
@@ -298,7 +305,7 @@ class MeshNode:
         for callback in list(self._addrs_changed_cbs):
             try:
                 callback()
-            except Exception:  # noqa: BLE001 - a listener bug must not break the node
+            except Exception:
                 log.exception("address change callback failed")
 
     def add_addrs(self, peer_id: PeerId, addrs) -> None:
@@ -343,7 +350,7 @@ class MeshNode:
     async def _identify_quietly(self, peer: PeerId) -> None:
         try:
             info = await self.identify_service.identify(peer)
-        except Exception as exc:  # noqa: BLE001 - identify is best effort
+        except Exception as exc:
             log.debug("identify with %s failed: %s", peer, exc)
             return
         await self._maybe_upgrade_to_same_host(peer, info.listen_addrs)
@@ -364,7 +371,7 @@ class MeshNode:
                 try:
                     await self.connections.upgrade(peer, addr)
                     log.debug("moved %s to the same-host path %s", peer, addr)
-                except Exception as exc:  # noqa: BLE001 - the current path keeps working
+                except Exception as exc:
                     log.debug("same-host upgrade to %s failed: %s", peer, exc)
                 return
 
@@ -385,8 +392,15 @@ class MeshNode:
         self.router.unregister(service)
 
     # -- calls --------------------------------------------------------------------------------------------
-    async def call(self, peer_id: PeerId, service: str, payload=b"",
-                   timeout: float | None = None, *, idempotent: bool = False) -> bytes:
+    async def call(
+        self,
+        peer_id: PeerId,
+        service: str,
+        payload=b"",
+        timeout: float | None = None,
+        *,
+        idempotent: bool = False,
+    ) -> bytes:
         """Unary call; dials the peer if needed. Raises RpcError / RpcTimeout / PeerUnreachable.
 
         ``idempotent=True``: if the connection is lost before the reply, the call is retried
@@ -415,9 +429,14 @@ class MeshNode:
                 log.debug("retrying idempotent call %s to %s on a new connection", service, peer_id)
         raise AssertionError("unreachable")
 
-    async def call_stream(self, peer_id: PeerId, service: str, payload=b"",
-                          timeout: float | None = None,
-                          window: int | None = None) -> AsyncIterator[bytes]:
+    async def call_stream(
+        self,
+        peer_id: PeerId,
+        service: str,
+        payload=b"",
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> AsyncIterator[bytes]:
         """Server-streaming call: ``async for item in node.call_stream(...)``; ``window`` is the
         call's receive window in bytes (see :meth:`RpcSession.call_stream`)."""
         conn = await self.connections.get(peer_id, timeout)
@@ -429,14 +448,16 @@ class MeshNode:
             if not stream.done:
                 stream.cancel()
 
-    async def open_client_stream(self, peer_id: PeerId, service: str,
-                                 timeout: float | None = None) -> StreamCall:
+    async def open_client_stream(
+        self, peer_id: PeerId, service: str, timeout: float | None = None
+    ) -> StreamCall:
         """Client-streaming call: ``await c.send(m)`` ..., ``c.end()``, ``await c.result()``."""
         conn = await self.connections.get(peer_id, timeout)
         return conn.session.call_client_stream(service, timeout)
 
-    async def open_bidi(self, peer_id: PeerId, service: str,
-                        timeout: float | None = None) -> StreamCall:
+    async def open_bidi(
+        self, peer_id: PeerId, service: str, timeout: float | None = None
+    ) -> StreamCall:
         """Bidirectional call: ``send``/``end`` while iterating replies."""
         conn = await self.connections.get(peer_id, timeout)
         return conn.session.call_bidi(service, timeout)
@@ -467,8 +488,9 @@ class NodeThread:
         self.node = MeshNode(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name=f"mesh-{self.node.peer_id.short()}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._main, name=f"mesh-{self.node.peer_id.short()}", daemon=True
+        )
         self._start_timeout = start_timeout
         self._error: BaseException | None = None
 
@@ -483,7 +505,7 @@ class NodeThread:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self.node.start())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
+        except BaseException as exc:
             self._error = exc
             self._ready.set()
             loop.close()
@@ -495,7 +517,7 @@ class NodeThread:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def start(self) -> "NodeThread":
+    def start(self) -> NodeThread:
         self._thread.start()
         if not self._ready.wait(self._start_timeout):
             raise TimeoutError(f"mesh node did not start within {self._start_timeout} s")
@@ -518,9 +540,8 @@ class NodeThread:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
 
-    def __enter__(self) -> "NodeThread":
+    def __enter__(self) -> NodeThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

@@ -33,8 +33,9 @@ import inspect
 import logging
 import traceback
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from . import framing
 from .errors import (
@@ -47,7 +48,6 @@ from .errors import (
     RpcTimeout,
     RpcUnimplemented,
 )
-from .rpcflow import INITIAL_WINDOW, MESSAGE_OVERHEAD, DeadlineQueue, StreamWindow
 from .framing import (
     BIDI,
     CANCEL,
@@ -66,11 +66,23 @@ from .framing import (
     UNARY,
     FrameDecoder,
 )
+from .rpcflow import INITIAL_WINDOW, MESSAGE_OVERHEAD, DeadlineQueue, StreamWindow
 
 __all__ = [
-    "PROTOCOL_ID", "INITIAL_WINDOW", "MESSAGE_OVERHEAD", "RpcLimits", "RpcRouter", "RpcSession",
-    "CallContext", "StreamCall", "Status",
-    "RpcError", "RpcTimeout", "RpcCancelled", "RpcUnimplemented", "RpcConnectionLost",
+    "INITIAL_WINDOW",
+    "MESSAGE_OVERHEAD",
+    "PROTOCOL_ID",
+    "CallContext",
+    "RpcCancelled",
+    "RpcConnectionLost",
+    "RpcError",
+    "RpcLimits",
+    "RpcRouter",
+    "RpcSession",
+    "RpcTimeout",
+    "RpcUnimplemented",
+    "Status",
+    "StreamCall",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,23 +174,31 @@ class RpcRouter:
         must not use ``asyncio.timeout()`` or ``asyncio.current_task()`` before awaiting (they
         raise RuntimeError there, which the caller receives as an INTERNAL error).
         """
-        self._register(service, UNARY, handler, inspect.iscoroutinefunction, "an async function",
-                       eager)
+        self._register(
+            service, UNARY, handler, inspect.iscoroutinefunction, "an async function", eager
+        )
 
     def register_server_stream(self, service: str, handler: ServerStreamHandler) -> None:
         """``async def handler(ctx, payload: bytes)`` that ``yield``s bytes."""
-        self._register(service, SERVER_STREAM, handler, inspect.isasyncgenfunction,
-                       "an async generator function")
+        self._register(
+            service,
+            SERVER_STREAM,
+            handler,
+            inspect.isasyncgenfunction,
+            "an async generator function",
+        )
 
     def register_client_stream(self, service: str, handler: ClientStreamHandler) -> None:
         """``async def handler(ctx, requests) -> bytes``; ``async for msg in requests``."""
-        self._register(service, CLIENT_STREAM, handler, inspect.iscoroutinefunction,
-                       "an async function")
+        self._register(
+            service, CLIENT_STREAM, handler, inspect.iscoroutinefunction, "an async function"
+        )
 
     def register_bidi(self, service: str, handler: BidiHandler) -> None:
         """``async def handler(ctx, requests)`` that reads ``requests`` and ``yield``s bytes."""
-        self._register(service, BIDI, handler, inspect.isasyncgenfunction,
-                       "an async generator function")
+        self._register(
+            service, BIDI, handler, inspect.isasyncgenfunction, "an async generator function"
+        )
 
     def unregister(self, service: str) -> None:
         self._handlers.pop(service, None)
@@ -189,8 +209,15 @@ class RpcRouter:
     def lookup(self, service: str) -> tuple[int, Callable, bool] | None:
         return self._handlers.get(service)
 
-    def _register(self, service: str, call_type: int, handler: Callable,
-                  check: Callable[[Any], bool], what: str, eager: bool = False) -> None:
+    def _register(
+        self,
+        service: str,
+        call_type: int,
+        handler: Callable,
+        check: Callable[[Any], bool],
+        what: str,
+        eager: bool = False,
+    ) -> None:
         if not isinstance(service, str) or not 0 < len(service) <= framing.MAX_SERVICE_NAME:
             raise ValueError(f"service name must be 1..{framing.MAX_SERVICE_NAME} characters")
         if not check(handler):
@@ -203,9 +230,9 @@ class RpcRouter:
 class CallContext:
     """What a handler knows about its call."""
 
-    __slots__ = ("session", "call_id", "service", "deadline", "_cancelled")
+    __slots__ = ("_cancelled", "call_id", "deadline", "service", "session")
 
-    def __init__(self, session: "RpcSession", call_id: int, service: str, deadline: float) -> None:
+    def __init__(self, session: RpcSession, call_id: int, service: str, deadline: float) -> None:
         self.session = session
         self.call_id = call_id
         self.service = service
@@ -271,7 +298,7 @@ class _Resume(collections.abc.Coroutine):
 class _InUnary:
     """A unary handler that awaited, so runs as a task (kept for cancel and deadline)."""
 
-    __slots__ = ("ctx", "task", "reason")
+    __slots__ = ("ctx", "reason", "task")
 
     def __init__(self, ctx: CallContext) -> None:
         self.ctx = ctx
@@ -299,12 +326,34 @@ class StreamCall:
     Handler side: it is the ``requests`` argument (``async for msg in requests``).
     """
 
-    __slots__ = ("_session", "call_id", "service", "outgoing", "deadline", "ctx", "task",
-                 "reason", "_queue", "_flow", "_recv_waiter", "_recv_done", "_error",
-                 "_credit_waiter", "_send_done", "_finished")
+    __slots__ = (
+        "_credit_waiter",
+        "_error",
+        "_finished",
+        "_flow",
+        "_queue",
+        "_recv_done",
+        "_recv_waiter",
+        "_send_done",
+        "_session",
+        "call_id",
+        "ctx",
+        "deadline",
+        "outgoing",
+        "reason",
+        "service",
+        "task",
+    )
 
-    def __init__(self, session: "RpcSession", call_id: int, service: str, outgoing: bool,
-                 deadline: float, window: int | None = None) -> None:
+    def __init__(
+        self,
+        session: RpcSession,
+        call_id: int,
+        service: str,
+        outgoing: bool,
+        deadline: float,
+        window: int | None = None,
+    ) -> None:
         self._session = session
         self.call_id = call_id
         self.service = service
@@ -314,8 +363,9 @@ class StreamCall:
         self.task: asyncio.Task | None = None
         self.reason: str | None = None
         self._queue: deque[bytes] = deque()
-        self._flow = StreamWindow(window or session.limits.stream_window,
-                                  session.limits.max_frame_size)
+        self._flow = StreamWindow(
+            window or session.limits.stream_window, session.limits.max_frame_size
+        )
         self._recv_waiter: asyncio.Future | None = None
         self._recv_done = False
         self._error: BaseException | None = None
@@ -342,8 +392,10 @@ class StreamCall:
         session = self._session
         n = len(message)
         if n > session.limits.max_frame_size:
-            raise FrameTooLarge(f"message of {n} bytes exceeds max_frame_size "
-                                f"{session.limits.max_frame_size}; split it into several messages")
+            raise FrameTooLarge(
+                f"message of {n} bytes exceeds max_frame_size "
+                f"{session.limits.max_frame_size}; split it into several messages"
+            )
         while not self._flow.can_send():
             waiter = self._credit_waiter = session._loop.create_future()
             await waiter
@@ -367,7 +419,7 @@ class StreamCall:
         flags = FLAG_END if self.outgoing else FLAG_END | FLAG_RESPONSE
         self._session._send([MESSAGE, self.call_id, flags])
 
-    def __aiter__(self) -> "StreamCall":
+    def __aiter__(self) -> StreamCall:
         return self
 
     async def __anext__(self) -> bytes:
@@ -414,7 +466,7 @@ class StreamCall:
             session._in_calls.pop(self.call_id, None)
         self._fail(RpcCancelled("cancelled by this side"), discard=True)
 
-    async def __aenter__(self) -> "StreamCall":
+    async def __aenter__(self) -> StreamCall:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -499,8 +551,9 @@ class RpcSession:
     Create it inside a running event loop; it starts its reader and writer tasks at once.
     """
 
-    def __init__(self, channel, router: RpcRouter | None = None,
-                 limits: RpcLimits | None = None) -> None:
+    def __init__(
+        self, channel, router: RpcRouter | None = None, limits: RpcLimits | None = None
+    ) -> None:
         self.channel = channel
         self.router = router if router is not None else RpcRouter()
         self.limits = limits if limits is not None else RpcLimits()
@@ -532,7 +585,7 @@ class RpcSession:
         self._closed = False
         self._closing = False
         self.close_reason: str | None = None
-        self._close_callbacks: list[Callable[["RpcSession"], None]] = []
+        self._close_callbacks: list[Callable[[RpcSession], None]] = []
         self._done = self._loop.create_future()
         self._read_progress = 0
         self._stall_mark = -1
@@ -554,21 +607,27 @@ class RpcSession:
     def active_calls(self) -> int:
         return len(self._out_unary) + len(self._out_streams) + len(self._in_calls)
 
-    def on_close(self, callback: Callable[["RpcSession"], None]) -> None:
+    def on_close(self, callback: Callable[[RpcSession], None]) -> None:
         """``callback(session)`` once the session has closed (at once if it already has)."""
         if self._closed:
             self._loop.call_soon(callback, self)
         else:
             self._close_callbacks.append(callback)
 
-    async def call(self, service: str, payload: bytes | bytearray | memoryview = b"",
-                   timeout: float | None = None) -> bytes:
+    async def call(
+        self,
+        service: str,
+        payload: bytes | bytearray | memoryview = b"",
+        timeout: float | None = None,
+    ) -> bytes:
         """Unary call: send ``payload``, return the reply; raises the RpcError family."""
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         if len(payload) > self._max_frame:
-            raise FrameTooLarge(f"request of {len(payload)} bytes exceeds max_frame_size "
-                                f"{self._max_frame}; send it as a client stream")
+            raise FrameTooLarge(
+                f"request of {len(payload)} bytes exceeds max_frame_size "
+                f"{self._max_frame}; send it as a client stream"
+            )
         out_unary = self._out_unary
         if len(out_unary) + len(self._out_streams) >= self._max_calls:
             await self._wait_slot()
@@ -582,8 +641,9 @@ class RpcSession:
         future = self._loop.create_future()
         out_unary[call_id] = future
         self._add_deadline(self._loop.time() + timeout, call_id, True)
-        self._send([OPEN, call_id, FLAG_MSG | FLAG_END, service, UNARY, int(timeout * 1000) + 1],
-                   payload)
+        self._send(
+            [OPEN, call_id, FLAG_MSG | FLAG_END, service, UNARY, int(timeout * 1000) + 1], payload
+        )
         if self._turn_waiters:
             self._pass_turn()
         try:
@@ -594,8 +654,13 @@ class RpcSession:
                 self._release_slot()
             raise
 
-    def call_stream(self, service: str, payload: bytes = b"",
-                    timeout: float | None = None, window: int | None = None) -> StreamCall:
+    def call_stream(
+        self,
+        service: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> StreamCall:
         """Server-streaming call: ``async for reply in session.call_stream(...)``.
 
         ``window``: this call's receive window in bytes (default ``limits.stream_window``, at
@@ -635,13 +700,21 @@ class RpcSession:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         return min(timeout, self.limits.max_timeout)
 
-    def _open_stream(self, service: str, call_type: int, timeout: float | None,
-                     payload: bytes | None, window: int | None = None) -> StreamCall:
+    def _open_stream(
+        self,
+        service: str,
+        call_type: int,
+        timeout: float | None,
+        payload: bytes | None,
+        window: int | None = None,
+    ) -> StreamCall:
         if self._closing:
             raise RpcConnectionLost(f"session closed: {self.close_reason}")
         if len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls:
-            raise RpcError(Status.RESOURCE_EXHAUSTED,
-                           f"{self.limits.max_concurrent_calls} calls already in flight")
+            raise RpcError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{self.limits.max_concurrent_calls} calls already in flight",
+            )
         if payload is not None and len(payload) > self.limits.max_frame_size:
             raise FrameTooLarge(f"request of {len(payload)} bytes exceeds max_frame_size")
         timeout = self._timeout(timeout)
@@ -759,8 +832,10 @@ class RpcSession:
                 writable.set_result(None)
 
     async def _wait_slot(self) -> None:
-        while (len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls
-               and not self._closing):
+        while (
+            len(self._out_unary) + len(self._out_streams) >= self.limits.max_concurrent_calls
+            and not self._closing
+        ):
             waiter = self._loop.create_future()
             self._slot_waiters.append(waiter)
             await waiter
@@ -854,8 +929,9 @@ class RpcSession:
                     continue
                 stream = self._out_streams.pop(call_id, None)
                 if stream is not None:
-                    stream._fail(RpcTimeout(f"stream {stream.service!r} exceeded its deadline"),
-                                 discard=True)
+                    stream._fail(
+                        RpcTimeout(f"stream {stream.service!r} exceeded its deadline"), discard=True
+                    )
                     self._send([CANCEL, call_id, 0])
                     self._release_slot()
             else:
@@ -886,8 +962,9 @@ class RpcSession:
                 # Reading continues while our replies are blocked (replies and credit from the
                 # peer must still get through, or two busy peers would wait on each other);
                 # only a peer flooding us with more new calls than that makes us stop reading.
-                while self._deferred and (len(self._deferred) > max_deferred
-                                          or self._deferred_bytes > max_deferred_bytes):
+                while self._deferred and (
+                    len(self._deferred) > max_deferred or self._deferred_bytes > max_deferred_bytes
+                ):
                     await self._wait_writable()
         except asyncio.CancelledError:
             return
@@ -910,8 +987,7 @@ class RpcSession:
         if self._closing:
             return
         if self._decoder.has_partial and self._read_progress == self._stall_mark:
-            reason = (f"peer sent part of a frame and nothing more for "
-                      f"{self.limits.frame_timeout} s")
+            reason = f"peer sent part of a frame and nothing more for {self.limits.frame_timeout} s"
             log.warning("rpc session with %s: %s", self._peer_name(), reason)
             self._shutdown(reason, graceful=False)
             return
@@ -995,17 +1071,26 @@ class RpcSession:
             raise ProtocolViolation(f"call id {call_id} opened twice")
         entry = self.router._handlers.get(service)
         if entry is None:
-            self._send_error(call_id, Status.UNIMPLEMENTED,
-                             f"no service {service!r} on peer {self.channel.local_peer}")
+            self._send_error(
+                call_id,
+                Status.UNIMPLEMENTED,
+                f"no service {service!r} on peer {self.channel.local_peer}",
+            )
             return
         if entry[0] != call_type:
-            self._send_error(call_id, Status.UNIMPLEMENTED,
-                             f"service {service!r} is {framing.CALL_TYPE_NAMES[entry[0]]}, "
-                             f"called as {framing.CALL_TYPE_NAMES[call_type]}")
+            self._send_error(
+                call_id,
+                Status.UNIMPLEMENTED,
+                f"service {service!r} is {framing.CALL_TYPE_NAMES[entry[0]]}, "
+                f"called as {framing.CALL_TYPE_NAMES[call_type]}",
+            )
             return
         if len(self._in_calls) >= self._max_calls:
-            self._send_error(call_id, Status.RESOURCE_EXHAUSTED,
-                             f"peer has {len(self._in_calls)} calls in progress from you")
+            self._send_error(
+                call_id,
+                Status.RESOURCE_EXHAUSTED,
+                f"peer has {len(self._in_calls)} calls in progress from you",
+            )
             return
         timeout = timeout_ms / 1000.0 if timeout_ms else self._default_timeout
         if timeout > self._max_timeout:
@@ -1035,8 +1120,9 @@ class RpcSession:
                 runner = self._run_server_stream(call, handler(ctx, call))
         call.task = self._loop.create_task(runner)
 
-    def _start_unary(self, ctx: CallContext, handler: Callable, payload: bytes,
-                     eager: bool) -> None:
+    def _start_unary(
+        self, ctx: CallContext, handler: Callable, payload: bytes, eager: bool
+    ) -> None:
         call_id = ctx.call_id
         if not eager:
             try:
@@ -1099,19 +1185,25 @@ class RpcSession:
 
     def _send_reply(self, call_id: int, reply: object) -> None:
         if not isinstance(reply, (bytes, bytearray, memoryview)):
-            self._send_error(call_id, Status.INTERNAL,
-                             f"handler returned {type(reply).__name__}, expected bytes")
+            self._send_error(
+                call_id, Status.INTERNAL, f"handler returned {type(reply).__name__}, expected bytes"
+            )
             return
         if len(reply) > self.limits.max_frame_size:
-            self._send_error(call_id, Status.RESOURCE_EXHAUSTED,
-                             f"reply of {len(reply)} bytes exceeds max_frame_size "
-                             f"{self.limits.max_frame_size}; use a server stream")
+            self._send_error(
+                call_id,
+                Status.RESOURCE_EXHAUSTED,
+                f"reply of {len(reply)} bytes exceeds max_frame_size "
+                f"{self.limits.max_frame_size}; use a server stream",
+            )
             return
         self._send([MESSAGE, call_id, FLAG_MSG | FLAG_END | FLAG_RESPONSE], reply)
 
     def _send_error(self, call_id: int, code: str, message: str, tb: str = "") -> None:
-        self._send([ERROR, call_id, FLAG_RESPONSE, code, message[:_MAX_ERROR_MESSAGE]],
-                   tb.encode("utf-8", "replace")[:_MAX_TRACEBACK])
+        self._send(
+            [ERROR, call_id, FLAG_RESPONSE, code, message[:_MAX_ERROR_MESSAGE]],
+            tb.encode("utf-8", "replace")[:_MAX_TRACEBACK],
+        )
 
     def _send_exception(self, call_id: int, exc: BaseException) -> None:
         if isinstance(exc, RpcError):
@@ -1127,8 +1219,9 @@ class RpcSession:
         try:
             async for reply in replies:
                 if not isinstance(reply, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"stream handler yielded {type(reply).__name__}, "
-                                    "expected bytes")
+                    raise TypeError(
+                        f"stream handler yielded {type(reply).__name__}, expected bytes"
+                    )
                 await call.send(reply)
             if not call._finished:
                 call.end()
@@ -1205,8 +1298,7 @@ class RpcSession:
                 self._out_waiter = None
                 waiter.set_result(None)
             # The writer flushes what is queued, then closes the channel and finishes.
-            self._close_timer = self._loop.call_later(self.limits.close_timeout,
-                                                      self._finish_close)
+            self._close_timer = self._loop.call_later(self.limits.close_timeout, self._finish_close)
         else:
             self._finish_close()
 

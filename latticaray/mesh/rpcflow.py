@@ -11,7 +11,7 @@ import heapq
 
 from .errors import ProtocolViolation
 
-__all__ = ["INITIAL_WINDOW", "MESSAGE_OVERHEAD", "StreamWindow", "DeadlineQueue"]
+__all__ = ["INITIAL_WINDOW", "MESSAGE_OVERHEAD", "DeadlineQueue", "StreamWindow"]
 
 #: Window every stream receiver starts with (both directions); more is granted with CREDIT.
 INITIAL_WINDOW = 256 * 1024
@@ -29,7 +29,7 @@ class StreamWindow:
     grant back (0 until half a window was read, so grants are batched).
     """
 
-    __slots__ = ("credit", "window", "max_message", "unread", "_consumed")
+    __slots__ = ("_consumed", "credit", "max_message", "unread", "window")
 
     def __init__(self, window: int, max_message: int) -> None:
         if window < INITIAL_WINDOW:
@@ -57,8 +57,8 @@ class StreamWindow:
         self.unread += nbytes + MESSAGE_OVERHEAD
         if self.unread > self.window + self.max_message:
             raise ProtocolViolation(
-                f"peer overran the stream window ({self.unread} bytes unread, "
-                f"window {self.window})")
+                f"peer overran the stream window ({self.unread} bytes unread, window {self.window})"
+            )
 
     def consumed(self, nbytes: int) -> int:
         cost = nbytes + MESSAGE_OVERHEAD

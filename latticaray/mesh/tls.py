@@ -37,18 +37,18 @@ from .errors import HandshakeError
 from .identity import KeyPair, PeerId, PeerIdError, decode_public_key_protobuf
 
 __all__ = [
-    "LIBP2P_EXTENSION_OID",
     "ALPN_LIBP2P",
-    "CertifiedKey",
-    "make_certificate",
-    "verify_certificate",
-    "server_ssl_context",
-    "client_ssl_context",
-    "make_auth_proof",
-    "verify_auth_proof",
-    "new_auth_nonce",
     "AUTH_NONCE_LEN",
     "AUTH_PROOF_LEN",
+    "LIBP2P_EXTENSION_OID",
+    "CertifiedKey",
+    "client_ssl_context",
+    "make_auth_proof",
+    "make_certificate",
+    "new_auth_nonce",
+    "server_ssl_context",
+    "verify_auth_proof",
+    "verify_certificate",
 ]
 
 LIBP2P_EXTENSION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.53594.1.1")
@@ -67,6 +67,7 @@ AUTH_PROOF_LEN = 1 + _PUBKEY_PB_LEN + _ED25519_SIG_LEN
 
 
 # --- minimal DER for SignedKey (two OCTET STRINGs in a SEQUENCE) ---------------------------------
+
 
 def _der_length(length: int) -> bytes:
     if length < 0x80:
@@ -95,13 +96,13 @@ def _der_read(data: bytes, offset: int, expected_tag: int) -> tuple[bytes, int]:
         count = first & 0x7F
         if count == 0 or count > 3 or pos + count > len(data):
             raise HandshakeError("SignedKey extension has a bad DER length")
-        length = int.from_bytes(data[pos:pos + count], "big")
+        length = int.from_bytes(data[pos : pos + count], "big")
         if length < 0x80 or data[pos] == 0:
             raise HandshakeError("SignedKey extension has a non-minimal DER length")
         pos += count
     if pos + length > len(data):
         raise HandshakeError("SignedKey extension value is truncated")
-    return data[pos:pos + length], pos + length
+    return data[pos : pos + length], pos + length
 
 
 def encode_signed_key(public_key_protobuf: bytes, signature: bytes) -> bytes:
@@ -120,6 +121,7 @@ def decode_signed_key(der: bytes) -> tuple[bytes, bytes]:
 
 
 # --- certificates ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CertifiedKey:
@@ -155,7 +157,7 @@ def make_certificate(
     signed_key = encode_signed_key(
         key.peer_id.public_key_protobuf, key.sign(SIGNATURE_PREFIX + spki)
     )
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, os.urandom(8).hex())])
     cert = (
         x509.CertificateBuilder()
@@ -194,12 +196,12 @@ def verify_certificate(
             cert = x509.load_der_x509_certificate(bytes(cert_der))
         except ValueError as exc:
             raise HandshakeError(f"peer certificate is not valid DER X.509: {exc}") from None
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     try:
         not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     except AttributeError:  # cryptography < 42
-        not_before = cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
-        not_after = cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+        not_before = cert.not_valid_before.replace(tzinfo=_dt.UTC)
+        not_after = cert.not_valid_after.replace(tzinfo=_dt.UTC)
     if now < not_before:
         raise HandshakeError(f"peer certificate is not valid before {not_before.isoformat()}")
     if now > not_after:
@@ -245,6 +247,7 @@ def verify_certificate(
 
 
 # --- ssl contexts for TLS 1.3 over TCP --------------------------------------------------------------
+
 
 def _load_into_context(ctx: ssl.SSLContext, certified: CertifiedKey) -> None:
     with tempfile.TemporaryDirectory(prefix="latticaray-tls-") as tmp:
@@ -295,6 +298,7 @@ def client_ssl_context(key: KeyPair | CertifiedKey) -> ssl.SSLContext:
 
 # --- in-band, session-bound authentication proof -------------------------------------------------
 
+
 def new_auth_nonce() -> bytes:
     return os.urandom(AUTH_NONCE_LEN)
 
@@ -329,10 +333,10 @@ def verify_auth_proof(proof: bytes, own_cert_der: bytes, nonce: bytes) -> PeerId
     if len(nonce) != AUTH_NONCE_LEN:
         raise HandshakeError(f"auth nonce must be {AUTH_NONCE_LEN} bytes, got {len(nonce)}")
     try:
-        peer = PeerId.from_public_key(decode_public_key_protobuf(proof[1:1 + _PUBKEY_PB_LEN]))
+        peer = PeerId.from_public_key(decode_public_key_protobuf(proof[1 : 1 + _PUBKEY_PB_LEN]))
     except PeerIdError as exc:
         raise HandshakeError(f"auth proof carries an unusable key: {exc}") from None
-    if not peer.verify(proof[1 + _PUBKEY_PB_LEN:], _auth_message(own_cert_der, nonce)):
+    if not peer.verify(proof[1 + _PUBKEY_PB_LEN :], _auth_message(own_cert_der, nonce)):
         raise HandshakeError(
             f"auth proof from {peer} does not verify: it was made for another certificate or "
             f"nonce (possible man in the middle or replay)"

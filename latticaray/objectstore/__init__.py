@@ -22,20 +22,55 @@ What the runtime imports (details in each module's docstring)::
 """
 
 from .cid import BLAKE3, DAG_CBOR, RAW, SHA2_256, Cid
-from .errors import (BlockVerificationError, CodecError, ExchangeError, InvalidCid, ObjectNotFound,
-                     ObjectStoreError, SerializationError, StoreFull)
+from .errors import (
+    BlockVerificationError,
+    CodecError,
+    ExchangeError,
+    InvalidCid,
+    ObjectNotFound,
+    ObjectStoreError,
+    SerializationError,
+    StoreFull,
+)
 from .manifest import DEFAULT_CHUNK_SIZE, MAX_BLOCK_SIZE, Manifest, build_manifest
-from .serialization import (INLINE_THRESHOLD, SerializedObject, deserialize, deserialize_inline,
-                            serialize, serialize_inline)
+from .serialization import (
+    INLINE_THRESHOLD,
+    SerializedObject,
+    deserialize,
+    deserialize_inline,
+    serialize,
+    serialize_inline,
+)
 from .store import LocalStore, StoredObject
 
 __all__ = [
-    "Cid", "RAW", "DAG_CBOR", "SHA2_256", "BLAKE3",
-    "ObjectStoreError", "InvalidCid", "CodecError", "BlockVerificationError", "SerializationError",
-    "ObjectNotFound", "StoreFull", "ExchangeError",
-    "Manifest", "build_manifest", "DEFAULT_CHUNK_SIZE", "MAX_BLOCK_SIZE",
-    "SerializedObject", "serialize", "deserialize", "serialize_inline", "deserialize_inline",
-    "INLINE_THRESHOLD", "LocalStore", "StoredObject", "ObjectExchange", "ExchangeConfig",
+    "BLAKE3",
+    "DAG_CBOR",
+    "DEFAULT_CHUNK_SIZE",
+    "INLINE_THRESHOLD",
+    "MAX_BLOCK_SIZE",
+    "RAW",
+    "SHA2_256",
+    "BlockVerificationError",
+    "Cid",
+    "CodecError",
+    "ExchangeConfig",
+    "ExchangeError",
+    "InvalidCid",
+    "LocalStore",
+    "Manifest",
+    "ObjectExchange",
+    "ObjectNotFound",
+    "ObjectStoreError",
+    "SerializationError",
+    "SerializedObject",
+    "StoreFull",
+    "StoredObject",
+    "build_manifest",
+    "deserialize",
+    "deserialize_inline",
+    "serialize",
+    "serialize_inline",
 ]
 
 

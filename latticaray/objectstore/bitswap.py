@@ -24,8 +24,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Protocol
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -35,10 +36,30 @@ from .errors import BlockVerificationError, CodecError, InvalidCid, ObjectNotFou
 from .manifest import MAX_BLOCK_SIZE, Manifest
 
 __all__ = [
-    "PROTOCOL_ID", "WANT_HAVE", "WANT_BLOCK", "HAVE", "DONT_HAVE", "PENDING", "WantEntry", "Request",
-    "Response", "encode_request", "decode_request", "encode_response", "decode_response",
-    "Ledgers", "FetchSession", "SessionConfig", "SendRequest", "CancelRequest", "FindProviders",
-    "ManifestReady", "Penalize", "Completed", "Failed", "BlockSink",
+    "DONT_HAVE",
+    "HAVE",
+    "PENDING",
+    "PROTOCOL_ID",
+    "WANT_BLOCK",
+    "WANT_HAVE",
+    "BlockSink",
+    "CancelRequest",
+    "Completed",
+    "Failed",
+    "FetchSession",
+    "FindProviders",
+    "Ledgers",
+    "ManifestReady",
+    "Penalize",
+    "Request",
+    "Response",
+    "SendRequest",
+    "SessionConfig",
+    "WantEntry",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
 ]
 
 PROTOCOL_ID = "/latticaray/bitswap/1"
@@ -58,11 +79,12 @@ _RESPONSE_OVERHEAD = 256
 
 # --- messages ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WantEntry:
     cid: Cid
-    kind: int = WANT_BLOCK          # WANT_HAVE or WANT_BLOCK
-    priority: int = 0               # higher first
+    kind: int = WANT_BLOCK  # WANT_HAVE or WANT_BLOCK
+    priority: int = 0  # higher first
     send_dont_have: bool = True
 
 
@@ -99,8 +121,13 @@ def _unpack(data: bytes | memoryview, limit: int, what: str) -> Any:
     if len(data) > limit:
         raise CodecError(f"{what} of {len(data)} bytes exceeds the {limit}-byte limit")
     try:
-        return msgpack.unpackb(data, max_bin_len=limit, max_array_len=MAX_WANTS_PER_REQUEST,
-                               max_map_len=16, max_str_len=64)
+        return msgpack.unpackb(
+            data,
+            max_bin_len=limit,
+            max_array_len=MAX_WANTS_PER_REQUEST,
+            max_map_len=16,
+            max_str_len=64,
+        )
     except Exception as exc:
         raise CodecError(f"malformed {what}: {exc}") from None
 
@@ -124,21 +151,30 @@ def decode_request(data: bytes | memoryview) -> Request:
         raise CodecError("bitswap request wants/cancel must be lists")
     entries = []
     for entry in wants:
-        if (not isinstance(entry, list) or len(entry) != 4 or entry[1] not in (WANT_HAVE, WANT_BLOCK)
-                or not isinstance(entry[2], int) or not isinstance(entry[3], bool)):
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 4
+            or entry[1] not in (WANT_HAVE, WANT_BLOCK)
+            or not isinstance(entry[2], int)
+            or not isinstance(entry[3], bool)
+        ):
             raise CodecError("malformed want-list entry")
         entries.append(WantEntry(_cid(entry[0]), entry[1], entry[2], entry[3]))
     pending = message.get("pend", False)
     if not isinstance(pending, bool):
         raise CodecError("bitswap request pend must be a bool")
-    return Request(_cid(root) if root is not None else None, entries, [_cid(c) for c in cancels], pending)
+    return Request(
+        _cid(root) if root is not None else None, entries, [_cid(c) for c in cancels], pending
+    )
 
 
 def encode_response(response: Response) -> bytes:
-    return msgpack.packb({
-        "p": [[bytes(c), t, b] for c, t, b in response.presences],
-        "b": [[bytes(c), data] for c, data in response.blocks],
-    })
+    return msgpack.packb(
+        {
+            "p": [[bytes(c), t, b] for c, t, b in response.presences],
+            "b": [[bytes(c), data] for c, data in response.blocks],
+        }
+    )
 
 
 def _bin_header(length: int) -> bytes:
@@ -152,9 +188,16 @@ def _bin_header(length: int) -> bytes:
 def encode_block_response(cid: Cid, data: bytes | memoryview) -> bytes:
     """``encode_response(Response(blocks=[(cid, data)]))`` with a single copy of ``data``."""
     packer = msgpack.Packer()
-    prefix = (packer.pack_map_header(2) + packer.pack("p") + packer.pack_array_header(0)
-              + packer.pack("b") + packer.pack_array_header(1) + packer.pack_array_header(2)
-              + packer.pack(bytes(cid)) + _bin_header(len(data)))
+    prefix = (
+        packer.pack_map_header(2)
+        + packer.pack("p")
+        + packer.pack_array_header(0)
+        + packer.pack("b")
+        + packer.pack_array_header(1)
+        + packer.pack_array_header(2)
+        + packer.pack(bytes(cid))
+        + _bin_header(len(data))
+    )
     return b"".join((prefix, data))
 
 
@@ -175,13 +218,13 @@ def _decode_block_response(data: bytes | memoryview) -> Response | None:
     width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(kind)
     if width is None or cid_end + 1 + width > view.nbytes:
         return None
-    length = int.from_bytes(view[cid_end + 1:cid_end + 1 + width], "big")
+    length = int.from_bytes(view[cid_end + 1 : cid_end + 1 + width], "big")
     body = cid_end + 1 + width
     if body + length != view.nbytes:
         return None
     if length > MAX_BLOCK_SIZE:
         raise CodecError(f"block of {length} bytes exceeds {MAX_BLOCK_SIZE}")
-    cid = _cid(bytes(view[start + 2:cid_end]))
+    cid = _cid(bytes(view[start + 2 : cid_end]))
     return Response(blocks=[(cid, view[body:])])
 
 
@@ -191,7 +234,9 @@ _BLOCK_PREFIX_VIEW = memoryview(_BLOCK_RESPONSE_PREFIX)
 def decode_response(data: bytes | memoryview) -> Response:
     """Decode and validate a response; a one-block response's block is a view of ``data``."""
     if len(data) > MAX_RESPONSE_BYTES:
-        raise CodecError(f"bitswap response of {len(data)} bytes exceeds the {MAX_RESPONSE_BYTES}-byte limit")
+        raise CodecError(
+            f"bitswap response of {len(data)} bytes exceeds the {MAX_RESPONSE_BYTES}-byte limit"
+        )
     fast = _decode_block_response(data)
     if fast is not None:
         return fast
@@ -203,10 +248,16 @@ def decode_response(data: bytes | memoryview) -> Response:
         raise CodecError("bitswap response p/b must be lists")
     out = Response()
     for entry in presences:
-        if (not isinstance(entry, list) or len(entry) != 3 or entry[1] not in (HAVE, DONT_HAVE, PENDING)
-                or (entry[1] == PENDING and not isinstance(entry[2], bytes))
-                or not (entry[2] is None or (isinstance(entry[2], bytes)
-                                             and len(entry[2]) <= _MAX_BITMAP_BYTES))):
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 3
+            or entry[1] not in (HAVE, DONT_HAVE, PENDING)
+            or (entry[1] == PENDING and not isinstance(entry[2], bytes))
+            or not (
+                entry[2] is None
+                or (isinstance(entry[2], bytes) and len(entry[2]) <= _MAX_BITMAP_BYTES)
+            )
+        ):
             raise CodecError("malformed presence entry")
         out.presences.append((_cid(entry[0]), entry[1], entry[2]))
     for entry in blocks:
@@ -220,7 +271,9 @@ def decode_response(data: bytes | memoryview) -> Response:
 
 def bitmap_from_flags(flags: bytes | bytearray) -> bytes:
     """Pack one-byte-per-block flags into a bitmap (LSB first)."""
-    return np.packbits(np.frombuffer(bytes(flags), dtype=np.uint8) != 0, bitorder="little").tobytes()
+    return np.packbits(
+        np.frombuffer(bytes(flags), dtype=np.uint8) != 0, bitorder="little"
+    ).tobytes()
 
 
 def bitmap_has(bitmap: bytes, index: int) -> bool:
@@ -229,6 +282,7 @@ def bitmap_has(bitmap: bytes, index: int) -> bool:
 
 
 # --- ledgers and the upload policy ---------------------------------------------------------------
+
 
 @dataclass
 class PeerLedger:
@@ -251,8 +305,9 @@ class Ledgers:
     ``free_allowance`` bytes and owes more than ``max_debt_ratio`` times what it gave.
     """
 
-    def __init__(self, upload_slots: int = 8, free_allowance: int = 256 << 20,
-                 max_debt_ratio: float = 4.0) -> None:
+    def __init__(
+        self, upload_slots: int = 8, free_allowance: int = 256 << 20, max_debt_ratio: float = 4.0
+    ) -> None:
         self.upload_slots = upload_slots
         self.free_allowance = free_allowance
         self.max_debt_ratio = max_debt_ratio
@@ -314,6 +369,7 @@ class Ledgers:
 
 
 # --- fetch sessions ------------------------------------------------------------------------------
+
 
 class BlockSink(Protocol):
     """Where a session puts verified blocks (the store's ObjectWriter implements this)."""
@@ -432,7 +488,7 @@ class _Peer:
     bad_blocks: int = 0
     dropped: bool = False
     bytes_received: int = 0
-    throughput: float = 0.0     # bytes/s EWMA of delivery rate while busy for us
+    throughput: float = 0.0  # bytes/s EWMA of delivery rate while busy for us
     last_request_start: float = 0.0
     last_delivery: float = float("-inf")
     rate_bytes: int = 0
@@ -440,8 +496,8 @@ class _Peer:
     retry_at: float = float("-inf")
     #: one byte per block (non-zero = held), unpacked from ``bitmap`` once the manifest is known
     have: bytes | None = None
-    have_ranked: Any = None     # the same as a numpy array in the session's block order
-    pending: bytes | None = None      # its PENDING bitmap: blocks it has asked for
+    have_ranked: Any = None  # the same as a numpy array in the session's block order
+    pending: bytes | None = None  # its PENDING bitmap: blocks it has asked for
     pending_ranked: Any = None
 
     def can_serve(self, index: int) -> bool:
@@ -483,10 +539,10 @@ class FetchSession:
         self.bytes_received = 0
         self.duplicate_blocks = 0
         self._inflight: dict[int, _Inflight] = {}
-        self._block_owner: dict[int, int] = {}   # block index -> request id in flight
+        self._block_owner: dict[int, int] = {}  # block index -> request id in flight
         # Blocks live in "rank space": position k is the k-th block of this session's order.
-        self._order = np.zeros(0, dtype=np.int64)    # position -> block index
-        self._rank: list[int] = []                    # block index -> position
+        self._order = np.zeros(0, dtype=np.int64)  # position -> block index
+        self._rank: list[int] = []  # block index -> position
         #: by position, 1 = still missing and not in flight: to be asked of some peer
         self._need = np.zeros(0, dtype=np.uint8)
         self._missing_count = 0
@@ -546,7 +602,9 @@ class FetchSession:
             return [Completed(self.manifest)]
         return self._schedule(now)
 
-    def on_response(self, peer: Hashable, request_id: int, response: Response, now: float) -> list[Any]:
+    def on_response(
+        self, peer: Hashable, request_id: int, response: Response, now: float
+    ) -> list[Any]:
         if self.done:
             return []
         state = self.peers.get(peer)
@@ -597,7 +655,9 @@ class FetchSession:
         self._return_blocks(request_id, inflight)
         return self._schedule(now)
 
-    def on_request_failed(self, peer: Hashable, request_id: int, reason: str, now: float) -> list[Any]:
+    def on_request_failed(
+        self, peer: Hashable, request_id: int, reason: str, now: float
+    ) -> list[Any]:
         """The request's stream failed (peer gone, RPC error, timeout): move its blocks."""
         inflight = self._inflight.pop(request_id, None)
         if inflight is None or self.done:
@@ -607,8 +667,9 @@ class FetchSession:
             state.inflight -= len(inflight.blocks) + inflight.manifest
             state.failures += 1
             self._rare_stale = True
-            state.retry_at = now + min(self.config.backoff_max,
-                                       self.config.backoff_base * 2 ** min(state.failures - 1, 16))
+            state.retry_at = now + min(
+                self.config.backoff_max, self.config.backoff_base * 2 ** min(state.failures - 1, 16)
+            )
         self._return_blocks(request_id, inflight)
         return self._schedule(now)
 
@@ -646,7 +707,11 @@ class FetchSession:
             return float("inf")
         times = [self.deadline, self._next_provider_lookup, self._next_refresh]
         if self.manifest is not None:
-            times += [p.retry_at for p in self.peers.values() if not p.dropped and p.retry_at > self._last_now]
+            times += [
+                p.retry_at
+                for p in self.peers.values()
+                if not p.dropped and p.retry_at > self._last_now
+            ]
         times += [inflight.deadline for inflight in self._inflight.values()]
         if self.config.endgame and self.sink is not None and not self._need.any():
             late = [self._late_at(f) for f in self._inflight.values() if f.blocks]
@@ -656,13 +721,23 @@ class FetchSession:
     def describe(self) -> dict[str, Any]:
         """A snapshot of the session for logs and debugging."""
         return {
-            "root": str(self.root), "done": self.done, "missing": self._missing_count,
-            "unassigned": int(self._need.sum()), "inflight_requests": len(self._inflight),
-            "peers": {str(p.peer)[-8:]: {"full": p.full, "bitmap": p.bitmap is not None,
-                                         "lacks": len(p.lacks), "inflight": p.inflight,
-                                         "failures": p.failures, "dropped": p.dropped,
-                                         "retry_in": round(p.retry_at - self._last_now, 2)}
-                      for p in self.peers.values()},
+            "root": str(self.root),
+            "done": self.done,
+            "missing": self._missing_count,
+            "unassigned": int(self._need.sum()),
+            "inflight_requests": len(self._inflight),
+            "peers": {
+                str(p.peer)[-8:]: {
+                    "full": p.full,
+                    "bitmap": p.bitmap is not None,
+                    "lacks": len(p.lacks),
+                    "inflight": p.inflight,
+                    "failures": p.failures,
+                    "dropped": p.dropped,
+                    "retry_in": round(p.retry_at - self._last_now, 2),
+                }
+                for p in self.peers.values()
+            },
         }
 
     # --- internals ---------------------------------------------------------------------------
@@ -673,8 +748,11 @@ class FetchSession:
         if self.manifest is None:
             error = ObjectNotFound(self.root, "no peer provided the object before the deadline")
         else:
-            error = ObjectNotFound(self.root, f"fetch incomplete at the deadline "
-                                              f"({self._missing_count} of {len(self.manifest.blocks)} blocks missing)")
+            error = ObjectNotFound(
+                self.root,
+                f"fetch incomplete at the deadline "
+                f"({self._missing_count} of {len(self.manifest.blocks)} blocks missing)",
+            )
         return actions + [Failed(error)]
 
     def _starved(self) -> bool:
@@ -705,7 +783,9 @@ class FetchSession:
                 if self.sink is not None and not self.sink.has_block(index):
                     self._need[self._rank[index]] = 1
 
-    def _on_block(self, state: _Peer, request_id: int, cid: Cid, data: bytes, now: float) -> list[Any]:
+    def _on_block(
+        self, state: _Peer, request_id: int, cid: Cid, data: bytes, now: float
+    ) -> list[Any]:
         if self.manifest is None:
             if cid != self.root:
                 return []
@@ -749,15 +829,23 @@ class FetchSession:
             state.last_delivery = now
             # samples over at least rate_period of busy time: a peer that serves others between
             # our blocks delivers in bursts, and one burst is not its rate for us
-            if state.rate_time > 0 and (state.throughput == 0 or state.rate_time >= self.config.rate_period):
+            if state.rate_time > 0 and (
+                state.throughput == 0 or state.rate_time >= self.config.rate_period
+            ):
                 rate = state.rate_bytes / state.rate_time
-                state.throughput = rate if state.throughput == 0 else 0.5 * state.throughput + 0.5 * rate
+                state.throughput = (
+                    rate if state.throughput == 0 else 0.5 * state.throughput + 0.5 * rate
+                )
                 state.rate_bytes, state.rate_time = 0, 0.0
                 if not state.full:
                     self._rare_stale = True  # a slow partial holder stops counting as a source
         filled = [index] if fresh else []
         for other in places:  # the same content fills its other places without asking for them
-            if other != index and not self.sink.has_block(other) and self.sink.write_block(other, data):
+            if (
+                other != index
+                and not self.sink.has_block(other)
+                and self.sink.write_block(other, data)
+            ):
                 filled.append(other)
         if not filled:
             self.duplicate_blocks += 1
@@ -825,8 +913,15 @@ class FetchSession:
             due = state.asked_have + self.config.refresh_interval
             if due <= now:
                 state.asked_have = now
-                actions.append(self._send(state, Request(self.root, [WantEntry(self.root, WANT_HAVE, 10, True)]),
-                                          [], False, now))
+                actions.append(
+                    self._send(
+                        state,
+                        Request(self.root, [WantEntry(self.root, WANT_HAVE, 10, True)]),
+                        [],
+                        False,
+                        now,
+                    )
+                )
             else:
                 self._next_refresh = min(self._next_refresh, due)
         return actions
@@ -848,7 +943,11 @@ class FetchSession:
     def _set_pending(self, state: _Peer, bitmap: bytes | None) -> None:
         state.pending = bitmap
         state.pending_ranked = None
-        if bitmap is not None and self.manifest is not None and len(self._order) == len(self.manifest.blocks):
+        if (
+            bitmap is not None
+            and self.manifest is not None
+            and len(self._order) == len(self.manifest.blocks)
+        ):
             count = len(self.manifest.blocks)
             bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")[:count]
             if len(bits) < count:
@@ -876,8 +975,11 @@ class FetchSession:
     def _sources(self) -> list[_Peer]:
         """Partial holders that count as a source of their blocks: live, not failing, not far
         slower than the best peer we know."""
-        live = [p for p in self.peers.values() if not p.dropped and not p.full and p.have is not None
-                and p.failures == 0]
+        live = [
+            p
+            for p in self.peers.values()
+            if not p.dropped and not p.full and p.have is not None and p.failures == 0
+        ]
         rates = [p.throughput for p in self.peers.values() if not p.dropped and p.throughput > 0]
         floor = self.config.slow_source_fraction * max(rates) if rates else 0.0
         return [p for p in live if p.throughput == 0 or p.throughput >= floor]
@@ -913,8 +1015,11 @@ class FetchSession:
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
         cfg = self.config
-        live = [p for p in self.peers.values() if not p.dropped and (p.full or p.bitmap is not None)
-                and p.retry_at <= now]
+        live = [
+            p
+            for p in self.peers.values()
+            if not p.dropped and (p.full or p.bitmap is not None) and p.retry_at <= now
+        ]
         if not live:
             return actions
         # peers by expected speed: measured throughput, unknown peers get the benefit of the doubt
@@ -929,9 +1034,17 @@ class FetchSession:
         def fill(peers: list[_Peer], only_rare: bool) -> None:
             # the cheapest peer (load over rate) takes its next block in the session's order
             total = sum(budget[p.peer] for p in peers)
-            queues = {p.peer: iter(self._candidates(p, only_rare, total + len(taken))) for p in peers}
+            queues = {
+                p.peer: iter(self._candidates(p, only_rare, total + len(taken))) for p in peers
+            }
             while peers:
-                best = min(peers, key=lambda p: ((load[p.peer] + 1) / (p.throughput or default_rate), str(p.peer)))
+                best = min(
+                    peers,
+                    key=lambda p: (
+                        (load[p.peer] + 1) / (p.throughput or default_rate),
+                        str(p.peer),
+                    ),
+                )
                 index = next((i for i in queues[best.peer] if i not in taken), None)
                 if index is None:
                     peers.remove(best)
@@ -954,15 +1067,19 @@ class FetchSession:
         for peer, indices in batches.items():
             state = self.peers[peer]
             for start in range(0, len(indices), cfg.blocks_per_request):
-                chunk = indices[start:start + cfg.blocks_per_request]
+                chunk = indices[start : start + cfg.blocks_per_request]
                 wants = [WantEntry(self.manifest.blocks[i], WANT_BLOCK, 0, True) for i in chunk]
                 actions.append(self._send(state, Request(self.root, wants), chunk, False, now))
         return actions
 
-    def _assign_endgame(self, live: list[_Peer], budget: dict[Hashable, int],
-                        batches: dict[Hashable, list[int]]) -> None:
+    def _assign_endgame(
+        self, live: list[_Peer], budget: dict[Hashable, int], batches: dict[Hashable, list[int]]
+    ) -> None:
         for index, request_id in sorted(self._block_owner.items()):
-            if index in self._duplicated or self._late_at(self._inflight[request_id]) > self._last_now:
+            if (
+                index in self._duplicated
+                or self._late_at(self._inflight[request_id]) > self._last_now
+            ):
                 continue
             owner = self._inflight[request_id].peer
             for state in sorted(live, key=lambda p: str(p.peer)):
@@ -984,11 +1101,15 @@ class FetchSession:
         expected = max(1, owner.inflight) * self.manifest.chunk_size / rate
         return inflight.started + 2 * expected + self.config.endgame_slack
 
-    def _send(self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float) -> SendRequest:
+    def _send(
+        self, state: _Peer, request: Request, blocks: list[int], manifest: bool, now: float
+    ) -> SendRequest:
         request_id = next(self._request_ids)
         timeout = self._request_timeout(len(blocks) + manifest)
         request.pending = self.config.share_pending
-        self._inflight[request_id] = _Inflight(state.peer, list(blocks), manifest, now, now + timeout)
+        self._inflight[request_id] = _Inflight(
+            state.peer, list(blocks), manifest, now, now + timeout
+        )
         for index in blocks:
             self._block_owner.setdefault(index, request_id)
         state.inflight += len(blocks) + manifest
@@ -1001,6 +1122,7 @@ class FetchSession:
 
 # --- serving -------------------------------------------------------------------------------------
 
+
 @dataclass
 class ServePlan:
     """What to answer to one request: presences first, then blocks in priority order.
@@ -1012,8 +1134,12 @@ class ServePlan:
     blocks: list[tuple[Cid, int]] = field(default_factory=list)
 
 
-def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes | None,
-                  pending_flags: bytes | None = None) -> ServePlan:
+def plan_response(
+    request: Request,
+    manifest: Manifest | None,
+    have_flags: bytes | None,
+    pending_flags: bytes | None = None,
+) -> ServePlan:
     """Decide the answer to ``request`` for a holder of ``manifest``.
 
     ``manifest`` is None when we know nothing of the request's root; ``have_flags`` is None when
@@ -1024,9 +1150,13 @@ def plan_response(request: Request, manifest: Manifest | None, have_flags: bytes
     cancelled = set(request.cancels)
     planned: set[Cid] = set()
     wants = sorted(request.wants, key=lambda w: -w.priority)
-    if (have_flags is not None and manifest is not None and root == manifest.root
-            and any(w.kind == WANT_BLOCK and w.cid not in cancelled for w in request.wants)
-            and not any(w.cid == root and w.kind == WANT_HAVE for w in request.wants)):
+    if (
+        have_flags is not None
+        and manifest is not None
+        and root == manifest.root
+        and any(w.kind == WANT_BLOCK and w.cid not in cancelled for w in request.wants)
+        and not any(w.cid == root and w.kind == WANT_HAVE for w in request.wants)
+    ):
         # a partial holder's blocks change while it fetches: a block request (the manifest's too)
         # also gets its current have-bitmap, so the fetcher neither takes it for a full holder nor
         # keeps a stale view of it between want-haves

@@ -27,8 +27,17 @@ from latticaray.mesh.varint import VarintError
 
 from .errors import InvalidCid
 
-__all__ = ["Cid", "RAW", "DAG_CBOR", "DAG_PB", "SHA2_256", "BLAKE3", "encode_varint",
-           "decode_varint", "blake3_available"]
+__all__ = [
+    "BLAKE3",
+    "DAG_CBOR",
+    "DAG_PB",
+    "RAW",
+    "SHA2_256",
+    "Cid",
+    "blake3_available",
+    "decode_varint",
+    "encode_varint",
+]
 
 RAW: Final = 0x55
 DAG_PB: Final = 0x70
@@ -77,7 +86,7 @@ def hash_digest(hash_code: int, data: bytes | memoryview) -> bytes:
 class Cid:
     """An immutable CIDv1. Hashable and comparable; ``bytes(cid)`` is the binary form."""
 
-    __slots__ = ("codec", "hash_code", "digest", "_binary")
+    __slots__ = ("_binary", "codec", "digest", "hash_code")
 
     def __init__(self, codec: int, hash_code: int, digest: bytes) -> None:
         if codec not in _CODEC_NAMES:
@@ -86,22 +95,29 @@ class Cid:
         if expected is None:
             raise InvalidCid(f"unsupported multihash code 0x{hash_code:x}")
         if len(digest) != expected:
-            raise InvalidCid(f"digest is {len(digest)} bytes, multihash 0x{hash_code:x} needs {expected}")
+            raise InvalidCid(
+                f"digest is {len(digest)} bytes, multihash 0x{hash_code:x} needs {expected}"
+            )
         self.codec = codec
         self.hash_code = hash_code
         self.digest = bytes(digest)
-        self._binary = (encode_varint(1) + encode_varint(codec) + encode_varint(hash_code)
-                        + encode_varint(len(digest)) + self.digest)
+        self._binary = (
+            encode_varint(1)
+            + encode_varint(codec)
+            + encode_varint(hash_code)
+            + encode_varint(len(digest))
+            + self.digest
+        )
 
     @classmethod
-    def of(cls, data: bytes | memoryview, codec: int = RAW, hash_code: int = SHA2_256) -> "Cid":
+    def of(cls, data: bytes | memoryview, codec: int = RAW, hash_code: int = SHA2_256) -> Cid:
         return cls(codec, hash_code, hash_digest(hash_code, data))
 
     def verify(self, data: bytes | memoryview) -> bool:
         return hash_digest(self.hash_code, data) == self.digest
 
     @classmethod
-    def decode(cls, binary: bytes | memoryview) -> "Cid":
+    def decode(cls, binary: bytes | memoryview) -> Cid:
         binary = bytes(binary)
         if len(binary) > 128:
             raise InvalidCid(f"binary CID of {len(binary)} bytes is too long")
@@ -119,13 +135,15 @@ class Cid:
         return cls(codec, hash_code, digest)
 
     @classmethod
-    def parse(cls, text: str) -> "Cid":
+    def parse(cls, text: str) -> Cid:
         if not isinstance(text, str) or not text:
             raise InvalidCid("empty CID string")
         if text.startswith("Qm"):
             raise InvalidCid("CIDv0 (base58btc 'Qm...') is not supported; use CIDv1")
         if text[0] != "b":
-            raise InvalidCid(f"unsupported multibase prefix {text[0]!r} (expected 'b', base32-lower)")
+            raise InvalidCid(
+                f"unsupported multibase prefix {text[0]!r} (expected 'b', base32-lower)"
+            )
         body = text[1:]
         if len(body) > 220 or not body.isascii() or body != body.lower():
             raise InvalidCid(f"not a base32-lower CID string: {text!r}")
@@ -137,7 +155,7 @@ class Cid:
         return cls.decode(binary)
 
     @classmethod
-    def coerce(cls, value: "Cid | str | bytes") -> "Cid":
+    def coerce(cls, value: Cid | str | bytes) -> Cid:
         if isinstance(value, Cid):
             return value
         if isinstance(value, str):
@@ -158,7 +176,7 @@ class Cid:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Cid) and other._binary == self._binary
 
-    def __lt__(self, other: "Cid") -> bool:
+    def __lt__(self, other: Cid) -> bool:
         return self._binary < other._binary
 
     def __hash__(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from .cid import Cid
 from .errors import CodecError, InvalidCid
 
-__all__ = ["encode", "decode"]
+__all__ = ["decode", "encode"]
 
 _MAX_INPUT = 4 << 20
 _CID_TAG = 42
@@ -81,7 +81,7 @@ def encode(value: Any) -> bytes:
 
 
 class _Reader:
-    __slots__ = ("data", "pos", "max_depth")
+    __slots__ = ("data", "max_depth", "pos")
 
     def __init__(self, data: bytes, max_depth: int) -> None:
         self.data = data
@@ -92,7 +92,7 @@ class _Reader:
         end = self.pos + n
         if end > len(self.data):
             raise CodecError("truncated DAG-CBOR")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 

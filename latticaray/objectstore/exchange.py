@@ -33,18 +33,26 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Hashable
+from typing import Any
 
 import msgpack
 
 from . import bitswap as bs
 from .cid import Cid
-from .errors import CodecError, ExchangeError, InvalidCid, ObjectNotFound, ObjectStoreError, StoreFull
+from .errors import (
+    CodecError,
+    ExchangeError,
+    InvalidCid,
+    ObjectNotFound,
+    ObjectStoreError,
+    StoreFull,
+)
 from .manifest import Manifest
 from .store import LocalStore, ObjectWriter, StoredObject
 
-__all__ = ["ObjectExchange", "ExchangeConfig", "REPLICATE_PROTOCOL_ID"]
+__all__ = ["REPLICATE_PROTOCOL_ID", "ExchangeConfig", "ObjectExchange"]
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +77,18 @@ class ExchangeConfig:
     max_concurrent_replications: int = 4
     #: Show a progress bar for fetches of at least progress_min_bytes (quiet by default; the
     #: environment variable LATTICARAY_PROGRESS=1 turns it on when stderr is a terminal).
-    show_progress: bool = field(default_factory=lambda: os.environ.get("LATTICARAY_PROGRESS") == "1"
-                                and sys.stderr.isatty())
+    show_progress: bool = field(
+        default_factory=lambda: os.environ.get("LATTICARAY_PROGRESS") == "1" and sys.stderr.isatty()
+    )
     progress_min_bytes: int = 64 << 20
 
 
 class _Progress:
     """Progress of one fetch: callbacks plus an optional terminal bar."""
 
-    def __init__(self, root: Cid, callback: Callable[[int, int], None] | None, show: bool,
-                 min_bytes: int) -> None:
+    def __init__(
+        self, root: Cid, callback: Callable[[int, int], None] | None, show: bool, min_bytes: int
+    ) -> None:
         self.root = root
         self.callback = callback
         self.show = show
@@ -92,7 +102,7 @@ class _Progress:
         self.total = total
         if self.show and total >= self.min_bytes:
             try:
-                from tqdm import tqdm  # noqa: PLC0415 - optional
+                from tqdm import tqdm
 
                 self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=str(self.root)[:16])
             except ImportError:
@@ -106,7 +116,9 @@ class _Progress:
             now = time.monotonic()
             if now - self._last_line > 0.5 or self.done >= self.total:
                 self._last_line = now
-                sys.stderr.write(f"\r{str(self.root)[:16]} {self.done >> 20}/{self.total >> 20} MiB")
+                sys.stderr.write(
+                    f"\r{str(self.root)[:16]} {self.done >> 20}/{self.total >> 20} MiB"
+                )
                 sys.stderr.flush()
         elif self._bar is not None:
             self._bar.update(nbytes)
@@ -122,8 +134,15 @@ class _Progress:
 class _FetchRun:
     """One fetch: feeds a FetchSession from RPC streams and timers, executes its actions."""
 
-    def __init__(self, exchange: "ObjectExchange", root: Cid, timeout: float, pin: bool,
-                 progress: _Progress, hint_peers: list[Hashable]) -> None:
+    def __init__(
+        self,
+        exchange: ObjectExchange,
+        root: Cid,
+        timeout: float,
+        pin: bool,
+        progress: _Progress,
+        hint_peers: list[Hashable],
+    ) -> None:
         self.exchange = exchange
         self.root = root
         self.pin = pin
@@ -144,7 +163,11 @@ class _FetchRun:
 
     async def run(self) -> Cid:
         try:
-            self.apply(self.session.start(self.now(), [p for p in self.hint_peers if p != self.exchange.node.peer_id]))
+            self.apply(
+                self.session.start(
+                    self.now(), [p for p in self.hint_peers if p != self.exchange.node.peer_id]
+                )
+            )
             while not self.finished.done():
                 delay = self.session.next_timer() - self.now()
                 if delay > 0:
@@ -239,11 +262,16 @@ class _FetchRun:
         exchange = self.exchange
         me = exchange.node.peer_id
         connected = [p for p in exchange._connected_peers() if p != me]
-        self.apply(self.session.add_peers(connected[:exchange.config.max_connected_candidates], self.now()))
+        self.apply(
+            self.session.add_peers(
+                connected[: exchange.config.max_connected_candidates], self.now()
+            )
+        )
         if exchange.providers is not None:
             try:
-                found = await asyncio.wait_for(exchange.providers(self.root),
-                                               timeout=exchange.config.dht_lookup_timeout)
+                found = await asyncio.wait_for(
+                    exchange.providers(self.root), timeout=exchange.config.dht_lookup_timeout
+                )
                 self.apply(self.session.add_peers([p for p in found if p != me], self.now()))
             except Exception as exc:  # a failing source must not end the fetch
                 log.debug("bitswap: provider source failed for %s: %r", self.root, exc)
@@ -261,15 +289,18 @@ class _FetchRun:
         peer, rid = action.peer, action.request_id
         payload = bs.encode_request(action.request)
         try:
-            stream = exchange.node.call_stream(peer, bs.PROTOCOL_ID, payload, timeout=action.timeout,
-                                               window=action.window or None)
+            stream = exchange.node.call_stream(
+                peer, bs.PROTOCOL_ID, payload, timeout=action.timeout, window=action.window or None
+            )
             async with contextlib.aclosing(stream):
                 async for item in stream:
                     try:
                         response = bs.decode_response(item)
                     except CodecError as exc:
                         exchange.ledgers.record_bad_block(peer)
-                        raise ExchangeError(f"malformed bitswap response from {peer}: {exc}") from None
+                        raise ExchangeError(
+                            f"malformed bitswap response from {peer}: {exc}"
+                        ) from None
                     for _, data in response.blocks:
                         exchange.ledgers.record_received(peer, len(data))
                     before = self.session.bytes_received
@@ -292,15 +323,23 @@ class _FetchRun:
 class ObjectExchange:
     """Bitswap over a MeshNode: serves this node's store and fetches objects into it."""
 
-    def __init__(self, node: Any, dht: Any, store: LocalStore, *, providers: ProviderSource | None = None,
-                 config: ExchangeConfig | None = None) -> None:
+    def __init__(
+        self,
+        node: Any,
+        dht: Any,
+        store: LocalStore,
+        *,
+        providers: ProviderSource | None = None,
+        config: ExchangeConfig | None = None,
+    ) -> None:
         self.node = node
         self.dht = dht
         self.store = store
         self.providers = providers
         self.config = config or ExchangeConfig()
-        self.ledgers = bs.Ledgers(self.config.upload_slots, self.config.free_allowance,
-                                  self.config.max_debt_ratio)
+        self.ledgers = bs.Ledgers(
+            self.config.upload_slots, self.config.free_allowance, self.config.max_debt_ratio
+        )
         self._partial: dict[Cid, ObjectWriter] = {}
         self._fetches: dict[Cid, asyncio.Future] = {}
         self._runs: dict[Cid, _FetchRun] = {}
@@ -328,9 +367,14 @@ class ObjectExchange:
         self._open.clear()
 
     # --- fetching --------------------------------------------------------------------------------
-    async def fetch(self, cid: Cid | str, timeout: float = 30.0, pin: bool = False,
-                    progress: Callable[[int, int], None] | None = None,
-                    peers: list[Hashable] = ()) -> Cid:
+    async def fetch(
+        self,
+        cid: Cid | str,
+        timeout: float = 30.0,
+        pin: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        peers: list[Hashable] = (),
+    ) -> Cid:
         """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``."""
         root = Cid.coerce(cid)
         if self.store.contains(root):
@@ -340,7 +384,9 @@ class ObjectExchange:
         future = self._fetches.get(root)
         pinned_at_seal = future is None and pin
         if future is None:
-            reporter = _Progress(root, progress, self.config.show_progress, self.config.progress_min_bytes)
+            reporter = _Progress(
+                root, progress, self.config.show_progress, self.config.progress_min_bytes
+            )
             run = _FetchRun(self, root, timeout, pin, reporter, list(peers))
             self._runs[root] = run
             future = asyncio.ensure_future(run.run())
@@ -357,7 +403,7 @@ class ObjectExchange:
                 run.apply(run.session.add_peers(list(peers), run.now()))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ObjectNotFound(root, "fetch did not finish before its deadline") from None
         if pin and not pinned_at_seal:
             self.store.pin(result)
@@ -415,7 +461,7 @@ class ObjectExchange:
         async for item in self.dht.find_providers(bytes(root), count=self.config.max_dht_providers):
             peer = getattr(item, "peer_id", item)
             if isinstance(peer, (bytes, bytearray)):
-                from latticaray.mesh.identity import PeerId  # noqa: PLC0415 - mesh is below us
+                from latticaray.mesh.identity import PeerId
 
                 peer = PeerId(bytes(peer))
             addrs = getattr(item, "addrs", ())
@@ -431,8 +477,13 @@ class ObjectExchange:
             return []
 
     # --- replication -----------------------------------------------------------------------------
-    async def replicate(self, cid: Cid | str, n: int, timeout: float = 60.0,
-                        candidates: list[Hashable] | None = None) -> list[Hashable]:
+    async def replicate(
+        self,
+        cid: Cid | str,
+        n: int,
+        timeout: float = 60.0,
+        candidates: list[Hashable] | None = None,
+    ) -> list[Hashable]:
         """Ask up to ``n`` peers to fetch and pin ``cid`` (from us and other providers).
 
         Returns the peers that confirmed. Peers are tried in order until ``n`` confirm.
@@ -441,14 +492,22 @@ class ObjectExchange:
         if not self.store.contains(root):
             raise ObjectNotFound(root, "cannot replicate an object this node does not hold")
         await self.provide(root)
-        pool = [p for p in (candidates if candidates is not None else self._connected_peers())
-                if p != self.node.peer_id]
+        pool = [
+            p
+            for p in (candidates if candidates is not None else self._connected_peers())
+            if p != self.node.peer_id
+        ]
         payload = msgpack.packb({"root": bytes(root), "timeout": float(timeout)})
         confirmed: list[Hashable] = []
         while pool and len(confirmed) < n:
-            batch, pool = pool[:n - len(confirmed)], pool[n - len(confirmed):]
-            results = await asyncio.gather(*(self.node.call(p, REPLICATE_PROTOCOL_ID, payload, timeout=timeout + 5)
-                                             for p in batch), return_exceptions=True)
+            batch, pool = pool[: n - len(confirmed)], pool[n - len(confirmed) :]
+            results = await asyncio.gather(
+                *(
+                    self.node.call(p, REPLICATE_PROTOCOL_ID, payload, timeout=timeout + 5)
+                    for p in batch
+                ),
+                return_exceptions=True,
+            )
             for peer, result in zip(batch, results):
                 if isinstance(result, BaseException):
                     log.info("bitswap: replication of %s to %s failed: %r", root, peer, result)
@@ -467,15 +526,22 @@ class ObjectExchange:
             request = msgpack.unpackb(payload)
             root = Cid.decode(request["root"])
             timeout = min(float(request.get("timeout", 60.0)), 600.0)
-        except (InvalidCid, KeyError, TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError,
-                msgpack.StackError) as exc:
+        except (
+            InvalidCid,
+            KeyError,
+            TypeError,
+            ValueError,
+            msgpack.ExtraData,
+            msgpack.FormatError,
+            msgpack.StackError,
+        ) as exc:
             return msgpack.packb({"ok": False, "error": f"bad request: {exc}"})
         if self._replications >= self.config.max_concurrent_replications:
             return msgpack.packb({"ok": False, "error": "busy"})
         self._replications += 1
         try:
             await self.fetch(root, timeout=timeout, pin=True, peers=[ctx.peer_id])
-        except (ObjectStoreError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ObjectStoreError) as exc:
             return msgpack.packb({"ok": False, "error": str(exc)})
         finally:
             self._replications -= 1

@@ -24,7 +24,16 @@ from . import dagcbor
 from .cid import DAG_CBOR, RAW, SHA2_256, Cid, hash_digest
 from .errors import BlockVerificationError, CodecError
 
-__all__ = ["Manifest", "build_manifest", "manifest_from_digests", "block_spans", "hash_pool", "DEFAULT_CHUNK_SIZE", "MAX_BLOCK_SIZE", "MAX_MANIFEST_SIZE"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MAX_MANIFEST_SIZE",
+    "Manifest",
+    "block_spans",
+    "build_manifest",
+    "hash_pool",
+    "manifest_from_digests",
+]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_BLOCK_SIZE = 2 << 20
@@ -43,7 +52,7 @@ def _pool() -> ThreadPoolExecutor:
 @dataclass(frozen=True)
 class Manifest:
     root: Cid
-    encoded: bytes          # the manifest block's bytes (what ``root`` hashes)
+    encoded: bytes  # the manifest block's bytes (what ``root`` hashes)
     size: int
     chunk_size: int
     blocks: tuple[Cid, ...]
@@ -70,7 +79,7 @@ class Manifest:
         return index_map.get(cid, ())
 
     @classmethod
-    def decode(cls, root: Cid, data: bytes | memoryview) -> "Manifest":
+    def decode(cls, root: Cid, data: bytes | memoryview) -> Manifest:
         """Verify ``data`` against ``root`` and check the manifest is self-consistent."""
         if root.codec != DAG_CBOR:
             raise CodecError(f"{root} is not a DAG-CBOR manifest CID")
@@ -86,13 +95,22 @@ class Manifest:
             raise CodecError("manifest lacks v/size/chunk/blocks/sizes/meta") from None
         if version != 1:
             raise CodecError(f"unsupported manifest version {version!r}")
-        if not (isinstance(size, int) and isinstance(chunk, int) and 0 < chunk <= MAX_BLOCK_SIZE
-                and size >= 0 and isinstance(meta, dict) and isinstance(blocks, list)
-                and isinstance(sizes, list) and len(blocks) == len(sizes)):
+        if not (
+            isinstance(size, int)
+            and isinstance(chunk, int)
+            and 0 < chunk <= MAX_BLOCK_SIZE
+            and size >= 0
+            and isinstance(meta, dict)
+            and isinstance(blocks, list)
+            and isinstance(sizes, list)
+            and len(blocks) == len(sizes)
+        ):
             raise CodecError("manifest fields have the wrong types or bounds")
         expected_count = (size + chunk - 1) // chunk
         if len(blocks) != expected_count:
-            raise CodecError(f"manifest lists {len(blocks)} blocks, size/chunk imply {expected_count}")
+            raise CodecError(
+                f"manifest lists {len(blocks)} blocks, size/chunk imply {expected_count}"
+            )
         for i, (block, block_size) in enumerate(zip(blocks, sizes)):
             expected = min(chunk, size - i * chunk)
             if not isinstance(block, Cid) or block.codec != RAW or block_size != expected:
@@ -100,18 +118,25 @@ class Manifest:
         return cls(root, bytes(data), size, chunk, tuple(blocks), tuple(sizes), meta)
 
 
-def _encode(size: int, chunk: int, blocks: list[Cid], sizes: list[int], meta: dict[str, Any],
-            hash_code: int) -> Manifest:
+def _encode(
+    size: int, chunk: int, blocks: list[Cid], sizes: list[int], meta: dict[str, Any], hash_code: int
+) -> Manifest:
     node = {"v": 1, "size": size, "chunk": chunk, "blocks": blocks, "sizes": sizes, "meta": meta}
     encoded = dagcbor.encode(node)
     if len(encoded) > MAX_MANIFEST_SIZE:
-        raise CodecError(f"object of {size} bytes needs a {len(encoded)}-byte manifest; raise chunk size")
+        raise CodecError(
+            f"object of {size} bytes needs a {len(encoded)}-byte manifest; raise chunk size"
+        )
     root = Cid.of(encoded, DAG_CBOR, hash_code)
     return Manifest(root, encoded, size, chunk, tuple(blocks), tuple(sizes), meta)
 
 
-def build_manifest(payload: Any, meta: dict[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   hash_code: int = SHA2_256) -> Manifest:
+def build_manifest(
+    payload: Any,
+    meta: dict[str, Any],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    hash_code: int = SHA2_256,
+) -> Manifest:
     """Chunk ``payload`` (any buffer), hash every block, and return the object's manifest."""
     if not 0 < chunk_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"chunk size must be in (0, {MAX_BLOCK_SIZE}]")
@@ -130,8 +155,13 @@ def block_spans(size: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
 
 
-def manifest_from_digests(size: int, chunk_size: int, digests: list[bytes], meta: dict[str, Any],
-                          hash_code: int = SHA2_256) -> Manifest:
+def manifest_from_digests(
+    size: int,
+    chunk_size: int,
+    digests: list[bytes],
+    meta: dict[str, Any],
+    hash_code: int = SHA2_256,
+) -> Manifest:
     """The manifest of a payload whose blocks (``block_spans``) hash to ``digests``."""
     spans = block_spans(size, chunk_size)
     if len(digests) != len(spans):

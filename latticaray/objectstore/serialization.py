@@ -30,7 +30,8 @@ from __future__ import annotations
 import pickle
 import struct
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -39,8 +40,15 @@ import pyarrow as pa
 from . import dagcbor
 from .errors import CodecError, SerializationError
 
-__all__ = ["SerializedObject", "serialize", "deserialize", "serialize_inline",
-           "deserialize_inline", "INLINE_THRESHOLD", "ALIGNMENT"]
+__all__ = [
+    "ALIGNMENT",
+    "INLINE_THRESHOLD",
+    "SerializedObject",
+    "deserialize",
+    "deserialize_inline",
+    "serialize",
+    "serialize_inline",
+]
 
 INLINE_THRESHOLD = 64 * 1024
 ALIGNMENT = 64
@@ -61,11 +69,16 @@ def _writable_arrow_buffer(dest: Any) -> pa.Buffer:
 class SerializedObject:
     """A value ready to be written: metadata plus a writer that fills ``nbytes`` bytes."""
 
-    __slots__ = ("meta", "nbytes", "_writer", "segments", "pieces")
+    __slots__ = ("_writer", "meta", "nbytes", "pieces", "segments")
 
-    def __init__(self, meta: dict[str, Any], nbytes: int, writer: Callable[[pa.NativeFile], None],
-                 segments: list[tuple[int, memoryview]] | None = None,
-                 pieces: list[tuple[int, memoryview]] | None = None) -> None:
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        nbytes: int,
+        writer: Callable[[pa.NativeFile], None],
+        segments: list[tuple[int, memoryview]] | None = None,
+        pieces: list[tuple[int, memoryview]] | None = None,
+    ) -> None:
         self.meta = meta
         self.nbytes = nbytes
         self._writer = writer
@@ -84,7 +97,9 @@ class SerializedObject:
     def write_into(self, dest: Any) -> None:
         view = memoryview(dest).cast("B")
         if view.nbytes != self.nbytes:
-            raise SerializationError(f"destination is {view.nbytes} bytes, payload is {self.nbytes}")
+            raise SerializationError(
+                f"destination is {view.nbytes} bytes, payload is {self.nbytes}"
+            )
         if self.nbytes:
             sink = pa.FixedSizeBufferWriter(_writable_arrow_buffer(view))
             if self.nbytes > 1 << 20:
@@ -111,6 +126,7 @@ class SerializedObject:
 
 
 # --- Arrow: tensors ------------------------------------------------------------------------------
+
 
 def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
     if not (array.flags.c_contiguous or array.flags.f_contiguous):
@@ -150,8 +166,10 @@ def _tensor_header(tensor: pa.Tensor, header_size: int) -> bytes | None:
 
 # --- Arrow: IPC streams --------------------------------------------------------------------------
 
-def _serialize_stream(batches_schema: pa.Schema, batches: list[pa.RecordBatch], kind: str,
-                      extra: dict[str, Any]) -> SerializedObject:
+
+def _serialize_stream(
+    batches_schema: pa.Schema, batches: list[pa.RecordBatch], kind: str, extra: dict[str, Any]
+) -> SerializedObject:
     sizer = pa.MockOutputStream()
     with pa.ipc.new_stream(sizer, batches_schema) as stream_writer:
         for batch in batches:
@@ -182,6 +200,7 @@ def _serialize_arrow(value: Any) -> SerializedObject:
 
 
 # --- pickle 5 with out-of-band buffers -----------------------------------------------------------
+
 
 def _serialize_pickle(value: Any) -> SerializedObject:
     out_of_band: list[pickle.PickleBuffer] = []
@@ -245,7 +264,7 @@ def deserialize(meta: dict[str, Any], payload: Any) -> Any:
             if wanted != array.dtype and wanted.itemsize == array.dtype.itemsize:
                 array = array.view(wanted)  # e.g. bool travels as uint8
             if kind == "torch":
-                import torch  # noqa: PLC0415 - optional dependency, present if it was written
+                import torch
 
                 return torch.from_numpy(array)
             return array
@@ -261,7 +280,9 @@ def deserialize(meta: dict[str, Any], payload: Any) -> Any:
             if view is None:
                 view = memoryview(payload)
             stream_len = int(meta["pickle"])
-            buffers = [view[int(start):int(start) + int(length)] for start, length in meta["buffers"]]
+            buffers = [
+                view[int(start) : int(start) + int(length)] for start, length in meta["buffers"]
+            ]
             for start, length in meta["buffers"]:
                 if int(start) < stream_len or int(start) + int(length) > view.nbytes:
                     raise SerializationError("pickle-5 buffer layout lies outside the payload")
@@ -283,7 +304,7 @@ def serialize_inline(value: Any) -> bytes:
     header = _INLINE_MAGIC + struct.pack(">I", len(meta)) + meta
     start = _align(len(header))
     out = bytearray(start + ser.nbytes)
-    out[:len(header)] = header
+    out[: len(header)] = header
     ser.write_into(memoryview(out)[start:])
     return bytes(out)
 
@@ -296,7 +317,7 @@ def deserialize_inline(blob: bytes | memoryview) -> Any:
     if 8 + meta_len > view.nbytes:
         raise SerializationError("inline value truncated")
     try:
-        meta = dagcbor.decode(view[8:8 + meta_len])
+        meta = dagcbor.decode(view[8 : 8 + meta_len])
     except CodecError as exc:
         raise SerializationError(f"bad inline metadata: {exc}") from None
-    return deserialize(meta, view[_align(8 + meta_len):])
+    return deserialize(meta, view[_align(8 + meta_len) :])

@@ -58,9 +58,10 @@ any process, this one included, still holds a view, or leases are unavailable) t
 unlinked as a plain delete would, and readers keep their bytes. Eviction never recycles (it runs
 precisely when room is needed). A put into a recycled spare writes every byte it keeps (payload
 ``pieces`` are copied with their gaps zeroed; other payloads are written over zeroed memory) and
-trims the file to the new object's size, so nothing of the old object survives. ``recycle=False`` (or the environment
-variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False`` turns it off too. A fresh spare being made when a file to
-recycle comes gives way (its maker stops within one granule and gives its reservation back).
+trims the file to the new object's size, so nothing of the old object survives. ``recycle=False``
+(or the environment variable ``LATTICARAY_STORE_RECYCLE=0``) turns recycling off; ``warm=False``
+turns it off too. A fresh spare being made when a file to recycle comes gives way (its maker
+stops within one granule and gives its reservation back).
 A duplicate put that went into the spare finds the object sealed before trimming the spare and
 keeps the spare as it is (no file to recycle, nothing to map again). A recycled file's pages
 exist, so it is mapped writable with ``MADV_POPULATE_WRITE`` (no page-by-page faulting) by a
@@ -141,8 +142,9 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -151,11 +153,24 @@ import psutil
 from . import dagcbor
 from .cid import DAG_CBOR, SHA2_256, Cid, hash_digest
 from .errors import BlockVerificationError, CodecError, ObjectNotFound, ObjectStoreError, StoreFull
-from .manifest import DEFAULT_CHUNK_SIZE, Manifest, block_spans, build_manifest, hash_pool, manifest_from_digests
+from .manifest import (
+    DEFAULT_CHUNK_SIZE,
+    Manifest,
+    block_spans,
+    build_manifest,
+    hash_pool,
+    manifest_from_digests,
+)
 from .serialization import SerializedObject, deserialize, serialize
 
-__all__ = ["LocalStore", "StoredObject", "ObjectWriter", "default_capacity", "WARM_MIN_BYTES",
-           "is_local_name"]
+__all__ = [
+    "WARM_MIN_BYTES",
+    "LocalStore",
+    "ObjectWriter",
+    "StoredObject",
+    "default_capacity",
+    "is_local_name",
+]
 
 _TRAILER_MAGIC = b"LRAYOBJ1"
 _LOCAL_MAGIC = b"LRAYLOC1"
@@ -182,16 +197,21 @@ def _prove_not_open_elsewhere(fd: int) -> None:
 
 def is_local_name(name: Any) -> bool:
     """True for the names ``put_local`` gives (``L`` + 32 hex digits); CIDs never look like it."""
-    return (isinstance(name, str) and len(name) == 1 + _LOCAL_NAME_HEX and name[0] == _LOCAL_PREFIX
-            and all(c in "0123456789abcdef" for c in name[1:]))
+    return (
+        isinstance(name, str)
+        and len(name) == 1 + _LOCAL_NAME_HEX
+        and name[0] == _LOCAL_PREFIX
+        and all(c in "0123456789abcdef" for c in name[1:])
+    )
 
 
 class _TornRead(Exception):
     """A local object's trailer changed while it was read (it was being linked under its CID)."""
 
 
-def _read_local(path: str, map_payload: bool = True
-                ) -> tuple[dict[str, Any], memoryview, int, int, int, int]:
+def _read_local(
+    path: str, map_payload: bool = True
+) -> tuple[dict[str, Any], memoryview, int, int, int, int]:
     """Map an unresolved local object: (meta, payload view, size, chunk size, hash code, pid of
     the writer if it takes recycled files back, else 0). ``map_payload=False``: an empty view.
 
@@ -211,7 +231,9 @@ def _read_local(path: str, map_payload: bool = True
         if os.pread(fd, _TRAILER.size, size - _TRAILER.size) != tail or len(blob) != blob_len:
             raise _TornRead(path)
         try:
-            nbytes, chunk, code, meta, writer = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+            nbytes, chunk, code, meta, writer = msgpack.unpackb(
+                blob, raw=False, strict_map_key=False
+            )
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise ObjectStoreError(f"local object {path} has a bad trailer: {exc}") from None
         if nbytes + blob_len + _TRAILER.size > size:
@@ -255,7 +277,12 @@ def _remove_dead_default_stores(parent: str, spill_parent: str) -> None:
             continue
         for name in names:
             parts = name.split("-")
-            if len(parts) == 3 and parts[0] == "store" and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            if (
+                len(parts) == 3
+                and parts[0] == "store"
+                and parts[1].isdigit()
+                and not _pid_alive(int(parts[1]))
+            ):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
@@ -286,23 +313,25 @@ def _map_readonly(path: str) -> tuple[mmap.mmap | None, int]:
         os.close(fd)
 
 
-def _read_sealed(cid: Cid, path: str, manifest_cache: "OrderedDict[Cid, Manifest]") -> StoredObject:
+def _read_sealed(cid: Cid, path: str, manifest_cache: OrderedDict[Cid, Manifest]) -> StoredObject:
     mapping, size = _map_readonly(path)
     if mapping is None or size < _TRAILER.size:
         raise ObjectStoreError(f"sealed object file {path} is truncated")
     view = memoryview(mapping)
-    manifest_len, magic = _TRAILER.unpack(view[size - _TRAILER.size:])
+    manifest_len, magic = _TRAILER.unpack(view[size - _TRAILER.size :])
     if magic != _TRAILER_MAGIC or manifest_len > size - _TRAILER.size:
         raise ObjectStoreError(f"sealed object file {path} has a bad trailer")
     payload_end = size - _TRAILER.size - manifest_len
     manifest = manifest_cache.get(cid)
     if manifest is None:
-        manifest = Manifest.decode(cid, view[payload_end:payload_end + manifest_len])
+        manifest = Manifest.decode(cid, view[payload_end : payload_end + manifest_len])
         manifest_cache[cid] = manifest
         while len(manifest_cache) > 1024:
             manifest_cache.popitem(last=False)
     if manifest.size != payload_end:
-        raise ObjectStoreError(f"sealed object file {path} has {payload_end} payload bytes, manifest says {manifest.size}")
+        raise ObjectStoreError(
+            f"sealed object file {path} has {payload_end} payload bytes, manifest says {manifest.size}"
+        )
     return StoredObject(cid, manifest, view[:payload_end])
 
 
@@ -317,7 +346,9 @@ class ObjectWriter:
     the object visible atomically; ``abort`` discards it and releases its reservation.
     """
 
-    def __init__(self, store: "LocalStore", manifest: Manifest, temp_path: str, reservation: str) -> None:
+    def __init__(
+        self, store: LocalStore, manifest: Manifest, temp_path: str, reservation: str
+    ) -> None:
         self.store = store
         self.manifest = manifest
         self._path = temp_path
@@ -333,7 +364,7 @@ class ObjectWriter:
         except BaseException:
             os.close(self._fd)
             raise
-        self._view = memoryview(self._map)[:manifest.size]
+        self._view = memoryview(self._map)[: manifest.size]
         self._done = False
 
     @property
@@ -417,7 +448,7 @@ class ObjectWriter:
             self.abort()
 
 
-_stores_with_spares: dict[int, "LocalStore"] = {}
+_stores_with_spares: dict[int, LocalStore] = {}
 _exit_hooks_installed = False
 
 
@@ -427,7 +458,7 @@ def _close_stores_at_exit() -> None:
             store.close()
 
 
-def _register_for_exit(store: "LocalStore") -> None:
+def _register_for_exit(store: LocalStore) -> None:
     """Keep ``store`` until it is closed or the process exits, then give its spare back."""
     global _exit_hooks_installed
     _stores_with_spares[id(store)] = store
@@ -441,13 +472,21 @@ def _register_for_exit(store: "LocalStore") -> None:
 class _WarmFile:
     """A pre-allocated, pre-faulted temp file mapped writable, waiting for the next large put."""
 
-    def __init__(self, path: str, token: str, size: int, recycled: bool = False,
-                 abandon: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        token: str,
+        size: int,
+        recycled: bool = False,
+        abandon: threading.Event | None = None,
+    ) -> None:
         self.path = path
         self.token = token
         self.size = size
         self.recycled = recycled  # made from a deleted object's file (see the module docstring)
-        self.fd = os.open(path, os.O_RDWR if recycled else os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = os.open(
+            path, os.O_RDWR if recycled else os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600
+        )
         try:
             if recycled:
                 _prove_not_open_elsewhere(self.fd)  # before any byte of it is written
@@ -462,7 +501,9 @@ class _WarmFile:
                 # kernels without MADV_POPULATE_WRITE fall back to touching every page below
                 try:
                     for start in range(0, size, _WARM_GRANULE):
-                        self.map.madvise(_MADV_POPULATE_WRITE, start, min(_WARM_GRANULE, size - start))
+                        self.map.madvise(
+                            _MADV_POPULATE_WRITE, start, min(_WARM_GRANULE, size - start)
+                        )
                 except OSError:
                     recycled_populated = False
                 else:
@@ -476,7 +517,7 @@ class _WarmFile:
                     del pages
                     self.map.close()
                     raise InterruptedError("spare abandoned for a recycled file")
-                pages[start:start + _WARM_GRANULE:mmap.PAGESIZE] = 0
+                pages[start : start + _WARM_GRANULE : mmap.PAGESIZE] = 0
             del pages
         except BaseException:
             os.close(self.fd)
@@ -498,16 +539,27 @@ class _WarmFile:
 class LocalStore:
     """The shared-memory object store of one node, attachable from other processes on the host."""
 
-    def __init__(self, root: str | None = None, capacity_bytes: int | None = None,
-                 spill_dir: str | None = None, spill_capacity_bytes: int | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, hash_code: int = SHA2_256,
-                 warm: bool = True, recycle: bool | None = None, _attach: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        capacity_bytes: int | None = None,
+        spill_dir: str | None = None,
+        spill_capacity_bytes: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        hash_code: int = SHA2_256,
+        warm: bool = True,
+        recycle: bool | None = None,
+        _attach: bool = False,
+    ) -> None:
         if root is None:
-            parent = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
-                                  f"latticaray-{os.getuid()}")
+            parent = os.path.join(
+                "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                f"latticaray-{os.getuid()}",
+            )
             if spill_dir is None:
-                _remove_dead_default_stores(parent, os.path.join(tempfile.gettempdir(),
-                                                                 f"latticaray-spill-{os.getuid()}"))
+                _remove_dead_default_stores(
+                    parent, os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}")
+                )
             root = os.path.join(parent, f"store-{os.getpid()}-{secrets.token_hex(3)}")
         self.root = os.path.abspath(root)
         self.chunk_size = chunk_size
@@ -553,23 +605,39 @@ class LocalStore:
             return
         self.capacity = int(capacity_bytes) if capacity_bytes is not None else default_capacity()
         if spill_dir is None:
-            spill_dir = os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}",
-                                     os.path.basename(self.root))
+            spill_dir = os.path.join(
+                tempfile.gettempdir(),
+                f"latticaray-spill-{os.getuid()}",
+                os.path.basename(self.root),
+            )
         self.spill_dir = spill_dir
-        self.spill_capacity = (int(spill_capacity_bytes) if spill_capacity_bytes is not None
-                               else 4 * self.capacity)
-        for path in (self._objects, self._tmp, self._local, self.spill_dir,
-                     os.path.join(self.spill_dir, ".tmp")):
+        self.spill_capacity = (
+            int(spill_capacity_bytes) if spill_capacity_bytes is not None else 4 * self.capacity
+        )
+        for path in (
+            self._objects,
+            self._tmp,
+            self._local,
+            self.spill_dir,
+            os.path.join(self.spill_dir, ".tmp"),
+        ):
             os.makedirs(path, exist_ok=True)
         with self._locked() as ledger:
             with open(config_path + ".tmp", "wb") as file:
-                file.write(msgpack.packb({"capacity": self.capacity, "spill_dir": self.spill_dir,
-                                          "spill_capacity": self.spill_capacity}))
+                file.write(
+                    msgpack.packb(
+                        {
+                            "capacity": self.capacity,
+                            "spill_dir": self.spill_dir,
+                            "spill_capacity": self.spill_capacity,
+                        }
+                    )
+                )
             os.replace(config_path + ".tmp", config_path)
             self._recover(ledger)
 
     @classmethod
-    def attach(cls, root: str) -> "LocalStore":
+    def attach(cls, root: str) -> LocalStore:
         """Open an existing store directory from another process (the same-host client)."""
         return cls(root, _attach=True)
 
@@ -613,17 +681,20 @@ class LocalStore:
             if not pid.isdigit() or not _pid_alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._tmp, name))
-        ledger["reservations"] = {k: v for k, v in ledger["reservations"].items()
-                                  if _pid_alive(int(k.split("-", 1)[0]))}
+        ledger["reservations"] = {
+            k: v for k, v in ledger["reservations"].items() if _pid_alive(int(k.split("-", 1)[0]))
+        }
         pins = {}
         for cid, holders in ledger["pins"].items():
             alive = {pid: n for pid, n in holders.items() if _pid_alive(int(pid))}
             if alive:
                 pins[cid] = alive
         ledger["pins"] = pins
-        ledger["used"] = (sum(e.stat().st_size for e in os.scandir(self._objects) if e.is_file())
-                          + sum(e.stat().st_size for e in os.scandir(self._local)
-                                if e.is_file(follow_symlinks=False)))
+        ledger["used"] = sum(
+            e.stat().st_size for e in os.scandir(self._objects) if e.is_file()
+        ) + sum(
+            e.stat().st_size for e in os.scandir(self._local) if e.is_file(follow_symlinks=False)
+        )
         counts: dict[str, int] = {}
         for entry in os.scandir(self._local):
             if entry.is_symlink():
@@ -634,12 +705,16 @@ class LocalStore:
         for cid, n in counts.items():
             _, born, writer = (list(old.get(cid) or []) + [0, False, 0])[:3]
             ledger["links"][cid] = [n, cid in made or bool(born), int(writer)]
-        ledger["spill_used"] = sum(e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file())
+        ledger["spill_used"] = sum(
+            e.stat().st_size for e in os.scandir(self.spill_dir) if e.is_file()
+        )
 
     # --- budget ----------------------------------------------------------------------------------
     def _reserve(self, ledger: dict[str, Any], nbytes: int, keep: str | None = None) -> str:
         if nbytes > self.capacity:
-            raise StoreFull(f"object of {nbytes} bytes exceeds the store capacity of {self.capacity}")
+            raise StoreFull(
+                f"object of {nbytes} bytes exceeds the store capacity of {self.capacity}"
+            )
         self._make_room(ledger, nbytes, keep)
         token = f"{os.getpid()}-{secrets.token_hex(6)}"
         ledger["reservations"][token] = nbytes
@@ -691,8 +766,10 @@ class LocalStore:
                     continue
             self._evict_one(ledger, name, size, keep)
         if self._committed(ledger) + nbytes > self.capacity:
-            raise StoreFull(f"cannot fit {nbytes} bytes: {self._committed(ledger)} of {self.capacity} "
-                            "are pinned or reserved by writes in flight")
+            raise StoreFull(
+                f"cannot fit {nbytes} bytes: {self._committed(ledger)} of {self.capacity} "
+                "are pinned or reserved by writes in flight"
+            )
 
     def _evict_one(self, ledger: dict[str, Any], name: str, size: int, keep: str | None) -> None:
         source = os.path.join(self._objects, name)
@@ -761,8 +838,11 @@ class LocalStore:
     def put_serialized_local(self, ser: SerializedObject, pin: bool = False) -> str:
         estimate = self._estimate(ser)
         writer = os.getpid() if self.recycle_enabled else 0  # who takes its file back (Gifts)
-        trailer = msgpack.packb([ser.nbytes, self.chunk_size, self.hash_code, ser.meta, writer],
-                                use_bin_type=True, default=bytes)
+        trailer = msgpack.packb(
+            [ser.nbytes, self.chunk_size, self.hash_code, ser.meta, writer],
+            use_bin_type=True,
+            default=bytes,
+        )
         trailer += _TRAILER.pack(len(trailer), _LOCAL_MAGIC)
         if ser.nbytes + len(trailer) > estimate:
             raise ObjectStoreError("internal error: local trailer larger than its reservation")
@@ -776,7 +856,7 @@ class LocalStore:
             if warm is not None:
                 path, token = warm.path, warm.token
                 try:
-                    with memoryview(warm.map) as view, view[:ser.nbytes] as payload:
+                    with memoryview(warm.map) as view, view[: ser.nbytes] as payload:
                         self._copy_into(ser, payload, zero_first=warm.recycled)
                     # the file keeps the reserved size, so linking it under its CID later
                     # writes the manifest in place and only shrinks it (the budget holds); cut
@@ -791,7 +871,10 @@ class LocalStore:
                     raise
             else:
                 with self._locked() as ledger:
-                    if self._warm is not None and self._committed(ledger) + estimate > self.capacity:
+                    if (
+                        self._warm is not None
+                        and self._committed(ledger) + estimate > self.capacity
+                    ):
                         self._drop_warm(ledger)
                     token = self._reserve(ledger, estimate)
                 path = os.path.join(self._tmp, token)
@@ -862,8 +945,9 @@ class LocalStore:
         meta, payload, nbytes, chunk, code, writer = _read_local(path)
         try:
             spans = block_spans(nbytes, chunk)
-            digests = list(hash_pool().map(lambda span: hash_digest(code, payload[span[0]:span[1]]),
-                                           spans))
+            digests = list(
+                hash_pool().map(lambda span: hash_digest(code, payload[span[0] : span[1]]), spans)
+            )
         finally:
             payload.release()
         return manifest_from_digests(nbytes, chunk, digests, meta, code), writer
@@ -885,8 +969,9 @@ class LocalStore:
                 return self._link_local(ledger, name, manifest, writer, gift=True)
         raise ObjectNotFound(name, "local object kept changing while being resolved")
 
-    def _link_local(self, ledger: dict[str, Any], name: str, manifest: Manifest, writer: int,
-                    gift: bool) -> Cid:
+    def _link_local(
+        self, ledger: dict[str, Any], name: str, manifest: Manifest, writer: int, gift: bool
+    ) -> Cid:
         """Seal the local object ``name`` under ``manifest``'s CID (the caller holds the ledger
         lock); ``name`` becomes a symlink to it. If a copy is sealed already, this file is
         dropped (``gift``: given back to its writer). The writer is remembered with the link
@@ -971,8 +1056,15 @@ class LocalStore:
                 code = blocks[0].hash_code if blocks else self.hash_code
                 root = Cid.of(encoded, DAG_CBOR, code)
                 Manifest.decode(root, encoded)
-            except (OSError, ValueError, TypeError, AttributeError, msgpack.UnpackException,
-                    ObjectStoreError, CodecError):
+            except (
+                OSError,
+                ValueError,
+                TypeError,
+                AttributeError,
+                msgpack.UnpackException,
+                ObjectStoreError,
+                CodecError,
+            ):
                 continue
             final = os.path.join(self._objects, str(root))
             try:
@@ -1071,8 +1163,10 @@ class LocalStore:
         # given-back files have a cap of their own: a fresh spare that a starved, niced thread
         # is still making must not keep pages that exist from being reused
         gifts = sum(v for k, v in ledger["reservations"].items() if k.endswith(_GIFT_SUFFIX))
-        if (gifts + rounded > self.capacity // 8
-                or self._committed(ledger) - size + rounded > self.capacity):
+        if (
+            gifts + rounded > self.capacity // 8
+            or self._committed(ledger) - size + rounded > self.capacity
+        ):
             return False
         token = f"{writer}-{secrets.token_hex(6)}{_GIFT_SUFFIX}"
         try:
@@ -1092,11 +1186,16 @@ class LocalStore:
         for kept in dropped:
             self._unmap_later(kept)
         prefix = f"{os.getpid()}-"
-        names = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+        names = [
+            n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)
+        ]
         if not names:  # listed again either way: a file may have come back meanwhile
             self._await_expected(estimate)
-            names = [n for n in os.listdir(self._tmp)
-                     if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+            names = [
+                n
+                for n in os.listdir(self._tmp)
+                if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)
+            ]
         if not names:
             return None
         chosen = None
@@ -1151,8 +1250,9 @@ class LocalStore:
             return False
         deadline = time.monotonic() + min(0.25, estimate / 8e9)
         # names gone already were dealt with by earlier puts (taken, or not given back)
-        pending = [p for p in (os.path.join(self._local, name) for name in expected)
-                   if os.path.lexists(p)]
+        pending = [
+            p for p in (os.path.join(self._local, name) for name in expected) if os.path.lexists(p)
+        ]
         while pending:
             if any(not os.path.lexists(p) for p in pending):
                 return True
@@ -1190,8 +1290,9 @@ class LocalStore:
         stat = os.fstat(warm.fd)
         with self._warm_lock:
             self._retained[(stat.st_dev, stat.st_ino)] = warm
-            stale = [key for key, kept in self._retained.items()
-                     if os.fstat(kept.fd).st_nlink == 0]  # deleted, not given back
+            stale = [
+                key for key, kept in self._retained.items() if os.fstat(kept.fd).st_nlink == 0
+            ]  # deleted, not given back
             while len(self._retained) - len(stale) > _RETAINED_MAX:
                 stale.append(next(k for k in self._retained if k not in stale))
             dropped = [self._retained.pop(key) for key in stale]
@@ -1214,17 +1315,20 @@ class LocalStore:
             warm.fd = -1
         with self._warm_lock:
             self._warm_unmap.append(warm)
-        threading.Thread(target=self._unmap_spent, name="latticaray-store-unmap", daemon=True).start()
+        threading.Thread(
+            target=self._unmap_spent, name="latticaray-store-unmap", daemon=True
+        ).start()
 
-    def _put_into_warm(self, ser: SerializedObject, warm: _WarmFile, estimate: int,
-                       pin: bool) -> tuple[Manifest, bool]:
+    def _put_into_warm(
+        self, ser: SerializedObject, warm: _WarmFile, estimate: int, pin: bool
+    ) -> tuple[Manifest, bool]:
         """Write the payload straight into the pre-faulted mapping, hash it, trim and trail it.
         If the object turns out to be sealed already (a duplicate put), the spare stays this
         process's spare, untouched but for the bytes just written: (manifest, True)."""
         try:
             view = memoryview(warm.map)
             try:
-                payload = view[:ser.nbytes]
+                payload = view[: ser.nbytes]
                 if warm.recycled and ser.pieces is None:
                     # a writer that could skip bytes (padding) must not leave old bytes there:
                     # zeroing resident pages costs far less than fresh ones
@@ -1284,22 +1388,34 @@ class LocalStore:
         pool = hash_pool()
         if ser.pieces is not None:
             target = np.frombuffer(dest, dtype=np.uint8)
-            sources = [(offset, np.frombuffer(piece, dtype=np.uint8)) for offset, piece in ser.pieces]
-            digests = list(pool.map(lambda span: self._copy_block(span, sources, target, dest), spans))
-            return manifest_from_digests(ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code)
+            sources = [
+                (offset, np.frombuffer(piece, dtype=np.uint8)) for offset, piece in ser.pieces
+            ]
+            digests = list(
+                pool.map(lambda span: self._copy_block(span, sources, target, dest), spans)
+            )
+            return manifest_from_digests(
+                ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code
+            )
         early = self._hash_inside_sources(pool, ser, spans)
         ser.write_into(dest)
         digests = self._digests_of_written(pool, ser, spans, early, dest)
         return manifest_from_digests(ser.nbytes, self.chunk_size, digests, ser.meta, self.hash_code)
 
-    def _copy_block(self, span: tuple[int, int], sources: list[tuple[int, np.ndarray]],
-                    target: np.ndarray, dest: memoryview) -> bytes:
+    def _copy_block(
+        self,
+        span: tuple[int, int],
+        sources: list[tuple[int, np.ndarray]],
+        target: np.ndarray,
+        dest: memoryview,
+    ) -> bytes:
         self._copy_span(span, sources, target)
-        return hash_digest(self.hash_code, dest[span[0]:span[1]])
+        return hash_digest(self.hash_code, dest[span[0] : span[1]])
 
     @staticmethod
-    def _copy_span(span: tuple[int, int], sources: list[tuple[int, np.ndarray]],
-                   target: np.ndarray) -> None:
+    def _copy_span(
+        span: tuple[int, int], sources: list[tuple[int, np.ndarray]], target: np.ndarray
+    ) -> None:
         """Copy payload bytes [start, end) from the pieces; gaps between pieces are zeroed."""
         start, end = span
         position = start
@@ -1312,7 +1428,7 @@ class LocalStore:
             low, high = max(offset, start), min(piece_end, end)
             if low > position:
                 target[position:low] = 0
-            target[low:high] = source[low - offset:high - offset]
+            target[low:high] = source[low - offset : high - offset]
             position = high
         if position < end:
             target[position:end] = 0
@@ -1326,9 +1442,15 @@ class LocalStore:
             self._forget_parents_warm()
             idle = put_started - self._last_large_put_end
             self._last_large_put_end = time.monotonic()
-            if (not self.warm_enabled or not fresh or size > self.capacity // 8 or self._warm_refilling
-                    or self._recycling or idle < self._refill_seconds
-                    or (self._warm is not None and self._warm.size >= size)):
+            if (
+                not self.warm_enabled
+                or not fresh
+                or size > self.capacity // 8
+                or self._warm_refilling
+                or self._recycling
+                or idle < self._refill_seconds
+                or (self._warm is not None and self._warm.size >= size)
+            ):
                 unmap_now = not self._warm_refilling
                 size = 0
             else:
@@ -1336,12 +1458,14 @@ class LocalStore:
                 self._abandon_refill.clear()
         if size == 0:
             if unmap_now and self._warm_unmap:  # off the put's path: it takes ~8 ms per 100 MB
-                threading.Thread(target=self._unmap_spent, name="latticaray-store-unmap",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._unmap_spent, name="latticaray-store-unmap", daemon=True
+                ).start()
             return
         _register_for_exit(self)
-        threading.Thread(target=self._refill_warm, args=(size,), name="latticaray-store-warm",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._refill_warm, args=(size,), name="latticaray-store-warm", daemon=True
+        ).start()
 
     def _unmap_spent(self) -> None:
         with self._warm_lock:
@@ -1359,15 +1483,22 @@ class LocalStore:
             self._unmap_spent()
             with self._locked() as ledger:
                 self._reclaim_dead(ledger)
-                spares = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
-                if (self._committed(ledger) + 2 * size > self.capacity
-                        or spares + size > self.capacity // 8 or self._abandon_refill.is_set()):
+                spares = sum(
+                    v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX)
+                )
+                if (
+                    self._committed(ledger) + 2 * size > self.capacity
+                    or spares + size > self.capacity // 8
+                    or self._abandon_refill.is_set()
+                ):
                     return  # only from free room (never evicts), all processes' spares <= 1/8
                 token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
                 ledger["reservations"][token] = size
                 self._fresh_token = token
             started = time.monotonic()
-            warm = _WarmFile(os.path.join(self._tmp, token), token, size, abandon=self._abandon_refill)
+            warm = _WarmFile(
+                os.path.join(self._tmp, token), token, size, abandon=self._abandon_refill
+            )
             self._refill_seconds = time.monotonic() - started
             self.spares_made += 1
             token = None
@@ -1388,7 +1519,9 @@ class LocalStore:
         if previous is not None:
             self._discard_warm(previous)
 
-    def _recycle_file(self, ledger: dict[str, Any], path: str, sealed: bool) -> tuple[str, int] | None:
+    def _recycle_file(
+        self, ledger: dict[str, Any], path: str, sealed: bool
+    ) -> tuple[str, int] | None:
         """Move ``path`` (a sealed object's file, or a temp file a duplicate put wrote) to become
         this process's next spare (the caller holds the ledger lock); None when it is not to be
         recycled. The file is not written until ``_finish_recycle`` has proven nobody else has
@@ -1410,11 +1543,16 @@ class LocalStore:
             fresh = self._warm_refilling  # a fresh spare is being made: it will give way
         # a fresh spare (pages yet to be allocated and zeroed) is worth less than this file: its
         # maker gives up within one granule, so its reservation is not counted against the cap
-        spares = sum(v for k, v in ledger["reservations"].items()
-                     if k.endswith(_WARM_SUFFIX) and not (fresh and k == self._fresh_token))
+        spares = sum(
+            v
+            for k, v in ledger["reservations"].items()
+            if k.endswith(_WARM_SUFFIX) and not (fresh and k == self._fresh_token)
+        )
         token = f"{os.getpid()}-{secrets.token_hex(6)}{_WARM_SUFFIX}"
-        if (spares + rounded > self.capacity // 8
-                or self._committed(ledger) - size + rounded > self.capacity):
+        if (
+            spares + rounded > self.capacity // 8
+            or self._committed(ledger) - size + rounded > self.capacity
+        ):
             token = None
         else:
             try:
@@ -1436,8 +1574,12 @@ class LocalStore:
     def _start_recycle(self, recycled: tuple[str, int] | None) -> None:
         if recycled is not None:
             _register_for_exit(self)
-            threading.Thread(target=self._finish_recycle, args=recycled,
-                             name="latticaray-store-recycle", daemon=True).start()
+            threading.Thread(
+                target=self._finish_recycle,
+                args=recycled,
+                name="latticaray-store-recycle",
+                daemon=True,
+            ).start()
 
     def _finish_recycle(self, token: str, size: int) -> None:
         """Background: prove the file unshared, extend it to ``size``, map and fault it in. Not
@@ -1483,8 +1625,9 @@ class LocalStore:
         """Wait (bounded) until no spare is being prepared; True if a spare is ready."""
         with self._warm_lock:
             self._forget_parents_warm()
-            self._warm_ready.wait_for(lambda: not self._warm_refilling and not self._recycling,
-                                      timeout=timeout)
+            self._warm_ready.wait_for(
+                lambda: not self._warm_refilling and not self._recycling, timeout=timeout
+            )
             return not self._warm_refilling and not self._recycling and self._warm is not None
 
     def close(self) -> None:
@@ -1502,7 +1645,11 @@ class LocalStore:
             self._discard_warm(warm)
         prefix = f"{os.getpid()}-"
         with contextlib.suppress(FileNotFoundError):
-            gifts = [n for n in os.listdir(self._tmp) if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)]
+            gifts = [
+                n
+                for n in os.listdir(self._tmp)
+                if n.startswith(prefix) and n.endswith(_GIFT_SUFFIX)
+            ]
             if gifts:
                 with self._locked() as ledger:
                     for name in gifts:
@@ -1518,23 +1665,31 @@ class LocalStore:
             end = offset + source.nbytes
             for i, (a, b) in enumerate(spans):
                 if offset <= a and b <= end:
-                    early[i] = pool.submit(hash_digest, self.hash_code, source[a - offset:b - offset])
+                    early[i] = pool.submit(
+                        hash_digest, self.hash_code, source[a - offset : b - offset]
+                    )
         return early
 
-    def _digests_of_written(self, pool, ser: SerializedObject, spans, early: dict[int, Any],
-                            written) -> list[bytes]:
+    def _digests_of_written(
+        self, pool, ser: SerializedObject, spans, early: dict[int, Any], written
+    ) -> list[bytes]:
         """Every block's digest once the payload is in ``written``: the ones hashed from the
         sources stand only if the write kept the layout promise (checked at both ends of every
         segment); the rest are hashed from ``written``."""
         for offset, source in ser.segments:
             edge = min(64, source.nbytes)
             end = offset + source.nbytes
-            if (written[offset:offset + edge] != source[:edge]
-                    or written[end - edge:end] != source[source.nbytes - edge:]):
+            if (
+                written[offset : offset + edge] != source[:edge]
+                or written[end - edge : end] != source[source.nbytes - edge :]
+            ):
                 early.clear()
                 break
-        late = {i: pool.submit(hash_digest, self.hash_code, written[a:b])
-                for i, (a, b) in enumerate(spans) if i not in early}
+        late = {
+            i: pool.submit(hash_digest, self.hash_code, written[a:b])
+            for i, (a, b) in enumerate(spans)
+            if i not in early
+        }
         return [(early.get(i) or late[i]).result() for i in range(len(spans))]
 
     def _write_and_hash(self, ser: SerializedObject, temp: str) -> Manifest:
@@ -1645,8 +1800,9 @@ class LocalStore:
         if cid is None:
             return False
         name = str(cid)
-        return (os.path.exists(os.path.join(self._objects, name))
-                or os.path.exists(os.path.join(self.spill_dir, name)))
+        return os.path.exists(os.path.join(self._objects, name)) or os.path.exists(
+            os.path.join(self.spill_dir, name)
+        )
 
     def in_memory(self, cid: Cid | str) -> bool:
         if self._unresolved_local(cid) is not None:
@@ -1690,7 +1846,9 @@ class LocalStore:
         return True
 
     def list(self) -> list[Cid]:
-        names = set(os.listdir(self._objects)) | {n for n in os.listdir(self.spill_dir) if n != ".tmp"}
+        names = set(os.listdir(self._objects)) | {
+            n for n in os.listdir(self.spill_dir) if n != ".tmp"
+        }
         return [Cid.parse(n) for n in sorted(names)]
 
     # --- pins, deletion, stats -------------------------------------------------------------------
@@ -1777,8 +1935,9 @@ class LocalStore:
             return None
         return self._delete_sealed(ledger, cname, entry[2] if len(entry) > 2 else 0)
 
-    def _delete_sealed(self, ledger: dict[str, Any], name: str, writer: int = 0
-                       ) -> tuple[str, int] | None:
+    def _delete_sealed(
+        self, ledger: dict[str, Any], name: str, writer: int = 0
+    ) -> tuple[str, int] | None:
         ledger["pins"].pop(name, None)
         ledger["links"].pop(name, None)  # local names linked to it now lead nowhere
         path = os.path.join(self._objects, name)
@@ -1798,11 +1957,18 @@ class LocalStore:
         with self._locked() as ledger:
             warm = sum(v for k, v in ledger["reservations"].items() if k.endswith(_WARM_SUFFIX))
             local = sum(1 for e in os.scandir(self._local) if e.is_file(follow_symlinks=False))
-            return {"local": local,"capacity": self.capacity, "used": ledger["used"],
-                    "reserved": sum(ledger["reservations"].values()) - warm, "warm": warm,
-                    "spill_capacity": self.spill_capacity, "spill_used": ledger["spill_used"],
-                    "objects": len(os.listdir(self._objects)) + local, "pinned": len(ledger["pins"]),
-                    "spilled": len(os.listdir(self.spill_dir)) - 1}
+            return {
+                "local": local,
+                "capacity": self.capacity,
+                "used": ledger["used"],
+                "reserved": sum(ledger["reservations"].values()) - warm,
+                "warm": warm,
+                "spill_capacity": self.spill_capacity,
+                "spill_used": ledger["spill_used"],
+                "objects": len(os.listdir(self._objects)) + local,
+                "pinned": len(ledger["pins"]),
+                "spilled": len(os.listdir(self.spill_dir)) - 1,
+            }
 
     def destroy(self) -> None:
         """Delete the store directory and its spill directory (for tests and node shutdown)."""

@@ -4,6 +4,7 @@ Behaves like Ray's API where the issue is silent. `init()` with no arguments sta
 embedded node on a background event-loop thread (so notebooks stay responsive) with worker
 processes started in the background; `init(bootstrap=[...])` also joins a mesh.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,12 +22,36 @@ from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
 from latticaray.scheduler.resources import normalize
 
-_TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "num_returns", "max_retries",
-                 "retry_exceptions", "scheduling_strategy", "name", "runtime_env",
-                 "_generator_backpressure_num_objects", "label_selector"}
-_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "max_restarts",
-                  "max_task_retries", "max_concurrency", "name", "namespace", "lifetime",
-                  "get_if_exists", "scheduling_strategy", "runtime_env", "label_selector"}
+_TASK_OPTIONS = {
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "num_returns",
+    "max_retries",
+    "retry_exceptions",
+    "scheduling_strategy",
+    "name",
+    "runtime_env",
+    "_generator_backpressure_num_objects",
+    "label_selector",
+}
+_ACTOR_OPTIONS = {
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "max_restarts",
+    "max_task_retries",
+    "max_concurrency",
+    "name",
+    "namespace",
+    "lifetime",
+    "get_if_exists",
+    "scheduling_strategy",
+    "runtime_env",
+    "label_selector",
+}
 
 
 class NodeAffinitySchedulingStrategy:
@@ -45,8 +70,10 @@ def _strategy_wire(strategy) -> Any:
         return None
     if isinstance(strategy, str):
         if strategy != "SPREAD":
-            raise ValueError(f"unknown scheduling_strategy {strategy!r}: use DEFAULT, SPREAD or "
-                             f"NodeAffinitySchedulingStrategy")
+            raise ValueError(
+                f"unknown scheduling_strategy {strategy!r}: use DEFAULT, SPREAD or "
+                f"NodeAffinitySchedulingStrategy"
+            )
         return "SPREAD"
     if isinstance(strategy, NodeAffinitySchedulingStrategy):
         return strategy.to_wire()
@@ -100,16 +127,20 @@ class RemoteFunction:
         self._shared = _shared if _shared is not None else {}
         self._name = getattr(function, "__qualname__", "task")
         is_gen = inspect.isgeneratorfunction(function)
-        wire = {"res": _demand(options, 1.0),
-                "max_retries": int(options.get("max_retries", 3)),
-                "retry_exc": _retry_exceptions_wire(options.get("retry_exceptions", False))}
+        wire = {
+            "res": _demand(options, 1.0),
+            "max_retries": int(options.get("max_retries", 3)),
+            "retry_exc": _retry_exceptions_wire(options.get("retry_exceptions", False)),
+        }
         strategy = _strategy_wire(options.get("scheduling_strategy"))
         if strategy is not None:
             wire["strategy"] = strategy
         if options.get("_generator_backpressure_num_objects"):
             wire["window"] = int(options["_generator_backpressure_num_objects"])
-        self._call_opts = {"nret": _num_returns_wire(options.get("num_returns"), is_gen),
-                           "wire": wire}
+        self._call_opts = {
+            "nret": _num_returns_wire(options.get("num_returns"), is_gen),
+            "wire": wire,
+        }
         self.__doc__ = getattr(function, "__doc__", None)
         self.__name__ = getattr(function, "__name__", "task")
 
@@ -125,21 +156,25 @@ class RemoteFunction:
         code_hash, blob = self._code()
         return core.submit_task(code_hash, blob, self._name, args, kwargs, self._call_opts)
 
-    def options(self, **options) -> "RemoteFunction":
+    def options(self, **options) -> RemoteFunction:
         merged = dict(self._options)
         merged.update(options)
         return RemoteFunction(self._function, merged, self._shared)
 
     def __call__(self, *args, **kwargs):
-        raise TypeError(f"remote function {self._name} cannot be called directly: "
-                        f"use {self.__name__}.remote(...)")
+        raise TypeError(
+            f"remote function {self._name} cannot be called directly: "
+            f"use {self.__name__}.remote(...)"
+        )
 
 
 def method(*, num_returns=None, concurrency_group=None):
     """Decorate an actor method to set its num_returns (as ray.method)."""
+
     def decorate(fn):
         fn.__lattica_num_returns__ = num_returns
         return fn
+
     return decorate
 
 
@@ -174,42 +209,51 @@ class ActorClass:
             shared["blob"], shared["hash"] = blob, serialization.code_hash(blob)
         return shared["hash"], shared["blob"]
 
-    def options(self, **options) -> "ActorClass":
+    def options(self, **options) -> ActorClass:
         merged = dict(self._options)
         merged.update(options)
         return ActorClass(self._cls, merged, self._shared)
 
-    def remote(self, *args, **kwargs) -> "ActorHandle":
+    def remote(self, *args, **kwargs) -> ActorHandle:
         core = context.require_core()
         options = self._options
         meta = self._shared["meta"]
-        wire = {"resources": _demand(options, options.get("num_cpus", 0)),
-                "max_restarts": int(options.get("max_restarts", 0)),
-                "max_task_retries": int(options.get("max_task_retries", 0)),
-                "max_concurrency": options.get("max_concurrency"),
-                "is_async": meta["is_async"], "meta": meta,
-                "name": options.get("name"),
-                "namespace": options.get("namespace") or core.namespace,
-                "lifetime": options.get("lifetime"),
-                "get_if_exists": bool(options.get("get_if_exists"))}
+        wire = {
+            "resources": _demand(options, options.get("num_cpus", 0)),
+            "max_restarts": int(options.get("max_restarts", 0)),
+            "max_task_retries": int(options.get("max_task_retries", 0)),
+            "max_concurrency": options.get("max_concurrency"),
+            "is_async": meta["is_async"],
+            "meta": meta,
+            "name": options.get("name"),
+            "namespace": options.get("namespace") or core.namespace,
+            "lifetime": options.get("lifetime"),
+            "get_if_exists": bool(options.get("get_if_exists")),
+        }
         strategy = _strategy_wire(options.get("scheduling_strategy"))
         if strategy is not None:
             wire["strategy"] = strategy
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
-        return ActorHandle(reply.get("aid", actor_id), reply.get("node", core.node_id), meta,
-                           wire["max_task_retries"])
+        return ActorHandle(
+            reply.get("aid", actor_id),
+            reply.get("node", core.node_id),
+            meta,
+            wire["max_task_retries"],
+        )
 
     def __call__(self, *args, **kwargs):
-        raise TypeError(f"actor class {self._cls.__qualname__} cannot be instantiated directly: "
-                        f"use .remote(...)")
+        raise TypeError(
+            f"actor class {self._cls.__qualname__} cannot be instantiated directly: "
+            f"use .remote(...)"
+        )
 
 
 class ActorMethod:
     """`handle.method` : call `.remote(...)`, or `.options(num_returns=...)` first."""
 
-    def __init__(self, handle: "ActorHandle", name: str, nret: int):
+    def __init__(self, handle: ActorHandle, name: str, nret: int):
         self._handle = handle
         self._name = name
         self._nret = nret
@@ -217,12 +261,20 @@ class ActorMethod:
     def remote(self, *args, **kwargs):
         handle = self._handle
         return context.require_core().submit_actor_task(
-            handle._actor_id, handle._node, self._name, args, kwargs, self._nret,
-            handle._max_task_retries, self._name)
+            handle._actor_id,
+            handle._node,
+            self._name,
+            args,
+            kwargs,
+            self._nret,
+            handle._max_task_retries,
+            self._name,
+        )
 
-    def options(self, num_returns=None, **_ignored) -> "ActorMethod":
-        return ActorMethod(self._handle, self._name,
-                           _num_returns_wire(num_returns, self._nret == STREAMING))
+    def options(self, num_returns=None, **_ignored) -> ActorMethod:
+        return ActorMethod(
+            self._handle, self._name, _num_returns_wire(num_returns, self._nret == STREAMING)
+        )
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"actor method {self._name} cannot be called directly: use .remote()")
@@ -266,6 +318,7 @@ class ActorHandle:
 
 def remote(*args, **options):
     """`@remote` or `@remote(num_cpus=..., ...)` on a function or a class."""
+
     def make(target):
         if inspect.isclass(target):
             return ActorClass(target, options)
@@ -293,6 +346,7 @@ class _EmbeddedRuntime:
     def start(self, make_node, start_mesh=None) -> None:
         try:
             import uvloop
+
             loop = uvloop.new_event_loop()
         except ImportError:
             loop = asyncio.new_event_loop()
@@ -310,8 +364,9 @@ class _EmbeddedRuntime:
         self.node = make_node()
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
         if start_mesh is not None:
-            self.mesh_runtime = asyncio.run_coroutine_threadsafe(start_mesh(self.node),
-                                                                 loop).result()
+            self.mesh_runtime = asyncio.run_coroutine_threadsafe(
+                start_mesh(self.node), loop
+            ).result()
 
     def stop(self) -> None:
         loop = self.loop
@@ -347,12 +402,22 @@ def _default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     return total
 
 
-def init(address: str | None = None, *, bootstrap: list[str] | None = None,
-         credential: str | None = None, num_cpus: float | None = None,
-         num_gpus: float | None = None, resources: dict | None = None,
-         namespace: str = "default", ignore_reinit_error: bool = False,
-         listen: list[str] | None = None, mesh_key_path: str | None = None,
-         nat=None, _mesh: bool | None = None, _max_workers: int | None = None):
+def init(
+    address: str | None = None,
+    *,
+    bootstrap: list[str] | None = None,
+    credential: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict | None = None,
+    namespace: str = "default",
+    ignore_reinit_error: bool = False,
+    listen: list[str] | None = None,
+    mesh_key_path: str | None = None,
+    nat=None,
+    _mesh: bool | None = None,
+    _max_workers: int | None = None,
+):
     """Start (or join) latticaray from this process.
 
     No arguments: an embedded local node with worker processes sized to this machine.
@@ -366,8 +431,10 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
         if _runtime is not None or _attached is not None:
             if ignore_reinit_error:
                 return _runtime_info()
-            raise RuntimeError("latticaray.init() was already called: call shutdown() first, "
-                               "or pass ignore_reinit_error=True")
+            raise RuntimeError(
+                "latticaray.init() was already called: call shutdown() first, "
+                "or pass ignore_reinit_error=True"
+            )
         if context.current_core() is not None:
             raise RuntimeError("init() cannot be called inside a task or actor")
         address = address or os.environ.get("LATTICARAY_ADDRESS")
@@ -380,9 +447,14 @@ def init(address: str | None = None, *, bootstrap: list[str] | None = None,
         node_id = None
         if use_mesh:
             from latticaray.runtime.cluster import MeshRuntime, NatSettings
-            mesh_runtime = MeshRuntime.prepare(bootstrap=bootstrap or [], credential=credential,
-                                               listen=listen, key_path=mesh_key_path,
-                                               nat=NatSettings.coerce(nat))
+
+            mesh_runtime = MeshRuntime.prepare(
+                bootstrap=bootstrap or [],
+                credential=credential,
+                listen=listen,
+                key_path=mesh_key_path,
+                nat=NatSettings.coerce(nat),
+            )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
             start_mesh = mesh_runtime.start
@@ -407,7 +479,8 @@ def _attach(address: str, namespace: str) -> dict:
     """Attach this driver to a node process listening on a Unix socket."""
     global _attached
     from latticaray.runtime.core import AttachedCore
-    path = address[len("unix:"):] if address.startswith("unix:") else address
+
+    path = address[len("unix:") :] if address.startswith("unix:") else address
     core = AttachedCore(path, namespace)
     if core.store_root:
         os.environ[serialization.STORE_ROOT_ENV] = core.store_root  # attached on first use
@@ -420,8 +493,10 @@ def _attach(address: str, namespace: str) -> dict:
 def _runtime_info() -> dict:
     if _runtime is None and _attached is not None:
         return {"node_id": _attached.node_id, "address": []}
-    return {"node_id": _runtime.node.node_id,
-            "address": getattr(_runtime.mesh_runtime, "listen_addrs", [])}
+    return {
+        "node_id": _runtime.node.node_id,
+        "address": getattr(_runtime.mesh_runtime, "listen_addrs", []),
+    }
 
 
 def shutdown() -> None:
@@ -482,8 +557,9 @@ def get(refs, *, timeout: float | None = None):
         return core.get(list(refs), timeout)
     if isinstance(refs, ObjectRefGenerator):
         raise TypeError("iterate an ObjectRefGenerator to get its refs, then get() them")
-    raise TypeError(f"get() takes an ObjectRef, a list of ObjectRefs or a CID string, "
-                    f"got {type(refs).__name__}")
+    raise TypeError(
+        f"get() takes an ObjectRef, a list of ObjectRefs or a CID string, got {type(refs).__name__}"
+    )
 
 
 def put(value) -> ObjectRef:
@@ -493,13 +569,18 @@ def put(value) -> ObjectRef:
     return context.require_core().put_counted(value)
 
 
-def wait(refs: list[ObjectRef], *, num_returns: int = 1, timeout: float | None = None,
-         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+def wait(
+    refs: list[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
     """Split `refs` into (ready, not ready) once `num_returns` are ready or `timeout` passes."""
     if isinstance(refs, ObjectRef):
         raise TypeError("wait() takes a list of ObjectRefs")
     refs = list(refs)
-    if len(set(r.id for r in refs)) != len(refs):
+    if len({r.id for r in refs}) != len(refs):
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns <= 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 1 and {len(refs)}")
@@ -513,6 +594,7 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
     """Cancel the task producing `ref`; `force` kills the worker running it."""
     if isinstance(ref, ObjectRefGenerator):
         from latticaray.runtime.ids import object_id
+
         ref = ObjectRef(object_id(ref.task_id(), 0), ref._owner, _count=False)
     if not isinstance(ref, ObjectRef):
         raise TypeError("cancel() takes an ObjectRef")

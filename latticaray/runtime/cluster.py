@@ -15,6 +15,7 @@ Protocols (all payloads msgpack; see docs/protocol/runtime.md):
   /latticaray/ref/1           unary   borrow / unborrow registrations at an object's owner
 Every handler refuses non-members before it decodes anything beyond the admission request.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,16 +34,35 @@ from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.rpc import Status
 from latticaray.runtime import refcount, serialization
 from latticaray.runtime.admission import Admission, MeshKey
-from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, CredentialError,
-                                       GetTimeoutError, NodeDiedError, ObjectLostError,
-                                       TaskCancelledError, TaskUnschedulableError)
+from latticaray.runtime.errors import (
+    ActorDiedError,
+    ActorNameTakenError,
+    CredentialError,
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+)
 from latticaray.runtime.ids import object_id
-from latticaray.runtime.node import (ERROR, OK, PENDING, STREAMING, ObjectEntry, TaskRecord,
-                                     error_blob)
+from latticaray.runtime.node import (
+    ERROR,
+    OK,
+    PENDING,
+    STREAMING,
+    ObjectEntry,
+    TaskRecord,
+    error_blob,
+)
 from latticaray.runtime.placement import DEFERRED
+from latticaray.scheduler.policy import (
+    ClusterSnapshot,
+    DecisionKind,
+    NodeView,
+    PlacementPolicy,
+    PlacementRequest,
+)
 from latticaray.state.actors import ActorState
-from latticaray.scheduler.policy import (ClusterSnapshot, DecisionKind, NodeView, PlacementPolicy,
-                                         PlacementRequest)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +72,7 @@ TASK_PROTOCOL = "/latticaray/task/1"
 OBJECT_PROTOCOL = "/latticaray/object/1"
 NAMES_PROTOCOL = "/latticaray/names/1"
 STREAM_PROTOCOL = "/latticaray/stream/1"
-STREAM_POLL = 20.0            # longest one remote stream_next waits at the owner before re-asking
+STREAM_POLL = 20.0  # longest one remote stream_next waits at the owner before re-asking
 REF_PROTOCOL = "/latticaray/ref/1"
 MAX_REF_OPS = 65536
 
@@ -61,16 +81,16 @@ PEER_DEAD_AFTER = 4.0
 SESSION_TIMEOUT = 20 * 3600.0
 MAX_INTRODUCED_ADDRS = 8
 DHT_BOOTSTRAP_TIMEOUT = 30.0
-CAPACITY_TTL = 15.0           # DHT capacity ads: lifetime, refresh period, least gap on change
+CAPACITY_TTL = 15.0  # DHT capacity ads: lifetime, refresh period, least gap on change
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
-CAPACITY_WAIT = 10.0          # how long work no known node can take waits for DHT capacity ads
-NAME_POLL_S = 0.2             # a lookup of a named actor pending placement re-asks this often,
-NAME_SETTLE_S = 5.0           # ... past its creator's wait by this much (for the news to arrive)
-MAX_SESSION_REOPENS = 5       # task sessions reopened per peer within SESSION_REOPEN_WINDOW
-FENCE_TIMEOUT = 5.0           # a moved task session waits this long for the old one's fence
+CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
+NAME_POLL_S = 0.2  # a lookup of a named actor pending placement re-asks this often,
+NAME_SETTLE_S = 5.0  # ... past its creator's wait by this much (for the news to arrive)
+MAX_SESSION_REOPENS = 5  # task sessions reopened per peer within SESSION_REOPEN_WINDOW
+FENCE_TIMEOUT = 5.0  # a moved task session waits this long for the old one's fence
 SESSION_REOPEN_WINDOW = 60.0
-SEEN_TASKS = 10_000           # finished task ids an executor remembers per caller, and how long
+SEEN_TASKS = 10_000  # finished task ids an executor remembers per caller, and how long
 SEEN_TASKS_TTL = 600.0
 SEEN_RESULT_BYTES = 64 << 20  # reply bytes it keeps per caller to answer a re-sent task again
 CHUNK = 4 << 20
@@ -78,7 +98,7 @@ CHUNK = 4 << 20
 JOIN_OFF_LOOP = 8 << 20
 BY_REF_ARG = 256 << 10
 MAX_CONTROL_MESSAGE = 1 << 20
-UNPACK_LIMITS = dict(raw=False, strict_map_key=False)
+UNPACK_LIMITS = {"raw": False, "strict_map_key": False}
 
 
 def _unpack(data: bytes) -> dict:
@@ -145,7 +165,7 @@ class CallerTasks:
     instead of delivering a gap (``lost``: items below it are gone)."""
 
     def __init__(self):
-        self.running: dict[bytes, "RemoteClient"] = {}
+        self.running: dict[bytes, RemoteClient] = {}
         # tid -> [finished at, frames | None, size, lost]
         self.finished: collections.OrderedDict[bytes, list] = collections.OrderedDict()
         self.streams: dict[bytes, StreamFrames] = {}
@@ -154,7 +174,7 @@ class CallerTasks:
     def expire(self, now: float) -> None:
         finished = self.finished
         while finished:
-            tid, (at, frames, size, _lost) = next(iter(finished.items()))
+            _tid, (at, _frames, size, _lost) = next(iter(finished.items()))
             if len(finished) <= SEEN_TASKS and now - at < SEEN_TASKS_TTL:
                 break
             finished.popitem(last=False)
@@ -222,7 +242,7 @@ class StreamFrames:
     index -> (frames, size), in order; items below ``acked`` were acknowledged, items below
     ``lost`` that were not are gone (budget)."""
 
-    __slots__ = ("items", "size", "acked", "lost")
+    __slots__ = ("acked", "items", "lost", "size")
 
     def __init__(self):
         self.items: collections.OrderedDict[int, tuple[list, int]] = collections.OrderedDict()
@@ -259,8 +279,11 @@ class PeerState:
 
     def cancel_sessions(self) -> None:
         for session in [self.session, *self.retiring]:
-            if session is not None and session.task is not None \
-                    and session.task is not asyncio.current_task():
+            if (
+                session is not None
+                and session.task is not None
+                and session.task is not asyncio.current_task()
+            ):
                 session.task.cancel()
         self.session = None
         self.retiring = []
@@ -285,7 +308,7 @@ class RemoteClient:
     current_task = None
     ref_holds = None  # its caller node counts the refs
 
-    def __init__(self, cluster: "MeshCluster", node_id: str, outbox: asyncio.Queue):
+    def __init__(self, cluster: MeshCluster, node_id: str, outbox: asyncio.Queue):
         self.cluster = cluster
         self.node_id = node_id
         self.outbox = outbox
@@ -296,9 +319,14 @@ class RemoteClient:
         if self.closed:
             return
         vals = message.get("vals")
-        if message.get("k") == "done" and vals and any(
-                serialization.is_store_ref(v) and v[len(serialization.STORE_MAGIC):][:1] != b"b"
-                for v in vals):
+        if (
+            message.get("k") == "done"
+            and vals
+            and any(
+                serialization.is_store_ref(v) and v[len(serialization.STORE_MAGIC) :][:1] != b"b"
+                for v in vals
+            )
+        ):
             # results under local names: hashed off the event loop, sent in their turn
             self.outbox.put_nowait(self.cluster.spawn(self._packed_portable(message)))
         else:
@@ -328,8 +356,13 @@ class RemoteClient:
                 name = serialization.store_name(v) if serialization.is_store_ref(v) else None
                 if name is not None and node.store_refs.get(name, 0) > 0:
                     node._unpin(name)
-            message = {"k": "done", "tid": message["tid"], "err": error_blob(ObjectLostError(
-                f"a result could not be named by CID to send it: {exc!r}"))}
+            message = {
+                "k": "done",
+                "tid": message["tid"],
+                "err": error_blob(
+                    ObjectLostError(f"a result could not be named by CID to send it: {exc!r}")
+                ),
+            }
         return _pack(message)
 
     def _send_value(self, tid: bytes, slot, data: bytes, sent: list | None = None) -> bytes | None:
@@ -353,7 +386,9 @@ class RemoteClient:
         for piece in pieces:
             view = memoryview(piece)
             for start in range(0, len(view), CHUNK):
-                yield _pack({"k": "part", "tid": tid, "slot": slot, "d": view[start:start + CHUNK]})
+                yield _pack(
+                    {"k": "part", "tid": tid, "slot": slot, "d": view[start : start + CHUNK]}
+                )
 
     def on_task_complete(self, rec: TaskRecord, message: dict, answering: bool = False) -> None:
         seen = self.cluster.seen_tasks.get(self.node_id)
@@ -373,26 +408,32 @@ class RemoteClient:
             out["mro"] = message.get("mro", [])
         if "vals" in message:
             # store results keep their local names until `send` names them by CID
-            out["vals"] = [v if self.cluster.exchange is not None and serialization.is_store_ref(v)
-                           else self._send_value(tid, i, v, parts)
-                           for i, v in enumerate(message["vals"])]
+            out["vals"] = [
+                v
+                if self.cluster.exchange is not None and serialization.is_store_ref(v)
+                else self._send_value(tid, i, v, parts)
+                for i, v in enumerate(message["vals"])
+            ]
         if rec.nret == STREAMING:
             node.streams.pop(tid, None)
         else:
             if message.get("inner"):  # held here until the caller holds them (`held`)
-                node.refs.forward(tid, self.node_id,
-                                  [object_id(tid, i) for i in range(rec.nret)])
+                node.refs.forward(tid, self.node_id, [object_id(tid, i) for i in range(rec.nret)])
                 out["inner"] = message["inner"]
-            sent_by_ref = {i for i, v in enumerate(out.get("vals") or [])
-                           if serialization.is_store_ref(v)}
+            sent_by_ref = {
+                i for i, v in enumerate(out.get("vals") or []) if serialization.is_store_ref(v)
+            }
             for i in range(rec.nret):
                 entry = node.objects.pop(object_id(tid, i), None)
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node._forget(entry)
         if answerer is not None:  # kept to answer this task id again if it is re-sent
-            size = _parts_size(parts) + len(out.get("err") or b"") + sum(
-                len(v) for v in out.get("vals") or [] if v is not None)
+            size = (
+                _parts_size(parts)
+                + len(out.get("err") or b"")
+                + sum(len(v) for v in out.get("vals") or [] if v is not None)
+            )
             if rec.nret == STREAMING:
                 seen.stream_finished(tid, [*parts, out], size, time.monotonic())
             else:
@@ -518,9 +559,9 @@ class MeshCluster:
         if not self.admission.is_member:
             return
         try:
-            reply = await self.mesh.call(peer, ADMIT_PROTOCOL,
-                                         _pack({"cred": self.admission.own_credential}),
-                                         timeout=10.0)
+            reply = await self.mesh.call(
+                peer, ADMIT_PROTOCOL, _pack({"cred": self.admission.own_credential}), timeout=10.0
+            )
             their = _unpack(reply).get("cred")
             self.admission.admit(node_id, their)
         except (MeshError, CredentialError, ValueError) as exc:
@@ -534,12 +575,15 @@ class MeshCluster:
         if not self.admission.is_member:
             raise RpcError(Status.PERMISSION_DENIED, "this node is not a member of a mesh")
         try:
-            credential = msgpack.unpackb(payload, raw=False, max_str_len=2048,
-                                         max_map_len=4).get("cred")
+            credential = msgpack.unpackb(payload, raw=False, max_str_len=2048, max_map_len=4).get(
+                "cred"
+            )
             self.admission.admit(str(ctx.peer_id), credential)
         except (CredentialError, ValueError, AttributeError, TypeError) as exc:
             self.stats["admission_refused"] += 1
-            raise RpcError(Status.PERMISSION_DENIED, f"membership credential refused: {exc}")
+            raise RpcError(
+                Status.PERMISSION_DENIED, f"membership credential refused: {exc}"
+            ) from exc
         self._add_peer(str(ctx.peer_id), ctx.peer_id)
         return _pack({"cred": self.admission.own_credential})
 
@@ -547,8 +591,10 @@ class MeshCluster:
         node_id = str(ctx.peer_id)
         if not self.admission.allowed(node_id):
             self.stats["refused_non_member"] += 1
-            raise RpcError(Status.PERMISSION_DENIED,
-                           f"peer {node_id} is not a member of this mesh; request refused unread")
+            raise RpcError(
+                Status.PERMISSION_DENIED,
+                f"peer {node_id} is not a member of this mesh; request refused unread",
+            )
         return node_id
 
     def _add_peer(self, node_id: str, peer_id) -> PeerState:
@@ -563,8 +609,14 @@ class MeshCluster:
     def _local_view(self) -> NodeView:
         node = self.node
         running = sum(len(w.tasks) for w in node.task_workers)
-        return NodeView(self.node_id, dict(node.total_resources), node.ledger.available,
-                        queued=len(node.ready_queue), running=running, ad_time=time.monotonic())
+        return NodeView(
+            self.node_id,
+            dict(node.total_resources),
+            node.ledger.available,
+            queued=len(node.ready_queue),
+            running=running,
+            ad_time=time.monotonic(),
+        )
 
     def _view_payload(self) -> bytes:
         view = self._local_view()
@@ -572,11 +624,21 @@ class MeshCluster:
         for state in self.peers.values():
             if state.alive:
                 peers[state.node_id] = [str(a) for a in self.mesh.addrs_of(state.peer_id)]
-        return _pack({"total": view.total, "avail": view.available, "queued": view.queued,
-                      "running": view.running, "peers": peers,
-                      # a pending claim stays with its arbiter: a copy could outlive its release
-                      "names": [[ns, name, rec] for (ns, name), rec in self.names.items()
-                                if not rec.get("pending")]})
+        return _pack(
+            {
+                "total": view.total,
+                "avail": view.available,
+                "queued": view.queued,
+                "running": view.running,
+                "peers": peers,
+                # a pending claim stays with its arbiter: a copy could outlive its release
+                "names": [
+                    [ns, name, rec]
+                    for (ns, name), rec in self.names.items()
+                    if not rec.get("pending")
+                ],
+            }
+        )
 
     def _publish_member(self, now: float) -> None:
         """Capacity into the CRDT `members` collection (load hints travel in views)."""
@@ -587,7 +649,8 @@ class MeshCluster:
             self.state.members.upsert_self(
                 addrs=[str(a) for a in self.mesh.advertised_addrs],
                 resources_total=dict(self.node.total_resources),
-                resources_available=self.node.ledger.available)
+                resources_available=self.node.ledger.available,
+            )
         except Exception as exc:  # a rejected write must not stop the view loop
             log.debug("member entry not published: %s", exc)
 
@@ -607,8 +670,9 @@ class MeshCluster:
 
     async def _push_view(self, state: PeerState, payload: bytes | None = None) -> None:
         try:
-            await self.mesh.call(state.peer_id, VIEW_PROTOCOL, payload or self._view_payload(),
-                                 timeout=2.0)
+            await self.mesh.call(
+                state.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=2.0
+            )
         except MeshError:
             pass
 
@@ -621,11 +685,16 @@ class MeshCluster:
         state.last_seen = time.monotonic()
         first_view = not state.view
         state.view = view
-        self.snapshot.update_node(NodeView(node_id, dict(view.get("total", {})),
-                                           dict(view.get("avail", {})),
-                                           queued=int(view.get("queued", 0)),
-                                           running=int(view.get("running", 0)),
-                                           ad_time=time.monotonic()))
+        self.snapshot.update_node(
+            NodeView(
+                node_id,
+                dict(view.get("total", {})),
+                dict(view.get("avail", {})),
+                queued=int(view.get("queued", 0)),
+                running=int(view.get("running", 0)),
+                ad_time=time.monotonic(),
+            )
+        )
         if first_view and self.placement is not None:
             self.placement.peer_ready()
         for other, addrs in (view.get("peers") or {}).items():
@@ -643,8 +712,9 @@ class MeshCluster:
         self._introducing.add(node_id)
         try:
             peer = PeerId.from_string(node_id)
-            self.mesh.add_addrs(peer, [a for a in addrs[:MAX_INTRODUCED_ADDRS]
-                                       if isinstance(a, str)])
+            self.mesh.add_addrs(
+                peer, [a for a in addrs[:MAX_INTRODUCED_ADDRS] if isinstance(a, str)]
+            )
         except (MeshError, ValueError, TypeError) as exc:
             log.debug("introduction of %s ignored: %s", node_id, exc)
             self._introducing.discard(node_id)
@@ -686,16 +756,24 @@ class MeshCluster:
             elif rec.cancelled:
                 self.node._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
             elif self.node._stream_started(rec):
-                self.node._fail(rec, NodeDiedError(
-                    f"node {node_id} running streaming task {rec.name} died mid-stream"))
+                self.node._fail(
+                    rec,
+                    NodeDiedError(
+                        f"node {node_id} running streaming task {rec.name} died mid-stream"
+                    ),
+                )
             elif rec.retries_left != 0:
                 rec.retries_left -= 1
                 self.stats["retries"] += 1
                 rec.excluded = (rec.excluded or set()) | {node_id}
                 self.node._schedule(rec)
             else:
-                self.node._fail(rec, NodeDiedError(
-                    f"node {node_id} running task {rec.name} died and no retries are left"))
+                self.node._fail(
+                    rec,
+                    NodeDiedError(
+                        f"node {node_id} running task {rec.name} died and no retries are left"
+                    ),
+                )
         for owned in list(self.owned_actors.values()):
             if owned.host == node_id and owned.dead_cause is None:
                 self._restart_owned_actor(owned, node_id)
@@ -706,9 +784,14 @@ class MeshCluster:
             view = state.view
             if not view:
                 continue  # admitted, but its first view (its capacity) has not arrived yet
-            out.append({"NodeID": node_id, "Alive": state.alive,
-                        "Resources": dict(view.get("total", {})),
-                        "Available": dict(view.get("avail", {})) if state.alive else {}})
+            out.append(
+                {
+                    "NodeID": node_id,
+                    "Alive": state.alive,
+                    "Resources": dict(view.get("total", {})),
+                    "Available": dict(view.get("avail", {})) if state.alive else {},
+                }
+            )
         return out
 
     # ------------------------------------------------------------------ placement
@@ -719,17 +802,25 @@ class MeshCluster:
         if placement is not None:
             placement.note_demand(rec.demand)
         if not any(s.alive for s in self.peers.values()) and (
-                placement is None or self.node.ledger.could_ever_fit(rec.demand)):
+            placement is None or self.node.ledger.could_ever_fit(rec.demand)
+        ):
             return None
         strategy = rec.msg["opts"].get("strategy")
         target = self._place(rec.tid.hex(), rec.demand, strategy, rec.excluded)
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
-        if isinstance(target, TaskUnschedulableError) and placement is not None \
-                and not hard_affinity:
-            return placement.defer(rec.tid.hex(), rec.demand, target.reason,
-                                   retry=lambda: self.node._schedule(rec),
-                                   fail=lambda exc: self.node._fail(rec, exc),
-                                   settled=lambda: rec.done)
+        if (
+            isinstance(target, TaskUnschedulableError)
+            and placement is not None
+            and not hard_affinity
+        ):
+            return placement.defer(
+                rec.tid.hex(),
+                rec.demand,
+                target.reason,
+                retry=lambda: self.node._schedule(rec),
+                fail=lambda exc: self.node._fail(rec, exc),
+                settled=lambda: rec.done,
+            )
         return target
 
     def _place(self, request_id: str, demand: dict, strategy, excluded=None):
@@ -739,13 +830,19 @@ class MeshCluster:
             if alive and not (excluded and target in excluded):
                 return target
             if not strategy.get("soft"):
-                return TaskUnschedulableError(request_id, f"node affinity to {target}, which is "
-                                                          f"not an alive member of the mesh")
+                return TaskUnschedulableError(
+                    request_id,
+                    f"node affinity to {target}, which is not an alive member of the mesh",
+                )
             strategy = None
         self.snapshot.update_node(self._local_view())
-        request = PlacementRequest(request_id, dict(demand), self.node_id,
-                                   strategy="SPREAD" if strategy == "SPREAD" else "DEFAULT",
-                                   excluded=frozenset(excluded or ()))
+        request = PlacementRequest(
+            request_id,
+            dict(demand),
+            self.node_id,
+            strategy="SPREAD" if strategy == "SPREAD" else "DEFAULT",
+            excluded=frozenset(excluded or ()),
+        )
         decision = self.policy.place(self.snapshot, request, time.monotonic())
         if decision.kind is DecisionKind.PLACE:
             return decision.node_id
@@ -778,10 +875,13 @@ class MeshCluster:
                 if session.gate is not None and not session.gate.is_set():
                     try:
                         await asyncio.wait_for(session.gate.wait(), FENCE_TIMEOUT)
-                    except asyncio.TimeoutError:
-                        log.info("no fence from %s's previous task session within %.0f s",
-                                 state.node_id, FENCE_TIMEOUT)
-                self._move_session(state)       # the path may have changed while we opened
+                    except TimeoutError:
+                        log.info(
+                            "no fence from %s's previous task session within %.0f s",
+                            state.node_id,
+                            FENCE_TIMEOUT,
+                        )
+                self._move_session(state)  # the path may have changed while we opened
                 while True:
                     message = await session.outbox.get()
                     if message.get("k") in ("task", "acall", "create"):
@@ -839,12 +939,18 @@ class MeshCluster:
         new = state.session = TaskSession(old.next_gate)
         new.task = self.spawn(self._session(state, new))
         self.stats["sessions_moved"] += 1
-        log.info("task session to %s moves from %s to %s (%d replies still due on the old one)",
-                 state.node_id, old.conn.transport, primary.transport, len(old.pending))
+        log.info(
+            "task session to %s moves from %s to %s (%d replies still due on the old one)",
+            state.node_id,
+            old.conn.transport,
+            primary.transport,
+            len(old.pending),
+        )
 
     def _retire_if_drained(self, state: PeerState, session: TaskSession) -> None:
-        session.pending = {k for k in session.pending
-                           if not isinstance(k, bytes) or k in state.inflight}
+        session.pending = {
+            k for k in session.pending if not isinstance(k, bytes) or k in state.inflight
+        }
         if session.fenced and not session.pending:
             if session in state.retiring:
                 state.retiring.remove(session)
@@ -861,8 +967,12 @@ class MeshCluster:
             return
         now = time.monotonic()
         state.reopen_times = [t for t in state.reopen_times if now - t < SESSION_REOPEN_WINDOW]
-        if (not state.alive or self._stopped or self.mesh.connection_to(state.peer_id) is None
-                or len(state.reopen_times) >= MAX_SESSION_REOPENS):
+        if (
+            not state.alive
+            or self._stopped
+            or self.mesh.connection_to(state.peer_id) is None
+            or len(state.reopen_times) >= MAX_SESSION_REOPENS
+        ):
             self._peer_gone(state.node_id, why)
             return
         state.reopen_times.append(now)
@@ -884,16 +994,24 @@ class MeshCluster:
             session.next_gate.set()
         if session.task is not None and session.task is not asyncio.current_task():
             session.task.cancel()
-        lost = [state.inflight.pop(k) for k in session.pending
-                if isinstance(k, bytes) and k in state.inflight]
+        lost = [
+            state.inflight.pop(k)
+            for k in session.pending
+            if isinstance(k, bytes) and k in state.inflight
+        ]
         lost_tids = {rec.tid for rec in lost}
         for key in [key for key in state.parts if key[0] in lost_tids]:
             del state.parts[key]  # a value cut off with the old path comes whole again
         if not state.alive or self._stopped:
             return
         if lost:
-            log.info("task session to %s closed with %d tasks in flight on the old path (%s); "
-                     "sending them again", state.node_id, len(lost), why)
+            log.info(
+                "task session to %s closed with %d tasks in flight on the old path (%s); "
+                "sending them again",
+                state.node_id,
+                len(lost),
+                why,
+            )
             self.stats["tasks_resent"] += len(lost)
             state.shipped.clear()
         self._resend(state, lost)
@@ -945,10 +1063,15 @@ class MeshCluster:
             if message.get("inner"):  # refs inside the results: the executor holds them until
                 message["held_by"] = state.node_id  # node._complete has counted them here
             if "vals" in message:
-                message["vals"] = [v if v is not None else b"".join(state.parts.pop((tid, i), []))
-                                   for i, v in enumerate(message["vals"])]
-            if message.get("err") is not None and not rec.cancelled \
-                    and self.node._should_retry_exception(rec, message.get("mro", [])):
+                message["vals"] = [
+                    v if v is not None else b"".join(state.parts.pop((tid, i), []))
+                    for i, v in enumerate(message["vals"])
+                ]
+            if (
+                message.get("err") is not None
+                and not rec.cancelled
+                and self.node._should_retry_exception(rec, message.get("mro", []))
+            ):
                 rec.retries_left -= 1
                 self.node._schedule(rec)
                 return
@@ -971,8 +1094,12 @@ class MeshCluster:
                 continue
             cid = serialization.store_cid(value)
             entry = node.objects.get(object_id(rec.tid, i))
-            if self.exchange is not None and entry is not None and entry.status == PENDING \
-                    and not node.store.contains(cid):
+            if (
+                self.exchange is not None
+                and entry is not None
+                and entry.status == PENDING
+                and not node.store.contains(cid)
+            ):
                 entry.holder = state.node_id
             else:
                 local.append(cid)
@@ -989,6 +1116,7 @@ class MeshCluster:
         task session names it by CID (``_portable_args``) when the message goes out."""
         if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
             return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
+
         def slim(item):
             # a resolved argument: [0, value, object id, owner]; a borrowed one is fetched
             # from its owner (which recovers it if lost), an owned one from us
@@ -1004,6 +1132,7 @@ class MeshCluster:
             if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
                 return [1, item[2], owner]
             return item[:3] if item[0] == 1 else item[:2]  # a ref keeps its owner
+
         return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
 
     async def _portable_args(self, args: list) -> None:
@@ -1030,15 +1159,22 @@ class MeshCluster:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("%s %s could not be named by CID: %r", what,
-                        serialization.store_name(data), exc)
+            log.warning(
+                "%s %s could not be named by CID: %r", what, serialization.store_name(data), exc
+            )
             return None
 
     def run_remote(self, rec: TaskRecord, target: str) -> None:
         state = self.peers[target]
         msg = rec.msg
-        out = {"tid": rec.tid, "fn": msg["fn"], "name": rec.name, "nret": rec.nret,
-               "args": self._wire_args(msg["args"]), "opts": dict(msg["opts"], placed=True)}
+        out = {
+            "tid": rec.tid,
+            "fn": msg["fn"],
+            "name": rec.name,
+            "nret": rec.nret,
+            "args": self._wire_args(msg["args"]),
+            "opts": dict(msg["opts"], placed=True),
+        }
         if msg["fn"] not in state.shipped:
             out["blob"] = self.node.code[msg["fn"]]
             state.shipped.add(msg["fn"])
@@ -1104,8 +1240,13 @@ class MeshCluster:
                 if "blob" in task:
                     node.code[task["fn"]] = task.pop("blob")
                 if task["fn"] not in node.code:
-                    client.send({"k": "done", "tid": task["tid"], "err": error_blob(
-                        RuntimeError("executor lacks the task's code"))})
+                    client.send(
+                        {
+                            "k": "done",
+                            "tid": task["tid"],
+                            "err": error_blob(RuntimeError("executor lacks the task's code")),
+                        }
+                    )
                     continue
                 if self._seen_before(client, task):
                     continue
@@ -1113,8 +1254,11 @@ class MeshCluster:
                 task["op"] = "submit"
                 missing = self._missing_store_args(task["args"])
                 if missing:
-                    self.spawn(self._fetch_then(missing, client.node_id,
-                                                lambda t=task: node._on_submit(t, client)))
+                    self.spawn(
+                        self._fetch_then(
+                            missing, client.node_id, lambda t=task: node._on_submit(t, client)
+                        )
+                    )
                 else:
                     node._on_submit(task, client)
             elif kind == "acall":
@@ -1148,8 +1292,9 @@ class MeshCluster:
                     stream.consumed = message["n"]
                     node._ack_stream(message["tid"], stream)
             elif kind == "kill":
-                node._on_kill({"aid": message["aid"], "no_restart": message.get("no_restart")},
-                              client)
+                node._on_kill(
+                    {"aid": message["aid"], "no_restart": message.get("no_restart")}, client
+                )
             elif kind == "held":  # the caller counts the refs inside a task's results now
                 node.refs.held(message["tid"], client.node_id)
             elif kind == "fetched":  # the caller has its own copies of these results now
@@ -1209,8 +1354,7 @@ class MeshCluster:
             if not client.closed:
                 client.outbox.put_nowait(client._parts(tid, slot, pieces))
 
-    def _replay_stream(self, client: RemoteClient, seen: CallerTasks, tid: bytes,
-                       got: int) -> None:
+    def _replay_stream(self, client: RemoteClient, seen: CallerTasks, tid: bytes, got: int) -> None:
         """A running streaming task was re-sent: its kept items from `got` on go to the new
         session, and so will its later ones (`on_task_yield` follows `seen.running`)."""
         stream = seen.streams.get(tid)
@@ -1219,15 +1363,32 @@ class MeshCluster:
             self._stream_items_gone(client, tid, got)
             self.node.cancel_task(tid, False, True)
             return
-        self._replay(client, tid, [frame for index, (frames, _size) in stream.items.items()
-                                   if index >= got for frame in frames])
+        self._replay(
+            client,
+            tid,
+            [
+                frame
+                for index, (frames, _size) in stream.items.items()
+                if index >= got
+                for frame in frames
+            ],
+        )
 
     def _stream_items_gone(self, client: RemoteClient, tid: bytes, got: int) -> None:
         self.stats["resent_streams_lost"] += 1
-        client.send({"k": "done", "tid": tid, "err": error_blob(ObjectLostError(
-            f"streaming task {tid.hex()} was sent again, but the executor no longer has its "
-            f"items from {got} on (more than {SEEN_RESULT_BYTES} bytes of this caller's "
-            f"replies were unacknowledged, or it never saw the task); the stream ends here"))})
+        client.send(
+            {
+                "k": "done",
+                "tid": tid,
+                "err": error_blob(
+                    ObjectLostError(
+                        f"streaming task {tid.hex()} was sent again, but the executor no longer has its "
+                        f"items from {got} on (more than {SEEN_RESULT_BYTES} bytes of this caller's "
+                        f"replies were unacknowledged, or it never saw the task); the stream ends here"
+                    )
+                ),
+            }
+        )
 
     # ------------------------------------------------------------------ objects
     def _missing_store_args(self, args: list) -> list:
@@ -1235,11 +1396,20 @@ class MeshCluster:
             return []
         if args[0] == "b":
             ref = args[1]
-            return [serialization.store_cid(ref)] if serialization.is_store_ref(ref) and \
-                not self.node.store.contains(serialization.store_cid(ref)) else []
+            return (
+                [serialization.store_cid(ref)]
+                if serialization.is_store_ref(ref)
+                and not self.node.store.contains(serialization.store_cid(ref))
+                else []
+            )
         items = list(args[1]) + list(args[2].values())
-        return [i for i in items if i[0] == 0 and serialization.is_store_ref(i[1])
-                and not self.node.store.contains(serialization.store_cid(i[1]))]
+        return [
+            i
+            for i in items
+            if i[0] == 0
+            and serialization.is_store_ref(i[1])
+            and not self.node.store.contains(serialization.store_cid(i[1]))
+        ]
 
     async def _fetch_then(self, items: list, peer: str, then) -> None:
         """Bring store objects into this node's store (Bitswap) before going on. An argument
@@ -1265,8 +1435,9 @@ class MeshCluster:
                 item[1] = entry.data if entry.status == OK else item[1]
         then()
 
-    async def fetch_while_alive(self, cid: str, holder: str, timeout: float,
-                                peers: list = ()) -> bool:
+    async def fetch_while_alive(
+        self, cid: str, holder: str, timeout: float, peers: list = ()
+    ) -> bool:
         """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
         False when it is (or becomes) dead first; raises what the exchange raises."""
         state = self.peers.get(holder)
@@ -1276,7 +1447,8 @@ class MeshCluster:
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
         fetch = self.loop.create_task(
-            self.exchange.fetch(cid, timeout=timeout, peers=[state.peer_id, *peers]))
+            self.exchange.fetch(cid, timeout=timeout, peers=[state.peer_id, *peers])
+        )
         try:
             await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -1299,16 +1471,29 @@ class MeshCluster:
         state = self.peers.get(owner)
         if state is None or not state.alive:
             why = f"its owner node {owner} is dead or not reachable (only the owner recovers it)"
-            entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why)))
+            entry.seal(
+                ERROR,
+                error_blob(
+                    ObjectLostError(
+                        f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why
+                    )
+                ),
+            )
             return entry
         try:
             status, data, _cid = await self._fetch(state, {"oid": oid})
         except (MeshError, ValueError, LookupError) as exc:
             why = f"its owner node {owner} could not serve it: {exc}"
-            entry.seal(ERROR, error_blob(ObjectLostError(
-                f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
-                object_id=oid.hex(), reason=why)))
+            entry.seal(
+                ERROR,
+                error_blob(
+                    ObjectLostError(
+                        f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
+                        object_id=oid.hex(),
+                        reason=why,
+                    )
+                ),
+            )
             return entry
         entry.seal(status, data)
         return entry
@@ -1316,17 +1501,20 @@ class MeshCluster:
     async def fetch_by_cid(self, cid: str, timeout: float | None):
         if self.exchange is not None and cid.startswith("bafy"):
             try:
-                await self.exchange.fetch(cid, timeout=timeout or 30.0,
-                                          peers=[s.peer_id for s in self.peers.values()
-                                                 if s.alive])
+                await self.exchange.fetch(
+                    cid,
+                    timeout=timeout or 30.0,
+                    peers=[s.peer_id for s in self.peers.values() if s.alive],
+                )
                 return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             except Exception as exc:
                 log.debug("exchange could not fetch %s: %s", cid, exc)
         for node_id in self.alive_peers():
             try:
                 status, data, _ = await asyncio.wait_for(
-                    self._fetch(self.peers[node_id], {"cid": cid}), timeout or 30.0)
-            except (MeshError, ValueError, LookupError, asyncio.TimeoutError):
+                    self._fetch(self.peers[node_id], {"cid": cid}), timeout or 30.0
+                )
+            except (TimeoutError, MeshError, ValueError, LookupError):
                 continue
             if serialization.cid_of(data) != cid and not cid.startswith("bafy"):
                 log.warning("peer %s served data that does not hash to %s", node_id, cid)
@@ -1341,8 +1529,9 @@ class MeshCluster:
         header = None
         size = received = 0
         chunks = []
-        async for raw in self.mesh.call_stream(state.peer_id, OBJECT_PROTOCOL, _pack(request),
-                                               timeout=3600.0):
+        async for raw in self.mesh.call_stream(
+            state.peer_id, OBJECT_PROTOCOL, _pack(request), timeout=3600.0
+        ):
             if header is None:
                 header = _unpack(raw)
                 if header.get("missing"):
@@ -1386,9 +1575,14 @@ class MeshCluster:
                 except Exception:
                     entry = None
         if entry is None:
-            yield _pack({"missing": True, "why": "its owner released it (no holder was left) "
-                         "or never made it" if "oid" in request
-                         else "this node does not hold the object"})
+            yield _pack(
+                {
+                    "missing": True,
+                    "why": "its owner released it (no holder was left) or never made it"
+                    if "oid" in request
+                    else "this node does not hold the object",
+                }
+            )
             return
         await entry.sealed()
         if "oid" in request and node.recovery.is_missing(entry):
@@ -1398,13 +1592,16 @@ class MeshCluster:
         cid = node.cid_for(oid, entry)
         # a store object goes out as slices of its mapping (the store keeps a mapped file's
         # bytes while a view of it lives); only pickle's own bytes are made, off the loop
-        pieces = [entry.data] if not serialization.is_store_ref(entry.data) else \
-            await self.loop.run_in_executor(None, serialization.materialize_pieces, entry.data)
+        pieces = (
+            [entry.data]
+            if not serialization.is_store_ref(entry.data)
+            else await self.loop.run_in_executor(None, serialization.materialize_pieces, entry.data)
+        )
         yield _pack({"s": entry.status, "size": sum(len(p) for p in pieces), "cid": cid})
         for piece in pieces:
             view = memoryview(piece)
             for start in range(0, len(view), CHUNK):
-                yield view[start:start + CHUNK]
+                yield view[start : start + CHUNK]
                 await asyncio.sleep(0)  # a window's worth of chunks is no single step
 
     # ------------------------------------------------------------------ reference counts
@@ -1415,9 +1612,11 @@ class MeshCluster:
     def ack_held(self, node_id: str, tid: bytes) -> None:
         """Refs inside a task's results are counted here: the executor may let go of them once
         this node's own registrations are through."""
+
         async def ack():
             await self.node.refs.settled()
             self._send(node_id, {"k": "held", "tid": tid})
+
         self.spawn(ack())
 
     async def ref_call(self, owner: str, ops: list) -> None:
@@ -1431,9 +1630,14 @@ class MeshCluster:
         if len(payload) > MAX_CONTROL_MESSAGE:
             raise RpcError(Status.INVALID_ARGUMENT, "reference update too large")
         ops = _unpack(payload).get("ops")
-        if not isinstance(ops, list) or len(ops) > MAX_REF_OPS or not all(
-                isinstance(o, list) and len(o) == 2 and o[0] in (0, 1)
-                and isinstance(o[1], bytes) for o in ops):
+        if (
+            not isinstance(ops, list)
+            or len(ops) > MAX_REF_OPS
+            or not all(
+                isinstance(o, list) and len(o) == 2 and o[0] in (0, 1) and isinstance(o[1], bytes)
+                for o in ops
+            )
+        ):
             raise RpcError(Status.INVALID_ARGUMENT, "ops must be [[0|1, object id], ...]")
         self.node.refs.on_ops(caller, ops)
         return b""
@@ -1452,8 +1656,12 @@ class MeshCluster:
             return None  # hosting it here reports the malformed request
         can_defer = defer and self.placement is not None
         aid = message["aid"]
-        if strategy is None and self.embedded and message["opts"].get("lifetime") == "detached" \
-                and self.alive_peers():
+        if (
+            strategy is None
+            and self.embedded
+            and message["opts"].get("lifetime") == "detached"
+            and self.alive_peers()
+        ):
             target = self._place(aid.hex(), demand, None, {self.node_id})
             if isinstance(target, str):
                 return target  # else no other node can host it now: placed as any actor
@@ -1490,13 +1698,20 @@ class MeshCluster:
                 done.set_result(target)
 
         def park(message: dict, reason: str):
-            return self.placement.defer(request_id, message["opts"].get("resources") or {},
-                                        reason, retry=attempt, fail=settle, settled=done.done)
+            return self.placement.defer(
+                request_id,
+                message["opts"].get("resources") or {},
+                reason,
+                retry=attempt,
+                fail=settle,
+                settled=done.done,
+            )
 
         def attempt() -> None:
             target = self.place_actor(message, defer=True, wait=park)
             if target is not DEFERRED:
                 settle(target)
+
         attempt()
         if done.done():
             message["host"] = done.result() or self.node_id
@@ -1539,9 +1754,15 @@ class MeshCluster:
         def fail(exc: BaseException) -> None:
             owned.dead_cause = str(exc)
             self._fail_actor_calls(aid, owned.dead_cause)
-        return self.placement.defer(aid.hex(), message["opts"].get("resources") or {}, reason,
-                                    retry=lambda: self._place_deferred_actor(message),
-                                    fail=fail, settled=lambda: owned.dead_cause is not None)
+
+        return self.placement.defer(
+            aid.hex(),
+            message["opts"].get("resources") or {},
+            reason,
+            retry=lambda: self._place_deferred_actor(message),
+            fail=fail,
+            settled=lambda: owned.dead_cause is not None,
+        )
 
     def _place_deferred_actor(self, message: dict) -> None:
         target = self.place_actor(message, defer=True)
@@ -1570,16 +1791,22 @@ class MeshCluster:
         if message["cls"] not in state.shipped:
             message["blob"] = self.node.code[message["cls"]]
             state.shipped.add(message["cls"])
-        message["opts"] = dict(message["opts"], strategy=None,
-                               max_restarts=max(0, owned.max_restarts - owned.restarts)
-                               if owned.max_restarts >= 0 else -1)
+        message["opts"] = dict(
+            message["opts"],
+            strategy=None,
+            max_restarts=max(0, owned.max_restarts - owned.restarts)
+            if owned.max_restarts >= 0
+            else -1,
+        )
         message["args"] = self._wire_args(message["args"])  # named by CID as it goes out
         self._send(target, {"k": "create", "m": message})
 
     def _restart_owned_actor(self, owned: OwnedActor, dead_node: str) -> None:
         if owned.max_restarts >= 0 and owned.restarts >= owned.max_restarts:
-            owned.dead_cause = (f"its node {dead_node} died and no restarts are left "
-                                f"(max_restarts={owned.max_restarts})")
+            owned.dead_cause = (
+                f"its node {dead_node} died and no restarts are left "
+                f"(max_restarts={owned.max_restarts})"
+            )
             self.node.refs.task_done(owned.aid)
             self._fail_actor_calls(owned.aid, owned.dead_cause)
             return
@@ -1599,8 +1826,9 @@ class MeshCluster:
             self._send_create(owned, target)
         opts = owned.message["opts"]
         if opts.get("name"):
-            self._name_hosted_at(opts.get("namespace") or "default", opts["name"], owned.aid,
-                                 target, "moved")
+            self._name_hosted_at(
+                opts.get("namespace") or "default", opts["name"], owned.aid, target, "moved"
+            )
         self.pump_actor(owned.aid)
 
     def _fail_actor_calls(self, aid: bytes, cause: str) -> None:
@@ -1620,8 +1848,12 @@ class MeshCluster:
             rec.retries_left -= 1
             self.actor_outbox.setdefault(aid, collections.deque()).appendleft(rec)
             return
-        self.node._fail(rec, ActorDiedError(
-            f"actor {aid.hex()} was on node {node_id}, which died while running {rec.name}"))
+        self.node._fail(
+            rec,
+            ActorDiedError(
+                f"actor {aid.hex()} was on node {node_id}, which died while running {rec.name}"
+            ),
+        )
 
     def enqueue_actor_call(self, rec: TaskRecord) -> None:
         self.actor_outbox.setdefault(rec.msg["aid"], collections.deque()).append(rec)
@@ -1651,14 +1883,24 @@ class MeshCluster:
             if state is None or not state.alive:
                 if owned is None:
                     outbox.popleft()
-                    self.node._fail(rec, ActorDiedError(
-                        f"actor {aid.hex()} lives on node {host}, which is not reachable"))
+                    self.node._fail(
+                        rec,
+                        ActorDiedError(
+                            f"actor {aid.hex()} lives on node {host}, which is not reachable"
+                        ),
+                    )
                     continue
                 return  # the owner restarts it; calls wait here
             outbox.popleft()
             msg = rec.msg
-            out = {"tid": rec.tid, "aid": aid, "m": msg["m"], "nret": rec.nret,
-                   "name": rec.name, "args": self._wire_args(msg["args"])}
+            out = {
+                "tid": rec.tid,
+                "aid": aid,
+                "m": msg["m"],
+                "nret": rec.nret,
+                "name": rec.name,
+                "args": self._wire_args(msg["args"]),
+            }
             if rec.tid in state.resent:
                 state.resent.discard(rec.tid)
                 out["again"] = True
@@ -1682,22 +1924,30 @@ class MeshCluster:
     # ------------------------------------------------------------------ named actors
     def _arbiter(self, namespace: str, name: str) -> str:
         candidates = [self.node_id] + self.alive_peers()
-        return min(candidates, key=lambda n: hashlib.sha256(
-            f"{namespace}/{name}/{n}".encode()).digest())
+        return min(
+            candidates, key=lambda n: hashlib.sha256(f"{namespace}/{name}/{n}".encode()).digest()
+        )
 
     def _placement_wait(self) -> float:
         return self.placement.core.wait_timeout if self.placement is not None else 0.0
 
-    async def claim_actor_name(self, namespace: str, name: str, message: dict,
-                               arbiter: str | None = None):
+    async def claim_actor_name(
+        self, namespace: str, name: str, message: dict, arbiter: str | None = None
+    ):
         """None when this creation may go ahead, else the reply to give the creator. Without
         ``message["host"]`` the claim is pending: the creation still waits for a host."""
         host = message.get("host")
-        request = {"op": "claim", "ns": namespace, "name": name, "aid": message["aid"],
-                   "owner": self.node_id, "host": host,
-                   "meta": message["opts"].get("meta"),
-                   "get_if_exists": bool(message["opts"].get("get_if_exists")),
-                   "detached": message["opts"].get("lifetime") == "detached"}
+        request = {
+            "op": "claim",
+            "ns": namespace,
+            "name": name,
+            "aid": message["aid"],
+            "owner": self.node_id,
+            "host": host,
+            "meta": message["opts"].get("meta"),
+            "get_if_exists": bool(message["opts"].get("get_if_exists")),
+            "detached": message["opts"].get("lifetime") == "detached",
+        }
         if host is None:
             request.update(pending=True, wait_s=self._placement_wait())
         reply = await self._names_call(arbiter or self._arbiter(namespace, name), request)
@@ -1707,9 +1957,14 @@ class MeshCluster:
             found = _found(reply["existing"])
             found["existing"] = True
         else:
-            return {"error": error_blob(ActorNameTakenError(
-                f"an actor named {name!r} already exists in namespace {namespace!r} "
-                f"(claimed by node {reply.get('holder', '?')})"))}
+            return {
+                "error": error_blob(
+                    ActorNameTakenError(
+                        f"an actor named {name!r} already exists in namespace {namespace!r} "
+                        f"(claimed by node {reply.get('holder', '?')})"
+                    )
+                )
+            }
         found = await self._when_placed(namespace, name, found)
         if found is not None and "error" not in found:
             found["existing"] = True
@@ -1723,28 +1978,49 @@ class MeshCluster:
         host = message.get("host")
         try:
             result = self.state.actors.claim(
-                f"{namespace}/{name}", message["aid"].hex(),
+                f"{namespace}/{name}",
+                message["aid"].hex(),
                 host=PeerId.from_string(host or self.node_id),
-                state=ActorState.PENDING if host is None else ActorState.ALIVE)
+                state=ActorState.PENDING if host is None else ActorState.ALIVE,
+            )
         except Exception as exc:  # the CRDT refused the write: the arbiter's answer stands
             log.debug("named actor %s/%s not written to the CRDT: %s", namespace, name, exc)
             return None
         if result.won:
             return None
-        self.spawn(self._names_call(self._arbiter(namespace, name),
-                                    {"op": "release", "ns": namespace, "name": name,
-                                     "aid": message["aid"]}))
+        self.spawn(
+            self._names_call(
+                self._arbiter(namespace, name),
+                {"op": "release", "ns": namespace, "name": name, "aid": message["aid"]},
+            )
+        )
         if message["opts"].get("get_if_exists"):
             pending = result.record.state is ActorState.PENDING
-            return {"aid": bytes.fromhex(result.record.actor_id),
-                    "node": None if pending else str(result.record.host),
-                    "meta": None, "existing": True, "pending": pending}
-        return {"error": error_blob(ActorNameTakenError(
-            f"an actor named {name!r} already exists in namespace {namespace!r} "
-            f"(claimed by node {result.record.owner} in the cluster state)"))}
+            return {
+                "aid": bytes.fromhex(result.record.actor_id),
+                "node": None if pending else str(result.record.host),
+                "meta": None,
+                "existing": True,
+                "pending": pending,
+            }
+        return {
+            "error": error_blob(
+                ActorNameTakenError(
+                    f"an actor named {name!r} already exists in namespace {namespace!r} "
+                    f"(claimed by node {result.record.owner} in the cluster state)"
+                )
+            )
+        }
 
-    def _name_hosted_at(self, namespace: str, name: str, aid: bytes, host: str,
-                        op: str = "placed", arbiter: str | None = None) -> None:
+    def _name_hosted_at(
+        self,
+        namespace: str,
+        name: str,
+        aid: bytes,
+        host: str,
+        op: str = "placed",
+        arbiter: str | None = None,
+    ) -> None:
         """The named actor's host is known now: a pending claim's creation found it
         (``placed``), or the owner restarted the actor there after its host died (``moved``).
         Its name's records here, in the CRDT and at the arbiter name it from now on."""
@@ -1753,14 +2029,19 @@ class MeshCluster:
             record["node"] = host
         if self.state is not None:
             try:
-                self.state.actors.update(f"{namespace}/{name}", ActorState.ALIVE,
-                                         host=PeerId.from_string(host))
+                self.state.actors.update(
+                    f"{namespace}/{name}", ActorState.ALIVE, host=PeerId.from_string(host)
+                )
             except Exception as exc:  # no claim of ours there (the CRDT refused it)
-                log.debug("named actor %s/%s: host not written to the CRDT: %s",
-                          namespace, name, exc)
-        self.spawn(self._names_call(arbiter or self._arbiter(namespace, name),
-                                    {"op": op, "ns": namespace, "name": name, "aid": aid,
-                                     "node": host}))
+                log.debug(
+                    "named actor %s/%s: host not written to the CRDT: %s", namespace, name, exc
+                )
+        self.spawn(
+            self._names_call(
+                arbiter or self._arbiter(namespace, name),
+                {"op": op, "ns": namespace, "name": name, "aid": aid, "node": host},
+            )
+        )
 
     async def _wait_placed(self, namespace: str, name: str, found: dict) -> dict:
         """A pending named actor as its lookup answers it: once its creator has placed it, or an
@@ -1773,15 +2054,25 @@ class MeshCluster:
             await asyncio.sleep(min(NAME_POLL_S, max(0.0, deadline - loop.time())))
             now = await self._lookup_name(namespace, name)
             if now is None:
-                return {"error": error_blob(ValueError(
-                    f"no actor named {name!r} in namespace {namespace!r}: the one being created "
-                    f"under that name found no node to host it and gave the name back"))}
+                return {
+                    "error": error_blob(
+                        ValueError(
+                            f"no actor named {name!r} in namespace {namespace!r}: the one being created "
+                            f"under that name found no node to host it and gave the name back"
+                        )
+                    )
+                }
             if not now.pop("pending"):
                 now.pop("wait_s", None)
                 return now
-        return {"error": error_blob(GetTimeoutError(
-            f"the actor named {name!r} in namespace {namespace!r} is still waiting for a node "
-            f"to host it (DHT capacity) after {bound:.1f} s"))}
+        return {
+            "error": error_blob(
+                GetTimeoutError(
+                    f"the actor named {name!r} in namespace {namespace!r} is still waiting for a node "
+                    f"to host it (DHT capacity) after {bound:.1f} s"
+                )
+            )
+        }
 
     def _on_claim_lost(self, key: str, ours, winner) -> None:
         """A CRDT merge shows another node's claim on a name wins: our actor gives it up (a
@@ -1791,35 +2082,50 @@ class MeshCluster:
         pending = self._pending_names.get(key)
         if pending is not None and pending[0] == aid:
             log.info("pending actor name %s lost to node %s", key, winner.owner)
-            pending[1](ActorNameTakenError(
-                f"the actor name {key!r} (namespace/name) was claimed earlier by node "
-                f"{winner.owner}"))
+            pending[1](
+                ActorNameTakenError(
+                    f"the actor name {key!r} (namespace/name) was claimed earlier by node "
+                    f"{winner.owner}"
+                )
+            )
             return
-        log.warning("actor name %s lost to node %s; stopping actor %s", key, winner.owner,
-                    ours.actor_id)
+        log.warning(
+            "actor name %s lost to node %s; stopping actor %s", key, winner.owner, ours.actor_id
+        )
         self.node._on_kill({"aid": aid, "no_restart": True, "anode": str(ours.host)}, None)
 
     async def _lookup_name(self, namespace: str, name: str):
         """The claim on a name, from its arbiter, else the CRDT: ``{aid, node, meta, pending,
         wait_s}`` (``node`` None while pending) or None."""
-        reply = await self._names_call(self._arbiter(namespace, name),
-                                       {"op": "lookup", "ns": namespace, "name": name})
+        reply = await self._names_call(
+            self._arbiter(namespace, name), {"op": "lookup", "ns": namespace, "name": name}
+        )
         record = reply.get("existing")
         claim = self.state.actors.get(f"{namespace}/{name}") if self.state is not None else None
         if record:
             found = _found(record)
-            if found["pending"] and claim is not None and claim.actor_id == found["aid"].hex() \
-                    and claim.state is ActorState.ALIVE:  # placed; the arbiter has not heard yet
+            if (
+                found["pending"]
+                and claim is not None
+                and claim.actor_id == found["aid"].hex()
+                and claim.state is ActorState.ALIVE
+            ):  # placed; the arbiter has not heard yet
                 found.update(node=str(claim.host), pending=False)
             return found
         if claim is None or claim.state is ActorState.DEAD:
             return None
         pending = claim.state is ActorState.PENDING
-        found = {"aid": bytes.fromhex(claim.actor_id), "node": None if pending else str(claim.host),
-                 "meta": None, "pending": pending, "wait_s": None}
+        found = {
+            "aid": bytes.fromhex(claim.actor_id),
+            "node": None if pending else str(claim.host),
+            "meta": None,
+            "pending": pending,
+            "wait_s": None,
+        }
         if not pending:  # the CRDT claim carries no method table: its host has it
-            found["meta"] = await self._hosted_actor_meta(found["node"], namespace, name,
-                                                          found["aid"])
+            found["meta"] = await self._hosted_actor_meta(
+                found["node"], namespace, name, found["aid"]
+            )
         return found
 
     async def _hosted_actor_meta(self, host: str, namespace: str, name: str, aid: bytes):
@@ -1829,8 +2135,9 @@ class MeshCluster:
             return None
         # a host that does not answer leaves it unknown (the call falls back to this node,
         # which does not host the actor)
-        reply = await self._names_call(host, {"op": "hosted", "ns": namespace, "name": name,
-                                              "aid": aid})
+        reply = await self._names_call(
+            host, {"op": "hosted", "ns": namespace, "name": name, "aid": aid}
+        )
         meta = reply.get("meta")
         return meta if isinstance(meta, dict) and isinstance(meta.get("methods"), dict) else None
 
@@ -1848,15 +2155,20 @@ class MeshCluster:
             found.pop("wait_s", None)
         return found
 
-    def release_actor_name(self, namespace: str, name: str, aid: bytes,
-                           arbiter: str | None = None) -> None:
+    def release_actor_name(
+        self, namespace: str, name: str, aid: bytes, arbiter: str | None = None
+    ) -> None:
         if self.state is not None:
             try:
                 self.state.actors.release(f"{namespace}/{name}")
             except Exception:
                 pass  # this node holds no claim on it (another node created the actor)
-        self.spawn(self._names_call(arbiter or self._arbiter(namespace, name),
-                                    {"op": "release", "ns": namespace, "name": name, "aid": aid}))
+        self.spawn(
+            self._names_call(
+                arbiter or self._arbiter(namespace, name),
+                {"op": "release", "ns": namespace, "name": name, "aid": aid},
+            )
+        )
 
     async def remote_stream_next(self, owner: str, message: dict) -> dict:
         """The next item of a stream another node owns (its generator was passed here): asks the
@@ -1868,17 +2180,31 @@ class MeshCluster:
         while True:
             state = self.peers.get(owner)
             if state is None:
-                return {"error": error_blob(NodeDiedError(
-                    f"node {owner}, which owns this stream, is not a live peer"))}
-            wait = STREAM_POLL if deadline is None else max(0.0, min(STREAM_POLL,
-                                                                      deadline - loop.time()))
+                return {
+                    "error": error_blob(
+                        NodeDiedError(f"node {owner}, which owns this stream, is not a live peer")
+                    )
+                }
+            wait = (
+                STREAM_POLL
+                if deadline is None
+                else max(0.0, min(STREAM_POLL, deadline - loop.time()))
+            )
             request = {"tid": message["tid"], "i": message["i"], "timeout": wait}
             try:
-                reply = _unpack(await self.mesh.call(state.peer_id, STREAM_PROTOCOL,
-                                                     _pack(request), timeout=wait + 10.0))
+                reply = _unpack(
+                    await self.mesh.call(
+                        state.peer_id, STREAM_PROTOCOL, _pack(request), timeout=wait + 10.0
+                    )
+                )
             except MeshError as exc:
-                return {"error": error_blob(NodeDiedError(
-                    f"could not reach node {owner}, which owns this stream: {exc}"))}
+                return {
+                    "error": error_blob(
+                        NodeDiedError(
+                            f"could not reach node {owner}, which owns this stream: {exc}"
+                        )
+                    )
+                }
             if reply.get("timeout") and (deadline is None or loop.time() < deadline):
                 continue
             reply.pop("held", None)
@@ -1890,20 +2216,26 @@ class MeshCluster:
             raise RpcError(Status.INVALID_ARGUMENT, "stream request too large")
         request = _unpack(payload)
         tid, index, timeout = request.get("tid"), request.get("i"), request.get("timeout")
-        if not (isinstance(tid, bytes) and type(index) is int and index >= 0
-                and (timeout is None or isinstance(timeout, (int, float)))):
+        if not (
+            isinstance(tid, bytes)
+            and type(index) is int
+            and index >= 0
+            and (timeout is None or isinstance(timeout, (int, float)))
+        ):
             raise RpcError(Status.INVALID_ARGUMENT, "malformed stream request")
         timeout = STREAM_POLL if timeout is None else min(float(timeout), STREAM_POLL)
         reply = await self.node._req_stream_next(
-            {"tid": tid, "i": index, "timeout": max(0.0, timeout), "borrow": True})
+            {"tid": tid, "i": index, "timeout": max(0.0, timeout), "borrow": True}
+        )
         return _pack(reply)
 
     async def _names_call(self, arbiter: str, request: dict) -> dict:
         if arbiter == self.node_id:
             return self._names_op(request, self.node_id)
         try:
-            reply = await self.mesh.call(self.peers[arbiter].peer_id, NAMES_PROTOCOL,
-                                         _pack(request), timeout=10.0)
+            reply = await self.mesh.call(
+                self.peers[arbiter].peer_id, NAMES_PROTOCOL, _pack(request), timeout=10.0
+            )
         except (MeshError, KeyError):
             return self._names_op(request, self.node_id)
         return _unpack(reply)
@@ -1925,10 +2257,13 @@ class MeshCluster:
             if record is not None and record["aid"] != request["aid"]:
                 return {"ok": False, "existing": record, "holder": record["owner"]}
             pending = bool(request.get("pending"))
-            self.names[key] = {"aid": request["aid"],
-                               "node": None if pending else request.get("host") or request["owner"],
-                               "owner": request["owner"], "meta": request.get("meta"),
-                               "detached": bool(request.get("detached"))}
+            self.names[key] = {
+                "aid": request["aid"],
+                "node": None if pending else request.get("host") or request["owner"],
+                "owner": request["owner"],
+                "meta": request.get("meta"),
+                "detached": bool(request.get("detached")),
+            }
             if pending:
                 self.names[key].update(pending=True, wait_s=request.get("wait_s"))
             return {"ok": True}
@@ -1957,8 +2292,11 @@ class MeshCluster:
     def _name_holder_alive(self, record: dict) -> bool:
         # a detached actor outlives its owner: its name lives as long as its host, judged by its
         # owner while this arbiter has not met the host (sparse peering)
-        holders = [record.get("node"), record.get("owner")] if record.get("detached") \
+        holders = (
+            [record.get("node"), record.get("owner")]
+            if record.get("detached")
             else [record.get("owner")]
+        )
         for holder in holders:
             if holder == self.node_id:
                 return True
@@ -1975,8 +2313,13 @@ class MeshCluster:
 
 def _found(record: dict) -> dict:
     """A name's arbiter record as a lookup answers it."""
-    return {"aid": record["aid"], "node": record.get("node"), "meta": record.get("meta"),
-            "pending": bool(record.get("pending")), "wait_s": record.get("wait_s")}
+    return {
+        "aid": record["aid"],
+        "node": record.get("node"),
+        "meta": record.get("meta"),
+        "pending": bool(record.get("pending")),
+        "wait_s": record.get("wait_s"),
+    }
 
 
 @dataclasses.dataclass
@@ -2000,7 +2343,7 @@ class NatSettings:
     auto_configure: bool = True
 
     @classmethod
-    def coerce(cls, value) -> "NatSettings | None":
+    def coerce(cls, value) -> NatSettings | None:
         if value is None or value is False or isinstance(value, cls):
             return value or None
         if value is True:
@@ -2020,14 +2363,21 @@ class NatSettings:
         from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
         from latticaray.mesh.nat.autonat import AutoNatClientConfig
         from latticaray.mesh.nat.host import NatNodeConfig
+
         policy = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES) if self.lab else AddressPolicy()
         confirmations = max(1, min(2, len(self.observers)))
-        return NatNodeConfig(observers=tuple(self.observers), relays=tuple(self.relays),
-                             policy=policy, serve_relay=self.serve_relay,
-                             relay_port=self.relay_port, serve_autonat=self.serve_autonat,
-                             hole_punching=self.hole_punching,
-                             autonat_client=AutoNatClientConfig(min_confirmations=confirmations,
-                                                                dial_back_timeout=1.5))
+        return NatNodeConfig(
+            observers=tuple(self.observers),
+            relays=tuple(self.relays),
+            policy=policy,
+            serve_relay=self.serve_relay,
+            relay_port=self.relay_port,
+            serve_autonat=self.serve_autonat,
+            hole_punching=self.hole_punching,
+            autonat_client=AutoNatClientConfig(
+                min_confirmations=confirmations, dial_back_timeout=1.5
+            ),
+        )
 
 
 def _endpoint(value) -> tuple[str, int]:
@@ -2090,9 +2440,16 @@ class MeshRuntime:
     ask, instead of every peer connected or introduced ("full").
     """
 
-    def __init__(self, key: KeyPair, bootstrap: list[str], admission: Admission,
-                 listen: list[str] | None, nat: "NatSettings | None" = None,
-                 peering: str = "full", capacity_wait: float = CAPACITY_WAIT):
+    def __init__(
+        self,
+        key: KeyPair,
+        bootstrap: list[str],
+        admission: Admission,
+        listen: list[str] | None,
+        nat: NatSettings | None = None,
+        peering: str = "full",
+        capacity_wait: float = CAPACITY_WAIT,
+    ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
@@ -2116,11 +2473,18 @@ class MeshRuntime:
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
-    def prepare(cls, *, bootstrap: list[str], credential: str | None,
-                listen: list[str] | None = None, key_path: str | None = None,
-                mesh_key_path: str | None = None,
-                nat: "NatSettings | None" = None, peering: str = "full",
-                capacity_wait: float = CAPACITY_WAIT) -> "MeshRuntime":
+    def prepare(
+        cls,
+        *,
+        bootstrap: list[str],
+        credential: str | None,
+        listen: list[str] | None = None,
+        key_path: str | None = None,
+        mesh_key_path: str | None = None,
+        nat: NatSettings | None = None,
+        peering: str = "full",
+        capacity_wait: float = CAPACITY_WAIT,
+    ) -> MeshRuntime:
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
             admission = Admission.join(credential)
@@ -2129,15 +2493,20 @@ class MeshRuntime:
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
         return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
 
-    async def start(self, runtime_node) -> "MeshRuntime":
+    async def start(self, runtime_node) -> MeshRuntime:
         from latticaray.mesh.dht.service import DhtService
         from latticaray.mesh.transport.quic import QuicConfig
+
         started = time.monotonic()
         # netlab hosts share this machine's filesystem but stand for separate machines: no
         # same-host Unix-socket shortcut around their NATs
         in_lab = self.nat_settings is not None and self.nat_settings.lab
-        config = MeshConfig(listen=self.listen, key=self.key, same_host_fast_path=not in_lab,
-                            quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0))
+        config = MeshConfig(
+            listen=self.listen,
+            key=self.key,
+            same_host_fast_path=not in_lab,
+            quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0),
+        )
         self.mesh = MeshNode(config)
         await self.mesh.start()
         self.dht = DhtService(self.mesh)
@@ -2148,13 +2517,17 @@ class MeshRuntime:
         self.cluster.embedded = self.embedded
         self.cluster.register()
         from latticaray.runtime.placement import CapacityDirectoryCore, DhtPlacement
+
         self.cluster.placement = DhtPlacement(
-            self.cluster, self.dht, CapacityDirectoryCore(wait_timeout=self.capacity_wait))
+            self.cluster, self.dht, CapacityDirectoryCore(wait_timeout=self.capacity_wait)
+        )
         self.cluster.placement.start()
         runtime_node.cluster = self.cluster
         from latticaray.state.cluster import ClusterState
-        self.state = ClusterState(self.mesh, self.key,
-                                  is_member=lambda peer: self.admission.allowed(str(peer)))
+
+        self.state = ClusterState(
+            self.mesh, self.key, is_member=lambda peer: self.admission.allowed(str(peer))
+        )
         await self.state.start()
         self.state.actors.on_claim_lost(self.cluster._on_claim_lost)
         self.cluster.state = self.state
@@ -2162,6 +2535,7 @@ class MeshRuntime:
             await runtime_node.store_ready
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
+
             self.exchange = ObjectExchange(self.mesh, self.dht, runtime_node.store)
             await self.exchange.start()
             self.cluster.exchange = self.exchange
@@ -2177,7 +2551,8 @@ class MeshRuntime:
             # in the background: lookups that meet departed peers wait out their timeouts, and
             # init() must not (the exchange also asks connected peers meanwhile)
             self._dht_bootstrap = asyncio.get_running_loop().create_task(
-                self._bootstrap_dht(started))
+                self._bootstrap_dht(started)
+            )
         else:
             self.dht.start()
         self._start_advertiser()
@@ -2188,7 +2563,7 @@ class MeshRuntime:
             size = await asyncio.wait_for(self.dht.bootstrap([]), DHT_BOOTSTRAP_TIMEOUT)
             self.timings["dht_bootstrap_s"] = time.monotonic() - started
             log.info("DHT joined: %d peers in the routing table", size)
-        except (MeshError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, MeshError) as exc:
             log.warning("DHT bootstrap did not complete: %r", exc)
         self.dht.start()
 
@@ -2196,6 +2571,7 @@ class MeshRuntime:
         """Capacity ads into the DHT (`capacity/<resource>`, this node's subkey); the CRDT
         `members` entry is written by the cluster's view loop (with the advertised addresses)."""
         from latticaray.scheduler.advertiser import AdvertiserCore, CapacityAdvertiser
+
         store = getattr(self.cluster.node, "store", None)
 
         def store_free() -> int:
@@ -2206,15 +2582,25 @@ class MeshRuntime:
                 return max(0, int(stats["capacity"] - stats["used"] - stats["reserved"]))
             except Exception:
                 return 0
+
         self.advertiser = CapacityAdvertiser(
-            _RuntimeLoad(self.cluster), self.node_id, self.key.peer_id.to_bytes(), self.dht,
-            core=AdvertiserCore(self.node_id, ttl=CAPACITY_TTL, refresh_interval=CAPACITY_REFRESH,
-                                min_interval=CAPACITY_MIN_INTERVAL),
-            store_free=store_free)
+            _RuntimeLoad(self.cluster),
+            self.node_id,
+            self.key.peer_id.to_bytes(),
+            self.dht,
+            core=AdvertiserCore(
+                self.node_id,
+                ttl=CAPACITY_TTL,
+                refresh_interval=CAPACITY_REFRESH,
+                min_interval=CAPACITY_MIN_INTERVAL,
+            ),
+            store_free=store_free,
+        )
         self.advertiser.start()
 
     async def _start_nat(self) -> None:
         from latticaray.mesh.nat.mesh_nat import MeshNat
+
         settings = self.nat_settings
         self.nat = MeshNat(self.mesh, settings.config())
         await self.nat.start()
@@ -2222,8 +2608,9 @@ class MeshRuntime:
             report, reach = await asyncio.wait_for(self.nat.auto_configure(), 60.0)
             self.timings["nat_type"] = str(getattr(report, "nat_type", report))
             self.timings["reachability"] = str(reach)
-            log.info("NAT: %s, reachability %s, circuit %s", report, reach,
-                     self.nat.circuit_addresses())
+            log.info(
+                "NAT: %s, reachability %s, circuit %s", report, reach, self.nat.circuit_addresses()
+            )
 
     def _provide(self, cid: str) -> None:
         """Announce a store object this node holds as provided in the DHT (in the background)."""

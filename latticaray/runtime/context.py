@@ -1,4 +1,5 @@
 """Process-wide pointer to the active core client (driver or worker) and the runtime context."""
+
 from __future__ import annotations
 
 import contextvars
@@ -7,9 +8,11 @@ from dataclasses import dataclass
 _core = None
 
 current_task_id: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
-    "latticaray_task_id", default=None)
+    "latticaray_task_id", default=None
+)
 current_actor_id: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
-    "latticaray_actor_id", default=None)
+    "latticaray_actor_id", default=None
+)
 
 
 def current_core():

@@ -6,6 +6,7 @@ with a reply (get, wait, stream_next, get_actor, named create_actor, cid, nodes)
 runs in a background event-loop thread of the same process; a worker's node is at the end of its
 socketpair.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,7 @@ def decode_value(entry) -> object:
     if status == OK:
         core = context.current_core()
         # a pickle holding refs names their rebuild function; a store value may hold refs too
-        if core is None or REF_MARK not in data and not serialization.is_store_ref(data):
+        if core is None or (REF_MARK not in data and not serialization.is_store_ref(data)):
             return serialization.deserialize(data)
         with core.borrowing():
             return serialization.deserialize(data)
@@ -49,7 +50,7 @@ class _Borrowing:
 
     __slots__ = ("core", "outer")
 
-    def __init__(self, core: "CoreClient"):
+    def __init__(self, core: CoreClient):
         self.core = core
 
     def __enter__(self) -> None:
@@ -170,18 +171,28 @@ class CoreClient:
         """Arguments on the wire; refs nested inside them go to `message["inner"]` (the node
         keeps them alive until the task is done)."""
         has_ref = any(type(a) is ObjectRef for a in args) or any(
-            type(v) is ObjectRef for v in kwargs.values())
-        if not has_ref and all(type(a) in _NO_REFS for a in args) and all(
-                type(v) in _NO_REFS for v in kwargs.values()):
+            type(v) is ObjectRef for v in kwargs.values()
+        )
+        if (
+            not has_ref
+            and all(type(a) in _NO_REFS for a in args)
+            and all(type(v) in _NO_REFS for v in kwargs.values())
+        ):
             return ["b", serialization.serialize((args, kwargs))]
         with collect_refs() as inner:
             if not has_ref:
                 encoded = ["b", serialization.serialize((args, kwargs))]
             else:
-                positional = [[1, a.id, a.owner] if type(a) is ObjectRef
-                              else [0, serialization.serialize(a)] for a in args]
-                keyword = {k: [1, v.id, v.owner] if type(v) is ObjectRef
-                           else [0, serialization.serialize(v)] for k, v in kwargs.items()}
+                positional = [
+                    [1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
+                    for a in args
+                ]
+                keyword = {
+                    k: [1, v.id, v.owner]
+                    if type(v) is ObjectRef
+                    else [0, serialization.serialize(v)]
+                    for k, v in kwargs.items()
+                }
                 encoded = ["l", positional, keyword]
         if inner:
             message["inner"] = inner
@@ -191,8 +202,15 @@ class CoreClient:
     def submit_task(self, fn_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict):
         task_id = ids.next_id()
         nret = opts["nret"]
-        message = {"op": "submit", "tid": task_id, "fn": fn_hash, "name": name, "nret": nret,
-                   "opts": opts["wire"], "parent": context.current_task_id.get()}
+        message = {
+            "op": "submit",
+            "tid": task_id,
+            "fn": fn_hash,
+            "name": name,
+            "nret": nret,
+            "opts": opts["wire"],
+            "parent": context.current_task_id.get(),
+        }
         message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(fn_hash, blob))
         self.post(message)
@@ -206,10 +224,16 @@ class CoreClient:
             return refs[0]
         return refs
 
-    def create_actor(self, cls_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict,
-                     actor_id: bytes) -> dict:
-        message = {"op": "create_actor", "aid": actor_id, "cls": cls_hash, "cname": name,
-                   "opts": opts}
+    def create_actor(
+        self, cls_hash: bytes, blob: bytes, name: str, args, kwargs, opts: dict, actor_id: bytes
+    ) -> dict:
+        message = {
+            "op": "create_actor",
+            "aid": actor_id,
+            "cls": cls_hash,
+            "cname": name,
+            "opts": opts,
+        }
         message["args"] = self.encode_args(args, kwargs, message)
         message.update(self.code_fields(cls_hash, blob))
         if opts.get("name"):
@@ -220,11 +244,28 @@ class CoreClient:
         self.post(message)
         return {"node": self.node_id}
 
-    def submit_actor_task(self, actor_id: bytes, actor_node: str, method: str, args, kwargs,
-                          nret: int, retries: int, name: str):
+    def submit_actor_task(
+        self,
+        actor_id: bytes,
+        actor_node: str,
+        method: str,
+        args,
+        kwargs,
+        nret: int,
+        retries: int,
+        name: str,
+    ):
         task_id = ids.next_id()
-        message = {"op": "actor_call", "tid": task_id, "aid": actor_id, "anode": actor_node,
-                   "m": method, "nret": nret, "retries": retries, "name": name}
+        message = {
+            "op": "actor_call",
+            "tid": task_id,
+            "aid": actor_id,
+            "anode": actor_node,
+            "m": method,
+            "nret": nret,
+            "retries": retries,
+            "name": name,
+        }
         message["args"] = self.encode_args(args, kwargs, message)
         self.post(message)
         return self._returns(task_id, nret)
@@ -240,8 +281,9 @@ class CoreClient:
         return ref
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
-        reply = self.request({"op": "get", "oids": [[r.id, r.owner] for r in refs],
-                              "timeout": timeout}, timeout)
+        reply = self.request(
+            {"op": "get", "oids": [[r.id, r.owner] for r in refs], "timeout": timeout}, timeout
+        )
         if reply.get("timeout"):
             raise GetTimeoutError(f"get timed out after {timeout} s")
         if "error" in reply:
@@ -256,10 +298,18 @@ class CoreClient:
             raise_error_value(reply["error"])
         return decode_value(reply["val"])
 
-    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
-             fetch_local: bool) -> list[int]:
-        reply = self.request({"op": "wait", "oids": [[r.id, r.owner] for r in refs],
-                              "k": num_returns, "timeout": timeout, "fetch": fetch_local})
+    def wait(
+        self, refs: list[ObjectRef], num_returns: int, timeout: float | None, fetch_local: bool
+    ) -> list[int]:
+        reply = self.request(
+            {
+                "op": "wait",
+                "oids": [[r.id, r.owner] for r in refs],
+                "k": num_returns,
+                "timeout": timeout,
+                "fetch": fetch_local,
+            }
+        )
         return reply["ready"]
 
     def object_cid(self, ref: ObjectRef) -> str:
@@ -269,8 +319,10 @@ class CoreClient:
         return reply["cid"]
 
     def stream_next(self, task_id: bytes, index: int, timeout: float | None, owner: str = ""):
-        reply = self.request({"op": "stream_next", "tid": task_id, "i": index,
-                              "timeout": timeout, "owner": owner}, timeout)
+        reply = self.request(
+            {"op": "stream_next", "tid": task_id, "i": index, "timeout": timeout, "owner": owner},
+            timeout,
+        )
         if reply.get("timeout"):
             raise GetTimeoutError(f"next stream item timed out after {timeout} s")
         if "error" in reply:
@@ -302,8 +354,15 @@ class CoreClient:
         return future
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
-        self.post({"op": "cancel", "oid": ref.id, "owner": ref.owner, "force": force,
-                   "recursive": recursive})
+        self.post(
+            {
+                "op": "cancel",
+                "oid": ref.id,
+                "owner": ref.owner,
+                "force": force,
+                "recursive": recursive,
+            }
+        )
 
     def kill_actor(self, actor_id: bytes, actor_node: str, no_restart: bool) -> None:
         self.post({"op": "kill", "aid": actor_id, "anode": actor_node, "no_restart": no_restart})
@@ -321,10 +380,13 @@ class CoreClient:
         task_id = context.current_task_id.get()
         actor_id = context.current_actor_id.get()
         return context.RuntimeContext(
-            node_id=self.node_id, job_id=self.job_id,
+            node_id=self.node_id,
+            job_id=self.job_id,
             task_id=task_id.hex() if task_id else None,
             actor_id=actor_id.hex() if actor_id else None,
-            worker_id=getattr(self, "worker_id", "driver"), namespace=self.namespace)
+            worker_id=getattr(self, "worker_id", "driver"),
+            namespace=self.namespace,
+        )
 
     def shutdown(self) -> None:
         pass
@@ -363,7 +425,8 @@ class DriverCore(CoreClient):
         if self.loop.is_closed():
             raise RuntimeError("latticaray has been shut down")
         future = asyncio.run_coroutine_threadsafe(
-            self.node.handle_request(message, self.client), self.loop)
+            self.node.handle_request(message, self.client), self.loop
+        )
         return future.result()
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
@@ -379,8 +442,9 @@ class DriverCore(CoreClient):
         except ObjectNotFound:  # its store copy is gone: the node recovers it (lineage.py)
             return super().get(refs, timeout)
 
-    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
-             fetch_local: bool) -> list[int]:
+    def wait(
+        self, refs: list[ObjectRef], num_returns: int, timeout: float | None, fetch_local: bool
+    ) -> list[int]:
         node = self.node
         objects = node.objects
         if self._outbox:  # let the loop take in what was just submitted
@@ -396,8 +460,11 @@ class DriverCore(CoreClient):
         try:
             while True:
                 seen = node.seal_count
-                ready = [i for i, r in enumerate(refs)
-                         if (e := objects.get(r.id)) is not None and e.status != -1]
+                ready = [
+                    i
+                    for i, r in enumerate(refs)
+                    if (e := objects.get(r.id)) is not None and e.status != -1
+                ]
                 if len(ready) >= num_returns:
                     return ready[:num_returns]
                 left = None if deadline is None else deadline - time.monotonic()
@@ -480,6 +547,7 @@ class AttachedCore(WorkerCore):
         import socket as socket_module
 
         from latticaray.runtime.worker import WorkerConnection
+
         sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         sock.settimeout(10.0)
         sock.connect(path)

@@ -1,4 +1,5 @@
 """Typed exceptions raised to users of the runtime (the Ray error family, renamed)."""
+
 from __future__ import annotations
 
 import pickle
@@ -15,8 +16,14 @@ class TaskError(LatticaError):
     that class can be subclassed, so `except ValueError` catches a remote ValueError.
     """
 
-    def __init__(self, function_name: str, cause_type: str, remote_traceback: str,
-                 cause: BaseException | None = None, node_id: str = ""):
+    def __init__(
+        self,
+        function_name: str,
+        cause_type: str,
+        remote_traceback: str,
+        cause: BaseException | None = None,
+        node_id: str = "",
+    ):
         self.function_name = function_name
         self.cause_type = cause_type
         self.remote_traceback = remote_traceback
@@ -26,8 +33,10 @@ class TaskError(LatticaError):
 
     def _message(self) -> str:
         where = f" on node {self.node_id[:16]}" if self.node_id else ""
-        return (f"task {self.function_name}{where} raised {self.cause_type}\n"
-                f"--- remote traceback ---\n{self.remote_traceback.rstrip()}")
+        return (
+            f"task {self.function_name}{where} raised {self.cause_type}\n"
+            f"--- remote traceback ---\n{self.remote_traceback.rstrip()}"
+        )
 
     def __str__(self) -> str:
         return self._message()
@@ -37,13 +46,16 @@ class TaskError(LatticaError):
         if self.cause is not None:
             try:
                 import cloudpickle
+
                 cause_blob = cloudpickle.dumps(self.cause)
             except Exception:
                 cause_blob = None
-        return (_rebuild_task_error, (self.function_name, self.cause_type, self.remote_traceback,
-                                      cause_blob, self.node_id))
+        return (
+            _rebuild_task_error,
+            (self.function_name, self.cause_type, self.remote_traceback, cause_blob, self.node_id),
+        )
 
-    def as_instanceof_cause(self) -> "TaskError":
+    def as_instanceof_cause(self) -> TaskError:
         """This error as an instance of a class deriving from both TaskError and the cause's class."""
         cause_cls = type(self.cause) if self.cause is not None else None
         if cause_cls is None or isinstance(self, cause_cls) or issubclass(cause_cls, TaskError):
@@ -68,9 +80,15 @@ _dual_classes: dict[type, type] = {}
 def _dual_class(cause_cls: type) -> type:
     cls = _dual_classes.get(cause_cls)
     if cls is None:
-        cls = type(f"TaskError({cause_cls.__name__})", (TaskError, cause_cls),
-                   {"__init__": lambda self, *a, **k: None, "__str__": TaskError.__str__,
-                    "__reduce__": TaskError.__reduce__})
+        cls = type(
+            f"TaskError({cause_cls.__name__})",
+            (TaskError, cause_cls),
+            {
+                "__init__": lambda self, *a, **k: None,
+                "__str__": TaskError.__str__,
+                "__reduce__": TaskError.__reduce__,
+            },
+        )
         cls.__module__ = __name__
         _dual_classes[cause_cls] = cls
     return cls
@@ -96,8 +114,14 @@ class ObjectLostError(LatticaError):
     `object_id` (hex), `cid` and `reason` say which object and why, where the runtime knows.
     """
 
-    def __init__(self, message: str = "", *, object_id: str | None = None,
-                 cid: str | None = None, reason: str | None = None):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        object_id: str | None = None,
+        cid: str | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.object_id = object_id
         self.cid = cid

@@ -18,6 +18,7 @@ and stops the event loop for up to a second. The policy:
 Only node processes apply it: the embedded node of ``init()`` shares its process with user code,
 whose objects and GC expectations the runtime must not change.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +34,7 @@ DEFAULT_THRESHOLDS = (700, 10, 100)
 @dataclass
 class GcPolicyReport:
     """What ``apply_startup_policy`` did: for the ready line and for tests."""
+
     frozen: int
     thresholds: tuple[int, int, int]
 

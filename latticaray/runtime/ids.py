@@ -1,4 +1,5 @@
 """Identifiers of tasks, objects and actors: process-unique prefix plus a counter, no coordination."""
+
 from __future__ import annotations
 
 import itertools

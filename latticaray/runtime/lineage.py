@@ -26,6 +26,7 @@ for it by object id (`/latticaray/object/1`), and the owner's handler runs `ensu
 it answers. So the lineage here names borrowed arguments only by reference; a re-run resolves
 them from their owners like any submission does.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,10 +42,10 @@ log = logging.getLogger(__name__)
 
 PENDING = -1
 DEFAULT_MAX_LINEAGE_BYTES = 64 << 20
-SPEC_OVERHEAD = 256           # bytes counted per task beside its inline arguments
-REPLICA_FETCH_TIMEOUT = 5.0   # how long to look for another copy before re-executing
-HOLDER_FETCH_TIMEOUT = 30.0   # the same, while the node that made it is alive (it has it)
-EVICTED_MEMORY = 4096         # how many evicted task ids are remembered (for the error's reason)
+SPEC_OVERHEAD = 256  # bytes counted per task beside its inline arguments
+REPLICA_FETCH_TIMEOUT = 5.0  # how long to look for another copy before re-executing
+HOLDER_FETCH_TIMEOUT = 30.0  # the same, while the node that made it is alive (it has it)
+EVICTED_MEMORY = 4096  # how many evicted task ids are remembered (for the error's reason)
 
 
 def _copy_args(args: list) -> list:
@@ -64,7 +65,7 @@ def _args_size(args: list) -> int:
 class TaskSpec:
     """What re-running one task needs: its submission message and the retries it has left."""
 
-    __slots__ = ("tid", "msg", "retries_left", "live", "size", "executions", "deps", "kept")
+    __slots__ = ("deps", "executions", "kept", "live", "msg", "retries_left", "size", "tid")
 
     def __init__(self, tid: bytes, msg: dict, retries_left: int, nret: int):
         self.tid = tid
@@ -76,7 +77,7 @@ class TaskSpec:
         self.size = SPEC_OVERHEAD + (len(args[1]) if args[0] == "b" else _args_size(args))
         self.executions = 1
         self.deps: tuple = ()  # tasks in the table whose returns the arguments name
-        self.kept = 0          # specs in the table whose deps name this one
+        self.kept = 0  # specs in the table whose deps name this one
 
 
 class LineageTable:
@@ -84,8 +85,9 @@ class LineageTable:
 
     def __init__(self, max_bytes: int | None = None):
         if max_bytes is None:
-            max_bytes = int(os.environ.get("LATTICARAY_MAX_LINEAGE_BYTES",
-                                           DEFAULT_MAX_LINEAGE_BYTES))
+            max_bytes = int(
+                os.environ.get("LATTICARAY_MAX_LINEAGE_BYTES", DEFAULT_MAX_LINEAGE_BYTES)
+            )
         self.max_bytes = max_bytes
         self.bytes = 0
         self.specs: dict[bytes, TaskSpec] = {}  # in submission order: oldest evicted first
@@ -126,8 +128,10 @@ class LineageTable:
 
     def record_actor_call(self, tid: bytes, nret: int) -> None:
         if nret >= 1:
-            self.no_lineage[tid] = ["it is the return of an actor call (actor outputs are not "
-                                    "re-executed)", nret]
+            self.no_lineage[tid] = [
+                "it is the return of an actor call (actor outputs are not re-executed)",
+                nret,
+            ]
 
     def completed(self, tid: bytes, retries_left: int, failed: bool) -> None:
         spec = self.specs.get(tid)
@@ -186,10 +190,14 @@ class LineageTable:
         if known is not None:
             return known[0]
         if tid in self.evicted:
-            return (f"its lineage was evicted (lineage budget {self.max_bytes} bytes, "
-                    f"LATTICARAY_MAX_LINEAGE_BYTES)")
-        return ("it was created by put() or yielded by a streaming task (only returns of "
-                "normal tasks can be re-executed)")
+            return (
+                f"its lineage was evicted (lineage budget {self.max_bytes} bytes, "
+                f"LATTICARAY_MAX_LINEAGE_BYTES)"
+            )
+        return (
+            "it was created by put() or yielded by a streaming task (only returns of "
+            "normal tasks can be re-executed)"
+        )
 
 
 class Recovery:
@@ -260,8 +268,9 @@ class Recovery:
             try:
                 entry = await self.ensure_local(item[2], entry)
             except Exception as exc:  # a bug must not leave the task waiting forever
-                node._fail(rec, ObjectLostError(f"recovering argument {item[2].hex()} "
-                                                f"failed: {exc!r}"))
+                node._fail(
+                    rec, ObjectLostError(f"recovering argument {item[2].hex()} failed: {exc!r}")
+                )
                 return
             if entry.status != OK:
                 node._fail_with_blob(rec, entry.data)
@@ -292,8 +301,11 @@ class Recovery:
             fetched = await self._fetch_copy(cid, entry.holder)
             if node.objects.get(oid) is not entry:
                 return entry  # released meanwhile: nobody here counts on it any more
-            unchanged = entry.status == OK and serialization.is_store_ref(entry.data) \
+            unchanged = (
+                entry.status == OK
+                and serialization.is_store_ref(entry.data)
                 and serialization.store_cid(entry.data) == cid
+            )
             if fetched and unchanged:
                 self._adopt(entry, cid)
                 if not self.is_missing(entry):
@@ -305,9 +317,15 @@ class Recovery:
                 self.stats["lost"] += 1
                 self._drop_copy(entry)
                 entry.status = ERROR
-                entry.data = serialization.dumps_code(ObjectLostError(
-                    f"object {oid.hex()} ({cid}) is lost: no node holds a copy and it cannot "
-                    f"be re-executed: {why}", object_id=oid.hex(), cid=cid, reason=why))
+                entry.data = serialization.dumps_code(
+                    ObjectLostError(
+                        f"object {oid.hex()} ({cid}) is lost: no node holds a copy and it cannot "
+                        f"be re-executed: {why}",
+                        object_id=oid.hex(),
+                        cid=cid,
+                        reason=why,
+                    )
+                )
                 return entry
 
     async def _fetch_copy(self, cid: str, holder: str | None) -> bool:
@@ -318,7 +336,8 @@ class Recovery:
         try:
             # from the holder while it lives (it has the copy); then any other copy
             if holder is None or not await cluster.fetch_while_alive(
-                    cid, holder, HOLDER_FETCH_TIMEOUT):
+                cid, holder, HOLDER_FETCH_TIMEOUT
+            ):
                 await exchange.fetch(cid, timeout=REPLICA_FETCH_TIMEOUT)
         except Exception as exc:  # no provider answered in time: the object is lost
             log.info("no copy of %s found (%r)", cid, exc)
@@ -355,14 +374,17 @@ class Recovery:
     def _reexecute(self, oid: bytes, cid: str) -> str | None:
         """Submit the producing task again; None when it was, else why it cannot be."""
         from latticaray.runtime.node import ObjectEntry, TaskRecord  # node imports this module
+
         node = self.node
         tid = task_of(oid)
         spec = self.table.specs.get(tid)
         if spec is None:
             return self.table.why_not(tid)
         if spec.retries_left == 0:
-            return (f"its task has no retries left (max_retries spent on "
-                    f"{spec.executions - 1} re-executions and failure retries)")
+            return (
+                f"its task has no retries left (max_retries spent on "
+                f"{spec.executions - 1} re-executions and failure retries)"
+            )
         if spec.retries_left > 0:
             spec.retries_left -= 1
         spec.executions += 1
@@ -371,11 +393,19 @@ class Recovery:
         msg["args"] = _copy_args(spec.msg["args"])
         opts = msg["opts"]
         nret = msg["nret"]
-        rec = TaskRecord(tid, msg, nret, spec.retries_left, opts.get("retry_exc"),
-                         opts.get("res") or {"CPU": 1.0}, msg.get("name", "task"))
+        rec = TaskRecord(
+            tid,
+            msg,
+            nret,
+            spec.retries_left,
+            opts.get("retry_exc"),
+            opts.get("res") or {"CPU": 1.0},
+            msg.get("name", "task"),
+        )
         rec.client = node.local_client()
-        log.info("object %s (%s) is lost: re-executing task %s (%s)", oid.hex(), cid,
-                 rec.name, tid.hex())
+        log.info(
+            "object %s (%s) is lost: re-executing task %s (%s)", oid.hex(), cid, rec.name, tid.hex()
+        )
         for i in range(nret):
             ret = object_id(tid, i)
             entry = node.objects.get(ret)
@@ -419,6 +449,7 @@ class Recovery:
         task (or with `ObjectLostError` when it has no lineage), held by nothing until the
         caller pins it."""
         from latticaray.runtime.node import ObjectEntry  # node imports this module
+
         node = self.node
         node.objects[oid] = ObjectEntry()
         node.refs.counts[oid] = 0
@@ -430,7 +461,15 @@ class Recovery:
             self.table.revived(oid)
             return
         self.stats["lost"] += 1
-        node._seal(oid, ERROR, serialization.dumps_code(ObjectLostError(
-            f"object {oid.hex()} was released by every holder and cannot be re-executed for "
-            f"a task that needs it again: {why}", object_id=oid.hex(), reason=why)))
-
+        node._seal(
+            oid,
+            ERROR,
+            serialization.dumps_code(
+                ObjectLostError(
+                    f"object {oid.hex()} was released by every holder and cannot be re-executed for "
+                    f"a task that needs it again: {why}",
+                    object_id=oid.hex(),
+                    reason=why,
+                )
+            ),
+        )

@@ -8,6 +8,7 @@ changed before each put (so no put can be recognised as a copy of an earlier one
 writes all its bytes, as Ray's do). Ray 2.60 figures measured on this machine are printed beside
 ours where the issue gives them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ RAY_260 = {
 LOWER_IS_BETTER = {"init() seconds", "no-op task round trip ms"}
 
 
-def timeit(name: str, fn, multiplier: float = 1, duration: float = 2.0, trials: int = 4,
-           results: list | None = None) -> tuple[float, float]:
+def timeit(
+    name: str,
+    fn,
+    multiplier: float = 1,
+    duration: float = 2.0,
+    trials: int = 4,
+    results: list | None = None,
+) -> tuple[float, float]:
     start = time.perf_counter()
     count = 0
     while time.perf_counter() - start < duration / 2:
@@ -154,28 +161,39 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
     row("single client put calls (Plasma Store)", lambda: lattica.put(0))
     if want("multi client put calls"):
         spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
-        row("multi client put calls (Plasma Store)",
-            lambda: lattica.get([s.put_batch.remote(1000) for s in spawners]), 1000 * n_cpu)
+        row(
+            "multi client put calls (Plasma Store)",
+            lambda: lattica.get([s.put_batch.remote(1000) for s in spawners]),
+            1000 * n_cpu,
+        )
     arr = np.zeros(large_mb * 1024 * 1024 // 8, dtype=np.int64)
     row("single client put gigabytes", lambda: lattica.put(arr), large_mb / 1024)
 
     def put_changed():
         arr[0] += 1
         lattica.put(arr)
+
     row("single client put gigabytes, new content each put", put_changed, large_mb / 1024)
     # Ray's row copies np.zeros, whose untouched pages all map the kernel's one zero page (reads
     # hit the cache); this one copies an array of real, distinct pages
     arr = np.arange(large_mb * 1024 * 1024 // 8, dtype=np.int64)
-    row("single client put gigabytes, array of distinct pages", lambda: lattica.put(arr),
-        large_mb / 1024)
+    row(
+        "single client put gigabytes, array of distinct pages",
+        lambda: lattica.put(arr),
+        large_mb / 1024,
+    )
     arr = None  # frees the array (the closures above are done with it)
-    row("single client tasks and get batch",
-        lambda: lattica.get([small_value.remote() for _ in range(1000)]))
+    row(
+        "single client tasks and get batch",
+        lambda: lattica.get([small_value.remote() for _ in range(1000)]),
+    )
     if want("multi client put gigabytes"):
         spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
-        row("multi client put gigabytes",
+        row(
+            "multi client put gigabytes",
             lambda: lattica.get([s.put_large.remote(large_mb << 20) for s in spawners]),
-            large_mb / 1024 * n_cpu)
+            large_mb / 1024 * n_cpu,
+        )
     if want("get object containing 10k refs"):
         containing = create_object_containing_ref.remote()
         lattica.get(containing)
@@ -188,20 +206,32 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
 
     row("single client wait 1k refs", wait_multiple_refs)
     row("single client tasks sync", lambda: lattica.get(small_value.remote()))
-    row("single client tasks async",
-        lambda: lattica.get([small_value.remote() for _ in range(1000)]), 1000)
+    row(
+        "single client tasks async",
+        lambda: lattica.get([small_value.remote() for _ in range(1000)]),
+        1000,
+    )
     if want("multi client tasks async"):
         spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
-        row("multi client tasks async",
-            lambda: lattica.get([s.spawn.remote(1000) for s in spawners]), 1000 * n_cpu)
+        row(
+            "multi client tasks async",
+            lambda: lattica.get([s.spawn.remote(1000) for s in spawners]),
+            1000 * n_cpu,
+        )
 
     a = Actor.remote()
     row("1:1 actor calls sync", lambda: lattica.get(a.small_value.remote()))
-    row("1:1 actor calls async",
-        lambda: lattica.get([a.small_value.remote() for _ in range(1000)]), 1000)
+    row(
+        "1:1 actor calls async",
+        lambda: lattica.get([a.small_value.remote() for _ in range(1000)]),
+        1000,
+    )
     concurrent_actor = Actor.options(max_concurrency=16).remote()
-    row("1:1 actor calls concurrent",
-        lambda: lattica.get([concurrent_actor.small_value.remote() for _ in range(1000)]), 1000)
+    row(
+        "1:1 actor calls concurrent",
+        lambda: lattica.get([concurrent_actor.small_value.remote() for _ in range(1000)]),
+        1000,
+    )
 
     n = 5000
     actors = [Actor.remote() for _ in range(n_cpu)]
@@ -213,30 +243,44 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
     n = 1000
     if want("n:n actor calls"):
         clients = [Client.remote(actor) for actor in actors]
-        row("n:n actor calls async",
+        row(
+            "n:n actor calls async",
             lambda: lattica.get([c.small_value_batch.remote(n) for c in clients]),
-            n * len(clients))
-        row("n:n actor calls with arg async",
+            n * len(clients),
+        )
+        row(
+            "n:n actor calls with arg async",
             lambda: lattica.get([c.small_value_batch_arg.remote(n) for c in clients]),
-            n * len(clients))
+            n * len(clients),
+        )
 
     async_actor = AsyncActor.remote()
     row("1:1 async-actor calls sync", lambda: lattica.get(async_actor.small_value.remote()))
-    row("1:1 async-actor calls async",
-        lambda: lattica.get([async_actor.small_value.remote() for _ in range(1000)]), 1000)
-    row("1:1 async-actor calls with args async",
+    row(
+        "1:1 async-actor calls async",
+        lambda: lattica.get([async_actor.small_value.remote() for _ in range(1000)]),
+        1000,
+    )
+    row(
+        "1:1 async-actor calls with args async",
         lambda: lattica.get([async_actor.small_value_with_arg.remote(i) for i in range(1000)]),
-        1000)
+        1000,
+    )
     n = 5000
     async_actors = [AsyncActor.remote() for _ in range(n_cpu)]
-    row("1:n async-actor calls async",
-        lambda: lattica.get([async_actors[i % n_cpu].small_value.remote() for i in range(n)]), n)
+    row(
+        "1:n async-actor calls async",
+        lambda: lattica.get([async_actors[i % n_cpu].small_value.remote() for i in range(n)]),
+        n,
+    )
     n = 1000
     if want("n:n async-actor calls"):
         async_clients = [Client.remote(async_actors) for _ in range(n_cpu)]
-        row("n:n async-actor calls async",
+        row(
+            "n:n async-actor calls async",
             lambda: lattica.get([c.small_value_batch.remote(n) for c in async_clients]),
-            n * n_cpu * len(async_actors))
+            n * n_cpu * len(async_actors),
+        )
     lattica.shutdown()
     return results
 
@@ -252,8 +296,9 @@ def render(results: list) -> dict:
         else:
             ratio = ray / mean if name in LOWER_IS_BETTER else mean / ray
             ratio_text = f"{ratio:.2f}x"
-        print(f"{name:48s} {mean:14,.2f} {('-' if ray is None else f'{ray:,}'):>10s} "
-              f"{ratio_text:>7s}")
+        print(
+            f"{name:48s} {mean:14,.2f} {('-' if ray is None else f'{ray:,}'):>10s} {ratio_text:>7s}"
+        )
         figures[name] = {"mean": round(mean, 4), "sd": round(sd, 4), "ray_2_60": ray}
     return figures
 
@@ -261,36 +306,59 @@ def render(results: list) -> dict:
 def versions() -> dict:
     import cloudpickle
     import msgpack
-    out = {"python": platform.python_version(), "msgpack": ".".join(map(str, msgpack.version)),
-           "cloudpickle": cloudpickle.__version__}
+
+    out = {
+        "python": platform.python_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "cloudpickle": cloudpickle.__version__,
+    }
     try:
         import numpy
+
         out["numpy"] = numpy.__version__
     except ImportError:
         pass
     try:
         import uvloop
+
         out["uvloop"] = uvloop.__version__
     except ImportError:
         pass
     import latticaray
+
     out["latticaray"] = latticaray.__version__
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="latticaray microbenchmark", description=__doc__)
-    parser.add_argument("--duration", type=float, default=2.0,
-                        help="seconds per trial (Ray uses 2; warm-up is half of it)")
-    parser.add_argument("--large-mb", type=int, default=800,
-                        help="size of the array of the put-gigabytes rows (Ray: 800 MiB)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=2.0,
+        help="seconds per trial (Ray uses 2; warm-up is half of it)",
+    )
+    parser.add_argument(
+        "--large-mb",
+        type=int,
+        default=800,
+        help="size of the array of the put-gigabytes rows (Ray: 800 MiB)",
+    )
     parser.add_argument("--only", default=None, help="run only rows whose name contains this")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     results = run(args.duration, args.large_mb, args.only)
     figures = render(results)
-    print(json.dumps({"benchmark": "microbenchmark", "figures": figures,
-                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                      "versions": versions(), "duration_s": args.duration}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "microbenchmark",
+                "figures": figures,
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                "versions": versions(),
+                "duration_s": args.duration,
+            }
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ worker processes, retries tasks whose worker died, restarts actors, and streams 
 with backpressure. Placement on other peers of the mesh goes through `self.cluster` (cluster.py)
 when the node is part of a mesh.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,14 +21,19 @@ import threading
 import time
 
 from latticaray.runtime import refcount, serialization
-from latticaray.runtime.errors import (ActorDiedError, ActorNameTakenError, ObjectLostError,
-                                       ObjectNotFoundError, TaskCancelledError,
-                                       WorkerCrashedError)
+from latticaray.runtime.errors import (
+    ActorDiedError,
+    ActorNameTakenError,
+    ObjectLostError,
+    ObjectNotFoundError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+    WorkerCrashedError,
+)
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.lineage import Recovery
-from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
-from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.placement import DEFERRED
+from latticaray.runtime.protocol import ERROR, OK, STREAMING, ChannelClosed, pack, read_frame
 from latticaray.scheduler.errors import InsufficientResources
 from latticaray.scheduler.resources import ResourceLedger, normalize
 
@@ -42,7 +48,7 @@ def error_blob(exc: BaseException) -> bytes:
 class ObjectEntry:
     """One object the node owns or holds: pending until its producer seals it."""
 
-    __slots__ = ("status", "data", "cid", "waiters", "released", "holder")
+    __slots__ = ("cid", "data", "holder", "released", "status", "waiters")
 
     def __init__(self, status: int = PENDING, data: bytes | None = None):
         self.status = status
@@ -79,12 +85,38 @@ class ObjectEntry:
 class TaskRecord:
     """A task or actor call owned by this node, from submission to its last result."""
 
-    __slots__ = ("tid", "msg", "nret", "retries_left", "retry_exc", "demand", "deps_left",
-                 "worker", "cancelled", "children", "actor", "name", "done", "remote_peer",
-                 "client", "dep_error", "excluded", "pins")
+    __slots__ = (
+        "actor",
+        "cancelled",
+        "children",
+        "client",
+        "demand",
+        "dep_error",
+        "deps_left",
+        "done",
+        "excluded",
+        "msg",
+        "name",
+        "nret",
+        "pins",
+        "remote_peer",
+        "retries_left",
+        "retry_exc",
+        "tid",
+        "worker",
+    )
 
-    def __init__(self, tid: bytes, msg: dict, nret: int, retries_left: int, retry_exc,
-                 demand: dict, name: str, actor=None):
+    def __init__(
+        self,
+        tid: bytes,
+        msg: dict,
+        nret: int,
+        retries_left: int,
+        retry_exc,
+        demand: dict,
+        name: str,
+        actor=None,
+    ):
         self.tid = tid
         self.msg = msg
         self.nret = nret
@@ -108,7 +140,7 @@ class TaskRecord:
 class StreamState:
     """Items a streaming task has produced, what the consumer took, and who waits for more."""
 
-    __slots__ = ("count", "finished", "consumed", "waiters", "worker", "window")
+    __slots__ = ("consumed", "count", "finished", "waiters", "window", "worker")
 
     def __init__(self, window: int):
         self.count = 0
@@ -227,9 +259,17 @@ class ActorRecord:
 class RuntimeNode:
     """The runtime half of a node: objects, tasks, actors and the worker pool."""
 
-    def __init__(self, node_id: str, resources: dict[str, float], *, max_workers: int | None = None,
-                 worker_env: dict[str, str] | None = None, prestart: int | None = None,
-                 store=None, store_capacity: int | None = None):
+    def __init__(
+        self,
+        node_id: str,
+        resources: dict[str, float],
+        *,
+        max_workers: int | None = None,
+        worker_env: dict[str, str] | None = None,
+        prestart: int | None = None,
+        store=None,
+        store_capacity: int | None = None,
+    ):
         self.node_id = node_id
         self.ledger = ResourceLedger(resources)
         self.total_resources = self.ledger.total
@@ -269,10 +309,15 @@ class RuntimeNode:
         self.seal_cond = threading.Condition()
         self.refs = refcount.RefTable(self)
         self._post_handlers = {
-            "submit": self._on_submit, "actor_call": self._on_actor_call,
-            "put": self._on_put_counted, "contain": self._on_contain,
-            "release": self._on_release_counted, "create_actor": self._on_create_actor_post,
-            "kill": self._on_kill, "cancel": self._on_cancel, "borrow": self._on_borrow,
+            "submit": self._on_submit,
+            "actor_call": self._on_actor_call,
+            "put": self._on_put_counted,
+            "contain": self._on_contain,
+            "release": self._on_release_counted,
+            "create_actor": self._on_create_actor_post,
+            "kill": self._on_kill,
+            "cancel": self._on_cancel,
+            "borrow": self._on_borrow,
             "stream_drop": self._on_stream_drop,
         }
 
@@ -285,9 +330,11 @@ class RuntimeNode:
         if self.store is None:
             # created off the loop (it imports pyarrow): init() returns before it is ready, and
             # until then large values simply travel inline
-            root = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
-                                f"latticaray-{os.getuid()}",
-                                f"store-{os.getpid()}-{os.urandom(3).hex()}")
+            root = os.path.join(
+                "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+                f"latticaray-{os.getuid()}",
+                f"store-{os.getpid()}-{os.urandom(3).hex()}",
+            )
             self.worker_env[serialization.STORE_ROOT_ENV] = root
             self._own_store = True
             self.store_ready = self.loop.run_in_executor(None, self._create_store, root)
@@ -305,7 +352,8 @@ class RuntimeNode:
             worker.kill()
         deadline = time.monotonic() + 5.0
         for worker in workers:
-            while worker.proc.poll() is None and time.monotonic() < deadline:
+            # a child's exit is not an asyncio event here (Popen): poll, bounded by the deadline
+            while worker.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             try:
                 if worker.writer is not None:
@@ -325,6 +373,7 @@ class RuntimeNode:
             except Exception:
                 pass  # the store never came up: nothing of it to remove beyond its directory
             import shutil
+
             shutil.rmtree(self.worker_env[serialization.STORE_ROOT_ENV], ignore_errors=True)
             if self.store is not None:
                 shutil.rmtree(self.store.spill_dir, ignore_errors=True)
@@ -338,8 +387,13 @@ class RuntimeNode:
 
         async def on_driver(reader, writer):
             driver = AttachedDriver(writer)
-            driver.send({"op": "welcome", "node_id": self.node_id,
-                         "store": self.worker_env.get(serialization.STORE_ROOT_ENV)})
+            driver.send(
+                {
+                    "op": "welcome",
+                    "node_id": self.node_id,
+                    "store": self.worker_env.get(serialization.STORE_ROOT_ENV),
+                }
+            )
             try:
                 while True:
                     message = await read_frame(reader)
@@ -354,17 +408,20 @@ class RuntimeNode:
             if not self._stopping:
                 self._client_gone(driver)
 
-        self._driver_server = await asyncio.start_unix_server(on_driver, path=path,
-                                                              limit=1 << 20)
+        self._driver_server = await asyncio.start_unix_server(on_driver, path=path, limit=1 << 20)
         os.chmod(path, 0o600)
         return path
 
     def _create_store(self, root: str) -> None:
         from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
         from latticaray.objectstore.store import LocalStore
+
         # BLAKE3 hashes large objects on several cores: puts run about twice as fast as SHA-256
-        store = LocalStore(root=root, capacity_bytes=self.store_capacity,
-                           hash_code=BLAKE3 if blake3_available() else SHA2_256)
+        store = LocalStore(
+            root=root,
+            capacity_bytes=self.store_capacity,
+            hash_code=BLAKE3 if blake3_available() else SHA2_256,
+        )
         self.store = store
         serialization.set_store(store)
 
@@ -381,10 +438,19 @@ class RuntimeNode:
         env.update(self.worker_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "latticaray.runtime.worker", str(child_sock.fileno()),
-             self.node_id, worker_id],
-            pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "latticaray.runtime.worker",
+                str(child_sock.fileno()),
+                self.node_id,
+                worker_id,
+            ],
+            pass_fds=(child_sock.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         child_sock.close()
         parent_sock.setblocking(False)
         worker = WorkerHandle(worker_id, proc, None, is_actor)
@@ -501,16 +567,24 @@ class RuntimeNode:
             if rec.cancelled:
                 self._fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
             elif self._stream_started(rec):
-                self._fail(rec, WorkerCrashedError(
-                    f"worker running streaming task {rec.name} died after it produced items"))
+                self._fail(
+                    rec,
+                    WorkerCrashedError(
+                        f"worker running streaming task {rec.name} died after it produced items"
+                    ),
+                )
             elif rec.retries_left != 0:
                 rec.retries_left -= 1
                 self.stats["retries"] += 1
                 self.ready_queue.appendleft(rec)
             else:
-                self._fail(rec, WorkerCrashedError(
-                    f"worker {worker.worker_id} running task {rec.name} died "
-                    f"(exit code {worker.proc.returncode}) and no retries are left"))
+                self._fail(
+                    rec,
+                    WorkerCrashedError(
+                        f"worker {worker.worker_id} running task {rec.name} died "
+                        f"(exit code {worker.proc.returncode}) and no retries are left"
+                    ),
+                )
         worker.tasks.clear()
         self._dispatch()
 
@@ -632,8 +706,12 @@ class RuntimeNode:
         if self.seal_waiters:
             with self.seal_cond:
                 self.seal_cond.notify_all()
-        if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
-                and entry.holder is None:
+        if (
+            data is not None
+            and data[:1] == b"\x00"
+            and serialization.is_store_ref(data)
+            and entry.holder is None
+        ):
             self.store_refs[serialization.store_name(data)] += 1
         if entry.released:
             self.objects.pop(oid, None)
@@ -664,7 +742,7 @@ class RuntimeNode:
             entry.on_ready(one_ready)
         try:
             await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return entries
 
@@ -672,9 +750,15 @@ class RuntimeNode:
         if self.cluster is not None and owner and owner != self.node_id:
             return await self.cluster.fetch_object(oid, owner)
         entry = ObjectEntry()
-        entry.seal(ERROR, error_blob(ObjectLostError(
-            f"object {oid.hex()} is not known to its owner node {owner[:16] or self.node_id[:16]} "
-            f"(released or never created)")))
+        entry.seal(
+            ERROR,
+            error_blob(
+                ObjectLostError(
+                    f"object {oid.hex()} is not known to its owner node {owner[:16] or self.node_id[:16]} "
+                    f"(released or never created)"
+                )
+            ),
+        )
         return entry
 
     async def _req_get(self, message: dict) -> dict:
@@ -690,7 +774,7 @@ class RuntimeNode:
                 left = None if deadline is None else max(0.0, deadline - self.loop.time())
                 try:
                     entries[i] = await asyncio.wait_for(recovery.ensure_local(oid, entry), left)
-                except asyncio.TimeoutError:  # a re-execution it started goes on
+                except TimeoutError:  # a re-execution it started goes on
                     return {"timeout": True}
         return {"vals": [(e.status, e.data) for e in entries]}
 
@@ -700,7 +784,7 @@ class RuntimeNode:
         if entries is None:
             entries = [self.objects.get(oid) for oid, _ in oids]
         ready = [i for i, e in enumerate(entries) if e is not None and e.status != PENDING]
-        return {"ready": ready[:message["k"]]}
+        return {"ready": ready[: message["k"]]}
 
     def cid_for(self, oid: bytes, entry: ObjectEntry) -> str:
         if entry.cid is None:
@@ -726,8 +810,11 @@ class RuntimeNode:
     def cid_pending(self, data) -> bool:
         """Whether naming ``data`` by CID would hash: a store reference under a local name
         whose object is not linked to its CID yet."""
-        if not serialization.is_store_ref(data) or serialization.store_name(data)[:1] == "b" \
-                or self.store is None:
+        if (
+            not serialization.is_store_ref(data)
+            or serialization.store_name(data)[:1] == "b"
+            or self.store is None
+        ):
             return False
         try:
             return self.store.cid_if_resolved(serialization.store_name(data)) is None
@@ -746,7 +833,8 @@ class RuntimeNode:
             future = self.loop.run_in_executor(None, serialization.store_cid, data)
             self._hashing[name] = future
             future.add_done_callback(  # its error is read by the callers; mark it seen
-                lambda f: (self._hashing.pop(name, None), f.cancelled() or f.exception()))
+                lambda f: (self._hashing.pop(name, None), f.cancelled() or f.exception())
+            )
         await asyncio.shield(future)
 
     async def portable_async(self, data: bytes, awaiting_fetch: bool = False) -> bytes:
@@ -801,8 +889,15 @@ class RuntimeNode:
         if "blob" in message:
             self.code[message["fn"]] = message.pop("blob")
         nret = message["nret"]
-        rec = TaskRecord(tid, message, nret, opts.get("max_retries", 3), opts.get("retry_exc"),
-                         opts.get("res") or {"CPU": 1.0}, message.get("name", "task"))
+        rec = TaskRecord(
+            tid,
+            message,
+            nret,
+            opts.get("max_retries", 3),
+            opts.get("retry_exc"),
+            opts.get("res") or {"CPU": 1.0},
+            message.get("name", "task"),
+        )
         rec.client = client
         self.tasks[tid] = rec
         self.recovery.on_submit(rec, client)
@@ -829,8 +924,9 @@ class RuntimeNode:
 
     def _resolve_args(self, rec: TaskRecord, then) -> None:
         """Resolve a task's top-level ref arguments, then ``then(rec)``; a failed one fails it."""
-        self._resolve_ref_args(rec, lambda: rec.done or then(rec),
-                               lambda blob: self._fail_with_blob(rec, blob))
+        self._resolve_ref_args(
+            rec, lambda: rec.done or then(rec), lambda blob: self._fail_with_blob(rec, blob)
+        )
 
     def _resolve_ref_args(self, rec: TaskRecord | ActorRecord, then, fail) -> None:
         """Replace each top-level ref argument in ``rec.msg["args"]`` by its value (fetched,
@@ -852,8 +948,12 @@ class RuntimeNode:
                 if entry.status == ERROR and rec.dep_error is None:
                     rec.dep_error = entry.data
                 data = entry.data
-                if data is not None and data[:1] == b"\x00" and serialization.is_store_ref(data) \
-                        and entry.holder is None:
+                if (
+                    data is not None
+                    and data[:1] == b"\x00"
+                    and serialization.is_store_ref(data)
+                    and entry.holder is None
+                ):
                     cid = serialization.store_name(data)
                     self.store_refs[cid] += 1  # the driver may drop its ref before we run
                     if rec.pins is None:
@@ -866,6 +966,7 @@ class RuntimeNode:
                         fail(rec.dep_error)
                     else:
                         then()
+
             entry.on_ready(on_ready)
 
         def recover(item, oid, entry):
@@ -873,9 +974,14 @@ class RuntimeNode:
                 try:
                     found = await self.recovery.ensure_local(oid, entry)
                 except Exception as exc:  # a bug must not leave the task waiting forever
-                    found = ObjectEntry(ERROR, error_blob(ObjectLostError(
-                        f"recovering argument {oid.hex()} failed: {exc!r}")))
+                    found = ObjectEntry(
+                        ERROR,
+                        error_blob(
+                            ObjectLostError(f"recovering argument {oid.hex()} failed: {exc!r}")
+                        ),
+                    )
                 resolve(item, found)
+
             self.loop.create_task(ensure_local())
 
         for item in slots:
@@ -883,16 +989,22 @@ class RuntimeNode:
             entry = self.objects.get(oid)
             if entry is not None:
                 if entry.status == PENDING:  # its value may be elsewhere once sealed
-                    entry.on_ready(lambda item=item, oid=oid, entry=entry: (
-                        recover(item, oid, entry) if self.recovery.is_lost(entry)
-                        else resolve(item, entry)))
+                    entry.on_ready(
+                        lambda item=item, oid=oid, entry=entry: (
+                            recover(item, oid, entry)
+                            if self.recovery.is_lost(entry)
+                            else resolve(item, entry)
+                        )
+                    )
                 elif self.recovery.is_lost(entry):
                     recover(item, oid, entry)
                 else:
                     resolve(item, entry)
             else:
+
                 async def locate(item=item, oid=oid, owner=owner):
                     resolve(item, await self._locate(oid, owner))
+
                 self.loop.create_task(locate())
 
     def _schedule(self, rec: TaskRecord) -> None:
@@ -910,9 +1022,14 @@ class RuntimeNode:
                 self.cluster.run_remote(rec, target)
                 return
         if not self.ledger.could_ever_fit(demand):
-            self._fail(rec, TaskUnschedulableError(
-                rec.tid.hex(), f"no node can ever provide {dict(demand)} "
-                               f"(this node has {self.total_resources})"))
+            self._fail(
+                rec,
+                TaskUnschedulableError(
+                    rec.tid.hex(),
+                    f"no node can ever provide {dict(demand)} "
+                    f"(this node has {self.total_resources})",
+                ),
+            )
             return
         if self.recovery.fetch_args_first(rec):
             return  # an argument's only copy is on another node: it comes here first
@@ -947,8 +1064,14 @@ class RuntimeNode:
         msg = rec.msg
         rec.worker = worker
         worker.tasks[rec.tid] = rec
-        out = {"op": "task", "tid": rec.tid, "fn": msg["fn"], "args": msg["args"],
-               "nret": rec.nret, "name": rec.name}
+        out = {
+            "op": "task",
+            "tid": rec.tid,
+            "fn": msg["fn"],
+            "args": msg["args"],
+            "nret": rec.nret,
+            "name": rec.name,
+        }
         if rec.nret == STREAMING:
             stream = self.streams[rec.tid]
             stream.worker = worker
@@ -972,8 +1095,12 @@ class RuntimeNode:
             if worker.alive:
                 self.idle_workers.append(worker)
         err = message.get("err")
-        if err is not None and not message.get("cancelled") and not rec.cancelled \
-                and self._should_retry_exception(rec, message.get("mro", [])):
+        if (
+            err is not None
+            and not message.get("cancelled")
+            and not rec.cancelled
+            and self._should_retry_exception(rec, message.get("mro", []))
+        ):
             rec.retries_left -= 1
             self.stats["retries"] += 1
             if rec.actor is None:
@@ -1077,15 +1204,16 @@ class RuntimeNode:
                 if not future.done():
                     future.set_result(None)
 
-            deadline = None if message.get("timeout") is None else \
-                self.loop.time() + message["timeout"]
+            deadline = (
+                None if message.get("timeout") is None else self.loop.time() + message["timeout"]
+            )
             while index >= stream.count and not stream.finished:
                 future = self.loop.create_future()
                 stream.waiters.append(lambda f=future: f.done() or f.set_result(None))
                 left = None if deadline is None else max(0.0, deadline - self.loop.time())
                 try:
                     await asyncio.wait_for(future, left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return {"timeout": True}
         if index < stream.count:
             if index + 1 > stream.consumed:
@@ -1120,8 +1248,9 @@ class RuntimeNode:
 
     # ---- cancel
     def _on_cancel(self, message: dict, client) -> None:
-        self.cancel_task(task_of(message["oid"]), message.get("force", False),
-                         message.get("recursive", True))
+        self.cancel_task(
+            task_of(message["oid"]), message.get("force", False), message.get("recursive", True)
+        )
 
     def cancel_task(self, tid: bytes, force: bool, recursive: bool) -> None:
         rec = self.tasks.get(tid)
@@ -1186,14 +1315,26 @@ class RuntimeNode:
         namespace = opts.get("namespace") or "default"
         if name:
             existing = self.named_actors.get((namespace, name))
-            if existing is not None and existing in self.actors \
-                    and self.actors[existing].state != "DEAD":
+            if (
+                existing is not None
+                and existing in self.actors
+                and self.actors[existing].state != "DEAD"
+            ):
                 if opts.get("get_if_exists"):
                     record = self.actors[existing]
-                    return {"aid": existing, "node": self.node_id, "existing": True,
-                            "meta": record.opts.get("meta")}
-                return {"error": error_blob(ActorNameTakenError(
-                    f"an actor named {name!r} already exists in namespace {namespace!r}"))}
+                    return {
+                        "aid": existing,
+                        "node": self.node_id,
+                        "existing": True,
+                        "meta": record.opts.get("meta"),
+                    }
+                return {
+                    "error": error_blob(
+                        ActorNameTakenError(
+                            f"an actor named {name!r} already exists in namespace {namespace!r}"
+                        )
+                    )
+                }
         self._adopt_actor(message, client)
         if self.cluster is not None:
             target = message.pop("host", None) or self.cluster.place_actor(message, defer=True)
@@ -1220,8 +1361,9 @@ class RuntimeNode:
         actor = ActorRecord(aid, message, opts)
         if not self.ledger.could_ever_fit(actor.demand):
             actor.state = "DEAD"
-            actor.death_cause = (f"the actor needs {actor.demand}, more than this node's "
-                                 f"{self.total_resources}")
+            actor.death_cause = (
+                f"the actor needs {actor.demand}, more than this node's {self.total_resources}"
+            )
             self.actors[aid] = actor
             return {"error": error_blob(TaskUnschedulableError(aid.hex(), actor.death_cause))}
         try:
@@ -1241,17 +1383,21 @@ class RuntimeNode:
     def _start_actor_worker(self, actor: ActorRecord) -> None:
         """Start the actor's worker once its constructor's top-level ref arguments are values
         (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
+
         def start() -> None:
             if actor.state != "DEAD":
                 self._spawn_actor_worker(actor)
-        self._resolve_ref_args(actor, start,
-                               lambda blob: self._constructor_argument_failed(actor, blob))
+
+        self._resolve_ref_args(
+            actor, start, lambda blob: self._constructor_argument_failed(actor, blob)
+        )
 
     def _constructor_argument_failed(self, actor: ActorRecord, blob: bytes) -> None:
         actor.state = "DEAD"
         actor.no_restart = True
-        actor.death_cause = ("an argument of the actor's constructor failed:\n"
-                             f"{serialization.deserialize(blob)}")
+        actor.death_cause = (
+            f"an argument of the actor's constructor failed:\n{serialization.deserialize(blob)}"
+        )
         self._release_actor_args(actor)
         while actor.outbox:
             self._fail(actor.outbox.popleft(), ActorDiedError(self._death_message(actor)))
@@ -1263,10 +1409,18 @@ class RuntimeNode:
         actor.state = "ALIVE"
         msg = actor.msg
         opts = actor.opts
-        worker.send({"op": "actor_create", "aid": actor.aid, "cls": msg["cls"],
-                     "blob": self.code[msg["cls"]], "args": msg["args"],
-                     "mc": opts.get("max_concurrency") or (1000 if opts.get("is_async") else 1),
-                     "async": bool(opts.get("is_async")), "name": msg.get("cname", "actor")})
+        worker.send(
+            {
+                "op": "actor_create",
+                "aid": actor.aid,
+                "cls": msg["cls"],
+                "blob": self.code[msg["cls"]],
+                "args": msg["args"],
+                "mc": opts.get("max_concurrency") or (1000 if opts.get("is_async") else 1),
+                "async": bool(opts.get("is_async")),
+                "name": msg.get("cname", "actor"),
+            }
+        )
         worker.loaded.add(msg["cls"])
         while actor.outbox:
             self._send_actor_call(actor, actor.outbox.popleft())
@@ -1293,8 +1447,15 @@ class RuntimeNode:
         actor = self.actors.get(aid)
         tid = message["tid"]
         nret = message["nret"]
-        rec = TaskRecord(tid, message, nret, message.get("retries", 0), None, {},
-                         message.get("name", message["m"]))
+        rec = TaskRecord(
+            tid,
+            message,
+            nret,
+            message.get("retries", 0),
+            None,
+            {},
+            message.get("name", message["m"]),
+        )
         rec.client = client
         self.tasks[tid] = rec
         if client is None or client.kind != "remote":
@@ -1310,8 +1471,9 @@ class RuntimeNode:
         if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
             self.refs.pin_task(tid, refcount.task_arg_refs(message))
         if actor is None:
-            if self.cluster is not None and (message.get("anode") != self.node_id
-                                             or aid in self.cluster.actor_location):
+            if self.cluster is not None and (
+                message.get("anode") != self.node_id or aid in self.cluster.actor_location
+            ):
                 self.cluster.enqueue_actor_call(rec)
                 self._resolve_args(rec, lambda r: self.cluster.pump_actor(aid))
                 return
@@ -1340,8 +1502,14 @@ class RuntimeNode:
         rec.worker = worker
         worker.tasks[rec.tid] = rec
         actor.inflight[rec.tid] = rec
-        out = {"op": "actor_call", "tid": rec.tid, "m": msg["m"], "args": msg["args"],
-               "nret": rec.nret, "name": rec.name}
+        out = {
+            "op": "actor_call",
+            "tid": rec.tid,
+            "m": msg["m"],
+            "args": msg["args"],
+            "nret": rec.nret,
+            "name": rec.name,
+        }
         if rec.nret == STREAMING:
             stream = self.streams[rec.tid]
             stream.worker = worker
@@ -1349,19 +1517,27 @@ class RuntimeNode:
         worker.send(out)
 
     def _death_message(self, actor: ActorRecord) -> str:
-        return (f"actor {actor.name or actor.aid.hex()} is dead: "
-                f"{actor.death_cause or 'its worker process died'}")
+        return (
+            f"actor {actor.name or actor.aid.hex()} is dead: "
+            f"{actor.death_cause or 'its worker process died'}"
+        )
 
     def _on_actor_worker_died(self, actor: ActorRecord) -> None:
         inflight = list(actor.inflight.values())
         actor.inflight.clear()
-        can_restart = (not actor.no_restart and actor.state != "DEAD"
-                       and (actor.max_restarts < 0 or actor.restarts < actor.max_restarts))
+        can_restart = (
+            not actor.no_restart
+            and actor.state != "DEAD"
+            and (actor.max_restarts < 0 or actor.restarts < actor.max_restarts)
+        )
         if not can_restart:
             actor.state = "DEAD"
             if not actor.death_cause:
-                actor.death_cause = ("it was killed" if actor.no_restart else
-                                     "its worker process died and no restarts are left")
+                actor.death_cause = (
+                    "it was killed"
+                    if actor.no_restart
+                    else "its worker process died and no restarts are left"
+                )
             if actor.demand:
                 self.ledger.release("actor-" + actor.aid.hex())
             self._release_actor_args(actor)
@@ -1383,9 +1559,13 @@ class RuntimeNode:
                 rec.retries_left -= 1
                 retry.append(rec)
             else:
-                self._fail(rec, ActorDiedError(
-                    f"actor {actor.name or actor.aid.hex()} died while running {rec.name} "
-                    f"(it restarts; the call has no retries left)"))
+                self._fail(
+                    rec,
+                    ActorDiedError(
+                        f"actor {actor.name or actor.aid.hex()} died while running {rec.name} "
+                        f"(it restarts; the call has no retries left)"
+                    ),
+                )
         actor.outbox.extendleft(reversed(retry))
         self._start_actor_worker(actor)
 
@@ -1412,14 +1592,20 @@ class RuntimeNode:
             found = await self.cluster.lookup_actor_name(*key)
             if found is not None:
                 return found
-        return {"error": error_blob(ValueError(
-            f"no actor named {key[1]!r} in namespace {key[0]!r}"))}
+        return {
+            "error": error_blob(ValueError(f"no actor named {key[1]!r} in namespace {key[0]!r}"))
+        }
 
     # ---- cluster view
     def local_view(self) -> dict:
-        return {"NodeID": self.node_id, "Alive": True, "Resources": self.total_resources,
-                "Available": self.ledger.available, "Workers": len(self.task_workers),
-                "Actors": sum(1 for a in self.actors.values() if a.state != "DEAD")}
+        return {
+            "NodeID": self.node_id,
+            "Alive": True,
+            "Resources": self.total_resources,
+            "Available": self.ledger.available,
+            "Workers": len(self.task_workers),
+            "Actors": sum(1 for a in self.actors.values() if a.state != "DEAD"),
+        }
 
     def nodes(self) -> list[dict]:
         if self.cluster is not None:

@@ -3,9 +3,10 @@
 Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop until SIGTERM or
 SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "advertised": [...],
 "timings": {...}, "gc": {...}, "invite": ...} ("invite" only on the node that created the mesh). With --nat
-(and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. Once started it applies the GC policy of
-latticaray.runtime.gcpolicy (--gc-policy). This is what `latticaray start` runs.
+(and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. Once started
+it applies the GC policy of latticaray.runtime.gcpolicy (--gc-policy). This is what `latticaray start` runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,46 +20,89 @@ import sys
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="latticaray start", description=__doc__)
-    parser.add_argument("--bootstrap", action="append", default=[],
-                        help="multiaddr (with /p2p/<id>) of a member to join; repeatable")
-    parser.add_argument("--credential", default=os.environ.get("LATTICARAY_CREDENTIAL"),
-                        help="membership credential from `latticaray invite`")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        help="multiaddr (with /p2p/<id>) of a member to join; repeatable",
+    )
+    parser.add_argument(
+        "--credential",
+        default=os.environ.get("LATTICARAY_CREDENTIAL"),
+        help="membership credential from `latticaray invite`",
+    )
     parser.add_argument("--listen", action="append", default=None, help="multiaddr to listen on")
     parser.add_argument("--num-cpus", type=float, default=None)
     parser.add_argument("--num-gpus", type=float, default=None)
     parser.add_argument("--resources", default=None, help='JSON map, e.g. {"TPU": 4}')
     parser.add_argument("--key-path", default=None, help="host key file (created if missing)")
-    parser.add_argument("--driver-socket", default=None,
-                        help="Unix socket drivers attach to with init(address='unix:<path>') "
-                             "(default: a private directory under the temp dir)")
-    parser.add_argument("--mesh-key-path", default=None,
-                        help="mesh key file for a node that starts a mesh (created if missing)")
-    parser.add_argument("--nat", action="store_true",
-                        help="take part in NAT traversal: find the NAT type, reserve a relay slot "
-                             "when not public, advertise the circuit address, hole-punch")
-    parser.add_argument("--observer", action="append", default=[],
-                        help="HOST:PORT, QUIC endpoint of a public node (NAT type, AutoNAT)")
-    parser.add_argument("--relay", action="append", default=[],
-                        help="/ip4/HOST/tcp/PORT/p2p/ID of a relay to reserve a slot on")
-    parser.add_argument("--serve-relay", type=int, default=None, metavar="PORT",
-                        help="offer the relay service (TCP PORT) and AutoNAT: for public nodes")
+    parser.add_argument(
+        "--driver-socket",
+        default=None,
+        help="Unix socket drivers attach to with init(address='unix:<path>') "
+        "(default: a private directory under the temp dir)",
+    )
+    parser.add_argument(
+        "--mesh-key-path",
+        default=None,
+        help="mesh key file for a node that starts a mesh (created if missing)",
+    )
+    parser.add_argument(
+        "--nat",
+        action="store_true",
+        help="take part in NAT traversal: find the NAT type, reserve a relay slot "
+        "when not public, advertise the circuit address, hole-punch",
+    )
+    parser.add_argument(
+        "--observer",
+        action="append",
+        default=[],
+        help="HOST:PORT, QUIC endpoint of a public node (NAT type, AutoNAT)",
+    )
+    parser.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        help="/ip4/HOST/tcp/PORT/p2p/ID of a relay to reserve a slot on",
+    )
+    parser.add_argument(
+        "--serve-relay",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="offer the relay service (TCP PORT) and AutoNAT: for public nodes",
+    )
     parser.add_argument("--no-hole-punching", action="store_true")
-    parser.add_argument("--peering", choices=("full", "sparse"), default="full",
-                        help="full: admit every member connected or introduced; sparse: admit "
-                             "peers only through bootstrap, placement (DHT capacity ads) or "
-                             "when they ask")
-    parser.add_argument("--capacity-wait", type=float, default=None, metavar="SECONDS",
-                        help="how long work no known node can take waits for a node advertising "
-                             "the resources in the DHT before it fails as unschedulable")
-    parser.add_argument("--gc-policy", choices=("startup", "refreeze", "off"), default="startup",
-                        help="startup: after start-up freeze what is alive and raise the GC "
-                             "thresholds (shorter pauses with many connections); refreeze: also "
-                             "freeze survivors every --gc-refreeze-interval seconds (frozen "
-                             "cycles that become garbage are never collected); off: CPython's "
-                             "defaults")
+    parser.add_argument(
+        "--peering",
+        choices=("full", "sparse"),
+        default="full",
+        help="full: admit every member connected or introduced; sparse: admit "
+        "peers only through bootstrap, placement (DHT capacity ads) or "
+        "when they ask",
+    )
+    parser.add_argument(
+        "--capacity-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long work no known node can take waits for a node advertising "
+        "the resources in the DHT before it fails as unschedulable",
+    )
+    parser.add_argument(
+        "--gc-policy",
+        choices=("startup", "refreeze", "off"),
+        default="startup",
+        help="startup: after start-up freeze what is alive and raise the GC "
+        "thresholds (shorter pauses with many connections); refreeze: also "
+        "freeze survivors every --gc-refreeze-interval seconds (frozen "
+        "cycles that become garbage are never collected); off: CPython's "
+        "defaults",
+    )
     parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument("--lab", action="store_true",
-                        help="treat the netlab's 198.18.0.0/15 addresses as public")
+    parser.add_argument(
+        "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
+    )
     return parser.parse_args(argv)
 
 
@@ -67,28 +111,41 @@ def nat_settings(args: argparse.Namespace):
     if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
         return None
     from latticaray.runtime.cluster import NatSettings
+
     serving = args.serve_relay is not None
-    return NatSettings.coerce({
-        "observers": args.observer, "relays": args.relay, "serve_relay": serving,
-        "relay_port": args.serve_relay or 0, "serve_autonat": serving,
-        "hole_punching": not args.no_hole_punching, "lab": args.lab,
-        "auto_configure": not serving})
+    return NatSettings.coerce(
+        {
+            "observers": args.observer,
+            "relays": args.relay,
+            "serve_relay": serving,
+            "relay_port": args.serve_relay or 0,
+            "serve_autonat": serving,
+            "hole_punching": not args.no_hole_punching,
+            "lab": args.lab,
+            "auto_configure": not serving,
+        }
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
+    from latticaray.runtime import gcpolicy
     from latticaray.runtime.api import _default_resources
     from latticaray.runtime.cluster import CAPACITY_WAIT, MeshRuntime
-    from latticaray.runtime import gcpolicy
     from latticaray.runtime.node import RuntimeNode
 
-    resources = _default_resources(args.num_cpus, args.num_gpus,
-                                   json.loads(args.resources) if args.resources else None)
-    mesh_runtime = MeshRuntime.prepare(bootstrap=args.bootstrap, credential=args.credential,
-                                       listen=args.listen, key_path=args.key_path,
-                                       mesh_key_path=args.mesh_key_path,
-                                       nat=nat_settings(args), peering=args.peering,
-                                       capacity_wait=CAPACITY_WAIT if args.capacity_wait is None
-                                       else args.capacity_wait)
+    resources = _default_resources(
+        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+    )
+    mesh_runtime = MeshRuntime.prepare(
+        bootstrap=args.bootstrap,
+        credential=args.credential,
+        listen=args.listen,
+        key_path=args.key_path,
+        mesh_key_path=args.mesh_key_path,
+        nat=nat_settings(args),
+        peering=args.peering,
+        capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
+    )
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)
@@ -97,19 +154,29 @@ async def run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     import tempfile
+
     socket_path = args.driver_socket or os.path.join(
-        tempfile.gettempdir(), f"latticaray-{os.getuid()}", f"node-{os.getpid()}.sock")
+        tempfile.gettempdir(), f"latticaray-{os.getuid()}", f"node-{os.getpid()}.sock"
+    )
     await node.listen_for_drivers(socket_path)
     refresher = None
     if args.gc_policy != "off":
         gcpolicy.apply_startup_policy()
     if args.gc_policy == "refreeze":
         refresher = asyncio.ensure_future(gcpolicy.refreeze_loop(args.gc_refreeze_interval))
-    ready = {"node_id": mesh_runtime.node_id, "addrs": mesh_runtime.listen_addrs,
-             "advertised": mesh_runtime.advertised_addrs, "timings": mesh_runtime.timings,
-             "pid": os.getpid(), "driver_address": f"unix:{socket_path}",
-             "gc": {"policy": args.gc_policy, "frozen": gc.get_freeze_count(),
-                    "thresholds": list(gc.get_threshold())}}
+    ready = {
+        "node_id": mesh_runtime.node_id,
+        "addrs": mesh_runtime.listen_addrs,
+        "advertised": mesh_runtime.advertised_addrs,
+        "timings": mesh_runtime.timings,
+        "pid": os.getpid(),
+        "driver_address": f"unix:{socket_path}",
+        "gc": {
+            "policy": args.gc_policy,
+            "frozen": gc.get_freeze_count(),
+            "thresholds": list(gc.get_threshold()),
+        },
+    }
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
     print(json.dumps(ready), flush=True)
@@ -128,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass

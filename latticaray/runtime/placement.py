@@ -22,6 +22,7 @@ Bounds: one lookup in flight per key, at most ``max_keys`` keys tracked, ``sampl
 kept per key, ``max_admissions`` admissions in flight and ``max_new_per_lookup`` started per
 answer, ``max_waiting`` waiting requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,7 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import PeerId
@@ -86,11 +87,22 @@ class _Waiting:
 class CapacityDirectoryCore:
     """Sans-I/O bookkeeping of DHT capacity lookups and of requests waiting for capacity."""
 
-    def __init__(self, *, ttl: float = 3.0, refresh_interval: float = 5.0, min_gap: float = 1.0,
-                 idle_backoff_max: float = 60.0, interest_window: float = 60.0,
-                 max_keys: int = 16, sample_size: int = 32, wait_timeout: float = 10.0,
-                 max_waiting: int = 4096, redial_after: float = 20.0, background_peers: int = 8,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        *,
+        ttl: float = 3.0,
+        refresh_interval: float = 5.0,
+        min_gap: float = 1.0,
+        idle_backoff_max: float = 60.0,
+        interest_window: float = 60.0,
+        max_keys: int = 16,
+        sample_size: int = 32,
+        wait_timeout: float = 10.0,
+        max_waiting: int = 4096,
+        redial_after: float = 20.0,
+        background_peers: int = 8,
+        seed: int | None = None,
+    ):
         if not 0 < min_gap <= refresh_interval <= idle_backoff_max:
             raise ValueError("need 0 < min_gap <= refresh_interval <= idle_backoff_max")
         self.ttl = ttl
@@ -157,8 +169,9 @@ class CapacityDirectoryCore:
         key.in_flight = True
         key.last_lookup = now
 
-    def lookup_done(self, resource: str, views: list[NodeView] | None, now: float,
-                    own_node: str | None = None) -> list[NodeView]:
+    def lookup_done(
+        self, resource: str, views: list[NodeView] | None, now: float, own_node: str | None = None
+    ) -> list[NodeView]:
         """Record an answer (None: the lookup failed); returns the views kept (sampled)."""
         key = self.keys.get(resource)
         kept = [v for v in views or [] if v.node_id != own_node and v.alive]
@@ -213,8 +226,9 @@ class CapacityDirectoryCore:
         if entry is None:
             if len(self.waiting) >= self.max_waiting:
                 return False
-            entry = self.waiting[request_id] = _Waiting(request_id, resource, dict(demand), now,
-                                                        now + self.wait_timeout, reason)
+            entry = self.waiting[request_id] = _Waiting(
+                request_id, resource, dict(demand), now, now + self.wait_timeout, reason
+            )
             self.demand(resource, now)
         entry.reason = reason
         return True
@@ -246,9 +260,18 @@ class CapacityDirectoryCore:
 class DhtPlacement:
     """Draws placement candidates for one MeshCluster from the DHT capacity keys."""
 
-    def __init__(self, cluster, dht, core: CapacityDirectoryCore | None = None, *,
-                 get_timeout: float = 5.0, dial_timeout: float = 10.0, max_admissions: int = 4,
-                 max_new_per_lookup: int = 8, clock=time.monotonic):
+    def __init__(
+        self,
+        cluster,
+        dht,
+        core: CapacityDirectoryCore | None = None,
+        *,
+        get_timeout: float = 5.0,
+        dial_timeout: float = 10.0,
+        max_admissions: int = 4,
+        max_new_per_lookup: int = 8,
+        clock=time.monotonic,
+    ):
         self.cluster = cluster
         self.dht = dht
         self.core = core or CapacityDirectoryCore()
@@ -277,16 +300,26 @@ class DhtPlacement:
             self.core.demand(resource, now)
             self._wake.set()
 
-    def defer(self, request_id: str, demand: dict, reason: str, *, retry: Callable[[], None],
-              fail: Callable[[BaseException], None], settled: Callable[[], bool]):
+    def defer(
+        self,
+        request_id: str,
+        demand: dict,
+        reason: str,
+        *,
+        retry: Callable[[], None],
+        fail: Callable[[BaseException], None],
+        settled: Callable[[], bool],
+    ):
         """No admitted node can take the request: DEFERRED while it waits for the DHT to name
         one (``retry`` places it again, ``fail`` ends it at its deadline, ``settled`` says it
         ended meanwhile), or the TaskUnschedulableError for it when too many wait already."""
         if request_id not in self.core.waiting:
             self.stats["deferred"] += 1
         if not self.core.wait(request_id, demand, reason, self.clock()):
-            return TaskUnschedulableError(request_id, f"{reason} (and {len(self.core.waiting)} "
-                                                      f"requests already wait for capacity)")
+            return TaskUnschedulableError(
+                request_id,
+                f"{reason} (and {len(self.core.waiting)} requests already wait for capacity)",
+            )
         self.parked[request_id] = _Parked(retry, fail, settled)
         self._wake.set()
         return DEFERRED
@@ -313,10 +346,14 @@ class DhtPlacement:
                 parked = self.parked.pop(entry.request_id, None)
                 if parked is not None and not parked.settled():
                     self.stats["unschedulable"] += 1
-                    parked.fail(TaskUnschedulableError(
-                        entry.request_id, f"{entry.reason}; nor any node advertising "
-                                          f"capacity/{entry.resource} in the DHT",
-                        waited_s=now - entry.since))
+                    parked.fail(
+                        TaskUnschedulableError(
+                            entry.request_id,
+                            f"{entry.reason}; nor any node advertising "
+                            f"capacity/{entry.resource} in the DHT",
+                            waited_s=now - entry.since,
+                        )
+                    )
             if self._retry:
                 self._retry = False
                 self._retry_waiting()
@@ -328,7 +365,7 @@ class DhtPlacement:
             timeout = None if wakeup is None else max(0.01, wakeup - self.clock())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _retry_waiting(self) -> None:
@@ -344,13 +381,13 @@ class DhtPlacement:
     async def _lookup(self, resource: str) -> None:
         views = None
         try:
-            result = await asyncio.wait_for(self.dht.get(capacity_key(resource)),
-                                            self.get_timeout)
+            result = await asyncio.wait_for(self.dht.get(capacity_key(resource)), self.get_timeout)
             views, problems = views_from_dht(result, self.clock())
             if problems:
-                log.debug("capacity/%s: %d bad ads skipped (%s)", resource, len(problems),
-                          problems[0])
-        except (MeshError, asyncio.TimeoutError, OSError) as exc:
+                log.debug(
+                    "capacity/%s: %d bad ads skipped (%s)", resource, len(problems), problems[0]
+                )
+        except (TimeoutError, MeshError, OSError) as exc:
             log.debug("capacity/%s lookup failed: %r", resource, exc)
             self.stats["lookup_failures"] += 1
         finally:
@@ -366,8 +403,10 @@ class DhtPlacement:
         now = self.clock()
         started = 0
         known = len(self._admitting) + sum(
-            1 for v in cluster.snapshot.nodes.values()
-            if v.alive and v.node_id != cluster.node_id and v.total.get(resource, 0) > 0)
+            1
+            for v in cluster.snapshot.nodes.values()
+            if v.alive and v.node_id != cluster.node_id and v.total.get(resource, 0) > 0
+        )
         for view in views:
             state = cluster.peers.get(view.node_id)
             if state is not None and state.alive:
@@ -375,9 +414,12 @@ class DhtPlacement:
                     cluster.snapshot.update_node(view)
                     self.peer_ready()
                 continue
-            if (started >= self.max_new_per_lookup or view.node_id in self._admitting
-                    or not self.core.may_dial(view.node_id, now)
-                    or not self.core.worth_meeting(resource, view.total, known + started)):
+            if (
+                started >= self.max_new_per_lookup
+                or view.node_id in self._admitting
+                or not self.core.may_dial(view.node_id, now)
+                or not self.core.worth_meeting(resource, view.total, known + started)
+            ):
                 continue
             started += 1
             self._admitting.add(view.node_id)
@@ -392,7 +434,7 @@ class DhtPlacement:
                 if self.cluster.mesh.connection_to(peer) is None:
                     await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
                 await asyncio.wait_for(self.cluster._admit_with(peer), self.dial_timeout)
-        except (MeshError, ValueError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, MeshError, ValueError, OSError) as exc:
             log.debug("advertiser %s not reached: %r", node_id, exc)
         finally:
             self._admitting.discard(node_id)

@@ -3,6 +3,7 @@
 The channel is a Unix socketpair between a node and the worker processes it spawned, so both
 ends are trusted; frames are still size-bounded so a corrupted stream fails clearly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,8 @@ class BlockingFrameReader:
         if len(buffer) >= 4:
             (length,) = HEADER.unpack_from(buffer)
             if len(buffer) >= 4 + length:
-                body = bytes(buffer[4:4 + length])
-                del buffer[:4 + length]
+                body = bytes(buffer[4 : 4 + length])
+                del buffer[: 4 + length]
                 return unpack(body)
         return None
 

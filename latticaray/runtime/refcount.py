@@ -28,6 +28,7 @@ finishes sending them before it reports a task done or acknowledges refs inside 
 Refs pickled outside the runtime's own serialization (user code calling pickle) cannot be
 tracked and pin their object for the node's lifetime, as before.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,11 +54,11 @@ class RefTable:
 
     def __init__(self, node):
         self.node = node
-        self.counts: dict[bytes, int] = {}           # oid -> holds on this node
-        self.owners: dict[bytes, str] = {}           # borrowed oid -> its owner node
-        self.borrowers: dict[bytes, set[str]] = {}   # owned oid -> nodes borrowing it
-        self.contents: dict[bytes, list] = {}        # object -> [[oid, owner], ...] inside it
-        self.task_pins: dict[bytes, list] = {}       # task or actor id -> refs its args carry
+        self.counts: dict[bytes, int] = {}  # oid -> holds on this node
+        self.owners: dict[bytes, str] = {}  # borrowed oid -> its owner node
+        self.borrowers: dict[bytes, set[str]] = {}  # owned oid -> nodes borrowing it
+        self.contents: dict[bytes, list] = {}  # object -> [[oid, owner], ...] inside it
+        self.task_pins: dict[bytes, list] = {}  # task or actor id -> refs its args carry
         self.forwarded: dict[bytes, tuple[str, list]] = {}  # tid -> (caller, refs in results)
         self.streamed: dict[bytes, tuple[object, set]] = {}  # streaming tid -> (submitter,
         #                                                       items no process took yet)
@@ -317,8 +318,7 @@ class RefTable:
                 if not cluster.is_alive(owner):  # the owner is gone: its objects went with it
                     log.debug("reference updates to %s dropped: %r", owner, exc)
                     return
-                log.info("reference updates to %s failed (attempt %d): %r", owner,
-                         attempt + 1, exc)
+                log.info("reference updates to %s failed (attempt %d): %r", owner, attempt + 1, exc)
                 await asyncio.sleep(RETRY_DELAY * (attempt + 1))
         self.stats["ref_updates_lost"] += len(batch)
 

@@ -1,4 +1,5 @@
 """ObjectRef (a future value named by CID once sealed) and ObjectRefGenerator (streamed refs)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,10 +32,11 @@ class ObjectRef:
     of the mesh can fetch it. Refs are serializable and can be passed to other tasks.
     """
 
-    __slots__ = ("id", "owner", "_cid", "_counted", "__weakref__")
+    __slots__ = ("__weakref__", "_cid", "_counted", "id", "owner")
 
-    def __init__(self, object_id: bytes, owner: str = "", cid: str | None = None,
-                 _count: bool = True):
+    def __init__(
+        self, object_id: bytes, owner: str = "", cid: str | None = None, _count: bool = True
+    ):
         self.id = object_id
         self.owner = owner
         self._cid = cid
@@ -146,8 +148,9 @@ class ObjectRefGenerator:
     def _next_sync(self, timeout: float | None) -> ObjectRef:
         if self._done:
             raise StopIteration
-        ref = context.require_core().stream_next(self._task_id, self._next_index, timeout,
-                                                 self._owner)
+        ref = context.require_core().stream_next(
+            self._task_id, self._next_index, timeout, self._owner
+        )
         if ref is None:
             self._done = True
             raise StopIteration

@@ -12,6 +12,7 @@ A put names its object by a local name (``LocalStore.put_local``: copied, not ha
 node, which peers resolve by CID). ``store_name`` is the name as written, for bookkeeping that
 must not hash (pin counts).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def get_store():
     if _store is None and os.environ.get(STORE_ROOT_ENV):
         from latticaray.objectstore.errors import ObjectStoreError
         from latticaray.objectstore.store import LocalStore
+
         try:
             _store = LocalStore.attach(os.environ[STORE_ROOT_ENV])
         except ObjectStoreError:
@@ -59,12 +61,13 @@ def close_store() -> None:
 def _is_plain(value, depth: int = 0) -> bool:
     cls = type(value)
     if cls in _PLAIN_TYPES:
-        return cls is not bytes and cls is not bytearray or len(value) < STORE_THRESHOLD
+        return (cls is not bytes and cls is not bytearray) or len(value) < STORE_THRESHOLD
     if depth > 2 or cls not in (tuple, list, dict):
         return False
     if cls is dict:
-        return len(value) <= 32 and all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1)
-                                        for k, v in value.items())
+        return len(value) <= 32 and all(
+            _is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in value.items()
+        )
     return len(value) <= 32 and all(_is_plain(v, depth + 1) for v in value)
 
 
@@ -75,8 +78,9 @@ def serialize(value) -> bytes:
     store = get_store()
     if store is not None:
         nbytes = getattr(value, "nbytes", None)
-        if isinstance(nbytes, int) and nbytes >= STORE_THRESHOLD or (
-                type(value) in (bytes, bytearray) and len(value) >= STORE_THRESHOLD):
+        if (isinstance(nbytes, int) and nbytes >= STORE_THRESHOLD) or (
+            type(value) in (bytes, bytearray) and len(value) >= STORE_THRESHOLD
+        ):
             ref = _put_in_store(store, value)
             if ref is not None:
                 return ref
@@ -91,6 +95,7 @@ def serialize(value) -> bytes:
 def _put_in_store(store, value) -> bytes | None:
     from latticaray.objectstore.errors import ObjectStoreError
     from latticaray.objectstore.serialization import serialize as store_serialize
+
     try:
         name = store.put_serialized_local(store_serialize(value))
     except (ObjectStoreError, pickle.PicklingError, TypeError, AttributeError):
@@ -99,12 +104,12 @@ def _put_in_store(store, value) -> bytes | None:
 
 
 def is_store_ref(data) -> bool:
-    return data is not None and data[:len(STORE_MAGIC)] == STORE_MAGIC
+    return data is not None and data[: len(STORE_MAGIC)] == STORE_MAGIC
 
 
 def store_name(data: bytes) -> str:
     """The name in a store reference as written: a CID, or a local name (never hashes)."""
-    return bytes(data[len(STORE_MAGIC):]).decode("ascii")
+    return bytes(data[len(STORE_MAGIC) :]).decode("ascii")
 
 
 def store_cid(data: bytes) -> str:
@@ -120,13 +125,13 @@ def store_cid(data: bytes) -> str:
 
 def portable(data: bytes) -> bytes:
     """A store reference as it may leave this node: named by its CID."""
-    if is_store_ref(data) and data[len(STORE_MAGIC):len(STORE_MAGIC) + 1] != b"b":
+    if is_store_ref(data) and data[len(STORE_MAGIC) : len(STORE_MAGIC) + 1] != b"b":
         return STORE_MAGIC + store_cid(data).encode("ascii")
     return data
 
 
 def deserialize(data) -> object:
-    if data[:len(STORE_MAGIC)] == STORE_MAGIC:
+    if data[: len(STORE_MAGIC)] == STORE_MAGIC:
         store = get_store()
         if store is None:
             raise RuntimeError("a value lives in a shared-memory store this process cannot see")
@@ -162,8 +167,10 @@ def materialize_pieces(data) -> list:
     for op, _arg, pos in pickletools.genops(head):
         if pending is not None:
             readonly = op.code == "\x98"  # READONLY_BUFFER
-            pieces.append((b"\x8e" if readonly else b"\x96")  # BINBYTES8 / BYTEARRAY8
-                          + struct.pack("<Q", pending.nbytes))
+            pieces.append(
+                (b"\x8e" if readonly else b"\x96")  # BINBYTES8 / BYTEARRAY8
+                + struct.pack("<Q", pending.nbytes)
+            )
             pieces.append(pending)
             pending = None
             if readonly:
@@ -188,6 +195,7 @@ def dumps_code(obj) -> bytes:
 
 def code_hash(blob: bytes) -> bytes:
     import hashlib
+
     return hashlib.sha256(blob).digest()[:16]
 
 
@@ -196,6 +204,7 @@ def cid_of(data) -> str:
     if is_store_ref(data):
         return store_cid(data)
     from latticaray.objectstore.cid import Cid
+
     return str(Cid.of(bytes(data)))
 
 

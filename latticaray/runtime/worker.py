@@ -8,6 +8,7 @@ goes through `WorkerCore`, which sends requests to the node over the same channe
 channel itself while it waits (see WorkerConnection). The node cancels a running task by sending
 a cancel frame and SIGUSR1.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -124,8 +125,7 @@ class StreamCredit:
         self._consumed: dict[bytes, int] = {}
         self._cond = threading.Condition()
 
-    def wait_for_room(self, task_id: bytes, index: int, window: int, cancelled,
-                      pump=None) -> None:
+    def wait_for_room(self, task_id: bytes, index: int, window: int, cancelled, pump=None) -> None:
         """Wait until the consumer is close enough; `pump` reads frames (the main thread's way
         of receiving the acks it waits for)."""
         while True:
@@ -153,8 +153,7 @@ class StreamCredit:
 def yield_message(task_id: bytes, index: int, item) -> dict:
     """A streamed item; refs inside it are listed so the node counts them as its contents."""
     with collect_refs() as inner:
-        message = {"op": "yield", "tid": task_id, "i": index,
-                   "d": serialization.serialize(item)}
+        message = {"op": "yield", "tid": task_id, "i": index, "d": serialization.serialize(item)}
     if inner:
         message["inner"] = inner
     return message
@@ -327,8 +326,9 @@ class Worker:
 
     def _finish_cancelled(self, task_id: bytes, name: str) -> None:
         err = serialization.dumps_code(TaskCancelledError(f"task {name} was cancelled"))
-        self.conn.send({"op": "done", "tid": task_id, "err": err, "mro": ["cancelled"],
-                        "cancelled": True})
+        self.conn.send(
+            {"op": "done", "tid": task_id, "err": err, "mro": ["cancelled"], "cancelled": True}
+        )
 
     def _reply_results(self, task_id: bytes, result, nret: int, name: str) -> None:
         if nret == 1:
@@ -338,8 +338,9 @@ class Worker:
         else:
             items = tuple(result)
             if len(items) != nret:
-                raise ValueError(f"task {name} declared num_returns={nret} "
-                                 f"but returned {len(items)} values")
+                raise ValueError(
+                    f"task {name} declared num_returns={nret} but returned {len(items)} values"
+                )
         values = []
         inner = []
         for item in items:
@@ -358,9 +359,13 @@ class Worker:
         on_main = threading.get_ident() == self.main_ident
         try:
             for item in generator:
-                self.credit.wait_for_room(task_id, index, window,
-                                          lambda: task_id in self.cancelled,
-                                          self.pump_main if on_main else None)
+                self.credit.wait_for_room(
+                    task_id,
+                    index,
+                    window,
+                    lambda: task_id in self.cancelled,
+                    self.pump_main if on_main else None,
+                )
                 self.conn.send(yield_message(task_id, index, item))
                 index += 1
         except KeyboardInterrupt:
@@ -380,8 +385,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             async for item in agen:
-                await loop.run_in_executor(None, self.credit.wait_for_room, task_id, index,
-                                           window, lambda: task_id in self.cancelled)
+                await loop.run_in_executor(
+                    None,
+                    self.credit.wait_for_room,
+                    task_id,
+                    index,
+                    window,
+                    lambda: task_id in self.cancelled,
+                )
                 self.conn.send(yield_message(task_id, index, item))
                 index += 1
         except BaseException as exc:
@@ -434,7 +445,8 @@ class Worker:
         if self.actor_error is not None:
             raise ActorDiedError(
                 "the actor's constructor raised, so it cannot run calls:\n"
-                + str(serialization.deserialize(self.actor_error)))
+                + str(serialization.deserialize(self.actor_error))
+            )
         method_name = message["m"]
         if method_name == "__lattica_ready__":
             return lambda: True
@@ -490,7 +502,8 @@ class Worker:
                         await self._stream_async(task_id, result, message)
                     else:
                         await asyncio.get_running_loop().run_in_executor(
-                            None, self._stream_sync, task_id, result, message)
+                            None, self._stream_sync, task_id, result, message
+                        )
                     return
                 if inspect.isawaitable(result):
                     result = await result
@@ -509,6 +522,7 @@ def main(argv: list[str]) -> None:
     conn = WorkerConnection(sock)
     worker = Worker(conn, node_id, worker_id)
     from latticaray.runtime.core import WorkerCore
+
     context.set_core(WorkerCore(conn, node_id, worker_id))
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     try:

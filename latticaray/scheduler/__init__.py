@@ -7,21 +7,56 @@ waiting, infeasible timeout), ``advertiser`` (capacity records in the DHT and CR
 """
 
 from .errors import (
-    InsufficientResources, InvalidCapacityAd, QueueFull, ResourceError, SchedulerError,
+    InsufficientResources,
+    InvalidCapacityAd,
+    QueueFull,
+    ResourceError,
+    SchedulerError,
     TaskUnschedulableError,
 )
 from .local import Admission, AdmissionKind, FairQueue, LocalScheduler
 from .policy import (
-    DEFAULT, SPREAD, ClusterSnapshot, Decision, DecisionKind, NodeAffinity, NodeView, ObjectInfo,
-    PlacementPolicy, PlacementRequest,
+    DEFAULT,
+    SPREAD,
+    ClusterSnapshot,
+    Decision,
+    DecisionKind,
+    NodeAffinity,
+    NodeView,
+    ObjectInfo,
+    PlacementPolicy,
+    PlacementRequest,
 )
 from .resources import Allocation, ResourceLedger, normalize
 from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
 
 __all__ = [
-    "SchedulerError", "TaskUnschedulableError", "InsufficientResources", "ResourceError", "QueueFull",
-    "InvalidCapacityAd", "ResourceLedger", "Allocation", "normalize", "ClusterSnapshot", "NodeView",
-    "ObjectInfo", "PlacementRequest", "PlacementPolicy", "Decision", "DecisionKind", "DEFAULT",
-    "SPREAD", "NodeAffinity", "LocalScheduler", "FairQueue", "Admission", "AdmissionKind",
-    "Submitter", "SendPlacement", "Placed", "PlacementWarning", "PlacementFailed",
+    "DEFAULT",
+    "SPREAD",
+    "Admission",
+    "AdmissionKind",
+    "Allocation",
+    "ClusterSnapshot",
+    "Decision",
+    "DecisionKind",
+    "FairQueue",
+    "InsufficientResources",
+    "InvalidCapacityAd",
+    "LocalScheduler",
+    "NodeAffinity",
+    "NodeView",
+    "ObjectInfo",
+    "Placed",
+    "PlacementFailed",
+    "PlacementPolicy",
+    "PlacementRequest",
+    "PlacementWarning",
+    "QueueFull",
+    "ResourceError",
+    "ResourceLedger",
+    "SchedulerError",
+    "SendPlacement",
+    "Submitter",
+    "TaskUnschedulableError",
+    "normalize",
 ]

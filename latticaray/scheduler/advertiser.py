@@ -19,8 +19,9 @@ drops out of placement within one TTL. The same totals, availability and labels 
   publish and what (:class:`PublishAd`).
 * :class:`CapacityAdvertiser` — asyncio driver writing to a ``DhtService`` and ``Members``.
 * Snapshot builders (pure): :func:`view_from_ad`, :func:`views_from_dht`,
-  :func:`view_from_member`, :func:`member_views`, :func:`build_snapshot`; and :class:`CandidateSampler`, the large-mesh
-  path that reads only the DHT key of the resource a request needs and samples from it.
+  :func:`view_from_member`, :func:`member_views`, :func:`build_snapshot`; and
+  :class:`CandidateSampler`, the large-mesh path that reads only the DHT key of the resource a
+  request needs and samples from it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import asyncio
 import logging
 import math
 import random
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import msgpack
 
@@ -40,9 +42,20 @@ from .policy import ClusterSnapshot, NodeView
 from .resources import CPU, normalize
 
 __all__ = [
-    "CAPACITY_FORMAT", "CAPACITY_PREFIX", "MAX_AD_BYTES", "CapacityAd", "PublishAd", "AdvertiserCore",
-    "CapacityAdvertiser", "capacity_key", "view_from_ad", "views_from_dht", "view_from_member",
-    "member_views", "build_snapshot", "CandidateSampler",
+    "CAPACITY_FORMAT",
+    "CAPACITY_PREFIX",
+    "MAX_AD_BYTES",
+    "AdvertiserCore",
+    "CandidateSampler",
+    "CapacityAd",
+    "CapacityAdvertiser",
+    "PublishAd",
+    "build_snapshot",
+    "capacity_key",
+    "member_views",
+    "view_from_ad",
+    "view_from_member",
+    "views_from_dht",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,24 +87,44 @@ class CapacityAd:
     accepting: bool = True
 
     def encode(self) -> bytes:
-        data = msgpack.packb({
-            "v": 1, "node": self.node, "seq": self.seq, "time": float(self.time),
-            "total": self.total, "avail": self.available, "labels": self.labels,
-            "queued": self.queued, "running": self.running, "qlimit": self.queue_limit,
-            "store_free": self.store_free, "accepting": self.accepting}, use_bin_type=True)
+        data = msgpack.packb(
+            {
+                "v": 1,
+                "node": self.node,
+                "seq": self.seq,
+                "time": float(self.time),
+                "total": self.total,
+                "avail": self.available,
+                "labels": self.labels,
+                "queued": self.queued,
+                "running": self.running,
+                "qlimit": self.queue_limit,
+                "store_free": self.store_free,
+                "accepting": self.accepting,
+            },
+            use_bin_type=True,
+        )
         if len(data) > MAX_AD_BYTES:
-            raise InvalidCapacityAd(f"capacity ad is {len(data)} bytes, over the {MAX_AD_BYTES} limit")
+            raise InvalidCapacityAd(
+                f"capacity ad is {len(data)} bytes, over the {MAX_AD_BYTES} limit"
+            )
         return data
 
     @classmethod
-    def decode(cls, data: bytes, publisher: str | None = None) -> "CapacityAd":
+    def decode(cls, data: bytes, publisher: str | None = None) -> CapacityAd:
         """Parse and validate; ``publisher`` (the DHT record's signer) must be the ad's node."""
         if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_AD_BYTES:
             raise InvalidCapacityAd(f"capacity ad must be at most {MAX_AD_BYTES} bytes")
         try:
-            obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True,
-                                  max_map_len=_MAX_ENTRIES, max_array_len=_MAX_ENTRIES,
-                                  max_str_len=MAX_AD_BYTES, max_bin_len=MAX_AD_BYTES)
+            obj = msgpack.unpackb(
+                bytes(data),
+                raw=False,
+                strict_map_key=True,
+                max_map_len=_MAX_ENTRIES,
+                max_array_len=_MAX_ENTRIES,
+                max_str_len=MAX_AD_BYTES,
+                max_bin_len=MAX_AD_BYTES,
+            )
         except Exception as exc:  # msgpack raises several unrelated types on malformed input
             raise InvalidCapacityAd(f"capacity ad is not valid msgpack: {exc}") from None
         if not isinstance(obj, dict) or obj.get("v") != 1:
@@ -107,28 +140,55 @@ class CapacityAd:
             if not isinstance(node, str) or not 0 < len(node) <= 128:
                 raise InvalidCapacityAd("node must be a peer id string")
             if publisher is not None and node != publisher:
-                raise InvalidCapacityAd(f"ad names node {node[:64]} but was published by {publisher}")
-            for name, value in (("seq", seq), ("queued", queued), ("running", running),
-                                ("store_free", store_free)):
+                raise InvalidCapacityAd(
+                    f"ad names node {node[:64]} but was published by {publisher}"
+                )
+            for name, value in (
+                ("seq", seq),
+                ("queued", queued),
+                ("running", running),
+                ("store_free", store_free),
+            ):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise InvalidCapacityAd(f"{name} must be a non-negative integer")
-            if qlimit is not None and (isinstance(qlimit, bool) or not isinstance(qlimit, int) or qlimit < 0):
+            if qlimit is not None and (
+                isinstance(qlimit, bool) or not isinstance(qlimit, int) or qlimit < 0
+            ):
                 raise InvalidCapacityAd("qlimit must be a non-negative integer or nil")
-            if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+            if (
+                isinstance(when, bool)
+                or not isinstance(when, (int, float))
+                or not math.isfinite(when)
+            ):
                 raise InvalidCapacityAd("time must be a finite number")
             total = normalize(_as_map(obj["total"], "total"))
             available = normalize(_as_map(obj["avail"], "avail"))
             labels = _as_map(obj.get("labels", {}), "labels")
             for k, v in labels.items():
-                if not isinstance(k, str) or not isinstance(v, str) or len(k) > _MAX_LABEL_LEN \
-                        or len(v) > _MAX_LABEL_LEN:
+                if (
+                    not isinstance(k, str)
+                    or not isinstance(v, str)
+                    or len(k) > _MAX_LABEL_LEN
+                    or len(v) > _MAX_LABEL_LEN
+                ):
                     raise InvalidCapacityAd("labels must map short strings to short strings")
         except KeyError as exc:
             raise InvalidCapacityAd(f"capacity ad lacks field {exc}") from None
         except ValueError as exc:  # ResourceError from normalize
             raise InvalidCapacityAd(f"capacity ad has bad resources: {exc}") from None
-        return cls(node, seq, float(when), total, available, labels, queued, running, qlimit, store_free,
-                   accepting)
+        return cls(
+            node,
+            seq,
+            float(when),
+            total,
+            available,
+            labels,
+            queued,
+            running,
+            qlimit,
+            store_free,
+            accepting,
+        )
 
 
 def _as_map(value: Any, name: str) -> dict:
@@ -138,6 +198,7 @@ def _as_map(value: Any, name: str) -> dict:
 
 
 # sans-I/O core --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PublishAd:
@@ -156,8 +217,14 @@ class AdvertiserCore:
     ``ttl`` is the records' lifetime; ``refresh_interval`` must be well inside it.
     """
 
-    def __init__(self, node_id: str, *, ttl: float = 15.0, refresh_interval: float = 5.0,
-                 min_interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        ttl: float = 15.0,
+        refresh_interval: float = 5.0,
+        min_interval: float = 0.25,
+    ) -> None:
         if not 0 < refresh_interval < ttl:
             raise ValueError("refresh_interval must be positive and shorter than ttl")
         self.node_id = node_id
@@ -176,7 +243,9 @@ class AdvertiserCore:
             return self._last_publish + self.min_interval
         return self._last_publish + self.refresh_interval
 
-    def poll(self, now: float, version: int, view: NodeView, store_free: int = 0) -> PublishAd | None:
+    def poll(
+        self, now: float, version: int, view: NodeView, store_free: int = 0
+    ) -> PublishAd | None:
         """Return what to publish now, or None (not due yet)."""
         deadline = self.next_deadline(version)
         if deadline is not None and now < deadline:
@@ -184,9 +253,19 @@ class AdvertiserCore:
         self._seq += 1
         self._last_publish = now
         self._published_version = version
-        ad = CapacityAd(self.node_id, self._seq, now, dict(view.total), dict(view.available),
-                        dict(view.labels), view.queued, view.running, view.queue_limit, store_free,
-                        view.alive)
+        ad = CapacityAd(
+            self.node_id,
+            self._seq,
+            now,
+            dict(view.total),
+            dict(view.available),
+            dict(view.labels),
+            view.queued,
+            view.running,
+            view.queue_limit,
+            store_free,
+            view.alive,
+        )
         keys = tuple(sorted(capacity_key(r) for r in (set(view.total) | {CPU})))
         dropped = tuple(k for k in self._keys if k not in keys)
         self._keys = keys
@@ -195,6 +274,7 @@ class AdvertiserCore:
 
 # asyncio driver -------------------------------------------------------------------------------
 
+
 class CapacityAdvertiser:
     """Publishes a node's capacity to the DHT (``capacity/<resource>``) and CRDT ``members``.
 
@@ -202,11 +282,21 @@ class CapacityAdvertiser:
     ``upsert_self(resources_total=, resources_available=, labels=)``. ``clock`` is wall time.
     """
 
-    def __init__(self, local: LocalScheduler, peer_id: str, peer_id_bytes: bytes, dht: Any = None,
-                 members: Any = None, *, core: AdvertiserCore | None = None,
-                 clock: Callable[[], float] | None = None, store_free: Callable[[], int] | None = None,
-                 put_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        local: LocalScheduler,
+        peer_id: str,
+        peer_id_bytes: bytes,
+        dht: Any = None,
+        members: Any = None,
+        *,
+        core: AdvertiserCore | None = None,
+        clock: Callable[[], float] | None = None,
+        store_free: Callable[[], int] | None = None,
+        put_timeout: float = 10.0,
+    ) -> None:
         import time
+
         self.local = local
         self.peer_id = peer_id
         self.subkey = peer_id_bytes
@@ -226,8 +316,9 @@ class CapacityAdvertiser:
         self._wake.set()
 
     async def publish_once(self) -> PublishAd | None:
-        action = self.core.poll(self.clock(), self.local.version, self.local.view(self.clock()),
-                                self.store_free())
+        action = self.core.poll(
+            self.clock(), self.local.version, self.local.view(self.clock()), self.store_free()
+        )
         if action is not None:
             await self._publish(action)
         return action
@@ -236,18 +327,26 @@ class CapacityAdvertiser:
         value = action.ad.encode()
         if self.dht is not None:
             results = await asyncio.gather(
-                *(asyncio.wait_for(self.dht.put(key, value, action.expiration, subkey=self.subkey),
-                                   self.put_timeout) for key in action.keys),
-                return_exceptions=True)
+                *(
+                    asyncio.wait_for(
+                        self.dht.put(key, value, action.expiration, subkey=self.subkey),
+                        self.put_timeout,
+                    )
+                    for key in action.keys
+                ),
+                return_exceptions=True,
+            )
             for key, result in zip(action.keys, results):
                 if isinstance(result, BaseException):
                     self.failures += 1
                     log.warning("capacity ad put %r failed: %s", key, result)
         if self.members is not None:
             try:
-                self.members.upsert_self(resources_total=action.ad.total,
-                                         resources_available=action.ad.available,
-                                         labels=action.ad.labels)
+                self.members.upsert_self(
+                    resources_total=action.ad.total,
+                    resources_available=action.ad.available,
+                    labels=action.ad.labels,
+                )
             except Exception as exc:  # a replica refusing our own entry must not stop the loop
                 self.failures += 1
                 log.warning("members upsert failed: %s", exc)
@@ -265,12 +364,14 @@ class CapacityAdvertiser:
                 deadline = self.core.next_deadline(self.local.version)
                 if deadline is not None:
                     await asyncio.sleep(max(0.0, deadline - self.clock()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="capacity-advertiser")
+            self._task = asyncio.get_running_loop().create_task(
+                self.run(), name="capacity-advertiser"
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -284,14 +385,25 @@ class CapacityAdvertiser:
 
 # snapshot builders (pure) ---------------------------------------------------------------------
 
-def view_from_ad(ad: CapacityAd, received_at: float, max_age: float = 15.0,
-                 now: float | None = None) -> NodeView:
+
+def view_from_ad(
+    ad: CapacityAd, received_at: float, max_age: float = 15.0, now: float | None = None
+) -> NodeView:
     """A :class:`NodeView` on the *submitter's* clock: the ad counts as made when received
     (clocks of different nodes are not compared). An ad older than ``max_age`` marks the node
     not alive."""
     alive = ad.accepting and (True if now is None else (now - received_at) <= max_age)
-    return NodeView(ad.node, dict(ad.total), dict(ad.available), dict(ad.labels), queued=ad.queued,
-                    running=ad.running, ad_time=received_at, queue_limit=ad.queue_limit, alive=alive)
+    return NodeView(
+        ad.node,
+        dict(ad.total),
+        dict(ad.available),
+        dict(ad.labels),
+        queued=ad.queued,
+        running=ad.running,
+        ad_time=received_at,
+        queue_limit=ad.queue_limit,
+        alive=alive,
+    )
 
 
 def _record_parts(record: Any) -> tuple[bytes, str | None]:
@@ -303,6 +415,7 @@ def _record_parts(record: Any) -> tuple[bytes, str | None]:
     if isinstance(publisher, (bytes, bytearray)):
         try:
             from latticaray.mesh.identity import PeerId
+
             publisher = str(PeerId.from_bytes(bytes(publisher)))
         except Exception:
             publisher = None
@@ -340,8 +453,16 @@ def view_from_member(member: Any, now: float, alive: bool = True) -> NodeView:
     total = dict(member.resources_total)
     available = dict(member.resources_available)
     running = int(max(0.0, total.get(CPU, 0.0) - available.get(CPU, 0.0)))
-    return NodeView(str(member.peer_id), total, available, dict(member.labels), queued=0,
-                    running=running, ad_time=float(getattr(member, "heartbeat", now)), alive=alive)
+    return NodeView(
+        str(member.peer_id),
+        total,
+        available,
+        dict(member.labels),
+        queued=0,
+        running=running,
+        ad_time=float(getattr(member, "heartbeat", now)),
+        alive=alive,
+    )
 
 
 def member_views(members: Any, wall_now: float, local_now: float) -> list[NodeView]:
@@ -355,9 +476,13 @@ def member_views(members: Any, wall_now: float, local_now: float) -> list[NodeVi
     return views
 
 
-def build_snapshot(members: Iterable[Any] = (), dht_views: Iterable[NodeView] = (),
-                   objects: Mapping[Any, tuple[int, Iterable[str]]] | None = None,
-                   local_node: str | None = None, now: float = 0.0) -> ClusterSnapshot:
+def build_snapshot(
+    members: Iterable[Any] = (),
+    dht_views: Iterable[NodeView] = (),
+    objects: Mapping[Any, tuple[int, Iterable[str]]] | None = None,
+    local_node: str | None = None,
+    now: float = 0.0,
+) -> ClusterSnapshot:
     """Merge the CRDT member view and DHT ads into a :class:`ClusterSnapshot`.
 
     DHT ads carry queue lengths, so for a node present in both the DHT view wins.
@@ -380,10 +505,18 @@ class CandidateSampler:
     """Large-mesh view: read ``capacity/<res>`` for the scarcest resource a request needs and
     keep a random sample of at most ``sample_size`` nodes from it (cached for ``max_age`` s)."""
 
-    def __init__(self, dht: Any, *, sample_size: int = 64, max_age: float = 2.0,
-                 get_timeout: float = 5.0, seed: int | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        dht: Any,
+        *,
+        sample_size: int = 64,
+        max_age: float = 2.0,
+        get_timeout: float = 5.0,
+        seed: int | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         import time
+
         self.dht = dht
         self.sample_size = sample_size
         self.max_age = max_age

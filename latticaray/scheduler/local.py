@@ -17,15 +17,16 @@ return to the ledger and queued requests that now fit are started.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Generic, Mapping, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import QueueFull
 from .policy import NodeView, PlacementRequest, labels_match
 from .resources import Allocation, ResourceLedger
 
-__all__ = ["FairQueue", "AdmissionKind", "Admission", "LocalScheduler"]
+__all__ = ["Admission", "AdmissionKind", "FairQueue", "LocalScheduler"]
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ class FairQueue(Generic[T]):
             raise ValueError("limit must be >= 0")
         self.limit = limit
         self.per_submitter_limit = per_submitter_limit
-        self._queues: "OrderedDict[str, deque[tuple[str, T]]]" = OrderedDict()
+        self._queues: OrderedDict[str, deque[tuple[str, T]]] = OrderedDict()
         self._keys: set[str] = set()
         self._size = 0
 
@@ -121,8 +122,15 @@ class Admission:
 class LocalScheduler:
     """One node's admission control and fair local queue over a :class:`ResourceLedger`."""
 
-    def __init__(self, node_id: str, ledger: ResourceLedger, *, labels: Mapping[str, str] | None = None,
-                 queue_limit: int | None = None, per_submitter_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        ledger: ResourceLedger,
+        *,
+        labels: Mapping[str, str] | None = None,
+        queue_limit: int | None = None,
+        per_submitter_limit: int | None = None,
+    ) -> None:
         self.node_id = node_id
         self.ledger = ledger
         self.labels = dict(labels or {})
@@ -145,39 +153,77 @@ class LocalScheduler:
         return len(self.queue)
 
     def view(self, now: float) -> NodeView:
-        return NodeView(self.node_id, self.ledger.total, self.ledger.available, dict(self.labels),
-                        queued=self.queued, running=self.running, ad_time=now,
-                        queue_limit=self.queue.limit, alive=self.accepting)
+        return NodeView(
+            self.node_id,
+            self.ledger.total,
+            self.ledger.available,
+            dict(self.labels),
+            queued=self.queued,
+            running=self.running,
+            ad_time=now,
+            queue_limit=self.queue.limit,
+            alive=self.accepting,
+        )
 
     def offer(self, request: PlacementRequest, now: float) -> Admission:
         """Admit, queue or reject ``request`` (which a submitter placed here)."""
         if request.task_id in self._running or request.task_id in self.queue:
-            return Admission(AdmissionKind.REJECTED, request.task_id, self.node_id,
-                             reason="duplicate task id", hint=self.view(now))
+            return Admission(
+                AdmissionKind.REJECTED,
+                request.task_id,
+                self.node_id,
+                reason="duplicate task id",
+                hint=self.view(now),
+            )
         if not labels_match(self.labels, request.label_selector):
-            return self._reject(request, now, f"labels {self.labels} do not match "
-                                              f"{request.label_selector}", infeasible=True)
+            return self._reject(
+                request,
+                now,
+                f"labels {self.labels} do not match {request.label_selector}",
+                infeasible=True,
+            )
         if not self.ledger.could_ever_fit(request.resources, normalized=True):
-            return self._reject(request, now, f"total capacity {self.ledger.total} cannot hold "
-                                              f"{request.resources}", infeasible=True)
+            return self._reject(
+                request,
+                now,
+                f"total capacity {self.ledger.total} cannot hold {request.resources}",
+                infeasible=True,
+            )
         if not self.accepting:
             return self._reject(request, now, "node is draining", infeasible=True)
         if self.ledger.can_fit(request.resources, normalized=True):
             allocation = self.ledger.acquire(request.task_id, request.resources)
             self._running[request.task_id] = request
             self.version += 1
-            return Admission(AdmissionKind.STARTED, request.task_id, self.node_id,
-                             reason="resources free", allocation=allocation)
+            return Admission(
+                AdmissionKind.STARTED,
+                request.task_id,
+                self.node_id,
+                reason="resources free",
+                allocation=allocation,
+            )
         if not self.queue.has_room(request.submitter):
             return self._reject(request, now, f"busy and queue full ({self.queued} waiting)")
         self.queue.push(request.submitter, request.task_id, request)
         self.version += 1
-        return Admission(AdmissionKind.QUEUED, request.task_id, self.node_id,
-                         reason=f"waiting for {self.ledger.missing(request.resources, normalized=True)}")
+        return Admission(
+            AdmissionKind.QUEUED,
+            request.task_id,
+            self.node_id,
+            reason=f"waiting for {self.ledger.missing(request.resources, normalized=True)}",
+        )
 
-    def _reject(self, request: PlacementRequest, now: float, reason: str, infeasible: bool = False) -> Admission:
-        return Admission(AdmissionKind.REJECTED, request.task_id, self.node_id, reason=reason,
-                         hint=self.view(now), infeasible=infeasible)
+    def _reject(
+        self, request: PlacementRequest, now: float, reason: str, infeasible: bool = False
+    ) -> Admission:
+        return Admission(
+            AdmissionKind.REJECTED,
+            request.task_id,
+            self.node_id,
+            reason=reason,
+            hint=self.view(now),
+            infeasible=infeasible,
+        )
 
     def finish(self, task_id: str, now: float) -> list[Admission]:
         """``task_id`` ended: release its resources and start queued requests that now fit."""
@@ -210,13 +256,22 @@ class LocalScheduler:
     def _dispatch(self) -> list[Admission]:
         started: list[Admission] = []
         while len(self.queue):
-            request = self.queue.pop_ready(lambda r: self.ledger.can_fit(r.resources, normalized=True))
+            request = self.queue.pop_ready(
+                lambda r: self.ledger.can_fit(r.resources, normalized=True)
+            )
             if request is None:
                 break
             allocation = self.ledger.acquire(request.task_id, request.resources)
             self._running[request.task_id] = request
-            started.append(Admission(AdmissionKind.STARTED, request.task_id, self.node_id,
-                                     reason="dequeued", allocation=allocation))
+            started.append(
+                Admission(
+                    AdmissionKind.STARTED,
+                    request.task_id,
+                    self.node_id,
+                    reason="dequeued",
+                    allocation=allocation,
+                )
+            )
         if started:
             self.version += 1
         return started

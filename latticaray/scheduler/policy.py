@@ -46,15 +46,24 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Mapping, Sequence
 
 from .resources import CPU, Normalized, fits, normalize, shortfall
 
 __all__ = [
-    "NodeView", "ObjectInfo", "ClusterSnapshot", "PlacementRequest", "Decision", "DecisionKind",
-    "DEFAULT", "SPREAD", "NodeAffinity", "PlacementPolicy", "labels_match",
+    "DEFAULT",
+    "SPREAD",
+    "ClusterSnapshot",
+    "Decision",
+    "DecisionKind",
+    "NodeAffinity",
+    "NodeView",
+    "ObjectInfo",
+    "PlacementPolicy",
+    "PlacementRequest",
+    "labels_match",
 ]
 
 DEFAULT = "DEFAULT"
@@ -154,8 +163,9 @@ def labels_match(labels: Mapping[str, str], selector: Mapping[str, str | Sequenc
 
 
 def _selector_key(selector: Mapping[str, str | Sequence[str]]) -> tuple:
-    return tuple(sorted((k, v if isinstance(v, str) else tuple(sorted(v)))
-                        for k, v in selector.items()))
+    return tuple(
+        sorted((k, v if isinstance(v, str) else tuple(sorted(v))) for k, v in selector.items())
+    )
 
 
 class ClusterSnapshot:
@@ -166,8 +176,12 @@ class ClusterSnapshot:
     snapshots on one node can share one table of object locations.
     """
 
-    def __init__(self, nodes: Iterable[NodeView] = (), objects: dict[bytes | str, ObjectInfo] | None = None,
-                 local_node: str | None = None) -> None:
+    def __init__(
+        self,
+        nodes: Iterable[NodeView] = (),
+        objects: dict[bytes | str, ObjectInfo] | None = None,
+        local_node: str | None = None,
+    ) -> None:
         self.nodes: dict[str, NodeView] = {}
         self.objects: dict[bytes | str, ObjectInfo] = objects if objects is not None else {}
         self.local_node = local_node
@@ -187,7 +201,12 @@ class ClusterSnapshot:
         if old is not None:
             self._account(old, -1)
         self._account(view, +1)
-        if old is None or old.total != view.total or old.labels != view.labels or old.alive != view.alive:
+        if (
+            old is None
+            or old.total != view.total
+            or old.labels != view.labels
+            or old.alive != view.alive
+        ):
             self._invalidate()
 
     def remove_node(self, node_id: str) -> None:
@@ -212,14 +231,18 @@ class ClusterSnapshot:
         self.version += 1
         self._feasible_cache.clear()
 
-    def feasible_nodes(self, demand: Mapping[str, float],
-                       selector: Mapping[str, str | Sequence[str]]) -> list[str]:
+    def feasible_nodes(
+        self, demand: Mapping[str, float], selector: Mapping[str, str | Sequence[str]]
+    ) -> list[str]:
         """Alive nodes whose *total* capacity and labels satisfy the request (sorted ids)."""
         key = (tuple(sorted(demand.items())), _selector_key(selector))
         cached = self._feasible_cache.get(key)
         if cached is None:
-            cached = sorted(n.node_id for n in self.nodes.values()
-                            if n.alive and fits(n.total, demand) and labels_match(n.labels, selector))
+            cached = sorted(
+                n.node_id
+                for n in self.nodes.values()
+                if n.alive and fits(n.total, demand) and labels_match(n.labels, selector)
+            )
             self._feasible_cache[key] = cached
         return cached
 
@@ -229,7 +252,9 @@ class _Pending:
     """Placements this policy made to one node that its latest ad may not show yet."""
 
     #: task id -> (placed at, demand, expected to queue there)
-    entries: "OrderedDict[str, tuple[float, dict[str, float], bool]]" = field(default_factory=OrderedDict)
+    entries: OrderedDict[str, tuple[float, dict[str, float], bool]] = field(
+        default_factory=OrderedDict
+    )
     resources: dict[str, float] = field(default_factory=dict)
     queued: int = 0
 
@@ -284,10 +309,18 @@ class PlacementPolicy:
     stopped advertising.
     """
 
-    def __init__(self, *, seed: int | None = None, choices: int = 2, locality_slack: float = 1.3,
-                 settle_time: float = 0.05, pending_max_age: float = 30.0,
-                 extra_samples_when_full: int = 8, locality_delay: float = 5.0,
-                 full_scan_limit: int = 128) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        choices: int = 2,
+        locality_slack: float = 1.3,
+        settle_time: float = 0.05,
+        pending_max_age: float = 30.0,
+        extra_samples_when_full: int = 8,
+        locality_delay: float = 5.0,
+        full_scan_limit: int = 128,
+    ) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
         self.rng = random.Random(seed)
@@ -312,8 +345,9 @@ class PlacementPolicy:
         pending = self._pending.get(node_id)
         return len(pending.entries) if pending else 0
 
-    def _estimate(self, view: NodeView, request: PlacementRequest, now: float,
-                  snapshot: ClusterSnapshot) -> _Estimate:
+    def _estimate(
+        self, view: NodeView, request: PlacementRequest, now: float, snapshot: ClusterSnapshot
+    ) -> _Estimate:
         pending = self._pending.get(view.node_id)
         available = view.available
         extra_tasks = extra_queued = 0
@@ -322,13 +356,20 @@ class PlacementPolicy:
             if pending.entries:
                 extra_tasks = len(pending.entries)
                 extra_queued = pending.queued
-                available = {k: v - pending.resources.get(k, 0.0) for k, v in view.available.items()}
+                available = {
+                    k: v - pending.resources.get(k, 0.0) for k, v in view.available.items()
+                }
         room_now = fits(available, request.resources)
         queued = view.queued + extra_queued
         queue_space = room_now or view.queue_limit is None or queued < view.queue_limit
         load_after = (view.running + view.queued + extra_tasks + 1) / view.cpu_slots
-        return _Estimate(view, room_now, queue_space, load_after,
-                         self._local_bytes(view.node_id, request, snapshot))
+        return _Estimate(
+            view,
+            room_now,
+            queue_space,
+            load_after,
+            self._local_bytes(view.node_id, request, snapshot),
+        )
 
     @staticmethod
     def _local_bytes(node_id: str, request: PlacementRequest, snapshot: ClusterSnapshot) -> int:
@@ -340,7 +381,9 @@ class PlacementPolicy:
         return total
 
     def _record(self, node_id: str, request: PlacementRequest, now: float, queues: bool) -> None:
-        self._pending.setdefault(node_id, _Pending()).add(request.task_id, now, request.resources, queues)
+        self._pending.setdefault(node_id, _Pending()).add(
+            request.task_id, now, request.resources, queues
+        )
 
     # placement ---------------------------------------------------------------------------------
     def place(self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float) -> Decision:
@@ -355,7 +398,9 @@ class PlacementPolicy:
         strategy = request.strategy
         if request.local_only:
             if snapshot.local_node is None:
-                return Decision(DecisionKind.INFEASIBLE, reason="local_only requested but no local node")
+                return Decision(
+                    DecisionKind.INFEASIBLE, reason="local_only requested but no local node"
+                )
             strategy = NodeAffinity(snapshot.local_node, soft=False)
         if isinstance(strategy, NodeAffinity):
             return self._place_affinity(snapshot, request, strategy, now)
@@ -375,15 +420,19 @@ class PlacementPolicy:
         best = min(by_labels, key=lambda n: len(shortfall(n.total, request.resources)))
         short = shortfall(best.total, request.resources)
         if short:
-            return (f"no node has total capacity for {request.resources} "
-                    f"(closest, {best.node_id}, lacks {short})")
+            return (
+                f"no node has total capacity for {request.resources} "
+                f"(closest, {best.node_id}, lacks {short})"
+            )
         return "no feasible node"
 
     def _no_candidate(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> Decision:
         """No feasible node is left: WAIT if only rejections ruled them out, else INFEASIBLE."""
         if snapshot.feasible_nodes(request.resources, request.label_selector):
-            return Decision(DecisionKind.WAIT,
-                            reason=f"every feasible node rejected this request ({len(request.excluded)})")
+            return Decision(
+                DecisionKind.WAIT,
+                reason=f"every feasible node rejected this request ({len(request.excluded)})",
+            )
         return Decision(DecisionKind.INFEASIBLE, reason=self._infeasible_reason(snapshot, request))
 
     def _feasible(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> list[str]:
@@ -394,14 +443,21 @@ class PlacementPolicy:
             nodes = [n for n in nodes if n not in request.excluded]
         return nodes
 
-    def _node_feasible(self, snapshot: ClusterSnapshot, request: PlacementRequest, node_id: str) -> bool:
+    def _node_feasible(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, node_id: str
+    ) -> bool:
         view = snapshot.nodes.get(node_id)
-        return (view is not None and view.alive and node_id not in request.excluded
-                and fits(view.total, request.resources)
-                and labels_match(view.labels, request.label_selector))
+        return (
+            view is not None
+            and view.alive
+            and node_id not in request.excluded
+            and fits(view.total, request.resources)
+            and labels_match(view.labels, request.label_selector)
+        )
 
-    def _holders(self, snapshot: ClusterSnapshot, request: PlacementRequest,
-                 ignore_excluded: bool = False) -> set[str]:
+    def _holders(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, ignore_excluded: bool = False
+    ) -> set[str]:
         holders: set[str] = set()
         for cid, _size in request.args:
             info = snapshot.objects.get(cid)
@@ -431,59 +487,97 @@ class PlacementPolicy:
             return None
         return min(usable, key=lambda e: (not e.room_now, e.load_after, e.node.node_id))
 
-    def _place_default(self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float) -> Decision:
+    def _place_default(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float
+    ) -> Decision:
         feasible = self._feasible(snapshot, request)
         if not feasible:
             return self._no_candidate(snapshot, request)
         holders = sorted(self._holders(snapshot, request))
-        holder_estimates = [self._estimate(snapshot.nodes[n], request, now, snapshot) for n in holders]
+        holder_estimates = [
+            self._estimate(snapshot.nodes[n], request, now, snapshot) for n in holders
+        ]
         # Locality: a holder that can start it now, or would queue it no deeper than
         # locality_slack x the mesh's mean load, wins; most argument bytes first.
         limit = max(1.0, self.locality_slack * snapshot.mean_load())
-        local = [e for e in holder_estimates
-                 if e.room_now or (e.queue_space and e.load_after <= limit)]
+        local = [
+            e for e in holder_estimates if e.room_now or (e.queue_space and e.load_after <= limit)
+        ]
         if local:
-            best = min(local, key=lambda e: (-e.local_bytes, not e.room_now, e.load_after, e.node.node_id))
-            return Decision(DecisionKind.PLACE, best.node.node_id, reason="locality",
-                            local_bytes=best.local_bytes, holder_available=True, room_now=best.room_now)
-        if (self.locality_delay > 0 and request.submitted_at is not None
-                and now - request.submitted_at < self.locality_delay
-                and snapshot.mean_load() >= 1.0
-                and (holders or self._holders(snapshot, request, ignore_excluded=True))):
+            best = min(
+                local, key=lambda e: (-e.local_bytes, not e.room_now, e.load_after, e.node.node_id)
+            )
+            return Decision(
+                DecisionKind.PLACE,
+                best.node.node_id,
+                reason="locality",
+                local_bytes=best.local_bytes,
+                holder_available=True,
+                room_now=best.room_now,
+            )
+        if (
+            self.locality_delay > 0
+            and request.submitted_at is not None
+            and now - request.submitted_at < self.locality_delay
+            and snapshot.mean_load() >= 1.0
+            and (holders or self._holders(snapshot, request, ignore_excluded=True))
+        ):
             # Delay scheduling: the mesh is saturated and the holders are full; waiting a little
             # for a slot next to the data beats queueing behind strangers far from it.
-            return Decision(DecisionKind.WAIT, reason="waiting for a node that holds the arguments",
-                            holder_available=True)
+            return Decision(
+                DecisionKind.WAIT,
+                reason="waiting for a node that holds the arguments",
+                holder_available=True,
+            )
         # Load: power-of-d choices among sampled nodes (busy holders still compete on load).
         taken = set(holders) | request.excluded
-        sampled = [self._estimate(snapshot.nodes[n], request, now, snapshot)
-                   for n in self._sample(feasible, self.choices, taken)]
+        sampled = [
+            self._estimate(snapshot.nodes[n], request, now, snapshot)
+            for n in self._sample(feasible, self.choices, taken)
+        ]
         best = self._least_loaded(holder_estimates + sampled)
         if best is None or not best.room_now:
             # Everyone sampled is busy: look a little wider before queueing behind them.
-            more = [self._estimate(snapshot.nodes[n], request, now, snapshot)
-                    for n in self._sample(feasible, self.extra_samples_when_full, taken)]
+            more = [
+                self._estimate(snapshot.nodes[n], request, now, snapshot)
+                for n in self._sample(feasible, self.extra_samples_when_full, taken)
+            ]
             free = [e for e in more if e.room_now]
             best = self._least_loaded(([best] if best else []) + (free or more))
             if best is None and len(feasible) <= self.full_scan_limit:
                 # Small mesh: before waiting, make sure no feasible node at all can take it.
-                rest = [self._estimate(snapshot.nodes[n], request, now, snapshot)
-                        for n in feasible if n not in taken]
+                rest = [
+                    self._estimate(snapshot.nodes[n], request, now, snapshot)
+                    for n in feasible
+                    if n not in taken
+                ]
                 best = self._least_loaded(rest)
         if best is None:
-            return Decision(DecisionKind.WAIT, reason="every candidate node is full and its queue is full",
-                            holder_available=bool(holders))
-        return Decision(DecisionKind.PLACE, best.node.node_id,
-                        reason="free" if best.room_now else "queued",
-                        local_bytes=best.local_bytes, holder_available=bool(holders),
-                        room_now=best.room_now)
+            return Decision(
+                DecisionKind.WAIT,
+                reason="every candidate node is full and its queue is full",
+                holder_available=bool(holders),
+            )
+        return Decision(
+            DecisionKind.PLACE,
+            best.node.node_id,
+            reason="free" if best.room_now else "queued",
+            local_bytes=best.local_bytes,
+            holder_available=bool(holders),
+            room_now=best.room_now,
+        )
 
-    def _place_spread(self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float) -> Decision:
+    def _place_spread(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, now: float
+    ) -> Decision:
         feasible = self._feasible(snapshot, request)
         if not feasible:
             return self._no_candidate(snapshot, request)
-        key = (request.submitter, tuple(sorted(request.resources.items())),
-               _selector_key(request.label_selector))
+        key = (
+            request.submitter,
+            tuple(sorted(request.resources.items())),
+            _selector_key(request.label_selector),
+        )
         start = self._spread_cursor.get(key, 0)
         looked: list[_Estimate] = []
         for i in range(min(len(feasible), 32)):
@@ -494,24 +588,42 @@ class PlacementPolicy:
             looked.append(estimate)
             if estimate.room_now:
                 self._spread_cursor[key] = (start + i + 1) % len(feasible)
-                return Decision(DecisionKind.PLACE, node_id, reason="spread",
-                                local_bytes=estimate.local_bytes)
+                return Decision(
+                    DecisionKind.PLACE, node_id, reason="spread", local_bytes=estimate.local_bytes
+                )
         queue_ok = [e for e in looked if e.queue_space]
         if not queue_ok:
-            return Decision(DecisionKind.WAIT, reason="every node looked at is full and its queue is full")
+            return Decision(
+                DecisionKind.WAIT, reason="every node looked at is full and its queue is full"
+            )
         best = min(queue_ok, key=lambda e: (e.load_after, e.node.node_id))
         self._spread_cursor[key] = (feasible.index(best.node.node_id) + 1) % len(feasible)
-        return Decision(DecisionKind.PLACE, best.node.node_id, reason="spread (queued)",
-                        local_bytes=best.local_bytes, room_now=False)
+        return Decision(
+            DecisionKind.PLACE,
+            best.node.node_id,
+            reason="spread (queued)",
+            local_bytes=best.local_bytes,
+            room_now=False,
+        )
 
-    def _place_affinity(self, snapshot: ClusterSnapshot, request: PlacementRequest,
-                        strategy: NodeAffinity, now: float) -> Decision:
+    def _place_affinity(
+        self,
+        snapshot: ClusterSnapshot,
+        request: PlacementRequest,
+        strategy: NodeAffinity,
+        now: float,
+    ) -> Decision:
         target = strategy.node_id
         if self._node_feasible(snapshot, request, target):
             estimate = self._estimate(snapshot.nodes[target], request, now, snapshot)
             if estimate.room_now or estimate.queue_space:
-                return Decision(DecisionKind.PLACE, target, reason="node affinity",
-                                local_bytes=estimate.local_bytes, room_now=estimate.room_now)
+                return Decision(
+                    DecisionKind.PLACE,
+                    target,
+                    reason="node affinity",
+                    local_bytes=estimate.local_bytes,
+                    room_now=estimate.room_now,
+                )
             if not strategy.soft:
                 return Decision(DecisionKind.WAIT, reason=f"affinity node {target} is full")
         elif not strategy.soft:
@@ -519,11 +631,15 @@ class PlacementPolicy:
             if view is None or not view.alive:
                 why = f"affinity node {target} is not a live member"
             elif target in request.excluded:
-                return Decision(DecisionKind.WAIT, reason=f"affinity node {target} rejected the request")
+                return Decision(
+                    DecisionKind.WAIT, reason=f"affinity node {target} rejected the request"
+                )
             elif not labels_match(view.labels, request.label_selector):
                 why = f"affinity node {target} does not have labels {request.label_selector}"
             else:
-                why = (f"affinity node {target} lacks {shortfall(view.total, request.resources)} "
-                       f"even when idle")
+                why = (
+                    f"affinity node {target} lacks {shortfall(view.total, request.resources)} "
+                    f"even when idle"
+                )
             return Decision(DecisionKind.INFEASIBLE, reason=why)
         return self._place_default(snapshot, request, now)

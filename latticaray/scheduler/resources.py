@@ -16,14 +16,23 @@ its devices as a ``CUDA_VISIBLE_DEVICES`` string.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 from .errors import InsufficientResources, ResourceError
 
 __all__ = [
-    "CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY", "GRANULARITY",
-    "Normalized", "normalize", "fits", "shortfall", "Allocation", "ResourceLedger",
+    "CPU",
+    "GPU",
+    "GRANULARITY",
+    "MEMORY",
+    "OBJECT_STORE_MEMORY",
+    "Allocation",
+    "Normalized",
+    "ResourceLedger",
+    "fits",
+    "normalize",
+    "shortfall",
 ]
 
 CPU = "CPU"
@@ -38,7 +47,7 @@ _EPS = 0.5 / GRANULARITY
 
 
 def _units(amount: float) -> int:
-    return int(round(amount * GRANULARITY))
+    return round(amount * GRANULARITY)
 
 
 class Normalized(dict):
@@ -56,8 +65,10 @@ def normalize(resources: Mapping[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = Normalized()
     for name, amount in (resources or {}).items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME_LEN:
-            raise ResourceError(f"resource name must be a non-empty string of at most "
-                                f"{_MAX_NAME_LEN} characters, got {name!r}")
+            raise ResourceError(
+                f"resource name must be a non-empty string of at most "
+                f"{_MAX_NAME_LEN} characters, got {name!r}"
+            )
         if isinstance(amount, bool) or not isinstance(amount, (int, float)):
             raise ResourceError(f"resource {name!r}: amount must be a number, got {amount!r}")
         amount = float(amount)
@@ -80,8 +91,11 @@ def fits(available: Mapping[str, float], demand: Mapping[str, float]) -> bool:
 
 def shortfall(available: Mapping[str, float], demand: Mapping[str, float]) -> dict[str, float]:
     """How much of each demanded resource is missing from ``available`` (empty when it fits)."""
-    return {name: round(amount - available.get(name, 0.0), 4)
-            for name, amount in demand.items() if available.get(name, 0.0) + _EPS < amount}
+    return {
+        name: round(amount - available.get(name, 0.0), 4)
+        for name, amount in demand.items()
+        if available.get(name, 0.0) + _EPS < amount
+    }
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,9 @@ class ResourceLedger:
     default ``"0".."n-1"``). When both are given, ``total["GPU"]`` must equal ``len(gpu_ids)``.
     """
 
-    def __init__(self, total: Mapping[str, float], gpu_ids: Sequence[str | int] | None = None) -> None:
+    def __init__(
+        self, total: Mapping[str, float], gpu_ids: Sequence[str | int] | None = None
+    ) -> None:
         total_n = normalize(total)
         if gpu_ids is None:
             gpus = total_n.get(GPU, 0.0)
@@ -174,8 +190,11 @@ class ResourceLedger:
         """What is short right now for ``demand`` (empty when :meth:`acquire` would succeed)."""
         if not normalized:
             demand = normalize(demand)
-        short = {k: (_units(v) - self._free_units.get(k, 0)) / GRANULARITY
-                 for k, v in demand.items() if self._free_units.get(k, 0) < _units(v)}
+        short = {
+            k: (_units(v) - self._free_units.get(k, 0)) / GRANULARITY
+            for k, v in demand.items()
+            if self._free_units.get(k, 0) < _units(v)
+        }
         if not short and demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None:
             short[GPU] = demand[GPU]  # enough GPU in aggregate, but fragmented across devices
         return short
@@ -184,8 +203,9 @@ class ResourceLedger:
         return not self.missing(demand, normalized=normalized)
 
     # acquire / release ------------------------------------------------------------------------
-    def acquire(self, allocation_id: str, demand: Mapping[str, float],
-                owner: str | None = None) -> Allocation:
+    def acquire(
+        self, allocation_id: str, demand: Mapping[str, float], owner: str | None = None
+    ) -> Allocation:
         """Take ``demand`` for ``allocation_id`` or raise :class:`InsufficientResources`."""
         if allocation_id in self._allocations:
             raise ResourceError(f"allocation {allocation_id!r} already holds resources")

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import msgpack
 
@@ -34,7 +35,7 @@ from .local import Admission, AdmissionKind, LocalScheduler
 from .policy import ClusterSnapshot, NodeView, PlacementPolicy, PlacementRequest
 from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
 
-__all__ = ["SCHED_PROTOCOL", "SchedulerService", "SchedulerClient", "ProtocolError"]
+__all__ = ["SCHED_PROTOCOL", "ProtocolError", "SchedulerClient", "SchedulerService"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,15 @@ def _unpack(data: bytes, limit: int) -> dict:
     if len(data) > limit:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {limit}-byte limit")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_map_len=256,
-                              max_array_len=256, max_str_len=limit, max_bin_len=limit)
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=256,
+            max_array_len=256,
+            max_str_len=limit,
+            max_bin_len=limit,
+        )
     except Exception as exc:  # msgpack raises several unrelated types on malformed input
         raise ProtocolError(f"not valid msgpack: {exc}") from None
     if not isinstance(obj, dict) or obj.get("v") != 1:
@@ -75,7 +83,11 @@ def _parse_selector(value: Any) -> dict:
             raise ProtocolError("selector keys must be short strings")
         if isinstance(v, str) and len(v) <= 256:
             out[k] = v
-        elif isinstance(v, list) and len(v) <= 32 and all(isinstance(x, str) and len(x) <= 256 for x in v):
+        elif (
+            isinstance(v, list)
+            and len(v) <= 32
+            and all(isinstance(x, str) and len(x) <= 256 for x in v)
+        ):
             out[k] = tuple(v)
         else:
             raise ProtocolError("selector values must be strings or lists of strings")
@@ -85,11 +97,17 @@ def _parse_selector(value: Any) -> dict:
 class SchedulerService:
     """Serves ``/latticaray/sched/1`` on ``node`` over a :class:`LocalScheduler`."""
 
-    def __init__(self, node: Any, local: LocalScheduler, *,
-                 on_start: Callable[[str, bytes], Awaitable[None] | None] | None = None,
-                 advertiser: CapacityAdvertiser | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        node: Any,
+        local: LocalScheduler,
+        *,
+        on_start: Callable[[str, bytes], Awaitable[None] | None] | None = None,
+        advertiser: CapacityAdvertiser | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         import time
+
         self.node = node
         self.local = local
         self.on_start = on_start
@@ -110,13 +128,23 @@ class SchedulerService:
         for task in list(self._tasks):
             try:
                 await task
-            except BaseException:  # noqa: BLE001 - cancelled or failed user hook; closing anyway
+            except BaseException:
                 pass
 
     def current_ad(self) -> CapacityAd:
         view = self.local.view(self.clock())
-        return CapacityAd(self.local.node_id, 0, view.ad_time, view.total, view.available, view.labels,
-                          view.queued, view.running, view.queue_limit, accepting=view.alive)
+        return CapacityAd(
+            self.local.node_id,
+            0,
+            view.ad_time,
+            view.total,
+            view.available,
+            view.labels,
+            view.queued,
+            view.running,
+            view.queue_limit,
+            accepting=view.alive,
+        )
 
     async def _handle(self, ctx: Any, payload: bytes) -> bytes:
         try:
@@ -142,17 +170,26 @@ class SchedulerService:
         if not isinstance(meta, (bytes, bytearray)) or len(meta) > MAX_META_BYTES:
             raise ProtocolError(f"meta must be at most {MAX_META_BYTES} bytes")
         key = f"{submitter}:{task}"
-        placement = PlacementRequest(key, resources, submitter,
-                                     label_selector=_parse_selector(request.get("sel", {})))
+        placement = PlacementRequest(
+            key, resources, submitter, label_selector=_parse_selector(request.get("sel", {}))
+        )
         admission = self.local.offer(placement, self.clock())
-        reply = {"v": 1, "kind": admission.kind.value, "reason": admission.reason[:512],
-                 "infeasible": admission.infeasible, "hint": None, "gpus": ""}
+        reply = {
+            "v": 1,
+            "kind": admission.kind.value,
+            "reason": admission.reason[:512],
+            "infeasible": admission.infeasible,
+            "hint": None,
+            "gpus": "",
+        }
         if admission.kind is AdmissionKind.REJECTED:
             reply["hint"] = self.current_ad().encode()
         else:
             self._meta[key] = bytes(meta)
             if admission.kind is AdmissionKind.STARTED:
-                reply["gpus"] = admission.allocation.cuda_visible_devices if admission.allocation else ""
+                reply["gpus"] = (
+                    admission.allocation.cuda_visible_devices if admission.allocation else ""
+                )
                 self._started([admission])
             self._changed()
         return reply
@@ -169,7 +206,9 @@ class SchedulerService:
             try:
                 result = self.on_start(admission.task_id, meta)
             except Exception:  # a failing hook must not wedge the node's resources
-                log.exception("on_start hook failed for %s; releasing its resources", admission.task_id)
+                log.exception(
+                    "on_start hook failed for %s; releasing its resources", admission.task_id
+                )
                 self._started(self.local.finish(admission.task_id, self.clock()))
                 continue
             if asyncio.iscoroutine(result):
@@ -198,13 +237,22 @@ class SchedulerClient:
     be on the event loop's clock (``member_views`` converts).
     """
 
-    def __init__(self, node: Any, *, sampler: CandidateSampler | None = None,
-                 views: Callable[[], Iterable[NodeView]] | None = None,
-                 policy: PlacementPolicy | None = None, call_timeout: float = 5.0,
-                 refresh_interval: float = 0.3, max_attempts: int = 4,
-                 infeasible_timeout: float = 30.0, max_waiting: int = 10_000,
-                 small_mesh_limit: int = 64, holder_view_max_age: float = 1.0,
-                 max_holder_fetches: int = 4) -> None:
+    def __init__(
+        self,
+        node: Any,
+        *,
+        sampler: CandidateSampler | None = None,
+        views: Callable[[], Iterable[NodeView]] | None = None,
+        policy: PlacementPolicy | None = None,
+        call_timeout: float = 5.0,
+        refresh_interval: float = 0.3,
+        max_attempts: int = 4,
+        infeasible_timeout: float = 30.0,
+        max_waiting: int = 10_000,
+        small_mesh_limit: int = 64,
+        holder_view_max_age: float = 1.0,
+        max_holder_fetches: int = 4,
+    ) -> None:
         self.node = node
         self.holder_view_max_age = holder_view_max_age
         self.max_holder_fetches = max_holder_fetches
@@ -217,9 +265,15 @@ class SchedulerClient:
         self.call_timeout = call_timeout
         self.refresh_interval = refresh_interval
         self.snapshot = ClusterSnapshot(local_node=str(node.peer_id))
-        self.submitter = Submitter(str(node.peer_id), policy or PlacementPolicy(), self.snapshot,
-                                   max_attempts=max_attempts, infeasible_timeout=infeasible_timeout,
-                                   max_waiting=max_waiting, retry_interval=refresh_interval)
+        self.submitter = Submitter(
+            str(node.peer_id),
+            policy or PlacementPolicy(),
+            self.snapshot,
+            max_attempts=max_attempts,
+            infeasible_timeout=infeasible_timeout,
+            max_waiting=max_waiting,
+            retry_interval=refresh_interval,
+        )
         self._futures: dict[str, asyncio.Future] = {}
         self._meta: dict[str, bytes] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -243,7 +297,7 @@ class SchedulerClient:
                 try:
                     for view in await self.sampler.candidates(demand):
                         self.snapshot.update_node(view)
-                except (asyncio.TimeoutError, SchedulerError, OSError) as exc:
+                except (TimeoutError, SchedulerError, OSError) as exc:
                     log.warning("capacity lookup failed: %s", exc)
                 except Exception as exc:  # DHT errors are typed by the DHT layer
                     log.warning("capacity lookup failed: %s", exc)
@@ -258,9 +312,13 @@ class SchedulerClient:
             info = self.snapshot.objects.get(cid)
             for holder in sorted(info.holders) if info is not None else ():
                 known = self.snapshot.nodes.get(holder)
-                if holder not in holders and (known is None or now - known.ad_time > self.holder_view_max_age):
+                if holder not in holders and (
+                    known is None or now - known.ad_time > self.holder_view_max_age
+                ):
                     holders.append(holder)
-        results = await asyncio.gather(*(self._fetch_view(h) for h in holders[:self.max_holder_fetches]))
+        results = await asyncio.gather(
+            *(self._fetch_view(h) for h in holders[: self.max_holder_fetches])
+        )
         fetched = 0
         for view in results:
             if view is not None:
@@ -270,23 +328,39 @@ class SchedulerClient:
 
     async def _fetch_view(self, node_id: str) -> NodeView | None:
         from latticaray.mesh.errors import MeshError
+
         try:
-            reply = await self.node.call(self._peer(node_id), SCHED_PROTOCOL, _pack({"v": 1, "op": "view"}),
-                                         timeout=self.call_timeout)
+            reply = await self.node.call(
+                self._peer(node_id),
+                SCHED_PROTOCOL,
+                _pack({"v": 1, "op": "view"}),
+                timeout=self.call_timeout,
+            )
             obj = _unpack(bytes(reply), MAX_REPLY_BYTES)
-            return view_from_ad(CapacityAd.decode(obj["ad"], publisher=node_id), received_at=self._now())
-        except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd,
-                KeyError, ValueError) as exc:
+            return view_from_ad(
+                CapacityAd.decode(obj["ad"], publisher=node_id), received_at=self._now()
+            )
+        except (
+            TimeoutError,
+            MeshError,
+            OSError,
+            ProtocolError,
+            InvalidCapacityAd,
+            KeyError,
+            ValueError,
+        ) as exc:
             log.info("capacity view of %s unavailable: %s", node_id, exc)
             return None
 
     def _peer(self, node_id: str) -> Any:
         from latticaray.mesh.identity import PeerId
+
         parse = getattr(type(self.node.peer_id), "from_string", PeerId.from_string)
         return parse(node_id)
 
-    async def place(self, request: PlacementRequest, meta: bytes = b"",
-                    timeout: float | None = None) -> Placed:
+    async def place(
+        self, request: PlacementRequest, meta: bytes = b"", timeout: float | None = None
+    ) -> Placed:
         """Place ``request``; returns the accepting node's answer (started or queued there).
 
         Raises :class:`TaskUnschedulableError` when no node can ever run it (after the infeasible
@@ -331,18 +405,35 @@ class SchedulerClient:
 
     async def _send(self, action: SendPlacement) -> None:
         from latticaray.mesh.errors import MeshError
+
         request = action.request
-        payload = _pack({"v": 1, "op": "offer", "task": request.task_id, "res": request.resources,
-                         "sel": {k: (v if isinstance(v, str) else list(v))
-                                 for k, v in request.label_selector.items()},
-                         "meta": self._meta.get(request.task_id, b"")})
+        payload = _pack(
+            {
+                "v": 1,
+                "op": "offer",
+                "task": request.task_id,
+                "res": request.resources,
+                "sel": {
+                    k: (v if isinstance(v, str) else list(v))
+                    for k, v in request.label_selector.items()
+                },
+                "meta": self._meta.get(request.task_id, b""),
+            }
+        )
         self.sent += 1
         try:
-            reply = await self.node.call(self._peer(action.node_id), SCHED_PROTOCOL, payload,
-                                         timeout=self.call_timeout)
+            reply = await self.node.call(
+                self._peer(action.node_id), SCHED_PROTOCOL, payload, timeout=self.call_timeout
+            )
             admission = self._decode_admission(action, bytes(reply))
-        except (MeshError, OSError, asyncio.TimeoutError, ProtocolError, InvalidCapacityAd,
-                ValueError) as exc:
+        except (
+            TimeoutError,
+            MeshError,
+            OSError,
+            ProtocolError,
+            InvalidCapacityAd,
+            ValueError,
+        ) as exc:
             log.info("offer of %s to %s failed: %s", request.task_id, action.node_id, exc)
             self._handle(self.submitter.on_send_failed(request.task_id, self._now()))
             return
@@ -360,8 +451,14 @@ class SchedulerClient:
         if obj.get("hint") is not None:
             ad = CapacityAd.decode(obj["hint"], publisher=action.node_id)
             hint = view_from_ad(ad, received_at=self._now())
-        return Admission(kind, action.request.task_id, action.node_id, str(obj.get("reason", ""))[:512],
-                         hint=hint, infeasible=bool(obj.get("infeasible", False)))
+        return Admission(
+            kind,
+            action.request.task_id,
+            action.node_id,
+            str(obj.get("reason", ""))[:512],
+            hint=hint,
+            infeasible=bool(obj.get("infeasible", False)),
+        )
 
     def _ensure_pump(self) -> None:
         if self._pump is None or self._pump.done():
@@ -372,7 +469,11 @@ class SchedulerClient:
         while self._futures:
             now = self._now()
             wake = self.submitter.next_wakeup(now)
-            delay = self.refresh_interval if wake is None else min(self.refresh_interval, max(0.0, wake - now))
+            delay = (
+                self.refresh_interval
+                if wake is None
+                else min(self.refresh_interval, max(0.0, wake - now))
+            )
             await asyncio.sleep(max(delay, 0.01))
             if self.submitter.waiting or self.submitter.infeasible:
                 demands = [{"CPU": 1}] + [dict(f) for f in self._pending_demands()]
@@ -395,5 +496,5 @@ class SchedulerClient:
         for task in tasks:
             try:
                 await task
-            except BaseException:  # noqa: BLE001 - closing
+            except BaseException:
                 pass

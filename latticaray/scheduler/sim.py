@@ -29,12 +29,18 @@ from latticaray.mesh.sim import Simulator, VirtualNetwork
 
 from .local import AdmissionKind, LocalScheduler
 from .policy import (
-    ClusterSnapshot, Decision, DecisionKind, NodeView, ObjectInfo, PlacementPolicy, PlacementRequest,
+    ClusterSnapshot,
+    Decision,
+    DecisionKind,
+    NodeView,
+    ObjectInfo,
+    PlacementPolicy,
+    PlacementRequest,
 )
 from .resources import ResourceLedger, fits
 from .submitter import Placed, PlacementFailed, SendPlacement, Submitter
 
-__all__ = ["SimulationConfig", "SimulationResult", "RandomPlacement", "run_simulation"]
+__all__ = ["RandomPlacement", "SimulationConfig", "SimulationResult", "run_simulation"]
 
 
 @dataclass
@@ -106,17 +112,25 @@ class SimulationResult:
         lat = sorted(self.latencies) or [0.0]
         ratios = sorted(self.saturated_ratios)
         return {
-            "nodes": self.config.nodes, "submitters": self.config.submitters, "tasks": self.config.tasks,
-            "placed": self.placed, "failed": self.failed, "finished": self.finished,
+            "nodes": self.config.nodes,
+            "submitters": self.config.submitters,
+            "tasks": self.config.tasks,
+            "placed": self.placed,
+            "failed": self.failed,
+            "finished": self.finished,
             # None when the run never reached saturation (no sample qualified)
             "max_mean_load_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
-            "max_mean_load_ratio_p90": round(ratios[int(0.9 * (len(ratios) - 1))], 3) if ratios else None,
+            "max_mean_load_ratio_p90": round(ratios[int(0.9 * (len(ratios) - 1))], 3)
+            if ratios
+            else None,
             "max_mean_load_ratio_worst": round(ratios[-1], 3) if ratios else None,
             "saturated_samples": len(self.saturated_ratios),
             "cpu_utilization_at_saturation": round(statistics.mean(self.saturated_utilization), 3)
-            if self.saturated_utilization else None,
+            if self.saturated_utilization
+            else None,
             "data_local_fraction": round(self.placed_with_data / self.with_feasible_holder, 4)
-            if self.with_feasible_holder else None,
+            if self.with_feasible_holder
+            else None,
             "tasks_with_feasible_holder": self.with_feasible_holder,
             "messages_per_placement_mean": round(2 * statistics.mean(att), 3),
             "messages_per_placement_p99": 2 * att[min(len(att) - 1, int(0.99 * len(att)))],
@@ -128,7 +142,8 @@ class SimulationResult:
             "nonlocal_reasons": dict(sorted(self.nonlocal_reasons.items())),
             "placed_on_infeasible_node": self.infeasible_placements,
             "virtual_time_s": round(self.virtual_time, 2),
-            "events": self.events, "messages": self.messages,
+            "events": self.events,
+            "messages": self.messages,
             "holder_lookup_messages_per_task": round(self.lookup_messages / max(1, self.placed), 3),
         }
 
@@ -144,9 +159,13 @@ class RandomPlacement(PlacementPolicy):
             view = snapshot.nodes[feasible[self.rng.randrange(len(feasible))]]
             room = fits(view.available, request.resources)
             if room or view.queue_limit is None or view.queued < view.queue_limit:
-                return Decision(DecisionKind.PLACE, view.node_id, reason="random",
-                                local_bytes=self._local_bytes(view.node_id, request, snapshot),
-                                room_now=room)
+                return Decision(
+                    DecisionKind.PLACE,
+                    view.node_id,
+                    reason="random",
+                    local_bytes=self._local_bytes(view.node_id, request, snapshot),
+                    room_now=room,
+                )
         return Decision(DecisionKind.WAIT, reason="random candidates were full")
 
     def _record(self, node_id, request, now, queues):
@@ -170,8 +189,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         if i % 50 == 7:
             total["accel"] = 4
         labels = {"zone": "us" if i % 3 else "eu"}
-        locals_[nid] = LocalScheduler(nid, ResourceLedger(total), labels=labels,
-                                      queue_limit=config.queue_per_cpu * cpus)
+        locals_[nid] = LocalScheduler(
+            nid, ResourceLedger(total), labels=labels, queue_limit=config.queue_per_cpu * cpus
+        )
     board: dict[str, NodeView] = {nid: ls.view(0.0) for nid, ls in locals_.items()}
     gpu_nodes = [n for n in node_ids if "GPU" in locals_[n].ledger.total]
     accel_nodes = [n for n in node_ids if "accel" in locals_[n].ledger.total]
@@ -185,11 +205,21 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         initial = board.values() if config.view_sample is None else []
         snapshot = ClusterSnapshot(initial, objects=object_table, local_node=sid)
         policy_class = RandomPlacement if config.policy == "random" else PlacementPolicy
-        policy = policy_class(seed=config.seed * 1000 + k, choices=config.choices,
-                                 locality_slack=config.locality_slack,
-                                 locality_delay=config.locality_delay, settle_time=2 * config.latency)
-        submitters[sid] = Submitter(sid, policy, snapshot, max_attempts=config.max_attempts,
-                                    infeasible_timeout=5.0, retry_interval=0.2)
+        policy = policy_class(
+            seed=config.seed * 1000 + k,
+            choices=config.choices,
+            locality_slack=config.locality_slack,
+            locality_delay=config.locality_delay,
+            settle_time=2 * config.latency,
+        )
+        submitters[sid] = Submitter(
+            sid,
+            policy,
+            snapshot,
+            max_attempts=config.max_attempts,
+            infeasible_timeout=5.0,
+            retry_interval=0.2,
+        )
     objects: dict[str, tuple[int, frozenset[str]]] = {}
     submitted_at: dict[str, float] = {}
     holders_of_task: dict[str, frozenset[str]] = {}
@@ -199,7 +229,8 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     def is_feasible(nid: str, req: PlacementRequest) -> bool:
         ls = locals_[nid]
         return ls.ledger.could_ever_fit(req.resources) and all(
-            ls.labels.get(k) == v for k, v in req.label_selector.items())
+            ls.labels.get(k) == v for k, v in req.label_selector.items()
+        )
 
     # node side -------------------------------------------------------------------------------
     def schedule_finish(ls: LocalScheduler, task_id: str) -> None:
@@ -222,8 +253,13 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                     result.infeasible_placements += 1
                 if action.attempt > 1:
                     result.spillbacks += 1
-                net.send(sid, action.node_id, ("place", _PlaceMsg(action.node_id, action.request)),
-                         size=300, kind="place")
+                net.send(
+                    sid,
+                    action.node_id,
+                    ("place", _PlaceMsg(action.node_id, action.request)),
+                    size=300,
+                    kind="place",
+                )
             elif isinstance(action, Placed):
                 result.placed += 1
                 result.attempts.append(action.attempts)
@@ -237,8 +273,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                     if action.node_id in holders_of_task[action.task_id]:
                         result.placed_with_data += 1
                     else:
-                        why = action.reason + (" (saturated)" if submitters[sid].snapshot.mean_load() >= 1
-                                               else "")
+                        why = action.reason + (
+                            " (saturated)" if submitters[sid].snapshot.mean_load() >= 1 else ""
+                        )
                         result.nonlocal_reasons[why] = result.nonlocal_reasons.get(why, 0) + 1
                 del holders_of_task[action.task_id]
             elif isinstance(action, PlacementFailed):
@@ -268,6 +305,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                 net.send(nid, src, ("admission", admission), size=200, kind="admission")
             else:
                 handle_actions(nid, submitters[nid].on_admission(payload, sim.now))
+
         return handler
 
     for nid in node_ids:
@@ -312,8 +350,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     # workload --------------------------------------------------------------------------------
     cpu_cum_weights: list[float] = []
     for nid in node_ids:
-        cpu_cum_weights.append((cpu_cum_weights[-1] if cpu_cum_weights else 0.0)
-                               + locals_[nid].ledger.total["CPU"])
+        cpu_cum_weights.append(
+            (cpu_cum_weights[-1] if cpu_cum_weights else 0.0) + locals_[nid].ledger.total["CPU"]
+        )
 
     def make_task(k: int, sid: str) -> PlacementRequest:
         u = rng.random()
@@ -323,7 +362,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             resources["GPU"] = rng.choice([0.25, 0.5, 1])
         elif u < config.gpu_task_fraction + config.custom_task_fraction:
             resources["accel"] = 1
-        elif u < config.gpu_task_fraction + config.custom_task_fraction + config.label_task_fraction:
+        elif (
+            u < config.gpu_task_fraction + config.custom_task_fraction + config.label_task_fraction
+        ):
             selector = {"zone": "eu"}
         cid = f"obj{k}"
         replicas = rng.choice([1, 2, 3])
@@ -334,8 +375,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             holders = frozenset(rng.choices(node_ids, cum_weights=cpu_cum_weights, k=replicas))
         size = rng.choice([1, 4, 16, 64]) * 2**20
         objects[cid] = (size, holders)
-        return PlacementRequest(f"{sid}/t{k}", resources, sid, label_selector=selector,
-                                args=((cid, size),))
+        return PlacementRequest(
+            f"{sid}/t{k}", resources, sid, label_selector=selector, args=((cid, size),)
+        )
 
     def arrive(k: int, sid: str) -> None:
         sub = submitters[sid]
@@ -375,8 +417,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             sim.call_later(config.sample_every, sample)
 
     sim.call_later(config.sample_every, sample)
-    sim.run(until=config.time_limit,
-            stop=lambda: result.finished + result.failed >= config.tasks)
+    sim.run(until=config.time_limit, stop=lambda: result.finished + result.failed >= config.tasks)
     result.virtual_time = sim.now
     result.events = sim.events_processed
     result.messages = net.stats.messages_sent

@@ -26,7 +26,7 @@ from .errors import QueueFull, TaskUnschedulableError
 from .local import Admission, AdmissionKind
 from .policy import ClusterSnapshot, DecisionKind, PlacementPolicy, PlacementRequest
 
-__all__ = ["Submitter", "SendPlacement", "Placed", "PlacementWarning", "PlacementFailed"]
+__all__ = ["Placed", "PlacementFailed", "PlacementWarning", "SendPlacement", "Submitter"]
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,19 @@ class _Infeasible:
 class Submitter:
     """Drives requests of one submitter through placement, spillback and waiting."""
 
-    def __init__(self, submitter_id: str, policy: PlacementPolicy, snapshot: ClusterSnapshot, *,
-                 max_attempts: int = 4, infeasible_timeout: float = 30.0, max_waiting: int = 100_000,
-                 retry_interval: float = 0.5, retry_batch: int = 256, max_consecutive_waits: int = 32) -> None:
+    def __init__(
+        self,
+        submitter_id: str,
+        policy: PlacementPolicy,
+        snapshot: ClusterSnapshot,
+        *,
+        max_attempts: int = 4,
+        infeasible_timeout: float = 30.0,
+        max_waiting: int = 100_000,
+        retry_interval: float = 0.5,
+        retry_batch: int = 256,
+        max_consecutive_waits: int = 32,
+    ) -> None:
         self.submitter_id = submitter_id
         self.policy = policy
         self.snapshot = snapshot
@@ -97,7 +107,7 @@ class Submitter:
         self.max_consecutive_waits = max_consecutive_waits
         self._in_flight: dict[str, _InFlight] = {}
         self._attempts: dict[str, int] = {}
-        self._waiting: "OrderedDict[str, PlacementRequest]" = OrderedDict()
+        self._waiting: OrderedDict[str, PlacementRequest] = OrderedDict()
         self._infeasible: dict[str, _Infeasible] = {}
         self.rejections = 0
 
@@ -140,8 +150,10 @@ class Submitter:
     # events ------------------------------------------------------------------------------------
     def submit(self, request: PlacementRequest, now: float) -> list[Action]:
         if len(self._waiting) + len(self._infeasible) >= self.max_waiting:
-            raise QueueFull(f"submitter {self.submitter_id} already holds {self.max_waiting} "
-                            f"requests waiting for capacity")
+            raise QueueFull(
+                f"submitter {self.submitter_id} already holds {self.max_waiting} "
+                f"requests waiting for capacity"
+            )
         self._attempts[request.task_id] = 0
         if request.submitted_at is None:
             request = dataclasses.replace(request, submitted_at=now)
@@ -153,13 +165,24 @@ class Submitter:
             return []  # late or duplicate reply
         if admission.kind is not AdmissionKind.REJECTED:
             self._attempts.pop(admission.task_id, None)
-            return [Placed(admission.task_id, flight.node_id, admission, flight.attempt,
-                           flight.local_bytes, flight.holder_available, flight.reason)]
+            return [
+                Placed(
+                    admission.task_id,
+                    flight.node_id,
+                    admission,
+                    flight.attempt,
+                    flight.local_bytes,
+                    flight.holder_available,
+                    flight.reason,
+                )
+            ]
         self.rejections += 1
         self.policy.forget(admission.task_id, flight.node_id)
         if admission.hint is not None and admission.hint.node_id == flight.node_id:
             self.snapshot.update_node(admission.hint)
-        request = dataclasses.replace(flight.request, excluded=flight.request.excluded | {flight.node_id})
+        request = dataclasses.replace(
+            flight.request, excluded=flight.request.excluded | {flight.node_id}
+        )
         return self._try(request, now)
 
     def on_send_failed(self, task_id: str, now: float) -> list[Action]:
@@ -172,8 +195,12 @@ class Submitter:
         self.policy.forget(task_id, flight.node_id)
         view = self.snapshot.nodes.get(flight.node_id)
         if view is not None and view.alive:
-            self.snapshot.update_node(dataclasses.replace(view, alive=False, ad_time=max(view.ad_time, now)))
-        request = dataclasses.replace(flight.request, excluded=flight.request.excluded | {flight.node_id})
+            self.snapshot.update_node(
+                dataclasses.replace(view, alive=False, ad_time=max(view.ad_time, now))
+            )
+        request = dataclasses.replace(
+            flight.request, excluded=flight.request.excluded | {flight.node_id}
+        )
         return self._try(request, now)
 
     def poll(self, now: float) -> list[Action]:
@@ -186,8 +213,14 @@ class Submitter:
                 if now - entry.since >= self.infeasible_timeout:
                     del self._infeasible[task_id]
                     self._attempts.pop(task_id, None)
-                    actions.append(PlacementFailed(task_id, TaskUnschedulableError(
-                        task_id, decision.reason, waited_s=now - entry.since)))
+                    actions.append(
+                        PlacementFailed(
+                            task_id,
+                            TaskUnschedulableError(
+                                task_id, decision.reason, waited_s=now - entry.since
+                            ),
+                        )
+                    )
                 continue
             del self._infeasible[task_id]
             actions.extend(self._act(entry.request, decision, now))
@@ -224,9 +257,14 @@ class Submitter:
         if decision.kind is DecisionKind.PLACE:
             attempt = self._attempts.get(request.task_id, 0) + 1
             self._attempts[request.task_id] = attempt
-            self._in_flight[request.task_id] = _InFlight(request, decision.node_id, attempt,
-                                                         decision.local_bytes, decision.holder_available,
-                                                         decision.reason)
+            self._in_flight[request.task_id] = _InFlight(
+                request,
+                decision.node_id,
+                attempt,
+                decision.local_bytes,
+                decision.holder_available,
+                decision.reason,
+            )
             return [SendPlacement(decision.node_id, request, attempt)]
         if decision.kind is DecisionKind.WAIT:
             self._waiting[request.task_id] = dataclasses.replace(request, excluded=frozenset())
@@ -234,8 +272,12 @@ class Submitter:
         first = request.task_id not in self._infeasible
         if first:
             self._infeasible[request.task_id] = _Infeasible(request, now, decision.reason)
-            return [PlacementWarning(request.task_id,
-                                     f"task {request.task_id} is infeasible right now: {decision.reason}; "
-                                     f"it fails with TaskUnschedulableError unless a node that fits "
-                                     f"joins within {self.infeasible_timeout:g}s")]
+            return [
+                PlacementWarning(
+                    request.task_id,
+                    f"task {request.task_id} is infeasible right now: {decision.reason}; "
+                    f"it fails with TaskUnschedulableError unless a node that fits "
+                    f"joins within {self.infeasible_timeout:g}s",
+                )
+            ]
         return []

@@ -13,28 +13,71 @@ Layout:
 * :mod:`.cluster` — :class:`ClusterState`, the asyncio driver over mesh RPC.
 """
 
-from .actors import ActorRecord, ActorState, Actors, ClaimResult, NoSuchClaim
+from .actors import ActorRecord, Actors, ActorState, ClaimResult, NoSuchClaim
 from .atoms import Atom, Limits
 from .cluster import ClusterState
 from .core import StateCore
 from .crdts import CrdtMap, LWWMap, LWWRegister, ORSet, PNCounter
 from .errors import (
-    ClockSkewError, DeltaTooLarge, ExpiredAtom, MalformedDelta, NotAMember, SignatureInvalid,
-    SnapshotError, StateError, StoreFull, UnknownCollection, WriteRejected,
+    ClockSkewError,
+    DeltaTooLarge,
+    ExpiredAtom,
+    MalformedDelta,
+    NotAMember,
+    SignatureInvalid,
+    SnapshotError,
+    StateError,
+    StoreFull,
+    UnknownCollection,
+    WriteRejected,
 )
 from .hlc import Hlc, HybridClock
-from .jobs import JobRecord, JobStatus, Jobs
+from .jobs import JobRecord, Jobs, JobStatus
 from .members import FailureDetector, Liveness, MemberInfo, Members, Reachability
 from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationStats
 from .store import Change, CollectionSpec, CrdtStore
 
 __all__ = [
-    "ClusterState", "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim", "Atom",
+    "PROTOCOL_ID",
+    "ActorRecord",
+    "ActorState",
+    "Actors",
+    "Atom",
+    "Change",
+    "ClaimResult",
+    "ClockSkewError",
+    "ClusterState",
+    "CollectionSpec",
+    "CrdtMap",
+    "CrdtStore",
+    "DeltaTooLarge",
+    "ExpiredAtom",
+    "FailureDetector",
+    "Hlc",
+    "HybridClock",
+    "JobRecord",
+    "JobStatus",
+    "Jobs",
+    "LWWMap",
+    "LWWRegister",
     "Limits",
-    "StateCore", "CrdtMap", "LWWMap", "LWWRegister", "ORSet", "PNCounter", "ClockSkewError",
-    "DeltaTooLarge", "ExpiredAtom", "MalformedDelta", "NotAMember", "SignatureInvalid",
-    "SnapshotError", "StateError", "StoreFull", "UnknownCollection", "WriteRejected", "Hlc",
-    "HybridClock", "JobRecord", "JobStatus", "Jobs", "FailureDetector", "Liveness", "MemberInfo",
-    "Members", "Reachability", "PROTOCOL_ID", "Replica", "ReplicationConfig",
-    "ReplicationStats", "Change", "CollectionSpec", "CrdtStore",
+    "Liveness",
+    "MalformedDelta",
+    "MemberInfo",
+    "Members",
+    "NoSuchClaim",
+    "NotAMember",
+    "ORSet",
+    "PNCounter",
+    "Reachability",
+    "Replica",
+    "ReplicationConfig",
+    "ReplicationStats",
+    "SignatureInvalid",
+    "SnapshotError",
+    "StateCore",
+    "StateError",
+    "StoreFull",
+    "UnknownCollection",
+    "WriteRejected",
 ]

@@ -11,9 +11,10 @@ A ``dead`` winner frees the name for a new claim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
@@ -22,7 +23,7 @@ from .hlc import Hlc
 from .schema import TOMBSTONE, check_fields, check_peer_id, check_str, own_entry_value
 from .store import Change, CollectionSpec
 
-__all__ = ["ACTORS", "ActorState", "ActorRecord", "ClaimResult", "Actors", "NoSuchClaim"]
+__all__ = ["ACTORS", "ActorRecord", "ActorState", "Actors", "ClaimResult", "NoSuchClaim"]
 
 ACTORS = "actors"
 
@@ -54,10 +55,17 @@ class ActorRecord:
         return (self.claimed_at, self.owner.to_bytes())
 
     @classmethod
-    def from_atom(cls, atom: Atom) -> "ActorRecord":
+    def from_atom(cls, atom: Atom) -> ActorRecord:
         value = atom.decoded_value()
-        return cls(atom.key, value["actor_id"], PeerId.from_string(value["host"]), atom.author,
-                   ActorState(value["state"]), Hlc(*value["claimed_at"]), atom.hlc)
+        return cls(
+            atom.key,
+            value["actor_id"],
+            PeerId.from_string(value["host"]),
+            atom.author,
+            ActorState(value["state"]),
+            Hlc(*value["claimed_at"]),
+            atom.hlc,
+        )
 
 
 @dataclass(frozen=True)
@@ -72,20 +80,26 @@ class ClaimResult:
 
 
 def actors_rule(atom: Atom) -> str | None:
-    problem, value = own_entry_value(atom, atom.subkey == str(atom.author),
-                                     "a peer may only write its own claim")
+    problem, value = own_entry_value(
+        atom, atom.subkey == str(atom.author), "a peer may only write its own claim"
+    )
     if problem or value is TOMBSTONE:
         return problem
-    problem = (check_fields(value, {"actor_id", "host", "state", "claimed_at"})
-               or check_str(value["actor_id"], "actor_id")
-               or check_peer_id(value["host"], "host"))
+    problem = (
+        check_fields(value, {"actor_id", "host", "state", "claimed_at"})
+        or check_str(value["actor_id"], "actor_id")
+        or check_peer_id(value["host"], "host")
+    )
     if problem:
         return problem
     if value["state"] not in {s.value for s in ActorState}:
         return f"unknown actor state {value['state']!r}"
     claimed = value["claimed_at"]
-    if not (isinstance(claimed, list) and len(claimed) == 2
-            and all(type(x) is int and x >= 0 for x in claimed)):
+    if not (
+        isinstance(claimed, list)
+        and len(claimed) == 2
+        and all(type(x) is int and x >= 0 for x in claimed)
+    ):
         return "claimed_at must be [wall_ms, logical]"
     if Hlc(*claimed) > atom.hlc:
         return "claimed_at lies after the claim's own timestamp"
@@ -127,8 +141,13 @@ class Actors:
         return None if atom is None or atom.tombstone else ActorRecord.from_atom(atom)
 
     # writes -----------------------------------------------------------------------------------
-    def claim(self, name: str, actor_id: str, host: PeerId | None = None,
-              state: ActorState = ActorState.PENDING) -> ClaimResult:
+    def claim(
+        self,
+        name: str,
+        actor_id: str,
+        host: PeerId | None = None,
+        state: ActorState = ActorState.PENDING,
+    ) -> ClaimResult:
         """Claim ``name`` for ``actor_id`` hosted on ``host`` (default: this node).
 
         If another live claim already owns the name here, nothing is written and ``won`` is False.
@@ -140,8 +159,12 @@ class Actors:
         if owner is not None and owner.owner == me and owner.state is not ActorState.DEAD:
             return ClaimResult(True, owner)
         hlc = self._replica.next_hlc()
-        value = {"actor_id": actor_id, "host": str(host or me),
-                 "state": ActorState(state).value, "claimed_at": [hlc.wall_ms, hlc.logical]}
+        value = {
+            "actor_id": actor_id,
+            "host": str(host or me),
+            "state": ActorState(state).value,
+            "claimed_at": [hlc.wall_ms, hlc.logical],
+        }
         atom = self._replica.write(ACTORS, name, str(me), value, hlc=hlc)
         return ClaimResult(True, ActorRecord.from_atom(atom))
 
@@ -150,9 +173,12 @@ class Actors:
         own = self._own(name)
         if own is None:
             raise NoSuchClaim(f"this node holds no claim on actor {name!r}")
-        value = {"actor_id": own.actor_id, "host": str(host or own.host),
-                 "state": ActorState(state).value,
-                 "claimed_at": [own.claimed_at.wall_ms, own.claimed_at.logical]}
+        value = {
+            "actor_id": own.actor_id,
+            "host": str(host or own.host),
+            "state": ActorState(state).value,
+            "claimed_at": [own.claimed_at.wall_ms, own.claimed_at.logical],
+        }
         return self._replica.write(ACTORS, name, str(self._replica.peer_id), value)
 
     def release(self, name: str) -> Atom:
@@ -167,9 +193,11 @@ class Actors:
 
     def watch(self, callback: Callable[[str, ActorRecord | None], None]) -> Callable[[], None]:
         """``callback(name, owner_or_None)`` whenever the claims on a name change."""
+
         def on_changes(changes: list[Change]) -> None:
             for name in dict.fromkeys(c.slot[1] for c in changes):
                 callback(name, self.get(name))
+
         return self._replica.store.watch(ACTORS, on_changes)
 
     def _check_lost(self, changes: list[Change]) -> None:

@@ -26,9 +26,19 @@ from .errors import DeltaTooLarge, MalformedDelta, SignatureInvalid
 from .hlc import Hlc
 
 __all__ = [
-    "Atom", "SlotId", "sign_atom", "encode_atom", "decode_atom", "verify_atom", "slot_hash",
-    "atom_fingerprint", "encode_value", "decode_value", "ATOM_SIGNING_DOMAIN", "Limits",
+    "ATOM_SIGNING_DOMAIN",
     "DEFAULT_LIMITS",
+    "Atom",
+    "Limits",
+    "SlotId",
+    "atom_fingerprint",
+    "decode_atom",
+    "decode_value",
+    "encode_atom",
+    "encode_value",
+    "sign_atom",
+    "slot_hash",
+    "verify_atom",
 ]
 
 ATOM_SIGNING_DOMAIN = "latticaray/state/atom/1"
@@ -76,8 +86,15 @@ class Atom:
         return decode_value(self.value)
 
     def signed_bytes(self) -> bytes:
-        return _signing_payload(self.collection, self.key, self.subkey, self.hlc, self.author,
-                                self.tombstone, self.value)
+        return _signing_payload(
+            self.collection,
+            self.key,
+            self.subkey,
+            self.hlc,
+            self.author,
+            self.tombstone,
+            self.value,
+        )
 
 
 def encode_value(value: Any) -> bytes:
@@ -91,21 +108,39 @@ def decode_value(data: bytes) -> Any:
         raise MalformedDelta(f"atom value is not valid msgpack: {exc}") from None
 
 
-def _signing_payload(collection: str, key: str, subkey: str, hlc: Hlc, author: PeerId,
-                     tombstone: bool, value: bytes) -> bytes:
+def _signing_payload(
+    collection: str, key: str, subkey: str, hlc: Hlc, author: PeerId, tombstone: bool, value: bytes
+) -> bytes:
     return msgpack.packb(
-        [ATOM_SIGNING_DOMAIN, collection, key, subkey, hlc.wall_ms, hlc.logical,
-         author.to_bytes(), tombstone, value],
+        [
+            ATOM_SIGNING_DOMAIN,
+            collection,
+            key,
+            subkey,
+            hlc.wall_ms,
+            hlc.logical,
+            author.to_bytes(),
+            tombstone,
+            value,
+        ],
         use_bin_type=True,
     )
 
 
-def sign_atom(key_pair: KeyPair, collection: str, key: str, subkey: str, hlc: Hlc,
-              value: bytes = b"", tombstone: bool = False) -> Atom:
+def sign_atom(
+    key_pair: KeyPair,
+    collection: str,
+    key: str,
+    subkey: str,
+    hlc: Hlc,
+    value: bytes = b"",
+    tombstone: bool = False,
+) -> Atom:
     """Create an atom authored and signed by ``key_pair``."""
     author = key_pair.peer_id
-    signature = key_pair.sign(_signing_payload(collection, key, subkey, hlc, author, tombstone,
-                                               value))
+    signature = key_pair.sign(
+        _signing_payload(collection, key, subkey, hlc, author, tombstone, value)
+    )
     return Atom(collection, key, subkey, hlc, author, tombstone, value, signature)
 
 
@@ -119,8 +154,17 @@ def verify_atom(atom: Atom) -> None:
 
 
 def encode_atom(atom: Atom) -> list:
-    return [atom.collection, atom.key, atom.subkey, atom.hlc.wall_ms, atom.hlc.logical,
-            atom.author.to_bytes(), atom.tombstone, atom.value, atom.signature]
+    return [
+        atom.collection,
+        atom.key,
+        atom.subkey,
+        atom.hlc.wall_ms,
+        atom.hlc.logical,
+        atom.author.to_bytes(),
+        atom.tombstone,
+        atom.value,
+        atom.signature,
+    ]
 
 
 _peer_cache: dict[bytes, PeerId] = {}
@@ -174,19 +218,29 @@ def decode_atom(item: Any, limits: Limits = DEFAULT_LIMITS) -> Atom:
         raise DeltaTooLarge(f"atom value is {len(value)} bytes (limit {limits.max_value_bytes})")
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_LEN:
         raise MalformedDelta(f"atom signature must be {SIGNATURE_LEN} bytes")
-    return Atom(collection, key, subkey, Hlc(wall, logical), _peer_from_bytes(author),
-                tombstone, value, signature)
+    return Atom(
+        collection,
+        key,
+        subkey,
+        Hlc(wall, logical),
+        _peer_from_bytes(author),
+        tombstone,
+        value,
+        signature,
+    )
 
 
 def slot_hash(slot: SlotId) -> int:
     """A 64-bit position of the slot in the anti-entropy trie."""
-    digest = hashlib.blake2b(msgpack.packb(list(slot), use_bin_type=True), digest_size=8,
-                             person=b"lattica-slot").digest()
+    digest = hashlib.blake2b(
+        msgpack.packb(list(slot), use_bin_type=True), digest_size=8, person=b"lattica-slot"
+    ).digest()
     return int.from_bytes(digest, "big")
 
 
 def atom_fingerprint(slot_h: int, atom: Atom) -> int:
     """A 64-bit fingerprint of one slot's content, XOR-combined into the trie's node digests."""
-    digest = hashlib.blake2b(slot_h.to_bytes(8, "big") + atom.signature, digest_size=8,
-                             person=b"lattica-fp").digest()
+    digest = hashlib.blake2b(
+        slot_h.to_bytes(8, "big") + atom.signature, digest_size=8, person=b"lattica-fp"
+    ).digest()
     return int.from_bytes(digest, "big")

@@ -23,7 +23,8 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..mesh.errors import MeshError, RpcError
 from ..mesh.identity import KeyPair, PeerId
@@ -48,18 +49,35 @@ class ClusterState:
 
     PEER_REFRESH_INTERVAL = 0.5
 
-    def __init__(self, node: Any, key: KeyPair | None = None, *,
-                 is_member: Callable[[PeerId], bool] | None = None,
-                 config: ReplicationConfig | None = None,
-                 detector: FailureDetector | None = None, limits: Limits = DEFAULT_LIMITS,
-                 snapshot_path: str | None = None, snapshot_interval: float = 30.0,
-                 heartbeat_interval: float | None = None, call_timeout: float = 5.0,
-                 max_in_flight: int = 64, tombstone_ttl: float = 24 * 3600.0,
-                 publish_self: bool = True, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        node: Any,
+        key: KeyPair | None = None,
+        *,
+        is_member: Callable[[PeerId], bool] | None = None,
+        config: ReplicationConfig | None = None,
+        detector: FailureDetector | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        snapshot_path: str | None = None,
+        snapshot_interval: float = 30.0,
+        heartbeat_interval: float | None = None,
+        call_timeout: float = 5.0,
+        max_in_flight: int = 64,
+        tombstone_ttl: float = 24 * 3600.0,
+        publish_self: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self.node = node
-        self.core = StateCore(key or node.key, wall_clock=time.time, is_member=is_member,
-                              config=config, detector=detector, limits=limits,
-                              tombstone_ttl=tombstone_ttl, rng=rng)
+        self.core = StateCore(
+            key or node.key,
+            wall_clock=time.time,
+            is_member=is_member,
+            config=config,
+            detector=detector,
+            limits=limits,
+            tombstone_ttl=tombstone_ttl,
+            rng=rng,
+        )
         self.replica = self.core.replica
         self.members = self.core.members
         self.actors = self.core.actors
@@ -91,15 +109,13 @@ class ClusterState:
     async def start(self) -> None:
         if self.snapshot_path is not None:
             try:
-                self.snapshot_load = load_snapshot(self.snapshot_path, self.core.store,
-                                                   time.time())
+                self.snapshot_load = load_snapshot(self.snapshot_path, self.core.store, time.time())
             except SnapshotError as exc:
                 log.warning("ignoring state snapshot: %s", exc)
         self.node.register_unary(PROTOCOL_ID, self._handle)
         if self.publish_self:
             self._heartbeat()
-        self._runner = asyncio.get_running_loop().create_task(self._run(),
-                                                              name="latticaray-state")
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="latticaray-state")
 
     async def stop(self, leave: bool = False) -> None:
         """Stop replicating; ``leave=True`` first tombstones this node's member entry."""
@@ -157,9 +173,8 @@ class ClusterState:
         while data is not None:
             async with self._in_flight:
                 try:
-                    reply = await self.node.call(peer, PROTOCOL_ID, data,
-                                                 timeout=self.call_timeout)
-                except (MeshError, OSError, asyncio.TimeoutError) as exc:
+                    reply = await self.node.call(peer, PROTOCOL_ID, data, timeout=self.call_timeout)
+                except (TimeoutError, MeshError, OSError) as exc:
                     log.debug("state call to %s failed: %s", peer.short(), exc)
                     self.replica.session_failed(peer)
                     return
@@ -203,13 +218,20 @@ class ClusterState:
                 raise
             except Exception:  # keep replicating whatever one step's bug was
                 log.exception("state driver step failed")
-            deadline = min(t for t in (self.replica.next_deadline(), next_heartbeat,
-                                       next_snapshot if self.snapshot_path else None)
-                           if t is not None)
+            deadline = min(
+                t
+                for t in (
+                    self.replica.next_deadline(),
+                    next_heartbeat,
+                    next_snapshot if self.snapshot_path else None,
+                )
+                if t is not None
+            )
             self._wake.clear()
             # a timer that sets the event, not wait_for, which can swallow a cancel on 3.11
-            alarm = asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()),
-                                                          self._wake.set)
+            alarm = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - time.time()), self._wake.set
+            )
             try:
                 await self._wake.wait()
             finally:
@@ -248,6 +270,7 @@ class ClusterState:
             return
         try:
             from ..mesh.multiaddr import Multiaddr
+
             add_addrs(peer, [Multiaddr.parse(a) for a in info.addrs])
         except (MeshError, ValueError) as exc:
             log.debug("member %s advertises unusable addresses: %s", peer.short(), exc)

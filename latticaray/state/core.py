@@ -8,7 +8,7 @@ local writes.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from ..mesh.identity import KeyPair, PeerId
 from .actors import Actors
@@ -26,15 +26,23 @@ __all__ = ["StateCore"]
 class StateCore:
     """Replica + ``members`` / ``actors`` / ``jobs`` + user-defined CRDT collections."""
 
-    def __init__(self, key_pair: KeyPair, *, wall_clock: Callable[[], float],
-                 is_member: Callable[[PeerId], bool] | None = None,
-                 config: ReplicationConfig | None = None,
-                 detector: FailureDetector | None = None, limits: Limits = DEFAULT_LIMITS,
-                 tombstone_ttl: float = 24 * 3600.0, max_slots: int = 1_000_000,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        *,
+        wall_clock: Callable[[], float],
+        is_member: Callable[[PeerId], bool] | None = None,
+        config: ReplicationConfig | None = None,
+        detector: FailureDetector | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        tombstone_ttl: float = 24 * 3600.0,
+        max_slots: int = 1_000_000,
+        rng: random.Random | None = None,
+    ) -> None:
         store = CrdtStore(is_member=is_member, tombstone_ttl=tombstone_ttl, max_slots=max_slots)
-        self.replica = Replica(key_pair, store=store, config=config, limits=limits, rng=rng,
-                               wall_clock=wall_clock)
+        self.replica = Replica(
+            key_pair, store=store, config=config, limits=limits, rng=rng, wall_clock=wall_clock
+        )
         self.store = store
         self.peer_id = key_pair.peer_id
         self.members = Members(self.replica, detector)

@@ -19,7 +19,8 @@ returned atoms are the delta that replication ships. Reads interpret the slots:
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol
 
 from ..mesh.identity import PeerId
 from .atoms import Atom, decode_value, encode_value
@@ -28,8 +29,14 @@ from .hlc import Hlc
 from .store import CollectionSpec, CrdtStore
 
 __all__ = [
-    "StateWriter", "LWWRegister", "LWWMap", "ORSet", "PNCounter", "CrdtMap",
-    "define_collection", "KINDS",
+    "KINDS",
+    "CrdtMap",
+    "LWWMap",
+    "LWWRegister",
+    "ORSet",
+    "PNCounter",
+    "StateWriter",
+    "define_collection",
 ]
 
 
@@ -37,8 +44,9 @@ class StateWriter(Protocol):
     store: CrdtStore
     peer_id: PeerId
 
-    def write(self, collection: str, key: str, subkey: str, value: Any = None, *,
-              tombstone: bool = False) -> Atom: ...
+    def write(
+        self, collection: str, key: str, subkey: str, value: Any = None, *, tombstone: bool = False
+    ) -> Atom: ...
 
 
 # write rules per kind --------------------------------------------------------------------------
@@ -73,8 +81,11 @@ def _counter_rule(atom: Atom) -> str | None:
         value = decode_value(atom.value)
     except MalformedDelta as exc:
         return str(exc)
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(type(v) is int and 0 <= v < 2**63 for v in value)):
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(type(v) is int and 0 <= v < 2**63 for v in value)
+    ):
         return "a counter slot holds [P, N] non-negative integers"
     return None
 
@@ -82,8 +93,9 @@ def _counter_rule(atom: Atom) -> str | None:
 KINDS = {"lww": _lww_rule, "orset": _orset_rule, "counter": _counter_rule}
 
 
-def define_collection(store: CrdtStore, name: str, kind: str,
-                      live_ttl: float | None = None) -> None:
+def define_collection(
+    store: CrdtStore, name: str, kind: str, live_ttl: float | None = None
+) -> None:
     """Define ``name`` as a map of CRDTs of ``kind`` (``lww``, ``orset`` or ``counter``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown CRDT kind {kind!r}; expected one of {sorted(KINDS)}")
@@ -160,10 +172,14 @@ class ORSet:
     def remove(self, element: Any) -> list[Atom]:
         """Tombstone every add of ``element`` observed here; returns the delta (maybe empty)."""
         prefix = element_id(encode_value(element)) + "/"
-        live = [a for a in self._writer.store.key_slots(self.collection, self.key).values()
-                if not a.tombstone and a.subkey.startswith(prefix)]
-        return [self._writer.write(self.collection, self.key, a.subkey, tombstone=True)
-                for a in live]
+        live = [
+            a
+            for a in self._writer.store.key_slots(self.collection, self.key).values()
+            if not a.tombstone and a.subkey.startswith(prefix)
+        ]
+        return [
+            self._writer.write(self.collection, self.key, a.subkey, tombstone=True) for a in live
+        ]
 
     def _live(self) -> dict[str, Atom]:
         out: dict[str, Atom] = {}
@@ -221,7 +237,7 @@ class PNCounter:
 class CrdtMap:
     """A map of CRDTs: every key of ``collection`` holds a nested CRDT of the collection's kind."""
 
-    _VIEWS = {"lww": LWWRegister, "orset": ORSet, "counter": PNCounter}
+    _VIEWS: ClassVar[dict[str, type]] = {"lww": LWWRegister, "orset": ORSet, "counter": PNCounter}
 
     def __init__(self, writer: StateWriter, collection: str, kind: str) -> None:
         if kind not in self._VIEWS:
@@ -233,11 +249,17 @@ class CrdtMap:
 
     def keys(self) -> list[str]:
         store = self._writer.store
-        return [k for k in store.keys(self.collection)
-                if any(not a.tombstone for a in store.key_slots(self.collection, k).values())]
+        return [
+            k
+            for k in store.keys(self.collection)
+            if any(not a.tombstone for a in store.key_slots(self.collection, k).values())
+        ]
 
     def remove(self, key: str) -> list[Atom]:
         """Observed-remove of a whole key: tombstones every live slot seen here."""
-        live = [a for a in self._writer.store.key_slots(self.collection, key).values()
-                if not a.tombstone]
+        live = [
+            a
+            for a in self._writer.store.key_slots(self.collection, key).values()
+            if not a.tombstone
+        ]
         return [self._writer.write(self.collection, key, a.subkey, tombstone=True) for a in live]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from .errors import ClockSkewError
 
-__all__ = ["Hlc", "HybridClock", "MAX_LOGICAL"]
+__all__ = ["MAX_LOGICAL", "Hlc", "HybridClock"]
 
 MAX_LOGICAL = 2**31 - 1
 
@@ -33,9 +33,9 @@ class Hlc(NamedTuple):
 class HybridClock:
     """The local hybrid logical clock. ``max_drift_s`` bounds how far ahead a remote may be."""
 
-    def __init__(self, max_drift_s: float = 60.0, last: Hlc = Hlc(0, 0)) -> None:
+    def __init__(self, max_drift_s: float = 60.0, last: Hlc | None = None) -> None:
         self.max_drift_ms = int(max_drift_s * 1000)
-        self.last = Hlc(int(last.wall_ms), int(last.logical))
+        self.last = Hlc(0, 0) if last is None else Hlc(int(last.wall_ms), int(last.logical))
 
     def tick(self, now: float) -> Hlc:
         """Return a fresh timestamp for a local event, strictly greater than every earlier one."""

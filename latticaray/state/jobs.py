@@ -7,16 +7,17 @@ picks the same one: the earliest ``(start, driver peer ID)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
 from .schema import TOMBSTONE, check_fields, check_labels, check_number, own_entry_value
 from .store import Change, CollectionSpec
 
-__all__ = ["JOBS", "JobStatus", "JobRecord", "Jobs"]
+__all__ = ["JOBS", "JobRecord", "JobStatus", "Jobs"]
 
 JOBS = "jobs"
 
@@ -39,21 +40,30 @@ class JobRecord:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_atom(cls, atom: Atom) -> "JobRecord":
+    def from_atom(cls, atom: Atom) -> JobRecord:
         value = atom.decoded_value()
-        return cls(atom.key, atom.author, JobStatus(value["status"]), float(value["start"]),
-                   None if value["end"] is None else float(value["end"]), dict(value["metadata"]))
+        return cls(
+            atom.key,
+            atom.author,
+            JobStatus(value["status"]),
+            float(value["start"]),
+            None if value["end"] is None else float(value["end"]),
+            dict(value["metadata"]),
+        )
 
 
 def jobs_rule(atom: Atom) -> str | None:
-    problem, value = own_entry_value(atom, atom.subkey == str(atom.author),
-                                     "only a job's driver may write its entry")
+    problem, value = own_entry_value(
+        atom, atom.subkey == str(atom.author), "only a job's driver may write its entry"
+    )
     if problem or value is TOMBSTONE:
         return problem
-    problem = (check_fields(value, {"status", "start", "end", "metadata"})
-               or check_number(value["start"], "start")
-               or check_number(value["end"], "end", allow_none=True)
-               or check_labels(value["metadata"], "metadata"))
+    problem = (
+        check_fields(value, {"status", "start", "end", "metadata"})
+        or check_number(value["start"], "start")
+        or check_number(value["end"], "end", allow_none=True)
+        or check_labels(value["metadata"], "metadata")
+    )
     if problem:
         return problem
     if value["status"] not in {s.value for s in JobStatus}:
@@ -72,12 +82,20 @@ class Jobs:
         atom = self._replica.store.get((JOBS, job_id, str(self._replica.peer_id)))
         return None if atom is None or atom.tombstone else JobRecord.from_atom(atom)
 
-    def submit(self, job_id: str, status: JobStatus | str = JobStatus.RUNNING,
-               start: float | None = None, metadata: dict[str, str] | None = None) -> Atom:
+    def submit(
+        self,
+        job_id: str,
+        status: JobStatus | str = JobStatus.RUNNING,
+        start: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Atom:
         """Record a job driven by this node."""
-        value = {"status": JobStatus(status).value,
-                 "start": self._replica.wall_clock() if start is None else start,
-                 "end": None, "metadata": dict(metadata or {})}
+        value = {
+            "status": JobStatus(status).value,
+            "start": self._replica.wall_clock() if start is None else start,
+            "end": None,
+            "metadata": dict(metadata or {}),
+        }
         return self._replica.write(JOBS, job_id, str(self._replica.peer_id), value)
 
     def update(self, job_id: str, status: JobStatus | str, end: float | None = None) -> Atom:
@@ -88,8 +106,12 @@ class Jobs:
         status = JobStatus(status)
         if end is None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             end = self._replica.wall_clock()
-        value = {"status": status.value, "start": own.start, "end": end,
-                 "metadata": dict(own.metadata)}
+        value = {
+            "status": status.value,
+            "start": own.start,
+            "end": end,
+            "metadata": dict(own.metadata),
+        }
         return self._replica.write(JOBS, job_id, str(self._replica.peer_id), value)
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -112,4 +134,5 @@ class Jobs:
         def on_changes(changes: list[Change]) -> None:
             for job_id in dict.fromkeys(c.slot[1] for c in changes):
                 callback(job_id, self.get(job_id))
+
         return self._replica.store.watch(JOBS, on_changes)

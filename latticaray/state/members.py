@@ -11,17 +11,24 @@ A member leaving cleanly writes a tombstone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from ..mesh.identity import PeerId
 from .atoms import Atom
-from .schema import (TOMBSTONE, check_fields, check_labels, check_resources, check_str,
-                     own_entry_value)
+from .schema import (
+    TOMBSTONE,
+    check_fields,
+    check_labels,
+    check_resources,
+    check_str,
+    own_entry_value,
+)
 from .store import Change, CollectionSpec
 
-__all__ = ["MEMBERS", "Reachability", "Liveness", "MemberInfo", "FailureDetector", "Members"]
+__all__ = ["MEMBERS", "FailureDetector", "Liveness", "MemberInfo", "Members", "Reachability"]
 
 MEMBERS = "members"
 MAX_ADDRS = 32
@@ -61,8 +68,10 @@ class FailureDetector:
 
     def thresholds(self, members: int) -> tuple[float, float]:
         scale = self.interval_for(members) / self.heartbeat_interval
-        return (min(self.suspect_after * scale, max(self.suspect_after, self.remove_after / 4)),
-                min(self.dead_after * scale, max(self.dead_after, self.remove_after / 2)))
+        return (
+            min(self.suspect_after * scale, max(self.suspect_after, self.remove_after / 4)),
+            min(self.dead_after * scale, max(self.dead_after, self.remove_after / 2)),
+        )
 
     def judge(self, heartbeat: float, now: float, members: int = 0) -> Liveness:
         suspect_after, dead_after = self.thresholds(members)
@@ -86,11 +95,17 @@ class MemberInfo:
     heartbeat: float = 0.0
 
     @classmethod
-    def from_atom(cls, atom: Atom) -> "MemberInfo":
+    def from_atom(cls, atom: Atom) -> MemberInfo:
         value = atom.decoded_value()
-        return cls(atom.author, tuple(value["addrs"]), Reachability(value["reachability"]),
-                   dict(value["resources_total"]), dict(value["resources_available"]),
-                   dict(value["labels"]), atom.hlc.seconds)
+        return cls(
+            atom.author,
+            tuple(value["addrs"]),
+            Reachability(value["reachability"]),
+            dict(value["resources_total"]),
+            dict(value["resources_available"]),
+            dict(value["labels"]),
+            atom.hlc.seconds,
+        )
 
 
 _FIELDS = {"addrs", "reachability", "resources_total", "resources_available", "labels"}
@@ -109,14 +124,19 @@ def validate_member_value(value: Any) -> str | None:
             return problem
     if value["reachability"] not in {r.value for r in Reachability}:
         return f"unknown reachability {value['reachability']!r}"
-    return (check_resources(value["resources_total"], "resources_total")
-            or check_resources(value["resources_available"], "resources_available")
-            or check_labels(value["labels"], "labels"))
+    return (
+        check_resources(value["resources_total"], "resources_total")
+        or check_resources(value["resources_available"], "resources_available")
+        or check_labels(value["labels"], "labels")
+    )
 
 
 def members_rule(atom: Atom) -> str | None:
-    problem, value = own_entry_value(atom, atom.key == str(atom.author) and atom.subkey == "",
-                                     "a member may only write its own entry")
+    problem, value = own_entry_value(
+        atom,
+        atom.key == str(atom.author) and atom.subkey == "",
+        "a member may only write its own entry",
+    )
     if problem or value is TOMBSTONE:
         return problem
     return validate_member_value(value)
@@ -137,21 +157,34 @@ class Members:
     def _now(self, now: float | None) -> float:
         return self._replica.wall_clock() if now is None else now
 
-    def upsert_self(self, *, addrs: list[str] | None = None,
-                    reachability: Reachability | str | None = None,
-                    resources_total: dict[str, float] | None = None,
-                    resources_available: dict[str, float] | None = None,
-                    labels: dict[str, str] | None = None) -> Atom:
+    def upsert_self(
+        self,
+        *,
+        addrs: list[str] | None = None,
+        reachability: Reachability | str | None = None,
+        resources_total: dict[str, float] | None = None,
+        resources_available: dict[str, float] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> Atom:
         """Publish this node's entry (also a heartbeat); omitted fields keep their last value."""
         current = self.get(self._replica.peer_id)
         value = {
             "addrs": list(addrs if addrs is not None else (current.addrs if current else [])),
-            "reachability": Reachability(reachability if reachability is not None else
-                                         (current.reachability if current else "unknown")).value,
-            "resources_total": dict(resources_total if resources_total is not None else
-                                    (current.resources_total if current else {})),
-            "resources_available": dict(resources_available if resources_available is not None
-                                        else (current.resources_available if current else {})),
+            "reachability": Reachability(
+                reachability
+                if reachability is not None
+                else (current.reachability if current else "unknown")
+            ).value,
+            "resources_total": dict(
+                resources_total
+                if resources_total is not None
+                else (current.resources_total if current else {})
+            ),
+            "resources_available": dict(
+                resources_available
+                if resources_available is not None
+                else (current.resources_available if current else {})
+            ),
             "labels": dict(labels if labels is not None else (current.labels if current else {})),
         }
         problem = validate_member_value(value)
@@ -191,13 +224,15 @@ class Members:
 
     def liveness(self, peer_id: PeerId | str, now: float | None = None) -> Liveness | None:
         info = self.get(peer_id)
-        return None if info is None else self.detector.judge(info.heartbeat, self._now(now),
-                                                             self.count())
+        return (
+            None
+            if info is None
+            else self.detector.judge(info.heartbeat, self._now(now), self.count())
+        )
 
     def _judged(self, now: float | None, wanted: Liveness) -> list[MemberInfo]:
         now, members = self._now(now), self.all()
-        return [m for m in members
-                if self.detector.judge(m.heartbeat, now, len(members)) is wanted]
+        return [m for m in members if self.detector.judge(m.heartbeat, now, len(members)) is wanted]
 
     def alive(self, now: float | None = None) -> list[MemberInfo]:
         return self._judged(now, Liveness.ALIVE)
@@ -210,6 +245,7 @@ class Members:
 
     def watch(self, callback: Callable[[PeerId, MemberInfo | None], None]) -> Callable[[], None]:
         """``callback(peer_id, info_or_None)`` on every change (None: left, expired, removed)."""
+
         def on_changes(changes: list[Change]) -> None:
             for change in changes:
                 atom = change.new
@@ -217,4 +253,5 @@ class Members:
                     callback(PeerId.from_string(change.slot[1]), None)
                 else:
                     callback(atom.author, MemberInfo.from_atom(atom))
+
         return self._replica.store.watch(MEMBERS, on_changes)

@@ -21,8 +21,14 @@ from .errors import MalformedDelta, SnapshotError
 from .hlc import Hlc
 from .store import CrdtStore
 
-__all__ = ["save_snapshot", "load_snapshot", "encode_snapshot", "write_snapshot_file",
-           "SnapshotLoad", "SNAPSHOT_MAGIC"]
+__all__ = [
+    "SNAPSHOT_MAGIC",
+    "SnapshotLoad",
+    "encode_snapshot",
+    "load_snapshot",
+    "save_snapshot",
+    "write_snapshot_file",
+]
 
 SNAPSHOT_MAGIC = b"latticaray-state-snapshot/1\n"
 MAX_SNAPSHOT_BYTES = 1 << 30
@@ -38,8 +44,13 @@ class SnapshotLoad:
 def encode_snapshot(store: CrdtStore, now: float) -> bytes:
     """The snapshot bytes of ``store`` (call on the thread that owns the store)."""
     return SNAPSHOT_MAGIC + msgpack.packb(
-        {"saved_at": now, "hlc": list(store.clock.last),
-         "atoms": [encode_atom(a) for a in store.atoms()]}, use_bin_type=True)
+        {
+            "saved_at": now,
+            "hlc": list(store.clock.last),
+            "atoms": [encode_atom(a) for a in store.atoms()],
+        },
+        use_bin_type=True,
+    )
 
 
 def write_snapshot_file(path: str | os.PathLike, data: bytes) -> int:
@@ -65,8 +76,9 @@ def save_snapshot(path: str | os.PathLike, store: CrdtStore, now: float) -> int:
     return write_snapshot_file(path, encode_snapshot(store, now))
 
 
-def load_snapshot(path: str | os.PathLike, store: CrdtStore, now: float,
-                  limits: Limits = DEFAULT_LIMITS) -> SnapshotLoad:
+def load_snapshot(
+    path: str | os.PathLike, store: CrdtStore, now: float, limits: Limits = DEFAULT_LIMITS
+) -> SnapshotLoad:
     """Merge a snapshot into ``store``. A missing file loads nothing; a bad one raises."""
     path = Path(path)
     try:
@@ -79,7 +91,7 @@ def load_snapshot(path: str | os.PathLike, store: CrdtStore, now: float,
     if not data.startswith(SNAPSHOT_MAGIC):
         raise SnapshotError(f"{path} is not a latticaray state snapshot (or another version)")
     try:
-        body = msgpack.unpackb(data[len(SNAPSHOT_MAGIC):], raw=False)
+        body = msgpack.unpackb(data[len(SNAPSHOT_MAGIC) :], raw=False)
         saved_at = float(body["saved_at"])
         hlc = Hlc(int(body["hlc"][0]), int(body["hlc"][1]))
         raw_atoms = body["atoms"]
@@ -88,8 +100,10 @@ def load_snapshot(path: str | os.PathLike, store: CrdtStore, now: float,
     except Exception as exc:  # any decoding problem means the file is unusable
         raise SnapshotError(f"snapshot {path} is malformed: {exc}") from None
     if now - saved_at > store.tombstone_ttl:
-        return SnapshotLoad(skipped_reason=f"snapshot is {now - saved_at:.0f} s old, past the "
-                                           f"tombstone TTL; resyncing instead")
+        return SnapshotLoad(
+            skipped_reason=f"snapshot is {now - saved_at:.0f} s old, past the "
+            f"tombstone TTL; resyncing instead"
+        )
     atoms, rejected = [], 0
     for item in raw_atoms:
         try:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import msgpack
 
@@ -36,7 +37,7 @@ from .errors import DeltaTooLarge, MalformedDelta, NotAMember, WriteRejected
 from .hlc import Hlc
 from .store import TRIE_DEPTH, CrdtStore, MergeReport
 
-__all__ = ["Replica", "ReplicationConfig", "ReplicationStats", "PROTOCOL_ID", "Outgoing"]
+__all__ = ["PROTOCOL_ID", "Outgoing", "Replica", "ReplicationConfig", "ReplicationStats"]
 
 PROTOCOL_ID = "/latticaray/state/1"
 WIRE_VERSION = 1
@@ -99,11 +100,17 @@ class Replica:
     production, the simulator's clock in simulation). Every other entry point takes ``now``.
     """
 
-    def __init__(self, key_pair: KeyPair, *, store: CrdtStore | None = None,
-                 config: ReplicationConfig | None = None, limits: Limits = DEFAULT_LIMITS,
-                 rng: random.Random | None = None,
-                 wall_clock: Callable[[], float] | None = None,
-                 is_member: Callable[[PeerId], bool] | None = None) -> None:
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        *,
+        store: CrdtStore | None = None,
+        config: ReplicationConfig | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] | None = None,
+        is_member: Callable[[PeerId], bool] | None = None,
+    ) -> None:
         self.key_pair = key_pair
         self.peer_id = key_pair.peer_id
         self.store = store if store is not None else CrdtStore(is_member=is_member)
@@ -136,8 +143,16 @@ class Replica:
     def next_hlc(self) -> Hlc:
         return self.clock.tick(self._wall())
 
-    def write(self, collection: str, key: str, subkey: str, value: Any = None, *,
-              tombstone: bool = False, hlc: Hlc | None = None) -> Atom:
+    def write(
+        self,
+        collection: str,
+        key: str,
+        subkey: str,
+        value: Any = None,
+        *,
+        tombstone: bool = False,
+        hlc: Hlc | None = None,
+    ) -> Atom:
         """Sign, apply and queue for gossip one atom authored by this node; returns it (the delta).
 
         The local collection's write rule applies to local writes too, so a bug cannot produce an
@@ -146,11 +161,14 @@ class Replica:
         spec = self.store.spec(collection)
         encoded = b"" if tombstone else encode_value(value)
         if len(encoded) > self.limits.max_value_bytes:
-            raise DeltaTooLarge(f"value is {len(encoded)} bytes (limit "
-                                f"{self.limits.max_value_bytes})")
-        for name, text, limit in (("collection", collection, self.limits.max_collection_len),
-                                  ("key", key, self.limits.max_key_len),
-                                  ("subkey", subkey, self.limits.max_subkey_len)):
+            raise DeltaTooLarge(
+                f"value is {len(encoded)} bytes (limit {self.limits.max_value_bytes})"
+            )
+        for name, text, limit in (
+            ("collection", collection, self.limits.max_collection_len),
+            ("key", key, self.limits.max_key_len),
+            ("subkey", subkey, self.limits.max_subkey_len),
+        ):
             if len(text.encode()) > limit:
                 raise DeltaTooLarge(f"{name} {text[:40]!r}... is longer than {limit} bytes")
         if hlc is None:
@@ -192,8 +210,9 @@ class Replica:
             self._next_gossip = None
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + cfg.anti_entropy_interval
-            for sid in [s for s, sess in self._sessions.items()
-                        if now - sess.started > cfg.session_timeout]:
+            for sid in [
+                s for s, sess in self._sessions.items() if now - sess.started > cfg.session_timeout
+            ]:
                 del self._sessions[sid]
             while len(self._sessions) >= cfg.max_concurrent_sessions:
                 del self._sessions[min(self._sessions)]
@@ -226,21 +245,27 @@ class Replica:
             return []
         cfg = self.config
         targets = self.rng.sample(candidates, min(cfg.fanout + cfg.lazy_fanout, len(candidates)))
-        eager, lazy = targets[:cfg.fanout], targets[cfg.fanout:]
+        eager, lazy = targets[: cfg.fanout], targets[cfg.fanout :]
         out = []
-        messages = [self._encode({"t": "delta", "a": [encode_atom(a) for a in chunk]})
-                    for chunk in self._chunks(atoms)]
+        messages = [
+            self._encode({"t": "delta", "a": [encode_atom(a) for a in chunk]})
+            for chunk in self._chunks(atoms)
+        ]
         for peer in eager:
             for data in messages:
                 self.stats.bytes_sent["delta"] += len(data)
                 out.append((peer, data))
         if lazy:
             store = self.store
-            entries = [[h, a.hlc.wall_ms, a.hlc.logical, store.fingerprint(a.slot)]
-                       for a in atoms if (h := store.slot_hash_of(a.slot)) is not None]
+            entries = [
+                [h, a.hlc.wall_ms, a.hlc.logical, store.fingerprint(a.slot)]
+                for a in atoms
+                if (h := store.slot_hash_of(a.slot)) is not None
+            ]
             for start in range(0, len(entries), cfg.max_wants_per_message):
-                data = self._encode({"t": "ihave",
-                                     "h": entries[start:start + cfg.max_wants_per_message]})
+                data = self._encode(
+                    {"t": "ihave", "h": entries[start : start + cfg.max_wants_per_message]}
+                )
                 for peer in lazy:
                     self.stats.bytes_sent["ihave"] += len(data)
                     out.append((peer, data))
@@ -253,7 +278,7 @@ class Replica:
         for entry in _list_field(msg, "h", cfg.max_wants_per_message):
             if not _int_list(entry, 4):
                 raise MalformedDelta("ihave entry must be [hash, wall, logical, fp]")
-            h, wall, logical, fp = entry
+            h, wall, logical, _fp = entry
             own = self.store.atoms_with_hash(h)
             if any((a.hlc.wall_ms, a.hlc.logical) >= (wall, logical) for a in own):
                 continue
@@ -290,8 +315,10 @@ class Replica:
         size = 0
         for atom in atoms:
             cost = _atom_size(atom)
-            if chunks[-1] and (size + cost > self.config.message_budget
-                               or len(chunks[-1]) >= self.limits.max_atoms_per_message):
+            if chunks[-1] and (
+                size + cost > self.config.message_budget
+                or len(chunks[-1]) >= self.limits.max_atoms_per_message
+            ):
                 chunks.append([])
                 size = 0
             chunks[-1].append(atom)
@@ -356,8 +383,9 @@ class Replica:
             seen = set()
             for item in listing:
                 if not _int_list(item, 4):
-                    raise MalformedDelta("anti-entropy listing entry must be "
-                                         "[hash, wall, logical, fp]")
+                    raise MalformedDelta(
+                        "anti-entropy listing entry must be [hash, wall, logical, fp]"
+                    )
                 h, wall, logical, fp = item
                 seen.add(h)
                 own = own_items.get(h)
@@ -389,10 +417,15 @@ class Replica:
             self.stats.sessions_completed += 1
             return []
         atoms = self._budgeted(list(push.values()))
-        data = self._encode({"t": "ae", "s": sid,
-                             "n": next_nodes[:self.config.max_nodes_per_message],
-                             "a": [encode_atom(a) for a in atoms],
-                             "w": want[:self.config.max_wants_per_message]})
+        data = self._encode(
+            {
+                "t": "ae",
+                "s": sid,
+                "n": next_nodes[: self.config.max_nodes_per_message],
+                "a": [encode_atom(a) for a in atoms],
+                "w": want[: self.config.max_wants_per_message],
+            }
+        )
         self.stats.bytes_sent["ae"] += len(data)
         return [(src, data)]
 
@@ -400,8 +433,9 @@ class Replica:
         out, size = [], 0
         for atom in atoms:
             size += _atom_size(atom)
-            if out and (size > self.config.message_budget
-                        or len(out) >= self.limits.max_atoms_per_message):
+            if out and (
+                size > self.config.message_budget or len(out) >= self.limits.max_atoms_per_message
+            ):
                 break
             out.append(atom)
         return out
@@ -434,20 +468,36 @@ class Replica:
                 for _, atom in store.items_under(depth, prefix):
                     reply_atoms[atom.slot] = atom
             elif my_count <= self.config.leaf_max or depth == TRIE_DEPTH:
-                leaves.append([depth, prefix, [
-                    [h, a.hlc.wall_ms, a.hlc.logical, store.fingerprint(a.slot)]
-                    for h, a in store.items_under(depth, prefix)]])
+                leaves.append(
+                    [
+                        depth,
+                        prefix,
+                        [
+                            [h, a.hlc.wall_ms, a.hlc.logical, store.fingerprint(a.slot)]
+                            for h, a in store.items_under(depth, prefix)
+                        ],
+                    ]
+                )
             else:
                 children.append([depth, prefix, [list(c) for c in store.children(depth, prefix)]])
         atoms = self._budgeted(list(reply_atoms.values()))
-        data = self._encode({"t": "aer", "s": sid, "c": children, "l": leaves, "x": empty,
-                             "a": [encode_atom(a) for a in atoms]})
+        data = self._encode(
+            {
+                "t": "aer",
+                "s": sid,
+                "c": children,
+                "l": leaves,
+                "x": empty,
+                "a": [encode_atom(a) for a in atoms],
+            }
+        )
         self.stats.bytes_sent["aer"] += len(data)
         return data
 
     # inbound ----------------------------------------------------------------------------------
-    def handle_message(self, src: PeerId, data: bytes,
-                       now: float) -> tuple[bytes | None, list[Outgoing]]:
+    def handle_message(
+        self, src: PeerId, data: bytes, now: float
+    ) -> tuple[bytes | None, list[Outgoing]]:
         """Handle one message (or RPC reply) from the authenticated peer ``src``.
 
         Returns ``(reply, sends)``: ``reply`` goes back to ``src`` (the RPC response), ``sends``
@@ -476,8 +526,9 @@ class Replica:
             self.stats.messages_rejected[type(exc).__name__] += 1
             raise
 
-    def _merge_from(self, src: PeerId, atoms: list[Atom], now: float,
-                    forward: bool | None) -> MergeReport:
+    def _merge_from(
+        self, src: PeerId, atoms: list[Atom], now: float, forward: bool | None
+    ) -> MergeReport:
         report = self.store.merge(atoms, now)
         self.stats.atoms_applied += len(report.applied)
         self.stats.atoms_stale += report.stale
@@ -494,12 +545,17 @@ class Replica:
 
     def _decode(self, data: bytes) -> dict:
         if len(data) > self.limits.max_message_bytes:
-            raise DeltaTooLarge(f"state message is {len(data)} bytes (limit "
-                                f"{self.limits.max_message_bytes})")
+            raise DeltaTooLarge(
+                f"state message is {len(data)} bytes (limit {self.limits.max_message_bytes})"
+            )
         try:
-            msg = msgpack.unpackb(data, raw=False, strict_map_key=True,
-                                  max_array_len=self.limits.max_atoms_per_message * 16,
-                                  max_map_len=32)
+            msg = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                max_array_len=self.limits.max_atoms_per_message * 16,
+                max_map_len=32,
+            )
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise MalformedDelta(f"state message is not valid msgpack: {exc}") from None
         if not isinstance(msg, dict):
@@ -510,8 +566,7 @@ class Replica:
 
 
 def _int_list(value: Any, length: int) -> bool:
-    return (isinstance(value, list) and len(value) == length
-            and all(type(x) is int for x in value))
+    return isinstance(value, list) and len(value) == length and all(type(x) is int for x in value)
 
 
 def _list_field(msg: dict, name: str, limit: int) -> list:
@@ -524,18 +579,24 @@ def _list_field(msg: dict, name: str, limit: int) -> list:
 
 
 def _atoms_field(msg: dict, limits: Limits) -> list[Atom]:
-    return [decode_atom(item, limits)
-            for item in _list_field(msg, "a", limits.max_atoms_per_message)]
+    return [
+        decode_atom(item, limits) for item in _list_field(msg, "a", limits.max_atoms_per_message)
+    ]
 
 
 def _check_node(depth: int, prefix: int) -> None:
-    if not 0 <= depth <= TRIE_DEPTH or not 0 <= prefix < 16 ** depth:
+    if not 0 <= depth <= TRIE_DEPTH or not 0 <= prefix < 16**depth:
         raise MalformedDelta(f"no trie node at depth {depth}, prefix {prefix}")
 
 
 def _node_children(entry: Any) -> tuple[int, int, list]:
-    if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int
-            and type(entry[1]) is int and isinstance(entry[2], list)):
+    if not (
+        isinstance(entry, list)
+        and len(entry) == 3
+        and type(entry[0]) is int
+        and type(entry[1]) is int
+        and isinstance(entry[2], list)
+    ):
         raise MalformedDelta("anti-entropy entry must be [depth, prefix, [...]]")
     _check_node(entry[0], entry[1])
     return entry[0], entry[1], entry[2]

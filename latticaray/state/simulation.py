@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..mesh.identity import KeyPair, PeerId
 from ..mesh.sim import Simulator, TimerHandle, VirtualNetwork
@@ -30,10 +30,17 @@ def deterministic_key(seed: int, index: int) -> KeyPair:
 
 
 class SimCluster:
-    def __init__(self, n: int, *, seed: int = 0, latency: float = 0.02, loss: float = 0.0,
-                 config: ReplicationConfig | None = None,
-                 is_member: Callable[[PeerId], bool] | None = None,
-                 setup: Callable[[StateCore], None] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        latency: float = 0.02,
+        loss: float = 0.0,
+        config: ReplicationConfig | None = None,
+        is_member: Callable[[PeerId], bool] | None = None,
+        setup: Callable[[StateCore], None] | None = None,
+    ) -> None:
         self.sim = Simulator(seed)
         self.net = VirtualNetwork(self.sim, latency=latency, loss=loss)
         self.config = config or ReplicationConfig()
@@ -43,8 +50,13 @@ class SimCluster:
         self.errors: list[tuple[PeerId, StateError]] = []
         for index in range(n):
             key = deterministic_key(seed, index)
-            core = StateCore(key, wall_clock=self.wall_clock, config=self.config,
-                             is_member=is_member, rng=random.Random(seed * 100_003 + index))
+            core = StateCore(
+                key,
+                wall_clock=self.wall_clock,
+                config=self.config,
+                is_member=is_member,
+                rng=random.Random(seed * 100_003 + index),
+            )
             if setup is not None:
                 setup(core)
             self.cores[core.peer_id] = core
@@ -75,6 +87,7 @@ class SimCluster:
                 self.net.send(pid, src, reply, size=len(reply), kind="reply")
             self._send(pid, sends)
             self._schedule(pid)
+
         return on_message
 
     def _send(self, src: PeerId, sends: Iterable[tuple[PeerId, bytes]]) -> None:
@@ -96,8 +109,7 @@ class SimCluster:
     def _on_timer(self, pid: PeerId) -> None:
         self._timers.pop(pid, None)
         if not self.net.is_up(pid):
-            self._timers[pid] = (self.sim.now + 1.0,
-                                 self.sim.call_later(1.0, self._on_timer, pid))
+            self._timers[pid] = (self.sim.now + 1.0, self.sim.call_later(1.0, self._on_timer, pid))
             return
         self._send(pid, self.cores[pid].replica.tick(self.now))
         self._schedule(pid)
@@ -122,12 +134,19 @@ class SimCluster:
         return len(digests) == 1
 
     def count_having(self, slot: tuple[str, str, str], atom: Atom) -> int:
-        return sum(1 for core in self.cores.values()
-                   if (held := core.store.get(slot)) is not None
-                   and held.signature == atom.signature)
+        return sum(
+            1
+            for core in self.cores.values()
+            if (held := core.store.get(slot)) is not None and held.signature == atom.signature
+        )
 
-    def run_until(self, predicate: Callable[[], bool], timeout: float, check_every: float = 0.05,
-                  max_events: int = 50_000_000) -> float | None:
+    def run_until(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float,
+        check_every: float = 0.05,
+        max_events: int = 50_000_000,
+    ) -> float | None:
         """Advance virtual time until ``predicate()``; returns the elapsed virtual time or None."""
         start = self.sim.now
         deadline = start + timeout

@@ -18,20 +18,26 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from sortedcontainers import SortedList
 
 from ..mesh.identity import PeerId
 from .atoms import Atom, SlotId, atom_fingerprint, slot_hash, verify_atom
 from .errors import (
-    ClockSkewError, ExpiredAtom, NotAMember, SignatureInvalid, StateError, StoreFull,
-    UnknownCollection, WriteRejected,
+    ClockSkewError,
+    ExpiredAtom,
+    NotAMember,
+    SignatureInvalid,
+    StateError,
+    StoreFull,
+    UnknownCollection,
+    WriteRejected,
 )
 from .hlc import HybridClock
 
-__all__ = ["CollectionSpec", "Change", "MergeReport", "CrdtStore", "TRIE_DEPTH", "WriteRule"]
+__all__ = ["TRIE_DEPTH", "Change", "CollectionSpec", "CrdtStore", "MergeReport", "WriteRule"]
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +81,15 @@ class MergeReport:
 class CrdtStore:
     """All slots of one replica. ``is_member(peer_id)`` admits authors (default: everyone)."""
 
-    def __init__(self, clock: HybridClock | None = None, *,
-                 is_member: Callable[[PeerId], bool] | None = None,
-                 tombstone_ttl: float = 24 * 3600.0, max_slots: int = 1_000_000,
-                 max_slots_per_author: int = 100_000) -> None:
+    def __init__(
+        self,
+        clock: HybridClock | None = None,
+        *,
+        is_member: Callable[[PeerId], bool] | None = None,
+        tombstone_ttl: float = 24 * 3600.0,
+        max_slots: int = 1_000_000,
+        max_slots_per_author: int = 100_000,
+    ) -> None:
         self.clock = clock if clock is not None else HybridClock()
         self.is_member = is_member if is_member is not None else (lambda peer: True)
         self.tombstone_ttl = tombstone_ttl
@@ -126,15 +137,19 @@ class CrdtStore:
                 yield from subkeys.values()
 
     # watching ---------------------------------------------------------------------------------
-    def watch(self, collection: str,
-              callback: Callable[[list[Change]], None]) -> Callable[[], None]:
+    def watch(
+        self, collection: str, callback: Callable[[list[Change]], None]
+    ) -> Callable[[], None]:
         """Call ``callback(changes)`` after every merge, local write or GC touching ``collection``.
 
         Returns a function that removes the watch.
         """
         self._watchers[collection].append(callback)
-        return lambda: self._watchers[collection].remove(callback) \
-            if callback in self._watchers[collection] else None
+        return lambda: (
+            self._watchers[collection].remove(callback)
+            if callback in self._watchers[collection]
+            else None
+        )
 
     def _notify(self, changes: list[Change]) -> None:
         by_collection: dict[str, list[Change]] = defaultdict(list)
@@ -165,8 +180,9 @@ class CrdtStore:
         spec = self.spec(atom.collection)
         ttl = self.tombstone_ttl if atom.tombstone else spec.live_ttl
         if ttl is not None and atom.hlc.wall_ms < int((now - ttl) * 1000):
-            raise ExpiredAtom(f"atom {atom.collection}/{atom.key} at {atom.hlc} is past its "
-                              f"collection's horizon")
+            raise ExpiredAtom(
+                f"atom {atom.collection}/{atom.key} at {atom.hlc} is past its collection's horizon"
+            )
         current = self.get(atom.slot)
         if current is not None and current.order >= atom.order:
             return False
@@ -175,15 +191,18 @@ class CrdtStore:
             raise NotAMember(f"author {atom.author.short()} is not a member of this mesh")
         reason = spec.rule(atom)
         if reason is not None:
-            raise WriteRejected(f"{atom.collection}/{atom.key}/{atom.subkey} by "
-                                f"{atom.author.short()}: {reason}")
+            raise WriteRejected(
+                f"{atom.collection}/{atom.key}/{atom.subkey} by {atom.author.short()}: {reason}"
+            )
         verify_atom(atom)
         if current is None and self._size >= self.max_slots:
             raise StoreFull(f"store holds {self._size} slots (limit {self.max_slots})")
-        if ((current is None or current.author != atom.author)
-                and self._per_author[atom.author] >= self.max_slots_per_author):
-            raise StoreFull(f"author {atom.author.short()} already holds "
-                            f"{self.max_slots_per_author} slots")
+        if (current is None or current.author != atom.author) and self._per_author[
+            atom.author
+        ] >= self.max_slots_per_author:
+            raise StoreFull(
+                f"author {atom.author.short()} already holds {self.max_slots_per_author} slots"
+            )
         return True
 
     def merge(self, atoms: Iterable[Atom], now: float) -> MergeReport:
@@ -195,8 +214,14 @@ class CrdtStore:
                 if not self.admit(atom, now):
                     report.stale += 1
                     continue
-            except (ClockSkewError, ExpiredAtom, NotAMember, SignatureInvalid, StoreFull,
-                    WriteRejected) as exc:
+            except (
+                ClockSkewError,
+                ExpiredAtom,
+                NotAMember,
+                SignatureInvalid,
+                StoreFull,
+                WriteRejected,
+            ) as exc:
                 report.rejected.append((atom, exc))
                 continue
             self.clock.observe(atom.hlc, now)
@@ -212,8 +237,11 @@ class CrdtStore:
         doomed: list[Atom] = []
         for collection, keys in self._tree.items():
             spec = self._specs.get(collection)
-            live_horizon = (int((now - spec.live_ttl) * 1000)
-                            if spec is not None and spec.live_ttl is not None else None)
+            live_horizon = (
+                int((now - spec.live_ttl) * 1000)
+                if spec is not None and spec.live_ttl is not None
+                else None
+            )
             for subkeys in keys.values():
                 for atom in subkeys.values():
                     if atom.tombstone:

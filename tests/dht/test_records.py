@@ -6,8 +6,14 @@ import pytest
 
 from latticaray.mesh.dht.errors import RecordRejected
 from latticaray.mesh.dht.keyspace import Contact
-from latticaray.mesh.dht.records import (ProviderStore, Record, RecordPolicy, RecordStore,
-                                         default_validators, validate_record)
+from latticaray.mesh.dht.records import (
+    ProviderStore,
+    Record,
+    RecordPolicy,
+    RecordStore,
+    default_validators,
+    validate_record,
+)
 from latticaray.mesh.identity import KeyPair
 
 NOW = 1_000_000.0
@@ -40,7 +46,9 @@ def test_valid_record_passes(alice):
 
 def test_forged_signature_rejected(alice, mallory):
     good = Record.create(b"k", b"v", NOW + 60, alice)
-    tampered = Record(good.key, good.subkey, b"other", good.expiration, good.publisher, good.signature)
+    tampered = Record(
+        good.key, good.subkey, b"other", good.expiration, good.publisher, good.signature
+    )
     assert _reason(tampered) == "bad_signature"
     # mallory signs but claims alice as publisher
     forged = Record.create(b"k", b"v", NOW + 60, mallory)
@@ -68,8 +76,12 @@ def test_owner_only_namespaces(alice, mallory):
     _check(Record.create(own_key, b"v", NOW + 60, alice))
     assert _reason(Record.create(own_key, b"v", NOW + 60, mallory)) == "unauthorized"
     _check(Record.create(b"capacity/gpu", b"4", NOW + 60, alice, subkey=alice.peer_id.to_bytes()))
-    assert _reason(Record.create(b"capacity/gpu", b"4", NOW + 60, mallory,
-                                 subkey=alice.peer_id.to_bytes())) == "unauthorized"
+    assert (
+        _reason(
+            Record.create(b"capacity/gpu", b"4", NOW + 60, mallory, subkey=alice.peer_id.to_bytes())
+        )
+        == "unauthorized"
+    )
 
 
 def test_newest_expiration_wins_per_subkey_and_subkeys_merge(alice, mallory):

@@ -35,8 +35,12 @@ def _check_invariants(table: RoutingTable, local_id: int) -> None:
             assert c.peer_id not in seen, "a contact is both live and a replacement"
 
 
-actions = st.lists(st.tuples(st.sampled_from(["observe", "fail", "ping_ok", "ping_dead", "remove"]),
-                             st.integers(0, 200)), max_size=300)
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["observe", "fail", "ping_ok", "ping_dead", "remove"]), st.integers(0, 200)
+    ),
+    max_size=300,
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,7 +13,7 @@ from latticaray.mesh.dht import DhtConfig, DhtService, Record, RecordRejected
 from latticaray.mesh.dht.messages import PROTOCOL_ID, decode_response, encode
 from latticaray.mesh.node import MeshConfig, MeshNode
 
-QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
 N = 8
 
 
@@ -47,8 +47,12 @@ async def test_put_get_subkeys_and_missing(mesh):
     got = await dhts[6].get(b"plain")
     assert got.value == b"hello" and got.publisher == nodes[1].peer_id.to_bytes()
     # several nodes write their own subkey under one key at once: none is lost
-    await asyncio.gather(*(d.put(b"capacity/cpu", b"free-%d" % i, exp, subkey=n.peer_id.to_bytes())
-                           for i, (n, d) in enumerate(zip(nodes, dhts))))
+    await asyncio.gather(
+        *(
+            d.put(b"capacity/cpu", b"free-%d" % i, exp, subkey=n.peer_id.to_bytes())
+            for i, (n, d) in enumerate(zip(nodes, dhts))
+        )
+    )
     merged = await dhts[3].get(b"capacity/cpu")
     assert set(merged) == {n.peer_id.to_bytes() for n in nodes}
     assert merged[nodes[2].peer_id.to_bytes()].value == b"free-2"
@@ -67,7 +71,9 @@ async def test_invalid_puts_raise_typed_errors(mesh):
         await dhts[0].put(b"k", b"v", time.time() - 1)
     assert info.value.reason == "expired"
     with pytest.raises(RecordRejected) as info:  # another peer's capacity entry
-        await dhts[0].put(b"capacity/gpu", b"v", time.time() + 60, subkey=nodes[1].peer_id.to_bytes())
+        await dhts[0].put(
+            b"capacity/gpu", b"v", time.time() + 60, subkey=nodes[1].peer_id.to_bytes()
+        )
     assert info.value.reason == "unauthorized"
 
 
@@ -105,14 +111,19 @@ async def test_malformed_and_forged_requests_are_refused(mesh):
     victim = nodes[3].peer_id
     reply = decode_response(await nodes[0].call(victim, PROTOCOL_ID, b"\xc1garbage", timeout=5))
     assert reply["error"] == "bad_request"
-    reply = decode_response(await nodes[0].call(victim, PROTOCOL_ID,
-                                                msgpack.packb({"op": "find_node", "target": b"x"}),
-                                                timeout=5))
+    reply = decode_response(
+        await nodes[0].call(
+            victim, PROTOCOL_ID, msgpack.packb({"op": "find_node", "target": b"x"}), timeout=5
+        )
+    )
     assert reply["error"] == "bad_request" and "32 bytes" in reply["message"]
     good = Record.create(b"forge", b"v", time.time() + 60, nodes[1].key)
     forged = Record(b"forge", None, b"evil", good.expiration, good.publisher, good.signature)
-    reply = decode_response(await nodes[0].call(
-        victim, PROTOCOL_ID, encode({"op": "put_value", "records": [forged]}), timeout=5))
+    reply = decode_response(
+        await nodes[0].call(
+            victim, PROTOCOL_ID, encode({"op": "put_value", "records": [forged]}), timeout=5
+        )
+    )
     assert reply == {"results": ["bad_signature"]}
     assert await dhts[3].get(b"forge") is None
     # the node is still serving
@@ -121,7 +132,7 @@ async def test_malformed_and_forged_requests_are_refused(mesh):
 
 
 async def test_bootstrap_keeps_only_peers_that_speak_the_dht():
-    plain = await MeshNode(MeshConfig(**QUIC_ONLY)).start()   # a mesh peer without a DHT service
+    plain = await MeshNode(MeshConfig(**QUIC_ONLY)).start()  # a mesh peer without a DHT service
     server = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
     joiner = await MeshNode(MeshConfig(**QUIC_ONLY)).start()
     server_dht = DhtService(server, DhtConfig(k=4))
@@ -190,7 +201,9 @@ async def test_find_peer_returns_addresses_the_peer_advertises_later(mesh):
     nodes, dhts = mesh
     target, asker = nodes[6], nodes[1]
     relay = KeyPair.generate().peer_id
-    circuit = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/4002/p2p/{relay}/p2p-circuit/p2p/{target.peer_id}")
+    circuit = Multiaddr.parse(
+        f"/ip4/127.0.0.1/tcp/4002/p2p/{relay}/p2p-circuit/p2p/{target.peer_id}"
+    )
     target.add_advertised_addrs([circuit])
     assert dhts[6].core.addrs[0] == str(circuit)
     # the contact travels with every request: a lookup from the target refreshes it everywhere
@@ -205,11 +218,14 @@ async def test_find_peer_returns_addresses_the_peer_advertises_later(mesh):
 
 
 async def test_dht_requests_are_served_by_an_eager_handler(mesh):
-    nodes, dhts = mesh
-    kind, handler, eager = nodes[0].router.lookup(PROTOCOL_ID)
+    nodes, _dhts = mesh
+    _kind, _handler, eager = nodes[0].router.lookup(PROTOCOL_ID)
     assert eager is True
     # many requests at once all get answers from the inline handler
-    replies = await asyncio.gather(*(
-        nodes[2].call(nodes[0].peer_id, PROTOCOL_ID, encode({"op": "ping"}), timeout=10)
-        for _ in range(200)))
+    replies = await asyncio.gather(
+        *(
+            nodes[2].call(nodes[0].peer_id, PROTOCOL_ID, encode({"op": "ping"}), timeout=10)
+            for _ in range(200)
+        )
+    )
     assert all("error" not in decode_response(r) for r in replies)

@@ -65,7 +65,9 @@ def test_get_finds_stored_values_in_few_hops(net150):
     quick = sim.run_until_done(getter, getter.get_value(key, sim.sim.now, quorum=1))
     assert quick.result[None].value == value and quick.holders == 1
     assert quick.messages < op.messages, "a quorum of one ends the lookup early"
-    missing = sim.run_until_done(sim.nodes[ids[0]], sim.nodes[ids[0]].get_value(b"nope", sim.sim.now))
+    missing = sim.run_until_done(
+        sim.nodes[ids[0]], sim.nodes[ids[0]].get_value(b"nope", sim.sim.now)
+    )
     assert missing.result == {}
 
 
@@ -77,8 +79,9 @@ def test_fifty_concurrent_writers_under_one_key_all_survive(net150):
     now = sim.sim.now
     for pid in writers:  # all puts start at the same instant and interleave on the network
         core = sim.nodes[pid]
-        record = Record.create(b"capacity/gpu", b"free=%d" % len(finished), now + 600,
-                               sim.keypairs[pid], subkey=pid)
+        record = Record.create(
+            b"capacity/gpu", b"free=%d" % len(finished), now + 600, sim.keypairs[pid], subkey=pid
+        )
         sim.run_op(core, core.put([record], now), finished.append)
     sim.sim.run(until=now + 60, stop=lambda: len(finished) == 50)
     assert len(finished) == 50
@@ -130,8 +133,10 @@ def test_quota_and_bad_records_rejected_over_the_network():
     sim = _network(30, seed=9, per_publisher_records=3)
     ids = sorted(sim.nodes)
     pub, core = ids[0], sim.nodes[ids[0]]
-    ok = [Record.create(b"q", b"v", sim.sim.now + 600, sim.keypairs[pub], subkey=b"%d" % i)
-          for i in range(3)]
+    ok = [
+        Record.create(b"q", b"v", sim.sim.now + 600, sim.keypairs[pub], subkey=b"%d" % i)
+        for i in range(3)
+    ]
     op = sim.run_until_done(core, core.put(ok, sim.sim.now))
     assert op.result >= sim.config.k and not op.errors
     more = [Record.create(b"q", b"v", sim.sim.now + 600, sim.keypairs[pub], subkey=b"x")]
@@ -141,7 +146,9 @@ def test_quota_and_bad_records_rejected_over_the_network():
     # a forged record sent straight to a peer is refused, not stored
     forged = Record(b"f", None, b"v", sim.sim.now + 600, pub, b"\x00" * 64)
     target = sim.nodes[ids[1]]
-    resp = target.handle_request(core.contact, core.request("put_value", records=[forged]), sim.sim.now)
+    resp = target.handle_request(
+        core.contact, core.request("put_value", records=[forged]), sim.sim.now
+    )
     assert resp == {"results": ["bad_signature"]}
     assert target.records.get(b"f", sim.sim.now) == []
 
@@ -151,7 +158,9 @@ def test_provider_records_are_found_and_expire():
     ids = sorted(sim.nodes)
     providers = ids[:3]
     for pid in providers:
-        op = sim.run_until_done(sim.nodes[pid], sim.nodes[pid].add_provider(b"bafkcid", sim.sim.now))
+        op = sim.run_until_done(
+            sim.nodes[pid], sim.nodes[pid].add_provider(b"bafkcid", sim.sim.now)
+        )
         assert op.result >= sim.config.k
     seeker = sim.nodes[ids[-1]]
     op = sim.run_until_done(seeker, seeker.get_providers(b"bafkcid", 2, sim.sim.now))
@@ -177,7 +186,7 @@ def test_lookups_survive_loss_and_dead_peers():
         sim.leave(pid)
     live = [p for p in ids if sim.net.is_up(p)]
     found = 0
-    for i in range(20):
+    for _i in range(20):
         getter = sim.nodes[sim.rng.choice(live)]
         op = sim.run_until_done(getter, getter.get_value(b"lossy", sim.sim.now))
         found += None in op.result
@@ -201,8 +210,12 @@ def test_simulation_is_deterministic_from_its_seed():
         sim = _network(40, seed=seed)
         core = sim.nodes[sorted(sim.nodes)[3]]
         op = sim.run_until_done(core, core.find_node(dht_id(b"t"), sim.sim.now))
-        return (sim.net.stats.messages_sent, sim.sim.now, [c.peer_id for c in op.result],
-                sorted((p, len(c.routing)) for p, c in sim.nodes.items()))
+        return (
+            sim.net.stats.messages_sent,
+            sim.sim.now,
+            [c.peer_id for c in op.result],
+            sorted((p, len(c.routing)) for p, c in sim.nodes.items()),
+        )
 
     assert run(4) == run(4)
     assert run(4) != run(5)

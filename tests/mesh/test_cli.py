@@ -10,8 +10,9 @@ from latticaray.cli import build_parser, main
 
 
 def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "latticaray", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "latticaray", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def alive(pid):
@@ -58,9 +59,22 @@ def test_up_check_down_leaves_no_process(tmp_path):
 def test_node_command_shuts_down_cleanly_on_sigterm(tmp_path):
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "latticaray", "node", "--identity", str(tmp_path / "id.key"),
-         "--ready-file", str(ready), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "latticaray",
+            "node",
+            "--identity",
+            str(tmp_path / "id.key"),
+            "--ready-file",
+            str(ready),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -86,7 +100,9 @@ def test_status_without_a_mesh(tmp_path, capsys):
 
 def test_parser_has_subcommands():
     parser = build_parser()
-    args = parser.parse_args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/1.2.3.4/tcp/1"])
+    args = parser.parse_args(
+        ["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/1.2.3.4/tcp/1"]
+    )
     assert args.listen == ["/ip4/127.0.0.1/tcp/0"] and args.command == "node"
     assert parser.parse_args(["up", "--nodes", "5"]).nodes == 5
 
@@ -102,11 +118,28 @@ async def test_killed_node_process_fails_in_flight_quic_calls_promptly(tmp_path)
 
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "latticaray", "node", "--ready-file", str(ready),
-         "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--transports", "quic"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    driver = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",),
-                                 quic=QuicConfig(unresponsive_timeout=2.0, keepalive_interval=1.0)))
+        [
+            sys.executable,
+            "-m",
+            "latticaray",
+            "node",
+            "--ready-file",
+            str(ready),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--transports",
+            "quic",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    driver = MeshNode(
+        MeshConfig(
+            listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
+            transports=("quic",),
+            quic=QuicConfig(unresponsive_timeout=2.0, keepalive_interval=1.0),
+        )
+    )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -1,7 +1,8 @@
 """Multiaddr parsing, formatting, binary form, accessors and precise errors."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latticaray.mesh.errors import MultiaddrError
 from latticaray.mesh.identity import KeyPair
@@ -24,7 +25,9 @@ def test_quic_addr_accessors():
 
 def test_known_binary_encoding():
     # /ip4/127.0.0.1/tcp/4001 is 04 7f000001 06 0fa1 in multicodec form
-    assert Multiaddr.parse("/ip4/127.0.0.1/tcp/4001").to_bytes() == bytes.fromhex("047f000001060fa1")
+    assert Multiaddr.parse("/ip4/127.0.0.1/tcp/4001").to_bytes() == bytes.fromhex(
+        "047f000001060fa1"
+    )
     assert Multiaddr.parse("/ip4/1.2.3.4/udp/1/quic-v1").to_bytes() == bytes.fromhex(
         "0401020304910200 01cd03".replace(" ", "")
     )
@@ -100,8 +103,11 @@ def test_malformed_bytes(data, fragment):
 ip4 = st.ip_addresses(v=4).map(lambda a: ("ip4", str(a)))
 ip6 = st.ip_addresses(v=6).map(lambda a: ("ip6", str(a)))
 ports = st.integers(0, 65535)
-paths = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                min_size=0, max_size=40).map(lambda s: "/" + s)
+paths = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+    min_size=0,
+    max_size=40,
+).map(lambda s: "/" + s)
 
 
 @st.composite

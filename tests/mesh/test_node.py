@@ -11,7 +11,7 @@ from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.transport.quic import QuicConfig
 
-QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
 
 
 async def wait_for(predicate, timeout=10.0, what="condition"):
@@ -52,11 +52,15 @@ async def test_connect_and_unary_call_both_ways(pair):
     assert b.listen_addrs and all(m.peer_id == b.peer_id for m in b.listen_addrs)
     peer = await a.connect(b.listen_addrs[0])
     assert peer == b.peer_id
-    assert await a.call(b.peer_id, "/test/echo/1", b"hi", timeout=10) == \
-        b"echo:hi from " + str(a.peer_id).encode()
+    assert (
+        await a.call(b.peer_id, "/test/echo/1", b"hi", timeout=10)
+        == b"echo:hi from " + str(a.peer_id).encode()
+    )
     # the callee can call back over the same connection without knowing any address
-    assert await b.call(a.peer_id, "/test/echo/1", b"yo", timeout=10) == \
-        b"echo:yo from " + str(b.peer_id).encode()
+    assert (
+        await b.call(a.peer_id, "/test/echo/1", b"yo", timeout=10)
+        == b"echo:yo from " + str(b.peer_id).encode()
+    )
     assert a.connected_peers() == [b.peer_id] and b.connected_peers() == [a.peer_id]
     assert len(a.connections.connections()) == 1
 
@@ -124,13 +128,18 @@ async def test_simultaneous_dials_converge_on_one_primary(pair):
     a.add_addrs(b.peer_id, b.listen_addrs)
     b.add_addrs(a.peer_id, a.listen_addrs)
     await asyncio.gather(a.connect(b.listen_addrs[0]), b.connect(a.listen_addrs[0]))
-    await wait_for(lambda: len(a.connections.connections()) == 2 and
-                   len(b.connections.connections()) == 2, what="both connections registered")
+    await wait_for(
+        lambda: len(a.connections.connections()) == 2 and len(b.connections.connections()) == 2,
+        what="both connections registered",
+    )
     pa, pb = a.connection_to(b.peer_id), b.connection_to(a.peer_id)
     assert pa.dialer == pb.dialer == min(a.peer_id, b.peer_id)
     # the duplicate is closed by its dialer once idle; calls keep working throughout
-    await wait_for(lambda: len(a.connections.connections()) == 1 and
-                   len(b.connections.connections()) == 1, timeout=15, what="duplicate reaped")
+    await wait_for(
+        lambda: len(a.connections.connections()) == 1 and len(b.connections.connections()) == 1,
+        timeout=15,
+        what="duplicate reaped",
+    )
     assert await a.call(b.peer_id, "/test/echo/1", b"z", timeout=10)
     # the reaper's sleeping frame keeps no connection (a closed one would stay alive with all
     # its transport state)
@@ -142,8 +151,9 @@ async def test_simultaneous_dials_converge_on_one_primary(pair):
 async def test_concurrent_calls_share_one_dial(pair):
     a, b = pair
     a.add_addrs(b.peer_id, b.listen_addrs)
-    replies = await asyncio.gather(*[a.call(b.peer_id, "/test/echo/1", str(i).encode(), timeout=20)
-                                     for i in range(200)])
+    replies = await asyncio.gather(
+        *[a.call(b.peer_id, "/test/echo/1", str(i).encode(), timeout=20) for i in range(200)]
+    )
     assert len(replies) == 200 and replies[7].startswith(b"echo:7 ")
     assert len(a.connections.connections()) == 1
 
@@ -161,8 +171,10 @@ async def test_connection_limit_refuses_inbound():
         except Exception:
             pass
         # a refuses the second peer: c sees its connection closed
-        await wait_for(lambda: c.connected_peers() == [] and not c.quic.connections,
-                       what="refused connection closed")
+        await wait_for(
+            lambda: c.connected_peers() == [] and not c.quic.connections,
+            what="refused connection closed",
+        )
         assert a.connected_peers() == [b.peer_id]
     finally:
         for n in (a, b, c):
@@ -213,11 +225,14 @@ async def test_dead_peer_fails_in_flight_calls_promptly():
         await b.stop()
 
 
-@pytest.mark.parametrize("transports, listen, expected", [
-    (("tcp",), ["/ip4/127.0.0.1/tcp/0"], "tcp"),
-    (("tcp", "quic"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "tcp"),
-    (("quic", "tcp"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "quic"),
-])
+@pytest.mark.parametrize(
+    "transports, listen, expected",
+    [
+        (("tcp",), ["/ip4/127.0.0.1/tcp/0"], "tcp"),
+        (("tcp", "quic"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "tcp"),
+        (("quic", "tcp"), ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"], "quic"),
+    ],
+)
 async def test_dial_by_peer_id_follows_transport_preference(transports, listen, expected):
     a = MeshNode(MeshConfig(listen=listen, transports=transports))
     b = MeshNode(MeshConfig(listen=listen, transports=transports))
@@ -275,12 +290,16 @@ async def test_default_node_prefers_the_same_host_unix_path(tmp_path):
 def test_node_thread_for_synchronous_code():
     from latticaray.mesh.node import NodeThread
 
-    with NodeThread(MeshConfig(**QUIC_ONLY)) as server, NodeThread(MeshConfig(**QUIC_ONLY)) as client:
+    with (
+        NodeThread(MeshConfig(**QUIC_ONLY)) as server,
+        NodeThread(MeshConfig(**QUIC_ONLY)) as client,
+    ):
         server.node.register_unary("/test/echo/1", echo)
         peer = client.run(client.node.connect(server.node.listen_addrs[0]), 20)
         assert peer == server.node.peer_id
-        assert client.run(client.node.call(peer, "/test/echo/1", b"sync", timeout=10), 20) \
-            .startswith(b"echo:sync")
+        assert client.run(
+            client.node.call(peer, "/test/echo/1", b"sync", timeout=10), 20
+        ).startswith(b"echo:sync")
     assert not server._thread.is_alive() and not client._thread.is_alive()
 
 
@@ -324,12 +343,19 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
 def test_wildcard_listen_addresses_expand_to_interface_addresses():
     from latticaray.mesh.node import expand_unspecified, interface_addresses
 
-    bound = [Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"), Multiaddr.parse("/ip6/::/tcp/4002"),
-             Multiaddr.parse("/ip4/127.0.0.1/tcp/5")]
+    bound = [
+        Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),
+        Multiaddr.parse("/ip6/::/tcp/4002"),
+        Multiaddr.parse("/ip4/127.0.0.1/tcp/5"),
+    ]
     hosts = ["127.0.0.1", "192.168.1.7", "::1", "fe80::1", "2001:db8::5", "garbage"]
     assert [str(a) for a in expand_unspecified(bound, hosts)] == [
-        "/ip4/127.0.0.1/udp/4001/quic-v1", "/ip4/192.168.1.7/udp/4001/quic-v1",
-        "/ip6/::1/tcp/4002", "/ip6/2001:db8::5/tcp/4002", "/ip4/127.0.0.1/tcp/5"]
+        "/ip4/127.0.0.1/udp/4001/quic-v1",
+        "/ip4/192.168.1.7/udp/4001/quic-v1",
+        "/ip6/::1/tcp/4002",
+        "/ip6/2001:db8::5/tcp/4002",
+        "/ip4/127.0.0.1/tcp/5",
+    ]
     assert "127.0.0.1" in interface_addresses()
 
 
@@ -373,12 +399,20 @@ async def test_peers_on_one_host_move_to_the_unix_path_after_identify(tmp_path):
     try:
         quic_addr = next(x for x in b.listen_addrs if x.transport == "quic")
         await a.connect(quic_addr)  # explicit QUIC address, like a bootstrap entry
-        await wait_for(lambda: a.connection_to(b.peer_id).transport == "unix" and
-                       b.connection_to(a.peer_id).transport == "unix", what="upgrade to unix")
+        await wait_for(
+            lambda: (
+                a.connection_to(b.peer_id).transport == "unix"
+                and b.connection_to(a.peer_id).transport == "unix"
+            ),
+            what="upgrade to unix",
+        )
         assert (await a.call(b.peer_id, "/test/echo/1", b"u", timeout=10)).startswith(b"echo:u")
         # the QUIC connection is closed once idle, on both ends
-        await wait_for(lambda: len(a.connections.connections()) == 1 and
-                       len(b.connections.connections()) == 1, timeout=15, what="old path closed")
+        await wait_for(
+            lambda: len(a.connections.connections()) == 1 and len(b.connections.connections()) == 1,
+            timeout=15,
+            what="old path closed",
+        )
     finally:
         await a.stop()
         await b.stop()

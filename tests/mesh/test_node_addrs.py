@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from test_rpc_support import memory_pipe
 
 from latticaray.mesh.connmgr import (
     ConnectionManager,
@@ -18,34 +19,45 @@ from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.rpc import RpcRouter
-from test_rpc_support import memory_pipe
 
-QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
 ME = KeyPair.generate().peer_id
 RELAY = KeyPair.generate().peer_id
 OTHER = KeyPair.generate().peer_id
 
 
-@pytest.mark.parametrize("text, dialable", [
-    ("/ip4/127.0.0.1/udp/4001/quic-v1", True),
-    ("/ip4/0.0.0.0/udp/4001/quic-v1", False),
-    ("/ip6/::/tcp/4001", False),
-    ("/ip4/127.0.0.1/tcp/0", False),
-    (f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit", True),
-    (f"/ip4/0.0.0.0/tcp/4002/p2p/{RELAY}/p2p-circuit", False),
-])
+@pytest.mark.parametrize(
+    "text, dialable",
+    [
+        ("/ip4/127.0.0.1/udp/4001/quic-v1", True),
+        ("/ip4/0.0.0.0/udp/4001/quic-v1", False),
+        ("/ip6/::/tcp/4001", False),
+        ("/ip4/127.0.0.1/tcp/0", False),
+        (f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit", True),
+        (f"/ip4/0.0.0.0/tcp/4002/p2p/{RELAY}/p2p-circuit", False),
+    ],
+)
 def test_is_dialable_addr(text, dialable):
     assert is_dialable_addr(Multiaddr.parse(text)) is dialable
 
 
 def test_peer_store_drops_unspecified_addresses_and_normalises_circuits():
     store = PeerStore()
-    store.add(ME, ["/ip4/0.0.0.0/udp/4001/quic-v1", "/ip6/::/udp/4001/quic-v1",
-                   "/ip4/127.0.0.1/udp/0/quic-v1"])
+    store.add(
+        ME,
+        [
+            "/ip4/0.0.0.0/udp/4001/quic-v1",
+            "/ip6/::/udp/4001/quic-v1",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+    )
     assert store.get(ME) == [] and ME not in store.peers()
     circuit = f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit"
     store.add(ME, [f"{circuit}/p2p/{ME}", "/ip4/127.0.0.1/udp/4001/quic-v1", circuit])
-    assert store.get(ME) == [Multiaddr.parse(circuit), Multiaddr.parse("/ip4/127.0.0.1/udp/4001/quic-v1")]
+    assert store.get(ME) == [
+        Multiaddr.parse(circuit),
+        Multiaddr.parse("/ip4/127.0.0.1/udp/4001/quic-v1"),
+    ]
     # a circuit address that reaches someone else is not an address of ME; what was known stays
     with pytest.raises(PeerIdMismatch):
         store.add(ME, [f"{circuit}/p2p/{OTHER}"])
@@ -55,8 +67,13 @@ def test_peer_store_drops_unspecified_addresses_and_normalises_circuits():
 
 
 def test_path_rank_puts_relayed_connections_last():
-    assert path_rank("unix") < path_rank("tcp") < path_rank("quic") < path_rank("webrtc") \
+    assert (
+        path_rank("unix")
+        < path_rank("tcp")
+        < path_rank("quic")
+        < path_rank("webrtc")
         < path_rank("relay")
+    )
 
 
 async def test_advertised_addrs_add_and_remove():
@@ -69,12 +86,14 @@ async def test_advertised_addrs_add_and_remove():
         circuit = f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit/p2p/{node.peer_id}"
         node.add_advertised_addrs([circuit, circuit])
         assert node.advertised_addrs == [Multiaddr.parse(circuit)] + node.listen_addrs
-        node.add_advertised_addrs([circuit])            # no change, no event
+        node.add_advertised_addrs([circuit])  # no change, no event
         assert len(changes) == 1
         with pytest.raises(MultiaddrError, match="unspecified"):
             node.add_advertised_addrs(["/ip4/0.0.0.0/udp/4001/quic-v1"])
         with pytest.raises(PeerIdMismatch):
-            node.add_advertised_addrs([f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit/p2p/{OTHER}"])
+            node.add_advertised_addrs(
+                [f"/ip4/127.0.0.1/tcp/4002/p2p/{RELAY}/p2p-circuit/p2p/{OTHER}"]
+            )
         node.remove_advertised_addrs([circuit])
         assert node.advertised_addrs == node.listen_addrs
         assert len(changes) == 2
@@ -107,10 +126,15 @@ async def test_identify_never_advertises_nor_stores_unspecified_addresses(pair):
 
     # a peer (an older or a hostile one) that does advertise wildcards: they are dropped
     async def sloppy_identify(ctx, payload):
-        return IdentifyInfo(peer_id=b.peer_id,
-                            listen_addrs=[Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),
-                                          Multiaddr.parse("/ip6/::/udp/4001/quic-v1"),
-                                          b.listen_addrs[0].without_peer()]).encode()
+        return IdentifyInfo(
+            peer_id=b.peer_id,
+            listen_addrs=[
+                Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),
+                Multiaddr.parse("/ip6/::/udp/4001/quic-v1"),
+                b.listen_addrs[0].without_peer(),
+            ],
+        ).encode()
+
     b.unregister(IDENTIFY_PROTOCOL)
     b.register_unary(IDENTIFY_PROTOCOL, sloppy_identify)
     info = await a.identify(b.peer_id)
@@ -152,8 +176,14 @@ class _NoDial(TransportAdapter):
 
 
 def _raw(channel, peer, transport, outbound):
-    return RawConnection(peer_id=peer, channel=channel, transport=transport, remote_addr=None,
-                         outbound=outbound, close=lambda _reason: channel.close())
+    return RawConnection(
+        peer_id=peer,
+        channel=channel,
+        transport=transport,
+        remote_addr=None,
+        outbound=outbound,
+        close=lambda _reason: channel.close(),
+    )
 
 
 @pytest.mark.parametrize("relayed_dialer_is_smaller", [True, False])
@@ -167,11 +197,13 @@ async def test_primary_prefers_a_direct_connection_over_a_relayed_one(relayed_di
     direct_end, direct_far = memory_pipe()
     try:
         # the relayed connection comes first and is dialed by whoever would win a tie
-        relayed = manager.add_connection(_raw(relay_end, remote, "relay",
-                                              outbound=relayed_dialer_is_smaller))
+        relayed = manager.add_connection(
+            _raw(relay_end, remote, "relay", outbound=relayed_dialer_is_smaller)
+        )
         assert relayed.relayed and manager.primary(remote) is relayed
-        direct = manager.add_connection(_raw(direct_end, remote, "quic",
-                                             outbound=not relayed_dialer_is_smaller))
+        direct = manager.add_connection(
+            _raw(direct_end, remote, "quic", outbound=not relayed_dialer_is_smaller)
+        )
         assert not direct.relayed
         assert manager.primary(remote) is direct
         # the relay stays a working fallback until the direct path dies
@@ -196,6 +228,7 @@ async def test_add_connection_refuses_ourselves():
 
 def test_dial_schedule_races_the_relay_only_without_a_public_direct_address():
     from latticaray.mesh.connmgr import dial_schedule
+
     lan = Multiaddr.parse("/ip4/198.19.1.10/udp/4001/quic-v1")
     lan2 = Multiaddr.parse("/ip4/10.1.2.3/tcp/4001")
     local = Multiaddr.parse("/ip4/127.0.0.1/udp/4001/quic-v1")
@@ -208,6 +241,7 @@ def test_dial_schedule_races_the_relay_only_without_a_public_direct_address():
 
 class _HangingDirect(TransportAdapter):
     """A direct transport whose dials never complete (and send nothing anywhere)."""
+
     name = "quic"
 
     def __init__(self):
@@ -225,6 +259,7 @@ class _HangingDirect(TransportAdapter):
 
 class _PipeCircuit(TransportAdapter):
     """A circuit transport that 'connects' over an in-memory pipe."""
+
     name = "circuit"
 
     def __init__(self, remote):
@@ -243,17 +278,20 @@ class _PipeCircuit(TransportAdapter):
 
 async def test_private_only_peer_is_reached_through_the_relay_without_waiting():
     me, remote = KeyPair.generate().peer_id, KeyPair.generate().peer_id
-    manager = ConnectionManager(me, RpcRouter(), transport_preference=("quic",),
-                                happy_eyeballs_delay=30.0)
+    manager = ConnectionManager(
+        me, RpcRouter(), transport_preference=("quic",), happy_eyeballs_delay=30.0
+    )
     direct = _HangingDirect()
     manager.add_adapter(direct)
     manager.register_transport(_PipeCircuit(remote))
-    manager.peerstore.add(remote, ["/ip4/198.19.1.10/udp/4001/quic-v1",
-                                   f"/ip4/198.18.0.11/tcp/4002/p2p/{RELAY}/p2p-circuit"])
+    manager.peerstore.add(
+        remote,
+        ["/ip4/198.19.1.10/udp/4001/quic-v1", f"/ip4/198.18.0.11/tcp/4002/p2p/{RELAY}/p2p-circuit"],
+    )
     try:
         # without the race this would wait the 30 s happy-eyeballs delay (and time out here)
         conn = await asyncio.wait_for(manager.get(remote, timeout=60), 10)
         assert conn.transport == "relay"
-        await asyncio.wait_for(direct.cancelled.wait(), 5)     # the direct attempt is abandoned
+        await asyncio.wait_for(direct.cancelled.wait(), 5)  # the direct attempt is abandoned
     finally:
         await manager.close()

@@ -103,8 +103,9 @@ async def test_channel_round_trip_both_directions_and_fin():
 
 async def test_write_backpressure_bounds_memory_when_the_reader_stalls():
     window, high = 256 * 1024, 256 * 1024
-    cfg = QuicConfig(stream_receive_window=window, connection_receive_window=window,
-                     write_high_water=high)
+    cfg = QuicConfig(
+        stream_receive_window=window, connection_receive_window=window, write_high_water=high
+    )
     async with Endpoint(cfg) as a, Endpoint(cfg) as b:
         conn = await a.transport.dial(b.addr)
         ch = conn.open_channel()
@@ -118,7 +119,7 @@ async def test_write_backpressure_bounds_memory_when_the_reader_stalls():
             written += len(block)
             try:
                 await asyncio.wait_for(ch.drain(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 blocked = True
                 break
         assert blocked, f"drain never blocked after {written} bytes with a stalled reader"
@@ -128,8 +129,10 @@ async def test_write_backpressure_bounds_memory_when_the_reader_stalls():
         assert server_ch.receive_buffered <= window
         assert ch.send_buffered <= high + len(block) + window
         assert written <= window + high + 2 * len(block) + window
-        print(f"\nstalled reader: writer blocked after {written} B; receiver buffered "
-              f"{server_ch.receive_buffered} B, sender buffered {ch.send_buffered} B")
+        print(
+            f"\nstalled reader: writer blocked after {written} B; receiver buffered "
+            f"{server_ch.receive_buffered} B, sender buffered {ch.send_buffered} B"
+        )
         # resume reading: everything arrives intact and the writer unblocks
         got = bytearray()
         reader = asyncio.ensure_future(_read_exactly(server_ch, len(sent) + 10 * len(block), got))
@@ -190,7 +193,7 @@ async def test_send_raw_and_unknown_datagrams_use_the_listen_socket():
 async def test_datagrams_waiting_together_are_read_in_one_wake_up():
     """The receive path drains the socket (up to receive_batch) per readiness callback, so a
     burst costs one loop iteration and one transmit, not one per datagram."""
-    async with Endpoint(QuicConfig(receive_batch=16)) as a, Endpoint() as b:
+    async with Endpoint(QuicConfig(receive_batch=16)) as a, Endpoint():
         loop = asyncio.get_running_loop()
         seen, marks = [], []
 
@@ -216,7 +219,7 @@ class _RecordingSocket:
         self.calls = []
 
     def sendmsg(self, buffers, ancdata, flags, addr):
-        (level, kind, size), = ancdata
+        ((_level, _kind, size),) = ancdata
         self.calls.append(("gso", int.from_bytes(size, "little"), len(b"".join(buffers)), addr))
 
     def sendto(self, data, addr):
@@ -226,15 +229,30 @@ class _RecordingSocket:
 def test_runs_of_equal_size_datagrams_go_out_as_one_gso_send():
     sock = _RecordingSocket()
     udp = _UdpSocket.__new__(_UdpSocket)  # no event loop needed: only the send path
-    udp._sock, udp._queue, udp._closed, udp._gso, udp.gso_sends = sock, collections.deque(), False, True, 0
+    udp._sock, udp._queue, udp._closed, udp._gso, udp.gso_sends = (
+        sock,
+        collections.deque(),
+        False,
+        True,
+        0,
+    )
     x, y = ("198.18.0.1", 1), ("198.18.0.2", 2)
-    udp.send_many([(b"a" * 1350, x)] * 3 + [(b"b" * 90, x)]  # a run; the short one ends it
-                  + [(b"c" * 1350, x)] + [(b"d" * 1350, y)] * 2  # new address: new run
-                  + [(b"e" * 50, y), (b"f" * 1350, y)]  # a longer one after a short one: alone
-                  + [(b"g" * 16384, x)] * 5)  # at most ~64 KB per send
+    udp.send_many(
+        [(b"a" * 1350, x)] * 3
+        + [(b"b" * 90, x)]  # a run; the short one ends it
+        + [(b"c" * 1350, x)]
+        + [(b"d" * 1350, y)] * 2  # new address: new run
+        + [(b"e" * 50, y), (b"f" * 1350, y)]  # a longer one after a short one: alone
+        + [(b"g" * 16384, x)] * 5
+    )  # at most ~64 KB per send
     assert sock.calls == [
-        ("gso", 1350, 3 * 1350 + 90, x), ("one", 1350, x), ("gso", 1350, 2 * 1350 + 50, y),
-        ("one", 1350, y), ("gso", 16384, 3 * 16384, x), ("gso", 16384, 2 * 16384, x)]
+        ("gso", 1350, 3 * 1350 + 90, x),
+        ("one", 1350, x),
+        ("gso", 1350, 2 * 1350 + 50, y),
+        ("one", 1350, y),
+        ("gso", 16384, 3 * 16384, x),
+        ("gso", 16384, 2 * 16384, x),
+    ]
     assert udp.gso_sends == 4
 
 
@@ -257,7 +275,9 @@ async def test_garbage_datagrams_do_not_hurt_the_node():
         for size in (0, 1, 5, 40, 1200, 1500):
             a.transport.send_raw(b.transport.local_address, os.urandom(size))
         # a forged Initial-looking packet with random content
-        a.transport.send_raw(b.transport.local_address, b"\xc0\x00\x00\x00\x01\x08" + os.urandom(1300))
+        a.transport.send_raw(
+            b.transport.local_address, b"\xc0\x00\x00\x00\x01\x08" + os.urandom(1300)
+        )
         conn = await a.transport.dial(b.addr)
         assert conn.remote_peer == b.key.peer_id
 
@@ -265,19 +285,27 @@ async def test_garbage_datagrams_do_not_hurt_the_node():
 async def test_unauthenticated_client_is_refused():
     async with Endpoint() as a, Endpoint() as b:
         # a client without a libp2p extension in its certificate
+        import datetime as dt
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
-        import datetime as dt
+
         from latticaray.mesh.tls import CertifiedKey
 
         k = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "x")])
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(k.public_key()).serial_number(1)
-                .not_valid_before(now - dt.timedelta(hours=1))
-                .not_valid_after(now + dt.timedelta(hours=1)).sign(k, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(k.public_key())
+            .serial_number(1)
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .sign(k, hashes.SHA256())
+        )
         a.transport._certified = CertifiedKey(cert, k, a.key.peer_id)
         try:
             await a.transport.dial(b.addr, timeout=3)
@@ -289,7 +317,10 @@ async def test_unauthenticated_client_is_refused():
 
 
 async def test_streams_beyond_the_accept_backlog_are_refused():
-    async with Endpoint(QuicConfig(accept_backlog=2)) as a, Endpoint(QuicConfig(accept_backlog=2)) as b:
+    async with (
+        Endpoint(QuicConfig(accept_backlog=2)) as a,
+        Endpoint(QuicConfig(accept_backlog=2)) as b,
+    ):
         conn = await a.transport.dial(b.addr)
         channels = [conn.open_channel() for _ in range(5)]
         for ch in channels:
@@ -337,8 +368,10 @@ async def test_stateless_retry_validates_client_addresses_under_handshake_load()
         # a forged Initial carrying a bogus token is dropped without state
         before = len(b.transport.connections)
         fake = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8)
-        a.transport.send_raw(b.transport.local_address, fake + b"\x10" + os.urandom(16) +
-                             b"\x44\xd0" + os.urandom(1300))
+        a.transport.send_raw(
+            b.transport.local_address,
+            fake + b"\x10" + os.urandom(16) + b"\x44\xd0" + os.urandom(1300),
+        )
         await wait_for(lambda: b.transport.stats["retry_token_invalid"] == 1, what="bad token")
         assert len(b.transport.connections) == before
 

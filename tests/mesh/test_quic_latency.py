@@ -17,7 +17,11 @@ from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.mesh.transport.quic import QuicTransport
 
-QUIC_ONLY = dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",), auto_identify=False)
+QUIC_ONLY = {
+    "listen": ["/ip4/127.0.0.1/udp/0/quic-v1"],
+    "transports": ("quic",),
+    "auto_identify": False,
+}
 ECHO = "/test/echo/1"
 
 
@@ -32,8 +36,11 @@ async def test_a_connection_keeps_few_objects_for_the_garbage_collector():
         server_key, server = endpoints[0]
         gc.collect()
         before = len(gc.get_objects())
-        conns = [await client.dial(server.listen_addr.with_peer(server_key.peer_id))
-                 for _, client in endpoints[1:] for _ in range(5)]
+        conns = [
+            await client.dial(server.listen_addr.with_peer(server_key.peer_id))
+            for _, client in endpoints[1:]
+            for _ in range(5)
+        ]
         deadline = time.monotonic() + 10
         while len(server.connections) < len(conns) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -93,8 +100,9 @@ async def test_many_concurrent_small_calls_across_many_connections_do_not_stall(
             node.register_unary(ECHO, echo)
             nodes.append(node)
         rng = random.Random(7)
-        targets = {a.peer_id: rng.sample([n for n in nodes if n is not a], peers_per_node)
-                   for a in nodes}
+        targets = {
+            a.peer_id: rng.sample([n for n in nodes if n is not a], peers_per_node) for a in nodes
+        }
         # connections first, a few handshakes at a time: handshakes are CPU work that a loaded
         # machine queues, and they are not what this test times
         for a in nodes:
@@ -107,19 +115,28 @@ async def test_many_concurrent_small_calls_across_many_connections_do_not_stall(
                 peer = pick.choice(targets[node.peer_id])
                 # several calls opened at once on one connection, from many connections at once
                 started = time.monotonic()
-                replies = await asyncio.gather(*(
-                    node.call(peer.peer_id, ECHO, b"%d" % i, timeout=20) for i in range(8)))
+                replies = await asyncio.gather(
+                    *(node.call(peer.peer_id, ECHO, b"%d" % i, timeout=20) for i in range(8))
+                )
                 latencies.append(time.monotonic() - started)
                 assert replies == [b"%d" % i for i in range(8)]
 
-        await asyncio.wait_for(asyncio.gather(*(
-            caller(node, i * 100 + j) for i, node in enumerate(nodes)
-            for j in range(callers_per_node))), 60)
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    caller(node, i * 100 + j)
+                    for i, node in enumerate(nodes)
+                    for j in range(callers_per_node)
+                )
+            ),
+            60,
+        )
         assert len(latencies) == count * callers_per_node * rounds
         latencies.sort()
         # a stalled call waits ~1 s or more; a busy 2-core machine delays these far less
-        assert latencies[-1] < 0.9, \
+        assert latencies[-1] < 0.9, (
             f"slowest batch {latencies[-1]:.2f} s (median {latencies[len(latencies) // 2]:.3f} s)"
+        )
     finally:
         for node in nodes:
             await node.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_rpc_support import memory_pipe, wait_until
 
 from latticaray.mesh.errors import (
     ConnectionClosed,
@@ -16,7 +17,6 @@ from latticaray.mesh.errors import (
     RpcUnimplemented,
 )
 from latticaray.mesh.rpc import RpcLimits, RpcRouter, RpcSession, Status
-from test_rpc_support import memory_pipe, wait_until
 
 
 def make_router() -> RpcRouter:
@@ -80,7 +80,7 @@ async def pair():
 
 
 async def test_unary_roundtrip_eager_and_task(pair):
-    client, server, _ = pair
+    client, _server, _ = pair
     assert await client.call("echo", b"hello", timeout=5) == b"hello"
     assert await client.call("slow_echo", b"x" * 100_000, timeout=5) == b"x" * 100_000
     assert await client.call("echo", b"", timeout=5) == b""
@@ -88,7 +88,7 @@ async def test_unary_roundtrip_eager_and_task(pair):
 
 
 async def test_both_ends_can_call(pair):
-    client, server, router = pair
+    client, server, _router = pair
 
     async def ping(ctx, payload):
         return b"pong"
@@ -153,7 +153,7 @@ async def test_deadline_cancels_server_handler(pair):
 async def test_server_enforces_deadline_it_was_sent(pair):
     """The server cancels the handler by itself at the deadline even if the client's CANCEL is
     lost (here: the client's timer is disabled by using a long local wait)."""
-    client, server, router = pair
+    client, _server, router = pair
     cancelled = asyncio.Event()
 
     async def hang(ctx, payload):
@@ -297,8 +297,9 @@ async def test_outgoing_calls_beyond_limit_wait_for_a_slot():
     limits = RpcLimits(max_concurrent_calls=8)
     client, server = RpcSession(a, RpcRouter(), limits), RpcSession(b, router, limits)
     try:
-        replies = await asyncio.gather(*(client.call("slow_echo", bytes([i]), timeout=10)
-                                         for i in range(100)))
+        replies = await asyncio.gather(
+            *(client.call("slow_echo", bytes([i]), timeout=10) for i in range(100))
+        )
         assert replies == [bytes([i]) for i in range(100)]
     finally:
         await client.aclose()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from latticaray.mesh.rpc import MESSAGE_OVERHEAD, RpcLimits, RpcRouter, RpcSession
 from test_rpc_support import memory_pipe, wait_until
+
+from latticaray.mesh.rpc import MESSAGE_OVERHEAD, RpcLimits, RpcRouter, RpcSession
 
 MESSAGE = 64 * 1024
 WINDOW = 512 * 1024
@@ -42,12 +43,14 @@ async def test_stalled_stream_reader_stops_the_server_generator():
         assert produced <= WINDOW // per_message + 3
         assert stream.queued_bytes <= WINDOW + per_message
         _, peak = tracemalloc.get_traced_memory()
-        print(f"\nstalled reader: producer made {produced} x 64 KiB, queued "
-              f"{stream.queued_bytes} B, traced peak {peak / 1e6:.1f} MB")
+        print(
+            f"\nstalled reader: producer made {produced} x 64 KiB, queued "
+            f"{stream.queued_bytes} B, traced peak {peak / 1e6:.1f} MB"
+        )
         assert peak < 16 * 1024 * 1024
         # Resuming the reader drains everything.
         count = 1
-        async for message in stream:
+        async for _message in stream:
             count += 1
         assert count == 600 and produced == 600
     finally:
@@ -158,9 +161,11 @@ async def test_unread_replies_keep_server_memory_bounded():
         for _ in range(200):
             await asyncio.sleep(0)
         held = server._pending_bytes + server._deferred_bytes
-        print(f"\nunread replies: server send queue {server._pending_bytes} B, parked calls "
-              f"{len(server._deferred)} ({server._deferred_bytes} B), unread requests "
-              f"{len(b.inbox)} B, replies in pipe {len(a.inbox)} B")
+        print(
+            f"\nunread replies: server send queue {server._pending_bytes} B, parked calls "
+            f"{len(server._deferred)} ({server._deferred_bytes} B), unread requests "
+            f"{len(b.inbox)} B, replies in pipe {len(a.inbox)} B"
+        )
         assert server._pending_bytes <= limits.write_buffer_high + 16384 + 64
         assert len(server._deferred) <= 100 + 256 * 1024 // 16384 + 1
         assert held < 4 * 1024 * 1024
@@ -243,7 +248,8 @@ async def test_unary_flood_keeps_the_send_queue_under_its_limit():
     sampler = asyncio.ensure_future(sample())
     try:
         replies = await asyncio.wait_for(
-            asyncio.gather(*(client.call("echo", payload, timeout=60) for _ in range(1000))), 60)
+            asyncio.gather(*(client.call("echo", payload, timeout=60) for _ in range(1000))), 60
+        )
         assert replies == [b"r" * 16] * 1000
         done = True
         await asyncio.wait_for(sampler, 10)

@@ -9,12 +9,12 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_rpc_support import memory_pipe
 
 from latticaray.mesh import framing
 from latticaray.mesh.errors import FrameTooLarge, ProtocolViolation, RpcConnectionLost
 from latticaray.mesh.framing import FrameDecoder, encode_frame
 from latticaray.mesh.rpc import RpcRouter, RpcSession
-from test_rpc_support import memory_pipe
 
 
 def frames_bytes(*frames) -> bytes:
@@ -23,17 +23,19 @@ def frames_bytes(*frames) -> bytes:
 
 def test_roundtrip_byte_by_byte_and_in_one_piece():
     big = bytes(range(256)) * 100
-    frames = [([framing.OPEN, 1, 3, "svc", framing.UNARY, 5000], b"hello"),
-              ([framing.MESSAGE, 1, 7], big),
-              ([framing.CREDIT, 9, 0, 1234], b""),
-              ([framing.ERROR, 2, 4, "INTERNAL", "boom"], b"traceback")]
+    frames = [
+        ([framing.OPEN, 1, 3, "svc", framing.UNARY, 5000], b"hello"),
+        ([framing.MESSAGE, 1, 7], big),
+        ([framing.CREDIT, 9, 0, 1234], b""),
+        ([framing.ERROR, 2, 4, "INTERNAL", "boom"], b"traceback"),
+    ]
     wire = frames_bytes(*frames)
     whole = FrameDecoder(1 << 20).feed(wire)
     assert [(h, bytes(p)) for h, p in whole] == frames
     decoder = FrameDecoder(1 << 20)
     got = []
     for i in range(len(wire)):
-        got.extend(decoder.feed(wire[i:i + 1]))
+        got.extend(decoder.feed(wire[i : i + 1]))
     assert [(h, bytes(p)) for h, p in got] == frames
     assert decoder.buffered == 0
 
@@ -41,15 +43,19 @@ def test_roundtrip_byte_by_byte_and_in_one_piece():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=200_000), min_size=1, max_size=40))
 def test_large_frames_survive_any_chunking(cuts):
-    big1 = bytes(range(256)) * 1200        # 300 KiB: collected as chunks
+    big1 = bytes(range(256)) * 1200  # 300 KiB: collected as chunks
     big2 = b"\x07" * (framing.LARGE_PAYLOAD)  # exactly the threshold
-    frames = [([framing.MESSAGE, 1, 2], big1), ([framing.MESSAGE, 2, 2], b"small"),
-              ([framing.MESSAGE, 3, 3], big2), ([framing.CANCEL, 4, 0], b"")]
+    frames = [
+        ([framing.MESSAGE, 1, 2], big1),
+        ([framing.MESSAGE, 2, 2], b"small"),
+        ([framing.MESSAGE, 3, 3], big2),
+        ([framing.CANCEL, 4, 0], b""),
+    ]
     wire = frames_bytes(*frames)
     decoder = FrameDecoder(1 << 20)
     got, pos = [], 0
     for cut in cuts:
-        got.extend(decoder.feed(wire[pos:pos + cut]))
+        got.extend(decoder.feed(wire[pos : pos + cut]))
         pos += cut
         if pos >= len(wire):
             break
@@ -65,22 +71,25 @@ def test_large_payload_is_a_separate_write_piece():
     assert len(pieces) == 2 and pieces[1] is payload
 
 
-@pytest.mark.parametrize("wire, message", [
-    (struct.pack("!IH", 100 << 20, 5), "exceeds the limit"),
-    (struct.pack("!IH", 10, 0) + b"\0" * 10, "header length"),
-    (struct.pack("!IH", 10, 20) + b"\0" * 10, "header length"),
-    (struct.pack("!IH", 5, 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
-    (struct.pack("!IH", 3, 1) + msgpack.packb(7), "must be an array"),
-    (frames_bytes(([99, 1, 0], b"")), "unknown frame kind"),
-    (frames_bytes(([framing.OPEN, 1, 0], b"")), "needs 6"),
-    (frames_bytes(([framing.MESSAGE, -1, 0], b"")), "invalid call id"),
-    (frames_bytes(([framing.MESSAGE, 1, 999], b"")), "invalid flags"),
-    (frames_bytes(([framing.OPEN, 1, 0, "", 0, 10], b"")), "service name"),
-    (frames_bytes(([framing.OPEN, 1, 0, "s", 9, 10], b"")), "call type"),
-    (frames_bytes(([framing.OPEN, 1, 0, "s", 0, -1], b"")), "timeout"),
-    (frames_bytes(([framing.CREDIT, 1, 0, 0], b"")), "grant"),
-    (frames_bytes(([framing.ERROR, 1, 0, 5, "x"], b"")), "string code"),
-])
+@pytest.mark.parametrize(
+    "wire, message",
+    [
+        (struct.pack("!IH", 100 << 20, 5), "exceeds the limit"),
+        (struct.pack("!IH", 10, 0) + b"\0" * 10, "header length"),
+        (struct.pack("!IH", 10, 20) + b"\0" * 10, "header length"),
+        (struct.pack("!IH", 5, 3) + b"\xc1\xc1\xc1", "not valid msgpack"),
+        (struct.pack("!IH", 3, 1) + msgpack.packb(7), "must be an array"),
+        (frames_bytes(([99, 1, 0], b"")), "unknown frame kind"),
+        (frames_bytes(([framing.OPEN, 1, 0], b"")), "needs 6"),
+        (frames_bytes(([framing.MESSAGE, -1, 0], b"")), "invalid call id"),
+        (frames_bytes(([framing.MESSAGE, 1, 999], b"")), "invalid flags"),
+        (frames_bytes(([framing.OPEN, 1, 0, "", 0, 10], b"")), "service name"),
+        (frames_bytes(([framing.OPEN, 1, 0, "s", 9, 10], b"")), "call type"),
+        (frames_bytes(([framing.OPEN, 1, 0, "s", 0, -1], b"")), "timeout"),
+        (frames_bytes(([framing.CREDIT, 1, 0, 0], b"")), "grant"),
+        (frames_bytes(([framing.ERROR, 1, 0, 5, "x"], b"")), "string code"),
+    ],
+)
 def test_malformed_frames_raise_protocol_violation(wire, message):
     with pytest.raises(ProtocolViolation, match=message):
         FrameDecoder(16 << 20).feed(wire)
@@ -116,13 +125,19 @@ async def _session_pair(router=None):
     return RpcSession(a, RpcRouter()), RpcSession(b, router), router
 
 
-@pytest.mark.parametrize("garbage", [
-    struct.pack("!IH", 1 << 30, 4) + b"abcd",      # claims a 1 GiB frame
-    struct.pack("!IH", 6, 4) + b"\xc1\xc1\xc1\xc1",  # invalid msgpack header
-    frames_bytes(([framing.OPEN, 1, 3, "echo", 0, 100], b"x"),
-                 ([framing.OPEN, 1, 3, "echo", 0, 100], b"y")) * 0
-    + frames_bytes(([42, 1, 0], b"")),             # unknown kind
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack("!IH", 1 << 30, 4) + b"abcd",  # claims a 1 GiB frame
+        struct.pack("!IH", 6, 4) + b"\xc1\xc1\xc1\xc1",  # invalid msgpack header
+        frames_bytes(
+            ([framing.OPEN, 1, 3, "echo", 0, 100], b"x"),
+            ([framing.OPEN, 1, 3, "echo", 0, 100], b"y"),
+        )
+        * 0
+        + frames_bytes(([42, 1, 0], b"")),  # unknown kind
+    ],
+)
 async def test_bad_frames_close_only_that_session(garbage):
     router = RpcRouter()
 
@@ -200,15 +215,26 @@ async def test_peer_ignoring_flow_control_is_cut_off():
 
 
 _header_strategy = st.one_of(
-    st.tuples(st.just(framing.OPEN), st.integers(0, 5), st.integers(0, 7),
-              st.sampled_from(["echo", "stream", "sink", "nope"]), st.integers(0, 3),
-              st.integers(0, 3000)).map(list),
+    st.tuples(
+        st.just(framing.OPEN),
+        st.integers(0, 5),
+        st.integers(0, 7),
+        st.sampled_from(["echo", "stream", "sink", "nope"]),
+        st.integers(0, 3),
+        st.integers(0, 3000),
+    ).map(list),
     st.tuples(st.just(framing.MESSAGE), st.integers(0, 5), st.integers(0, 7)).map(list),
-    st.tuples(st.just(framing.CREDIT), st.integers(0, 5), st.integers(0, 7),
-              st.integers(1, 1 << 20)).map(list),
+    st.tuples(
+        st.just(framing.CREDIT), st.integers(0, 5), st.integers(0, 7), st.integers(1, 1 << 20)
+    ).map(list),
     st.tuples(st.just(framing.CANCEL), st.integers(0, 5), st.integers(0, 7)).map(list),
-    st.tuples(st.just(framing.ERROR), st.integers(0, 5), st.integers(0, 7),
-              st.sampled_from(["INTERNAL", "X"]), st.text(max_size=20)).map(list),
+    st.tuples(
+        st.just(framing.ERROR),
+        st.integers(0, 5),
+        st.integers(0, 7),
+        st.sampled_from(["INTERNAL", "X"]),
+        st.text(max_size=20),
+    ).map(list),
 )
 
 

@@ -82,8 +82,9 @@ async def test_rpc_over_tcp(server):
         async for chunk in caller.call_stream("chunks", b"50", timeout=10):
             total += len(chunk)
         assert total == 5_000_000
-        replies = await asyncio.gather(*(caller.call("echo", bytes([i % 256]), timeout=20)
-                                         for i in range(1000)))
+        replies = await asyncio.gather(
+            *(caller.call("echo", bytes([i % 256]), timeout=20) for i in range(1000))
+        )
         assert replies[7] == b"\x0712D3tcp"
         await caller.aclose()
         await asyncio.wait_for(callee.wait_closed(), 5)
@@ -92,7 +93,7 @@ async def test_rpc_over_tcp(server):
 
 
 async def test_wrong_peer_id_is_refused(server):
-    srv, addr, inbound = server
+    srv, addr, _inbound = server
     client = TcpTransport(KeyPair.generate())
     someone_else = KeyPair.generate().peer_id
     try:
@@ -108,13 +109,14 @@ async def test_wrong_peer_id_is_refused(server):
 
 async def _raw_tls(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=client_ssl_context(KeyPair.generate()), server_hostname="127.0.0.1")
+        "127.0.0.1", port, ssl=client_ssl_context(KeyPair.generate()), server_hostname="127.0.0.1"
+    )
     cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     return reader, writer, cert
 
 
 async def test_bad_or_replayed_client_proof_is_refused(server):
-    srv, addr, inbound = server
+    _srv, addr, inbound = server
     mallory = KeyPair.generate()
     # 1. garbage proof
     reader, writer, cert = await _raw_tls(addr.port)
@@ -138,7 +140,7 @@ async def test_bad_or_replayed_client_proof_is_refused(server):
     accepted = await asyncio.wait_for(inbound.get(), 5)
     assert accepted.remote_peer == mallory.peer_id
     writer.close()
-    reader, writer, cert2 = await _raw_tls(addr.port)
+    reader, writer, _cert2 = await _raw_tls(addr.port)
     await reader.readexactly(AUTH_NONCE_LEN)
     writer.write(good)
     assert await asyncio.wait_for(reader.read(1), 5) == b""
@@ -220,12 +222,14 @@ async def test_write_backpressure_when_peer_does_not_read(server):
             written += len(chunk)
             try:
                 await asyncio.wait_for(channel.drain(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 blocked = True
                 break
         assert blocked, "drain never blocked although the peer reads nothing"
-        print(f"\ntcp: drain blocked after {written / 1e6:.1f} MB; receiver holds "
-              f"{accepted.receive_buffered / 1e6:.1f} MB")
+        print(
+            f"\ntcp: drain blocked after {written / 1e6:.1f} MB; receiver holds "
+            f"{accepted.receive_buffered / 1e6:.1f} MB"
+        )
         assert written < 64 * 1024 * 1024
         assert accepted.receive_buffered <= accepted._read_high_water + 4 * 1024 * 1024
         # the reader resumes and everything arrives
@@ -271,8 +275,12 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 async def kill_peer_mid_stream(kind: str, dial) -> None:
     """Spawn a peer process, stream from it, SIGKILL it; the stream must fail promptly."""
-    proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, kind, dial.run_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEER_SCRIPT, kind, dial.run_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         assert line, proc.stderr.read()
@@ -348,8 +356,9 @@ def test_tcp_and_unix_rpc_under_uvloop(tmp_path):
                 accepted = await asyncio.wait_for(inbound.get(), 5)
                 caller, callee = RpcSession(channel, RpcRouter()), RpcSession(accepted, router)
                 payloads = [bytes([i % 256]) * (i * 100) for i in range(500)]
-                replies = await asyncio.gather(*(caller.call("echo", p, timeout=30)
-                                                 for p in payloads))
+                replies = await asyncio.gather(
+                    *(caller.call("echo", p, timeout=30) for p in payloads)
+                )
                 assert replies == payloads
                 total = 0
                 async for chunk in caller.call_stream("chunks", b"", timeout=30):

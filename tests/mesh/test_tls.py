@@ -31,7 +31,7 @@ def der(cert):
 
 
 def build(cert_key, ext_value=None, *, sign_key=None, not_after=None, extra_critical=False):
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "t")])
     b = (
         x509.CertificateBuilder()
@@ -43,7 +43,9 @@ def build(cert_key, ext_value=None, *, sign_key=None, not_after=None, extra_crit
         .not_valid_after(not_after or now + dt.timedelta(days=1))
     )
     if ext_value is not None:
-        b = b.add_extension(x509.UnrecognizedExtension(LIBP2P_EXTENSION_OID, ext_value), critical=True)
+        b = b.add_extension(
+            x509.UnrecognizedExtension(LIBP2P_EXTENSION_OID, ext_value), critical=True
+        )
     if extra_critical:
         b = b.add_extension(
             x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), critical=True
@@ -127,7 +129,7 @@ def test_not_self_signed_refused():
 def test_expired_refused():
     host = KeyPair.generate()
     cert, _ = make_certificate(host)
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=400)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
     with pytest.raises(HandshakeError, match="expired"):
         verify_certificate(der(cert), now=later)
 
@@ -180,7 +182,7 @@ async def test_ssl_contexts_tls13_alpn_and_mutual_auth_over_loopback():
             writer.write(nonce)
             proof = await asyncio.wait_for(reader.readexactly(101), 10)
             seen.set_result(verify_auth_proof(proof, server_cert.certificate_der, nonce))
-        except Exception as exc:  # noqa: BLE001 - forwarded to the test
+        except Exception as exc:
             seen.set_exception(exc)
         finally:
             writer.close()

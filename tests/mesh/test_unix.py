@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+from test_tcp import kill_peer_mid_stream
 
 from latticaray.mesh.errors import HandshakeError, PeerIdMismatch, PeerUnreachable
 from latticaray.mesh.identity import KeyPair
@@ -14,7 +15,6 @@ from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.rpc import RpcRouter, RpcSession
 from latticaray.mesh.transport import unix as unix_mod
 from latticaray.mesh.transport.unix import UnixTransport
-from test_tcp import kill_peer_mid_stream
 
 
 @pytest.fixture
@@ -50,8 +50,9 @@ async def test_listen_uses_private_socket_and_authenticates_both_sides(server, t
         router.register_unary("echo", echo)
         caller, callee = RpcSession(channel, RpcRouter()), RpcSession(accepted, router)
         assert await caller.call("echo", b"abc", timeout=5) == b"cbaunix"
-        replies = await asyncio.gather(*(caller.call("echo", b"x" * 300_000, timeout=30)
-                                         for _ in range(20)))
+        replies = await asyncio.gather(
+            *(caller.call("echo", b"x" * 300_000, timeout=30) for _ in range(20))
+        )
         assert all(len(r) == 300_004 for r in replies)
         await caller.aclose()
         await asyncio.wait_for(callee.wait_closed(), 5)
@@ -62,7 +63,7 @@ async def test_listen_uses_private_socket_and_authenticates_both_sides(server, t
 
 
 async def test_wrong_peer_id_is_refused(server, tmp_path):
-    srv, addr, inbound = server
+    srv, addr, _inbound = server
     client = UnixTransport(KeyPair.generate(), run_dir=str(tmp_path))
     try:
         with pytest.raises(PeerIdMismatch):
@@ -73,7 +74,7 @@ async def test_wrong_peer_id_is_refused(server, tmp_path):
 
 
 async def test_bad_client_signature_and_garbage_are_refused(server):
-    srv, addr, inbound = server
+    _srv, addr, inbound = server
     # garbage instead of the hello
     reader, writer = await asyncio.open_unix_connection(addr.unix_path)
     writer.write(b"GET / HTTP/1.1\r\n" * 8)

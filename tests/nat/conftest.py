@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netlab_util import lab, netlab_available  # noqa: E402
+from netlab_util import lab, netlab_available
 
 LAB_PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lrn{os.getpid() % 100000}")
 

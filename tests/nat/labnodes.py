@@ -10,11 +10,11 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netlab_util import NamespaceLoop  # noqa: E402
+from netlab_util import NamespaceLoop
 
-from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy  # noqa: E402
-from latticaray.mesh.nat.autonat import AutoNatClientConfig  # noqa: E402
-from latticaray.mesh.nat.host import NatNode, NatNodeConfig  # noqa: E402
+from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
+from latticaray.mesh.nat.autonat import AutoNatClientConfig
+from latticaray.mesh.nat.host import NatNode, NatNodeConfig
 
 LAB_POLICY = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
 PUBLIC_NODES = ("pub1", "pub2")
@@ -24,8 +24,9 @@ IPS = {"pub1": "198.18.0.11", "pub2": "198.18.0.12", "hostD": "198.18.0.31"}
 class LabMesh:
     """pub1: relay + AutoNAT + observer; pub2: AutoNAT + observer; every other host a peer."""
 
-    def __init__(self, prefix: str, hosts: list[str], quic_port: int, relay_port: int,
-                 **overrides) -> None:
+    def __init__(
+        self, prefix: str, hosts: list[str], quic_port: int, relay_port: int, **overrides
+    ) -> None:
         self.prefix = prefix
         self.quic_port = quic_port
         self.relay_port = relay_port
@@ -37,13 +38,20 @@ class LabMesh:
     def config_for(self, host: str) -> NatNodeConfig:
         public = host in PUBLIC_NODES
         cfg = NatNodeConfig(
-            quic_port=self.quic_port, policy=LAB_POLICY, serve_autonat=public,
-            serve_relay=(host == "pub1"), relay_port=self.relay_port,
+            quic_port=self.quic_port,
+            policy=LAB_POLICY,
+            serve_autonat=public,
+            serve_relay=(host == "pub1"),
+            relay_port=self.relay_port,
             # only two public observers exist in the lab: a public node can ask just the other one
-            autonat_client=AutoNatClientConfig(min_confirmations=1 if public else 2,
-                                               dial_back_timeout=1.5))
+            autonat_client=AutoNatClientConfig(
+                min_confirmations=1 if public else 2, dial_back_timeout=1.5
+            ),
+        )
         node_overrides = self.overrides.get(host, {})
-        common = {k: v for k, v in self.overrides.items() if k not in self.hosts and k != "per_host"}
+        common = {
+            k: v for k, v in self.overrides.items() if k not in self.hosts and k != "per_host"
+        }
         return replace(cfg, **{**common, **node_overrides})
 
     def start(self) -> None:
@@ -55,8 +63,11 @@ class LabMesh:
             self.nodes[host] = node
 
     def servers_for(self, host: str) -> list[tuple[str, int]]:
-        return [(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host and p in self.nodes or
-                (p != host and p in PUBLIC_NODES)]
+        return [
+            (IPS[p], self.quic_port)
+            for p in PUBLIC_NODES
+            if (p != host and p in self.nodes) or (p != host and p in PUBLIC_NODES)
+        ]
 
     def discover(self, hosts: list[str] | None = None, timeout: float = 40.0) -> dict:
         """NAT type + one AutoNAT round on every host (in parallel); returns host -> (type, reach)."""
@@ -69,13 +80,16 @@ class LabMesh:
             servers = [(IPS[p], self.quic_port) for p in PUBLIC_NODES if p != host]
             reach = await node.check_reachability(servers)
             return report, reach
+
         futures = {h: self.loops[h].submit(one(h)) for h in hosts}
         return {h: f.result(timeout) for h, f in futures.items()}
 
     def reserve_all(self, hosts: list[str]) -> None:
         relay = self.nodes["pub1"]
         for host in hosts:
-            self.loops[host].run(self.nodes[host].reserve_relay(relay.peer_id, IPS["pub1"], self.relay_port), 20)
+            self.loops[host].run(
+                self.nodes[host].reserve_relay(relay.peer_id, IPS["pub1"], self.relay_port), 20
+            )
 
     def relay_tuple(self):
         return (self.nodes["pub1"].peer_id, IPS["pub1"], self.relay_port)
@@ -85,12 +99,23 @@ class LabMesh:
 
     def connect(self, src: str, dst: str, wait_upgrade: float = 0.0, timeout: float = 60.0):
         node, target = self.nodes[src], self.nodes[dst]
-        return self.loops[src].run(node.connect(target.peer_id, self.direct_addrs(dst),
-                                                self.relay_tuple(), wait_upgrade=wait_upgrade), timeout)
+        return self.loops[src].run(
+            node.connect(
+                target.peer_id,
+                self.direct_addrs(dst),
+                self.relay_tuple(),
+                wait_upgrade=wait_upgrade,
+            ),
+            timeout,
+        )
 
-    def call(self, src: str, dst: str, service: str, payload: bytes, timeout: float = 20.0) -> bytes:
+    def call(
+        self, src: str, dst: str, service: str, payload: bytes, timeout: float = 20.0
+    ) -> bytes:
         node = self.nodes[src]
-        return self.loops[src].run(node.call(self.nodes[dst].peer_id, service, payload, timeout), timeout + 5)
+        return self.loops[src].run(
+            node.call(self.nodes[dst].peer_id, service, payload, timeout), timeout + 5
+        )
 
     def wait_upgrade(self, src: str, dst: str, timeout: float = 30.0) -> str:
         node = self.nodes[src]
@@ -100,9 +125,10 @@ class LabMesh:
             if link.upgrade_task is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(link.upgrade_task), timeout)
-                except (asyncio.TimeoutError, Exception):
+                except (TimeoutError, Exception):
                     pass
             return link.path
+
         return self.loops[src].run(wait(), timeout + 5)
 
     def stop(self) -> None:
@@ -120,8 +146,15 @@ class LabMesh:
 class MeshLab:
     """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNat` on it."""
 
-    def __init__(self, prefix: str, hosts: list[str], quic_port: int, relay_port: int,
-                 hole_punching: bool = True, relay_capture: bool = False) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        hosts: list[str],
+        quic_port: int,
+        relay_port: int,
+        hole_punching: bool = True,
+        relay_capture: bool = False,
+    ) -> None:
         self.prefix = prefix
         self.quic_port = quic_port
         self.relay_port = relay_port
@@ -135,16 +168,30 @@ class MeshLab:
     async def _start_one(self, host: str):
         from latticaray.mesh.nat.mesh_nat import MeshNat
         from latticaray.mesh.node import MeshConfig, MeshNode
-        node = MeshNode(MeshConfig(listen=[f"/ip4/0.0.0.0/udp/{self.quic_port}/quic-v1"],
-                                   transports=("quic",), dial_timeout=10.0))
+
+        node = MeshNode(
+            MeshConfig(
+                listen=[f"/ip4/0.0.0.0/udp/{self.quic_port}/quic-v1"],
+                transports=("quic",),
+                dial_timeout=10.0,
+            )
+        )
         await node.start()
         public = host in PUBLIC_NODES
-        nat = MeshNat(node, NatNodeConfig(
-            policy=LAB_POLICY, serve_autonat=public, serve_relay=(host == "pub1"),
-            relay_port=self.relay_port, relay_capture=self.relay_capture,
-            hole_punching=self.hole_punching,
-            autonat_client=AutoNatClientConfig(min_confirmations=1 if public else 2,
-                                               dial_back_timeout=1.5)))
+        nat = MeshNat(
+            node,
+            NatNodeConfig(
+                policy=LAB_POLICY,
+                serve_autonat=public,
+                serve_relay=(host == "pub1"),
+                relay_port=self.relay_port,
+                relay_capture=self.relay_capture,
+                hole_punching=self.hole_punching,
+                autonat_client=AutoNatClientConfig(
+                    min_confirmations=1 if public else 2, dial_back_timeout=1.5
+                ),
+            ),
+        )
         await nat.start()
         return node, nat
 
@@ -162,6 +209,7 @@ class MeshLab:
             nat.config.observers = tuple((IPS[p], self.quic_port) for p in PUBLIC_NODES)
             nat.config.relays = (f"/ip4/{IPS['pub1']}/tcp/{self.relay_port}/p2p/{relay}",)
             return await nat.auto_configure()
+
         futures = {h: self.loops[h].submit(one(h)) for h in self.hosts}
         return {h: f.result(40) for h, f in futures.items()}
 
@@ -172,6 +220,7 @@ class MeshLab:
         async def stop_one(host):
             await self.nats[host].stop()
             await self.nodes[host].stop()
+
         for host in list(self.nodes):
             try:
                 self.loops[host].run(stop_one(host), 20)

@@ -15,15 +15,56 @@ from latticaray.mesh.nat.rendezvous import RendezvousServer
 LAB = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=True)
-    | st.text(max_size=20) | st.binary(max_size=40),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
-    max_leaves=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 messages = st.fixed_dictionaries(
-    {"t": st.sampled_from(["dial", "dial_resp", "dial_back", "hp_connect", "hp_sync", "hp_refuse",
-                           "register", "discover", "unregister", "reserve_resp", "connect_resp", "x"])},
-    optional={k: values for k in ("id", "a", "n", "r", "tok", "nat", "pub", "ns", "addrs", "ttl",
-                                   "limit", "cookie", "s", "m")})
+    {
+        "t": st.sampled_from(
+            [
+                "dial",
+                "dial_resp",
+                "dial_back",
+                "hp_connect",
+                "hp_sync",
+                "hp_refuse",
+                "register",
+                "discover",
+                "unregister",
+                "reserve_resp",
+                "connect_resp",
+                "x",
+            ]
+        )
+    },
+    optional=dict.fromkeys(
+        (
+            "id",
+            "a",
+            "n",
+            "r",
+            "tok",
+            "nat",
+            "pub",
+            "ns",
+            "addrs",
+            "ttl",
+            "limit",
+            "cookie",
+            "s",
+            "m",
+        ),
+        values,
+    ),
+)
 
 
 def feed_everything(data: bytes) -> None:
@@ -46,7 +87,7 @@ def feed_everything(data: bytes) -> None:
             step()
         except NatError:
             pass
-    reply = wire.decode(RendezvousServer().handle("peer", data, 0.0))   # never raises
+    reply = wire.decode(RendezvousServer().handle("peer", data, 0.0))  # never raises
     assert reply["t"] in ("register_resp", "unregister_resp", "discover_resp", "error")
 
 

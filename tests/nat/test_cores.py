@@ -8,14 +8,36 @@ import pytest
 
 from latticaray.mesh.nat import autonat, birthday, holepunch, relay, rendezvous, wire
 from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy, check_endpoint
-from latticaray.mesh.nat.autonat import (AutoNatClient, AutoNatClientConfig, AutoNatServer,
-                                         AutoNatServerConfig, Reachability)
-from latticaray.mesh.nat.errors import (MALFORMED, NO_RESERVATION, PERMISSION_DENIED,
-                                        RATE_LIMITED, RESOURCE_LIMIT_EXCEEDED,
-                                        CircuitLimitExceeded, DialBackRefused, ForgedDialBack,
-                                        MalformedMessage, RelayRefused, RendezvousRefused)
-from latticaray.mesh.nat.holepunch import (GiveUp, HolePunchConfig, HolePunchSession, PunchMode,
-                                           PunchSucceeded, Role, SendMessage, StartPunch)
+from latticaray.mesh.nat.autonat import (
+    AutoNatClient,
+    AutoNatClientConfig,
+    AutoNatServer,
+    AutoNatServerConfig,
+    Reachability,
+)
+from latticaray.mesh.nat.errors import (
+    MALFORMED,
+    NO_RESERVATION,
+    PERMISSION_DENIED,
+    RATE_LIMITED,
+    RESOURCE_LIMIT_EXCEEDED,
+    CircuitLimitExceeded,
+    DialBackRefused,
+    ForgedDialBack,
+    MalformedMessage,
+    RelayRefused,
+    RendezvousRefused,
+)
+from latticaray.mesh.nat.holepunch import (
+    GiveUp,
+    HolePunchConfig,
+    HolePunchSession,
+    PunchMode,
+    PunchSucceeded,
+    Role,
+    SendMessage,
+    StartPunch,
+)
 from latticaray.mesh.nat.nattype import NatType, NatTypeDetector
 
 LAB = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
@@ -36,8 +58,10 @@ def test_address_policy_treats_lab_range_as_public_only_by_configuration():
     assert not LAB.is_public("not an ip")
 
 
-@pytest.mark.parametrize("bad", [None, ["1.2.3.4"], ["1.2.3.4", 0], ["1.2.3.4", 70000], ["x", 5],
-                                 [1, 2], ["1.2.3.4", True]])
+@pytest.mark.parametrize(
+    "bad",
+    [None, ["1.2.3.4"], ["1.2.3.4", 0], ["1.2.3.4", 70000], ["x", 5], [1, 2], ["1.2.3.4", True]],
+)
 def test_check_endpoint_rejects_bad_input(bad):
     with pytest.raises(MalformedMessage):
         check_endpoint(bad)
@@ -64,15 +88,18 @@ def run_autonat_round(client, servers, now, reachable, observed_ip="198.18.0.101
         client.on_response(probe.server, wire.decode(plan.response()), now + 0.01)
         for db in plan.dial_backs:
             if reachable(probe.server, db.endpoint):
-                client.on_dial_back(wire.decode(autonat.encode_dial_back(db.nonce)),
-                                    (server_ip, 5555), now + 0.02)
+                client.on_dial_back(
+                    wire.decode(autonat.encode_dial_back(db.nonce)), (server_ip, 5555), now + 0.02
+                )
     client.tick(now + 10.0)
     return probes
 
 
 def make_servers():
-    return [("pub1", "198.18.0.11", AutoNatServer(policy=LAB)),
-            ("pub2", "198.18.0.12", AutoNatServer(policy=LAB))]
+    return [
+        ("pub1", "198.18.0.11", AutoNatServer(policy=LAB)),
+        ("pub2", "198.18.0.12", AutoNatServer(policy=LAB)),
+    ]
 
 
 def test_autonat_classifies_public_and_private_addresses():
@@ -87,7 +114,7 @@ def test_autonat_classifies_public_and_private_addresses():
     assert client.public_addresses() == [public_ep]
     only_private = AutoNatClient(policy=LAB)
     only_private.add_candidate(private_ep, 0.0)
-    only_private.add_candidate(("198.19.1.10", 4001), 0.0)      # a LAN address: servers refuse it
+    only_private.add_candidate(("198.19.1.10", 4001), 0.0)  # a LAN address: servers refuse it
     run_autonat_round(only_private, make_servers(), 0.0, lambda s, ep: False)
     assert only_private.status(("198.19.1.10", 4001)) is Reachability.UNKNOWN
     assert only_private.reachability() is Reachability.PRIVATE
@@ -99,8 +126,8 @@ def test_autonat_one_vote_is_not_enough_and_rechecks_over_time():
     ep = ("198.18.0.101", 4001)
     client.add_candidate(ep, 0.0)
     run_autonat_round(client, make_servers()[:1], 0.0, lambda s, e: True)
-    assert client.status(ep) is Reachability.UNKNOWN     # one server only
-    assert client.probes_due(1.0, [("pub1", "198.18.0.11")]) == []   # not due yet
+    assert client.status(ep) is Reachability.UNKNOWN  # one server only
+    assert client.probes_due(1.0, [("pub1", "198.18.0.11")]) == []  # not due yet
     run_autonat_round(client, make_servers(), 20.0, lambda s, e: True)
     assert client.status(ep) is Reachability.PUBLIC
     # the mapping goes away: re-check flips it to private
@@ -128,11 +155,16 @@ def test_autonat_forged_nonce_is_refused():
     real_nonce = probe.entries[0][1]
     # right nonce, wrong source IP: someone who sniffed the nonce cannot confirm from elsewhere
     with pytest.raises(ForgedDialBack, match="not from the server"):
-        client.on_dial_back(wire.decode(autonat.encode_dial_back(real_nonce)), ("198.18.0.66", 1), 0.1)
-    assert client.on_dial_back(wire.decode(autonat.encode_dial_back(real_nonce)),
-                               ("198.18.0.11", 9), 0.2) == ("198.18.0.101", 4001)
-    with pytest.raises(ForgedDialBack):       # replay of a used nonce
-        client.on_dial_back(wire.decode(autonat.encode_dial_back(real_nonce)), ("198.18.0.11", 9), 0.3)
+        client.on_dial_back(
+            wire.decode(autonat.encode_dial_back(real_nonce)), ("198.18.0.66", 1), 0.1
+        )
+    assert client.on_dial_back(
+        wire.decode(autonat.encode_dial_back(real_nonce)), ("198.18.0.11", 9), 0.2
+    ) == ("198.18.0.101", 4001)
+    with pytest.raises(ForgedDialBack):  # replay of a used nonce
+        client.on_dial_back(
+            wire.decode(autonat.encode_dial_back(real_nonce)), ("198.18.0.11", 9), 0.3
+        )
     assert client.forged == 3
     with pytest.raises(MalformedMessage):
         client.on_dial_back({"t": "dial_back", "n": b"short"}, ("198.18.0.11", 9), 0.3)
@@ -141,9 +173,14 @@ def test_autonat_forged_nonce_is_refused():
 def test_autonat_server_dials_only_the_requesters_observed_ip_and_rate_limits():
     server = AutoNatServer(AutoNatServerConfig(per_ip_burst=2, per_ip_rate=0.1), policy=LAB)
     nonce = b"n" * 16
-    req = autonat.encode_dial_request(7, [(("198.18.0.101", 4001), nonce),
-                                          (("198.18.0.12", 53), nonce),       # a victim
-                                          (("10.0.0.5", 4001), nonce)])
+    req = autonat.encode_dial_request(
+        7,
+        [
+            (("198.18.0.101", 4001), nonce),
+            (("198.18.0.12", 53), nonce),  # a victim
+            (("10.0.0.5", 4001), nonce),
+        ],
+    )
     plan = server.handle_request(("198.18.0.101", 999), wire.decode(req), 0.0)
     assert [db.endpoint for db in plan.dial_backs] == [("198.18.0.101", 4001)]
     assert plan.statuses == [autonat.DIALED, PERMISSION_DENIED, PERMISSION_DENIED]
@@ -158,12 +195,17 @@ def test_autonat_server_dials_only_the_requesters_observed_ip_and_rate_limits():
 
 def test_autonat_server_rejects_malformed_requests():
     server = AutoNatServer(AutoNatServerConfig(max_addrs_per_request=2), policy=LAB)
-    too_many = autonat.encode_dial_request(1, [(("198.18.0.101", p), b"n" * 16) for p in range(1, 5)])
+    too_many = autonat.encode_dial_request(
+        1, [(("198.18.0.101", p), b"n" * 16) for p in range(1, 5)]
+    )
     with pytest.raises(MalformedMessage):
         server.handle_request(("198.18.0.101", 1), wire.decode(too_many), 0.0)
     with pytest.raises(MalformedMessage, match="nonce"):
-        server.handle_request(("198.18.0.101", 1),
-                              {"t": "dial", "id": 1, "a": [["198.18.0.101", 4]], "n": [b"x"]}, 0.0)
+        server.handle_request(
+            ("198.18.0.101", 1),
+            {"t": "dial", "id": 1, "a": [["198.18.0.101", 4]], "n": [b"x"]},
+            0.0,
+        )
 
 
 # ------------------------------------------------------------------------------ NAT type
@@ -181,7 +223,7 @@ def test_nat_type_detection():
     sym.observe(("198.18.0.12", 3478), ("198.18.0.103", 5123), 0.0)
     assert sym.report(0.0).nat_type is NatType.ENDPOINT_DEPENDENT
     assert sym.report(0.0).port_preserving is False
-    assert sym.report(10_000.0).nat_type is NatType.UNKNOWN       # observations aged out
+    assert sym.report(10_000.0).nat_type is NatType.UNKNOWN  # observations aged out
 
     public = NatTypeDetector([("198.18.0.31", 4001)])
     public.observe(("198.18.0.11", 3478), ("198.18.0.31", 4001), 0.0)
@@ -206,13 +248,19 @@ def test_nat_type_from_one_observer_and_its_alternate_port():
 
 # ------------------------------------------------------------------------------ relay
 def test_relay_reservations_and_circuits_with_limits():
-    svc = relay.RelayService(relay.RelayConfig(max_reservations=2, max_reservations_per_ip=1,
-                                               reservation_ttl=60, max_circuits_per_peer=1,
-                                               circuit_max_bytes=1000))
+    svc = relay.RelayService(
+        relay.RelayConfig(
+            max_reservations=2,
+            max_reservations_per_ip=1,
+            reservation_ttl=60,
+            max_circuits_per_peer=1,
+            circuit_max_bytes=1000,
+        )
+    )
     svc.reserve("A", "198.18.0.101", False, 0.0)
-    svc.reserve("A", "198.18.0.101", False, 1.0)           # renewal takes no new slot
+    svc.reserve("A", "198.18.0.101", False, 1.0)  # renewal takes no new slot
     with pytest.raises(RelayRefused) as info:
-        svc.reserve("A2", "198.18.0.101", False, 1.0)      # per-IP limit
+        svc.reserve("A2", "198.18.0.101", False, 1.0)  # per-IP limit
     assert info.value.code == RESOURCE_LIMIT_EXCEEDED
     svc.reserve("B", "198.18.0.102", False, 1.0)
     with pytest.raises(RelayRefused, match="slots") as info:
@@ -221,11 +269,11 @@ def test_relay_reservations_and_circuits_with_limits():
 
     circuit = svc.open_circuit("X", "A", False, 2.0)
     with pytest.raises(RelayRefused) as info:
-        svc.accept_circuit(circuit.circuit_id, "B", 2.0)   # only the target may accept
+        svc.accept_circuit(circuit.circuit_id, "B", 2.0)  # only the target may accept
     assert info.value.code == PERMISSION_DENIED
     svc.accept_circuit(circuit.circuit_id, "A", 2.0)
     with pytest.raises(RelayRefused) as info:
-        svc.open_circuit("Y", "A", False, 2.0)             # A has its one circuit
+        svc.open_circuit("Y", "A", False, 2.0)  # A has its one circuit
     assert info.value.code == RESOURCE_LIMIT_EXCEEDED
     assert svc.account(circuit.circuit_id, 600, 3.0) == 400
     with pytest.raises(CircuitLimitExceeded, match="1000-byte"):
@@ -235,15 +283,16 @@ def test_relay_reservations_and_circuits_with_limits():
     with pytest.raises(RelayRefused) as info:
         svc.open_circuit("X", "nobody", False, 4.0)
     assert info.value.code == NO_RESERVATION
-    assert svc.expire(100.0)[0] == ["A", "B"]              # reservations expire
+    assert svc.expire(100.0)[0] == ["A", "B"]  # reservations expire
     with pytest.raises(RelayRefused) as info:
         svc.open_circuit("X", "A", False, 100.0)
     assert info.value.code == NO_RESERVATION
 
 
 def test_relay_refuses_unauthorized_and_chained_hops():
-    svc = relay.RelayService(relay.RelayConfig(allowed_peers=frozenset({"A", "X"}),
-                                               denied_peers=frozenset({"X"})))
+    svc = relay.RelayService(
+        relay.RelayConfig(allowed_peers=frozenset({"A", "X"}), denied_peers=frozenset({"X"}))
+    )
     svc.reserve("A", "198.18.0.101", False, 0.0)
     for src in ("X", "Z"):
         with pytest.raises(RelayRefused, match="not allowed") as info:
@@ -275,8 +324,13 @@ def test_relay_circuit_duration_limit_and_keeper_schedule():
     assert keeper.due(2.5) == [] and keeper.due(3.0) == ["R"]
     keeper.on_reserved("R", 60.0, 3.0)
     assert keeper.circuit_addresses("ME", 4.0) == [
-        "/ip4/198.18.0.11/udp/4001/quic-v1/p2p/R/p2p-circuit/p2p/ME"]
-    assert keeper.due(32.0) == [] and keeper.due(33.0) == ["R"] and keeper.circuit_addresses("ME", 64.0) == []
+        "/ip4/198.18.0.11/udp/4001/quic-v1/p2p/R/p2p-circuit/p2p/ME"
+    ]
+    assert (
+        keeper.due(32.0) == []
+        and keeper.due(33.0) == ["R"]
+        and keeper.circuit_addresses("ME", 64.0) == []
+    )
 
 
 def test_relay_status_messages():
@@ -305,13 +359,19 @@ def test_dcutr_synchronizes_punch_after_rtt_half():
     assert punch.at == pytest.approx(0.15) and init.rtt == pytest.approx(0.1)
     assert punch.remote_addrs == (("198.18.0.102", 4001),)
     r_actions = resp.on_message(sync.data, 0.15)
-    assert r_actions[0].remote_addrs == (("198.18.0.101", 4001),) and r_actions[0].token == punch.token
-    assert init.on_punch_result(1, ("198.18.0.102", 4001), 0.5) == [PunchSucceeded(1, ("198.18.0.102", 4001))]
+    assert (
+        r_actions[0].remote_addrs == (("198.18.0.101", 4001),) and r_actions[0].token == punch.token
+    )
+    assert init.on_punch_result(1, ("198.18.0.102", 4001), 0.5) == [
+        PunchSucceeded(1, ("198.18.0.102", 4001))
+    ]
     assert init.done
 
 
 def test_dcutr_public_side_is_dialed_by_the_other():
-    init = HolePunchSession(Role.INITIATOR, [("198.18.0.12", 4001)], NatType.NO_NAT, our_public=True)
+    init = HolePunchSession(
+        Role.INITIATOR, [("198.18.0.12", 4001)], NatType.NO_NAT, our_public=True
+    )
     resp = HolePunchSession(Role.RESPONDER, [("198.18.0.103", 7)], NatType.ENDPOINT_DEPENDENT)
     (sync, punch), resp = exchange(init, resp)
     assert punch.mode is PunchMode.AWAIT
@@ -319,8 +379,12 @@ def test_dcutr_public_side_is_dialed_by_the_other():
 
 
 def test_dcutr_retries_three_times_then_gives_up():
-    init = HolePunchSession(Role.INITIATOR, [("198.18.0.101", 4001)], NatType.ENDPOINT_INDEPENDENT,
-                            HolePunchConfig(max_attempts=3, retry_delay=1.0))
+    init = HolePunchSession(
+        Role.INITIATOR,
+        [("198.18.0.101", 4001)],
+        NatType.ENDPOINT_INDEPENDENT,
+        HolePunchConfig(max_attempts=3, retry_delay=1.0),
+    )
     resp = HolePunchSession(Role.RESPONDER, [("198.18.0.102", 4001)], NatType.ENDPOINT_INDEPENDENT)
     now = 0.0
     actions = init.start(now)
@@ -341,10 +405,21 @@ def test_dcutr_retries_three_times_then_gives_up():
 
 
 def test_dcutr_modes_and_refusals():
-    assert holepunch.choose_mode(NatType.ENDPOINT_INDEPENDENT, NatType.ENDPOINT_DEPENDENT) is PunchMode.BIRTHDAY_EASY
-    assert holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT) is PunchMode.BIRTHDAY_HARD
-    assert holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT, False, True) is PunchMode.DIAL
-    assert holepunch.choose_mode(NatType.NO_NAT, NatType.ENDPOINT_DEPENDENT, True, False) is PunchMode.AWAIT
+    assert (
+        holepunch.choose_mode(NatType.ENDPOINT_INDEPENDENT, NatType.ENDPOINT_DEPENDENT)
+        is PunchMode.BIRTHDAY_EASY
+    )
+    assert (
+        holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT) is PunchMode.BIRTHDAY_HARD
+    )
+    assert (
+        holepunch.choose_mode(NatType.ENDPOINT_DEPENDENT, NatType.NO_NAT, False, True)
+        is PunchMode.DIAL
+    )
+    assert (
+        holepunch.choose_mode(NatType.NO_NAT, NatType.ENDPOINT_DEPENDENT, True, False)
+        is PunchMode.AWAIT
+    )
     sym = NatType.ENDPOINT_DEPENDENT
     init = HolePunchSession(Role.INITIATOR, [("198.18.0.103", 1)], sym)
     resp = HolePunchSession(Role.RESPONDER, [("198.18.0.104", 1)], sym)
@@ -356,9 +431,13 @@ def test_dcutr_modes_and_refusals():
     assert isinstance(out[-1], GiveUp)
     assert isinstance(init2.on_message(out[0].data, 0.1)[0], GiveUp)
     with pytest.raises(MalformedMessage):
-        init2.on_message(wire.encode("hp_connect", a=[["1.2.3.4", 5]], nat="weird", tok=b"x" * 16, n=1), 0)
+        init2.on_message(
+            wire.encode("hp_connect", a=[["1.2.3.4", 5]], nat="weird", tok=b"x" * 16, n=1), 0
+        )
     with pytest.raises(MalformedMessage):
-        HolePunchSession(Role.RESPONDER, [], NatType.UNKNOWN).on_message(wire.encode("hp_sync", n=1), 0)
+        HolePunchSession(Role.RESPONDER, [], NatType.UNKNOWN).on_message(
+            wire.encode("hp_sync", n=1), 0
+        )
 
 
 def test_dcutr_responder_timeout_gives_up():
@@ -380,11 +459,11 @@ def test_birthday_probability_and_planner_bounds():
     batch = prober.next_batch(10.1)
     assert len(batch) == 100 and len(set(first + batch)) == 101
     assert all(cfg.port_lo <= p <= cfg.port_hi for p in batch)
-    assert len(prober.next_batch(11.9)) == 399 and prober.next_batch(11.95) == []   # count bound
+    assert len(prober.next_batch(11.9)) == 399 and prober.next_batch(11.95) == []  # count bound
     assert prober.finished(11.95)
     assert prober.on_reply(batch[0]) and prober.hit_port == batch[0]
     timed = birthday.EasySideProber(cfg, 0.0, random.Random(2))
-    assert timed.next_batch(2.0) == [] and timed.finished(2.0)                      # time bound
+    assert timed.next_batch(2.0) == [] and timed.finished(2.0)  # time bound
     hard = birthday.HardSidePlan(cfg, 0.0)
     assert hard.sends_due(0.0) and not hard.sends_due(0.1) and hard.sends_due(0.5)
     assert not hard.sends_due(2.0) and hard.finished(2.0)
@@ -395,7 +474,9 @@ def test_birthday_probability_and_planner_bounds():
 def test_birthday_simulated_against_random_mappings():
     """Model a symmetric NAT as random ports; the planner finds one in most trials."""
     rng = random.Random(7)
-    cfg = birthday.BirthdayConfig(hard_sockets=128, max_probes=2048, probe_rate=1e6, time_budget=1.0)
+    cfg = birthday.BirthdayConfig(
+        hard_sockets=128, max_probes=2048, probe_rate=1e6, time_budget=1.0
+    )
     wins = 0
     for trial in range(20):
         mappings = set(rng.sample(range(cfg.port_lo, cfg.port_hi + 1), cfg.hard_sockets))
@@ -404,13 +485,14 @@ def test_birthday_simulated_against_random_mappings():
             if port in mappings and prober.on_reply(port):
                 wins += 1
                 break
-    assert wins >= 18     # expected P = 0.98
+    assert wins >= 18  # expected P = 0.98
 
 
 # ------------------------------------------------------------------------------ rendezvous
 def test_rendezvous_register_discover_expire_and_limits():
-    rv = rendezvous.RendezvousServer(rendezvous.RendezvousConfig(max_registrations_per_peer=1,
-                                                                 max_registrations_per_namespace=2))
+    rv = rendezvous.RendezvousServer(
+        rendezvous.RendezvousConfig(max_registrations_per_peer=1, max_registrations_per_namespace=2)
+    )
     rv.register("A", "ns", ["/ip4/198.18.0.101/udp/1/quic-v1"], 60, 0.0)
     rv.register("B", "ns", ["/ip4/198.18.0.102/udp/1/quic-v1"], 120, 0.0)
     regs, cookie = rv.discover("ns", 10, 0, 1.0)
@@ -424,20 +506,26 @@ def test_rendezvous_register_discover_expire_and_limits():
         rv.register("D", "x", ["/ip4/1.2.3.4/tcp/1"], 1e9, 1.0)
     with pytest.raises(RendezvousRefused, match="namespace"):
         rv.register("D", "", ["/ip4/1.2.3.4/tcp/1"], 60, 1.0)
-    assert [r.peer for r in rv.discover("ns", 10, 0, 61.0)[0]] == ["B"]   # A expired
+    assert [r.peer for r in rv.discover("ns", 10, 0, 61.0)[0]] == ["B"]  # A expired
     assert len(rv) == 1
     assert rv.unregister("B", "ns") and len(rv) == 0
 
 
 def test_rendezvous_wire_handles_bad_input_without_raising():
     rv = rendezvous.RendezvousServer()
-    ok = wire.decode(rv.handle("A", wire.encode("register", ns="lab", addrs=["/ip4/1.2.3.4/tcp/1"], ttl=60), 0.0))
+    ok = wire.decode(
+        rv.handle("A", wire.encode("register", ns="lab", addrs=["/ip4/1.2.3.4/tcp/1"], ttl=60), 0.0)
+    )
     assert ok["s"] == "OK"
     found = wire.decode(rv.handle("B", wire.encode("discover", ns="lab"), 1.0))
     assert found["regs"][0]["peer"] == "A"
-    for bad in (b"\xc1", wire.encode("register", ns="lab", addrs="x"), wire.encode("nope"),
-                wire.encode("register", ns="lab", addrs=["/a"], ttl="soon"),
-                wire.encode("register", ns="lab", addrs=["no-slash"])):
+    for bad in (
+        b"\xc1",
+        wire.encode("register", ns="lab", addrs="x"),
+        wire.encode("nope"),
+        wire.encode("register", ns="lab", addrs=["/a"], ttl="soon"),
+        wire.encode("register", ns="lab", addrs=["no-slash"]),
+    ):
         reply = wire.decode(rv.handle("A", bad, 2.0))
         assert reply["t"] == "error" and reply["s"] == MALFORMED
 
@@ -446,6 +534,7 @@ def test_relay_bootstrap_address_parsing():
     from latticaray.mesh.errors import MultiaddrError
     from latticaray.mesh.identity import KeyPair
     from latticaray.mesh.nat.host import parse_relay_addr
+
     peer = KeyPair.generate().peer_id
     assert parse_relay_addr(f"/ip4/198.18.0.11/tcp/4002/p2p/{peer}") == (peer, "198.18.0.11", 4002)
     with pytest.raises(MultiaddrError):

@@ -41,8 +41,14 @@ def setup(lab: MeshLab):
 
 @pytest.fixture
 def relay_only(nat_lab):
-    lab = MeshLab(nat_lab[0], ["pub2", "hostA", "hostB"], quic_port=4401, relay_port=4402,
-                  hole_punching=False, relay_capture=True)
+    lab = MeshLab(
+        nat_lab[0],
+        ["pub2", "hostA", "hostB"],
+        quic_port=4401,
+        relay_port=4402,
+        hole_punching=False,
+        relay_capture=True,
+    )
     try:
         lab.found = setup(lab)
         yield lab
@@ -85,14 +91,28 @@ def test_mesh_node_upgrades_to_direct_and_survives_relay_loss(punching):
     a, b = lab.nodes["hostA"], lab.nodes["hostB"]
     assert call(lab, "hostA", "hostB", b"first").endswith(b"from relay")
     links = lab.nats["hostA"].links
-    assert wait_until(lambda: b.peer_id in links and links[b.peer_id].upgrade_task is not None
-                      and links[b.peer_id].upgrade_task.done(), 30)
+    assert wait_until(
+        lambda: (
+            b.peer_id in links
+            and links[b.peer_id].upgrade_task is not None
+            and links[b.peer_id].upgrade_task.done()
+        ),
+        30,
+    )
     assert links[b.peer_id].metrics.path == "punched", links[b.peer_id].metrics.events
-    assert wait_until(lambda: all(c.transport == "quic" for c in a.connections.connections(b.peer_id)))
+    assert wait_until(
+        lambda: all(c.transport == "quic" for c in a.connections.connections(b.peer_id))
+    )
     lab.loops["pub1"].run(lab.nats["pub1"].relay_server.stop(), 20)
-    assert call(lab, "hostA", "hostB", b"after relay", circuit=False) == b"echo after relay from quic"
+    assert (
+        call(lab, "hostA", "hostB", b"after relay", circuit=False) == b"echo after relay from quic"
+    )
     # the reverse direction uses the same direct connection
-    assert lab.loops["hostB"].run(b.call(a.peer_id, "/test/echo/1", b"back", timeout=10), 20).endswith(b"quic")
+    assert (
+        lab.loops["hostB"]
+        .run(b.call(a.peer_id, "/test/echo/1", b"back", timeout=10), 20)
+        .endswith(b"quic")
+    )
 
 
 def test_mesh_node_birthday_upgrade_cone_to_symmetric(punching):
@@ -100,8 +120,14 @@ def test_mesh_node_birthday_upgrade_cone_to_symmetric(punching):
     a, c = lab.nodes["hostA"], lab.nodes["hostC"]
     assert call(lab, "hostA", "hostC", b"first").endswith(b"from relay")
     links = lab.nats["hostA"].links
-    assert wait_until(lambda: c.peer_id in links and links[c.peer_id].upgrade_task is not None
-                      and links[c.peer_id].upgrade_task.done(), 30)
+    assert wait_until(
+        lambda: (
+            c.peer_id in links
+            and links[c.peer_id].upgrade_task is not None
+            and links[c.peer_id].upgrade_task.done()
+        ),
+        30,
+    )
     link = links[c.peer_id]
     assert link.metrics.path == "birthday", link.metrics.events
     assert wait_until(lambda: a.connection_to(c.peer_id).transport == "quic")

@@ -33,10 +33,16 @@ async def mesh():
     made = []
     try:
         for serve in (True, False, False):
-            node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)))
+            node = MeshNode(
+                MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+            )
             await node.start()
-            nat = MeshNat(node, NatNodeConfig(listen_host="127.0.0.1", policy=LOOPBACK,
-                                              serve_relay=serve, hole_punching=False))
+            nat = MeshNat(
+                node,
+                NatNodeConfig(
+                    listen_host="127.0.0.1", policy=LOOPBACK, serve_relay=serve, hole_punching=False
+                ),
+            )
             await nat.start()
             node.register_unary("/test/echo/1", echo)
             dht = DhtService(node, DhtConfig(k=4, request_timeout=5.0))
@@ -60,7 +66,9 @@ async def test_circuit_address_is_advertised_while_the_reservation_lives(mesh):
     assert private.advertised_addrs[0] == circuit
     assert str(circuit) in private_dht.core.addrs
     await relay_nat.relay_server.stop()
-    await wait_for(lambda: circuit not in private.advertised_addrs, what="circuit address withdrawn")
+    await wait_for(
+        lambda: circuit not in private.advertised_addrs, what="circuit address withdrawn"
+    )
     assert str(circuit) not in private_dht.core.addrs
 
 
@@ -80,7 +88,9 @@ async def test_peer_learns_circuit_address_by_identify_and_dials_it(mesh):
 
 
 async def test_dht_find_peer_returns_the_circuit_address_of_a_private_peer(mesh):
-    (relay, relay_nat, relay_dht), (private, private_nat, private_dht), (seeker, _, seeker_dht) = mesh
+    (relay, relay_nat, relay_dht), (private, private_nat, private_dht), (seeker, _, seeker_dht) = (
+        mesh
+    )
     await private_nat.reserve_relay(relay.peer_id, "127.0.0.1", relay_nat.relay_server.port)
     circuit = circuit_of(private_nat, private)
     relay_addr = str(relay.listen_addrs[0])

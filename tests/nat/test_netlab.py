@@ -40,8 +40,15 @@ def mesh(nat_lab):
 @pytest.fixture(scope="module")
 def relay_only_mesh(nat_lab):
     prefix, _ = nat_lab
-    m = LabMesh(prefix, HOSTS, quic_port=4201, relay_port=4202, hole_punching=False,
-                relay_capture=True, relay_config=RelayConfig(max_reservations=4))
+    m = LabMesh(
+        prefix,
+        HOSTS,
+        quic_port=4201,
+        relay_port=4202,
+        hole_punching=False,
+        relay_capture=True,
+        relay_config=RelayConfig(max_reservations=4),
+    )
     try:
         m.start()
         m.discovery = m.discover()
@@ -52,18 +59,25 @@ def relay_only_mesh(nat_lab):
 
 
 def test_reachability_and_nat_type_of_each_lab_host(mesh):
-    expected = {"pub1": (NatType.NO_NAT, Reachability.PUBLIC),
-                "pub2": (NatType.NO_NAT, Reachability.PUBLIC),
-                "hostA": (NatType.ENDPOINT_INDEPENDENT, Reachability.PRIVATE),
-                "hostB": (NatType.ENDPOINT_INDEPENDENT, Reachability.PRIVATE),
-                "hostC": (NatType.ENDPOINT_DEPENDENT, Reachability.PRIVATE),
-                "hostD": (NatType.NO_NAT, Reachability.PRIVATE)}      # firewall drops dial-backs
+    expected = {
+        "pub1": (NatType.NO_NAT, Reachability.PUBLIC),
+        "pub2": (NatType.NO_NAT, Reachability.PUBLIC),
+        "hostA": (NatType.ENDPOINT_INDEPENDENT, Reachability.PRIVATE),
+        "hostB": (NatType.ENDPOINT_INDEPENDENT, Reachability.PRIVATE),
+        "hostC": (NatType.ENDPOINT_DEPENDENT, Reachability.PRIVATE),
+        "hostD": (NatType.NO_NAT, Reachability.PRIVATE),
+    }  # firewall drops dial-backs
     got = {h: (report.nat_type, reach) for h, (report, reach) in mesh.discovery.items()}
     assert got == expected
     assert mesh.discovery["hostA"][0].mapped == (("198.18.0.101", 4001),)
     assert mesh.discovery["hostA"][0].port_preserving is True
-    assert mesh.nodes["hostA"].circuit_address().endswith(
-        f"/p2p/{mesh.nodes['pub1'].peer_id}/p2p-circuit/p2p/{mesh.nodes['hostA'].peer_id}")
+    assert (
+        mesh.nodes["hostA"]
+        .circuit_address()
+        .endswith(
+            f"/p2p/{mesh.nodes['pub1'].peer_id}/p2p-circuit/p2p/{mesh.nodes['hostA'].peer_id}"
+        )
+    )
 
 
 def test_forged_and_garbage_datagrams_are_dropped(mesh):
@@ -76,12 +90,16 @@ def test_forged_and_garbage_datagrams_are_dropped(mesh):
         try:
             sock.sendto(MAGIC + autonat.encode_dial_back(b"\x42" * 16), ("198.19.1.10", 4001))
             sock.sendto(MAGIC + b"\xc1\xc1 not msgpack", ("198.19.1.10", 4001))
-            sock.sendto(MAGIC + wire.encode("dial", id=1, a=[["198.18.0.12", 53]], n=[b"x" * 16]),
-                        ("198.19.1.10", 4001))        # hostA serves no AutoNAT
+            sock.sendto(
+                MAGIC + wire.encode("dial", id=1, a=[["198.18.0.12", 53]], n=[b"x" * 16]),
+                ("198.19.1.10", 4001),
+            )  # hostA serves no AutoNAT
         finally:
             sock.close()
+
     # natA shares hostA's LAN segment, so it can reach hostA's private address directly
     from netlab_util import NamespaceLoop
+
     attacker = NamespaceLoop(mesh.prefix, "natA")
     try:
         attacker.run(attack(), 10)
@@ -90,18 +108,22 @@ def test_forged_and_garbage_datagrams_are_dropped(mesh):
 
     async def wait_rejected():
         import asyncio
+
         for _ in range(200):
             if node.stats.get("control_rejected", 0) >= before + 3:
                 return True
             await asyncio.sleep(0.01)
         return False
+
     assert mesh.loops["hostA"].run(wait_rejected(), 10)
     assert mesh.nodes["hostA"].autonat_client.reachability() is Reachability.PRIVATE
     mesh.connect("hostA", "pub2")
     assert mesh.call("hostA", "pub2", PING_SERVICE, b"still alive") == b"still alive"
 
 
-def test_punching_disabled_every_pair_works_over_the_relay_which_sees_only_ciphertext(relay_only_mesh):
+def test_punching_disabled_every_pair_works_over_the_relay_which_sees_only_ciphertext(
+    relay_only_mesh,
+):
     m = relay_only_mesh
     relay = m.nodes["pub1"].relay_server
     for src in PRIVATE:
@@ -120,13 +142,17 @@ def test_punching_disabled_every_pair_works_over_the_relay_which_sees_only_ciphe
 def test_relay_reservation_limits_and_unreserved_targets_are_refused(relay_only_mesh):
     m = relay_only_mesh
     relay = m.nodes["pub1"]
-    with pytest.raises(RelayRefused) as info:       # 4 slots, all taken by hostA..hostD
-        m.loops["pub2"].run(m.nodes["pub2"].reserve_relay(relay.peer_id, IPS["pub1"], m.relay_port), 20)
+    with pytest.raises(RelayRefused) as info:  # 4 slots, all taken by hostA..hostD
+        m.loops["pub2"].run(
+            m.nodes["pub2"].reserve_relay(relay.peer_id, IPS["pub1"], m.relay_port), 20
+        )
     assert info.value.code == RESOURCE_LIMIT_EXCEEDED
 
     async def connect_unreserved():
-        return await m.nodes["hostA"].relay_client.connect(relay.peer_id, IPS["pub1"], m.relay_port,
-                                                           m.nodes["pub2"].peer_id)
+        return await m.nodes["hostA"].relay_client.connect(
+            relay.peer_id, IPS["pub1"], m.relay_port, m.nodes["pub2"].peer_id
+        )
+
     with pytest.raises(RelayRefused) as info:
         m.loops["hostA"].run(connect_unreserved(), 20)
     assert info.value.code == NO_RESERVATION
@@ -151,8 +177,14 @@ def test_cone_to_symmetric_uses_birthday_probing(mesh):
 
 def test_tcp_simultaneous_open_between_cone_nats(nat_lab):
     prefix, _ = nat_lab
-    m = LabMesh(prefix, ["pub2", "hostA", "hostB"], quic_port=4601, relay_port=4602,
-                punch_protocol="tcp", tcp_port=4603)
+    m = LabMesh(
+        prefix,
+        ["pub2", "hostA", "hostB"],
+        quic_port=4601,
+        relay_port=4602,
+        punch_protocol="tcp",
+        tcp_port=4603,
+    )
     try:
         m.start()
         m.discover()
@@ -172,9 +204,10 @@ def test_punched_connection_survives_the_relay_going_away(mesh):
     relay_node = mesh.nodes["pub1"]
     mesh.loops["pub1"].run(relay_node.relay_server.stop(), 20)
     import time
+
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not (link.relayed is not None and link.relayed.closed):
         time.sleep(0.05)
-    assert link.relayed.closed                                 # the relay really is gone
+    assert link.relayed.closed  # the relay really is gone
     assert mesh.call("hostB", "hostA", PING_SERVICE, b"after relay") == b"after relay"
     assert link.path == "punched"

@@ -19,10 +19,11 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "runtime"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime")
+)
 
-from meshutil import SESSION_DRIVER_HELPERS, _die_with_parent  # noqa: E402
+from meshutil import SESSION_DRIVER_HELPERS, _die_with_parent
 
 pytestmark = pytest.mark.netlab
 
@@ -105,7 +106,9 @@ lattica.shutdown()
 # its own file exclusively, so a second execution fails loudly, and holds until told to go),
 # upgrades to direct itself, runs more tasks to completion over the direct path while the held
 # ones are still in flight, then lets those finish.
-EXACTLY_ONCE = SESSION_DRIVER_HELPERS + r"""
+EXACTLY_ONCE = (
+    SESSION_DRIVER_HELPERS
+    + r"""
 
 bootstrap, credential, relay, resource, listen, workdir = sys.argv[1:7]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[listen],
@@ -150,6 +153,7 @@ print(json.dumps({"worker": worker, "results": results, "path_before": path_befo
                             ("sessions_moved", "sessions_reopened", "tasks_resent")}}), flush=True)
 lattica.shutdown()
 """
+)
 
 
 class LabProcess:
@@ -157,12 +161,18 @@ class LabProcess:
 
     def __init__(self, prefix: str, host: str, args: list[str]):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen(["ip", "netns", "exec", f"{prefix}-{host}", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", f"{prefix}-{host}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
 
     def ready_line(self, timeout: float) -> dict:
         import selectors
+
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)
         try:
@@ -189,8 +199,17 @@ class LabProcess:
 
 
 def node_args(host_ip: str, *extra: str, port: int = QUIC_PORT, cpus: int = 1) -> list[str]:
-    return [sys.executable, "-m", "latticaray.runtime.node_main", "--num-cpus", str(cpus),
-            "--listen", f"/ip4/{host_ip}/udp/{port}/quic-v1", "--lab", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "latticaray.runtime.node_main",
+        "--num-cpus",
+        str(cpus),
+        "--listen",
+        f"/ip4/{host_ip}/udp/{port}/quic-v1",
+        "--lab",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -203,29 +222,63 @@ def runtime_lab(nat_lab):
         info = pub1.ready_line(60)
         bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
         relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
-        yield {"prefix": prefix, "bootstrap": bootstrap, "relay": relay,
-               "invite": info["invite"], "processes": processes}
+        yield {
+            "prefix": prefix,
+            "bootstrap": bootstrap,
+            "relay": relay,
+            "invite": info["invite"],
+            "processes": processes,
+        }
     finally:
         for process in processes:
             process.stop()
 
 
-def start_worker(lab: dict, host: str, resource: str | None = None, port: int = QUIC_PORT,
-                 cpus: int = 1) -> tuple[LabProcess, dict]:
-    worker = LabProcess(lab["prefix"], host, node_args(
-        HOST_IPS[host], "--bootstrap", lab["bootstrap"], "--credential", lab["invite"],
-        "--resources", json.dumps({resource or f"on_{host}": 1}), "--nat",
-        "--observer", f"{PUB1}:{QUIC_PORT}", "--relay", lab["relay"], port=port, cpus=cpus))
+def start_worker(
+    lab: dict, host: str, resource: str | None = None, port: int = QUIC_PORT, cpus: int = 1
+) -> tuple[LabProcess, dict]:
+    worker = LabProcess(
+        lab["prefix"],
+        host,
+        node_args(
+            HOST_IPS[host],
+            "--bootstrap",
+            lab["bootstrap"],
+            "--credential",
+            lab["invite"],
+            "--resources",
+            json.dumps({resource or f"on_{host}": 1}),
+            "--nat",
+            "--observer",
+            f"{PUB1}:{QUIC_PORT}",
+            "--relay",
+            lab["relay"],
+            port=port,
+            cpus=cpus,
+        ),
+    )
     lab["processes"].append(worker)
     return worker, worker.ready_line(90)
 
 
-def run_driver(lab: dict, worker_host: str, script: str = DRIVER, *extra: str,
-               resource: str | None = None) -> dict:
-    driver = LabProcess(lab["prefix"], "hostA", [
-        sys.executable, "-c", script, lab["bootstrap"], lab["invite"], lab["relay"],
-        resource or f"on_{worker_host}", f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1",
-        *extra])
+def run_driver(
+    lab: dict, worker_host: str, script: str = DRIVER, *extra: str, resource: str | None = None
+) -> dict:
+    driver = LabProcess(
+        lab["prefix"],
+        "hostA",
+        [
+            sys.executable,
+            "-c",
+            script,
+            lab["bootstrap"],
+            lab["invite"],
+            lab["relay"],
+            resource or f"on_{worker_host}",
+            f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1",
+            *extra,
+        ],
+    )
     try:
         driver.proc.wait(240)
         out = driver.proc.stdout.read()
@@ -243,16 +296,18 @@ def check_report(report: dict, worker_info: dict) -> None:
     assert report["worker"] == worker_info["node_id"]
     assert report["first"] == [worker_info["node_id"], 49]
     assert report["results"] == [[worker_info["node_id"], i * i] for i in range(40)]
-    print(f"\nruntime over NAT: join {report['join_s']:.2f} s, worker seen after "
-          f"{report['worker_seen_s']:.2f} s, first task {report['first_task_s'] * 1000:.0f} ms, "
-          f"40 tasks {report['tasks_40_s'] * 1000:.0f} ms, path at first task "
-          f"{report['first_path']}, final path {report['path']} ({report['punch_path']}, "
-          f"upgrade {_ms(report['upgrade_s'])}), task sessions moved {report['sessions_moved']}, "
-          f"reopened {report['sessions_reopened']}, tasks re-sent {report['tasks_resent']}")
+    print(
+        f"\nruntime over NAT: join {report['join_s']:.2f} s, worker seen after "
+        f"{report['worker_seen_s']:.2f} s, first task {report['first_task_s'] * 1000:.0f} ms, "
+        f"40 tasks {report['tasks_40_s'] * 1000:.0f} ms, path at first task "
+        f"{report['first_path']}, final path {report['path']} ({report['punch_path']}, "
+        f"upgrade {_ms(report['upgrade_s'])}), task sessions moved {report['sessions_moved']}, "
+        f"reopened {report['sessions_reopened']}, tasks re-sent {report['tasks_resent']}"
+    )
 
 
 def test_driver_behind_cone_nat_runs_tasks_on_worker_behind_cone_nat(runtime_lab):
-    worker, info = start_worker(runtime_lab, "hostB")
+    _worker, info = start_worker(runtime_lab, "hostB")
     assert any("p2p-circuit" in a for a in info["advertised"]), info
     report = run_driver(runtime_lab, "hostB")
     check_report(report, info)
@@ -262,7 +317,7 @@ def test_driver_behind_cone_nat_runs_tasks_on_worker_behind_cone_nat(runtime_lab
 
 
 def test_worker_behind_symmetric_nat_upgrades_to_direct_by_birthday_probing(runtime_lab):
-    worker, info = start_worker(runtime_lab, "hostC")
+    _worker, info = start_worker(runtime_lab, "hostC")
     assert any("p2p-circuit" in a for a in info["advertised"]), info
     assert info["timings"]["nat_type"] == "NatType.ENDPOINT_DEPENDENT", info["timings"]
     report = run_driver(runtime_lab, "hostC")
@@ -276,8 +331,9 @@ def test_tasks_in_flight_during_the_upgrade_run_exactly_once(runtime_lab, tmp_pa
     """Relayed -> direct (birthday probing, cone driver <-> symmetric worker) while 4 tasks are
     running over the relay: new tasks go direct, the held ones reply over the draining relay,
     the relayed connection then closes, and every task ran once (no re-sent work)."""
-    worker, info = start_worker(runtime_lab, "hostC", resource="eo_hostC", port=QUIC_PORT + 20,
-                                cpus=8)
+    _worker, info = start_worker(
+        runtime_lab, "hostC", resource="eo_hostC", port=QUIC_PORT + 20, cpus=8
+    )
     workdir = tmp_path / "runs"
     workdir.mkdir()
     report = run_driver(runtime_lab, "hostC", EXACTLY_ONCE, str(workdir), resource="eo_hostC")
@@ -288,14 +344,20 @@ def test_tasks_in_flight_during_the_upgrade_run_exactly_once(runtime_lab, tmp_pa
     assert report["path_before"] == "relay" and report["upgraded"] is True, report
     assert report["path_after"] == "quic" and report["after"] == ["quic"], report
     assert report["held_done_before_go"] == 0, report
-    assert set(report["during"]) == {"quic", "relay"}, report     # drained, not cut
+    assert set(report["during"]) == {"quic", "relay"}, report  # drained, not cut
     assert report["stats"]["sessions_moved"] >= 1, report
-    assert report["stats"]["sessions_reopened"] == 0 and report["stats"]["tasks_resent"] == 0, report
+    assert report["stats"]["sessions_reopened"] == 0 and report["stats"]["tasks_resent"] == 0, (
+        report
+    )
     # the relayed connection that carried the held tasks' session drained before it closed
     busy = [d for d in report["drains"] if d["active_at_start"] > 0]
-    assert busy and all(d["active_at_close"] == 0 and d["outcome"] in (
-        "drained", "closed by peer or idle reaper") for d in report["drains"]), report
+    assert busy and all(
+        d["active_at_close"] == 0 and d["outcome"] in ("drained", "closed by peer or idle reaper")
+        for d in report["drains"]
+    ), report
     drain = busy[0]
     print(f"\n{json.dumps({k: report[k] for k in ('stats', 'drains', 'during')})}")
-    print(f"upgrade with 4 tasks in flight: {report['upgrade_s']:.2f} s, relay drained in "
-          f"{drain.get('drain_s', 0):.2f} s ({drain['outcome']}), 8/8 tasks ran once")
+    print(
+        f"upgrade with 4 tasks in flight: {report['upgrade_s']:.2f} s, relay drained in "
+        f"{drain.get('drain_s', 0):.2f} s ({drain['outcome']}), 8/8 tasks ran once"
+    )

@@ -12,12 +12,15 @@ the test always stops.
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "runtime"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime")
+)
 
-from meshutil import SESSION_DRIVER_HELPERS, run_session_driver  # noqa: E402
+from meshutil import SESSION_DRIVER_HELPERS, run_session_driver
 
-DRIVER = SESSION_DRIVER_HELPERS + r"""
+DRIVER = (
+    SESSION_DRIVER_HELPERS
+    + r"""
 
 bootstrap, credential, workdir = sys.argv[1:4]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
@@ -56,6 +59,7 @@ print(json.dumps({"worker": worker, "results": results, "path_before": path_befo
                             ("sessions_moved", "sessions_reopened", "tasks_resent")}}), flush=True)
 lattica.shutdown()
 """
+)
 
 
 def test_task_session_moves_to_a_better_path_and_tasks_in_flight_run_once(tmp_path):
@@ -68,5 +72,6 @@ def test_task_session_moves_to_a_better_path_and_tasks_in_flight_run_once(tmp_pa
     assert report["path_before"] == "quic" and report["path_after"] == "unix", report
     # the held tasks were still owed on the old session while new work ran on the new one
     assert report["held_done_before_go"] == 0 and report["retiring_before_go"] == 1, report
-    assert report["stats"] == {"sessions_moved": 1, "sessions_reopened": 0,
-                               "tasks_resent": 0}, report
+    assert report["stats"] == {"sessions_moved": 1, "sessions_reopened": 0, "tasks_resent": 0}, (
+        report
+    )

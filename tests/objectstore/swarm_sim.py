@@ -40,14 +40,14 @@ class MemorySink:
 @dataclass
 class SimNode:
     name: str
-    rate: float                       # uplink bytes/s
-    manifest: object = None           # known manifest (seed: from the start)
-    sink: MemorySink | None = None    # None on the seed: it holds everything
+    rate: float  # uplink bytes/s
+    manifest: object = None  # known manifest (seed: from the start)
+    sink: MemorySink | None = None  # None on the seed: it holds everything
     session: bs.FetchSession | None = None
     queue: deque = field(default_factory=deque)
     busy: bool = False
-    active: list = field(default_factory=list)    # fair sharing: [remaining bytes, entry, data]
-    clock: float = 0.0                             # fair sharing: when ``active`` was last advanced
+    active: list = field(default_factory=list)  # fair sharing: [remaining bytes, entry, data]
+    clock: float = 0.0  # fair sharing: when ``active`` was last advanced
     wakeup: object = None
     uploaded: int = 0
     done_at: float | None = None
@@ -55,10 +55,21 @@ class SimNode:
 
 
 class Swarm:
-    def __init__(self, payload: bytes, manifest, fetchers: int, rate: float, latency: float = 0.002,
-                 config: bs.SessionConfig | None = None, seed_rate: float | None = None,
-                 fetcher_rates: list[float] | None = None, sim_seed: int = 1, timeout: float = 600.0,
-                 sharing: str = "fifo", slots: int = 8):
+    def __init__(
+        self,
+        payload: bytes,
+        manifest,
+        fetchers: int,
+        rate: float,
+        latency: float = 0.002,
+        config: bs.SessionConfig | None = None,
+        seed_rate: float | None = None,
+        fetcher_rates: list[float] | None = None,
+        sim_seed: int = 1,
+        timeout: float = 600.0,
+        sharing: str = "fifo",
+        slots: int = 8,
+    ):
         self.sharing, self.slots = sharing, slots
         self.sim = Simulator(seed=sim_seed)
         self.payload, self.manifest, self.latency = payload, manifest, latency
@@ -84,7 +95,11 @@ class Swarm:
         rid = action.request_id
         request = bs.decode_request(bs.encode_request(action.request))
         flags = None if server.sink is None else bytes(server.sink.flags)
-        pending = None if server.session is None or server.sink is None else server.session.pending_flags()
+        pending = (
+            None
+            if server.session is None or server.sink is None
+            else server.session.pending_flags()
+        )
         plan = bs.plan_response(request, server.manifest, flags, pending)
         key = (client.name, rid)
         if plan.presences:
@@ -108,7 +123,9 @@ class Swarm:
             data = self._block(index)
             server.busy = True
             server.uploaded += len(data) if index != -1 else 0
-            self.sim.call_later(len(data) / server.rate, self._sent, server, key, client, cid, data, last)
+            self.sim.call_later(
+                len(data) / server.rate, self._sent, server, key, client, cid, data, last
+            )
 
     def _pump_fair(self, server: SimNode) -> None:
         now = self.sim.now
@@ -136,7 +153,14 @@ class Swarm:
             delay = min(t[0] for t in server.active) * len(server.active) / server.rate
             server.wakeup = self.sim.call_later(delay, self._pump, server)
         for _, (key, client, cid, _index, last), data in finished:
-            self.sim.call_later(self.latency, self._deliver, client, server, key[1], bs.Response(blocks=[(cid, data)]))
+            self.sim.call_later(
+                self.latency,
+                self._deliver,
+                client,
+                server,
+                key[1],
+                bs.Response(blocks=[(cid, data)]),
+            )
             if last:
                 self.sim.call_later(self.latency, self._finish, client, server, key[1])
 
@@ -171,11 +195,16 @@ class Swarm:
                     self.sim.call_later(0, self._pump, server)
             elif isinstance(action, bs.FindProviders):
                 others = [n for n in self.nodes if n != node.name]
-                self.sim.call_later(0.01, lambda n=node, o=others: self._feed(n, n.session.add_peers(o, self.sim.now)))
+                self.sim.call_later(
+                    0.01,
+                    lambda n=node, o=others: self._feed(n, n.session.add_peers(o, self.sim.now)),
+                )
             elif isinstance(action, bs.ManifestReady):
                 node.manifest = action.manifest
                 node.sink = MemorySink(action.manifest)
-                self.sim.call_later(0, lambda n=node: self._feed(n, n.session.attach_sink(n.sink, self.sim.now)))
+                self.sim.call_later(
+                    0, lambda n=node: self._feed(n, n.session.attach_sink(n.sink, self.sim.now))
+                )
             elif isinstance(action, bs.Completed):
                 node.done_at = self.sim.now
             elif isinstance(action, bs.Failed):
@@ -188,15 +217,22 @@ class Swarm:
             node.timer = None
         when = node.session.next_timer()
         if when != float("inf") and node.done_at is None:
-            node.timer = self.sim.call_at(max(when, self.sim.now),
-                                          lambda: self._feed(node, node.session.on_timer(self.sim.now)))
+            node.timer = self.sim.call_at(
+                max(when, self.sim.now),
+                lambda: self._feed(node, node.session.on_timer(self.sim.now)),
+            )
 
     def run(self) -> dict:
         for node in self.fetchers:
             self._feed(node, node.session.start(self.sim.now))
-        self.sim.run(until=self.timeout + 5, max_events=5_000_000,
-                     stop=lambda: all(n.done_at is not None for n in self.fetchers))
-        assert all(n.done_at is not None for n in self.fetchers), [n.session.describe() for n in self.fetchers]
+        self.sim.run(
+            until=self.timeout + 5,
+            max_events=5_000_000,
+            stop=lambda: all(n.done_at is not None for n in self.fetchers),
+        )
+        assert all(n.done_at is not None for n in self.fetchers), [
+            n.session.describe() for n in self.fetchers
+        ]
         for node in self.fetchers:
             assert all(node.sink.flags), node.name
         total = sum(n.uploaded for n in self.nodes.values())

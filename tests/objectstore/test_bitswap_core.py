@@ -1,6 +1,7 @@
 """The sans-I/O Bitswap core in the discrete-event simulator: sessions, serving plans, ledgers, codec."""
 
 import dataclasses
+
 import numpy as np
 import pytest
 
@@ -34,8 +35,18 @@ class MemorySink:
 
 
 class Provider:
-    def __init__(self, name, payload, manifest, latency=0.01, bandwidth=10e6, have=None,
-                 corrupt=(), dies_at=None, hangs=False):
+    def __init__(
+        self,
+        name,
+        payload,
+        manifest,
+        latency=0.01,
+        bandwidth=10e6,
+        have=None,
+        corrupt=(),
+        dies_at=None,
+        hangs=False,
+    ):
         self.name, self.payload, self.manifest = name, payload, manifest
         self.latency, self.bandwidth, self.have = latency, bandwidth, have
         self.corrupt, self.dies_at, self.hangs = set(corrupt), dies_at, hangs
@@ -98,8 +109,15 @@ def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None
         request = bs.decode_request(bs.encode_request(action.request))
         if not provider.alive(sim.now) or provider.hangs:
             if not provider.alive(sim.now):
-                sim.call_later(provider.latency, lambda: rid in cancelled or feed(
-                    session.on_request_failed(provider.name, rid, "unreachable", sim.now)))
+                sim.call_later(
+                    provider.latency,
+                    lambda: (
+                        rid in cancelled
+                        or feed(
+                            session.on_request_failed(provider.name, rid, "unreachable", sim.now)
+                        )
+                    ),
+                )
             return
         plan = bs.plan_response(request, provider.manifest, provider.have)
         t = sim.now + provider.latency
@@ -112,7 +130,11 @@ def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None
                 state["failed"] = True
                 feed(session.on_request_failed(provider.name, rid, "connection lost", sim.now))
                 return
-            feed(session.on_response(provider.name, rid, bs.decode_response(bs.encode_response(response)), sim.now))
+            feed(
+                session.on_response(
+                    provider.name, rid, bs.decode_response(bs.encode_response(response)), sim.now
+                )
+            )
 
         if plan.presences:
             sim.call_at(t, deliver, bs.Response(presences=plan.presences))
@@ -129,6 +151,7 @@ def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None
                 feed(session.on_request_failed(provider.name, rid, "connection lost", sim.now))
             else:
                 feed(session.on_request_done(provider.name, rid, sim.now))
+
         sim.call_at(t, done)
 
     feed(session.start(sim.now))
@@ -138,7 +161,9 @@ def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None
 
 @pytest.fixture(scope="module")
 def object_data():
-    payload = np.random.default_rng(7).integers(0, 255, 40 * 64 * KB + 123, dtype=np.uint8).tobytes()
+    payload = (
+        np.random.default_rng(7).integers(0, 255, 40 * 64 * KB + 123, dtype=np.uint8).tobytes()
+    )
     manifest = build_manifest(payload, {"ser": "pickle5"}, chunk_size=64 * KB)
     return payload, manifest
 
@@ -192,8 +217,11 @@ def test_provider_killed_mid_transfer_fetch_completes_from_another(object_data):
 def test_hung_provider_requests_time_out_and_move(object_data):
     payload, manifest = object_data
     cfg = bs.SessionConfig(request_timeout_base=0.5, request_timeout_per_block=0.1)
-    outcome, _ = run_fetch([Provider("hung", payload, manifest, hangs=True),
-                            Provider("ok", payload, manifest)], manifest, config=cfg)
+    outcome, _ = run_fetch(
+        [Provider("hung", payload, manifest, hangs=True), Provider("ok", payload, manifest)],
+        manifest,
+        config=cfg,
+    )
     _assert_complete(outcome, payload)
     assert any(isinstance(a, bs.CancelRequest) and a.peer == "hung" for a in outcome["actions"])
 
@@ -221,13 +249,22 @@ def test_missing_object_fails_with_object_not_found_at_deadline():
 
 
 def test_plan_response_answers_have_dont_have_and_blocks(object_data):
-    payload, manifest = object_data
+    _payload, manifest = object_data
     root, b0, b1 = manifest.root, manifest.blocks[0], manifest.blocks[1]
     other = Cid.of(b"other")
-    request = bs.Request(root, [bs.WantEntry(root, bs.WANT_HAVE, 5), bs.WantEntry(b0, bs.WANT_BLOCK, 1),
-                                bs.WantEntry(b1, bs.WANT_BLOCK, 9), bs.WantEntry(other, bs.WANT_HAVE, 0)])
+    request = bs.Request(
+        root,
+        [
+            bs.WantEntry(root, bs.WANT_HAVE, 5),
+            bs.WantEntry(b0, bs.WANT_BLOCK, 1),
+            bs.WantEntry(b1, bs.WANT_BLOCK, 9),
+            bs.WantEntry(other, bs.WANT_HAVE, 0),
+        ],
+    )
     plan = bs.plan_response(request, manifest, None)
-    assert plan.presences[0] == (root, bs.HAVE, None) and (other, bs.DONT_HAVE, None) in plan.presences
+    assert (
+        plan.presences[0] == (root, bs.HAVE, None) and (other, bs.DONT_HAVE, None) in plan.presences
+    )
     assert plan.blocks == [(b1, 1), (b0, 0)]  # priority order
     flags = bytes([1] + [0] * (len(manifest.blocks) - 1))
     partial = bs.plan_response(request, manifest, flags)
@@ -263,15 +300,19 @@ def test_codec_round_trip_and_bounds():
     block_cid = Cid.of(b"block")
     for size in (5, 300, 70_000):
         data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-        assert bs.encode_block_response(block_cid, memoryview(data)) == \
-            bs.encode_response(bs.Response(blocks=[(block_cid, data)]))
+        assert bs.encode_block_response(block_cid, memoryview(data)) == bs.encode_response(
+            bs.Response(blocks=[(block_cid, data)])
+        )
     with pytest.raises(CodecError):
         bs.decode_request(b"\xc1garbage")
     with pytest.raises(CodecError, match="exceeds"):
         bs.decode_request(b"\x00" * (bs.MAX_REQUEST_BYTES + 1))
     import msgpack
+
     with pytest.raises(CodecError, match="want-list"):
-        bs.decode_request(msgpack.packb({"v": 1, "root": None, "wants": [[bytes(root), 7, 0, True]]}))
+        bs.decode_request(
+            msgpack.packb({"v": 1, "root": None, "wants": [[bytes(root), 7, 0, True]]})
+        )
     with pytest.raises(CodecError, match="CID"):
         bs.decode_response(msgpack.packb({"p": [], "b": [[b"notacid", b"x"]]}))
 
@@ -281,15 +322,19 @@ def test_one_block_responses_decode_without_copying_the_block():
     for size in (0, 5, 300, 70_000, bs.MAX_BLOCK_SIZE):
         data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
         message = bs.encode_block_response(block_cid, data)
-        (cid, block), = bs.decode_response(message).blocks
+        ((cid, block),) = bs.decode_response(message).blocks
         assert cid == block_cid and block == data
         assert isinstance(block, memoryview) and block.obj is message  # a view, not a copy
     message = bs.encode_block_response(block_cid, b"y" * 1000)
     for broken in (message[:-1], message + b"\x00", message[:20]):
         with pytest.raises(CodecError):
             bs.decode_response(broken)
-    oversize = bs._BLOCK_RESPONSE_PREFIX + b"\xc4" + bytes([len(bytes(block_cid))]) + bytes(block_cid)
-    oversize += b"\xc6" + (bs.MAX_BLOCK_SIZE + 1).to_bytes(4, "big") + b"\x00" * (bs.MAX_BLOCK_SIZE + 1)
+    oversize = (
+        bs._BLOCK_RESPONSE_PREFIX + b"\xc4" + bytes([len(bytes(block_cid))]) + bytes(block_cid)
+    )
+    oversize += (
+        b"\xc6" + (bs.MAX_BLOCK_SIZE + 1).to_bytes(4, "big") + b"\x00" * (bs.MAX_BLOCK_SIZE + 1)
+    )
     with pytest.raises(CodecError, match="exceeds"):
         bs.decode_response(oversize)
     with pytest.raises(CodecError, match="CID"):
@@ -300,9 +345,13 @@ def test_end_game_duplicates_blocks_stuck_at_a_slow_provider(object_data):
     payload, manifest = object_data
     times = {}
     for endgame in (False, True):
-        providers = [Provider("snail", payload, manifest, bandwidth=20e3),
-                     Provider("fast", payload, manifest, bandwidth=20e6)]
-        cfg = bs.SessionConfig(endgame=endgame, request_timeout_base=60, request_timeout_per_block=60)
+        providers = [
+            Provider("snail", payload, manifest, bandwidth=20e3),
+            Provider("fast", payload, manifest, bandwidth=20e6),
+        ]
+        cfg = bs.SessionConfig(
+            endgame=endgame, request_timeout_base=60, request_timeout_per_block=60
+        )
         outcome, _ = run_fetch(providers, manifest, timeout=50, config=cfg)
         _assert_complete(outcome, payload)
         times[endgame] = outcome["time"]

@@ -64,10 +64,14 @@ def test_full_holders_are_asked_for_blocks_no_fellow_fetcher_has_first():
             config = bs.SessionConfig(spare_full_holders=spare, order_seed=order_seed)
             outcome, _ = run_fetch([partial, seed], manifest, config=config)
             assert isinstance(outcome["result"], bs.Completed)
-            asked = [manifest.index_of(w.cid) for a in outcome["actions"]
-                     if isinstance(a, bs.SendRequest) and a.peer == "seed" for w in a.request.wants
-                     if w.kind == bs.WANT_BLOCK and w.cid != manifest.root]
-            firsts[spare] = asked[:n // 4]
+            asked = [
+                manifest.index_of(w.cid)
+                for a in outcome["actions"]
+                if isinstance(a, bs.SendRequest) and a.peer == "seed"
+                for w in a.request.wants
+                if w.kind == bs.WANT_BLOCK and w.cid != manifest.root
+            ]
+            firsts[spare] = asked[: n // 4]
         assert all(i >= n // 2 for i in firsts[True]), (order_seed, firsts[True])
         assert any(i < n // 2 for i in firsts[False]), (order_seed, firsts[False])
 
@@ -86,7 +90,9 @@ def test_pending_bitmaps_codec_and_serving_plan():
     # without the flag the encoding is what it always was (servers that predate it accept it)
     assert b"pend" not in bs.encode_request(bs.Request(root, [bs.WantEntry(manifest.blocks[0])]))
     with pytest.raises(CodecError, match="pend"):
-        bs.decode_request(msgpack.packb({"v": 1, "root": bytes(root), "wants": [], "cancel": [], "pend": 1}))
+        bs.decode_request(
+            msgpack.packb({"v": 1, "root": bytes(root), "wants": [], "cancel": [], "pend": 1})
+        )
     with pytest.raises(CodecError, match="presence"):
         bs.decode_response(msgpack.packb({"p": [[bytes(root), bs.PENDING, None]], "b": []}))
     n = len(manifest.blocks)
@@ -94,16 +100,25 @@ def test_pending_bitmaps_codec_and_serving_plan():
     pending = bytes([0, 1] + [0] * (n - 2))
     plan = bs.plan_response(request, manifest, have, pending)
     # a partial holder answers a block request with its bitmap, its pending blocks, then the block
-    assert plan.presences == [(root, bs.HAVE, bs.bitmap_from_flags(have)),
-                              (root, bs.PENDING, bs.bitmap_from_flags(pending))]
+    assert plan.presences == [
+        (root, bs.HAVE, bs.bitmap_from_flags(have)),
+        (root, bs.PENDING, bs.bitmap_from_flags(pending)),
+    ]
     assert plan.blocks == [(manifest.blocks[0], 0)]
-    assert bs.decode_response(bs.encode_response(bs.Response(presences=plan.presences))).presences == plan.presences
+    assert (
+        bs.decode_response(bs.encode_response(bs.Response(presences=plan.presences))).presences
+        == plan.presences
+    )
     # not asked for pending: not sent; a full holder sends no bitmap at all
     quiet = bs.Request(root, [bs.WantEntry(manifest.blocks[0])])
     assert [p[1] for p in bs.plan_response(quiet, manifest, have, pending).presences] == [bs.HAVE]
     assert bs.plan_response(request, manifest, None, None).presences == []
-    unknown = bs.plan_response(bs.Request(Cid.of(b"other"), [bs.WantEntry(Cid.of(b"x"))], pending=True),
-                               manifest, have, pending)
+    unknown = bs.plan_response(
+        bs.Request(Cid.of(b"other"), [bs.WantEntry(Cid.of(b"x"))], pending=True),
+        manifest,
+        have,
+        pending,
+    )
     assert [p[1] for p in unknown.presences] == [bs.DONT_HAVE]
 
 
@@ -112,8 +127,9 @@ def test_pending_bitmaps_keep_fetchers_from_asking_the_seed_for_the_same_block(s
     see it pending elsewhere do not ask the seed for it too."""
     payload, manifest = swarm_object
     shared = Swarm(payload, manifest, 8, RATE, sharing="fair").run()
-    blind = Swarm(payload, manifest, 8, RATE, sharing="fair",
-                  config=bs.SessionConfig(share_pending=False)).run()
+    blind = Swarm(
+        payload, manifest, 8, RATE, sharing="fair", config=bs.SessionConfig(share_pending=False)
+    ).run()
     assert shared["seed_copies"] < blind["seed_copies"] - 0.15, (shared, blind)
     assert shared["time"] < blind["time"], (shared, blind)
     one = Swarm(payload, manifest, 1, RATE, sharing="fair").run()

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.objectstore.bitswap import SessionConfig
 from latticaray.objectstore.cid import Cid
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
-from latticaray.objectstore.bitswap import SessionConfig
 
 MB = 1 << 20
 TRANSPORTS = {
-    "quic": dict(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)),
-    "tcp": dict(listen=["/ip4/127.0.0.1/tcp/0"], transports=("tcp",)),
+    "quic": {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)},
+    "tcp": {"listen": ["/ip4/127.0.0.1/tcp/0"], "transports": ("tcp",)},
 }
 
 
@@ -36,7 +36,9 @@ async def mesh(make_store):
             await node.start()
             store = make_store(f"n{len(peers)}", capacity_bytes=capacity, chunk_size=chunk_size)
             everyone = lambda cid, me=node: _others(peers, me)  # noqa: E731
-            exchange = ObjectExchange(node, None, store, providers=everyone, config=config or ExchangeConfig())
+            exchange = ObjectExchange(
+                node, None, store, providers=everyone, config=config or ExchangeConfig()
+            )
             await exchange.start()
             peers.append(Peer(node, store, exchange))
         for a in peers:
@@ -64,7 +66,10 @@ async def test_fetch_between_two_nodes(mesh, transport):
     cid = seed.store.put(value)
     await seed.exchange.provide(cid)
     seen = []
-    assert await fetcher.exchange.fetch(cid, timeout=30, progress=lambda d, t: seen.append((d, t))) == cid
+    assert (
+        await fetcher.exchange.fetch(cid, timeout=30, progress=lambda d, t: seen.append((d, t)))
+        == cid
+    )
     result = fetcher.store.get(cid)
     np.testing.assert_array_equal(result, value)
     assert seen and seen[-1][0] == seen[-1][1] == seed.store.manifest(cid).size
@@ -74,8 +79,9 @@ async def test_fetch_between_two_nodes(mesh, transport):
 
 
 async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
-    liar, honest, fetcher = await mesh(3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)),
-                                       chunk_size=256 * 1024)
+    liar, honest, fetcher = await mesh(
+        3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)), chunk_size=256 * 1024
+    )
     value = np.arange(3 * MB // 8, dtype=np.int64)
     cid = liar.store.put(value)
     assert honest.store.put(value) == cid
@@ -98,7 +104,9 @@ async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
 async def test_provider_killed_mid_transfer_fetch_completes_from_another(mesh):
     cfg = ExchangeConfig(session=SessionConfig(window=2, blocks_per_request=1))
     victim, survivor, fetcher = await mesh(3, config=cfg, chunk_size=256 * 1024)
-    value = np.random.default_rng(5).integers(0, 1 << 30, 2 * MB, dtype=np.int64)  # 16 MB, 64 blocks
+    value = np.random.default_rng(5).integers(
+        0, 1 << 30, 2 * MB, dtype=np.int64
+    )  # 16 MB, 64 blocks
     cid = victim.store.put(value)
     survivor.store.put(value)
     killed = asyncio.Event()
@@ -116,7 +124,7 @@ async def test_provider_killed_mid_transfer_fetch_completes_from_another(mesh):
 
 
 async def test_missing_cid_raises_object_not_found_after_its_deadline(mesh):
-    a, b = await mesh(2)
+    _a, b = await mesh(2)
     missing = Cid.of(b"never stored anywhere")
     start = time.monotonic()
     with pytest.raises(ObjectNotFound):
@@ -219,12 +227,17 @@ async def test_malformed_requests_get_clear_errors_and_the_node_keeps_serving(me
     cid = server.store.put(np.arange(1000))
     for garbage in (b"", b"\xc1\xc1", b"\x93\x01\x02\x03", b"\x00" * 300_000):
         with pytest.raises(RpcError) as info:
-            async for _ in client.node.call_stream(server.node.peer_id, PROTOCOL_ID, garbage, timeout=10):
+            async for _ in client.node.call_stream(
+                server.node.peer_id, PROTOCOL_ID, garbage, timeout=10
+            ):
                 pass
         assert info.value.code == "INVALID_ARGUMENT"
     for garbage in (b"", b"\x81\xa4root\xa3bad", b"\x00" * 5000):
         import msgpack
-        reply = msgpack.unpackb(await client.node.call(server.node.peer_id, REPLICATE_PROTOCOL_ID, garbage, timeout=10))
+
+        reply = msgpack.unpackb(
+            await client.node.call(server.node.peer_id, REPLICATE_PROTOCOL_ID, garbage, timeout=10)
+        )
         assert reply["ok"] is False and reply["error"]
     assert await client.exchange.fetch(cid, timeout=30) == cid
 

@@ -17,17 +17,24 @@ MB = 1 << 20
 def _assemble(ser) -> bytes:
     out = bytearray(ser.nbytes)
     for offset, piece in ser.pieces:
-        out[offset:offset + piece.nbytes] = piece
+        out[offset : offset + piece.nbytes] = piece
     return bytes(out)
 
 
-@pytest.mark.parametrize("value", [
-    np.arange(300_000, dtype=np.float64),
-    np.arange(600_000, dtype=np.int32).reshape(3, -1),
-    np.ones((512, 1024, 3), dtype=np.uint8),
-    {"a": np.arange(400_000, dtype=np.float32), "b": [1, 2, 3], "c": np.zeros(17, dtype=np.int8)},
-    ["small", b"x" * 100],
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(300_000, dtype=np.float64),
+        np.arange(600_000, dtype=np.int32).reshape(3, -1),
+        np.ones((512, 1024, 3), dtype=np.uint8),
+        {
+            "a": np.arange(400_000, dtype=np.float32),
+            "b": [1, 2, 3],
+            "c": np.zeros(17, dtype=np.int8),
+        },
+        ["small", b"x" * 100],
+    ],
+)
 def test_payload_pieces_are_exactly_the_written_payload(value):
     ser = serialize(value)
     assert ser.pieces is not None
@@ -54,7 +61,10 @@ def test_warm_put_gives_the_same_cid_and_bytes_as_the_plain_path(make_store, has
     fast.delete(first)
     assert fast.wait_warm(60)
     stats = fast.stats()
-    assert stats["warm"] > array.nbytes and stats["used"] + stats["reserved"] + stats["warm"] <= fast.capacity
+    assert (
+        stats["warm"] > array.nbytes
+        and stats["used"] + stats["reserved"] + stats["warm"] <= fast.capacity
+    )
     spare = [n for n in os.listdir(os.path.join(fast.root, "tmp")) if n.endswith("-warm")]
     assert len(spare) == 1
     second = fast.put(array)  # written into the spare
@@ -174,4 +184,3 @@ def test_arrow_tables_without_pieces_take_the_warm_path_too(make_store):
     assert spare and spare[0] not in os.listdir(os.path.join(store.root, "tmp"))
     assert store.get(cid).equals(table)
     assert cid == make_store("plain", warm=False).put(table)
-

@@ -8,7 +8,13 @@ import pytest
 
 from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
 from latticaray.objectstore.errors import ObjectNotFound
-from latticaray.objectstore.store import WARM_MIN_BYTES, LocalStore, _read_local, _TornRead, is_local_name
+from latticaray.objectstore.store import (
+    WARM_MIN_BYTES,
+    LocalStore,
+    _read_local,
+    _TornRead,
+    is_local_name,
+)
 
 MB = 1 << 20
 
@@ -27,12 +33,15 @@ def _array(seed: int, n: int = WARM_MIN_BYTES // 8 + 777) -> np.ndarray:
 
 
 @pytest.mark.parametrize("hash_code", _hashes())
-@pytest.mark.parametrize("value", [
-    _array(1),                                     # large: warm/recycled path after the first
-    np.arange(1000, dtype=np.int16),               # small: plain path
-    {"a": _array(2, 300_000), "b": [1, "x"]},      # pickle-5 with an out-of-band buffer
-    b"",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        _array(1),  # large: warm/recycled path after the first
+        np.arange(1000, dtype=np.int16),  # small: plain path
+        {"a": _array(2, 300_000), "b": [1, "x"]},  # pickle-5 with an out-of-band buffer
+        b"",
+    ],
+)
 def test_local_put_reads_back_and_resolves_to_the_plain_cid(make_store, hash_code, value):
     plain = make_store("plain", hash_code=hash_code, warm=False)
     local = make_store("local", hash_code=hash_code)
@@ -58,7 +67,9 @@ def test_local_put_reads_back_and_resolves_to_the_plain_cid(make_store, hash_cod
     for i in range(len(obj.manifest.blocks)):  # blocks served to peers verify
         assert obj.manifest.blocks[i].verify(obj.block(i))
     assert _within_budget(local)
-    assert local.stats()["used"] == os.stat(os.path.join(local.root, "objects", str(expected))).st_size
+    assert (
+        local.stats()["used"] == os.stat(os.path.join(local.root, "objects", str(expected))).st_size
+    )
 
 
 def test_the_second_put_of_a_content_is_dropped_when_linked(make_store):
@@ -172,6 +183,7 @@ def test_local_objects_survive_recovery_and_count_in_the_budget(make_store, stor
 
 
 # --- gifts: a deleted local object's file goes back to the process that wrote it ---------------
+
 
 def _gifts(store: LocalStore) -> list[str]:
     return [n for n in os.listdir(os.path.join(store.root, "tmp")) if n.endswith("-gift-warm")]

@@ -44,7 +44,9 @@ def test_deleted_file_becomes_the_spare_and_the_next_put_reuses_it(make_store):
     store.delete(old_cid)
     assert store.wait_warm(60)
     assert store.spares_recycled == 1 and store.spares_made == 0
-    assert [os.stat(os.path.join(store.root, "tmp", n)).st_ino for n in _tmp_names(store)] == [inode]
+    assert [os.stat(os.path.join(store.root, "tmp", n)).st_ino for n in _tmp_names(store)] == [
+        inode
+    ]
     assert _within_budget(store)
     with pytest.raises(ObjectNotFound):
         store.get(old_cid)
@@ -56,7 +58,7 @@ def test_deleted_file_becomes_the_spare_and_the_next_put_reuses_it(make_store):
     assert np.array_equal(store.get(new_cid), new)
     with open(path, "rb") as file:
         data = file.read()
-    assert old[-1000:].tobytes() not in data and old[N - 1900:N - 1700].tobytes() not in data
+    assert old[-1000:].tobytes() not in data and old[N - 1900 : N - 1700].tobytes() not in data
     assert _within_budget(store)
 
     # the same value put by a store that never recycled gets the same CID (no stale byte hashed)
@@ -81,7 +83,11 @@ def test_a_view_held_by_another_process_is_never_overwritten(make_store):
     store = _fresh(make_store, "other-view")
     old = _array(5)
     cid = store.put(old)
-    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import sys, numpy as np
         from latticaray.objectstore.store import LocalStore
         view = LocalStore.attach(sys.argv[1]).get(sys.argv[2])
@@ -89,7 +95,14 @@ def test_a_view_held_by_another_process_is_never_overwritten(make_store):
         print("mapped", flush=True)
         sys.stdin.readline()
         print("same" if view.tobytes() == before else "changed", flush=True)
-    """), store.root, str(cid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """),
+            store.root,
+            str(cid),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert reader.stdout.readline().strip() == "mapped"
         store.delete(cid)
@@ -125,7 +138,10 @@ def test_budget_blocks_recycling_when_spares_would_pass_an_eighth(make_store):
 
 
 def test_off_switches(make_store, monkeypatch):
-    for store in (_fresh(make_store, "flag", recycle=False), _fresh(make_store, "cold", warm=False)):
+    for store in (
+        _fresh(make_store, "flag", recycle=False),
+        _fresh(make_store, "cold", warm=False),
+    ):
         cid = store.put(_array(9))
         store.delete(cid)
         store.wait_warm(60)
@@ -152,7 +168,11 @@ def test_crash_after_recycling_leaves_no_visible_object_and_is_reclaimed(store_d
     shm, spill = store_dirs
     root, spill_dir = os.path.join(shm, "crash"), os.path.join(spill, "crash")
     LocalStore(root, capacity_bytes=512 * MB, spill_dir=spill_dir)
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import os, sys, numpy as np
         from latticaray.objectstore.store import LocalStore
         store = LocalStore.attach(sys.argv[1])
@@ -162,7 +182,14 @@ def test_crash_after_recycling_leaves_no_visible_object_and_is_reclaimed(store_d
         assert store.wait_warm(60) and store.spares_recycled == 1
         print(cid, flush=True)
         os._exit(0)  # dies holding the spare, without close()
-    """), root, str(N)], capture_output=True, text=True, timeout=120)
+    """),
+            root,
+            str(N),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert child.returncode == 0, child.stderr
     cid = child.stdout.strip()
     store = LocalStore(root, capacity_bytes=512 * MB, spill_dir=spill_dir)  # recovery
@@ -199,12 +226,17 @@ def test_a_duplicate_put_recycles_its_temp_file_and_never_touches_the_sealed_obj
     inode = os.stat(sealed).st_ino
     assert store.put(value) == cid  # plain path: written to a temp file, then found sealed
     assert store.wait_warm(60) and store.spares_recycled == 1
-    assert os.stat(sealed).st_ino == inode and len(os.listdir(os.path.join(store.root, "objects"))) == 1
+    assert (
+        os.stat(sealed).st_ino == inode
+        and len(os.listdir(os.path.join(store.root, "objects"))) == 1
+    )
     [spare] = _tmp_names(store)
     spare_inode = os.stat(os.path.join(store.root, "tmp", spare)).st_ino
     other = _array(31)
     other_cid = store.put(other)  # into the recycled duplicate's file
-    assert os.stat(os.path.join(store.root, "objects", str(other_cid))).st_ino == spare_inode != inode
+    assert (
+        os.stat(os.path.join(store.root, "objects", str(other_cid))).st_ino == spare_inode != inode
+    )
     assert np.array_equal(store.get(cid), value) and np.array_equal(store.get(other_cid), other)
     assert _within_budget(store)
 
@@ -229,6 +261,7 @@ def test_a_duplicate_put_into_the_spare_keeps_the_spare(make_store):
 
 def test_a_payload_without_pieces_written_into_a_recycled_file_keeps_no_old_byte(make_store):
     import pyarrow as pa
+
     store = _fresh(make_store, "arrow")
     store.delete(store.put(_array(40)))  # random bytes left in the recycled file
     assert store.wait_warm(60) and store.spares_recycled == 1

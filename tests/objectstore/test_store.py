@@ -177,9 +177,18 @@ def test_default_stores_of_dead_processes_are_removed():
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", "from latticaray.objectstore.store import LocalStore; "
-                            "s = LocalStore(capacity_bytes=1 << 20); s.put(b'x' * 1000); print(s.root, s.spill_dir)"],
-                           capture_output=True, text=True, timeout=60, check=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from latticaray.objectstore.store import LocalStore; "
+            "s = LocalStore(capacity_bytes=1 << 20); s.put(b'x' * 1000); print(s.root, s.spill_dir)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     leaked_root, leaked_spill = child.stdout.split()
     assert os.path.isdir(leaked_root) and os.path.isdir(leaked_spill)
     store = LocalStore(capacity_bytes=1 << 20)
@@ -189,10 +198,17 @@ def test_default_stores_of_dead_processes_are_removed():
         store.destroy()
 
 
-@pytest.mark.parametrize("value", [
-    np.random.default_rng(4).standard_normal(3 * MB // 8 + 17),                  # Arrow tensor
-    {"w": np.random.default_rng(5).standard_normal(2 * MB // 8 + 5), "k": "v"},  # pickle-5 buffers
-], ids=["tensor", "pickle5"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.random.default_rng(4).standard_normal(3 * MB // 8 + 17),  # Arrow tensor
+        {
+            "w": np.random.default_rng(5).standard_normal(2 * MB // 8 + 5),
+            "k": "v",
+        },  # pickle-5 buffers
+    ],
+    ids=["tensor", "pickle5"],
+)
 def test_hashing_from_source_buffers_gives_the_plain_cid(make_store, value):
     store = make_store()
     ser = serialize(value)
@@ -205,8 +221,10 @@ def test_a_broken_segment_promise_falls_back_to_hashing_the_file(make_store):
     store = make_store()
     ser = serialize(np.arange(3 * MB // 8, dtype=np.int64))
     offset, source = ser.segments[0]
-    ser.segments = [(offset, memoryview(bytes(source.nbytes)))]   # lies: zeros, not the data
-    expected = build_manifest(serialize(np.arange(3 * MB // 8, dtype=np.int64)).to_bytes(), ser.meta).root
+    ser.segments = [(offset, memoryview(bytes(source.nbytes)))]  # lies: zeros, not the data
+    expected = build_manifest(
+        serialize(np.arange(3 * MB // 8, dtype=np.int64)).to_bytes(), ser.meta
+    ).root
     assert store.put_serialized(ser) == expected
 
 
@@ -221,7 +239,9 @@ def test_processes_sharing_a_small_store_keep_its_budget_and_accounting(make_sto
     store = make_store(capacity_bytes=6 * MB, spill_capacity_bytes=4 * MB)
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    children = [ctx.Process(target=_child_puts, args=(store.root, seed, results)) for seed in range(3)]
+    children = [
+        ctx.Process(target=_child_puts, args=(store.root, seed, results)) for seed in range(3)
+    ]
     for child in children:
         child.start()
     try:

@@ -1,4 +1,5 @@
 """Fixtures for runtime tests: one embedded latticaray node per test module."""
+
 import pytest
 
 import latticaray as lattica

@@ -1,16 +1,17 @@
 """Helpers for multi-process mesh tests: start node processes, wait for them, stop them."""
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import glob
 import json
-import shutil
-import tempfile
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import latticaray as lattica
@@ -25,18 +26,31 @@ def _die_with_parent() -> None:
 class NodeProcess:
     """A `python -m latticaray.runtime.node_main` child; stop() always reaps it."""
 
-    def __init__(self, bootstrap: str | None, credential: str | None, num_cpus: float = 1,
-                 extra_args: tuple[str, ...] = ()):
-        args = [sys.executable, "-m", "latticaray.runtime.node_main",
-                "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
-                *extra_args]
+    def __init__(
+        self,
+        bootstrap: str | None,
+        credential: str | None,
+        num_cpus: float = 1,
+        extra_args: tuple[str, ...] = (),
+    ):
+        args = [
+            sys.executable,
+            "-m",
+            "latticaray.runtime.node_main",
+            "--num-cpus",
+            str(num_cpus),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            *extra_args,
+        ]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
         if credential:
             args += ["--credential", credential]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_parent
+        )
         line = self.proc.stdout.readline()
         if not line:
             self.stop()
@@ -54,8 +68,8 @@ class NodeProcess:
         """A node killed with -9 cannot remove its shared-memory store: do it for it."""
         pid = self.proc.pid
         for root in glob.glob(f"/dev/shm/latticaray-{os.getuid()}/store-{pid}-*") + glob.glob(
-                os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}",
-                             f"store-{pid}-*")):
+            os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}", f"store-{pid}-*")
+        ):
             shutil.rmtree(root, ignore_errors=True)
 
     def stop(self) -> None:
@@ -95,8 +109,12 @@ def driver_with_nodes(count: int = 2):
         for _ in range(count):
             nodes.append(NodeProcess(info["address"][0], invite))
         wait_for(lambda: len(alive_nodes()) >= count + 1, 30, f"{count + 1} alive nodes")
-        yield {"addr": info["address"][0], "invite": invite, "nodes": nodes,
-               "driver": info["node_id"]}
+        yield {
+            "addr": info["address"][0],
+            "invite": invite,
+            "nodes": nodes,
+            "driver": info["node_id"],
+        }
     finally:
         for node in nodes:
             node.stop()
@@ -138,8 +156,14 @@ def step(i, workdir, hold):
 def start_child(args: list[str]) -> subprocess.Popen:
     """A child process with this test's import path, stdout and stderr piped; see stop_child."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_die_with_parent,
+    )
 
 
 def stop_child(proc: subprocess.Popen) -> tuple[str, str]:
@@ -153,14 +177,25 @@ def stop_child(proc: subprocess.Popen) -> tuple[str, str]:
         return proc.communicate(timeout=10)
 
 
-def run_session_driver(driver: str, tmp_path, resources: dict, num_cpus: int,
-                       *extra: str) -> tuple[dict, dict]:
+def run_session_driver(
+    driver: str, tmp_path, resources: dict, num_cpus: int, *extra: str
+) -> tuple[dict, dict]:
     """Start a node process (QUIC on loopback, ``resources``), run ``driver`` (a script built on
     SESSION_DRIVER_HELPERS) against it with argv ``bootstrap invite workdir *extra``, stop both;
     the node's start-up info and the JSON report the driver printed last."""
-    node = start_child([sys.executable, "-m", "latticaray.runtime.node_main",
-                        "--num-cpus", str(num_cpus), "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
-                        "--resources", json.dumps(resources)])
+    node = start_child(
+        [
+            sys.executable,
+            "-m",
+            "latticaray.runtime.node_main",
+            "--num-cpus",
+            str(num_cpus),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--resources",
+            json.dumps(resources),
+        ]
+    )
     driver_proc = None
     try:
         info = json.loads(node.stdout.readline() or "{}")
@@ -168,8 +203,9 @@ def run_session_driver(driver: str, tmp_path, resources: dict, num_cpus: int,
         bootstrap = next(a for a in info["addrs"] if "/quic-v1" in a)
         workdir = tmp_path / "runs"
         workdir.mkdir()
-        driver_proc = start_child([sys.executable, "-c", driver, bootstrap, info["invite"],
-                                   str(workdir), *extra])
+        driver_proc = start_child(
+            [sys.executable, "-c", driver, bootstrap, info["invite"], str(workdir), *extra]
+        )
         out, err = driver_proc.communicate(timeout=180)
         assert driver_proc.returncode == 0, err[-4000:]
         return info, json.loads(out.strip().splitlines()[-1])

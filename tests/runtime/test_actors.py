@@ -1,4 +1,5 @@
 """Actors on an embedded node: state, ordering, concurrency, async, names, kill, restarts."""
+
 import asyncio
 import os
 import threading

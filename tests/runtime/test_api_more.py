@@ -1,5 +1,6 @@
 """More of Ray's verbs on an embedded node: recursive cancel, kill with restart, wait without
 fetching, num_returns="streaming" as an option, and cancelling a task known to be running."""
+
 import os
 import time
 
@@ -121,20 +122,21 @@ def test_wait_without_fetch_local(runtime, tmp_path):
     gate = str(tmp_path / "gate")
     fast = lattica.put(b"x" * 10)
     slow = value_after_file.remote(gate, 2)
-    ready, not_ready = lattica.wait([fast, slow], num_returns=1, timeout=DEADLINE,
-                                    fetch_local=False)
+    ready, not_ready = lattica.wait(
+        [fast, slow], num_returns=1, timeout=DEADLINE, fetch_local=False
+    )
     assert ready == [fast] and not_ready == [slow]
     open(gate, "w").close()
-    ready, not_ready = lattica.wait([fast, slow], num_returns=2, timeout=DEADLINE,
-                                    fetch_local=False)
-    assert set(r.id for r in ready) == {fast.id, slow.id} and not_ready == []
+    ready, not_ready = lattica.wait(
+        [fast, slow], num_returns=2, timeout=DEADLINE, fetch_local=False
+    )
+    assert {r.id for r in ready} == {fast.id, slow.id} and not_ready == []
     assert lattica.get(slow, timeout=DEADLINE) == 2
 
 
 @lattica.remote
 def letters(word):
-    for letter in word:
-        yield letter
+    yield from word
 
 
 def test_streaming_option_on_a_generator(runtime):
@@ -181,10 +183,12 @@ def raises_key_error():
 
 def test_actor_constructor_ref_arguments_are_resolved(runtime, tmp_path):
     import numpy as np
+
     gate = str(tmp_path / "gate")
     big = lattica.put(np.ones(1_000_000))
-    assert lattica.get(Holder.remote(lattica.put(41), big=big).summary.remote(),
-                       timeout=DEADLINE) == (41, 1_000_000.0)
+    assert lattica.get(
+        Holder.remote(lattica.put(41), big=big).summary.remote(), timeout=DEADLINE
+    ) == (41, 1_000_000.0)
     # a pending task's result: calls queue until the constructor has its value
     pending = Holder.remote(seven_after_file.remote(gate), big)
     call = pending.summary.remote()

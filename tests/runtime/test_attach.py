@@ -1,10 +1,10 @@
 """A driver attached to a running node process with init(address=...)."""
+
 import numpy as np
 import pytest
+from meshutil import NodeProcess
 
 import latticaray as lattica
-
-from meshutil import NodeProcess
 
 
 @lattica.remote

@@ -5,17 +5,17 @@ its CID appears as a provider record in the DHT, found by a peer that only ever 
 node (a plain MeshNode + DhtService bootstrapped from node B), and a task on node C gets the
 object by its CID string.
 """
+
 import asyncio
 import os
 
 import pytest
+from meshutil import driver_with_nodes
 
 import latticaray as lattica
 from latticaray.mesh.dht.service import DhtService
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.cid import Cid
-
-from meshutil import driver_with_nodes
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,9 @@ def test_get_by_cid_on_another_node_resolves_the_object(mesh):
     blob = os.urandom(2 << 20)
     ref = lattica.put(blob)
     strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
-    size, head = lattica.get(length_by_cid.options(scheduling_strategy=strategy).remote(ref.cid),
-                             timeout=60)
+    size, head = lattica.get(
+        length_by_cid.options(scheduling_strategy=strategy).remote(ref.cid), timeout=60
+    )
     assert (size, head) == (len(blob), blob[:16])
 
 
@@ -79,8 +80,9 @@ def test_object_put_on_a_node_process_is_provided_by_that_node(mesh):
     holder = Holder.options(scheduling_strategy=strategy).remote(2 << 20)
     cid = lattica.get(holder.cid.remote(), timeout=60)
     assert cid.startswith("bafy")
-    providers = _providers_seen_from(mesh["nodes"][0].info["addrs"][0], cid, node_c.node_id,
-                                     timeout=20)
+    providers = _providers_seen_from(
+        mesh["nodes"][0].info["addrs"][0], cid, node_c.node_id, timeout=20
+    )
     assert node_c.node_id in providers
     lattica.kill(holder)
 
@@ -96,6 +98,7 @@ class Holder:
 
 def test_capacity_of_every_node_is_advertised_in_the_dht(mesh):
     from latticaray.scheduler.advertiser import capacity_key, views_from_dht
+
     expected = {mesh["driver"], *(node.node_id for node in mesh["nodes"])}
     stranger = NodeThread(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"])).start()
     try:

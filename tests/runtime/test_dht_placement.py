@@ -14,8 +14,10 @@ wait: of two such creations one is refused at once (as is a third from another n
 waits for the pending one, which lands on a node F started only afterwards.
 The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on its own.
 """
+
 import asyncio
 import collections
+import itertools
 import json
 import sys
 import threading
@@ -23,6 +25,7 @@ import time
 import types
 
 import pytest
+from meshutil import NodeProcess, alive_nodes, start_child, stop_child, wait_for
 
 import latticaray as lattica
 from latticaray.mesh.identity import KeyPair
@@ -32,8 +35,6 @@ from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPla
 from latticaray.scheduler.advertiser import CapacityAd
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 from latticaray.state.actors import ActorState
-
-from meshutil import NodeProcess, alive_nodes, start_child, stop_child, wait_for
 
 
 @lattica.remote
@@ -56,11 +57,17 @@ def sparse_mesh():
         invite = d.info["invite"]
         a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--capacity-wait", "3"))
         nodes.append(a)
-        c = NodeProcess(a.info["addrs"][0], invite,
-                        extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'))
+        c = NodeProcess(
+            a.info["addrs"][0],
+            invite,
+            extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'),
+        )
         nodes.append(c)
-        e = NodeProcess(a.info["addrs"][0], invite,
-                        extra_args=("--peering", "sparse", "--resources", '{"npu": 1}'))
+        e = NodeProcess(
+            a.info["addrs"][0],
+            invite,
+            extra_args=("--peering", "sparse", "--resources", '{"npu": 1}'),
+        )
         nodes.append(e)
         yield {"d": d, "a": a, "c": c, "e": e}
     finally:
@@ -72,6 +79,7 @@ def sparse_mesh():
 def attach():
     def attach_to(node: NodeProcess):
         lattica.init(address=node.info["driver_address"])
+
     yield attach_to
     if lattica.is_initialized():
         lattica.shutdown()
@@ -93,8 +101,10 @@ def test_task_lands_on_node_found_only_through_dht_capacity(sparse_mesh, attach)
     assert lattica.cluster_resources().get("tpu") == 2
     # once admitted, C takes tpu work at once (no DHT wait)
     started = time.monotonic()
-    assert lattica.get([whereami.options(resources={"tpu": 1}).remote() for _ in range(3)],
-                       timeout=60) == [c.node_id] * 3  # one tpu left beside the actor's
+    assert (
+        lattica.get([whereami.options(resources={"tpu": 1}).remote() for _ in range(3)], timeout=60)
+        == [c.node_id] * 3
+    )  # one tpu left beside the actor's
     assert time.monotonic() - started < 10
 
 
@@ -107,7 +117,7 @@ def test_unschedulable_request_fails_after_its_wait(sparse_mesh, attach):
     waited = time.monotonic() - started
     assert 3.0 <= waited < 20, waited
     actor = Accelerated.options(resources={"quantum": 1}).remote()
-    with pytest.raises(lattica.ActorDiedError, match="cannot be scheduled.*quantum"):
+    with pytest.raises(lattica.ActorDiedError, match=r"cannot be scheduled.*quantum"):
         lattica.get(actor.where.remote(), timeout=60)
 
 
@@ -116,21 +126,23 @@ def test_named_actor_lands_on_node_found_only_through_dht_capacity(sparse_mesh, 
     attach(d)
     wait_for(lambda: a.node_id in alive_nodes(), 30, "D to see A")
     assert e.node_id not in {n["NodeID"] for n in lattica.nodes()}, "D already knows E"
-    actor = Accelerated.options(name="npu-holder", namespace="dht", lifetime="detached",
-                                resources={"npu": 1}).remote()
+    actor = Accelerated.options(
+        name="npu-holder", namespace="dht", lifetime="detached", resources={"npu": 1}
+    ).remote()
     try:
         assert lattica.get(actor.where.remote(), timeout=60) == e.node_id
         assert lattica.get_actor("npu-holder", namespace="dht")._node == e.node_id
         lattica.shutdown()
         attach(a)  # another driver, on another node
         found = lattica.get_actor("npu-holder", namespace="dht")
-        assert lattica.get([found.where.remote() for _ in range(3)], timeout=60) \
-            == [e.node_id] * 3
+        assert lattica.get([found.where.remote() for _ in range(3)], timeout=60) == [e.node_id] * 3
         with pytest.raises(lattica.ActorNameTakenError, match="npu-holder"):
-            Accelerated.options(name="npu-holder", namespace="dht", lifetime="detached",
-                                resources={"npu": 1}).remote()
-        again = Accelerated.options(name="npu-holder", namespace="dht", get_if_exists=True,
-                                    resources={"npu": 1}).remote()
+            Accelerated.options(
+                name="npu-holder", namespace="dht", lifetime="detached", resources={"npu": 1}
+            ).remote()
+        again = Accelerated.options(
+            name="npu-holder", namespace="dht", get_if_exists=True, resources={"npu": 1}
+        ).remote()
         assert lattica.get(again.where.remote(), timeout=60) == e.node_id
     finally:
         lattica.kill(lattica.get_actor("npu-holder", namespace="dht"))
@@ -140,8 +152,9 @@ def test_unschedulable_named_actor_fails_after_its_wait_and_frees_its_name(spars
     attach(sparse_mesh["a"])  # A waits 3 s for capacity
     started = time.monotonic()
     with pytest.raises(lattica.TaskUnschedulableError, match="capacity/quantum"):
-        Accelerated.options(name="quantum-holder", namespace="dht",
-                            resources={"quantum": 1}).remote()
+        Accelerated.options(
+            name="quantum-holder", namespace="dht", resources={"quantum": 1}
+        ).remote()
     waited = time.monotonic() - started
     assert 3.0 <= waited < 20, waited
     with pytest.raises(ValueError):
@@ -198,16 +211,19 @@ def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, a
     def create(tag):
         started = time.monotonic()
         try:
-            handle = Accelerated.options(name="xpu-holder", namespace="dht",
-                                         lifetime="detached", resources={"xpu": 1}).remote()
+            handle = Accelerated.options(
+                name="xpu-holder", namespace="dht", lifetime="detached", resources={"xpu": 1}
+            ).remote()
             outcomes[tag] = (handle, time.monotonic() - started)
         except Exception as exc:
             outcomes[tag] = (exc, time.monotonic() - started)
 
     def look_up():
         started = time.monotonic()
-        outcomes["get_actor"] = (lattica.get_actor("xpu-holder", namespace="dht"),
-                                 time.monotonic() - started)
+        outcomes["get_actor"] = (
+            lattica.get_actor("xpu-holder", namespace="dht"),
+            time.monotonic() - started,
+        )
 
     f = None
     threads = [threading.Thread(target=create, args=(tag,), daemon=True) for tag in "xy"]
@@ -229,8 +245,11 @@ def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, a
         lookup = threading.Thread(target=look_up, daemon=True)
         lookup.start()
         assert winner not in outcomes and "get_actor" not in outcomes
-        f = NodeProcess(a.info["addrs"][0], d.info["invite"],
-                        extra_args=("--peering", "sparse", "--resources", '{"xpu": 1}'))
+        f = NodeProcess(
+            a.info["addrs"][0],
+            d.info["invite"],
+            extra_args=("--peering", "sparse", "--resources", '{"xpu": 1}'),
+        )
         for thread in threads + [lookup]:
             thread.join(wait + 15)
         handle, _ = outcomes[winner]
@@ -254,8 +273,15 @@ def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     arbiter.node_id = "arbiter"
     arbiter.names = {}
     arbiter.peers = {"owner": types.SimpleNamespace(alive=True)}
-    claim = {"op": "claim", "ns": "dht", "name": "x", "aid": b"1", "owner": "owner",
-             "host": "unmet-host", "detached": True}
+    claim = {
+        "op": "claim",
+        "ns": "dht",
+        "name": "x",
+        "aid": b"1",
+        "owner": "owner",
+        "host": "unmet-host",
+        "detached": True,
+    }
     assert arbiter._names_op(claim, "owner") == {"ok": True}
     second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
     assert second["ok"] is False and second["existing"]["node"] == "unmet-host"
@@ -271,10 +297,21 @@ def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier
     lookups (placed once the CRDT says so, before the arbiter heard), and a creation whose
     pending claim loses a CRDT merge fails with the name error."""
     arbiter = object.__new__(MeshCluster)
-    arbiter.node_id, arbiter.names, arbiter.peers = "arbiter", {}, {
-        "owner": types.SimpleNamespace(alive=True)}
-    claim = {"op": "claim", "ns": "dht", "name": "x", "aid": b"1", "owner": "owner",
-             "host": None, "pending": True, "wait_s": 30.0}
+    arbiter.node_id, arbiter.names, arbiter.peers = (
+        "arbiter",
+        {},
+        {"owner": types.SimpleNamespace(alive=True)},
+    )
+    claim = {
+        "op": "claim",
+        "ns": "dht",
+        "name": "x",
+        "aid": b"1",
+        "owner": "owner",
+        "host": None,
+        "pending": True,
+        "wait_s": 30.0,
+    }
     assert arbiter._names_op(claim, "owner") == {"ok": True}
     second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
     assert second["ok"] is False and second["existing"]["node"] is None
@@ -289,12 +326,25 @@ def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier
     async def lookup(crdt_state):
         node = object.__new__(MeshCluster)
         node.node_id, node.peers = "me", {}
-        node.names = {("dht", "x"): {"aid": b"\x01", "node": None, "owner": "me", "meta": None,
-                                     "detached": False, "pending": True, "wait_s": 30.0}}
+        node.names = {
+            ("dht", "x"): {
+                "aid": b"\x01",
+                "node": None,
+                "owner": "me",
+                "meta": None,
+                "detached": False,
+                "pending": True,
+                "wait_s": 30.0,
+            }
+        }
         host = KeyPair.generate().peer_id
-        node.state = types.SimpleNamespace(actors=types.SimpleNamespace(
-            get=lambda key: types.SimpleNamespace(actor_id="01", host=host, state=crdt_state)))
+        node.state = types.SimpleNamespace(
+            actors=types.SimpleNamespace(
+                get=lambda key: types.SimpleNamespace(actor_id="01", host=host, state=crdt_state)
+            )
+        )
         return await node._lookup_name("dht", "x"), str(host)
+
     found, _ = asyncio.run(lookup(ActorState.PENDING))
     assert found["pending"] and found["node"] is None and found["wait_s"] == 30.0
     found, host = asyncio.run(lookup(ActorState.ALIVE))
@@ -312,30 +362,44 @@ def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier
 
 def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not():
     holder, host = KeyPair.generate().peer_id, KeyPair.generate().peer_id
-    record = types.SimpleNamespace(actor_id="aa" * 8, host=host, owner=holder,
-                                   state=ActorState.ALIVE)
+    record = types.SimpleNamespace(
+        actor_id="aa" * 8, host=host, owner=holder, state=ActorState.ALIVE
+    )
     node = object.__new__(MeshCluster)
     node.node_id, node.peers = "me", {}
     node.spawn = lambda coro: coro.close()
-    node.state = types.SimpleNamespace(actors=types.SimpleNamespace(
-        claim=lambda *args, **kwargs: types.SimpleNamespace(won=False, record=record)))
-    message = {"aid": b"\x01" * 8, "host": str(KeyPair.generate().peer_id),
-               "opts": {"get_if_exists": True}}
+    node.state = types.SimpleNamespace(
+        actors=types.SimpleNamespace(
+            claim=lambda *args, **kwargs: types.SimpleNamespace(won=False, record=record)
+        )
+    )
+    message = {
+        "aid": b"\x01" * 8,
+        "host": str(KeyPair.generate().peer_id),
+        "opts": {"get_if_exists": True},
+    }
     assert node._claim_in_crdt("dht", "x", message) == {
-        "aid": b"\xaa" * 8, "node": str(host), "meta": None, "existing": True, "pending": False}
+        "aid": b"\xaa" * 8,
+        "node": str(host),
+        "meta": None,
+        "existing": True,
+        "pending": False,
+    }
     message["opts"] = {}
     assert "error" in node._claim_in_crdt("dht", "x", message)
 
 
 # the sans-I/O directory ---------------------------------------------------------------------
 
+
 def _view(node_id, **total):
     return NodeView(node_id, dict(total), dict(total))
 
 
 def test_urgent_lookups_rate_limited_and_back_off_when_dht_is_empty():
-    core = CapacityDirectoryCore(min_gap=1.0, refresh_interval=4.0, idle_backoff_max=32.0,
-                                 wait_timeout=100.0)
+    core = CapacityDirectoryCore(
+        min_gap=1.0, refresh_interval=4.0, idle_backoff_max=32.0, wait_timeout=100.0
+    )
     assert core.wait("t1", {"tpu": 1.0, "CPU": 1.0}, "no tpu", now=0.0)
     assert core.due(0.0) == ["tpu"]
     starts = []
@@ -348,7 +412,7 @@ def test_urgent_lookups_rate_limited_and_back_off_when_dht_is_empty():
         wake = core.next_wakeup(now)
         assert wake is not None and wake > now
         now = min(wake, 40.0) if wake < 40.0 else 40.0
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     # 1 s, doubled per further empty answer, capped at refresh_interval
     assert gaps[:4] == [1.0, 2.0, 4.0, 4.0] and all(g == 4.0 for g in gaps[2:])
     # an answer naming a node resets the gap
@@ -359,8 +423,9 @@ def test_urgent_lookups_rate_limited_and_back_off_when_dht_is_empty():
 
 
 def test_background_refresh_only_for_recent_demand_and_quiet_when_empty():
-    core = CapacityDirectoryCore(min_gap=1.0, refresh_interval=5.0, idle_backoff_max=40.0,
-                                 interest_window=100.0)
+    core = CapacityDirectoryCore(
+        min_gap=1.0, refresh_interval=5.0, idle_backoff_max=40.0, interest_window=100.0
+    )
     core.demand("CPU", 0.0)
     starts = []
     now = 0.0
@@ -405,6 +470,7 @@ def test_waiting_keeps_its_first_deadline_and_dialing_holds_off():
 
 # the asyncio driver over a fake DHT and cluster ------------------------------------------------
 
+
 class FakeDht:
     """`capacity/<resource>` answers from CapacityAds; counts the gets."""
 
@@ -414,8 +480,11 @@ class FakeDht:
 
     async def get(self, key):
         self.gets[key] += 1
-        records = {ad.node.encode(): types.SimpleNamespace(value=ad.encode(), publisher=ad.node)
-                   for ad in self.ads if key[len(b"capacity/"):].decode() in ad.total}
+        records = {
+            ad.node.encode(): types.SimpleNamespace(value=ad.encode(), publisher=ad.node)
+            for ad in self.ads
+            if key[len(b"capacity/") :].decode() in ad.total
+        }
         return records or None
 
     async def find_peer(self, peer):
@@ -453,8 +522,10 @@ class FakeCluster:
 
 
 def _ads(count, **total):
-    return [CapacityAd(str(KeyPair.generate().peer_id), 1, 0.0, dict(total), dict(total))
-            for _ in range(count)]
+    return [
+        CapacityAd(str(KeyPair.generate().peer_id), 1, 0.0, dict(total), dict(total))
+        for _ in range(count)
+    ]
 
 
 async def _until(predicate, timeout, what):
@@ -467,8 +538,9 @@ async def _until(predicate, timeout, what):
 
 def _placement(ads, reachable, **core):
     cluster = FakeCluster(reachable)
-    core = CapacityDirectoryCore(**{"min_gap": 0.05, "refresh_interval": 0.2,
-                                    "idle_backoff_max": 0.8, **core})
+    core = CapacityDirectoryCore(
+        **{"min_gap": 0.05, "refresh_interval": 0.2, "idle_backoff_max": 0.8, **core}
+    )
     return cluster, DhtPlacement(cluster, FakeDht(ads), core)
 
 
@@ -484,6 +556,7 @@ def test_background_refresh_meets_only_a_few_advertisers():
         assert len(cluster.peers) == 8 and sum(cluster.dialled.values()) == 8
         assert set(cluster.snapshot.nodes) == set(cluster.peers)
         await cluster.stop()
+
     asyncio.run(run())
 
 
@@ -499,11 +572,22 @@ def test_waiting_request_meets_only_fitting_advertisers_and_is_retried():
             if any(v.total.get("tpu", 0) >= 2 for v in cluster.snapshot.nodes.values()):
                 retried.append(True)
             else:
-                placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
-                                settled=lambda: False)
+                placement.defer(
+                    "t1",
+                    {"tpu": 2.0},
+                    "no tpu",
+                    retry=retry,
+                    fail=failed.append,
+                    settled=lambda: False,
+                )
+
         failed = []
-        assert placement.defer("t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append,
-                               settled=lambda: False) is DEFERRED
+        assert (
+            placement.defer(
+                "t1", {"tpu": 2.0}, "no tpu", retry=retry, fail=failed.append, settled=lambda: False
+            )
+            is DEFERRED
+        )
         await _until(lambda: retried, 5, "the request placed again")
         await _until(lambda: not placement._admitting, 5, "admissions to finish")
         assert set(cluster.dialled) == {ad.node for ad in big}  # no 1-tpu node was dialled
@@ -511,11 +595,18 @@ def test_waiting_request_meets_only_fitting_advertisers_and_is_retried():
         assert not failed and not placement.core.waiting
         # the unreachable one is held off: later lookups do not dial it again
         gets = placement.dht.gets[b"capacity/tpu"]
-        placement.defer("t2", {"tpu": 3.0}, "no tpu", retry=lambda: None, fail=failed.append,
-                        settled=lambda: False)
+        placement.defer(
+            "t2",
+            {"tpu": 3.0},
+            "no tpu",
+            retry=lambda: None,
+            fail=failed.append,
+            settled=lambda: False,
+        )
         await _until(lambda: placement.dht.gets[b"capacity/tpu"] >= gets + 2, 5, "two lookups")
         assert cluster.dialled[unreachable] == 1
         await cluster.stop()
+
     asyncio.run(run())
 
 
@@ -525,8 +616,14 @@ def test_request_nothing_can_take_fails_at_its_deadline_with_few_lookups():
         placement.start()
         failed = []
         started = time.monotonic()
-        placement.defer("t1", {"quantum": 1.0}, "no quantum", retry=lambda: None,
-                        fail=failed.append, settled=lambda: False)
+        placement.defer(
+            "t1",
+            {"quantum": 1.0},
+            "no quantum",
+            retry=lambda: None,
+            fail=failed.append,
+            settled=lambda: False,
+        )
         await _until(lambda: failed, 5, "the request to fail")
         waited = time.monotonic() - started
         [error] = failed
@@ -536,6 +633,7 @@ def test_request_nothing_can_take_fails_at_its_deadline_with_few_lookups():
         assert 2 <= placement.dht.gets[b"capacity/quantum"] <= 6
         assert not cluster.dialled
         await cluster.stop()
+
     asyncio.run(run())
 
 
@@ -547,8 +645,9 @@ def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
     host = object.__new__(MeshCluster)
     host.node_id, host.names, host.peers = str(host_peer), {}, {}
     actor = types.SimpleNamespace(aid=b"\x01" * 8, state="ALIVE", opts={"meta": meta})
-    host.node = types.SimpleNamespace(named_actors={("dht", "x"): actor.aid},
-                                      actors={actor.aid: actor})
+    host.node = types.SimpleNamespace(
+        named_actors={("dht", "x"): actor.aid}, actors={actor.aid: actor}
+    )
     hosted = {"op": "hosted", "ns": "dht", "name": "x"}
     assert host._names_op(dict(hosted, aid=actor.aid), "asker") == {"meta": meta}
     assert host._names_op(dict(hosted, aid=b"\x02" * 8), "asker") == {"meta": None}
@@ -565,11 +664,16 @@ def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
         if request["op"] != "hosted":
             return _pack({"existing": None})  # the arbiter has not heard of the name
         return _pack(host._names_op(request, "asker"))
+
     asker.mesh = types.SimpleNamespace(call=call)
     asker._arbiter = lambda namespace, name: str(host_peer)
-    asker.state = types.SimpleNamespace(actors=types.SimpleNamespace(
-        get=lambda key: types.SimpleNamespace(actor_id=actor.aid.hex(), host=host_peer,
-                                              state=ActorState.ALIVE)))
+    asker.state = types.SimpleNamespace(
+        actors=types.SimpleNamespace(
+            get=lambda key: types.SimpleNamespace(
+                actor_id=actor.aid.hex(), host=host_peer, state=ActorState.ALIVE
+            )
+        )
+    )
     found = asyncio.run(asker.lookup_actor_name("dht", "x"))
     assert found == {"aid": actor.aid, "node": str(host_peer), "meta": meta}
     assert (host_peer, "/latticaray/names/1", "hosted") in asked

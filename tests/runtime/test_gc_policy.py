@@ -2,6 +2,7 @@
 
 gcpolicy changes process-wide collector state, so its own checks run in a child interpreter.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,8 @@ def test_policy_freezes_survivors_collects_new_cycles_and_frozen_ones_in_full_co
         print(json.dumps({"frozen": after, "thresholds": gc.get_threshold()}))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert '"thresholds": [700, 10, 100]' in out.stdout

@@ -5,13 +5,13 @@ driver joins through one of the remaining nodes: the detached actor is still run
 state and is found by name; the others' worker processes are gone. The same for a driver
 attached to a node process over its Unix socket. `kill` ends a detached actor.
 """
+
 import os
 
 import pytest
+from meshutil import NodeProcess, alive_nodes, wait_for
 
 import latticaray as lattica
-
-from meshutil import NodeProcess, alive_nodes, wait_for
 
 
 @lattica.remote
@@ -47,6 +47,7 @@ def find_actor(name: str):
             return True
         except ValueError:
             return False
+
     wait_for(lookup, 30, f"actor {name!r} to be found by name")
     return found[0]
 
@@ -73,12 +74,16 @@ def test_detached_actor_outlives_its_driver_and_others_die_with_it():
         wait_for(lambda: len(alive_nodes()) >= 3, 30, "3 alive nodes")
         first, second = (n.node_id for n in nodes)
         keeper = Counter.options(
-            name="keeper", lifetime="detached",
-            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(first)).remote()
+            name="keeper",
+            lifetime="detached",
+            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(first),
+        ).remote()
         plain = Counter.options(
-            name="plain", scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(first)).remote()
+            name="plain", scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(first)
+        ).remote()
         anonymous = Counter.options(
-            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(second)).remote()
+            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(second)
+        ).remote()
         assert lattica.get(keeper.add.remote(5), timeout=60) == 5
         keeper_pid = lattica.get(keeper.pid.remote(), timeout=30)
         plain_pid = lattica.get(plain.pid.remote(), timeout=60)
@@ -86,8 +91,11 @@ def test_detached_actor_outlives_its_driver_and_others_die_with_it():
         del keeper, plain, anonymous
         lattica.shutdown()
 
-        wait_for(lambda: not process_alive(plain_pid) and not process_alive(anonymous_pid), 30,
-                 "the creator's non-detached actors to be killed")
+        wait_for(
+            lambda: not process_alive(plain_pid) and not process_alive(anonymous_pid),
+            30,
+            "the creator's non-detached actors to be killed",
+        )
         assert process_alive(keeper_pid)
 
         lattica.init(bootstrap=[nodes[1].info["addrs"][0]], credential=invite, num_cpus=1)

@@ -4,6 +4,7 @@ Covers remote tasks, refs and large objects across nodes, get by CID from anothe
 actors (named, ordered, streaming), kill -9 of a node in the middle of a 2,000-task job, actor
 restart after its node dies, and refusal of a non-member's task submission.
 """
+
 import asyncio
 import os
 import pickle
@@ -11,14 +12,13 @@ import time
 
 import msgpack
 import pytest
+from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import MeshKey
 from latticaray.runtime.cluster import ADMIT_PROTOCOL, TASK_PROTOCOL
-
-from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,9 @@ def nested_sum(n):
 
 
 def test_tasks_spread_over_three_nodes(mesh):
-    results = lattica.get([whereami.options(scheduling_strategy="SPREAD").remote(i)
-                           for i in range(60)], timeout=60)
+    results = lattica.get(
+        [whereami.options(scheduling_strategy="SPREAD").remote(i) for i in range(60)], timeout=60
+    )
     assert [x for _, x in results] == list(range(60))
     assert len({node for node, _ in results}) == 3
     assert lattica.cluster_resources()["CPU"] == 3
@@ -66,24 +67,27 @@ def test_node_affinity_and_nested_tasks(mesh):
     strategy = lattica.NodeAffinitySchedulingStrategy(target)
     node, _ = lattica.get(whereami.options(scheduling_strategy=strategy).remote(0), timeout=30)
     assert node == target
-    assert lattica.get(nested_sum.options(scheduling_strategy=strategy).remote(10),
-                       timeout=60) == sum(i * i for i in range(10))
+    assert lattica.get(
+        nested_sum.options(scheduling_strategy=strategy).remote(10), timeout=60
+    ) == sum(i * i for i in range(10))
 
 
 def test_large_ref_argument_fetched_across_nodes(mesh):
     blob = os.urandom(6 << 20)
     ref = lattica.put(blob)
     strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
-    assert lattica.get(total_len.options(scheduling_strategy=strategy).remote(ref),
-                       timeout=60) == len(blob)
+    assert lattica.get(
+        total_len.options(scheduling_strategy=strategy).remote(ref), timeout=60
+    ) == len(blob)
 
 
 def test_get_by_cid_from_another_peer(mesh):
     ref = lattica.put({"payload": list(range(100))})
     cid = ref.cid
     strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
-    assert lattica.get(fetch_by_cid.options(scheduling_strategy=strategy).remote(cid),
-                       timeout=30) == {"payload": list(range(100))}
+    assert lattica.get(
+        fetch_by_cid.options(scheduling_strategy=strategy).remote(cid), timeout=30
+    ) == {"payload": list(range(100))}
 
 
 def test_remote_result_cid(mesh):
@@ -117,14 +121,19 @@ def deposit_via_name(name, amount):
 def test_remote_actor_state_order_and_names(mesh):
     target = mesh["nodes"][0].node_id
     account = Account.options(
-        name="acct", scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(target)).remote(0)
+        name="acct", scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(target)
+    ).remote(0)
     assert lattica.get(account.node.remote(), timeout=30) == target
     refs = [account.deposit.remote(1) for _ in range(100)]
     assert lattica.get(refs, timeout=60) == list(range(1, 101))
     assert [lattica.get(r) for r in account.history.remote(3)] == [100, 101, 102]
     other = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
-    assert lattica.get(deposit_via_name.options(scheduling_strategy=other).remote("acct", 5),
-                       timeout=30) == 105
+    assert (
+        lattica.get(
+            deposit_via_name.options(scheduling_strategy=other).remote("acct", 5), timeout=30
+        )
+        == 105
+    )
     with pytest.raises(lattica.ActorNameTakenError):
         Account.options(name="acct").remote(0)
 
@@ -166,13 +175,20 @@ def create_named(name):
 def test_conflicting_names_one_wins_and_is_in_cluster_state(mesh):
     from latticaray.runtime import api
 
-    racers = [create_named.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
-        node.node_id)).remote("race") for node in mesh["nodes"]]
+    racers = [
+        create_named.options(
+            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(node.node_id)
+        ).remote("race")
+        for node in mesh["nodes"]
+    ]
     assert sorted(lattica.get(racers, timeout=60)) == ["created", "taken"]
     assert lattica.get(lattica.get_actor("race").deposit.remote(7), timeout=30) == 7
     state = api._runtime.mesh_runtime.state
-    wait_for(lambda: state.actors.get("default/race") is not None, 30,
-             "the name's claim to reach the driver's CRDT replica")
+    wait_for(
+        lambda: state.actors.get("default/race") is not None,
+        30,
+        "the name's claim to reach the driver's CRDT replica",
+    )
 
 
 @lattica.remote
@@ -195,11 +211,15 @@ def drain(gen):
 def test_generator_passed_to_another_node_is_iterated_there(mesh):
     """The consumer's node asks the stream's owner (the driver's node) for each item."""
     consumer = mesh["nodes"][0].node_id
-    gen = produce.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
-        mesh["nodes"][1].node_id)).remote(20)
-    where, items = lattica.get(drain.options(
-        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(consumer)).remote(gen),
-        timeout=60)
+    gen = produce.options(
+        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    ).remote(20)
+    where, items = lattica.get(
+        drain.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(consumer)).remote(
+            gen
+        ),
+        timeout=60,
+    )
     assert where == consumer and items == [i * 10 for i in range(20)]
 
 
@@ -217,10 +237,11 @@ def test_kill9_node_during_2000_task_job(mesh, tmp_path):
         started = tmp_path / "started"
         pinned = lattica.NodeAffinitySchedulingStrategy(victim.node_id)
         no_retry = mark_then_sleep.options(max_retries=0, scheduling_strategy=pinned).remote(
-            str(started), 120)
+            str(started), 120
+        )
         wait_for(started.exists, 30, "the task without retries to start on the victim")
         refs = [slow_square.options(scheduling_strategy="SPREAD").remote(i) for i in range(2000)]
-        ready, _ = lattica.wait(refs, num_returns=200, timeout=120)
+        _ready, _ = lattica.wait(refs, num_returns=200, timeout=120)
         victim.kill9()
         results = lattica.get(refs, timeout=180)
         assert results == [i * i for i in range(2000)]
@@ -236,16 +257,18 @@ def test_actor_restarts_after_its_node_dies(mesh):
     try:
         wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
         strategy = lattica.NodeAffinitySchedulingStrategy(victim.node_id, soft=True)
-        account = Account.options(max_restarts=1, max_task_retries=1,
-                                  scheduling_strategy=strategy).remote(1000)
+        account = Account.options(
+            max_restarts=1, max_task_retries=1, scheduling_strategy=strategy
+        ).remote(1000)
         assert lattica.get(account.node.remote(), timeout=30) == victim.node_id
         assert lattica.get(account.deposit.remote(1), timeout=30) == 1001
         victim.kill9()
         new_node = lattica.get(account.node.remote(), timeout=60)
         assert new_node != victim.node_id
         assert lattica.get(account.deposit.remote(1), timeout=30) == 1001  # state rebuilt
-        never = Account.options(scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(
-            mesh["nodes"][1].node_id)).remote(0)
+        never = Account.options(
+            scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+        ).remote(0)
         assert lattica.get(never.deposit.remote(1), timeout=30) == 1
     finally:
         victim.stop()
@@ -263,8 +286,18 @@ def test_non_member_submission_refused_and_never_deserialized(mesh, tmp_path):
     marker = tmp_path / "unpickled"
     poison = pickle.dumps(_CreatesFileWhenUnpickled(str(marker)))
     forged = MeshKey.generate().issue()
-    task = {"k": "task", "m": {"tid": os.urandom(16), "fn": b"f" * 16, "blob": poison,
-                               "name": "evil", "nret": 1, "args": ["b", poison], "opts": {}}}
+    task = {
+        "k": "task",
+        "m": {
+            "tid": os.urandom(16),
+            "fn": b"f" * 16,
+            "blob": poison,
+            "name": "evil",
+            "nret": 1,
+            "args": ["b", poison],
+            "opts": {},
+        },
+    }
 
     async def attempt():
         stranger = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"]))
@@ -273,8 +306,9 @@ def test_non_member_submission_refused_and_never_deserialized(mesh, tmp_path):
         try:
             peer = await stranger.connect(mesh["addr"], timeout=10)
             try:
-                await stranger.call(peer, ADMIT_PROTOCOL,
-                                    msgpack.packb({"cred": forged}), timeout=10)
+                await stranger.call(
+                    peer, ADMIT_PROTOCOL, msgpack.packb({"cred": forged}), timeout=10
+                )
                 outcomes["admit"] = "accepted"
             except RpcError as exc:
                 outcomes["admit"] = exc.code
@@ -304,6 +338,7 @@ def test_non_member_submission_refused_and_never_deserialized(mesh, tmp_path):
 @lattica.remote
 def big_array(n):
     import numpy as np
+
     return np.arange(n, dtype=np.float64)
 
 
@@ -316,6 +351,7 @@ def test_large_result_from_remote_node_lands_in_local_store(mesh):
     pid = mesh["nodes"][1].proc.pid
     pattern = f"/dev/shm/latticaray-{os.getuid()}/store-{pid}-*/objects/{ref.cid}"
     import glob
+
     wait_for(lambda: not glob.glob(pattern), 30, "the executor to drop its copy of the result")
 
 
@@ -348,8 +384,12 @@ def test_driver_joins_with_init_bootstrap_and_credential(mesh):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", JOINING_DRIVER, mesh["addr"], mesh["invite"]],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", JOINING_DRIVER, mesh["addr"], mesh["invite"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: credential is not decodable" in proc.stdout
     used = int(proc.stdout.split("nodes used:")[1].split()[0])
@@ -369,15 +409,17 @@ def test_remote_actor_constructor_takes_a_ref(mesh):
     node = mesh["nodes"][0].node_id
     blob = lattica.put(b"z" * (3 << 20))
     holder = RemoteHolder.options(
-        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(node)).remote(blob)
+        scheduling_strategy=lattica.NodeAffinitySchedulingStrategy(node)
+    ).remote(blob)
     assert lattica.get(holder.where_and_size.remote(), timeout=60) == (node, 3 << 20)
 
 
 @lattica.remote
 def named_account_from_here(name):
     handle = lattica.get_actor(name)
-    return lattica.get(handle.node.remote(), timeout=30), lattica.get(handle.deposit.remote(5),
-                                                                      timeout=30)
+    return lattica.get(handle.node.remote(), timeout=30), lattica.get(
+        handle.deposit.remote(5), timeout=30
+    )
 
 
 def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh):
@@ -387,8 +429,9 @@ def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh
     try:
         wait_for(lambda: victim.node_id in alive_nodes(), 30, "the extra node to join")
         strategy = lattica.NodeAffinitySchedulingStrategy(victim.node_id, soft=True)
-        account = Account.options(name="moving-account", max_restarts=1, max_task_retries=1,
-                                  scheduling_strategy=strategy).remote(1000)
+        account = Account.options(
+            name="moving-account", max_restarts=1, max_task_retries=1, scheduling_strategy=strategy
+        ).remote(1000)
         assert lattica.get(account.node.remote(), timeout=30) == victim.node_id
         assert lattica.get(account.deposit.remote(1), timeout=30) == 1001
         victim.kill9()
@@ -400,8 +443,12 @@ def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh
         deadline, failures = time.monotonic() + 30, []
         while True:
             try:
-                found = lattica.get(named_account_from_here.options(scheduling_strategy=elsewhere)
-                                    .remote("moving-account"), timeout=60)
+                found = lattica.get(
+                    named_account_from_here.options(scheduling_strategy=elsewhere).remote(
+                        "moving-account"
+                    ),
+                    timeout=60,
+                )
                 break
             except lattica.ActorDiedError as exc:
                 failures.append(str(exc))

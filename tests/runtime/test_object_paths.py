@@ -12,6 +12,7 @@
   ObjectLostError and the executor node lets go of its pin on the result.
 * The spliced pickle those slices form loads to the same value as ``materialize``.
 """
+
 import asyncio
 import pickle
 import threading
@@ -20,16 +21,15 @@ import time
 import msgpack
 import numpy as np
 import pytest
+from meshutil import driver_with_nodes, wait_for
+from test_portable_async import _probe_until, _run_on_loop
 
 import latticaray as lattica
 from latticaray.mesh.errors import MeshError
 from latticaray.runtime import api, serialization
-from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.cluster import CHUNK, RemoteClient, _pack
+from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.node import ERROR, OK
-
-from meshutil import driver_with_nodes, wait_for
-from test_portable_async import _probe_until, _run_on_loop
 
 BIG = 200 << 20
 
@@ -52,21 +52,30 @@ def _node():
 def _put(value):
     node, _ = _node()
     ref = lattica.put(value)
-    wait_for(lambda: ref.id in node.objects and node.objects[ref.id].data is not None, 30,
-             "the put to reach the node")
+    wait_for(
+        lambda: ref.id in node.objects and node.objects[ref.id].data is not None,
+        30,
+        "the put to reach the node",
+    )
     return ref, node.objects[ref.id].data
 
 
 def test_pieces_load_like_materialize(mesh):
     frozen = np.arange(1 << 18, dtype=np.int64)
     frozen.flags.writeable = False
-    value = {"frozen": frozen, "again": frozen, "small": np.ones(7), "text": "x" * (1 << 20),
-             "table": [np.full(1 << 17, 3, dtype=np.float32)] * 2}
+    value = {
+        "frozen": frozen,
+        "again": frozen,
+        "small": np.ones(7),
+        "text": "x" * (1 << 20),
+        "table": [np.full(1 << 17, 3, dtype=np.float32)] * 2,
+    }
     _, data = _put(value)
     assert serialization.is_store_ref(data)
     pieces = serialization.materialize_pieces(data)
-    assert any(isinstance(p, memoryview) and p.readonly and len(p) >= frozen.nbytes
-               for p in pieces), "the buffers were copied instead of sliced"
+    assert any(
+        isinstance(p, memoryview) and p.readonly and len(p) >= frozen.nbytes for p in pieces
+    ), "the buffers were copied instead of sliced"
     spliced = pickle.loads(b"".join(bytes(p) for p in pieces))
     expected = pickle.loads(serialization.materialize(data))
     assert spliced.keys() == expected.keys()
@@ -80,13 +89,15 @@ def test_pieces_load_like_materialize(mesh):
 
 def _old_serve_copy(data) -> float:
     """How long the old `_serve_object` held the loop: materialize, then a copy per chunk."""
+
     async def copy():
         started = time.perf_counter()
         whole = serialization.materialize(data)
         view = memoryview(whole)
         for start in range(0, len(whole), CHUNK):
-            bytes(view[start:start + CHUNK])
+            bytes(view[start : start + CHUNK])
         return time.perf_counter() - started
+
     return _run_on_loop(copy())
 
 
@@ -99,6 +110,7 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
     def counting(data):
         served.append(serialization.store_name(data))
         return real(data)
+
     monkeypatch.setattr(serialization, "materialize_pieces", counting)
     trials = []
     for fill in range(1, 4):
@@ -112,16 +124,19 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
         assert started.wait(30)
         try:
-            size = lattica.get(fetched_size.options(scheduling_strategy=target).remote([ref]),
-                               timeout=180)
+            size = lattica.get(
+                fetched_size.options(scheduling_strategy=target).remote([ref]), timeout=180
+            )
         finally:
             finished.set()
         stall, ticks = probe.result(60)
         assert size == BIG
         assert serialization.store_name(data) in served, "the object was not fetched by id"
         trials.append((old, stall, ticks))
-        print(f"old serve path held the loop {old * 1e3:.1f} ms; "
-              f"slices: max stall {stall * 1e3:.1f} ms over {ticks} ticks")
+        print(
+            f"old serve path held the loop {old * 1e3:.1f} ms; "
+            f"slices: max stall {stall * 1e3:.1f} ms over {ticks} ticks"
+        )
         del ref
         if stall < old / 3:
             break
@@ -138,23 +153,27 @@ def big_items(count, size):
 @lattica.remote
 def item_sizes_from(node_id, count, size=BIG):
     strategy = lattica.NodeAffinitySchedulingStrategy(node_id)
-    return [int(lattica.get(r, timeout=120).nbytes)
-            for r in big_items.options(scheduling_strategy=strategy).remote(count, size)]
+    return [
+        int(lattica.get(r, timeout=120).nbytes)
+        for r in big_items.options(scheduling_strategy=strategy).remote(count, size)
+    ]
 
 
 def _old_send_copy(data) -> float:
     """How long the old `_send_value` held the loop: materialize, then pack every part."""
+
     async def copy():
         started = time.perf_counter()
         whole = serialization.materialize(data)
         for start in range(0, len(whole), CHUNK):
-            _pack({"k": "part", "tid": b"t", "slot": 0, "d": whole[start:start + CHUNK]})
+            _pack({"k": "part", "tid": b"t", "slot": 0, "d": whole[start : start + CHUNK]})
         return time.perf_counter() - started
+
     return _run_on_loop(copy())
 
 
 def test_yielded_value_for_remote_caller_does_not_stall_event_loop(mesh, monkeypatch):
-    node, loop = _node()
+    _, loop = _node()
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     sent = []
     real = RemoteClient._parts
@@ -162,11 +181,13 @@ def test_yielded_value_for_remote_caller_does_not_stall_event_loop(mesh, monkeyp
     def counting(tid, slot, pieces):
         sent.append(sum(len(p) for p in pieces))
         return real(tid, slot, pieces)
+
     monkeypatch.setattr(RemoteClient, "_parts", staticmethod(counting))
     here = lattica.get_runtime_context().node_id
     # workers started and code shipped on both nodes before anything is timed
-    assert lattica.get(item_sizes_from.options(scheduling_strategy=target).remote(
-        here, 1, 8 << 20), timeout=120) == [8 << 20]
+    assert lattica.get(
+        item_sizes_from.options(scheduling_strategy=target).remote(here, 1, 8 << 20), timeout=120
+    ) == [8 << 20]
     sent.clear()
     trials = []
     for fill in range(1, 4):
@@ -178,16 +199,19 @@ def test_yielded_value_for_remote_caller_does_not_stall_event_loop(mesh, monkeyp
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
         assert started.wait(30)
         try:
-            sizes = lattica.get(item_sizes_from.options(scheduling_strategy=target).remote(
-                here, 2), timeout=180)
+            sizes = lattica.get(
+                item_sizes_from.options(scheduling_strategy=target).remote(here, 2), timeout=180
+            )
         finally:
             finished.set()
         stall, ticks = probe.result(60)
         assert sizes == [BIG, BIG]
         assert len(sent) >= 2 and min(sent) > BIG, "the items did not go out as parts"
         trials.append((old, stall, ticks))
-        print(f"old send path held the loop {old * 1e3:.1f} ms; "
-              f"parts from slices: max stall {stall * 1e3:.1f} ms over {ticks} ticks")
+        print(
+            f"old send path held the loop {old * 1e3:.1f} ms; "
+            f"parts from slices: max stall {stall * 1e3:.1f} ms over {ticks} ticks"
+        )
         if stall < old / 3:
             break
     else:
@@ -203,8 +227,11 @@ def filled(size):
 def result_size_from(node_id, size):
     strategy = lattica.NodeAffinitySchedulingStrategy(node_id)
     try:
-        return int(lattica.get(filled.options(scheduling_strategy=strategy).remote(size),
-                               timeout=60).nbytes)
+        return int(
+            lattica.get(
+                filled.options(scheduling_strategy=strategy).remote(size), timeout=60
+            ).nbytes
+        )
     except ObjectLostError as exc:
         return f"lost: {exc}"
 
@@ -214,8 +241,12 @@ def test_result_deleted_before_hashing_releases_its_pin(mesh, monkeypatch):
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     here = lattica.get_runtime_context().node_id
     size = 8 << 20
-    assert lattica.get(result_size_from.options(scheduling_strategy=target).remote(
-        here, size), timeout=120) == size
+    assert (
+        lattica.get(
+            result_size_from.options(scheduling_strategy=target).remote(here, size), timeout=120
+        )
+        == size
+    )
     deleted = []
     real = node.resolve_off_loop
 
@@ -226,9 +257,11 @@ def test_result_deleted_before_hashing_releases_its_pin(mesh, monkeypatch):
             node.store.delete(name)
             deleted.append(name)
         return await real(data)
+
     monkeypatch.setattr(node, "resolve_off_loop", deleting_first)
-    outcome = lattica.get(result_size_from.options(scheduling_strategy=target).remote(
-        here, size), timeout=120)
+    outcome = lattica.get(
+        result_size_from.options(scheduling_strategy=target).remote(here, size), timeout=120
+    )
     assert isinstance(outcome, str) and outcome.startswith("lost:"), outcome
     assert "could not be named by CID" in outcome
     assert len(deleted) == 1
@@ -263,6 +296,7 @@ def test_actor_constructor_arguments_named_off_loop(mesh, monkeypatch):
         if node.cid_pending(ref_data):
             hashed.append((serialization.store_name(ref_data), threading.get_ident()))
         return real(ref_data)
+
     monkeypatch.setattr(serialization, "store_cid", counting)
     big, other = np.full(3 << 20, 9, dtype=np.uint8), np.ones(2 << 20, dtype=np.uint8)
     holder = Holder.options(scheduling_strategy=target).remote(big, second=other)
@@ -270,8 +304,9 @@ def test_actor_constructor_arguments_named_off_loop(mesh, monkeypatch):
     assert len(hashed) == 1, hashed  # the arguments, stored as one value, hashed once
     assert hashed[0][1] != loop_thread, "the constructor arguments were hashed on the loop"
     hashed.clear()
-    assert lattica.get(first_and_size.options(scheduling_strategy=target).remote(big),
-                       timeout=60) == (9, 3 << 20)
+    assert lattica.get(
+        first_and_size.options(scheduling_strategy=target).remote(big), timeout=60
+    ) == (9, 3 << 20)
     assert len(hashed) == 1 and hashed[0][1] != loop_thread, hashed
 
 
@@ -289,17 +324,24 @@ def _fake_reply(cluster, monkeypatch, frames):
             taken.append(frame)
             yield frame
             await asyncio.sleep(0)
+
     monkeypatch.setattr(cluster.mesh, "call_stream", call_stream)
     return taken
 
 
-@pytest.mark.parametrize("frames, error", [
-    ([_pack({"s": OK, "size": 10}), b"x" * 8, b"x" * 8, b"x" * 8, b"x" * 8], "runs past the 10"),
-    ([_pack({"s": OK, "size": 10}), b"x" * 4], "has 4 bytes, header said 10"),
-    ([_pack({"s": OK, "size": -1}), b"x"], "no valid size"),
-    ([_pack({"s": OK}), b"x"], "no valid size"),
-    ([msgpack.packb([1, 2, 3])], "msgpack maps"),
-])
+@pytest.mark.parametrize(
+    "frames, error",
+    [
+        (
+            [_pack({"s": OK, "size": 10}), b"x" * 8, b"x" * 8, b"x" * 8, b"x" * 8],
+            "runs past the 10",
+        ),
+        ([_pack({"s": OK, "size": 10}), b"x" * 4], "has 4 bytes, header said 10"),
+        ([_pack({"s": OK, "size": -1}), b"x"], "no valid size"),
+        ([_pack({"s": OK}), b"x"], "no valid size"),
+        ([msgpack.packb([1, 2, 3])], "msgpack maps"),
+    ],
+)
 def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, frames, error):
     node, _ = _node()
     cluster = node.cluster
@@ -321,7 +363,9 @@ def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
     node, loop = _node()
     cluster = node.cluster
     payload = np.random.default_rng(7).integers(0, 255, BIG, dtype=np.uint8).tobytes()
-    frames = [_pack({"s": OK, "size": BIG})] + [payload[i:i + CHUNK] for i in range(0, BIG, CHUNK)]
+    frames = [_pack({"s": OK, "size": BIG})] + [
+        payload[i : i + CHUNK] for i in range(0, BIG, CHUNK)
+    ]
     state = cluster.peers[mesh["nodes"][0].node_id]
 
     def stall_of_fetch() -> float:
@@ -345,8 +389,10 @@ def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
         monkeypatch.setattr(cluster_module, "JOIN_OFF_LOOP", 8 << 20)
         off_loop = stall_of_fetch()
         trials.append((on_loop, off_loop))
-        print(f"join on the loop: max stall {on_loop * 1e3:.1f} ms; "
-              f"on an executor thread: {off_loop * 1e3:.1f} ms")
+        print(
+            f"join on the loop: max stall {on_loop * 1e3:.1f} ms; "
+            f"on an executor thread: {off_loop * 1e3:.1f} ms"
+        )
         if off_loop < on_loop / 2:
             break
     else:

@@ -6,17 +6,17 @@ stall well below the time the old in-loop hashing stalled it (measured in the sa
 equal object). One hash per object however many sends wait for it; an actor call submitted
 after one whose argument is being hashed does not overtake it.
 """
+
 import asyncio
 import threading
 import time
 
 import numpy as np
 import pytest
+from meshutil import driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.runtime import api, serialization
-
-from meshutil import driver_with_nodes, wait_for
 
 BIG = 200 << 20
 
@@ -64,8 +64,11 @@ def _big_put(fill: int):
     """A fresh 200 MB local put and its store reference as the driver node holds it."""
     node, _ = _node()
     ref = lattica.put(np.full(BIG, fill, dtype=np.uint8))
-    wait_for(lambda: ref.id in node.objects and node.objects[ref.id].data is not None, 30,
-             "the put to reach the node")
+    wait_for(
+        lambda: ref.id in node.objects and node.objects[ref.id].data is not None,
+        30,
+        "the put to reach the node",
+    )
     data = node.objects[ref.id].data
     assert serialization.is_store_ref(data) and node.cid_pending(data)
     return ref, data
@@ -76,8 +79,9 @@ def _run_on_loop(coro, timeout=120):
     return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 
-async def _probe_until(started: threading.Event, done, window=lambda: True,
-                       tick=0.001) -> tuple[float, int]:
+async def _probe_until(
+    started: threading.Event, done, window=lambda: True, tick=0.001
+) -> tuple[float, int]:
     """Largest gap between ticks of the event loop (beyond the tick itself) until ``done()``,
     counting the gaps that begin or end while ``window()`` holds."""
     worst, ticks = 0.0, 0
@@ -106,6 +110,7 @@ def _stall_trial(target) -> tuple[float, float, int]:
         started = time.perf_counter()
         node.portable(before_data)
         return time.perf_counter() - started
+
     in_loop = _run_on_loop(in_loop_hash())
 
     ref, data = _big_put(2)
@@ -129,8 +134,10 @@ def test_hashing_for_remote_task_does_not_stall_event_loop(mesh):
     for _ in range(3):
         in_loop, stall, ticks = _stall_trial(target)
         trials.append((in_loop, stall, ticks))
-        print(f"in-loop hashing stalled the loop {in_loop * 1e3:.1f} ms; "
-              f"off-loop: max stall {stall * 1e3:.1f} ms over {ticks} ticks")
+        print(
+            f"in-loop hashing stalled the loop {in_loop * 1e3:.1f} ms; "
+            f"off-loop: max stall {stall * 1e3:.1f} ms over {ticks} ticks"
+        )
         if ticks >= 5 and stall < in_loop / 3:
             break
     else:
@@ -150,6 +157,7 @@ def test_hashing_a_result_for_its_remote_caller_does_not_stall_event_loop(mesh):
             started = time.perf_counter()
             node.portable(before_data)
             return time.perf_counter() - started
+
         in_loop = _run_on_loop(in_loop_hash())
         del before_ref
 
@@ -159,19 +167,24 @@ def test_hashing_a_result_for_its_remote_caller_does_not_stall_event_loop(mesh):
         def hashed():
             if node._hashing:
                 seen.append(True)
-            return seen and not node._hashing or time.monotonic() > deadline
+            return (seen and not node._hashing) or time.monotonic() > deadline
+
         started = threading.Event()
         probe = asyncio.run_coroutine_threadsafe(
-            _probe_until(started, hashed, lambda: bool(node._hashing)), loop)
+            _probe_until(started, hashed, lambda: bool(node._hashing)), loop
+        )
         assert started.wait(30)
         outer = size_of_result_from.options(scheduling_strategy=target).remote(
-            lattica.get_runtime_context().node_id)
+            lattica.get_runtime_context().node_id
+        )
         stall, ticks = probe.result(130)
         assert seen and ticks >= 5, "the result was never hashed off the loop"
         assert lattica.get(outer, timeout=120) == BIG
         trials.append((in_loop, stall, ticks))
-        print(f"result: in-loop hashing stalled the loop {in_loop * 1e3:.1f} ms; "
-              f"off-loop: max stall {stall * 1e3:.1f} ms over {ticks} ticks")
+        print(
+            f"result: in-loop hashing stalled the loop {in_loop * 1e3:.1f} ms; "
+            f"off-loop: max stall {stall * 1e3:.1f} ms over {ticks} ticks"
+        )
         if stall < in_loop / 3:
             break
     else:
@@ -190,6 +203,7 @@ def test_one_hash_per_object_for_concurrent_sends(mesh, monkeypatch):
         if serialization.store_name(ref_data) == name and node.cid_pending(ref_data):
             hashed.append(name)
         return real(ref_data)
+
     monkeypatch.setattr(serialization, "store_cid", counting)
     results = [nbytes.options(scheduling_strategy=target).remote(ref) for _ in range(3)]
     assert lattica.get(results, timeout=120) == [BIG] * 3
@@ -204,5 +218,6 @@ def test_actor_call_after_hashed_argument_keeps_its_place(mesh):
     first = recorder.record.remote("big", ref)
     following = [recorder.record.remote(f"small-{i}") for i in range(5)]
     assert lattica.get([first] + following, timeout=120) == [2, 3, 4, 5, 6, 7]
-    assert lattica.get(recorder.log.remote(), timeout=60) == [
-        ("warm", None), ("big", BIG)] + [(f"small-{i}", None) for i in range(5)]
+    assert lattica.get(recorder.log.remote(), timeout=60) == [("warm", None), ("big", BIG)] + [
+        (f"small-{i}", None) for i in range(5)
+    ]

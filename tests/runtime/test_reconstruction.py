@@ -4,6 +4,7 @@ A driver node plus one node process for the whole module; each test that kills a
 own extra node process (B), makes a store-resident value there, kills B with SIGKILL and then
 asks for the value. Executions are counted with one line per run in a file under tmp_path.
 """
+
 import gc
 import os
 import signal
@@ -11,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
+from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.runtime import api, context, serialization
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.lineage import LineageTable, TaskSpec
-
-from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 N = 400_000  # float64: 3.2 MB, above the store threshold (1 MiB)
 
@@ -141,7 +141,8 @@ def test_released_argument_is_reconstructed_from_kept_lineage(mesh, node_b, tmp_
     first = make_big.options(scheduling_strategy=on(node_b)).remote(first_log, 5)
     consumer = plus_one_nested if nested else plus_one
     second = consumer.options(scheduling_strategy=on(node_b)).remote(
-        second_log, [first] if nested else first)
+        second_log, [first] if nested else first
+    )
     assert lattica.wait([second], timeout=60)[0] == [second]
     assert runs(first_log) == [node_b.node_id] and runs(second_log) == [node_b.node_id]
     first_id, first_cid = first.id, first.cid
@@ -151,8 +152,11 @@ def test_released_argument_is_reconstructed_from_kept_lineage(mesh, node_b, tmp_
     context.current_core().flush_releases()
     wait_for(lambda: first_id not in node.objects, 20, "the owner to release the argument")
     on_b = holds.options(scheduling_strategy=on(node_b, soft=False))
-    wait_for(lambda: not lattica.get(on_b.remote(first_cid), timeout=30), 20,
-             "node B to delete the argument's copy")
+    wait_for(
+        lambda: not lattica.get(on_b.remote(first_cid), timeout=30),
+        20,
+        "node B to delete the argument's copy",
+    )
     assert task_of(first_id) in node.recovery.table.specs  # kept by the second task's lineage
     assert not driver_holds(second)
     kill(node_b)
@@ -204,8 +208,10 @@ def test_put_object_comes_from_a_replica_else_is_lost(mesh):
     array = np.arange(N, dtype=np.float64)
     shared = lattica.put(array)
     strategy = lattica.NodeAffinitySchedulingStrategy(other.node_id)
-    assert lattica.get(total.options(scheduling_strategy=strategy).remote(shared),
-                       timeout=60) == array.sum()
+    assert (
+        lattica.get(total.options(scheduling_strategy=strategy).remote(shared), timeout=60)
+        == array.sum()
+    )
     # the task's node fetched a replica into its store
     assert lattica.get(holds.options(scheduling_strategy=strategy).remote(shared.cid), timeout=60)
     store = serialization.get_store()
@@ -226,8 +232,13 @@ def test_put_object_comes_from_a_replica_else_is_lost(mesh):
 
 def test_lineage_budget_and_release():
     table = LineageTable(max_bytes=3 * 1024)
-    message = {"fn": b"f", "name": "f", "nret": 1, "opts": {},
-               "args": ["l", [[0, b"x" * 512], [1, b"o" * 20, "owner"]], {}]}
+    message = {
+        "fn": b"f",
+        "name": "f",
+        "nret": 1,
+        "opts": {},
+        "args": ["l", [[0, b"x" * 512], [1, b"o" * 20, "owner"]], {}],
+    }
     tids = [bytes([i]) * 16 for i in range(6)]
     for tid in tids:
         table.record(tid, message, 3, 1)
@@ -295,6 +306,7 @@ def test_lineage_keeps_argument_lineage():
 # Three node processes: the driver (A, owner of x), the module's node process (B, the borrower)
 # and node_b (C, which runs the producing tasks and is killed). Each execution creates its own
 # file exclusively in a directory, so two runs can never be counted as one.
+
 
 def _mark_run(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -385,13 +397,15 @@ def test_borrower_gets_lost_object_recovered_by_its_owner(mesh, node_b, tmp_path
     assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
     kill(node_b)
     assert lattica.get(borrower.total.remote(), timeout=150) == float(
-        (np.arange(N, dtype=np.float64) * 3).sum())
+        (np.arange(N, dtype=np.float64) * 3).sum()
+    )
     runs_of_x = executions(x_runs)
     assert len(runs_of_x) == 2 and runs_of_x[1] != node_b.node_id
 
 
 def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
-        mesh, node_b, tmp_path):
+    mesh, node_b, tmp_path
+):
     """Case 2: B owns y = t2(x), x borrowed from A; both live only on C; C dies; y is
     re-executed at B, which needs x: A re-executes x's task."""
     node_bb = mesh["nodes"][0]
@@ -400,8 +414,7 @@ def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
     assert lattica.wait([x], timeout=60)[0] == [x]
     borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
     assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
-    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
-                             timeout=90)
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id), timeout=90)
     assert ready == 1
     assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
     # B read x from its owner, which pulled a copy from C to serve it: drop that copy (as if
@@ -416,8 +429,7 @@ def test_borrowers_own_task_is_reexecuted_with_argument_recovered_by_its_owner(
     assert node_b.node_id not in runs_of_x[1:] + runs_of_y[1:]
 
 
-def test_borrower_gets_owners_reason_when_lost_object_cannot_be_reexecuted(
-        mesh, node_b, tmp_path):
+def test_borrower_gets_owners_reason_when_lost_object_cannot_be_reexecuted(mesh, node_b, tmp_path):
     """A borrowed object whose task has max_retries=0: the owner answers ObjectLostError."""
     node_bb = mesh["nodes"][0]
     x_runs = str(tmp_path / "x")
@@ -457,8 +469,7 @@ def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, no
     assert lattica.wait([x], timeout=60)[0] == [x]
     borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
     assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
-    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id),
-                             timeout=90)
+    [y], ready = lattica.get(borrower.submit_plus_one.remote(y_runs, node_b.node_id), timeout=90)
     assert ready == 1 and executions(y_runs) == [node_b.node_id]
     x_id = x.id
     node = api._runtime.node
@@ -475,8 +486,7 @@ def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, no
     assert executions(x_runs) == [node_b.node_id] and executions(y_runs) == [node_b.node_id]
 
 
-def test_executor_asks_the_owner_once_the_only_holder_of_an_argument_dies(
-        mesh, node_b, tmp_path):
+def test_executor_asks_the_owner_once_the_only_holder_of_an_argument_dies(mesh, node_b, tmp_path):
     """A passes x (only copy on C) by reference to a task on B; C stops answering before B
     can fetch x, then dies. B drops its exchange fetch when it sees C die and asks A, which
     re-executes x's task; before, B waited out the exchange's 30 s deadline first."""
@@ -488,9 +498,14 @@ def test_executor_asks_the_owner_once_the_only_holder_of_an_argument_dies(
     started = time.monotonic()
     result = total.options(scheduling_strategy=on(node_bb, soft=False)).remote(x)
     tasks = api._runtime.node.tasks
-    wait_for(lambda: getattr(tasks.get(task_of(result.id)), "remote_peer", None)
-             == node_bb.node_id or result.id not in api._runtime.node.objects,
-             20, "the task to be sent to B")
+    wait_for(
+        lambda: (
+            getattr(tasks.get(task_of(result.id)), "remote_peer", None) == node_bb.node_id
+            or result.id not in api._runtime.node.objects
+        ),
+        20,
+        "the task to be sent to B",
+    )
     kill(node_b)
     assert lattica.get(result, timeout=120) == float((np.arange(N, dtype=np.float64) * 7).sum())
     elapsed = time.monotonic() - started

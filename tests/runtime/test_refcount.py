@@ -6,6 +6,7 @@ other nodes, back inside results) and checks on the owner that the object stays 
 references it and is deleted from the store once nothing does, including when the borrowing node
 is killed.
 """
+
 import asyncio
 import gc
 import time
@@ -13,14 +14,13 @@ import time
 import msgpack
 import numpy as np
 import pytest
+from meshutil import NodeProcess, driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.mesh.errors import RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime import api, context, refcount, serialization
 from latticaray.runtime.cluster import REF_PROTOCOL
-
-from meshutil import NodeProcess, driver_with_nodes, wait_for
 
 N = 300_000  # 2.4 MB of float64: above the store threshold
 
@@ -112,13 +112,21 @@ def test_object_inside_another_lives_until_the_outer_is_released(mesh):
     assert float(lattica.get(inner).sum()) == N
     del inner
     drop_refs()
-    assert lattica.get(sum_first.options(scheduling_strategy=on(mesh["nodes"][0].node_id))
-                       .remote(outer), timeout=60) == N
+    assert (
+        lattica.get(
+            sum_first.options(scheduling_strategy=on(mesh["nodes"][0].node_id)).remote(outer),
+            timeout=60,
+        )
+        == N
+    )
     assert in_driver_store(cid) and xid in owner_node().objects
     del outer
     drop_refs()
-    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
-             "the inner object to be released with the outer one")
+    wait_for(
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        20,
+        "the inner object to be released with the outer one",
+    )
 
 
 def test_nested_ref_in_local_task_args_does_not_free_callers_object(mesh):
@@ -165,8 +173,11 @@ def test_ref_held_by_an_actor_on_another_node(mesh):
     assert in_driver_store(cid)
     assert other in owner_node().refs.borrowers.get(xid, ())
     assert lattica.get(holder.drop.remote(), timeout=30)
-    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
-             "the object to be released after the borrower dropped it")
+    wait_for(
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        20,
+        "the object to be released after the borrower dropped it",
+    )
     lattica.kill(holder)
 
 
@@ -180,15 +191,24 @@ def test_ref_returned_inside_a_result_lives_on_its_owner_until_dropped(mesh):
     assert lattica.get(probe.remote(cid), timeout=30)
     del lst, ref
     drop_refs()
-    wait_for(lambda: not lattica.get(probe.remote(cid), timeout=30), 20,
-             "the owner node to delete the object once the driver dropped its refs")
+    wait_for(
+        lambda: not lattica.get(probe.remote(cid), timeout=30),
+        20,
+        "the owner node to delete the object once the driver dropped its refs",
+    )
 
 
 def test_killed_borrower_node_does_not_pin_an_object(mesh):
     extra = NodeProcess(mesh["addr"], mesh["invite"])
     try:
-        wait_for(lambda: any(n["NodeID"] == extra.node_id and n["Alive"] and n.get("Resources")
-                             for n in lattica.nodes()), 30, "the extra node")
+        wait_for(
+            lambda: any(
+                n["NodeID"] == extra.node_id and n["Alive"] and n.get("Resources")
+                for n in lattica.nodes()
+            ),
+            30,
+            "the extra node",
+        )
         holder = Holder.options(scheduling_strategy=on(extra.node_id)).remote()
         x = lattica.put(np.full(N, 5.0))
         cid, xid = x.cid, x.id
@@ -198,8 +218,11 @@ def test_killed_borrower_node_does_not_pin_an_object(mesh):
         assert lattica.get(holder.total.remote(), timeout=60) == 5.0 * N
         assert extra.node_id in owner_node().refs.borrowers.get(xid, ())
         extra.kill9()
-        wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
-                 "the object borrowed by the killed node to be released")
+        wait_for(
+            lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+            20,
+            "the object borrowed by the killed node to be released",
+        )
     finally:
         extra.stop()
 
@@ -223,8 +246,11 @@ def test_ref_passed_to_a_task_on_another_node_lives_while_it_runs(mesh):
     assert float(lattica.get(back).sum()) == 4.0 * N
     del back
     drop_refs()
-    wait_for(lambda: not in_driver_store(cid) and xid not in owner_node().objects, 20,
-             "the object to be released once the task and its result are gone")
+    wait_for(
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        20,
+        "the object to be released once the task and its result are gone",
+    )
     lattica.kill(gate)
 
 
@@ -244,7 +270,7 @@ def test_dead_worker_gives_back_its_refs(mesh):
 def test_non_member_cannot_borrow_or_release(mesh):
     """Registrations are refused before decoding when the caller is not a member."""
     x = lattica.put(np.ones(N))
-    cid = x.cid
+    cid, oid = x.cid, x.id
 
     async def attempt():
         stranger = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"]))
@@ -252,8 +278,12 @@ def test_non_member_cannot_borrow_or_release(mesh):
         try:
             peer = await stranger.connect(mesh["addr"], timeout=10)
             try:
-                await stranger.call(peer, REF_PROTOCOL, msgpack.packb(
-                    {"ops": [[1, x.id]]}, use_bin_type=True), timeout=10)
+                await stranger.call(
+                    peer,
+                    REF_PROTOCOL,
+                    msgpack.packb({"ops": [[1, oid]]}, use_bin_type=True),
+                    timeout=10,
+                )
             except RpcError as exc:
                 return exc.code
             return "accepted"

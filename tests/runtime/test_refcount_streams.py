@@ -6,16 +6,16 @@ released with the generator, and refs inside an item's value live as long as the
 an embedded runtime (store usage back to its baseline) and across nodes (a driver plus two node
 processes, items produced on another node with refs owned there inside them).
 """
+
 import gc
 
 import numpy as np
 import pytest
+from meshutil import driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.runtime import api, context, serialization
 from latticaray.runtime.refcount import RefTable
-
-from meshutil import driver_with_nodes, wait_for
 
 N = 300_000  # 2.4 MB of float64: above the store threshold
 WINDOW = 16  # the default stream window (node.DEFAULT_STREAM_WINDOW)
@@ -60,9 +60,12 @@ def stream_finished(tid: bytes) -> bool:
 
 def no_items_left(tid: bytes) -> bool:
     n = node()
-    return (not any(oid[:16] == tid for oid in n.objects)
-            and not any(oid[:16] == tid for oid in n.refs.counts)
-            and tid not in n.refs.streamed and tid not in n.refs.dropped_streams)
+    return (
+        not any(oid[:16] == tid for oid in n.objects)
+        and not any(oid[:16] == tid for oid in n.refs.counts)
+        and tid not in n.refs.streamed
+        and tid not in n.refs.dropped_streams
+    )
 
 
 @pytest.fixture(scope="class")
@@ -80,7 +83,6 @@ def mesh():
 
 @pytest.mark.usefixtures("local")
 class TestEmbedded:
-
     def test_consumed_items_are_freed_when_dropped(self):
         baseline = store_used()
         gen = big_items.remote(8)
@@ -89,8 +91,11 @@ class TestEmbedded:
             assert float(lattica.get(ref)[0]) == float(i)
         del ref, gen
         drop_refs()
-        wait_for(lambda: store_used() <= baseline and no_items_left(tid), 20,
-                 "the store to return to its baseline after the items were dropped")
+        wait_for(
+            lambda: store_used() <= baseline and no_items_left(tid),
+            20,
+            "the store to return to its baseline after the items were dropped",
+        )
 
     def test_items_nobody_took_are_released_with_the_generator(self):
         baseline = store_used()
@@ -102,14 +107,20 @@ class TestEmbedded:
         del gen
         drop_refs()
         # the item taken stays readable; the five others go
-        wait_for(lambda: store_used() < baseline + 2 * N * 8, 20,
-                 "the untaken items to be released with their generator")
+        wait_for(
+            lambda: store_used() < baseline + 2 * N * 8,
+            20,
+            "the untaken items to be released with their generator",
+        )
         assert float(lattica.get(kept).sum()) == 0.0
         assert kept.id in node().objects
         del kept
         drop_refs()
-        wait_for(lambda: store_used() <= baseline and no_items_left(tid), 20,
-                 "the kept item to be released")
+        wait_for(
+            lambda: store_used() <= baseline and no_items_left(tid),
+            20,
+            "the kept item to be released",
+        )
 
     def test_dropped_generator_lets_its_task_finish_and_frees_what_it_yields(self):
         baseline = store_used()
@@ -118,14 +129,19 @@ class TestEmbedded:
         first = next(gen)
         del gen
         drop_refs()
-        wait_for(lambda: tid not in node().tasks, 60,
-                 "the task to finish although nobody consumes its stream")
+        wait_for(
+            lambda: tid not in node().tasks,
+            60,
+            "the task to finish although nobody consumes its stream",
+        )
         assert float(lattica.get(first)[0]) == 0.0
         del first
         drop_refs()
-        wait_for(lambda: store_used() <= baseline and no_items_left(tid)
-                 and tid not in node().streams, 20,
-                 "every item of the dropped stream to be released")
+        wait_for(
+            lambda: store_used() <= baseline and no_items_left(tid) and tid not in node().streams,
+            20,
+            "every item of the dropped stream to be released",
+        )
 
     def test_ref_inside_an_item_lives_until_the_item_is_released(self):
         baseline = store_used()
@@ -142,15 +158,25 @@ class TestEmbedded:
         kept = items.pop(0)
         del items
         drop_refs()
-        wait_for(lambda: not any(node().store.contains(cid) for cid in cids[1:]), 20,
-                 "refs inside dropped items to be released")
+        wait_for(
+            lambda: not any(node().store.contains(cid) for cid in cids[1:]),
+            20,
+            "refs inside dropped items to be released",
+        )
         assert node().store.contains(cids[0])
         ref, _cid = lattica.get(kept)
         assert float(lattica.get(ref).sum()) == 0.0
         del ref, kept
         drop_refs()
-        wait_for(lambda: not node().store.contains(cids[0]) and store_used() <= baseline
-                 and no_items_left(tid), 20, "the last item and the ref inside it to go")
+        wait_for(
+            lambda: (
+                not node().store.contains(cids[0])
+                and store_used() <= baseline
+                and no_items_left(tid)
+            ),
+            20,
+            "the last item and the ref inside it to go",
+        )
 
     def test_a_worker_consuming_a_stream_holds_and_releases_its_items(self):
         baseline = store_used()
@@ -159,8 +185,11 @@ class TestEmbedded:
         assert lattica.get(sum_of_stream.remote(gen), timeout=60) == float(0 + 1 + 2 + 3) * N
         del gen
         drop_refs()
-        wait_for(lambda: store_used() <= baseline and no_items_left(tid), 20,
-                 "the items a worker took to be released once it dropped them")
+        wait_for(
+            lambda: store_used() <= baseline and no_items_left(tid),
+            20,
+            "the items a worker took to be released once it dropped them",
+        )
 
     def test_items_of_a_dead_submitter_are_released(self):
         baseline = store_used()
@@ -169,9 +198,11 @@ class TestEmbedded:
         wait_for(lambda: stream_finished(tid), 30, "the stream to finish")
         assert store_used() >= baseline + 4 * N * 8
         lattica.kill(holder)  # its worker dies holding the generator and one item
-        wait_for(lambda: store_used() <= baseline and no_items_left(tid)
-                 and tid not in node().streams, 20,
-                 "the items of the dead actor's stream to be released")
+        wait_for(
+            lambda: store_used() <= baseline and no_items_left(tid) and tid not in node().streams,
+            20,
+            "the items of the dead actor's stream to be released",
+        )
 
 
 @lattica.remote
@@ -207,18 +238,27 @@ class TestAcrossNodes:
         kept_id = kept.id
         del taken, gen  # item 3 was never taken: it goes with the generator
         drop_refs()
-        wait_for(lambda: not any(lattica.get(probe.remote(cid), timeout=30) for cid in cids[1:]),
-                 30, "the owner node to delete objects inside the dropped items")
-        wait_for(lambda: not any(oid[:16] == tid and oid != kept_id for oid in node().objects),
-                 20, "the dropped and untaken items to leave the driver")
+        wait_for(
+            lambda: not any(lattica.get(probe.remote(cid), timeout=30) for cid in cids[1:]),
+            30,
+            "the owner node to delete objects inside the dropped items",
+        )
+        wait_for(
+            lambda: not any(oid[:16] == tid and oid != kept_id for oid in node().objects),
+            20,
+            "the dropped and untaken items to leave the driver",
+        )
         # the kept item still holds the object inside it on the other node
         assert lattica.get(probe.remote(cids[0]), timeout=30)
         ref, _cid = lattica.get(kept, timeout=60)
         assert float(lattica.get(ref, timeout=60).sum()) == 0.0
         del ref, kept
         drop_refs()
-        wait_for(lambda: not lattica.get(probe.remote(cids[0]), timeout=30), 30,
-                 "the object inside the last item to be deleted on its owner")
+        wait_for(
+            lambda: not lattica.get(probe.remote(cids[0]), timeout=30),
+            30,
+            "the object inside the last item to be deleted on its owner",
+        )
         wait_for(lambda: no_items_left(tid), 20, "the last item to leave the driver")
         assert not node().refs.forwarded
 

@@ -19,15 +19,18 @@ import collections
 import os
 import time
 
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
+
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
 from latticaray.runtime.serialization import deserialize
-from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
 
 N = 6
 
-DRIVER = SESSION_DRIVER_HELPERS + r"""
+DRIVER = (
+    SESSION_DRIVER_HELPERS
+    + r"""
 from latticaray.mesh.identify import PING_PROTOCOL
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.runtime import cluster as cluster_mod
@@ -142,18 +145,21 @@ print(json.dumps({"items": items, "finished_items": finished_items, "dropped": d
       flush=True)
 lattica.shutdown()
 """
+)
 
 
 def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
-    info, report = run_session_driver(DRIVER, tmp_path, {"sd": 1}, 2, str(N))
+    _info, report = run_session_driver(DRIVER, tmp_path, {"sd": 1}, 2, str(N))
     workdir = tmp_path / "runs"
     assert report["items"] == [i * 10 for i in range(N)], report
     assert report["finished_items"] == [0, 10, 20], report
     assert report["dropped"] == [2, 3, 1, 2, "done"], report
     assert sorted(os.listdir(workdir)) == sorted(
-        ["run-a", "run-b"] + [f"go-a-{i}" for i in range(N)] + [f"go-b-{i}" for i in range(3)])
-    assert report["stats"] == {"sessions_moved": 2, "tasks_resent": 2,
-                               "sessions_reopened": 1}, report
+        ["run-a", "run-b"] + [f"go-a-{i}" for i in range(N)] + [f"go-b-{i}" for i in range(3)]
+    )
+    assert report["stats"] == {"sessions_moved": 2, "tasks_resent": 2, "sessions_reopened": 1}, (
+        report
+    )
 
 
 class _Node:
@@ -206,8 +212,11 @@ def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
     assert second.frames == [_yield(b"s", 3)]
     third = FakeRemoteClient()
     assert cluster.seen_before(third, _stream(b"s", again=True, got=2))
-    assert third.frames == [{"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
-                            _yield(b"s", 2), _yield(b"s", 3)]
+    assert third.frames == [
+        {"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
+        _yield(b"s", 2),
+        _yield(b"s", 3),
+    ]
     assert cluster.stats == {"resent_tasks_attached": 2} and not cluster.node.cancelled
 
 

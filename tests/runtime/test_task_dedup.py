@@ -14,12 +14,15 @@ import collections
 import os
 import time
 
+from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
+
 from latticaray.runtime import cluster as cluster_mod
 from latticaray.runtime.cluster import CallerTasks, MeshCluster
 from latticaray.runtime.node import STREAMING
-from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
 
-DRIVER = SESSION_DRIVER_HELPERS + r"""
+DRIVER = (
+    SESSION_DRIVER_HELPERS
+    + r"""
 from latticaray.runtime import cluster as cluster_mod
 
 bootstrap, credential, workdir = sys.argv[1:4]
@@ -73,6 +76,7 @@ print(json.dumps({"worker": worker, "results": results, "owed": owed,
                             ("sessions_moved", "tasks_resent")}}), flush=True)
 lattica.shutdown()
 """
+)
 
 
 def test_resent_tasks_run_once_and_a_finished_one_is_answered_again(tmp_path):
@@ -124,8 +128,9 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     # an unknown id sent again runs (this node never saw it)
     assert not cluster.seen_before(third, _task(b"t2", again=True))
     # so does an unknown streaming id whose caller has none of its items (see test_stream_dedup)
-    assert not cluster.seen_before(third, {"tid": b"t3", "nret": STREAMING, "again": True,
-                                           "got": 0})
+    assert not cluster.seen_before(
+        third, {"tid": b"t3", "nret": STREAMING, "again": True, "got": 0}
+    )
     assert seen.running[b"t3"] is third and b"t3" in seen.streams
 
 

@@ -1,4 +1,5 @@
 """Remote functions on an embedded node: verbs, options, errors, retries, cancel, generators."""
+
 import os
 import time
 
@@ -239,8 +240,7 @@ def test_cancel_queued_task(runtime):
 
 @lattica.remote
 def count_to(n):
-    for i in range(n):
-        yield i
+    yield from range(n)
 
 
 def test_streaming_generator(runtime):
@@ -325,6 +325,7 @@ def test_put_ref_dropped_right_after_submit_stays_readable(runtime):
     import gc
 
     from latticaray.runtime import context
+
     gc.collect()  # the put refs are gone: only the queued tasks keep the arrays alive
     context.current_core().flush_releases()
     assert lattica.get(refs, timeout=60) == [float(i * (1 << 18)) for i in range(6)]

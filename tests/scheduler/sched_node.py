@@ -35,15 +35,24 @@ async def main() -> None:
     parser.add_argument("--draining", action="store_true")
     args = parser.parse_args()
 
-    node = await MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))).start()
+    node = await MeshNode(
+        MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+    ).start()
     dht = DhtService(node, DhtConfig(k=4, request_timeout=5.0))
     await asyncio.wait_for(dht.bootstrap([args.bootstrap] if args.bootstrap else None), 30)
-    local = LocalScheduler(str(node.peer_id), ResourceLedger(json.loads(args.resources)),
-                           labels=json.loads(args.labels))
+    local = LocalScheduler(
+        str(node.peer_id),
+        ResourceLedger(json.loads(args.resources)),
+        labels=json.loads(args.labels),
+    )
     local.accepting = not args.draining
-    advertiser = CapacityAdvertiser(local, str(node.peer_id), node.peer_id.to_bytes(), dht,
-                                    core=AdvertiserCore(str(node.peer_id), ttl=20.0, refresh_interval=2.0,
-                                                        min_interval=0.1))
+    advertiser = CapacityAdvertiser(
+        local,
+        str(node.peer_id),
+        node.peer_id.to_bytes(),
+        dht,
+        core=AdvertiserCore(str(node.peer_id), ttl=20.0, refresh_interval=2.0, min_interval=0.1),
+    )
     if args.draining:
         # Model a stale ad: it advertised free capacity before it started draining.
         local.accepting = True
@@ -59,13 +68,17 @@ async def main() -> None:
     service = SchedulerService(node, local, on_start=run_task, advertiser=advertiser)
     if not args.draining:
         advertiser.start()
-    print(json.dumps({"peer_id": str(node.peer_id), "addrs": [str(a) for a in node.listen_addrs]}),
-          flush=True)
+    print(
+        json.dumps({"peer_id": str(node.peer_id), "addrs": [str(a) for a in node.listen_addrs]}),
+        flush=True,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
+    loop.add_reader(
+        sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None
+    )
     await stop.wait()
     await advertiser.stop()
     await service.close()

@@ -6,8 +6,15 @@ import msgpack
 import pytest
 
 from latticaray.scheduler.advertiser import (
-    MAX_AD_BYTES, AdvertiserCore, CandidateSampler, CapacityAd, CapacityAdvertiser, build_snapshot,
-    capacity_key, view_from_ad, views_from_dht,
+    MAX_AD_BYTES,
+    AdvertiserCore,
+    CandidateSampler,
+    CapacityAd,
+    CapacityAdvertiser,
+    build_snapshot,
+    capacity_key,
+    view_from_ad,
+    views_from_dht,
 )
 from latticaray.scheduler.errors import InvalidCapacityAd
 from latticaray.scheduler.local import LocalScheduler
@@ -16,9 +23,17 @@ from latticaray.scheduler.resources import ResourceLedger
 
 
 def ad(node="12D3KooWnode", **kw):
-    base = dict(seq=1, time=100.0, total={"CPU": 8, "GPU": 2, "accel": 1},
-                available={"CPU": 3, "GPU": 1}, labels={"zone": "eu"}, queued=2, running=5,
-                queue_limit=16, store_free=1 << 30)
+    base = {
+        "seq": 1,
+        "time": 100.0,
+        "total": {"CPU": 8, "GPU": 2, "accel": 1},
+        "available": {"CPU": 3, "GPU": 1},
+        "labels": {"zone": "eu"},
+        "queued": 2,
+        "running": 5,
+        "queue_limit": 16,
+        "store_free": 1 << 30,
+    }
     base.update(kw)
     return CapacityAd(node, **base)
 
@@ -31,15 +46,18 @@ def test_round_trip_and_publisher_binding():
         CapacityAd.decode(data, publisher="12D3KooWother")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda m: m.update(v=2), "v=1"),
-    (lambda m: m.pop("node"), "node"),
-    (lambda m: m.update(queued=-1), "queued"),
-    (lambda m: m.update(time=float("inf")), "time"),
-    (lambda m: m.update(total={"CPU": -4}), "resources"),
-    (lambda m: m.update(labels={"k": 5}), "labels"),
-    (lambda m: m.update(total={f"r{i}": 1 for i in range(100)}), "max_map_len"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda m: m.update(v=2), "v=1"),
+        (lambda m: m.pop("node"), "node"),
+        (lambda m: m.update(queued=-1), "queued"),
+        (lambda m: m.update(time=float("inf")), "time"),
+        (lambda m: m.update(total={"CPU": -4}), "resources"),
+        (lambda m: m.update(labels={"k": 5}), "labels"),
+        (lambda m: m.update(total={f"r{i}": 1 for i in range(100)}), "max_map_len"),
+    ],
+)
 def test_malformed_ads_are_refused_with_a_clear_error(mutate, message):
     obj = msgpack.unpackb(ad().encode(), raw=False)
     mutate(obj)
@@ -99,9 +117,12 @@ async def test_advertiser_writes_dht_subkeys_and_members_then_views_feed_the_pol
     dht, members = FakeDht(), FakeMembers()
     nodes = {}
     for i, extra in enumerate([{}, {}, {"accel": 1}]):
-        local = LocalScheduler(f"node{i}", ResourceLedger({"CPU": 4, **extra}), labels={"i": str(i)})
-        advertiser = CapacityAdvertiser(local, f"node{i}", f"node{i}".encode(), dht, members,
-                                        clock=lambda: 50.0)
+        local = LocalScheduler(
+            f"node{i}", ResourceLedger({"CPU": 4, **extra}), labels={"i": str(i)}
+        )
+        advertiser = CapacityAdvertiser(
+            local, f"node{i}", f"node{i}".encode(), dht, members, clock=lambda: 50.0
+        )
         assert await advertiser.publish_once() is not None
         nodes[f"node{i}"] = advertiser
     assert set(dht.records[b"capacity/CPU"]) == {b"node0", b"node1", b"node2"}
@@ -113,17 +134,25 @@ async def test_advertiser_writes_dht_subkeys_and_members_then_views_feed_the_pol
     assert [v.node_id for v in views] == ["node2"] and views[0].ad_time == 7.0
     assert len(await sampler.candidates({"CPU": 1})) == 2  # sampled, not everyone
     snapshot = build_snapshot(dht_views=views, local_node="node0")
-    decision = PlacementPolicy(seed=0).place(snapshot, PlacementRequest("t", {"accel": 1}, "s"), 7.0)
+    decision = PlacementPolicy(seed=0).place(
+        snapshot, PlacementRequest("t", {"accel": 1}, "s"), 7.0
+    )
     assert decision.node_id == "node2"
 
 
 async def test_advertiser_loop_publishes_changes_and_stops():
     dht = FakeDht()
     local = LocalScheduler("n", ResourceLedger({"CPU": 2}))
-    advertiser = CapacityAdvertiser(local, "n", b"n", dht, core=AdvertiserCore(
-        "n", ttl=10, refresh_interval=5, min_interval=0.01))
+    advertiser = CapacityAdvertiser(
+        local,
+        "n",
+        b"n",
+        dht,
+        core=AdvertiserCore("n", ttl=10, refresh_interval=5, min_interval=0.01),
+    )
     advertiser.start()
     try:
+
         async def published_running(count):
             for _ in range(500):
                 value = (dht.records.get(b"capacity/CPU") or {}).get(b"n")
@@ -131,6 +160,7 @@ async def test_advertiser_loop_publishes_changes_and_stops():
                     return True
                 await asyncio.sleep(0.01)
             return False
+
         assert await published_running(0)
         local.offer(PlacementRequest("t", {"CPU": 1}, "s"), 0.0)
         advertiser.notify_change()
@@ -143,6 +173,7 @@ def test_views_from_dht_skip_bad_and_forged_records():
     class Rec:
         def __init__(self, value, publisher):
             self.value, self.publisher = value, publisher
+
     good = Rec(ad(node="A").encode(), "A")
     forged = Rec(ad(node="A").encode(), "B")
     views, problems = views_from_dht({b"A": good, b"B": forged, b"C": Rec(b"junk", "C")}, 3.0)
@@ -160,8 +191,11 @@ def test_build_snapshot_from_members_prefers_dht_views():
         def __init__(self, pid, total, avail):
             self.peer_id, self.resources_total, self.resources_available = pid, total, avail
             self.labels, self.heartbeat = {}, 1.0
+
     members = [Member("A", {"CPU": 4}, {"CPU": 1}), Member("B", {"CPU": 2}, {"CPU": 2})]
-    dht_view = view_from_ad(ad(node="B", total={"CPU": 2}, available={"CPU": 0}, running=2, queued=3), 2.0)
+    dht_view = view_from_ad(
+        ad(node="B", total={"CPU": 2}, available={"CPU": 0}, running=2, queued=3), 2.0
+    )
     snapshot = build_snapshot(members, [dht_view], objects={"cid": (10, ["A"])})
     assert snapshot.nodes["A"].running == 3
     assert snapshot.nodes["B"].queued == 3
@@ -174,10 +208,18 @@ async def test_advertiser_writes_the_crdt_members_entry_that_small_meshes_read()
 
     key = KeyPair.generate()
     state = StateCore(key, wall_clock=lambda: 1000.0)
-    local = LocalScheduler(str(key.peer_id), ResourceLedger({"CPU": 4, "accel": 2}), labels={"zone": "eu"})
+    local = LocalScheduler(
+        str(key.peer_id), ResourceLedger({"CPU": 4, "accel": 2}), labels={"zone": "eu"}
+    )
     local.offer(PlacementRequest("t", {"CPU": 3}, "s"), 0.0)
-    advertiser = CapacityAdvertiser(local, str(key.peer_id), key.peer_id.to_bytes(), dht=None,
-                                    members=state.members, clock=lambda: 1000.0)
+    advertiser = CapacityAdvertiser(
+        local,
+        str(key.peer_id),
+        key.peer_id.to_bytes(),
+        dht=None,
+        members=state.members,
+        clock=lambda: 1000.0,
+    )
     await advertiser.publish_once()
     assert advertiser.failures == 0
     (member,) = state.members.alive(1000.0)
@@ -185,7 +227,9 @@ async def test_advertiser_writes_the_crdt_members_entry_that_small_meshes_read()
     view = snapshot.nodes[str(key.peer_id)]
     assert view.total == {"CPU": 4, "accel": 2} and view.available["CPU"] == 1 and view.running == 3
     assert view.labels == {"zone": "eu"}
-    decision = PlacementPolicy(seed=0).place(snapshot, PlacementRequest("u", {"accel": 1}, "s"), 0.0)
+    decision = PlacementPolicy(seed=0).place(
+        snapshot, PlacementRequest("u", {"accel": 1}, "s"), 0.0
+    )
     assert decision.node_id == str(key.peer_id)
 
 
@@ -200,5 +244,6 @@ def test_member_views_move_heartbeats_onto_the_local_clock():
     class Members:
         def alive(self, now):
             return [Member("A", 1000.0), Member("B", 997.5)]
+
     views = {v.node_id: v for v in member_views(Members(), wall_now=1001.0, local_now=50.0)}
     assert views["A"].ad_time == pytest.approx(49.0) and views["B"].ad_time == pytest.approx(46.5)

@@ -32,17 +32,21 @@ NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "sched_node.py")
 
 
 class SchedNode:
-    def __init__(self, resources: dict, bootstrap: str | None = None, draining: bool = False) -> None:
+    def __init__(
+        self, resources: dict, bootstrap: str | None = None, draining: bool = False
+    ) -> None:
         args = [sys.executable, NODE_SCRIPT, "--resources", json.dumps(resources)]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
         if draining:
             args.append("--draining")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.info: dict | None = None
 
-    async def ready(self, timeout: float = 60.0) -> "SchedNode":
+    async def ready(self, timeout: float = 60.0) -> SchedNode:
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
         if not line:
             raise RuntimeError("scheduler node process exited before it was ready")
@@ -91,7 +95,9 @@ async def mesh():
         procs.append(SchedNode({"CPU": 8}, bootstrap=first.addr, draining=True))
         for p in procs[1:]:
             await p.ready()
-        driver = await MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))).start()
+        driver = await MeshNode(
+            MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
+        ).start()
         dht = DhtService(driver, DhtConfig(k=4, request_timeout=5.0))
         await asyncio.wait_for(dht.bootstrap([first.addr]), 30)
         for p in procs:
@@ -100,10 +106,15 @@ async def mesh():
         async def all_advertised() -> bool:
             got = await dht.get(capacity_key("CPU"))
             return isinstance(got, dict) and len(got) == 3
+
         await wait_until(all_advertised, 30, "three capacity/CPU ads in the DHT")
-        client = SchedulerClient(driver, sampler=CandidateSampler(dht, max_age=0.3),
-                                 policy=PlacementPolicy(seed=7), infeasible_timeout=2.0,
-                                 refresh_interval=0.2)
+        client = SchedulerClient(
+            driver,
+            sampler=CandidateSampler(dht, max_age=0.3),
+            policy=PlacementPolicy(seed=7),
+            infeasible_timeout=2.0,
+            refresh_interval=0.2,
+        )
         yield procs, client
     finally:
         if client is not None:
@@ -125,14 +136,16 @@ async def test_custom_resource_spread_and_spillback_across_processes(mesh):
     plain, special, draining = procs
 
     # Tasks needing the custom resource land only on the node that has it.
-    results = await asyncio.gather(*(client.place(*task(i, {"CPU": 0.1, "special": 1}, 0.2), timeout=60)
-                                     for i in range(6)))
+    results = await asyncio.gather(
+        *(client.place(*task(i, {"CPU": 0.1, "special": 1}, 0.2), timeout=60) for i in range(6))
+    )
     assert {r.node_id for r in results} == {special.peer_id}
 
     # CPU tasks spread over the nodes that accept work; the draining node's stale ad draws offers
     # that it rejects, and those tasks spill over instead of failing.
-    results = await asyncio.gather(*(client.place(*task(100 + i, {"CPU": 1}, 1.0), timeout=60)
-                                     for i in range(12)))
+    results = await asyncio.gather(
+        *(client.place(*task(100 + i, {"CPU": 1}, 1.0), timeout=60) for i in range(12))
+    )
     per_node = Counter(r.node_id for r in results)
     assert draining.peer_id not in per_node
     assert per_node[plain.peer_id] >= 3 and per_node[special.peer_id] >= 3

@@ -2,19 +2,34 @@
 
 from collections import Counter
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latticaray.scheduler.policy import (
-    DEFAULT, SPREAD, ClusterSnapshot, DecisionKind, NodeAffinity, NodeView, PlacementPolicy,
-    PlacementRequest, labels_match,
+    DEFAULT,
+    SPREAD,
+    ClusterSnapshot,
+    DecisionKind,
+    NodeAffinity,
+    NodeView,
+    PlacementPolicy,
+    PlacementRequest,
+    labels_match,
 )
 from latticaray.scheduler.resources import fits
 
 
 def node(i, cpu=4, gpu=0, labels=None, avail=None, queued=0, running=0, queue_limit=16, **extra):
     total = {"CPU": cpu, **({"GPU": gpu} if gpu else {}), **extra}
-    return NodeView(f"n{i}", total, dict(avail if avail is not None else total), labels or {},
-                    queued=queued, running=running, queue_limit=queue_limit)
+    return NodeView(
+        f"n{i}",
+        total,
+        dict(avail if avail is not None else total),
+        labels or {},
+        queued=queued,
+        running=running,
+        queue_limit=queue_limit,
+    )
 
 
 def req(tid="t", submitter="s", **kw):
@@ -24,25 +39,49 @@ def req(tid="t", submitter="s", **kw):
 
 node_views = st.builds(
     lambda i, cpu, gpu, zone, free_frac, queued: node(
-        i, cpu=cpu, gpu=gpu, labels={"zone": zone},
+        i,
+        cpu=cpu,
+        gpu=gpu,
+        labels={"zone": zone},
         avail={"CPU": cpu * free_frac, **({"GPU": gpu * free_frac} if gpu else {})},
-        queued=queued, running=int(cpu * (1 - free_frac))),
-    st.integers(0, 10_000), st.sampled_from([0, 1, 2, 8]), st.sampled_from([0, 1, 4]),
-    st.sampled_from(["a", "b"]), st.sampled_from([0.0, 0.5, 1.0]), st.integers(0, 20))
+        queued=queued,
+        running=int(cpu * (1 - free_frac)),
+    ),
+    st.integers(0, 10_000),
+    st.sampled_from([0, 1, 2, 8]),
+    st.sampled_from([0, 1, 4]),
+    st.sampled_from(["a", "b"]),
+    st.sampled_from([0.0, 0.5, 1.0]),
+    st.integers(0, 20),
+)
 
 requests = st.builds(
     lambda cpu, gpu, zone, args, excluded: PlacementRequest(
-        "t", {"CPU": cpu, "GPU": gpu}, "s", label_selector={"zone": zone} if zone else {},
-        args=tuple((f"obj{a}", 1000 * (a + 1)) for a in args), excluded=frozenset(excluded)),
-    st.sampled_from([0.5, 1, 2, 8, 16]), st.sampled_from([0, 0.5, 1, 2]),
-    st.sampled_from([None, "a", "b"]), st.lists(st.integers(0, 4), max_size=3),
-    st.sets(st.sampled_from([f"n{i}" for i in range(20)]), max_size=3))
+        "t",
+        {"CPU": cpu, "GPU": gpu},
+        "s",
+        label_selector={"zone": zone} if zone else {},
+        args=tuple((f"obj{a}", 1000 * (a + 1)) for a in args),
+        excluded=frozenset(excluded),
+    ),
+    st.sampled_from([0.5, 1, 2, 8, 16]),
+    st.sampled_from([0, 0.5, 1, 2]),
+    st.sampled_from([None, "a", "b"]),
+    st.lists(st.integers(0, 4), max_size=3),
+    st.sets(st.sampled_from([f"n{i}" for i in range(20)]), max_size=3),
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(node_views, min_size=0, max_size=25, unique_by=lambda n: n.node_id), requests,
-       st.dictionaries(st.integers(0, 4), st.sets(st.sampled_from([f"n{i}" for i in range(30)])),
-                       max_size=5), st.sampled_from([DEFAULT, SPREAD]), st.integers(0, 5))
+@given(
+    st.lists(node_views, min_size=0, max_size=25, unique_by=lambda n: n.node_id),
+    requests,
+    st.dictionaries(
+        st.integers(0, 4), st.sets(st.sampled_from([f"n{i}" for i in range(30)])), max_size=5
+    ),
+    st.sampled_from([DEFAULT, SPREAD]),
+    st.integers(0, 5),
+)
 def test_never_places_on_an_infeasible_node(views, request, holders, strategy, seed):
     snapshot = ClusterSnapshot(views)
     for obj, nodes in holders.items():
@@ -51,19 +90,27 @@ def test_never_places_on_an_infeasible_node(views, request, holders, strategy, s
     decision = PlacementPolicy(seed=seed).place(snapshot, request, now=0.0)
 
     def feasible(v):
-        return (fits(v.total, request.resources) and labels_match(v.labels, request.label_selector)
-                and v.node_id not in request.excluded)
+        return (
+            fits(v.total, request.resources)
+            and labels_match(v.labels, request.label_selector)
+            and v.node_id not in request.excluded
+        )
+
     if decision.kind is DecisionKind.PLACE:
         assert feasible(snapshot.nodes[decision.node_id])
     elif decision.kind is DecisionKind.INFEASIBLE:
-        assert not any(fits(v.total, request.resources) and labels_match(v.labels, request.label_selector)
-                       for v in views)
+        assert not any(
+            fits(v.total, request.resources) and labels_match(v.labels, request.label_selector)
+            for v in views
+        )
     else:
         assert any(feasible(v) for v in views) or request.excluded
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(node_views, min_size=1, max_size=25, unique_by=lambda n: n.node_id), st.integers(0, 3))
+@given(
+    st.lists(node_views, min_size=1, max_size=25, unique_by=lambda n: n.node_id), st.integers(0, 3)
+)
 def test_locality_is_chosen_when_a_holder_has_room(views, seed):
     snapshot = ClusterSnapshot(views)
     request = req(resources={"CPU": 1}, args=(("big", 10**9), ("small", 10)))
@@ -94,7 +141,10 @@ def test_custom_resource_and_label_selector_pick_only_matching_nodes():
     for i in range(20):
         d = policy.place(snapshot, req(f"t{i}", resources={"CPU": 1, "accel": 0.05}), 0.0)
         assert d.node_id == "n10"
-    assert policy.place(snapshot, req("t21", resources={"CPU": 1, "accel": 0.05}), 0.0).kind is DecisionKind.WAIT
+    assert (
+        policy.place(snapshot, req("t21", resources={"CPU": 1, "accel": 0.05}), 0.0).kind
+        is DecisionKind.WAIT
+    )
     policy = PlacementPolicy(seed=2)
     for i in range(10):
         d = policy.place(snapshot, req(f"u{i}", label_selector={"zone": ["b", "c"]}), 0.0)
@@ -103,10 +153,14 @@ def test_custom_resource_and_label_selector_pick_only_matching_nodes():
 
 def test_anti_herding_spreads_a_burst_under_a_stale_snapshot():
     # One node looks idle, the rest look busy; the ads will not refresh during the burst.
-    views = [node(0, cpu=8)] + [node(i, cpu=8, avail={"CPU": 0}, running=8, queued=0) for i in range(1, 50)]
+    views = [node(0, cpu=8)] + [
+        node(i, cpu=8, avail={"CPU": 0}, running=8, queued=0) for i in range(1, 50)
+    ]
     snapshot = ClusterSnapshot(views)
     policy = PlacementPolicy(seed=3)
-    placed = Counter(policy.place(snapshot, req(f"t{i}"), now=0.001 * i).node_id for i in range(400))
+    placed = Counter(
+        policy.place(snapshot, req(f"t{i}"), now=0.001 * i).node_id for i in range(400)
+    )
     assert placed["n0"] <= 8 + 400 // 40  # took its free slots, then shares the queueing
     assert len(placed) > 20
 
@@ -126,8 +180,10 @@ def test_newer_ad_supersedes_remembered_placements():
 
 
 def test_power_of_choices_balances_load_at_saturation():
-    views = [node(i, cpu=c, avail={"CPU": 0}, running=c, queue_limit=None)
-             for i, c in enumerate([1, 2, 4, 8, 16] * 20)]
+    views = [
+        node(i, cpu=c, avail={"CPU": 0}, running=c, queue_limit=None)
+        for i, c in enumerate([1, 2, 4, 8, 16] * 20)
+    ]
     snapshot = ClusterSnapshot(views)
     policy = PlacementPolicy(seed=4)
     for i in range(3000):
@@ -156,17 +212,27 @@ def test_node_affinity_hard_and_soft():
     snapshot = ClusterSnapshot(views)
     policy = PlacementPolicy(seed=0)
     assert policy.place(snapshot, req("a", strategy=NodeAffinity("n1")), 0.0).node_id == "n1"
-    assert policy.place(snapshot, req("b", strategy=NodeAffinity("n0")), 0.0).kind is DecisionKind.WAIT
-    assert policy.place(snapshot, req("c", strategy=NodeAffinity("n0", soft=True)), 0.0).node_id == "n1"
+    assert (
+        policy.place(snapshot, req("b", strategy=NodeAffinity("n0")), 0.0).kind is DecisionKind.WAIT
+    )
+    assert (
+        policy.place(snapshot, req("c", strategy=NodeAffinity("n0", soft=True)), 0.0).node_id
+        == "n1"
+    )
     d = policy.place(snapshot, req("d", strategy=NodeAffinity("gone")), 0.0)
     assert d.kind is DecisionKind.INFEASIBLE and "gone" in d.reason
-    assert policy.place(snapshot, req("e", strategy=NodeAffinity("gone", soft=True)), 0.0).node_id == "n1"
+    assert (
+        policy.place(snapshot, req("e", strategy=NodeAffinity("gone", soft=True)), 0.0).node_id
+        == "n1"
+    )
 
 
 def test_local_only_places_on_the_local_node_or_nowhere():
     snapshot = ClusterSnapshot([node(0), node(1)], local_node="n1")
     policy = PlacementPolicy(seed=0)
-    assert all(policy.place(snapshot, req(f"t{i}", local_only=True), 0.0).node_id == "n1" for i in range(3))
+    assert all(
+        policy.place(snapshot, req(f"t{i}", local_only=True), 0.0).node_id == "n1" for i in range(3)
+    )
     d = policy.place(snapshot, req("big", resources={"CPU": 64}, local_only=True), 0.0)
     assert d.kind is DecisionKind.INFEASIBLE
 
@@ -174,8 +240,12 @@ def test_local_only_places_on_the_local_node_or_nowhere():
 def test_feasibility_cache_follows_membership_changes():
     snapshot = ClusterSnapshot([node(0)])
     policy = PlacementPolicy(seed=0)
-    assert policy.place(snapshot, req("a", resources={"GPU": 1}), 0.0).kind is DecisionKind.INFEASIBLE
+    assert (
+        policy.place(snapshot, req("a", resources={"GPU": 1}), 0.0).kind is DecisionKind.INFEASIBLE
+    )
     snapshot.update_node(node(1, gpu=1))
     assert policy.place(snapshot, req("b", resources={"GPU": 1}), 0.0).node_id == "n1"
     snapshot.remove_node("n1")
-    assert policy.place(snapshot, req("c", resources={"GPU": 1}), 0.0).kind is DecisionKind.INFEASIBLE
+    assert (
+        policy.place(snapshot, req("c", resources={"GPU": 1}), 0.0).kind is DecisionKind.INFEASIBLE
+    )

@@ -1,7 +1,8 @@
 """ResourceLedger: never over-commits, exclusive whole GPUs, shared fractional GPUs, reclaim."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latticaray.scheduler.errors import InsufficientResources, ResourceError
 from latticaray.scheduler.resources import ResourceLedger, fits, normalize, shortfall
@@ -86,9 +87,16 @@ def test_dead_worker_resources_are_reclaimed():
     assert ledger.available == ledger.total
 
 
-ops = st.lists(st.tuples(st.sampled_from(["acq", "rel", "die"]), st.integers(0, 9),
-                         st.sampled_from([0, 0.25, 0.5, 1, 2]), st.sampled_from([0, 0.3, 0.5, 1, 2]),
-                         st.sampled_from(["w1", "w2", "w3"])), max_size=60)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["acq", "rel", "die"]),
+        st.integers(0, 9),
+        st.sampled_from([0, 0.25, 0.5, 1, 2]),
+        st.sampled_from([0, 0.3, 0.5, 1, 2]),
+        st.sampled_from(["w1", "w2", "w3"]),
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=150, deadline=None)

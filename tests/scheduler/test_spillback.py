@@ -1,7 +1,8 @@
 """Node admission, fair queues, submitter spillback, infeasible timeouts, and a small simulation."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latticaray.scheduler.errors import QueueFull, TaskUnschedulableError
 from latticaray.scheduler.local import AdmissionKind, FairQueue, LocalScheduler
@@ -9,7 +10,11 @@ from latticaray.scheduler.policy import ClusterSnapshot, NodeView, PlacementPoli
 from latticaray.scheduler.resources import ResourceLedger
 from latticaray.scheduler.sim import SimulationConfig, run_simulation
 from latticaray.scheduler.submitter import (
-    Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter,
+    Placed,
+    PlacementFailed,
+    PlacementWarning,
+    SendPlacement,
+    Submitter,
 )
 
 
@@ -87,24 +92,31 @@ def drive(submitter, nodes, actions, now, max_steps=10_000):
         assert steps < max_steps
         action = pending.pop(0)
         if isinstance(action, SendPlacement):
-            pending.extend(submitter.on_admission(nodes[action.node_id].offer(action.request, now), now))
+            pending.extend(
+                submitter.on_admission(nodes[action.node_id].offer(action.request, now), now)
+            )
         elif isinstance(action, Placed):
             placed.append(action)
     return placed
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(1, 8), min_size=2, max_size=12), st.integers(0, 100), st.integers(1, 30))
+@given(
+    st.lists(st.integers(1, 8), min_size=2, max_size=12), st.integers(0, 100), st.integers(1, 30)
+)
 def test_spillback_converges_from_a_wrong_snapshot(cpus, seed, tasks):
     # Every node really is full except the last; the snapshot says all are idle.
-    nodes = {f"n{i:02d}": LocalScheduler(f"n{i:02d}", ResourceLedger({"CPU": c}), queue_limit=0)
-             for i, c in enumerate(cpus)}
+    nodes = {
+        f"n{i:02d}": LocalScheduler(f"n{i:02d}", ResourceLedger({"CPU": c}), queue_limit=0)
+        for i, c in enumerate(cpus)
+    }
     ids = sorted(nodes)
     for nid in ids[:-1]:
         for k in range(int(cpus[ids.index(nid)])):
             nodes[nid].offer(req(f"fill-{nid}-{k}", "other"), 0)
-    snapshot = ClusterSnapshot([NodeView(n, {"CPU": cpus[i]}, {"CPU": cpus[i]}, queue_limit=0)
-                                for i, n in enumerate(ids)])
+    snapshot = ClusterSnapshot(
+        [NodeView(n, {"CPU": cpus[i]}, {"CPU": cpus[i]}, queue_limit=0) for i, n in enumerate(ids)]
+    )
     submitter = Submitter("s", PlacementPolicy(seed=seed), snapshot, max_attempts=len(ids) + 1)
     capacity = int(cpus[-1])
     placed = []
@@ -128,7 +140,10 @@ def test_spillback_converges_from_a_wrong_snapshot(cpus, seed, tasks):
 
 
 def test_bounded_spillback_then_wait_not_fail():
-    nodes = {f"n{i}": LocalScheduler(f"n{i}", ResourceLedger({"CPU": 1}), queue_limit=0) for i in range(5)}
+    nodes = {
+        f"n{i}": LocalScheduler(f"n{i}", ResourceLedger({"CPU": 1}), queue_limit=0)
+        for i in range(5)
+    }
     for n in nodes.values():
         n.offer(req(f"fill-{n.node_id}", "other"), 0)
     snapshot = ClusterSnapshot([NodeView(n, {"CPU": 1}, {"CPU": 1}, queue_limit=0) for n in nodes])
@@ -167,7 +182,9 @@ def test_infeasible_request_is_rescued_by_a_node_joining_in_time():
 
 
 def test_submitter_backpressure():
-    snapshot = ClusterSnapshot([NodeView("n0", {"CPU": 1}, {"CPU": 0}, running=1, queued=1, queue_limit=1)])
+    snapshot = ClusterSnapshot(
+        [NodeView("n0", {"CPU": 1}, {"CPU": 0}, running=1, queued=1, queue_limit=1)]
+    )
     submitter = Submitter("s", PlacementPolicy(seed=0), snapshot, max_waiting=3)
     for i in range(3):
         assert submitter.submit(req(f"t{i}"), 0.0) == []
@@ -176,8 +193,11 @@ def test_submitter_backpressure():
 
 
 def test_small_simulation_places_everything_locally_and_balanced():
-    result = run_simulation(SimulationConfig(nodes=60, submitters=6, tasks=6000, arrival_window=4.0,
-                                             mean_duration=2.0, seed=3))
+    result = run_simulation(
+        SimulationConfig(
+            nodes=60, submitters=6, tasks=6000, arrival_window=4.0, mean_duration=2.0, seed=3
+        )
+    )
     s = result.summary()
     assert s["placed"] == 6000 and s["failed"] == 0 and s["finished"] == 6000
     assert s["placed_on_infeasible_node"] == 0

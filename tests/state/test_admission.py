@@ -7,10 +7,14 @@ import random
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latticaray.state import (
-    DeltaTooLarge, MalformedDelta, NotAMember, StateCore,
+    DeltaTooLarge,
+    MalformedDelta,
+    NotAMember,
+    StateCore,
 )
 from latticaray.state.atoms import Atom, encode_atom, encode_value, sign_atom
 from latticaray.state.hlc import Hlc
@@ -28,8 +32,9 @@ def core_for(key, members=None) -> StateCore:
 
 
 def delta_message(atoms) -> bytes:
-    return msgpack.packb({"v": 1, "t": "delta", "a": [encode_atom(a) for a in atoms]},
-                         use_bin_type=True)
+    return msgpack.packb(
+        {"v": 1, "t": "delta", "a": [encode_atom(a) for a in atoms]}, use_bin_type=True
+    )
 
 
 def snapshot(core: StateCore):
@@ -48,14 +53,24 @@ def test_forged_signature_tampered_value_and_reattribution_are_rejected():
     honest = alice.lww_map("kv").set("x", 1)
     tampered = dataclasses.replace(honest, value=encode_value(666))
     # Mallory re-attributes her own signed atom to Alice
-    mallory_signed = sign_atom(MALLORY, "kv", "x", "", Hlc(honest.hlc.wall_ms + 5, 0),
-                               encode_value(2))
+    mallory_signed = sign_atom(
+        MALLORY, "kv", "x", "", Hlc(honest.hlc.wall_ms + 5, 0), encode_value(2)
+    )
     reattributed = dataclasses.replace(mallory_signed, author=ALICE.peer_id)
     # Mallory signs with her key but claims to be Alice from the start
-    forged = Atom("kv", "x", "", Hlc(honest.hlc.wall_ms + 9, 0), ALICE.peer_id, False,
-                  encode_value(3), MALLORY.sign(b"anything"))
-    bob.replica.handle_message(MALLORY.peer_id, delta_message([tampered, reattributed, forged]),
-                               NOW)
+    forged = Atom(
+        "kv",
+        "x",
+        "",
+        Hlc(honest.hlc.wall_ms + 9, 0),
+        ALICE.peer_id,
+        False,
+        encode_value(3),
+        MALLORY.sign(b"anything"),
+    )
+    bob.replica.handle_message(
+        MALLORY.peer_id, delta_message([tampered, reattributed, forged]), NOW
+    )
     assert bob.lww_map("kv").get("x") is None
     assert bob.replica.stats.atoms_rejected["SignatureInvalid"] == 3
     bob.replica.handle_message(ALICE.peer_id, delta_message([honest]), NOW)
@@ -86,20 +101,26 @@ def test_unsigned_delta_is_malformed_and_changes_nothing():
     assert snapshot(bob) == {}
 
 
-@pytest.mark.parametrize("payload", [
-    b"", b"\xc1", b"not msgpack at all \xff\xfe", msgpack.packb([1, 2, 3]),
-    msgpack.packb({"v": 99, "t": "delta", "a": []}),
-    msgpack.packb({"v": 1, "t": "teleport"}),
-    msgpack.packb({"v": 1, "t": "delta", "a": "nope"}),
-    msgpack.packb({"v": 1, "t": "delta", "a": [[1, 2, 3]]}),
-    msgpack.packb({"v": 1, "t": "ae", "s": 1, "n": [[9, 0, 0, 0]]}),
-    msgpack.packb({"v": 1, "t": "ae", "s": 1, "n": [[1, 99, 0, 0]]}),
-    msgpack.packb({"v": 1, "t": "ae", "s": "x"}),
-    msgpack.packb({"v": 1, "t": "ae", "s": 1, "w": [-1]}),
-    msgpack.packb({"v": 1, "t": "ihave", "h": [[1, 2]]}),
-    msgpack.packb({"v": 1, "t": "ihave", "h": "x"}),
-    msgpack.packb({"v": 1, "t": "iwant", "w": ["a"]}),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all \xff\xfe",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 99, "t": "delta", "a": []}),
+        msgpack.packb({"v": 1, "t": "teleport"}),
+        msgpack.packb({"v": 1, "t": "delta", "a": "nope"}),
+        msgpack.packb({"v": 1, "t": "delta", "a": [[1, 2, 3]]}),
+        msgpack.packb({"v": 1, "t": "ae", "s": 1, "n": [[9, 0, 0, 0]]}),
+        msgpack.packb({"v": 1, "t": "ae", "s": 1, "n": [[1, 99, 0, 0]]}),
+        msgpack.packb({"v": 1, "t": "ae", "s": "x"}),
+        msgpack.packb({"v": 1, "t": "ae", "s": 1, "w": [-1]}),
+        msgpack.packb({"v": 1, "t": "ihave", "h": [[1, 2]]}),
+        msgpack.packb({"v": 1, "t": "ihave", "h": "x"}),
+        msgpack.packb({"v": 1, "t": "iwant", "w": ["a"]}),
+    ],
+)
 def test_malformed_messages_raise_typed_errors_and_leave_state_alone(payload):
     bob = core_for(BOB)
     bob.lww_map("kv").set("mine", 1)
@@ -142,22 +163,46 @@ def test_non_member_sender_and_non_member_author_are_refused():
 
 
 def test_write_rules_stop_a_member_writing_another_members_entries():
-    alice, bob = core_for(ALICE), core_for(BOB)
-    value = {"addrs": ["/ip4/6.6.6.6/tcp/1"], "reachability": "public", "resources_total": {},
-             "resources_available": {}, "labels": {}}
-    impostor = sign_atom(BOB, "members", str(ALICE.peer_id), "", Hlc(int(NOW * 1000), 0),
-                         encode_value(value))
-    claim_for_alice = sign_atom(BOB, "actors", "svc", str(ALICE.peer_id), Hlc(int(NOW * 1000), 1),
-                                encode_value({"actor_id": "a", "host": str(BOB.peer_id),
-                                              "state": "alive",
-                                              "claimed_at": [int(NOW * 1000), 0]}))
-    bad_schema = sign_atom(BOB, "members", str(BOB.peer_id), "", Hlc(int(NOW * 1000), 2),
-                           encode_value({"addrs": "not a list"}))
-    unknown = sign_atom(BOB, "no-such-collection", "k", "", Hlc(int(NOW * 1000), 3),
-                        encode_value(1))
-    alice.replica.handle_message(BOB.peer_id,
-                                 delta_message([impostor, claim_for_alice, bad_schema, unknown]),
-                                 NOW)
+    alice = core_for(ALICE)
+    value = {
+        "addrs": ["/ip4/6.6.6.6/tcp/1"],
+        "reachability": "public",
+        "resources_total": {},
+        "resources_available": {},
+        "labels": {},
+    }
+    impostor = sign_atom(
+        BOB, "members", str(ALICE.peer_id), "", Hlc(int(NOW * 1000), 0), encode_value(value)
+    )
+    claim_for_alice = sign_atom(
+        BOB,
+        "actors",
+        "svc",
+        str(ALICE.peer_id),
+        Hlc(int(NOW * 1000), 1),
+        encode_value(
+            {
+                "actor_id": "a",
+                "host": str(BOB.peer_id),
+                "state": "alive",
+                "claimed_at": [int(NOW * 1000), 0],
+            }
+        ),
+    )
+    bad_schema = sign_atom(
+        BOB,
+        "members",
+        str(BOB.peer_id),
+        "",
+        Hlc(int(NOW * 1000), 2),
+        encode_value({"addrs": "not a list"}),
+    )
+    unknown = sign_atom(
+        BOB, "no-such-collection", "k", "", Hlc(int(NOW * 1000), 3), encode_value(1)
+    )
+    alice.replica.handle_message(
+        BOB.peer_id, delta_message([impostor, claim_for_alice, bad_schema, unknown]), NOW
+    )
     assert alice.members.all() == [] and alice.actors.get("svc") is None
     assert alice.replica.stats.atoms_rejected["WriteRejected"] == 3
     assert alice.replica.stats.atoms_rejected["UnknownCollection"] == 1
@@ -166,8 +211,9 @@ def test_write_rules_stop_a_member_writing_another_members_entries():
 def test_future_timestamps_and_expired_tombstones_are_rejected():
     bob = core_for(BOB)
     future = sign_atom(ALICE, "kv", "k", "", Hlc(int((NOW + 3600) * 1000), 0), encode_value(1))
-    ancient_tombstone = sign_atom(ALICE, "kv", "j", "", Hlc(int((NOW - 10 * 86400) * 1000), 0),
-                                  b"", tombstone=True)
+    ancient_tombstone = sign_atom(
+        ALICE, "kv", "j", "", Hlc(int((NOW - 10 * 86400) * 1000), 0), b"", tombstone=True
+    )
     bob.replica.handle_message(ALICE.peer_id, delta_message([future, ancient_tombstone]), NOW)
     assert snapshot(bob) == {}
     assert bob.replica.stats.atoms_rejected["ClockSkewError"] == 1
@@ -177,8 +223,10 @@ def test_future_timestamps_and_expired_tombstones_are_rejected():
 def test_store_bound_refuses_new_slots_but_keeps_updating_existing_ones():
     bob = StateCore(BOB, wall_clock=lambda: NOW, max_slots=2)
     bob.lww_map("kv")
-    atoms = [sign_atom(ALICE, "kv", f"k{i}", "", Hlc(int(NOW * 1000), i), encode_value(i))
-             for i in range(4)]
+    atoms = [
+        sign_atom(ALICE, "kv", f"k{i}", "", Hlc(int(NOW * 1000), i), encode_value(i))
+        for i in range(4)
+    ]
     report = bob.store.merge(atoms, NOW)
     assert len(report.applied) == 2 and len(bob.store) == 2
     update = sign_atom(ALICE, "kv", "k0", "", Hlc(int(NOW * 1000), 9), encode_value("new"))
@@ -189,8 +237,10 @@ def test_store_bound_refuses_new_slots_but_keeps_updating_existing_ones():
 def test_unsolicited_anti_entropy_reply_is_ignored():
     alice, bob = core_for(ALICE), core_for(BOB)
     atom = bob.lww_map("kv").set("x", 1)
-    reply = msgpack.packb({"v": 1, "t": "aer", "s": 12345, "c": [], "l": [], "x": [],
-                           "a": [encode_atom(atom)]}, use_bin_type=True)
+    reply = msgpack.packb(
+        {"v": 1, "t": "aer", "s": 12345, "c": [], "l": [], "x": [], "a": [encode_atom(atom)]},
+        use_bin_type=True,
+    )
     assert alice.replica.handle_message(BOB.peer_id, reply, NOW) == (None, [])
     assert alice.lww_map("kv").get("x") is None
     assert alice.replica.stats.messages_rejected["unexpected_reply"] == 1
@@ -200,8 +250,10 @@ def test_per_author_quota_stops_one_member_filling_the_store():
     bob = StateCore(BOB, wall_clock=lambda: NOW)
     bob.store.max_slots_per_author = 3
     bob.lww_map("kv")
-    spam = [sign_atom(MALLORY, "kv", f"spam{i}", "", Hlc(int(NOW * 1000), i), encode_value(i))
-            for i in range(10)]
+    spam = [
+        sign_atom(MALLORY, "kv", f"spam{i}", "", Hlc(int(NOW * 1000), i), encode_value(i))
+        for i in range(10)
+    ]
     report = bob.store.merge(spam, NOW)
     assert len(report.applied) == 3 and bob.store.slots_by(MALLORY.peer_id) == 3
     honest = sign_atom(ALICE, "kv", "mine", "", Hlc(int(NOW * 1000), 0), encode_value(1))

@@ -55,8 +55,11 @@ class InProcessNode:
         self.handlers.pop(service, None)
 
     def connected_peers(self):
-        return [p for p in self.hub.nodes if p != self.peer_id
-                and frozenset((p, self.peer_id)) not in self.hub.blocked]
+        return [
+            p
+            for p in self.hub.nodes
+            if p != self.peer_id and frozenset((p, self.peer_id)) not in self.hub.blocked
+        ]
 
     async def call(self, peer_id, service, payload, timeout=5.0):
         target = self.hub.nodes.get(peer_id)
@@ -97,8 +100,9 @@ async def test_driver_replicates_partitions_heals_and_converges():
         await wait_for(lambda: all(s.jobs.get("job-right") for s in states[3:]))
         assert all(s.jobs.get("job-right") is None for s in states[:3])
         hub.heal()
-        await wait_for(lambda: all(s.jobs.get("job-left") and s.jobs.get("job-right")
-                                   for s in states))
+        await wait_for(
+            lambda: all(s.jobs.get("job-left") and s.jobs.get("job-right") for s in states)
+        )
         await wait_for(lambda: len({s.actors.get("svc").actor_id for s in states}) == 1)
         assert states[0].actors.get("svc").actor_id == "a-left"
     finally:

@@ -52,6 +52,7 @@ class PartitionableNode:
             if not self._firewall.allows(self.peer_id, ctx.peer_id):
                 raise RpcError("UNAVAILABLE", "partitioned")
             return await handler(ctx, payload)
+
         self._node.register_unary(service, guarded)
 
     def unregister(self, service) -> None:
@@ -79,16 +80,23 @@ async def test_six_mesh_nodes_partition_write_both_sides_heal_and_converge(recor
     states: list[ClusterState] = []
     try:
         for i in range(6):
-            config = MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
-                                key=deterministic_key(21, i), same_host_fast_path=False,
-                                transports=("quic",),
-                                bootstrap=[nodes[0].listen_addrs[0]] if nodes else [])
+            config = MeshConfig(
+                listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
+                key=deterministic_key(21, i),
+                same_host_fast_path=False,
+                transports=("quic",),
+                bootstrap=[nodes[0].listen_addrs[0]] if nodes else [],
+            )
             node = MeshNode(config)
             await node.start()
             nodes.append(node)
         for node in nodes:
-            state = ClusterState(PartitionableNode(node, firewall), config=FAST,
-                                 heartbeat_interval=0.5, call_timeout=3.0)
+            state = ClusterState(
+                PartitionableNode(node, firewall),
+                config=FAST,
+                heartbeat_interval=0.5,
+                call_timeout=3.0,
+            )
             await state.start()
             states.append(state)
         # every node learns every other from the members CRDT (only node 0 was dialed directly)
@@ -110,8 +118,12 @@ async def test_six_mesh_nodes_partition_write_both_sides_heal_and_converge(recor
         states[5].lww_map("config").set("mode", "right")
         lost = []
         states[4].actors.on_claim_lost(lambda name, mine, winner: lost.append((name, winner)))
-        await wait_for(lambda: all(s.jobs.get("job-left") for s in states[:3])
-                       and all(s.jobs.get("job-right") for s in states[3:]))
+        await wait_for(
+            lambda: (
+                all(s.jobs.get("job-left") for s in states[:3])
+                and all(s.jobs.get("job-right") for s in states[3:])
+            )
+        )
         assert all(s.jobs.get("job-right") is None for s in states[:3])
         assert all(s.actors.get("svc").actor_id == "actor-right" for s in states[3:])
         firewall.blocked = set()
@@ -119,8 +131,10 @@ async def test_six_mesh_nodes_partition_write_both_sides_heal_and_converge(recor
 
         def converged() -> bool:
             digests = {s.core.store.node(0, 0) for s in states}
-            return (len(digests) == 1 and all(s.jobs.get("job-left") and s.jobs.get("job-right")
-                                               for s in states))
+            return len(digests) == 1 and all(
+                s.jobs.get("job-left") and s.jobs.get("job-right") for s in states
+            )
+
         # heartbeats keep changing the state, so "converged" is a moment where all digests agree
         await wait_for(converged)
         elapsed = time.monotonic() - healed

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from latticaray.state import (
-    ActorState, FailureDetector, JobStatus, Liveness, NoSuchClaim, Reachability, StateCore,
+    ActorState,
+    FailureDetector,
+    JobStatus,
+    Liveness,
+    NoSuchClaim,
+    Reachability,
+    StateCore,
 )
 from latticaray.state.simulation import deterministic_key
 
@@ -23,8 +29,12 @@ class Clock:
 
 
 def make(n: int, clock: Clock, detector: FailureDetector | None = None) -> list[StateCore]:
-    return [StateCore(deterministic_key(3, i), wall_clock=clock, detector=detector,
-                      rng=random.Random(i)) for i in range(n)]
+    return [
+        StateCore(
+            deterministic_key(3, i), wall_clock=clock, detector=detector, rng=random.Random(i)
+        )
+        for i in range(n)
+    ]
 
 
 def exchange(*cores: StateCore) -> None:
@@ -38,9 +48,13 @@ def exchange(*cores: StateCore) -> None:
 def test_members_upsert_read_and_keep_unspecified_fields():
     clock = Clock()
     (a,) = make(1, clock)
-    a.members.upsert_self(addrs=["/ip4/127.0.0.1/udp/4001/quic-v1"], reachability="public",
-                          resources_total={"CPU": 8, "GPU": 1}, resources_available={"CPU": 8},
-                          labels={"zone": "a"})
+    a.members.upsert_self(
+        addrs=["/ip4/127.0.0.1/udp/4001/quic-v1"],
+        reachability="public",
+        resources_total={"CPU": 8, "GPU": 1},
+        resources_available={"CPU": 8},
+        labels={"zone": "a"},
+    )
     clock.t += 1
     a.members.upsert_self(resources_available={"CPU": 3})
     info = a.members.get(a.peer_id)
@@ -93,8 +107,9 @@ def test_concurrent_actor_claims_resolve_the_same_everywhere_and_loser_is_told()
     a, b, c = make(3, clock)
     lost = {a.peer_id: [], b.peer_id: []}
     for core in (a, b):
-        core.actors.on_claim_lost(lambda name, mine, winner, me=core.peer_id:
-                                  lost[me].append((name, winner.owner)))
+        core.actors.on_claim_lost(
+            lambda name, mine, winner, me=core.peer_id: lost[me].append((name, winner.owner))
+        )
     ra = a.actors.claim("counter", "actor-a")
     clock.t += 0.5  # b claims later, without having seen a's claim (partition)
     rb = b.actors.claim("counter", "actor-b")
@@ -178,8 +193,13 @@ def test_tombstones_are_collected_after_their_ttl():
 
 
 def test_heartbeat_interval_and_thresholds_stretch_with_mesh_size():
-    detector = FailureDetector(suspect_after=5, dead_after=15, remove_after=120,
-                               heartbeat_interval=1, heartbeats_per_second=50)
+    detector = FailureDetector(
+        suspect_after=5,
+        dead_after=15,
+        remove_after=120,
+        heartbeat_interval=1,
+        heartbeats_per_second=50,
+    )
     assert detector.interval_for(10) == 1 and detector.interval_for(1000) == 20
     assert detector.thresholds(10) == (5, 15)
     assert detector.thresholds(100) == (10, 30)
@@ -194,9 +214,11 @@ def test_member_entries_are_what_the_scheduler_reads():
 
     clock = Clock()
     (core,) = make(1, clock)
-    core.members.upsert_self(resources_total={"CPU": 8.0, "GPU": 1.0},
-                             resources_available={"CPU": 6.0, "GPU": 1.0},
-                             labels={"zone": "eu"})
+    core.members.upsert_self(
+        resources_total={"CPU": 8.0, "GPU": 1.0},
+        resources_available={"CPU": 6.0, "GPU": 1.0},
+        labels={"zone": "eu"},
+    )
     view = view_from_member(core.members.alive()[0], clock.t)
     assert view.node_id == str(core.peer_id) and view.total == {"CPU": 8.0, "GPU": 1.0}
     assert view.available["CPU"] == 6.0 and view.labels == {"zone": "eu"} and view.running == 2

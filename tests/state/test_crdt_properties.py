@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from latticaray.state import CrdtStore, ORSet, PNCounter, StateCore
 from latticaray.state.atoms import encode_value, sign_atom
@@ -14,8 +15,9 @@ from latticaray.state.simulation import deterministic_key
 
 NOW = 1_700_000_000.0
 KEYS = [deterministic_key(99, i) for i in range(4)]
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                             suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def fresh_store() -> CrdtStore:
@@ -98,10 +100,14 @@ def test_lww_winner_is_greatest_hlc_then_peer_id(a):
 # --- convergence of N replicas driving the typed CRDTs ----------------------------------------
 
 OPS = st.lists(
-    st.tuples(st.integers(0, 3),                      # replica
-              st.sampled_from(["add", "remove", "inc", "dec", "set", "delete"]),
-              st.integers(0, 3)),                     # element / value
-    min_size=1, max_size=25)
+    st.tuples(
+        st.integers(0, 3),  # replica
+        st.sampled_from(["add", "remove", "inc", "dec", "set", "delete"]),
+        st.integers(0, 3),
+    ),  # element / value
+    min_size=1,
+    max_size=25,
+)
 
 
 def make_replicas(n: int, clock):
@@ -138,8 +144,12 @@ def _counter(core) -> PNCounter:
 
 
 def views(core: StateCore):
-    return (sorted(_orset(core).elements()), _counter(core).value(),
-            core.lww_map("kv").get("k"), core.store.node(0, 0))
+    return (
+        sorted(_orset(core).elements()),
+        _counter(core).value(),
+        core.lww_map("kv").get("k"),
+        core.store.node(0, 0),
+    )
 
 
 def anti_entropy_to_fixpoint(replicas, now):
@@ -147,7 +157,7 @@ def anti_entropy_to_fixpoint(replicas, now):
     for _ in range(len(replicas) * 2):
         for i, a in enumerate(replicas):
             b = replicas[(i + 1) % len(replicas)]
-            peer, data = a.replica.start_anti_entropy(b.peer_id, now)
+            _peer, data = a.replica.start_anti_entropy(b.peer_id, now)
             for _round in range(20):
                 reply, _ = b.replica.handle_message(a.peer_id, data, now)
                 _, sends = a.replica.handle_message(b.peer_id, reply, now)
@@ -158,8 +168,9 @@ def anti_entropy_to_fixpoint(replicas, now):
             return
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(OPS, st.randoms(use_true_random=False), st.floats(0, 0.4), st.floats(0, 0.5))
 def test_replicas_converge_under_reorder_duplication_and_loss(ops, rnd, loss, duplication):
     t = [NOW]
@@ -194,7 +205,7 @@ def test_or_set_add_wins_over_concurrent_remove():
     a, b = make_replicas(2, lambda: t[0])
     delta = [_orset(a).add(7)]
     b.store.merge(delta, t[0])
-    removal = _orset(b).remove(7)       # b removed the add it saw ...
+    removal = _orset(b).remove(7)  # b removed the add it saw ...
     concurrent_add = [_orset(a).add(7)]  # ... while a re-added 7 concurrently
     a.store.merge(removal, t[0])
     b.store.merge(concurrent_add, t[0])
@@ -216,6 +227,7 @@ def test_counter_sums_every_authors_increments():
 
 # --- anti-entropy finds exactly the differences ----------------------------------------------
 
+
 def run_session(initiator: StateCore, responder: StateCore, now: float) -> tuple[int, int]:
     """One anti-entropy session to completion; returns (rounds, bytes both ways)."""
     _, data = initiator.replica.start_anti_entropy(responder.peer_id, now)
@@ -230,8 +242,9 @@ def run_session(initiator: StateCore, responder: StateCore, now: float) -> tuple
     return rounds, total
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.integers(0, 400), st.integers(0, 6), st.integers(0, 6), st.randoms(use_true_random=False))
 def test_one_anti_entropy_session_reconciles_divergent_replicas(shared, only_a, only_b, rnd):
     a = StateCore(KEYS[0], wall_clock=lambda: NOW, rng=random.Random(1))
@@ -239,9 +252,12 @@ def test_one_anti_entropy_session_reconciles_divergent_replicas(shared, only_a, 
     for core in (a, b):
         define_collection(core.store, "kv", "lww")
     stamp = iter(range(10**6))
+
     def atom(key_pair, key):
-        return sign_atom(key_pair, "kv", key, "", Hlc(int(NOW * 1000), next(stamp)),
-                         encode_value(rnd.random()))
+        return sign_atom(
+            key_pair, "kv", key, "", Hlc(int(NOW * 1000), next(stamp)), encode_value(rnd.random())
+        )
+
     common = [atom(KEYS[2], f"s{i}") for i in range(shared)]
     a.store.merge(common, NOW)
     b.store.merge(common, NOW)

@@ -44,8 +44,10 @@ def test_partition_writes_on_both_sides_heal_and_converge():
     assert elapsed is not None, "replicas did not converge after the heal"
     values = {core.lww_map("kv").get("shared") for core in cluster.cores.values()}
     assert len(values) == 1
-    assert all(core.members.get(w_left.author) and core.members.get(w_right.author)
-               for core in cluster.cores.values())
+    assert all(
+        core.members.get(w_left.author) and core.members.get(w_right.author)
+        for core in cluster.cores.values()
+    )
 
 
 def test_anti_entropy_alone_repairs_a_lossy_network():
@@ -62,8 +64,9 @@ def test_anti_entropy_traffic_is_small_when_in_sync_and_proportional_to_the_diff
     base = []
     for i, pid in enumerate(cluster.ids):
         core = cluster.cores[pid]
-        base.append(core.members.upsert_self(addrs=[f"/ip4/127.0.0.1/tcp/{i}"],
-                                             labels={"pad": "x" * 200}))
+        base.append(
+            core.members.upsert_self(addrs=[f"/ip4/127.0.0.1/tcp/{i}"], labels={"pad": "x" * 200})
+        )
     cluster.preload(base)
     cluster.run_until(lambda: False, timeout=2)  # let preload gossip duplicates die out
     assert cluster.converged()

@@ -18,7 +18,19 @@ from .records import OwnerOnlyKey, OwnerOnlySubkey, Record, RecordPolicy, defaul
 from .service import DhtService, DhtValue, ProviderInfo
 
 __all__ = [
-    "DhtService", "DhtConfig", "DhtCore", "DhtValue", "ProviderInfo", "Record", "RecordPolicy",
-    "OwnerOnlyKey", "OwnerOnlySubkey", "default_validators", "DhtError", "DhtProtocolError",
-    "DhtOperationFailed", "RecordRejected", "PROTOCOL_ID",
+    "PROTOCOL_ID",
+    "DhtConfig",
+    "DhtCore",
+    "DhtError",
+    "DhtOperationFailed",
+    "DhtProtocolError",
+    "DhtService",
+    "DhtValue",
+    "OwnerOnlyKey",
+    "OwnerOnlySubkey",
+    "ProviderInfo",
+    "Record",
+    "RecordPolicy",
+    "RecordRejected",
+    "default_validators",
 ]

@@ -15,22 +15,44 @@ driver (service.py) and the simulator driver (latticaray/mesh/sim/dht.py) are tw
 
 from __future__ import annotations
 
-from bisect import insort
-from operator import attrgetter
 import random
+from bisect import insort
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from .errors import RecordRejected
 from .keyspace import Contact, dht_id, id_from_bytes, id_to_bytes, key_id
-from .messages import (ADD_PROVIDER, FIND_NODE, GET_PROVIDERS, GET_VALUE, PING, PUT_VALUE,
-                       error_response)
-from .records import (ProviderStore, Record, RecordPolicy, RecordStore, RecordValidator,
-                      default_validators, validate_record)
+from .messages import (
+    ADD_PROVIDER,
+    FIND_NODE,
+    GET_PROVIDERS,
+    GET_VALUE,
+    PING,
+    PUT_VALUE,
+    error_response,
+)
+from .records import (
+    ProviderStore,
+    Record,
+    RecordPolicy,
+    RecordStore,
+    RecordValidator,
+    default_validators,
+    validate_record,
+)
 from .routing import RoutingTable
 
-__all__ = ["DhtConfig", "DhtCore", "Operation", "Lookup", "FindNodeOp", "GetValueOp",
-           "GetProvidersOp", "StoreOp"]
+__all__ = [
+    "DhtConfig",
+    "DhtCore",
+    "FindNodeOp",
+    "GetProvidersOp",
+    "GetValueOp",
+    "Lookup",
+    "Operation",
+    "StoreOp",
+]
 
 
 @dataclass
@@ -78,8 +100,9 @@ def batch_records(records: list[Record]) -> list[list[Record]]:
     current: list[Record] = []
     size = 0
     for record in records:
-        if current and (len(current) >= RECORDS_PER_MESSAGE
-                        or size + record.size > RECORD_BYTES_PER_MESSAGE):
+        if current and (
+            len(current) >= RECORDS_PER_MESSAGE or size + record.size > RECORD_BYTES_PER_MESSAGE
+        ):
             batches.append(current)
             current, size = [], 0
         current.append(record)
@@ -109,7 +132,7 @@ class Operation:
 
 
 class _Candidate:
-    __slots__ = ("contact", "distance", "state", "sent_at", "depth", "path")
+    __slots__ = ("contact", "depth", "distance", "path", "sent_at", "state")
 
     def __init__(self, contact: Contact, distance: int, depth: int, path: int) -> None:
         self.contact = contact
@@ -124,8 +147,14 @@ class Lookup(Operation):
     """Iterative lookup of the k closest peers to ``target`` with alpha requests in flight per
     path; ends when the k closest non-failed candidates of every path have answered."""
 
-    def __init__(self, core: "DhtCore", target: int, request: dict[str, Any], now: float,
-                 seeds: list[Contact] = ()) -> None:
+    def __init__(
+        self,
+        core: DhtCore,
+        target: int,
+        request: dict[str, Any],
+        now: float,
+        seeds: list[Contact] = (),
+    ) -> None:
         cfg = core.config
         self.core = core
         self.target = target
@@ -216,7 +245,9 @@ class Lookup(Operation):
         return out
 
     def next_deadline(self) -> float | None:
-        stall_ends = [sent + self.stall for inflight in self._inflight for sent in inflight.values()]
+        stall_ends = [
+            sent + self.stall for inflight in self._inflight for sent in inflight.values()
+        ]
         return min(stall_ends) if stall_ends else None
 
     def on_response(self, contact: Contact, response: dict[str, Any], now: float) -> None:
@@ -279,7 +310,7 @@ class GetValueOp(Lookup):
     it stops as soon as that many peers have returned valid records (faster, but a subkey map
     may then be read from fewer replicas)."""
 
-    def __init__(self, core: "DhtCore", key: bytes, now: float, quorum: int | None = None) -> None:
+    def __init__(self, core: DhtCore, key: bytes, now: float, quorum: int | None = None) -> None:
         self.key = key
         self.records: dict[bytes | None, Record] = {}
         self.hops: int | None = None
@@ -320,7 +351,7 @@ class GetValueOp(Lookup):
 class GetProvidersOp(Lookup):
     """Finds up to ``count`` providers of ``key``; :meth:`take_new` hands them out as found."""
 
-    def __init__(self, core: "DhtCore", key: bytes, count: int, now: float) -> None:
+    def __init__(self, core: DhtCore, key: bytes, count: int, now: float) -> None:
         self.key = key
         self.count = count
         self.providers: dict[bytes, Contact] = {}
@@ -356,13 +387,16 @@ class StoreOp(Operation):
     ADD_PROVIDER) to each of the k closest peers found. We store locally as well when we are
     among the k closest ourselves."""
 
-    def __init__(self, core: "DhtCore", key: bytes, request: dict[str, Any], now: float,
-                 store_locally) -> None:
+    def __init__(
+        self, core: DhtCore, key: bytes, request: dict[str, Any], now: float, store_locally
+    ) -> None:
         self.core = core
         self.key = key
         self.request = request
         self._store_locally = store_locally
-        self.lookup = FindNodeOp(core, key_id(key), core.request(FIND_NODE, target=id_to_bytes(key_id(key))), now)
+        self.lookup = FindNodeOp(
+            core, key_id(key), core.request(FIND_NODE, target=id_to_bytes(key_id(key))), now
+        )
         self._pending: dict[bytes, Contact] | None = None
         self.stored_at: list[bytes] = []
         self.errors: dict[str, int] = {}
@@ -371,8 +405,9 @@ class StoreOp(Operation):
 
     @property
     def messages(self) -> int:  # type: ignore[override]
-        return self.lookup.messages + (len(self.stored_at) + sum(self.errors.values())
-                                       + len(self._pending or ()))
+        return self.lookup.messages + (
+            len(self.stored_at) + sum(self.errors.values()) + len(self._pending or ())
+        )
 
     def next_requests(self, now: float) -> list[tuple[Contact, dict[str, Any]]]:
         if self.done:
@@ -383,8 +418,9 @@ class StoreOp(Operation):
                 return out
             closest = self.lookup.closest()
             target = key_id(self.key)
-            if len(closest) < self.core.config.k or (
-                    self.core.node_id ^ target) < (closest[-1].node_id ^ target):
+            if len(closest) < self.core.config.k or (self.core.node_id ^ target) < (
+                closest[-1].node_id ^ target
+            ):
                 try:
                     self._store_locally(now)
                     self.stored_locally = True
@@ -409,7 +445,7 @@ class StoreOp(Operation):
         results = [r for r in response.get("results", ()) if r not in (None, "stale")]
         if error is None and not results:
             self.stored_at.append(contact.peer_id)
-        for reason in ([error] if error else results):
+        for reason in [error] if error else results:
             self.errors[reason] = self.errors.get(reason, 0) + 1
         self.done = not self._pending
 
@@ -431,21 +467,35 @@ class StoreOp(Operation):
 class DhtCore:
     """One DHT node's state and protocol logic (sans-I/O)."""
 
-    def __init__(self, peer_id: bytes, addrs: tuple[str, ...] = (), config: DhtConfig | None = None,
-                 validators: dict[bytes, RecordValidator] | None = None, now: float = 0.0,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        peer_id: bytes,
+        addrs: tuple[str, ...] = (),
+        config: DhtConfig | None = None,
+        validators: dict[bytes, RecordValidator] | None = None,
+        now: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = cfg = config or DhtConfig()
         self.peer_id = peer_id
         self.node_id = dht_id(peer_id)
         self.addrs = tuple(addrs)
         self.validators = default_validators() if validators is None else validators
         self.rng = rng or random.Random(self.node_id)
-        self.routing = RoutingTable(self.node_id, k=cfg.k, replacement_size=cfg.replacement_size,
-                                    max_failures=cfg.max_failures,
-                                    refresh_interval=cfg.refresh_interval,
-                                    ping_interval=cfg.ping_interval)
-        self.records = RecordStore(cfg.max_records, cfg.per_publisher_records, cfg.per_publisher_bytes)
-        self.providers = ProviderStore(cfg.max_providers, cfg.max_providers_per_key, cfg.per_provider_keys)
+        self.routing = RoutingTable(
+            self.node_id,
+            k=cfg.k,
+            replacement_size=cfg.replacement_size,
+            max_failures=cfg.max_failures,
+            refresh_interval=cfg.refresh_interval,
+            ping_interval=cfg.ping_interval,
+        )
+        self.records = RecordStore(
+            cfg.max_records, cfg.per_publisher_records, cfg.per_publisher_bytes
+        )
+        self.providers = ProviderStore(
+            cfg.max_providers, cfg.max_providers_per_key, cfg.per_provider_keys
+        )
         #: records we published ourselves, republished until they expire: (key, subkey) -> [record, last]
         self.published: dict[tuple[bytes, bytes | None], list] = {}
         #: keys we provide: key -> last announcement time
@@ -493,8 +543,13 @@ class DhtCore:
         us to it). A seed enters the routing table only once it answers. Follow with
         :meth:`refresh_ops` (``all_buckets=True``) to fill farther buckets."""
         seeds = [s for s in seeds if s.peer_id != self.peer_id]
-        return FindNodeOp(self, self.node_id,
-                          self.request(FIND_NODE, target=id_to_bytes(self.node_id)), now, seeds)
+        return FindNodeOp(
+            self,
+            self.node_id,
+            self.request(FIND_NODE, target=id_to_bytes(self.node_id)),
+            now,
+            seeds,
+        )
 
     def refresh_ops(self, now: float, all_buckets: bool = False) -> list[FindNodeOp]:
         """Lookups of a random id in each stale bucket (or, after joining, in every bucket
@@ -528,7 +583,9 @@ class DhtCore:
             for record in records:
                 self.records.store(record, t)
 
-        return StoreOp(self, key, self.request(PUT_VALUE, records=list(records)), now, store_locally)
+        return StoreOp(
+            self, key, self.request(PUT_VALUE, records=list(records)), now, store_locally
+        )
 
     def add_provider(self, key: bytes, now: float) -> StoreOp:
         """Announce ourselves as a provider of ``key`` to its k closest peers (re-announced every
@@ -545,7 +602,9 @@ class DhtCore:
         return GetProvidersOp(self, key, count, now)
 
     # requests we answer ----------------------------------------------------------------------
-    def handle_request(self, sender: Contact, request: dict[str, Any], now: float) -> dict[str, Any]:
+    def handle_request(
+        self, sender: Contact, request: dict[str, Any], now: float
+    ) -> dict[str, Any]:
         """Answer one decoded request from the authenticated peer ``sender``."""
         self.stats["requests_served"] += 1
         if sender.peer_id == self.peer_id:
@@ -565,12 +624,16 @@ class DhtCore:
             held = self.records.get(key, now)
             if len(held) > 1:  # the newest first, so a truncated answer keeps the freshest
                 held.sort(key=lambda r: r.expiration, reverse=True)
-            return {"records": batch_records(held)[0] if held else [],
-                    "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id)}
+            return {
+                "records": batch_records(held)[0] if held else [],
+                "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id),
+            }
         if op == GET_PROVIDERS:
             key = request["key"]
-            return {"providers": self.providers.get(key, now)[:k],
-                    "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id)}
+            return {
+                "providers": self.providers.get(key, now)[:k],
+                "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id),
+            }
         if op == PUT_VALUE:
             return {"results": [self._store_one(r, now) for r in request["records"]]}
         if op == ADD_PROVIDER:
@@ -617,8 +680,15 @@ class DhtCore:
                     self.records.last_refreshed[key] = now
         for key, records in by_key.items():
             for batch in batch_records(records):
-                ops.append(StoreOp(self, key, self.request(PUT_VALUE, records=batch), now,
-                                   lambda t, b=batch: [self._store_one(r, t) for r in b]))
+                ops.append(
+                    StoreOp(
+                        self,
+                        key,
+                        self.request(PUT_VALUE, records=batch),
+                        now,
+                        lambda t, b=batch: [self._store_one(r, t) for r in b],
+                    )
+                )
         for key, last in list(self.provided.items()):
             if now - last >= self.config.reprovide_interval:
                 ops.append(self.add_provider(key, now))

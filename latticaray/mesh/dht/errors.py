@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import MeshError
 
-__all__ = ["DhtError", "DhtProtocolError", "RecordRejected", "DhtOperationFailed"]
+__all__ = ["DhtError", "DhtOperationFailed", "DhtProtocolError", "RecordRejected"]
 
 
 class DhtError(MeshError):

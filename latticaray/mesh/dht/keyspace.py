@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-__all__ = ["ID_BITS", "dht_id", "key_id", "bucket_index", "Contact", "id_to_bytes", "id_from_bytes"]
+__all__ = ["ID_BITS", "Contact", "bucket_index", "dht_id", "id_from_bytes", "id_to_bytes", "key_id"]
 
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
@@ -44,14 +44,16 @@ def bucket_index(local_id: int, other_id: int) -> int:
 class Contact:
     """A peer as the DHT knows it: peer-ID bytes, its DHT id, and the addresses it was seen at."""
 
-    __slots__ = ("peer_id", "node_id", "addrs")
+    __slots__ = ("addrs", "node_id", "peer_id")
 
-    def __init__(self, peer_id: bytes, addrs: tuple[str, ...] = (), node_id: int | None = None) -> None:
+    def __init__(
+        self, peer_id: bytes, addrs: tuple[str, ...] = (), node_id: int | None = None
+    ) -> None:
         self.peer_id = peer_id
         self.node_id = dht_id(peer_id) if node_id is None else node_id
         self.addrs = tuple(addrs)
 
-    def with_addrs(self, addrs: tuple[str, ...]) -> "Contact":
+    def with_addrs(self, addrs: tuple[str, ...]) -> Contact:
         return Contact(self.peer_id, addrs, self.node_id)
 
     def __eq__(self, other: object) -> bool:

@@ -20,8 +20,19 @@ from .keyspace import ID_BYTES, Contact
 from .records import Record
 
 __all__ = [
-    "PROTOCOL_ID", "PING", "FIND_NODE", "GET_VALUE", "PUT_VALUE", "ADD_PROVIDER", "GET_PROVIDERS",
-    "OPS", "MAX_MESSAGE_SIZE", "encode", "decode_request", "decode_response", "error_response",
+    "ADD_PROVIDER",
+    "FIND_NODE",
+    "GET_PROVIDERS",
+    "GET_VALUE",
+    "MAX_MESSAGE_SIZE",
+    "OPS",
+    "PING",
+    "PROTOCOL_ID",
+    "PUT_VALUE",
+    "decode_request",
+    "decode_response",
+    "encode",
+    "error_response",
 ]
 
 PROTOCOL_ID = "/latticaray/dht/1"
@@ -77,11 +88,21 @@ def _unpack(data: bytes) -> dict:
     if len(data) > MAX_MESSAGE_SIZE:
         raise DhtProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True,
-                              max_bin_len=MAX_FIELD_BIN, max_str_len=4096, max_array_len=1024,
-                              max_map_len=32, max_ext_len=0)
+        obj = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=MAX_FIELD_BIN,
+            max_str_len=4096,
+            max_array_len=1024,
+            max_map_len=32,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise DhtProtocolError(f"not a valid msgpack message: {type(exc).__name__}: {exc}") from None
+        raise DhtProtocolError(
+            f"not a valid msgpack message: {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(obj, dict):
         raise DhtProtocolError(f"message must be a map, got {type(obj).__name__}")
     return obj
@@ -112,8 +133,12 @@ def _contacts(value: Any, name: str) -> list[Contact]:
         raise DhtProtocolError(f"field {name!r} must be a list of at most {MAX_PEERS} peers")
     out = []
     for item in value:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], bytes)
-                or not 0 < len(item[0]) <= MAX_PEER_ID_LEN):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], bytes)
+            or not 0 < len(item[0]) <= MAX_PEER_ID_LEN
+        ):
             raise DhtProtocolError(f"field {name!r} holds a malformed peer entry")
         out.append(Contact(item[0], _addrs(item[1])))
     return out
@@ -127,14 +152,23 @@ def _records(value: Any) -> list[Record]:
         if not isinstance(item, list) or len(item) != 6:
             raise DhtProtocolError("a record must be a 6-element array")
         key, subkey, val, expiration, publisher, signature = item
-        if not (isinstance(key, bytes) and isinstance(val, bytes) and isinstance(publisher, bytes)
-                and isinstance(signature, bytes) and (subkey is None or isinstance(subkey, bytes))):
+        if not (
+            isinstance(key, bytes)
+            and isinstance(val, bytes)
+            and isinstance(publisher, bytes)
+            and isinstance(signature, bytes)
+            and (subkey is None or isinstance(subkey, bytes))
+        ):
             raise DhtProtocolError("record fields have the wrong types")
         if isinstance(expiration, int) and not isinstance(expiration, bool):
             expiration = float(expiration)
         if not isinstance(expiration, float) or not math.isfinite(expiration):
             raise DhtProtocolError("record expiration must be a finite float")
-        if not 0 < len(key) <= MAX_KEY_LEN or len(publisher) > MAX_PEER_ID_LEN or len(signature) > 128:
+        if (
+            not 0 < len(key) <= MAX_KEY_LEN
+            or len(publisher) > MAX_PEER_ID_LEN
+            or len(signature) > 128
+        ):
             raise DhtProtocolError("record key, publisher or signature has a bad length")
         out.append(Record(key, subkey, val, expiration, publisher, signature))
     return out
@@ -189,8 +223,11 @@ def decode_response(data: bytes) -> dict[str, Any]:
         msg["records"] = _records(obj["records"])
     if "results" in obj:
         results = obj["results"]
-        if not isinstance(results, list) or len(results) > MAX_RECORDS or not all(
-                r is None or isinstance(r, str) for r in results):
+        if (
+            not isinstance(results, list)
+            or len(results) > MAX_RECORDS
+            or not all(r is None or isinstance(r, str) for r in results)
+        ):
             raise DhtProtocolError("put_value 'results' must be a list of null or error codes")
         msg["results"] = results
     return msg

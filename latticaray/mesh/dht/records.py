@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import msgpack
 
@@ -23,8 +24,16 @@ from .errors import RecordRejected
 from .keyspace import Contact
 
 __all__ = [
-    "RECORD_SIGNATURE_DOMAIN", "Record", "RecordPolicy", "RecordValidator", "OwnerOnlyKey",
-    "OwnerOnlySubkey", "default_validators", "validate_record", "RecordStore", "ProviderStore",
+    "RECORD_SIGNATURE_DOMAIN",
+    "OwnerOnlyKey",
+    "OwnerOnlySubkey",
+    "ProviderStore",
+    "Record",
+    "RecordPolicy",
+    "RecordStore",
+    "RecordValidator",
+    "default_validators",
+    "validate_record",
 ]
 
 RECORD_SIGNATURE_DOMAIN = "/latticaray/dht/record/1"
@@ -33,10 +42,17 @@ RECORD_SIGNATURE_DOMAIN = "/latticaray/dht/record/1"
 class Record:
     """One signed value under (key, subkey). Immutable by convention."""
 
-    __slots__ = ("key", "subkey", "value", "expiration", "publisher", "signature")
+    __slots__ = ("expiration", "key", "publisher", "signature", "subkey", "value")
 
-    def __init__(self, key: bytes, subkey: bytes | None, value: bytes, expiration: float,
-                 publisher: bytes, signature: bytes) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        subkey: bytes | None,
+        value: bytes,
+        expiration: float,
+        publisher: bytes,
+        signature: bytes,
+    ) -> None:
         self.key = key
         self.subkey = subkey
         self.value = value
@@ -46,22 +62,37 @@ class Record:
 
     @staticmethod
     def signed_payload(key: bytes, subkey: bytes | None, value: bytes, expiration: float) -> bytes:
-        return msgpack.packb([RECORD_SIGNATURE_DOMAIN, key, subkey, value, float(expiration)],
-                             use_bin_type=True)
+        return msgpack.packb(
+            [RECORD_SIGNATURE_DOMAIN, key, subkey, value, float(expiration)], use_bin_type=True
+        )
 
     @classmethod
-    def create(cls, key: bytes, value: bytes, expiration: float, keypair: KeyPair,
-               subkey: bytes | None = None) -> "Record":
+    def create(
+        cls,
+        key: bytes,
+        value: bytes,
+        expiration: float,
+        keypair: KeyPair,
+        subkey: bytes | None = None,
+    ) -> Record:
         payload = cls.signed_payload(key, subkey, value, expiration)
-        return cls(key, subkey, value, expiration, keypair.peer_id.to_bytes(), keypair.sign(payload))
+        return cls(
+            key, subkey, value, expiration, keypair.peer_id.to_bytes(), keypair.sign(payload)
+        )
 
     @property
     def size(self) -> int:
         """Bytes this record costs a store (payload plus signature and publisher)."""
-        return (len(self.key) + len(self.subkey or b"") + len(self.value) + len(self.publisher)
-                + len(self.signature) + 8)
+        return (
+            len(self.key)
+            + len(self.subkey or b"")
+            + len(self.value)
+            + len(self.publisher)
+            + len(self.signature)
+            + 8
+        )
 
-    def newer_than(self, other: "Record") -> bool:
+    def newer_than(self, other: Record) -> bool:
         """Conflict rule: the newest expiration wins; ties break on the signature bytes so every
         node picks the same winner."""
         if self.expiration != other.expiration:
@@ -78,8 +109,10 @@ class Record:
         return hash(self.signature)
 
     def __repr__(self) -> str:
-        return (f"Record(key={self.key!r}, subkey={self.subkey!r}, value={len(self.value)}B, "
-                f"expiration={self.expiration:.1f})")
+        return (
+            f"Record(key={self.key!r}, subkey={self.subkey!r}, value={len(self.value)}B, "
+            f"expiration={self.expiration:.1f})"
+        )
 
 
 class RecordValidator(Protocol):
@@ -95,7 +128,7 @@ class OwnerOnlyKey:
         self.namespace = namespace
 
     def validate(self, record: Record) -> None:
-        rest = record.key[len(self.namespace):]
+        rest = record.key[len(self.namespace) :]
         owner = rest.split(b"/", 1)[0]
         try:
             expected = str(PeerId.from_bytes(record.publisher)).encode()
@@ -105,7 +138,8 @@ class OwnerOnlyKey:
             raise RecordRejected(
                 "unauthorized",
                 f"key {record.key[:80]!r} is owned by {owner[:60]!r}; publisher "
-                f"{expected.decode()} may not write it")
+                f"{expected.decode()} may not write it",
+            )
 
 
 class OwnerOnlySubkey:
@@ -119,7 +153,8 @@ class OwnerOnlySubkey:
         if record.subkey != record.publisher:
             raise RecordRejected(
                 "unauthorized",
-                f"under {self.namespace!r} the subkey must be the publisher's peer ID bytes")
+                f"under {self.namespace!r} the subkey must be the publisher's peer ID bytes",
+            )
 
 
 def default_validators() -> dict[bytes, RecordValidator]:
@@ -162,28 +197,37 @@ def _signature_ok(record: Record) -> bool:
     return True
 
 
-def validate_record(record: Record, now: float, policy: RecordPolicy,
-                    validators: dict[bytes, RecordValidator]) -> None:
+def validate_record(
+    record: Record, now: float, policy: RecordPolicy, validators: dict[bytes, RecordValidator]
+) -> None:
     """Raise :class:`RecordRejected` unless the record is well-formed, fresh, authorized and
     correctly signed. Cheap checks run first; the signature last."""
     if not isinstance(record.key, bytes) or not record.key or len(record.key) > policy.max_key_size:
-        raise RecordRejected("oversize" if isinstance(record.key, bytes) and record.key else "malformed",
-                             f"key must be 1..{policy.max_key_size} bytes")
+        raise RecordRejected(
+            "oversize" if isinstance(record.key, bytes) and record.key else "malformed",
+            f"key must be 1..{policy.max_key_size} bytes",
+        )
     if record.subkey is not None and len(record.subkey) > policy.max_subkey_size:
-        raise RecordRejected("oversize", f"subkey is {len(record.subkey)} bytes, "
-                                         f"limit {policy.max_subkey_size}")
+        raise RecordRejected(
+            "oversize", f"subkey is {len(record.subkey)} bytes, limit {policy.max_subkey_size}"
+        )
     if len(record.value) > policy.max_value_size:
-        raise RecordRejected("oversize", f"value is {len(record.value)} bytes, "
-                                         f"limit {policy.max_value_size}")
+        raise RecordRejected(
+            "oversize", f"value is {len(record.value)} bytes, limit {policy.max_value_size}"
+        )
     if record.expiration <= now - policy.clock_skew:
         raise RecordRejected("expired", f"record expired {now - record.expiration:.1f}s ago")
     if record.expiration > now + policy.max_ttl + policy.clock_skew:
-        raise RecordRejected("too_far_future", f"expiration is more than {policy.max_ttl:.0f}s ahead")
+        raise RecordRejected(
+            "too_far_future", f"expiration is more than {policy.max_ttl:.0f}s ahead"
+        )
     for namespace, validator in validators.items():
         if record.key.startswith(namespace):
             validator.validate(record)
     if not _signature_ok(record):
-        raise RecordRejected("bad_signature", "signature does not verify against the publisher's key")
+        raise RecordRejected(
+            "bad_signature", "signature does not verify against the publisher's key"
+        )
 
 
 class RecordStore:
@@ -193,13 +237,17 @@ class RecordStore:
     peer cannot fill the store; ``max_records`` bounds all slots together.
     """
 
-    def __init__(self, max_records: int = 100_000, per_publisher_records: int = 1_000,
-                 per_publisher_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_records: int = 100_000,
+        per_publisher_records: int = 1_000,
+        per_publisher_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
         self.max_records = max_records
         self.per_publisher_records = per_publisher_records
         self.per_publisher_bytes = per_publisher_bytes
         self._records: dict[bytes, dict[bytes | None, Record]] = {}
-        self._usage: dict[bytes, list[int]] = {}     # publisher -> [records, bytes]
+        self._usage: dict[bytes, list[int]] = {}  # publisher -> [records, bytes]
         self._count = 0
         #: when each key was last stored by a peer or republished by us (Kademlia's rule: a holder
         #: skips republishing what it received recently, since the sender republished it)
@@ -227,11 +275,19 @@ class RecordStore:
                 return False
         usage = self._usage.get(record.publisher, [0, 0])
         add_count = 1 if old is None or old.publisher != record.publisher else 0
-        add_bytes = record.size - (old.size if old is not None and old.publisher == record.publisher else 0)
-        if usage[0] + add_count > self.per_publisher_records or usage[1] + add_bytes > self.per_publisher_bytes:
-            raise RecordRejected("quota", f"publisher would exceed its quota of "
-                                          f"{self.per_publisher_records} records / "
-                                          f"{self.per_publisher_bytes} bytes on this node")
+        add_bytes = record.size - (
+            old.size if old is not None and old.publisher == record.publisher else 0
+        )
+        if (
+            usage[0] + add_count > self.per_publisher_records
+            or usage[1] + add_bytes > self.per_publisher_bytes
+        ):
+            raise RecordRejected(
+                "quota",
+                f"publisher would exceed its quota of "
+                f"{self.per_publisher_records} records / "
+                f"{self.per_publisher_bytes} bytes on this node",
+            )
         if old is None and self._count >= self.max_records:
             raise RecordRejected("full", f"store holds its maximum of {self.max_records} records")
         if old is not None:
@@ -281,8 +337,9 @@ class RecordStore:
 class ProviderStore:
     """Provider records: which peers announced they hold a key's content, until when."""
 
-    def __init__(self, max_total: int = 100_000, max_per_key: int = 64,
-                 per_provider_keys: int = 10_000) -> None:
+    def __init__(
+        self, max_total: int = 100_000, max_per_key: int = 64, per_provider_keys: int = 10_000
+    ) -> None:
         self.max_total = max_total
         self.max_per_key = max_per_key
         self.per_provider_keys = per_provider_keys
@@ -299,7 +356,9 @@ class ProviderStore:
             entries[provider.peer_id] = (provider, expiration)
             return
         if self._per_provider.get(provider.peer_id, 0) >= self.per_provider_keys:
-            raise RecordRejected("quota", f"provider already announced {self.per_provider_keys} keys here")
+            raise RecordRejected(
+                "quota", f"provider already announced {self.per_provider_keys} keys here"
+            )
         if entries is not None and len(entries) >= self.max_per_key:
             oldest = min(entries, key=lambda p: entries[p][1])
             if entries[oldest][1] >= expiration:

@@ -18,11 +18,11 @@ __all__ = ["RoutingTable"]
 
 
 class _Bucket:
-    __slots__ = ("entries", "replacements", "failures", "pinging", "last_lookup", "next_ping")
+    __slots__ = ("entries", "failures", "last_lookup", "next_ping", "pinging", "replacements")
 
     def __init__(self, now: float) -> None:
-        self.entries: dict[bytes, Contact] = {}          # least recently seen first
-        self.replacements: dict[bytes, Contact] = {}     # most recently seen last
+        self.entries: dict[bytes, Contact] = {}  # least recently seen first
+        self.replacements: dict[bytes, Contact] = {}  # most recently seen last
         self.failures: dict[bytes, int] = {}
         self.pinging: bytes | None = None
         self.last_lookup = now
@@ -38,8 +38,15 @@ class RoutingTable:
     between wait in the replacement cache (a dead entry is also found by failed requests).
     """
 
-    def __init__(self, local_id: int, k: int = 20, replacement_size: int = 8, max_failures: int = 2,
-                 refresh_interval: float = 3600.0, ping_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        local_id: int,
+        k: int = 20,
+        replacement_size: int = 8,
+        max_failures: int = 2,
+        refresh_interval: float = 3600.0,
+        ping_interval: float = 30.0,
+    ) -> None:
         self.ping_interval = ping_interval
         self.local_id = local_id
         self.k = k
@@ -71,11 +78,15 @@ class RoutingTable:
         return {i: list(b.entries.values()) for i, b in sorted(self._buckets.items()) if b.entries}
 
     def replacement_contents(self) -> dict[int, list[Contact]]:
-        return {i: list(b.replacements.values()) for i, b in sorted(self._buckets.items())
-                if b.replacements}
+        return {
+            i: list(b.replacements.values())
+            for i, b in sorted(self._buckets.items())
+            if b.replacements
+        }
 
-    def closest(self, target: int, count: int | None = None,
-                exclude: bytes | None = None) -> list[Contact]:
+    def closest(
+        self, target: int, count: int | None = None, exclude: bytes | None = None
+    ) -> list[Contact]:
         """The ``count`` (default k) known contacts closest to ``target``, nearest first.
 
         Bucket ``j`` (the target's own bucket) holds the only contacts within distance 2**j of
@@ -142,7 +153,9 @@ class RoutingTable:
         bucket.next_ping = now + self.ping_interval
         return lrs
 
-    def ping_result(self, peer_id: bytes, alive: bool, now: float, node_id: int | None = None) -> None:
+    def ping_result(
+        self, peer_id: bytes, alive: bool, now: float, node_id: int | None = None
+    ) -> None:
         """Outcome of the liveness ping that :meth:`observe` asked for."""
         bucket = self._buckets.get(self._index(dht_id(peer_id) if node_id is None else node_id))
         if bucket is None:
@@ -199,8 +212,11 @@ class RoutingTable:
 
     def stale_buckets(self, now: float) -> list[int]:
         """Indices of non-empty buckets with no lookup in ``refresh_interval``."""
-        return [i for i, b in sorted(self._buckets.items())
-                if b.entries and now - b.last_lookup >= self.refresh_interval]
+        return [
+            i
+            for i, b in sorted(self._buckets.items())
+            if b.entries and now - b.last_lookup >= self.refresh_interval
+        ]
 
     def random_id_in_bucket(self, index: int, rng: random.Random) -> int:
         """A random id whose distance from us falls in bucket ``index``."""

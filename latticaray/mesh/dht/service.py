@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
@@ -63,14 +64,25 @@ def _parse_addrs(addrs: tuple[str, ...]) -> list[Multiaddr]:
 class DhtService:
     """One node's DHT over its :class:`MeshNode`. See docs/architecture.md (DHT contract)."""
 
-    def __init__(self, node: Any, config: DhtConfig | None = None, *,
-                 validators: dict[bytes, RecordValidator] | None = None,
-                 clock: Callable[[], float] = time.time, maintenance_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        node: Any,
+        config: DhtConfig | None = None,
+        *,
+        validators: dict[bytes, RecordValidator] | None = None,
+        clock: Callable[[], float] = time.time,
+        maintenance_interval: float = 60.0,
+    ) -> None:
         self.node = node
         self.clock = clock
         self.maintenance_interval = maintenance_interval
-        self.core = DhtCore(node.peer_id.to_bytes(), addrs=self._own_addrs(), config=config,
-                            validators=validators, now=clock())
+        self.core = DhtCore(
+            node.peer_id.to_bytes(),
+            addrs=self._own_addrs(),
+            config=config,
+            validators=validators,
+            now=clock(),
+        )
         self._tasks: set[asyncio.Task] = set()
         self._maintenance: asyncio.Task | None = None
         self._closed = False
@@ -78,7 +90,7 @@ class DhtService:
             node.on_addrs_changed(self._refresh_addrs)
         try:
             node.register_unary(PROTOCOL_ID, self._handle, eager=True)
-        except TypeError:       # a node object without eager handlers (test doubles)
+        except TypeError:  # a node object without eager handlers (test doubles)
             node.register_unary(PROTOCOL_ID, self._handle)
 
     @property
@@ -98,7 +110,7 @@ class DhtService:
         for addr in addrs:
             try:
                 peer = await self.node.connect(addr, timeout=self.config.request_timeout)
-            except (MeshError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, MeshError, OSError) as exc:
                 log.warning("DHT bootstrap peer %s unreachable: %s", addr, exc)
                 continue
             seeds[peer.to_bytes()] = Contact(peer.to_bytes(), (str(addr),))
@@ -111,7 +123,9 @@ class DhtService:
             if len(self.core.routing) or not seeds:
                 break
         if refresh:
-            await asyncio.gather(*(self._run(op) for op in self.core.refresh_ops(self.clock(), True)))
+            await asyncio.gather(
+                *(self._run(op) for op in self.core.refresh_ops(self.clock(), True))
+            )
         self.start()
         return len(self.core.routing)
 
@@ -135,16 +149,22 @@ class DhtService:
         self._maintenance = None
 
     # public API ------------------------------------------------------------------------------
-    async def put(self, key: bytes, value: bytes, expiration: float,
-                  subkey: bytes | None = None) -> int:
+    async def put(
+        self, key: bytes, value: bytes, expiration: float, subkey: bytes | None = None
+    ) -> int:
         """Sign and store ``value`` under (key, subkey) on the key's k closest nodes until
         ``expiration`` (wall-clock seconds); republished until then. Returns how many nodes hold it.
 
         Raises :class:`RecordRejected` if the record is invalid (too big, expired, a key we may not
         write) or every node refused it, :class:`DhtOperationFailed` if no node could be reached.
         """
-        record = Record.create(bytes(key), bytes(value), float(expiration), self.node.key,
-                               subkey=None if subkey is None else bytes(subkey))
+        record = Record.create(
+            bytes(key),
+            bytes(value),
+            float(expiration),
+            self.node.key,
+            subkey=None if subkey is None else bytes(subkey),
+        )
         op = await self._run(self.core.put([record], self.clock()))
         if op.result == 0:
             if op.errors:
@@ -154,8 +174,9 @@ class DhtService:
             raise DhtOperationFailed(f"record for {key[:60]!r} could not be stored on any node")
         return op.result
 
-    async def get(self, key: bytes, quorum: int | None = None
-                  ) -> Record | dict[bytes | None, Record] | None:
+    async def get(
+        self, key: bytes, quorum: int | None = None
+    ) -> Record | dict[bytes | None, Record] | None:
         """The freshest verified value of ``key``: a record, or a dict subkey -> record when the
         key holds subkeys (the plain slot then appears under ``None``), or None if not found.
 
@@ -234,8 +255,9 @@ class DhtService:
                     return
                 deadline = op.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - self.clock()) + 0.001
-                done, _ = await asyncio.wait(pending, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 now = self.clock()
                 for task in done:
                     contact = pending.pop(task)
@@ -260,13 +282,14 @@ class DhtService:
             with contextlib.suppress(MeshError, ValueError):
                 self.node.add_addrs(peer, _parse_addrs(contact.addrs))
         try:
-            raw = await self.node.call(peer, PROTOCOL_ID, encode(request),
-                                       timeout=self.config.request_timeout)
+            raw = await self.node.call(
+                peer, PROTOCOL_ID, encode(request), timeout=self.config.request_timeout
+            )
             return decode_response(raw)
         except DhtProtocolError as exc:
             log.debug("bad DHT response from %s: %s", peer, exc)
             return None
-        except (MeshError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, MeshError, OSError) as exc:
             log.debug("DHT request to %s failed: %s", peer, exc)
             return None
 
@@ -310,10 +333,10 @@ class DhtService:
             try:
                 ops = self.core.maintenance(self.clock())
                 for i in range(0, len(ops), 8):
-                    await asyncio.gather(*(self._run(op) for op in ops[i:i + 8]))
+                    await asyncio.gather(*(self._run(op) for op in ops[i : i + 8]))
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - maintenance must outlive one bad round
+            except Exception:
                 log.exception("DHT maintenance round failed")
 
     # serving ---------------------------------------------------------------------------------

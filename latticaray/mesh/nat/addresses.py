@@ -53,7 +53,8 @@ class AddressPolicy:
         except ValueError:
             return False
         return not (addr.is_unspecified or addr.is_multicast) and (
-            self.is_public(ip) or addr.is_private)
+            self.is_public(ip) or addr.is_private
+        )
 
 
 def check_endpoint(value: object, what: str = "endpoint") -> Endpoint:

@@ -26,8 +26,14 @@ from dataclasses import dataclass, field
 
 from . import wire
 from .addresses import AddressPolicy, Endpoint
-from .errors import (MALFORMED, PERMISSION_DENIED, RATE_LIMITED, DialBackRefused, ForgedDialBack,
-                     MalformedMessage)
+from .errors import (
+    MALFORMED,
+    PERMISSION_DENIED,
+    RATE_LIMITED,
+    DialBackRefused,
+    ForgedDialBack,
+    MalformedMessage,
+)
 from .ratelimit import KeyedRateLimiter, TokenBucket
 
 PROTOCOL_ID = "/latticaray/autonat/1"
@@ -43,8 +49,9 @@ class Reachability(enum.Enum):
 
 # ------------------------------------------------------------------------------------ messages
 def encode_dial_request(probe_id: int, entries: list[tuple[Endpoint, bytes]]) -> bytes:
-    return wire.encode("dial", id=probe_id, a=[list(ep) for ep, _ in entries],
-                       n=[nonce for _, nonce in entries])
+    return wire.encode(
+        "dial", id=probe_id, a=[list(ep) for ep, _ in entries], n=[nonce for _, nonce in entries]
+    )
 
 
 def decode_dial_request(msg: dict, max_addrs: int) -> tuple[int, list[tuple[Endpoint, bytes]]]:
@@ -79,16 +86,17 @@ def decode_dial_back(msg: dict) -> bytes:
 @dataclass
 class AutoNatServerConfig:
     max_addrs_per_request: int = 8
-    per_ip_rate: float = 0.5          # requests per second, per requester IP
+    per_ip_rate: float = 0.5  # requests per second, per requester IP
     per_ip_burst: int = 4
     global_rate: float = 20.0
     global_burst: int = 40
-    dial_back_copies: int = 3         # UDP dial-backs are repeated to survive loss
+    dial_back_copies: int = 3  # UDP dial-backs are repeated to survive loss
 
 
 @dataclass(frozen=True)
 class DialBack:
     """Action: send ``encode_dial_back(nonce)`` to ``endpoint`` from the dial-back socket."""
+
     endpoint: Endpoint
     nonce: bytes
 
@@ -97,7 +105,7 @@ class DialBack:
 class DialPlan:
     probe_id: int
     dial_backs: list[DialBack]
-    statuses: list[str]               # one per requested address, DIALED or a refusal code
+    statuses: list[str]  # one per requested address, DIALED or a refusal code
 
     def response(self) -> bytes:
         return encode_dial_response(self.probe_id, self.statuses)
@@ -106,8 +114,9 @@ class DialPlan:
 class AutoNatServer:
     """Decides which dial-backs to perform for a request; the driver sends them."""
 
-    def __init__(self, config: AutoNatServerConfig | None = None,
-                 policy: AddressPolicy | None = None) -> None:
+    def __init__(
+        self, config: AutoNatServerConfig | None = None, policy: AddressPolicy | None = None
+    ) -> None:
         self.config = config or AutoNatServerConfig()
         self.policy = policy or AddressPolicy()
         self._per_ip = KeyedRateLimiter(self.config.per_ip_rate, self.config.per_ip_burst)
@@ -131,7 +140,7 @@ class AutoNatServer:
         dial_backs, statuses = [], []
         for endpoint, nonce in entries:
             if endpoint[0] != observed_ip:
-                statuses.append(PERMISSION_DENIED)   # never dial a third party (amplification)
+                statuses.append(PERMISSION_DENIED)  # never dial a third party (amplification)
             elif not self.policy.is_public(endpoint[0]):
                 statuses.append(PERMISSION_DENIED)
             else:
@@ -144,9 +153,9 @@ class AutoNatServer:
 @dataclass
 class AutoNatClientConfig:
     servers_per_round: int = 3
-    min_confirmations: int = 2        # votes from distinct servers needed for public/private
-    vote_window: int = 4              # the last N votes of an address decide its status
-    dial_back_timeout: float = 3.0    # after the server says DIALED, wait this long for the nonce
+    min_confirmations: int = 2  # votes from distinct servers needed for public/private
+    vote_window: int = 4  # the last N votes of an address decide its status
+    dial_back_timeout: float = 3.0  # after the server says DIALED, wait this long for the nonce
     response_timeout: float = 5.0
     recheck_public: float = 300.0
     recheck_private: float = 120.0
@@ -158,7 +167,7 @@ class AutoNatClientConfig:
 class AddressState:
     endpoint: Endpoint
     reachability: Reachability = Reachability.UNKNOWN
-    votes: deque = field(default_factory=deque)        # (server, reachable: bool)
+    votes: deque = field(default_factory=deque)  # (server, reachable: bool)
     next_check: float = 0.0
     in_flight: bool = False
     last_changed: float = 0.0
@@ -167,6 +176,7 @@ class AddressState:
 @dataclass
 class Probe:
     """Action: send ``request`` (an encoded ``dial``) to ``server``."""
+
     server: str
     probe_id: int
     request: bytes
@@ -181,9 +191,12 @@ class Probe:
 class AutoNatClient:
     """Tracks candidate addresses and the votes that classify them."""
 
-    def __init__(self, config: AutoNatClientConfig | None = None,
-                 policy: AddressPolicy | None = None,
-                 random_bytes=os.urandom) -> None:
+    def __init__(
+        self,
+        config: AutoNatClientConfig | None = None,
+        policy: AddressPolicy | None = None,
+        random_bytes=os.urandom,
+    ) -> None:
         self.config = config or AutoNatClientConfig()
         self.policy = policy or AddressPolicy()
         self._random_bytes = random_bytes
@@ -240,8 +253,14 @@ class AutoNatClient:
                 nonce = self._random_bytes(NONCE_SIZE)
                 self._nonces[nonce] = (probe_id, st.endpoint)
                 entries.append((st.endpoint, nonce))
-            probe = Probe(server, probe_id, encode_dial_request(probe_id, entries), entries,
-                          server_ip, now + self.config.response_timeout)
+            probe = Probe(
+                server,
+                probe_id,
+                encode_dial_request(probe_id, entries),
+                entries,
+                server_ip,
+                now + self.config.response_timeout,
+            )
             self._probes[probe_id] = probe
             probes.append(probe)
         for st in due:
@@ -252,7 +271,7 @@ class AutoNatClient:
         probe_id, statuses = decode_dial_response(msg, len(self._addrs) + 1)
         probe = self._probes.get(probe_id)
         if probe is None:
-            return          # already finished: every dial-back arrived before this response
+            return  # already finished: every dial-back arrived before this response
         if probe.server != server or probe.answered:
             raise MalformedMessage(f"unexpected dial response {probe_id} from {server}")
         if len(statuses) != len(probe.entries):
@@ -278,8 +297,10 @@ class AutoNatClient:
         entry = self._nonces.get(nonce)
         if entry is None:
             self.forged += 1
-            raise ForgedDialBack(f"dial-back from {source[0]}:{source[1]} carries a nonce this "
-                                 "node never issued (or one already used)")
+            raise ForgedDialBack(
+                f"dial-back from {source[0]}:{source[1]} carries a nonce this "
+                "node never issued (or one already used)"
+            )
         probe_id, endpoint = entry
         probe = self._probes.get(probe_id)
         if probe is None:
@@ -287,8 +308,10 @@ class AutoNatClient:
             raise ForgedDialBack("dial-back for a probe that already finished")
         if probe.server_ip is not None and source[0] != probe.server_ip:
             self.forged += 1
-            raise ForgedDialBack(f"dial-back for {probe.server}'s probe came from {source[0]}, "
-                                 f"not from the server's IP {probe.server_ip}")
+            raise ForgedDialBack(
+                f"dial-back for {probe.server}'s probe came from {source[0]}, "
+                f"not from the server's IP {probe.server_ip}"
+            )
         del self._nonces[nonce]
         probe.confirmed.add(endpoint)
         if len(probe.confirmed) == len(probe.entries):
@@ -333,8 +356,9 @@ class AutoNatClient:
                 self._classify(state, now)
 
     def _vote(self, state: AddressState, server: str, reachable: bool) -> None:
-        state.votes = deque(((s, r) for s, r in state.votes if s != server),
-                            maxlen=self.config.vote_window)
+        state.votes = deque(
+            ((s, r) for s, r in state.votes if s != server), maxlen=self.config.vote_window
+        )
         state.votes.append((server, reachable))
 
     def _classify(self, state: AddressState, now: float) -> None:
@@ -350,9 +374,11 @@ class AutoNatClient:
         if new is not state.reachability:
             state.reachability = new
             state.last_changed = now
-        delay = {Reachability.PUBLIC: self.config.recheck_public,
-                 Reachability.PRIVATE: self.config.recheck_private,
-                 Reachability.UNKNOWN: self.config.recheck_unknown}[new]
+        delay = {
+            Reachability.PUBLIC: self.config.recheck_public,
+            Reachability.PRIVATE: self.config.recheck_private,
+            Reachability.UNKNOWN: self.config.recheck_unknown,
+        }[new]
         state.next_check = now + delay
 
 
@@ -361,6 +387,17 @@ def decode_message(data: bytes) -> dict:
     return wire.decode(data)
 
 
-__all__ = ["PROTOCOL_ID", "Reachability", "AutoNatServer", "AutoNatServerConfig", "AutoNatClient",
-           "AutoNatClientConfig", "DialBack", "DialPlan", "Probe", "MALFORMED",
-           "encode_dial_back", "decode_message"]
+__all__ = [
+    "MALFORMED",
+    "PROTOCOL_ID",
+    "AutoNatClient",
+    "AutoNatClientConfig",
+    "AutoNatServer",
+    "AutoNatServerConfig",
+    "DialBack",
+    "DialPlan",
+    "Probe",
+    "Reachability",
+    "decode_message",
+    "encode_dial_back",
+]

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 class BirthdayConfig:
     hard_sockets: int = 256
     max_probes: int = 4096
-    probe_rate: float = 4000.0       # easy-side probes per second
-    time_budget: float = 4.0         # seconds, either side
+    probe_rate: float = 4000.0  # easy-side probes per second
+    time_budget: float = 4.0  # seconds, either side
     port_lo: int = 1024
     port_hi: int = 65535
     hard_resend_interval: float = 0.5  # the hard side refreshes its mappings this often
@@ -60,14 +60,19 @@ class EasySideProber:
         return self._sent
 
     def finished(self, now: float) -> bool:
-        return (self.hit_port is not None or now >= self.deadline
-                or self._sent >= self.config.max_probes)
+        return (
+            self.hit_port is not None
+            or now >= self.deadline
+            or self._sent >= self.config.max_probes
+        )
 
     def next_batch(self, now: float) -> list[int]:
         """Ports to probe now: as many as the rate allows since ``start``, none when finished."""
         if self.finished(now):
             return []
-        allowed = min(self.config.max_probes, int((now - self.start) * self.config.probe_rate + 1e-6) + 1)
+        allowed = min(
+            self.config.max_probes, int((now - self.start) * self.config.probe_rate + 1e-6) + 1
+        )
         ports = []
         span = self.config.port_hi - self.config.port_lo + 1
         while self._sent < allowed and len(self._seen) < span:

@@ -42,15 +42,16 @@ class Role(enum.Enum):
 
 class PunchMode(enum.Enum):
     DIRECT = "direct"
-    BIRTHDAY_EASY = "birthday-easy"   # we are the cone side: probe many ports
-    BIRTHDAY_HARD = "birthday-hard"   # we are the symmetric side: open many sockets
-    DIAL = "dial"                     # they are publicly reachable: we just dial them
-    AWAIT = "await"                   # we are publicly reachable: they dial us
+    BIRTHDAY_EASY = "birthday-easy"  # we are the cone side: probe many ports
+    BIRTHDAY_HARD = "birthday-hard"  # we are the symmetric side: open many sockets
+    DIAL = "dial"  # they are publicly reachable: we just dial them
+    AWAIT = "await"  # we are publicly reachable: they dial us
     NONE = "none"
 
 
-def choose_mode(ours: NatType, theirs: NatType, our_public: bool = False,
-                their_public: bool = False) -> PunchMode:
+def choose_mode(
+    ours: NatType, theirs: NatType, our_public: bool = False, their_public: bool = False
+) -> PunchMode:
     """How to get a direct path, from both sides' NAT types and AutoNAT reachability."""
     if their_public and not our_public:
         return PunchMode.DIAL
@@ -82,12 +83,13 @@ class SendMessage:
 @dataclass(frozen=True)
 class StartPunch:
     """Start punching at ``at`` (absolute time, same clock as ``now``)."""
+
     attempt: int
     at: float
     mode: PunchMode
     remote_addrs: tuple[Endpoint, ...]
     token: bytes
-    remote_tcp_port: int = 0          # the peer's TCP port for simultaneous open (0: none)
+    remote_tcp_port: int = 0  # the peer's TCP port for simultaneous open (0: none)
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,16 @@ class State(enum.Enum):
 class HolePunchSession:
     """One coordination between two peers over their relayed connection."""
 
-    def __init__(self, role: Role, our_addrs: list[Endpoint], our_nat: NatType,
-                 config: HolePunchConfig | None = None, random_bytes=os.urandom,
-                 our_public: bool = False, our_tcp_port: int = 0) -> None:
+    def __init__(
+        self,
+        role: Role,
+        our_addrs: list[Endpoint],
+        our_nat: NatType,
+        config: HolePunchConfig | None = None,
+        random_bytes=os.urandom,
+        our_public: bool = False,
+        our_tcp_port: int = 0,
+    ) -> None:
         self.role = role
         self.our_tcp_port = our_tcp_port
         self.remote_tcp_port = 0
@@ -154,9 +163,15 @@ class HolePunchSession:
         return [SendMessage(self._connect_message())]
 
     def _connect_message(self) -> bytes:
-        return wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
-                           nat=self.our_nat.value, tok=self.token, n=self.attempt,
-                           pub=self.our_public, tcp=self.our_tcp_port)
+        return wire.encode(
+            "hp_connect",
+            a=[list(a) for a in self.our_addrs],
+            nat=self.our_nat.value,
+            tok=self.token,
+            n=self.attempt,
+            pub=self.our_public,
+            tcp=self.our_tcp_port,
+        )
 
     # ------------------------------------------------------------------------ both sides
     def on_message(self, data: bytes, now: float) -> list:
@@ -177,30 +192,55 @@ class HolePunchSession:
             if self.role is Role.RESPONDER:
                 if not self.config.enabled:
                     self.state = State.FAILED
-                    return [SendMessage(wire.encode("hp_refuse", m="hole punching is disabled")),
-                            GiveUp("hole punching is disabled")]
+                    return [
+                        SendMessage(wire.encode("hp_refuse", m="hole punching is disabled")),
+                        GiveUp("hole punching is disabled"),
+                    ]
                 self.attempt, self.token = attempt, token
                 self.state = State.WAIT_SYNC
                 self._timer = now + self.config.message_timeout
-                return [SendMessage(wire.encode("hp_connect", a=[list(a) for a in self.our_addrs],
-                                                nat=self.our_nat.value, tok=token, n=attempt,
-                                                pub=self.our_public, tcp=self.our_tcp_port))]
-            if self.state is not State.WAIT_CONNECT or attempt != self.attempt or token != self.token:
+                return [
+                    SendMessage(
+                        wire.encode(
+                            "hp_connect",
+                            a=[list(a) for a in self.our_addrs],
+                            nat=self.our_nat.value,
+                            tok=token,
+                            n=attempt,
+                            pub=self.our_public,
+                            tcp=self.our_tcp_port,
+                        )
+                    )
+                ]
+            if (
+                self.state is not State.WAIT_CONNECT
+                or attempt != self.attempt
+                or token != self.token
+            ):
                 raise MalformedMessage("unexpected hp_connect reply (wrong attempt or token)")
             self.rtt = max(0.0, now - self._sent_at)
             mode = choose_mode(self.our_nat, nat, self.our_public, self.remote_public)
             if mode is PunchMode.NONE:
                 self.state = State.FAILED
-                return [SendMessage(wire.encode("hp_refuse", m="both sides are endpoint-dependent")),
-                        GiveUp("both peers are behind endpoint-dependent (symmetric) NATs")]
+                return [
+                    SendMessage(wire.encode("hp_refuse", m="both sides are endpoint-dependent")),
+                    GiveUp("both peers are behind endpoint-dependent (symmetric) NATs"),
+                ]
             self.state = State.PUNCHING
             self._timer = None
-            return [SendMessage(wire.encode("hp_sync", n=self.attempt)),
-                    StartPunch(self.attempt, now + self.rtt / 2, mode, addrs, self.token,
-                               self.remote_tcp_port)]
+            return [
+                SendMessage(wire.encode("hp_sync", n=self.attempt)),
+                StartPunch(
+                    self.attempt, now + self.rtt / 2, mode, addrs, self.token, self.remote_tcp_port
+                ),
+            ]
         if kind == "hp_sync":
             attempt = wire.get_int(msg, "n", 1, 1000)
-            if self.role is not Role.RESPONDER or self.state is not State.WAIT_SYNC or attempt != self.attempt:
+            if (
+                self.role is not Role.RESPONDER
+                or self.state is not State.WAIT_SYNC
+                or attempt != self.attempt
+            ):
                 raise MalformedMessage("unexpected hp_sync")
             mode = choose_mode(self.our_nat, self.remote_nat, self.our_public, self.remote_public)
             if mode is PunchMode.NONE:
@@ -208,7 +248,9 @@ class HolePunchSession:
                 return [GiveUp("both peers are behind endpoint-dependent (symmetric) NATs")]
             self.state = State.PUNCHING
             self._timer = None
-            return [StartPunch(attempt, now, mode, self.remote_addrs, self.token, self.remote_tcp_port)]
+            return [
+                StartPunch(attempt, now, mode, self.remote_addrs, self.token, self.remote_tcp_port)
+            ]
         if kind == "hp_refuse":
             self.state = State.FAILED
             return [GiveUp("peer refused: " + (wire.get_str(msg, "m", 256, optional=True) or ""))]
@@ -223,7 +265,7 @@ class HolePunchSession:
             self.state = State.SUCCEEDED
             return [PunchSucceeded(attempt, remote)]
         if self.role is Role.RESPONDER:
-            self.state = State.WAIT_SYNC   # the initiator decides whether to retry
+            self.state = State.WAIT_SYNC  # the initiator decides whether to retry
             self._timer = now + self.config.message_timeout + self.config.retry_delay
             return []
         if self.attempt >= self.config.max_attempts:
@@ -260,7 +302,7 @@ class PathMetrics:
     """Which path a connection uses, and how it got there (for status and the NAT matrix)."""
 
     peer: str
-    path: str = "none"            # "direct", "punched", "birthday", "reversal", "relayed"
+    path: str = "none"  # "direct", "punched", "birthday", "reversal", "relayed"
     started_at: float | None = None
     connected_at: float | None = None
     first_rpc_at: float | None = None

@@ -25,28 +25,48 @@ import asyncio
 import logging
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from ..errors import (MeshError, MultiaddrError, PeerIdMismatch, PeerUnreachable,
-                      RpcConnectionLost, RpcError)
+from ..errors import (
+    MeshError,
+    MultiaddrError,
+    PeerIdMismatch,
+    PeerUnreachable,
+    RpcConnectionLost,
+    RpcError,
+)
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from ..rpc import RpcRouter, RpcSession
 from ..transport.quic import QuicConfig, QuicConn, QuicTransport
 from . import autonat, wire
 from .addresses import AddressPolicy, Endpoint, check_endpoint
-from .autonat import (AutoNatClient, AutoNatClientConfig, AutoNatServer, AutoNatServerConfig,
-                      Reachability)
+from .autonat import (
+    AutoNatClient,
+    AutoNatClientConfig,
+    AutoNatServer,
+    AutoNatServerConfig,
+    Reachability,
+)
 from .birthday import BirthdayConfig, EasySideProber, HardSidePlan
 from .errors import DialBackRefused, MalformedMessage, NatError
-from .holepunch import (GiveUp, HolePunchConfig, HolePunchSession, PathMetrics, PunchMode,
-                        PunchSucceeded, Role, SendMessage, StartPunch)
+from .holepunch import (
+    GiveUp,
+    HolePunchConfig,
+    HolePunchSession,
+    PathMetrics,
+    PunchMode,
+    PunchSucceeded,
+    Role,
+    SendMessage,
+    StartPunch,
+)
 from .nattype import NatReport, NatType, NatTypeDetector
 from .relay import RelayConfig, ReservationKeeper
+from .relay_transport import RelayClient, RelayServer
 from .rendezvous import PROTOCOL_ID as RENDEZVOUS_SERVICE
 from .rendezvous import RendezvousConfig, RendezvousServer
-from .relay_transport import RelayClient, RelayServer
 from .tcp_punch import simultaneous_open
 from .tunnel import SecureTunnel, StreamPair
 
@@ -76,7 +96,7 @@ class NatNodeConfig:
     quic_port: int = 0
     policy: AddressPolicy = field(default_factory=AddressPolicy)
     serve_autonat: bool = False
-    observer_alt_port: int = 0           # AutoNAT servers answer obs_req here too (0: any port)
+    observer_alt_port: int = 0  # AutoNAT servers answer obs_req here too (0: any port)
     serve_relay: bool = False
     relay_port: int = 0
     relay_config: RelayConfig = field(default_factory=RelayConfig)
@@ -84,13 +104,13 @@ class NatNodeConfig:
     serve_rendezvous: bool = False
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     hole_punching: bool = True
-    punch_protocol: str = "quic"         # "quic" (UDP spraying) or "tcp" (simultaneous open)
-    tcp_port: int = 0                    # local TCP port for simultaneous open (0: no TCP punching)
-    punch_budget: float = 3.0            # seconds of spraying per attempt
+    punch_protocol: str = "quic"  # "quic" (UDP spraying) or "tcp" (simultaneous open)
+    tcp_port: int = 0  # local TCP port for simultaneous open (0: no TCP punching)
+    punch_budget: float = 3.0  # seconds of spraying per attempt
     punch: HolePunchConfig = field(default_factory=HolePunchConfig)
     birthday: BirthdayConfig = field(default_factory=BirthdayConfig)
     direct_dial_timeout: float = 2.0
-    relay_drain_timeout: float = 30.0    # after an upgrade, open relayed calls get this long
+    relay_drain_timeout: float = 30.0  # after an upgrade, open relayed calls get this long
     happy_eyeballs_delay: float = 0.25
     autonat_client: AutoNatClientConfig = field(default_factory=AutoNatClientConfig)
     autonat_server: AutoNatServerConfig = field(default_factory=AutoNatServerConfig)
@@ -109,8 +129,8 @@ class PeerLink:
     direct_path: str = "direct"
     direct_ready: asyncio.Event = field(default_factory=asyncio.Event)
     upgrade_task: asyncio.Task | None = None
-    dcutr: HolePunchSession | None = None        # the responder's coordination, if any
-    pending_path: str | None = None              # label for the direct path a punch will bring
+    dcutr: HolePunchSession | None = None  # the responder's coordination, if any
+    pending_path: str | None = None  # label for the direct path a punch will bring
 
     def best(self) -> RpcSession | None:
         if self.direct is not None and not self.direct.closed:
@@ -147,7 +167,7 @@ def _close_unused_tunnel(task: asyncio.Task) -> None:
 class _AltObserver(asyncio.DatagramProtocol):
     """An AutoNAT server's alternate observer socket: answers ``obs_req`` and nothing else."""
 
-    def __init__(self, node: "NatNode") -> None:
+    def __init__(self, node: NatNode) -> None:
         self.node = node
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -159,7 +179,7 @@ class _AltObserver(asyncio.DatagramProtocol):
             return
         source = (addr[0].removeprefix("::ffff:"), addr[1])
         try:
-            msg = wire.decode(data[len(MAGIC):], MAX_CONTROL_DATAGRAM)
+            msg = wire.decode(data[len(MAGIC) :], MAX_CONTROL_DATAGRAM)
             if msg["t"] != "obs_req":
                 raise MalformedMessage("the alternate observer port answers obs_req only")
             txid = wire.get_int(msg, "id", 0, 2**63)
@@ -173,14 +193,23 @@ class _AltObserver(asyncio.DatagramProtocol):
 class NatNode:
     """A node's NAT-traversal side over its shared QUIC socket (see the module docstring)."""
 
-    def __init__(self, key: KeyPair | None = None, config: NatNodeConfig | None = None, *,
-                 transport: QuicTransport | None = None, router: RpcRouter | None = None) -> None:
+    def __init__(
+        self,
+        key: KeyPair | None = None,
+        config: NatNodeConfig | None = None,
+        *,
+        transport: QuicTransport | None = None,
+        router: RpcRouter | None = None,
+    ) -> None:
         self.key = key or KeyPair.generate()
         self.config = config or NatNodeConfig()
         self.router = router if router is not None else RpcRouter()
         self._owns_transport = transport is None
-        self.transport = transport if transport is not None else QuicTransport(
-            self.key, self.config.quic, on_connection=self._on_quic)
+        self.transport = (
+            transport
+            if transport is not None
+            else QuicTransport(self.key, self.config.quic, on_connection=self._on_quic)
+        )
         self.links: dict[PeerId, PeerLink] = {}
         self.autonat_client = AutoNatClient(self.config.autonat_client, self.config.policy)
         self.autonat_server = AutoNatServer(self.config.autonat_server, self.config.policy)
@@ -189,12 +218,12 @@ class NatNode:
         self.relay_server: RelayServer | None = None
         self.relay_client = RelayClient(self.key, self._on_relayed_incoming)
         self.relay_info: tuple[PeerId, str, int] | None = None
-        self.mapped: dict[Endpoint, Endpoint] = {}        # observer -> mapped endpoint of our socket
+        self.mapped: dict[Endpoint, Endpoint] = {}  # observer -> mapped endpoint of our socket
         self.stats: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dialback: asyncio.DatagramTransport | None = None
         self._alt_observer: asyncio.DatagramTransport | None = None
-        self._alt_ports: dict[Endpoint, int] = {}         # observer -> its alternate port
+        self._alt_ports: dict[Endpoint, int] = {}  # observer -> its alternate port
         self._waiters: dict[int, tuple[asyncio.Future, Endpoint]] = {}
         self._punch_waiters: dict[bytes, Callable[[Endpoint], None]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -231,14 +260,20 @@ class NatNode:
         self.nat_detector = NatTypeDetector(self._local_endpoints())
         if self.config.serve_autonat:
             self._dialback, _ = await self._loop.create_datagram_endpoint(
-                asyncio.DatagramProtocol, local_addr=(self.config.listen_host, 0))
+                asyncio.DatagramProtocol, local_addr=(self.config.listen_host, 0)
+            )
             self._alt_observer, _ = await self._loop.create_datagram_endpoint(
-                lambda: _AltObserver(self), local_addr=(self.config.listen_host,
-                                                        self.config.observer_alt_port))
+                lambda: _AltObserver(self),
+                local_addr=(self.config.listen_host, self.config.observer_alt_port),
+            )
         if self.config.serve_relay:
-            self.relay_server = RelayServer(self.key, self.config.relay_config,
-                                            self.config.listen_host, self.config.relay_port,
-                                            capture=self.config.relay_capture)
+            self.relay_server = RelayServer(
+                self.key,
+                self.config.relay_config,
+                self.config.listen_host,
+                self.config.relay_port,
+                capture=self.config.relay_capture,
+            )
             await self.relay_server.start()
 
     async def stop(self) -> None:
@@ -277,17 +312,21 @@ class NatNode:
         host, port = self.local_endpoint
         if host not in ("0.0.0.0", "::"):
             return [(host, port)]
-        names = set()           # interface addresses of this network namespace (no DNS lookups)
+        names = set()  # interface addresses of this network namespace (no DNS lookups)
         try:
             import psutil
+
             for addrs in psutil.net_if_addrs().values():
                 for a in addrs:
                     if a.family == socket.AF_INET:
                         names.add(a.address)
         except Exception:
             pass
-        return [(ip, port) for ip in sorted(names)
-                if not ip.startswith("127.") and self.config.policy.is_routable_candidate(ip)]
+        return [
+            (ip, port)
+            for ip in sorted(names)
+            if not ip.startswith("127.") and self.config.policy.is_routable_candidate(ip)
+        ]
 
     # -- services --------------------------------------------------------------------------
     def register_unary(self, service: str, handler) -> None:
@@ -302,15 +341,21 @@ class NatNode:
     # -- periodic upkeep ----------------------------------------------------------------------
     def start_maintenance(self, servers: list[Endpoint], max_interval: float = 60.0) -> None:
         """Re-run AutoNAT whenever an address is due a re-check (at most ``max_interval`` apart)."""
+
         async def loop() -> None:
             while True:
                 due = self.autonat_client.next_timer()
-                delay = max_interval if due is None else min(max_interval, max(1.0, due - self._loop.time()))
+                delay = (
+                    max_interval
+                    if due is None
+                    else min(max_interval, max(1.0, due - self._loop.time()))
+                )
                 await asyncio.sleep(delay)
                 try:
                     await self.check_reachability(servers)
                 except (MeshError, OSError) as exc:
                     log.info("AutoNAT re-check failed: %s", exc)
+
         if self._maintenance is None:
             self._maintenance = self._spawn(loop())
 
@@ -324,7 +369,7 @@ class NatNode:
             return
         source = (addr[0].removeprefix("::ffff:"), addr[1])
         try:
-            msg = wire.decode(data[len(MAGIC):], MAX_CONTROL_DATAGRAM)
+            msg = wire.decode(data[len(MAGIC) :], MAX_CONTROL_DATAGRAM)
             self._dispatch_control(msg, source)
         except NatError as exc:
             self._count("control_rejected")
@@ -344,7 +389,9 @@ class NatNode:
             try:
                 plan = self.autonat_server.handle_request(source, msg, now)
             except DialBackRefused as exc:
-                self._send_control(source, wire.encode("dial_err", id=msg.get("id", 0), s=exc.code, m=exc.message))
+                self._send_control(
+                    source, wire.encode("dial_err", id=msg.get("id", 0), s=exc.code, m=exc.message)
+                )
                 return
             self._send_control(source, plan.response())
             for dial_back in plan.dial_backs:
@@ -356,7 +403,9 @@ class NatNode:
                 raise MalformedMessage(f"{kind} for no request in flight")
             future, expected = waiter
             if source != expected:
-                raise MalformedMessage(f"{kind} from {source[0]}:{source[1]}, not from the server asked")
+                raise MalformedMessage(
+                    f"{kind} from {source[0]}:{source[1]}, not from the server asked"
+                )
             if not future.done():
                 future.set_result((msg, source))
         elif kind == "dial_back":
@@ -378,9 +427,10 @@ class NatNode:
             if self._dialback is not None:
                 self._dialback.sendto(data, dial_back.endpoint)
 
-    async def _request(self, addr: Endpoint, msg_type: str, timeout: float = 2.0, tries: int = 4,
-                       **fields) -> tuple[dict, Endpoint]:
-        txid = self._rng.getrandbits(62) | (1 << 62)    # unguessable, never an AutoNAT probe id
+    async def _request(
+        self, addr: Endpoint, msg_type: str, timeout: float = 2.0, tries: int = 4, **fields
+    ) -> tuple[dict, Endpoint]:
+        txid = self._rng.getrandbits(62) | (1 << 62)  # unguessable, never an AutoNAT probe id
         future = self._loop.create_future()
         self._waiters[txid] = (future, (addr[0], addr[1]))
         try:
@@ -388,14 +438,15 @@ class NatNode:
                 self._send_control(addr, wire.encode(msg_type, id=txid, **fields))
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), timeout / tries)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             raise PeerUnreachable(f"no answer to {msg_type} from {addr[0]}:{addr[1]}")
         finally:
             self._waiters.pop(txid, None)
 
-    async def _request_raw(self, addr: Endpoint, payload: bytes, txid: int, timeout: float,
-                           tries: int = 3) -> dict:
+    async def _request_raw(
+        self, addr: Endpoint, payload: bytes, txid: int, timeout: float, tries: int = 3
+    ) -> dict:
         future = self._loop.create_future()
         self._waiters[txid] = (future, (addr[0], addr[1]))
         try:
@@ -403,7 +454,7 @@ class NatNode:
                 self._send_control(addr, payload)
                 try:
                     return (await asyncio.wait_for(asyncio.shield(future), timeout / tries))[0]
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             raise PeerUnreachable(f"no AutoNAT answer from {addr[0]}:{addr[1]}")
         finally:
@@ -419,8 +470,9 @@ class NatNode:
         """Observer -> its alternate observer endpoint, as learned from ``obs`` replies."""
         return {server: (server[0], port) for server, port in self._alt_ports.items()}
 
-    async def observe(self, server: Endpoint, timeout: float = 2.0, *,
-                      alternate: bool = False) -> Endpoint:
+    async def observe(
+        self, server: Endpoint, timeout: float = 2.0, *, alternate: bool = False
+    ) -> Endpoint:
         """Ask ``server`` which address our shared socket's packets come from. ``alternate``
         marks a server's alternate observer port: it feeds NAT type detection only (the mapping
         it sees is not one other peers would reach us at)."""
@@ -443,8 +495,9 @@ class NatNode:
         if report.nat_type is NatType.UNKNOWN:
             # too few observers: ask their alternate ports (a second destination per observer)
             alternates = [(s[0], self._alt_ports[s]) for s in servers if s in self._alt_ports]
-            results = await asyncio.gather(*(self.observe(a, alternate=True) for a in alternates),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(self.observe(a, alternate=True) for a in alternates), return_exceptions=True
+            )
             for server, result in zip(alternates, results):
                 if isinstance(result, Exception):
                     log.info("observe via alternate port %s failed: %s", server, result)
@@ -476,15 +529,19 @@ class NatNode:
 
         await asyncio.gather(*(run(p) for p in probes))
         deadline = self._loop.time() + self.config.autonat_client.dial_back_timeout
-        while self._loop.time() < deadline and self.autonat_client.pending_probes:
+        # dial-backs arrive on other connections, not as an event here: poll, bounded by deadline
+        while self._loop.time() < deadline and self.autonat_client.pending_probes:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         self.autonat_client.finish_pending(self._loop.time())
         self._addresses_changed()
         return self.autonat_client.reachability()
 
-    async def auto_configure(self, observers: list[Endpoint] | None = None,
-                             relays: list[tuple[PeerId, str, int]] | None = None,
-                             maintain: bool = True) -> tuple[NatReport, Reachability]:
+    async def auto_configure(
+        self,
+        observers: list[Endpoint] | None = None,
+        relays: list[tuple[PeerId, str, int]] | None = None,
+        maintain: bool = True,
+    ) -> tuple[NatReport, Reachability]:
         """Bootstrap sequence: NAT type from ``observers``, AutoNAT against them, and, if the node
         is not public, a reservation on the first relay that grants one. Without arguments the
         configuration's bootstrap lists are used."""
@@ -516,7 +573,9 @@ class NatNode:
         return addrs + [ep for ep in self._local_endpoints() if ep not in addrs]
 
     # -- relay ----------------------------------------------------------------------------
-    async def reserve_relay(self, relay_peer: PeerId, host: str, port: int, keep: bool = True) -> None:
+    async def reserve_relay(
+        self, relay_peer: PeerId, host: str, port: int, keep: bool = True
+    ) -> None:
         """Reserve a slot on a relay; with ``keep``, re-reserve (with backoff) whenever it drops."""
         await self.relay_client.reserve(relay_peer, host, port)
         self.relay_info = self.relay_info or (relay_peer, host, port)
@@ -524,7 +583,9 @@ class NatNode:
         if keep:
             now = self._loop.time()
             self.reservations.add_relay(str(relay_peer), f"/ip4/{host}/tcp/{port}", now)
-            self.reservations.on_reserved(str(relay_peer), self.relay_client.reservations[str(relay_peer)].ttl, now)
+            self.reservations.on_reserved(
+                str(relay_peer), self.relay_client.reservations[str(relay_peer)].ttl, now
+            )
             if self._keeper is None:
                 self._keeper = self._spawn(self._keep_reservations())
         self._addresses_changed()
@@ -537,7 +598,7 @@ class NatNode:
                 live = self.relay_client.reservations.get(relay_id)
                 if live is not None and not live.closed.is_set():
                     continue
-                if state.expires > now:        # it just dropped: try again at once
+                if state.expires > now:  # it just dropped: try again at once
                     state.expires = 0.0
                     state.next_attempt = now
                 if state.next_attempt > now:
@@ -545,8 +606,9 @@ class NatNode:
                 relay_peer, host, port = self._relay_addrs[relay_id]
                 try:
                     await self.relay_client.reserve(relay_peer, host, port)
-                    self.reservations.on_reserved(relay_id, self.relay_client.reservations[relay_id].ttl,
-                                                  self._loop.time())
+                    self.reservations.on_reserved(
+                        relay_id, self.relay_client.reservations[relay_id].ttl, self._loop.time()
+                    )
                     log.info("re-reserved on relay %s", relay_peer)
                 except (MeshError, OSError) as exc:
                     self.reservations.on_failed(relay_id, str(exc), self._loop.time())
@@ -559,6 +621,7 @@ class NatNode:
     def public_addresses(self) -> list[str]:
         """AutoNAT-confirmed public QUIC addresses of this node, as multiaddr text."""
         from .addresses import endpoint_to_multiaddr_text
+
         return [endpoint_to_multiaddr_text(ep) for ep in self.autonat_client.public_addresses()]
 
     def circuit_addresses(self) -> list[str]:
@@ -567,8 +630,9 @@ class NatNode:
         for relay_id, reservation in self.relay_client.reservations.items():
             if reservation.closed.is_set():
                 continue
-            relay_peer, host, port = self._relay_addrs.get(relay_id, (reservation.relay_peer,
-                                                                      reservation.host, reservation.port))
+            relay_peer, host, port = self._relay_addrs.get(
+                relay_id, (reservation.relay_peer, reservation.host, reservation.port)
+            )
             out.append(f"/ip4/{host}/tcp/{port}/p2p/{relay_peer}/p2p-circuit/p2p/{self.peer_id}")
         return out
 
@@ -596,20 +660,22 @@ class NatNode:
     # -- direct QUIC ------------------------------------------------------------------------
     def _on_quic(self, conn: QuicConn) -> None:
         if conn.is_client:
-            return            # the dialer attaches its own connection
+            return  # the dialer attaches its own connection
         self._spawn(self._accept_direct(conn, "direct"))
 
     async def _accept_direct(self, conn: QuicConn, path: str) -> None:
         try:
             channel = await asyncio.wait_for(conn.accept_channel(), 10.0)
-        except (asyncio.TimeoutError, MeshError):
+        except (TimeoutError, MeshError):
             conn.close("no channel opened")
             return
         link = self._link(conn.remote_peer)
         pending = link.pending_path
         self._attach_direct(link, conn, RpcSession(channel, self.router), pending or path)
 
-    def _attach_direct(self, link: PeerLink, conn: QuicConn, session: RpcSession, path: str) -> None:
+    def _attach_direct(
+        self, link: PeerLink, conn: QuicConn, session: RpcSession, path: str
+    ) -> None:
         old = link.direct
         link.direct, link.direct_conn, link.direct_path = session, conn, path
         if old is not None and old is not session:
@@ -625,25 +691,38 @@ class NatNode:
             if link.direct is session:
                 link.direct_ready.clear()
                 link.metrics.record(self._loop.time(), "direct-closed")
-                link.metrics.path = "relayed" if link.relayed and not link.relayed.closed else "none"
+                link.metrics.path = (
+                    "relayed" if link.relayed and not link.relayed.closed else "none"
+                )
+
         session.on_close(on_close)
 
-    async def _dial_direct(self, peer: PeerId, addr: Endpoint, path: str,
-                           transport: QuicTransport | None = None,
-                           timeout: float | None = None) -> PeerLink:
+    async def _dial_direct(
+        self,
+        peer: PeerId,
+        addr: Endpoint,
+        path: str,
+        transport: QuicTransport | None = None,
+        timeout: float | None = None,
+    ) -> PeerLink:
         transport = transport or self.transport
-        conn = await transport.dial(addr, expected_peer=peer,
-                                    timeout=timeout or self.config.direct_dial_timeout)
+        conn = await transport.dial(
+            addr, expected_peer=peer, timeout=timeout or self.config.direct_dial_timeout
+        )
         session = RpcSession(conn.open_channel(), self.router)
         link = self._link(peer)
         self._attach_direct(link, conn, session, path)
-        await session.call(PING_SERVICE, b"hello", timeout=5.0)    # opens the stream at the peer
+        await session.call(PING_SERVICE, b"hello", timeout=5.0)  # opens the stream at the peer
         return link
 
     # -- connecting -------------------------------------------------------------------------
-    async def connect(self, peer: PeerId, direct_addrs: list[Endpoint] = (),
-                      relay: tuple[PeerId, str, int] | None = None,
-                      wait_upgrade: float = 0.0) -> PeerLink:
+    async def connect(
+        self,
+        peer: PeerId,
+        direct_addrs: list[Endpoint] = (),
+        relay: tuple[PeerId, str, int] | None = None,
+        wait_upgrade: float = 0.0,
+    ) -> PeerLink:
         """Reach ``peer``: direct if one of ``direct_addrs`` answers, else through ``relay``
         (then try to upgrade to a direct path in the background, unless punching is off)."""
         link = self._link(peer)
@@ -684,11 +763,11 @@ class NatNode:
                 return link
             if relayed in done:
                 if relayed.exception() is not None and direct is not None and not direct.done():
-                    racing = {direct}           # the relay failed: the direct dial may still win
+                    racing = {direct}  # the relay failed: the direct dial may still win
                     continue
                 break
             racing = {relayed}
-        tunnel = relayed.result()          # raises if the relay failed too
+        tunnel = relayed.result()  # raises if the relay failed too
         link.relayed = RpcSession(tunnel, self.router)
         link.metrics.connected_at = self._loop.time() - start
         link.metrics.path = "relayed"
@@ -698,20 +777,28 @@ class NatNode:
             if wait_upgrade > 0:
                 try:
                     await asyncio.wait_for(asyncio.shield(link.upgrade_task), wait_upgrade)
-                except (asyncio.TimeoutError, Exception):
+                except (TimeoutError, Exception):
                     pass
         return link
 
-    async def _upgrade_after(self, link: PeerLink, direct: asyncio.Task | None, start: float) -> bool:
+    async def _upgrade_after(
+        self, link: PeerLink, direct: asyncio.Task | None, start: float
+    ) -> bool:
         """Hole punch unless the direct dial of ``connect`` already succeeded."""
-        if direct is not None and direct.done() and not direct.cancelled() \
-                and direct.exception() is None and direct.result():
+        if (
+            direct is not None
+            and direct.done()
+            and not direct.cancelled()
+            and direct.exception() is None
+            and direct.result()
+        ):
             return True
         # a direct dial still in flight may yet win; punching does not wait for its timeout
         return await self._upgrade(link, start)
 
-    async def call(self, peer: PeerId, service: str, payload: bytes = b"",
-                   timeout: float = 10.0) -> bytes:
+    async def call(
+        self, peer: PeerId, service: str, payload: bytes = b"", timeout: float = 10.0
+    ) -> bytes:
         """Unary call over the best path; falls back to the relay if the direct path dropped."""
         link = self.links.get(peer)
         session = link.best() if link else None
@@ -731,9 +818,14 @@ class NatNode:
 
     async def _upgrade(self, link: PeerLink, start: float) -> bool:
         """Initiator side: coordinate over the relayed session, punch, retry up to 3 times."""
-        session = HolePunchSession(Role.INITIATOR, self.punch_addresses(), self._our_nat(),
-                                   self.config.punch, our_public=self.is_public,
-                                   our_tcp_port=self._tcp_punch_port())
+        session = HolePunchSession(
+            Role.INITIATOR,
+            self.punch_addresses(),
+            self._our_nat(),
+            self.config.punch,
+            our_public=self.is_public,
+            our_tcp_port=self._tcp_punch_port(),
+        )
         pending = list(session.start(self._loop.time()))
         while True:
             while pending:
@@ -754,13 +846,23 @@ class NatNode:
                     remote = await self._punch(link, action, initiator=True)
                     pending += session.on_punch_result(action.attempt, remote, self._loop.time())
                 elif isinstance(action, PunchSucceeded):
-                    log.info("hole punch with %s: direct (%s, attempt %d, %.2f s)", link.peer,
-                             link.pending_path, action.attempt, self._loop.time() - start)
+                    log.info(
+                        "hole punch with %s: direct (%s, attempt %d, %.2f s)",
+                        link.peer,
+                        link.pending_path,
+                        action.attempt,
+                        self._loop.time() - start,
+                    )
                     return True
                 elif isinstance(action, GiveUp):
                     link.metrics.record(self._loop.time(), f"punch-gave-up: {action.reason}")
-                    log.info("hole punch with %s gave up (%s; we are %s, they are %s)", link.peer,
-                             action.reason, self._our_nat().value, session.remote_nat.value)
+                    log.info(
+                        "hole punch with %s gave up (%s; we are %s, they are %s)",
+                        link.peer,
+                        action.reason,
+                        self._our_nat().value,
+                        session.remote_nat.value,
+                    )
                     return False
             timer = session.next_timer()
             if session.done or timer is None:
@@ -773,10 +875,14 @@ class NatNode:
         session = link.dcutr
         msg = wire.decode(bytes(payload))
         if msg["t"] == "hp_connect" or session is None:
-            session = HolePunchSession(Role.RESPONDER, self.punch_addresses(), self._our_nat(),
-                                       HolePunchConfig(enabled=self.config.hole_punching),
-                                       our_public=self.is_public,
-                                       our_tcp_port=self._tcp_punch_port())
+            session = HolePunchSession(
+                Role.RESPONDER,
+                self.punch_addresses(),
+                self._our_nat(),
+                HolePunchConfig(enabled=self.config.hole_punching),
+                our_public=self.is_public,
+                our_tcp_port=self._tcp_punch_port(),
+            )
             link.dcutr = session
         reply = b""
         for action in session.on_message(bytes(payload), self._loop.time()):
@@ -786,15 +892,20 @@ class NatNode:
                 self._spawn(self._responder_punch(link, session, action))
         return reply
 
-    async def _responder_punch(self, link: PeerLink, session: HolePunchSession,
-                               action: StartPunch) -> None:
+    async def _responder_punch(
+        self, link: PeerLink, session: HolePunchSession, action: StartPunch
+    ) -> None:
         remote = await self._punch(link, action, initiator=False)
         session.on_punch_result(action.attempt, remote, self._loop.time())
 
     async def _punch(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
         mode = action.mode
-        link.pending_path = {PunchMode.BIRTHDAY_EASY: "birthday", PunchMode.BIRTHDAY_HARD: "birthday",
-                             PunchMode.DIAL: "reversal", PunchMode.AWAIT: "reversal"}.get(mode, "punched")
+        link.pending_path = {
+            PunchMode.BIRTHDAY_EASY: "birthday",
+            PunchMode.BIRTHDAY_HARD: "birthday",
+            PunchMode.DIAL: "reversal",
+            PunchMode.AWAIT: "reversal",
+        }.get(mode, "punched")
         delay = action.at - self._loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -822,7 +933,7 @@ class NatNode:
     async def _await_direct(self, link: PeerLink, timeout: float) -> Endpoint | None:
         try:
             await asyncio.wait_for(link.direct_ready.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         conn = link.direct_conn
         return (conn.addr[0], conn.addr[1]) if conn else None
@@ -836,13 +947,16 @@ class NatNode:
                 continue
         return None
 
-    async def _punch_spray(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
+    async def _punch_spray(
+        self, link: PeerLink, action: StartPunch, initiator: bool
+    ) -> Endpoint | None:
         """Both sides spray punch packets; the initiator dials QUIC once the peer's packet arrives."""
         seen: asyncio.Future = self._loop.create_future()
 
         def on_punch(source: Endpoint) -> None:
             if not seen.done():
                 seen.set_result(source)
+
         self._punch_waiters[action.token] = on_punch
         packet = MAGIC + wire.encode("punch", tok=action.token)
         deadline = self._loop.time() + self.config.punch_budget
@@ -854,12 +968,13 @@ class NatNode:
                     remote = seen.result()
                     for _ in range(3):
                         self.transport.send_raw(remote, packet)
-                    await self._dial_direct(link.peer, remote, "punched",
-                                            timeout=max(1.0, deadline - self._loop.time()))
+                    await self._dial_direct(
+                        link.peer, remote, "punched", timeout=max(1.0, deadline - self._loop.time())
+                    )
                     return remote
                 try:
                     await asyncio.wait_for(asyncio.shield(seen), 0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             if not initiator:
                 return await self._await_direct(link, 2.0)
@@ -870,16 +985,19 @@ class NatNode:
     def _tcp_punch_port(self) -> int:
         return self.config.tcp_port if self.config.punch_protocol == "tcp" else 0
 
-    async def _punch_tcp(self, link: PeerLink, action: StartPunch, initiator: bool) -> Endpoint | None:
+    async def _punch_tcp(
+        self, link: PeerLink, action: StartPunch, initiator: bool
+    ) -> Endpoint | None:
         """TCP simultaneous open to the peer's mapped IP and TCP port; then end-to-end TLS."""
         remote = (action.remote_addrs[0][0], action.remote_tcp_port)
         deadline = self._loop.time() + self.config.punch_budget + 2.0
-        sock = await simultaneous_open(self.config.tcp_port, remote, deadline,
-                                       host=self.config.listen_host)
+        sock = await simultaneous_open(
+            self.config.tcp_port, remote, deadline, host=self.config.listen_host
+        )
         reader, writer = await asyncio.open_connection(sock=sock)
         stream = StreamPair(reader, writer)
         try:
-            if initiator:       # roles decide who is the TLS client: no accept() on either side
+            if initiator:  # roles decide who is the TLS client: no accept() on either side
                 tunnel = await SecureTunnel.client(stream, self.key, link.peer, transport="tcp")
             else:
                 tunnel = await SecureTunnel.server(stream, self.key, transport="tcp")
@@ -889,8 +1007,9 @@ class NatNode:
         except BaseException:
             writer.close()
             raise
-        self._attach_direct(link, _StreamHandle(remote, tunnel), RpcSession(tunnel, self.router),
-                            "tcp-punched")
+        self._attach_direct(
+            link, _StreamHandle(remote, tunnel), RpcSession(tunnel, self.router), "tcp-punched"
+        )
         return remote
 
     async def _birthday_easy(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
@@ -904,18 +1023,22 @@ class NatNode:
         def on_punch(source: Endpoint) -> None:
             if source[0] == hard_ip and not hit.done():
                 hit.set_result(source)
+
         self._punch_waiters[action.token] = on_punch
         packet = MAGIC + wire.encode("punch", tok=action.token)
-        await asyncio.sleep(0.1)            # let the hard side's mappings exist first
+        await asyncio.sleep(0.1)  # let the hard side's mappings exist first
         prober = EasySideProber(self.config.birthday, self._loop.time(), self._rng)
         try:
-            while (not prober.finished(self._loop.time()) and not hit.done()
-                   and not self._direct_up(link)):
+            while (
+                not prober.finished(self._loop.time())
+                and not hit.done()
+                and not self._direct_up(link)
+            ):
                 for port in prober.next_batch(self._loop.time()):
                     self.transport.send_raw((hard_ip, port), packet)
                 try:
                     await asyncio.wait_for(asyncio.shield(hit), 0.02)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             link.metrics.record(self._loop.time(), f"birthday-probes:{prober.probes_sent}")
             if hit.done():
@@ -934,7 +1057,9 @@ class NatNode:
     async def _birthday_hard(self, link: PeerLink, action: StartPunch) -> Endpoint | None:
         """We are behind a symmetric NAT: open many sockets toward the easy side's mapping."""
         cfg = self.config.birthday
-        easy = [a for a in action.remote_addrs if self.config.policy.is_public(a[0])] or list(action.remote_addrs)
+        easy = [a for a in action.remote_addrs if self.config.policy.is_public(a[0])] or list(
+            action.remote_addrs
+        )
         target = easy[0]
         packet = MAGIC + wire.encode("punch", tok=action.token)
         socks: list[socket.socket] = []
@@ -943,7 +1068,9 @@ class NatNode:
             for _ in range(cfg.hard_sockets):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setblocking(False)
-                sock.bind((self.config.listen_host if self.config.listen_host != "::" else "0.0.0.0", 0))
+                sock.bind(
+                    (self.config.listen_host if self.config.listen_host != "::" else "0.0.0.0", 0)
+                )
                 socks.append(sock)
 
             def make_reader(sock: socket.socket):
@@ -954,7 +1081,9 @@ class NatNode:
                         return
                     if data == packet and not hit.done():
                         hit.set_result((sock.getsockname()[1], (src[0], src[1])))
+
                 return readable
+
             for sock in socks:
                 self._loop.add_reader(sock.fileno(), make_reader(sock))
             plan = HardSidePlan(cfg, self._loop.time())
@@ -966,14 +1095,17 @@ class NatNode:
                         except OSError:
                             pass
                 try:
-                    await asyncio.wait_for(asyncio.shield(hit), max(0.01, min(0.1, plan.next_timer() - self._loop.time())))
-                except asyncio.TimeoutError:
+                    await asyncio.wait_for(
+                        asyncio.shield(hit),
+                        max(0.01, min(0.1, plan.next_timer() - self._loop.time())),
+                    )
+                except TimeoutError:
                     pass
             if not hit.done():
                 return None
             local_port, easy_endpoint = hit.result()
             hit_sock = next(s for s in socks if s.getsockname()[1] == local_port)
-            for _ in range(3):               # tell the easy side which port matched
+            for _ in range(3):  # tell the easy side which port matched
                 try:
                     hit_sock.sendto(packet, easy_endpoint)
                 except OSError:

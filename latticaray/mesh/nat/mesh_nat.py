@@ -51,8 +51,14 @@ RELAY_TRANSPORT_NAME = "relay"
 
 
 def _relayed_raw(tunnel: SecureTunnel, outbound: bool, addr: Multiaddr | None) -> RawConnection:
-    return RawConnection(peer_id=tunnel.remote_peer, channel=tunnel, transport=RELAY_TRANSPORT_NAME,
-                         remote_addr=addr, outbound=outbound, close=lambda _reason: tunnel.close())
+    return RawConnection(
+        peer_id=tunnel.remote_peer,
+        channel=tunnel,
+        transport=RELAY_TRANSPORT_NAME,
+        remote_addr=addr,
+        outbound=outbound,
+        close=lambda _reason: tunnel.close(),
+    )
 
 
 class CircuitAdapter(TransportAdapter):
@@ -60,7 +66,7 @@ class CircuitAdapter(TransportAdapter):
 
     name = CIRCUIT
 
-    def __init__(self, nat: "MeshNat") -> None:
+    def __init__(self, nat: MeshNat) -> None:
         self.nat = nat
 
     def can_listen(self, addr: Multiaddr) -> bool:
@@ -68,16 +74,23 @@ class CircuitAdapter(TransportAdapter):
 
     def can_dial(self, addr: Multiaddr) -> bool:
         relay = addr.relay_addr
-        return addr.transport == CIRCUIT and relay is not None and relay.transport == "tcp" \
+        return (
+            addr.transport == CIRCUIT
+            and relay is not None
+            and relay.transport == "tcp"
             and addr.relay_peer is not None
+        )
 
-    async def dial(self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float) -> RawConnection:
+    async def dial(
+        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
+    ) -> RawConnection:
         target = expected_peer or addr.peer_id
         if target is None:
             raise PeerUnreachable(f"circuit address {addr} names no target peer")
         relay = addr.relay_addr
-        tunnel = await self.nat.relay_client.connect(addr.relay_peer, relay.host, relay.port, target,
-                                                     timeout=timeout)
+        tunnel = await self.nat.relay_client.connect(
+            addr.relay_peer, relay.host, relay.port, target, timeout=timeout
+        )
         return _relayed_raw(tunnel, True, addr)
 
     async def close(self) -> None:
@@ -93,7 +106,7 @@ class MeshNat(NatNode):
         super().__init__(node.key, config, transport=node.quic, router=node.router)
         self.node = node
         self._advertised: set[str] = set()
-        self.drains: list[dict] = []          # one record per drained relayed connection
+        self.drains: list[dict] = []  # one record per drained relayed connection
 
     async def start(self) -> None:
         await super().start()
@@ -130,7 +143,11 @@ class MeshNat(NatNode):
 
     def _relayed_connection(self, peer: PeerId) -> MeshConnection | None:
         for conn in self.node.connections.connections(peer):
-            if conn.transport == RELAY_TRANSPORT_NAME and not conn.closed and not conn.session.closed:
+            if (
+                conn.transport == RELAY_TRANSPORT_NAME
+                and not conn.closed
+                and not conn.session.closed
+            ):
                 return conn
         return None
 
@@ -214,11 +231,18 @@ class MeshNat(NatNode):
             await asyncio.sleep(0.05)
         record["drain_s"] = loop.time() - started
         record["active_at_close"] = 0 if relayed.closed else relayed.session.active_calls
-        record["outcome"] = "closed by peer or idle reaper" if relayed.closed else (
-            "drained" if record["active_at_close"] == 0 else "drain deadline")
+        record["outcome"] = (
+            "closed by peer or idle reaper"
+            if relayed.closed
+            else ("drained" if record["active_at_close"] == 0 else "drain deadline")
+        )
         if not relayed.closed:
-            log.info("relayed connection to %s closed after %.2f s of draining (%d calls open)",
-                     peer, record["drain_s"], record["active_at_close"])
+            log.info(
+                "relayed connection to %s closed after %.2f s of draining (%d calls open)",
+                peer,
+                record["drain_s"],
+                record["active_at_close"],
+            )
             await relayed.session.aclose("upgraded to a direct connection")
 
     # -- direct paths through the manager ---------------------------------------------------
@@ -246,22 +270,34 @@ class MeshNat(NatNode):
         link.metrics.record(now, f"direct:{path}")
         link.direct_ready.set()
 
-    async def _dial_direct(self, peer: PeerId, addr: Endpoint, path: str,
-                           transport: QuicTransport | None = None,
-                           timeout: float | None = None) -> PeerLink:
+    async def _dial_direct(
+        self,
+        peer: PeerId,
+        addr: Endpoint,
+        path: str,
+        transport: QuicTransport | None = None,
+        timeout: float | None = None,
+    ) -> PeerLink:
         timeout = timeout or self.config.direct_dial_timeout
         target = Multiaddr.parse(f"/ip4/{addr[0]}/udp/{addr[1]}/quic-v1/p2p/{peer}")
         manager = self.node.connections
         if transport is None or transport is self.transport:
             conn = await manager.dial_addr(target, timeout, force_new=True)
         else:
-            quic_conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
+            quic_conn = await transport.dial(
+                (addr[0], addr[1]), expected_peer=peer, timeout=timeout
+            )
             channel = quic_conn.open_channel()
             channel.write(RPC_PROTOCOL_PREAMBLE)
-            raw = RawConnection(peer_id=quic_conn.remote_peer, channel=channel, transport="quic",
-                                remote_addr=quic_conn.remote_addr, outbound=True,
-                                close=quic_conn.close,
-                                on_close=lambda cb, c=quic_conn: c.on_close(lambda _c: cb()))
+            raw = RawConnection(
+                peer_id=quic_conn.remote_peer,
+                channel=channel,
+                transport="quic",
+                remote_addr=quic_conn.remote_addr,
+                outbound=True,
+                close=quic_conn.close,
+                on_close=lambda cb, c=quic_conn: c.on_close(lambda _c: cb()),
+            )
             conn = manager.add_connection(raw)
         if conn.closed or conn.session.closed:
             raise PeerUnreachable(f"direct connection to {peer} closed as soon as it opened")
@@ -271,4 +307,4 @@ class MeshNat(NatNode):
         return link
 
     def _on_quic(self, conn) -> None:
-        return None       # the node's QUIC adapter accepts inbound connections
+        return None  # the node's QUIC adapter accepts inbound connections

@@ -19,8 +19,8 @@ from .addresses import Endpoint
 class NatType(enum.Enum):
     UNKNOWN = "unknown"
     NO_NAT = "no-nat"
-    ENDPOINT_INDEPENDENT = "endpoint-independent"   # cone
-    ENDPOINT_DEPENDENT = "endpoint-dependent"       # symmetric
+    ENDPOINT_INDEPENDENT = "endpoint-independent"  # cone
+    ENDPOINT_DEPENDENT = "endpoint-dependent"  # symmetric
 
     @property
     def is_hard(self) -> bool:
@@ -30,9 +30,9 @@ class NatType(enum.Enum):
 @dataclass(frozen=True)
 class NatReport:
     nat_type: NatType
-    mapped: tuple[Endpoint, ...]        # distinct mapped endpoints seen
-    port_preserving: bool | None        # mapped port == local port (None when unknown)
-    observers: int                      # distinct observer endpoints
+    mapped: tuple[Endpoint, ...]  # distinct mapped endpoints seen
+    port_preserving: bool | None  # mapped port == local port (None when unknown)
+    observers: int  # distinct observer endpoints
 
     @property
     def public_ip(self) -> str | None:
@@ -46,8 +46,13 @@ class NatTypeDetector:
     Observations older than ``max_age`` are dropped (mappings and paths change).
     """
 
-    def __init__(self, local_endpoints: list[Endpoint] | None = None, min_observers: int = 2,
-                 max_age: float = 600.0, max_observations: int = 64) -> None:
+    def __init__(
+        self,
+        local_endpoints: list[Endpoint] | None = None,
+        min_observers: int = 2,
+        max_age: float = 600.0,
+        max_observations: int = 64,
+    ) -> None:
         self.local_endpoints = set(local_endpoints or [])
         self.min_observers = min_observers
         self.max_age = max_age
@@ -65,8 +70,9 @@ class NatTypeDetector:
         fresh = {ep: m for ep, (m, t) in self._obs.items() if now - t <= self.max_age}
         mapped = tuple(sorted(set(fresh.values())))
         local_ports = {port for _, port in self.local_endpoints}
-        port_preserving = (all(port in local_ports for _, port in mapped)
-                           if mapped and local_ports else None)
+        port_preserving = (
+            all(port in local_ports for _, port in mapped) if mapped and local_ports else None
+        )
         if mapped and self.local_endpoints and all(m in self.local_endpoints for m in mapped):
             kind = NatType.NO_NAT
         elif len(fresh) < self.min_observers:

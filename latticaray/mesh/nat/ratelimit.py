@@ -6,7 +6,7 @@ from __future__ import annotations
 class TokenBucket:
     """``rate`` tokens per second, up to ``burst``; :meth:`take` spends one if available."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
@@ -25,7 +25,9 @@ class TokenBucket:
 
     def full_at(self, now: float) -> float:
         """When the bucket will be full again (used to forget idle buckets)."""
-        return self.stamp + (self.burst - self.tokens) / self.rate if self.rate > 0 else float("inf")
+        return (
+            self.stamp + (self.burst - self.tokens) / self.rate if self.rate > 0 else float("inf")
+        )
 
 
 class KeyedRateLimiter:

@@ -24,8 +24,15 @@ import itertools
 from dataclasses import dataclass, field
 
 from . import wire
-from .errors import (MALFORMED, NO_RESERVATION, OK, PERMISSION_DENIED, RESOURCE_LIMIT_EXCEEDED,
-                     CircuitLimitExceeded, RelayRefused)
+from .errors import (
+    MALFORMED,
+    NO_RESERVATION,
+    OK,
+    PERMISSION_DENIED,
+    RESOURCE_LIMIT_EXCEEDED,
+    CircuitLimitExceeded,
+    RelayRefused,
+)
 
 PROTOCOL_ID = "/latticaray/relay/1"
 
@@ -37,7 +44,7 @@ class RelayConfig:
     reservation_ttl: float = 3600.0
     max_circuits: int = 256
     max_circuits_per_peer: int = 16
-    circuit_max_bytes: int = 1 << 30           # per direction-summed circuit budget
+    circuit_max_bytes: int = 1 << 30  # per direction-summed circuit budget
     circuit_max_duration: float = 3600.0
     allowed_peers: frozenset[str] | None = None  # who may reserve/connect; None = anyone
     denied_peers: frozenset[str] = frozenset()
@@ -78,26 +85,34 @@ class RelayService:
 
     def _check_allowed(self, peer: str) -> None:
         cfg = self.config
-        if peer in cfg.denied_peers or (cfg.allowed_peers is not None and peer not in cfg.allowed_peers):
+        if peer in cfg.denied_peers or (
+            cfg.allowed_peers is not None and peer not in cfg.allowed_peers
+        ):
             raise self._refuse(PERMISSION_DENIED, f"peer {peer} is not allowed to use this relay")
 
     def reserve(self, peer: str, ip: str, via_relay: bool, now: float) -> Reservation:
         """Create or renew ``peer``'s reservation (``ip``: its observed IP)."""
         self.expire(now)
         if via_relay:
-            raise self._refuse(PERMISSION_DENIED,
-                               "reservation requested over a relayed connection; relays do not chain")
+            raise self._refuse(
+                PERMISSION_DENIED,
+                "reservation requested over a relayed connection; relays do not chain",
+            )
         self._check_allowed(peer)
         existing = self.reservations.get(peer)
         if existing is None:
             if len(self.reservations) >= self.config.max_reservations:
-                raise self._refuse(RESOURCE_LIMIT_EXCEEDED,
-                                   f"all {self.config.max_reservations} reservation slots are taken")
+                raise self._refuse(
+                    RESOURCE_LIMIT_EXCEEDED,
+                    f"all {self.config.max_reservations} reservation slots are taken",
+                )
             same_ip = sum(1 for r in self.reservations.values() if r.ip == ip)
             if same_ip >= self.config.max_reservations_per_ip:
-                raise self._refuse(RESOURCE_LIMIT_EXCEEDED,
-                                   f"{ip} already holds {same_ip} reservations (limit "
-                                   f"{self.config.max_reservations_per_ip})")
+                raise self._refuse(
+                    RESOURCE_LIMIT_EXCEEDED,
+                    f"{ip} already holds {same_ip} reservations (limit "
+                    f"{self.config.max_reservations_per_ip})",
+                )
         reservation = Reservation(peer, ip, now + self.config.reservation_ttl)
         self.reservations[peer] = reservation
         return reservation
@@ -109,24 +124,35 @@ class RelayService:
         """``src`` asks for a circuit to ``dst``; returns it (pending the target's accept)."""
         self.expire(now)
         if via_relay:
-            raise self._refuse(PERMISSION_DENIED,
-                               "circuit requested over a relayed connection; relayed hops are refused")
+            raise self._refuse(
+                PERMISSION_DENIED,
+                "circuit requested over a relayed connection; relayed hops are refused",
+            )
         if src == dst:
             raise self._refuse(MALFORMED, "a peer cannot open a circuit to itself")
         self._check_allowed(src)
         if dst not in self.reservations:
             raise self._refuse(NO_RESERVATION, f"peer {dst} holds no reservation on this relay")
         if len(self.circuits) >= self.config.max_circuits:
-            raise self._refuse(RESOURCE_LIMIT_EXCEEDED,
-                               f"the relay already carries {len(self.circuits)} circuits")
+            raise self._refuse(
+                RESOURCE_LIMIT_EXCEEDED, f"the relay already carries {len(self.circuits)} circuits"
+            )
         for peer in (src, dst):
             count = sum(1 for c in self.circuits.values() if peer in (c.src, c.dst))
             if count >= self.config.max_circuits_per_peer:
-                raise self._refuse(RESOURCE_LIMIT_EXCEEDED,
-                                   f"peer {peer} already has {count} circuits (limit "
-                                   f"{self.config.max_circuits_per_peer})")
-        circuit = Circuit(next(self._ids), src, dst, now, now + self.config.circuit_max_duration,
-                          self.config.circuit_max_bytes)
+                raise self._refuse(
+                    RESOURCE_LIMIT_EXCEEDED,
+                    f"peer {peer} already has {count} circuits (limit "
+                    f"{self.config.max_circuits_per_peer})",
+                )
+        circuit = Circuit(
+            next(self._ids),
+            src,
+            dst,
+            now,
+            now + self.config.circuit_max_duration,
+            self.config.circuit_max_bytes,
+        )
         self.circuits[circuit.circuit_id] = circuit
         return circuit
 
@@ -135,8 +161,9 @@ class RelayService:
         if circuit is None or circuit.accepted:
             raise self._refuse(MALFORMED, f"no pending circuit {circuit_id}")
         if circuit.dst != acceptor:
-            raise self._refuse(PERMISSION_DENIED,
-                               f"circuit {circuit_id} is for {circuit.dst}, not for {acceptor}")
+            raise self._refuse(
+                PERMISSION_DENIED, f"circuit {circuit_id} is for {circuit.dst}, not for {acceptor}"
+            )
         circuit.accepted = True
         return circuit
 
@@ -148,11 +175,15 @@ class RelayService:
         circuit.bytes_relayed += nbytes
         if circuit.bytes_relayed > circuit.byte_limit:
             self.circuits.pop(circuit_id, None)
-            raise CircuitLimitExceeded(f"circuit {circuit_id} exceeded its {circuit.byte_limit}-byte limit")
+            raise CircuitLimitExceeded(
+                f"circuit {circuit_id} exceeded its {circuit.byte_limit}-byte limit"
+            )
         if now > circuit.deadline:
             self.circuits.pop(circuit_id, None)
-            raise CircuitLimitExceeded(f"circuit {circuit_id} exceeded its "
-                                       f"{self.config.circuit_max_duration:.0f} s duration limit")
+            raise CircuitLimitExceeded(
+                f"circuit {circuit_id} exceeded its "
+                f"{self.config.circuit_max_duration:.0f} s duration limit"
+            )
         return circuit.byte_limit - circuit.bytes_relayed
 
     def close_circuit(self, circuit_id: int) -> None:
@@ -178,7 +209,7 @@ class RelayService:
 @dataclass
 class RelayState:
     relay: str
-    addr_text: str                   # the relay's own multiaddr (without /p2p)
+    addr_text: str  # the relay's own multiaddr (without /p2p)
     expires: float = 0.0
     next_attempt: float = 0.0
     failures: int = 0
@@ -226,6 +257,7 @@ class ReservationKeeper:
 
     def circuit_addresses(self, me: str, now: float) -> list[str]:
         from .addresses import circuit_address_text
+
         return [circuit_address_text(r.addr_text, r.relay, me) for r in self.active(now)]
 
     def next_timer(self) -> float | None:
@@ -233,19 +265,35 @@ class ReservationKeeper:
 
 
 # ------------------------------------------------------------------------------- messages
-def reserve_response(reservation: Reservation | None, config: RelayConfig, now: float,
-                     error: RelayRefused | None = None) -> bytes:
+def reserve_response(
+    reservation: Reservation | None,
+    config: RelayConfig,
+    now: float,
+    error: RelayRefused | None = None,
+) -> bytes:
     if error is not None:
         return wire.encode("reserve_resp", s=error.code, m=error.message)
-    return wire.encode("reserve_resp", s=OK, ttl=reservation.expires - now,
-                       bytes=config.circuit_max_bytes, secs=config.circuit_max_duration, m="")
+    return wire.encode(
+        "reserve_resp",
+        s=OK,
+        ttl=reservation.expires - now,
+        bytes=config.circuit_max_bytes,
+        secs=config.circuit_max_duration,
+        m="",
+    )
 
 
 def connect_response(circuit: Circuit | None, error: RelayRefused | None = None) -> bytes:
     if error is not None:
         return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
-    return wire.encode("connect_resp", s=OK, cid=circuit.circuit_id, bytes=circuit.byte_limit,
-                       secs=circuit.deadline - circuit.opened, m="")
+    return wire.encode(
+        "connect_resp",
+        s=OK,
+        cid=circuit.circuit_id,
+        bytes=circuit.byte_limit,
+        secs=circuit.deadline - circuit.opened,
+        m="",
+    )
 
 
 def check_status(msg: dict, expected_type: str) -> dict:

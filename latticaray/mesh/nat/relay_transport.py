@@ -19,13 +19,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..errors import ConnectionClosed, HandshakeError, MeshError
 from ..identity import KeyPair, PeerId
 from . import wire
-from .errors import (CONNECTION_FAILED, MALFORMED, OK, CircuitLimitExceeded, MalformedMessage,
-                     RelayRefused)
+from .errors import (
+    CONNECTION_FAILED,
+    MALFORMED,
+    OK,
+    CircuitLimitExceeded,
+    MalformedMessage,
+    RelayRefused,
+)
 from .relay import RelayConfig, RelayService, check_status, connect_response, reserve_response
 from .tunnel import SecureTunnel, StreamPair
 
@@ -58,11 +64,14 @@ class FramedStream:
             await self._fill(4)
             (length,) = struct.unpack(">I", self._buf[:4])
             if length > MAX_CONTROL_FRAME:
-                raise MalformedMessage(f"control frame of {length} bytes exceeds {MAX_CONTROL_FRAME}")
+                raise MalformedMessage(
+                    f"control frame of {length} bytes exceeds {MAX_CONTROL_FRAME}"
+                )
             await self._fill(4 + length)
-            body = bytes(self._buf[4:4 + length])
-            del self._buf[:4 + length]
+            body = bytes(self._buf[4 : 4 + length])
+            del self._buf[: 4 + length]
             return wire.decode(body, MAX_CONTROL_FRAME)
+
         return await asyncio.wait_for(_read(), timeout)
 
     async def send_message(self, data: bytes) -> None:
@@ -87,15 +96,19 @@ class FramedStream:
         self.stream.close()
 
 
-async def _open_outer(host: str, port: int, key: KeyPair, relay_peer: PeerId,
-                      timeout: float) -> FramedStream:
+async def _open_outer(
+    host: str, port: int, key: KeyPair, relay_peer: PeerId, timeout: float
+) -> FramedStream:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise RelayRefused(CONNECTION_FAILED, f"cannot reach relay {host}:{port}: {exc!r}") from None
+    except (TimeoutError, OSError) as exc:
+        raise RelayRefused(
+            CONNECTION_FAILED, f"cannot reach relay {host}:{port}: {exc!r}"
+        ) from None
     try:
-        outer = await SecureTunnel.client(StreamPair(reader, writer), key, relay_peer,
-                                          transport="tcp", timeout=timeout)
+        outer = await SecureTunnel.client(
+            StreamPair(reader, writer), key, relay_peer, transport="tcp", timeout=timeout
+        )
     except BaseException:
         writer.close()
         raise
@@ -106,8 +119,15 @@ async def _open_outer(host: str, port: int, key: KeyPair, relay_peer: PeerId,
 class RelayServer:
     """The relay service on a public node: listens on TCP, enforces ``RelayService`` limits."""
 
-    def __init__(self, key: KeyPair, config: RelayConfig | None = None, host: str = "0.0.0.0",
-                 port: int = 0, capture: bool = False, max_connections: int = 1024) -> None:
+    def __init__(
+        self,
+        key: KeyPair,
+        config: RelayConfig | None = None,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        capture: bool = False,
+        max_connections: int = 1024,
+    ) -> None:
         self.key = key
         self.max_connections = max_connections
         self.connections_refused = 0
@@ -115,7 +135,7 @@ class RelayServer:
         self.host = host
         self.port = port
         self.capture = capture
-        self.captured = bytearray()           # what the relay forwarded (tests: must be ciphertext)
+        self.captured = bytearray()  # what the relay forwarded (tests: must be ciphertext)
         self.log_lines: list[str] = []
         self._server: asyncio.AbstractServer | None = None
         self._control: dict[str, FramedStream] = {}
@@ -163,8 +183,9 @@ class RelayServer:
         peername = writer.get_extra_info("peername") or ("?", 0)
         stream = None
         try:
-            outer = await SecureTunnel.server(StreamPair(reader, writer), self.key, transport="tcp",
-                                              timeout=CONTROL_TIMEOUT)
+            outer = await SecureTunnel.server(
+                StreamPair(reader, writer), self.key, transport="tcp", timeout=CONTROL_TIMEOUT
+            )
             stream = FramedStream(outer)
             peer = str(outer.remote_peer)
             msg = await stream.read_message()
@@ -184,7 +205,13 @@ class RelayServer:
                     await stream.send_message(wire.encode("error", s=MALFORMED, m=str(exc)[:200]))
                 except Exception:
                     pass
-        except (ConnectionClosed, ConnectionError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (
+            TimeoutError,
+            ConnectionClosed,
+            ConnectionError,
+            OSError,
+            asyncio.IncompleteReadError,
+        ):
             pass
         except asyncio.CancelledError:
             pass
@@ -216,9 +243,13 @@ class RelayServer:
                 if msg["t"] == "reserve":
                     try:
                         reservation = self.service.reserve(peer, ip, False, loop.time())
-                        await stream.send_message(reserve_response(reservation, self.service.config, loop.time()))
+                        await stream.send_message(
+                            reserve_response(reservation, self.service.config, loop.time())
+                        )
                     except RelayRefused as exc:
-                        await stream.send_message(reserve_response(None, self.service.config, loop.time(), exc))
+                        await stream.send_message(
+                            reserve_response(None, self.service.config, loop.time(), exc)
+                        )
                         return
                 elif msg["t"] == "ping":
                     await stream.send_message(wire.encode("pong"))
@@ -244,10 +275,13 @@ class RelayServer:
                 raise RelayRefused(CONNECTION_FAILED, f"{target}'s reservation stream is gone")
             await control.send_message(wire.encode("incoming", src=peer, cid=circuit.circuit_id))
             target_stream = await asyncio.wait_for(future, ACCEPT_TIMEOUT)
-        except (RelayRefused, asyncio.TimeoutError, ConnectionClosed, OSError) as exc:
+        except (TimeoutError, RelayRefused, ConnectionClosed, OSError) as exc:
             self.service.close_circuit(circuit.circuit_id)
-            err = exc if isinstance(exc, RelayRefused) else RelayRefused(
-                CONNECTION_FAILED, f"{target} did not accept the circuit in time")
+            err = (
+                exc
+                if isinstance(exc, RelayRefused)
+                else RelayRefused(CONNECTION_FAILED, f"{target} did not accept the circuit in time")
+            )
             await stream.send_message(connect_response(None, err))
             return
         finally:
@@ -257,7 +291,7 @@ class RelayServer:
             await target_stream.send_message(wire.encode("accept_resp", s=OK, m=""))
             self._log(f"circuit {circuit.circuit_id}: {peer} -> {target}")
             await self._splice(circuit.circuit_id, stream, target_stream)
-        finally:                     # never leave the target's handler waiting
+        finally:  # never leave the target's handler waiting
             self.service.close_circuit(circuit.circuit_id)
             target_stream.close()
             if target_stream.done is not None and not target_stream.done.done():
@@ -275,7 +309,7 @@ class RelayServer:
             await stream.send_message(wire.encode("accept_resp", s=exc.code, m=exc.message))
             return
         done = loop.create_future()
-        stream.done = done                      # the connect side resolves it when splicing ends
+        stream.done = done  # the connect side resolves it when splicing ends
         future.set_result(stream)
         await done
 
@@ -298,9 +332,10 @@ class RelayServer:
         try:
             circuit = self.service.circuits.get(cid)
             budget = (circuit.deadline - loop.time()) if circuit is not None else 0.0
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if not done:             # an idle circuit still ends at its duration limit
+            done, _pending = await asyncio.wait(
+                tasks, timeout=max(0.0, budget), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:  # an idle circuit still ends at its duration limit
                 self._log(f"circuit {cid} closed: duration limit reached")
             for task in done:
                 exc = task.exception()
@@ -325,7 +360,7 @@ IncomingHandler = Callable[[SecureTunnel], Awaitable[None]]
 class RelayReservation:
     """A live reservation on one relay: its control stream, renewals and incoming circuits."""
 
-    def __init__(self, client: "RelayClient", relay_peer: PeerId, host: str, port: int) -> None:
+    def __init__(self, client: RelayClient, relay_peer: PeerId, host: str, port: int) -> None:
         self.client = client
         self.relay_peer = relay_peer
         self.host = host
@@ -338,7 +373,9 @@ class RelayReservation:
         self.closed = asyncio.Event()
 
     async def open(self, timeout: float = CONTROL_TIMEOUT) -> None:
-        self._stream = await _open_outer(self.host, self.port, self.client.key, self.relay_peer, timeout)
+        self._stream = await _open_outer(
+            self.host, self.port, self.client.key, self.relay_peer, timeout
+        )
         try:
             await self._stream.send_message(wire.encode("reserve"))
             reply = check_status(await self._stream.read_message(timeout), "reserve_resp")
@@ -356,8 +393,10 @@ class RelayReservation:
         try:
             while True:
                 try:
-                    msg = await self._stream.read_message(timeout=max(0.05, next_renew - loop.time()))
-                except asyncio.TimeoutError:
+                    msg = await self._stream.read_message(
+                        timeout=max(0.05, next_renew - loop.time())
+                    )
+                except TimeoutError:
                     await self._stream.send_message(wire.encode("reserve"))
                     next_renew = loop.time() + keepalive
                     continue
@@ -406,14 +445,22 @@ class RelayClient:
         self.reservations[str(relay_peer)] = reservation
         return reservation
 
-    async def connect(self, relay_peer: PeerId, host: str, port: int, target: PeerId,
-                      timeout: float = CONTROL_TIMEOUT) -> SecureTunnel:
+    async def connect(
+        self,
+        relay_peer: PeerId,
+        host: str,
+        port: int,
+        target: PeerId,
+        timeout: float = CONTROL_TIMEOUT,
+    ) -> SecureTunnel:
         """Open a circuit to ``target`` through the relay; returns the end-to-end secure channel."""
         stream = await _open_outer(host, port, self.key, relay_peer, timeout)
         try:
             await stream.send_message(wire.encode("connect", peer=str(target)))
             check_status(await stream.read_message(timeout + ACCEPT_TIMEOUT), "connect_resp")
-            return await SecureTunnel.client(stream, self.key, target, transport="relay", timeout=timeout)
+            return await SecureTunnel.client(
+                stream, self.key, target, transport="relay", timeout=timeout
+            )
         except BaseException:
             stream.close()
             raise
@@ -421,14 +468,21 @@ class RelayClient:
     async def _accept(self, reservation: RelayReservation, src: str, cid: int) -> None:
         stream = None
         try:
-            stream = await _open_outer(reservation.host, reservation.port, self.key,
-                                       reservation.relay_peer, CONTROL_TIMEOUT)
+            stream = await _open_outer(
+                reservation.host,
+                reservation.port,
+                self.key,
+                reservation.relay_peer,
+                CONTROL_TIMEOUT,
+            )
             await stream.send_message(wire.encode("accept", cid=cid))
             check_status(await stream.read_message(), "accept_resp")
             tunnel = await SecureTunnel.server(stream, self.key, transport="relay")
             if str(tunnel.remote_peer) != src:
                 tunnel.abort()
-                raise HandshakeError(f"relay announced {src} but the tunnel peer is {tunnel.remote_peer}")
+                raise HandshakeError(
+                    f"relay announced {src} but the tunnel peer is {tunnel.remote_peer}"
+                )
         except asyncio.CancelledError:
             if stream is not None:
                 stream.close()

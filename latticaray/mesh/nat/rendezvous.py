@@ -51,18 +51,27 @@ class RendezvousServer:
         self._seq = 0
 
     def _check_namespace(self, namespace: object) -> str:
-        if not isinstance(namespace, str) or not 1 <= len(namespace) <= self.config.max_namespace_len:
-            raise RendezvousRefused(MALFORMED, f"namespace must be 1..{self.config.max_namespace_len} characters")
+        if (
+            not isinstance(namespace, str)
+            or not 1 <= len(namespace) <= self.config.max_namespace_len
+        ):
+            raise RendezvousRefused(
+                MALFORMED, f"namespace must be 1..{self.config.max_namespace_len} characters"
+            )
         return namespace
 
-    def register(self, peer: str, namespace: str, addrs: list[str], ttl: float | None,
-                 now: float) -> Registration:
+    def register(
+        self, peer: str, namespace: str, addrs: list[str], ttl: float | None, now: float
+    ) -> Registration:
         self.expire(now)
         cfg = self.config
         namespace = self._check_namespace(namespace)
         if not isinstance(addrs, (list, tuple)) or not 1 <= len(addrs) <= cfg.max_addrs:
             raise RendezvousRefused(MALFORMED, f"a registration needs 1..{cfg.max_addrs} addresses")
-        if any(not isinstance(a, str) or not a.startswith("/") or len(a) > cfg.max_addr_len for a in addrs):
+        if any(
+            not isinstance(a, str) or not a.startswith("/") or len(a) > cfg.max_addr_len
+            for a in addrs
+        ):
             raise RendezvousRefused(MALFORMED, "addresses must be multiaddr strings")
         ttl = cfg.default_ttl if ttl is None else ttl
         if not cfg.min_ttl <= ttl <= cfg.max_ttl:
@@ -75,8 +84,9 @@ class RendezvousServer:
                 raise RendezvousRefused(RESOURCE_LIMIT_EXCEEDED, f"namespace {namespace!r} is full")
             mine = sum(1 for r in self._by_ns.values() if peer in r)
             if mine >= cfg.max_registrations_per_peer:
-                raise RendezvousRefused(RESOURCE_LIMIT_EXCEEDED,
-                                        f"peer {peer} already holds {mine} registrations")
+                raise RendezvousRefused(
+                    RESOURCE_LIMIT_EXCEEDED, f"peer {peer} already holds {mine} registrations"
+                )
             self._count += 1
         self._seq += 1
         reg = Registration(namespace, peer, tuple(addrs), now + ttl, self._seq)
@@ -92,14 +102,17 @@ class RendezvousServer:
             return True
         return False
 
-    def discover(self, namespace: str, limit: int, cookie: int, now: float
-                 ) -> tuple[list[Registration], int]:
+    def discover(
+        self, namespace: str, limit: int, cookie: int, now: float
+    ) -> tuple[list[Registration], int]:
         """Registrations newer than ``cookie`` (a sequence number), oldest first; new cookie."""
         self.expire(now)
         namespace = self._check_namespace(namespace)
         limit = max(1, min(limit, self.config.max_discover))
-        regs = sorted((r for r in self._by_ns.get(namespace, {}).values() if r.seq > cookie),
-                      key=lambda r: r.seq)[:limit]
+        regs = sorted(
+            (r for r in self._by_ns.get(namespace, {}).values() if r.seq > cookie),
+            key=lambda r: r.seq,
+        )[:limit]
         return regs, (regs[-1].seq if regs else cookie)
 
     def expire(self, now: float) -> int:
@@ -124,9 +137,13 @@ class RendezvousServer:
             msg = wire.decode(data)
             kind = msg["t"]
             if kind == "register":
-                addrs = wire.get_str_list(msg, "addrs", self.config.max_addrs, self.config.max_addr_len)
+                addrs = wire.get_str_list(
+                    msg, "addrs", self.config.max_addrs, self.config.max_addr_len
+                )
                 ttl_raw = msg.get("ttl")
-                if ttl_raw is not None and (isinstance(ttl_raw, bool) or not isinstance(ttl_raw, (int, float))):
+                if ttl_raw is not None and (
+                    isinstance(ttl_raw, bool) or not isinstance(ttl_raw, (int, float))
+                ):
                     raise RendezvousRefused(MALFORMED, "ttl must be a number")
                 reg = self.register(peer, wire.get_str(msg, "ns", 1024), addrs, ttl_raw, now)
                 return wire.encode("register_resp", s=OK, ttl=reg.expires - now, m="")
@@ -134,12 +151,21 @@ class RendezvousServer:
                 found = self.unregister(peer, wire.get_str(msg, "ns", 1024))
                 return wire.encode("unregister_resp", s=OK if found else NOT_FOUND, m="")
             if kind == "discover":
-                limit = wire.get_int(msg, "limit", 1, 10_000, optional=True, default=self.config.max_discover)
+                limit = wire.get_int(
+                    msg, "limit", 1, 10_000, optional=True, default=self.config.max_discover
+                )
                 cookie = wire.get_int(msg, "cookie", 0, 2**63, optional=True, default=0)
                 regs, cookie = self.discover(wire.get_str(msg, "ns", 1024), limit, cookie, now)
-                return wire.encode("discover_resp", s=OK, cookie=cookie, m="",
-                                   regs=[{"peer": r.peer, "addrs": list(r.addrs), "ttl": r.expires - now}
-                                         for r in regs])
+                return wire.encode(
+                    "discover_resp",
+                    s=OK,
+                    cookie=cookie,
+                    m="",
+                    regs=[
+                        {"peer": r.peer, "addrs": list(r.addrs), "ttl": r.expires - now}
+                        for r in regs
+                    ],
+                )
             raise RendezvousRefused(MALFORMED, f"unknown rendezvous message {kind!r}")
         except RendezvousRefused as exc:
             return wire.encode("error", s=exc.code, m=exc.message)

@@ -29,8 +29,9 @@ def _bound_socket(local_port: int, host: str = "0.0.0.0") -> socket.socket:
     return sock
 
 
-async def simultaneous_open(local_port: int, remote: Endpoint, deadline: float,
-                            host: str = "0.0.0.0") -> socket.socket:
+async def simultaneous_open(
+    local_port: int, remote: Endpoint, deadline: float, host: str = "0.0.0.0"
+) -> socket.socket:
     """Connect from ``local_port`` to ``remote`` until ``deadline`` (loop time); a connected socket."""
     loop = asyncio.get_running_loop()
     last_error: Exception | None = None
@@ -42,12 +43,14 @@ async def simultaneous_open(local_port: int, remote: Endpoint, deadline: float,
             timeout = max(0.05, min(ATTEMPT_TIMEOUT, deadline - loop.time()))
             await asyncio.wait_for(loop.sock_connect(sock, remote), timeout)
             return sock
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             last_error = exc
             sock.close()
             await asyncio.sleep(0.05)
         except BaseException:
             sock.close()
             raise
-    raise PeerUnreachable(f"TCP simultaneous open to {remote[0]}:{remote[1]} failed after "
-                          f"{attempts} attempts: {last_error!r}")
+    raise PeerUnreachable(
+        f"TCP simultaneous open to {remote[0]}:{remote[1]} failed after "
+        f"{attempts} attempts: {last_error!r}"
+    )

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch
 from ..identity import KeyPair, PeerId
-from ..tls import (AUTH_NONCE_LEN, AUTH_PROOF_LEN, CertifiedKey, client_ssl_context,
-                   make_auth_proof, make_certified_key, new_auth_nonce, server_ssl_context,
-                   verify_auth_proof, verify_certificate)
+from ..tls import (
+    AUTH_NONCE_LEN,
+    AUTH_PROOF_LEN,
+    CertifiedKey,
+    client_ssl_context,
+    make_auth_proof,
+    make_certified_key,
+    new_auth_nonce,
+    server_ssl_context,
+    verify_auth_proof,
+    verify_certificate,
+)
 
 READ_CHUNK = 65536
 HANDSHAKE_TIMEOUT = 10.0
@@ -63,7 +72,7 @@ class StreamPair:
 class _Contexts:
     """Per-key cache: certificate generation and ssl contexts are not free."""
 
-    _cache: dict[bytes, tuple[CertifiedKey, ssl.SSLContext, ssl.SSLContext]] = {}
+    _cache: ClassVar[dict[bytes, tuple[CertifiedKey, ssl.SSLContext, ssl.SSLContext]]] = {}
 
     @classmethod
     def get(cls, key: KeyPair) -> tuple[CertifiedKey, ssl.SSLContext, ssl.SSLContext]:
@@ -80,8 +89,15 @@ class _Contexts:
 class SecureTunnel:
     """A TLS 1.3 session over an inner byte stream; satisfies the Channel contract."""
 
-    def __init__(self, inner: ByteStream, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO, local_peer: PeerId, transport: str) -> None:
+    def __init__(
+        self,
+        inner: ByteStream,
+        sslobj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        local_peer: PeerId,
+        transport: str,
+    ) -> None:
         self.inner = inner
         self._ssl = sslobj
         self._in = incoming
@@ -96,32 +112,57 @@ class SecureTunnel:
 
     # -- handshake ----------------------------------------------------------------------------
     @classmethod
-    async def client(cls, inner: ByteStream, key: KeyPair, expected_peer: PeerId,
-                     transport: str = "relay", timeout: float = HANDSHAKE_TIMEOUT) -> "SecureTunnel":
-        certified, _, ctx = _Contexts.get(key)
+    async def client(
+        cls,
+        inner: ByteStream,
+        key: KeyPair,
+        expected_peer: PeerId,
+        transport: str = "relay",
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> SecureTunnel:
+        _certified, _, ctx = _Contexts.get(key)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tunnel = cls(inner, ctx.wrap_bio(incoming, outgoing, server_side=False), incoming,
-                     outgoing, key.peer_id, transport)
+        tunnel = cls(
+            inner,
+            ctx.wrap_bio(incoming, outgoing, server_side=False),
+            incoming,
+            outgoing,
+            key.peer_id,
+            transport,
+        )
         try:
             await asyncio.wait_for(tunnel._client_handshake(key, expected_peer), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             tunnel.abort()
-            raise HandshakeError(f"secure tunnel handshake with {expected_peer} timed out") from None
+            raise HandshakeError(
+                f"secure tunnel handshake with {expected_peer} timed out"
+            ) from None
         except BaseException:
             tunnel.abort()
             raise
         return tunnel
 
     @classmethod
-    async def server(cls, inner: ByteStream, key: KeyPair, transport: str = "relay",
-                     timeout: float = HANDSHAKE_TIMEOUT) -> "SecureTunnel":
+    async def server(
+        cls,
+        inner: ByteStream,
+        key: KeyPair,
+        transport: str = "relay",
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> SecureTunnel:
         certified, ctx, _ = _Contexts.get(key)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tunnel = cls(inner, ctx.wrap_bio(incoming, outgoing, server_side=True), incoming,
-                     outgoing, key.peer_id, transport)
+        tunnel = cls(
+            inner,
+            ctx.wrap_bio(incoming, outgoing, server_side=True),
+            incoming,
+            outgoing,
+            key.peer_id,
+            transport,
+        )
         try:
             await asyncio.wait_for(tunnel._server_handshake(certified), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             tunnel.abort()
             raise HandshakeError("secure tunnel handshake timed out") from None
         except BaseException:
@@ -140,7 +181,9 @@ class SecureTunnel:
                 await self.inner.drain()
                 data = await self.inner.read(READ_CHUNK)
                 if not data:
-                    raise HandshakeError("the stream closed during the secure tunnel handshake")
+                    raise HandshakeError(
+                        "the stream closed during the secure tunnel handshake"
+                    ) from None
                 self._in.write(data)
             except ssl.SSLError as exc:
                 raise HandshakeError(f"secure tunnel TLS handshake failed: {exc}") from None
@@ -189,7 +232,7 @@ class SecureTunnel:
                 try:
                     data = self._ssl.read(max_bytes)
                     self._flush()
-                    if not data:        # close_notify
+                    if not data:  # close_notify
                         self._eof = True
                     return data
                 except ssl.SSLWantReadError:
@@ -216,7 +259,7 @@ class SecureTunnel:
         if self._closed:
             raise ConnectionClosed("secure tunnel is closed")
         view = memoryview(data)
-        while view:                       # SSLObject.write takes at most 16 KiB records at a time
+        while view:  # SSLObject.write takes at most 16 KiB records at a time
             written = self._ssl.write(view[:65536])
             view = view[written:]
         self._flush()

@@ -27,9 +27,15 @@ def decode(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
     if len(data) > max_size:
         raise MalformedMessage(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True,
-                              max_array_len=1024, max_map_len=64, max_str_len=max_size,
-                              max_bin_len=max_size)
+        msg = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=1024,
+            max_map_len=64,
+            max_str_len=max_size,
+            max_bin_len=max_size,
+        )
     except Exception as exc:
         raise MalformedMessage(f"not a valid msgpack message: {exc}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
@@ -53,8 +59,9 @@ def get_bytes(msg: dict, key: str, max_len: int = 256, min_len: int = 0) -> byte
     return value
 
 
-def get_int(msg: dict, key: str, lo: int, hi: int, optional: bool = False,
-            default: int | None = None) -> int | None:
+def get_int(
+    msg: dict, key: str, lo: int, hi: int, optional: bool = False, default: int | None = None
+) -> int | None:
     value = msg.get(key)
     if value is None and optional:
         return default

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
-__all__ = ["Simulator", "VirtualNetwork", "NetworkStats", "TimerHandle"]
+__all__ = ["NetworkStats", "Simulator", "TimerHandle", "VirtualNetwork"]
 
 
 class TimerHandle:
@@ -76,8 +77,12 @@ class Simulator:
             return True
         return False
 
-    def run(self, until: float | None = None, max_events: int | None = None,
-            stop: Callable[[], bool] | None = None) -> None:
+    def run(
+        self,
+        until: float | None = None,
+        max_events: int | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
         """Run events in time order until ``until``, ``max_events``, ``stop()`` or an empty queue."""
         count = 0
         while self._queue:
@@ -112,8 +117,12 @@ class VirtualNetwork:
     sends nor receives (its in-flight messages are lost on arrival).
     """
 
-    def __init__(self, sim: Simulator, latency: Callable[[Hashable, Hashable], float] | float = 0.01,
-                 loss: float = 0.0) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        latency: Callable[[Hashable, Hashable], float] | float = 0.01,
+        loss: float = 0.0,
+    ) -> None:
         self.sim = sim
         self._latency = latency if callable(latency) else (lambda a, b, _l=float(latency): _l)
         self.loss = loss
@@ -153,15 +162,20 @@ class VirtualNetwork:
         return self._group.get(src, -1) == self._group.get(dst, -1)
 
     # traffic ----------------------------------------------------------------------------------
-    def send(self, src: Hashable, dst: Hashable, msg: Any, size: int = 100, kind: str | None = None) -> bool:
+    def send(
+        self, src: Hashable, dst: Hashable, msg: Any, size: int = 100, kind: str | None = None
+    ) -> bool:
         """Queue ``msg`` for delivery; returns False if it was dropped at send time."""
         st = self.stats
         st.messages_sent += 1
         st.bytes_sent += size
         if kind is not None:
             st.per_kind[kind] = st.per_kind.get(kind, 0) + 1
-        if src in self._down or not self.reachable(src, dst) or (
-                self.loss and self.sim.rng.random() < self.loss):
+        if (
+            src in self._down
+            or not self.reachable(src, dst)
+            or (self.loss and self.sim.rng.random() < self.loss)
+        ):
             st.messages_dropped += 1
             return False
         self.sim.call_later(self._latency(src, dst), self._deliver, src, dst, msg, size)

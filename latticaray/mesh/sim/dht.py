@@ -21,7 +21,8 @@ concurrently.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..dht.core import DhtConfig, DhtCore, Operation
 from ..dht.keyspace import Contact
@@ -45,10 +46,16 @@ def _message_size(msg: dict[str, Any]) -> int:
 
 
 class _Request:
-    __slots__ = ("src", "op", "contact", "sent_at", "lost", "on_ping")
+    __slots__ = ("contact", "lost", "on_ping", "op", "sent_at", "src")
 
-    def __init__(self, src: bytes, op: Operation | None, contact: Contact, sent_at: float,
-                 on_ping: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        src: bytes,
+        op: Operation | None,
+        contact: Contact,
+        sent_at: float,
+        on_ping: Callable[[bool], None] | None = None,
+    ) -> None:
         self.src = src
         self.op = op
         self.contact = contact
@@ -60,10 +67,15 @@ class _Request:
 class SimDht:
     """A population of DHT cores on one virtual network."""
 
-    def __init__(self, seed: int = 0, config: DhtConfig | None = None,
-                 latency: tuple[float, float] = (0.005, 0.05), loss: float = 0.0,
-                 keys: Callable[[int], KeyPair] | None = None,
-                 join_refresh: str | int = "all") -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        config: DhtConfig | None = None,
+        latency: tuple[float, float] = (0.005, 0.05),
+        loss: float = 0.0,
+        keys: Callable[[int], KeyPair] | None = None,
+        join_refresh: str | int = "all",
+    ) -> None:
         self.join_refresh = join_refresh
         self.sim = Simulator(seed=seed)
         self.rng = random.Random(seed ^ 0x5EED)
@@ -89,8 +101,9 @@ class SimDht:
         keypair = self._key_factory(self._created)
         self._created += 1
         pid = keypair.peer_id.to_bytes()
-        core = DhtCore(pid, config=self.config, now=self.sim.now,
-                       rng=random.Random(self.rng.getrandbits(64)))
+        core = DhtCore(
+            pid, config=self.config, now=self.sim.now, rng=random.Random(self.rng.getrandbits(64))
+        )
         self.nodes[pid] = core
         self.keypairs[pid] = keypair
         self.contacts[pid] = core.contact
@@ -102,8 +115,9 @@ class SimDht:
     def live_nodes(self) -> list[bytes]:
         return [p for p in self.nodes if self.net.is_up(p)]
 
-    def join(self, core: DhtCore, seed: bytes | None,
-             on_joined: Callable[[DhtCore], None] | None = None) -> None:
+    def join(
+        self, core: DhtCore, seed: bytes | None, on_joined: Callable[[DhtCore], None] | None = None
+    ) -> None:
         """Run the join procedure for ``core`` (seed None: the first node, nothing to do)."""
         if seed is None:
             self.joined.add(core.peer_id)
@@ -116,13 +130,18 @@ class SimDht:
         def after_self_lookup(_op: Operation) -> None:
             if len(core.routing) == 0 and attempts[0] < 3:  # the seed was unreachable: retry
                 attempts[0] += 1
-                self.run_op(core, core.bootstrap([self.contacts[seed]], self.sim.now),
-                            after_self_lookup)
+                self.run_op(
+                    core, core.bootstrap([self.contacts[seed]], self.sim.now), after_self_lookup
+                )
                 return
             refreshes = core.refresh_ops(self.sim.now, all_buckets=True)
             if self.join_refresh != "all":
                 # refresh_ops lists buckets nearest first: keep the farthest n
-                refreshes = refreshes[len(refreshes) - int(self.join_refresh):] if int(self.join_refresh) else []
+                refreshes = (
+                    refreshes[len(refreshes) - int(self.join_refresh) :]
+                    if int(self.join_refresh)
+                    else []
+                )
             remaining = [len(refreshes)]
 
             def one_done(_op2: Operation) -> None:
@@ -172,8 +191,9 @@ class SimDht:
         self.sim.run(until=self.sim.now + duration)
 
     # operations ------------------------------------------------------------------------------
-    def run_op(self, core: DhtCore, op: Operation,
-               on_done: Callable[[Operation], None] | None = None) -> Operation:
+    def run_op(
+        self, core: DhtCore, op: Operation, on_done: Callable[[Operation], None] | None = None
+    ) -> Operation:
         """Drive ``op`` on ``core``; ``on_done(op)`` is called once when it completes."""
         op._sim_on_done = on_done  # type: ignore[attr-defined]
         self._pump(core, op)
@@ -216,14 +236,25 @@ class SimDht:
         self._wakeups.pop(id(op), None)
         self._pump(core, op)
 
-    def _send_request(self, core: DhtCore, contact: Contact, request: dict[str, Any],
-                      op: Operation | None, on_ping: Callable[[bool], None] | None = None) -> None:
+    def _send_request(
+        self,
+        core: DhtCore,
+        contact: Contact,
+        request: dict[str, Any],
+        op: Operation | None,
+        on_ping: Callable[[bool], None] | None = None,
+    ) -> None:
         rid = self._next_rid
         self._next_rid += 1
         req = _Request(core.peer_id, op, contact, self.sim.now, on_ping)
         self._pending[rid] = req
-        delivered = self.net.send(core.peer_id, contact.peer_id, ("req", rid, request),
-                                  size=_message_size(request), kind=request["op"])
+        delivered = self.net.send(
+            core.peer_id,
+            contact.peer_id,
+            ("req", rid, request),
+            size=_message_size(request),
+            kind=request["op"],
+        )
         if not delivered or not self.net.is_up(contact.peer_id):
             self._lost(rid, req)
 
@@ -235,8 +266,13 @@ class SimDht:
 
     def _send_pings(self, core: DhtCore) -> None:
         for contact in core.take_pings():
-            self._send_request(core, contact, core.request(PING), None,
-                               on_ping=lambda alive, c=core, ct=contact: c.ping_done(ct, alive, self.sim.now))
+            self._send_request(
+                core,
+                contact,
+                core.request(PING),
+                None,
+                on_ping=lambda alive, c=core, ct=contact: c.ping_done(ct, alive, self.sim.now),
+            )
 
     def _deliver(self, src: bytes, dst: bytes, msg: tuple) -> None:
         kind, rid, body = msg

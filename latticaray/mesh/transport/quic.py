@@ -45,8 +45,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from aioquic import tls as aioquic_tls
 from aioquic.buffer import Buffer
@@ -56,6 +56,7 @@ from aioquic.quic.connection import (
     MAX_STREAM_DATA_FRAME_CAPACITY,
     QuicConnection,
 )
+from aioquic.quic.crypto import CryptoPair, NoCallback
 from aioquic.quic.packet import (
     QuicFrameType,
     QuicPacketType,
@@ -63,7 +64,6 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.crypto import CryptoPair, NoCallback
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 
@@ -72,7 +72,7 @@ from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from ..tls import ALPN_LIBP2P, CertifiedKey, make_certified_key, verify_certificate
 
-__all__ = ["QuicConfig", "QuicTransport", "QuicConn", "QuicChannel"]
+__all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ def _share_frame_handlers(conn: QuicConnection) -> None:
     if not isinstance(own, dict):
         return  # aioquic changed its internals: keep its own table
     if _shared_frame_table is None:
-        _shared_frame_table = {frame_type: (handler.__func__, epochs)
-                               for frame_type, (handler, epochs) in own.items()}
+        _shared_frame_table = {
+            frame_type: (handler.__func__, epochs) for frame_type, (handler, epochs) in own.items()
+        }
     setattr(conn, _FRAME_TABLE_ATTR, _SharedFrameHandlers(conn, _shared_frame_table))
 
 
@@ -236,20 +237,38 @@ _POST_HANDSHAKE = (aioquic_tls.State.CLIENT_POST_HANDSHAKE, aioquic_tls.State.SE
 #: TLS state only the handshake reads. Past it, a server's TLS refuses every message and a
 #: client's reads only NewSessionTicket, which without a ticket callback touches none of these.
 _TLS_HANDSHAKE_ONLY = (
-    "handshake_extensions", "received_extensions", "_cipher_suites",
-    "_legacy_compression_methods", "_psk_key_exchange_modes", "_signature_algorithms",
-    "_supported_groups", "_supported_versions", "_peer_certificate_chain", "_ec_private_keys",
-    "_certificate_request", "key_schedule", "_key_schedule_psk", "_key_schedule_proxy",
-    "alpn_cb", "update_traffic_key_cb",
+    "handshake_extensions",
+    "received_extensions",
+    "_cipher_suites",
+    "_legacy_compression_methods",
+    "_psk_key_exchange_modes",
+    "_signature_algorithms",
+    "_supported_groups",
+    "_supported_versions",
+    "_peer_certificate_chain",
+    "_ec_private_keys",
+    "_certificate_request",
+    "key_schedule",
+    "_key_schedule_psk",
+    "_key_schedule_proxy",
+    "alpn_cb",
+    "update_traffic_key_cb",
 )
 
 
 class _MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
-    def __init__(self, *, configuration: QuicConfiguration, stream_window: int,
-                 connection_window: int, max_streams: int, connection_ids: int = 2,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        connection_ids: int = 2,
+        **kwargs,
+    ) -> None:
         super().__init__(configuration=configuration, **kwargs)
         _share_frame_handlers(self)
         self._local_active_connection_id_limit = max(2, connection_ids)
@@ -273,7 +292,10 @@ class _MeshQuicConnection(QuicConnection):
 
     def _discard_epoch(self, epoch) -> None:
         super()._discard_epoch(epoch)
-        if epoch == aioquic_tls.Epoch.HANDSHAKE and self._spaces[aioquic_tls.Epoch.INITIAL].discarded:
+        if (
+            epoch == aioquic_tls.Epoch.HANDSHAKE
+            and self._spaces[aioquic_tls.Epoch.INITIAL].discarded
+        ):
             self._release_handshake_state()
 
     def _release_handshake_state(self) -> None:
@@ -292,8 +314,11 @@ class _MeshQuicConnection(QuicConnection):
             self._spaces[epoch] = spent.space
         self._loss.spaces = [space for space in self._loss.spaces if not space.discarded]
         for epoch, pair in list(self._cryptos.items()):
-            if epoch != aioquic_tls.Epoch.ONE_RTT and not pair.recv.is_valid() \
-                    and not pair.send.is_valid():
+            if (
+                epoch != aioquic_tls.Epoch.ONE_RTT
+                and not pair.recv.is_valid()
+                and not pair.send.is_valid()
+            ):
                 self._cryptos[epoch] = spent.pair
         initial = self._cryptos_initial
         if all(not p.recv.is_valid() and not p.send.is_valid() for p in initial.values()):
@@ -352,7 +377,7 @@ class QuicChannel:
 
     transport = "quic"
 
-    def __init__(self, conn: "QuicConn", stream_id: int) -> None:
+    def __init__(self, conn: QuicConn, stream_id: int) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self.remote_peer: PeerId = conn.remote_peer
@@ -493,7 +518,7 @@ class QuicChannel:
         self._write_closed = True
         try:
             self._conn._quic.send_stream_data(self.stream_id, b"", end_stream=True)
-        except Exception:  # noqa: BLE001 - connection already gone: nothing left to flush
+        except Exception:
             pass
         self._conn._schedule_transmit()
         if self._eof:
@@ -508,7 +533,7 @@ class QuicChannel:
                 quic.reset_stream(self.stream_id, STREAM_ERROR_ABORTED)
             if not self._eof:
                 quic.stop_stream(self.stream_id, STREAM_ERROR_ABORTED)
-        except Exception:  # noqa: BLE001 - stream or connection already finished
+        except Exception:
             pass
         self._write_closed = True
         self._fail(ConnectionClosed("QUIC channel aborted locally"))
@@ -542,8 +567,14 @@ class QuicConn:
 
     transport = "quic"
 
-    def __init__(self, transport: "QuicTransport", quic: _MeshQuicConnection,
-                 addr: tuple, is_client: bool, expected_peer: PeerId | None) -> None:
+    def __init__(
+        self,
+        transport: QuicTransport,
+        quic: _MeshQuicConnection,
+        addr: tuple,
+        is_client: bool,
+        expected_peer: PeerId | None,
+    ) -> None:
         self._transport = transport
         self._quic = quic
         self.config = transport.config
@@ -575,7 +606,7 @@ class QuicConn:
         self._transmit_scheduled = False
         self._last_rx = _now()
         self._unanswered_since: float | None = None
-        self._close_callbacks: list[Callable[["QuicConn"], None]] = []
+        self._close_callbacks: list[Callable[[QuicConn], None]] = []
         self._draining: set[QuicChannel] | frozenset = _NONE
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
@@ -585,7 +616,9 @@ class QuicConn:
     # -- state ---------------------------------------------------------------------------------
     @property
     def is_established(self) -> bool:
-        return self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None
+        return (
+            self._ready.done() and not self._ready.cancelled() and self._ready.exception() is None
+        )
 
     @property
     def is_closed(self) -> bool:
@@ -601,7 +634,7 @@ class QuicConn:
     def max_datagram_size(self) -> int:
         return self._quic._max_datagram_size
 
-    def on_close(self, callback: Callable[["QuicConn"], None]) -> None:
+    def on_close(self, callback: Callable[[QuicConn], None]) -> None:
         if self.is_closed:
             self._loop.call_soon(callback, self)
         else:
@@ -613,7 +646,7 @@ class QuicConn:
     async def wait_ready(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._terminate(f"handshake did not complete within {timeout:.1f} s", send=True)
             raise PeerUnreachable(
                 f"QUIC handshake with {self.addr[0]}:{self.addr[1]} timed out after {timeout:.1f} s"
@@ -699,7 +732,7 @@ class QuicConn:
             self._flush_waiter = self._loop.create_future()
             try:
                 await asyncio.wait_for(self._flush_waiter, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         self.abort(reason)
 
@@ -710,14 +743,18 @@ class QuicConn:
             try:
                 self._quic.close(error_code=APP_ERROR_CLOSED, reason_phrase=reason[:100])
                 self._transmit()
-            except Exception:  # noqa: BLE001 - best effort notice to the peer
+            except Exception:
                 pass
         self.close_reason = reason
-        failure = error or ConnectionClosed(f"QUIC connection to {self._peer_name()} closed: {reason}")
+        failure = error or ConnectionClosed(
+            f"QUIC connection to {self._peer_name()} closed: {reason}"
+        )
         if not self._ready.done():
             self._ready.set_exception(failure)
         for channel in list(self._channels.values()):
-            channel._fail(ConnectionClosed(f"QUIC connection to {self._peer_name()} closed: {reason}"))
+            channel._fail(
+                ConnectionClosed(f"QUIC connection to {self._peer_name()} closed: {reason}")
+            )
         self._channels.clear()
         if self._accept_waiter is not None and not self._accept_waiter.done():
             self._accept_waiter.set_result(None)
@@ -731,7 +768,7 @@ class QuicConn:
         for callback in self._close_callbacks:
             try:
                 callback(self)
-            except Exception:  # noqa: BLE001 - a callback bug must not break teardown
+            except Exception:
                 log.exception("QUIC close callback failed")
         self._close_callbacks.clear()
 
@@ -744,8 +781,11 @@ class QuicConn:
         self._last_rx = now
         self._unanswered_since = None
         self._quic.receive_datagram(data, addr, now)
-        if addr != self.addr and self._quic._network_paths and \
-                self._quic._network_paths[0].addr == addr:
+        if (
+            addr != self.addr
+            and self._quic._network_paths
+            and self._quic._network_paths[0].addr == addr
+        ):
             self.addr = addr  # migrated
             self.remote_addr = _udp_multiaddr(addr)
         self._process_events()
@@ -779,14 +819,16 @@ class QuicConn:
             elif kind is events.StreamReset:
                 channel = self._channels.get(event.stream_id)
                 if channel is not None:
-                    channel._fail(ConnectionClosed(f"stream reset by peer (code {event.error_code})"))
+                    channel._fail(
+                        ConnectionClosed(f"stream reset by peer (code {event.error_code})")
+                    )
                     channel._discard()
             elif kind is events.StopSendingReceived:
                 channel = self._channels.get(event.stream_id)
                 if channel is not None:
                     try:
                         quic.reset_stream(event.stream_id, STREAM_ERROR_ABORTED)
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         pass
                     channel._fail(ConnectionClosed("peer stopped reading this stream"))
                     channel._discard()
@@ -795,8 +837,9 @@ class QuicConn:
                 error = None
                 if not self._ready.done() and event.error_code == APP_ERROR_AUTH_FAILED:
                     error = HandshakeError(f"peer refused our authentication: {reason}")
-                self._terminate(f"terminated by peer or transport: {reason}", send=False,
-                                error=error)
+                self._terminate(
+                    f"terminated by peer or transport: {reason}", send=False, error=error
+                )
                 return
 
     def _on_handshake(self, event: events.HandshakeCompleted) -> None:
@@ -823,8 +866,11 @@ class QuicConn:
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
         channel = self._channels.get(event.stream_id)
         if channel is None:
-            if self.remote_peer is None or not _peer_initiated(event.stream_id, self.is_client) \
-                    or self._peer_stream_finished(event.stream_id):
+            if (
+                self.remote_peer is None
+                or not _peer_initiated(event.stream_id, self.is_client)
+                or self._peer_stream_finished(event.stream_id)
+            ):
                 self._quic.connection_consumed += len(event.data)  # discarded stream
                 return
             self._note_peer_stream(event.stream_id)  # a refused one counts as finished
@@ -871,8 +917,9 @@ class QuicConn:
                 return
             self._timer.cancel()
         self._timer_at = timer_at
-        self._timer = self._loop.call_later(max(0.0, timer_at - _now()), self._on_timer,
-                                            context=self._transport._context)
+        self._timer = self._loop.call_later(
+            max(0.0, timer_at - _now()), self._on_timer, context=self._transport._context
+        )
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -892,8 +939,10 @@ class QuicConn:
             if now - self.created_at > self.config.handshake_timeout:
                 self._terminate("handshake timed out", send=True)
             return
-        if self._unanswered_since is not None and \
-                now - self._unanswered_since > self.config.unresponsive_timeout:
+        if (
+            self._unanswered_since is not None
+            and now - self._unanswered_since > self.config.unresponsive_timeout
+        ):
             self._terminate(
                 f"peer unresponsive for {now - self._unanswered_since:.1f} s", send=True
             )
@@ -944,9 +993,15 @@ class _UdpSocket:
     the bound they are dropped, as a full network queue would: QUIC recovers them).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 on_datagram: Callable[[bytes, tuple], None], batch: int, max_queued: int,
-                 gso: bool = True) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_datagram: Callable[[bytes, tuple], None],
+        batch: int,
+        max_queued: int,
+        gso: bool = True,
+    ) -> None:
         self._loop = loop
         self._sock = sock
         self._on_datagram = on_datagram
@@ -973,7 +1028,7 @@ class _UdpSocket:
                 continue
             try:
                 deliver(data, addr)
-            except Exception:  # noqa: BLE001 - one bad datagram must never stop the node
+            except Exception:
                 log.exception("QUIC: error handling a datagram from %s", addr)
 
     def send_many(self, datagrams: list[tuple[bytes, tuple]]) -> None:
@@ -1001,8 +1056,12 @@ class _UdpSocket:
 
     def _send_segments(self, run: list[tuple[bytes, tuple]], size: int, addr: tuple) -> None:
         try:
-            self._sock.sendmsg([b"".join(d for d, _ in run)],
-                               [(socket.SOL_UDP, _UDP_SEGMENT, size.to_bytes(2, "little"))], 0, addr)
+            self._sock.sendmsg(
+                [b"".join(d for d, _ in run)],
+                [(socket.SOL_UDP, _UDP_SEGMENT, size.to_bytes(2, "little"))],
+                0,
+                addr,
+            )
             self.gso_sends += 1
             return
         except (BlockingIOError, InterruptedError):
@@ -1062,9 +1121,14 @@ class QuicTransport:
     ``on_connection(conn)`` is called for each authenticated connection, inbound and outbound.
     """
 
-    def __init__(self, key: KeyPair, config: QuicConfig | None = None, *,
-                 on_connection: Callable[[QuicConn], None] | None = None,
-                 certified: CertifiedKey | None = None) -> None:
+    def __init__(
+        self,
+        key: KeyPair,
+        config: QuicConfig | None = None,
+        *,
+        on_connection: Callable[[QuicConn], None] | None = None,
+        certified: CertifiedKey | None = None,
+    ) -> None:
         self.key = key
         self.config = config or QuicConfig()
         self.on_connection = on_connection
@@ -1095,8 +1159,10 @@ class QuicTransport:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             # *BUFFORCE lets a privileged process exceed net.core.[rw]mem_max
-            for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
-                                 (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
+            for force, plain in (
+                (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+                (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+            ):
                 for opt in (force, plain):
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
@@ -1109,9 +1175,14 @@ class QuicTransport:
             sock.close()
             raise
         self._local = sock.getsockname()
-        self._udp = _UdpSocket(self._loop, sock, self._datagram_received,
-                               self.config.receive_batch, self.config.send_queue_datagrams,
-                               self.config.udp_gso)
+        self._udp = _UdpSocket(
+            self._loop,
+            sock,
+            self._datagram_received,
+            self.config.receive_batch,
+            self.config.send_queue_datagrams,
+            self.config.udp_gso,
+        )
         self._tick_task = self._loop.create_task(self._tick_loop())
         return self.listen_addr
 
@@ -1150,8 +1221,12 @@ class QuicTransport:
             self._udp = None
 
     # -- dialing ----------------------------------------------------------------------------------
-    async def dial(self, addr: Multiaddr | tuple, expected_peer: PeerId | None = None,
-                   timeout: float | None = None) -> QuicConn:
+    async def dial(
+        self,
+        addr: Multiaddr | tuple,
+        expected_peer: PeerId | None = None,
+        timeout: float | None = None,
+    ) -> QuicConn:
         """Connect and authenticate; raises PeerIdMismatch / HandshakeError / PeerUnreachable."""
         if isinstance(addr, Multiaddr):
             if addr.transport != "quic" or addr.host is None:
@@ -1198,16 +1273,22 @@ class QuicTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _make_connection(self, *, is_client: bool, remote_host: str,
-                         original_dcid: bytes | None = None,
-                         retry_scid: bytes | None = None) -> _MeshQuicConnection:
+    def _make_connection(
+        self,
+        *,
+        is_client: bool,
+        remote_host: str,
+        original_dcid: bytes | None = None,
+        retry_scid: bytes | None = None,
+    ) -> _MeshQuicConnection:
         cfg = self.config
         size = cfg.datagram_size_for(remote_host.removeprefix("::ffff:"))
         # aioquic only reads its configuration: connections alike share one (and its lists)
         configuration = self._configurations.get((is_client, size))
         if configuration is None:
             configuration = self._configurations[(is_client, size)] = self._configuration(
-                is_client, size)
+                is_client, size
+            )
         quic = _MeshQuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
@@ -1262,7 +1343,7 @@ class QuicTransport:
         if self.on_connection is not None:
             try:
                 self.on_connection(conn)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("QUIC on_connection callback failed")
 
     def _sendto(self, data: bytes, addr: tuple) -> None:
@@ -1276,7 +1357,7 @@ class QuicTransport:
     def _datagram_received(self, data: bytes, addr: tuple) -> None:
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
-        except Exception:  # noqa: BLE001 - not a QUIC packet (e.g. a hole-punch probe)
+        except Exception:
             self._unknown(data, addr)
             return
         conn = self._by_cid.get(header.destination_cid)
@@ -1284,8 +1365,10 @@ class QuicTransport:
             if header.packet_type != QuicPacketType.INITIAL:
                 self._unknown(data, addr)
                 return
-            if header.version is not None and header.version not in \
-                    QuicConfiguration().supported_versions:
+            if (
+                header.version is not None
+                and header.version not in QuicConfiguration().supported_versions
+            ):
                 self._sendto(
                     encode_quic_version_negotiation(
                         source_cid=header.destination_cid,
@@ -1305,8 +1388,10 @@ class QuicTransport:
             self.stats["initial_dropped"] += 1
             return None
         pending = sum(1 for c in self._conns if not c._ready.done())
-        if pending >= self.config.max_pending_handshakes or \
-                len(self._conns) >= self.config.max_connections:
+        if (
+            pending >= self.config.max_pending_handshakes
+            or len(self._conns) >= self.config.max_connections
+        ):
             self.stats["initial_dropped"] += 1
             return None
         dcid = header.destination_cid
@@ -1314,7 +1399,8 @@ class QuicTransport:
         if header.token:
             try:
                 original_dcid = self._retry.validate_token(
-                    address=addr, destination_cid=dcid, token=header.token, now=_now())
+                    address=addr, destination_cid=dcid, token=header.token, now=_now()
+                )
             except ValueError:
                 self.stats["retry_token_invalid"] += 1
                 return None
@@ -1328,15 +1414,19 @@ class QuicTransport:
                     destination_cid=header.source_cid,
                     original_destination_cid=dcid,
                     retry_token=self._retry.create_token(
-                        address=addr, original_destination_connection_id=dcid,
-                        retry_source_connection_id=retry_cid, now=_now()),
+                        address=addr,
+                        original_destination_connection_id=dcid,
+                        retry_source_connection_id=retry_cid,
+                        now=_now(),
+                    ),
                 ),
                 addr,
             )
             self.stats["retries_sent"] += 1
             return None
-        quic = self._make_connection(is_client=False, remote_host=addr[0],
-                                     original_dcid=original_dcid, retry_scid=retry_scid)
+        quic = self._make_connection(
+            is_client=False, remote_host=addr[0], original_dcid=original_dcid, retry_scid=retry_scid
+        )
         conn = QuicConn(self, quic, addr, is_client=False, expected_peer=None)
         self._add(conn)
         for cid in (dcid, quic.host_cid):
@@ -1351,17 +1441,18 @@ class QuicTransport:
         if handler is not None:
             try:
                 handler(data, addr)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("unknown-datagram handler failed")
 
     async def _tick_loop(self) -> None:
-        period = max(0.05, min(1.0, self.config.unresponsive_timeout / 4,
-                               self.config.keepalive_interval / 2))
+        period = max(
+            0.05, min(1.0, self.config.unresponsive_timeout / 4, self.config.keepalive_interval / 2)
+        )
         while True:
             await asyncio.sleep(period)
             now = _now()
             for conn in list(self._conns):
                 try:
                     conn._tick(now)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("QUIC tick failed for %r", conn)

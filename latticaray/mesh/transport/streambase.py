@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..errors import ConnectionClosed, HandshakeError, PeerUnreachable
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from .streamchannel import StreamChannel
 
-__all__ = ["StreamTransportBase", "OnChannel"]
+__all__ = ["OnChannel", "StreamTransportBase"]
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,15 @@ class StreamTransportBase:
 
     name = "stream"
 
-    def __init__(self, key: KeyPair, *, handshake_timeout: float, write_high_water: int,
-                 read_high_water: int, max_pending_handshakes: int) -> None:
+    def __init__(
+        self,
+        key: KeyPair,
+        *,
+        handshake_timeout: float,
+        write_high_water: int,
+        read_high_water: int,
+        max_pending_handshakes: int,
+    ) -> None:
         self.key = key
         self.peer_id: PeerId = key.peer_id
         self.handshake_timeout = handshake_timeout
@@ -49,8 +56,9 @@ class StreamTransportBase:
         return self._listen_addr
 
     def _new_channel(self) -> StreamChannel:
-        channel = StreamChannel(self.name, read_high_water=self.read_high_water,
-                                write_high_water=self.write_high_water)
+        channel = StreamChannel(
+            self.name, read_high_water=self.read_high_water, write_high_water=self.write_high_water
+        )
         channel.local_peer = self.peer_id
         return channel
 
@@ -76,9 +84,13 @@ class StreamTransportBase:
         except asyncio.CancelledError:
             channel.abort()
             raise
-        except (HandshakeError, ConnectionClosed, OSError, asyncio.TimeoutError) as exc:
-            log.info("%s: inbound handshake from %s failed: %s", self.name, channel.remote_addr,
-                     exc or type(exc).__name__)
+        except (TimeoutError, HandshakeError, ConnectionClosed, OSError) as exc:
+            log.info(
+                "%s: inbound handshake from %s failed: %s",
+                self.name,
+                channel.remote_addr,
+                exc or type(exc).__name__,
+            )
             channel.abort()
             return
         finally:
@@ -93,9 +105,14 @@ class StreamTransportBase:
                 log.exception("%s: on_channel callback failed; closing the channel", self.name)
                 channel.abort()
 
-    async def _establish(self, channel: StreamChannel, connect: Callable[[], Awaitable[None]],
-                         where: str, deadline: float,
-                         on_failure: Callable[[], None] | None = None) -> StreamChannel:
+    async def _establish(
+        self,
+        channel: StreamChannel,
+        connect: Callable[[], Awaitable[None]],
+        where: str,
+        deadline: float,
+        on_failure: Callable[[], None] | None = None,
+    ) -> StreamChannel:
         """Run ``connect()`` (socket + handshake) under ``deadline``; typed errors on failure."""
         try:
             async with asyncio.timeout(deadline):
@@ -106,7 +123,8 @@ class StreamTransportBase:
                 on_failure()
             if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
                 raise PeerUnreachable(
-                    f"{self.name} dial to {where} timed out after {deadline} s") from None
+                    f"{self.name} dial to {where} timed out after {deadline} s"
+                ) from None
             if isinstance(exc, (OSError, ConnectionClosed)):
                 raise PeerUnreachable(f"{self.name} dial to {where} failed: {exc}") from exc
             raise

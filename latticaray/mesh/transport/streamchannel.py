@@ -24,8 +24,13 @@ _JOIN_BELOW = 64 * 1024
 class StreamChannel(asyncio.Protocol):
     """One authenticated byte stream; ``remote_peer`` is set once its handshake succeeded."""
 
-    def __init__(self, transport_name: str, *, read_high_water: int = 4 * 1024 * 1024,
-                 write_high_water: int = 1024 * 1024) -> None:
+    def __init__(
+        self,
+        transport_name: str,
+        *,
+        read_high_water: int = 4 * 1024 * 1024,
+        write_high_water: int = 1024 * 1024,
+    ) -> None:
         self.transport = transport_name
         self.local_peer = None
         self.remote_peer = None

@@ -72,12 +72,22 @@ class TcpTransport(StreamTransportBase):
 
     name = "tcp"
 
-    def __init__(self, key: KeyPair, *, handshake_timeout: float = 10.0,
-                 write_high_water: int = 1024 * 1024, read_high_water: int = 4 * 1024 * 1024,
-                 max_pending_handshakes: int = 256) -> None:
-        super().__init__(key, handshake_timeout=handshake_timeout,
-                         write_high_water=write_high_water, read_high_water=read_high_water,
-                         max_pending_handshakes=max_pending_handshakes)
+    def __init__(
+        self,
+        key: KeyPair,
+        *,
+        handshake_timeout: float = 10.0,
+        write_high_water: int = 1024 * 1024,
+        read_high_water: int = 4 * 1024 * 1024,
+        max_pending_handshakes: int = 256,
+    ) -> None:
+        super().__init__(
+            key,
+            handshake_timeout=handshake_timeout,
+            write_high_water=write_high_water,
+            read_high_water=read_high_water,
+            max_pending_handshakes=max_pending_handshakes,
+        )
         self._certified = make_certified_key(key)
         self._own_cert_der = self._certified.certificate_der
         self._server_ctx = server_ssl_context(self._certified)
@@ -87,8 +97,9 @@ class TcpTransport(StreamTransportBase):
     def listen_port(self) -> int | None:
         return None if self._listen_addr is None else self._listen_addr.port
 
-    async def listen(self, host: str = "127.0.0.1", port: int = 0,
-                     on_channel: OnChannel | None = None) -> Multiaddr:
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, on_channel: OnChannel | None = None
+    ) -> Multiaddr:
         """Start accepting; ``on_channel(channel)`` gets each authenticated inbound channel.
 
         Returns the bound ``/ip4|ip6/<host>/tcp/<port>`` address.
@@ -104,8 +115,12 @@ class TcpTransport(StreamTransportBase):
             raise
         self._on_channel = on_channel
         self._server = await loop.create_server(
-            self._new_inbound, sock=sock, ssl=self._server_ctx, backlog=1024,
-            ssl_handshake_timeout=self.handshake_timeout)
+            self._new_inbound,
+            sock=sock,
+            ssl=self._server_ctx,
+            backlog=1024,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )
         bound = sock.getsockname()
         self._listen_addr = _tcp_multiaddr(bound[0], bound[1])
         return self._listen_addr
@@ -124,8 +139,15 @@ class TcpTransport(StreamTransportBase):
         channel.remote_peer = verify_auth_proof(proof, self._own_cert_der, nonce)
         channel.write(ACCEPTED)
 
-    async def dial(self, host: str, port: int, expected_peer: PeerId | None = None, *,
-                   local_port: int | None = None, timeout: float | None = None) -> StreamChannel:
+    async def dial(
+        self,
+        host: str,
+        port: int,
+        expected_peer: PeerId | None = None,
+        *,
+        local_port: int | None = None,
+        timeout: float | None = None,
+    ) -> StreamChannel:
         """Connect and authenticate; returns the channel (``remote_peer`` verified).
 
         ``expected_peer``: raise :class:`PeerIdMismatch` if someone else answers.
@@ -147,12 +169,21 @@ class TcpTransport(StreamTransportBase):
                 sock.bind((bind_host, local_port))
                 await loop.sock_connect(sock, (host, port))
                 await loop.create_connection(
-                    lambda: channel, sock=sock, ssl=self._client_ctx, server_hostname=host,
-                    ssl_handshake_timeout=deadline)
+                    lambda: channel,
+                    sock=sock,
+                    ssl=self._client_ctx,
+                    server_hostname=host,
+                    ssl_handshake_timeout=deadline,
+                )
             else:
                 await loop.create_connection(
-                    lambda: channel, host, port, ssl=self._client_ctx,
-                    server_hostname=host, ssl_handshake_timeout=deadline)
+                    lambda: channel,
+                    host,
+                    port,
+                    ssl=self._client_ctx,
+                    server_hostname=host,
+                    ssl_handshake_timeout=deadline,
+                )
             sock = None  # owned by the channel's transport from here on
             await self._client_handshake(channel, expected_peer)
 

@@ -76,8 +76,9 @@ def _peer_from_pb(pb: bytes) -> PeerId:
         raise HandshakeError(f"unix handshake: unusable public key: {exc}") from None
 
 
-def _transcript(client_nonce: bytes, server_nonce: bytes, client_pk: bytes,
-                server_pk: bytes) -> bytes:
+def _transcript(
+    client_nonce: bytes, server_nonce: bytes, client_pk: bytes, server_pk: bytes
+) -> bytes:
     return TRANSCRIPT_CONTEXT + client_nonce + server_nonce + client_pk + server_pk
 
 
@@ -93,13 +94,24 @@ class UnixTransport(StreamTransportBase):
 
     name = "unix"
 
-    def __init__(self, key: KeyPair, *, run_dir: str | None = None,
-                 handshake_timeout: float = 10.0, write_high_water: int = 1024 * 1024,
-                 read_high_water: int = 4 * 1024 * 1024, max_pending_handshakes: int = 256,
-                 same_uid_only: bool = True) -> None:
-        super().__init__(key, handshake_timeout=handshake_timeout,
-                         write_high_water=write_high_water, read_high_water=read_high_water,
-                         max_pending_handshakes=max_pending_handshakes)
+    def __init__(
+        self,
+        key: KeyPair,
+        *,
+        run_dir: str | None = None,
+        handshake_timeout: float = 10.0,
+        write_high_water: int = 1024 * 1024,
+        read_high_water: int = 4 * 1024 * 1024,
+        max_pending_handshakes: int = 256,
+        same_uid_only: bool = True,
+    ) -> None:
+        super().__init__(
+            key,
+            handshake_timeout=handshake_timeout,
+            write_high_water=write_high_water,
+            read_high_water=read_high_water,
+            max_pending_handshakes=max_pending_handshakes,
+        )
         self.run_dir = run_dir if run_dir is not None else default_run_dir()
         self.same_uid_only = same_uid_only
         self._public_pb = key.peer_id.public_key_protobuf
@@ -109,8 +121,9 @@ class UnixTransport(StreamTransportBase):
     def path(self) -> str | None:
         return self._path
 
-    async def listen(self, path: str | None = None,
-                     on_channel: OnChannel | None = None) -> Multiaddr:
+    async def listen(
+        self, path: str | None = None, on_channel: OnChannel | None = None
+    ) -> Multiaddr:
         """Bind the socket (default: ``<run_dir>/<peer>.<pid>.sock``, mode 0600); returns
         ``/unix/<path>``."""
         if self._server is not None:
@@ -139,7 +152,8 @@ class UnixTransport(StreamTransportBase):
         self._on_channel = on_channel
         self._path = path
         self._server = await asyncio.get_running_loop().create_unix_server(
-            self._new_inbound, sock=sock, backlog=1024)
+            self._new_inbound, sock=sock, backlog=1024
+        )
         self._listen_addr = Multiaddr([("unix", path)])
         return self._listen_addr
 
@@ -155,10 +169,10 @@ class UnixTransport(StreamTransportBase):
             if uid is not None and uid != os.getuid():
                 raise HandshakeError(f"unix client runs as uid {uid}, not ours")
         hello = await channel.read_exactly(HELLO_LEN)
-        if hello[:len(MAGIC)] != MAGIC:
+        if hello[: len(MAGIC)] != MAGIC:
             raise HandshakeError("unix client did not speak the latticaray unix handshake")
-        client_nonce = hello[len(MAGIC):len(MAGIC) + NONCE_LEN]
-        client_pk = hello[len(MAGIC) + NONCE_LEN:]
+        client_nonce = hello[len(MAGIC) : len(MAGIC) + NONCE_LEN]
+        client_pk = hello[len(MAGIC) + NONCE_LEN :]
         client = _peer_from_pb(client_pk)
         server_nonce = os.urandom(NONCE_LEN)
         transcript = _transcript(client_nonce, server_nonce, client_pk, self._public_pb)
@@ -169,8 +183,9 @@ class UnixTransport(StreamTransportBase):
         channel.remote_peer = client
         channel.write(ACCEPTED)
 
-    async def dial(self, path: str, expected_peer: PeerId | None = None, *,
-                   timeout: float | None = None) -> StreamChannel:
+    async def dial(
+        self, path: str, expected_peer: PeerId | None = None, *, timeout: float | None = None
+    ) -> StreamChannel:
         """Connect to a node's socket and authenticate both ways; returns the channel."""
         loop = asyncio.get_running_loop()
         deadline = timeout if timeout is not None else self.handshake_timeout
@@ -191,8 +206,8 @@ class UnixTransport(StreamTransportBase):
         channel.write(MAGIC + client_nonce + self._public_pb)
         reply = await channel.read_exactly(REPLY_LEN)
         server_nonce = reply[:NONCE_LEN]
-        server_pk = reply[NONCE_LEN:NONCE_LEN + PUBKEY_PB_LEN]
-        sig_s = reply[NONCE_LEN + PUBKEY_PB_LEN:]
+        server_pk = reply[NONCE_LEN : NONCE_LEN + PUBKEY_PB_LEN]
+        sig_s = reply[NONCE_LEN + PUBKEY_PB_LEN :]
         server = _peer_from_pb(server_pk)
         transcript = _transcript(client_nonce, server_nonce, self._public_pb, server_pk)
         if not server.verify(sig_s, b"server:" + transcript):
