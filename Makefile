@@ -4,14 +4,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test bench venv clean
+.PHONY: demo demo-mesh test lint bench venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
 $(STAMP): $(VPY) pyproject.toml
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,6 +24,12 @@ demo-mesh: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+# ruff (rules in pyproject.toml), the formatter's check, and mypy over the package
+lint: $(STAMP)
+	$(VENV)/bin/ruff check latticaray tests bench examples
+	$(VENV)/bin/ruff format --check latticaray tests bench examples
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

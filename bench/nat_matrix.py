@@ -26,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "nat"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "mesh", "nat"))
 
 from labnodes import IPS, LabMesh, MeshLab  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402

@@ -18,7 +18,7 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "nat"), ROOT]
+sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "mesh", "nat"), ROOT]
 
 from netlab_util import lab, netlab_available  # noqa: E402
 from test_runtime_over_nat import (  # noqa: E402

@@ -508,7 +508,7 @@ class MeshCluster:
         self.stats = collections.Counter()
         self.seen_tasks: dict[str, CallerTasks] = {}  # executor side, per caller node
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
-        self.state = None  # latticaray.state ClusterState: members and named-actor claims (CRDT)
+        self.state = None  # latticaray.state StateService: members and named-actor claims (CRDT)
         self.exchange = None  # latticaray.objectstore ObjectExchange: store objects between nodes
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
@@ -2523,9 +2523,9 @@ class MeshRuntime:
         )
         self.cluster.placement.start()
         runtime_node.cluster = self.cluster
-        from latticaray.state.cluster import ClusterState
+        from latticaray.state.service import StateService
 
-        self.state = ClusterState(
+        self.state = StateService(
             self.mesh, self.key, is_member=lambda peer: self.admission.allowed(str(peer))
         )
         await self.state.start()

@@ -167,10 +167,10 @@ class CredentialError(LatticaError, ValueError):
     """A membership credential is malformed, expired, or not signed by the mesh key."""
 
 
-from latticaray.scheduler.errors import TaskUnschedulableError as _SchedulerUnschedulable  # noqa: E402
+from latticaray.scheduler.errors import UnschedulableError  # noqa: E402
 
 
-class TaskUnschedulableError(_SchedulerUnschedulable, LatticaError):
+class TaskUnschedulableError(UnschedulableError, LatticaError):
     """No node of the mesh can ever satisfy the request (the scheduler's error, picklable)."""
 
     def __reduce__(self):

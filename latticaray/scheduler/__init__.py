@@ -12,9 +12,9 @@ from .errors import (
     QueueFull,
     ResourceError,
     SchedulerError,
-    TaskUnschedulableError,
+    UnschedulableError,
 )
-from .local import Admission, AdmissionKind, FairQueue, LocalScheduler
+from .local import AdmissionKind, FairQueue, LocalScheduler, QueueAdmission
 from .policy import (
     DEFAULT,
     SPREAD,
@@ -33,7 +33,6 @@ from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement,
 __all__ = [
     "DEFAULT",
     "SPREAD",
-    "Admission",
     "AdmissionKind",
     "Allocation",
     "ClusterSnapshot",
@@ -51,12 +50,13 @@ __all__ = [
     "PlacementPolicy",
     "PlacementRequest",
     "PlacementWarning",
+    "QueueAdmission",
     "QueueFull",
     "ResourceError",
     "ResourceLedger",
     "SchedulerError",
     "SendPlacement",
     "Submitter",
-    "TaskUnschedulableError",
+    "UnschedulableError",
     "normalize",
 ]

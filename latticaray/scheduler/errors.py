@@ -7,7 +7,7 @@ class SchedulerError(Exception):
     """Base class of every error raised by latticaray.scheduler."""
 
 
-class TaskUnschedulableError(SchedulerError):
+class UnschedulableError(SchedulerError):
     """No node of the mesh can ever satisfy the request, and it stayed so until the timeout.
 
     ``reason`` says which hard constraint no node met (resources, labels, affinity, local-only).

@@ -26,7 +26,7 @@ from .errors import QueueFull
 from .policy import NodeView, PlacementRequest, labels_match
 from .resources import Allocation, ResourceLedger
 
-__all__ = ["Admission", "AdmissionKind", "FairQueue", "LocalScheduler"]
+__all__ = ["AdmissionKind", "FairQueue", "LocalScheduler", "QueueAdmission"]
 
 T = TypeVar("T")
 
@@ -107,7 +107,7 @@ class AdmissionKind(Enum):
 
 
 @dataclass(frozen=True)
-class Admission:
+class QueueAdmission:
     kind: AdmissionKind
     task_id: str
     node_id: str
@@ -165,10 +165,10 @@ class LocalScheduler:
             alive=self.accepting,
         )
 
-    def offer(self, request: PlacementRequest, now: float) -> Admission:
+    def offer(self, request: PlacementRequest, now: float) -> QueueAdmission:
         """Admit, queue or reject ``request`` (which a submitter placed here)."""
         if request.task_id in self._running or request.task_id in self.queue:
-            return Admission(
+            return QueueAdmission(
                 AdmissionKind.REJECTED,
                 request.task_id,
                 self.node_id,
@@ -195,7 +195,7 @@ class LocalScheduler:
             allocation = self.ledger.acquire(request.task_id, request.resources)
             self._running[request.task_id] = request
             self.version += 1
-            return Admission(
+            return QueueAdmission(
                 AdmissionKind.STARTED,
                 request.task_id,
                 self.node_id,
@@ -206,7 +206,7 @@ class LocalScheduler:
             return self._reject(request, now, f"busy and queue full ({self.queued} waiting)")
         self.queue.push(request.submitter, request.task_id, request)
         self.version += 1
-        return Admission(
+        return QueueAdmission(
             AdmissionKind.QUEUED,
             request.task_id,
             self.node_id,
@@ -215,8 +215,8 @@ class LocalScheduler:
 
     def _reject(
         self, request: PlacementRequest, now: float, reason: str, infeasible: bool = False
-    ) -> Admission:
-        return Admission(
+    ) -> QueueAdmission:
+        return QueueAdmission(
             AdmissionKind.REJECTED,
             request.task_id,
             self.node_id,
@@ -225,7 +225,7 @@ class LocalScheduler:
             infeasible=infeasible,
         )
 
-    def finish(self, task_id: str, now: float) -> list[Admission]:
+    def finish(self, task_id: str, now: float) -> list[QueueAdmission]:
         """``task_id`` ended: release its resources and start queued requests that now fit."""
         if self._running.pop(task_id, None) is None:
             return []
@@ -233,7 +233,7 @@ class LocalScheduler:
         self.version += 1
         return self._dispatch()
 
-    def cancel(self, task_id: str, now: float) -> list[Admission]:
+    def cancel(self, task_id: str, now: float) -> list[QueueAdmission]:
         """Drop a queued request, or end a running one; returns requests started as a result."""
         if self.queue.remove(task_id) is not None:
             self.version += 1
@@ -244,7 +244,7 @@ class LocalScheduler:
         """Record which worker runs ``task_id`` so :meth:`reclaim_owner` can free it."""
         self.ledger.set_owner(task_id, worker_id)
 
-    def reclaim_owner(self, worker_id: str, now: float) -> tuple[list[str], list[Admission]]:
+    def reclaim_owner(self, worker_id: str, now: float) -> tuple[list[str], list[QueueAdmission]]:
         """A worker died: free what it held; returns (tasks it was running, newly started)."""
         freed = self.ledger.release_owner(worker_id)
         for allocation in freed:
@@ -253,8 +253,8 @@ class LocalScheduler:
             self.version += 1
         return [a.allocation_id for a in freed], self._dispatch()
 
-    def _dispatch(self) -> list[Admission]:
-        started: list[Admission] = []
+    def _dispatch(self) -> list[QueueAdmission]:
+        started: list[QueueAdmission] = []
         while len(self.queue):
             request = self.queue.pop_ready(
                 lambda r: self.ledger.can_fit(r.resources, normalized=True)
@@ -264,7 +264,7 @@ class LocalScheduler:
             allocation = self.ledger.acquire(request.task_id, request.resources)
             self._running[request.task_id] = request
             started.append(
-                Admission(
+                QueueAdmission(
                     AdmissionKind.STARTED,
                     request.task_id,
                     self.node_id,

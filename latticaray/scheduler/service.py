@@ -31,7 +31,7 @@ import msgpack
 
 from .advertiser import CandidateSampler, CapacityAd, CapacityAdvertiser, view_from_ad
 from .errors import InvalidCapacityAd, ResourceError, SchedulerError
-from .local import Admission, AdmissionKind, LocalScheduler
+from .local import AdmissionKind, LocalScheduler, QueueAdmission
 from .policy import ClusterSnapshot, NodeView, PlacementPolicy, PlacementRequest
 from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
 
@@ -198,7 +198,7 @@ class SchedulerService:
         if self.advertiser is not None:
             self.advertiser.notify_change()
 
-    def _started(self, admissions: Iterable[Admission]) -> None:
+    def _started(self, admissions: Iterable[QueueAdmission]) -> None:
         for admission in admissions:
             meta = self._meta.pop(admission.task_id, b"")
             if self.on_start is None:
@@ -363,7 +363,7 @@ class SchedulerClient:
     ) -> Placed:
         """Place ``request``; returns the accepting node's answer (started or queued there).
 
-        Raises :class:`TaskUnschedulableError` when no node can ever run it (after the infeasible
+        Raises :class:`UnschedulableError` when no node can ever run it (after the infeasible
         timeout) and :class:`QueueFull` when too many requests are already waiting."""
         if request.task_id in self._futures:
             raise SchedulerError(f"task {request.task_id} is already being placed")
@@ -439,7 +439,7 @@ class SchedulerClient:
             return
         self._handle(self.submitter.on_admission(admission, self._now()))
 
-    def _decode_admission(self, action: SendPlacement, reply: bytes) -> Admission:
+    def _decode_admission(self, action: SendPlacement, reply: bytes) -> QueueAdmission:
         obj = _unpack(reply, MAX_REPLY_BYTES)
         if "error" in obj:
             raise ProtocolError(f"{action.node_id} refused the offer: {obj.get('message')}")
@@ -451,7 +451,7 @@ class SchedulerClient:
         if obj.get("hint") is not None:
             ad = CapacityAd.decode(obj["hint"], publisher=action.node_id)
             hint = view_from_ad(ad, received_at=self._now())
-        return Admission(
+        return QueueAdmission(
             kind,
             action.request.task_id,
             action.node_id,

@@ -8,7 +8,7 @@ driver to carry out:
 * :class:`Placed` — the node accepted it (started or queued it there);
 * :class:`PlacementWarning` — a request is infeasible right now (logged once, clearly);
 * :class:`PlacementFailed` — it stayed infeasible past ``infeasible_timeout``
-  (carries :class:`~latticaray.scheduler.errors.TaskUnschedulableError`).
+  (carries :class:`~latticaray.scheduler.errors.UnschedulableError`).
 
 Spillback: a rejection's hint replaces the node's view in the snapshot and the node is excluded
 for this request; after ``max_attempts`` rejections the request waits (exclusions cleared) and is
@@ -22,8 +22,8 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .errors import QueueFull, TaskUnschedulableError
-from .local import Admission, AdmissionKind
+from .errors import QueueFull, UnschedulableError
+from .local import AdmissionKind, QueueAdmission
 from .policy import ClusterSnapshot, DecisionKind, PlacementPolicy, PlacementRequest
 
 __all__ = ["Placed", "PlacementFailed", "PlacementWarning", "SendPlacement", "Submitter"]
@@ -40,7 +40,7 @@ class SendPlacement:
 class Placed:
     task_id: str
     node_id: str
-    admission: Admission
+    admission: QueueAdmission
     attempts: int
     local_bytes: int
     holder_available: bool
@@ -57,7 +57,7 @@ class PlacementWarning:
 @dataclass(frozen=True)
 class PlacementFailed:
     task_id: str
-    error: TaskUnschedulableError
+    error: UnschedulableError
 
 
 Action = SendPlacement | Placed | PlacementWarning | PlacementFailed
@@ -159,7 +159,7 @@ class Submitter:
             request = dataclasses.replace(request, submitted_at=now)
         return self._try(request, now)
 
-    def on_admission(self, admission: Admission, now: float) -> list[Action]:
+    def on_admission(self, admission: QueueAdmission, now: float) -> list[Action]:
         flight = self._in_flight.pop(admission.task_id, None)
         if flight is None:
             return []  # late or duplicate reply
@@ -216,7 +216,7 @@ class Submitter:
                     actions.append(
                         PlacementFailed(
                             task_id,
-                            TaskUnschedulableError(
+                            UnschedulableError(
                                 task_id, decision.reason, waited_s=now - entry.since
                             ),
                         )

@@ -10,12 +10,11 @@ Layout:
 * :mod:`.replication` — the sans-I/O replica: local writes, gossip, anti-entropy.
 * :mod:`.core` — :class:`StateCore`, replica + typed collections (what the simulator runs).
 * :mod:`.persistence` — snapshots on disk.
-* :mod:`.cluster` — :class:`ClusterState`, the asyncio driver over mesh RPC.
+* :mod:`.service` — :class:`StateService`, the asyncio driver over mesh RPC.
 """
 
 from .actors import ActorRecord, Actors, ActorState, ClaimResult, NoSuchClaim
 from .atoms import Atom, Limits
-from .cluster import ClusterState
 from .core import StateCore
 from .crdts import CrdtMap, LWWMap, LWWRegister, ORSet, PNCounter
 from .errors import (
@@ -27,14 +26,15 @@ from .errors import (
     SignatureInvalid,
     SnapshotError,
     StateError,
-    StoreFull,
+    StateStoreFull,
     UnknownCollection,
     WriteRejected,
 )
 from .hlc import Hlc, HybridClock
 from .jobs import JobRecord, Jobs, JobStatus
-from .members import FailureDetector, Liveness, MemberInfo, Members, Reachability
+from .members import FailureDetector, Liveness, MemberInfo, MemberReachability, Members
 from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationStats
+from .service import StateService
 from .store import Change, CollectionSpec, CrdtStore
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "Change",
     "ClaimResult",
     "ClockSkewError",
-    "ClusterState",
     "CollectionSpec",
     "CrdtMap",
     "CrdtStore",
@@ -64,12 +63,12 @@ __all__ = [
     "Liveness",
     "MalformedDelta",
     "MemberInfo",
+    "MemberReachability",
     "Members",
     "NoSuchClaim",
     "NotAMember",
     "ORSet",
     "PNCounter",
-    "Reachability",
     "Replica",
     "ReplicationConfig",
     "ReplicationStats",
@@ -77,7 +76,8 @@ __all__ = [
     "SnapshotError",
     "StateCore",
     "StateError",
-    "StoreFull",
+    "StateService",
+    "StateStoreFull",
     "UnknownCollection",
     "WriteRejected",
 ]

@@ -1,6 +1,6 @@
 """The sans-I/O cluster-state core of one node: replica plus the typed collections.
 
-:class:`StateCore` is what both the asyncio driver (:class:`~latticaray.state.cluster.ClusterState`)
+:class:`StateCore` is what both the asyncio driver (:class:`~latticaray.state.service.StateService`)
 and the simulator run. It reads no clock except the ``wall_clock`` it is given for timestamping
 local writes.
 """

@@ -39,7 +39,7 @@ class ExpiredAtom(StateError):
     """An atom is older than its collection's horizon (a collected tombstone or expired entry)."""
 
 
-class StoreFull(StateError):
+class StateStoreFull(StateError):
     """Accepting the atom would exceed the store's bound on the number of slots."""
 
 

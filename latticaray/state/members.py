@@ -28,13 +28,13 @@ from .schema import (
 )
 from .store import Change, CollectionSpec
 
-__all__ = ["MEMBERS", "FailureDetector", "Liveness", "MemberInfo", "Members", "Reachability"]
+__all__ = ["MEMBERS", "FailureDetector", "Liveness", "MemberInfo", "MemberReachability", "Members"]
 
 MEMBERS = "members"
 MAX_ADDRS = 32
 
 
-class Reachability(str, Enum):
+class MemberReachability(str, Enum):
     PUBLIC = "public"
     PRIVATE = "private"
     RELAYED = "relayed"
@@ -87,7 +87,7 @@ class FailureDetector:
 class MemberInfo:
     peer_id: PeerId
     addrs: tuple[str, ...]
-    reachability: Reachability
+    reachability: MemberReachability
     resources_total: dict[str, float] = field(default_factory=dict)
     resources_available: dict[str, float] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
@@ -100,7 +100,7 @@ class MemberInfo:
         return cls(
             atom.author,
             tuple(value["addrs"]),
-            Reachability(value["reachability"]),
+            MemberReachability(value["reachability"]),
             dict(value["resources_total"]),
             dict(value["resources_available"]),
             dict(value["labels"]),
@@ -122,7 +122,7 @@ def validate_member_value(value: Any) -> str | None:
         problem = check_str(addr, "address", 512)
         if problem:
             return problem
-    if value["reachability"] not in {r.value for r in Reachability}:
+    if value["reachability"] not in {r.value for r in MemberReachability}:
         return f"unknown reachability {value['reachability']!r}"
     return (
         check_resources(value["resources_total"], "resources_total")
@@ -161,7 +161,7 @@ class Members:
         self,
         *,
         addrs: list[str] | None = None,
-        reachability: Reachability | str | None = None,
+        reachability: MemberReachability | str | None = None,
         resources_total: dict[str, float] | None = None,
         resources_available: dict[str, float] | None = None,
         labels: dict[str, str] | None = None,
@@ -170,7 +170,7 @@ class Members:
         current = self.get(self._replica.peer_id)
         value = {
             "addrs": list(addrs if addrs is not None else (current.addrs if current else [])),
-            "reachability": Reachability(
+            "reachability": MemberReachability(
                 reachability
                 if reachability is not None
                 else (current.reachability if current else "unknown")

@@ -31,7 +31,7 @@ from .errors import (
     NotAMember,
     SignatureInvalid,
     StateError,
-    StoreFull,
+    StateStoreFull,
     UnknownCollection,
     WriteRejected,
 )
@@ -196,11 +196,11 @@ class CrdtStore:
             )
         verify_atom(atom)
         if current is None and self._size >= self.max_slots:
-            raise StoreFull(f"store holds {self._size} slots (limit {self.max_slots})")
+            raise StateStoreFull(f"store holds {self._size} slots (limit {self.max_slots})")
         if (current is None or current.author != atom.author) and self._per_author[
             atom.author
         ] >= self.max_slots_per_author:
-            raise StoreFull(
+            raise StateStoreFull(
                 f"author {atom.author.short()} already holds {self.max_slots_per_author} slots"
             )
         return True
@@ -219,7 +219,7 @@ class CrdtStore:
                 ExpiredAtom,
                 NotAMember,
                 SignatureInvalid,
-                StoreFull,
+                StateStoreFull,
                 WriteRejected,
             ) as exc:
                 report.rejected.append((atom, exc))

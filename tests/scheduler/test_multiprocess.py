@@ -23,7 +23,7 @@ import pytest
 from latticaray.mesh.dht import DhtConfig, DhtService
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.scheduler.advertiser import CandidateSampler, capacity_key
-from latticaray.scheduler.errors import TaskUnschedulableError
+from latticaray.scheduler.errors import UnschedulableError
 from latticaray.scheduler.local import AdmissionKind
 from latticaray.scheduler.policy import PlacementPolicy, PlacementRequest
 from latticaray.scheduler.service import SchedulerClient
@@ -153,7 +153,7 @@ async def test_custom_resource_spread_and_spillback_across_processes(mesh):
     assert client.submitter.rejections >= 1
     assert any(r.attempts > 1 for r in results)
 
-    # No node can ever run this: a clear warning, then TaskUnschedulableError.
-    with pytest.raises(TaskUnschedulableError, match="TPU"):
+    # No node can ever run this: a clear warning, then UnschedulableError.
+    with pytest.raises(UnschedulableError, match="TPU"):
         await client.place(*task(999, {"TPU": 1}, 0.0), timeout=30)
     assert any("TPU" in w for w in client.warnings)

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from latticaray.scheduler.advertiser import CapacityAd
-from latticaray.scheduler.errors import TaskUnschedulableError
+from latticaray.scheduler.errors import UnschedulableError
 from latticaray.scheduler.local import AdmissionKind, LocalScheduler
 from latticaray.scheduler.policy import PlacementPolicy, PlacementRequest
 from latticaray.scheduler.resources import ResourceLedger
@@ -148,7 +148,7 @@ async def test_client_spills_over_unreachable_and_rejecting_nodes():
         )
         assert {p.node_id for p in placed} == {"good"}
         assert all(p.admission.kind is AdmissionKind.STARTED for p in placed)
-        with pytest.raises(TaskUnschedulableError):
+        with pytest.raises(UnschedulableError):
             await client.place(PlacementRequest("huge", {"CPU": 1000}, "d"), timeout=10)
         with pytest.raises(
             asyncio.TimeoutError

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latticaray.scheduler.errors import QueueFull, TaskUnschedulableError
+from latticaray.scheduler.errors import QueueFull, UnschedulableError
 from latticaray.scheduler.local import AdmissionKind, FairQueue, LocalScheduler
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView, PlacementPolicy, PlacementRequest
 from latticaray.scheduler.resources import ResourceLedger
@@ -168,7 +168,7 @@ def test_infeasible_warns_then_fails_after_timeout():
     assert submitter.next_wakeup(5.0) is not None
     (failed,) = submitter.poll(10.0)
     assert isinstance(failed, PlacementFailed)
-    assert isinstance(failed.error, TaskUnschedulableError) and "TPU" in str(failed.error)
+    assert isinstance(failed.error, UnschedulableError) and "TPU" in str(failed.error)
     assert submitter.infeasible == 0
 
 

@@ -231,7 +231,7 @@ def test_store_bound_refuses_new_slots_but_keeps_updating_existing_ones():
     assert len(report.applied) == 2 and len(bob.store) == 2
     update = sign_atom(ALICE, "kv", "k0", "", Hlc(int(NOW * 1000), 9), encode_value("new"))
     assert bob.store.merge([update], NOW).applied == [update]
-    assert {type(e).__name__ for _, e in report.rejected} == {"StoreFull"}
+    assert {type(e).__name__ for _, e in report.rejected} == {"StateStoreFull"}
 
 
 def test_unsolicited_anti_entropy_reply_is_ignored():
@@ -260,4 +260,6 @@ def test_per_author_quota_stops_one_member_filling_the_store():
     assert bob.store.merge([honest], NOW).applied == [honest]
     # taking over another author's slot counts against the new author
     takeover = sign_atom(MALLORY, "kv", "mine", "", Hlc(int(NOW * 1000), 50), encode_value(2))
-    assert [type(e).__name__ for _, e in bob.store.merge([takeover], NOW).rejected] == ["StoreFull"]
+    assert [type(e).__name__ for _, e in bob.store.merge([takeover], NOW).rejected] == [
+        "StateStoreFull"
+    ]

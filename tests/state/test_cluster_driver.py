@@ -1,4 +1,4 @@
-"""The asyncio driver (ClusterState) over an in-process stand-in for the mesh node's RPC.
+"""The asyncio driver (StateService) over an in-process stand-in for the mesh node's RPC.
 
 These exercise the driver's own logic (dispatch, replies fed back, timers, heartbeats, peer
 refresh, snapshots, error mapping). The real-QUIC mesh test is test_cluster_mesh.py.
@@ -13,8 +13,8 @@ import pytest
 
 from latticaray.mesh.errors import PeerUnreachable, RpcError
 from latticaray.state import ReplicationConfig
-from latticaray.state.cluster import ClusterState
 from latticaray.state.replication import PROTOCOL_ID
+from latticaray.state.service import StateService
 from latticaray.state.simulation import deterministic_key
 
 FAST = ReplicationConfig(gossip_interval=0.02, anti_entropy_interval=0.2)
@@ -84,7 +84,7 @@ async def wait_for(predicate, timeout: float = 20.0) -> float:
 async def test_driver_replicates_partitions_heals_and_converges():
     hub = InProcessHub()
     nodes = [InProcessNode(hub, i) for i in range(6)]
-    states = [ClusterState(n, config=FAST, heartbeat_interval=0.5) for n in nodes]
+    states = [StateService(n, config=FAST, heartbeat_interval=0.5) for n in nodes]
     for s in states:
         await s.start()
     try:
@@ -113,7 +113,7 @@ async def test_driver_replicates_partitions_heals_and_converges():
 async def test_driver_maps_bad_input_and_non_members_to_rpc_errors():
     hub = InProcessHub()
     a, b = InProcessNode(hub, 0), InProcessNode(hub, 1)
-    state = ClusterState(a, config=FAST, is_member=lambda peer: peer == a.peer_id)
+    state = StateService(a, config=FAST, is_member=lambda peer: peer == a.peer_id)
     await state.start()
     try:
         with pytest.raises(RpcError) as info:
@@ -121,7 +121,7 @@ async def test_driver_maps_bad_input_and_non_members_to_rpc_errors():
         assert info.value.code == "PERMISSION_DENIED"
     finally:
         await state.stop()
-    state = ClusterState(a, config=FAST)
+    state = StateService(a, config=FAST)
     await state.start()
     try:
         with pytest.raises(RpcError) as info:
@@ -135,7 +135,7 @@ async def test_restart_from_snapshot_resumes_without_full_resync(tmp_path):
     hub = InProcessHub()
     nodes = [InProcessNode(hub, i) for i in range(3)]
     paths = [str(tmp_path / f"state-{i}.snap") for i in range(3)]
-    states = [ClusterState(n, config=FAST, snapshot_path=p) for n, p in zip(nodes, paths)]
+    states = [StateService(n, config=FAST, snapshot_path=p) for n, p in zip(nodes, paths)]
     for s in states:
         await s.start()
     try:
@@ -145,7 +145,7 @@ async def test_restart_from_snapshot_resumes_without_full_resync(tmp_path):
             s.lww_map("kv")
         await wait_for(lambda: all(len(s.lww_map("kv").keys()) == 20 for s in states))
         await states[2].stop()
-        restarted = ClusterState(nodes[2], config=FAST, snapshot_path=paths[2])
+        restarted = StateService(nodes[2], config=FAST, snapshot_path=paths[2])
         restarted.lww_map("kv")
         await restarted.start()
         states[2] = restarted

@@ -1,4 +1,4 @@
-"""ClusterState on real MeshNodes (QUIC over loopback): partition, write both sides, heal, converge.
+"""StateService on real MeshNodes (QUIC over loopback): partition, write both sides, heal, converge.
 
 The partition stops traffic between two groups at each node's boundary: cross-group connections
 are closed, cross-group calls are refused before dialing, and cross-group requests that still
@@ -16,7 +16,7 @@ import pytest
 from latticaray.mesh.errors import PeerUnreachable, RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.state import ReplicationConfig
-from latticaray.state.cluster import ClusterState
+from latticaray.state.service import StateService
 from latticaray.state.simulation import deterministic_key
 
 FAST = ReplicationConfig(gossip_interval=0.05, anti_entropy_interval=0.3)
@@ -77,7 +77,7 @@ async def wait_for(predicate, timeout: float = 60.0) -> float:
 async def test_six_mesh_nodes_partition_write_both_sides_heal_and_converge(record_property):
     firewall = Firewall()
     nodes: list[MeshNode] = []
-    states: list[ClusterState] = []
+    states: list[StateService] = []
     try:
         for i in range(6):
             config = MeshConfig(
@@ -91,7 +91,7 @@ async def test_six_mesh_nodes_partition_write_both_sides_heal_and_converge(recor
             await node.start()
             nodes.append(node)
         for node in nodes:
-            state = ClusterState(
+            state = StateService(
                 PartitionableNode(node, firewall),
                 config=FAST,
                 heartbeat_interval=0.5,

@@ -11,8 +11,8 @@ from latticaray.state import (
     FailureDetector,
     JobStatus,
     Liveness,
+    MemberReachability,
     NoSuchClaim,
-    Reachability,
     StateCore,
 )
 from latticaray.state.simulation import deterministic_key
@@ -59,7 +59,7 @@ def test_members_upsert_read_and_keep_unspecified_fields():
     a.members.upsert_self(resources_available={"CPU": 3})
     info = a.members.get(a.peer_id)
     assert info.addrs == ("/ip4/127.0.0.1/udp/4001/quic-v1",)
-    assert info.reachability is Reachability.PUBLIC
+    assert info.reachability is MemberReachability.PUBLIC
     assert info.resources_total == {"CPU": 8, "GPU": 1}
     assert info.resources_available == {"CPU": 3}
     assert info.labels == {"zone": "a"} and info.heartbeat == pytest.approx(clock.t)

@@ -20,7 +20,10 @@ import sys
 import pytest
 
 sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime")
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "runtime"
+    ),
 )
 
 from meshutil import SESSION_DRIVER_HELPERS, _die_with_parent

@@ -1,4 +1,4 @@
-"""ClusterState: the asyncio driver that runs a node's :class:`StateCore` over mesh RPC.
+"""StateService: the asyncio driver that runs a node's :class:`StateCore` over mesh RPC.
 
 It registers the unary service ``/latticaray/state/1`` on the node, feeds every request to the
 sans-I/O replica (``ctx.peer_id`` is the authenticated sender), sends what the replica emits with
@@ -8,7 +8,7 @@ peers) and the node's peer store (members' addresses) current, and snapshots sta
 
 Usage::
 
-    state = ClusterState(node, is_member=credentials.is_member, snapshot_path=".../state.snap")
+    state = StateService(node, is_member=credentials.is_member, snapshot_path=".../state.snap")
     await state.start()
     state.members.upsert_self(resources_total={"CPU": 8}, resources_available={"CPU": 8})
     result = state.actors.claim("counter", actor_id, host=node.peer_id)
@@ -36,12 +36,12 @@ from .members import FailureDetector, MemberInfo
 from .persistence import SnapshotLoad, encode_snapshot, load_snapshot, write_snapshot_file
 from .replication import PROTOCOL_ID, ReplicationConfig
 
-__all__ = ["ClusterState"]
+__all__ = ["StateService"]
 
 log = logging.getLogger(__name__)
 
 
-class ClusterState:
+class StateService:
     """Cluster metadata of one mesh node: ``members``, ``actors``, ``jobs`` and custom CRDTs.
 
     Not thread-safe: use it (reads and writes alike) from the event loop that runs the node.

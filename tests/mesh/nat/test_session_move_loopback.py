@@ -13,7 +13,10 @@ import os
 import sys
 
 sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime")
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "runtime"
+    ),
 )
 
 from meshutil import SESSION_DRIVER_HELPERS, run_session_driver
