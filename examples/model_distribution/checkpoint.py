@@ -102,9 +102,10 @@ class Peer:
             "node": lattica.get_runtime_context().node_id,
             "tensors": len(tensors),
             "bytes": sum(t.nbytes for t in tensors.values()),
-            # zero-copy: numpy views over the store's shared memory, not copies
-            "zero_copy": all(
-                not t.flags.owndata and not t.flags.writeable for t in tensors.values()
+            # zero-copy: read-only numpy views over the store's shared memory, not copies (the
+            # store hands small objects, up to about 1 MB, out as copies)
+            "zero_copy_bytes": sum(
+                t.nbytes for t in tensors.values() if not t.flags.owndata and not t.flags.writeable
             ),
         }
 
