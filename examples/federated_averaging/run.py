@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--nodes", type=int, default=2, help="local node processes to start")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help="local node processes to start (joining: nodes offering fl_client to wait for)",
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--local-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.3)
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.bootstrap:
         mesh = localmesh.join(args)
-        mesh.wait_for_nodes(CLIENT_RESOURCE, 1)
+        mesh.wait_for_nodes(CLIENT_RESOURCE, args.nodes)
     else:
         per_node = -(-args.clients // args.nodes)
         mesh = localmesh.start_local([{CLIENT_RESOURCE: per_node}] * args.nodes)

@@ -27,6 +27,9 @@ import sys
 import threading
 import time
 
+# one BLAS thread per process, here and in the node processes started for the example: each
+# stage then uses one core, as one stage per machine would, and the baseline the same
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
@@ -80,7 +83,11 @@ def summary(name: str, tokens_per_s: float, ttft: list[float]) -> dict:
 
 
 def run_sharded(cfg, n_stages: int, prompts, max_new: int, repeat: int, kill=None) -> dict:
-    server, stages = lmserve.deploy(cfg, n_stages, STAGE_RESOURCE)
+    # the server (batching, token streams) runs on the driver's node; the stages on theirs
+    here = lattica.NodeAffinitySchedulingStrategy(lattica.get_runtime_context().node_id, soft=True)
+    server, stages = lmserve.deploy(
+        cfg, n_stages, STAGE_RESOURCE, server_options={"scheduling_strategy": here}
+    )
     try:
         placed = lattica.get([s.where.remote() for s in stages], timeout=120)
         stream_requests(server, prompts[:1], 2)  # warm-up: every stage has run once
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "nodes": len(nodes),
                 "exact": exact,
                 "rows": rows,
+                "stage_nodes": [p["node"] for p in result["placed"]],
                 "server_stats": result["server_stats"],
             }
             for row in rows:
