@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -44,18 +45,37 @@ class Mesh:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()
+        stop_processes(self.processes)
         lattica.shutdown()
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each (a node stops cleanly on it), then SIGKILL what is left after 15 s."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def machine_info(**versions: str) -> dict:
+    """What a measured figure needs next to it: the machine, its load, the versions."""
+    import numpy as np
+
+    return {
+        "cpus": os.cpu_count(),
+        "load_1min": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "latticaray": lattica.__version__,
+        **versions,
+    }
 
 
 def start_local(

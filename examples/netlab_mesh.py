@@ -24,6 +24,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from localmesh import stop_processes  # noqa: E402
+
 NETLAB = os.environ.get("NETLAB") or os.path.join(
     os.path.dirname(REPO), "shared", "netlab", "netlab"
 )
@@ -179,17 +183,7 @@ class LabMesh:
         shape_uplinks(self.prefix, hosts, rate_mbit)
 
     def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()
+        stop_processes(self.processes)
         subprocess.run(
             [NETLAB, "--prefix", self.prefix, "down"],
             env=self.env,
@@ -213,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="shape every host's uplink (model_distribution)",
     )
-    parser.add_argument("rest", nargs="*", help="after --: arguments for the example's run.py")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else []  # for the example's run.py
+    args = parser.parse_args(argv[: len(argv) - len(rest) - (1 if rest else 0)])
+    args.rest = rest
     if (reason := unavailable()) is not None:
         print(reason)
         return 2

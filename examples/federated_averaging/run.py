@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -27,7 +26,6 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import fedavg  # noqa: E402
 import localmesh  # noqa: E402
-import numpy as np  # noqa: E402
 import sklearn  # noqa: E402
 
 import latticaray as lattica  # noqa: E402
@@ -152,14 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_centralized": rounds[-1]["centralized"],
         "gap_points": round(100 * gap, 2),
         "seconds": round(wall, 2),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "sklearn": sklearn.__version__,
-            "latticaray": lattica.__version__,
-            "load_1min": round(os.getloadavg()[0], 2),
-        },
+        "machine": localmesh.machine_info(sklearn=sklearn.__version__),
     }
     if args.json:
         print(json.dumps(report))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -168,13 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{seed}"
         )
     print(f"  {args.peers} peers took {report['n_over_1']}x the time of 1 peer")
-    report["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "latticaray": lattica.__version__,
-        "load_1min": round(os.getloadavg()[0], 2),
-    }
+    report["machine"] = localmesh.machine_info()
     if args.json:
         print(json.dumps(report))
     return 0 if all(r["verified"] and r["probe_ok"] for r in report["runs"]) else 1

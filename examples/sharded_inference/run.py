@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -35,7 +34,6 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import lmserve  # noqa: E402
 import localmesh  # noqa: E402
-import numpy as np  # noqa: E402
 import tinylm  # noqa: E402
 
 import latticaray as lattica  # noqa: E402
@@ -242,13 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             report["setups"].append(entry)
     finally:
         mesh.stop()
-    report["machine"] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "latticaray": lattica.__version__,
-        "load_1min": round(os.getloadavg()[0], 2),
-    }
+    report["machine"] = localmesh.machine_info()
     if args.json:
         print(json.dumps(report))
     ok = all(s["exact"] and s.get("kill", {}).get("exact", True) for s in report["setups"])
