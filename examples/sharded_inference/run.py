@@ -217,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"max {row['ttft_max_ms']:.0f} ms"
                 )
             print(f"  sharded token ids equal the single-process ones: {exact}")
+            stats = result["server_stats"]
+            print(
+                f"  continuous batching: {stats['steps']} steps, "
+                f"{stats['rows'] / max(1, stats['steps']):.1f} requests per step on average"
+            )
             if "kill" in result:
                 k = result["kill"]
                 entry["kill"] = {
