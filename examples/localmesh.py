@@ -49,6 +49,14 @@ class Mesh:
         lattica.shutdown()
 
 
+def die_with_parent() -> None:
+    """For Popen(preexec_fn=...): the child is killed if this process dies (Linux), so node
+    processes never outlive a driver that was killed before it could stop them."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def stop_processes(processes: list[subprocess.Popen]) -> None:
     """SIGTERM each (a node stops cleanly on it), then SIGKILL what is left after 15 s."""
     for proc in processes:
@@ -108,6 +116,7 @@ def start_local(
                 stdout=subprocess.PIPE,
                 text=True,
                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+                preexec_fn=die_with_parent,
             )
             mesh.processes.append(proc)
             line = proc.stdout.readline()

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from localmesh import stop_processes  # noqa: E402
+from localmesh import die_with_parent, stop_processes  # noqa: E402
 
 NETLAB = os.environ.get("NETLAB") or os.path.join(
     os.path.dirname(REPO), "shared", "netlab", "netlab"
@@ -101,6 +102,7 @@ class LabMesh:
             stdout=subprocess.PIPE,
             text=True,
             env=self.env,
+            preexec_fn=die_with_parent,
         )
         self.processes.append(proc)
         selector = selectors.DefaultSelector()
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if (reason := unavailable()) is not None:
         print(reason)
         return 2
+    # stopped by a signal: unwind, so that the lab and its processes are stopped (finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.example == "model_distribution":
         # the seed (the driver) on public pub1; the 1-peer baseline on hostB (cone NAT); the N
         # peers on one LAN behind natA (cone), as in bench/objects_swarm.py
