@@ -33,7 +33,7 @@ NETLAB = os.environ.get("NETLAB") or os.path.join(
     os.path.dirname(REPO), "shared", "netlab", "netlab"
 )
 PUB1 = "198.18.0.11"
-QUIC_PORT, RELAY_PORT, DRIVER_PORT = 4701, 4702, 4711
+NODE_PORT, RELAY_PORT, DRIVER_PORT = 4701, 4702, 4711
 HOST_IP = {
     "pub1": PUB1,
     "pub2": "198.18.0.12",
@@ -56,8 +56,11 @@ def unavailable() -> str | None:
 class LabMesh:
     """A netlab lab with a latticaray mesh in it (see the module docstring)."""
 
-    def __init__(self, prefix: str, lan_hosts: int = 1):
+    def __init__(self, prefix: str, lan_hosts: int = 1, transport: str = "quic"):
+        """`transport`: "quic" (NAT traversal: hole punching needs it) or "tcp" (bulk data:
+        aioquic's per-packet Python work makes QUIC slow for it; no hole punching)."""
         self.prefix = prefix
+        self.transport = transport
         self.processes: list[subprocess.Popen] = []
         self.env = dict(os.environ, NETLAB_PREFIX=prefix, PYTHONPATH=REPO)
         self._netlab("up", "--force", "--lan-hosts", str(lan_hosts))
@@ -69,9 +72,9 @@ class LabMesh:
             self.stop()
             raise
         self.invite = info["invite"]
-        self.bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
+        self.bootstrap = f"{self._addr(PUB1, NODE_PORT)}/p2p/{info['node_id']}"
         self.relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
-        self.observer = f"{PUB1}:{QUIC_PORT}"
+        self.observer = f"{PUB1}:{NODE_PORT}"
 
     def _netlab(self, *args: str) -> None:
         subprocess.run(
@@ -80,6 +83,11 @@ class LabMesh:
             check=True,
             capture_output=True,
             timeout=120,
+        )
+
+    def _addr(self, ip: str, port: int) -> str:
+        return (
+            f"/ip4/{ip}/udp/{port}/quic-v1" if self.transport == "quic" else f"/ip4/{ip}/tcp/{port}"
         )
 
     def _node_args(self, host: str, *extra: str, cpus: float = 1) -> list[str]:
@@ -92,7 +100,7 @@ class LabMesh:
             str(cpus),
             "--lab",
             "--listen",
-            f"/ip4/{HOST_IP[host]}/udp/{QUIC_PORT}/quic-v1",
+            f"/ip4/{HOST_IP[host]}/udp/{NODE_PORT}/quic-v1",
             *extra,
         ]
 
@@ -116,27 +124,13 @@ class LabMesh:
             raise RuntimeError(f"the node on {host} did not start within {timeout} s")
         return json.loads(line)
 
-    def start_node(self, host: str, resources: dict, cpus: float = 1) -> dict:
-        """A worker node inside `host`, behind its NAT, offering `resources`."""
-        return self._start(
-            host,
-            self._node_args(
-                host,
-                "--bootstrap",
-                self.bootstrap,
-                "--credential",
-                self.invite,
-                "--resources",
-                json.dumps(resources),
-                "--nat",
-                "--observer",
-                self.observer,
-                "--relay",
-                self.relay,
-                cpus=cpus,
-            ),
-            timeout=120,
-        )
+    def start_node(self, host: str, resources: dict, cpus: float = 1, nat: bool = True) -> dict:
+        """A worker node inside `host`, behind its NAT, offering `resources`; with `nat` it
+        takes part in NAT traversal (without, it only dials out and serves its own LAN)."""
+        join = ["--bootstrap", self.bootstrap, "--credential", self.invite]
+        traversal = ["--nat", "--observer", self.observer, "--relay", self.relay] if nat else []
+        args = [*join, "--resources", json.dumps(resources), *traversal]
+        return self._start(host, self._node_args(host, *args, cpus=cpus), timeout=120)
 
     def driver_args(self, host: str) -> list[str]:
         """The flags that make an example's run.py a driver inside `host`."""
@@ -147,9 +141,9 @@ class LabMesh:
             self.invite,
             "--lab",
             "--listen",
-            f"/ip4/{HOST_IP[host]}/udp/{DRIVER_PORT}/quic-v1",
+            self._addr(HOST_IP[host], DRIVER_PORT),
         ]
-        if not host.startswith("pub"):
+        if not host.startswith("pub") and self.transport == "quic":
             args += ["--observer", self.observer, "--relay", self.relay]
         return args
 
@@ -203,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prefix", default=os.environ.get("NETLAB_PREFIX", "exl"))
     parser.add_argument("--peers", type=int, default=8, help="model_distribution: peers")
+    parser.add_argument("--transport", choices=["quic", "tcp"], default="quic")
     parser.add_argument(
         "--rate-mbit",
         type=float,
@@ -219,18 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     # stopped by a signal: unwind, so that the lab and its processes are stopped (finally)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.example == "model_distribution":
-        # the seed (the driver) on public pub1; the 1-peer baseline on hostB (cone NAT); the N
-        # peers on one LAN behind natA (cone), as in bench/objects_swarm.py
-        peers = ["hostA"] + [f"hostA{i}" for i in range(2, args.peers + 1)]
-        lab = LabMesh(args.prefix, lan_hosts=len(peers))
+        # the seed (the driver) on hostA and the N peers on hostA's LAN behind natA (they reach
+        # each other directly, as in bench/objects_swarm.py); the 1-peer baseline on hostB,
+        # behind natB
+        peers = [f"hostA{i}" for i in range(2, args.peers + 2)]
+        lab = LabMesh(args.prefix, lan_hosts=len(peers) + 1, transport=args.transport)
         try:
             lab.start_node("hostB", {"ckpt_solo": 1})
             for host in peers:
                 lab.start_node(host, {"ckpt_peer": 1})
             if args.rate_mbit:
-                lab.shape_uplinks(["pub1", "hostB", *peers], args.rate_mbit)
+                lab.shape_uplinks(["hostA", "hostB", *peers], args.rate_mbit)
             lab.run_example(
-                "pub1",
+                "hostA",
                 "model_distribution",
                 ["--peers", str(args.peers), "--count-tx", "eth0", "--no-bars", *args.rest],
                 timeout=3600,
