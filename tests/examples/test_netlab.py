@@ -16,7 +16,8 @@ from netlab_util import netlab_available
 
 pytestmark = pytest.mark.netlab
 
-PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"exl{os.getpid() % 100000}")
+# a prefix of its own: the NAT tests' session-wide lab may use LATTICARAY_NAT_LAB_PREFIX itself
+PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lrn{os.getpid() % 100000}") + "x"
 
 
 @pytest.fixture(scope="module")
