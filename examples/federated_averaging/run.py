@@ -84,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     localmesh.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    if args.clients < 1 or args.rounds < 1 or args.nodes < 1 or args.round_timeout <= 0:
+        parser.error("--clients, --rounds, --nodes and --round-timeout must be positive")
+    for flag, client in (
+        ("--stall-client", args.stall_client),
+        ("--crash-client", args.crash_client),
+    ):
+        if client is not None and not 0 <= client < args.clients:
+            parser.error(f"{flag} must be a client index, 0 .. {args.clients - 1}")
 
     x_train, x_test, y_train, y_test = fedavg.load_data()
     shards = fedavg.split_non_iid(y_train, args.clients, args.alpha)

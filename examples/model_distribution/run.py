@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     localmesh.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    if args.size_mb <= 0 or args.peers < 1:
+        parser.error("--size-mb and --peers must be positive")
 
     # the 1-peer baseline runs on a node of its own (SOLO_RESOURCE), so that the N peers start
     # from nothing as it did: no node but the seed holds a block of the checkpoint before a run

@@ -134,6 +134,17 @@ def kill_stage_mid_generation(server, stages, prompts, max_new, stage: int, afte
     }
 
 
+def counts_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[int]:
+    """The stage counts to run: --bench's list, else --stages."""
+    try:
+        counts = [int(c) for c in args.bench.split(",")] if args.bench else [args.stages]
+    except ValueError:
+        parser.error("--bench takes stage counts separated by commas, e.g. 1,2,4")
+    if not counts or min(counts) < 1 or max(counts) > args.layers:
+        parser.error(f"stage counts must be between 1 and --layers ({args.layers})")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     localmesh.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    if args.kill_stage is not None:
+        if not 0 <= args.kill_stage < min(counts_of(args, parser)):
+            parser.error("--kill-stage must name a stage of every setup (0 .. stages-1)")
+        if not 0 < args.kill_after < args.max_new:
+            parser.error("--kill-after must be between 1 and --max-new - 1")
 
     cfg = tinylm.Config(
         vocab=args.vocab,
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         n_heads=max(1, args.d_model // 64),
         d_ff=4 * args.d_model,
     )
-    counts = [int(c) for c in args.bench.split(",")] if args.bench else [args.stages]
+    counts = counts_of(args, parser)
     prompts = tinylm.make_prompts(cfg, args.requests, args.prompt_len)
 
     # the reference: each request alone, in this process
