@@ -80,7 +80,11 @@ def summary(name: str, tokens_per_s: float, ttft: list[float]) -> dict:
     }
 
 
-def run_sharded(cfg, n_stages: int, prompts, max_new: int, repeat: int, kill=None) -> dict:
+def run_sharded(
+    cfg, n_stages: int, prompts, max_new: int, repeat: int, kill=None, baseline=None
+) -> dict:
+    """Deploy `n_stages` stages, run the requests `repeat` times (each run right after a run of
+    `baseline()`, the single-process baseline, so both see the same load), maybe kill a stage."""
     # the server (batching, token streams) runs on the driver's node; the stages on theirs
     here = lattica.NodeAffinitySchedulingStrategy(lattica.get_runtime_context().node_id, soft=True)
     server, stages = lmserve.deploy(
@@ -89,10 +93,12 @@ def run_sharded(cfg, n_stages: int, prompts, max_new: int, repeat: int, kill=Non
     try:
         placed = lattica.get([s.where.remote() for s in stages], timeout=120)
         stream_requests(server, prompts[:1], 2)  # warm-up: every stage has run once
-        runs = []
+        runs, local = [], []
         for _ in range(repeat):
+            if baseline is not None:
+                local.append(baseline())
             runs.append(stream_requests(server, prompts, max_new))
-        result = {"runs": runs, "placed": placed}
+        result = {"runs": runs, "local": local, "placed": placed}
         if kill is not None:
             result["kill"] = kill_stage_mid_generation(server, stages, prompts, max_new, *kill)
         result["server_stats"] = lattica.get(server.stats.remote(), timeout=60)
@@ -201,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"config": dataclasses.asdict(cfg), "setups": []}
     try:
         for count in counts:
-            local = [lmserve.run_local(cfg, prompts, args.max_new) for _ in range(args.repeat)]
-            if any(outs != reference for outs, _ in local):
-                raise AssertionError("the batched single-process run differs from the reference")
-            base = max(local, key=lambda r: r[1]["tokens_per_s"])[1]
             kill = (args.kill_stage, args.kill_after) if args.kill_stage is not None else None
-            result = run_sharded(cfg, count, prompts, args.max_new, args.repeat, kill)
+            result = run_sharded(
+                cfg, count, prompts, args.max_new, args.repeat, kill,
+                baseline=lambda: lmserve.run_local(cfg, prompts, args.max_new),
+            )  # fmt: skip
+            if any(outs != reference for outs, _ in result["local"]):
+                raise AssertionError("the batched single-process run differs from the reference")
+            base = max(result["local"], key=lambda r: r[1]["tokens_per_s"])[1]
             best = max(result["runs"], key=lambda r: r["tokens_per_s"])
             exact = all(r["outs"] == reference for r in result["runs"])
             nodes = sorted({p["node"] for p in result["placed"]})
@@ -224,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 "exact": exact,
                 "rows": rows,
                 "stage_nodes": [p["node"] for p in result["placed"]],
+                # every run's tokens/s, baseline and sharded alternating in time
+                "baseline_runs": [round(r[1]["tokens_per_s"], 1) for r in result["local"]],
+                "sharded_runs": [round(r["tokens_per_s"], 1) for r in result["runs"]],
                 "server_stats": result["server_stats"],
             }
             for row in rows:
