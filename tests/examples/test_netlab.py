@@ -57,7 +57,7 @@ def test_federated_averaging_across_nats(lab):
     mesh, _ = lab
     report = mesh.run_example(
         "hostA", "federated_averaging",
-        ["--clients", "4", "--nodes", "2", "--rounds", "30", "--round-timeout", "3",
+        ["--clients", "4", "--nodes", "2", "--rounds", "15", "--round-timeout", "3",
          "--stall-client", "3", "--fault-round", "1"],
         timeout=240,
     )  # fmt: skip
