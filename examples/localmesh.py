@@ -49,6 +49,19 @@ class Mesh:
         lattica.shutdown()
 
 
+def read_ready_line(proc: subprocess.Popen, timeout: float) -> dict:
+    """The JSON line a `latticaray start` process prints once it is up, waiting `timeout` s."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        ready = selector.select(timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"a node process was not ready within {timeout} s (or exited)")
+    return json.loads(line)
+
+
 def die_with_parent() -> None:
     """For Popen(preexec_fn=...): the child is killed if this process dies (Linux), so node
     processes never outlive a driver that was killed before it could stop them."""
@@ -119,10 +132,7 @@ def start_local(
                 preexec_fn=die_with_parent,
             )
             mesh.processes.append(proc)
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError("a node process exited before it was ready")
-            mesh.node_ids.append(json.loads(line)["node_id"])
+            mesh.node_ids.append(read_ready_line(proc, timeout=120)["node_id"])
         deadline = time.monotonic() + 60
         while not set(mesh.node_ids) <= {n["NodeID"] for n in lattica.nodes() if n["Alive"]}:
             if time.monotonic() > deadline:

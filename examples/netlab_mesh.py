@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from localmesh import die_with_parent, stop_processes  # noqa: E402
+from localmesh import die_with_parent, read_ready_line, stop_processes  # noqa: E402
 
 NETLAB = os.environ.get("NETLAB") or os.path.join(
     os.path.dirname(REPO), "shared", "netlab", "netlab"
@@ -113,16 +112,7 @@ class LabMesh:
             preexec_fn=die_with_parent,
         )
         self.processes.append(proc)
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        try:
-            ready = selector.select(timeout)
-        finally:
-            selector.close()
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"the node on {host} did not start within {timeout} s")
-        return json.loads(line)
+        return read_ready_line(proc, timeout)
 
     def start_node(self, host: str, resources: dict, cpus: float = 1, nat: bool = True) -> dict:
         """A worker node inside `host`, behind its NAT, offering `resources`; with `nat` it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,18 +19,26 @@ for sub in ("", "sharded_inference", "federated_averaging", "model_distribution"
         sys.path.insert(0, path)
 
 
-def run_example(name: str, *args: str, timeout: float = 240) -> dict:
-    """Run examples/<name>/run.py with `args` and --json; its report (it must exit 0)."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, name, "run.py"), *args, "--json"],
-        capture_output=True,
+def run_example(name: str, *args: str, timeout: float = 100) -> dict:
+    """Run examples/<name>/run.py with `args` and --json; its report (it must exit 0). One that
+    runs past `timeout` gets SIGABRT, which makes faulthandler print every thread's stack."""
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", os.path.join(EXAMPLES, name, "run.py"), *args,
+         "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=dict(os.environ, PYTHONPATH=REPO),
-    )
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    print(proc.stdout)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"{name} ran past {timeout} s:\n{out[-3000:]}\n{err[-8000:]}")
+    assert proc.returncode == 0, f"{name} failed:\n{out[-3000:]}\n{err[-5000:]}"
+    print(out)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import netlab_mesh
 from netlab_util import netlab_available
 
-pytestmark = pytest.mark.netlab
+pytestmark = [pytest.mark.netlab, pytest.mark.timeout(300)]
 
 # a prefix of its own: the NAT tests' session-wide lab may use LATTICARAY_NAT_LAB_PREFIX itself
 PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lrn{os.getpid() % 100000}") + "x"
