@@ -44,6 +44,18 @@ class Mesh:
                 raise TimeoutError(f"only {len(found)} of {count} nodes offering {resource!r}")
             time.sleep(0.05)
 
+    def wait_until_free(self, resource: str, timeout: float = 60.0) -> None:
+        """Wait until every unit of `resource` in the mesh is available again. A killed actor's
+        resources come back after kill() returns, and an actor created before then that needs
+        them is refused at once (tests/examples/test_runtime_findings.py)."""
+        deadline = time.monotonic() + timeout
+        while lattica.available_resources().get(resource, 0) < lattica.cluster_resources().get(
+            resource, 0
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{resource!r} was not released within {timeout} s")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         stop_processes(self.processes)
         lattica.shutdown()

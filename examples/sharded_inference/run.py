@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for count in counts:
             kill = (args.kill_stage, args.kill_after) if args.kill_stage is not None else None
+            mesh.wait_until_free(STAGE_RESOURCE)  # the previous setup's stages are gone
             result = run_sharded(
                 cfg, count, prompts, args.max_new, args.repeat, kill,
                 baseline=lambda: lmserve.run_local(cfg, prompts, args.max_new),
