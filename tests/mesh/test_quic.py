@@ -1,9 +1,10 @@
 """QUIC transport: mutual libp2p authentication, one shared socket, channels, backpressure, liveness."""
 
 import asyncio
-import collections
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import aioquic
@@ -12,7 +13,9 @@ from aioquic import tls as aioquic_tls
 
 from latticaray.mesh.errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
 from latticaray.mesh.identity import KeyPair
-from latticaray.mesh.transport.quic import QuicConfig, QuicTransport, _UdpSocket
+from latticaray.mesh.transport.quic import QuicConfig, QuicTransport
+from latticaray.mesh.transport.quic_aioquic import check_aioquic_version
+from latticaray.mesh.transport.quic_udp import UdpSocket
 
 
 async def wait_for(predicate, timeout=10.0, what="condition"):
@@ -39,6 +42,17 @@ class Endpoint:
     @property
     def addr(self):
         return self.transport.listen_addr.with_peer(self.key.peer_id)
+
+
+def test_the_aioquic_overrides_refuse_any_other_aioquic_version():
+    with pytest.raises(ImportError, match=r"aioquic==1\.7\.2"):
+        check_aioquic_version("1.8.0")
+    check_aioquic_version(aioquic.__version__)  # the installed one is the pinned one
+    # the transport does not import on top of another aioquic release
+    code = "import aioquic; aioquic.__version__ = '9.9.9'; import latticaray.mesh.transport.quic"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "aioquic 9.9.9 is installed" in proc.stderr and "aioquic==1.7.2" in proc.stderr
 
 
 def test_aioquic_pinned_private_client_cert_flag_exists():
@@ -228,14 +242,7 @@ class _RecordingSocket:
 
 def test_runs_of_equal_size_datagrams_go_out_as_one_gso_send():
     sock = _RecordingSocket()
-    udp = _UdpSocket.__new__(_UdpSocket)  # no event loop needed: only the send path
-    udp._sock, udp._queue, udp._closed, udp._gso, udp.gso_sends = (
-        sock,
-        collections.deque(),
-        False,
-        True,
-        0,
-    )
+    udp = UdpSocket.send_only(sock)  # no event loop needed: only the send path
     x, y = ("198.18.0.1", 1), ("198.18.0.2", 2)
     udp.send_many(
         [(b"a" * 1350, x)] * 3
@@ -387,13 +394,13 @@ def test_datagram_size_is_chosen_per_path():
 
 def _record_long_header_datagrams(transport, into: list) -> None:
     """Keep a copy of every long-header (Initial/Handshake) datagram the transport sends."""
-    send_datagrams = transport._send_datagrams
+    send_many = transport._udp.send_many
 
     def recording(datagrams):
         into.extend(data for data, _ in datagrams if data[0] & 0x80)
-        send_datagrams(datagrams)
+        send_many(datagrams)
 
-    transport._send_datagrams = recording
+    transport._udp.send_many = recording
 
 
 async def test_handshake_state_is_released_and_late_handshake_packets_are_dropped(caplog):
@@ -460,7 +467,7 @@ async def test_finished_streams_cost_no_memory_and_their_late_data_is_discarded(
             assert await asyncio.wait_for(ch.read(100), 10) == b"pong"
             assert await asyncio.wait_for(ch.read(100), 10) == b""
         await wait_for(lambda: not server._channels and not conn._channels, what="channels freed")
-        assert server._peer_max_bidi == 4 * 299 and not server._peer_gaps
+        assert server._peer_streams.max_bidi == 4 * 299 and not server._peer_streams.gaps
 
         consumed = server._quic.connection_consumed
         server._on_stream_data(events.StreamDataReceived(b"late", False, 4 * 17))
@@ -468,8 +475,8 @@ async def test_finished_streams_cost_no_memory_and_their_late_data_is_discarded(
 
         # the peer's next two streams arrive out of order: 4*302 first, then 4*300 and 4*301
         server._on_stream_data(events.StreamDataReceived(b"c", False, 4 * 302))
-        assert server._peer_gaps == {4 * 300, 4 * 301}
+        assert server._peer_streams.gaps == {4 * 300, 4 * 301}
         server._on_stream_data(events.StreamDataReceived(b"a", False, 4 * 300))
         server._on_stream_data(events.StreamDataReceived(b"b", False, 4 * 301))
         assert [ch.stream_id for ch in server._accept_queue] == [4 * 302, 4 * 300, 4 * 301]
-        assert not server._peer_gaps
+        assert not server._peer_streams.gaps

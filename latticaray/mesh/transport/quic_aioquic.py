@@ -1,0 +1,310 @@
+"""Every use of aioquic's private API, in one place, pinned to the aioquic version it was read from.
+
+The transport drives aioquic's sans-I/O ``QuicConnection`` and changes some of its behaviour
+from the inside: no other module of the package reads or writes an underscore name of aioquic.
+Those internals can change in any release, so importing this module checks aioquic's version and
+fails with a clear :class:`ImportError` on any other than :data:`AIOQUIC_VERSION` (re-read this
+module against the new version's source, then move the pin).
+
+What :class:`MeshQuicConnection` changes, and why:
+
+* mutual authentication: aioquic 1.7.2 asks a client for its certificate only behind the private
+  ``tls.Context._request_client_certificate``; it is set on every server connection (a test checks
+  that the client certificate really arrives);
+* consumption-driven receive windows: MAX_STREAM_DATA / MAX_DATA advance with what the
+  application has *read* (``stream_consumed`` / ``connection_consumed``), not with what arrived
+  (aioquic doubles windows on arrival, which lets a stalled reader's memory grow without bound);
+* fewer objects per connection for the garbage collector: one shared frame dispatch table
+  (:class:`SharedFrameHandlers`), and once the handshake is over the spent Initial/Handshake
+  state, TLS's handshake-only state and the key-logging callbacks are dropped for shared
+  stand-ins (:class:`SpentHandshakeState`);
+* pacing off on paths that need none (:class:`Unpaced`);
+* read-only views the connection wrapper needs (RTT, datagram size, active path, unacknowledged
+  bytes) as public methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aioquic
+from aioquic import tls as aioquic_tls
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.crypto import CryptoPair, NoCallback
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+
+__all__ = [
+    "AIOQUIC_VERSION",
+    "MeshQuicConnection",
+    "SharedFrameHandlers",
+    "SpentHandshakeState",
+    "Unpaced",
+    "check_aioquic_version",
+]
+
+#: The aioquic release whose internals this module was written against.
+AIOQUIC_VERSION = "1.7.2"
+
+
+def check_aioquic_version(version: str) -> None:
+    """Raise ImportError unless ``version`` is the pinned aioquic release."""
+    if version != AIOQUIC_VERSION:
+        raise ImportError(
+            f"latticaray's QUIC transport overrides private internals of aioquic "
+            f"{AIOQUIC_VERSION} (latticaray/mesh/transport/quic_aioquic.py) but aioquic "
+            f"{version} is installed: install aioquic=={AIOQUIC_VERSION}, or re-read that "
+            f"module against aioquic {version} and move its pin"
+        )
+
+
+check_aioquic_version(aioquic.__version__)
+
+
+class Unpaced(QuicPacketPacer):
+    """A pacer that never holds a packet back (congestion control still applies)."""
+
+    def next_send_time(self, now: float) -> float:
+        return None  # type: ignore[return-value]  # aioquic's own pacer returns None too
+
+    def update_after_send(self, now: float) -> None:
+        pass
+
+
+class SharedFrameHandlers:
+    """aioquic's frame dispatch table without a per-connection copy.
+
+    aioquic builds a dict of ~60 bound methods, tuples and frozensets for every connection:
+    about a third of the objects a connection keeps alive. With thousands of connections in
+    one process those objects made each full garbage collection pause the loop for up to ~1 s.
+    This stands in for that dict: one object per connection, reading one table per class."""
+
+    __slots__ = ("_conn", "_table")
+
+    def __init__(self, conn: QuicConnection, table: dict) -> None:
+        self._conn = conn
+        self._table = table
+
+    def __getitem__(self, frame_type: int) -> tuple[Any, Any]:
+        function, epochs = self._table[frame_type]
+        return function.__get__(self._conn), epochs
+
+
+_FRAME_TABLE_ATTR = "_QuicConnection__frame_handlers"
+_shared_frame_table: dict | None = None
+
+
+def _share_frame_handlers(conn: QuicConnection) -> None:
+    global _shared_frame_table
+    own = getattr(conn, _FRAME_TABLE_ATTR, None)
+    if not isinstance(own, dict):
+        return  # aioquic changed its internals: keep its own table
+    if _shared_frame_table is None:
+        _shared_frame_table = {
+            frame_type: (handler.__func__, epochs) for frame_type, (handler, epochs) in own.items()
+        }
+    setattr(conn, _FRAME_TABLE_ATTR, SharedFrameHandlers(conn, _shared_frame_table))
+
+
+class SpentHandshakeState:
+    """Stand-ins for the Initial and Handshake epochs' state once both are discarded.
+
+    aioquic keeps each connection's Initial/Handshake crypto pairs, packet spaces, crypto
+    streams and buffers for its whole life (about 45 tracked objects per connection), though
+    after the handshake it only looks at them to drop a late packet of those epochs: it reads
+    the space's expected packet number, and decryption then fails for want of a key. One
+    key-less pair and one discarded space, shared by every connection, answer those reads."""
+
+    def __init__(self) -> None:
+        self.pair = CryptoPair()
+        for context in (self.pair.recv, self.pair.send):
+            context._setup_cb = context._teardown_cb = NoCallback
+        self.space = QuicPacketSpace()
+        self.space.discarded = True
+        self.initial_pairs: dict[tuple, dict] = {}
+
+    def initial(self, versions: tuple) -> dict:
+        """A shared ``_cryptos_initial`` for these versions (read only after the handshake)."""
+        table = self.initial_pairs.get(versions)
+        if table is None:
+            table = self.initial_pairs[versions] = dict.fromkeys(versions, self.pair)
+        return table
+
+
+_spent_state: SpentHandshakeState | None = None
+_HANDSHAKE_EPOCHS = (aioquic_tls.Epoch.INITIAL, aioquic_tls.Epoch.HANDSHAKE)
+_POST_HANDSHAKE = (aioquic_tls.State.CLIENT_POST_HANDSHAKE, aioquic_tls.State.SERVER_POST_HANDSHAKE)
+#: TLS state only the handshake reads. Past it, a server's TLS refuses every message and a
+#: client's reads only NewSessionTicket, which without a ticket callback touches none of these.
+_TLS_HANDSHAKE_ONLY = (
+    "handshake_extensions",
+    "received_extensions",
+    "_cipher_suites",
+    "_legacy_compression_methods",
+    "_psk_key_exchange_modes",
+    "_signature_algorithms",
+    "_supported_groups",
+    "_supported_versions",
+    "_peer_certificate_chain",
+    "_ec_private_keys",
+    "_certificate_request",
+    "key_schedule",
+    "_key_schedule_psk",
+    "_key_schedule_proxy",
+    "alpn_cb",
+    "update_traffic_key_cb",
+)
+
+
+class MeshQuicConnection(QuicConnection):
+    """aioquic connection with mutual authentication and consumption-driven receive windows."""
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        stream_window: int,
+        connection_window: int,
+        max_streams: int,
+        connection_ids: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        _share_frame_handlers(self)
+        self._local_active_connection_id_limit = max(2, connection_ids)
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        self._local_max_streams_bidi.value = max_streams
+        self._local_max_streams_bidi.sent = max_streams
+        #: Bytes of each stream the application has read (drives MAX_STREAM_DATA).
+        self.stream_consumed: dict[int, int] = {}
+        #: Bytes of all streams the application has read or discarded (drives MAX_DATA).
+        self.connection_consumed = 0
+
+    # -- read-only views for the connection wrapper -----------------------------------------
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """Smoothed round-trip time in seconds (None before the first RTT sample)."""
+        loss = self._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    @property
+    def max_datagram_size(self) -> int:
+        return self._max_datagram_size
+
+    def active_path_addr(self) -> tuple | None:
+        """The address datagrams go to (it changes when the peer migrates)."""
+        paths = self._network_paths
+        return paths[0].addr if paths else None
+
+    def peer_certificate(self) -> Any:
+        """The peer's certificate from the handshake (None once dropped or before it)."""
+        return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
+
+    def drop_peer_certificate(self) -> None:
+        """Forget the checked peer certificate: its parsed extensions need not stay."""
+        self.tls._peer_certificate = None
+
+    def stream_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def unacked_total(self) -> int:
+        """Bytes written to any stream and not yet acknowledged."""
+        return sum(self.stream_buffered(sid) for sid in list(self._streams))
+
+    def disable_pacing(self) -> None:
+        """Send whatever congestion control allows at once (paths with no queue to protect)."""
+        self._loss._pacer = Unpaced(max_datagram_size=self._max_datagram_size)
+
+    # -- overrides --------------------------------------------------------------------------
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+        if self._quic_logger is None:
+            # each context's callbacks only log key changes to the (absent) qlog: 24 partials
+            # and bound methods per connection for nothing
+            for pair in (*self._cryptos.values(), *self._cryptos_initial.values()):
+                for context in (pair.recv, pair.send):
+                    context._setup_cb = context._teardown_cb = NoCallback
+
+    def _discard_epoch(self, epoch: aioquic_tls.Epoch) -> None:
+        super()._discard_epoch(epoch)
+        if (
+            epoch == aioquic_tls.Epoch.HANDSHAKE
+            and self._spaces[aioquic_tls.Epoch.INITIAL].discarded
+        ):
+            self._release_handshake_state()
+
+    def _release_handshake_state(self) -> None:
+        """Swap the spent Initial/Handshake state for the shared stand-ins."""
+        global _spent_state
+        if _spent_state is None:
+            _spent_state = SpentHandshakeState()
+        spent = _spent_state
+        for epoch in _HANDSHAKE_EPOCHS:
+            if self._spaces[epoch] is spent.space:
+                continue
+            # CRYPTO data of these epochs is neither read (no key) nor written (TLS is past
+            # them): without the entries, a stray write would fail loudly instead
+            self._crypto_streams.pop(epoch, None)
+            self._crypto_buffers.pop(epoch, None)
+            self._spaces[epoch] = spent.space
+        self._loss.spaces = [space for space in self._loss.spaces if not space.discarded]
+        for epoch, pair in list(self._cryptos.items()):
+            if (
+                epoch != aioquic_tls.Epoch.ONE_RTT
+                and not pair.recv.is_valid()
+                and not pair.send.is_valid()
+            ):
+                self._cryptos[epoch] = spent.pair
+        initial = self._cryptos_initial
+        if all(not p.recv.is_valid() and not p.send.is_valid() for p in initial.values()):
+            self._cryptos_initial = spent.initial(tuple(initial))
+        tls = self.tls
+        if tls.state in _POST_HANDSHAKE and tls.new_session_ticket_cb is None:
+            for name in _TLS_HANDSHAKE_ONLY:
+                if getattr(tls, name, None) is not None:
+                    setattr(tls, name, None)
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        if not stream.max_stream_data_local:
+            return
+        stream_id: int = stream.stream_id  # type: ignore[assignment]  # set for every stream
+        window = self._stream_window
+        target = self.stream_consumed.get(stream_id, 0) + window
+        if target - stream.max_stream_data_local >= window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = self._local_max_data
+        window = self._connection_window
+        target = self.connection_consumed + window
+        if target - limit.value >= window // 4:
+            limit.value = target
+        used = limit.used
+        limit.used = 0  # stop aioquic from doubling MAX_DATA on arrival
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = used
