@@ -73,8 +73,9 @@ async def test_mutual_authentication_and_shared_socket():
         # the server observes the client at the client's listen socket (one socket per node)
         assert inbound.remote_addr == a.transport.listen_addr
         assert a.conns == [conn]
-        # loopback path: large datagrams; an RTT sample exists after the handshake
-        assert conn.max_datagram_size == 16384 and 0 < conn.rtt < 5
+        # loopback path: large datagrams (16 KiB, then what path MTU discovery finds); an RTT
+        # sample exists after the handshake
+        assert conn.max_datagram_size >= 16384 and 0 < conn.rtt < 5
 
 
 async def test_dialing_the_wrong_peer_id_raises_peer_id_mismatch():

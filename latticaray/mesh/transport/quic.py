@@ -62,7 +62,8 @@ from .quic_aioquic import MeshQuicConnection
 from .quic_channel import QuicChannel
 from .quic_config import CONNECTION_ID_LENGTH, MIN_DATAGRAM_SIZE, QuicConfig, udp_multiaddr
 from .quic_conn import EndpointLink, QuicConn, now
-from .quic_udp import UdpSocket, open_udp_socket
+from .quic_pmtu import PmtuSearch
+from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
 
 __all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
@@ -200,7 +201,7 @@ class QuicTransport:
             target = (str(infos[0][4][0]), int(infos[0][4][1]))
         if self._local is not None and len(self._local) == 4 and ":" not in target[0]:
             target = ("::ffff:" + target[0], target[1])  # IPv6 socket dialing IPv4
-        quic = self._make_connection(is_client=True, remote_host=target[0])
+        quic = self._make_connection(is_client=True, remote=target)
         conn = QuicConn(link, quic, target, is_client=True, expected_peer=expected_peer)
         self._conns.add(conn)
         self._register_cid(quic.host_cid, conn)
@@ -226,12 +227,13 @@ class QuicTransport:
         self,
         *,
         is_client: bool,
-        remote_host: str,
+        remote: tuple,
         original_dcid: bytes | None = None,
         retry_scid: bytes | None = None,
     ) -> MeshQuicConnection:
         cfg = self.config
-        size = cfg.datagram_size_for(remote_host.removeprefix("::ffff:"))
+        host = remote[0].removeprefix("::ffff:")
+        size = cfg.datagram_size_for(host)
         # aioquic only reads its configuration: connections alike share one (and its lists)
         configuration = self._configurations.get((is_client, size))
         if configuration is None:
@@ -246,11 +248,19 @@ class QuicTransport:
             connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
             max_streams=cfg.max_streams,
             connection_ids=cfg.connection_ids,
+            pmtu=self._pmtu_search(remote, size),
         )
-        host = remote_host.removeprefix("::ffff:")
         if not cfg.paces(host):
             quic.disable_pacing()
         return quic
+
+    def _pmtu_search(self, remote: tuple, base: int) -> PmtuSearch | None:
+        """Path MTU discovery from ``base`` up to what the local route carries."""
+        cfg = self.config
+        if not cfg.pmtu_discovery:
+            return None
+        ceiling = min(cfg.pmtu_max_datagram_size, route_max_payload(remote) or base)
+        return PmtuSearch(base, ceiling) if ceiling > base else None
 
     def _configuration(self, is_client: bool, max_datagram_size: int) -> QuicConfiguration:
         cfg = self.config
@@ -369,7 +379,7 @@ class QuicTransport:
             self.stats["retries_sent"] += 1
             return None
         quic = self._make_connection(
-            is_client=False, remote_host=addr[0], original_dcid=original_dcid, retry_scid=retry_scid
+            is_client=False, remote=addr, original_dcid=original_dcid, retry_scid=retry_scid
         )
         conn = QuicConn(link, quic, addr, is_client=False, expected_peer=None)
         self._conns.add(conn)

@@ -19,6 +19,9 @@ What :class:`MeshQuicConnection` changes, and why:
   state, TLS's handshake-only state and the key-logging callbacks are dropped for shared
   stand-ins (:class:`SpentHandshakeState`);
 * pacing off on paths that need none (:class:`Unpaced`);
+* path MTU discovery (:mod:`.quic_pmtu` decides, this sends the padded PING probes outside
+  congestion control and adopts the confirmed size), and STREAM frames longer than 16383 bytes
+  (aioquic writes every STREAM length as a 2-byte varint, which broke datagrams above 16 KiB);
 * read-only views the connection wrapper needs (RTT, datagram size, active path, unacknowledged
   bytes) as public methods.
 """
@@ -29,13 +32,21 @@ from typing import Any
 
 import aioquic
 from aioquic import tls as aioquic_tls
+from aioquic.buffer import size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.connection import (
+    END_STATES,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+)
 from aioquic.quic.crypto import CryptoPair, NoCallback
-from aioquic.quic.packet import QuicFrameType
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
+
+from .quic_pmtu import PmtuSearch, PmtuState
 
 __all__ = [
     "AIOQUIC_VERSION",
@@ -170,9 +181,12 @@ class MeshQuicConnection(QuicConnection):
         connection_window: int,
         max_streams: int,
         connection_ids: int = 2,
+        pmtu: PmtuSearch | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        #: path MTU discovery (None: the configured datagram size stays)
+        self.pmtu = pmtu
         _share_frame_handlers(self)
         self._local_active_connection_id_limit = max(2, connection_ids)
         self._stream_window = stream_window
@@ -224,7 +238,138 @@ class MeshQuicConnection(QuicConnection):
         """Send whatever congestion control allows at once (paths with no queue to protect)."""
         self._loss._pacer = Unpaced(max_datagram_size=self._max_datagram_size)
 
+    # -- path MTU discovery -----------------------------------------------------------------
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        datagrams = super().datagrams_to_send(now)
+        pmtu = self.pmtu
+        if (
+            pmtu is not None
+            and pmtu.state is PmtuState.SEARCHING
+            and pmtu.in_flight is None
+            and self._handshake_confirmed
+            and not self._close_pending
+            and self._state not in END_STATES
+        ):
+            size = pmtu.next_probe(now)
+            if size is not None:
+                probe = self._pmtu_probe(pmtu, size, now)
+                if probe is not None:
+                    datagrams.append(probe)
+        return datagrams
+
+    def _pmtu_probe(
+        self, pmtu: PmtuSearch, size: int, now: float
+    ) -> tuple[bytes, NetworkAddress] | None:
+        """One datagram of ``size`` bytes: a 1-RTT packet of PING and PADDING (RFC 9000
+        14.4), sent outside congestion control so that its loss is no congestion signal."""
+        network_path = self._network_paths[0]
+        crypto = self._cryptos[aioquic_tls.Epoch.ONE_RTT]
+        if not network_path.is_validated or not crypto.send.is_valid():
+            return None
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token,
+            quic_logger=None,
+            spin_bit=self._spin_bit,
+            version=self._version,  # type: ignore[arg-type]  # set once connected
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        builder.start_frame(
+            QuicFrameType.PING,
+            capacity=1,
+            handler=self._on_pmtu_probe_delivery,
+            handler_args=(size,),
+        )
+        builder._datagram_needs_padding = True  # PADDING frames up to the datagram's size
+        datagrams, packets = builder.flush()
+        if len(datagrams) != 1 or len(datagrams[0]) != size:
+            return None
+        self._packet_number = builder.packet_number
+        space = self._spaces[aioquic_tls.Epoch.ONE_RTT]
+        for packet in packets:
+            packet.sent_time = now
+            packet.in_flight = False  # neither counted in flight nor reported lost to CC
+            self._loss.on_packet_sent(packet=packet, space=space)
+        pmtu.probe_sent(size)
+        return datagrams[0], network_path.addr
+
+    def _on_pmtu_probe_delivery(self, delivery: QuicDeliveryState, size: int) -> None:
+        pmtu = self.pmtu
+        if pmtu is None:
+            return
+        if delivery == QuicDeliveryState.ACKED:
+            grown = pmtu.probe_acked(size)
+            if grown is not None:
+                self._use_datagram_size(grown)
+        else:
+            pmtu.probe_lost(size)
+
+    def _use_datagram_size(self, size: int) -> None:
+        """Build datagrams of ``size`` bytes from now on (congestion control and the pacer
+        count in them too)."""
+        self._max_datagram_size = size
+        loss = self._loss
+        cc = loss._cc
+        if hasattr(cc, "_max_datagram_size"):
+            cc._max_datagram_size = size
+        if hasattr(cc, "additive_increase_factor"):
+            cc.additive_increase_factor = size
+        loss._pacer._max_datagram_size = size
+
+    def reset_datagram_size(self) -> None:
+        """The path changed: back to the base size, and search again."""
+        pmtu = self.pmtu
+        if pmtu is not None and self._max_datagram_size != pmtu.base:
+            pmtu.reset()
+            self._use_datagram_size(pmtu.base)
+
     # -- overrides --------------------------------------------------------------------------
+    def _write_stream_frame(
+        self,
+        builder: QuicPacketBuilder,
+        space: QuicPacketSpace,
+        stream: QuicStream,
+        max_offset: int,
+    ) -> int:
+        """aioquic's, with a 4-byte length where the frame may exceed 16383 bytes."""
+        sender = stream.sender
+        stream_id: int = stream.stream_id  # type: ignore[assignment]  # set for every stream
+        next_offset = sender.next_offset
+        header = 1 + size_uint_var(stream_id) + (size_uint_var(next_offset) if next_offset else 0)
+        room = builder.remaining_flight_space
+        long_length = room - header - 2 > 16383
+        frame_overhead = header + (4 if long_length else 2)
+        previous_send_highest = sender.highest_offset
+        frame = sender.get_frame(room - frame_overhead, max_offset)
+        if frame is None:
+            return 0
+        frame_type = QuicFrameType.STREAM_BASE | 2  # length
+        offset = frame.offset
+        if offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        data = frame.data
+        buf = builder.start_frame(
+            frame_type,
+            capacity=frame_overhead,
+            handler=sender.on_data_delivery,
+            handler_args=(offset, offset + len(data), frame.fin),
+        )
+        buf.push_uint_var(stream_id)
+        if offset:
+            buf.push_uint_var(offset)
+        if long_length:
+            buf.push_uint32(len(data) | 0x80000000)
+        else:
+            buf.push_uint16(len(data) | 0x4000)
+        buf.push_bytes(data)
+        return sender.highest_offset - previous_send_highest
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         if not self._is_client:

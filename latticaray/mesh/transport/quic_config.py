@@ -17,6 +17,7 @@ __all__ = [
     "APP_ERROR_CLOSED",
     "CONNECTION_ID_LENGTH",
     "MAX_SAFE_DATAGRAM_SIZE",
+    "MAX_UDP_PAYLOAD",
     "MIN_DATAGRAM_SIZE",
     "STREAM_ERROR_ABORTED",
     "STREAM_ERROR_REFUSED",
@@ -26,9 +27,12 @@ __all__ = [
 ]
 
 CONNECTION_ID_LENGTH = 8
-#: aioquic writes STREAM/CRYPTO frame lengths that break above this datagram size.
+#: The largest starting datagram size: handshake packets (long headers, CRYPTO frames) carry
+#: 2-byte lengths in aioquic. Path MTU discovery grows 1-RTT datagrams past it.
 MAX_SAFE_DATAGRAM_SIZE = 16384
 MIN_DATAGRAM_SIZE = 1200
+#: The largest UDP payload over IPv4 (65535 - 20 - 8).
+MAX_UDP_PAYLOAD = 65507
 #: CONNECTION_CLOSE codes: the peer failed libp2p authentication / an ordinary close.
 APP_ERROR_AUTH_FAILED = 0x100
 APP_ERROR_CLOSED = 0x0
@@ -41,10 +45,15 @@ STREAM_ERROR_REFUSED = 0x2
 class QuicConfig:
     """Tunables of the QUIC transport (sizes in bytes, times in seconds)."""
 
-    #: Datagram size for paths to non-loopback addresses (the internet's safe size is ~1200-1452).
+    #: Datagram size a connection to a non-loopback address starts with (the internet's safe
+    #: size is ~1200-1452); path MTU discovery raises it to what the path carries.
     max_datagram_size: int = 1350
-    #: Datagram size for loopback paths (aioquic breaks above 16384).
+    #: Datagram size a loopback connection starts with (at most 16384).
     loopback_max_datagram_size: int = 16384
+    #: Path MTU discovery (RFC 8899): probe for larger datagrams once connected, up to what
+    #: the local route's MTU allows and ``pmtu_max_datagram_size``.
+    pmtu_discovery: bool = True
+    pmtu_max_datagram_size: int = MAX_UDP_PAYLOAD
     #: Receive window per stream; the most a stalled reader can have buffered per channel.
     stream_receive_window: int = 4 * 1024 * 1024
     #: Receive window per connection.

@@ -13,13 +13,34 @@ import logging
 import socket
 from collections.abc import Callable
 
-__all__ = ["UdpSocket", "open_udp_socket"]
+__all__ = ["UdpSocket", "open_udp_socket", "route_max_payload"]
 
 log = logging.getLogger(__name__)
 
 _UDP_SEGMENT = 103  # Linux UDP_SEGMENT (GSO segment size), SOL_UDP level
 _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65000  # one UDP datagram before segmentation (IPv4 limit 65507)
+# Linux: set DF and never fragment, whatever the kernel's PMTU cache says (RFC 9000 14: QUIC
+# datagrams must not be fragmented; path MTU discovery finds the size by probing)
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
+_IP_MTU, _IPV6_MTU = 14, 24
+
+
+def route_max_payload(addr: tuple) -> int | None:
+    """The largest UDP payload the local route towards ``addr`` carries (its interface MTU less
+    the IP and UDP headers), or None where the kernel does not say."""
+    host = addr[0].removeprefix("::ffff:")
+    v6 = ":" in host
+    probe = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host, addr[1]))
+        if v6:
+            return int(probe.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)) - 48
+        return int(probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)) - 28
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def open_udp_socket(host: str, port: int, buffer_bytes: int) -> socket.socket:
@@ -38,6 +59,15 @@ def open_udp_socket(host: str, port: int, buffer_bytes: int) -> socket.socket:
                     break
                 except OSError:
                     continue
+        for level, option in (
+            (socket.IPPROTO_IP, _IP_MTU_DISCOVER),
+            (socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER),
+        ):
+            if level == socket.IPPROTO_IP or family == socket.AF_INET6:
+                try:
+                    sock.setsockopt(level, option, _PMTUDISC_PROBE)
+                except OSError:
+                    pass
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
