@@ -58,6 +58,7 @@ from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from ..tls import ALPN_LIBP2P, CertifiedKey, make_certified_key
+from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
 from .quic_aioquic import MeshQuicConnection
 from .quic_channel import QuicChannel
 from .quic_config import CONNECTION_ID_LENGTH, MIN_DATAGRAM_SIZE, QuicConfig, udp_multiaddr

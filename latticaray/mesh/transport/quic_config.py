@@ -87,7 +87,8 @@ class QuicConfig:
     retry_when_pending_handshakes: int = 32
     #: All connections on this transport.
     max_connections: int = 4096
-    congestion_control: str = "reno"
+    #: "bdp" (loss-tolerant, :mod:`.quic_congestion`), or aioquic's "reno" / "cubic".
+    congestion_control: str = "bdp"
     #: RTT assumed before the first sample: the first handshake retransmission fires after
     #: twice this. RFC 9002 recommends 333 ms; aioquic's 100 ms makes a busy process (many
     #: handshakes at once) retransmit handshakes that were never lost, and each spurious
