@@ -19,6 +19,11 @@ What :class:`MeshQuicConnection` changes, and why:
   state, TLS's handshake-only state and the key-logging callbacks are dropped for shared
   stand-ins (:class:`SpentHandshakeState`);
 * pacing off on paths that need none (:class:`Unpaced`);
+* no per-packet scan of every open stream: aioquic's ``_write_application`` visits each open
+  stream (limits, then data) for every packet it builds, which with hundreds of streams in
+  flight cost more than the packets; here streams are visited only when marked as having
+  something to send (data written or lost, a reset, a stop, a finished stream to discard, a
+  window to raise), see ``_write_application``;
 * path MTU discovery (:mod:`.quic_pmtu` decides, this sends the padded PING probes outside
   congestion control and adopts the confirmed size), and STREAM frames longer than 16383 bytes
   (aioquic writes every STREAM length as a 2-byte varint, which broke datagrams above 16 KiB);
@@ -32,17 +37,24 @@ from typing import Any
 
 import aioquic
 from aioquic import tls as aioquic_tls
-from aioquic.buffer import size_uint_var
+from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
+    QuicNetworkPath,
+    QuicReceiveContext,
+    stream_is_client_initiated,
 )
 from aioquic.quic.crypto import CryptoPair, NoCallback
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
-from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.packet_builder import (
+    QuicDeliveryState,
+    QuicPacketBuilder,
+    QuicPacketBuilderStop,
+)
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 
@@ -197,6 +209,10 @@ class MeshQuicConnection(QuicConnection):
         self.stream_consumed: dict[int, int] = {}
         #: Bytes of all streams the application has read or discarded (drives MAX_DATA).
         self.connection_consumed = 0
+        # Streams that may have something to send (ordered: served ones move to the end),
+        # and streams whose MAX_STREAM_DATA may need raising; see _write_application.
+        self._active_streams: dict[QuicStream, None] = {}
+        self._window_streams: dict[QuicStream, None] = {}
 
     # -- read-only views for the connection wrapper -----------------------------------------
     @property
@@ -237,6 +253,279 @@ class MeshQuicConnection(QuicConnection):
     def disable_pacing(self) -> None:
         """Send whatever congestion control allows at once (paths with no queue to protect)."""
         self._loss._pacer = Unpaced(max_datagram_size=self._max_datagram_size)
+
+    def consumed(self, stream_id: int, total: int, n: int) -> None:
+        """The application has now read ``total`` bytes of the stream, ``n`` of them new."""
+        self.stream_consumed[stream_id] = total
+        self.connection_consumed += n
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._window_streams[stream] = None
+
+    # -- streams that have something to send -------------------------------------------------
+    def _mark(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._active_streams[stream] = None
+
+    def _mark_all(self) -> None:
+        active = self._active_streams
+        for stream in self._streams.values():
+            active[stream] = None
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        self._mark(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._mark(stream_id)
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        super().stop_stream(stream_id, error_code)
+        self._mark(stream_id)
+
+    def _handle_max_data_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        super()._handle_max_data_frame(context, frame_type, buf)
+        self._mark_all()  # streams held back by the connection's window may go on
+
+    def _handle_max_stream_data_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_uint_var(buf)
+        super()._handle_max_stream_data_frame(context, frame_type, buf)
+        self._mark(stream_id)
+
+    def _handle_stop_sending_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_uint_var(buf)
+        super()._handle_stop_sending_frame(context, frame_type, buf)
+        self._mark(stream_id)  # a RESET_STREAM to send
+
+    def _handle_reset_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_uint_var(buf)
+        super()._handle_reset_stream_frame(context, frame_type, buf)
+        self._mark(stream_id)  # may have finished: to discard
+
+    def _handle_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        if frame_type & 1:  # FIN: the stream may have finished (to discard)
+            stream_id = _peek_uint_var(buf)
+            super()._handle_stream_frame(context, frame_type, buf)
+            self._mark(stream_id)
+        else:
+            super()._handle_stream_frame(context, frame_type, buf)
+
+    def _unblock_streams(self, is_unidirectional: bool) -> None:
+        super()._unblock_streams(is_unidirectional)
+        self._mark_all()
+
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED:
+            self._window_streams[stream] = None
+
+    def _on_stream_data_delivery(
+        self, delivery: QuicDeliveryState, stream: QuicStream, start: int, stop: int, fin: bool
+    ) -> None:
+        sender = stream.sender
+        sender.on_data_delivery(delivery, start, stop, fin)
+        if delivery != QuicDeliveryState.ACKED or sender.is_finished:
+            self._active_streams[stream] = None  # data to resend, or finished: to discard
+
+    def _write_application(
+        self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, now: float
+    ) -> None:
+        """aioquic's, visiting only the marked streams (limits, then data) per packet."""
+        epochs = aioquic_tls.Epoch
+        crypto_stream: QuicStream | None = None
+        if self._cryptos[epochs.ONE_RTT].send.is_valid():
+            crypto = self._cryptos[epochs.ONE_RTT]
+            crypto_stream = self._crypto_streams[epochs.ONE_RTT]
+            packet_type = QuicPacketType.ONE_RTT
+        elif self._cryptos[epochs.ZERO_RTT].send.is_valid():
+            crypto = self._cryptos[epochs.ZERO_RTT]
+            packet_type = QuicPacketType.ZERO_RTT
+        else:
+            return
+        space = self._spaces[epochs.ONE_RTT]
+        active = self._active_streams
+        windows = self._window_streams
+        if self._streams_queue:  # streams aioquic created since the last call
+            for stream in self._streams_queue:
+                active[stream] = None
+            self._streams_queue.clear()
+
+        while True:
+            # apply pacing, except if we have ACKs to send
+            if space.ack_at is None or space.ack_at >= now:
+                self._pacing_at = self._loss._pacer.next_send_time(now=now)
+                if self._pacing_at is not None:
+                    break
+            builder.start_packet(packet_type, crypto)
+
+            if (
+                packet_type == QuicPacketType.ONE_RTT
+                and space.ack_at is not None
+                and space.ack_at <= now
+            ):
+                self._write_ack_frame(builder=builder, space=space, now=now)
+
+            if self._handshake_complete:
+                self._write_control_frames(builder, network_path, space, now)
+
+            # stream-level limits, for the streams whose reader moved (or whose frame was lost)
+            if windows:
+                for stream in list(windows):
+                    self._write_stream_limits(builder=builder, space=space, stream=stream)
+                    del windows[stream]
+
+            if self._ping_pending:
+                self._write_ping_frame(builder, self._ping_pending)
+                self._ping_pending.clear()
+
+            if self._probe_pending:
+                self._write_ping_frame(builder, comment="probe")
+                self._probe_pending = False
+
+            if crypto_stream is not None and not crypto_stream.sender.buffer_is_empty:
+                self._write_crypto_frame(builder=builder, space=space, stream=crypto_stream)
+
+            while self._datagrams_pending:
+                try:
+                    self._write_datagram_frame(
+                        builder=builder,
+                        data=self._datagrams_pending[0],
+                        frame_type=QuicFrameType.DATAGRAM_WITH_LENGTH,
+                    )
+                    self._datagrams_pending.popleft()
+                except QuicPacketBuilderStop:
+                    break
+
+            discarded = self._write_streams(builder, space, active)
+
+            if builder.packet_is_empty:
+                # Discarded streams may let the peer open new ones, which the next
+                # packet announces with MAX_STREAMS.
+                if not discarded:
+                    break
+            else:
+                self._loss._pacer.update_after_send(now=now)
+
+    def _write_control_frames(
+        self,
+        builder: QuicPacketBuilder,
+        network_path: QuicNetworkPath,
+        space: QuicPacketSpace,
+        now: float,
+    ) -> None:
+        """The connection's own frames of a 1-RTT packet, as aioquic writes them."""
+        if not (network_path.is_validated or network_path.local_challenge_sent):
+            # PATH_CHALLENGE on a server whose client migrated (RFC 9000 9.3)
+            self._write_path_challenge_frame(builder=builder, network_path=network_path)
+            if network_path.validation_deadline is None:
+                network_path.validation_deadline = now + 3 * max(
+                    self._loss.get_probe_timeout(), 2 * self._configuration.initial_rtt
+                )
+        if self._handshake_done_pending:
+            self._write_handshake_done_frame(builder=builder)
+            self._handshake_done_pending = False
+        while network_path.remote_challenges:
+            self._write_path_response_frame(
+                builder=builder, challenge=network_path.remote_challenges[0]
+            )
+            network_path.remote_challenges.popleft()
+        for connection_id in self._host_cids:
+            if not connection_id.was_sent:
+                self._write_new_connection_id_frame(builder=builder, connection_id=connection_id)
+        for sequence_number in self._retire_connection_ids[:]:
+            self._write_retire_connection_id_frame(builder=builder, sequence_number=sequence_number)
+            self._retire_connection_ids.pop(0)
+        if self._streams_blocked_pending:
+            if self._streams_blocked_bidi:
+                self._write_streams_blocked_frame(
+                    builder=builder,
+                    frame_type=QuicFrameType.STREAMS_BLOCKED_BIDI,
+                    limit=self._remote_max_streams_bidi,
+                )
+            if self._streams_blocked_uni:
+                self._write_streams_blocked_frame(
+                    builder=builder,
+                    frame_type=QuicFrameType.STREAMS_BLOCKED_UNI,
+                    limit=self._remote_max_streams_uni,
+                )
+            self._streams_blocked_pending = False
+        self._write_connection_limits(builder=builder, space=space)
+
+    def _write_streams(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, active: dict[QuicStream, None]
+    ) -> bool:
+        """STOP_SENDING, RESET_STREAM and STREAM frames of the marked streams; a stream stays
+        marked while it has something left to send. Returns whether a stream was discarded."""
+        discarded = False
+        served: list[QuicStream] = []
+        try:
+            for stream in list(active):
+                if builder.remaining_flight_space < _FULL_PACKET_ROOM:
+                    break  # this packet is full: the next one goes on from here
+                sender = stream.sender
+                if stream.is_finished:
+                    stream_id: int = stream.stream_id  # type: ignore[assignment]
+                    self._streams.pop(stream_id, None)
+                    if stream_is_client_initiated(stream_id) != self._is_client:
+                        # let the peer open a new stream for each one that closes (RFC 9000 4.6)
+                        self._stream_limit(stream_id).value += 1
+                    del active[stream]
+                    discarded = True
+                    continue
+                if stream.receiver.stop_pending:
+                    self._write_stop_sending_frame(builder=builder, stream=stream)
+                if sender.reset_pending:
+                    self._write_reset_stream_frame(builder=builder, stream=stream)
+                elif not stream.is_blocked and not sender.buffer_is_empty:
+                    used = self._write_stream_frame(
+                        builder=builder,
+                        space=space,
+                        stream=stream,
+                        max_offset=min(
+                            sender.highest_offset
+                            + self._remote_max_data
+                            - self._remote_max_data_used,
+                            stream.max_stream_data_remote,
+                        ),
+                    )
+                    self._remote_max_data_used += used
+                    if used > 0:
+                        served.append(stream)
+                        continue
+                if sender.buffer_is_empty or stream.is_blocked:
+                    # Nothing to send until an event marks it again, unless a reset or stop
+                    # is under way (their frames may be lost and resent): those stay.
+                    receiver = stream.receiver
+                    if (
+                        not (sender.reset_pending or receiver.stop_pending)
+                        and (sender._reset_error_code is None or sender.is_finished)
+                        and (receiver._stop_error_code is None or receiver.is_finished)
+                    ):
+                        del active[stream]
+                elif not self._remote_max_data_used < self._remote_max_data:
+                    del active[stream]  # held by the connection window: MAX_DATA marks all
+                elif sender.highest_offset >= stream.max_stream_data_remote and (
+                    not sender._pending or sender._pending[0].start >= sender.highest_offset
+                ):
+                    del active[stream]  # held by its window: MAX_STREAM_DATA marks it
+        finally:
+            for stream in served:  # round robin: served streams go to the end
+                if stream in active:
+                    del active[stream]
+                    active[stream] = None
+        return discarded
 
     # -- path MTU discovery -----------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
@@ -357,8 +646,8 @@ class MeshQuicConnection(QuicConnection):
         buf = builder.start_frame(
             frame_type,
             capacity=frame_overhead,
-            handler=sender.on_data_delivery,
-            handler_args=(offset, offset + len(data), frame.fin),
+            handler=self._on_stream_data_delivery,
+            handler_args=(stream, offset, offset + len(data), frame.fin),
         )
         buf.push_uint_var(stream_id)
         if offset:
@@ -453,3 +742,16 @@ class MeshQuicConnection(QuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             limit.used = used
+
+
+#: Room (bytes) below which a packet counts as full: a STREAM frame's header alone takes up
+#: to 19, so visiting further streams for it (aioquic tries every one) would only cost time.
+_FULL_PACKET_ROOM = 32
+
+
+def _peek_uint_var(buf: Buffer) -> int:
+    """The variable-length integer at the buffer's position, which stays where it was."""
+    position = buf.tell()
+    value = buf.pull_uint_var()
+    buf.seek(position)
+    return value

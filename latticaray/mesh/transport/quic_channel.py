@@ -119,10 +119,8 @@ class QuicChannel:
             waiter.set_result(None)
 
     def _credit(self, n: int) -> None:
-        quic = self._quic
         self._consumed += n
-        quic.stream_consumed[self.stream_id] = self._consumed
-        quic.connection_consumed += n
+        self._quic.consumed(self.stream_id, self._consumed, n)
         self._conn.schedule_transmit()
 
     # -- Channel API ---------------------------------------------------------------------------
