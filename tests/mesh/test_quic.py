@@ -543,3 +543,25 @@ async def test_many_streams_in_flight_cost_a_few_stream_visits_per_packet():
         packets = conn._quic._packet_number + b.conns[0]._quic._packet_number - packets_before
         # ~2 x 100 x 64 KiB / 1350 B = ~9,700 data packets; aioquic's scan: ~50 visits each
         assert packets > 9000 and visits["frames"] < 3 * packets, (visits, packets)
+
+
+async def test_a_stream_held_by_its_own_window_goes_on_when_the_reader_reads():
+    # the stream's window (256 KiB) runs out long before the connection's (16 MiB)
+    cfg = QuicConfig(stream_receive_window=256 * 1024, write_high_water=256 * 1024)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        conn = await a.transport.dial(b.addr)
+        ch = conn.open_channel()
+        sent = os.urandom(3 << 20)
+        await wait_for(lambda: b.conns, what="inbound")
+
+        async def write_all():
+            for i in range(0, len(sent), 64 * 1024):
+                ch.write(sent[i : i + 64 * 1024])
+                await ch.drain()
+
+        writer = asyncio.ensure_future(write_all())
+        server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
+        got = bytearray()
+        await asyncio.wait_for(_read_exactly(server_ch, len(sent), got), 30)
+        await asyncio.wait_for(writer, 10)
+        assert bytes(got) == sent

@@ -517,7 +517,7 @@ class MeshQuicConnection(QuicConnection):
                 elif not self._remote_max_data_used < self._remote_max_data:
                     del active[stream]  # held by the connection window: MAX_DATA marks all
                 elif sender.highest_offset >= stream.max_stream_data_remote and (
-                    not sender._pending or sender._pending[0].start >= sender.highest_offset
+                    not len(sender._pending) or sender._pending[0].start >= sender.highest_offset
                 ):
                     del active[stream]  # held by its window: MAX_STREAM_DATA marks it
         finally:
