@@ -312,6 +312,15 @@ class QuicTransport:
             self._udp.send_many(datagrams)
 
     def _datagram_received(self, data: bytes, addr: tuple) -> None:
+        if len(data) > CONNECTION_ID_LENGTH and data[0] & 0xC0 == 0x40:
+            # a short-header (1-RTT) packet: its destination connection ID follows the first
+            # byte; the connection parses the header itself, once
+            conn = self._by_cid.get(data[1 : 1 + CONNECTION_ID_LENGTH])
+            if conn is None:
+                self._unknown(data, addr)
+            else:
+                conn.datagram_received(data, addr)
+            return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
         except Exception:

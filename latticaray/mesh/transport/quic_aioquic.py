@@ -27,6 +27,7 @@ What :class:`MeshQuicConnection` changes, and why:
 * path MTU discovery (:mod:`.quic_pmtu` decides, this sends the padded PING probes outside
   congestion control and adopts the confirmed size), and STREAM frames longer than 16383 bytes
   (aioquic writes every STREAM length as a 2-byte varint, which broke datagrams above 16 KiB);
+* ``tls.Epoch`` hashes by identity (a C slot instead of Enum's Python ``__hash__``);
 * read-only views the connection wrapper needs (RTT, datagram size, active path, unacknowledged
   bytes) as public methods.
 """
@@ -85,6 +86,12 @@ def check_aioquic_version(version: str) -> None:
 
 
 check_aioquic_version(aioquic.__version__)
+
+# aioquic keys its per-connection tables (crypto pairs, packet spaces, crypto streams) by
+# tls.Epoch, whose Enum __hash__ is a Python function: a few calls per packet, ~8 % of the CPU
+# of a bulk transfer at 1350 B. Enum members compare by identity, so the identity hash agrees
+# with equality; aioquic builds no Epoch-keyed table at import, only per connection.
+aioquic_tls.Epoch.__hash__ = object.__hash__  # type: ignore[method-assign]
 
 
 class Unpaced(QuicPacketPacer):
