@@ -60,6 +60,19 @@ def test_the_search_runs_again_after_the_raise_interval_and_restarts_on_reset():
     assert search.confirmed == 1200 and search.next_probe(701.0) == 1500
 
 
+def test_the_peer_s_max_udp_payload_size_caps_the_search():
+    search = PmtuSearch(1350, 65507)
+    search.cap(1500)  # the peer's transport parameter
+    assert search.next_probe(0.0) == 1500
+    search.probe_sent(1500)
+    search.probe_lost(1500)
+    search.cap(1400)  # a smaller cap drops the size being tried
+    assert search.ceiling == 1400 and search.next_probe(0.0) == 1400
+    assert search.probe_acked(1500) is None  # above what the peer accepts: not adopted
+    search.cap(1000)
+    assert search.state is PmtuState.DISABLED and search.ceiling == 1350
+
+
 def test_no_search_where_the_ceiling_is_the_base():
     search = PmtuSearch(1350, 1350)
     assert search.state is PmtuState.DISABLED and search.next_probe(0.0) is None

@@ -50,7 +50,7 @@ from aioquic.quic.connection import (
     stream_is_client_initiated,
 )
 from aioquic.quic.crypto import CryptoPair, NoCallback
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_transport_parameters
 from aioquic.quic.packet_builder import (
     QuicDeliveryState,
     QuicPacketBuilder,
@@ -624,6 +624,15 @@ class MeshQuicConnection(QuicConnection):
             self._use_datagram_size(pmtu.base)
 
     # -- overrides --------------------------------------------------------------------------
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        pmtu = self.pmtu
+        if pmtu is not None:
+            # never send datagrams larger than the peer accepts (RFC 9000 18.2)
+            limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+            if limit is not None:
+                pmtu.cap(limit)
+
     def _write_stream_frame(
         self,
         builder: QuicPacketBuilder,

@@ -10,7 +10,8 @@ congestion signals (the connection sends probes outside congestion control accou
 
 This core has no clock, socket or packet of its own: the connection asks :meth:`next_probe`
 when it may send, reports :meth:`probe_sent`, :meth:`probe_acked` and :meth:`probe_lost`, and
-adopts the size :meth:`probe_acked` returns. After ``raise_interval`` seconds in ``COMPLETE``
+adopts the size :meth:`probe_acked` returns; :meth:`cap` lowers the ceiling to what the peer
+accepts. After ``raise_interval`` seconds in ``COMPLETE``
 the search runs again (RFC 8899 PMTU_RAISE_TIMER), and :meth:`reset` starts over at the base
 size (the path changed).
 """
@@ -112,7 +113,7 @@ class PmtuSearch:
         if self._probing == size:
             self._probing = None
             self._failures = 0
-        if size <= self.confirmed or self.state is PmtuState.DISABLED:
+        if size <= self.confirmed or size > self.ceiling or self.state is PmtuState.DISABLED:
             return None
         self.confirmed = size
         if self._too_big <= size:
@@ -130,6 +131,16 @@ class PmtuSearch:
             self._too_big = size
             self._failures = 0
             self._probing = None
+
+    def cap(self, size: int) -> None:
+        """Never probe above ``size`` (the peer's max_udp_payload_size, RFC 9000 18.2)."""
+        self.ceiling = max(self.base, min(self.ceiling, size))
+        self._too_big = min(self._too_big, self.ceiling + 1)
+        if self._probing is not None and self._probing > self.ceiling:
+            self._probing = None
+            self._failures = 0
+        if self.ceiling <= self.base:
+            self.state = PmtuState.DISABLED
 
     def reset(self) -> None:
         """The path changed: back to the base size, search again."""
