@@ -161,6 +161,13 @@ async def test_write_backpressure_bounds_memory_when_the_reader_stalls():
         assert bytes(got) == bytes(sent)
 
 
+async def read_to_end(ch) -> bytes:
+    got = bytearray()
+    while chunk := await asyncio.wait_for(ch.read(1 << 20), 10):
+        got += chunk
+    return bytes(got)
+
+
 async def _read_exactly(ch, n, out):
     while len(out) < n:
         data = await ch.read(1 << 20)
@@ -356,13 +363,7 @@ async def test_graceful_close_delivers_data_written_before_it():
         conn.close("done")  # right away: data must still arrive before CONNECTION_CLOSE
         await wait_for(lambda: b.conns, what="inbound")
         server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
-        got = bytearray()
-        while True:
-            chunk = await asyncio.wait_for(server_ch.read(1 << 20), 10)
-            if not chunk:
-                break
-            got += chunk
-        assert bytes(got) == payload
+        assert await read_to_end(server_ch) == payload
         await asyncio.wait_for(conn.wait_closed(), 10)
 
 
@@ -511,10 +512,7 @@ async def test_many_streams_in_flight_cost_a_few_stream_visits_per_packet():
 
         async def echo_server():
             async def echo(ch):
-                data = bytearray()
-                while chunk := await ch.read(1 << 20):
-                    data += chunk
-                ch.write(bytes(data))
+                ch.write(await read_to_end(ch))
                 ch.close()
 
             tasks = []
@@ -531,13 +529,7 @@ async def test_many_streams_in_flight_cost_a_few_stream_visits_per_packet():
             ch.close()
             channels.append(ch)
 
-        async def reply(ch):
-            got = bytearray()
-            while chunk := await ch.read(1 << 20):
-                got += chunk
-            return bytes(got)
-
-        replies = await asyncio.wait_for(asyncio.gather(*(reply(ch) for ch in channels)), 60)
+        replies = await asyncio.wait_for(asyncio.gather(*(read_to_end(ch) for ch in channels)), 60)
         await asyncio.wait_for(server, 10)
         assert replies == payloads
         packets = conn._quic._packet_number + b.conns[0]._quic._packet_number - packets_before
@@ -565,3 +557,59 @@ async def test_a_stream_held_by_its_own_window_goes_on_when_the_reader_reads():
         await asyncio.wait_for(_read_exactly(server_ch, len(sent), got), 30)
         await asyncio.wait_for(writer, 10)
         assert bytes(got) == sent
+
+
+async def _send_and_check(conn, inbound, size):
+    ch = conn.open_channel()
+    sent = os.urandom(size)
+    ch.write(sent)
+    ch.close()
+    server_ch = await asyncio.wait_for(inbound.accept_channel(), 10)
+    assert await read_to_end(server_ch) == sent
+
+
+_START_AT_1350 = {"max_datagram_size": 1350, "loopback_max_datagram_size": 1350}
+
+
+async def test_path_mtu_discovery_grows_a_loopback_connection_to_64_kib_datagrams():
+    async with Endpoint(QuicConfig(**_START_AT_1350)) as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        assert conn.max_datagram_size == 1350  # the handshake ran at the base size
+        await wait_for(lambda: conn.max_datagram_size == 65507, what="PMTU probe acked")
+        await wait_for(lambda: b.conns, what="inbound")
+        # STREAM frames longer than 16383 bytes (4-byte lengths) arrive intact
+        await _send_and_check(conn, b.conns[0], 3 << 20)
+
+
+async def test_a_path_that_drops_large_datagrams_settles_below_them():
+    from latticaray.mesh.transport.quic_pmtu import PmtuState
+
+    limit = 9000  # the "path" carries no datagram larger than this
+    cfg = QuicConfig(**_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        for transport in (a.transport, b.transport):
+            udp = transport._udp
+            deliver = udp._on_datagram
+
+            def small_only(data, peer, deliver=deliver):
+                if len(data) <= limit:
+                    deliver(data, peer)
+
+            udp._on_datagram = small_only
+        conn = await a.transport.dial(b.addr)
+        await wait_for(
+            lambda: conn._quic.pmtu.state is PmtuState.COMPLETE, timeout=30, what="search done"
+        )
+        assert limit - 32 <= conn.max_datagram_size <= limit
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 1 << 20)
+        assert conn.is_established
+
+
+async def test_without_path_mtu_discovery_the_configured_size_stays():
+    cfg = QuicConfig(pmtu_discovery=False, **_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        conn = await a.transport.dial(b.addr)
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 1 << 20)
+        assert conn.max_datagram_size == 1350

@@ -55,21 +55,24 @@ def test_random_loss_on_a_path_without_a_queue_leaves_the_window_growing():
     assert cc.congestion_window >= 2 << 20, cc.congestion_window
 
 
-def test_loss_with_the_rtt_inflated_by_a_queue_halves_the_window():
+def _steady(rounds: int = 20) -> tuple[BdpCongestionControl, Path]:
+    """A controller that has run ``rounds`` loss-free rounds on a 1 MiB-per-round path."""
     cc = BdpCongestionControl(max_datagram_size=MDS)
     path = Path(cc, capacity=1 << 20)
-    for _ in range(20):
+    for _ in range(rounds):
         path.round()
+    return cc, path
+
+
+def test_loss_with_the_rtt_inflated_by_a_queue_halves_the_window():
+    cc, path = _steady()
     before = cc.congestion_window
     path.round(lose=lambda i: i == 0, queue_delay=4 * RTT)  # a standing queue
     assert cc.congestion_window <= before * 0.75
 
 
 def test_heavy_loss_in_a_round_backs_off_whatever_the_rtt():
-    cc = BdpCongestionControl(max_datagram_size=MDS)
-    path = Path(cc, capacity=1 << 20)
-    for _ in range(20):
-        path.round()
+    cc, path = _steady()
     before = cc.congestion_window
     path.round(lose=lambda i: i % 3 == 0)  # a third lost
     path.round()
@@ -87,9 +90,6 @@ def test_past_slow_start_the_window_grows_by_a_share_per_round_not_a_datagram():
 
 
 def test_persistent_congestion_collapses_the_window():
-    cc = BdpCongestionControl(max_datagram_size=MDS)
-    path = Path(cc, capacity=1 << 20)
-    for _ in range(10):
-        path.round()
+    cc, _ = _steady(10)
     cc.on_persistent_congestion()
     assert cc.congestion_window == 2 * MDS and cc.bandwidth == 0.0

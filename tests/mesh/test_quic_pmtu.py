@@ -1,13 +1,7 @@
-"""Path MTU discovery: the sans-I/O search (RFC 8899) and QUIC connections that use it."""
-
-import asyncio
-import os
-import time
+"""Path MTU discovery's sans-I/O search (RFC 8899); connections using it: tests/mesh/test_quic.py."""
 
 import pytest
 
-from latticaray.mesh.identity import KeyPair
-from latticaray.mesh.transport.quic import QuicConfig, QuicTransport
 from latticaray.mesh.transport.quic_pmtu import PmtuSearch, PmtuState
 from latticaray.mesh.transport.quic_udp import route_max_payload
 
@@ -84,89 +78,3 @@ def test_the_local_route_tells_the_ceiling():
     # loopback's MTU is 64 KiB: the largest IPv4 UDP payload fits
     assert route_max_payload(("127.0.0.1", 9)) == 65507
     assert 65000 < route_max_payload(("::1", 9)) <= 65536 - 48
-
-
-async def _pair(config):
-    ka, kb = KeyPair.generate(), KeyPair.generate()
-    inbound = []
-    a = QuicTransport(ka, config)
-    b = QuicTransport(kb, config, on_connection=inbound.append)
-    await a.listen("127.0.0.1", 0)
-    await b.listen("127.0.0.1", 0)
-    return a, b, b.listen_addr.with_peer(kb.peer_id), inbound
-
-
-async def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
-async def _echo_bulk(conn, inbound, size):
-    ch = conn.open_channel()
-    sent = os.urandom(size)
-    ch.write(sent)
-    ch.close()
-    await _wait_for(lambda: inbound)
-    server_ch = await asyncio.wait_for(inbound[0].accept_channel(), 10)
-    got = bytearray()
-    while True:
-        chunk = await asyncio.wait_for(server_ch.read(1 << 20), 10)
-        if not chunk:
-            break
-        got += chunk
-    assert bytes(got) == sent
-
-
-async def test_a_loopback_connection_grows_from_1350_bytes_to_64_kib_datagrams():
-    config = QuicConfig(max_datagram_size=1350, loopback_max_datagram_size=1350)
-    a, b, addr, inbound = await _pair(config)
-    try:
-        conn = await a.dial(addr)
-        assert conn.max_datagram_size == 1350  # the handshake ran at the base size
-        await _wait_for(lambda: conn.max_datagram_size == 65507)
-        await _wait_for(lambda: inbound and inbound[0].max_datagram_size == 65507)
-        # STREAM frames longer than 16383 bytes (4-byte lengths) arrive intact
-        await _echo_bulk(conn, inbound, 3 << 20)
-    finally:
-        await a.close()
-        await b.close()
-
-
-async def test_a_path_that_drops_large_datagrams_settles_below_them():
-    config = QuicConfig(max_datagram_size=1350, loopback_max_datagram_size=1350)
-    a, b, addr, inbound = await _pair(config)
-    limit = 9000  # the "path" carries no datagram larger than this
-    for transport in (a, b):
-        udp = transport._udp
-        deliver = udp._on_datagram
-
-        def small_only(data, peer, deliver=deliver):
-            if len(data) <= limit:
-                deliver(data, peer)
-
-        udp._on_datagram = small_only
-    try:
-        conn = await a.dial(addr)
-        await _wait_for(lambda: conn._quic.pmtu.state is PmtuState.COMPLETE, timeout=30)
-        assert limit - 32 <= conn.max_datagram_size <= limit
-        await _echo_bulk(conn, inbound, 1 << 20)
-        assert conn.is_established
-    finally:
-        await a.close()
-        await b.close()
-
-
-async def test_without_discovery_the_configured_size_stays():
-    config = QuicConfig(
-        max_datagram_size=1350, loopback_max_datagram_size=1350, pmtu_discovery=False
-    )
-    a, b, addr, inbound = await _pair(config)
-    try:
-        conn = await a.dial(addr)
-        await _echo_bulk(conn, inbound, 1 << 20)
-        assert conn.max_datagram_size == 1350
-    finally:
-        await a.close()
-        await b.close()
