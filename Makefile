@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint bench venv clean
+.PHONY: demo demo-mesh test lint fuzz bench venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,15 @@ test: $(STAMP)
 
 # ruff (rules in pyproject.toml), the formatter's check, and mypy over the package
 lint: $(STAMP)
-	$(VENV)/bin/ruff check latticaray tests bench examples
-	$(VENV)/bin/ruff format --check latticaray tests bench examples
+	$(VENV)/bin/ruff check latticaray tests bench examples fuzz
+	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz
 	$(VENV)/bin/mypy
+
+# coverage-guided fuzzing of every network decoder (atheris); FUZZ_SECONDS per target
+FUZZ_SECONDS ?= 60
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(VPY) -m fuzz.run --all --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
