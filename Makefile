@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint fuzz bench venv clean
+.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ FUZZ_SECONDS ?= 60
 FUZZ_SEED ?= 1
 fuzz: $(STAMP)
 	$(VPY) -m fuzz.run --all --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+# Ray 2.60 in a virtualenv of its own, for the benchmarks that run Ray beside latticaray
+ray-venv: .venv-ray/bin/ray
+.venv-ray/bin/ray:
+	$(PY) -m venv .venv-ray
+	.venv-ray/bin/python -m pip install -q "ray==2.60.0" numpy
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
