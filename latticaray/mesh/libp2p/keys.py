@@ -160,9 +160,7 @@ def peer_id_from_text(text: str) -> bytes:
     return raw
 
 
-_SignKey = (
-    ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-)
+_SignKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 class PrivateKey:

@@ -138,11 +138,15 @@ class MultistreamCore:
     @property
     def optimistic_protocol(self) -> str | None:
         """Under lazy negotiation, the protocol the initiator may already write."""
-        return self._protocols[0] if self.lazy and self._state is not MultistreamState.FAILED else None
+        return (
+            self._protocols[0] if self.lazy and self._state is not MultistreamState.FAILED else None
+        )
 
     def _to(self, state: MultistreamState) -> None:
         if state not in _TRANSITIONS[self._state]:
-            raise MultistreamError(f"multistream: no transition {self._state.value} -> {state.value}")
+            raise MultistreamError(
+                f"multistream: no transition {self._state.value} -> {state.value}"
+            )
         self._state = state
 
     def _fail(self, exc: MultistreamError) -> MultistreamError:
@@ -194,7 +198,9 @@ class MultistreamCore:
             if self._state is MultistreamState.AWAIT_HEADER:
                 if message != MULTISTREAM_PROTOCOL:
                     raise self._fail(
-                        MultistreamError(f"remote does not speak {MULTISTREAM_PROTOCOL}: {message!r}")
+                        MultistreamError(
+                            f"remote does not speak {MULTISTREAM_PROTOCOL}: {message!r}"
+                        )
                     )
                 if self.role is MultistreamRole.INITIATOR:
                     self._to(MultistreamState.AWAIT_RESPONSE)

@@ -85,9 +85,7 @@ class NoiseHandshakePayload:
             identity_key=fields.bytes_(1, max_len=4096),
             identity_sig=fields.bytes_(2, max_len=_MAX_SIGNATURE),
             stream_muxers=tuple(
-                ext.repeated_string(
-                    2, max_len=_MAX_EXTENSION_ITEM, max_count=_MAX_EXTENSION_ITEMS
-                )
+                ext.repeated_string(2, max_len=_MAX_EXTENSION_ITEM, max_count=_MAX_EXTENSION_ITEMS)
             ),
             webtransport_certhashes=tuple(
                 ext.repeated_bytes(1, max_len=_MAX_EXTENSION_ITEM, max_count=_MAX_EXTENSION_ITEMS)
