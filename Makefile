@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint bench venv clean
+.PHONY: demo demo-mesh test lint bench venv clean interop-deps
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check latticaray tests bench examples
 	$(VENV)/bin/ruff format --check latticaray tests bench examples
 	$(VENV)/bin/mypy
+
+# the js-libp2p / Helia peer of tests/interop: installed from its lock file, again only when the
+# lock file changes (node_modules is kept between runs); install scripts are not run
+JS_PEER := tests/interop/js
+$(JS_PEER)/node_modules/.installed: $(JS_PEER)/package-lock.json
+	cd $(JS_PEER) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+interop-deps: $(JS_PEER)/node_modules/.installed
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done
