@@ -144,6 +144,9 @@ const commands = {
   async routingTable () {
     return libp2p.services.dht.routingTable.size
   },
+  async kadTableHas ({ peer }) {
+    return (await libp2p.services.dht.routingTable.find(peerIdFromString(peer))) != null
+  },
   async blockPut ({ data }) {
     const bytes = fromB64(data)
     const cid = CID.createV1(raw.code, await sha256.digest(bytes))
