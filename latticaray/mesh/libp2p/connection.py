@@ -212,7 +212,7 @@ class Libp2pStream:
             if len(prefix) >= 9:
                 raise ProtocolViolation("length prefix longer than 9 bytes")
         try:
-            length, _ = decode_varint(prefix)
+            length, _ = decode_varint(bytes(prefix))
         except VarintError as exc:
             raise ProtocolViolation(f"bad length prefix: {exc}") from None
         if length > max_size:
@@ -661,8 +661,8 @@ async def upgrade(
     )
     conn = Libp2pConnection(reader, writer, noise, yamux, remote, router)
     if rest:
-        for event in yamux.receive(rest, time.monotonic()):
-            conn._dispatch(event)
+        for yamux_event in yamux.receive(rest, time.monotonic()):
+            conn._dispatch(yamux_event)
         conn._flush()
     conn.start()
     return conn

@@ -169,7 +169,7 @@ class MultistreamCore:
         if not self._buf:
             return None
         try:
-            length, start = decode_varint(self._buf)
+            length, start = decode_varint(bytes(self._buf[:10]))
         except VarintError as exc:
             if all(b & 0x80 for b in self._buf) and len(self._buf) < 2:
                 return None

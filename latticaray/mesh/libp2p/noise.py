@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import PeerIdMismatch, ProtocolViolation
+from ..errors import HandshakeError, PeerIdMismatch, ProtocolViolation
 from .errors import KeyDecodeError, Libp2pHandshakeError, ProtobufError
 from .keys import PrivateKey, PublicKey, peer_id_to_text
 from .protobuf import Writer, parse_fields
@@ -344,7 +344,7 @@ class NoiseCore:
                 event = self._on_message(message)
                 if event is not None:
                     events.append(event)
-        except (Libp2pHandshakeError, ProtocolViolation):
+        except (HandshakeError, ProtocolViolation):
             self._state = NoiseState.FAILED
             raise
         return events
@@ -354,7 +354,8 @@ class NoiseCore:
         if state is NoiseState.TRANSPORT:
             return NoiseData(self._recv.decrypt(b"", message))
         if state is NoiseState.AWAIT_E:
-            return self._on_message1(message)
+            self._on_message1(message)
+            return None
         if state is NoiseState.SENT_E:
             return self._on_message2(message)
         if state is NoiseState.SENT_E_S:

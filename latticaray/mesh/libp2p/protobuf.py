@@ -289,7 +289,7 @@ class LengthPrefixedDecoder:
             if all(b & 0x80 for b in self._buf[:9]) and len(self._buf) < 9:
                 break  # the length prefix itself is incomplete
             try:
-                length, start = decode_varint(self._buf)
+                length, start = decode_varint(bytes(self._buf[:10]))
             except VarintError as exc:
                 raise ProtobufError(f"bad length prefix: {exc}") from None
             if length > self.max_size:

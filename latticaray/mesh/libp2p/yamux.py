@@ -336,10 +336,9 @@ class YamuxCore:
         """When :meth:`handle_timer` wants to run next (keepalive and ping timeouts)."""
         if self.keepalive is None or self._last_recv is None:
             return None
-        deadline = self._last_recv + self.keepalive
         if self._pings:
-            deadline = min(deadline, min(self._pings.values()) + self.ping_timeout)
-        return deadline
+            return min(self._pings.values()) + self.ping_timeout
+        return self._last_recv + self.keepalive
 
     def handle_timer(self, now: float) -> list[YamuxEvent]:
         if self._pings and now >= min(self._pings.values()) + self.ping_timeout:
