@@ -17,7 +17,7 @@ from latticaray.mesh.libp2p.multistream import (
 )
 from latticaray.mesh.varint import encode_varint
 
-I, R = MultistreamRole.INITIATOR, MultistreamRole.RESPONDER
+INI, RES = MultistreamRole.INITIATOR, MultistreamRole.RESPONDER
 
 
 def _run(ini: MultistreamCore, res: MultistreamCore, chunk: int = 10_000):
@@ -40,8 +40,8 @@ def _run(ini: MultistreamCore, res: MultistreamCore, chunk: int = 10_000):
 
 @given(st.integers(1, 40))
 def test_negotiates_the_first_supported_protocol_at_any_chunking(chunk):
-    ini = MultistreamCore(I, ["/a/1", "/b/1", "/c/1"])
-    res = MultistreamCore(R, ["/c/1", "/b/1"])
+    ini = MultistreamCore(INI, ["/a/1", "/b/1", "/c/1"])
+    res = MultistreamCore(RES, ["/c/1", "/b/1"])
     ev_i, ev_r = _run(ini, res, chunk)
     assert ev_i == [ProtocolSelected("/b/1", b"")]
     assert ev_r == [ProtocolSelected("/b/1", b"")]
@@ -49,8 +49,8 @@ def test_negotiates_the_first_supported_protocol_at_any_chunking(chunk):
 
 
 def test_no_common_protocol_fails_the_initiator():
-    ini = MultistreamCore(I, ["/a/1", "/b/1"])
-    res = MultistreamCore(R, ["/c/1"])
+    ini = MultistreamCore(INI, ["/a/1", "/b/1"])
+    res = MultistreamCore(RES, ["/c/1"])
     with pytest.raises(ProtocolNotSupported) as info:
         _run(ini, res)
     assert info.value.protocols == ("/a/1", "/b/1")
@@ -58,9 +58,9 @@ def test_no_common_protocol_fails_the_initiator():
 
 
 def test_lazy_initiator_data_follows_the_proposal():
-    ini = MultistreamCore(I, ["/echo/1"], lazy=True)
+    ini = MultistreamCore(INI, ["/echo/1"], lazy=True)
     assert ini.optimistic_protocol == "/echo/1"
-    res = MultistreamCore(R, ["/echo/1"])
+    res = MultistreamCore(RES, ["/echo/1"])
     header = res.initiate()
     # header, proposal and application bytes in one write, as rust's V1Lazy does
     events = res.receive(ini.initiate() + b"app bytes")
@@ -70,21 +70,21 @@ def test_lazy_initiator_data_follows_the_proposal():
 
 
 def test_lazy_initiator_refused_fails():
-    ini = MultistreamCore(I, ["/x/1"], lazy=True)
-    res = MultistreamCore(R, ["/y/1"])
+    ini = MultistreamCore(INI, ["/x/1"], lazy=True)
+    res = MultistreamCore(RES, ["/y/1"])
     with pytest.raises(ProtocolNotSupported):
         _run(ini, res)
 
 
 def test_lazy_needs_a_single_protocol_and_the_initiator_role():
     with pytest.raises(MultistreamError):
-        MultistreamCore(I, ["/a", "/b"], lazy=True)
+        MultistreamCore(INI, ["/a", "/b"], lazy=True)
     with pytest.raises(MultistreamError):
-        MultistreamCore(R, ["/a"], lazy=True)
+        MultistreamCore(RES, ["/a"], lazy=True)
 
 
 def test_responder_answers_ls_then_accepts():
-    res = MultistreamCore(R, ["/a/1", "/b/1"])
+    res = MultistreamCore(RES, ["/a/1", "/b/1"])
     res.initiate()
     res.receive(encode_message("/multistream/1.0.0") + encode_message("ls"))
     out = res.data_to_send()
@@ -104,7 +104,7 @@ def test_responder_answers_ls_then_accepts():
     ],
 )
 def test_malformed_input_is_a_typed_error(data, match):
-    res = MultistreamCore(R, ["/a/1"])
+    res = MultistreamCore(RES, ["/a/1"])
     res.initiate()
     with pytest.raises(MultistreamError, match=match):
         res.receive(data)
@@ -114,7 +114,7 @@ def test_malformed_input_is_a_typed_error(data, match):
 
 
 def test_responder_bounds_the_number_of_proposals():
-    res = MultistreamCore(R, ["/a/1"])
+    res = MultistreamCore(RES, ["/a/1"])
     res.initiate()
     res.receive(encode_message("/multistream/1.0.0"))
     with pytest.raises(MultistreamError, match="more than"):
@@ -125,12 +125,12 @@ def test_responder_bounds_the_number_of_proposals():
 def test_protocol_names_are_checked():
     for bad in ["", "na", "ls", "a\nb", "/multistream/1.0.0", "x" * 2000]:
         with pytest.raises(MultistreamError):
-            MultistreamCore(I, [bad])
+            MultistreamCore(INI, [bad])
 
 
 @given(st.binary(max_size=200))
 def test_fuzz_responder_raises_only_multistream_error(data):
-    res = MultistreamCore(R, ["/a/1"])
+    res = MultistreamCore(RES, ["/a/1"])
     res.initiate()
     try:
         res.receive(data)

@@ -18,7 +18,7 @@ from latticaray.mesh.libp2p.noise import (
     NoiseState,
 )
 
-I, R = NoiseRole.INITIATOR, NoiseRole.RESPONDER
+INI, RES = NoiseRole.INITIATOR, NoiseRole.RESPONDER
 
 
 def _handshake(ini: NoiseCore, res: NoiseCore, *, tamper=None):
@@ -36,8 +36,8 @@ def _handshake(ini: NoiseCore, res: NoiseCore, *, tamper=None):
 @pytest.mark.parametrize("key_type", list(KeyType))
 def test_handshake_with_every_key_type(key_type):
     a, b = PrivateKey.generate(), PrivateKey.generate(key_type)
-    ini = NoiseCore(I, a, expected_peer_id=b.public_key.peer_id_bytes())
-    res = NoiseCore(R, b)
+    ini = NoiseCore(INI, a, expected_peer_id=b.public_key.peer_id_bytes())
+    res = NoiseCore(RES, b)
     done_i, done_r = _handshake(ini, res)
     assert done_i == [NoiseHandshakeDone(b.public_key, b.public_key.peer_id_bytes())]
     assert done_r == [NoiseHandshakeDone(a.public_key, a.public_key.peer_id_bytes())]
@@ -45,7 +45,7 @@ def test_handshake_with_every_key_type(key_type):
 
 
 def test_transport_both_directions_large_and_chunked():
-    ini, res = NoiseCore(I, PrivateKey.generate()), NoiseCore(R, PrivateKey.generate())
+    ini, res = NoiseCore(INI, PrivateKey.generate()), NoiseCore(RES, PrivateKey.generate())
     _handshake(ini, res)
     payload = bytes(range(256)) * 1000  # 256 KB: several frames
     wire = ini.encrypt(payload)
@@ -62,14 +62,14 @@ def test_transport_both_directions_large_and_chunked():
 
 def test_dialing_the_wrong_peer_fails():
     a, b, c = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
-    ini = NoiseCore(I, a, expected_peer_id=c.public_key.peer_id_bytes())
+    ini = NoiseCore(INI, a, expected_peer_id=c.public_key.peer_id_bytes())
     with pytest.raises(PeerIdMismatch):
-        _handshake(ini, NoiseCore(R, b))
+        _handshake(ini, NoiseCore(RES, b))
     assert ini.state is NoiseState.FAILED
 
 
 def test_tampered_handshake_fails_authentication():
-    ini, res = NoiseCore(I, PrivateKey.generate()), NoiseCore(R, PrivateKey.generate())
+    ini, res = NoiseCore(INI, PrivateKey.generate()), NoiseCore(RES, PrivateKey.generate())
 
     def flip(m2: bytes) -> bytes:
         return m2[:-1] + bytes([m2[-1] ^ 1])
@@ -91,13 +91,13 @@ class _LyingKey(PrivateKey):
 
 def test_signature_by_another_key_is_refused():
     liar = _LyingKey(PrivateKey.generate(), PrivateKey.generate())
-    ini, res = NoiseCore(I, PrivateKey.generate()), NoiseCore(R, liar)
+    ini, res = NoiseCore(INI, PrivateKey.generate()), NoiseCore(RES, liar)
     with pytest.raises(HandshakeError, match="signature"):
         _handshake(ini, res)
 
 
 def test_tampered_transport_frame_is_refused():
-    ini, res = NoiseCore(I, PrivateKey.generate()), NoiseCore(R, PrivateKey.generate())
+    ini, res = NoiseCore(INI, PrivateKey.generate()), NoiseCore(RES, PrivateKey.generate())
     _handshake(ini, res)
     wire = bytearray(ini.encrypt(b"secret"))
     wire[5] ^= 0x40
@@ -111,7 +111,7 @@ def test_payload_codec_roundtrip_with_extensions():
 
 
 def test_short_handshake_messages_are_refused():
-    res = NoiseCore(R, PrivateKey.generate())
+    res = NoiseCore(RES, PrivateKey.generate())
     res.initiate()
     with pytest.raises(HandshakeError, match="shorter"):
         res.receive(b"\x00\x05hello")
@@ -120,7 +120,7 @@ def test_short_handshake_messages_are_refused():
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_initiator_raises_only_handshake_errors(data):
-    ini = NoiseCore(I, PrivateKey.generate())
+    ini = NoiseCore(INI, PrivateKey.generate())
     ini.initiate()
     try:
         ini.receive(data)

@@ -153,7 +153,7 @@ def test_public_key_decode_errors():
         PublicKey.from_protobuf(Writer().uint(1, 1).bytes_(2, b"x" * 31).finish())
     with pytest.raises(KeyDecodeError, match="lacks"):
         PublicKey.from_protobuf(Writer().uint(1, 1).finish())
-    with pytest.raises(KeyDecodeError, match="secp256k1|SECP256K1"):
+    with pytest.raises(KeyDecodeError, match="SECP256K1"):
         PublicKey.from_protobuf(Writer().uint(1, 2).bytes_(2, b"\x02" + b"\xff" * 32).finish())
     with pytest.raises(KeyDecodeError):
         PublicKey.from_protobuf(Writer().uint(1, 0, always=True).bytes_(2, b"not der").finish())
