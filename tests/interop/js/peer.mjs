@@ -43,6 +43,12 @@ const libp2p = await createLibp2p({
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   connectionGater: { denyDialMultiaddr: () => false },
+  // every test dials from 127.0.0.1, many times a second: lift the per-host inbound rate limit
+  connectionManager: {
+    allow: ['/ip4/127.0.0.1'],
+    inboundConnectionThreshold: 1000,
+    maxIncomingPendingConnections: 100
+  },
   services: {
     identify: identify(),
     identifyPush: identifyPush(),
