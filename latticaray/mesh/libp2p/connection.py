@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import ConnectionClosed, HandshakeError, ProtocolViolation
@@ -86,7 +87,8 @@ class Libp2pStream:
     """One yamux stream after multistream negotiation (or, lazily, during it)."""
 
     __slots__ = (
-        "_buf",
+        "_buffered",
+        "_chunks",
         "_conn",
         "_eof",
         "_negotiation",
@@ -103,7 +105,8 @@ class Libp2pStream:
         self.stream_id = stream_id
         self.protocol = ""
         self.timeout = DEFAULT_STREAM_TIMEOUT
-        self._buf = bytearray()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
         self._eof = False
         self._reset = False
         self._readable = asyncio.Event()
@@ -116,7 +119,8 @@ class Libp2pStream:
 
     # -- fed by the connection
     def _on_data(self, data: bytes) -> None:
-        self._buf += data
+        self._chunks.append(data)
+        self._buffered += len(data)
         self._readable.set()
 
     def _on_eof(self) -> None:
@@ -133,25 +137,38 @@ class Libp2pStream:
 
     # -- reading
     async def _wait_readable(self, timeout: float | None) -> None:
-        while not self._buf and not self._eof and not self._reset:
+        while not self._buffered and not self._eof and not self._reset:
             self._readable.clear()
             try:
                 await asyncio.wait_for(self._readable.wait(), timeout or self.timeout)
             except TimeoutError:
                 raise TimeoutError(f"no data on stream {self.protocol or self.stream_id}") from None
-        if self._reset and not self._buf:
+        if self._reset and not self._buffered:
             raise StreamReset(f"stream {self.protocol or self.stream_id} was reset")
 
     def _take(self, nbytes: int) -> bytes:
-        chunk = bytes(self._buf[:nbytes])
-        del self._buf[:nbytes]
+        chunk = self._pop(nbytes)
         self._conn._consumed(self.stream_id, len(chunk))
         return chunk
 
-    def _take_all_unconsumed(self) -> bytes:
-        chunk = bytes(self._buf)
-        self._buf.clear()
+    def _pop(self, nbytes: int) -> bytes:
+        parts: list[bytes] = []
+        wanted = nbytes
+        while wanted and self._chunks:
+            head = self._chunks[0]
+            if len(head) <= wanted:
+                parts.append(self._chunks.popleft())
+                wanted -= len(head)
+            else:
+                parts.append(head[:wanted])
+                self._chunks[0] = head[wanted:]
+                wanted = 0
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._buffered -= len(chunk)
         return chunk
+
+    def _take_all_unconsumed(self) -> bytes:
+        return self._pop(self._buffered)
 
     async def _finish_negotiation(self, timeout: float | None) -> None:
         core = self._negotiation
@@ -160,7 +177,7 @@ class Libp2pStream:
         deadline = time.monotonic() + (timeout or DEFAULT_NEGOTIATION_TIMEOUT)
         while core.selected is None:
             await self._wait_readable(max(0.001, deadline - time.monotonic()))
-            if not self._buf:
+            if not self._buffered:
                 raise MultistreamError("stream ended during multistream negotiation")
             data = self._take_all_unconsumed()
             try:
@@ -173,7 +190,9 @@ class Libp2pStream:
             # the negotiation's own bytes are consumed; leftover bytes go back to the reader
             self._conn._consumed(self.stream_id, len(data) - len(leftover))
             if events:
-                self._buf[:0] = leftover
+                if leftover:
+                    self._chunks.appendleft(leftover)
+                    self._buffered += len(leftover)
                 self.protocol = events[0].protocol
         self._negotiation = None
 
@@ -202,7 +221,7 @@ class Libp2pStream:
         prefix = bytearray()
         while True:
             await self._wait_readable(max(0.001, deadline - time.monotonic()))
-            if not self._buf:
+            if not self._buffered:
                 if prefix:
                     raise ProtocolViolation("stream ended inside a length prefix")
                 return None
@@ -454,7 +473,7 @@ class Libp2pConnection:
     def _forget(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None and self._yamux.stream_state(stream_id) is not None:
-            self._yamux.consumed(stream_id, len(stream._buf))
+            self._yamux.consumed(stream_id, stream._buffered)
 
     # ---- the read loop
     async def _read_loop(self) -> None:
