@@ -23,6 +23,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { quic } from '@chainsafe/libp2p-quic'
 import { identify, identifyPush } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
+import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -53,6 +54,7 @@ const libp2p = await createLibp2p({
     identify: identify(),
     identifyPush: identifyPush(),
     ping: ping(),
+    relay: circuitRelayServer({ reservations: { maxReservations: 64 } }),
     dht: kadDHT({
       protocol: kadProtocol,
       clientMode: false,

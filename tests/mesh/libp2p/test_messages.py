@@ -19,6 +19,14 @@ from latticaray.mesh.libp2p.bitswap import (
 )
 from latticaray.mesh.libp2p.cid import CidError, cid_from_block, parse_cid
 from latticaray.mesh.libp2p.connection import ProtocolRouter
+from latticaray.mesh.libp2p.dcutr import (
+    DcutrCore,
+    DcutrRole,
+    DcutrState,
+    DialAt,
+    HolePunch,
+    HolePunchType,
+)
 from latticaray.mesh.libp2p.errors import ProtobufError
 from latticaray.mesh.libp2p.identify import IdentifyMessage, address_bytes
 from latticaray.mesh.libp2p.kad import (
@@ -38,6 +46,18 @@ from latticaray.mesh.libp2p.peer_record import (
     PeerRecord,
     open_peer_record,
     seal_peer_record,
+)
+from latticaray.mesh.libp2p.relay import (
+    HopMessage,
+    HopType,
+    RelayLimit,
+    RelayPeer,
+    RelayStatus,
+    Reservation,
+    StopMessage,
+    StopType,
+    Voucher,
+    open_voucher,
 )
 from latticaray.objectstore.cid import DAG_CBOR, Cid
 
@@ -214,3 +234,64 @@ def test_bitswap_engine_splits_large_answers():
     assert len(replies) > 1
     assert all(len(r.encode()) <= 1024 * 1024 for r in replies)
     assert sum(len(r.blocks) for r in replies) == 8
+
+
+relay_peers = st.none() | st.builds(RelayPeer, small, st.lists(small, max_size=3).map(tuple))
+limits = st.none() | st.builds(RelayLimit, st.integers(0, 2**32 - 1), st.integers(0, 2**63))
+statuses = st.none() | st.sampled_from(RelayStatus)
+
+
+@given(
+    st.sampled_from(HopType),
+    relay_peers,
+    st.none()
+    | st.builds(Reservation, st.integers(0, 2**40), st.lists(small, max_size=2).map(tuple), small),
+    limits,
+    statuses,
+)
+def test_hop_roundtrip(kind, peer, rsvp, limit, status):
+    m = HopMessage(kind, peer, rsvp, limit, status)
+    assert HopMessage.decode(m.encode()) == m
+
+
+@given(st.sampled_from(StopType), relay_peers, limits, statuses)
+def test_stop_roundtrip(kind, peer, limit, status):
+    m = StopMessage(kind, peer, limit, status)
+    assert StopMessage.decode(m.encode()) == m
+
+
+def test_voucher_checks_issuer_and_signature():
+    relay, other = PrivateKey.generate(), PrivateKey.generate()
+    relay_id = relay.public_key.peer_id_bytes()
+    v = Voucher(relay_id, b"peer", 123)
+    assert open_voucher(v.seal(relay), relay_id) == v
+    with pytest.raises(EnvelopeError):
+        open_voucher(v.seal(other), relay_id)
+    with pytest.raises(EnvelopeError):
+        open_voucher(v.seal(relay), other.public_key.peer_id_bytes())
+
+
+def test_dcutr_roles_and_sync_timing():
+    b = DcutrCore(DcutrRole.INITIATOR, (b"addr-b",))
+    a = DcutrCore(DcutrRole.RESPONDER, (b"addr-a",))
+    connect = HolePunch.decode(b.start(10.0).encode())
+    assert a.receive(connect, 10.05) is None
+    (answer,) = a.data_to_send()
+    dial_b = b.receive(HolePunch.decode(answer.encode()), 10.2)
+    assert dial_b is not None and dial_b.addrs == (b"addr-a",)
+    assert dial_b.when == pytest.approx(10.3) and b.rtt == pytest.approx(0.2)
+    (sync,) = b.data_to_send()
+    assert sync.type is HolePunchType.SYNC
+    assert a.receive(sync, 10.25) == DialAt((b"addr-b",), 10.25)
+    assert a.state is b.state is DcutrState.DONE
+    with pytest.raises(ProtobufError):
+        a.receive(sync, 11.0)
+
+
+def test_dcutr_refuses_out_of_order_messages():
+    a = DcutrCore(DcutrRole.RESPONDER, ())
+    with pytest.raises(ProtobufError, match="first message"):
+        a.receive(HolePunch(HolePunchType.SYNC), 0.0)
+    assert a.state is DcutrState.FAILED
+    with pytest.raises(ProtobufError, match="unknown"):
+        HolePunch.decode(b"\x08\x05")
