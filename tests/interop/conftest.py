@@ -6,7 +6,7 @@ import pytest
 
 from latticaray.mesh.libp2p.host import Libp2pHost
 
-from .jspeer import JsPeer, node_available
+from .jspeer import JsPeer, node_available, release
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +27,4 @@ async def host(js_peer):
     try:
         yield h
     finally:
-        # the js peer forgets us, so the next test starts from a clean connection table
-        try:
-            await js_peer.call("hangup", peer=h.peer_id_text, timeout=10)
-        finally:
-            await h.close()
+        await release(h, js_peer)

@@ -125,3 +125,25 @@ class JsPeer:
             except (subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+async def connected_host(js_peer: JsPeer, setup=None):
+    """A listening Python host (``setup(host)`` registers its services first), connected to the
+    js peer and identified by it; returns ``(host, connection)``."""
+    from latticaray.mesh.libp2p.host import Libp2pHost
+
+    host = Libp2pHost()
+    if setup is not None:
+        setup(host)
+    await host.listen()
+    conn = await host.dial(js_peer.addr("tcp"))
+    await host.identified(conn)
+    return host, conn
+
+
+async def release(host, js_peer: JsPeer) -> None:
+    """Close the host; the js peer hangs up on it first, so the next test starts clean."""
+    try:
+        await js_peer.call("hangup", peer=host.peer_id_text, timeout=10)
+    finally:
+        await host.close()

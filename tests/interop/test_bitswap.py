@@ -6,24 +6,16 @@ import base64
 import os
 
 from latticaray.mesh.libp2p.bitswap import BitswapService
-from latticaray.mesh.libp2p.host import Libp2pHost
 from latticaray.objectstore.cid import Cid
+
+from .jspeer import connected_host, release
 
 
 async def _bitswap_host(js_peer, blocks):
-    h = Libp2pHost()
-    h.bitswap = BitswapService(h.router, blocks.get)
-    await h.listen()
-    conn = await h.dial(js_peer.addr("tcp"))
-    await h.identified(conn)
-    return h, conn
+    def setup(h):
+        h.bitswap = BitswapService(h.router, blocks.get)
 
-
-async def _close(h, js_peer):
-    try:
-        await js_peer.call("hangup", peer=h.peer_id_text)
-    finally:
-        await h.close()
+    return await connected_host(js_peer, setup)
 
 
 async def test_helia_fetches_a_block_we_serve(js_peer):
@@ -36,7 +28,7 @@ async def test_helia_fetches_a_block_we_serve(js_peer):
         got = await js_peer.call("blockGet", cid=str(cid))
         assert base64.b64decode(got["data"]) == data
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)
 
 
 async def test_we_fetch_a_block_helia_holds(js_peer):
@@ -49,7 +41,7 @@ async def test_we_fetch_a_block_helia_holds(js_peer):
         got = await h.bitswap.fetch(conn, bytes(cid), timeout=10)
         assert got == data
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)
 
 
 async def test_one_megabyte_block_each_way(js_peer):
@@ -63,4 +55,4 @@ async def test_one_megabyte_block_each_way(js_peer):
         other_cid = await js_peer.call("blockPut", data=base64.b64encode(other).decode())
         assert await h.bitswap.fetch(conn, bytes(Cid.parse(other_cid)), timeout=10) == other
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)

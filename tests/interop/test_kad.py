@@ -19,6 +19,8 @@ from latticaray.mesh.libp2p.kad import (
 from latticaray.mesh.libp2p.keys import peer_id_from_text
 from latticaray.objectstore.cid import Cid
 
+from .jspeer import connected_host, release
+
 
 async def _eventually(check, timeout=10.0):
     deadline = time.monotonic() + timeout
@@ -30,21 +32,13 @@ async def _eventually(check, timeout=10.0):
         await asyncio.sleep(0.05)
 
 
+def _with_kad(h):
+    h.kad = KadServer(h.router)
+
+
 async def _kad_host(js_peer):
     """A host with a kad server, connected to js and in js's routing table."""
-    h = Libp2pHost()
-    h.kad = KadServer(h.router)
-    await h.listen()
-    conn = await h.dial(js_peer.addr("tcp"))
-    await h.identified(conn)
-    return h, conn
-
-
-async def _close(h, js_peer):
-    try:
-        await js_peer.call("hangup", peer=h.peer_id_text)
-    finally:
-        await h.close()
+    return await connected_host(js_peer, _with_kad)
 
 
 def _get_providers(cid: Cid) -> KadMessage:
@@ -72,8 +66,8 @@ async def test_find_node_through_js_returns_the_other_host(js_peer):
         info = await js_peer.call("kadFindPeer", peer=b.peer_id_text)
         assert info["id"] == b.peer_id_text
     finally:
-        await _close(a, js_peer)
-        await _close(b, js_peer)
+        await release(a, js_peer)
+        await release(b, js_peer)
 
 
 async def test_we_put_js_gets_and_js_puts_we_get(js_peer):
@@ -90,7 +84,7 @@ async def test_we_put_js_gets_and_js_puts_we_get(js_peer):
         record, _ = await client.get_value(conn, key2.encode())
         assert record is not None and record.value == b"from js"
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)
 
 
 async def test_js_gets_a_record_only_our_server_holds(js_peer):
@@ -103,7 +97,7 @@ async def test_js_gets_a_record_only_our_server_holds(js_peer):
         got = await js_peer.call("kadGet", key=key.decode())
         assert base64.b64decode(got) == b"held by python"
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)
 
 
 async def test_providers_both_ways(js_peer):
@@ -135,7 +129,7 @@ async def test_providers_both_ways(js_peer):
         providers = await _eventually(js_provides)
         assert providers[0].peer_id == js_id and providers[0].addrs
     finally:
-        await _close(h, js_peer)
+        await release(h, js_peer)
 
 
 async def test_lattica_protocol_id_between_python_hosts():

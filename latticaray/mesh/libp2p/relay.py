@@ -141,6 +141,29 @@ def _optional(f: Fields, number: int) -> bytes | None:
     return f.bytes_(number, max_len=MAX_RELAY_MESSAGE) if f.has(number) else None
 
 
+def _parse(data: bytes) -> tuple[Fields, int]:
+    """The fields of a hop or stop message and its raw type, size-checked."""
+    if len(data) > MAX_RELAY_MESSAGE:
+        raise ProtobufError(f"relay message of {len(data)} bytes exceeds {MAX_RELAY_MESSAGE}")
+    f = parse_fields(data, max_fields=16)
+    return f, f.uint(1)
+
+
+def _write(
+    kind: int,
+    parts: tuple[tuple[int, RelayPeer | Reservation | RelayLimit | None], ...],
+    status_field: int,
+    status: RelayStatus | None,
+) -> bytes:
+    w = Writer().uint(1, kind, always=True)
+    for number, part in parts:
+        if part is not None:
+            w.bytes_(number, part.encode(), always=True)
+    if status is not None:
+        w.uint(status_field, int(status), always=True)
+    return w.finish()
+
+
 @dataclass(frozen=True, slots=True)
 class HopMessage:
     type: HopType
@@ -150,24 +173,14 @@ class HopMessage:
     status: RelayStatus | None = None
 
     def encode(self) -> bytes:
-        w = Writer().uint(1, int(self.type), always=True)
-        if self.peer is not None:
-            w.bytes_(2, self.peer.encode(), always=True)
-        if self.reservation is not None:
-            w.bytes_(3, self.reservation.encode(), always=True)
-        if self.limit is not None:
-            w.bytes_(4, self.limit.encode(), always=True)
-        if self.status is not None:
-            w.uint(5, int(self.status), always=True)
-        return w.finish()
+        parts = ((2, self.peer), (3, self.reservation), (4, self.limit))
+        return _write(int(self.type), parts, 5, self.status)
 
     @classmethod
     def decode(cls, data: bytes) -> HopMessage:
-        if len(data) > MAX_RELAY_MESSAGE:
-            raise ProtobufError(f"relay message of {len(data)} bytes exceeds {MAX_RELAY_MESSAGE}")
-        f = parse_fields(data, max_fields=16)
+        f, raw = _parse(data)
         try:
-            kind = HopType(f.uint(1))
+            kind = HopType(raw)
         except ValueError:
             raise ProtobufError("unknown hop message type") from None
         peer, rsvp, limit = _optional(f, 2), _optional(f, 3), _optional(f, 4)
@@ -188,22 +201,13 @@ class StopMessage:
     status: RelayStatus | None = None
 
     def encode(self) -> bytes:
-        w = Writer().uint(1, int(self.type), always=True)
-        if self.peer is not None:
-            w.bytes_(2, self.peer.encode(), always=True)
-        if self.limit is not None:
-            w.bytes_(3, self.limit.encode(), always=True)
-        if self.status is not None:
-            w.uint(4, int(self.status), always=True)
-        return w.finish()
+        return _write(int(self.type), ((2, self.peer), (3, self.limit)), 4, self.status)
 
     @classmethod
     def decode(cls, data: bytes) -> StopMessage:
-        if len(data) > MAX_RELAY_MESSAGE:
-            raise ProtobufError(f"relay message of {len(data)} bytes exceeds {MAX_RELAY_MESSAGE}")
-        f = parse_fields(data, max_fields=16)
+        f, raw = _parse(data)
         try:
-            kind = StopType(f.uint(1))
+            kind = StopType(raw)
         except ValueError:
             raise ProtobufError("unknown stop message type") from None
         peer, limit = _optional(f, 2), _optional(f, 3)

@@ -70,22 +70,33 @@ class Libp2pTcpTransport:
             return None
         return int(self._server.sockets[0].getsockname()[1])
 
+    async def _upgrade(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dialed: bytes | None,
+        timeout: float,
+    ) -> Libp2pConnection:
+        """Upgrade as the dialer (``dialed``: the peer ID expected, b"" for any) or listener."""
+        return await upgrade(
+            reader,
+            writer,
+            self.identity,
+            self.router,
+            initiator=dialed is not None,
+            expected_peer_id=dialed or None,
+            timeout=timeout,
+            stream_window=self.stream_window,
+            keepalive=self.keepalive,
+        )
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._pending.locked():
             writer.close()
             return
         async with self._pending:
             try:
-                conn = await upgrade(
-                    reader,
-                    writer,
-                    self.identity,
-                    self.router,
-                    initiator=False,
-                    timeout=self.handshake_timeout,
-                    stream_window=self.stream_window,
-                    keepalive=self.keepalive,
-                )
+                conn = await self._upgrade(reader, writer, None, self.handshake_timeout)
             except (
                 HandshakeError,
                 ProtocolViolation,
@@ -129,17 +140,7 @@ class Libp2pTcpTransport:
         except (OSError, TimeoutError) as exc:
             raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc}") from None
         try:
-            conn = await upgrade(
-                reader,
-                writer,
-                self.identity,
-                self.router,
-                initiator=True,
-                expected_peer_id=peer_id,
-                timeout=limit,
-                stream_window=self.stream_window,
-                keepalive=self.keepalive,
-            )
+            conn = await self._upgrade(reader, writer, peer_id or b"", limit)
         except BaseException:
             writer.close()
             raise
