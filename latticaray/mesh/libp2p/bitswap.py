@@ -336,22 +336,38 @@ class BitswapService:
         self, conn: Libp2pConnection, cid: bytes, *, timeout: float | None = None
     ) -> bytes:
         """Want-block ``cid`` from the peer of ``conn``; the block, verified against its CID."""
-        parse_cid(cid)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(cid, []).append(fut)
+        return (await self.fetch_many(conn, [cid], timeout=timeout))[0]
+
+    async def fetch_many(
+        self, conn: Libp2pConnection, cids: list[bytes], *, timeout: float | None = None
+    ) -> list[bytes]:
+        """Want-block every CID in one want-list message; the blocks in the order asked."""
+        for cid in cids:
+            parse_cid(cid)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in cids]
+        for cid, fut in zip(cids, futures):
+            self._waiting.setdefault(cid, []).append(fut)
         try:
-            await self.send(
-                conn, BitswapMessage(entries=(WantEntry(cid, 1, want_type=WantType.BLOCK),))
-            )
-            return await asyncio.wait_for(fut, timeout or self.timeout)
+            for start in range(0, len(cids), MAX_ENTRIES):
+                entries = tuple(WantEntry(c) for c in cids[start : start + MAX_ENTRIES])
+                await self.send(conn, BitswapMessage(entries=entries))
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout or self.timeout))
         finally:
-            waiters = self._waiting.get(cid)
-            if waiters is not None:
-                with contextlib.suppress(ValueError):
-                    waiters.remove(fut)
-                if not waiters:
-                    del self._waiting[cid]
-                    with contextlib.suppress(Exception):
-                        await self.send(
-                            conn, BitswapMessage(entries=(WantEntry(cid, cancel=True),))
-                        )
+            unanswered = [c for c, f in zip(cids, futures) if self._drop_waiter(c, f)]
+            if unanswered:
+                with contextlib.suppress(Exception):
+                    cancels = tuple(WantEntry(c, cancel=True) for c in unanswered[:MAX_ENTRIES])
+                    await self.send(conn, BitswapMessage(entries=cancels))
+
+    def _drop_waiter(self, cid: bytes, fut: asyncio.Future[bytes]) -> bool:
+        """Forget ``fut``; True if nobody waits for ``cid`` any more and it never came."""
+        waiters = self._waiting.get(cid)
+        if waiters is None:
+            return False
+        with contextlib.suppress(ValueError):
+            waiters.remove(fut)
+        if waiters:
+            return False
+        del self._waiting[cid]
+        return True

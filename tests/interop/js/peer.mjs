@@ -174,6 +174,26 @@ const commands = {
     const bytes = await helia.blockstore.get(CID.parse(cid), { signal: signal() })
     return { size: bytes.length, ms: performance.now() - started }
   },
+  async blockMake ({ count, size }) {
+    const cids = []
+    for (let i = 0; i < count; i++) {
+      const bytes = new Uint8Array(size)
+      crypto.getRandomValues(bytes.subarray(0, Math.min(size, 65536)))
+      new DataView(bytes.buffer).setUint32(size - 4, i)
+      const cid = CID.createV1(raw.code, await sha256.digest(bytes))
+      await helia.blockstore.put(cid, bytes)
+      cids.push(cid.toString())
+    }
+    return cids
+  },
+  async blockGetMany ({ cids }) {
+    const started = performance.now()
+    const sizes = await Promise.all(cids.map(async (c) => {
+      const bytes = await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
+      return bytes.length
+    }))
+    return { bytes: sizes.reduce((a, b) => a + b, 0), ms: performance.now() - started }
+  },
   async quit () {
     setImmediate(shutdown)
     return true
