@@ -194,7 +194,7 @@ def verify_certificate(
             raise HandshakeError(f"peer certificate is {len(cert_der)} bytes, over the limit")
         try:
             cert = x509.load_der_x509_certificate(bytes(cert_der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise HandshakeError(f"peer certificate is not valid DER X.509: {exc}") from None
     now = now or _dt.datetime.now(_dt.UTC)
     try:
