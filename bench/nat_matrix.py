@@ -3,8 +3,8 @@
 Brings up the netlab, runs a relay/bootstrap node on pub1 and a node on each of hostA, hostB
 (cone NATs), hostC (symmetric NAT), hostD (public, stateful firewall) and pub2 (public), and for
 every ordered pair measures: connected, final path, time to first RPC, time to direct upgrade,
-and unary RPC QPS over the final path. The matrix runs once through real MeshNodes (MeshNat: the
-connection manager dials direct QUIC or the /p2p-circuit address) and once through NatNode (the
+and unary RPC QPS over the final path. The matrix runs once through real MeshNodes (MeshNatService: the
+connection manager dials direct QUIC or the /p2p-circuit address) and once through NatHost (the
 same NAT code with its own session table); then 20 birthday-probing attempts cone <-> symmetric,
 a relayed-only baseline, the matrix with natB as a port-remapping cone, and with natA symmetric
 (symmetric-symmetric pairs hostA <-> hostC).
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "mesh", "nat"))
 from labnodes import IPS, LabMesh, MeshLab  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
 
-from latticaray.mesh.nat.host import PING_SERVICE  # noqa: E402
+from latticaray.mesh.nat.service import PING_SERVICE  # noqa: E402
 
 NODES = ["hostA", "hostB", "hostC", "hostD", "pub2"]
 PRIVATE = ["hostA", "hostB", "hostC", "hostD"]
@@ -158,7 +158,7 @@ def run_matrix_mesh(prefix: str, up_args: list[str], qps_seconds: float, label: 
             }
             return {
                 "label": label,
-                "stack": "MeshNode+MeshNat",
+                "stack": "MeshNode+MeshNatService",
                 "up_args": up_args,
                 "nat": nat,
                 "pairs": rows,
@@ -203,7 +203,7 @@ def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str, 
                 rows[f"{src}->{dst}"] = run_pair(mesh, src, dst, qps_seconds)
             result = {
                 "label": label,
-                "stack": "NatNode",
+                "stack": "NatHost",
                 "up_args": up_args,
                 "nat": nat,
                 "pairs": rows,

@@ -1,11 +1,18 @@
 """NAT traversal: AutoNAT reachability, NAT type detection, circuit relay, hole punching, rendezvous.
 
-Sans-I/O cores (no sockets, no clock): ``autonat`` (dial-back client/server), ``nattype``
+Sans-I/O cores (no sockets, no clock): ``autonat`` (dial-back client/server cores), ``nattype``
 (mapping type from observed addresses), ``relay`` (reservations, circuits, limits), ``holepunch``
 (DCUtR-like coordination, path metrics), ``birthday`` (probing planner), ``rendezvous``
-(namespace registrations), with ``wire`` (bounded msgpack) and ``addresses`` (which ranges count
-as public). Drivers: ``tunnel`` (end-to-end TLS over any byte stream), ``relay_transport``
-(relay over TCP+TLS), ``tcp_punch`` (TCP simultaneous open), ``host.NatNode`` (all of it over one
-shared QUIC socket) and ``mesh_nat.MeshNat`` (the same, attached to a ``MeshNode``). Wire formats:
+(namespace registrations), ``ratelimit`` (token buckets), with ``wire`` (bounded msgpack) and
+``addresses`` (which ranges count as public).
+
+Asyncio shells over one shared QUIC socket: ``control`` (the control datagrams),
+``reachability`` (observations, NAT type, AutoNAT rounds), ``reservations`` (relay
+reservations), ``punch`` (hole punching), composed by ``service.NatService`` (configured by
+``config.NatConfig``, per-peer state in ``links``). Its two bindings: ``host.NatHost`` (a
+standalone peer with its own links) and ``mesh_service.MeshNatService`` (on a ``MeshNode``, with
+``circuit`` for relayed connections in the connection manager and ``migration`` for moving a
+peer off the relay). Transports: ``tunnel`` (end-to-end TLS over any byte stream),
+``relay_transport`` (relay over TCP+TLS), ``tcp_punch`` (TCP simultaneous open). Wire formats:
 docs/protocol/nat.md.
 """

@@ -29,7 +29,9 @@ class AddressPolicy:
 
     treat_as_public: tuple[str, ...] = ()
     allow_loopback: bool = False
-    _networks: tuple = field(init=False, repr=False, compare=False)
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.treat_as_public)

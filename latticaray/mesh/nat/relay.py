@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import wire
 from .errors import (
@@ -69,7 +70,7 @@ class Circuit:
     accepted: bool = False
 
 
-class RelayService:
+class RelayCore:
     """The relay's bookkeeping; the driver splices streams and reports bytes moved."""
 
     def __init__(self, config: RelayConfig | None = None) -> None:
@@ -265,14 +266,11 @@ class ReservationKeeper:
 
 
 # ------------------------------------------------------------------------------- messages
-def reserve_response(
-    reservation: Reservation | None,
-    config: RelayConfig,
-    now: float,
-    error: RelayRefused | None = None,
-) -> bytes:
-    if error is not None:
-        return wire.encode("reserve_resp", s=error.code, m=error.message)
+def reserve_refused(error: RelayRefused) -> bytes:
+    return wire.encode("reserve_resp", s=error.code, m=error.message)
+
+
+def reserve_response(reservation: Reservation, config: RelayConfig, now: float) -> bytes:
     return wire.encode(
         "reserve_resp",
         s=OK,
@@ -283,9 +281,11 @@ def reserve_response(
     )
 
 
-def connect_response(circuit: Circuit | None, error: RelayRefused | None = None) -> bytes:
-    if error is not None:
-        return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+def connect_refused(error: RelayRefused) -> bytes:
+    return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+
+
+def connect_response(circuit: Circuit) -> bytes:
     return wire.encode(
         "connect_resp",
         s=OK,
@@ -296,7 +296,7 @@ def connect_response(circuit: Circuit | None, error: RelayRefused | None = None)
     )
 
 
-def check_status(msg: dict, expected_type: str) -> dict:
+def check_status(msg: dict[str, Any], expected_type: str) -> dict[str, Any]:
     """Raise :class:`RelayRefused` unless ``msg`` is an OK ``expected_type`` reply."""
     if msg.get("t") != expected_type:
         raise RelayRefused(MALFORMED, f"expected {expected_type}, got {msg.get('t')!r}")

@@ -11,7 +11,7 @@ what the connection is for:
 
 After OK replies the relay splices the two connections' plaintext, which is the ciphertext of the
 end-to-end :class:`SecureTunnel` the two peers run inside: the relay never sees their data. Each
-direction is counted against the circuit's byte budget and duration (see ``RelayService``).
+direction is counted against the circuit's byte budget and duration (see ``RelayCore``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ from .errors import (
     MalformedMessage,
     RelayRefused,
 )
-from .relay import RelayConfig, RelayService, check_status, connect_response, reserve_response
+from .relay import (
+    RelayConfig,
+    RelayCore,
+    check_status,
+    connect_refused,
+    connect_response,
+    reserve_refused,
+    reserve_response,
+)
 from .tunnel import SecureTunnel, StreamPair
 
 log = logging.getLogger(__name__)
@@ -117,7 +125,7 @@ async def _open_outer(
 
 # ------------------------------------------------------------------------------------ server
 class RelayServer:
-    """The relay service on a public node: listens on TCP, enforces ``RelayService`` limits."""
+    """The relay service on a public node: listens on TCP, enforces ``RelayCore`` limits."""
 
     def __init__(
         self,
@@ -131,7 +139,7 @@ class RelayServer:
         self.key = key
         self.max_connections = max_connections
         self.connections_refused = 0
-        self.service = RelayService(config)
+        self.core = RelayCore(config)
         self.host = host
         self.port = port
         self.capture = capture
@@ -226,46 +234,44 @@ class RelayServer:
     async def _serve_reservation(self, stream: FramedStream, peer: str, ip: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            reservation = self.service.reserve(peer, ip, False, loop.time())
+            reservation = self.core.reserve(peer, ip, False, loop.time())
         except RelayRefused as exc:
             self._log(f"reservation of {peer} refused: {exc}")
-            await stream.send_message(reserve_response(None, self.service.config, loop.time(), exc))
+            await stream.send_message(reserve_refused(exc))
             return
         old = self._control.pop(peer, None)
         if old is not None:
             old.close()
         self._control[peer] = stream
         self._log(f"reservation for {peer}")
-        await stream.send_message(reserve_response(reservation, self.service.config, loop.time()))
+        await stream.send_message(reserve_response(reservation, self.core.config, loop.time()))
         try:
             while True:
                 msg = await stream.read_message(timeout=3 * KEEPALIVE_INTERVAL)
                 if msg["t"] == "reserve":
                     try:
-                        reservation = self.service.reserve(peer, ip, False, loop.time())
+                        reservation = self.core.reserve(peer, ip, False, loop.time())
                         await stream.send_message(
-                            reserve_response(reservation, self.service.config, loop.time())
+                            reserve_response(reservation, self.core.config, loop.time())
                         )
                     except RelayRefused as exc:
-                        await stream.send_message(
-                            reserve_response(None, self.service.config, loop.time(), exc)
-                        )
+                        await stream.send_message(reserve_refused(exc))
                         return
                 elif msg["t"] == "ping":
                     await stream.send_message(wire.encode("pong"))
         finally:
             if self._control.get(peer) is stream:
                 del self._control[peer]
-                self.service.cancel_reservation(peer)
+                self.core.cancel_reservation(peer)
 
     async def _serve_connect(self, stream: FramedStream, peer: str, msg: dict) -> None:
         loop = asyncio.get_running_loop()
         target = wire.get_str(msg, "peer", 128)
         try:
-            circuit = self.service.open_circuit(peer, target, False, loop.time())
+            circuit = self.core.open_circuit(peer, target, False, loop.time())
         except RelayRefused as exc:
             self._log(f"circuit {peer} -> {target} refused: {exc}")
-            await stream.send_message(connect_response(None, exc))
+            await stream.send_message(connect_refused(exc))
             return
         control = self._control.get(target)
         future = loop.create_future()
@@ -276,13 +282,13 @@ class RelayServer:
             await control.send_message(wire.encode("incoming", src=peer, cid=circuit.circuit_id))
             target_stream = await asyncio.wait_for(future, ACCEPT_TIMEOUT)
         except (TimeoutError, RelayRefused, ConnectionClosed, OSError) as exc:
-            self.service.close_circuit(circuit.circuit_id)
+            self.core.close_circuit(circuit.circuit_id)
             err = (
                 exc
                 if isinstance(exc, RelayRefused)
                 else RelayRefused(CONNECTION_FAILED, f"{target} did not accept the circuit in time")
             )
-            await stream.send_message(connect_response(None, err))
+            await stream.send_message(connect_refused(err))
             return
         finally:
             self._pending.pop(circuit.circuit_id, None)
@@ -292,7 +298,7 @@ class RelayServer:
             self._log(f"circuit {circuit.circuit_id}: {peer} -> {target}")
             await self._splice(circuit.circuit_id, stream, target_stream)
         finally:  # never leave the target's handler waiting
-            self.service.close_circuit(circuit.circuit_id)
+            self.core.close_circuit(circuit.circuit_id)
             target_stream.close()
             if target_stream.done is not None and not target_stream.done.done():
                 target_stream.done.set_result(None)
@@ -304,7 +310,7 @@ class RelayServer:
         try:
             if future is None or future.done():
                 raise RelayRefused(MALFORMED, f"no pending circuit {cid}")
-            self.service.accept_circuit(cid, peer, loop.time())
+            self.core.accept_circuit(cid, peer, loop.time())
         except RelayRefused as exc:
             await stream.send_message(wire.encode("accept_resp", s=exc.code, m=exc.message))
             return
@@ -321,7 +327,7 @@ class RelayServer:
                 data = await src.read(65536)
                 if not data:
                     return
-                self.service.account(cid, len(data), loop.time())
+                self.core.account(cid, len(data), loop.time())
                 self.bytes_relayed += len(data)
                 if self.capture:
                     self.captured += data
@@ -330,7 +336,7 @@ class RelayServer:
 
         tasks = [loop.create_task(pump(a, b)), loop.create_task(pump(b, a))]
         try:
-            circuit = self.service.circuits.get(cid)
+            circuit = self.core.circuits.get(cid)
             budget = (circuit.deadline - loop.time()) if circuit is not None else 0.0
             done, _pending = await asyncio.wait(
                 tasks, timeout=max(0.0, budget), return_when=asyncio.FIRST_COMPLETED
@@ -345,7 +351,7 @@ class RelayServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.service.close_circuit(cid)
+            self.core.close_circuit(cid)
             a.close()
             b.close()
             waiter = b.done
@@ -384,20 +390,18 @@ class RelayReservation:
             raise
         self.ttl = wire.get_float(reply, "ttl", 0, 10**7)
         self.limits = {"bytes": reply.get("bytes"), "secs": reply.get("secs")}
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run(self._stream))
 
-    async def _run(self) -> None:
+    async def _run(self, stream: FramedStream) -> None:
         loop = asyncio.get_running_loop()
         keepalive = min(KEEPALIVE_INTERVAL, max(1.0, self.ttl / 2))
         next_renew = loop.time() + keepalive
         try:
             while True:
                 try:
-                    msg = await self._stream.read_message(
-                        timeout=max(0.05, next_renew - loop.time())
-                    )
+                    msg = await stream.read_message(timeout=max(0.05, next_renew - loop.time()))
                 except TimeoutError:
-                    await self._stream.send_message(wire.encode("reserve"))
+                    await stream.send_message(wire.encode("reserve"))
                     next_renew = loop.time() + keepalive
                     continue
                 if msg["t"] == "incoming":
@@ -411,7 +415,7 @@ class RelayReservation:
         except (MeshError, OSError, ConnectionError) as exc:
             log.info("reservation on %s ended: %s", self.relay_peer, exc)
         finally:
-            self._stream.close()
+            stream.close()
             self.closed.set()
 
     async def close(self) -> None:

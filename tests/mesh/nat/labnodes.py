@@ -1,4 +1,4 @@
-"""A NAT-traversal mesh inside the netlab: one :class:`NatNode` per lab host, each on its own
+"""A NAT-traversal mesh inside the netlab: one :class:`NatHost` per lab host, each on its own
 namespace thread (shared by the netlab tests and ``bench/nat_matrix.py``)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from netlab_util import NamespaceLoop
 
 from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
 from latticaray.mesh.nat.autonat import AutoNatClientConfig
-from latticaray.mesh.nat.host import NatNode, NatNodeConfig
+from latticaray.mesh.nat.config import NatConfig
+from latticaray.mesh.nat.host import NatHost
 
 LAB_POLICY = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
 PUBLIC_NODES = ("pub1", "pub2")
@@ -31,13 +32,13 @@ class LabMesh:
         self.quic_port = quic_port
         self.relay_port = relay_port
         self.loops: dict[str, NamespaceLoop] = {}
-        self.nodes: dict[str, NatNode] = {}
+        self.nodes: dict[str, NatHost] = {}
         self.hosts = list(dict.fromkeys(["pub1", *hosts]))
         self.overrides = overrides
 
-    def config_for(self, host: str) -> NatNodeConfig:
+    def config_for(self, host: str) -> NatConfig:
         public = host in PUBLIC_NODES
-        cfg = NatNodeConfig(
+        cfg = NatConfig(
             quic_port=self.quic_port,
             policy=LAB_POLICY,
             serve_autonat=public,
@@ -58,7 +59,7 @@ class LabMesh:
         for host in self.hosts:
             self.loops[host] = NamespaceLoop(self.prefix, host)
         for host in self.hosts:
-            node = NatNode(config=self.config_for(host))
+            node = NatHost(config=self.config_for(host))
             self.loops[host].run(node.start(), 30)
             self.nodes[host] = node
 
@@ -144,7 +145,7 @@ class LabMesh:
 
 
 class MeshLab:
-    """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNat` on it."""
+    """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNatService` on it."""
 
     def __init__(
         self,
@@ -166,7 +167,7 @@ class MeshLab:
         self.nats: dict = {}
 
     async def _start_one(self, host: str):
-        from latticaray.mesh.nat.mesh_nat import MeshNat
+        from latticaray.mesh.nat.mesh_service import MeshNatService
         from latticaray.mesh.node import MeshConfig, MeshNode
 
         node = MeshNode(
@@ -178,9 +179,9 @@ class MeshLab:
         )
         await node.start()
         public = host in PUBLIC_NODES
-        nat = MeshNat(
+        nat = MeshNatService(
             node,
-            NatNodeConfig(
+            NatConfig(
                 policy=LAB_POLICY,
                 serve_autonat=public,
                 serve_relay=(host == "pub1"),

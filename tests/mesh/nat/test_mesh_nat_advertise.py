@@ -8,8 +8,8 @@ import pytest
 from latticaray.mesh.dht import DhtConfig, DhtService
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.nat.addresses import AddressPolicy
-from latticaray.mesh.nat.host import NatNodeConfig
-from latticaray.mesh.nat.mesh_nat import MeshNat
+from latticaray.mesh.nat.config import NatConfig
+from latticaray.mesh.nat.mesh_service import MeshNatService
 from latticaray.mesh.node import MeshConfig, MeshNode
 
 LOOPBACK = AddressPolicy(allow_loopback=True)
@@ -37,9 +37,9 @@ async def mesh():
                 MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
             )
             await node.start()
-            nat = MeshNat(
+            nat = MeshNatService(
                 node,
-                NatNodeConfig(
+                NatConfig(
                     listen_host="127.0.0.1", policy=LOOPBACK, serve_relay=serve, hole_punching=False
                 ),
             )

@@ -1,0 +1,187 @@
+"""NAT traversal attached to a :class:`~latticaray.mesh.node.MeshNode`: :class:`MeshNatService`.
+
+The :class:`~latticaray.mesh.nat.service.NatService` on the node's own shared QUIC socket and RPC
+router, with the node's connection manager as the owner of every connection:
+
+* relayed circuits, dialed (the ``circuit`` transport, :mod:`.circuit`) or accepted, are
+  connections of the manager like any other (transport name ``relay``);
+* hole punching dials its direct QUIC connections through the manager (or, for the birthday
+  hard side, on an extra socket and registers them with it), and :class:`.migration.RelayMigration`
+  upgrades relayed connections and drains the relay afterwards;
+* the node advertises what NAT traversal learns: one circuit address per live relay reservation
+  and the AutoNAT-confirmed public addresses go to ``node.add_advertised_addrs`` (and are
+  removed when the reservation drops or the verdict changes), so identify and the DHT's peer
+  records carry them and other peers can dial a private node through its relay. The circuit
+  address stays in the peer store, so the manager re-dials through the relay if a direct path
+  dies.
+
+Usage::
+
+    nat = MeshNatService(node, NatConfig(policy=..., serve_relay=True, relay_port=4002))
+    await nat.start()                                  # after node.start()
+    await nat.detect_nat(observers); await nat.check_reachability(servers)
+    await nat.reserve_relay(relay_peer, host, port)    # private nodes
+    nat.circuit_address()                              # advertised via identify/DHT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..connmgr import RPC_PROTOCOL_PREAMBLE, MeshConnection, RawConnection
+from ..errors import MeshError, PeerUnreachable
+from ..identity import PeerId
+from ..multiaddr import Multiaddr
+from ..transport.quic import QuicConn, QuicTransport
+from .addresses import Endpoint
+from .circuit import CircuitAdapter, direct_connection, relayed_raw
+from .config import NatConfig
+from .links import PeerLink
+from .migration import RelayMigration
+from .service import NatService
+from .tunnel import SecureTunnel
+
+if TYPE_CHECKING:
+    from ..node import MeshNode
+
+log = logging.getLogger(__name__)
+
+
+class MeshNatService(NatService):
+    """NAT traversal for one MeshNode (see the module docstring)."""
+
+    def __init__(self, node: MeshNode, config: NatConfig | None = None) -> None:
+        if node.quic is None or node.quic.local_address is None:
+            raise RuntimeError("MeshNatService needs a started MeshNode that listens on QUIC")
+        config = config or NatConfig()
+        super().__init__(node.key, config, transport=node.quic, router=node.router)
+        self.node = node
+        self._advertised: set[str] = set()
+        self.migration = RelayMigration(
+            node.connections,
+            self.punch,
+            link=self.link,
+            spawn=self.spawn,
+            clock=lambda: self.loop.time(),
+            config=config,
+        )
+
+    async def start(self) -> None:
+        await super().start()
+        self.node.connections.register_transport(CircuitAdapter(self.relay_client))
+        self.node.connections.on_connection_added(self.migration.on_connection_added)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._advertised:
+            self.node.remove_advertised_addrs(sorted(self._advertised))
+            self._advertised = set()
+
+    @property
+    def drains(self) -> list[dict[str, Any]]:
+        """One record per relayed connection drained after an upgrade (the last 32)."""
+        return self.migration.drains
+
+    def upgrade(self, peer: PeerId) -> asyncio.Task[bool] | None:
+        """Start a hole-punch upgrade of ``peer``'s relayed connection now (see
+        :meth:`RelayMigration.upgrade`)."""
+        return self.migration.upgrade(peer)
+
+    # -- advertising through the node ------------------------------------------------------
+    def addresses_changed(self) -> None:
+        wanted = set(self.circuit_addresses()) | set(self.public_addresses())
+        gone = self._advertised - wanted
+        new = wanted - self._advertised
+        if gone:
+            self.node.remove_advertised_addrs(sorted(gone))
+        if new:
+            try:
+                self.node.add_advertised_addrs(sorted(new))
+            except MeshError as exc:
+                log.warning("cannot advertise %s: %s", sorted(new), exc)
+                new = set()
+        self._advertised = (self._advertised - gone) | new
+
+    # -- connections through the manager ---------------------------------------------------
+    async def on_relayed_incoming(self, tunnel: SecureTunnel) -> None:
+        self.node.connections.accept_inbound(relayed_raw(tunnel, False, None))
+
+    def on_quic(self, conn: QuicConn) -> None:
+        return None  # the node's QUIC adapter accepts inbound connections
+
+    def direct_up(self, link: PeerLink) -> bool:
+        return direct_connection(self.node.connections, link.peer) is not None
+
+    async def await_direct(self, link: PeerLink, timeout: float) -> Endpoint | None:
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline:
+            conn = direct_connection(self.node.connections, link.peer)
+            if conn is not None:
+                self._mark_direct(link, conn)
+                addr = conn.remote_addr
+                if addr is None or addr.host is None or addr.port is None:
+                    return ("?", 0)
+                return (addr.host, addr.port)
+            await asyncio.sleep(0.02)
+        return None
+
+    def _mark_direct(self, link: PeerLink, conn: MeshConnection) -> None:
+        now = self.loop.time()
+        path = link.pending_path or "direct"
+        link.direct, link.direct_path = conn.session, path
+        link.metrics.path = path
+        if link.metrics.upgraded_at is None:
+            link.metrics.upgraded_at = now
+        link.metrics.record(now, f"direct:{path}")
+        link.direct_ready.set()
+
+    async def dial_direct(
+        self,
+        peer: PeerId,
+        addr: Endpoint,
+        path: str,
+        transport: QuicTransport | None = None,
+        timeout: float | None = None,
+    ) -> PeerLink:
+        timeout = timeout or self.config.direct_dial_timeout
+        target = Multiaddr.parse(f"/ip4/{addr[0]}/udp/{addr[1]}/quic-v1/p2p/{peer}")
+        manager = self.node.connections
+        if transport is None or transport is self.transport:
+            conn = await manager.dial_addr(target, timeout, force_new=True)
+        else:
+            conn = manager.add_connection(await self._dial_on(transport, peer, addr, timeout))
+        if conn.closed or conn.session.closed:
+            raise PeerUnreachable(f"direct connection to {peer} closed as soon as it opened")
+        link = self.link(peer)
+        link.pending_path = path
+        self._mark_direct(link, conn)
+        return link
+
+    @staticmethod
+    async def _dial_on(
+        transport: QuicTransport, peer: PeerId, addr: Endpoint, timeout: float
+    ) -> RawConnection:
+        """Dial over a socket of our own (birthday punching) and wrap it as the manager's QUIC
+        adapter would."""
+        quic_conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
+        channel = quic_conn.open_channel()
+        channel.write(RPC_PROTOCOL_PREAMBLE)
+        if quic_conn.remote_peer is None:
+            quic_conn.close("unauthenticated")
+            raise PeerUnreachable(f"QUIC dial of {peer} at {addr[0]}:{addr[1]} unauthenticated")
+
+        def on_close(callback: Callable[[], None]) -> None:
+            quic_conn.on_close(lambda _conn: callback())
+
+        return RawConnection(
+            peer_id=quic_conn.remote_peer,
+            channel=channel,
+            transport="quic",
+            remote_addr=quic_conn.remote_addr,
+            outbound=True,
+            close=quic_conn.close,
+            on_close=on_close,
+        )
