@@ -12,7 +12,7 @@ reservations), ``punch`` (hole punching), composed by ``service.NatService`` (co
 ``config.NatConfig``, per-peer state in ``links``). Its two bindings: ``host.NatHost`` (a
 standalone peer with its own links) and ``mesh_service.MeshNatService`` (on a ``MeshNode``, with
 ``circuit`` for relayed connections in the connection manager and ``migration`` for moving a
-peer off the relay). Transports: ``tunnel`` (end-to-end TLS over any byte stream),
-``relay_transport`` (relay over TCP+TLS), ``tcp_punch`` (TCP simultaneous open). Wire formats:
-docs/protocol/nat.md.
+peer off the relay). Transports: ``tunnel`` (end-to-end TLS over any byte stream), the relay
+over TCP+TLS (``relay_transport`` framing, ``relay_server``, ``relay_client``), ``tcp_punch``
+(TCP simultaneous open). Wire formats: docs/protocol/nat.md.
 """

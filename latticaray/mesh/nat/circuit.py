@@ -15,7 +15,7 @@ from ..connmgr import ConnectionManager, MeshConnection, RawConnection, Transpor
 from ..errors import PeerUnreachable
 from ..identity import PeerId
 from ..multiaddr import Multiaddr
-from .relay_transport import RelayClient
+from .relay_client import RelayClient
 from .tunnel import SecureTunnel
 
 CIRCUIT = "circuit"

@@ -1,7 +1,7 @@
 """A private node's relay reservations: take them, keep them, say what to advertise.
 
 :class:`ReservationService` is the asyncio shell of the sans-I/O :class:`ReservationKeeper`
-over a :class:`~latticaray.mesh.nat.relay_transport.RelayClient`: :meth:`reserve` takes a slot
+over a :class:`~latticaray.mesh.nat.relay_client.RelayClient`: :meth:`reserve` takes a slot
 on a relay; a keeper task notices a reservation whose control stream ended and re-reserves with
 capped exponential backoff (the relay restarted, the path blinked). Every live reservation gives
 one ``/p2p-circuit`` address (:meth:`circuit_addresses`); ``on_change`` is called whenever that
@@ -20,7 +20,7 @@ from ..identity import PeerId
 from .addresses import circuit_address_text, endpoint_to_multiaddr_text
 from .config import RelayAddr
 from .relay import ReservationKeeper
-from .relay_transport import RelayClient
+from .relay_client import RelayClient
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ mapping AutoNAT tests and punches open is the one QUIC uses) and its RPC router:
   punch packets);
 * :class:`~.reachability.ReachabilityService`: observed mappings, NAT type, AutoNAT verdicts;
 * :class:`~.reservations.ReservationService`: relay reservations and the circuit addresses they
-  give; on a public node, a :class:`~.relay_transport.RelayServer` and a rendezvous point;
+  give; on a public node, a :class:`~.relay_server.RelayServer` and a rendezvous point;
 * :class:`~.punch.HolePunchService`: DCUtR-style upgrades of relayed connections;
 * the per-peer :class:`~.links.PeerLink` table.
 
@@ -42,7 +42,8 @@ from .links import PeerLink
 from .nattype import NatReport
 from .punch import HolePunchService
 from .reachability import ReachabilityService
-from .relay_transport import RelayClient, RelayServer
+from .relay_client import RelayClient
+from .relay_server import RelayServer
 from .rendezvous import PROTOCOL_ID as RENDEZVOUS_SERVICE
 from .rendezvous import RendezvousCore
 from .reservations import ReservationService

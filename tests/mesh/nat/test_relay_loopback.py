@@ -12,7 +12,8 @@ from latticaray.mesh.nat.errors import (
     RelayRefused,
 )
 from latticaray.mesh.nat.relay import RelayConfig
-from latticaray.mesh.nat.relay_transport import RelayClient, RelayServer
+from latticaray.mesh.nat.relay_client import RelayClient
+from latticaray.mesh.nat.relay_server import RelayServer
 from latticaray.mesh.rpc import RpcRouter, RpcSession
 
 SECRET = b"the-payload-the-relay-must-never-see-" * 4
