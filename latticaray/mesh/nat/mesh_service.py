@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..connmgr import RPC_PROTOCOL_PREAMBLE, MeshConnection, RawConnection
+from ..connmgr import MeshConnection, QuicAdapter
 from ..errors import MeshError, PeerUnreachable
 from ..identity import PeerId
 from ..multiaddr import Multiaddr
@@ -152,36 +151,12 @@ class MeshNatService(NatService):
         if transport is None or transport is self.transport:
             conn = await manager.dial_addr(target, timeout, force_new=True)
         else:
-            conn = manager.add_connection(await self._dial_on(transport, peer, addr, timeout))
+            # a socket of our own (birthday punching): dialed and accepted like the node's own
+            adapter = QuicAdapter(transport, manager.accept_inbound)
+            conn = manager.add_connection(await adapter.dial(target, peer, timeout))
         if conn.closed or conn.session.closed:
             raise PeerUnreachable(f"direct connection to {peer} closed as soon as it opened")
         link = self.link(peer)
         link.pending_path = path
         self._mark_direct(link, conn)
         return link
-
-    @staticmethod
-    async def _dial_on(
-        transport: QuicTransport, peer: PeerId, addr: Endpoint, timeout: float
-    ) -> RawConnection:
-        """Dial over a socket of our own (birthday punching) and wrap it as the manager's QUIC
-        adapter would."""
-        quic_conn = await transport.dial((addr[0], addr[1]), expected_peer=peer, timeout=timeout)
-        channel = quic_conn.open_channel()
-        channel.write(RPC_PROTOCOL_PREAMBLE)
-        if quic_conn.remote_peer is None:
-            quic_conn.close("unauthenticated")
-            raise PeerUnreachable(f"QUIC dial of {peer} at {addr[0]}:{addr[1]} unauthenticated")
-
-        def on_close(callback: Callable[[], None]) -> None:
-            quic_conn.on_close(lambda _conn: callback())
-
-        return RawConnection(
-            peer_id=quic_conn.remote_peer,
-            channel=channel,
-            transport="quic",
-            remote_addr=quic_conn.remote_addr,
-            outbound=True,
-            close=quic_conn.close,
-            on_close=on_close,
-        )
