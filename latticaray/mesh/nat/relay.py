@@ -21,7 +21,7 @@ After an OK ``connect_resp``/``accept_resp`` the stream carries raw circuit byte
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import wire
@@ -204,65 +204,6 @@ class RelayCore:
         times = [r.expires for r in self.reservations.values()]
         times += [c.deadline for c in self.circuits.values()]
         return min(times) if times else None
-
-
-# --------------------------------------------------------------------------- client side
-@dataclass
-class RelayState:
-    relay: str
-    addr_text: str  # the relay's own multiaddr (without /p2p)
-    expires: float = 0.0
-    next_attempt: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-
-
-@dataclass
-class ReservationKeeper:
-    """A private node's reservations on one or more relays: when to (re)reserve, what to advertise.
-
-    Renews at ``renew_fraction`` of the granted TTL; retries failures with capped exponential backoff.
-    """
-
-    renew_fraction: float = 0.5
-    retry_base: float = 1.0
-    retry_max: float = 60.0
-    relays: dict[str, RelayState] = field(default_factory=dict)
-
-    def add_relay(self, relay: str, addr_text: str, now: float) -> None:
-        self.relays.setdefault(relay, RelayState(relay, addr_text, next_attempt=now))
-
-    def remove_relay(self, relay: str) -> None:
-        self.relays.pop(relay, None)
-
-    def due(self, now: float) -> list[str]:
-        return [r.relay for r in self.relays.values() if r.next_attempt <= now]
-
-    def on_reserved(self, relay: str, ttl: float, now: float) -> None:
-        state = self.relays[relay]
-        state.expires = now + ttl
-        state.next_attempt = now + ttl * self.renew_fraction
-        state.failures = 0
-        state.last_error = None
-
-    def on_failed(self, relay: str, error: str, now: float) -> None:
-        state = self.relays.get(relay)
-        if state is None:
-            return
-        state.failures += 1
-        state.last_error = error
-        state.next_attempt = now + min(self.retry_max, self.retry_base * 2 ** (state.failures - 1))
-
-    def active(self, now: float) -> list[RelayState]:
-        return [r for r in self.relays.values() if r.expires > now]
-
-    def circuit_addresses(self, me: str, now: float) -> list[str]:
-        from .addresses import circuit_address_text
-
-        return [circuit_address_text(r.addr_text, r.relay, me) for r in self.active(now)]
-
-    def next_timer(self) -> float | None:
-        return min((r.next_attempt for r in self.relays.values()), default=None)
 
 
 # ------------------------------------------------------------------------------- messages

@@ -119,6 +119,12 @@ class RelayClient:
         self.reservations[str(relay_peer)] = reservation
         return reservation
 
+    async def release(self, relay_peer: PeerId) -> None:
+        """Give up the reservation on ``relay_peer`` (the relay cancels it when the stream ends)."""
+        reservation = self.reservations.pop(str(relay_peer), None)
+        if reservation is not None:
+            await reservation.close()
+
     async def connect(
         self,
         relay_peer: PeerId,

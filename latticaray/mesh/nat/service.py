@@ -135,6 +135,7 @@ class NatService(abc.ABC):
             await self.relay_server.start()
 
     async def stop(self) -> None:
+        self.reservations.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

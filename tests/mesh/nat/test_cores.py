@@ -309,28 +309,12 @@ def test_relay_refuses_unauthorized_and_chained_hops():
     assert svc.refusals[PERMISSION_DENIED] == 4
 
 
-def test_relay_circuit_duration_limit_and_keeper_schedule():
+def test_relay_circuit_duration_limit():
     svc = relay.RelayCore(relay.RelayConfig(circuit_max_duration=10))
     svc.reserve("A", "ip", False, 0.0)
     c = svc.open_circuit("B", "A", False, 0.0)
     with pytest.raises(CircuitLimitExceeded, match="duration"):
         svc.account(c.circuit_id, 1, 11.0)
-
-    keeper = relay.ReservationKeeper(retry_base=1.0)
-    keeper.add_relay("R", "/ip4/198.18.0.11/udp/4001/quic-v1", 0.0)
-    assert keeper.due(0.0) == ["R"]
-    keeper.on_failed("R", "refused", 0.0)
-    keeper.on_failed("R", "refused", 1.0)
-    assert keeper.due(2.5) == [] and keeper.due(3.0) == ["R"]
-    keeper.on_reserved("R", 60.0, 3.0)
-    assert keeper.circuit_addresses("ME", 4.0) == [
-        "/ip4/198.18.0.11/udp/4001/quic-v1/p2p/R/p2p-circuit/p2p/ME"
-    ]
-    assert (
-        keeper.due(32.0) == []
-        and keeper.due(33.0) == ["R"]
-        and keeper.circuit_addresses("ME", 64.0) == []
-    )
 
 
 def test_relay_status_messages():
