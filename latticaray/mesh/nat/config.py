@@ -13,8 +13,9 @@ from ..errors import MultiaddrError
 from ..identity import PeerId
 from ..multiaddr import Multiaddr
 from ..transport.quic import QuicConfig
-from .addresses import AddressPolicy, Endpoint
+from .addresses import AddressPolicy, Endpoint, policy_from_environment
 from .autonat import AutoNatClientConfig, AutoNatServerConfig
+from .autorelay import AutoRelayConfig
 from .birthday import BirthdayConfig
 from .holepunch import HolePunchConfig
 from .relay import RelayConfig
@@ -38,9 +39,14 @@ class NatConfig:
     #: (``/ip4/../tcp/../p2p/<relay>`` multiaddrs), used by ``NatService.auto_configure``.
     observers: tuple[Endpoint, ...] = ()
     relays: tuple[str, ...] = ()
+    #: Auto mode (``MeshNatService``): find AutoNAT servers and relays among the peers met
+    #: (identify, DHT), keep ``autorelay.want`` reservations while not publicly reachable.
+    auto: bool = False
+    autorelay: AutoRelayConfig = field(default_factory=AutoRelayConfig)
     listen_host: str = "0.0.0.0"
     quic_port: int = 0
-    policy: AddressPolicy = field(default_factory=AddressPolicy)
+    #: Which addresses count as public; by default from the environment (``LATTICARAY_LAB``).
+    policy: AddressPolicy = field(default_factory=policy_from_environment)
     serve_autonat: bool = False
     observer_alt_port: int = 0  # AutoNAT servers answer obs_req here too (0: any port)
     serve_relay: bool = False

@@ -36,10 +36,12 @@ from ..identity import PeerId
 from ..multiaddr import Multiaddr
 from ..transport.quic import QuicConn, QuicTransport
 from .addresses import Endpoint
+from .auto import AutoMode, ProviderDht
 from .circuit import CircuitAdapter, direct_connection, relayed_raw
-from .config import NatConfig
+from .config import NatConfig, parse_relay_addr
 from .links import PeerLink
 from .migration import RelayMigration
+from .offers import RELAY_PROVIDER_KEY
 from .service import NatService
 from .tunnel import SecureTunnel
 
@@ -67,11 +69,62 @@ class MeshNatService(NatService):
             clock=lambda: self.loop.time(),
             config=config,
         )
+        self.auto: AutoMode | None = None
+        self.dht: ProviderDht | None = None
+        if config.auto:
+            self.auto = AutoMode(
+                node, self.reachability, self.reservations, config.policy, spawn=self.spawn
+            )
 
     async def start(self) -> None:
         await super().start()
         self.node.connections.register_transport(CircuitAdapter(self.relay_client))
         self.node.connections.on_connection_added(self.migration.on_connection_added)
+        if self.auto is not None:
+            self.auto.start()
+            for text in self.config.relays:  # hand-given relays stay: pinned beside found ones
+                self.spawn(self._reserve_given(text))
+
+    async def _reserve_given(self, text: str) -> None:
+        relay_peer, host, port = parse_relay_addr(text)
+        try:
+            await self.reserve_relay(relay_peer, host, port)
+        except (MeshError, OSError) as exc:
+            log.warning("reservation on the given relay %s failed: %s", text, exc)
+
+    def attach_dht(self, dht: ProviderDht) -> None:
+        """Use ``dht`` (a ``DhtService`` of this node): a node serving the relay provides
+        :data:`~.offers.RELAY_PROVIDER_KEY`; in auto mode the node looks for relays there when
+        short of them and announces its new addresses."""
+        self.dht = dht
+        if self.auto is not None:
+            self.auto.attach_dht(dht)
+        if self.relay_server is not None:
+            self.spawn(self._provide_relay(dht))
+
+    async def _provide_relay(self, dht: ProviderDht) -> None:
+        try:
+            await dht.provide(RELAY_PROVIDER_KEY)
+        except (MeshError, OSError) as exc:  # the DHT re-provides it periodically
+            log.info("announcing the relay service in the DHT failed: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        """What NAT traversal found: reachability, NAT type, relays, circuit addresses."""
+        if self.auto is not None:
+            return self.auto.status()
+        return {
+            "reachability": self.autonat_client.reachability().value,
+            "nat_type": self.reachability.nat_type.value,
+            "public_addrs": self.public_addresses(),
+            "circuit_addrs": self.circuit_addresses(),
+        }
+
+    async def wait_reachable(self, timeout: float) -> None:
+        """Auto mode: wait until the node is public or holds a relay reservation; raises
+        :class:`~.errors.NotReachable` saying what was tried."""
+        if self.auto is None:
+            raise RuntimeError("wait_reachable needs auto mode (NatConfig(auto=True))")
+        await self.auto.wait_reachable(timeout)
 
     async def stop(self) -> None:
         await super().stop()
@@ -103,6 +156,10 @@ class MeshNatService(NatService):
                 log.warning("cannot advertise %s: %s", sorted(new), exc)
                 new = set()
         self._advertised = (self._advertised - gone) | new
+        if self.auto is not None:
+            self.auto.decide()
+            if gone or new:
+                self.auto.announce()
 
     # -- connections through the manager ---------------------------------------------------
     async def on_relayed_incoming(self, tunnel: SecureTunnel) -> None:

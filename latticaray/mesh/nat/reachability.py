@@ -194,18 +194,21 @@ class ReachabilityService:
         except NatError as exc:
             log.info("bad AutoNAT response from %s: %s", probe.server, exc)
 
-    def start_maintenance(self, servers: list[Endpoint], max_interval: float = 60.0) -> None:
-        """Re-run AutoNAT whenever an address is due a re-check (at most ``max_interval`` apart)."""
+    def start_maintenance(
+        self, servers: Callable[[], list[Endpoint]], max_interval: float = 60.0
+    ) -> None:
+        """Re-run AutoNAT against ``servers()`` whenever an address is due a re-check (at most
+        ``max_interval`` apart)."""
         if self._maintenance is None:
             self._maintenance = self._spawn(self._maintain(servers, max_interval))
 
-    async def _maintain(self, servers: list[Endpoint], max_interval: float) -> None:
+    async def _maintain(self, servers: Callable[[], list[Endpoint]], max_interval: float) -> None:
         loop = self.control.loop
         while True:
             due = self.client.next_timer()
             delay = max_interval if due is None else min(max_interval, max(1.0, due - loop.time()))
             await asyncio.sleep(delay)
             try:
-                await self.check_reachability(servers)
+                await self.check_reachability(servers())
             except (MeshError, OSError) as exc:
                 log.info("AutoNAT re-check failed: %s", exc)

@@ -42,6 +42,16 @@ from .relay_client import RelayClient, RelayReservation
 log = logging.getLogger(__name__)
 
 
+def describe_no_relay(report: NoRelayFound) -> str:
+    """What a :class:`NoRelayFound` means, for a log line or an error."""
+    tried = "; ".join(f"{relay}: {why}" for relay, why in report.tried) or "none offered one"
+    return (
+        f"holds no relay reservation (relays tried: {tried}); peers that are not public "
+        "cannot reach it. Join through a public node that serves the relay, or name a relay "
+        "(--relay / nat={'relays': [...]})."
+    )
+
+
 class ReservationService:
     """Reservations on one or more relays, kept and replaced (see the module docstring)."""
 
@@ -63,6 +73,8 @@ class ReservationService:
         self.no_relay: NoRelayFound | None = None  # the last "needed and none found" report
         self.measure_rtt = measure_rtt
         self.discover = discover
+        #: told when the node needs a relay and none can be had (default: a warning)
+        self.on_no_relay: Callable[[NoRelayFound], None] = self._warn_no_relay
         self._addrs: dict[str, RelayAddr] = {}
         self._spawn = spawn
         self._on_change = on_change
@@ -116,14 +128,12 @@ class ReservationService:
                     self._spawn(self._discover(self.discover))
             elif isinstance(action, NoRelayFound):
                 self.no_relay = action
-                tried = "; ".join(f"{relay}: {why}" for relay, why in action.tried) or "none"
-                log.warning(
-                    "this node is not publicly reachable and holds no relay reservation "
-                    "(relays tried: %s); peers cannot reach it unless they are reachable "
-                    "themselves. Start a public node with a relay, or name one (--relay).",
-                    tried,
-                )
+                self.on_no_relay(action)
         self._schedule()
+
+    @staticmethod
+    def _warn_no_relay(report: NoRelayFound) -> None:
+        log.warning("this node is not publicly reachable and %s", describe_no_relay(report))
 
     def _schedule(self) -> None:
         if self._timer is not None:
@@ -142,7 +152,7 @@ class ReservationService:
         relay_peer = self._addrs[relay_id][0]
         try:
             rtt = await self.measure_rtt(relay_peer) if self.measure_rtt is not None else 0.0
-        except (MeshError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # whatever stops the probe, the candidate must not hang
             self._apply(self.core.on_rtt(relay_id, None, self._loop().time(), str(exc)))
             return
         self._apply(self.core.on_rtt(relay_id, rtt, self._loop().time()))

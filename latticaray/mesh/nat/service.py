@@ -40,6 +40,7 @@ from .control import ControlPlane
 from .holepunch import PathMetrics
 from .links import PeerLink
 from .nattype import NatReport
+from .offers import AUTONAT_INFO_PROTOCOL, RELAY_HOP_PROTOCOL, AutoNatInfo, RelayHop
 from .punch import HolePunchService
 from .reachability import ReachabilityService
 from .relay_client import RelayClient
@@ -87,7 +88,11 @@ class NatService(abc.ABC):
         )
         self.relay_client = RelayClient(key, self.on_relayed_incoming)
         self.reservations = ReservationService(
-            self.relay_client, key.peer_id, spawn=self.spawn, on_change=self.addresses_changed
+            self.relay_client,
+            key.peer_id,
+            spawn=self.spawn,
+            on_change=self.addresses_changed,
+            config=config.autorelay,
         )
         self.relay_server: RelayServer | None = None
         self.punch = HolePunchService(
@@ -133,6 +138,9 @@ class NatService(abc.ABC):
                 capture=self.config.relay_capture,
             )
             await self.relay_server.start()
+            self.router.register_unary(RELAY_HOP_PROTOCOL, self._handle_hop)
+        if self.config.serve_autonat:
+            self.router.register_unary(AUTONAT_INFO_PROTOCOL, self._handle_autonat_info)
 
     async def stop(self) -> None:
         self.reservations.close()
@@ -149,6 +157,8 @@ class NatService(abc.ABC):
             await self.relay_server.stop()
         self.control.stop()
         await self.punch.close()
+        for offer in (RELAY_HOP_PROTOCOL, AUTONAT_INFO_PROTOCOL):
+            self.router.unregister(offer)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -176,6 +186,13 @@ class NatService(abc.ABC):
 
     async def _handle_ping(self, ctx: CallContext, payload: bytes) -> bytes:
         return bytes(payload)
+
+    async def _handle_hop(self, ctx: CallContext, payload: bytes) -> bytes:
+        assert self.relay_server is not None
+        return RelayHop(self.relay_server.port).encode()
+
+    async def _handle_autonat_info(self, ctx: CallContext, payload: bytes) -> bytes:
+        return AutoNatInfo(self.control.alt_observer_port).encode()
 
     async def _handle_rendezvous(self, ctx: CallContext, payload: bytes) -> bytes:
         assert self.rendezvous is not None
@@ -248,7 +265,7 @@ class NatService(abc.ABC):
                 except (MeshError, OSError) as exc:
                     log.info("reservation on relay %s failed: %s", relay_peer, exc)
         if maintain:
-            self.reachability.start_maintenance(servers)
+            self.reachability.start_maintenance(lambda: servers)
         return report, reach
 
     # -- relay reservations ----------------------------------------------------------------

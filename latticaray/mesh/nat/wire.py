@@ -118,3 +118,9 @@ def get_str_list(msg: dict[str, Any], key: str, max_count: int, max_len: int = 2
         if not isinstance(item, str) or len(item) > max_len:
             raise MalformedMessage(f"field {key!r} items must be strings of at most {max_len}")
     return list(value)
+
+
+def expect_type(msg: dict[str, Any], msg_type: str) -> None:
+    """Raise :class:`MalformedMessage` unless ``msg`` is a ``msg_type`` message."""
+    if msg["t"] != msg_type:
+        raise MalformedMessage(f"expected a {msg_type!r} message, got {msg['t']!r}")
