@@ -232,3 +232,94 @@ class MeshLab:
         self.nodes.clear()
         self.nats.clear()
         self.loops.clear()
+
+
+class AutoLab:
+    """Zero-flag nodes in the netlab: pub1 and pub2 serve the relay and AutoNAT; every other host
+    joins with nothing but pub1's address (auto mode, a DHT, an ephemeral UDP port), one after
+    the other, each once it holds ``want`` relay reservations. ``LATTICARAY_LAB=1`` must be set
+    (the default address policy then counts the lab's ranges as public)."""
+
+    def __init__(
+        self, prefix: str, hosts: list[str], quic_port: int, relay_port: int, want: int = 2
+    ) -> None:
+        self.prefix = prefix
+        self.quic_port = quic_port
+        self.relay_port = relay_port
+        self.want = want
+        self.hosts = list(dict.fromkeys(["pub1", *hosts]))
+        self.loops: dict[str, NamespaceLoop] = {}
+        self.nodes: dict = {}
+        self.nats: dict = {}
+        self.dhts: dict = {}
+        self.join_s: dict[str, float] = {}
+
+    def bootstrap_addr(self) -> str:
+        return f"/ip4/{IPS['pub1']}/udp/{self.quic_port}/quic-v1/p2p/{self.nodes['pub1'].peer_id}"
+
+    async def _start_one(self, host: str):
+        from latticaray.mesh.dht import DhtConfig, DhtService
+        from latticaray.mesh.nat.mesh_service import MeshNatService
+        from latticaray.mesh.node import MeshConfig, MeshNode
+
+        public = host in PUBLIC_NODES
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        node = MeshNode(
+            MeshConfig(
+                listen=[f"/ip4/0.0.0.0/udp/{self.quic_port if public else 0}/quic-v1"],
+                transports=("quic",),
+                bootstrap=[] if host == "pub1" else [self.bootstrap_addr()],
+                dial_timeout=5.0,
+            )
+        )
+        await node.start()
+        serving = {"serve_relay": True, "relay_port": self.relay_port, "serve_autonat": True}
+        nat = MeshNatService(node, NatConfig(auto=True, **(serving if public else {})))
+        nat.config.autorelay.want = self.want
+        await nat.start()
+        dht = DhtService(node, DhtConfig(request_timeout=5.0))
+        nat.attach_dht(dht)
+        await dht.bootstrap()
+        if not public:
+            await nat.wait_reachable(20.0)
+            self.join_s[host] = loop.time() - started
+
+            async def holds_all() -> None:
+                while len(nat.status()["reserved"]) < self.want:
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(holds_all(), 20.0)
+        return node, nat, dht
+
+    def start(self) -> None:
+        for host in self.hosts:
+            self.loops[host] = NamespaceLoop(self.prefix, host)
+        for host in self.hosts:
+            self.nodes[host], self.nats[host], self.dhts[host] = self.loops[host].run(
+                self._start_one(host), 60
+            )
+
+    def status(self, host: str) -> dict:
+        async def read() -> dict:
+            return self.nats[host].status()
+
+        return self.loops[host].run(read(), 10)
+
+    def stop(self) -> None:
+        async def stop_one(host):
+            await self.dhts[host].close()
+            await self.nats[host].stop()
+            await self.nodes[host].stop()
+
+        for host in list(self.nodes):
+            try:
+                self.loops[host].run(stop_one(host), 20)
+            except Exception:
+                pass
+        for loop in self.loops.values():
+            loop.stop()
+        self.nodes.clear()
+        self.nats.clear()
+        self.dhts.clear()
+        self.loops.clear()
