@@ -241,12 +241,21 @@ class AutoLab:
     (the default address policy then counts the lab's ranges as public)."""
 
     def __init__(
-        self, prefix: str, hosts: list[str], quic_port: int, relay_port: int, want: int = 2
+        self,
+        prefix: str,
+        hosts: list[str],
+        quic_port: int,
+        relay_port: int,
+        want: int = 2,
+        serve_relay: bool = True,
+        no_relay_grace: float = 10.0,
     ) -> None:
         self.prefix = prefix
         self.quic_port = quic_port
         self.relay_port = relay_port
         self.want = want
+        self.serve_relay = serve_relay
+        self.no_relay_grace = no_relay_grace
         self.hosts = list(dict.fromkeys(["pub1", *hosts]))
         self.loops: dict[str, NamespaceLoop] = {}
         self.nodes: dict = {}
@@ -274,14 +283,19 @@ class AutoLab:
             )
         )
         await node.start()
-        serving = {"serve_relay": True, "relay_port": self.relay_port, "serve_autonat": True}
+        serving = {
+            "serve_relay": self.serve_relay,
+            "relay_port": self.relay_port,
+            "serve_autonat": True,
+        }
         nat = MeshNatService(node, NatConfig(auto=True, **(serving if public else {})))
         nat.config.autorelay.want = self.want
+        nat.config.autorelay.no_relay_grace = self.no_relay_grace
         await nat.start()
         dht = DhtService(node, DhtConfig(request_timeout=5.0))
         nat.attach_dht(dht)
         await dht.bootstrap()
-        if not public:
+        if not public and self.serve_relay:
             await nat.wait_reachable(20.0)
             self.join_s[host] = loop.time() - started
 

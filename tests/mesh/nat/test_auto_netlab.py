@@ -7,10 +7,13 @@ symmetric NAT. No observer, relay or address policy is given to any node: the po
 """
 
 import asyncio
+import contextlib
 import os
 import time
 
 import pytest
+
+from latticaray.mesh.nat.errors import NotReachable
 
 from .labnodes import AutoLab
 
@@ -23,22 +26,30 @@ async def echo(ctx, payload):
     return bytes(payload) + b"|" + ctx.transport.encode()
 
 
-@pytest.fixture(scope="module")
-def auto_lab(nat_lab):
+@contextlib.contextmanager
+def lab_environment():
     before = os.environ.get("LATTICARAY_LAB")
     os.environ["LATTICARAY_LAB"] = "1"
-    lab = AutoLab(nat_lab[0], ["pub2", *PRIVATE], quic_port=4801, relay_port=4802)
     try:
-        lab.start()
-        for host in lab.hosts:
-            lab.nodes[host].register_unary("/test/echo/1", echo)
-        yield lab
+        yield
     finally:
-        lab.stop()
         if before is None:
             os.environ.pop("LATTICARAY_LAB", None)
         else:
             os.environ["LATTICARAY_LAB"] = before
+
+
+@pytest.fixture(scope="module")
+def auto_lab(nat_lab):
+    lab = AutoLab(nat_lab[0], ["pub2", *PRIVATE], quic_port=4801, relay_port=4802)
+    with lab_environment():
+        try:
+            lab.start()
+            for host in lab.hosts:
+                lab.nodes[host].register_unary("/test/echo/1", echo)
+            yield lab
+        finally:
+            lab.stop()
 
 
 def verdict(lab, host, timeout=15.0):
@@ -111,3 +122,20 @@ def test_nodes_reach_each_other_directly_after_hole_punching(auto_lab, src, dst,
     replies = lab.loops[src].run(reach(), 120)
     assert replies.startswith(b"hello|") and replies.endswith(b" direct|quic"), replies
     assert path in {path_to(lab, src, dst), path_to(lab, dst, src)}
+
+
+def test_behind_a_symmetric_nat_with_no_relay_in_the_mesh_the_error_says_so(nat_lab):
+    lab = AutoLab(
+        nat_lab[0], ["hostC"], quic_port=4811, relay_port=4812, serve_relay=False, no_relay_grace=1
+    )
+    with lab_environment():
+        try:
+            lab.start()
+            nat = lab.nats["hostC"]
+            with pytest.raises(NotReachable) as info:
+                lab.loops["hostC"].run(nat.wait_reachable(4.0), 10)
+        finally:
+            lab.stop()
+    message = str(info.value)
+    assert "symmetric" in message and "holds no relay reservation" in message, message
+    assert "--relay" in message
