@@ -13,7 +13,11 @@ router, with the node's connection manager as the owner of every connection:
   removed when the reservation drops or the verdict changes), so identify and the DHT's peer
   records carry them and other peers can dial a private node through its relay. The circuit
   address stays in the peer store, so the manager re-dials through the relay if a direct path
-  dies.
+  dies;
+* in auto mode (``NatConfig(auto=True)``, :class:`.auto.AutoMode`) the node needs no observers
+  or relays: it finds AutoNAT servers and relays among the peers it meets, keeps two
+  reservations and reports what it found (:meth:`MeshNatService.status`,
+  :meth:`MeshNatService.wait_reachable`).
 
 Usage::
 
