@@ -249,6 +249,7 @@ class AutoLab:
         want: int = 2,
         serve_relay: bool = True,
         no_relay_grace: float = 10.0,
+        given: bool = False,
     ) -> None:
         self.prefix = prefix
         self.quic_port = quic_port
@@ -256,6 +257,7 @@ class AutoLab:
         self.want = want
         self.serve_relay = serve_relay
         self.no_relay_grace = no_relay_grace
+        self.given = given  # the baseline: observers and relay given by hand, as before auto mode
         self.hosts = list(dict.fromkeys(["pub1", *hosts]))
         self.loops: dict[str, NamespaceLoop] = {}
         self.nodes: dict = {}
@@ -288,14 +290,26 @@ class AutoLab:
             "relay_port": self.relay_port,
             "serve_autonat": True,
         }
-        nat = MeshNatService(node, NatConfig(auto=True, **(serving if public else {})))
+        config = NatConfig(auto=True, **(serving if public else {}))
+        if self.given and not public:
+            config = NatConfig(
+                observers=tuple((IPS[p], self.quic_port) for p in PUBLIC_NODES),
+                relays=(
+                    f"/ip4/{IPS['pub1']}/tcp/{self.relay_port}/p2p/{self.nodes['pub1'].peer_id}",
+                ),
+                autonat_client=AutoNatClientConfig(min_confirmations=2, dial_back_timeout=1.5),
+            )
+        nat = MeshNatService(node, config)
         nat.config.autorelay.want = self.want
         nat.config.autorelay.no_relay_grace = self.no_relay_grace
         await nat.start()
         dht = DhtService(node, DhtConfig(request_timeout=5.0))
         nat.attach_dht(dht)
-        await dht.bootstrap()
-        if not public and self.serve_relay:
+        joined = loop.create_task(dht.bootstrap())  # in the background, as the runtime does
+        if self.given and not public:
+            await nat.auto_configure()
+            self.join_s[host] = loop.time() - started
+        elif not public and self.serve_relay:
             await nat.wait_reachable(20.0)
             self.join_s[host] = loop.time() - started
 
@@ -304,6 +318,7 @@ class AutoLab:
                     await asyncio.sleep(0.05)
 
             await asyncio.wait_for(holds_all(), 20.0)
+        await joined
         return node, nat, dht
 
     def start(self) -> None:
