@@ -165,6 +165,7 @@ class MeshLab:
         self.loops: dict[str, NamespaceLoop] = {}
         self.nodes: dict = {}
         self.nats: dict = {}
+        self.dhts: dict = {}
 
     async def _start_one(self, host: str):
         from latticaray.mesh.nat.mesh_service import MeshNatService
@@ -194,13 +195,15 @@ class MeshLab:
             ),
         )
         await nat.start()
-        return node, nat
+        return node, nat, None
 
     def start(self) -> None:
         for host in self.hosts:
             self.loops[host] = NamespaceLoop(self.prefix, host)
         for host in self.hosts:
-            self.nodes[host], self.nats[host] = self.loops[host].run(self._start_one(host), 30)
+            self.nodes[host], self.nats[host], dht = self.loops[host].run(self._start_one(host), 60)
+            if dht is not None:
+                self.dhts[host] = dht
 
     def discover_and_reserve(self) -> dict:
         relay = self.nodes["pub1"].peer_id
@@ -219,6 +222,8 @@ class MeshLab:
 
     def stop(self) -> None:
         async def stop_one(host):
+            if host in self.dhts:
+                await self.dhts[host].close()
             await self.nats[host].stop()
             await self.nodes[host].stop()
 
@@ -231,10 +236,11 @@ class MeshLab:
             loop.stop()
         self.nodes.clear()
         self.nats.clear()
+        self.dhts.clear()
         self.loops.clear()
 
 
-class AutoLab:
+class AutoLab(MeshLab):
     """Zero-flag nodes in the netlab: pub1 and pub2 serve the relay and AutoNAT; every other host
     joins with nothing but pub1's address (auto mode, a DHT, an ephemeral UDP port), one after
     the other, each once it holds ``want`` relay reservations. ``LATTICARAY_LAB=1`` must be set
@@ -251,18 +257,11 @@ class AutoLab:
         no_relay_grace: float = 10.0,
         given: bool = False,
     ) -> None:
-        self.prefix = prefix
-        self.quic_port = quic_port
-        self.relay_port = relay_port
+        super().__init__(prefix, hosts, quic_port, relay_port)
         self.want = want
         self.serve_relay = serve_relay
         self.no_relay_grace = no_relay_grace
         self.given = given  # the baseline: observers and relay given by hand, as before auto mode
-        self.hosts = list(dict.fromkeys(["pub1", *hosts]))
-        self.loops: dict[str, NamespaceLoop] = {}
-        self.nodes: dict = {}
-        self.nats: dict = {}
-        self.dhts: dict = {}
         self.join_s: dict[str, float] = {}
 
     def bootstrap_addr(self) -> str:
@@ -306,6 +305,16 @@ class AutoLab:
         dht = DhtService(node, DhtConfig(request_timeout=5.0))
         nat.attach_dht(dht)
         joined = loop.create_task(dht.bootstrap())  # in the background, as the runtime does
+        try:
+            await self._join(host, nat, public, started)
+        except BaseException:
+            joined.cancel()
+            raise
+        await joined
+        return node, nat, dht
+
+    async def _join(self, host: str, nat, public: bool, started: float) -> None:
+        loop = asyncio.get_running_loop()
         if self.given and not public:
             await nat.auto_configure()
             self.join_s[host] = loop.time() - started
@@ -318,37 +327,9 @@ class AutoLab:
                     await asyncio.sleep(0.05)
 
             await asyncio.wait_for(holds_all(), 20.0)
-        await joined
-        return node, nat, dht
-
-    def start(self) -> None:
-        for host in self.hosts:
-            self.loops[host] = NamespaceLoop(self.prefix, host)
-        for host in self.hosts:
-            self.nodes[host], self.nats[host], self.dhts[host] = self.loops[host].run(
-                self._start_one(host), 60
-            )
 
     def status(self, host: str) -> dict:
         async def read() -> dict:
             return self.nats[host].status()
 
         return self.loops[host].run(read(), 10)
-
-    def stop(self) -> None:
-        async def stop_one(host):
-            await self.dhts[host].close()
-            await self.nats[host].stop()
-            await self.nodes[host].stop()
-
-        for host in list(self.nodes):
-            try:
-                self.loops[host].run(stop_one(host), 20)
-            except Exception:
-                pass
-        for loop in self.loops.values():
-            loop.stop()
-        self.nodes.clear()
-        self.nats.clear()
-        self.dhts.clear()
-        self.loops.clear()

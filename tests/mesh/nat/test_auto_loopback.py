@@ -5,8 +5,6 @@ On loopback nothing is behind a NAT: the relays' AutoNAT refuses to dial loopbac
 address policy), so the verdict stays unknown and the test tells the joining node it needs relays,
 as AutoNAT tells a private node; the netlab test runs the real verdicts."""
 
-import asyncio
-
 import pytest
 
 from latticaray.mesh.nat.addresses import AddressPolicy
@@ -16,19 +14,9 @@ from latticaray.mesh.nat.mesh_service import MeshNatService
 from latticaray.mesh.nat.offers import AUTONAT_INFO_PROTOCOL, RELAY_HOP_PROTOCOL
 from latticaray.mesh.node import MeshConfig, MeshNode
 
+from .loopback import echo, wait_for
+
 LOOPBACK = AddressPolicy(allow_loopback=True)
-
-
-async def echo(ctx, payload):
-    return bytes(payload) + b"|" + ctx.transport.encode()
-
-
-async def wait_for(cond, timeout=10.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, f"{what} not met in time"
-        await asyncio.sleep(0.02)
 
 
 class Made:

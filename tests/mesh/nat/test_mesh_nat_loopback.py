@@ -13,6 +13,8 @@ from latticaray.mesh.nat.errors import RendezvousRefused
 from latticaray.mesh.nat.mesh_service import MeshNatService
 from latticaray.mesh.node import MeshConfig, MeshNode
 
+from .loopback import echo, wait_for
+
 LOOPBACK = AddressPolicy(allow_loopback=True)
 
 
@@ -32,10 +34,6 @@ async def make(serve=False, punching=False, capture=False, autonat=False):
         ),
     )
     await nat.start()
-
-    async def echo(ctx, payload):
-        return bytes(payload) + b"|" + ctx.transport.encode()
-
     node.register_unary("/test/echo/1", echo)
     return node, nat
 
@@ -55,14 +53,6 @@ async def trio(request):
         for node, nat in reversed(made):
             await nat.stop()
             await node.stop()
-
-
-async def wait_for(cond, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_mesh_node_call_over_circuit_address(trio):
