@@ -63,8 +63,9 @@ def test_the_peer_s_max_udp_payload_size_caps_the_search():
     search.cap(1400)  # a smaller cap drops the size being tried
     assert search.ceiling == 1400 and search.next_probe(0.0) == 1400
     assert search.probe_acked(1500) is None  # above what the peer accepts: not adopted
-    search.cap(1000)
-    assert search.state is PmtuState.DISABLED and search.ceiling == 1350
+    search.cap(1250)  # below the base: base and confirmed size come down too
+    assert search.state is PmtuState.DISABLED
+    assert search.ceiling == search.base == search.confirmed == 1250
 
 
 def test_no_search_where_the_ceiling_is_the_base():

@@ -626,12 +626,15 @@ class MeshQuicConnection(QuicConnection):
     # -- overrides --------------------------------------------------------------------------
     def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
         super()._parse_transport_parameters(data, from_session_ticket)
-        pmtu = self.pmtu
-        if pmtu is not None:
-            # never send datagrams larger than the peer accepts (RFC 9000 18.2)
-            limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
-            if limit is not None:
-                pmtu.cap(limit)
+        # never send datagrams larger than the peer accepts (RFC 9000 18.2; quinn, for one,
+        # advertises 1472): aioquic checks the parameter but does not apply it
+        limit = pull_quic_transport_parameters(Buffer(data=data)).max_udp_payload_size
+        if limit is None:
+            return
+        if self.pmtu is not None:
+            self.pmtu.cap(limit)
+        if limit < self._max_datagram_size:
+            self._use_datagram_size(limit)
 
     def _write_stream_frame(
         self,

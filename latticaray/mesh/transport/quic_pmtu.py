@@ -133,13 +133,16 @@ class PmtuSearch:
             self._probing = None
 
     def cap(self, size: int) -> None:
-        """Never probe above ``size`` (the peer's max_udp_payload_size, RFC 9000 18.2)."""
-        self.ceiling = max(self.base, min(self.ceiling, size))
+        """Never use nor probe more than ``size`` (the peer's max_udp_payload_size, RFC 9000
+        18.2); the base and the confirmed size come down to it where they were larger."""
+        self.ceiling = min(self.ceiling, size)
+        self.base = min(self.base, self.ceiling)
+        self.confirmed = min(self.confirmed, self.ceiling)
         self._too_big = min(self._too_big, self.ceiling + 1)
         if self._probing is not None and self._probing > self.ceiling:
             self._probing = None
             self._failures = 0
-        if self.ceiling <= self.base:
+        if self.ceiling <= self.confirmed:
             self.state = PmtuState.DISABLED
 
     def reset(self) -> None:
