@@ -331,8 +331,9 @@ class QuicConn:
         quic = self._quic
         quic.receive_datagram(data, addr, at)
         if addr != self.addr and quic.active_path_addr() == addr:
-            self.addr = addr  # migrated
+            self.addr = addr  # migrated: the new path's MTU is unknown
             self.remote_addr = udp_multiaddr(addr)
+            quic.reset_datagram_size()
         self._process_events()
         # Datagrams that arrive together are answered together: the transmit runs once, after
         # the loop has handed us every datagram it read in this iteration.
