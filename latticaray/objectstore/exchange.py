@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,7 @@ class _FetchRun:
         self.writer: ObjectWriter | None = None
         self.finished: asyncio.Future[Cid] = self.loop.create_future()
         self.wake = asyncio.Event()
-        self.requests: dict[int, asyncio.Task] = {}
+        self.requests: dict[int, asyncio.Task[None]] = {}
         self.lookup: asyncio.Task | None = None
         self.lookup_again = False
         self.background: set[asyncio.Task] = set()
@@ -202,6 +202,7 @@ class _FetchRun:
         if error is not None:
             self.finished.set_exception(error)
         else:
+            assert result is not None  # a fetch ends with its CID or an error
             self.finished.set_result(result)
         self.wake.set()
 
@@ -213,9 +214,9 @@ class _FetchRun:
                 task = self.loop.create_task(self.request(action))
                 self.requests[action.request_id] = task
             elif isinstance(action, bs.CancelRequest):
-                task = self.requests.pop(action.request_id, None)
-                if task is not None:
-                    task.cancel()
+                cancelled = self.requests.pop(action.request_id, None)
+                if cancelled is not None:
+                    cancelled.cancel()
             elif isinstance(action, bs.FindProviders):
                 if self.lookup is None or self.lookup.done():
                     self.lookup = self.loop.create_task(self.find_providers())
@@ -253,7 +254,7 @@ class _FetchRun:
         self.writer = None
         self.finish(cid)
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
@@ -373,7 +374,7 @@ class ObjectExchange:
         timeout: float = 30.0,
         pin: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        peers: list[Hashable] = (),
+        peers: Sequence[Hashable] = (),
     ) -> Cid:
         """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``."""
         root = Cid.coerce(cid)
@@ -398,9 +399,9 @@ class ObjectExchange:
 
             future.add_done_callback(forget)
         else:
-            run = self._runs.get(root)
-            if run is not None and peers:
-                run.apply(run.session.add_peers(list(peers), run.now()))
+            running = self._runs.get(root)
+            if running is not None and peers:
+                running.apply(running.session.add_peers(list(peers), running.now()))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 1.0)
         except TimeoutError:
@@ -603,7 +604,7 @@ class ObjectExchange:
         manifest, flags, source = self._holding(request.root)
         pending = None
         if flags is not None and request.pending:  # a partial holder: what its fetch has asked for
-            run = self._runs.get(request.root)
+            run = self._runs.get(request.root) if request.root is not None else None
             pending = run.session.pending_flags() if run is not None else None
         plan = bs.plan_response(request, manifest, flags, pending)
         if plan.presences:
@@ -613,6 +614,7 @@ class ObjectExchange:
             await self._acquire_slot(peer, token)
             try:
                 if index == -1:
+                    assert manifest is not None  # the plan names the manifest only if held
                     data: Any = manifest.encoded
                 elif isinstance(source, ObjectWriter):
                     data = source.read_block(index)
