@@ -6,7 +6,9 @@ linked). When an unresolved local object is deleted (by any process), or the las
 object its link sealed, its file (>= ``WARM_MIN_BYTES``) is renamed to
 ``tmp/<writer pid>-<id>-gift-warm`` and its bytes become a reservation of the writer, instead of
 being unlinked (:meth:`Gifts.give`; given-back files of all processes stay within
-``capacity // 8``, apart from fresh spares). The writer's next put that finds no spare takes it
+``capacity // 8``, apart from fresh spares; gifts given earlier and still not taken give way to
+a newer one, so a process that stopped putting cannot keep every other writer's files from
+coming back). The writer's next put that finds no spare takes it
 (:meth:`Gifts.take`): it proves with the write lease that no one else has the file open or
 mapped (else it unlinks it: readers keep their bytes), and writes through the mapping it kept
 when it wrote the file (spares.py), so the put is a plain memcpy into mapped, resident pages.
@@ -49,6 +51,7 @@ class Gifts:
         self.keeper = keeper
         self.gifts_taken = 0  # given-back files this process reused (observability; tests)
         self.gifts_reused_mapping = 0  # of which it still had mapped
+        self.gifts_dropped = 0  # idle gifts this process dropped for newer ones (observability)
         self._lock = threading.Lock()
         self._expected: collections.deque[str] = collections.deque(maxlen=_EXPECTED_MAX)
         self._pid = os.getpid()
@@ -68,13 +71,14 @@ class Gifts:
         if size < WARM_MIN_BYTES or not writer or not pid_alive(writer):
             return False
         rounded = round_to_granule(size)
-        # given-back files have a cap of their own: a fresh spare that a starved, niced thread
-        # is still making must not keep pages that exist from being reused
         capacity = self.keeper.capacity
-        if (
-            ledger.reserved_as(GIFT_SUFFIX) + rounded > capacity // 8
-            or ledger.committed() - size + rounded > capacity
-        ):
+        if ledger.committed() - size + rounded > capacity:
+            return False
+        # given-back files have a cap of their own (a fresh spare that a starved, niced thread
+        # is still making must not keep pages that exist from being reused); within it, this
+        # file is worth more than gifts that were given earlier and are still not taken (their
+        # writer stopped putting, or puts smaller objects now): those go first
+        if not self._make_gift_room(ledger, rounded, capacity // 8):
             return False
         token = new_token(writer, GIFT_SUFFIX)
         try:
@@ -84,6 +88,31 @@ class Gifts:
         ledger.used -= size
         ledger.reserve(rounded, token)
         return True
+
+    def _make_gift_room(self, ledger: Ledger, nbytes: int, cap: int) -> bool:
+        """Drop idle gifts, those given longest ago first, until ``nbytes`` more fit in ``cap``
+        (the caller holds the ledger lock); False if they cannot. A gift being taken was renamed
+        to a plain token under this lock, so every ``-gift-warm`` file here is idle."""
+        given = ledger.reserved_as(GIFT_SUFFIX)
+        if given + nbytes <= cap:
+            return True
+        if nbytes > cap:
+            return False
+        idle = []
+        for token in [t for t in ledger.reservations if t.endswith(GIFT_SUFFIX)]:
+            try:
+                idle.append((os.stat(self.paths.temp(token)).st_ctime_ns, token))
+            except FileNotFoundError:
+                idle.append((0, token))  # its file is gone already: only the entry is left
+        for _, token in sorted(idle):
+            if given + nbytes <= cap:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.temp(token))
+            given -= ledger.reservations[token]
+            ledger.release(token)
+            self.gifts_dropped += 1
+        return given + nbytes <= cap
 
     def take(self, estimate: int) -> Spare | None:
         """A file given back to this process that fits ``estimate``, made this put's spare

@@ -229,9 +229,29 @@ def test_a_view_held_here_makes_the_gift_refused_and_keeps_its_bytes(make_store)
     assert _within_budget(store)
 
 
+def test_an_idle_gift_gives_way_to_a_newer_one_when_both_pass_the_cap(make_store):
+    # cap on given-back files: capacity // 8 = 40 MiB, room for one 32 MiB gift only
+    store = make_store("cap", capacity_bytes=320 * MB)
+    store.spares.refill_seconds = store.spares.last_large_put_end = float("inf")
+    first = store.put_local(_array(24))
+    second = store.put_local(_array(25))
+    second_inode = os.stat(os.path.join(store.root, "local", second)).st_ino
+    store.delete(first)
+    assert len(_gifts(store)) == 1
+    store.delete(second)  # the older gift is dropped rather than this file unlinked
+    gifts = _gifts(store)
+    assert [os.stat(os.path.join(store.root, "tmp", n)).st_ino for n in gifts] == [second_inode]
+    assert store.gifts.gifts_dropped == 1
+    assert store.stats()["warm"] <= store.capacity // 8 and _within_budget(store)
+    third = store.put_local(_array(26))  # takes the newer gift
+    assert store.gifts_taken == 1 and _gifts(store) == []
+    assert os.stat(os.path.join(store.root, "local", third)).st_ino == second_inode
+    assert np.array_equal(store.get(third), _array(26))
+
+
 def _writer(root: str, conn) -> None:
     client = LocalStore.attach(root)
-    client._refill_seconds = client._last_large_put_end = float("inf")
+    client.spares.refill_seconds = client.spares.last_large_put_end = float("inf")
     conn.send(client.put_local(_array(30)))
     conn.recv()  # the parent deleted it
     name = client.put_local(_array(31))
