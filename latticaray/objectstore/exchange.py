@@ -11,6 +11,12 @@
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
     await exchange.stop()
 
+``authorize`` (``peer -> bool``, optional) decides who may be served: a peer it refuses gets
+``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1`` before any
+byte of its request is decoded, and is never asked to replicate. Without it every peer is served
+(a node outside any mesh). Fetches need no such check: every block fetched is verified against
+its CID whoever sent it, and a sender of a bad block is penalized and dropped from the fetch.
+
 ``node`` is anything with the MeshNode surface this module uses: ``peer_id``,
 ``register_server_stream``, ``register_unary``, ``call``, ``call_stream``, ``connected_peers``
 (and ``add_addrs`` when the DHT returns provider addresses). ``dht`` is a ``DhtService``
@@ -33,12 +39,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from ..mesh.errors import RpcError
+from ..mesh.rpc import Status
 from . import bitswap as bs
 from .cid import Cid
 from .errors import (
@@ -58,6 +66,8 @@ log = logging.getLogger(__name__)
 
 REPLICATE_PROTOCOL_ID = "/latticaray/replicate/1"
 ProviderSource = Callable[[Cid], Awaitable[list[Hashable]]]
+#: whether a peer may be served (a member of this node's mesh)
+Authorize = Callable[[Hashable], bool]
 
 
 @dataclass
@@ -332,8 +342,11 @@ class ObjectExchange:
         *,
         providers: ProviderSource | None = None,
         config: ExchangeConfig | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.node = node
+        self.authorize = authorize
+        self.refused = 0  # requests refused unread (observability; tests)
         self.dht = dht
         self.store = store
         self.providers = providers
@@ -496,7 +509,7 @@ class ObjectExchange:
         pool = [
             p
             for p in (candidates if candidates is not None else self._connected_peers())
-            if p != self.node.peer_id
+            if p != self.node.peer_id and (self.authorize is None or self.authorize(p))
         ]
         payload = msgpack.packb({"root": bytes(root), "timeout": float(timeout)})
         confirmed: list[Hashable] = []
@@ -518,7 +531,17 @@ class ObjectExchange:
                         confirmed.append(peer)
         return confirmed
 
+    def _require_authorized(self, ctx: Any, protocol: str) -> None:
+        """Refuse a peer ``authorize`` does not accept, before anything it sent is read."""
+        if self.authorize is not None and not self.authorize(ctx.peer_id):
+            self.refused += 1
+            raise RpcError(
+                Status.PERMISSION_DENIED,
+                f"peer {ctx.peer_id} may not use {protocol} here; request refused unread",
+            )
+
     async def _serve_replicate(self, ctx: Any, payload: bytes) -> bytes:
+        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID)
         if not self.config.accept_replication:
             return msgpack.packb({"ok": False, "error": "replication refused"})
         if len(payload) > 4096:
@@ -592,7 +615,8 @@ class ObjectExchange:
             else:  # its waiter went away: pass the slot on
                 granted.extend(self.ledgers.release_slot(next_token))
 
-    async def _serve(self, ctx: Any, payload: bytes):
+    async def _serve(self, ctx: Any, payload: bytes) -> AsyncIterator[bytes]:
+        self._require_authorized(ctx, bs.PROTOCOL_ID)
         peer = ctx.peer_id
         try:
             request = bs.decode_request(payload)
