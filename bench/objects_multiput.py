@@ -8,8 +8,9 @@ The method is Ray's (``ray/_private/ray_perf.py``): 10 tasks at once, each putti
 ``np.zeros(10 * 1024 * 1024, dtype=np.int64)`` (80 MiB) and dropping them; a call waits for all
 10 tasks; the row is calls per second times 8 (Ray's multiplier: "gigabytes" of 1e9 bytes... of
 8 x 100 MiB per call). Warm-up 1 s, then 4 trials of ``--duration`` s; mean and sd of the trials.
-Besides, the variant latticaray's microbenchmark ran before (one actor per two cores putting
-800 MiB per call) and a single client putting 80 MiB arrays back to back, for context.
+``--old-row``: also the variant latticaray's microbenchmark ran before (one actor per two cores
+putting 800 MiB per call, after the driver's own 800 MiB puts, as the rows before it in the
+microbenchmark do); ``--extra``: a single client putting 80 MiB arrays back to back.
 
 Ray runs in a subprocess of the interpreter given by ``--ray-python`` (or ``$RAY_PYTHON``; by
 default ``.venv-ray/bin/python`` of this checkout or of /work/main if present), alternated with
@@ -110,6 +111,10 @@ def _lattica_main(duration: float, extra: bool, old_row: bool) -> dict:
                 def put_large(self, nbytes):
                     latticaray.put(np.zeros(nbytes // 8, dtype=np.int64))
 
+            # as in the microbenchmark, the driver's own 800 MiB puts come first (their files
+            # go back to the driver, which may leave one untaken when it stops putting)
+            for _ in range(3):
+                latticaray.put(np.zeros((large_mb << 20) // 8, dtype=np.int64))
             spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
             figures["actors put 800 MiB each (old row)"] = namespace["timeit"](
                 lambda: latticaray.get([s.put_large.remote(large_mb << 20) for s in spawners]),
