@@ -337,6 +337,11 @@ class Ledgers:
     def record_bad_block(self, peer: Hashable) -> None:
         self.ledger(peer).bad_blocks += 1
 
+    def bad_blocks(self, peer: Hashable) -> int:
+        """Bad blocks received from ``peer`` so far (0 for a peer never met)."""
+        found = self.peers.get(peer)
+        return 0 if found is None else found.bad_blocks
+
     def is_free_rider(self, peer: Hashable) -> bool:
         ledger = self.ledger(peer)
         return ledger.sent > self.free_allowance and ledger.debt_ratio() > self.max_debt_ratio

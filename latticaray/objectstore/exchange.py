@@ -15,7 +15,8 @@
 ``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1`` before any
 byte of its request is decoded, and is never asked to replicate. Without it every peer is served
 (a node outside any mesh). Fetches need no such check: every block fetched is verified against
-its CID whoever sent it, and a sender of a bad block is penalized and dropped from the fetch.
+its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch, and
+once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
 
 ``node`` is anything with the MeshNode surface this module uses: ``peer_id``,
 ``register_server_stream``, ``register_unary``, ``call``, ``call_stream``, ``connected_peers``
@@ -39,7 +40,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +94,8 @@ class ExchangeConfig:
     reprovide_interval: float = 12 * 3600.0
     accept_replication: bool = True
     max_concurrent_replications: int = 4
+    #: A peer that sent this many bad blocks (any fetches) is asked for nothing more.
+    distrust_after_bad_blocks: int = 4
     #: Show a progress bar for fetches of at least progress_min_bytes (quiet by default; the
     #: environment variable LATTICARAY_PROGRESS=1 turns it on when stderr is a terminal).
     show_progress: bool = field(
@@ -171,13 +182,14 @@ class _FetchRun:
     def now(self) -> float:
         return self.loop.time()
 
+    def candidates(self, peers: Iterable[Hashable]) -> list[Hashable]:
+        """The peers worth asking: not this node, nor a peer distrusted for its bad blocks."""
+        exchange = self.exchange
+        return [p for p in peers if p != exchange.node.peer_id and exchange.trusted(p)]
+
     async def run(self) -> Cid:
         try:
-            self.apply(
-                self.session.start(
-                    self.now(), [p for p in self.hint_peers if p != self.exchange.node.peer_id]
-                )
-            )
+            self.apply(self.session.start(self.now(), self.candidates(self.hint_peers)))
             while not self.finished.done():
                 delay = self.session.next_timer() - self.now()
                 if delay > 0:
@@ -271,8 +283,7 @@ class _FetchRun:
 
     async def find_providers(self) -> None:
         exchange = self.exchange
-        me = exchange.node.peer_id
-        connected = [p for p in exchange._connected_peers() if p != me]
+        connected = self.candidates(exchange._connected_peers())
         self.apply(
             self.session.add_peers(
                 connected[: exchange.config.max_connected_candidates], self.now()
@@ -283,15 +294,15 @@ class _FetchRun:
                 found = await asyncio.wait_for(
                     exchange.providers(self.root), timeout=exchange.config.dht_lookup_timeout
                 )
-                self.apply(self.session.add_peers([p for p in found if p != me], self.now()))
+                self.apply(self.session.add_peers(self.candidates(found), self.now()))
             except Exception as exc:  # a failing source must not end the fetch
                 log.debug("bitswap: provider source failed for %s: %r", self.root, exc)
         if exchange.dht is not None:
             try:
                 async with asyncio.timeout(exchange.config.dht_lookup_timeout):
                     async for peer in exchange._dht_providers(self.root):
-                        if peer != me:  # each provider joins the session as soon as it is found
-                            self.apply(self.session.add_peers([peer], self.now()))
+                        # each provider joins the session as soon as it is found
+                        self.apply(self.session.add_peers(self.candidates([peer]), self.now()))
             except Exception as exc:
                 log.debug("bitswap: DHT provider lookup failed for %s: %r", self.root, exc)
 
@@ -414,7 +425,7 @@ class ObjectExchange:
         else:
             running = self._runs.get(root)
             if running is not None and peers:
-                running.apply(running.session.add_peers(list(peers), running.now()))
+                running.apply(running.session.add_peers(running.candidates(peers), running.now()))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 1.0)
         except TimeoutError:
@@ -530,6 +541,10 @@ class ObjectExchange:
                     if msgpack.unpackb(result).get("ok"):
                         confirmed.append(peer)
         return confirmed
+
+    def trusted(self, peer: Hashable) -> bool:
+        """False once ``peer`` sent ``distrust_after_bad_blocks`` bad blocks: no fetch asks it."""
+        return self.ledgers.bad_blocks(peer) < self.config.distrust_after_bad_blocks
 
     def _require_authorized(self, ctx: Any, protocol: str) -> None:
         """Refuse a peer ``authorize`` does not accept, before anything it sent is read."""

@@ -87,14 +87,11 @@ async def test_fetch_between_two_nodes(mesh, transport):
     assert await fetcher.exchange.fetch(cid, timeout=1) == cid  # local hit
 
 
-async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
-    liar, honest, fetcher = await mesh(
-        3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)), chunk_size=256 * 1024
-    )
-    value = np.arange(3 * MB // 8, dtype=np.int64)
+def _held_by_a_liar_and_an_honest_peer(liar, honest, value):
+    """Put ``value`` in both stores, then flip a byte in every block of the liar's shm copy: it
+    serves bad blocks from now on."""
     cid = liar.store.put(value)
     assert honest.store.put(value) == cid
-    # flip a byte in every block of the liar's shm copy: it now serves bad blocks
     path = os.path.join(liar.store.root, "objects", str(cid))
     manifest = liar.store.manifest(cid)
     with open(path, "r+b") as file:
@@ -104,10 +101,37 @@ async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
             file.seek(-1, os.SEEK_CUR)
             file.write(bytes([byte[0] ^ 0xFF]))
     liar.exchange._open.clear()
+    return cid
+
+
+async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
+    liar, honest, fetcher = await mesh(
+        3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)), chunk_size=256 * 1024
+    )
+    value = np.arange(3 * MB // 8, dtype=np.int64)
+    cid = _held_by_a_liar_and_an_honest_peer(liar, honest, value)
     await fetcher.exchange.fetch(cid, timeout=30)
     np.testing.assert_array_equal(fetcher.store.get(cid), value)
     assert fetcher.exchange.ledgers.ledger(liar.node.peer_id).bad_blocks >= 1
     assert fetcher.exchange.ledgers.ledger(honest.node.peer_id).bad_blocks == 0
+
+
+async def test_a_peer_that_sent_bad_blocks_is_asked_for_nothing_more(mesh):
+    config = ExchangeConfig(
+        session=SessionConfig(blocks_per_request=1), distrust_after_bad_blocks=1
+    )
+    liar, honest, fetcher = await mesh(3, config=config, chunk_size=256 * 1024)
+    first = np.arange(3 * MB // 8, dtype=np.int64)
+    await fetcher.exchange.fetch(_held_by_a_liar_and_an_honest_peer(liar, honest, first), 30)
+    assert not fetcher.exchange.trusted(liar.node.peer_id)
+    assert fetcher.exchange.trusted(honest.node.peer_id)
+    second = first + 1
+    other = liar.store.put(second)  # intact this time: the liar is still not asked
+    assert honest.store.put(second) == other
+    sent = liar.exchange.ledgers.ledger(fetcher.node.peer_id).sent
+    assert await fetcher.exchange.fetch(other, timeout=30) == other
+    np.testing.assert_array_equal(fetcher.store.get(other), second)
+    assert liar.exchange.ledgers.ledger(fetcher.node.peer_id).sent == sent
 
 
 async def test_provider_killed_mid_transfer_fetch_completes_from_another(mesh):
