@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,7 +114,8 @@ def encode_request(request: Request) -> bytes:
     }
     if request.pending:
         message["pend"] = True
-    return msgpack.packb(message)
+    encoded: bytes = msgpack.packb(message)
+    return encoded
 
 
 def _unpack(data: bytes | memoryview, limit: int, what: str) -> Any:
@@ -169,12 +170,13 @@ def decode_request(data: bytes | memoryview) -> Request:
 
 
 def encode_response(response: Response) -> bytes:
-    return msgpack.packb(
+    encoded: bytes = msgpack.packb(
         {
             "p": [[bytes(c), t, b] for c, t, b in response.presences],
             "b": [[bytes(c), data] for c, data in response.blocks],
         }
     )
+    return encoded
 
 
 def _bin_header(length: int) -> bytes:
@@ -334,6 +336,11 @@ class Ledgers:
 
     def record_bad_block(self, peer: Hashable) -> None:
         self.ledger(peer).bad_blocks += 1
+
+    def bad_blocks(self, peer: Hashable) -> int:
+        """Bad blocks received from ``peer`` so far (0 for a peer never met)."""
+        found = self.peers.get(peer)
+        return 0 if found is None else found.bad_blocks
 
     def is_free_rider(self, peer: Hashable) -> bool:
         ledger = self.ledger(peer)
@@ -565,13 +572,13 @@ class FetchSession:
         return self._missing_count if self.manifest else -1
 
     # --- events ------------------------------------------------------------------------------
-    def start(self, now: float, peers: list[Hashable] = ()) -> list[Any]:
+    def start(self, now: float, peers: Sequence[Hashable] = ()) -> list[Any]:
         self._next_provider_lookup = now + self.config.provider_retry_interval
         actions: list[Any] = [FindProviders(self.root)]
         actions += self.add_peers(peers, now)
         return actions
 
-    def add_peers(self, peers: list[Hashable], now: float) -> list[Any]:
+    def add_peers(self, peers: Sequence[Hashable], now: float) -> list[Any]:
         if self.done:
             return []
         actions: list[Any] = []
@@ -784,7 +791,7 @@ class FetchSession:
                     self._need[self._rank[index]] = 1
 
     def _on_block(
-        self, state: _Peer, request_id: int, cid: Cid, data: bytes, now: float
+        self, state: _Peer, request_id: int, cid: Cid, data: bytes | memoryview, now: float
     ) -> list[Any]:
         if self.manifest is None:
             if cid != self.root:
@@ -1010,11 +1017,14 @@ class FetchSession:
         positions = np.flatnonzero(mask)
         if state.lacks:
             return [i for i in self._order[positions].tolist() if i not in state.lacks][:count]
-        return self._order[positions[:count]].tolist()
+        chosen: list[int] = self._order[positions[:count]].tolist()
+        return chosen
 
     def _schedule_blocks(self, now: float) -> list[Any]:
         actions: list[Any] = []
         cfg = self.config
+        manifest = self.manifest
+        assert manifest is not None  # blocks are scheduled once the manifest is known
         live = [
             p
             for p in self.peers.values()
@@ -1068,7 +1078,7 @@ class FetchSession:
             state = self.peers[peer]
             for start in range(0, len(indices), cfg.blocks_per_request):
                 chunk = indices[start : start + cfg.blocks_per_request]
-                wants = [WantEntry(self.manifest.blocks[i], WANT_BLOCK, 0, True) for i in chunk]
+                wants = [WantEntry(manifest.blocks[i], WANT_BLOCK, 0, True) for i in chunk]
                 actions.append(self._send(state, Request(self.root, wants), chunk, False, now))
         return actions
 
@@ -1183,7 +1193,6 @@ def plan_response(
         if have_flags is not None:
             places = tuple(i for i in places if have_flags[i])
         held = bool(places)
-        index = places[0] if held else None
         if held and want.kind != WANT_HAVE:
             if want.cid in planned:
                 continue  # one copy answers every place of a repeated block
@@ -1194,5 +1203,5 @@ def plan_response(
         elif want.kind == WANT_HAVE:
             plan.presences.append((want.cid, HAVE, None))
         else:
-            plan.blocks.append((want.cid, index))
+            plan.blocks.append((want.cid, places[0]))
     return plan

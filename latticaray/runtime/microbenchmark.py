@@ -141,9 +141,6 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
             for _ in range(n):
                 lattica.put(0)
 
-        def put_large(self, nbytes):
-            lattica.put(np.zeros(nbytes // 8, dtype=np.int64))
-
     for _ in range(500):  # workers up and warm before timing starts
         lattica.get(small_value.remote())
     samples = []
@@ -188,11 +185,17 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
         lambda: lattica.get([small_value.remote() for _ in range(1000)]),
     )
     if want("multi client put gigabytes"):
-        spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
+        # Ray's method: 10 tasks at once, each putting ten 80 MiB arrays (np.zeros)
+
+        @lattica.remote
+        def do_put():
+            for _ in range(10):
+                lattica.put(np.zeros(10 * 1024 * 1024, dtype=np.int64))
+
         row(
             "multi client put gigabytes",
-            lambda: lattica.get([s.put_large.remote(large_mb << 20) for s in spawners]),
-            large_mb / 1024 * n_cpu,
+            lambda: lattica.get([do_put.remote() for _ in range(10)]),
+            10 * 8 * 0.1,
         )
     if want("get object containing 10k refs"):
         containing = create_object_containing_ref.remote()

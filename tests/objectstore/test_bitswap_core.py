@@ -56,10 +56,11 @@ class Provider:
         return self.dies_at is None or now < self.dies_at
 
     def block(self, index):
-        if index == -1:
-            return self.manifest.encoded
-        start, end = self.manifest.block_range(index)
-        data = bytes(self.payload[start:end])
+        if index == -1:  # the manifest (root block); corrupt=[-1] corrupts it
+            data = bytes(self.manifest.encoded)
+        else:
+            start, end = self.manifest.block_range(index)
+            data = bytes(self.payload[start:end])
         if index in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return data
@@ -203,6 +204,17 @@ def test_corrupt_blocks_are_rejected_penalized_and_refetched(object_data):
     penalties = [a for a in outcome["actions"] if isinstance(a, bs.Penalize)]
     assert penalties and all(a.peer == "liar" for a in penalties)
     assert session.peers["liar"].dropped
+
+
+def test_a_corrupt_manifest_drops_its_sender_and_the_fetch_completes_elsewhere(object_data):
+    payload, manifest = object_data
+    liar = Provider("liar", payload, manifest, corrupt=[-1], bandwidth=50e6)
+    honest = Provider("honest", payload, manifest, bandwidth=2e6)
+    outcome, session = run_fetch([liar, honest], manifest)
+    _assert_complete(outcome, payload)
+    penalties = [a for a in outcome["actions"] if isinstance(a, bs.Penalize)]
+    assert penalties and all(a.peer == "liar" for a in penalties)
+    assert session.peers["liar"].dropped and liar.blocks_served <= 1
 
 
 def test_provider_killed_mid_transfer_fetch_completes_from_another(object_data):
