@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from latticaray.runtime import context, serialization
-from latticaray.runtime.core import DriverCore
+from latticaray.runtime.client import DriverCore
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -422,7 +422,7 @@ def init(
 
     No arguments: an embedded local node with worker processes sized to this machine.
     `bootstrap=[multiaddr, ...]` joins an existing mesh (with `credential`, a membership
-    credential from the mesh's `latticaray invite`). `nat=` (a cluster.NatSettings or a dict of
+    credential from the mesh's `latticaray invite`). `nat=` (a mesh_runtime.NatSettings or a dict of
     its fields: observers, relays, lab, hole_punching, ...) runs NAT traversal for a node behind a
     NAT: it reserves a relay slot, advertises its circuit address and upgrades by hole punching.
     """
@@ -446,7 +446,7 @@ def init(
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.cluster import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime, NatSettings
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
@@ -478,7 +478,7 @@ _attached = None
 def _attach(address: str, namespace: str) -> dict:
     """Attach this driver to a node process listening on a Unix socket."""
     global _attached
-    from latticaray.runtime.core import AttachedCore
+    from latticaray.runtime.client import AttachedCore
 
     path = address[len("unix:") :] if address.startswith("unix:") else address
     core = AttachedCore(path, namespace)

@@ -193,6 +193,11 @@ def dumps_code(obj) -> bytes:
     return cloudpickle.dumps(obj, protocol=5)
 
 
+def error_blob(exc: BaseException) -> bytes:
+    """An exception as an error value (the bytes a failed object is sealed with)."""
+    return dumps_code(exc)
+
+
 def code_hash(blob: bytes) -> bytes:
     import hashlib
 

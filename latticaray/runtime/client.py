@@ -1,4 +1,5 @@
-"""Core clients: what the user API calls into, in a driver (`DriverCore`) or a worker (`WorkerCore`).
+"""Client stubs of a node: what the user API calls into, in a driver (`DriverCore`), a worker
+(`WorkerCore`) or a driver attached to a node process (`AttachedCore`).
 
 Both speak the same request vocabulary to their node (see docs/protocol/runtime.md, "client ops"):
 fire-and-forget posts (submit, actor_call, put, release, stream_drop, kill, cancel) and requests
@@ -16,6 +17,7 @@ import time
 
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
+from latticaray.runtime.channel import WorkerConnection
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
@@ -80,6 +82,11 @@ class CoreClient:
         self._stored: dict[bytes, str] = {}  # put by this process into the shared-memory store
         self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
         self._borrow_local = threading.local()
+
+    @property
+    def releases_pending(self) -> bool:
+        """Whether releases wait to be posted (flushed in a batch)."""
+        return bool(self._release_queue)
 
     # ---- transport (subclasses)
     def post(self, message: dict) -> None:
@@ -431,8 +438,8 @@ class DriverCore(CoreClient):
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
         oids = [r.id for r in refs]
-        node = self.node
-        ready = node.ready_entries(oids) if not self._outbox else None
+        objects = self.node.objects
+        ready = objects.ready_entries(oids) if not self._outbox else None
         if ready is None:
             ready = self._wait_local(oids, timeout)
             if ready is None:
@@ -445,8 +452,8 @@ class DriverCore(CoreClient):
     def wait(
         self, refs: list[ObjectRef], num_returns: int, timeout: float | None, fetch_local: bool
     ) -> list[int]:
-        node = self.node
-        objects = node.objects
+        table = self.node.objects
+        objects = table.entries
         if self._outbox:  # let the loop take in what was just submitted
             flushed = threading.Event()
             self.post(flushed.set)
@@ -454,12 +461,12 @@ class DriverCore(CoreClient):
         if any(r.id not in objects for r in refs):
             return super().wait(refs, num_returns, timeout, fetch_local)
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = node.seal_cond
+        cond = table.seal_cond
         with cond:
-            node.seal_waiters += 1
+            table.seal_waiters += 1
         try:
             while True:
-                seen = node.seal_count
+                seen = table.seal_count
                 ready = [
                     i
                     for i, r in enumerate(refs)
@@ -471,11 +478,11 @@ class DriverCore(CoreClient):
                 if left is not None and left <= 0:
                     return ready
                 with cond:
-                    if node.seal_count == seen:
+                    if table.seal_count == seen:
                         cond.wait(left)
         finally:
             with cond:
-                node.seal_waiters -= 1
+                table.seal_waiters -= 1
 
     def _wait_local(self, oids: list[bytes], timeout: float | None):
         """Block until objects this node holds are sealed, woken straight from the loop thread.
@@ -487,7 +494,7 @@ class DriverCore(CoreClient):
         missing = []
 
         def register():
-            objects = self.node.objects
+            objects = self.node.objects.entries
             pending = []
             for oid in oids:
                 entry = objects.get(oid)
@@ -515,7 +522,7 @@ class DriverCore(CoreClient):
             raise GetTimeoutError(f"get timed out after {timeout} s")
         if missing:
             return None
-        return self.node.ready_entries(oids)
+        return self.node.objects.ready_entries(oids)
 
 
 class WorkerCore(CoreClient):
@@ -545,8 +552,6 @@ class AttachedCore(WorkerCore):
 
     def __init__(self, path: str, namespace: str = "default"):
         import socket as socket_module
-
-        from latticaray.runtime.worker import WorkerConnection
 
         sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         sock.settimeout(10.0)

@@ -1,0 +1,1 @@
+"""The remote side of a runtime node: what crosses to other nodes of the mesh (see runtime.py)."""
