@@ -1,0 +1,1 @@
+"""The runtime's side of the mesh: its protocols, their messages and their handlers."""
