@@ -594,7 +594,8 @@ def _inner_per_result(value: object) -> bool:
 class TaskDone:
     """``done``: a task's results (``vals``; an entry is nil when the value came as `part`s)
     or its error (``err``, a pickled exception, with its class names ``mro``). ``inner``: per
-    result, the refs pickled inside it, held by the executor until `RefsHeld`. A streaming
+    result, the refs pickled inside it, held by the executor until `RefsHeld`. ``mro`` goes
+    with ``err`` only. A streaming
     task's ``done`` carries neither (its items came as `YieldItem`s) unless it failed."""
 
     KIND: ClassVar[str] = "done"
@@ -630,7 +631,8 @@ class TaskDone:
         inner = m.get("inner")
         if inner is not None and not _inner_per_result(inner):
             raise _bad(m, "inner", "done", "a list per result of [[object id, owner], ...]")
-        return cls(_id(m, "tid", "done"), vals, _opt_bin(m, "err", "done", MAX_FRAME), mro, inner)
+        err = _opt_bin(m, "err", "done", MAX_FRAME)
+        return cls(_id(m, "tid", "done"), vals, err, None if err is None else mro, inner)
 
 
 @dataclass(slots=True, frozen=True)
@@ -775,18 +777,20 @@ def decode_task_request(data: bytes) -> TaskRequest:
     """A caller's task-session message (executor side). Raises `UnknownKind` for a kind this
     node does not know (skip it), `WireError` for a malformed message."""
     message = _unpack_map(data, "task session")
-    decode = TASK_REQUEST_KINDS.get(message.get("k"))  # type: ignore[arg-type]
+    kind = message.get("k")
+    decode = TASK_REQUEST_KINDS.get(kind) if type(kind) is str else None
     if decode is None:
-        raise UnknownKind(message.get("k"))
+        raise UnknownKind(kind)
     return decode(message)
 
 
 def decode_task_reply(data: bytes) -> TaskReply:
     """An executor's task-session message (caller side); errors as `decode_task_request`."""
     message = _unpack_map(data, "task session")
-    decode = TASK_REPLY_KINDS.get(message.get("k"))  # type: ignore[arg-type]
+    kind = message.get("k")
+    decode = TASK_REPLY_KINDS.get(kind) if type(kind) is str else None
     if decode is None:
-        raise UnknownKind(message.get("k"))
+        raise UnknownKind(kind)
     return decode(message)
 
 
@@ -1062,6 +1066,7 @@ class NameClaim:
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameClaim:
         wait_s = _number(m, "wait_s", "claim", optional=True)
+        pending = _flag(m, "pending", "claim", False)
         return cls(
             _str(m, "ns", "claim", MAX_NAME),
             _str(m, "name", "claim", MAX_NAME),
@@ -1071,8 +1076,8 @@ class NameClaim:
             _opt_map(m, "meta", "claim", MAX_OPTS),
             _flag(m, "get_if_exists", "claim", False),
             _flag(m, "detached", "claim", False),
-            _flag(m, "pending", "claim", False),
-            None if wait_s is None else float(wait_s),
+            pending,
+            None if wait_s is None or not pending else float(wait_s),  # only read when pending
         )
 
 
@@ -1213,9 +1218,10 @@ def decode_names_request(data: bytes) -> NamesRequest:
     if len(data) > MAX_CONTROL_MESSAGE:
         raise WireError(f"names request of {len(data)} bytes exceeds {MAX_CONTROL_MESSAGE}")
     m = _unpack_map(data, "names request")
-    decode = NAMES_OPS.get(m.get("op"))  # type: ignore[arg-type]
+    op = m.get("op")
+    decode = NAMES_OPS.get(op) if type(op) is str else None
     if decode is None:
-        raise WireError(f"unknown names op {m.get('op')!r}")
+        raise WireError(f"unknown names op {op!r}")
     return decode(m)
 
 
