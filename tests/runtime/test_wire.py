@@ -535,8 +535,10 @@ def test_malformed_task_messages_raise_invalid_argument():
     task["m"]["args"] = ["l", [[0, b"v", OID]], {}]  # a resolved argument cut short
     assert "'args' must be" in str(_request_error(_pack(task)))
     task = legacy_task()
-    task["m"]["opts"] = {1: 2}
+    task["m"]["opts"] = [1, 2]
     assert "'opts' must be" in str(_request_error(_pack(task)))
+    task["m"]["opts"] = {1: 2}  # every map of the protocols has string keys
+    assert "map key" in str(_request_error(_pack(task)))
     task = legacy_task()
     task["m"]["nret"] = -2
     assert "'nret' must be" in str(_request_error(_pack(task)))
@@ -699,3 +701,26 @@ def test_random_bytes_decode_or_raise_wire_error(raw):
 def test_submit_task_round_trips(tid, nret, name, opts, blob, again, got, positional):
     message = SubmitTask(tid, FN, name, nret, ["l", positional, {}], opts, blob, again, got)
     assert wire.decode_task_request(message.encode()) == message
+
+
+def test_a_failed_encode_leaves_the_threads_packer_clean():
+    with pytest.raises(TypeError):
+        AckItems(TID, object()).encode()  # type: ignore[arg-type]
+    assert AckItems(TID, 1).encode() == _pack({"k": "ack", "tid": TID, "n": 1})
+
+
+def test_each_thread_packs_with_its_own_packer():
+    import threading
+
+    out = {}
+
+    def pack_many(index):
+        out[index] = [AckItems(TID, n).encode() for n in range(2000)]
+
+    threads = [threading.Thread(target=pack_many, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    expected = [_pack({"k": "ack", "tid": TID, "n": n}) for n in range(2000)]
+    assert all(out[i] == expected for i in range(4))

@@ -18,6 +18,7 @@ keys it does not know (a newer peer may add some); an unknown task-session kind 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeAlias
@@ -76,8 +77,6 @@ InnerRef: TypeAlias = list[Any]
 #: A `part`'s slot: a result's index, or ``("y", index)`` for a streamed item.
 Slot: TypeAlias = int | tuple[str, int]
 
-_UNPACK: Final[dict[str, Any]] = {"raw": False, "strict_map_key": False}
-
 
 class WireError(RpcError, ValueError):
     """A peer's message is malformed: not msgpack, not a map, a key missing, a field of the
@@ -109,9 +108,11 @@ def _bad(m: dict[Any, Any], key: str, where: str, expected: str) -> WireError:
     return WireError(f"{where} message: {key!r} must be {expected}, not {_describe(m[key])}")
 
 
-def _unpack_map(data: bytes, where: str, **limits: int) -> dict[Any, Any]:
+def _unpack_map(data: bytes, where: str) -> dict[Any, Any]:
+    """A msgpack map (keys must be strings or bytes: every map of these protocols has string
+    keys; the size of the data bounds every container in it)."""
     try:
-        message = msgpack.unpackb(data, **_UNPACK, **limits)
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises ValueError, TypeError, ExtraData, StackError...
         raise WireError(f"{where} message is not valid msgpack: {exc}") from None
     if type(message) is not dict:
@@ -281,14 +282,35 @@ def _checked(
     raise _bad(message, key, where, expected)
 
 
+_packers = threading.local()
+
+
 def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    """msgpack with bin types, by one Packer per thread (packb would make one per message)."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
+
+
+class _Message:
+    """What every message does: ``to_wire()`` gives its msgpack-ready map, ``encode()`` the
+    bytes."""
+
+    __slots__ = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return _pack(self.to_wire())
 
 
 # =========================================================================== /latticaray/task/1
 # caller -> executor ---------------------------------------------------------------------------
 @dataclass(slots=True, frozen=True)
-class SubmitTask:
+class SubmitTask(_Message):
     """``task``: run a task here. ``opts.placed`` is set (no re-placement); ``blob`` is the
     cloudpickled function the first time its hash goes to this peer; ``again``: sent again
     after the session broke or moved (deduplicated); ``got``: items a re-sent stream's caller
@@ -326,27 +348,33 @@ class SubmitTask:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "task", "m": self.body()}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, message: dict[Any, Any]) -> SubmitTask:
+        # checks written out: this is the hot path of remote tasks
         m = _body(message, "task")
+        tid, fn, name, nret = m.get("tid"), m.get("fn"), m.get("name"), m.get("nret")
+        opts, blob, got = m.get("opts"), m.get("blob"), m.get("got")
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "task", f"{TASK_ID_LEN} bytes")
+        if type(fn) is not bytes or len(fn) > MAX_CODE_HASH:
+            raise _bad(m, "fn", "task", "a code hash")
+        if type(name) is not str or len(name) > MAX_NAME:
+            raise _bad(m, "name", "task", f"a string of at most {MAX_NAME} characters")
+        if type(nret) is not int or not -1 <= nret <= MAX_LIST:
+            raise _bad(m, "nret", "task", f"an integer in [-1, {MAX_LIST}]")
+        if type(opts) is not dict or len(opts) > MAX_OPTS:
+            raise _bad(m, "opts", "task", f"a map of at most {MAX_OPTS} options")
+        if blob is not None and (type(blob) is not bytes or len(blob) > MAX_FRAME):
+            raise _bad(m, "blob", "task", "nil or bytes")
+        if got is not None and (type(got) is not int or got < 0):
+            raise _bad(m, "got", "task", "a non-negative integer")
         return cls(
-            _id(m, "tid", "task"),
-            _bin(m, "fn", "task", MAX_CODE_HASH),
-            _str(m, "name", "task", MAX_NAME),
-            _int(m, "nret", "task", -1, MAX_LIST),
-            _args(m, "task"),
-            _map(m, "opts", "task", MAX_OPTS),
-            _opt_bin(m, "blob", "task", MAX_FRAME),
-            _flag(m, "again", "task", False),
-            None if m.get("got") is None else _int(m, "got", "task", 0, 2**63 - 1),
+            tid, fn, name, nret, _args(m, "task"), opts, blob, _flag(m, "again", "task", False), got
         )
 
 
 @dataclass(slots=True, frozen=True)
-class CreateActor:
+class CreateActor(_Message):
     """``create``: host an actor here. ``owner`` is the creating node (the host kills a
     non-detached actor when its owner leaves); ``blob`` the cloudpickled class, first time."""
 
@@ -375,9 +403,6 @@ class CreateActor:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "create", "m": self.body()}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, message: dict[Any, Any]) -> CreateActor:
         m = _body(message, "create")
@@ -393,7 +418,7 @@ class CreateActor:
 
 
 @dataclass(slots=True, frozen=True)
-class CallActor:
+class CallActor(_Message):
     """``acall``: call method ``m`` of a hosted actor (``again`` as for `SubmitTask`)."""
 
     KIND: ClassVar[str] = "acall"
@@ -421,25 +446,33 @@ class CallActor:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "acall", "m": self.body()}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, message: dict[Any, Any]) -> CallActor:
         m = _body(message, "acall")
+        tid, aid, method, nret, name = (
+            m.get("tid"),
+            m.get("aid"),
+            m.get("m"),
+            m.get("nret"),
+            m.get("name"),
+        )
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "acall", f"{TASK_ID_LEN} bytes")
+        if type(aid) is not bytes or len(aid) != TASK_ID_LEN:
+            raise _bad(m, "aid", "acall", f"{TASK_ID_LEN} bytes")
+        if type(method) is not str or len(method) > MAX_NAME:
+            raise _bad(m, "m", "acall", f"a string of at most {MAX_NAME} characters")
+        if type(nret) is not int or not -1 <= nret <= MAX_LIST:
+            raise _bad(m, "nret", "acall", f"an integer in [-1, {MAX_LIST}]")
+        if type(name) is not str or len(name) > MAX_NAME:
+            raise _bad(m, "name", "acall", f"a string of at most {MAX_NAME} characters")
         return cls(
-            _id(m, "tid", "acall"),
-            _id(m, "aid", "acall"),
-            _str(m, "m", "acall", MAX_NAME),
-            _int(m, "nret", "acall", -1, MAX_LIST),
-            _str(m, "name", "acall", MAX_NAME),
-            _args(m, "acall"),
-            _flag(m, "again", "acall", False),
+            tid, aid, method, nret, name, _args(m, "acall"), _flag(m, "again", "acall", False)
         )
 
 
 @dataclass(slots=True, frozen=True)
-class CancelTask:
+class CancelTask(_Message):
     """``cancel``: cancel a task (``force`` kills its worker)."""
 
     KIND: ClassVar[str] = "cancel"
@@ -449,16 +482,13 @@ class CancelTask:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "cancel", "tid": self.tid, "force": self.force}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> CancelTask:
         return cls(_id(m, "tid", "cancel"), _flag(m, "force", "cancel", False))
 
 
 @dataclass(slots=True, frozen=True)
-class AckItems:
+class AckItems(_Message):
     """``ack``: the streaming task's consumer took ``n`` items (backpressure credit)."""
 
     KIND: ClassVar[str] = "ack"
@@ -468,20 +498,18 @@ class AckItems:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "ack", "tid": self.tid, "n": self.n}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> AckItems:
-        return cls(_id(m, "tid", "ack"), _int(m, "n", "ack", 0, 2**63 - 1))
-
-
-def _held_id(value: object) -> bool:
-    return type(value) is bytes and len(value) in (TASK_ID_LEN, OBJECT_ID_LEN)
+        tid, n = m.get("tid"), m.get("n")
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "ack", f"{TASK_ID_LEN} bytes")
+        if type(n) is not int or n < 0:
+            raise _bad(m, "n", "ack", "a non-negative integer")
+        return cls(tid, n)
 
 
 @dataclass(slots=True, frozen=True)
-class RefsHeld:
+class RefsHeld(_Message):
     """``held``: the caller counts the refs inside that task's results (``tid`` a task id), or
     inside one streamed item (``tid`` the item's object id): the executor lets go of them."""
 
@@ -491,16 +519,16 @@ class RefsHeld:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "held", "tid": self.tid}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> RefsHeld:
-        return cls(_checked(m, "tid", "held", _held_id, "a task or object id"))
+        tid = m.get("tid")
+        if type(tid) is not bytes or (len(tid) != TASK_ID_LEN and len(tid) != OBJECT_ID_LEN):
+            raise _bad(m, "tid", "held", "a task or object id")
+        return cls(tid)
 
 
 @dataclass(slots=True, frozen=True)
-class KillActor:
+class KillActor(_Message):
     """``kill``: kill a hosted actor (``no_restart``: for good)."""
 
     KIND: ClassVar[str] = "kill"
@@ -509,9 +537,6 @@ class KillActor:
 
     def to_wire(self) -> dict[str, Any]:
         return {"k": "kill", "aid": self.aid, "no_restart": self.no_restart}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> KillActor:
@@ -527,7 +552,7 @@ def _cid_list(value: object) -> bool:
 
 
 @dataclass(slots=True, frozen=True)
-class ResultsFetched:
+class ResultsFetched(_Message):
     """``fetched``: the executor need not keep these store results for the caller any more."""
 
     KIND: ClassVar[str] = "fetched"
@@ -536,16 +561,13 @@ class ResultsFetched:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "fetched", "cids": self.cids}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> ResultsFetched:
         return cls(_checked(m, "cids", "fetched", _cid_list, "a list of CIDs"))
 
 
 @dataclass(slots=True, frozen=True)
-class Fence:
+class Fence(_Message):
     """``fence``: the caller moves to a new session; answer `Fenced` once every earlier
     message of this session has been dispatched."""
 
@@ -554,23 +576,12 @@ class Fence:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "fence"}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> Fence:
         return cls()
 
 
 # executor -> caller ---------------------------------------------------------------------------
-def _vals(value: object) -> bool:
-    return (
-        type(value) is list
-        and len(value) <= MAX_LIST
-        and all(v is None or (type(v) is bytes and len(v) <= CHUNK) for v in value)
-    )
-
-
 def _mro(value: object) -> bool:
     return (
         type(value) is list
@@ -591,7 +602,7 @@ def _inner_per_result(value: object) -> bool:
 
 
 @dataclass(slots=True, frozen=True)
-class TaskDone:
+class TaskDone(_Message):
     """``done``: a task's results (``vals``; an entry is nil when the value came as `part`s)
     or its error (``err``, a pickled exception, with its class names ``mro``). ``inner``: per
     result, the refs pickled inside it, held by the executor until `RefsHeld`. ``mro`` goes
@@ -617,26 +628,31 @@ class TaskDone:
             out["inner"] = self.inner
         return out
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> TaskDone:
-        vals = m.get("vals")
-        if vals is not None and not _vals(vals):
-            raise _bad(m, "vals", "done", f"a list of nil or bytes of at most {CHUNK}")
-        mro = m.get("mro")
-        if mro is not None and not _mro(mro):
-            raise _bad(m, "mro", "done", "a list of class names")
-        inner = m.get("inner")
+        tid, vals, err, inner = m.get("tid"), m.get("vals"), m.get("err"), m.get("inner")
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "done", f"{TASK_ID_LEN} bytes")
+        if vals is not None:
+            if type(vals) is not list or len(vals) > MAX_LIST:
+                raise _bad(m, "vals", "done", "a list of values")
+            for v in vals:
+                if v is not None and (type(v) is not bytes or len(v) > CHUNK):
+                    raise _bad(m, "vals", "done", f"a list of nil or bytes of at most {CHUNK}")
+        mro = None
+        if err is not None:
+            if type(err) is not bytes or len(err) > MAX_FRAME:
+                raise _bad(m, "err", "done", "nil or bytes (a pickled exception)")
+            mro = m.get("mro")
+            if mro is not None and not _mro(mro):
+                raise _bad(m, "mro", "done", "a list of class names")
         if inner is not None and not _inner_per_result(inner):
             raise _bad(m, "inner", "done", "a list per result of [[object id, owner], ...]")
-        err = _opt_bin(m, "err", "done", MAX_FRAME)
-        return cls(_id(m, "tid", "done"), vals, err, None if err is None else mro, inner)
+        return cls(tid, vals, err, mro, inner)
 
 
 @dataclass(slots=True, frozen=True)
-class YieldItem:
+class YieldItem(_Message):
     """``yield``: item ``i`` of a streaming task (``d`` nil when it came as `part`s), with the
     refs pickled inside it (``inner``), held by the executor until `RefsHeld` of the item."""
 
@@ -652,33 +668,35 @@ class YieldItem:
             out["inner"] = self.inner
         return out
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> YieldItem:
-        return cls(
-            _id(m, "tid", "yield"),
-            _int(m, "i", "yield", 0, 2**63 - 1),
-            _opt_bin(m, "d", "yield", CHUNK),
-            _refs(m, "inner", "yield"),
-        )
+        tid, i, d = m.get("tid"), m.get("i"), m.get("d")
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "yield", f"{TASK_ID_LEN} bytes")
+        if type(i) is not int or i < 0:
+            raise _bad(m, "i", "yield", "a non-negative integer")
+        if d is not None and (type(d) is not bytes or len(d) > CHUNK):
+            raise _bad(m, "d", "yield", f"nil or bytes of at most {CHUNK}")
+        return cls(tid, i, d, None if m.get("inner") is None else _refs(m, "inner", "yield"))
 
 
-def _slot(value: object) -> bool:
+def _slot(value: object) -> Slot | None:
+    """A part's slot as the caller keys it (``["y", i]`` as a tuple), or None if malformed."""
     if type(value) is int:
-        return 0 <= value <= MAX_LIST
-    return (
+        return value if 0 <= value <= MAX_LIST else None
+    if (
         type(value) is list
         and len(value) == 2
         and value[0] == "y"
         and type(value[1]) is int
         and value[1] >= 0
-    )
+    ):
+        return ("y", value[1])
+    return None
 
 
 @dataclass(slots=True, frozen=True)
-class ValuePart:
+class ValuePart(_Message):
     """``part``: a chunk of a large value, in order; the `TaskDone` (``slot`` = result index)
     or `YieldItem` (``slot`` = ``("y", index)``) that follows has nil in its place."""
 
@@ -690,21 +708,20 @@ class ValuePart:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "part", "tid": self.tid, "slot": self.slot, "d": self.d}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> ValuePart:
-        slot = _checked(m, "slot", "part", _slot, 'a result index or ["y", item index]')
-        return cls(
-            _id(m, "tid", "part"),
-            slot if type(slot) is int else ("y", slot[1]),
-            _bin(m, "d", "part", CHUNK),
-        )
+        tid, slot, d = m.get("tid"), _slot(m.get("slot")), m.get("d")
+        if type(tid) is not bytes or len(tid) != TASK_ID_LEN:
+            raise _bad(m, "tid", "part", f"{TASK_ID_LEN} bytes")
+        if slot is None:
+            raise _bad(m, "slot", "part", 'a result index or ["y", item index]')
+        if type(d) is not bytes or len(d) > CHUNK:
+            raise _bad(m, "d", "part", f"bytes of at most {CHUNK}")
+        return cls(tid, slot, d)
 
 
 @dataclass(slots=True, frozen=True)
-class ActorCreated:
+class ActorCreated(_Message):
     """``created``: the answer to `CreateActor`; ``error`` a pickled exception if it failed."""
 
     KIND: ClassVar[str] = "created"
@@ -714,25 +731,19 @@ class ActorCreated:
     def to_wire(self) -> dict[str, Any]:
         return {"k": "created", "aid": self.aid, "error": self.error}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> ActorCreated:
         return cls(_id(m, "aid", "created"), _opt_bin(m, "error", "created", MAX_FRAME))
 
 
 @dataclass(slots=True, frozen=True)
-class Fenced:
+class Fenced(_Message):
     """``fenced``: every message sent before the `Fence` has been dispatched."""
 
     KIND: ClassVar[str] = "fenced"
 
     def to_wire(self) -> dict[str, Any]:
         return {"k": "fenced"}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> Fenced:
@@ -777,26 +788,28 @@ def decode_task_request(data: bytes) -> TaskRequest:
     """A caller's task-session message (executor side). Raises `UnknownKind` for a kind this
     node does not know (skip it), `WireError` for a malformed message."""
     message = _unpack_map(data, "task session")
-    kind = message.get("k")
-    decode = TASK_REQUEST_KINDS.get(kind) if type(kind) is str else None
-    if decode is None:
-        raise UnknownKind(kind)
+    kind: Any = message.get("k")
+    try:
+        decode = TASK_REQUEST_KINDS[kind]
+    except (KeyError, TypeError):  # TypeError: an unhashable kind
+        raise UnknownKind(kind) from None
     return decode(message)
 
 
 def decode_task_reply(data: bytes) -> TaskReply:
     """An executor's task-session message (caller side); errors as `decode_task_request`."""
     message = _unpack_map(data, "task session")
-    kind = message.get("k")
-    decode = TASK_REPLY_KINDS.get(kind) if type(kind) is str else None
-    if decode is None:
-        raise UnknownKind(kind)
+    kind: Any = message.get("k")
+    try:
+        decode = TASK_REPLY_KINDS[kind]
+    except (KeyError, TypeError):  # TypeError: an unhashable kind
+        raise UnknownKind(kind) from None
     return decode(message)
 
 
 # ========================================================================== /latticaray/admit/1
 @dataclass(slots=True, frozen=True)
-class Admit:
+class Admit(_Message):
     """A membership credential (``lrc1.…``), the request and its reply alike."""
 
     cred: str
@@ -804,21 +817,18 @@ class Admit:
     def to_wire(self) -> dict[str, Any]:
         return {"cred": self.cred}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 def decode_admit(data: bytes) -> Admit:
     """An admission request or reply: at most 4 KiB, a map whose ``cred`` is a string."""
     if len(data) > MAX_ADMIT_REQUEST:
         raise WireError(f"admission message of {len(data)} bytes exceeds {MAX_ADMIT_REQUEST}")
-    message = _unpack_map(data, "admission", max_str_len=MAX_CREDENTIAL, max_map_len=4)
+    message = _unpack_map(data, "admission")
     return Admit(_str(message, "cred", "admission", MAX_CREDENTIAL))
 
 
 # ===================================================================== /latticaray/runtime-view/1
 @dataclass(slots=True, frozen=True)
-class NameRecord:
+class NameRecord(_Message):
     """A named actor's record at its name's arbiter: ``node`` its host (nil while the claim is
     pending placement), ``owner`` the claimant. ``wait_s`` (the claimant's placement wait) is
     kept once a claim was pending."""
@@ -890,7 +900,7 @@ def _peer_addrs(value: object) -> bool:
 
 
 @dataclass(slots=True, frozen=True)
-class RuntimeView:
+class RuntimeView(_Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
     and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s."""
 
@@ -910,9 +920,6 @@ class RuntimeView:
             "peers": self.peers,
             "names": [[ns, name, record.to_wire()] for ns, name, record in self.names],
         }
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 def decode_view(data: bytes) -> RuntimeView:
@@ -945,7 +952,7 @@ def decode_view(data: bytes) -> RuntimeView:
 
 # ========================================================================= /latticaray/object/1
 @dataclass(slots=True, frozen=True)
-class ObjectById:
+class ObjectById(_Message):
     """Ask an object's owner for it by object id (it waits until the object is sealed, and
     recovers a lost one)."""
 
@@ -954,21 +961,15 @@ class ObjectById:
     def to_wire(self) -> dict[str, Any]:
         return {"oid": self.oid}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class ObjectByCid:
+class ObjectByCid(_Message):
     """Ask any holder for an object by CID."""
 
     cid: str
 
     def to_wire(self) -> dict[str, Any]:
         return {"cid": self.cid}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 ObjectRequest: TypeAlias = ObjectById | ObjectByCid
@@ -984,7 +985,7 @@ def decode_object_request(data: bytes) -> ObjectRequest:
 
 
 @dataclass(slots=True, frozen=True)
-class ObjectHeader:
+class ObjectHeader(_Message):
     """The first frame of an object reply: status ``s`` (0 ok, 1 error: the bytes are a
     pickled exception), then raw chunks of at most `CHUNK` adding up to ``size`` bytes."""
 
@@ -995,21 +996,15 @@ class ObjectHeader:
     def to_wire(self) -> dict[str, Any]:
         return {"s": self.s, "size": self.size, "cid": self.cid}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class ObjectMissing:
+class ObjectMissing(_Message):
     """The object reply when this node does not have the object (and will not)."""
 
     why: str
 
     def to_wire(self) -> dict[str, Any]:
         return {"missing": True, "why": self.why}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing:
@@ -1027,7 +1022,7 @@ def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing:
 
 # ========================================================================== /latticaray/names/1
 @dataclass(slots=True, frozen=True)
-class NameClaim:
+class NameClaim(_Message):
     """Claim ``ns/name`` for actor ``aid`` at its arbiter. ``host`` nil with ``pending``: the
     creation waits for DHT capacity (up to ``wait_s``) and sends `NamePlaced` when placed."""
 
@@ -1060,9 +1055,6 @@ class NameClaim:
             out["wait_s"] = self.wait_s
         return out
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameClaim:
         wait_s = _number(m, "wait_s", "claim", optional=True)
@@ -1082,7 +1074,7 @@ class NameClaim:
 
 
 @dataclass(slots=True, frozen=True)
-class NameLookup:
+class NameLookup(_Message):
     """The record of ``ns/name`` (answered with `NameLookupReply`)."""
 
     OP: ClassVar[str] = "lookup"
@@ -1092,16 +1084,13 @@ class NameLookup:
     def to_wire(self) -> dict[str, Any]:
         return {"op": "lookup", "ns": self.ns, "name": self.name}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameLookup:
         return cls(_str(m, "ns", "lookup", MAX_NAME), _str(m, "name", "lookup", MAX_NAME))
 
 
 @dataclass(slots=True, frozen=True)
-class NameRelease:
+class NameRelease(_Message):
     """Give the name back (if ``aid`` still holds it)."""
 
     OP: ClassVar[str] = "release"
@@ -1111,9 +1100,6 @@ class NameRelease:
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "release", "ns": self.ns, "name": self.name, "aid": self.aid}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameRelease:
@@ -1125,7 +1111,7 @@ class NameRelease:
 
 
 @dataclass(slots=True, frozen=True)
-class NamePlaced:
+class NamePlaced(_Message):
     """A pending claim's actor found its host ``node``."""
 
     OP: ClassVar[str] = "placed"
@@ -1136,9 +1122,6 @@ class NamePlaced:
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid, "node": self.node}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NamePlaced:
@@ -1152,7 +1135,7 @@ class NamePlaced:
 
 
 @dataclass(slots=True, frozen=True)
-class NameMoved:
+class NameMoved(_Message):
     """The owner restarted the named actor on ``node`` (its host died)."""
 
     OP: ClassVar[str] = "moved"
@@ -1163,9 +1146,6 @@ class NameMoved:
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid, "node": self.node}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameMoved:
@@ -1179,7 +1159,7 @@ class NameMoved:
 
 
 @dataclass(slots=True, frozen=True)
-class NameHosted:
+class NameHosted(_Message):
     """Asked of the node hosting the actor: its method table (`NameHostedReply`)."""
 
     OP: ClassVar[str] = "hosted"
@@ -1189,9 +1169,6 @@ class NameHosted:
 
     def to_wire(self) -> dict[str, Any]:
         return {"op": "hosted", "ns": self.ns, "name": self.name, "aid": self.aid}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> NameHosted:
@@ -1226,18 +1203,15 @@ def decode_names_request(data: bytes) -> NamesRequest:
 
 
 @dataclass(slots=True, frozen=True)
-class NamesOk:
+class NamesOk(_Message):
     """``{"ok": true}``: a claim granted; the answer to release, placed and moved too."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"ok": True}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class ClaimRefused:
+class ClaimRefused(_Message):
     """A claim refused: the name is held (``existing``) for another actor by ``holder``."""
 
     existing: NameRecord
@@ -1246,12 +1220,9 @@ class ClaimRefused:
     def to_wire(self) -> dict[str, Any]:
         return {"ok": False, "existing": self.existing.to_wire(), "holder": self.holder}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class NameLookupReply:
+class NameLookupReply(_Message):
     """The record of a name, or nil."""
 
     existing: NameRecord | None
@@ -1259,12 +1230,9 @@ class NameLookupReply:
     def to_wire(self) -> dict[str, Any]:
         return {"existing": None if self.existing is None else self.existing.to_wire()}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class NameHostedReply:
+class NameHostedReply(_Message):
     """The hosted actor's method table; nil unless this node hosts that live actor under
     that name."""
 
@@ -1272,9 +1240,6 @@ class NameHostedReply:
 
     def to_wire(self) -> dict[str, Any]:
         return {"meta": self.meta}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 NamesReply: TypeAlias = NamesOk | ClaimRefused | NameLookupReply | NameHostedReply
@@ -1315,7 +1280,7 @@ def _ops(value: object) -> bool:
 
 
 @dataclass(slots=True, frozen=True)
-class RefOps:
+class RefOps(_Message):
     """Borrow (`BORROW`) and unborrow (`UNBORROW`) registrations at an object's owner, in the
     order the borrower made them (at most `MAX_REF_OPS`). The reply is empty (no bytes)."""
 
@@ -1323,9 +1288,6 @@ class RefOps:
 
     def to_wire(self) -> dict[str, Any]:
         return {"ops": self.ops}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 def decode_ref(data: bytes) -> RefOps:
@@ -1337,7 +1299,7 @@ def decode_ref(data: bytes) -> RefOps:
 
 # ========================================================================= /latticaray/stream/1
 @dataclass(slots=True, frozen=True)
-class StreamNext:
+class StreamNext(_Message):
     """Item ``i`` of a stream this node owns, waiting at most ``timeout`` s (the owner waits
     at most 20 s: the caller re-asks while it waits without a deadline)."""
 
@@ -1347,9 +1309,6 @@ class StreamNext:
 
     def to_wire(self) -> dict[str, Any]:
         return {"tid": self.tid, "i": self.i, "timeout": self.timeout}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 def decode_stream_request(data: bytes) -> StreamNext:
@@ -1366,7 +1325,7 @@ def decode_stream_request(data: bytes) -> StreamNext:
 
 
 @dataclass(slots=True, frozen=True)
-class StreamItemRef:
+class StreamItemRef(_Message):
     """The item: a borrow of object ``oid`` owned by ``owner``."""
 
     oid: bytes
@@ -1375,30 +1334,21 @@ class StreamItemRef:
     def to_wire(self) -> dict[str, Any]:
         return {"oid": self.oid, "owner": self.owner}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class StreamEnd:
+class StreamEnd(_Message):
     """The stream has no item ``i``: it ended before it."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"end": True}
 
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
-
 
 @dataclass(slots=True, frozen=True)
-class StreamTimeout:
+class StreamTimeout(_Message):
     """Item ``i`` did not come within the request's timeout."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"timeout": True}
-
-    def encode(self) -> bytes:
-        return _pack(self.to_wire())
 
 
 StreamReply: TypeAlias = StreamItemRef | StreamEnd | StreamTimeout
