@@ -8,6 +8,9 @@ For each message of the task session (and a few control messages) it times, in o
 * ``typed``  build the dataclass and ``encode()`` it; then ``decode_*`` (every field checked)
              and the same reads as attributes, dispatched on the class.
 
+The last two rows are the node <-> worker channel (runtime/protocol.py frames), with typed
+messages prototyped here (not in the package; that channel is trusted, so they check nothing).
+
 Both run interleaved, ``--rounds`` times each (best round kept: the machine is shared), and the
 table gives microseconds per message (send + receive) and the typed layer's overhead.
 
@@ -23,10 +26,12 @@ import json
 import os
 import platform
 import timeit
+from dataclasses import dataclass
 from functools import partial
 
 import msgpack
 
+from latticaray.runtime import protocol
 from latticaray.runtime.remote import wire
 
 TID = os.urandom(16)
@@ -196,6 +201,104 @@ def case_view():
     return "runtime view", map_send, map_recv, typed_send, typed_recv
 
 
+# -- the node <-> worker channel: what typed messages would cost there (a prototype, not in the
+# package; the channel is trusted, so its decoders would check nothing)
+@dataclass(slots=True, frozen=True)
+class _RunTask:
+    tid: bytes
+    fn: bytes
+    args: list
+    nret: int
+    name: str
+    window: int | None = None
+    blob: bytes | None = None
+
+    def to_wire(self):
+        out = {
+            "op": "task",
+            "tid": self.tid,
+            "fn": self.fn,
+            "args": self.args,
+            "nret": self.nret,
+            "name": self.name,
+        }
+        if self.window is not None:
+            out["window"] = self.window
+        if self.blob is not None:
+            out["blob"] = self.blob
+        return out
+
+    @classmethod
+    def from_wire(cls, m):
+        return cls(
+            m["tid"], m["fn"], m["args"], m["nret"], m["name"], m.get("window"), m.get("blob")
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class _WorkerDone:
+    tid: bytes
+    vals: list | None = None
+    inner: list | None = None
+
+    def to_wire(self):
+        out = {"op": "done", "tid": self.tid, "vals": self.vals}
+        if self.inner is not None:
+            out["inner"] = self.inner
+        return out
+
+    @classmethod
+    def from_wire(cls, m):
+        return cls(m["tid"], m.get("vals"), m.get("inner"))
+
+
+def case_worker_task():
+    def map_send():  # node._run_on
+        out = {"op": "task", "tid": TID, "fn": FN, "args": ARGS_B, "nret": 1, "name": "f"}
+        return protocol.pack(out)
+
+    def map_recv(data):  # worker: message["op"] dispatch, then the fields it reads
+        message = protocol.unpack(data[4:])
+        if message["op"] == "task":
+            return (message["tid"], message["fn"], message["args"], message.get("blob"))
+        return None
+
+    def typed_send():
+        return protocol.pack(_RunTask(TID, FN, ARGS_B, 1, "f").to_wire())
+
+    def typed_recv(data):
+        message = protocol.unpack(data[4:])
+        if message["op"] == "task":
+            task = _RunTask.from_wire(message)
+            return (task.tid, task.fn, task.args, task.blob)
+        return None
+
+    return "worker: task", map_send, map_recv, typed_send, typed_recv
+
+
+def case_worker_done():
+    def map_send():  # worker's done
+        return protocol.pack({"op": "done", "tid": TID, "vals": [VALUE]})
+
+    def map_recv(data):  # node._on_worker_message / _on_done / _complete
+        message = protocol.unpack(data[4:])
+        if message["op"] == "done":
+            return (message["tid"], message.get("err"), message["vals"], message.get("inner"))
+        return None
+
+    def typed_send():
+        return protocol.pack(_WorkerDone(TID, [VALUE]).to_wire())
+
+    def typed_recv(data):
+        message = protocol.unpack(data[4:])
+        if message["op"] == "done":
+            done = _WorkerDone.from_wire(message)
+            return (done.tid, None, done.vals, done.inner)
+        return None
+
+    return "worker: done", map_send, map_recv, typed_send, typed_recv
+
+
 CASES = [
     case_task,
     case_acall,
@@ -212,6 +315,8 @@ CASES = [
         ("cids",),
     ),
     case_view,
+    case_worker_task,
+    case_worker_done,
 ]
 
 
