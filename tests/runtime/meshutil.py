@@ -236,5 +236,7 @@ class FakeRemoteClient:
     send_settled = send
 
     def send_parts(self, tid: bytes, slot, pieces: list) -> None:
+        from latticaray.runtime.remote.wire import ValuePart
+
         # parts are queued as one item each (here: the frame they make)
-        self.frames.append({"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)})
+        self.frames.append(ValuePart(tid, slot, b"".join(pieces)))

@@ -17,6 +17,7 @@ The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on 
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import json
 import sys
@@ -33,8 +34,18 @@ from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.remote.capacity import DEFERRED, CapacityDirectoryCore, DhtPlacement
 from latticaray.runtime.remote.names import NameService
-from latticaray.runtime.remote.protocols import pack as _pack
-from latticaray.runtime.remote.protocols import unpack as _unpack
+from latticaray.runtime.remote.wire import (
+    ClaimRefused,
+    NameClaim,
+    NameHosted,
+    NameHostedReply,
+    NameLookup,
+    NameLookupReply,
+    NamePlaced,
+    NameRecord,
+    NamesOk,
+    decode_names_request,
+)
 from latticaray.scheduler.advertiser import CapacityAd
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 from latticaray.state.actors import ActorState
@@ -301,23 +312,15 @@ def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     through the DHT: the claim then lives as long as its owner, which the arbiter does know."""
     peers = {"owner": types.SimpleNamespace(alive=True)}
     arbiter = _arbiter("arbiter", peers)
-    claim = {
-        "op": "claim",
-        "ns": "dht",
-        "name": "x",
-        "aid": b"1",
-        "owner": "owner",
-        "host": "unmet-host",
-        "detached": True,
-    }
-    assert arbiter.handle(claim, "owner") == {"ok": True}
-    second = arbiter.handle(dict(claim, aid=b"2", owner="other"), "other")
-    assert second["ok"] is False and second["existing"]["node"] == "unmet-host"
+    claim = NameClaim("dht", "x", b"1", "owner", "unmet-host", None, False, detached=True)
+    assert arbiter.handle(claim, "owner") == NamesOk()
+    second = arbiter.handle(dataclasses.replace(claim, aid=b"2", owner="other"), "other")
+    assert isinstance(second, ClaimRefused) and second.existing.node == "unmet-host"
     peers["unmet-host"] = types.SimpleNamespace(alive=True)
     peers["owner"].alive = False  # once met, the host alone keeps a detached name
-    assert arbiter.handle({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
+    assert arbiter.handle(NameLookup("dht", "x"), "c").existing
     peers["unmet-host"].alive = False
-    assert arbiter.handle({"op": "lookup", "ns": "dht", "name": "x"}, "c") == {"existing": None}
+    assert arbiter.handle(NameLookup("dht", "x"), "c") == NameLookupReply(None)
 
 
 def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier_claim():
@@ -325,39 +328,24 @@ def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier
     lookups (placed once the CRDT says so, before the arbiter heard), and a creation whose
     pending claim loses a CRDT merge fails with the name error."""
     arbiter = _arbiter("arbiter", {"owner": types.SimpleNamespace(alive=True)})
-    claim = {
-        "op": "claim",
-        "ns": "dht",
-        "name": "x",
-        "aid": b"1",
-        "owner": "owner",
-        "host": None,
-        "pending": True,
-        "wait_s": 30.0,
-    }
-    assert arbiter.handle(claim, "owner") == {"ok": True}
-    second = arbiter.handle(dict(claim, aid=b"2", owner="other"), "other")
-    assert second["ok"] is False and second["existing"]["node"] is None
-    assert second["existing"]["pending"] and second["existing"]["wait_s"] == 30.0
-    placed = {"op": "placed", "ns": "dht", "name": "x", "node": "host"}
-    arbiter.handle(dict(placed, aid=b"2"), "other")  # not the claimant's actor: ignored
-    assert arbiter.records[("dht", "x")]["pending"]
-    arbiter.handle(dict(placed, aid=b"1"), "owner")
-    record = arbiter.handle({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
-    assert record["node"] == "host" and "pending" not in record
+    claim = NameClaim(
+        "dht", "x", b"1", "owner", None, None, False, False, pending=True, wait_s=30.0
+    )
+    assert arbiter.handle(claim, "owner") == NamesOk()
+    second = arbiter.handle(dataclasses.replace(claim, aid=b"2", owner="other"), "other")
+    assert isinstance(second, ClaimRefused) and second.existing.node is None
+    assert second.existing.pending and second.existing.wait_s == 30.0
+    # not the claimant's actor: ignored
+    arbiter.handle(NamePlaced("dht", "x", b"2", "host"), "other")
+    assert arbiter.records[("dht", "x")].pending
+    arbiter.handle(NamePlaced("dht", "x", b"1", "host"), "owner")
+    record = arbiter.handle(NameLookup("dht", "x"), "c").existing
+    assert record.node == "host" and not record.pending
 
     async def lookup(crdt_state):
         node = _names("me", {})
         node.arbiter.records = {
-            ("dht", "x"): {
-                "aid": b"\x01",
-                "node": None,
-                "owner": "me",
-                "meta": None,
-                "detached": False,
-                "pending": True,
-                "wait_s": 30.0,
-            }
+            ("dht", "x"): NameRecord(b"\x01", None, "me", None, False, pending=True, wait_s=30.0)
         }
         host = KeyPair.generate().peer_id
         node.remote.state = types.SimpleNamespace(
@@ -661,24 +649,23 @@ def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
     the handle get_actor builds knows the actor's methods and their options."""
     meta = {"methods": {"incr": 1, "pair": 2}, "is_async": False, "cname": "Counter"}
     host_peer = KeyPair.generate().peer_id
-    actor = types.SimpleNamespace(aid=b"\x01" * 8, state="ALIVE", opts={"meta": meta})
+    actor = types.SimpleNamespace(aid=b"\x01" * 16, state=ActorState.ALIVE, opts={"meta": meta})
     actors = ActorHost(None)
     actors.named, actors.hosted = {("dht", "x"): actor.aid}, {actor.aid: actor}
     host = _names(str(host_peer), {}, actors).arbiter
-    hosted = {"op": "hosted", "ns": "dht", "name": "x"}
-    assert host.handle(dict(hosted, aid=actor.aid), "asker") == {"meta": meta}
-    assert host.handle(dict(hosted, aid=b"\x02" * 8), "asker") == {"meta": None}
-    assert host.handle(dict(hosted, name="y", aid=actor.aid), "asker") == {"meta": None}
+    assert host.handle(NameHosted("dht", "x", actor.aid), "asker") == NameHostedReply(meta)
+    assert host.handle(NameHosted("dht", "x", b"\x02" * 16), "asker") == NameHostedReply(None)
+    assert host.handle(NameHosted("dht", "y", actor.aid), "asker") == NameHostedReply(None)
 
     asker = _names("asker", {str(host_peer): types.SimpleNamespace(alive=True, peer_id=host_peer)})
     asked = []
 
     async def call(peer_id, protocol, payload, timeout=None):
-        request = _unpack(payload)
-        asked.append((peer_id, protocol, request["op"]))
-        if request["op"] != "hosted":
-            return _pack({"existing": None})  # the arbiter has not heard of the name
-        return _pack(host.handle(request, "asker"))
+        request = decode_names_request(payload)
+        asked.append((peer_id, protocol, request.OP))
+        if not isinstance(request, NameHosted):
+            return NameLookupReply(None).encode()  # the arbiter has not heard of the name
+        return host.handle(request, "asker").encode()
 
     asker.remote.mesh = types.SimpleNamespace(call=call)
     asker.arbiter_of = lambda namespace, name: str(host_peer)
@@ -692,5 +679,5 @@ def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
     found = asyncio.run(asker.lookup("dht", "x"))
     assert found == {"aid": actor.aid, "node": str(host_peer), "meta": meta}
     assert (host_peer, "/latticaray/names/1", "hosted") in asked
-    actor.state = "DEAD"
+    actor.state = ActorState.DEAD
     assert asyncio.run(asker.lookup("dht", "x"))["meta"] is None

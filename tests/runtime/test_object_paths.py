@@ -31,10 +31,13 @@ from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK
 from latticaray.runtime.remote import executor
 from latticaray.runtime.remote import objects as remote_objects
-from latticaray.runtime.remote.protocols import CHUNK
-from latticaray.runtime.remote.protocols import pack as _pack
+from latticaray.runtime.remote.wire import CHUNK, ObjectById
 
 BIG = 200 << 20
+
+
+def _pack(message) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +344,9 @@ def _fake_reply(remote, monkeypatch, frames):
             "runs past the 10",
         ),
         ([_pack({"s": OK, "size": 10}), b"x" * 4], "has 4 bytes, header said 10"),
-        ([_pack({"s": OK, "size": -1}), b"x"], "no valid size"),
-        ([_pack({"s": OK}), b"x"], "no valid size"),
-        ([msgpack.packb([1, 2, 3])], "msgpack maps"),
+        ([_pack({"s": OK, "size": -1}), b"x"], "header message: 'size' must be an integer"),
+        ([_pack({"s": OK}), b"x"], "header message has no 'size'"),
+        ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
     ],
 )
 def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, frames, error):
@@ -352,7 +355,7 @@ def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, fr
     taken = _fake_reply(remote, monkeypatch, frames)
     peer = remote.membership.peers[mesh["nodes"][0].node_id]
     with pytest.raises((ValueError, MeshError), match=error):
-        _run_on_loop(remote.objects.fetch(peer, {"oid": b"o" * 20}))
+        _run_on_loop(remote.objects.fetch(peer, ObjectById(b"o" * 20)))
     if "runs past" in error:
         assert len(taken) == 3, "the reader went on reading past the size it was told"
     entry = _run_on_loop(remote.objects.fetch_object(b"o" * 20, mesh["nodes"][0].node_id))
@@ -377,7 +380,7 @@ def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
         assert started.wait(30)
         try:
-            status, data, _ = _run_on_loop(remote.objects.fetch(peer, {"oid": b"o" * 20}))
+            status, data, _ = _run_on_loop(remote.objects.fetch(peer, ObjectById(b"o" * 20)))
         finally:
             finished.set()
         assert status == OK and data == payload

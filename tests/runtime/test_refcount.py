@@ -20,7 +20,7 @@ import latticaray as lattica
 from latticaray.mesh.errors import RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime import api, context, refcount, serialization
-from latticaray.runtime.remote.protocols import REF_PROTOCOL
+from latticaray.runtime.remote.wire import REF_PROTOCOL
 
 N = 300_000  # 2.4 MB of float64: above the store threshold
 

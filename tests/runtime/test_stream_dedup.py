@@ -25,6 +25,7 @@ from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_drive
 from latticaray.runtime.local.records import STREAMING
 from latticaray.runtime.remote import dedup as dedup_mod
 from latticaray.runtime.remote.dedup import CallerTasks, TaskDedup
+from latticaray.runtime.remote.wire import SubmitTask, TaskDone, ValuePart, YieldItem
 from latticaray.runtime.serialization import deserialize
 
 N = 6
@@ -34,7 +35,7 @@ DRIVER = (
     + r"""
 from latticaray.mesh.identify import PING_PROTOCOL
 from latticaray.mesh.multiaddr import Multiaddr
-from latticaray.runtime.remote import protocols
+from latticaray.runtime.remote import wire
 
 bootstrap, credential, workdir, count = sys.argv[1:5]
 count = int(count)
@@ -77,17 +78,17 @@ wait_for(unix_addrs, "identify never told us the node's unix address")
 
 dropped = []
 to_drop = set()
-unpack = protocols.unpack
-def lossy_unpack(raw):
-    message = unpack(raw)
-    kind = message.get("k")
-    if kind == "yield" and message["i"] in to_drop or kind == "done" and "done" in to_drop:
-        key = message["i"] if kind == "yield" else "done"
+decode = wire.decode_task_reply
+def lossy_decode(raw):
+    message = decode(raw)
+    item = isinstance(message, wire.YieldItem)
+    if item and message.i in to_drop or isinstance(message, wire.TaskDone) and "done" in to_drop:
+        key = message.i if item else "done"
         to_drop.discard(key)
         dropped.append(key)
-        return {"k": "lost-in-test"}
+        raise wire.UnknownKind("lost-in-test")  # skipped by the session, as a lost frame
     return message
-protocols.unpack = lossy_unpack
+wire.decode_task_reply = lossy_decode
 
 def streaming(n, tag):
     return produce.options(num_returns="streaming", resources={"sd": 0.01},
@@ -179,15 +180,14 @@ def _dedup() -> TaskDedup:
     )
 
 
-def _stream(tid: bytes, again: bool = False, got: int = 0) -> dict:
-    message = {"tid": tid, "nret": STREAMING}
-    if again:
-        message.update(again=True, got=got)
-    return message
+def _stream(tid: bytes, again: bool = False, got: int = 0) -> SubmitTask:
+    return SubmitTask(
+        tid, b"fn", "gen", STREAMING, ["b", b""], {}, again=again, got=got if again else None
+    )
 
 
-def _yield(tid: bytes, i: int) -> dict:
-    return {"k": "yield", "tid": tid, "i": i, "d": b"%d" % i}
+def _yield(tid: bytes, i: int) -> YieldItem:
+    return YieldItem(tid, i, b"%d" % i)
 
 
 def _keep(seen: CallerTasks, tid: bytes, i: int, large: bool = False) -> None:
@@ -210,7 +210,7 @@ def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
     third = FakeRemoteClient()
     assert dedup.seen_before(third, _stream(b"s", again=True, got=2))
     assert third.frames == [
-        {"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
+        ValuePart(b"s", ("y", 2), b"p" * 10),
         _yield(b"s", 2),
         _yield(b"s", 3),
     ]
@@ -225,7 +225,7 @@ def test_finished_stream_sent_again_is_answered_from_its_kept_items():
         _keep(seen, b"s", i)
     seen.acked(b"s", 1)
     seen.running.pop(b"s")
-    done = {"k": "done", "tid": b"s"}
+    done = TaskDone(b"s")
     seen.stream_finished(b"s", [done], 0, time.monotonic())
     assert b"s" not in seen.streams and seen.result_bytes == 20
     again = FakeRemoteClient()
@@ -239,7 +239,7 @@ def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice
     dedup, first = _dedup(), FakeRemoteClient()
     assert not dedup.seen_before(first, _stream(b"s"))
     seen = dedup.callers["caller"]
-    seen.record(b"old", [{"k": "done", "tid": b"old"}], 20, time.monotonic())
+    seen.record(b"old", [TaskDone(b"old")], 20, time.monotonic())
     for i in range(3):
         _keep(seen, b"s", i)
     # an old finished reply goes first, then the oldest unacknowledged item
@@ -253,12 +253,12 @@ def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice
     # one that lacks item 0 gets an error, and the generator is cancelled, not run twice
     lacking = FakeRemoteClient()
     assert dedup.seen_before(lacking, _stream(b"s", again=True, got=0))
-    assert [f["k"] for f in lacking.frames] == ["done"]
-    error = deserialize(lacking.frames[0]["err"])
+    assert [f.KIND for f in lacking.frames] == ["done"]
+    error = deserialize(lacking.frames[0].err)
     assert "from 0 on" in str(error), error
     assert dedup.remote.node.tasks.cancelled == [b"s"] and b"s" not in seen.running
     # a stream this node never saw, re-sent by a caller that has items: an error, no run
     unknown = FakeRemoteClient()
     assert dedup.seen_before(unknown, _stream(b"u", again=True, got=3))
-    assert [f["k"] for f in unknown.frames] == ["done"] and b"u" not in seen.running
+    assert [f.KIND for f in unknown.frames] == ["done"] and b"u" not in seen.running
     assert dedup.stats["resent_streams_lost"] == 2

@@ -20,11 +20,12 @@ from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_drive
 from latticaray.runtime.local.records import STREAMING
 from latticaray.runtime.remote import dedup as dedup_mod
 from latticaray.runtime.remote.dedup import CallerTasks, TaskDedup
+from latticaray.runtime.remote.wire import SubmitTask, TaskDone, ValuePart
 
 DRIVER = (
     SESSION_DRIVER_HELPERS
     + r"""
-from latticaray.runtime.remote import protocols
+from latticaray.runtime.remote import wire
 
 bootstrap, credential, workdir = sys.argv[1:4]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
@@ -43,15 +44,15 @@ wait_for(unix_addrs, "identify never told us the node's unix address")
 
 dropped = []
 armed = [False]
-unpack = protocols.unpack
-def lossy_unpack(raw):
-    message = unpack(raw)
-    if armed[0] and message.get("k") == "done":
+decode = wire.decode_task_reply
+def lossy_decode(raw):
+    message = decode(raw)
+    if armed[0] and isinstance(message, wire.TaskDone):
         armed[0] = False
-        dropped.append(message["tid"])
-        return {"k": "lost-in-test"}
+        dropped.append(message.tid)
+        raise wire.UnknownKind("lost-in-test")  # skipped by the session, as a lost frame
     return message
-protocols.unpack = lossy_unpack
+wire.decode_task_reply = lossy_decode
 
 opts = dict(resources={"dd": 0.01})
 held = [step.options(**opts).remote(i, workdir, True) for i in range(4)]
@@ -94,11 +95,8 @@ def _dedup() -> TaskDedup:
     return TaskDedup(types.SimpleNamespace(stats=collections.Counter()))
 
 
-def _task(tid: bytes, again: bool = False) -> dict:
-    message = {"tid": tid, "nret": 1}
-    if again:
-        message["again"] = True
-    return message
+def _task(tid: bytes, again: bool = False, nret: int = 1, got: int | None = None) -> SubmitTask:
+    return SubmitTask(tid, b"fn", "task", nret, ["b", b""], {}, again=again, got=got)
 
 
 def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
@@ -110,8 +108,8 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     seen = dedup.callers["caller"]
     assert seen.running[b"t1"] is second and second.frames == []
     seen.running.pop(b"t1")
-    part = {"k": "part", "tid": b"t1", "slot": 0, "d": b"x" * 10}
-    done = {"k": "done", "tid": b"t1", "vals": [None]}
+    part = ValuePart(b"t1", 0, b"x" * 10)
+    done = TaskDone(b"t1", vals=[None])
     seen.record(b"t1", [(0, [b"x" * 10]), done], 10, time.monotonic())
     # sent again once finished: the kept frames answer it, in order, and nothing runs
     third = FakeRemoteClient()
@@ -124,7 +122,7 @@ def test_executor_table_attaches_answers_and_lets_deliberate_reruns_run():
     # an unknown id sent again runs (this node never saw it)
     assert not dedup.seen_before(third, _task(b"t2", again=True))
     # so does an unknown streaming id whose caller has none of its items (see test_stream_dedup)
-    assert not dedup.seen_before(third, {"tid": b"t3", "nret": STREAMING, "again": True, "got": 0})
+    assert not dedup.seen_before(third, _task(b"t3", again=True, nret=STREAMING, got=0))
     assert seen.running[b"t3"] is third and b"t3" in seen.streams
 
 
@@ -134,14 +132,14 @@ def test_executor_table_is_bounded(monkeypatch):
     dedup, client = _dedup(), FakeRemoteClient()
     seen = dedup.callers["caller"] = CallerTasks()
     now = time.monotonic()
-    seen.record(b"a", [{"k": "done", "tid": b"a"}], 60, now)
-    seen.record(b"b", [{"k": "done", "tid": b"b"}], 60, now)
+    seen.record(b"a", [TaskDone(b"a")], 60, now)
+    seen.record(b"b", [TaskDone(b"b")], 60, now)
     # over the byte budget: the oldest reply goes, its id stays known
     assert seen.finished[b"a"][1] is None and seen.result_bytes == 60
     assert not dedup.seen_before(client, _task(b"a", again=True))  # its reply is gone: runs
     assert client.frames == [] and b"a" in seen.running
     for tid in (b"c", b"d", b"e"):
-        seen.record(tid, [{"k": "done", "tid": tid}], 1, now)
+        seen.record(tid, [TaskDone(tid)], 1, now)
     assert list(seen.finished) == [b"c", b"d", b"e"]  # at most SEEN_TASKS ids
     seen.expire(now + dedup_mod.SEEN_TASKS_TTL)
     assert not seen.finished and seen.result_bytes == 0

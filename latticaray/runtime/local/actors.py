@@ -17,6 +17,7 @@ from latticaray.runtime.local.clients import AttachedDriver, WorkerHandle
 from latticaray.runtime.local.records import STREAMING, HostedActor, TaskRecord
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
+from latticaray.runtime.states import ActorEvent, ActorState
 from latticaray.scheduler.errors import InsufficientResources
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class ActorHost:
         self.named: dict[tuple[str, str], bytes] = {}
 
     def alive_count(self) -> int:
-        return sum(1 for a in self.hosted.values() if a.state != "DEAD")
+        return sum(1 for a in self.hosted.values() if not a.dead)
 
     def workers(self) -> list[WorkerHandle]:
         return [a.worker for a in self.hosted.values() if a.worker is not None]
@@ -73,11 +74,7 @@ class ActorHost:
         namespace = opts.get("namespace") or "default"
         if name:
             existing = self.named.get((namespace, name))
-            if (
-                existing is not None
-                and existing in self.hosted
-                and self.hosted[existing].state != "DEAD"
-            ):
+            if existing is not None and existing in self.hosted and not self.hosted[existing].dead:
                 if opts.get("get_if_exists"):
                     record = self.hosted[existing]
                     return {
@@ -119,7 +116,7 @@ class ActorHost:
         opts = message["opts"]
         actor = HostedActor(aid, message, opts)
         if not node.ledger.could_ever_fit(actor.demand):
-            actor.state = "DEAD"
+            actor.die()
             actor.death_cause = (
                 f"the actor needs {actor.demand}, more than this node's {node.total_resources}"
             )
@@ -129,7 +126,7 @@ class ActorHost:
             if actor.demand:
                 node.ledger.acquire("actor-" + aid.hex(), actor.demand)
         except InsufficientResources as exc:
-            actor.state = "DEAD"
+            actor.die()
             actor.death_cause = f"not enough resources on this node for the actor: {exc}"
             self.hosted[aid] = actor
             return {"error": error_blob(TaskUnschedulableError(aid.hex(), actor.death_cause))}
@@ -144,7 +141,7 @@ class ActorHost:
         (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
 
         def start() -> None:
-            if actor.state != "DEAD":
+            if not actor.dead:
                 self.spawn_worker(actor)
 
         self.node.tasks.resolve_ref_args(
@@ -152,7 +149,7 @@ class ActorHost:
         )
 
     def constructor_argument_failed(self, actor: HostedActor, blob: bytes) -> None:
-        actor.state = "DEAD"
+        actor.die()
         actor.no_restart = True
         actor.death_cause = (
             f"an argument of the actor's constructor failed:\n{serialization.deserialize(blob)}"
@@ -166,7 +163,7 @@ class ActorHost:
         worker = node.workers.spawn(is_actor=True)
         worker.actor = actor
         actor.worker = worker
-        actor.state = "ALIVE"
+        actor.move(ActorEvent.STARTED)
         msg = actor.msg
         opts = actor.opts
         worker.send(
@@ -182,8 +179,7 @@ class ActorHost:
             }
         )
         worker.loaded.add(msg["cls"])
-        while actor.outbox:
-            self.send_call(actor, actor.outbox.popleft())
+        self.pump(actor)
 
     def on_ready(self, worker: WorkerHandle, message: dict) -> None:
         """The worker's `actor_ready`: the constructor ran (or raised: the actor is dead)."""
@@ -192,7 +188,7 @@ class ActorHost:
             self.release_args(actor)  # the constructor has its arguments and runs once
         if actor is None or "err" not in message:
             return
-        actor.state = "DEAD"
+        actor.die()
         actor.no_restart = True
         self.release_args(actor)
         cause = serialization.deserialize(message["err"])
@@ -237,7 +233,7 @@ class ActorHost:
             tasks.fail(rec, ActorDiedError(f"actor {aid.hex()} does not exist on this node"))
             return
         rec.actor = actor
-        if actor.state == "DEAD":
+        if actor.dead:
             tasks.fail(rec, ActorDiedError(self.death_message(actor)))
             return
         actor.outbox.append(rec)
@@ -245,7 +241,7 @@ class ActorHost:
 
     def pump(self, actor: HostedActor) -> None:
         """Send the calls at the head of the outbox whose arguments are ready, in order."""
-        if actor.state != "ALIVE":
+        if actor.state is not ActorState.ALIVE:
             return
         outbox = actor.outbox
         while outbox and outbox[0].deps_left == 0:
@@ -291,11 +287,11 @@ class ActorHost:
         actor.inflight.clear()
         can_restart = (
             not actor.no_restart
-            and actor.state != "DEAD"
+            and not actor.dead
             and (actor.max_restarts < 0 or actor.restarts < actor.max_restarts)
         )
         if not can_restart:
-            actor.state = "DEAD"
+            actor.die()
             if not actor.death_cause:
                 actor.death_cause = (
                     "it was killed"
@@ -315,6 +311,7 @@ class ActorHost:
             actor.outbox.clear()
             return
         actor.restarts += 1
+        actor.move(ActorEvent.RESTART)
         node.stats["actor_restarts"] += 1
         retry = []
         for rec in inflight:
@@ -350,7 +347,7 @@ class ActorHost:
         """Actors hosted here whose creator `owner` is gone die with it, unless detached."""
         killed = 0
         for actor in list(self.hosted.values()):
-            if actor.state == "DEAD" or actor.opts.get("lifetime") == "detached":
+            if actor.dead or actor.opts.get("lifetime") == "detached":
                 continue
             if actor.msg.get("owner", self.node.node_id) != owner:
                 continue
@@ -379,6 +376,6 @@ class ActorHost:
         """The method table of the named actor ``aid`` hosted here (None if it is not)."""
         here = self.named.get((namespace, name))
         actor = self.hosted.get(here) if here is not None else None
-        if actor is None or actor.aid != aid or actor.state == "DEAD":
+        if actor is None or actor.aid != aid or actor.state is ActorState.DEAD:
             return None
         return actor.opts.get("meta")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime.protocol import ERROR, OK, STREAMING
+from latticaray.runtime.states import ActorEvent, ActorState, actor_transition
 from latticaray.scheduler.resources import normalize
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class HostedActor:
         self.namespace = opts.get("namespace") or "default"
         self.max_restarts = int(opts.get("max_restarts", 0))
         self.restarts = 0
-        self.state = "PENDING"
+        self.state = ActorState.PENDING
         # argument resolution, as a TaskRecord's; its store values stay pinned until the
         # constructor ran, or while the actor may restart
         self.deps_left = 0
@@ -187,3 +188,16 @@ class HostedActor:
         self.no_restart = False
         self.death_cause = ""
         self.demand = normalize(opts.get("resources") or {})
+
+    @property
+    def dead(self) -> bool:
+        return self.state is ActorState.DEAD
+
+    def move(self, event: ActorEvent) -> None:
+        """Apply a lifecycle event (states.py's table; IllegalTransition if it has no move)."""
+        self.state = actor_transition(self.state, event)
+
+    def die(self) -> None:
+        """The actor is dead for good (from any state; once)."""
+        if self.state is not ActorState.DEAD:
+            self.move(ActorEvent.DIED)

@@ -17,6 +17,7 @@ from latticaray.runtime import serialization
 from latticaray.runtime.errors import ActorDiedError, TaskUnschedulableError
 from latticaray.runtime.local.records import TaskRecord
 from latticaray.runtime.remote.capacity import DEFERRED
+from latticaray.runtime.remote.wire import CallActor, CreateActor, KillActor
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
@@ -127,22 +128,31 @@ class OwnedActors:
         return {"aid": aid, "node": target}
 
     def _send_create(self, owned: OwnedActor, target: str) -> None:
-        message = dict(owned.message)
+        message = owned.message
         caller = self.remote.caller
         link = caller.link_to(target)
         assert link is not None
+        blob = None
         if message["cls"] not in link.shipped:
-            message["blob"] = self.node.code[message["cls"]]
+            blob = self.node.code[message["cls"]]
             link.shipped.add(message["cls"])
-        message["opts"] = dict(
+        opts = dict(
             message["opts"],
             strategy=None,
             max_restarts=max(0, owned.max_restarts - owned.restarts)
             if owned.max_restarts >= 0
             else -1,
         )
-        message["args"] = self.remote.objects.wire_args(message["args"])  # by CID as it goes
-        caller.send(target, {"k": "create", "m": message})
+        create = CreateActor(
+            message["aid"],
+            message["cls"],
+            message.get("cname", "actor"),
+            opts,
+            self.remote.objects.wire_args(message["args"]),  # named by CID as it goes out
+            message["owner"],
+            blob,
+        )
+        caller.send(target, create)
 
     def created(self, aid: bytes, error: bytes | None) -> None:
         """The host's answer to a `create`: an error kills the actor and fails its calls."""
@@ -263,20 +273,20 @@ class OwnedActors:
             outbox.popleft()
             link = caller.link(peer)
             msg = rec.msg
-            out = {
-                "tid": rec.tid,
-                "aid": aid,
-                "m": msg["m"],
-                "nret": rec.nret,
-                "name": rec.name,
-                "args": self.remote.objects.wire_args(msg["args"]),
-            }
-            if rec.tid in link.resent:
-                link.resent.discard(rec.tid)
-                out["again"] = True
+            again = rec.tid in link.resent
+            link.resent.discard(rec.tid)
+            call = CallActor(
+                rec.tid,
+                aid,
+                msg["m"],
+                rec.nret,
+                rec.name,
+                self.remote.objects.wire_args(msg["args"]),
+                again,
+            )
             rec.remote_peer = host
             link.inflight[rec.tid] = rec
-            caller.send(host, {"k": "acall", "m": out})
+            caller.send(host, call)
 
     def kill(self, message: dict) -> None:
         """Kill an actor hosted elsewhere (its host is told; one still waiting dies here)."""
@@ -291,4 +301,4 @@ class OwnedActors:
             if host == self.node_id:  # never created: it was waiting for DHT capacity ads
                 self.fail_calls(aid, owned.dead_cause)
                 return
-        self.remote.caller.send(host, {"k": "kill", "aid": aid, "no_restart": no_restart})
+        self.remote.caller.send(host, KillActor(aid, bool(no_restart)))

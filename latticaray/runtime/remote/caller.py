@@ -22,8 +22,24 @@ from latticaray.runtime import serialization
 from latticaray.runtime.errors import NodeDiedError, TaskCancelledError
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import PENDING, STREAMING, TaskRecord
-from latticaray.runtime.remote import protocols
-from latticaray.runtime.remote.protocols import TASK_PROTOCOL, pack
+from latticaray.runtime.remote import wire
+from latticaray.runtime.remote.wire import (
+    TASK_PROTOCOL,
+    AckItems,
+    ActorCreated,
+    CallActor,
+    CancelTask,
+    CreateActor,
+    Fence,
+    Fenced,
+    ResultsFetched,
+    SubmitTask,
+    TaskDone,
+    TaskReply,
+    TaskRequest,
+    ValuePart,
+    YieldItem,
+)
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.membership import Peer
@@ -82,18 +98,13 @@ class PeerLink:
         self.retiring = []
 
 
-def reply_key(message: dict, outgoing: bool) -> Any:
-    """What a session message is owed (outgoing) or settles (a reply): a task id, or
+def reply_key(message: TaskRequest | TaskReply) -> Any:
+    """What a session message is owed (sent) or settles (a reply): a task id, or
     ("create", actor id); None for anything else."""
-    kind = message.get("k")
-    if outgoing and kind in ("task", "acall"):
-        return message["m"]["tid"]
-    if outgoing and kind == "create":
-        return ("create", message["m"]["aid"])
-    if not outgoing and kind == "done":
-        return message.get("tid")
-    if not outgoing and kind == "created":
-        return ("create", message.get("aid"))
+    if isinstance(message, (SubmitTask, CallActor, TaskDone)):
+        return message.tid
+    if isinstance(message, (CreateActor, ActorCreated)):
+        return ("create", message.aid)
     return None
 
 
@@ -116,7 +127,7 @@ class Caller:
         return self.link(peer) if peer is not None else None
 
     # ------------------------------------------------------------------ sending
-    def send(self, node_id: str | None, message: dict) -> bool:
+    def send(self, node_id: str | None, message: TaskRequest) -> bool:
         """Queue a message on the session to a live peer (opened if needed)."""
         peer = self.remote.membership.alive_peer(node_id)
         if peer is None:
@@ -126,7 +137,7 @@ class Caller:
         if session is None:
             session = link.session = TaskSession()
             session.task = self.remote.spawn(self._session(peer, session))
-        key = reply_key(message, True)
+        key = reply_key(message)
         if key is not None:
             session.pending.add(key)
         session.outbox.put_nowait(message)
@@ -138,46 +149,47 @@ class Caller:
         link = self.link(peer)
         node = self.node
         msg = rec.msg
-        out = {
-            "tid": rec.tid,
-            "fn": msg["fn"],
-            "name": rec.name,
-            "nret": rec.nret,
-            "args": self.remote.objects.wire_args(msg["args"]),
-            "opts": dict(msg["opts"], placed=True),
-        }
+        blob = None
         if msg["fn"] not in link.shipped:
-            out["blob"] = node.code[msg["fn"]]
+            blob = node.code[msg["fn"]]
             link.shipped.add(msg["fn"])
-        stream = None
-        if rec.tid in link.resent:
+        again, stream = rec.tid in link.resent, None
+        if again:
             link.resent.discard(rec.tid)
-            out["again"] = True
             stream = node.streams.states.get(rec.tid) if rec.nret == STREAMING else None
-            if stream is not None:
-                out["got"] = stream.count
+        task = SubmitTask(
+            rec.tid,
+            msg["fn"],
+            rec.name,
+            rec.nret,
+            self.remote.objects.wire_args(msg["args"]),
+            dict(msg["opts"], placed=True),
+            blob,
+            again,
+            None if stream is None else stream.count,
+        )
         rec.remote_peer = target
         link.inflight[rec.tid] = rec
         self.stats["remote_tasks"] += 1
-        if not self.send(target, {"k": "task", "m": out}):
+        if not self.send(target, task):
             link.inflight.pop(rec.tid, None)
             rec.remote_peer = None
             node.tasks.run_here(rec)
         elif stream is not None and stream.consumed:  # an ack lost with the old session
-            self.send(target, {"k": "ack", "tid": rec.tid, "n": stream.consumed})
+            self.send(target, AckItems(rec.tid, stream.consumed))
 
     def cancel_remote(self, rec: TaskRecord, force: bool) -> None:
-        self.send(rec.remote_peer, {"k": "cancel", "tid": rec.tid, "force": force})
+        self.send(rec.remote_peer, CancelTask(rec.tid, force))
 
     def ack_stream(self, tid: bytes, consumed: int) -> None:
         """The consumer of a stream a peer produces took ``consumed`` items."""
         rec = self.node.tasks.records.get(tid)
         if rec is not None and rec.remote_peer is not None:
-            self.send(rec.remote_peer, {"k": "ack", "tid": tid, "n": consumed})
+            self.send(rec.remote_peer, AckItems(tid, consumed))
 
     def unpin_at(self, node_id: str, cids: list[str]) -> None:
         """Tell the node that ran a task it need not keep these store results for us any more."""
-        self.send(node_id, {"k": "fetched", "cids": cids})
+        self.send(node_id, ResultsFetched(cids))
 
     # ------------------------------------------------------------------ the session
     async def _session(self, peer: Peer, session: TaskSession) -> None:
@@ -199,10 +211,10 @@ class Caller:
                 self.move_session(peer)  # the path may have changed while we opened
                 while True:
                     message = await session.outbox.get()
-                    if message.get("k") in ("task", "acall", "create"):
+                    if isinstance(message, (SubmitTask, CallActor, CreateActor)):
                         # in line: what this peer is sent after it waits for its hashing
-                        await self.remote.objects.portable_args(message["m"]["args"])
-                    await call.send(pack(message))
+                        await self.remote.objects.portable_args(message.args)
+                    await call.send(message.encode())
             finally:
                 reader.cancel()
                 call.cancel()
@@ -214,14 +226,17 @@ class Caller:
     async def _session_replies(self, peer: Peer, session: TaskSession, call: Any) -> None:
         try:
             async for raw in call:
-                message = protocols.unpack(raw)
-                if message.get("k") == "fenced":
+                try:
+                    message = wire.decode_task_reply(raw)
+                except wire.UnknownKind:
+                    continue  # a newer executor's: skipped
+                if isinstance(message, Fenced):
                     session.fenced = True
                     if session.next_gate is not None:
                         session.next_gate.set()
                 else:
                     self._on_reply(peer, message)
-                    session.pending.discard(reply_key(message, False))
+                    session.pending.discard(reply_key(message))
                 if session.retiring:
                     self._retire_if_drained(peer, session)
         except asyncio.CancelledError:
@@ -250,7 +265,7 @@ class Caller:
             return
         old.retiring = True
         old.next_gate = asyncio.Event()
-        old.outbox.put_nowait({"k": "fence"})
+        old.outbox.put_nowait(Fence())
         link.retiring.append(old)
         new = link.session = TaskSession(old.next_gate)
         new.task = self.remote.spawn(self._session(peer, new))
@@ -357,54 +372,57 @@ class Caller:
             actors.pump(aid)
 
     # ------------------------------------------------------------------ replies
-    def _on_reply(self, peer: Peer, message: dict) -> None:
+    def _on_reply(self, peer: Peer, message: TaskReply) -> None:
         link = self.link(peer)
+        if isinstance(message, ValuePart):
+            link.parts.setdefault((message.tid, message.slot), []).append(bytes(message.d))
+        elif isinstance(message, YieldItem):
+            self._on_item(peer, link, message)
+        elif isinstance(message, TaskDone):
+            self._on_done(peer, link, message)
+        elif isinstance(message, ActorCreated):
+            self.remote.actors.created(message.aid, message.error)
+
+    def _on_item(self, peer: Peer, link: PeerLink, message: YieldItem) -> None:
+        tid, index = message.tid, message.i
         node = self.node
-        kind = message["k"]
-        tid = message.get("tid")
-        if kind == "part":
-            slot = message["slot"]
-            key = (tid, tuple(slot) if isinstance(slot, list) else slot)
-            link.parts.setdefault(key, []).append(message["d"])
+        stream = node.streams.states.get(tid)
+        if stream is not None and index < stream.count:  # delivered before
+            link.parts.pop((tid, ("y", index)), None)
             return
-        if kind == "yield":
-            stream = node.streams.states.get(tid)  # type: ignore[arg-type]
-            if stream is not None and message["i"] < stream.count:  # delivered before
-                link.parts.pop((tid, ("y", message["i"])), None)
-                return
-            data = message["d"]
-            if data is None:
-                data = b"".join(link.parts.pop((tid, ("y", message["i"])), []))
-            inner = message.get("inner")
-            node.streams.item({"tid": tid, "i": message["i"], "d": data, "inner": inner})
-            if inner:  # counted here now: the executor may let go of them
-                self.remote.refs.ack_held(peer.node_id, object_id(tid, message["i"]))
+        data = message.d
+        if data is None:
+            data = b"".join(link.parts.pop((tid, ("y", index)), []))
+        inner = message.inner
+        node.streams.item({"tid": tid, "i": index, "d": data, "inner": inner})
+        if inner:  # counted here now: the executor may let go of them
+            self.remote.refs.ack_held(peer.node_id, object_id(tid, index))
+
+    def _on_done(self, peer: Peer, link: PeerLink, message: TaskDone) -> None:
+        tid = message.tid
+        rec = link.inflight.pop(tid, None)
+        if rec is None or rec.done:
             return
-        if kind == "done":
-            rec = link.inflight.pop(tid, None)  # type: ignore[arg-type]
-            if rec is None or rec.done:
-                return
-            rec.remote_peer = None
-            if message.get("inner"):  # refs inside the results: the executor holds them until
-                message["held_by"] = peer.node_id  # tasks.complete has counted them here
-            if "vals" in message:
-                message["vals"] = [
-                    v if v is not None else b"".join(link.parts.pop((tid, i), []))
-                    for i, v in enumerate(message["vals"])
-                ]
-            tasks = node.tasks
-            if (
-                message.get("err") is not None
-                and not rec.cancelled
-                and tasks.should_retry(rec, message.get("mro", []))
-            ):
-                rec.retries_left -= 1
-                tasks.schedule(rec)
-                return
-            self._complete_remote(peer, rec, message)
+        rec.remote_peer = None
+        # as a local worker's `done` (local/tasks.py `complete`)
+        done: dict[str, Any] = {"tid": tid}
+        if message.err is not None:
+            done["err"] = message.err
+            done["mro"] = message.mro or []
+        if message.vals is not None:
+            done["vals"] = [
+                v if v is not None else b"".join(link.parts.pop((tid, i), []))
+                for i, v in enumerate(message.vals)
+            ]
+        if message.inner:  # refs inside the results: the executor holds them until
+            done["inner"] = message.inner
+            done["held_by"] = peer.node_id  # tasks.complete has counted them here
+        tasks = self.node.tasks
+        if message.err is not None and not rec.cancelled and tasks.should_retry(rec, done["mro"]):
+            rec.retries_left -= 1
+            tasks.schedule(rec)
             return
-        if kind == "created":
-            self.remote.actors.created(message["aid"], message.get("error"))
+        self._complete_remote(peer, rec, done)
 
     def _complete_remote(self, peer: Peer, rec: TaskRecord, message: dict) -> None:
         """Seal a remote task's results. A store result this node lacks stays on the executor

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import STREAMING
+from latticaray.runtime.remote.wire import CallActor, SubmitTask, TaskDone, YieldItem
 from latticaray.runtime.serialization import error_blob
 
 if TYPE_CHECKING:
@@ -152,16 +153,16 @@ class TaskDedup:
     def caller_gone(self, caller: str) -> None:
         self.callers.pop(caller, None)
 
-    def seen_before(self, client: RemoteClient, message: dict) -> bool:
+    def seen_before(self, client: RemoteClient, message: SubmitTask | CallActor) -> bool:
         """Whether this caller sent this task id before (see CallerTasks): if it did, the re-sent
         message is attached to that run, or answered with its kept reply; if not, it is noted.
         A re-sent streaming task carries `got`, the items its caller has already."""
-        tid = message["tid"]
-        streaming = message.get("nret") == STREAMING
-        got = message.pop("got", 0) if streaming else 0
+        tid = message.tid
+        streaming = message.nret == STREAMING
+        got = (message.got or 0) if streaming and isinstance(message, SubmitTask) else 0
         seen = self.callers.setdefault(client.node_id, CallerTasks())
         seen.expire(time.monotonic())
-        if not message.pop("again", False):
+        if not message.again:
             seen.forget(tid)
             seen.running[tid] = client
             if streaming:
@@ -211,10 +212,9 @@ class TaskDedup:
     def _stream_items_gone(self, client: RemoteClient, tid: bytes, got: int) -> None:
         self.stats["resent_streams_lost"] += 1
         client.send(
-            {
-                "k": "done",
-                "tid": tid,
-                "err": error_blob(
+            TaskDone(
+                tid,
+                err=error_blob(
                     ObjectLostError(
                         f"streaming task {tid.hex()} was sent again, but the executor no longer "
                         f"has its items from {got} on (more than {SEEN_RESULT_BYTES} bytes of "
@@ -222,16 +222,16 @@ class TaskDedup:
                         f"the stream ends here"
                     )
                 ),
-            }
+            )
         )
 
 
 def replay(client: RemoteClient, tid: bytes, frames: list, got: int = 0) -> None:
-    """Send kept frames again (`part` pieces as (slot, pieces), messages as maps), less
+    """Send kept frames again (`part` pieces as (slot, pieces), messages as they went), less
     the streamed items below `got`, which the caller has."""
     for frame in frames:
-        if isinstance(frame, dict):
-            if frame.get("k") != "yield" or frame["i"] >= got:
+        if not isinstance(frame, tuple):
+            if not isinstance(frame, YieldItem) or frame.i >= got:
                 client.send_settled(frame)
             continue
         slot, pieces = frame

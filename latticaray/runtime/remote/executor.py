@@ -11,6 +11,7 @@ out is kept to answer a re-sent task (dedup.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,25 @@ from latticaray.runtime import serialization
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import STREAMING, TaskRecord
-from latticaray.runtime.remote.protocols import CHUNK, pack, unpack
+from latticaray.runtime.remote import wire
+from latticaray.runtime.remote.wire import (
+    CHUNK,
+    AckItems,
+    ActorCreated,
+    CallActor,
+    CancelTask,
+    CreateActor,
+    Fence,
+    Fenced,
+    KillActor,
+    RefsHeld,
+    ResultsFetched,
+    SubmitTask,
+    TaskDone,
+    TaskReply,
+    ValuePart,
+    YieldItem,
+)
 from latticaray.runtime.serialization import error_blob
 
 if TYPE_CHECKING:
@@ -40,22 +59,21 @@ class RemoteClient:
         self.closed = False
         self.held_back: list | None = None  # replies waiting for this node's registrations
 
-    def send(self, message: dict) -> None:
+    def send(self, message: TaskReply) -> None:
         if self.closed:
             return
-        vals = message.get("vals")
         if (
-            message.get("k") == "done"
-            and vals
+            isinstance(message, TaskDone)
+            and message.vals
             and any(
                 serialization.is_store_ref(v) and v[len(serialization.STORE_MAGIC) :][:1] != b"b"
-                for v in vals
+                for v in message.vals
             )
         ):
             # results under local names: hashed off the event loop, sent in their turn
             self.outbox.put_nowait(self.remote.spawn(self._packed_portable(message)))
         else:
-            self.outbox.put_nowait(pack(message))
+            self.outbox.put_nowait(message.encode())
 
     def send_parts(self, tid: bytes, slot: Any, pieces: list) -> None:
         """Queue a value's pieces, sent as `part` frames as the session's flow control takes
@@ -63,19 +81,20 @@ class RemoteClient:
         if not self.closed:
             self.outbox.put_nowait(parts(tid, slot, pieces))
 
-    async def _packed_portable(self, message: dict) -> bytes:
+    async def _packed_portable(self, message: TaskDone) -> bytes:
         objects = self.remote.node.objects
-        vals, named = message["vals"], []
+        vals, named = message.vals or [], []
         try:
-            out = []
+            out: list[bytes | None] = []
             for v in vals:
                 if serialization.is_store_ref(v):
+                    assert v is not None
                     portable = await objects.portable_async(v, awaiting_fetch=True)
                     if portable is not v:
                         named.append(serialization.store_name(portable))
                     v = portable
                 out.append(v)
-            message["vals"] = out
+            message = dataclasses.replace(message, vals=out)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -87,14 +106,13 @@ class RemoteClient:
                 name = serialization.store_name(v) if serialization.is_store_ref(v) else None
                 if name is not None and objects.store_refs.get(name, 0) > 0:
                     objects.unpin(name)
-            message = {
-                "k": "done",
-                "tid": message["tid"],
-                "err": error_blob(
+            message = TaskDone(
+                message.tid,
+                err=error_blob(
                     ObjectLostError(f"a result could not be named by CID to send it: {exc!r}")
                 ),
-            }
-        return pack(message)
+            )
+        return message.encode()
 
     def _send_value(self, tid: bytes, slot: Any, data: bytes, sent: list | None = None) -> Any:
         """Large values travel as parts ahead of the frame that refers to them. A store value's
@@ -125,38 +143,36 @@ class RemoteClient:
         node = remote.node
         tid = rec.tid
         sent: list = []
-        out: dict = {"k": "done", "tid": tid}
-        if message.get("err") is not None:
-            out["err"] = message["err"]
-            out["mro"] = message.get("mro", [])
+        err = message.get("err")
+        vals = None
         if "vals" in message:
             # store results keep their local names until `send` names them by CID
-            out["vals"] = [
+            vals = [
                 v
                 if remote.exchange is not None and serialization.is_store_ref(v)
                 else self._send_value(tid, i, v, sent)
                 for i, v in enumerate(message["vals"])
             ]
+        inner = None
         if rec.nret == STREAMING:
             node.streams.states.pop(tid, None)
         else:
             if message.get("inner"):  # held here until the caller holds them (`held`)
                 node.refs.forward(tid, self.node_id, [object_id(tid, i) for i in range(rec.nret)])
-                out["inner"] = message["inner"]
-            sent_by_ref = {
-                i for i, v in enumerate(out.get("vals") or []) if serialization.is_store_ref(v)
-            }
+                inner = message["inner"]
+            sent_by_ref = {i for i, v in enumerate(vals or []) if serialization.is_store_ref(v)}
             entries = node.objects.entries
             for i in range(rec.nret):
                 entry = entries.pop(object_id(tid, i), None)
                 # a store object sent by reference stays until the caller says it has its copy
                 if entry is not None and i not in sent_by_ref:
                     node.objects.forget(entry)
+        out = TaskDone(tid, vals, err, message.get("mro", []) if err is not None else None, inner)
         if seen is not None and answerer is not None:  # kept to answer a re-sent task id
             size = (
                 _parts_size(sent)
-                + len(out.get("err") or b"")
-                + sum(len(v) for v in out.get("vals") or [] if v is not None)
+                + len(err or b"")
+                + sum(len(v) for v in vals or [] if v is not None)
             )
             if rec.nret == STREAMING:
                 seen.stream_finished(tid, [*sent, out], size, time.monotonic())
@@ -168,7 +184,7 @@ class RemoteClient:
         # lets go of the task's arguments on `done`, hears of it
         self.send_settled(out)
 
-    def send_settled(self, out: dict) -> None:
+    def send_settled(self, out: TaskReply) -> None:
         """Send once every borrow registration made so far has reached its owner, in order."""
         if self.held_back is not None:
             self.held_back.append(out)
@@ -196,10 +212,10 @@ class RemoteClient:
         node = self.remote.node
         sent: list = []
         data = self._send_value(tid, ("y", index), message["d"], sent)
-        out = {"k": "yield", "tid": tid, "i": index, "d": data}
-        if message.get("inner"):  # held here until the caller holds them (`held` with oid)
+        inner = message.get("inner") or None
+        if inner:  # held here until the caller holds them (`held` with oid)
             node.refs.forward(oid, self.node_id, [oid])
-            out["inner"] = message["inner"]
+        out = YieldItem(tid, index, data, inner)
         if seen is not None:  # kept until acknowledged, to deliver again if the task is re-sent
             seen.keep_item(tid, index, [*sent, out], _parts_size(sent) + len(data or b""))
         self.send_settled(out)
@@ -213,7 +229,7 @@ async def parts(tid: bytes, slot: Any, pieces: list) -> AsyncIterator[bytes]:
     for piece in pieces:
         view = memoryview(piece)
         for start in range(0, len(view), CHUNK):
-            yield pack({"k": "part", "tid": tid, "slot": slot, "d": view[start : start + CHUNK]})
+            yield ValuePart(tid, slot, view[start : start + CHUNK]).encode()
 
 
 def _parts_size(sent: list) -> int:
@@ -251,75 +267,89 @@ class Executor:
             reader.cancel()
 
     async def _requests(self, client: RemoteClient, requests: Any) -> None:
-        remote = self.remote
-        node = self.node
-        objects = remote.objects
-        admission = remote.membership.admission
+        admission = self.remote.membership.admission
         async for raw in requests:
             if not admission.allowed(client.node_id):
                 return
-            message = unpack(raw)
-            kind = message.get("k")
-            if kind == "task":
-                task = message["m"]
-                if "blob" in task:
-                    node.code[task["fn"]] = task.pop("blob")
-                if task["fn"] not in node.code:
-                    client.send(
-                        {
-                            "k": "done",
-                            "tid": task["tid"],
-                            "err": error_blob(RuntimeError("executor lacks the task's code")),
-                        }
-                    )
-                    continue
-                if remote.dedup.seen_before(client, task):
-                    continue
-                task["opts"]["placed"] = True
-                task["op"] = "submit"
-                missing = objects.missing_store_args(task["args"])
-                if missing:
-                    remote.spawn(
-                        objects.fetch_then(
-                            missing,
-                            client.node_id,
-                            lambda t=task: node.tasks.submit(t, client),  # type: ignore[misc]
-                        )
-                    )
-                else:
-                    node.tasks.submit(task, client)
-            elif kind == "acall":
-                call = message["m"]
-                if remote.dedup.seen_before(client, call):
-                    continue
-                call["anode"] = remote.node_id
-                missing = objects.missing_store_args(call["args"])
-                if missing:  # in line: later calls of this caller must not overtake it
-                    await objects.fetch_then(missing, client.node_id, lambda: None)
-                node.actors.call(call, client)
-            elif kind == "create":
-                create = message["m"]
-                if "blob" in create:
-                    node.code[create["cls"]] = create.pop("blob")
-                missing = objects.missing_store_args(create["args"])
-                if missing:  # in line: the actor's calls come after its creation
-                    await objects.fetch_then(missing, client.node_id, lambda: None)
-                reply = node.actors.host(create)
-                client.send({"k": "created", "aid": create["aid"], "error": reply.get("error")})
-            elif kind == "fence":  # the caller moves to a new session once this is answered
-                client.send({"k": "fenced"})
-            elif kind == "cancel":
-                node.tasks.cancel_task(message["tid"], bool(message.get("force")), True)
-            elif kind == "ack":
-                seen = remote.dedup.of(client.node_id)
-                if seen is not None:
-                    seen.acked(message["tid"], message["n"])
-                node.streams.consumed(message["tid"], message["n"])
-            elif kind == "kill":
-                node.actors.kill(
-                    {"aid": message["aid"], "no_restart": message.get("no_restart")}, client
+            try:
+                message = wire.decode_task_request(raw)
+            except wire.UnknownKind:
+                continue  # a newer caller's: skipped
+            if isinstance(message, SubmitTask):
+                self._task(client, message)
+            elif isinstance(message, CallActor):
+                await self._actor_call(client, message)
+            elif isinstance(message, CreateActor):
+                await self._create_actor(client, message)
+            else:
+                self._control(client, message)
+
+    def _task(self, client: RemoteClient, message: SubmitTask) -> None:
+        node = self.node
+        remote = self.remote
+        task = message.body()
+        if "blob" in task:
+            node.code[message.fn] = task.pop("blob")
+        if message.fn not in node.code:
+            client.send(
+                TaskDone(
+                    message.tid, err=error_blob(RuntimeError("executor lacks the task's code"))
                 )
-            elif kind == "held":  # the caller counts the refs inside a task's results now
-                node.refs.held(message["tid"], client.node_id)
-            elif kind == "fetched":  # the caller has its own copies of these results now
-                node.objects.unpin_fetched(message.get("cids", [])[:1024])
+            )
+            return
+        if remote.dedup.seen_before(client, message):
+            return
+        task.pop("again", None)
+        task.pop("got", None)
+        task["opts"]["placed"] = True
+        task["op"] = "submit"
+        missing = remote.objects.missing_store_args(task["args"])
+        if missing:
+            remote.spawn(
+                remote.objects.fetch_then(
+                    missing, client.node_id, lambda: node.tasks.submit(task, client)
+                )
+            )
+        else:
+            node.tasks.submit(task, client)
+
+    async def _actor_call(self, client: RemoteClient, message: CallActor) -> None:
+        remote = self.remote
+        if remote.dedup.seen_before(client, message):
+            return
+        call = message.body()
+        call.pop("again", None)
+        call["anode"] = remote.node_id
+        missing = remote.objects.missing_store_args(call["args"])
+        if missing:  # in line: later calls of this caller must not overtake it
+            await remote.objects.fetch_then(missing, client.node_id, lambda: None)
+        self.node.actors.call(call, client)
+
+    async def _create_actor(self, client: RemoteClient, message: CreateActor) -> None:
+        node = self.node
+        create = message.body()
+        if "blob" in create:
+            node.code[message.cls] = create.pop("blob")
+        missing = self.remote.objects.missing_store_args(create["args"])
+        if missing:  # in line: the actor's calls come after its creation
+            await self.remote.objects.fetch_then(missing, client.node_id, lambda: None)
+        reply = node.actors.host(create)
+        client.send(ActorCreated(message.aid, reply.get("error")))
+
+    def _control(self, client: RemoteClient, message: Any) -> None:
+        node = self.node
+        if isinstance(message, Fence):  # the caller moves to a new session once answered
+            client.send(Fenced())
+        elif isinstance(message, CancelTask):
+            node.tasks.cancel_task(message.tid, message.force, True)
+        elif isinstance(message, AckItems):
+            seen = self.remote.dedup.of(client.node_id)
+            if seen is not None:
+                seen.acked(message.tid, message.n)
+            node.streams.consumed(message.tid, message.n)
+        elif isinstance(message, KillActor):
+            node.actors.kill({"aid": message.aid, "no_restart": message.no_restart}, client)
+        elif isinstance(message, RefsHeld):  # the caller counts the refs inside results now
+            node.refs.held(message.tid, client.node_id)
+        elif isinstance(message, ResultsFetched):  # the caller has its own copies now
+            node.objects.unpin_fetched(message.cids[:1024])

@@ -16,19 +16,20 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.rpc import Status
 from latticaray.runtime.admission import Admission
 from latticaray.runtime.errors import CredentialError
-from latticaray.runtime.remote.protocols import (
+from latticaray.runtime.remote.wire import (
     ADMIT_PROTOCOL,
-    MAX_ADMIT_MESSAGE,
+    MAX_ADMIT_REQUEST,
     VIEW_PROTOCOL,
-    pack,
-    unpack,
+    Admit,
+    RuntimeView,
+    WireError,
+    decode_admit,
+    decode_view,
 )
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 
@@ -51,7 +52,7 @@ class Peer:
         self.peer_id = peer_id
         self.last_seen = time.monotonic()
         self.alive = True
-        self.view: dict = {}
+        self.view: RuntimeView | None = None  # its last pushed view
         self.link: PeerLink | None = None  # the task sessions to it (caller.py), once used
 
 
@@ -96,32 +97,28 @@ class Membership:
             return
         try:
             reply = await self.mesh.call(
-                peer_id, ADMIT_PROTOCOL, pack({"cred": self.admission.own_credential}), timeout=10.0
+                peer_id, ADMIT_PROTOCOL, Admit(self.admission.own_credential).encode(), timeout=10.0
             )
-            their = unpack(reply).get("cred")
-            self.admission.admit(node_id, their)
+            self.admission.admit(node_id, decode_admit(reply).cred)
         except (MeshError, CredentialError, ValueError) as exc:
             log.info("peer %s was not admitted: %s", node_id, exc)
             return
         self.add_peer(node_id, peer_id)
 
     async def serve_admit(self, ctx: Any, payload: bytes) -> bytes:
-        if len(payload) > MAX_ADMIT_MESSAGE:
+        if len(payload) > MAX_ADMIT_REQUEST:
             raise RpcError(Status.INVALID_ARGUMENT, "admission request too large")
         if not self.admission.is_member:
             raise RpcError(Status.PERMISSION_DENIED, "this node is not a member of a mesh")
         try:
-            credential = msgpack.unpackb(payload, raw=False, max_str_len=2048, max_map_len=4).get(
-                "cred"
-            )
-            self.admission.admit(str(ctx.peer_id), credential)
-        except (CredentialError, ValueError, AttributeError, TypeError) as exc:
+            self.admission.admit(str(ctx.peer_id), decode_admit(payload).cred)
+        except (CredentialError, WireError, ValueError) as exc:
             self.remote.stats["admission_refused"] += 1
             raise RpcError(
                 Status.PERMISSION_DENIED, f"membership credential refused: {exc}"
             ) from exc
         self.add_peer(str(ctx.peer_id), ctx.peer_id)
-        return pack({"cred": self.admission.own_credential})
+        return Admit(self.admission.own_credential).encode()
 
     def require_member(self, ctx: Any) -> str:
         """The calling peer's node id, if it is a member; else the call is refused unread."""
@@ -161,16 +158,14 @@ class Membership:
         for peer in self.peers.values():
             if peer.alive:
                 peers[peer.node_id] = [str(a) for a in self.mesh.addrs_of(peer.peer_id)]
-        return pack(
-            {
-                "total": view.total,
-                "avail": view.available,
-                "queued": view.queued,
-                "running": view.running,
-                "peers": peers,
-                "names": self.remote.names.shared_records(),
-            }
-        )
+        return RuntimeView(
+            view.total,
+            view.available,
+            view.queued,
+            view.running,
+            peers,
+            self.remote.names.shared_records(),
+        ).encode()
 
     def _publish_member(self, now: float) -> None:
         """Capacity into the CRDT `members` collection (load hints travel in views)."""
@@ -212,27 +207,27 @@ class Membership:
 
     async def serve_view(self, ctx: Any, payload: bytes) -> bytes:
         node_id = self.require_member(ctx)
-        view = unpack(payload)
+        view = decode_view(payload)
         peer = self.peers.get(node_id)
         if peer is None or not peer.alive:
             peer = self.add_peer(node_id, ctx.peer_id)
         peer.last_seen = time.monotonic()
-        first_view = not peer.view
+        first_view = peer.view is None
         peer.view = view
         self.snapshot.update_node(
             NodeView(
                 node_id,
-                dict(view.get("total", {})),
-                dict(view.get("avail", {})),
-                queued=int(view.get("queued", 0)),
-                running=int(view.get("running", 0)),
+                dict(view.total),
+                dict(view.avail),
+                queued=view.queued,
+                running=view.running,
                 ad_time=time.monotonic(),
             )
         )
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
-        for other, addrs in (view.get("peers") or {}).items():
+        for other, addrs in view.peers.items():
             if (
                 other != self.node_id
                 and other not in self.peers
@@ -240,7 +235,7 @@ class Membership:
                 and not self.remote.sparse
             ):
                 self.spawn(self._introduce(other, addrs))
-        self.remote.names.merge_records(view.get("names") or [])
+        self.remote.names.merge_records(view.names)
         return b""
 
     async def _introduce(self, node_id: str, addrs: list[str]) -> None:
@@ -289,14 +284,14 @@ class Membership:
         out = [self.remote.node.local_view()]
         for node_id, peer in self.peers.items():
             view = peer.view
-            if not view:
+            if view is None:
                 continue  # admitted, but its first view (its capacity) has not arrived yet
             out.append(
                 {
                     "NodeID": node_id,
                     "Alive": peer.alive,
-                    "Resources": dict(view.get("total", {})),
-                    "Available": dict(view.get("avail", {})) if peer.alive else {},
+                    "Resources": dict(view.total),
+                    "Available": dict(view.avail) if peer.alive else {},
                 }
             )
         return out

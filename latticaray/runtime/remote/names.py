@@ -8,24 +8,41 @@ arbiter, then the signed CRDT `actors` collection (state/). A creation that wait
 as Ray registers a named actor before scheduling it. Arbiter records also travel in views, so a
 new arbiter (membership changed) learns the names.
 
-`NameArbiterCore` is the arbiter's state (sans-I/O: requests in, replies out); `NameService`
-makes the calls.
+`NameArbiterCore` is the arbiter's state (sans-I/O: typed requests in, replies out, wire.py);
+`NameService` makes the calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from latticaray.mesh.errors import MeshError, RpcError
+from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import PeerId
-from latticaray.mesh.rpc import Status
 from latticaray.runtime.errors import ActorNameTakenError, GetTimeoutError
 from latticaray.runtime.remote.capacity import DEFERRED
-from latticaray.runtime.remote.protocols import MAX_CONTROL_MESSAGE, NAMES_PROTOCOL, pack, unpack
+from latticaray.runtime.remote.wire import (
+    NAMES_PROTOCOL,
+    ClaimRefused,
+    NameClaim,
+    NameHosted,
+    NameHostedReply,
+    NameLookup,
+    NameLookupReply,
+    NameMoved,
+    NamePlaced,
+    NameRecord,
+    NameRelease,
+    NamesOk,
+    NamesReply,
+    NamesRequest,
+    decode_names_reply,
+    decode_names_request,
+)
 from latticaray.runtime.serialization import error_blob
 from latticaray.state.actors import ActorState
 
@@ -38,81 +55,70 @@ NAME_POLL_S = 0.2  # a lookup of a named actor pending placement re-asks this of
 NAME_SETTLE_S = 5.0  # ... past its creator's wait by this much (for the news to arrive)
 
 
-def found_record(record: dict) -> dict:
+def found_record(record: NameRecord) -> dict:
     """A name's arbiter record as a lookup answers it."""
     return {
-        "aid": record["aid"],
-        "node": record.get("node"),
-        "meta": record.get("meta"),
-        "pending": bool(record.get("pending")),
-        "wait_s": record.get("wait_s"),
+        "aid": record.aid,
+        "node": record.node,
+        "meta": record.meta,
+        "pending": record.pending,
+        "wait_s": record.wait_s,
     }
 
 
 class NameArbiterCore:
-    """The records of the names this node arbitrates: ``(namespace, name) -> {aid, node, owner,
-    meta, detached[, pending, wait_s]}``. A record whose holder is gone is dropped when read."""
+    """The records of the names this node arbitrates, by (namespace, name). A record whose
+    holder is gone is dropped when read. Requests in, replies out (`/latticaray/names/1`)."""
 
     def __init__(
         self,
         node_id: str,
         is_alive: Callable[[str], bool | None],
-        hosted_meta: Callable[[str, str, bytes], Any],
+        hosted_meta: Callable[[str, str, bytes], dict[str, Any] | None],
     ):
         self.node_id = node_id
         self.is_alive = is_alive  # a peer's liveness; None for a node this one never met
         self.hosted_meta = hosted_meta  # (namespace, name, aid) -> method table hosted here
-        self.records: dict[tuple[str, str], dict] = {}
+        self.records: dict[tuple[str, str], NameRecord] = {}
 
-    def handle(self, request: dict, caller: str) -> dict:
-        """One `/latticaray/names/1` request (claim, lookup, release, placed, moved, hosted)."""
-        key = (request["ns"], request["name"])
+    def handle(self, request: NamesRequest, caller: str) -> NamesReply:
+        """One request: claim, lookup, release, placed, moved, hosted."""
+        key = (request.ns, request.name)
         record = self.records.get(key)
         if record is not None and not self._holder_alive(record):
             del self.records[key]
             record = None
-        op = request["op"]
-        if op == "claim":
-            if record is not None and record["aid"] != request["aid"]:
-                return {"ok": False, "existing": record, "holder": record["owner"]}
-            pending = bool(request.get("pending"))
-            self.records[key] = {
-                "aid": request["aid"],
-                "node": None if pending else request.get("host") or request["owner"],
-                "owner": request["owner"],
-                "meta": request.get("meta"),
-                "detached": bool(request.get("detached")),
-            }
-            if pending:
-                self.records[key].update(pending=True, wait_s=request.get("wait_s"))
-            return {"ok": True}
-        if op == "lookup":
-            return {"existing": record}
-        if op == "release":
-            if record is not None and record["aid"] == request["aid"]:
+        if isinstance(request, NameClaim):
+            if record is not None and record.aid != request.aid:
+                return ClaimRefused(record, record.owner)
+            pending = request.pending
+            self.records[key] = NameRecord(
+                request.aid,
+                None if pending else request.host or request.owner,
+                request.owner,
+                request.meta,
+                request.detached,
+                pending,
+                request.wait_s if pending else None,
+            )
+            return NamesOk()
+        if isinstance(request, NameLookup):
+            return NameLookupReply(record)
+        if isinstance(request, NameHosted):  # asked of the actor's host: its method table
+            return NameHostedReply(self.hosted_meta(request.ns, request.name, request.aid))
+        if record is not None and record.aid == request.aid:
+            if isinstance(request, NameRelease):
                 del self.records[key]
-            return {"ok": True}
-        if op == "placed":
-            if record is not None and record["aid"] == request["aid"]:
-                record["node"] = request["node"]
-                record.pop("pending", None)
-            return {"ok": True}
-        if op == "hosted":  # asked of the actor's host: its method table
-            return {"meta": self.hosted_meta(key[0], key[1], request.get("aid"))}  # type: ignore[arg-type]
-        if op == "moved":
-            if record is not None and record["aid"] == request["aid"]:
-                record["node"] = request["node"]
-            return {"ok": True}
-        return {"error": f"unknown names op {op!r}"}
+            elif isinstance(request, NamePlaced):
+                self.records[key] = dataclasses.replace(record, node=request.node, pending=False)
+            else:  # NameMoved
+                self.records[key] = dataclasses.replace(record, node=request.node)
+        return NamesOk()
 
-    def _holder_alive(self, record: dict) -> bool:
+    def _holder_alive(self, record: NameRecord) -> bool:
         # a detached actor outlives its owner: its name lives as long as its host, judged by its
         # owner while this arbiter has not met the host (sparse peering)
-        holders = (
-            [record.get("node"), record.get("owner")]
-            if record.get("detached")
-            else [record.get("owner")]
-        )
+        holders = [record.node, record.owner] if record.detached else [record.owner]
         for holder in holders:
             if holder == self.node_id:
                 return True
@@ -121,22 +127,20 @@ class NameArbiterCore:
                 return alive
         return False
 
-    def shared(self) -> list:
+    def shared(self) -> list[tuple[str, str, NameRecord]]:
         """The records a view carries: a pending claim stays with its arbiter (a copy could
         outlive its release)."""
-        return [
-            [ns, name, rec] for (ns, name), rec in self.records.items() if not rec.get("pending")
-        ]
+        return [(ns, name, rec) for (ns, name), rec in self.records.items() if not rec.pending]
 
-    def merge(self, records: list) -> None:
+    def merge(self, records: list[tuple[str, str, NameRecord]]) -> None:
         """Records a peer's view carried: kept where this node has none of its own."""
         for ns, name, rec in records:
             self.records.setdefault((ns, name), rec)
 
     def moved(self, namespace: str, name: str, aid: bytes, host: str) -> None:
         record = self.records.get((namespace, name))
-        if record is not None and record.get("aid") == aid:
-            record["node"] = host
+        if record is not None and record.aid == aid:
+            self.records[(namespace, name)] = dataclasses.replace(record, node=host)
 
 
 class NameService:
@@ -154,13 +158,13 @@ class NameService:
         peer = self.remote.membership.peers.get(node_id)
         return None if peer is None else peer.alive
 
-    def _hosted_meta_here(self, namespace: str, name: str, aid: bytes) -> Any:
+    def _hosted_meta_here(self, namespace: str, name: str, aid: bytes) -> dict[str, Any] | None:
         return self.remote.node.actors.hosted_meta(namespace, name, aid)
 
-    def shared_records(self) -> list:
+    def shared_records(self) -> list[tuple[str, str, NameRecord]]:
         return self.arbiter.shared()
 
-    def merge_records(self, records: list) -> None:
+    def merge_records(self, records: list[tuple[str, str, NameRecord]]) -> None:
         self.arbiter.merge(records)
 
     def arbiter_of(self, namespace: str, name: str) -> str:
@@ -174,25 +178,25 @@ class NameService:
         return capacity.core.wait_timeout if capacity is not None else 0.0
 
     # ------------------------------------------------------------------ calls to an arbiter
-    async def call(self, arbiter: str, request: dict) -> dict:
+    async def call(self, arbiter: str, request: NamesRequest) -> NamesReply:
+        """Ask a name's arbiter (this node answers itself when it is the arbiter, or when the
+        arbiter cannot be reached)."""
         if arbiter == self.node_id:
             return self.arbiter.handle(request, self.node_id)
         try:
             reply = await self.remote.mesh.call(
                 self.remote.membership.peers[arbiter].peer_id,
                 NAMES_PROTOCOL,
-                pack(request),
+                request.encode(),
                 timeout=10.0,
             )
         except (MeshError, KeyError):
             return self.arbiter.handle(request, self.node_id)
-        return unpack(reply)
+        return decode_names_reply(reply)
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
         caller = self.remote.membership.require_member(ctx)
-        if len(payload) > MAX_CONTROL_MESSAGE:
-            raise RpcError(Status.INVALID_ARGUMENT, "names request too large")
-        return pack(self.arbiter.handle(unpack(payload), caller))
+        return self.arbiter.handle(decode_names_request(payload), caller).encode()
 
     # ------------------------------------------------------------------ claims
     async def claim_named_actor(self, namespace: str, name: str, message: dict) -> dict | None:
@@ -271,31 +275,33 @@ class NameService:
         """None when this creation may go ahead, else the reply to give the creator. Without
         ``message["host"]`` the claim is pending: the creation still waits for a host."""
         host = message.get("host")
-        request = {
-            "op": "claim",
-            "ns": namespace,
-            "name": name,
-            "aid": message["aid"],
-            "owner": self.node_id,
-            "host": host,
-            "meta": message["opts"].get("meta"),
-            "get_if_exists": bool(message["opts"].get("get_if_exists")),
-            "detached": message["opts"].get("lifetime") == "detached",
-        }
-        if host is None:
-            request.update(pending=True, wait_s=self._placement_wait())
+        opts = message["opts"]
+        request = NameClaim(
+            namespace,
+            name,
+            message["aid"],
+            self.node_id,
+            host,
+            opts.get("meta"),
+            bool(opts.get("get_if_exists")),
+            opts.get("lifetime") == "detached",
+            pending=host is None,
+            wait_s=self._placement_wait() if host is None else None,
+        )
         reply = await self.call(arbiter or self.arbiter_of(namespace, name), request)
-        if reply.get("ok"):
+        found: dict | None
+        if isinstance(reply, NamesOk):
             found = self.claim_in_crdt(namespace, name, message)
-        elif reply.get("existing") and request["get_if_exists"]:
-            found = found_record(reply["existing"])
+        elif isinstance(reply, ClaimRefused) and request.get_if_exists:
+            found = found_record(reply.existing)
             found["existing"] = True
         else:
+            holder = reply.holder if isinstance(reply, ClaimRefused) else "?"
             return {
                 "error": error_blob(
                     ActorNameTakenError(
                         f"an actor named {name!r} already exists in namespace {namespace!r} "
-                        f"(claimed by node {reply.get('holder', '?')})"
+                        f"(claimed by node {holder})"
                     )
                 )
             }
@@ -325,8 +331,7 @@ class NameService:
             return None
         self.remote.spawn(
             self.call(
-                self.arbiter_of(namespace, name),
-                {"op": "release", "ns": namespace, "name": name, "aid": message["aid"]},
+                self.arbiter_of(namespace, name), NameRelease(namespace, name, message["aid"])
             )
         )
         if message["opts"].get("get_if_exists"):
@@ -371,10 +376,11 @@ class NameService:
                 log.debug(
                     "named actor %s/%s: host not written to the CRDT: %s", namespace, name, exc
                 )
+        update = NameMoved if op == "moved" else NamePlaced
         self.remote.spawn(
             self.call(
                 arbiter or self.arbiter_of(namespace, name),
-                {"op": op, "ns": namespace, "name": name, "aid": aid, "node": host},
+                update(namespace, name, aid, host),
             )
         )
 
@@ -388,8 +394,7 @@ class NameService:
                 pass  # this node holds no claim on it (another node created the actor)
         self.remote.spawn(
             self.call(
-                arbiter or self.arbiter_of(namespace, name),
-                {"op": "release", "ns": namespace, "name": name, "aid": aid},
+                arbiter or self.arbiter_of(namespace, name), NameRelease(namespace, name, aid)
             )
         )
 
@@ -424,10 +429,8 @@ class NameService:
     async def _lookup(self, namespace: str, name: str) -> dict | None:
         """The claim on a name, from its arbiter, else the CRDT: ``{aid, node, meta, pending,
         wait_s}`` (``node`` None while pending) or None."""
-        reply = await self.call(
-            self.arbiter_of(namespace, name), {"op": "lookup", "ns": namespace, "name": name}
-        )
-        record = reply.get("existing")
+        reply = await self.call(self.arbiter_of(namespace, name), NameLookup(namespace, name))
+        record = reply.existing if isinstance(reply, NameLookupReply) else None
         state = self.remote.state
         claim = state.actors.get(f"{namespace}/{name}") if state is not None else None
         if record:
@@ -462,8 +465,8 @@ class NameService:
             return None
         # a host that does not answer leaves it unknown (the call falls back to this node,
         # which does not host the actor)
-        reply = await self.call(host, {"op": "hosted", "ns": namespace, "name": name, "aid": aid})
-        meta = reply.get("meta")
+        reply = await self.call(host, NameHosted(namespace, name, aid))
+        meta = reply.meta if isinstance(reply, NameHostedReply) else None
         return meta if isinstance(meta, dict) and isinstance(meta.get("methods"), dict) else None
 
     async def _when_placed(self, namespace: str, name: str, found: dict | None) -> dict | None:

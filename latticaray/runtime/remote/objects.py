@@ -18,7 +18,17 @@ from latticaray.mesh.errors import MeshError
 from latticaray.runtime import serialization
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
-from latticaray.runtime.remote.protocols import CHUNK, OBJECT_PROTOCOL, pack, unpack
+from latticaray.runtime.remote.wire import (
+    CHUNK,
+    OBJECT_PROTOCOL,
+    ObjectByCid,
+    ObjectById,
+    ObjectHeader,
+    ObjectMissing,
+    ObjectRequest,
+    decode_object_header,
+    decode_object_request,
+)
 from latticaray.runtime.serialization import error_blob
 
 if TYPE_CHECKING:
@@ -204,7 +214,7 @@ class RemoteObjects:
             )
             return entry
         try:
-            status, data, _cid = await self.fetch(peer, {"oid": oid})
+            status, data, _cid = await self.fetch(peer, ObjectById(oid))
         except (MeshError, ValueError, LookupError) as exc:
             why = f"its owner node {owner} could not serve it: {exc}"
             entry.seal(
@@ -240,7 +250,7 @@ class RemoteObjects:
         for node_id in membership.alive_peers():
             try:
                 status, data, _ = await asyncio.wait_for(
-                    self.fetch(membership.peers[node_id], {"cid": cid}), timeout or 30.0
+                    self.fetch(membership.peers[node_id], ObjectByCid(cid)), timeout or 30.0
                 )
             except (TimeoutError, MeshError, ValueError, LookupError):
                 continue
@@ -250,23 +260,21 @@ class RemoteObjects:
             return (status, data)
         return None
 
-    async def fetch(self, peer: Peer, request: dict) -> tuple[int, bytes, str | None]:
+    async def fetch(self, peer: Peer, request: ObjectRequest) -> tuple[int, bytes, str | None]:
         """An object's status, bytes and CID from a peer over ``/latticaray/object/1``: a header
         giving the size, then chunks that must add up to exactly that size (a reply that runs
         past it is cut off at the first chunk over)."""
-        header = None
+        header: ObjectHeader | None = None
         size = received = 0
         chunks = []
         async for raw in self.remote.mesh.call_stream(
-            peer.peer_id, OBJECT_PROTOCOL, pack(request), timeout=3600.0
+            peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
         ):
             if header is None:
-                header = unpack(raw)
-                if header.get("missing"):
-                    raise LookupError(header.get("why", "not found"))
-                size = header.get("size")
-                if type(size) is not int or size < 0:
-                    raise ValueError(f"object reply header has no valid size: {size!r}")
+                reply = decode_object_header(raw)
+                if isinstance(reply, ObjectMissing):
+                    raise LookupError(reply.why)
+                header, size = reply, reply.size
             else:
                 received += len(raw)
                 if received > size:
@@ -282,20 +290,22 @@ class RemoteObjects:
             data = await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks)
         else:
             data = b"".join(chunks)
-        return header["s"], data, header.get("cid")
+        return header.s, data, header.cid
 
     # ------------------------------------------------------------------ serving
     async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
         self.remote.membership.require_member(ctx)
-        request = unpack(payload)
+        request = decode_object_request(payload)
         node = self.node
         objects = node.objects
         entry: ObjectEntry | None
-        if "oid" in request:
-            oid = request["oid"]
+        oid: bytes | None
+        by_id = isinstance(request, ObjectById)
+        if isinstance(request, ObjectById):
+            oid = request.oid
             entry = objects.entries.get(oid)
         else:
-            cid = str(request.get("cid", ""))
+            cid = request.cid
             oid = objects.cid_index.get(cid)
             entry = objects.entries.get(oid) if oid is not None else None
             if entry is None and node.store is not None and cid.startswith("bafy"):
@@ -306,17 +316,14 @@ class RemoteObjects:
                 except Exception:
                     entry = None
         if entry is None:
-            yield pack(
-                {
-                    "missing": True,
-                    "why": "its owner released it (no holder was left) or never made it"
-                    if "oid" in request
-                    else "this node does not hold the object",
-                }
-            )
+            yield ObjectMissing(
+                "its owner released it (no holder was left) or never made it"
+                if by_id
+                else "this node does not hold the object"
+            ).encode()
             return
         await entry.sealed()
-        if "oid" in request and node.recovery.is_missing(entry):
+        if oid is not None and by_id and node.recovery.is_missing(entry):
             entry = await node.recovery.ensure_local(oid, entry)
         if entry.cid is None:
             await objects.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
@@ -330,7 +337,7 @@ class RemoteObjects:
                 None, serialization.materialize_pieces, entry.data
             )
         )
-        yield pack({"s": entry.status, "size": sum(len(p) for p in pieces), "cid": cid})
+        yield ObjectHeader(entry.status, sum(len(p) for p in pieces), cid).encode()
         for piece in pieces:
             view = memoryview(piece)
             for start in range(0, len(view), CHUNK):

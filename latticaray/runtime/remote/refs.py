@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from latticaray.mesh.errors import RpcError
-from latticaray.mesh.rpc import Status
-from latticaray.runtime.remote.protocols import (
-    MAX_CONTROL_MESSAGE,
-    MAX_REF_OPS,
-    REF_PROTOCOL,
-    pack,
-    unpack,
-)
+from latticaray.runtime.remote.wire import REF_PROTOCOL, RefOps, RefsHeld, decode_ref
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
@@ -33,23 +25,11 @@ class RemoteRefs:
         peer = self.remote.membership.alive_peer(owner)
         if peer is None:
             raise LookupError(f"owner {owner} is not an alive member")
-        await self.remote.mesh.call(peer.peer_id, REF_PROTOCOL, pack({"ops": ops}), timeout=10.0)
+        await self.remote.mesh.call(peer.peer_id, REF_PROTOCOL, RefOps(ops).encode(), timeout=10.0)
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
         caller = self.remote.membership.require_member(ctx)
-        if len(payload) > MAX_CONTROL_MESSAGE:
-            raise RpcError(Status.INVALID_ARGUMENT, "reference update too large")
-        ops = unpack(payload).get("ops")
-        if (
-            not isinstance(ops, list)
-            or len(ops) > MAX_REF_OPS
-            or not all(
-                isinstance(o, list) and len(o) == 2 and o[0] in (0, 1) and isinstance(o[1], bytes)
-                for o in ops
-            )
-        ):
-            raise RpcError(Status.INVALID_ARGUMENT, "ops must be [[0|1, object id], ...]")
-        self.remote.node.refs.on_ops(caller, ops)
+        self.remote.node.refs.on_ops(caller, decode_ref(payload).ops)
         return b""
 
     def ack_held(self, node_id: str, tid: bytes) -> None:
@@ -58,6 +38,6 @@ class RemoteRefs:
 
         async def ack() -> None:
             await self.remote.node.refs.settled()
-            self.remote.caller.send(node_id, {"k": "held", "tid": tid})
+            self.remote.caller.send(node_id, RefsHeld(tid))
 
         self.remote.spawn(ack())

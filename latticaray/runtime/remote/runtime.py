@@ -34,7 +34,9 @@ from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.names import NameService
 from latticaray.runtime.remote.objects import RemoteObjects
 from latticaray.runtime.remote.placement import Placer
-from latticaray.runtime.remote.protocols import (
+from latticaray.runtime.remote.refs import RemoteRefs
+from latticaray.runtime.remote.streams import RemoteStreams
+from latticaray.runtime.remote.wire import (
     ADMIT_PROTOCOL,
     NAMES_PROTOCOL,
     OBJECT_PROTOCOL,
@@ -43,8 +45,6 @@ from latticaray.runtime.remote.protocols import (
     TASK_PROTOCOL,
     VIEW_PROTOCOL,
 )
-from latticaray.runtime.remote.refs import RemoteRefs
-from latticaray.runtime.remote.streams import RemoteStreams
 
 if TYPE_CHECKING:
     from latticaray.mesh.node import MeshNode

@@ -7,10 +7,18 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from latticaray.mesh.errors import MeshError, RpcError
-from latticaray.mesh.rpc import Status
+from latticaray.mesh.errors import MeshError
 from latticaray.runtime.errors import NodeDiedError
-from latticaray.runtime.remote.protocols import MAX_CONTROL_MESSAGE, STREAM_PROTOCOL, pack, unpack
+from latticaray.runtime.remote.wire import (
+    STREAM_PROTOCOL,
+    StreamEnd,
+    StreamItemRef,
+    StreamNext,
+    StreamReply,
+    StreamTimeout,
+    decode_stream_reply,
+    decode_stream_request,
+)
 from latticaray.runtime.serialization import error_blob
 
 if TYPE_CHECKING:
@@ -45,11 +53,11 @@ class RemoteStreams:
                 if deadline is None
                 else max(0.0, min(STREAM_POLL, deadline - loop.time()))
             )
-            request = {"tid": message["tid"], "i": message["i"], "timeout": wait}
+            request = StreamNext(message["tid"], message["i"], wait)
             try:
-                reply = unpack(
+                reply = decode_stream_reply(
                     await self.remote.mesh.call(
-                        peer.peer_id, STREAM_PROTOCOL, pack(request), timeout=wait + 10.0
+                        peer.peer_id, STREAM_PROTOCOL, request.encode(), timeout=wait + 10.0
                     )
                 )
             except MeshError as exc:
@@ -60,26 +68,27 @@ class RemoteStreams:
                         )
                     )
                 }
-            if reply.get("timeout") and (deadline is None or loop.time() < deadline):
-                continue
-            reply.pop("held", None)
-            return reply
+            if isinstance(reply, StreamTimeout):
+                if deadline is None or loop.time() < deadline:
+                    continue
+                return {"timeout": True}
+            if isinstance(reply, StreamEnd):
+                return {"end": True}
+            # a borrow: the owner's generator keeps its own hold
+            return {"oid": reply.oid, "owner": reply.owner}
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
         self.remote.membership.require_member(ctx)
-        if len(payload) > MAX_CONTROL_MESSAGE:
-            raise RpcError(Status.INVALID_ARGUMENT, "stream request too large")
-        request = unpack(payload)
-        tid, index, timeout = request.get("tid"), request.get("i"), request.get("timeout")
-        if not (
-            isinstance(tid, bytes)
-            and type(index) is int
-            and index >= 0
-            and (timeout is None or isinstance(timeout, (int, float)))
-        ):
-            raise RpcError(Status.INVALID_ARGUMENT, "malformed stream request")
-        timeout = STREAM_POLL if timeout is None else min(float(timeout), STREAM_POLL)
+        request = decode_stream_request(payload)
+        timeout = STREAM_POLL if request.timeout is None else min(request.timeout, STREAM_POLL)
         reply = await self.remote.node.streams.next(
-            {"tid": tid, "i": index, "timeout": max(0.0, timeout), "borrow": True}
+            {"tid": request.tid, "i": request.i, "timeout": max(0.0, timeout), "borrow": True}
         )
-        return pack(reply)
+        out: StreamReply
+        if reply.get("timeout"):
+            out = StreamTimeout()
+        elif reply.get("end"):
+            out = StreamEnd()
+        else:
+            out = StreamItemRef(reply["oid"], reply["owner"])
+        return out.encode()
