@@ -7,7 +7,7 @@ actor starts `ActorState.PENDING` and ends `DEAD`. ``task_transition(state, even
 are the whole truth of which moves exist, so a path the runtime takes that is not written here
 is a bug that shows itself at once instead of leaving a record in a state nothing expects.
 
-What each state means, in terms of the node (runtime/node.py, runtime/cluster.py):
+What each state means, in terms of the node (runtime/local/tasks.py, runtime/remote/caller.py):
 
   RESOLVING   top-level ref arguments are being resolved, or their only copies fetched here
               (lineage ``fetch_args_first``) before the task may run

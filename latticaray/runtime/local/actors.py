@@ -9,19 +9,31 @@ actor restarts while `max_restarts` allows, and calls in flight are retried whil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime import serialization
-from latticaray.runtime.errors import ActorDiedError, ActorNameTakenError, TaskUnschedulableError
+from latticaray.runtime.errors import (
+    ActorDiedError,
+    ActorNameTakenError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+)
 from latticaray.runtime.local.clients import AttachedDriver, WorkerHandle
 from latticaray.runtime.local.records import STREAMING, HostedActor, TaskRecord
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
-from latticaray.runtime.states import ActorEvent, ActorState
+from latticaray.runtime.states import ActorEvent, ActorState, TaskEvent
 from latticaray.scheduler.errors import InsufficientResources
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
+
+
+def queued(rec: TaskRecord, pump: Callable[[], Any]) -> None:
+    """An actor call's arguments are ready: it waits in its actor's outbox, in order."""
+    rec.move(TaskEvent.QUEUE)
+    pump()
 
 
 class ActorHost:
@@ -228,7 +240,7 @@ class ActorHost:
                 message.get("anode") != node.node_id or aid in remote.actors.location
             ):
                 remote.actors.enqueue(rec)
-                tasks.resolve_args(rec, lambda r: remote.actors.pump(aid))
+                tasks.resolve_args(rec, lambda r: queued(r, lambda: remote.actors.pump(aid)))
                 return
             tasks.fail(rec, ActorDiedError(f"actor {aid.hex()} does not exist on this node"))
             return
@@ -237,7 +249,7 @@ class ActorHost:
             tasks.fail(rec, ActorDiedError(self.death_message(actor)))
             return
         actor.outbox.append(rec)
-        tasks.resolve_args(rec, lambda r: self.pump(actor))
+        tasks.resolve_args(rec, lambda r: queued(r, lambda: self.pump(actor)))
 
     def pump(self, actor: HostedActor) -> None:
         """Send the calls at the head of the outbox whose arguments are ready, in order."""
@@ -254,6 +266,7 @@ class ActorHost:
         worker = actor.worker
         assert worker is not None
         msg = rec.msg
+        rec.move(TaskEvent.DISPATCH)
         rec.worker = worker
         worker.tasks[rec.tid] = rec
         actor.inflight[rec.tid] = rec
@@ -316,8 +329,11 @@ class ActorHost:
         retry = []
         for rec in inflight:
             rec.worker = None
-            if rec.retries_left != 0 and not node.streams.started(rec):
+            if rec.cancelled:
+                tasks.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif rec.retries_left != 0 and not node.streams.started(rec):
                 rec.retries_left -= 1
+                rec.move(TaskEvent.RETRY)
                 retry.append(rec)
             else:
                 tasks.fail(

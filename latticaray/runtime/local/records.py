@@ -14,7 +14,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime.protocol import ERROR, OK, STREAMING
-from latticaray.runtime.states import ActorEvent, ActorState, actor_transition
+from latticaray.runtime.states import (
+    TASK_TERMINAL,
+    ActorEvent,
+    ActorState,
+    TaskEvent,
+    TaskState,
+    actor_transition,
+    task_transition,
+)
 from latticaray.scheduler.resources import normalize
 
 if TYPE_CHECKING:
@@ -74,17 +82,16 @@ class ObjectEntry:
 
 
 class TaskRecord:
-    """A task or actor call owned by this node, from submission to its last result."""
+    """A task or actor call owned by this node, from submission to its last result. Its
+    lifecycle is ``state`` (a TaskState), moved by TaskEvents through states.py's table."""
 
     __slots__ = (
         "actor",
-        "cancelled",
         "children",
         "client",
         "demand",
         "dep_error",
         "deps_left",
-        "done",
         "excluded",
         "msg",
         "name",
@@ -93,6 +100,7 @@ class TaskRecord:
         "remote_peer",
         "retries_left",
         "retry_exc",
+        "state",
         "tid",
         "worker",
     )
@@ -116,11 +124,10 @@ class TaskRecord:
         self.demand = demand
         self.deps_left = 0
         self.worker: Any = None  # the WorkerHandle running it here
-        self.cancelled = False
+        self.state = TaskState.RESOLVING
         self.children: list[bytes] | None = None
         self.actor = actor
         self.name = name
-        self.done = False
         self.remote_peer: str | None = None  # the node running it for us
         self.client: Any = None  # who submitted it (a client of the node)
         self.dep_error: bytes | None = None
@@ -144,6 +151,20 @@ class TaskRecord:
     @property
     def is_actor_call(self) -> bool:
         return "aid" in self.msg
+
+    @property
+    def done(self) -> bool:
+        """Its results (or its error) are sealed."""
+        return self.state in TASK_TERMINAL
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled while it runs (here or on a peer): it ends, without a retry."""
+        return self.state is TaskState.CANCELLING
+
+    def move(self, event: TaskEvent) -> None:
+        """Apply a lifecycle event (states.py's table; IllegalTransition if it has no move)."""
+        self.state = task_transition(self.state, event)
 
 
 class StreamState:

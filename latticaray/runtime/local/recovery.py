@@ -213,7 +213,7 @@ class ObjectRecovery:
             entry.data = None
         node.tasks.records[tid] = rec
         self._hold_args(rec)
-        node.tasks.resolve_args(rec, node.tasks.schedule)
+        node.tasks.resolve_args(rec, node.tasks.args_ready)
 
     def _hold_args(self, rec: TaskRecord) -> None:
         """A re-run holds the refs its arguments carry until it ends, as a submission does.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import ERROR, OK, StreamState, TaskRecord
+from latticaray.runtime.states import TaskEvent
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
@@ -53,7 +54,10 @@ class StreamTable:
             self.ack(tid, stream)
         stream.wake()
         rec = node.tasks.records.get(tid)
-        notify = getattr(rec.client, "on_task_yield", None) if rec is not None else None
+        if rec is None:
+            return
+        rec.move(TaskEvent.YIELD)
+        notify = getattr(rec.client, "on_task_yield", None)
         if notify is not None:
             notify(rec, message)
 

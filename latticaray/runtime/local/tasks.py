@@ -30,10 +30,15 @@ from latticaray.runtime.local.records import (
 )
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
+from latticaray.runtime.states import TaskEvent, TaskState
 from latticaray.scheduler.errors import InsufficientResources
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
+
+#: States a task may be retried from after a retryable exception: running here or on a peer,
+#: not yet streamed (its consumer has the items) nor cancelled (states.py)
+RETRYABLE = (TaskState.RUNNING, TaskState.REMOTE)
 
 
 class TaskTable:
@@ -63,7 +68,7 @@ class TaskTable:
                 if parent_rec.children is None:
                     parent_rec.children = []
                 parent_rec.children.append(tid)
-        self.resolve_args(rec, self.schedule)
+        self.resolve_args(rec, self.args_ready)
 
     def open_returns(self, rec: TaskRecord, client: Any, window: int | None = None) -> None:
         """Pending entries for a task's returns (or its stream), held by ``client``; the refs
@@ -177,8 +182,18 @@ class TaskTable:
                 node.spawn(locate())
 
     # ------------------------------------------------------------------ placement and dispatch
+    def args_ready(self, rec: TaskRecord) -> None:
+        """Every top-level ref argument of a task is a value here: it is placed."""
+        rec.move(TaskEvent.ARGS_READY)
+        self.schedule(rec)
+
+    def place_again(self, rec: TaskRecord) -> None:
+        """Capacity appeared (a DHT ad, a new peer) for a task waiting for it."""
+        rec.move(TaskEvent.CAPACITY)
+        self.schedule(rec)
+
     def schedule(self, rec: TaskRecord) -> None:
-        """Place a task whose arguments are ready: on a peer, or in this node's ready queue."""
+        """Place a task (SCHEDULING): on a peer, or in this node's ready queue."""
         if rec.done:
             return
         node = self.node
@@ -187,6 +202,7 @@ class TaskTable:
         if remote is not None and not rec.msg["opts"].get("placed"):
             target = remote.placer.place_task(rec)
             if target is DEFERRED:
+                rec.move(TaskEvent.DEFER)
                 return
             if isinstance(target, BaseException):
                 self.fail(rec, target)
@@ -205,11 +221,13 @@ class TaskTable:
             )
             return
         if node.recovery.fetch_args_first(rec):
+            rec.move(TaskEvent.FETCH_ARGS)
             return  # an argument's only copy is on another node: it comes here first
         self.run_here(rec)
 
     def run_here(self, rec: TaskRecord) -> None:
         """Queue a task to run on this node (its placement is done)."""
+        rec.move(TaskEvent.QUEUE)
         self.ready_queue.append(rec)
         self.dispatch()
 
@@ -238,6 +256,7 @@ class TaskTable:
 
     def run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
         msg = rec.msg
+        rec.move(TaskEvent.DISPATCH)
         rec.worker = worker
         worker.tasks[rec.tid] = rec
         out = {
@@ -281,6 +300,7 @@ class TaskTable:
             and self.should_retry(rec, message.get("mro", []))
         ):
             rec.retries_left -= 1
+            rec.move(TaskEvent.RETRY)
             node.stats["retries"] += 1
             if rec.actor is None:
                 self.ready_queue.append(rec)
@@ -311,7 +331,7 @@ class TaskTable:
                 objects.seal(object_id(tid, i), OK, data)
         if rec.actor is None and "aid" not in rec.msg:
             node.recovery.on_complete(rec, err is not None)
-        rec.done = True
+        rec.move(TaskEvent.COMPLETE if err is None else TaskEvent.FAIL)
         self.records.pop(tid, None)
         if tid in node.refs.task_pins:
             node.refs.task_done(tid)
@@ -327,9 +347,10 @@ class TaskTable:
             notify(rec, message)
 
     def should_retry(self, rec: TaskRecord, mro: list[str]) -> bool:
-        """Whether an exception (its class's MRO names) is one the task retries on."""
+        """Whether an exception (its class's MRO names) is one the task retries on. A stream
+        that yielded is not run again (its consumer has its items), nor a cancelled task."""
         retry = rec.retry_exc
-        if not retry or rec.retries_left == 0:
+        if not retry or rec.retries_left == 0 or rec.state not in RETRYABLE:
             return False
         if retry is True:
             return True
@@ -359,6 +380,7 @@ class TaskTable:
             self.fail(rec, mid_stream)
         elif rec.retries_left != 0:
             rec.retries_left -= 1
+            rec.move(TaskEvent.RETRY)
             (self.node.stats if stats is None else stats)["retries"] += 1
             return True
         else:
@@ -375,13 +397,13 @@ class TaskTable:
         rec = self.records.get(tid)
         if rec is None or rec.done:
             return
-        rec.cancelled = True
         if recursive and rec.children:
             for child in rec.children:
                 self.cancel_task(child, force, recursive)
         worker = rec.worker
         remote = self.node.remote
         if rec.remote_peer is not None and remote is not None:
+            rec.move(TaskEvent.CANCEL)
             remote.caller.cancel_remote(rec, force)
             return
         if worker is None:
@@ -392,6 +414,7 @@ class TaskTable:
                     pass
             self.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled before it ran"))
             return
+        rec.move(TaskEvent.CANCEL)
         if force and not worker.is_actor:
             worker.kill()
         else:

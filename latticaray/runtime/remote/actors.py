@@ -14,10 +14,11 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime import serialization
-from latticaray.runtime.errors import ActorDiedError, TaskUnschedulableError
+from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskUnschedulableError
 from latticaray.runtime.local.records import TaskRecord
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.remote.wire import CallActor, CreateActor, KillActor
+from latticaray.runtime.states import TaskEvent
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
@@ -217,11 +218,21 @@ class OwnedActors:
         queued again if its actor lives on and the call has retries left, else it fails."""
         aid = rec.msg["aid"]
         owned = self.owned.get(aid)
-        if owned is not None and owned.dead_cause is None and rec.retries_left != 0:
+        tasks = self.node.tasks
+        if rec.cancelled:
+            tasks.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            return
+        if (
+            owned is not None
+            and owned.dead_cause is None
+            and rec.retries_left != 0
+            and not self.node.streams.started(rec)
+        ):
             rec.retries_left -= 1
+            rec.move(TaskEvent.QUEUE)
             self.outbox.setdefault(aid, collections.deque()).appendleft(rec)
             return
-        self.node.tasks.fail(
+        tasks.fail(
             rec,
             ActorDiedError(
                 f"actor {aid.hex()} was on node {node_id}, which died while running {rec.name}"
@@ -284,6 +295,7 @@ class OwnedActors:
                 self.remote.objects.wire_args(msg["args"]),
                 again,
             )
+            rec.move(TaskEvent.SEND)
             rec.remote_peer = host
             link.inflight[rec.tid] = rec
             caller.send(host, call)

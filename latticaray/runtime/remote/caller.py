@@ -40,6 +40,7 @@ from latticaray.runtime.remote.wire import (
     ValuePart,
     YieldItem,
 )
+from latticaray.runtime.states import TaskEvent, TaskState
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.membership import Peer
@@ -168,13 +169,19 @@ class Caller:
             again,
             None if stream is None else stream.count,
         )
+        rec.move(TaskEvent.SEND if rec.state is TaskState.SCHEDULING else TaskEvent.RESEND)
         rec.remote_peer = target
         link.inflight[rec.tid] = rec
         self.stats["remote_tasks"] += 1
         if not self.send(target, task):
             link.inflight.pop(rec.tid, None)
             rec.remote_peer = None
-            node.tasks.run_here(rec)
+            if node.streams.started(rec):  # its items went out: it does not run again
+                node.tasks.fail(
+                    rec, NodeDiedError(f"node {target} running streaming task {rec.name} is gone")
+                )
+            else:
+                node.tasks.run_here(rec)
         elif stream is not None and stream.consumed:  # an ack lost with the old session
             self.send(target, AckItems(rec.tid, stream.consumed))
 
@@ -420,6 +427,7 @@ class Caller:
         tasks = self.node.tasks
         if message.err is not None and not rec.cancelled and tasks.should_retry(rec, done["mro"]):
             rec.retries_left -= 1
+            rec.move(TaskEvent.RETRY)
             tasks.schedule(rec)
             return
         self._complete_remote(peer, rec, done)

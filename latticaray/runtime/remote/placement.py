@@ -50,7 +50,7 @@ class Placer:
                 rec.tid.hex(),
                 rec.demand,
                 target.reason,
-                retry=lambda: tasks.schedule(rec),
+                retry=lambda: tasks.place_again(rec),
                 fail=lambda exc: tasks.fail(rec, exc),
                 settled=lambda: rec.done,
             )
