@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
+from typing import Any
 
 from latticaray.runtime.protocol import BlockingFrameReader, ChannelClosed, pack
 
@@ -69,7 +70,7 @@ class WorkerConnection:
         with self._rid_lock:
             self._next_rid += 1
             rid = self._next_rid
-        slot = [threading.Event(), None]
+        slot: list[Any] = [threading.Event(), None]  # the waiter's event, then the reply
         self._pending[rid] = slot
         message["rid"] = rid
         try:

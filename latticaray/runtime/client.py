@@ -14,6 +14,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
@@ -21,17 +23,19 @@ from latticaray.runtime.channel import WorkerConnection
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
 
 RELEASE_BATCH = 64
 REF_MARK = b"_rebuild_ref"
 _NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
 
-def raise_error_value(data: bytes):
+def raise_error_value(data: bytes) -> NoReturn:
     err = serialization.deserialize(data)
     if isinstance(err, TaskError):
         raise err.as_instanceof_cause()
+    if not isinstance(err, BaseException):
+        raise TypeError(f"an error value holds {type(err).__name__}, not an exception")
     raise err
 
 
@@ -194,13 +198,13 @@ class CoreClient:
                     [1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
                     for a in args
                 ]
-                keyword = {
+                keyword: dict[str, list] = {
                     k: [1, v.id, v.owner]
                     if type(v) is ObjectRef
                     else [0, serialization.serialize(v)]
                     for k, v in kwargs.items()
                 }
-                encoded = ["l", positional, keyword]
+                encoded = ["l", positional, keyword]  # type: ignore[list-item]
         if inner:
             message["inner"] = inner
         return encoded
@@ -339,10 +343,7 @@ class CoreClient:
         oid, owner = reply["oid"], reply.get("owner", self.node_id)
         if reply.get("held"):  # the node handed this process the generator's hold on it
             return ObjectRef(oid, owner)
-        ref = ObjectRef(oid, owner, _count=False)  # taken before (a copy of the generator)
-        self.add_borrowed_ref(oid, owner)
-        ref._counted = True
-        return ref
+        return borrowed_ref(oid, owner, core=self)  # taken before (a copy of the generator)
 
     def drop_stream(self, task_id: bytes) -> None:
         """The generator of a streaming task this process submitted was dropped."""
@@ -409,10 +410,11 @@ class DriverCore(CoreClient):
         self.node_id = node.node_id
         self.namespace = namespace
         self.client = node.local_client()
-        self._outbox: list[dict] = []
+        self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
 
-    def post(self, message: dict) -> None:
+    def post(self, message: dict | Callable[[], Any]) -> None:
+        """Queue a message for the loop (or a waiter registration riding the same wake-up)."""
         self._outbox.append(message)
         if not self._flush_scheduled:
             self._flush_scheduled = True

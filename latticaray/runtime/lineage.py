@@ -37,9 +37,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from typing import Any, TypeAlias
 
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.refcount import task_arg_refs
+
+#: A task's submission message (the node <-> worker `submit` map)
+Message: TypeAlias = dict[str, Any]
 
 DEFAULT_MAX_LINEAGE_BYTES = 64 << 20
 SPEC_OVERHEAD = 256  # bytes counted per task beside its inline arguments
@@ -48,18 +52,26 @@ HOLDER_FETCH_TIMEOUT = 30.0  # the same, while the node that made it is alive (i
 EVICTED_MEMORY = 4096  # how many evicted task ids are remembered (for the error's reason)
 
 
-def _copy_args(args: list) -> list:
+def _copy_args(args: list[Any]) -> list[Any]:
     """Arguments as submitted: argument resolution rewrites the task's own list in place."""
     if args[0] == "b":
         return list(args)
     return ["l", [list(item) for item in args[1]], {k: list(v) for k, v in args[2].items()}]
 
 
-def _args_size(args: list) -> int:
+def _args_size(args: list[Any]) -> int:
     if args[0] == "b":
         return len(args[1])
     items = list(args[1]) + list(args[2].values())
     return sum(len(item[1]) if item[0] == 0 and item[1] is not None else 32 for item in items)
+
+
+@dataclasses.dataclass(slots=True)
+class NoLineage:
+    """An owned task whose returns cannot be re-executed: why, and how many are referenced."""
+
+    why: str
+    live: int
 
 
 class TaskSpec:
@@ -67,16 +79,18 @@ class TaskSpec:
 
     __slots__ = ("deps", "executions", "kept", "live", "msg", "retries_left", "size", "tid")
 
-    def __init__(self, tid: bytes, msg: dict, retries_left: int, nret: int):
+    def __init__(self, tid: bytes, msg: Message, retries_left: int, nret: int):
         self.tid = tid
         self.msg = msg
         self.retries_left = retries_left
         # returns still referenced: a bool for the common one-return task, else a set
-        self.live: bool | set = True if nret == 1 else {object_id(tid, i) for i in range(nret)}
+        self.live: bool | set[bytes] = (
+            True if nret == 1 else {object_id(tid, i) for i in range(nret)}
+        )
         args = msg["args"]
         self.size = SPEC_OVERHEAD + (len(args[1]) if args[0] == "b" else _args_size(args))
         self.executions = 1
-        self.deps: tuple = ()  # tasks in the table whose returns the arguments name
+        self.deps: tuple[bytes, ...] = ()  # tasks in the table whose returns the arguments name
         self.kept = 0  # specs in the table whose deps name this one
 
 
@@ -91,14 +105,15 @@ class LineageTable:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.specs: dict[bytes, TaskSpec] = {}  # in submission order: oldest evicted first
-        self.no_lineage: dict[bytes, list] = {}  # owned task -> [why it has none, live returns]
+        # owned task -> (why it has none, live returns)
+        self.no_lineage: dict[bytes, NoLineage] = {}
         self.evicted: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
-    def record(self, tid: bytes, message: dict, retries_left: int, nret: int) -> None:
+    def record(self, tid: bytes, message: Message, retries_left: int, nret: int) -> None:
         if nret < 1:
             return
         if retries_left == 0:
-            self.no_lineage[tid] = ["its task has max_retries=0", nret]
+            self.no_lineage[tid] = NoLineage("its task has max_retries=0", nret)
             return
         deps = self._deps_of(tid, message)
         if message["args"][0] != "b":  # resolution rewrites "l" arguments in place
@@ -117,7 +132,7 @@ class LineageTable:
             if len(self.evicted) > EVICTED_MEMORY:
                 self.evicted.popitem(last=False)
 
-    def _deps_of(self, tid: bytes, message: dict) -> tuple:
+    def _deps_of(self, tid: bytes, message: Message) -> tuple[bytes, ...]:
         """Owned tasks in the table whose returns the arguments name (a task id in the table
         is one this node owns)."""
         if "inner" not in message and message["args"][0] != "l":
@@ -128,10 +143,9 @@ class LineageTable:
 
     def record_actor_call(self, tid: bytes, nret: int) -> None:
         if nret >= 1:
-            self.no_lineage[tid] = [
-                "it is the return of an actor call (actor outputs are not re-executed)",
-                nret,
-            ]
+            self.no_lineage[tid] = NoLineage(
+                "it is the return of an actor call (actor outputs are not re-executed)", nret
+            )
 
     def completed(self, tid: bytes, retries_left: int, failed: bool) -> None:
         spec = self.specs.get(tid)
@@ -148,8 +162,8 @@ class LineageTable:
         if spec is None:
             known = self.no_lineage.get(tid)
             if known is not None:
-                known[1] -= 1
-                if known[1] <= 0:
+                known.live -= 1
+                if known.live <= 0:
                     del self.no_lineage[tid]
             return
         if spec.live is True:
@@ -188,7 +202,7 @@ class LineageTable:
     def why_not(self, tid: bytes) -> str:
         known = self.no_lineage.get(tid)
         if known is not None:
-            return known[0]
+            return known.why
         if tid in self.evicted:
             return (
                 f"its lineage was evicted (lineage budget {self.max_bytes} bytes, "
@@ -217,7 +231,7 @@ class Reexecute:
     submitted), to run with ``retries_left``; ``execution`` counts its runs, this one included."""
 
     tid: bytes
-    msg: dict
+    msg: Message
     retries_left: int
     execution: int
 
@@ -237,7 +251,7 @@ class Recovery:
         self.table = table or LineageTable()
 
     # ---- what happened
-    def submitted(self, tid: bytes, message: dict, retries_left: int, nret: int) -> None:
+    def submitted(self, tid: bytes, message: Message, retries_left: int, nret: int) -> None:
         """A task this node owns was submitted (not one it runs for another owner)."""
         self.table.record(tid, message, retries_left, nret)
 

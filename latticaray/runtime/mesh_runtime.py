@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import logging
 import time
+from typing import Any
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import KeyPair
@@ -172,12 +173,13 @@ class MeshRuntime:
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None
-        self.state = None
-        self.dht = None
-        self.nat = None
-        self.exchange = None
-        self.timings: dict[str, float] = {}
-        self.advertiser = None
+        # the services, once started
+        self.state: Any = None  # latticaray.state.service StateService
+        self.dht: Any = None  # latticaray.mesh.dht.service DhtService
+        self.nat: Any = None  # latticaray.mesh.nat.mesh_nat MeshNat
+        self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
+        self.timings: dict[str, float | str] = {}
+        self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
         self._provide_tasks: set[asyncio.Task] = set()
 
@@ -297,7 +299,7 @@ class MeshRuntime:
                 return 0
 
         self.advertiser = CapacityAdvertiser(
-            _RuntimeLoad(self.remote.membership),
+            _RuntimeLoad(self.remote.membership),  # type: ignore[arg-type]  # its view and version
             self.node_id,
             self.key.peer_id.to_bytes(),
             self.dht,
@@ -315,6 +317,7 @@ class MeshRuntime:
         from latticaray.mesh.nat.mesh_nat import MeshNat
 
         settings = self.nat_settings
+        assert settings is not None
         self.nat = MeshNat(self.mesh, settings.config())
         await self.nat.start()
         if settings.auto_configure:

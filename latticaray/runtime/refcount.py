@@ -188,7 +188,7 @@ class RefTable:
     def forward(self, tid: bytes, caller: str, outers: list[bytes]) -> list | None:
         """Results of a caller's task leave this node: what they contain stays held here until
         the caller acknowledges that it holds them itself (`held`)."""
-        refs = []
+        refs: list[list] = []
         for outer in outers:
             refs.extend(self.contents.pop(outer, ()))
         if refs:
@@ -335,7 +335,7 @@ class RefTable:
 
 def task_arg_refs(message: dict) -> list[list]:
     """Refs a task's arguments carry: top-level ref arguments and refs nested in values."""
-    refs = list(message.get("inner") or ())
+    refs: list[list] = list(message.get("inner") or ())
     args = message.get("args")
     if args and args[0] == "l":
         for item in list(args[1]) + list(args[2].values()):

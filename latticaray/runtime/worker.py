@@ -138,6 +138,7 @@ class Worker:
             if threading.get_ident() == self.main_ident:
                 raise KeyboardInterrupt  # read while the task itself waited on the node
             # a real signal, so a blocking call (sleep, socket read) in the task is interrupted
+            assert self.main_ident is not None
             signal.pthread_kill(self.main_ident, signal.SIGUSR1)
 
     def on_cancel_signal(self, signum, frame) -> None:
@@ -245,6 +246,7 @@ class Worker:
         )
 
     def _reply_results(self, task_id: bytes, result, nret: int, name: str) -> None:
+        items: tuple
         if nret == 1:
             items = (result,)
         elif nret == 0:
@@ -352,7 +354,7 @@ class Worker:
     def _dispatch_concurrent(self, message: dict) -> None:
         if self.actor_loop is not None:
             asyncio.run_coroutine_threadsafe(self._run_actor_call_async(message), self.actor_loop)
-        else:
+        elif self.actor_pool is not None:
             self.actor_pool.submit(self._run_actor_call, message)
 
     def _actor_method(self, message: dict):
@@ -401,6 +403,7 @@ class Worker:
     async def _run_actor_call_async(self, message: dict) -> None:
         task_id = message["tid"]
         name = message.get("name", message["m"])
+        assert self.actor_semaphore is not None  # made on the actor's loop before it runs calls
         async with self.actor_semaphore:
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)

@@ -140,7 +140,7 @@ def nodes_offering(resource):
             if n["Alive"] and n.get("Resources", {}).get(resource)]
 
 def task_sessions_to(node_id):
-    # this driver's task sessions to a node (caller.PeerLink), read on the node's loop
+    # this driver's task sessions to a node (caller.PeerSessions), read on the node's loop
     async def link():
         return api._runtime.mesh_runtime.remote.caller.link_to(node_id)
     return asyncio.run_coroutine_threadsafe(link(), api._runtime.loop).result(30)

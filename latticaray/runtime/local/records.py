@@ -77,7 +77,12 @@ class ObjectEntry:
         """Wait (on the running loop) until the producer has sealed the entry."""
         if self.status == PENDING:
             ready = asyncio.get_running_loop().create_future()
-            self.on_ready(lambda: ready.done() or ready.set_result(None))
+
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            self.on_ready(wake)
             await ready
 
 

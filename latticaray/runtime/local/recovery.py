@@ -104,8 +104,10 @@ class ObjectRecovery:
             if entry.status != OK:
                 node.tasks.fail_with_blob(rec, entry.data)
                 return
-            item[1] = entry.data  # a re-executed task may have made a new value (new CID)
-            cid = serialization.store_name(entry.data)
+            data = entry.data
+            assert serialization.is_store_ref(data)  # OK, and missing: a store value
+            item[1] = data  # a re-executed task may have made a new value (new CID)
+            cid = serialization.store_name(data)
             node.objects.pin(cid)  # as argument resolution pins: held until the task ends
             if rec.pins is None:
                 rec.pins = []
@@ -125,6 +127,7 @@ class ObjectRecovery:
             await entry.sealed()
             if not self.is_missing(entry):
                 return entry
+            assert serialization.is_store_ref(entry.data)  # missing: a store value
             cid = serialization.store_cid(entry.data)
             step = self.core.next_step(oid, cid, entry.holder, copy_tried=False)
             assert isinstance(step, FetchCopy)

@@ -90,8 +90,13 @@ class StreamTable:
             timeout = message.get("timeout")
             deadline = None if timeout is None else loop.time() + timeout
             while index >= stream.count and not stream.finished:
-                future = loop.create_future()
-                stream.waiters.append(lambda f=future: f.done() or f.set_result(None))
+                future: asyncio.Future[None] = loop.create_future()
+
+                def wake(f: asyncio.Future[None] = future) -> None:
+                    if not f.done():
+                        f.set_result(None)
+
+                stream.waiters.append(wake)
                 left = None if deadline is None else max(0.0, deadline - loop.time())
                 try:
                     await asyncio.wait_for(future, left)

@@ -163,13 +163,16 @@ class TaskTable:
             entry = objects.entries.get(oid)
             if entry is not None:
                 if entry.status == PENDING:  # its value may be elsewhere once sealed
-                    entry.on_ready(
-                        lambda item=item, oid=oid, entry=entry: (
+
+                    def sealed(
+                        item: list = item, oid: bytes = oid, entry: ObjectEntry = entry
+                    ) -> None:
+                        if recovery.is_lost(entry):
                             recover(item, oid, entry)
-                            if recovery.is_lost(entry)
-                            else resolve(item, entry)
-                        )
-                    )
+                        else:
+                            resolve(item, entry)
+
+                    entry.on_ready(sealed)
                 elif recovery.is_lost(entry):
                     recover(item, oid, entry)
                 else:

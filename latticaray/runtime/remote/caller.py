@@ -75,7 +75,7 @@ class TaskSession:
         self.fenced = False
 
 
-class PeerLink:
+class PeerSessions:
     """This node's task sessions to one peer and the work they carry."""
 
     def __init__(self) -> None:
@@ -117,12 +117,12 @@ class Caller:
         self.node = remote.node
         self.stats = remote.stats
 
-    def link(self, peer: Peer) -> PeerLink:
+    def link(self, peer: Peer) -> PeerSessions:
         if peer.link is None:
-            peer.link = PeerLink()
+            peer.link = PeerSessions()
         return peer.link
 
-    def link_to(self, node_id: str) -> PeerLink | None:
+    def link_to(self, node_id: str) -> PeerSessions | None:
         """The sessions to an admitted peer (alive or not), None for a node never admitted."""
         peer = self.remote.membership.peers.get(node_id)
         return self.link(peer) if peer is not None else None
@@ -390,7 +390,7 @@ class Caller:
         elif isinstance(message, ActorCreated):
             self.remote.actors.created(message.aid, message.error)
 
-    def _on_item(self, peer: Peer, link: PeerLink, message: YieldItem) -> None:
+    def _on_item(self, peer: Peer, link: PeerSessions, message: YieldItem) -> None:
         tid, index = message.tid, message.i
         node = self.node
         stream = node.streams.states.get(tid)
@@ -405,7 +405,7 @@ class Caller:
         if inner:  # counted here now: the executor may let go of them
             self.remote.refs.ack_held(peer.node_id, object_id(tid, index))
 
-    def _on_done(self, peer: Peer, link: PeerLink, message: TaskDone) -> None:
+    def _on_done(self, peer: Peer, link: PeerSessions, message: TaskDone) -> None:
         tid = message.tid
         rec = link.inflight.pop(tid, None)
         if rec is None or rec.done:

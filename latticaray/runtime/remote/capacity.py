@@ -281,7 +281,7 @@ class DhtPlacement:
         self.max_new_per_lookup = max_new_per_lookup
         self.clock = clock
         self.parked: dict[str, _Parked] = {}
-        self.stats = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()
         self._admitting: set[str] = set()
         self._admission_slots = asyncio.Semaphore(max_admissions)
         self._wake = asyncio.Event()

@@ -34,7 +34,7 @@ from latticaray.runtime.remote.wire import (
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 
 if TYPE_CHECKING:
-    from latticaray.runtime.remote.caller import PeerLink
+    from latticaray.runtime.remote.caller import PeerSessions
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Peer:
         self.last_seen = time.monotonic()
         self.alive = True
         self.view: RuntimeView | None = None  # its last pushed view
-        self.link: PeerLink | None = None  # the task sessions to it (caller.py), once used
+        self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
 
 
 class Membership:
@@ -96,9 +96,7 @@ class Membership:
         if not self.admission.is_member:
             return
         try:
-            reply = await self.mesh.call(
-                peer_id, ADMIT_PROTOCOL, Admit(self.admission.own_credential).encode(), timeout=10.0
-            )
+            reply = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
             self.admission.admit(node_id, decode_admit(reply).cred)
         except (MeshError, CredentialError, ValueError) as exc:
             log.info("peer %s was not admitted: %s", node_id, exc)
@@ -118,7 +116,12 @@ class Membership:
                 Status.PERMISSION_DENIED, f"membership credential refused: {exc}"
             ) from exc
         self.add_peer(str(ctx.peer_id), ctx.peer_id)
-        return Admit(self.admission.own_credential).encode()
+        return self._credential()
+
+    def _credential(self) -> bytes:
+        credential = self.admission.own_credential
+        assert credential is not None  # checked: this node is a member
+        return Admit(credential).encode()
 
     def require_member(self, ctx: Any) -> str:
         """The calling peer's node id, if it is a member; else the call is refused unread."""

@@ -327,14 +327,15 @@ class RemoteObjects:
             entry = await node.recovery.ensure_local(oid, entry)
         if entry.cid is None:
             await objects.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
-        cid = objects.cid_for(oid, entry)
+        cid = entry.cid if entry.cid is not None else objects.cid_for(oid or b"", entry)
         # a store object goes out as slices of its mapping (the store keeps a mapped file's
         # bytes while a view of it lives); only pickle's own bytes are made, off the loop
+        data = entry.data or b""
         pieces = (
-            [entry.data]
-            if not serialization.is_store_ref(entry.data)
+            [data]
+            if not serialization.is_store_ref(data)
             else await asyncio.get_running_loop().run_in_executor(
-                None, serialization.materialize_pieces, entry.data
+                None, serialization.materialize_pieces, data
             )
         )
         yield ObjectHeader(entry.status, sum(len(p) for p in pieces), cid).encode()

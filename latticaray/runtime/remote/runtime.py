@@ -91,10 +91,14 @@ class RemoteRuntime:
         mesh.register_unary(REF_PROTOCOL, self.refs.serve)
         mesh.register_unary(NAMES_PROTOCOL, self.names.serve)
         mesh.register_unary(STREAM_PROTOCOL, self.streams.serve)
-        mesh.on_peer_connected(lambda peer: self.sparse or self.spawn(membership.admit_with(peer)))
+        mesh.on_peer_connected(self._peer_connected)
         mesh.on_peer_disconnected(lambda peer: membership.peer_gone(str(peer), "disconnected"))
         mesh.connections.on_connection_added(self.caller.on_connection_added)
         self.spawn(membership.view_loop())
+
+    def _peer_connected(self, peer: Any) -> None:
+        if not self.sparse:  # a sparse node admits peers only when it needs them
+            self.spawn(self.membership.admit_with(peer))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = self.loop.create_task(coro)
