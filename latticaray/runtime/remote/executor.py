@@ -21,6 +21,7 @@ from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import STREAMING, TaskRecord
 from latticaray.runtime.remote import wire
+from latticaray.runtime.remote.objects import release_off_loop
 from latticaray.runtime.remote.wire import (
     CHUNK,
     AckItems,
@@ -225,11 +226,19 @@ class RemoteClient:
 
 
 async def parts(tid: bytes, slot: Any, pieces: list) -> AsyncIterator[bytes]:
-    """The `part` frames of a value's pieces, one CHUNK at a time."""
-    for piece in pieces:
-        view = memoryview(piece)
-        for start in range(0, len(view), CHUNK):
-            yield ValuePart(tid, slot, view[start : start + CHUNK]).encode()
+    """The `part` frames of a value's pieces, one CHUNK at a time. A piece sent is given up
+    off the event loop: its views may be the last of a store object's mapping."""
+    todo = list(pieces)  # this generator's own references, given up one piece at a time
+    del pieces
+    try:
+        while todo:
+            view = memoryview(todo[0])
+            for start in range(0, len(view), CHUNK):
+                yield ValuePart(tid, slot, view[start : start + CHUNK]).encode()
+            del view
+            release_off_loop([todo.pop(0)])
+    finally:
+        release_off_loop(todo)
 
 
 def _parts_size(sent: list) -> int:

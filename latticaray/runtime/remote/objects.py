@@ -43,6 +43,14 @@ BY_REF_ARG = 256 << 10
 ARG_FETCH_TIMEOUT = 30.0
 
 
+def release_off_loop(doomed: list) -> None:
+    """Drop references to (views of) values on an executor thread. When they are the last
+    views of a store object, its mapping is unmapped there: tens of ms for hundreds of MB,
+    which would stall the event loop."""
+    if doomed:
+        asyncio.get_running_loop().run_in_executor(None, doomed.clear)
+
+
 class RemoteObjects:
     """Fetching objects from peers and serving this node's objects to them."""
 
@@ -338,9 +346,15 @@ class RemoteObjects:
                 None, serialization.materialize_pieces, data
             )
         )
+        del data
         yield ObjectHeader(entry.status, sum(len(p) for p in pieces), cid).encode()
-        for piece in pieces:
-            view = memoryview(piece)
-            for start in range(0, len(view), CHUNK):
-                yield view[start : start + CHUNK]
-                await asyncio.sleep(0)  # a window's worth of chunks is no single step
+        try:
+            while pieces:
+                view = memoryview(pieces[0])
+                for start in range(0, len(view), CHUNK):
+                    yield view[start : start + CHUNK]
+                    await asyncio.sleep(0)  # a window's worth of chunks is no single step
+                del view
+                release_off_loop([pieces.pop(0)])  # a sent piece is given up off the loop
+        finally:
+            release_off_loop(pieces)
