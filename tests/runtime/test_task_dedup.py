@@ -143,3 +143,65 @@ def test_executor_table_is_bounded(monkeypatch):
     assert list(seen.finished) == [b"c", b"d", b"e"]  # at most SEEN_TASKS ids
     seen.expire(now + dedup_mod.SEEN_TASKS_TTL)
     assert not seen.finished and seen.result_bytes == 0
+
+
+ACTOR_DRIVER = (
+    SESSION_DRIVER_HELPERS
+    + r"""
+from latticaray.mesh.identify import PING_PROTOCOL
+from latticaray.mesh.multiaddr import Multiaddr
+
+bootstrap, credential, workdir = sys.argv[1:4]
+lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
+runtime = api._runtime.mesh_runtime
+loop = api._runtime.loop
+wait_for(lambda: nodes_offering("ad"), "the node never showed up")
+worker = nodes_offering("ad")[0]
+
+@lattica.remote
+class Holder:
+    def where(self):
+        return lattica.get_runtime_context().node_id
+
+    def hold(self, i, workdir):
+        import os, time
+        fd = os.open(os.path.join(workdir, f"call-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(workdir, "go")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("never told to go")
+            time.sleep(0.02)
+        return i
+
+holder = Holder.options(resources={"ad": 0.01}).remote()  # calls: no retries (the default)
+assert lattica.get(holder.where.remote(), timeout=60) == worker
+calls = [holder.hold.remote(i, workdir) for i in range(2)]
+wait_for(lambda: os.path.exists(os.path.join(workdir, "call-0")), "the first call never ran")
+state = task_sessions_to(worker)
+
+async def reconnect_then_break():
+    quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
+                                                    force_new=True)
+    # answered over it: the node has the new connection too, so the driver stays connected
+    await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
+    state.session.conn.close("test: the session's path breaks")
+asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
+wait_for(lambda: runtime.remote.stats["sessions_reopened"] >= 1, "the session never reopened")
+open(os.path.join(workdir, "go"), "w").close()
+print(json.dumps({"results": lattica.get(calls, timeout=60),
+                  "reopened": runtime.remote.stats["sessions_reopened"]}), flush=True)
+lattica.shutdown()
+"""
+)
+
+
+def test_actor_calls_in_flight_on_a_broken_session_are_sent_again_not_failed(tmp_path):
+    """A task session that breaks while its peer stays connected is reopened and the actor calls
+    in flight on it are sent again (`again`): they spend no retry (these have none), run once
+    and in order, and answer."""
+    _info, report = run_session_driver(ACTOR_DRIVER, tmp_path, {"ad": 1}, 2)
+    assert report["results"] == [0, 1], report
+    assert report["reopened"] >= 1, report
+    assert sorted(os.listdir(tmp_path / "runs")) == ["call-0", "call-1", "go"]

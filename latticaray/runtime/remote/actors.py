@@ -21,6 +21,7 @@ from latticaray.runtime.remote.wire import CallActor, CreateActor, KillActor
 from latticaray.runtime.states import TaskEvent
 
 if TYPE_CHECKING:
+    from latticaray.runtime.remote.membership import Peer
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
 
@@ -213,31 +214,43 @@ class OwnedActors:
                     link.inflight.pop(tid, None)
                     tasks.fail(rec, ActorDiedError(f"actor {aid.hex()} is dead: {cause}"))
 
-    def call_lost(self, rec: TaskRecord, node_id: str) -> None:
-        """A call in flight to ``node_id`` got no answer (the node died, the session broke):
-        queued again if its actor lives on and the call has retries left, else it fails."""
-        aid = rec.msg["aid"]
-        owned = self.owned.get(aid)
+    def calls_lost(self, recs: list[TaskRecord], node_id: str) -> None:
+        """Calls in flight to ``node_id``, which died: each is queued again, in order, ahead of
+        its actor's other calls (for the restarted actor) if the actor lives on and the call
+        has retries left, else it fails."""
         tasks = self.node.tasks
-        if rec.cancelled:
-            tasks.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
-            return
-        if (
-            owned is not None
-            and owned.dead_cause is None
-            and rec.retries_left != 0
-            and not self.node.streams.started(rec)
-        ):
-            rec.retries_left -= 1
-            rec.move(TaskEvent.QUEUE)
-            self.outbox.setdefault(aid, collections.deque()).appendleft(rec)
-            return
-        tasks.fail(
-            rec,
-            ActorDiedError(
-                f"actor {aid.hex()} was on node {node_id}, which died while running {rec.name}"
-            ),
-        )
+        again: dict[bytes, list[TaskRecord]] = {}
+        for rec in recs:
+            aid = rec.msg["aid"]
+            owned = self.owned.get(aid)
+            if rec.cancelled:
+                tasks.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif (
+                owned is not None
+                and owned.dead_cause is None
+                and rec.retries_left != 0
+                and not self.node.streams.started(rec)
+            ):
+                rec.retries_left -= 1
+                rec.move(TaskEvent.QUEUE)
+                again.setdefault(aid, []).append(rec)
+            else:
+                tasks.fail(
+                    rec,
+                    ActorDiedError(
+                        f"actor {aid.hex()} was on node {node_id}, which died while running "
+                        f"{rec.name}"
+                    ),
+                )
+        for aid, calls in again.items():
+            self.outbox.setdefault(aid, collections.deque()).extendleft(reversed(calls))
+
+    def resend(self, rec: TaskRecord, peer: Peer) -> None:
+        """A call in flight on a task session that broke or moved while its host lives: sent
+        again on the new session (`again`: the host runs it once, see dedup.py). It spends no
+        retry: the call was not lost, only its reply may have been."""
+        if not self._send_call(rec, peer, again=True):
+            self.calls_lost([rec], peer.node_id)
 
     # ------------------------------------------------------------------ calls
     def enqueue(self, rec: TaskRecord) -> None:
@@ -252,7 +265,6 @@ class OwnedActors:
             self.fail_calls(aid, owned.dead_cause)
             return
         node = self.node
-        caller = self.remote.caller
         membership = self.remote.membership
         while outbox and outbox[0].deps_left == 0:
             rec = outbox[0]
@@ -282,23 +294,29 @@ class OwnedActors:
                     continue
                 return  # the owner restarts it; calls wait here
             outbox.popleft()
-            link = caller.link(peer)
-            msg = rec.msg
-            again = rec.tid in link.resent
-            link.resent.discard(rec.tid)
-            call = CallActor(
-                rec.tid,
-                aid,
-                msg["m"],
-                rec.nret,
-                rec.name,
-                self.remote.objects.wire_args(msg["args"]),
-                again,
-            )
-            rec.move(TaskEvent.SEND)
-            rec.remote_peer = host
-            link.inflight[rec.tid] = rec
-            caller.send(host, call)
+            self._send_call(rec, peer, again=False)
+
+    def _send_call(self, rec: TaskRecord, peer: Peer, again: bool) -> bool:
+        """Send an actor call to the peer hosting its actor (False: the peer is gone)."""
+        caller = self.remote.caller
+        msg = rec.msg
+        call = CallActor(
+            rec.tid,
+            msg["aid"],
+            msg["m"],
+            rec.nret,
+            rec.name,
+            self.remote.objects.wire_args(msg["args"]),
+            again,
+        )
+        rec.move(TaskEvent.RESEND if again else TaskEvent.SEND)
+        rec.remote_peer = peer.node_id
+        caller.link(peer).inflight[rec.tid] = rec
+        if caller.send(peer.node_id, call):
+            return True
+        caller.link(peer).inflight.pop(rec.tid, None)
+        rec.remote_peer = None
+        return False
 
     def kill(self, message: dict) -> None:
         """Kill an actor hosted elsewhere (its host is told; one still waiting dies here)."""

@@ -359,24 +359,20 @@ class Caller:
         self._resend(peer, lost)
 
     def _resend(self, peer: Peer, inflight: list[TaskRecord]) -> None:
+        """Work whose session broke while its peer lives goes out again, in the order it was
+        sent, marked `again` (the executor runs it once: dedup.py); it spends no retry."""
         link = self.link(peer)
-        actors = self.remote.actors
-        calls_of = set()
         for rec in inflight:
             rec.remote_peer = None
             if rec.done:
                 continue
-            if rec.is_actor_call:
-                link.resent.add(rec.tid)
-                actors.call_lost(rec, peer.node_id)
-                calls_of.add(rec.msg["aid"])
-            elif rec.cancelled:
+            if rec.cancelled:
                 self.node.tasks.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+            elif rec.is_actor_call:
+                self.remote.actors.resend(rec, peer)
             else:  # a streaming one too: the executor re-delivers what the caller lacks
                 link.resent.add(rec.tid)
                 self.run_remote(rec, peer.node_id)
-        for aid in calls_of:
-            actors.pump(aid)
 
     # ------------------------------------------------------------------ replies
     def _on_reply(self, peer: Peer, message: TaskReply) -> None:
@@ -467,12 +463,13 @@ class Caller:
         inflight = list(link.inflight.values())
         link.inflight.clear()
         tasks = self.node.tasks
+        calls = []
         for rec in inflight:
             rec.remote_peer = None
             if rec.done:
                 continue
             if rec.is_actor_call:
-                self.remote.actors.call_lost(rec, peer.node_id)
+                calls.append(rec)
                 continue
             may_retry = tasks.runner_lost(
                 rec,
@@ -487,3 +484,4 @@ class Caller:
             if may_retry:
                 rec.excluded = (rec.excluded or set()) | {peer.node_id}
                 tasks.schedule(rec)
+        self.remote.actors.calls_lost(calls, peer.node_id)
