@@ -139,6 +139,25 @@ def nodes_offering(resource):
     return [n["NodeID"] for n in lattica.nodes()
             if n["Alive"] and n.get("Resources", {}).get(resource)]
 
+def join_mesh(bootstrap, credential):
+    # this driver joins the node's mesh (QUIC on loopback, no NAT probing); its MeshRuntime
+    lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+                 listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
+                 nat={"lab": True, "auto_configure": False})
+    return api._runtime.mesh_runtime
+
+def reconnect_then_break(bootstrap, sessions):
+    # a fresh QUIC connection to the node (answered over: the node has it too, so this driver
+    # stays connected), then the path the task session runs on breaks: the session reopens
+    from latticaray.mesh.identify import PING_PROTOCOL
+    from latticaray.mesh.multiaddr import Multiaddr
+    mesh = api._runtime.mesh_runtime.mesh
+    async def run():
+        quic = await mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10, force_new=True)
+        await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
+        sessions.session.conn.close("test: the session's path breaks")
+    asyncio.run_coroutine_threadsafe(run(), api._runtime.loop).result(30)
+
 def task_sessions_to(node_id):
     # this driver's task sessions to a node (caller.PeerSessions), read on the node's loop
     async def link():

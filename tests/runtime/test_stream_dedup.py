@@ -33,15 +33,11 @@ N = 6
 DRIVER = (
     SESSION_DRIVER_HELPERS
     + r"""
-from latticaray.mesh.identify import PING_PROTOCOL
-from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.runtime.remote import wire
 
 bootstrap, credential, workdir, count = sys.argv[1:5]
 count = int(count)
-lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
-             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
-runtime = api._runtime.mesh_runtime
+runtime = join_mesh(bootstrap, credential)
 loop = api._runtime.loop
 stats = runtime.remote.stats
 
@@ -119,13 +115,7 @@ go(2)
 go(3)
 waited(lambda: dropped == [2, 3], "items 2 and 3 never came")
 
-async def reconnect_then_break():
-    quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
-                                                    force_new=True)
-    # answered over it: the node has the new connection too, so the driver stays connected
-    await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
-    state.session.conn.close("test: the session's path breaks")
-asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
+reconnect_then_break(bootstrap, state)
 waited(lambda: stats["sessions_reopened"] >= 1, "the task session never reopened")
 
 for i in range(4, count):

@@ -28,9 +28,7 @@ DRIVER = (
 from latticaray.runtime.remote import wire
 
 bootstrap, credential, workdir = sys.argv[1:4]
-lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
-             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
-runtime = api._runtime.mesh_runtime
+runtime = join_mesh(bootstrap, credential)
 loop = api._runtime.loop
 
 def worker_alive():
@@ -148,14 +146,8 @@ def test_executor_table_is_bounded(monkeypatch):
 ACTOR_DRIVER = (
     SESSION_DRIVER_HELPERS
     + r"""
-from latticaray.mesh.identify import PING_PROTOCOL
-from latticaray.mesh.multiaddr import Multiaddr
-
 bootstrap, credential, workdir = sys.argv[1:4]
-lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
-             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
-runtime = api._runtime.mesh_runtime
-loop = api._runtime.loop
+runtime = join_mesh(bootstrap, credential)
 wait_for(lambda: nodes_offering("ad"), "the node never showed up")
 worker = nodes_offering("ad")[0]
 
@@ -179,15 +171,7 @@ holder = Holder.options(resources={"ad": 0.01}).remote()  # calls: no retries (t
 assert lattica.get(holder.where.remote(), timeout=60) == worker
 calls = [holder.hold.remote(i, workdir) for i in range(2)]
 wait_for(lambda: os.path.exists(os.path.join(workdir, "call-0")), "the first call never ran")
-state = task_sessions_to(worker)
-
-async def reconnect_then_break():
-    quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
-                                                    force_new=True)
-    # answered over it: the node has the new connection too, so the driver stays connected
-    await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
-    state.session.conn.close("test: the session's path breaks")
-asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
+reconnect_then_break(bootstrap, task_sessions_to(worker))
 wait_for(lambda: runtime.remote.stats["sessions_reopened"] >= 1, "the session never reopened")
 open(os.path.join(workdir, "go"), "w").close()
 print(json.dumps({"results": lattica.get(calls, timeout=60),

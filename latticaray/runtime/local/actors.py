@@ -20,7 +20,7 @@ from latticaray.runtime.errors import (
     TaskUnschedulableError,
 )
 from latticaray.runtime.local.clients import AttachedDriver, WorkerHandle
-from latticaray.runtime.local.records import STREAMING, HostedActor, TaskRecord
+from latticaray.runtime.local.records import HostedActor, TaskRecord
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
 from latticaray.runtime.states import ActorEvent, ActorState, TaskEvent
@@ -265,24 +265,8 @@ class ActorHost:
     def send_call(self, actor: HostedActor, rec: TaskRecord) -> None:
         worker = actor.worker
         assert worker is not None
-        msg = rec.msg
-        rec.move(TaskEvent.DISPATCH)
-        rec.worker = worker
-        worker.tasks[rec.tid] = rec
         actor.inflight[rec.tid] = rec
-        out = {
-            "op": "actor_call",
-            "tid": rec.tid,
-            "m": msg["m"],
-            "args": msg["args"],
-            "nret": rec.nret,
-            "name": rec.name,
-        }
-        if rec.nret == STREAMING:
-            stream = self.node.streams.states[rec.tid]
-            stream.worker = worker
-            out["window"] = stream.window
-        worker.send(out)
+        self.node.tasks.hand_to(worker, rec, {"op": "actor_call", "m": rec.msg["m"]})
 
     # ------------------------------------------------------------------ death and restarts
     @staticmethod

@@ -258,25 +258,27 @@ class TaskTable:
             self.run_on(worker, rec)
 
     def run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
-        msg = rec.msg
+        fn = rec.msg["fn"]
+        out = {"op": "task", "fn": fn}
+        if fn not in worker.loaded:
+            out["blob"] = self.node.code[fn]
+            worker.loaded.add(fn)
+        self.hand_to(worker, rec, out)
+
+    def hand_to(self, worker: WorkerHandle, rec: TaskRecord, out: dict) -> None:
+        """Send a task or actor call (``out``: its `task` or `actor_call` frame so far) to the
+        worker that runs it."""
         rec.move(TaskEvent.DISPATCH)
         rec.worker = worker
         worker.tasks[rec.tid] = rec
-        out = {
-            "op": "task",
-            "tid": rec.tid,
-            "fn": msg["fn"],
-            "args": msg["args"],
-            "nret": rec.nret,
-            "name": rec.name,
-        }
+        out["tid"] = rec.tid
+        out["args"] = rec.msg["args"]
+        out["nret"] = rec.nret
+        out["name"] = rec.name
         if rec.nret == STREAMING:
             stream = self.node.streams.states[rec.tid]
             stream.worker = worker
             out["window"] = stream.window
-        if msg["fn"] not in worker.loaded:
-            out["blob"] = self.node.code[msg["fn"]]
-            worker.loaded.add(msg["fn"])
         worker.send(out)
 
     # ------------------------------------------------------------------ results
