@@ -10,7 +10,8 @@ It is composed of parts, one role each (this package):
   dedup       TaskDedup      work a caller sends again is not run twice
   objects     RemoteObjects  arguments on the wire, fetches by id and CID (object/1)
   actors      OwnedActors    actors this node owns on other nodes
-  names       NameService    named actors: arbiter claims and lookups (names/1)
+  names       NameService    named actors: claims and lookups at the name's arbiter (names/1);
+                             the records it arbitrates are arbiter.py's NameArbiterCore
   refs        RemoteRefs     borrow registrations at owners (ref/1), `held`
   streams     RemoteStreams  stream items from another owner (stream/1)
 
