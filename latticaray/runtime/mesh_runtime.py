@@ -72,11 +72,11 @@ class NatSettings:
     def config(self):
         from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
         from latticaray.mesh.nat.autonat import AutoNatClientConfig
-        from latticaray.mesh.nat.host import NatNodeConfig
+        from latticaray.mesh.nat.config import NatConfig
 
         policy = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES) if self.lab else AddressPolicy()
         confirmations = max(1, min(2, len(self.observers)))
-        return NatNodeConfig(
+        return NatConfig(
             observers=tuple(self.observers),
             relays=tuple(self.relays),
             policy=policy,
@@ -143,7 +143,7 @@ class MeshRuntime:
     Beside the runtime's own protocols it runs a DhtService (server mode; bootstrapped from the
     bootstrap peers) that the ObjectExchange announces store objects into and resolves CIDs
     through and that the scheduler's CapacityAdvertiser publishes `capacity/<resource>` ads
-    into, and, when `nat` is given, MeshNat (relay reservation, circuit address, hole punching).
+    into, and, when `nat` is given, MeshNatService (relay reservation, circuit address, hole punching).
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
@@ -176,7 +176,7 @@ class MeshRuntime:
         # the services, once started
         self.state: Any = None  # latticaray.state.service StateService
         self.dht: Any = None  # latticaray.mesh.dht.service DhtService
-        self.nat: Any = None  # latticaray.mesh.nat.mesh_nat MeshNat
+        self.nat: Any = None  # latticaray.mesh.nat.mesh_service MeshNatService
         self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
         self.timings: dict[str, float | str] = {}
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
@@ -314,11 +314,11 @@ class MeshRuntime:
         self.advertiser.start()
 
     async def _start_nat(self) -> None:
-        from latticaray.mesh.nat.mesh_nat import MeshNat
+        from latticaray.mesh.nat.mesh_service import MeshNatService
 
         settings = self.nat_settings
-        assert settings is not None
-        self.nat = MeshNat(self.mesh, settings.config())
+        assert settings is not None and self.mesh is not None
+        self.nat = MeshNatService(self.mesh, settings.config())
         await self.nat.start()
         if settings.auto_configure:
             report, reach = await asyncio.wait_for(self.nat.auto_configure(), 60.0)
