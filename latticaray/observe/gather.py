@@ -1,0 +1,183 @@
+"""One snapshot of the mesh as a node knows it: its own report plus its members' reports.
+
+:func:`gather` asks a :class:`~latticaray.observe.model.StateSource` for its local report and,
+concurrently and with a deadline, for the reports of the members it knows (at most
+``max_nodes``; the rest appear as the membership view's stale rows). A member that does not
+answer is listed ``UNREACHABLE`` with the reason in ``errors``. Nothing here needs a head node:
+any member gives the view it has.
+
+A task can be reported twice (by the node that submitted it and the node running it); the row
+furthest along its lifecycle is kept. Objects are kept per holder, as Ray lists them.
+
+The driver thread reads snapshots through a *provider*: ``set_default_provider`` is called by
+the runtime at ``init()`` with a function that runs :func:`gather` on the node's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from latticaray.observe.model import (
+    DEFAULT_ROW_LIMIT,
+    ActorRow,
+    LinkRow,
+    NodeReport,
+    NodeRow,
+    NodeStateName,
+    ObjectRow,
+    StateSource,
+    TaskRow,
+    TaskStateName,
+    TransferRow,
+)
+
+__all__ = [
+    "MeshSnapshot",
+    "Provider",
+    "clear_default_provider",
+    "default_provider",
+    "gather",
+    "provider_for",
+    "set_default_provider",
+]
+
+_TASK_RANK = {s.value: i for i, s in enumerate(TaskStateName)}
+
+
+@dataclass
+class MeshSnapshot:
+    """Rows from every node that answered, as one view."""
+
+    observer: str
+    taken_at: float
+    nodes: list[NodeRow] = field(default_factory=list)
+    links: list[LinkRow] = field(default_factory=list)
+    tasks: list[TaskRow] = field(default_factory=list)
+    actors: list[ActorRow] = field(default_factory=list)
+    objects: list[ObjectRow] = field(default_factory=list)
+    transfers: list[TransferRow] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    truncated: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the dashboard's /api/snapshot)."""
+        return {
+            "observer": self.observer,
+            "taken_at": self.taken_at,
+            "nodes": [r.as_dict() for r in self.nodes],
+            "links": [r.as_dict() for r in self.links],
+            "tasks": [r.as_dict() for r in self.tasks],
+            "actors": [r.as_dict() for r in self.actors],
+            "objects": [r.as_dict() for r in self.objects],
+            "transfers": [r.as_dict() for r in self.transfers],
+            "errors": dict(self.errors),
+            "truncated": self.truncated,
+        }
+
+
+def _merge(snapshot: MeshSnapshot, report: NodeReport, tasks: dict[str, TaskRow]) -> None:
+    snapshot.nodes.append(report.node)
+    snapshot.links.extend(report.links)
+    snapshot.actors.extend(report.actors)
+    snapshot.objects.extend(report.objects)
+    snapshot.transfers.extend(report.transfers)
+    snapshot.truncated += report.truncated
+    for row in report.tasks:
+        seen = tasks.get(row.task_id)
+        if seen is None or _TASK_RANK.get(row.state, -1) > _TASK_RANK.get(seen.state, -1):
+            tasks[row.task_id] = row
+
+
+async def gather(
+    source: StateSource,
+    *,
+    limit: int = DEFAULT_ROW_LIMIT,
+    timeout: float = 5.0,
+    remote: bool = True,
+    max_nodes: int = 64,
+    concurrency: int = 16,
+) -> MeshSnapshot:
+    """A snapshot from ``source`` and (``remote``) the members it knows."""
+    limit = max(0, int(limit))
+    local = source.local_report(limit)
+    snapshot = MeshSnapshot(observer=source.node_id, taken_at=time.time())
+    tasks: dict[str, TaskRow] = {}
+    _merge(snapshot, local, tasks)
+    members = [m for m in source.member_rows() if m.node_id != source.node_id]
+    asked = members[: max(0, max_nodes - 1)] if remote else []
+    slots = asyncio.Semaphore(max(1, concurrency))
+
+    async def ask(row: NodeRow) -> tuple[NodeRow, NodeReport | None, str | None]:
+        async with slots:
+            try:
+                report = await asyncio.wait_for(
+                    source.remote_report(row.node_id, limit, timeout), timeout
+                )
+            except Exception as exc:
+                return row, None, f"{type(exc).__name__}: {exc}"[:500]
+            if report.node.node_id != row.node_id:
+                return row, None, f"answered as {report.node.node_id}"
+            return row, report, None
+
+    results = await asyncio.gather(*(ask(row) for row in asked))
+    for row, report, error in results:
+        if report is not None:
+            _merge(snapshot, report, tasks)
+        else:
+            snapshot.errors[row.node_id] = error or "no report"
+            if row.state == NodeStateName.ALIVE.value:
+                row = dataclasses.replace(row, state=NodeStateName.UNREACHABLE.value, stale=True)
+            snapshot.nodes.append(row)
+    snapshot.nodes.extend(members[len(asked) :])
+    snapshot.tasks = list(tasks.values())
+    return snapshot
+
+
+Provider = Callable[[int, float, bool], MeshSnapshot]
+_default: Provider | None = None
+_default_lock = threading.Lock()
+
+
+def set_default_provider(provider: Provider) -> None:
+    global _default
+    with _default_lock:
+        _default = provider
+
+
+def clear_default_provider(provider: Provider | None = None) -> None:
+    """Forget the default provider (only ``provider``, when given)."""
+    global _default
+    with _default_lock:
+        if provider is None or _default is provider:
+            _default = None
+
+
+def default_provider() -> Provider | None:
+    return _default
+
+
+def provider_for(source: StateSource, loop: asyncio.AbstractEventLoop | None = None) -> Provider:
+    """A blocking provider that runs :func:`gather` on ``loop`` (the node's), or a fresh loop."""
+
+    def provide(limit: int, timeout: float, remote: bool) -> MeshSnapshot:
+        coro = gather(source, limit=limit, timeout=timeout, remote=remote)
+        if loop is None:
+            return asyncio.run(coro)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError("a blocking state call cannot run on the node's own event loop")
+        future: Future[MeshSnapshot] = asyncio.run_coroutine_threadsafe(coro, loop)
+        return future.result(timeout + 5.0)
+
+    return provide
