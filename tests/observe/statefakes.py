@@ -44,18 +44,18 @@ NAMES = {
 
 
 def _node(node_id: str, **kw) -> NodeRow:
-    base = dict(
-        node_id=node_id,
-        node_name=NAMES[node_id],
-        role="driver" if node_id == DRIVER else "worker",
-        addrs=(f"/ip4/198.18.0.{len(NAMES[node_id])}/udp/4001/quic-v1",),
-        reachability="public" if node_id == PUBLIC else "private",
-        resources_total={"CPU": 4.0, "memory": float(8 << 30)},
-        resources_used={"CPU": 1.0, "memory": float(1 << 30)},
-        pid=1000 + len(node_id) + ord(node_id[9]),
-        start_time=time.time() - 3600,
-        report_time=time.time(),
-    )
+    base = {
+        "node_id": node_id,
+        "node_name": NAMES[node_id],
+        "role": "driver" if node_id == DRIVER else "worker",
+        "addrs": (f"/ip4/198.18.0.{len(NAMES[node_id])}/udp/4001/quic-v1",),
+        "reachability": "public" if node_id == PUBLIC else "private",
+        "resources_total": {"CPU": 4.0, "memory": float(8 << 30)},
+        "resources_used": {"CPU": 1.0, "memory": float(1 << 30)},
+        "pid": 1000 + len(node_id) + ord(node_id[9]),
+        "start_time": time.time() - 3600,
+        "report_time": time.time(),
+    }
     base.update(kw)
     return NodeRow(**base)
 
