@@ -24,14 +24,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from latticaray.observe.model import (
     DEFAULT_ROW_LIMIT,
+    MAX_REPORT_BYTES,
+    MAX_ROWS,
+    MAX_STR,
     ActorRow,
     LinkRow,
     NodeReport,
     NodeRow,
     NodeStateName,
     ObjectRow,
+    ReportDecodeError,
+    Row,
     StateSource,
     TaskRow,
     TaskStateName,
@@ -42,7 +49,9 @@ __all__ = [
     "MeshSnapshot",
     "Provider",
     "clear_default_provider",
+    "decode_snapshot",
     "default_provider",
+    "encode_snapshot",
     "gather",
     "provider_for",
     "set_default_provider",
@@ -80,6 +89,65 @@ class MeshSnapshot:
             "errors": dict(self.errors),
             "truncated": self.truncated,
         }
+
+
+_SNAPSHOT_PARTS: tuple[tuple[str, type[Row]], ...] = (
+    ("nodes", NodeRow),
+    ("links", LinkRow),
+    ("tasks", TaskRow),
+    ("actors", ActorRow),
+    ("objects", ObjectRow),
+    ("transfers", TransferRow),
+)
+MAX_SNAPSHOT_BYTES = 4 * MAX_REPORT_BYTES
+
+
+def encode_snapshot(snapshot: MeshSnapshot) -> bytes:
+    """A snapshot for a local client (``latticaray status`` attached to a node)."""
+    parts: list[Any] = [snapshot.observer, snapshot.taken_at]
+    for name, _ in _SNAPSHOT_PARTS:
+        parts.append([row.to_wire() for row in getattr(snapshot, name)])
+    parts.append(dict(snapshot.errors))
+    parts.append(snapshot.truncated)
+    return msgpack.packb(parts, use_bin_type=True)
+
+
+def decode_snapshot(data: bytes) -> MeshSnapshot:
+    """Parse :func:`encode_snapshot`'s bytes, checking every row (ReportDecodeError)."""
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise ReportDecodeError(f"snapshot of {len(data)} bytes is too large")
+    try:
+        parts = msgpack.unpackb(
+            data,
+            raw=False,
+            max_str_len=MAX_STR,
+            max_bin_len=0,
+            max_array_len=MAX_ROWS * 4,
+            max_map_len=MAX_ROWS,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise ReportDecodeError(f"snapshot is not valid msgpack: {exc}") from None
+    if not isinstance(parts, list) or len(parts) < 2 + len(_SNAPSHOT_PARTS) + 2:
+        raise ReportDecodeError("snapshot must be an array of its parts")
+    observer, taken_at = parts[0], parts[1]
+    if not isinstance(observer, str) or not isinstance(taken_at, (int, float)):
+        raise ReportDecodeError("snapshot must start with its observer and time")
+    snap = MeshSnapshot(observer=observer, taken_at=float(taken_at))
+    for index, (name, cls) in enumerate(_SNAPSHOT_PARTS, start=2):
+        rows = parts[index]
+        if not isinstance(rows, list):
+            raise ReportDecodeError(f"snapshot {name} must be an array")
+        setattr(snap, name, [cls.from_wire(r) for r in rows])
+    errors, truncated = parts[2 + len(_SNAPSHOT_PARTS)], parts[3 + len(_SNAPSHOT_PARTS)]
+    if not isinstance(errors, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in errors.items()
+    ):
+        raise ReportDecodeError("snapshot errors must map node IDs to reasons")
+    if not isinstance(truncated, int) or isinstance(truncated, bool) or truncated < 0:
+        raise ReportDecodeError("snapshot truncated count must be a non-negative integer")
+    snap.errors, snap.truncated = errors, truncated
+    return snap
 
 
 def _merge(snapshot: MeshSnapshot, report: NodeReport, tasks: dict[str, TaskRow]) -> None:

@@ -8,7 +8,7 @@ import pytest
 from statefakes import CONE, DRIVER, GONE, LOCAL, PUBLIC, SYMMETRIC, FakeSource
 
 from latticaray.observe import query, text
-from latticaray.observe.gather import gather
+from latticaray.observe.gather import decode_snapshot, encode_snapshot, gather
 from latticaray.observe.model import (
     NodeReport,
     NodeRow,
@@ -183,3 +183,15 @@ def test_rows_are_frozen():
     row = TaskRow(task_id="t")
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.name = "x"
+
+
+def test_snapshot_round_trips_for_local_clients():
+    snap = asyncio.run(gather(FakeSource()))
+    back = decode_snapshot(encode_snapshot(snap))
+    assert back.as_dict() == snap.as_dict()
+    parts = msgpack.unpackb(encode_snapshot(snap), raw=False)
+    parts[8] = {"x": 1}
+    with pytest.raises(ReportDecodeError, match="errors"):
+        decode_snapshot(msgpack.packb(parts))
+    with pytest.raises(ReportDecodeError):
+        decode_snapshot(b"\x93")
