@@ -35,7 +35,7 @@ from latticaray.observe.logs import (
 
 __all__ = ["OutputCapture"]
 
-_NO_CONTEXT = LogContext(name="worker", owner="")
+_NO_CONTEXT = LogContext(name="worker")
 
 
 class _TaggedStream(io.TextIOBase):

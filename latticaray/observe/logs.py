@@ -3,8 +3,9 @@
 A worker's stdout/stderr lines travel to the driver that owns the task producing them:
 
     worker process     capture.py OutputCapture: lines tagged with the running task
-        │  LogBatcherCore: batches of at most 256 lines, at least every 100 ms
-    its node           forwards each LogBatch to the owner node (members-only RPC)
+        │  LogBatcherCore: batches per task, at most 256 lines, at least every 100 ms
+    its node           sets the batch's owner (the node that submitted the task) and
+        │              forwards it there (members-only RPC), or prints it if that is itself
         │
     owner's driver     LogDedupCore: per-source rate limit, cross-source deduplication
                        LogPrinter: a thread writing to the driver's stdout / stderr
@@ -64,18 +65,18 @@ class LogDecodeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LogContext:
-    """Who printed: the task or actor running in the worker, and its owner."""
+    """Who printed: the task or actor call running in the worker."""
 
     name: str  # task function or actor class (Ray's prefix)
-    owner: str  # the node whose driver submitted it ("" when not known)
-    task_id: str = ""
+    task_id: str = ""  # hex; "" outside any task
 
 
 @dataclass(frozen=True, slots=True)
 class LogBatch:
-    """Lines of one worker for one owner, in order."""
+    """Lines one worker printed while running one task, in order."""
 
-    owner: str
+    owner: str  # the node whose driver the lines are for ("" until the worker's node sets it)
+    task_id: str
     node: str  # the producing node's name, for the prefix
     pid: int
     name: str
@@ -83,7 +84,14 @@ class LogBatch:
 
     def encode(self) -> bytes:
         return msgpack.packb(
-            [self.owner, self.node, self.pid, self.name, [list(x) for x in self.lines]],
+            [
+                self.owner,
+                self.task_id,
+                self.node,
+                self.pid,
+                self.name,
+                [list(x) for x in self.lines],
+            ],
             use_bin_type=True,
         )
 
@@ -103,10 +111,15 @@ class LogBatch:
             )
         except Exception as exc:
             raise LogDecodeError(f"log batch is not valid msgpack: {exc}") from None
-        if not isinstance(parts, list) or len(parts) < 5:
-            raise LogDecodeError("log batch must be [owner, node, pid, name, lines]")
-        owner, node, pid, name, lines = parts[:5]
-        for label, value in (("owner", owner), ("node", node), ("name", name)):
+        if not isinstance(parts, list) or len(parts) < 6:
+            raise LogDecodeError("log batch must be [owner, task_id, node, pid, name, lines]")
+        owner, task_id, node, pid, name, lines = parts[:6]
+        for label, value in (
+            ("owner", owner),
+            ("task_id", task_id),
+            ("node", node),
+            ("name", name),
+        ):
             if not isinstance(value, str) or len(value) > MAX_NAME:
                 raise LogDecodeError(f"log batch {label} must be a string of at most {MAX_NAME}")
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**32:
@@ -124,7 +137,7 @@ class LogBatch:
             ):
                 raise LogDecodeError("a log line must be [1 or 2, text of at most 4096]")
             checked.append((item[0], item[1]))
-        return cls(owner, node, pid, name, tuple(checked))
+        return cls(owner, task_id, node, pid, name, tuple(checked))
 
 
 def split_lines(pending: str, data: str) -> tuple[list[str], str]:
@@ -146,7 +159,7 @@ def split_lines(pending: str, data: str) -> tuple[list[str], str]:
 
 
 class LogBatcherCore:
-    """Groups a worker's lines into batches per (owner, name); sans-I/O.
+    """Groups a worker's lines into batches per task; sans-I/O.
 
     ``add`` returns the batches that became full; ``due(now)`` those whose oldest line waited
     ``interval``; ``flush()`` everything (at the end of a task).
@@ -162,7 +175,7 @@ class LogBatcherCore:
         self._open: dict[tuple[str, str], tuple[float, list[tuple[int, str]], int]] = {}
 
     def add(self, context: LogContext, stream: int, text: str, now: float) -> list[LogBatch]:
-        key = (context.owner[:MAX_NAME], context.name[:MAX_NAME])
+        key = (context.task_id[:MAX_NAME], context.name[:MAX_NAME])
         first, lines, size = self._open.get(key, (now, [], 0))
         lines.append((stream, text[:MAX_LINE]))
         size += len(text) + 8
@@ -187,7 +200,7 @@ class LogBatcherCore:
         return batches
 
     def _batch(self, key: tuple[str, str], lines: list[tuple[int, str]]) -> LogBatch:
-        return LogBatch(key[0], self.node, self.pid, key[1], tuple(lines))
+        return LogBatch("", key[0], self.node, self.pid, key[1], tuple(lines))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,20 +25,21 @@ from latticaray.observe.logs import (
 
 def batch(text, pid=10, node="hostB", name="f", stream=STDOUT, owner="drv"):
     lines = text if isinstance(text, list) else [text]
-    return LogBatch(owner, node, pid, name, tuple((stream, t) for t in lines))
+    return LogBatch(owner, "t1", node, pid, name, tuple((stream, t) for t in lines))
 
 
 def test_batch_round_trip_and_refusals():
     b = batch(["one", "two"], stream=STDERR)
     assert LogBatch.decode(b.encode()) == b
     for bad in (
-        [1, "n", 1, "f", []],
-        ["o", "n", -1, "f", []],
-        ["o", "n", 1, "f", [[3, "x"]]],
-        ["o", "n", 1, "f", [[1, 2]]],
-        ["o", "n", 1, "f", "lines"],
-        ["o", "n", 1, "f"],
-        ["o", "n", 1, "f", [[1, "x" * (MAX_LINE + 1)]]],
+        [1, "t", "n", 1, "f", []],
+        ["o", "t", "n", -1, "f", []],
+        ["o", "t", "n", 1, "f", [[3, "x"]]],
+        ["o", "t", "n", 1, "f", [[1, 2]]],
+        ["o", "t", "n", 1, "f", "lines"],
+        ["o", "t", "n", 1, "f"],
+        ["o", "t", "n", 1, "f", [[1, "x" * (MAX_LINE + 1)]]],
+        ["o", None, "n", 1, "f", []],
     ):
         with pytest.raises(LogDecodeError):
             LogBatch.decode(msgpack.packb(bad))
@@ -53,20 +54,20 @@ def test_split_lines_keeps_partial_lines_and_splits_long_ones():
     assert lines == ["x" * MAX_LINE] * 2 and rest == "x" * 5
 
 
-def test_batcher_groups_by_owner_and_task_and_flushes_on_time_and_size():
+def test_batcher_groups_by_task_and_flushes_on_time_and_size():
     core = LogBatcherCore("hostB", 77, interval=0.1, max_lines=3)
-    a, b = LogContext("f", "drv1"), LogContext("g", "drv2")
+    a, b = LogContext("f", "t1"), LogContext("g", "t2")
     assert core.add(a, STDOUT, "1", 0.0) == []
     assert core.add(b, STDERR, "x", 0.05) == []
     assert core.deadline() == pytest.approx(0.1)
     assert core.add(a, STDOUT, "2", 0.06) == []
     full = core.add(a, STDOUT, "3", 0.07)
-    assert [(x.owner, x.name, x.lines) for x in full] == [
-        ("drv1", "f", ((1, "1"), (1, "2"), (1, "3")))
+    assert [(x.owner, x.task_id, x.name, x.lines) for x in full] == [
+        ("", "t1", "f", ((1, "1"), (1, "2"), (1, "3")))
     ]
     assert core.due(0.1) == []
     due = core.due(0.16)
-    assert [(x.owner, x.pid, x.node, x.lines) for x in due] == [("drv2", 77, "hostB", ((2, "x"),))]
+    assert [(x.task_id, x.pid, x.node, x.lines) for x in due] == [("t2", 77, "hostB", ((2, "x"),))]
     core.add(a, STDOUT, "4", 1.0)
     assert [x.lines for x in core.flush()] == [((1, "4"),)] and core.deadline() is None
 
@@ -134,13 +135,13 @@ CAPTURE_SCRIPT = textwrap.dedent(
     sent = []
     cap = OutputCapture("hostB", sent.append, pid=99, interval=0.05).start()
     print("before any task")
-    cap.set_context(LogContext("square", "driver-1", "t1"))
+    cap.set_context(LogContext("square", "t1"))
     print("python line", 1)
     print("partial", end="")
     sys.stderr.write("an error line\\n")
     os.write(1, b"from C level\\n")
     def in_thread():
-        cap.set_context(LogContext("Actor.method", "driver-2"), thread_only=True)
+        cap.set_context(LogContext("Actor.method", "t2"), thread_only=True)
         print("thread line")
     t = threading.Thread(target=in_thread); t.start(); t.join()
     os.write(1, b"c-partial")
@@ -169,12 +170,12 @@ def test_capture_tags_python_and_fd_level_output(tmp_path):
     for b in batches:
         assert b.pid == 99 and b.node == "hostB"
         for stream, text in b.lines:
-            lines.setdefault((b.owner, b.name), []).append((stream, text))
+            lines.setdefault((b.task_id, b.name), []).append((stream, text))
     assert lines[("", "worker")] == [(STDOUT, "before any task")]
-    got = lines[("driver-1", "square")]
+    got = lines[("t1", "square")]
     assert (STDOUT, "python line 1") in got and (STDERR, "an error line") in got
     assert (STDOUT, "partial") in got  # flushed at the task's end
     assert (STDOUT, "from C level") in got
     assert (STDOUT, "c-partial") in got  # a pipe's partial line too, in order
     assert got.index((STDOUT, "from C level")) < got.index((STDOUT, "c-partial"))
-    assert lines[("driver-2", "Actor.method")] == [(STDOUT, "thread line")]
+    assert lines[("t2", "Actor.method")] == [(STDOUT, "thread line")]
