@@ -1,5 +1,8 @@
 """DashboardServer: an aiohttp app serving the dashboard page, its JSON API and ``/metrics``.
 
+It reads a StateSource (on the node's own loop), or an async function returning snapshots
+(``latticaray dashboard``, which asks a node it is attached to).
+
 Routes (GET only):
 
     /                 the page (static/index.html; app.js and style.css beside it, vendored)
@@ -23,6 +26,7 @@ import collections
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -87,8 +91,9 @@ class DashboardServer:
 
     def __init__(
         self,
-        source: StateSource,
+        source: StateSource | None = None,
         *,
+        snapshot: Callable[[], Awaitable[MeshSnapshot]] | None = None,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         history_interval: float = 2.0,
@@ -97,7 +102,10 @@ class DashboardServer:
         row_limit: int = 500,
         timeout: float = 5.0,
     ) -> None:
+        if (source is None) == (snapshot is None):
+            raise ValueError("give a StateSource or a snapshot function, not both or neither")
         self.source = source
+        self._read = snapshot
         self.host = host
         self.port = port
         self.history_interval = history_interval
@@ -161,12 +169,16 @@ class DashboardServer:
         if self._last is not None and loop.time() - self._last_at < self.min_interval:
             return self._last
         if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.ensure_future(
-                gather(self.source, limit=self.row_limit, timeout=self.timeout)
-            )
+            self._inflight = asyncio.ensure_future(self._fresh())
         snap = await asyncio.shield(self._inflight)
         self._last, self._last_at = snap, loop.time()
         return snap
+
+    async def _fresh(self) -> MeshSnapshot:
+        if self._read is not None:
+            return await self._read()
+        assert self.source is not None
+        return await gather(self.source, limit=self.row_limit, timeout=self.timeout)
 
     async def _sample_forever(self) -> None:
         while True:
