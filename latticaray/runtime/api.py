@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from latticaray.runtime import context, serialization
-from latticaray.runtime.core import DriverCore
+from latticaray.runtime.client import DriverCore
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -340,10 +340,11 @@ class _EmbeddedRuntime:
     def __init__(self):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
-        self.node = None
-        self.mesh_runtime = None
+        self.node: Any = None  # the RuntimeNode, once started
+        self.mesh_runtime: Any = None
 
     def start(self, make_node, start_mesh=None) -> None:
+        loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 
@@ -378,7 +379,8 @@ class _EmbeddedRuntime:
             asyncio.run_coroutine_threadsafe(self.node.stop(), loop).result(15)
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            self.thread.join(10)
+            if self.thread is not None:
+                self.thread.join(10)
             if not loop.is_running():
                 loop.close()
 
@@ -387,7 +389,7 @@ _runtime: _EmbeddedRuntime | None = None
 _init_lock = threading.Lock()
 
 
-def _default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
+def default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     total = dict(resources or {})
     total["CPU"] = float(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
     if num_gpus:
@@ -422,7 +424,7 @@ def init(
 
     No arguments: an embedded local node with worker processes sized to this machine.
     `bootstrap=[multiaddr, ...]` joins an existing mesh (with `credential`, a membership
-    credential from the mesh's `latticaray invite`). `nat=` (a cluster.NatSettings or a dict of
+    credential from the mesh's `latticaray invite`). `nat=` (a mesh_runtime.NatSettings or a dict of
     its fields: observers, relays, lab, hole_punching, ...) runs NAT traversal for a node behind a
     NAT: it reserves a relay slot, advertises its circuit address and upgrades by hole punching.
     """
@@ -441,12 +443,12 @@ def init(
         if address:
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
-        total = _default_resources(num_cpus, num_gpus, resources)
+        total = default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.cluster import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime, NatSettings
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
@@ -468,6 +470,7 @@ def init(
 
         runtime.start(make_node, start_mesh)
         _runtime = runtime
+        assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
         return _runtime_info()
 
@@ -478,7 +481,7 @@ _attached = None
 def _attach(address: str, namespace: str) -> dict:
     """Attach this driver to a node process listening on a Unix socket."""
     global _attached
-    from latticaray.runtime.core import AttachedCore
+    from latticaray.runtime.client import AttachedCore
 
     path = address[len("unix:") :] if address.startswith("unix:") else address
     core = AttachedCore(path, namespace)
@@ -491,8 +494,8 @@ def _attach(address: str, namespace: str) -> dict:
 
 
 def _runtime_info() -> dict:
-    if _runtime is None and _attached is not None:
-        return {"node_id": _attached.node_id, "address": []}
+    if _runtime is None:
+        return {"node_id": _attached.node_id if _attached is not None else None, "address": []}
     return {
         "node_id": _runtime.node.node_id,
         "address": getattr(_runtime.mesh_runtime, "listen_addrs", []),
@@ -595,7 +598,7 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
     if isinstance(ref, ObjectRefGenerator):
         from latticaray.runtime.ids import object_id
 
-        ref = ObjectRef(object_id(ref.task_id(), 0), ref._owner, _count=False)
+        ref = ObjectRef(object_id(ref.task_id(), 0), ref.owner, _count=False)
     if not isinstance(ref, ObjectRef):
         raise TypeError("cancel() takes an ObjectRef")
     context.require_core().cancel(ref, force, recursive)

@@ -62,7 +62,7 @@ class TaskError(LatticaError):
             return self
         try:
             dual = _dual_class(cause_cls)
-            err = dual.__new__(dual)
+            err = dual.__new__(dual)  # type: ignore[call-overload]
             err.function_name = self.function_name
             err.cause_type = self.cause_type
             err.remote_traceback = self.remote_traceback

@@ -110,7 +110,7 @@ def nat_settings(args: argparse.Namespace):
     """The NatSettings the NAT options ask for, or None when NAT traversal is off."""
     if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
         return None
-    from latticaray.runtime.cluster import NatSettings
+    from latticaray.runtime.mesh_runtime import NatSettings
 
     serving = args.serve_relay is not None
     return NatSettings.coerce(
@@ -129,11 +129,11 @@ def nat_settings(args: argparse.Namespace):
 
 async def run(args: argparse.Namespace) -> None:
     from latticaray.runtime import gcpolicy
-    from latticaray.runtime.api import _default_resources
-    from latticaray.runtime.cluster import CAPACITY_WAIT, MeshRuntime
+    from latticaray.runtime.api import default_resources
+    from latticaray.runtime.mesh_runtime import CAPACITY_WAIT, MeshRuntime
     from latticaray.runtime.node import RuntimeNode
 
-    resources = _default_resources(
+    resources = default_resources(
         args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
     )
     mesh_runtime = MeshRuntime.prepare(

@@ -139,6 +139,12 @@ def nodes_offering(resource):
     return [n["NodeID"] for n in lattica.nodes()
             if n["Alive"] and n.get("Resources", {}).get(resource)]
 
+def task_sessions_to(node_id):
+    # this driver's task sessions to a node (caller.PeerSessions), read on the node's loop
+    async def link():
+        return api._runtime.mesh_runtime.remote.caller.link_to(node_id)
+    return asyncio.run_coroutine_threadsafe(link(), api._runtime.loop).result(30)
+
 @lattica.remote
 def step(i, workdir, hold):
     import os, time
@@ -217,20 +223,20 @@ def run_session_driver(
 
 class FakeRemoteClient:
     """What CallerTasks and the executor's re-send handling use of a RemoteClient
-    (runtime/cluster.py): the frames it was given."""
+    (runtime/remote/executor.py): the frames it was given."""
 
     def __init__(self, node_id: str = "caller"):
         self.node_id = node_id
         self.frames: list = []
         self.closed = False
-        self.outbox = self  # parts are queued as one item each (here: the frame they make)
 
     def send(self, message: dict) -> None:
         self.frames.append(message)
 
-    _send_settled = send
-    put_nowait = send
+    send_settled = send
 
-    @staticmethod
-    def _parts(tid: bytes, slot, pieces: list) -> dict:
-        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
+    def send_parts(self, tid: bytes, slot, pieces: list) -> None:
+        from latticaray.runtime.remote.wire import ValuePart
+
+        # parts are queued as one item each (here: the frame they make)
+        self.frames.append(ValuePart(tid, slot, b"".join(pieces)))

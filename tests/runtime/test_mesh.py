@@ -18,7 +18,7 @@ import latticaray as lattica
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import MeshKey
-from latticaray.runtime.cluster import ADMIT_PROTOCOL, TASK_PROTOCOL
+from latticaray.runtime.remote.wire import ADMIT_PROTOCOL, TASK_PROTOCOL
 
 
 @pytest.fixture(scope="module")

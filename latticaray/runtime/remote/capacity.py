@@ -10,13 +10,14 @@ told about (a sparse mesh, a node that joined through another bootstrap, a rare 
   nothing; in the background every ``refresh_interval`` s for keys demanded lately), the cached
   answers (``ttl``), the requests waiting for capacity and their deadlines, and the nodes not to
   dial again yet.
-* :class:`DhtPlacement`: the asyncio driver for one MeshCluster. It reads the keys, admits the
-  advertised nodes it has not met (the usual `/latticaray/admit/1` exchange: only admitted
-  members get work; from then on they push views like any peer), puts the ad's view into the
-  snapshot until the peer's first pushed view arrives, and retries the waiting requests. A
-  request still infeasible at its deadline fails with TaskUnschedulableError. A named actor's
-  creation waits here under a pending claim on its name (`MeshCluster.claim_named_actor`): the
-  host the wait finds fills the claim in; at the deadline the name is given back.
+* :class:`DhtPlacement`: the asyncio driver for one node's Membership (membership.py). It
+  reads the keys, admits the advertised nodes it has not met (the usual `/latticaray/admit/1`
+  exchange: only admitted members get work; from then on they push views like any peer), puts
+  the ad's view into the snapshot until the peer's first pushed view arrives, and retries the
+  waiting requests. A request still infeasible at its deadline fails with
+  TaskUnschedulableError. A named actor's creation waits here under a pending claim on its
+  name (`NameService.claim_named_actor`): the host the wait finds fills the claim in; at the
+  deadline the name is given back (names.py).
 
 Bounds: one lookup in flight per key, at most ``max_keys`` keys tracked, ``sample_size`` ads
 kept per key, ``max_admissions`` admissions in flight and ``max_new_per_lookup`` started per
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 class Deferred:
-    """What `MeshCluster.place_task` returns for a request left waiting for capacity."""
+    """What `Placer.place_task` returns for a request left waiting for capacity."""
 
     def __repr__(self) -> str:
         return "DEFERRED"
@@ -55,7 +56,7 @@ DEFERRED = Deferred()
 
 @dataclasses.dataclass
 class _Parked:
-    """How the cluster places a waiting request again, fails it, or sees it settled elsewhere."""
+    """How the runtime places a waiting request again, fails it, or sees it settled elsewhere."""
 
     retry: Callable[[], None]
     fail: Callable[[BaseException], None]
@@ -258,11 +259,11 @@ class CapacityDirectoryCore:
 
 
 class DhtPlacement:
-    """Draws placement candidates for one MeshCluster from the DHT capacity keys."""
+    """Draws placement candidates for one node's Membership from the DHT capacity keys."""
 
     def __init__(
         self,
-        cluster,
+        membership,
         dht,
         core: CapacityDirectoryCore | None = None,
         *,
@@ -272,7 +273,7 @@ class DhtPlacement:
         max_new_per_lookup: int = 8,
         clock=time.monotonic,
     ):
-        self.cluster = cluster
+        self.membership = membership
         self.dht = dht
         self.core = core or CapacityDirectoryCore()
         self.get_timeout = get_timeout
@@ -280,7 +281,7 @@ class DhtPlacement:
         self.max_new_per_lookup = max_new_per_lookup
         self.clock = clock
         self.parked: dict[str, _Parked] = {}
-        self.stats = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()
         self._admitting: set[str] = set()
         self._admission_slots = asyncio.Semaphore(max_admissions)
         self._wake = asyncio.Event()
@@ -289,9 +290,9 @@ class DhtPlacement:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = self.cluster.spawn(self._run())
+            self._task = self.membership.spawn(self._run())
 
-    # hooks the cluster calls ---------------------------------------------------------------
+    # hooks the runtime calls -----------------------------------------------------------------
     def note_demand(self, demand: dict) -> None:
         resource = self.core.key_resource(demand)
         key = self.core.keys.get(resource)
@@ -359,7 +360,7 @@ class DhtPlacement:
                 self._retry_waiting()
             for resource in self.core.due(now):
                 self.core.lookup_started(resource, now)
-                self.cluster.spawn(self._lookup(resource))
+                self.membership.spawn(self._lookup(resource))
             wakeup = self.core.next_wakeup(self.clock())
             self._wake.clear()
             timeout = None if wakeup is None else max(0.01, wakeup - self.clock())
@@ -391,7 +392,7 @@ class DhtPlacement:
             log.debug("capacity/%s lookup failed: %r", resource, exc)
             self.stats["lookup_failures"] += 1
         finally:
-            kept = self.core.lookup_done(resource, views, self.clock(), self.cluster.node_id)
+            kept = self.core.lookup_done(resource, views, self.clock(), self.membership.node_id)
             self._wake.set()
         self.stats["lookups"] += 1
         self._use(resource, kept)
@@ -399,19 +400,19 @@ class DhtPlacement:
     def _use(self, resource: str, views: list[NodeView]) -> None:
         """Ads of admitted peers fill in until their first pushed view; advertisers not met yet
         are admitted when worth it (a few at a time)."""
-        cluster = self.cluster
+        membership = self.membership
         now = self.clock()
         started = 0
         known = len(self._admitting) + sum(
             1
-            for v in cluster.snapshot.nodes.values()
-            if v.alive and v.node_id != cluster.node_id and v.total.get(resource, 0) > 0
+            for v in membership.snapshot.nodes.values()
+            if v.alive and v.node_id != membership.node_id and v.total.get(resource, 0) > 0
         )
         for view in views:
-            state = cluster.peers.get(view.node_id)
+            state = membership.peers.get(view.node_id)
             if state is not None and state.alive:
                 if not state.view:
-                    cluster.snapshot.update_node(view)
+                    membership.snapshot.update_node(view)
                     self.peer_ready()
                 continue
             if (
@@ -423,7 +424,7 @@ class DhtPlacement:
                 continue
             started += 1
             self._admitting.add(view.node_id)
-            cluster.spawn(self._admit(view))
+            membership.spawn(self._admit(view))
 
     async def _admit(self, view: NodeView) -> None:
         node_id = view.node_id
@@ -431,19 +432,19 @@ class DhtPlacement:
             async with self._admission_slots:
                 peer = PeerId.from_string(node_id)
                 self.stats["admissions_tried"] += 1
-                if self.cluster.mesh.connection_to(peer) is None:
+                if self.membership.mesh.connection_to(peer) is None:
                     await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
-                await asyncio.wait_for(self.cluster._admit_with(peer), self.dial_timeout)
+                await asyncio.wait_for(self.membership.admit_with(peer), self.dial_timeout)
         except (TimeoutError, MeshError, ValueError, OSError) as exc:
             log.debug("advertiser %s not reached: %r", node_id, exc)
         finally:
             self._admitting.discard(node_id)
-        state = self.cluster.peers.get(node_id)
+        state = self.membership.peers.get(node_id)
         if state is None or not state.alive:
             self.core.hold_off(node_id, self.clock())
             return
         self.stats["admitted"] += 1
         if not state.view:
             view.ad_time = self.clock()
-            self.cluster.snapshot.update_node(view)
+            self.membership.snapshot.update_node(view)
         self.peer_ready()

@@ -1,4 +1,5 @@
-"""Core clients: what the user API calls into, in a driver (`DriverCore`) or a worker (`WorkerCore`).
+"""Client stubs of a node: what the user API calls into, in a driver (`DriverCore`), a worker
+(`WorkerCore`) or a driver attached to a node process (`AttachedCore`).
 
 Both speak the same request vocabulary to their node (see docs/protocol/runtime.md, "client ops"):
 fire-and-forget posts (submit, actor_call, put, release, stream_drop, kill, cancel) and requests
@@ -13,23 +14,28 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
+from latticaray.runtime.channel import WorkerConnection
 from latticaray.runtime.errors import GetTimeoutError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collect_refs
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
 
 RELEASE_BATCH = 64
 REF_MARK = b"_rebuild_ref"
 _NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
 
-def raise_error_value(data: bytes):
+def raise_error_value(data: bytes) -> NoReturn:
     err = serialization.deserialize(data)
     if isinstance(err, TaskError):
         raise err.as_instanceof_cause()
+    if not isinstance(err, BaseException):
+        raise TypeError(f"an error value holds {type(err).__name__}, not an exception")
     raise err
 
 
@@ -80,6 +86,11 @@ class CoreClient:
         self._stored: dict[bytes, str] = {}  # put by this process into the shared-memory store
         self._lock = threading.RLock()  # re-entered when GC finalizes a ref inside
         self._borrow_local = threading.local()
+
+    @property
+    def releases_pending(self) -> bool:
+        """Whether releases wait to be posted (flushed in a batch)."""
+        return bool(self._release_queue)
 
     # ---- transport (subclasses)
     def post(self, message: dict) -> None:
@@ -187,13 +198,13 @@ class CoreClient:
                     [1, a.id, a.owner] if type(a) is ObjectRef else [0, serialization.serialize(a)]
                     for a in args
                 ]
-                keyword = {
+                keyword: dict[str, list] = {
                     k: [1, v.id, v.owner]
                     if type(v) is ObjectRef
                     else [0, serialization.serialize(v)]
                     for k, v in kwargs.items()
                 }
-                encoded = ["l", positional, keyword]
+                encoded = ["l", positional, keyword]  # type: ignore[list-item]
         if inner:
             message["inner"] = inner
         return encoded
@@ -332,10 +343,7 @@ class CoreClient:
         oid, owner = reply["oid"], reply.get("owner", self.node_id)
         if reply.get("held"):  # the node handed this process the generator's hold on it
             return ObjectRef(oid, owner)
-        ref = ObjectRef(oid, owner, _count=False)  # taken before (a copy of the generator)
-        self.add_borrowed_ref(oid, owner)
-        ref._counted = True
-        return ref
+        return borrowed_ref(oid, owner, core=self)  # taken before (a copy of the generator)
 
     def drop_stream(self, task_id: bytes) -> None:
         """The generator of a streaming task this process submitted was dropped."""
@@ -402,10 +410,11 @@ class DriverCore(CoreClient):
         self.node_id = node.node_id
         self.namespace = namespace
         self.client = node.local_client()
-        self._outbox: list[dict] = []
+        self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
 
-    def post(self, message: dict) -> None:
+    def post(self, message: dict | Callable[[], Any]) -> None:
+        """Queue a message for the loop (or a waiter registration riding the same wake-up)."""
         self._outbox.append(message)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -431,8 +440,8 @@ class DriverCore(CoreClient):
 
     def get(self, refs: list[ObjectRef], timeout: float | None):
         oids = [r.id for r in refs]
-        node = self.node
-        ready = node.ready_entries(oids) if not self._outbox else None
+        objects = self.node.objects
+        ready = objects.ready_entries(oids) if not self._outbox else None
         if ready is None:
             ready = self._wait_local(oids, timeout)
             if ready is None:
@@ -445,8 +454,8 @@ class DriverCore(CoreClient):
     def wait(
         self, refs: list[ObjectRef], num_returns: int, timeout: float | None, fetch_local: bool
     ) -> list[int]:
-        node = self.node
-        objects = node.objects
+        table = self.node.objects
+        objects = table.entries
         if self._outbox:  # let the loop take in what was just submitted
             flushed = threading.Event()
             self.post(flushed.set)
@@ -454,12 +463,12 @@ class DriverCore(CoreClient):
         if any(r.id not in objects for r in refs):
             return super().wait(refs, num_returns, timeout, fetch_local)
         deadline = None if timeout is None else time.monotonic() + timeout
-        cond = node.seal_cond
+        cond = table.seal_cond
         with cond:
-            node.seal_waiters += 1
+            table.seal_waiters += 1
         try:
             while True:
-                seen = node.seal_count
+                seen = table.seal_count
                 ready = [
                     i
                     for i, r in enumerate(refs)
@@ -471,11 +480,11 @@ class DriverCore(CoreClient):
                 if left is not None and left <= 0:
                     return ready
                 with cond:
-                    if node.seal_count == seen:
+                    if table.seal_count == seen:
                         cond.wait(left)
         finally:
             with cond:
-                node.seal_waiters -= 1
+                table.seal_waiters -= 1
 
     def _wait_local(self, oids: list[bytes], timeout: float | None):
         """Block until objects this node holds are sealed, woken straight from the loop thread.
@@ -487,7 +496,7 @@ class DriverCore(CoreClient):
         missing = []
 
         def register():
-            objects = self.node.objects
+            objects = self.node.objects.entries
             pending = []
             for oid in oids:
                 entry = objects.get(oid)
@@ -515,7 +524,7 @@ class DriverCore(CoreClient):
             raise GetTimeoutError(f"get timed out after {timeout} s")
         if missing:
             return None
-        return self.node.ready_entries(oids)
+        return self.node.objects.ready_entries(oids)
 
 
 class WorkerCore(CoreClient):
@@ -545,8 +554,6 @@ class AttachedCore(WorkerCore):
 
     def __init__(self, path: str, namespace: str = "default"):
         import socket as socket_module
-
-        from latticaray.runtime.worker import WorkerConnection
 
         sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         sock.settimeout(10.0)

@@ -1,0 +1,300 @@
+"""Membership of the mesh as this node sees it: admission, the peers' views, their liveness.
+
+A peer becomes a member here once both sides checked the other's membership credential
+(`/latticaray/admit/1`); every other runtime protocol refuses non-members before it reads a
+request. Members push their view (resources, load, the peers they know, named-actor records)
+every VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot
+placement reads, introduce peers not met yet, and a peer silent for PEER_DEAD_AFTER s (or
+disconnected) is gone: its work here is retried elsewhere, its actors restarted
+(`peer_gone`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from latticaray.mesh.errors import MeshError, RpcError
+from latticaray.mesh.identity import PeerId
+from latticaray.mesh.rpc import Status
+from latticaray.runtime.admission import Admission
+from latticaray.runtime.errors import CredentialError
+from latticaray.runtime.remote.wire import (
+    ADMIT_PROTOCOL,
+    MAX_ADMIT_REQUEST,
+    VIEW_PROTOCOL,
+    Admit,
+    RuntimeView,
+    WireError,
+    decode_admit,
+    decode_view,
+)
+from latticaray.scheduler.policy import ClusterSnapshot, NodeView
+
+if TYPE_CHECKING:
+    from latticaray.runtime.remote.caller import PeerSessions
+    from latticaray.runtime.remote.runtime import RemoteRuntime
+
+log = logging.getLogger(__name__)
+
+VIEW_INTERVAL = 0.3
+PEER_DEAD_AFTER = 4.0
+MAX_INTRODUCED_ADDRS = 8
+
+
+class Peer:
+    """What this node knows about one admitted peer."""
+
+    def __init__(self, node_id: str, peer_id: Any):
+        self.node_id = node_id
+        self.peer_id = peer_id
+        self.last_seen = time.monotonic()
+        self.alive = True
+        self.view: RuntimeView | None = None  # its last pushed view
+        self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
+
+
+class Membership:
+    """Admitted peers, their views and liveness; the snapshot placement reads."""
+
+    def __init__(self, remote: RemoteRuntime, admission: Admission):
+        self.remote = remote
+        self.admission = admission
+        self.mesh = remote.mesh
+        self.node_id = remote.node_id
+        self.peers: dict[str, Peer] = {}
+        self.snapshot = ClusterSnapshot(local_node=self.node_id)
+        self._last_member_publish = 0.0
+        self._introducing: set[str] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        return self.remote.spawn(coro)
+
+    def alive_peers(self) -> list[str]:
+        return [n for n, s in self.peers.items() if s.alive]
+
+    def is_alive(self, node_id: str) -> bool:
+        peer = self.peers.get(node_id)
+        return peer is not None and peer.alive
+
+    def alive_peer(self, node_id: str | None) -> Peer | None:
+        peer = self.peers.get(node_id) if node_id is not None else None
+        return peer if peer is not None and peer.alive else None
+
+    # ------------------------------------------------------------------ admission
+    async def join(self, addr: str) -> None:
+        peer = await self.mesh.connect(addr, timeout=10.0)
+        await self.admit_with(peer)
+
+    async def admit_with(self, peer_id: Any) -> None:
+        """Present our credential to a connected peer and check its own."""
+        node_id = str(peer_id)
+        if node_id in self.peers and self.peers[node_id].alive:
+            return
+        if not self.admission.is_member:
+            return
+        try:
+            reply = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
+            self.admission.admit(node_id, decode_admit(reply).cred)
+        except (MeshError, CredentialError, ValueError) as exc:
+            log.info("peer %s was not admitted: %s", node_id, exc)
+            return
+        self.add_peer(node_id, peer_id)
+
+    async def serve_admit(self, ctx: Any, payload: bytes) -> bytes:
+        if len(payload) > MAX_ADMIT_REQUEST:
+            raise RpcError(Status.INVALID_ARGUMENT, "admission request too large")
+        if not self.admission.is_member:
+            raise RpcError(Status.PERMISSION_DENIED, "this node is not a member of a mesh")
+        try:
+            self.admission.admit(str(ctx.peer_id), decode_admit(payload).cred)
+        except (CredentialError, WireError, ValueError) as exc:
+            self.remote.stats["admission_refused"] += 1
+            raise RpcError(
+                Status.PERMISSION_DENIED, f"membership credential refused: {exc}"
+            ) from exc
+        self.add_peer(str(ctx.peer_id), ctx.peer_id)
+        return self._credential()
+
+    def _credential(self) -> bytes:
+        credential = self.admission.own_credential
+        assert credential is not None  # checked: this node is a member
+        return Admit(credential).encode()
+
+    def require_member(self, ctx: Any) -> str:
+        """The calling peer's node id, if it is a member; else the call is refused unread."""
+        node_id = str(ctx.peer_id)
+        if not self.admission.allowed(node_id):
+            self.remote.stats["refused_non_member"] += 1
+            raise RpcError(
+                Status.PERMISSION_DENIED,
+                f"peer {node_id} is not a member of this mesh; request refused unread",
+            )
+        return node_id
+
+    def add_peer(self, node_id: str, peer_id: Any) -> Peer:
+        peer = self.peers.get(node_id)
+        if peer is None or not peer.alive:
+            peer = Peer(node_id, peer_id)
+            self.peers[node_id] = peer
+            self.spawn(self._push_view(peer))
+        return peer
+
+    # ------------------------------------------------------------------ views
+    def node_view(self) -> NodeView:
+        """This node's capacity and load, as placement and capacity ads read them."""
+        node = self.remote.node
+        return NodeView(
+            self.node_id,
+            dict(node.total_resources),
+            node.ledger.available,
+            queued=len(node.tasks.ready_queue),
+            running=node.workers.running(),
+            ad_time=time.monotonic(),
+        )
+
+    def _view_payload(self) -> bytes:
+        view = self.node_view()
+        peers = {}
+        for peer in self.peers.values():
+            if peer.alive:
+                peers[peer.node_id] = [str(a) for a in self.mesh.addrs_of(peer.peer_id)]
+        return RuntimeView(
+            view.total,
+            view.available,
+            view.queued,
+            view.running,
+            peers,
+            self.remote.names.shared_records(),
+        ).encode()
+
+    def _publish_member(self, now: float) -> None:
+        """Capacity into the CRDT `members` collection (load hints travel in views)."""
+        state = self.remote.state
+        if state is None or now - self._last_member_publish < 1.0:
+            return
+        self._last_member_publish = now
+        node = self.remote.node
+        try:
+            state.members.upsert_self(
+                addrs=[str(a) for a in self.mesh.advertised_addrs],
+                resources_total=dict(node.total_resources),
+                resources_available=node.ledger.available,
+            )
+        except Exception as exc:  # a rejected write must not stop the view loop
+            log.debug("member entry not published: %s", exc)
+
+    async def view_loop(self) -> None:
+        while not self.remote.stopped:
+            await asyncio.sleep(VIEW_INTERVAL)
+            now = time.monotonic()
+            self._publish_member(now)
+            payload = self._view_payload()
+            for peer in list(self.peers.values()):
+                if not peer.alive:
+                    continue
+                if now - peer.last_seen > PEER_DEAD_AFTER:
+                    self.peer_gone(peer.node_id, "stopped answering")
+                    continue
+                self.spawn(self._push_view(peer, payload))
+
+    async def _push_view(self, peer: Peer, payload: bytes | None = None) -> None:
+        try:
+            await self.mesh.call(
+                peer.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=2.0
+            )
+        except MeshError:
+            pass
+
+    async def serve_view(self, ctx: Any, payload: bytes) -> bytes:
+        node_id = self.require_member(ctx)
+        view = decode_view(payload)
+        peer = self.peers.get(node_id)
+        if peer is None or not peer.alive:
+            peer = self.add_peer(node_id, ctx.peer_id)
+        peer.last_seen = time.monotonic()
+        first_view = peer.view is None
+        peer.view = view
+        self.snapshot.update_node(
+            NodeView(
+                node_id,
+                dict(view.total),
+                dict(view.avail),
+                queued=view.queued,
+                running=view.running,
+                ad_time=time.monotonic(),
+            )
+        )
+        capacity = self.remote.capacity
+        if first_view and capacity is not None:
+            capacity.peer_ready()
+        for other, addrs in view.peers.items():
+            if (
+                other != self.node_id
+                and other not in self.peers
+                and addrs
+                and not self.remote.sparse
+            ):
+                self.spawn(self._introduce(other, addrs))
+        self.remote.names.merge_records(view.names)
+        return b""
+
+    async def _introduce(self, node_id: str, addrs: list[str]) -> None:
+        """Meet a peer another member told us about: its addresses (circuit ones included) go to
+        the peer store and the connection manager picks the path (direct, relayed, or both raced)."""
+        if node_id in self._introducing:
+            return
+        self._introducing.add(node_id)
+        try:
+            peer_id = PeerId.from_string(node_id)
+            self.mesh.add_addrs(
+                peer_id, [a for a in addrs[:MAX_INTRODUCED_ADDRS] if isinstance(a, str)]
+            )
+        except (MeshError, ValueError, TypeError) as exc:
+            log.debug("introduction of %s ignored: %s", node_id, exc)
+            self._introducing.discard(node_id)
+            return
+        try:
+            await self.admit_with(peer_id)
+        finally:
+            self._introducing.discard(node_id)
+
+    # ------------------------------------------------------------------ departures
+    def peer_gone(self, node_id: str, why: str) -> None:
+        """A peer disconnected or stopped answering: what it borrowed, ran or hosted for this
+        node is settled (see each part's ``peer_gone``)."""
+        peer = self.peers.get(node_id)
+        if peer is None or not peer.alive:
+            return
+        peer.alive = False
+        remote = self.remote
+        remote.node.refs.node_gone(node_id)
+        remote.node.actors.kill_orphans(node_id)
+        remote.stats["peers_lost"] += 1
+        remote.dedup.caller_gone(node_id)
+        remote.objects.holder_gone(node_id)
+        log.info("peer %s is gone (%s)", node_id, why)
+        self.snapshot.remove_node(node_id)
+        if remote.capacity is not None:
+            remote.capacity.peer_gone(node_id)
+        remote.caller.peer_gone(peer)
+        remote.actors.peer_gone(node_id)
+
+    def nodes(self) -> list[dict]:
+        """The `nodes()` table: this node and every peer whose view has arrived."""
+        out = [self.remote.node.local_view()]
+        for node_id, peer in self.peers.items():
+            view = peer.view
+            if view is None:
+                continue  # admitted, but its first view (its capacity) has not arrived yet
+            out.append(
+                {
+                    "NodeID": node_id,
+                    "Alive": peer.alive,
+                    "Resources": dict(view.total),
+                    "Available": dict(view.avail) if peer.alive else {},
+                }
+            )
+        return out

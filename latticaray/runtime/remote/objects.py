@@ -1,0 +1,346 @@
+"""Objects between nodes: arguments as they travel, fetches by id and CID, `/latticaray/object/1`.
+
+Store values travel by CID: the receiving node pulls them into its own store with the object
+store's ObjectExchange (Bitswap) before the task runs, from the node holding the only copy while
+it lives, else from any provider; an argument the exchange cannot get is fetched inline from its
+owner by object id (`/latticaray/object/1`), and the owner recovers it if it is lost. Small
+values travel inline; inline values over BY_REF_ARG go by reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from latticaray.mesh.errors import MeshError
+from latticaray.runtime import serialization
+from latticaray.runtime.errors import ObjectLostError
+from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
+from latticaray.runtime.remote.wire import (
+    CHUNK,
+    OBJECT_PROTOCOL,
+    ObjectByCid,
+    ObjectById,
+    ObjectHeader,
+    ObjectMissing,
+    ObjectRequest,
+    decode_object_header,
+    decode_object_request,
+)
+from latticaray.runtime.serialization import error_blob
+
+if TYPE_CHECKING:
+    from latticaray.runtime.remote.membership import Peer
+    from latticaray.runtime.remote.runtime import RemoteRuntime
+
+log = logging.getLogger(__name__)
+
+#: A fetched object this large is joined from its chunks on an executor thread.
+JOIN_OFF_LOOP = 8 << 20
+BY_REF_ARG = 256 << 10
+ARG_FETCH_TIMEOUT = 30.0
+
+
+class RemoteObjects:
+    """Fetching objects from peers and serving this node's objects to them."""
+
+    def __init__(self, remote: RemoteRuntime):
+        self.remote = remote
+        self.node = remote.node
+        self.stats = remote.stats
+        self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
+
+    def holder_gone(self, node_id: str) -> None:
+        for waiter in self.gone_waiters.pop(node_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ arguments on the wire
+    def wire_args(self, args: list) -> list:
+        """Arguments as a peer is sent them. A store reference keeps its local name here: the
+        task session names it by CID (``portable_args``) when the message goes out."""
+        if args[0] == "b":  # a copy: naming it by CID must not rename the caller's pin
+            return ["b", args[1]] if serialization.is_store_ref(args[1]) else args
+        node_id = self.remote.node_id
+        exchange = self.remote.exchange
+        entries = self.node.objects.entries
+
+        def slim(item: list) -> list:
+            # a resolved argument: [0, value, object id, owner]; a borrowed one is fetched
+            # from its owner (which recovers it if lost), an owned one from us
+            owner = item[3] if len(item) > 3 and item[3] else node_id
+            if item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1]):
+                if exchange is None:
+                    return [1, item[2], owner]
+                # fetched by CID, else from its owner; named: the node holding the only copy
+                entry = entries.get(item[2])
+                if entry is not None and entry.holder is not None:
+                    return [0, item[1], item[2], owner, entry.holder]
+                return [0, item[1], item[2], owner]
+            if item[0] == 0 and len(item) > 2 and len(item[1]) > BY_REF_ARG:
+                return [1, item[2], owner]
+            return item[:3] if item[0] == 1 else item[:2]  # a ref keeps its owner
+
+        return ["l", [slim(i) for i in args[1]], {k: slim(v) for k, v in args[2].items()}]
+
+    async def portable_args(self, args: list) -> None:
+        """Name the store references among wired arguments by CID; a local put is hashed off
+        the event loop. One that cannot be resolved (deleted meanwhile) goes by reference."""
+        if args[0] == "b":
+            if serialization.is_store_ref(args[1]):  # all arguments, stored as one value
+                # unnamed: the peer reports the arguments it cannot find
+                args[1] = await self._named_by_cid(args[1], "arguments") or args[1]
+            return
+        for item in [*args[1], *args[2].values()]:
+            if item[0] != 0 or not serialization.is_store_ref(item[1]):
+                continue
+            named = await self._named_by_cid(item[1], "argument")
+            if named is not None:
+                item[1] = named
+            elif len(item) > 3:
+                item[:] = [1, item[2], item[3]]
+
+    async def _named_by_cid(self, data: bytes, what: str) -> bytes | None:
+        """``data`` named by CID for a peer, or None (logged) when its object is gone."""
+        try:
+            return await self.node.objects.portable_async(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "%s %s could not be named by CID: %r", what, serialization.store_name(data), exc
+            )
+            return None
+
+    def missing_store_args(self, args: list) -> list:
+        """Store arguments (by CID) this node's store lacks."""
+        if self.remote.exchange is None:
+            return []
+        store = self.node.store
+        if args[0] == "b":
+            ref = args[1]
+            return (
+                [serialization.store_cid(ref)]
+                if serialization.is_store_ref(ref)
+                and not store.contains(serialization.store_cid(ref))
+                else []
+            )
+        items = list(args[1]) + list(args[2].values())
+        return [
+            i
+            for i in items
+            if i[0] == 0
+            and serialization.is_store_ref(i[1])
+            and not store.contains(serialization.store_cid(i[1]))
+        ]
+
+    async def fetch_then(self, items: list, peer: str, then: Callable[[], Any]) -> None:
+        """Bring store objects into this node's store (Bitswap) before going on. An argument
+        the exchange cannot get is fetched from its owner instead (by object id, inline; the
+        owner recovers it if it is lost), at once when the node named as holding its only
+        copy is dead or dies meanwhile."""
+        exchange = self.remote.exchange
+        sender = self.remote.membership.peers.get(peer)
+        hint = [sender.peer_id] if sender is not None else []
+        for item in items:
+            cid = serialization.store_cid(item[1]) if isinstance(item, list) else item
+            holder = item[4] if isinstance(item, list) and len(item) > 4 else None
+            try:
+                if holder is None:
+                    await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
+                    continue
+                if await self.fetch_while_alive(cid, holder, ARG_FETCH_TIMEOUT, hint):
+                    continue
+                self.stats["args_from_owner_holder_dead"] += 1
+            except Exception as exc:
+                log.warning("could not fetch %s from %s by CID: %s", cid, peer, exc)
+            if isinstance(item, list) and len(item) >= 4:
+                entry = await self.fetch_object(item[2], item[3])
+                item[1] = entry.data if entry.status == OK else item[1]
+        then()
+
+    async def fetch_while_alive(
+        self,
+        cid: str,
+        holder: str,
+        timeout: float,
+        peers: list = (),  # type: ignore[assignment]
+    ) -> bool:
+        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
+        False when it is (or becomes) dead first; raises what the exchange raises."""
+        peer = self.remote.membership.alive_peer(holder)
+        if peer is None:
+            return False
+        exchange = self.remote.exchange
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        waiters = self.gone_waiters.setdefault(holder, [])
+        waiters.append(gone)
+        fetch = loop.create_task(exchange.fetch(cid, timeout=timeout, peers=[peer.peer_id, *peers]))
+        try:
+            await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if gone in waiters:
+                waiters.remove(gone)
+                if not waiters:
+                    self.gone_waiters.pop(holder, None)
+        if not fetch.done():
+            # a run from the dead holder that got nothing ends now: one that went on would
+            # be joined by later fetches of the CID and never ask the node a re-run puts it on
+            if exchange.abandon(cid, f"its holder {holder} died"):
+                await asyncio.wait([fetch], timeout=5.0)  # the run is gone: fetches start anew
+            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return False
+        fetch.result()
+        return True
+
+    # ------------------------------------------------------------------ fetching (client)
+    async def fetch_object(self, oid: bytes, owner: str) -> ObjectEntry:
+        """An object owned by ``owner``, fetched from it by id: an OK entry, or an ERROR one
+        with the ObjectLostError that says why not."""
+        entry = ObjectEntry()
+        peer = self.remote.membership.alive_peer(owner)
+        if peer is None:
+            why = f"its owner node {owner} is dead or not reachable (only the owner recovers it)"
+            entry.seal(
+                ERROR,
+                error_blob(
+                    ObjectLostError(
+                        f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why
+                    )
+                ),
+            )
+            return entry
+        try:
+            status, data, _cid = await self.fetch(peer, ObjectById(oid))
+        except (MeshError, ValueError, LookupError) as exc:
+            why = f"its owner node {owner} could not serve it: {exc}"
+            entry.seal(
+                ERROR,
+                error_blob(
+                    ObjectLostError(
+                        f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
+                        object_id=oid.hex(),
+                        reason=why,
+                    )
+                ),
+            )
+            return entry
+        entry.seal(status, data)
+        return entry
+
+    async def fetch_by_cid(self, cid: str, timeout: float | None) -> tuple[int, bytes] | None:
+        """(status, data) of the object ``cid`` from the mesh, or None: store CIDs through the
+        exchange, others from each member in turn (checked against the CID)."""
+        remote = self.remote
+        membership = remote.membership
+        exchange = remote.exchange
+        if exchange is not None and cid.startswith("bafy"):
+            try:
+                await exchange.fetch(
+                    cid,
+                    timeout=timeout or 30.0,
+                    peers=[s.peer_id for s in membership.peers.values() if s.alive],
+                )
+                return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
+            except Exception as exc:
+                log.debug("exchange could not fetch %s: %s", cid, exc)
+        for node_id in membership.alive_peers():
+            try:
+                status, data, _ = await asyncio.wait_for(
+                    self.fetch(membership.peers[node_id], ObjectByCid(cid)), timeout or 30.0
+                )
+            except (TimeoutError, MeshError, ValueError, LookupError):
+                continue
+            if serialization.cid_of(data) != cid and not cid.startswith("bafy"):
+                log.warning("peer %s served data that does not hash to %s", node_id, cid)
+                continue
+            return (status, data)
+        return None
+
+    async def fetch(self, peer: Peer, request: ObjectRequest) -> tuple[int, bytes, str | None]:
+        """An object's status, bytes and CID from a peer over ``/latticaray/object/1``: a header
+        giving the size, then chunks that must add up to exactly that size (a reply that runs
+        past it is cut off at the first chunk over)."""
+        header: ObjectHeader | None = None
+        size = received = 0
+        chunks = []
+        async for raw in self.remote.mesh.call_stream(
+            peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
+        ):
+            if header is None:
+                reply = decode_object_header(raw)
+                if isinstance(reply, ObjectMissing):
+                    raise LookupError(reply.why)
+                header, size = reply, reply.size
+            else:
+                received += len(raw)
+                if received > size:
+                    raise ValueError(f"object reply runs past the {size} bytes its header said")
+                chunks.append(raw)
+        if header is None:
+            raise LookupError("empty object reply")
+        if received != size:
+            raise ValueError(f"object reply has {received} bytes, header said {size}")
+        if len(chunks) == 1:
+            data = bytes(chunks[0])
+        elif size >= JOIN_OFF_LOOP:  # joining releases the GIL: the loop goes on serving
+            data = await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks)
+        else:
+            data = b"".join(chunks)
+        return header.s, data, header.cid
+
+    # ------------------------------------------------------------------ serving
+    async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
+        self.remote.membership.require_member(ctx)
+        request = decode_object_request(payload)
+        node = self.node
+        objects = node.objects
+        entry: ObjectEntry | None
+        oid: bytes | None
+        by_id = isinstance(request, ObjectById)
+        if isinstance(request, ObjectById):
+            oid = request.oid
+            entry = objects.entries.get(oid)
+        else:
+            cid = request.cid
+            oid = objects.cid_index.get(cid)
+            entry = objects.entries.get(oid) if oid is not None else None
+            if entry is None and node.store is not None and cid.startswith("bafy"):
+                try:
+                    if node.store.contains(cid):
+                        entry = ObjectEntry(OK, serialization.STORE_MAGIC + cid.encode("ascii"))
+                        entry.cid = cid
+                except Exception:
+                    entry = None
+        if entry is None:
+            yield ObjectMissing(
+                "its owner released it (no holder was left) or never made it"
+                if by_id
+                else "this node does not hold the object"
+            ).encode()
+            return
+        await entry.sealed()
+        if oid is not None and by_id and node.recovery.is_missing(entry):
+            entry = await node.recovery.ensure_local(oid, entry)
+        if entry.cid is None:
+            await objects.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
+        cid = entry.cid if entry.cid is not None else objects.cid_for(oid or b"", entry)
+        # a store object goes out as slices of its mapping (the store keeps a mapped file's
+        # bytes while a view of it lives); only pickle's own bytes are made, off the loop
+        data = entry.data or b""
+        pieces = (
+            [data]
+            if not serialization.is_store_ref(data)
+            else await asyncio.get_running_loop().run_in_executor(
+                None, serialization.materialize_pieces, data
+            )
+        )
+        yield ObjectHeader(entry.status, sum(len(p) for p in pieces), cid).encode()
+        for piece in pieces:
+            view = memoryview(piece)
+            for start in range(0, len(view), CHUNK):
+                yield view[start : start + CHUNK]
+                await asyncio.sleep(0)  # a window's worth of chunks is no single step
