@@ -15,9 +15,11 @@ With ``echo`` the lines are also written to the process's original stdout/stderr
 from __future__ import annotations
 
 import codecs
+import fcntl
 import io
 import os
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -92,8 +94,10 @@ class OutputCapture:
         capture_fds: bool = True,
         echo: bool = False,
         interval: float = FLUSH_INTERVAL,
+        context: Callable[[], LogContext | None] | None = None,
     ) -> None:
         self._send = send
+        self._context_fn = context
         self._core = LogBatcherCore(node, os.getpid() if pid is None else pid, interval)
         self._capture_fds = capture_fds
         self._echo = echo
@@ -101,12 +105,17 @@ class OutputCapture:
         self._wake = threading.Condition(self._lock)
         self._local = threading.local()
         self._context = _NO_CONTEXT
+        self._main_context: LogContext | None = None
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self._saved_fds: dict[int, int] = {}
         self._saved_streams: tuple[Any, Any] | None = None
         self._echo_files: dict[int, IO[str]] = {}
         self._piped: list[int] = []  # descriptors whose output a reader thread reads
+        self._pipe_reads: dict[int, int] = {}  # descriptor -> the pipe's read end
+        self._busy = 0  # readers holding bytes they read but have not handed over yet
+        self._reads = 0  # reads from the pipes (the readers count them)
+        self._reads_flushed = 0  # ... as of the last flush
         self._marks: dict[str, threading.Event] = {}
         self._mark_seq = 0
 
@@ -121,7 +130,14 @@ class OutputCapture:
             self._context = context or _NO_CONTEXT
 
     def _current(self) -> LogContext:
-        return getattr(self._local, "context", None) or self._context
+        local = getattr(self._local, "context", None)
+        if local is not None:
+            return local
+        if self._context_fn is not None:
+            found = self._context_fn()
+            if found is not None:
+                return found
+        return self._context
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -144,6 +160,7 @@ class OutputCapture:
                 os.dup2(write_end, fd)
                 os.close(write_end)
                 self._piped.append(fd)
+                self._pipe_reads[fd] = read_end
                 reader = threading.Thread(
                     target=self._read_fd,
                     args=(read_end, stream),
@@ -214,7 +231,7 @@ class OutputCapture:
             if isinstance(stream, _TaggedStream):
                 stream.flush()
         waits = []
-        for fd in list(self._piped):
+        for fd in self._unread_pipes():
             with self._wake:
                 self._mark_seq += 1
                 mark = f"\x00latticaray-flush-{os.getpid()}-{self._mark_seq}\x00"
@@ -232,6 +249,25 @@ class OutputCapture:
         with self._wake:
             batches = self._core.flush()
         self._deliver(batches)
+
+    def _unread_pipes(self) -> list[int]:
+        """Captured descriptors that may hold output not handed over yet: bytes in the pipe,
+        or read since the last flush (most flushes find none and skip the marker)."""
+        if not self._piped:
+            return []
+        reads, self._reads_flushed = self._reads_flushed, self._reads
+        if self._busy or reads != self._reads_flushed:
+            return list(self._piped)
+        pending = []
+        for fd in self._piped:
+            try:
+                waiting = fcntl.ioctl(self._pipe_reads[fd], termios.FIONREAD, b"\0\0\0\0")
+            except (OSError, KeyError):
+                pending.append(fd)
+                continue
+            if int.from_bytes(waiting, sys.byteorder):
+                pending.append(fd)
+        return pending
 
     def _deliver(self, batches: list[LogBatch]) -> None:
         for batch in batches:
@@ -251,6 +287,16 @@ class OutputCapture:
                     self._wake.wait(wait)
                 batches = self._core.due(time.monotonic())
             self._deliver(batches)
+
+    def _reader_context(self) -> LogContext:
+        """Output read from a pipe belongs to the task running when it is read."""
+        if self._context is not _NO_CONTEXT or self._context_fn is None:
+            return self._context
+        return self._main_context or _NO_CONTEXT
+
+    def note_main_context(self, context: LogContext | None) -> None:
+        """The task the process's main thread runs (what pipe output is attributed to)."""
+        self._main_context = context
 
     def _take_marks(self, lines: list[str]) -> list[str]:
         """The lines without flush markers; each marker seen is signalled."""
@@ -281,13 +327,18 @@ class OutputCapture:
                     continue
                 except OSError:
                     break
+                self._reads += 1
                 if not data:
                     break
-                lines, pending = split_lines(pending, decoder.decode(data))
-                if lines:
-                    self.lines(stream, self._take_marks(lines), self._context)
+                self._busy += 1
+                try:
+                    lines, pending = split_lines(pending, decoder.decode(data))
+                    if lines:
+                        self.lines(stream, self._take_marks(lines), self._reader_context())
+                finally:
+                    self._busy -= 1
         finally:
             tail = pending + decoder.decode(b"", final=True)
             if tail:
-                self.lines(stream, [tail], self._context)
+                self.lines(stream, [tail], self._reader_context())
             os.close(fd)
