@@ -3,7 +3,9 @@
 :class:`OutputCapture` replaces ``sys.stdout``/``sys.stderr`` with text streams that tag each
 line with the task (or actor) running in the writing thread, and (``capture_fds``) points file
 descriptors 1 and 2 at pipes read by a thread, so output written below Python (C extensions,
-subprocesses) is captured too, tagged with the task running when it is read. Lines are grouped
+subprocesses) is captured too, tagged with the task running when it is read (``pipe_context``,
+or the process-wide context). ``context`` may name the writing thread's task (a context
+variable) when ``set_context`` is not used. Lines are grouped
 by :class:`~latticaray.observe.logs.LogBatcherCore` and handed to ``send`` from a flusher
 thread, at the latest ``interval`` after they were written, and at once by :meth:`flush`
 (called when a task ends, so its lines leave before its result). ``send`` is called without
@@ -95,9 +97,11 @@ class OutputCapture:
         echo: bool = False,
         interval: float = FLUSH_INTERVAL,
         context: Callable[[], LogContext | None] | None = None,
+        pipe_context: Callable[[], LogContext | None] | None = None,
     ) -> None:
         self._send = send
         self._context_fn = context
+        self._pipe_context_fn = pipe_context
         self._core = LogBatcherCore(node, os.getpid() if pid is None else pid, interval)
         self._capture_fds = capture_fds
         self._echo = echo
@@ -105,7 +109,6 @@ class OutputCapture:
         self._wake = threading.Condition(self._lock)
         self._local = threading.local()
         self._context = _NO_CONTEXT
-        self._main_context: LogContext | None = None
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self._saved_fds: dict[int, int] = {}
@@ -117,6 +120,7 @@ class OutputCapture:
         self._reads = 0  # reads from the pipes (the readers count them)
         self._reads_flushed = 0  # ... as of the last flush
         self._marks: dict[str, threading.Event] = {}
+        self._flush_context: LogContext | None = None
         self._mark_seq = 0
 
     # --- context --------------------------------------------------------------------------------
@@ -231,7 +235,10 @@ class OutputCapture:
             if isinstance(stream, _TaggedStream):
                 stream.flush()
         waits = []
-        for fd in self._unread_pipes():
+        pipes = self._unread_pipes()
+        if pipes:  # what the readers read up to the marker is the flushing thread's task's
+            self._flush_context = self._current()
+        for fd in pipes:
             with self._wake:
                 self._mark_seq += 1
                 mark = f"\x00latticaray-flush-{os.getpid()}-{self._mark_seq}\x00"
@@ -246,6 +253,7 @@ class OutputCapture:
         for mark, seen in waits:
             seen.wait(max(0.0, deadline - time.monotonic()))
             self._marks.pop(mark, None)
+        self._flush_context = None
         with self._wake:
             batches = self._core.flush()
         self._deliver(batches)
@@ -289,14 +297,16 @@ class OutputCapture:
             self._deliver(batches)
 
     def _reader_context(self) -> LogContext:
-        """Output read from a pipe belongs to the task running when it is read."""
-        if self._context is not _NO_CONTEXT or self._context_fn is None:
-            return self._context
-        return self._main_context or _NO_CONTEXT
-
-    def note_main_context(self, context: LogContext | None) -> None:
-        """The task the process's main thread runs (what pipe output is attributed to)."""
-        self._main_context = context
+        """Output read from a pipe belongs to the task running when it is read (or, during a
+        flush, to the flushing thread's task)."""
+        flushing = self._flush_context
+        if flushing is not None and flushing is not _NO_CONTEXT:
+            return flushing
+        if self._pipe_context_fn is not None:
+            found = self._pipe_context_fn()
+            if found is not None:
+                return found
+        return self._context
 
     def _take_marks(self, lines: list[str]) -> list[str]:
         """The lines without flush markers; each marker seen is signalled."""

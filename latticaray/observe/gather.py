@@ -9,18 +9,15 @@ any member gives the view it has.
 A task can be reported twice (by the node that submitted it and the node running it); the row
 furthest along its lifecycle is kept. Objects are kept per holder, as Ray lists them.
 
-The driver thread reads snapshots through a *provider*: ``set_default_provider`` is called by
-the runtime at ``init()`` with a function that runs :func:`gather` on the node's event loop.
+A process attached to a node (a driver, ``latticaray status``) gets the node's snapshot in the
+form :func:`encode_snapshot` gives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,14 +44,9 @@ from latticaray.observe.model import (
 
 __all__ = [
     "MeshSnapshot",
-    "Provider",
-    "clear_default_provider",
     "decode_snapshot",
-    "default_provider",
     "encode_snapshot",
     "gather",
-    "provider_for",
-    "set_default_provider",
 ]
 
 _TASK_RANK = {s.value: i for i, s in enumerate(TaskStateName)}
@@ -206,46 +198,3 @@ async def gather(
     snapshot.nodes.extend(members[len(asked) :])
     snapshot.tasks = list(tasks.values())
     return snapshot
-
-
-Provider = Callable[[int, float, bool], MeshSnapshot]
-_default: Provider | None = None
-_default_lock = threading.Lock()
-
-
-def set_default_provider(provider: Provider) -> None:
-    global _default
-    with _default_lock:
-        _default = provider
-
-
-def clear_default_provider(provider: Provider | None = None) -> None:
-    """Forget the default provider (only ``provider``, when given)."""
-    global _default
-    with _default_lock:
-        if provider is None or _default is provider:
-            _default = None
-
-
-def default_provider() -> Provider | None:
-    return _default
-
-
-def provider_for(source: StateSource, loop: asyncio.AbstractEventLoop | None = None) -> Provider:
-    """A blocking provider that runs :func:`gather` on ``loop`` (the node's), or a fresh loop."""
-
-    def provide(limit: int, timeout: float, remote: bool) -> MeshSnapshot:
-        coro = gather(source, limit=limit, timeout=timeout, remote=remote)
-        if loop is None:
-            return asyncio.run(coro)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            coro.close()
-            raise RuntimeError("a blocking state call cannot run on the node's own event loop")
-        future: Future[MeshSnapshot] = asyncio.run_coroutine_threadsafe(coro, loop)
-        return future.result(timeout + 5.0)
-
-    return provide

@@ -7,8 +7,8 @@
 Every call takes one snapshot of the mesh as the driver's node knows it: its own rows and the
 reports of the members it knows, asked over the members-only state RPC with ``timeout``
 (``latticaray.observe.gather``). No head node is involved. ``address`` is where the snapshot
-comes from: ``None`` for the node ``latticaray.init()`` started, or any
-:class:`~latticaray.observe.model.StateSource`.
+comes from: ``None`` for the node of this driver (``latticaray.init()``, embedded or attached,
+or the node running this task), or any :class:`~latticaray.observe.model.StateSource`.
 
 When some member did not answer, ``raise_on_missing_output=True`` (Ray's default) raises
 :class:`StateApiError` naming them; with ``False`` the rows that could be had are returned.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from latticaray.observe import query
-from latticaray.observe.gather import MeshSnapshot, default_provider, gather
+from latticaray.observe.gather import MeshSnapshot, decode_snapshot, gather
 from latticaray.observe.model import (
     ActorRow,
     LinkRow,
@@ -71,12 +71,17 @@ def snapshot(
 ) -> MeshSnapshot:
     """One snapshot of the mesh (every list and summary below reads one)."""
     if address is None:
-        provider = default_provider()
-        if provider is None:
+        from latticaray.runtime import context
+
+        core = context.current_core()
+        if core is None:
             raise StateApiError(
                 "no state source: call latticaray.init() first, or pass address=<StateSource>"
             )
-        return provider(limit, timeout, remote)
+        reply = core.request({"op": "state", "limit": limit, "timeout": timeout, "remote": remote})
+        if "snapshot" not in reply:
+            raise StateApiError(f"the node did not answer the state request: {reply!r:.200}")
+        return decode_snapshot(reply["snapshot"])
     if isinstance(address, StateSource):
         return asyncio.run(gather(address, limit=limit, timeout=timeout, remote=remote))
     raise TypeError(f"address must be None or a StateSource, not {type(address).__name__}")
