@@ -35,6 +35,7 @@ class NodeActivity:
         self.recent: collections.deque[TaskRow] = collections.deque(maxlen=RECENT_TASKS)
         self.submitted_at: dict[bytes, float] = {}
         self.started_at: dict[bytes, float] = {}
+        self.placed_on: dict[bytes, str] = {}  # live tasks a peer runs for us: its node id
         self._submitted = {k: metrics.TASKS_SUBMITTED.labels(k) for k in ("task", "actor_task")}
         self._finished = {k: metrics.TASKS_FINISHED.labels(k) for k in ("task", "actor_task")}
         self._failed = {k: metrics.TASKS_FAILED.labels(k) for k in ("task", "actor_task")}
@@ -48,10 +49,16 @@ class NodeActivity:
         if owned:
             self._submitted[task_kind(rec)].add()
 
-    def placed(self, rec: Any, remote: bool) -> None:
+    def placed(self, rec: Any, target: str | None) -> None:
+        """Placed on node ``target`` (None: here)."""
+        if target is not None:
+            self.placed_on[rec.tid] = target
+        else:
+            self.placed_on.pop(rec.tid, None)
         at = self.submitted_at.get(rec.tid)
         if at is not None:
-            (self._placed_remote if remote else self._placed_local).observe(time.time() - at)
+            timing = self._placed_local if target is None else self._placed_remote
+            timing.observe(time.time() - at)
 
     def started(self, rec: Any) -> None:
         self.started_at[rec.tid] = time.time()
@@ -60,11 +67,12 @@ class NodeActivity:
         self._retried[task_kind(rec)].add()
 
     def ended(self, rec: Any, failed: bool, error_type: str | None, owner: str) -> None:
-        """A task left the table; counted as run here if no peer ran it for us."""
+        """A task left the table; counted as run here unless it was placed on a peer."""
         tid = rec.tid
         submitted = self.submitted_at.pop(tid, 0.0)
         started = self.started_at.pop(tid, None)
-        ran_here = rec.remote_peer is None
+        ran_on = self.placed_on.pop(tid, None)
+        ran_here = ran_on is None
         kind = task_kind(rec)
         if ran_here:
             if failed:
@@ -79,7 +87,7 @@ class NodeActivity:
                 name=rec.name,
                 state="FAILED" if failed else "FINISHED",
                 type="ACTOR_TASK" if kind == "actor_task" else "NORMAL_TASK",
-                node_id=self.node_id if ran_here else rec.remote_peer,
+                node_id=self.node_id if ran_here else ran_on,
                 owner_node_id=owner,
                 submit_time=submitted,
                 start_time=started,

@@ -5,7 +5,7 @@ It reads the node's parts where they live: the task table and the recently ended
 when the node is part of a mesh, its connections (the path type of each: Unix, direct QUIC or
 TCP, hole-punched, relayed), the members it admitted and their pushed views, and the object
 exchange's fetches in flight. Another member's report comes over the members-only
-``/latticaray/state/1`` (remote/observe.py); the RTT of that link is measured with a ping first.
+``/latticaray/report/1`` (remote/observe.py); the RTT of that link is measured with a ping first.
 
 It also feeds the process's scrape-time gauges (queue depth, running tasks, store bytes,
 connections per path, relay reservations); ``close()`` takes them back.

@@ -212,7 +212,7 @@ class TaskTable:
                 self.fail(rec, target)
                 return
             if target is not None and target != node.node_id:
-                node.activity.placed(rec, True)
+                node.activity.placed(rec, target)
                 remote.caller.run_remote(rec, target)
                 return
         if not node.ledger.could_ever_fit(demand):
@@ -232,7 +232,7 @@ class TaskTable:
 
     def run_here(self, rec: TaskRecord) -> None:
         """Queue a task to run on this node (its placement is done)."""
-        self.node.activity.placed(rec, False)
+        self.node.activity.placed(rec, None)
         rec.move(TaskEvent.QUEUE)
         self.ready_queue.append(rec)
         self.dispatch()

@@ -1,6 +1,6 @@
 """The members-only observability protocols: a node's state report, and worker output.
 
-``/latticaray/state/1`` (unary): request ``StateRequest`` (msgpack ``[limit]``), reply the node's
+``/latticaray/report/1`` (unary): request ``StateRequest`` (msgpack ``[limit]``), reply the node's
 NodeReport (latticaray.observe.model's codec). ``latticaray status`` on any member asks the
 members it knows this way.
 
@@ -30,9 +30,9 @@ from latticaray.observe.model import MAX_ROWS, NodeReport, decode_report, encode
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
-__all__ = ["LOGS_PROTOCOL", "STATE_PROTOCOL", "RemoteObserve", "StateRequest"]
+__all__ = ["LOGS_PROTOCOL", "REPORT_PROTOCOL", "RemoteObserve", "StateRequest"]
 
-STATE_PROTOCOL = "/latticaray/state/1"
+REPORT_PROTOCOL = "/latticaray/report/1"
 LOGS_PROTOCOL = "/latticaray/logs/1"
 MAX_STATE_REQUEST = 32
 MAX_QUEUED_BATCHES = 256
@@ -73,7 +73,7 @@ class RemoteObserve:
 
     def register(self) -> None:
         mesh = self.remote.mesh
-        mesh.register_unary(STATE_PROTOCOL, self.serve_state)
+        mesh.register_unary(REPORT_PROTOCOL, self.serve_state)
         mesh.register_unary(LOGS_PROTOCOL, self.serve_logs)
 
     # ------------------------------------------------------------------ state
@@ -100,7 +100,7 @@ class RemoteObserve:
             pass  # the report says more than the ping; the deadline below still holds
         left = max(0.1, deadline - time.monotonic())
         data = await self.remote.mesh.call(
-            peer.peer_id, STATE_PROTOCOL, StateRequest(limit).encode(), timeout=left
+            peer.peer_id, REPORT_PROTOCOL, StateRequest(limit).encode(), timeout=left
         )
         return decode_report(data)
 

@@ -13,7 +13,7 @@ It is composed of parts, one role each (this package):
   names       NameService    named actors: arbiter claims and lookups (names/1)
   refs        RemoteRefs     borrow registrations at owners (ref/1), `held`
   streams     RemoteStreams  stream items from another owner (stream/1)
-  observe     RemoteObserve  state reports and worker output of members (state/1, logs/1)
+  observe     RemoteObserve  state reports and worker output of members (report/1, logs/1)
 
 It is the "remote" side, as opposed to the node's local parts (local/); it was called
 MeshCluster. `MeshRuntime` (mesh_runtime.py) starts it next to the mesh services.
