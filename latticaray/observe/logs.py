@@ -22,8 +22,8 @@ field and bound (:class:`LogDecodeError`).
 
 from __future__ import annotations
 
+import contextvars
 import math
-import queue
 import re
 import sys
 import threading
@@ -334,10 +334,12 @@ class LogDedupCore:
 
 
 class LogPrinter:
-    """Prints batches at the driver from a thread of its own (a slow stdout never blocks a loop).
+    """Prints batches at the driver: at once, in the thread that submits them (the node's loop,
+    so a task's lines are written before the reply that follows them on the same connection
+    is handled, and a notebook shows them in the cell that ran the task); the summaries the
+    core holds back come from a thread of its own when their time comes.
 
-    ``submit`` may be called from any thread; it never blocks, and drops batches (counted) when
-    ``max_pending`` are waiting.
+    ``submit`` may be called from any thread; writes are serialised by a lock.
     """
 
     def __init__(
@@ -346,18 +348,16 @@ class LogPrinter:
         *,
         stdout: IO[str] | None = None,
         stderr: IO[str] | None = None,
-        max_pending: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.core = core or LogDedupCore()
         self._stdout = stdout
         self._stderr = stderr
-        self._queue: queue.Queue[LogBatch | None] = queue.Queue(max_pending)
         self._clock = clock
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._stopped = False
-        self._dropped = metrics.LOG_LINES.labels("dropped")
 
     def start(self) -> LogPrinter:
         with self._lock:
@@ -369,26 +369,26 @@ class LogPrinter:
         return self
 
     def submit(self, batch: LogBatch) -> bool:
-        if self._stopped:
-            return False
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            self._dropped.add(len(batch.lines))
-            return False
+        with self._wake:
+            if self._stopped:
+                return False
+            # written from an empty context: a notebook kernel then shows the lines in the cell
+            # running now, not the one whose context the node's tasks inherited (init()'s)
+            contextvars.Context().run(self._write, self.core.receive(batch, self._clock()))
+            self._wake.notify()
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Print what is queued and what the core holds back, then end the thread."""
-        with self._lock:
-            thread, self._stopped = self._thread, True
-        if thread is None:
-            return
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        thread.join(timeout)
+        """Print what the core holds back, then end the thread."""
+        with self._wake:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._write(self.core.close())
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def _write(self, outputs: list[Output]) -> None:
         for out in outputs:
@@ -409,23 +409,11 @@ class LogPrinter:
                     pass
 
     def _run(self) -> None:
-        while True:
-            deadline = self.core.deadline()
-            wait = None if deadline is None else max(0.0, deadline - self._clock())
-            try:
-                batch: LogBatch | bool | None = self._queue.get(timeout=wait)
-            except queue.Empty:
-                batch = False
-            if batch is None:
-                while True:  # drain what came before the stop
-                    try:
-                        rest = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if rest is not None:
-                        self._write(self.core.receive(rest, self._clock()))
-                self._write(self.core.close())
-                return
-            if isinstance(batch, LogBatch):
-                self._write(self.core.receive(batch, self._clock()))
-            self._write(self.core.poll(self._clock()))
+        with self._wake:
+            while not self._stopped:
+                deadline = self.core.deadline()
+                wait = None if deadline is None else max(0.0, deadline - self._clock())
+                if wait is None or wait > 0:
+                    self._wake.wait(wait)
+                if not self._stopped:
+                    self._write(self.core.poll(self._clock()))

@@ -4,6 +4,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import time
 
 import msgpack
 import pytest
@@ -120,10 +121,18 @@ def test_printer_writes_from_its_thread_and_flushes_at_stop():
     assert not printer.submit(batch("late"))
 
 
-def test_printer_drops_when_its_queue_is_full():
-    printer = LogPrinter(max_pending=2)  # not started: nothing drains the queue
-    assert printer.submit(batch("a")) and printer.submit(batch("b"))
-    assert not printer.submit(batch("c"))
+def test_printer_writes_at_once_and_summaries_on_time():
+    out = io.StringIO()
+    printer = LogPrinter(LogDedupCore(window=0.2), stdout=out).start()
+    printer.submit(batch("same", pid=1))
+    assert out.getvalue() == "(f pid=1, node=hostB) same\n"  # written by submit itself
+    printer.submit(batch("same", pid=2))
+    deadline = time.monotonic() + 10
+    while "repeated" not in out.getvalue():
+        assert time.monotonic() < deadline, out.getvalue()
+        time.sleep(0.02)
+    assert out.getvalue().endswith("same [repeated 1x across cluster]\n")
+    printer.stop()
 
 
 CAPTURE_SCRIPT = textwrap.dedent(
