@@ -87,7 +87,7 @@ class NodeActivity:
                 name=rec.name,
                 state="FAILED" if failed else "FINISHED",
                 type="ACTOR_TASK" if kind == "actor_task" else "NORMAL_TASK",
-                node_id=self.node_id if ran_here else ran_on,
+                node_id=ran_on if ran_on is not None else self.node_id,
                 owner_node_id=owner,
                 submit_time=submitted,
                 start_time=started,

@@ -205,7 +205,7 @@ class NodeStateSource:
 
     def tasks(self, limit: int) -> tuple[list[TaskRow], int]:
         node = self.node
-        rows = []
+        rows: list[TaskRow] = []
         now = time.time()
         activity = node.activity
         for rec in list(node.tasks.records.values()):
@@ -255,7 +255,7 @@ class NodeStateSource:
 
     def objects(self, limit: int) -> tuple[list[ObjectRow], int]:
         entries = self.node.objects.entries
-        rows = []
+        rows: list[ObjectRow] = []
         for oid, entry in list(entries.items())[:limit]:
             data = entry.data
             rows.append(
