@@ -27,7 +27,6 @@ from latticaray.observe.model import (
     DEFAULT_ROW_LIMIT,
     MAX_REPORT_BYTES,
     MAX_ROWS,
-    MAX_STR,
     ActorRow,
     LinkRow,
     NodeReport,
@@ -40,6 +39,7 @@ from latticaray.observe.model import (
     TaskRow,
     TaskStateName,
     TransferRow,
+    unpack_bounded,
 )
 
 __all__ = [
@@ -106,20 +106,7 @@ def encode_snapshot(snapshot: MeshSnapshot) -> bytes:
 
 def decode_snapshot(data: bytes) -> MeshSnapshot:
     """Parse :func:`encode_snapshot`'s bytes, checking every row (ReportDecodeError)."""
-    if len(data) > MAX_SNAPSHOT_BYTES:
-        raise ReportDecodeError(f"snapshot of {len(data)} bytes is too large")
-    try:
-        parts = msgpack.unpackb(
-            data,
-            raw=False,
-            max_str_len=MAX_STR,
-            max_bin_len=0,
-            max_array_len=MAX_ROWS * 4,
-            max_map_len=MAX_ROWS,
-            max_ext_len=0,
-        )
-    except Exception as exc:
-        raise ReportDecodeError(f"snapshot is not valid msgpack: {exc}") from None
+    parts = unpack_bounded(data, "snapshot", MAX_SNAPSHOT_BYTES, MAX_ROWS * 4, MAX_ROWS)
     if not isinstance(parts, list) or len(parts) < 2 + len(_SNAPSHOT_PARTS) + 2:
         raise ReportDecodeError("snapshot must be an array of its parts")
     observer, taken_at = parts[0], parts[1]

@@ -47,6 +47,7 @@ __all__ = [
     "TransferRow",
     "decode_report",
     "encode_report",
+    "unpack_bounded",
 ]
 
 REPORT_VERSION = 1
@@ -355,23 +356,28 @@ def encode_report(report: NodeReport) -> bytes:
     return msgpack.packb(parts, use_bin_type=True)
 
 
-def decode_report(data: bytes) -> NodeReport:
-    """Parse a report from the network; every field is checked (ReportDecodeError)."""
-    if len(data) > MAX_REPORT_BYTES:
-        raise ReportDecodeError(f"state report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
+def unpack_bounded(data: bytes, what: str, max_bytes: int, max_array: int, max_map: int) -> Any:
+    """msgpack from the network, within its bounds (strings of at most MAX_STR, no binary)."""
+    if len(data) > max_bytes:
+        raise ReportDecodeError(f"{what} of {len(data)} bytes exceeds {max_bytes}")
     try:
-        parts = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_STR,
             max_bin_len=0,
-            max_array_len=MAX_ROWS,
-            max_map_len=MAX_MAP,
+            max_array_len=max_array,
+            max_map_len=max_map,
             max_ext_len=0,
         )
     except Exception as exc:
-        raise ReportDecodeError(f"state report is not valid msgpack: {exc}") from None
+        raise ReportDecodeError(f"{what} is not valid msgpack: {exc}") from None
+
+
+def decode_report(data: bytes) -> NodeReport:
+    """Parse a report from the network; every field is checked (ReportDecodeError)."""
+    parts = unpack_bounded(data, "state report", MAX_REPORT_BYTES, MAX_ROWS, MAX_MAP)
     if not isinstance(parts, list) or len(parts) < 2 + len(_REPORT_PARTS) + 1:
         raise ReportDecodeError("state report must be an array of its parts")
     if parts[0] != REPORT_VERSION:
