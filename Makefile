@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean interop-deps
+.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean interop-deps browser-deps
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,13 @@ $(JS_PEER)/node_modules/.installed: $(JS_PEER)/package.json $(JS_PEER)/package-l
 	touch $@
 
 interop-deps: $(JS_PEER)/node_modules/.installed
+
+# Debian's chromium and chromedriver for the dashboard's browser test (tests/dashboard), installed
+# only when missing; the test drives them over WebDriver with the standard library.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

@@ -5,6 +5,8 @@
     latticaray up --nodes 3 [--run-dir DIR]      # N node processes on loopback, state under DIR
     latticaray status [--run-dir DIR] [--check]  # processes, peers; --check: RPC among all pairs
     latticaray down [--run-dir DIR]              # stops, by PID, only what `up` started
+    latticaray status | list KIND | dashboard    # a running mesh as a node of this host sees it
+                                                 # (cli_observe.py)
 
 Subcommands are argparse subparsers, so more (``microbenchmark``, ``invite``) plug in the same way.
 
@@ -438,7 +440,16 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from latticaray import cli_observe
+
     run_dir = Path(args.run_dir or default_run_dir())
+    if args.address or (not args.run_dir and _load_state(run_dir.resolve()) is None):
+        # not a mesh `up` started: the mesh as a node of this host (or --address) knows it
+        try:
+            return cli_observe.run_mesh_status(args.address, args.timeout)
+        except cli_observe.CliError as exc:
+            print(f"no mesh in {run_dir.resolve()}; {exc}")
+            return 1
     state, report = mesh_status(run_dir, check=args.check)
     if state is None:
         print(f"no mesh in {run_dir.resolve()}")
@@ -516,10 +527,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="show the local mesh; --check runs RPC among all pairs")
+    p = sub.add_parser(
+        "status",
+        help="show the mesh a node of this host knows (nodes, paths, resources, work), "
+        "or a mesh `up` started (--run-dir; --check runs RPC among all pairs)",
+    )
     p.add_argument("--run-dir", metavar="DIR")
     p.add_argument("--check", action="store_true", help="have every node ping every other")
+    p.add_argument("--address", metavar="unix:PATH", help="the node to ask (default: this host's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for members")
     p.set_defaults(func=cmd_status)
+
+    from latticaray import cli_observe
+
+    cli_observe.add_parsers(sub)
 
     p = sub.add_parser(
         "start",

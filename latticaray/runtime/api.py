@@ -342,6 +342,8 @@ class _EmbeddedRuntime:
         self.thread: threading.Thread | None = None
         self.node: Any = None  # the RuntimeNode, once started
         self.mesh_runtime: Any = None
+        self.printer: Any = None  # LogPrinter of worker output (log_to_driver)
+        self.dashboard: Any = None  # DashboardServer (init(dashboard=True))
 
     def start(self, make_node, start_mesh=None) -> None:
         loop: asyncio.AbstractEventLoop
@@ -374,6 +376,8 @@ class _EmbeddedRuntime:
         if loop is None or loop.is_closed():
             return
         try:
+            if self.dashboard is not None:
+                asyncio.run_coroutine_threadsafe(self.dashboard.stop(), loop).result(15)
             if self.mesh_runtime is not None:
                 asyncio.run_coroutine_threadsafe(self.mesh_runtime.stop(), loop).result(15)
             asyncio.run_coroutine_threadsafe(self.node.stop(), loop).result(15)
@@ -383,6 +387,16 @@ class _EmbeddedRuntime:
                 self.thread.join(10)
             if not loop.is_running():
                 loop.close()
+            if self.printer is not None:
+                self.printer.stop()  # what the workers printed last is shown before we return
+
+    def start_dashboard(self, host: str, port: int) -> str:
+        """Serve the dashboard for this node on its loop; returns the page's URL."""
+        from latticaray.dashboard import DashboardServer
+
+        assert self.loop is not None
+        self.dashboard = DashboardServer(self.node.state_source, host=host, port=port)
+        return asyncio.run_coroutine_threadsafe(self.dashboard.start(), self.loop).result(30)
 
 
 _runtime: _EmbeddedRuntime | None = None
@@ -417,6 +431,10 @@ def init(
     listen: list[str] | None = None,
     mesh_key_path: str | None = None,
     nat=None,
+    log_to_driver: bool = True,
+    dashboard: bool = False,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int = 8265,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -427,6 +445,10 @@ def init(
     credential from the mesh's `latticaray invite`). `nat=` (a mesh_runtime.NatSettings or a dict of
     its fields: observers, relays, lab, hole_punching, ...) runs NAT traversal for a node behind a
     NAT: it reserves a relay slot, advertises its circuit address and upgrades by hole punching.
+
+    `log_to_driver` (default on): what tasks and actors print, on any node, shows here with a
+    `(name pid=..., node=...)` prefix. `dashboard=True` serves the dashboard from this node
+    (`dashboard_host`:`dashboard_port`, 0 for any free port); its URL is in the returned info.
     """
     global _runtime
     with _init_lock:
@@ -472,7 +494,17 @@ def init(
         _runtime = runtime
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
-        return _runtime_info()
+        runtime.node.state_source.role = "driver"
+        if log_to_driver:
+            from latticaray.observe.logs import LogPrinter
+
+            runtime.printer = LogPrinter().start()
+            runtime.node.logs.sink = runtime.printer.submit
+        info = _runtime_info()
+        if dashboard:
+            info["dashboard_url"] = runtime.start_dashboard(dashboard_host, dashboard_port)
+            print(f"latticaray dashboard at {info['dashboard_url']}", flush=True)
+        return info
 
 
 _attached = None

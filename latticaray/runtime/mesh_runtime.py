@@ -227,6 +227,7 @@ class MeshRuntime:
         remote.sparse = self.peering == "sparse"
         remote.embedded = self.embedded
         remote.register()
+        runtime_node.state_source.mesh_runtime = self  # links, addresses, NAT, transfers
         from latticaray.runtime.remote.capacity import CapacityDirectoryCore, DhtPlacement
 
         remote.capacity = DhtPlacement(

@@ -13,6 +13,9 @@ generator items with backpressure. It is composed of parts, one role each (local
   workers    WorkerPool     worker processes and attached drivers, requests, deaths
   refs       RefTable       reference counts, borrowers, containment (refcount.py)
   recovery   ObjectRecovery lineage hooks and recovery of lost store objects
+  activity   NodeActivity   task counts and recent tasks (activity.py)
+  logs       LogRouter      worker output to the driver that owns the task
+  state_source NodeStateSource  this node as the state API sees it (statesource.py)
 
 When the node is part of a mesh, `remote` (remote/runtime.py `RemoteRuntime`) places work on
 peers and carries it there; it is None for a node on its own.
@@ -27,15 +30,20 @@ import shutil
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from latticaray.observe.gather import encode_snapshot, gather
+from latticaray.observe.model import MAX_ROWS
 from latticaray.runtime import refcount, serialization
+from latticaray.runtime.activity import NodeActivity
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.local.clients import LocalClient
+from latticaray.runtime.local.logs import LogRouter
 from latticaray.runtime.local.objects import ObjectTable
 from latticaray.runtime.local.recovery import ObjectRecovery
 from latticaray.runtime.local.streams import StreamTable
 from latticaray.runtime.local.tasks import TaskTable
 from latticaray.runtime.local.workers import WorkerPool
 from latticaray.runtime.serialization import error_blob
+from latticaray.runtime.statesource import NodeStateSource
 from latticaray.scheduler.resources import ResourceLedger
 
 if TYPE_CHECKING:
@@ -80,6 +88,9 @@ class RuntimeNode:
         self.workers = WorkerPool(self, max_active, max_active if prestart is None else prestart)
         self.refs = refcount.RefTable(self)
         self.recovery = ObjectRecovery(self)
+        self.activity = NodeActivity(node_id)  # counts and recent tasks (state API, metrics)
+        self.logs = LogRouter(self)  # worker output to the owning driver
+        self.state_source = NodeStateSource(self)  # what `latticaray status` reads of this node
         self._post_handlers = {
             "submit": self.tasks.submit,
             "actor_call": self.actors.call,
@@ -91,6 +102,7 @@ class RuntimeNode:
             "cancel": self.tasks.cancel,
             "borrow": self.objects.borrow,
             "stream_drop": self.streams.drop,
+            "log": self.logs.from_worker,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -117,6 +129,7 @@ class RuntimeNode:
 
     async def stop(self) -> None:
         self.stopping = True
+        self.state_source.close()
         await self.workers.stop()
         background = list(self._background)
         for task in background:
@@ -187,6 +200,14 @@ class RuntimeNode:
             return await self.actors.get_actor(message)
         if op == "nodes":
             return {"nodes": self.nodes()}
+        if op == "state":  # the state API (latticaray.util.state) of a driver of this node
+            snapshot = await gather(
+                self.state_source,
+                limit=max(0, min(int(message.get("limit", 100)), MAX_ROWS)),
+                timeout=max(0.1, min(float(message.get("timeout", 10.0)), 120.0)),
+                remote=bool(message.get("remote", True)),
+            )
+            return {"snapshot": encode_snapshot(snapshot)}
         return {"error": error_blob(ValueError(f"unknown runtime request {op!r}"))}
 
     # ------------------------------------------------------------------ cluster view

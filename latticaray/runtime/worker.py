@@ -432,12 +432,61 @@ class Worker:
                 self.conn.send({"op": "done", "tid": task_id, "err": data, "mro": mro})
 
 
+def _capture_output(conn: WorkerConnection, node_id: str, workers: list):
+    """Send this worker's stdout/stderr lines to its node, tagged with the running task (they
+    reach the task's driver; LATTICARAY_LOG_TO_DRIVER=0 leaves them on the node's output).
+    Every `done` waits for the task's lines to leave first."""
+    if os.environ.get("LATTICARAY_LOG_TO_DRIVER", "1") == "0":
+        return None
+    from latticaray.observe.capture import OutputCapture
+    from latticaray.observe.logs import LogContext
+
+    contexts: dict[bytes, LogContext] = {}
+
+    def current() -> LogContext | None:
+        return context_of(context.current_task_id.get())
+
+    def on_main_thread() -> LogContext | None:  # output below Python: the main thread's task
+        worker = workers[0] if workers else None
+        return context_of(worker.running_main if worker is not None else None)
+
+    def context_of(tid: bytes | None) -> LogContext | None:
+        if tid is None:
+            return None
+        found = contexts.get(tid)
+        if found is None:
+            if len(contexts) > 256:
+                contexts.clear()
+            found = contexts[tid] = LogContext("", tid.hex())
+        return found
+
+    send = conn.send
+    node_name = socket.gethostname()
+    capture = OutputCapture(
+        node_name,
+        lambda batch: send({"op": "log", "b": batch.encode()}),
+        context=current,
+        pipe_context=on_main_thread,
+    ).start()
+
+    def send_after_output(message: dict) -> None:
+        if message.get("op") in ("done", "actor_ready"):
+            capture.flush()
+        send(message)
+
+    conn.send = send_after_output  # type: ignore[method-assign]
+    return capture
+
+
 def main(argv: list[str]) -> None:
     fd, node_id, worker_id = int(argv[0]), argv[1], argv[2]
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     conn = WorkerConnection(sock)
+    workers: list[Worker] = []
+    capture = _capture_output(conn, node_id, workers)
     worker = Worker(conn, node_id, worker_id)
+    workers.append(worker)
     context.set_core(WorkerCore(conn, node_id, worker_id))
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     try:
@@ -447,6 +496,8 @@ def main(argv: list[str]) -> None:
     try:
         worker.main_loop()
     finally:
+        if capture is not None:
+            capture.flush()
         try:
             sock.close()
         except OSError:

@@ -59,6 +59,7 @@ class TaskTable:
         rec = TaskRecord.for_task(message)
         rec.client = client
         self.records[tid] = rec
+        node.activity.submitted(rec, client.kind != "remote")
         node.recovery.on_submit(rec, client)
         self.open_returns(rec, client, message["opts"].get("window"))
         parent = message.get("parent") or getattr(client, "current_task", None)
@@ -211,6 +212,7 @@ class TaskTable:
                 self.fail(rec, target)
                 return
             if target is not None and target != node.node_id:
+                node.activity.placed(rec, target)
                 remote.caller.run_remote(rec, target)
                 return
         if not node.ledger.could_ever_fit(demand):
@@ -230,6 +232,7 @@ class TaskTable:
 
     def run_here(self, rec: TaskRecord) -> None:
         """Queue a task to run on this node (its placement is done)."""
+        self.node.activity.placed(rec, None)
         rec.move(TaskEvent.QUEUE)
         self.ready_queue.append(rec)
         self.dispatch()
@@ -271,6 +274,7 @@ class TaskTable:
         rec.move(TaskEvent.DISPATCH)
         rec.worker = worker
         worker.tasks[rec.tid] = rec
+        self.node.activity.started(rec)
         out["tid"] = rec.tid
         out["args"] = rec.msg["args"]
         out["nret"] = rec.nret
@@ -307,6 +311,7 @@ class TaskTable:
             rec.retries_left -= 1
             rec.move(TaskEvent.RETRY)
             node.stats["retries"] += 1
+            node.activity.retried(rec)
             if rec.actor is None:
                 self.ready_queue.append(rec)
             else:
@@ -338,6 +343,13 @@ class TaskTable:
             node.recovery.on_complete(rec, err is not None)
         rec.move(TaskEvent.COMPLETE if err is None else TaskEvent.FAIL)
         self.records.pop(tid, None)
+        client = rec.client
+        node.activity.ended(
+            rec,
+            err is not None,
+            (message.get("mro") or [None])[0] if err is not None else None,
+            client.node_id if client is not None and client.kind == "remote" else node.node_id,
+        )
         if tid in node.refs.task_pins:
             node.refs.task_done(tid)
         if "held_by" in message:  # refs inside remote results are counted here now
@@ -387,6 +399,7 @@ class TaskTable:
             rec.retries_left -= 1
             rec.move(TaskEvent.RETRY)
             (self.node.stats if stats is None else stats)["retries"] += 1
+            self.node.activity.retried(rec)
             return True
         else:
             self.fail(rec, no_retries)

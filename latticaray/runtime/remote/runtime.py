@@ -14,6 +14,7 @@ It is composed of parts, one role each (this package):
                              the records it arbitrates are arbiter.py's NameArbiterCore
   refs        RemoteRefs     borrow registrations at owners (ref/1), `held`
   streams     RemoteStreams  stream items from another owner (stream/1)
+  observe     RemoteObserve  state reports and worker output of members (report/1, logs/1)
 
 It is the "remote" side, as opposed to the node's local parts (local/); it was called
 MeshCluster. `MeshRuntime` (mesh_runtime.py) starts it next to the mesh services.
@@ -34,6 +35,7 @@ from latticaray.runtime.remote.executor import Executor
 from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.names import NameService
 from latticaray.runtime.remote.objects import RemoteObjects
+from latticaray.runtime.remote.observe import RemoteObserve
 from latticaray.runtime.remote.placement import Placer
 from latticaray.runtime.remote.refs import RemoteRefs
 from latticaray.runtime.remote.streams import RemoteStreams
@@ -81,6 +83,7 @@ class RemoteRuntime:
         self.names = NameService(self)
         self.refs = RemoteRefs(self)
         self.streams = RemoteStreams(self)
+        self.observe = RemoteObserve(self)
 
     def register(self) -> None:
         mesh = self.mesh
@@ -92,6 +95,7 @@ class RemoteRuntime:
         mesh.register_unary(REF_PROTOCOL, self.refs.serve)
         mesh.register_unary(NAMES_PROTOCOL, self.names.serve)
         mesh.register_unary(STREAM_PROTOCOL, self.streams.serve)
+        self.observe.register()
         mesh.on_peer_connected(self._peer_connected)
         mesh.on_peer_disconnected(lambda peer: membership.peer_gone(str(peer), "disconnected"))
         mesh.connections.on_connection_added(self.caller.on_connection_added)
