@@ -464,20 +464,20 @@ def init(
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
             return _attach(address, namespace)
-        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
         total = default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.mesh_runtime import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
                 credential=credential,
                 listen=listen,
                 key_path=mesh_key_path,
-                nat=NatSettings.coerce(nat),
+                nat=nat,
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import ipaddress
 import logging
+import os
 import time
 from typing import Any
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import KeyPair
+from latticaray.mesh.multiaddr import Multiaddr
+from latticaray.mesh.nat.addresses import LAB_ENV
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import Admission, MeshKey
 from latticaray.runtime.remote.membership import Membership
@@ -30,17 +34,49 @@ CAPACITY_TTL = 15.0  # DHT capacity ads: lifetime, refresh period, least gap on 
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
+REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
+LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+#: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
+#: serves QUIC, AutoNAT and hole punching)
+ANY_LISTEN = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
+
+
+def reaches_beyond_host(bootstrap: list[str]) -> bool:
+    """True if a bootstrap address is not on this host (not loopback, not a Unix socket): the node
+    then listens on every interface and runs NAT traversal unless told otherwise."""
+    for text in bootstrap:
+        host = Multiaddr.parse(text).host
+        if host is None:
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return True
+        except ValueError:  # a DNS name: another host
+            return True
+    return False
+
+
+def default_nat(nat, bootstrap: list[str]) -> NatSettings | None:
+    """The NAT settings a node runs: `nat=False` none; given settings (or a dict, or True) as
+    given; not given: auto mode when a bootstrap peer is beyond this host, else none."""
+    if nat is None:
+        return NatSettings() if reaches_beyond_host(bootstrap) else None
+    return NatSettings.coerce(nat)
 
 
 @dataclasses.dataclass
 class NatSettings:
     """How a runtime node takes part in NAT traversal (see docs/protocol/nat.md).
 
-    A node behind a NAT gives `observers` (QUIC endpoints of public nodes, for NAT type and
-    AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`); at start it reserves a relay slot when it
-    is not public and advertises its circuit address. A public node may `serve_relay` on
-    `relay_port` and `serve_autonat`. `lab=True` treats the netlab's 198.18.0.0/15 as public and
-    turns off the same-host Unix-socket path (lab namespaces share one machine).
+    By default (no `observers`) the node runs auto mode, libp2p AutoRelay-style: it learns its
+    reachability with AutoNAT from the peers it meets, finds relays among them (identify, DHT
+    provider key), keeps two reservations while it is not publicly reachable, advertises its
+    circuit addresses and hole-punches. `observers` (QUIC endpoints of public nodes, for NAT type
+    and AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`) are hand-given overrides: with
+    observers the node configures itself once from them at start instead. A public node may
+    `serve_relay` on `relay_port` and `serve_autonat`. `lab=True` (default: the environment's
+    `LATTICARAY_LAB=1`) treats the netlab's 198.18.0.0/15 as public and turns off the same-host
+    Unix-socket path (lab namespaces share one machine).
     """
 
     observers: tuple = ()
@@ -49,8 +85,13 @@ class NatSettings:
     relay_port: int = 0
     serve_autonat: bool = False
     hole_punching: bool = True
-    lab: bool = False
+    lab: bool = dataclasses.field(default_factory=lambda: os.environ.get(LAB_ENV) == "1")
     auto_configure: bool = True
+
+    @property
+    def auto(self) -> bool:
+        """Auto mode: observers and relays are found among the peers met, not given."""
+        return not self.observers
 
     @classmethod
     def coerce(cls, value) -> NatSettings | None:
@@ -77,6 +118,7 @@ class NatSettings:
         policy = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES) if self.lab else AddressPolicy()
         confirmations = max(1, min(2, len(self.observers)))
         return NatConfig(
+            auto=self.auto,
             observers=tuple(self.observers),
             relays=tuple(self.relays),
             policy=policy,
@@ -169,7 +211,9 @@ class MeshRuntime:
         self.node_id = str(key.peer_id)
         self.bootstrap = list(bootstrap)
         self.admission = admission
-        self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+        if listen is None:
+            listen = ANY_LISTEN if reaches_beyond_host(self.bootstrap) else LOOPBACK_LISTEN
+        self.listen = listen
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None
@@ -192,10 +236,12 @@ class MeshRuntime:
         listen: list[str] | None = None,
         key_path: str | None = None,
         mesh_key_path: str | None = None,
-        nat: NatSettings | None = None,
+        nat: NatSettings | dict | bool | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
     ) -> MeshRuntime:
+        """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
+        nat = default_nat(nat, bootstrap)
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
             admission = Admission.join(credential)
@@ -259,6 +305,8 @@ class MeshRuntime:
                 await remote.membership.join(addr)
             except (MeshError, ValueError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+        if self.nat is not None and self.nat.auto is not None and self.bootstrap:
+            await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -321,6 +369,9 @@ class MeshRuntime:
         assert settings is not None and self.mesh is not None
         self.nat = MeshNatService(self.mesh, settings.config())
         await self.nat.start()
+        self.nat.attach_dht(self.dht)
+        if settings.auto:
+            return  # auto mode: reachability and relays come from the peers met (after joining)
         if settings.auto_configure:
             report, reach = await asyncio.wait_for(self.nat.auto_configure(), 60.0)
             self.timings["nat_type"] = str(getattr(report, "nat_type", report))
@@ -328,6 +379,21 @@ class MeshRuntime:
             log.info(
                 "NAT: %s, reachability %s, circuit %s", report, reach, self.nat.circuit_addresses()
             )
+
+    async def _wait_reachable(self, started: float) -> None:
+        """Auto mode: wait (bounded) until AutoNAT says this node is public or it holds a relay
+        reservation, so that peers can reach it once init()/start returns."""
+        from latticaray.mesh.nat.errors import NotReachable
+
+        assert self.nat is not None
+        try:
+            await self.nat.wait_reachable(REACHABLE_WAIT)
+        except NotReachable as exc:
+            log.warning("this node may not be reachable by other members: %s", exc)
+        status = self.nat.status()
+        self.timings["reachable_s"] = time.monotonic() - started
+        self.timings["reachability"] = str(status.get("reachability"))
+        self.timings["nat_type"] = str(status.get("nat_type"))
 
     def _provide(self, cid: str) -> None:
         """Announce a store object this node holds as provided in the DHT (in the background)."""

@@ -74,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-hole-punching", action="store_true")
     parser.add_argument(
+        "--no-nat",
+        action="store_true",
+        help="no NAT traversal (by default a node joining a mesh beyond this host runs it: "
+        "AutoNAT, relays found among its peers, hole punching)",
+    )
+    parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
         default="full",
@@ -107,24 +113,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def nat_settings(args: argparse.Namespace):
-    """The NatSettings the NAT options ask for, or None when NAT traversal is off."""
-    if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
+    """What the NAT options ask for: False (off), None (the default: auto mode when a bootstrap
+    peer is beyond this host) or the settings given."""
+    if args.no_nat:
+        return False
+    if not (args.nat or args.serve_relay is not None or args.relay or args.observer or args.lab):
         return None
     from latticaray.runtime.mesh_runtime import NatSettings
 
     serving = args.serve_relay is not None
-    return NatSettings.coerce(
-        {
-            "observers": args.observer,
-            "relays": args.relay,
-            "serve_relay": serving,
-            "relay_port": args.serve_relay or 0,
-            "serve_autonat": serving,
-            "hole_punching": not args.no_hole_punching,
-            "lab": args.lab,
-            "auto_configure": not serving,
-        }
-    )
+    settings = {
+        "observers": args.observer,
+        "relays": args.relay,
+        "serve_relay": serving,
+        "relay_port": args.serve_relay or 0,
+        "serve_autonat": serving,
+        "hole_punching": not args.no_hole_punching,
+        "auto_configure": not serving,
+    }
+    if args.lab:
+        settings["lab"] = True
+    return NatSettings.coerce(settings)
 
 
 async def run(args: argparse.Namespace) -> None:
