@@ -367,9 +367,13 @@ class _EmbeddedRuntime:
         self.node = make_node()
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
         if start_mesh is not None:
-            self.mesh_runtime = asyncio.run_coroutine_threadsafe(
-                start_mesh(self.node), loop
-            ).result()
+            try:
+                self.mesh_runtime = asyncio.run_coroutine_threadsafe(
+                    start_mesh(self.node), loop
+                ).result()
+            except BaseException:
+                self.stop()  # the node and its loop thread do not outlive a failed init()
+                raise
 
     def stop(self) -> None:
         loop = self.loop

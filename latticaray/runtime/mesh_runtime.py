@@ -23,6 +23,7 @@ from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.nat.addresses import LAB_ENV
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import Admission, MeshKey
+from latticaray.runtime.errors import MeshUnreachableError
 from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.runtime import RemoteRuntime
 from latticaray.scheduler.policy import NodeView
@@ -300,11 +301,19 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+        tried = []
         for addr in self.bootstrap:
             try:
                 await remote.membership.join(addr)
-            except (MeshError, ValueError) as exc:
+            except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+                tried.append(f"{addr}: {type(exc).__name__}: {exc}")
+        if self.bootstrap and len(tried) == len(self.bootstrap):
+            await self.stop()
+            raise MeshUnreachableError(
+                "could not join the mesh, no bootstrap peer could be reached:\n  "
+                + "\n  ".join(tried)
+            )
         if self.nat is not None and self.nat.auto is not None and self.bootstrap:
             await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
