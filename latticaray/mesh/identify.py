@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import msgpack
 
-from .connmgr import is_dialable_addr
 from .errors import MeshError, MultiaddrError, ProtocolViolation, RpcError
 from .identity import PeerId, PeerIdError
 from .multiaddr import Multiaddr
+from .paths import is_dialable_addr
 
 __all__ = [
     "IDENTIFY_PROTOCOL",

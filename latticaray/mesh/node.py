@@ -20,30 +20,28 @@ never an unspecified one.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .connmgr import (
-    DEFAULT_TRANSPORT_PREFERENCE,
-    ConnectionManager,
-    MeshConnection,
-    QuicAdapter,
-    TransportAdapter,
-    is_dialable_addr,
-)
+from .adapters import QuicAdapter, TransportAdapter, make_stream_adapter
+from .connmgr import ConnectionManager, MeshConnection
 from .errors import MultiaddrError, PeerIdMismatch, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
 from .multiaddr import Multiaddr
+from .paths import (
+    DEFAULT_TRANSPORT_PREFERENCE,
+    expand_unspecified,
+    interface_addresses,
+    is_dialable_addr,
+)
 from .rpc import RpcLimits, RpcRouter, StreamCall
 from .tls import make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
-__all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode", "NodeThread"]
+__all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode"]
 
 log = logging.getLogger(__name__)
 
@@ -88,49 +86,9 @@ class MeshConfig:
     agent_version: str = AGENT_VERSION
 
 
-def interface_addresses() -> list[str]:
-    """IP addresses of this host's interfaces (loopback included)."""
-    try:
-        import psutil
-    except ImportError:
-        return ["127.0.0.1"]
-    addrs = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                addrs.append(entry.address.split("%")[0])  # drop an IPv6 zone
-    return addrs
-
-
-def expand_unspecified(bound: list[Multiaddr], host_addrs: list[str]) -> list[Multiaddr]:
-    """Replace a wildcard listen address (0.0.0.0 / ::) by one address per interface IP.
-
-    Peers cannot dial 0.0.0.0; they can dial the addresses it stands for. IPv6 link-local
-    addresses are skipped (they need a zone to be dialable).
-    """
-    out: list[Multiaddr] = []
-    for addr in bound:
-        host = addr.host
-        try:
-            ip = ipaddress.ip_address(host) if host else None
-        except ValueError:
-            ip = None
-        if ip is None or not ip.is_unspecified:
-            out.append(addr)
-            continue
-        for text in host_addrs:
-            try:
-                candidate = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if candidate.version != ip.version or candidate.is_link_local:
-                continue
-            family = "ip4" if candidate.version == 4 else "ip6"
-            out.append(Multiaddr(((family, str(candidate)),) + addr.components[1:]))
-    return out
-
-
 class MeshNode:
+    """One peer of the mesh (see the module docstring)."""
+
     def __init__(self, config: MeshConfig | None = None) -> None:
         self.config = config or MeshConfig()
         if self.config.key is not None:
@@ -237,8 +195,6 @@ class MeshNode:
             self.quic = QuicTransport(self.key, self.config.quic, certified=self._certified)
             adapter = QuicAdapter(self.quic, self.connections.accept_inbound)
         elif name in ("tcp", "unix"):
-            from .connmgr import make_stream_adapter
-
             options = self.config.tcp_options if name == "tcp" else self.config.unix_options
             adapter = make_stream_adapter(
                 name, self.key, self._certified, self.connections.accept_inbound, options
@@ -470,78 +426,3 @@ class MeshNode:
 
     def __repr__(self) -> str:
         return f"<MeshNode {self.peer_id}>"
-
-
-class NodeThread:
-    """A :class:`MeshNode` running in its own event loop on a daemon thread.
-
-    For notebooks and synchronous code::
-
-        with NodeThread(MeshConfig(...)) as nt:
-            peer = nt.run(nt.node.connect(addr))
-            reply = nt.run(nt.node.call(peer, "/x/1", b"hi"))
-    """
-
-    def __init__(self, config: MeshConfig | None = None, *, start_timeout: float = 30.0) -> None:
-        import threading
-
-        self.node = MeshNode(config)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._main, name=f"mesh-{self.node.peer_id.short()}", daemon=True
-        )
-        self._start_timeout = start_timeout
-        self._error: BaseException | None = None
-
-    def _main(self) -> None:
-        try:
-            import uvloop
-
-            loop = uvloop.new_event_loop()
-        except ImportError:
-            loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self.node.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    def start(self) -> NodeThread:
-        self._thread.start()
-        if not self._ready.wait(self._start_timeout):
-            raise TimeoutError(f"mesh node did not start within {self._start_timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def run(self, coro, timeout: float | None = None):
-        """Run a coroutine on the node's loop and return its result (blocking)."""
-        if self._loop is None or not self._thread.is_alive():
-            raise RuntimeError("node thread is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self._loop is None or not self._thread.is_alive():
-            return
-        try:
-            self.run(self.node.stop(), timeout)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
-
-    def __enter__(self) -> NodeThread:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

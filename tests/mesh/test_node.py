@@ -288,7 +288,7 @@ async def test_default_node_prefers_the_same_host_unix_path(tmp_path):
 
 
 def test_node_thread_for_synchronous_code():
-    from latticaray.mesh.node import NodeThread
+    from latticaray.mesh.nodethread import NodeThread
 
     with (
         NodeThread(MeshConfig(**QUIC_ONLY)) as server,
@@ -341,7 +341,7 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
 
 
 def test_wildcard_listen_addresses_expand_to_interface_addresses():
-    from latticaray.mesh.node import expand_unspecified, interface_addresses
+    from latticaray.mesh.paths import expand_unspecified, interface_addresses
 
     bound = [
         Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),
