@@ -14,9 +14,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConnectionClosed, HandshakeError, MeshError
-from .identity import PeerId
+from .identity import KeyPair, PeerId
 from .multiaddr import Multiaddr
 
 __all__ = [
@@ -57,7 +58,8 @@ class TransportAdapter:
     def can_dial(self, addr: Multiaddr) -> bool:
         return addr.transport == self.name
 
-    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+    async def listen(self, addr: Multiaddr | None) -> list[Multiaddr]:
+        """Listen on ``addr`` (None: the transport's default, e.g. the Unix socket path)."""
         raise NotImplementedError
 
     async def dial(
@@ -83,7 +85,9 @@ class QuicAdapter(TransportAdapter):
         self._tasks: set[asyncio.Task] = set()
         transport.on_connection = self._on_connection
 
-    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
+    async def listen(self, addr: Multiaddr | None) -> list[Multiaddr]:
+        if addr is None:
+            addr = Multiaddr.parse("/ip4/127.0.0.1/udp/0/quic-v1")
         if self.transport.local_address is not None:
             raise MeshError(
                 "QUIC listens on one UDP socket per node; a second quic address "
@@ -159,8 +163,10 @@ class StreamAdapter(TransportAdapter):
             path = addr.unix_path if addr is not None else None
             bound = await self.transport.listen(path, on_channel=self._inbound)
         else:
+            host = addr.host if addr is not None else None
+            port = addr.port if addr is not None else None
             bound = await self.transport.listen(
-                addr.host or "127.0.0.1", addr.port or 0, on_channel=self._inbound
+                host or "127.0.0.1", port or 0, on_channel=self._inbound
             )
         return [bound]
 
@@ -193,15 +199,24 @@ class StreamAdapter(TransportAdapter):
 
 
 def make_stream_adapter(
-    name: str, key, certified, on_inbound, options: dict
+    name: str,
+    key: KeyPair,
+    certified: object,
+    on_inbound: Callable[[RawConnection], None],
+    options: dict[str, Any],
 ) -> TransportAdapter | None:
     """The TCP+TLS or Unix adapter, if that transport module is available (else None)."""
+    transport: Any
     try:
         if name == "tcp":
-            from .transport.tcp import TcpTransport as transport_class
+            from .transport.tcp import TcpTransport
+
+            transport = TcpTransport(key, **(options or {}))
         else:
-            from .transport.unix import UnixTransport as transport_class
+            from .transport.unix import UnixTransport
+
+            transport = UnixTransport(key, **(options or {}))
     except ImportError:
         log.info("%s transport is not available", name)
         return None
-    return StreamAdapter(name, transport_class(key, **(options or {})), on_inbound)
+    return StreamAdapter(name, transport, on_inbound)

@@ -33,6 +33,7 @@ which connection is primary is the path policy of :mod:`latticaray.mesh.paths`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -212,7 +213,7 @@ class ConnectionManager:
         if pending is None:
             pending = asyncio.ensure_future(self._dial_peer(peer, timeout or self.dial_timeout))
             self._dialing[peer] = pending
-            pending.add_done_callback(lambda f, p=peer: self._dial_settled(p, f))
+            pending.add_done_callback(functools.partial(self._dial_settled, peer))
         return await asyncio.shield(pending)
 
     def _dial_settled(self, peer: PeerId, dial: asyncio.Future) -> None:
@@ -271,7 +272,8 @@ class ConnectionManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         errors: list[str] = []
-        attempts: list[asyncio.Task] = []
+        # attempt -> the address it dials, in the order started
+        attempts: dict[asyncio.Task[RawConnection], Multiaddr] = {}
         winner: RawConnection | None = None
         mismatch: PeerIdMismatch | None = None
         try:
@@ -280,8 +282,7 @@ class ConnectionManager:
                 if remaining <= 0:
                     break
                 task = loop.create_task(self._dial_one(addr.with_peer(peer), peer, remaining))
-                task.addr = addr  # type: ignore[attr-defined]
-                attempts.append(task)
+                attempts[task] = addr
                 wait = 0.0 if index in no_wait else self.happy_eyeballs_delay
                 winner = await self._first_success(attempts, errors, wait)
                 if winner is not None:
@@ -302,8 +303,10 @@ class ConnectionManager:
                     and task.result() is not winner
                 ):
                     task.result().close("happy-eyeballs loser")
-                elif not task.cancelled() and isinstance(task.exception(), PeerIdMismatch):
-                    mismatch = task.exception()
+                elif not task.cancelled():
+                    error = task.exception()
+                    if isinstance(error, PeerIdMismatch):
+                        mismatch = error
         if winner is None:
             if mismatch is not None:
                 raise mismatch
@@ -311,7 +314,12 @@ class ConnectionManager:
             raise PeerUnreachable(f"could not reach {peer}: {detail}")
         return self._register(winner)
 
-    async def _first_success(self, attempts, errors, wait: float) -> RawConnection | None:
+    async def _first_success(
+        self,
+        attempts: dict[asyncio.Task[RawConnection], Multiaddr],
+        errors: list[str],
+        wait: float,
+    ) -> RawConnection | None:
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while True:
@@ -329,7 +337,7 @@ class ConnectionManager:
             )
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
-                    errors.append(f"{task.addr}: {task.exception()}")  # type: ignore[attr-defined]
+                    errors.append(f"{attempts[task]}: {task.exception()}")
 
     async def _dial_one(
         self, addr: Multiaddr, expected: PeerId | None, timeout: float
@@ -385,9 +393,9 @@ class ConnectionManager:
         conns = self._conns.setdefault(peer, [])
         first = not conns
         conns.append(conn)
-        session.on_close(lambda _s, c=conn: self._on_closed(c))
+        session.on_close(lambda _session: self._on_closed(conn))
         if raw.on_close is not None:
-            raw.on_close(lambda s=session: s.close("transport connection closed"))
+            raw.on_close(lambda: session.close("transport connection closed"))
         log.debug(
             "connected to %s over %s (%s)",
             peer,
@@ -395,10 +403,10 @@ class ConnectionManager:
             "outbound" if raw.outbound else "inbound",
         )
         if first:
-            for callback in list(self._connected_cbs):
-                _safe_call(callback, peer)
-        for callback in list(self._added_cbs):
-            _safe_call(callback, conn)
+            for on_connected in list(self._connected_cbs):
+                _safe_call(on_connected, peer)
+        for on_added in list(self._added_cbs):
+            _safe_call(on_added, conn)
         return conn
 
     def _on_closed(self, conn: MeshConnection) -> None:
@@ -474,7 +482,7 @@ def _close_late_winner(task: asyncio.Task) -> None:
         task.result().close("happy-eyeballs loser")
 
 
-def _safe_call(callback, *args) -> None:
+def _safe_call(callback: Callable[..., None], *args: object) -> None:
     try:
         callback(*args)
     except Exception:

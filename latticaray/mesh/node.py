@@ -38,7 +38,7 @@ from .paths import (
     is_dialable_addr,
 )
 from .rpc import RpcLimits, RpcRouter, StreamCall
-from .tls import make_certified_key
+from .tls import CertifiedKey, make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
 __all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode"]
@@ -113,7 +113,7 @@ class MeshNode:
         self._listen_addrs: list[Multiaddr] = []
         self._extra_addrs: list[Multiaddr] = []
         self._addrs_changed_cbs: list[Callable[[], None]] = []
-        self._certified = None
+        self._certified: CertifiedKey | None = None
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task] = set()

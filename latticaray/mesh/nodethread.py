@@ -38,6 +38,7 @@ class NodeThread:
         self._error: BaseException | None = None
 
     def _main(self) -> None:
+        loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from .errors import PeerIdMismatch
 from .identity import PeerId
@@ -29,13 +30,13 @@ class PeerStore:
     def __init__(self) -> None:
         self._addrs: OrderedDict[PeerId, list[Multiaddr]] = OrderedDict()
 
-    def add(self, peer: PeerId, addrs) -> None:
+    def add(self, peer: PeerId, addrs: Iterable[Multiaddr | str]) -> None:
         """Remember ``addrs`` for ``peer``; raises :class:`PeerIdMismatch` for an address that
         names another peer as its target."""
         known = self._addrs.pop(peer, [])
         try:
-            for addr in addrs:
-                addr = Multiaddr.parse(addr)
+            for given in addrs:
+                addr = Multiaddr.parse(given)
                 if addr.peer_id is not None and addr.peer_id != peer:
                     raise PeerIdMismatch(peer, addr.peer_id)
                 if not is_dialable_addr(addr):

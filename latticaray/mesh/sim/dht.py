@@ -20,8 +20,9 @@ concurrently.
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from ..dht.core import DhtConfig, DhtCore, Operation
@@ -81,8 +82,7 @@ class SimDht:
         self.rng = random.Random(seed ^ 0x5EED)
         self.config = config or DhtConfig()
         self._base_latency: dict[bytes, float] = {}
-        lat = self._base_latency
-        self.net = VirtualNetwork(self.sim, latency=lambda a, b: lat[a] + lat[b], loss=loss)
+        self.net = VirtualNetwork(self.sim, latency=self._link_latency, loss=loss)
         self._latency_range = latency
         self.nodes: dict[bytes, DhtCore] = {}
         self.keypairs: dict[bytes, KeyPair] = {}
@@ -109,7 +109,7 @@ class SimDht:
         self.contacts[pid] = core.contact
         lo, hi = self._latency_range
         self._base_latency[pid] = self.rng.uniform(lo, hi) / 2
-        self.net.attach(pid, lambda src, msg, size, dst=pid: self._deliver(src, dst, msg))
+        self.net.attach(pid, functools.partial(self._on_message, pid))
         return core
 
     def live_nodes(self) -> list[bytes]:
@@ -271,10 +271,20 @@ class SimDht:
                 contact,
                 core.request(PING),
                 None,
-                on_ping=lambda alive, c=core, ct=contact: c.ping_done(ct, alive, self.sim.now),
+                on_ping=functools.partial(self._ping_done, core, contact),
             )
 
-    def _deliver(self, src: bytes, dst: bytes, msg: tuple) -> None:
+    def _link_latency(self, a: Hashable, b: Hashable) -> float:
+        lat = self._base_latency
+        return lat[a] + lat[b]  # type: ignore[index]  # the network's node names are our peer ids
+
+    def _ping_done(self, core: DhtCore, contact: Contact, alive: bool) -> None:
+        core.ping_done(contact, alive, self.sim.now)
+
+    def _on_message(self, dst: bytes, src: Hashable, msg: Any, size: int) -> None:
+        self._deliver(src, dst, msg)  # type: ignore[arg-type]
+
+    def _deliver(self, src: bytes, dst: bytes, msg: tuple[Any, ...]) -> None:
         kind, rid, body = msg
         if kind == "req":
             core = self.nodes[dst]
