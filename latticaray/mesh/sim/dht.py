@@ -90,6 +90,8 @@ class SimDht:
         self._pending: dict[int, _Request] = {}
         self._next_rid = 0
         self._wakeups: dict[int, TimerHandle] = {}
+        #: id(op) -> (op, on_done) of operations driven by run_op and not yet finished
+        self._on_done: dict[int, tuple[Operation, Callable[[Operation], None] | None]] = {}
         # host keys derived from the seed, so peer IDs (and so the whole run) repeat exactly
         key_rng = random.Random(seed ^ 0x6B657973)
         self._key_factory = keys or (lambda i: KeyPair.from_private_bytes(key_rng.randbytes(32)))
@@ -195,7 +197,7 @@ class SimDht:
         self, core: DhtCore, op: Operation, on_done: Callable[[Operation], None] | None = None
     ) -> Operation:
         """Drive ``op`` on ``core``; ``on_done(op)`` is called once when it completes."""
-        op._sim_on_done = on_done  # type: ignore[attr-defined]
+        self._on_done[id(op)] = (op, on_done)
         self._pump(core, op)
         return op
 
@@ -212,17 +214,15 @@ class SimDht:
         if not self.net.is_up(core.peer_id):
             return
         now = self.sim.now
-        if op.done and getattr(op, "_sim_finished", False):
+        if op.done and id(op) not in self._on_done:
             return
         for contact, request in op.next_requests(now):
             self._send_request(core, contact, request, op)
         self._send_pings(core)
         if op.done:
-            if not getattr(op, "_sim_finished", False):
-                op._sim_finished = True  # type: ignore[attr-defined]
-                cb = getattr(op, "_sim_on_done", None)
-                if cb is not None:
-                    cb(op)
+            entry = self._on_done.pop(id(op), None)
+            if entry is not None and entry[1] is not None:
+                entry[1](op)
             return
         deadline = op.next_deadline()
         if deadline is not None and deadline > now:
