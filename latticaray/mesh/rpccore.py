@@ -257,12 +257,10 @@ class RpcConnection:
             # entries of finished calls stay until they expire: drop them now and then
             self._deadline_adds = 0
             if len(self._deadlines) > 4 * self.active_calls:
-                self._deadlines.compact(self._is_live)
-
-    def _is_live(self, call_id: int, outgoing: bool) -> bool:
-        if outgoing:
-            return call_id in self.unary_out or call_id in self.streams_out
-        return call_id in self.unary_in or call_id in self.streams_in
+                self._deadlines.compact(
+                    self.unary_out.keys() | self.streams_out.keys(),
+                    self.unary_in.keys() | self.streams_in.keys(),
+                )
 
     # -- outgoing calls ------------------------------------------------------------------------
     def open_unary(

@@ -10,7 +10,7 @@ on what they return. The byte-level codec is :mod:`latticaray.mesh.framing`.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Container
 from dataclasses import dataclass
 
 from .errors import ProtocolViolation
@@ -156,9 +156,10 @@ class DeadlineQueue:
             expired.append((call_id, outgoing))
         return expired
 
-    def compact(self, is_live: Callable[[int, bool], bool]) -> None:
-        """Drop entries for which ``is_live(call_id, outgoing)`` is false."""
-        live = [entry for entry in self._heap if is_live(entry[1], entry[2])]
+    def compact(self, outgoing: Container[int], incoming: Container[int]) -> None:
+        """Keep only the entries of calls still open: outgoing ones whose id is in
+        ``outgoing``, the others whose id is in ``incoming``."""
+        live = [e for e in self._heap if e[1] in (outgoing if e[2] else incoming)]
         heapq.heapify(live)
         self._heap = live
 

@@ -24,7 +24,9 @@ __all__ = ["HandlerRunner"]
 
 _CLOSED = SessionState.CLOSED
 
-_current_task = asyncio.current_task
+# The running task of each loop, as asyncio keeps it (asyncio.current_task without its Python
+# wrapper).
+_current_tasks = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
 # asyncio's own bookkeeping of the running task (C-accelerated; used by every Task step). The
 # eager path steps a handler outside any task, so it takes the current task out for that step.
 _enter_task = asyncio.tasks._enter_task
@@ -122,12 +124,10 @@ class HandlerRunner:
     def start_unary(self, event: Event) -> None:
         """Start the handler of an accepted unary call (a CALL_OPENED event): eagerly (inline
         until it first waits) if it was registered so, else as a task."""
-        call_id = event[1]
-        ctx = CallContext(self._session, call_id, event[2], event[6])
-        handler = event[4]
-        payload = event[8]
+        _, call_id, service, _, handler, eager, deadline, _, payload = event
+        ctx = CallContext(self._session, call_id, service, deadline)
         core = self._core
-        if not event[5]:
+        if not eager:
             try:
                 coro = handler(ctx, payload)
             except Exception as exc:
@@ -142,7 +142,7 @@ class HandlerRunner:
         # While the handler runs inline no task is current, so asyncio.timeout() or
         # current_task() in it fail loudly instead of capturing (and later cancelling) our reader.
         loop = self._loop
-        current = _current_task(loop)
+        current = _current_tasks.get(loop)
         if current is not None:
             _leave_task(loop, current)
         try:
