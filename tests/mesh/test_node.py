@@ -288,7 +288,7 @@ async def test_default_node_prefers_the_same_host_unix_path(tmp_path):
 
 
 def test_node_thread_for_synchronous_code():
-    from latticaray.mesh.nodethread import NodeThread
+    from latticaray.mesh.node import NodeThread
 
     with (
         NodeThread(MeshConfig(**QUIC_ONLY)) as server,

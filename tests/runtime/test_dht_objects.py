@@ -14,8 +14,7 @@ from meshutil import driver_with_nodes
 
 import latticaray as lattica
 from latticaray.mesh.dht.service import DhtService
-from latticaray.mesh.node import MeshConfig
-from latticaray.mesh.nodethread import NodeThread
+from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.cid import Cid
 
 
