@@ -2,7 +2,8 @@
 
 It owns the node's identity, its transports (QUIC on one UDP socket, TCP+TLS, same-host Unix
 sockets), the connection manager (one RPC session per peer, reused by every protocol), the RPC
-router where services register, and the identify/ping protocols. This is the contract the
+router where services register, the identify/ping protocols, and the liveness watch of peers
+(:attr:`MeshNode.liveness`: keepalives, failure detection, redial). This is the contract the
 upper layers use (see docs/architecture.md)::
 
     node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]))
@@ -35,6 +36,7 @@ from .connmgr import ConnectionManager, MeshConnection
 from .errors import MultiaddrError, PeerIdMismatch, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
+from .liveness import LivenessChanged, LivenessConfig, LivenessService
 from .multiaddr import Multiaddr
 from .paths import (
     DEFAULT_TRANSPORT_PREFERENCE,
@@ -90,6 +92,8 @@ class MeshConfig:
     happy_eyeballs_delay: float = 0.25
     #: Run identify on every new connection (learns listen addrs and our observed address).
     auto_identify: bool = True
+    #: Failure detection of watched peers (``MeshNode.liveness``).
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     agent_version: str = AGENT_VERSION
 
 
@@ -116,6 +120,8 @@ class MeshNode:
             happy_eyeballs_delay=self.config.happy_eyeballs_delay,
         )
         self.identify_service = IdentifyService(self)
+        #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
+        self.liveness = LivenessService(self, self.config.liveness)
         self.quic: QuicTransport | None = None
         self._listen_addrs: list[Multiaddr] = []
         self._extra_addrs: list[Multiaddr] = []
@@ -160,6 +166,7 @@ class MeshNode:
             await self.stop()
             raise
         self.connections.start()
+        self.liveness.start()
         for addr in self.config.bootstrap:
             self._spawn(self._bootstrap_one(Multiaddr.parse(addr)))
         log.info(
@@ -173,6 +180,7 @@ class MeshNode:
         self._stopped = True
         for task in list(self._tasks):
             task.cancel()
+        await self.liveness.stop()
         await self.connections.close()
 
     async def __aenter__(self) -> MeshNode:
@@ -302,6 +310,11 @@ class MeshNode:
 
     def on_peer_connected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_connected(callback)
+
+    def on_peer_liveness(self, callback: Callable[[LivenessChanged[PeerId]], None]) -> None:
+        """``callback(change)`` when a peer watched with ``liveness.watch(peer)`` becomes
+        SUSPECT, DOWN or ALIVE again (see :mod:`latticaray.mesh.liveness`)."""
+        self.liveness.on_change(callback)
 
     def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_disconnected(callback)

@@ -130,6 +130,8 @@ class RpcSession:
         self._close_callbacks: list[Callable[[RpcSession], None]] = []
         self._done: asyncio.Future[None] = self.loop.create_future()
         self._read_progress = 0
+        #: Event-loop time of the last read from the channel (any bytes: liveness evidence).
+        self.last_activity = self.loop.time()
         self._stall_mark = -1
         self._stall_timer = self.loop.call_later(self.limits.frame_timeout, self._check_stall)
         self._close_timer: asyncio.TimerHandle | None = None
@@ -441,6 +443,7 @@ class RpcSession:
         channel = self.channel
         core = self.core
         feed = self._decoder.feed
+        time = self.loop.time
         read_size = self.limits.read_size
         max_parked = self.limits.max_concurrent_calls
         max_parked_bytes = 4 * self.limits.write_buffer_high + self.limits.max_frame_size
@@ -451,9 +454,10 @@ class RpcSession:
                 if not data:
                     break
                 self._read_progress += 1
+                now = self.last_activity = time()
                 frames = feed(data)
                 if frames:
-                    self._dispatch(frames)
+                    self._dispatch(frames, now)
                 # Reading continues while our replies are blocked (replies and credit from the
                 # peer must still get through, or two busy peers would wait on each other);
                 # only a peer flooding us with more new calls than that makes us stop reading.
@@ -495,10 +499,9 @@ class RpcSession:
         except Exception:
             return "?"
 
-    def _dispatch(self, frames: list[tuple[list[Any], bytes]]) -> None:
+    def _dispatch(self, frames: list[tuple[list[Any], bytes]], now: float) -> None:
         """Feed decoded frames to the core and apply its events, one frame at a time."""
         receive = self.core.receive_frame
-        now = self.loop.time()
         for header, payload in frames:
             event = receive(header, payload, now)
             if event is None:
