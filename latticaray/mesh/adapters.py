@@ -27,6 +27,8 @@ __all__ = [
     "StreamAdapter",
     "TransportAdapter",
     "make_stream_adapter",
+    "open_quic_rpc",
+    "quic_raw_connection",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,28 @@ class TransportAdapter:
         raise NotImplementedError
 
 
+def quic_raw_connection(conn: Any, channel: Any, outbound: bool) -> RawConnection:
+    """The :class:`RawConnection` of an authenticated QUIC connection whose RPC stream is
+    ``channel``."""
+    return RawConnection(
+        peer_id=conn.remote_peer,
+        channel=channel,
+        transport="quic",
+        remote_addr=conn.remote_addr,
+        outbound=outbound,
+        close=conn.close,
+        on_close=lambda cb: conn.on_close(lambda _c: cb()),
+    )
+
+
+def open_quic_rpc(conn: Any) -> RawConnection:
+    """Open the RPC stream on an authenticated QUIC connection we dialed (or punched) and
+    announce the protocol on it (:data:`RPC_PROTOCOL_PREAMBLE`)."""
+    channel = conn.open_channel()
+    channel.write(RPC_PROTOCOL_PREAMBLE)
+    return quic_raw_connection(conn, channel, outbound=True)
+
+
 class QuicAdapter(TransportAdapter):
     """QUIC: one shared UDP socket; the RPC session runs on one stream opened by the dialer."""
 
@@ -100,20 +124,7 @@ class QuicAdapter(TransportAdapter):
         self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
     ) -> RawConnection:
         conn = await self.transport.dial(addr.without_peer(), expected_peer, timeout)
-        channel = conn.open_channel()
-        channel.write(RPC_PROTOCOL_PREAMBLE)
-        return self._raw(conn, channel, outbound=True)
-
-    def _raw(self, conn, channel, outbound: bool) -> RawConnection:
-        return RawConnection(
-            peer_id=conn.remote_peer,
-            channel=channel,
-            transport="quic",
-            remote_addr=conn.remote_addr,
-            outbound=outbound,
-            close=conn.close,
-            on_close=lambda cb: conn.on_close(lambda _c: cb()),
-        )
+        return open_quic_rpc(conn)
 
     def _on_connection(self, conn) -> None:
         if not conn.is_client:
@@ -141,7 +152,7 @@ class QuicAdapter(TransportAdapter):
             )
             conn.close("no rpc stream")
             return
-        self._on_inbound(self._raw(conn, channel, outbound=False))
+        self._on_inbound(quic_raw_connection(conn, channel, outbound=False))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from test_rpc_support import wait_until
 
 from latticaray.mesh.liveness import LivenessConfig, PeerLiveness
 from latticaray.mesh.node import MeshConfig, MeshNode, NodeThread
@@ -23,14 +24,6 @@ FAST = LivenessConfig(
     redial_initial=0.05,
     redial_max=0.5,
 )
-
-
-async def wait_for(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -75,10 +68,8 @@ async def test_a_broken_connection_is_redialed_and_the_peer_is_never_down(watche
         for _ in range(3):
             first = a.connection_to(b.peer_id)
             first.session.channel.abort()  # the link breaks under us
-            await wait_for(
-                lambda first=first: a.connection_to(b.peer_id) not in (None, first),
-                5.0,
-                "redial",
+            await wait_until(
+                lambda first=first: a.connection_to(b.peer_id) not in (None, first), 5.0
             )
             await asyncio.sleep(0.3)
         assert PeerLiveness.DOWN not in [c.state for c in changes]
@@ -99,9 +90,7 @@ async def test_a_stopped_peer_is_reported_down_then_alive_when_it_returns(watche
     addr = b.listen_addrs[0]
     stopped = time.monotonic()
     await b.stop()
-    await wait_for(
-        lambda: a.liveness.state(b.peer_id) is PeerLiveness.DOWN, 10.0, "peer reported down"
-    )
+    await wait_until(lambda: a.liveness.state(b.peer_id) is PeerLiveness.DOWN, 10.0)
     took = time.monotonic() - stopped
     assert took <= 6.0, took  # silent_for (below) counts from the last bytes heard
     down = [c for c in changes if c.state is PeerLiveness.DOWN]
@@ -111,7 +100,7 @@ async def test_a_stopped_peer_is_reported_down_then_alive_when_it_returns(watche
         MeshConfig(listen=[str(addr.without_peer())], transports=("tcp",), key=b.key)
     ).start()
     try:
-        await wait_for(lambda: a.liveness.state(b.peer_id) is PeerLiveness.ALIVE, 10.0, "peer back")
+        await wait_until(lambda: a.liveness.state(b.peer_id) is PeerLiveness.ALIVE, 10.0)
         assert changes[-1].state is PeerLiveness.ALIVE
     finally:
         await back.stop()
