@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint bench venv clean
+.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean interop-deps
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,14 +22,36 @@ demo: $(STAMP)
 demo-mesh: $(STAMP)
 	$(VPY) examples/mesh_demo.py
 
-test: $(STAMP)
+test: $(STAMP) interop-deps
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
 # ruff (rules in pyproject.toml), the formatter's check, and mypy over the package
 lint: $(STAMP)
-	$(VENV)/bin/ruff check latticaray tests bench examples
-	$(VENV)/bin/ruff format --check latticaray tests bench examples
+	$(VENV)/bin/ruff check latticaray tests bench examples fuzz
+	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz
 	$(VENV)/bin/mypy
+
+# coverage-guided fuzzing of every network decoder (atheris); FUZZ_SECONDS per target
+FUZZ_SECONDS ?= 60
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(VPY) -m fuzz.run --all --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+# Ray 2.60 in a virtualenv of its own, for the benchmarks that run Ray beside latticaray
+ray-venv: .venv-ray/bin/ray
+.venv-ray/bin/ray:
+	$(PY) -m venv .venv-ray
+	.venv-ray/bin/python -m pip install -q "ray==2.60.0" numpy
+
+# the js-libp2p / Helia peer of tests/interop: installed from its lock file, again only when the
+# lock file changes (node_modules is kept between runs); install scripts are not run. `npm ci`
+# refuses this lock: the QUIC module's binaries for other platforms are optional and absent here.
+JS_PEER := tests/interop/js
+$(JS_PEER)/node_modules/.installed: $(JS_PEER)/package.json $(JS_PEER)/package-lock.json
+	cd $(JS_PEER) && npm install --ignore-scripts --no-audit --no-fund
+	touch $@
+
+interop-deps: $(JS_PEER)/node_modules/.installed
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

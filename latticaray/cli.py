@@ -72,7 +72,7 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("latticaray.cli").setLevel(logging.INFO)
 
 
-def _run(coro) -> int:
+def _run(coro):
     try:
         import uvloop
     except ImportError:
@@ -413,9 +413,9 @@ def mesh_status(run_dir: Path, check: bool = False) -> tuple[dict | None, dict]:
         return None, {}
     for n in state["nodes"]:
         n["alive"] = _pid_is_our_node(n["pid"], run_dir)
-    report = (
-        _run(_admin_calls(state, run_dir, check)) if any(n["alive"] for n in state["nodes"]) else {}
-    )
+    report: dict = {}
+    if any(n["alive"] for n in state["nodes"]):
+        report = _run(_admin_calls(state, run_dir, check))
     return state, report
 
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .adapters import RPC_PROTOCOL_PREAMBLE, RawConnection, TransportAdapter
+from .adapters import RPC_PROTOCOL_PREAMBLE, QuicAdapter, RawConnection, TransportAdapter
 from .errors import ConnectionClosed, PeerIdMismatch, PeerUnreachable
 from .identity import PeerId
 from .multiaddr import Multiaddr
@@ -63,6 +63,7 @@ __all__ = [
     "ConnectionManager",
     "MeshConnection",
     "PeerStore",
+    "QuicAdapter",
     "RawConnection",
     "TransportAdapter",
     "dial_schedule",

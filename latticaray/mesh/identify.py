@@ -173,8 +173,14 @@ class IdentifyService:
         self.peer_info: dict[PeerId, IdentifyInfo] = {}
         #: our address as seen by each peer (hints for NAT traversal, not truth)
         self.observed_by: dict[PeerId, Multiaddr] = {}
+        self._identified_cbs: list[Callable[[IdentifyInfo], None]] = []
         node.register_unary(IDENTIFY_PROTOCOL, self._handle_identify)
         node.register_unary(PING_PROTOCOL, self._handle_ping)
+
+    def on_identified(self, callback: Callable[[IdentifyInfo], None]) -> None:
+        """``callback(info)`` after each successful identify of a peer (e.g. NAT traversal
+        looking for peers that offer the relay service among ``info.protocols``)."""
+        self._identified_cbs.append(callback)
 
     async def _handle_identify(self, ctx, payload: bytes) -> bytes:
         node = self._node
@@ -202,6 +208,8 @@ class IdentifyService:
             self._node.add_addrs(peer, usable)
         if info.observed_addr is not None:
             self.observed_by[peer] = info.observed_addr
+        for callback in list(self._identified_cbs):
+            callback(info)
         return info
 
     def _dialable_from_here(self, peer: PeerId, addrs: list[Multiaddr]) -> list[Multiaddr]:

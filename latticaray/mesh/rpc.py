@@ -73,14 +73,22 @@ from .rpccore import (
     SessionState,
 )
 from .rpcflow import INITIAL_WINDOW, MESSAGE_OVERHEAD, RpcLimits
-from .rpcrouter import RpcRouter
+from .rpcrouter import (
+    BidiHandler,
+    ClientStreamHandler,
+    RpcRouter,
+    ServerStreamHandler,
+    UnaryHandler,
+)
 from .rpcserve import HandlerRunner
 
 __all__ = [
     "INITIAL_WINDOW",
     "MESSAGE_OVERHEAD",
     "PROTOCOL_ID",
+    "BidiHandler",
     "CallContext",
+    "ClientStreamHandler",
     "RpcCancelled",
     "RpcConnectionLost",
     "RpcError",
@@ -89,8 +97,10 @@ __all__ = [
     "RpcSession",
     "RpcTimeout",
     "RpcUnimplemented",
+    "ServerStreamHandler",
     "Status",
     "StreamCall",
+    "UnaryHandler",
 ]
 
 log = logging.getLogger(__name__)

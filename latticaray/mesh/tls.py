@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -194,7 +194,7 @@ def verify_certificate(
             raise HandshakeError(f"peer certificate is {len(cert_der)} bytes, over the limit")
         try:
             cert = x509.load_der_x509_certificate(bytes(cert_der))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise HandshakeError(f"peer certificate is not valid DER X.509: {exc}") from None
     now = now or _dt.datetime.now(_dt.UTC)
     try:
@@ -232,11 +232,11 @@ def verify_certificate(
         spki = cert_public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise HandshakeError(f"peer certificate key is unusable: {exc}") from None
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise HandshakeError(f"peer certificate is not validly self-signed: {exc!r}") from None
     if not peer.verify(signature, SIGNATURE_PREFIX + spki):
         raise HandshakeError(

@@ -162,7 +162,7 @@ def labels_match(labels: Mapping[str, str], selector: Mapping[str, str | Sequenc
     return True
 
 
-def _selector_key(selector: Mapping[str, str | Sequence[str]]) -> tuple:
+def _selector_key(selector: Mapping[str, str | Sequence[str]]) -> tuple[object, ...]:
     return tuple(
         sorted((k, v if isinstance(v, str) else tuple(sorted(v))) for k, v in selector.items())
     )
@@ -186,7 +186,7 @@ class ClusterSnapshot:
         self.objects: dict[bytes | str, ObjectInfo] = objects if objects is not None else {}
         self.local_node = local_node
         self.version = 0
-        self._feasible_cache: dict[tuple, list[str]] = {}
+        self._feasible_cache: dict[tuple[object, ...], list[str]] = {}
         self._load_sum = 0.0
         self._alive = 0
         for view in nodes:
@@ -332,7 +332,7 @@ class PlacementPolicy:
         self.locality_delay = locality_delay
         self.full_scan_limit = full_scan_limit
         self._pending: dict[str, _Pending] = {}
-        self._spread_cursor: dict[tuple, int] = {}
+        self._spread_cursor: dict[tuple[object, ...], int] = {}
 
     # anti-herding memory -----------------------------------------------------------------------
     def forget(self, task_id: str, node_id: str) -> None:
@@ -504,16 +504,16 @@ class PlacementPolicy:
             e for e in holder_estimates if e.room_now or (e.queue_space and e.load_after <= limit)
         ]
         if local:
-            best = min(
+            nearest = min(
                 local, key=lambda e: (-e.local_bytes, not e.room_now, e.load_after, e.node.node_id)
             )
             return Decision(
                 DecisionKind.PLACE,
-                best.node.node_id,
+                nearest.node.node_id,
                 reason="locality",
-                local_bytes=best.local_bytes,
+                local_bytes=nearest.local_bytes,
                 holder_available=True,
-                room_now=best.room_now,
+                room_now=nearest.room_now,
             )
         if (
             self.locality_delay > 0

@@ -174,7 +174,7 @@ class SchedulerService:
             key, resources, submitter, label_selector=_parse_selector(request.get("sel", {}))
         )
         admission = self.local.offer(placement, self.clock())
-        reply = {
+        reply: dict[str, object] = {
             "v": 1,
             "kind": admission.kind.value,
             "reason": admission.reason[:512],

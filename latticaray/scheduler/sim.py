@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from latticaray.mesh.sim import Simulator, VirtualNetwork
@@ -357,7 +358,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     def make_task(k: int, sid: str) -> PlacementRequest:
         u = rng.random()
         resources: dict[str, float] = {"CPU": 1}
-        selector: dict[str, str] = {}
+        selector: dict[str, str | Sequence[str]] = {}
         if u < config.gpu_task_fraction:
             resources["GPU"] = rng.choice([0.25, 0.5, 1])
         elif u < config.gpu_task_fraction + config.custom_task_fraction:
@@ -382,8 +383,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     def arrive(k: int, sid: str) -> None:
         sub = submitters[sid]
         request = make_task(k, sid)
-        size, holders = objects[request.args[0][0]]
-        object_table[request.args[0][0]] = ObjectInfo(size, holders)
+        cid = str(request.args[0][0])
+        size, holders = objects[cid]
+        object_table[cid] = ObjectInfo(size, holders)
         submitted_at[request.task_id] = sim.now
         holders_of_task[request.task_id] = holders
         feasible_holder[request.task_id] = any(is_feasible(h, request) for h in holders)

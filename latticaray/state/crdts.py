@@ -44,8 +44,17 @@ class StateWriter(Protocol):
     store: CrdtStore
     peer_id: PeerId
 
+    def next_hlc(self) -> Hlc: ...
+
     def write(
-        self, collection: str, key: str, subkey: str, value: Any = None, *, tombstone: bool = False
+        self,
+        collection: str,
+        key: str,
+        subkey: str,
+        value: Any = None,
+        *,
+        tombstone: bool = False,
+        hlc: Hlc | None = None,
     ) -> Atom: ...
 
 

@@ -343,8 +343,8 @@ class Replica:
 
     def _continue_session(self, src: PeerId, msg: dict, now: float) -> list[Outgoing]:
         sid = msg.get("s")
-        session = self._sessions.get(sid) if type(sid) is int else None
-        if session is None or session.peer != src:
+        session = self._sessions.get(sid) if isinstance(sid, int) else None
+        if session is None or session.peer != src or not isinstance(sid, int):
             self.stats.messages_rejected["unexpected_reply"] += 1
             return []
         self._merge_from(src, _atoms_field(msg, self.limits), now, forward=None)
@@ -430,7 +430,8 @@ class Replica:
         return [(src, data)]
 
     def _budgeted(self, atoms: list[Atom]) -> list[Atom]:
-        out, size = [], 0
+        out: list[Atom] = []
+        size = 0
         for atom in atoms:
             size += _atom_size(atom)
             if out and (

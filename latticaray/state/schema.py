@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Set
 from typing import Any
 
 from ..mesh.identity import PeerId, PeerIdError
@@ -59,7 +60,7 @@ def check_labels(value: Any, name: str, max_entries: int = 64) -> str | None:
     return None
 
 
-def check_fields(value: Any, required: set[str], optional: set[str] = frozenset()) -> str | None:
+def check_fields(value: Any, required: set[str], optional: Set[str] = frozenset()) -> str | None:
     if not isinstance(value, dict):
         return "value must be a map"
     missing = required - value.keys()

@@ -141,6 +141,8 @@ class StateService:
             await self.save_snapshot()
 
     async def save_snapshot(self) -> int:
+        if self.snapshot_path is None:
+            raise StateError("no snapshot path was configured")
         data = encode_snapshot(self.core.store, time.time())
         return await asyncio.to_thread(write_snapshot_file, self.snapshot_path, data)
 
@@ -168,8 +170,9 @@ class StateService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _exchange(self, peer: PeerId, data: bytes) -> None:
+    async def _exchange(self, peer: PeerId, first: bytes) -> None:
         """One call; an anti-entropy reply is fed back and the session continues."""
+        data: bytes | None = first
         while data is not None:
             async with self._in_flight:
                 try:

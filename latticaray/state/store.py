@@ -327,7 +327,9 @@ class CrdtStore:
         stop = self._positions.bisect_left((high,))
         out = []
         for h, slot in self._positions[start:stop]:
-            out.append((h, self.get(slot)))
+            atom = self.get(slot)
+            if atom is not None:  # every position names a held slot
+                out.append((h, atom))
         return out
 
     def slot_hash_of(self, slot: SlotId) -> int | None:
@@ -344,4 +346,5 @@ class CrdtStore:
     def atoms_with_hash(self, h: int) -> list[Atom]:
         start = self._positions.bisect_left((h,))
         stop = self._positions.bisect_left((h + 1,))
-        return [self.get(slot) for _, slot in self._positions[start:stop]]
+        atoms = (self.get(slot) for _, slot in self._positions[start:stop])
+        return [atom for atom in atoms if atom is not None]

@@ -4,6 +4,8 @@ import asyncio
 import collections
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import aioquic
@@ -12,7 +14,9 @@ from aioquic import tls as aioquic_tls
 
 from latticaray.mesh.errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
 from latticaray.mesh.identity import KeyPair
-from latticaray.mesh.transport.quic import QuicConfig, QuicTransport, _UdpSocket
+from latticaray.mesh.transport.quic import QuicConfig, QuicTransport
+from latticaray.mesh.transport.quic_aioquic import check_aioquic_version
+from latticaray.mesh.transport.quic_udp import UdpSocket
 
 
 async def wait_for(predicate, timeout=10.0, what="condition"):
@@ -41,6 +45,17 @@ class Endpoint:
         return self.transport.listen_addr.with_peer(self.key.peer_id)
 
 
+def test_the_aioquic_overrides_refuse_any_other_aioquic_version():
+    with pytest.raises(ImportError, match=r"aioquic==1\.7\.2"):
+        check_aioquic_version("1.8.0")
+    check_aioquic_version(aioquic.__version__)  # the installed one is the pinned one
+    # the transport does not import on top of another aioquic release
+    code = "import aioquic; aioquic.__version__ = '9.9.9'; import latticaray.mesh.transport.quic"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "aioquic 9.9.9 is installed" in proc.stderr and "aioquic==1.7.2" in proc.stderr
+
+
 def test_aioquic_pinned_private_client_cert_flag_exists():
     # mutual auth relies on this private flag of aioquic 1.7.2; fail loudly if it goes away
     assert aioquic.__version__ == "1.7.2"
@@ -59,8 +74,9 @@ async def test_mutual_authentication_and_shared_socket():
         # the server observes the client at the client's listen socket (one socket per node)
         assert inbound.remote_addr == a.transport.listen_addr
         assert a.conns == [conn]
-        # loopback path: large datagrams; an RTT sample exists after the handshake
-        assert conn.max_datagram_size == 16384 and 0 < conn.rtt < 5
+        # loopback path: large datagrams (16 KiB, then what path MTU discovery finds); an RTT
+        # sample exists after the handshake
+        assert conn.max_datagram_size >= 16384 and 0 < conn.rtt < 5
 
 
 async def test_dialing_the_wrong_peer_id_raises_peer_id_mismatch():
@@ -143,6 +159,13 @@ async def test_write_backpressure_bounds_memory_when_the_reader_stalls():
             await asyncio.wait_for(ch.drain(), 10)
         await asyncio.wait_for(reader, 20)
         assert bytes(got) == bytes(sent)
+
+
+async def read_to_end(ch) -> bytes:
+    got = bytearray()
+    while chunk := await asyncio.wait_for(ch.read(1 << 20), 10):
+        got += chunk
+    return bytes(got)
 
 
 async def _read_exactly(ch, n, out):
@@ -228,14 +251,7 @@ class _RecordingSocket:
 
 def test_runs_of_equal_size_datagrams_go_out_as_one_gso_send():
     sock = _RecordingSocket()
-    udp = _UdpSocket.__new__(_UdpSocket)  # no event loop needed: only the send path
-    udp._sock, udp._queue, udp._closed, udp._gso, udp.gso_sends = (
-        sock,
-        collections.deque(),
-        False,
-        True,
-        0,
-    )
+    udp = UdpSocket.send_only(sock)  # no event loop needed: only the send path
     x, y = ("198.18.0.1", 1), ("198.18.0.2", 2)
     udp.send_many(
         [(b"a" * 1350, x)] * 3
@@ -347,13 +363,7 @@ async def test_graceful_close_delivers_data_written_before_it():
         conn.close("done")  # right away: data must still arrive before CONNECTION_CLOSE
         await wait_for(lambda: b.conns, what="inbound")
         server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
-        got = bytearray()
-        while True:
-            chunk = await asyncio.wait_for(server_ch.read(1 << 20), 10)
-            if not chunk:
-                break
-            got += chunk
-        assert bytes(got) == payload
+        assert await read_to_end(server_ch) == payload
         await asyncio.wait_for(conn.wait_closed(), 10)
 
 
@@ -387,13 +397,13 @@ def test_datagram_size_is_chosen_per_path():
 
 def _record_long_header_datagrams(transport, into: list) -> None:
     """Keep a copy of every long-header (Initial/Handshake) datagram the transport sends."""
-    send_datagrams = transport._send_datagrams
+    send_many = transport._udp.send_many
 
     def recording(datagrams):
         into.extend(data for data, _ in datagrams if data[0] & 0x80)
-        send_datagrams(datagrams)
+        send_many(datagrams)
 
-    transport._send_datagrams = recording
+    transport._udp.send_many = recording
 
 
 async def test_handshake_state_is_released_and_late_handshake_packets_are_dropped(caplog):
@@ -460,7 +470,7 @@ async def test_finished_streams_cost_no_memory_and_their_late_data_is_discarded(
             assert await asyncio.wait_for(ch.read(100), 10) == b"pong"
             assert await asyncio.wait_for(ch.read(100), 10) == b""
         await wait_for(lambda: not server._channels and not conn._channels, what="channels freed")
-        assert server._peer_max_bidi == 4 * 299 and not server._peer_gaps
+        assert server._peer_streams.max_bidi == 4 * 299 and not server._peer_streams.gaps
 
         consumed = server._quic.connection_consumed
         server._on_stream_data(events.StreamDataReceived(b"late", False, 4 * 17))
@@ -468,8 +478,138 @@ async def test_finished_streams_cost_no_memory_and_their_late_data_is_discarded(
 
         # the peer's next two streams arrive out of order: 4*302 first, then 4*300 and 4*301
         server._on_stream_data(events.StreamDataReceived(b"c", False, 4 * 302))
-        assert server._peer_gaps == {4 * 300, 4 * 301}
+        assert server._peer_streams.gaps == {4 * 300, 4 * 301}
         server._on_stream_data(events.StreamDataReceived(b"a", False, 4 * 300))
         server._on_stream_data(events.StreamDataReceived(b"b", False, 4 * 301))
         assert [ch.stream_id for ch in server._accept_queue] == [4 * 302, 4 * 300, 4 * 301]
-        assert not server._peer_gaps
+        assert not server._peer_streams.gaps
+
+
+async def test_many_streams_in_flight_cost_a_few_stream_visits_per_packet():
+    """aioquic visits every open stream for every packet it builds; the transport visits only
+    streams with something to send and stops at a full packet. 100 streams of 64 KiB each way
+    at 1350 B datagrams arrive intact, with a bounded number of stream visits per packet."""
+    cfg = QuicConfig(
+        max_datagram_size=1350,
+        loopback_max_datagram_size=1350,
+        pmtu_discovery=False,
+        max_streams=128,
+        accept_backlog=128,
+    )
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        conn = await a.transport.dial(b.addr)
+        await wait_for(lambda: b.conns, what="inbound")
+        visits = collections.Counter()
+        for quic in (conn._quic, b.conns[0]._quic):
+            write = quic._write_stream_frame
+
+            def counting(*args, write=write, **kwargs):
+                visits["frames"] += 1
+                return write(*args, **kwargs)
+
+            quic._write_stream_frame = counting
+        packets_before = conn._quic._packet_number + b.conns[0]._quic._packet_number
+
+        async def echo_server():
+            async def echo(ch):
+                ch.write(await read_to_end(ch))
+                ch.close()
+
+            tasks = []
+            for _ in range(100):
+                tasks.append(asyncio.ensure_future(echo(await b.conns[0].accept_channel())))
+            await asyncio.gather(*tasks)
+
+        server = asyncio.ensure_future(echo_server())
+        payloads = [os.urandom(64 * 1024) for _ in range(100)]
+        channels = []
+        for payload in payloads:
+            ch = conn.open_channel()
+            ch.write(payload)
+            ch.close()
+            channels.append(ch)
+
+        replies = await asyncio.wait_for(asyncio.gather(*(read_to_end(ch) for ch in channels)), 60)
+        await asyncio.wait_for(server, 10)
+        assert replies == payloads
+        packets = conn._quic._packet_number + b.conns[0]._quic._packet_number - packets_before
+        # ~2 x 100 x 64 KiB / 1350 B = ~9,700 data packets; aioquic's scan: ~50 visits each
+        assert packets > 9000 and visits["frames"] < 3 * packets, (visits, packets)
+
+
+async def test_a_stream_held_by_its_own_window_goes_on_when_the_reader_reads():
+    # the stream's window (256 KiB) runs out long before the connection's (16 MiB)
+    cfg = QuicConfig(stream_receive_window=256 * 1024, write_high_water=256 * 1024)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        conn = await a.transport.dial(b.addr)
+        ch = conn.open_channel()
+        sent = os.urandom(3 << 20)
+        await wait_for(lambda: b.conns, what="inbound")
+
+        async def write_all():
+            for i in range(0, len(sent), 64 * 1024):
+                ch.write(sent[i : i + 64 * 1024])
+                await ch.drain()
+
+        writer = asyncio.ensure_future(write_all())
+        server_ch = await asyncio.wait_for(b.conns[0].accept_channel(), 10)
+        got = bytearray()
+        await asyncio.wait_for(_read_exactly(server_ch, len(sent), got), 30)
+        await asyncio.wait_for(writer, 10)
+        assert bytes(got) == sent
+
+
+async def _send_and_check(conn, inbound, size):
+    ch = conn.open_channel()
+    sent = os.urandom(size)
+    ch.write(sent)
+    ch.close()
+    server_ch = await asyncio.wait_for(inbound.accept_channel(), 10)
+    assert await read_to_end(server_ch) == sent
+
+
+_START_AT_1350 = {"max_datagram_size": 1350, "loopback_max_datagram_size": 1350}
+
+
+async def test_path_mtu_discovery_grows_a_loopback_connection_to_64_kib_datagrams():
+    async with Endpoint(QuicConfig(**_START_AT_1350)) as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        assert conn.max_datagram_size == 1350  # the handshake ran at the base size
+        await wait_for(lambda: conn.max_datagram_size == 65507, what="PMTU probe acked")
+        await wait_for(lambda: b.conns, what="inbound")
+        # STREAM frames longer than 16383 bytes (4-byte lengths) arrive intact
+        await _send_and_check(conn, b.conns[0], 3 << 20)
+
+
+async def test_a_path_that_drops_large_datagrams_settles_below_them():
+    from latticaray.mesh.transport.quic_pmtu import PmtuState
+
+    limit = 9000  # the "path" carries no datagram larger than this
+    cfg = QuicConfig(**_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        for transport in (a.transport, b.transport):
+            udp = transport._udp
+            deliver = udp._on_datagram
+
+            def small_only(data, peer, deliver=deliver):
+                if len(data) <= limit:
+                    deliver(data, peer)
+
+            udp._on_datagram = small_only
+        conn = await a.transport.dial(b.addr)
+        await wait_for(
+            lambda: conn._quic.pmtu.state is PmtuState.COMPLETE, timeout=30, what="search done"
+        )
+        assert limit - 32 <= conn.max_datagram_size <= limit
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 1 << 20)
+        assert conn.is_established
+
+
+async def test_without_path_mtu_discovery_the_configured_size_stays():
+    cfg = QuicConfig(pmtu_discovery=False, **_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        conn = await a.transport.dial(b.addr)
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 1 << 20)
+        assert conn.max_datagram_size == 1350

@@ -21,7 +21,8 @@ After an OK ``connect_resp``/``accept_resp`` the stream carries raw circuit byte
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 from .errors import (
@@ -69,7 +70,7 @@ class Circuit:
     accepted: bool = False
 
 
-class RelayService:
+class RelayCore:
     """The relay's bookkeeping; the driver splices streams and reports bytes moved."""
 
     def __init__(self, config: RelayConfig | None = None) -> None:
@@ -205,74 +206,12 @@ class RelayService:
         return min(times) if times else None
 
 
-# --------------------------------------------------------------------------- client side
-@dataclass
-class RelayState:
-    relay: str
-    addr_text: str  # the relay's own multiaddr (without /p2p)
-    expires: float = 0.0
-    next_attempt: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-
-
-@dataclass
-class ReservationKeeper:
-    """A private node's reservations on one or more relays: when to (re)reserve, what to advertise.
-
-    Renews at ``renew_fraction`` of the granted TTL; retries failures with capped exponential backoff.
-    """
-
-    renew_fraction: float = 0.5
-    retry_base: float = 1.0
-    retry_max: float = 60.0
-    relays: dict[str, RelayState] = field(default_factory=dict)
-
-    def add_relay(self, relay: str, addr_text: str, now: float) -> None:
-        self.relays.setdefault(relay, RelayState(relay, addr_text, next_attempt=now))
-
-    def remove_relay(self, relay: str) -> None:
-        self.relays.pop(relay, None)
-
-    def due(self, now: float) -> list[str]:
-        return [r.relay for r in self.relays.values() if r.next_attempt <= now]
-
-    def on_reserved(self, relay: str, ttl: float, now: float) -> None:
-        state = self.relays[relay]
-        state.expires = now + ttl
-        state.next_attempt = now + ttl * self.renew_fraction
-        state.failures = 0
-        state.last_error = None
-
-    def on_failed(self, relay: str, error: str, now: float) -> None:
-        state = self.relays.get(relay)
-        if state is None:
-            return
-        state.failures += 1
-        state.last_error = error
-        state.next_attempt = now + min(self.retry_max, self.retry_base * 2 ** (state.failures - 1))
-
-    def active(self, now: float) -> list[RelayState]:
-        return [r for r in self.relays.values() if r.expires > now]
-
-    def circuit_addresses(self, me: str, now: float) -> list[str]:
-        from .addresses import circuit_address_text
-
-        return [circuit_address_text(r.addr_text, r.relay, me) for r in self.active(now)]
-
-    def next_timer(self) -> float | None:
-        return min((r.next_attempt for r in self.relays.values()), default=None)
-
-
 # ------------------------------------------------------------------------------- messages
-def reserve_response(
-    reservation: Reservation | None,
-    config: RelayConfig,
-    now: float,
-    error: RelayRefused | None = None,
-) -> bytes:
-    if error is not None:
-        return wire.encode("reserve_resp", s=error.code, m=error.message)
+def reserve_refused(error: RelayRefused) -> bytes:
+    return wire.encode("reserve_resp", s=error.code, m=error.message)
+
+
+def reserve_response(reservation: Reservation, config: RelayConfig, now: float) -> bytes:
     return wire.encode(
         "reserve_resp",
         s=OK,
@@ -283,9 +222,11 @@ def reserve_response(
     )
 
 
-def connect_response(circuit: Circuit | None, error: RelayRefused | None = None) -> bytes:
-    if error is not None:
-        return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+def connect_refused(error: RelayRefused) -> bytes:
+    return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+
+
+def connect_response(circuit: Circuit) -> bytes:
     return wire.encode(
         "connect_resp",
         s=OK,
@@ -296,7 +237,7 @@ def connect_response(circuit: Circuit | None, error: RelayRefused | None = None)
     )
 
 
-def check_status(msg: dict, expected_type: str) -> dict:
+def check_status(msg: dict[str, Any], expected_type: str) -> dict[str, Any]:
     """Raise :class:`RelayRefused` unless ``msg`` is an OK ``expected_type`` reply."""
     if msg.get("t") != expected_type:
         raise RelayRefused(MALFORMED, f"expected {expected_type}, got {msg.get('t')!r}")

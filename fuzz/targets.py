@@ -1,0 +1,282 @@
+"""The fuzz targets: one per decoder that reads bytes a peer controls.
+
+Each :class:`Target` names a function fed one fuzzer input, the exceptions that count as a clean
+refusal (the decoder's own typed errors), and seed inputs built from valid encodings (the same
+vectors the unit tests use), so the fuzzer starts from the interesting part of the input space.
+Anything else a target raises is a crash; an input that runs past libFuzzer's ``-timeout`` is a
+hang. The harness (:mod:`fuzz.run`) imports this module under atheris' instrumentation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import msgpack
+
+from latticaray.mesh import framing, tls
+from latticaray.mesh.dht import messages as dht_messages
+from latticaray.mesh.dht.errors import DhtError
+from latticaray.mesh.errors import MeshError
+from latticaray.mesh.identity import KeyPair, PeerIdError, decode_public_key_protobuf
+from latticaray.mesh.multiaddr import Multiaddr
+from latticaray.mesh.nat import wire as nat_wire
+from latticaray.mesh.nat.errors import NatError
+from latticaray.objectstore import bitswap, dagcbor
+from latticaray.objectstore.cid import DAG_CBOR, Cid
+from latticaray.objectstore.errors import ObjectStoreError
+from latticaray.objectstore.manifest import Manifest, build_manifest
+from latticaray.runtime.admission import Credential, MeshKey
+from latticaray.runtime.errors import CredentialError
+from latticaray.state.atoms import decode_atom, encode_atom, sign_atom, verify_atom
+from latticaray.state.errors import StateError
+from latticaray.state.hlc import Hlc
+
+#: The certificates are checked at one fixed time (inside the seed certificate's validity), so a
+#: run is reproducible from its seed.
+_CERT_TIME = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    run: Callable[[bytes], object]
+    allowed: tuple[type[BaseException], ...]
+    seeds: Callable[[], Iterable[bytes]]
+    about: str
+
+
+def _text(data: bytes) -> str:
+    # what a msgpack str from the wire can hold: valid UTF-8 (no lone surrogates)
+    return data.decode("utf-8", "replace")
+
+
+# ------------------------------------------------------------------------------------ seeds
+@functools.cache
+def _key() -> KeyPair:
+    return KeyPair.from_private_bytes(bytes(range(32)))
+
+
+def _multiaddr_seeds() -> list[bytes]:
+    peer = _key().peer_id
+    texts = [
+        "/ip4/127.0.0.1/udp/4001/quic-v1",
+        f"/ip4/198.18.0.11/tcp/4001/p2p/{peer}",
+        f"/ip4/198.18.0.11/udp/4001/quic-v1/p2p/{peer}/p2p-circuit/p2p/{peer}",
+        "/ip6/::1/tcp/80",
+        "/dns/example.org/tcp/443",
+        "/unix/tmp/latticaray.sock",
+    ]
+    out = []
+    for text in texts:
+        out.append(Multiaddr.parse(text).to_bytes())
+        out.append(text.encode())
+    return out
+
+
+def _frame_seeds() -> list[bytes]:
+    flags = framing.FLAG_MSG
+    frames = [
+        framing.encode_frame([framing.OPEN, 1, flags, "/svc/1", framing.UNARY, 5000], b"hi"),
+        framing.encode_frame([framing.MESSAGE, 1, flags | framing.FLAG_END], b"x" * 300),
+        framing.encode_frame([framing.CREDIT, 3, 0, 65536]),
+        framing.encode_frame([framing.ERROR, 3, framing.FLAG_RESPONSE, "INTERNAL", "boom"], b"tb"),
+        framing.encode_frame([framing.GOAWAY, 0, 0, "SHUTDOWN", "bye"]),
+    ]
+    return [b"".join(bytes(p) for p in parts) for parts in frames]
+
+
+def _dag_seeds() -> list[bytes]:
+    cid = Cid.of(b"hello world")
+    values = [
+        {"a": 1, "b": [1, 2, {"c": b"\x00"}], "d": None, "e": True, "f": -7},
+        {"links": [cid], "size": 11},
+        ["x" * 40, 2**40, -(2**40)],
+    ]
+    return [dagcbor.encode(v) for v in values]
+
+
+def _cid_seeds() -> list[bytes]:
+    raw = Cid.of(b"hello world")
+    return [bytes(raw), str(raw).encode(), bytes(Cid.of(dagcbor.encode({"a": 1}), DAG_CBOR))]
+
+
+def _manifest_seeds() -> list[bytes]:
+    manifest = build_manifest(b"hello world" * 1000, {"kind": "raw"}, chunk_size=4096)
+    return [bytes(manifest.encoded)]
+
+
+def _cert_seeds() -> list[bytes]:
+    certified = tls.make_certified_key(_key())
+    der = certified.certificate_der
+    return [der, der[:200]]
+
+
+def _signed_key_seeds() -> list[bytes]:
+    key = _key()
+    return [tls.encode_signed_key(key.peer_id.public_key_protobuf, b"\x01" * 64)]
+
+
+def _dht_seeds() -> list[bytes]:
+    return [
+        dht_messages.encode({"op": dht_messages.FIND_NODE, "target": b"\x00" * 32}),
+        dht_messages.encode({"op": dht_messages.GET_VALUE, "key": b"k" * 32, "server": False}),
+        dht_messages.encode({"op": dht_messages.ADD_PROVIDER, "key": b"p" * 32, "ttl": 60.0}),
+        dht_messages.encode({"closer": [], "records": [], "providers": []}),
+        dht_messages.encode({"error": "NOT_FOUND", "message": "no such key"}),
+    ]
+
+
+def _atom_seeds() -> list[bytes]:
+    key = _key()
+    atom = sign_atom(key, "members", "k", "", Hlc(1_700_000_000_000, 1), b"\xc0")
+    return [msgpack.packb(encode_atom(atom), use_bin_type=True)]
+
+
+def _bitswap_seeds() -> list[bytes]:
+    cid = Cid.of(b"hello world")
+    request = bitswap.Request(root=cid, wants=[bitswap.WantEntry(cid)], cancels=[cid])
+    block = bitswap.encode_block_response(cid, b"hello world")
+    return [bitswap.encode_request(request), bytes(block)]
+
+
+def _nat_seeds() -> list[bytes]:
+    return [
+        nat_wire.encode("dial_resp", id=7, r=[0, 1]),
+        nat_wire.encode("connect", id=2, peer="12D3KooW", addrs=["/ip4/1.2.3.4/udp/1/quic-v1"]),
+    ]
+
+
+def _credential_seeds() -> list[bytes]:
+    mesh = MeshKey.generate()
+    return [mesh.issue().encode(), mesh.issue(str(_key().peer_id), ttl=60).encode()]
+
+
+# ----------------------------------------------------------------------------------- targets
+_MULTIADDR_ERRORS = (MeshError,)
+
+
+def _each(data: bytes, allowed: tuple[type[BaseException], ...], *decoders: Callable) -> None:
+    """Feed ``data`` to every decoder; a decoder's clean refusal does not stop the next one."""
+    for decode in decoders:
+        try:
+            decode(data)
+        except allowed:
+            pass
+
+
+def _multiaddr(data: bytes) -> None:
+    _each(data, _MULTIADDR_ERRORS, Multiaddr.from_bytes, lambda d: Multiaddr.parse(_text(d)))
+
+
+def _frames(data: bytes) -> None:
+    decoder = framing.FrameDecoder(max_payload=1 << 14)
+    # split the input where the fuzzer put a 0xff 0xfe marker: frames arrive in pieces
+    for piece in data.split(b"\xff\xfe"):
+        decoder.feed(piece)
+
+
+def _dagcbor(data: bytes) -> None:
+    dagcbor.decode(data)
+
+
+def _cid(data: bytes) -> None:
+    _each(data, (ObjectStoreError,), Cid.decode, lambda d: Cid.parse(_text(d)))
+
+
+def _manifest(data: bytes) -> None:
+    Manifest.decode(Cid.of(data, DAG_CBOR), data)
+
+
+def _certificate(data: bytes) -> None:
+    tls.verify_certificate(data, now=_CERT_TIME)
+
+
+def _signed_key(data: bytes) -> None:
+    public, _signature = tls.decode_signed_key(data)
+    decode_public_key_protobuf(public)
+
+
+def _dht(data: bytes) -> None:
+    _each(data, (DhtError,), dht_messages.decode_request, dht_messages.decode_response)
+
+
+def _atom(data: bytes) -> None:
+    try:
+        item = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return  # not msgpack at all: the replication layer refuses it before decode_atom
+    atom = decode_atom(item)
+    verify_atom(atom)
+
+
+def _bitswap(data: bytes) -> None:
+    _each(data, (ObjectStoreError,), bitswap.decode_request, bitswap.decode_response)
+
+
+def _nat(data: bytes) -> None:
+    msg = nat_wire.decode(data)
+    nat_wire.get_str(msg, "peer", optional=True)
+    nat_wire.get_str_list(msg, "addrs", 8) if "addrs" in msg else None
+    nat_wire.get_endpoints(msg, "eps", 8) if "eps" in msg else None
+
+
+def _credential(data: bytes) -> None:
+    Credential.parse(_text(data))
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "multiaddr",
+            _multiaddr,
+            _MULTIADDR_ERRORS,
+            _multiaddr_seeds,
+            "multiaddr binary and text forms",
+        ),
+        Target("frames", _frames, (MeshError,), _frame_seeds, "RPC frames, incremental"),
+        Target("dagcbor", _dagcbor, (ObjectStoreError,), _dag_seeds, "DAG-CBOR values"),
+        Target("cid", _cid, (ObjectStoreError,), _cid_seeds, "CIDs, binary and multibase text"),
+        Target(
+            "manifest",
+            _manifest,
+            (ObjectStoreError,),
+            _manifest_seeds,
+            "object manifests (DAG-CBOR root blocks)",
+        ),
+        Target(
+            "certificate",
+            _certificate,
+            (MeshError,),
+            _cert_seeds,
+            "libp2p TLS certificates (X.509 parse, extension, signature)",
+        ),
+        Target(
+            "signed_key",
+            _signed_key,
+            (MeshError, PeerIdError),
+            _signed_key_seeds,
+            "the libp2p certificate extension and public-key protobuf",
+        ),
+        Target("dht", _dht, (DhtError,), _dht_seeds, "DHT requests and responses (records)"),
+        Target("atom", _atom, (StateError,), _atom_seeds, "signed CRDT atoms"),
+        Target(
+            "bitswap",
+            _bitswap,
+            (ObjectStoreError,),
+            _bitswap_seeds,
+            "Bitswap requests and block responses",
+        ),
+        Target("nat", _nat, (NatError,), _nat_seeds, "NAT wire messages (relay, AutoNAT, DCUtR)"),
+        Target(
+            "credential",
+            _credential,
+            (CredentialError,),
+            _credential_seeds,
+            "membership credentials",
+        ),
+    )
+}

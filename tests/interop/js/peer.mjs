@@ -1,0 +1,238 @@
+// A long-lived js-libp2p + Helia peer driven by latticaray's interop tests.
+//
+// It listens on 127.0.0.1 only (TCP with Noise and yamux, QUIC-v1), prints one JSON line
+// {"ready": {...}} and then answers JSON-line commands on stdin, one reply line per command:
+//   {"id": 1, "cmd": "dial", "addr": "/ip4/127.0.0.1/tcp/4001/p2p/12D3..."}
+//   -> {"id": 1, "ok": true, "result": ...} or {"id": 1, "ok": false, "error": "..."}
+// It exits when stdin closes or on {"cmd": "quit"}.
+
+// node 20 lacks Promise.withResolvers, which recent libp2p modules use
+if (typeof Promise.withResolvers !== 'function') {
+  Promise.withResolvers = function () {
+    let resolve, reject
+    const promise = new Promise((res, rej) => { resolve = res; reject = rej })
+    return { promise, resolve, reject }
+  }
+}
+
+import { createInterface } from 'node:readline'
+import { createLibp2p } from 'libp2p'
+import { tcp } from '@libp2p/tcp'
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { quic } from '@chainsafe/libp2p-quic'
+import { identify, identifyPush } from '@libp2p/identify'
+import { ping } from '@libp2p/ping'
+import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
+import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
+import { multiaddr } from '@multiformats/multiaddr'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { Helia } from '@helia/utils'
+import { bitswap } from '@helia/block-brokers'
+import { MemoryBlockstore } from 'blockstore-core'
+import { MemoryDatastore } from 'datastore-core'
+import { CID } from 'multiformats/cid'
+import * as raw from 'multiformats/codecs/raw'
+import { sha256 } from 'multiformats/hashes/sha2'
+
+const kadProtocol = process.env.INTEROP_KAD_PROTOCOL || '/ipfs/kad/1.0.0'
+const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
+
+const libp2p = await createLibp2p({
+  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1'] },
+  transports: [tcp(), quic()],
+  connectionEncrypters: [noise()],
+  streamMuxers: [yamux()],
+  connectionGater: { denyDialMultiaddr: () => false },
+  // every test dials from 127.0.0.1, many times a second: lift the per-host inbound rate limit
+  connectionManager: {
+    allow: ['/ip4/127.0.0.1'],
+    inboundConnectionThreshold: 1000,
+    maxIncomingPendingConnections: 100
+  },
+  services: {
+    identify: identify(),
+    identifyPush: identifyPush(),
+    ping: ping(),
+    relay: circuitRelayServer({ reservations: { maxReservations: 64 } }),
+    dht: kadDHT({
+      protocol: kadProtocol,
+      clientMode: false,
+      peerInfoMapper: passthroughMapper,
+      allowQueryWithZeroPeers: true,
+      validators: { latticaray: async () => {} },
+      selectors: { latticaray: () => 0 }
+    })
+  }
+})
+
+const helia = new Helia({
+  libp2p,
+  blockstore: new MemoryBlockstore(),
+  datastore: new MemoryDatastore(),
+  blockBrokers: [bitswap()]
+})
+await helia.start()
+
+const b64 = (u8) => Buffer.from(u8).toString('base64')
+const fromB64 = (s) => new Uint8Array(Buffer.from(s, 'base64'))
+const signal = () => AbortSignal.timeout(timeoutMs)
+
+const commands = {
+  async info () {
+    return { peerId: libp2p.peerId.toString(), addrs: libp2p.getMultiaddrs().map(String) }
+  },
+  async dial ({ addr }) {
+    const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
+    return { remotePeer: conn.remotePeer.toString(), remoteAddr: conn.remoteAddr.toString() }
+  },
+  async hangup ({ peer }) {
+    await libp2p.hangUp(peerIdFromString(peer))
+    return true
+  },
+  async connections () {
+    return libp2p.getConnections().map(c => ({
+      remotePeer: c.remotePeer.toString(),
+      remoteAddr: c.remoteAddr.toString(),
+      encryption: c.encryption,
+      multiplexer: c.multiplexer,
+      direction: c.direction
+    }))
+  },
+  async ping ({ addr }) {
+    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal() })
+  },
+  async identify ({ peer }) {
+    const conn = libp2p.getConnections(peerIdFromString(peer))[0]
+    if (conn == null) throw new Error('not connected')
+    const result = await libp2p.services.identify.identify(conn, { signal: signal() })
+    return {
+      peerId: result.peerId.toString(),
+      protocols: result.protocols,
+      listenAddrs: result.listenAddrs.map(String),
+      agentVersion: result.agentVersion,
+      protocolVersion: result.protocolVersion,
+      observedAddr: result.observedAddr?.toString(),
+      signedPeerRecord: result.signedPeerRecord != null
+        ? { addresses: result.signedPeerRecord.addresses.map(String), seq: String(result.signedPeerRecord.seq) }
+        : null
+    }
+  },
+  async peerStore ({ peer }) {
+    const p = await libp2p.peerStore.get(peerIdFromString(peer))
+    return {
+      protocols: p.protocols,
+      addresses: p.addresses.map(a => ({ addr: a.multiaddr.toString(), certified: a.isCertified })),
+      agentVersion: p.metadata.get('AgentVersion') ? new TextDecoder().decode(p.metadata.get('AgentVersion')) : null
+    }
+  },
+  async kadFindPeer ({ peer }) {
+    const info = await libp2p.peerRouting.findPeer(peerIdFromString(peer), { signal: signal() })
+    return { id: info.id.toString(), addrs: info.multiaddrs.map(String) }
+  },
+  async kadPut ({ key, value }) {
+    await libp2p.contentRouting.put(new TextEncoder().encode(key), fromB64(value), { signal: signal() })
+    return true
+  },
+  async kadGet ({ key }) {
+    return b64(await libp2p.contentRouting.get(new TextEncoder().encode(key), { signal: signal() }))
+  },
+  async kadProvide ({ cid }) {
+    await libp2p.contentRouting.provide(CID.parse(cid), { signal: signal() })
+    return true
+  },
+  async kadFindProviders ({ cid, limit }) {
+    const out = []
+    for await (const p of libp2p.contentRouting.findProviders(CID.parse(cid), { signal: signal() })) {
+      out.push({ id: p.id.toString(), addrs: p.multiaddrs.map(String) })
+      if (out.length >= (limit || 1)) break
+    }
+    return out
+  },
+  async routingTable () {
+    return libp2p.services.dht.routingTable.size
+  },
+  async kadTableHas ({ peer }) {
+    return (await libp2p.services.dht.routingTable.find(peerIdFromString(peer))) != null
+  },
+  async blockPut ({ data }) {
+    const bytes = fromB64(data)
+    const cid = CID.createV1(raw.code, await sha256.digest(bytes))
+    await helia.blockstore.put(cid, bytes)
+    return cid.toString()
+  },
+  async blockHas ({ cid }) {
+    return await helia.blockstore.has(CID.parse(cid))
+  },
+  async blockGet ({ cid }) {
+    const started = performance.now()
+    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: signal() })
+    return { data: b64(bytes), ms: performance.now() - started }
+  },
+  async blockGetSize ({ cid }) {
+    const started = performance.now()
+    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: signal() })
+    return { size: bytes.length, ms: performance.now() - started }
+  },
+  async blockMake ({ count, size }) {
+    const cids = []
+    for (let i = 0; i < count; i++) {
+      const bytes = new Uint8Array(size)
+      crypto.getRandomValues(bytes.subarray(0, Math.min(size, 65536)))
+      new DataView(bytes.buffer).setUint32(size - 4, i)
+      const cid = CID.createV1(raw.code, await sha256.digest(bytes))
+      await helia.blockstore.put(cid, bytes)
+      cids.push(cid.toString())
+    }
+    return cids
+  },
+  async blockGetMany ({ cids }) {
+    const started = performance.now()
+    const sizes = await Promise.all(cids.map(async (c) => {
+      const bytes = await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
+      return bytes.length
+    }))
+    return { bytes: sizes.reduce((a, b) => a + b, 0), ms: performance.now() - started }
+  },
+  async quit () {
+    setImmediate(shutdown)
+    return true
+  }
+}
+
+let stopping = false
+async function shutdown () {
+  if (stopping) return
+  stopping = true
+  try { await helia.stop() } catch {}
+  process.exit(0)
+}
+
+function reply (obj) {
+  process.stdout.write(JSON.stringify(obj) + '\n')
+}
+
+reply({ ready: await commands.info() })
+
+const rl = createInterface({ input: process.stdin })
+rl.on('line', async (line) => {
+  let msg
+  try {
+    msg = JSON.parse(line)
+  } catch (err) {
+    reply({ id: null, ok: false, error: `bad JSON: ${err.message}` })
+    return
+  }
+  const fn = commands[msg.cmd]
+  if (fn == null) {
+    reply({ id: msg.id, ok: false, error: `unknown command ${msg.cmd}` })
+    return
+  }
+  try {
+    reply({ id: msg.id, ok: true, result: await fn(msg) })
+  } catch (err) {
+    reply({ id: msg.id, ok: false, error: `${err.name}: ${err.message}` })
+  }
+})
+rl.on('close', shutdown)
+process.on('SIGTERM', shutdown)
