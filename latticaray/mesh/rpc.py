@@ -69,6 +69,7 @@ from .rpccore import (
     STREAM_FAILED,
     STREAM_MESSAGE,
     UNARY_FAILED,
+    Event,
     RpcConnection,
     SessionState,
 )
@@ -333,16 +334,14 @@ class RpcSession:
                 room -= cost
 
     def _run_parked(self) -> None:
-        """Start calls that arrived while our send queue was full, as far as it has room."""
+        """Start calls that arrived while our send queue was full (and apply the frames of served
+        calls that came after them), as far as the queue has room."""
         core = self.core
         while (parked := core.take_parked()) is not None:
             try:
-                event = core.accept(parked[0], parked[1], self.loop.time())
+                event = core.unpark(parked[0], parked[1], self.loop.time())
                 if event is not None:
-                    if event[3] == UNARY:
-                        self._runner.start_unary(event)
-                    else:
-                        self._runner.start_stream(event)
+                    self._apply(event)
             except ProtocolViolation as exc:
                 core.send_goaway("PROTOCOL_VIOLATION", str(exc))
                 self._shutdown(f"protocol violation: {exc}", graceful=True)
@@ -510,7 +509,8 @@ class RpcSession:
             return "?"
 
     def _dispatch(self, frames: list[tuple[list[Any], bytes]], now: float) -> None:
-        """Feed decoded frames to the core and apply its events, one frame at a time."""
+        """Feed decoded frames to the core and apply its events, one frame at a time (the
+        commonest events inline, the others in :meth:`_apply`)."""
         receive = self.core.receive_frame
         for header, payload in frames:
             event = receive(header, payload, now)
@@ -523,32 +523,40 @@ class RpcSession:
                     future.set_result(event[2])
                 if self._slot_waiters:
                     self._release_slot()
-            elif code == CALL_OPENED:
-                if event[3] == UNARY:
-                    self._runner.start_unary(event)
-                else:
-                    self._runner.start_stream(event)
-            elif code == STREAM_MESSAGE:
-                event[1].deliver(event[2], event[3])
-            elif code == STREAM_CREDIT:
-                event[1].grant(event[2])
-            elif code == UNARY_FAILED:
-                future = event[1]
-                if not future.done():
-                    future.set_exception(event[2])
-                if self._slot_waiters:
-                    self._release_slot()
-            elif code == STREAM_ENDED:
-                event[1].deliver(event[2], event[3])
+            elif code == CALL_OPENED and event[3] == UNARY:
+                self._runner.start_unary(event)
+            else:
+                self._apply(event)
+
+    def _apply(self, event: Event) -> None:
+        """Apply one event of the core other than REPLY (which :meth:`_dispatch` applies)."""
+        code = event[0]
+        if code == CALL_OPENED:
+            if event[3] == UNARY:
+                self._runner.start_unary(event)
+            else:
+                self._runner.start_stream(event)
+        elif code == STREAM_MESSAGE:
+            event[1].deliver(event[2], event[3])
+        elif code == STREAM_CREDIT:
+            event[1].grant(event[2])
+        elif code == UNARY_FAILED:
+            future = event[1]
+            if not future.done():
+                future.set_exception(event[2])
+            if self._slot_waiters:
                 self._release_slot()
-            elif code == STREAM_FAILED:
-                event[1].fail(event[2])
-                self._release_slot()
-            elif code == CALL_CANCELLED:
-                event[1].stop(Status.CANCELLED)
-            elif code == GOAWAY_RECEIVED:
-                self._shutdown(event[1], graceful=True)
-                raise RpcConnectionLost(event[1])
+        elif code == STREAM_ENDED:
+            event[1].deliver(event[2], event[3])
+            self._release_slot()
+        elif code == STREAM_FAILED:
+            event[1].fail(event[2])
+            self._release_slot()
+        elif code == CALL_CANCELLED:
+            event[1].stop(Status.CANCELLED)
+        elif code == GOAWAY_RECEIVED:
+            self._shutdown(event[1], graceful=True)
+            raise RpcConnectionLost(event[1])
 
     # -- closing -----------------------------------------------------------------------------
     def _shutdown(self, reason: str, graceful: bool) -> None:

@@ -3,7 +3,8 @@
 :class:`RpcConnection` is what one end of an RPC session knows, with no socket, task or clock of
 its own (h11's ``Connection`` is the model): the calls open in each direction, which call ids are
 taken, which service answers an OPEN, how many calls the peer may have open on us, every call's
-deadline, the OPENs parked while our send queue is full, and the frames queued to send. The
+deadline, the OPENs parked while our send queue is full (with the frames of served calls
+behind them), and the frames queued to send. The
 asyncio shell (:class:`latticaray.mesh.rpc.RpcSession`) feeds it decoded frames and ``now`` and
 applies what it returns:
 
@@ -197,7 +198,8 @@ class RpcConnection:
         self.streams_in: dict[int, Any] = {}
         self._deadlines = DeadlineQueue()
         self._deadline_adds = 0
-        #: OPEN frames received while our send queue was above write_buffer_high, in order.
+        #: OPEN frames received while our send queue was above write_buffer_high, and the
+        #: frames of served calls that came after them, in order.
         self.parked: deque[tuple[list[Any], bytes]] = deque()
         self.parked_bytes = 0
         #: Frames queued for the writer (``on_output`` fires when it stops being empty).
@@ -408,7 +410,8 @@ class RpcConnection:
         )
 
     def take_parked(self) -> tuple[list[Any], bytes] | None:
-        """The oldest parked OPEN if our send queue has room again (pass it to :meth:`accept`)."""
+        """The oldest parked frame if our send queue has room again (pass it to
+        :meth:`unpark`)."""
         if (
             self.parked
             and self.frames.pending <= self._write_high
@@ -418,6 +421,12 @@ class RpcConnection:
             self.parked_bytes -= len(payload)
             return header, payload
         return None
+
+    def unpark(self, header: list[Any], payload: bytes, now: float) -> Event | None:
+        """Apply a frame :meth:`take_parked` returned, as :meth:`receive_frame` would have."""
+        if header[0] == OPEN:
+            return self.accept(header, payload, now)
+        return self._served(header, payload)
 
     # -- input ---------------------------------------------------------------------------------
     def receive_frame(self, header: list[Any], payload: bytes, now: float) -> Event | None:
@@ -456,14 +465,25 @@ class RpcConnection:
             return None
         if kind == OPEN:
             if self.parked or self.frames.pending > self._write_high:
-                self.parked.append((header, payload))
-                self.parked_bytes += len(payload)
+                self._park(header, payload)
                 return None
             return self.accept(header, payload, now)
+        if kind == GOAWAY:
+            return self._goaway(header)
+        if self.parked:
+            # frames of calls we serve stay in order behind a parked OPEN (its first messages,
+            # credit, a cancel): none may overtake it or be lost as "unknown call"
+            self._park(header, payload)
+            return None
+        return self._served(header, payload)
+
+    def _served(self, header: list[Any], payload: bytes) -> Event | None:
+        """A MESSAGE, CREDIT or CANCEL frame of a call we serve."""
+        kind = header[0]
         if kind == MESSAGE:
             stream = self.streams_in.get(header[1])
             if stream is not None:
-                return (STREAM_MESSAGE, stream, flags, payload)
+                return (STREAM_MESSAGE, stream, header[2], payload)
             return None
         if kind == CREDIT:
             stream = self.streams_in.get(header[1])
@@ -476,10 +496,11 @@ class RpcConnection:
                 handle = self.streams_in.pop(header[1], None)
             if handle is not None:
                 return (CALL_CANCELLED, handle)
-            return None
-        if kind == GOAWAY:
-            return self._goaway(header)
         return None
+
+    def _park(self, header: list[Any], payload: bytes) -> None:
+        self.parked.append((header, payload))
+        self.parked_bytes += len(payload)
 
     def _goaway(self, header: list[Any]) -> Event:
         return (GOAWAY_RECEIVED, f"remote is closing the session: [{header[3]}] {header[4]}")

@@ -18,6 +18,7 @@ from latticaray.mesh.errors import (
 from latticaray.mesh.framing import (
     BIDI,
     CANCEL,
+    CLIENT_STREAM,
     CREDIT,
     ERROR,
     FLAG_END,
@@ -321,6 +322,41 @@ def test_opens_are_parked_while_the_send_queue_is_full():
     assert (header[1], payload) == (1, b"a")
     assert core.accept(header, payload, 0.0)[0] == CALL_OPENED
     assert core.take_parked()[1] == b"bb" and core.parked_bytes == 0
+
+
+def test_frames_of_a_parked_stream_call_wait_behind_its_open_in_order():
+    """A client-stream OPEN parked while our queue is full, then its messages and END, then a
+    CANCEL of another call: nothing is dropped as "unknown call", nothing overtakes the OPEN."""
+    services = dict(SERVICES, sink=(CLIENT_STREAM, _unary, False))
+    core = RpcConnection(RpcLimits(write_buffer_high=1024), services.get)
+    core.track_incoming(7, "H7", 10.0)  # a unary call already running
+    core.open_unary("echo", b"x" * 2000, 5.0, 0.0, "F")  # our queue is now full
+    frames = [
+        (open_frame(1, service="sink", call_type=CLIENT_STREAM), b""),
+        ([MESSAGE, 1, FLAG_MSG], b"m1"),
+        ([MESSAGE, 1, FLAG_MSG | FLAG_END], b"m2"),
+        ([CANCEL, 7, 0], b""),
+    ]
+    for header, payload in frames:
+        assert core.receive_frame(header, payload, 0.0) is None
+    assert len(core.parked) == 4 and core.parked_bytes == 4
+    # a response to our own call is never parked
+    reply = [MESSAGE, 1, FLAG_MSG | FLAG_END | FLAG_RESPONSE]
+    assert core.receive_frame(reply, b"r", 0.0) == (REPLY, "F", b"r")
+    core.take_output()
+    events = []
+    while (parked := core.take_parked()) is not None:
+        event = core.unpark(parked[0], parked[1], 1.0)
+        if event[0] == CALL_OPENED:
+            core.track_incoming_stream(event[1], "S1", event[6], INITIAL_WINDOW)
+        events.append(event[:2] if event[0] != STREAM_MESSAGE else event)
+    assert events == [
+        (CALL_OPENED, 1),
+        (STREAM_MESSAGE, "S1", FLAG_MSG, b"m1"),
+        (STREAM_MESSAGE, "S1", FLAG_MSG | FLAG_END, b"m2"),
+        (CALL_CANCELLED, "H7"),
+    ]
+    assert core.parked_bytes == 0
 
 
 def test_output_hook_fires_when_the_outbox_stops_being_empty():

@@ -259,3 +259,53 @@ async def test_unary_flood_keeps_the_send_queue_under_its_limit():
         sampler.cancel()
         await client.aclose()
         await server.aclose()
+
+
+async def test_stream_call_opened_while_the_server_queue_is_full_loses_no_message():
+    """The server parks new calls while its send queue is full; the messages a client stream
+    sends right after its OPEN wait with it (they used to be dropped as frames of an unknown
+    call, and the handler then waited forever)."""
+    router = RpcRouter()
+
+    async def big(ctx, payload):
+        return b"b" * 65536
+
+    async def total(ctx, requests):
+        n = 0
+        async for message in requests:
+            n += len(message)
+        return str(n).encode()
+
+    router.register_unary("big", big, eager=True)
+    router.register_client_stream("total", total)
+    a, b = memory_pipe(high_water=64 * 1024)
+    gate = asyncio.Event()
+    read = a.read
+
+    async def gated_read(max_bytes):
+        await gate.wait()  # the client reads nothing until the gate opens
+        return await read(max_bytes)
+
+    a.read = gated_read
+    client = RpcSession(a, RpcRouter())
+    server = RpcSession(b, router, RpcLimits(write_buffer_high=128 * 1024))
+    try:
+        bigs = []
+        for _ in range(64):  # until the server's writer is stuck and replies pile up
+            bigs.append(asyncio.ensure_future(client.call("big", b"", timeout=30)))
+            await asyncio.sleep(0.01)
+            if server.core.pending_bytes > 128 * 1024:
+                break
+        assert server.core.pending_bytes > 128 * 1024
+        stream = client.call_client_stream("total", timeout=30)
+        for _ in range(3):
+            await stream.send(b"x" * 1000)
+        stream.end()
+        await wait_until(lambda: len(server.core.parked) >= 5, 10)  # OPEN, 3 messages, END
+        gate.set()
+        assert await asyncio.wait_for(stream.result(), 20) == b"3000"
+        assert all(len(r) == 65536 for r in await asyncio.gather(*bigs))
+    finally:
+        gate.set()
+        await client.aclose()
+        await server.aclose()
