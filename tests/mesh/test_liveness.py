@@ -35,49 +35,48 @@ async def watcher():
     await a.stop()
 
 
-async def test_a_connected_peer_stays_alive_on_keepalives(watcher):
+@pytest.fixture
+async def watched(watcher):
+    """A second node that the watcher is connected to and watches."""
     a, changes = watcher
     b = await MeshNode(MeshConfig(**TCP_ONLY)).start()
     try:
         await a.connect(b.listen_addrs[0])
         a.liveness.watch(b.peer_id)
-        pings = []
-        original = a.ping
-
-        async def counting_ping(peer, timeout=10.0):
-            pings.append(peer)
-            return await original(peer, timeout)
-
-        a.ping = counting_ping
-        await asyncio.sleep(2.0)
-        assert len(pings) >= 4, "a quiet peer is probed about every probe_interval"
-        assert changes == []
-        assert a.liveness.state(b.peer_id) is PeerLiveness.ALIVE
-        assert a.liveness.phi(b.peer_id) < FAST.suspect_phi
+        yield a, changes, b
     finally:
         await b.stop()
 
 
-async def test_a_broken_connection_is_redialed_and_the_peer_is_never_down(watcher):
-    a, changes = watcher
-    b = await MeshNode(MeshConfig(**TCP_ONLY)).start()
-    try:
-        await a.connect(b.listen_addrs[0])
-        a.liveness.watch(b.peer_id)
-        await asyncio.sleep(0.5)
-        for _ in range(3):
-            first = a.connection_to(b.peer_id)
-            first.session.channel.abort()  # the link breaks under us
-            await wait_until(
-                lambda first=first: a.connection_to(b.peer_id) not in (None, first), 5.0
-            )
-            await asyncio.sleep(0.3)
-        assert PeerLiveness.DOWN not in [c.state for c in changes]
-        assert a.liveness.state(b.peer_id) is PeerLiveness.ALIVE
-        # and it still works
-        assert await a.ping(b.peer_id, timeout=5) >= 0
-    finally:
-        await b.stop()
+async def test_a_connected_peer_stays_alive_on_keepalives(watched):
+    a, changes, b = watched
+    pings = []
+    original = a.ping
+
+    async def counting_ping(peer, timeout=10.0):
+        pings.append(peer)
+        return await original(peer, timeout)
+
+    a.ping = counting_ping
+    await asyncio.sleep(2.0)
+    assert len(pings) >= 4, "a quiet peer is probed about every probe_interval"
+    assert changes == []
+    assert a.liveness.state(b.peer_id) is PeerLiveness.ALIVE
+    assert a.liveness.phi(b.peer_id) < FAST.suspect_phi
+
+
+async def test_a_broken_connection_is_redialed_and_the_peer_is_never_down(watched):
+    a, changes, b = watched
+    await asyncio.sleep(0.5)
+    for _ in range(3):
+        first = a.connection_to(b.peer_id)
+        first.session.channel.abort()  # the link breaks under us
+        await wait_until(lambda first=first: a.connection_to(b.peer_id) not in (None, first), 5.0)
+        await asyncio.sleep(0.3)
+    assert PeerLiveness.DOWN not in [c.state for c in changes]
+    assert a.liveness.state(b.peer_id) is PeerLiveness.ALIVE
+    # and it still works
+    assert await a.ping(b.peer_id, timeout=5) >= 0
 
 
 async def test_a_stopped_peer_is_reported_down_then_alive_when_it_returns(watcher):
