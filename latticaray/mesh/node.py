@@ -2,7 +2,8 @@
 
 It owns the node's identity, its transports (QUIC on one UDP socket, TCP+TLS, same-host Unix
 sockets), the connection manager (one RPC session per peer, reused by every protocol), the RPC
-router where services register, and the identify/ping protocols. This is the contract the
+router where services register, the identify/ping protocols, and the liveness watch of peers
+(:attr:`MeshNode.liveness`: keepalives, failure detection, redial). This is the contract the
 upper layers use (see docs/architecture.md)::
 
     node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]))
@@ -15,37 +16,43 @@ What the node tells others about itself (identify, DHT peer records) is
 :attr:`MeshNode.advertised_addrs`: addresses added with :meth:`MeshNode.add_advertised_addrs`
 (relay circuit addresses, AutoNAT-confirmed public addresses) followed by the listen addresses,
 never an unspecified one.
+
+:class:`NodeThread` runs a node on an event loop of its own on a daemon thread, for synchronous
+code (notebooks, scripts, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from .connmgr import (
-    DEFAULT_TRANSPORT_PREFERENCE,
-    ConnectionManager,
-    MeshConnection,
-    QuicAdapter,
-    TransportAdapter,
-    is_dialable_addr,
-)
+from .adapters import QuicAdapter, TransportAdapter, make_stream_adapter
+from .connmgr import ConnectionManager, MeshConnection
 from .errors import MultiaddrError, PeerIdMismatch, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
+from .liveness import LivenessChanged, LivenessConfig, LivenessService
 from .multiaddr import Multiaddr
+from .paths import (
+    DEFAULT_TRANSPORT_PREFERENCE,
+    expand_unspecified,
+    interface_addresses,
+    is_dialable_addr,
+)
 from .rpc import RpcLimits, RpcRouter, StreamCall
-from .tls import make_certified_key
+from .tls import CertifiedKey, make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
 __all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode", "NodeThread"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -85,52 +92,14 @@ class MeshConfig:
     happy_eyeballs_delay: float = 0.25
     #: Run identify on every new connection (learns listen addrs and our observed address).
     auto_identify: bool = True
+    #: Failure detection of watched peers (``MeshNode.liveness``).
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     agent_version: str = AGENT_VERSION
 
 
-def interface_addresses() -> list[str]:
-    """IP addresses of this host's interfaces (loopback included)."""
-    try:
-        import psutil
-    except ImportError:
-        return ["127.0.0.1"]
-    addrs = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                addrs.append(entry.address.split("%")[0])  # drop an IPv6 zone
-    return addrs
-
-
-def expand_unspecified(bound: list[Multiaddr], host_addrs: list[str]) -> list[Multiaddr]:
-    """Replace a wildcard listen address (0.0.0.0 / ::) by one address per interface IP.
-
-    Peers cannot dial 0.0.0.0; they can dial the addresses it stands for. IPv6 link-local
-    addresses are skipped (they need a zone to be dialable).
-    """
-    out: list[Multiaddr] = []
-    for addr in bound:
-        host = addr.host
-        try:
-            ip = ipaddress.ip_address(host) if host else None
-        except ValueError:
-            ip = None
-        if ip is None or not ip.is_unspecified:
-            out.append(addr)
-            continue
-        for text in host_addrs:
-            try:
-                candidate = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if candidate.version != ip.version or candidate.is_link_local:
-                continue
-            family = "ip4" if candidate.version == 4 else "ip6"
-            out.append(Multiaddr(((family, str(candidate)),) + addr.components[1:]))
-    return out
-
-
 class MeshNode:
+    """One peer of the mesh (see the module docstring)."""
+
     def __init__(self, config: MeshConfig | None = None) -> None:
         self.config = config or MeshConfig()
         if self.config.key is not None:
@@ -151,11 +120,13 @@ class MeshNode:
             happy_eyeballs_delay=self.config.happy_eyeballs_delay,
         )
         self.identify_service = IdentifyService(self)
+        #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
+        self.liveness = LivenessService(self, self.config.liveness)
         self.quic: QuicTransport | None = None
         self._listen_addrs: list[Multiaddr] = []
         self._extra_addrs: list[Multiaddr] = []
         self._addrs_changed_cbs: list[Callable[[], None]] = []
-        self._certified = None
+        self._certified: CertifiedKey | None = None
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task] = set()
@@ -195,6 +166,7 @@ class MeshNode:
             await self.stop()
             raise
         self.connections.start()
+        self.liveness.start()
         for addr in self.config.bootstrap:
             self._spawn(self._bootstrap_one(Multiaddr.parse(addr)))
         log.info(
@@ -208,6 +180,7 @@ class MeshNode:
         self._stopped = True
         for task in list(self._tasks):
             task.cancel()
+        await self.liveness.stop()
         await self.connections.close()
 
     async def __aenter__(self) -> MeshNode:
@@ -237,8 +210,6 @@ class MeshNode:
             self.quic = QuicTransport(self.key, self.config.quic, certified=self._certified)
             adapter = QuicAdapter(self.quic, self.connections.accept_inbound)
         elif name in ("tcp", "unix"):
-            from .connmgr import make_stream_adapter
-
             options = self.config.tcp_options if name == "tcp" else self.config.unix_options
             adapter = make_stream_adapter(
                 name, self.key, self._certified, self.connections.accept_inbound, options
@@ -339,6 +310,11 @@ class MeshNode:
 
     def on_peer_connected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_connected(callback)
+
+    def on_peer_liveness(self, callback: Callable[[LivenessChanged[PeerId]], None]) -> None:
+        """``callback(change)`` when a peer watched with ``liveness.watch(peer)`` becomes
+        SUSPECT, DOWN or ALIVE again (see :mod:`latticaray.mesh.liveness`)."""
+        self.liveness.on_change(callback)
 
     def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_disconnected(callback)
@@ -483,8 +459,6 @@ class NodeThread:
     """
 
     def __init__(self, config: MeshConfig | None = None, *, start_timeout: float = 30.0) -> None:
-        import threading
-
         self.node = MeshNode(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -495,6 +469,7 @@ class NodeThread:
         self._error: BaseException | None = None
 
     def _main(self) -> None:
+        loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 
@@ -525,7 +500,7 @@ class NodeThread:
             raise self._error
         return self
 
-    def run(self, coro, timeout: float | None = None):
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the node's loop and return its result (blocking)."""
         if self._loop is None or not self._thread.is_alive():
             raise RuntimeError("node thread is not running")
@@ -543,5 +518,5 @@ class NodeThread:
     def __enter__(self) -> NodeThread:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

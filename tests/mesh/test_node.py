@@ -341,7 +341,7 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
 
 
 def test_wildcard_listen_addresses_expand_to_interface_addresses():
-    from latticaray.mesh.node import expand_unspecified, interface_addresses
+    from latticaray.mesh.paths import expand_unspecified, interface_addresses
 
     bound = [
         Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),

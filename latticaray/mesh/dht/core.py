@@ -15,8 +15,10 @@ driver (service.py) and the simulator driver (latticaray/mesh/sim/dht.py) are tw
 
 from __future__ import annotations
 
+import functools
 import random
 from bisect import insort
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -153,7 +155,7 @@ class Lookup(Operation):
         target: int,
         request: dict[str, Any],
         now: float,
-        seeds: list[Contact] = (),
+        seeds: Sequence[Contact] = (),
     ) -> None:
         cfg = core.config
         self.core = core
@@ -388,7 +390,12 @@ class StoreOp(Operation):
     among the k closest ourselves."""
 
     def __init__(
-        self, core: DhtCore, key: bytes, request: dict[str, Any], now: float, store_locally
+        self,
+        core: DhtCore,
+        key: bytes,
+        request: dict[str, Any],
+        now: float,
+        store_locally: Callable[[float], object],
     ) -> None:
         self.core = core
         self.key = key
@@ -497,7 +504,7 @@ class DhtCore:
             cfg.max_providers, cfg.max_providers_per_key, cfg.per_provider_keys
         )
         #: records we published ourselves, republished until they expire: (key, subkey) -> [record, last]
-        self.published: dict[tuple[bytes, bytes | None], list] = {}
+        self.published: dict[tuple[bytes, bytes | None], list[Any]] = {}
         #: keys we provide: key -> last announcement time
         self.provided: dict[bytes, float] = {}
         self._pings: list[Contact] = []
@@ -647,6 +654,10 @@ class DhtCore:
         self.stats["bad_requests"] += 1
         return error_response("bad_request", f"unknown operation {op!r}")
 
+    def _store_batch(self, records: list[Record], now: float) -> None:
+        for record in records:
+            self._store_one(record, now)
+
     def _store_one(self, record: Record, now: float) -> str | None:
         try:
             self.validate(record, now)
@@ -686,7 +697,7 @@ class DhtCore:
                         key,
                         self.request(PUT_VALUE, records=batch),
                         now,
-                        lambda t, b=batch: [self._store_one(r, t) for r in b],
+                        functools.partial(self._store_batch, batch),
                     )
                 )
         for key, last in list(self.provided.items()):

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,14 +235,14 @@ class DhtService:
             pass
         return op
 
-    async def _steps_with_start(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps_with_start(self, op: Operation) -> AsyncGenerator[None]:
         """Like :meth:`_steps`, but yields once first (for results known before any request)."""
         yield
         async with contextlib.aclosing(self._steps(op)) as steps:
             async for _ in steps:
                 yield
 
-    async def _steps(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps(self, op: Operation) -> AsyncGenerator[None]:
         """Drive ``op`` to completion, yielding after each batch of responses."""
         pending: dict[asyncio.Task, Contact] = {}
         try:
