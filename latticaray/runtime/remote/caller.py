@@ -38,6 +38,7 @@ from latticaray.runtime.remote.wire import (
     TaskReply,
     TaskRequest,
     ValuePart,
+    WorkerOutput,
     YieldItem,
 )
 from latticaray.runtime.states import TaskEvent, TaskState
@@ -241,6 +242,8 @@ class Caller:
                     session.fenced = True
                     if session.next_gate is not None:
                         session.next_gate.set()
+                elif isinstance(message, WorkerOutput):
+                    self.remote.node.logs.from_session(message.b)
                 else:
                     self._on_reply(peer, message)
                     session.pending.discard(reply_key(message))

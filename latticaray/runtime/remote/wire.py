@@ -750,6 +750,26 @@ class Fenced(_Message):
         return cls()
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerOutput(_Message):
+    """``log``: lines the worker running one of the caller's tasks printed (an encoded
+    ``latticaray.observe.logs.LogBatch``). Sent on the session before that task's `TaskDone`,
+    so the caller shows a task's output before its result (Ray's ``log_to_driver``)."""
+
+    KIND: ClassVar[str] = "log"
+    b: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "log", "b": self.b}
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> WorkerOutput:
+        b = m.get("b")
+        if type(b) is not bytes or len(b) > MAX_CONTROL_MESSAGE:
+            raise _bad(m, "b", "log", f"bytes of at most {MAX_CONTROL_MESSAGE}")
+        return cls(b)
+
+
 TaskRequest: TypeAlias = (
     SubmitTask
     | CreateActor
@@ -761,7 +781,7 @@ TaskRequest: TypeAlias = (
     | ResultsFetched
     | Fence
 )
-TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced
+TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced | WorkerOutput
 
 #: The dispatch tables: kind -> decoder of a caller's message, and of an executor's.
 TASK_REQUEST_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskRequest]]] = {
@@ -781,6 +801,7 @@ TASK_REPLY_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskReply]]] = {
     "part": ValuePart.from_wire,
     "created": ActorCreated.from_wire,
     "fenced": Fenced.from_wire,
+    "log": WorkerOutput.from_wire,
 }
 
 
