@@ -25,9 +25,11 @@ from typing import Any
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
 from ..multiaddr import Multiaddr
-from .core import DhtConfig, DhtCore, Operation
+from .config import DhtConfig
+from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .keyspace import Contact, dht_id
+from .lookups import Operation
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
 from .records import Record, RecordValidator
 
