@@ -49,7 +49,6 @@ import socket
 from collections.abc import Callable
 
 from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import (
     QuicHeader,
     QuicPacketType,
@@ -62,9 +61,8 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
-from ..tls import ALPN_LIBP2P, CertifiedKey, make_certified_key
-from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
-from .quic_aioquic import MeshQuicConnection
+from ..tls import CertifiedKey, make_certified_key
+from .quic_backend import QuicBackend, QuicEngine, load_backend
 from .quic_channel import QuicChannel
 from .quic_config import CONNECTION_ID_LENGTH, MIN_DATAGRAM_SIZE, QuicConfig, udp_multiaddr
 from .quic_conn import EndpointLink, QuicConn, now
@@ -74,9 +72,6 @@ from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
 __all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
 log = logging.getLogger(__name__)
-
-#: The QUIC versions this endpoint speaks (aioquic's defaults).
-_SUPPORTED_VERSIONS = tuple(QuicConfiguration().supported_versions)
 
 
 class QuicTransport:
@@ -99,6 +94,8 @@ class QuicTransport:
         self.unknown_datagram_handler: Callable[[bytes, tuple], None] | None = None
         self.accept_inbound = True
         self._certified = certified or make_certified_key(key)
+        #: The QUIC library the connections run on (:mod:`.quic_backend`).
+        self.backend: QuicBackend = load_backend(self.config.backend)
         self._retry = QuicRetryTokenHandler()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: EndpointLink | None = None
@@ -108,7 +105,9 @@ class QuicTransport:
         self._tick_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
-        self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
+        self._configurations: dict[tuple[bool, int], object] = {}
+        #: Connections that datagrams of the current read batch went to (flushed at its end).
+        self._touched: list[QuicConn] = []
         self.stats: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -126,6 +125,7 @@ class QuicTransport:
             config=self.config,
             send_datagrams=self._send_datagrams,
             register_cid=self._register_cid,
+            received=self._touched.append,
             unregister_cid=self._unregister_cid,
             forget=self._forget,
             established=self._on_established,
@@ -136,8 +136,10 @@ class QuicTransport:
             sock,
             self._datagram_received,
             self.config.receive_batch,
+            self._batch_received,
             self.config.send_queue_datagrams,
             self.config.udp_gso,
+            self.config.batched_io,
         )
         self._tick_task = self._loop.create_task(self._tick_loop())
         return self.listen_addr
@@ -236,24 +238,21 @@ class QuicTransport:
         remote: tuple,
         original_dcid: bytes | None = None,
         retry_scid: bytes | None = None,
-    ) -> MeshQuicConnection:
+    ) -> QuicEngine:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
-        # aioquic only reads its configuration: connections alike share one (and its lists)
+        # the libraries only read their configuration: connections alike share one
         configuration = self._configurations.get((is_client, size))
         if configuration is None:
-            configuration = self._configurations[(is_client, size)] = self._configuration(
-                is_client, size
+            configuration = self._configurations[(is_client, size)] = self.backend.configuration(
+                is_client=is_client, max_datagram_size=size, certified=self._certified, config=cfg
             )
-        quic = MeshQuicConnection(
+        quic = self.backend.connection(
             configuration=configuration,
-            original_destination_connection_id=original_dcid,
-            retry_source_connection_id=retry_scid,
-            stream_window=cfg.stream_receive_window,
-            connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_streams=cfg.max_streams,
-            connection_ids=cfg.connection_ids,
+            config=cfg,
+            original_dcid=original_dcid,
+            retry_scid=retry_scid,
             pmtu=self._pmtu_search(remote, size),
         )
         if not cfg.paces(host):
@@ -267,24 +266,6 @@ class QuicTransport:
             return None
         ceiling = min(cfg.pmtu_max_datagram_size, route_max_payload(remote) or base)
         return PmtuSearch(base, ceiling) if ceiling > base else None
-
-    def _configuration(self, is_client: bool, max_datagram_size: int) -> QuicConfiguration:
-        cfg = self.config
-        return QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
-            certificate=self._certified.certificate,
-            private_key=self._certified.private_key,
-            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
-            idle_timeout=cfg.idle_timeout,
-            max_datagram_size=max_datagram_size,
-            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_stream_data=cfg.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
-            congestion_control_algorithm=cfg.congestion_control,
-            initial_rtt=cfg.initial_rtt,
-            server_name=None,
-        )
 
     def _forget(self, conn: QuicConn) -> None:
         self._conns.discard(conn)
@@ -336,12 +317,13 @@ class QuicTransport:
             if header.packet_type != QuicPacketType.INITIAL:
                 self._unknown(data, addr)
                 return
-            if header.version is not None and header.version not in _SUPPORTED_VERSIONS:
+            versions = self.backend.supported_versions
+            if header.version is not None and header.version not in versions:
                 self._sendto(
                     encode_quic_version_negotiation(
                         source_cid=header.destination_cid,
                         destination_cid=header.source_cid,
-                        supported_versions=list(_SUPPORTED_VERSIONS),
+                        supported_versions=list(versions),
                     ),
                     addr,
                 )
@@ -403,6 +385,16 @@ class QuicTransport:
             conn.cids.add(cid)
         self.stats["accepted"] += 1
         return conn
+
+    def _batch_received(self) -> None:
+        """The socket's read batch is over: each connection takes its datagrams in one go."""
+        touched = self._touched
+        while touched:
+            conn = touched.pop()
+            try:
+                conn.flush_received()
+            except Exception:
+                log.exception("QUIC: error handling datagrams of %r", conn)
 
     def _unknown(self, data: bytes, addr: tuple) -> None:
         self.stats["unknown_datagrams"] += 1
