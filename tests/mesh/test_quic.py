@@ -817,3 +817,29 @@ async def test_qh3_clients_probe_to_1472_and_servers_keep_large_loopback_datagra
         # the server's loopback start (16 KiB) is not capped by the client's 1472-byte limit
         assert b.conns[0].max_datagram_size == 16384
         await _send_and_check(conn, b.conns[0], 1 << 20)
+
+
+async def test_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
+    """qh3's CUBIC collapses on a path with random loss; the transport (backend "auto") marks a
+    host whose qh3 connection lost packets, and connects to it with aioquic's loss-tolerant
+    controller from then on."""
+    cfg = QuicConfig(lossy_min_losses=5, **_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        udp = b.transport._udp
+        deliver, seen = udp._on_datagram, [0]
+
+        def lossy(data, peer):  # b's socket drops every 50th datagram: 2 % of a's packets
+            seen[0] += 1
+            if seen[0] % 50:
+                deliver(data, peer)
+
+        udp._on_datagram = lossy
+        conn = await a.transport.dial(b.addr)
+        assert conn.backend == "qh3"
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 4 << 20)  # arrives intact despite the loss
+        await wait_for(lambda: a.transport.stats["lossy_paths"] == 1, what="path marked lossy")
+        again = await a.transport.dial(b.addr)
+        assert again.backend == "aioquic" and again.remote_peer == b.key.peer_id
+        await wait_for(lambda: len(b.conns) == 2, what="second inbound")
+        await _send_and_check(again, b.conns[1], 1 << 20)

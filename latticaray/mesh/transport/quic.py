@@ -105,7 +105,9 @@ class QuicTransport:
         self._tick_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
-        self._configurations: dict[tuple[bool, int], object] = {}
+        self._configurations: dict[tuple[str, bool, int], object] = {}
+        #: Hosts whose paths lost packets (host -> until when): later connections use aioquic.
+        self._lossy: dict[str, float] = {}
         #: Connections that datagrams of the current read batch went to (flushed at its end).
         self._touched: list[QuicConn] = []
         self.stats: collections.Counter[str] = collections.Counter()
@@ -242,13 +244,15 @@ class QuicTransport:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
+        backend = self._backend_for(remote[0])
         # the libraries only read their configuration: connections alike share one
-        configuration = self._configurations.get((is_client, size))
+        key = (backend.name, is_client, size)
+        configuration = self._configurations.get(key)
         if configuration is None:
-            configuration = self._configurations[(is_client, size)] = self.backend.configuration(
+            configuration = self._configurations[key] = backend.configuration(
                 is_client=is_client, max_datagram_size=size, certified=self._certified, config=cfg
             )
-        quic = self.backend.connection(
+        quic = backend.connection(
             configuration=configuration,
             config=cfg,
             original_dcid=original_dcid,
@@ -258,6 +262,39 @@ class QuicTransport:
         if not cfg.paces(host):
             quic.disable_pacing()
         return quic
+
+    def _backend_for(self, host: str) -> QuicBackend:
+        """aioquic for a host whose path lost packets lately (backend "auto"), else the
+        transport's backend."""
+        until = self._lossy.get(host)
+        if until is not None:
+            if until > now():
+                try:
+                    return load_backend("aioquic")
+                except ImportError:
+                    pass
+            else:
+                del self._lossy[host]
+        return self.backend
+
+    def _note_path_loss(self, conn: QuicConn) -> None:
+        """Mark the peer's host lossy when this qh3 connection lost enough of its packets."""
+        cfg = self.config
+        stats = conn.loss_stats()
+        if cfg.backend != "auto" or stats is None:
+            return
+        lost, sent = stats
+        if lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent:
+            host = conn.addr[0]
+            if host not in self._lossy:
+                self.stats["lossy_paths"] += 1
+                log.info(
+                    "QUIC: %d of ~%d packets to %s lost; its next connections use aioquic",
+                    lost,
+                    sent,
+                    host,
+                )
+            self._lossy[host] = now() + cfg.lossy_path_ttl
 
     def _pmtu_search(self, remote: tuple, base: int) -> PmtuSearch | None:
         """Path MTU discovery from ``base`` up to what the local route carries."""
@@ -415,5 +452,6 @@ class QuicTransport:
             for conn in list(self._conns):
                 try:
                     conn.tick(at)
+                    self._note_path_loss(conn)
                 except Exception:
                     log.exception("QUIC tick failed for %r", conn)

@@ -201,6 +201,7 @@ _TLS_HANDSHAKE_ONLY = (
 class MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
+    backend = "aioquic"
     events = EventTypes(
         stream_data=aioquic_events.StreamDataReceived,
         handshake_completed=aioquic_events.HandshakeCompleted,
@@ -297,6 +298,10 @@ class MeshQuicConnection(QuicConnection):
 
     def discard_stream_data(self, stream_id: int, n: int) -> None:
         self.connection_consumed += n
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """Not needed: aioquic connections run the loss-tolerant "bdp" controller."""
+        return None
 
     def consumed(self, stream_id: int, total: int, n: int) -> None:
         """The application has now read ``total`` bytes of the stream, ``n`` of them new."""

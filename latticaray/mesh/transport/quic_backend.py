@@ -50,6 +50,8 @@ class QuicEngine(Protocol):
     additions, which each backend implements over its library's internals."""
 
     events: EventTypes
+    #: The backend's name ("qh3", "aioquic").
+    backend: str
     host_cid: bytes
 
     def connect(self, addr: Any, now: float) -> None: ...
@@ -101,6 +103,9 @@ class QuicEngine(Protocol):
 
     def discard_stream_data(self, stream_id: int, n: int) -> None:
         """``n`` bytes arrived for a stream no channel reads (credit them back)."""
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """(packets declared lost, about how many were sent), where the library says."""
 
 
 class QuicBackend(Protocol):

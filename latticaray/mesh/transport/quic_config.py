@@ -49,6 +49,14 @@ class QuicConfig:
     #: Python; the transport's own congestion control and path MTU search), or "auto" (qh3
     #: when installed, else aioquic). See :mod:`.quic_backend`.
     backend: str = "auto"
+    #: qh3's core runs CUBIC, which random loss holds far below a path's rate (50 ms round
+    #: trips, 0.5 % loss: 0.6 MB/s, aioquic with "bdp" 9-15 MB/s). With backend "auto", a qh3
+    #: connection that has lost at least ``lossy_min_losses`` packets and ``lossy_loss_rate``
+    #: of those it sent marks its peer's host lossy: connections to and from that host made in
+    #: the next ``lossy_path_ttl`` seconds use aioquic.
+    lossy_loss_rate: float = 0.002
+    lossy_min_losses: int = 20
+    lossy_path_ttl: float = 600.0
     #: Datagram size a connection to a non-loopback address starts with (the internet's safe
     #: size is ~1200-1452); path MTU discovery raises it to what the path carries.
     max_datagram_size: int = 1350

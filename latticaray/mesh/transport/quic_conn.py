@@ -182,6 +182,15 @@ class QuicConn:
     def max_datagram_size(self) -> int:
         return self._quic.max_datagram_size
 
+    @property
+    def backend(self) -> str:
+        """The QUIC library driving this connection ("qh3", "aioquic")."""
+        return self._quic.backend
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """(packets lost, about how many were sent) where the library reports them."""
+        return self._quic.loss_stats()
+
     def on_close(self, callback: Callable[[QuicConn], None]) -> None:
         if self.is_closed:
             self._loop.call_soon(callback, self)

@@ -414,6 +414,7 @@ class _OneEventCore:
 class MeshQh3Connection(QuicConnection):
     """qh3 connection with mutual authentication and read-driven receive windows."""
 
+    backend = "qh3"
     events = EventTypes(
         stream_data=qh3_events.StreamDataReceived,
         handshake_completed=qh3_events.HandshakeCompleted,
@@ -623,6 +624,13 @@ class MeshQh3Connection(QuicConnection):
         if core is None:
             return 0
         return int(self.get_send_buffer_size()) + int(core.bytes_in_flight)
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        core = self._core
+        if core is None:
+            return None
+        path = core.active_path
+        return int(core.loss_total), int(path[3]) // max(1, int(path[5]))
 
     def disable_pacing(self) -> None:
         """qh3's core paces by itself (its pacer holds nothing back on a loopback RTT)."""
