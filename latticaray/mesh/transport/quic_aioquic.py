@@ -62,10 +62,10 @@ from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..tls import ALPN_LIBP2P, CertifiedKey
+from ..tls import CertifiedKey
 from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
-from .quic_backend import EventTypes
-from .quic_config import CONNECTION_ID_LENGTH, QuicConfig
+from .quic_backend import EventTypes, check_pinned_version, common_configuration
+from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch, PmtuState
 
 __all__ = [
@@ -85,13 +85,7 @@ AIOQUIC_VERSION = "1.7.2"
 
 def check_aioquic_version(version: str) -> None:
     """Raise ImportError unless ``version`` is the pinned aioquic release."""
-    if version != AIOQUIC_VERSION:
-        raise ImportError(
-            f"latticaray's QUIC transport overrides private internals of aioquic "
-            f"{AIOQUIC_VERSION} (latticaray/mesh/transport/quic_aioquic.py) but aioquic "
-            f"{version} is installed: install aioquic=={AIOQUIC_VERSION}, or re-read that "
-            f"module against aioquic {version} and move its pin"
-        )
+    check_pinned_version("aioquic", version, AIOQUIC_VERSION)
 
 
 check_aioquic_version(aioquic.__version__)
@@ -820,19 +814,12 @@ class AioquicBackend:
         config: QuicConfig,
     ) -> QuicConfiguration:
         return QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
+            **common_configuration(
+                is_client=is_client, max_datagram_size=max_datagram_size, config=config
+            ),
             certificate=certified.certificate,
             private_key=certified.private_key,
-            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by the transport
-            idle_timeout=config.idle_timeout,
-            max_datagram_size=max_datagram_size,
-            max_data=max(config.connection_receive_window, config.stream_receive_window),
-            max_stream_data=config.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
             congestion_control_algorithm=config.congestion_control,
-            initial_rtt=config.initial_rtt,
-            server_name=None,
         )
 
     def connection(

@@ -19,12 +19,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..tls import ALPN_LIBP2P
+from .quic_config import CONNECTION_ID_LENGTH
+
 if TYPE_CHECKING:
     from ..tls import CertifiedKey
     from .quic_config import QuicConfig
     from .quic_pmtu import PmtuSearch
 
-__all__ = ["BACKENDS", "EventTypes", "QuicBackend", "QuicEngine", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "EventTypes",
+    "QuicBackend",
+    "QuicEngine",
+    "check_pinned_version",
+    "common_configuration",
+    "load_backend",
+]
 
 #: The backend names ``QuicConfig.backend`` accepts besides "auto", preferred first.
 BACKENDS = ("qh3", "aioquic")
@@ -136,6 +147,37 @@ class QuicBackend(Protocol):
         pmtu: PmtuSearch | None,
     ) -> QuicEngine:
         """A new connection (a client before ``connect``, or a server for one Initial)."""
+
+
+def check_pinned_version(library: str, installed: str, pinned: str) -> None:
+    """Raise ImportError unless ``installed`` is the release of ``library`` that the backend
+    module overriding its private internals (``quic_<library>.py``) was written against."""
+    if installed != pinned:
+        raise ImportError(
+            f"latticaray's QUIC transport overrides private internals of {library} {pinned} "
+            f"(latticaray/mesh/transport/quic_{library}.py) but {library} {installed} is "
+            f"installed: install {library}=={pinned}, or re-read that module against "
+            f"{library} {installed} and move its pin"
+        )
+
+
+def common_configuration(
+    *, is_client: bool, max_datagram_size: int, config: QuicConfig
+) -> dict[str, Any]:
+    """The configuration fields both libraries name alike (aioquic's ``QuicConfiguration``
+    keywords, which qh3 kept)."""
+    return {
+        "is_client": is_client,
+        "alpn_protocols": [ALPN_LIBP2P],
+        "verify_mode": 0,  # ssl.CERT_NONE: the libp2p certificate is checked by the transport
+        "idle_timeout": config.idle_timeout,
+        "max_datagram_size": max_datagram_size,
+        "max_data": max(config.connection_receive_window, config.stream_receive_window),
+        "max_stream_data": config.stream_receive_window,
+        "connection_id_length": CONNECTION_ID_LENGTH,
+        "initial_rtt": config.initial_rtt,
+        "server_name": None,
+    }
 
 
 def load_backend(name: str) -> QuicBackend:

@@ -37,6 +37,7 @@ from .quic_config import (
     QuicConfig,
     udp_multiaddr,
 )
+from .quic_udp import address_runs
 
 __all__ = ["EndpointLink", "PeerStreams", "QuicConn", "now"]
 
@@ -357,12 +358,7 @@ class QuicConn:
         self._last_rx = at
         self._unanswered_since = None
         quic = self._quic
-        i, n = 0, len(received)
-        while i < n:
-            addr = received[i][1]
-            j = i + 1
-            while j < n and received[j][1] == addr:
-                j += 1
+        for i, j, addr in address_runs(received):
             if j - i == 1:
                 quic.receive_datagram(received[i][0], addr, at)
             else:
@@ -371,7 +367,6 @@ class QuicConn:
                 self.addr = addr  # migrated: the new path's MTU is unknown
                 self.remote_addr = udp_multiaddr(addr)
                 quic.reset_datagram_size()
-            i = j
         self._process_events()
         if not self.is_closed:
             self._transmit()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import enum
 import hmac
 import os
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -69,9 +68,9 @@ from qh3.quic.packet import (
 )
 from qh3.quic.tls_bridge import QuicTlsBridge
 
-from ..tls import ALPN_LIBP2P, CertifiedKey
-from .quic_backend import EventTypes
-from .quic_config import CONNECTION_ID_LENGTH, QuicConfig
+from ..tls import CertifiedKey
+from .quic_backend import EventTypes, check_pinned_version, common_configuration
+from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch
 
 __all__ = [
@@ -90,12 +89,7 @@ QH3_VERSION = "2.1.0"
 
 def check_qh3_version(version: str) -> None:
     """Raise ImportError unless ``version`` is the pinned qh3 release."""
-    if version != QH3_VERSION:
-        raise ImportError(
-            f"latticaray's QUIC transport overrides private internals of qh3 {QH3_VERSION} "
-            f"(latticaray/mesh/transport/quic_qh3.py) but qh3 {version} is installed: install "
-            f"qh3=={QH3_VERSION}, or re-read that module against qh3 {version} and move its pin"
-        )
+    check_pinned_version("qh3", version, QH3_VERSION)
 
 
 check_qh3_version(qh3.__version__)
@@ -683,19 +677,12 @@ class Qh3Backend:
         config: QuicConfig,
     ) -> QuicConfiguration:
         configuration = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
-            verify_mode=ssl.CERT_NONE,  # the libp2p certificate is checked by the transport
-            idle_timeout=config.idle_timeout,
-            max_datagram_size=max_datagram_size,
+            **common_configuration(
+                is_client=is_client, max_datagram_size=max_datagram_size, config=config
+            ),
             probe_datagram_size=config.pmtu_discovery,
-            max_data=max(config.connection_receive_window, config.stream_receive_window),
-            max_stream_data=config.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
-            initial_rtt=config.initial_rtt,
             active_connection_id_limit=max(2, config.connection_ids),
             signature_algorithms=list(CLIENT_OFFERED_SIGNATURE_ALGORITHMS),
-            server_name=None,
         )
         configuration.certificate = qh3_tls.load_pem_x509_certificates(certified.certificate_pem())[
             0

@@ -15,10 +15,10 @@ import collections
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["UdpSocket", "open_udp_socket", "route_max_payload"]
+__all__ = ["UdpSocket", "address_runs", "batched_io", "open_udp_socket", "route_max_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,18 @@ _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
 _IP_MTU, _IPV6_MTU = 14, 24
 #: errnos by which a kernel or device refuses GSO (then: one datagram per send)
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+
+
+def address_runs(datagrams: list[tuple[bytes, tuple]]) -> Iterator[tuple[int, int, tuple]]:
+    """``(start, end, address)`` of each run of consecutive datagrams to or from one address."""
+    i, n = 0, len(datagrams)
+    while i < n:
+        addr = datagrams[i][1]
+        j = i + 1
+        while j < n and datagrams[j][1] == addr:
+            j += 1
+        yield i, j, addr
+        i = j
 
 
 def batched_io(sock: socket.socket) -> Any | None:
@@ -226,12 +238,7 @@ class UdpSocket:
 
     def _send_native(self, native: Any, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Runs of datagrams to one address, each run in as few system calls as GSO allows."""
-        i, n = 0, len(datagrams)
-        while i < n:
-            addr = datagrams[i][1]
-            j = i + 1
-            while j < n and datagrams[j][1] == addr:
-                j += 1
+        for i, j, addr in address_runs(datagrams):
             run = [data for data, _ in datagrams[i:j]]
             try:
                 sent = native.send(run, addr)
@@ -247,7 +254,6 @@ class UdpSocket:
                     sent += 1
                 for data, target in datagrams[i + sent : j]:
                     self.sendto(data, target)
-                i = j
                 continue
             if j - i > 1:
                 self.gso_sends += 1
@@ -255,7 +261,6 @@ class UdpSocket:
                 for data, target in datagrams[i + sent :]:
                     self.sendto(data, target)
                 return
-            i = j
 
     def _send_segments(self, run: list[tuple[bytes, tuple]], size: int, addr: tuple) -> None:
         try:
