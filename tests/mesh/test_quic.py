@@ -843,3 +843,18 @@ async def test_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
         assert again.backend == "aioquic" and again.remote_peer == b.key.peer_id
         await wait_for(lambda: len(b.conns) == 2, what="second inbound")
         await _send_and_check(again, b.conns[1], 1 << 20)
+
+
+async def test_a_write_after_qh3_closed_its_connection_raises_connection_closed():
+    """qh3 refuses frames once its connection is closing (aioquic ignores them); the channel
+    reports that as ConnectionClosed, what the RPC layer expects of a dead channel."""
+    async with Endpoint(qcfg("qh3")) as a, Endpoint(qcfg("qh3")) as b:
+        conn = await a.transport.dial(b.addr)
+        ch = conn.open_channel()
+        ch.write(b"before")
+        conn._quic.close(
+            error_code=0, reason_phrase="gone"
+        )  # the library closed, the shell not yet
+        with pytest.raises(ConnectionClosed, match="connection is closed"):
+            ch.write(b"after")
+        conn.tick(time.monotonic() + 60)  # keepalive on a closed library: no exception either

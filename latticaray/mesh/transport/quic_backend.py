@@ -58,7 +58,9 @@ class QuicEngine(Protocol):
     """One sans-I/O QUIC connection, as the transport's connection shell drives it.
 
     The first group is aioquic's public API (qh3 shares it); the rest are the transport's
-    additions, which each backend implements over its library's internals."""
+    additions, which each backend implements over its library's internals. Once the connection
+    is closed, qh3 raises from the methods that queue frames (send_stream_data, reset_stream,
+    stop_stream, send_ping) where aioquic ignores the call: callers treat either as closed."""
 
     events: EventTypes
     #: The backend's name ("qh3", "aioquic").

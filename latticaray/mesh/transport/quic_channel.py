@@ -174,7 +174,10 @@ class QuicChannel:
             raise ConnectionClosed("write on a closed QUIC channel")
         if not data:
             return
-        self._quic.send_stream_data(self.stream_id, bytes(data))
+        try:
+            self._quic.send_stream_data(self.stream_id, bytes(data))
+        except Exception as exc:  # qh3 raises once its connection is closed
+            raise ConnectionClosed(f"QUIC connection closed: {exc}") from None
         self._conn.note_sent()
         self._conn.schedule_transmit()
 

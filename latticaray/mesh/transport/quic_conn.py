@@ -452,8 +452,11 @@ class QuicConn:
                 return
             self._peer_streams.note(event.stream_id)  # a refused one counts as finished
             if len(self._accept_queue) >= self.config.accept_backlog:
-                self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
-                self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                try:
+                    self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                    self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                except Exception:  # qh3 raises once its connection is closed
+                    pass
                 return
             channel = QuicChannel(self, self._quic, event.stream_id, remote_peer)
             self._channels[event.stream_id] = channel
@@ -518,7 +521,11 @@ class QuicConn:
             self._terminate(f"peer unresponsive for {at - self._unanswered_since:.1f} s", send=True)
             return
         if at - self._last_rx > self.config.keepalive_interval:
-            self._quic.send_ping(0)
+            try:
+                self._quic.send_ping(0)
+            except Exception:  # qh3 raises once its connection is closed: the events say why
+                self._process_events()
+                return
             self.note_sent()
             self._transmit()
 
