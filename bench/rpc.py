@@ -7,6 +7,10 @@ connection between them, ``RpcSession`` on top. For each transport:
 * ``quic1200``  QUIC with 1200 B datagrams (what the internet allows)
 * ``quic1350``  QUIC with 1350 B datagrams (the transport's default off loopback)
 * ``quic16k``   QUIC with 16384 B datagrams (the best size on loopback)
+
+(QUIC connections grow their datagrams by path MTU discovery, to 64 KiB on loopback with
+aioquic, to 1472 B with qh3; ``quic1350-fixed`` keeps 1350 B. ``@qh3`` / ``@aioquic`` picks the
+QUIC library, e.g. ``--transports quic1350-fixed@qh3,quic1350-fixed@aioquic``.)
 * ``tcp``       TCP + TLS 1.3
 * ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
 
@@ -84,11 +88,33 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
+def parse_quic(transport: str) -> tuple[int, bool, str]:
+    """``quic1350[-fixed][@backend]``: start datagram size, path MTU discovery, QUIC library."""
+    name, _, backend = transport.partition("@")
+    name, fixed = name.removesuffix("-fixed"), name.endswith("-fixed")
+    return QUIC_DATAGRAM_SIZES[name], not fixed, backend or "auto"
+
+
+def valid_transport(transport: str) -> bool:
+    if not transport.startswith("quic"):
+        return transport in TRANSPORTS
+    try:
+        _, _, backend = parse_quic(transport)
+    except KeyError:
+        return False
+    return backend in ("auto", "qh3", "aioquic")
+
+
 def quic_config(transport: str):
     from latticaray.mesh.transport.quic import QuicConfig
 
-    size = QUIC_DATAGRAM_SIZES[transport]
-    return QuicConfig(max_datagram_size=size, loopback_max_datagram_size=size)
+    size, pmtu, backend = parse_quic(transport)
+    return QuicConfig(
+        max_datagram_size=size,
+        loopback_max_datagram_size=size,
+        pmtu_discovery=pmtu,
+        backend=backend,
+    )
 
 
 def server_limits():
@@ -604,7 +630,7 @@ def anchors(args) -> list[dict]:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("aioquic", "cryptography", "msgpack", "uvloop"):
+    for name in ("aioquic", "qh3", "cryptography", "msgpack", "uvloop"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", "?")
@@ -811,8 +837,11 @@ def main() -> None:
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.transports = [t for t in args.transports.split(",") if t]
     for t in args.transports:
-        if t not in TRANSPORTS:
-            p.error(f"unknown transport {t!r}; choose from {TRANSPORTS}")
+        if not valid_transport(t):
+            p.error(
+                f"unknown transport {t!r}; choose from {TRANSPORTS} (QUIC ones take "
+                "-fixed: no path MTU discovery, and @qh3 / @aioquic: the QUIC library)"
+            )
     if args.quick:
         args.duration, args.warmup, args.bulk_total = 2.0, 1.0, 64 << 20
     if args.role == "run":
