@@ -333,9 +333,9 @@ class Libp2pConnection:
         return peer_id_to_text(self.remote_peer_id)
 
     @property
-    def mesh_peer_id(self) -> PeerId | None:
-        """The remote's mesh :class:`PeerId` if its key is Ed25519."""
-        return self.remote_key.mesh_peer_id()
+    def mesh_peer_id(self) -> PeerId:
+        """The remote's mesh :class:`PeerId` (any key type; it carries the key)."""
+        return PeerId.from_key(self.remote_key)
 
     @property
     def is_closed(self) -> bool:
