@@ -8,6 +8,7 @@ itself. Foreign peers of the other key types are first-class: their :class:`Peer
 key learned from the handshake (TLS certificate extension, Noise payload), which a sha2-256 ID
 cannot give back; one parsed from text or bytes verifies signatures only when its key is inline.
 """
+
 from __future__ import annotations
 
 import os

@@ -90,9 +90,7 @@ def test_certificates_of_foreign_key_types_prove_their_peer(key_type):
     spki = k.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    forged = encode_signed_key(
-        signer.public_key.to_protobuf(), other.sign(SIGNATURE_PREFIX + spki)
-    )
+    forged = encode_signed_key(signer.public_key.to_protobuf(), other.sign(SIGNATURE_PREFIX + spki))
     with pytest.raises(HandshakeError, match="does not verify"):
         verify_certificate(der(build(k, forged)))
 

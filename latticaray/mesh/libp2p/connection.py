@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ConnectionClosed, HandshakeError, MultiaddrError, ProtocolViolation
 from ..identity import PeerId
@@ -32,6 +32,7 @@ from .stream import (
     MuxedStream,
     ProtocolRouter,
     StreamHandler,
+    StreamRouter,
     open_negotiated,
     serve_inbound,
 )
@@ -201,7 +202,7 @@ class Libp2pConnection:
         noise: NoiseCore,
         yamux: YamuxCore,
         remote: NoiseHandshakeDone,
-        router: ProtocolRouter,
+        router: StreamRouter,
         *,
         initial: bytes = b"",
     ) -> None:
@@ -217,6 +218,7 @@ class Libp2pConnection:
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._closed = asyncio.Event()
         self._close_reason: BaseException | None = None
+        self._close_callbacks: list[Callable[[Libp2pConnection], None]] = []
         self._initial = initial
         self._reader_task: asyncio.Task[None] | None = None
         self._timer_task: asyncio.Task[None] | None = None
@@ -252,6 +254,18 @@ class Libp2pConnection:
     def close_reason(self) -> BaseException | None:
         return self._close_reason
 
+    @property
+    def outbound(self) -> bool:
+        """True on the end that dialed (the yamux client)."""
+        return self._yamux.is_client
+
+    def on_close(self, callback: Callable[[Libp2pConnection], None]) -> None:
+        """``callback(conn)`` once the connection has closed (soon, if it already has)."""
+        if self._closed.is_set():
+            asyncio.get_running_loop().call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
     def start(self) -> None:
         self._reader_task = asyncio.ensure_future(self._read_loop())
         if self._yamux.keepalive is not None:
@@ -265,6 +279,12 @@ class Libp2pConnection:
 
         ``lazy`` (one protocol only) returns at once: the first read checks the echo.
         """
+        stream = self.new_stream()
+        await open_negotiated(stream, protocols, lazy=lazy, timeout=timeout)
+        return stream
+
+    def new_stream(self) -> Libp2pStream:
+        """A fresh outbound stream, not negotiated yet."""
         self._check_open()
         try:
             stream_id = self._yamux.open_stream()
@@ -272,7 +292,6 @@ class Libp2pConnection:
             raise ConnectionClosed(str(exc)) from None
         stream = Libp2pStream(self, stream_id)
         self._streams[stream_id] = stream
-        await open_negotiated(stream, protocols, lazy=lazy, timeout=timeout)
         return stream
 
     async def _serve_inbound(self, stream: Libp2pStream) -> None:
@@ -318,7 +337,7 @@ class Libp2pConnection:
                 raise StreamReset(f"no window to negotiate on stream {stream_id}")
             view = view[taken:]
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, timeout: float | None) -> None:
         self._check_open()
         try:
             await asyncio.wait_for(self._writer.drain(), timeout)
@@ -455,6 +474,12 @@ class Libp2pConnection:
             self._writer.close()
         if self._timer_task is not None:
             self._timer_task.cancel()
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("connection close callback failed")
 
     async def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Go Away, then close the socket and every stream."""
@@ -506,7 +531,7 @@ async def upgrade(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     identity: PrivateKey,
-    router: ProtocolRouter,
+    router: StreamRouter,
     *,
     initiator: bool,
     expected_peer_id: bytes | None = None,

@@ -38,6 +38,7 @@ __all__ = [
     "MuxedStream",
     "ProtocolRouter",
     "StreamHandler",
+    "StreamRouter",
     "open_negotiated",
     "serve_inbound",
 ]
@@ -73,6 +74,16 @@ class ProtocolRouter:
         return self._handlers.get(protocol)
 
 
+class StreamRouter(Protocol):
+    """What a connection asks of its router for inbound streams (a :class:`ProtocolRouter`, or
+    a per-connection view of one)."""
+
+    @property
+    def protocols(self) -> list[str]: ...
+
+    def handler(self, protocol: str) -> StreamHandler | None: ...
+
+
 class MuxedConnection(Protocol):
     """A libp2p connection as the protocols see it."""
 
@@ -106,7 +117,9 @@ class MuxedStream:
 
     def __init__(self) -> None:
         self.protocol = ""
-        self.timeout = DEFAULT_STREAM_TIMEOUT
+        #: Default deadline of reads and writes (None: none; a long-lived stream's owner has its
+        #: own liveness checks).
+        self.timeout: float | None = DEFAULT_STREAM_TIMEOUT
         self._negotiation: MultistreamCore | None = None
         self._pushback = b""
 
@@ -115,7 +128,7 @@ class MuxedStream:
     def connection(self) -> MuxedConnection:
         raise NotImplementedError
 
-    async def _recv(self, max_bytes: int, timeout: float) -> bytes:
+    async def _recv(self, max_bytes: int, timeout: float | None) -> bytes:
         """Up to ``max_bytes`` received bytes, ``b""`` at the end of the stream; raises
         :class:`TimeoutError` after ``timeout`` and :class:`StreamReset` if reset."""
         raise NotImplementedError
@@ -150,6 +163,11 @@ class MuxedStream:
     @property
     def negotiating(self) -> bool:
         return self._negotiation is not None
+
+    @property
+    def has_pushback(self) -> bool:
+        """Bytes held back (negotiation leftovers, :meth:`unread`) that the next read returns."""
+        return bool(self._pushback)
 
     async def finish_negotiation(self, timeout: float | None = None) -> None:
         core = self._negotiation
@@ -199,7 +217,7 @@ class MuxedStream:
             self._pushback = bytes(data) + self._pushback
 
     async def readexactly(self, nbytes: int, *, timeout: float | None = None) -> bytes:
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (timeout or self.timeout or DEFAULT_STREAM_TIMEOUT)
         out = bytearray()
         while len(out) < nbytes:
             chunk = await self.read(
@@ -212,7 +230,7 @@ class MuxedStream:
 
     async def read_message(self, max_size: int, *, timeout: float | None = None) -> bytes | None:
         """One ``uvarint(len) || message``; ``None`` at a clean end of stream."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (timeout or self.timeout or DEFAULT_STREAM_TIMEOUT)
         prefix = bytearray()
         while True:
             chunk = await self.read(16, timeout=max(0.001, deadline - time.monotonic()))
@@ -244,7 +262,7 @@ class MuxedStream:
 
     async def read_all(self, max_size: int, *, timeout: float | None = None) -> bytes:
         """Everything until the peer closes its side, at most ``max_size`` bytes."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (timeout or self.timeout or DEFAULT_STREAM_TIMEOUT)
         out = bytearray()
         while True:
             chunk = await self.read(_READ_CHUNK, timeout=max(0.001, deadline - time.monotonic()))
