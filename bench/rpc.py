@@ -7,12 +7,13 @@ connection between them, ``RpcSession`` on top. For each transport:
 * ``quic1200``  QUIC with 1200 B datagrams (what the internet allows)
 * ``quic1350``  QUIC with 1350 B datagrams (the transport's default off loopback)
 * ``quic16k``   QUIC with 16384 B datagrams (the best size on loopback)
+* ``tcp``       TCP the libp2p way (multistream, Noise XX, yamux): the node's default
+* ``tcptls``    TCP + TLS 1.3 (``MeshConfig(tcp_security="tls")``; direct stack: both TLS)
+* ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
 
 (QUIC connections grow their datagrams by path MTU discovery, to 64 KiB on loopback with
 aioquic, to 1472 B with qh3; ``quic1350-fixed`` keeps 1350 B. ``@qh3`` / ``@aioquic`` picks the
 QUIC library, e.g. ``--transports quic1350-fixed@qh3,quic1350-fixed@aioquic``.)
-* ``tcp``       TCP + TLS 1.3
-* ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
 
 it measures unary echo calls with ``--concurrency`` calls in flight (default 1000) at 128 B and
 256 KiB: QPS, p50/p99 latency, CPU seconds of both processes; and single-stream bulk MB/s (one
@@ -73,7 +74,7 @@ def _find_anchor() -> str:
 ANCHOR = _find_anchor()
 #: QUIC at 1200 B / 1350 B datagrams (internet sizes) and at 16 KiB (loopback only).
 QUIC_DATAGRAM_SIZES = {"quic1200": 1200, "quic1350": 1350, "quic16k": 16384}
-TRANSPORTS = [*QUIC_DATAGRAM_SIZES, "tcp", "unix"]
+TRANSPORTS = [*QUIC_DATAGRAM_SIZES, "tcp", "tcptls", "unix"]
 BULK_MESSAGE = 1 << 20
 CALL_TIMEOUT = 120.0
 STALL_MESSAGE = 64 * 1024
@@ -195,7 +196,8 @@ async def server_main(args) -> None:
         addr = next(
             a
             for a in node.listen_addrs
-            if a.transport == ("quic" if args.transport.startswith("quic") else args.transport)
+            if a.transport
+            == ("quic" if args.transport.startswith("quic") else args.transport.replace("tls", ""))
         )
     elif args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
@@ -213,7 +215,7 @@ async def server_main(args) -> None:
 
         transport = QuicTransport(key, quic_config(args.transport), on_connection=on_connection)
         addr = await transport.listen("127.0.0.1", 0)
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)
@@ -233,6 +235,9 @@ def node_config(args, server: bool):
     from latticaray.mesh.node import MeshConfig
 
     kind = "quic" if args.transport.startswith("quic") else args.transport
+    security = {}
+    if kind == "tcptls":
+        kind, security = "tcp", {"tcp_security": "tls"}
     listen = []
     if kind == "quic":
         listen = ["/ip4/127.0.0.1/udp/0/quic-v1"]
@@ -246,6 +251,7 @@ def node_config(args, server: bool):
         quic=quic_config(args.transport) if kind == "quic" else MeshConfig().quic,
         rpc_limits=server_limits() if server else MeshConfig().rpc_limits,
         auto_identify=False,
+        **security,
     )
 
 
@@ -311,7 +317,7 @@ async def connect(args):
         await transport.listen("127.0.0.1", 0)
         conn = await transport.dial(addr, peer)
         channel = conn.open_channel()
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)

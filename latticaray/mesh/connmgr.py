@@ -40,9 +40,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .adapters import RPC_PROTOCOL_PREAMBLE, QuicAdapter, RawConnection, TransportAdapter
+from .adapters import (
+    RPC_PROTOCOL,
+    NoRpcChannel,
+    QuicAdapter,
+    RawConnection,
+    TransportAdapter,
+)
 from .errors import ConnectionClosed, PeerIdMismatch, PeerUnreachable
 from .identity import PeerId
+from .libp2p.stream import ProtocolRouter
 from .multiaddr import Multiaddr
 from .paths import (
     DEFAULT_TRANSPORT_PREFERENCE,
@@ -59,7 +66,7 @@ from .rpc import RpcLimits, RpcRouter, RpcSession
 __all__ = [
     "DEFAULT_TRANSPORT_PREFERENCE",
     "RELAYED_TRANSPORTS",
-    "RPC_PROTOCOL_PREAMBLE",
+    "RPC_PROTOCOL",
     "ConnectionManager",
     "MeshConnection",
     "PeerStore",
@@ -81,6 +88,11 @@ class MeshConnection:
     dialer: PeerId
     opened_at: float = field(default_factory=time.monotonic)
     closed: bool = False
+    _gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    async def wait_closed(self) -> None:
+        """Until the manager has dropped this connection."""
+        await self._gone.wait()
 
     @property
     def peer_id(self) -> PeerId:
@@ -103,8 +115,40 @@ class MeshConnection:
         """True if this connection goes through a relay (a fallback path)."""
         return self.raw.transport in RELAYED_TRANSPORTS
 
+    @property
+    def native(self) -> bool | None:
+        """True for a latticaray peer (an RPC session), False for a foreign libp2p peer, None
+        while a dialed peer has not yet answered the lazy ``/latticaray/rpc/1`` proposal."""
+        channel = self.raw.channel
+        if channel is None:
+            return False
+        negotiated = getattr(channel, "negotiated", None)
+        if negotiated is None:
+            return True  # single-channel transports (TCP+TLS, Unix, relay tunnels)
+        return negotiated.result() if negotiated.done() else None
+
+    async def wait_native(self, timeout: float = 10.0) -> bool:
+        """Whether the peer speaks latticaray RPC, once its answer is in (False on timeout)."""
+        channel = self.raw.channel
+        negotiated = getattr(channel, "negotiated", None)
+        if negotiated is None:
+            return channel is not None
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(negotiated), timeout))
+        except TimeoutError:
+            return False
+
+    @property
+    def usable(self) -> bool:
+        """Open, and (for a latticaray peer) its RPC session too."""
+        return not self.closed and (self.native is False or not self.session.closed)
+
     def close(self, reason: str = "closed") -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self.session.closed:  # a foreign peer's connection (no RPC session to close)
+            self.raw.close(reason)
+        else:
             self.session.close(reason)
 
     def __repr__(self) -> str:
@@ -123,9 +167,12 @@ class ConnectionManager:
         max_connections: int = 1024,
         dial_timeout: float = 10.0,
         happy_eyeballs_delay: float = 0.25,
+        streams: ProtocolRouter | None = None,
     ) -> None:
         self.local_peer = local_peer
         self.router = router
+        #: Handlers of the libp2p streams peers open on multiplexed connections.
+        self.streams = streams if streams is not None else ProtocolRouter()
         self.rpc_limits = rpc_limits or RpcLimits()
         self.transport_preference = tuple(transport_preference)
         self.max_connections = max_connections
@@ -179,7 +226,7 @@ class ConnectionManager:
         return sum(len(c) for c in self._conns.values())
 
     def primary(self, peer: PeerId) -> MeshConnection | None:
-        conns = [c for c in self._conns.get(peer, ()) if not c.closed and not c.session.closed]
+        conns = [c for c in self._conns.get(peer, ()) if c.usable]
         if not conns:
             return None
         # Both ends must pick the same one: best path first (direct before relayed), then the
@@ -387,16 +434,21 @@ class ConnectionManager:
         if self._closing:
             raw.close("node shutting down")
             raise ConnectionClosed("node is shutting down")
-        session = RpcSession(raw.channel, self.router, self.rpc_limits)
+        channel = raw.channel
+        if channel is None:  # a foreign libp2p peer: no RPC, libp2p streams only
+            channel = NoRpcChannel(self.local_peer, raw.peer_id, raw.remote_addr)
+        session = RpcSession(channel, self.router, self.rpc_limits)
         dialer = self.local_peer if raw.outbound else raw.peer_id
         conn = MeshConnection(raw=raw, session=session, dialer=dialer)
         peer = raw.peer_id
         conns = self._conns.setdefault(peer, [])
         first = not conns
         conns.append(conn)
-        session.on_close(lambda _session: self._on_closed(conn))
+        session.on_close(lambda _session: self._on_session_closed(conn))
         if raw.on_close is not None:
-            raw.on_close(lambda: session.close("transport connection closed"))
+            raw.on_close(lambda: self._on_transport_closed(conn))
+        if raw.muxer is not None:
+            raw.attach_rpc = functools.partial(self._attach_rpc, conn)
         log.debug(
             "connected to %s over %s (%s)",
             peer,
@@ -410,10 +462,32 @@ class ConnectionManager:
             _safe_call(on_added, conn)
         return conn
 
+    def _on_session_closed(self, conn: MeshConnection) -> None:
+        """An RPC session ended: the connection goes with it, unless the peer is a foreign
+        libp2p peer (no RPC) whose connection serves libp2p streams only."""
+        if conn.raw.muxer is not None and conn.native is False:
+            log.debug("%s speaks no %s: kept for libp2p streams", conn.peer_id, RPC_PROTOCOL)
+            return
+        self._on_closed(conn)
+
+    def _on_transport_closed(self, conn: MeshConnection) -> None:
+        conn.session.close("transport connection closed")
+        self._on_closed(conn)
+
+    def _attach_rpc(self, conn: MeshConnection, channel: object) -> None:
+        """An RPC stream arrived on a connection first registered as foreign."""
+        if conn.closed or not conn.session.closed:
+            return
+        conn.session = RpcSession(channel, self.router, self.rpc_limits)
+        conn.session.on_close(lambda _session: self._on_session_closed(conn))
+        for on_added in list(self._added_cbs):
+            _safe_call(on_added, conn)
+
     def _on_closed(self, conn: MeshConnection) -> None:
         if conn.closed:
             return
         conn.closed = True
+        conn._gone.set()
         try:
             conn.raw.close(conn.session.close_reason or "session closed")
         except Exception:
@@ -453,7 +527,7 @@ class ConnectionManager:
             conn.close(reason)
         for conn in conns:
             try:
-                await asyncio.wait_for(conn.session.wait_closed(), 5.0)
+                await asyncio.wait_for(conn.wait_closed(), 5.0)
             except TimeoutError:
                 pass
 

@@ -201,6 +201,13 @@ class IdentifyService:
     async def identify(self, peer: PeerId, timeout: float = 10.0) -> IdentifyInfo:
         reply = await self._node.call(peer, IDENTIFY_PROTOCOL, b"", timeout=timeout)
         info = IdentifyInfo.decode(reply, expected_peer=peer)
+        self.accept(peer, info)
+        return info
+
+    def accept(self, peer: PeerId, info: IdentifyInfo) -> None:
+        """Remember what ``peer`` (authenticated) said about itself, however it said it (this
+        protocol, or libp2p's ``/ipfs/id/1.0.0`` from a foreign peer): its dialable addresses
+        go to the peer store, our observed address is noted, callbacks run."""
         info.listen_addrs = [a for a in info.listen_addrs if is_dialable_addr(a)]
         self.peer_info[peer] = info
         usable = self._dialable_from_here(peer, info.listen_addrs)
@@ -210,7 +217,6 @@ class IdentifyService:
             self.observed_by[peer] = info.observed_addr
         for callback in list(self._identified_cbs):
             callback(info)
-        return info
 
     def _dialable_from_here(self, peer: PeerId, addrs: list[Multiaddr]) -> list[Multiaddr]:
         """Loopback and Unix addresses are only meaningful if the peer is on this host."""
