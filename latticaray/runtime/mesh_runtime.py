@@ -147,7 +147,9 @@ class MeshRuntime:
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
-    ask, instead of every peer connected or introduced ("full").
+    ask, instead of every peer connected or introduced ("full"). `same_host_path=False` keeps
+    peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
+    the Unix-socket path (to measure what two machines would see).
     """
 
     def __init__(
@@ -159,11 +161,13 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.same_host_path = same_host_path
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -195,6 +199,7 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
     ) -> MeshRuntime:
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
@@ -202,7 +207,7 @@ class MeshRuntime:
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
+        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait, same_host_path)
 
     async def start(self, runtime_node) -> MeshRuntime:
         from latticaray.mesh.dht.service import DhtService
@@ -215,7 +220,7 @@ class MeshRuntime:
         config = MeshConfig(
             listen=self.listen,
             key=self.key,
-            same_host_fast_path=not in_lab,
+            same_host_fast_path=self.same_host_path and not in_lab,
             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0),
         )
         self.mesh = MeshNode(config)

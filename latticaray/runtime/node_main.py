@@ -101,6 +101,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument(
+        "--no-same-host-path",
+        action="store_true",
+        help="keep peers on this host on the transport they dialled (QUIC, TCP) instead of "
+        "moving them to the same-host Unix-socket path",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     return parser.parse_args(argv)
@@ -145,6 +151,7 @@ async def run(args: argparse.Namespace) -> None:
         nat=nat_settings(args),
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
+        same_host_path=not args.no_same_host_path,
     )
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
