@@ -116,9 +116,11 @@ class LocalStore:
             root = default_root(clean_dead=spill_dir is None)
         self.root = os.path.abspath(root)
         self.chunk_size = chunk_size
-        self.hash_code = hash_code
         if _attach:
             config = StoreConfig.read(self.root)
+            hash_code = (
+                config.hash_code
+            )  # the store's own: a value has one CID in all its processes
         else:
             capacity = int(capacity_bytes) if capacity_bytes is not None else default_capacity()
             spill_dir = spill_dir if spill_dir is not None else default_spill_dir(self.root)
@@ -126,7 +128,9 @@ class LocalStore:
                 capacity,
                 spill_dir,
                 int(spill_capacity_bytes) if spill_capacity_bytes is not None else 4 * capacity,
+                hash_code,
             )
+        self.hash_code = hash_code
         self.capacity = config.capacity
         self.spill_dir = config.spill_dir
         self.spill_capacity = config.spill_capacity

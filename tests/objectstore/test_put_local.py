@@ -382,3 +382,12 @@ def test_a_resolved_local_object_goes_back_to_its_writer_with_its_last_name(make
     assert store.gifts_reused_mapping == reused + 1
     assert os.stat(os.path.join(store.root, "local", again)).st_ino == inode
     assert np.array_equal(store.get(again), _array(82, n))
+
+
+def test_an_attached_process_hashes_with_the_stores_multihash(make_store):
+    # a value put by any process of a store gets the CID the store's own put gives it
+    store = make_store(hash_code=BLAKE3)
+    client = LocalStore.attach(store.root)
+    assert client.hash_code == BLAKE3
+    value = _array(7)
+    assert client.resolve(client.put_local(value)) == store.put(value)
