@@ -458,3 +458,23 @@ def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh
         lattica.kill(account)
     finally:
         victim.stop()
+
+
+def test_objects_between_nodes_on_this_host_are_copied_store_to_store(mesh):
+    # the node processes and this driver's node share /dev/shm: a store object moves as one
+    # copy between the stores (every block checked), not as blocks over a socket
+    from latticaray.runtime import api
+
+    remote = api._runtime.mesh_runtime.remote
+    copies = remote.objects.same_host
+    before = copies.copied
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    array = lattica.get(big_array.options(scheduling_strategy=strategy).remote(3 << 20), timeout=60)
+    assert array[-1] == (3 << 20) - 1 and array.sum() == sum(range(3 << 20))
+    assert copies.copied == before + 1 and copies.copied_bytes >= 3 << 23
+    # the place of an object is told only to peers on the same-host path
+    held = lattica.put(os.urandom(2 << 20))
+    store_cid = held.cid
+    assert copies.place("unix", store_cid).to_wire() == {"root": remote.node.store.root}
+    assert "missing" in copies.place("quic", store_cid).to_wire()
+    assert "missing" in copies.place("unix", "bafyr4i" + "a" * 52).to_wire()
