@@ -4,12 +4,17 @@ two stores in /dev/shm instead of as blocks over a socket.
 Two node processes of one user on one host reach each other over the same-host Unix path and
 share /dev/shm. A node that needs a store object a peer on that path holds asks the peer where
 it lies (`/latticaray/object/1` `ObjectWhere`); the peer answers with its store's root
-(`ObjectPlace`) only when the request came over the Unix path, and only when its store holds
-the object. The asker opens that store as any process of the host may (`LocalStore.attach`),
-maps the object read-only, and writes it into its own store through an `ObjectWriter`, which
-checks the manifest against the CID and every block against the manifest, as the exchange does
-for blocks from the network. Anything that fails (an older peer, the object gone meanwhile, a
-store this user cannot read) makes the caller fall back to the exchange.
+(`ObjectPlace`) only when the request came over the Unix path (whose server checks the
+connecting process's uid), and only when its store holds the object. The asker opens that store
+as any process of the host may (`LocalStore.attach`) and hard-links the sealed file into its own
+store (`LocalStore.link_from`: no byte is copied; the manifest is checked against the CID; the
+file is shared and neither store recycles a file with another link). Its blocks are not hashed
+again: a process of the same user can write either store's files anyway, so hashing what it
+sealed would add no protection. Where no link can be made (another filesystem) the object is
+copied through an `ObjectWriter`, which checks every block against the manifest (as for blocks
+from the network); `LATTICARAY_SAME_HOST_LINK=0` always copies. Anything that fails (an older
+peer, the object gone meanwhile, a store this user cannot read) makes the caller fall back to
+the exchange.
 
 Measured on the project's 2-core machine: see docs/perf-notes.md (Runtime: objects between
 nodes on one host).
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_ATTACHED = 16
 WHERE_TIMEOUT = 5.0
 UNIX = "unix"
+LINK = os.environ.get("LATTICARAY_SAME_HOST_LINK", "1") not in ("0", "no", "off", "false")
 
 
 class SameHostCopies:
@@ -54,6 +60,7 @@ class SameHostCopies:
         self._lock = threading.Lock()  # copies run on executor threads
         self.copied = 0  # objects and bytes brought in this way (stats)
         self.copied_bytes = 0
+        self.linked = 0  # of them, hard-linked (the rest copied)
 
     # ------------------------------------------------------------------ serving
     def place(self, transport: str, cid: str) -> ObjectPlace | ObjectMissing:
@@ -135,7 +142,15 @@ class SameHostCopies:
         assert ours is not None
         if ours.contains(cid):
             return 0
-        stored = self._attach(root).get_object(cid)  # its manifest was checked against cid
+        theirs = self._attach(root)
+        if LINK:
+            try:
+                size = ours.link_from(theirs, cid)  # no copy: the sealed file is shared
+                self.linked += 1
+                return size
+            except OSError as exc:  # another filesystem: copy it
+                log.debug("could not link %s from %s: %r", cid, root, exc)
+        stored = theirs.get_object(cid)  # its manifest was checked against cid
         manifest = stored.manifest
         if str(manifest.root) != cid:
             raise ValueError(f"the peer's store answered {manifest.root} for {cid}")
