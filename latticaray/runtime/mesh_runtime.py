@@ -90,6 +90,22 @@ class NatSettings:
         )
 
 
+def _check_bootstrap_transports(bootstrap: list[str], listen: list[str]) -> None:
+    """A QUIC bootstrap address needs a QUIC listen address: QUIC dials from the node's one
+    listening UDP socket (the one hole punching and observed addresses are about)."""
+    from latticaray.mesh.multiaddr import Multiaddr
+
+    if any(Multiaddr.parse(a).transport == "quic" for a in listen):
+        return
+    for addr in bootstrap:
+        if Multiaddr.parse(addr).transport == "quic":
+            raise ValueError(
+                f"bootstrap address {addr} is a QUIC one, but this node listens on no QUIC "
+                "address (QUIC dials from the node's listening UDP socket): listen on one too "
+                "(e.g. /ip4/0.0.0.0/udp/0/quic-v1) or bootstrap from the peer's TCP address"
+            )
+
+
 def _endpoint(value) -> tuple[str, int]:
     """("198.18.0.11", 4001), [host, port] or "host:port" -> (host, port)."""
     if isinstance(value, str):
@@ -174,6 +190,7 @@ class MeshRuntime:
         self.bootstrap = list(bootstrap)
         self.admission = admission
         self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+        _check_bootstrap_transports(self.bootstrap, self.listen)
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None

@@ -133,16 +133,10 @@ def nat_settings(args: argparse.Namespace):
     )
 
 
-async def run(args: argparse.Namespace) -> None:
-    from latticaray.runtime import gcpolicy
-    from latticaray.runtime.api import default_resources
+def _prepare(args: argparse.Namespace):
     from latticaray.runtime.mesh_runtime import CAPACITY_WAIT, MeshRuntime
-    from latticaray.runtime.node import RuntimeNode
 
-    resources = default_resources(
-        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
-    )
-    mesh_runtime = MeshRuntime.prepare(
+    return MeshRuntime.prepare(
         bootstrap=args.bootstrap,
         credential=args.credential,
         listen=args.listen,
@@ -153,6 +147,20 @@ async def run(args: argparse.Namespace) -> None:
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
         same_host_path=not args.no_same_host_path,
     )
+
+
+async def run(args: argparse.Namespace) -> None:
+    from latticaray.runtime import gcpolicy
+    from latticaray.runtime.api import default_resources
+    from latticaray.runtime.node import RuntimeNode
+
+    resources = default_resources(
+        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+    )
+    try:
+        mesh_runtime = _prepare(args)
+    except ValueError as exc:  # bad options: say what, without a traceback
+        raise SystemExit(f"latticaray start: {exc}") from None
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)

@@ -479,3 +479,27 @@ def test_objects_between_nodes_on_this_host_are_copied_store_to_store(mesh):
     assert copies.place("unix", store_cid).to_wire() == {"root": remote.node.store.root}
     assert "missing" in copies.place("quic", store_cid).to_wire()
     assert "missing" in copies.place("unix", "bafyr4i" + "a" * 52).to_wire()
+
+
+def test_a_quic_bootstrap_address_needs_a_quic_listen_address(mesh):
+    # a node listening on TCP only cannot dial QUIC (it dials from its listening UDP socket):
+    # it says so at start instead of dying in the join with a traceback
+    import subprocess
+    import sys
+
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.runtime.mesh_runtime import MeshRuntime
+
+    quic = f"/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{KeyPair.generate().peer_id}"
+    with pytest.raises(ValueError, match="listens on no QUIC address"):
+        MeshRuntime(KeyPair.generate(), [quic], None, ["/ip4/127.0.0.1/tcp/0"])
+    MeshRuntime(KeyPair.generate(), [quic], None, ["/ip4/127.0.0.1/udp/0/quic-v1"])  # fine
+    args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", quic, "--credential", mesh["invite"]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "latticaray.runtime.node_main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "listens on no QUIC address" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
