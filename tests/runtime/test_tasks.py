@@ -344,3 +344,16 @@ def test_the_same_value_has_one_cid_wherever_it_is_put(runtime):
         here = lattica.put(value).cid
         there = lattica.get(put_in_worker.remote(value))
         assert here == there, (type(value).__name__, here, there)
+
+
+def test_wait_splits_in_list_order(runtime):
+    slow = sleep_then.remote(3.0, "slow")
+    fast = [sleep_then.remote(0.0, i) for i in range(4)]
+    refs = [fast[0], slow, fast[1], fast[2], fast[3]]
+    lattica.get(fast)
+    ready, not_ready = lattica.wait(refs, num_returns=2, timeout=10)
+    assert ready == [fast[0], fast[1]] and not_ready == [slow, fast[2], fast[3]]
+    ready, not_ready = lattica.wait(refs, num_returns=4, timeout=10)
+    assert ready == fast and not_ready == [slow]
+    ready, not_ready = lattica.wait(refs, num_returns=5, timeout=0.1)
+    assert ready == fast and not_ready == [slow]
