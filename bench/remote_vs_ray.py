@@ -15,9 +15,9 @@ latticaray runs twice: between its nodes over the same-host Unix path (what two 
 machine use; store objects move between the nodes' stores as hard links, runtime/remote/
 samehost.py) and over QUIC (``--no-same-host-path`` on both nodes: what two machines use,
 objects as Bitswap blocks). Both clusters stay on loopback (Ray: ``node_ip_address`` 127.0.0.1
-with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). The load average is recorded with the figures. Ray runs in its own
-virtualenv (``.venv-ray``, made by ``make ray-venv``, or ``--ray-python``) in the same sitting,
-alternating with latticaray, ``--rounds`` times. Prints a table and, last, one JSON line.
+with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). The load average is recorded with the figures.
+Ray runs in its own virtualenv (``.venv-ray``, made by ``make ray-venv``, or ``--ray-python``)
+in the same sitting, alternating with latticaray, ``--rounds`` times. Prints a table and, last, one JSON line.
 
     .venv/bin/python bench/remote_vs_ray.py [--rounds 2] [--quick]
 """
