@@ -623,9 +623,14 @@ def wait(
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns <= 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 1 and {len(refs)}")
-    ready_idx = set(context.require_core().wait(refs, num_returns, timeout, fetch_local))
-    ready = [r for i, r in enumerate(refs) if i in ready_idx]
-    not_ready = [r for i, r in enumerate(refs) if i not in ready_idx]
+    ready_idx = sorted(set(context.require_core().wait(refs, num_returns, timeout, fetch_local)))
+    ready = [refs[i] for i in ready_idx]
+    not_ready: list[ObjectRef] = []
+    start = 0
+    for i in ready_idx:  # the runs between the ready ones, copied as slices
+        not_ready += refs[start:i]
+        start = i + 1
+    not_ready += refs[start:]
     return ready, not_ready
 
 

@@ -133,6 +133,22 @@ class NatSettings:
         )
 
 
+def _check_bootstrap_transports(bootstrap: list[str], listen: list[str]) -> None:
+    """A QUIC bootstrap address needs a QUIC listen address: QUIC dials from the node's one
+    listening UDP socket (the one hole punching and observed addresses are about)."""
+    from latticaray.mesh.multiaddr import Multiaddr
+
+    if any(Multiaddr.parse(a).transport == "quic" for a in listen):
+        return
+    for addr in bootstrap:
+        if Multiaddr.parse(addr).transport == "quic":
+            raise ValueError(
+                f"bootstrap address {addr} is a QUIC one, but this node listens on no QUIC "
+                "address (QUIC dials from the node's listening UDP socket): listen on one too "
+                "(e.g. /ip4/0.0.0.0/udp/0/quic-v1) or bootstrap from the peer's TCP address"
+            )
+
+
 def _endpoint(value) -> tuple[str, int]:
     """("198.18.0.11", 4001), [host, port] or "host:port" -> (host, port)."""
     if isinstance(value, str):
@@ -190,7 +206,9 @@ class MeshRuntime:
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
-    ask, instead of every peer connected or introduced ("full").
+    ask, instead of every peer connected or introduced ("full"). `same_host_path=False` keeps
+    peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
+    the Unix-socket path (to measure what two machines would see).
     """
 
     def __init__(
@@ -202,11 +220,13 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.same_host_path = same_host_path
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -215,6 +235,7 @@ class MeshRuntime:
         if listen is None:
             listen = ANY_LISTEN if reaches_beyond_host(self.bootstrap) else LOOPBACK_LISTEN
         self.listen = listen
+        _check_bootstrap_transports(self.bootstrap, self.listen)
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None
@@ -240,6 +261,7 @@ class MeshRuntime:
         nat: NatSettings | dict | bool | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
     ) -> MeshRuntime:
         """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
         nat = default_nat(nat, bootstrap)
@@ -249,7 +271,7 @@ class MeshRuntime:
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
+        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait, same_host_path)
 
     async def start(self, runtime_node) -> MeshRuntime:
         from latticaray.mesh.dht.service import DhtService
@@ -262,7 +284,7 @@ class MeshRuntime:
         config = MeshConfig(
             listen=self.listen,
             key=self.key,
-            same_host_fast_path=not in_lab,
+            same_host_fast_path=self.same_host_path and not in_lab,
             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0),
         )
         self.mesh = MeshNode(config)

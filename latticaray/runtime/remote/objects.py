@@ -18,6 +18,7 @@ from latticaray.mesh.errors import MeshError
 from latticaray.runtime import serialization
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
+from latticaray.runtime.remote.samehost import SameHostCopies
 from latticaray.runtime.remote.wire import (
     CHUNK,
     OBJECT_PROTOCOL,
@@ -25,7 +26,9 @@ from latticaray.runtime.remote.wire import (
     ObjectById,
     ObjectHeader,
     ObjectMissing,
+    ObjectPlace,
     ObjectRequest,
+    ObjectWhere,
     decode_object_header,
     decode_object_request,
 )
@@ -59,6 +62,7 @@ class RemoteObjects:
         self.node = remote.node
         self.stats = remote.stats
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
+        self.same_host = SameHostCopies(remote.mesh, remote.node)
 
     def holder_gone(self, node_id: str) -> None:
         for waiter in self.gone_waiters.pop(node_id, ()):
@@ -157,7 +161,8 @@ class RemoteObjects:
             holder = item[4] if isinstance(item, list) and len(item) > 4 else None
             try:
                 if holder is None:
-                    await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
+                    if not await self.same_host.copy(cid, hint):
+                        await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
                     continue
                 if await self.fetch_while_alive(cid, holder, ARG_FETCH_TIMEOUT, hint):
                     continue
@@ -181,6 +186,8 @@ class RemoteObjects:
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
+        if await self.same_host.copy(cid, [peer.peer_id]):
+            return True
         exchange = self.remote.exchange
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
@@ -246,6 +253,9 @@ class RemoteObjects:
         membership = remote.membership
         exchange = remote.exchange
         if exchange is not None and cid.startswith("bafy"):
+            alive = [s.peer_id for s in membership.peers.values() if s.alive]
+            if await self.same_host.copy(cid, alive):
+                return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             try:
                 await exchange.fetch(
                     cid,
@@ -282,6 +292,8 @@ class RemoteObjects:
                 reply = decode_object_header(raw)
                 if isinstance(reply, ObjectMissing):
                     raise LookupError(reply.why)
+                if isinstance(reply, ObjectPlace):  # asked for bytes, answered with a place
+                    raise ValueError("object reply names a store instead of sending the object")
                 header, size = reply, reply.size
             else:
                 received += len(raw)
@@ -304,6 +316,9 @@ class RemoteObjects:
     async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
         self.remote.membership.require_member(ctx)
         request = decode_object_request(payload)
+        if isinstance(request, ObjectWhere):  # a peer on this host copies it from our store
+            yield self.same_host.place(ctx.transport, request.cid).encode()
+            return
         node = self.node
         objects = node.objects
         entry: ObjectEntry | None

@@ -116,3 +116,4 @@ class RemoteRuntime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.objects.same_host.close()

@@ -993,7 +993,20 @@ class ObjectByCid(_Message):
         return {"cid": self.cid}
 
 
-ObjectRequest: TypeAlias = ObjectById | ObjectByCid
+@dataclass(slots=True, frozen=True)
+class ObjectWhere(_Message):
+    """A peer on this host (over the same-host Unix path) asks where the object lies: the
+    reply is `ObjectPlace` naming this node's store, which the asker copies the object from
+    (checking every block) instead of the bytes crossing a socket; else `ObjectMissing`. An
+    older node takes it for `ObjectByCid` and sends the bytes: the asker then hangs up."""
+
+    cid: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cid": self.cid, "where": True}
+
+
+ObjectRequest: TypeAlias = ObjectById | ObjectByCid | ObjectWhere
 
 
 def decode_object_request(data: bytes) -> ObjectRequest:
@@ -1002,6 +1015,8 @@ def decode_object_request(data: bytes) -> ObjectRequest:
     m = _unpack_map(data, "object request")
     if "oid" in m:
         return ObjectById(_id(m, "oid", "object request", OBJECT_ID_LEN))
+    if m.get("where") is True:
+        return ObjectWhere(_str(m, "cid", "object request", MAX_CID))
     return ObjectByCid(_str(m, "cid", "object request", MAX_CID))
 
 
@@ -1028,12 +1043,24 @@ class ObjectMissing(_Message):
         return {"missing": True, "why": self.why}
 
 
-def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing:
+@dataclass(slots=True, frozen=True)
+class ObjectPlace(_Message):
+    """The reply to `ObjectWhere`: the root directory of the store that holds the object."""
+
+    root: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+
+def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing | ObjectPlace:
     m = _unpack_map(data, "object reply header")
     where = "object reply header"
     if m.get("missing"):
         why = m.get("why")
         return ObjectMissing(why[:MAX_REASON] if type(why) is str else "not found")
+    if "root" in m:
+        return ObjectPlace(_str(m, "root", where, MAX_ADDR))
     return ObjectHeader(
         _int(m, "s", where, 0, 1),
         _int(m, "size", where, 0, 2**63 - 1),
