@@ -22,6 +22,7 @@ from latticaray.runtime.api import (
     nodes,
     put,
     remote,
+    revoke,
     shutdown,
     wait,
 )
@@ -33,6 +34,7 @@ from latticaray.runtime.errors import (
     LatticaError,
     NodeDiedError,
     NotMemberError,
+    NotPermittedError,
     ObjectLostError,
     ObjectNotFoundError,
     TaskCancelledError,
@@ -53,6 +55,7 @@ __all__ = [
     "NodeAffinitySchedulingStrategy",
     "NodeDiedError",
     "NotMemberError",
+    "NotPermittedError",
     "ObjectLostError",
     "ObjectNotFoundError",
     "ObjectRef",
@@ -78,6 +81,7 @@ __all__ = [
     "nodes",
     "put",
     "remote",
+    "revoke",
     "shutdown",
     "wait",
 ]

@@ -18,7 +18,8 @@ from typing import Any
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.node import MeshConfig, MeshNode
-from latticaray.runtime.admission import Admission, MeshKey
+from latticaray.runtime.admission import ACTIVE, Admission, MeshKey, Permission
+from latticaray.runtime.errors import CredentialError
 from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.runtime import RemoteRuntime
 from latticaray.scheduler.policy import NodeView
@@ -30,6 +31,7 @@ CAPACITY_TTL = 15.0  # DHT capacity ads: lifetime, refresh period, least gap on 
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
+PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
 
 
 @dataclasses.dataclass
@@ -176,6 +178,7 @@ class MeshRuntime:
         # the services, once started
         self.state: Any = None  # latticaray.state.service StateService
         self.dht: Any = None  # latticaray.mesh.dht.service DhtService
+        self.mesh_dht: Any = None  # latticaray.runtime.meshdht MeshDht: runtime keys in it
         self.nat: Any = None  # latticaray.mesh.nat.mesh_service MeshNatService
         self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
         self.timings: dict[str, float | str] = {}
@@ -198,14 +201,19 @@ class MeshRuntime:
     ) -> MeshRuntime:
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
-            admission = Admission.join(credential)
+            if not credential:
+                raise CredentialError(
+                    "joining a mesh needs a membership credential: pass credential= "
+                    "(`latticaray start --credential`, or LATTICARAY_CREDENTIAL) with one from "
+                    "the mesh's `latticaray invite`"
+                )
+            admission = Admission.join(credential, str(key.peer_id))
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
         return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
 
     async def start(self, runtime_node) -> MeshRuntime:
-        from latticaray.mesh.dht.service import DhtService
         from latticaray.mesh.transport.quic import QuicConfig
 
         started = time.monotonic()
@@ -220,7 +228,24 @@ class MeshRuntime:
         )
         self.mesh = MeshNode(config)
         await self.mesh.start()
-        self.dht = DhtService(self.mesh)
+        try:
+            await self._start_services(runtime_node, started)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start_services(self, runtime_node, started: float) -> None:
+        from latticaray.mesh.dht.records import default_validators
+        from latticaray.mesh.dht.service import DhtService
+        from latticaray.runtime.meshdht import MemberRecords, MeshDht, scope_prefix
+
+        assert self.mesh is not None and self.admission.mesh_public is not None
+        validators = default_validators()
+        prefix = scope_prefix(self.admission.mesh_public)
+        validators[prefix] = MemberRecords(prefix, self.admission.check)
+        self.dht = DhtService(self.mesh, validators=validators)
+        self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
         if self.nat_settings is not None:
             await self._start_nat()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
@@ -231,7 +256,9 @@ class MeshRuntime:
         from latticaray.runtime.remote.capacity import CapacityDirectoryCore, DhtPlacement
 
         remote.capacity = DhtPlacement(
-            remote.membership, self.dht, CapacityDirectoryCore(wait_timeout=self.capacity_wait)
+            remote.membership,
+            self.mesh_dht,
+            CapacityDirectoryCore(wait_timeout=self.capacity_wait),
         )
         remote.capacity.start()
         runtime_node.remote = remote
@@ -240,7 +267,11 @@ class MeshRuntime:
         self.state = StateService(
             self.mesh, self.key, is_member=lambda peer: self.admission.allowed(str(peer))
         )
+        from latticaray.state.revocations import Revocations
+
+        revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
+        remote.membership.attach_revocations(revocations)
         self.state.actors.on_claim_lost(remote.names.on_claim_lost)
         remote.state = self.state
         if runtime_node.store_ready is not None:
@@ -248,17 +279,31 @@ class MeshRuntime:
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
 
-            self.exchange = ObjectExchange(self.mesh, self.dht, runtime_node.store)
+            admission = self.admission
+            self.exchange = ObjectExchange(
+                self.mesh,
+                self.mesh_dht,
+                runtime_node.store,
+                authorize=lambda peer: admission.allowed(str(peer), Permission.READ),
+                authorize_replicate=lambda peer: admission.allowed(str(peer), ACTIVE),
+            )
             await self.exchange.start()
             remote.exchange = self.exchange
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+        refusals = []
         for addr in self.bootstrap:
             try:
                 await remote.membership.join(addr)
+            except CredentialError as exc:
+                refusals.append(str(exc))
             except (MeshError, ValueError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+        if refusals and not remote.membership.alive_peers():
+            raise CredentialError(
+                "this node was not admitted to the mesh: " + "; ".join(refusals[:4])
+            )
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -269,7 +314,18 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
-        return self
+
+    async def _admit_provider(self, peer_id) -> bool:
+        """A provider the DHT names: admitted (both ways) before the exchange asks it."""
+        assert self.remote is not None
+        membership = self.remote.membership
+        if self.admission.allowed(str(peer_id), Permission.READ):
+            return True
+        try:
+            await asyncio.wait_for(membership.admit_with(peer_id), PROVIDER_ADMIT_TIMEOUT)
+        except (TimeoutError, MeshError):
+            return False
+        return self.admission.allowed(str(peer_id), Permission.READ)
 
     async def _bootstrap_dht(self, started: float) -> None:
         try:
@@ -303,7 +359,7 @@ class MeshRuntime:
             _RuntimeLoad(self.remote.membership),  # type: ignore[arg-type]  # its view and version
             self.node_id,
             self.key.peer_id.to_bytes(),
-            self.dht,
+            self.mesh_dht,
             core=AdvertiserCore(
                 self.node_id,
                 ttl=CAPACITY_TTL,
@@ -359,10 +415,12 @@ class MeshRuntime:
     def advertised_addrs(self) -> list[str]:
         return [str(a) for a in self.mesh.advertised_addrs] if self.mesh else []
 
-    def invite(self, peer_id: str | None = None, ttl: float | None = None) -> str:
+    def invite(
+        self, peer_id: str | None = None, ttl: float | None = None, role: str = "member"
+    ) -> str:
         if ttl is None:
-            return self.admission.invite(peer_id)
-        return self.admission.invite(peer_id, ttl)
+            return self.admission.invite(peer_id, role=role)
+        return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
         pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]

@@ -179,6 +179,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
+    ready["role"] = mesh_runtime.admission.role
     print(json.dumps(ready), flush=True)
     await stop.wait()
     if refresher is not None:
@@ -199,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    from latticaray.runtime.errors import CredentialError
+
+    try:
+        asyncio.run(run(args))
+    except CredentialError as exc:  # refused at the door: say why, no traceback
+        print(f"latticaray start: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError
 from latticaray.runtime import serialization
+from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
 from latticaray.runtime.remote.wire import (
@@ -302,7 +303,7 @@ class RemoteObjects:
 
     # ------------------------------------------------------------------ serving
     async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, Permission.READ)
         request = decode_object_request(payload)
         node = self.node
         objects = node.objects

@@ -30,6 +30,7 @@ from latticaray.mesh.rpc import Status
 from latticaray.runtime.ids import OBJECT_ID_LEN, TASK_ID_LEN
 
 ADMIT_PROTOCOL: Final = "/latticaray/admit/1"
+RENEW_PROTOCOL: Final = "/latticaray/renew/1"
 VIEW_PROTOCOL: Final = "/latticaray/runtime-view/1"
 TASK_PROTOCOL: Final = "/latticaray/task/1"
 OBJECT_PROTOCOL: Final = "/latticaray/object/1"
@@ -810,12 +811,15 @@ def decode_task_reply(data: bytes) -> TaskReply:
 # ========================================================================== /latticaray/admit/1
 @dataclass(slots=True, frozen=True)
 class Admit(_Message):
-    """A membership credential (``lrc1.…``), the request and its reply alike."""
+    """A membership credential (``lrc1.…``), the request and its reply alike (admit/1, and
+    renew/1: the current credential, answered with the renewed one). ``iss`` (in an admit
+    reply): the answering node holds the mesh key, so it renews credentials."""
 
     cred: str
+    iss: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"cred": self.cred}
+        return {"cred": self.cred, "iss": True} if self.iss else {"cred": self.cred}
 
 
 def decode_admit(data: bytes) -> Admit:
@@ -823,7 +827,7 @@ def decode_admit(data: bytes) -> Admit:
     if len(data) > MAX_ADMIT_REQUEST:
         raise WireError(f"admission message of {len(data)} bytes exceeds {MAX_ADMIT_REQUEST}")
     message = _unpack_map(data, "admission")
-    return Admit(_str(message, "cred", "admission", MAX_CREDENTIAL))
+    return Admit(_str(message, "cred", "admission", MAX_CREDENTIAL), message.get("iss") is True)
 
 
 # ===================================================================== /latticaray/runtime-view/1
