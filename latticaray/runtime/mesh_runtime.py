@@ -150,6 +150,11 @@ class MeshRuntime:
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
     ask, instead of every peer connected or introduced ("full").
+
+    Public services, each explicit: DHT routing is served to non-members unless
+    `public_dht=False` (rate-limited per peer and per IP; members are not limited); relay and
+    AutoNAT only when `nat` says `serve_relay` / `serve_autonat` (limits: mesh/nat/relay.py
+    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only.
     """
 
     def __init__(
@@ -161,11 +166,13 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        public_dht: bool = True,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -198,6 +205,7 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        public_dht: bool = True,
     ) -> MeshRuntime:
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
@@ -211,7 +219,7 @@ class MeshRuntime:
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
+        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait, public_dht)
 
     async def start(self, runtime_node) -> MeshRuntime:
         from latticaray.mesh.transport.quic import QuicConfig
@@ -237,14 +245,20 @@ class MeshRuntime:
 
     async def _start_services(self, runtime_node, started: float) -> None:
         from latticaray.mesh.dht.records import default_validators
-        from latticaray.mesh.dht.service import DhtService
+        from latticaray.mesh.dht.service import DhtService, ServeLimits
         from latticaray.runtime.meshdht import MemberRecords, MeshDht, scope_prefix
 
         assert self.mesh is not None and self.admission.mesh_public is not None
         validators = default_validators()
         prefix = scope_prefix(self.admission.mesh_public)
         validators[prefix] = MemberRecords(prefix, self.admission.check)
-        self.dht = DhtService(self.mesh, validators=validators)
+        admission = self.admission
+        self.dht = DhtService(
+            self.mesh,
+            validators=validators,
+            limits=ServeLimits(public=self.public_dht),
+            exempt=lambda peer: admission.allowed(str(peer)),
+        )
         self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
         if self.nat_settings is not None:
             await self._start_nat()

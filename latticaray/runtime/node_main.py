@@ -101,6 +101,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument(
+        "--dht-members-only",
+        action="store_true",
+        help="answer DHT requests of mesh members only (default: DHT routing is a public "
+        "service, rate-limited per peer and per IP for non-members)",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     return parser.parse_args(argv)
@@ -145,6 +151,7 @@ async def run(args: argparse.Namespace) -> None:
         nat=nat_settings(args),
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
+        public_dht=not args.dht_members_only,
     )
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
