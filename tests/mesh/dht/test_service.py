@@ -10,8 +10,8 @@ import msgpack
 import pytest
 
 from latticaray.mesh.dht import DhtConfig, DhtService, Record, RecordRejected
-from latticaray.mesh.dht.service import ServeLimits
 from latticaray.mesh.dht.messages import PROTOCOL_ID, decode_response, encode
+from latticaray.mesh.dht.service import ServeLimits
 from latticaray.mesh.node import MeshConfig, MeshNode
 
 QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
