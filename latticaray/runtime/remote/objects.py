@@ -14,10 +14,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
+
 from latticaray.mesh.errors import MeshError
 from latticaray.objectstore.cid import Cid
 from latticaray.objectstore.errors import BlockVerificationError, ObjectStoreError
 from latticaray.objectstore.manifest import Manifest
+from latticaray.objectstore.serialization import deserialize as deserialize_payload
 from latticaray.runtime import serialization
 from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
@@ -71,21 +74,24 @@ def _join_and_name(chunks: list) -> tuple[bytes, str]:
 class _StoreFormSink:
     """A store object arriving in its store form (``man`` in the reply header): the manifest
     is verified against the CID, then the payload's blocks, cut out of the reply's chunks, are
-    each verified against the manifest as they are written into this node's store (on an
-    executor thread when the object is large). `seal` makes it a store object here."""
+    each verified against the manifest as they arrive (on an executor thread when the object
+    is large). Into this node's store (``store``): `finish` seals it there and gives its store
+    reference. Else into memory: `finish` gives the value's pickle (a borrower's copy, held
+    inline like any fetched value)."""
 
-    def __init__(self, writer: ObjectWriter, cid: str, off_loop: bool):
-        self.writer: ObjectWriter | None = writer
-        self.manifest = writer.manifest
+    def __init__(self, manifest: Manifest, cid: str, writer: ObjectWriter | None):
+        self.manifest = manifest
         self.cid = cid
-        self.off_loop = off_loop
+        self.writer = writer
+        self.buffer = bytearray(manifest.size) if writer is None else None
+        self.off_loop = manifest.size >= JOIN_OFF_LOOP
         self.index = 0
         self.pending = bytearray()
 
     @classmethod
     def open(cls, store: LocalStore | None, header: ObjectHeader) -> _StoreFormSink:
         cid = header.cid
-        if store is None or cid is None or header.s != OK or header.man is None:
+        if cid is None or header.s != OK or header.man is None:
             raise BadObjectReply("a store-form reply must be an OK object with its CID", cid)
         try:
             manifest = Manifest.decode(Cid.parse(cid), header.man)
@@ -95,14 +101,16 @@ class _StoreFormSink:
             raise BadObjectReply(
                 f"the header says {header.size} bytes, the manifest {manifest.size}", cid
             )
+        if store is None:
+            return cls(manifest, cid, None)
         try:
             writer = store.open_writer(manifest)
         except ObjectStoreError as exc:  # no room here: not the sender's doing
             raise LookupError(f"no room in this node's store for {cid}: {exc}") from None
-        return cls(writer, cid, manifest.size >= JOIN_OFF_LOOP)
+        return cls(manifest, cid, writer)
 
     async def feed(self, raw: bytes | memoryview) -> None:
-        """Take the next chunk of the payload; the blocks it completes are written."""
+        """Take the next chunk of the payload; the blocks it completes are checked and kept."""
         sizes = self.manifest.sizes
         view = memoryview(raw)
         done: list[tuple[int, bytes | memoryview]] = []
@@ -121,31 +129,47 @@ class _StoreFormSink:
         if not done:
             return
         if self.off_loop:
-            await asyncio.get_running_loop().run_in_executor(None, self._write, done)
+            await asyncio.get_running_loop().run_in_executor(None, self._keep, done)
         else:
-            self._write(done)
+            self._keep(done)
         self.index += len(done)
 
-    def _write(self, blocks: list[tuple[int, bytes | memoryview]]) -> None:
-        assert self.writer is not None  # fed only while open
+    def _keep(self, blocks: list[tuple[int, bytes | memoryview]]) -> None:
+        manifest = self.manifest
         for index, data in blocks:
-            try:
-                self.writer.write_block(index, data)
-            except BlockVerificationError:
-                raise BadObjectReply(
-                    f"block {index} of {self.cid} does not match its manifest", self.cid
-                ) from None
+            if self.writer is not None:
+                try:
+                    self.writer.write_block(index, data)
+                    continue
+                except BlockVerificationError:
+                    pass
+            elif len(data) == manifest.sizes[index] and manifest.blocks[index].verify(data):
+                assert self.buffer is not None
+                start, end = manifest.block_range(index)
+                self.buffer[start:end] = data
+                continue
+            raise BadObjectReply(
+                f"block {index} of {self.cid} does not match its manifest", self.cid
+            )
 
-    def seal(self) -> bytes:
-        """The object sealed in this node's store: its store reference."""
-        assert self.writer is not None
+    async def finish(self) -> bytes:
+        """The store reference of the object sealed here, or (in memory) its value's pickle."""
         if self.index != len(self.manifest.blocks):
             raise ValueError(f"{self.cid}: {len(self.manifest.blocks) - self.index} blocks missing")
-        cid = self.writer.seal()
-        self.writer = None
-        return serialization.STORE_MAGIC + str(cid).encode("ascii")
+        if self.writer is not None:
+            cid = self.writer.seal()
+            self.writer = None
+            return serialization.STORE_MAGIC + str(cid).encode("ascii")
+        if self.off_loop:
+            return await asyncio.get_running_loop().run_in_executor(None, self._pickled)
+        return self._pickled()
+
+    def _pickled(self) -> bytes:
+        buffer, self.buffer = self.buffer, None
+        return cloudpickle.dumps(deserialize_payload(self.manifest.meta, buffer), protocol=5)
 
     def abort(self) -> None:
+        self.buffer = None
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -347,6 +371,11 @@ class RemoteObjects:
             found = None
             if exc.cid is not None:
                 found = await self.fetch_by_cid(exc.cid, ARG_FETCH_TIMEOUT, exclude={owner})
+            if found is not None and found[0] == OK and serialization.is_store_ref(found[1]):
+                try:  # held inline, as a value fetched by id always is
+                    found = (OK, await self.inline(found[1]))
+                except LookupError:  # evicted before it was read: lost, as below
+                    found = None
             if found is not None:
                 entry.seal(*found)
                 return entry
@@ -360,6 +389,11 @@ class RemoteObjects:
             return entry
         entry.seal(status, data)
         return entry
+
+    async def inline(self, data: bytes) -> bytes:
+        """A store object's pickle, made on an executor thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, serialization.materialize, data)
 
     async def fetch_by_cid(
         self, cid: str, timeout: float | None, exclude: Collection[str] = ()
@@ -393,7 +427,8 @@ class RemoteObjects:
                 continue
             try:
                 status, data, _ = await asyncio.wait_for(
-                    self.fetch(peer, ObjectByCid(cid, blocks), expect_cid=cid), timeout or 30.0
+                    self.fetch(peer, ObjectByCid(cid, blocks), cid, into_store=blocks),
+                    timeout or 30.0,
                 )
             except BadObjectReply as exc:
                 self.penalize(peer, exc)
@@ -404,14 +439,19 @@ class RemoteObjects:
         return None
 
     async def fetch(
-        self, peer: Peer, request: ObjectRequest, expect_cid: str | None = None
+        self,
+        peer: Peer,
+        request: ObjectRequest,
+        expect_cid: str | None = None,
+        into_store: bool = False,
     ) -> tuple[int, bytes, str | None]:
         """An object's status, bytes and CID from a peer over ``/latticaray/object/1``: a header
         giving the size and the CID, then chunks that must add up to exactly that size (a reply
         that runs past it is cut off at the first chunk over). A value is checked against the
         CID (`BadObjectReply` if it does not hash to it, or the CID is not ``expect_cid``); a
-        store object in its store form is written into this node's store block by block, each
-        verified against the manifest, and comes back as a store reference."""
+        store object in its store form is checked block by block against its manifest as it
+        arrives and comes back, ``into_store``, sealed in this node's store as a store
+        reference, else as its value's pickle (a borrower's copy by id, held inline)."""
         header: ObjectHeader | None = None
         size = received = 0
         chunks = []
@@ -430,7 +470,7 @@ class RemoteObjects:
                             f"asked for {expect_cid}, the reply names {header.cid}", None
                         )
                     if header.man is not None:
-                        sink = _StoreFormSink.open(self.node.store, header)
+                        sink = _StoreFormSink.open(self.node.store if into_store else None, header)
                     continue
                 received += len(raw)
                 if received > size:
@@ -444,7 +484,7 @@ class RemoteObjects:
             if received != size:
                 raise ValueError(f"object reply has {received} bytes, header said {size}")
             if sink is not None:
-                return header.s, sink.seal(), header.cid
+                return header.s, await sink.finish(), header.cid
         finally:
             if sink is not None:
                 sink.abort()
