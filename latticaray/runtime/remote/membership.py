@@ -50,6 +50,7 @@ VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 MAX_INTRODUCED_ADDRS = 8
 RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
+RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
 
 
 class Peer:
@@ -194,13 +195,20 @@ class Membership:
     async def credential_loop(self) -> None:
         """Renew this node's credential before it runs out (a bearer invite at once), then
         show the renewed one to every member."""
+        retry = RENEW_RETRY
         while not self.remote.stopped:
+            delay = RENEW_CHECK_INTERVAL
             if self.admission.needs_renewal():
-                try:
-                    await self.renew()
-                except CredentialError as exc:
-                    log.warning("membership credential not renewed: %s", exc)
-            await asyncio.sleep(RENEW_CHECK_INTERVAL)
+                if self.admission.mesh_key is None and not self.alive_peers():
+                    delay = RENEW_RETRY  # joining: nobody to ask yet
+                else:
+                    try:
+                        await self.renew()
+                        retry = RENEW_RETRY
+                    except CredentialError as exc:
+                        log.warning("membership credential not renewed: %s", exc)
+                        delay, retry = retry, min(RENEW_CHECK_INTERVAL, retry * 2)
+            await asyncio.sleep(delay)
 
     async def renew(self) -> None:
         """Renew this node's credential: with the mesh key when held, else at a member that
