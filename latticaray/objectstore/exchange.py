@@ -11,12 +11,13 @@
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
     await exchange.stop()
 
-``authorize`` (``peer -> bool``, optional) decides who may be served: a peer it refuses gets
-``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1`` before any
-byte of its request is decoded, and is never asked to replicate. Without it every peer is served
-(a node outside any mesh). Fetches need no such check: every block fetched is verified against
-its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch, and
-once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
+``authorize`` (``peer -> bool``, optional) decides who may be served and asked: a peer it
+refuses gets ``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1``
+before any byte of its request is decoded, and is never asked for a block nor to replicate.
+``authorize_replicate`` (default: ``authorize``) decides who may ask this node to replicate.
+Without them every peer is served (a node outside any mesh). Every block fetched is verified
+against its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch,
+and once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
 
 ``node`` is anything with the MeshNode surface this module uses: ``peer_id``,
 ``register_server_stream``, ``register_unary``, ``call``, ``call_stream``, ``connected_peers``
@@ -185,7 +186,13 @@ class _FetchRun:
     def candidates(self, peers: Iterable[Hashable]) -> list[Hashable]:
         """The peers worth asking: not this node, nor a peer distrusted for its bad blocks."""
         exchange = self.exchange
-        return [p for p in peers if p != exchange.node.peer_id and exchange.trusted(p)]
+        return [
+            p
+            for p in peers
+            if p != exchange.node.peer_id
+            and exchange.trusted(p)
+            and (exchange.authorize is None or exchange.authorize(p))
+        ]
 
     async def run(self) -> Cid:
         try:
@@ -354,9 +361,11 @@ class ObjectExchange:
         providers: ProviderSource | None = None,
         config: ExchangeConfig | None = None,
         authorize: Authorize | None = None,
+        authorize_replicate: Authorize | None = None,
     ) -> None:
         self.node = node
         self.authorize = authorize
+        self.authorize_replicate = authorize_replicate or authorize
         self.refused = 0  # requests refused unread (observability; tests)
         self.dht = dht
         self.store = store
@@ -546,9 +555,11 @@ class ObjectExchange:
         """False once ``peer`` sent ``distrust_after_bad_blocks`` bad blocks: no fetch asks it."""
         return self.ledgers.bad_blocks(peer) < self.config.distrust_after_bad_blocks
 
-    def _require_authorized(self, ctx: Any, protocol: str) -> None:
+    def _require_authorized(
+        self, ctx: Any, protocol: str, authorize: Authorize | None = None
+    ) -> None:
         """Refuse a peer ``authorize`` does not accept, before anything it sent is read."""
-        if self.authorize is not None and not self.authorize(ctx.peer_id):
+        if authorize is not None and not authorize(ctx.peer_id):
             self.refused += 1
             raise RpcError(
                 Status.PERMISSION_DENIED,
@@ -556,7 +567,7 @@ class ObjectExchange:
             )
 
     async def _serve_replicate(self, ctx: Any, payload: bytes) -> bytes:
-        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID)
+        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID, self.authorize_replicate)
         if not self.config.accept_replication:
             return msgpack.packb({"ok": False, "error": "replication refused"})
         if len(payload) > 4096:
@@ -631,7 +642,7 @@ class ObjectExchange:
                 granted.extend(self.ledgers.release_slot(next_token))
 
     async def _serve(self, ctx: Any, payload: bytes) -> AsyncIterator[bytes]:
-        self._require_authorized(ctx, bs.PROTOCOL_ID)
+        self._require_authorized(ctx, bs.PROTOCOL_ID, self.authorize)
         peer = ctx.peer_id
         try:
             request = bs.decode_request(payload)

@@ -113,6 +113,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "moving them to the same-host Unix-socket path",
     )
     parser.add_argument(
+        "--dht-members-only",
+        action="store_true",
+        help="answer DHT requests of mesh members only (default: DHT routing is a public "
+        "service, rate-limited per peer and per IP for non-members)",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     return parser.parse_args(argv)
@@ -155,6 +161,7 @@ def _prepare(args: argparse.Namespace):
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
         same_host_path=not args.no_same_host_path,
+        public_dht=not args.dht_members_only,
     )
 
 
@@ -203,6 +210,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
+    ready["role"] = mesh_runtime.admission.role
     print(json.dumps(ready), flush=True)
     await stop.wait()
     if refresher is not None:
@@ -223,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    from latticaray.runtime.errors import CredentialError
+
+    try:
+        asyncio.run(run(args))
+    except CredentialError as exc:  # refused at the door: say why, no traceback
+        print(f"latticaray start: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

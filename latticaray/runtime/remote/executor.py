@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime import serialization
+from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import STREAMING, TaskRecord
@@ -253,7 +254,7 @@ class Executor:
         self.node = remote.node
 
     async def serve_session(self, ctx: Any, requests: Any) -> AsyncIterator[bytes]:
-        caller = self.remote.membership.require_member(ctx)
+        caller = self.remote.membership.require_member(ctx, Permission.SUBMIT)
         outbox: asyncio.Queue = asyncio.Queue()
         client = RemoteClient(self.remote, caller, outbox)
         reader = self.remote.spawn(self._requests(client, requests))

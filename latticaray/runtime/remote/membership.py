@@ -1,12 +1,17 @@
 """Membership of the mesh as this node sees it: admission, the peers' views, their liveness.
 
 A peer becomes a member here once both sides checked the other's membership credential
-(`/latticaray/admit/1`); every other runtime protocol refuses non-members before it reads a
-request. Members push their view (resources, load, the peers they know, named-actor records)
-every VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot
-placement reads, introduce peers not met yet, and a peer silent for PEER_DEAD_AFTER s (or
-disconnected) is gone: its work here is retried elsewhere, its actors restarted
-(`peer_gone`).
+(`/latticaray/admit/1`); every other runtime protocol refuses non-members, and members whose
+role does not allow it, before it reads a request (`require_member`). A node renews its own
+credential before it runs out at a member holding the mesh key (`/latticaray/renew/1`), and
+follows the mesh's revocations (the CRDT `revocations` collection): a revoked peer is cut off
+(settled as departed, disconnected) as soon as its revocation arrives.
+
+Members push their view (resources, load, the peers they know, named-actor records) every
+VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot placement
+reads (only for peers whose role lets them execute), introduce peers not met yet, and a peer
+silent for PEER_DEAD_AFTER s (or disconnected) is gone: its work here is retried elsewhere, its
+actors restarted (`peer_gone`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.rpc import Status
-from latticaray.runtime.admission import Admission
+from latticaray.runtime.admission import Admission, Permission
 from latticaray.runtime.errors import CredentialError
 from latticaray.runtime.remote.wire import (
     ADMIT_PROTOCOL,
     MAX_ADMIT_REQUEST,
+    RENEW_PROTOCOL,
     VIEW_PROTOCOL,
     Admit,
     RuntimeView,
@@ -36,12 +42,15 @@ from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 if TYPE_CHECKING:
     from latticaray.runtime.remote.caller import PeerSessions
     from latticaray.runtime.remote.runtime import RemoteRuntime
+    from latticaray.state.revocations import Revocations
 
 log = logging.getLogger(__name__)
 
 VIEW_INTERVAL = 0.3
 PEER_DEAD_AFTER = 4.0
 MAX_INTRODUCED_ADDRS = 8
+RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
+RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
 
 
 class Peer:
@@ -68,6 +77,8 @@ class Membership:
         self.snapshot = ClusterSnapshot(local_node=self.node_id)
         self._last_member_publish = 0.0
         self._introducing: set[str] = set()
+        self.issuers: set[str] = set()  # members that said they hold the mesh key
+        self.revocations: Revocations | None = None  # the CRDT collection, once state runs
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -85,22 +96,37 @@ class Membership:
 
     # ------------------------------------------------------------------ admission
     async def join(self, addr: str) -> None:
+        """Connect to a bootstrap member and be admitted; a refused credential raises
+        CredentialError (an unreachable peer raises MeshError)."""
         peer = await self.mesh.connect(addr, timeout=10.0)
-        await self.admit_with(peer)
+        await self.admit_with(peer, refresh=True, refused=True)
 
-    async def admit_with(self, peer_id: Any) -> None:
-        """Present our credential to a connected peer and check its own."""
+    async def admit_with(self, peer_id: Any, refresh: bool = False, refused: bool = False) -> None:
+        """Present our credential to a connected peer and check its own (``refresh``: again,
+        with a renewed credential). ``refused``: a refusal raises CredentialError."""
         node_id = str(peer_id)
-        if node_id in self.peers and self.peers[node_id].alive:
+        if not refresh and node_id in self.peers and self.peers[node_id].alive:
             return
         if not self.admission.is_member:
             return
         try:
-            reply = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
-            self.admission.admit(node_id, decode_admit(reply).cred)
+            raw = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
+            reply = decode_admit(raw)
+            self.admission.admit(node_id, reply.cred)
+        except RpcError as exc:
+            log.info("peer %s did not admit this node: %s", node_id, exc)
+            if refused and exc.code == Status.PERMISSION_DENIED:
+                raise CredentialError(
+                    f"{node_id} refused this node's credential: {exc.message}"
+                ) from None
+            return
         except (MeshError, CredentialError, ValueError) as exc:
             log.info("peer %s was not admitted: %s", node_id, exc)
+            if refused and isinstance(exc, CredentialError):
+                raise CredentialError(f"{node_id} showed no valid credential: {exc}") from None
             return
+        if reply.iss:
+            self.issuers.add(node_id)
         self.add_peer(node_id, peer_id)
 
     async def serve_admit(self, ctx: Any, payload: bytes) -> bytes:
@@ -121,18 +147,162 @@ class Membership:
     def _credential(self) -> bytes:
         credential = self.admission.own_credential
         assert credential is not None  # checked: this node is a member
-        return Admit(credential).encode()
+        return Admit(credential, self.admission.mesh_key is not None).encode()
 
-    def require_member(self, ctx: Any) -> str:
-        """The calling peer's node id, if it is a member; else the call is refused unread."""
+    def require_member(self, ctx: Any, permission: Permission = Permission.NONE) -> str:
+        """The calling peer's node id, if it is a member whose role grants ``permission`` (any
+        of them; NONE: any role); else the call is refused unread."""
         node_id = str(ctx.peer_id)
-        if not self.admission.allowed(node_id):
-            self.remote.stats["refused_non_member"] += 1
-            raise RpcError(
-                Status.PERMISSION_DENIED,
-                f"peer {node_id} is not a member of this mesh; request refused unread",
-            )
+        if not self.admission.allowed(node_id, permission):
+            grant = self.admission.grant(node_id)
+            if grant is None:
+                self.remote.stats["refused_non_member"] += 1
+                why = f"peer {node_id} is not a member of this mesh"
+            else:
+                self.remote.stats["refused_role"] += 1
+                why = f"peer {node_id}'s role {grant.role!r} does not allow {ctx.service}"
+            raise RpcError(Status.PERMISSION_DENIED, f"{why}; request refused unread")
         return node_id
+
+    def submit_refusal(self) -> str | None:
+        """Why this node's own credential does not let it submit work, or None."""
+        admission = self.admission
+        if admission.may(Permission.SUBMIT):
+            return None
+        if admission.own_revoked:
+            return "this node's membership of the mesh was revoked"
+        return f"this node's credential (role {admission.role!r}) does not allow submitting work"
+
+    def may_host(self, node_id: str) -> bool:
+        """Whether work may be placed on an admitted peer (its role lets it execute)."""
+        return self.admission.allowed(node_id, Permission.EXECUTE)
+
+    # ------------------------------------------------------------------ renewal
+    async def serve_renew(self, ctx: Any, payload: bytes) -> bytes:
+        """A member's credential renewed by the mesh key this node holds."""
+        node_id = self.require_member(ctx)
+        if len(payload) > MAX_ADMIT_REQUEST:
+            raise RpcError(Status.INVALID_ARGUMENT, "renewal request too large")
+        if self.admission.mesh_key is None:
+            raise RpcError(Status.PERMISSION_DENIED, "this node does not hold the mesh key")
+        try:
+            fresh = self.admission.renew_for(node_id, decode_admit(payload).cred)
+        except (CredentialError, WireError, ValueError) as exc:
+            raise RpcError(Status.PERMISSION_DENIED, f"credential not renewed: {exc}") from exc
+        self.remote.stats["credentials_renewed"] += 1
+        return Admit(fresh).encode()
+
+    async def credential_loop(self) -> None:
+        """Renew this node's credential before it runs out (a bearer invite at once), then
+        show the renewed one to every member."""
+        retry = RENEW_RETRY
+        while not self.remote.stopped:
+            delay = RENEW_CHECK_INTERVAL
+            if self.admission.needs_renewal():
+                if self.admission.mesh_key is None and not self.alive_peers():
+                    delay = RENEW_RETRY  # joining: nobody to ask yet
+                else:
+                    try:
+                        await self.renew()
+                        retry = RENEW_RETRY
+                    except CredentialError as exc:
+                        log.warning("membership credential not renewed: %s", exc)
+                        delay, retry = retry, min(RENEW_CHECK_INTERVAL, retry * 2)
+            await asyncio.sleep(delay)
+
+    async def renew(self) -> None:
+        """Renew this node's credential: with the mesh key when held, else at a member that
+        holds it (those whose admit reply said so first); then re-present it to every member."""
+        admission = self.admission
+        if admission.mesh_key is not None:
+            admission.renew_own(self.node_id)
+        else:
+            current = admission.own_credential
+            assert current is not None  # needs_renewal: this node is a member
+            errors = []
+            for node_id in sorted(self.alive_peers(), key=lambda n: n not in self.issuers):
+                try:
+                    raw = await self.mesh.call(
+                        self.peers[node_id].peer_id,
+                        RENEW_PROTOCOL,
+                        Admit(current).encode(),
+                        timeout=10.0,
+                    )
+                    admission.replace_own(decode_admit(raw).cred, self.node_id)
+                    self.issuers.add(node_id)
+                    break
+                except (MeshError, CredentialError, ValueError) as exc:
+                    self.issuers.discard(node_id)
+                    errors.append(f"{node_id[:16]}: {exc}")
+            else:
+                raise CredentialError(
+                    "no member holding the mesh key renewed it ("
+                    + ("; ".join(errors[:4]) or "no member known")
+                    + ")"
+                )
+        self.remote.stats["own_credential_renewed"] += 1
+        if admission.own is not None:
+            log.info("membership credential renewed until %.0f", admission.own.expires)
+        for node_id in self.alive_peers():
+            self.spawn(self.admit_with(self.peers[node_id].peer_id, refresh=True))
+
+    # ------------------------------------------------------------------ revocation
+    def attach_revocations(self, revocations: Revocations) -> None:
+        """Follow the mesh's revocations (the CRDT collection): each one is applied here as it
+        is merged or written, those already held at once."""
+        self.revocations = revocations
+        revocations.on_revoked(self._on_revoked)
+        for subject, text in revocations.all().items():
+            self._on_revoked(subject, text)
+
+    def check_revocation(self, subject: str, text: str) -> str | None:
+        """None if ``text`` is a revocation of ``subject`` signed by the mesh key; else why not
+        (the CRDT collection's write rule)."""
+        try:
+            revocation = self.admission.verify_revocation(text)
+        except CredentialError as exc:
+            return str(exc)
+        return None if subject in revocation.subjects else "it revokes another subject"
+
+    def publish_revocation(self, text: str) -> list[str]:
+        """Spread a revocation signed by the mesh key through the CRDT; applied here at once.
+        Returns its subjects."""
+        if self.revocations is None:
+            raise CredentialError("this node keeps no cluster state, so it cannot revoke")
+        revocation = self.admission.verify_revocation(text)
+        for subject in revocation.subjects:
+            if self.revocations.get(subject) is None:
+                self.revocations.add(subject, revocation.text)
+        return revocation.subjects
+
+    def _on_revoked(self, subject: str, text: str) -> None:
+        try:
+            revocation = self.admission.verify_revocation(text)
+        except CredentialError as exc:  # the collection's rule checked it: not expected
+            log.warning("revocation of %s ignored: %s", subject, exc)
+            return
+        cut = set(self.admission.revoke(revocation, self.node_id))
+        if revocation.peer is not None and revocation.peer in self.peers:
+            cut.add(revocation.peer)
+        for node_id in cut:
+            self.cut_off(node_id, "its membership was revoked")
+        if self.admission.own_revoked:
+            log.error("this node's membership was revoked (%s)", subject)
+
+    def cut_off(self, node_id: str, why: str) -> None:
+        """A peer that is no member any more: settled like a departed one, and disconnected."""
+        self.admission.forget(node_id)
+        self.remote.stats["peers_cut_off"] += 1
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self.peer_gone(node_id, why)
+            self.spawn(self._disconnect(peer.peer_id))
+
+    async def _disconnect(self, peer_id: Any) -> None:
+        try:
+            await self.mesh.disconnect(peer_id)
+        except MeshError as exc:
+            log.debug("disconnecting %s: %s", peer_id, exc)
 
     def add_peer(self, node_id: str, peer_id: Any) -> Peer:
         peer = self.peers.get(node_id)
@@ -217,16 +387,17 @@ class Membership:
         peer.last_seen = time.monotonic()
         first_view = peer.view is None
         peer.view = view
-        self.snapshot.update_node(
-            NodeView(
-                node_id,
-                dict(view.total),
-                dict(view.avail),
-                queued=view.queued,
-                running=view.running,
-                ad_time=time.monotonic(),
+        if self.may_host(node_id):  # a driver or an observer is sent no work
+            self.snapshot.update_node(
+                NodeView(
+                    node_id,
+                    dict(view.total),
+                    dict(view.avail),
+                    queued=view.queued,
+                    running=view.running,
+                    ad_time=time.monotonic(),
+                )
             )
-        )
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()

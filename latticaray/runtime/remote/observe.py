@@ -26,6 +26,7 @@ from latticaray.mesh.rpc import Status
 from latticaray.observe import metrics
 from latticaray.observe.logs import LogBatch, LogDecodeError
 from latticaray.observe.model import MAX_ROWS, NodeReport, decode_report, encode_report
+from latticaray.runtime.admission import ACTIVE, Permission
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
@@ -78,7 +79,7 @@ class RemoteObserve:
 
     # ------------------------------------------------------------------ state
     async def serve_state(self, ctx: Any, payload: bytes) -> bytes:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, Permission.READ)
         try:
             request = StateRequest.decode(payload)
         except ValueError as exc:
@@ -106,7 +107,7 @@ class RemoteObserve:
 
     # ------------------------------------------------------------------ logs
     async def serve_logs(self, ctx: Any, payload: bytes) -> bytes:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, ACTIVE)
         try:
             batch = LogBatch.decode(payload)
         except LogDecodeError as exc:
