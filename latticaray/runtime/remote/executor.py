@@ -336,6 +336,11 @@ class Executor:
 
     async def _create_actor(self, client: RemoteClient, message: CreateActor) -> None:
         node = self.node
+        hosted = node.actors.hosted.get(message.aid)
+        if hosted is not None and not hosted.dead:
+            # sent again (its caller's session broke before `created` came back): one actor
+            client.send(ActorCreated(message.aid, None))
+            return
         create = message.body()
         if "blob" in create:
             node.code[message.cls] = create.pop("blob")
