@@ -258,8 +258,10 @@ class Caller:
             self._session_lost(peer, f"task session failed: {exc}", session)
 
     async def _session_replies(self, peer: Peer, session: TaskSession, call: Any) -> None:
+        heard = self.remote.membership.heard
         try:
             async for raw in call:
+                heard(peer.node_id)
                 try:
                     message = wire.decode_task_reply(raw)
                 except wire.UnknownKind:

@@ -276,8 +276,10 @@ class Executor:
             reader.cancel()
 
     async def _requests(self, client: RemoteClient, requests: Any) -> None:
-        admission = self.remote.membership.admission
+        membership = self.remote.membership
+        admission = membership.admission
         async for raw in requests:
+            membership.heard(client.node_id)
             if not admission.allowed(client.node_id):
                 return
             try:
