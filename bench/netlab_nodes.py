@@ -54,7 +54,7 @@ def _die_with_parent() -> None:
 class LabNode:
     """One process inside a lab namespace, its stderr in ``log_path``; :meth:`stop` reaps it."""
 
-    def __init__(self, prefix: str, host: str, args: list[str], log_path: str):
+    def __init__(self, prefix: str, host: str, args: list[str], log_path: str, stdin: bool = False):
         self.host = host
         self.args = args
         self.log_path = log_path
@@ -62,6 +62,7 @@ class LabNode:
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
@@ -114,8 +115,12 @@ class LabNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         self._log.close()
 
     def log_text(self) -> str:
@@ -224,7 +229,9 @@ def start_worker(
     return node, node.ready_line(120)
 
 
-def start_driver(env: dict, host: str, script: str, *argv: str, port: int = QUIC_PORT + 10):
+def start_driver(
+    env: dict, host: str, script: str, *argv: str, port: int = QUIC_PORT + 10, stdin: bool = False
+) -> LabNode:
     """A driver process (``python -c script bootstrap invite relay listen *argv``)."""
     return LabNode(
         env["prefix"],
@@ -240,6 +247,7 @@ def start_driver(env: dict, host: str, script: str, *argv: str, port: int = QUIC
             *argv,
         ],
         os.path.join(env["logdir"], f"driver-{host}.log"),
+        stdin=stdin,
     )
 
 
