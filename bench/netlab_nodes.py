@@ -252,8 +252,10 @@ def start_driver(
 
 
 def lost_lines(text: str) -> list[str]:
-    """Log lines where a node declared a peer gone."""
-    return [line for line in text.splitlines() if " is gone (" in line]
+    """Log lines where a node declared a peer gone (not one that said it was leaving)."""
+    return [
+        line for line in text.splitlines() if " is gone (" in line and "(left the mesh)" not in line
+    ]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:

@@ -72,6 +72,8 @@ class Peer:
         self.alive = True
         self.view: RuntimeView | None = None  # its last pushed view
         self.incarnation: bytes | None = None  # its process's `inc` (a new one: it restarted)
+        #: a view came since it last lost its connection (it is the same process: work may go)
+        self.confirmed = True
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
 
 
@@ -266,8 +268,13 @@ class Membership:
 
     def disconnected(self, peer_id: Any) -> None:
         """The mesh lost its last connection to ``peer_id``: it is redialed (the liveness
-        core's Redial actions), and gone only if the core judges it DOWN."""
-        self._apply(self.liveness.disconnected(str(peer_id), time.monotonic()))
+        core's Redial actions), and gone only if the core judges it DOWN. Its work resumes
+        once a view shows the same process answers again (not a restarted one)."""
+        node_id = str(peer_id)
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.confirmed = False
+        self._apply(self.liveness.disconnected(node_id, time.monotonic()))
 
     def _transport_heard(self) -> None:
         """Every QUIC packet of a member's connection counts as heard from it (ACKs and PINGs
@@ -328,7 +335,7 @@ class Membership:
                 self.spawn(self.admit_with(peer.peer_id))
         else:
             log.info("peer %s is alive again (%s)", node_id, change.why)
-            if peer is not None and peer.alive:
+            if peer is not None and peer.alive and peer.confirmed:
                 self.remote.caller.peer_back(peer)
 
     def liveness_report(self) -> dict[str, Any]:
@@ -389,6 +396,9 @@ class Membership:
         self.heard(node_id)
         if view.inc is not None:
             peer.incarnation = view.inc
+        if not peer.confirmed:  # the same process answers again: its suspended work resumes
+            peer.confirmed = True
+            self.remote.caller.peer_back(peer)
         first_view = peer.view is None
         peer.view = view
         self.snapshot.update_node(
