@@ -66,14 +66,18 @@ class Provider:
         return data
 
 
-def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None, seed=1):
+def run_fetch(
+    providers, payload_manifest, timeout=30.0, config=None, known=None, seed=1, stall_timeout=None
+):
     sim = Simulator(seed=seed)
     manifest = payload_manifest
     config = config or bs.SessionConfig()
     if config.random_order and config.order_seed is None:
         # a simulated fetch is deterministic: its block order is seeded like the simulator
         config = dataclasses.replace(config, order_seed=seed)
-    session = bs.FetchSession(manifest.root, deadline=timeout, config=config)
+    session = bs.FetchSession(
+        manifest.root, deadline=timeout, config=config, stall_timeout=stall_timeout
+    )
     by_name = {p.name: p for p in providers}
     outcome = {"actions": [], "sink": None}
     cancelled = set()

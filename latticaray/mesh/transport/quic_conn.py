@@ -175,6 +175,13 @@ class QuicConn:
         return self._closed_future.done()
 
     @property
+    def last_received(self) -> float:
+        """When the last datagram from the peer arrived (``time.monotonic()``): any packet counts,
+        ACKs and PINGs included, so a peer busy sending or receiving bulk data is heard from
+        even while its streams are blocked."""
+        return self._last_rx
+
+    @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time in seconds (None before the first RTT sample)."""
         return self._quic.smoothed_rtt

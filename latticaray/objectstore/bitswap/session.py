@@ -55,9 +55,19 @@ class FetchSession:
     a block sink (the store writer) and calls :meth:`attach_sink`.
     """
 
-    def __init__(self, root: Cid, deadline: float, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        root: Cid,
+        deadline: float,
+        config: SessionConfig | None = None,
+        stall_timeout: float | None = None,
+    ) -> None:
         self.root = root
         self.deadline = deadline
+        #: Fail when nothing of the object (manifest or a new block) arrived for this long,
+        #: whatever the deadline: a slow transfer goes on as long as it progresses.
+        self.stall_timeout = stall_timeout
+        self.last_progress: float | None = None  # set by start()
         self.config = config or SessionConfig()
         self.manifest: Manifest | None = None
         self.sink: BlockSink | None = None
@@ -84,6 +94,7 @@ class FetchSession:
 
     # --- events ------------------------------------------------------------------------------
     def start(self, now: float, peers: Sequence[Hashable] = ()) -> list[Any]:
+        self.last_progress = now
         self._next_provider_lookup = now + self.config.provider_retry_interval
         actions: list[Any] = [FindProviders(self.root)]
         actions += self.add_peers(peers, now)
@@ -199,6 +210,9 @@ class FetchSession:
             return []
         if now >= self.deadline:
             return self._fail(now)
+        stalled_at = self._stalled_at()
+        if now >= stalled_at:
+            return self._fail(now, stalled=now - stalled_at + (self.stall_timeout or 0.0))
         actions: list[Any] = []
         for request_id, inflight in list(self._inflight.items()):
             if now >= inflight.deadline:
@@ -213,7 +227,7 @@ class FetchSession:
     def next_timer(self) -> float:
         if self.done:
             return float("inf")
-        times = [self.deadline, self._next_provider_lookup, self._next_refresh]
+        times = [self.deadline, self._stalled_at(), self._next_provider_lookup, self._next_refresh]
         if self.manifest is not None:
             times += [
                 p.retry_at
@@ -246,16 +260,23 @@ class FetchSession:
         }
 
     # --- internals ---------------------------------------------------------------------------
-    def _fail(self, now: float) -> list[Any]:
+    def _stalled_at(self) -> float:
+        """When the fetch counts as stalled if nothing more arrives (inf: no stall timeout)."""
+        if self.stall_timeout is None or self.last_progress is None:
+            return float("inf")
+        return self.last_progress + self.stall_timeout
+
+    def _fail(self, now: float, stalled: float | None = None) -> list[Any]:
         self.done = True
         actions: list[Any] = [CancelRequest(f.peer, rid) for rid, f in self._inflight.items()]
         self._inflight.clear()
+        when = "at the deadline" if stalled is None else f"after {stalled:.0f} s without progress"
         if self.manifest is None:
-            error = ObjectNotFound(self.root, "no peer provided the object before the deadline")
+            error = ObjectNotFound(self.root, f"no peer provided the object ({when})")
         else:
             error = ObjectNotFound(
                 self.root,
-                f"fetch incomplete at the deadline "
+                f"fetch incomplete {when} "
                 f"({self._missing_count} of {len(self.manifest.blocks)} blocks missing)",
             )
         return actions + [Failed(error)]
@@ -301,6 +322,7 @@ class FetchSession:
                 state.inflight -= 1
             state.full = state.full or state.bitmap is None
             state.answered_have = True
+            self.last_progress = now
             return [ManifestReady(self.manifest)]
         places = self.manifest.indexes_of(cid)
         if not places or self.sink is None:
@@ -337,6 +359,7 @@ class FetchSession:
         if not filled:
             self.duplicate_blocks += 1
             return []
+        self.last_progress = now
         for place in filled:
             self.bytes_received += len(data)
             self._blocks.filled(place)

@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 #: A fetched object this large is joined from its chunks on an executor thread.
 JOIN_OFF_LOOP = 8 << 20
 BY_REF_ARG = 256 << 10
-ARG_FETCH_TIMEOUT = 30.0
+#: A fetch fails once nothing of its object arrived for this long (no provider answered, or the
+#: transfer stalled); one that keeps progressing goes on, however slow the link, up to
+#: FETCH_DEADLINE.
+FETCH_STALL = 30.0
+FETCH_DEADLINE = 6 * 3600.0
 
 
 class BadObjectReply(ValueError):
@@ -294,9 +298,11 @@ class RemoteObjects:
             try:
                 if holder is None:
                     if not await self.same_host.copy(cid, hint):
-                        await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
+                        await exchange.fetch(
+                            cid, timeout=FETCH_DEADLINE, peers=hint, stall_timeout=FETCH_STALL
+                        )
                     continue
-                if await self.fetch_while_alive(cid, holder, ARG_FETCH_TIMEOUT, hint):
+                if await self.fetch_while_alive(cid, holder, FETCH_STALL, hint):
                     continue
                 self.stats["args_from_owner_holder_dead"] += 1
             except Exception as exc:
@@ -310,11 +316,12 @@ class RemoteObjects:
         self,
         cid: str,
         holder: str,
-        timeout: float,
+        stall: float,
         peers: list = (),  # type: ignore[assignment]
     ) -> bool:
-        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
-        False when it is (or becomes) dead first; raises what the exchange raises."""
+        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive and
+        the transfer progresses (nothing arriving for `stall` s ends it). False when the holder
+        is (or becomes) dead first; raises what the exchange raises."""
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
@@ -325,7 +332,14 @@ class RemoteObjects:
         gone = loop.create_future()
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
-        fetch = loop.create_task(exchange.fetch(cid, timeout=timeout, peers=[peer.peer_id, *peers]))
+        fetch = loop.create_task(
+            exchange.fetch(
+                cid,
+                timeout=FETCH_DEADLINE,
+                peers=[peer.peer_id, *peers],
+                stall_timeout=stall,
+            )
+        )
         try:
             await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -420,12 +434,13 @@ class RemoteObjects:
             try:
                 await exchange.fetch(
                     cid,
-                    timeout=timeout or 30.0,
+                    timeout=timeout or FETCH_DEADLINE,
                     peers=[
                         s.peer_id
                         for s in membership.peers.values()
                         if s.alive and s.node_id not in exclude
                     ],
+                    stall_timeout=FETCH_STALL,
                 )
                 return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             except Exception as exc:

@@ -63,6 +63,7 @@ MAX_VIEW_PEERS: Final = 65536
 MAX_ADDRS: Final = 256
 MAX_ADDR: Final = 1024
 MAX_VIEW_NAMES: Final = 65536
+MAX_INCARNATION: Final = 64  # a view's `inc`
 
 BORROW: Final = 1
 UNBORROW: Final = 0
@@ -928,7 +929,9 @@ def _peer_addrs(value: object) -> bool:
 @dataclass(slots=True, frozen=True)
 class RuntimeView(_Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
-    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s."""
+    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
+    ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
+    ``bye``: it is leaving the mesh (sent as it stops)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -936,9 +939,11 @@ class RuntimeView(_Message):
     running: int
     peers: dict[str, list[str]]
     names: list[tuple[str, str, NameRecord]]
+    inc: bytes | None = None
+    bye: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "total": self.total,
             "avail": self.avail,
             "queued": self.queued,
@@ -946,6 +951,11 @@ class RuntimeView(_Message):
             "peers": self.peers,
             "names": [[ns, name, record.to_wire()] for ns, name, record in self.names],
         }
+        if self.inc is not None:
+            m["inc"] = self.inc
+        if self.bye:
+            m["bye"] = True
+        return m
 
 
 def decode_view(data: bytes) -> RuntimeView:
@@ -973,6 +983,8 @@ def decode_view(data: bytes) -> RuntimeView:
         _int(m, "running", where, 0, 2**63 - 1),
         _checked(m, "peers", where, _peer_addrs, "a map of node id -> [multiaddr, ...]"),
         records,
+        _opt_bin(m, "inc", where, MAX_INCARNATION),
+        _flag(m, "bye", where, False),
     )
 
 
