@@ -391,7 +391,7 @@ class RemoteObjects:
             self.penalize(peer, exc)
             found = None
             if exc.cid is not None:
-                found = await self.fetch_by_cid(exc.cid, ARG_FETCH_TIMEOUT, exclude={owner})
+                found = await self.fetch_by_cid(exc.cid, FETCH_DEADLINE, exclude={owner})
             if found is not None and found[0] == OK and serialization.is_store_ref(found[1]):
                 try:  # held inline, as a value fetched by id always is
                     found = (OK, await self.inline(found[1]))
