@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import inspect
 import os
 import threading
@@ -610,22 +611,35 @@ def is_initialized() -> bool:
 
 
 # ---------------------------------------------------------------------- verbs
+def _transfer_progress(core, what: str):
+    """A progress bar over the node's incoming transfers while a driver's get() waits (after
+    1 s, only when someone can see it: a terminal or a notebook); a worker's get shows none."""
+    from latticaray.observe.progress import TransferWatch, interactive, node_transfers
+
+    if getattr(core, "worker_id", "driver") != "driver" or not interactive():
+        return contextlib.nullcontext()
+    return TransferWatch(node_transfers(core.request), desc=what, enabled=True)
+
+
 def get(refs, *, timeout: float | None = None):
     """Values of `refs` (one ObjectRef, a list of them, or a CID string), raising task errors."""
     core = context.require_core()
     if isinstance(refs, ObjectRef):
-        return core.get([refs], timeout)[0]
+        with _transfer_progress(core, "get"):
+            return core.get([refs], timeout)[0]
     if isinstance(refs, str):
         if not serialization.is_cid_string(refs):
             raise ValueError(f"{refs!r} is not a CID")
-        return core.get_by_cid(refs, timeout)
+        with _transfer_progress(core, f"get {refs[:16]}"):
+            return core.get_by_cid(refs, timeout)
     if isinstance(refs, (list, tuple)):
         for ref in refs:
             if not isinstance(ref, ObjectRef):
                 raise TypeError(f"get() takes ObjectRefs, got {type(ref).__name__}")
         if not refs:
             return []
-        return core.get(list(refs), timeout)
+        with _transfer_progress(core, "get"):
+            return core.get(list(refs), timeout)
     if isinstance(refs, ObjectRefGenerator):
         raise TypeError("iterate an ObjectRefGenerator to get its refs, then get() them")
     raise TypeError(

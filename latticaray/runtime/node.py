@@ -209,6 +209,10 @@ class RuntimeNode:
             return await self.actors.get_actor(message)
         if op == "nodes":
             return {"nodes": self.nodes()}
+        if op == "keep":  # `latticaray put`: the node itself holds the object from now on
+            if not self.refs.hold(message["oid"], self.node_id):
+                return {"error": error_blob(LookupError("no such object on this node"))}
+            return {}
         if op == "state":  # the state API (latticaray.util.state) of a driver of this node
             snapshot = await gather(
                 self.state_source,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,10 @@ class RemoteObjects:
         self.stats = remote.stats
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
         self.same_host = SameHostCopies(remote.mesh, remote.node)
+        #: fetches over /latticaray/object/1 under way, for the state API and progress bars:
+        #: a key -> [cid, bytes done, bytes total, start time (wall clock), peer node id]
+        self.inflight: dict[int, list[Any]] = {}
+        self._inflight_next = 0
 
     def holder_gone(self, node_id: str) -> None:
         for waiter in self.gone_waiters.pop(node_id, ()):
@@ -481,6 +486,9 @@ class RemoteObjects:
         size = received = 0
         chunks = []
         sink: _StoreFormSink | None = None
+        row: list[Any] = ["", 0, 0, time.time(), peer.node_id]
+        self._inflight_next += 1
+        key = self._inflight_next
         try:
             async for raw in self.remote.mesh.call_stream(
                 peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
@@ -492,6 +500,8 @@ class RemoteObjects:
                     if isinstance(reply, ObjectPlace):  # asked for bytes, answered with a place
                         raise ValueError("object reply names a store instead of sending the object")
                     header, size = reply, reply.size
+                    row[0], row[2] = header.cid or "", size
+                    self.inflight[key] = row
                     if expect_cid is not None and header.cid != expect_cid:
                         raise BadObjectReply(
                             f"asked for {expect_cid}, the reply names {header.cid}", None
@@ -500,6 +510,7 @@ class RemoteObjects:
                         sink = _StoreFormSink.open(self.node.store if into_store else None, header)
                     continue
                 received += len(raw)
+                row[1] = received
                 if received > size:
                     raise ValueError(f"object reply runs past the {size} bytes its header said")
                 if sink is not None:
@@ -513,6 +524,7 @@ class RemoteObjects:
             if sink is not None:
                 return header.s, await sink.finish(), header.cid
         finally:
+            self.inflight.pop(key, None)
             if sink is not None:
                 sink.abort()
         if size >= JOIN_OFF_LOOP:  # joining and hashing release the GIL: the loop goes on
