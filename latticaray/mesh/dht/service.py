@@ -25,6 +25,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from latticaray.observe import metrics
+
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
 from ..multiaddr import Multiaddr
@@ -47,6 +49,27 @@ MAX_OWN_ADDRS = 8
 #: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
 #: peer-ID bytes, ``.subkey``, ``.signature``).
 DhtValue = Record
+
+
+_OPERATION_NAMES = {
+    "FindNodeOp": "find_node",
+    "GetValueOp": "get_value",
+    "GetProvidersOp": "get_providers",
+    "StoreOp": "store",
+}
+_SERVED = metrics.DHT_OPERATIONS.labels("serve", "ok")
+_SERVED_REFUSED = metrics.DHT_OPERATIONS.labels("serve", "refused")
+
+
+def _count_operation(op: Operation) -> None:
+    """An operation this node ran, in the metrics: its kind and how it ended (ok: it found or
+    stored something; empty: it ended without; stopped: its caller stopped early)."""
+    kind = _OPERATION_NAMES.get(type(op).__name__, "other")
+    if not op.done:
+        outcome = "stopped"
+    else:
+        outcome = "ok" if getattr(op, "result", None) else "empty"
+    metrics.DHT_OPERATIONS.labels(kind, outcome).add()
 
 
 @dataclass(frozen=True)
@@ -300,6 +323,7 @@ class DhtService:
         finally:
             for task in pending:
                 task.cancel()
+            _count_operation(op)
 
     async def _request(self, contact: Contact, request: dict[str, Any]) -> dict[str, Any] | None:
         """One RPC; None if the peer could not be reached, timed out or answered garbage."""
@@ -391,12 +415,15 @@ class DhtService:
         # Registered eager: it must not await, nor use asyncio.timeout()/current_task().
         refused = self._refusal(ctx)
         if refused is not None:
+            _SERVED_REFUSED.add()
             return refused
         try:
             request = decode_request(payload)
         except DhtProtocolError as exc:
             self.core.stats["bad_requests"] += 1
+            _SERVED_REFUSED.add()
             return encode(error_response("bad_request", str(exc)))
+        _SERVED.add()
         try:
             caller = ctx.peer_id
             addrs = request.get("addrs") or tuple(str(a) for a in self.node.addrs_of(caller))[:8]
