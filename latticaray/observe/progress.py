@@ -67,16 +67,32 @@ def in_notebook() -> bool:
     return shell is not None and "zmq" in type(shell).__name__.lower()
 
 
+_seen_by_default: tuple[object, bool] | None = None  # (sys.stderr, whether it is seen)
+
+
 def interactive(stream: IO[str] | None = None) -> bool:
-    """Whether a progress bar would be seen: ``LATTICARAY_PROGRESS``, a notebook, or a TTY."""
-    forced = os.environ.get("LATTICARAY_PROGRESS", "").strip()
-    if forced in ("0", "false", "no", "off"):
-        return False
-    if forced in ("1", "true", "yes", "on"):
-        return True
-    if in_notebook():
-        return True
-    stream = stream if stream is not None else sys.stderr
+    """Whether a progress bar would be seen: ``LATTICARAY_PROGRESS``, a notebook, or a TTY.
+    For the default stream (stderr) the answer is kept while ``sys.stderr`` stays the same
+    object (``get()`` asks on every call)."""
+    global _seen_by_default
+    forced = os.environ.get("LATTICARAY_PROGRESS")
+    if forced:
+        forced = forced.strip().lower()
+        if forced in ("0", "false", "no", "off"):
+            return False
+        if forced in ("1", "true", "yes", "on"):
+            return True
+    if stream is None:
+        known = _seen_by_default
+        if known is not None and known[0] is sys.stderr:
+            return known[1]
+        seen = in_notebook() or _isatty(sys.stderr)
+        _seen_by_default = (sys.stderr, seen)
+        return seen
+    return in_notebook() or _isatty(stream)
+
+
+def _isatty(stream: IO[str] | None) -> bool:
     try:
         return bool(stream is not None and stream.isatty())
     except (AttributeError, ValueError):

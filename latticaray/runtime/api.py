@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from latticaray.observe.progress import TransferWatch, interactive, node_transfers
 from latticaray.runtime import context, serialization
 from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
@@ -614,8 +615,6 @@ def is_initialized() -> bool:
 def _transfer_progress(core, what: str):
     """A progress bar over the node's incoming transfers while a driver's get() waits (after
     1 s, only when someone can see it: a terminal or a notebook); a worker's get shows none."""
-    from latticaray.observe.progress import TransferWatch, interactive, node_transfers
-
     if getattr(core, "worker_id", "driver") != "driver" or not interactive():
         return contextlib.nullcontext()
     return TransferWatch(node_transfers(core.request), desc=what, enabled=True)
