@@ -8,7 +8,8 @@ Then, ``--runs`` times each and interleaved, a fresh driver process calls only
 * behind hostA's cone NAT: ``init()`` returns once the node knows it is not public and holds a
   relay reservation (AutoNAT from the peers it met, a relay found among them), so its time
   includes the NAT discovery;
-* on pub2, a public host (the baseline, same run): the same code, which finds itself public.
+* on pub2, a public host (the baseline, same run): the same code, which finds itself public;
+* in hostA without a mesh (``init()`` alone: the node, its store and workers, no join).
 
 Every process has ``LATTICARAY_LAB=1`` (the lab's 198.18.0.0/15 counts as public) and nothing
 else. Per run: ``init()`` wall time, the runtime's own ``join_s``/``reachable_s`` timings, and the
@@ -45,6 +46,11 @@ from latticaray.runtime import api
 imported = time.monotonic() - t0
 bootstrap, credential = sys.argv[1:3]
 t = time.monotonic()
+if bootstrap == "-":  # the local baseline: the same init() without a mesh
+    lattica.init(num_cpus=1)
+    print("RESULT " + json.dumps({"import_s": imported, "init_s": time.monotonic() - t}))
+    lattica.shutdown()
+    sys.exit(0)
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1)
 init_s = time.monotonic() - t
 timings = dict(api._runtime.mesh_runtime.timings)
@@ -83,12 +89,13 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def run_driver(prefix: str, host: str, env: dict, logdir: str, i: int) -> dict:
+def run_driver(prefix: str, host: str, env: dict, logdir: str, i: int, local=False) -> dict:
+    bootstrap = "-" if local else env["bootstrap"]
     driver = LabNode(
         prefix,
         host,
-        [sys.executable, "-c", DRIVER, env["bootstrap"], env["invite"]],
-        os.path.join(logdir, f"driver-{host}-{i}.log"),
+        [sys.executable, "-c", DRIVER, bootstrap, env["invite"]],
+        os.path.join(logdir, f"driver-{host}-{'local-' if local else ''}{i}.log"),
     )
     try:
         out = driver.wait_output(240)
@@ -113,6 +120,7 @@ def main() -> int:
     os.environ.pop("LATTICARAY_PROGRESS", None)
     logdir = tempfile.mkdtemp(prefix="join-time-")
     results: dict[str, list[dict]] = {"hostA": [], "pub2": []}
+    local: list[dict] = []
     load_before = os.getloadavg()
     with lab(args.prefix):
         nodes: list[LabNode] = []
@@ -152,8 +160,9 @@ def main() -> int:
                 nodes.append(worker)
                 workers[host] = worker.ready_line(120)["timings"]
             for i in range(args.runs):
-                for host in ("hostA", "pub2"):  # interleaved: both see the same load
+                for host in ("hostA", "pub2"):  # interleaved: all see the same load
                     results[host].append(run_driver(args.prefix, host, env, logdir, i))
+                local.append(run_driver(args.prefix, "hostA", env, logdir, i, local=True))
         finally:
             for n in nodes:
                 n.stop()
@@ -166,6 +175,7 @@ def main() -> int:
         runs = results[host]
         measures = {
             "init_s": [r["init_s"] for r in runs],
+            "mesh_join_s": [r["timings"]["join_s"] for r in runs],
             "reachable_s": [r["timings"].get("reachable_s", r["init_s"]) for r in runs],
             "first_task_hostB_s": [r["first_task_s"]["hostB"] for r in runs],
             "first_task_hostC_s": [r["first_task_s"]["hostC"] for r in runs],
@@ -179,12 +189,23 @@ def main() -> int:
                 f"{label:<22}{name:<22}{s['p50']:>8.2f}{s['p90']:>8.2f}"
                 f"{s['min']:>8.2f}{s['max']:>8.2f}"
             )
+    figures["local"] = {"init_s": summary([r["init_s"] for r in local])}
+    s = figures["local"]["init_s"]
+    print(f"{'hostA, no mesh (base)':<22}{'init_s':<22}{s['p50']:>8.2f}{s['p90']:>8.2f}"
+          f"{s['min']:>8.2f}{s['max']:>8.2f}")  # fmt: skip
     nat_p50 = figures["hostA"]["init_s"]["p50"]
     base_p50 = figures["pub2"]["init_s"]["p50"]
     print(
         f"\ninit() p50 behind the cone NAT {nat_p50:.2f} s (target <= 2 s: "
         f"{'met' if nat_p50 <= 2.0 else 'NOT met'}); public baseline {base_p50:.2f} s; "
         f"NAT discovery adds {nat_p50 - base_p50:+.2f} s"
+    )
+    join_nat = figures["hostA"]["mesh_join_s"]["p50"]
+    join_pub = figures["pub2"]["mesh_join_s"]["p50"]
+    print(
+        f"the mesh join itself (dial, admission, NAT discovery: the runtime's join_s) p50 "
+        f"{join_nat:.2f} s behind the NAT, {join_pub:.2f} s public; init() without a mesh "
+        f"{figures['local']['init_s']['p50']:.2f} s"
     )
     print(f"reachability seen: hostA {figures['hostA']['reachability']}, "
           f"pub2 {figures['pub2']['reachability']}; logs in {logdir}")  # fmt: skip
@@ -198,6 +219,8 @@ def main() -> int:
                 "figures": figures,
                 "init_p50_nat_s": nat_p50,
                 "init_p50_public_s": base_p50,
+                "mesh_join_p50_nat_s": join_nat,
+                "mesh_join_p50_public_s": join_pub,
                 "target_met": nat_p50 <= 2.0,
                 "workers_timings": workers,
                 "machine": {
