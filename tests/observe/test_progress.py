@@ -135,3 +135,23 @@ def test_the_delay_comes_from_the_environment(monkeypatch):
     assert progress.default_delay() == 0.25
     monkeypatch.setenv("LATTICARAY_PROGRESS_DELAY", "soon")
     assert progress.default_delay() == progress.DEFAULT_DELAY
+
+
+def test_node_transfers_reads_the_incoming_rows_of_the_nodes_own_report():
+    from latticaray.observe.gather import MeshSnapshot, encode_snapshot
+    from latticaray.observe.model import TransferRow
+
+    asked = []
+
+    def request(message):
+        asked.append(message)
+        snap = MeshSnapshot(observer="n1", taken_at=0.0)
+        snap.transfers = [
+            TransferRow(object_id="bafyA", node_id="n1", peer="n2", bytes_done=5, bytes_total=9),
+            TransferRow(object_id="bafyB", node_id="n1", direction="out", bytes_total=7),
+        ]
+        return {"snapshot": encode_snapshot(snap)}
+
+    rows = list(progress.node_transfers(request)())
+    assert rows == [("bafyA/n2", 5, 9)]
+    assert asked == [{"op": "state", "limit": 1, "remote": False, "timeout": 1.0}]
