@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from latticaray.runtime import context, serialization
-from latticaray.runtime.client import DriverCore
+from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -367,9 +367,13 @@ class _EmbeddedRuntime:
         self.node = make_node()
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
         if start_mesh is not None:
-            self.mesh_runtime = asyncio.run_coroutine_threadsafe(
-                start_mesh(self.node), loop
-            ).result()
+            try:
+                self.mesh_runtime = asyncio.run_coroutine_threadsafe(
+                    start_mesh(self.node), loop
+                ).result()
+            except BaseException:
+                self.stop()  # the node and its loop thread do not outlive a failed init()
+                raise
 
     def stop(self) -> None:
         loop = self.loop
@@ -464,20 +468,20 @@ def init(
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
             return _attach(address, namespace)
-        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
         total = default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.mesh_runtime import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
                 credential=credential,
                 listen=listen,
                 key_path=mesh_key_path,
-                nat=NatSettings.coerce(nat),
+                nat=nat,
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
@@ -490,7 +494,11 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers)
 
-        runtime.start(make_node, start_mesh)
+        try:
+            runtime.start(make_node, start_mesh)
+        except BaseException:  # a refused credential: nothing of this node stays behind
+            runtime.stop()
+            raise
         _runtime = runtime
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
@@ -562,11 +570,39 @@ def mesh_info() -> dict:
     return _runtime_info()
 
 
-def invite(peer_id: str | None = None, ttl: float | None = None) -> str:
-    """A membership credential for this mesh (only on the node that holds the mesh key)."""
+def invite(peer_id: str | None = None, ttl: float | None = None, role: str = "member") -> str:
+    """A membership credential for this mesh (only on the node that holds the mesh key):
+    bound to `peer_id` if given (else a bearer invite), valid `ttl` seconds (default one day;
+    a member renews its own before it runs out), with `role` ``member`` (everything),
+    ``worker`` (execute, host, submit), ``driver`` (submit, read) or ``observer`` (read)."""
     if _runtime is None or _runtime.mesh_runtime is None:
         raise RuntimeError("invite() needs a mesh: init(listen=[...]) or init(_mesh=True) first")
-    return _runtime.mesh_runtime.invite(peer_id, ttl)
+    return _runtime.mesh_runtime.invite(peer_id, ttl, role)
+
+
+def revoke(
+    peer_id: str | None = None,
+    *,
+    credential_id: bytes | None = None,
+    revocation: str | None = None,
+) -> str:
+    """Revoke a member (`peer_id`: whatever credential it shows) or a credential
+    (`credential_id`: whoever shows it). The revocation is signed by the mesh key this node
+    holds (or given signed, as `revocation`, e.g. by `latticaray revoke`), spread through the
+    cluster state, and honoured by every member within a gossip round: the revoked peer's
+    connections are closed and its work refused. Returns the revocation's text."""
+    core = context.require_core()
+    if revocation is None:
+        if _runtime is None or _runtime.mesh_runtime is None:
+            raise RuntimeError(
+                "revoke() signs with the mesh key of an embedded mesh node; an attached driver "
+                "passes revocation= (made by `latticaray revoke --mesh-key-path`)"
+            )
+        revocation = _runtime.mesh_runtime.admission.revocation(peer_id, credential_id)
+    reply = core.request({"op": "revoke", "text": revocation})
+    if "error" in reply:
+        raise_error_value(reply["error"])
+    return revocation
 
 
 def is_initialized() -> bool:

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
 from latticaray.runtime.channel import WorkerConnection
-from latticaray.runtime.errors import GetTimeoutError, TaskError
+from latticaray.runtime.errors import GetTimeoutError, NotPermittedError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
@@ -412,6 +412,24 @@ class DriverCore(CoreClient):
         self.client = node.local_client()
         self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
+
+    # ---- verbs this node's credential may not allow (an observer's)
+    def _require_submit(self) -> None:
+        refusal = self.node.submit_refusal()
+        if refusal is not None:
+            raise NotPermittedError(refusal)
+
+    def submit_task(self, *args, **kwargs):
+        self._require_submit()
+        return super().submit_task(*args, **kwargs)
+
+    def create_actor(self, *args, **kwargs) -> dict:
+        self._require_submit()
+        return super().create_actor(*args, **kwargs)
+
+    def submit_actor_task(self, *args, **kwargs):
+        self._require_submit()
+        return super().submit_actor_task(*args, **kwargs)
 
     def post(self, message: dict | Callable[[], Any]) -> None:
         """Queue a message for the loop (or a waiter registration riding the same wake-up)."""

@@ -163,8 +163,16 @@ class NotMemberError(LatticaError, PermissionError):
     """The caller holds no valid membership credential for this mesh."""
 
 
+class MeshUnreachableError(LatticaError, ConnectionError):
+    """No bootstrap peer could be joined; the message names each address tried and why."""
+
+
 class CredentialError(LatticaError, ValueError):
-    """A membership credential is malformed, expired, or not signed by the mesh key."""
+    """A membership credential is malformed, expired, revoked, or not signed by the mesh key."""
+
+
+class NotPermittedError(LatticaError, PermissionError):
+    """This node's credential role does not allow the operation (an observer submitting work)."""
 
 
 from latticaray.scheduler.errors import UnschedulableError  # noqa: E402

@@ -74,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-hole-punching", action="store_true")
     parser.add_argument(
+        "--no-nat",
+        action="store_true",
+        help="no NAT traversal (by default a node joining a mesh beyond this host runs it: "
+        "AutoNAT, relays found among its peers, hole punching)",
+    )
+    parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
         default="full",
@@ -107,30 +113,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "moving them to the same-host Unix-socket path",
     )
     parser.add_argument(
+        "--dht-members-only",
+        action="store_true",
+        help="answer DHT requests of mesh members only (default: DHT routing is a public "
+        "service, rate-limited per peer and per IP for non-members)",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     return parser.parse_args(argv)
 
 
 def nat_settings(args: argparse.Namespace):
-    """The NatSettings the NAT options ask for, or None when NAT traversal is off."""
-    if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
+    """What the NAT options ask for: False (off), None (the default: auto mode when a bootstrap
+    peer is beyond this host) or the settings given."""
+    if args.no_nat:
+        return False
+    if not (args.nat or args.serve_relay is not None or args.relay or args.observer or args.lab):
         return None
     from latticaray.runtime.mesh_runtime import NatSettings
 
     serving = args.serve_relay is not None
-    return NatSettings.coerce(
-        {
-            "observers": args.observer,
-            "relays": args.relay,
-            "serve_relay": serving,
-            "relay_port": args.serve_relay or 0,
-            "serve_autonat": serving,
-            "hole_punching": not args.no_hole_punching,
-            "lab": args.lab,
-            "auto_configure": not serving,
-        }
-    )
+    settings = {
+        "observers": args.observer,
+        "relays": args.relay,
+        "serve_relay": serving,
+        "relay_port": args.serve_relay or 0,
+        "serve_autonat": serving,
+        "hole_punching": not args.no_hole_punching,
+        "auto_configure": not serving,
+    }
+    if args.lab:
+        settings["lab"] = True
+    return NatSettings.coerce(settings)
 
 
 def _prepare(args: argparse.Namespace):
@@ -146,6 +161,7 @@ def _prepare(args: argparse.Namespace):
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
         same_host_path=not args.no_same_host_path,
+        public_dht=not args.dht_members_only,
     )
 
 
@@ -194,6 +210,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
+    ready["role"] = mesh_runtime.admission.role
     print(json.dumps(ready), flush=True)
     await stop.wait()
     if refresher is not None:
@@ -214,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    from latticaray.runtime.errors import CredentialError
+
+    try:
+        asyncio.run(run(args))
+    except CredentialError as exc:  # refused at the door: say why, no traceback
+        print(f"latticaray start: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
