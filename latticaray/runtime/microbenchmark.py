@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any
 
+from .ray_baseline import measure
+
 LOWER_IS_BETTER = {"init() seconds", "no-op task round trip ms"}
 RAY_ROW_PREFIX = "ROW "  # ray_baseline.py's row lines
 
@@ -42,24 +44,10 @@ def timeit(
     results: list | None = None,
     settle: float = 0.0,
 ) -> tuple[float, float]:
+    """One row by Ray's method (:func:`.ray_baseline.measure`), printed (and appended to
+    ``results``) as Ray prints its rows."""
     time.sleep(settle)
-    start = time.perf_counter()
-    count = 0
-    while time.perf_counter() - start < duration / 2:
-        fn()
-        count += 1
-    step = count // 10 + 1
-    stats = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        count = 0
-        while time.perf_counter() - start < duration:
-            for _ in range(step):
-                fn()
-            count += step
-        stats.append(multiplier * count / (time.perf_counter() - start))
-    mean = statistics.mean(stats)
-    sd = statistics.pstdev(stats)
+    mean, sd = measure(fn, multiplier, duration, trials)
     print(f"{name} per second {mean:,.2f} +- {sd:,.2f}", flush=True)
     if results is not None:
         results.append((name, mean, sd))
