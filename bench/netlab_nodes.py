@@ -1,5 +1,5 @@
 """Runtime node and driver processes inside netlab namespaces, for bench/lossy_wan.py and
-bench/chaos.py (and their netlab tests).
+bench/chaos.py (and their netlab tests), and tests/mesh/nat/test_runtime_over_nat.py.
 
 :class:`LabNode` starts a process with ``ip netns exec`` whose stderr goes to a log file (never a
 pipe nobody reads: a chatty node would block on a full pipe), reads its JSON ready line with a
@@ -186,7 +186,7 @@ def start_pub1(prefix: str, logdir: str, cpus: float = 0) -> tuple[LabNode, dict
         node_args(PUB1, "--serve-relay", str(RELAY_PORT), cpus=cpus),
         os.path.join(logdir, "pub1.log"),
     )
-    info = node.ready_line(120)
+    info = _ready(node)
     env = {
         "prefix": prefix,
         "invite": info["invite"],
@@ -226,7 +226,7 @@ def start_worker(
         worker_args(env, host, resources, cpus, **kw),
         os.path.join(env["logdir"], f"{name or host}.log"),
     )
-    return node, node.ready_line(120)
+    return node, _ready(node)
 
 
 def start_driver(
@@ -249,6 +249,15 @@ def start_driver(
         os.path.join(env["logdir"], f"driver-{host}.log"),
         stdin=stdin,
     )
+
+
+def _ready(node: LabNode, timeout: float = 120) -> dict:
+    """The node's ready line; the node is stopped if it never gives one."""
+    try:
+        return node.ready_line(timeout)
+    except BaseException:
+        node.stop()
+        raise
 
 
 def lost_lines(text: str) -> list[str]:
