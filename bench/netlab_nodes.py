@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import selectors
 import signal
 import subprocess
@@ -258,6 +259,35 @@ def _ready(node: LabNode, timeout: float = 120) -> dict:
     except BaseException:
         node.stop()
         raise
+
+
+def lab_unavailable() -> bool:
+    """Whether the lab cannot run here (the reason said on stderr; a benchmark then exits 2)."""
+    from netlab_util import netlab_available
+
+    reason = netlab_available()
+    if reason is not None:
+        print(f"cannot run: {reason}", file=sys.stderr)
+    return reason is not None
+
+
+def run_facts(**versions: str) -> dict:
+    """The machine and versions a benchmark's JSON line reports (python, aioquic, and
+    ``versions``)."""
+    import aioquic
+
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "aioquic": getattr(aioquic, "__version__", "?"),
+            **versions,
+        },
+    }
 
 
 def lost_lines(text: str) -> list[str]:
