@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from .ray_baseline import measure
+from .ray_baseline import measure, round_trip_ms
 
 LOWER_IS_BETTER = {"init() seconds", "no-op task round trip ms"}
 RAY_ROW_PREFIX = "ROW "  # ray_baseline.py's row lines
@@ -128,13 +128,7 @@ def run(duration: float, large_mb: int, only: str | None, settle: float = 0.0) -
     for _ in range(500):  # workers up and warm before timing starts
         lattica.get(small_value.remote())
     if want("no-op task round trip ms"):
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(200):
-                lattica.get(small_value.remote())
-            samples.append((time.perf_counter() - t0) / 200 * 1000)
-        rtt_ms = statistics.median(samples)
+        rtt_ms = round_trip_ms(lambda: lattica.get(small_value.remote()))
         print(f"no-op task round trip ms {rtt_ms:.3f}", flush=True)
         results.append(("no-op task round trip ms", rtt_ms, 0.0))
 

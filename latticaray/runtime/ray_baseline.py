@@ -64,6 +64,17 @@ def measure(
     return statistics.mean(stats), statistics.pstdev(stats)
 
 
+def round_trip_ms(call, batches: int = 5, per_batch: int = 200) -> float:
+    """The median over ``batches`` batches of ``per_batch`` calls of one call's time, in ms."""
+    samples = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(per_batch):
+            call()
+        samples.append((time.perf_counter() - t0) / per_batch * 1000)
+    return statistics.median(samples)
+
+
 def _timer(duration: float, settle: float, only: str | None):
     def timeit(name, fn, multiplier=1, warmup_time_sec=None):
         if only and only not in name:
@@ -129,13 +140,8 @@ def _extras(ray, timeit, large_mb: int, only: str | None, init_s: float) -> None
         if not only or only in "no-op task round trip ms":
             for _ in range(500):
                 ray.get(small_value.remote())
-            samples = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    ray.get(small_value.remote())
-                samples.append((time.perf_counter() - t0) / 200 * 1000)
-            _emit("no-op task round trip ms", statistics.median(samples), 0.0)
+            rtt_ms = round_trip_ms(lambda: ray.get(small_value.remote()))
+            _emit("no-op task round trip ms", rtt_ms, 0.0)
         arr = np.zeros(large_mb * 1024 * 1024 // 8, dtype=np.int64)
 
         def put_changed():
