@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, ClassVar, Final, Self, TypeAlias
 
 from .fields import (
     MAX_CONTROL_MESSAGE,
@@ -95,93 +95,77 @@ class NameLookup(Message):
 
 
 @dataclass(slots=True, frozen=True)
-class NameRelease(Message):
+class _ActorName(Message):
+    """The shape of `release` and `hosted`: a name and its actor id (``OP`` says which)."""
+
+    OP: ClassVar[str]
+    ns: str
+    name: str
+    aid: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid}
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> Self:
+        where = cls.OP
+        return cls(
+            field_str(m, "ns", where, MAX_NAME),
+            field_str(m, "name", where, MAX_NAME),
+            field_id(m, "aid", where),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class _ActorNameAt(Message):
+    """The shape of `placed` and `moved`: a name, its actor id and the actor's host ``node``."""
+
+    OP: ClassVar[str]
+    ns: str
+    name: str
+    aid: bytes
+    node: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid, "node": self.node}
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> Self:
+        where = cls.OP
+        return cls(
+            field_str(m, "ns", where, MAX_NAME),
+            field_str(m, "name", where, MAX_NAME),
+            field_id(m, "aid", where),
+            field_str(m, "node", where, MAX_NODE_ID),
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class NameRelease(_ActorName):
     """Give the name back (if ``aid`` still holds it)."""
 
     OP: ClassVar[str] = "release"
-    ns: str
-    name: str
-    aid: bytes
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"op": "release", "ns": self.ns, "name": self.name, "aid": self.aid}
-
-    @classmethod
-    def from_wire(cls, m: dict[Any, Any]) -> NameRelease:
-        return cls(
-            field_str(m, "ns", "release", MAX_NAME),
-            field_str(m, "name", "release", MAX_NAME),
-            field_id(m, "aid", "release"),
-        )
 
 
 @dataclass(slots=True, frozen=True)
-class NamePlaced(Message):
+class NamePlaced(_ActorNameAt):
     """A pending claim's actor found its host ``node``."""
 
     OP: ClassVar[str] = "placed"
-    ns: str
-    name: str
-    aid: bytes
-    node: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid, "node": self.node}
-
-    @classmethod
-    def from_wire(cls, m: dict[Any, Any]) -> NamePlaced:
-        where = cls.OP
-        return cls(
-            field_str(m, "ns", where, MAX_NAME),
-            field_str(m, "name", where, MAX_NAME),
-            field_id(m, "aid", where),
-            field_str(m, "node", where, MAX_NODE_ID),
-        )
 
 
 @dataclass(slots=True, frozen=True)
-class NameMoved(Message):
+class NameMoved(_ActorNameAt):
     """The owner restarted the named actor on ``node`` (its host died)."""
 
     OP: ClassVar[str] = "moved"
-    ns: str
-    name: str
-    aid: bytes
-    node: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"op": self.OP, "ns": self.ns, "name": self.name, "aid": self.aid, "node": self.node}
-
-    @classmethod
-    def from_wire(cls, m: dict[Any, Any]) -> NameMoved:
-        where = cls.OP
-        return cls(
-            field_str(m, "ns", where, MAX_NAME),
-            field_str(m, "name", where, MAX_NAME),
-            field_id(m, "aid", where),
-            field_str(m, "node", where, MAX_NODE_ID),
-        )
 
 
 @dataclass(slots=True, frozen=True)
-class NameHosted(Message):
+class NameHosted(_ActorName):
     """Asked of the node hosting the actor: its method table (`NameHostedReply`)."""
 
     OP: ClassVar[str] = "hosted"
-    ns: str
-    name: str
-    aid: bytes
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"op": "hosted", "ns": self.ns, "name": self.name, "aid": self.aid}
-
-    @classmethod
-    def from_wire(cls, m: dict[Any, Any]) -> NameHosted:
-        return cls(
-            field_str(m, "ns", "hosted", MAX_NAME),
-            field_str(m, "name", "hosted", MAX_NAME),
-            field_id(m, "aid", "hosted"),
-        )
 
 
 NamesRequest: TypeAlias = NameClaim | NameLookup | NameRelease | NamePlaced | NameMoved | NameHosted
