@@ -1,5 +1,6 @@
 """Runtime node and driver processes inside netlab namespaces, for bench/lossy_wan.py and
-bench/chaos.py (and their netlab tests), and tests/mesh/nat/test_runtime_over_nat.py.
+bench/chaos.py (and their netlab tests), and the runtime's other netlab tests (over NAT, zero-flag
+join, the notebook).
 
 :class:`LabNode` starts a process with ``ip netns exec`` whose stderr goes to a log file (never a
 pipe nobody reads: a chatty node would block on a full pipe), reads its JSON ready line with a
@@ -55,11 +56,23 @@ def _die_with_parent() -> None:
 class LabNode:
     """One process inside a lab namespace, its stderr in ``log_path``; :meth:`stop` reaps it."""
 
-    def __init__(self, prefix: str, host: str, args: list[str], log_path: str, stdin: bool = False):
+    def __init__(
+        self,
+        prefix: str,
+        host: str,
+        args: list[str],
+        log_path: str,
+        stdin: bool = False,
+        env: dict | None = None,
+    ):
         self.host = host
         self.args = args
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *(p for p in sys.path if p)]))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([ROOT, *(p for p in sys.path if p)]),
+            **(env or {}),
+        )
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],
@@ -193,6 +206,7 @@ def start_pub1(prefix: str, logdir: str, cpus: float = 0) -> tuple[LabNode, dict
         "invite": info["invite"],
         "bootstrap": f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}",
         "relay": f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}",
+        "pub1": info["node_id"],
         "logdir": logdir,
     }
     return node, env

@@ -102,16 +102,9 @@ def test_notebook_on_loopback(tmp_path):
 # --- netlab: driver behind a cone NAT, workers behind a cone and a symmetric NAT ---------------
 
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "mesh" / "nat"))
+sys.path.insert(0, str(ROOT / "bench"))
+from netlab_nodes import HOST_IPS, PUB1, QUIC_PORT, LabNode, start_pub1, start_worker  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
-from test_runtime_over_nat import (  # noqa: E402
-    HOST_IPS,
-    PUB1,
-    QUIC_PORT,
-    RELAY_PORT,
-    LabProcess,
-    node_args,
-)
 
 LAB_PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lnb{os.getpid() % 100000}")
 
@@ -123,32 +116,20 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
     reason = netlab_available()
     if reason is not None:
         pytest.skip(reason)
-    processes: list[LabProcess] = []
+    processes: list[LabNode] = []
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
     with lab(LAB_PREFIX):
         try:
-            pub1 = LabProcess(LAB_PREFIX, "pub1", node_args(PUB1, "--serve-relay", str(RELAY_PORT)))
+            pub1, env = start_pub1(LAB_PREFIX, str(logdir), cpus=1)
             processes.append(pub1)
-            info = pub1.ready_line(90)
-            bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
-            relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
-            # today's NAT flags; the zero-flag join will make them unnecessary
-            nat_flags = ["--nat", "--observer", f"{PUB1}:{QUIC_PORT}", "--relay", relay]
+            bootstrap, relay = env["bootstrap"], env["relay"]
             workers = {}
             for host in ("hostB", "hostC"):
-                worker = LabProcess(
-                    LAB_PREFIX,
-                    host,
-                    node_args(
-                        HOST_IPS[host],
-                        "--bootstrap",
-                        bootstrap,
-                        "--credential",
-                        info["invite"],
-                        *nat_flags,
-                    ),
-                )
+                # with today's NAT flags (--nat, pub1 as observer and relay)
+                worker, worker_info = start_worker(env, host, {}, cpus=1)
                 processes.append(worker)
-                workers[worker.ready_line(120)["node_id"]] = os.uname().nodename
+                workers[worker_info["node_id"]] = os.uname().nodename
             init_extra = {
                 "listen": [f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1"],
                 "nat": {"observers": [f"{PUB1}:{QUIC_PORT}"], "relays": [relay], "lab": True},
@@ -157,7 +138,7 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
                 tmp_path,
                 {
                     "LATTICARAY_BOOTSTRAP": bootstrap,
-                    "LATTICARAY_CREDENTIAL": info["invite"],
+                    "LATTICARAY_CREDENTIAL": env["invite"],
                     "LATTICARAY_NOTEBOOK_WORKERS": "3",  # pub1 is a worker too
                     "LATTICARAY_NOTEBOOK_OBJECT_MB": "200",
                     "LATTICARAY_NOTEBOOK_INIT": json.dumps(init_extra),
@@ -165,7 +146,7 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
                 prefix=["ip", "netns", "exec", f"{LAB_PREFIX}-hostA"],
                 timeout=1400,
             )
-            workers[info["node_id"]] = os.uname().nodename
+            workers[env["pub1"]] = os.uname().nodename
             check_outputs(texts, workers)
         finally:
             for process in processes:
