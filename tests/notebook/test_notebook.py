@@ -105,9 +105,9 @@ def test_notebook_on_loopback(tmp_path):
 # --- netlab: driver behind a cone NAT, workers behind a cone and a symmetric NAT ---------------
 
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "mesh" / "nat"))
+sys.path.insert(0, str(ROOT / "bench"))
+from netlab_nodes import PUB1, LabNode  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
-from test_runtime_over_nat import PUB1, LabProcess  # noqa: E402
 
 LAB_PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lnb{os.getpid() % 100000}")
 LAB_ENV = {"LATTICARAY_LAB": "1"}
@@ -151,10 +151,12 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
     reason = netlab_available()
     if reason is not None:
         pytest.skip(reason)
-    processes: list[LabProcess] = []
+    processes: list[LabNode] = []
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
     with lab(LAB_PREFIX):
         try:
-            pub1 = LabProcess(
+            pub1 = LabNode(
                 LAB_PREFIX,
                 "pub1",
                 start_args(
@@ -163,6 +165,7 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
                     "--serve-relay",
                     str(RELAY_PORT),
                 ),
+                str(logdir / "pub1.log"),
                 env=LAB_ENV,
             )
             processes.append(pub1)
@@ -170,10 +173,11 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
             bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
             workers, ready = {}, {}
             for host in ("hostB", "hostC"):
-                worker = LabProcess(
+                worker = LabNode(
                     LAB_PREFIX,
                     host,
                     start_args("--bootstrap", bootstrap, "--credential", info["invite"]),
+                    str(logdir / f"{host}.log"),
                     env=LAB_ENV,
                 )
                 processes.append(worker)
