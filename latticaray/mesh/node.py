@@ -360,6 +360,14 @@ class MeshNode:
     async def disconnect(self, peer_id: PeerId) -> None:
         await self.connections.disconnect(peer_id)
 
+    async def block(self, peer_id: PeerId, reason: str) -> None:
+        """Refuse ``peer_id`` from now on: disconnected, never dialed, its connections closed as
+        they come (see :meth:`ConnectionManager.block`)."""
+        await self.connections.block(peer_id, reason)
+
+    def unblock(self, peer_id: PeerId) -> None:
+        self.connections.unblock(peer_id)
+
     def connected_peers(self) -> list[PeerId]:
         return self.connections.connected_peers()
 

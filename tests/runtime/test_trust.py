@@ -300,6 +300,12 @@ def revoked(mesh):
             5,
             "the revoked peer's connection to close",
         )
+        # the mesh refuses it from now on: it cannot connect again to say anything
+        assert remote.mesh.connections.blocked(peer.peer_id)
+        code, _ = peer.attempt(target, OBJECT_PROTOCOL, ObjectByCid(cid).encode())
+        assert code == "UNAVAILABLE", code
+        # behind that gate every protocol refuses it too: the tests below open the gate to see
+        remote.mesh.unblock(peer.peer_id)
         peer.target = target
         yield peer
     finally:

@@ -323,14 +323,19 @@ class Membership:
         peer = self.peers.get(node_id)
         if peer is not None:
             self.peer_gone(node_id, why)
-            self.spawn(self._disconnect(peer.peer_id))
         self.liveness.unwatch(node_id)  # never redialed (peer_gone left it watched as DOWN)
-
-    async def _disconnect(self, peer_id: Any) -> None:
         try:
-            await self.mesh.disconnect(peer_id)
+            peer_id = peer.peer_id if peer is not None else PeerId.from_string(node_id)
+        except ValueError:
+            return
+        self.spawn(self._block(peer_id, why))
+
+    async def _block(self, peer_id: Any, why: str) -> None:
+        """The mesh closes the peer's connections and refuses new ones either way."""
+        try:
+            await self.mesh.block(peer_id, why)
         except MeshError as exc:
-            log.debug("disconnecting %s: %s", peer_id, exc)
+            log.debug("blocking %s: %s", peer_id, exc)
 
     def add_peer(self, node_id: str, peer_id: Any) -> Peer:
         peer = self.peers.get(node_id)
