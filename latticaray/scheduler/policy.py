@@ -125,6 +125,12 @@ class PlacementRequest:
     excluded: frozenset[str] = frozenset()
     #: When the submitter first tried to place it (for delay scheduling); set by the Submitter.
     submitted_at: float | None = None
+    #: Who on the submitting node asked for it (a driver, a worker): the submitter's waiting
+    #: requests are served round-robin over owners. Empty: the submitter itself.
+    owner: str = ""
+    #: A placement-group bundle to run in: (group id, bundle index, -1 for any bundle). The
+    #: node re-checks the request against that bundle's reservation, not its free resources.
+    bundle: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.resources, Normalized):
