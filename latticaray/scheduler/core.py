@@ -33,7 +33,7 @@ Actions for the driver (runtime or simulator):
   :class:`~latticaray.scheduler.submitter.PlacementWarning`;
 * :class:`LookupCapacity` — read DHT `capacity/<resource>` (feed :meth:`on_capacity`);
 * :class:`Subscribe` / :class:`Unsubscribe` — start / stop receiving a peer's view pushes
-  (feed :meth:`on_view`); :class:`FetchView` — ask a peer once for its current view;
+  (feed :meth:`on_view`);
 * :class:`EndTasks` — tasks that must end here (their placement group was removed);
 * the placement-group actions of :mod:`~latticaray.scheduler.placement_groups` addressed to
   peers (the ones addressed to this node are handled inside).
@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .directory import CapacityDirectory, key_resource
 from .local import AdmissionKind, LocalScheduler, QueueAdmission
@@ -73,7 +73,6 @@ from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement,
 __all__ = [
     "Action",
     "EndTasks",
-    "FetchView",
     "LookupCapacity",
     "SchedulerConfig",
     "SchedulerCore",
@@ -111,14 +110,6 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True)
-class FetchView:
-    """Ask ``node_id`` once for its current view (a holder of arguments not in the
-    neighbourhood); answer with :meth:`SchedulerCore.on_view` or :meth:`view_failed`."""
-
-    node_id: str
-
-
-@dataclass(frozen=True)
 class EndTasks:
     """Tasks running here that must end (``reason``), and queued ones dropped."""
 
@@ -136,7 +127,6 @@ Action = (
     | LookupCapacity
     | Subscribe
     | Unsubscribe
-    | FetchView
     | EndTasks
     | GroupAction
 )
@@ -161,10 +151,8 @@ class SchedulerConfig:
     #: capacity-ad views of nodes outside the neighbourhood: kept this long, at most this many
     ad_ttl: float = 30.0
     max_ad_nodes: int = 256
-    #: arguments at least this large make their holders worth a view fetch
+    #: arguments at least this large draw their work to their holders
     locality_min_bytes: int = 1 << 20
-    holder_fetch_max: int = 4
-    view_fetch_timeout: float = 0.3
     #: placement policy
     choices: int = 2
     locality_slack: float = 1.3
@@ -178,13 +166,6 @@ class SchedulerConfig:
     group_prepare_timeout: float = 5.0
     group_lease: float = 10.0
     group_retry: float = 0.5
-
-
-@dataclass
-class _Awaiting:
-    request: PlacementRequest
-    deadline: float
-    nodes: set[str] = field(default_factory=set)
 
 
 class SchedulerCore:
@@ -236,8 +217,7 @@ class SchedulerCore:
         )
         self.max_objects = 100_000
         self._ad_nodes: OrderedDict[str, float] = OrderedDict()  # node -> when its ad came
-        self._awaiting: dict[str, _Awaiting] = {}
-        self._fetching: dict[str, set[str]] = {}  # node -> task ids awaiting its view
+        self._used_once: OrderedDict[str, float] = OrderedDict()
         self._affinity_hard: set[str] = set()
         self._last_demand: dict[str, float] = {}
         self._local_version = -1
@@ -302,18 +282,12 @@ class SchedulerCore:
         if not self._others_known() and not isinstance(strategy, NodeAffinity):
             return self._submit_alone(request, now)
         self._demand(request, now)
-        fetch = self._holder_fetches(request, now)
-        if fetch:
-            self.submitter.check_room(request)
-            entry = _Awaiting(request, now + self.config.view_fetch_timeout, set(fetch))
-            self._awaiting[request.task_id] = entry
-            actions: list[Action] = []
-            for node in fetch:
-                waiting = self._fetching.setdefault(node, set())
-                if not waiting:
-                    actions.append(FetchView(node))
-                waiting.add(request.task_id)
-            return actions
+        target = self._unknown_holder(request)
+        if target is not None:
+            # its large arguments are all on nodes this one has no view of: offer it to the
+            # holder with the most bytes (its answer carries its view; a refusal spills over)
+            self._count("holder_direct")
+            return self._run(self.submitter.send_direct(request, target, now), now)
         return self._run(self.submitter.submit(request, now), now)
 
     def _submit_alone(self, request: PlacementRequest, now: float) -> list[Action]:
@@ -355,12 +329,13 @@ class SchedulerCore:
             self._last_demand[resource] = now
             self.directory.demand(resource, now)
 
-    def _holder_fetches(self, request: PlacementRequest, now: float) -> list[str]:
-        """Holders of the request's large arguments this node has no view of."""
-        if not request.args or isinstance(request.strategy, NodeAffinity):
-            return []
-        out: list[str] = []
+    def _unknown_holder(self, request: PlacementRequest) -> str | None:
+        """The node holding most of the request's large arguments, when no holder of them is
+        known here (else None: the policy weighs the known holders)."""
+        if not request.args or isinstance(request.strategy, NodeAffinity) or request.local_only:
+            return None
         nodes = self.snapshot.nodes
+        held: dict[str, int] = {}
         for cid, size in request.args:
             if size < self.config.locality_min_bytes:
                 continue
@@ -368,12 +343,12 @@ class SchedulerCore:
             if info is None:
                 continue
             for holder in info.holders:
-                if holder == self.node_id or holder in nodes or holder in out:
-                    continue
-                out.append(holder)
-                if len(out) >= self.config.holder_fetch_max:
-                    return out
-        return out
+                if holder == self.node_id or holder in nodes:
+                    return None
+                held[holder] = held.get(holder, 0) + size
+        if not held:
+            return None
+        return min(held, key=lambda n: (-held[n], n))
 
     def on_admission(self, admission: QueueAdmission, now: float) -> list[Action]:
         """A peer answered a :class:`SendPlacement` (started, queued, or rejected with a hint)."""
@@ -420,10 +395,6 @@ class SchedulerCore:
         running here, free its slot."""
         self._affinity_hard.discard(task_id)
         self.submitter.cancel(task_id)
-        entry = self._awaiting.pop(task_id, None)
-        if entry is not None:
-            for node in entry.nodes:
-                self._fetching.get(node, set()).discard(task_id)
         for waiting in self._group_waiting.values():
             waiting[:] = [r for r in waiting if r.task_id != task_id]
         return self._started(self.local.cancel(task_id, now), now)
@@ -437,6 +408,27 @@ class SchedulerCore:
         actions: list[Action] = [Unsubscribe(n) for n in evicted]
         for node in evicted:
             self._demote(node, now)
+        if added:
+            actions.append(Subscribe(node_id))
+        return actions
+
+    def _note_use(self, node_id: str, now: float) -> list[Action]:
+        """Work was sent to ``node_id``. A node used again while it is remembered as used once
+        joins the neighbourhood (one-off placements, e.g. next to scattered data, do not churn
+        it); its answers' views keep it known meanwhile."""
+        if node_id in self.neighbourhood:
+            self.neighbourhood.touch(node_id, now)
+            return []
+        if self._used_once.pop(node_id, None) is None:
+            self._used_once[node_id] = now
+            while len(self._used_once) > 4 * self.config.neighbours:
+                self._used_once.popitem(last=False)
+            return []
+        added, evicted = self.neighbourhood.add(node_id, "used", now)
+        actions: list[Action] = []
+        for node in evicted:
+            self._demote(node, now)
+            actions.append(Unsubscribe(node))
         if added:
             actions.append(Subscribe(node_id))
         return actions
@@ -456,9 +448,6 @@ class SchedulerCore:
         self._sync_local(now)
         self._learn(view, now)
         actions: list[Action] = []
-        waiting = self._fetching.pop(view.node_id, None)
-        if waiting:
-            actions += self._release_awaiting(waiting, view.node_id, now)
         if (
             view.alive
             and (self.submitter.waiting or self.submitter.infeasible)
@@ -469,23 +458,6 @@ class SchedulerCore:
             )
         ):
             actions += self._run(self.submitter.retry_waiting(now, limit=16, max_waits=4), now)
-        return actions
-
-    def view_failed(self, node_id: str, now: float) -> list[Action]:
-        """A :class:`FetchView` got no answer: place the requests waiting on it without it."""
-        waiting = self._fetching.pop(node_id, None)
-        return self._release_awaiting(waiting or set(), node_id, now)
-
-    def _release_awaiting(self, task_ids: set[str], node_id: str, now: float) -> list[Action]:
-        actions: list[Action] = []
-        for task_id in sorted(task_ids):
-            entry = self._awaiting.get(task_id)
-            if entry is None:
-                continue
-            entry.nodes.discard(node_id)
-            if not entry.nodes:
-                del self._awaiting[task_id]
-                actions += self._run(self.submitter.submit(entry.request, now), now)
         return actions
 
     def _learn(self, view: NodeView, now: float) -> None:
@@ -507,7 +479,10 @@ class SchedulerCore:
         """The answer to :class:`LookupCapacity` (None: the lookup failed). Views carry
         ``ad_time`` = receipt time."""
         self._sync_local(now)
-        kept = self.directory.done(resource, views, now, self.node_id)
+        known = self.snapshot.nodes
+        kept = self.directory.done(
+            resource, views, now, self.node_id, is_new=lambda v: v.node_id not in known
+        )
         for view in kept:
             if view.node_id in self.neighbourhood and view.node_id in self.snapshot.nodes:
                 continue  # its pushed view is fresher than its ad
@@ -524,9 +499,6 @@ class SchedulerCore:
         actions: list[Action] = []
         if self.neighbourhood.remove(node_id):
             actions.append(Unsubscribe(node_id))
-        waiting = self._fetching.pop(node_id, None)
-        if waiting:
-            actions += self._release_awaiting(waiting, node_id, now)
         for group in list(self.groups.values()):
             actions += self._group_actions(group.node_gone(node_id, now), now)
         running, dropped = self.local.release_bundle_owner(node_id, now)
@@ -596,30 +568,16 @@ class SchedulerCore:
 
     # timers ------------------------------------------------------------------------------------
     def _urgent_resources(self) -> set[str]:
-        out = {key_resource(r.resources) for r in self.submitter.infeasible_requests()}
-        if self.submitter.waiting and self._others_known():
-            # work waits though this node knows others: look for more capacity
-            out.add(key_resource(self._waiting_head_resources()))
-        return out
-
-    def _waiting_head_resources(self) -> Mapping[str, float]:
-        for request in self.submitter.pending_requests():
-            return request.resources
-        return {}
+        """Keys read at the urgent pace: no known node could ever take work waiting on them.
+        (Work that waits because every known node is busy keeps its key demanded, so the key
+        is refreshed at the background pace: in a saturated mesh more lookups find nothing.)"""
+        return {key_resource(r.resources) for r in self.submitter.infeasible_requests()}
 
     def poll(self, now: float) -> list[Action]:
         """Timers: retries, infeasible deadlines, capacity lookups, view-fetch and lease
         timeouts, placement groups."""
         self._sync_local(now)
         actions: list[Action] = []
-        for task_id, entry in list(self._awaiting.items()):
-            if now >= entry.deadline:
-                del self._awaiting[task_id]
-                for node in entry.nodes:
-                    self._fetching.get(node, set()).discard(task_id)
-                actions += self._run(self.submitter.submit(entry.request, now), now)
-        for node in [n for n, s in self._fetching.items() if not s]:
-            del self._fetching[node]
         cutoff = now - self.config.ad_ttl
         while self._ad_nodes:
             node, when = next(iter(self._ad_nodes.items()))
@@ -631,6 +589,10 @@ class SchedulerCore:
         if self.local.expire_bundles(now):
             actions += self._started(self.local.dispatch(), now)
         actions += self._run(self.submitter.poll(now), now)
+        if self.submitter.waiting:
+            for request in self.submitter.take_waiting(1):
+                self._demand(request, now)
+                self.submitter.return_waiting([request])
         for resource in self.directory.due(now, self._urgent_resources()):
             self.directory.started(resource, now)
             actions.append(LookupCapacity(resource))
@@ -639,7 +601,7 @@ class SchedulerCore:
         return actions
 
     def next_wakeup(self, now: float) -> float | None:
-        times = [e.deadline for e in self._awaiting.values()]
+        times: list[float] = []
         wake = self.submitter.next_wakeup(now)
         if wake is not None:
             times.append(wake)
@@ -675,12 +637,7 @@ class SchedulerCore:
                     else:
                         work[:0] = self.submitter.on_admission(admission, now)
                     continue
-                added, evicted = self.neighbourhood.add(action.node_id, "used", now)
-                for node in evicted:
-                    self._demote(node, now)
-                    out.append(Unsubscribe(node))
-                if added:
-                    out.append(Subscribe(action.node_id))
+                out += self._note_use(action.node_id, now)
                 self._count("sent")
                 out.append(action)
                 continue

@@ -6,11 +6,12 @@ when, fed ``now``:
 
 * a key is *demanded* when work needing its resource is placed; the key read for a demand is its
   rarest resource (custom, then GPU, then CPU: :func:`key_resource`);
-* *urgent* keys (work waits on them: infeasible or every known node full) are read at most every
-  ``min_gap`` s, doubling up to ``refresh_interval`` while answers name no new node;
+* *urgent* keys (work no known node could ever run waits on them) are read at most every
+  ``min_gap`` s, doubling up to ``refresh_interval`` while answers name no node new to the
+  caller;
 * keys demanded within ``interest_window`` s are refreshed every ``refresh_interval`` s,
-  doubling up to ``idle_backoff_max`` while their answers are empty; others are not read at all
-  (an idle node reads nothing);
+  doubling up to ``idle_backoff_max`` while their answers name no new node; others are not read
+  at all (an idle node reads nothing);
 * an answer keeps a random sample of at most ``sample_size`` ads (so no node holds everyone's),
   cached for ``ttl`` s.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .policy import NodeView
@@ -123,9 +124,15 @@ class CapacityDirectory:
         self.lookups += 1
 
     def done(
-        self, resource: str, views: list[NodeView] | None, now: float, own_node: str | None = None
+        self,
+        resource: str,
+        views: list[NodeView] | None,
+        now: float,
+        own_node: str | None = None,
+        is_new: Callable[[NodeView], bool] | None = None,
     ) -> list[NodeView]:
-        """Record an answer (None: the lookup failed); returns the views kept (sampled)."""
+        """Record an answer (None: the lookup failed); returns the views kept (sampled).
+        An answer that named no node new to the caller (``is_new``) backs the key off."""
         kept = [v for v in views or [] if v.node_id != own_node and v.alive]
         if len(kept) > self.sample_size:
             kept = self.rng.sample(kept, self.sample_size)
@@ -133,7 +140,8 @@ class CapacityDirectory:
         if key is None:
             return kept
         key.in_flight = False
-        key.empty_streak = 0 if kept else key.empty_streak + 1
+        fresh = any(is_new(v) for v in kept) if is_new is not None else bool(kept)
+        key.empty_streak = 0 if fresh else key.empty_streak + 1
         if views is not None:
             key.views = kept
             key.fetched_at = now

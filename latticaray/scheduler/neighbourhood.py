@@ -166,9 +166,10 @@ class ViewPublisher:
         out = []
         for node_id, sub in self._subs.items():
             last = sub.last_push
-            if last is None or now - last >= self.heartbeat:
+            # (1e-9: a wakeup at last + interval must find it due despite float rounding)
+            if last is None or now - last >= self.heartbeat - 1e-9:
                 pass
-            elif sub.pushed_class == cls or now - last < self.min_interval:
+            elif sub.pushed_class == cls or now - last < self.min_interval - 1e-9:
                 continue
             sub.last_push = now
             sub.pushed_class = cls

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from latticaray.scheduler.core import (
     EndTasks,
-    FetchView,
     LookupCapacity,
     SchedulerConfig,
     SchedulerCore,
@@ -53,7 +52,6 @@ class Mesh:
         self.now = 0.0
         self.messages = 0
         self.lookups = 0
-        self.fetches = 0
 
     def add(self, node_id: str, resources: dict, gpu_ids=None, labels=None, seed: int = 0):
         core = SchedulerCore(
@@ -102,6 +100,8 @@ class Mesh:
                 if admission.allocation is not None:
                     self.out[action.node_id].started[action.request.task_id] = admission.allocation
                 self.step(node_id, core.on_admission(admission, self.now))
+                # the runtime's replies carry the executor's view
+                self.step(node_id, core.on_view(self.view(action.node_id), self.now))
             elif isinstance(action, LookupCapacity):
                 self.lookups += 1
                 views = [
@@ -117,12 +117,6 @@ class Mesh:
             elif isinstance(action, Unsubscribe):
                 if action.node_id in self.subs:
                     self.subs[action.node_id].discard(node_id)
-            elif isinstance(action, FetchView):
-                self.fetches += 1
-                if action.node_id in self.cores and action.node_id not in self.down:
-                    self.step(node_id, core.on_view(self.view(action.node_id), self.now))
-                else:
-                    self.step(node_id, core.view_failed(action.node_id, self.now))
             elif isinstance(action, PrepareBundle):
                 if action.node_id in self.down:
                     self.step(

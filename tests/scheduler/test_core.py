@@ -6,12 +6,10 @@ import pytest
 from sched_harness import Mesh
 
 from latticaray.scheduler.core import (
-    FetchView,
     LookupCapacity,
     SchedulerConfig,
     SchedulerCore,
     StartLocal,
-    Subscribe,
     Unsubscribe,
 )
 from latticaray.scheduler.errors import QueueFull, UnschedulableError
@@ -99,8 +97,10 @@ def test_capacity_ad_names_a_node_and_the_waiting_request_goes_there():
     assert mesh.lookups >= 1
     assert mesh.out["A"].placed == {"g": "G"}
     assert mesh.out["G"].started["g"].cuda_visible_devices == "3"
-    assert "G" in a.neighbours()  # met through the ad, now a neighbour (subscribed)
-    assert "A" in mesh.subs["G"]
+    assert "G" in a.snapshot.nodes and "G" not in a.neighbours()  # used once: known
+    mesh.step("A", a.submit(req("g2", {"CPU": 1, "GPU": 1}), 1.0))
+    assert mesh.out["A"].placed["g2"] == "G"
+    assert "G" in a.neighbours() and "A" in mesh.subs["G"]  # used again: a neighbour
 
 
 def test_neighbourhood_is_bounded_and_evicts_least_recently_used():
@@ -110,15 +110,19 @@ def test_neighbourhood_is_bounded_and_evicts_least_recently_used():
         mesh.add(f"N{i}", {"CPU": 1})
     mesh.step("A", a.add_neighbour("N0", 0.0))  # bootstrap: pinned
     mesh.poll("A")
-    for i in range(10):
+    for i in range(20):
         mesh.now = float(i)
         mesh.step("A", a.submit(req(f"t{i}"), mesh.now))
         mesh.poll("A")
-    assert len(a.neighbours()) <= 4
+        for node, out in mesh.out.items():
+            if f"t{i}" in out.started:
+                mesh.finish(node, f"t{i}")
+    assert len(a.neighbours()) == 4
     assert "N0" in a.neighbours()
     subscribed = [n for n, subs in mesh.subs.items() if "A" in subs]
     assert sorted(subscribed) == sorted(a.neighbours())
-    assert len(mesh.out["A"].placed) == 10
+    assert len(mesh.out["A"].placed) == 20
+    assert len(set(mesh.out["A"].placed.values())) > 4  # it used more than it keeps
 
 
 def test_locality_prefers_the_holder_of_a_large_argument():
@@ -141,7 +145,7 @@ def test_locality_prefers_the_holder_of_a_large_argument():
     assert all(placed[f"t{i}"] == "BCD"[i % 3] for i in range(30)), placed
 
 
-def test_unknown_holder_is_fetched_once_then_used():
+def test_work_on_data_no_known_node_holds_goes_straight_to_its_holder():
     mesh = Mesh()
     a = mesh.add("A", {"CPU": 1})
     mesh.add("B", {"CPU": 4})
@@ -149,18 +153,24 @@ def test_unknown_holder_is_fetched_once_then_used():
     mesh.step("A", a.add_neighbour("B", 0.0))
     a.note_object("big", 50 << 20, ["H"])
     actions = a.submit(req("t", args=(("big", 50 << 20),)), 0.0)
-    assert actions == [FetchView("H")]
+    assert [(type(x), x.node_id) for x in actions] == [(SendPlacement, "H")]
     mesh.step("A", actions)
-    assert mesh.out["A"].placed == {"t": "H"} and mesh.fetches == 1
+    assert mesh.out["A"].placed == {"t": "H"}
+    assert "H" in a.snapshot.nodes  # its answer's view is kept (not a neighbour yet)
+    assert "H" not in a.neighbours()
 
 
-def test_fetch_that_times_out_places_without_the_holder():
-    core = SchedulerCore("A", ResourceLedger({"CPU": 1}))
-    core.on_view(_view("B", 4), 0.0)
-    core.note_object("big", 50 << 20, ["H"])
-    assert core.submit(req("t", args=(("big", 50 << 20),)), 0.0) == [FetchView("H")]
-    actions = core.poll(1.0)
-    assert any(isinstance(a, StartLocal | SendPlacement) for a in actions)
+def test_a_busy_unknown_holder_spills_over():
+    mesh = Mesh()
+    a = mesh.add("A", {"CPU": 0.5})
+    mesh.add("B", {"CPU": 4})
+    h = mesh.add("H", {"CPU": 1})
+    h.offer(PlacementRequest("x", {"CPU": 1}, "Z"), 0.0)
+    h.offer(PlacementRequest("y", {"CPU": 1}, "Z"), 0.0)  # H full, queue full
+    mesh.step("A", a.add_neighbour("B", 0.0))
+    a.note_object("big", 50 << 20, ["H"])
+    mesh.step("A", a.submit(req("t", args=(("big", 50 << 20),)), 0.0))
+    assert mesh.out["A"].placed == {"t": "B"} and a.submitter.rejections == 1
 
 
 def _view(node, cpus, queued=0, running=0):
@@ -196,7 +206,7 @@ def test_hard_affinity_to_a_node_never_met_is_sent_directly():
     a = mesh.add("A", {"CPU": 1})
     mesh.add("Far", {"CPU": 1})
     actions = a.submit(req("t", strategy=NodeAffinity("Far")), 0.0)
-    assert [type(x) for x in actions] == [Subscribe, SendPlacement]
+    assert [type(x) for x in actions] == [SendPlacement]
     mesh.step("A", actions)
     assert mesh.out["A"].placed == {"t": "Far"}
 
