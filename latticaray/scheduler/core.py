@@ -67,8 +67,10 @@ from .policy import (
     PlacementPolicy,
     PlacementRequest,
 )
-from .resources import Allocation, ResourceLedger
+from .resources import CPU, MEMORY, Allocation, ResourceLedger
 from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
+
+_COMMON = (CPU, MEMORY)
 
 __all__ = [
     "Action",
@@ -157,6 +159,7 @@ class SchedulerConfig:
     choices: int = 2
     locality_slack: float = 1.3
     locality_delay: float = 5.0
+    locality_wait_free: float = 0.0
     #: capacity directory (DHT keys)
     directory_ttl: float = 10.0
     directory_refresh: float = 5.0
@@ -196,6 +199,7 @@ class SchedulerCore:
             choices=cfg.choices,
             locality_slack=cfg.locality_slack,
             locality_delay=cfg.locality_delay,
+            locality_wait_free=cfg.locality_wait_free,
         )
         self.submitter = Submitter(
             node_id,
@@ -332,8 +336,14 @@ class SchedulerCore:
     def _unknown_holder(self, request: PlacementRequest) -> str | None:
         """The node holding most of the request's large arguments, when no holder of them is
         known here (else None: the policy weighs the known holders)."""
-        if not request.args or isinstance(request.strategy, NodeAffinity) or request.local_only:
-            return None
+        if (
+            not request.args
+            or isinstance(request.strategy, NodeAffinity)
+            or request.local_only
+            or request.label_selector
+            or any(k not in _COMMON for k in request.resources)
+        ):
+            return None  # a node with no known view might lack what it needs
         nodes = self.snapshot.nodes
         held: dict[str, int] = {}
         for cid, size in request.args:
@@ -804,17 +814,24 @@ class SchedulerCore:
         hint = None if ok else self.local.view(now)
         return BundleReply(message.group_id, message.index, message.attempt, ok, why, hint)
 
-    def commit_bundle(self, message: CommitBundle, now: float) -> BundleReply:
-        ok, why = self.local.bundles.commit(message.group_id, message.index, message.attempt)
+    def commit_bundle(
+        self, message: CommitBundle, now: float, owner: str | None = None
+    ) -> BundleReply:
+        ok, why = self.local.bundles.commit(message.group_id, message.index, message.attempt, owner)
         return BundleReply(message.group_id, message.index, message.attempt, ok, why)
 
-    def abort_bundle(self, message: AbortBundle, now: float) -> list[Action]:
-        self.local.bundles.abort(message.group_id, message.index, message.attempt)
+    def abort_bundle(
+        self, message: AbortBundle, now: float, owner: str | None = None
+    ) -> list[Action]:
+        self.local.bundles.abort(message.group_id, message.index, message.attempt, owner)
         return self._started(self.local.dispatch(), now)
 
-    def release_group_here(self, group_id: str, now: float) -> list[Action]:
-        """Release the bundles of ``group_id`` this node holds; tasks in them end."""
-        running, dropped = self.local.release_group(group_id, now)
+    def release_group_here(
+        self, group_id: str, now: float, owner: str | None = None
+    ) -> list[Action]:
+        """Release the bundles of ``group_id`` this node holds (only its ``owner``'s, when
+        given: a peer releases only groups it owns); tasks in them end."""
+        running, dropped = self.local.release_group(group_id, now, owner)
         actions: list[Action] = []
         if running or dropped:
             actions.append(

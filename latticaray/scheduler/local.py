@@ -365,10 +365,12 @@ class LocalScheduler:
         return [a.allocation_id for a in freed], self.dispatch()
 
     # placement-group bundles -------------------------------------------------------------------
-    def release_group(self, group_id: str, now: float) -> tuple[list[str], list[str]]:
-        """Release the group's bundles here: returns (tasks running in them, which must be
-        ended; queued requests of the group, dropped)."""
-        released = self.bundles.release_group(group_id)
+    def release_group(
+        self, group_id: str, now: float, owner: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Release the group's bundles here (those of ``owner`` only, when given): returns
+        (tasks running in them, which must be ended; queued requests of the group, dropped)."""
+        released = self.bundles.release_group(group_id, owner)
         return self._bundles_gone(group_id, bool(released))
 
     def release_bundle_owner(self, owner: str, now: float) -> tuple[list[str], list[str]]:

@@ -579,24 +579,33 @@ class BundleReservations:
         self.version += 1
         return True, "prepared"
 
-    def commit(self, group_id: str, index: int, attempt: int) -> tuple[bool, str]:
+    def commit(
+        self, group_id: str, index: int, attempt: int, owner: str | None = None
+    ) -> tuple[bool, str]:
         held = self._bundles.get((group_id, index))
-        if held is None or held.attempt != attempt:
+        if held is None or held.attempt != attempt or (owner is not None and held.owner != owner):
             return False, f"bundle {index} of {group_id} is not prepared here (lease expired?)"
         held.expires = None
         self.version += 1
         return True, "committed"
 
-    def abort(self, group_id: str, index: int, attempt: int) -> bool:
+    def abort(self, group_id: str, index: int, attempt: int, owner: str | None = None) -> bool:
         held = self._bundles.get((group_id, index))
         if held is None or held.attempt != attempt or held.expires is None:
+            return False
+        if owner is not None and held.owner != owner:
             return False
         self._drop((group_id, index))
         return True
 
-    def release_group(self, group_id: str) -> list[_Reservation]:
-        """Release every bundle of the group here; returns them (their tasks must end)."""
-        out = [self._bundles[k] for k in list(self._bundles) if k[0] == group_id]
+    def release_group(self, group_id: str, owner: str | None = None) -> list[_Reservation]:
+        """Release every bundle of the group here (only ``owner``'s, when given); returns them
+        (their tasks must end)."""
+        out = [
+            r
+            for k, r in self._bundles.items()
+            if k[0] == group_id and (owner is None or r.owner == owner)
+        ]
         for r in out:
             self._drop((r.group_id, r.index))
         return out

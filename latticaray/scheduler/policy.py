@@ -23,9 +23,10 @@ How a node is chosen (strategy ``DEFAULT``):
    or after ``pending_max_age``.
 4. *Locality first*: the holder with the most argument bytes wins if it can start the task now, or
    would queue it no deeper than ``locality_slack`` x the mesh's mean load (so locality never
-   piles work on one node). When the mesh is saturated (mean load >= 1) and every holder is full,
-   the request WAITs up to ``locality_delay`` seconds for a slot next to its data (delay
-   scheduling) instead of queueing behind strangers far from it.
+   piles work on one node). When every holder is full and the mesh is saturated (mean load >= 1)
+   or no node looked at could start it now either, the request WAITs up to ``locality_delay``
+   seconds for a slot next to its data (delay scheduling) instead of queueing behind strangers
+   far from it; when other nodes are free it waits up to ``locality_wait_free`` (default 0).
 5. *Load*: otherwise the least loaded of the sampled nodes (free now beats queueing; then
    ``(running + queued + 1) / CPUs``); if none is free, ``extra_samples_when_full`` more are
    looked at before queueing, and in meshes of up to ``full_scan_limit`` feasible nodes every one
@@ -326,6 +327,7 @@ class PlacementPolicy:
         extra_samples_when_full: int = 8,
         locality_delay: float = 5.0,
         full_scan_limit: int = 128,
+        locality_wait_free: float = 0.0,
     ) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
@@ -336,6 +338,7 @@ class PlacementPolicy:
         self.pending_max_age = pending_max_age
         self.extra_samples_when_full = extra_samples_when_full
         self.locality_delay = locality_delay
+        self.locality_wait_free = locality_wait_free
         self.full_scan_limit = full_scan_limit
         self._pending: dict[str, _Pending] = {}
         self._spread_cursor: dict[tuple[object, ...], int] = {}
@@ -521,12 +524,13 @@ class PlacementPolicy:
                 holder_available=True,
                 room_now=nearest.room_now,
             )
+        has_holder = bool(holders) or bool(self._holders(snapshot, request, ignore_excluded=True))
+        waited = None if request.submitted_at is None else now - request.submitted_at
         if (
-            self.locality_delay > 0
-            and request.submitted_at is not None
-            and now - request.submitted_at < self.locality_delay
+            has_holder
+            and waited is not None
+            and waited < self.locality_delay
             and snapshot.mean_load() >= 1.0
-            and (holders or self._holders(snapshot, request, ignore_excluded=True))
         ):
             # Delay scheduling: the mesh is saturated and the holders are full; waiting a little
             # for a slot next to the data beats queueing behind strangers far from it.
@@ -563,6 +567,19 @@ class PlacementPolicy:
                 DecisionKind.WAIT,
                 reason="every candidate node is full and its queue is full",
                 holder_available=bool(holders),
+            )
+        if (
+            has_holder
+            and waited is not None
+            and waited < (self.locality_delay if not best.room_now else self.locality_wait_free)
+        ):
+            # The holders are busy: no node looked at can start it now (or, with free nodes,
+            # within locality_wait_free): wait for a slot next to the data rather than queue
+            # behind strangers far from it.
+            return Decision(
+                DecisionKind.WAIT,
+                reason="waiting for a node that holds the arguments",
+                holder_available=True,
             )
         return Decision(
             DecisionKind.PLACE,

@@ -15,7 +15,9 @@ neighbourhood, capacity directory), driven here by the virtual clock and network
   after ``dht_latency`` s and costs ``dht_lookup_messages`` messages (25.7 at 10,000 nodes in
   ``bench/dht.py``); a publish costs ``dht_publish_messages`` (a lookup plus 20 stores);
 * tasks need CPU (some a GPU, a custom resource or a label) and take one argument object held
-  by 1-3 nodes drawn in proportion to their CPUs (results of earlier tasks); a task runs for an
+  by 1-3 nodes: drawn from the whole mesh in proportion to their CPUs (``holders="anywhere"``),
+  or mostly among the nodes the submitter's own earlier tasks ran on (``holders="graph"``: the
+  arguments are results of its earlier tasks, as in a task graph); a task runs for an
   exponentially distributed time; node queues are bounded, the rest waits at the submitters.
 
 ``policy="random"`` swaps each core's policy for :class:`RandomPlacement` (uniformly random
@@ -80,6 +82,7 @@ class SimulationConfig:
     choices: int = 2
     locality_slack: float = 1.3
     locality_delay: float = 10.0
+    locality_wait_free: float = 0.0
     sample_every: float = 0.5
     #: the node's bounded neighbourhood, and the bootstrap peers each starts with
     neighbours: int = 32
@@ -95,6 +98,12 @@ class SimulationConfig:
     push_heartbeat: float = 30.0
     #: "latticaray" (SchedulerCore's policy) or "random" (baseline)
     policy: str = "latticaray"
+    #: where argument objects live: "anywhere" (1-3 nodes of the whole mesh, in proportion to
+    #: their CPUs) or "graph" (results of the submitter's own earlier tasks: with probability
+    #: ``graph_fraction`` the nodes its last ``graph_window`` tasks ran on, else anywhere)
+    holders: str = "anywhere"
+    graph_fraction: float = 0.8
+    graph_window: int = 256
     #: Stop the run after this much virtual time even if tasks remain (bounded loops).
     time_limit: float = 600.0
 
@@ -140,9 +149,7 @@ class SimulationResult:
         ratios = sorted(self.saturated_ratios)
         placed = max(1, self.placed)
         m = self.messages
-        placement_path = sum(
-            m.get(k, 0) for k in ("place", "lookup", "subscribe", "push")
-        )
+        placement_path = sum(m.get(k, 0) for k in ("place", "lookup", "subscribe", "push"))
         seconds = max(self.virtual_time, 1e-9)
         return {
             "nodes": self.config.nodes,
@@ -242,6 +249,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         choices=config.choices,
         locality_slack=config.locality_slack,
         locality_delay=config.locality_delay,
+        locality_wait_free=config.locality_wait_free,
         capacity_wait=5.0,
         retry_interval=0.2,
         directory_sample=config.dht_answer,
@@ -279,6 +287,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     wakeups: dict[str, float] = {}  # node -> time of its scheduled poll
     push_at: dict[str, float] = {}  # node -> time of its scheduled push check
     started_on: dict[str, str] = {}  # task id -> node running it
+    ran_on: dict[str, list[str]] = {}  # submitter -> nodes its latest tasks ran on
 
     def is_feasible(nid: str, req: PlacementRequest) -> bool:
         local = cores[nid].local
@@ -348,6 +357,11 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
 
     def start(nid: str, task_id: str) -> None:
         started_on[task_id] = nid
+        sid = task_id.split("/", 1)[0]
+        recent = ran_on.setdefault(sid, [])
+        recent.append(nid)
+        if len(recent) > config.graph_window:
+            del recent[: len(recent) - config.graph_window]
         sim.call_later(rng.expovariate(1.0 / config.mean_duration), finish, nid, task_id)
 
     def finish(nid: str, task_id: str) -> None:
@@ -359,9 +373,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     def handle(nid: str, actions: Sequence[object]) -> None:
         # a subscription to a node that is sent a placement in the same batch rides on the
         # offer (its reply carries the view anyway): no message of its own
-        riding = {
-            a.node_id for a in actions if isinstance(a, SendPlacement)
-        } & {a.node_id for a in actions if isinstance(a, Subscribe)}
+        riding = {a.node_id for a in actions if isinstance(a, SendPlacement)} & {
+            a.node_id for a in actions if isinstance(a, Subscribe)
+        }
         for action in actions:
             if isinstance(action, StartLocal):
                 start(nid, action.request.task_id)
@@ -495,8 +509,11 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         ):
             selector = {"zone": "eu"}
         replicas = rng.choice([1, 2, 3])
+        recent = ran_on.get(sid)
         if "GPU" in resources and rng.random() < 0.5 and gpu_nodes:
             holders = frozenset(rng.sample(gpu_nodes, min(replicas, len(gpu_nodes))))
+        elif config.holders == "graph" and recent and rng.random() < config.graph_fraction:
+            holders = frozenset(rng.choice(recent) for _ in range(replicas))
         else:
             holders = frozenset(rng.choices(node_ids, cum_weights=cpu_cum, k=replicas))
         size = rng.choice([1, 4, 16, 64]) * 2**20
