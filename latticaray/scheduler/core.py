@@ -67,10 +67,8 @@ from .policy import (
     PlacementPolicy,
     PlacementRequest,
 )
-from .resources import CPU, MEMORY, Allocation, ResourceLedger
+from .resources import Allocation, ResourceLedger
 from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement, Submitter
-
-_COMMON = (CPU, MEMORY)
 
 __all__ = [
     "Action",
@@ -159,7 +157,8 @@ class SchedulerConfig:
     choices: int = 2
     locality_slack: float = 1.3
     locality_delay: float = 5.0
-    locality_wait_free: float = 0.0
+    locality_wait_free: float = 5.0
+    locality_queue: float = 2.0
     #: capacity directory (DHT keys)
     directory_ttl: float = 10.0
     directory_refresh: float = 5.0
@@ -200,6 +199,7 @@ class SchedulerCore:
             locality_slack=cfg.locality_slack,
             locality_delay=cfg.locality_delay,
             locality_wait_free=cfg.locality_wait_free,
+            locality_queue=cfg.locality_queue,
         )
         self.submitter = Submitter(
             node_id,
@@ -222,6 +222,8 @@ class SchedulerCore:
         self.max_objects = 100_000
         self._ad_nodes: OrderedDict[str, float] = OrderedDict()  # node -> when its ad came
         self._used_once: OrderedDict[str, float] = OrderedDict()
+        #: holder node -> task ids (oldest first) with large arguments on it
+        self._by_holder: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self._affinity_hard: set[str] = set()
         self._last_demand: dict[str, float] = {}
         self._local_version = -1
@@ -285,7 +287,7 @@ class SchedulerCore:
             return self._run(self.submitter.send_direct(request, strategy.node_id, now), now)
         if not self._others_known() and not isinstance(strategy, NodeAffinity):
             return self._submit_alone(request, now)
-        self._demand(request, now)
+        self._index_holders(request)
         target = self._unknown_holder(request)
         if target is not None:
             # its large arguments are all on nodes this one has no view of: offer it to the
@@ -327,23 +329,38 @@ class SchedulerCore:
         return []
 
     def _demand(self, request: PlacementRequest, now: float, urgent: bool = False) -> None:
+        """Work that must wait demands its key: it is read (and kept fresh while work waits),
+        so a node whose known peers take its work reads nothing."""
         resource = key_resource(request.resources)
         last = self._last_demand.get(resource)
         if urgent or last is None or now - last > 1.0:
             self._last_demand[resource] = now
             self.directory.demand(resource, now)
 
+    def _index_holders(self, request: PlacementRequest) -> None:
+        """Remember which nodes hold the request's large arguments, so that when one of them
+        shows room the request is asked about first (not after everything else waiting)."""
+        for cid, size in request.args:
+            if size < self.config.locality_min_bytes:
+                continue
+            info = self.objects.get(cid)
+            if info is None:
+                continue
+            for holder in info.holders:
+                waiting = self._by_holder.get(holder)
+                if waiting is None:
+                    if len(self._by_holder) >= 4 * self.config.max_ad_nodes:
+                        self._by_holder.popitem(last=False)
+                    waiting = self._by_holder[holder] = OrderedDict()
+                waiting[request.task_id] = None
+                while len(waiting) > 256:
+                    waiting.popitem(last=False)
+
     def _unknown_holder(self, request: PlacementRequest) -> str | None:
         """The node holding most of the request's large arguments, when no holder of them is
         known here (else None: the policy weighs the known holders)."""
-        if (
-            not request.args
-            or isinstance(request.strategy, NodeAffinity)
-            or request.local_only
-            or request.label_selector
-            or any(k not in _COMMON for k in request.resources)
-        ):
-            return None  # a node with no known view might lack what it needs
+        if not request.args or isinstance(request.strategy, NodeAffinity) or request.local_only:
+            return None
         nodes = self.snapshot.nodes
         held: dict[str, int] = {}
         for cid, size in request.args:
@@ -467,6 +484,14 @@ class SchedulerCore:
                 or view.queued < view.queue_limit
             )
         ):
+            local_work = self._by_holder.get(view.node_id)
+            if local_work:
+                # work whose data this node holds is asked about first
+                ids = [t for t in local_work if self.submitter.is_waiting(t)]
+                for task_id in [t for t in local_work if not self.submitter.is_waiting(t)]:
+                    if self.submitter.request_of(task_id) is None:
+                        del local_work[task_id]  # placed, failed or cancelled: forget it
+                actions += self._run(self.submitter.retry_ids(ids[:16], now), now)
             actions += self._run(self.submitter.retry_waiting(now, limit=16, max_waits=4), now)
         return actions
 
@@ -506,6 +531,7 @@ class SchedulerCore:
         """A peer left the mesh (disconnected, stopped answering)."""
         self.snapshot.remove_node(node_id)
         self._ad_nodes.pop(node_id, None)
+        self._by_holder.pop(node_id, None)
         actions: list[Action] = []
         if self.neighbourhood.remove(node_id):
             actions.append(Unsubscribe(node_id))
@@ -599,7 +625,8 @@ class SchedulerCore:
         if self.local.expire_bundles(now):
             actions += self._started(self.local.dispatch(), now)
         actions += self._run(self.submitter.poll(now), now)
-        if self.submitter.waiting:
+        if self.submitter.waiting and self.snapshot.mean_load() >= 1.0:
+            # work waits and the nodes this one knows are full: look for more capacity
             for request in self.submitter.take_waiting(1):
                 self._demand(request, now)
                 self.submitter.return_waiting([request])

@@ -517,15 +517,19 @@ class SchedulerDriver:
         if op == "offer":
             request, meta = decode_request(caller, obj)
             admission = core.offer(request, now)
+            view = core.local.view(now)
             reply: dict[str, Any] = {
                 "kind": admission.kind.value,
                 "reason": admission.reason[:512],
                 "infeasible": admission.infeasible,
-                "hint": None,
+                "hint": ad_of(view).encode(),  # every answer carries the node's view
                 "gpus": "",
             }
+            self.publisher.sent(caller, view, now)
             if admission.kind is AdmissionKind.REJECTED:
-                reply["hint"] = ad_of(core.local.view(now)).encode()
+                if not admission.infeasible:  # tell it when room appears
+                    self.publisher.watch_once(caller, view, now)
+                    self.changed()
             else:
                 if meta:
                     self._meta[request.task_id] = meta

@@ -110,6 +110,9 @@ class _Subscriber:
     since: float
     last_push: float | None = None
     pushed_class: tuple[object, ...] | None = None
+    #: a one-shot watcher (a submitter this node refused for want of room): pushed once,
+    #: on the next change, then dropped; forgotten at this time if nothing changed
+    once_until: float | None = None
 
 
 class ViewPublisher:
@@ -120,11 +123,13 @@ class ViewPublisher:
         self,
         *,
         max_subscribers: int = 64,
-        min_interval: float = 0.5,
+        max_watchers: int = 256,
+        min_interval: float = 2.0,
         heartbeat: float = 30.0,
-        load_step: float = 0.25,
+        load_step: float = 0.0,
     ) -> None:
         self.max_subscribers = max_subscribers
+        self.max_watchers = max_watchers
         self.min_interval = min_interval
         self.heartbeat = heartbeat
         self.load_step = load_step
@@ -138,20 +143,32 @@ class ViewPublisher:
         return node_id in self._subs
 
     def subscribers(self) -> list[str]:
-        return list(self._subs)
+        return [n for n, s in self._subs.items() if s.once_until is None]
 
     def subscribe(self, node_id: str, now: float) -> bool:
         """Accept a subscriber (False when full: it relies on ads and reply hints instead).
         The caller answers the subscription with the current view (a push of its own)."""
-        if node_id in self._subs:
+        sub = self._subs.get(node_id)
+        if sub is not None:
+            sub.once_until = None
             return True
-        if len(self._subs) >= self.max_subscribers:
+        if len(self.subscribers()) >= self.max_subscribers:
             return False
         self._subs[node_id] = _Subscriber(now)
         return True
 
     def unsubscribe(self, node_id: str) -> None:
         self._subs.pop(node_id, None)
+
+    def watch_once(self, node_id: str, view: NodeView, now: float, ttl: float = 5.0) -> None:
+        """Push the view once to ``node_id`` when it next changes (within ``ttl``): a submitter
+        this node refused learns at once when room appears. Subscribers need no watch; a full
+        table drops the request."""
+        if node_id in self._subs or len(self._subs) >= self.max_subscribers + self.max_watchers:
+            return
+        self._subs[node_id] = _Subscriber(
+            now, now, view_class(view, self.load_step), once_until=now + ttl
+        )
 
     def sent(self, node_id: str, view: NodeView, now: float) -> None:
         """The view reached ``node_id`` another way (a subscription answer, a reply hint)."""
@@ -164,8 +181,16 @@ class ViewPublisher:
         """Subscribers to push ``view`` to now; they are marked as pushed."""
         cls = view_class(view, self.load_step)
         out = []
+        done = []
         for node_id, sub in self._subs.items():
             last = sub.last_push
+            if sub.once_until is not None:
+                if sub.pushed_class != cls:
+                    out.append(node_id)
+                    done.append(node_id)
+                elif now >= sub.once_until:
+                    done.append(node_id)
+                continue
             # (1e-9: a wakeup at last + interval must find it due despite float rounding)
             if last is None or now - last >= self.heartbeat - 1e-9:
                 pass
@@ -174,6 +199,8 @@ class ViewPublisher:
             sub.last_push = now
             sub.pushed_class = cls
             out.append(node_id)
+        for node_id in done:
+            del self._subs[node_id]
         self.pushes += len(out)
         return out
 
@@ -183,6 +210,9 @@ class ViewPublisher:
         cls = view_class(view, self.load_step)
         times = []
         for sub in self._subs.values():
+            if sub.once_until is not None:
+                times.append(now if sub.pushed_class != cls else sub.once_until)
+                continue
             if sub.last_push is None:
                 return now
             if sub.pushed_class != cls:

@@ -46,7 +46,7 @@ from .core import (
     Subscribe,
     Unsubscribe,
 )
-from .local import QueueAdmission
+from .local import AdmissionKind, QueueAdmission
 from .neighbourhood import ViewPublisher
 from .policy import (
     ClusterSnapshot,
@@ -82,7 +82,8 @@ class SimulationConfig:
     choices: int = 2
     locality_slack: float = 1.3
     locality_delay: float = 10.0
-    locality_wait_free: float = 0.0
+    locality_wait_free: float = 10.0
+    locality_queue: float = 2.0
     sample_every: float = 0.5
     #: the node's bounded neighbourhood, and the bootstrap peers each starts with
     neighbours: int = 32
@@ -94,8 +95,9 @@ class SimulationConfig:
     dht_lookup_messages: float = 25.7
     dht_publish_messages: float = 65.7
     #: view pushes to subscribers: at most every push_interval s per subscriber, on change
-    push_interval: float = 0.5
+    push_interval: float = 2.0
     push_heartbeat: float = 30.0
+    push_load_step: float = 0.0
     #: "latticaray" (SchedulerCore's policy) or "random" (baseline)
     policy: str = "latticaray"
     #: where argument objects live: "anywhere" (1-3 nodes of the whole mesh, in proportion to
@@ -250,6 +252,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         locality_slack=config.locality_slack,
         locality_delay=config.locality_delay,
         locality_wait_free=config.locality_wait_free,
+        locality_queue=config.locality_queue,
         capacity_wait=5.0,
         retry_interval=0.2,
         directory_sample=config.dht_answer,
@@ -275,7 +278,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             core.policy = core.submitter.policy = RandomPlacement(seed=config.seed * 7 + i)
         cores[nid] = core
         publishers[nid] = ViewPublisher(
-            min_interval=config.push_interval, heartbeat=config.push_heartbeat
+            min_interval=config.push_interval,
+            heartbeat=config.push_heartbeat,
+            load_step=config.push_load_step,
         )
         for resource in ("CPU", "GPU", "accel"):
             if resource in total:
@@ -450,6 +455,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                 if subscribe:
                     publishers[nid].subscribe(src, sim.now)
                 view = core.local.view(sim.now)
+                if admission.kind is AdmissionKind.REJECTED and not admission.infeasible:
+                    publishers[nid].watch_once(src, view, sim.now)
+                    changed(nid)
                 publishers[nid].sent(src, view, sim.now)
                 net.send(nid, src, _Msg("admission", (admission, snapshot_view(view))), size=300)
                 arm(nid)

@@ -386,6 +386,26 @@ class Submitter:
             actions.extend(self._act(entry.request, decision, now))
         return actions + self.retry_waiting(now)
 
+    def retry_ids(self, task_ids: list[str], now: float) -> list[Action]:
+        """Ask the policy again for these waiting requests (e.g. the node holding their data
+        has room now); those that must still wait keep their place."""
+        actions: list[Action] = []
+        still: list[PlacementRequest] = []
+        for task_id in task_ids:
+            request = self._waiting.pop(task_id)
+            if request is None:
+                continue
+            decision = self.policy.place(self.snapshot, request, now)
+            if decision.kind is DecisionKind.WAIT:
+                still.append(request)
+            else:
+                actions.extend(self._act(request, decision, now))
+        self.return_waiting(still)
+        return actions
+
+    def is_waiting(self, task_id: str) -> bool:
+        return task_id in self._waiting
+
     def take_waiting(self, count: int) -> list[PlacementRequest]:
         """Take up to ``count`` waiting requests, round-robin over owners (give back the ones
         not placed with :meth:`return_waiting`)."""

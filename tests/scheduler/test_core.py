@@ -104,25 +104,21 @@ def test_capacity_ad_names_a_node_and_the_waiting_request_goes_there():
 
 
 def test_neighbourhood_is_bounded_and_evicts_least_recently_used():
-    mesh = Mesh(SchedulerConfig(neighbours=4, pinned=1))
+    mesh = Mesh(SchedulerConfig(neighbours=4, pinned=1, queue_limit=1))
     a = mesh.add("A", {"CPU": 0.5})  # cannot run CPU:1 tasks itself
     for i in range(10):
         mesh.add(f"N{i}", {"CPU": 1})
     mesh.step("A", a.add_neighbour("N0", 0.0))  # bootstrap: pinned
-    mesh.poll("A")
-    for i in range(20):
+    for i in range(20):  # none ends: each node takes two (one runs, one queues)
         mesh.now = float(i)
         mesh.step("A", a.submit(req(f"t{i}"), mesh.now))
-        mesh.poll("A")
-        for node, out in mesh.out.items():
-            if f"t{i}" in out.started:
-                mesh.finish(node, f"t{i}")
-    assert len(a.neighbours()) == 4
-    assert "N0" in a.neighbours()
+        mesh.poll("A")  # work waits and the known nodes are full: capacity ads are read
+    assert len(mesh.out["A"].placed) == 20
+    assert len(set(mesh.out["A"].placed.values())) == 10  # it used more nodes than it keeps
+    assert mesh.lookups >= 1
+    assert len(a.neighbours()) == 4 and "N0" in a.neighbours()
     subscribed = [n for n, subs in mesh.subs.items() if "A" in subs]
     assert sorted(subscribed) == sorted(a.neighbours())
-    assert len(mesh.out["A"].placed) == 20
-    assert len(set(mesh.out["A"].placed.values())) > 4  # it used more than it keeps
 
 
 def test_locality_prefers_the_holder_of_a_large_argument():
@@ -160,8 +156,8 @@ def test_work_on_data_no_known_node_holds_goes_straight_to_its_holder():
     assert "H" not in a.neighbours()
 
 
-def test_a_busy_unknown_holder_spills_over():
-    mesh = Mesh()
+def test_a_busy_unknown_holder_spills_over_when_not_worth_waiting_for():
+    mesh = Mesh(SchedulerConfig(locality_wait_free=0.0))
     a = mesh.add("A", {"CPU": 0.5})
     mesh.add("B", {"CPU": 4})
     h = mesh.add("H", {"CPU": 1})
@@ -171,6 +167,23 @@ def test_a_busy_unknown_holder_spills_over():
     a.note_object("big", 50 << 20, ["H"])
     mesh.step("A", a.submit(req("t", args=(("big", 50 << 20),)), 0.0))
     assert mesh.out["A"].placed == {"t": "B"} and a.submitter.rejections == 1
+
+
+def test_work_waits_for_the_busy_holder_of_its_data_and_goes_there_when_it_has_room():
+    mesh = Mesh()  # locality_wait_free: 5 s by default
+    a = mesh.add("A", {"CPU": 0.5})
+    mesh.add("B", {"CPU": 4})
+    h = mesh.add("H", {"CPU": 1})
+    h.offer(PlacementRequest("x", {"CPU": 1}, "Z"), 0.0)
+    h.offer(PlacementRequest("y", {"CPU": 1}, "Z"), 0.0)  # H full, queue full
+    mesh.step("A", a.add_neighbour("B", 0.0))
+    a.note_object("big", 50 << 20, ["H"])
+    mesh.step("A", a.submit(req("t", args=(("big", 50 << 20),)), 0.0))
+    assert mesh.out["A"].placed == {} and a.submitter.waiting == 1  # B is free, but not H
+    mesh.now = 1.0
+    mesh.step("H", h.finish("x", 1.0))  # y starts, H's queue has room again
+    mesh.step("A", a.on_view(mesh.view("H"), 1.0))  # its push (a watch of the refusal)
+    assert mesh.out["A"].placed == {"t": "H"}
 
 
 def _view(node, cpus, queued=0, running=0):
