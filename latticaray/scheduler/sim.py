@@ -104,6 +104,9 @@ class SimulationConfig:
     #: their CPUs) or "graph" (results of the submitter's own earlier tasks: with probability
     #: ``graph_fraction`` the nodes its last ``graph_window`` tasks ran on, else anywhere)
     holders: str = "anywhere"
+    #: share of tasks whose argument is large (1-64 MiB: data locality matters); the others
+    #: take a small one (64 KiB, below the scheduler's locality threshold)
+    large_arg_fraction: float = 1.0
     graph_fraction: float = 0.8
     graph_window: int = 256
     #: Stop the run after this much virtual time even if tasks remain (bounded loops).
@@ -171,6 +174,7 @@ class SimulationResult:
             "cpu_utilization_at_saturation": round(statistics.mean(self.saturated_utilization), 3)
             if self.saturated_utilization
             else None,
+            # over tasks with a large argument (>= 1 MiB) on a node that could run them
             "data_local_fraction": round(self.placed_with_data / self.with_feasible_holder, 4)
             if self.with_feasible_holder
             else None,
@@ -524,7 +528,10 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
             holders = frozenset(rng.choice(recent) for _ in range(replicas))
         else:
             holders = frozenset(rng.choices(node_ids, cum_weights=cpu_cum, k=replicas))
-        size = rng.choice([1, 4, 16, 64]) * 2**20
+        if rng.random() < config.large_arg_fraction:
+            size = rng.choice([1, 4, 16, 64]) * 2**20
+        else:
+            size = 64 * 1024
         cid = f"obj{k}"
         request = PlacementRequest(
             f"{sid}/t{k}", resources, sid, label_selector=selector, args=((cid, size),)
@@ -538,7 +545,9 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
         core.note_object(cid, size, sorted(holders))
         submitted_at[request.task_id] = sim.now
         holders_of_task[request.task_id] = holders
-        feasible_holder[request.task_id] = any(is_feasible(h, request) for h in holders)
+        feasible_holder[request.task_id] = size >= scfg.locality_min_bytes and any(
+            is_feasible(h, request) for h in holders
+        )
         handle(sid, core.submit(request, sim.now))
         changed(sid)
 
