@@ -161,7 +161,7 @@ class SchedulerConfig:
     locality_queue: float = 2.0
     #: capacity directory (DHT keys)
     directory_ttl: float = 10.0
-    directory_refresh: float = 5.0
+    directory_refresh: float = 10.0
     directory_min_gap: float = 0.5
     directory_sample: int = 32
     #: placement groups
