@@ -382,6 +382,10 @@ class SchedulerCore:
         self._sync_local(now)
         if admission.hint is not None:
             self._learn(admission.hint, now)
+            if admission.kind is not AdmissionKind.REJECTED:
+                # the answer's view was made after the node took the request: it counts it,
+                # so this node's memory of having sent it there must not count it again
+                self.policy.forget(admission.task_id, admission.node_id)
         if admission.kind is AdmissionKind.REJECTED and admission.task_id in self._affinity_hard:
             request = self.submitter.request_of(admission.task_id)
             if (
