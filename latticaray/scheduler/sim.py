@@ -29,6 +29,7 @@ data-local placement, messages per placement (and their kinds), latency and spil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -469,6 +470,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                 admission, view = msg.body
                 assert isinstance(admission, QueueAdmission)
                 view.ad_time = sim.now
+                admission = dataclasses.replace(admission, hint=view)  # as the runtime's answers
                 handle(nid, core.on_admission(admission, sim.now))
                 handle(nid, core.on_view(view, sim.now))
             elif kind == "subscribe":
