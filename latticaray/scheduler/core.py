@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .directory import CapacityDirectory, key_resource
+from .errors import UnschedulableError
 from .local import AdmissionKind, LocalScheduler, QueueAdmission
 from .neighbourhood import Neighbourhood
 from .placement_groups import (
@@ -61,6 +62,8 @@ from .placement_groups import (
 )
 from .policy import (
     ClusterSnapshot,
+    Decision,
+    DecisionKind,
     NodeAffinity,
     NodeView,
     ObjectInfo,
@@ -72,6 +75,8 @@ from .submitter import Placed, PlacementFailed, PlacementWarning, SendPlacement,
 
 __all__ = [
     "Action",
+    "CapacityExpired",
+    "CapacityFound",
     "EndTasks",
     "LookupCapacity",
     "SchedulerConfig",
@@ -110,6 +115,21 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True)
+class CapacityFound:
+    """A deferred decision (:meth:`SchedulerCore.defer`) can be made now: decide again."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class CapacityExpired:
+    """A deferred decision found no node within ``capacity_wait``."""
+
+    key: str
+    error: UnschedulableError
+
+
+@dataclass(frozen=True)
 class EndTasks:
     """Tasks running here that must end (``reason``), and queued ones dropped."""
 
@@ -128,6 +148,8 @@ Action = (
     | Subscribe
     | Unsubscribe
     | EndTasks
+    | CapacityFound
+    | CapacityExpired
     | GroupAction
 )
 
@@ -231,6 +253,8 @@ class SchedulerCore:
         self.groups: dict[str, GroupCoordinator] = {}
         self.known_groups: dict[str, tuple[str, ...]] = {}
         self._group_waiting: dict[str, list[PlacementRequest]] = {}
+        #: decisions waiting for capacity: key -> (request, since, reason)
+        self._deferred: dict[str, tuple[PlacementRequest, float, str]] = {}
         self.stats: dict[str, int] = {}
 
     # helpers -----------------------------------------------------------------------------------
@@ -430,6 +454,50 @@ class SchedulerCore:
             waiting[:] = [r for r in waiting if r.task_id != task_id]
         return self._started(self.local.cancel(task_id, now), now)
 
+    # decisions made elsewhere (actors) --------------------------------------------------------
+    def decide(self, request: PlacementRequest, now: float) -> Decision:
+        """The policy's choice for ``request`` over what this node knows, without sending it
+        (the runtime places actors this way: their creation carries them to the node). A PLACE
+        is remembered for anti-herding like any placement."""
+        self._sync_local(now)
+        return self.policy.place(self.snapshot, request, now)
+
+    def defer(self, request: PlacementRequest, reason: str, now: float) -> list[Action]:
+        """``request`` could not be decided (no known node can take it): look for capacity;
+        :class:`CapacityFound` when one can, :class:`CapacityExpired` after
+        ``capacity_wait``."""
+        if request.task_id not in self._deferred:
+            self._deferred[request.task_id] = (request, now, reason)
+        self._demand(request, now, urgent=True)
+        return []
+
+    def withdraw(self, key: str) -> None:
+        self._deferred.pop(key, None)
+
+    def _deferred_actions(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for key, (request, since, reason) in list(self._deferred.items()):
+            if now - since >= self.config.capacity_wait:
+                del self._deferred[key]
+                actions.append(
+                    CapacityExpired(
+                        key,
+                        UnschedulableError(
+                            key,
+                            f"{reason}; nor any node advertising capacity for it",
+                            waited_s=now - since,
+                        ),
+                    )
+                )
+                continue
+            decision = self.policy.place(self.snapshot, request, now)
+            if decision.kind is DecisionKind.PLACE:
+                assert decision.node_id is not None
+                self.policy.forget(key, decision.node_id)  # the caller decides again
+                del self._deferred[key]
+                actions.append(CapacityFound(key))
+        return actions
+
     # what this node learns ---------------------------------------------------------------------
     def add_neighbour(self, node_id: str, now: float, kind: str = "bootstrap") -> list[Action]:
         """A peer to keep a live view of (bootstrap peers are pinned)."""
@@ -497,6 +565,8 @@ class SchedulerCore:
                         del local_work[task_id]  # placed, failed or cancelled: forget it
                 actions += self._run(self.submitter.retry_ids(ids[:16], now), now)
             actions += self._run(self.submitter.retry_waiting(now, limit=16, max_waits=4), now)
+        if self._deferred and view.alive:
+            actions += self._deferred_actions(now)
         return actions
 
     def _learn(self, view: NodeView, now: float) -> None:
@@ -527,9 +597,12 @@ class SchedulerCore:
                 continue  # its pushed view is fresher than its ad
             self._learn(view, now)
         self._count("capacity_answers")
+        actions: list[Action] = []
         if kept and (self.submitter.waiting or self.submitter.infeasible):
-            return self._run(self.submitter.poll(now), now)
-        return []
+            actions += self._run(self.submitter.poll(now), now)
+        if kept and self._deferred:
+            actions += self._deferred_actions(now)
+        return actions
 
     def node_gone(self, node_id: str, now: float) -> list[Action]:
         """A peer left the mesh (disconnected, stopped answering)."""
@@ -611,7 +684,9 @@ class SchedulerCore:
         """Keys read at the urgent pace: no known node could ever take work waiting on them.
         (Work that waits because every known node is busy keeps its key demanded, so the key
         is refreshed at the background pace: in a saturated mesh more lookups find nothing.)"""
-        return {key_resource(r.resources) for r in self.submitter.infeasible_requests()}
+        out = {key_resource(r.resources) for r in self.submitter.infeasible_requests()}
+        out.update(key_resource(r.resources) for r, _since, _why in self._deferred.values())
+        return out
 
     def poll(self, now: float) -> list[Action]:
         """Timers: retries, infeasible deadlines, capacity lookups, view-fetch and lease
@@ -629,6 +704,8 @@ class SchedulerCore:
         if self.local.expire_bundles(now):
             actions += self._started(self.local.dispatch(), now)
         actions += self._run(self.submitter.poll(now), now)
+        if self._deferred:
+            actions += self._deferred_actions(now)
         if self.submitter.waiting and self.snapshot.mean_load() >= 1.0:
             # work waits and the nodes this one knows are full: look for more capacity
             for request in self.submitter.take_waiting(1):
@@ -658,6 +735,8 @@ class SchedulerCore:
             wake = group.next_wakeup(now)
             if wake is not None:
                 times.append(wake)
+        for _request, since, _reason in self._deferred.values():
+            times.append(min(since + self.config.capacity_wait, now + self.config.retry_interval))
         return min(times) if times else None
 
     # the submitter's actions -------------------------------------------------------------------

@@ -274,3 +274,21 @@ def test_lend_runs_other_work_while_a_task_blocks():
     assert core.local.ledger.available["CPU"] == 0.0
     core.finish("child", 0.3)
     assert core.local.ledger.available["CPU"] == 1.0
+
+
+def test_a_deferred_decision_is_found_when_capacity_appears_or_expires():
+    from latticaray.scheduler.core import CapacityExpired, CapacityFound
+
+    core = SchedulerCore("A", ResourceLedger({"CPU": 1}), config=SchedulerConfig(capacity_wait=5))
+    request = req("actor-1", {"CPU": 1, "GPU": 1})
+    assert core.decide(request, 0.0).kind.value == "infeasible"
+    assert core.defer(request, "no GPU known", 0.0) == []
+    assert LookupCapacity("GPU") in core.poll(0.0)
+    gpu = _view("G", 4)
+    gpu.total["GPU"] = gpu.available["GPU"] = 1.0
+    assert core.on_capacity("GPU", [gpu], 0.5) == [CapacityFound("actor-1")]
+    assert core.decide(request, 0.6).node_id == "G"
+    other = req("actor-2", {"CPU": 1, "TPU": 1})
+    core.defer(other, "no TPU known", 1.0)
+    expired = [a for a in core.poll(6.5) if isinstance(a, CapacityExpired)]
+    assert [a.key for a in expired] == ["actor-2"] and "TPU" in str(expired[0].error)
