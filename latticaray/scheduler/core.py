@@ -173,6 +173,8 @@ class SchedulerConfig:
     #: capacity-ad views of nodes outside the neighbourhood: kept this long, at most this many
     ad_ttl: float = 30.0
     max_ad_nodes: int = 256
+    #: nodes heard of from the cluster state are taken as candidates up to this many known
+    seed_candidates: int = 16
     #: arguments at least this large draw their work to their holders
     locality_min_bytes: int = 1 << 20
     #: placement policy
@@ -603,6 +605,22 @@ class SchedulerCore:
         if kept and self._deferred:
             actions += self._deferred_actions(now)
         return actions
+
+    def on_candidates(self, views: list[NodeView], now: float) -> list[Action]:
+        """Nodes heard of another way (the cluster state's member entries): known like ads,
+        when this node knows fewer than ``seed_candidates`` nodes (so a node that just joined
+        has somewhere to place beside its bootstrap peers)."""
+        self._sync_local(now)
+        added = 0
+        for view in views:
+            if len(self.snapshot.nodes) >= self.config.seed_candidates:
+                break
+            if view.node_id != self.node_id and view.node_id not in self.snapshot.nodes:
+                self._learn(view, now)
+                added += 1
+        if added and (self.submitter.waiting or self.submitter.infeasible):
+            return self._run(self.submitter.retry_waiting(now, limit=16, max_waits=4), now)
+        return []
 
     def node_gone(self, node_id: str, now: float) -> list[Action]:
         """A peer left the mesh (disconnected, stopped answering)."""

@@ -292,3 +292,9 @@ def test_a_deferred_decision_is_found_when_capacity_appears_or_expires():
     core.defer(other, "no TPU known", 1.0)
     expired = [a for a in core.poll(6.5) if isinstance(a, CapacityExpired)]
     assert [a.key for a in expired] == ["actor-2"] and "TPU" in str(expired[0].error)
+
+
+def test_candidates_from_the_cluster_state_seed_a_small_snapshot_only():
+    core = SchedulerCore("A", ResourceLedger({"CPU": 1}), config=SchedulerConfig(seed_candidates=3))
+    core.on_candidates([_view(f"M{i}", 2) for i in range(10)], 0.0)
+    assert len(core.snapshot.nodes) == 3  # A itself and two members
