@@ -165,10 +165,10 @@ def decode_request(submitter: str, obj: dict) -> tuple[PlacementRequest, bytes]:
     return request, bytes(meta)
 
 
-def ad_of(view: NodeView, seq: int = 0) -> CapacityAd:
+def ad_of(view: NodeView) -> CapacityAd:
     return CapacityAd(
         view.node_id,
-        seq,
+        view.seq,
         view.ad_time,
         dict(view.total),
         dict(view.available),
@@ -215,7 +215,6 @@ class SchedulerDriver:
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._seq = 0
         self._closed = False
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -370,8 +369,7 @@ class SchedulerDriver:
         due = self.publisher.due(view, now)
         if not due:
             return
-        self._seq += 1
-        ad = ad_of(view, self._seq).encode()
+        ad = ad_of(view).encode()
         for node_id in due:
             self._count("pushes")
             self._spawn(self._call_quietly(node_id, {"op": "push", "ad": ad}))

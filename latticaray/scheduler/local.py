@@ -197,6 +197,7 @@ class LocalScheduler:
                 ad_time=now,
                 queue_limit=self.queue.limit,
                 alive=self.accepting,
+                seq=version + 1,
             )
             self._view_version = version
         else:

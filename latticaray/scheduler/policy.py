@@ -99,6 +99,10 @@ class NodeView:
     #: The node's bounded queue size (None: unbounded).
     queue_limit: int | None = None
     alive: bool = True
+    #: The node's own count of its state changes when it made this view (0: unknown). Views
+    #: travel by different paths (pushes, answers, ads) and may arrive out of order: a view
+    #: with a lower ``seq`` than the one held is older, whenever it arrived.
+    seq: int = 0
 
     @property
     def cpu_slots(self) -> float:
@@ -204,7 +208,9 @@ class ClusterSnapshot:
     def update_node(self, view: NodeView) -> None:
         """Insert or replace a node's view; older ads than the one held are ignored."""
         old = self.nodes.get(view.node_id)
-        if old is not None and view.ad_time < old.ad_time:
+        if old is not None and (
+            view.ad_time < old.ad_time or (view.seq and old.seq and view.seq < old.seq)
+        ):
             return
         self.nodes[view.node_id] = view
         if old is not None:

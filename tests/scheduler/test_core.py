@@ -298,3 +298,14 @@ def test_candidates_from_the_cluster_state_seed_a_small_snapshot_only():
     core = SchedulerCore("A", ResourceLedger({"CPU": 1}), config=SchedulerConfig(seed_candidates=3))
     core.on_candidates([_view(f"M{i}", 2) for i in range(10)], 0.0)
     assert len(core.snapshot.nodes) == 3  # A itself and two members
+
+
+def test_a_view_made_before_the_one_held_is_ignored_whenever_it_arrives():
+    from latticaray.scheduler.policy import NodeView
+
+    core = SchedulerCore("A", ResourceLedger({"CPU": 1}))
+    idle = NodeView("B", {"CPU": 2}, {"CPU": 2}, ad_time=5.0, seq=9)
+    busy_but_older = NodeView("B", {"CPU": 2}, {}, running=2, ad_time=6.0, seq=7)
+    core.on_view(idle, 5.0)
+    core.on_view(busy_but_older, 6.0)  # an answer that left B before its idle view
+    assert core.snapshot.nodes["B"].available == {"CPU": 2}
