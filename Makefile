@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean interop-deps
+.PHONY: demo demo-mesh test lint fuzz bench venv ray-venv clean interop-deps browser-deps
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,14 +22,16 @@ demo: $(STAMP)
 demo-mesh: $(STAMP)
 	$(VPY) examples/mesh_demo.py
 
-test: $(STAMP) interop-deps
+test: $(STAMP) interop-deps browser-deps
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
-# ruff (rules in pyproject.toml), the formatter's check, and mypy over the package
+# ruff (rules in pyproject.toml), the formatter's check, mypy over the package (strict for the
+# sans-I/O cores), and no import cycle (annotation-only TYPE_CHECKING imports aside)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check latticaray tests bench examples fuzz
-	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz
+	$(VENV)/bin/ruff check latticaray tests bench examples fuzz tools
+	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz tools
 	$(VENV)/bin/mypy
+	$(VPY) tools/importcycles.py --runtime-only latticaray
 
 # coverage-guided fuzzing of every network decoder (atheris); FUZZ_SECONDS per target
 FUZZ_SECONDS ?= 60
@@ -52,6 +54,17 @@ $(JS_PEER)/node_modules/.installed: $(JS_PEER)/package.json $(JS_PEER)/package-l
 	touch $@
 
 interop-deps: $(JS_PEER)/node_modules/.installed
+
+# Debian's chromium and chromedriver for the dashboard's browser test (tests/dashboard), installed
+# only when missing; the test drives them over WebDriver with the standard library.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+		else \
+			echo "chromium is missing and this is not root: the dashboard test will skip (CI runs as root)"; \
+		fi; \
+	fi
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(VPY) $$b || exit 1; done

@@ -3,11 +3,13 @@
 Brings up the netlab, runs a relay/bootstrap node on pub1 and a node on each of hostA, hostB
 (cone NATs), hostC (symmetric NAT), hostD (public, stateful firewall) and pub2 (public), and for
 every ordered pair measures: connected, final path, time to first RPC, time to direct upgrade,
-and unary RPC QPS over the final path. The matrix runs once through real MeshNodes (MeshNat: the
-connection manager dials direct QUIC or the /p2p-circuit address) and once through NatNode (the
+and unary RPC QPS over the final path. The matrix runs once through real MeshNodes (MeshNatService: the
+connection manager dials direct QUIC or the /p2p-circuit address) and once through NatHost (the
 same NAT code with its own session table); then 20 birthday-probing attempts cone <-> symmetric,
 a relayed-only baseline, the matrix with natB as a port-remapping cone, and with natA symmetric
-(symmetric-symmetric pairs hostA <-> hostC).
+(symmetric-symmetric pairs hostA <-> hostC). First, the zero-flag join time: hostA, hostB and
+hostC joining with only pub1's address (auto mode) against the same joins with observers and a
+relay given by hand, alternated run by run (--join-runs, --join-only).
 The last line is one JSON object with every figure.
 
 Usage: sudo .venv/bin/python bench/nat_matrix.py [--quick]
@@ -28,10 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "mesh", "nat"))
 
-from labnodes import IPS, LabMesh, MeshLab  # noqa: E402
+from labnodes import IPS, AutoLab, LabMesh, MeshLab  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
 
-from latticaray.mesh.nat.host import PING_SERVICE  # noqa: E402
+from latticaray.mesh.nat.service import PING_SERVICE  # noqa: E402
 
 NODES = ["hostA", "hostB", "hostC", "hostD", "pub2"]
 PRIVATE = ["hostA", "hostB", "hostC", "hostD"]
@@ -158,7 +160,7 @@ def run_matrix_mesh(prefix: str, up_args: list[str], qps_seconds: float, label: 
             }
             return {
                 "label": label,
-                "stack": "MeshNode+MeshNat",
+                "stack": "MeshNode+MeshNatService",
                 "up_args": up_args,
                 "nat": nat,
                 "pairs": rows,
@@ -203,7 +205,7 @@ def run_matrix(prefix: str, up_args: list[str], qps_seconds: float, label: str, 
                 rows[f"{src}->{dst}"] = run_pair(mesh, src, dst, qps_seconds)
             result = {
                 "label": label,
-                "stack": "NatNode",
+                "stack": "NatHost",
                 "up_args": up_args,
                 "nat": nat,
                 "pairs": rows,
@@ -259,6 +261,43 @@ def tcp_punch_pairs(mesh: LabMesh, qps_seconds: float) -> dict:
     return {"tcp_punch": rows}
 
 
+def join_times(prefix: str, runs: int) -> dict:
+    """Time from a node's start until it can be reached (holds a relay reservation), per
+    private host, ``runs`` times each way, alternated: zero-flag (auto mode, only pub1's address)
+    and the baseline with observers and a relay given by hand (auto_configure)."""
+    os.environ["LATTICARAY_LAB"] = "1"
+    samples: dict[str, list[float]] = {"zero_flag": [], "given": []}
+    errors: list[str] = []
+    with lab(prefix):
+        for i in range(2 * runs):
+            mode = "zero_flag" if i % 2 == 0 else "given"
+            auto = AutoLab(
+                prefix,
+                ["pub2", "hostA", "hostB", "hostC"],
+                quic_port=4901 + i % 2 * 10,
+                relay_port=4902 + i % 2 * 10,
+                given=mode == "given",
+            )
+            try:
+                auto.start()
+                samples[mode] += list(auto.join_s.values())
+            except Exception as exc:  # a failed join is a result, not a crash
+                errors.append(f"{mode} run {i // 2}: {type(exc).__name__}: {exc}"[:200])
+            finally:
+                auto.stop()
+
+    def pct(values: list[float], q: float) -> float | None:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    return {
+        "join": {
+            mode: {"n": len(v), "p50_s": pct(v, 0.5), "p90_s": pct(v, 0.9), "max_s": pct(v, 1.0)}
+            for mode, v in samples.items()
+        }
+        | {"errors": errors, "runs": runs}
+    }
+
+
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -283,12 +322,30 @@ def print_matrix(result: dict) -> None:
         )
 
 
+def machine_and_versions() -> dict:
+    import aioquic
+    import cryptography
+
+    return {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": {
+            "python": platform.python_version(),
+            "aioquic": aioquic.__version__,
+            "cryptography": cryptography.__version__,
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="shorter QPS windows, 6 birthday tries"
     )
     parser.add_argument("--prefix", default=f"lrb{os.getpid() % 100000}")
+    parser.add_argument(
+        "--join-runs", type=int, default=10, help="join-time runs per mode (0: skip)"
+    )
+    parser.add_argument("--join-only", action="store_true", help="only the zero-flag join times")
     args = parser.parse_args()
     # aioquic logs late packets of connections closed between pairs; they are expected here
     import logging
@@ -302,6 +359,20 @@ def main() -> int:
     qps_seconds = 0.3 if args.quick else QPS_SECONDS
     attempts = 6 if args.quick else 20
     started = time.time()
+    join = join_times(args.prefix, args.join_runs)["join"] if args.join_runs else None
+    if join is not None:
+        print("\njoin time (start -> holds a relay reservation), hostA/hostB/hostC, s:")
+        for mode in ("zero_flag", "given"):
+            j = join[mode]
+            print(
+                f"  {mode:10} n={j['n']:3}  p50 {fmt(j['p50_s'], '.2f')}  "
+                f"p90 {fmt(j['p90_s'], '.2f')}  max {fmt(j['max_s'], '.2f')}"
+            )
+        for error in join["errors"]:
+            print(f"  ! {error}")
+    if args.join_only:
+        print(json.dumps({"bench": "nat_matrix", "join": join, **machine_and_versions()}))
+        return 0
     runs = [
         run_matrix_mesh(
             args.prefix, [], qps_seconds, "default lab (natA, natB cone; natC symmetric)"
@@ -357,21 +428,14 @@ def main() -> int:
         f"connected pairs: {connected}/{len(all_pairs)}; wall time {time.time() - started:.0f} s "
         "(machine shared with other engineers' jobs: QPS and timings are noisy)"
     )
-    import aioquic
-    import cryptography
-
     summary = {
         "bench": "nat_matrix",
         "connected": connected,
         "pairs": len(all_pairs),
         "runs": runs,
         "birthday_rate": bday["rate"],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "versions": {
-            "python": platform.python_version(),
-            "aioquic": aioquic.__version__,
-            "cryptography": cryptography.__version__,
-        },
+        "join": join,
+        **machine_and_versions(),
     }
     print(json.dumps(summary, separators=(",", ":")))
     return 0

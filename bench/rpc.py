@@ -5,9 +5,15 @@ Two node processes on loopback (a server and a client, spawned by this driver), 
 connection between them, ``RpcSession`` on top. For each transport:
 
 * ``quic1200``  QUIC with 1200 B datagrams (what the internet allows)
+* ``quic1350``  QUIC with 1350 B datagrams (the transport's default off loopback)
 * ``quic16k``   QUIC with 16384 B datagrams (the best size on loopback)
-* ``tcp``       TCP + TLS 1.3
+* ``tcp``       TCP the libp2p way (multistream, Noise XX, yamux): the node's default
+* ``tcptls``    TCP + TLS 1.3 (``MeshConfig(tcp_security="tls")``; direct stack: both TLS)
 * ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
+
+(QUIC connections grow their datagrams by path MTU discovery, to 64 KiB on loopback with
+aioquic, to 1472 B with qh3; ``quic1350-fixed`` keeps 1350 B. ``@qh3`` / ``@aioquic`` picks the
+QUIC library, e.g. ``--transports quic1350-fixed@qh3,quic1350-fixed@aioquic``.)
 
 it measures unary echo calls with ``--concurrency`` calls in flight (default 1000) at 128 B and
 256 KiB: QPS, p50/p99 latency, CPU seconds of both processes; and single-stream bulk MB/s (one
@@ -17,6 +23,11 @@ invoking ../shared/anchors/quic_rpc_bench.py (no latticaray code) as a subproces
     .venv/bin/python bench/rpc.py                 # everything (~3 min on 2 cores)
     .venv/bin/python bench/rpc.py --quick         # shorter windows
     .venv/bin/python bench/rpc.py --transports tcp,unix --sizes 128 --no-baseline
+    .venv/bin/python bench/rpc.py --transports quic1350 --compare-tree /tmp/base --rounds 3
+
+``--compare-tree DIR`` runs every transport also with the latticaray of another checkout (for
+example ``git archive main | tar -x -C /tmp/base``), alternating with this one, ``--rounds``
+times; the table then ends with medians and ranges per transport and tree.
 
 The last line of output is one JSON object with every figure, the machine and the versions.
 Every loop is bounded in time; the driver kills only the processes it spawned (by PID).
@@ -38,10 +49,32 @@ from collections import deque
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-ANCHOR = os.path.join(ROOT, "..", "shared", "anchors", "quic_rpc_bench.py")
-TRANSPORTS = ["quic1200", "quic16k", "tcp", "unix"]
+
+def _tree_from_argv() -> str | None:
+    """``--tree DIR`` (server/client roles): import latticaray from that checkout instead."""
+    argv = sys.argv
+    if "--tree" in argv[:-1]:
+        return os.path.abspath(argv[argv.index("--tree") + 1])
+    return None
+
+
+sys.path.insert(0, _tree_from_argv() or ROOT)
+
+
+def _find_anchor() -> str:
+    """../shared/anchors/quic_rpc_bench.py beside the checkout (or beside its worktree folder)."""
+    for up in (("..",), ("..", "..")):
+        path = os.path.normpath(os.path.join(ROOT, *up, "shared", "anchors", "quic_rpc_bench.py"))
+        if os.path.exists(path):
+            return path
+    return os.path.normpath(os.path.join(ROOT, "..", "shared", "anchors", "quic_rpc_bench.py"))
+
+
+ANCHOR = _find_anchor()
+#: QUIC at 1200 B / 1350 B datagrams (internet sizes) and at 16 KiB (loopback only).
+QUIC_DATAGRAM_SIZES = {"quic1200": 1200, "quic1350": 1350, "quic16k": 16384}
+TRANSPORTS = [*QUIC_DATAGRAM_SIZES, "tcp", "tcptls", "unix"]
 BULK_MESSAGE = 1 << 20
 CALL_TIMEOUT = 120.0
 STALL_MESSAGE = 64 * 1024
@@ -56,11 +89,33 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
+def parse_quic(transport: str) -> tuple[int, bool, str]:
+    """``quic1350[-fixed][@backend]``: start datagram size, path MTU discovery, QUIC library."""
+    name, _, backend = transport.partition("@")
+    name, fixed = name.removesuffix("-fixed"), name.endswith("-fixed")
+    return QUIC_DATAGRAM_SIZES[name], not fixed, backend or "auto"
+
+
+def valid_transport(transport: str) -> bool:
+    if not transport.startswith("quic"):
+        return transport in TRANSPORTS
+    try:
+        _, _, backend = parse_quic(transport)
+    except KeyError:
+        return False
+    return backend in ("auto", "qh3", "aioquic")
+
+
 def quic_config(transport: str):
     from latticaray.mesh.transport.quic import QuicConfig
 
-    size = 1200 if transport == "quic1200" else 16384
-    return QuicConfig(max_datagram_size=size, loopback_max_datagram_size=size)
+    size, pmtu, backend = parse_quic(transport)
+    return QuicConfig(
+        max_datagram_size=size,
+        loopback_max_datagram_size=size,
+        pmtu_discovery=pmtu,
+        backend=backend,
+    )
 
 
 def server_limits():
@@ -141,7 +196,8 @@ async def server_main(args) -> None:
         addr = next(
             a
             for a in node.listen_addrs
-            if a.transport == ("quic" if args.transport.startswith("quic") else args.transport)
+            if a.transport
+            == ("quic" if args.transport.startswith("quic") else args.transport.replace("tls", ""))
         )
     elif args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
@@ -159,7 +215,7 @@ async def server_main(args) -> None:
 
         transport = QuicTransport(key, quic_config(args.transport), on_connection=on_connection)
         addr = await transport.listen("127.0.0.1", 0)
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)
@@ -179,6 +235,9 @@ def node_config(args, server: bool):
     from latticaray.mesh.node import MeshConfig
 
     kind = "quic" if args.transport.startswith("quic") else args.transport
+    security = {}
+    if kind == "tcptls":
+        kind, security = "tcp", {"tcp_security": "tls"}
     listen = []
     if kind == "quic":
         listen = ["/ip4/127.0.0.1/udp/0/quic-v1"]
@@ -192,6 +251,7 @@ def node_config(args, server: bool):
         quic=quic_config(args.transport) if kind == "quic" else MeshConfig().quic,
         rpc_limits=server_limits() if server else MeshConfig().rpc_limits,
         auto_identify=False,
+        **security,
     )
 
 
@@ -257,7 +317,7 @@ async def connect(args):
         await transport.listen("127.0.0.1", 0)
         conn = await transport.dial(addr, peer)
         channel = conn.open_channel()
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)
@@ -415,7 +475,7 @@ async def client_main(args) -> None:
 
 # ------------------------------------------------------------------------------------ driver
 def spawn_server(
-    transport: str, run_dir: str, lifetime: float, stack: str
+    transport: str, run_dir: str, lifetime: float, stack: str, tree_args: list[str]
 ) -> tuple[subprocess.Popen, str, str]:
     server = subprocess.Popen(
         [
@@ -430,6 +490,7 @@ def spawn_server(
             str(lifetime),
             "--stack",
             stack,
+            *tree_args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -446,10 +507,11 @@ def spawn_server(
     return server, peer, addr
 
 
-def run_transport(args, transport: str, run_dir: str) -> dict:
+def run_transport(args, transport: str, run_dir: str, tree: str | None = None) -> dict:
     per_size = args.warmup + args.duration + CALL_TIMEOUT + 40
     limit = len(args.sizes) * per_size + args.duration * 2 + 180
-    server, peer, addr = spawn_server(transport, run_dir, limit + 30, args.stack)
+    tree_args = ["--tree", tree] if tree else []
+    server, peer, addr = spawn_server(transport, run_dir, limit + 30, args.stack, tree_args)
     try:
         cmd = [
             sys.executable,
@@ -475,6 +537,7 @@ def run_transport(args, transport: str, run_dir: str) -> dict:
             str(args.bulk_total),
             "--stack",
             args.stack,
+            *tree_args,
         ]
         client = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         if client.returncode != 0:
@@ -573,7 +636,7 @@ def anchors(args) -> list[dict]:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("aioquic", "cryptography", "msgpack", "uvloop"):
+    for name in ("aioquic", "qh3", "cryptography", "msgpack", "uvloop"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", "?")
@@ -589,6 +652,12 @@ def fmt(value, spec=",.0f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _name(r: dict) -> str:
+    """The transport, with the tree when it is not this checkout, and the round."""
+    name = r["transport"] + ("" if r.get("tree", "this") == "this" else "/" + r["tree"])
+    return name + (f" #{r['round']}" if r.get("round", 1) > 1 else "")
+
+
 def print_table(args, results: list[dict], raw: list[dict]) -> None:
     print(
         f"\nlatticaray RPC ({'MeshNode' if args.stack == 'node' else 'transport + RpcSession'}"
@@ -596,21 +665,21 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
         f"{args.duration:.0f} s windows"
     )
     head = (
-        f"{'transport':<10} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'transport':<15} {'size':>7} {'QPS':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'cli CPU s':>9} {'srv CPU s':>9} {'us/call':>8} {'RSS cli/srv MB':>15}"
     )
     print(head)
     print("-" * len(head))
     for r in results:
         if "error" in r:
-            print(f"{r['transport']:<10} ERROR {r['error'].strip().splitlines()[-1][:100]}")
+            print(f"{_name(r):<15} ERROR {r['error'].strip().splitlines()[-1][:100]}")
             continue
         for size in args.sizes:
             m = r.get(f"rpc_{size}")
             if m:
                 label = "128 B" if size == 128 else f"{size // 1024} KB"
                 print(
-                    f"{r['transport']:<10} {label:>7} {fmt(m['qps']):>9} {m['p50_ms']:>8} "
+                    f"{_name(r):<15} {label:>7} {fmt(m['qps']):>9} {m['p50_ms']:>8} "
                     f"{m['p99_ms']:>8} {m['client_cpu_s']:>9} {m['server_cpu_s']:>9} "
                     f"{m['cpu_us_per_call']:>8} "
                     f"{str(m['client_rss_mb']) + ' / ' + str(m['server_rss_mb']):>15}"
@@ -621,7 +690,7 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
             if "bulk" in r:
                 b = r["bulk"]
                 print(
-                    f"{r['transport']:<10} {b['MBps']:>8} MB/s  ({b['bytes'] >> 20} MiB in "
+                    f"{_name(r):<15} {b['MBps']:>8} MB/s  ({b['bytes'] >> 20} MiB in "
                     f"{b['seconds']} s; CPU client {b['client_cpu_s']} s, server "
                     f"{b['server_cpu_s']} s)"
                 )
@@ -630,7 +699,7 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
         if "stall" in r:
             st = r["stall"]
             print(
-                f"{r['transport']:<10} produced {st['produced_during_stall']} msgs while "
+                f"{_name(r):<15} produced {st['produced_during_stall']} msgs while "
                 f"stalled ({st['produced_total']} in all); client holds "
                 f"{st['client_queued_bytes'] / 1e6:.2f} MB unread; RSS growth client "
                 f"{st['client_rss_growth_mb']} MB, server {st['server_rss_growth_mb']} MB"
@@ -649,14 +718,66 @@ def print_table(args, results: list[dict], raw: list[dict]) -> None:
                 print(f"{r['label']:<30} {r['MBps']:>9.1f} MB/s")
 
 
+def summarize(args, results: list[dict]) -> list[dict]:
+    """Median and range of each figure per transport and tree (printed when rounds > 1 or a
+    second tree ran)."""
+    rows = []
+    for transport in args.transports:
+        for tree in dict.fromkeys(r.get("tree", "this") for r in results):
+            runs = [
+                r
+                for r in results
+                if r.get("transport") == transport and r.get("tree") == tree and "error" not in r
+            ]
+            figures: dict[str, list[float]] = {}
+            for r in runs:
+                for size in args.sizes:
+                    if f"rpc_{size}" in r:
+                        figures.setdefault(f"qps_{size}", []).append(r[f"rpc_{size}"]["qps"])
+                if "bulk" in r:
+                    figures.setdefault("bulk_MBps", []).append(r["bulk"]["MBps"])
+            row: dict = {"transport": transport, "tree": tree, "runs": len(runs)}
+            for name, values in figures.items():
+                values.sort()
+                row[name] = {
+                    "median": values[len(values) // 2],
+                    "min": values[0],
+                    "max": values[-1],
+                }
+            rows.append(row)
+    if args.rounds > 1 or args.compare_tree:
+        print(f"\nmedians [min - max] over {args.rounds} round(s), trees alternated")
+        for row in rows:
+            cells = [
+                f"{name} {fmt(v['median'], ',.1f')} [{fmt(v['min'], ',.1f')} - "
+                f"{fmt(v['max'], ',.1f')}]"
+                for name, v in row.items()
+                if isinstance(v, dict)
+            ]
+            print(f"{row['transport']:<10} {row['tree']:<5} " + "  ".join(cells))
+    return rows
+
+
 def driver(args) -> None:
     run_dir = tempfile.mkdtemp(prefix="latticaray-bench-")
     os.chmod(run_dir, 0o700)
     results = []
+    trees: list[tuple[str, str | None]] = [("this", None)]
+    if args.compare_tree:
+        trees.append(("base", args.compare_tree))
     try:
-        for transport in args.transports:
-            print(f"running {transport} ...", file=sys.stderr, flush=True)
-            results.append(run_transport(args, transport, run_dir))
+        for round_ in range(args.rounds):
+            for transport in args.transports:
+                # alternate which tree goes first, so neither always gets the quieter slot
+                for label, tree in trees if round_ % 2 == 0 else trees[::-1]:
+                    print(
+                        f"round {round_ + 1}/{args.rounds}: {transport} ({label}) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    result = run_transport(args, transport, run_dir, tree)
+                    result.update(tree=label, round=round_ + 1, loadavg=os.getloadavg()[0])
+                    results.append(result)
     finally:
         try:
             os.rmdir(run_dir)
@@ -667,13 +788,17 @@ def driver(args) -> None:
         print("running raw baseline ...", file=sys.stderr, flush=True)
         raw = anchors(args)
     print_table(args, results, raw)
+    medians = summarize(args, results)
     summary = {
         "bench": "rpc",
         "stack": args.stack,
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "sizes": args.sizes,
+        "rounds": args.rounds,
+        "compare_tree": args.compare_tree,
         "results": results,
+        "medians": medians,
         "raw_baseline": raw,
         "machine": {
             "platform": platform.platform(),
@@ -697,6 +822,12 @@ def main() -> None:
     p.add_argument("--bulk-total", type=int, default=256 << 20)
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
     p.add_argument(
+        "--compare-tree",
+        help="another checkout: every transport also runs with its latticaray, alternated",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="repeat every run (medians reported)")
+    p.add_argument("--tree", help=argparse.SUPPRESS)
+    p.add_argument(
         "--stack",
         choices=["node", "direct"],
         default="node",
@@ -712,8 +843,11 @@ def main() -> None:
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.transports = [t for t in args.transports.split(",") if t]
     for t in args.transports:
-        if t not in TRANSPORTS:
-            p.error(f"unknown transport {t!r}; choose from {TRANSPORTS}")
+        if not valid_transport(t):
+            p.error(
+                f"unknown transport {t!r}; choose from {TRANSPORTS} (QUIC ones take "
+                "-fixed: no path MTU discovery, and @qh3 / @aioquic: the QUIC library)"
+            )
     if args.quick:
         args.duration, args.warmup, args.bulk_total = 2.0, 1.0, 64 << 20
     if args.role == "run":

@@ -77,6 +77,15 @@ def run_one(name: str, seconds: float | None, runs: int | None, seed: int, timeo
     atheris.Fuzz()
 
 
+def _crash_report(log: str) -> str:
+    """The Python traceback and the artifact line of a failed run (not the whole fuzzing log)."""
+    start = log.find("Uncaught Python exception")
+    if start < 0:
+        return log[-3000:]
+    artifact = log.find("artifact_prefix", start)
+    return log[start : artifact + 300 if artifact > 0 else start + 4000]
+
+
 def run_all(names: list[str], seconds: float | None, runs: int | None, seed: int, timeout: int):
     """Fuzz each target in a process of its own; returns one result row per target."""
     rows = []
@@ -88,9 +97,16 @@ def run_all(names: list[str], seconds: float | None, runs: int | None, seed: int
             cmd.append(f"--runs={runs}")
         started = time.monotonic()
         limit = (seconds or 0) + 120 + (runs or 0) / 100
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=limit,
+        )
         elapsed = time.monotonic() - started
-        log = proc.stderr
+        log = proc.stdout
         done = DONE.search(log)
         executed = (
             int(done.group(1))
@@ -98,8 +114,9 @@ def run_all(names: list[str], seconds: float | None, runs: int | None, seed: int
             else max((int(m.group(1)) for m in STAT.finditer(log)), default=0)
         )
         cov = max((int(m.group(2)) for m in STAT.finditer(log)), default=0)
-        crashed = "Uncaught Python exception" in log or "deadly signal" in log
-        hung = "libFuzzer: timeout" in log
+        # libFuzzer's exit codes: 70 a hang (-timeout), 77 an uncaught exception, 71 out of memory
+        hung = proc.returncode == 70 or "libFuzzer: timeout" in log
+        crashed = proc.returncode != 0 and not hung
         rows.append(
             {
                 "target": name,
@@ -110,7 +127,7 @@ def run_all(names: list[str], seconds: float | None, runs: int | None, seed: int
                 "crashes": int(crashed),
                 "hangs": int(hung),
                 "exit": proc.returncode,
-                "tail": "" if proc.returncode == 0 else log[-2000:],
+                "tail": "" if proc.returncode == 0 else _crash_report(log),
             }
         )
     return rows

@@ -5,6 +5,8 @@
     latticaray up --nodes 3 [--run-dir DIR]      # N node processes on loopback, state under DIR
     latticaray status [--run-dir DIR] [--check]  # processes, peers; --check: RPC among all pairs
     latticaray down [--run-dir DIR]              # stops, by PID, only what `up` started
+    latticaray status | list KIND | dashboard    # a running mesh as a node of this host sees it
+                                                 # (cli_observe.py)
 
 Subcommands are argparse subparsers, so more (``microbenchmark``, ``invite``) plug in the same way.
 
@@ -438,7 +440,16 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from latticaray import cli_observe
+
     run_dir = Path(args.run_dir or default_run_dir())
+    if args.address or (not args.run_dir and _load_state(run_dir.resolve()) is None):
+        # not a mesh `up` started: the mesh as a node of this host (or --address) knows it
+        try:
+            return cli_observe.run_mesh_status(args.address, args.timeout)
+        except cli_observe.CliError as exc:
+            print(f"no mesh in {run_dir.resolve()}; {exc}")
+            return 1
     state, report = mesh_status(run_dir, check=args.check)
     if state is None:
         print(f"no mesh in {run_dir.resolve()}")
@@ -516,10 +527,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="show the local mesh; --check runs RPC among all pairs")
+    p = sub.add_parser(
+        "status",
+        help="show the mesh a node of this host knows (nodes, paths, resources, work), "
+        "or a mesh `up` started (--run-dir; --check runs RPC among all pairs)",
+    )
     p.add_argument("--run-dir", metavar="DIR")
     p.add_argument("--check", action="store_true", help="have every node ping every other")
+    p.add_argument("--address", metavar="unix:PATH", help="the node to ask (default: this host's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for members")
     p.set_defaults(func=cmd_status)
+
+    from latticaray import cli_observe
+
+    cli_observe.add_parsers(sub)
 
     p = sub.add_parser(
         "start",
@@ -537,8 +558,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mesh key file (created with mode 0600 if missing)",
     )
     p.add_argument("--peer-id", help="bind the credential to this peer ID (default: any holder)")
-    p.add_argument("--ttl", type=float, help="validity in seconds")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        help="validity in seconds (default one day; members renew theirs before it runs out)",
+    )
+    p.add_argument(
+        "--role",
+        default="member",
+        choices=("member", "worker", "driver", "observer"),
+        help="worker: execute and host work (and submit what it makes); driver: submit work; "
+        "observer: read only; member: all of it (the default)",
+    )
     p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser(
+        "revoke",
+        help="revoke a member (or a credential): signed by the mesh key, spread to the mesh "
+        "through a node",
+    )
+    p.add_argument("peer", nargs="?", help="peer ID of the member to revoke")
+    p.add_argument("--mesh-key-path", required=True, metavar="PATH", help="the mesh key file")
+    p.add_argument(
+        "--credential",
+        metavar="CRED",
+        help="revoke this credential (its text, or its id in hex) whoever shows it",
+    )
+    p.add_argument(
+        "--address",
+        metavar="unix:PATH",
+        help="a member node's driver socket (its `driver_address`): the revocation is "
+        "spread from there; without it the revocation is only printed",
+    )
+    p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser(
         "microbenchmark",
@@ -564,7 +616,39 @@ def cmd_invite(args: argparse.Namespace) -> int:
     from latticaray.runtime.admission import make_invite
 
     kwargs = {} if args.ttl is None else {"ttl": args.ttl}
-    print(make_invite(args.mesh_key_path, peer_id=args.peer_id, **kwargs))
+    print(make_invite(args.mesh_key_path, peer_id=args.peer_id, role=args.role, **kwargs))
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from latticaray.runtime.admission import credential_id, make_revocation
+    from latticaray.runtime.errors import CredentialError
+
+    cred = None
+    if args.credential:
+        text = args.credential.strip()
+        try:
+            cred = credential_id(text) if text.startswith("lrc1.") else bytes.fromhex(text)
+        except (CredentialError, ValueError) as exc:
+            print(f"latticaray revoke: --credential: {exc}", file=sys.stderr)
+            return 2
+    if args.peer is None and cred is None:
+        print("latticaray revoke: name a PEER, a --credential, or both", file=sys.stderr)
+        return 2
+    try:
+        revocation = make_revocation(args.mesh_key_path, args.peer, cred)
+    except CredentialError as exc:
+        print(f"latticaray revoke: {exc}", file=sys.stderr)
+        return 2
+    if args.address:
+        import latticaray as lattica
+
+        lattica.init(address=args.address)
+        try:
+            lattica.revoke(revocation=revocation)
+        finally:
+            lattica.shutdown()
+    print(revocation)
     return 0
 
 

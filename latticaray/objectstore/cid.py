@@ -19,6 +19,7 @@ sha2-256 is the default (interoperable with IPFS; hashlib uses SHA-NI here). BLA
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 from typing import Final
 
@@ -51,7 +52,7 @@ _HASH_LENGTHS = {SHA2_256: 32, BLAKE3: 32}
 try:  # optional, faster hash
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - depends on the environment
-    _blake3 = None
+    _blake3 = None  # type: ignore[assignment]
 
 
 def blake3_available() -> bool:
@@ -150,7 +151,7 @@ class Cid:
         padded = body.upper() + "=" * (-len(body) % 8)
         try:
             binary = base64.b32decode(padded)
-        except (ValueError, base64.binascii.Error) as exc:
+        except (ValueError, binascii.Error) as exc:
             raise InvalidCid(f"bad base32 in CID {text!r}: {exc}") from None
         return cls.decode(binary)
 

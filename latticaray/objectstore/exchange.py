@@ -5,11 +5,19 @@
     exchange = ObjectExchange(node, dht, store)          # registers /latticaray/bitswap/1 and
     await exchange.start()                               #   /latticaray/replicate/1 on the node
     cid = store.put(value); await exchange.provide(cid)  # announce to the DHT (re-announced)
-    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None) -> Cid   # into the store
+    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None, stall_timeout=None) -> Cid
     value = await exchange.get(cid, timeout=30.0)        # local store first, else fetch
     peers = await exchange.replicate(cid, n, timeout=60.0)   # n peers fetch and pin it
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
     await exchange.stop()
+
+``authorize`` (``peer -> bool``, optional) decides who may be served and asked: a peer it
+refuses gets ``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1``
+before any byte of its request is decoded, and is never asked for a block nor to replicate.
+``authorize_replicate`` (default: ``authorize``) decides who may ask this node to replicate.
+Without them every peer is served (a node outside any mesh). Every block fetched is verified
+against its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch,
+and once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
 
 ``node`` is anything with the MeshNode surface this module uses: ``peer_id``,
 ``register_server_stream``, ``register_unary``, ``call``, ``call_stream``, ``connected_peers``
@@ -33,12 +41,22 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from ..mesh.errors import RpcError
+from ..mesh.rpc import Status
 from . import bitswap as bs
 from .cid import Cid
 from .errors import (
@@ -58,6 +76,8 @@ log = logging.getLogger(__name__)
 
 REPLICATE_PROTOCOL_ID = "/latticaray/replicate/1"
 ProviderSource = Callable[[Cid], Awaitable[list[Hashable]]]
+#: whether a peer may be served (a member of this node's mesh)
+Authorize = Callable[[Hashable], bool]
 
 
 @dataclass
@@ -75,6 +95,8 @@ class ExchangeConfig:
     reprovide_interval: float = 12 * 3600.0
     accept_replication: bool = True
     max_concurrent_replications: int = 4
+    #: A peer that sent this many bad blocks (any fetches) is asked for nothing more.
+    distrust_after_bad_blocks: int = 4
     #: Show a progress bar for fetches of at least progress_min_bytes (quiet by default; the
     #: environment variable LATTICARAY_PROGRESS=1 turns it on when stderr is a terminal).
     show_progress: bool = field(
@@ -142,6 +164,7 @@ class _FetchRun:
         pin: bool,
         progress: _Progress,
         hint_peers: list[Hashable],
+        stall_timeout: float | None = None,
     ) -> None:
         self.exchange = exchange
         self.root = root
@@ -149,11 +172,13 @@ class _FetchRun:
         self.progress = progress
         self.hint_peers = hint_peers
         self.loop = asyncio.get_running_loop()
-        self.session = bs.FetchSession(root, self.loop.time() + timeout, exchange.config.session)
+        self.session = bs.FetchSession(
+            root, self.loop.time() + timeout, exchange.config.session, stall_timeout
+        )
         self.writer: ObjectWriter | None = None
         self.finished: asyncio.Future[Cid] = self.loop.create_future()
         self.wake = asyncio.Event()
-        self.requests: dict[int, asyncio.Task] = {}
+        self.requests: dict[int, asyncio.Task[None]] = {}
         self.lookup: asyncio.Task | None = None
         self.lookup_again = False
         self.background: set[asyncio.Task] = set()
@@ -161,13 +186,20 @@ class _FetchRun:
     def now(self) -> float:
         return self.loop.time()
 
+    def candidates(self, peers: Iterable[Hashable]) -> list[Hashable]:
+        """The peers worth asking: not this node, nor a peer distrusted for its bad blocks."""
+        exchange = self.exchange
+        return [
+            p
+            for p in peers
+            if p != exchange.node.peer_id
+            and exchange.trusted(p)
+            and (exchange.authorize is None or exchange.authorize(p))
+        ]
+
     async def run(self) -> Cid:
         try:
-            self.apply(
-                self.session.start(
-                    self.now(), [p for p in self.hint_peers if p != self.exchange.node.peer_id]
-                )
-            )
+            self.apply(self.session.start(self.now(), self.candidates(self.hint_peers)))
             while not self.finished.done():
                 delay = self.session.next_timer() - self.now()
                 if delay > 0:
@@ -202,6 +234,7 @@ class _FetchRun:
         if error is not None:
             self.finished.set_exception(error)
         else:
+            assert result is not None  # a fetch ends with its CID or an error
             self.finished.set_result(result)
         self.wake.set()
 
@@ -213,9 +246,9 @@ class _FetchRun:
                 task = self.loop.create_task(self.request(action))
                 self.requests[action.request_id] = task
             elif isinstance(action, bs.CancelRequest):
-                task = self.requests.pop(action.request_id, None)
-                if task is not None:
-                    task.cancel()
+                cancelled = self.requests.pop(action.request_id, None)
+                if cancelled is not None:
+                    cancelled.cancel()
             elif isinstance(action, bs.FindProviders):
                 if self.lookup is None or self.lookup.done():
                     self.lookup = self.loop.create_task(self.find_providers())
@@ -253,15 +286,14 @@ class _FetchRun:
         self.writer = None
         self.finish(cid)
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
     async def find_providers(self) -> None:
         exchange = self.exchange
-        me = exchange.node.peer_id
-        connected = [p for p in exchange._connected_peers() if p != me]
+        connected = self.candidates(exchange._connected_peers())
         self.apply(
             self.session.add_peers(
                 connected[: exchange.config.max_connected_candidates], self.now()
@@ -272,15 +304,15 @@ class _FetchRun:
                 found = await asyncio.wait_for(
                     exchange.providers(self.root), timeout=exchange.config.dht_lookup_timeout
                 )
-                self.apply(self.session.add_peers([p for p in found if p != me], self.now()))
+                self.apply(self.session.add_peers(self.candidates(found), self.now()))
             except Exception as exc:  # a failing source must not end the fetch
                 log.debug("bitswap: provider source failed for %s: %r", self.root, exc)
         if exchange.dht is not None:
             try:
                 async with asyncio.timeout(exchange.config.dht_lookup_timeout):
                     async for peer in exchange._dht_providers(self.root):
-                        if peer != me:  # each provider joins the session as soon as it is found
-                            self.apply(self.session.add_peers([peer], self.now()))
+                        # each provider joins the session as soon as it is found
+                        self.apply(self.session.add_peers(self.candidates([peer]), self.now()))
             except Exception as exc:
                 log.debug("bitswap: DHT provider lookup failed for %s: %r", self.root, exc)
 
@@ -331,8 +363,13 @@ class ObjectExchange:
         *,
         providers: ProviderSource | None = None,
         config: ExchangeConfig | None = None,
+        authorize: Authorize | None = None,
+        authorize_replicate: Authorize | None = None,
     ) -> None:
         self.node = node
+        self.authorize = authorize
+        self.authorize_replicate = authorize_replicate or authorize
+        self.refused = 0  # requests refused unread (observability; tests)
         self.dht = dht
         self.store = store
         self.providers = providers
@@ -373,9 +410,12 @@ class ObjectExchange:
         timeout: float = 30.0,
         pin: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        peers: list[Hashable] = (),
+        peers: Sequence[Hashable] = (),
+        stall_timeout: float | None = None,
     ) -> Cid:
-        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``."""
+        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``, or
+        once nothing of it arrived for ``stall_timeout`` s (a slow fetch that progresses goes
+        on until ``timeout``). A fetch of a CID already under way is joined, on its terms."""
         root = Cid.coerce(cid)
         if self.store.contains(root):
             if pin:
@@ -387,7 +427,7 @@ class ObjectExchange:
             reporter = _Progress(
                 root, progress, self.config.show_progress, self.config.progress_min_bytes
             )
-            run = _FetchRun(self, root, timeout, pin, reporter, list(peers))
+            run = _FetchRun(self, root, timeout, pin, reporter, list(peers), stall_timeout)
             self._runs[root] = run
             future = asyncio.ensure_future(run.run())
             self._fetches[root] = future
@@ -398,9 +438,9 @@ class ObjectExchange:
 
             future.add_done_callback(forget)
         else:
-            run = self._runs.get(root)
-            if run is not None and peers:
-                run.apply(run.session.add_peers(list(peers), run.now()))
+            running = self._runs.get(root)
+            if running is not None and peers:
+                running.apply(running.session.add_peers(running.candidates(peers), running.now()))
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout=timeout + 1.0)
         except TimeoutError:
@@ -495,7 +535,7 @@ class ObjectExchange:
         pool = [
             p
             for p in (candidates if candidates is not None else self._connected_peers())
-            if p != self.node.peer_id
+            if p != self.node.peer_id and (self.authorize is None or self.authorize(p))
         ]
         payload = msgpack.packb({"root": bytes(root), "timeout": float(timeout)})
         confirmed: list[Hashable] = []
@@ -517,7 +557,23 @@ class ObjectExchange:
                         confirmed.append(peer)
         return confirmed
 
+    def trusted(self, peer: Hashable) -> bool:
+        """False once ``peer`` sent ``distrust_after_bad_blocks`` bad blocks: no fetch asks it."""
+        return self.ledgers.bad_blocks(peer) < self.config.distrust_after_bad_blocks
+
+    def _require_authorized(
+        self, ctx: Any, protocol: str, authorize: Authorize | None = None
+    ) -> None:
+        """Refuse a peer ``authorize`` does not accept, before anything it sent is read."""
+        if authorize is not None and not authorize(ctx.peer_id):
+            self.refused += 1
+            raise RpcError(
+                Status.PERMISSION_DENIED,
+                f"peer {ctx.peer_id} may not use {protocol} here; request refused unread",
+            )
+
     async def _serve_replicate(self, ctx: Any, payload: bytes) -> bytes:
+        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID, self.authorize_replicate)
         if not self.config.accept_replication:
             return msgpack.packb({"ok": False, "error": "replication refused"})
         if len(payload) > 4096:
@@ -591,7 +647,8 @@ class ObjectExchange:
             else:  # its waiter went away: pass the slot on
                 granted.extend(self.ledgers.release_slot(next_token))
 
-    async def _serve(self, ctx: Any, payload: bytes):
+    async def _serve(self, ctx: Any, payload: bytes) -> AsyncIterator[bytes]:
+        self._require_authorized(ctx, bs.PROTOCOL_ID, self.authorize)
         peer = ctx.peer_id
         try:
             request = bs.decode_request(payload)
@@ -603,7 +660,7 @@ class ObjectExchange:
         manifest, flags, source = self._holding(request.root)
         pending = None
         if flags is not None and request.pending:  # a partial holder: what its fetch has asked for
-            run = self._runs.get(request.root)
+            run = self._runs.get(request.root) if request.root is not None else None
             pending = run.session.pending_flags() if run is not None else None
         plan = bs.plan_response(request, manifest, flags, pending)
         if plan.presences:
@@ -613,6 +670,7 @@ class ObjectExchange:
             await self._acquire_slot(peer, token)
             try:
                 if index == -1:
+                    assert manifest is not None  # the plan names the manifest only if held
                     data: Any = manifest.encoded
                 elif isinstance(source, ObjectWriter):
                     data = source.read_block(index)

@@ -142,7 +142,7 @@ def _serialize_tensor(array: np.ndarray, kind: str) -> SerializedObject:
     pieces = None
     if array.flags.c_contiguous and array.nbytes >= 1 << 20:
         # an Arrow IPC tensor message ends with the tensor's bytes, verbatim
-        body = memoryview(array.reshape(-1)).cast("B")
+        body = array.reshape(-1).data.cast("B")
         segments.append((size - array.nbytes, body))
         header = _tensor_header(tensor, size - array.nbytes)
         if header is not None:

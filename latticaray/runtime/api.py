@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from latticaray.runtime import context, serialization
-from latticaray.runtime.core import DriverCore
+from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -340,10 +340,13 @@ class _EmbeddedRuntime:
     def __init__(self):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
-        self.node = None
-        self.mesh_runtime = None
+        self.node: Any = None  # the RuntimeNode, once started
+        self.mesh_runtime: Any = None
+        self.printer: Any = None  # LogPrinter of worker output (log_to_driver)
+        self.dashboard: Any = None  # DashboardServer (init(dashboard=True))
 
     def start(self, make_node, start_mesh=None) -> None:
+        loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 
@@ -364,30 +367,47 @@ class _EmbeddedRuntime:
         self.node = make_node()
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
         if start_mesh is not None:
-            self.mesh_runtime = asyncio.run_coroutine_threadsafe(
-                start_mesh(self.node), loop
-            ).result()
+            try:
+                self.mesh_runtime = asyncio.run_coroutine_threadsafe(
+                    start_mesh(self.node), loop
+                ).result()
+            except BaseException:
+                self.stop()  # the node and its loop thread do not outlive a failed init()
+                raise
 
     def stop(self) -> None:
         loop = self.loop
         if loop is None or loop.is_closed():
             return
         try:
+            if self.dashboard is not None:
+                asyncio.run_coroutine_threadsafe(self.dashboard.stop(), loop).result(15)
             if self.mesh_runtime is not None:
                 asyncio.run_coroutine_threadsafe(self.mesh_runtime.stop(), loop).result(15)
             asyncio.run_coroutine_threadsafe(self.node.stop(), loop).result(15)
         finally:
             loop.call_soon_threadsafe(loop.stop)
-            self.thread.join(10)
+            if self.thread is not None:
+                self.thread.join(10)
             if not loop.is_running():
                 loop.close()
+            if self.printer is not None:
+                self.printer.stop()  # what the workers printed last is shown before we return
+
+    def start_dashboard(self, host: str, port: int) -> str:
+        """Serve the dashboard for this node on its loop; returns the page's URL."""
+        from latticaray.dashboard import DashboardServer
+
+        assert self.loop is not None
+        self.dashboard = DashboardServer(self.node.state_source, host=host, port=port)
+        return asyncio.run_coroutine_threadsafe(self.dashboard.start(), self.loop).result(30)
 
 
 _runtime: _EmbeddedRuntime | None = None
 _init_lock = threading.Lock()
 
 
-def _default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
+def default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     total = dict(resources or {})
     total["CPU"] = float(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
     if num_gpus:
@@ -415,6 +435,10 @@ def init(
     listen: list[str] | None = None,
     mesh_key_path: str | None = None,
     nat=None,
+    log_to_driver: bool = True,
+    dashboard: bool = False,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int = 8265,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -422,9 +446,13 @@ def init(
 
     No arguments: an embedded local node with worker processes sized to this machine.
     `bootstrap=[multiaddr, ...]` joins an existing mesh (with `credential`, a membership
-    credential from the mesh's `latticaray invite`). `nat=` (a cluster.NatSettings or a dict of
+    credential from the mesh's `latticaray invite`). `nat=` (a mesh_runtime.NatSettings or a dict of
     its fields: observers, relays, lab, hole_punching, ...) runs NAT traversal for a node behind a
     NAT: it reserves a relay slot, advertises its circuit address and upgrades by hole punching.
+
+    `log_to_driver` (default on): what tasks and actors print, on any node, shows here with a
+    `(name pid=..., node=...)` prefix. `dashboard=True` serves the dashboard from this node
+    (`dashboard_host`:`dashboard_port`, 0 for any free port); its URL is in the returned info.
     """
     global _runtime
     with _init_lock:
@@ -440,20 +468,20 @@ def init(
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
             return _attach(address, namespace)
-        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
-        total = _default_resources(num_cpus, num_gpus, resources)
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
+        total = default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.cluster import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
                 credential=credential,
                 listen=listen,
                 key_path=mesh_key_path,
-                nat=NatSettings.coerce(nat),
+                nat=nat,
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
@@ -466,10 +494,25 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers)
 
-        runtime.start(make_node, start_mesh)
+        try:
+            runtime.start(make_node, start_mesh)
+        except BaseException:  # a refused credential: nothing of this node stays behind
+            runtime.stop()
+            raise
         _runtime = runtime
+        assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
-        return _runtime_info()
+        runtime.node.state_source.role = "driver"
+        if log_to_driver:
+            from latticaray.observe.logs import LogPrinter
+
+            runtime.printer = LogPrinter().start()
+            runtime.node.logs.sink = runtime.printer.submit
+        info = _runtime_info()
+        if dashboard:
+            info["dashboard_url"] = runtime.start_dashboard(dashboard_host, dashboard_port)
+            print(f"latticaray dashboard at {info['dashboard_url']}", flush=True)
+        return info
 
 
 _attached = None
@@ -478,7 +521,7 @@ _attached = None
 def _attach(address: str, namespace: str) -> dict:
     """Attach this driver to a node process listening on a Unix socket."""
     global _attached
-    from latticaray.runtime.core import AttachedCore
+    from latticaray.runtime.client import AttachedCore
 
     path = address[len("unix:") :] if address.startswith("unix:") else address
     core = AttachedCore(path, namespace)
@@ -491,8 +534,8 @@ def _attach(address: str, namespace: str) -> dict:
 
 
 def _runtime_info() -> dict:
-    if _runtime is None and _attached is not None:
-        return {"node_id": _attached.node_id, "address": []}
+    if _runtime is None:
+        return {"node_id": _attached.node_id if _attached is not None else None, "address": []}
     return {
         "node_id": _runtime.node.node_id,
         "address": getattr(_runtime.mesh_runtime, "listen_addrs", []),
@@ -527,11 +570,39 @@ def mesh_info() -> dict:
     return _runtime_info()
 
 
-def invite(peer_id: str | None = None, ttl: float | None = None) -> str:
-    """A membership credential for this mesh (only on the node that holds the mesh key)."""
+def invite(peer_id: str | None = None, ttl: float | None = None, role: str = "member") -> str:
+    """A membership credential for this mesh (only on the node that holds the mesh key):
+    bound to `peer_id` if given (else a bearer invite), valid `ttl` seconds (default one day;
+    a member renews its own before it runs out), with `role` ``member`` (everything),
+    ``worker`` (execute, host, submit), ``driver`` (submit, read) or ``observer`` (read)."""
     if _runtime is None or _runtime.mesh_runtime is None:
         raise RuntimeError("invite() needs a mesh: init(listen=[...]) or init(_mesh=True) first")
-    return _runtime.mesh_runtime.invite(peer_id, ttl)
+    return _runtime.mesh_runtime.invite(peer_id, ttl, role)
+
+
+def revoke(
+    peer_id: str | None = None,
+    *,
+    credential_id: bytes | None = None,
+    revocation: str | None = None,
+) -> str:
+    """Revoke a member (`peer_id`: whatever credential it shows) or a credential
+    (`credential_id`: whoever shows it). The revocation is signed by the mesh key this node
+    holds (or given signed, as `revocation`, e.g. by `latticaray revoke`), spread through the
+    cluster state, and honoured by every member within a gossip round: the revoked peer's
+    connections are closed and its work refused. Returns the revocation's text."""
+    core = context.require_core()
+    if revocation is None:
+        if _runtime is None or _runtime.mesh_runtime is None:
+            raise RuntimeError(
+                "revoke() signs with the mesh key of an embedded mesh node; an attached driver "
+                "passes revocation= (made by `latticaray revoke --mesh-key-path`)"
+            )
+        revocation = _runtime.mesh_runtime.admission.revocation(peer_id, credential_id)
+    reply = core.request({"op": "revoke", "text": revocation})
+    if "error" in reply:
+        raise_error_value(reply["error"])
+    return revocation
 
 
 def is_initialized() -> bool:
@@ -584,9 +655,14 @@ def wait(
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns <= 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 1 and {len(refs)}")
-    ready_idx = set(context.require_core().wait(refs, num_returns, timeout, fetch_local))
-    ready = [r for i, r in enumerate(refs) if i in ready_idx]
-    not_ready = [r for i, r in enumerate(refs) if i not in ready_idx]
+    ready_idx = sorted(set(context.require_core().wait(refs, num_returns, timeout, fetch_local)))
+    ready = [refs[i] for i in ready_idx]
+    not_ready: list[ObjectRef] = []
+    start = 0
+    for i in ready_idx:  # the runs between the ready ones, copied as slices
+        not_ready += refs[start:i]
+        start = i + 1
+    not_ready += refs[start:]
     return ready, not_ready
 
 
@@ -595,7 +671,7 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
     if isinstance(ref, ObjectRefGenerator):
         from latticaray.runtime.ids import object_id
 
-        ref = ObjectRef(object_id(ref.task_id(), 0), ref._owner, _count=False)
+        ref = ObjectRef(object_id(ref.task_id(), 0), ref.owner, _count=False)
     if not isinstance(ref, ObjectRef):
         raise TypeError("cancel() takes an ObjectRef")
     context.require_core().cancel(ref, force, recursive)

@@ -62,7 +62,7 @@ class TaskError(LatticaError):
             return self
         try:
             dual = _dual_class(cause_cls)
-            err = dual.__new__(dual)
+            err = dual.__new__(dual)  # type: ignore[call-overload]
             err.function_name = self.function_name
             err.cause_type = self.cause_type
             err.remote_traceback = self.remote_traceback
@@ -163,8 +163,16 @@ class NotMemberError(LatticaError, PermissionError):
     """The caller holds no valid membership credential for this mesh."""
 
 
+class MeshUnreachableError(LatticaError, ConnectionError):
+    """No bootstrap peer could be joined; the message names each address tried and why."""
+
+
 class CredentialError(LatticaError, ValueError):
-    """A membership credential is malformed, expired, or not signed by the mesh key."""
+    """A membership credential is malformed, expired, revoked, or not signed by the mesh key."""
+
+
+class NotPermittedError(LatticaError, PermissionError):
+    """This node's credential role does not allow the operation (an observer submitting work)."""
 
 
 from latticaray.scheduler.errors import UnschedulableError  # noqa: E402

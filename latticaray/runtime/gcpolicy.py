@@ -47,7 +47,7 @@ def apply_startup_policy(thresholds: tuple[int, int, int] = DEFAULT_THRESHOLDS) 
     gc.collect()
     gc.freeze()
     gc.set_threshold(*thresholds)
-    return GcPolicyReport(frozen=gc.get_freeze_count(), thresholds=tuple(gc.get_threshold()))
+    return GcPolicyReport(frozen=gc.get_freeze_count(), thresholds=gc.get_threshold())
 
 
 def refreeze() -> int:

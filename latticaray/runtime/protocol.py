@@ -26,14 +26,14 @@ class ChannelClosed(Exception):
     """The peer end of a worker channel closed."""
 
 
-class FrameTooLarge(Exception):
-    """A frame announced a length above MAX_FRAME."""
+class WorkerFrameTooLarge(Exception):
+    """A node <-> worker frame longer than MAX_FRAME (mesh frames have mesh.errors.FrameTooLarge)."""
 
 
 def pack(message: dict) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
-        raise FrameTooLarge(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+        raise WorkerFrameTooLarge(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return HEADER.pack(len(body)) + body
 
 

@@ -86,7 +86,7 @@ class RefTable:
                 counts[oid] = 1
                 self.owners[oid] = owner
                 self._send(owner, BORROW, oid)
-            elif oid in self.node.objects:
+            elif oid in self.node.objects.entries:
                 counts[oid] = 2  # not counted so far: whoever made it holds one
             else:
                 return False
@@ -120,7 +120,7 @@ class RefTable:
                 del counts[oid]  # the common case: an object only this process referenced
             free.append(oid)
         if free:
-            self.node._on_release({"op": "release", "oids": free}, client)
+            self.node.objects.free(free)
 
     def unhold(self, oid: bytes) -> None:
         counts = self.counts
@@ -144,7 +144,7 @@ class RefTable:
     def _free(self, oid: bytes) -> None:
         self.counts.pop(oid, None)
         self.borrowers.pop(oid, None)
-        self.node._on_release({"op": "release", "oids": [oid]}, None)
+        self.node.objects.free([oid])
         if self.contents:
             self.drop_contents(oid)
 
@@ -152,7 +152,7 @@ class RefTable:
         """A process of this node died or disconnected: its holds go with it, and so do the
         streams it submitted (their generators died with it)."""
         for tid in [t for t, (owner, _) in self.streamed.items() if owner is client]:
-            self.node._on_stream_drop({"tid": tid}, client)
+            self.node.streams.drop({"tid": tid}, client)
         holds = getattr(client, "ref_holds", None)
         if not holds:
             return
@@ -188,7 +188,7 @@ class RefTable:
     def forward(self, tid: bytes, caller: str, outers: list[bytes]) -> list | None:
         """Results of a caller's task leave this node: what they contain stays held here until
         the caller acknowledges that it holds them itself (`held`)."""
-        refs = []
+        refs: list[list] = []
         for outer in outers:
             refs.extend(self.contents.pop(outer, ()))
         if refs:
@@ -259,7 +259,7 @@ class RefTable:
         for op, oid in ops:
             if op == BORROW:
                 if oid not in self.counts:
-                    if oid not in self.node.objects or oid in self.owners:
+                    if oid not in self.node.objects.entries or oid in self.owners:
                         self.stats["borrow_of_freed"] += 1
                         continue
                     self.counts[oid] = 1  # not counted so far: its creator holds one
@@ -288,12 +288,11 @@ class RefTable:
 
     # ------------------------------------------------------------------ borrower side
     def _send(self, owner: str, op: int, oid: bytes) -> None:
-        cluster = self.node.cluster
-        if cluster is None:
+        if self.node.remote is None:
             return
         self._queues.setdefault(owner, []).append([op, oid])
         if owner not in self._senders:
-            self._senders[owner] = self.node.loop.create_task(self._drain(owner))
+            self._senders[owner] = self.node.spawn(self._drain(owner))
 
     async def _drain(self, owner: str) -> None:
         try:
@@ -308,14 +307,17 @@ class RefTable:
             self._senders.pop(owner, None)
 
     async def _deliver(self, owner: str, batch: list) -> None:
-        cluster = self.node.cluster
+        remote = self.node.remote
+        assert remote is not None
         for attempt in range(DELIVERY_ATTEMPTS):
             try:
-                await cluster.ref_call(owner, batch)
+                await remote.refs.call(owner, batch)
                 self.stats["ref_calls"] += 1
                 return
             except Exception as exc:
-                if not cluster.is_alive(owner):  # the owner is gone: its objects went with it
+                if not remote.membership.is_alive(
+                    owner
+                ):  # the owner is gone: its objects went with it
                     log.debug("reference updates to %s dropped: %r", owner, exc)
                     return
                 log.info("reference updates to %s failed (attempt %d): %r", owner, attempt + 1, exc)
@@ -331,26 +333,12 @@ class RefTable:
             await asyncio.gather(*list(self._senders.values()), return_exceptions=True)
 
 
-def task_arg_refs(message: dict) -> list:
+def task_arg_refs(message: dict) -> list[list]:
     """Refs a task's arguments carry: top-level ref arguments and refs nested in values."""
-    refs = list(message.get("inner") or ())
+    refs: list[list] = list(message.get("inner") or ())
     args = message.get("args")
     if args and args[0] == "l":
         for item in list(args[1]) + list(args[2].values()):
             if item[0] == 1:
                 refs.append([item[1], item[2]])
     return refs
-
-
-def kill_orphaned_actors(node, owner: str) -> int:
-    """Actors hosted on `node` whose creator `owner` is gone die with it, unless detached."""
-    killed = 0
-    for actor in list(node.actors.values()):
-        if actor.state == "DEAD" or actor.opts.get("lifetime") == "detached":
-            continue
-        if actor.msg.get("owner", node.node_id) != owner:
-            continue
-        node._on_kill({"aid": actor.aid, "no_restart": True}, None)
-        actor.death_cause = f"its owner {owner} is gone (the actor is not detached)"
-        killed += 1
-    return killed

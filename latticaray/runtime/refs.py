@@ -17,7 +17,8 @@ class collect_refs:
 
     def __enter__(self) -> list:
         self._outer = getattr(_collecting, "refs", None)
-        _collecting.refs = found = []
+        found: list[list] = []
+        _collecting.refs = found
         return found
 
     def __exit__(self, *exc) -> None:
@@ -105,13 +106,19 @@ class ObjectRef:
         return asyncio.wrap_future(self.future()).__await__()
 
 
-def _rebuild_ref(object_id: bytes, owner: str, cid: str | None) -> ObjectRef:
+def borrowed_ref(object_id: bytes, owner: str, cid: str | None = None, core=None) -> ObjectRef:
+    """A ref this process got a copy of (deserialized, or an item taken again from a stream):
+    counted as a borrow, which the node learns of (``core``: the current one by default)."""
     ref = ObjectRef(object_id, owner, cid, _count=False)
-    core = context.current_core()
+    core = core or context.current_core()
     if core is not None:
-        core.add_borrowed_ref(object_id, owner)  # a deserialized copy: the node learns of it
+        core.add_borrowed_ref(object_id, owner)
         ref._counted = True
     return ref
+
+
+def _rebuild_ref(object_id: bytes, owner: str, cid: str | None) -> ObjectRef:
+    return borrowed_ref(object_id, owner, cid)
 
 
 class ObjectRefGenerator:
@@ -129,6 +136,11 @@ class ObjectRefGenerator:
         self._next_index = 0
         self._done = False
         self._owned = _owned
+
+    @property
+    def owner(self) -> str:
+        """The node that owns the stream (where its task was submitted)."""
+        return self._owner
 
     def __del__(self):
         if self._owned:

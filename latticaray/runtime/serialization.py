@@ -19,6 +19,7 @@ import os
 import pickle
 import pickletools
 import struct
+from typing import Any, TypeGuard
 
 import cloudpickle
 
@@ -103,7 +104,8 @@ def _put_in_store(store, value) -> bytes | None:
     return STORE_MAGIC + str(name).encode("ascii")
 
 
-def is_store_ref(data) -> bool:
+def is_store_ref(data: Any) -> TypeGuard[bytes]:
+    """Whether ``data`` (sealed bytes, or None while pending) refers to a store object."""
     return data is not None and data[: len(STORE_MAGIC)] == STORE_MAGIC
 
 
@@ -157,14 +159,16 @@ def materialize_pieces(data) -> list:
     opcodes are dropped (frames are optional in a pickle) so that no frame spans a buffer."""
     if not is_store_ref(data):
         return [data]
-    buffers = []
+    buffers: list[pickle.PickleBuffer] = []
     head = cloudpickle.dumps(deserialize(data), protocol=5, buffer_callback=buffers.append)
     if not buffers:
         return [head]
-    pieces, at, taken = [], 0, 0
+    pieces: list[bytes | memoryview] = []
+    at = taken = 0
     view = memoryview(head)
-    pending = None  # the buffer whose NEXT_BUFFER was just read
+    pending: Any = None  # the buffer (memoryview) whose NEXT_BUFFER was just read
     for op, _arg, pos in pickletools.genops(head):
+        assert pos is not None  # genops over bytes gives every opcode's offset
         if pending is not None:
             readonly = op.code == "\x98"  # READONLY_BUFFER
             pieces.append(
@@ -191,6 +195,11 @@ def materialize_pieces(data) -> list:
 def dumps_code(obj) -> bytes:
     """Functions, classes and errors travel by value (cloudpickle)."""
     return cloudpickle.dumps(obj, protocol=5)
+
+
+def error_blob(exc: BaseException) -> bytes:
+    """An exception as an error value (the bytes a failed object is sealed with)."""
+    return dumps_code(exc)
 
 
 def code_hash(blob: bytes) -> bytes:

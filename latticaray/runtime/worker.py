@@ -4,15 +4,14 @@ Started as `python -m latticaray.runtime.worker <fd> <node_id> <worker_id>` with
 socketpair as `fd`. The main thread reads frames from the node between tasks and runs tasks
 (one at a time); actor calls run on the main thread, a thread pool (max_concurrency > 1) or an
 asyncio loop (async actors). User code calling the runtime API (nested tasks, get, put, actors)
-goes through `WorkerCore`, which sends requests to the node over the same channel and reads the
-channel itself while it waits (see WorkerConnection). The node cancels a running task by sending
+goes through `WorkerCore` (client.py), which sends requests to the node over the same channel and reads the
+channel itself while it waits (see channel.py). The node cancels a running task by sending
 a cancel frame and SIGUSR1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import os
 import select
@@ -24,98 +23,13 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from latticaray.runtime import context, serialization
+from latticaray.runtime.channel import WorkerConnection
+from latticaray.runtime.client import WorkerCore
 from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskError
-from latticaray.runtime.protocol import STREAMING, BlockingFrameReader, ChannelClosed, pack
+from latticaray.runtime.protocol import STREAMING, ChannelClosed
 from latticaray.runtime.refs import collect_refs
 
 STREAM_WINDOW = 16
-
-
-class WorkerConnection:
-    """The worker's end of the node channel: locked sends, shared reading, request replies.
-
-    There is no reader thread: whichever thread needs a frame reads, holding `read_lock` (the
-    main thread between tasks, or a thread waiting for its reply while the main thread is busy
-    running user code). Replies go to their waiters, work goes to `deferred` for the main
-    thread, and the rest to `router`. Saving the thread hand-off per call is what makes sync
-    calls fast.
-    """
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self._send_lock = threading.Lock()
-        self._reader = BlockingFrameReader(sock)
-        self._pending: dict[int, list] = {}
-        self._next_rid = 0
-        self._rid_lock = threading.Lock()
-        self.read_lock = threading.Lock()
-        self.deferred: collections.deque = collections.deque()
-        self.router = self.deferred.append
-        self.closed = False
-
-    def pump(self) -> None:
-        """Read at least one frame (all that are there) and route them. Hold read_lock."""
-        if self.closed:
-            raise ChannelClosed("node closed the worker channel")
-        try:
-            messages = self._reader.read_available()
-            if not messages:
-                messages = [self._reader.read()]
-        except (ChannelClosed, OSError):
-            self.closed = True
-            self.fail_all()
-            raise ChannelClosed("node closed the worker channel") from None
-        for message in messages:
-            if message["op"] == "reply":
-                self.deliver_reply(message)
-            else:
-                self.router(message)
-
-    def send(self, message: dict) -> None:
-        frame = pack(message)
-        with self._send_lock:
-            self.sock.sendall(frame)
-
-    def read(self) -> dict:
-        return self._reader.read()
-
-    def request(self, message: dict, timeout: float | None = None) -> dict:
-        with self._rid_lock:
-            self._next_rid += 1
-            rid = self._next_rid
-        slot = [threading.Event(), None]
-        self._pending[rid] = slot
-        message["rid"] = rid
-        try:
-            self.send(message)
-            event = slot[0]
-            while not event.is_set():
-                if self.read_lock.acquire(blocking=False):
-                    try:
-                        while not event.is_set():
-                            self.pump()
-                    except ChannelClosed:
-                        break
-                    finally:
-                        self.read_lock.release()
-                else:
-                    event.wait(0.002)  # another thread reads; it hands our reply over
-        finally:
-            self._pending.pop(rid, None)
-        if slot[1] is None:
-            return {"op": "reply", "error": "node closed the worker channel"}
-        return slot[1]
-
-    def deliver_reply(self, message: dict) -> None:
-        slot = self._pending.get(message["rid"])
-        if slot is not None:
-            slot[1] = message
-            slot[0].set()
-
-    def fail_all(self) -> None:
-        for slot in list(self._pending.values()):
-            slot[1] = {"op": "reply", "error": "node closed the worker channel"}
-            slot[0].set()
 
 
 class StreamCredit:
@@ -224,6 +138,7 @@ class Worker:
             if threading.get_ident() == self.main_ident:
                 raise KeyboardInterrupt  # read while the task itself waited on the node
             # a real signal, so a blocking call (sleep, socket read) in the task is interrupted
+            assert self.main_ident is not None
             signal.pthread_kill(self.main_ident, signal.SIGUSR1)
 
     def on_cancel_signal(self, signum, frame) -> None:
@@ -235,7 +150,7 @@ class Worker:
         if task_id not in self.cancelled and self.conn.read_lock.acquire(blocking=False):
             try:
                 select.select([self.conn.sock], [], [], 0.2)
-                for message in self.conn._reader.read_available():
+                for message in self.conn.read_available():
                     if message["op"] == "reply":
                         self.conn.deliver_reply(message)
                     elif message["op"] == "cancel":
@@ -281,7 +196,7 @@ class Worker:
             finally:
                 message = None
                 core = context.current_core()
-                if core is not None and core._release_queue:
+                if core is not None and core.releases_pending:
                     core.flush_releases()  # refs the task held are let go of now, not later
 
     def _load(self, code_hash: bytes, blob: bytes | None):
@@ -331,6 +246,7 @@ class Worker:
         )
 
     def _reply_results(self, task_id: bytes, result, nret: int, name: str) -> None:
+        items: tuple
         if nret == 1:
             items = (result,)
         elif nret == 0:
@@ -438,7 +354,7 @@ class Worker:
     def _dispatch_concurrent(self, message: dict) -> None:
         if self.actor_loop is not None:
             asyncio.run_coroutine_threadsafe(self._run_actor_call_async(message), self.actor_loop)
-        else:
+        elif self.actor_pool is not None:
             self.actor_pool.submit(self._run_actor_call, message)
 
     def _actor_method(self, message: dict):
@@ -487,6 +403,7 @@ class Worker:
     async def _run_actor_call_async(self, message: dict) -> None:
         task_id = message["tid"]
         name = message.get("name", message["m"])
+        assert self.actor_semaphore is not None  # made on the actor's loop before it runs calls
         async with self.actor_semaphore:
             if task_id in self.cancelled:
                 self.cancelled.discard(task_id)
@@ -515,14 +432,61 @@ class Worker:
                 self.conn.send({"op": "done", "tid": task_id, "err": data, "mro": mro})
 
 
+def _capture_output(conn: WorkerConnection, node_id: str, workers: list):
+    """Send this worker's stdout/stderr lines to its node, tagged with the running task (they
+    reach the task's driver; LATTICARAY_LOG_TO_DRIVER=0 leaves them on the node's output).
+    Every `done` waits for the task's lines to leave first."""
+    if os.environ.get("LATTICARAY_LOG_TO_DRIVER", "1") == "0":
+        return None
+    from latticaray.observe.capture import OutputCapture
+    from latticaray.observe.logs import LogContext
+
+    contexts: dict[bytes, LogContext] = {}
+
+    def current() -> LogContext | None:
+        return context_of(context.current_task_id.get())
+
+    def on_main_thread() -> LogContext | None:  # output below Python: the main thread's task
+        worker = workers[0] if workers else None
+        return context_of(worker.running_main if worker is not None else None)
+
+    def context_of(tid: bytes | None) -> LogContext | None:
+        if tid is None:
+            return None
+        found = contexts.get(tid)
+        if found is None:
+            if len(contexts) > 256:
+                contexts.clear()
+            found = contexts[tid] = LogContext("", tid.hex())
+        return found
+
+    send = conn.send
+    node_name = socket.gethostname()
+    capture = OutputCapture(
+        node_name,
+        lambda batch: send({"op": "log", "b": batch.encode()}),
+        context=current,
+        pipe_context=on_main_thread,
+    ).start()
+
+    def send_after_output(message: dict) -> None:
+        if message.get("op") in ("done", "actor_ready"):
+            capture.flush()
+        send(message)
+
+    conn.send = send_after_output  # type: ignore[method-assign]
+    return capture
+
+
 def main(argv: list[str]) -> None:
     fd, node_id, worker_id = int(argv[0]), argv[1], argv[2]
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     conn = WorkerConnection(sock)
+    workers: list[Worker] = []
+    capture = _capture_output(conn, node_id, workers)
     worker = Worker(conn, node_id, worker_id)
-    from latticaray.runtime.core import WorkerCore
-
+    workers.append(worker)
     context.set_core(WorkerCore(conn, node_id, worker_id))
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     try:
@@ -532,6 +496,8 @@ def main(argv: list[str]) -> None:
     try:
         worker.main_loop()
     finally:
+        if capture is not None:
+            capture.flush()
         try:
             sock.close()
         except OSError:

@@ -8,11 +8,13 @@ import time
 import numpy as np
 import pytest
 
+from latticaray.mesh.errors import RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.objectstore import bitswap as bs
 from latticaray.objectstore.bitswap import SessionConfig
 from latticaray.objectstore.cid import Cid
 from latticaray.objectstore.errors import ObjectNotFound
-from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
+from latticaray.objectstore.exchange import REPLICATE_PROTOCOL_ID, ExchangeConfig, ObjectExchange
 
 MB = 1 << 20
 TRANSPORTS = {
@@ -30,14 +32,21 @@ class Peer:
 async def mesh(make_store):
     peers = []
 
-    async def make(count, transport="quic", config=None, chunk_size=MB, capacity=256 << 20):
+    async def make(
+        count, transport="quic", config=None, chunk_size=MB, capacity=256 << 20, authorize=None
+    ):
         for _ in range(count):
             node = MeshNode(MeshConfig(**TRANSPORTS[transport]))
             await node.start()
             store = make_store(f"n{len(peers)}", capacity_bytes=capacity, chunk_size=chunk_size)
             everyone = lambda cid, me=node: _others(peers, me)  # noqa: E731
             exchange = ObjectExchange(
-                node, None, store, providers=everyone, config=config or ExchangeConfig()
+                node,
+                None,
+                store,
+                providers=everyone,
+                config=config or ExchangeConfig(),
+                authorize=authorize,
             )
             await exchange.start()
             peers.append(Peer(node, store, exchange))
@@ -78,14 +87,11 @@ async def test_fetch_between_two_nodes(mesh, transport):
     assert await fetcher.exchange.fetch(cid, timeout=1) == cid  # local hit
 
 
-async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
-    liar, honest, fetcher = await mesh(
-        3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)), chunk_size=256 * 1024
-    )
-    value = np.arange(3 * MB // 8, dtype=np.int64)
+def _held_by_a_liar_and_an_honest_peer(liar, honest, value):
+    """Put ``value`` in both stores, then flip a byte in every block of the liar's shm copy: it
+    serves bad blocks from now on."""
     cid = liar.store.put(value)
     assert honest.store.put(value) == cid
-    # flip a byte in every block of the liar's shm copy: it now serves bad blocks
     path = os.path.join(liar.store.root, "objects", str(cid))
     manifest = liar.store.manifest(cid)
     with open(path, "r+b") as file:
@@ -95,10 +101,37 @@ async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
             file.seek(-1, os.SEEK_CUR)
             file.write(bytes([byte[0] ^ 0xFF]))
     liar.exchange._open.clear()
+    return cid
+
+
+async def test_corrupted_block_is_rejected_and_refetched_elsewhere(mesh):
+    liar, honest, fetcher = await mesh(
+        3, config=ExchangeConfig(session=SessionConfig(blocks_per_request=1)), chunk_size=256 * 1024
+    )
+    value = np.arange(3 * MB // 8, dtype=np.int64)
+    cid = _held_by_a_liar_and_an_honest_peer(liar, honest, value)
     await fetcher.exchange.fetch(cid, timeout=30)
     np.testing.assert_array_equal(fetcher.store.get(cid), value)
     assert fetcher.exchange.ledgers.ledger(liar.node.peer_id).bad_blocks >= 1
     assert fetcher.exchange.ledgers.ledger(honest.node.peer_id).bad_blocks == 0
+
+
+async def test_a_peer_that_sent_bad_blocks_is_asked_for_nothing_more(mesh):
+    config = ExchangeConfig(
+        session=SessionConfig(blocks_per_request=1), distrust_after_bad_blocks=1
+    )
+    liar, honest, fetcher = await mesh(3, config=config, chunk_size=256 * 1024)
+    first = np.arange(3 * MB // 8, dtype=np.int64)
+    await fetcher.exchange.fetch(_held_by_a_liar_and_an_honest_peer(liar, honest, first), 30)
+    assert not fetcher.exchange.trusted(liar.node.peer_id)
+    assert fetcher.exchange.trusted(honest.node.peer_id)
+    second = first + 1
+    other = liar.store.put(second)  # intact this time: the liar is still not asked
+    assert honest.store.put(second) == other
+    sent = liar.exchange.ledgers.ledger(fetcher.node.peer_id).sent
+    assert await fetcher.exchange.fetch(other, timeout=30) == other
+    np.testing.assert_array_equal(fetcher.store.get(other), second)
+    assert liar.exchange.ledgers.ledger(fetcher.node.peer_id).sent == sent
 
 
 async def test_provider_killed_mid_transfer_fetch_completes_from_another(mesh):
@@ -183,7 +216,7 @@ async def test_concurrent_fetchers_form_a_swarm(mesh):
 
 
 async def test_fetch_finds_providers_through_the_dht(make_store):
-    from latticaray.mesh.dht.core import DhtConfig
+    from latticaray.mesh.dht.config import DhtConfig
     from latticaray.mesh.dht.service import DhtService
 
     nodes, dhts, exchanges = [], [], []
@@ -280,3 +313,47 @@ async def test_object_of_identical_blocks(mesh, transport):
     await seed.exchange.provide(cid)
     assert await fetcher.exchange.fetch(cid, timeout=20) == cid
     np.testing.assert_array_equal(fetcher.store.get(cid), value)
+
+
+async def test_non_members_are_refused_unread_on_bitswap_and_replicate(mesh, monkeypatch):
+    members: set = set()
+    owner, member, outsider = await mesh(3, authorize=lambda peer: peer in members)
+    members.update({owner.node.peer_id, member.node.peer_id})
+    value = np.arange(3 * MB // 8, dtype=np.int64)
+    cid = owner.store.put(value)
+    decoded = []
+    real_decode = bs.decode_request
+    monkeypatch.setattr(
+        bs, "decode_request", lambda data: decoded.append(data) or real_decode(data)
+    )
+
+    want = bs.encode_request(bs.Request(cid, [bs.WantEntry(cid, bs.WANT_BLOCK, 0, True)]))
+    with pytest.raises(RpcError) as refused:
+        async for _ in outsider.node.call_stream(
+            owner.node.peer_id, bs.PROTOCOL_ID, want, timeout=10
+        ):
+            pass
+    assert refused.value.code == "PERMISSION_DENIED"
+    assert decoded == [] and owner.exchange.refused == 1  # refused before its request was read
+    with pytest.raises(ObjectNotFound):  # neither member serves it, by any path of the exchange
+        await outsider.exchange.fetch(cid, timeout=2)
+    assert not outsider.store.contains(cid) and decoded == []
+
+    # an outsider cannot make a member fetch and pin anything
+    stored_before = member.store.stats()["objects"]
+    with pytest.raises(RpcError) as refused:
+        await outsider.node.call(
+            member.node.peer_id, REPLICATE_PROTOCOL_ID, b"\x81\xa4root\xc4\x00", timeout=10
+        )
+    assert refused.value.code == "PERMISSION_DENIED" and member.exchange.refused >= 1
+    assert (
+        member.store.stats()["objects"] == stored_before and member.exchange.progress(cid) is None
+    )
+
+    # members are served as before; a member never asks an outsider to replicate
+    assert await member.exchange.fetch(cid, timeout=30) == cid
+    np.testing.assert_array_equal(member.store.get(cid), value)
+    confirmed = await owner.exchange.replicate(
+        cid, 2, timeout=30, candidates=[outsider.node.peer_id, member.node.peer_id]
+    )
+    assert confirmed == [member.node.peer_id] and not outsider.store.contains(cid)

@@ -8,13 +8,9 @@ import pytest
 
 from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
 from latticaray.objectstore.errors import ObjectNotFound
-from latticaray.objectstore.store import (
-    WARM_MIN_BYTES,
-    LocalStore,
-    _read_local,
-    _TornRead,
-    is_local_name,
-)
+from latticaray.objectstore.fileformat import TornRead, read_local
+from latticaray.objectstore.local_names import hash_local_file
+from latticaray.objectstore.store import WARM_MIN_BYTES, LocalStore, is_local_name
 
 MB = 1 << 20
 
@@ -159,12 +155,12 @@ def test_a_trailer_changed_during_a_read_is_detected(make_store):
     store = make_store(warm=False)
     name = store.put_local(_array(7, 1000))
     path = os.path.join(store.root, "local", name)
-    _read_local(path)
+    read_local(path)
     with open(path, "r+b") as file:  # what linking does first: void the local magic
         file.seek(-8, os.SEEK_END)
         file.write(bytes(8))
-    with pytest.raises(_TornRead):
-        _read_local(path)
+    with pytest.raises(TornRead):
+        read_local(path)
 
 
 def test_local_objects_survive_recovery_and_count_in_the_budget(make_store, store_dirs):
@@ -191,7 +187,7 @@ def _gifts(store: LocalStore) -> list[str]:
 
 def _fresh_local(make_store, name: str = "gift", **kwargs) -> LocalStore:
     store = make_store(name, capacity_bytes=512 * MB, **kwargs)
-    store._refill_seconds = store._last_large_put_end = float("inf")  # no fresh spares
+    store.spares.refill_seconds = store.spares.last_large_put_end = float("inf")  # no fresh spares
     return store
 
 
@@ -233,9 +229,29 @@ def test_a_view_held_here_makes_the_gift_refused_and_keeps_its_bytes(make_store)
     assert _within_budget(store)
 
 
+def test_an_idle_gift_gives_way_to_a_newer_one_when_both_pass_the_cap(make_store):
+    # cap on given-back files: capacity // 8 = 40 MiB, room for one 32 MiB gift only
+    store = make_store("cap", capacity_bytes=320 * MB)
+    store.spares.refill_seconds = store.spares.last_large_put_end = float("inf")
+    first = store.put_local(_array(24))
+    second = store.put_local(_array(25))
+    second_inode = os.stat(os.path.join(store.root, "local", second)).st_ino
+    store.delete(first)
+    assert len(_gifts(store)) == 1
+    store.delete(second)  # the older gift is dropped rather than this file unlinked
+    gifts = _gifts(store)
+    assert [os.stat(os.path.join(store.root, "tmp", n)).st_ino for n in gifts] == [second_inode]
+    assert store.gifts.gifts_dropped == 1
+    assert store.stats()["warm"] <= store.capacity // 8 and _within_budget(store)
+    third = store.put_local(_array(26))  # takes the newer gift
+    assert store.gifts_taken == 1 and _gifts(store) == []
+    assert os.stat(os.path.join(store.root, "local", third)).st_ino == second_inode
+    assert np.array_equal(store.get(third), _array(26))
+
+
 def _writer(root: str, conn) -> None:
     client = LocalStore.attach(root)
-    client._refill_seconds = client._last_large_put_end = float("inf")
+    client.spares.refill_seconds = client.spares.last_large_put_end = float("inf")
     conn.send(client.put_local(_array(30)))
     conn.recv()  # the parent deleted it
     name = client.put_local(_array(31))
@@ -282,20 +298,20 @@ def test_a_put_waits_briefly_for_a_file_it_expects_back(make_store):
     import threading
 
     store = _fresh_local(make_store)
-    assert not store._await_expected(8 << 30)  # nothing expected: no wait at all
+    assert not store.gifts.await_expected(8 << 30)  # nothing expected: no wait at all
     name = store.put_local(_array(50))
     store.expect_back(name)
     deleter = LocalStore.attach(store.root)  # as the node process would
     timer = threading.Timer(0.01, deleter.delete, [name])
     timer.start()
     try:
-        assert store._await_expected(8 << 30)  # up to 250 ms: the delete comes within it
+        assert store.gifts.await_expected(8 << 30)  # up to 250 ms: the delete comes within it
     finally:
         timer.join()
     assert len(_gifts(store)) == 1
     store.expect_back(store.put_local(_array(51)))  # takes the gift; expects its own back
     assert store.gifts_taken == 1
-    assert not store._await_expected(WARM_MIN_BYTES)  # never deleted: gives up after ~2 ms
+    assert not store.gifts.await_expected(WARM_MIN_BYTES)  # never deleted: gives up after ~2 ms
 
 
 def test_runtime_store_refs_name_local_puts_and_resolve_when_they_leave(make_store):
@@ -323,28 +339,28 @@ def test_runtime_store_refs_name_local_puts_and_resolve_when_they_leave(make_sto
 
 @pytest.mark.parametrize("stage", ["magic voided", "manifest written", "linked, not yet a symlink"])
 def test_a_link_cut_short_by_a_crash_is_finished_or_undone_by_recovery(make_store, stage):
-    from latticaray.objectstore.store import _TRAILER, _TRAILER_MAGIC, _sealed_size
+    from latticaray.objectstore.fileformat import SEALED_MAGIC, TRAILER, sealed_size
 
     store = make_store("node", warm=False)
     value = _array(70)
     name = store.put_local(value)
     path = os.path.join(store.root, "local", name)
-    manifest, _ = store._hash_local(path)
+    manifest, _ = hash_local_file(path)
     size = os.stat(path).st_size
     with open(path, "r+b") as file:  # the steps of _link_local, up to the crash
         file.seek(size - 8)
         file.write(bytes(8))
         if stage != "magic voided":
             file.seek(manifest.size)
-            file.write(manifest.encoded + _TRAILER.pack(len(manifest.encoded), _TRAILER_MAGIC))
-            file.truncate(_sealed_size(manifest))
+            file.write(manifest.encoded + TRAILER.pack(len(manifest.encoded), SEALED_MAGIC))
+            file.truncate(sealed_size(manifest))
     if stage == "linked, not yet a symlink":
         os.link(path, os.path.join(store.root, "objects", str(manifest.root)))
     again = LocalStore(store.root, capacity_bytes=store.capacity, spill_dir=store.spill_dir)
     assert np.array_equal(again.get(name), value)
     assert again.resolve(name) == manifest.root
     stats = again.stats()
-    assert stats["objects"] == 1 and stats["used"] == _sealed_size(manifest)
+    assert stats["objects"] == 1 and stats["used"] == sealed_size(manifest)
     again.delete(name)
     assert again.stats()["used"] == 0 and not again.contains(manifest.root)
     again.close()
@@ -366,3 +382,45 @@ def test_a_resolved_local_object_goes_back_to_its_writer_with_its_last_name(make
     assert store.gifts_reused_mapping == reused + 1
     assert os.stat(os.path.join(store.root, "local", again)).st_ino == inode
     assert np.array_equal(store.get(again), _array(82, n))
+
+
+def test_an_attached_process_hashes_with_the_stores_multihash(make_store):
+    # a value put by any process of a store gets the CID the store's own put gives it
+    store = make_store(hash_code=BLAKE3)
+    client = LocalStore.attach(store.root)
+    assert client.hash_code == BLAKE3
+    value = _array(7)
+    assert client.resolve(client.put_local(value)) == store.put(value)
+
+
+@pytest.mark.parametrize("resolved_local", [False, True])
+def test_an_object_linked_into_another_store_is_shared_and_never_recycled(
+    make_store, resolved_local
+):
+    # a node on the same host links a peer's sealed object into its store (no copy): neither
+    # store may reuse that file for a later put while the other still names it
+    a, b = make_store("a"), make_store("b")
+    value = _array(8)
+    if resolved_local:
+        name = a.put_local(value)
+        cid = a.resolve(name)
+    else:
+        cid = a.put(value)
+    assert b.link_from(a, cid) == a.manifest(cid).size
+    assert os.stat(b.paths.sealed(str(cid))).st_nlink == 2
+    assert b.link_from(a, cid) == 0  # held already
+    a.delete(name if resolved_local else cid)
+    for seed in range(3):  # puts that would write into a recycled or given-back file
+        a.put_local(_array(20 + seed))
+    assert np.array_equal(b.get(cid), value)
+    b.delete(cid)
+    assert not b.contains(cid)
+
+
+def test_without_a_link_a_deleted_objects_file_is_recycled(make_store):
+    # the contrast: the same steps with no link reuse the file
+    a = make_store("a")
+    cid = a.put(_array(8))
+    a.delete(cid)
+    a.put_local(_array(20))
+    assert a.spares_recycled + a.gifts_taken >= 1

@@ -32,7 +32,9 @@ def _fresh(make_store, name: str, **kwargs) -> LocalStore:
     """A store whose first puts take the plain path (no spare made by put itself), so the only
     spares are the recycled ones."""
     store = make_store(name, capacity_bytes=512 * MB, **kwargs)
-    store._refill_seconds = store._last_large_put_end = float("inf")  # no idle time for a fresh one
+    store.spares.refill_seconds = store.spares.last_large_put_end = float(
+        "inf"
+    )  # no idle time for a fresh one
     return store
 
 
@@ -128,7 +130,7 @@ def test_view_released_before_delete_allows_recycling(make_store):
 
 def test_budget_blocks_recycling_when_spares_would_pass_an_eighth(make_store):
     store = make_store("tight", capacity_bytes=160 * MB)  # 1/8 = 20 MB < a recycled 32 MB spare
-    store._refill_seconds = store._last_large_put_end = float("inf")
+    store.spares.refill_seconds = store.spares.last_large_put_end = float("inf")
     cid = store.put(_array(8))
     store.delete(cid)
     store.wait_warm(60)
@@ -176,7 +178,7 @@ def test_crash_after_recycling_leaves_no_visible_object_and_is_reclaimed(store_d
         import os, sys, numpy as np
         from latticaray.objectstore.store import LocalStore
         store = LocalStore.attach(sys.argv[1])
-        store._refill_seconds = store._last_large_put_end = float("inf")
+        store.spares.refill_seconds = store.spares.last_large_put_end = float("inf")
         cid = store.put(np.random.default_rng(12).standard_normal(int(sys.argv[2])))
         store.delete(cid)
         assert store.wait_warm(60) and store.spares_recycled == 1
@@ -251,7 +253,7 @@ def test_a_duplicate_put_into_the_spare_keeps_the_spare(make_store):
     assert len(spare) == 1
     view = store.get(cid)
     assert store.put(value, pin=True) == cid  # written into the spare, found sealed: spare kept
-    assert _tmp_names(store) == spare and store._warm is not None
+    assert _tmp_names(store) == spare and store.spares.has_spare
     assert store.is_pinned(cid) and np.array_equal(view, value)
     assert _within_budget(store)
     other = _array(33)

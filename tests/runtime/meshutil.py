@@ -139,6 +139,31 @@ def nodes_offering(resource):
     return [n["NodeID"] for n in lattica.nodes()
             if n["Alive"] and n.get("Resources", {}).get(resource)]
 
+def join_mesh(bootstrap, credential):
+    # this driver joins the node's mesh (QUIC on loopback, no NAT probing); its MeshRuntime
+    lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
+                 listen=["/ip4/127.0.0.1/udp/0/quic-v1"],
+                 nat={"lab": True, "auto_configure": False})
+    return api._runtime.mesh_runtime
+
+def reconnect_then_break(bootstrap, sessions):
+    # a fresh QUIC connection to the node (answered over: the node has it too, so this driver
+    # stays connected), then the path the task session runs on breaks: the session reopens
+    from latticaray.mesh.identify import PING_PROTOCOL
+    from latticaray.mesh.multiaddr import Multiaddr
+    mesh = api._runtime.mesh_runtime.mesh
+    async def run():
+        quic = await mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10, force_new=True)
+        await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
+        sessions.session.conn.close("test: the session's path breaks")
+    asyncio.run_coroutine_threadsafe(run(), api._runtime.loop).result(30)
+
+def task_sessions_to(node_id):
+    # this driver's task sessions to a node (caller.PeerSessions), read on the node's loop
+    async def link():
+        return api._runtime.mesh_runtime.remote.caller.link_to(node_id)
+    return asyncio.run_coroutine_threadsafe(link(), api._runtime.loop).result(30)
+
 @lattica.remote
 def step(i, workdir, hold):
     import os, time
@@ -217,20 +242,20 @@ def run_session_driver(
 
 class FakeRemoteClient:
     """What CallerTasks and the executor's re-send handling use of a RemoteClient
-    (runtime/cluster.py): the frames it was given."""
+    (runtime/remote/executor.py): the frames it was given."""
 
     def __init__(self, node_id: str = "caller"):
         self.node_id = node_id
         self.frames: list = []
         self.closed = False
-        self.outbox = self  # parts are queued as one item each (here: the frame they make)
 
     def send(self, message: dict) -> None:
         self.frames.append(message)
 
-    _send_settled = send
-    put_nowait = send
+    send_settled = send
 
-    @staticmethod
-    def _parts(tid: bytes, slot, pieces: list) -> dict:
-        return {"k": "part", "tid": tid, "slot": slot, "d": b"".join(pieces)}
+    def send_parts(self, tid: bytes, slot, pieces: list) -> None:
+        from latticaray.runtime.remote.wire import ValuePart
+
+        # parts are queued as one item each (here: the frame they make)
+        self.frames.append(ValuePart(tid, slot, b"".join(pieces)))

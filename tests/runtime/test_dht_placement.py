@@ -17,6 +17,7 @@ The directory's bookkeeping (when to read keys, bounds, deadlines) is tested on 
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import json
 import sys
@@ -29,9 +30,22 @@ from meshutil import NodeProcess, alive_nodes, start_child, stop_child, wait_for
 
 import latticaray as lattica
 from latticaray.mesh.identity import KeyPair
-from latticaray.runtime.cluster import MeshCluster, _pack, _unpack
 from latticaray.runtime.errors import TaskUnschedulableError
-from latticaray.runtime.placement import DEFERRED, CapacityDirectoryCore, DhtPlacement
+from latticaray.runtime.local.actors import ActorHost
+from latticaray.runtime.remote.capacity import DEFERRED, CapacityDirectoryCore, DhtPlacement
+from latticaray.runtime.remote.names import NameService
+from latticaray.runtime.remote.wire import (
+    ClaimRefused,
+    NameClaim,
+    NameHosted,
+    NameHostedReply,
+    NameLookup,
+    NameLookupReply,
+    NamePlaced,
+    NameRecord,
+    NamesOk,
+    decode_names_request,
+)
 from latticaray.scheduler.advertiser import CapacityAd
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 from latticaray.state.actors import ActorState
@@ -266,96 +280,91 @@ def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, a
             f.stop()
 
 
+def _membership(node_id, peers):
+    """What the name service uses of a Membership: ``peers`` by node id (alive or not)."""
+    return types.SimpleNamespace(
+        node_id=node_id,
+        peers=peers,
+        alive_peers=lambda: [n for n, p in peers.items() if p.alive],
+        is_alive=lambda n: n in peers and peers[n].alive,
+    )
+
+
+def _names(node_id, peers, actors=None):
+    """A NameService of node ``node_id`` whose peers are ``peers`` (no mesh)."""
+    remote = types.SimpleNamespace(
+        node_id=node_id,
+        stats=collections.Counter(),
+        membership=_membership(node_id, peers),
+        node=types.SimpleNamespace(actors=actors),
+        state=None,
+        spawn=lambda coro: coro.close(),
+    )
+    return NameService(remote)
+
+
+def _arbiter(node_id, peers):
+    return _names(node_id, peers).arbiter
+
+
 def test_name_arbiter_keeps_a_detached_claim_whose_host_it_never_met():
     """In a sparse mesh the name's arbiter may not know the node a named actor was placed on
     through the DHT: the claim then lives as long as its owner, which the arbiter does know."""
-    arbiter = object.__new__(MeshCluster)
-    arbiter.node_id = "arbiter"
-    arbiter.names = {}
-    arbiter.peers = {"owner": types.SimpleNamespace(alive=True)}
-    claim = {
-        "op": "claim",
-        "ns": "dht",
-        "name": "x",
-        "aid": b"1",
-        "owner": "owner",
-        "host": "unmet-host",
-        "detached": True,
-    }
-    assert arbiter._names_op(claim, "owner") == {"ok": True}
-    second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
-    assert second["ok"] is False and second["existing"]["node"] == "unmet-host"
-    arbiter.peers["unmet-host"] = types.SimpleNamespace(alive=True)
-    arbiter.peers["owner"].alive = False  # once met, the host alone keeps a detached name
-    assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
-    arbiter.peers["unmet-host"].alive = False
-    assert arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c") == {"existing": None}
+    peers = {"owner": types.SimpleNamespace(alive=True)}
+    arbiter = _arbiter("arbiter", peers)
+    claim = NameClaim("dht", "x", b"1", "owner", "unmet-host", None, False, detached=True)
+    assert arbiter.handle(claim, "owner") == NamesOk()
+    second = arbiter.handle(dataclasses.replace(claim, aid=b"2", owner="other"), "other")
+    assert isinstance(second, ClaimRefused) and second.existing.node == "unmet-host"
+    peers["unmet-host"] = types.SimpleNamespace(alive=True)
+    peers["owner"].alive = False  # once met, the host alone keeps a detached name
+    assert arbiter.handle(NameLookup("dht", "x"), "c").existing
+    peers["unmet-host"].alive = False
+    assert arbiter.handle(NameLookup("dht", "x"), "c") == NameLookupReply(None)
 
 
 def test_pending_name_claim_refuses_others_until_placed_and_yields_to_an_earlier_claim():
     """A pending claim (no host yet) holds the name at its arbiter, is answered as pending to
     lookups (placed once the CRDT says so, before the arbiter heard), and a creation whose
     pending claim loses a CRDT merge fails with the name error."""
-    arbiter = object.__new__(MeshCluster)
-    arbiter.node_id, arbiter.names, arbiter.peers = (
-        "arbiter",
-        {},
-        {"owner": types.SimpleNamespace(alive=True)},
+    arbiter = _arbiter("arbiter", {"owner": types.SimpleNamespace(alive=True)})
+    claim = NameClaim(
+        "dht", "x", b"1", "owner", None, None, False, False, pending=True, wait_s=30.0
     )
-    claim = {
-        "op": "claim",
-        "ns": "dht",
-        "name": "x",
-        "aid": b"1",
-        "owner": "owner",
-        "host": None,
-        "pending": True,
-        "wait_s": 30.0,
-    }
-    assert arbiter._names_op(claim, "owner") == {"ok": True}
-    second = arbiter._names_op(dict(claim, aid=b"2", owner="other"), "other")
-    assert second["ok"] is False and second["existing"]["node"] is None
-    assert second["existing"]["pending"] and second["existing"]["wait_s"] == 30.0
-    placed = {"op": "placed", "ns": "dht", "name": "x", "node": "host"}
-    arbiter._names_op(dict(placed, aid=b"2"), "other")  # not the claimant's actor: ignored
-    assert arbiter.names[("dht", "x")]["pending"]
-    arbiter._names_op(dict(placed, aid=b"1"), "owner")
-    record = arbiter._names_op({"op": "lookup", "ns": "dht", "name": "x"}, "c")["existing"]
-    assert record["node"] == "host" and "pending" not in record
+    assert arbiter.handle(claim, "owner") == NamesOk()
+    second = arbiter.handle(dataclasses.replace(claim, aid=b"2", owner="other"), "other")
+    assert isinstance(second, ClaimRefused) and second.existing.node is None
+    assert second.existing.pending and second.existing.wait_s == 30.0
+    # not the claimant's actor: ignored
+    arbiter.handle(NamePlaced("dht", "x", b"2", "host"), "other")
+    assert arbiter.records[("dht", "x")].pending
+    arbiter.handle(NamePlaced("dht", "x", b"1", "host"), "owner")
+    record = arbiter.handle(NameLookup("dht", "x"), "c").existing
+    assert record.node == "host" and not record.pending
 
     async def lookup(crdt_state):
-        node = object.__new__(MeshCluster)
-        node.node_id, node.peers = "me", {}
-        node.names = {
-            ("dht", "x"): {
-                "aid": b"\x01",
-                "node": None,
-                "owner": "me",
-                "meta": None,
-                "detached": False,
-                "pending": True,
-                "wait_s": 30.0,
-            }
+        node = _names("me", {})
+        node.arbiter.records = {
+            ("dht", "x"): NameRecord(b"\x01", None, "me", None, False, pending=True, wait_s=30.0)
         }
         host = KeyPair.generate().peer_id
-        node.state = types.SimpleNamespace(
+        node.remote.state = types.SimpleNamespace(
             actors=types.SimpleNamespace(
                 get=lambda key: types.SimpleNamespace(actor_id="01", host=host, state=crdt_state)
             )
         )
-        return await node._lookup_name("dht", "x"), str(host)
+        return await node._lookup("dht", "x"), str(host)
 
     found, _ = asyncio.run(lookup(ActorState.PENDING))
     assert found["pending"] and found["node"] is None and found["wait_s"] == 30.0
     found, host = asyncio.run(lookup(ActorState.ALIVE))
     assert not found["pending"] and found["node"] == host
 
-    node = object.__new__(MeshCluster)
-    node.stats = collections.Counter()
+    node = _names("me", {})
     settled = []
-    node._pending_names = {"dht/x": (b"\x01", settled.append)}
+    node.pending = {"dht/x": (b"\x01", settled.append)}
     ours = types.SimpleNamespace(actor_id="01", host="me")
-    node._on_claim_lost("dht/x", ours, types.SimpleNamespace(owner="winner"))
+    node.on_claim_lost("dht/x", ours, types.SimpleNamespace(owner="winner"))
     [error] = settled
     assert isinstance(error, lattica.ActorNameTakenError) and "winner" in str(error)
 
@@ -365,10 +374,8 @@ def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not()
     record = types.SimpleNamespace(
         actor_id="aa" * 8, host=host, owner=holder, state=ActorState.ALIVE
     )
-    node = object.__new__(MeshCluster)
-    node.node_id, node.peers = "me", {}
-    node.spawn = lambda coro: coro.close()
-    node.state = types.SimpleNamespace(
+    node = _names("me", {})
+    node.remote.state = types.SimpleNamespace(
         actors=types.SimpleNamespace(
             claim=lambda *args, **kwargs: types.SimpleNamespace(won=False, record=record)
         )
@@ -378,7 +385,7 @@ def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not()
         "host": str(KeyPair.generate().peer_id),
         "opts": {"get_if_exists": True},
     }
-    assert node._claim_in_crdt("dht", "x", message) == {
+    assert node.claim_in_crdt("dht", "x", message) == {
         "aid": b"\xaa" * 8,
         "node": str(host),
         "meta": None,
@@ -386,7 +393,7 @@ def test_get_if_exists_answers_from_the_cluster_state_when_the_arbiter_did_not()
         "pending": False,
     }
     message["opts"] = {}
-    assert "error" in node._claim_in_crdt("dht", "x", message)
+    assert "error" in node.claim_in_crdt("dht", "x", message)
 
 
 # the sans-I/O directory ---------------------------------------------------------------------
@@ -491,8 +498,8 @@ class FakeDht:
         return []
 
 
-class FakeCluster:
-    """What DhtPlacement uses of a MeshCluster; admission succeeds for ``reachable`` nodes."""
+class FakeMembership:
+    """What DhtPlacement uses of a Membership; admission succeeds for ``reachable`` nodes."""
 
     def __init__(self, reachable):
         self.node_id = str(KeyPair.generate().peer_id)
@@ -510,7 +517,7 @@ class FakeCluster:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _admit_with(self, peer):
+    async def admit_with(self, peer):
         self.dialled[str(peer)] += 1
         if str(peer) in self.reachable:
             self.peers[str(peer)] = types.SimpleNamespace(alive=True, view={})
@@ -537,7 +544,7 @@ async def _until(predicate, timeout, what):
 
 
 def _placement(ads, reachable, **core):
-    cluster = FakeCluster(reachable)
+    cluster = FakeMembership(reachable)
     core = CapacityDirectoryCore(
         **{"min_gap": 0.05, "refresh_interval": 0.2, "idle_backoff_max": 0.8, **core}
     )
@@ -642,40 +649,35 @@ def test_a_lookup_answered_by_the_crdt_gets_the_method_table_from_the_host():
     the handle get_actor builds knows the actor's methods and their options."""
     meta = {"methods": {"incr": 1, "pair": 2}, "is_async": False, "cname": "Counter"}
     host_peer = KeyPair.generate().peer_id
-    host = object.__new__(MeshCluster)
-    host.node_id, host.names, host.peers = str(host_peer), {}, {}
-    actor = types.SimpleNamespace(aid=b"\x01" * 8, state="ALIVE", opts={"meta": meta})
-    host.node = types.SimpleNamespace(
-        named_actors={("dht", "x"): actor.aid}, actors={actor.aid: actor}
-    )
-    hosted = {"op": "hosted", "ns": "dht", "name": "x"}
-    assert host._names_op(dict(hosted, aid=actor.aid), "asker") == {"meta": meta}
-    assert host._names_op(dict(hosted, aid=b"\x02" * 8), "asker") == {"meta": None}
-    assert host._names_op(dict(hosted, name="y", aid=actor.aid), "asker") == {"meta": None}
+    actor = types.SimpleNamespace(aid=b"\x01" * 16, state=ActorState.ALIVE, opts={"meta": meta})
+    actors = ActorHost(None)
+    actors.named, actors.hosted = {("dht", "x"): actor.aid}, {actor.aid: actor}
+    host = _names(str(host_peer), {}, actors).arbiter
+    assert host.handle(NameHosted("dht", "x", actor.aid), "asker") == NameHostedReply(meta)
+    assert host.handle(NameHosted("dht", "x", b"\x02" * 16), "asker") == NameHostedReply(None)
+    assert host.handle(NameHosted("dht", "y", actor.aid), "asker") == NameHostedReply(None)
 
-    asker = object.__new__(MeshCluster)
-    asker.node_id, asker.names = "asker", {}
-    asker.peers = {str(host_peer): types.SimpleNamespace(alive=True, peer_id=host_peer)}
+    asker = _names("asker", {str(host_peer): types.SimpleNamespace(alive=True, peer_id=host_peer)})
     asked = []
 
     async def call(peer_id, protocol, payload, timeout=None):
-        request = _unpack(payload)
-        asked.append((peer_id, protocol, request["op"]))
-        if request["op"] != "hosted":
-            return _pack({"existing": None})  # the arbiter has not heard of the name
-        return _pack(host._names_op(request, "asker"))
+        request = decode_names_request(payload)
+        asked.append((peer_id, protocol, request.OP))
+        if not isinstance(request, NameHosted):
+            return NameLookupReply(None).encode()  # the arbiter has not heard of the name
+        return host.handle(request, "asker").encode()
 
-    asker.mesh = types.SimpleNamespace(call=call)
-    asker._arbiter = lambda namespace, name: str(host_peer)
-    asker.state = types.SimpleNamespace(
+    asker.remote.mesh = types.SimpleNamespace(call=call)
+    asker.arbiter_of = lambda namespace, name: str(host_peer)
+    asker.remote.state = types.SimpleNamespace(
         actors=types.SimpleNamespace(
             get=lambda key: types.SimpleNamespace(
                 actor_id=actor.aid.hex(), host=host_peer, state=ActorState.ALIVE
             )
         )
     )
-    found = asyncio.run(asker.lookup_actor_name("dht", "x"))
+    found = asyncio.run(asker.lookup("dht", "x"))
     assert found == {"aid": actor.aid, "node": str(host_peer), "meta": meta}
     assert (host_peer, "/latticaray/names/1", "hosted") in asked
-    actor.state = "DEAD"
-    assert asyncio.run(asker.lookup_actor_name("dht", "x"))["meta"] is None
+    actor.state = ActorState.DEAD
+    assert asyncio.run(asker.lookup("dht", "x"))["meta"] is None

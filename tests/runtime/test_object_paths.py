@@ -27,11 +27,17 @@ from test_portable_async import _probe_until, _run_on_loop
 import latticaray as lattica
 from latticaray.mesh.errors import MeshError
 from latticaray.runtime import api, serialization
-from latticaray.runtime.cluster import CHUNK, RemoteClient, _pack
 from latticaray.runtime.errors import ObjectLostError
-from latticaray.runtime.node import ERROR, OK
+from latticaray.runtime.local.records import ERROR, OK
+from latticaray.runtime.remote import executor
+from latticaray.runtime.remote import objects as remote_objects
+from latticaray.runtime.remote.wire import CHUNK, ObjectById
 
 BIG = 200 << 20
+
+
+def _pack(message) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +59,11 @@ def _put(value):
     node, _ = _node()
     ref = lattica.put(value)
     wait_for(
-        lambda: ref.id in node.objects and node.objects[ref.id].data is not None,
+        lambda: ref.id in node.objects.entries and node.objects.entries[ref.id].data is not None,
         30,
         "the put to reach the node",
     )
-    return ref, node.objects[ref.id].data
+    return ref, node.objects.entries[ref.id].data
 
 
 def test_pieces_load_like_materialize(mesh):
@@ -105,20 +111,21 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
     node, loop = _node()
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     served = []
-    real = serialization.materialize_pieces
+    real = remote_objects.RemoteObjects._serve_store_form
 
-    def counting(data):
-        served.append(serialization.store_name(data))
-        return real(data)
+    def counting(self, cid):
+        served.append(cid)
+        return real(self, cid)
 
-    monkeypatch.setattr(serialization, "materialize_pieces", counting)
+    monkeypatch.setattr(remote_objects.RemoteObjects, "_serve_store_form", counting)
     trials = []
     for fill in range(1, 4):
         before_ref, before_data = _put(np.full(BIG, fill, dtype=np.uint8))
         old = _old_serve_copy(before_data)
         del before_ref
         ref, data = _put(np.full(BIG, fill + 10, dtype=np.uint8))
-        _run_on_loop(node.resolve_off_loop(data))  # the hashing is another test's subject
+        _run_on_loop(node.objects.resolve_off_loop(data))  # the hashing is another test's subject
+        cid = ref.cid
         finished = threading.Event()
         started = threading.Event()
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
@@ -131,7 +138,7 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
             finished.set()
         stall, ticks = probe.result(60)
         assert size == BIG
-        assert serialization.store_name(data) in served, "the object was not fetched by id"
+        assert cid in served, "the object was not fetched by id in its store form"
         trials.append((old, stall, ticks))
         print(
             f"old serve path held the loop {old * 1e3:.1f} ms; "
@@ -176,13 +183,13 @@ def test_yielded_value_for_remote_caller_does_not_stall_event_loop(mesh, monkeyp
     _, loop = _node()
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     sent = []
-    real = RemoteClient._parts
+    real = executor.parts
 
     def counting(tid, slot, pieces):
         sent.append(sum(len(p) for p in pieces))
         return real(tid, slot, pieces)
 
-    monkeypatch.setattr(RemoteClient, "_parts", staticmethod(counting))
+    monkeypatch.setattr(executor, "parts", counting)
     here = lattica.get_runtime_context().node_id
     # workers started and code shipped on both nodes before anything is timed
     assert lattica.get(
@@ -238,6 +245,7 @@ def result_size_from(node_id, size):
 
 def test_result_deleted_before_hashing_releases_its_pin(mesh, monkeypatch):
     node, _ = _node()
+    objects = node.objects
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     here = lattica.get_runtime_context().node_id
     size = 8 << 20
@@ -248,25 +256,25 @@ def test_result_deleted_before_hashing_releases_its_pin(mesh, monkeypatch):
         == size
     )
     deleted = []
-    real = node.resolve_off_loop
+    real = objects.resolve_off_loop
 
     async def deleting_first(data):
-        if node.cid_pending(data):  # the result, still under its local name: gone meanwhile
+        if objects.cid_pending(data):  # the result, still under its local name: gone meanwhile
             name = serialization.store_name(data)
-            assert node.store_refs.get(name, 0) > 0, "the result is not pinned for its caller"
+            assert objects.store_refs.get(name, 0) > 0, "the result is not pinned for its caller"
             node.store.delete(name)
             deleted.append(name)
         return await real(data)
 
-    monkeypatch.setattr(node, "resolve_off_loop", deleting_first)
+    monkeypatch.setattr(objects, "resolve_off_loop", deleting_first)
     outcome = lattica.get(
         result_size_from.options(scheduling_strategy=target).remote(here, size), timeout=120
     )
     assert isinstance(outcome, str) and outcome.startswith("lost:"), outcome
     assert "could not be named by CID" in outcome
     assert len(deleted) == 1
-    assert deleted[0] not in node.store_refs, "the executor still pins the lost result"
-    assert not node.sent_by_cid
+    assert deleted[0] not in objects.store_refs, "the executor still pins the lost result"
+    assert not objects.sent_by_cid
 
 
 @lattica.remote
@@ -293,7 +301,7 @@ def test_actor_constructor_arguments_named_off_loop(mesh, monkeypatch):
     real = serialization.store_cid
 
     def counting(ref_data):
-        if node.cid_pending(ref_data):
+        if node.objects.cid_pending(ref_data):
             hashed.append((serialization.store_name(ref_data), threading.get_ident()))
         return real(ref_data)
 
@@ -314,7 +322,7 @@ async def _thread_ident():
     return threading.get_ident()
 
 
-def _fake_reply(cluster, monkeypatch, frames):
+def _fake_reply(remote, monkeypatch, frames):
     """Make the next object fetches read ``frames`` as the peer's reply; returns the count of
     frames the reader took."""
     taken = []
@@ -325,7 +333,7 @@ def _fake_reply(cluster, monkeypatch, frames):
             yield frame
             await asyncio.sleep(0)
 
-    monkeypatch.setattr(cluster.mesh, "call_stream", call_stream)
+    monkeypatch.setattr(remote.mesh, "call_stream", call_stream)
     return taken
 
 
@@ -337,45 +345,44 @@ def _fake_reply(cluster, monkeypatch, frames):
             "runs past the 10",
         ),
         ([_pack({"s": OK, "size": 10}), b"x" * 4], "has 4 bytes, header said 10"),
-        ([_pack({"s": OK, "size": -1}), b"x"], "no valid size"),
-        ([_pack({"s": OK}), b"x"], "no valid size"),
-        ([msgpack.packb([1, 2, 3])], "msgpack maps"),
+        ([_pack({"s": OK, "size": -1}), b"x"], "header message: 'size' must be an integer"),
+        ([_pack({"s": OK}), b"x"], "header message has no 'size'"),
+        ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
     ],
 )
 def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, frames, error):
     node, _ = _node()
-    cluster = node.cluster
-    taken = _fake_reply(cluster, monkeypatch, frames)
-    state = cluster.peers[mesh["nodes"][0].node_id]
+    remote = node.remote
+    taken = _fake_reply(remote, monkeypatch, frames)
+    peer = remote.membership.peers[mesh["nodes"][0].node_id]
     with pytest.raises((ValueError, MeshError), match=error):
-        _run_on_loop(cluster._fetch(state, {"oid": b"o" * 20}))
+        _run_on_loop(remote.objects.fetch(peer, ObjectById(b"o" * 20)))
     if "runs past" in error:
         assert len(taken) == 3, "the reader went on reading past the size it was told"
-    entry = _run_on_loop(cluster.fetch_object(b"o" * 20, mesh["nodes"][0].node_id))
+    entry = _run_on_loop(remote.objects.fetch_object(b"o" * 20, mesh["nodes"][0].node_id))
     assert entry.status == ERROR and b"ObjectLostError" in entry.data  # typed, nothing raised
 
 
 def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
-    """The chunks of a 200 MB reply become one bytes object on an executor thread; joined on
-    the loop (the old way, timed in the same run) they stall it for the whole copy."""
-    from latticaray.runtime import cluster as cluster_module
-
+    """The chunks of a 200 MB reply become one bytes object, hashed against its CID, on an
+    executor thread; joined on the loop (the old way, timed in the same run) they stall it for
+    the whole copy."""
     node, loop = _node()
-    cluster = node.cluster
+    remote = node.remote
     payload = np.random.default_rng(7).integers(0, 255, BIG, dtype=np.uint8).tobytes()
-    frames = [_pack({"s": OK, "size": BIG})] + [
+    frames = [_pack({"s": OK, "size": BIG, "cid": serialization.cid_of(payload)})] + [
         payload[i : i + CHUNK] for i in range(0, BIG, CHUNK)
     ]
-    state = cluster.peers[mesh["nodes"][0].node_id]
+    peer = remote.membership.peers[mesh["nodes"][0].node_id]
 
     def stall_of_fetch() -> float:
-        _fake_reply(cluster, monkeypatch, frames)
+        _fake_reply(remote, monkeypatch, frames)
         finished = threading.Event()
         started = threading.Event()
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
         assert started.wait(30)
         try:
-            status, data, _ = _run_on_loop(cluster._fetch(state, {"oid": b"o" * 20}))
+            status, data, _ = _run_on_loop(remote.objects.fetch(peer, ObjectById(b"o" * 20)))
         finally:
             finished.set()
         assert status == OK and data == payload
@@ -384,9 +391,9 @@ def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
 
     trials = []
     for _ in range(3):
-        monkeypatch.setattr(cluster_module, "JOIN_OFF_LOOP", 1 << 62)
+        monkeypatch.setattr(remote_objects, "JOIN_OFF_LOOP", 1 << 62)
         on_loop = stall_of_fetch()
-        monkeypatch.setattr(cluster_module, "JOIN_OFF_LOOP", 8 << 20)
+        monkeypatch.setattr(remote_objects, "JOIN_OFF_LOOP", 8 << 20)
         off_loop = stall_of_fetch()
         trials.append((on_loop, off_loop))
         print(

@@ -65,12 +65,12 @@ def _big_put(fill: int):
     node, _ = _node()
     ref = lattica.put(np.full(BIG, fill, dtype=np.uint8))
     wait_for(
-        lambda: ref.id in node.objects and node.objects[ref.id].data is not None,
+        lambda: ref.id in node.objects.entries and node.objects.entries[ref.id].data is not None,
         30,
         "the put to reach the node",
     )
-    data = node.objects[ref.id].data
-    assert serialization.is_store_ref(data) and node.cid_pending(data)
+    data = node.objects.entries[ref.id].data
+    assert serialization.is_store_ref(data) and node.objects.cid_pending(data)
     return ref, data
 
 
@@ -108,7 +108,7 @@ def _stall_trial(target) -> tuple[float, float, int]:
 
     async def in_loop_hash():
         started = time.perf_counter()
-        node.portable(before_data)
+        node.objects.portable(before_data)
         return time.perf_counter() - started
 
     in_loop = _run_on_loop(in_loop_hash())
@@ -155,7 +155,7 @@ def test_hashing_a_result_for_its_remote_caller_does_not_stall_event_loop(mesh):
 
         async def in_loop_hash():
             started = time.perf_counter()
-            node.portable(before_data)
+            node.objects.portable(before_data)
             return time.perf_counter() - started
 
         in_loop = _run_on_loop(in_loop_hash())
@@ -165,13 +165,13 @@ def test_hashing_a_result_for_its_remote_caller_does_not_stall_event_loop(mesh):
         deadline = time.monotonic() + 60
 
         def hashed():
-            if node._hashing:
+            if node.objects.hashing:
                 seen.append(True)
-            return (seen and not node._hashing) or time.monotonic() > deadline
+            return (seen and not node.objects.hashing) or time.monotonic() > deadline
 
         started = threading.Event()
         probe = asyncio.run_coroutine_threadsafe(
-            _probe_until(started, hashed, lambda: bool(node._hashing)), loop
+            _probe_until(started, hashed, lambda: bool(node.objects.hashing)), loop
         )
         assert started.wait(30)
         outer = size_of_result_from.options(scheduling_strategy=target).remote(
@@ -200,7 +200,7 @@ def test_one_hash_per_object_for_concurrent_sends(mesh, monkeypatch):
     real = serialization.store_cid
 
     def counting(ref_data):
-        if serialization.store_name(ref_data) == name and node.cid_pending(ref_data):
+        if serialization.store_name(ref_data) == name and node.objects.cid_pending(ref_data):
             hashed.append(name)
         return real(ref_data)
 

@@ -20,7 +20,7 @@ import latticaray as lattica
 from latticaray.mesh.errors import RpcError
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime import api, context, refcount, serialization
-from latticaray.runtime.cluster import REF_PROTOCOL
+from latticaray.runtime.remote.wire import REF_PROTOCOL
 
 N = 300_000  # 2.4 MB of float64: above the store threshold
 
@@ -119,11 +119,11 @@ def test_object_inside_another_lives_until_the_outer_is_released(mesh):
         )
         == N
     )
-    assert in_driver_store(cid) and xid in owner_node().objects
+    assert in_driver_store(cid) and xid in owner_node().objects.entries
     del outer
     drop_refs()
     wait_for(
-        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects.entries,
         20,
         "the inner object to be released with the outer one",
     )
@@ -174,7 +174,7 @@ def test_ref_held_by_an_actor_on_another_node(mesh):
     assert other in owner_node().refs.borrowers.get(xid, ())
     assert lattica.get(holder.drop.remote(), timeout=30)
     wait_for(
-        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects.entries,
         20,
         "the object to be released after the borrower dropped it",
     )
@@ -219,7 +219,7 @@ def test_killed_borrower_node_does_not_pin_an_object(mesh):
         assert extra.node_id in owner_node().refs.borrowers.get(xid, ())
         extra.kill9()
         wait_for(
-            lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+            lambda: not in_driver_store(cid) and xid not in owner_node().objects.entries,
             20,
             "the object borrowed by the killed node to be released",
         )
@@ -236,7 +236,7 @@ def test_ref_passed_to_a_task_on_another_node_lives_while_it_runs(mesh):
     del x
     drop_refs()
     lattica.get(gate.is_open.remote(), timeout=30)  # the node has taken in the release
-    assert in_driver_store(cid) and xid in owner_node().objects
+    assert in_driver_store(cid) and xid in owner_node().objects.entries
     gate.open.remote()
     total, back = lattica.get(result, timeout=60)
     assert total == 4.0 * N
@@ -247,7 +247,7 @@ def test_ref_passed_to_a_task_on_another_node_lives_while_it_runs(mesh):
     del back
     drop_refs()
     wait_for(
-        lambda: not in_driver_store(cid) and xid not in owner_node().objects,
+        lambda: not in_driver_store(cid) and xid not in owner_node().objects.entries,
         20,
         "the object to be released once the task and its result are gone",
     )
@@ -305,30 +305,43 @@ class FakeClient:
         refcount.track_holds(self)
 
 
-class FakeCluster:
+class FakeRemote:
+    """What RefTable uses of a RemoteRuntime: ``refs.call`` and ``membership.is_alive``."""
+
     def __init__(self):
         self.calls = []
         self.alive = {"owner-node"}
+        self.refs = self.membership = self
 
     def is_alive(self, node_id):
         return node_id in self.alive
 
-    async def ref_call(self, owner, ops):
+    async def call(self, owner, ops):
         self.calls.append((owner, [list(op) for op in ops]))
 
 
+class FakeObjects:
+    def __init__(self, node):
+        self.node = node
+        self.entries = {}
+
+    def free(self, oids):
+        for oid in oids:
+            if self.entries.pop(oid, None) is not None:
+                self.node.freed.append(oid)
+
+
 class FakeNode:
+    """What RefTable uses of a RuntimeNode."""
+
     def __init__(self):
         self.node_id = "this-node"
-        self.objects = {}
+        self.objects = FakeObjects(self)
         self.freed = []
-        self.cluster = FakeCluster()
-        self.loop = None
+        self.remote = FakeRemote()
 
-    def _on_release(self, message, client):
-        for oid in message["oids"]:
-            if self.objects.pop(oid, None) is not None:
-                self.freed.append(oid)
+    def spawn(self, coro):
+        return asyncio.get_running_loop().create_task(coro)
 
 
 def table_with(*oids):
@@ -336,7 +349,7 @@ def table_with(*oids):
     table = refcount.RefTable(node)
     creator = FakeClient()
     for oid in oids:
-        node.objects[oid] = object()
+        node.objects.entries[oid] = object()
         table.create(oid, creator)
     return node, table, creator
 
@@ -378,7 +391,6 @@ def test_table_dead_process_gives_back_its_holds():
 def test_table_registers_borrows_with_the_owner_in_order():
     async def scenario():
         node = FakeNode()
-        node.loop = asyncio.get_running_loop()
         table = refcount.RefTable(node)
         table.hold(b"r", "owner-node")
         table.hold(b"r", "owner-node")
@@ -388,7 +400,7 @@ def test_table_registers_borrows_with_the_owner_in_order():
         assert table.unsettled()
         await table.settled()
         assert not table.unsettled()
-        return node.cluster.calls
+        return node.remote.calls
 
     calls = asyncio.run(scenario())
     ops = [op for owner, batch in calls for op in batch]

@@ -54,14 +54,14 @@ def store_used() -> int:
 
 
 def stream_finished(tid: bytes) -> bool:
-    stream = node().streams.get(tid)
+    stream = node().streams.states.get(tid)
     return stream is not None and stream.finished
 
 
 def no_items_left(tid: bytes) -> bool:
     n = node()
     return (
-        not any(oid[:16] == tid for oid in n.objects)
+        not any(oid[:16] == tid for oid in n.objects.entries)
         and not any(oid[:16] == tid for oid in n.refs.counts)
         and tid not in n.refs.streamed
         and tid not in n.refs.dropped_streams
@@ -113,7 +113,7 @@ class TestEmbedded:
             "the untaken items to be released with their generator",
         )
         assert float(lattica.get(kept).sum()) == 0.0
-        assert kept.id in node().objects
+        assert kept.id in node().objects.entries
         del kept
         drop_refs()
         wait_for(
@@ -130,7 +130,7 @@ class TestEmbedded:
         del gen
         drop_refs()
         wait_for(
-            lambda: tid not in node().tasks,
+            lambda: tid not in node().tasks.records,
             60,
             "the task to finish although nobody consumes its stream",
         )
@@ -138,7 +138,9 @@ class TestEmbedded:
         del first
         drop_refs()
         wait_for(
-            lambda: store_used() <= baseline and no_items_left(tid) and tid not in node().streams,
+            lambda: (
+                store_used() <= baseline and no_items_left(tid) and tid not in node().streams.states
+            ),
             20,
             "every item of the dropped stream to be released",
         )
@@ -199,7 +201,9 @@ class TestEmbedded:
         assert store_used() >= baseline + 4 * N * 8
         lattica.kill(holder)  # its worker dies holding the generator and one item
         wait_for(
-            lambda: store_used() <= baseline and no_items_left(tid) and tid not in node().streams,
+            lambda: (
+                store_used() <= baseline and no_items_left(tid) and tid not in node().streams.states
+            ),
             20,
             "the items of the dead actor's stream to be released",
         )
@@ -244,7 +248,7 @@ class TestAcrossNodes:
             "the owner node to delete objects inside the dropped items",
         )
         wait_for(
-            lambda: not any(oid[:16] == tid and oid != kept_id for oid in node().objects),
+            lambda: not any(oid[:16] == tid and oid != kept_id for oid in node().objects.entries),
             20,
             "the dropped and untaken items to leave the driver",
         )
@@ -265,13 +269,18 @@ class TestAcrossNodes:
 
 def test_table_untaken_items_go_with_the_generator_and_late_items_at_once():
     class Node:
+        """What RefTable uses of a RuntimeNode (and of its object table: ``entries``, ``free``)."""
+
         node_id = "me"
-        cluster = None
-        objects = {b"t" * 16 + bytes([i]): object() for i in range(4)}
+        remote = None
+        entries = {b"t" * 16 + bytes([i]): object() for i in range(4)}
         freed = []
 
-        def _on_release(self, message, client):
-            self.freed.extend(message["oids"])
+        def __init__(self):
+            self.objects = self
+
+        def free(self, oids):
+            self.freed.extend(oids)
 
     class Client:
         kind = "driver"

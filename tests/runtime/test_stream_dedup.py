@@ -18,12 +18,14 @@ answered from its kept items, the budget) is checked directly.
 import collections
 import os
 import time
+import types
 
 from meshutil import SESSION_DRIVER_HELPERS, FakeRemoteClient, run_session_driver
 
-from latticaray.runtime import cluster as cluster_mod
-from latticaray.runtime.cluster import CallerTasks, MeshCluster
-from latticaray.runtime.node import STREAMING
+from latticaray.runtime.local.records import STREAMING
+from latticaray.runtime.remote import dedup as dedup_mod
+from latticaray.runtime.remote.dedup import CallerTasks, TaskDedup
+from latticaray.runtime.remote.wire import SubmitTask, TaskDone, ValuePart, YieldItem
 from latticaray.runtime.serialization import deserialize
 
 N = 6
@@ -31,17 +33,13 @@ N = 6
 DRIVER = (
     SESSION_DRIVER_HELPERS
     + r"""
-from latticaray.mesh.identify import PING_PROTOCOL
-from latticaray.mesh.multiaddr import Multiaddr
-from latticaray.runtime import cluster as cluster_mod
+from latticaray.runtime.remote import wire
 
 bootstrap, credential, workdir, count = sys.argv[1:5]
 count = int(count)
-lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1,
-             listen=["/ip4/127.0.0.1/udp/0/quic-v1"], nat={"lab": True, "auto_configure": False})
-runtime = api._runtime.mesh_runtime
+runtime = join_mesh(bootstrap, credential)
 loop = api._runtime.loop
-stats = runtime.cluster.stats
+stats = runtime.remote.stats
 
 @lattica.remote
 def produce(n, workdir, tag):
@@ -60,8 +58,9 @@ def waited(cond, what):
     try:
         wait_for(cond, what)
     except AssertionError:
+        streams = api._runtime.node.streams.states.values()
         raise AssertionError(f"{what}; dropped {dropped}; stats {dict(stats)}; streams "
-                             f"{[(s.count, s.consumed, s.finished) for s in runtime.node.streams.values()]}")
+                             f"{[(s.count, s.consumed, s.finished) for s in streams]}")
 
 def go(i, tag="a"):
     open(os.path.join(workdir, f"go-{tag}-{i}"), "w").close()
@@ -75,23 +74,23 @@ wait_for(unix_addrs, "identify never told us the node's unix address")
 
 dropped = []
 to_drop = set()
-unpack = cluster_mod._unpack
-def lossy_unpack(raw):
-    message = unpack(raw)
-    kind = message.get("k")
-    if kind == "yield" and message["i"] in to_drop or kind == "done" and "done" in to_drop:
-        key = message["i"] if kind == "yield" else "done"
+decode = wire.decode_task_reply
+def lossy_decode(raw):
+    message = decode(raw)
+    item = isinstance(message, wire.YieldItem)
+    if item and message.i in to_drop or isinstance(message, wire.TaskDone) and "done" in to_drop:
+        key = message.i if item else "done"
         to_drop.discard(key)
         dropped.append(key)
-        return {"k": "lost-in-test"}
+        raise wire.UnknownKind("lost-in-test")  # skipped by the session, as a lost frame
     return message
-cluster_mod._unpack = lossy_unpack
+wire.decode_task_reply = lossy_decode
 
 def streaming(n, tag):
     return produce.options(num_returns="streaming", resources={"sd": 0.01},
                            _generator_backpressure_num_objects=2).remote(n, workdir, tag)
 
-state = runtime.cluster.peers[worker]
+state = task_sessions_to(worker)
 def move_session_then_break_old_path(resent):
     asyncio.run_coroutine_threadsafe(
         runtime.mesh.connections.upgrade(peer, unix_addrs()[0]), loop).result(30)
@@ -116,13 +115,7 @@ go(2)
 go(3)
 waited(lambda: dropped == [2, 3], "items 2 and 3 never came")
 
-async def reconnect_then_break():
-    quic = await runtime.mesh.connections.dial_addr(Multiaddr.parse(bootstrap), 10,
-                                                    force_new=True)
-    # answered over it: the node has the new connection too, so the driver stays connected
-    await quic.session.call(PING_PROTOCOL, os.urandom(32), timeout=10)
-    state.session.conn.close("test: the session's path breaks")
-asyncio.run_coroutine_threadsafe(reconnect_then_break(), loop).result(30)
+reconnect_then_break(bootstrap, state)
 waited(lambda: stats["sessions_reopened"] >= 1, "the task session never reopened")
 
 for i in range(4, count):
@@ -162,7 +155,7 @@ def test_resent_streaming_task_runs_once_and_delivers_every_item_once(tmp_path):
     )
 
 
-class _Node:
+class _Tasks:
     def __init__(self):
         self.cancelled: list = []
 
@@ -170,27 +163,21 @@ class _Node:
         self.cancelled.append(tid)
 
 
-class _Cluster:
-    seen_before = MeshCluster._seen_before
-    _replay = staticmethod(MeshCluster._replay)
-    _replay_stream = MeshCluster._replay_stream
-    _stream_items_gone = MeshCluster._stream_items_gone
-
-    def __init__(self):
-        self.seen_tasks: dict = {}
-        self.stats = collections.Counter()
-        self.node = _Node()
+def _dedup() -> TaskDedup:
+    tasks = _Tasks()
+    return TaskDedup(
+        types.SimpleNamespace(stats=collections.Counter(), node=types.SimpleNamespace(tasks=tasks))
+    )
 
 
-def _stream(tid: bytes, again: bool = False, got: int = 0) -> dict:
-    message = {"tid": tid, "nret": STREAMING}
-    if again:
-        message.update(again=True, got=got)
-    return message
+def _stream(tid: bytes, again: bool = False, got: int = 0) -> SubmitTask:
+    return SubmitTask(
+        tid, b"fn", "gen", STREAMING, ["b", b""], {}, again=again, got=got if again else None
+    )
 
 
-def _yield(tid: bytes, i: int) -> dict:
-    return {"k": "yield", "tid": tid, "i": i, "d": b"%d" % i}
+def _yield(tid: bytes, i: int) -> YieldItem:
+    return YieldItem(tid, i, b"%d" % i)
 
 
 def _keep(seen: CallerTasks, tid: bytes, i: int, large: bool = False) -> None:
@@ -199,50 +186,50 @@ def _keep(seen: CallerTasks, tid: bytes, i: int, large: bool = False) -> None:
 
 
 def test_running_stream_sent_again_gets_the_items_its_caller_lacks():
-    cluster, first, second = _Cluster(), FakeRemoteClient(), FakeRemoteClient()
-    assert not cluster.seen_before(first, _stream(b"s"))
-    seen = cluster.seen_tasks["caller"]
+    dedup, first, second = _dedup(), FakeRemoteClient(), FakeRemoteClient()
+    assert not dedup.seen_before(first, _stream(b"s"))
+    seen = dedup.callers["caller"]
     for i in range(4):
         _keep(seen, b"s", i, large=i == 2)
     seen.acked(b"s", 2)  # the consumer took 0 and 1: they are let go of
     assert list(seen.streams[b"s"].items) == [2, 3] and seen.result_bytes == 20
     # the caller has item 2 already: only item 3 comes again, and later ones follow it
-    assert cluster.seen_before(second, _stream(b"s", again=True, got=3))
+    assert dedup.seen_before(second, _stream(b"s", again=True, got=3))
     assert seen.running[b"s"] is second
     assert second.frames == [_yield(b"s", 3)]
     third = FakeRemoteClient()
-    assert cluster.seen_before(third, _stream(b"s", again=True, got=2))
+    assert dedup.seen_before(third, _stream(b"s", again=True, got=2))
     assert third.frames == [
-        {"k": "part", "tid": b"s", "slot": ("y", 2), "d": b"p" * 10},
+        ValuePart(b"s", ("y", 2), b"p" * 10),
         _yield(b"s", 2),
         _yield(b"s", 3),
     ]
-    assert cluster.stats == {"resent_tasks_attached": 2} and not cluster.node.cancelled
+    assert dedup.stats == {"resent_tasks_attached": 2} and not dedup.remote.node.tasks.cancelled
 
 
 def test_finished_stream_sent_again_is_answered_from_its_kept_items():
-    cluster, first = _Cluster(), FakeRemoteClient()
-    assert not cluster.seen_before(first, _stream(b"s"))
-    seen = cluster.seen_tasks["caller"]
+    dedup, first = _dedup(), FakeRemoteClient()
+    assert not dedup.seen_before(first, _stream(b"s"))
+    seen = dedup.callers["caller"]
     for i in range(3):
         _keep(seen, b"s", i)
     seen.acked(b"s", 1)
     seen.running.pop(b"s")
-    done = {"k": "done", "tid": b"s"}
+    done = TaskDone(b"s")
     seen.stream_finished(b"s", [done], 0, time.monotonic())
     assert b"s" not in seen.streams and seen.result_bytes == 20
     again = FakeRemoteClient()
-    assert cluster.seen_before(again, _stream(b"s", again=True, got=2))
+    assert dedup.seen_before(again, _stream(b"s", again=True, got=2))
     assert again.frames == [_yield(b"s", 2), done]
-    assert cluster.stats == {"resent_tasks_answered": 1}
+    assert dedup.stats == {"resent_tasks_answered": 1}
 
 
 def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice(monkeypatch):
-    monkeypatch.setattr(cluster_mod, "SEEN_RESULT_BYTES", 25)
-    cluster, first = _Cluster(), FakeRemoteClient()
-    assert not cluster.seen_before(first, _stream(b"s"))
-    seen = cluster.seen_tasks["caller"]
-    seen.record(b"old", [{"k": "done", "tid": b"old"}], 20, time.monotonic())
+    monkeypatch.setattr(dedup_mod, "SEEN_RESULT_BYTES", 25)
+    dedup, first = _dedup(), FakeRemoteClient()
+    assert not dedup.seen_before(first, _stream(b"s"))
+    seen = dedup.callers["caller"]
+    seen.record(b"old", [TaskDone(b"old")], 20, time.monotonic())
     for i in range(3):
         _keep(seen, b"s", i)
     # an old finished reply goes first, then the oldest unacknowledged item
@@ -251,17 +238,17 @@ def test_stream_items_past_the_budget_end_the_stream_instead_of_running_it_twice
     assert seen.result_bytes == 20
     # a caller that has item 0 already gets items 1 and 2
     later = FakeRemoteClient()
-    assert cluster.seen_before(later, _stream(b"s", again=True, got=1))
+    assert dedup.seen_before(later, _stream(b"s", again=True, got=1))
     assert later.frames == [_yield(b"s", 1), _yield(b"s", 2)]
     # one that lacks item 0 gets an error, and the generator is cancelled, not run twice
     lacking = FakeRemoteClient()
-    assert cluster.seen_before(lacking, _stream(b"s", again=True, got=0))
-    assert [f["k"] for f in lacking.frames] == ["done"]
-    error = deserialize(lacking.frames[0]["err"])
+    assert dedup.seen_before(lacking, _stream(b"s", again=True, got=0))
+    assert [f.KIND for f in lacking.frames] == ["done"]
+    error = deserialize(lacking.frames[0].err)
     assert "from 0 on" in str(error), error
-    assert cluster.node.cancelled == [b"s"] and b"s" not in seen.running
+    assert dedup.remote.node.tasks.cancelled == [b"s"] and b"s" not in seen.running
     # a stream this node never saw, re-sent by a caller that has items: an error, no run
     unknown = FakeRemoteClient()
-    assert cluster.seen_before(unknown, _stream(b"u", again=True, got=3))
-    assert [f["k"] for f in unknown.frames] == ["done"] and b"u" not in seen.running
-    assert cluster.stats["resent_streams_lost"] == 2
+    assert dedup.seen_before(unknown, _stream(b"u", again=True, got=3))
+    assert [f.KIND for f in unknown.frames] == ["done"] and b"u" not in seen.running
+    assert dedup.stats["resent_streams_lost"] == 2

@@ -178,7 +178,7 @@ def decode_request(data: bytes) -> dict[str, Any]:
     """Decode and shape-check a request. Unknown fields are ignored (forward compatibility)."""
     obj = _unpack(data)
     op = obj.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise DhtProtocolError(f"unknown operation {op!r}")
     msg: dict[str, Any] = {"op": op}
     if "addrs" in obj:

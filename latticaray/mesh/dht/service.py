@@ -10,6 +10,9 @@ The addresses this node puts in its DHT contact (sent with every request, return
 for ``find_peer``) are the node's ``advertised_addrs``, kept current through
 ``node.on_addrs_changed``: a private node's relay circuit addresses reach the DHT that way. The
 request handler never awaits, so it is registered as an eager RPC handler (no task per request).
+Serving is a public service; given ``ServeLimits`` (a runtime node does), requests of peers that
+are not ``exempt`` (its members) are rate-limited per peer and per source IP, or refused when the
+node does not serve the public.
 """
 
 from __future__ import annotations
@@ -18,20 +21,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
 from ..multiaddr import Multiaddr
-from .core import DhtConfig, DhtCore, Operation
+from ..ratelimit import KeyedRateLimiter
+from .config import DhtConfig
+from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .keyspace import Contact, dht_id
+from .lookups import Operation
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
 from .records import Record, RecordValidator
 
-__all__ = ["DhtService", "DhtValue", "ProviderInfo"]
+__all__ = ["DhtService", "DhtValue", "ProviderInfo", "ServeLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,22 @@ MAX_OWN_ADDRS = 8
 #: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
 #: peer-ID bytes, ``.subkey``, ``.signature``).
 DhtValue = Record
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Who this node answers DHT requests for, and how fast (a public service).
+
+    ``public``: answer any peer (peer discovery for all); else only ``exempt`` peers (a mesh's
+    members). Peers not exempt are held to ``per_peer_rate`` requests per second (bursts of
+    ``per_peer_burst``) and, together, to ``per_ip_rate`` per source IP (bursts of
+    ``per_ip_burst``); over it a request is answered ``rate_limited``, unread."""
+
+    public: bool = True
+    per_peer_rate: float = 50.0
+    per_peer_burst: int = 500  # a bootstrap's bucket refreshes ask each of a few peers ~250 times
+    per_ip_rate: float = 200.0
+    per_ip_burst: int = 2000
 
 
 @dataclass(frozen=True)
@@ -72,9 +94,16 @@ class DhtService:
         validators: dict[bytes, RecordValidator] | None = None,
         clock: Callable[[], float] = time.time,
         maintenance_interval: float = 60.0,
+        limits: ServeLimits | None = None,
+        exempt: Callable[[PeerId], bool] | None = None,
     ) -> None:
         self.node = node
         self.clock = clock
+        self.limits = limits  # None: every peer served, no limit (a node outside any mesh)
+        self.exempt = exempt
+        if limits is not None:
+            self._per_peer = KeyedRateLimiter(limits.per_peer_rate, limits.per_peer_burst)
+            self._per_ip = KeyedRateLimiter(limits.per_ip_rate, limits.per_ip_burst)
         self.maintenance_interval = maintenance_interval
         self.core = DhtCore(
             node.peer_id.to_bytes(),
@@ -235,14 +264,14 @@ class DhtService:
             pass
         return op
 
-    async def _steps_with_start(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps_with_start(self, op: Operation) -> AsyncGenerator[None]:
         """Like :meth:`_steps`, but yields once first (for results known before any request)."""
         yield
         async with contextlib.aclosing(self._steps(op)) as steps:
             async for _ in steps:
                 yield
 
-    async def _steps(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps(self, op: Operation) -> AsyncGenerator[None]:
         """Drive ``op`` to completion, yielding after each batch of responses."""
         pending: dict[asyncio.Task, Contact] = {}
         try:
@@ -340,8 +369,29 @@ class DhtService:
                 log.exception("DHT maintenance round failed")
 
     # serving ---------------------------------------------------------------------------------
+    def _refusal(self, ctx: Any) -> bytes | None:
+        """The answer to a request this node does not serve (not public, or over the rate of a
+        peer that is not exempt), else None."""
+        caller = ctx.peer_id
+        if self.limits is None or (self.exempt is not None and self.exempt(caller)):
+            return None
+        if not self.limits.public:
+            self.core.stats["refused_private"] = self.core.stats.get("refused_private", 0) + 1
+            return encode(error_response("refused", "this node serves its DHT to members only"))
+        now = self.clock()
+        ip = getattr(getattr(ctx, "remote_addr", None), "host", None)
+        if not self._per_peer.take(caller, now) or (
+            ip is not None and not self._per_ip.take(ip, now)
+        ):
+            self.core.stats["rate_limited"] = self.core.stats.get("rate_limited", 0) + 1
+            return encode(error_response("rate_limited", "too many DHT requests; slow down"))
+        return None
+
     async def _handle(self, ctx: Any, payload: bytes) -> bytes:
         # Registered eager: it must not await, nor use asyncio.timeout()/current_task().
+        refused = self._refusal(ctx)
+        if refused is not None:
+            return refused
         try:
             request = decode_request(payload)
         except DhtProtocolError as exc:

@@ -8,6 +8,7 @@ configuration here (:class:`AddressPolicy`), never a hard-coded rule.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from .errors import MalformedMessage
@@ -17,6 +18,9 @@ Endpoint = tuple[str, int]
 
 LAB_PUBLIC_RANGES = ("198.18.0.0/15",)
 """The netlab's ranges; pass them as ``treat_as_public`` to run the NAT stack inside the lab."""
+
+LAB_ENV = "LATTICARAY_LAB"
+"""``LATTICARAY_LAB=1`` in the environment marks a process as running inside the netlab."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,9 @@ class AddressPolicy:
 
     treat_as_public: tuple[str, ...] = ()
     allow_loopback: bool = False
-    _networks: tuple = field(init=False, repr=False, compare=False)
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.treat_as_public)
@@ -55,6 +61,15 @@ class AddressPolicy:
         return not (addr.is_unspecified or addr.is_multicast) and (
             self.is_public(ip) or addr.is_private
         )
+
+
+def policy_from_environment() -> AddressPolicy:
+    """The default policy of this process: :data:`LAB_PUBLIC_RANGES` count as public when
+    ``LATTICARAY_LAB=1`` (so a node in the netlab runs the same code as one on the internet),
+    else only ``ipaddress``-global addresses do."""
+    if os.environ.get(LAB_ENV) == "1":
+        return AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
+    return AddressPolicy()
 
 
 def check_endpoint(value: object, what: str = "endpoint") -> Endpoint:

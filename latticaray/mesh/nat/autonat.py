@@ -22,8 +22,11 @@ from __future__ import annotations
 import enum
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..ratelimit import KeyedRateLimiter, TokenBucket
 from . import wire
 from .addresses import AddressPolicy, Endpoint
 from .errors import (
@@ -34,7 +37,6 @@ from .errors import (
     ForgedDialBack,
     MalformedMessage,
 )
-from .ratelimit import KeyedRateLimiter, TokenBucket
 
 PROTOCOL_ID = "/latticaray/autonat/1"
 NONCE_SIZE = 16
@@ -54,7 +56,9 @@ def encode_dial_request(probe_id: int, entries: list[tuple[Endpoint, bytes]]) ->
     )
 
 
-def decode_dial_request(msg: dict, max_addrs: int) -> tuple[int, list[tuple[Endpoint, bytes]]]:
+def decode_dial_request(
+    msg: dict[str, Any], max_addrs: int
+) -> tuple[int, list[tuple[Endpoint, bytes]]]:
     probe_id = wire.get_int(msg, "id", 0, 2**63)
     endpoints = wire.get_endpoints(msg, "a", max_addrs)
     nonces = msg.get("n")
@@ -70,7 +74,7 @@ def encode_dial_response(probe_id: int, statuses: list[str]) -> bytes:
     return wire.encode("dial_resp", id=probe_id, r=statuses)
 
 
-def decode_dial_response(msg: dict, max_addrs: int) -> tuple[int, list[str]]:
+def decode_dial_response(msg: dict[str, Any], max_addrs: int) -> tuple[int, list[str]]:
     return wire.get_int(msg, "id", 0, 2**63), wire.get_str_list(msg, "r", max_addrs, 64)
 
 
@@ -78,7 +82,7 @@ def encode_dial_back(nonce: bytes) -> bytes:
     return wire.encode("dial_back", n=nonce)
 
 
-def decode_dial_back(msg: dict) -> bytes:
+def decode_dial_back(msg: dict[str, Any]) -> bytes:
     return wire.get_bytes(msg, "n", NONCE_SIZE, NONCE_SIZE)
 
 
@@ -111,7 +115,7 @@ class DialPlan:
         return encode_dial_response(self.probe_id, self.statuses)
 
 
-class AutoNatServer:
+class AutoNatServerCore:
     """Decides which dial-backs to perform for a request; the driver sends them."""
 
     def __init__(
@@ -123,7 +127,7 @@ class AutoNatServer:
         self._global: TokenBucket | None = None
         self.refused = 0
 
-    def handle_request(self, observed: Endpoint, msg: dict, now: float) -> DialPlan:
+    def handle_request(self, observed: Endpoint, msg: dict[str, Any], now: float) -> DialPlan:
         """Plan dial-backs for a decoded ``dial`` message received from ``observed``.
 
         Raises :class:`DialBackRefused` (RATE_LIMITED) when over a rate limit and
@@ -167,7 +171,7 @@ class AutoNatClientConfig:
 class AddressState:
     endpoint: Endpoint
     reachability: Reachability = Reachability.UNKNOWN
-    votes: deque = field(default_factory=deque)  # (server, reachable: bool)
+    votes: deque[tuple[str, bool]] = field(default_factory=deque)  # (server, reachable)
     next_check: float = 0.0
     in_flight: bool = False
     last_changed: float = 0.0
@@ -188,14 +192,14 @@ class Probe:
     confirmed: set[Endpoint] = field(default_factory=set)
 
 
-class AutoNatClient:
+class AutoNatClientCore:
     """Tracks candidate addresses and the votes that classify them."""
 
     def __init__(
         self,
         config: AutoNatClientConfig | None = None,
         policy: AddressPolicy | None = None,
-        random_bytes=os.urandom,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.config = config or AutoNatClientConfig()
         self.policy = policy or AddressPolicy()
@@ -267,7 +271,7 @@ class AutoNatClient:
             st.in_flight = True
         return probes
 
-    def on_response(self, server: str, msg: dict, now: float) -> None:
+    def on_response(self, server: str, msg: dict[str, Any], now: float) -> None:
         probe_id, statuses = decode_dial_response(msg, len(self._addrs) + 1)
         probe = self._probes.get(probe_id)
         if probe is None:
@@ -287,7 +291,7 @@ class AutoNatClient:
         if probe is not None:
             self._finish(probe, now)
 
-    def on_dial_back(self, msg: dict, source: Endpoint, now: float) -> Endpoint:
+    def on_dial_back(self, msg: dict[str, Any], source: Endpoint, now: float) -> Endpoint:
         """A dial-back arrived (on our shared socket). Returns the confirmed address.
 
         Raises :class:`ForgedDialBack` for an unknown nonce, or one arriving from an IP other
@@ -382,7 +386,7 @@ class AutoNatClient:
         state.next_check = now + delay
 
 
-def decode_message(data: bytes) -> dict:
+def decode_message(data: bytes) -> dict[str, Any]:
     """Decode any AutoNAT message (bounded); the caller dispatches on ``msg['t']``."""
     return wire.decode(data)
 
@@ -390,10 +394,10 @@ def decode_message(data: bytes) -> dict:
 __all__ = [
     "MALFORMED",
     "PROTOCOL_ID",
-    "AutoNatClient",
     "AutoNatClientConfig",
-    "AutoNatServer",
+    "AutoNatClientCore",
     "AutoNatServerConfig",
+    "AutoNatServerCore",
     "DialBack",
     "DialPlan",
     "Probe",

@@ -69,5 +69,10 @@ class CircuitLimitExceeded(NatError):
     """A relayed circuit used up its byte or duration budget; the relay closes it."""
 
 
+class NotReachable(NatError):
+    """A node in auto mode is neither public nor holds a relay reservation (the message says
+    what it found and tried: AutoNAT servers met, NAT type, relays and why each failed)."""
+
+
 class HolePunchFailed(NatError):
     """Every hole-punch attempt failed; the connection stays on the relay."""

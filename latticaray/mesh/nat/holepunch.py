@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import wire
@@ -103,6 +104,10 @@ class GiveUp:
     reason: str
 
 
+Action = SendMessage | StartPunch | PunchSucceeded | GiveUp
+"""What a :class:`HolePunchSession` asks its driver to do."""
+
+
 class State(enum.Enum):
     IDLE = "idle"
     WAIT_CONNECT = "wait-connect"
@@ -122,7 +127,7 @@ class HolePunchSession:
         our_addrs: list[Endpoint],
         our_nat: NatType,
         config: HolePunchConfig | None = None,
-        random_bytes=os.urandom,
+        random_bytes: Callable[[int], bytes] = os.urandom,
         our_public: bool = False,
         our_tcp_port: int = 0,
     ) -> None:
@@ -146,7 +151,7 @@ class HolePunchSession:
         self.history: list[tuple[int, str]] = []
 
     # ---------------------------------------------------------------------- initiator side
-    def start(self, now: float) -> list:
+    def start(self, now: float) -> list[Action]:
         if self.role is not Role.INITIATOR:
             raise RuntimeError("only the initiator starts a hole punch")
         if not self.config.enabled:
@@ -154,7 +159,7 @@ class HolePunchSession:
             return [GiveUp("hole punching is disabled")]
         return self._send_connect(now)
 
-    def _send_connect(self, now: float) -> list:
+    def _send_connect(self, now: float) -> list[Action]:
         self.attempt += 1
         self.token = self._random_bytes(TOKEN_SIZE)
         self._sent_at = now
@@ -174,7 +179,7 @@ class HolePunchSession:
         )
 
     # ------------------------------------------------------------------------ both sides
-    def on_message(self, data: bytes, now: float) -> list:
+    def on_message(self, data: bytes, now: float) -> list[Action]:
         msg = wire.decode(data)
         kind = msg["t"]
         if kind == "hp_connect":
@@ -256,7 +261,7 @@ class HolePunchSession:
             return [GiveUp("peer refused: " + (wire.get_str(msg, "m", 256, optional=True) or ""))]
         raise MalformedMessage(f"unknown hole-punch message {kind!r}")
 
-    def on_punch_result(self, attempt: int, remote: Endpoint | None, now: float) -> list:
+    def on_punch_result(self, attempt: int, remote: Endpoint | None, now: float) -> list[Action]:
         """The driver's punch for ``attempt`` finished: ``remote`` is the direct peer or None."""
         if attempt != self.attempt or self.state is not State.PUNCHING:
             return []
@@ -275,7 +280,7 @@ class HolePunchSession:
         self._timer = now + self.config.retry_delay
         return []
 
-    def tick(self, now: float) -> list:
+    def tick(self, now: float) -> list[Action]:
         if self._timer is None or now < self._timer:
             return []
         self._timer = None

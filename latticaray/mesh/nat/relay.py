@@ -9,7 +9,8 @@ duration; total reservation slots and circuits are bounded, per peer and overall
 Refusals are :class:`RelayRefused` with a status code: PERMISSION_DENIED (not allowed to use this
 relay, or the request itself arrived over a relayed connection — relays never chain hops),
 NO_RESERVATION (the target holds no reservation), RESOURCE_LIMIT_EXCEEDED (slots or circuits
-full), MALFORMED.
+full, per peer, per IP or overall), RATE_LIMITED (reservation and circuit requests, renewals
+included, are limited per peer and per source IP by token buckets), MALFORMED.
 
 Wire messages (protocol id ``/latticaray/relay/1``, docs/protocol/nat.md):
 ``reserve {}`` -> ``reserve_resp {s, ttl, bytes, secs, m}``; ``connect {peer}`` ->
@@ -21,14 +22,17 @@ After an OK ``connect_resp``/``accept_resp`` the stream carries raw circuit byte
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
+from ..ratelimit import KeyedRateLimiter
 from . import wire
 from .errors import (
     MALFORMED,
     NO_RESERVATION,
     OK,
     PERMISSION_DENIED,
+    RATE_LIMITED,
     RESOURCE_LIMIT_EXCEEDED,
     CircuitLimitExceeded,
     RelayRefused,
@@ -44,10 +48,16 @@ class RelayConfig:
     reservation_ttl: float = 3600.0
     max_circuits: int = 256
     max_circuits_per_peer: int = 16
+    max_circuits_per_ip: int = 64  # circuits opened from one source IP
     circuit_max_bytes: int = 1 << 30  # per direction-summed circuit budget
     circuit_max_duration: float = 3600.0
     allowed_peers: frozenset[str] | None = None  # who may reserve/connect; None = anyone
     denied_peers: frozenset[str] = frozenset()
+    #: reservation and circuit requests (renewals included), per requesting peer and per IP
+    requests_per_peer_rate: float = 2.0
+    requests_per_peer_burst: int = 20
+    requests_per_ip_rate: float = 10.0
+    requests_per_ip_burst: int = 60
 
 
 @dataclass
@@ -67,9 +77,10 @@ class Circuit:
     byte_limit: int
     bytes_relayed: int = 0
     accepted: bool = False
+    src_ip: str | None = None
 
 
-class RelayService:
+class RelayCore:
     """The relay's bookkeeping; the driver splices streams and reports bytes moved."""
 
     def __init__(self, config: RelayConfig | None = None) -> None:
@@ -78,6 +89,9 @@ class RelayService:
         self.circuits: dict[int, Circuit] = {}
         self._ids = itertools.count(1)
         self.refusals: dict[str, int] = {}
+        cfg = self.config
+        self._per_peer = KeyedRateLimiter(cfg.requests_per_peer_rate, cfg.requests_per_peer_burst)
+        self._per_ip = KeyedRateLimiter(cfg.requests_per_ip_rate, cfg.requests_per_ip_burst)
 
     def _refuse(self, code: str, message: str) -> RelayRefused:
         self.refusals[code] = self.refusals.get(code, 0) + 1
@@ -90,6 +104,12 @@ class RelayService:
         ):
             raise self._refuse(PERMISSION_DENIED, f"peer {peer} is not allowed to use this relay")
 
+    def _check_rate(self, peer: str, ip: str | None, now: float) -> None:
+        if not self._per_peer.take(peer, now):
+            raise self._refuse(RATE_LIMITED, f"peer {peer} sends requests too fast")
+        if ip is not None and not self._per_ip.take(ip, now):
+            raise self._refuse(RATE_LIMITED, f"{ip} sends requests too fast")
+
     def reserve(self, peer: str, ip: str, via_relay: bool, now: float) -> Reservation:
         """Create or renew ``peer``'s reservation (``ip``: its observed IP)."""
         self.expire(now)
@@ -99,6 +119,7 @@ class RelayService:
                 "reservation requested over a relayed connection; relays do not chain",
             )
         self._check_allowed(peer)
+        self._check_rate(peer, ip, now)
         existing = self.reservations.get(peer)
         if existing is None:
             if len(self.reservations) >= self.config.max_reservations:
@@ -120,8 +141,11 @@ class RelayService:
     def cancel_reservation(self, peer: str) -> None:
         self.reservations.pop(peer, None)
 
-    def open_circuit(self, src: str, dst: str, via_relay: bool, now: float) -> Circuit:
-        """``src`` asks for a circuit to ``dst``; returns it (pending the target's accept)."""
+    def open_circuit(
+        self, src: str, dst: str, via_relay: bool, now: float, ip: str | None = None
+    ) -> Circuit:
+        """``src`` (from ``ip``) asks for a circuit to ``dst``; returns it (pending the
+        target's accept)."""
         self.expire(now)
         if via_relay:
             raise self._refuse(
@@ -131,6 +155,7 @@ class RelayService:
         if src == dst:
             raise self._refuse(MALFORMED, "a peer cannot open a circuit to itself")
         self._check_allowed(src)
+        self._check_rate(src, ip, now)
         if dst not in self.reservations:
             raise self._refuse(NO_RESERVATION, f"peer {dst} holds no reservation on this relay")
         if len(self.circuits) >= self.config.max_circuits:
@@ -145,6 +170,14 @@ class RelayService:
                     f"peer {peer} already has {count} circuits (limit "
                     f"{self.config.max_circuits_per_peer})",
                 )
+        if ip is not None:
+            from_ip = sum(1 for c in self.circuits.values() if c.src_ip == ip)
+            if from_ip >= self.config.max_circuits_per_ip:
+                raise self._refuse(
+                    RESOURCE_LIMIT_EXCEEDED,
+                    f"{ip} already has {from_ip} circuits (limit "
+                    f"{self.config.max_circuits_per_ip})",
+                )
         circuit = Circuit(
             next(self._ids),
             src,
@@ -152,6 +185,7 @@ class RelayService:
             now,
             now + self.config.circuit_max_duration,
             self.config.circuit_max_bytes,
+            src_ip=ip,
         )
         self.circuits[circuit.circuit_id] = circuit
         return circuit
@@ -205,74 +239,12 @@ class RelayService:
         return min(times) if times else None
 
 
-# --------------------------------------------------------------------------- client side
-@dataclass
-class RelayState:
-    relay: str
-    addr_text: str  # the relay's own multiaddr (without /p2p)
-    expires: float = 0.0
-    next_attempt: float = 0.0
-    failures: int = 0
-    last_error: str | None = None
-
-
-@dataclass
-class ReservationKeeper:
-    """A private node's reservations on one or more relays: when to (re)reserve, what to advertise.
-
-    Renews at ``renew_fraction`` of the granted TTL; retries failures with capped exponential backoff.
-    """
-
-    renew_fraction: float = 0.5
-    retry_base: float = 1.0
-    retry_max: float = 60.0
-    relays: dict[str, RelayState] = field(default_factory=dict)
-
-    def add_relay(self, relay: str, addr_text: str, now: float) -> None:
-        self.relays.setdefault(relay, RelayState(relay, addr_text, next_attempt=now))
-
-    def remove_relay(self, relay: str) -> None:
-        self.relays.pop(relay, None)
-
-    def due(self, now: float) -> list[str]:
-        return [r.relay for r in self.relays.values() if r.next_attempt <= now]
-
-    def on_reserved(self, relay: str, ttl: float, now: float) -> None:
-        state = self.relays[relay]
-        state.expires = now + ttl
-        state.next_attempt = now + ttl * self.renew_fraction
-        state.failures = 0
-        state.last_error = None
-
-    def on_failed(self, relay: str, error: str, now: float) -> None:
-        state = self.relays.get(relay)
-        if state is None:
-            return
-        state.failures += 1
-        state.last_error = error
-        state.next_attempt = now + min(self.retry_max, self.retry_base * 2 ** (state.failures - 1))
-
-    def active(self, now: float) -> list[RelayState]:
-        return [r for r in self.relays.values() if r.expires > now]
-
-    def circuit_addresses(self, me: str, now: float) -> list[str]:
-        from .addresses import circuit_address_text
-
-        return [circuit_address_text(r.addr_text, r.relay, me) for r in self.active(now)]
-
-    def next_timer(self) -> float | None:
-        return min((r.next_attempt for r in self.relays.values()), default=None)
-
-
 # ------------------------------------------------------------------------------- messages
-def reserve_response(
-    reservation: Reservation | None,
-    config: RelayConfig,
-    now: float,
-    error: RelayRefused | None = None,
-) -> bytes:
-    if error is not None:
-        return wire.encode("reserve_resp", s=error.code, m=error.message)
+def reserve_refused(error: RelayRefused) -> bytes:
+    return wire.encode("reserve_resp", s=error.code, m=error.message)
+
+
+def reserve_response(reservation: Reservation, config: RelayConfig, now: float) -> bytes:
     return wire.encode(
         "reserve_resp",
         s=OK,
@@ -283,9 +255,11 @@ def reserve_response(
     )
 
 
-def connect_response(circuit: Circuit | None, error: RelayRefused | None = None) -> bytes:
-    if error is not None:
-        return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+def connect_refused(error: RelayRefused) -> bytes:
+    return wire.encode("connect_resp", s=error.code, m=error.message, cid=0)
+
+
+def connect_response(circuit: Circuit) -> bytes:
     return wire.encode(
         "connect_resp",
         s=OK,
@@ -296,7 +270,7 @@ def connect_response(circuit: Circuit | None, error: RelayRefused | None = None)
     )
 
 
-def check_status(msg: dict, expected_type: str) -> dict:
+def check_status(msg: dict[str, Any], expected_type: str) -> dict[str, Any]:
     """Raise :class:`RelayRefused` unless ``msg`` is an OK ``expected_type`` reply."""
     if msg.get("t") != expected_type:
         raise RelayRefused(MALFORMED, f"expected {expected_type}, got {msg.get('t')!r}")

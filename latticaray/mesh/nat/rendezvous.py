@@ -43,7 +43,7 @@ class Registration:
     seq: int
 
 
-class RendezvousServer:
+class RendezvousCore:
     def __init__(self, config: RendezvousConfig | None = None) -> None:
         self.config = config or RendezvousConfig()
         self._by_ns: dict[str, dict[str, Registration]] = {}

@@ -1,6 +1,6 @@
 """Client side of rendezvous (``/latticaray/rendezvous/1``) over any ``call(peer, service, payload)``.
 
-Works with a ``MeshNode`` (``node.call``) or a ``NatNode``; the rendezvous point learns who
+Works with a ``MeshNode`` (``node.call``) or a ``NatHost``; the rendezvous point learns who
 registers from the authenticated connection, never from the message.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import wire
 from .errors import OK, RendezvousRefused
@@ -23,7 +24,7 @@ class DiscoveredPeer:
     ttl: float
 
 
-def _check(reply: bytes, expected: str) -> dict:
+def _check(reply: bytes, expected: str) -> dict[str, Any]:
     msg = wire.decode(reply)
     if msg["t"] == "error" or msg.get("s") != OK:
         raise RendezvousRefused(str(msg.get("s", "MALFORMED")), str(msg.get("m", ""))[:300])
@@ -41,7 +42,7 @@ async def register(
     timeout: float = 10.0,
 ) -> float:
     """Register our ``addrs`` under ``namespace`` at rendezvous ``point``; returns the granted TTL."""
-    fields = {"ns": namespace, "addrs": list(addrs)}
+    fields: dict[str, object] = {"ns": namespace, "addrs": list(addrs)}
     if ttl is not None:
         fields["ttl"] = ttl
     msg = _check(

@@ -110,6 +110,13 @@ class SecureTunnel:
         self._eof = False
         self._read_lock = asyncio.Lock()
 
+    @property
+    def peer(self) -> PeerId:
+        """The authenticated remote peer (raises :class:`HandshakeError` before the handshake)."""
+        if self.remote_peer is None:
+            raise HandshakeError("the tunnel's peer is not authenticated yet")
+        return self.remote_peer
+
     # -- handshake ----------------------------------------------------------------------------
     @classmethod
     async def client(

@@ -7,7 +7,7 @@ well-formed values; anything else becomes :class:`MalformedMessage`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import msgpack
 
@@ -20,7 +20,8 @@ MAX_MESSAGE_SIZE = 8192
 
 def encode(msg_type: str, **fields: Any) -> bytes:
     fields["t"] = msg_type
-    return msgpack.packb(fields, use_bin_type=True)
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
+    return data
 
 
 def decode(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
@@ -43,7 +44,15 @@ def decode(data: bytes, max_size: int = MAX_MESSAGE_SIZE) -> dict[str, Any]:
     return msg
 
 
-def get_str(msg: dict, key: str, max_len: int = 256, optional: bool = False) -> str | None:
+@overload
+def get_str(
+    msg: dict[str, Any], key: str, max_len: int = ..., optional: Literal[False] = ...
+) -> str: ...
+@overload
+def get_str(msg: dict[str, Any], key: str, max_len: int = ..., *, optional: bool) -> str | None: ...
+def get_str(
+    msg: dict[str, Any], key: str, max_len: int = 256, optional: bool = False
+) -> str | None:
     value = msg.get(key)
     if value is None and optional:
         return None
@@ -52,15 +61,32 @@ def get_str(msg: dict, key: str, max_len: int = 256, optional: bool = False) -> 
     return value
 
 
-def get_bytes(msg: dict, key: str, max_len: int = 256, min_len: int = 0) -> bytes:
+def get_bytes(msg: dict[str, Any], key: str, max_len: int = 256, min_len: int = 0) -> bytes:
     value = msg.get(key)
     if not isinstance(value, bytes) or not min_len <= len(value) <= max_len:
         raise MalformedMessage(f"field {key!r} must be {min_len}..{max_len} bytes")
     return value
 
 
+@overload
 def get_int(
-    msg: dict, key: str, lo: int, hi: int, optional: bool = False, default: int | None = None
+    msg: dict[str, Any], key: str, lo: int, hi: int, optional: bool = ..., *, default: int
+) -> int: ...
+@overload
+def get_int(
+    msg: dict[str, Any], key: str, lo: int, hi: int, optional: Literal[False] = ...
+) -> int: ...
+@overload
+def get_int(
+    msg: dict[str, Any], key: str, lo: int, hi: int, optional: bool, default: None = ...
+) -> int | None: ...
+def get_int(
+    msg: dict[str, Any],
+    key: str,
+    lo: int,
+    hi: int,
+    optional: bool = False,
+    default: int | None = None,
 ) -> int | None:
     value = msg.get(key)
     if value is None and optional:
@@ -70,21 +96,21 @@ def get_int(
     return value
 
 
-def get_float(msg: dict, key: str, lo: float, hi: float) -> float:
+def get_float(msg: dict[str, Any], key: str, lo: float, hi: float) -> float:
     value = msg.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise MalformedMessage(f"field {key!r} must be a number in {lo}..{hi}")
     return float(value)
 
 
-def get_endpoints(msg: dict, key: str, max_count: int) -> list[Endpoint]:
+def get_endpoints(msg: dict[str, Any], key: str, max_count: int) -> list[Endpoint]:
     value = msg.get(key)
     if not isinstance(value, list) or len(value) > max_count:
         raise MalformedMessage(f"field {key!r} must be a list of at most {max_count} endpoints")
     return [check_endpoint(item, key) for item in value]
 
 
-def get_str_list(msg: dict, key: str, max_count: int, max_len: int = 256) -> list[str]:
+def get_str_list(msg: dict[str, Any], key: str, max_count: int, max_len: int = 256) -> list[str]:
     value = msg.get(key)
     if not isinstance(value, list) or len(value) > max_count:
         raise MalformedMessage(f"field {key!r} must be a list of at most {max_count} strings")
@@ -92,3 +118,9 @@ def get_str_list(msg: dict, key: str, max_count: int, max_len: int = 256) -> lis
         if not isinstance(item, str) or len(item) > max_len:
             raise MalformedMessage(f"field {key!r} items must be strings of at most {max_len}")
     return list(value)
+
+
+def expect_type(msg: dict[str, Any], msg_type: str) -> None:
+    """Raise :class:`MalformedMessage` unless ``msg`` is a ``msg_type`` message."""
+    if msg["t"] != msg_type:
+        raise MalformedMessage(f"expected a {msg_type!r} message, got {msg['t']!r}")

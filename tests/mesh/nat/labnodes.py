@@ -1,4 +1,4 @@
-"""A NAT-traversal mesh inside the netlab: one :class:`NatNode` per lab host, each on its own
+"""A NAT-traversal mesh inside the netlab: one :class:`NatHost` per lab host, each on its own
 namespace thread (shared by the netlab tests and ``bench/nat_matrix.py``)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from netlab_util import NamespaceLoop
 
 from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
 from latticaray.mesh.nat.autonat import AutoNatClientConfig
-from latticaray.mesh.nat.host import NatNode, NatNodeConfig
+from latticaray.mesh.nat.config import NatConfig
+from latticaray.mesh.nat.host import NatHost
 
 LAB_POLICY = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
 PUBLIC_NODES = ("pub1", "pub2")
@@ -31,13 +32,13 @@ class LabMesh:
         self.quic_port = quic_port
         self.relay_port = relay_port
         self.loops: dict[str, NamespaceLoop] = {}
-        self.nodes: dict[str, NatNode] = {}
+        self.nodes: dict[str, NatHost] = {}
         self.hosts = list(dict.fromkeys(["pub1", *hosts]))
         self.overrides = overrides
 
-    def config_for(self, host: str) -> NatNodeConfig:
+    def config_for(self, host: str) -> NatConfig:
         public = host in PUBLIC_NODES
-        cfg = NatNodeConfig(
+        cfg = NatConfig(
             quic_port=self.quic_port,
             policy=LAB_POLICY,
             serve_autonat=public,
@@ -58,7 +59,7 @@ class LabMesh:
         for host in self.hosts:
             self.loops[host] = NamespaceLoop(self.prefix, host)
         for host in self.hosts:
-            node = NatNode(config=self.config_for(host))
+            node = NatHost(config=self.config_for(host))
             self.loops[host].run(node.start(), 30)
             self.nodes[host] = node
 
@@ -144,7 +145,7 @@ class LabMesh:
 
 
 class MeshLab:
-    """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNat` on it."""
+    """Like :class:`LabMesh`, but every host runs a real ``MeshNode`` with :class:`MeshNatService` on it."""
 
     def __init__(
         self,
@@ -164,9 +165,10 @@ class MeshLab:
         self.loops: dict[str, NamespaceLoop] = {}
         self.nodes: dict = {}
         self.nats: dict = {}
+        self.dhts: dict = {}
 
     async def _start_one(self, host: str):
-        from latticaray.mesh.nat.mesh_nat import MeshNat
+        from latticaray.mesh.nat.mesh_service import MeshNatService
         from latticaray.mesh.node import MeshConfig, MeshNode
 
         node = MeshNode(
@@ -178,9 +180,9 @@ class MeshLab:
         )
         await node.start()
         public = host in PUBLIC_NODES
-        nat = MeshNat(
+        nat = MeshNatService(
             node,
-            NatNodeConfig(
+            NatConfig(
                 policy=LAB_POLICY,
                 serve_autonat=public,
                 serve_relay=(host == "pub1"),
@@ -193,13 +195,15 @@ class MeshLab:
             ),
         )
         await nat.start()
-        return node, nat
+        return node, nat, None
 
     def start(self) -> None:
         for host in self.hosts:
             self.loops[host] = NamespaceLoop(self.prefix, host)
         for host in self.hosts:
-            self.nodes[host], self.nats[host] = self.loops[host].run(self._start_one(host), 30)
+            self.nodes[host], self.nats[host], dht = self.loops[host].run(self._start_one(host), 60)
+            if dht is not None:
+                self.dhts[host] = dht
 
     def discover_and_reserve(self) -> dict:
         relay = self.nodes["pub1"].peer_id
@@ -218,6 +222,8 @@ class MeshLab:
 
     def stop(self) -> None:
         async def stop_one(host):
+            if host in self.dhts:
+                await self.dhts[host].close()
             await self.nats[host].stop()
             await self.nodes[host].stop()
 
@@ -230,4 +236,100 @@ class MeshLab:
             loop.stop()
         self.nodes.clear()
         self.nats.clear()
+        self.dhts.clear()
         self.loops.clear()
+
+
+class AutoLab(MeshLab):
+    """Zero-flag nodes in the netlab: pub1 and pub2 serve the relay and AutoNAT; every other host
+    joins with nothing but pub1's address (auto mode, a DHT, an ephemeral UDP port), one after
+    the other, each once it holds ``want`` relay reservations. ``LATTICARAY_LAB=1`` must be set
+    (the default address policy then counts the lab's ranges as public)."""
+
+    def __init__(
+        self,
+        prefix: str,
+        hosts: list[str],
+        quic_port: int,
+        relay_port: int,
+        want: int = 2,
+        serve_relay: bool = True,
+        no_relay_grace: float = 10.0,
+        given: bool = False,
+    ) -> None:
+        super().__init__(prefix, hosts, quic_port, relay_port)
+        self.want = want
+        self.serve_relay = serve_relay
+        self.no_relay_grace = no_relay_grace
+        self.given = given  # the baseline: observers and relay given by hand, as before auto mode
+        self.join_s: dict[str, float] = {}
+
+    def bootstrap_addr(self) -> str:
+        return f"/ip4/{IPS['pub1']}/udp/{self.quic_port}/quic-v1/p2p/{self.nodes['pub1'].peer_id}"
+
+    async def _start_one(self, host: str):
+        from latticaray.mesh.dht import DhtConfig, DhtService
+        from latticaray.mesh.nat.mesh_service import MeshNatService
+        from latticaray.mesh.node import MeshConfig, MeshNode
+
+        public = host in PUBLIC_NODES
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        node = MeshNode(
+            MeshConfig(
+                listen=[f"/ip4/0.0.0.0/udp/{self.quic_port if public else 0}/quic-v1"],
+                transports=("quic",),
+                bootstrap=[] if host == "pub1" else [self.bootstrap_addr()],
+                dial_timeout=5.0,
+            )
+        )
+        await node.start()
+        serving = {
+            "serve_relay": self.serve_relay,
+            "relay_port": self.relay_port,
+            "serve_autonat": True,
+        }
+        config = NatConfig(auto=True, **(serving if public else {}))
+        if self.given and not public:
+            config = NatConfig(
+                observers=tuple((IPS[p], self.quic_port) for p in PUBLIC_NODES),
+                relays=(
+                    f"/ip4/{IPS['pub1']}/tcp/{self.relay_port}/p2p/{self.nodes['pub1'].peer_id}",
+                ),
+                autonat_client=AutoNatClientConfig(min_confirmations=2, dial_back_timeout=1.5),
+            )
+        nat = MeshNatService(node, config)
+        nat.config.autorelay.want = self.want
+        nat.config.autorelay.no_relay_grace = self.no_relay_grace
+        await nat.start()
+        dht = DhtService(node, DhtConfig(request_timeout=5.0))
+        nat.attach_dht(dht)
+        joined = loop.create_task(dht.bootstrap())  # in the background, as the runtime does
+        try:
+            await self._join(host, nat, public, started)
+        except BaseException:
+            joined.cancel()
+            raise
+        await joined
+        return node, nat, dht
+
+    async def _join(self, host: str, nat, public: bool, started: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self.given and not public:
+            await nat.auto_configure()
+            self.join_s[host] = loop.time() - started
+        elif not public and self.serve_relay:
+            await nat.wait_reachable(20.0)
+            self.join_s[host] = loop.time() - started
+
+            async def holds_all() -> None:
+                while len(nat.status()["reserved"]) < self.want:
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(holds_all(), 20.0)
+
+    def status(self, host: str) -> dict:
+        async def read() -> dict:
+            return self.nats[host].status()
+
+        return self.loops[host].run(read(), 10)

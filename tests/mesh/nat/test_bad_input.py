@@ -6,11 +6,11 @@ from hypothesis import strategies as st
 
 from latticaray.mesh.nat import relay, wire
 from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy
-from latticaray.mesh.nat.autonat import AutoNatClient, AutoNatServer
+from latticaray.mesh.nat.autonat import AutoNatClientCore, AutoNatServerCore
 from latticaray.mesh.nat.errors import NatError
 from latticaray.mesh.nat.holepunch import HolePunchSession, Role
 from latticaray.mesh.nat.nattype import NatType
-from latticaray.mesh.nat.rendezvous import RendezvousServer
+from latticaray.mesh.nat.rendezvous import RendezvousCore
 
 LAB = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES)
 
@@ -72,11 +72,11 @@ def feed_everything(data: bytes) -> None:
         msg = wire.decode(data)
     except NatError:
         return
-    client = AutoNatClient(policy=LAB)
+    client = AutoNatClientCore(policy=LAB)
     client.add_candidate(("198.18.0.101", 4001), 0.0)
     client.probes_due(0.0, [("s", "198.18.0.11")])
     for step in (
-        lambda: AutoNatServer(policy=LAB).handle_request(("198.18.0.101", 1), msg, 0.0),
+        lambda: AutoNatServerCore(policy=LAB).handle_request(("198.18.0.101", 1), msg, 0.0),
         lambda: client.on_response("s", msg, 0.1),
         lambda: client.on_dial_back(msg, ("198.18.0.11", 1), 0.1),
         lambda: HolePunchSession(Role.RESPONDER, [], NatType.UNKNOWN).on_message(data, 0.0),
@@ -87,7 +87,7 @@ def feed_everything(data: bytes) -> None:
             step()
         except NatError:
             pass
-    reply = wire.decode(RendezvousServer().handle("peer", data, 0.0))  # never raises
+    reply = wire.decode(RendezvousCore().handle("peer", data, 0.0))  # never raises
     assert reply["t"] in ("register_resp", "unregister_resp", "discover_resp", "error")
 
 

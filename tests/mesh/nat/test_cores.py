@@ -9,10 +9,10 @@ import pytest
 from latticaray.mesh.nat import autonat, birthday, holepunch, relay, rendezvous, wire
 from latticaray.mesh.nat.addresses import LAB_PUBLIC_RANGES, AddressPolicy, check_endpoint
 from latticaray.mesh.nat.autonat import (
-    AutoNatClient,
     AutoNatClientConfig,
-    AutoNatServer,
+    AutoNatClientCore,
     AutoNatServerConfig,
+    AutoNatServerCore,
     Reachability,
 )
 from latticaray.mesh.nat.errors import (
@@ -97,13 +97,13 @@ def run_autonat_round(client, servers, now, reachable, observed_ip="198.18.0.101
 
 def make_servers():
     return [
-        ("pub1", "198.18.0.11", AutoNatServer(policy=LAB)),
-        ("pub2", "198.18.0.12", AutoNatServer(policy=LAB)),
+        ("pub1", "198.18.0.11", AutoNatServerCore(policy=LAB)),
+        ("pub2", "198.18.0.12", AutoNatServerCore(policy=LAB)),
     ]
 
 
 def test_autonat_classifies_public_and_private_addresses():
-    client = AutoNatClient(policy=LAB)
+    client = AutoNatClientCore(policy=LAB)
     public_ep, private_ep = ("198.18.0.101", 4001), ("198.18.0.101", 4002)
     client.add_candidate(public_ep, 0.0)
     client.add_candidate(private_ep, 0.0)
@@ -112,7 +112,7 @@ def test_autonat_classifies_public_and_private_addresses():
     assert client.status(private_ep) is Reachability.PRIVATE
     assert client.reachability() is Reachability.PUBLIC
     assert client.public_addresses() == [public_ep]
-    only_private = AutoNatClient(policy=LAB)
+    only_private = AutoNatClientCore(policy=LAB)
     only_private.add_candidate(private_ep, 0.0)
     only_private.add_candidate(("198.19.1.10", 4001), 0.0)  # a LAN address: servers refuse it
     run_autonat_round(only_private, make_servers(), 0.0, lambda s, ep: False)
@@ -122,7 +122,7 @@ def test_autonat_classifies_public_and_private_addresses():
 
 def test_autonat_one_vote_is_not_enough_and_rechecks_over_time():
     cfg = AutoNatClientConfig(recheck_unknown=5.0, recheck_public=50.0)
-    client = AutoNatClient(cfg, policy=LAB)
+    client = AutoNatClientCore(cfg, policy=LAB)
     ep = ("198.18.0.101", 4001)
     client.add_candidate(ep, 0.0)
     run_autonat_round(client, make_servers()[:1], 0.0, lambda s, e: True)
@@ -136,7 +136,7 @@ def test_autonat_one_vote_is_not_enough_and_rechecks_over_time():
 
 
 def test_autonat_server_refusing_gives_no_vote():
-    client = AutoNatClient(policy=LAB)
+    client = AutoNatClientCore(policy=LAB)
     ep = ("198.18.0.101", 4001)
     client.add_candidate(ep, 0.0)
     probes = client.probes_due(0.0, [("pub1", "198.18.0.11"), ("pub2", "198.18.0.12")])
@@ -146,7 +146,7 @@ def test_autonat_server_refusing_gives_no_vote():
 
 
 def test_autonat_forged_nonce_is_refused():
-    client = AutoNatClient(policy=LAB, random_bytes=counter_bytes())
+    client = AutoNatClientCore(policy=LAB, random_bytes=counter_bytes())
     client.add_candidate(("198.18.0.101", 4001), 0.0)
     probe = client.probes_due(0.0, [("pub1", "198.18.0.11")])[0]
     forged = wire.decode(autonat.encode_dial_back(b"\x99" * 16))
@@ -171,7 +171,7 @@ def test_autonat_forged_nonce_is_refused():
 
 
 def test_autonat_server_dials_only_the_requesters_observed_ip_and_rate_limits():
-    server = AutoNatServer(AutoNatServerConfig(per_ip_burst=2, per_ip_rate=0.1), policy=LAB)
+    server = AutoNatServerCore(AutoNatServerConfig(per_ip_burst=2, per_ip_rate=0.1), policy=LAB)
     nonce = b"n" * 16
     req = autonat.encode_dial_request(
         7,
@@ -194,7 +194,7 @@ def test_autonat_server_dials_only_the_requesters_observed_ip_and_rate_limits():
 
 
 def test_autonat_server_rejects_malformed_requests():
-    server = AutoNatServer(AutoNatServerConfig(max_addrs_per_request=2), policy=LAB)
+    server = AutoNatServerCore(AutoNatServerConfig(max_addrs_per_request=2), policy=LAB)
     too_many = autonat.encode_dial_request(
         1, [(("198.18.0.101", p), b"n" * 16) for p in range(1, 5)]
     )
@@ -248,7 +248,7 @@ def test_nat_type_from_one_observer_and_its_alternate_port():
 
 # ------------------------------------------------------------------------------ relay
 def test_relay_reservations_and_circuits_with_limits():
-    svc = relay.RelayService(
+    svc = relay.RelayCore(
         relay.RelayConfig(
             max_reservations=2,
             max_reservations_per_ip=1,
@@ -290,7 +290,7 @@ def test_relay_reservations_and_circuits_with_limits():
 
 
 def test_relay_refuses_unauthorized_and_chained_hops():
-    svc = relay.RelayService(
+    svc = relay.RelayCore(
         relay.RelayConfig(allowed_peers=frozenset({"A", "X"}), denied_peers=frozenset({"X"}))
     )
     svc.reserve("A", "198.18.0.101", False, 0.0)
@@ -309,34 +309,55 @@ def test_relay_refuses_unauthorized_and_chained_hops():
     assert svc.refusals[PERMISSION_DENIED] == 4
 
 
-def test_relay_circuit_duration_limit_and_keeper_schedule():
-    svc = relay.RelayService(relay.RelayConfig(circuit_max_duration=10))
+def test_relay_requests_are_rate_limited_per_peer_and_per_ip_and_circuits_per_ip():
+    svc = relay.RelayCore(
+        relay.RelayConfig(
+            requests_per_peer_rate=0.01,
+            requests_per_peer_burst=3,
+            requests_per_ip_rate=0.01,
+            requests_per_ip_burst=6,
+            max_circuits_per_ip=2,
+            max_circuits_per_peer=10,
+        )
+    )
+    svc.reserve("A", "198.18.0.101", False, 0.0)
+    for _ in range(2):
+        svc.reserve("A", "198.18.0.101", False, 0.0)  # renewals count too
+    with pytest.raises(RelayRefused, match="peer A sends requests too fast") as info:
+        svc.reserve("A", "198.18.0.101", False, 0.0)
+    assert info.value.code == RATE_LIMITED
+    # another peer from another IP is not held back by A
+    svc.reserve("B", "198.18.0.102", False, 0.0)
+    # circuits: at most 2 from one source IP, whichever peers ask from it
+    svc.open_circuit("X", "A", False, 0.0, "198.18.0.103")
+    svc.open_circuit("Y", "A", False, 0.0, "198.18.0.103")
+    with pytest.raises(RelayRefused, match=r"198\.18\.0\.103 already has 2 circuits") as info:
+        svc.open_circuit("Z", "B", False, 0.0, "198.18.0.103")
+    assert info.value.code == RESOURCE_LIMIT_EXCEEDED
+    # many peers behind one IP share its request budget (6): X, Y and Z spent 3, W spends 3
+    for _ in range(3):
+        with pytest.raises(RelayRefused):  # over the circuit limit, yet the request is counted
+            svc.open_circuit("W", "B", False, 0.0, "198.18.0.103")
+    with pytest.raises(RelayRefused, match=r"198\.18\.0\.103 sends requests too fast") as info:
+        svc.open_circuit("V", "B", False, 0.0, "198.18.0.103")
+    assert info.value.code == RATE_LIMITED
+    # the buckets refill with time
+    svc.reserve("A", "198.18.0.101", False, 200.0)
+    assert svc.refusals[RATE_LIMITED] == 2
+
+
+def test_relay_circuit_duration_limit():
+    svc = relay.RelayCore(relay.RelayConfig(circuit_max_duration=10))
     svc.reserve("A", "ip", False, 0.0)
     c = svc.open_circuit("B", "A", False, 0.0)
     with pytest.raises(CircuitLimitExceeded, match="duration"):
         svc.account(c.circuit_id, 1, 11.0)
 
-    keeper = relay.ReservationKeeper(retry_base=1.0)
-    keeper.add_relay("R", "/ip4/198.18.0.11/udp/4001/quic-v1", 0.0)
-    assert keeper.due(0.0) == ["R"]
-    keeper.on_failed("R", "refused", 0.0)
-    keeper.on_failed("R", "refused", 1.0)
-    assert keeper.due(2.5) == [] and keeper.due(3.0) == ["R"]
-    keeper.on_reserved("R", 60.0, 3.0)
-    assert keeper.circuit_addresses("ME", 4.0) == [
-        "/ip4/198.18.0.11/udp/4001/quic-v1/p2p/R/p2p-circuit/p2p/ME"
-    ]
-    assert (
-        keeper.due(32.0) == []
-        and keeper.due(33.0) == ["R"]
-        and keeper.circuit_addresses("ME", 64.0) == []
-    )
-
 
 def test_relay_status_messages():
     err = RelayRefused(NO_RESERVATION, "nope")
     with pytest.raises(RelayRefused) as info:
-        relay.check_status(wire.decode(relay.connect_response(None, err)), "connect_resp")
+        relay.check_status(wire.decode(relay.connect_refused(err)), "connect_resp")
     assert info.value.code == NO_RESERVATION
     with pytest.raises(RelayRefused, match="expected"):
         relay.check_status({"t": "other"}, "connect_resp")
@@ -490,7 +511,7 @@ def test_birthday_simulated_against_random_mappings():
 
 # ------------------------------------------------------------------------------ rendezvous
 def test_rendezvous_register_discover_expire_and_limits():
-    rv = rendezvous.RendezvousServer(
+    rv = rendezvous.RendezvousCore(
         rendezvous.RendezvousConfig(max_registrations_per_peer=1, max_registrations_per_namespace=2)
     )
     rv.register("A", "ns", ["/ip4/198.18.0.101/udp/1/quic-v1"], 60, 0.0)
@@ -512,7 +533,7 @@ def test_rendezvous_register_discover_expire_and_limits():
 
 
 def test_rendezvous_wire_handles_bad_input_without_raising():
-    rv = rendezvous.RendezvousServer()
+    rv = rendezvous.RendezvousCore()
     ok = wire.decode(
         rv.handle("A", wire.encode("register", ns="lab", addrs=["/ip4/1.2.3.4/tcp/1"], ttl=60), 0.0)
     )
@@ -533,7 +554,7 @@ def test_rendezvous_wire_handles_bad_input_without_raising():
 def test_relay_bootstrap_address_parsing():
     from latticaray.mesh.errors import MultiaddrError
     from latticaray.mesh.identity import KeyPair
-    from latticaray.mesh.nat.host import parse_relay_addr
+    from latticaray.mesh.nat.config import parse_relay_addr
 
     peer = KeyPair.generate().peer_id
     assert parse_relay_addr(f"/ip4/198.18.0.11/tcp/4002/p2p/{peer}") == (peer, "198.18.0.11", 4002)

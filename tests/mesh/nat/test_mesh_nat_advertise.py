@@ -1,30 +1,18 @@
 """A private node's relay circuit address reaches other peers through identify and the DHT, and
 they dial it (loopback, no root needed)."""
 
-import asyncio
-
 import pytest
 
 from latticaray.mesh.dht import DhtConfig, DhtService
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.nat.addresses import AddressPolicy
-from latticaray.mesh.nat.host import NatNodeConfig
-from latticaray.mesh.nat.mesh_nat import MeshNat
+from latticaray.mesh.nat.config import NatConfig
+from latticaray.mesh.nat.mesh_service import MeshNatService
 from latticaray.mesh.node import MeshConfig, MeshNode
 
+from .loopback import echo, wait_for
+
 LOOPBACK = AddressPolicy(allow_loopback=True)
-
-
-async def echo(ctx, payload):
-    return bytes(payload) + b"|" + ctx.transport.encode()
-
-
-async def wait_for(cond, timeout=10.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, f"{what} not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -37,9 +25,9 @@ async def mesh():
                 MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",))
             )
             await node.start()
-            nat = MeshNat(
+            nat = MeshNatService(
                 node,
-                NatNodeConfig(
+                NatConfig(
                     listen_host="127.0.0.1", policy=LOOPBACK, serve_relay=serve, hole_punching=False
                 ),
             )

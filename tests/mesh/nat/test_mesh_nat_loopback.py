@@ -1,4 +1,4 @@
-"""MeshNat on loopback (no root needed): relayed MeshNode RPC, upgrade to direct, rendezvous."""
+"""MeshNatService on loopback (no root needed): relayed MeshNode RPC, upgrade to direct, rendezvous."""
 
 import asyncio
 
@@ -7,10 +7,13 @@ import pytest
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.nat import rendezvous_client, wire
 from latticaray.mesh.nat.addresses import AddressPolicy
+from latticaray.mesh.nat.config import NatConfig
+from latticaray.mesh.nat.control import MAGIC
 from latticaray.mesh.nat.errors import RendezvousRefused
-from latticaray.mesh.nat.host import MAGIC, NatNodeConfig
-from latticaray.mesh.nat.mesh_nat import MeshNat
+from latticaray.mesh.nat.mesh_service import MeshNatService
 from latticaray.mesh.node import MeshConfig, MeshNode
+
+from .loopback import echo, wait_for
 
 LOOPBACK = AddressPolicy(allow_loopback=True)
 
@@ -18,9 +21,9 @@ LOOPBACK = AddressPolicy(allow_loopback=True)
 async def make(serve=False, punching=False, capture=False, autonat=False):
     node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",)))
     await node.start()
-    nat = MeshNat(
+    nat = MeshNatService(
         node,
-        NatNodeConfig(
+        NatConfig(
             listen_host="127.0.0.1",
             policy=LOOPBACK,
             serve_relay=serve,
@@ -31,10 +34,6 @@ async def make(serve=False, punching=False, capture=False, autonat=False):
         ),
     )
     await nat.start()
-
-    async def echo(ctx, payload):
-        return bytes(payload) + b"|" + ctx.transport.encode()
-
     node.register_unary("/test/echo/1", echo)
     return node, nat
 
@@ -54,14 +53,6 @@ async def trio(request):
         for node, nat in reversed(made):
             await nat.stop()
             await node.stop()
-
-
-async def wait_for(cond, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_mesh_node_call_over_circuit_address(trio):
@@ -133,14 +124,16 @@ async def test_alternate_observer_port_answers_observations_only():
     server_node, server = await make(autonat=True)
     client_node, client = await make()
     try:
-        alt_port = server.alt_observer_port
-        assert alt_port not in (0, server.local_endpoint[1])
-        main = server.local_endpoint
-        mapped = await client.observe(main)
-        assert client.alternate_observers() == {main: (main[0], alt_port)}
-        assert await client.observe((main[0], alt_port), alternate=True) == mapped
-        assert list(client.mapped) == [main]  # the alternate mapping is never advertised
-        assert client.nat_detector.report(asyncio.get_running_loop().time()).observers == 2
+        alt_port = server.control.alt_observer_port
+        assert alt_port not in (0, server.reachability.local_endpoint[1])
+        main = server.reachability.local_endpoint
+        mapped = await client.reachability.observe(main)
+        assert client.reachability.alternate_observers() == {main: (main[0], alt_port)}
+        assert await client.reachability.observe((main[0], alt_port), alternate=True) == mapped
+        assert list(client.reachability.mapped) == [
+            main
+        ]  # the alternate mapping is never advertised
+        assert client.reachability.detector.report(asyncio.get_running_loop().time()).observers == 2
         rejected = server.stats.get("control_rejected", 0)
         # anything but obs_req on the alternate port is dropped (it must not act as AutoNAT)
         client.transport.send_raw((main[0], alt_port), MAGIC + wire.encode("dial", id=1))

@@ -10,10 +10,11 @@ import pytest
 
 from latticaray.mesh.nat import autonat, wire
 from latticaray.mesh.nat.autonat import Reachability
+from latticaray.mesh.nat.control import MAGIC
 from latticaray.mesh.nat.errors import NO_RESERVATION, RESOURCE_LIMIT_EXCEEDED, RelayRefused
-from latticaray.mesh.nat.host import MAGIC, PING_SERVICE
 from latticaray.mesh.nat.nattype import NatType
 from latticaray.mesh.nat.relay import RelayConfig
+from latticaray.mesh.nat.service import PING_SERVICE
 
 from .labnodes import IPS, LabMesh
 

@@ -12,7 +12,8 @@ from latticaray.mesh.nat.errors import (
     RelayRefused,
 )
 from latticaray.mesh.nat.relay import RelayConfig
-from latticaray.mesh.nat.relay_transport import RelayClient, RelayServer
+from latticaray.mesh.nat.relay_client import RelayClient
+from latticaray.mesh.nat.relay_server import RelayServer
 from latticaray.mesh.rpc import RpcRouter, RpcSession
 
 SECRET = b"the-payload-the-relay-must-never-see-" * 4
@@ -98,7 +99,7 @@ async def test_relay_refuses_unreserved_targets_and_over_limit_reservations(rela
     assert info.value.code == RESOURCE_LIMIT_EXCEEDED
     # a's reservation goes away when its control stream closes: the slot frees up
     await a.client.close()
-    await wait_for(lambda: str(a.key.peer_id) not in relay.service.reservations)
+    await wait_for(lambda: str(a.key.peer_id) not in relay.core.reservations)
     await c.client.reserve(relay.peer_id, "127.0.0.1", relay.port)
 
 
@@ -112,7 +113,7 @@ async def test_relay_circuit_byte_limit_closes_the_circuit(relay_and_peers):
         with pytest.raises(Exception):
             for _ in range(20):  # 20 x 2 x 50 kB > the 200 kB circuit budget
                 await session.call("echo", b"y" * 50_000, timeout=5)
-        await wait_for(lambda: not relay.service.circuits)
+        await wait_for(lambda: not relay.core.circuits)
         assert any("byte limit" in line for line in relay.log_lines)
     finally:
         await session.aclose()
@@ -188,7 +189,7 @@ async def test_idle_circuit_ends_at_its_duration_limit():
         tunnel = await a.client.connect(relay.peer_id, "127.0.0.1", relay.port, b.key.peer_id)
         assert await asyncio.wait_for(tunnel.read(100), 10) == b""  # closed by the relay, idle
         assert any("duration limit" in line for line in relay.log_lines)
-        assert not relay.service.circuits
+        assert not relay.core.circuits
     finally:
         await a.close()
         await b.close()

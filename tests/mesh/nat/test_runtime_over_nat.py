@@ -40,7 +40,7 @@ import json, logging, sys, time
 import latticaray as lattica
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                     format="%(asctime)s %(name)s %(levelname)s %(message)s")
-for name in ("latticaray.runtime.cluster", "latticaray.mesh.nat"):
+for name in ("latticaray.runtime.remote", "latticaray.mesh.nat"):
     logging.getLogger(name).setLevel(logging.INFO)
 from latticaray.runtime import api
 
@@ -94,9 +94,9 @@ upgrade_s = (metrics.upgraded_at - metrics.started_at if metrics is not None
 print(json.dumps({"worker": worker, "first": first, "results": results, "join_s": joined,
                   "worker_seen_s": seen, "first_task_s": first_latency,
                   "tasks_40_s": batch_s, "path": path, "first_path": first_path,
-                  "sessions_reopened": mesh_runtime.cluster.stats["sessions_reopened"],
-                  "sessions_moved": mesh_runtime.cluster.stats["sessions_moved"],
-                  "tasks_resent": mesh_runtime.cluster.stats["tasks_resent"],
+                  "sessions_reopened": mesh_runtime.remote.stats["sessions_reopened"],
+                  "sessions_moved": mesh_runtime.remote.stats["sessions_moved"],
+                  "tasks_resent": mesh_runtime.remote.stats["tasks_resent"],
                   "punch_path": metrics.path if metrics is not None else "none",
                   "upgrade_s": upgrade_s, "drains": mesh_runtime.nat.drains,
                   "advertised": mesh_runtime.advertised_addrs,
@@ -152,7 +152,7 @@ print(json.dumps({"worker": worker, "results": results, "path_before": path_befo
                   "upgraded": upgraded, "upgrade_s": upgrade_s, "path_after": path_after,
                   "during": during, "held_done_before_go": len(ready),
                   "after": transports(), "drains": runtime.nat.drains,
-                  "stats": {k: runtime.cluster.stats[k] for k in
+                  "stats": {k: runtime.remote.stats[k] for k in
                             ("sessions_moved", "sessions_reopened", "tasks_resent")}}), flush=True)
 lattica.shutdown()
 """
@@ -162,8 +162,8 @@ lattica.shutdown()
 class LabProcess:
     """A process inside one lab namespace; stop() always reaps it."""
 
-    def __init__(self, prefix: str, host: str, args: list[str]):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    def __init__(self, prefix: str, host: str, args: list[str], env: dict | None = None):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],
             stdout=subprocess.PIPE,

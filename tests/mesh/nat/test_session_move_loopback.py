@@ -50,7 +50,7 @@ upgraded = asyncio.run_coroutine_threadsafe(
 more = lattica.get([step.options(**opts).remote(i, workdir, False) for i in range(4, 8)],
                    timeout=60)
 ready, _ = lattica.wait(held, num_returns=len(held), timeout=0)
-state = runtime.cluster.peers[worker]
+state = task_sessions_to(worker)
 retiring_before_go = len(state.retiring)
 open(os.path.join(workdir, "go"), "w").close()
 results = lattica.get(held, timeout=120) + more
@@ -58,7 +58,7 @@ wait_for(lambda: not state.retiring, "the old task session was never closed")
 print(json.dumps({"worker": worker, "results": results, "path_before": path_before,
                   "path_after": upgraded.transport, "held_done_before_go": len(ready),
                   "retiring_before_go": retiring_before_go,
-                  "stats": {k: runtime.cluster.stats[k] for k in
+                  "stats": {k: runtime.remote.stats[k] for k in
                             ("sessions_moved", "sessions_reopened", "tasks_resent")}}), flush=True)
 lattica.shutdown()
 """

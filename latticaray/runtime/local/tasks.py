@@ -1,0 +1,450 @@
+"""Tasks a node owns or runs: submission, argument resolution, placement, dispatch, results.
+
+A task's path through its owner: `submit` makes its record and pending returns, `resolve_args`
+waits for its top-level ref arguments to be values (fetched, located or recovered), `schedule`
+asks the remote side where it runs (placement over the mesh) and queues it here otherwise,
+`dispatch` hands queued tasks to idle task workers as the resource ledger allows, and `complete`
+seals its returns (a local worker's `done`, a remote executor's, or `fail`). Retries after an
+exception (`retry_exceptions`) or a lost runner spend `max_retries`.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from latticaray.runtime import refcount, serialization
+from latticaray.runtime.errors import (
+    NotPermittedError,
+    ObjectLostError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+)
+from latticaray.runtime.ids import object_id, task_of
+from latticaray.runtime.local.clients import WorkerHandle
+from latticaray.runtime.local.records import (
+    DEFAULT_STREAM_WINDOW,
+    ERROR,
+    OK,
+    PENDING,
+    STREAMING,
+    HostedActor,
+    ObjectEntry,
+    TaskRecord,
+)
+from latticaray.runtime.remote.capacity import DEFERRED
+from latticaray.runtime.serialization import error_blob
+from latticaray.runtime.states import TaskEvent, TaskState
+from latticaray.scheduler.errors import InsufficientResources
+
+if TYPE_CHECKING:
+    from latticaray.runtime.node import RuntimeNode
+
+#: States a task may be retried from after a retryable exception: running here or on a peer,
+#: not yet streamed (its consumer has the items) nor cancelled (states.py)
+RETRYABLE = (TaskState.RUNNING, TaskState.REMOTE)
+
+
+class TaskTable:
+    """The node's task records (by task id) and its queue of tasks ready to run here."""
+
+    def __init__(self, node: RuntimeNode):
+        self.node = node
+        self.records: dict[bytes, TaskRecord] = {}
+        self.ready_queue: collections.deque[TaskRecord] = collections.deque()
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, message: dict, client: Any) -> None:
+        """A task submitted by a client of this node, or placed here by a remote owner."""
+        node = self.node
+        tid = message["tid"]
+        if "blob" in message:
+            node.code[message["fn"]] = message.pop("blob")
+        rec = TaskRecord.for_task(message)
+        rec.client = client
+        self.records[tid] = rec
+        node.activity.submitted(rec, client.kind != "remote")
+        node.recovery.on_submit(rec, client)
+        self.open_returns(rec, client, message["opts"].get("window"))
+        refusal = node.submit_refusal() if client.kind != "remote" else None
+        if refusal is not None:  # an observer's node: its clients submit nothing
+            self.fail(rec, NotPermittedError(refusal))
+            return
+        parent = message.get("parent") or getattr(client, "current_task", None)
+        if parent is not None:
+            parent_rec = self.records.get(parent)
+            if parent_rec is not None:
+                if parent_rec.children is None:
+                    parent_rec.children = []
+                parent_rec.children.append(tid)
+        self.resolve_args(rec, self.args_ready)
+
+    def open_returns(self, rec: TaskRecord, client: Any, window: int | None = None) -> None:
+        """Pending entries for a task's returns (or its stream), held by ``client``; the refs
+        its arguments carry are held until it is done."""
+        node = self.node
+        tid = rec.tid
+        refs = node.refs
+        if rec.nret == STREAMING:
+            node.streams.open(tid, window or DEFAULT_STREAM_WINDOW, client)
+        else:
+            entries = node.objects.entries
+            for i in range(rec.nret):
+                oid = object_id(tid, i)
+                entries[oid] = ObjectEntry()
+                refs.create(oid, client)
+        message = rec.msg
+        if client.kind != "remote" and ("inner" in message or message["args"][0] == "l"):
+            refs.pin_task(tid, refcount.task_arg_refs(message))
+
+    def resolve_args(self, rec: TaskRecord, then: Callable[[TaskRecord], Any]) -> None:
+        """Resolve a task's top-level ref arguments, then ``then(rec)``; a failed one fails it."""
+        self.resolve_ref_args(
+            rec, lambda: rec.done or then(rec), lambda blob: self.fail_with_blob(rec, blob)
+        )
+
+    def resolve_ref_args(
+        self,
+        rec: TaskRecord | HostedActor,
+        then: Callable[[], Any],
+        fail: Callable[[bytes], Any],
+    ) -> None:
+        """Replace each top-level ref argument in ``rec.msg["args"]`` by its value (fetched,
+        located or recovered from lineage as needed), pin the store values among them in
+        ``rec.pins``, and call ``then()``, or ``fail(error blob)`` if an argument is an error."""
+        args = rec.msg["args"]
+        if args[0] == "b":
+            then()
+            return
+        slots = [item for item in args[1] if item[0] == 1]
+        slots += [item for item in args[2].values() if item[0] == 1]
+        if not slots:
+            then()
+            return
+        node = self.node
+        objects = node.objects
+        recovery = node.recovery
+        rec.deps_left = len(slots)
+
+        def resolve(item: list, entry: ObjectEntry) -> None:
+            def on_ready() -> None:
+                if entry.status == ERROR and rec.dep_error is None:
+                    rec.dep_error = entry.data
+                data = entry.data
+                if (
+                    data is not None
+                    and data[:1] == b"\x00"
+                    and serialization.is_store_ref(data)
+                    and entry.holder is None
+                ):
+                    cid = serialization.store_name(data)
+                    objects.pin(cid)  # the driver may drop its ref before we run
+                    if rec.pins is None:
+                        rec.pins = []
+                    rec.pins.append(cid)
+                item[:] = [0, data, item[1], item[2]]  # the owner: a borrowed value's source
+                rec.deps_left -= 1
+                if rec.deps_left == 0:
+                    if rec.dep_error is not None:
+                        fail(rec.dep_error)
+                    else:
+                        then()
+
+            entry.on_ready(on_ready)
+
+        def recover(item: list, oid: bytes, entry: ObjectEntry) -> None:
+            async def ensure_local() -> None:
+                try:
+                    found = await recovery.ensure_local(oid, entry)
+                except Exception as exc:  # a bug must not leave the task waiting forever
+                    found = ObjectEntry(
+                        ERROR,
+                        error_blob(
+                            ObjectLostError(f"recovering argument {oid.hex()} failed: {exc!r}")
+                        ),
+                    )
+                resolve(item, found)
+
+            node.spawn(ensure_local())
+
+        for item in slots:
+            oid, owner = item[1], item[2]
+            entry = objects.entries.get(oid)
+            if entry is not None:
+                if entry.status == PENDING:  # its value may be elsewhere once sealed
+
+                    def sealed(
+                        item: list = item, oid: bytes = oid, entry: ObjectEntry = entry
+                    ) -> None:
+                        if recovery.is_lost(entry):
+                            recover(item, oid, entry)
+                        else:
+                            resolve(item, entry)
+
+                    entry.on_ready(sealed)
+                elif recovery.is_lost(entry):
+                    recover(item, oid, entry)
+                else:
+                    resolve(item, entry)
+            else:
+
+                async def locate(item: list = item, oid: bytes = oid, owner: str = owner) -> None:
+                    resolve(item, await objects.locate(oid, owner))
+
+                node.spawn(locate())
+
+    # ------------------------------------------------------------------ placement and dispatch
+    def args_ready(self, rec: TaskRecord) -> None:
+        """Every top-level ref argument of a task is a value here: it is placed."""
+        rec.move(TaskEvent.ARGS_READY)
+        self.schedule(rec)
+
+    def place_again(self, rec: TaskRecord) -> None:
+        """Capacity appeared (a DHT ad, a new peer) for a task waiting for it."""
+        rec.move(TaskEvent.CAPACITY)
+        self.schedule(rec)
+
+    def schedule(self, rec: TaskRecord) -> None:
+        """Place a task (SCHEDULING): on a peer, or in this node's ready queue."""
+        if rec.done:
+            return
+        node = self.node
+        demand = rec.demand
+        remote = node.remote
+        if remote is not None and not rec.msg["opts"].get("placed"):
+            target = remote.placer.place_task(rec)
+            if target is DEFERRED:
+                rec.move(TaskEvent.DEFER)
+                return
+            if isinstance(target, BaseException):
+                self.fail(rec, target)
+                return
+            if target is not None and target != node.node_id:
+                node.activity.placed(rec, target)
+                remote.caller.run_remote(rec, target)
+                return
+        if not node.ledger.could_ever_fit(demand):
+            self.fail(
+                rec,
+                TaskUnschedulableError(
+                    rec.tid.hex(),
+                    f"no node can ever provide {dict(demand)} "
+                    f"(this node has {node.total_resources})",
+                ),
+            )
+            return
+        if node.recovery.fetch_args_first(rec):
+            rec.move(TaskEvent.FETCH_ARGS)
+            return  # an argument's only copy is on another node: it comes here first
+        self.run_here(rec)
+
+    def run_here(self, rec: TaskRecord) -> None:
+        """Queue a task to run on this node (its placement is done)."""
+        self.node.activity.placed(rec, None)
+        rec.move(TaskEvent.QUEUE)
+        self.ready_queue.append(rec)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Start queued tasks on idle task workers while the ledger has room for them."""
+        queue = self.ready_queue
+        node = self.node
+        ledger = node.ledger
+        workers = node.workers
+        idle = workers.idle
+        while queue:
+            rec = queue[0]
+            if rec.done:
+                queue.popleft()
+                continue
+            if not idle:
+                workers.grow(len(queue))
+                return
+            try:
+                ledger.acquire(rec.tid.hex(), rec.demand)
+            except InsufficientResources:
+                return
+            queue.popleft()
+            worker = idle.pop()  # the most recently idle: warm caches
+            self.run_on(worker, rec)
+
+    def run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
+        fn = rec.msg["fn"]
+        out = {"op": "task", "fn": fn}
+        if fn not in worker.loaded:
+            out["blob"] = self.node.code[fn]
+            worker.loaded.add(fn)
+        self.hand_to(worker, rec, out)
+
+    def hand_to(self, worker: WorkerHandle, rec: TaskRecord, out: dict) -> None:
+        """Send a task or actor call (``out``: its `task` or `actor_call` frame so far) to the
+        worker that runs it."""
+        rec.move(TaskEvent.DISPATCH)
+        rec.worker = worker
+        worker.tasks[rec.tid] = rec
+        self.node.activity.started(rec)
+        out["tid"] = rec.tid
+        out["args"] = rec.msg["args"]
+        out["nret"] = rec.nret
+        out["name"] = rec.name
+        if rec.nret == STREAMING:
+            stream = self.node.streams.states[rec.tid]
+            stream.worker = worker
+            out["window"] = stream.window
+        worker.send(out)
+
+    # ------------------------------------------------------------------ results
+    def on_done(self, worker: WorkerHandle, message: dict) -> None:
+        """A worker's `done` for a task or actor call it ran."""
+        tid = message["tid"]
+        rec = worker.tasks.pop(tid, None)
+        if rec is None:
+            return
+        node = self.node
+        if worker.is_actor:
+            actor = worker.actor
+            if actor is not None:
+                actor.inflight.pop(tid, None)
+        else:
+            node.ledger.release(tid.hex())
+            if worker.alive:
+                node.workers.idle.append(worker)
+        err = message.get("err")
+        if (
+            err is not None
+            and not message.get("cancelled")
+            and not rec.cancelled
+            and self.should_retry(rec, message.get("mro", []))
+        ):
+            rec.retries_left -= 1
+            rec.move(TaskEvent.RETRY)
+            node.stats["retries"] += 1
+            node.activity.retried(rec)
+            if rec.actor is None:
+                self.ready_queue.append(rec)
+            else:
+                node.actors.send_call(rec.actor, rec)
+            self.dispatch()
+            return
+        self.complete(rec, message)
+        if not worker.is_actor:
+            self.dispatch()
+
+    def complete(self, rec: TaskRecord, message: dict) -> None:
+        """Seal a task's results (local worker reply or remote node reply)."""
+        node = self.node
+        objects = node.objects
+        err = message.get("err")
+        tid = rec.tid
+        if rec.nret == STREAMING:
+            node.streams.finish(tid, err)
+        elif err is not None:
+            for i in range(rec.nret):
+                objects.seal(object_id(tid, i), ERROR, err)
+        else:
+            inner = message.get("inner")
+            for i, data in enumerate(message["vals"]):
+                if inner and inner[i]:  # counted before the seal, which may free the result
+                    node.refs.contain(object_id(tid, i), inner[i])
+                objects.seal(object_id(tid, i), OK, data)
+        if rec.actor is None and "aid" not in rec.msg:
+            node.recovery.on_complete(rec, err is not None)
+        rec.move(TaskEvent.COMPLETE if err is None else TaskEvent.FAIL)
+        self.records.pop(tid, None)
+        client = rec.client
+        node.activity.ended(
+            rec,
+            err is not None,
+            (message.get("mro") or [None])[0] if err is not None else None,
+            client.node_id if client is not None and client.kind == "remote" else node.node_id,
+        )
+        if tid in node.refs.task_pins:
+            node.refs.task_done(tid)
+        if "held_by" in message:  # refs inside remote results are counted here now
+            assert node.remote is not None
+            node.remote.refs.ack_held(message["held_by"], tid)
+        if rec.pins:
+            pins, rec.pins = rec.pins, None
+            for cid in pins:
+                objects.unpin(cid)
+        notify = getattr(rec.client, "on_task_complete", None)
+        if notify is not None:
+            notify(rec, message)
+
+    def should_retry(self, rec: TaskRecord, mro: list[str]) -> bool:
+        """Whether an exception (its class's MRO names) is one the task retries on. A stream
+        that yielded is not run again (its consumer has its items), nor a cancelled task."""
+        retry = rec.retry_exc
+        if not retry or rec.retries_left == 0 or rec.state not in RETRYABLE:
+            return False
+        if retry is True:
+            return True
+        return any(name in retry for name in mro)
+
+    def fail(self, rec: TaskRecord, exc: BaseException) -> None:
+        self.fail_with_blob(rec, error_blob(exc))
+
+    def fail_with_blob(self, rec: TaskRecord, blob: bytes | None) -> None:
+        if rec.done:
+            return
+        self.complete(rec, {"err": blob})
+
+    def runner_lost(
+        self,
+        rec: TaskRecord,
+        mid_stream: BaseException,
+        no_retries: BaseException,
+        stats: collections.Counter | None = None,
+    ) -> bool:
+        """The worker or node running a task died: True if it may run again (a retry is
+        spent, counted in ``stats``), else it failed (cancelled; a stream that yielded; no
+        retries left)."""
+        if rec.cancelled:
+            self.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled"))
+        elif self.node.streams.started(rec):
+            self.fail(rec, mid_stream)
+        elif rec.retries_left != 0:
+            rec.retries_left -= 1
+            rec.move(TaskEvent.RETRY)
+            (self.node.stats if stats is None else stats)["retries"] += 1
+            self.node.activity.retried(rec)
+            return True
+        else:
+            self.fail(rec, no_retries)
+        return False
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, message: dict, client: Any) -> None:
+        self.cancel_task(
+            task_of(message["oid"]), message.get("force", False), message.get("recursive", True)
+        )
+
+    def cancel_task(self, tid: bytes, force: bool, recursive: bool) -> None:
+        rec = self.records.get(tid)
+        if rec is None or rec.done:
+            return
+        if recursive and rec.children:
+            for child in rec.children:
+                self.cancel_task(child, force, recursive)
+        worker = rec.worker
+        remote = self.node.remote
+        if rec.remote_peer is not None and remote is not None:
+            rec.move(TaskEvent.CANCEL)
+            remote.caller.cancel_remote(rec, force)
+            return
+        if worker is None:
+            if rec.actor is not None:
+                try:
+                    rec.actor.outbox.remove(rec)
+                except ValueError:
+                    pass
+            self.fail(rec, TaskCancelledError(f"task {rec.name} was cancelled before it ran"))
+            return
+        rec.move(TaskEvent.CANCEL)
+        if force and not worker.is_actor:
+            worker.kill()
+        else:
+            worker.send({"op": "cancel", "tid": tid})
+            if not worker.is_actor:
+                worker.interrupt()
