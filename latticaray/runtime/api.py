@@ -65,6 +65,28 @@ class NodeAffinitySchedulingStrategy:
         return {"affinity": self.node_id, "soft": self.soft}
 
 
+def _set_strategy(wire: dict, strategy) -> None:
+    """Put a scheduling_strategy into a task's or actor's wire options (a placement group's
+    goes to ``pg``: [group id, bundle index, capture child tasks])."""
+    to_wire = getattr(strategy, "to_wire", None)
+    if to_wire is not None and hasattr(strategy, "placement_group"):
+        pg = to_wire()
+        wire["pg"] = [pg["pg"], pg["bundle"], pg["capture"]]
+        return
+    value = _strategy_wire(strategy)
+    if value is not None:
+        wire["strategy"] = value
+
+
+def _captured(options: dict, wire: dict) -> dict:
+    """The wire options of work submitted from a task or actor of a placement group that
+    captures its children: they run in the group (unless they chose a strategy)."""
+    current = context.current_placement_group.get()
+    if current is None or not current[2] or "scheduling_strategy" in options:
+        return wire
+    return {**wire, "pg": [current[0], -1, True]}
+
+
 def _strategy_wire(strategy) -> Any:
     if strategy is None or strategy == "DEFAULT":
         return None
@@ -77,7 +99,10 @@ def _strategy_wire(strategy) -> Any:
         return "SPREAD"
     if isinstance(strategy, NodeAffinitySchedulingStrategy):
         return strategy.to_wire()
-    raise TypeError(f"unsupported scheduling_strategy {strategy!r}")
+    raise TypeError(
+        f"unsupported scheduling_strategy {strategy!r}: use DEFAULT, SPREAD, "
+        "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy"
+    )
 
 
 def _demand(options: dict, default_cpus: float) -> dict:
@@ -132,9 +157,7 @@ class RemoteFunction:
             "max_retries": int(options.get("max_retries", 3)),
             "retry_exc": _retry_exceptions_wire(options.get("retry_exceptions", False)),
         }
-        strategy = _strategy_wire(options.get("scheduling_strategy"))
-        if strategy is not None:
-            wire["strategy"] = strategy
+        _set_strategy(wire, options.get("scheduling_strategy"))
         if options.get("_generator_backpressure_num_objects"):
             wire["window"] = int(options["_generator_backpressure_num_objects"])
         self._call_opts = {
@@ -154,7 +177,11 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         core = context.require_core()
         code_hash, blob = self._code()
-        return core.submit_task(code_hash, blob, self._name, args, kwargs, self._call_opts)
+        opts = self._call_opts
+        wire = _captured(self._options, opts["wire"])
+        if wire is not opts["wire"]:
+            opts = {**opts, "wire": wire}
+        return core.submit_task(code_hash, blob, self._name, args, kwargs, opts)
 
     def options(self, **options) -> RemoteFunction:
         merged = dict(self._options)
@@ -230,9 +257,8 @@ class ActorClass:
             "lifetime": options.get("lifetime"),
             "get_if_exists": bool(options.get("get_if_exists")),
         }
-        strategy = _strategy_wire(options.get("scheduling_strategy"))
-        if strategy is not None:
-            wire["strategy"] = strategy
+        _set_strategy(wire, options.get("scheduling_strategy"))
+        wire = _captured(options, wire)
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
@@ -469,7 +495,10 @@ def init(
         if address:
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
-        total = default_resources(num_cpus, num_gpus, resources)
+        from latticaray.runtime.gpus import detect_gpus
+
+        gpus = detect_gpus(num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or num_gpus declared
+        total = default_resources(num_cpus, gpus.count, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
@@ -492,7 +521,7 @@ def init(
         from latticaray.runtime.node import RuntimeNode
 
         def make_node():
-            return RuntimeNode(node_id, total, max_workers=_max_workers)
+            return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
 
         try:
             runtime.start(make_node, start_mesh)

@@ -40,6 +40,7 @@ from latticaray.runtime.local.clients import LocalClient
 from latticaray.runtime.local.logs import LogRouter
 from latticaray.runtime.local.objects import ObjectTable
 from latticaray.runtime.local.recovery import ObjectRecovery
+from latticaray.runtime.local.resources import NodeResources
 from latticaray.runtime.local.streams import StreamTable
 from latticaray.runtime.local.tasks import TaskTable
 from latticaray.runtime.local.workers import WorkerPool
@@ -64,9 +65,10 @@ class RuntimeNode:
         prestart: int | None = None,
         store: Any = None,
         store_capacity: int | None = None,
+        gpu_ids: list[str] | None = None,
     ):
         self.node_id = node_id
-        self.ledger = ResourceLedger(resources)
+        self.ledger = ResourceLedger(resources, gpu_ids=gpu_ids)
         self.total_resources = self.ledger.total
         cpus = self.total_resources.get("CPU", 0.0)
         max_active = max_workers or max(1, int(cpus) or 1)
@@ -89,6 +91,7 @@ class RuntimeNode:
         self.workers = WorkerPool(self, max_active, max_active if prestart is None else prestart)
         self.refs = refcount.RefTable(self)
         self.recovery = ObjectRecovery(self)
+        self.resources = NodeResources(self, self.ledger)  # ledger, bundles, placement groups
         self.activity = NodeActivity(node_id)  # counts and recent tasks (state API, metrics)
         self.logs = LogRouter(self)  # worker output to the owning driver
         self.state_source = NodeStateSource(self)  # what `latticaray status` reads of this node
@@ -127,10 +130,12 @@ class RuntimeNode:
             serialization.set_store(self.store)
             self.worker_env[serialization.STORE_ROOT_ENV] = self.store.root
         self.workers.start()
+        self.resources.start()
 
     async def stop(self) -> None:
         self.stopping = True
         self.state_source.close()
+        await self.resources.stop()
         await self.workers.stop()
         background = list(self._background)
         for task in background:
@@ -209,6 +214,11 @@ class RuntimeNode:
             return await self.actors.get_actor(message)
         if op == "nodes":
             return {"nodes": self.nodes()}
+        if op == "pg":  # placement groups (latticaray.util.placement_group)
+            try:
+                return self.resources.handle(message, client)
+            except ValueError as exc:  # PlacementGroupError included
+                return {"error": error_blob(exc)}
         if op == "state":  # the state API (latticaray.util.state) of a driver of this node
             snapshot = await gather(
                 self.state_source,

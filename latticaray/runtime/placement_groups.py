@@ -6,10 +6,12 @@
     remove_placement_group(pg)
 
 The group's bundles are reserved across nodes atomically by the scheduler's two-phase claim
-(`latticaray.scheduler.placement_groups`) run by the node this process is attached to, which
-owns the group: the group is released when its owner leaves the mesh, unless
-``lifetime="detached"`` (then it lives until removed). ``pg.ready()`` is, as in Ray, a
-zero-resource task placed in bundle 0: it runs once the group is created.
+(`latticaray.scheduler.placement_groups`) run by the node this process belongs to, which owns
+the group (`latticaray.runtime.local.resources`): the group is released when its owner leaves
+the mesh, and when the attached driver that created it disconnects unless
+``lifetime="detached"`` (then it lives until removed or its owner node leaves).
+``pg.ready()`` is, as in Ray, a zero-resource task placed in bundle 0: it runs once the group
+is created.
 ``placement_group_table()`` lists the groups the owner's node knows (its own and those recorded
 in the cluster state).
 """
@@ -17,7 +19,7 @@ in the cluster state).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from latticaray.scheduler.placement_groups import (
@@ -37,22 +39,17 @@ __all__ = [
     "remove_placement_group",
 ]
 
-#: set by the runtime: the calls a process makes to its node about placement groups
-#: ("create", "remove", "table", "lookup"), each ``(op, payload) -> reply``
-_backend: Callable[[str, dict], Any] | None = None
-#: set by the worker while a task of a group runs: (group id, bundle index)
-_current: tuple[str, int] | None = None
-
-
-def set_backend(call: Callable[[str, dict], Any] | None) -> None:
-    global _backend
-    _backend = call
-
 
 def _call(op: str, payload: dict) -> Any:
-    if _backend is None:
-        raise RuntimeError("latticaray is not initialized: call latticaray.init() first")
-    return _backend(op, payload)
+    """A placement-group request to the node this process belongs to (it owns the groups
+    this process creates)."""
+    from latticaray.runtime import context
+    from latticaray.runtime.client import raise_error_value
+
+    reply = context.require_core().request({"op": "pg", "do": op} | payload)
+    if "error" in reply:
+        raise_error_value(reply["error"])
+    return reply
 
 
 class PlacementGroup:
@@ -191,7 +188,7 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
     """The group created with ``name`` (ValueError when none is known)."""
-    found = _call("lookup", {"name": placement_group_name})
+    found = _call("lookup", {"name": placement_group_name})["found"]
     if not found:
         raise ValueError(f"no placement group named {placement_group_name!r}")
     return PlacementGroup(found["id"], found["bundles"], found["strategy"])
@@ -200,7 +197,14 @@ def get_placement_group(placement_group_name: str) -> PlacementGroup:
 def placement_group_table(placement_group: PlacementGroup | None = None) -> dict:
     """``{id: {"name", "strategy", "state", "bundles", "bundles_to_node_id"}}`` (one group's
     entry when given)."""
-    table = _call("table", {})
+    table = {
+        group_id: entry
+        | {
+            "bundles": dict(enumerate(entry["bundles"])),
+            "bundles_to_node_id": dict(enumerate(entry["bundles_to_node_id"])),
+        }
+        for group_id, entry in _call("table", {})["table"].items()
+    }
     if placement_group is not None:
         return table.get(placement_group.id, {})
     return table
@@ -208,9 +212,12 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
 
 def get_current_placement_group() -> PlacementGroup | None:
     """The group the running task or actor was placed in (None outside one)."""
-    if _current is None:
+    from latticaray.runtime import context
+
+    current = context.current_placement_group.get()
+    if current is None:
         return None
-    found = _call("lookup", {"id": _current[0]})
+    found = _call("lookup", {"id": current[0]})["found"]
     if not found:
         return None
     return PlacementGroup(found["id"], found["bundles"], found["strategy"])

@@ -219,14 +219,30 @@ class SchedulerDriver:
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self.mesh.register_unary(SCHED_PROTOCOL, self._serve)
+        """Serve ``sched/1`` (when there is a mesh) and run the core's timers."""
+        if self.mesh is not None:
+            self.mesh.register_unary(SCHED_PROTOCOL, self._serve)
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._timers())
+
+    def attach(
+        self, mesh: Any, allowed: Callable[[str], bool] | None = None, dht: Any = None
+    ) -> None:
+        """A node that started alone joins a mesh: serve ``sched/1`` on it from now on."""
+        if self.mesh is not None:
+            raise SchedulerError("this scheduler already serves a mesh")
+        self.mesh = mesh
+        self.dht = dht
+        if allowed is not None:
+            self.allowed = allowed
+        if self._loop_task is not None:
+            mesh.register_unary(SCHED_PROTOCOL, self._serve)
 
     async def stop(self) -> None:
         self._closed = True
         try:
-            self.mesh.unregister(SCHED_PROTOCOL)
+            if self.mesh is not None:
+                self.mesh.unregister(SCHED_PROTOCOL)
         except Exception:  # already gone with the node
             pass
         tasks = list(self._tasks) + ([self._loop_task] if self._loop_task else [])
@@ -382,6 +398,8 @@ class SchedulerDriver:
         return parse(node_id)
 
     async def _call(self, node_id: str, message: dict) -> dict:
+        if self.mesh is None:
+            raise SchedulerError(f"no mesh to reach {node_id} through")
         async with self._calls:
             reply = await self.mesh.call(
                 self._peer(node_id),

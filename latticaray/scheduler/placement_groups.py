@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -534,6 +534,9 @@ class BundleReservations:
         self.node_id = node_id
         self._bundles: dict[tuple[str, int], _Reservation] = {}
         self.version = 0
+        #: called with (group id, index) when a reservation ends (released, expired, aborted):
+        #: the runtime ends what it ran in the bundle
+        self.on_drop: Callable[[str, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._bundles)
@@ -644,6 +647,8 @@ class BundleReservations:
         held = self._bundles.pop(key)
         self.ledger.release(held.allocation.allocation_id)
         self.version += 1
+        if self.on_drop is not None:
+            self.on_drop(*key)
 
     def describe(self) -> list[dict]:
         return [
