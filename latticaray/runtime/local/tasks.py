@@ -221,7 +221,7 @@ class TaskTable:
                 rec.move(TaskEvent.DEFER)
                 return
             if isinstance(target, BaseException):
-                self.fail(rec, target)
+                self.fail(rec, TaskUnschedulableError(rec.tid.hex(), str(target)))
                 return
             if target != node.node_id and remote is not None:
                 node.activity.placed(rec, target)
