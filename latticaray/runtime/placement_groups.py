@@ -77,7 +77,12 @@ class PlacementGroup:
         from latticaray.runtime import api
 
         ready, _ = api.wait([self.ready()], timeout=timeout_seconds)
-        return bool(ready)
+        if not ready:
+            return False
+        try:
+            return bool(api.get(ready[0]))
+        except Exception:  # the group was removed (or is unknown) meanwhile
+            return False
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PlacementGroup) and other.id == self.id

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
@@ -119,7 +118,9 @@ def test_strict_spread_over_three_nodes_places_a_bundle_on_each(mesh):
     holders = [entry["bundles_to_node_id"][i] for i in range(3)]
     assert set(holders) == ids  # one bundle on each node process
     # tasks and actors of each bundle run on its node
-    ran = lattica.get([where.options(scheduling_strategy=in_bundle(pg, i)).remote() for i in range(3)])
+    ran = lattica.get(
+        [where.options(scheduling_strategy=in_bundle(pg, i)).remote() for i in range(3)]
+    )
     assert ran == holders
     shards = [Shard.options(scheduling_strategy=in_bundle(pg, i)).remote() for i in range(3)]
     assert lattica.get([s.node.remote() for s in shards], timeout=60) == holders
@@ -142,10 +143,7 @@ def test_pack_puts_both_bundles_on_one_node(mesh):
     nodes = placement_group_table(pg)["bundles_to_node_id"]
     assert nodes[0] == nodes[1]
     ran = lattica.get(
-        [
-            where.options(num_cpus=0.5, scheduling_strategy=in_bundle(pg, i)).remote()
-            for i in (0, 1)
-        ]
+        [where.options(num_cpus=0.5, scheduling_strategy=in_bundle(pg, i)).remote() for i in (0, 1)]
     )
     assert ran == [nodes[0], nodes[0]]
     remove_placement_group(pg)
@@ -183,7 +181,7 @@ def test_work_beyond_its_bundle_or_in_an_unknown_group_fails_clearly(mesh):
         lattica.get(
             where.options(num_cpus=0.5, scheduling_strategy=in_bundle(pg, 0)).remote(), timeout=30
         )
-    with pytest.raises(ValueError, match="STRICT_SPREAD|strategy"):
+    with pytest.raises(ValueError, match="unknown placement strategy"):
         placement_group([{"CPU": 1}], strategy="SIDEWAYS")
 
 
