@@ -13,9 +13,9 @@ import inspect
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from latticaray.runtime import context, serialization
+from latticaray.runtime import context, runtime_env, serialization
 from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
@@ -122,6 +122,41 @@ def _check_options(options: dict, allowed: set, what: str) -> None:
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) for a remote {what}: {sorted(unknown)}")
+    if options.get("label_selector"):
+        raise ValueError("label_selector is not supported: use resources or a placement group")
+    env = runtime_env.validate(options.get("runtime_env"))
+    if env and env.get("pip"):
+        raise runtime_env.RuntimeEnvError(
+            "runtime_env 'pip' is not supported (tasks share pooled workers of the node's "
+            "interpreter); use env_vars, working_dir or py_modules"
+        )
+
+
+class _EnvWire:
+    """A remote function's or actor class's runtime_env in wire form: its directories packaged
+    into the object store once per process and core (their CIDs travel; the objects stay held
+    here while the core lives)."""
+
+    _core: Any = None
+    _packager: runtime_env.Packager | None = None
+    _held: ClassVar[list] = []
+
+    @classmethod
+    def of(cls, options: dict) -> dict | None:
+        env = runtime_env.validate(options.get("runtime_env"))
+        if not env:
+            return None
+        core = context.require_core()
+        if cls._packager is None or cls._core is not core:
+            held: list = []
+
+            def put(data: bytes) -> str:
+                ref = core.put(data)
+                held.append(ref)
+                return core.object_cid(ref)
+
+            cls._core, cls._held, cls._packager = core, held, runtime_env.Packager(put)
+        return cls._packager.wire(env)
 
 
 def _retry_exceptions_wire(value) -> Any:
@@ -151,6 +186,7 @@ class RemoteFunction:
         self._options = options
         self._shared = _shared if _shared is not None else {}
         self._name = getattr(function, "__qualname__", "task")
+        self._shared_env: dict = {}  # its runtime_env in wire form, made at the first call
         is_gen = inspect.isgeneratorfunction(function)
         wire = {
             "res": _demand(options, 1.0),
@@ -178,7 +214,11 @@ class RemoteFunction:
         core = context.require_core()
         code_hash, blob = self._code()
         opts = self._call_opts
+        if "renv" not in self._shared_env:
+            self._shared_env["renv"] = _EnvWire.of(self._options)
         wire = _captured(self._options, opts["wire"])
+        if self._shared_env["renv"]:
+            wire = {**wire, "renv": self._shared_env["renv"]}
         if wire is not opts["wire"]:
             opts = {**opts, "wire": wire}
         return core.submit_task(code_hash, blob, self._name, args, kwargs, opts)
@@ -197,6 +237,8 @@ class RemoteFunction:
 
 def method(*, num_returns=None, concurrency_group=None):
     """Decorate an actor method to set its num_returns (as ray.method)."""
+    if concurrency_group is not None:
+        raise ValueError("concurrency_group is not supported: use max_concurrency")
 
     def decorate(fn):
         fn.__lattica_num_returns__ = num_returns
@@ -259,6 +301,9 @@ class ActorClass:
         }
         _set_strategy(wire, options.get("scheduling_strategy"))
         wire = _captured(options, wire)
+        renv = _EnvWire.of(options)
+        if renv:
+            wire["renv"] = renv
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
@@ -297,7 +342,11 @@ class ActorMethod:
             self._name,
         )
 
-    def options(self, num_returns=None, **_ignored) -> ActorMethod:
+    def options(self, num_returns=None, **unsupported) -> ActorMethod:
+        if unsupported:
+            raise ValueError(
+                f"actor method options {sorted(unsupported)} are not supported (only num_returns)"
+            )
         return ActorMethod(
             self._handle, self._name, _num_returns_wire(num_returns, self._nret == STREAMING)
         )

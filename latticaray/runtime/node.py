@@ -37,6 +37,7 @@ from latticaray.runtime.activity import NodeActivity
 from latticaray.runtime.errors import CredentialError, NotPermittedError
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.local.clients import LocalClient
+from latticaray.runtime.local.envs import NodeEnvs
 from latticaray.runtime.local.logs import LogRouter
 from latticaray.runtime.local.objects import ObjectTable
 from latticaray.runtime.local.recovery import ObjectRecovery
@@ -92,6 +93,7 @@ class RuntimeNode:
         self.refs = refcount.RefTable(self)
         self.recovery = ObjectRecovery(self)
         self.resources = NodeResources(self, self.ledger)  # ledger, bundles, placement groups
+        self.envs = NodeEnvs(self)  # runtime_env packages and the worker's environment
         self.activity = NodeActivity(node_id)  # counts and recent tasks (state API, metrics)
         self.logs = LogRouter(self)  # worker output to the owning driver
         self.state_source = NodeStateSource(self)  # what `latticaray status` reads of this node

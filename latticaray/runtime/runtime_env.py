@@ -51,6 +51,7 @@ __all__ = [
     "Packager",
     "PreparedEnv",
     "RuntimeEnvError",
+    "apply_frame",
     "env_key",
     "validate",
 ]
@@ -58,10 +59,10 @@ __all__ = [
 SUPPORTED_FIELDS = ("env_vars", "working_dir", "py_modules", "pip", "excludes")
 #: Ray fields refused with a pointer to what to use instead.
 _REFUSED = {
-    "conda": "conda environments are not supported; use 'pip'",
+    "conda": "conda environments are not supported",
     "container": "containers are not supported",
     "image_uri": "container images are not supported",
-    "uv": "'uv' is not supported; use 'pip'",
+    "uv": "'uv' is not supported",
     "java_jars": "Java workers are not supported",
     "nsight": "nsight profiling is not supported",
     "worker_process_setup_hook": "worker_process_setup_hook is not supported",
@@ -430,3 +431,37 @@ class EnvCache:
         return PreparedEnv(
             env_key(wire), python, cwd, tuple(paths), dict(wire.get("env_vars") or {})
         )
+
+
+# worker side ------------------------------------------------------------------------------------
+
+
+def apply_frame(frame: Mapping[str, Any] | None) -> Callable[[], None]:
+    """In a worker, before a task or actor runs: its environment's variables, working
+    directory and import paths (the frame the node sends, ``NodeEnvs.frame``). Returns what
+    puts the worker back as it was (pooled workers run tasks of other environments next)."""
+    if not frame:
+        return lambda: None
+    env = dict(frame.get("env") or {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    old_cwd = None
+    if frame.get("cwd"):
+        old_cwd = os.getcwd()
+        os.chdir(frame["cwd"])
+    added = [p for p in frame.get("path") or () if p not in sys.path]
+    sys.path[:0] = added
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if old_cwd is not None:
+            os.chdir(old_cwd)
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
+
+    return restore

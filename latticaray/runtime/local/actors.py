@@ -154,12 +154,25 @@ class ActorHost:
         (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
 
         def start() -> None:
-            if not actor.dead:
+            if actor.dead:
+                return
+            renv = actor.opts.get("renv")
+            if self.node.envs.ready(renv, start, lambda exc: self.env_failed(actor, exc)):
                 self.spawn_worker(actor)
 
         self.node.tasks.resolve_ref_args(
             actor, start, lambda blob: self.constructor_argument_failed(actor, blob)
         )
+
+    def env_failed(self, actor: HostedActor, exc: BaseException) -> None:
+        """The actor's runtime_env could not be set up here: it dies, its calls fail."""
+        actor.die()
+        actor.no_restart = True
+        actor.death_cause = f"its runtime_env could not be set up: {exc}"
+        self.release_args(actor)
+        self.release_resources(actor)
+        while actor.outbox:
+            self.node.tasks.fail(actor.outbox.popleft(), ActorDiedError(self.death_message(actor)))
 
     def constructor_argument_failed(self, actor: HostedActor, blob: bytes) -> None:
         actor.die()
@@ -194,6 +207,8 @@ class ActorHost:
             create["gpus"] = gpus
         if opts.get("pg"):
             create["pg"] = opts["pg"]
+        if opts.get("renv"):
+            create["renv"] = node.envs.frame(opts["renv"])
         worker.send(create)
         worker.loaded.add(msg["cls"])
         self.pump(actor)

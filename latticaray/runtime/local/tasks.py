@@ -249,6 +249,13 @@ class TaskTable:
                 ),
             )
             return
+        if not node.envs.ready(
+            opts.get("renv"),
+            lambda: rec.done or self.place_again(rec),
+            lambda exc: rec.done or self.fail(rec, exc),
+        ):
+            rec.move(TaskEvent.DEFER)  # its runtime_env's packages come here first
+            return
         if node.recovery.fetch_args_first(rec):
             rec.move(TaskEvent.FETCH_ARGS)
             return  # an argument's only copy is on another node: it comes here first
@@ -294,9 +301,11 @@ class TaskTable:
         gpus = self.node.resources.gpu_ids(rec.tid.hex())
         if gpus is not None:
             out["gpus"] = gpus
-        pg = rec.msg["opts"].get("pg")
-        if pg:
-            out["pg"] = pg
+        opts = rec.msg["opts"]
+        if opts.get("pg"):
+            out["pg"] = opts["pg"]
+        if opts.get("renv"):
+            out["renv"] = self.node.envs.frame(opts["renv"])
         if fn not in worker.loaded:
             out["blob"] = self.node.code[fn]
             worker.loaded.add(fn)
