@@ -90,7 +90,7 @@ class NodeEnvs:
         try:
             reply = await node.objects.get_by_cid({"cid": cid, "timeout": FETCH_TIMEOUT})
             if "error" in reply:
-                raise serialization.deserialize(reply["error"])
+                raise RuntimeEnvError(str(serialization.deserialize(reply["error"])))
             _status, data = reply["val"]
             value = serialization.deserialize(data)
             if not isinstance(value, bytes):

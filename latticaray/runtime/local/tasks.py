@@ -206,6 +206,16 @@ class TaskTable:
         rec.move(TaskEvent.CAPACITY)
         self.schedule(rec)
 
+    def resume(self, rec: TaskRecord) -> None:
+        """What a deferred task waited for (its placement group, its runtime_env's packages)
+        is there: it is placed again, unless it ended meanwhile."""
+        if not rec.done:
+            self.place_again(rec)
+
+    def fail_unless_done(self, rec: TaskRecord, exc: BaseException) -> None:
+        if not rec.done:
+            self.fail(rec, exc)
+
     def schedule(self, rec: TaskRecord) -> None:
         """Place a task (SCHEDULING): on a peer, or in this node's ready queue."""
         if rec.done:
@@ -216,7 +226,7 @@ class TaskTable:
         opts = rec.msg["opts"]
         if opts.get("pg") and not opts.get("placed"):
             # a placement group's bundle decides where it runs
-            target = node.resources.target(opts["pg"], lambda: rec.done or self.place_again(rec))
+            target = node.resources.target(opts["pg"], lambda: self.resume(rec))
             if target is WAIT:
                 rec.move(TaskEvent.DEFER)
                 return
@@ -250,9 +260,7 @@ class TaskTable:
             )
             return
         if not node.envs.ready(
-            opts.get("renv"),
-            lambda: rec.done or self.place_again(rec),
-            lambda exc: rec.done or self.fail(rec, exc),
+            opts.get("renv"), lambda: self.resume(rec), lambda exc: self.fail_unless_done(rec, exc)
         ):
             rec.move(TaskEvent.DEFER)  # its runtime_env's packages come here first
             return
