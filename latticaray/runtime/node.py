@@ -218,6 +218,10 @@ class RuntimeNode:
             return {"nodes": self.nodes()}
         if op == "pg":  # placement groups (latticaray.util.placement_group)
             try:
+                if message.get("do") == "wait":
+                    timeout = min(float(message.get("timeout", 0)), 3600.0)
+                    wanted = str(message.get("id", ""))
+                    return {"ok": await self.resources.wait_created(wanted, timeout)}
                 return self.resources.handle(message, client)
             except ValueError as exc:  # PlacementGroupError included
                 return {"error": error_blob(exc)}

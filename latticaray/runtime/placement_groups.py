@@ -40,13 +40,13 @@ __all__ = [
 ]
 
 
-def _call(op: str, payload: dict) -> Any:
+def _call(op: str, payload: dict, timeout: float | None = None) -> Any:
     """A placement-group request to the node this process belongs to (it owns the groups
     this process creates)."""
     from latticaray.runtime import context
     from latticaray.runtime.client import raise_error_value
 
-    reply = context.require_core().request({"op": "pg", "do": op} | payload)
+    reply = context.require_core().request({"op": "pg", "do": op} | payload, timeout)
     if "error" in reply:
         raise_error_value(reply["error"])
     return reply
@@ -73,16 +73,10 @@ class PlacementGroup:
         )
 
     def wait(self, timeout_seconds: float = 30) -> bool:
-        """True once the group is created, False if it is not within ``timeout_seconds``."""
-        from latticaray.runtime import api
-
-        ready, _ = api.wait([self.ready()], timeout=timeout_seconds)
-        if not ready:
-            return False
-        try:
-            return bool(api.get(ready[0]))
-        except Exception:  # the group was removed (or is unknown) meanwhile
-            return False
+        """True once the group is created, False if it is not within ``timeout_seconds`` (or
+        was removed). One request to this process's node, which answers when it knows."""
+        reply = _call("wait", {"id": self.id, "timeout": timeout_seconds}, timeout_seconds + 30)
+        return bool(reply["ok"])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PlacementGroup) and other.id == self.id

@@ -21,6 +21,7 @@ finish (their resources were the bundle's).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -214,6 +215,23 @@ class NodeResources:
         self._parked_count -= len(waiting)
         for retry in waiting:
             retry()
+
+    async def wait_created(self, group_id: str, timeout: float) -> bool:
+        """Whether the group is created within ``timeout`` s (False: still pending, or
+        unknown, or removed meanwhile)."""
+        retry = lambda: None  # noqa: E731
+        found = self.target([group_id, -1], retry)
+        if found is not WAIT:
+            return not isinstance(found, BaseException)
+        assert self.node.loop is not None
+        future = self.node.loop.create_future()
+        waiters = self.parked[group_id]
+        waiters[waiters.index(retry)] = lambda: future.done() or future.set_result(None)
+        try:
+            await asyncio.wait_for(future, max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return not isinstance(self.target([group_id, -1], retry), BaseException | _Wait)
 
     # ------------------------------------------------------------------ owner side
     def handle(self, message: dict, client: Any) -> dict:
