@@ -224,9 +224,14 @@ class NodeResources:
         if found is not WAIT:
             return not isinstance(found, BaseException)
         assert self.node.loop is not None
-        future = self.node.loop.create_future()
+        future: asyncio.Future[None] = self.node.loop.create_future()
+
+        def created() -> None:
+            if not future.done():
+                future.set_result(None)
+
         waiters = self.parked[group_id]
-        waiters[waiters.index(retry)] = lambda: future.done() or future.set_result(None)
+        waiters[waiters.index(retry)] = created
         try:
             await asyncio.wait_for(future, max(0.0, timeout))
         except TimeoutError:

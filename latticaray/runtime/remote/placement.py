@@ -44,6 +44,22 @@ class Placer:
         if (
             isinstance(target, TaskUnschedulableError)
             and capacity is not None
+            and hard_affinity
+            and strategy["affinity"] != self.node_id
+            and not (rec.excluded and strategy["affinity"] in rec.excluded)
+            and not remote.membership.is_alive(strategy["affinity"])
+        ):
+            # a member this node never met (sparse peering): meet it, then place again
+            return capacity.meet(
+                strategy["affinity"],
+                retry=lambda: tasks.resume(rec),
+                fail=lambda exc: tasks.fail_unless_done(
+                    rec, TaskUnschedulableError(rec.tid.hex(), str(exc))
+                ),
+            )
+        if (
+            isinstance(target, TaskUnschedulableError)
+            and capacity is not None
             and not hard_affinity
         ):
             return capacity.defer(
