@@ -205,46 +205,53 @@ def one_size(n: int, peering: str | None, settle: float, idle: float, tasks: int
         out["idle"] = idle_figures(nodes, idle)
         lattica.init(bootstrap=[first.info["addrs"][0]], credential=invite, num_cpus=0)
         try:
-            latencies = []
-            placed_on = []
-            t0 = time.perf_counter()
-            for node in nodes:
-                strategy = lattica.NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-                s = time.perf_counter()
-                deadline = s + 60
-                while True:  # a runtime that must first learn of the node refuses until then
-                    try:
-                        ref = whereami.options(scheduling_strategy=strategy).remote()
-                        placed_on.append(lattica.get(ref, timeout=60))
-                        break
-                    except lattica.TaskUnschedulableError:
-                        if time.perf_counter() > deadline:
-                            raise
-                        time.sleep(0.02)
-                latencies.append(time.perf_counter() - s)
-            out["place_every_node"] = {
-                "total_s": time.perf_counter() - t0,
-                "first_task_ms_p50": 1000 * statistics.median(latencies),
-                "first_task_ms_p90": 1000 * pct(latencies, 0.9),
-                "first_task_ms_max": 1000 * max(latencies),
-                "right_node": sum(p == n.node_id for p, n in zip(placed_on, nodes, strict=True)),
-            }
-            t0 = time.perf_counter()
-            results = lattica.get([small.remote(i) for i in range(tasks)], timeout=600)
-            took = time.perf_counter() - t0
-            out["throughput"] = {
-                "tasks": tasks,
-                "seconds": took,
-                "tasks_per_s": tasks / took,
-                "nodes_used": len({r[1] for r in results}),
-                "correct": [r[0] for r in results] == list(range(tasks)),
-            }
+            measure_placement(out, nodes, tasks)
+        except Exception as exc:  # start and idle figures stand; say what failed
+            out["error"] = repr(exc)[:500]
         finally:
             lattica.shutdown()
     finally:
         for node in nodes:
             node.stop()
     return out
+
+
+def measure_placement(out: dict, nodes: list, tasks: int) -> None:
+    """One task on every node in turn (hard affinity), then ``tasks`` small tasks."""
+    latencies = []
+    placed_on = []
+    t0 = time.perf_counter()
+    for node in nodes:
+        strategy = lattica.NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+        s = time.perf_counter()
+        deadline = s + 60
+        while True:  # a runtime that must first learn of the node refuses until then
+            try:
+                ref = whereami.options(scheduling_strategy=strategy).remote()
+                placed_on.append(lattica.get(ref, timeout=60))
+                break
+            except lattica.TaskUnschedulableError:
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.02)
+        latencies.append(time.perf_counter() - s)
+    out["place_every_node"] = {
+        "total_s": time.perf_counter() - t0,
+        "first_task_ms_p50": 1000 * statistics.median(latencies),
+        "first_task_ms_p90": 1000 * pct(latencies, 0.9),
+        "first_task_ms_max": 1000 * max(latencies),
+        "right_node": sum(p == n.node_id for p, n in zip(placed_on, nodes, strict=True)),
+    }
+    t0 = time.perf_counter()
+    results = lattica.get([small.remote(i) for i in range(tasks)], timeout=600)
+    took = time.perf_counter() - t0
+    out["throughput"] = {
+        "tasks": tasks,
+        "seconds": took,
+        "tasks_per_s": tasks / took,
+        "nodes_used": len({r[1] for r in results}),
+        "correct": [r[0] for r in results] == list(range(tasks)),
+    }
 
 
 def main() -> None:
@@ -260,9 +267,12 @@ def main() -> None:
     runs = []
     load_before = os.getloadavg()
     for n in sizes:
-        runs.append(one_size(n, args.peering, args.settle, args.idle, args.tasks))
-        if args.compare:
-            runs.append(one_size(n, args.compare, args.settle, args.idle, args.tasks))
+        for peering in [args.peering, *([args.compare] if args.compare else [])]:
+            try:
+                runs.append(one_size(n, peering, args.settle, args.idle, args.tasks))
+            except Exception as exc:  # one size failing does not lose the others' figures
+                runs.append({"n": n, "peering": peering or "default", "error": repr(exc)[:500]})
+            print(json.dumps(runs[-1], default=str), file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     head = (
         f"{'N':>4} {'peering':>8} {'start s':>8} {'idle ms/node/s':>15} {'bytes/node/s':>13} "
@@ -270,6 +280,14 @@ def main() -> None:
     )
     print(head)
     for r in runs:
+        if "error" in r or "throughput" not in r:
+            idle = r.get("idle") or {}
+            print(
+                f"{r['n']:>4} {r['peering']:>8} {r.get('start_s', float('nan')):>8.1f} "
+                f"{idle.get('cpu_ms_per_node_per_s_mean', float('nan')):>15.2f}  "
+                f"failed: {r.get('error')}"
+            )
+            continue
         idle, place, tput = r["idle"], r["place_every_node"], r["throughput"]
         print(
             f"{r['n']:>4} {r['peering']:>8} {r['start_s']:>8.1f} "
@@ -281,7 +299,7 @@ def main() -> None:
     by_n = {(r["n"], r["peering"]): r for r in runs}
     default = args.peering or "default"
     targets = {}
-    if (8, default) in by_n and (64, default) in by_n:
+    if all("throughput" in by_n.get((n, default), {}) for n in (8, 64)):
         small_idle = by_n[(8, default)]["idle"]["cpu_ms_per_node_per_s_mean"]
         big = by_n[(64, default)]
         targets = {

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 
 import latticaray as lattica
-from tests.runtime.meshutil import wait_for
-from tests.runtime.test_placement_groups_mesh import LOOPBACK, StartedNode
+from tests.runtime.test_placement_groups_mesh import started_mesh
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -29,26 +28,8 @@ def consume(blob: bytes) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    first = StartedNode("--num-cpus", "1")
-    nodes = [first]
-    try:
-        invite = first.info["invite"]
-        for _ in range(2):
-            nodes.append(
-                StartedNode("--num-cpus", "1", "--bootstrap", first.addr, "--credential", invite)
-            )
-        lattica.init(bootstrap=[first.addr], credential=invite, num_cpus=0, listen=[LOOPBACK])
-        ids = {n.node_id for n in nodes}
-        wait_for(
-            lambda: ids <= {n["NodeID"] for n in lattica.nodes() if n["Alive"]},
-            60,
-            "the node processes' views",
-        )
+    with started_mesh(3, "--num-cpus", "1") as nodes:
         yield nodes
-    finally:
-        lattica.shutdown()
-        for node in nodes:
-            node.stop()
 
 
 def test_tasks_run_where_their_argument_lives(three_nodes):

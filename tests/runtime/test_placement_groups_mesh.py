@@ -6,6 +6,7 @@ are reserved on the node processes by the two-phase claim over ``/latticaray/sch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +69,30 @@ class StartedNode:
             self.proc.stdout.close()
 
 
+@contextlib.contextmanager
+def started_mesh(count: int, *args: str):
+    """``count`` `latticaray start` nodes (``args`` each) and this process as a driver of the
+    mesh with no CPU of its own; yields the nodes once the driver has every node's view."""
+    first = StartedNode(*args)
+    nodes = [first]
+    try:
+        invite = first.info["invite"]
+        for _ in range(count - 1):
+            nodes.append(StartedNode(*args, "--bootstrap", first.addr, "--credential", invite))
+        lattica.init(bootstrap=[first.addr], credential=invite, num_cpus=0, listen=[LOOPBACK])
+        ids = {n.node_id for n in nodes}
+        wait_for(
+            lambda: ids <= {n["NodeID"] for n in lattica.nodes() if n["Alive"]},
+            60,
+            "the node processes' views",
+        )
+        yield nodes
+    finally:
+        lattica.shutdown()
+        for node in nodes:
+            node.stop()
+
+
 @lattica.remote(num_cpus=1)
 def where() -> str:
     return lattica.get_runtime_context().node_id
@@ -91,22 +116,8 @@ def cpu_nodes() -> set[str]:
 
 @pytest.fixture(scope="module")
 def mesh():
-    first = StartedNode("--num-cpus", "1")
-    nodes = [first]
-    try:
-        invite = first.info["invite"]
-        for _ in range(2):
-            nodes.append(
-                StartedNode("--num-cpus", "1", "--bootstrap", first.addr, "--credential", invite)
-            )
-        lattica.init(bootstrap=[first.addr], credential=invite, num_cpus=0, listen=[LOOPBACK])
-        ids = {n.node_id for n in nodes}
-        wait_for(lambda: ids <= cpu_nodes(), 60, "the three node processes' views")
-        yield {"nodes": nodes, "first": first, "invite": invite}
-    finally:
-        lattica.shutdown()
-        for node in nodes:
-            node.stop()
+    with started_mesh(3, "--num-cpus", "1") as nodes:
+        yield {"nodes": nodes, "first": nodes[0], "invite": nodes[0].info["invite"]}
 
 
 def test_strict_spread_over_three_nodes_places_a_bundle_on_each(mesh):

@@ -9,8 +9,7 @@ import os
 import pytest
 
 import latticaray as lattica
-from tests.runtime.meshutil import wait_for
-from tests.runtime.test_placement_groups_mesh import LOOPBACK, StartedNode
+from tests.runtime.test_placement_groups_mesh import started_mesh
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,23 +41,8 @@ class EnvActor:
 
 @pytest.fixture(scope="module")
 def node():
-    started = StartedNode("--num-cpus", "1")
-    try:
-        lattica.init(
-            bootstrap=[started.addr],
-            credential=started.info["invite"],
-            num_cpus=0,
-            listen=[LOOPBACK],
-        )
-        wait_for(
-            lambda: any(n["NodeID"] == started.node_id for n in lattica.nodes() if n["Alive"]),
-            60,
-            "the node's view",
-        )
-        yield started
-    finally:
-        lattica.shutdown()
-        started.stop()
+    with started_mesh(1, "--num-cpus", "1") as nodes:
+        yield nodes[0]
 
 
 def test_working_dir_py_modules_and_env_vars_reach_a_remote_executor(node, tmp_path):

@@ -351,14 +351,17 @@ class DhtPlacement:
 
     async def _meet(self, node_id: str) -> None:
         error: BaseException | None = None
-        try:
-            peer = PeerId.from_string(node_id)
-            async with self._admission_slots:
-                if self.membership.mesh.connection_to(peer) is None:
-                    await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
-                await asyncio.wait_for(self.membership.admit_with(peer), self.dial_timeout)
-        except (TimeoutError, MeshError, ValueError, OSError) as exc:
-            error = exc
+        for _attempt in range(2):  # a busy peer may miss the first admission's deadline
+            try:
+                peer = PeerId.from_string(node_id)
+                async with self._admission_slots:
+                    if self.membership.mesh.connection_to(peer) is None:
+                        await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
+                    await asyncio.wait_for(self.membership.admit_with(peer), self.dial_timeout)
+            except (TimeoutError, MeshError, ValueError, OSError) as exc:
+                error = exc
+            if self.membership.is_alive(node_id) or isinstance(error, ValueError):
+                break
         waiting = self._meeting.pop(node_id, [])
         if self.membership.is_alive(node_id):
             for retry, _fail in waiting:
