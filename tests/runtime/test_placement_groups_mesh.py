@@ -160,6 +160,21 @@ def test_pack_puts_both_bundles_on_one_node(mesh):
     remove_placement_group(pg)
 
 
+def test_spread_uses_a_node_per_bundle_and_strict_pack_one_node(mesh):
+    ids = {n.node_id for n in mesh["nodes"]}
+    spread = placement_group([{"CPU": 0.5}] * 3, strategy="SPREAD")
+    assert spread.wait(timeout_seconds=60)
+    assert set(placement_group_table(spread)["bundles_to_node_id"].values()) == ids
+    remove_placement_group(spread)
+    packed = placement_group([{"CPU": 0.25}] * 3, strategy="STRICT_PACK")
+    assert packed.wait(timeout_seconds=60)
+    assert len(set(placement_group_table(packed)["bundles_to_node_id"].values())) == 1
+    remove_placement_group(packed)
+    too_big = placement_group([{"CPU": 0.75}] * 2, strategy="STRICT_PACK")  # no node has 1.5
+    assert not too_big.wait(timeout_seconds=2)
+    remove_placement_group(too_big)
+
+
 def test_a_group_no_node_set_can_hold_stays_pending_then_a_joining_node_takes_it(mesh):
     pg = placement_group([{"CPU": 1}] * 4, strategy="STRICT_SPREAD")  # 4 bundles, 3 nodes
     assert not pg.wait(timeout_seconds=3)
