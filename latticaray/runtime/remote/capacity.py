@@ -355,7 +355,9 @@ class DhtPlacement:
             try:
                 peer = PeerId.from_string(node_id)
                 async with self._admission_slots:
-                    if self.membership.mesh.connection_to(peer) is None:
+                    if self.membership.mesh.connection_to(
+                        peer
+                    ) is None and not self._addrs_from_state(peer):
                         await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
                     await asyncio.wait_for(self.membership.admit_with(peer), self.dial_timeout)
             except (TimeoutError, MeshError, ValueError, OSError) as exc:
@@ -372,6 +374,20 @@ class DhtPlacement:
             why += f" ({type(error).__name__}: {error})"
         for _retry, fail in waiting:
             fail(ConnectionError(why))
+
+    def _addrs_from_state(self, peer: PeerId) -> bool:
+        """The addresses the member published in the cluster state's `members` entry, put
+        in the peer store; False when it has none there."""
+        state = self.membership.remote.state
+        info = None if state is None else state.members.get(peer)
+        if info is None or not info.addrs:
+            return False
+        try:
+            self.membership.mesh.add_addrs(peer, list(info.addrs))
+        except (MeshError, ValueError) as exc:
+            log.debug("addresses of %s from the cluster state refused: %s", peer, exc)
+            return False
+        return True
 
     def withdraw(self, request_id: str) -> None:
         """The request no longer waits (its creator gave up): forget it without failing it."""
