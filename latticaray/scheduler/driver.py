@@ -32,6 +32,9 @@ from typing import Any
 
 import msgpack
 
+from latticaray.mesh.errors import RpcError
+from latticaray.mesh.rpc import Status
+
 from .advertiser import CapacityAd, capacity_key, view_from_ad, views_from_dht
 from .core import (
     EndTasks,
@@ -518,7 +521,10 @@ class SchedulerDriver:
         caller = str(ctx.peer_id)
         if not self.allowed(caller):
             self._count("refused_non_member")
-            return pack({"v": 1, "error": "not_member", "message": "not a member of this mesh"})
+            raise RpcError(
+                Status.PERMISSION_DENIED,
+                f"peer {caller} is not a member of this mesh; request refused unread",
+            )
         try:
             obj = unpack(bytes(payload), MAX_REQUEST_BYTES)
             return pack({"v": 1} | self._handle(caller, obj))
