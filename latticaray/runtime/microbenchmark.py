@@ -294,11 +294,9 @@ def run(duration: float, large_mb: int, only: str | None, settle: float = 0.0) -
 
 
 def placement_group_row(lattica, row) -> None:
-    """Ray's `placement group create/removal` row, once latticaray has placement groups."""
-    try:
-        from latticaray.util import placement_group as pg_api  # type: ignore[attr-defined]
-    except ImportError:
-        return
+    """Ray's `placement group create/removal` row."""
+    from latticaray.runtime import placement_groups as pg_api
+
     num_pgs = 100
 
     def create_removal():

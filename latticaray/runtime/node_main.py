@@ -192,10 +192,12 @@ def _prepare(args: argparse.Namespace):
 async def run(args: argparse.Namespace) -> None:
     from latticaray.runtime import gcpolicy
     from latticaray.runtime.api import default_resources
+    from latticaray.runtime.gpus import detect_gpus
     from latticaray.runtime.node import RuntimeNode
 
+    gpus = detect_gpus(args.num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or --num-gpus declared
     resources = default_resources(
-        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+        args.num_cpus, gpus.count, json.loads(args.resources) if args.resources else None
     )
     from latticaray.runtime.errors import CredentialError
 
@@ -205,7 +207,12 @@ async def run(args: argparse.Namespace) -> None:
         raise
     except ValueError as exc:  # bad options: say what, without a traceback
         raise SystemExit(f"latticaray start: {exc}") from None
-    node = RuntimeNode(mesh_runtime.node_id, resources, store_capacity=args.object_store_memory)
+    node = RuntimeNode(
+        mesh_runtime.node_id,
+        resources,
+        store_capacity=args.object_store_memory,
+        gpu_ids=list(gpus.ids),
+    )
     await node.start()
     await mesh_runtime.start(node)
     stop = asyncio.Event()

@@ -62,6 +62,7 @@ from latticaray.runtime.remote.wire import (
     ObjectByCid,
 )
 from latticaray.scheduler.advertiser import capacity_key
+from latticaray.scheduler.driver import SCHED_PROTOCOL
 from latticaray.state.replication import PROTOCOL_ID as STATE_PROTOCOL
 
 #: Every protocol a runtime node serves that holds data or does work, and how it is called.
@@ -78,6 +79,7 @@ PRIVATE = {
     BITSWAP_PROTOCOL: "stream",
     REPLICATE_PROTOCOL_ID: "unary",
     STATE_PROTOCOL: "unary",
+    SCHED_PROTOCOL: "unary",  # placement groups' two-phase claim
 }
 #: Served to anyone: the door itself, and the mesh's public plumbing (DHT routing is public;
 #: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential).

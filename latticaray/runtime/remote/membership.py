@@ -578,16 +578,16 @@ class Membership:
         first_view = peer.view is None
         peer.view = view
         if self.may_host(node_id):  # a driver or an observer is sent no work
-            self.snapshot.update_node(
-                NodeView(
-                    node_id,
-                    dict(view.total),
-                    dict(view.avail),
-                    queued=view.queued,
-                    running=view.running,
-                    ad_time=time.monotonic(),
-                )
+            node_view = NodeView(
+                node_id,
+                dict(view.total),
+                dict(view.avail),
+                queued=view.queued,
+                running=view.running,
+                ad_time=time.monotonic(),
             )
+            self.snapshot.update_node(node_view)
+            self.remote.node.resources.on_view(node_view)  # placement groups being placed
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
@@ -639,6 +639,7 @@ class Membership:
         remote.objects.holder_gone(node_id)
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
+        remote.node.resources.node_gone(node_id)  # its placement groups' bundles here end
         if remote.capacity is not None:
             remote.capacity.peer_gone(node_id)
         remote.caller.peer_gone(peer)
