@@ -24,7 +24,15 @@ from operator import attrgetter
 from typing import Any
 
 from .errors import RecordRejected
-from .keyspace import Contact, dht_id, id_from_bytes, id_to_bytes, key_id
+from .keyspace import (
+    RECORD_NAMESPACE,
+    Contact,
+    dht_id,
+    id_from_bytes,
+    id_to_bytes,
+    key_id,
+    record_id,
+)
 from .messages import (
     ADD_PROVIDER,
     FIND_NODE,
@@ -321,7 +329,7 @@ class GetValueOp(Lookup):
         self.holders = 0
         for record in core.records.get(key, now):
             self.records[record.subkey] = record
-        super().__init__(core, key_id(key), core.request(GET_VALUE, key=key), now)
+        super().__init__(core, record_id(key), core.request(GET_VALUE, key=key), now)
 
     def _handle_payload(self, cand: _Candidate, response: dict[str, Any], now: float) -> None:
         found = False
@@ -396,14 +404,17 @@ class StoreOp(Operation):
         request: dict[str, Any],
         now: float,
         store_locally: Callable[[float], object],
+        *,
+        provider: bool = False,
     ) -> None:
         self.core = core
         self.key = key
         self.request = request
         self._store_locally = store_locally
-        self.lookup = FindNodeOp(
-            core, key_id(key), core.request(FIND_NODE, target=id_to_bytes(key_id(key))), now
-        )
+        # a record lives at /latticaray/<key>, a provider record at the CID's multihash
+        preimage = key if provider else RECORD_NAMESPACE + key
+        self.target = key_id(preimage)
+        self.lookup = core.find_node(self.target, now, key=preimage)
         self._pending: dict[bytes, Contact] | None = None
         self.stored_at: list[bytes] = []
         self.errors: dict[str, int] = {}
@@ -424,7 +435,7 @@ class StoreOp(Operation):
             if not self.lookup.done:
                 return out
             closest = self.lookup.closest()
-            target = key_id(self.key)
+            target = self.target
             if len(closest) < self.core.config.k or (self.core.node_id ^ target) < (
                 closest[-1].node_id ^ target
             ):
@@ -542,8 +553,13 @@ class DhtCore:
     def validate(self, record: Record, now: float) -> None:
         validate_record(record, now, self.config.policy, self.validators)
 
-    def find_node(self, target: int, now: float) -> FindNodeOp:
-        return FindNodeOp(self, target, self.request(FIND_NODE, target=id_to_bytes(target)), now)
+    def find_node(self, target: int, now: float, key: bytes | None = None) -> FindNodeOp:
+        """Look ``target`` up; ``key`` is its preimage when known (a peer ID, a record's
+        libp2p key), which a foreign libp2p node needs (it hashes the key itself)."""
+        request = self.request(FIND_NODE, target=id_to_bytes(target))
+        if key is not None:
+            request["key"] = key
+        return FindNodeOp(self, target, request, now)
 
     def bootstrap(self, seeds: list[Contact], now: float) -> FindNodeOp:
         """Join: look ourselves up starting from the seeds (fills our neighbourhood and announces
@@ -553,7 +569,7 @@ class DhtCore:
         return FindNodeOp(
             self,
             self.node_id,
-            self.request(FIND_NODE, target=id_to_bytes(self.node_id)),
+            self.request(FIND_NODE, target=id_to_bytes(self.node_id), key=self.peer_id),
             now,
             seeds,
         )
@@ -603,7 +619,14 @@ class DhtCore:
         def store_locally(t: float) -> None:
             self.providers.add(key, self.contact, t + ttl, t)
 
-        return StoreOp(self, key, self.request(ADD_PROVIDER, key=key, ttl=ttl), now, store_locally)
+        return StoreOp(
+            self,
+            key,
+            self.request(ADD_PROVIDER, key=key, ttl=ttl),
+            now,
+            store_locally,
+            provider=True,
+        )
 
     def get_providers(self, key: bytes, count: int, now: float) -> GetProvidersOp:
         return GetProvidersOp(self, key, count, now)
@@ -633,7 +656,7 @@ class DhtCore:
                 held.sort(key=lambda r: r.expiration, reverse=True)
             return {
                 "records": batch_records(held)[0] if held else [],
-                "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id),
+                "peers": self.routing.closest(record_id(key), k, exclude=sender.peer_id),
             }
         if op == GET_PROVIDERS:
             key = request["key"]

@@ -29,9 +29,11 @@ __all__ = [
     "PING",
     "PROTOCOL_ID",
     "PUT_VALUE",
+    "decode_records",
     "decode_request",
     "decode_response",
     "encode",
+    "encode_records",
     "error_response",
 ]
 
@@ -172,6 +174,31 @@ def _records(value: Any) -> list[Record]:
             raise DhtProtocolError("record key, publisher or signature has a bad length")
         out.append(Record(key, subkey, val, expiration, publisher, signature))
     return out
+
+
+def encode_records(records: list[Record]) -> bytes:
+    """Records as one msgpack array (the value of a latticaray record in libp2p Kademlia)."""
+    return msgpack.packb([r.to_wire() for r in records], use_bin_type=True)
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """The records of :func:`encode_records`, shape-checked (signatures are the caller's)."""
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise DhtProtocolError(f"records of {len(data)} bytes exceed {MAX_MESSAGE_SIZE}")
+    try:
+        obj = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            use_list=True,
+            max_bin_len=MAX_FIELD_BIN,
+            max_str_len=4096,
+            max_array_len=1024,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise DhtProtocolError(f"records are not valid msgpack: {exc}") from None
+    return _records(obj)
 
 
 def decode_request(data: bytes) -> dict[str, Any]:

@@ -86,8 +86,13 @@ const commands = {
     const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
     return { remotePeer: conn.remotePeer.toString(), remoteAddr: conn.remoteAddr.toString() }
   },
+  // a test's peer is gone for good when it hangs up: drop it from the DHT routing table and
+  // the peer store too, so later tests' lookups do not wait on it
   async hangup ({ peer }) {
-    await libp2p.hangUp(peerIdFromString(peer))
+    const id = peerIdFromString(peer)
+    await libp2p.hangUp(id)
+    await libp2p.services.dht.routingTable.remove(id)
+    try { await libp2p.peerStore.delete(id) } catch {}
     return true
   },
   async connections () {
