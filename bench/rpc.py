@@ -11,6 +11,10 @@ connection between them, ``RpcSession`` on top. For each transport:
 * ``tcptls``    TCP + TLS 1.3 (``MeshConfig(tcp_security="tls")``; direct stack: both TLS)
 * ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
 
+(QUIC connections grow their datagrams by path MTU discovery, to 64 KiB on loopback with
+aioquic, to 1472 B with qh3; ``quic1350-fixed`` keeps 1350 B. ``@qh3`` / ``@aioquic`` picks the
+QUIC library, e.g. ``--transports quic1350-fixed@qh3,quic1350-fixed@aioquic``.)
+
 it measures unary echo calls with ``--concurrency`` calls in flight (default 1000) at 128 B and
 256 KiB: QPS, p50/p99 latency, CPU seconds of both processes; and single-stream bulk MB/s (one
 client-streaming call of 1 MiB messages). The raw-transport ceiling is measured in the same run by
@@ -85,11 +89,33 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
+def parse_quic(transport: str) -> tuple[int, bool, str]:
+    """``quic1350[-fixed][@backend]``: start datagram size, path MTU discovery, QUIC library."""
+    name, _, backend = transport.partition("@")
+    name, fixed = name.removesuffix("-fixed"), name.endswith("-fixed")
+    return QUIC_DATAGRAM_SIZES[name], not fixed, backend or "auto"
+
+
+def valid_transport(transport: str) -> bool:
+    if not transport.startswith("quic"):
+        return transport in TRANSPORTS
+    try:
+        _, _, backend = parse_quic(transport)
+    except KeyError:
+        return False
+    return backend in ("auto", "qh3", "aioquic")
+
+
 def quic_config(transport: str):
     from latticaray.mesh.transport.quic import QuicConfig
 
-    size = QUIC_DATAGRAM_SIZES[transport]
-    return QuicConfig(max_datagram_size=size, loopback_max_datagram_size=size)
+    size, pmtu, backend = parse_quic(transport)
+    return QuicConfig(
+        max_datagram_size=size,
+        loopback_max_datagram_size=size,
+        pmtu_discovery=pmtu,
+        backend=backend,
+    )
 
 
 def server_limits():
@@ -610,7 +636,7 @@ def anchors(args) -> list[dict]:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("aioquic", "cryptography", "msgpack", "uvloop"):
+    for name in ("aioquic", "qh3", "cryptography", "msgpack", "uvloop"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", "?")
@@ -817,8 +843,11 @@ def main() -> None:
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.transports = [t for t in args.transports.split(",") if t]
     for t in args.transports:
-        if t not in TRANSPORTS:
-            p.error(f"unknown transport {t!r}; choose from {TRANSPORTS}")
+        if not valid_transport(t):
+            p.error(
+                f"unknown transport {t!r}; choose from {TRANSPORTS} (QUIC ones take "
+                "-fixed: no path MTU discovery, and @qh3 / @aioquic: the QUIC library)"
+            )
     if args.quick:
         args.duration, args.warmup, args.bulk_total = 2.0, 1.0, 64 << 20
     if args.role == "run":

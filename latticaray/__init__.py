@@ -22,6 +22,7 @@ from latticaray.runtime.api import (
     nodes,
     put,
     remote,
+    revoke,
     shutdown,
     wait,
 )
@@ -34,6 +35,7 @@ from latticaray.runtime.errors import (
     MeshUnreachableError,
     NodeDiedError,
     NotMemberError,
+    NotPermittedError,
     ObjectLostError,
     ObjectNotFoundError,
     TaskCancelledError,
@@ -55,6 +57,7 @@ __all__ = [
     "NodeAffinitySchedulingStrategy",
     "NodeDiedError",
     "NotMemberError",
+    "NotPermittedError",
     "ObjectLostError",
     "ObjectNotFoundError",
     "ObjectRef",
@@ -80,6 +83,7 @@ __all__ = [
     "nodes",
     "put",
     "remote",
+    "revoke",
     "shutdown",
     "wait",
 ]

@@ -558,8 +558,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mesh key file (created with mode 0600 if missing)",
     )
     p.add_argument("--peer-id", help="bind the credential to this peer ID (default: any holder)")
-    p.add_argument("--ttl", type=float, help="validity in seconds")
+    p.add_argument(
+        "--ttl",
+        type=float,
+        help="validity in seconds (default one day; members renew theirs before it runs out)",
+    )
+    p.add_argument(
+        "--role",
+        default="member",
+        choices=("member", "worker", "driver", "observer"),
+        help="worker: execute and host work (and submit what it makes); driver: submit work; "
+        "observer: read only; member: all of it (the default)",
+    )
     p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser(
+        "revoke",
+        help="revoke a member (or a credential): signed by the mesh key, spread to the mesh "
+        "through a node",
+    )
+    p.add_argument("peer", nargs="?", help="peer ID of the member to revoke")
+    p.add_argument("--mesh-key-path", required=True, metavar="PATH", help="the mesh key file")
+    p.add_argument(
+        "--credential",
+        metavar="CRED",
+        help="revoke this credential (its text, or its id in hex) whoever shows it",
+    )
+    p.add_argument(
+        "--address",
+        metavar="unix:PATH",
+        help="a member node's driver socket (its `driver_address`): the revocation is "
+        "spread from there; without it the revocation is only printed",
+    )
+    p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser(
         "microbenchmark",
@@ -585,7 +616,39 @@ def cmd_invite(args: argparse.Namespace) -> int:
     from latticaray.runtime.admission import make_invite
 
     kwargs = {} if args.ttl is None else {"ttl": args.ttl}
-    print(make_invite(args.mesh_key_path, peer_id=args.peer_id, **kwargs))
+    print(make_invite(args.mesh_key_path, peer_id=args.peer_id, role=args.role, **kwargs))
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from latticaray.runtime.admission import credential_id, make_revocation
+    from latticaray.runtime.errors import CredentialError
+
+    cred = None
+    if args.credential:
+        text = args.credential.strip()
+        try:
+            cred = credential_id(text) if text.startswith("lrc1.") else bytes.fromhex(text)
+        except (CredentialError, ValueError) as exc:
+            print(f"latticaray revoke: --credential: {exc}", file=sys.stderr)
+            return 2
+    if args.peer is None and cred is None:
+        print("latticaray revoke: name a PEER, a --credential, or both", file=sys.stderr)
+        return 2
+    try:
+        revocation = make_revocation(args.mesh_key_path, args.peer, cred)
+    except CredentialError as exc:
+        print(f"latticaray revoke: {exc}", file=sys.stderr)
+        return 2
+    if args.address:
+        import latticaray as lattica
+
+        lattica.init(address=args.address)
+        try:
+            lattica.revoke(revocation=revocation)
+        finally:
+            lattica.shutdown()
+    print(revocation)
     return 0
 
 

@@ -5,18 +5,19 @@
     exchange = ObjectExchange(node, dht, store)          # registers /latticaray/bitswap/1 and
     await exchange.start()                               #   /latticaray/replicate/1 on the node
     cid = store.put(value); await exchange.provide(cid)  # announce to the DHT (re-announced)
-    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None) -> Cid   # into the store
+    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None, stall_timeout=None) -> Cid
     value = await exchange.get(cid, timeout=30.0)        # local store first, else fetch
     peers = await exchange.replicate(cid, n, timeout=60.0)   # n peers fetch and pin it
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
     await exchange.stop()
 
-``authorize`` (``peer -> bool``, optional) decides who may be served: a peer it refuses gets
-``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1`` before any
-byte of its request is decoded, and is never asked to replicate. Without it every peer is served
-(a node outside any mesh). Fetches need no such check: every block fetched is verified against
-its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch, and
-once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
+``authorize`` (``peer -> bool``, optional) decides who may be served and asked: a peer it
+refuses gets ``PERMISSION_DENIED`` on ``/latticaray/bitswap/1`` and ``/latticaray/replicate/1``
+before any byte of its request is decoded, and is never asked for a block nor to replicate.
+``authorize_replicate`` (default: ``authorize``) decides who may ask this node to replicate.
+Without them every peer is served (a node outside any mesh). Every block fetched is verified
+against its CID whoever sent it; a sender of a bad block is penalized and dropped from the fetch,
+and once it sent ``distrust_after_bad_blocks`` of them no later fetch asks it (:meth:`trusted`).
 
 ``node`` is anything with the MeshNode surface this module uses: ``peer_id``,
 ``register_server_stream``, ``register_unary``, ``call``, ``call_stream``, ``connected_peers``
@@ -163,6 +164,7 @@ class _FetchRun:
         pin: bool,
         progress: _Progress,
         hint_peers: list[Hashable],
+        stall_timeout: float | None = None,
     ) -> None:
         self.exchange = exchange
         self.root = root
@@ -170,7 +172,9 @@ class _FetchRun:
         self.progress = progress
         self.hint_peers = hint_peers
         self.loop = asyncio.get_running_loop()
-        self.session = bs.FetchSession(root, self.loop.time() + timeout, exchange.config.session)
+        self.session = bs.FetchSession(
+            root, self.loop.time() + timeout, exchange.config.session, stall_timeout
+        )
         self.writer: ObjectWriter | None = None
         self.finished: asyncio.Future[Cid] = self.loop.create_future()
         self.wake = asyncio.Event()
@@ -185,7 +189,13 @@ class _FetchRun:
     def candidates(self, peers: Iterable[Hashable]) -> list[Hashable]:
         """The peers worth asking: not this node, nor a peer distrusted for its bad blocks."""
         exchange = self.exchange
-        return [p for p in peers if p != exchange.node.peer_id and exchange.trusted(p)]
+        return [
+            p
+            for p in peers
+            if p != exchange.node.peer_id
+            and exchange.trusted(p)
+            and (exchange.authorize is None or exchange.authorize(p))
+        ]
 
     async def run(self) -> Cid:
         try:
@@ -354,9 +364,11 @@ class ObjectExchange:
         providers: ProviderSource | None = None,
         config: ExchangeConfig | None = None,
         authorize: Authorize | None = None,
+        authorize_replicate: Authorize | None = None,
     ) -> None:
         self.node = node
         self.authorize = authorize
+        self.authorize_replicate = authorize_replicate or authorize
         self.refused = 0  # requests refused unread (observability; tests)
         self.dht = dht
         self.store = store
@@ -399,8 +411,11 @@ class ObjectExchange:
         pin: bool = False,
         progress: Callable[[int, int], None] | None = None,
         peers: Sequence[Hashable] = (),
+        stall_timeout: float | None = None,
     ) -> Cid:
-        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``."""
+        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``, or
+        once nothing of it arrived for ``stall_timeout`` s (a slow fetch that progresses goes
+        on until ``timeout``). A fetch of a CID already under way is joined, on its terms."""
         root = Cid.coerce(cid)
         if self.store.contains(root):
             if pin:
@@ -412,7 +427,7 @@ class ObjectExchange:
             reporter = _Progress(
                 root, progress, self.config.show_progress, self.config.progress_min_bytes
             )
-            run = _FetchRun(self, root, timeout, pin, reporter, list(peers))
+            run = _FetchRun(self, root, timeout, pin, reporter, list(peers), stall_timeout)
             self._runs[root] = run
             future = asyncio.ensure_future(run.run())
             self._fetches[root] = future
@@ -546,9 +561,11 @@ class ObjectExchange:
         """False once ``peer`` sent ``distrust_after_bad_blocks`` bad blocks: no fetch asks it."""
         return self.ledgers.bad_blocks(peer) < self.config.distrust_after_bad_blocks
 
-    def _require_authorized(self, ctx: Any, protocol: str) -> None:
+    def _require_authorized(
+        self, ctx: Any, protocol: str, authorize: Authorize | None = None
+    ) -> None:
         """Refuse a peer ``authorize`` does not accept, before anything it sent is read."""
-        if self.authorize is not None and not self.authorize(ctx.peer_id):
+        if authorize is not None and not authorize(ctx.peer_id):
             self.refused += 1
             raise RpcError(
                 Status.PERMISSION_DENIED,
@@ -556,7 +573,7 @@ class ObjectExchange:
             )
 
     async def _serve_replicate(self, ctx: Any, payload: bytes) -> bytes:
-        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID)
+        self._require_authorized(ctx, REPLICATE_PROTOCOL_ID, self.authorize_replicate)
         if not self.config.accept_replication:
             return msgpack.packb({"ok": False, "error": "replication refused"})
         if len(payload) > 4096:
@@ -631,7 +648,7 @@ class ObjectExchange:
                 granted.extend(self.ledgers.release_slot(next_token))
 
     async def _serve(self, ctx: Any, payload: bytes) -> AsyncIterator[bytes]:
-        self._require_authorized(ctx, bs.PROTOCOL_ID)
+        self._require_authorized(ctx, bs.PROTOCOL_ID, self.authorize)
         peer = ctx.peer_id
         try:
             request = bs.decode_request(payload)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from latticaray.runtime import context, serialization
-from latticaray.runtime.client import DriverCore
+from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
@@ -494,7 +494,11 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers)
 
-        runtime.start(make_node, start_mesh)
+        try:
+            runtime.start(make_node, start_mesh)
+        except BaseException:  # a refused credential: nothing of this node stays behind
+            runtime.stop()
+            raise
         _runtime = runtime
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
@@ -566,11 +570,39 @@ def mesh_info() -> dict:
     return _runtime_info()
 
 
-def invite(peer_id: str | None = None, ttl: float | None = None) -> str:
-    """A membership credential for this mesh (only on the node that holds the mesh key)."""
+def invite(peer_id: str | None = None, ttl: float | None = None, role: str = "member") -> str:
+    """A membership credential for this mesh (only on the node that holds the mesh key):
+    bound to `peer_id` if given (else a bearer invite), valid `ttl` seconds (default one day;
+    a member renews its own before it runs out), with `role` ``member`` (everything),
+    ``worker`` (execute, host, submit), ``driver`` (submit, read) or ``observer`` (read)."""
     if _runtime is None or _runtime.mesh_runtime is None:
         raise RuntimeError("invite() needs a mesh: init(listen=[...]) or init(_mesh=True) first")
-    return _runtime.mesh_runtime.invite(peer_id, ttl)
+    return _runtime.mesh_runtime.invite(peer_id, ttl, role)
+
+
+def revoke(
+    peer_id: str | None = None,
+    *,
+    credential_id: bytes | None = None,
+    revocation: str | None = None,
+) -> str:
+    """Revoke a member (`peer_id`: whatever credential it shows) or a credential
+    (`credential_id`: whoever shows it). The revocation is signed by the mesh key this node
+    holds (or given signed, as `revocation`, e.g. by `latticaray revoke`), spread through the
+    cluster state, and honoured by every member within a gossip round: the revoked peer's
+    connections are closed and its work refused. Returns the revocation's text."""
+    core = context.require_core()
+    if revocation is None:
+        if _runtime is None or _runtime.mesh_runtime is None:
+            raise RuntimeError(
+                "revoke() signs with the mesh key of an embedded mesh node; an attached driver "
+                "passes revocation= (made by `latticaray revoke --mesh-key-path`)"
+            )
+        revocation = _runtime.mesh_runtime.admission.revocation(peer_id, credential_id)
+    reply = core.request({"op": "revoke", "text": revocation})
+    if "error" in reply:
+        raise_error_value(reply["error"])
+    return revocation
 
 
 def is_initialized() -> bool:
@@ -623,9 +655,14 @@ def wait(
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns <= 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 1 and {len(refs)}")
-    ready_idx = set(context.require_core().wait(refs, num_returns, timeout, fetch_local))
-    ready = [r for i, r in enumerate(refs) if i in ready_idx]
-    not_ready = [r for i, r in enumerate(refs) if i not in ready_idx]
+    ready_idx = sorted(set(context.require_core().wait(refs, num_returns, timeout, fetch_local)))
+    ready = [refs[i] for i in ready_idx]
+    not_ready: list[ObjectRef] = []
+    start = 0
+    for i in ready_idx:  # the runs between the ready ones, copied as slices
+        not_ready += refs[start:i]
+        start = i + 1
+    not_ready += refs[start:]
     return ready, not_ready
 
 

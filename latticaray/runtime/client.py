@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.runtime import context, serialization
 from latticaray.runtime.channel import WorkerConnection
-from latticaray.runtime.errors import GetTimeoutError, TaskError
+from latticaray.runtime.errors import GetTimeoutError, NotPermittedError, TaskError
 from latticaray.runtime.ids import ids, object_id
 from latticaray.runtime.protocol import OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
@@ -413,6 +413,24 @@ class DriverCore(CoreClient):
         self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
 
+    # ---- verbs this node's credential may not allow (an observer's)
+    def _require_submit(self) -> None:
+        refusal = self.node.submit_refusal()
+        if refusal is not None:
+            raise NotPermittedError(refusal)
+
+    def submit_task(self, *args, **kwargs):
+        self._require_submit()
+        return super().submit_task(*args, **kwargs)
+
+    def create_actor(self, *args, **kwargs) -> dict:
+        self._require_submit()
+        return super().create_actor(*args, **kwargs)
+
+    def submit_actor_task(self, *args, **kwargs):
+        self._require_submit()
+        return super().submit_actor_task(*args, **kwargs)
+
     def post(self, message: dict | Callable[[], Any]) -> None:
         """Queue a message for the loop (or a waiter registration riding the same wake-up)."""
         self._outbox.append(message)
@@ -460,8 +478,6 @@ class DriverCore(CoreClient):
             flushed = threading.Event()
             self.post(flushed.set)
             flushed.wait()
-        if any(r.id not in objects for r in refs):
-            return super().wait(refs, num_returns, timeout, fetch_local)
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = table.seal_cond
         with cond:
@@ -469,13 +485,15 @@ class DriverCore(CoreClient):
         try:
             while True:
                 seen = table.seal_count
-                ready = [
-                    i
-                    for i, r in enumerate(refs)
-                    if (e := objects.get(r.id)) is not None and e.status != -1
-                ]
-                if len(ready) >= num_returns:
-                    return ready[:num_returns]
+                ready = []
+                for i, r in enumerate(refs):  # the first num_returns ready, in list order
+                    e = objects.get(r.id)
+                    if e is None:  # not this node's to watch: the node waits for it
+                        return super().wait(refs, num_returns, timeout, fetch_local)
+                    if e.status != -1:
+                        ready.append(i)
+                        if len(ready) >= num_returns:
+                            return ready
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return ready

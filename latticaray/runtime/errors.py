@@ -168,7 +168,11 @@ class MeshUnreachableError(LatticaError, ConnectionError):
 
 
 class CredentialError(LatticaError, ValueError):
-    """A membership credential is malformed, expired, or not signed by the mesh key."""
+    """A membership credential is malformed, expired, revoked, or not signed by the mesh key."""
+
+
+class NotPermittedError(LatticaError, PermissionError):
+    """This node's credential role does not allow the operation (an observer submitting work)."""
 
 
 from latticaray.scheduler.errors import UnschedulableError  # noqa: E402

@@ -22,8 +22,8 @@ from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.nat.addresses import LAB_ENV
 from latticaray.mesh.node import MeshConfig, MeshNode
-from latticaray.runtime.admission import Admission, MeshKey
-from latticaray.runtime.errors import MeshUnreachableError
+from latticaray.runtime.admission import ACTIVE, Admission, MeshKey, Permission
+from latticaray.runtime.errors import CredentialError, MeshUnreachableError
 from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.runtime import RemoteRuntime
 from latticaray.scheduler.policy import NodeView
@@ -35,6 +35,7 @@ CAPACITY_TTL = 15.0  # DHT capacity ads: lifetime, refresh period, least gap on 
 CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
+PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
 REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
 LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 #: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
@@ -133,6 +134,22 @@ class NatSettings:
         )
 
 
+def _check_bootstrap_transports(bootstrap: list[str], listen: list[str]) -> None:
+    """A QUIC bootstrap address needs a QUIC listen address: QUIC dials from the node's one
+    listening UDP socket (the one hole punching and observed addresses are about)."""
+    from latticaray.mesh.multiaddr import Multiaddr
+
+    if any(Multiaddr.parse(a).transport == "quic" for a in listen):
+        return
+    for addr in bootstrap:
+        if Multiaddr.parse(addr).transport == "quic":
+            raise ValueError(
+                f"bootstrap address {addr} is a QUIC one, but this node listens on no QUIC "
+                "address (QUIC dials from the node's listening UDP socket): listen on one too "
+                "(e.g. /ip4/0.0.0.0/udp/0/quic-v1) or bootstrap from the peer's TCP address"
+            )
+
+
 def _endpoint(value) -> tuple[str, int]:
     """("198.18.0.11", 4001), [host, port] or "host:port" -> (host, port)."""
     if isinstance(value, str):
@@ -190,7 +207,14 @@ class MeshRuntime:
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
-    ask, instead of every peer connected or introduced ("full").
+    ask, instead of every peer connected or introduced ("full"). `same_host_path=False` keeps
+    peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
+    the Unix-socket path (to measure what two machines would see).
+
+    Public services, each explicit: DHT routing is served to non-members unless
+    `public_dht=False` (rate-limited per peer and per IP; members are not limited); relay and
+    AutoNAT only when `nat` says `serve_relay` / `serve_autonat` (limits: mesh/nat/relay.py
+    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only.
     """
 
     def __init__(
@@ -202,11 +226,15 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
+        public_dht: bool = True,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.same_host_path = same_host_path
+        self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -215,12 +243,14 @@ class MeshRuntime:
         if listen is None:
             listen = ANY_LISTEN if reaches_beyond_host(self.bootstrap) else LOOPBACK_LISTEN
         self.listen = listen
+        _check_bootstrap_transports(self.bootstrap, self.listen)
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None
         # the services, once started
         self.state: Any = None  # latticaray.state.service StateService
         self.dht: Any = None  # latticaray.mesh.dht.service DhtService
+        self.mesh_dht: Any = None  # latticaray.runtime.meshdht MeshDht: runtime keys in it
         self.nat: Any = None  # latticaray.mesh.nat.mesh_service MeshNatService
         self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
         self.timings: dict[str, float | str] = {}
@@ -240,19 +270,36 @@ class MeshRuntime:
         nat: NatSettings | dict | bool | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
+        public_dht: bool = True,
     ) -> MeshRuntime:
         """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
         nat = default_nat(nat, bootstrap)
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
-            admission = Admission.join(credential)
+            if not credential:
+                raise CredentialError(
+                    "joining a mesh needs a membership credential: pass credential= "
+                    "(`latticaray start --credential`, or LATTICARAY_CREDENTIAL) with one from "
+                    "the mesh's `latticaray invite`"
+                )
+            admission = Admission.join(credential, str(key.peer_id))
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait)
+        return cls(
+            key,
+            bootstrap,
+            admission,
+            listen,
+            nat,
+            peering,
+            capacity_wait,
+            same_host_path,
+            public_dht,
+        )
 
     async def start(self, runtime_node) -> MeshRuntime:
-        from latticaray.mesh.dht.service import DhtService
         from latticaray.mesh.transport.quic import QuicConfig
 
         started = time.monotonic()
@@ -262,12 +309,35 @@ class MeshRuntime:
         config = MeshConfig(
             listen=self.listen,
             key=self.key,
-            same_host_fast_path=not in_lab,
+            same_host_fast_path=self.same_host_path and not in_lab,
             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0),
         )
         self.mesh = MeshNode(config)
         await self.mesh.start()
-        self.dht = DhtService(self.mesh)
+        try:
+            await self._start_services(runtime_node, started)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start_services(self, runtime_node, started: float) -> None:
+        from latticaray.mesh.dht.records import default_validators
+        from latticaray.mesh.dht.service import DhtService, ServeLimits
+        from latticaray.runtime.meshdht import MemberRecords, MeshDht, scope_prefix
+
+        assert self.mesh is not None and self.admission.mesh_public is not None
+        validators = default_validators()
+        prefix = scope_prefix(self.admission.mesh_public)
+        validators[prefix] = MemberRecords(prefix, self.admission.check)
+        admission = self.admission
+        self.dht = DhtService(
+            self.mesh,
+            validators=validators,
+            limits=ServeLimits(public=self.public_dht),
+            exempt=lambda peer: admission.allowed(str(peer)),
+        )
+        self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
         if self.nat_settings is not None:
             await self._start_nat()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
@@ -278,7 +348,9 @@ class MeshRuntime:
         from latticaray.runtime.remote.capacity import CapacityDirectoryCore, DhtPlacement
 
         remote.capacity = DhtPlacement(
-            remote.membership, self.dht, CapacityDirectoryCore(wait_timeout=self.capacity_wait)
+            remote.membership,
+            self.mesh_dht,
+            CapacityDirectoryCore(wait_timeout=self.capacity_wait),
         )
         remote.capacity.start()
         runtime_node.remote = remote
@@ -287,7 +359,11 @@ class MeshRuntime:
         self.state = StateService(
             self.mesh, self.key, is_member=lambda peer: self.admission.allowed(str(peer))
         )
+        from latticaray.state.revocations import Revocations
+
+        revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
+        remote.membership.attach_revocations(revocations)
         self.state.actors.on_claim_lost(remote.names.on_claim_lost)
         remote.state = self.state
         if runtime_node.store_ready is not None:
@@ -295,19 +371,35 @@ class MeshRuntime:
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
 
-            self.exchange = ObjectExchange(self.mesh, self.dht, runtime_node.store)
+            admission = self.admission
+            self.exchange = ObjectExchange(
+                self.mesh,
+                self.mesh_dht,
+                runtime_node.store,
+                authorize=lambda peer: admission.allowed(str(peer), Permission.READ),
+                authorize_replicate=lambda peer: admission.allowed(str(peer), ACTIVE),
+            )
             await self.exchange.start()
             remote.exchange = self.exchange
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
         tried = []
+        refusals = []
         for addr in self.bootstrap:
             try:
                 await remote.membership.join(addr)
+            except CredentialError as exc:
+                refusals.append(str(exc))
+                tried.append(f"{addr}: refused: {exc}")
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
                 tried.append(f"{addr}: {type(exc).__name__}: {exc}")
+        if refusals and not remote.membership.alive_peers():
+            await self.stop()
+            raise CredentialError(
+                "this node was not admitted to the mesh: " + "; ".join(refusals[:4])
+            )
         if self.bootstrap and len(tried) == len(self.bootstrap):
             await self.stop()
             raise MeshUnreachableError(
@@ -326,7 +418,18 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
-        return self
+
+    async def _admit_provider(self, peer_id) -> bool:
+        """A provider the DHT names: admitted (both ways) before the exchange asks it."""
+        assert self.remote is not None
+        membership = self.remote.membership
+        if self.admission.allowed(str(peer_id), Permission.READ):
+            return True
+        try:
+            await asyncio.wait_for(membership.admit_with(peer_id), PROVIDER_ADMIT_TIMEOUT)
+        except (TimeoutError, MeshError):
+            return False
+        return self.admission.allowed(str(peer_id), Permission.READ)
 
     async def _bootstrap_dht(self, started: float) -> None:
         try:
@@ -360,7 +463,7 @@ class MeshRuntime:
             _RuntimeLoad(self.remote.membership),  # type: ignore[arg-type]  # its view and version
             self.node_id,
             self.key.peer_id.to_bytes(),
-            self.dht,
+            self.mesh_dht,
             core=AdvertiserCore(
                 self.node_id,
                 ttl=CAPACITY_TTL,
@@ -434,10 +537,12 @@ class MeshRuntime:
     def advertised_addrs(self) -> list[str]:
         return [str(a) for a in self.mesh.advertised_addrs] if self.mesh else []
 
-    def invite(self, peer_id: str | None = None, ttl: float | None = None) -> str:
+    def invite(
+        self, peer_id: str | None = None, ttl: float | None = None, role: str = "member"
+    ) -> str:
         if ttl is None:
-            return self.admission.invite(peer_id)
-        return self.admission.invite(peer_id, ttl)
+            return self.admission.invite(peer_id, role=role)
+        return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
         pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]

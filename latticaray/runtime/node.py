@@ -34,6 +34,7 @@ from latticaray.observe.gather import encode_snapshot, gather
 from latticaray.observe.model import MAX_ROWS
 from latticaray.runtime import refcount, serialization
 from latticaray.runtime.activity import NodeActivity
+from latticaray.runtime.errors import CredentialError, NotPermittedError
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.local.clients import LocalClient
 from latticaray.runtime.local.logs import LogRouter
@@ -147,15 +148,13 @@ class RuntimeNode:
             serialization.set_store(None)
 
     def _create_store(self, root: str) -> None:
-        from latticaray.objectstore.cid import BLAKE3, SHA2_256, blake3_available
+        from latticaray.objectstore.cid import BLAKE3
         from latticaray.objectstore.store import LocalStore
 
-        # BLAKE3 hashes large objects on several cores: puts run about twice as fast as SHA-256
-        store = LocalStore(
-            root=root,
-            capacity_bytes=self.store_capacity,
-            hash_code=BLAKE3 if blake3_available() else SHA2_256,
-        )
+        # the runtime names store objects with BLAKE3 on every node (a dependency), so a value has
+        # one CID mesh-wide; the store's config tells its other processes (workers, attached
+        # drivers). BLAKE3 hashes ~8 GB/s per core here, SHA-256 ~1 GB/s
+        store = LocalStore(root=root, capacity_bytes=self.store_capacity, hash_code=BLAKE3)
         self.store = store
         serialization.set_store(store)
 
@@ -195,7 +194,17 @@ class RuntimeNode:
         if op == "get_cid":
             return await self.objects.get_by_cid(message)
         if op == "create_actor":
+            refusal = self.submit_refusal()
+            if refusal is not None:
+                return {"error": error_blob(NotPermittedError(refusal))}
             return await self.actors.create_request(message, client)
+        if op == "revoke":  # a revocation signed by the mesh key, to spread (`latticaray revoke`)
+            if self.remote is None:
+                return {"error": error_blob(RuntimeError("this node is not part of a mesh"))}
+            try:
+                return {"subjects": self.remote.membership.publish_revocation(message["text"])}
+            except (CredentialError, ValueError, KeyError) as exc:
+                return {"error": error_blob(exc)}
         if op == "get_actor":
             return await self.actors.get_actor(message)
         if op == "nodes":
@@ -209,6 +218,14 @@ class RuntimeNode:
             )
             return {"snapshot": encode_snapshot(snapshot)}
         return {"error": error_blob(ValueError(f"unknown runtime request {op!r}"))}
+
+    def submit_refusal(self) -> str | None:
+        """Why this node may not take work from its clients (its mesh credential's role does
+        not allow submitting: an observer), or None."""
+        remote = self.remote
+        if remote is None:
+            return None
+        return remote.membership.submit_refusal()
 
     # ------------------------------------------------------------------ cluster view
     def local_view(self) -> dict:

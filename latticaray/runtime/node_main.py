@@ -107,6 +107,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument(
+        "--no-same-host-path",
+        action="store_true",
+        help="keep peers on this host on the transport they dialled (QUIC, TCP) instead of "
+        "moving them to the same-host Unix-socket path",
+    )
+    parser.add_argument(
+        "--dht-members-only",
+        action="store_true",
+        help="answer DHT requests of mesh members only (default: DHT routing is a public "
+        "service, rate-limited per peer and per IP for non-members)",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     return parser.parse_args(argv)
@@ -136,16 +148,10 @@ def nat_settings(args: argparse.Namespace):
     return NatSettings.coerce(settings)
 
 
-async def run(args: argparse.Namespace) -> None:
-    from latticaray.runtime import gcpolicy
-    from latticaray.runtime.api import default_resources
+def _prepare(args: argparse.Namespace):
     from latticaray.runtime.mesh_runtime import CAPACITY_WAIT, MeshRuntime
-    from latticaray.runtime.node import RuntimeNode
 
-    resources = default_resources(
-        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
-    )
-    mesh_runtime = MeshRuntime.prepare(
+    return MeshRuntime.prepare(
         bootstrap=args.bootstrap,
         credential=args.credential,
         listen=args.listen,
@@ -154,7 +160,23 @@ async def run(args: argparse.Namespace) -> None:
         nat=nat_settings(args),
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
+        same_host_path=not args.no_same_host_path,
+        public_dht=not args.dht_members_only,
     )
+
+
+async def run(args: argparse.Namespace) -> None:
+    from latticaray.runtime import gcpolicy
+    from latticaray.runtime.api import default_resources
+    from latticaray.runtime.node import RuntimeNode
+
+    resources = default_resources(
+        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+    )
+    try:
+        mesh_runtime = _prepare(args)
+    except ValueError as exc:  # bad options: say what, without a traceback
+        raise SystemExit(f"latticaray start: {exc}") from None
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)
@@ -188,6 +210,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
+    ready["role"] = mesh_runtime.admission.role
     print(json.dumps(ready), flush=True)
     await stop.wait()
     if refresher is not None:
@@ -208,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run(args))
+    from latticaray.runtime.errors import CredentialError
+
+    try:
+        asyncio.run(run(args))
+    except CredentialError as exc:  # refused at the door: say why, no traceback
+        print(f"latticaray start: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -6,7 +6,8 @@ Layout:
 * :mod:`.atoms` — the signed atom (unit of state, delta and verification) and its wire form.
 * :mod:`.store` — the slot store: admission checks, merge, digest trie, tombstone/TTL GC.
 * :mod:`.crdts` — LWW-register, LWW-map, OR-set, PN-counter, map of CRDTs (views over the store).
-* :mod:`.members`, :mod:`.actors`, :mod:`.jobs` — the typed collections the runtime uses.
+* :mod:`.members`, :mod:`.actors`, :mod:`.jobs`, :mod:`.revocations` — the typed collections the
+  runtime uses.
 * :mod:`.replication` — the sans-I/O replica: local writes, gossip, anti-entropy.
 * :mod:`.core` — :class:`StateCore`, replica + typed collections (what the simulator runs).
 * :mod:`.persistence` — snapshots on disk.
@@ -34,11 +35,13 @@ from .hlc import Hlc, HybridClock
 from .jobs import JobRecord, Jobs, JobStatus
 from .members import FailureDetector, Liveness, MemberInfo, MemberReachability, Members
 from .replication import PROTOCOL_ID, Replica, ReplicationConfig, ReplicationStats
+from .revocations import REVOCATIONS, Revocations
 from .service import StateService
 from .store import Change, CollectionSpec, CrdtStore
 
 __all__ = [
     "PROTOCOL_ID",
+    "REVOCATIONS",
     "ActorRecord",
     "ActorState",
     "Actors",
@@ -72,6 +75,7 @@ __all__ = [
     "Replica",
     "ReplicationConfig",
     "ReplicationStats",
+    "Revocations",
     "SignatureInvalid",
     "SnapshotError",
     "StateCore",

@@ -259,7 +259,10 @@ class StateService:
         if connected is not None:
             peers.update(connected())
         peers.discard(self.peer_id)
-        self.replica.set_peers(sorted(peers))
+        # cluster state goes to members only: not to a peer merely connected (a stranger using
+        # the public DHT), nor to one whose membership ended (revoked, expired)
+        is_member = self.replica.store.is_member
+        self.replica.set_peers(sorted(p for p in peers if is_member(p)))
 
     def _on_member_change(self, peer: PeerId, info: MemberInfo | None) -> None:
         if info is None:

@@ -111,13 +111,13 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
     node, loop = _node()
     target = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][0].node_id)
     served = []
-    real = serialization.materialize_pieces
+    real = remote_objects.RemoteObjects._serve_store_form
 
-    def counting(data):
-        served.append(serialization.store_name(data))
-        return real(data)
+    def counting(self, cid):
+        served.append(cid)
+        return real(self, cid)
 
-    monkeypatch.setattr(serialization, "materialize_pieces", counting)
+    monkeypatch.setattr(remote_objects.RemoteObjects, "_serve_store_form", counting)
     trials = []
     for fill in range(1, 4):
         before_ref, before_data = _put(np.full(BIG, fill, dtype=np.uint8))
@@ -125,6 +125,7 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
         del before_ref
         ref, data = _put(np.full(BIG, fill + 10, dtype=np.uint8))
         _run_on_loop(node.objects.resolve_off_loop(data))  # the hashing is another test's subject
+        cid = ref.cid
         finished = threading.Event()
         started = threading.Event()
         probe = asyncio.run_coroutine_threadsafe(_probe_until(started, finished.is_set), loop)
@@ -137,7 +138,7 @@ def test_fetch_by_id_does_not_stall_event_loop(mesh, monkeypatch):
             finished.set()
         stall, ticks = probe.result(60)
         assert size == BIG
-        assert serialization.store_name(data) in served, "the object was not fetched by id"
+        assert cid in served, "the object was not fetched by id in its store form"
         trials.append((old, stall, ticks))
         print(
             f"old serve path held the loop {old * 1e3:.1f} ms; "
@@ -363,12 +364,13 @@ def test_an_object_reply_that_breaks_its_header_is_refused(mesh, monkeypatch, fr
 
 
 def test_a_large_fetched_object_is_joined_off_the_event_loop(mesh, monkeypatch):
-    """The chunks of a 200 MB reply become one bytes object on an executor thread; joined on
-    the loop (the old way, timed in the same run) they stall it for the whole copy."""
+    """The chunks of a 200 MB reply become one bytes object, hashed against its CID, on an
+    executor thread; joined on the loop (the old way, timed in the same run) they stall it for
+    the whole copy."""
     node, loop = _node()
     remote = node.remote
     payload = np.random.default_rng(7).integers(0, 255, BIG, dtype=np.uint8).tobytes()
-    frames = [_pack({"s": OK, "size": BIG})] + [
+    frames = [_pack({"s": OK, "size": BIG, "cid": serialization.cid_of(payload)})] + [
         payload[i : i + CHUNK] for i in range(0, BIG, CHUNK)
     ]
     peer = remote.membership.peers[mesh["nodes"][0].node_id]

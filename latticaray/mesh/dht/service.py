@@ -17,6 +17,9 @@ The addresses this node puts in its DHT contact (sent with every request, return
 for ``find_peer``) are the node's ``advertised_addrs``, kept current through
 ``node.on_addrs_changed``: a private node's relay circuit addresses reach the DHT that way. The
 request handler never awaits, so it is registered as an eager RPC handler (no task per request).
+Serving is a public service; given ``ServeLimits`` (a runtime node does), requests of peers that
+are not ``exempt`` (its members) are rate-limited per peer and per source IP, or refused when the
+node does not serve the public.
 """
 
 from __future__ import annotations
@@ -41,14 +44,17 @@ from ..libp2p.kad import (
     MessageType,
 )
 from ..multiaddr import Multiaddr
-from .core import DhtConfig, DhtCore, Operation
+from ..ratelimit import KeyedRateLimiter
+from .config import DhtConfig
+from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .kadwire import core_request, core_response, kad_answer, kad_request, provider_key
 from .keyspace import Contact, dht_id
+from .lookups import Operation
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
 from .records import Record, RecordValidator
 
-__all__ = ["DhtService", "DhtValue", "ProviderInfo"]
+__all__ = ["DhtService", "DhtValue", "ProviderInfo", "ServeLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,22 @@ MAX_OWN_ADDRS = 8
 #: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
 #: peer-ID bytes, ``.subkey``, ``.signature``).
 DhtValue = Record
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Who this node answers DHT requests for, and how fast (a public service).
+
+    ``public``: answer any peer (peer discovery for all); else only ``exempt`` peers (a mesh's
+    members). Peers not exempt are held to ``per_peer_rate`` requests per second (bursts of
+    ``per_peer_burst``) and, together, to ``per_ip_rate`` per source IP (bursts of
+    ``per_ip_burst``); over it a request is answered ``rate_limited``, unread."""
+
+    public: bool = True
+    per_peer_rate: float = 50.0
+    per_peer_burst: int = 500  # a bootstrap's bucket refreshes ask each of a few peers ~250 times
+    per_ip_rate: float = 200.0
+    per_ip_burst: int = 2000
 
 
 @dataclass(frozen=True)
@@ -89,12 +111,19 @@ class DhtService:
         validators: dict[bytes, RecordValidator] | None = None,
         clock: Callable[[], float] = time.time,
         maintenance_interval: float = 60.0,
+        limits: ServeLimits | None = None,
+        exempt: Callable[[PeerId], bool] | None = None,
         kad_protocol: str | None = DEFAULT_KAD_PROTOCOL,
     ) -> None:
         self.node = node
         self.clock = clock
         #: The libp2p Kademlia protocol ID spoken with foreign peers (None: RPC only).
         self.kad_protocol = kad_protocol
+        self.limits = limits  # None: every peer served, no limit (a node outside any mesh)
+        self.exempt = exempt
+        if limits is not None:
+            self._per_peer = KeyedRateLimiter(limits.per_peer_rate, limits.per_peer_burst)
+            self._per_ip = KeyedRateLimiter(limits.per_ip_rate, limits.per_ip_burst)
         self.maintenance_interval = maintenance_interval
         self.core = DhtCore(
             node.peer_id.to_bytes(),
@@ -394,8 +423,29 @@ class DhtService:
                 log.exception("DHT maintenance round failed")
 
     # serving ---------------------------------------------------------------------------------
+    def _refusal(self, caller: PeerId, ip: str | None) -> tuple[str, str] | None:
+        """Why a request of ``caller`` from ``ip`` is not served (this node is not public, or
+        the peer is over its rate and not exempt) as (code, message), else None. Requests of
+        RPC and of libp2p Kademlia count alike."""
+        if self.limits is None or (self.exempt is not None and self.exempt(caller)):
+            return None
+        if not self.limits.public:
+            self.core.stats["refused_private"] = self.core.stats.get("refused_private", 0) + 1
+            return "refused", "this node serves its DHT to members only"
+        now = self.clock()
+        if not self._per_peer.take(caller, now) or (
+            ip is not None and not self._per_ip.take(ip, now)
+        ):
+            self.core.stats["rate_limited"] = self.core.stats.get("rate_limited", 0) + 1
+            return "rate_limited", "too many DHT requests; slow down"
+        return None
+
     async def _handle(self, ctx: Any, payload: bytes) -> bytes:
         # Registered eager: it must not await, nor use asyncio.timeout()/current_task().
+        ip = getattr(getattr(ctx, "remote_addr", None), "host", None)
+        refused = self._refusal(ctx.peer_id, ip)
+        if refused is not None:
+            return encode(error_response(*refused))
         try:
             request = decode_request(payload)
         except DhtProtocolError as exc:
@@ -423,12 +473,18 @@ class DhtService:
     async def _handle_kad(self, stream: Any) -> None:
         """Answer a foreign peer's kad requests (several per stream, as go and rust send)."""
         peer = stream.connection.mesh_peer_id
+        ip = getattr(getattr(stream.connection, "remote_multiaddr", None), "host", None)
         info = self.node.identify_service.peer_info.get(peer)
         server = info is not None and self.kad_protocol in info.protocols
         for _ in range(MAX_REQUESTS_PER_STREAM):
             data = await stream.read_message(MAX_KAD_MESSAGE)
             if data is None:
                 break
+            refused = self._refusal(peer, ip)
+            if refused is not None:  # kad has no error message: the stream is reset
+                log.debug("kad request from %s refused: %s", peer, refused[1])
+                stream.reset()
+                return
             message = KadMessage.decode(data)
             request = core_request(
                 message,

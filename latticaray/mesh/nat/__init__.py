@@ -4,8 +4,9 @@ Sans-I/O cores (no sockets, no clock): ``autonat`` (dial-back client/server core
 (mapping type from observed addresses), ``relay`` (reservations, circuits, limits), ``holepunch``
 (DCUtR-like coordination, path metrics), ``birthday`` (probing planner), ``rendezvous``
 (namespace registrations), ``autorelay`` (which relays to hold: RTT pick, two reservations,
-replacement), ``ratelimit`` (token buckets), with ``wire`` (bounded msgpack), ``offers`` (the
-typed replies of the relay/AutoNAT offers) and ``addresses`` (which ranges count as public).
+replacement; rate limits are ``latticaray.mesh.ratelimit``'s token buckets), with ``wire``
+(bounded msgpack), ``offers`` (the typed replies of the relay/AutoNAT offers) and ``addresses``
+(which ranges count as public).
 
 Asyncio shells over one shared QUIC socket: ``control`` (the control datagrams),
 ``reachability`` (observations, NAT type, AutoNAT rounds), ``reservations`` (relay

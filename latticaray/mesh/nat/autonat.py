@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..ratelimit import KeyedRateLimiter, TokenBucket
 from . import wire
 from .addresses import AddressPolicy, Endpoint
 from .errors import (
@@ -36,7 +37,6 @@ from .errors import (
     ForgedDialBack,
     MalformedMessage,
 )
-from .ratelimit import KeyedRateLimiter, TokenBucket
 
 PROTOCOL_ID = "/latticaray/autonat/1"
 NONCE_SIZE = 16

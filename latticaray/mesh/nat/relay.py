@@ -9,7 +9,8 @@ duration; total reservation slots and circuits are bounded, per peer and overall
 Refusals are :class:`RelayRefused` with a status code: PERMISSION_DENIED (not allowed to use this
 relay, or the request itself arrived over a relayed connection — relays never chain hops),
 NO_RESERVATION (the target holds no reservation), RESOURCE_LIMIT_EXCEEDED (slots or circuits
-full), MALFORMED.
+full, per peer, per IP or overall), RATE_LIMITED (reservation and circuit requests, renewals
+included, are limited per peer and per source IP by token buckets), MALFORMED.
 
 Wire messages (protocol id ``/latticaray/relay/1``, docs/protocol/nat.md):
 ``reserve {}`` -> ``reserve_resp {s, ttl, bytes, secs, m}``; ``connect {peer}`` ->
@@ -24,12 +25,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from ..ratelimit import KeyedRateLimiter
 from . import wire
 from .errors import (
     MALFORMED,
     NO_RESERVATION,
     OK,
     PERMISSION_DENIED,
+    RATE_LIMITED,
     RESOURCE_LIMIT_EXCEEDED,
     CircuitLimitExceeded,
     RelayRefused,
@@ -45,10 +48,16 @@ class RelayConfig:
     reservation_ttl: float = 3600.0
     max_circuits: int = 256
     max_circuits_per_peer: int = 16
+    max_circuits_per_ip: int = 64  # circuits opened from one source IP
     circuit_max_bytes: int = 1 << 30  # per direction-summed circuit budget
     circuit_max_duration: float = 3600.0
     allowed_peers: frozenset[str] | None = None  # who may reserve/connect; None = anyone
     denied_peers: frozenset[str] = frozenset()
+    #: reservation and circuit requests (renewals included), per requesting peer and per IP
+    requests_per_peer_rate: float = 2.0
+    requests_per_peer_burst: int = 20
+    requests_per_ip_rate: float = 10.0
+    requests_per_ip_burst: int = 60
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Circuit:
     byte_limit: int
     bytes_relayed: int = 0
     accepted: bool = False
+    src_ip: str | None = None
 
 
 class RelayCore:
@@ -79,6 +89,9 @@ class RelayCore:
         self.circuits: dict[int, Circuit] = {}
         self._ids = itertools.count(1)
         self.refusals: dict[str, int] = {}
+        cfg = self.config
+        self._per_peer = KeyedRateLimiter(cfg.requests_per_peer_rate, cfg.requests_per_peer_burst)
+        self._per_ip = KeyedRateLimiter(cfg.requests_per_ip_rate, cfg.requests_per_ip_burst)
 
     def _refuse(self, code: str, message: str) -> RelayRefused:
         self.refusals[code] = self.refusals.get(code, 0) + 1
@@ -91,6 +104,12 @@ class RelayCore:
         ):
             raise self._refuse(PERMISSION_DENIED, f"peer {peer} is not allowed to use this relay")
 
+    def _check_rate(self, peer: str, ip: str | None, now: float) -> None:
+        if not self._per_peer.take(peer, now):
+            raise self._refuse(RATE_LIMITED, f"peer {peer} sends requests too fast")
+        if ip is not None and not self._per_ip.take(ip, now):
+            raise self._refuse(RATE_LIMITED, f"{ip} sends requests too fast")
+
     def reserve(self, peer: str, ip: str, via_relay: bool, now: float) -> Reservation:
         """Create or renew ``peer``'s reservation (``ip``: its observed IP)."""
         self.expire(now)
@@ -100,6 +119,7 @@ class RelayCore:
                 "reservation requested over a relayed connection; relays do not chain",
             )
         self._check_allowed(peer)
+        self._check_rate(peer, ip, now)
         existing = self.reservations.get(peer)
         if existing is None:
             if len(self.reservations) >= self.config.max_reservations:
@@ -121,8 +141,11 @@ class RelayCore:
     def cancel_reservation(self, peer: str) -> None:
         self.reservations.pop(peer, None)
 
-    def open_circuit(self, src: str, dst: str, via_relay: bool, now: float) -> Circuit:
-        """``src`` asks for a circuit to ``dst``; returns it (pending the target's accept)."""
+    def open_circuit(
+        self, src: str, dst: str, via_relay: bool, now: float, ip: str | None = None
+    ) -> Circuit:
+        """``src`` (from ``ip``) asks for a circuit to ``dst``; returns it (pending the
+        target's accept)."""
         self.expire(now)
         if via_relay:
             raise self._refuse(
@@ -132,6 +155,7 @@ class RelayCore:
         if src == dst:
             raise self._refuse(MALFORMED, "a peer cannot open a circuit to itself")
         self._check_allowed(src)
+        self._check_rate(src, ip, now)
         if dst not in self.reservations:
             raise self._refuse(NO_RESERVATION, f"peer {dst} holds no reservation on this relay")
         if len(self.circuits) >= self.config.max_circuits:
@@ -146,6 +170,14 @@ class RelayCore:
                     f"peer {peer} already has {count} circuits (limit "
                     f"{self.config.max_circuits_per_peer})",
                 )
+        if ip is not None:
+            from_ip = sum(1 for c in self.circuits.values() if c.src_ip == ip)
+            if from_ip >= self.config.max_circuits_per_ip:
+                raise self._refuse(
+                    RESOURCE_LIMIT_EXCEEDED,
+                    f"{ip} already has {from_ip} circuits (limit "
+                    f"{self.config.max_circuits_per_ip})",
+                )
         circuit = Circuit(
             next(self._ids),
             src,
@@ -153,6 +185,7 @@ class RelayCore:
             now,
             now + self.config.circuit_max_duration,
             self.config.circuit_max_bytes,
+            src_ip=ip,
         )
         self.circuits[circuit.circuit_id] = circuit
         return circuit

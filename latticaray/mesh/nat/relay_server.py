@@ -119,7 +119,7 @@ class RelayServer:
             if kind == "reserve":
                 await self._serve_reservation(stream, peer, peername[0])
             elif kind == "connect":
-                await self._serve_connect(stream, peer, msg)
+                await self._serve_connect(stream, peer, msg, peername[0])
             elif kind == "accept":
                 await self._serve_accept(stream, peer, msg)
             else:
@@ -182,11 +182,11 @@ class RelayServer:
                 del self._control[peer]
                 self.core.cancel_reservation(peer)
 
-    async def _serve_connect(self, stream: FramedStream, peer: str, msg: dict) -> None:
+    async def _serve_connect(self, stream: FramedStream, peer: str, msg: dict, ip: str) -> None:
         loop = asyncio.get_running_loop()
         target = wire.get_str(msg, "peer", 128)
         try:
-            circuit = self.core.open_circuit(peer, target, False, loop.time())
+            circuit = self.core.open_circuit(peer, target, False, loop.time(), ip)
         except RelayRefused as exc:
             self._log(f"circuit {peer} -> {target} refused: {exc}")
             await stream.send_message(connect_refused(exc))

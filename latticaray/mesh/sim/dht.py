@@ -25,8 +25,10 @@ import random
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from ..dht.core import DhtConfig, DhtCore, Operation
+from ..dht.config import DhtConfig
+from ..dht.core import DhtCore
 from ..dht.keyspace import Contact
+from ..dht.lookups import Operation
 from ..dht.messages import PING
 from ..identity import KeyPair
 from . import Simulator, TimerHandle, VirtualNetwork

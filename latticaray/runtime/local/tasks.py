@@ -15,7 +15,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime import refcount, serialization
-from latticaray.runtime.errors import ObjectLostError, TaskCancelledError, TaskUnschedulableError
+from latticaray.runtime.errors import (
+    NotPermittedError,
+    ObjectLostError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+)
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.local.clients import WorkerHandle
 from latticaray.runtime.local.records import (
@@ -62,6 +67,10 @@ class TaskTable:
         node.activity.submitted(rec, client.kind != "remote")
         node.recovery.on_submit(rec, client)
         self.open_returns(rec, client, message["opts"].get("window"))
+        refusal = node.submit_refusal() if client.kind != "remote" else None
+        if refusal is not None:  # an observer's node: its clients submit nothing
+            self.fail(rec, NotPermittedError(refusal))
+            return
         parent = message.get("parent") or getattr(client, "current_task", None)
         if parent is not None:
             parent_rec = self.records.get(parent)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from latticaray.runtime import serialization
+from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id
 from latticaray.runtime.local.records import STREAMING, TaskRecord
@@ -253,7 +254,7 @@ class Executor:
         self.node = remote.node
 
     async def serve_session(self, ctx: Any, requests: Any) -> AsyncIterator[bytes]:
-        caller = self.remote.membership.require_member(ctx)
+        caller = self.remote.membership.require_member(ctx, Permission.SUBMIT)
         outbox: asyncio.Queue = asyncio.Queue()
         client = RemoteClient(self.remote, caller, outbox)
         reader = self.remote.spawn(self._requests(client, requests))
@@ -276,8 +277,10 @@ class Executor:
             reader.cancel()
 
     async def _requests(self, client: RemoteClient, requests: Any) -> None:
-        admission = self.remote.membership.admission
+        membership = self.remote.membership
+        admission = membership.admission
         async for raw in requests:
+            membership.heard(client.node_id)
             if not admission.allowed(client.node_id):
                 return
             try:
@@ -336,6 +339,11 @@ class Executor:
 
     async def _create_actor(self, client: RemoteClient, message: CreateActor) -> None:
         node = self.node
+        hosted = node.actors.hosted.get(message.aid)
+        if hosted is not None and not hosted.dead:
+            # sent again (its caller's session broke before `created` came back): one actor
+            client.send(ActorCreated(message.aid, None))
+            return
         create = message.body()
         if "blob" in create:
             node.code[message.cls] = create.pop("blob")

@@ -1,29 +1,52 @@
 """Membership of the mesh as this node sees it: admission, the peers' views, their liveness.
 
 A peer becomes a member here once both sides checked the other's membership credential
-(`/latticaray/admit/1`); every other runtime protocol refuses non-members before it reads a
-request. Members push their view (resources, load, the peers they know, named-actor records)
-every VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot
-placement reads, introduce peers not met yet, and a peer silent for PEER_DEAD_AFTER s (or
-disconnected) is gone: its work here is retried elsewhere, its actors restarted
-(`peer_gone`).
+(`/latticaray/admit/1`); every other runtime protocol refuses non-members, and members whose
+role does not allow it, before it reads a request (`require_member`). A node renews its own
+credential before it runs out at a member holding the mesh key (`/latticaray/renew/1`), and
+follows the mesh's revocations (the CRDT `revocations` collection): a revoked peer is cut off
+(settled as departed, disconnected) as soon as its revocation arrives.
+
+Members push their view (resources, load, the peers they know, named-actor records) every
+VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot placement
+reads (only for peers whose role lets them execute) and introduce peers not met yet.
+
+Liveness is judged by liveness.py's LivenessCore, which this module feeds (it is the core's
+shell): everything heard from a member (its views, the requests it makes here, the frames on our
+task sessions to it, the answers to our view pushes, and every QUIC packet of its connection, ACKs
+included, so a member busy with bulk data on a lossy link is heard from), the view pushes it did
+not answer in time (missed keepalives), and its connections coming and going. A member that
+loses its connection is redialed (any path the connection manager knows: direct, punched,
+relayed) while its task sessions wait to resume; only a member the core judges DOWN (silent over
+a window, keepalives missed) is gone (`peer_gone`): its work here is retried elsewhere, its
+actors restarted. A member that restarted (a new `inc` in its view) is gone at once and admitted
+afresh; one that leaves (`bye`) is gone at once and not redialed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.rpc import Status
-from latticaray.runtime.admission import Admission
+from latticaray.runtime.admission import Admission, Permission
 from latticaray.runtime.errors import CredentialError
+from latticaray.runtime.remote.liveness import (
+    LivenessConfig,
+    LivenessCore,
+    MemberState,
+    Redial,
+    StateChanged,
+)
 from latticaray.runtime.remote.wire import (
     ADMIT_PROTOCOL,
     MAX_ADMIT_REQUEST,
+    RENEW_PROTOCOL,
     VIEW_PROTOCOL,
     Admit,
     RuntimeView,
@@ -36,12 +59,17 @@ from latticaray.scheduler.policy import ClusterSnapshot, NodeView
 if TYPE_CHECKING:
     from latticaray.runtime.remote.caller import PeerSessions
     from latticaray.runtime.remote.runtime import RemoteRuntime
+    from latticaray.state.revocations import Revocations
 
 log = logging.getLogger(__name__)
 
 VIEW_INTERVAL = 0.3
-PEER_DEAD_AFTER = 4.0
+VIEW_TIMEOUT = 2.0  # a view push unanswered this long is a missed keepalive
+REDIAL_TIMEOUT = 10.0  # one redial of a member that lost its connection
+LEAVE_TIMEOUT = 0.5  # the `bye` views a stopping node sends
 MAX_INTRODUCED_ADDRS = 8
+RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
+RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
 
 
 class Peer:
@@ -50,9 +78,11 @@ class Peer:
     def __init__(self, node_id: str, peer_id: Any):
         self.node_id = node_id
         self.peer_id = peer_id
-        self.last_seen = time.monotonic()
         self.alive = True
         self.view: RuntimeView | None = None  # its last pushed view
+        self.incarnation: bytes | None = None  # its process's `inc` (a new one: it restarted)
+        #: a view came since it last lost its connection (it is the same process: work may go)
+        self.confirmed = True
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
 
 
@@ -68,6 +98,13 @@ class Membership:
         self.snapshot = ClusterSnapshot(local_node=self.node_id)
         self._last_member_publish = 0.0
         self._introducing: set[str] = set()
+        self.issuers: set[str] = set()  # members that said they hold the mesh key
+        self.revocations: Revocations | None = None  # the CRDT collection, once state runs
+        self.liveness: LivenessCore[str] = LivenessCore(LivenessConfig(tick_interval=VIEW_INTERVAL))
+        #: This process's incarnation, in every view it pushes: a peer that sees a new one
+        #: knows this node restarted (same peer id, nothing of its old work left).
+        self.incarnation = os.urandom(8)
+        self._redialing: set[str] = set()
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -85,22 +122,37 @@ class Membership:
 
     # ------------------------------------------------------------------ admission
     async def join(self, addr: str) -> None:
+        """Connect to a bootstrap member and be admitted; a refused credential raises
+        CredentialError (an unreachable peer raises MeshError)."""
         peer = await self.mesh.connect(addr, timeout=10.0)
-        await self.admit_with(peer)
+        await self.admit_with(peer, refresh=True, refused=True)
 
-    async def admit_with(self, peer_id: Any) -> None:
-        """Present our credential to a connected peer and check its own."""
+    async def admit_with(self, peer_id: Any, refresh: bool = False, refused: bool = False) -> None:
+        """Present our credential to a connected peer and check its own (``refresh``: again,
+        with a renewed credential). ``refused``: a refusal raises CredentialError."""
         node_id = str(peer_id)
-        if node_id in self.peers and self.peers[node_id].alive:
+        if not refresh and node_id in self.peers and self.peers[node_id].alive:
             return
         if not self.admission.is_member:
             return
         try:
-            reply = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
-            self.admission.admit(node_id, decode_admit(reply).cred)
+            raw = await self.mesh.call(peer_id, ADMIT_PROTOCOL, self._credential(), timeout=10.0)
+            reply = decode_admit(raw)
+            self.admission.admit(node_id, reply.cred)
+        except RpcError as exc:
+            log.info("peer %s did not admit this node: %s", node_id, exc)
+            if refused and exc.code == Status.PERMISSION_DENIED:
+                raise CredentialError(
+                    f"{node_id} refused this node's credential: {exc.message}"
+                ) from None
+            return
         except (MeshError, CredentialError, ValueError) as exc:
             log.info("peer %s was not admitted: %s", node_id, exc)
+            if refused and isinstance(exc, CredentialError):
+                raise CredentialError(f"{node_id} showed no valid credential: {exc}") from None
             return
+        if reply.iss:
+            self.issuers.add(node_id)
         self.add_peer(node_id, peer_id)
 
     async def serve_admit(self, ctx: Any, payload: bytes) -> bytes:
@@ -121,24 +173,174 @@ class Membership:
     def _credential(self) -> bytes:
         credential = self.admission.own_credential
         assert credential is not None  # checked: this node is a member
-        return Admit(credential).encode()
+        return Admit(credential, self.admission.mesh_key is not None).encode()
 
-    def require_member(self, ctx: Any) -> str:
-        """The calling peer's node id, if it is a member; else the call is refused unread."""
+    def require_member(self, ctx: Any, permission: Permission = Permission.NONE) -> str:
+        """The calling peer's node id, if it is a member whose role grants ``permission`` (any
+        of them; NONE: any role); else the call is refused unread."""
         node_id = str(ctx.peer_id)
-        if not self.admission.allowed(node_id):
-            self.remote.stats["refused_non_member"] += 1
-            raise RpcError(
-                Status.PERMISSION_DENIED,
-                f"peer {node_id} is not a member of this mesh; request refused unread",
-            )
+        if not self.admission.allowed(node_id, permission):
+            grant = self.admission.grant(node_id)
+            if grant is None:
+                self.remote.stats["refused_non_member"] += 1
+                why = f"peer {node_id} is not a member of this mesh"
+            else:
+                self.remote.stats["refused_role"] += 1
+                why = f"peer {node_id}'s role {grant.role!r} does not allow {ctx.service}"
+            raise RpcError(Status.PERMISSION_DENIED, f"{why}; request refused unread")
+        self.heard(node_id)
         return node_id
+
+    def submit_refusal(self) -> str | None:
+        """Why this node's own credential does not let it submit work, or None."""
+        admission = self.admission
+        if admission.may(Permission.SUBMIT):
+            return None
+        if admission.own_revoked:
+            return "this node's membership of the mesh was revoked"
+        return f"this node's credential (role {admission.role!r}) does not allow submitting work"
+
+    def may_host(self, node_id: str) -> bool:
+        """Whether work may be placed on an admitted peer (its role lets it execute)."""
+        return self.admission.allowed(node_id, Permission.EXECUTE)
+
+    # ------------------------------------------------------------------ renewal
+    async def serve_renew(self, ctx: Any, payload: bytes) -> bytes:
+        """A member's credential renewed by the mesh key this node holds."""
+        node_id = self.require_member(ctx)
+        if len(payload) > MAX_ADMIT_REQUEST:
+            raise RpcError(Status.INVALID_ARGUMENT, "renewal request too large")
+        if self.admission.mesh_key is None:
+            raise RpcError(Status.PERMISSION_DENIED, "this node does not hold the mesh key")
+        try:
+            fresh = self.admission.renew_for(node_id, decode_admit(payload).cred)
+        except (CredentialError, WireError, ValueError) as exc:
+            raise RpcError(Status.PERMISSION_DENIED, f"credential not renewed: {exc}") from exc
+        self.remote.stats["credentials_renewed"] += 1
+        return Admit(fresh).encode()
+
+    async def credential_loop(self) -> None:
+        """Renew this node's credential before it runs out (a bearer invite at once), then
+        show the renewed one to every member."""
+        retry = RENEW_RETRY
+        while not self.remote.stopped:
+            delay = RENEW_CHECK_INTERVAL
+            if self.admission.needs_renewal():
+                if self.admission.mesh_key is None and not self.alive_peers():
+                    delay = RENEW_RETRY  # joining: nobody to ask yet
+                else:
+                    try:
+                        await self.renew()
+                        retry = RENEW_RETRY
+                    except CredentialError as exc:
+                        log.warning("membership credential not renewed: %s", exc)
+                        delay, retry = retry, min(RENEW_CHECK_INTERVAL, retry * 2)
+            await asyncio.sleep(delay)
+
+    async def renew(self) -> None:
+        """Renew this node's credential: with the mesh key when held, else at a member that
+        holds it (those whose admit reply said so first); then re-present it to every member."""
+        admission = self.admission
+        if admission.mesh_key is not None:
+            admission.renew_own(self.node_id)
+        else:
+            current = admission.own_credential
+            assert current is not None  # needs_renewal: this node is a member
+            errors = []
+            for node_id in sorted(self.alive_peers(), key=lambda n: n not in self.issuers):
+                try:
+                    raw = await self.mesh.call(
+                        self.peers[node_id].peer_id,
+                        RENEW_PROTOCOL,
+                        Admit(current).encode(),
+                        timeout=10.0,
+                    )
+                    admission.replace_own(decode_admit(raw).cred, self.node_id)
+                    self.issuers.add(node_id)
+                    break
+                except (MeshError, CredentialError, ValueError) as exc:
+                    self.issuers.discard(node_id)
+                    errors.append(f"{node_id[:16]}: {exc}")
+            else:
+                raise CredentialError(
+                    "no member holding the mesh key renewed it ("
+                    + ("; ".join(errors[:4]) or "no member known")
+                    + ")"
+                )
+        self.remote.stats["own_credential_renewed"] += 1
+        if admission.own is not None:
+            log.info("membership credential renewed until %.0f", admission.own.expires)
+        for node_id in self.alive_peers():
+            self.spawn(self.admit_with(self.peers[node_id].peer_id, refresh=True))
+
+    # ------------------------------------------------------------------ revocation
+    def attach_revocations(self, revocations: Revocations) -> None:
+        """Follow the mesh's revocations (the CRDT collection): each one is applied here as it
+        is merged or written, those already held at once."""
+        self.revocations = revocations
+        revocations.on_revoked(self._on_revoked)
+        for subject, text in revocations.all().items():
+            self._on_revoked(subject, text)
+
+    def check_revocation(self, subject: str, text: str) -> str | None:
+        """None if ``text`` is a revocation of ``subject`` signed by the mesh key; else why not
+        (the CRDT collection's write rule)."""
+        try:
+            revocation = self.admission.verify_revocation(text)
+        except CredentialError as exc:
+            return str(exc)
+        return None if subject in revocation.subjects else "it revokes another subject"
+
+    def publish_revocation(self, text: str) -> list[str]:
+        """Spread a revocation signed by the mesh key through the CRDT; applied here at once.
+        Returns its subjects."""
+        if self.revocations is None:
+            raise CredentialError("this node keeps no cluster state, so it cannot revoke")
+        revocation = self.admission.verify_revocation(text)
+        for subject in revocation.subjects:
+            if self.revocations.get(subject) is None:
+                self.revocations.add(subject, revocation.text)
+        return revocation.subjects
+
+    def _on_revoked(self, subject: str, text: str) -> None:
+        try:
+            revocation = self.admission.verify_revocation(text)
+        except CredentialError as exc:  # the collection's rule checked it: not expected
+            log.warning("revocation of %s ignored: %s", subject, exc)
+            return
+        cut = set(self.admission.revoke(revocation, self.node_id))
+        if revocation.peer is not None and revocation.peer in self.peers:
+            cut.add(revocation.peer)
+        for node_id in cut:
+            self.cut_off(node_id, "its membership was revoked")
+        if self.admission.own_revoked:
+            log.error("this node's membership was revoked (%s)", subject)
+
+    def cut_off(self, node_id: str, why: str) -> None:
+        """A peer that is no member any more: settled like a departed one, and disconnected."""
+        self.admission.forget(node_id)
+        self.remote.stats["peers_cut_off"] += 1
+        self.liveness.unwatch(node_id)  # never redialed
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self.peer_gone(node_id, why)
+            self.spawn(self._disconnect(peer.peer_id))
+
+    async def _disconnect(self, peer_id: Any) -> None:
+        try:
+            await self.mesh.disconnect(peer_id)
+        except MeshError as exc:
+            log.debug("disconnecting %s: %s", peer_id, exc)
 
     def add_peer(self, node_id: str, peer_id: Any) -> Peer:
         peer = self.peers.get(node_id)
         if peer is None or not peer.alive:
             peer = Peer(node_id, peer_id)
             self.peers[node_id] = peer
+            self.liveness.unwatch(node_id)  # a member admitted again is judged afresh
+            self.liveness.watch(
+                node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
+            )
             self.spawn(self._push_view(peer))
         return peer
 
@@ -155,7 +357,7 @@ class Membership:
             ad_time=time.monotonic(),
         )
 
-    def _view_payload(self) -> bytes:
+    def _view_payload(self, bye: bool = False) -> bytes:
         view = self.node_view()
         peers = {}
         for peer in self.peers.values():
@@ -168,6 +370,8 @@ class Membership:
             view.running,
             peers,
             self.remote.names.shared_records(),
+            self.incarnation,
+            bye,
         ).encode()
 
     def _publish_member(self, now: float) -> None:
@@ -187,46 +391,198 @@ class Membership:
             log.debug("member entry not published: %s", exc)
 
     async def view_loop(self) -> None:
+        """Every VIEW_INTERVAL: our view to each connected member (the keepalives), the
+        transport's evidence and a liveness tick (liveness.py), whose actions are applied."""
         while not self.remote.stopped:
             await asyncio.sleep(VIEW_INTERVAL)
             now = time.monotonic()
             self._publish_member(now)
             payload = self._view_payload()
             for peer in list(self.peers.values()):
-                if not peer.alive:
-                    continue
-                if now - peer.last_seen > PEER_DEAD_AFTER:
-                    self.peer_gone(peer.node_id, "stopped answering")
-                    continue
-                self.spawn(self._push_view(peer, payload))
+                if peer.alive and self.mesh.connection_to(peer.peer_id) is not None:
+                    self.spawn(self._push_view(peer, payload))
+            try:
+                self._transport_heard()
+                for action in self.liveness.tick(time.monotonic()):
+                    if isinstance(action, Redial):
+                        self._redial(action.peer)
+                    else:
+                        self._apply(action)
+            except Exception:  # a bug here must not end every member's liveness
+                log.exception("liveness tick failed")
 
     async def _push_view(self, peer: Peer, payload: bytes | None = None) -> None:
         try:
             await self.mesh.call(
-                peer.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=2.0
+                peer.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=VIEW_TIMEOUT
             )
-        except MeshError:
-            pass
+        except (RpcError, MeshError) as exc:
+            if isinstance(exc, RpcError) and exc.code not in (
+                Status.DEADLINE_EXCEEDED,
+                Status.UNAVAILABLE,
+                Status.CANCELLED,
+            ):
+                self.heard(peer.node_id)  # it answered, if not as we hoped (still an answer)
+            elif peer.alive:
+                self.liveness.probe_failed(peer.node_id, time.monotonic())
+            return
+        self.heard(peer.node_id)
+
+    # ------------------------------------------------------------------ liveness (the shell)
+    def heard(self, node_id: str, at: float | None = None) -> None:
+        """Something arrived from ``node_id`` (at ``at``, default now): evidence of life."""
+        self._apply(self.liveness.heard(node_id, time.monotonic() if at is None else at))
+
+    def connected(self, peer_id: Any) -> None:
+        """The mesh has a connection to ``peer_id`` again (its first one)."""
+        self._apply(self.liveness.connected(str(peer_id), time.monotonic()))
+
+    def disconnected(self, peer_id: Any) -> None:
+        """The mesh lost its last connection to ``peer_id``: it is redialed (the liveness
+        core's Redial actions), and gone only if the core judges it DOWN. Its work resumes
+        once a view shows the same process answers again (not a restarted one)."""
+        node_id = str(peer_id)
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.confirmed = False
+        self._apply(self.liveness.disconnected(node_id, time.monotonic()))
+
+    def _transport_heard(self) -> None:
+        """Every QUIC packet of a member's connection counts as heard from it (ACKs and PINGs
+        included): a member whose streams are stalled behind bulk data or loss still answers at
+        the transport level."""
+        quic = self.mesh.quic
+        if quic is None:
+            return
+        members = {peer.peer_id: peer.node_id for peer in self.peers.values()}
+        for conn in quic.connections:
+            node_id = members.get(conn.remote_peer)
+            if node_id is not None and not conn.is_closed:
+                self.heard(node_id, conn.last_received)
+
+    def _redial(self, node_id: str) -> None:
+        peer = self.peers.get(node_id)
+        if peer is None:
+            self.liveness.unwatch(node_id)
+            return
+        if node_id not in self._redialing:
+            self._redialing.add(node_id)
+            self.spawn(self._redial_one(peer))
+
+    async def _redial_one(self, peer: Peer) -> None:
+        node_id = peer.node_id
+        try:
+            await self.mesh.connections.get(peer.peer_id, REDIAL_TIMEOUT)
+        except (MeshError, OSError) as exc:
+            log.debug("redial of %s failed: %s", node_id, exc)
+            self.liveness.redial_failed(node_id, time.monotonic())
+            return
+        finally:
+            self._redialing.discard(node_id)
+        self.remote.stats["peers_redialed"] += 1
+        self.connected(peer.peer_id)
+
+    def _apply(self, change: StateChanged[str] | None) -> None:
+        """Act on a member's liveness change."""
+        if change is None:
+            return
+        node_id = change.peer
+        peer = self.peers.get(node_id)
+        stats = self.remote.stats
+        if change.state is MemberState.DOWN:
+            self.peer_gone(node_id, f"stopped answering: {change.why}")
+        elif change.state is MemberState.SUSPECT:
+            stats["peers_suspected"] += 1
+            log.info(
+                "peer %s is suspect (%s; phi %.1f); its work waits, it stays schedulable",
+                node_id,
+                change.why,
+                change.phi,
+            )
+        elif change.previous is MemberState.DOWN:
+            stats["peers_rejoined"] += 1
+            log.info("peer %s answers again after it was declared gone", node_id)
+            if peer is not None and not peer.alive and not self.remote.sparse:
+                self.spawn(self.admit_with(peer.peer_id))
+        else:
+            log.info("peer %s is alive again (%s)", node_id, change.why)
+            if peer is not None and peer.alive and peer.confirmed:
+                self.remote.caller.peer_back(peer)
+
+    def liveness_report(self) -> dict[str, Any]:
+        """Per member: state, phi, seconds since heard, missed keepalives; and this node's own
+        pauses forgiven (for benchmarks and state reports)."""
+        now = time.monotonic()
+        core = self.liveness
+        members = {}
+        for node_id in core.watched():
+            state = core.state(node_id)
+            members[node_id] = {
+                "state": state.value if state is not None else None,
+                "phi": round(core.phi(node_id, now), 2),
+                "silent_s": round(core.silent_for(node_id, now) or 0.0, 2),
+                "missed": core.missed(node_id),
+            }
+        stats = self.remote.stats
+        return {
+            "members": members,
+            "paused_s": round(core.paused_total, 2),
+            "suspected": stats["peers_suspected"],
+            "lost": stats["peers_lost"],
+            "redialed": stats["peers_redialed"],
+            "rejoined": stats["peers_rejoined"],
+        }
+
+    async def leave(self) -> None:
+        """Tell every connected member this node is leaving (a `bye` view), so they settle
+        its work at once instead of waiting for the liveness window."""
+        payload = self._view_payload(bye=True)
+        calls = [
+            self.mesh.call(peer.peer_id, VIEW_PROTOCOL, payload, timeout=LEAVE_TIMEOUT)
+            for peer in self.peers.values()
+            if peer.alive and self.mesh.connection_to(peer.peer_id) is not None
+        ]
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def serve_view(self, ctx: Any, payload: bytes) -> bytes:
         node_id = self.require_member(ctx)
         view = decode_view(payload)
         peer = self.peers.get(node_id)
+        if view.bye:
+            if peer is not None and peer.alive:
+                self.peer_gone(node_id, "left the mesh")
+            self.liveness.unwatch(node_id)  # not redialed
+            return b""
+        if (
+            peer is not None
+            and peer.alive
+            and view.inc is not None
+            and peer.incarnation is not None
+            and view.inc != peer.incarnation
+        ):
+            self.peer_gone(node_id, "restarted (a new process under the same peer id)")
         if peer is None or not peer.alive:
             peer = self.add_peer(node_id, ctx.peer_id)
-        peer.last_seen = time.monotonic()
+        self.heard(node_id)
+        if view.inc is not None:
+            peer.incarnation = view.inc
+        if not peer.confirmed:  # the same process answers again: its suspended work resumes
+            peer.confirmed = True
+            self.remote.caller.peer_back(peer)
         first_view = peer.view is None
         peer.view = view
-        self.snapshot.update_node(
-            NodeView(
-                node_id,
-                dict(view.total),
-                dict(view.avail),
-                queued=view.queued,
-                running=view.running,
-                ad_time=time.monotonic(),
+        if self.may_host(node_id):  # a driver or an observer is sent no work
+            self.snapshot.update_node(
+                NodeView(
+                    node_id,
+                    dict(view.total),
+                    dict(view.avail),
+                    queued=view.queued,
+                    running=view.running,
+                    ad_time=time.monotonic(),
+                )
             )
-        )
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
@@ -269,6 +625,7 @@ class Membership:
         if peer is None or not peer.alive:
             return
         peer.alive = False
+        self.liveness.declare_down(node_id, time.monotonic(), why)
         remote = self.remote
         remote.node.refs.node_gone(node_id)
         remote.node.actors.kill_orphans(node_id)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import PeerId
+from latticaray.runtime.admission import ACTIVE
 from latticaray.runtime.errors import ActorNameTakenError, GetTimeoutError
 from latticaray.runtime.remote.arbiter import NameArbiterCore
 from latticaray.runtime.remote.capacity import DEFERRED
@@ -117,7 +118,7 @@ class NameService:
         return decode_names_reply(reply)
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
-        caller = self.remote.membership.require_member(ctx)
+        caller = self.remote.membership.require_member(ctx, ACTIVE)
         return self.arbiter.handle(decode_names_request(payload), caller).encode()
 
     # ------------------------------------------------------------------ claims

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
+
 from latticaray.mesh.errors import MeshError
+from latticaray.objectstore.cid import Cid
+from latticaray.objectstore.errors import BlockVerificationError, ObjectStoreError
+from latticaray.objectstore.manifest import Manifest
+from latticaray.objectstore.serialization import deserialize as deserialize_payload
 from latticaray.runtime import serialization
+from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
+from latticaray.runtime.remote.samehost import SameHostCopies
 from latticaray.runtime.remote.wire import (
     CHUNK,
     OBJECT_PROTOCOL,
@@ -25,13 +33,17 @@ from latticaray.runtime.remote.wire import (
     ObjectById,
     ObjectHeader,
     ObjectMissing,
+    ObjectPlace,
     ObjectRequest,
+    ObjectWhere,
     decode_object_header,
     decode_object_request,
 )
 from latticaray.runtime.serialization import error_blob
 
 if TYPE_CHECKING:
+    from latticaray.objectstore.store import LocalStore
+    from latticaray.objectstore.writer import ObjectWriter
     from latticaray.runtime.remote.membership import Peer
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
@@ -40,7 +52,134 @@ log = logging.getLogger(__name__)
 #: A fetched object this large is joined from its chunks on an executor thread.
 JOIN_OFF_LOOP = 8 << 20
 BY_REF_ARG = 256 << 10
-ARG_FETCH_TIMEOUT = 30.0
+#: A fetch fails once nothing of its object arrived for this long (no provider answered, or the
+#: transfer stalled); one that keeps progressing goes on, however slow the link, up to
+#: FETCH_DEADLINE.
+FETCH_STALL = 30.0
+FETCH_DEADLINE = 6 * 3600.0
+
+
+class BadObjectReply(ValueError):
+    """A peer's object reply does not match the CID it names (or the one asked for): the
+    peer is penalized and the object fetched elsewhere (``cid``: the CID to fetch it by)."""
+
+    def __init__(self, message: str, cid: str | None):
+        super().__init__(message)
+        self.cid = cid
+
+
+def _lost(oid: bytes, message: str, why: str) -> ObjectLostError:
+    return ObjectLostError(message, object_id=oid.hex(), reason=why)
+
+
+def _join_and_name(chunks: list) -> tuple[bytes, str]:
+    """A fetched value's bytes and the CID they hash to (off the loop for a large one)."""
+    data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+    return data, serialization.cid_of(data)
+
+
+class _StoreFormSink:
+    """A store object arriving in its store form (``man`` in the reply header): the manifest
+    is verified against the CID, then the payload's blocks, cut out of the reply's chunks, are
+    each verified against the manifest as they arrive (on an executor thread when the object
+    is large). Into this node's store (``store``): `finish` seals it there and gives its store
+    reference. Else into memory: `finish` gives the value's pickle (a borrower's copy, held
+    inline like any fetched value)."""
+
+    def __init__(self, manifest: Manifest, cid: str, writer: ObjectWriter | None):
+        self.manifest = manifest
+        self.cid = cid
+        self.writer = writer
+        self.buffer = bytearray(manifest.size) if writer is None else None
+        self.off_loop = manifest.size >= JOIN_OFF_LOOP
+        self.index = 0
+        self.pending = bytearray()
+
+    @classmethod
+    def open(cls, store: LocalStore | None, header: ObjectHeader) -> _StoreFormSink:
+        cid = header.cid
+        if cid is None or header.s != OK or header.man is None:
+            raise BadObjectReply("a store-form reply must be an OK object with its CID", cid)
+        try:
+            manifest = Manifest.decode(Cid.parse(cid), header.man)
+        except (ObjectStoreError, ValueError) as exc:
+            raise BadObjectReply(f"its manifest does not match {cid}: {exc}", cid) from None
+        if manifest.size != header.size:
+            raise BadObjectReply(
+                f"the header says {header.size} bytes, the manifest {manifest.size}", cid
+            )
+        if store is None:
+            return cls(manifest, cid, None)
+        try:
+            writer = store.open_writer(manifest)
+        except ObjectStoreError as exc:  # no room here: not the sender's doing
+            raise LookupError(f"no room in this node's store for {cid}: {exc}") from None
+        return cls(manifest, cid, writer)
+
+    async def feed(self, raw: bytes | memoryview) -> None:
+        """Take the next chunk of the payload; the blocks it completes are checked and kept."""
+        sizes = self.manifest.sizes
+        view = memoryview(raw)
+        done: list[tuple[int, bytes | memoryview]] = []
+        while len(view):
+            need = sizes[self.index + len(done)] - len(self.pending)
+            if not self.pending and len(view) >= need:
+                done.append((self.index + len(done), view[:need]))
+                view = view[need:]
+                continue
+            take = min(need, len(view))
+            self.pending += view[:take]
+            view = view[take:]
+            if len(self.pending) == sizes[self.index + len(done)]:
+                done.append((self.index + len(done), bytes(self.pending)))
+                self.pending = bytearray()
+        if not done:
+            return
+        if self.off_loop:
+            await asyncio.get_running_loop().run_in_executor(None, self._keep, done)
+        else:
+            self._keep(done)
+        self.index += len(done)
+
+    def _keep(self, blocks: list[tuple[int, bytes | memoryview]]) -> None:
+        manifest = self.manifest
+        for index, data in blocks:
+            if self.writer is not None:
+                try:
+                    self.writer.write_block(index, data)
+                    continue
+                except BlockVerificationError:
+                    pass
+            elif len(data) == manifest.sizes[index] and manifest.blocks[index].verify(data):
+                assert self.buffer is not None
+                start, end = manifest.block_range(index)
+                self.buffer[start:end] = data
+                continue
+            raise BadObjectReply(
+                f"block {index} of {self.cid} does not match its manifest", self.cid
+            )
+
+    async def finish(self) -> bytes:
+        """The store reference of the object sealed here, or (in memory) its value's pickle."""
+        if self.index != len(self.manifest.blocks):
+            raise ValueError(f"{self.cid}: {len(self.manifest.blocks) - self.index} blocks missing")
+        if self.writer is not None:
+            cid = self.writer.seal()
+            self.writer = None
+            return serialization.STORE_MAGIC + str(cid).encode("ascii")
+        if self.off_loop:
+            return await asyncio.get_running_loop().run_in_executor(None, self._pickled)
+        return self._pickled()
+
+    def _pickled(self) -> bytes:
+        buffer, self.buffer = self.buffer, None
+        return cloudpickle.dumps(deserialize_payload(self.manifest.meta, buffer), protocol=5)
+
+    def abort(self) -> None:
+        self.buffer = None
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def release_off_loop(doomed: list) -> None:
@@ -59,6 +198,7 @@ class RemoteObjects:
         self.node = remote.node
         self.stats = remote.stats
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
+        self.same_host = SameHostCopies(remote.mesh, remote.node)
 
     def holder_gone(self, node_id: str) -> None:
         for waiter in self.gone_waiters.pop(node_id, ()):
@@ -157,9 +297,12 @@ class RemoteObjects:
             holder = item[4] if isinstance(item, list) and len(item) > 4 else None
             try:
                 if holder is None:
-                    await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
+                    if not await self.same_host.copy(cid, hint):
+                        await exchange.fetch(
+                            cid, timeout=FETCH_DEADLINE, peers=hint, stall_timeout=FETCH_STALL
+                        )
                     continue
-                if await self.fetch_while_alive(cid, holder, ARG_FETCH_TIMEOUT, hint):
+                if await self.fetch_while_alive(cid, holder, FETCH_STALL, hint):
                     continue
                 self.stats["args_from_owner_holder_dead"] += 1
             except Exception as exc:
@@ -173,20 +316,30 @@ class RemoteObjects:
         self,
         cid: str,
         holder: str,
-        timeout: float,
+        stall: float,
         peers: list = (),  # type: ignore[assignment]
     ) -> bool:
-        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
-        False when it is (or becomes) dead first; raises what the exchange raises."""
+        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive and
+        the transfer progresses (nothing arriving for `stall` s ends it). False when the holder
+        is (or becomes) dead first; raises what the exchange raises."""
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
+        if await self.same_host.copy(cid, [peer.peer_id]):
+            return True
         exchange = self.remote.exchange
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
-        fetch = loop.create_task(exchange.fetch(cid, timeout=timeout, peers=[peer.peer_id, *peers]))
+        fetch = loop.create_task(
+            exchange.fetch(
+                cid,
+                timeout=FETCH_DEADLINE,
+                peers=[peer.peer_id, *peers],
+                stall_timeout=stall,
+            )
+        )
         try:
             await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -205,105 +358,182 @@ class RemoteObjects:
         return True
 
     # ------------------------------------------------------------------ fetching (client)
+    def trusted(self, peer: Peer) -> bool:
+        """Whether a peer is still asked for objects: not once it sent enough bad data (the
+        exchange's count, which bad replies here add to)."""
+        exchange = self.remote.exchange
+        return exchange is None or exchange.trusted(peer.peer_id)
+
+    def penalize(self, peer: Peer, why: BaseException) -> None:
+        """A peer sent data that does not match its CID: counted against it (the exchange
+        asks it for nothing more after a few), and this fetch goes elsewhere."""
+        log.warning("peer %s sent a bad object: %s", peer.node_id, why)
+        self.stats["bad_object_replies"] += 1
+        exchange = self.remote.exchange
+        if exchange is not None:
+            exchange.ledgers.record_bad_block(peer.peer_id)
+
     async def fetch_object(self, oid: bytes, owner: str) -> ObjectEntry:
-        """An object owned by ``owner``, fetched from it by id: an OK entry, or an ERROR one
-        with the ObjectLostError that says why not."""
+        """An object owned by ``owner``, fetched from it by id and verified against the CID
+        its reply names (a reply that does not match: the owner is penalized and the object
+        fetched by that CID from another holder): an OK entry, or an ERROR one with the
+        ObjectLostError that says why not."""
         entry = ObjectEntry()
         peer = self.remote.membership.alive_peer(owner)
         if peer is None:
             why = f"its owner node {owner} is dead or not reachable (only the owner recovers it)"
-            entry.seal(
-                ERROR,
-                error_blob(
-                    ObjectLostError(
-                        f"object {oid.hex()} is lost: {why}", object_id=oid.hex(), reason=why
-                    )
-                ),
-            )
+            entry.seal(ERROR, error_blob(_lost(oid, f"object {oid.hex()} is lost: {why}", why)))
             return entry
+        blocks = self.node.store is not None
         try:
-            status, data, _cid = await self.fetch(peer, ObjectById(oid))
+            status, data, _cid = await self.fetch(peer, ObjectById(oid, blocks))
+        except BadObjectReply as exc:
+            self.penalize(peer, exc)
+            found = None
+            if exc.cid is not None:
+                found = await self.fetch_by_cid(exc.cid, FETCH_DEADLINE, exclude={owner})
+            if found is not None and found[0] == OK and serialization.is_store_ref(found[1]):
+                try:  # held inline, as a value fetched by id always is
+                    found = (OK, await self.inline(found[1]))
+                except LookupError:  # evicted before it was read: lost, as below
+                    found = None
+            if found is not None:
+                entry.seal(*found)
+                return entry
+            why = f"its owner node {owner} served data that does not match its CID ({exc})"
+            entry.seal(ERROR, error_blob(_lost(oid, f"object {oid.hex()} is lost: {why}", why)))
+            return entry
         except (MeshError, ValueError, LookupError) as exc:
             why = f"its owner node {owner} could not serve it: {exc}"
-            entry.seal(
-                ERROR,
-                error_blob(
-                    ObjectLostError(
-                        f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}",
-                        object_id=oid.hex(),
-                        reason=why,
-                    )
-                ),
-            )
+            message = f"object {oid.hex()} could not be fetched from its owner {owner}: {exc}"
+            entry.seal(ERROR, error_blob(_lost(oid, message, why)))
             return entry
         entry.seal(status, data)
         return entry
 
-    async def fetch_by_cid(self, cid: str, timeout: float | None) -> tuple[int, bytes] | None:
+    async def inline(self, data: bytes) -> bytes:
+        """A store object's pickle, made on an executor thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, serialization.materialize, data)
+
+    async def fetch_by_cid(
+        self, cid: str, timeout: float | None, exclude: Collection[str] = ()
+    ) -> tuple[int, bytes] | None:
         """(status, data) of the object ``cid`` from the mesh, or None: store CIDs through the
-        exchange, others from each member in turn (checked against the CID)."""
+        exchange (Bitswap), then from each member in turn over ``/latticaray/object/1``
+        (``exclude``: members not to ask). Every reply is verified against the CID: a store
+        object block by block under its manifest, any other value by its hash; a member whose
+        reply does not match is penalized and the next one asked."""
         remote = self.remote
         membership = remote.membership
         exchange = remote.exchange
         if exchange is not None and cid.startswith("bafy"):
+            alive = [s.peer_id for s in membership.peers.values() if s.alive]
+            if await self.same_host.copy(cid, alive):
+                return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             try:
                 await exchange.fetch(
                     cid,
-                    timeout=timeout or 30.0,
-                    peers=[s.peer_id for s in membership.peers.values() if s.alive],
+                    timeout=timeout or FETCH_DEADLINE,
+                    peers=[
+                        s.peer_id
+                        for s in membership.peers.values()
+                        if s.alive and s.node_id not in exclude
+                    ],
+                    stall_timeout=FETCH_STALL,
                 )
                 return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             except Exception as exc:
                 log.debug("exchange could not fetch %s: %s", cid, exc)
+        blocks = self.node.store is not None
         for node_id in membership.alive_peers():
+            peer = membership.peers[node_id]
+            if node_id in exclude or not self.trusted(peer):
+                continue
             try:
                 status, data, _ = await asyncio.wait_for(
-                    self.fetch(membership.peers[node_id], ObjectByCid(cid)), timeout or 30.0
+                    self.fetch(peer, ObjectByCid(cid, blocks), cid, into_store=blocks),
+                    timeout or 30.0,
                 )
-            except (TimeoutError, MeshError, ValueError, LookupError):
+            except BadObjectReply as exc:
+                self.penalize(peer, exc)
                 continue
-            if serialization.cid_of(data) != cid and not cid.startswith("bafy"):
-                log.warning("peer %s served data that does not hash to %s", node_id, cid)
+            except (TimeoutError, MeshError, ValueError, LookupError):
                 continue
             return (status, data)
         return None
 
-    async def fetch(self, peer: Peer, request: ObjectRequest) -> tuple[int, bytes, str | None]:
+    async def fetch(
+        self,
+        peer: Peer,
+        request: ObjectRequest,
+        expect_cid: str | None = None,
+        into_store: bool = False,
+    ) -> tuple[int, bytes, str | None]:
         """An object's status, bytes and CID from a peer over ``/latticaray/object/1``: a header
-        giving the size, then chunks that must add up to exactly that size (a reply that runs
-        past it is cut off at the first chunk over)."""
+        giving the size and the CID, then chunks that must add up to exactly that size (a reply
+        that runs past it is cut off at the first chunk over). A value is checked against the
+        CID (`BadObjectReply` if it does not hash to it, or the CID is not ``expect_cid``); a
+        store object in its store form is checked block by block against its manifest as it
+        arrives and comes back, ``into_store``, sealed in this node's store as a store
+        reference, else as its value's pickle (a borrower's copy by id, held inline)."""
         header: ObjectHeader | None = None
         size = received = 0
         chunks = []
-        async for raw in self.remote.mesh.call_stream(
-            peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
-        ):
-            if header is None:
-                reply = decode_object_header(raw)
-                if isinstance(reply, ObjectMissing):
-                    raise LookupError(reply.why)
-                header, size = reply, reply.size
-            else:
+        sink: _StoreFormSink | None = None
+        try:
+            async for raw in self.remote.mesh.call_stream(
+                peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
+            ):
+                if header is None:
+                    reply = decode_object_header(raw)
+                    if isinstance(reply, ObjectMissing):
+                        raise LookupError(reply.why)
+                    if isinstance(reply, ObjectPlace):  # asked for bytes, answered with a place
+                        raise ValueError("object reply names a store instead of sending the object")
+                    header, size = reply, reply.size
+                    if expect_cid is not None and header.cid != expect_cid:
+                        raise BadObjectReply(
+                            f"asked for {expect_cid}, the reply names {header.cid}", None
+                        )
+                    if header.man is not None:
+                        sink = _StoreFormSink.open(self.node.store if into_store else None, header)
+                    continue
                 received += len(raw)
                 if received > size:
                     raise ValueError(f"object reply runs past the {size} bytes its header said")
-                chunks.append(raw)
-        if header is None:
-            raise LookupError("empty object reply")
-        if received != size:
-            raise ValueError(f"object reply has {received} bytes, header said {size}")
-        if len(chunks) == 1:
-            data = bytes(chunks[0])
-        elif size >= JOIN_OFF_LOOP:  # joining releases the GIL: the loop goes on serving
-            data = await asyncio.get_running_loop().run_in_executor(None, b"".join, chunks)
+                if sink is not None:
+                    await sink.feed(raw)
+                else:
+                    chunks.append(raw)
+            if header is None:
+                raise LookupError("empty object reply")
+            if received != size:
+                raise ValueError(f"object reply has {received} bytes, header said {size}")
+            if sink is not None:
+                return header.s, await sink.finish(), header.cid
+        finally:
+            if sink is not None:
+                sink.abort()
+        if size >= JOIN_OFF_LOOP:  # joining and hashing release the GIL: the loop goes on
+            data, cid = await asyncio.get_running_loop().run_in_executor(
+                None, _join_and_name, chunks
+            )
         else:
-            data = b"".join(chunks)
+            data, cid = _join_and_name(chunks)
+        if header.cid is None or cid != header.cid:
+            raise BadObjectReply(
+                f"the {size} bytes sent hash to {cid}, the reply names {header.cid}", header.cid
+            )
         return header.s, data, header.cid
 
     # ------------------------------------------------------------------ serving
     async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, Permission.READ)
         request = decode_object_request(payload)
+        if isinstance(request, ObjectWhere):  # a peer on this host copies it from our store
+            yield self.same_host.place(ctx.transport, request.cid).encode()
+            return
         node = self.node
         objects = node.objects
         entry: ObjectEntry | None
@@ -336,6 +566,10 @@ class RemoteObjects:
         if entry.cid is None:
             await objects.resolve_off_loop(entry.data)  # a local put: hashed off the event loop
         cid = entry.cid if entry.cid is not None else objects.cid_for(oid or b"", entry)
+        if request.blocks and entry.status == OK and serialization.is_store_ref(entry.data):
+            async for frame in self._serve_store_form(cid):
+                yield frame
+            return
         # a store object goes out as slices of its mapping (the store keeps a mapped file's
         # bytes while a view of it lives); only pickle's own bytes are made, off the loop
         data = entry.data or b""
@@ -358,3 +592,25 @@ class RemoteObjects:
                 release_off_loop([pieces.pop(0)])  # a sent piece is given up off the loop
         finally:
             release_off_loop(pieces)
+
+    async def _serve_store_form(self, cid: str) -> AsyncIterator[Any]:
+        """A store object in its store form: the header carries its manifest block, the chunks
+        are slices of its payload (the store's mapping), which the receiver verifies block by
+        block."""
+        store = self.node.store
+        try:
+            assert store is not None  # a store reference names an object in it
+            stored = store.get_object(cid)
+        except (ObjectStoreError, AssertionError, ValueError) as exc:
+            yield ObjectMissing(f"this node's store no longer holds {cid}: {exc}").encode()
+            return
+        manifest = stored.manifest
+        yield ObjectHeader(OK, manifest.size, cid, manifest.encoded).encode()
+        view = stored.payload
+        try:
+            for start in range(0, manifest.size, CHUNK):
+                yield view[start : start + CHUNK]
+                await asyncio.sleep(0)  # a window's worth of chunks is no single step
+        finally:
+            del view
+            release_off_loop([stored])  # the mapping is given up off the loop

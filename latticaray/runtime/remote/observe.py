@@ -26,6 +26,7 @@ from latticaray.mesh.rpc import Status
 from latticaray.observe import metrics
 from latticaray.observe.logs import LogBatch, LogDecodeError
 from latticaray.observe.model import MAX_ROWS, NodeReport, decode_report, encode_report
+from latticaray.runtime.admission import ACTIVE, Permission
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
@@ -78,7 +79,7 @@ class RemoteObserve:
 
     # ------------------------------------------------------------------ state
     async def serve_state(self, ctx: Any, payload: bytes) -> bytes:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, Permission.READ)
         try:
             request = StateRequest.decode(payload)
         except ValueError as exc:
@@ -106,7 +107,7 @@ class RemoteObserve:
 
     # ------------------------------------------------------------------ logs
     async def serve_logs(self, ctx: Any, payload: bytes) -> bytes:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, ACTIVE)
         try:
             batch = LogBatch.decode(payload)
         except LogDecodeError as exc:
@@ -117,8 +118,11 @@ class RemoteObserve:
         return b""
 
     def send_logs(self, batch: LogBatch) -> bool:
-        """Queue a batch for its owner; False if the owner is not a member (nobody to send to)."""
-        peer = self.remote.membership.alive_peer(batch.owner)
+        """Queue a batch for its owner; False if the owner is not a member (nobody to send to).
+
+        A member whose liveness is in doubt still gets its batches (a call that fails shows
+        them on this node instead): a slow driver must not lose its workers' output."""
+        peer = self.remote.membership.peers.get(batch.owner)
         if peer is None:
             return False
         outbox = self._outboxes.get(batch.owner)
@@ -141,7 +145,7 @@ class RemoteObserve:
                         peer_id, LOGS_PROTOCOL, batch.encode(), timeout=LOG_CALL_TIMEOUT
                     )
                 except (MeshError, OSError, TimeoutError):
-                    self._dropped.add(len(batch.lines))
+                    self.node.logs.deliver(batch)  # the owner is unreachable: seen here at least
                 outbox.popleft()
         finally:
             self._outboxes.pop(owner, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from latticaray.runtime.admission import ACTIVE
 from latticaray.runtime.remote.wire import REF_PROTOCOL, RefOps, RefsHeld, decode_ref
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class RemoteRefs:
         await self.remote.mesh.call(peer.peer_id, REF_PROTOCOL, RefOps(ops).encode(), timeout=10.0)
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
-        caller = self.remote.membership.require_member(ctx)
+        caller = self.remote.membership.require_member(ctx, ACTIVE)
         self.remote.node.refs.on_ops(caller, decode_ref(payload).ops)
         return b""
 

@@ -2,7 +2,8 @@
 
 It is composed of parts, one role each (this package):
 
-  membership  Membership     admission, peers' views and liveness (admit/1, runtime-view/1)
+  membership  Membership     admission, renewal, revocation, peers' views and liveness
+                             (admit/1, renew/1, runtime-view/1)
   placer      Placer         where a task or actor runs (scheduler policy over the views)
   capacity    DhtPlacement   nodes found through DHT capacity ads; work waiting for capacity
   caller      Caller         task sessions to peers: work out, results in (task/1, caller side)
@@ -44,6 +45,7 @@ from latticaray.runtime.remote.wire import (
     NAMES_PROTOCOL,
     OBJECT_PROTOCOL,
     REF_PROTOCOL,
+    RENEW_PROTOCOL,
     STREAM_PROTOCOL,
     TASK_PROTOCOL,
     VIEW_PROTOCOL,
@@ -89,6 +91,7 @@ class RemoteRuntime:
         mesh = self.mesh
         membership = self.membership
         mesh.register_unary(ADMIT_PROTOCOL, membership.serve_admit)
+        mesh.register_unary(RENEW_PROTOCOL, membership.serve_renew)
         mesh.register_unary(VIEW_PROTOCOL, membership.serve_view)
         mesh.register_bidi(TASK_PROTOCOL, self.executor.serve_session)
         mesh.register_server_stream(OBJECT_PROTOCOL, self.objects.serve_object)
@@ -97,11 +100,13 @@ class RemoteRuntime:
         mesh.register_unary(STREAM_PROTOCOL, self.streams.serve)
         self.observe.register()
         mesh.on_peer_connected(self._peer_connected)
-        mesh.on_peer_disconnected(lambda peer: membership.peer_gone(str(peer), "disconnected"))
+        mesh.on_peer_disconnected(membership.disconnected)
         mesh.connections.on_connection_added(self.caller.on_connection_added)
         self.spawn(membership.view_loop())
+        self.spawn(membership.credential_loop())
 
     def _peer_connected(self, peer: Any) -> None:
+        self.membership.connected(peer)
         if not self.sparse:  # a sparse node admits peers only when it needs them
             self.spawn(self.membership.admit_with(peer))
 
@@ -112,7 +117,13 @@ class RemoteRuntime:
         return task
 
     async def stop(self) -> None:
+        if not self.stopped:
+            try:
+                await self.membership.leave()
+            except Exception:  # a peer that cannot be told finds out by its liveness window
+                pass
         self.stopped = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.objects.same_host.close()

@@ -8,6 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError
+from latticaray.runtime.admission import ACTIVE
 from latticaray.runtime.errors import NodeDiedError
 from latticaray.runtime.remote.wire import (
     STREAM_PROTOCOL,
@@ -78,7 +79,7 @@ class RemoteStreams:
             return {"oid": reply.oid, "owner": reply.owner}
 
     async def serve(self, ctx: Any, payload: bytes) -> bytes:
-        self.remote.membership.require_member(ctx)
+        self.remote.membership.require_member(ctx, ACTIVE)
         request = decode_stream_request(payload)
         timeout = STREAM_POLL if request.timeout is None else min(request.timeout, STREAM_POLL)
         reply = await self.remote.node.streams.next(

@@ -30,6 +30,7 @@ from latticaray.mesh.rpc import Status
 from latticaray.runtime.ids import OBJECT_ID_LEN, TASK_ID_LEN
 
 ADMIT_PROTOCOL: Final = "/latticaray/admit/1"
+RENEW_PROTOCOL: Final = "/latticaray/renew/1"
 VIEW_PROTOCOL: Final = "/latticaray/runtime-view/1"
 TASK_PROTOCOL: Final = "/latticaray/task/1"
 OBJECT_PROTOCOL: Final = "/latticaray/object/1"
@@ -45,6 +46,7 @@ MAX_FRAME: Final = 16 << 20
 MAX_CONTROL_MESSAGE: Final = 1 << 20
 MAX_ADMIT_REQUEST: Final = 4096
 MAX_CREDENTIAL: Final = 2048
+MAX_MANIFEST: Final = 2 << 20  # a store object's manifest block (objectstore.manifest)
 MAX_REF_OPS: Final = 65536
 #: Bounds of single fields: task/actor/method/namespace names, node ids, CIDs, code hashes,
 #: lists (returns, CIDs, refs), option maps, exception class names, view contents.
@@ -61,6 +63,7 @@ MAX_VIEW_PEERS: Final = 65536
 MAX_ADDRS: Final = 256
 MAX_ADDR: Final = 1024
 MAX_VIEW_NAMES: Final = 65536
+MAX_INCARNATION: Final = 64  # a view's `inc`
 
 BORROW: Final = 1
 UNBORROW: Final = 0
@@ -750,6 +753,26 @@ class Fenced(_Message):
         return cls()
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerOutput(_Message):
+    """``log``: lines the worker running one of the caller's tasks printed (an encoded
+    ``latticaray.observe.logs.LogBatch``). Sent on the session before that task's `TaskDone`,
+    so the caller shows a task's output before its result (Ray's ``log_to_driver``)."""
+
+    KIND: ClassVar[str] = "log"
+    b: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "log", "b": self.b}
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> WorkerOutput:
+        b = m.get("b")
+        if type(b) is not bytes or len(b) > MAX_CONTROL_MESSAGE:
+            raise _bad(m, "b", "log", f"bytes of at most {MAX_CONTROL_MESSAGE}")
+        return cls(b)
+
+
 TaskRequest: TypeAlias = (
     SubmitTask
     | CreateActor
@@ -761,7 +784,7 @@ TaskRequest: TypeAlias = (
     | ResultsFetched
     | Fence
 )
-TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced
+TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced | WorkerOutput
 
 #: The dispatch tables: kind -> decoder of a caller's message, and of an executor's.
 TASK_REQUEST_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskRequest]]] = {
@@ -781,6 +804,7 @@ TASK_REPLY_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskReply]]] = {
     "part": ValuePart.from_wire,
     "created": ActorCreated.from_wire,
     "fenced": Fenced.from_wire,
+    "log": WorkerOutput.from_wire,
 }
 
 
@@ -810,12 +834,15 @@ def decode_task_reply(data: bytes) -> TaskReply:
 # ========================================================================== /latticaray/admit/1
 @dataclass(slots=True, frozen=True)
 class Admit(_Message):
-    """A membership credential (``lrc1.…``), the request and its reply alike."""
+    """A membership credential (``lrc1.…``), the request and its reply alike (admit/1, and
+    renew/1: the current credential, answered with the renewed one). ``iss`` (in an admit
+    reply): the answering node holds the mesh key, so it renews credentials."""
 
     cred: str
+    iss: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"cred": self.cred}
+        return {"cred": self.cred, "iss": True} if self.iss else {"cred": self.cred}
 
 
 def decode_admit(data: bytes) -> Admit:
@@ -823,7 +850,7 @@ def decode_admit(data: bytes) -> Admit:
     if len(data) > MAX_ADMIT_REQUEST:
         raise WireError(f"admission message of {len(data)} bytes exceeds {MAX_ADMIT_REQUEST}")
     message = _unpack_map(data, "admission")
-    return Admit(_str(message, "cred", "admission", MAX_CREDENTIAL))
+    return Admit(_str(message, "cred", "admission", MAX_CREDENTIAL), message.get("iss") is True)
 
 
 # ===================================================================== /latticaray/runtime-view/1
@@ -902,7 +929,9 @@ def _peer_addrs(value: object) -> bool:
 @dataclass(slots=True, frozen=True)
 class RuntimeView(_Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
-    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s."""
+    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
+    ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
+    ``bye``: it is leaving the mesh (sent as it stops)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -910,9 +939,11 @@ class RuntimeView(_Message):
     running: int
     peers: dict[str, list[str]]
     names: list[tuple[str, str, NameRecord]]
+    inc: bytes | None = None
+    bye: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "total": self.total,
             "avail": self.avail,
             "queued": self.queued,
@@ -920,6 +951,11 @@ class RuntimeView(_Message):
             "peers": self.peers,
             "names": [[ns, name, record.to_wire()] for ns, name, record in self.names],
         }
+        if self.inc is not None:
+            m["inc"] = self.inc
+        if self.bye:
+            m["bye"] = True
+        return m
 
 
 def decode_view(data: bytes) -> RuntimeView:
@@ -947,6 +983,8 @@ def decode_view(data: bytes) -> RuntimeView:
         _int(m, "running", where, 0, 2**63 - 1),
         _checked(m, "peers", where, _peer_addrs, "a map of node id -> [multiaddr, ...]"),
         records,
+        _opt_bin(m, "inc", where, MAX_INCARNATION),
+        _flag(m, "bye", where, False),
     )
 
 
@@ -954,47 +992,73 @@ def decode_view(data: bytes) -> RuntimeView:
 @dataclass(slots=True, frozen=True)
 class ObjectById(_Message):
     """Ask an object's owner for it by object id (it waits until the object is sealed, and
-    recovers a lost one)."""
+    recovers a lost one). ``blocks``: a store object may come in its store form."""
 
     oid: bytes
+    blocks: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"oid": self.oid}
+        return {"oid": self.oid, "blocks": True} if self.blocks else {"oid": self.oid}
 
 
 @dataclass(slots=True, frozen=True)
 class ObjectByCid(_Message):
-    """Ask any holder for an object by CID."""
+    """Ask any holder for an object by CID. ``blocks``: a store object may come in its store
+    form."""
+
+    cid: str
+    blocks: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cid": self.cid, "blocks": True} if self.blocks else {"cid": self.cid}
+
+
+@dataclass(slots=True, frozen=True)
+class ObjectWhere(_Message):
+    """A peer on this host (over the same-host Unix path) asks where the object lies: the
+    reply is `ObjectPlace` naming this node's store, which the asker copies the object from
+    (checking every block) instead of the bytes crossing a socket; else `ObjectMissing`. An
+    older node takes it for `ObjectByCid` and sends the bytes: the asker then hangs up."""
 
     cid: str
 
     def to_wire(self) -> dict[str, Any]:
-        return {"cid": self.cid}
+        return {"cid": self.cid, "where": True}
 
 
-ObjectRequest: TypeAlias = ObjectById | ObjectByCid
+ObjectRequest: TypeAlias = ObjectById | ObjectByCid | ObjectWhere
 
 
 def decode_object_request(data: bytes) -> ObjectRequest:
     if len(data) > MAX_CONTROL_MESSAGE:
         raise WireError(f"object request of {len(data)} bytes exceeds {MAX_CONTROL_MESSAGE}")
     m = _unpack_map(data, "object request")
+    blocks = m.get("blocks") is True
     if "oid" in m:
-        return ObjectById(_id(m, "oid", "object request", OBJECT_ID_LEN))
-    return ObjectByCid(_str(m, "cid", "object request", MAX_CID))
+        return ObjectById(_id(m, "oid", "object request", OBJECT_ID_LEN), blocks)
+    if m.get("where") is True:
+        return ObjectWhere(_str(m, "cid", "object request", MAX_CID))
+    return ObjectByCid(_str(m, "cid", "object request", MAX_CID), blocks)
 
 
 @dataclass(slots=True, frozen=True)
 class ObjectHeader(_Message):
     """The first frame of an object reply: status ``s`` (0 ok, 1 error: the bytes are a
-    pickled exception), then raw chunks of at most `CHUNK` adding up to ``size`` bytes."""
+    pickled exception) and the object's CID, then raw chunks of at most `CHUNK` adding up to
+    ``size`` bytes. ``man`` (a store object in its store form, for a request with ``blocks``):
+    the object's manifest block, whose CID is ``cid``; the chunks are then its payload, whose
+    blocks the manifest names."""
 
     s: int
     size: int
     cid: str | None
+    man: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"s": self.s, "size": self.size, "cid": self.cid}
+        out: dict[str, Any] = {"s": self.s, "size": self.size, "cid": self.cid}
+        if self.man is not None:
+            out["man"] = self.man
+        return out
 
 
 @dataclass(slots=True, frozen=True)
@@ -1007,16 +1071,29 @@ class ObjectMissing(_Message):
         return {"missing": True, "why": self.why}
 
 
-def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing:
+@dataclass(slots=True, frozen=True)
+class ObjectPlace(_Message):
+    """The reply to `ObjectWhere`: the root directory of the store that holds the object."""
+
+    root: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+
+def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing | ObjectPlace:
     m = _unpack_map(data, "object reply header")
     where = "object reply header"
     if m.get("missing"):
         why = m.get("why")
         return ObjectMissing(why[:MAX_REASON] if type(why) is str else "not found")
+    if "root" in m:
+        return ObjectPlace(_str(m, "root", where, MAX_ADDR))
     return ObjectHeader(
         _int(m, "s", where, 0, 1),
         _int(m, "size", where, 0, 2**63 - 1),
         _opt_str(m, "cid", where, MAX_CID),
+        _opt_bin(m, "man", where, MAX_MANIFEST),
     )
 
 

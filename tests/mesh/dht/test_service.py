@@ -11,6 +11,7 @@ import pytest
 
 from latticaray.mesh.dht import DhtConfig, DhtService, Record, RecordRejected
 from latticaray.mesh.dht.messages import PROTOCOL_ID, decode_response, encode
+from latticaray.mesh.dht.service import ServeLimits
 from latticaray.mesh.node import MeshConfig, MeshNode
 
 QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
@@ -229,3 +230,41 @@ async def test_dht_requests_are_served_by_an_eager_handler(mesh):
         )
     )
     assert all("error" not in decode_response(r) for r in replies)
+
+
+async def test_public_serving_is_rate_limited_per_peer_and_private_serving_refuses_the_public():
+    """A peer that is not exempt (not a member) gets ``rate_limited`` past its burst, while an
+    exempt one is served without limit; a node that does not serve the public refuses the
+    request unread."""
+    nodes = [await MeshNode(MeshConfig(**QUIC_ONLY)).start() for _ in range(4)]
+    member = nodes[1].peer_id
+    server = DhtService(
+        nodes[0],
+        limits=ServeLimits(per_peer_rate=0.001, per_peer_burst=5, per_ip_rate=1000.0),
+        exempt=lambda peer: peer == member,
+    )
+    private = DhtService(nodes[3], limits=ServeLimits(public=False), exempt=lambda peer: False)
+    ping = encode({"op": "ping"})
+    try:
+        for asker in (nodes[1], nodes[2]):
+            await asker.connect(str(nodes[0].listen_addrs[0]), timeout=10)
+        await nodes[2].connect(str(nodes[3].listen_addrs[0]), timeout=10)
+        replies = [
+            decode_response(await nodes[2].call(nodes[0].peer_id, PROTOCOL_ID, ping, timeout=5))
+            for _ in range(8)
+        ]
+        assert ["error" not in r for r in replies] == [True] * 5 + [False] * 3
+        assert replies[-1]["error"] == "rate_limited"
+        for _ in range(20):  # a member is not limited
+            reply = await nodes[1].call(nodes[0].peer_id, PROTOCOL_ID, ping, timeout=5)
+            assert "error" not in decode_response(reply)
+        assert server.core.stats["rate_limited"] == 3
+        reply = decode_response(
+            await nodes[2].call(nodes[3].peer_id, PROTOCOL_ID, b"\xc1not even read", timeout=5)
+        )
+        assert reply["error"] == "refused" and "members only" in reply["message"]
+    finally:
+        await server.close()
+        await private.close()
+        for node in nodes:
+            await node.stop()

@@ -309,6 +309,43 @@ def test_relay_refuses_unauthorized_and_chained_hops():
     assert svc.refusals[PERMISSION_DENIED] == 4
 
 
+def test_relay_requests_are_rate_limited_per_peer_and_per_ip_and_circuits_per_ip():
+    svc = relay.RelayCore(
+        relay.RelayConfig(
+            requests_per_peer_rate=0.01,
+            requests_per_peer_burst=3,
+            requests_per_ip_rate=0.01,
+            requests_per_ip_burst=6,
+            max_circuits_per_ip=2,
+            max_circuits_per_peer=10,
+        )
+    )
+    svc.reserve("A", "198.18.0.101", False, 0.0)
+    for _ in range(2):
+        svc.reserve("A", "198.18.0.101", False, 0.0)  # renewals count too
+    with pytest.raises(RelayRefused, match="peer A sends requests too fast") as info:
+        svc.reserve("A", "198.18.0.101", False, 0.0)
+    assert info.value.code == RATE_LIMITED
+    # another peer from another IP is not held back by A
+    svc.reserve("B", "198.18.0.102", False, 0.0)
+    # circuits: at most 2 from one source IP, whichever peers ask from it
+    svc.open_circuit("X", "A", False, 0.0, "198.18.0.103")
+    svc.open_circuit("Y", "A", False, 0.0, "198.18.0.103")
+    with pytest.raises(RelayRefused, match=r"198\.18\.0\.103 already has 2 circuits") as info:
+        svc.open_circuit("Z", "B", False, 0.0, "198.18.0.103")
+    assert info.value.code == RESOURCE_LIMIT_EXCEEDED
+    # many peers behind one IP share its request budget (6): X, Y and Z spent 3, W spends 3
+    for _ in range(3):
+        with pytest.raises(RelayRefused):  # over the circuit limit, yet the request is counted
+            svc.open_circuit("W", "B", False, 0.0, "198.18.0.103")
+    with pytest.raises(RelayRefused, match=r"198\.18\.0\.103 sends requests too fast") as info:
+        svc.open_circuit("V", "B", False, 0.0, "198.18.0.103")
+    assert info.value.code == RATE_LIMITED
+    # the buckets refill with time
+    svc.reserve("A", "198.18.0.101", False, 200.0)
+    assert svc.refusals[RATE_LIMITED] == 2
+
+
 def test_relay_circuit_duration_limit():
     svc = relay.RelayCore(relay.RelayConfig(circuit_max_duration=10))
     svc.reserve("A", "ip", False, 0.0)

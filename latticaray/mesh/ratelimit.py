@@ -1,4 +1,5 @@
-"""Token buckets (sans-I/O, time passed in) for the rate limits of NAT services."""
+"""Token buckets (sans-I/O, time passed in) for the rate limits of public services (relay,
+AutoNAT, DHT): per key (a peer, an IP), with a bounded number of keys."""
 
 from __future__ import annotations
 
