@@ -36,6 +36,7 @@ import * as raw from 'multiformats/codecs/raw'
 import { sha256 } from 'multiformats/hashes/sha2'
 
 const kadProtocol = process.env.INTEROP_KAD_PROTOCOL || '/ipfs/kad/1.0.0'
+const kadClientMode = process.env.INTEROP_KAD_CLIENT === '1'
 const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
 
 const libp2p = await createLibp2p({
@@ -57,7 +58,7 @@ const libp2p = await createLibp2p({
     relay: circuitRelayServer({ reservations: { maxReservations: 64 } }),
     dht: kadDHT({
       protocol: kadProtocol,
-      clientMode: false,
+      clientMode: kadClientMode,
       peerInfoMapper: passthroughMapper,
       allowQueryWithZeroPeers: true,
       validators: { latticaray: async () => {} },
