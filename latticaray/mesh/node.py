@@ -153,6 +153,8 @@ class MeshNode:
             on_identified=self._on_libp2p_identified,
         )
         self.libp2p_ping = Libp2pPingService(self.streams)
+        self._push_scheduled = False
+        self.streams.on_change(self._libp2p_protocols_changed)
         #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
         self.liveness = LivenessService(self, self.config.liveness)
         self.quic: QuicTransport | None = None
@@ -222,6 +224,34 @@ class MeshNode:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+    def _libp2p_protocols_changed(self) -> None:
+        """A service registered or dropped a libp2p protocol: tell the foreign peers connected
+        now by identify push (once per burst of changes), as libp2p nodes pick the peers they
+        ask for a protocol (Bitswap, kad) by what identify said."""
+        if not self._started or self._stopped or self._push_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the node's loop: peers see it at their next identify
+            return
+        self._push_scheduled = True
+        loop.call_soon(self._push_identify)
+
+    def _push_identify(self) -> None:
+        self._push_scheduled = False
+        if self._stopped:
+            return
+        for conn in self.connections.connections():
+            muxer = conn.raw.muxer
+            if muxer is not None and conn.native is False:
+                self._spawn(self._push_quietly(muxer))
+
+    async def _push_quietly(self, muxer: MuxedConnection) -> None:
+        try:
+            await self.libp2p_identify.push(muxer, timeout=self.config.dial_timeout)
+        except Exception as exc:  # a peer that refuses push keeps its older view of us
+            log.debug("identify push to %s failed: %r", muxer.remote_peer_text, exc)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
