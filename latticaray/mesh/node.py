@@ -154,6 +154,8 @@ class MeshNode:
         )
         self.libp2p_ping = Libp2pPingService(self.streams)
         self._push_scheduled = False
+        #: peers an identify push is under way to -> whether another must follow it
+        self._pushing: dict[MuxedConnection, bool] = {}
         self.streams.on_change(self._libp2p_protocols_changed)
         #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
         self.liveness = LivenessService(self, self.config.liveness)
@@ -244,14 +246,26 @@ class MeshNode:
             return
         for conn in self.connections.connections():
             muxer = conn.raw.muxer
-            if muxer is not None and conn.native is False:
+            if muxer is None or conn.native is not False:
+                continue
+            if muxer in self._pushing:  # one push at a time per peer: the next one follows
+                self._pushing[muxer] = True
+            else:
+                self._pushing[muxer] = False
                 self._spawn(self._push_quietly(muxer))
 
     async def _push_quietly(self, muxer: MuxedConnection) -> None:
         try:
-            await self.libp2p_identify.push(muxer, timeout=self.config.dial_timeout)
-        except Exception as exc:  # a peer that refuses push keeps its older view of us
-            log.debug("identify push to %s failed: %r", muxer.remote_peer_text, exc)
+            while True:
+                try:
+                    await self.libp2p_identify.push(muxer, timeout=self.config.dial_timeout)
+                except Exception as exc:  # a peer that refuses push keeps its older view of us
+                    log.debug("identify push to %s failed: %r", muxer.remote_peer_text, exc)
+                if not self._pushing.get(muxer) or self._stopped:
+                    break
+                self._pushing[muxer] = False
+        finally:
+            self._pushing.pop(muxer, None)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -131,8 +131,10 @@ class IpfsBlocks:
         tasks = [asyncio.ensure_future(self._from_peer(p, cids, timeout)) for p in peers]
         try:
             for next_done in asyncio.as_completed(tasks):
-                with contextlib.suppress(TimeoutError, MeshError, OSError):
+                try:
                     return await next_done
+                except (TimeoutError, MeshError, OSError) as exc:
+                    log.debug("bitswap fetch of %s failed: %r", Cid.decode(cids[0]), exc)
             raise ObjectNotFound(Cid.decode(cids[0]))
         finally:
             for task in tasks:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from latticaray.mesh.dht.service import DhtService
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.libp2p.bitswap import BITSWAP_PROTOCOL
 from latticaray.mesh.node import MeshConfig, MeshNode
@@ -138,9 +139,36 @@ async def test_we_get_a_block_only_helia_holds(js_peer, make_node, make_store):
     data = b"held by helia only " + os.urandom(16)
     cid = Cid.parse(await js_peer.call("blockPut", data=base64.b64encode(data).decode()))
     assert await ipfs.get_block(cid) == data
-    # a block nobody holds: not found at the deadline, nothing hangs
+    # a block nobody holds: Helia answers DONT_HAVE (asked with send_dont_have), so the miss
+    # is known long before the deadline
+    started = time.monotonic()
     with pytest.raises(ObjectNotFound):
-        await ipfs.get_block(Cid.of(os.urandom(32)), timeout=1.0)
+        await ipfs.get_block(Cid.of(os.urandom(32)), timeout=20.0)
+    assert time.monotonic() - started < 10.0
+
+
+async def test_a_block_found_through_the_dht(js_peer, make_node, make_store):
+    """c knows only js, which lacks the block (DONT_HAVE); the DHT, routed through js, names b
+    as its provider, and c fetches it from b."""
+    b = await make_node("tcp", "we-dial")
+    dht_b = DhtService(b)
+    await dht_b.bootstrap([])
+    store_b = make_store("b")
+    ipfs_b = IpfsBlocks(b, store_b, dht=dht_b, timeout=10)
+    root = store_b.put(b"provided by b " + os.urandom(16))
+    ipfs_b.share(root)
+    assert await dht_b.provide(bytes(root)) >= 1
+    c = await make_node("tcp", "we-dial")
+    dht_c = DhtService(c)
+    ipfs_c = IpfsBlocks(c, make_store("c"), dht=dht_c, timeout=10)
+    assert b.peer_id not in c.connected_peers()
+    try:
+        assert await ipfs_c.fetch_object(root) == root
+        assert b.peer_id in c.connected_peers()
+        assert not await js_peer.call("blockHas", cid=str(root))
+    finally:
+        await dht_c.close()
+        await dht_b.close()
 
 
 @pytest.mark.skipif(not blake3_available(), reason="blake3 is not installed")

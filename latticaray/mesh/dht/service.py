@@ -149,6 +149,8 @@ class DhtService:
             if self.config.server_mode:  # advertised by identify: clients do not serve
                 node.register_stream(kad_protocol, self._handle_kad)
             node.identify_service.on_identified(self._on_identified)
+            for info in list(node.identify_service.peer_info.values()):
+                self._on_identified(info)  # peers identified before this service existed
 
     @property
     def config(self) -> DhtConfig:
