@@ -17,15 +17,14 @@ import time
 import pytest
 
 from latticaray.mesh.dht.service import DhtService
-from latticaray.mesh.identity import PeerId
 from latticaray.mesh.libp2p.bitswap import BITSWAP_PROTOCOL
-from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.mesh.node import MeshNode
 from latticaray.objectstore.cid import BLAKE3, SHA2_256, Cid, blake3_available
 from latticaray.objectstore.errors import ObjectNotFound
 from latticaray.objectstore.ipfs import IpfsBlocks
 from latticaray.objectstore.store import LocalStore
 
-from .test_node import js_addr, our_addr, wait_for
+from .test_node import drop_node, node_joined_to_js
 
 MB = 1 << 20
 
@@ -69,31 +68,15 @@ async def make_node(js_peer):
     made = []
 
     async def make(transport: str, direction: str) -> MeshNode:
-        node = MeshNode(
-            MeshConfig(
-                listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
-                transports=("tcp", "quic"),
-                same_host_fast_path=False,
-            )
-        )
-        await node.start()
+        node, _ = await node_joined_to_js(js_peer, transport, direction)
         made.append(node)
-        js = PeerId.from_string(js_peer.peer_id)
-        if direction == "we-dial":
-            await node.connect(js_addr(js_peer, transport))
-        else:
-            await js_peer.call("dial", addr=our_addr(node, transport))
-        await wait_for(lambda: js in node.identify_service.peer_info)
         return node
 
     try:
         yield make
     finally:
         for node in made:
-            try:
-                await js_peer.call("hangup", peer=str(node.peer_id), timeout=10)
-            finally:
-                await node.stop()
+            await drop_node(js_peer, node)
 
 
 @pytest.mark.parametrize(("transport", "direction"), [("quic", "js-dials"), ("tcp", "we-dial")])

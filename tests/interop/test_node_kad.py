@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import time
 
@@ -20,11 +19,10 @@ from latticaray.mesh.dht.messages import decode_records
 from latticaray.mesh.dht.service import DhtService
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.libp2p.kad import DEFAULT_KAD_PROTOCOL, LATTICA_KAD_PROTOCOL
-from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.objectstore.cid import Cid
 
 from .jspeer import JsPeer
-from .test_node import js_addr, our_addr, wait_for
+from .test_node import drop_node, node_joined_to_js
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +63,13 @@ async def _nodes(
     made = []
     js = PeerId.from_string(js_peer.peer_id)
     for _ in range(count):
-        node = MeshNode(
-            MeshConfig(
-                listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
-                transports=("tcp", "quic"),
-                same_host_fast_path=False,
-            )
+        node, dht = await node_joined_to_js(
+            js_peer,
+            transport,
+            direction,
+            lambda n: DhtService(n, DhtConfig(server_mode=server), kad_protocol=kad_protocol),
         )
-        await node.start()
-        dht = DhtService(node, DhtConfig(server_mode=server), kad_protocol=kad_protocol)
         made.append((node, dht))
-        assert node.connected_peers() == []
-        if direction == "we-dial":
-            await node.connect(js_addr(js_peer, transport))
-        else:
-            await js_peer.call("dial", addr=our_addr(node, transport))
-        await wait_for(lambda n=node: js in n.identify_service.peer_info)
-        assert node.connected_peers() == [js]
         if bootstrap:
             await dht.bootstrap([])
         # js is in our table iff identify said it serves kad
@@ -91,7 +79,7 @@ async def _nodes(
     return made
 
 
-async def wait_for_js(js_peer, node, timeout=10.0):
+async def wait_for_js(js_peer, node, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not await js_peer.call("kadTableHas", peer=str(node.peer_id)):
         assert time.monotonic() < deadline, "js never added the node to its routing table"
@@ -100,10 +88,8 @@ async def wait_for_js(js_peer, node, timeout=10.0):
 
 async def _release(js_peer, made):
     for node, dht in made:
-        with contextlib.suppress(Exception):
-            await js_peer.call("hangup", peer=str(node.peer_id), timeout=10)
         await dht.close()
-        await node.stop()
+        await drop_node(js_peer, node)
 
 
 @pytest.mark.parametrize("direction", ["we-dial", "js-dials"])

@@ -84,13 +84,14 @@ def error_response(code: str, message: str) -> dict[str, Any]:
     return {"error": code, "message": message[:500]}
 
 
-def _unpack(data: bytes) -> dict:
+def _unpack_bounded(data: bytes, what: str, max_map_len: int) -> Any:
+    """Bounded msgpack decoding of a DHT message or record list (``what`` names it in errors)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DhtProtocolError("message must be bytes")
+        raise DhtProtocolError(f"{what} must be bytes")
     if len(data) > MAX_MESSAGE_SIZE:
-        raise DhtProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+        raise DhtProtocolError(f"{what} of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             bytes(data),
             raw=False,
             strict_map_key=True,
@@ -98,13 +99,15 @@ def _unpack(data: bytes) -> dict:
             max_bin_len=MAX_FIELD_BIN,
             max_str_len=4096,
             max_array_len=1024,
-            max_map_len=32,
+            max_map_len=max_map_len,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise DhtProtocolError(
-            f"not a valid msgpack message: {type(exc).__name__}: {exc}"
-        ) from None
+        raise DhtProtocolError(f"not a valid msgpack {what}: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack(data: bytes) -> dict:
+    obj = _unpack_bounded(data, "message", 32)
     if not isinstance(obj, dict):
         raise DhtProtocolError(f"message must be a map, got {type(obj).__name__}")
     return obj
@@ -183,21 +186,7 @@ def encode_records(records: list[Record]) -> bytes:
 
 def decode_records(data: bytes) -> list[Record]:
     """The records of :func:`encode_records`, shape-checked (signatures are the caller's)."""
-    if len(data) > MAX_MESSAGE_SIZE:
-        raise DhtProtocolError(f"records of {len(data)} bytes exceed {MAX_MESSAGE_SIZE}")
-    try:
-        obj = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            use_list=True,
-            max_bin_len=MAX_FIELD_BIN,
-            max_str_len=4096,
-            max_array_len=1024,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:
-        raise DhtProtocolError(f"records are not valid msgpack: {exc}") from None
+    obj = _unpack_bounded(data, "record list", 0)
     return _records(obj)
 
 
