@@ -41,6 +41,7 @@ from latticaray.mesh.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
 from latticaray.mesh.identity import PeerId
 from latticaray.mesh.libp2p.identify import IDENTIFY_PROTOCOL as LIBP2P_IDENTIFY
 from latticaray.mesh.libp2p.identify import IDENTIFY_PUSH_PROTOCOL
+from latticaray.mesh.libp2p.kad import DEFAULT_KAD_PROTOCOL
 from latticaray.mesh.libp2p.ping import PING_PROTOCOL as LIBP2P_PING
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.bitswap import PROTOCOL_ID as BITSWAP_PROTOCOL
@@ -91,6 +92,7 @@ PUBLIC = {
     LIBP2P_IDENTIFY,  # libp2p's identify, identify push and ping: public by their spec
     IDENTIFY_PUSH_PROTOCOL,
     LIBP2P_PING,
+    DEFAULT_KAD_PROTOCOL,  # the DHT on libp2p Kademlia: public routing, ServeLimits apply
 }
 
 
