@@ -12,8 +12,9 @@ when resolving, see gifts.py). A store opened after a crash finishes a link cut 
 restores the voided magic (:meth:`LocalNames.recover`).
 
 The ledger's ``links`` counts the names linked to each CID: deleting a linked name deletes the
-object with the last name, unless the object was sealed under its CID before any of them. Pins
-taken by name move to the CID when it is linked. Eviction links a local object first (the spill
+object with the last name, unless the object was sealed under its CID before any of them, or a
+holder of the CID itself still needs it (``keep``; ``LocalStore.release``). Pins taken by name
+move to the CID when it is linked. Eviction links a local object first (the spill
 is named by CID; room.py).
 """
 
@@ -191,10 +192,13 @@ class LocalNames:
             self._symlink(entry.name, str(root))
         return made
 
-    def delete(self, ledger: Ledger, name: str) -> tuple[str, int] | None:
+    def delete(
+        self, ledger: Ledger, name: str, keep: Callable[[str], bool] | None = None
+    ) -> tuple[str, int] | None:
         """Delete the local name (the caller holds the lock). An unresolved object goes (back
         to its writer if it takes it); a linked one loses a name: (CID, writer) when that was
-        the last name of an object a link made, for the caller to delete."""
+        the last name of an object a link made, for the caller to delete, unless ``keep(CID)``
+        (someone holds it by its CID: the object stays, as one sealed under its CID)."""
         ledger.drop_pins(name)
         try:
             linked = self.alias(name)
@@ -220,7 +224,18 @@ class LocalNames:
             ledger.set_link(cname, count - 1, born, writer)
             return None
         ledger.drop_link(cname)
-        return (cname, writer) if born else None
+        return (cname, writer) if born and not (keep is not None and keep(cname)) else None
+
+    def hand_over(self, ledger: Ledger, cid: str) -> bool:
+        """The holder of ``cid`` itself lets go (the caller holds the lock): if local names
+        are still linked to it, the object now goes with the last of them (True); else False
+        (nothing else names it)."""
+        entry = ledger.link(cid)
+        if entry is None:
+            return False
+        count, _born, writer = entry
+        ledger.set_link(cid, count, True, writer)
+        return True
 
     def read_value(self, name: str, read_sealed: Callable[[Cid], Any]) -> Any:
         """The value of the local name ``name``: read from its mapping while it is unresolved

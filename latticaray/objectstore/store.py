@@ -39,6 +39,8 @@ Public API::
     obj = store.get_object(cid)                      # StoredObject: .manifest, .payload (memoryview)
     store.contains(cid); store.pin(cid); store.unpin(cid); store.delete(cid); store.stats()
                                                      # (all of these take local names too)
+    store.release(name, held)                        # one holder's name goes; the object only
+                                                     # when no other name refers to it
     writer = store.open_writer(manifest)             # for fetched blocks: write_block(i, data), seal()
     store.expect_back(name)                          # a local object of ours is about to be deleted
     store.wait_warm(timeout); store.close()          # the spare: wait for it; give it back
@@ -51,6 +53,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .cid import SHA2_256, Cid
@@ -539,6 +542,23 @@ class LocalStore:
                 recycled = self._delete_sealed(ledger, *last) if last is not None else None
             else:
                 recycled = self._delete_sealed(ledger, str(Cid.coerce(cid)))
+        self.spares.start_recycle(recycled)
+
+    def release(self, name: Cid | str, held: Callable[[str], bool]) -> None:
+        """One holder of the object lets go of its name for it (a CID, or a local name). Unlike
+        ``delete``, the object goes only when nothing else refers to it: not while another
+        local name is linked to it, nor while ``held(cid)`` (asked under the ledger lock: the
+        caller holds the object by its CID too). Objects of equal content share one file under
+        all these names."""
+        with self.ledger_file.locked() as ledger:
+            if is_local_name(name):
+                last = self.names.delete(ledger, str(name), keep=held)
+                recycled = self._delete_sealed(ledger, *last) if last is not None else None
+            else:
+                cname = str(Cid.coerce(name))
+                if held(cname) or self.names.hand_over(ledger, cname):
+                    return  # still named: the last name's release deletes it
+                recycled = self._delete_sealed(ledger, cname)
         self.spares.start_recycle(recycled)
 
     def _delete_sealed(self, ledger: Ledger, name: str, writer: int = 0) -> tuple[str, int] | None:

@@ -424,3 +424,86 @@ def test_without_a_link_a_deleted_objects_file_is_recycled(make_store):
     a.delete(cid)
     a.put_local(_array(20))
     assert a.spares_recycled + a.gifts_taken >= 1
+
+
+def _held_by(pins: dict):
+    """``release``'s question, answered from a holder's own pin counts by CID."""
+    return lambda cid: pins.get(cid, 0) > 0
+
+
+@pytest.mark.parametrize("cid_first", [False, True], ids=["linked-first", "sealed-first"])
+@pytest.mark.parametrize("released", ["cid", "name"])
+def test_release_keeps_a_file_a_cid_holder_and_a_local_name_share(make_store, cid_first, released):
+    """One file, two holders: one by the CID (a fetched copy, a result named by CID), one by a
+    local name linked to it (a put named by CID), made in either order. Releasing either keeps
+    the file for the other; releasing both deletes it and gives its room back."""
+    store = make_store(warm=False)
+    value = _array(11)
+    pins: dict[str, int] = {}
+    if cid_first:
+        cid = store.put(value)
+        name = store.put_local(value)
+        assert store.resolve(name) == cid
+    else:
+        name = store.put_local(value)
+        cid = store.resolve(name)  # the link makes the file
+        assert store.put(value) == cid  # a second put of it keeps that file
+    pins[str(cid)] = 1
+    held = _held_by(pins)
+    if released == "cid":
+        pins.pop(str(cid))
+        store.release(cid, held)
+        assert np.array_equal(store.get(name), value) and store.contains(cid)
+        store.release(name, held)
+    else:
+        store.release(name, held)
+        assert not store.contains(name)
+        assert np.array_equal(store.get(cid), value)
+        pins.pop(str(cid))
+        store.release(cid, held)
+    assert not store.contains(cid) and not store.contains(name)
+    assert store.stats()["used"] == 0 and store.stats()["objects"] == 0
+
+
+def test_release_of_equal_local_names_deletes_the_file_with_the_last(make_store):
+    store = make_store(warm=False)
+    value = _array(12)
+    first, second = store.put_local(value), store.put_local(value)
+    cid = store.resolve(first)
+    assert store.resolve(second) == cid
+    nobody = _held_by({})
+    store.release(second, nobody)
+    assert np.array_equal(store.get(first), value)
+    store.release(first, nobody)
+    assert not store.contains(cid) and store.stats()["used"] == 0
+
+
+def test_release_of_an_unshared_object_deletes_it(make_store):
+    store = make_store(warm=False)
+    nobody = _held_by({})
+    cid = store.put(_array(13))
+    name = store.put_local(_array(14))
+    store.release(cid, nobody)
+    store.release(name, nobody)  # unresolved: its own file
+    assert not store.contains(cid) and not store.contains(name)
+    assert store.stats()["used"] == 0 and store.stats()["objects"] == 0
+
+
+def test_release_asks_about_the_cid_a_name_was_linked_to_meanwhile(make_store):
+    """A local name linked (by any process) after its holder last looked: the store asks
+    about the CID under its lock, so a CID holder that arrived meanwhile keeps the file."""
+    store = make_store(warm=False)
+    value = _array(15)
+    name = store.put_local(value)
+    asked = []
+    pins = {}
+
+    def held(cid):
+        asked.append(cid)
+        return pins.get(cid, 0) > 0
+
+    cid = store.resolve(name)  # e.g. eviction or another process linked it
+    pins[str(cid)] = 1  # and an equal object arrived named by the CID
+    store.release(name, held)
+    assert asked == [str(cid)]
+    assert np.array_equal(store.get(cid), value)

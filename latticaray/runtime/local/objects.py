@@ -3,7 +3,11 @@
 An entry is pending until its producer seals it (a put, a task's return, a streamed item). A
 sealed store value is pinned in the node's `LocalStore` (`store_refs`, by store name) while the
 entry lives; `free` drops entries nothing holds any more (refcount.py decides when), and
-`forget` lets go of their store copy. The requests `get`, `wait`, `cid` and `get_cid` of the
+`forget` lets go of their store copy. Objects with equal content share one store file under
+several names (local names linked to its CID, and the CID itself): a name whose count drops to
+zero is released in the store (`LocalStore.release`), which deletes the file only when no other
+name refers to it, a pinned CID included. `cid_index` maps a CID to every object id named by
+it here. The requests `get`, `wait`, `cid` and `get_cid` of the
 node's clients are answered here, recovering a lost store copy (local/recovery.py) or asking
 the mesh (remote/) for objects owned elsewhere.
 """
@@ -36,7 +40,7 @@ class ObjectTable:
     def __init__(self, node: RuntimeNode):
         self.node = node
         self.entries: dict[bytes, ObjectEntry] = {}
-        self.cid_index: dict[str, bytes] = {}
+        self.cid_index: dict[str, dict[bytes, None]] = {}  # CID -> object ids (ordered set)
         self.store_refs: collections.Counter = collections.Counter()  # by store name
         self.on_cid_known: Callable[[str], Any] | None = None  # a store CID exposed (DHT)
         self.sent_by_cid: dict[str, list[str]] = {}  # CID -> local names awaiting "fetched"
@@ -86,7 +90,7 @@ class ObjectTable:
     def forget(self, entry: ObjectEntry) -> None:
         """An entry leaves the table: its CID is unknown here and its store copy unpinned."""
         if entry.cid is not None:
-            self.cid_index.pop(entry.cid, None)
+            self.unindex(entry)
         data = entry.data
         if is_store_data(data):
             assert data is not None
@@ -100,14 +104,21 @@ class ObjectTable:
     def pin(self, cid: str) -> None:
         self.store_refs[cid] += 1
 
-    def unpin(self, cid: str) -> None:
-        self.store_refs[cid] -= 1
-        if self.store_refs[cid] <= 0:
-            del self.store_refs[cid]
+    def unpin(self, name: str) -> None:
+        """One pin of the store name ``name`` goes; with the last, the store lets go of the
+        name, and of the file only if no other name refers to it (``pins_cid``)."""
+        self.store_refs[name] -= 1
+        if self.store_refs[name] <= 0:
+            del self.store_refs[name]
             try:
-                self.node.store.delete(cid)
+                self.node.store.release(name, self.pins_cid)
             except Exception:
                 pass  # already evicted or deleted: nothing to free
+
+    def pins_cid(self, cid: str) -> bool:
+        """Whether an entry here pins the store object ``cid`` by its CID (rather than by a
+        local name linked to it, which the store counts itself)."""
+        return self.store_refs.get(cid, 0) > 0
 
     def seal(self, oid: bytes, status: int, data: bytes | None) -> None:
         entry = self.entries.get(oid)
@@ -142,7 +153,7 @@ class ObjectTable:
         elif self.store_refs.get(cid, 0) > 0:
             self.unpin(cid)
         if entry.cid is not None:
-            self.cid_index.pop(entry.cid, None)
+            self.unindex(entry)
             entry.cid = None
 
     # ------------------------------------------------------------------ waiting
@@ -243,7 +254,7 @@ class ObjectTable:
     async def get_by_cid(self, message: dict) -> dict:
         node = self.node
         cid = message["cid"]
-        oid = self.cid_index.get(cid)
+        oid = self.oid_by_cid(cid)
         entry = self.entries.get(oid) if oid is not None else None
         if oid is not None and entry is not None and entry.status != PENDING:
             if node.recovery.is_missing(entry):
@@ -262,10 +273,30 @@ class ObjectTable:
         return {"error": error_blob(ObjectNotFoundError(f"no peer of the mesh holds {cid}"))}
 
     # ------------------------------------------------------------------ naming by CID
+    def oid_by_cid(self, cid: str) -> bytes | None:
+        """An object id of this node named by ``cid`` (the earliest still here), or None."""
+        oids = self.cid_index.get(cid)
+        return next(iter(oids)) if oids else None
+
+    def unindex(self, entry: ObjectEntry) -> None:
+        """``entry`` (left the table, or losing its CID) is no longer found by its CID; the
+        other objects named by it still are."""
+        assert entry.cid is not None
+        oids = self.cid_index.get(entry.cid)
+        if oids is None:
+            return
+        entries = self.entries
+        for oid in list(oids):
+            found = entries.get(oid)
+            if found is None or found is entry:
+                del oids[oid]
+        if not oids:
+            del self.cid_index[entry.cid]
+
     def cid_for(self, oid: bytes, entry: ObjectEntry) -> str:
         if entry.cid is None:
             entry.cid = serialization.cid_of(entry.data)  # hashes a local put, once
-            self.cid_index[entry.cid] = oid
+            self.cid_index.setdefault(entry.cid, {})[oid] = None
             if self.on_cid_known is not None and serialization.is_store_ref(entry.data):
                 self.on_cid_known(entry.cid)
         return entry.cid

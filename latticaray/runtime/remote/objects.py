@@ -565,7 +565,7 @@ class RemoteObjects:
             entry = objects.entries.get(oid)
         else:
             cid = request.cid
-            oid = objects.cid_index.get(cid)
+            oid = objects.oid_by_cid(cid)
             entry = objects.entries.get(oid) if oid is not None else None
             if entry is None and node.store is not None and cid.startswith("bafy"):
                 try:
