@@ -112,10 +112,14 @@ def machine_info(**versions: str) -> dict:
 
 
 def start_local(
-    node_resources: list[dict], cpus_per_node: float = 1, driver_cpus: float = 1
+    node_resources: list[dict],
+    cpus_per_node: float = 1,
+    driver_cpus: float = 1,
+    driver_listen: tuple[str, ...] = ("/ip4/127.0.0.1/udp/0/quic-v1",),
 ) -> Mesh:
-    """This process as an embedded driver node plus one node process per `node_resources`."""
-    lattica.init(_mesh=True, num_cpus=driver_cpus, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    """This process as an embedded driver node (listening on `driver_listen`; the node
+    processes bootstrap from the first) plus one node process per `node_resources`."""
+    lattica.init(_mesh=True, num_cpus=driver_cpus, listen=list(driver_listen))
     info = lattica.mesh_info()
     invite = lattica.invite()
     mesh = Mesh()

@@ -279,7 +279,7 @@ def deploy(
             options["resources"] = {stage_resource: 1}
         next_stage = Stage.options(**options).remote(cfg, first, last, next_stage)
         stages.insert(0, next_stage)
-    server = LMServer.options(max_concurrency=1000, **(server_options or {})).remote(cfg, stages)
+    server = LMServer.options(**(server_options or {})).remote(cfg, stages)
     return server, stages
 
 
