@@ -44,21 +44,33 @@ class Mesh:
                 raise TimeoutError(f"only {len(found)} of {count} nodes offering {resource!r}")
             time.sleep(0.05)
 
-    def wait_until_free(self, resource: str, timeout: float = 60.0) -> None:
-        """Wait until every unit of `resource` in the mesh is available again. A killed actor's
-        resources come back after kill() returns, and an actor created before then that needs
-        them is refused at once (tests/examples/test_runtime_findings.py)."""
-        deadline = time.monotonic() + timeout
-        while lattica.available_resources().get(resource, 0) < lattica.cluster_resources().get(
-            resource, 0
-        ):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{resource!r} was not released within {timeout} s")
-            time.sleep(0.05)
-
     def stop(self) -> None:
         stop_processes(self.processes)
         lattica.shutdown()
+
+
+def paths_between(node_ids: list[str]) -> list[dict]:
+    """How the nodes `node_ids` are connected to each other, as the state API reports it: one
+    {"src", "dst", "path" (direct, punched, relayed, unix), "transport", "rtt_ms"} per link
+    (the node ids cut to 12 characters); empty if the state could not be read."""
+    from latticaray.util import state
+
+    wanted = set(node_ids)
+    try:
+        links = state.list_links(raise_on_missing_output=False, timeout=10)
+    except Exception:
+        return []
+    return [
+        {
+            "src": link.src[:12],
+            "dst": link.dst[:12],
+            "path": link.path,
+            "transport": link.transport,
+            "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 1),
+        }
+        for link in links
+        if link.src in wanted and link.dst in wanted
+    ]
 
 
 def read_ready_line(proc: subprocess.Popen, timeout: float) -> dict:

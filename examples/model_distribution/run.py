@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         report.update(cid=cid, bytes=size, tensors=len(keep) - 1)
         for count, resource in ((1, SOLO_RESOURCE), (args.peers, PEER_RESOURCE)):
+            # the nodes again: a long put (a large checkpoint on a busy machine) may have kept
+            # this driver from hearing them for a while
+            mesh.wait_for_nodes(resource, count, timeout=120)
             peers = [
                 checkpoint.Peer.options(resources={resource: 1}).remote() for _ in range(count)
             ]

@@ -5,7 +5,9 @@ Each was first a strict xfail here; each now passes against the runtime's fix:
 * an async actor runs up to 1000 calls at once by default, as in Ray (it ran one at a time);
 * threads of one actor getting objects by CID at once each get theirs without a stall;
 * the same value put twice is one CID (one BLAKE3 multihash on every path);
-* a node that listens on TCP only is a member like any other (lattica.nodes() shows it).
+* a node that listens on TCP only is a member like any other (lattica.nodes() shows it);
+* an actor placed on a node whose room was taken meanwhile (the owner's view of it was out of
+  date) is created on another node that has room; it died with "not enough resources".
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def slot_node():
 
 @pytest.fixture(scope="module")
 def two_node_mesh():
-    """This process as an embedded mesh driver (on QUIC and TCP) plus one node process
-    offering "far"."""
+    """This process as an embedded mesh driver (on QUIC and TCP) plus two node processes, one
+    offering "far", each one "slot"."""
     listen = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
-    mesh = start_local([{"far": 4}], cpus_per_node=2, driver_listen=listen)
+    mesh = start_local([{"far": 4, "slot": 1}, {"slot": 1}], driver_listen=listen)
     yield mesh
     mesh.stop()
 
@@ -50,6 +52,9 @@ def two_node_mesh():
 class Holder:
     def ping(self) -> int:
         return 1
+
+    def node(self) -> str:
+        return lattica.get_runtime_context().node_id
 
 
 def test_an_actor_created_right_after_a_kill_gets_the_freed_resources(slot_node):
@@ -162,3 +167,17 @@ def test_a_node_listening_on_tcp_only_is_a_member(two_node_mesh):
         assert lattica.get(actor.ping.remote(), timeout=60) == 1
     finally:
         stop_processes([proc])
+
+
+def test_an_actor_placed_on_a_node_with_no_room_left_is_created_elsewhere(two_node_mesh):
+    first_node = two_node_mesh.node_ids[0]
+    pinned = lattica.NodeAffinitySchedulingStrategy(first_node, soft=False)
+    for _ in range(4):
+        # the first takes the first node's slot; the second is placed on what this driver saw
+        # of the slots before (it may pick the same node, which then refuses it)
+        first = Holder.options(resources={"slot": 1}, scheduling_strategy=pinned).remote()
+        second = Holder.options(resources={"slot": 1}).remote()
+        nodes = lattica.get([first.node.remote(), second.node.remote()], timeout=60)
+        assert nodes[0] == first_node and nodes[1] != first_node
+        lattica.kill(first)
+        lattica.kill(second)
