@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -159,7 +160,15 @@ class LabMesh:
             env=self.env,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            # the whole of its output in a file: the error comes before the shutdown's noise
+            with tempfile.NamedTemporaryFile(
+                "w", prefix=f"{name}-", suffix=".log", delete=False
+            ) as log:
+                log.write(proc.stdout + "\n---- stderr\n" + proc.stderr)
+            raise RuntimeError(
+                f"{name} failed (its output: {log.name}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-5000:]}"
+            )
         print(proc.stdout)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
