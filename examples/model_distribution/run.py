@@ -66,7 +66,8 @@ def fetch_all(peers: list, cid: str, n_tensors: int, show: bool) -> dict:
                 else:
                     summaries[i] = event
         except Exception as exc:
-            errors[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            errors[i] = f"{type(exc).__name__}: {' / '.join(lines[:1] + lines[-2:])}"
 
     threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(peers))]
     for t in threads:
