@@ -173,8 +173,12 @@ async def run(args: argparse.Namespace) -> None:
     resources = default_resources(
         args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
     )
+    from latticaray.runtime.errors import CredentialError
+
     try:
         mesh_runtime = _prepare(args)
+    except CredentialError:  # main() says why and exits with 2
+        raise
     except ValueError as exc:  # bad options: say what, without a traceback
         raise SystemExit(f"latticaray start: {exc}") from None
     node = RuntimeNode(mesh_runtime.node_id, resources)

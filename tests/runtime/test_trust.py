@@ -39,6 +39,9 @@ from latticaray.mesh.dht.records import Record
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
 from latticaray.mesh.identity import PeerId
+from latticaray.mesh.libp2p.identify import IDENTIFY_PROTOCOL as LIBP2P_IDENTIFY
+from latticaray.mesh.libp2p.identify import IDENTIFY_PUSH_PROTOCOL
+from latticaray.mesh.libp2p.ping import PING_PROTOCOL as LIBP2P_PING
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.bitswap import PROTOCOL_ID as BITSWAP_PROTOCOL
 from latticaray.objectstore.exchange import REPLICATE_PROTOCOL_ID
@@ -78,7 +81,15 @@ PRIVATE = {
 }
 #: Served to anyone: the door itself, and the mesh's public plumbing (DHT routing is public;
 #: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential).
-PUBLIC = {ADMIT_PROTOCOL, DHT_PROTOCOL, IDENTIFY_PROTOCOL, PING_PROTOCOL}
+PUBLIC = {
+    ADMIT_PROTOCOL,
+    DHT_PROTOCOL,
+    IDENTIFY_PROTOCOL,
+    PING_PROTOCOL,
+    LIBP2P_IDENTIFY,  # libp2p's identify, identify push and ping: public by their spec
+    IDENTIFY_PUSH_PROTOCOL,
+    LIBP2P_PING,
+}
 
 
 class _CreatesFileWhenUnpickled:

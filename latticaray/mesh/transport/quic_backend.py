@@ -11,7 +11,7 @@ same interface (:class:`QuicEngine`):
 
 Each backend module provides a :class:`QuicBackend` (configuration and connection factory) and a
 connection class satisfying :class:`QuicEngine`. ``QuicConfig.backend`` picks one ("auto": qh3
-when it imports, else aioquic); :func:`load_backend` resolves the name.
+when it imports, else aioquic); :func:`.quic_loader.load_backend` resolves the name.
 """
 
 from __future__ import annotations
@@ -28,17 +28,12 @@ if TYPE_CHECKING:
     from .quic_pmtu import PmtuSearch
 
 __all__ = [
-    "BACKENDS",
     "EventTypes",
     "QuicBackend",
     "QuicEngine",
     "check_pinned_version",
     "common_configuration",
-    "load_backend",
 ]
-
-#: The backend names ``QuicConfig.backend`` accepts besides "auto", preferred first.
-BACKENDS = ("qh3", "aioquic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,24 +175,3 @@ def common_configuration(
         "initial_rtt": config.initial_rtt,
         "server_name": None,
     }
-
-
-def load_backend(name: str) -> QuicBackend:
-    """The backend called ``name`` ("auto": qh3 when it imports, else aioquic).
-
-    Raises ImportError when the named library is missing or is not the version its overrides
-    were written against, and ValueError for an unknown name."""
-    if name == "auto":
-        try:
-            return load_backend("qh3")
-        except ImportError:
-            return load_backend("aioquic")
-    if name == "qh3":
-        from .quic_qh3 import BACKEND as qh3_backend
-
-        return qh3_backend
-    if name == "aioquic":
-        from .quic_aioquic import BACKEND as aioquic_backend
-
-        return aioquic_backend
-    raise ValueError(f"unknown QUIC backend {name!r} (expected 'auto' or one of {BACKENDS})")

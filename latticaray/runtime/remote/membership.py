@@ -320,11 +320,11 @@ class Membership:
         """A peer that is no member any more: settled like a departed one, and disconnected."""
         self.admission.forget(node_id)
         self.remote.stats["peers_cut_off"] += 1
-        self.liveness.unwatch(node_id)  # never redialed
         peer = self.peers.get(node_id)
         if peer is not None:
             self.peer_gone(node_id, why)
             self.spawn(self._disconnect(peer.peer_id))
+        self.liveness.unwatch(node_id)  # never redialed (peer_gone left it watched as DOWN)
 
     async def _disconnect(self, peer_id: Any) -> None:
         try:

@@ -325,28 +325,37 @@ class RemoteObjects:
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
-        if await self.same_host.copy(cid, [peer.peer_id]):
-            return True
         exchange = self.remote.exchange
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
-        fetch = loop.create_task(
-            exchange.fetch(
-                cid,
-                timeout=FETCH_DEADLINE,
-                peers=[peer.peer_id, *peers],
-                stall_timeout=stall,
-            )
-        )
+        # a holder on this host: its store file first (it may die meanwhile: then it is not asked)
+        copying = loop.create_task(self.same_host.copy(cid, [peer.peer_id]))
+        fetch = None
         try:
-            await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([copying, gone], return_when=asyncio.FIRST_COMPLETED)
+            if copying.done() and copying.result():
+                return True
+            if copying.done():  # no file to copy: the exchange, while the holder lives
+                fetch = loop.create_task(
+                    exchange.fetch(
+                        cid,
+                        timeout=FETCH_DEADLINE,
+                        peers=[peer.peer_id, *peers],
+                        stall_timeout=stall,
+                    )
+                )
+                await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if not copying.done():
+                copying.cancel()
             if gone in waiters:
                 waiters.remove(gone)
                 if not waiters:
                     self.gone_waiters.pop(holder, None)
+        if fetch is None:  # the holder died during the copy
+            return False
         if not fetch.done():
             # a run from the dead holder that got nothing ends now: one that went on would
             # be joined by later fetches of the CID and never ask the node a re-run puts it on
