@@ -172,6 +172,15 @@ class LabMesh:
         print(proc.stdout)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    def tx_bytes(self, host: str) -> int:
+        """Bytes `host` has sent so far on its eth0 (its uplink)."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", f"{self.prefix}-{host}",
+             "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        return int(out.stdout)
+
     def shape_uplinks(self, hosts: list[str], rate_mbit: float) -> None:
         """Every host's eth0 egress limited to `rate_mbit` (bench/objects_swarm.py's shaping)."""
         sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -226,11 +235,23 @@ def main(argv: list[str] | None = None) -> int:
                 lab.start_node(host, {"ckpt_peer": 1})
             if args.rate_mbit:
                 lab.shape_uplinks(["hostA", "hostB", *peers], args.rate_mbit)
-            lab.run_example(
+            sent = {host: lab.tx_bytes(host) for host in ("hostB", *peers)}
+            report = lab.run_example(
                 "hostA",
                 "model_distribution",
                 ["--peers", str(args.peers), "--count-tx", "eth0", "--no-bars", *args.rest],
                 timeout=3600,
+            )
+            # what the other hosts uploaded over the whole example: hostB's fetch of the 1-peer
+            # run sends only requests and acknowledgements, so the rest of hostB's is what it
+            # served the N peers afterwards from the copy it then holds (so do the N peers)
+            sent = {host: (lab.tx_bytes(host) - n) / 1e6 for host, n in sent.items()}
+            size = report["bytes"] / 1e6
+            print(
+                f"uploaded over the whole example: hostB {sent['hostB']:.1f} MB "
+                f"({sent['hostB'] / size:.2f} copies), the {len(peers)} peers "
+                f"{sum(sent[h] for h in peers):.1f} MB "
+                f"({sum(sent[h] for h in peers) / size:.2f} copies)"
             )
         finally:
             lab.stop()
