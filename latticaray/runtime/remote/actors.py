@@ -241,6 +241,7 @@ class OwnedActors:
             target = self.node_id
         owned.host = target
         self.location[owned.aid] = target
+        owned.creating = False  # a create to the dead node is not answered
         if target == self.node_id:
             message = dict(owned.message)
             message["opts"] = dict(message["opts"], max_restarts=0)
