@@ -44,21 +44,33 @@ class Mesh:
                 raise TimeoutError(f"only {len(found)} of {count} nodes offering {resource!r}")
             time.sleep(0.05)
 
-    def wait_until_free(self, resource: str, timeout: float = 60.0) -> None:
-        """Wait until every unit of `resource` in the mesh is available again. A killed actor's
-        resources come back after kill() returns, and an actor created before then that needs
-        them is refused at once (tests/examples/test_runtime_findings.py)."""
-        deadline = time.monotonic() + timeout
-        while lattica.available_resources().get(resource, 0) < lattica.cluster_resources().get(
-            resource, 0
-        ):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{resource!r} was not released within {timeout} s")
-            time.sleep(0.05)
-
     def stop(self) -> None:
         stop_processes(self.processes)
         lattica.shutdown()
+
+
+def paths_between(node_ids: list[str]) -> list[dict]:
+    """How the nodes `node_ids` are connected to each other, as the state API reports it: one
+    {"src", "dst", "path" (direct, punched, relayed, unix), "transport", "rtt_ms"} per link
+    (the node ids cut to 12 characters); empty if the state could not be read."""
+    from latticaray.util import state
+
+    wanted = set(node_ids)
+    try:
+        links = state.list_links(raise_on_missing_output=False, timeout=10)
+    except Exception:
+        return []
+    return [
+        {
+            "src": link.src[:12],
+            "dst": link.dst[:12],
+            "path": link.path,
+            "transport": link.transport,
+            "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 1),
+        }
+        for link in links
+        if link.src in wanted and link.dst in wanted
+    ]
 
 
 def read_ready_line(proc: subprocess.Popen, timeout: float) -> dict:
@@ -112,10 +124,14 @@ def machine_info(**versions: str) -> dict:
 
 
 def start_local(
-    node_resources: list[dict], cpus_per_node: float = 1, driver_cpus: float = 1
+    node_resources: list[dict],
+    cpus_per_node: float = 1,
+    driver_cpus: float = 1,
+    driver_listen: tuple[str, ...] = ("/ip4/127.0.0.1/udp/0/quic-v1",),
 ) -> Mesh:
-    """This process as an embedded driver node plus one node process per `node_resources`."""
-    lattica.init(_mesh=True, num_cpus=driver_cpus, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    """This process as an embedded driver node (listening on `driver_listen`; the node
+    processes bootstrap from the first) plus one node process per `node_resources`."""
+    lattica.init(_mesh=True, num_cpus=driver_cpus, listen=list(driver_listen))
     info = lattica.mesh_info()
     invite = lattica.invite()
     mesh = Mesh()

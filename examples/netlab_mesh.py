@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -159,9 +160,26 @@ class LabMesh:
             env=self.env,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            # the whole of its output in a file: the error comes before the shutdown's noise
+            with tempfile.NamedTemporaryFile(
+                "w", prefix=f"{name}-", suffix=".log", delete=False
+            ) as log:
+                log.write(proc.stdout + "\n---- stderr\n" + proc.stderr)
+            raise RuntimeError(
+                f"{name} failed (its output: {log.name}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-5000:]}"
+            )
         print(proc.stdout)
         return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def tx_bytes(self, host: str) -> int:
+        """Bytes `host` has sent so far on its eth0 (its uplink)."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", f"{self.prefix}-{host}",
+             "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        return int(out.stdout)
 
     def shape_uplinks(self, hosts: list[str], rate_mbit: float) -> None:
         """Every host's eth0 egress limited to `rate_mbit` (bench/objects_swarm.py's shaping)."""
@@ -217,11 +235,23 @@ def main(argv: list[str] | None = None) -> int:
                 lab.start_node(host, {"ckpt_peer": 1})
             if args.rate_mbit:
                 lab.shape_uplinks(["hostA", "hostB", *peers], args.rate_mbit)
-            lab.run_example(
+            sent = {host: lab.tx_bytes(host) for host in ("hostB", *peers)}
+            report = lab.run_example(
                 "hostA",
                 "model_distribution",
                 ["--peers", str(args.peers), "--count-tx", "eth0", "--no-bars", *args.rest],
                 timeout=3600,
+            )
+            # what the other hosts uploaded over the whole example: hostB's fetch of the 1-peer
+            # run sends only requests and acknowledgements, so the rest of hostB's is what it
+            # served the N peers afterwards from the copy it then holds (so do the N peers)
+            sent = {host: (lab.tx_bytes(host) - n) / 1e6 for host, n in sent.items()}
+            size = report["bytes"] / 1e6
+            print(
+                f"uploaded over the whole example: hostB {sent['hostB']:.1f} MB "
+                f"({sent['hostB'] / size:.2f} copies), the {len(peers)} peers "
+                f"{sum(sent[h] for h in peers):.1f} MB "
+                f"({sum(sent[h] for h in peers) / size:.2f} copies)"
             )
         finally:
             lab.stop()

@@ -31,18 +31,17 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def make_checkpoint(total_bytes: int, d_model: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
-    """Layers of 4 attention and 2 MLP (d x 4d) float16 matrices until `total_bytes` is reached."""
+    """An embedding and layers of 4 attention and 2 MLP (d x 4d) float16 matrices, as many
+    layers as fit `total_bytes` at width about `d_model`, the width then fitted so that the
+    whole is just under `total_bytes`."""
     rng = np.random.default_rng(seed)
-    d = max(8, min(d_model, int((total_bytes / 2 / 13) ** 0.5)))  # at least one layer fits
-    shapes: list[tuple[str, tuple[int, int]]] = [("embed", (max(1, d // 4), d))]
-    layer = 0
-    while True:
-        block = [(f"layers.{layer}.attn.{m}", (d, d)) for m in ("wq", "wk", "wv", "wo")]
-        block += [(f"layers.{layer}.mlp.up", (d, 4 * d)), (f"layers.{layer}.mlp.down", (4 * d, d))]
-        if sum(2 * a * b for _, (a, b) in shapes + block) > total_bytes:
-            break
-        shapes += block
-        layer += 1
+    n_layers = max(1, round(total_bytes / (24 * d_model**2)))  # a layer: 12 d^2 float16s
+    # 2 bytes x (embedding d/4 x d + 12 d^2 per layer) <= total_bytes
+    d = max(8, int((total_bytes / (2 * (12 * n_layers + 0.25))) ** 0.5) // 4 * 4)
+    shapes: list[tuple[str, tuple[int, int]]] = [("embed", (d // 4, d))]
+    for layer in range(n_layers):
+        shapes += [(f"layers.{layer}.attn.{m}", (d, d)) for m in ("wq", "wk", "wv", "wo")]
+        shapes += [(f"layers.{layer}.mlp.up", (d, 4 * d)), (f"layers.{layer}.mlp.down", (4 * d, d))]
     return {
         name: rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
         for name, shape in shapes

@@ -66,7 +66,8 @@ def fetch_all(peers: list, cid: str, n_tensors: int, show: bool) -> dict:
                 else:
                     summaries[i] = event
         except Exception as exc:
-            errors[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            errors[i] = f"{type(exc).__name__}: {' / '.join(lines[:1] + lines[-2:])}"
 
     threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(peers))]
     for t in threads:
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         report.update(cid=cid, bytes=size, tensors=len(keep) - 1)
         for count, resource in ((1, SOLO_RESOURCE), (args.peers, PEER_RESOURCE)):
+            # the nodes again: a long put (a large checkpoint on a busy machine) may have kept
+            # this driver from hearing them for a while
+            mesh.wait_for_nodes(resource, count, timeout=120)
             peers = [
                 checkpoint.Peer.options(resources={resource: 1}).remote() for _ in range(count)
             ]

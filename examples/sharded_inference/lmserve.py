@@ -292,7 +292,7 @@ def deploy(
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, index)
         next_stage = Stage.options(**options).remote(cfg, first, last, next_stage)
         stages.insert(0, next_stage)
-    server = LMServer.options(max_concurrency=1000, **(server_options or {})).remote(cfg, stages)
+    server = LMServer.options(**(server_options or {})).remote(cfg, stages)
     return server, stages
 
 

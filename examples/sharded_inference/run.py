@@ -111,6 +111,9 @@ def run_sharded(
                 local.append(baseline())
             runs.append(stream_requests(server, prompts, max_new))
         result = {"runs": runs, "local": local, "placed": placed}
+        # which path (direct, hole-punched, relayed) each hop took: driver -> stage 0 -> ...
+        hops = [lattica.get_runtime_context().node_id, *(p["node"] for p in placed)]
+        result["paths"] = localmesh.paths_between(hops)
         if kill is not None:
             result["kill"] = kill_stage_mid_generation(server, stages, prompts, max_new, *kill)
         result["server_stats"] = lattica.get(server.stats.remote(), timeout=60)
@@ -222,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for count in counts:
             kill = (args.kill_stage, args.kill_after) if args.kill_stage is not None else None
-            mesh.wait_until_free(STAGE_RESOURCE)  # the previous setup's stages are gone
             result = run_sharded(
                 cfg, count, prompts, args.max_new, args.repeat, kill,
                 baseline=lambda: lmserve.run_local(cfg, prompts, args.max_new),
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_runs": [round(r[1]["tokens_per_s"], 1) for r in result["local"]],
                 "sharded_runs": [round(r["tokens_per_s"], 1) for r in result["runs"]],
                 "server_stats": result["server_stats"],
+                "paths": result["paths"],
             }
             for row in rows:
                 print(
@@ -259,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"max {row['ttft_max_ms']:.0f} ms"
                 )
             print(f"  sharded token ids equal the single-process ones: {exact}")
+            if result["paths"]:
+                print(
+                    "  links: "
+                    + ", ".join(
+                        f"{p['src'][-4:]}->{p['dst'][-4:]} {p['path']}/{p['transport']}"
+                        f" {p['rtt_ms']} ms"
+                        for p in result["paths"]
+                    )
+                )
             stats = result["server_stats"]
             print(
                 f"  continuous batching: {stats['steps']} steps, "

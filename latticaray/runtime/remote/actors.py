@@ -5,7 +5,8 @@ The node that creates an actor owns it. When placement puts it on a peer, this m
 task session to the host (`create`, `acall`), in the order they were made, and restarts it on
 another node when its host dies, while `max_restarts` allows; calls in flight on a dead host
 are retried while theirs allow. An actor no admitted node can host waits for DHT capacity ads
-(capacity.py), its calls queued here meanwhile.
+(capacity.py), its calls queued here meanwhile. Calls go once the host answered the creation; a
+host with no room for it then (placed on an out-of-date view) has it placed again elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from latticaray.runtime.remote.membership import Peer
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
+#: hosts that may refuse one actor for lack of room before its creation fails
+MAX_REFUSALS = 8
+
 
 class OwnedActor:
     """An actor this node created (owns): where it lives and how many restarts it used."""
@@ -36,6 +40,10 @@ class OwnedActor:
         self.restarts = 0
         self.max_restarts = int(message["opts"].get("max_restarts", 0))
         self.dead_cause: str | None = None
+        # a create sent to `host` and not answered yet: its calls wait (a host with no room
+        # refuses it, and it is created elsewhere)
+        self.creating = False
+        self.refused: set[str] = set()  # hosts that had no room for it when asked
 
 
 class OwnedActors:
@@ -139,13 +147,16 @@ class OwnedActors:
 
     def create_remote(self, message: dict, target: str) -> dict:
         aid = message["aid"]
-        owned = OwnedActor(aid, message, target)
-        self.owned[aid] = owned
+        owned = self.owned.get(aid)
+        if owned is None or owned.dead_cause is not None:
+            owned = self.owned[aid] = OwnedActor(aid, message, target)
+        owned.host = target
         self.location[aid] = target
         self._send_create(owned, target)
         return {"aid": aid, "node": target}
 
     def _send_create(self, owned: OwnedActor, target: str) -> None:
+        owned.creating = True
         message = owned.message
         caller = self.remote.caller
         link = caller.link_to(target)
@@ -180,11 +191,47 @@ class OwnedActors:
             self._send_create(owned, peer.node_id)
 
     def created(self, aid: bytes, error: bytes | None) -> None:
-        """The host's answer to a `create`: an error kills the actor and fails its calls."""
+        """The host's answer to a `create`: its calls go; a host with no room for the actor
+        (it was placed on a view that was out of date, or another owner's actor got there
+        first) has it created elsewhere; any other error kills it and fails its calls."""
         owned = self.owned.get(aid)
-        if owned is not None and error is not None:
-            owned.dead_cause = str(serialization.deserialize(error))
+        if owned is None or not owned.creating:
+            return
+        owned.creating = False
+        if error is not None:
+            exc = serialization.deserialize(error)
+            if isinstance(exc, TaskUnschedulableError) and self._place_elsewhere(owned, exc):
+                return
+            owned.dead_cause = str(exc)
             self.fail_calls(owned.aid, owned.dead_cause)
+            return
+        self.pump(aid)
+
+    def _place_elsewhere(self, owned: OwnedActor, refusal: TaskUnschedulableError) -> bool:
+        """Create a refused actor on another node that fits, or let it wait for one as an
+        actor that no node can host now does (capacity.py); False: the refusal stands (a hard
+        node affinity, a node refused too often, nowhere to wait)."""
+        message = owned.message
+        strategy = message["opts"].get("strategy")
+        owned.refused.add(owned.host)
+        if isinstance(strategy, dict) and not strategy.get("soft"):
+            return False
+        if len(owned.refused) > MAX_REFUSALS or owned.dead_cause is not None:
+            return False
+        demand = message["opts"].get("resources") or {}
+        target = self.remote.placer.place(owned.aid.hex(), demand, strategy, owned.refused)
+        if isinstance(target, str) and target != self.node_id:
+            self.stats["actor_creations_refused"] += 1
+            owned.host = target
+            self.location[owned.aid] = target
+            self._send_create(owned, target)
+            return True
+        if self.remote.capacity is None:
+            return False
+        self.stats["actor_creations_refused"] += 1
+        owned.host = self.node_id  # calls wait in the outbox meanwhile
+        self.location[owned.aid] = self.node_id
+        return self._defer(message, refusal.reason) is DEFERRED
 
     # ------------------------------------------------------------------ restarts
     def peer_gone(self, node_id: str) -> None:
@@ -210,6 +257,7 @@ class OwnedActors:
             target = self.node_id
         owned.host = target
         self.location[owned.aid] = target
+        owned.creating = False  # a create to the dead node is not answered
         if target == self.node_id:
             message = dict(owned.message)
             message["opts"] = dict(message["opts"], max_restarts=0)
@@ -287,6 +335,8 @@ class OwnedActors:
         if owned is not None and owned.dead_cause is not None:
             self.fail_calls(aid, owned.dead_cause)
             return
+        if owned is not None and owned.creating:
+            return  # sent once the host has it (created)
         node = self.node
         membership = self.remote.membership
         while outbox and outbox[0].deps_left == 0:
