@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fedavg
 import numpy as np
-from conftest import run_example
+from exampleutil import run_example
 
 
 def test_shards_are_non_iid_and_cover_the_training_data():

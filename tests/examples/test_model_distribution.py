@@ -5,7 +5,7 @@ from __future__ import annotations
 import checkpoint
 import numpy as np
 import pytest
-from conftest import run_example
+from exampleutil import run_example
 
 
 @pytest.mark.parametrize("size", [400_000, 8_000_000, 200_000_000])

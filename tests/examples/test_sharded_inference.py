@@ -6,7 +6,7 @@ import lmserve
 import numpy as np
 import pytest
 import tinylm
-from conftest import run_example
+from exampleutil import run_example
 
 SMALL = tinylm.Config(vocab=256, d_model=128, n_layers=4, n_heads=2, d_ff=512, max_seq=96)
 
