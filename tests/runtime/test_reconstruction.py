@@ -435,7 +435,9 @@ def test_borrower_gets_owners_reason_when_lost_object_cannot_be_reexecuted(mesh,
     """A borrowed object whose task has max_retries=0: the owner answers ObjectLostError."""
     node_bb = mesh["nodes"][0]
     x_runs = str(tmp_path / "x")
-    x = made_big.options(scheduling_strategy=on(node_b), max_retries=0).remote(x_runs, 1)
+    x = made_big.options(scheduling_strategy=on(node_b), max_retries=0).remote(
+        x_runs, 11
+    )  # content no other test made (a leftover copy would serve it)
     assert lattica.wait([x], timeout=60)[0] == [x]
     borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
     assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
@@ -467,7 +469,9 @@ def test_borrowed_argument_its_owner_released_is_lost_for_a_reexecution(mesh, no
     so (the documented limit)."""
     node_bb = mesh["nodes"][0]
     x_runs, y_runs = str(tmp_path / "x"), str(tmp_path / "y")
-    x = made_big.options(scheduling_strategy=on(node_b)).remote(x_runs, 4)
+    x = made_big.options(scheduling_strategy=on(node_b)).remote(
+        x_runs, 8
+    )  # content no other test made
     assert lattica.wait([x], timeout=60)[0] == [x]
     borrower = Borrower.options(scheduling_strategy=on(node_bb, soft=False)).remote()
     assert lattica.get(borrower.keep.remote([x]), timeout=60) == 1
