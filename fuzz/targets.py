@@ -28,7 +28,13 @@ from latticaray.objectstore import bitswap, dagcbor
 from latticaray.objectstore.cid import DAG_CBOR, Cid
 from latticaray.objectstore.errors import ObjectStoreError
 from latticaray.objectstore.manifest import Manifest, build_manifest
-from latticaray.runtime.admission import Credential, MeshKey
+from latticaray.runtime import meshdht
+from latticaray.runtime.admission import (
+    Credential,
+    MeshKey,
+    verify_credential,
+    verify_revocation,
+)
 from latticaray.runtime.errors import CredentialError
 from latticaray.state.atoms import decode_atom, encode_atom, sign_atom, verify_atom
 from latticaray.state.errors import StateError
@@ -149,9 +155,28 @@ def _nat_seeds() -> list[bytes]:
     ]
 
 
+@functools.cache
+def _mesh_key() -> MeshKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return MeshKey(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
+
+
 def _credential_seeds() -> list[bytes]:
-    mesh = MeshKey.generate()
-    return [mesh.issue().encode(), mesh.issue(str(_key().peer_id), ttl=60).encode()]
+    mesh = _mesh_key()
+    peer = str(_key().peer_id)
+    return [
+        mesh.issue().encode(),
+        mesh.issue(peer, ttl=60).encode(),
+        mesh.issue(peer, role="observer").encode(),
+        mesh.revoke(peer).encode(),
+        mesh.revoke(None, bytes(16)).encode(),
+    ]
+
+
+def _mesh_record_seeds() -> list[bytes]:
+    credential = _mesh_key().issue(str(_key().peer_id), ttl=3600)
+    return [meshdht.seal(credential, b'{"v": 1}'), meshdht.seal("lrc1.x.y", b"")]
 
 
 # ----------------------------------------------------------------------------------- targets
@@ -224,7 +249,40 @@ def _nat(data: bytes) -> None:
 
 
 def _credential(data: bytes) -> None:
-    Credential.parse(_text(data))
+    _each(
+        data,
+        (CredentialError,),
+        lambda d: Credential.parse(_text(d)),
+        lambda d: verify_revocation(_text(d), _mesh_key().public_bytes),
+    )
+
+
+class _RecordOf:
+    """A DHT record as MemberRecords reads one: the fuzzer's bytes are its value."""
+
+    def __init__(self, value: bytes) -> None:
+        self.publisher = _key().peer_id.to_bytes()
+        self.subkey = self.publisher
+        self.key = b"lr1/x/capacity/CPU"
+        self.value = value
+
+
+@functools.cache
+def _member_records() -> meshdht.MemberRecords:
+    mesh_public = _mesh_key().public_bytes
+
+    def check(publisher: str, text: str) -> Credential:
+        return verify_credential(text, mesh_public, publisher, now=0.0)
+
+    return meshdht.MemberRecords(b"lr1/x/", check)
+
+
+def _mesh_record(data: bytes) -> None:
+    try:
+        meshdht.unseal(data)
+    except ValueError:
+        pass
+    _member_records().validate(_RecordOf(data))
 
 
 TARGETS: dict[str, Target] = {
@@ -276,7 +334,14 @@ TARGETS: dict[str, Target] = {
             _credential,
             (CredentialError,),
             _credential_seeds,
-            "membership credentials",
+            "membership credentials and revocations",
+        ),
+        Target(
+            "mesh_record",
+            _mesh_record,
+            (DhtError,),
+            _mesh_record_seeds,
+            "a mesh's runtime DHT records: the credential envelope and its check",
         ),
     )
 }
