@@ -25,11 +25,13 @@ demo-mesh: $(STAMP)
 test: $(STAMP) interop-deps browser-deps
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
-# ruff (rules in pyproject.toml), the formatter's check, and mypy over the package
+# ruff (rules in pyproject.toml), the formatter's check, mypy over the package (strict for the
+# sans-I/O cores), and no import cycle (annotation-only TYPE_CHECKING imports aside)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check latticaray tests bench examples fuzz
-	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz
+	$(VENV)/bin/ruff check latticaray tests bench examples fuzz tools
+	$(VENV)/bin/ruff format --check latticaray tests bench examples fuzz tools
 	$(VENV)/bin/mypy
+	$(VPY) tools/importcycles.py --runtime-only latticaray
 
 # coverage-guided fuzzing of every network decoder (atheris); FUZZ_SECONDS per target
 FUZZ_SECONDS ?= 60

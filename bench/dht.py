@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from latticaray.mesh.dht.core import DhtConfig
+from latticaray.mesh.dht.config import DhtConfig
 from latticaray.mesh.dht.records import Record
 from latticaray.mesh.sim.dht import SimDht
 

@@ -21,7 +21,9 @@
    used printed beside each figure (bench/objects_swarm.py). ``--swarm-where``, ``--swarm-peers``,
    ``--swarm-size-mb`` narrow it.
 4. with --netlab (root): 100 MB from a seed on netlab's pub1 to pub2 (public) and to hostA (behind
-   a cone NAT, dialing out: a direct path), over TCP and QUIC: MB/s. Real kernel routing and NAT,
+   a cone NAT, dialing out: a direct path), over TCP, QUIC (qh3) and QUIC on aioquic
+   (``--netlab-transports``), alternating per repetition: MB/s. ``--netlab-wan 25,0.5`` runs it
+   across a WAN with 25 ms delay and 0.5 % loss each way (hostA only). Real kernel routing and NAT,
    one machine. Baselines in the same run between the same namespaces: a raw TCP stream, a Python
    ssl TLS 1.3 stream, and the bare RPC stream (1 MiB messages, no store) per transport; the path
    the fetcher used is printed; CPU seconds per 100 MB of both processes and their share of time
@@ -289,16 +291,19 @@ async def _node_main(
 ) -> None:
     from latticaray.mesh.multiaddr import Multiaddr
     from latticaray.mesh.node import MeshConfig, MeshNode
+    from latticaray.mesh.transport.quic import QuicConfig
     from latticaray.objectstore.cid import BLAKE3, SHA2_256
     from latticaray.objectstore.exchange import ExchangeConfig, ObjectExchange
     from latticaray.objectstore.store import LocalStore
 
+    kind, _, backend = transport.partition("@")  # "quic@aioquic": QUIC on that library
     listen = {
         "quic": [f"/ip4/{listen_ip}/udp/0/quic-v1"],
         "tcp": [f"/ip4/{listen_ip}/tcp/0"],
         "unix": [],
-    }[transport]
-    node = MeshNode(MeshConfig(listen=listen, transports=(transport,)))
+    }[kind]
+    quic = QuicConfig(backend=backend or "auto")
+    node = MeshNode(MeshConfig(listen=listen, transports=(kind,), quic=quic))
     await node.start()
     spill = tempfile.mkdtemp(prefix="bench-spill-")
     # the seed's hash names the blocks; fetchers verify with it
@@ -348,6 +353,17 @@ async def _node_main(
                         (c.transport, str(c.remote_addr), c.relayed, "out" if c.outbound else "in")
                         for c in node.connections.connections()
                     ]
+                )
+            elif command == "quic":  # the QUIC library and datagram sizes of this node's links
+                transport = node.quic
+                conn.send(
+                    None
+                    if transport is None
+                    else {
+                        "backend": transport.backend.name,
+                        "datagram_sizes": [c.max_datagram_size for c in transport.connections],
+                        "batched_io": transport._udp.batched if transport._udp else None,
+                    }
                 )
             elif command == "pull_bulk":  # bare RPC stream of arg[1] bytes from arg[0]: no store
                 from latticaray.mesh.identity import PeerId
@@ -477,9 +493,17 @@ def bench_swarm(
     return out
 
 
-NETLAB = os.environ.get("NETLAB") or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "netlab", "netlab"
-)
+def _find_netlab() -> str:
+    """../shared/netlab/netlab beside the checkout (or beside its worktree folder)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for up in (("..",), ("..", "..")):
+        path = os.path.normpath(os.path.join(root, *up, "shared", "netlab", "netlab"))
+        if os.path.exists(path):
+            return path
+    return os.path.normpath(os.path.join(root, "..", "shared", "netlab", "netlab"))
+
+
+NETLAB = os.environ.get("NETLAB") or _find_netlab()
 
 
 def _enter_netns(netns: str) -> None:
@@ -584,91 +608,137 @@ def _spread(values: list[float]) -> dict:
     return {"min": values[0], "median": values[len(values) // 2], "max": values[-1]}
 
 
-def bench_node_pair(
-    transport: str, size: int, shm_base: str, seed_at: tuple, fetcher_at: tuple, reps: int
-) -> dict:
-    """One seed and one fetcher node process: per repetition the bare RPC stream baseline (1 MiB
-    messages, no store) and an exchange fetch of a fresh object, each with the CPU seconds both
-    processes used and the seconds they waited for a CPU (load from other jobs)."""
-    seed = NodeProcess(transport, shm_base, netns=seed_at[0], listen_ip=seed_at[1])
-    fetcher = NodeProcess(transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1])
-    runs: dict[str, list] = {"rpc_bulk": [], "exchange": []}
-    try:
-        seed_addrs = seed.ask("info")
-        fetcher.ask("connect", seed_addrs)
-        seed_peer = seed_addrs[0].rsplit("/p2p/", 1)[1]
-        paths = fetcher.ask("path")
-        for rep in range(reps):
-            cid = seed.ask("put", (size, 100 + rep))
-            seed.ask("settle", 60)  # the store's background spare must not compete with the fetch
-            for what in ("rpc_bulk", "exchange"):
-                before = (seed.ask("cpu"), fetcher.ask("cpu"))
-                if what == "rpc_bulk":
-                    got, seconds, _ = fetcher.ask("pull_bulk", (seed_peer, size // MiB * MiB))
-                else:
-                    got, seconds = size, fetcher.ask("fetch", cid)
-                after = (seed.ask("cpu"), fetcher.ask("cpu"))
-                runs[what].append(
-                    {
-                        "MBps": round(got / seconds / MB, 1),
-                        "cpu_s_per_100MB": {
-                            side: round((after[i][0] - before[i][0]) * 100 * MB / got, 3)
-                            for i, side in enumerate(("seed", "fetcher"))
-                        },
-                        "cpu_wait_share": {
-                            side: round((after[i][1] - before[i][1]) / seconds, 2)
-                            for i, side in enumerate(("seed", "fetcher"))
-                        },
-                    }
-                )
+class NodePair:
+    """A seed and a fetcher node process over one transport, connected, for repeated fetches."""
+
+    def __init__(self, transport: str, shm_base: str, seed_at: tuple, fetcher_at: tuple) -> None:
+        self.transport = transport
+        self.seed = NodeProcess(transport, shm_base, netns=seed_at[0], listen_ip=seed_at[1])
+        self.fetcher = NodeProcess(
+            transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1]
+        )
+        seed_addrs = self.seed.ask("info")
+        self.fetcher.ask("connect", seed_addrs)
+        self.seed_peer = seed_addrs[0].rsplit("/p2p/", 1)[1]
+        self.runs: dict[str, list] = {"rpc_bulk": [], "exchange": []}
+
+    def measure(self, size: int, rep: int) -> None:
+        """The bare RPC stream baseline (1 MiB messages, no store) and an exchange fetch of a
+        fresh object, each with the CPU seconds both processes used and the seconds they waited
+        for a CPU (load from other jobs)."""
+        seed, fetcher = self.seed, self.fetcher
+        cid = seed.ask("put", (size, 100 + rep))
+        seed.ask("settle", 60)  # the store's background spare must not compete with the fetch
+        for what in ("rpc_bulk", "exchange"):
+            before = (seed.ask("cpu"), fetcher.ask("cpu"))
+            if what == "rpc_bulk":
+                got, seconds, _ = fetcher.ask("pull_bulk", (self.seed_peer, size // MiB * MiB))
+            else:
+                got, seconds = size, fetcher.ask("fetch", cid)
+            after = (seed.ask("cpu"), fetcher.ask("cpu"))
+            self.runs[what].append(
+                {
+                    "MBps": round(got / seconds / MB, 1),
+                    "cpu_s_per_100MB": {
+                        side: round((after[i][0] - before[i][0]) * 100 * MB / got, 3)
+                        for i, side in enumerate(("seed", "fetcher"))
+                    },
+                    "cpu_wait_share": {
+                        side: round((after[i][1] - before[i][1]) / seconds, 2)
+                        for i, side in enumerate(("seed", "fetcher"))
+                    },
+                }
+            )
+
+    def result(self) -> dict:
         out = {
             "path": [
-                dict(zip(("transport", "remote_addr", "relayed", "direction"), p)) for p in paths
-            ]
+                dict(zip(("transport", "remote_addr", "relayed", "direction"), p))
+                for p in self.fetcher.ask("path")
+            ],
+            "quic": self.seed.ask("quic"),
         }
-        for what, items in runs.items():
+        for what, items in self.runs.items():
             out[what] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
         return out
+
+    def stop(self) -> None:
+        self.seed.stop()
+        self.fetcher.stop()
+
+
+def bench_node_pairs(
+    transports: tuple[str, ...],
+    size: int,
+    shm_base: str,
+    seed_at: tuple,
+    fetcher_at: tuple,
+    reps: int,
+) -> dict:
+    """One seed/fetcher pair per transport, measured in turn (transports alternate within each
+    repetition, so all of them see the same load)."""
+    pairs: list[NodePair] = []
+    try:
+        for transport in transports:
+            pairs.append(NodePair(transport, shm_base, seed_at, fetcher_at))
+        for rep in range(reps):
+            for pair in pairs:
+                pair.measure(size, rep)
+        return {pair.transport: pair.result() for pair in pairs}
     finally:
-        seed.stop()
-        fetcher.stop()
+        for pair in pairs:
+            pair.stop()
 
 
-def bench_netlab(size: int, shm_base: str, reps: int = 3) -> dict:
+#: Part 4's transports: TCP+TLS, QUIC on the default library (qh3), QUIC on aioquic.
+NETLAB_TRANSPORTS = ("tcp", "quic", "quic@aioquic")
+
+
+def bench_netlab(
+    size: int,
+    shm_base: str,
+    reps: int = 3,
+    transports: tuple[str, ...] = NETLAB_TRANSPORTS,
+    wan: tuple[float, float] | None = None,
+) -> dict:
     """Seed on pub1 (public, 198.18.0.11); fetchers on pub2 (public) and on hostA (behind a cone
     NAT, dialing out through it: a direct path, no relay, no hole punch needed). Per fetcher host
     and in the same run: raw TCP and Python ssl TLS 1.3 socket streams (baselines), then per
-    transport the bare RPC stream and the exchange fetch, ``reps`` times each."""
+    transport the bare RPC stream and the exchange fetch, ``reps`` times each, transports
+    alternating. ``wan`` = (delay ms, loss %) each way across the lab's internet: then only the
+    hostA fetcher (its packets cross the emulated WAN, as any site-to-site path does)."""
     import subprocess
 
     if os.geteuid() != 0 or not os.access(NETLAB, os.X_OK):
         return {"skipped": "needs root and the netlab script"}
     prefix = os.environ.get("NETLAB_PREFIX", "lrobj")
     env = dict(os.environ, NETLAB_PREFIX=prefix)
-    subprocess.run(
-        [NETLAB, "--prefix", prefix, "up", "--force"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    up = [NETLAB, "--prefix", prefix, "up", "--force"]
+    if wan is not None:
+        up += ["--wan-delay-ms", str(wan[0]), "--wan-loss-pct", str(wan[1])]
+    subprocess.run(up, env=env, check=True, capture_output=True, timeout=120)
     try:
         ns = lambda node: f"/run/netns/{prefix}-{node}"  # noqa: E731
         seed_at = (ns("pub1"), "198.18.0.11")
-        results: dict = {"seed": "pub1 198.18.0.11 (public)", "load_avg_before": os.getloadavg()}
-        for name, node, ip in (
+        results: dict = {
+            "seed": "pub1 198.18.0.11 (public)",
+            "wan": None if wan is None else {"delay_ms": wan[0], "loss_pct": wan[1]},
+            "load_avg_before": os.getloadavg(),
+        }
+        fetchers = [
             ("public_to_public", "pub2", "198.18.0.12"),
             ("behind_cone_nat_to_public", "hostA", "198.19.1.10"),
-        ):
+        ]
+        if wan is not None:
+            fetchers = fetchers[1:]
+        for name, node, ip in fetchers:
             fetcher_at = (ns(node), ip)
             host: dict = {"fetcher": f"{node} {ip}"}
             for label, tls in (("tcp_socket", False), ("tls13_socket", True)):
                 items = [bench_socket_stream(tls, size, seed_at, fetcher_at) for _ in range(reps)]
                 host[label] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
-            for transport in ("tcp", "quic"):
-                host[transport] = bench_node_pair(
-                    transport, size, shm_base, seed_at, fetcher_at, reps
-                )
+            host.update(bench_node_pairs(transports, size, shm_base, seed_at, fetcher_at, reps))
+            host["transports"] = list(transports)
             results[name] = host
         results["load_avg_after"] = os.getloadavg()
         return results
@@ -692,8 +762,17 @@ def _netlab_rows(netlab: dict) -> list:
                     f"{spread['min']}/{spread['median']}/{spread['max']}",
                 )
             )
-        for transport in ("tcp", "quic"):
+        for transport in host.get("transports", ("tcp", "quic")):
             pair = host[transport]
+            if pair.get("quic"):
+                quic = pair["quic"]
+                rows.append(
+                    (
+                        f"  {transport}: {quic['backend']}, seed's datagrams "
+                        f"{quic['datagram_sizes']} B",
+                        "",
+                    )
+                )
             path = ", ".join(
                 f"{p['transport']} {'relayed' if p['relayed'] else 'direct'} "
                 f"{p['direction']} to {p['remote_addr']}"
@@ -732,6 +811,17 @@ def main() -> None:
     parser.add_argument("--only-netlab", action="store_true")
     parser.add_argument("--netlab-reps", type=int, default=3, help="repetitions per part-4 measure")
     parser.add_argument(
+        "--netlab-transports",
+        default=",".join(NETLAB_TRANSPORTS),
+        help="part 4's transports: tcp, quic (the default QUIC library), quic@qh3, quic@aioquic",
+    )
+    parser.add_argument(
+        "--netlab-wan",
+        default=None,
+        metavar="DELAY_MS,LOSS_PCT",
+        help="part 4 across a WAN with this delay and loss each way (e.g. 25,0.5): hostA only",
+    )
+    parser.add_argument(
         "--only-same-host", action="store_true", help="memcpy, hashing and part 1 only"
     )
     parser.add_argument(
@@ -765,7 +855,17 @@ def main() -> None:
     figures: dict = {"size_MB": size // MB, "node_hash": NODE_HASH}
 
     if args.netlab or args.only_netlab:
-        figures["cross_host_netlab"] = bench_netlab(size, shm_base, args.netlab_reps)
+        wan = None
+        if args.netlab_wan:
+            delay, loss = (float(x) for x in args.netlab_wan.split(","))
+            wan = (delay, loss)
+        figures["cross_host_netlab"] = bench_netlab(
+            size,
+            shm_base,
+            args.netlab_reps,
+            tuple(args.netlab_transports.split(",")),
+            wan,
+        )
     else:
         figures["cross_host_netlab"] = "not run (pass --netlab; needs root and the netlab harness)"
     if not args.only_swarm and not args.only_netlab:
@@ -799,6 +899,7 @@ def main() -> None:
         "numpy": np.__version__,
         "pyarrow": pyarrow.__version__,
         "aioquic": aioquic.__version__,
+        "qh3": _version_of("qh3"),
         "load_avg": os.getloadavg(),
     }
 
@@ -819,6 +920,13 @@ def main() -> None:
         print(f"{name:<52}{value!s:>14}")
     print("(machine shared with other engineers' jobs during the run: figures are noisy)")
     print(json.dumps(figures))
+
+
+def _version_of(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def _local_rows(figures: dict, size: int) -> list:

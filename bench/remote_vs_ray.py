@@ -12,9 +12,12 @@ is pinned to the *second* node, so every call crosses from one node to the other
 * a 100 MB result made on the second node and fetched by the driver (MB/s).
 
 latticaray runs twice: between its nodes over the same-host Unix path (what two processes on one
-machine use) and over QUIC (``--no-same-host-path``: what two machines use). Ray runs in its own
-virtualenv (``.venv-ray``, made by ``make ray-venv``, or ``--ray-python``) in the same sitting,
-alternating with latticaray, ``--rounds`` times. Prints a table and, last, one JSON line.
+machine use; store objects move between the nodes' stores as hard links, runtime/remote/
+samehost.py) and over QUIC (``--no-same-host-path`` on both nodes: what two machines use,
+objects as Bitswap blocks). Both clusters stay on loopback (Ray: ``node_ip_address`` 127.0.0.1
+with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). The load average is recorded with the figures.
+Ray runs in its own virtualenv (``.venv-ray``, made by ``make ray-venv``, or ``--ray-python``)
+in the same sitting, alternating with latticaray, ``--rounds`` times. Prints a table and, last, one JSON line.
 
     .venv/bin/python bench/remote_vs_ray.py [--rounds 2] [--quick]
 """
@@ -249,7 +252,8 @@ def main() -> int:
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            results[kind].append(_child(kind, sizes))
+            load = os.getloadavg()[0]
+            results[kind].append(dict(_child(kind, sizes), load_before=load))
 
     def med(kind, key):
         return statistics.median(r[key] for r in results[kind]) if results.get(kind) else None
@@ -271,6 +275,8 @@ def main() -> int:
             cells.append(f"{value:>13,.1f} {('-' if ratio is None else f'{ratio:.2f}x'):>6}")
         figures[key] = row
         print(f"{label:44} {('-' if ray is None else f'{ray:,.1f}'):>10} {' '.join(cells)}")
+    loads = {k: [round(r["load_before"], 2) for r in results[k]] for k in kinds}
+    print(f"load average (1 min) before each run: {loads}")
     from importlib.metadata import version
 
     versions = {"python": platform.python_version(), "latticaray": version("latticaray")}

@@ -7,8 +7,13 @@ connection between them, ``RpcSession`` on top. For each transport:
 * ``quic1200``  QUIC with 1200 B datagrams (what the internet allows)
 * ``quic1350``  QUIC with 1350 B datagrams (the transport's default off loopback)
 * ``quic16k``   QUIC with 16384 B datagrams (the best size on loopback)
-* ``tcp``       TCP + TLS 1.3
+* ``tcp``       TCP the libp2p way (multistream, Noise XX, yamux): the node's default
+* ``tcptls``    TCP + TLS 1.3 (``MeshConfig(tcp_security="tls")``; direct stack: both TLS)
 * ``unix``      same-host Unix socket (Ed25519-authenticated, no TLS)
+
+(QUIC connections grow their datagrams by path MTU discovery, to 64 KiB on loopback with
+aioquic, to 1472 B with qh3; ``quic1350-fixed`` keeps 1350 B. ``@qh3`` / ``@aioquic`` picks the
+QUIC library, e.g. ``--transports quic1350-fixed@qh3,quic1350-fixed@aioquic``.)
 
 it measures unary echo calls with ``--concurrency`` calls in flight (default 1000) at 128 B and
 256 KiB: QPS, p50/p99 latency, CPU seconds of both processes; and single-stream bulk MB/s (one
@@ -69,7 +74,7 @@ def _find_anchor() -> str:
 ANCHOR = _find_anchor()
 #: QUIC at 1200 B / 1350 B datagrams (internet sizes) and at 16 KiB (loopback only).
 QUIC_DATAGRAM_SIZES = {"quic1200": 1200, "quic1350": 1350, "quic16k": 16384}
-TRANSPORTS = [*QUIC_DATAGRAM_SIZES, "tcp", "unix"]
+TRANSPORTS = [*QUIC_DATAGRAM_SIZES, "tcp", "tcptls", "unix"]
 BULK_MESSAGE = 1 << 20
 CALL_TIMEOUT = 120.0
 STALL_MESSAGE = 64 * 1024
@@ -84,11 +89,33 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
+def parse_quic(transport: str) -> tuple[int, bool, str]:
+    """``quic1350[-fixed][@backend]``: start datagram size, path MTU discovery, QUIC library."""
+    name, _, backend = transport.partition("@")
+    name, fixed = name.removesuffix("-fixed"), name.endswith("-fixed")
+    return QUIC_DATAGRAM_SIZES[name], not fixed, backend or "auto"
+
+
+def valid_transport(transport: str) -> bool:
+    if not transport.startswith("quic"):
+        return transport in TRANSPORTS
+    try:
+        _, _, backend = parse_quic(transport)
+    except KeyError:
+        return False
+    return backend in ("auto", "qh3", "aioquic")
+
+
 def quic_config(transport: str):
     from latticaray.mesh.transport.quic import QuicConfig
 
-    size = QUIC_DATAGRAM_SIZES[transport]
-    return QuicConfig(max_datagram_size=size, loopback_max_datagram_size=size)
+    size, pmtu, backend = parse_quic(transport)
+    return QuicConfig(
+        max_datagram_size=size,
+        loopback_max_datagram_size=size,
+        pmtu_discovery=pmtu,
+        backend=backend,
+    )
 
 
 def server_limits():
@@ -169,7 +196,8 @@ async def server_main(args) -> None:
         addr = next(
             a
             for a in node.listen_addrs
-            if a.transport == ("quic" if args.transport.startswith("quic") else args.transport)
+            if a.transport
+            == ("quic" if args.transport.startswith("quic") else args.transport.replace("tls", ""))
         )
     elif args.transport.startswith("quic"):
         from latticaray.mesh.transport.quic import QuicTransport
@@ -187,7 +215,7 @@ async def server_main(args) -> None:
 
         transport = QuicTransport(key, quic_config(args.transport), on_connection=on_connection)
         addr = await transport.listen("127.0.0.1", 0)
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)
@@ -207,6 +235,9 @@ def node_config(args, server: bool):
     from latticaray.mesh.node import MeshConfig
 
     kind = "quic" if args.transport.startswith("quic") else args.transport
+    security = {}
+    if kind == "tcptls":
+        kind, security = "tcp", {"tcp_security": "tls"}
     listen = []
     if kind == "quic":
         listen = ["/ip4/127.0.0.1/udp/0/quic-v1"]
@@ -220,6 +251,7 @@ def node_config(args, server: bool):
         quic=quic_config(args.transport) if kind == "quic" else MeshConfig().quic,
         rpc_limits=server_limits() if server else MeshConfig().rpc_limits,
         auto_identify=False,
+        **security,
     )
 
 
@@ -285,7 +317,7 @@ async def connect(args):
         await transport.listen("127.0.0.1", 0)
         conn = await transport.dial(addr, peer)
         channel = conn.open_channel()
-    elif args.transport == "tcp":
+    elif args.transport in ("tcp", "tcptls"):
         from latticaray.mesh.transport.tcp import TcpTransport
 
         transport = TcpTransport(key)
@@ -604,7 +636,7 @@ def anchors(args) -> list[dict]:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("aioquic", "cryptography", "msgpack", "uvloop"):
+    for name in ("aioquic", "qh3", "cryptography", "msgpack", "uvloop"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", "?")
@@ -811,8 +843,11 @@ def main() -> None:
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.transports = [t for t in args.transports.split(",") if t]
     for t in args.transports:
-        if t not in TRANSPORTS:
-            p.error(f"unknown transport {t!r}; choose from {TRANSPORTS}")
+        if not valid_transport(t):
+            p.error(
+                f"unknown transport {t!r}; choose from {TRANSPORTS} (QUIC ones take "
+                "-fixed: no path MTU discovery, and @qh3 / @aioquic: the QUIC library)"
+            )
     if args.quick:
         args.duration, args.warmup, args.bulk_total = 2.0, 1.0, 64 << 20
     if args.role == "run":

@@ -118,7 +118,9 @@ class LabMesh:
         """A worker node inside `host`, behind its NAT, offering `resources`; with `nat` it
         takes part in NAT traversal (without, it only dials out and serves its own LAN)."""
         join = ["--bootstrap", self.bootstrap, "--credential", self.invite]
-        traversal = ["--nat", "--observer", self.observer, "--relay", self.relay] if nat else []
+        traversal = ["--nat", "--observer", self.observer, "--relay", self.relay]
+        if not nat:
+            traversal = ["--no-nat"]
         args = [*join, "--resources", json.dumps(resources), *traversal]
         return self._start(host, self._node_args(host, *args, cpus=cpus), timeout=120)
 

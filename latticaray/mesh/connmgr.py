@@ -1,9 +1,11 @@
 """Connection manager: one RPC session per peer over the best transport, dial by peer ID.
 
-Transports are wrapped in adapters (:class:`TransportAdapter`) that produce authenticated
+Transports are wrapped in adapters (:mod:`latticaray.mesh.adapters`) that produce authenticated
 :class:`RawConnection` objects: a peer ID, a :class:`~latticaray.mesh.channel.Channel` and a way
 to close. The manager wraps each in an :class:`~latticaray.mesh.rpc.RpcSession` and keeps, per
 peer, the connections it has; every protocol of the node reuses the peer's *primary* connection.
+Addresses come from the :class:`~latticaray.mesh.peerstore.PeerStore`; which to dial first and
+which connection is primary is the path policy of :mod:`latticaray.mesh.paths`.
 
 * Dialing by peer ID tries the peer's known addresses in transport-preference order (same-host
   Unix socket first, then TCP, then QUIC by default), happy-eyeballs style: the next attempt
@@ -31,22 +33,40 @@ peer, the connections it has; every protocol of the node reuses the peer's *prim
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import functools
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import ConnectionClosed, HandshakeError, MeshError, PeerIdMismatch, PeerUnreachable
+from .adapters import (
+    RPC_PROTOCOL,
+    NoRpcChannel,
+    QuicAdapter,
+    RawConnection,
+    TransportAdapter,
+)
+from .errors import ConnectionClosed, PeerIdMismatch, PeerUnreachable
 from .identity import PeerId
+from .libp2p.stream import ProtocolRouter
 from .multiaddr import Multiaddr
+from .paths import (
+    DEFAULT_TRANSPORT_PREFERENCE,
+    RELAYED_TRANSPORTS,
+    dial_schedule,
+    is_dialable_addr,
+    path_rank,
+)
+from .peerstore import PeerStore
 from .rpc import RpcLimits, RpcRouter, RpcSession
 
+# Path policy, adapters and the peer store live in their own modules; the names other layers
+# used to import from here stay importable from here.
 __all__ = [
     "DEFAULT_TRANSPORT_PREFERENCE",
     "RELAYED_TRANSPORTS",
+    "RPC_PROTOCOL",
     "ConnectionManager",
     "MeshConnection",
     "PeerStore",
@@ -60,84 +80,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRANSPORT_PREFERENCE = ("unix", "tcp", "quic")
-#: Path quality used to pick a peer's primary connection (lower is better; others rank last).
-#: Fixed, not configurable, so both ends of a pair of connections agree on the primary.
-TRANSPORT_QUALITY = {"unix": 0, "tcp": 1, "quic": 2}
-#: Transport names of connections that go through a relay; they rank below every direct path.
-RELAYED_TRANSPORTS = frozenset({"relay"})
-_UNKNOWN_DIRECT_RANK = 50
-_RELAYED_RANK = 100
-RPC_PROTOCOL_PREAMBLE = b"\x11/latticaray/rpc/1"
-MAX_ADDRS_PER_PEER = 32
-MAX_PEERS_IN_STORE = 100_000
-
-
-def path_rank(transport: str) -> int:
-    """Primary-selection rank of a connection's transport (lower is better): known direct
-    transports by quality, other direct transports after them, relayed connections last."""
-    if transport in RELAYED_TRANSPORTS:
-        return _RELAYED_RANK
-    return TRANSPORT_QUALITY.get(transport, _UNKNOWN_DIRECT_RANK)
-
-
-def is_dialable_addr(addr: Multiaddr) -> bool:
-    """False for addresses nobody can dial: an unspecified IP (``0.0.0.0``, ``::``) or port 0
-    (for a circuit address this checks the relay's part)."""
-    host = addr.host
-    if host is not None:
-        try:
-            if ipaddress.ip_address(host).is_unspecified:
-                return False
-        except ValueError:
-            pass  # a DNS name
-        if addr.port == 0:
-            return False
-    return True
-
-
-def _is_public_or_local(addr: Multiaddr) -> bool:
-    """True for a direct address likely to be dialable from anywhere it is offered: a global IP,
-    loopback (same host), a DNS name or a Unix socket. False for private-use IPs (a LAN behind
-    a NAT, or a lab range)."""
-    host = addr.host
-    if host is None:
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    return ip.is_global or ip.is_loopback
-
-
-def dial_schedule(addrs: list[Multiaddr]) -> tuple[list[Multiaddr], set[int]]:
-    """Order of happy-eyeballs attempts and the indexes after which the next attempt starts
-    without waiting.
-
-    Circuit (relay) addresses normally come last. When a peer offers a relay address and no
-    public (or same-host) direct address, its private direct addresses are probably behind a
-    NAT: the first relay attempt then starts together with the first direct one, so the first
-    call does not wait for a direct address that may be unreachable (the direct path is found
-    later by hole punching)."""
-    direct = [a for a in addrs if a.transport != "circuit"]
-    relayed = [a for a in addrs if a.transport == "circuit"]
-    if not relayed or not direct or any(_is_public_or_local(a) for a in direct):
-        return direct + relayed, set()
-    return direct[:1] + relayed + direct[1:], {0}
-
-
-@dataclass
-class RawConnection:
-    """An authenticated transport connection, before the manager wraps it in an RPC session."""
-
-    peer_id: PeerId
-    channel: object
-    transport: str
-    remote_addr: Multiaddr | None
-    outbound: bool
-    close: Callable[[str], None]
-    on_close: Callable[[Callable[[], None]], None] | None = None
-
 
 @dataclass(eq=False)
 class MeshConnection:
@@ -146,6 +88,11 @@ class MeshConnection:
     dialer: PeerId
     opened_at: float = field(default_factory=time.monotonic)
     closed: bool = False
+    _gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    async def wait_closed(self) -> None:
+        """Until the manager has dropped this connection."""
+        await self._gone.wait()
 
     @property
     def peer_id(self) -> PeerId:
@@ -168,158 +115,45 @@ class MeshConnection:
         """True if this connection goes through a relay (a fallback path)."""
         return self.raw.transport in RELAYED_TRANSPORTS
 
+    @property
+    def native(self) -> bool | None:
+        """True for a latticaray peer (an RPC session), False for a foreign libp2p peer, None
+        while a dialed peer has not yet answered the lazy ``/latticaray/rpc/1`` proposal."""
+        channel = self.raw.channel
+        if channel is None:
+            return False
+        negotiated = getattr(channel, "negotiated", None)
+        if negotiated is None:
+            return True  # single-channel transports (TCP+TLS, Unix, relay tunnels)
+        return negotiated.result() if negotiated.done() else None
+
+    async def wait_native(self, timeout: float = 10.0) -> bool:
+        """Whether the peer speaks latticaray RPC, once its answer is in (False on timeout)."""
+        channel = self.raw.channel
+        negotiated = getattr(channel, "negotiated", None)
+        if negotiated is None:
+            return channel is not None
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(negotiated), timeout))
+        except TimeoutError:
+            return False
+
+    @property
+    def usable(self) -> bool:
+        """Open, and (for a latticaray peer) its RPC session too."""
+        return not self.closed and (self.native is False or not self.session.closed)
+
     def close(self, reason: str = "closed") -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self.session.closed:  # a foreign peer's connection (no RPC session to close)
+            self.raw.close(reason)
+        else:
             self.session.close(reason)
 
     def __repr__(self) -> str:
         way = "out" if self.outbound else "in"
         return f"<MeshConnection {self.transport} {way} {self.peer_id}>"
-
-
-class TransportAdapter:
-    """What the manager needs of a transport."""
-
-    name = "?"
-
-    def can_listen(self, addr: Multiaddr) -> bool:
-        return addr.transport == self.name
-
-    def can_dial(self, addr: Multiaddr) -> bool:
-        return addr.transport == self.name
-
-    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
-        raise NotImplementedError
-
-    async def dial(
-        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
-    ) -> RawConnection:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-class QuicAdapter(TransportAdapter):
-    """QUIC: one shared UDP socket; the RPC session runs on one stream opened by the dialer."""
-
-    name = "quic"
-
-    def __init__(
-        self, transport, on_inbound: Callable[[RawConnection], None], preamble_timeout: float = 10.0
-    ) -> None:
-        self.transport = transport  # latticaray.mesh.transport.quic.QuicTransport
-        self._on_inbound = on_inbound
-        self._preamble_timeout = preamble_timeout
-        self._tasks: set[asyncio.Task] = set()
-        transport.on_connection = self._on_connection
-
-    async def listen(self, addr: Multiaddr) -> list[Multiaddr]:
-        if self.transport.local_address is not None:
-            raise MeshError(
-                "QUIC listens on one UDP socket per node; a second quic address "
-                f"({addr}) is not supported"
-            )
-        bound = await self.transport.listen(addr.host or "127.0.0.1", addr.port or 0)
-        return [bound]
-
-    async def dial(
-        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
-    ) -> RawConnection:
-        conn = await self.transport.dial(addr.without_peer(), expected_peer, timeout)
-        channel = conn.open_channel()
-        channel.write(RPC_PROTOCOL_PREAMBLE)
-        return self._raw(conn, channel, outbound=True)
-
-    def _raw(self, conn, channel, outbound: bool) -> RawConnection:
-        return RawConnection(
-            peer_id=conn.remote_peer,
-            channel=channel,
-            transport="quic",
-            remote_addr=conn.remote_addr,
-            outbound=outbound,
-            close=conn.close,
-            on_close=lambda cb: conn.on_close(lambda _c: cb()),
-        )
-
-    def _on_connection(self, conn) -> None:
-        if not conn.is_client:
-            task = asyncio.get_running_loop().create_task(self._accept(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _accept(self, conn) -> None:
-        try:
-            channel = await asyncio.wait_for(conn.accept_channel(), self._preamble_timeout)
-            preamble = bytearray()
-            while len(preamble) < len(RPC_PROTOCOL_PREAMBLE):
-                chunk = await asyncio.wait_for(
-                    channel.read(len(RPC_PROTOCOL_PREAMBLE) - len(preamble)),
-                    self._preamble_timeout,
-                )
-                if not chunk:
-                    raise ConnectionClosed("stream ended before the protocol preamble")
-                preamble += chunk
-            if bytes(preamble) != RPC_PROTOCOL_PREAMBLE:
-                raise HandshakeError(f"unexpected protocol preamble {bytes(preamble)[:32]!r}")
-        except (TimeoutError, ConnectionClosed, HandshakeError) as exc:
-            log.info(
-                "inbound QUIC connection from %s dropped: %s", conn.remote_peer, exc or "timeout"
-            )
-            conn.close("no rpc stream")
-            return
-        self._on_inbound(self._raw(conn, channel, outbound=False))
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await self.transport.close()
-
-
-class PeerStore:
-    """Known addresses per peer (most recently added first), bounded in peers and addresses.
-
-    Addresses are stored without the peer's own trailing ``/p2p/<id>`` (a circuit address keeps
-    its relay part: ``<relay addr>/p2p/RELAY/p2p-circuit``). Undialable addresses (unspecified IP
-    or port 0) are dropped.
-    """
-
-    def __init__(self) -> None:
-        self._addrs: OrderedDict[PeerId, list[Multiaddr]] = OrderedDict()
-
-    def add(self, peer: PeerId, addrs) -> None:
-        """Remember ``addrs`` for ``peer``; raises :class:`PeerIdMismatch` for an address that
-        names another peer as its target."""
-        known = self._addrs.pop(peer, [])
-        try:
-            for addr in addrs:
-                addr = Multiaddr.parse(addr)
-                if addr.peer_id is not None and addr.peer_id != peer:
-                    raise PeerIdMismatch(peer, addr.peer_id)
-                if not is_dialable_addr(addr):
-                    log.debug("not storing undialable address %s of %s", addr, peer)
-                    continue
-                bare = addr.without_peer()
-                if bare in known:
-                    known.remove(bare)
-                known.insert(0, bare)
-        finally:
-            if known:
-                self._addrs[peer] = known[:MAX_ADDRS_PER_PEER]
-        while len(self._addrs) > MAX_PEERS_IN_STORE:
-            self._addrs.popitem(last=False)
-
-    def get(self, peer: PeerId) -> list[Multiaddr]:
-        return list(self._addrs.get(peer, ()))
-
-    def remove(self, peer: PeerId, addr: Multiaddr) -> None:
-        known = self._addrs.get(peer)
-        bare = Multiaddr.parse(addr).without_peer()
-        if known and bare in known:
-            known.remove(bare)
-
-    def peers(self) -> list[PeerId]:
-        return list(self._addrs)
 
 
 class ConnectionManager:
@@ -333,9 +167,12 @@ class ConnectionManager:
         max_connections: int = 1024,
         dial_timeout: float = 10.0,
         happy_eyeballs_delay: float = 0.25,
+        streams: ProtocolRouter | None = None,
     ) -> None:
         self.local_peer = local_peer
         self.router = router
+        #: Handlers of the libp2p streams peers open on multiplexed connections.
+        self.streams = streams if streams is not None else ProtocolRouter()
         self.rpc_limits = rpc_limits or RpcLimits()
         self.transport_preference = tuple(transport_preference)
         self.max_connections = max_connections
@@ -389,7 +226,7 @@ class ConnectionManager:
         return sum(len(c) for c in self._conns.values())
 
     def primary(self, peer: PeerId) -> MeshConnection | None:
-        conns = [c for c in self._conns.get(peer, ()) if not c.closed and not c.session.closed]
+        conns = [c for c in self._conns.get(peer, ()) if c.usable]
         if not conns:
             return None
         # Both ends must pick the same one: best path first (direct before relayed), then the
@@ -424,7 +261,7 @@ class ConnectionManager:
         if pending is None:
             pending = asyncio.ensure_future(self._dial_peer(peer, timeout or self.dial_timeout))
             self._dialing[peer] = pending
-            pending.add_done_callback(lambda f, p=peer: self._dial_settled(p, f))
+            pending.add_done_callback(functools.partial(self._dial_settled, peer))
         return await asyncio.shield(pending)
 
     def _dial_settled(self, peer: PeerId, dial: asyncio.Future) -> None:
@@ -483,7 +320,8 @@ class ConnectionManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         errors: list[str] = []
-        attempts: list[asyncio.Task] = []
+        # attempt -> the address it dials, in the order started
+        attempts: dict[asyncio.Task[RawConnection], Multiaddr] = {}
         winner: RawConnection | None = None
         mismatch: PeerIdMismatch | None = None
         try:
@@ -492,8 +330,7 @@ class ConnectionManager:
                 if remaining <= 0:
                     break
                 task = loop.create_task(self._dial_one(addr.with_peer(peer), peer, remaining))
-                task.addr = addr  # type: ignore[attr-defined]
-                attempts.append(task)
+                attempts[task] = addr
                 wait = 0.0 if index in no_wait else self.happy_eyeballs_delay
                 winner = await self._first_success(attempts, errors, wait)
                 if winner is not None:
@@ -514,8 +351,10 @@ class ConnectionManager:
                     and task.result() is not winner
                 ):
                     task.result().close("happy-eyeballs loser")
-                elif not task.cancelled() and isinstance(task.exception(), PeerIdMismatch):
-                    mismatch = task.exception()
+                elif not task.cancelled():
+                    error = task.exception()
+                    if isinstance(error, PeerIdMismatch):
+                        mismatch = error
         if winner is None:
             if mismatch is not None:
                 raise mismatch
@@ -523,7 +362,12 @@ class ConnectionManager:
             raise PeerUnreachable(f"could not reach {peer}: {detail}")
         return self._register(winner)
 
-    async def _first_success(self, attempts, errors, wait: float) -> RawConnection | None:
+    async def _first_success(
+        self,
+        attempts: dict[asyncio.Task[RawConnection], Multiaddr],
+        errors: list[str],
+        wait: float,
+    ) -> RawConnection | None:
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while True:
@@ -541,7 +385,7 @@ class ConnectionManager:
             )
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
-                    errors.append(f"{task.addr}: {task.exception()}")  # type: ignore[attr-defined]
+                    errors.append(f"{attempts[task]}: {task.exception()}")
 
     async def _dial_one(
         self, addr: Multiaddr, expected: PeerId | None, timeout: float
@@ -590,16 +434,21 @@ class ConnectionManager:
         if self._closing:
             raw.close("node shutting down")
             raise ConnectionClosed("node is shutting down")
-        session = RpcSession(raw.channel, self.router, self.rpc_limits)
+        channel = raw.channel
+        if channel is None:  # a foreign libp2p peer: no RPC, libp2p streams only
+            channel = NoRpcChannel(self.local_peer, raw.peer_id, raw.remote_addr)
+        session = RpcSession(channel, self.router, self.rpc_limits)
         dialer = self.local_peer if raw.outbound else raw.peer_id
         conn = MeshConnection(raw=raw, session=session, dialer=dialer)
         peer = raw.peer_id
         conns = self._conns.setdefault(peer, [])
         first = not conns
         conns.append(conn)
-        session.on_close(lambda _s, c=conn: self._on_closed(c))
+        session.on_close(lambda _session: self._on_session_closed(conn))
         if raw.on_close is not None:
-            raw.on_close(lambda s=session: s.close("transport connection closed"))
+            raw.on_close(lambda: self._on_transport_closed(conn))
+        if raw.muxer is not None:
+            raw.attach_rpc = functools.partial(self._attach_rpc, conn)
         log.debug(
             "connected to %s over %s (%s)",
             peer,
@@ -607,16 +456,38 @@ class ConnectionManager:
             "outbound" if raw.outbound else "inbound",
         )
         if first:
-            for callback in list(self._connected_cbs):
-                _safe_call(callback, peer)
-        for callback in list(self._added_cbs):
-            _safe_call(callback, conn)
+            for on_connected in list(self._connected_cbs):
+                _safe_call(on_connected, peer)
+        for on_added in list(self._added_cbs):
+            _safe_call(on_added, conn)
         return conn
+
+    def _on_session_closed(self, conn: MeshConnection) -> None:
+        """An RPC session ended: the connection goes with it, unless the peer is a foreign
+        libp2p peer (no RPC) whose connection serves libp2p streams only."""
+        if conn.raw.muxer is not None and conn.native is False:
+            log.debug("%s speaks no %s: kept for libp2p streams", conn.peer_id, RPC_PROTOCOL)
+            return
+        self._on_closed(conn)
+
+    def _on_transport_closed(self, conn: MeshConnection) -> None:
+        conn.session.close("transport connection closed")
+        self._on_closed(conn)
+
+    def _attach_rpc(self, conn: MeshConnection, channel: object) -> None:
+        """An RPC stream arrived on a connection first registered as foreign."""
+        if conn.closed or not conn.session.closed:
+            return
+        conn.session = RpcSession(channel, self.router, self.rpc_limits)
+        conn.session.on_close(lambda _session: self._on_session_closed(conn))
+        for on_added in list(self._added_cbs):
+            _safe_call(on_added, conn)
 
     def _on_closed(self, conn: MeshConnection) -> None:
         if conn.closed:
             return
         conn.closed = True
+        conn._gone.set()
         try:
             conn.raw.close(conn.session.close_reason or "session closed")
         except Exception:
@@ -656,7 +527,7 @@ class ConnectionManager:
             conn.close(reason)
         for conn in conns:
             try:
-                await asyncio.wait_for(conn.session.wait_closed(), 5.0)
+                await asyncio.wait_for(conn.wait_closed(), 5.0)
             except TimeoutError:
                 pass
 
@@ -686,70 +557,8 @@ def _close_late_winner(task: asyncio.Task) -> None:
         task.result().close("happy-eyeballs loser")
 
 
-def _safe_call(callback, *args) -> None:
+def _safe_call(callback: Callable[..., None], *args: object) -> None:
     try:
         callback(*args)
     except Exception:
         log.exception("connection event callback failed")
-
-
-class StreamAdapter(TransportAdapter):
-    """TCP+TLS or Unix socket transports: each connection is one authenticated StreamChannel."""
-
-    def __init__(self, name: str, transport, on_inbound: Callable[[RawConnection], None]) -> None:
-        self.name = name
-        self.transport = transport
-        self._on_inbound = on_inbound
-
-    async def listen(self, addr: Multiaddr | None) -> list[Multiaddr]:
-        """Listen on ``addr``; for unix, ``None`` lets the transport pick its default path."""
-        if self.name == "unix":
-            path = addr.unix_path if addr is not None else None
-            bound = await self.transport.listen(path, on_channel=self._inbound)
-        else:
-            bound = await self.transport.listen(
-                addr.host or "127.0.0.1", addr.port or 0, on_channel=self._inbound
-            )
-        return [bound]
-
-    async def dial(
-        self, addr: Multiaddr, expected_peer: PeerId | None, timeout: float
-    ) -> RawConnection:
-        if self.name == "unix":
-            channel = await self.transport.dial(addr.unix_path, expected_peer, timeout=timeout)
-        else:
-            channel = await self.transport.dial(
-                addr.host, addr.port, expected_peer, timeout=timeout
-            )
-        return self._raw(channel, outbound=True, addr=addr.without_peer())
-
-    def _raw(self, channel, outbound: bool, addr: Multiaddr | None = None) -> RawConnection:
-        return RawConnection(
-            peer_id=channel.remote_peer,
-            channel=channel,
-            transport=self.name,
-            remote_addr=channel.remote_addr or addr,
-            outbound=outbound,
-            close=lambda _reason: channel.close(),
-        )
-
-    def _inbound(self, channel) -> None:
-        self._on_inbound(self._raw(channel, outbound=False))
-
-    async def close(self) -> None:
-        await self.transport.close()
-
-
-def make_stream_adapter(
-    name: str, key, certified, on_inbound, options: dict
-) -> TransportAdapter | None:
-    """The TCP+TLS or Unix adapter, if that transport module is available (else None)."""
-    try:
-        if name == "tcp":
-            from .transport.tcp import TcpTransport as transport_class
-        else:
-            from .transport.unix import UnixTransport as transport_class
-    except ImportError:
-        log.info("%s transport is not available", name)
-        return None
-    return StreamAdapter(name, transport_class(key, **(options or {})), on_inbound)

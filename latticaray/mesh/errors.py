@@ -1,4 +1,4 @@
-"""Typed errors of the mesh layer: identity, handshakes, dialing, framing and RPC."""
+"""Typed errors of the mesh layer (identity, handshakes, dialing, framing, RPC) and RPC status codes."""
 
 from __future__ import annotations
 
@@ -79,3 +79,29 @@ class RpcConnectionLost(RpcError, ConnectionClosed):
 
     def __init__(self, message: str) -> None:
         super().__init__("UNAVAILABLE", message)
+
+
+class Status:
+    """Status codes carried in ERROR frames (names follow gRPC's)."""
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+def error_for_status(code: str, message: str, remote_traceback: str | None = None) -> RpcError:
+    """The exception a caller raises for an RPC error status received from the remote."""
+    if code == Status.DEADLINE_EXCEEDED:
+        return RpcTimeout(f"remote: {message}")
+    if code == Status.CANCELLED:
+        return RpcCancelled(f"remote: {message}")
+    if code == Status.UNIMPLEMENTED:
+        return RpcUnimplemented(message)
+    return RpcError(code, message, remote_traceback)

@@ -13,6 +13,8 @@ no socket and no clock; the RPC session feeds it the bytes it read. See docs/pro
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -73,16 +75,64 @@ _unpackb = msgpack.unpackb
 INLINE_PAYLOAD = 8192
 
 
-def encode_frame(header: list, payload: bytes | bytearray | memoryview = b"") -> list:
+class FrameEncoder:
+    """The send queue of a session: ``put(header, payload)`` encodes a frame into write pieces.
+
+    ``take()`` hands over the queued pieces and whether one of them is a large payload kept
+    as a piece of its own (a payload longer than INLINE_PAYLOAD is never copied before the
+    socket write); ``pending`` counts the queued bytes. ``on_first()`` is called when a frame is
+    put into an empty queue (so the owner knows to schedule a write). After ``close()`` frames
+    are dropped.
+    """
+
+    __slots__ = ("_on_first", "closed", "large", "pending", "pieces")
+
+    def __init__(self, on_first: Callable[[], None] | None = None) -> None:
+        self._on_first = on_first
+        self.pieces: list[bytes | bytearray | memoryview] = []
+        self.pending = 0
+        self.large = False
+        self.closed = False
+
+    def put(self, header: list[Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        if self.closed:
+            return
+        h = _packb(header)
+        plen = len(payload)
+        hlen = len(h)
+        out = self.pieces
+        was_empty = not out
+        if plen == 0:
+            out.append(_pack_prefix(2 + hlen, hlen) + h)
+        elif plen <= INLINE_PAYLOAD:
+            out.append(b"".join((_pack_prefix(2 + hlen + plen, hlen), h, payload)))
+        else:
+            out.append(_pack_prefix(2 + hlen + plen, hlen) + h)
+            out.append(payload)
+            self.large = True
+        self.pending += 6 + hlen + plen
+        if was_empty and self._on_first is not None:
+            self._on_first()
+
+    def take(self) -> tuple[list[bytes | bytearray | memoryview], bool]:
+        pieces, large = self.pieces, self.large
+        self.pieces = []
+        self.pending = 0
+        self.large = False
+        return pieces, large
+
+    def close(self) -> None:
+        self.closed = True
+        self.take()
+
+
+def encode_frame(
+    header: list[Any], payload: bytes | bytearray | memoryview = b""
+) -> list[bytes | bytearray | memoryview]:
     """Return the frame as a list of write pieces (the payload is not copied when large)."""
-    h = _packb(header)
-    plen = len(payload)
-    prefix = _pack_prefix(2 + len(h) + plen, len(h)) + h
-    if plen == 0:
-        return [prefix]
-    if plen <= INLINE_PAYLOAD:
-        return [prefix + payload]
-    return [prefix, payload]
+    encoder = FrameEncoder()
+    encoder.put(header, payload)
+    return encoder.take()[0]
 
 
 #: An incomplete frame with at least this much payload is collected as a list of the received
@@ -105,7 +155,7 @@ class FrameDecoder:
         self._max_body = 2 + MAX_HEADER_SIZE + max_payload
         self._buf = bytearray()
         # [header, chunks, bytes still missing] of a large frame being collected
-        self._large: list | None = None
+        self._large: list[Any] | None = None
 
     @property
     def has_partial(self) -> bool:
@@ -119,8 +169,8 @@ class FrameDecoder:
             return sum(len(c) for c in self._large[1])
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[list, bytes]]:
-        frames: list[tuple[list, bytes]] = []
+    def feed(self, data: bytes) -> list[tuple[list[Any], bytes]]:
+        frames: list[tuple[list[Any], bytes]] = []
         pos = 0
         large = self._large
         if large is not None:
@@ -137,6 +187,7 @@ class FrameDecoder:
                 return frames
             pos = missing
         buf = self._buf
+        view: bytes | memoryview
         if buf:
             buf += data
             view = memoryview(buf)
@@ -177,10 +228,10 @@ class FrameDecoder:
                 elif buf:
                     append((header, bytes(view[pstart:stop])))
                 else:
-                    append((header, view[pstart:stop]))
+                    append((header, data[pstart:stop]))
                 pos = stop
         finally:
-            if buf:
+            if isinstance(view, memoryview):
                 view.release()
         if buf:
             if pos:
@@ -190,9 +241,9 @@ class FrameDecoder:
         return frames
 
 
-def _decode_header(raw) -> list:
+def _decode_header(raw: bytes | memoryview) -> list[Any]:
     try:
-        header = _unpackb(raw)
+        header: list[Any] = _unpackb(raw)
     except Exception as exc:
         raise ProtocolViolation(f"frame header is not valid msgpack: {exc}") from None
     _check_header(header)

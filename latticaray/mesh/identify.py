@@ -11,31 +11,31 @@ sent, and any received are dropped, since nobody can dial them.
 
 Ping: a unary echo of 32 random bytes; the caller measures the round trip.
 
-The record codec (:class:`IdentifyInfo`) is pure; :class:`IdentifyService` wires it to a node.
+The record codec (:class:`IdentifyInfo`) is pure; :class:`IdentifyService` wires it to a node
+through :class:`IdentifyHost`, the part of :class:`~latticaray.mesh.node.MeshNode` it uses (so this
+module does not import the node's).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import msgpack
 
-from .connmgr import is_dialable_addr
 from .errors import MeshError, MultiaddrError, ProtocolViolation, RpcError
 from .identity import PeerId, PeerIdError
 from .multiaddr import Multiaddr
-
-if TYPE_CHECKING:
-    from .node import MeshNode
+from .paths import is_dialable_addr
 
 __all__ = [
     "IDENTIFY_PROTOCOL",
     "MAX_IDENTIFY_BYTES",
     "PING_PROTOCOL",
+    "IdentifyHost",
     "IdentifyInfo",
     "IdentifyService",
 ]
@@ -124,10 +124,50 @@ class IdentifyInfo:
         )
 
 
+class _AgentConfig(Protocol):
+    @property
+    def agent_version(self) -> str: ...
+
+
+class _PathInfo(Protocol):
+    @property
+    def transport(self) -> str: ...
+
+    @property
+    def remote_addr(self) -> Multiaddr | None: ...
+
+
+class IdentifyHost(Protocol):
+    """What :class:`IdentifyService` uses of its node."""
+
+    @property
+    def peer_id(self) -> PeerId: ...
+
+    @property
+    def config(self) -> _AgentConfig: ...
+
+    @property
+    def advertised_addrs(self) -> list[Multiaddr]: ...
+
+    def protocols(self) -> list[str]: ...
+
+    def register_unary(
+        self, service: str, handler: Callable[[Any, bytes], Awaitable[bytes]], **options: Any
+    ) -> None: ...
+
+    async def call(
+        self, peer_id: PeerId, service: str, payload: bytes = b"", timeout: float | None = None
+    ) -> bytes: ...
+
+    def add_addrs(self, peer_id: PeerId, addrs: Iterable[Multiaddr]) -> None: ...
+
+    def connection_to(self, peer_id: PeerId) -> _PathInfo | None: ...
+
+
 class IdentifyService:
     """Serves identify and ping on a node, and runs identify on each new connection."""
 
-    def __init__(self, node: MeshNode) -> None:
+    def __init__(self, node: IdentifyHost) -> None:
         self._node = node
         #: peer -> what it told us about itself
         self.peer_info: dict[PeerId, IdentifyInfo] = {}
@@ -161,6 +201,13 @@ class IdentifyService:
     async def identify(self, peer: PeerId, timeout: float = 10.0) -> IdentifyInfo:
         reply = await self._node.call(peer, IDENTIFY_PROTOCOL, b"", timeout=timeout)
         info = IdentifyInfo.decode(reply, expected_peer=peer)
+        self.accept(peer, info)
+        return info
+
+    def accept(self, peer: PeerId, info: IdentifyInfo) -> None:
+        """Remember what ``peer`` (authenticated) said about itself, however it said it (this
+        protocol, or libp2p's ``/ipfs/id/1.0.0`` from a foreign peer): its dialable addresses
+        go to the peer store, our observed address is noted, callbacks run."""
         info.listen_addrs = [a for a in info.listen_addrs if is_dialable_addr(a)]
         self.peer_info[peer] = info
         usable = self._dialable_from_here(peer, info.listen_addrs)
@@ -170,7 +217,6 @@ class IdentifyService:
             self.observed_by[peer] = info.observed_addr
         for callback in list(self._identified_cbs):
             callback(info)
-        return info
 
     def _dialable_from_here(self, peer: PeerId, addrs: list[Multiaddr]) -> list[Multiaddr]:
         """Loopback and Unix addresses are only meaningful if the peer is on this host."""

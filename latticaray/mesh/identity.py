@@ -1,10 +1,12 @@
-"""Peer identity: Ed25519 host key pairs and libp2p-style peer IDs.
+"""Peer identity: Ed25519 host key pairs and libp2p peer IDs of every key type.
 
-A peer ID is the identity multihash of the protobuf-encoded public key
-(``PublicKey{Type=Ed25519, Data=<32 raw bytes>}``), written in base58btc, so every Ed25519 peer ID
-reads ``12D3KooW...`` exactly as libp2p writes it. Because the multihash is the identity function,
-the public key can be recovered from the peer ID itself, so anyone holding a peer ID can verify
-that peer's signatures without any lookup.
+A peer ID is the multihash of the protobuf-encoded public key (``PublicKey{Type, Data}``): the
+identity multihash when the encoding is at most 42 bytes (Ed25519, secp256k1), sha2-256 above
+(RSA, ECDSA). Our own identity is always Ed25519, so every latticaray peer ID reads
+``12D3KooW...`` exactly as libp2p writes it, and its public key can be recovered from the ID
+itself. Foreign peers of the other key types are first-class: their :class:`PeerId` carries the
+key learned from the handshake (TLS certificate extension, Noise payload), which a sha2-256 ID
+cannot give back; one parsed from text or bytes verifies signatures only when its key is inline.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .base58 import base58btc_decode, base58btc_encode
 from .errors import MeshError
+from .libp2p.errors import KeyDecodeError
+from .libp2p.keys import MAX_INLINE_KEY, KeyType, PublicKey
 
 __all__ = [
     "KeyFileError",
@@ -42,39 +47,11 @@ _KEY_FILE_MAGIC = b"latticaray-ed25519-v1\n"
 
 
 class PeerIdError(MeshError, ValueError):
-    """A peer ID string or byte form is malformed or not an Ed25519 identity peer ID."""
+    """A peer ID string or byte form is malformed, or names a key that cannot be used."""
 
 
 class KeyFileError(MeshError):
     """A key file is unreadable, malformed, or has unsafe permissions."""
-
-
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
-
-
-def base58btc_encode(data: bytes) -> str:
-    """Encode bytes in the Bitcoin base58 alphabet (leading zero bytes become ``1``)."""
-    zeros = len(data) - len(data.lstrip(b"\x00"))
-    number = int.from_bytes(data, "big")
-    digits = []
-    while number:
-        number, rem = divmod(number, 58)
-        digits.append(_B58_ALPHABET[rem])
-    return "1" * zeros + "".join(reversed(digits))
-
-
-def base58btc_decode(text: str) -> bytes:
-    """Decode base58btc; raises ``ValueError`` naming the first character outside the alphabet."""
-    number = 0
-    for position, char in enumerate(text):
-        digit = _B58_INDEX.get(char)
-        if digit is None:
-            raise ValueError(f"character {char!r} at position {position} is not base58btc")
-        number = number * 58 + digit
-    zeros = len(text) - len(text.lstrip("1"))
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
-    return b"\x00" * zeros + body
 
 
 def encode_public_key_protobuf(raw_public_key: bytes) -> bytes:
@@ -109,40 +86,65 @@ def decode_public_key_protobuf(encoded: bytes) -> bytes:
 
 @total_ordering
 class PeerId:
-    """The identity of a peer: an Ed25519 public key, in libp2p peer-ID form.
+    """The identity of a peer, in libp2p peer-ID form (any libp2p key type).
 
-    Immutable, hashable, ordered by its byte form. ``str(pid)`` is the base58btc form.
+    Immutable, hashable, ordered by its byte form. ``str(pid)`` is the base58btc form. Equality
+    is by the multihash alone: a PeerId that carries its key equals one that does not.
     """
 
-    __slots__ = ("_bytes", "_public_key", "_public_key_bytes", "_text")
+    __slots__ = ("_bytes", "_ed25519", "_key", "_text")
 
-    def __init__(self, multihash: bytes) -> None:
+    def __init__(self, multihash: bytes, key: PublicKey | None = None) -> None:
         if not isinstance(multihash, (bytes, bytearray, memoryview)):
             raise PeerIdError(f"peer ID bytes must be bytes, got {type(multihash).__name__}")
         multihash = bytes(multihash)
         if len(multihash) < 2:
             raise PeerIdError(f"peer ID multihash too short ({len(multihash)} bytes)")
         code, length = multihash[0], multihash[1]
-        if code == _SHA256_MULTIHASH:
-            raise PeerIdError(
-                "peer ID is a sha2-256 multihash (RSA/large key); only Ed25519 identity peer IDs "
-                "are supported"
-            )
-        if code != _IDENTITY_MULTIHASH:
-            raise PeerIdError(f"peer ID multihash code 0x{code:02x} is not identity (0x00)")
         if length != len(multihash) - 2:
             raise PeerIdError(
                 f"peer ID multihash declares {length} digest bytes but has {len(multihash) - 2}"
             )
-        self._public_key_bytes = decode_public_key_protobuf(multihash[2:])
+        if code == _IDENTITY_MULTIHASH:
+            inline = _inline_key(multihash[2:])
+            if key is not None and key != inline:
+                raise PeerIdError("the key given does not match the peer ID")
+            key = inline
+        elif code == _SHA256_MULTIHASH:
+            if length != 32:
+                raise PeerIdError(f"a sha2-256 peer ID has a 32-byte digest, not {length}")
+            if key is not None and key.peer_id_bytes() != multihash:
+                raise PeerIdError("the key given does not hash to the peer ID")
+        else:
+            raise PeerIdError(
+                f"peer ID multihash code 0x{code:02x} is neither identity (0x00) nor sha2-256"
+            )
         self._bytes = multihash
+        self._key = key
         self._text: str | None = None
-        self._public_key: Ed25519PublicKey | None = None
+        self._ed25519: Ed25519PublicKey | None = None
 
     @classmethod
     def from_public_key(cls, raw_public_key: bytes) -> PeerId:
+        """The peer ID of a raw 32-byte Ed25519 public key."""
         encoded = encode_public_key_protobuf(raw_public_key)
         return cls(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded)
+
+    @classmethod
+    def from_key(cls, key: PublicKey) -> PeerId:
+        """The peer ID of a libp2p public key of any type, carrying the key."""
+        return cls(key.peer_id_bytes(), key)
+
+    @classmethod
+    def from_key_protobuf(cls, encoded: bytes) -> PeerId:
+        """The peer ID of a ``PublicKey`` protobuf (decoded and checked), carrying the key."""
+        try:
+            key = PublicKey.from_protobuf(bytes(encoded))
+        except KeyDecodeError as exc:
+            raise PeerIdError(f"unusable public key: {exc}") from None
+        if key.to_protobuf() != bytes(encoded):
+            raise PeerIdError("public key protobuf is not in its canonical encoding")
+        return cls.from_key(key)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PeerId:
@@ -169,20 +171,50 @@ class PeerId:
         return self._bytes
 
     @property
+    def key(self) -> PublicKey | None:
+        """The peer's public key: always for an identity peer ID, for a sha2-256 one (RSA,
+        ECDSA) only when this PeerId came from a handshake that showed the key."""
+        return self._key
+
+    @property
+    def key_type(self) -> KeyType | None:
+        return None if self._key is None else self._key.key_type
+
+    @property
+    def is_ed25519(self) -> bool:
+        return self._key is not None and self._key.key_type is KeyType.ED25519
+
+    @property
     def public_key_bytes(self) -> bytes:
-        """The raw 32-byte Ed25519 public key."""
-        return self._public_key_bytes
+        """The raw 32-byte Ed25519 public key (:class:`PeerIdError` for other key types)."""
+        if not self.is_ed25519:
+            raise PeerIdError(f"{self} is not an Ed25519 peer")
+        assert self._key is not None
+        return self._key.data
 
     @property
     def public_key_protobuf(self) -> bytes:
-        return self._bytes[2:]
+        """The ``PublicKey`` protobuf (:class:`PeerIdError` if the key is not known)."""
+        if self._key is None:
+            raise PeerIdError(f"the public key of {self} is not known (a sha2-256 peer ID)")
+        return self._key.to_protobuf()
+
+    def with_key(self, key: PublicKey) -> PeerId:
+        """This peer ID carrying ``key`` (checked against the ID)."""
+        return self if self._key is not None else PeerId(self._bytes, key)
 
     def verify(self, signature: bytes, data: bytes) -> bool:
-        """True if ``signature`` is this peer's Ed25519 signature over ``data``; never raises."""
+        """True if ``signature`` is this peer's signature over ``data``; never raises. False
+        when the key is not known (a sha2-256 peer ID parsed from text)."""
+        key = self._key
+        if key is None:
+            return False
+        if key.key_type is not KeyType.ED25519:
+            return key.verify(bytes(signature), bytes(data))
         try:
-            if self._public_key is None:
-                self._public_key = Ed25519PublicKey.from_public_bytes(self._public_key_bytes)
-            self._public_key.verify(bytes(signature), bytes(data))
+            if self._ed25519 is None:
+                self._ed25519 = Ed25519PublicKey.from_public_bytes(key.data)
+            self._ed25519.verify(bytes(signature), bytes(data))
             return True
         except (InvalidSignature, ValueError, TypeError):
             return False
@@ -213,7 +245,26 @@ class PeerId:
         return hash(self._bytes)
 
     def __reduce__(self):
+        if self._key is not None and self._bytes[0] == _SHA256_MULTIHASH:
+            return (PeerId, (self._bytes, self._key))
         return (PeerId.from_bytes, (self._bytes,))
+
+
+def _inline_key(encoded: bytes) -> PublicKey:
+    """The key of an identity peer ID, which must be a canonical ``PublicKey`` protobuf."""
+    if len(encoded) == 4 + ED25519_PUBLIC_KEY_LEN and encoded[:2] == bytes(
+        [_PB_TYPE_TAG, ED25519_KEY_TYPE]
+    ):
+        return PublicKey(KeyType.ED25519, decode_public_key_protobuf(encoded))
+    if len(encoded) > MAX_INLINE_KEY:
+        raise PeerIdError(f"an identity peer ID holds at most {MAX_INLINE_KEY} key bytes")
+    try:
+        key = PublicKey.from_protobuf(encoded)
+    except KeyDecodeError as exc:
+        raise PeerIdError(f"peer ID key: {exc}") from None
+    if key.to_protobuf() != encoded:
+        raise PeerIdError("peer ID key protobuf is not in its canonical encoding")
+    return key
 
 
 class KeyPair:

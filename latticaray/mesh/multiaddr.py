@@ -101,11 +101,11 @@ def _value_bytes(name: str, kind: str, value: object) -> bytes:
     if kind == "ip6":
         return ipaddress.IPv6Address(value).packed
     if kind == "port":
-        return int(value).to_bytes(2, "big")  # type: ignore[arg-type]
+        return int(value).to_bytes(2, "big")  # type: ignore[call-overload]
     if kind == "none":
         return b""
     if kind == "peer":
-        raw = value.to_bytes()  # type: ignore[union-attr]
+        raw = value.to_bytes()  # type: ignore[attr-defined]
     else:
         raw = str(value).encode("utf-8")
     return encode_varint(len(raw)) + raw

@@ -1,9 +1,13 @@
 """MeshNode: one peer of the mesh in one asyncio event loop.
 
-It owns the node's identity, its transports (QUIC on one UDP socket, TCP+TLS, same-host Unix
-sockets), the connection manager (one RPC session per peer, reused by every protocol), the RPC
-router where services register, and the identify/ping protocols. This is the contract the
-upper layers use (see docs/architecture.md)::
+It owns the node's identity, its transports (QUIC on one UDP socket, TCP with Noise and yamux,
+same-host Unix sockets), the connection manager (one RPC session per latticaray peer, reused by
+every protocol), the RPC router where services register, the libp2p stream router
+(:attr:`MeshNode.streams`: the protocols foreign libp2p peers open, e.g. ``/ipfs/id/1.0.0``,
+``/ipfs/ping/1.0.0``; :meth:`MeshNode.open_stream` opens them), the identify/ping protocols (the
+native ones between latticaray peers, libp2p's with foreign peers, both advertised), and the
+liveness watch of peers (:attr:`MeshNode.liveness`: keepalives, failure detection, redial).
+This is the contract the upper layers use (see docs/architecture.md)::
 
     node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]))
     await node.start()
@@ -15,37 +19,56 @@ What the node tells others about itself (identify, DHT peer records) is
 :attr:`MeshNode.advertised_addrs`: addresses added with :meth:`MeshNode.add_advertised_addrs`
 (relay circuit addresses, AutoNAT-confirmed public addresses) followed by the listen addresses,
 never an unspecified one.
+
+:class:`NodeThread` runs a node on an event loop of its own on a daemon thread, for synchronous
+code (notebooks, scripts, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from .connmgr import (
-    DEFAULT_TRANSPORT_PREFERENCE,
-    ConnectionManager,
-    MeshConnection,
-    QuicAdapter,
-    TransportAdapter,
-    is_dialable_addr,
+from .adapters import RPC_PROTOCOL, QuicAdapter, TransportAdapter, make_stream_adapter
+from .connmgr import ConnectionManager, MeshConnection
+from .errors import (
+    MultiaddrError,
+    PeerIdMismatch,
+    PeerUnreachable,
+    RpcConnectionLost,
+    RpcTimeout,
+    RpcUnimplemented,
 )
-from .errors import MultiaddrError, PeerIdMismatch, RpcConnectionLost, RpcTimeout
 from .identify import IdentifyInfo, IdentifyService
 from .identity import KeyPair, PeerId
+from .libp2p.identify import IdentifyMessage, decode_multiaddr
+from .libp2p.identify import IdentifyService as Libp2pIdentifyService
+from .libp2p.keys import PrivateKey
+from .libp2p.ping import PingService as Libp2pPingService
+from .libp2p.stream import MuxedConnection, MuxedStream, ProtocolRouter, StreamHandler
+from .liveness import LivenessChanged, LivenessConfig, LivenessService
 from .multiaddr import Multiaddr
+from .paths import (
+    DEFAULT_TRANSPORT_PREFERENCE,
+    expand_unspecified,
+    interface_addresses,
+    is_dialable_addr,
+)
 from .rpc import RpcLimits, RpcRouter, StreamCall
-from .tls import make_certified_key
+from .tcpnoise import Libp2pTcpAdapter
+from .tls import CertifiedKey, make_certified_key
 from .transport.quic import QuicConfig, QuicTransport
 
 __all__ = ["AGENT_VERSION", "MAX_ADVERTISED_EXTRA", "MeshConfig", "MeshNode", "NodeThread"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -77,7 +100,11 @@ class MeshConfig:
     #: Keyword options for the Unix transport (e.g. ``run_dir`` for its socket).
     unix_options: dict = field(default_factory=dict)
     quic: QuicConfig = field(default_factory=QuicConfig)
-    #: Keyword options for the TCP transport (engineer B's ``TcpConfig``), if any.
+    #: How TCP connections are secured and multiplexed: ``"noise"`` (libp2p: multistream,
+    #: Noise XX, yamux; what foreign libp2p peers speak) or ``"tls"`` (TLS 1.3 with the in-band
+    #: client proof, one RPC channel per connection; latticaray peers only).
+    tcp_security: str = "noise"
+    #: Keyword options for the TCP+TLS transport (``tcp_security="tls"``), if any.
     tcp_options: dict = field(default_factory=dict)
     rpc_limits: RpcLimits = field(default_factory=RpcLimits)
     max_connections: int = 1024
@@ -85,52 +112,14 @@ class MeshConfig:
     happy_eyeballs_delay: float = 0.25
     #: Run identify on every new connection (learns listen addrs and our observed address).
     auto_identify: bool = True
+    #: Failure detection of watched peers (``MeshNode.liveness``).
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     agent_version: str = AGENT_VERSION
 
 
-def interface_addresses() -> list[str]:
-    """IP addresses of this host's interfaces (loopback included)."""
-    try:
-        import psutil
-    except ImportError:
-        return ["127.0.0.1"]
-    addrs = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family in (socket.AF_INET, socket.AF_INET6):
-                addrs.append(entry.address.split("%")[0])  # drop an IPv6 zone
-    return addrs
-
-
-def expand_unspecified(bound: list[Multiaddr], host_addrs: list[str]) -> list[Multiaddr]:
-    """Replace a wildcard listen address (0.0.0.0 / ::) by one address per interface IP.
-
-    Peers cannot dial 0.0.0.0; they can dial the addresses it stands for. IPv6 link-local
-    addresses are skipped (they need a zone to be dialable).
-    """
-    out: list[Multiaddr] = []
-    for addr in bound:
-        host = addr.host
-        try:
-            ip = ipaddress.ip_address(host) if host else None
-        except ValueError:
-            ip = None
-        if ip is None or not ip.is_unspecified:
-            out.append(addr)
-            continue
-        for text in host_addrs:
-            try:
-                candidate = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if candidate.version != ip.version or candidate.is_link_local:
-                continue
-            family = "ip4" if candidate.version == 4 else "ip6"
-            out.append(Multiaddr(((family, str(candidate)),) + addr.components[1:]))
-    return out
-
-
 class MeshNode:
+    """One peer of the mesh (see the module docstring)."""
+
     def __init__(self, config: MeshConfig | None = None) -> None:
         self.config = config or MeshConfig()
         if self.config.key is not None:
@@ -141,9 +130,12 @@ class MeshNode:
             self.key = KeyPair.generate()
         self.peer_id: PeerId = self.key.peer_id
         self.router = RpcRouter()
+        #: Handlers of the libp2p streams peers open (``register_stream``).
+        self.streams = ProtocolRouter()
         self.connections = ConnectionManager(
             self.peer_id,
             self.router,
+            streams=self.streams,
             rpc_limits=self.config.rpc_limits,
             transport_preference=tuple(self.config.transports),
             max_connections=self.config.max_connections,
@@ -151,14 +143,27 @@ class MeshNode:
             happy_eyeballs_delay=self.config.happy_eyeballs_delay,
         )
         self.identify_service = IdentifyService(self)
+        #: libp2p's identify and ping, for foreign peers (latticaray peers use the native ones).
+        self.libp2p_identify = Libp2pIdentifyService(
+            PrivateKey.from_keypair(self.key),
+            self.streams,
+            listen_addrs=self._libp2p_listen_addrs,
+            agent_version=self.config.agent_version,
+            protocols=self.libp2p_protocols,
+            on_identified=self._on_libp2p_identified,
+        )
+        self.libp2p_ping = Libp2pPingService(self.streams)
+        #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
+        self.liveness = LivenessService(self, self.config.liveness)
         self.quic: QuicTransport | None = None
         self._listen_addrs: list[Multiaddr] = []
         self._extra_addrs: list[Multiaddr] = []
         self._addrs_changed_cbs: list[Callable[[], None]] = []
-        self._certified = None
+        self._certified: CertifiedKey | None = None
         self._started = False
         self._stopped = False
         self._tasks: set[asyncio.Task] = set()
+        self._libp2p_identifying: dict[MuxedConnection, asyncio.Future[IdentifyMessage]] = {}
         self.connections.on_peer_connected(self._on_connected)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -195,6 +200,7 @@ class MeshNode:
             await self.stop()
             raise
         self.connections.start()
+        self.liveness.start()
         for addr in self.config.bootstrap:
             self._spawn(self._bootstrap_one(Multiaddr.parse(addr)))
         log.info(
@@ -208,6 +214,7 @@ class MeshNode:
         self._stopped = True
         for task in list(self._tasks):
             task.cancel()
+        await self.liveness.stop()
         await self.connections.close()
 
     async def __aenter__(self) -> MeshNode:
@@ -235,10 +242,12 @@ class MeshNode:
             return adapter
         if name == "quic":
             self.quic = QuicTransport(self.key, self.config.quic, certified=self._certified)
-            adapter = QuicAdapter(self.quic, self.connections.accept_inbound)
+            adapter = QuicAdapter(self.quic, self.connections.accept_inbound, streams=self.streams)
+        elif name == "tcp" and self.config.tcp_security == "noise":
+            adapter = Libp2pTcpAdapter(
+                self.key, self.connections.accept_inbound, streams=self.streams
+            )
         elif name in ("tcp", "unix"):
-            from .connmgr import make_stream_adapter
-
             options = self.config.tcp_options if name == "tcp" else self.config.unix_options
             adapter = make_stream_adapter(
                 name, self.key, self._certified, self.connections.accept_inbound, options
@@ -320,7 +329,27 @@ class MeshNode:
         return dict(self.identify_service.observed_by)
 
     def protocols(self) -> list[str]:
-        return self.router.services()
+        """What identify advertises: the RPC services and the libp2p stream protocols."""
+        return self.router.services() + self.streams.protocols
+
+    def libp2p_protocols(self) -> list[str]:
+        """What ``/ipfs/id/1.0.0`` advertises: the libp2p stream protocols and the RPC one."""
+        return [*self.streams.protocols, RPC_PROTOCOL]
+
+    def _libp2p_listen_addrs(self) -> list[bytes]:
+        return [a.without_peer().to_bytes() for a in self.advertised_addrs if a.transport != "unix"]
+
+    def _on_libp2p_identified(self, conn: MuxedConnection, message: IdentifyMessage) -> None:
+        observed = decode_multiaddr(message.observed_addr) if message.observed_addr else None
+        info = IdentifyInfo(
+            peer_id=conn.mesh_peer_id,
+            listen_addrs=message.multiaddrs(),
+            observed_addr=observed,
+            protocols=list(message.protocols),
+            agent_version=message.agent_version,
+            protocol_version=message.protocol_version,
+        )
+        self.identify_service.accept(conn.mesh_peer_id, info)
 
     # -- connections ------------------------------------------------------------------------------------
     async def connect(self, addr, timeout: float | None = None) -> PeerId:
@@ -340,6 +369,11 @@ class MeshNode:
     def on_peer_connected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_connected(callback)
 
+    def on_peer_liveness(self, callback: Callable[[LivenessChanged[PeerId]], None]) -> None:
+        """``callback(change)`` when a peer watched with ``liveness.watch(peer)`` becomes
+        SUSPECT, DOWN or ALIVE again (see :mod:`latticaray.mesh.liveness`)."""
+        self.liveness.on_change(callback)
+
     def on_peer_disconnected(self, callback: Callable[[PeerId], None]) -> None:
         self.connections.on_peer_disconnected(callback)
 
@@ -349,7 +383,7 @@ class MeshNode:
 
     async def _identify_quietly(self, peer: PeerId) -> None:
         try:
-            info = await self.identify_service.identify(peer)
+            info = await self.identify(peer)
         except Exception as exc:
             log.debug("identify with %s failed: %s", peer, exc)
             return
@@ -391,6 +425,39 @@ class MeshNode:
     def unregister(self, service: str) -> None:
         self.router.unregister(service)
 
+    def register_stream(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve the libp2p protocol ``protocol``: ``await handler(stream)`` for each stream a
+        peer opens with it (QUIC and TCP; multistream-select negotiated)."""
+        self.streams.add(protocol, handler)
+
+    def unregister_stream(self, protocol: str) -> None:
+        self.streams.remove(protocol)
+
+    async def open_stream(
+        self,
+        peer_id: PeerId,
+        protocols,
+        *,
+        timeout: float | None = None,
+        lazy: bool = False,
+    ) -> MuxedStream:
+        """Open a libp2p stream to ``peer_id`` negotiating one of ``protocols`` (dials the
+        peer if needed). Raises :class:`PeerUnreachable` if no multiplexed connection (QUIC,
+        TCP+Noise+yamux) to it exists, ``ProtocolNotSupported`` if it refuses them all."""
+        muxer = await self.muxer_to(peer_id, timeout)
+        return await muxer.open_stream(protocols, lazy=lazy, timeout=timeout)
+
+    async def muxer_to(self, peer_id: PeerId, timeout: float | None = None) -> MuxedConnection:
+        """The peer's libp2p connection (its primary one if multiplexed)."""
+        conn = await self.connections.get(peer_id, timeout)
+        if conn.raw.muxer is None:
+            conn = next(
+                (c for c in self.connections.connections(peer_id) if c.raw.muxer is not None), conn
+            )
+        if conn.raw.muxer is None:
+            raise PeerUnreachable(f"no libp2p (QUIC or TCP+Noise) connection to {peer_id}")
+        return conn.raw.muxer
+
     # -- calls --------------------------------------------------------------------------------------------
     async def call(
         self,
@@ -420,9 +487,15 @@ class MeshNode:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise RpcTimeout(f"call {service!r} to {peer_id} exceeded its deadline")
+            if conn.native is False:
+                raise RpcUnimplemented(f"{peer_id} is a libp2p peer without {RPC_PROTOCOL}")
             try:
                 return await conn.session.call(service, payload, remaining)
             except RpcConnectionLost:
+                if conn.raw.channel is not None and getattr(conn.raw.channel, "refused", False):
+                    raise RpcUnimplemented(
+                        f"{peer_id} is a libp2p peer without {RPC_PROTOCOL}"
+                    ) from None
                 if attempt + 1 >= attempts:
                     raise
                 conn.close("connection lost during a call")
@@ -463,10 +536,29 @@ class MeshNode:
         return conn.session.call_bidi(service, timeout)
 
     async def identify(self, peer_id: PeerId, timeout: float = 10.0) -> IdentifyInfo:
-        return await self.identify_service.identify(peer_id, timeout)
+        """Ask the peer who it is: the native protocol with a latticaray peer, libp2p's
+        ``/ipfs/id/1.0.0`` with a foreign one."""
+        conn = await self.connections.get(peer_id, timeout)
+        if await conn.wait_native(timeout) or conn.raw.muxer is None:
+            return await self.identify_service.identify(peer_id, timeout)
+        # one identify at a time per connection: libp2p peers take one inbound identify stream
+        # at once (js resets a second)
+        muxer = conn.raw.muxer
+        pending = self._libp2p_identifying.get(muxer)
+        if pending is None:
+            pending = asyncio.ensure_future(self.libp2p_identify.identify(muxer, timeout=timeout))
+            self._libp2p_identifying[muxer] = pending
+            pending.add_done_callback(lambda _f: self._libp2p_identifying.pop(muxer, None))
+        await asyncio.wait_for(asyncio.shield(pending), timeout)
+        return self.identify_service.peer_info[peer_id]
 
     async def ping(self, peer_id: PeerId, timeout: float = 10.0) -> float:
-        return await self.identify_service.ping(peer_id, timeout)
+        """Round trip in seconds (native ping, or ``/ipfs/ping/1.0.0`` with a foreign peer)."""
+        conn = await self.connections.get(peer_id, timeout)
+        if await conn.wait_native(timeout) or conn.raw.muxer is None:
+            return await self.identify_service.ping(peer_id, timeout)
+        rtts = await self.libp2p_ping.ping(conn.raw.muxer, timeout=timeout)
+        return rtts[0]
 
     def __repr__(self) -> str:
         return f"<MeshNode {self.peer_id}>"
@@ -483,8 +575,6 @@ class NodeThread:
     """
 
     def __init__(self, config: MeshConfig | None = None, *, start_timeout: float = 30.0) -> None:
-        import threading
-
         self.node = MeshNode(config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -495,6 +585,7 @@ class NodeThread:
         self._error: BaseException | None = None
 
     def _main(self) -> None:
+        loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 
@@ -525,7 +616,7 @@ class NodeThread:
             raise self._error
         return self
 
-    def run(self, coro, timeout: float | None = None):
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the node's loop and return its result (blocking)."""
         if self._loop is None or not self._thread.is_alive():
             raise RuntimeError("node thread is not running")
@@ -543,5 +634,5 @@ class NodeThread:
     def __enter__(self) -> NodeThread:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -1,22 +1,72 @@
-"""Sans-I/O bookkeeping of ``/latticaray/rpc/1``: per-stream credit windows and call deadlines.
+"""Sans-I/O numbers of ``/latticaray/rpc/1``: session limits, stream credit windows, deadlines.
 
-These are the protocol rules of the RPC session that involve numbers and time, kept free of
-asyncio so they can be tested (and simulated) on their own: the session feeds them message sizes
-and ``now`` and acts on what they return. The byte-level codec is :mod:`latticaray.mesh.framing`.
+These are the rules of an RPC session that involve sizes and time, kept free of asyncio so they
+can be tested (and simulated) on their own: :class:`RpcLimits` (a session's configuration),
+:class:`StreamWindow` (one stream's credit) and :class:`DeadlineQueue` (open calls' deadlines).
+The session's core (:mod:`latticaray.mesh.rpccore`) feeds them message sizes and ``now`` and acts
+on what they return. The byte-level codec is :mod:`latticaray.mesh.framing`.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Container
+from dataclasses import dataclass
 
 from .errors import ProtocolViolation
 
-__all__ = ["INITIAL_WINDOW", "MESSAGE_OVERHEAD", "DeadlineQueue", "StreamWindow"]
+__all__ = [
+    "INITIAL_WINDOW",
+    "MESSAGE_OVERHEAD",
+    "DeadlineQueue",
+    "RpcLimits",
+    "StreamWindow",
+]
 
 #: Window every stream receiver starts with (both directions); more is granted with CREDIT.
 INITIAL_WINDOW = 256 * 1024
 #: Flow-control cost of a message beyond its payload, so empty messages are not free.
 MESSAGE_OVERHEAD = 32
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """Per-session limits. Defaults suit a mesh node; tests shrink them."""
+
+    #: Largest payload of one frame (= one message). Larger data must be sent as a stream.
+    max_frame_size: int = 16 * 1024 * 1024
+    #: Calls the remote may have open on us at once (more get RESOURCE_EXHAUSTED); our own
+    #: outgoing unary calls wait for a slot beyond this many.
+    max_concurrent_calls: int = 4096
+    #: Deadline of a call made without an explicit timeout, and the cap on a caller's deadline.
+    default_timeout: float = 30.0
+    max_timeout: float = 24 * 3600.0
+    #: Receive window of each stream, in bytes (a slow reader holds at most this plus one message).
+    stream_window: int = 1024 * 1024
+    #: Largest receive window a caller may ask for one stream it opens (``window=``): a bulk
+    #: reader that asked for n large messages lets all of them be in flight at once.
+    max_stream_window: int = 64 * 1024 * 1024
+    #: Queued outgoing bytes above which senders (and the reader) wait for the channel.
+    write_buffer_high: int = 4 * 1024 * 1024
+    #: Bytes asked of the channel per read.
+    read_size: int = 256 * 1024
+    #: A peer that started a frame must deliver more of it within this many seconds (checked
+    #: every frame_timeout; a stalled partial frame would otherwise pin memory forever).
+    frame_timeout: float = 30.0
+    #: How long a graceful close may spend flushing queued frames before it aborts the channel.
+    close_timeout: float = 2.0
+    #: Send the handler's traceback to the caller with INTERNAL errors.
+    expose_tracebacks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_frame_size < 1024:
+            raise ValueError("max_frame_size must be at least 1024 bytes")
+        if self.stream_window < INITIAL_WINDOW:
+            raise ValueError(f"stream_window must be at least {INITIAL_WINDOW} bytes")
+        if self.max_stream_window < self.stream_window:
+            raise ValueError("max_stream_window must be at least stream_window")
+        if self.max_concurrent_calls < 1 or self.default_timeout <= 0:
+            raise ValueError("max_concurrent_calls and default_timeout must be positive")
 
 
 class StreamWindow:
@@ -106,9 +156,10 @@ class DeadlineQueue:
             expired.append((call_id, outgoing))
         return expired
 
-    def compact(self, is_live) -> None:
-        """Drop entries for which ``is_live(call_id, outgoing)`` is false."""
-        live = [entry for entry in self._heap if is_live(entry[1], entry[2])]
+    def compact(self, outgoing: Container[int], incoming: Container[int]) -> None:
+        """Keep only the entries of calls still open: outgoing ones whose id is in
+        ``outgoing``, the others whose id is in ``incoming``."""
+        live = [e for e in self._heap if e[1] in (outgoing if e[2] else incoming)]
         heapq.heapify(live)
         self._heap = live
 

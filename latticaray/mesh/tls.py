@@ -224,7 +224,8 @@ def verify_certificate(
         raise HandshakeError("libp2p extension could not be read")
     public_key_pb, signature = decode_signed_key(raw)
     try:
-        peer = PeerId.from_public_key(decode_public_key_protobuf(public_key_pb))
+        # any libp2p key type (Ed25519, RSA, secp256k1, ECDSA): foreign peers are first-class
+        peer = PeerId.from_key_protobuf(public_key_pb)
     except PeerIdError as exc:
         raise HandshakeError(f"libp2p extension carries an unusable host key: {exc}") from None
     try:

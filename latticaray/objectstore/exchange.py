@@ -5,7 +5,7 @@
     exchange = ObjectExchange(node, dht, store)          # registers /latticaray/bitswap/1 and
     await exchange.start()                               #   /latticaray/replicate/1 on the node
     cid = store.put(value); await exchange.provide(cid)  # announce to the DHT (re-announced)
-    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None) -> Cid   # into the store
+    await exchange.fetch(cid, timeout=30.0, pin=False, progress=None, stall_timeout=None) -> Cid
     value = await exchange.get(cid, timeout=30.0)        # local store first, else fetch
     peers = await exchange.replicate(cid, n, timeout=60.0)   # n peers fetch and pin it
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
@@ -164,6 +164,7 @@ class _FetchRun:
         pin: bool,
         progress: _Progress,
         hint_peers: list[Hashable],
+        stall_timeout: float | None = None,
     ) -> None:
         self.exchange = exchange
         self.root = root
@@ -171,7 +172,9 @@ class _FetchRun:
         self.progress = progress
         self.hint_peers = hint_peers
         self.loop = asyncio.get_running_loop()
-        self.session = bs.FetchSession(root, self.loop.time() + timeout, exchange.config.session)
+        self.session = bs.FetchSession(
+            root, self.loop.time() + timeout, exchange.config.session, stall_timeout
+        )
         self.writer: ObjectWriter | None = None
         self.finished: asyncio.Future[Cid] = self.loop.create_future()
         self.wake = asyncio.Event()
@@ -408,8 +411,11 @@ class ObjectExchange:
         pin: bool = False,
         progress: Callable[[int, int], None] | None = None,
         peers: Sequence[Hashable] = (),
+        stall_timeout: float | None = None,
     ) -> Cid:
-        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``."""
+        """Make ``cid`` present in the local store; raise ObjectNotFound after ``timeout``, or
+        once nothing of it arrived for ``stall_timeout`` s (a slow fetch that progresses goes
+        on until ``timeout``). A fetch of a CID already under way is joined, on its terms."""
         root = Cid.coerce(cid)
         if self.store.contains(root):
             if pin:
@@ -421,7 +427,7 @@ class ObjectExchange:
             reporter = _Progress(
                 root, progress, self.config.show_progress, self.config.progress_min_bytes
             )
-            run = _FetchRun(self, root, timeout, pin, reporter, list(peers))
+            run = _FetchRun(self, root, timeout, pin, reporter, list(peers), stall_timeout)
             self._runs[root] = run
             future = asyncio.ensure_future(run.run())
             self._fetches[root] = future

@@ -63,7 +63,10 @@ class Gifts:
         if not self.keeper.recycle_enabled:
             return False
         try:
-            size = os.stat(path).st_size
+            info = os.stat(path)
+            if info.st_nlink > 1:  # linked into another store (store.link_from): shared
+                return False
+            size = info.st_size
             if writer is None:
                 writer = read_local(path, map_payload=False).writer if size >= WARM_MIN_BYTES else 0
         except (OSError, TornRead, ObjectStoreError):

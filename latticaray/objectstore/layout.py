@@ -35,6 +35,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from .cid import SHA2_256
 from .errors import ObjectStoreError
 
 __all__ = [
@@ -161,11 +162,13 @@ class StorePaths:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """What another process needs to attach: the budget and where spills go."""
+    """What another process needs to attach: the budget, where spills go, and the multihash its
+    CIDs use (every process of a store names a value alike)."""
 
     capacity: int
     spill_dir: str
     spill_capacity: int
+    hash_code: int = SHA2_256
 
     @classmethod
     def read(cls, root: str) -> StoreConfig:
@@ -174,7 +177,12 @@ class StoreConfig:
                 config = msgpack.unpackb(file.read(4096))
         except FileNotFoundError:
             raise ObjectStoreError(f"no object store at {root}") from None
-        return cls(int(config["capacity"]), config["spill_dir"], int(config["spill_capacity"]))
+        return cls(
+            int(config["capacity"]),
+            config["spill_dir"],
+            int(config["spill_capacity"]),
+            int(config.get("hash_code", SHA2_256)),
+        )
 
     def write(self, root: str) -> None:
         path = os.path.join(root, "config")
@@ -185,6 +193,7 @@ class StoreConfig:
                         "capacity": self.capacity,
                         "spill_dir": self.spill_dir,
                         "spill_capacity": self.spill_capacity,
+                        "hash_code": self.hash_code,
                     }
                 )
             )

@@ -395,10 +395,11 @@ class SpareKeeper:
         if not self.recycle_enabled:
             return None
         try:
-            size = os.stat(path).st_size
+            info = os.stat(path)
         except FileNotFoundError:
             return None
-        if size < WARM_MIN_BYTES:
+        size = info.st_size
+        if size < WARM_MIN_BYTES or info.st_nlink > 1:  # linked into another store: shared
             return None
         rounded = round_to_granule(size)
         with self._lock:

@@ -116,9 +116,11 @@ class LocalStore:
             root = default_root(clean_dead=spill_dir is None)
         self.root = os.path.abspath(root)
         self.chunk_size = chunk_size
-        self.hash_code = hash_code
         if _attach:
             config = StoreConfig.read(self.root)
+            hash_code = (
+                config.hash_code
+            )  # the store's own: a value has one CID in all its processes
         else:
             capacity = int(capacity_bytes) if capacity_bytes is not None else default_capacity()
             spill_dir = spill_dir if spill_dir is not None else default_spill_dir(self.root)
@@ -126,7 +128,9 @@ class LocalStore:
                 capacity,
                 spill_dir,
                 int(spill_capacity_bytes) if spill_capacity_bytes is not None else 4 * capacity,
+                hash_code,
             )
+        self.hash_code = hash_code
         self.capacity = config.capacity
         self.spill_dir = config.spill_dir
         self.spill_capacity = config.spill_capacity
@@ -196,6 +200,34 @@ class LocalStore:
         except BaseException:
             self.ledger_file.release(token)
             raise
+
+    def link_from(self, source: LocalStore, cid: Cid | str) -> int:
+        """Bring the sealed object ``cid`` of ``source`` (another store on this filesystem: a
+        node on the same host) into this store without copying: its file is hard-linked here.
+        The manifest is checked against ``cid`` (``source.get_object``); the bytes are the
+        ones ``source`` sealed (a process of the same user could write either store's files
+        anyway). Neither store recycles a file that has another link (spares, gifts), so the
+        shared file stays as sealed. Returns the payload size (0 if this store has it already);
+        raises ObjectNotFound, or OSError where a link is impossible (another filesystem)."""
+        cid = Cid.coerce(cid)
+        if self.contains(cid):
+            return 0
+        stored = source.get_object(cid)
+        manifest = stored.manifest
+        with contextlib.suppress(BufferError):
+            stored.payload.release()
+        with self.ledger_file.locked() as ledger:
+            token = self.room.reserve(ledger, sealed_size(manifest))
+        temp = self.paths.temp(token)
+        try:
+            # under the source's lock: it neither recycles nor gives the file away meanwhile
+            with source.ledger_file.locked():
+                os.link(source.paths.sealed(str(cid)), temp)
+        except BaseException:
+            self.ledger_file.release(token)
+            raise
+        self._seal(manifest, temp, token, False)
+        return manifest.size
 
     def put(self, value: Any, pin: bool = False) -> Cid:
         """Serialize ``value`` into the store; return its root CID (deduplicated by content)."""

@@ -333,6 +333,38 @@ class LogDedupCore:
         return self.poll(math.inf)
 
 
+class WholeLines:
+    """A text stream seen through a lock: each thread's writes reach the stream a whole line at
+    a time (a partial line waits for its newline or a flush), so the lines the printer writes
+    from another thread never land inside a line the user is printing (``print`` makes several
+    writes). Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: IO[str], lock: threading.RLock) -> None:
+        self.stream = stream
+        self._lock = lock
+        self._partial = threading.local()
+
+    def write(self, text: str) -> int:
+        held = getattr(self._partial, "text", "") + text
+        head, newline, tail = held.rpartition("\n")
+        self._partial.text = tail
+        if newline:
+            with self._lock:
+                self.stream.write(head + newline)
+        return len(text)
+
+    def flush(self) -> None:
+        held = getattr(self._partial, "text", "")
+        with self._lock:
+            if held:
+                self._partial.text = ""
+                self.stream.write(held)
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class LogPrinter:
     """Prints batches at the driver: at once, in the thread that submits them (the node's loop,
     so a task's lines are written before the reply that follows them on the same connection
@@ -355,18 +387,37 @@ class LogPrinter:
         self._stderr = stderr
         self._clock = clock
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._stopped = False
+        self._installed: list[tuple[str, WholeLines]] = []
 
     def start(self) -> LogPrinter:
         with self._lock:
             if self._thread is None:
+                self._guard_streams()
                 self._thread = threading.Thread(
                     target=self._run, name="latticaray-log-printer", daemon=True
                 )
                 self._thread.start()
         return self
+
+    def _guard_streams(self) -> None:
+        """Writing to this process's own stdout/stderr: see them through :class:`WholeLines`
+        (sharing this printer's lock) until :meth:`stop`."""
+        for name, given in (("stdout", self._stdout), ("stderr", self._stderr)):
+            current = getattr(sys, name)
+            if given is None and current is not None and not isinstance(current, WholeLines):
+                guarded = WholeLines(current, self._lock)
+                setattr(sys, name, guarded)
+                self._installed.append((name, guarded))
+
+    def _unguard_streams(self) -> None:
+        for name, guarded in self._installed:
+            guarded.flush()
+            if getattr(sys, name) is guarded:  # not swapped again by someone else meanwhile
+                setattr(sys, name, guarded.stream)
+        self._installed.clear()
 
     def submit(self, batch: LogBatch) -> bool:
         with self._wake:
@@ -385,6 +436,7 @@ class LogPrinter:
                 return
             self._stopped = True
             self._write(self.core.close())
+            self._unguard_streams()
             self._wake.notify()
             thread = self._thread
         if thread is not None:
@@ -397,6 +449,8 @@ class LogPrinter:
                 if out.stream == STDOUT
                 else (self._stderr or sys.stderr)
             )
+            if isinstance(stream, WholeLines):
+                stream = stream.stream  # a whole line already; the lock is held
             try:
                 stream.write(out.text + "\n")
             except (OSError, ValueError):

@@ -367,9 +367,13 @@ class _EmbeddedRuntime:
         self.node = make_node()
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
         if start_mesh is not None:
-            self.mesh_runtime = asyncio.run_coroutine_threadsafe(
-                start_mesh(self.node), loop
-            ).result()
+            try:
+                self.mesh_runtime = asyncio.run_coroutine_threadsafe(
+                    start_mesh(self.node), loop
+                ).result()
+            except BaseException:
+                self.stop()  # the node and its loop thread do not outlive a failed init()
+                raise
 
     def stop(self) -> None:
         loop = self.loop
@@ -464,20 +468,20 @@ def init(
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
             return _attach(address, namespace)
-        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)
+        use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
         total = default_resources(num_cpus, num_gpus, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
         if use_mesh:
-            from latticaray.runtime.mesh_runtime import MeshRuntime, NatSettings
+            from latticaray.runtime.mesh_runtime import MeshRuntime
 
             mesh_runtime = MeshRuntime.prepare(
                 bootstrap=bootstrap or [],
                 credential=credential,
                 listen=listen,
                 key_path=mesh_key_path,
-                nat=NatSettings.coerce(nat),
+                nat=nat,
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
@@ -651,9 +655,14 @@ def wait(
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns <= 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 1 and {len(refs)}")
-    ready_idx = set(context.require_core().wait(refs, num_returns, timeout, fetch_local))
-    ready = [r for i, r in enumerate(refs) if i in ready_idx]
-    not_ready = [r for i, r in enumerate(refs) if i not in ready_idx]
+    ready_idx = sorted(set(context.require_core().wait(refs, num_returns, timeout, fetch_local)))
+    ready = [refs[i] for i in ready_idx]
+    not_ready: list[ObjectRef] = []
+    start = 0
+    for i in ready_idx:  # the runs between the ready ones, copied as slices
+        not_ready += refs[start:i]
+        start = i + 1
+    not_ready += refs[start:]
     return ready, not_ready
 
 

@@ -478,8 +478,6 @@ class DriverCore(CoreClient):
             flushed = threading.Event()
             self.post(flushed.set)
             flushed.wait()
-        if any(r.id not in objects for r in refs):
-            return super().wait(refs, num_returns, timeout, fetch_local)
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = table.seal_cond
         with cond:
@@ -487,13 +485,15 @@ class DriverCore(CoreClient):
         try:
             while True:
                 seen = table.seal_count
-                ready = [
-                    i
-                    for i, r in enumerate(refs)
-                    if (e := objects.get(r.id)) is not None and e.status != -1
-                ]
-                if len(ready) >= num_returns:
-                    return ready[:num_returns]
+                ready = []
+                for i, r in enumerate(refs):  # the first num_returns ready, in list order
+                    e = objects.get(r.id)
+                    if e is None:  # not this node's to watch: the node waits for it
+                        return super().wait(refs, num_returns, timeout, fetch_local)
+                    if e.status != -1:
+                        ready.append(i)
+                        if len(ready) >= num_returns:
+                            return ready
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return ready

@@ -163,6 +163,10 @@ class NotMemberError(LatticaError, PermissionError):
     """The caller holds no valid membership credential for this mesh."""
 
 
+class MeshUnreachableError(LatticaError, ConnectionError):
+    """No bootstrap peer could be joined; the message names each address tried and why."""
+
+
 class CredentialError(LatticaError, ValueError):
     """A membership credential is malformed, expired, revoked, or not signed by the mesh key."""
 

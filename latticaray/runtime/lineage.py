@@ -47,7 +47,9 @@ Message: TypeAlias = dict[str, Any]
 
 DEFAULT_MAX_LINEAGE_BYTES = 64 << 20
 SPEC_OVERHEAD = 256  # bytes counted per task beside its inline arguments
-REPLICA_FETCH_TIMEOUT = 5.0  # how long to look for another copy before re-executing
+# how long a search for another copy may go without anything of it arriving, before the object
+# is re-executed (a copy that is coming, however slowly, is waited for)
+REPLICA_FETCH_TIMEOUT = 5.0
 HOLDER_FETCH_TIMEOUT = 30.0  # the same, while the node that made it is alive (it has it)
 EVICTED_MEMORY = 4096  # how many evicted task ids are remembered (for the error's reason)
 
@@ -217,7 +219,8 @@ class LineageTable:
 @dataclasses.dataclass(frozen=True, slots=True)
 class FetchCopy:
     """Look for another copy of the object by its CID: from ``holder`` (the node that made it)
-    while it lives, for up to ``holder_timeout`` s, else from any provider for ``timeout`` s."""
+    while it lives, else from any provider; each search ends once nothing of the object arrived
+    for ``holder_timeout`` / ``timeout`` s."""
 
     cid: str
     holder: str | None

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import ipaddress
 import logging
+import os
 import time
 from typing import Any
 
 from latticaray.mesh.errors import MeshError
 from latticaray.mesh.identity import KeyPair
+from latticaray.mesh.multiaddr import Multiaddr
+from latticaray.mesh.nat.addresses import LAB_ENV
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.runtime.admission import ACTIVE, Admission, MeshKey, Permission
-from latticaray.runtime.errors import CredentialError
+from latticaray.runtime.errors import CredentialError, MeshUnreachableError
 from latticaray.runtime.remote.membership import Membership
 from latticaray.runtime.remote.runtime import RemoteRuntime
 from latticaray.scheduler.policy import NodeView
@@ -32,17 +36,49 @@ CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
 PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
+REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
+LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+#: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
+#: serves QUIC, AutoNAT and hole punching)
+ANY_LISTEN = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"]
+
+
+def reaches_beyond_host(bootstrap: list[str]) -> bool:
+    """True if a bootstrap address is not on this host (not loopback, not a Unix socket): the node
+    then listens on every interface and runs NAT traversal unless told otherwise."""
+    for text in bootstrap:
+        host = Multiaddr.parse(text).host
+        if host is None:
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return True
+        except ValueError:  # a DNS name: another host
+            return True
+    return False
+
+
+def default_nat(nat, bootstrap: list[str]) -> NatSettings | None:
+    """The NAT settings a node runs: `nat=False` none; given settings (or a dict, or True) as
+    given; not given: auto mode when a bootstrap peer is beyond this host, else none."""
+    if nat is None:
+        return NatSettings() if reaches_beyond_host(bootstrap) else None
+    return NatSettings.coerce(nat)
 
 
 @dataclasses.dataclass
 class NatSettings:
     """How a runtime node takes part in NAT traversal (see docs/protocol/nat.md).
 
-    A node behind a NAT gives `observers` (QUIC endpoints of public nodes, for NAT type and
-    AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`); at start it reserves a relay slot when it
-    is not public and advertises its circuit address. A public node may `serve_relay` on
-    `relay_port` and `serve_autonat`. `lab=True` treats the netlab's 198.18.0.0/15 as public and
-    turns off the same-host Unix-socket path (lab namespaces share one machine).
+    By default (no `observers`) the node runs auto mode, libp2p AutoRelay-style: it learns its
+    reachability with AutoNAT from the peers it meets, finds relays among them (identify, DHT
+    provider key), keeps two reservations while it is not publicly reachable, advertises its
+    circuit addresses and hole-punches. `observers` (QUIC endpoints of public nodes, for NAT type
+    and AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`) are hand-given overrides: with
+    observers the node configures itself once from them at start instead. A public node may
+    `serve_relay` on `relay_port` and `serve_autonat`. `lab=True` (default: the environment's
+    `LATTICARAY_LAB=1`) treats the netlab's 198.18.0.0/15 as public and turns off the same-host
+    Unix-socket path (lab namespaces share one machine).
     """
 
     observers: tuple = ()
@@ -51,8 +87,13 @@ class NatSettings:
     relay_port: int = 0
     serve_autonat: bool = False
     hole_punching: bool = True
-    lab: bool = False
+    lab: bool = dataclasses.field(default_factory=lambda: os.environ.get(LAB_ENV) == "1")
     auto_configure: bool = True
+
+    @property
+    def auto(self) -> bool:
+        """Auto mode: observers and relays are found among the peers met, not given."""
+        return not self.observers
 
     @classmethod
     def coerce(cls, value) -> NatSettings | None:
@@ -79,6 +120,7 @@ class NatSettings:
         policy = AddressPolicy(treat_as_public=LAB_PUBLIC_RANGES) if self.lab else AddressPolicy()
         confirmations = max(1, min(2, len(self.observers)))
         return NatConfig(
+            auto=self.auto,
             observers=tuple(self.observers),
             relays=tuple(self.relays),
             policy=policy,
@@ -90,6 +132,22 @@ class NatSettings:
                 min_confirmations=confirmations, dial_back_timeout=1.5
             ),
         )
+
+
+def _check_bootstrap_transports(bootstrap: list[str], listen: list[str]) -> None:
+    """A QUIC bootstrap address needs a QUIC listen address: QUIC dials from the node's one
+    listening UDP socket (the one hole punching and observed addresses are about)."""
+    from latticaray.mesh.multiaddr import Multiaddr
+
+    if any(Multiaddr.parse(a).transport == "quic" for a in listen):
+        return
+    for addr in bootstrap:
+        if Multiaddr.parse(addr).transport == "quic":
+            raise ValueError(
+                f"bootstrap address {addr} is a QUIC one, but this node listens on no QUIC "
+                "address (QUIC dials from the node's listening UDP socket): listen on one too "
+                "(e.g. /ip4/0.0.0.0/udp/0/quic-v1) or bootstrap from the peer's TCP address"
+            )
 
 
 def _endpoint(value) -> tuple[str, int]:
@@ -149,7 +207,9 @@ class MeshRuntime:
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
     `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
-    ask, instead of every peer connected or introduced ("full").
+    ask, instead of every peer connected or introduced ("full"). `same_host_path=False` keeps
+    peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
+    the Unix-socket path (to measure what two machines would see).
 
     Public services, each explicit: DHT routing is served to non-members unless
     `public_dht=False` (rate-limited per peer and per IP; members are not limited); relay and
@@ -166,19 +226,24 @@ class MeshRuntime:
         nat: NatSettings | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
         public_dht: bool = True,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         self.peering = peering
         self.capacity_wait = capacity_wait
+        self.same_host_path = same_host_path
         self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
         self.bootstrap = list(bootstrap)
         self.admission = admission
-        self.listen = listen or ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+        if listen is None:
+            listen = ANY_LISTEN if reaches_beyond_host(self.bootstrap) else LOOPBACK_LISTEN
+        self.listen = listen
+        _check_bootstrap_transports(self.bootstrap, self.listen)
         self.nat_settings = nat
         self.mesh: MeshNode | None = None
         self.remote: RemoteRuntime | None = None
@@ -202,11 +267,14 @@ class MeshRuntime:
         listen: list[str] | None = None,
         key_path: str | None = None,
         mesh_key_path: str | None = None,
-        nat: NatSettings | None = None,
+        nat: NatSettings | dict | bool | None = None,
         peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
+        same_host_path: bool = True,
         public_dht: bool = True,
     ) -> MeshRuntime:
+        """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
+        nat = default_nat(nat, bootstrap)
         key = KeyPair.load_or_create(key_path) if key_path else KeyPair.generate()
         if bootstrap:
             if not credential:
@@ -219,7 +287,17 @@ class MeshRuntime:
         else:
             mesh_key = MeshKey.load_or_create(mesh_key_path) if mesh_key_path else None
             admission = Admission.create_mesh(str(key.peer_id), mesh_key)
-        return cls(key, bootstrap, admission, listen, nat, peering, capacity_wait, public_dht)
+        return cls(
+            key,
+            bootstrap,
+            admission,
+            listen,
+            nat,
+            peering,
+            capacity_wait,
+            same_host_path,
+            public_dht,
+        )
 
     async def start(self, runtime_node) -> MeshRuntime:
         from latticaray.mesh.transport.quic import QuicConfig
@@ -231,7 +309,7 @@ class MeshRuntime:
         config = MeshConfig(
             listen=self.listen,
             key=self.key,
-            same_host_fast_path=not in_lab,
+            same_host_fast_path=self.same_host_path and not in_lab,
             quic=QuicConfig(keepalive_interval=1.0, unresponsive_timeout=4.0),
         )
         self.mesh = MeshNode(config)
@@ -306,18 +384,30 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+        tried = []
         refusals = []
         for addr in self.bootstrap:
             try:
                 await remote.membership.join(addr)
             except CredentialError as exc:
                 refusals.append(str(exc))
-            except (MeshError, ValueError) as exc:
+                tried.append(f"{addr}: refused: {exc}")
+            except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
+                tried.append(f"{addr}: {type(exc).__name__}: {exc}")
         if refusals and not remote.membership.alive_peers():
+            await self.stop()
             raise CredentialError(
                 "this node was not admitted to the mesh: " + "; ".join(refusals[:4])
             )
+        if self.bootstrap and len(tried) == len(self.bootstrap):
+            await self.stop()
+            raise MeshUnreachableError(
+                "could not join the mesh, no bootstrap peer could be reached:\n  "
+                + "\n  ".join(tried)
+            )
+        if self.nat is not None and self.nat.auto is not None and self.bootstrap:
+            await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -391,6 +481,9 @@ class MeshRuntime:
         assert settings is not None and self.mesh is not None
         self.nat = MeshNatService(self.mesh, settings.config())
         await self.nat.start()
+        self.nat.attach_dht(self.dht)
+        if settings.auto:
+            return  # auto mode: reachability and relays come from the peers met (after joining)
         if settings.auto_configure:
             report, reach = await asyncio.wait_for(self.nat.auto_configure(), 60.0)
             self.timings["nat_type"] = str(getattr(report, "nat_type", report))
@@ -398,6 +491,21 @@ class MeshRuntime:
             log.info(
                 "NAT: %s, reachability %s, circuit %s", report, reach, self.nat.circuit_addresses()
             )
+
+    async def _wait_reachable(self, started: float) -> None:
+        """Auto mode: wait (bounded) until AutoNAT says this node is public or it holds a relay
+        reservation, so that peers can reach it once init()/start returns."""
+        from latticaray.mesh.nat.errors import NotReachable
+
+        assert self.nat is not None
+        try:
+            await self.nat.wait_reachable(REACHABLE_WAIT)
+        except NotReachable as exc:
+            log.warning("this node may not be reachable by other members: %s", exc)
+        status = self.nat.status()
+        self.timings["reachable_s"] = time.monotonic() - started
+        self.timings["reachability"] = str(status.get("reachability"))
+        self.timings["nat_type"] = str(status.get("nat_type"))
 
     def _provide(self, cid: str) -> None:
         """Announce a store object this node holds as provided in the DHT (in the background)."""

@@ -1,12 +1,20 @@
-"""`latticaray microbenchmark`: Ray's microbenchmark rows, names and method, on latticaray.
+"""`latticaray microbenchmark`: `ray microbenchmark`'s rows, names and method, on latticaray,
+beside Ray's figures measured in the same run.
 
-Method (as `ray microbenchmark`): each row runs its operation for a 1 s warm-up, then 4 trials of
-about 2 s each; the figure is the mean (and standard deviation) over the trials of operations
-per second (times the row's multiplier). `--duration` scales the trial length for quick runs.
+Method (as `ray microbenchmark`, `ray/_private/ray_perf.py`): each row runs the same workload as
+Ray's row of that name (the same tasks, actors and counts; `n_cpu` = half the cores), for a 1 s
+warm-up, then 4 trials of about 2 s each; the figure is the mean (and standard deviation) over the
+trials of operations per second (times the row's multiplier). `--duration` scales the trial
+length; `--settle` is the pause before each row (Ray's is 10 s; the same on both sides).
 Extra rows: init() time, no-op task round trip, and put gigabytes with one element of the array
 changed before each put (so no put can be recognised as a copy of an earlier one: every put
-writes all its bytes, as Ray's do). Ray 2.60 figures measured on this machine are printed beside
-ours where the issue gives them.
+writes all its bytes, as Ray's do) and of an array of distinct pages.
+
+The Ray column: when Ray is importable (`--ray-python`, `$LATTICARAY_RAY_PYTHON`, this
+interpreter, or `.venv-ray/bin/python` of the checkout), `ray_baseline.py` runs Ray's own rows
+in Ray's interpreter as a child process, loopback-only, before latticaray's; with `--rounds N`
+the two alternate N times and each row's figure is the median of the rounds' means. The load
+average is printed with every side's run.
 """
 
 from __future__ import annotations
@@ -16,24 +24,13 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
 
-RAY_260 = {
-    "single client tasks sync": 751,
-    "single client tasks async": 1839,
-    "1:1 actor calls sync": 1321,
-    "1:1 actor calls async": 4008,
-    "1:n actor calls async": 4356,
-    "n:n actor calls async": 4253,
-    "single client put calls (Plasma Store)": 1642,
-    "single client get calls (Plasma Store)": 9382,
-    "single client put gigabytes": 3.26,
-    "init() seconds": 3.0,
-    "no-op task round trip ms": 1.26,
-}
 LOWER_IS_BETTER = {"init() seconds", "no-op task round trip ms"}
+RAY_ROW_PREFIX = "ROW "  # ray_baseline.py's row lines
 
 
 def timeit(
@@ -43,7 +40,9 @@ def timeit(
     duration: float = 2.0,
     trials: int = 4,
     results: list | None = None,
+    settle: float = 0.0,
 ) -> tuple[float, float]:
+    time.sleep(settle)
     start = time.perf_counter()
     count = 0
     while time.perf_counter() - start < duration / 2:
@@ -67,7 +66,8 @@ def timeit(
     return mean, sd
 
 
-def run(duration: float, large_mb: int, only: str | None) -> list:
+def run(duration: float, large_mb: int, only: str | None, settle: float = 0.0) -> list:
+    """latticaray's rows, each the workload of Ray's row of that name (ray_perf.py)."""
     import numpy as np
 
     import latticaray as lattica
@@ -78,23 +78,25 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
     t0 = time.perf_counter()
     lattica.init()
     init_s = time.perf_counter() - t0
-    print(f"init() seconds {init_s:.3f}", flush=True)
-    results.append(("init() seconds", init_s, 0.0))
+    if only is None or only in "init() seconds":
+        print(f"init() seconds {init_s:.3f}", flush=True)
+        results.append(("init() seconds", init_s, 0.0))
 
     def want(name: str) -> bool:
         return only is None or only in name
 
     def row(name, fn, multiplier=1):
         if want(name):
-            timeit(name, fn, multiplier, duration, results=results)
+            timeit(name, fn, multiplier, duration, results=results, settle=settle)
 
-    @lattica.remote(num_cpus=0)
+    # Ray's functions and classes (ray_perf.py), with Ray's resource options
+    @lattica.remote
     def small_value():
         return b"ok"
 
-    @lattica.remote(num_cpus=0)
+    @lattica.remote
     def create_object_containing_ref():
-        return [lattica.put(i) for i in range(10000)]
+        return [lattica.put(1) for _ in range(10000)]
 
     class ActorImpl:
         def small_value(self):
@@ -130,42 +132,38 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
                 results.extend(server.small_value_arg.remote(x) for _ in range(n))
             lattica.get(results)
 
-    class TaskSpawnerImpl:
-        def spawn(self, n):
-            lattica.get([small_value.remote() for _ in range(n)])
-
-        def put_batch(self, n):
-            for _ in range(n):
-                lattica.put(0)
-
     # the actor classes (mypy does not follow a class decorator: they are wrapped by call)
     Actor = lattica.remote(num_cpus=0)(ActorImpl)
-    AsyncActor = lattica.remote(num_cpus=0)(AsyncActorImpl)
+    AsyncActor = lattica.remote(AsyncActorImpl)
     Client = lattica.remote(num_cpus=0)(ClientImpl)
-    TaskSpawner = lattica.remote(num_cpus=0)(TaskSpawnerImpl)
 
     for _ in range(500):  # workers up and warm before timing starts
         lattica.get(small_value.remote())
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(200):
-            lattica.get(small_value.remote())
-        samples.append((time.perf_counter() - t0) / 200 * 1000)
-    rtt_ms = statistics.median(samples)
-    print(f"no-op task round trip ms {rtt_ms:.3f}", flush=True)
-    results.append(("no-op task round trip ms", rtt_ms, 0.0))
+    if want("no-op task round trip ms"):
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                lattica.get(small_value.remote())
+            samples.append((time.perf_counter() - t0) / 200 * 1000)
+        rtt_ms = statistics.median(samples)
+        print(f"no-op task round trip ms {rtt_ms:.3f}", flush=True)
+        results.append(("no-op task round trip ms", rtt_ms, 0.0))
 
     value = lattica.put(0)
     row("single client get calls (Plasma Store)", lambda: lattica.get(value))
     row("single client put calls (Plasma Store)", lambda: lattica.put(0))
-    if want("multi client put calls"):
-        spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
-        row(
-            "multi client put calls (Plasma Store)",
-            lambda: lattica.get([s.put_batch.remote(1000) for s in spawners]),
-            1000 * n_cpu,
-        )
+
+    @lattica.remote
+    def do_put_small():
+        for _ in range(100):
+            lattica.put(0)
+
+    row(
+        "multi client put calls (Plasma Store)",
+        lambda: lattica.get([do_put_small.remote() for _ in range(10)]),
+        1000,
+    )
     arr: Any = np.zeros(large_mb * 1024 * 1024 // 8, dtype=np.int64)
     row("single client put gigabytes", lambda: lattica.put(arr), large_mb / 1024)
 
@@ -187,22 +185,19 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
         "single client tasks and get batch",
         lambda: lattica.get([small_value.remote() for _ in range(1000)]),
     )
-    if want("multi client put gigabytes"):
-        # Ray's method: 10 tasks at once, each putting ten 80 MiB arrays (np.zeros)
 
-        @lattica.remote
-        def do_put():
-            for _ in range(10):
-                lattica.put(np.zeros(10 * 1024 * 1024, dtype=np.int64))
+    @lattica.remote
+    def do_put():
+        for _ in range(10):
+            lattica.put(np.zeros(10 * 1024 * 1024, dtype=np.int64))
 
-        row(
-            "multi client put gigabytes",
-            lambda: lattica.get([do_put.remote() for _ in range(10)]),
-            10 * 8 * 0.1,
-        )
+    row(
+        "multi client put gigabytes",
+        lambda: lattica.get([do_put.remote() for _ in range(10)]),
+        10 * 8 * 0.1,
+    )
     if want("get object containing 10k refs"):
         containing = create_object_containing_ref.remote()
-        lattica.get(containing)
         row("single client get object containing 10k refs", lambda: lattica.get(containing))
 
     def wait_multiple_refs():
@@ -217,95 +212,216 @@ def run(duration: float, large_mb: int, only: str | None) -> list:
         lambda: lattica.get([small_value.remote() for _ in range(1000)]),
         1000,
     )
+    n, m = 10000, 4
     if want("multi client tasks async"):
-        spawners = [TaskSpawner.remote() for _ in range(n_cpu)]
+        spawners = [Actor.remote() for _ in range(m)]
         row(
             "multi client tasks async",
-            lambda: lattica.get([s.spawn.remote(1000) for s in spawners]),
-            1000 * n_cpu,
+            lambda: lattica.get([a.small_value_batch.remote(n) for a in spawners]),
+            n * m,
         )
+        del spawners
 
-    a = Actor.remote()
-    row("1:1 actor calls sync", lambda: lattica.get(a.small_value.remote()))
-    row(
-        "1:1 actor calls async",
-        lambda: lattica.get([a.small_value.remote() for _ in range(1000)]),
-        1000,
-    )
-    concurrent_actor = Actor.options(max_concurrency=16).remote()
-    row(
-        "1:1 actor calls concurrent",
-        lambda: lattica.get([concurrent_actor.small_value.remote() for _ in range(1000)]),
-        1000,
-    )
-
+    if want("1:1 actor calls sync"):
+        a = Actor.remote()
+        row("1:1 actor calls sync", lambda: lattica.get(a.small_value.remote()))
+    if want("1:1 actor calls async"):
+        a = Actor.remote()
+        row(
+            "1:1 actor calls async",
+            lambda: lattica.get([a.small_value.remote() for _ in range(1000)]),
+            1000,
+        )
+    if want("1:1 actor calls concurrent"):
+        a = Actor.options(max_concurrency=16).remote()
+        row(
+            "1:1 actor calls concurrent",
+            lambda: lattica.get([a.small_value.remote() for _ in range(1000)]),
+            1000,
+        )
     n = 5000
-    actors = [Actor.remote() for _ in range(n_cpu)]
+    if want("1:n actor calls async"):
+        actors = [Actor.remote() for _ in range(n_cpu)]
+        client = Client.remote(actors)
+        row(
+            "1:n actor calls async",
+            lambda: lattica.get(client.small_value_batch.remote(n)),
+            n * len(actors),
+        )
+    if want("n:n actor calls async"):
+        servers = [Actor.remote() for _ in range(n_cpu)]
 
-    def actor_multi():
-        lattica.get([actors[i % n_cpu].small_value.remote() for i in range(n)])
+        @lattica.remote
+        def work(actors):
+            lattica.get([actors[i % n_cpu].small_value.remote() for i in range(n)])
 
-    row("1:n actor calls async", actor_multi, n)
-    n = 1000
-    if want("n:n actor calls"):
-        clients = [Client.remote(actor) for actor in actors]
         row(
             "n:n actor calls async",
-            lambda: lattica.get([c.small_value_batch.remote(n) for c in clients]),
-            n * len(clients),
+            lambda: lattica.get([work.remote(servers) for _ in range(m)]),
+            m * n,
         )
+    n = 1000
+    if want("n:n actor calls with arg async"):
+        clients = [Client.remote(Actor.remote()) for _ in range(n_cpu)]
         row(
             "n:n actor calls with arg async",
             lambda: lattica.get([c.small_value_batch_arg.remote(n) for c in clients]),
             n * len(clients),
         )
-
-    async_actor = AsyncActor.remote()
-    row("1:1 async-actor calls sync", lambda: lattica.get(async_actor.small_value.remote()))
-    row(
-        "1:1 async-actor calls async",
-        lambda: lattica.get([async_actor.small_value.remote() for _ in range(1000)]),
-        1000,
-    )
-    row(
-        "1:1 async-actor calls with args async",
-        lambda: lattica.get([async_actor.small_value_with_arg.remote(i) for i in range(1000)]),
-        1000,
-    )
+    if want("1:1 async-actor calls sync"):
+        a = AsyncActor.remote()
+        row("1:1 async-actor calls sync", lambda: lattica.get(a.small_value.remote()))
+    if want("1:1 async-actor calls async"):
+        a = AsyncActor.remote()
+        row(
+            "1:1 async-actor calls async",
+            lambda: lattica.get([a.small_value.remote() for _ in range(1000)]),
+            1000,
+        )
+    if want("1:1 async-actor calls with args async"):
+        a = AsyncActor.remote()
+        row(
+            "1:1 async-actor calls with args async",
+            lambda: lattica.get([a.small_value_with_arg.remote(i) for i in range(1000)]),
+            1000,
+        )
     n = 5000
-    async_actors = [AsyncActor.remote() for _ in range(n_cpu)]
-    row(
-        "1:n async-actor calls async",
-        lambda: lattica.get([async_actors[i % n_cpu].small_value.remote() for i in range(n)]),
-        n,
-    )
-    n = 1000
-    if want("n:n async-actor calls"):
-        async_clients = [Client.remote(async_actors) for _ in range(n_cpu)]
+    if want("1:n async-actor calls async"):
+        async_actors = [AsyncActor.remote() for _ in range(n_cpu)]
+        async_client = Client.remote(async_actors)
+        row(
+            "1:n async-actor calls async",
+            lambda: lattica.get(async_client.small_value_batch.remote(n)),
+            n * len(async_actors),
+        )
+    if want("n:n async-actor calls async"):
+        async_servers = [AsyncActor.remote() for _ in range(n_cpu)]
+
+        @lattica.remote
+        def async_actor_work(actors):
+            lattica.get([actors[i % n_cpu].small_value.remote() for i in range(n)])
+
         row(
             "n:n async-actor calls async",
-            lambda: lattica.get([c.small_value_batch.remote(n) for c in async_clients]),
-            n * n_cpu * len(async_actors),
+            lambda: lattica.get([async_actor_work.remote(async_servers) for _ in range(m)]),
+            m * n,
         )
+    placement_group_row(lattica, row)
     lattica.shutdown()
     return results
 
 
-def render(results: list) -> dict:
-    print()
-    print(f"{'benchmark':48s} {'latticaray':>14s} {'Ray 2.60':>10s} {'ratio':>7s}")
-    figures = {}
-    for name, mean, sd in results:
-        ray = RAY_260.get(name)
-        if ray is None:
-            ratio_text = "-"
-        else:
-            ratio = ray / mean if name in LOWER_IS_BETTER else mean / ray
-            ratio_text = f"{ratio:.2f}x"
-        print(
-            f"{name:48s} {mean:14,.2f} {('-' if ray is None else f'{ray:,}'):>10s} {ratio_text:>7s}"
+def placement_group_row(lattica, row) -> None:
+    """Ray's `placement group create/removal` row, once latticaray has placement groups."""
+    try:
+        from latticaray.util import placement_group as pg_api  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    num_pgs = 100
+
+    def create_removal():
+        pgs = [pg_api.placement_group(bundles=[{"CPU": 0.001}]) for _ in range(num_pgs)]
+        for pg in pgs:
+            pg.wait(timeout_seconds=30)
+        for pg in pgs:
+            pg_api.remove_placement_group(pg)
+
+    row("placement group create/removal", create_removal, num_pgs)
+
+
+def ray_python(explicit: str | None) -> str | None:
+    """The interpreter that imports Ray: `explicit`, `$LATTICARAY_RAY_PYTHON`, this one, or the
+    checkout's `.venv-ray`; None when none does."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates = [
+        explicit,
+        os.environ.get("LATTICARAY_RAY_PYTHON"),
+        sys.executable,
+        os.path.join(root, ".venv-ray", "bin", "python"),
+    ]
+    for python in candidates:
+        if not python or not os.path.exists(python):
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import ray"], capture_output=True, timeout=120, check=False
         )
-        figures[name] = {"mean": round(mean, 4), "sd": round(sd, 4), "ray_2_60": ray}
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+def run_ray(
+    python: str, duration: float, settle: float, large_mb: int, only: str | None
+) -> tuple[list, str]:
+    """Ray's rows, measured now by `ray_baseline.py` in Ray's interpreter: (results, version)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_baseline.py")
+    cmd = [python, script, "--duration", str(duration), "--settle", str(settle)]
+    cmd += ["--large-mb", str(large_mb)]
+    if only:
+        cmd += ["--only", only]
+    # Ray's own output (warnings, its row lines) goes to our stderr; rows come on stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    results: list = []
+    version = "?"
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if not line.startswith(RAY_ROW_PREFIX):
+            continue
+        row = json.loads(line[len(RAY_ROW_PREFIX) :])
+        if "version" in row:
+            version = row["version"]
+        else:
+            results.append((row["name"], row["mean"], row["sd"]))
+            print(f"[Ray] {row['name']} {row['mean']:,.2f} +- {row['sd']:,.2f}", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"Ray's microbenchmark failed (exit {proc.returncode}): see above")
+    return results, version
+
+
+def combine(rounds: list[list]) -> dict:
+    """name -> (median over the rounds of its mean, the sd of the median round, every mean)."""
+    by_name: dict[str, list[tuple[float, float]]] = {}
+    for results in rounds:
+        for name, mean, sd in results:
+            by_name.setdefault(name, []).append((mean, sd))
+    out = {}
+    for name, values in by_name.items():
+        ordered = sorted(values)
+        out[name] = (
+            statistics.median(v for v, _ in values),
+            ordered[len(ordered) // 2][1],
+            [v for v, _ in values],
+        )
+    return out
+
+
+def render(ours: dict, ray: dict | None) -> dict:
+    print()
+    print(f"{'benchmark':52s} {'latticaray':>14s} {'Ray':>12s} {'ratio':>8s}")
+    figures: dict[str, dict[str, Any]] = {}
+    names = list(ours) + [n for n in (ray or {}) if n not in ours]
+    for name in names:
+        mean, sd, every = ours.get(name, (None, None, []))
+        ray_mean = ray[name][0] if ray and name in ray else None
+        ratio = None
+        if mean and ray_mean:
+            ratio = ray_mean / mean if name in LOWER_IS_BETTER else mean / ray_mean
+        print(
+            f"{name:52s} {('-' if mean is None else f'{mean:,.2f}'):>14s} "
+            f"{('-' if ray_mean is None else f'{ray_mean:,.2f}'):>12s} "
+            f"{('-' if ratio is None else f'{ratio:.2f}x'):>8s}"
+        )
+        figures[name] = {
+            "mean": None if mean is None else round(mean, 4),
+            "sd": None if sd is None else round(sd, 4),
+            "rounds": [round(v, 4) for v in every],
+            "ray": None if ray_mean is None else round(ray_mean, 4),
+            "ray_rounds": [round(v, 4) for v in ray[name][2]] if ray and name in ray else [],
+            "ratio": None if ratio is None else round(ratio, 3),
+        }
+    if ray:
+        below = [n for n, f in figures.items() if f["ratio"] is not None and f["ratio"] < 2]
+        print(f"rows below 2x Ray: {', '.join(below) if below else 'none'}")
     return figures
 
 
@@ -345,23 +461,63 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds per trial (Ray uses 2; warm-up is half of it)",
     )
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds of pause before each row, on both sides (Ray's own: 10)",
+    )
+    parser.add_argument(
         "--large-mb",
         type=int,
         default=800,
-        help="size of the array of the put-gigabytes rows (Ray: 800 MiB)",
+        help="size of the array of the put-gigabytes rows (Ray's row: 800 MiB; another size "
+        "makes that row incomparable)",
     )
     parser.add_argument("--only", default=None, help="run only rows whose name contains this")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="Ray then latticaray, this many times"
+    )
+    parser.add_argument(
+        "--ray-python",
+        default=None,
+        help="interpreter that imports Ray (default: $LATTICARAY_RAY_PYTHON, this one, or the "
+        "checkout's .venv-ray)",
+    )
+    parser.add_argument("--no-ray", action="store_true", help="no Ray column")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    results = run(args.duration, args.large_mb, args.only)
-    figures = render(results)
+    python = None if args.no_ray else ray_python(args.ray_python)
+    if python is None and not args.no_ray:
+        print("Ray is not importable here: no Ray column (see --ray-python)", flush=True)
+    ours_rounds, ray_rounds, loads = [], [], []
+    ray_version = None
+    for _ in range(max(1, args.rounds)):
+        if python is not None:
+            loads.append(("ray", os.getloadavg()))
+            print(f"Ray ({python}), load average {os.getloadavg()}", flush=True)
+            results, ray_version = run_ray(
+                python, args.duration, args.settle, args.large_mb, args.only
+            )
+            ray_rounds.append(results)
+        loads.append(("latticaray", os.getloadavg()))
+        print(f"latticaray, load average {os.getloadavg()}", flush=True)
+        ours_rounds.append(run(args.duration, args.large_mb, args.only, args.settle))
+    loads.append(("end", os.getloadavg()))
+    figures = render(combine(ours_rounds), combine(ray_rounds) if ray_rounds else None)
+    print(f"load averages (1, 5, 15 min) at each start: {loads}")
+    out_versions = versions()
+    if ray_version is not None:
+        out_versions["ray"] = ray_version
     print(
         json.dumps(
             {
                 "benchmark": "microbenchmark",
                 "figures": figures,
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                "versions": versions(),
+                "load": loads,
+                "versions": out_versions,
                 "duration_s": args.duration,
+                "settle_s": args.settle,
+                "rounds": args.rounds,
             }
         )
     )

@@ -74,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-hole-punching", action="store_true")
     parser.add_argument(
+        "--no-nat",
+        action="store_true",
+        help="no NAT traversal (by default a node joining a mesh beyond this host runs it: "
+        "AutoNAT, relays found among its peers, hole punching)",
+    )
+    parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
         default="full",
@@ -101,6 +107,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--gc-refreeze-interval", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument(
+        "--no-same-host-path",
+        action="store_true",
+        help="keep peers on this host on the transport they dialled (QUIC, TCP) instead of "
+        "moving them to the same-host Unix-socket path",
+    )
+    parser.add_argument(
         "--dht-members-only",
         action="store_true",
         help="answer DHT requests of mesh members only (default: DHT routing is a public "
@@ -113,36 +125,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def nat_settings(args: argparse.Namespace):
-    """The NatSettings the NAT options ask for, or None when NAT traversal is off."""
-    if not (args.nat or args.serve_relay is not None or args.relay or args.observer):
+    """What the NAT options ask for: False (off), None (the default: auto mode when a bootstrap
+    peer is beyond this host) or the settings given."""
+    if args.no_nat:
+        return False
+    if not (args.nat or args.serve_relay is not None or args.relay or args.observer or args.lab):
         return None
     from latticaray.runtime.mesh_runtime import NatSettings
 
     serving = args.serve_relay is not None
-    return NatSettings.coerce(
-        {
-            "observers": args.observer,
-            "relays": args.relay,
-            "serve_relay": serving,
-            "relay_port": args.serve_relay or 0,
-            "serve_autonat": serving,
-            "hole_punching": not args.no_hole_punching,
-            "lab": args.lab,
-            "auto_configure": not serving,
-        }
-    )
+    settings = {
+        "observers": args.observer,
+        "relays": args.relay,
+        "serve_relay": serving,
+        "relay_port": args.serve_relay or 0,
+        "serve_autonat": serving,
+        "hole_punching": not args.no_hole_punching,
+        "auto_configure": not serving,
+    }
+    if args.lab:
+        settings["lab"] = True
+    return NatSettings.coerce(settings)
 
 
-async def run(args: argparse.Namespace) -> None:
-    from latticaray.runtime import gcpolicy
-    from latticaray.runtime.api import default_resources
+def _prepare(args: argparse.Namespace):
     from latticaray.runtime.mesh_runtime import CAPACITY_WAIT, MeshRuntime
-    from latticaray.runtime.node import RuntimeNode
 
-    resources = default_resources(
-        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
-    )
-    mesh_runtime = MeshRuntime.prepare(
+    return MeshRuntime.prepare(
         bootstrap=args.bootstrap,
         credential=args.credential,
         listen=args.listen,
@@ -151,8 +160,23 @@ async def run(args: argparse.Namespace) -> None:
         nat=nat_settings(args),
         peering=args.peering,
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
+        same_host_path=not args.no_same_host_path,
         public_dht=not args.dht_members_only,
     )
+
+
+async def run(args: argparse.Namespace) -> None:
+    from latticaray.runtime import gcpolicy
+    from latticaray.runtime.api import default_resources
+    from latticaray.runtime.node import RuntimeNode
+
+    resources = default_resources(
+        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+    )
+    try:
+        mesh_runtime = _prepare(args)
+    except ValueError as exc:  # bad options: say what, without a traceback
+        raise SystemExit(f"latticaray start: {exc}") from None
     node = RuntimeNode(mesh_runtime.node_id, resources)
     await node.start()
     await mesh_runtime.start(node)

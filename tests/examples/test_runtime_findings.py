@@ -1,7 +1,8 @@
 """Runtime behaviour the examples ran into, as minimal tests (reported to the runtime's owners).
 
-Marked xfail(strict=True): each fails today for the reason given; once the runtime is fixed it
-passes, strict turns that into a failure, and the marker must go.
+A finding that fails is marked xfail(strict=True) with the reason; once the runtime is fixed it
+passes, strict turns that into a failure, and the marker goes (as it went for the kill below:
+a killed actor's resources are free when kill() returns).
 """
 
 from __future__ import annotations
@@ -24,13 +25,6 @@ class Holder:
         return 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=lattica.ActorDiedError,
-    reason="a killed actor's resources are released after kill() returns; an actor created "
-    "right after that needs them is refused at once ('not enough local resources: slot short "
-    "by 1') instead of waiting for them, as Ray's pending actors do",
-)
 def test_an_actor_created_right_after_a_kill_gets_the_freed_resources(slot_node):
     first = Holder.options(resources={"slot": 1}).remote()
     assert lattica.get(first.ping.remote(), timeout=60) == 1

@@ -28,3 +28,24 @@ async def host(js_peer):
         yield h
     finally:
         await release(h, js_peer)
+
+
+@pytest.fixture
+async def node(js_peer):
+    """A latticaray MeshNode listening on QUIC and TCP (Noise + yamux), no Unix path."""
+    from latticaray.mesh.node import MeshConfig, MeshNode
+
+    n = MeshNode(
+        MeshConfig(
+            listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
+            transports=("tcp", "quic"),
+        )
+    )
+    await n.start()
+    try:
+        yield n
+    finally:
+        try:
+            await js_peer.call("hangup", peer=str(n.peer_id), timeout=10)
+        finally:
+            await n.stop()

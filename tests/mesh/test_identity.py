@@ -67,7 +67,8 @@ def test_hash_eq_ordering():
     [
         ("", "empty"),
         ("12D3KooW0OIl", "not base58btc"),
-        ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "sha2-256"),
+        ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wX", "declares"),
+        ("S5R7jbB5S625FMckt7C8ANBg4WUubLMvdttMD72yioQY5d", "neither identity"),
         ("1", "too short"),
         ("12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3p", "declares"),
         ("x" * 500, "too long"),
@@ -78,11 +79,24 @@ def test_malformed_peer_id_strings(text, fragment):
         PeerId.from_string(text)
 
 
-def test_non_ed25519_key_type_refused():
+def test_identity_peer_id_with_a_bad_key_is_refused():
     bad = bytearray(b"\x00\x24" + SPEC_PUBLIC_PB)
-    bad[3] = 2  # secp256k1
-    with pytest.raises(PeerIdError, match="type 2"):
+    bad[3] = 2  # secp256k1 type over 32 bytes that are no compressed point
+    with pytest.raises(PeerIdError, match="SECP256K1"):
         PeerId.from_bytes(bytes(bad))
+    bad[3] = 9  # no such key type
+    with pytest.raises(PeerIdError, match="key type 9"):
+        PeerId.from_bytes(bytes(bad))
+
+
+def test_sha256_peer_id_is_accepted_and_knows_no_key():
+    peer = PeerId.from_string("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
+    assert peer.key is None and not peer.is_ed25519
+    assert not peer.verify(b"x" * 64, b"data")
+    with pytest.raises(PeerIdError, match="not known"):
+        _ = peer.public_key_protobuf
+    with pytest.raises(PeerIdError, match="not an Ed25519"):
+        _ = peer.public_key_bytes
 
 
 def test_base58_round_trip_with_leading_zeros():

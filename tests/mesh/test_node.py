@@ -322,7 +322,11 @@ async def test_idempotent_calls_retry_once_on_a_new_connection(pair):
     assert len(calls) == 3 and calls[1] is not calls[2]
 
 
-async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pair):
+async def test_streams_that_negotiate_nothing_get_the_connection_dropped(pair):
+    """A QUIC peer whose streams are not multistream-select (garbage), or propose only
+    protocols the node lacks (answered ``na``), never gets registered, and its connection is
+    closed once the preamble deadline passes; the node keeps serving others."""
+    from latticaray.mesh.libp2p.multistream import encode_message
     from latticaray.mesh.transport.quic import QuicTransport
 
     a, b = pair
@@ -330,8 +334,16 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
     await rogue.listen("127.0.0.1", 0)
     try:
         conn = await rogue.dial(b.listen_addrs[0])
-        ch = conn.open_channel()
-        ch.write(b"\x11/not-latticaray/1" + b"\x00" * 100)
+        garbage = conn.open_channel()
+        garbage.write(b"\x11/not-latticaray/1" + b"\x00" * 100)
+        unknown = conn.open_channel()
+        unknown.write(encode_message("/multistream/1.0.0") + encode_message("/not-here/1"))
+        answer = b""
+        while b"na\n" not in answer:
+            chunk = await asyncio.wait_for(unknown.read(1024), 10)
+            assert chunk, "stream closed without an answer"
+            answer += chunk
+        assert answer.startswith(encode_message("/multistream/1.0.0"))
         await asyncio.wait_for(conn.wait_closed(), 15)
         assert b.connected_peers() == []
     finally:
@@ -341,7 +353,7 @@ async def test_wrong_protocol_preamble_is_dropped_and_the_node_keeps_serving(pai
 
 
 def test_wildcard_listen_addresses_expand_to_interface_addresses():
-    from latticaray.mesh.node import expand_unspecified, interface_addresses
+    from latticaray.mesh.paths import expand_unspecified, interface_addresses
 
     bound = [
         Multiaddr.parse("/ip4/0.0.0.0/udp/4001/quic-v1"),

@@ -5,19 +5,15 @@ import asyncio
 import pytest
 from test_rpc_support import memory_pipe
 
-from latticaray.mesh.connmgr import (
-    ConnectionManager,
-    PeerStore,
-    RawConnection,
-    TransportAdapter,
-    is_dialable_addr,
-    path_rank,
-)
+from latticaray.mesh.adapters import RawConnection, TransportAdapter
+from latticaray.mesh.connmgr import ConnectionManager
 from latticaray.mesh.errors import MultiaddrError, PeerIdMismatch, PeerUnreachable
 from latticaray.mesh.identify import IDENTIFY_PROTOCOL, IdentifyInfo
 from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.node import MeshConfig, MeshNode
+from latticaray.mesh.paths import is_dialable_addr, path_rank
+from latticaray.mesh.peerstore import PeerStore
 from latticaray.mesh.rpc import RpcRouter
 
 QUIC_ONLY = {"listen": ["/ip4/127.0.0.1/udp/0/quic-v1"], "transports": ("quic",)}
@@ -227,7 +223,7 @@ async def test_add_connection_refuses_ourselves():
 
 
 def test_dial_schedule_races_the_relay_only_without_a_public_direct_address():
-    from latticaray.mesh.connmgr import dial_schedule
+    from latticaray.mesh.paths import dial_schedule
 
     lan = Multiaddr.parse("/ip4/198.19.1.10/udp/4001/quic-v1")
     lan2 = Multiaddr.parse("/ip4/10.1.2.3/tcp/4001")

@@ -157,17 +157,17 @@ async def test_unread_replies_keep_server_memory_bounded():
     payload = b"q" * 16384
     tasks = [asyncio.ensure_future(client.call("echo", payload, timeout=30)) for _ in range(1000)]
     try:
-        await wait_until(lambda: len(server._deferred) > 100 and len(b.inbox) > 0, timeout=10)
+        await wait_until(lambda: len(server.core.parked) > 100 and len(b.inbox) > 0, timeout=10)
         for _ in range(200):
             await asyncio.sleep(0)
-        held = server._pending_bytes + server._deferred_bytes
+        held = server.core.pending_bytes + server.core.parked_bytes
         print(
-            f"\nunread replies: server send queue {server._pending_bytes} B, parked calls "
-            f"{len(server._deferred)} ({server._deferred_bytes} B), unread requests "
+            f"\nunread replies: server send queue {server.core.pending_bytes} B, parked calls "
+            f"{len(server.core.parked)} ({server.core.parked_bytes} B), unread requests "
             f"{len(b.inbox)} B, replies in pipe {len(a.inbox)} B"
         )
-        assert server._pending_bytes <= limits.write_buffer_high + 16384 + 64
-        assert len(server._deferred) <= 100 + 256 * 1024 // 16384 + 1
+        assert server.core.pending_bytes <= limits.write_buffer_high + 16384 + 64
+        assert len(server.core.parked) <= 100 + 256 * 1024 // 16384 + 1
         assert held < 4 * 1024 * 1024
     finally:
         for t in tasks:
@@ -213,7 +213,7 @@ async def test_deadline_entries_of_finished_calls_are_dropped():
     try:
         for _ in range(5):
             await asyncio.gather(*(client.call("echo", b"x", timeout=60) for _ in range(2000)))
-        assert len(client._deadlines) <= 4096 + 2000
+        assert len(client.core.deadlines) <= 4096 + 2000
         assert client.active_calls == 0
     finally:
         await client.aclose()
@@ -240,7 +240,7 @@ async def test_unary_flood_keeps_the_send_queue_under_its_limit():
     async def sample():
         nonlocal peak
         for _ in range(1_000_000):  # bounded; ends when the flood is over
-            peak = max(peak, client._pending_bytes)
+            peak = max(peak, client.core.pending_bytes)
             if done:
                 return
             await asyncio.sleep(0)
@@ -257,5 +257,55 @@ async def test_unary_flood_keeps_the_send_queue_under_its_limit():
         assert peak <= limits.write_buffer_high + 2 * (65536 + 64)
     finally:
         sampler.cancel()
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_stream_call_opened_while_the_server_queue_is_full_loses_no_message():
+    """The server parks new calls while its send queue is full; the messages a client stream
+    sends right after its OPEN wait with it (they used to be dropped as frames of an unknown
+    call, and the handler then waited forever)."""
+    router = RpcRouter()
+
+    async def big(ctx, payload):
+        return b"b" * 65536
+
+    async def total(ctx, requests):
+        n = 0
+        async for message in requests:
+            n += len(message)
+        return str(n).encode()
+
+    router.register_unary("big", big, eager=True)
+    router.register_client_stream("total", total)
+    a, b = memory_pipe(high_water=64 * 1024)
+    gate = asyncio.Event()
+    read = a.read
+
+    async def gated_read(max_bytes):
+        await gate.wait()  # the client reads nothing until the gate opens
+        return await read(max_bytes)
+
+    a.read = gated_read
+    client = RpcSession(a, RpcRouter())
+    server = RpcSession(b, router, RpcLimits(write_buffer_high=128 * 1024))
+    try:
+        bigs = []
+        for _ in range(64):  # until the server's writer is stuck and replies pile up
+            bigs.append(asyncio.ensure_future(client.call("big", b"", timeout=30)))
+            await asyncio.sleep(0.01)
+            if server.core.pending_bytes > 128 * 1024:
+                break
+        assert server.core.pending_bytes > 128 * 1024
+        stream = client.call_client_stream("total", timeout=30)
+        for _ in range(3):
+            await stream.send(b"x" * 1000)
+        stream.end()
+        await wait_until(lambda: len(server.core.parked) >= 5, 10)  # OPEN, 3 messages, END
+        gate.set()
+        assert await asyncio.wait_for(stream.result(), 20) == b"3000"
+        assert all(len(r) == 65536 for r in await asyncio.gather(*bigs))
+    finally:
+        gate.set()
         await client.aclose()
         await server.aclose()

@@ -90,7 +90,7 @@ def test_deadline_queue_orders_expires_and_compacts():
     assert q.next_deadline() == 12.0
     for i in range(10):
         q.add(20.0 + i, 100 + i, True)
-    q.compact(lambda call_id, outgoing: call_id % 2 == 0)
+    q.compact(outgoing=range(0, 200, 2), incoming=range(0, 200, 2))
     assert len(q) == 6
     assert [c for c, _ in q.pop_expired(100.0)] == [2, 100, 102, 104, 106, 108]
     q.add(1.0, 1, True)

@@ -268,11 +268,11 @@ def test_random_frame_sequences_never_break_the_node(frames):
         unexpected = []
         loop.set_exception_handler(lambda _loop, context: unexpected.append(context))
         attacker, victim, _ = await _session_pair(router)
-        attacker._next_call_id = 1000  # its own calls must not collide with the raw frames
+        attacker.core.last_call_id = 1000  # its own calls must not collide with the raw frames
         attacker.channel.write(frames_bytes(*[(h, p) for h, p in frames]))
         for _ in range(20):
             await asyncio.sleep(0)
-        if victim.closed or victim._closing:
+        if victim.closed or victim.core.closing:
             assert "protocol violation" in victim.close_reason
         else:
             # the same session still serves calls

@@ -70,6 +70,31 @@ def test_certificate_proves_the_host_key():
     assert cert2.public_key().public_numbers() != cert.public_key().public_numbers()
 
 
+@pytest.mark.parametrize("key_type", ["RSA", "SECP256K1", "ECDSA"])
+def test_certificates_of_foreign_key_types_prove_their_peer(key_type):
+    from latticaray.mesh.identity import PeerId
+    from latticaray.mesh.libp2p.keys import KeyType, PrivateKey
+
+    signer = PrivateKey.generate(KeyType[key_type])
+
+    class Host:  # what make_certificate uses of a host key
+        peer_id = PeerId.from_key(signer.public_key)
+        sign = staticmethod(signer.sign)
+
+    cert, _ = make_certificate(Host)
+    peer = verify_certificate(der(cert))
+    assert peer == Host.peer_id and peer.key == signer.public_key
+    # a certificate whose extension names this key but was signed by another is refused
+    other = PrivateKey.generate(KeyType[key_type])
+    k = ec.generate_private_key(ec.SECP256R1())
+    spki = k.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    forged = encode_signed_key(signer.public_key.to_protobuf(), other.sign(SIGNATURE_PREFIX + spki))
+    with pytest.raises(HandshakeError, match="does not verify"):
+        verify_certificate(der(build(k, forged)))
+
+
 def test_hand_built_valid_certificate_is_accepted():
     host = KeyPair.generate()
     k = ec.generate_private_key(ec.SECP256R1())

@@ -9,7 +9,7 @@ from latticaray.mesh.sim import Simulator
 from latticaray.objectstore import bitswap as bs
 from latticaray.objectstore.cid import Cid
 from latticaray.objectstore.errors import BlockVerificationError, CodecError, ObjectNotFound
-from latticaray.objectstore.manifest import build_manifest
+from latticaray.objectstore.manifest import MAX_BLOCK_SIZE, build_manifest
 
 KB = 1024
 
@@ -66,14 +66,18 @@ class Provider:
         return data
 
 
-def run_fetch(providers, payload_manifest, timeout=30.0, config=None, known=None, seed=1):
+def run_fetch(
+    providers, payload_manifest, timeout=30.0, config=None, known=None, seed=1, stall_timeout=None
+):
     sim = Simulator(seed=seed)
     manifest = payload_manifest
     config = config or bs.SessionConfig()
     if config.random_order and config.order_seed is None:
         # a simulated fetch is deterministic: its block order is seeded like the simulator
         config = dataclasses.replace(config, order_seed=seed)
-    session = bs.FetchSession(manifest.root, deadline=timeout, config=config)
+    session = bs.FetchSession(
+        manifest.root, deadline=timeout, config=config, stall_timeout=stall_timeout
+    )
     by_name = {p.name: p for p in providers}
     outcome = {"actions": [], "sink": None}
     cancelled = set()
@@ -331,7 +335,7 @@ def test_codec_round_trip_and_bounds():
 
 def test_one_block_responses_decode_without_copying_the_block():
     block_cid = Cid.of(b"block")
-    for size in (0, 5, 300, 70_000, bs.MAX_BLOCK_SIZE):
+    for size in (0, 5, 300, 70_000, MAX_BLOCK_SIZE):
         data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
         message = bs.encode_block_response(block_cid, data)
         ((cid, block),) = bs.decode_response(message).blocks
@@ -342,15 +346,13 @@ def test_one_block_responses_decode_without_copying_the_block():
         with pytest.raises(CodecError):
             bs.decode_response(broken)
     oversize = (
-        bs._BLOCK_RESPONSE_PREFIX + b"\xc4" + bytes([len(bytes(block_cid))]) + bytes(block_cid)
+        bs.BLOCK_RESPONSE_PREFIX + b"\xc4" + bytes([len(bytes(block_cid))]) + bytes(block_cid)
     )
-    oversize += (
-        b"\xc6" + (bs.MAX_BLOCK_SIZE + 1).to_bytes(4, "big") + b"\x00" * (bs.MAX_BLOCK_SIZE + 1)
-    )
+    oversize += b"\xc6" + (MAX_BLOCK_SIZE + 1).to_bytes(4, "big") + b"\x00" * (MAX_BLOCK_SIZE + 1)
     with pytest.raises(CodecError, match="exceeds"):
         bs.decode_response(oversize)
     with pytest.raises(CodecError, match="CID"):
-        bs.decode_response(bs._BLOCK_RESPONSE_PREFIX + b"\xc4\x07notacid\xc4\x01x")
+        bs.decode_response(bs.BLOCK_RESPONSE_PREFIX + b"\xc4\x07notacid\xc4\x01x")
 
 
 def test_end_game_duplicates_blocks_stuck_at_a_slow_provider(object_data):

@@ -216,7 +216,7 @@ async def test_concurrent_fetchers_form_a_swarm(mesh):
 
 
 async def test_fetch_finds_providers_through_the_dht(make_store):
-    from latticaray.mesh.dht.core import DhtConfig
+    from latticaray.mesh.dht.config import DhtConfig
     from latticaray.mesh.dht.service import DhtService
 
     nodes, dhts, exchanges = [], [], []

@@ -382,3 +382,45 @@ def test_a_resolved_local_object_goes_back_to_its_writer_with_its_last_name(make
     assert store.gifts_reused_mapping == reused + 1
     assert os.stat(os.path.join(store.root, "local", again)).st_ino == inode
     assert np.array_equal(store.get(again), _array(82, n))
+
+
+def test_an_attached_process_hashes_with_the_stores_multihash(make_store):
+    # a value put by any process of a store gets the CID the store's own put gives it
+    store = make_store(hash_code=BLAKE3)
+    client = LocalStore.attach(store.root)
+    assert client.hash_code == BLAKE3
+    value = _array(7)
+    assert client.resolve(client.put_local(value)) == store.put(value)
+
+
+@pytest.mark.parametrize("resolved_local", [False, True])
+def test_an_object_linked_into_another_store_is_shared_and_never_recycled(
+    make_store, resolved_local
+):
+    # a node on the same host links a peer's sealed object into its store (no copy): neither
+    # store may reuse that file for a later put while the other still names it
+    a, b = make_store("a"), make_store("b")
+    value = _array(8)
+    if resolved_local:
+        name = a.put_local(value)
+        cid = a.resolve(name)
+    else:
+        cid = a.put(value)
+    assert b.link_from(a, cid) == a.manifest(cid).size
+    assert os.stat(b.paths.sealed(str(cid))).st_nlink == 2
+    assert b.link_from(a, cid) == 0  # held already
+    a.delete(name if resolved_local else cid)
+    for seed in range(3):  # puts that would write into a recycled or given-back file
+        a.put_local(_array(20 + seed))
+    assert np.array_equal(b.get(cid), value)
+    b.delete(cid)
+    assert not b.contains(cid)
+
+
+def test_without_a_link_a_deleted_objects_file_is_recycled(make_store):
+    # the contrast: the same steps with no link reuse the file
+    a = make_store("a")
+    cid = a.put(_array(8))
+    a.delete(cid)
+    a.put_local(_array(20))
+    assert a.spares_recycled + a.gifts_taken >= 1

@@ -458,3 +458,48 @@ def test_named_actor_restarted_after_its_node_died_is_found_at_its_new_node(mesh
         lattica.kill(account)
     finally:
         victim.stop()
+
+
+def test_objects_between_nodes_on_this_host_are_copied_store_to_store(mesh):
+    # the node processes and this driver's node share /dev/shm: a store object moves as one
+    # copy between the stores (every block checked), not as blocks over a socket
+    from latticaray.runtime import api
+
+    remote = api._runtime.mesh_runtime.remote
+    copies = remote.objects.same_host
+    before = copies.copied
+    strategy = lattica.NodeAffinitySchedulingStrategy(mesh["nodes"][1].node_id)
+    array = lattica.get(big_array.options(scheduling_strategy=strategy).remote(3 << 20), timeout=60)
+    assert array[-1] == (3 << 20) - 1 and array.sum() == sum(range(3 << 20))
+    assert copies.copied == before + 1 and copies.copied_bytes >= 3 << 23
+    assert copies.linked >= 1  # one store, one filesystem: the sealed file is shared
+    # the place of an object is told only to peers on the same-host path
+    held = lattica.put(os.urandom(2 << 20))
+    store_cid = held.cid
+    assert copies.place("unix", store_cid).to_wire() == {"root": remote.node.store.root}
+    assert "missing" in copies.place("quic", store_cid).to_wire()
+    assert "missing" in copies.place("unix", "bafyr4i" + "a" * 52).to_wire()
+
+
+def test_a_quic_bootstrap_address_needs_a_quic_listen_address(mesh):
+    # a node listening on TCP only cannot dial QUIC (it dials from its listening UDP socket):
+    # it says so at start instead of dying in the join with a traceback
+    import subprocess
+    import sys
+
+    from latticaray.mesh.identity import KeyPair
+    from latticaray.runtime.mesh_runtime import MeshRuntime
+
+    quic = f"/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{KeyPair.generate().peer_id}"
+    with pytest.raises(ValueError, match="listens on no QUIC address"):
+        MeshRuntime(KeyPair.generate(), [quic], None, ["/ip4/127.0.0.1/tcp/0"])
+    MeshRuntime(KeyPair.generate(), [quic], None, ["/ip4/127.0.0.1/udp/0/quic-v1"])  # fine
+    args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", quic, "--credential", mesh["invite"]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "latticaray.runtime.node_main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "listens on no QUIC address" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -329,3 +329,31 @@ def test_put_ref_dropped_right_after_submit_stays_readable(runtime):
     gc.collect()  # the put refs are gone: only the queued tasks keep the arrays alive
     context.current_core().flush_releases()
     assert lattica.get(refs, timeout=60) == [float(i * (1 << 18)) for i in range(6)]
+
+
+@lattica.remote
+def put_in_worker(value):
+    return lattica.put(value).cid
+
+
+def test_the_same_value_has_one_cid_wherever_it_is_put(runtime):
+    # refs are CIDs any member resolves: a worker's put and the driver's name a value alike
+    import numpy as np
+
+    for value in (b"small value", np.arange(1 << 20, dtype=np.int64), bytes(3 << 20)):
+        here = lattica.put(value).cid
+        there = lattica.get(put_in_worker.remote(value))
+        assert here == there, (type(value).__name__, here, there)
+
+
+def test_wait_splits_in_list_order(runtime):
+    slow = sleep_then.remote(3.0, "slow")
+    fast = [sleep_then.remote(0.0, i) for i in range(4)]
+    refs = [fast[0], slow, fast[1], fast[2], fast[3]]
+    lattica.get(fast)
+    ready, not_ready = lattica.wait(refs, num_returns=2, timeout=10)
+    assert ready == [fast[0], fast[1]] and not_ready == [slow, fast[2], fast[3]]
+    ready, not_ready = lattica.wait(refs, num_returns=4, timeout=10)
+    assert ready == fast and not_ready == [slow]
+    ready, not_ready = lattica.wait(refs, num_returns=5, timeout=0.1)
+    assert ready == fast and not_ready == [slow]

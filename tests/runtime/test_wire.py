@@ -302,7 +302,7 @@ def test_dispatch_tables_and_match():
         "fetched",
         "fence",
     }
-    assert set(wire.TASK_REPLY_KINDS) == {"done", "yield", "part", "created", "fenced"}
+    assert set(wire.TASK_REPLY_KINDS) == {"done", "yield", "part", "created", "fenced", "log"}
     for kind, decode in wire.TASK_REQUEST_KINDS.items():
         assert decode.__self__.KIND == kind
     seen = []
@@ -724,3 +724,13 @@ def test_each_thread_packs_with_its_own_packer():
         thread.join(timeout=60)
     expected = [_pack({"k": "ack", "tid": TID, "n": n}) for n in range(2000)]
     assert all(out[i] == expected for i in range(4))
+
+
+def test_worker_output_travels_on_the_session_and_is_bounded():
+    out = wire.WorkerOutput(b"\x93batch")
+    assert wire.decode_task_reply(out.encode()) == out
+    too_big = msgpack.packb({"k": "log", "b": b"x" * (wire.MAX_CONTROL_MESSAGE + 1)})
+    with pytest.raises(wire.WireError, match="'b'"):
+        wire.decode_task_reply(too_big)
+    with pytest.raises(wire.WireError):
+        wire.decode_task_reply(msgpack.packb({"k": "log", "b": "not bytes"}))

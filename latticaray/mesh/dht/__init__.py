@@ -11,7 +11,8 @@ Public surface::
 The core (``core.DhtCore``) is what the simulator (``latticaray.mesh.sim.dht``) runs at scale.
 """
 
-from .core import DhtConfig, DhtCore
+from .config import DhtConfig
+from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .messages import PROTOCOL_ID
 from .records import OwnerOnlyKey, OwnerOnlySubkey, Record, RecordPolicy, default_validators

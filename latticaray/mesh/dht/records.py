@@ -360,7 +360,8 @@ class ProviderStore:
                 "quota", f"provider already announced {self.per_provider_keys} keys here"
             )
         if entries is not None and len(entries) >= self.max_per_key:
-            oldest = min(entries, key=lambda p: entries[p][1])
+            known = entries
+            oldest = min(known, key=lambda p: known[p][1])
             if entries[oldest][1] >= expiration:
                 raise RecordRejected("full", f"key already has {self.max_per_key} providers")
             self._remove(key, oldest)

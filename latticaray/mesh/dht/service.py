@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,11 @@ from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
 from ..multiaddr import Multiaddr
 from ..ratelimit import KeyedRateLimiter
-from .core import DhtConfig, DhtCore, Operation
+from .config import DhtConfig
+from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
 from .keyspace import Contact, dht_id
+from .lookups import Operation
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
 from .records import Record, RecordValidator
 
@@ -262,14 +264,14 @@ class DhtService:
             pass
         return op
 
-    async def _steps_with_start(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps_with_start(self, op: Operation) -> AsyncGenerator[None]:
         """Like :meth:`_steps`, but yields once first (for results known before any request)."""
         yield
         async with contextlib.aclosing(self._steps(op)) as steps:
             async for _ in steps:
                 yield
 
-    async def _steps(self, op: Operation) -> AsyncIterator[None]:
+    async def _steps(self, op: Operation) -> AsyncGenerator[None]:
         """Drive ``op`` to completion, yielding after each batch of responses."""
         pending: dict[asyncio.Task, Contact] = {}
         try:

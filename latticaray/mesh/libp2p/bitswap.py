@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .cid import CidError, cid_from_block, parse_cid
-from .connection import Libp2pConnection, Libp2pStream, ProtocolRouter
 from .errors import ProtobufError
 from .protobuf import Writer, parse_fields
+from .stream import MuxedConnection, MuxedStream, ProtocolRouter
 
 __all__ = [
     "BITSWAP_PROTOCOL",
@@ -301,7 +301,7 @@ class BitswapService:
         self._dont_have: dict[bytes, set[bytes]] = {}
         router.add(BITSWAP_PROTOCOL, self._handle)
 
-    async def _handle(self, stream: Libp2pStream) -> None:
+    async def _handle(self, stream: MuxedStream) -> None:
         conn = stream.connection
         for _ in range(_MAX_MESSAGES_PER_STREAM):
             data = await stream.read_message(MAX_BITSWAP_MESSAGE, timeout=self.timeout)
@@ -322,7 +322,7 @@ class BitswapService:
                 await self.send(conn, reply)
         await stream.close()
 
-    async def send(self, conn: Libp2pConnection, message: BitswapMessage) -> None:
+    async def send(self, conn: MuxedConnection, message: BitswapMessage) -> None:
         """One message on a stream of its own (Bitswap's one-way streams)."""
         stream = await conn.open_stream(BITSWAP_PROTOCOL, timeout=self.timeout)
         try:
@@ -333,13 +333,13 @@ class BitswapService:
         await stream.close()
 
     async def fetch(
-        self, conn: Libp2pConnection, cid: bytes, *, timeout: float | None = None
+        self, conn: MuxedConnection, cid: bytes, *, timeout: float | None = None
     ) -> bytes:
         """Want-block ``cid`` from the peer of ``conn``; the block, verified against its CID."""
         return (await self.fetch_many(conn, [cid], timeout=timeout))[0]
 
     async def fetch_many(
-        self, conn: Libp2pConnection, cids: list[bytes], *, timeout: float | None = None
+        self, conn: MuxedConnection, cids: list[bytes], *, timeout: float | None = None
     ) -> list[bytes]:
         """Want-block every CID in one want-list message; the blocks in the order asked."""
         for cid in cids:

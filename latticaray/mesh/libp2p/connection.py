@@ -18,16 +18,24 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from ..errors import ConnectionClosed, HandshakeError, ProtocolViolation
+from ..errors import ConnectionClosed, HandshakeError, MultiaddrError, ProtocolViolation
 from ..identity import PeerId
-from ..varint import VarintError, decode_varint
-from .errors import MessageTooLarge, MultistreamError, StreamReset, YamuxError
+from ..multiaddr import Multiaddr
+from .errors import StreamReset, YamuxError
 from .keys import PrivateKey, PublicKey, peer_id_to_text
 from .multistream import MultistreamCore, MultistreamRole
 from .noise import NOISE_PROTOCOL, NoiseCore, NoiseData, NoiseHandshakeDone, NoiseRole
-from .protobuf import encode_length_prefixed
+from .stream import (
+    DEFAULT_STREAM_TIMEOUT,
+    MuxedStream,
+    ProtocolRouter,
+    StreamHandler,
+    StreamRouter,
+    open_negotiated,
+    serve_inbound,
+)
 from .yamux import (
     YAMUX_PROTOCOL,
     GoAwayCode,
@@ -54,36 +62,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-DEFAULT_STREAM_TIMEOUT = 30.0
-DEFAULT_NEGOTIATION_TIMEOUT = 10.0
 _READ_CHUNK = 256 * 1024
 
-StreamHandler = Callable[["Libp2pStream"], Awaitable[None]]
 
-
-class ProtocolRouter:
-    """Protocol ID -> handler of inbound streams; what multistream answers for inbound streams."""
-
-    __slots__ = ("_handlers",)
-
-    def __init__(self) -> None:
-        self._handlers: dict[str, StreamHandler] = {}
-
-    def add(self, protocol: str, handler: StreamHandler) -> None:
-        self._handlers[protocol] = handler
-
-    def remove(self, protocol: str) -> None:
-        self._handlers.pop(protocol, None)
-
-    @property
-    def protocols(self) -> list[str]:
-        return list(self._handlers)
-
-    def handler(self, protocol: str) -> StreamHandler | None:
-        return self._handlers.get(protocol)
-
-
-class Libp2pStream:
+class Libp2pStream(MuxedStream):
     """One yamux stream after multistream negotiation (or, lazily, during it)."""
 
     __slots__ = (
@@ -91,27 +73,22 @@ class Libp2pStream:
         "_chunks",
         "_conn",
         "_eof",
-        "_negotiation",
         "_readable",
         "_reset",
         "_writable",
-        "protocol",
         "stream_id",
-        "timeout",
     )
 
     def __init__(self, conn: Libp2pConnection, stream_id: int) -> None:
+        super().__init__()
         self._conn = conn
         self.stream_id = stream_id
-        self.protocol = ""
-        self.timeout = DEFAULT_STREAM_TIMEOUT
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
         self._reset = False
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
-        self._negotiation: MultistreamCore | None = None
 
     @property
     def connection(self) -> Libp2pConnection:
@@ -135,19 +112,19 @@ class Libp2pStream:
     def _on_window(self) -> None:
         self._writable.set()
 
-    # -- reading
-    async def _wait_readable(self, timeout: float | None) -> None:
+    # -- the multiplexer's primitives
+    async def _recv(self, max_bytes: int, timeout: float | None) -> bytes:
         while not self._buffered and not self._eof and not self._reset:
             self._readable.clear()
             try:
-                await asyncio.wait_for(self._readable.wait(), timeout or self.timeout)
+                await asyncio.wait_for(self._readable.wait(), timeout)
             except TimeoutError:
                 raise TimeoutError(f"no data on stream {self.protocol or self.stream_id}") from None
-        if self._reset and not self._buffered:
-            raise StreamReset(f"stream {self.protocol or self.stream_id} was reset")
-
-    def _take(self, nbytes: int) -> bytes:
-        chunk = self._pop(nbytes)
+        if not self._buffered:
+            if self._reset:
+                raise StreamReset(f"stream {self.protocol or self.stream_id} was reset")
+            return b""
+        chunk = self._pop(max_bytes)
         self._conn._consumed(self.stream_id, len(chunk))
         return chunk
 
@@ -167,119 +144,35 @@ class Libp2pStream:
         self._buffered -= len(chunk)
         return chunk
 
-    def _take_all_unconsumed(self) -> bytes:
-        return self._pop(self._buffered)
+    def _send_now(self, data: bytes) -> None:
+        self._conn._write_stream(self.stream_id, data)
 
-    async def _finish_negotiation(self, timeout: float | None) -> None:
-        core = self._negotiation
-        if core is None:
-            return
-        deadline = time.monotonic() + (timeout or DEFAULT_NEGOTIATION_TIMEOUT)
-        while core.selected is None:
-            await self._wait_readable(max(0.001, deadline - time.monotonic()))
-            if not self._buffered:
-                raise MultistreamError("stream ended during multistream negotiation")
-            data = self._take_all_unconsumed()
-            try:
-                events = core.receive(data)
-            except MultistreamError:
-                self.reset()
-                raise
-            self._conn._write_stream(self.stream_id, core.data_to_send())
-            leftover = events[0].leftover if events else b""
-            # the negotiation's own bytes are consumed; leftover bytes go back to the reader
-            self._conn._consumed(self.stream_id, len(data) - len(leftover))
-            if events:
-                if leftover:
-                    self._chunks.appendleft(leftover)
-                    self._buffered += len(leftover)
-                self.protocol = events[0].protocol
-        self._negotiation = None
+    def send_some(self, data: memoryview) -> int:
+        """Queue as much of ``data`` as the peer's window takes now; how much that was."""
+        if self._reset:
+            raise StreamReset(f"stream {self.protocol or self.stream_id} was reset")
+        self._writable.clear()
+        return self._conn._send(self.stream_id, data)
 
-    async def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
-        """Up to ``max_bytes``; ``b""`` at the end of the stream."""
-        await self._finish_negotiation(timeout)
-        await self._wait_readable(timeout)
-        return self._take(max_bytes)
-
-    async def readexactly(self, nbytes: int, *, timeout: float | None = None) -> bytes:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        out = bytearray()
-        while len(out) < nbytes:
-            chunk = await self.read(
-                nbytes - len(out), timeout=max(0.001, deadline - time.monotonic())
-            )
-            if not chunk:
-                raise asyncio.IncompleteReadError(bytes(out), nbytes)
-            out += chunk
-        return bytes(out)
-
-    async def read_message(self, max_size: int, *, timeout: float | None = None) -> bytes | None:
-        """One ``uvarint(len) || message``; ``None`` at a clean end of stream."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        await self._finish_negotiation(timeout)
-        prefix = bytearray()
-        while True:
-            await self._wait_readable(max(0.001, deadline - time.monotonic()))
-            if not self._buffered:
-                if prefix:
-                    raise ProtocolViolation("stream ended inside a length prefix")
-                return None
-            prefix += self._take(1)
-            if not prefix[-1] & 0x80:
-                break
-            if len(prefix) >= 9:
-                raise ProtocolViolation("length prefix longer than 9 bytes")
+    async def wait_writable(self, timeout: float | None) -> None:
+        """Wait until the peer grants window (or the stream resets)."""
         try:
-            length, _ = decode_varint(bytes(prefix))
-        except VarintError as exc:
-            raise ProtocolViolation(f"bad length prefix: {exc}") from None
-        if length > max_size:
-            raise MessageTooLarge(f"message of {length} bytes exceeds limit {max_size}")
-        try:
-            return await self.readexactly(length, timeout=max(0.001, deadline - time.monotonic()))
-        except asyncio.IncompleteReadError:
-            raise ProtocolViolation("stream ended inside a message") from None
+            await asyncio.wait_for(self._writable.wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError("peer granted no window before the deadline") from None
 
-    async def read_all(self, max_size: int, *, timeout: float | None = None) -> bytes:
-        """Everything until the peer closes its side, at most ``max_size`` bytes."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        out = bytearray()
-        while True:
-            chunk = await self.read(_READ_CHUNK, timeout=max(0.001, deadline - time.monotonic()))
-            if not chunk:
-                return bytes(out)
-            out += chunk
-            if len(out) > max_size:
-                raise MessageTooLarge(f"stream carried more than {max_size} bytes")
-
-    # -- writing
     async def write(self, data: bytes | memoryview, *, timeout: float | None = None) -> None:
         """Send all of ``data``, waiting for the peer's window (bounded by the timeout)."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        limit = timeout or self.timeout
+        deadline = None if limit is None else time.monotonic() + limit
         view = memoryview(data)
         while view:
-            if self._reset:
-                raise StreamReset(f"stream {self.protocol or self.stream_id} was reset")
-            self._writable.clear()
-            taken = self._conn._send(self.stream_id, view)
-            view = view[taken:]
+            view = view[self.send_some(view) :]
             if view:
-                remaining = deadline - time.monotonic()
-                try:
-                    await asyncio.wait_for(self._writable.wait(), max(0.001, remaining))
-                except TimeoutError:
-                    raise TimeoutError("peer granted no window before the deadline") from None
-        await self._conn._drain(max(0.001, deadline - time.monotonic()))
+                await self.wait_writable(_remaining(deadline))
+        await self._conn._drain(_remaining(deadline))
 
-    async def write_message(self, message: bytes, *, timeout: float | None = None) -> None:
-        await self.write(encode_length_prefixed(message), timeout=timeout)
-
-    async def close_write(self) -> None:
-        """Half-close (FIN): the peer reads the end of the stream; we may still read."""
-        if self._negotiation is not None and not self._reset:
-            with contextlib.suppress(Exception):
-                await self._finish_negotiation(None)
+    async def _close_write_now(self) -> None:
         self._conn._close_stream(self.stream_id)
 
     def reset(self) -> None:
@@ -287,10 +180,16 @@ class Libp2pStream:
             self._reset = True
             self._conn._reset_stream(self.stream_id)
 
-    async def close(self) -> None:
-        """Half-close, then drop the stream (anything the peer still sends is discarded)."""
-        await self.close_write()
+    def _forget(self) -> None:
         self._conn._forget(self.stream_id)
+
+    @property
+    def is_reset(self) -> bool:
+        return self._reset
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
 class Libp2pConnection:
@@ -303,7 +202,7 @@ class Libp2pConnection:
         noise: NoiseCore,
         yamux: YamuxCore,
         remote: NoiseHandshakeDone,
-        router: ProtocolRouter,
+        router: StreamRouter,
         *,
         initial: bytes = b"",
     ) -> None:
@@ -319,6 +218,7 @@ class Libp2pConnection:
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._closed = asyncio.Event()
         self._close_reason: BaseException | None = None
+        self._close_callbacks: list[Callable[[Libp2pConnection], None]] = []
         self._initial = initial
         self._reader_task: asyncio.Task[None] | None = None
         self._timer_task: asyncio.Task[None] | None = None
@@ -333,13 +233,38 @@ class Libp2pConnection:
         return peer_id_to_text(self.remote_peer_id)
 
     @property
-    def mesh_peer_id(self) -> PeerId | None:
-        """The remote's mesh :class:`PeerId` if its key is Ed25519."""
-        return self.remote_key.mesh_peer_id()
+    def mesh_peer_id(self) -> PeerId:
+        """The remote's mesh :class:`PeerId` (any key type; it carries the key)."""
+        return PeerId.from_key(self.remote_key)
+
+    @property
+    def remote_multiaddr(self) -> Multiaddr | None:
+        """``/ip4|ip6/<host>/tcp/<port>`` of the remote as this end sees it."""
+        return _tcp_multiaddr(self.remote_address)
+
+    @property
+    def local_multiaddr(self) -> Multiaddr | None:
+        return _tcp_multiaddr(self.local_address)
 
     @property
     def is_closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        return self._close_reason
+
+    @property
+    def outbound(self) -> bool:
+        """True on the end that dialed (the yamux client)."""
+        return self._yamux.is_client
+
+    def on_close(self, callback: Callable[[Libp2pConnection], None]) -> None:
+        """``callback(conn)`` once the connection has closed (soon, if it already has)."""
+        if self._closed.is_set():
+            asyncio.get_running_loop().call_soon(callback, self)
+        else:
+            self._close_callbacks.append(callback)
 
     def start(self) -> None:
         self._reader_task = asyncio.ensure_future(self._read_loop())
@@ -354,8 +279,12 @@ class Libp2pConnection:
 
         ``lazy`` (one protocol only) returns at once: the first read checks the echo.
         """
-        if isinstance(protocols, str):
-            protocols = [protocols]
+        stream = self.new_stream()
+        await open_negotiated(stream, protocols, lazy=lazy, timeout=timeout)
+        return stream
+
+    def new_stream(self) -> Libp2pStream:
+        """A fresh outbound stream, not negotiated yet."""
         self._check_open()
         try:
             stream_id = self._yamux.open_stream()
@@ -363,44 +292,11 @@ class Libp2pConnection:
             raise ConnectionClosed(str(exc)) from None
         stream = Libp2pStream(self, stream_id)
         self._streams[stream_id] = stream
-        core = MultistreamCore(MultistreamRole.INITIATOR, protocols, lazy=lazy)
-        stream._negotiation = core
-        self._write_stream(stream_id, core.initiate())
-        if lazy:
-            stream.protocol = protocols[0]
-            return stream
-        try:
-            await stream._finish_negotiation(timeout)
-        except BaseException:
-            stream.reset()
-            raise
         return stream
 
     async def _serve_inbound(self, stream: Libp2pStream) -> None:
-        protocols = self.router.protocols
-        if not protocols:
-            stream.reset()
-            return
-        core = MultistreamCore(MultistreamRole.RESPONDER, protocols)
-        stream._negotiation = core
-        self._write_stream(stream.stream_id, core.initiate())
-        try:
-            await stream._finish_negotiation(DEFAULT_NEGOTIATION_TIMEOUT)
-        except (MultistreamError, TimeoutError, StreamReset, ConnectionClosed) as exc:
-            log.debug("inbound stream from %s: negotiation failed: %s", self.remote_peer_text, exc)
-            stream.reset()
-            return
-        handler = self.router.handler(stream.protocol)
-        if handler is None:  # removed while negotiating
-            stream.reset()
-            return
-        try:
-            await handler(stream)
-        except Exception as exc:
-            log.debug(
-                "handler of %s from %s failed: %r", stream.protocol, self.remote_peer_text, exc
-            )
-            stream.reset()
+        router = self.router
+        await serve_inbound(stream, router.protocols, router.handler, self.remote_peer_text)
 
     # ---- ping (yamux's own, for liveness; /ipfs/ping/1.0.0 is a protocol of its own)
     async def yamux_ping(self, timeout: float = 10.0) -> float:
@@ -441,7 +337,7 @@ class Libp2pConnection:
                 raise StreamReset(f"no window to negotiate on stream {stream_id}")
             view = view[taken:]
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, timeout: float | None) -> None:
         self._check_open()
         try:
             await asyncio.wait_for(self._writer.drain(), timeout)
@@ -578,6 +474,12 @@ class Libp2pConnection:
             self._writer.close()
         if self._timer_task is not None:
             self._timer_task.cancel()
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("connection close callback failed")
 
     async def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Go Away, then close the socket and every stream."""
@@ -601,6 +503,17 @@ class Libp2pConnection:
         await self._closed.wait()
 
 
+def _tcp_multiaddr(address: tuple[str, int] | None) -> Multiaddr | None:
+    if address is None:
+        return None
+    host = address[0].removeprefix("::ffff:")
+    proto = "ip6" if ":" in host else "ip4"
+    try:
+        return Multiaddr.parse(f"/{proto}/{host}/tcp/{address[1]}")
+    except MultiaddrError:
+        return None
+
+
 async def _read_bounded(reader: asyncio.StreamReader, deadline: float) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -618,7 +531,7 @@ async def upgrade(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     identity: PrivateKey,
-    router: ProtocolRouter,
+    router: StreamRouter,
     *,
     initiator: bool,
     expected_peer_id: bytes | None = None,

@@ -6,7 +6,7 @@ asked for it writes it and closes the stream; a pusher opens ``/ipfs/id/push/1.0
 it when its addresses or protocols change. The received key must be the connection's
 authenticated peer, and a signed peer record, when present, must verify and name that peer.
 
-:class:`IdentifyService` answers and asks over a :class:`Libp2pConnection`; the codec
+:class:`IdentifyService` answers and asks over a :class:`MuxedConnection`; the codec
 (:class:`IdentifyMessage`) is pure. Messages above 8 KiB are not sent (js-libp2p and go-libp2p
 refuse them) and above :data:`MAX_IDENTIFY_MESSAGE` not read.
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from ..errors import HandshakeError, MultiaddrError
 from ..multiaddr import Multiaddr
-from .connection import Libp2pConnection, Libp2pStream, ProtocolRouter
 from .errors import KeyDecodeError, ProtobufError
 from .keys import PrivateKey, PublicKey
 from .peer_record import PeerRecord, open_peer_record, seal_peer_record
 from .protobuf import Writer, parse_fields
+from .stream import MuxedConnection, MuxedStream, ProtocolRouter
 
 __all__ = [
     "IDENTIFY_PROTOCOL",
@@ -123,8 +123,8 @@ class IdentifyService:
     """Answers identify and identify-push, asks peers, and remembers what they said.
 
     ``listen_addrs`` returns our binary multiaddrs (without ``/p2p``) at the time of asking;
-    the protocols advertised are the router's. ``on_identified(conn, message)`` runs after
-    every verified identify or push.
+    the protocols advertised are ``protocols()`` (by default the router's).
+    ``on_identified(conn, message)`` runs after every verified identify or push.
     """
 
     def __init__(
@@ -135,7 +135,8 @@ class IdentifyService:
         listen_addrs: Callable[[], Sequence[bytes]] = list,
         agent_version: str = "latticaray/0.1.0",
         protocol_version: str = DEFAULT_PROTOCOL_VERSION,
-        on_identified: Callable[[Libp2pConnection, IdentifyMessage], None] | None = None,
+        on_identified: Callable[[MuxedConnection, IdentifyMessage], None] | None = None,
+        protocols: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.identity = identity
         self.router = router
@@ -143,19 +144,21 @@ class IdentifyService:
         self.agent_version = agent_version
         self.protocol_version = protocol_version
         self.on_identified = on_identified
+        self.protocols = protocols if protocols is not None else (lambda: router.protocols)
         self.peers: OrderedDict[bytes, _PeerInfo] = OrderedDict()
         router.add(IDENTIFY_PROTOCOL, self._handle_identify)
         router.add(IDENTIFY_PUSH_PROTOCOL, self._handle_push)
 
-    def message_for(self, conn: Libp2pConnection | None) -> IdentifyMessage:
+    def message_for(self, conn: MuxedConnection | None) -> IdentifyMessage:
         addrs = tuple(self.listen_addrs())[:MAX_ADDRS]
         observed = b""
-        if conn is not None and conn.remote_address is not None:
-            observed = address_bytes(*conn.remote_address)
+        remote = conn.remote_multiaddr if conn is not None else None
+        if remote is not None:
+            observed = remote.to_bytes()
         message = IdentifyMessage(
             public_key=self.identity.public_key.to_protobuf(),
             listen_addrs=addrs,
-            protocols=tuple(self.router.protocols),
+            protocols=tuple(self.protocols())[:MAX_PROTOCOLS],
             observed_addr=observed,
             protocol_version=self.protocol_version,
             agent_version=self.agent_version,
@@ -165,18 +168,18 @@ class IdentifyService:
             raise ProtobufError("our identify message exceeds 8 KiB; advertise fewer addresses")
         return message
 
-    async def _handle_identify(self, stream: Libp2pStream) -> None:
+    async def _handle_identify(self, stream: MuxedStream) -> None:
         await stream.write_message(self.message_for(stream.connection).encode())
         await stream.close()
 
-    async def _handle_push(self, stream: Libp2pStream) -> None:
+    async def _handle_push(self, stream: MuxedStream) -> None:
         data = await stream.read_message(MAX_IDENTIFY_MESSAGE)
         await stream.close()
         if data is None:
             return
         self._accept(stream.connection, IdentifyMessage.decode(data), push=True)
 
-    def _accept(self, conn: Libp2pConnection, message: IdentifyMessage, *, push: bool) -> None:
+    def _accept(self, conn: MuxedConnection, message: IdentifyMessage, *, push: bool) -> None:
         try:
             key = message.key()
         except KeyDecodeError as exc:
@@ -208,7 +211,7 @@ class IdentifyService:
         if self.on_identified is not None:
             self.on_identified(conn, message)
 
-    async def identify(self, conn: Libp2pConnection, *, timeout: float = 10.0) -> IdentifyMessage:
+    async def identify(self, conn: MuxedConnection, *, timeout: float = 10.0) -> IdentifyMessage:
         """Ask the peer; verify and remember the answer."""
         stream = await conn.open_stream(IDENTIFY_PROTOCOL, timeout=timeout)
         try:
@@ -223,7 +226,7 @@ class IdentifyService:
         self._accept(conn, message, push=False)
         return message
 
-    async def push(self, conn: Libp2pConnection, *, timeout: float = 10.0) -> None:
+    async def push(self, conn: MuxedConnection, *, timeout: float = 10.0) -> None:
         """Send our current identify message on ``/ipfs/id/push/1.0.0``."""
         stream = await conn.open_stream(IDENTIFY_PUSH_PROTOCOL, timeout=timeout)
         try:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..errors import ProtocolViolation
-from .connection import Libp2pConnection, Libp2pStream, ProtocolRouter
 from .errors import ProtobufError
 from .protobuf import Writer, parse_fields
+from .stream import MuxedConnection, MuxedStream, ProtocolRouter
 
 __all__ = [
     "DEFAULT_KAD_PROTOCOL",
@@ -176,7 +176,7 @@ class KadClient:
         self.protocol = protocol
         self.timeout = timeout
 
-    async def request(self, conn: Libp2pConnection, message: KadMessage) -> KadMessage | None:
+    async def request(self, conn: MuxedConnection, message: KadMessage) -> KadMessage | None:
         """Send ``message``; return the answer (``None`` for ADD_PROVIDER, which has none)."""
         stream = await conn.open_stream(self.protocol, timeout=self.timeout)
         try:
@@ -198,41 +198,41 @@ class KadClient:
             )
         return answer
 
-    async def _ask(self, conn: Libp2pConnection, message: KadMessage) -> KadMessage:
+    async def _ask(self, conn: MuxedConnection, message: KadMessage) -> KadMessage:
         answer = await self.request(conn, message)
         assert answer is not None
         return answer
 
-    async def find_node(self, conn: Libp2pConnection, key: bytes) -> list[KadPeer]:
+    async def find_node(self, conn: MuxedConnection, key: bytes) -> list[KadPeer]:
         return list((await self._ask(conn, KadMessage(MessageType.FIND_NODE, key))).closer_peers)
 
     async def get_value(
-        self, conn: Libp2pConnection, key: bytes
+        self, conn: MuxedConnection, key: bytes
     ) -> tuple[KadRecord | None, list[KadPeer]]:
         answer = await self._ask(conn, KadMessage(MessageType.GET_VALUE, key))
         record = answer.record if answer.record is not None and answer.record.key == key else None
         return record, list(answer.closer_peers)
 
-    async def put_value(self, conn: Libp2pConnection, key: bytes, value: bytes) -> None:
+    async def put_value(self, conn: MuxedConnection, key: bytes, value: bytes) -> None:
         record = KadRecord(key, value)
         answer = await self._ask(conn, KadMessage(MessageType.PUT_VALUE, key, record))
         if answer.record is None or answer.record.value != value:
             raise ProtocolViolation(f"{conn.remote_peer_text} did not store the record")
 
     async def add_provider(
-        self, conn: Libp2pConnection, multihash: bytes, provider: KadPeer
+        self, conn: MuxedConnection, multihash: bytes, provider: KadPeer
     ) -> None:
         await self.request(
             conn, KadMessage(MessageType.ADD_PROVIDER, multihash, provider_peers=(provider,))
         )
 
     async def get_providers(
-        self, conn: Libp2pConnection, multihash: bytes
+        self, conn: MuxedConnection, multihash: bytes
     ) -> tuple[list[KadPeer], list[KadPeer]]:
         answer = await self._ask(conn, KadMessage(MessageType.GET_PROVIDERS, multihash))
         return list(answer.provider_peers), list(answer.closer_peers)
 
-    async def ping(self, conn: Libp2pConnection) -> None:
+    async def ping(self, conn: MuxedConnection) -> None:
         await self._ask(conn, KadMessage(MessageType.PING))
 
 
@@ -272,7 +272,7 @@ class KadServer:
         self.provider_ttl = provider_ttl
         router.add(protocol, self._handle)
 
-    async def _handle(self, stream: Libp2pStream) -> None:
+    async def _handle(self, stream: MuxedStream) -> None:
         for _ in range(MAX_REQUESTS_PER_STREAM):
             data = await stream.read_message(MAX_KAD_MESSAGE)
             if data is None:

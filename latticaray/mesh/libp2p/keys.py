@@ -8,6 +8,8 @@ identity when it is at most 42 bytes (Ed25519, secp256k1), sha2-256 otherwise (R
 
 latticaray's own identity stays Ed25519 (:class:`latticaray.mesh.identity.KeyPair`); the other
 types exist here so foreign peers holding them can be verified (and, in tests, impersonated).
+:class:`latticaray.mesh.identity.PeerId` is built on :class:`PublicKey` (this module imports
+nothing of the mesh but its base58 and protobuf helpers).
 Every primitive is the ``cryptography`` package's.
 """
 
@@ -16,16 +18,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from ..identity import KeyPair, PeerId, base58btc_decode, base58btc_encode
+from ..base58 import base58btc_decode, base58btc_encode
 from .errors import KeyDecodeError, UnsupportedKeyType
 from .protobuf import Writer, parse_fields
 
 __all__ = [
+    "MAX_INLINE_KEY",
     "MAX_PUBLIC_KEY_PROTOBUF",
     "KeyType",
     "PrivateKey",
@@ -38,7 +42,8 @@ __all__ = [
 MAX_PUBLIC_KEY_PROTOBUF = 2048
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
-_MAX_INLINE_KEY = 42
+#: The longest key protobuf an identity-multihash peer ID holds.
+MAX_INLINE_KEY = 42
 _IDENTITY = 0x00
 _SHA2_256 = 0x12
 _ED25519_LEN = 32
@@ -129,18 +134,12 @@ class PublicKey:
     def peer_id_bytes(self) -> bytes:
         """The peer ID multihash: identity of the protobuf if short, else its sha2-256."""
         encoded = self.to_protobuf()
-        if len(encoded) <= _MAX_INLINE_KEY:
+        if len(encoded) <= MAX_INLINE_KEY:
             return bytes([_IDENTITY, len(encoded)]) + encoded
         return bytes([_SHA2_256, 32]) + hashlib.sha256(encoded).digest()
 
     def peer_id_text(self) -> str:
         return base58btc_encode(self.peer_id_bytes())
-
-    def mesh_peer_id(self) -> PeerId | None:
-        """The mesh's :class:`PeerId` for an Ed25519 key; ``None`` for the other key types."""
-        if self.key_type is not KeyType.ED25519:
-            return None
-        return PeerId.from_public_key(self.data)
 
 
 def peer_id_to_text(peer_id: bytes) -> str:
@@ -160,6 +159,11 @@ def peer_id_from_text(text: str) -> bytes:
     return raw
 
 
+class _HasEd25519Key(Protocol):
+    @property
+    def private_key(self) -> ed25519.Ed25519PrivateKey: ...
+
+
 _SignKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
@@ -173,8 +177,9 @@ class PrivateKey:
         self.public_key = _public_of(key)
 
     @classmethod
-    def from_keypair(cls, pair: KeyPair) -> PrivateKey:
-        """The mesh's own Ed25519 identity as a libp2p signing key."""
+    def from_keypair(cls, pair: _HasEd25519Key) -> PrivateKey:
+        """The mesh's own Ed25519 identity (a :class:`~latticaray.mesh.identity.KeyPair`) as a
+        libp2p signing key."""
         return cls(pair.private_key)
 
     @classmethod

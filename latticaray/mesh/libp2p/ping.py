@@ -10,7 +10,7 @@ import os
 import time
 
 from ..errors import ProtocolViolation
-from .connection import Libp2pConnection, Libp2pStream, ProtocolRouter
+from .stream import MuxedConnection, MuxedStream, ProtocolRouter
 
 __all__ = ["PING_PROTOCOL", "PING_SIZE", "PingService"]
 
@@ -24,7 +24,7 @@ class PingService:
     def __init__(self, router: ProtocolRouter) -> None:
         router.add(PING_PROTOCOL, self._handle)
 
-    async def _handle(self, stream: Libp2pStream) -> None:
+    async def _handle(self, stream: MuxedStream) -> None:
         for _ in range(MAX_PINGS_PER_STREAM):
             try:
                 payload = await stream.readexactly(PING_SIZE, timeout=IDLE_TIMEOUT)
@@ -34,7 +34,7 @@ class PingService:
         await stream.close()
 
     @staticmethod
-    async def ping(conn: Libp2pConnection, *, count: int = 1, timeout: float = 10.0) -> list[float]:
+    async def ping(conn: MuxedConnection, *, count: int = 1, timeout: float = 10.0) -> list[float]:
         """Round trips, in seconds, of ``count`` pings on one stream."""
         stream = await conn.open_stream(PING_PROTOCOL, timeout=timeout)
         rtts: list[float] = []

@@ -29,9 +29,6 @@ from .tunnel import SecureTunnel
 
 log = logging.getLogger(__name__)
 
-NatNodeConfig = NatConfig
-"""The former name of :class:`NatConfig`, kept until ``runtime/`` imports the new one."""
-
 
 def _close_unused_tunnel(task: asyncio.Task[SecureTunnel]) -> None:
     if not task.cancelled() and task.exception() is None:

@@ -213,7 +213,7 @@ class MeshNatService(NatService):
             conn = await manager.dial_addr(target, timeout, force_new=True)
         else:
             # a socket of our own (birthday punching): dialed and accepted like the node's own
-            adapter = QuicAdapter(transport, manager.accept_inbound)
+            adapter = QuicAdapter(transport, manager.accept_inbound, streams=manager.streams)
             conn = manager.add_connection(await adapter.dial(target, peer, timeout))
         if conn.closed or conn.session.closed:
             raise PeerUnreachable(f"direct connection to {peer} closed as soon as it opened")

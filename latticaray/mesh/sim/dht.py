@@ -20,12 +20,15 @@ concurrently.
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
-from ..dht.core import DhtConfig, DhtCore, Operation
+from ..dht.config import DhtConfig
+from ..dht.core import DhtCore
 from ..dht.keyspace import Contact
+from ..dht.lookups import Operation
 from ..dht.messages import PING
 from ..identity import KeyPair
 from . import Simulator, TimerHandle, VirtualNetwork
@@ -81,8 +84,7 @@ class SimDht:
         self.rng = random.Random(seed ^ 0x5EED)
         self.config = config or DhtConfig()
         self._base_latency: dict[bytes, float] = {}
-        lat = self._base_latency
-        self.net = VirtualNetwork(self.sim, latency=lambda a, b: lat[a] + lat[b], loss=loss)
+        self.net = VirtualNetwork(self.sim, latency=self._link_latency, loss=loss)
         self._latency_range = latency
         self.nodes: dict[bytes, DhtCore] = {}
         self.keypairs: dict[bytes, KeyPair] = {}
@@ -90,6 +92,8 @@ class SimDht:
         self._pending: dict[int, _Request] = {}
         self._next_rid = 0
         self._wakeups: dict[int, TimerHandle] = {}
+        #: id(op) -> (op, on_done) of operations driven by run_op and not yet finished
+        self._on_done: dict[int, tuple[Operation, Callable[[Operation], None] | None]] = {}
         # host keys derived from the seed, so peer IDs (and so the whole run) repeat exactly
         key_rng = random.Random(seed ^ 0x6B657973)
         self._key_factory = keys or (lambda i: KeyPair.from_private_bytes(key_rng.randbytes(32)))
@@ -109,7 +113,7 @@ class SimDht:
         self.contacts[pid] = core.contact
         lo, hi = self._latency_range
         self._base_latency[pid] = self.rng.uniform(lo, hi) / 2
-        self.net.attach(pid, lambda src, msg, size, dst=pid: self._deliver(src, dst, msg))
+        self.net.attach(pid, functools.partial(self._on_message, pid))
         return core
 
     def live_nodes(self) -> list[bytes]:
@@ -195,7 +199,7 @@ class SimDht:
         self, core: DhtCore, op: Operation, on_done: Callable[[Operation], None] | None = None
     ) -> Operation:
         """Drive ``op`` on ``core``; ``on_done(op)`` is called once when it completes."""
-        op._sim_on_done = on_done  # type: ignore[attr-defined]
+        self._on_done[id(op)] = (op, on_done)
         self._pump(core, op)
         return op
 
@@ -212,17 +216,15 @@ class SimDht:
         if not self.net.is_up(core.peer_id):
             return
         now = self.sim.now
-        if op.done and getattr(op, "_sim_finished", False):
+        if op.done and id(op) not in self._on_done:
             return
         for contact, request in op.next_requests(now):
             self._send_request(core, contact, request, op)
         self._send_pings(core)
         if op.done:
-            if not getattr(op, "_sim_finished", False):
-                op._sim_finished = True  # type: ignore[attr-defined]
-                cb = getattr(op, "_sim_on_done", None)
-                if cb is not None:
-                    cb(op)
+            entry = self._on_done.pop(id(op), None)
+            if entry is not None and entry[1] is not None:
+                entry[1](op)
             return
         deadline = op.next_deadline()
         if deadline is not None and deadline > now:
@@ -271,10 +273,20 @@ class SimDht:
                 contact,
                 core.request(PING),
                 None,
-                on_ping=lambda alive, c=core, ct=contact: c.ping_done(ct, alive, self.sim.now),
+                on_ping=functools.partial(self._ping_done, core, contact),
             )
 
-    def _deliver(self, src: bytes, dst: bytes, msg: tuple) -> None:
+    def _link_latency(self, a: Hashable, b: Hashable) -> float:
+        lat = self._base_latency
+        return lat[a] + lat[b]  # type: ignore[index]  # the network's node names are our peer ids
+
+    def _ping_done(self, core: DhtCore, contact: Contact, alive: bool) -> None:
+        core.ping_done(contact, alive, self.sim.now)
+
+    def _on_message(self, dst: bytes, src: Hashable, msg: Any, size: int) -> None:
+        self._deliver(src, dst, msg)  # type: ignore[arg-type]
+
+    def _deliver(self, src: bytes, dst: bytes, msg: tuple[Any, ...]) -> None:
         kind, rid, body = msg
         if kind == "req":
             core = self.nodes[dst]

@@ -17,24 +17,24 @@ The transport is split by role:
 * :mod:`.quic_channel`: :class:`QuicChannel`, one stream as a Channel (backpressure both ways);
 * :mod:`.quic_udp`: the UDP socket (batched reads, GSO sends);
 * :mod:`.quic_config`: :class:`QuicConfig` and the wire constants;
-* :mod:`.quic_pmtu`: path MTU discovery (sans-I/O), which sizes each path's datagrams;
-* :mod:`.quic_congestion`: the loss-tolerant congestion controller ("bdp", the default);
-* :mod:`.quic_aioquic`: every override of aioquic's private API, pinned to its version.
+* :mod:`.quic_backend`: the QUIC libraries that can drive the connections, and the interface;
+* :mod:`.quic_qh3`: the qh3 backend (Rust packet core; the default), its overrides pinned;
+* :mod:`.quic_aioquic`: the aioquic backend (pure Python; the fallback), its overrides pinned;
+* :mod:`.quic_pmtu`: path MTU discovery (sans-I/O), which sizes aioquic paths' datagrams;
+* :mod:`.quic_congestion`: the loss-tolerant congestion controller of aioquic connections.
 
-aioquic is bound by per-packet Python work (about 15-20 us of CPU per 1350-byte packet on each
-side), so datagrams are as large as the path carries: a connection starts at
-``max_datagram_size`` (1350 B; 16 KiB on loopback) and path MTU discovery probes up to the local
-route's MTU (64 KiB on loopback, 1472 B on an Ethernet LAN). The driver keeps its own share
-small: the socket is drained up to ``receive_batch`` datagrams per wake-up and those are
-answered by one transmit
-(asyncio's datagram transport reads one per loop iteration), a reader gets the STREAM data that
-arrived together as one piece, runs of equal-size datagrams leave in one UDP GSO send (Linux
-``UDP_SEGMENT``; plain sends where the kernel refuses it), the aioquic timer is re-armed only when
-its deadline moves earlier, loopback paths are not paced, and connections share one frame
-dispatch table (fewer objects for the garbage collector to scan: with thousands of connections
-in a process, full collections had paused the loop for up to ~1 s). For the same reason a
-connection past its handshake gives up aioquic's spent Initial/Handshake state and TLS's
-handshake-only state, and connections alike share one ``QuicConfiguration``.
+The cost of QUIC here is per packet: aioquic spends about 20 us of CPU per 1350-byte packet on
+each side, qh3 about 3 us sending and 1 us receiving. So the driver keeps its own share small:
+the socket is drained up to ``receive_batch`` datagrams per wake-up (with qh3 installed through
+``recvmmsg`` with UDP GRO, a run of datagrams per system call), a connection takes the datagrams
+of one batch into its library together and answers them with one transmit, a reader gets the
+STREAM data that arrived together as one piece, runs of equal-size datagrams leave in one UDP
+GSO send (Linux ``UDP_SEGMENT``; plain sends where the kernel refuses it), the library's timer is
+re-armed only when its deadline moves earlier, and datagrams are as large as the path carries
+(aioquic probes past 1472 bytes where the local route allows, 64 KiB on loopback). With
+thousands of connections in a process, full garbage collections had paused the loop for up to
+~1 s, so connections keep few tracked objects: aioquic ones share one frame dispatch table and
+drop their spent Initial/Handshake and TLS state, and connections alike share one configuration.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import socket
 from collections.abc import Callable
 
 from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import (
     QuicHeader,
     QuicPacketType,
@@ -62,9 +61,8 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
-from ..tls import ALPN_LIBP2P, CertifiedKey, make_certified_key
-from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
-from .quic_aioquic import MeshQuicConnection
+from ..tls import CertifiedKey, make_certified_key
+from .quic_backend import QuicBackend, QuicEngine, load_backend
 from .quic_channel import QuicChannel
 from .quic_config import CONNECTION_ID_LENGTH, MIN_DATAGRAM_SIZE, QuicConfig, udp_multiaddr
 from .quic_conn import EndpointLink, QuicConn, now
@@ -74,9 +72,6 @@ from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
 __all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
 log = logging.getLogger(__name__)
-
-#: The QUIC versions this endpoint speaks (aioquic's defaults).
-_SUPPORTED_VERSIONS = tuple(QuicConfiguration().supported_versions)
 
 
 class QuicTransport:
@@ -99,6 +94,8 @@ class QuicTransport:
         self.unknown_datagram_handler: Callable[[bytes, tuple], None] | None = None
         self.accept_inbound = True
         self._certified = certified or make_certified_key(key)
+        #: The QUIC library the connections run on (:mod:`.quic_backend`).
+        self.backend: QuicBackend = load_backend(self.config.backend)
         self._retry = QuicRetryTokenHandler()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: EndpointLink | None = None
@@ -108,7 +105,11 @@ class QuicTransport:
         self._tick_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._local: tuple | None = None
-        self._configurations: dict[tuple[bool, int], QuicConfiguration] = {}
+        self._configurations: dict[tuple[str, bool, int], object] = {}
+        #: Hosts whose paths lost packets (host -> until when): later connections use aioquic.
+        self._lossy: dict[str, float] = {}
+        #: Connections that datagrams of the current read batch went to (flushed at its end).
+        self._touched: list[QuicConn] = []
         self.stats: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class QuicTransport:
             config=self.config,
             send_datagrams=self._send_datagrams,
             register_cid=self._register_cid,
+            received=self._touched.append,
             unregister_cid=self._unregister_cid,
             forget=self._forget,
             established=self._on_established,
@@ -136,8 +138,10 @@ class QuicTransport:
             sock,
             self._datagram_received,
             self.config.receive_batch,
+            self._batch_received,
             self.config.send_queue_datagrams,
             self.config.udp_gso,
+            self.config.batched_io,
         )
         self._tick_task = self._loop.create_task(self._tick_loop())
         return self.listen_addr
@@ -236,29 +240,61 @@ class QuicTransport:
         remote: tuple,
         original_dcid: bytes | None = None,
         retry_scid: bytes | None = None,
-    ) -> MeshQuicConnection:
+    ) -> QuicEngine:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
-        # aioquic only reads its configuration: connections alike share one (and its lists)
-        configuration = self._configurations.get((is_client, size))
+        backend = self._backend_for(remote[0])
+        # the libraries only read their configuration: connections alike share one
+        key = (backend.name, is_client, size)
+        configuration = self._configurations.get(key)
         if configuration is None:
-            configuration = self._configurations[(is_client, size)] = self._configuration(
-                is_client, size
+            configuration = self._configurations[key] = backend.configuration(
+                is_client=is_client, max_datagram_size=size, certified=self._certified, config=cfg
             )
-        quic = MeshQuicConnection(
+        quic = backend.connection(
             configuration=configuration,
-            original_destination_connection_id=original_dcid,
-            retry_source_connection_id=retry_scid,
-            stream_window=cfg.stream_receive_window,
-            connection_window=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_streams=cfg.max_streams,
-            connection_ids=cfg.connection_ids,
+            config=cfg,
+            original_dcid=original_dcid,
+            retry_scid=retry_scid,
             pmtu=self._pmtu_search(remote, size),
         )
         if not cfg.paces(host):
             quic.disable_pacing()
         return quic
+
+    def _backend_for(self, host: str) -> QuicBackend:
+        """aioquic for a host whose path lost packets lately (backend "auto"), else the
+        transport's backend."""
+        until = self._lossy.get(host)
+        if until is not None:
+            if until > now():
+                try:
+                    return load_backend("aioquic")
+                except ImportError:
+                    pass
+            else:
+                del self._lossy[host]
+        return self.backend
+
+    def _note_path_loss(self, conn: QuicConn) -> None:
+        """Mark the peer's host lossy when this qh3 connection lost enough of its packets."""
+        cfg = self.config
+        stats = conn.loss_stats()
+        if cfg.backend != "auto" or stats is None:
+            return
+        lost, sent = stats
+        if lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent:
+            host = conn.addr[0]
+            if host not in self._lossy:
+                self.stats["lossy_paths"] += 1
+                log.info(
+                    "QUIC: %d of ~%d packets to %s lost; its next connections use aioquic",
+                    lost,
+                    sent,
+                    host,
+                )
+            self._lossy[host] = now() + cfg.lossy_path_ttl
 
     def _pmtu_search(self, remote: tuple, base: int) -> PmtuSearch | None:
         """Path MTU discovery from ``base`` up to what the local route carries."""
@@ -267,24 +303,6 @@ class QuicTransport:
             return None
         ceiling = min(cfg.pmtu_max_datagram_size, route_max_payload(remote) or base)
         return PmtuSearch(base, ceiling) if ceiling > base else None
-
-    def _configuration(self, is_client: bool, max_datagram_size: int) -> QuicConfiguration:
-        cfg = self.config
-        return QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN_LIBP2P],
-            certificate=self._certified.certificate,
-            private_key=self._certified.private_key,
-            verify_mode=0,  # ssl.CERT_NONE: the libp2p certificate is checked by us
-            idle_timeout=cfg.idle_timeout,
-            max_datagram_size=max_datagram_size,
-            max_data=max(cfg.connection_receive_window, cfg.stream_receive_window),
-            max_stream_data=cfg.stream_receive_window,
-            connection_id_length=CONNECTION_ID_LENGTH,
-            congestion_control_algorithm=cfg.congestion_control,
-            initial_rtt=cfg.initial_rtt,
-            server_name=None,
-        )
 
     def _forget(self, conn: QuicConn) -> None:
         self._conns.discard(conn)
@@ -336,12 +354,13 @@ class QuicTransport:
             if header.packet_type != QuicPacketType.INITIAL:
                 self._unknown(data, addr)
                 return
-            if header.version is not None and header.version not in _SUPPORTED_VERSIONS:
+            versions = self.backend.supported_versions
+            if header.version is not None and header.version not in versions:
                 self._sendto(
                     encode_quic_version_negotiation(
                         source_cid=header.destination_cid,
                         destination_cid=header.source_cid,
-                        supported_versions=list(_SUPPORTED_VERSIONS),
+                        supported_versions=list(versions),
                     ),
                     addr,
                 )
@@ -404,6 +423,16 @@ class QuicTransport:
         self.stats["accepted"] += 1
         return conn
 
+    def _batch_received(self) -> None:
+        """The socket's read batch is over: each connection takes its datagrams in one go."""
+        touched = self._touched
+        while touched:
+            conn = touched.pop()
+            try:
+                conn.flush_received()
+            except Exception:
+                log.exception("QUIC: error handling datagrams of %r", conn)
+
     def _unknown(self, data: bytes, addr: tuple) -> None:
         self.stats["unknown_datagrams"] += 1
         handler = self.unknown_datagram_handler
@@ -423,5 +452,6 @@ class QuicTransport:
             for conn in list(self._conns):
                 try:
                     conn.tick(at)
+                    self._note_path_loss(conn)
                 except Exception:
                     log.exception("QUIC tick failed for %r", conn)

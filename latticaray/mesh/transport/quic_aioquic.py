@@ -1,4 +1,5 @@
-"""Every use of aioquic's private API, in one place, pinned to the aioquic version it was read from.
+"""The aioquic backend of the QUIC transport: every use of aioquic's private API, in one place,
+pinned to the aioquic version it was read from.
 
 The transport drives aioquic's sans-I/O ``QuicConnection`` and changes some of its behaviour
 from the inside: no other module of the package reads or writes an underscore name of aioquic.
@@ -39,6 +40,7 @@ from typing import Any
 import aioquic
 from aioquic import tls as aioquic_tls
 from aioquic.buffer import Buffer, size_uint_var
+from aioquic.quic import events as aioquic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
@@ -58,11 +60,18 @@ from aioquic.quic.packet_builder import (
 )
 from aioquic.quic.recovery import QuicPacketPacer, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..tls import CertifiedKey
+from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
+from .quic_backend import EventTypes, check_pinned_version, common_configuration
+from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch, PmtuState
 
 __all__ = [
     "AIOQUIC_VERSION",
+    "BACKEND",
+    "AioquicBackend",
     "MeshQuicConnection",
     "SharedFrameHandlers",
     "SpentHandshakeState",
@@ -76,13 +85,7 @@ AIOQUIC_VERSION = "1.7.2"
 
 def check_aioquic_version(version: str) -> None:
     """Raise ImportError unless ``version`` is the pinned aioquic release."""
-    if version != AIOQUIC_VERSION:
-        raise ImportError(
-            f"latticaray's QUIC transport overrides private internals of aioquic "
-            f"{AIOQUIC_VERSION} (latticaray/mesh/transport/quic_aioquic.py) but aioquic "
-            f"{version} is installed: install aioquic=={AIOQUIC_VERSION}, or re-read that "
-            f"module against aioquic {version} and move its pin"
-        )
+    check_pinned_version("aioquic", version, AIOQUIC_VERSION)
 
 
 check_aioquic_version(aioquic.__version__)
@@ -192,6 +195,17 @@ _TLS_HANDSHAKE_ONLY = (
 class MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
+    backend = "aioquic"
+    events = EventTypes(
+        stream_data=aioquic_events.StreamDataReceived,
+        handshake_completed=aioquic_events.HandshakeCompleted,
+        connection_id_issued=aioquic_events.ConnectionIdIssued,
+        connection_id_retired=aioquic_events.ConnectionIdRetired,
+        stream_reset=aioquic_events.StreamReset,
+        stop_sending=aioquic_events.StopSendingReceived,
+        terminated=aioquic_events.ConnectionTerminated,
+    )
+
     def __init__(
         self,
         *,
@@ -241,6 +255,10 @@ class MeshQuicConnection(QuicConnection):
         """The peer's certificate from the handshake (None once dropped or before it)."""
         return getattr(self.tls, "_peer_certificate", None) if hasattr(self, "tls") else None
 
+    def peer_certificate_der(self) -> bytes | None:
+        cert = self.peer_certificate()
+        return None if cert is None else bytes(cert.public_bytes(Encoding.DER))
+
     def drop_peer_certificate(self) -> None:
         """Forget the checked peer certificate: its parsed extensions need not stay."""
         self.tls._peer_certificate = None
@@ -260,6 +278,24 @@ class MeshQuicConnection(QuicConnection):
     def disable_pacing(self) -> None:
         """Send whatever congestion control allows at once (paths with no queue to protect)."""
         self._loss._pacer = Unpaced(max_datagram_size=self._max_datagram_size)
+
+    def receive_datagrams(self, datagrams: list[bytes], addr: NetworkAddress, now: float) -> None:
+        """Datagrams that arrived together from one address (aioquic takes one at a time)."""
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
+
+    def track_stream(self, stream_id: int) -> None:
+        self.stream_consumed[stream_id] = 0
+
+    def untrack_stream(self, stream_id: int) -> None:
+        self.stream_consumed.pop(stream_id, None)
+
+    def discard_stream_data(self, stream_id: int, n: int) -> None:
+        self.connection_consumed += n
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """Not needed: aioquic connections run the loss-tolerant "bdp" controller."""
+        return None
 
     def consumed(self, stream_id: int, total: int, n: int) -> None:
         """The application has now read ``total`` bytes of the stream, ``n`` of them new."""
@@ -762,6 +798,52 @@ class MeshQuicConnection(QuicConnection):
         finally:
             limit.used = used
 
+
+class AioquicBackend:
+    """Builds aioquic configurations and :class:`MeshQuicConnection` objects."""
+
+    name = "aioquic"
+    supported_versions: tuple[int, ...] = tuple(QuicConfiguration().supported_versions)
+
+    def configuration(
+        self,
+        *,
+        is_client: bool,
+        max_datagram_size: int,
+        certified: CertifiedKey,
+        config: QuicConfig,
+    ) -> QuicConfiguration:
+        return QuicConfiguration(
+            **common_configuration(
+                is_client=is_client, max_datagram_size=max_datagram_size, config=config
+            ),
+            certificate=certified.certificate,
+            private_key=certified.private_key,
+            congestion_control_algorithm=config.congestion_control,
+        )
+
+    def connection(
+        self,
+        *,
+        configuration: Any,
+        config: QuicConfig,
+        original_dcid: bytes | None,
+        retry_scid: bytes | None,
+        pmtu: PmtuSearch | None,
+    ) -> MeshQuicConnection:
+        return MeshQuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+            stream_window=config.stream_receive_window,
+            connection_window=max(config.connection_receive_window, config.stream_receive_window),
+            max_streams=config.max_streams,
+            connection_ids=config.connection_ids,
+            pmtu=pmtu,
+        )
+
+
+BACKEND = AioquicBackend()
 
 #: Room (bytes) below which a packet counts as full: a STREAM frame's header alone takes up
 #: to 19, so visiting further streams for it (aioquic tries every one) would only cost time.

@@ -6,8 +6,9 @@
 * write: ``drain()`` waits while the stream's unacknowledged send buffer is over a high-water
   mark, which it stays at when the peer's flow-control window is exhausted;
 * read: the receive window granted to the peer advances only with what the application has
-  *read* (the channel credits ``stream_consumed`` / ``connection_consumed`` of the aioquic
-  connection as it hands data out), so a stalled reader holds at most one window.
+  *read* (the channel reports what it hands out with ``consumed``; aioquic then raises the
+  window, qh3 leaves arriving data in its core while a reader is half a window behind), so a
+  stalled reader holds about one window.
 
 The methods without a Channel-contract name (``feed``, ``fail``, ``discard``, ``finish``,
 ``check_drain``) are the connection's side: it calls them with the stream's events.
@@ -25,7 +26,7 @@ from .quic_config import STREAM_ERROR_ABORTED
 if TYPE_CHECKING:
     from ..identity import PeerId
     from ..multiaddr import Multiaddr
-    from .quic_aioquic import MeshQuicConnection
+    from .quic_backend import QuicEngine
     from .quic_conn import QuicConn
 
 __all__ = ["QuicChannel"]
@@ -37,7 +38,7 @@ class QuicChannel:
     transport = "quic"
 
     def __init__(
-        self, conn: QuicConn, quic: MeshQuicConnection, stream_id: int, remote_peer: PeerId
+        self, conn: QuicConn, quic: QuicEngine, stream_id: int, remote_peer: PeerId
     ) -> None:
         self._conn = conn
         self._quic = quic
@@ -56,7 +57,7 @@ class QuicChannel:
         self._drain_waiter: asyncio.Future | None = None
         self._write_closed = False
         self._closed = False
-        quic.stream_consumed[stream_id] = 0
+        quic.track_stream(stream_id)
 
     # -- fed by the connection ----------------------------------------------------------------
     @property
@@ -173,7 +174,10 @@ class QuicChannel:
             raise ConnectionClosed("write on a closed QUIC channel")
         if not data:
             return
-        self._quic.send_stream_data(self.stream_id, bytes(data))
+        try:
+            self._quic.send_stream_data(self.stream_id, bytes(data))
+        except Exception as exc:  # qh3 raises once its connection is closed
+            raise ConnectionClosed(f"QUIC connection closed: {exc}") from None
         self._conn.note_sent()
         self._conn.schedule_transmit()
 

@@ -1,11 +1,12 @@
-"""One authenticated QUIC connection: the asyncio shell around an aioquic connection.
+"""One authenticated QUIC connection: the asyncio shell around a sans-I/O QUIC connection.
 
-:class:`QuicConn` feeds its :class:`~latticaray.mesh.transport.quic_aioquic.MeshQuicConnection`
-the datagrams the endpoint routed to it, turns aioquic's events into channel data, accepted
-channels, connection-ID routing changes and the libp2p peer check, and sends what aioquic has to
-send once per loop iteration. It owns the connection's timers (aioquic's loss/idle timer, and
-keepalive and liveness on the endpoint's tick) and its graceful close (written data is delivered
-before CONNECTION_CLOSE). aioquic is fed ``time.monotonic()`` (uvloop's cached clock upsets its
+:class:`QuicConn` feeds its :class:`~latticaray.mesh.transport.quic_backend.QuicEngine` (qh3 or
+aioquic) the datagrams the endpoint routed to it, all those of one socket read batch together,
+turns the library's events into channel data, accepted channels, connection-ID routing changes
+and the libp2p peer check, and sends what the library has to send once per batch or loop
+iteration. It owns the connection's timers (the library's loss/idle timer, and keepalive and
+liveness on the endpoint's tick) and its graceful close (written data is delivered before
+CONNECTION_CLOSE). The library is fed ``time.monotonic()`` (uvloop's cached clock upsets its
 timers).
 
 What it needs from the endpoint that owns it comes as one :class:`EndpointLink`.
@@ -21,13 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from aioquic.quic import events
+from typing import Any
 
 from ..errors import ConnectionClosed, HandshakeError, PeerIdMismatch, PeerUnreachable
 from ..identity import PeerId
 from ..tls import ALPN_LIBP2P, verify_certificate
-from .quic_aioquic import MeshQuicConnection
+from .quic_backend import QuicEngine
 from .quic_channel import QuicChannel
 from .quic_config import (
     APP_ERROR_AUTH_FAILED,
@@ -37,6 +37,7 @@ from .quic_config import (
     QuicConfig,
     udp_multiaddr,
 )
+from .quic_udp import address_runs
 
 __all__ = ["EndpointLink", "PeerStreams", "QuicConn", "now"]
 
@@ -60,6 +61,9 @@ class EndpointLink:
     config: QuicConfig
     send_datagrams: Callable[[list[tuple[bytes, tuple]]], None]
     register_cid: Callable[[bytes, QuicConn], None]
+    #: Datagrams for this connection are waiting: call its ``flush_received`` at the end of
+    #: the socket's read batch.
+    received: Callable[[QuicConn], None]
     unregister_cid: Callable[[bytes, QuicConn], None]
     #: The connection ended: forget it and its connection IDs.
     forget: Callable[[QuicConn], None]
@@ -116,7 +120,7 @@ class QuicConn:
     def __init__(
         self,
         link: EndpointLink,
-        quic: MeshQuicConnection,
+        quic: QuicEngine,
         addr: tuple,
         is_client: bool,
         expected_peer: PeerId | None,
@@ -151,6 +155,8 @@ class QuicConn:
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
+        #: Datagrams routed here in the current read batch (taken in by ``flush_received``).
+        self._rx: list[tuple[bytes, tuple]] = []
         self._ready.add_done_callback(_consume_exception)
 
     # -- state ---------------------------------------------------------------------------------
@@ -169,6 +175,13 @@ class QuicConn:
         return self._closed_future.done()
 
     @property
+    def last_received(self) -> float:
+        """When the last datagram from the peer arrived (``time.monotonic()``): any packet counts,
+        ACKs and PINGs included, so a peer busy sending or receiving bulk data is heard from
+        even while its streams are blocked."""
+        return self._last_rx
+
+    @property
     def rtt(self) -> float | None:
         """Smoothed round-trip time in seconds (None before the first RTT sample)."""
         return self._quic.smoothed_rtt
@@ -176,6 +189,15 @@ class QuicConn:
     @property
     def max_datagram_size(self) -> int:
         return self._quic.max_datagram_size
+
+    @property
+    def backend(self) -> str:
+        """The QUIC library driving this connection ("qh3", "aioquic")."""
+        return self._quic.backend
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """(packets lost, about how many were sent) where the library reports them."""
+        return self._quic.loss_stats()
 
     def on_close(self, callback: Callable[[QuicConn], None]) -> None:
         if self.is_closed:
@@ -200,7 +222,10 @@ class QuicConn:
         if self.remote_peer is None or self.is_closed or self._closing:
             raise ConnectionClosed("QUIC connection is not open")
         stream_id = self._quic.get_next_available_stream_id()
-        self._quic.send_stream_data(stream_id, b"")  # creates the stream: the next ID differs
+        try:
+            self._quic.send_stream_data(stream_id, b"")  # creates it: the next ID differs
+        except Exception as exc:  # qh3: past the peer's stream limit
+            raise ConnectionClosed(f"cannot open a QUIC stream: {exc}") from None
         channel = QuicChannel(self, self._quic, stream_id, self.remote_peer)
         self._channels[stream_id] = channel
         return channel
@@ -220,7 +245,7 @@ class QuicConn:
     def forget_channel(self, stream_id: int) -> None:
         """The channel is done: drop it and its consumption record."""
         if self._channels.pop(stream_id, None) is not None:
-            self._quic.stream_consumed.pop(stream_id, None)
+            self._quic.untrack_stream(stream_id)
 
     def watch_drain(self, channel: QuicChannel) -> None:
         """Tell ``channel`` (``check_drain``) whenever acknowledgements arrive."""
@@ -324,51 +349,64 @@ class QuicConn:
         self._transmit()
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        """A datagram the endpoint routed to this connection (by its connection ID)."""
+        """A datagram the endpoint routed to this connection (by its connection ID); it enters
+        the QUIC library with the others of this read batch, in ``flush_received``."""
+        if not self._rx:
+            self._link.received(self)
+        self._rx.append((data, addr))
+
+    def flush_received(self) -> None:
+        """The socket's read batch is over: hand the library this batch's datagrams (a run from
+        one address in one call), act on the events, and answer them with one transmit."""
+        received, self._rx = self._rx, []
+        if not received or self.is_closed:
+            return
         at = now()
         self._last_rx = at
         self._unanswered_since = None
         quic = self._quic
-        quic.receive_datagram(data, addr, at)
-        if addr != self.addr and quic.active_path_addr() == addr:
-            self.addr = addr  # migrated: the new path's MTU is unknown
-            self.remote_addr = udp_multiaddr(addr)
-            quic.reset_datagram_size()
+        for i, j, addr in address_runs(received):
+            if j - i == 1:
+                quic.receive_datagram(received[i][0], addr, at)
+            else:
+                quic.receive_datagrams([data for data, _ in received[i:j]], addr, at)
+            if addr != self.addr and quic.active_path_addr() == addr:
+                self.addr = addr  # migrated: the new path's MTU is unknown
+                self.remote_addr = udp_multiaddr(addr)
+                quic.reset_datagram_size()
         self._process_events()
-        # Datagrams that arrive together are answered together: the transmit runs once, after
-        # the loop has handed us every datagram it read in this iteration.
-        self.schedule_transmit()
-        if self._draining:
-            for channel in list(self._draining):
-                channel.check_drain()
+        if not self.is_closed:
+            self._transmit()
         waiter = self._flush_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _process_events(self) -> None:
         quic = self._quic
+        kinds = quic.events
         while True:
             event = quic.next_event()
             if event is None:
                 return
-            if isinstance(event, events.StreamDataReceived):
+            kind = type(event)
+            if kind is kinds.stream_data:
                 self._on_stream_data(event)
-            elif isinstance(event, events.HandshakeCompleted):
+            elif kind is kinds.handshake_completed:
                 self._on_handshake(event)
-            elif isinstance(event, events.ConnectionIdIssued):
+            elif kind is kinds.connection_id_issued:
                 self.cids.add(event.connection_id)
                 self._link.register_cid(event.connection_id, self)
-            elif isinstance(event, events.ConnectionIdRetired):
+            elif kind is kinds.connection_id_retired:
                 self.cids.discard(event.connection_id)
                 self._link.unregister_cid(event.connection_id, self)
-            elif isinstance(event, events.StreamReset):
+            elif kind is kinds.stream_reset:
                 channel = self._channels.get(event.stream_id)
                 if channel is not None:
                     channel.fail(
                         ConnectionClosed(f"stream reset by peer (code {event.error_code})")
                     )
                     channel.discard()
-            elif isinstance(event, events.StopSendingReceived):
+            elif kind is kinds.stop_sending:
                 channel = self._channels.get(event.stream_id)
                 if channel is not None:
                     try:
@@ -377,7 +415,7 @@ class QuicConn:
                         pass
                     channel.fail(ConnectionClosed("peer stopped reading this stream"))
                     channel.discard()
-            elif isinstance(event, events.ConnectionTerminated):
+            elif kind is kinds.terminated:
                 reason = event.reason_phrase or f"error 0x{event.error_code:x}"
                 error = None
                 if not self._ready.done() and event.error_code == APP_ERROR_AUTH_FAILED:
@@ -387,11 +425,11 @@ class QuicConn:
                 )
                 return
 
-    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+    def _on_handshake(self, event: Any) -> None:
         try:
             if event.alpn_protocol != ALPN_LIBP2P:
                 raise HandshakeError(f"peer negotiated ALPN {event.alpn_protocol!r}, not 'libp2p'")
-            cert = self._quic.peer_certificate()
+            cert = self._quic.peer_certificate_der()
             if cert is None:
                 raise HandshakeError("peer presented no certificate")
             peer = verify_certificate(cert)
@@ -408,7 +446,7 @@ class QuicConn:
         self._ready.set_result(self)
         self._link.established(self)
 
-    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+    def _on_stream_data(self, event: Any) -> None:
         channel = self._channels.get(event.stream_id)
         if channel is None:
             remote_peer = self.remote_peer
@@ -417,12 +455,15 @@ class QuicConn:
                 or not _peer_initiated(event.stream_id, self.is_client)
                 or self._peer_streams.finished(event.stream_id)
             ):
-                self._quic.connection_consumed += len(event.data)  # discarded stream
+                self._quic.discard_stream_data(event.stream_id, len(event.data))
                 return
             self._peer_streams.note(event.stream_id)  # a refused one counts as finished
             if len(self._accept_queue) >= self.config.accept_backlog:
-                self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
-                self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                try:
+                    self._quic.reset_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                    self._quic.stop_stream(event.stream_id, STREAM_ERROR_REFUSED)
+                except Exception:  # qh3 raises once its connection is closed
+                    pass
                 return
             channel = QuicChannel(self, self._quic, event.stream_id, remote_peer)
             self._channels[event.stream_id] = channel
@@ -436,6 +477,8 @@ class QuicConn:
     def _transmit_soon(self) -> None:
         self._transmit_scheduled = False
         if not self.is_closed:
+            self._process_events()  # what a reader catching up let the library hand on
+        if not self.is_closed:
             self._transmit()
 
     def _transmit(self) -> None:
@@ -443,6 +486,9 @@ class QuicConn:
         datagrams = quic.datagrams_to_send(now=now())
         if datagrams:
             self._link.send_datagrams(datagrams)
+        if self._draining:  # acknowledgements (aioquic) or sends (qh3) shrank send buffers
+            for channel in list(self._draining):
+                channel.check_drain()
         timer_at = quic.get_timer()
         if timer_at is None:
             return
@@ -482,7 +528,11 @@ class QuicConn:
             self._terminate(f"peer unresponsive for {at - self._unanswered_since:.1f} s", send=True)
             return
         if at - self._last_rx > self.config.keepalive_interval:
-            self._quic.send_ping(0)
+            try:
+                self._quic.send_ping(0)
+            except Exception:  # qh3 raises once its connection is closed: the events say why
+                self._process_events()
+                return
             self.note_sent()
             self._transmit()
 

@@ -75,7 +75,7 @@ class StreamTransportBase:
 
     async def _accept(self, channel: StreamChannel) -> None:
         if self._pending >= self.max_pending_handshakes:
-            await channel._connected
+            await channel.wait_connected()
             channel.abort()
             return
         self._pending += 1
@@ -133,7 +133,7 @@ class StreamTransportBase:
 
     def _track(self, channel: StreamChannel) -> None:
         self._channels.add(channel)
-        channel._connection_lost_hook = self._channels.discard
+        channel.connection_lost_hook = self._channels.discard
 
     async def close(self) -> None:
         """Stop listening and close every channel this transport made."""

@@ -12,8 +12,14 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConnectionClosed, HandshakeError
+
+if TYPE_CHECKING:
+    from ..identity import PeerId
+    from ..multiaddr import Multiaddr
 
 __all__ = ["StreamChannel"]
 
@@ -32,10 +38,10 @@ class StreamChannel(asyncio.Protocol):
         write_high_water: int = 1024 * 1024,
     ) -> None:
         self.transport = transport_name
-        self.local_peer = None
-        self.remote_peer = None
-        self.remote_addr = None
-        self.local_addr = None
+        self.local_peer: PeerId | None = None
+        self.remote_peer: PeerId | None = None
+        self.remote_addr: Multiaddr | None = None
+        self.local_addr: Multiaddr | None = None
         self._read_high_water = read_high_water
         self._write_high_water = write_high_water
         self._io: asyncio.Transport | None = None
@@ -45,12 +51,22 @@ class StreamChannel(asyncio.Protocol):
         self._eof = False
         self._closed = False
         self._error: BaseException | None = None
-        self._read_waiter: asyncio.Future | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
-        self._drain_waiter: asyncio.Future | None = None
-        self._connected = asyncio.get_running_loop().create_future()
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Called with the channel once its connection is gone (the transport forgets it).
-        self._connection_lost_hook = None
+        self.connection_lost_hook: Callable[[StreamChannel], None] | None = None
+
+    async def wait_connected(self) -> None:
+        """Until the transport has connected (raises ConnectionClosed if it was lost first)."""
+        await self._connected
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's ``get_extra_info`` (socket, peername, ssl_object, ...)."""
+        if self._io is None:
+            return default
+        return self._io.get_extra_info(name, default)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,7 +86,8 @@ class StreamChannel(asyncio.Protocol):
         self._buffered += len(data)
         if self._buffered > self._read_high_water and not self._reading_paused:
             self._reading_paused = True
-            self._io.pause_reading()
+            if self._io is not None:
+                self._io.pause_reading()
         waiter = self._read_waiter
         if waiter is not None:
             self._read_waiter = None
@@ -90,9 +107,9 @@ class StreamChannel(asyncio.Protocol):
             self._connected.set_exception(ConnectionClosed(f"connection lost: {exc}"))
             self._connected.exception()  # retrieved: nobody may be waiting for it
         self._wake()
-        hook = self._connection_lost_hook
+        hook = self.connection_lost_hook
         if hook is not None:
-            self._connection_lost_hook = None
+            self.connection_lost_hook = None
             hook(self)
 
     def pause_writing(self) -> None:
@@ -139,7 +156,7 @@ class StreamChannel(asyncio.Protocol):
         self._buffered -= len(data)
         if self._reading_paused and self._buffered <= self._read_high_water // 2:
             self._reading_paused = False
-            if not self._closed:
+            if not self._closed and self._io is not None:
                 self._io.resume_reading()
         return data
 

@@ -126,11 +126,11 @@ class TcpTransport(StreamTransportBase):
         return self._listen_addr
 
     async def _server_handshake(self, channel: StreamChannel) -> None:
-        await channel._connected
-        peername = channel._io.get_extra_info("peername")
+        await channel.wait_connected()
+        peername = channel.get_extra_info("peername")
         if peername:
             channel.remote_addr = _tcp_multiaddr(peername[0], peername[1])
-        ssl_object = channel._io.get_extra_info("ssl_object")
+        ssl_object = channel.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_LIBP2P:
             raise HandshakeError("client did not negotiate ALPN 'libp2p'")
         nonce = new_auth_nonce()
@@ -194,7 +194,7 @@ class TcpTransport(StreamTransportBase):
         return await self._establish(channel, connect, f"{host}:{port}", deadline, close_socket)
 
     async def _client_handshake(self, channel: StreamChannel, expected: PeerId | None) -> None:
-        ssl_object = channel._io.get_extra_info("ssl_object")
+        ssl_object = channel.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_LIBP2P:
             raise HandshakeError("server did not negotiate ALPN 'libp2p'")
         cert_der = ssl_object.getpeercert(binary_form=True)

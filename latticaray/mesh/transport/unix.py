@@ -163,9 +163,9 @@ class UnixTransport(StreamTransportBase):
         return channel
 
     async def _server_handshake(self, channel: StreamChannel) -> None:
-        await channel._connected
+        await channel.wait_connected()
         if self.same_uid_only:
-            uid = _peer_uid(channel._io.get_extra_info("socket"))
+            uid = _peer_uid(channel.get_extra_info("socket"))
             if uid is not None and uid != os.getuid():
                 raise HandshakeError(f"unix client runs as uid {uid}, not ours")
         hello = await channel.read_exactly(HELLO_LEN)

@@ -207,6 +207,11 @@ class ActorHost:
         actor.death_cause = f"the actor's constructor raised:\n{cause}"
         worker.kill()
 
+    def release_resources(self, actor: HostedActor) -> None:
+        """Give back what the actor took from the ledger (idempotent)."""
+        if actor.demand and self.node.ledger.release("actor-" + actor.aid.hex()) is not None:
+            self.node.tasks.dispatch()  # tasks waiting for them
+
     def release_args(self, actor: HostedActor) -> None:
         while actor.pins:
             self.node.objects.unpin(actor.pins.pop())
@@ -295,8 +300,7 @@ class ActorHost:
                     if actor.no_restart
                     else "its worker process died and no restarts are left"
                 )
-            if actor.demand:
-                node.ledger.release("actor-" + actor.aid.hex())
+            self.release_resources(actor)
             self.release_args(actor)
             node.refs.task_done(actor.aid)
             if actor.name and self.named.get((actor.namespace, actor.name)) == actor.aid:
@@ -340,6 +344,9 @@ class ActorHost:
         if message.get("no_restart", True):
             actor.no_restart = True
             actor.death_cause = "it was killed with kill()"
+            # its resources are free from now on (its worker is killed below), so an actor or
+            # task created right after kill() gets them; the worker's death releases nothing more
+            self.release_resources(actor)
         if actor.worker is not None:
             actor.worker.kill()
 

@@ -5,9 +5,11 @@ A worker sends `log` posts, each an encoded LogBatch of the lines one task print
 record's name: ``f``, ``Counter.incr``) and sets its owner: the node whose client submitted the
 task (an actor's constructor output goes to the actor's creator). A batch owned here goes to
 the node's ``sink`` (set by an embedded driver that wants the lines, `init(log_to_driver=True)`)
-or, on a node without a driver, to this process's stderr with its prefix; a batch owned by
-another node goes there over the members-only ``/latticaray/logs/1`` (remote/observe.py), where
-``deliver`` takes it.
+or, on a node without a driver, to this process's stderr with its prefix. A batch of a task
+another node sent here goes back on that task session, before the task's reply
+(`WorkerOutput`, so the caller shows a task's output before its result); other batches owned by
+another node (an actor constructor's) go over the members-only ``/latticaray/logs/1``
+(remote/observe.py). ``deliver`` takes them at the owner.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from latticaray.observe import metrics
 from latticaray.observe.logs import LogBatch, LogDecodeError, format_prefix
+from latticaray.runtime.remote.wire import WorkerOutput
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
@@ -62,7 +65,21 @@ class LogRouter:
             creator = actor.msg.get("owner")
             if isinstance(creator, str) and creator:
                 owner = creator
-        self.route(dataclasses.replace(batch, owner=owner, name=name[:256]))
+        batch = dataclasses.replace(batch, owner=owner, name=name[:256])
+        caller: Any = rec.client if rec is not None else None
+        if caller is not None and caller.kind == "remote" and not caller.closed:
+            caller.send(WorkerOutput(batch.encode()))  # ordered before the task's reply
+            return
+        self.route(batch)
+
+    def from_session(self, data: bytes) -> None:
+        """A `WorkerOutput` that came back on one of this node's task sessions."""
+        try:
+            batch = LogBatch.decode(data)
+        except LogDecodeError:
+            self._dropped.add()
+            return
+        self.deliver(batch)
 
     def route(self, batch: LogBatch) -> None:
         if batch.owner == self.node.node_id:

@@ -18,6 +18,7 @@ from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.ids import object_id, task_of
 from latticaray.runtime.lineage import FetchCopy, Lost, Recovery, Reexecute
 from latticaray.runtime.local.records import ERROR, OK, PENDING, ObjectEntry, TaskRecord
+from latticaray.runtime.remote.objects import FETCH_DEADLINE
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
@@ -174,7 +175,9 @@ class ObjectRecovery:
             if step.holder is None or not await remote.objects.fetch_while_alive(
                 step.cid, step.holder, step.holder_timeout
             ):
-                await exchange.fetch(step.cid, timeout=step.timeout)
+                # it may be far away and slow: the search ends when nothing arrives for
+                # step.timeout, not while a copy is coming
+                await exchange.fetch(step.cid, timeout=FETCH_DEADLINE, stall_timeout=step.timeout)
         except Exception as exc:  # no provider answered in time: the object is lost
             log.info("no copy of %s found (%r)", step.cid, exc)
             return False

@@ -156,6 +156,13 @@ class OwnedActors:
         )
         caller.send(target, create)
 
+    def resend_create(self, aid: bytes, peer: Peer) -> None:
+        """A creation whose answer was lost with a broken task session: sent again (the host
+        answers one it already hosts without hosting it twice)."""
+        owned = self.owned.get(aid)
+        if owned is not None and owned.dead_cause is None and owned.host == peer.node_id:
+            self._send_create(owned, peer.node_id)
+
     def created(self, aid: bytes, error: bytes | None) -> None:
         """The host's answer to a `create`: an error kills the actor and fails its calls."""
         owned = self.owned.get(aid)

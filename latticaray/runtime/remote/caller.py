@@ -4,9 +4,12 @@ One session per (this node -> executor peer) carries tasks, actor creations and 
 and stream acks out, in order, and brings results, stream items and large values in parts back.
 When the peer's primary connection gets better (relayed -> hole-punched direct) the session
 *moves*: the old one is fenced and drained while a new one on the new path waits for the fence
-(`TaskSession`); a session that breaks while the peer is still connected is reopened and the
-work in flight sent again (marked `again`, see dedup.py); a peer that is gone has its work
-retried elsewhere.
+(`TaskSession`). A session that breaks while the peer is still connected is reopened and the
+work in flight sent again (marked `again`, see dedup.py; actor creations whose answer had not
+come are sent again too); one that breaks with the peer's connection is *suspended*: the work
+in flight, and what is sent to the peer meanwhile, waits until membership's liveness shell has
+the peer back (a redial on any path) and then goes out the same way (`peer_back`). Only a peer
+liveness judges gone has its work retried elsewhere (`peer_gone`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from latticaray.runtime.remote.wire import (
     TaskReply,
     TaskRequest,
     ValuePart,
+    WorkerOutput,
     YieldItem,
 )
 from latticaray.runtime.states import TaskEvent, TaskState
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SESSION_TIMEOUT = 20 * 3600.0
+SESSION_DIAL_TIMEOUT = 10.0  # a session to a peer without a connection dials it this long
 MAX_SESSION_REOPENS = 5  # task sessions reopened per peer within SESSION_REOPEN_WINDOW
 SESSION_REOPEN_WINDOW = 60.0
 FENCE_TIMEOUT = 5.0  # a moved task session waits this long for the old one's fence
@@ -86,6 +91,22 @@ class PeerSessions:
         self.parts: dict[tuple, list[bytes]] = {}  # parts of values still arriving
         self.reopen_times: list[float] = []
         self.resent: set[bytes] = set()  # work to mark `again` when it is sent (see dedup.py)
+        #: actor creations sent (or due) whose `created` has not come back, in order
+        self.creating: dict[bytes, None] = {}
+        #: the sessions broke with the peer's connection: work waits for the peer to be back
+        self.suspended = False
+        #: control messages (cancel, ack, kill, ...) to send when the sessions resume
+        self.held: list[TaskRequest] = []
+
+    def unsent(self) -> list[TaskRequest]:
+        """Control messages queued on the sessions and not sent yet (work is tracked apart)."""
+        out: list[TaskRequest] = []
+        for session in [self.session, *self.retiring]:
+            while session is not None and not session.outbox.empty():
+                message = session.outbox.get_nowait()
+                if reply_key(message) is None and not isinstance(message, Fence):
+                    out.append(message)
+        return out
 
     def cancel_sessions(self) -> None:
         for session in [self.session, *self.retiring]:
@@ -134,6 +155,13 @@ class Caller:
         if peer is None:
             return False
         link = self.link(peer)
+        if isinstance(message, CreateActor):
+            link.creating[message.aid] = None
+        if link.suspended:
+            # work is kept in `inflight` / `creating` and sent again when the peer is back
+            if reply_key(message) is None:
+                link.held.append(message)
+            return True
         session = link.session
         if session is None:
             session = link.session = TaskSession()
@@ -201,7 +229,7 @@ class Caller:
     # ------------------------------------------------------------------ the session
     async def _session(self, peer: Peer, session: TaskSession) -> None:
         try:
-            conn = await self.remote.mesh.connections.get(peer.peer_id, SESSION_TIMEOUT)
+            conn = await self.remote.mesh.connections.get(peer.peer_id, SESSION_DIAL_TIMEOUT)
             call = conn.session.call_bidi(TASK_PROTOCOL, SESSION_TIMEOUT)
             session.conn = conn
             reader = self.remote.spawn(self._session_replies(peer, session, call))
@@ -231,8 +259,10 @@ class Caller:
             self._session_lost(peer, f"task session failed: {exc}", session)
 
     async def _session_replies(self, peer: Peer, session: TaskSession, call: Any) -> None:
+        heard = self.remote.membership.heard
         try:
             async for raw in call:
+                heard(peer.node_id)
                 try:
                     message = wire.decode_task_reply(raw)
                 except wire.UnknownKind:
@@ -241,6 +271,8 @@ class Caller:
                     session.fenced = True
                     if session.next_gate is not None:
                         session.next_gate.set()
+                elif isinstance(message, WorkerOutput):
+                    self.remote.node.logs.from_session(message.b)
                 else:
                     self._on_reply(peer, message)
                     session.pending.discard(reply_key(message))
@@ -299,32 +331,78 @@ class Caller:
     def _session_lost(self, peer: Peer, why: str, session: TaskSession | None = None) -> None:
         """A task session ended. If the peer is still connected (its connection was replaced, e.g.
         relayed -> direct, and the old one closed before its replies came back), open a new
-        session and send the work in flight again; otherwise the peer is gone."""
+        session and send the work in flight again; if it is not, the sessions are suspended
+        until liveness has the peer back (`peer_back`) or judges it gone (`peer_gone`)."""
         link = self.link(peer)
         if session is not None and session.retiring:
             self._retired_session_lost(peer, why, session)
             return
         if session is not None and session is not link.session:
             return
-        now = time.monotonic()
-        link.reopen_times = [t for t in link.reopen_times if now - t < SESSION_REOPEN_WINDOW]
-        if (
-            not peer.alive
-            or self.remote.stopped
-            or self.remote.mesh.connection_to(peer.peer_id) is None
-            or len(link.reopen_times) >= MAX_SESSION_REOPENS
-        ):
-            self.remote.membership.peer_gone(peer.node_id, why)
+        if not peer.alive or self.remote.stopped:
             return
-        link.reopen_times.append(now)
-        self.stats["sessions_reopened"] += 1
-        log.info("task session to %s reopened (%s)", peer.node_id, why)
+        connected = self.remote.mesh.connection_to(peer.peer_id) is not None
+        if connected:
+            now = time.monotonic()
+            link.reopen_times = [t for t in link.reopen_times if now - t < SESSION_REOPEN_WINDOW]
+            if len(link.reopen_times) >= MAX_SESSION_REOPENS:
+                self.remote.membership.peer_gone(
+                    peer.node_id, f"{why}; its task sessions keep breaking"
+                )
+                return
+            link.reopen_times.append(now)
+        link.held = link.unsent() + link.held
         link.cancel_sessions()
         link.shipped.clear()
         link.parts.clear()
+        if not connected:
+            link.suspended = True
+            self.stats["sessions_suspended"] += 1
+            log.info(
+                "task session to %s broke with its connection (%s); %d tasks wait for it to be "
+                "reachable again",
+                peer.node_id,
+                why,
+                len(link.inflight),
+            )
+            return
+        log.info("task session to %s reopened (%s)", peer.node_id, why)
+        self._resume(peer)
+
+    def peer_back(self, peer: Peer) -> None:
+        """Liveness has the peer back (reconnected, answering): suspended sessions resume."""
+        link = peer.link
+        if (
+            link is not None
+            and link.suspended
+            and peer.alive
+            and not self.remote.stopped
+            and self.remote.mesh.connection_to(peer.peer_id) is not None
+        ):
+            log.info(
+                "task session to %s resumes: %d tasks and %d actor creations sent again",
+                peer.node_id,
+                len(link.inflight),
+                len(link.creating),
+            )
+            self._resume(peer)
+
+    def _resume(self, peer: Peer) -> None:
+        """Open a new session and send it, in their order, the actor creations not answered,
+        the work in flight (marked `again`), then the control messages held back."""
+        link = self.link(peer)
+        link.suspended = False
+        self.stats["sessions_reopened"] += 1
+        held, link.held = link.held, []
+        creating = list(link.creating)
+        link.creating.clear()
+        for aid in creating:
+            self.remote.actors.resend_create(aid, peer)
         inflight = list(link.inflight.values())
         link.inflight.clear()
         self._resend(peer, inflight)
+        for message in held:
+            self.send(peer.node_id, message)
 
     def _retired_session_lost(self, peer: Peer, why: str, session: TaskSession) -> None:
         """A retired session closed before all its replies came back (the old path's drain
@@ -384,6 +462,7 @@ class Caller:
         elif isinstance(message, TaskDone):
             self._on_done(peer, link, message)
         elif isinstance(message, ActorCreated):
+            link.creating.pop(message.aid, None)
             self.remote.actors.created(message.aid, message.error)
 
     def _on_item(self, peer: Peer, link: PeerSessions, message: YieldItem) -> None:
@@ -460,6 +539,9 @@ class Caller:
             return
         link.cancel_sessions()
         link.resent.clear()
+        link.creating.clear()  # the owner restarts its actors elsewhere (actors.peer_gone)
+        link.held.clear()
+        link.suspended = False
         inflight = list(link.inflight.values())
         link.inflight.clear()
         tasks = self.node.tasks

@@ -277,8 +277,10 @@ class Executor:
             reader.cancel()
 
     async def _requests(self, client: RemoteClient, requests: Any) -> None:
-        admission = self.remote.membership.admission
+        membership = self.remote.membership
+        admission = membership.admission
         async for raw in requests:
+            membership.heard(client.node_id)
             if not admission.allowed(client.node_id):
                 return
             try:
@@ -337,6 +339,11 @@ class Executor:
 
     async def _create_actor(self, client: RemoteClient, message: CreateActor) -> None:
         node = self.node
+        hosted = node.actors.hosted.get(message.aid)
+        if hosted is not None and not hosted.dead:
+            # sent again (its caller's session broke before `created` came back): one actor
+            client.send(ActorCreated(message.aid, None))
+            return
         create = message.body()
         if "blob" in create:
             node.code[message.cls] = create.pop("blob")

@@ -9,15 +9,25 @@ follows the mesh's revocations (the CRDT `revocations` collection): a revoked pe
 
 Members push their view (resources, load, the peers they know, named-actor records) every
 VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot placement
-reads (only for peers whose role lets them execute), introduce peers not met yet, and a peer
-silent for PEER_DEAD_AFTER s (or disconnected) is gone: its work here is retried elsewhere, its
-actors restarted (`peer_gone`).
+reads (only for peers whose role lets them execute) and introduce peers not met yet.
+
+Liveness is judged by liveness.py's LivenessCore, which this module feeds (it is the core's
+shell): everything heard from a member (its views, the requests it makes here, the frames on our
+task sessions to it, the answers to our view pushes, and every QUIC packet of its connection, ACKs
+included, so a member busy with bulk data on a lossy link is heard from), the view pushes it did
+not answer in time (missed keepalives), and its connections coming and going. A member that
+loses its connection is redialed (any path the connection manager knows: direct, punched,
+relayed) while its task sessions wait to resume; only a member the core judges DOWN (silent over
+a window, keepalives missed) is gone (`peer_gone`): its work here is retried elsewhere, its
+actors restarted. A member that restarted (a new `inc` in its view) is gone at once and admitted
+afresh; one that leaves (`bye`) is gone at once and not redialed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +36,13 @@ from latticaray.mesh.identity import PeerId
 from latticaray.mesh.rpc import Status
 from latticaray.runtime.admission import Admission, Permission
 from latticaray.runtime.errors import CredentialError
+from latticaray.runtime.remote.liveness import (
+    LivenessConfig,
+    LivenessCore,
+    MemberState,
+    Redial,
+    StateChanged,
+)
 from latticaray.runtime.remote.wire import (
     ADMIT_PROTOCOL,
     MAX_ADMIT_REQUEST,
@@ -47,7 +64,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VIEW_INTERVAL = 0.3
-PEER_DEAD_AFTER = 4.0
+VIEW_TIMEOUT = 2.0  # a view push unanswered this long is a missed keepalive
+REDIAL_TIMEOUT = 10.0  # one redial of a member that lost its connection
+LEAVE_TIMEOUT = 0.5  # the `bye` views a stopping node sends
 MAX_INTRODUCED_ADDRS = 8
 RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
 RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
@@ -59,9 +78,11 @@ class Peer:
     def __init__(self, node_id: str, peer_id: Any):
         self.node_id = node_id
         self.peer_id = peer_id
-        self.last_seen = time.monotonic()
         self.alive = True
         self.view: RuntimeView | None = None  # its last pushed view
+        self.incarnation: bytes | None = None  # its process's `inc` (a new one: it restarted)
+        #: a view came since it last lost its connection (it is the same process: work may go)
+        self.confirmed = True
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
 
 
@@ -79,6 +100,11 @@ class Membership:
         self._introducing: set[str] = set()
         self.issuers: set[str] = set()  # members that said they hold the mesh key
         self.revocations: Revocations | None = None  # the CRDT collection, once state runs
+        self.liveness: LivenessCore[str] = LivenessCore(LivenessConfig(tick_interval=VIEW_INTERVAL))
+        #: This process's incarnation, in every view it pushes: a peer that sees a new one
+        #: knows this node restarted (same peer id, nothing of its old work left).
+        self.incarnation = os.urandom(8)
+        self._redialing: set[str] = set()
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -162,6 +188,7 @@ class Membership:
                 self.remote.stats["refused_role"] += 1
                 why = f"peer {node_id}'s role {grant.role!r} does not allow {ctx.service}"
             raise RpcError(Status.PERMISSION_DENIED, f"{why}; request refused unread")
+        self.heard(node_id)
         return node_id
 
     def submit_refusal(self) -> str | None:
@@ -293,6 +320,7 @@ class Membership:
         """A peer that is no member any more: settled like a departed one, and disconnected."""
         self.admission.forget(node_id)
         self.remote.stats["peers_cut_off"] += 1
+        self.liveness.unwatch(node_id)  # never redialed
         peer = self.peers.get(node_id)
         if peer is not None:
             self.peer_gone(node_id, why)
@@ -309,6 +337,10 @@ class Membership:
         if peer is None or not peer.alive:
             peer = Peer(node_id, peer_id)
             self.peers[node_id] = peer
+            self.liveness.unwatch(node_id)  # a member admitted again is judged afresh
+            self.liveness.watch(
+                node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
+            )
             self.spawn(self._push_view(peer))
         return peer
 
@@ -325,7 +357,7 @@ class Membership:
             ad_time=time.monotonic(),
         )
 
-    def _view_payload(self) -> bytes:
+    def _view_payload(self, bye: bool = False) -> bytes:
         view = self.node_view()
         peers = {}
         for peer in self.peers.values():
@@ -338,6 +370,8 @@ class Membership:
             view.running,
             peers,
             self.remote.names.shared_records(),
+            self.incarnation,
+            bye,
         ).encode()
 
     def _publish_member(self, now: float) -> None:
@@ -357,34 +391,185 @@ class Membership:
             log.debug("member entry not published: %s", exc)
 
     async def view_loop(self) -> None:
+        """Every VIEW_INTERVAL: our view to each connected member (the keepalives), the
+        transport's evidence and a liveness tick (liveness.py), whose actions are applied."""
         while not self.remote.stopped:
             await asyncio.sleep(VIEW_INTERVAL)
             now = time.monotonic()
             self._publish_member(now)
             payload = self._view_payload()
             for peer in list(self.peers.values()):
-                if not peer.alive:
-                    continue
-                if now - peer.last_seen > PEER_DEAD_AFTER:
-                    self.peer_gone(peer.node_id, "stopped answering")
-                    continue
-                self.spawn(self._push_view(peer, payload))
+                if peer.alive and self.mesh.connection_to(peer.peer_id) is not None:
+                    self.spawn(self._push_view(peer, payload))
+            try:
+                self._transport_heard()
+                for action in self.liveness.tick(time.monotonic()):
+                    if isinstance(action, Redial):
+                        self._redial(action.peer)
+                    else:
+                        self._apply(action)
+            except Exception:  # a bug here must not end every member's liveness
+                log.exception("liveness tick failed")
 
     async def _push_view(self, peer: Peer, payload: bytes | None = None) -> None:
         try:
             await self.mesh.call(
-                peer.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=2.0
+                peer.peer_id, VIEW_PROTOCOL, payload or self._view_payload(), timeout=VIEW_TIMEOUT
             )
-        except MeshError:
-            pass
+        except (RpcError, MeshError) as exc:
+            if isinstance(exc, RpcError) and exc.code not in (
+                Status.DEADLINE_EXCEEDED,
+                Status.UNAVAILABLE,
+                Status.CANCELLED,
+            ):
+                self.heard(peer.node_id)  # it answered, if not as we hoped (still an answer)
+            elif peer.alive:
+                self.liveness.probe_failed(peer.node_id, time.monotonic())
+            return
+        self.heard(peer.node_id)
+
+    # ------------------------------------------------------------------ liveness (the shell)
+    def heard(self, node_id: str, at: float | None = None) -> None:
+        """Something arrived from ``node_id`` (at ``at``, default now): evidence of life."""
+        self._apply(self.liveness.heard(node_id, time.monotonic() if at is None else at))
+
+    def connected(self, peer_id: Any) -> None:
+        """The mesh has a connection to ``peer_id`` again (its first one)."""
+        self._apply(self.liveness.connected(str(peer_id), time.monotonic()))
+
+    def disconnected(self, peer_id: Any) -> None:
+        """The mesh lost its last connection to ``peer_id``: it is redialed (the liveness
+        core's Redial actions), and gone only if the core judges it DOWN. Its work resumes
+        once a view shows the same process answers again (not a restarted one)."""
+        node_id = str(peer_id)
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.confirmed = False
+        self._apply(self.liveness.disconnected(node_id, time.monotonic()))
+
+    def _transport_heard(self) -> None:
+        """Every QUIC packet of a member's connection counts as heard from it (ACKs and PINGs
+        included): a member whose streams are stalled behind bulk data or loss still answers at
+        the transport level."""
+        quic = self.mesh.quic
+        if quic is None:
+            return
+        members = {peer.peer_id: peer.node_id for peer in self.peers.values()}
+        for conn in quic.connections:
+            node_id = members.get(conn.remote_peer)
+            if node_id is not None and not conn.is_closed:
+                self.heard(node_id, conn.last_received)
+
+    def _redial(self, node_id: str) -> None:
+        peer = self.peers.get(node_id)
+        if peer is None:
+            self.liveness.unwatch(node_id)
+            return
+        if node_id not in self._redialing:
+            self._redialing.add(node_id)
+            self.spawn(self._redial_one(peer))
+
+    async def _redial_one(self, peer: Peer) -> None:
+        node_id = peer.node_id
+        try:
+            await self.mesh.connections.get(peer.peer_id, REDIAL_TIMEOUT)
+        except (MeshError, OSError) as exc:
+            log.debug("redial of %s failed: %s", node_id, exc)
+            self.liveness.redial_failed(node_id, time.monotonic())
+            return
+        finally:
+            self._redialing.discard(node_id)
+        self.remote.stats["peers_redialed"] += 1
+        self.connected(peer.peer_id)
+
+    def _apply(self, change: StateChanged[str] | None) -> None:
+        """Act on a member's liveness change."""
+        if change is None:
+            return
+        node_id = change.peer
+        peer = self.peers.get(node_id)
+        stats = self.remote.stats
+        if change.state is MemberState.DOWN:
+            self.peer_gone(node_id, f"stopped answering: {change.why}")
+        elif change.state is MemberState.SUSPECT:
+            stats["peers_suspected"] += 1
+            log.info(
+                "peer %s is suspect (%s; phi %.1f); its work waits, it stays schedulable",
+                node_id,
+                change.why,
+                change.phi,
+            )
+        elif change.previous is MemberState.DOWN:
+            stats["peers_rejoined"] += 1
+            log.info("peer %s answers again after it was declared gone", node_id)
+            if peer is not None and not peer.alive and not self.remote.sparse:
+                self.spawn(self.admit_with(peer.peer_id))
+        else:
+            log.info("peer %s is alive again (%s)", node_id, change.why)
+            if peer is not None and peer.alive and peer.confirmed:
+                self.remote.caller.peer_back(peer)
+
+    def liveness_report(self) -> dict[str, Any]:
+        """Per member: state, phi, seconds since heard, missed keepalives; and this node's own
+        pauses forgiven (for benchmarks and state reports)."""
+        now = time.monotonic()
+        core = self.liveness
+        members = {}
+        for node_id in core.watched():
+            state = core.state(node_id)
+            members[node_id] = {
+                "state": state.value if state is not None else None,
+                "phi": round(core.phi(node_id, now), 2),
+                "silent_s": round(core.silent_for(node_id, now) or 0.0, 2),
+                "missed": core.missed(node_id),
+            }
+        stats = self.remote.stats
+        return {
+            "members": members,
+            "paused_s": round(core.paused_total, 2),
+            "suspected": stats["peers_suspected"],
+            "lost": stats["peers_lost"],
+            "redialed": stats["peers_redialed"],
+            "rejoined": stats["peers_rejoined"],
+        }
+
+    async def leave(self) -> None:
+        """Tell every connected member this node is leaving (a `bye` view), so they settle
+        its work at once instead of waiting for the liveness window."""
+        payload = self._view_payload(bye=True)
+        calls = [
+            self.mesh.call(peer.peer_id, VIEW_PROTOCOL, payload, timeout=LEAVE_TIMEOUT)
+            for peer in self.peers.values()
+            if peer.alive and self.mesh.connection_to(peer.peer_id) is not None
+        ]
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def serve_view(self, ctx: Any, payload: bytes) -> bytes:
         node_id = self.require_member(ctx)
         view = decode_view(payload)
         peer = self.peers.get(node_id)
+        if view.bye:
+            if peer is not None and peer.alive:
+                self.peer_gone(node_id, "left the mesh")
+            self.liveness.unwatch(node_id)  # not redialed
+            return b""
+        if (
+            peer is not None
+            and peer.alive
+            and view.inc is not None
+            and peer.incarnation is not None
+            and view.inc != peer.incarnation
+        ):
+            self.peer_gone(node_id, "restarted (a new process under the same peer id)")
         if peer is None or not peer.alive:
             peer = self.add_peer(node_id, ctx.peer_id)
-        peer.last_seen = time.monotonic()
+        self.heard(node_id)
+        if view.inc is not None:
+            peer.incarnation = view.inc
+        if not peer.confirmed:  # the same process answers again: its suspended work resumes
+            peer.confirmed = True
+            self.remote.caller.peer_back(peer)
         first_view = peer.view is None
         peer.view = view
         if self.may_host(node_id):  # a driver or an observer is sent no work
@@ -440,6 +625,7 @@ class Membership:
         if peer is None or not peer.alive:
             return
         peer.alive = False
+        self.liveness.declare_down(node_id, time.monotonic(), why)
         remote = self.remote
         remote.node.refs.node_gone(node_id)
         remote.node.actors.kill_orphans(node_id)

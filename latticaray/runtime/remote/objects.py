@@ -25,6 +25,7 @@ from latticaray.runtime import serialization
 from latticaray.runtime.admission import Permission
 from latticaray.runtime.errors import ObjectLostError
 from latticaray.runtime.local.records import ERROR, OK, ObjectEntry
+from latticaray.runtime.remote.samehost import SameHostCopies
 from latticaray.runtime.remote.wire import (
     CHUNK,
     OBJECT_PROTOCOL,
@@ -32,7 +33,9 @@ from latticaray.runtime.remote.wire import (
     ObjectById,
     ObjectHeader,
     ObjectMissing,
+    ObjectPlace,
     ObjectRequest,
+    ObjectWhere,
     decode_object_header,
     decode_object_request,
 )
@@ -49,7 +52,11 @@ log = logging.getLogger(__name__)
 #: A fetched object this large is joined from its chunks on an executor thread.
 JOIN_OFF_LOOP = 8 << 20
 BY_REF_ARG = 256 << 10
-ARG_FETCH_TIMEOUT = 30.0
+#: A fetch fails once nothing of its object arrived for this long (no provider answered, or the
+#: transfer stalled); one that keeps progressing goes on, however slow the link, up to
+#: FETCH_DEADLINE.
+FETCH_STALL = 30.0
+FETCH_DEADLINE = 6 * 3600.0
 
 
 class BadObjectReply(ValueError):
@@ -191,6 +198,7 @@ class RemoteObjects:
         self.node = remote.node
         self.stats = remote.stats
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
+        self.same_host = SameHostCopies(remote.mesh, remote.node)
 
     def holder_gone(self, node_id: str) -> None:
         for waiter in self.gone_waiters.pop(node_id, ()):
@@ -289,9 +297,12 @@ class RemoteObjects:
             holder = item[4] if isinstance(item, list) and len(item) > 4 else None
             try:
                 if holder is None:
-                    await exchange.fetch(cid, timeout=ARG_FETCH_TIMEOUT, peers=hint)
+                    if not await self.same_host.copy(cid, hint):
+                        await exchange.fetch(
+                            cid, timeout=FETCH_DEADLINE, peers=hint, stall_timeout=FETCH_STALL
+                        )
                     continue
-                if await self.fetch_while_alive(cid, holder, ARG_FETCH_TIMEOUT, hint):
+                if await self.fetch_while_alive(cid, holder, FETCH_STALL, hint):
                     continue
                 self.stats["args_from_owner_holder_dead"] += 1
             except Exception as exc:
@@ -305,20 +316,30 @@ class RemoteObjects:
         self,
         cid: str,
         holder: str,
-        timeout: float,
+        stall: float,
         peers: list = (),  # type: ignore[assignment]
     ) -> bool:
-        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive.
-        False when it is (or becomes) dead first; raises what the exchange raises."""
+        """Fetch `cid` by the exchange from `holder` (and `peers`) while `holder` is alive and
+        the transfer progresses (nothing arriving for `stall` s ends it). False when the holder
+        is (or becomes) dead first; raises what the exchange raises."""
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
+        if await self.same_host.copy(cid, [peer.peer_id]):
+            return True
         exchange = self.remote.exchange
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
-        fetch = loop.create_task(exchange.fetch(cid, timeout=timeout, peers=[peer.peer_id, *peers]))
+        fetch = loop.create_task(
+            exchange.fetch(
+                cid,
+                timeout=FETCH_DEADLINE,
+                peers=[peer.peer_id, *peers],
+                stall_timeout=stall,
+            )
+        )
         try:
             await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -370,7 +391,7 @@ class RemoteObjects:
             self.penalize(peer, exc)
             found = None
             if exc.cid is not None:
-                found = await self.fetch_by_cid(exc.cid, ARG_FETCH_TIMEOUT, exclude={owner})
+                found = await self.fetch_by_cid(exc.cid, FETCH_DEADLINE, exclude={owner})
             if found is not None and found[0] == OK and serialization.is_store_ref(found[1]):
                 try:  # held inline, as a value fetched by id always is
                     found = (OK, await self.inline(found[1]))
@@ -407,15 +428,19 @@ class RemoteObjects:
         membership = remote.membership
         exchange = remote.exchange
         if exchange is not None and cid.startswith("bafy"):
+            alive = [s.peer_id for s in membership.peers.values() if s.alive]
+            if await self.same_host.copy(cid, alive):
+                return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             try:
                 await exchange.fetch(
                     cid,
-                    timeout=timeout or 30.0,
+                    timeout=timeout or FETCH_DEADLINE,
                     peers=[
                         s.peer_id
                         for s in membership.peers.values()
                         if s.alive and s.node_id not in exclude
                     ],
+                    stall_timeout=FETCH_STALL,
                 )
                 return (OK, serialization.STORE_MAGIC + cid.encode("ascii"))
             except Exception as exc:
@@ -464,6 +489,8 @@ class RemoteObjects:
                     reply = decode_object_header(raw)
                     if isinstance(reply, ObjectMissing):
                         raise LookupError(reply.why)
+                    if isinstance(reply, ObjectPlace):  # asked for bytes, answered with a place
+                        raise ValueError("object reply names a store instead of sending the object")
                     header, size = reply, reply.size
                     if expect_cid is not None and header.cid != expect_cid:
                         raise BadObjectReply(
@@ -504,6 +531,9 @@ class RemoteObjects:
     async def serve_object(self, ctx: Any, payload: bytes) -> AsyncIterator[Any]:
         self.remote.membership.require_member(ctx, Permission.READ)
         request = decode_object_request(payload)
+        if isinstance(request, ObjectWhere):  # a peer on this host copies it from our store
+            yield self.same_host.place(ctx.transport, request.cid).encode()
+            return
         node = self.node
         objects = node.objects
         entry: ObjectEntry | None

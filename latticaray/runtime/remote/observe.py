@@ -118,8 +118,11 @@ class RemoteObserve:
         return b""
 
     def send_logs(self, batch: LogBatch) -> bool:
-        """Queue a batch for its owner; False if the owner is not a member (nobody to send to)."""
-        peer = self.remote.membership.alive_peer(batch.owner)
+        """Queue a batch for its owner; False if the owner is not a member (nobody to send to).
+
+        A member whose liveness is in doubt still gets its batches (a call that fails shows
+        them on this node instead): a slow driver must not lose its workers' output."""
+        peer = self.remote.membership.peers.get(batch.owner)
         if peer is None:
             return False
         outbox = self._outboxes.get(batch.owner)
@@ -142,7 +145,7 @@ class RemoteObserve:
                         peer_id, LOGS_PROTOCOL, batch.encode(), timeout=LOG_CALL_TIMEOUT
                     )
                 except (MeshError, OSError, TimeoutError):
-                    self._dropped.add(len(batch.lines))
+                    self.node.logs.deliver(batch)  # the owner is unreachable: seen here at least
                 outbox.popleft()
         finally:
             self._outboxes.pop(owner, None)

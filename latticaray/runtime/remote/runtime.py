@@ -100,12 +100,13 @@ class RemoteRuntime:
         mesh.register_unary(STREAM_PROTOCOL, self.streams.serve)
         self.observe.register()
         mesh.on_peer_connected(self._peer_connected)
-        mesh.on_peer_disconnected(lambda peer: membership.peer_gone(str(peer), "disconnected"))
+        mesh.on_peer_disconnected(membership.disconnected)
         mesh.connections.on_connection_added(self.caller.on_connection_added)
         self.spawn(membership.view_loop())
         self.spawn(membership.credential_loop())
 
     def _peer_connected(self, peer: Any) -> None:
+        self.membership.connected(peer)
         if not self.sparse:  # a sparse node admits peers only when it needs them
             self.spawn(self.membership.admit_with(peer))
 
@@ -116,7 +117,13 @@ class RemoteRuntime:
         return task
 
     async def stop(self) -> None:
+        if not self.stopped:
+            try:
+                await self.membership.leave()
+            except Exception:  # a peer that cannot be told finds out by its liveness window
+                pass
         self.stopped = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.objects.same_host.close()

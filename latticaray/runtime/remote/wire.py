@@ -63,6 +63,7 @@ MAX_VIEW_PEERS: Final = 65536
 MAX_ADDRS: Final = 256
 MAX_ADDR: Final = 1024
 MAX_VIEW_NAMES: Final = 65536
+MAX_INCARNATION: Final = 64  # a view's `inc`
 
 BORROW: Final = 1
 UNBORROW: Final = 0
@@ -752,6 +753,26 @@ class Fenced(_Message):
         return cls()
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerOutput(_Message):
+    """``log``: lines the worker running one of the caller's tasks printed (an encoded
+    ``latticaray.observe.logs.LogBatch``). Sent on the session before that task's `TaskDone`,
+    so the caller shows a task's output before its result (Ray's ``log_to_driver``)."""
+
+    KIND: ClassVar[str] = "log"
+    b: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"k": "log", "b": self.b}
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> WorkerOutput:
+        b = m.get("b")
+        if type(b) is not bytes or len(b) > MAX_CONTROL_MESSAGE:
+            raise _bad(m, "b", "log", f"bytes of at most {MAX_CONTROL_MESSAGE}")
+        return cls(b)
+
+
 TaskRequest: TypeAlias = (
     SubmitTask
     | CreateActor
@@ -763,7 +784,7 @@ TaskRequest: TypeAlias = (
     | ResultsFetched
     | Fence
 )
-TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced
+TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced | WorkerOutput
 
 #: The dispatch tables: kind -> decoder of a caller's message, and of an executor's.
 TASK_REQUEST_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskRequest]]] = {
@@ -783,6 +804,7 @@ TASK_REPLY_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskReply]]] = {
     "part": ValuePart.from_wire,
     "created": ActorCreated.from_wire,
     "fenced": Fenced.from_wire,
+    "log": WorkerOutput.from_wire,
 }
 
 
@@ -907,7 +929,9 @@ def _peer_addrs(value: object) -> bool:
 @dataclass(slots=True, frozen=True)
 class RuntimeView(_Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
-    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s."""
+    and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
+    ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
+    ``bye``: it is leaving the mesh (sent as it stops)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -915,9 +939,11 @@ class RuntimeView(_Message):
     running: int
     peers: dict[str, list[str]]
     names: list[tuple[str, str, NameRecord]]
+    inc: bytes | None = None
+    bye: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "total": self.total,
             "avail": self.avail,
             "queued": self.queued,
@@ -925,6 +951,11 @@ class RuntimeView(_Message):
             "peers": self.peers,
             "names": [[ns, name, record.to_wire()] for ns, name, record in self.names],
         }
+        if self.inc is not None:
+            m["inc"] = self.inc
+        if self.bye:
+            m["bye"] = True
+        return m
 
 
 def decode_view(data: bytes) -> RuntimeView:
@@ -952,6 +983,8 @@ def decode_view(data: bytes) -> RuntimeView:
         _int(m, "running", where, 0, 2**63 - 1),
         _checked(m, "peers", where, _peer_addrs, "a map of node id -> [multiaddr, ...]"),
         records,
+        _opt_bin(m, "inc", where, MAX_INCARNATION),
+        _flag(m, "bye", where, False),
     )
 
 
@@ -980,7 +1013,20 @@ class ObjectByCid(_Message):
         return {"cid": self.cid, "blocks": True} if self.blocks else {"cid": self.cid}
 
 
-ObjectRequest: TypeAlias = ObjectById | ObjectByCid
+@dataclass(slots=True, frozen=True)
+class ObjectWhere(_Message):
+    """A peer on this host (over the same-host Unix path) asks where the object lies: the
+    reply is `ObjectPlace` naming this node's store, which the asker copies the object from
+    (checking every block) instead of the bytes crossing a socket; else `ObjectMissing`. An
+    older node takes it for `ObjectByCid` and sends the bytes: the asker then hangs up."""
+
+    cid: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cid": self.cid, "where": True}
+
+
+ObjectRequest: TypeAlias = ObjectById | ObjectByCid | ObjectWhere
 
 
 def decode_object_request(data: bytes) -> ObjectRequest:
@@ -990,6 +1036,8 @@ def decode_object_request(data: bytes) -> ObjectRequest:
     blocks = m.get("blocks") is True
     if "oid" in m:
         return ObjectById(_id(m, "oid", "object request", OBJECT_ID_LEN), blocks)
+    if m.get("where") is True:
+        return ObjectWhere(_str(m, "cid", "object request", MAX_CID))
     return ObjectByCid(_str(m, "cid", "object request", MAX_CID), blocks)
 
 
@@ -1023,12 +1071,24 @@ class ObjectMissing(_Message):
         return {"missing": True, "why": self.why}
 
 
-def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing:
+@dataclass(slots=True, frozen=True)
+class ObjectPlace(_Message):
+    """The reply to `ObjectWhere`: the root directory of the store that holds the object."""
+
+    root: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+
+def decode_object_header(data: bytes) -> ObjectHeader | ObjectMissing | ObjectPlace:
     m = _unpack_map(data, "object reply header")
     where = "object reply header"
     if m.get("missing"):
         why = m.get("why")
         return ObjectMissing(why[:MAX_REASON] if type(why) is str else "not found")
+    if "root" in m:
+        return ObjectPlace(_str(m, "root", where, MAX_ADDR))
     return ObjectHeader(
         _int(m, "s", where, 0, 1),
         _int(m, "size", where, 0, 2**63 - 1),

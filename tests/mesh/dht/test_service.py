@@ -194,7 +194,7 @@ async def test_maintenance_republishes_to_nodes_that_joined_later():
 
 
 async def test_find_peer_returns_addresses_the_peer_advertises_later(mesh):
-    """A relay circuit address added after start (as MeshNat does) reaches the DHT contact that
+    """A relay circuit address added after start (as MeshNatService does) reaches the DHT contact that
     other nodes store and return."""
     from latticaray.mesh.identity import KeyPair
     from latticaray.mesh.multiaddr import Multiaddr

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from latticaray.mesh.dht.core import DhtConfig, FindNodeOp
+from latticaray.mesh.dht.config import DhtConfig
 from latticaray.mesh.dht.keyspace import dht_id, key_id
+from latticaray.mesh.dht.lookups import FindNodeOp
 from latticaray.mesh.dht.records import Record
 from latticaray.mesh.sim.dht import SimDht
 

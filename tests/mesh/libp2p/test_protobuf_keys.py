@@ -134,16 +134,29 @@ def test_every_key_type_signs_verifies_and_names_its_peer(key_type, prefix):
     assert not pub.verify(b"\x00" * len(sig), b"message")
     assert peer_id_from_text(pub.peer_id_text()) == pub.peer_id_bytes()
     assert peer_id_to_text(pub.peer_id_bytes()) == pub.peer_id_text()
-    assert (pub.mesh_peer_id() is not None) == (key_type is KeyType.ED25519)
+    # the mesh's PeerId of every key type, carrying the key, verifying its signatures
+    from latticaray.mesh.identity import PeerId
+
+    peer = PeerId.from_key(pub)
+    assert peer.to_bytes() == pub.peer_id_bytes() and str(peer) == pub.peer_id_text()
+    assert peer.key == pub and peer.key_type is key_type
+    assert peer.verify(sig, b"message") and not peer.verify(sig, b"other message")
+    parsed = PeerId.from_string(pub.peer_id_text())
+    assert parsed == peer and hash(parsed) == hash(peer)
+    # an identity peer ID carries its key inline; a sha2-256 one (RSA, ECDSA) does not
+    inline = key_type in (KeyType.ED25519, KeyType.SECP256K1)
+    assert (parsed.key == pub) if inline else parsed.key is None
+    assert parsed.verify(sig, b"message") == inline
+    assert PeerId.from_key_protobuf(pub.to_protobuf()) == peer
 
 
 def test_ed25519_peer_id_matches_the_mesh_identity():
-    from latticaray.mesh.identity import KeyPair
+    from latticaray.mesh.identity import KeyPair, PeerId
 
     pair = KeyPair.generate()
     key = PrivateKey.from_keypair(pair)
     assert key.public_key.peer_id_bytes() == pair.peer_id.to_bytes()
-    assert key.public_key.mesh_peer_id() == pair.peer_id
+    assert PeerId.from_key(key.public_key) == pair.peer_id
 
 
 def test_public_key_decode_errors():

@@ -76,7 +76,8 @@ async def test_identify_and_ping_with_foreign_key_types(key_type):
         # b verified a's identity (a foreign key type) in Noise and in identify
         back = b.connection_to(a.peer_id)
         assert back is not None and back.remote_key == a.identity.public_key
-        assert back.mesh_peer_id is None
+        assert back.mesh_peer_id.key == a.identity.public_key
+        assert back.mesh_peer_id.to_bytes() == a.peer_id
         theirs = await b.identified(back)
         assert theirs.key() == a.identity.public_key
         assert b.identify.peers[a.peer_id].record is None  # a listens nowhere: no record

@@ -162,8 +162,8 @@ lattica.shutdown()
 class LabProcess:
     """A process inside one lab namespace; stop() always reaps it."""
 
-    def __init__(self, prefix: str, host: str, args: list[str]):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    def __init__(self, prefix: str, host: str, args: list[str], env: dict | None = None):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],
             stdout=subprocess.PIPE,

@@ -1,0 +1,203 @@
+"""The QUIC implementations the transport can drive, and what it needs from each.
+
+The transport's shell (:mod:`.quic`, :mod:`.quic_conn`, :mod:`.quic_channel`) drives a sans-I/O
+QUIC connection: datagrams in, events and datagrams out. Two libraries provide one, behind the
+same interface (:class:`QuicEngine`):
+
+* ``qh3`` (:mod:`.quic_qh3`, the default when installed): aioquic's API over a Rust packet core,
+  about seven times less CPU per packet than aioquic's pure Python;
+* ``aioquic`` (:mod:`.quic_aioquic`): the fallback, with the transport's own loss-tolerant
+  congestion control and path MTU discovery past 1472 bytes.
+
+Each backend module provides a :class:`QuicBackend` (configuration and connection factory) and a
+connection class satisfying :class:`QuicEngine`. ``QuicConfig.backend`` picks one ("auto": qh3
+when it imports, else aioquic); :func:`load_backend` resolves the name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..tls import ALPN_LIBP2P
+from .quic_config import CONNECTION_ID_LENGTH
+
+if TYPE_CHECKING:
+    from ..tls import CertifiedKey
+    from .quic_config import QuicConfig
+    from .quic_pmtu import PmtuSearch
+
+__all__ = [
+    "BACKENDS",
+    "EventTypes",
+    "QuicBackend",
+    "QuicEngine",
+    "check_pinned_version",
+    "common_configuration",
+    "load_backend",
+]
+
+#: The backend names ``QuicConfig.backend`` accepts besides "auto", preferred first.
+BACKENDS = ("qh3", "aioquic")
+
+
+@dataclass(frozen=True, slots=True)
+class EventTypes:
+    """The event classes of one backend, which the connection shell dispatches on."""
+
+    stream_data: type
+    handshake_completed: type
+    connection_id_issued: type
+    connection_id_retired: type
+    stream_reset: type
+    stop_sending: type
+    terminated: type
+
+
+class QuicEngine(Protocol):
+    """One sans-I/O QUIC connection, as the transport's connection shell drives it.
+
+    The first group is aioquic's public API (qh3 shares it); the rest are the transport's
+    additions, which each backend implements over its library's internals. Once the connection
+    is closed, qh3 raises from the methods that queue frames (send_stream_data, reset_stream,
+    stop_stream, send_ping) where aioquic ignores the call: callers treat either as closed."""
+
+    events: EventTypes
+    #: The backend's name ("qh3", "aioquic").
+    backend: str
+    host_cid: bytes
+
+    def connect(self, addr: Any, now: float) -> None: ...
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Any: ...
+    def close(
+        self, error_code: int = ..., frame_type: int | None = ..., reason_phrase: str = ...
+    ) -> None: ...
+    def send_ping(self, uid: int) -> None: ...
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int: ...
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
+
+    # -- the transport's additions ----------------------------------------------------------
+    @property
+    def smoothed_rtt(self) -> float | None: ...
+    @property
+    def max_datagram_size(self) -> int: ...
+    def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        """Datagrams that arrived together from one address (one call into the library)."""
+
+    def active_path_addr(self) -> Any: ...
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate (DER) from the handshake; None once dropped or before."""
+
+    def drop_peer_certificate(self) -> None:
+        """The certificate is checked: forget it and the TLS handshake's state."""
+
+    def stream_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream that still wait to be sent or acknowledged."""
+
+    def unacked_total(self) -> int:
+        """Bytes of any stream not yet acknowledged (0: a graceful close may proceed)."""
+
+    def disable_pacing(self) -> None: ...
+    def reset_datagram_size(self) -> None:
+        """The path changed: back to the base datagram size."""
+
+    def track_stream(self, stream_id: int) -> None:
+        """A channel reads this stream: its receive window follows ``consumed``."""
+
+    def untrack_stream(self, stream_id: int) -> None: ...
+    def consumed(self, stream_id: int, total: int, n: int) -> None:
+        """The application has read ``total`` bytes of the stream, ``n`` of them new."""
+
+    def discard_stream_data(self, stream_id: int, n: int) -> None:
+        """``n`` bytes arrived for a stream no channel reads (credit them back)."""
+
+    def loss_stats(self) -> tuple[int, int] | None:
+        """(packets declared lost, about how many were sent), where the library says."""
+
+
+class QuicBackend(Protocol):
+    """A QUIC library the transport can drive."""
+
+    name: str
+    #: The QUIC versions its connections speak (the endpoint answers others with version
+    #: negotiation).
+    supported_versions: tuple[int, ...]
+
+    def configuration(
+        self,
+        *,
+        is_client: bool,
+        max_datagram_size: int,
+        certified: CertifiedKey,
+        config: QuicConfig,
+    ) -> Any:
+        """The library's configuration object, shared by connections alike."""
+
+    def connection(
+        self,
+        *,
+        configuration: Any,
+        config: QuicConfig,
+        original_dcid: bytes | None,
+        retry_scid: bytes | None,
+        pmtu: PmtuSearch | None,
+    ) -> QuicEngine:
+        """A new connection (a client before ``connect``, or a server for one Initial)."""
+
+
+def check_pinned_version(library: str, installed: str, pinned: str) -> None:
+    """Raise ImportError unless ``installed`` is the release of ``library`` that the backend
+    module overriding its private internals (``quic_<library>.py``) was written against."""
+    if installed != pinned:
+        raise ImportError(
+            f"latticaray's QUIC transport overrides private internals of {library} {pinned} "
+            f"(latticaray/mesh/transport/quic_{library}.py) but {library} {installed} is "
+            f"installed: install {library}=={pinned}, or re-read that module against "
+            f"{library} {installed} and move its pin"
+        )
+
+
+def common_configuration(
+    *, is_client: bool, max_datagram_size: int, config: QuicConfig
+) -> dict[str, Any]:
+    """The configuration fields both libraries name alike (aioquic's ``QuicConfiguration``
+    keywords, which qh3 kept)."""
+    return {
+        "is_client": is_client,
+        "alpn_protocols": [ALPN_LIBP2P],
+        "verify_mode": 0,  # ssl.CERT_NONE: the libp2p certificate is checked by the transport
+        "idle_timeout": config.idle_timeout,
+        "max_datagram_size": max_datagram_size,
+        "max_data": max(config.connection_receive_window, config.stream_receive_window),
+        "max_stream_data": config.stream_receive_window,
+        "connection_id_length": CONNECTION_ID_LENGTH,
+        "initial_rtt": config.initial_rtt,
+        "server_name": None,
+    }
+
+
+def load_backend(name: str) -> QuicBackend:
+    """The backend called ``name`` ("auto": qh3 when it imports, else aioquic).
+
+    Raises ImportError when the named library is missing or is not the version its overrides
+    were written against, and ValueError for an unknown name."""
+    if name == "auto":
+        try:
+            return load_backend("qh3")
+        except ImportError:
+            return load_backend("aioquic")
+    if name == "qh3":
+        from .quic_qh3 import BACKEND as qh3_backend
+
+        return qh3_backend
+    if name == "aioquic":
+        from .quic_aioquic import BACKEND as aioquic_backend
+
+        return aioquic_backend
+    raise ValueError(f"unknown QUIC backend {name!r} (expected 'auto' or one of {BACKENDS})")
