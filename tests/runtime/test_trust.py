@@ -39,6 +39,8 @@ from latticaray.mesh.dht.records import Record
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
 from latticaray.mesh.identity import PeerId
+from latticaray.mesh.libp2p import identify as libp2p_identify
+from latticaray.mesh.libp2p import ping as libp2p_ping
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.bitswap import PROTOCOL_ID as BITSWAP_PROTOCOL
 from latticaray.objectstore.exchange import REPLICATE_PROTOCOL_ID
@@ -77,8 +79,17 @@ PRIVATE = {
     STATE_PROTOCOL: "unary",
 }
 #: Served to anyone: the door itself, and the mesh's public plumbing (DHT routing is public;
-#: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential).
-PUBLIC = {ADMIT_PROTOCOL, DHT_PROTOCOL, IDENTIFY_PROTOCOL, PING_PROTOCOL}
+#: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential;
+#: libp2p identify, identify push and ping say only who the node is, as their mesh twins do).
+PUBLIC = {
+    ADMIT_PROTOCOL,
+    DHT_PROTOCOL,
+    IDENTIFY_PROTOCOL,
+    PING_PROTOCOL,
+    libp2p_identify.IDENTIFY_PROTOCOL,
+    libp2p_identify.IDENTIFY_PUSH_PROTOCOL,
+    libp2p_ping.PING_PROTOCOL,
+}
 
 
 class _CreatesFileWhenUnpickled:

@@ -326,6 +326,12 @@ class Membership:
             self.peer_gone(node_id, why)
             self.spawn(self._disconnect(peer.peer_id))
 
+    def connection_added(self, conn: Any) -> None:
+        """A connection this node dialed to a revoked peer (a path upgrade or a dial that was
+        under way when the revocation came) is closed at once, like those the revocation cut."""
+        if conn.outbound and self.admission.is_revoked(conn.peer_id):
+            self.spawn(self._disconnect(conn.peer_id))
+
     async def _disconnect(self, peer_id: Any) -> None:
         try:
             await self.mesh.disconnect(peer_id)
