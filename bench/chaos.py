@@ -276,11 +276,11 @@ def partition(prefix: str, router: str) -> None:
         prefix,
         router,
         "table inet chaos_partition {\n"
-        "  chain fwd { type filter hook forward priority -200; policy accept;\n"
+        "  chain cut_forward { type filter hook forward priority -200; policy accept;\n"
         '    iifname "wan" drop\n    oifname "wan" drop\n  }\n'
-        "  chain inp { type filter hook input priority -200; policy accept;\n"
+        "  chain cut_input { type filter hook input priority -200; policy accept;\n"
         '    iifname "wan" drop\n  }\n'
-        "  chain outp { type filter hook output priority -200; policy accept;\n"
+        "  chain cut_output { type filter hook output priority -200; policy accept;\n"
         '    oifname "wan" drop\n  }\n'
         "}\n",
     )
@@ -406,7 +406,13 @@ class Chaos:
             if not self.driver.alive():
                 break
             if time.monotonic() >= next_fault:
-                self.fault(kinds[k % len(kinds)])
+                try:
+                    self.fault(kinds[k % len(kinds)])
+                except (
+                    OSError,
+                    subprocess.SubprocessError,
+                ) as exc:  # a fault that could not be made
+                    self.faults.append({"kind": kinds[k % len(kinds)], "error": str(exc)[:300]})
                 k += 1
                 next_fault = time.monotonic() + a.fault_every
             time.sleep(0.5)
