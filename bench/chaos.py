@@ -217,11 +217,11 @@ def probe(node, kind, since):
         try:
             if lattica.get(where.options(scheduling_strategy=strategy, **W).remote(),
                            timeout=10) == node:
-                emit("recovered", node=node, kind=kind, seconds=time.monotonic() - since)
+                emit("recovered", node=node, fault=kind, seconds=time.monotonic() - since)
                 return
         except Exception:
             time.sleep(0.2)
-    emit("recovered", node=node, kind=kind, seconds=None)
+    emit("recovered", node=node, fault=kind, seconds=None)
 
 def control_loop():
     for line in sys.stdin:
@@ -504,7 +504,7 @@ def summarize(chaos: Chaos, result: dict, wall: float, logdir: str) -> dict:
     recovered: dict[str, list] = {"restarted": [], "healed": []}
     for e in chaos.events:
         if e.get("event") == "recovered":
-            recovered.setdefault(e["kind"], []).append(e["seconds"])
+            recovered.setdefault(e["fault"], []).append(e["seconds"])
 
     def times(values: list) -> dict:
         ok = [v for v in values if v is not None]
