@@ -329,6 +329,7 @@ class Chaos:
         self.memory_before: dict[str, float | None] = {}
         self.driver: LabNode | None = None
         self._restarts = 0
+        self._restarts_due: list[tuple[float, str, dict, float]] = []
 
     def start_worker(self, host: str) -> None:
         self._restarts += 1
@@ -405,6 +406,7 @@ class Chaos:
         while time.monotonic() - job_started < a.minutes * 60.0 and not self.driver_done():
             if not self.driver.alive():
                 break
+            self.restart_due()
             if time.monotonic() >= next_fault:
                 try:
                     self.fault(kinds[k % len(kinds)])
@@ -418,10 +420,20 @@ class Chaos:
             time.sleep(0.5)
         wait_end = time.monotonic() + 1800
         while not self.driver_done() and self.driver.alive() and time.monotonic() < wait_end:
+            self.restart_due()
             time.sleep(1.0)
         time.sleep(2.0)
         memory_after = {host: node.rss_mb() for host, node in self.nodes.items()}
         return {"config": config, "memory_after": memory_after}
+
+    def restart_due(self) -> None:
+        """Restart the killed nodes whose time has come (in the main thread)."""
+        for item in [r for r in self._restarts_due if r[0] <= time.monotonic()]:
+            self._restarts_due.remove(item)
+            _, host, record, started = item
+            self.start_worker(host)
+            record["restarted_after"] = time.monotonic() - started
+            self.tell_driver({"kind": "restarted", "node": self.node_ids[host]})
 
     def fault(self, kind: str) -> None:
         a = self.args
@@ -436,13 +448,9 @@ class Chaos:
             record = {"kind": "kill", "host": host, "node": node_id, "at": started}
             self.faults.append(record)
 
-            def restart() -> None:
-                time.sleep(a.restart_after)
-                self.start_worker(host)
-                record["restarted_after"] = time.monotonic() - started
-                self.tell_driver({"kind": "restarted", "node": self.node_ids[host]})
-
-            threading.Thread(target=restart, daemon=True).start()
+            # restarted by the main thread (restart_due): a node started from a thread that then
+            # ends would be killed with it (PR_SET_PDEATHSIG follows the creating thread)
+            self._restarts_due.append((started + a.restart_after, host, record, started))
         else:
             router = self.rng.choice(PARTITION_ROUTERS)
             hosts = [h for h in WORKER_HOSTS if h.startswith("host" + router[-1])]
