@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -45,8 +44,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench"), ROOT]
 
-from netlab_nodes import LabNode, lost_lines, start_driver, start_pub1, start_worker  # noqa: E402
-from netlab_util import lab, netlab_available  # noqa: E402
+from netlab_nodes import (  # noqa: E402
+    LabNode,
+    lab_unavailable,
+    lost_lines,
+    run_facts,
+    start_driver,
+    start_pub1,
+    start_worker,
+)
+from netlab_util import lab  # noqa: E402
 
 WORKER_HOSTS = ["pub2", "hostD", "hostB", "hostB2", "hostC"]
 PARTITION_ROUTERS = ["natB", "natC"]
@@ -488,9 +495,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prefix", default=os.environ.get("NETLAB_PREFIX", "chaos"))
     args = parser.parse_args()
-    reason = netlab_available()
-    if reason is not None:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    if lab_unavailable():
         return 2
     logdir = tempfile.mkdtemp(prefix="chaos-")
     wall = time.monotonic()
@@ -548,12 +553,7 @@ def summarize(chaos: Chaos, result: dict, wall: float, logdir: str) -> dict:
         "driver_liveness": done["liveness"] if done else None,
         "driver_stats": done["stats"] if done else None,
         "logdir": logdir,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load": os.getloadavg(),
-        },
-        "versions": {"python": platform.python_version()},
+        **run_facts(),
     }
     if done is None:
         report["driver_log_tail"] = chaos.driver.log_tail(3000) if chaos.driver else ""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,8 +27,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "bench"), ROOT]
 
-from netlab_nodes import lost_lines, start_driver, start_pub1, start_worker  # noqa: E402
-from netlab_util import lab, netlab_available  # noqa: E402
+from netlab_nodes import (  # noqa: E402
+    lab_unavailable,
+    lost_lines,
+    run_facts,
+    start_driver,
+    start_pub1,
+    start_worker,
+)
+from netlab_util import lab  # noqa: E402
 
 WORKERS = {"hostB": ("tagB", "cone"), "hostC": ("tagC", "symmetric")}
 
@@ -217,9 +223,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.environ["LATTICARAY_QUIC_BACKEND"] = args.quic_backend
-    reason = netlab_available()
-    if reason is not None:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    if lab_unavailable():
         return 2
     settings = []
     for loss in args.loss:
@@ -251,8 +255,6 @@ def main() -> int:
             f"{'':>6} peers lost: driver {s.get('peers_lost', '?')}, 'is gone' lines "
             f"{len(lost)}; task sessions reopened {s.get('sessions_reopened', '?')}"
         )
-    import aioquic
-
     print(
         json.dumps(
             {
@@ -262,15 +264,7 @@ def main() -> int:
                     for s in settings
                 ],
                 "args": vars(args),
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "load": os.getloadavg(),
-                },
-                "versions": {
-                    "python": platform.python_version(),
-                    "aioquic": getattr(aioquic, "__version__", "?"),
-                },
+                **run_facts(),
             }
         )
     )

@@ -1,5 +1,6 @@
 """Runtime node and driver processes inside netlab namespaces, for bench/lossy_wan.py and
-bench/chaos.py (and their netlab tests).
+bench/chaos.py (and their netlab tests), and the runtime's other netlab tests (over NAT, zero-flag
+join, the notebook).
 
 :class:`LabNode` starts a process with ``ip netns exec`` whose stderr goes to a log file (never a
 pipe nobody reads: a chatty node would block on a full pipe), reads its JSON ready line with a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import selectors
 import signal
 import subprocess
@@ -54,11 +56,23 @@ def _die_with_parent() -> None:
 class LabNode:
     """One process inside a lab namespace, its stderr in ``log_path``; :meth:`stop` reaps it."""
 
-    def __init__(self, prefix: str, host: str, args: list[str], log_path: str, stdin: bool = False):
+    def __init__(
+        self,
+        prefix: str,
+        host: str,
+        args: list[str],
+        log_path: str,
+        stdin: bool = False,
+        env: dict | None = None,
+    ):
         self.host = host
         self.args = args
         self.log_path = log_path
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *(p for p in sys.path if p)]))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([ROOT, *(p for p in sys.path if p)]),
+            **(env or {}),
+        )
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],
@@ -186,12 +200,13 @@ def start_pub1(prefix: str, logdir: str, cpus: float = 0) -> tuple[LabNode, dict
         node_args(PUB1, "--serve-relay", str(RELAY_PORT), cpus=cpus),
         os.path.join(logdir, "pub1.log"),
     )
-    info = node.ready_line(120)
+    info = _ready(node)
     env = {
         "prefix": prefix,
         "invite": info["invite"],
         "bootstrap": f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}",
         "relay": f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}",
+        "pub1": info["node_id"],
         "logdir": logdir,
     }
     return node, env
@@ -226,7 +241,7 @@ def start_worker(
         worker_args(env, host, resources, cpus, **kw),
         os.path.join(env["logdir"], f"{name or host}.log"),
     )
-    return node, node.ready_line(120)
+    return node, _ready(node)
 
 
 def start_driver(
@@ -249,6 +264,44 @@ def start_driver(
         os.path.join(env["logdir"], f"driver-{host}.log"),
         stdin=stdin,
     )
+
+
+def _ready(node: LabNode, timeout: float = 120) -> dict:
+    """The node's ready line; the node is stopped if it never gives one."""
+    try:
+        return node.ready_line(timeout)
+    except BaseException:
+        node.stop()
+        raise
+
+
+def lab_unavailable() -> bool:
+    """Whether the lab cannot run here (the reason said on stderr; a benchmark then exits 2)."""
+    from netlab_util import netlab_available
+
+    reason = netlab_available()
+    if reason is not None:
+        print(f"cannot run: {reason}", file=sys.stderr)
+    return reason is not None
+
+
+def run_facts(**versions: str) -> dict:
+    """The machine and versions a benchmark's JSON line reports (python, aioquic, and
+    ``versions``)."""
+    import aioquic
+
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "aioquic": getattr(aioquic, "__version__", "?"),
+            **versions,
+        },
+    }
 
 
 def lost_lines(text: str) -> list[str]:

@@ -343,6 +343,12 @@ async def _node_main(
                     if peer not in known:
                         known.append(peer)
                 conn.send(True)
+            elif command == "reconnect":  # a fresh connection to each peer (new handshake)
+                for peer in list(known):
+                    await node.disconnect(peer)
+                for addr in arg:
+                    await node.connect(Multiaddr.parse(addr))
+                conn.send(True)
             elif command == "fetch":
                 start = time.perf_counter()
                 await exchange.fetch(arg, timeout=600)
@@ -362,6 +368,7 @@ async def _node_main(
                     else {
                         "backend": transport.backend.name,
                         "datagram_sizes": [c.max_datagram_size for c in transport.connections],
+                        "engines": [c.backend for c in transport.connections],
                         "batched_io": transport._udp.batched if transport._udp else None,
                     }
                 )
@@ -617,16 +624,19 @@ class NodePair:
         self.fetcher = NodeProcess(
             transport, shm_base, netns=fetcher_at[0], listen_ip=fetcher_at[1]
         )
-        seed_addrs = self.seed.ask("info")
-        self.fetcher.ask("connect", seed_addrs)
-        self.seed_peer = seed_addrs[0].rsplit("/p2p/", 1)[1]
+        self.seed_addrs = self.seed.ask("info")
+        self.fetcher.ask("connect", self.seed_addrs)
+        self.seed_peer = self.seed_addrs[0].rsplit("/p2p/", 1)[1]
+        self.backends: list = []
         self.runs: dict[str, list] = {"rpc_bulk": [], "exchange": []}
 
-    def measure(self, size: int, rep: int) -> None:
+    def measure(self, size: int, rep: int, reconnect: bool = False) -> None:
         """The bare RPC stream baseline (1 MiB messages, no store) and an exchange fetch of a
         fresh object, each with the CPU seconds both processes used and the seconds they waited
-        for a CPU (load from other jobs)."""
+        for a CPU (load from other jobs); ``reconnect``: over a fresh connection."""
         seed, fetcher = self.seed, self.fetcher
+        if reconnect and rep:
+            fetcher.ask("reconnect", self.seed_addrs)
         cid = seed.ask("put", (size, 100 + rep))
         seed.ask("settle", 60)  # the store's background spare must not compete with the fetch
         for what in ("rpc_bulk", "exchange"):
@@ -636,6 +646,8 @@ class NodePair:
             else:
                 got, seconds = size, fetcher.ask("fetch", cid)
             after = (seed.ask("cpu"), fetcher.ask("cpu"))
+            if what == "exchange":  # which QUIC library carried the data (per repetition)
+                self.backends.append(seed.ask("quic"))
             self.runs[what].append(
                 {
                     "MBps": round(got / seconds / MB, 1),
@@ -657,6 +669,7 @@ class NodePair:
                 for p in self.fetcher.ask("path")
             ],
             "quic": self.seed.ask("quic"),
+            "quic_per_run": self.backends,
         }
         for what, items in self.runs.items():
             out[what] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
@@ -674,16 +687,18 @@ def bench_node_pairs(
     seed_at: tuple,
     fetcher_at: tuple,
     reps: int,
+    reconnect: bool = False,
 ) -> dict:
     """One seed/fetcher pair per transport, measured in turn (transports alternate within each
-    repetition, so all of them see the same load)."""
+    repetition, so all of them see the same load); ``reconnect``: a fresh connection each
+    repetition."""
     pairs: list[NodePair] = []
     try:
         for transport in transports:
             pairs.append(NodePair(transport, shm_base, seed_at, fetcher_at))
         for rep in range(reps):
             for pair in pairs:
-                pair.measure(size, rep)
+                pair.measure(size, rep, reconnect)
         return {pair.transport: pair.result() for pair in pairs}
     finally:
         for pair in pairs:
@@ -706,7 +721,9 @@ def bench_netlab(
     and in the same run: raw TCP and Python ssl TLS 1.3 socket streams (baselines), then per
     transport the bare RPC stream and the exchange fetch, ``reps`` times each, transports
     alternating. ``wan`` = (delay ms, loss %) each way across the lab's internet: then only the
-    hostA fetcher (its packets cross the emulated WAN, as any site-to-site path does)."""
+    hostA fetcher (its packets cross the emulated WAN, as any site-to-site path does), over a
+    fresh connection each repetition (QUIC picks its library per path from what earlier
+    connections lost)."""
     import subprocess
 
     if os.geteuid() != 0 or not os.access(NETLAB, os.X_OK):
@@ -737,7 +754,11 @@ def bench_netlab(
             for label, tls in (("tcp_socket", False), ("tls13_socket", True)):
                 items = [bench_socket_stream(tls, size, seed_at, fetcher_at) for _ in range(reps)]
                 host[label] = {"MBps": _spread([r["MBps"] for r in items]), "runs": items}
-            host.update(bench_node_pairs(transports, size, shm_base, seed_at, fetcher_at, reps))
+            host.update(
+                bench_node_pairs(
+                    transports, size, shm_base, seed_at, fetcher_at, reps, wan is not None
+                )
+            )
             host["transports"] = list(transports)
             results[name] = host
         results["load_avg_after"] = os.getloadavg()
@@ -773,6 +794,9 @@ def _netlab_rows(netlab: dict) -> list:
                         "",
                     )
                 )
+                per_run = [q.get("engines") for q in pair.get("quic_per_run", []) if q]
+                if any(per_run):
+                    rows.append((f"  {transport} libraries per run: {per_run}", ""))
             path = ", ".join(
                 f"{p['transport']} {'relayed' if p['relayed'] else 'direct'} "
                 f"{p['direction']} to {p['remote_addr']}"

@@ -34,29 +34,24 @@ import time
 ROW = "multi client put gigabytes"
 MULTIPLIER = 10 * 8 * 0.1  # Ray's
 
-# the same code runs under Ray (``api = ray``) and latticaray (``api = latticaray``)
+#: Ray's timing method (latticaray/runtime/ray_baseline.py imports nothing of latticaray, so Ray's
+#: interpreter loads it by its path).
+_RAY_BASELINE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "latticaray",
+    "runtime",
+    "ray_baseline.py",
+)
+
+# the same code runs under Ray (``api = ray``) and latticaray (``api = latticaray``), with
+# ``measure`` (ray_baseline.measure) given
 _WORKLOAD = textwrap.dedent(
     """
-    import json, statistics, sys, time
+    import json, sys, time
     import numpy as np
 
     def timeit(fn, multiplier, duration):
-        start = time.perf_counter()
-        count = 0
-        while time.perf_counter() - start < 1:
-            fn()
-            count += 1
-        step = count // 10 + 1
-        stats = []
-        for _ in range(4):
-            start = time.perf_counter()
-            count = 0
-            while time.perf_counter() - start < duration:
-                for _ in range(step):
-                    fn()
-                count += step
-            stats.append(multiplier * count / (time.perf_counter() - start))
-        return statistics.mean(stats), statistics.pstdev(stats)
+        return measure(fn, multiplier, duration, warmup=1.0)
 
     def main(api, duration, extra):
         @api.remote
@@ -78,8 +73,19 @@ _WORKLOAD = textwrap.dedent(
     """
 )
 
-_RAY_MAIN = _WORKLOAD + textwrap.dedent(
+_RAY_MAIN = (
+    textwrap.dedent(
+        f"""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ray_baseline", {_RAY_BASELINE!r})
+    ray_baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_baseline)
+    measure = ray_baseline.measure
     """
+    )
+    + _WORKLOAD
+    + textwrap.dedent(
+        """
     import ray
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
@@ -89,13 +95,15 @@ _RAY_MAIN = _WORKLOAD + textwrap.dedent(
     with open(sys.argv[3], "w") as out:
         json.dump({"figures": figures, "version": ray.__version__}, out)
     """
+    )
 )
 
 
 def _lattica_main(duration: float, extra: bool, old_row: bool) -> dict:
     import latticaray
+    from latticaray.runtime.ray_baseline import measure
 
-    namespace: dict = {}
+    namespace: dict = {"measure": measure}
     exec(_WORKLOAD, namespace)
     latticaray.init()
     try:

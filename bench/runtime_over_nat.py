@@ -13,23 +13,21 @@ that worker's resource. Prints a table and, last, one JSON line.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "mesh", "nat"), ROOT]
+sys.path[:0] = [
+    os.path.join(ROOT, "tests"),
+    os.path.join(ROOT, "tests", "mesh", "nat"),
+    os.path.join(ROOT, "bench"),
+    ROOT,
+]
 
-from netlab_util import lab, netlab_available  # noqa: E402
-from test_runtime_over_nat import (  # noqa: E402
-    PUB1,
-    QUIC_PORT,
-    RELAY_PORT,
-    LabProcess,
-    node_args,
-    run_driver,
-    start_worker,
-)
+from netlab_nodes import lab_unavailable, run_facts, start_pub1  # noqa: E402
+from netlab_util import lab  # noqa: E402
+from test_runtime_over_nat import run_driver, start_worker  # noqa: E402
 
 
 def main() -> int:
@@ -37,26 +35,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prefix", default=f"lrb{os.getpid() % 100000}")
     args = parser.parse_args()
-    reason = netlab_available()
-    if reason is not None:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    if lab_unavailable():
         return 2
     rows = []
     with lab(args.prefix):
         processes = []
         try:
-            pub1 = LabProcess(
-                args.prefix, "pub1", node_args(PUB1, "--serve-relay", str(RELAY_PORT))
+            pub1, env = start_pub1(
+                args.prefix, tempfile.mkdtemp(prefix="runtime-over-nat-"), cpus=1
             )
             processes.append(pub1)
-            info = pub1.ready_line(60)
-            env = {
-                "prefix": args.prefix,
-                "processes": processes,
-                "invite": info["invite"],
-                "bootstrap": f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}",
-                "relay": f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}",
-            }
+            env["processes"] = processes
             for host, nat in (("hostB", "cone"), ("hostC", "symmetric")):
                 _, worker = start_worker(env, host)
                 for run in range(args.runs):
@@ -112,21 +101,8 @@ def main() -> int:
                 "sessions_reopened": sum(r["sessions_reopened"] for r in mine),
                 "all_ok": all(r["ok"] for r in mine),
             }
-    import aioquic
-
     print(
-        json.dumps(
-            {
-                "bench": "runtime_over_nat",
-                "rows": rows,
-                "summary": summary,
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                "versions": {
-                    "python": platform.python_version(),
-                    "aioquic": getattr(aioquic, "__version__", "?"),
-                },
-            }
-        )
+        json.dumps({"bench": "runtime_over_nat", "rows": rows, "summary": summary, **run_facts()})
     )
     return 0
 

@@ -43,6 +43,7 @@ from latticaray.runtime.errors import (
     TaskUnschedulableError,
     WorkerCrashedError,
 )
+from latticaray.runtime.gpus import get_gpu_ids
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "cluster_resources",
     "get",
     "get_actor",
+    "get_gpu_ids",
     "get_runtime_context",
     "init",
     "invite",

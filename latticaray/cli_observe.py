@@ -8,8 +8,15 @@ shows the members it knows, no head node is needed.
     latticaray list nodes|links|tasks|actors|objects|transfers [--filter state=RUNNING]
                     [--limit N] [--detail] [--format table|json]
     latticaray dashboard [--port 8265] [--host 127.0.0.1]    # serves until Ctrl-C
-    latticaray get CID -o FILE                                # with a progress bar
+    latticaray get CID -o FILE [--timeout S]                  # with a progress bar
     latticaray put FILE                                       # prints the CID
+
+``put`` stores the file's bytes (a ``bytes`` value, as ``latticaray.put(data)`` would) in the
+node's object store; the node itself holds it until it stops, and any member can ``get`` it by
+the CID printed. ``get`` fetches a CID through the node (a bar over the transfer after 1 s, as
+``latticaray.get`` shows in a terminal or notebook) and writes the value's bytes: ``bytes``,
+``bytearray``, a contiguous NumPy array (its buffer) or ``str`` (UTF-8). Bars are quiet when
+stderr is not a terminal (``LATTICARAY_PROGRESS=1`` forces them).
 
 ``latticaray status`` keeps its older meaning for a mesh ``latticaray up`` started: with
 ``--run-dir``, or when the default run directory holds one, it shows that mesh (cli.py).
@@ -95,18 +102,23 @@ SnapshotFn = Callable[[int, float], MeshSnapshot]
 
 def _attached_snapshot(address: str) -> SnapshotFn:
     """Attach this process to the node at ``address``; a function reading snapshots through it."""
-    import latticaray as lattica
     from latticaray.util import state
 
-    try:
-        lattica.init(address=address)
-    except (OSError, ConnectionError) as exc:
-        raise CliError(f"cannot attach to the node at {address}: {exc}") from None
+    _attach(address)
 
     def read(limit: int, timeout: float) -> MeshSnapshot:
         return state.snapshot(limit=limit, timeout=timeout)
 
     return read
+
+
+def _attach(address: str) -> None:
+    import latticaray as lattica
+
+    try:
+        lattica.init(address=address)
+    except (OSError, ConnectionError) as exc:
+        raise CliError(f"cannot attach to the node at {address}: {exc}") from None
 
 
 #: How the commands get their snapshots (tests replace it with a fake source's).
@@ -166,6 +178,84 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+FILE_CHUNK = 8 << 20
+
+
+def _value_bytes(value: Any) -> memoryview:
+    """The bytes `get` writes for a value, or CliError for a value that has none."""
+    if isinstance(value, str):
+        return memoryview(value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return memoryview(value).cast("B")
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        if not value.flags.c_contiguous:
+            value = value.copy(order="C")
+        return memoryview(value).cast("B")
+    raise CliError(
+        f"the object holds a {type(value).__name__}, not bytes, an array or text: "
+        "read it with latticaray.get() in Python"
+    )
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    import latticaray as lattica
+    from latticaray.observe.progress import ProgressBar
+    from latticaray.runtime import serialization
+
+    if not serialization.is_cid_string(args.cid):
+        raise CliError(f"{args.cid!r} is not a CID")
+    _attach(resolve_address(args.address))
+    try:
+        value = lattica.get(args.cid, timeout=args.timeout)
+    except Exception as exc:
+        raise CliError(f"could not get {args.cid}: {exc}") from None
+    data = _value_bytes(value)
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    partial = f"{args.output}.part"
+    with ProgressBar(len(data), f"write {os.path.basename(args.output)}") as bar:
+        with open(partial, "wb") as out:
+            for start in range(0, len(data), FILE_CHUNK):
+                out.write(data[start : start + FILE_CHUNK])
+                bar.update_to(min(len(data), start + FILE_CHUNK))
+        os.replace(partial, args.output)
+    print(f"{args.cid} -> {args.output} ({len(data)} bytes)", file=sys.stderr)
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    import latticaray as lattica
+    from latticaray.observe.progress import ProgressBar
+    from latticaray.runtime import context
+
+    if not os.path.isfile(args.file) or not os.access(args.file, os.R_OK):
+        raise CliError(f"cannot read {args.file}: not a readable file")
+    _attach(resolve_address(args.address))
+    chunks = []
+    try:
+        with (
+            open(args.file, "rb") as source,
+            ProgressBar(os.path.getsize(args.file), f"put {os.path.basename(args.file)}") as bar,
+        ):
+            while chunk := source.read(FILE_CHUNK):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc}") from None
+    data = b"".join(chunks)
+    del chunks
+    ref = lattica.put(data)
+    del data
+    cid = ref.cid
+    reply = context.require_core().request({"op": "keep", "oid": ref.id})
+    if "error" in reply:
+        raise CliError(f"the node would not keep the object: {reply['error']!r:.200}")
+    print(cid)
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     """The subcommands of this module, on cli.py's subparsers."""
 
@@ -194,6 +284,18 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8265)
     common(p)
     p.set_defaults(func=_guarded(cmd_dashboard))
+
+    p = sub.add_parser("get", help="write the object a CID names to a file (with a progress bar)")
+    p.add_argument("cid")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="'-' for stdout")
+    p.add_argument("--address", metavar="unix:PATH", help="the node to ask (default: this host's)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole fetch")
+    p.set_defaults(func=_guarded(cmd_get))
+
+    p = sub.add_parser("put", help="store a file's bytes in the mesh; prints its CID")
+    p.add_argument("file")
+    p.add_argument("--address", metavar="unix:PATH", help="the node to ask (default: this host's)")
+    p.set_defaults(func=_guarded(cmd_put))
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

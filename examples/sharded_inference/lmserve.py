@@ -265,18 +265,31 @@ def deploy(
     stage_resource: str | None = "lm_stage",
     max_restarts: int = 2,
     server_options: dict | None = None,
+    groups: list | None = None,
 ) -> tuple[object, list]:
     """Create the stage actors (last first, so each knows its successor) and the server.
 
-    Each stage asks for one unit of `stage_resource`; nodes that offer one unit each get at most
-    one stage: a stand-in for a STRICT_SPREAD placement group, which latticaray does not have yet.
+    With `stage_resource`, the stages are placed in a STRICT_SPREAD placement group of one
+    bundle of `stage_resource` per stage: each on its own node, among the nodes that offer it
+    (the group is appended to `groups`, for the caller to remove).
     """
+    from latticaray.util.placement_group import placement_group
+    from latticaray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = None
+    if stage_resource:
+        group = placement_group([{stage_resource: 1}] * n_stages, strategy="STRICT_SPREAD")
+        if groups is not None:
+            groups.append(group)
+        lattica.get(group.ready(), timeout=120)
     stages: list = []
     next_stage = None
-    for first, last in reversed(tinylm.split_layers(cfg.n_layers, n_stages)):
+    split = tinylm.split_layers(cfg.n_layers, n_stages)
+    for index, (first, last) in reversed(list(enumerate(split))):
         options: dict = {"max_restarts": max_restarts, "max_concurrency": 2 * n_stages + 2}
-        if stage_resource:
+        if group is not None:
             options["resources"] = {stage_resource: 1}
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, index)
         next_stage = Stage.options(**options).remote(cfg, first, last, next_stage)
         stages.insert(0, next_stage)
     server = LMServer.options(max_concurrency=1000, **(server_options or {})).remote(cfg, stages)

@@ -1,9 +1,10 @@
 """Sharded inference: a transformer LM split into pipeline stages on different nodes.
 
 Each stage actor holds a contiguous range of layers and their KV caches and runs on its own node
-(one per node offering an `lm_stage` resource). The driver sends prompts to an LMServer actor,
-which batches the concurrent requests continuously; activations flow stage to stage, actor to
-actor; each request's tokens stream back to the driver (`num_returns="streaming"`).
+(a STRICT_SPREAD placement group over the nodes offering an `lm_stage` resource). The driver
+sends prompts to an LMServer actor, which batches the concurrent requests continuously;
+activations flow stage to stage, actor to actor; each request's tokens stream back to the
+driver (`num_returns="streaming"`).
 
 It checks that the sharded output is the single-process output (the same token ids), reports
 tokens/s and time to first token against the single-process baseline measured in the same run,
@@ -37,6 +38,7 @@ import localmesh  # noqa: E402
 import tinylm  # noqa: E402
 
 import latticaray as lattica  # noqa: E402
+from latticaray.util.placement_group import remove_placement_group  # noqa: E402
 
 STAGE_RESOURCE = "lm_stage"
 
@@ -87,9 +89,19 @@ def run_sharded(
     `baseline()`, the single-process baseline, so both see the same load), maybe kill a stage."""
     # the server (batching, token streams) runs on the driver's node; the stages on theirs
     here = lattica.NodeAffinitySchedulingStrategy(lattica.get_runtime_context().node_id, soft=True)
-    server, stages = lmserve.deploy(
-        cfg, n_stages, STAGE_RESOURCE, server_options={"scheduling_strategy": here}
-    )
+    groups: list = []
+    try:
+        server, stages = lmserve.deploy(
+            cfg,
+            n_stages,
+            STAGE_RESOURCE,
+            server_options={"scheduling_strategy": here},
+            groups=groups,
+        )
+    except BaseException:
+        for group in groups:
+            remove_placement_group(group)
+        raise
     try:
         placed = lattica.get([s.where.remote() for s in stages], timeout=120)
         stream_requests(server, prompts[:1], 2)  # warm-up: every stage has run once
@@ -106,6 +118,8 @@ def run_sharded(
     finally:
         for actor in [server, *stages]:
             lattica.kill(actor)
+        for group in groups:
+            remove_placement_group(group)
 
 
 def kill_stage_mid_generation(server, stages, prompts, max_new, stage: int, after: int) -> dict:

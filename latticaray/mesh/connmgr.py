@@ -187,6 +187,9 @@ class ConnectionManager:
         self._added_cbs: list[Callable[[MeshConnection], None]] = []
         self._closing = False
         self._reaper: asyncio.Task | None = None
+        #: Peers this node will not talk to (a revoked member): no dial, and a connection from
+        #: one, either way, is closed as it registers (libp2p's connection gater).
+        self._blocked: dict[PeerId, str] = {}
 
     # -- setup -------------------------------------------------------------------------------------
     def add_adapter(self, adapter: TransportAdapter) -> None:
@@ -247,6 +250,25 @@ class ConnectionManager:
         return self.primary(peer)
 
     # -- getting a session -------------------------------------------------------------------------------
+    # -- gating --------------------------------------------------------------------------------
+    async def block(self, peer: PeerId, reason: str) -> None:
+        """Refuse ``peer`` from now on (until :meth:`unblock`): its connections are closed, it is
+        never dialed, and a connection it makes is closed as soon as it is authenticated."""
+        self._blocked[peer] = reason
+        await self.disconnect(peer, f"blocked: {reason}")
+
+    def unblock(self, peer: PeerId) -> None:
+        self._blocked.pop(peer, None)
+
+    def blocked(self, peer: PeerId) -> str | None:
+        """Why ``peer`` is refused, or None."""
+        return self._blocked.get(peer)
+
+    def _refuse_blocked(self, peer: PeerId) -> None:
+        reason = self._blocked.get(peer)
+        if reason is not None:
+            raise PeerUnreachable(f"peer {peer} is blocked: {reason}")
+
     async def session(self, peer: PeerId, timeout: float | None = None) -> RpcSession:
         return (await self.get(peer, timeout)).session
 
@@ -257,6 +279,7 @@ class ConnectionManager:
             return conn
         if peer == self.local_peer:
             raise PeerUnreachable("cannot connect to ourselves")
+        self._refuse_blocked(peer)
         pending = self._dialing.get(peer)
         if pending is None:
             pending = asyncio.ensure_future(self._dial_peer(peer, timeout or self.dial_timeout))
@@ -282,6 +305,7 @@ class ConnectionManager:
         if expected is not None:
             if expected == self.local_peer:
                 raise PeerUnreachable("cannot connect to ourselves")
+            self._refuse_blocked(expected)
             existing = self.primary(expected)
             if existing is not None and not force_new:
                 return existing
@@ -428,12 +452,22 @@ class ConnectionManager:
             )
             raw.close("connection limit")
             return
+        if raw.peer_id in self._blocked:
+            log.info(
+                "refusing inbound %s connection of blocked peer %s", raw.transport, raw.peer_id
+            )
+            raw.close("peer blocked")
+            return
         self._register(raw)
 
     def _register(self, raw: RawConnection) -> MeshConnection:
         if self._closing:
             raw.close("node shutting down")
             raise ConnectionClosed("node is shutting down")
+        if raw.peer_id in self._blocked:
+            log.info("closing a %s connection of blocked peer %s", raw.transport, raw.peer_id)
+            raw.close("peer blocked")
+            raise PeerUnreachable(f"peer {raw.peer_id} is blocked: {self._blocked[raw.peer_id]}")
         channel = raw.channel
         if channel is None:  # a foreign libp2p peer: no RPC, libp2p streams only
             channel = NoRpcChannel(self.local_peer, raw.peer_id, raw.remote_addr)

@@ -140,7 +140,7 @@ class PeerId:
         """The peer ID of a ``PublicKey`` protobuf (decoded and checked), carrying the key."""
         try:
             key = PublicKey.from_protobuf(bytes(encoded))
-        except ProtobufError as exc:  # KeyDecodeError, or a malformed protobuf
+        except ProtobufError as exc:  # KeyDecodeError, or the protobuf framing itself
             raise PeerIdError(f"unusable public key: {exc}") from None
         if key.to_protobuf() != bytes(encoded):
             raise PeerIdError("public key protobuf is not in its canonical encoding")
@@ -260,7 +260,7 @@ def _inline_key(encoded: bytes) -> PublicKey:
         raise PeerIdError(f"an identity peer ID holds at most {MAX_INLINE_KEY} key bytes")
     try:
         key = PublicKey.from_protobuf(encoded)
-    except ProtobufError as exc:  # KeyDecodeError, or a malformed protobuf
+    except ProtobufError as exc:  # KeyDecodeError, or the protobuf framing itself
         raise PeerIdError(f"peer ID key: {exc}") from None
     if key.to_protobuf() != encoded:
         raise PeerIdError("peer ID key protobuf is not in its canonical encoding")

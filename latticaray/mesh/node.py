@@ -153,6 +153,10 @@ class MeshNode:
             on_identified=self._on_libp2p_identified,
         )
         self.libp2p_ping = Libp2pPingService(self.streams)
+        self._push_scheduled = False
+        #: peers an identify push is under way to -> whether another must follow it
+        self._pushing: dict[MuxedConnection, bool] = {}
+        self.streams.on_change(self._libp2p_protocols_changed)
         #: Liveness of the peers the upper layers watch (``liveness.watch(peer)``).
         self.liveness = LivenessService(self, self.config.liveness)
         self.quic: QuicTransport | None = None
@@ -222,6 +226,46 @@ class MeshNode:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+    def _libp2p_protocols_changed(self) -> None:
+        """A service registered or dropped a libp2p protocol: tell the foreign peers connected
+        now by identify push (once per burst of changes), as libp2p nodes pick the peers they
+        ask for a protocol (Bitswap, kad) by what identify said."""
+        if not self._started or self._stopped or self._push_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the node's loop: peers see it at their next identify
+            return
+        self._push_scheduled = True
+        loop.call_soon(self._push_identify)
+
+    def _push_identify(self) -> None:
+        self._push_scheduled = False
+        if self._stopped:
+            return
+        for conn in self.connections.connections():
+            muxer = conn.raw.muxer
+            if muxer is None or conn.native is not False:
+                continue
+            if muxer in self._pushing:  # one push at a time per peer: the next one follows
+                self._pushing[muxer] = True
+            else:
+                self._pushing[muxer] = False
+                self._spawn(self._push_quietly(muxer))
+
+    async def _push_quietly(self, muxer: MuxedConnection) -> None:
+        try:
+            while True:
+                try:
+                    await self.libp2p_identify.push(muxer, timeout=self.config.dial_timeout)
+                except Exception as exc:  # a peer that refuses push keeps its older view of us
+                    log.debug("identify push to %s failed: %r", muxer.remote_peer_text, exc)
+                if not self._pushing.get(muxer) or self._stopped:
+                    break
+                self._pushing[muxer] = False
+        finally:
+            self._pushing.pop(muxer, None)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -359,6 +403,14 @@ class MeshNode:
 
     async def disconnect(self, peer_id: PeerId) -> None:
         await self.connections.disconnect(peer_id)
+
+    async def block(self, peer_id: PeerId, reason: str) -> None:
+        """Refuse ``peer_id`` from now on: disconnected, never dialed, its connections closed as
+        they come (see :meth:`ConnectionManager.block`)."""
+        await self.connections.block(peer_id, reason)
+
+    def unblock(self, peer_id: PeerId) -> None:
+        self.connections.unblock(peer_id)
 
     def connected_peers(self) -> list[PeerId]:
         return self.connections.connected_peers()

@@ -7,6 +7,7 @@
   attempt starts with the first direct one.
 * :func:`expand_unspecified`: a wildcard listen address stands for one address per interface
   (:func:`interface_addresses`); those are what a node can advertise.
+* :func:`path_of_transport`: the path type a connection's bytes count under in the metrics.
 * :func:`path_rank`: the rank that picks a peer's *primary* connection (same-host Unix socket,
   then TCP, then QUIC, then any other direct transport, relayed connections last). It is fixed,
   not configurable, so both ends of a pair of connections agree on the primary.
@@ -27,6 +28,7 @@ __all__ = [
     "expand_unspecified",
     "interface_addresses",
     "is_dialable_addr",
+    "path_of_transport",
     "path_rank",
 ]
 
@@ -46,6 +48,16 @@ def path_rank(transport: str) -> int:
     if transport in RELAYED_TRANSPORTS:
         return _RELAYED_RANK
     return TRANSPORT_QUALITY.get(transport, _UNKNOWN_DIRECT_RANK)
+
+
+def path_of_transport(transport: str) -> str:
+    """The path type a transport's connections count as in the metrics: unix, relayed or
+    direct (the NAT service says when a direct one was hole-punched)."""
+    if transport == "unix":
+        return "unix"
+    if transport in RELAYED_TRANSPORTS:
+        return "relayed"
+    return "direct"
 
 
 def is_dialable_addr(addr: Multiaddr) -> bool:

@@ -37,6 +37,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from latticaray.observe import metrics
+
 from .errors import (
     ConnectionClosed,
     FrameTooLarge,
@@ -56,6 +58,7 @@ from .framing import (
     UNARY,
     FrameDecoder,
 )
+from .paths import path_of_transport
 from .rpccall import CallContext, StreamCall
 from .rpccore import (
     CALL_CANCELLED,
@@ -110,6 +113,13 @@ _OPEN = SessionState.OPEN
 _CLOSED = SessionState.CLOSED
 
 
+_LATENCY: dict[str, metrics.TimingChild] = {}  # service -> its latency histogram
+
+
+def _meters(path: str) -> tuple[metrics.TallyChild, metrics.TallyChild]:
+    return metrics.BYTES_MOVED.labels(path, "out"), metrics.BYTES_MOVED.labels(path, "in")
+
+
 class RpcSession:
     """Multiplexes RPC calls in both directions over one channel (see the module docstring).
 
@@ -147,8 +157,16 @@ class RpcSession:
         self._stall_timer = self.loop.call_later(self.limits.frame_timeout, self._check_stall)
         self._close_timer: asyncio.TimerHandle | None = None
         self._runner = HandlerRunner(self, self._watch_deadline)
+        #: Bytes sent and received on the channel, counted into the process's metrics under
+        #: the path type (unix, direct, relayed; the NAT service calls it punched: count_as).
+        self._sent, self._received = _meters(path_of_transport(getattr(channel, "transport", "")))
         self._writer_task = self.loop.create_task(self._write_loop())
         self._reader_task = self.loop.create_task(self._read_loop())
+
+    def count_as(self, path: str) -> None:
+        """Count this session's bytes from now on under ``path`` (a hole-punched connection
+        is known as such only to the NAT service that adopted it)."""
+        self._sent, self._received = _meters(path)
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -195,13 +213,19 @@ class RpcSession:
         if self._frames.pending > self._write_high or self._turn_waiters:
             await self.wait_turn(len(payload))
         future: asyncio.Future[bytes] = self.loop.create_future()
-        call_id, deadline = core.open_unary(service, payload, timeout, self.loop.time(), future)
+        started = self.loop.time()
+        call_id, deadline = core.open_unary(service, payload, timeout, started, future)
         if self._timer is None or deadline < self._timer_at:
             self._arm_timer(deadline)
         if self._turn_waiters:
             self._pass_turn()
         try:
-            return await future
+            reply = await future
+            latency = _LATENCY.get(service)
+            if latency is None:
+                latency = _LATENCY[service] = metrics.RPC_LATENCY.labels(service)
+            latency.observe(self.loop.time() - started)
+            return reply
         except asyncio.CancelledError:
             if core.cancel_call(call_id, True):
                 self._release_slot()
@@ -389,6 +413,7 @@ class RpcSession:
                     await waiter
                     continue
                 out, large = frames.take()
+                self._sent.value += sum(map(len, out))
                 if len(out) == 1:
                     channel.write(out[0])
                 elif not large:
@@ -462,6 +487,7 @@ class RpcSession:
                 data = await channel.read(read_size)
                 if not data:
                     break
+                self._received.value += len(data)
                 self._read_progress += 1
                 now = self.last_activity = time()
                 frames = feed(data)

@@ -9,6 +9,7 @@
     value = await exchange.get(cid, timeout=30.0)        # local store first, else fetch
     peers = await exchange.replicate(cid, n, timeout=60.0)   # n peers fetch and pin it
     exchange.progress(cid) -> (bytes_done, bytes_total) | None
+    exchange.fetches() -> [(cid, bytes_done, bytes_total, started), ...]
     await exchange.stop()
 
 ``authorize`` (``peer -> bool``, optional) decides who may be served and asked: a peer it
@@ -117,6 +118,7 @@ class _Progress:
         self.min_bytes = min_bytes
         self.done = 0
         self.total = 0
+        self.started = time.time()  # wall clock: the state API's transfer rows
         self._bar: Any = None
         self._last_line = 0.0
 
@@ -471,6 +473,15 @@ class ObjectExchange:
         if run is None or run.session.manifest is None:
             return None
         return run.progress.done, run.progress.total
+
+    def fetches(self) -> list[tuple[Cid, int, int, float]]:
+        """The fetches under way whose size is known: (cid, bytes done, bytes total, start
+        time on the wall clock), for the state API and progress bars."""
+        return [
+            (root, run.progress.done, run.progress.total, run.progress.started)
+            for root, run in list(self._runs.items())
+            if run.session.manifest is not None
+        ]
 
     # --- providing -------------------------------------------------------------------------------
     async def provide(self, cid: Cid | str) -> None:

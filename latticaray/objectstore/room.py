@@ -16,12 +16,19 @@ import os
 import shutil
 from collections.abc import Callable
 
+from latticaray.observe import metrics
+
 from .errors import StoreFull
 from .eviction import Budget, Entry, Evict, plan_eviction
 from .layout import StorePaths, is_local_name, new_token
 from .ledger import Ledger, LedgerFile
 
 __all__ = ["Room", "drop_spilled_copy"]
+
+# evictions counted in the process that made them (the node, a worker or a driver putting)
+_SPILLED = metrics.OBJECT_STORE_EVICTIONS.labels("spilled")
+_DELETED = metrics.OBJECT_STORE_EVICTIONS.labels("deleted")
+_SPILL_DROPPED = metrics.OBJECT_STORE_EVICTIONS.labels("spill_dropped")
 
 #: links the local object ``name`` under its CID (the caller holds the lock): its CID string,
 #: or None if the object is gone
@@ -154,6 +161,9 @@ class Room:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(source)
         ledger.used -= step.size
+        (_SPILLED if step.spill and as_planned else _DELETED).add()
+        if step.drop_spilled:
+            _SPILL_DROPPED.add(len(step.drop_spilled))
         return as_planned
 
     def restore(self, name: str) -> bool:

@@ -29,6 +29,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -384,8 +385,9 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def start_http_server(port: int, addr: str = "127.0.0.1") -> tuple[object, object]:
-    """Serve ``/metrics`` on its own thread (for ``latticaray start --metrics-port``)."""
+def start_http_server(port: int, addr: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``/metrics`` on its own thread (for ``latticaray start --metrics-port``); the
+    server (``server_port``: the port, ``shutdown()``) and its thread."""
     from prometheus_client import start_http_server as _start
 
     return _start(port, addr=addr, registry=REGISTRY)

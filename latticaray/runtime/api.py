@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import inspect
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from latticaray.runtime import context, serialization
+from latticaray.observe.progress import TransferWatch, interactive, node_transfers
+from latticaray.runtime import context, runtime_env, serialization
 from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
@@ -65,6 +67,28 @@ class NodeAffinitySchedulingStrategy:
         return {"affinity": self.node_id, "soft": self.soft}
 
 
+def _set_strategy(wire: dict, strategy) -> None:
+    """Put a scheduling_strategy into a task's or actor's wire options (a placement group's
+    goes to ``pg``: [group id, bundle index, capture child tasks])."""
+    to_wire = getattr(strategy, "to_wire", None)
+    if to_wire is not None and hasattr(strategy, "placement_group"):
+        pg = to_wire()
+        wire["pg"] = [pg["pg"], pg["bundle"], pg["capture"]]
+        return
+    value = _strategy_wire(strategy)
+    if value is not None:
+        wire["strategy"] = value
+
+
+def _captured(options: dict, wire: dict) -> dict:
+    """The wire options of work submitted from a task or actor of a placement group that
+    captures its children: they run in the group (unless they chose a strategy)."""
+    current = context.current_placement_group.get()
+    if current is None or not current[2] or "scheduling_strategy" in options:
+        return wire
+    return {**wire, "pg": [current[0], -1, True]}
+
+
 def _strategy_wire(strategy) -> Any:
     if strategy is None or strategy == "DEFAULT":
         return None
@@ -77,7 +101,10 @@ def _strategy_wire(strategy) -> Any:
         return "SPREAD"
     if isinstance(strategy, NodeAffinitySchedulingStrategy):
         return strategy.to_wire()
-    raise TypeError(f"unsupported scheduling_strategy {strategy!r}")
+    raise TypeError(
+        f"unsupported scheduling_strategy {strategy!r}: use DEFAULT, SPREAD, "
+        "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy"
+    )
 
 
 def _demand(options: dict, default_cpus: float) -> dict:
@@ -97,6 +124,41 @@ def _check_options(options: dict, allowed: set, what: str) -> None:
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) for a remote {what}: {sorted(unknown)}")
+    if options.get("label_selector"):
+        raise ValueError("label_selector is not supported: use resources or a placement group")
+    env = runtime_env.validate(options.get("runtime_env"))
+    if env and env.get("pip"):
+        raise runtime_env.RuntimeEnvError(
+            "runtime_env 'pip' is not supported (tasks share pooled workers of the node's "
+            "interpreter); use env_vars, working_dir or py_modules"
+        )
+
+
+class _EnvWire:
+    """A remote function's or actor class's runtime_env in wire form: its directories packaged
+    into the object store once per process and core (their CIDs travel; the objects stay held
+    here while the core lives)."""
+
+    _core: Any = None
+    _packager: runtime_env.Packager | None = None
+    _held: ClassVar[list] = []
+
+    @classmethod
+    def of(cls, options: dict) -> dict | None:
+        env = runtime_env.validate(options.get("runtime_env"))
+        if not env:
+            return None
+        core = context.require_core()
+        if cls._packager is None or cls._core is not core:
+            held: list = []
+
+            def put(data: bytes) -> str:
+                ref = core.put(data)
+                held.append(ref)
+                return core.object_cid(ref)
+
+            cls._core, cls._held, cls._packager = core, held, runtime_env.Packager(put)
+        return cls._packager.wire(env)
 
 
 def _retry_exceptions_wire(value) -> Any:
@@ -126,15 +188,14 @@ class RemoteFunction:
         self._options = options
         self._shared = _shared if _shared is not None else {}
         self._name = getattr(function, "__qualname__", "task")
+        self._shared_env: dict = {}  # its runtime_env in wire form, made at the first call
         is_gen = inspect.isgeneratorfunction(function)
         wire = {
             "res": _demand(options, 1.0),
             "max_retries": int(options.get("max_retries", 3)),
             "retry_exc": _retry_exceptions_wire(options.get("retry_exceptions", False)),
         }
-        strategy = _strategy_wire(options.get("scheduling_strategy"))
-        if strategy is not None:
-            wire["strategy"] = strategy
+        _set_strategy(wire, options.get("scheduling_strategy"))
         if options.get("_generator_backpressure_num_objects"):
             wire["window"] = int(options["_generator_backpressure_num_objects"])
         self._call_opts = {
@@ -154,7 +215,15 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         core = context.require_core()
         code_hash, blob = self._code()
-        return core.submit_task(code_hash, blob, self._name, args, kwargs, self._call_opts)
+        opts = self._call_opts
+        if "renv" not in self._shared_env:
+            self._shared_env["renv"] = _EnvWire.of(self._options)
+        wire = _captured(self._options, opts["wire"])
+        if self._shared_env["renv"]:
+            wire = {**wire, "renv": self._shared_env["renv"]}
+        if wire is not opts["wire"]:
+            opts = {**opts, "wire": wire}
+        return core.submit_task(code_hash, blob, self._name, args, kwargs, opts)
 
     def options(self, **options) -> RemoteFunction:
         merged = dict(self._options)
@@ -170,6 +239,8 @@ class RemoteFunction:
 
 def method(*, num_returns=None, concurrency_group=None):
     """Decorate an actor method to set its num_returns (as ray.method)."""
+    if concurrency_group is not None:
+        raise ValueError("concurrency_group is not supported: use max_concurrency")
 
     def decorate(fn):
         fn.__lattica_num_returns__ = num_returns
@@ -230,9 +301,11 @@ class ActorClass:
             "lifetime": options.get("lifetime"),
             "get_if_exists": bool(options.get("get_if_exists")),
         }
-        strategy = _strategy_wire(options.get("scheduling_strategy"))
-        if strategy is not None:
-            wire["strategy"] = strategy
+        _set_strategy(wire, options.get("scheduling_strategy"))
+        wire = _captured(options, wire)
+        renv = _EnvWire.of(options)
+        if renv:
+            wire["renv"] = renv
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
@@ -271,7 +344,11 @@ class ActorMethod:
             self._name,
         )
 
-    def options(self, num_returns=None, **_ignored) -> ActorMethod:
+    def options(self, num_returns=None, **unsupported) -> ActorMethod:
+        if unsupported:
+            raise ValueError(
+                f"actor method options {sorted(unsupported)} are not supported (only num_returns)"
+            )
         return ActorMethod(
             self._handle, self._name, _num_returns_wire(num_returns, self._nret == STREAMING)
         )
@@ -469,7 +546,10 @@ def init(
         if address:
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
-        total = default_resources(num_cpus, num_gpus, resources)
+        from latticaray.runtime.gpus import detect_gpus
+
+        gpus = detect_gpus(num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or num_gpus declared
+        total = default_resources(num_cpus, gpus.count, resources)
         runtime = _EmbeddedRuntime()
         start_mesh = None
         node_id = None
@@ -492,7 +572,7 @@ def init(
         from latticaray.runtime.node import RuntimeNode
 
         def make_node():
-            return RuntimeNode(node_id, total, max_workers=_max_workers)
+            return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
 
         try:
             runtime.start(make_node, start_mesh)
@@ -610,22 +690,33 @@ def is_initialized() -> bool:
 
 
 # ---------------------------------------------------------------------- verbs
+def _transfer_progress(core, what: str):
+    """A progress bar over the node's incoming transfers while a driver's get() waits (after
+    1 s, only when someone can see it: a terminal or a notebook); a worker's get shows none."""
+    if getattr(core, "worker_id", "driver") != "driver" or not interactive():
+        return contextlib.nullcontext()
+    return TransferWatch(node_transfers(core.request), desc=what, enabled=True)
+
+
 def get(refs, *, timeout: float | None = None):
     """Values of `refs` (one ObjectRef, a list of them, or a CID string), raising task errors."""
     core = context.require_core()
     if isinstance(refs, ObjectRef):
-        return core.get([refs], timeout)[0]
+        with _transfer_progress(core, "get"):
+            return core.get([refs], timeout)[0]
     if isinstance(refs, str):
         if not serialization.is_cid_string(refs):
             raise ValueError(f"{refs!r} is not a CID")
-        return core.get_by_cid(refs, timeout)
+        with _transfer_progress(core, f"get {refs[:16]}"):
+            return core.get_by_cid(refs, timeout)
     if isinstance(refs, (list, tuple)):
         for ref in refs:
             if not isinstance(ref, ObjectRef):
                 raise TypeError(f"get() takes ObjectRefs, got {type(ref).__name__}")
         if not refs:
             return []
-        return core.get(list(refs), timeout)
+        with _transfer_progress(core, "get"):
+            return core.get(list(refs), timeout)
     if isinstance(refs, ObjectRefGenerator):
         raise TypeError("iterate an ObjectRefGenerator to get its refs, then get() them")
     raise TypeError(

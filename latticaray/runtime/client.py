@@ -18,11 +18,12 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from latticaray.objectstore.errors import ObjectNotFound
+from latticaray.observe.unhandled import UnhandledErrors
 from latticaray.runtime import context, serialization
 from latticaray.runtime.channel import WorkerConnection
 from latticaray.runtime.errors import GetTimeoutError, NotPermittedError, TaskError
 from latticaray.runtime.ids import ids, object_id
-from latticaray.runtime.protocol import OK
+from latticaray.runtime.protocol import ERROR, OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
 
 RELEASE_BATCH = 64
@@ -77,6 +78,8 @@ class CoreClient:
     node_id: str
     job_id: str = "job"
     namespace: str = "default"
+    #: errors never raised by get(), printed when their last ref goes (drivers that can see them)
+    unhandled: UnhandledErrors | None = None
 
     def __init__(self):
         self._ref_counts: dict[bytes, int] = {}
@@ -119,12 +122,28 @@ class CoreClient:
             self._release_queue.append(oid)
             # a large object's memory (and its pages, recycled for the next put) comes back now
             flush = len(self._release_queue) >= RELEASE_BATCH or stored is not None
+        if self.unhandled is not None:
+            self.released_unhandled(oid)
         if flush:
             self.flush_releases()
         if stored is not None:
             store = serialization.get_store()
             if store is not None and hasattr(store, "expect_back"):
                 store.expect_back(stored)
+
+    def released_unhandled(self, oid: bytes) -> None:
+        """The last ref to ``oid`` is gone: its error is printed if get() never raised it
+        (clients that see the object's state override this)."""
+
+    def decode_values(self, refs: list[ObjectRef], entries: list) -> list:
+        """The values of ``entries`` (of ``refs``), raising the first error; the errors are
+        then seen (none is printed as unhandled later)."""
+        try:
+            return [decode_value(entry) for entry in entries]
+        except BaseException:
+            if self.unhandled is not None:
+                self.unhandled.raised([r.id for r, e in zip(refs, entries) if e[0] != OK])
+            raise
 
     def add_borrowed_ref(self, oid: bytes, owner: str) -> None:
         """A ref deserialized here: the first copy in this process registers it with the node."""
@@ -299,7 +318,7 @@ class CoreClient:
             raise GetTimeoutError(f"get timed out after {timeout} s")
         if "error" in reply:
             raise_error_value(reply["error"])
-        return [decode_value(entry) for entry in reply["vals"]]
+        return self.decode_values(refs, reply["vals"])
 
     def get_by_cid(self, cid: str, timeout: float | None):
         reply = self.request({"op": "get_cid", "cid": cid, "timeout": timeout}, timeout)
@@ -412,6 +431,13 @@ class DriverCore(CoreClient):
         self.client = node.local_client()
         self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
+        self.unhandled = UnhandledErrors()
+
+    def released_unhandled(self, oid: bytes) -> None:
+        entry = self.node.objects.entries.get(oid)
+        if entry is not None and entry.status == ERROR and self.unhandled is not None:
+            data = entry.data
+            self.unhandled.released(oid, lambda: serialization.deserialize(data))
 
     # ---- verbs this node's credential may not allow (an observer's)
     def _require_submit(self) -> None:
@@ -465,7 +491,7 @@ class DriverCore(CoreClient):
             if ready is None:
                 return super().get(refs, timeout)
         try:
-            return [decode_value(entry) for entry in ready]
+            return self.decode_values(refs, ready)
         except ObjectNotFound:  # its store copy is gone: the node recovers it (lineage.py)
             return super().get(refs, timeout)
 

@@ -13,6 +13,11 @@ current_task_id: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
 current_actor_id: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "latticaray_actor_id", default=None
 )
+#: the placement group the running task or actor was placed in: [group id, bundle index,
+#: capture child tasks]
+current_placement_group: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "latticaray_placement_group", default=None
+)
 
 
 def current_core():

@@ -364,6 +364,9 @@ class MeshRuntime:
         revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
         remote.membership.attach_revocations(revocations)
+        runtime_node.resources.attach(  # placement groups: sched/1, their records
+            self.mesh, lambda peer: admission.allowed(peer), self.state
+        )
         self.state.actors.on_claim_lost(remote.names.on_claim_lost)
         remote.state = self.state
         if runtime_node.store_ready is not None:

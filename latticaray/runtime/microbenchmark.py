@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any
 
+from .ray_baseline import measure, round_trip_ms
+
 LOWER_IS_BETTER = {"init() seconds", "no-op task round trip ms"}
 RAY_ROW_PREFIX = "ROW "  # ray_baseline.py's row lines
 
@@ -42,24 +44,10 @@ def timeit(
     results: list | None = None,
     settle: float = 0.0,
 ) -> tuple[float, float]:
+    """One row by Ray's method (:func:`.ray_baseline.measure`), printed (and appended to
+    ``results``) as Ray prints its rows."""
     time.sleep(settle)
-    start = time.perf_counter()
-    count = 0
-    while time.perf_counter() - start < duration / 2:
-        fn()
-        count += 1
-    step = count // 10 + 1
-    stats = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        count = 0
-        while time.perf_counter() - start < duration:
-            for _ in range(step):
-                fn()
-            count += step
-        stats.append(multiplier * count / (time.perf_counter() - start))
-    mean = statistics.mean(stats)
-    sd = statistics.pstdev(stats)
+    mean, sd = measure(fn, multiplier, duration, trials)
     print(f"{name} per second {mean:,.2f} +- {sd:,.2f}", flush=True)
     if results is not None:
         results.append((name, mean, sd))
@@ -140,13 +128,7 @@ def run(duration: float, large_mb: int, only: str | None, settle: float = 0.0) -
     for _ in range(500):  # workers up and warm before timing starts
         lattica.get(small_value.remote())
     if want("no-op task round trip ms"):
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(200):
-                lattica.get(small_value.remote())
-            samples.append((time.perf_counter() - t0) / 200 * 1000)
-        rtt_ms = statistics.median(samples)
+        rtt_ms = round_trip_ms(lambda: lattica.get(small_value.remote()))
         print(f"no-op task round trip ms {rtt_ms:.3f}", flush=True)
         results.append(("no-op task round trip ms", rtt_ms, 0.0))
 
@@ -312,11 +294,9 @@ def run(duration: float, large_mb: int, only: str | None, settle: float = 0.0) -
 
 
 def placement_group_row(lattica, row) -> None:
-    """Ray's `placement group create/removal` row, once latticaray has placement groups."""
-    try:
-        from latticaray.util import placement_group as pg_api  # type: ignore[attr-defined]
-    except ImportError:
-        return
+    """Ray's `placement group create/removal` row."""
+    from latticaray.runtime import placement_groups as pg_api
+
     num_pgs = 100
 
     def create_removal():

@@ -37,9 +37,11 @@ from latticaray.runtime.activity import NodeActivity
 from latticaray.runtime.errors import CredentialError, NotPermittedError
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.local.clients import LocalClient
+from latticaray.runtime.local.envs import NodeEnvs
 from latticaray.runtime.local.logs import LogRouter
 from latticaray.runtime.local.objects import ObjectTable
 from latticaray.runtime.local.recovery import ObjectRecovery
+from latticaray.runtime.local.resources import NodeResources
 from latticaray.runtime.local.streams import StreamTable
 from latticaray.runtime.local.tasks import TaskTable
 from latticaray.runtime.local.workers import WorkerPool
@@ -64,9 +66,10 @@ class RuntimeNode:
         prestart: int | None = None,
         store: Any = None,
         store_capacity: int | None = None,
+        gpu_ids: list[str] | None = None,
     ):
         self.node_id = node_id
-        self.ledger = ResourceLedger(resources)
+        self.ledger = ResourceLedger(resources, gpu_ids=gpu_ids)
         self.total_resources = self.ledger.total
         cpus = self.total_resources.get("CPU", 0.0)
         max_active = max_workers or max(1, int(cpus) or 1)
@@ -89,6 +92,8 @@ class RuntimeNode:
         self.workers = WorkerPool(self, max_active, max_active if prestart is None else prestart)
         self.refs = refcount.RefTable(self)
         self.recovery = ObjectRecovery(self)
+        self.resources = NodeResources(self, self.ledger)  # ledger, bundles, placement groups
+        self.envs = NodeEnvs(self)  # runtime_env packages and the worker's environment
         self.activity = NodeActivity(node_id)  # counts and recent tasks (state API, metrics)
         self.logs = LogRouter(self)  # worker output to the owning driver
         self.state_source = NodeStateSource(self)  # what `latticaray status` reads of this node
@@ -127,10 +132,12 @@ class RuntimeNode:
             serialization.set_store(self.store)
             self.worker_env[serialization.STORE_ROOT_ENV] = self.store.root
         self.workers.start()
+        self.resources.start()
 
     async def stop(self) -> None:
         self.stopping = True
         self.state_source.close()
+        await self.resources.stop()
         await self.workers.stop()
         background = list(self._background)
         for task in background:
@@ -209,6 +216,19 @@ class RuntimeNode:
             return await self.actors.get_actor(message)
         if op == "nodes":
             return {"nodes": self.nodes()}
+        if op == "keep":  # `latticaray put`: the node itself holds the object from now on
+            if not self.refs.hold(message["oid"], self.node_id):
+                return {"error": error_blob(LookupError("no such object on this node"))}
+            return {}
+        if op == "pg":  # placement groups (latticaray.util.placement_group)
+            try:
+                if message.get("do") == "wait":
+                    timeout = min(float(message.get("timeout", 0)), 3600.0)
+                    wanted = str(message.get("id", ""))
+                    return {"ok": await self.resources.wait_created(wanted, timeout)}
+                return self.resources.handle(message, client)
+            except ValueError as exc:  # PlacementGroupError included
+                return {"error": error_blob(exc)}
         if op == "state":  # the state API (latticaray.util.state) of a driver of this node
             snapshot = await gather(
                 self.state_source,

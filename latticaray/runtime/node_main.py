@@ -4,7 +4,9 @@ Runs a RuntimeNode with its worker pool and a MeshRuntime on one asyncio loop un
 SIGINT. Prints one JSON line on stdout when ready: {"node_id": ..., "addrs": [...], "advertised": [...],
 "timings": {...}, "gc": {...}, "invite": ...} ("invite" only on the node that created the mesh). With --nat
 (and --observer/--relay) the node runs NAT traversal; --serve-relay makes it a relay. Once started
-it applies the GC policy of latticaray.runtime.gcpolicy (--gc-policy). This is what `latticaray start` runs.
+it applies the GC policy of latticaray.runtime.gcpolicy (--gc-policy). --metrics-port serves the
+process's Prometheus metrics (latticaray.observe.metrics; "metrics" in the ready line). This is what
+`latticaray start` runs.
 """
 
 from __future__ import annotations
@@ -121,6 +123,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
+    parser.add_argument(
+        "--object-store-memory",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="capacity of the node's shared-memory object store (default: a share of memory)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; the ready "
+        "line says which)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 for a scraper "
+        "on another host)",
+    )
     return parser.parse_args(argv)
 
 
@@ -168,16 +192,27 @@ def _prepare(args: argparse.Namespace):
 async def run(args: argparse.Namespace) -> None:
     from latticaray.runtime import gcpolicy
     from latticaray.runtime.api import default_resources
+    from latticaray.runtime.gpus import detect_gpus
     from latticaray.runtime.node import RuntimeNode
 
+    gpus = detect_gpus(args.num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or --num-gpus declared
     resources = default_resources(
-        args.num_cpus, args.num_gpus, json.loads(args.resources) if args.resources else None
+        args.num_cpus, gpus.count, json.loads(args.resources) if args.resources else None
     )
+    from latticaray.runtime.errors import CredentialError
+
     try:
         mesh_runtime = _prepare(args)
+    except CredentialError:  # main() says why and exits with 2
+        raise
     except ValueError as exc:  # bad options: say what, without a traceback
         raise SystemExit(f"latticaray start: {exc}") from None
-    node = RuntimeNode(mesh_runtime.node_id, resources)
+    node = RuntimeNode(
+        mesh_runtime.node_id,
+        resources,
+        store_capacity=args.object_store_memory,
+        gpu_ids=list(gpus.ids),
+    )
     await node.start()
     await mesh_runtime.start(node)
     stop = asyncio.Event()
@@ -208,11 +243,20 @@ async def run(args: argparse.Namespace) -> None:
             "thresholds": list(gc.get_threshold()),
         },
     }
+    metrics_server = None
+    if args.metrics_port is not None:
+        from latticaray.observe import metrics
+
+        metrics_server, _thread = metrics.start_http_server(args.metrics_port, args.metrics_host)
+        port = metrics_server.server_port
+        ready["metrics"] = f"http://{args.metrics_host}:{port}/metrics"
     if mesh_runtime.admission.mesh_key is not None:
         ready["invite"] = mesh_runtime.invite()
     ready["role"] = mesh_runtime.admission.role
     print(json.dumps(ready), flush=True)
     await stop.wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     if refresher is not None:
         refresher.cancel()
     await mesh_runtime.stop()

@@ -17,6 +17,9 @@ functions and actors, its `ray.init()` calls) with three changes, each the same 
 After Ray's rows it adds the rows `latticaray microbenchmark` has beyond Ray's (init time, no-op
 round trip, put gigabytes of new content and of distinct pages), measured the same way.
 Every row is printed on stdout as `ROW {"name": ..., "mean": ..., "sd": ...}`.
+
+:func:`measure` is Ray's timing method itself; `latticaray microbenchmark` and
+bench/objects_multiput.py time their rows with it too (it is the same code on both sides).
 """
 
 from __future__ import annotations
@@ -36,27 +39,48 @@ def _emit(name: str, mean: float, sd: float) -> None:
     print(ROW_PREFIX + json.dumps({"name": name, "mean": mean, "sd": sd}), flush=True)
 
 
+def measure(
+    fn, multiplier: float = 1, duration: float = 2.0, trials: int = 4, warmup: float | None = None
+) -> tuple[float, float]:
+    """Ray's method (`ray_microbenchmark_helpers.timeit`): call ``fn`` for ``warmup`` s (half a
+    trial by default), then ``trials`` trials of ``duration`` s, calling it in batches of a tenth
+    of the warm-up's count; (mean, standard deviation) over the trials of calls per second times
+    ``multiplier``."""
+    start = time.perf_counter()
+    count = 0
+    while time.perf_counter() - start < (duration / 2 if warmup is None else warmup):
+        fn()
+        count += 1
+    step = count // 10 + 1
+    stats = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        count = 0
+        while time.perf_counter() - start < duration:
+            for _ in range(step):
+                fn()
+            count += step
+        stats.append(multiplier * count / (time.perf_counter() - start))
+    return statistics.mean(stats), statistics.pstdev(stats)
+
+
+def round_trip_ms(call, batches: int = 5, per_batch: int = 200) -> float:
+    """The median over ``batches`` batches of ``per_batch`` calls of one call's time, in ms."""
+    samples = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(per_batch):
+            call()
+        samples.append((time.perf_counter() - t0) / per_batch * 1000)
+    return statistics.median(samples)
+
+
 def _timer(duration: float, settle: float, only: str | None):
     def timeit(name, fn, multiplier=1, warmup_time_sec=None):
         if only and only not in name:
             return [None]
         time.sleep(settle)
-        start = time.perf_counter()
-        count = 0
-        while time.perf_counter() - start < duration / 2:
-            fn()
-            count += 1
-        step = count // 10 + 1
-        stats = []
-        for _ in range(4):
-            start = time.perf_counter()
-            count = 0
-            while time.perf_counter() - start < duration:
-                for _ in range(step):
-                    fn()
-                count += step
-            stats.append(multiplier * count / (time.perf_counter() - start))
-        mean, sd = statistics.mean(stats), statistics.pstdev(stats)
+        mean, sd = measure(fn, multiplier, duration)
         print(f"{name} per second {mean:,.2f} +- {sd:,.2f}", file=sys.stderr, flush=True)
         _emit(name, mean, sd)
         return [(name, mean, sd)]
@@ -116,13 +140,8 @@ def _extras(ray, timeit, large_mb: int, only: str | None, init_s: float) -> None
         if not only or only in "no-op task round trip ms":
             for _ in range(500):
                 ray.get(small_value.remote())
-            samples = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    ray.get(small_value.remote())
-                samples.append((time.perf_counter() - t0) / 200 * 1000)
-            _emit("no-op task round trip ms", statistics.median(samples), 0.0)
+            rtt_ms = round_trip_ms(lambda: ray.get(small_value.remote()))
+            _emit("no-op task round trip ms", rtt_ms, 0.0)
         arr = np.zeros(large_mb * 1024 * 1024 // 8, dtype=np.int64)
 
         def put_changed():

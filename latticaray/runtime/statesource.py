@@ -272,21 +272,37 @@ class NodeStateSource:
         return rows, max(0, len(entries) - len(rows))
 
     def transfers(self) -> list[TransferRow]:
+        """Objects coming in: the exchange's fetches (Bitswap) and fetches from a member over
+        ``/latticaray/object/1`` (by id or CID), each with its bytes done and total."""
+        rows = []
         exchange = getattr(self.mesh_runtime, "exchange", None)
         fetches = getattr(exchange, "fetches", None)
-        if fetches is None:
-            return []
-        return [
-            TransferRow(
-                object_id=str(cid),
-                node_id=self.node_id,
-                direction="in",
-                bytes_done=done,
-                bytes_total=total,
-                start_time=started,
+        for cid, done, total, started in fetches() if fetches is not None else ():
+            rows.append(
+                TransferRow(
+                    object_id=str(cid),
+                    node_id=self.node_id,
+                    direction="in",
+                    bytes_done=done,
+                    bytes_total=total,
+                    start_time=started,
+                )
             )
-            for cid, done, total, started in fetches()
-        ]
+        remote = getattr(self.node, "remote", None)
+        inflight = getattr(getattr(remote, "objects", None), "inflight", None) or {}
+        for cid, done, total, started, peer in list(inflight.values()):
+            rows.append(
+                TransferRow(
+                    object_id=cid,
+                    node_id=self.node_id,
+                    peer=peer,
+                    direction="in",
+                    bytes_done=done,
+                    bytes_total=total,
+                    start_time=started,
+                )
+            )
+        return rows
 
     def local_report(self, limit: int = DEFAULT_ROW_LIMIT) -> NodeReport:
         tasks, dropped_tasks = self.tasks(limit)

@@ -22,7 +22,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from latticaray.runtime import context, serialization
+from latticaray.runtime import context, gpus, runtime_env, serialization
 from latticaray.runtime.channel import WorkerConnection
 from latticaray.runtime.client import WorkerCore
 from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskError
@@ -216,6 +216,10 @@ class Worker:
             self._finish_cancelled(task_id, name)
             return
         token = context.current_task_id.set(task_id)
+        pg_token = context.current_placement_group.set(message.get("pg"))
+        if "gpus" in message:  # the node has GPUs: the task sees exactly its own
+            gpus.apply_gpu_ids(message["gpus"])
+        restore_env = runtime_env.apply_frame(message.get("renv"))
         self.running_main = task_id
         try:
             fn = self._load(message["fn"], message.get("blob"))
@@ -238,6 +242,8 @@ class Worker:
             self.running_main = None
             self.cancelled.discard(task_id)
             context.current_task_id.reset(token)
+            context.current_placement_group.reset(pg_token)
+            restore_env()
 
     def _finish_cancelled(self, task_id: bytes, name: str) -> None:
         err = serialization.dumps_code(TaskCancelledError(f"task {name} was cancelled"))
@@ -323,6 +329,10 @@ class Worker:
     def _create_actor(self, message: dict) -> None:
         self.actor_id = message["aid"]
         context.current_actor_id.set(self.actor_id)
+        context.current_placement_group.set(message.get("pg"))
+        if "gpus" in message:  # for the actor's lifetime
+            gpus.apply_gpu_ids(message["gpus"])
+        runtime_env.apply_frame(message.get("renv"))  # for the actor's lifetime
         name = message.get("name", "actor")
         try:
             cls = self._load(message["cls"], message.get("blob"))

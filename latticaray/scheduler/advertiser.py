@@ -255,7 +255,7 @@ class AdvertiserCore:
         self._published_version = version
         ad = CapacityAd(
             self.node_id,
-            self._seq,
+            view.seq or self._seq,  # the node's own change count when it has one
             now,
             dict(view.total),
             dict(view.available),
@@ -403,6 +403,7 @@ def view_from_ad(
         ad_time=received_at,
         queue_limit=ad.queue_limit,
         alive=alive,
+        seq=ad.seq,
     )
 
 

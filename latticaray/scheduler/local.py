@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from .errors import QueueFull
+from .placement_groups import BundleReservations
 from .policy import NodeView, PlacementRequest, labels_match
 from .resources import Allocation, ResourceLedger
 
@@ -43,7 +44,7 @@ class FairQueue(Generic[T]):
         self.limit = limit
         self.per_submitter_limit = per_submitter_limit
         self._queues: OrderedDict[str, deque[tuple[str, T]]] = OrderedDict()
-        self._keys: set[str] = set()
+        self._keys: dict[str, tuple[str, T]] = {}
         self._size = 0
 
     def __len__(self) -> int:
@@ -68,22 +69,30 @@ class FairQueue(Generic[T]):
         if not self.has_room(submitter):
             raise QueueFull(f"submitter {submitter} already has {self.per_submitter_limit} waiting")
         self._queues.setdefault(submitter, deque()).append((key, item))
-        self._keys.add(key)
+        self._keys[key] = (submitter, item)
         self._size += 1
 
+    def get(self, key: str) -> T | None:
+        entry = self._keys.get(key)
+        return None if entry is None else entry[1]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
     def remove(self, key: str) -> T | None:
-        if key not in self._keys:
+        entry = self._keys.pop(key, None)
+        if entry is None:
             return None
-        self._keys.discard(key)
-        for submitter, queue in self._queues.items():
-            for i, (k, item) in enumerate(queue):
-                if k == key:
-                    del queue[i]
-                    self._size -= 1
-                    if not queue:
-                        del self._queues[submitter]
-                    return item
-        return None
+        submitter, item = entry
+        queue = self._queues[submitter]
+        for i, (k, _item) in enumerate(queue):
+            if k == key:
+                del queue[i]
+                break
+        self._size -= 1
+        if not queue:
+            del self._queues[submitter]
+        return item
 
     def pop_ready(self, can_run: Callable[[T], bool]) -> T | None:
         """Pop the head of the first submitter (in round-robin order) whose head can run."""
@@ -91,7 +100,7 @@ class FairQueue(Generic[T]):
             key, item = queue[0]
             if can_run(item):
                 queue.popleft()
-                self._keys.discard(key)
+                del self._keys[key]
                 self._size -= 1
                 del self._queues[submitter]
                 if queue:
@@ -120,7 +129,11 @@ class QueueAdmission:
 
 
 class LocalScheduler:
-    """One node's admission control and fair local queue over a :class:`ResourceLedger`."""
+    """One node's admission control and fair local queue over a :class:`ResourceLedger`.
+
+    Placement-group bundles the node holds (:class:`BundleReservations`) are ledgers of their
+    own: a request naming a bundle starts or queues against that bundle's reservation.
+    """
 
     def __init__(
         self,
@@ -139,10 +152,24 @@ class LocalScheduler:
             # only let stale-ad herding pile work on a few nodes (the backlog waits at submitters).
             queue_limit = max(1, int(ledger.total.get("CPU", 1)))
         self.queue: FairQueue[PlacementRequest] = FairQueue(queue_limit, per_submitter_limit)
-        self._running: dict[str, PlacementRequest] = {}
-        #: Bumped on every change of load or capacity (the advertiser refreshes on change).
-        self.version = 0
+        self.bundles = BundleReservations(ledger, node_id)
+        #: task id -> (request, the ledger it holds resources in)
+        self._running: dict[str, tuple[PlacementRequest, ResourceLedger]] = {}
+        #: running tasks whose resources were lent out (their worker blocks on a get)
+        self._lent: set[str] = set()
+        self._version = 0
         self.accepting = True
+        self._view: NodeView | None = None
+        self._view_version = -1
+
+    @property
+    def version(self) -> int:
+        """Bumped on every change of load or capacity (the advertiser refreshes on change)."""
+        return self._version + self.bundles.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._version = value - self.bundles.version
 
     @property
     def running(self) -> int:
@@ -152,18 +179,54 @@ class LocalScheduler:
     def queued(self) -> int:
         return len(self.queue)
 
+    def is_running(self, task_id: str) -> bool:
+        return task_id in self._running
+
     def view(self, now: float) -> NodeView:
-        return NodeView(
-            self.node_id,
-            self.ledger.total,
-            self.ledger.available,
-            dict(self.labels),
-            queued=self.queued,
-            running=self.running,
-            ad_time=now,
-            queue_limit=self.queue.limit,
-            alive=self.accepting,
-        )
+        """This node's view (cached per version; ``ad_time`` is set to ``now``)."""
+        version = self.version
+        view = self._view
+        if view is None or self._view_version != version:
+            view = self._view = NodeView(
+                self.node_id,
+                self.ledger.total,
+                self.ledger.available,
+                dict(self.labels),
+                queued=self.queued,
+                running=self.running,
+                ad_time=now,
+                queue_limit=self.queue.limit,
+                alive=self.accepting,
+                seq=version + 1,
+            )
+            self._view_version = version
+        else:
+            view.ad_time = now
+        return view
+
+    def _bundle_ledger(self, request: PlacementRequest) -> tuple[ResourceLedger | None, str]:
+        assert request.bundle is not None
+        group, index = request.bundle
+        if index >= 0:
+            ledger = self.bundles.ledger_for(group, index)
+            if ledger is None:
+                return None, f"bundle {index} of placement group {group} is not held here"
+            if not ledger.could_ever_fit(request.resources, normalized=True):
+                return None, (
+                    f"bundle {index} of placement group {group} holds {ledger.total}, "
+                    f"less than {dict(request.resources)}"
+                )
+            return ledger, ""
+        ledgers = [self.bundles.ledger_for(group, i) for i in self.bundles.indexes(group)]
+        fitting = [
+            lg
+            for lg in ledgers
+            if lg is not None and lg.could_ever_fit(request.resources, normalized=True)
+        ]
+        if not fitting:
+            return None, f"no bundle of placement group {group} here can hold {request.resources}"
+        free = [lg for lg in fitting if lg.can_fit(request.resources, normalized=True)]
+        return (free or fitting)[0], ""
 
     def offer(self, request: PlacementRequest, now: float) -> QueueAdmission:
         """Admit, queue or reject ``request`` (which a submitter placed here)."""
@@ -182,19 +245,23 @@ class LocalScheduler:
                 f"labels {self.labels} do not match {request.label_selector}",
                 infeasible=True,
             )
-        if not self.ledger.could_ever_fit(request.resources, normalized=True):
-            return self._reject(
-                request,
-                now,
-                f"total capacity {self.ledger.total} cannot hold {request.resources}",
-                infeasible=True,
-            )
+        if request.bundle is not None:
+            ledger, why = self._bundle_ledger(request)
+            if ledger is None:
+                return self._reject(request, now, why, infeasible=True)
+        else:
+            ledger = self.ledger
+            if not ledger.could_ever_fit(request.resources, normalized=True):
+                return self._reject(
+                    request,
+                    now,
+                    f"total capacity {self.ledger.total} cannot hold {request.resources}",
+                    infeasible=True,
+                )
         if not self.accepting:
             return self._reject(request, now, "node is draining", infeasible=True)
-        if self.ledger.can_fit(request.resources, normalized=True):
-            allocation = self.ledger.acquire(request.task_id, request.resources)
-            self._running[request.task_id] = request
-            self.version += 1
+        if ledger.can_fit(request.resources, normalized=True):
+            allocation = self._start(request, ledger)
             return QueueAdmission(
                 AdmissionKind.STARTED,
                 request.task_id,
@@ -205,12 +272,35 @@ class LocalScheduler:
         if not self.queue.has_room(request.submitter):
             return self._reject(request, now, f"busy and queue full ({self.queued} waiting)")
         self.queue.push(request.submitter, request.task_id, request)
-        self.version += 1
+        self._version += 1
         return QueueAdmission(
             AdmissionKind.QUEUED,
             request.task_id,
             self.node_id,
-            reason=f"waiting for {self.ledger.missing(request.resources, normalized=True)}",
+            reason=f"waiting for {ledger.missing(request.resources, normalized=True)}",
+        )
+
+    def _start(self, request: PlacementRequest, ledger: ResourceLedger) -> Allocation:
+        allocation = ledger.acquire(request.task_id, request.resources)
+        self._running[request.task_id] = (request, ledger)
+        self._version += 1
+        return allocation
+
+    def request_of(self, task_id: str) -> PlacementRequest | None:
+        """The request of a task running here."""
+        entry = self._running.get(task_id)
+        return None if entry is None else entry[0]
+
+    def has_room_any(self) -> bool:
+        """Whether one more request could start or queue here (the queue is not full)."""
+        return len(self.queue) < self.queue.limit
+
+    def has_room(self, request: PlacementRequest) -> bool:
+        """Would :meth:`offer` start or queue ``request`` now (no rejection)?"""
+        if request.bundle is not None:
+            return True
+        return self.ledger.can_fit(request.resources, normalized=True) or self.queue.has_room(
+            request.submitter
         )
 
     def _reject(
@@ -227,42 +317,124 @@ class LocalScheduler:
 
     def finish(self, task_id: str, now: float) -> list[QueueAdmission]:
         """``task_id`` ended: release its resources and start queued requests that now fit."""
-        if self._running.pop(task_id, None) is None:
+        entry = self._running.pop(task_id, None)
+        if entry is None:
             return []
-        self.ledger.release(task_id)
-        self.version += 1
-        return self._dispatch()
+        if task_id in self._lent:
+            self._lent.discard(task_id)
+        else:
+            entry[1].release(task_id)
+        self._version += 1
+        return self.dispatch()
+
+    def lend(self, task_id: str) -> list[QueueAdmission]:
+        """The task's worker blocks (a ``get`` of objects not ready): its resources go to other
+        work meanwhile, as Ray does; they are not taken back when it resumes."""
+        entry = self._running.get(task_id)
+        if entry is None or task_id in self._lent:
+            return []
+        self._lent.add(task_id)
+        entry[1].release(task_id)
+        self._version += 1
+        return self.dispatch()
 
     def cancel(self, task_id: str, now: float) -> list[QueueAdmission]:
         """Drop a queued request, or end a running one; returns requests started as a result."""
         if self.queue.remove(task_id) is not None:
-            self.version += 1
+            self._version += 1
             return []
         return self.finish(task_id, now)
 
     def bind_worker(self, task_id: str, worker_id: str) -> None:
         """Record which worker runs ``task_id`` so :meth:`reclaim_owner` can free it."""
-        self.ledger.set_owner(task_id, worker_id)
+        entry = self._running.get(task_id)
+        (entry[1] if entry is not None else self.ledger).set_owner(task_id, worker_id)
 
     def reclaim_owner(self, worker_id: str, now: float) -> tuple[list[str], list[QueueAdmission]]:
         """A worker died: free what it held; returns (tasks it was running, newly started)."""
-        freed = self.ledger.release_owner(worker_id)
+        ledgers = [self.ledger] + [
+            lg
+            for g in self.bundles.groups()
+            for lg in (self.bundles.ledger_for(g, i) for i in self.bundles.indexes(g))
+            if lg is not None
+        ]
+        freed = [a for lg in ledgers for a in lg.release_owner(worker_id)]
         for allocation in freed:
             self._running.pop(allocation.allocation_id, None)
         if freed:
-            self.version += 1
-        return [a.allocation_id for a in freed], self._dispatch()
+            self._version += 1
+        return [a.allocation_id for a in freed], self.dispatch()
 
-    def _dispatch(self) -> list[QueueAdmission]:
+    # placement-group bundles -------------------------------------------------------------------
+    def release_group(
+        self, group_id: str, now: float, owner: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Release the group's bundles here (those of ``owner`` only, when given): returns
+        (tasks running in them, which must be ended; queued requests of the group, dropped)."""
+        released = self.bundles.release_group(group_id, owner)
+        return self._bundles_gone(group_id, bool(released))
+
+    def release_bundle_owner(self, owner: str, now: float) -> tuple[list[str], list[str]]:
+        """The owner of placement groups died: release its bundles here (see release_group)."""
+        running: list[str] = []
+        dropped: list[str] = []
+        for group in sorted({r.group_id for r in self.bundles.release_owner(owner)}):
+            r, d = self._bundles_gone(group, True)
+            running += r
+            dropped += d
+        return running, dropped
+
+    def expire_bundles(self, now: float) -> bool:
+        """Drop prepared reservations whose lease passed; True when any did."""
+        return bool(self.bundles.expire(now))
+
+    def _bundles_gone(self, group_id: str, released: bool) -> tuple[list[str], list[str]]:
+        running = [
+            tid
+            for tid, (req, _lg) in self._running.items()
+            if req.bundle is not None
+            and req.bundle[0] == group_id
+            and self.bundles.ledger_for(group_id, req.bundle[1]) is None
+        ]
+        for tid in running:
+            del self._running[tid]
+            self._lent.discard(tid)
+        dropped = [
+            tid
+            for tid in self.queue.keys()
+            if (req := self.queue.get(tid)) is not None
+            and req.bundle is not None
+            and req.bundle[0] == group_id
+        ]
+        for tid in dropped:
+            self.queue.remove(tid)
+        if released or running or dropped:
+            self._version += 1
+        return running, dropped
+
+    def _ledger_of(self, request: PlacementRequest) -> ResourceLedger | None:
+        if request.bundle is None:
+            return self.ledger
+        ledger, _why = self._bundle_ledger(request)
+        return ledger
+
+    def dispatch(self) -> list[QueueAdmission]:
+        """Start queued requests that fit now (round-robin over submitters)."""
         started: list[QueueAdmission] = []
+        picked: list[ResourceLedger] = []
+
+        def can_run(r: PlacementRequest) -> bool:
+            ledger = self._ledger_of(r)
+            if ledger is not None and ledger.can_fit(r.resources, normalized=True):
+                picked.append(ledger)
+                return True
+            return False
+
         while len(self.queue):
-            request = self.queue.pop_ready(
-                lambda r: self.ledger.can_fit(r.resources, normalized=True)
-            )
+            request = self.queue.pop_ready(can_run)
             if request is None:
                 break
-            allocation = self.ledger.acquire(request.task_id, request.resources)
-            self._running[request.task_id] = request
+            allocation = self._start(request, picked[-1])
             started.append(
                 QueueAdmission(
                     AdmissionKind.STARTED,
@@ -272,6 +444,4 @@ class LocalScheduler:
                     allocation=allocation,
                 )
             )
-        if started:
-            self.version += 1
         return started

@@ -22,10 +22,13 @@ How a node is chosen (strategy ``DEFAULT``):
    looked idle in a stale ad). Placements are forgotten once a newer ad covers them, when rejected,
    or after ``pending_max_age``.
 4. *Locality first*: the holder with the most argument bytes wins if it can start the task now, or
-   would queue it no deeper than ``locality_slack`` x the mesh's mean load (so locality never
-   piles work on one node). When the mesh is saturated (mean load >= 1) and every holder is full,
-   the request WAITs up to ``locality_delay`` seconds for a slot next to its data (delay
-   scheduling) instead of queueing behind strangers far from it.
+   would queue it no deeper than ``locality_slack`` x the mesh's mean load, or than
+   ``locality_queue`` tasks per CPU (so locality never piles work on one node). When every
+   holder is full and the mesh is saturated (mean load >= 1) or no node looked at could start
+   it now either, the request WAITs up to ``locality_delay`` seconds for a slot next to its data
+   (delay scheduling) instead of queueing behind strangers far from it; when other nodes are
+   free it waits up to ``locality_wait_free`` (default 0) when its arguments are at least
+   ``locality_wait_min_bytes`` (moving them would cost more than the wait).
 5. *Load*: otherwise the least loaded of the sampled nodes (free now beats queueing; then
    ``(running + queued + 1) / CPUs``); if none is free, ``extra_samples_when_full`` more are
    looked at before queueing, and in meshes of up to ``full_scan_limit`` feasible nodes every one
@@ -96,6 +99,10 @@ class NodeView:
     #: The node's bounded queue size (None: unbounded).
     queue_limit: int | None = None
     alive: bool = True
+    #: The node's own count of its state changes when it made this view (0: unknown). Views
+    #: travel by different paths (pushes, answers, ads) and may arrive out of order: a view
+    #: with a lower ``seq`` than the one held is older, whenever it arrived.
+    seq: int = 0
 
     @property
     def cpu_slots(self) -> float:
@@ -125,6 +132,12 @@ class PlacementRequest:
     excluded: frozenset[str] = frozenset()
     #: When the submitter first tried to place it (for delay scheduling); set by the Submitter.
     submitted_at: float | None = None
+    #: Who on the submitting node asked for it (a driver, a worker): the submitter's waiting
+    #: requests are served round-robin over owners. Empty: the submitter itself.
+    owner: str = ""
+    #: A placement-group bundle to run in: (group id, bundle index, -1 for any bundle). The
+    #: node re-checks the request against that bundle's reservation, not its free resources.
+    bundle: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.resources, Normalized):
@@ -195,7 +208,9 @@ class ClusterSnapshot:
     def update_node(self, view: NodeView) -> None:
         """Insert or replace a node's view; older ads than the one held are ignored."""
         old = self.nodes.get(view.node_id)
-        if old is not None and view.ad_time < old.ad_time:
+        if old is not None and (
+            view.ad_time < old.ad_time or (view.seq and old.seq and view.seq < old.seq)
+        ):
             return
         self.nodes[view.node_id] = view
         if old is not None:
@@ -216,12 +231,12 @@ class ClusterSnapshot:
             self._invalidate()
 
     def _account(self, view: NodeView, sign: int) -> None:
-        if view.alive:
+        if view.alive and view.total.get(CPU, 0.0) > 0:  # (a node without CPUs runs nothing)
             self._alive += sign
             self._load_sum += sign * (view.running + view.queued) / view.cpu_slots
 
     def mean_load(self) -> float:
-        """Mean over live nodes of (running + queued) per CPU, as advertised."""
+        """Mean over live nodes with CPUs of (running + queued) per CPU, as advertised."""
         return max(0.0, self._load_sum / self._alive) if self._alive else 0.0
 
     def set_object(self, cid: bytes | str, size: int, holders: Iterable[str]) -> None:
@@ -320,6 +335,9 @@ class PlacementPolicy:
         extra_samples_when_full: int = 8,
         locality_delay: float = 5.0,
         full_scan_limit: int = 128,
+        locality_wait_free: float = 0.0,
+        locality_queue: float = 1.0,
+        locality_wait_min_bytes: int = 1 << 20,
     ) -> None:
         if choices < 1:
             raise ValueError("choices must be >= 1")
@@ -330,6 +348,9 @@ class PlacementPolicy:
         self.pending_max_age = pending_max_age
         self.extra_samples_when_full = extra_samples_when_full
         self.locality_delay = locality_delay
+        self.locality_wait_free = locality_wait_free
+        self.locality_queue = locality_queue
+        self.locality_wait_min_bytes = locality_wait_min_bytes
         self.full_scan_limit = full_scan_limit
         self._pending: dict[str, _Pending] = {}
         self._spread_cursor: dict[tuple[object, ...], int] = {}
@@ -370,6 +391,10 @@ class PlacementPolicy:
             load_after,
             self._local_bytes(view.node_id, request, snapshot),
         )
+
+    @staticmethod
+    def _args_bytes(request: PlacementRequest) -> int:
+        return sum(size for _cid, size in request.args)
 
     @staticmethod
     def _local_bytes(node_id: str, request: PlacementRequest, snapshot: ClusterSnapshot) -> int:
@@ -499,7 +524,7 @@ class PlacementPolicy:
         ]
         # Locality: a holder that can start it now, or would queue it no deeper than
         # locality_slack x the mesh's mean load, wins; most argument bytes first.
-        limit = max(1.0, self.locality_slack * snapshot.mean_load())
+        limit = max(self.locality_queue, self.locality_slack * snapshot.mean_load())
         local = [
             e for e in holder_estimates if e.room_now or (e.queue_space and e.load_after <= limit)
         ]
@@ -515,12 +540,13 @@ class PlacementPolicy:
                 holder_available=True,
                 room_now=nearest.room_now,
             )
+        has_holder = bool(holders) or bool(self._holders(snapshot, request, ignore_excluded=True))
+        waited = None if request.submitted_at is None else now - request.submitted_at
         if (
-            self.locality_delay > 0
-            and request.submitted_at is not None
-            and now - request.submitted_at < self.locality_delay
+            has_holder
+            and waited is not None
+            and waited < self.locality_delay
             and snapshot.mean_load() >= 1.0
-            and (holders or self._holders(snapshot, request, ignore_excluded=True))
         ):
             # Delay scheduling: the mesh is saturated and the holders are full; waiting a little
             # for a slot next to the data beats queueing behind strangers far from it.
@@ -557,6 +583,20 @@ class PlacementPolicy:
                 DecisionKind.WAIT,
                 reason="every candidate node is full and its queue is full",
                 holder_available=bool(holders),
+            )
+        if (
+            has_holder
+            and waited is not None
+            and waited < (self.locality_delay if not best.room_now else self.locality_wait_free)
+            and self._args_bytes(request) >= self.locality_wait_min_bytes
+        ):
+            # The holders are busy: no node looked at can start it now (or, with free nodes,
+            # within locality_wait_free): wait for a slot next to the data rather than queue
+            # behind strangers far from it.
+            return Decision(
+                DecisionKind.WAIT,
+                reason="waiting for a node that holds the arguments",
+                holder_available=True,
             )
         return Decision(
             DecisionKind.PLACE,

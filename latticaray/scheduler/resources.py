@@ -123,6 +123,8 @@ class _Device:
     device_id: str
     free_units: int = GRANULARITY
     holders: set[str] = field(default_factory=set)
+    #: What this ledger may use of the device (a bundle's ledger may hold a fraction of one).
+    capacity: int = GRANULARITY
 
 
 class ResourceLedger:
@@ -133,9 +135,18 @@ class ResourceLedger:
     """
 
     def __init__(
-        self, total: Mapping[str, float], gpu_ids: Sequence[str | int] | None = None
+        self,
+        total: Mapping[str, float],
+        gpu_ids: Sequence[str | int] | None = None,
+        *,
+        gpu_shares: Sequence[tuple[str, int]] | None = None,
     ) -> None:
         total_n = normalize(total)
+        if gpu_shares is not None:
+            # A placement-group bundle's ledger: the devices (or device fractions) its
+            # reservation took from the node's ledger.
+            self._init_units(total_n, [_Device(d, u, set(), u) for d, u in gpu_shares])
+            return
         if gpu_ids is None:
             gpus = total_n.get(GPU, 0.0)
             if gpus != int(gpus):
@@ -148,11 +159,20 @@ class ResourceLedger:
             raise ResourceError(f"GPU capacity {total_n[GPU]} does not match {len(ids)} device ids")
         if ids:
             total_n[GPU] = float(len(ids))
+        self._init_units(total_n, [_Device(d) for d in ids])
+
+    def _init_units(self, total_n: Mapping[str, float], devices: list[_Device]) -> None:
         self._total_units = {k: _units(v) for k, v in total_n.items()}
         self._free_units = dict(self._total_units)
-        self._devices = [_Device(d) for d in ids]
+        self._devices = devices
         self._allocations: dict[str, Allocation] = {}
         self._by_owner: dict[str, set[str]] = {}
+
+    @classmethod
+    def for_allocation(cls, allocation: Allocation) -> ResourceLedger:
+        """A ledger over exactly what ``allocation`` holds (a placement-group bundle): tasks of
+        the bundle acquire from it, and get GPU ids among the bundle's devices."""
+        return cls(allocation.resources, gpu_shares=allocation.gpu_shares)
 
     # views ------------------------------------------------------------------------------------
     @property
@@ -255,7 +275,7 @@ class ResourceLedger:
         devices = {d.device_id: d for d in self._devices}
         for device_id, share in alloc.gpu_shares:
             device = devices[device_id]
-            device.free_units = min(GRANULARITY, device.free_units + share)
+            device.free_units = min(device.capacity, device.free_units + share)
             device.holders.discard(allocation_id)
         if alloc.owner is not None:
             owned = self._by_owner.get(alloc.owner)
@@ -280,7 +300,7 @@ class ResourceLedger:
                 return None
             return [min(candidates, key=lambda d: (d.free_units, d.device_id))]
         count = need_units // GRANULARITY
-        whole = [d for d in self._devices if d.free_units == GRANULARITY]
+        whole = [d for d in self._devices if d.free_units == GRANULARITY == d.capacity]
         if len(whole) < count:
             return None
         return whole[:count]

@@ -1,1 +1,20 @@
-"""Utilities beside the core API, named as Ray's ``ray.util`` (``latticaray.util.state``)."""
+"""Utilities beside the core API, named as Ray's ``ray.util`` (``latticaray.util.state``,
+``latticaray.util.placement_group``, ``latticaray.util.scheduling_strategies``)."""
+
+from latticaray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+
+__all__ = [
+    "PlacementGroup",
+    "get_current_placement_group",
+    "get_placement_group",
+    "placement_group",
+    "placement_group_table",
+    "remove_placement_group",
+]

@@ -36,6 +36,41 @@ def js_addr(js_peer, transport: str) -> str:
     return addr if "/p2p/" in addr else f"{addr}/p2p/{js_peer.peer_id}"
 
 
+async def node_joined_to_js(js_peer, transport: str, direction: str, setup=None):
+    """A started node (QUIC and TCP on loopback, no same-host path) connected to the js peer,
+    dialed by ``direction`` ("we-dial" or "js-dials"), identified by the node; ``setup(node)``
+    runs between start and connect (services registered before identify). Stop it with
+    :func:`drop_node`."""
+    from latticaray.mesh.node import MeshConfig, MeshNode
+
+    node = MeshNode(
+        MeshConfig(
+            listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
+            transports=("tcp", "quic"),
+            same_host_fast_path=False,
+        )
+    )
+    await node.start()
+    extra = setup(node) if setup is not None else None
+    js = PeerId.from_string(js_peer.peer_id)
+    assert node.connected_peers() == []
+    if direction == "we-dial":
+        await node.connect(js_addr(js_peer, transport))
+    else:
+        await js_peer.call("dial", addr=our_addr(node, transport))
+    await wait_for(lambda: js in node.identify_service.peer_info)
+    assert node.connected_peers() == [js]
+    return node, extra
+
+
+async def drop_node(js_peer, node) -> None:
+    """js hangs up on the node (and forgets it), then the node stops."""
+    try:
+        await js_peer.call("hangup", peer=str(node.peer_id), timeout=10)
+    finally:
+        await node.stop()
+
+
 async def js_dials(node, js_peer, transport: str):
     """js dials the node; returns the node's connection to js once registered."""
     result = await js_peer.call("dial", addr=our_addr(node, transport))

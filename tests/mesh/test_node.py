@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from latticaray.mesh.errors import PeerIdMismatch, PeerUnreachable, RpcError
+from latticaray.mesh.errors import MeshError, PeerIdMismatch, PeerUnreachable, RpcError
 from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.multiaddr import Multiaddr
 from latticaray.mesh.node import MeshConfig, MeshNode
@@ -428,3 +428,24 @@ async def test_peers_on_one_host_move_to_the_unix_path_after_identify(tmp_path):
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_blocked_peer_is_disconnected_never_dialed_and_its_connections_closed(pair):
+    a, b = pair
+    await a.connect(b.listen_addrs[0])
+    await a.block(b.peer_id, "revoked")
+    await wait_for(lambda: b.peer_id not in a.connected_peers(), what="a to drop b")
+    assert a.connections.blocked(b.peer_id) == "revoked"
+    # a dials nothing to it, by address or by peer id
+    with pytest.raises(PeerUnreachable, match="blocked: revoked"):
+        await a.connect(b.listen_addrs[0])
+    with pytest.raises(PeerUnreachable, match="blocked"):
+        await a.call(b.peer_id, "/test/echo/1", b"hi", timeout=5)
+    # b's own dial completes its handshake, then a closes the connection as it registers
+    with pytest.raises((MeshError, ConnectionError, OSError)):
+        await b.connect(a.listen_addrs[0])
+        await b.call(a.peer_id, "/test/echo/1", b"hi", timeout=5)
+    await wait_for(lambda: b.peer_id not in a.connected_peers(), what="a to refuse b again")
+    a.unblock(b.peer_id)
+    await a.connect(b.listen_addrs[0])
+    assert await a.call(b.peer_id, "/test/echo/1", b"hi", timeout=10)

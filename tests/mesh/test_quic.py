@@ -22,7 +22,7 @@ from latticaray.mesh.errors import ConnectionClosed, HandshakeError, PeerIdMisma
 from latticaray.mesh.identity import KeyPair
 from latticaray.mesh.transport.quic import QuicConfig, QuicTransport
 from latticaray.mesh.transport.quic_aioquic import check_aioquic_version
-from latticaray.mesh.transport.quic_backend import BACKENDS, load_backend
+from latticaray.mesh.transport.quic_loader import BACKENDS, load_backend
 from latticaray.mesh.transport.quic_qh3 import check_qh3_version
 from latticaray.mesh.transport.quic_udp import UdpSocket
 
@@ -74,7 +74,7 @@ def test_the_aioquic_overrides_refuse_any_other_aioquic_version():
     # the aioquic backend does not load on top of another aioquic release
     proc = _run(
         "import aioquic; aioquic.__version__ = '9.9.9'\n"
-        "from latticaray.mesh.transport.quic_backend import load_backend\n"
+        "from latticaray.mesh.transport.quic_loader import load_backend\n"
         "load_backend('aioquic')"
     )
     assert proc.returncode != 0
@@ -87,7 +87,7 @@ def test_the_qh3_overrides_refuse_any_other_qh3_version_and_auto_falls_back_to_a
     check_qh3_version(qh3.__version__)
     code = (
         "import qh3; qh3.__version__ = '9.9.9'\n"
-        "from latticaray.mesh.transport.quic_backend import load_backend\n"
+        "from latticaray.mesh.transport.quic_loader import load_backend\n"
         "print(load_backend('auto').name)\n"
         "load_backend('qh3')"
     )

@@ -18,7 +18,9 @@ def cell_texts(path) -> list[str]:
         parts = []
         for out in cell.get("outputs", []):
             if out.output_type == "stream":
-                parts.append(out.text)
+                # a stream that ends mid-line (a progress bar's last redraw on stderr) ends
+                # here: the next output starts on a line of its own
+                parts.append(out.text if out.text.endswith("\n") else out.text + "\n")
             elif out.output_type in ("execute_result", "display_data"):
                 data = out.get("data", {})
                 parts.append(data.get("text/plain", ""))

@@ -1,19 +1,22 @@
 """examples/notebook_behind_nat.ipynb, executed by nbclient in a real ipykernel.
 
 On loopback: two worker node processes (the first one makes the mesh and its invite), the
-notebook joins with only the bootstrap address and the credential. In netlab: the driver kernel
-in hostA (cone NAT), workers in hostB (cone) and hostC (symmetric), pub1 public (bootstrap and
-relay). Until the zero-flag join lands, the netlab run passes today's NAT settings (observers,
-relays) through LATTICARAY_NOTEBOOK_INIT and the workers get --nat --observer --relay.
+notebook joins with only the bootstrap address and the credential. In netlab, the zero-flag
+path: the driver kernel in hostA (cone NAT) calls only ``init(bootstrap=[pub1], credential=...)``,
+the workers in hostB (cone) and hostC (symmetric) get only ``--bootstrap`` and ``--credential``,
+pub1 is public (the bootstrap, serving relay and AutoNAT). Every process has ``LATTICARAY_LAB=1``
+(the lab's 198.18.0.0/15 counts as public), nothing else. The large fetch shows its progress bar
+in the cell output (``LATTICARAY_PROGRESS_DELAY=0``: shown at once), and ``latticaray status``
+attached to the hostB worker shows pub1 direct and hostC over a relayed or hole-punched path.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,18 +105,43 @@ def test_notebook_on_loopback(tmp_path):
 # --- netlab: driver behind a cone NAT, workers behind a cone and a symmetric NAT ---------------
 
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "mesh" / "nat"))
+sys.path.insert(0, str(ROOT / "bench"))
+from netlab_nodes import PUB1, LabNode  # noqa: E402
 from netlab_util import lab, netlab_available  # noqa: E402
-from test_runtime_over_nat import (  # noqa: E402
-    HOST_IPS,
-    PUB1,
-    QUIC_PORT,
-    RELAY_PORT,
-    LabProcess,
-    node_args,
-)
 
 LAB_PREFIX = os.environ.get("LATTICARAY_NAT_LAB_PREFIX", f"lnb{os.getpid() % 100000}")
+LAB_ENV = {"LATTICARAY_LAB": "1"}
+QUIC_PORT = 4811
+RELAY_PORT = 4812
+
+
+def start_args(*extra: str) -> list[str]:
+    """`latticaray start` as a worker runs it: no listen address, no NAT option."""
+    return [sys.executable, "-m", "latticaray", "start", "--num-cpus", "1", *extra]
+
+
+def status_paths(prefix: str, host: str, address: str) -> tuple[str, dict[str, str]]:
+    """`latticaray status` run inside ``host``: its text and the PATH column by node row."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", f"{prefix}-{host}", sys.executable, "-m", "latticaray", "status",
+         "--address", address, "--timeout", "20"],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+    )  # fmt: skip
+    paths = {}
+    lines = proc.stdout.splitlines()
+    head = next((i for i, x in enumerate(lines) if x.startswith("NODE ")), None)
+    if head is not None:
+        start = lines[head].index("PATH")
+        for row in lines[head + 1 :]:
+            if not row.strip():
+                break
+            paths[row.split()[0].rstrip("…")] = row[start:].split()[0]
+    return proc.stdout + proc.stderr, paths
+
+
+def path_of(paths: dict[str, str], node_id: str) -> str | None:
+    return next((p for short, p in paths.items() if node_id.startswith(short)), None)
 
 
 @pytest.mark.netlab
@@ -123,36 +151,38 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
     reason = netlab_available()
     if reason is not None:
         pytest.skip(reason)
-    processes: list[LabProcess] = []
+    processes: list[LabNode] = []
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
     with lab(LAB_PREFIX):
         try:
-            pub1 = LabProcess(LAB_PREFIX, "pub1", node_args(PUB1, "--serve-relay", str(RELAY_PORT)))
+            pub1 = LabNode(
+                LAB_PREFIX,
+                "pub1",
+                start_args(
+                    "--listen",
+                    f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1",
+                    "--serve-relay",
+                    str(RELAY_PORT),
+                ),
+                str(logdir / "pub1.log"),
+                env=LAB_ENV,
+            )
             processes.append(pub1)
             info = pub1.ready_line(90)
             bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
-            relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
-            # today's NAT flags; the zero-flag join will make them unnecessary
-            nat_flags = ["--nat", "--observer", f"{PUB1}:{QUIC_PORT}", "--relay", relay]
-            workers = {}
+            workers, ready = {}, {}
             for host in ("hostB", "hostC"):
-                worker = LabProcess(
+                worker = LabNode(
                     LAB_PREFIX,
                     host,
-                    node_args(
-                        HOST_IPS[host],
-                        "--bootstrap",
-                        bootstrap,
-                        "--credential",
-                        info["invite"],
-                        *nat_flags,
-                    ),
+                    start_args("--bootstrap", bootstrap, "--credential", info["invite"]),
+                    str(logdir / f"{host}.log"),
+                    env=LAB_ENV,
                 )
                 processes.append(worker)
-                workers[worker.ready_line(120)["node_id"]] = os.uname().nodename
-            init_extra = {
-                "listen": [f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1"],
-                "nat": {"observers": [f"{PUB1}:{QUIC_PORT}"], "relays": [relay], "lab": True},
-            }
+                ready[host] = worker.ready_line(120)
+                workers[ready[host]["node_id"]] = os.uname().nodename
             texts = run_notebook(
                 tmp_path,
                 {
@@ -160,13 +190,32 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
                     "LATTICARAY_CREDENTIAL": info["invite"],
                     "LATTICARAY_NOTEBOOK_WORKERS": "3",  # pub1 is a worker too
                     "LATTICARAY_NOTEBOOK_OBJECT_MB": "200",
-                    "LATTICARAY_NOTEBOOK_INIT": json.dumps(init_extra),
+                    "LATTICARAY_PROGRESS_DELAY": "0",
+                    **LAB_ENV,
                 },
                 prefix=["ip", "netns", "exec", f"{LAB_PREFIX}-hostA"],
                 timeout=1400,
             )
             workers[info["node_id"]] = os.uname().nodename
             check_outputs(texts, workers)
+            # the 200 MB fetch by CID drew its bar in the cell (tqdm's text bar on stderr)
+            fetch_cell = next(t for t in texts if "FETCH_OK" in t)
+            assert re.search(r"get bafy\S*: +\d+%", fetch_cell), fetch_cell[-2000:]
+            assert "100%" in fetch_cell, fetch_cell[-2000:]
+            # `latticaray status` at hostB: pub1 is direct; hostC (symmetric NAT) is reached
+            # through the relay or a hole punch once the status request has connected them
+            address = ready["hostB"]["driver_address"]
+            hostc = ready["hostC"]["node_id"]
+            deadline = time.monotonic() + 120
+            while True:
+                text, paths = status_paths(LAB_PREFIX, "hostB", address)
+                if path_of(paths, hostc) in ("relayed", "punched"):
+                    break
+                assert time.monotonic() < deadline, text
+                time.sleep(1.0)
+            assert path_of(paths, info["node_id"]) == "direct", text
+            assert path_of(paths, ready["hostB"]["node_id"]) == "self", text
+            print(f"\nlatticaray status at hostB:\n{text}")
         finally:
             for process in processes:
                 process.stop()

@@ -99,15 +99,16 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def driver_with_nodes(count: int = 2):
-    """This process as the mesh's first node (embedded driver) plus ``count`` node processes."""
+def driver_with_nodes(count: int = 2, node_args: tuple[str, ...] = ()):
+    """This process as the mesh's first node (embedded driver) plus ``count`` node processes
+    (started with ``node_args`` too)."""
     lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
     nodes = []
     try:
         info = lattica.mesh_info()
         invite = lattica.invite()
         for _ in range(count):
-            nodes.append(NodeProcess(info["address"][0], invite))
+            nodes.append(NodeProcess(info["address"][0], invite, extra_args=node_args))
         wait_for(lambda: len(alive_nodes()) >= count + 1, 30, f"{count + 1} alive nodes")
         yield {
             "addr": info["address"][0],

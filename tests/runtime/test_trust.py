@@ -39,8 +39,10 @@ from latticaray.mesh.dht.records import Record
 from latticaray.mesh.errors import MeshError, RpcError
 from latticaray.mesh.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
 from latticaray.mesh.identity import PeerId
-from latticaray.mesh.libp2p import identify as libp2p_identify
-from latticaray.mesh.libp2p import ping as libp2p_ping
+from latticaray.mesh.libp2p.identify import IDENTIFY_PROTOCOL as LIBP2P_IDENTIFY
+from latticaray.mesh.libp2p.identify import IDENTIFY_PUSH_PROTOCOL
+from latticaray.mesh.libp2p.kad import DEFAULT_KAD_PROTOCOL
+from latticaray.mesh.libp2p.ping import PING_PROTOCOL as LIBP2P_PING
 from latticaray.mesh.node import MeshConfig, NodeThread
 from latticaray.objectstore.bitswap import PROTOCOL_ID as BITSWAP_PROTOCOL
 from latticaray.objectstore.exchange import REPLICATE_PROTOCOL_ID
@@ -61,6 +63,7 @@ from latticaray.runtime.remote.wire import (
     ObjectByCid,
 )
 from latticaray.scheduler.advertiser import capacity_key
+from latticaray.scheduler.driver import SCHED_PROTOCOL
 from latticaray.state.replication import PROTOCOL_ID as STATE_PROTOCOL
 
 #: Every protocol a runtime node serves that holds data or does work, and how it is called.
@@ -77,18 +80,19 @@ PRIVATE = {
     BITSWAP_PROTOCOL: "stream",
     REPLICATE_PROTOCOL_ID: "unary",
     STATE_PROTOCOL: "unary",
+    SCHED_PROTOCOL: "unary",  # placement groups' two-phase claim
 }
 #: Served to anyone: the door itself, and the mesh's public plumbing (DHT routing is public;
-#: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential;
-#: libp2p identify, identify push and ping say only who the node is, as their mesh twins do).
+#: its runtime records are members-only, see test_runtime_dht_records_need_a_member_credential).
 PUBLIC = {
     ADMIT_PROTOCOL,
     DHT_PROTOCOL,
     IDENTIFY_PROTOCOL,
     PING_PROTOCOL,
-    libp2p_identify.IDENTIFY_PROTOCOL,
-    libp2p_identify.IDENTIFY_PUSH_PROTOCOL,
-    libp2p_ping.PING_PROTOCOL,
+    LIBP2P_IDENTIFY,  # libp2p's identify, identify push and ping: public by their spec
+    IDENTIFY_PUSH_PROTOCOL,
+    LIBP2P_PING,
+    DEFAULT_KAD_PROTOCOL,  # the DHT on libp2p Kademlia: public routing, ServeLimits apply
 }
 
 
@@ -300,6 +304,12 @@ def revoked(mesh):
             5,
             "the revoked peer's connection to close",
         )
+        # the mesh refuses it from now on: it cannot connect again to say anything
+        assert remote.mesh.connections.blocked(peer.peer_id)
+        code, _ = peer.attempt(target, OBJECT_PROTOCOL, ObjectByCid(cid).encode())
+        assert code == "UNAVAILABLE", code
+        # behind that gate every protocol refuses it too: the tests below open the gate to see
+        remote.mesh.unblock(peer.peer_id)
         peer.target = target
         yield peer
     finally:

@@ -1,4 +1,4 @@
-"""The typed runtime wire messages (runtime/remote/wire.py) against the maps the runtime sends.
+"""The typed runtime wire messages (the runtime/remote/wire package) against the maps the runtime sends.
 
 Each ``legacy_*`` function builds a message exactly as runtime/cluster.py builds it today (the
 function it mirrors is named); the typed message must encode to the same bytes, and decode from

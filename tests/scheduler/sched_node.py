@@ -3,9 +3,9 @@
     python tests/scheduler/sched_node.py --resources '{"CPU": 2}' [--labels '{}'] \
         [--bootstrap /ip4/127.0.0.1/udp/P/quic-v1/p2p/ID] [--draining]
 
-Starts a MeshNode on loopback QUIC, a DhtService, a LocalScheduler with a CapacityAdvertiser
-writing ``capacity/<res>`` records, and the ``/latticaray/sched/1`` service. An admitted task
-"runs" by sleeping ``meta.sleep`` seconds. Prints one JSON line (peer id, addresses) when ready;
+Starts a MeshNode on loopback QUIC, a DhtService, a SchedulerCore driven by a SchedulerDriver
+(``/latticaray/sched/1``) and a CapacityAdvertiser writing ``capacity/<res>`` records. A task
+started here "runs" by sleeping ``meta.sleep`` seconds. Prints one JSON line (peer id, addresses) when ready;
 exits on SIGTERM or when stdin closes (so a dying test never leaves it behind).
 """
 
@@ -22,9 +22,9 @@ import msgpack
 from latticaray.mesh.dht import DhtConfig, DhtService
 from latticaray.mesh.node import MeshConfig, MeshNode
 from latticaray.scheduler.advertiser import AdvertiserCore, CapacityAdvertiser
-from latticaray.scheduler.local import LocalScheduler
+from latticaray.scheduler.core import SchedulerCore, StartLocal
+from latticaray.scheduler.driver import SchedulerDriver
 from latticaray.scheduler.resources import ResourceLedger
-from latticaray.scheduler.service import SchedulerService
 
 
 async def main() -> None:
@@ -40,11 +40,12 @@ async def main() -> None:
     ).start()
     dht = DhtService(node, DhtConfig(k=4, request_timeout=5.0))
     await asyncio.wait_for(dht.bootstrap([args.bootstrap] if args.bootstrap else None), 30)
-    local = LocalScheduler(
+    core = SchedulerCore(
         str(node.peer_id),
         ResourceLedger(json.loads(args.resources)),
         labels=json.loads(args.labels),
     )
+    local = core.local
     local.accepting = not args.draining
     advertiser = CapacityAdvertiser(
         local,
@@ -58,14 +59,25 @@ async def main() -> None:
         local.accepting = True
         await advertiser.publish_once()
         local.accepting = False
-    service: SchedulerService
+    driver: SchedulerDriver
+    running: set[asyncio.Task] = set()
 
     async def run_task(task_key: str, meta: bytes) -> None:
         sleep = float(msgpack.unpackb(meta).get("sleep", 0.0)) if meta else 0.0
         await asyncio.sleep(min(sleep, 30.0))
-        service.finish(task_key)
+        driver.finish(task_key)
+        advertiser.notify_change()
 
-    service = SchedulerService(node, local, on_start=run_task, advertiser=advertiser)
+    def on_action(action) -> None:
+        if isinstance(action, StartLocal):
+            key = action.request.task_id
+            task = asyncio.ensure_future(run_task(key, driver.meta_of(key)))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            advertiser.notify_change()
+
+    driver = SchedulerDriver(node, core, dht=dht, on_action=on_action)
+    driver.start()
     if not args.draining:
         advertiser.start()
     print(
@@ -81,7 +93,7 @@ async def main() -> None:
     )
     await stop.wait()
     await advertiser.stop()
-    await service.close()
+    await driver.stop()
     await dht.close()
     await node.stop()
 

@@ -1,7 +1,8 @@
 """Scheduler across real node processes on loopback QUIC: DHT capacity ads, placement, spillback.
 
 Three scheduler node processes (tests/scheduler/sched_node.py) advertise their capacity in the DHT;
-a driver node in the test process places tasks with SchedulerClient:
+a driver node in the test process (no resources of its own) places tasks with its
+SchedulerCore and SchedulerDriver, learning the nodes from the DHT's capacity ads:
 * tasks needing a custom resource land only on the node that has it;
 * CPU tasks spread across the nodes;
 * a node whose (stale) ad says it is free but which rejects causes spillback, not failure.
@@ -22,11 +23,13 @@ import pytest
 
 from latticaray.mesh.dht import DhtConfig, DhtService
 from latticaray.mesh.node import MeshConfig, MeshNode
-from latticaray.scheduler.advertiser import CandidateSampler, capacity_key
+from latticaray.scheduler.advertiser import capacity_key
+from latticaray.scheduler.core import SchedulerConfig, SchedulerCore
+from latticaray.scheduler.driver import SchedulerDriver
 from latticaray.scheduler.errors import UnschedulableError
 from latticaray.scheduler.local import AdmissionKind
-from latticaray.scheduler.policy import PlacementPolicy, PlacementRequest
-from latticaray.scheduler.service import SchedulerClient
+from latticaray.scheduler.policy import PlacementRequest
+from latticaray.scheduler.resources import ResourceLedger
 
 NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "sched_node.py")
 
@@ -108,17 +111,18 @@ async def mesh():
             return isinstance(got, dict) and len(got) == 3
 
         await wait_until(all_advertised, 30, "three capacity/CPU ads in the DHT")
-        client = SchedulerClient(
-            driver,
-            sampler=CandidateSampler(dht, max_age=0.3),
-            policy=PlacementPolicy(seed=7),
-            infeasible_timeout=2.0,
-            refresh_interval=0.2,
+        core = SchedulerCore(
+            str(driver.peer_id),
+            ResourceLedger({}),
+            config=SchedulerConfig(capacity_wait=2.0, retry_interval=0.2, directory_ttl=0.3),
+            seed=7,
         )
+        client = SchedulerDriver(driver, core, dht=dht)
+        client.start()
         yield procs, client
     finally:
         if client is not None:
-            await client.close()
+            await client.stop()
         if dht is not None:
             await dht.close()
         if driver is not None:
@@ -150,10 +154,9 @@ async def test_custom_resource_spread_and_spillback_across_processes(mesh):
     assert draining.peer_id not in per_node
     assert per_node[plain.peer_id] >= 3 and per_node[special.peer_id] >= 3
     assert all(r.admission.kind in (AdmissionKind.STARTED, AdmissionKind.QUEUED) for r in results)
-    assert client.submitter.rejections >= 1
+    assert client.core.submitter.rejections >= 1
     assert any(r.attempts > 1 for r in results)
 
-    # No node can ever run this: a clear warning, then UnschedulableError.
+    # No node can ever run this: UnschedulableError naming what is missing.
     with pytest.raises(UnschedulableError, match="TPU"):
         await client.place(*task(999, {"TPU": 1}, 0.0), timeout=30)
-    assert any("TPU" in w for w in client.warnings)

@@ -200,7 +200,9 @@ def test_small_simulation_places_everything_locally_and_balanced():
     )
     s = result.summary()
     assert s["placed"] == 6000 and s["failed"] == 0 and s["finished"] == 6000
-    assert s["placed_on_infeasible_node"] == 0
-    assert s["data_local_fraction"] >= 0.9
+    # offers straight to a holder never seen may reach one that lacks a resource: it refuses
+    assert s["placed_on_infeasible_node"] <= 0.01 * s["placed"]
+    assert s["data_local_fraction"] >= 0.85  # 4.7 times more work than CPUs at the peak
     assert s["saturated_samples"] > 0 and s["max_mean_load_ratio_median"] <= 1.5
     assert s["messages_per_placement_max"] <= 2 * SimulationConfig.max_attempts
+    assert s["messages_per_placement_all"] <= 5

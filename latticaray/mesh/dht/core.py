@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import DhtConfig
 from .errors import RecordRejected
-from .keyspace import Contact, dht_id, id_from_bytes, id_to_bytes, key_id
+from .keyspace import Contact, dht_id, id_from_bytes, id_to_bytes, key_id, record_id
 from .lookups import FindNodeOp, GetProvidersOp, GetValueOp, Operation, StoreOp
 from .messages import (
     ADD_PROVIDER,
@@ -139,8 +139,13 @@ class DhtCore:
     def validate(self, record: Record, now: float) -> None:
         validate_record(record, now, self.config.policy, self.validators)
 
-    def find_node(self, target: int, now: float) -> FindNodeOp:
-        return FindNodeOp(self, target, self.request(FIND_NODE, target=id_to_bytes(target)), now)
+    def find_node(self, target: int, now: float, key: bytes | None = None) -> FindNodeOp:
+        """Look ``target`` up; ``key`` is its preimage when known (a peer ID, a record's
+        libp2p key), which a foreign libp2p node needs (it hashes the key itself)."""
+        request = self.request(FIND_NODE, target=id_to_bytes(target))
+        if key is not None:
+            request["key"] = key
+        return FindNodeOp(self, target, request, now)
 
     def bootstrap(self, seeds: list[Contact], now: float) -> FindNodeOp:
         """Join: look ourselves up starting from the seeds (fills our neighbourhood and announces
@@ -150,7 +155,7 @@ class DhtCore:
         return FindNodeOp(
             self,
             self.node_id,
-            self.request(FIND_NODE, target=id_to_bytes(self.node_id)),
+            self.request(FIND_NODE, target=id_to_bytes(self.node_id), key=self.peer_id),
             now,
             seeds,
         )
@@ -200,7 +205,14 @@ class DhtCore:
         def store_locally(t: float) -> None:
             self.providers.add(key, self.contact, t + ttl, t)
 
-        return StoreOp(self, key, self.request(ADD_PROVIDER, key=key, ttl=ttl), now, store_locally)
+        return StoreOp(
+            self,
+            key,
+            self.request(ADD_PROVIDER, key=key, ttl=ttl),
+            now,
+            store_locally,
+            provider=True,
+        )
 
     def get_providers(self, key: bytes, count: int, now: float) -> GetProvidersOp:
         return GetProvidersOp(self, key, count, now, local=self.providers.get(key, now))
@@ -230,7 +242,7 @@ class DhtCore:
                 held.sort(key=lambda r: r.expiration, reverse=True)
             return {
                 "records": batch_records(held)[0] if held else [],
-                "peers": self.routing.closest(key_id(key), k, exclude=sender.peer_id),
+                "peers": self.routing.closest(record_id(key), k, exclude=sender.peer_id),
             }
         if op == GET_PROVIDERS:
             key = request["key"]

@@ -2,6 +2,10 @@
 
 A peer's DHT id is SHA-256 of its peer-ID bytes; a key's DHT id is SHA-256 of the key bytes.
 Ids are Python ints so XOR distance and comparisons are single machine-level operations.
+
+This is libp2p Kademlia's keyspace, so lookups can run through foreign libp2p nodes: a signed
+latticaray record of key ``k`` lives at ``/latticaray/`` + ``k`` (:func:`record_id`, the key it
+travels under in ``/ipfs/kad/1.0.0``), a provider record at the multihash of the CID.
 """
 
 from __future__ import annotations
@@ -9,7 +13,17 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
-__all__ = ["ID_BITS", "Contact", "bucket_index", "dht_id", "id_from_bytes", "id_to_bytes", "key_id"]
+__all__ = [
+    "ID_BITS",
+    "RECORD_NAMESPACE",
+    "Contact",
+    "bucket_index",
+    "dht_id",
+    "id_from_bytes",
+    "id_to_bytes",
+    "key_id",
+    "record_id",
+]
 
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
@@ -24,6 +38,15 @@ def dht_id(peer_id_bytes: bytes) -> int:
 def key_id(key: bytes) -> int:
     """The DHT id of a record or provider key: SHA-256 of the key bytes."""
     return int.from_bytes(hashlib.sha256(key).digest(), "big")
+
+
+#: The namespace latticaray's signed records travel under in libp2p Kademlia.
+RECORD_NAMESPACE = b"/latticaray/"
+
+
+def record_id(key: bytes) -> int:
+    """The DHT id of a latticaray record key: that of its libp2p key ``/latticaray/<key>``."""
+    return key_id(RECORD_NAMESPACE + key)
 
 
 def id_to_bytes(node_id: int) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .config import DhtConfig
 from .errors import RecordRejected
-from .keyspace import Contact, id_to_bytes, key_id
+from .keyspace import RECORD_NAMESPACE, Contact, id_to_bytes, key_id, record_id
 from .messages import FIND_NODE, GET_PROVIDERS, GET_VALUE
 from .records import Record
 from .routing import RoutingTable
@@ -271,7 +271,7 @@ class GetValueOp(Lookup):
         self.holders = 0
         for record in local:  # the records we hold ourselves
             self.records[record.subkey] = record
-        super().__init__(host, key_id(key), host.request(GET_VALUE, key=key), now)
+        super().__init__(host, record_id(key), host.request(GET_VALUE, key=key), now)
 
     def _handle_payload(self, cand: _Candidate, response: dict[str, Any], now: float) -> None:
         found = False
@@ -349,13 +349,22 @@ class StoreOp(Operation):
         request: dict[str, Any],
         now: float,
         store_locally: Callable[[float], object],
+        *,
+        provider: bool = False,
     ) -> None:
         self.host = host
         self.key = key
         self.request = request
         self._store_locally = store_locally
+        # a record lives at /latticaray/<key>, a provider record at the key itself (a CID's
+        # multihash); the lookup carries that preimage, which a foreign libp2p node hashes
+        preimage = key if provider else RECORD_NAMESPACE + key
+        self.target = key_id(preimage)
         self.lookup = FindNodeOp(
-            host, key_id(key), host.request(FIND_NODE, target=id_to_bytes(key_id(key))), now
+            host,
+            self.target,
+            host.request(FIND_NODE, target=id_to_bytes(self.target), key=preimage),
+            now,
         )
         self._pending: dict[bytes, Contact] | None = None
         self.stored_at: list[bytes] = []
@@ -377,7 +386,7 @@ class StoreOp(Operation):
             if not self.lookup.done:
                 return out
             closest = self.lookup.closest()
-            target = key_id(self.key)
+            target = self.target
             if len(closest) < self.host.config.k or (self.host.node_id ^ target) < (
                 closest[-1].node_id ^ target
             ):

@@ -29,9 +29,11 @@ __all__ = [
     "PING",
     "PROTOCOL_ID",
     "PUT_VALUE",
+    "decode_records",
     "decode_request",
     "decode_response",
     "encode",
+    "encode_records",
     "error_response",
 ]
 
@@ -82,13 +84,14 @@ def error_response(code: str, message: str) -> dict[str, Any]:
     return {"error": code, "message": message[:500]}
 
 
-def _unpack(data: bytes) -> dict:
+def _unpack_bounded(data: bytes, what: str, max_map_len: int) -> Any:
+    """Bounded msgpack decoding of a DHT message or record list (``what`` names it in errors)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DhtProtocolError("message must be bytes")
+        raise DhtProtocolError(f"{what} must be bytes")
     if len(data) > MAX_MESSAGE_SIZE:
-        raise DhtProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+        raise DhtProtocolError(f"{what} of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             bytes(data),
             raw=False,
             strict_map_key=True,
@@ -96,13 +99,15 @@ def _unpack(data: bytes) -> dict:
             max_bin_len=MAX_FIELD_BIN,
             max_str_len=4096,
             max_array_len=1024,
-            max_map_len=32,
+            max_map_len=max_map_len,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise DhtProtocolError(
-            f"not a valid msgpack message: {type(exc).__name__}: {exc}"
-        ) from None
+        raise DhtProtocolError(f"not a valid msgpack {what}: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack(data: bytes) -> dict:
+    obj = _unpack_bounded(data, "message", 32)
     if not isinstance(obj, dict):
         raise DhtProtocolError(f"message must be a map, got {type(obj).__name__}")
     return obj
@@ -172,6 +177,17 @@ def _records(value: Any) -> list[Record]:
             raise DhtProtocolError("record key, publisher or signature has a bad length")
         out.append(Record(key, subkey, val, expiration, publisher, signature))
     return out
+
+
+def encode_records(records: list[Record]) -> bytes:
+    """Records as one msgpack array (the value of a latticaray record in libp2p Kademlia)."""
+    return msgpack.packb([r.to_wire() for r in records], use_bin_type=True)
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """The records of :func:`encode_records`, shape-checked (signatures are the caller's)."""
+    obj = _unpack_bounded(data, "record list", 0)
+    return _records(obj)
 
 
 def decode_request(data: bytes) -> dict[str, Any]:

@@ -6,6 +6,13 @@ ID, never a claim in the message), and runs client operations by sending each re
 asks for as one unary RPC with a deadline. Record expirations are wall-clock (``time.time()``) so
 that every node reads them alike; the core never reads the clock itself.
 
+The same DHT speaks libp2p Kademlia with foreign libp2p nodes (js, go, rust; Lattica's
+``/lattica/1.0.0``): in server mode it serves ``kad_protocol`` (``/ipfs/kad/1.0.0`` by default)
+as a libp2p stream protocol, answered from the same core (:mod:`.kadwire` translates), and a
+request to a peer that speaks no latticaray RPC goes to it as a kad message. Foreign peers join
+the routing table when their identify lists the kad protocol (libp2p's client/server rule); a
+latticaray peer is always asked over RPC (the native protocol is preferred).
+
 The addresses this node puts in its DHT contact (sent with every request, returned by other nodes
 for ``find_peer``) are the node's ``advertised_addrs``, kept current through
 ``node.on_addrs_changed``: a private node's relay circuit addresses reach the DHT that way. The
@@ -25,13 +32,25 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from latticaray.observe import metrics
+
 from ..errors import MeshError
 from ..identity import PeerId, PeerIdError
+from ..libp2p.errors import ProtobufError
+from ..libp2p.kad import (
+    DEFAULT_KAD_PROTOCOL,
+    MAX_KAD_MESSAGE,
+    MAX_REQUESTS_PER_STREAM,
+    KadClient,
+    KadMessage,
+    MessageType,
+)
 from ..multiaddr import Multiaddr
 from ..ratelimit import KeyedRateLimiter
 from .config import DhtConfig
 from .core import DhtCore
 from .errors import DhtError, DhtOperationFailed, DhtProtocolError, RecordRejected
+from .kadwire import core_request, core_response, kad_answer, kad_request, provider_key
 from .keyspace import Contact, dht_id
 from .lookups import Operation
 from .messages import PING, PROTOCOL_ID, decode_request, decode_response, encode, error_response
@@ -47,6 +66,27 @@ MAX_OWN_ADDRS = 8
 #: What ``get`` returns per slot: a verified record (``.value``, ``.expiration``, ``.publisher``
 #: peer-ID bytes, ``.subkey``, ``.signature``).
 DhtValue = Record
+
+
+_OPERATION_NAMES = {
+    "FindNodeOp": "find_node",
+    "GetValueOp": "get_value",
+    "GetProvidersOp": "get_providers",
+    "StoreOp": "store",
+}
+_SERVED = metrics.DHT_OPERATIONS.labels("serve", "ok")
+_SERVED_REFUSED = metrics.DHT_OPERATIONS.labels("serve", "refused")
+
+
+def _count_operation(op: Operation) -> None:
+    """An operation this node ran, in the metrics: its kind and how it ended (ok: it found or
+    stored something; empty: it ended without; stopped: its caller stopped early)."""
+    kind = _OPERATION_NAMES.get(type(op).__name__, "other")
+    if not op.done:
+        outcome = "stopped"
+    else:
+        outcome = "ok" if getattr(op, "result", None) else "empty"
+    metrics.DHT_OPERATIONS.labels(kind, outcome).add()
 
 
 @dataclass(frozen=True)
@@ -96,9 +136,12 @@ class DhtService:
         maintenance_interval: float = 60.0,
         limits: ServeLimits | None = None,
         exempt: Callable[[PeerId], bool] | None = None,
+        kad_protocol: str | None = DEFAULT_KAD_PROTOCOL,
     ) -> None:
         self.node = node
         self.clock = clock
+        #: The libp2p Kademlia protocol ID spoken with foreign peers (None: RPC only).
+        self.kad_protocol = kad_protocol
         self.limits = limits  # None: every peer served, no limit (a node outside any mesh)
         self.exempt = exempt
         if limits is not None:
@@ -121,6 +164,16 @@ class DhtService:
             node.register_unary(PROTOCOL_ID, self._handle, eager=True)
         except TypeError:  # a node object without eager handlers (test doubles)
             node.register_unary(PROTOCOL_ID, self._handle)
+        self._kad = KadClient(
+            kad_protocol or DEFAULT_KAD_PROTOCOL, timeout=self.config.request_timeout
+        )
+        self._libp2p = kad_protocol is not None and hasattr(node, "register_stream")
+        if self._libp2p:
+            if self.config.server_mode:  # advertised by identify: clients do not serve
+                node.register_stream(kad_protocol, self._handle_kad)
+            node.identify_service.on_identified(self._on_identified)
+            for info in list(node.identify_service.peer_info.values()):
+                self._on_identified(info)  # peers identified before this service existed
 
     @property
     def config(self) -> DhtConfig:
@@ -168,6 +221,9 @@ class DhtService:
         self._closed = True
         with contextlib.suppress(Exception):
             self.node.unregister(PROTOCOL_ID)
+        if self._libp2p and self.config.server_mode:
+            with contextlib.suppress(Exception):
+                self.node.unregister_stream(self.kad_protocol)
         tasks = [t for t in [self._maintenance, *self._tasks] if t is not None]
         for task in tasks:
             task.cancel()
@@ -220,14 +276,16 @@ class DhtService:
         return dict(records)
 
     async def provide(self, cid: bytes) -> int:
-        """Announce this node as a provider of ``cid`` (re-announced periodically)."""
-        op = await self._run(self.core.add_provider(bytes(cid), self.clock()))
+        """Announce this node as a provider of ``cid`` (re-announced periodically). A CID is
+        announced under its multihash, as libp2p does, so foreign nodes find us too."""
+        op = await self._run(self.core.add_provider(provider_key(bytes(cid)), self.clock()))
         return op.result
 
     async def find_providers(self, cid: bytes, count: int = 20) -> AsyncIterator[ProviderInfo]:
         """Providers of ``cid``, yielded as they are found (at most ``count``). Their addresses
         are also added to the node's peer store so they can be dialed at once."""
-        op = self.core.get_providers(bytes(cid), count + 1, self.clock())  # +1: we may be one
+        key = provider_key(bytes(cid))
+        op = self.core.get_providers(key, count + 1, self.clock())  # +1: we may be one
         me = self.core.peer_id
         given = 0
         async with contextlib.aclosing(self._steps_with_start(op)) as steps:
@@ -247,7 +305,7 @@ class DhtService:
         pid = peer_id.to_bytes()
         contact = self.core.routing.get(pid)
         if contact is None or not contact.addrs:
-            op = await self._run(self.core.find_node(dht_id(pid), self.clock()))
+            op = await self._run(self.core.find_node(dht_id(pid), self.clock(), key=pid))
             contact = next((c for c in op.result if c.peer_id == pid), None)
             if contact is None:
                 contact = op.seen(pid)
@@ -300,9 +358,11 @@ class DhtService:
         finally:
             for task in pending:
                 task.cancel()
+            _count_operation(op)
 
     async def _request(self, contact: Contact, request: dict[str, Any]) -> dict[str, Any] | None:
-        """One RPC; None if the peer could not be reached, timed out or answered garbage."""
+        """One request (an RPC, or a kad message to a foreign peer); None if the peer could not
+        be reached, timed out or answered garbage."""
         try:
             peer = PeerId.from_bytes(contact.peer_id)
         except PeerIdError:
@@ -310,6 +370,15 @@ class DhtService:
         if contact.addrs and not self.node.connection_to(peer):
             with contextlib.suppress(MeshError, ValueError):
                 self.node.add_addrs(peer, _parse_addrs(contact.addrs))
+        if self._libp2p:
+            try:
+                conn = await self.node.connections.get(peer, self.config.request_timeout)
+                native = await conn.wait_native(self.config.request_timeout)
+            except (TimeoutError, MeshError, OSError) as exc:
+                log.debug("DHT request to %s failed: %s", peer, exc)
+                return None
+            if not native and conn.raw.muxer is not None:
+                return await self._kad_request(conn.raw.muxer, request)
         try:
             raw = await self.node.call(
                 peer, PROTOCOL_ID, encode(request), timeout=self.config.request_timeout
@@ -320,6 +389,17 @@ class DhtService:
             return None
         except (TimeoutError, MeshError, OSError) as exc:
             log.debug("DHT request to %s failed: %s", peer, exc)
+            return None
+
+    async def _kad_request(self, muxer: Any, request: dict[str, Any]) -> dict[str, Any] | None:
+        message = kad_request(request, self.core.contact)
+        if message is None:  # nothing a foreign node can answer (a lookup without its key)
+            return {"peers": []}
+        try:
+            answer = await self._kad.request(muxer, message)
+            return core_response(request, message, answer)
+        except (TimeoutError, MeshError, OSError, ProtobufError) as exc:
+            log.debug("kad request to %s failed: %s", muxer.remote_peer_text, exc)
             return None
 
     def _send_pings(self) -> None:
@@ -369,34 +449,37 @@ class DhtService:
                 log.exception("DHT maintenance round failed")
 
     # serving ---------------------------------------------------------------------------------
-    def _refusal(self, ctx: Any) -> bytes | None:
-        """The answer to a request this node does not serve (not public, or over the rate of a
-        peer that is not exempt), else None."""
-        caller = ctx.peer_id
+    def _refusal(self, caller: PeerId, ip: str | None) -> tuple[str, str] | None:
+        """Why a request of ``caller`` from ``ip`` is not served (this node is not public, or
+        the peer is over its rate and not exempt) as (code, message), else None. Requests of
+        RPC and of libp2p Kademlia count alike."""
         if self.limits is None or (self.exempt is not None and self.exempt(caller)):
             return None
         if not self.limits.public:
             self.core.stats["refused_private"] = self.core.stats.get("refused_private", 0) + 1
-            return encode(error_response("refused", "this node serves its DHT to members only"))
+            return "refused", "this node serves its DHT to members only"
         now = self.clock()
-        ip = getattr(getattr(ctx, "remote_addr", None), "host", None)
         if not self._per_peer.take(caller, now) or (
             ip is not None and not self._per_ip.take(ip, now)
         ):
             self.core.stats["rate_limited"] = self.core.stats.get("rate_limited", 0) + 1
-            return encode(error_response("rate_limited", "too many DHT requests; slow down"))
+            return "rate_limited", "too many DHT requests; slow down"
         return None
 
     async def _handle(self, ctx: Any, payload: bytes) -> bytes:
         # Registered eager: it must not await, nor use asyncio.timeout()/current_task().
-        refused = self._refusal(ctx)
+        ip = getattr(getattr(ctx, "remote_addr", None), "host", None)
+        refused = self._refusal(ctx.peer_id, ip)
         if refused is not None:
-            return refused
+            _SERVED_REFUSED.add()
+            return encode(error_response(*refused))
         try:
             request = decode_request(payload)
         except DhtProtocolError as exc:
             self.core.stats["bad_requests"] += 1
+            _SERVED_REFUSED.add()
             return encode(error_response("bad_request", str(exc)))
+        _SERVED.add()
         try:
             caller = ctx.peer_id
             addrs = request.get("addrs") or tuple(str(a) for a in self.node.addrs_of(caller))[:8]
@@ -406,3 +489,54 @@ class DhtService:
             return encode(response)
         except DhtError as exc:
             return encode(error_response("refused", str(exc)))
+
+    # libp2p Kademlia -------------------------------------------------------------------------
+    def _on_identified(self, info: Any) -> None:
+        """A peer whose identify lists our kad protocol is a DHT server (libp2p's rule)."""
+        if self._closed or self.kad_protocol not in info.protocols:
+            return
+        addrs = tuple(str(a.with_peer(info.peer_id)) for a in info.listen_addrs)[:8]
+        self.core.peer_responded(Contact(info.peer_id.to_bytes(), addrs), self.clock())
+        self._send_pings()
+
+    async def _handle_kad(self, stream: Any) -> None:
+        """Answer a foreign peer's kad requests (several per stream, as go and rust send)."""
+        peer = stream.connection.mesh_peer_id
+        ip = getattr(getattr(stream.connection, "remote_multiaddr", None), "host", None)
+        info = self.node.identify_service.peer_info.get(peer)
+        server = info is not None and self.kad_protocol in info.protocols
+        for _ in range(MAX_REQUESTS_PER_STREAM):
+            data = await stream.read_message(MAX_KAD_MESSAGE)
+            if data is None:
+                break
+            refused = self._refusal(peer, ip)
+            if refused is not None:  # kad has no error message: the stream is reset
+                log.debug("kad request from %s refused: %s", peer, refused[1])
+                stream.reset()
+                return
+            message = KadMessage.decode(data)
+            request = core_request(
+                message,
+                peer.to_bytes(),
+                server=server,
+                provider_ttl=self.config.provider_ttl,
+            )
+            if request is None:
+                if message.type is MessageType.ADD_PROVIDER:
+                    continue
+                break  # a record we do not take: no echo tells the putter so
+            addrs = request.get("addrs") or tuple(str(a) for a in self.node.addrs_of(peer))[:8]
+            try:
+                response = self.core.handle_request(
+                    Contact(peer.to_bytes(), tuple(addrs)), request, self.clock()
+                )
+            except DhtError as exc:
+                log.debug("kad request from %s refused: %s", peer, exc)
+                break
+            self._send_pings()
+            answer = kad_answer(message, response)
+            if answer is not None:
+                await stream.write_message(answer.encode())
+            elif message.type is not MessageType.ADD_PROVIDER:
+                break
+        await stream.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .cid import CidError, cid_from_block, parse_cid
-from .errors import ProtobufError
+from .errors import BlockNotHeld, ProtobufError
 from .protobuf import Writer, parse_fields
 from .stream import MuxedConnection, MuxedStream, ProtocolRouter
 
@@ -297,8 +297,8 @@ class BitswapService:
         self.get_block = get_block
         self.timeout = timeout
         self.engine = BitswapEngineCore()
-        self._waiting: dict[bytes, list[asyncio.Future[bytes]]] = {}
-        self._dont_have: dict[bytes, set[bytes]] = {}
+        #: CID -> the fetches waiting for it: (the peer asked, the future of the block)
+        self._waiting: dict[bytes, list[tuple[bytes, asyncio.Future[bytes]]]] = {}
         router.add(BITSWAP_PROTOCOL, self._handle)
 
     async def _handle(self, stream: MuxedStream) -> None:
@@ -312,12 +312,14 @@ class BitswapService:
                 conn.remote_peer_id, message, self.get_block
             )
             for block in received:
-                for fut in self._waiting.pop(block.cid, []):
+                for _, fut in self._waiting.pop(block.cid, []):
                     if not fut.done():
                         fut.set_result(block.data)
             for presence in presences:
                 if presence.type is PresenceType.DONT_HAVE:
-                    self._dont_have.setdefault(presence.cid, set()).add(conn.remote_peer_id)
+                    for asked, fut in self._waiting.get(presence.cid, ()):
+                        if asked == conn.remote_peer_id and not fut.done():
+                            fut.set_exception(BlockNotHeld(f"{conn.remote_peer_text} lacks it"))
             for reply in replies:
                 await self.send(conn, reply)
         await stream.close()
@@ -341,19 +343,27 @@ class BitswapService:
     async def fetch_many(
         self, conn: MuxedConnection, cids: list[bytes], *, timeout: float | None = None
     ) -> list[bytes]:
-        """Want-block every CID in one want-list message; the blocks in the order asked."""
+        """Want-block every CID in one want-list message; the blocks in the order asked.
+        Raises :class:`BlockNotHeld` as soon as the peer answers DONT_HAVE for one of them
+        (asked for with ``send_dont_have``), :class:`TimeoutError` if they do not all come."""
         for cid in cids:
             parse_cid(cid)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in cids]
+        asked = conn.remote_peer_id
         for cid, fut in zip(cids, futures):
-            self._waiting.setdefault(cid, []).append(fut)
+            self._waiting.setdefault(cid, []).append((asked, fut))
         try:
             for start in range(0, len(cids), MAX_ENTRIES):
-                entries = tuple(WantEntry(c) for c in cids[start : start + MAX_ENTRIES])
+                entries = tuple(
+                    WantEntry(c, send_dont_have=True) for c in cids[start : start + MAX_ENTRIES]
+                )
                 await self.send(conn, BitswapMessage(entries=entries))
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout or self.timeout))
         finally:
+            for fut in futures:  # failures gather did not report are retrieved here
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
             unanswered = [c for c, f in zip(cids, futures) if self._drop_waiter(c, f)]
             if unanswered:
                 with contextlib.suppress(Exception):
@@ -365,8 +375,7 @@ class BitswapService:
         waiters = self._waiting.get(cid)
         if waiters is None:
             return False
-        with contextlib.suppress(ValueError):
-            waiters.remove(fut)
+        waiters[:] = [w for w in waiters if w[1] is not fut]
         if waiters:
             return False
         del self._waiting[cid]

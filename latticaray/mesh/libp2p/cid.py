@@ -41,8 +41,12 @@ class CidParts:
             encode_varint(v) for v in (self.version, self.codec, self.hash_code, self.digest_len)
         )
 
+    def multihash(self) -> bytes:
+        """The CID's multihash (what Kademlia keys provider records by)."""
+        return encode_varint(self.hash_code) + encode_varint(self.digest_len) + self.digest
+
     def encode(self) -> bytes:
-        multihash = encode_varint(self.hash_code) + encode_varint(self.digest_len) + self.digest
+        multihash = self.multihash()
         if self.version == 0:
             return multihash
         return encode_varint(1) + encode_varint(self.codec) + multihash

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import ConnectionClosed, HandshakeError, ProtocolViolation
+from ..errors import ConnectionClosed, HandshakeError, MeshError, ProtocolViolation
 
 __all__ = [
+    "BlockNotHeld",
     "KeyDecodeError",
     "Libp2pHandshakeError",
     "MessageTooLarge",
@@ -55,3 +56,7 @@ class YamuxError(ProtocolViolation):
 
 class StreamReset(ConnectionClosed):
     """The stream was reset (by either side) or its connection closed under it."""
+
+
+class BlockNotHeld(MeshError):
+    """A Bitswap peer answered DONT_HAVE for a block we asked it for."""

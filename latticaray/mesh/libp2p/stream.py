@@ -55,16 +55,29 @@ StreamHandler = Callable[["MuxedStream"], Awaitable[None]]
 class ProtocolRouter:
     """Protocol ID -> handler of inbound streams; what multistream answers for inbound streams."""
 
-    __slots__ = ("_handlers",)
+    __slots__ = ("_handlers", "_listeners")
 
     def __init__(self) -> None:
         self._handlers: dict[str, StreamHandler] = {}
+        self._listeners: list[Callable[[], None]] = []
 
     def add(self, protocol: str, handler: StreamHandler) -> None:
+        new = protocol not in self._handlers
         self._handlers[protocol] = handler
+        if new:
+            self._changed()
 
     def remove(self, protocol: str) -> None:
-        self._handlers.pop(protocol, None)
+        if self._handlers.pop(protocol, None) is not None:
+            self._changed()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a protocol is added or removed (identify push)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     @property
     def protocols(self) -> list[str]:

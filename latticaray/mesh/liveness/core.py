@@ -15,7 +15,8 @@ peer that has been quiet for ``probe_interval``), :class:`Redial` (dial a discon
 again: its direct addresses, then relayed ones) and :class:`LivenessChanged` (a state change to
 report).
 
-The suspicion level is phi (Hayashibara et al., "The phi accrual failure detector", 2004):
+The suspicion level is phi (Hayashibara et al., "The phi accrual failure detector", 2004),
+judged by :mod:`.phi` (shared with the runtime's member liveness):
 ``phi = -log10(P(a heartbeat arrives later than now))`` under a normal distribution of the
 recent inter-arrival times (mean plus ``acceptable_pause``, deviation at least ``min_std``). A
 peer is ``SUSPECT`` once phi reaches ``suspect_phi``; it is ``DOWN`` only when phi reaches
@@ -27,11 +28,11 @@ makes it ``ALIVE`` again at once. States and their allowed moves are :data:`TRAN
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from .phi import TRANSITIONS, ArrivalWindow, PeerLiveness, Redial, RedialBackoff
 
 __all__ = [
     "TRANSITIONS",
@@ -44,21 +45,6 @@ __all__ = [
 ]
 
 P = TypeVar("P")
-
-
-class PeerLiveness(enum.Enum):
-    """What the detector believes about a watched peer."""
-
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DOWN = "down"
-
-
-TRANSITIONS: Final[dict[PeerLiveness, frozenset[PeerLiveness]]] = {
-    PeerLiveness.ALIVE: frozenset({PeerLiveness.SUSPECT, PeerLiveness.DOWN}),
-    PeerLiveness.SUSPECT: frozenset({PeerLiveness.ALIVE, PeerLiveness.DOWN}),
-    PeerLiveness.DOWN: frozenset({PeerLiveness.ALIVE}),
-}
 
 
 @dataclass(frozen=True)
@@ -89,6 +75,15 @@ class LivenessConfig:
     redial_initial: float = 0.25
     redial_max: float = 5.0
 
+    @property
+    def prior_interval(self) -> float:
+        """The gap assumed before any was sampled: the probe interval."""
+        return self.probe_interval
+
+    @property
+    def min_missed(self) -> int:
+        return self.min_missed_probes
+
     def __post_init__(self) -> None:
         if not 0 < self.min_sample_interval <= self.probe_interval:
             raise ValueError("need 0 < min_sample_interval <= probe_interval")
@@ -103,13 +98,6 @@ class LivenessConfig:
 @dataclass(frozen=True, slots=True)
 class Probe(Generic[P]):
     """Send a keepalive to ``peer``; report ``heard`` or ``probe_failed``."""
-
-    peer: P
-
-
-@dataclass(frozen=True, slots=True)
-class Redial(Generic[P]):
-    """Dial ``peer`` again; report ``connected`` or ``redial_failed``."""
 
     peer: P
 
@@ -130,18 +118,13 @@ Action = Probe[P] | Redial[P] | LivenessChanged[P]
 
 @dataclass(slots=True)
 class _Peer:
-    last_heard: float
+    arrivals: ArrivalWindow
     state: PeerLiveness = PeerLiveness.ALIVE
-    intervals: deque[float] = field(default_factory=deque)
-    total: float = 0.0
-    total_sq: float = 0.0
     connected: bool = True
     probe_sent: float | None = None  # when the outstanding probe went out
     last_probe: float = -math.inf
     missed: int = 0
-    next_redial: float = 0.0
-    redial_delay: float = 0.0
-    redialing: bool = False
+    redial: RedialBackoff = field(default_factory=RedialBackoff)
 
 
 class LivenessCore(Generic[P]):
@@ -156,9 +139,9 @@ class LivenessCore(Generic[P]):
         """Start watching ``peer`` (ALIVE; heard ``now``). Watching again changes nothing."""
         if peer in self._peers:
             return
-        self._peers[peer] = _Peer(last_heard=now, connected=connected)
+        entry = self._peers[peer] = _Peer(arrivals=ArrivalWindow(now), connected=connected)
         if not connected:
-            self._start_redialing(self._peers[peer], now)
+            entry.redial.start(now, self.config.redial_initial)
 
     def unwatch(self, peer: P) -> None:
         self._peers.pop(peer, None)
@@ -173,7 +156,7 @@ class LivenessCore(Generic[P]):
 
     def last_heard(self, peer: P) -> float | None:
         entry = self._peers.get(peer)
-        return entry.last_heard if entry is not None else None
+        return entry.arrivals.last_heard if entry is not None else None
 
     # -- inputs --------------------------------------------------------------------------------
     def heard(self, peer: P, now: float) -> LivenessChanged[P] | None:
@@ -183,11 +166,7 @@ class LivenessCore(Generic[P]):
             return None
         entry.probe_sent = None
         entry.missed = 0
-        gap = now - entry.last_heard
-        if gap > 0:
-            if gap >= self.config.min_sample_interval:
-                self._sample(entry, gap)
-            entry.last_heard = now
+        entry.arrivals.heard(now, self.config)
         return self._move(peer, entry, PeerLiveness.ALIVE, now)
 
     def probe_failed(self, peer: P, now: float) -> None:
@@ -204,7 +183,7 @@ class LivenessCore(Generic[P]):
         if entry is None:
             return None
         entry.connected = True
-        entry.redialing = False
+        entry.redial.stop()
         entry.probe_sent = None
         return self.heard(peer, now)
 
@@ -215,17 +194,15 @@ class LivenessCore(Generic[P]):
             return
         entry.connected = False
         entry.probe_sent = None
-        self._start_redialing(entry, now)
+        entry.redial.start(now, self.config.redial_initial)
 
     def redial_failed(self, peer: P, now: float) -> None:
         """A redial of ``peer`` failed; it counts as a missed keepalive."""
         entry = self._peers.get(peer)
         if entry is None or entry.connected:
             return
-        entry.redialing = False
         entry.missed += 1
-        entry.next_redial = now + entry.redial_delay
-        entry.redial_delay = min(entry.redial_delay * 2, self.config.redial_max)
+        entry.redial.failed(now, self.config.redial_max)
 
     # -- outputs -------------------------------------------------------------------------------
     def phi(self, peer: P, now: float) -> float:
@@ -233,7 +210,7 @@ class LivenessCore(Generic[P]):
         entry = self._peers.get(peer)
         if entry is None:
             return 0.0
-        return self._phi(entry, now)
+        return entry.arrivals.phi(now, self.config)
 
     def tick(self, now: float) -> list[Probe[P] | Redial[P] | LivenessChanged[P]]:
         """Probes and redials due at ``now``, and state changes, in peer order."""
@@ -245,58 +222,19 @@ class LivenessCore(Generic[P]):
                     # the shell never reported on it: count it as missed
                     entry.probe_sent = None
                     entry.missed += 1
-                quiet_since = max(entry.last_heard, entry.last_probe)
+                quiet_since = max(entry.arrivals.last_heard, entry.last_probe)
                 if entry.probe_sent is None and now - quiet_since >= cfg.probe_interval:
                     entry.probe_sent = now
                     entry.last_probe = now
                     actions.append(Probe(peer))
-            elif not entry.redialing and now >= entry.next_redial:
-                entry.redialing = True
+            elif entry.redial.due(now):
                 actions.append(Redial(peer))
-            change = self._judge(peer, entry, now)
-            if change is not None:
-                actions.append(change)
+            verdict, phi = entry.arrivals.verdict(now, entry.state, entry.missed, cfg)
+            if verdict is not None:
+                change = self._move(peer, entry, verdict, now, phi)
+                if change is not None:
+                    actions.append(change)
         return actions
-
-    # -- the detector --------------------------------------------------------------------------
-    def _sample(self, entry: _Peer, gap: float) -> None:
-        intervals = entry.intervals
-        intervals.append(gap)
-        entry.total += gap
-        entry.total_sq += gap * gap
-        if len(intervals) > self.config.window:
-            old = intervals.popleft()
-            entry.total -= old
-            entry.total_sq -= old * old
-
-    def _phi(self, entry: _Peer, now: float) -> float:
-        cfg = self.config
-        n = len(entry.intervals)
-        if n == 0:
-            mean, std = cfg.probe_interval, cfg.min_std
-        else:
-            mean = entry.total / n
-            variance = max(entry.total_sq / n - mean * mean, 0.0)
-            std = max(math.sqrt(variance), cfg.min_std)
-        elapsed = now - entry.last_heard
-        z = (elapsed - mean - cfg.acceptable_pause) / (std * math.sqrt(2.0))
-        p_later = 0.5 * math.erfc(z)
-        if p_later <= 1e-300:
-            return 300.0
-        return max(0.0, -math.log10(p_later))
-
-    def _judge(self, peer: P, entry: _Peer, now: float) -> LivenessChanged[P] | None:
-        cfg = self.config
-        phi = self._phi(entry, now)
-        if (
-            phi >= cfg.down_phi
-            and now - entry.last_heard >= cfg.min_down_after
-            and entry.missed >= cfg.min_missed_probes
-        ):
-            return self._move(peer, entry, PeerLiveness.DOWN, now, phi)
-        if phi >= cfg.suspect_phi and entry.state is PeerLiveness.ALIVE:
-            return self._move(peer, entry, PeerLiveness.SUSPECT, now, phi)
-        return None
 
     def _move(
         self, peer: P, entry: _Peer, state: PeerLiveness, now: float, phi: float | None = None
@@ -309,11 +247,6 @@ class LivenessCore(Generic[P]):
             peer,
             state,
             previous,
-            self._phi(entry, now) if phi is None else phi,
-            now - entry.last_heard,
+            entry.arrivals.phi(now, self.config) if phi is None else phi,
+            now - entry.arrivals.last_heard,
         )
-
-    def _start_redialing(self, entry: _Peer, now: float) -> None:
-        entry.redialing = False
-        entry.redial_delay = self.config.redial_initial
-        entry.next_redial = now

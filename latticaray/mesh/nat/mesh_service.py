@@ -193,6 +193,7 @@ class MeshNatService(NatService):
         path = link.pending_path or "direct"
         link.direct, link.direct_path = conn.session, path
         link.metrics.path = path
+        conn.session.count_as("punched")  # its bytes, as the state API names its path
         if link.metrics.upgraded_at is None:
             link.metrics.upgraded_at = now
         link.metrics.record(now, f"direct:{path}")

@@ -62,10 +62,11 @@ from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
 from ..multiaddr import Multiaddr
 from ..tls import CertifiedKey, make_certified_key
-from .quic_backend import QuicBackend, QuicEngine, load_backend
+from .quic_backend import QuicBackend, QuicEngine
 from .quic_channel import QuicChannel
 from .quic_config import CONNECTION_ID_LENGTH, MIN_DATAGRAM_SIZE, QuicConfig, udp_multiaddr
 from .quic_conn import EndpointLink, QuicConn, now
+from .quic_loader import load_backend
 from .quic_pmtu import PmtuSearch
 from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
 

@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..tls import CertifiedKey
 from . import quic_congestion  # noqa: F401  (registers the "bdp" congestion controller)
-from .quic_backend import EventTypes, check_pinned_version, common_configuration
+from .quic_backend import EventTypes, LibraryBackend, connection_window, pinned_version_check
 from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch, PmtuState
 
@@ -83,11 +83,8 @@ __all__ = [
 AIOQUIC_VERSION = "1.7.2"
 
 
-def check_aioquic_version(version: str) -> None:
-    """Raise ImportError unless ``version`` is the pinned aioquic release."""
-    check_pinned_version("aioquic", version, AIOQUIC_VERSION)
-
-
+#: Raises ImportError unless the version it is given is the pinned aioquic release.
+check_aioquic_version = pinned_version_check("aioquic", AIOQUIC_VERSION)
 check_aioquic_version(aioquic.__version__)
 
 # aioquic keys its per-connection tables (crypto pairs, packet spaces, crypto streams) by
@@ -196,15 +193,7 @@ class MeshQuicConnection(QuicConnection):
     """aioquic connection with mutual authentication and consumption-driven receive windows."""
 
     backend = "aioquic"
-    events = EventTypes(
-        stream_data=aioquic_events.StreamDataReceived,
-        handshake_completed=aioquic_events.HandshakeCompleted,
-        connection_id_issued=aioquic_events.ConnectionIdIssued,
-        connection_id_retired=aioquic_events.ConnectionIdRetired,
-        stream_reset=aioquic_events.StreamReset,
-        stop_sending=aioquic_events.StopSendingReceived,
-        terminated=aioquic_events.ConnectionTerminated,
-    )
+    events = EventTypes.of(aioquic_events)
 
     def __init__(
         self,
@@ -799,28 +788,20 @@ class MeshQuicConnection(QuicConnection):
             limit.used = used
 
 
-class AioquicBackend:
+class AioquicBackend(LibraryBackend[QuicConfiguration]):
     """Builds aioquic configurations and :class:`MeshQuicConnection` objects."""
 
     name = "aioquic"
-    supported_versions: tuple[int, ...] = tuple(QuicConfiguration().supported_versions)
 
-    def configuration(
-        self,
-        *,
-        is_client: bool,
-        max_datagram_size: int,
-        certified: CertifiedKey,
-        config: QuicConfig,
-    ) -> QuicConfiguration:
-        return QuicConfiguration(
-            **common_configuration(
-                is_client=is_client, max_datagram_size=max_datagram_size, config=config
-            ),
-            certificate=certified.certificate,
-            private_key=certified.private_key,
-            congestion_control_algorithm=config.congestion_control,
-        )
+    def __init__(self) -> None:
+        super().__init__(QuicConfiguration)
+
+    def library_fields(self, certified: CertifiedKey, config: QuicConfig) -> dict[str, Any]:
+        return {
+            "certificate": certified.certificate,
+            "private_key": certified.private_key,
+            "congestion_control_algorithm": config.congestion_control,
+        }
 
     def connection(
         self,
@@ -836,7 +817,7 @@ class AioquicBackend:
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
             stream_window=config.stream_receive_window,
-            connection_window=max(config.connection_receive_window, config.stream_receive_window),
+            connection_window=connection_window(config),
             max_streams=config.max_streams,
             connection_ids=config.connection_ids,
             pmtu=pmtu,

@@ -9,15 +9,18 @@ same interface (:class:`QuicEngine`):
 * ``aioquic`` (:mod:`.quic_aioquic`): the fallback, with the transport's own loss-tolerant
   congestion control and path MTU discovery past 1472 bytes.
 
-Each backend module provides a :class:`QuicBackend` (configuration and connection factory) and a
-connection class satisfying :class:`QuicEngine`. ``QuicConfig.backend`` picks one ("auto": qh3
-when it imports, else aioquic); :func:`load_backend` resolves the name.
+Each backend module provides a :class:`QuicBackend` (configuration and connection factory; a
+:class:`LibraryBackend`, which builds the configuration both libraries share) and a connection
+class satisfying :class:`QuicEngine`. ``QuicConfig.backend`` picks one ("auto": qh3
+when it imports, else aioquic); :func:`.quic_loader.load_backend` resolves the name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..tls import ALPN_LIBP2P
 from .quic_config import CONNECTION_ID_LENGTH
@@ -28,17 +31,18 @@ if TYPE_CHECKING:
     from .quic_pmtu import PmtuSearch
 
 __all__ = [
-    "BACKENDS",
     "EventTypes",
+    "LibraryBackend",
     "QuicBackend",
     "QuicEngine",
     "check_pinned_version",
     "common_configuration",
-    "load_backend",
+    "connection_window",
+    "pinned_version_check",
 ]
 
-#: The backend names ``QuicConfig.backend`` accepts besides "auto", preferred first.
-BACKENDS = ("qh3", "aioquic")
+#: A library's configuration class.
+C = TypeVar("C")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,19 @@ class EventTypes:
     stream_reset: type
     stop_sending: type
     terminated: type
+
+    @classmethod
+    def of(cls, events: ModuleType) -> EventTypes:
+        """The classes of a library's ``quic.events`` module (aioquic's names, kept by qh3)."""
+        return cls(
+            stream_data=events.StreamDataReceived,
+            handshake_completed=events.HandshakeCompleted,
+            connection_id_issued=events.ConnectionIdIssued,
+            connection_id_retired=events.ConnectionIdRetired,
+            stream_reset=events.StreamReset,
+            stop_sending=events.StopSendingReceived,
+            terminated=events.ConnectionTerminated,
+        )
 
 
 class QuicEngine(Protocol):
@@ -163,6 +180,21 @@ def check_pinned_version(library: str, installed: str, pinned: str) -> None:
         )
 
 
+def pinned_version_check(library: str, pinned: str) -> Callable[[str], None]:
+    """``check(installed)``: :func:`check_pinned_version` of ``library`` against ``pinned``."""
+
+    def check(installed: str) -> None:
+        check_pinned_version(library, installed, pinned)
+
+    check.__doc__ = f"Raise ImportError unless ``installed`` is {library} {pinned}."
+    return check
+
+
+def connection_window(config: QuicConfig) -> int:
+    """The connection-wide receive window: at least one stream's."""
+    return max(config.connection_receive_window, config.stream_receive_window)
+
+
 def common_configuration(
     *, is_client: bool, max_datagram_size: int, config: QuicConfig
 ) -> dict[str, Any]:
@@ -174,7 +206,7 @@ def common_configuration(
         "verify_mode": 0,  # ssl.CERT_NONE: the libp2p certificate is checked by the transport
         "idle_timeout": config.idle_timeout,
         "max_datagram_size": max_datagram_size,
-        "max_data": max(config.connection_receive_window, config.stream_receive_window),
+        "max_data": connection_window(config),
         "max_stream_data": config.stream_receive_window,
         "connection_id_length": CONNECTION_ID_LENGTH,
         "initial_rtt": config.initial_rtt,
@@ -182,22 +214,36 @@ def common_configuration(
     }
 
 
-def load_backend(name: str) -> QuicBackend:
-    """The backend called ``name`` ("auto": qh3 when it imports, else aioquic).
+class LibraryBackend(Generic[C]):
+    """The configuration half of a :class:`QuicBackend`, alike for both libraries: the library's
+    configuration class (aioquic's ``QuicConfiguration`` or qh3's) given the fields both name
+    alike (:func:`common_configuration`) and those of :meth:`library_fields`; the QUIC versions
+    are those the class supports. A backend adds ``name`` and ``connection``."""
 
-    Raises ImportError when the named library is missing or is not the version its overrides
-    were written against, and ValueError for an unknown name."""
-    if name == "auto":
-        try:
-            return load_backend("qh3")
-        except ImportError:
-            return load_backend("aioquic")
-    if name == "qh3":
-        from .quic_qh3 import BACKEND as qh3_backend
+    name: str
+    supported_versions: tuple[int, ...]
 
-        return qh3_backend
-    if name == "aioquic":
-        from .quic_aioquic import BACKEND as aioquic_backend
+    def __init__(self, configuration_class: Callable[..., C]) -> None:
+        self._configuration_class = configuration_class
+        versions = configuration_class().supported_versions  # type: ignore[attr-defined]
+        self.supported_versions = tuple(versions)
 
-        return aioquic_backend
-    raise ValueError(f"unknown QUIC backend {name!r} (expected 'auto' or one of {BACKENDS})")
+    def configuration(
+        self,
+        *,
+        is_client: bool,
+        max_datagram_size: int,
+        certified: CertifiedKey,
+        config: QuicConfig,
+    ) -> C:
+        return self._configuration_class(
+            **common_configuration(
+                is_client=is_client, max_datagram_size=max_datagram_size, config=config
+            ),
+            **self.library_fields(certified, config),
+        )
+
+    def library_fields(self, certified: CertifiedKey, config: QuicConfig) -> dict[str, Any]:
+        """The configuration fields of this library only (the certificate and key in its
+        form, its own tuning)."""
+        raise NotImplementedError

@@ -69,7 +69,7 @@ from qh3.quic.packet import (
 from qh3.quic.tls_bridge import QuicTlsBridge
 
 from ..tls import CertifiedKey
-from .quic_backend import EventTypes, check_pinned_version, common_configuration
+from .quic_backend import EventTypes, LibraryBackend, pinned_version_check
 from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch
 
@@ -87,11 +87,8 @@ __all__ = [
 QH3_VERSION = "2.1.0"
 
 
-def check_qh3_version(version: str) -> None:
-    """Raise ImportError unless ``version`` is the pinned qh3 release."""
-    check_pinned_version("qh3", version, QH3_VERSION)
-
-
+#: Raises ImportError unless the version it is given is the pinned qh3 release.
+check_qh3_version = pinned_version_check("qh3", QH3_VERSION)
 check_qh3_version(qh3.__version__)
 
 Alg = qh3_tls.SignatureAlgorithm
@@ -409,15 +406,7 @@ class MeshQh3Connection(QuicConnection):
     """qh3 connection with mutual authentication and read-driven receive windows."""
 
     backend = "qh3"
-    events = EventTypes(
-        stream_data=qh3_events.StreamDataReceived,
-        handshake_completed=qh3_events.HandshakeCompleted,
-        connection_id_issued=qh3_events.ConnectionIdIssued,
-        connection_id_retired=qh3_events.ConnectionIdRetired,
-        stream_reset=qh3_events.StreamReset,
-        stop_sending=qh3_events.StopSendingReceived,
-        terminated=qh3_events.ConnectionTerminated,
-    )
+    events = EventTypes.of(qh3_events)
 
     def __init__(self, *, configuration: QuicConfiguration, stream_window: int, **kwargs: Any):
         super().__init__(configuration=configuration, **kwargs)
@@ -662,33 +651,22 @@ def _without_udp_payload_limit(data: bytes) -> bytes:
     return bytes(buf.data)
 
 
-class Qh3Backend:
+class Qh3Backend(LibraryBackend[QuicConfiguration]):
     """Builds qh3 configurations and :class:`MeshQh3Connection` objects."""
 
     name = "qh3"
-    supported_versions: tuple[int, ...] = tuple(QuicConfiguration().supported_versions)
 
-    def configuration(
-        self,
-        *,
-        is_client: bool,
-        max_datagram_size: int,
-        certified: CertifiedKey,
-        config: QuicConfig,
-    ) -> QuicConfiguration:
-        configuration = QuicConfiguration(
-            **common_configuration(
-                is_client=is_client, max_datagram_size=max_datagram_size, config=config
-            ),
-            probe_datagram_size=config.pmtu_discovery,
-            active_connection_id_limit=max(2, config.connection_ids),
-            signature_algorithms=list(CLIENT_OFFERED_SIGNATURE_ALGORITHMS),
-        )
-        configuration.certificate = qh3_tls.load_pem_x509_certificates(certified.certificate_pem())[
-            0
-        ]
-        configuration.private_key = qh3_tls.load_pem_private_key(certified.private_key_pem())
-        return configuration
+    def __init__(self) -> None:
+        super().__init__(QuicConfiguration)
+
+    def library_fields(self, certified: CertifiedKey, config: QuicConfig) -> dict[str, Any]:
+        return {
+            "probe_datagram_size": config.pmtu_discovery,
+            "active_connection_id_limit": max(2, config.connection_ids),
+            "signature_algorithms": list(CLIENT_OFFERED_SIGNATURE_ALGORITHMS),
+            "certificate": qh3_tls.load_pem_x509_certificates(certified.certificate_pem())[0],
+            "private_key": qh3_tls.load_pem_private_key(certified.private_key_pem()),
+        }
 
     def connection(
         self,

@@ -21,6 +21,7 @@ from latticaray.runtime.errors import (
 )
 from latticaray.runtime.local.clients import AttachedDriver, WorkerHandle
 from latticaray.runtime.local.records import HostedActor, TaskRecord
+from latticaray.runtime.local.resources import PlacementGroupError
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
 from latticaray.runtime.states import ActorEvent, ActorState, TaskEvent
@@ -135,9 +136,9 @@ class ActorHost:
             self.hosted[aid] = actor
             return {"error": error_blob(TaskUnschedulableError(aid.hex(), actor.death_cause))}
         try:
-            if actor.demand:
-                node.ledger.acquire("actor-" + aid.hex(), actor.demand)
-        except InsufficientResources as exc:
+            if actor.demand or opts.get("pg"):
+                node.resources.acquire("actor-" + aid.hex(), actor.demand, opts)
+        except (InsufficientResources, PlacementGroupError) as exc:
             actor.die()
             actor.death_cause = f"not enough resources on this node for the actor: {exc}"
             self.hosted[aid] = actor
@@ -153,12 +154,25 @@ class ActorHost:
         (calls queue in its outbox meanwhile); an argument that failed kills the actor."""
 
         def start() -> None:
-            if not actor.dead:
+            if actor.dead:
+                return
+            renv = actor.opts.get("renv")
+            if self.node.envs.ready(renv, start, lambda exc: self.env_failed(actor, exc)):
                 self.spawn_worker(actor)
 
         self.node.tasks.resolve_ref_args(
             actor, start, lambda blob: self.constructor_argument_failed(actor, blob)
         )
+
+    def env_failed(self, actor: HostedActor, exc: BaseException) -> None:
+        """The actor's runtime_env could not be set up here: it dies, its calls fail."""
+        actor.die()
+        actor.no_restart = True
+        actor.death_cause = f"its runtime_env could not be set up: {exc}"
+        self.release_args(actor)
+        self.release_resources(actor)
+        while actor.outbox:
+            self.node.tasks.fail(actor.outbox.popleft(), ActorDiedError(self.death_message(actor)))
 
     def constructor_argument_failed(self, actor: HostedActor, blob: bytes) -> None:
         actor.die()
@@ -178,18 +192,24 @@ class ActorHost:
         actor.move(ActorEvent.STARTED)
         msg = actor.msg
         opts = actor.opts
-        worker.send(
-            {
-                "op": "actor_create",
-                "aid": actor.aid,
-                "cls": msg["cls"],
-                "blob": node.code[msg["cls"]],
-                "args": msg["args"],
-                "mc": opts.get("max_concurrency") or (1000 if opts.get("is_async") else 1),
-                "async": bool(opts.get("is_async")),
-                "name": msg.get("cname", "actor"),
-            }
-        )
+        create = {
+            "op": "actor_create",
+            "aid": actor.aid,
+            "cls": msg["cls"],
+            "blob": node.code[msg["cls"]],
+            "args": msg["args"],
+            "mc": opts.get("max_concurrency") or (1000 if opts.get("is_async") else 1),
+            "async": bool(opts.get("is_async")),
+            "name": msg.get("cname", "actor"),
+        }
+        gpus = node.resources.gpu_ids("actor-" + actor.aid.hex())
+        if gpus is not None:
+            create["gpus"] = gpus
+        if opts.get("pg"):
+            create["pg"] = opts["pg"]
+        if opts.get("renv"):
+            create["renv"] = node.envs.frame(opts["renv"])
+        worker.send(create)
         worker.loaded.add(msg["cls"])
         self.pump(actor)
 
@@ -209,7 +229,7 @@ class ActorHost:
 
     def release_resources(self, actor: HostedActor) -> None:
         """Give back what the actor took from the ledger (idempotent)."""
-        if actor.demand and self.node.ledger.release("actor-" + actor.aid.hex()) is not None:
+        if self.node.resources.release("actor-" + actor.aid.hex()):
             self.node.tasks.dispatch()  # tasks waiting for them
 
     def release_args(self, actor: HostedActor) -> None:

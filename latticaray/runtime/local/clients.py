@@ -97,6 +97,7 @@ class AttachedDriver:
         self.tasks: dict = {}
         self.blocked = 0
         self.owned_actors: list[bytes] = []  # non-detached actors it created: they end with it
+        self.owned_groups: list[str] = []  # its placement groups (not detached): they too
         self.ref_holds: dict[bytes, int] | None = None
         refcount.track_holds(self)
 

@@ -149,7 +149,7 @@ class TaskRecord:
             message["nret"],
             opts.get("max_retries", 3),
             opts.get("retry_exc"),
-            opts.get("res") or {"CPU": 1.0},
+            opts.get("res", {"CPU": 1.0}),  # {}: num_cpus=0, takes nothing
             message.get("name", "task"),
         )
 

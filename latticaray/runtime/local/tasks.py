@@ -33,6 +33,7 @@ from latticaray.runtime.local.records import (
     ObjectEntry,
     TaskRecord,
 )
+from latticaray.runtime.local.resources import WAIT, PlacementGroupError
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
 from latticaray.runtime.states import TaskEvent, TaskState
@@ -205,6 +206,16 @@ class TaskTable:
         rec.move(TaskEvent.CAPACITY)
         self.schedule(rec)
 
+    def resume(self, rec: TaskRecord) -> None:
+        """What a deferred task waited for (its placement group, its runtime_env's packages)
+        is there: it is placed again, unless it ended meanwhile."""
+        if not rec.done:
+            self.place_again(rec)
+
+    def fail_unless_done(self, rec: TaskRecord, exc: BaseException) -> None:
+        if not rec.done:
+            self.fail(rec, exc)
+
     def schedule(self, rec: TaskRecord) -> None:
         """Place a task (SCHEDULING): on a peer, or in this node's ready queue."""
         if rec.done:
@@ -212,7 +223,21 @@ class TaskTable:
         node = self.node
         demand = rec.demand
         remote = node.remote
-        if remote is not None and not rec.msg["opts"].get("placed"):
+        opts = rec.msg["opts"]
+        if opts.get("pg") and not opts.get("placed"):
+            # a placement group's bundle decides where it runs
+            target = node.resources.target(opts["pg"], lambda: self.resume(rec))
+            if target is WAIT:
+                rec.move(TaskEvent.DEFER)
+                return
+            if isinstance(target, BaseException):
+                self.fail(rec, TaskUnschedulableError(rec.tid.hex(), str(target)))
+                return
+            if target != node.node_id and remote is not None:
+                node.activity.placed(rec, target)
+                remote.caller.run_remote(rec, target)
+                return
+        elif remote is not None and not opts.get("placed"):
             target = remote.placer.place_task(rec)
             if target is DEFERRED:
                 rec.move(TaskEvent.DEFER)
@@ -234,6 +259,11 @@ class TaskTable:
                 ),
             )
             return
+        if not node.envs.ready(
+            opts.get("renv"), lambda: self.resume(rec), lambda exc: self.fail_unless_done(rec, exc)
+        ):
+            rec.move(TaskEvent.DEFER)  # its runtime_env's packages come here first
+            return
         if node.recovery.fetch_args_first(rec):
             rec.move(TaskEvent.FETCH_ARGS)
             return  # an argument's only copy is on another node: it comes here first
@@ -250,7 +280,7 @@ class TaskTable:
         """Start queued tasks on idle task workers while the ledger has room for them."""
         queue = self.ready_queue
         node = self.node
-        ledger = node.ledger
+        resources = node.resources
         workers = node.workers
         idle = workers.idle
         while queue:
@@ -262,9 +292,13 @@ class TaskTable:
                 workers.grow(len(queue))
                 return
             try:
-                ledger.acquire(rec.tid.hex(), rec.demand)
+                resources.acquire(rec.tid.hex(), rec.demand, rec.msg["opts"])
             except InsufficientResources:
                 return
+            except PlacementGroupError as exc:  # its bundle is not (or no longer) here
+                queue.popleft()
+                self.fail(rec, TaskUnschedulableError(rec.tid.hex(), str(exc)))
+                continue
             queue.popleft()
             worker = idle.pop()  # the most recently idle: warm caches
             self.run_on(worker, rec)
@@ -272,6 +306,14 @@ class TaskTable:
     def run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
         fn = rec.msg["fn"]
         out = {"op": "task", "fn": fn}
+        gpus = self.node.resources.gpu_ids(rec.tid.hex())
+        if gpus is not None:
+            out["gpus"] = gpus
+        opts = rec.msg["opts"]
+        if opts.get("pg"):
+            out["pg"] = opts["pg"]
+        if opts.get("renv"):
+            out["renv"] = self.node.envs.frame(opts["renv"])
         if fn not in worker.loaded:
             out["blob"] = self.node.code[fn]
             worker.loaded.add(fn)
@@ -307,7 +349,7 @@ class TaskTable:
             if actor is not None:
                 actor.inflight.pop(tid, None)
         else:
-            node.ledger.release(tid.hex())
+            node.resources.release(tid.hex())
             if worker.alive:
                 node.workers.idle.append(worker)
         err = message.get("err")

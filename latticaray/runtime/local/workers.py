@@ -198,7 +198,7 @@ class WorkerPool:
         """A task worker waits on objects: lend its CPU to other tasks meanwhile (as Ray does)."""
         worker.blocked += 1
         for tid in worker.tasks:
-            self.node.ledger.release(tid.hex())
+            self.node.resources.release(tid.hex())
         self.node.tasks.dispatch()
         return True
 
@@ -232,7 +232,7 @@ class WorkerPool:
             pass
         tasks = node.tasks
         for tid, rec in list(worker.tasks.items()):
-            node.ledger.release(tid.hex())
+            node.resources.release(tid.hex())
             rec.worker = None
             may_retry = tasks.runner_lost(
                 rec,
@@ -288,5 +288,6 @@ class WorkerPool:
         """An attached driver disconnected: its refs are released, its actors end with it."""
         node = self.node
         node.refs.client_gone(driver)
+        node.resources.client_gone(driver)
         for aid in driver.owned_actors:
             node.actors.kill({"aid": aid, "no_restart": True}, None)

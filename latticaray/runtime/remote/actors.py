@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from latticaray.runtime import serialization
 from latticaray.runtime.errors import ActorDiedError, TaskCancelledError, TaskUnschedulableError
 from latticaray.runtime.local.records import TaskRecord
+from latticaray.runtime.local.resources import WAIT
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.remote.wire import CallActor, CreateActor, KillActor
 from latticaray.runtime.states import TaskEvent
@@ -57,6 +58,15 @@ class OwnedActors:
         reason)`` parks it instead."""
         remote = self.remote
         placer = remote.placer
+        pg = message["opts"].get("pg")
+        if pg:  # its placement group's bundle decides (hosting reports a bad one)
+            target = self.node.resources.target(pg, lambda: self._place_deferred(message))
+            if target is WAIT:
+                self._owned_waiting(message)
+                return DEFERRED
+            if isinstance(target, BaseException) or target == self.node_id:
+                return None
+            return target
         strategy = message["opts"].get("strategy")
         demand = message["opts"].get("resources") or {}
         try:
@@ -87,12 +97,18 @@ class OwnedActors:
             return None
         return target
 
-    def _defer(self, message: dict, reason: str) -> Any:
+    def _owned_waiting(self, message: dict) -> OwnedActor:
+        """An actor that waits for a host: its calls wait in the outbox meanwhile."""
         aid = message["aid"]
         owned = self.owned.get(aid)
         if owned is None:
             owned = self.owned[aid] = OwnedActor(aid, message, self.node_id)
-            self.location[aid] = self.node_id  # calls wait in the outbox meanwhile
+            self.location[aid] = self.node_id
+        return owned
+
+    def _defer(self, message: dict, reason: str) -> Any:
+        aid = message["aid"]
+        owned = self._owned_waiting(message)
 
         def fail(exc: BaseException) -> None:
             owned.dead_cause = str(exc)

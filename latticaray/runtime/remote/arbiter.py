@@ -1,6 +1,6 @@
 """The name arbiter's records: which actor holds each (namespace, name) this node arbitrates.
 
-Sans-I/O: `handle` takes a typed `/latticaray/names/1` request (wire.py) and returns the reply;
+Sans-I/O: `handle` takes a typed `/latticaray/names/1` request (wire/names.py) and returns the reply;
 liveness of the nodes a record names and the method tables of actors hosted here are asked of
 the callables it is given. See names.py for who the arbiter of a name is and how claims work.
 """

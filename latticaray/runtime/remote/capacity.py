@@ -283,6 +283,10 @@ class DhtPlacement:
         self.parked: dict[str, _Parked] = {}
         self.stats: collections.Counter = collections.Counter()
         self._admitting: set[str] = set()
+        #: members being met for work pinned to them: node id -> (retry, fail) of that work
+        self._meeting: dict[
+            str, list[tuple[Callable[[], None], Callable[[BaseException], None]]]
+        ] = {}
         self._admission_slots = asyncio.Semaphore(max_admissions)
         self._wake = asyncio.Event()
         self._retry = False
@@ -324,6 +328,66 @@ class DhtPlacement:
         self.parked[request_id] = _Parked(retry, fail, settled)
         self._wake.set()
         return DEFERRED
+
+    def meet(
+        self,
+        node_id: str,
+        *,
+        retry: Callable[[], None],
+        fail: Callable[[BaseException], None],
+    ) -> Deferred:
+        """Work pinned to a member this node has not met (a hard node affinity): find it
+        (its connection, else the DHT), be admitted, then ``retry`` places it there; ``fail``
+        when it cannot be reached. At most ``max_admissions`` meetings run at once; requests
+        for a node being met wait for that meeting."""
+        waiting = self._meeting.get(node_id)
+        if waiting is not None:
+            waiting.append((retry, fail))
+            return DEFERRED
+        self._meeting[node_id] = [(retry, fail)]
+        self.stats["meetings"] += 1
+        self.membership.spawn(self._meet(node_id))
+        return DEFERRED
+
+    async def _meet(self, node_id: str) -> None:
+        error: BaseException | None = None
+        for _attempt in range(2):  # a busy peer may miss the first admission's deadline
+            try:
+                peer = PeerId.from_string(node_id)
+                async with self._admission_slots:
+                    if self.membership.mesh.connection_to(
+                        peer
+                    ) is None and not self._addrs_from_state(peer):
+                        await asyncio.wait_for(self.dht.find_peer(peer), self.dial_timeout)
+                    await asyncio.wait_for(self.membership.admit_with(peer), self.dial_timeout)
+            except (TimeoutError, MeshError, ValueError, OSError) as exc:
+                error = exc
+            if self.membership.is_alive(node_id) or isinstance(error, ValueError):
+                break
+        waiting = self._meeting.pop(node_id, [])
+        if self.membership.is_alive(node_id):
+            for retry, _fail in waiting:
+                retry()
+            return
+        why = f"node affinity to {node_id}, which could not be reached and admitted"
+        if error is not None:
+            why += f" ({type(error).__name__}: {error})"
+        for _retry, fail in waiting:
+            fail(ConnectionError(why))
+
+    def _addrs_from_state(self, peer: PeerId) -> bool:
+        """The addresses the member published in the cluster state's `members` entry, put
+        in the peer store; False when it has none there."""
+        state = self.membership.remote.state
+        info = None if state is None else state.members.get(peer)
+        if info is None or not info.addrs:
+            return False
+        try:
+            self.membership.mesh.add_addrs(peer, list(info.addrs))
+        except (MeshError, ValueError) as exc:
+            log.debug("addresses of %s from the cluster state refused: %s", peer, exc)
+            return False
+        return True
 
     def withdraw(self, request_id: str) -> None:
         """The request no longer waits (its creator gave up): forget it without failing it."""

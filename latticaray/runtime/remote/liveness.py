@@ -14,7 +14,9 @@ time ``now`` it happened, and applies the actions :meth:`LivenessCore.tick` retu
   ``unreachable_miss_interval`` it stays without a connection, is a missed keepalive too.
 * ``declare_down(peer, now, why)`` — the shell knows the peer is gone (it restarted, ...).
 
-The judgement (Hayashibara et al., "The phi accrual failure detector", 2004): with the recent
+The judgement (Hayashibara et al., "The phi accrual failure detector", 2004; the arrival window,
+phi and its verdict, the state table and the redial backoff are mesh/liveness/phi.py's, shared
+with the mesh's connection liveness): with the recent
 inter-arrival gaps (at most ``window``; gaps under ``min_sample_interval`` are not sampled, so a
 busy link does not make the detector twitchy) as a normal distribution of mean ``m`` and deviation
 ``s`` (at least ``min_std``), ``phi(t) = -log10 P(gap > t)`` where ``t`` is the time since the peer
@@ -37,12 +39,17 @@ the pause is not counted as the peers' silence.
 
 from __future__ import annotations
 
-import enum
-import math
-from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
+
+from latticaray.mesh.liveness.phi import (
+    TRANSITIONS,
+    ArrivalWindow,
+    PeerLiveness,
+    Redial,
+    RedialBackoff,
+)
 
 __all__ = [
     "STATE_MOVES",
@@ -56,21 +63,11 @@ __all__ = [
 
 P = TypeVar("P", bound=Hashable)
 
-
-class MemberState(enum.Enum):
-    """What this node believes about a watched member."""
-
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DOWN = "down"
-
+#: What this node believes about a watched member (the mesh detector's states).
+MemberState = PeerLiveness
 
 #: The moves a member's state may make (anything else raises IllegalLivenessMove).
-STATE_MOVES: Final[dict[MemberState, frozenset[MemberState]]] = {
-    MemberState.ALIVE: frozenset({MemberState.SUSPECT, MemberState.DOWN}),
-    MemberState.SUSPECT: frozenset({MemberState.ALIVE, MemberState.DOWN}),
-    MemberState.DOWN: frozenset({MemberState.ALIVE}),
-}
+STATE_MOVES: Final[dict[MemberState, frozenset[MemberState]]] = TRANSITIONS
 
 
 class IllegalLivenessMove(RuntimeError):
@@ -139,14 +136,6 @@ class LivenessConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Redial(Generic[P]):
-    """Dial ``peer`` again (any path: direct, punched, relayed); report ``connected`` or
-    ``redial_failed``."""
-
-    peer: P
-
-
-@dataclass(frozen=True, slots=True)
 class StateChanged(Generic[P]):
     """``peer`` went from ``previous`` to ``state``; ``silent_for``: seconds since last heard;
     ``why``: what decided it."""
@@ -161,17 +150,12 @@ class StateChanged(Generic[P]):
 
 @dataclass(slots=True)
 class _Member:
-    last_heard: float
+    arrivals: ArrivalWindow
     state: MemberState = MemberState.ALIVE
-    gaps: deque[float] = field(default_factory=deque)
-    gap_sum: float = 0.0
-    gap_sq_sum: float = 0.0
     connected: bool = True
     disconnected_at: float = 0.0
     missed: int = 0
-    redialing: bool = False
-    next_redial: float = 0.0
-    redial_delay: float = 0.0
+    redial: RedialBackoff = field(default_factory=RedialBackoff)
     down_since: float | None = None
 
 
@@ -191,10 +175,10 @@ class LivenessCore(Generic[P]):
         if peer in self._members:
             return
         member = self._members[peer] = _Member(
-            last_heard=now, connected=connected, disconnected_at=now
+            arrivals=ArrivalWindow(now), connected=connected, disconnected_at=now
         )
         if not connected:
-            self._start_redialing(member, now)
+            member.redial.start(now, self.config.redial_initial)
 
     def unwatch(self, peer: P) -> None:
         self._members.pop(peer, None)
@@ -209,7 +193,7 @@ class LivenessCore(Generic[P]):
 
     def silent_for(self, peer: P, now: float) -> float | None:
         member = self._members.get(peer)
-        return None if member is None else max(0.0, now - member.last_heard)
+        return None if member is None else max(0.0, now - member.arrivals.last_heard)
 
     def missed(self, peer: P) -> int:
         member = self._members.get(peer)
@@ -220,19 +204,15 @@ class LivenessCore(Generic[P]):
         """Something from ``peer`` arrived at ``now`` (an older time than the last one heard
         changes nothing). Returns the change to ALIVE, if it was not."""
         member = self._members.get(peer)
-        if member is None or now <= member.last_heard:
+        if member is None or not member.arrivals.heard(now, self.config):
             return None
-        gap = now - member.last_heard
-        if gap >= self.config.min_sample_interval:
-            self._sample(member, gap)
-        member.last_heard = now
         member.missed = 0
         if member.state is MemberState.ALIVE:
             return None
         if not member.connected:
             # something arrived, so a connection exists (the shell's disconnect was stale)
             member.connected = True
-            member.redialing = False
+            member.redial.stop()
         return self._move(peer, member, MemberState.ALIVE, now, "heard from")
 
     def probe_failed(self, peer: P, now: float) -> None:
@@ -247,7 +227,7 @@ class LivenessCore(Generic[P]):
         if member is None:
             return None
         member.connected = True
-        member.redialing = False
+        member.redial.stop()
         change = self.heard(peer, now)
         if change is None and member.state is not MemberState.ALIVE:
             change = self._move(peer, member, MemberState.ALIVE, now, "reconnected")
@@ -260,7 +240,7 @@ class LivenessCore(Generic[P]):
             return None
         member.connected = False
         member.disconnected_at = now
-        self._start_redialing(member, now)
+        member.redial.start(now, self.config.redial_initial)
         if member.state is MemberState.ALIVE:
             return self._move(peer, member, MemberState.SUSPECT, now, "disconnected")
         return None
@@ -270,13 +250,11 @@ class LivenessCore(Generic[P]):
         member = self._members.get(peer)
         if member is None or member.connected:
             return
-        member.redialing = False
         member.missed += 1
         if member.state is MemberState.DOWN:
-            member.next_redial = now + self.config.rejoin_interval
+            member.redial.wait_until(now + self.config.rejoin_interval)
         else:
-            member.next_redial = now + member.redial_delay
-            member.redial_delay = min(member.redial_delay * 2, self.config.redial_max)
+            member.redial.failed(now, self.config.redial_max)
 
     def declare_down(self, peer: P, now: float, why: str) -> StateChanged[P] | None:
         """The shell knows ``peer`` is gone (it restarted, its task sessions keep breaking):
@@ -290,7 +268,7 @@ class LivenessCore(Generic[P]):
     def phi(self, peer: P, now: float) -> float:
         """The suspicion level of ``peer`` at ``now`` (0 for a peer not watched)."""
         member = self._members.get(peer)
-        return 0.0 if member is None else self._phi(member, now)
+        return 0.0 if member is None else member.arrivals.phi(now, self.config)
 
     def tick(self, now: float) -> list[Redial[P] | StateChanged[P]]:
         """Redials due at ``now`` and state changes, in the order peers were watched."""
@@ -301,7 +279,7 @@ class LivenessCore(Generic[P]):
                 pause = gap - cfg.tick_interval
                 self.paused_total += pause
                 for member in self._members.values():
-                    member.last_heard = min(now, member.last_heard + pause)
+                    member.arrivals.forgive(pause, now)
                     member.disconnected_at = min(now, member.disconnected_at + pause)
         self._last_tick = now
         actions: list[Redial[P] | StateChanged[P]] = []
@@ -312,8 +290,7 @@ class LivenessCore(Generic[P]):
                 if now - member.down_since >= cfg.forget_after:
                     forget.append(peer)
                     continue
-            if not member.connected and not member.redialing and now >= member.next_redial:
-                member.redialing = True
+            if not member.connected and member.redial.due(now):
                 actions.append(Redial(peer))
             change = self._judge(peer, member, now)
             if change is not None:
@@ -326,12 +303,13 @@ class LivenessCore(Generic[P]):
         if member.state is MemberState.DOWN:
             return None
         cfg = self.config
+        last_heard = member.arrivals.last_heard
         if not member.connected:
-            unreachable = now - max(member.disconnected_at, member.last_heard)
+            unreachable = now - max(member.disconnected_at, last_heard)
             member.missed = max(member.missed, int(unreachable / cfg.unreachable_miss_interval))
-        phi = self._phi(member, now)
-        silent = now - member.last_heard
-        if phi >= cfg.down_phi and silent >= cfg.min_down_after and member.missed >= cfg.min_missed:
+        verdict, _ = member.arrivals.verdict(now, member.state, member.missed, cfg)
+        silent = now - last_heard
+        if verdict is MemberState.DOWN:
             return self._move(
                 peer,
                 member,
@@ -340,33 +318,9 @@ class LivenessCore(Generic[P]):
                 f"silent {silent:.1f} s, {member.missed} keepalives missed"
                 + ("" if member.connected else ", not reachable"),
             )
-        if member.state is MemberState.ALIVE and phi >= cfg.suspect_phi:
+        if verdict is MemberState.SUSPECT:
             return self._move(peer, member, MemberState.SUSPECT, now, f"silent {silent:.1f} s")
         return None
-
-    def _phi(self, member: _Member, now: float) -> float:
-        cfg = self.config
-        n = len(member.gaps)
-        if n == 0:
-            mean, std = cfg.prior_interval, cfg.min_std
-        else:
-            mean = member.gap_sum / n
-            std = max(math.sqrt(max(member.gap_sq_sum / n - mean * mean, 0.0)), cfg.min_std)
-        silent = now - member.last_heard - cfg.acceptable_pause
-        p_later = 0.5 * math.erfc((silent - mean) / (std * math.sqrt(2.0)))
-        if p_later <= 1e-300:
-            return 300.0
-        return max(0.0, -math.log10(p_later))
-
-    def _sample(self, member: _Member, gap: float) -> None:
-        gaps = member.gaps
-        gaps.append(gap)
-        member.gap_sum += gap
-        member.gap_sq_sum += gap * gap
-        if len(gaps) > self.config.window:
-            old = gaps.popleft()
-            member.gap_sum -= old
-            member.gap_sq_sum -= old * old
 
     def _move(
         self, peer: P, member: _Member, state: MemberState, now: float, why: str
@@ -375,15 +329,9 @@ class LivenessCore(Generic[P]):
         member.state = move(previous, state)
         if state is MemberState.DOWN:
             member.down_since = now
-            member.next_redial = now + self.config.rejoin_interval
-            member.redialing = False
+            member.redial.wait_until(now + self.config.rejoin_interval)
         elif previous is MemberState.DOWN:
             member.down_since = None
-        return StateChanged(
-            peer, previous, state, self._phi(member, now), max(0.0, now - member.last_heard), why
-        )
-
-    def _start_redialing(self, member: _Member, now: float) -> None:
-        member.redialing = False
-        member.redial_delay = self.config.redial_initial
-        member.next_redial = now
+        phi = member.arrivals.phi(now, self.config)
+        silent = max(0.0, now - member.arrivals.last_heard)
+        return StateChanged(peer, previous, state, phi, silent, why)

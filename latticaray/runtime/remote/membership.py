@@ -320,23 +320,22 @@ class Membership:
         """A peer that is no member any more: settled like a departed one, and disconnected."""
         self.admission.forget(node_id)
         self.remote.stats["peers_cut_off"] += 1
-        self.liveness.unwatch(node_id)  # never redialed
         peer = self.peers.get(node_id)
         if peer is not None:
             self.peer_gone(node_id, why)
-            self.spawn(self._disconnect(peer.peer_id))
-
-    def connection_added(self, conn: Any) -> None:
-        """A connection this node dialed to a revoked peer (a path upgrade or a dial that was
-        under way when the revocation came) is closed at once, like those the revocation cut."""
-        if conn.outbound and self.admission.is_revoked(conn.peer_id):
-            self.spawn(self._disconnect(conn.peer_id))
-
-    async def _disconnect(self, peer_id: Any) -> None:
+        self.liveness.unwatch(node_id)  # never redialed (peer_gone left it watched as DOWN)
         try:
-            await self.mesh.disconnect(peer_id)
+            peer_id = peer.peer_id if peer is not None else PeerId.from_string(node_id)
+        except ValueError:
+            return
+        self.spawn(self._block(peer_id, why))
+
+    async def _block(self, peer_id: Any, why: str) -> None:
+        """The mesh closes the peer's connections and refuses new ones either way."""
+        try:
+            await self.mesh.block(peer_id, why)
         except MeshError as exc:
-            log.debug("disconnecting %s: %s", peer_id, exc)
+            log.debug("blocking %s: %s", peer_id, exc)
 
     def add_peer(self, node_id: str, peer_id: Any) -> Peer:
         peer = self.peers.get(node_id)
@@ -579,16 +578,16 @@ class Membership:
         first_view = peer.view is None
         peer.view = view
         if self.may_host(node_id):  # a driver or an observer is sent no work
-            self.snapshot.update_node(
-                NodeView(
-                    node_id,
-                    dict(view.total),
-                    dict(view.avail),
-                    queued=view.queued,
-                    running=view.running,
-                    ad_time=time.monotonic(),
-                )
+            node_view = NodeView(
+                node_id,
+                dict(view.total),
+                dict(view.avail),
+                queued=view.queued,
+                running=view.running,
+                ad_time=time.monotonic(),
             )
+            self.snapshot.update_node(node_view)
+            self.remote.node.resources.on_view(node_view)  # placement groups being placed
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
@@ -640,6 +639,7 @@ class Membership:
         remote.objects.holder_gone(node_id)
         log.info("peer %s is gone (%s)", node_id, why)
         self.snapshot.remove_node(node_id)
+        remote.node.resources.node_gone(node_id)  # its placement groups' bundles here end
         if remote.capacity is not None:
             remote.capacity.peer_gone(node_id)
         remote.caller.peer_gone(peer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,10 @@ class RemoteObjects:
         self.stats = remote.stats
         self.gone_waiters: dict[str, list[asyncio.Future]] = {}  # node id -> set when it dies
         self.same_host = SameHostCopies(remote.mesh, remote.node)
+        #: fetches over /latticaray/object/1 under way, for the state API and progress bars:
+        #: a key -> [cid, bytes done, bytes total, start time (wall clock), peer node id]
+        self.inflight: dict[int, list[Any]] = {}
+        self._inflight_next = 0
 
     def holder_gone(self, node_id: str) -> None:
         for waiter in self.gone_waiters.pop(node_id, ()):
@@ -325,28 +330,37 @@ class RemoteObjects:
         peer = self.remote.membership.alive_peer(holder)
         if peer is None:
             return False
-        if await self.same_host.copy(cid, [peer.peer_id]):
-            return True
         exchange = self.remote.exchange
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         waiters = self.gone_waiters.setdefault(holder, [])
         waiters.append(gone)
-        fetch = loop.create_task(
-            exchange.fetch(
-                cid,
-                timeout=FETCH_DEADLINE,
-                peers=[peer.peer_id, *peers],
-                stall_timeout=stall,
-            )
-        )
+        # a holder on this host: its store file first (it may die meanwhile: then it is not asked)
+        copying = loop.create_task(self.same_host.copy(cid, [peer.peer_id]))
+        fetch = None
         try:
-            await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([copying, gone], return_when=asyncio.FIRST_COMPLETED)
+            if copying.done() and copying.result():
+                return True
+            if copying.done():  # no file to copy: the exchange, while the holder lives
+                fetch = loop.create_task(
+                    exchange.fetch(
+                        cid,
+                        timeout=FETCH_DEADLINE,
+                        peers=[peer.peer_id, *peers],
+                        stall_timeout=stall,
+                    )
+                )
+                await asyncio.wait([fetch, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if not copying.done():
+                copying.cancel()
             if gone in waiters:
                 waiters.remove(gone)
                 if not waiters:
                     self.gone_waiters.pop(holder, None)
+        if fetch is None:  # the holder died during the copy
+            return False
         if not fetch.done():
             # a run from the dead holder that got nothing ends now: one that went on would
             # be joined by later fetches of the CID and never ask the node a re-run puts it on
@@ -481,6 +495,9 @@ class RemoteObjects:
         size = received = 0
         chunks = []
         sink: _StoreFormSink | None = None
+        row: list[Any] = ["", 0, 0, time.time(), peer.node_id]
+        self._inflight_next += 1
+        key = self._inflight_next
         try:
             async for raw in self.remote.mesh.call_stream(
                 peer.peer_id, OBJECT_PROTOCOL, request.encode(), timeout=3600.0
@@ -492,6 +509,8 @@ class RemoteObjects:
                     if isinstance(reply, ObjectPlace):  # asked for bytes, answered with a place
                         raise ValueError("object reply names a store instead of sending the object")
                     header, size = reply, reply.size
+                    row[0], row[2] = header.cid or "", size
+                    self.inflight[key] = row
                     if expect_cid is not None and header.cid != expect_cid:
                         raise BadObjectReply(
                             f"asked for {expect_cid}, the reply names {header.cid}", None
@@ -500,6 +519,7 @@ class RemoteObjects:
                         sink = _StoreFormSink.open(self.node.store if into_store else None, header)
                     continue
                 received += len(raw)
+                row[1] = received
                 if received > size:
                     raise ValueError(f"object reply runs past the {size} bytes its header said")
                 if sink is not None:
@@ -513,6 +533,7 @@ class RemoteObjects:
             if sink is not None:
                 return header.s, await sink.finish(), header.cid
         finally:
+            self.inflight.pop(key, None)
             if sink is not None:
                 sink.abort()
         if size >= JOIN_OFF_LOOP:  # joining and hashing release the GIL: the loop goes on

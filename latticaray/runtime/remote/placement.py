@@ -1,8 +1,10 @@
 """Where a task runs: this node, an admitted peer, or nowhere yet (waiting for capacity).
 
 The scheduler's PlacementPolicy decides over the ClusterSnapshot of admitted peers' views
-(membership.py); a node-affinity strategy names its node. Work no admitted node can take waits
-for the DHT's capacity ads to name one (capacity.py, DEFERRED) unless the affinity is hard.
+(membership.py), preferring the nodes that hold a task's store-held arguments; a node-affinity
+strategy names its node (one this node never met is met first, capacity.py). Work no admitted
+node can take waits for the DHT's capacity ads to name one (capacity.py, DEFERRED) unless the
+affinity is hard.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from latticaray.runtime import serialization
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.local.records import TaskRecord
-from latticaray.scheduler.policy import DecisionKind, PlacementPolicy, PlacementRequest
+from latticaray.scheduler.policy import (
+    DecisionKind,
+    ObjectInfo,
+    PlacementPolicy,
+    PlacementRequest,
+)
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.runtime import RemoteRuntime
+
+#: store-held arguments of one task whose holders the policy looks at
+MAX_ARGS_LOOKED_AT = 64
 
 
 class Placer:
@@ -39,8 +50,24 @@ class Placer:
         ):
             return None
         strategy = rec.msg["opts"].get("strategy")
-        target = self.place(rec.tid.hex(), rec.demand, strategy, rec.excluded)
+        target = self.place(rec.tid.hex(), rec.demand, strategy, rec.excluded, self.arguments(rec))
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
+        if (
+            isinstance(target, TaskUnschedulableError)
+            and capacity is not None
+            and hard_affinity
+            and strategy["affinity"] != self.node_id
+            and not (rec.excluded and strategy["affinity"] in rec.excluded)
+            and not remote.membership.is_alive(strategy["affinity"])
+        ):
+            # a member this node never met (sparse peering): meet it, then place again
+            return capacity.meet(
+                strategy["affinity"],
+                retry=lambda: tasks.resume(rec),
+                fail=lambda exc: tasks.fail_unless_done(
+                    rec, TaskUnschedulableError(rec.tid.hex(), str(exc))
+                ),
+            )
         if (
             isinstance(target, TaskUnschedulableError)
             and capacity is not None
@@ -56,11 +83,45 @@ class Placer:
             )
         return target
 
+    def arguments(self, rec: TaskRecord) -> dict[str, ObjectInfo]:
+        """Where the task's store-held arguments are (their CIDs: this node when its store has
+        them, the node that made them when it holds the only copy), so the policy prefers those
+        nodes. Their size is taken as the store threshold, a lower bound (an object is in a
+        store only from that size up; its holder knows the rest)."""
+        args = rec.msg["args"]
+        if args[0] == "b":
+            return {}
+        node = self.remote.node
+        entries = node.objects.entries
+        out: dict[str, ObjectInfo] = {}
+        for item in list(args[1]) + list(args[2].values()):
+            if not (item[0] == 0 and len(item) > 2 and serialization.is_store_ref(item[1])):
+                continue
+            cid = serialization.store_name(item[1])
+            holders = set()
+            entry = entries.get(item[2])
+            if entry is not None and entry.holder:
+                holders.add(entry.holder)
+            try:
+                if node.store is not None and node.store.contains(cid):
+                    holders.add(self.node_id)
+            except Exception:  # not a name this store knows
+                pass
+            if holders and len(out) < MAX_ARGS_LOOKED_AT:
+                out[cid] = ObjectInfo(serialization.STORE_THRESHOLD, frozenset(holders))
+        return out
+
     def place(
-        self, request_id: str, demand: dict, strategy: Any, excluded: set[str] | None = None
+        self,
+        request_id: str,
+        demand: dict,
+        strategy: Any,
+        excluded: set[str] | None = None,
+        args: dict[str, ObjectInfo] | None = None,
     ) -> str | TaskUnschedulableError | None:
         """A node for the demand (this one or a peer), None (run here: nothing better), or
-        the TaskUnschedulableError no node can take it with."""
+        the TaskUnschedulableError no node can take it with. ``args``: where its arguments
+        are (the policy prefers their holders)."""
         membership = self.remote.membership
         if isinstance(strategy, dict):
             target = strategy["affinity"]
@@ -80,8 +141,16 @@ class Placer:
             self.node_id,
             strategy="SPREAD" if strategy == "SPREAD" else "DEFAULT",
             excluded=frozenset(excluded or ()),
+            args=tuple((cid, info.size) for cid, info in (args or {}).items()),
         )
-        decision = self.policy.place(membership.snapshot, request, time.monotonic())
+        objects = membership.snapshot.objects
+        if args:
+            objects.update(args)  # for this decision only
+        try:
+            decision = self.policy.place(membership.snapshot, request, time.monotonic())
+        finally:
+            for cid in args or ():
+                objects.pop(cid, None)
         if decision.kind is DecisionKind.PLACE:
             return decision.node_id
         if decision.kind is DecisionKind.INFEASIBLE:

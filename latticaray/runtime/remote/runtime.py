@@ -102,7 +102,6 @@ class RemoteRuntime:
         mesh.on_peer_connected(self._peer_connected)
         mesh.on_peer_disconnected(membership.disconnected)
         mesh.connections.on_connection_added(self.caller.on_connection_added)
-        mesh.connections.on_connection_added(membership.connection_added)
         self.spawn(membership.view_loop())
         self.spawn(membership.credential_loop())
 

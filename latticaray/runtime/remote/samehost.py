@@ -106,11 +106,12 @@ class SameHostCopies:
         return False
 
     async def _where(self, peer: Any, cid: str) -> str | None:
+        stream = self.mesh.call_stream(
+            peer, OBJECT_PROTOCOL, ObjectWhere(cid).encode(), timeout=WHERE_TIMEOUT
+        )
         try:
             async with asyncio.timeout(WHERE_TIMEOUT):
-                async for raw in self.mesh.call_stream(
-                    peer, OBJECT_PROTOCOL, ObjectWhere(cid).encode(), timeout=WHERE_TIMEOUT
-                ):
+                async for raw in stream:
                     # the first frame decides; an older peer streams the bytes: hang up on it
                     reply = decode_object_header(raw)
                     if isinstance(reply, ObjectPlace) and os.path.isabs(reply.root):
@@ -118,6 +119,8 @@ class SameHostCopies:
                     return None
         except Exception as exc:
             log.debug("peer %s did not say where %s lies: %r", peer, cid, exc)
+        finally:
+            await stream.aclose()  # cancels the call if it is still open
         return None
 
     def _attach(self, root: str) -> LocalStore:

@@ -36,6 +36,7 @@ import * as raw from 'multiformats/codecs/raw'
 import { sha256 } from 'multiformats/hashes/sha2'
 
 const kadProtocol = process.env.INTEROP_KAD_PROTOCOL || '/ipfs/kad/1.0.0'
+const kadClientMode = process.env.INTEROP_KAD_CLIENT === '1'
 const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
 
 const libp2p = await createLibp2p({
@@ -57,7 +58,7 @@ const libp2p = await createLibp2p({
     relay: circuitRelayServer({ reservations: { maxReservations: 64 } }),
     dht: kadDHT({
       protocol: kadProtocol,
-      clientMode: false,
+      clientMode: kadClientMode,
       peerInfoMapper: passthroughMapper,
       allowQueryWithZeroPeers: true,
       validators: { latticaray: async () => {} },
@@ -86,8 +87,13 @@ const commands = {
     const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
     return { remotePeer: conn.remotePeer.toString(), remoteAddr: conn.remoteAddr.toString() }
   },
+  // a test's peer is gone for good when it hangs up: drop it from the DHT routing table and
+  // the peer store too, so later tests' lookups do not wait on it
   async hangup ({ peer }) {
-    await libp2p.hangUp(peerIdFromString(peer))
+    const id = peerIdFromString(peer)
+    await libp2p.hangUp(id)
+    await libp2p.services.dht.routingTable.remove(id)
+    try { await libp2p.peerStore.delete(id) } catch {}
     return true
   },
   async connections () {

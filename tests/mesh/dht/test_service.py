@@ -153,7 +153,7 @@ async def test_bootstrap_keeps_only_peers_that_speak_the_dht():
 
 
 async def test_maintenance_republishes_to_nodes_that_joined_later():
-    from latticaray.mesh.dht.keyspace import dht_id, key_id
+    from latticaray.mesh.dht.keyspace import dht_id, record_id
 
     config = DhtConfig(k=3, republish_interval=0.5, request_timeout=5.0)
     nodes, dhts = [], []
@@ -165,7 +165,7 @@ async def test_maintenance_republishes_to_nodes_that_joined_later():
         ids = [dht_id(n.peer_id.to_bytes()) for n in nodes]
 
         def closest(key: bytes) -> list[int]:
-            return sorted(range(10), key=lambda i: ids[i] ^ key_id(key))[:3]
+            return sorted(range(10), key=lambda i: ids[i] ^ record_id(key))[:3]
 
         # a key whose 3 closest nodes include late joiners (nodes 4..9)
         key = next(b"kept-%d" % i for i in range(1000) if max(closest(b"kept-%d" % i)) >= 4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from latticaray.mesh.dht.config import DhtConfig
-from latticaray.mesh.dht.keyspace import dht_id, key_id
+from latticaray.mesh.dht.keyspace import dht_id, record_id
 from latticaray.mesh.dht.lookups import FindNodeOp
 from latticaray.mesh.dht.records import Record
 from latticaray.mesh.sim.dht import SimDht
@@ -90,7 +90,7 @@ def test_fifty_concurrent_writers_under_one_key_all_survive(net150):
     op = sim.run_until_done(getter, getter.get_value(b"capacity/gpu", sim.sim.now))
     assert set(op.result) == set(writers)
     # and every one of the key's k closest nodes holds the merged map itself
-    target = key_id(b"capacity/gpu")
+    target = record_id(b"capacity/gpu")
     for pid in _true_closest(sim, target, sim.config.k, b""):
         held = {r.subkey for r in sim.nodes[pid].records.get(b"capacity/gpu", sim.sim.now)}
         assert held == set(writers)
@@ -104,7 +104,7 @@ def test_record_outlives_the_node_that_stored_it():
     sim.run_until_done(sim.nodes[pub], sim.nodes[pub].put([record], sim.sim.now))
     holders = [p for p in ids if sim.nodes[p].records.get(b"precious", sim.sim.now)]
     assert len(holders) >= sim.config.k
-    closest_holder = min(holders, key=lambda p: dht_id(p) ^ key_id(b"precious"))
+    closest_holder = min(holders, key=lambda p: dht_id(p) ^ record_id(b"precious"))
     for dead in {pub, closest_holder}:
         sim.leave(dead)
     getter = sim.nodes[next(p for p in ids if sim.net.is_up(p))]
@@ -124,7 +124,7 @@ def test_republish_moves_records_to_new_closest_nodes():
         for op in core.maintenance(sim.sim.now):
             sim.run_op(core, op)
     sim.run_for(30)
-    target = key_id(b"moving")
+    target = record_id(b"moving")
     truth = _true_closest(sim, target, sim.config.k, b"")
     holding = [p for p in truth if sim.nodes[p].records.get(b"moving", sim.sim.now)]
     assert len(holding) == len(truth), "after republishing, the current k closest all hold it"

@@ -9,31 +9,24 @@ node: NAT types come from its main and alternate observer ports). A worker node
 travels in the runtime views), and runs `remote` tasks that need the worker's custom resource.
 The relayed connection is upgraded to direct QUIC (spraying cone<->cone, birthday probing
 cone<->symmetric) while tasks run; the relay drains and the task session moves without
-re-sending work. Every process is started with `ip netns exec` and stopped by the test.
+re-sending work. Every process is started with `ip netns exec` (bench/netlab_nodes.py, which
+the netlab benchmarks use too; each process's stderr in a log file) and stopped by the test.
 """
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(
-    0,
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "runtime"
-    ),
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path[:0] = [os.path.join(ROOT, "tests", "runtime"), os.path.join(ROOT, "bench")]
 
-from meshutil import SESSION_DRIVER_HELPERS, _die_with_parent
+from meshutil import SESSION_DRIVER_HELPERS  # noqa: E402
+from netlab_nodes import QUIC_PORT, LabNode, start_driver, start_pub1  # noqa: E402
+from netlab_nodes import start_worker as start_lab_worker  # noqa: E402
 
 pytestmark = pytest.mark.netlab
-
-PUB1 = "198.18.0.11"
-HOST_IPS = {"hostA": "198.19.1.10", "hostB": "198.19.2.10", "hostC": "198.19.3.10"}
-QUIC_PORT = 4701
-RELAY_PORT = 4702
 
 DRIVER = r"""
 import json, logging, sys, time
@@ -44,7 +37,7 @@ for name in ("latticaray.runtime.remote", "latticaray.mesh.nat"):
     logging.getLogger(name).setLevel(logging.INFO)
 from latticaray.runtime import api
 
-bootstrap, credential, relay, worker_resource, listen = sys.argv[1:6]
+bootstrap, credential, relay, listen, worker_resource = sys.argv[1:6]
 started = time.monotonic()
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[listen],
              nat={"observers": ["198.18.0.11:4701"], "relays": [relay], "lab": True})
@@ -113,7 +106,7 @@ EXACTLY_ONCE = (
     SESSION_DRIVER_HELPERS
     + r"""
 
-bootstrap, credential, relay, resource, listen, workdir = sys.argv[1:7]
+bootstrap, credential, relay, listen, resource, workdir = sys.argv[1:7]
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1, listen=[listen],
              nat={"observers": ["198.18.0.11:4701"], "relays": [relay], "lab": True,
                   "hole_punching": False})
@@ -159,79 +152,13 @@ lattica.shutdown()
 )
 
 
-class LabProcess:
-    """A process inside one lab namespace; stop() always reaps it."""
-
-    def __init__(self, prefix: str, host: str, args: list[str], env: dict | None = None):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", f"{prefix}-{host}", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
-
-    def ready_line(self, timeout: float) -> dict:
-        import selectors
-
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            if not selector.select(timeout):
-                raise AssertionError(f"no ready line within {timeout} s")
-        finally:
-            selector.close()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"process exited: {self.proc.stderr.read()[-3000:]}")
-        return json.loads(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-
-
-def node_args(host_ip: str, *extra: str, port: int = QUIC_PORT, cpus: int = 1) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "latticaray.runtime.node_main",
-        "--num-cpus",
-        str(cpus),
-        "--listen",
-        f"/ip4/{host_ip}/udp/{port}/quic-v1",
-        "--lab",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
-def runtime_lab(nat_lab):
-    prefix = nat_lab[0]
-    processes = []
+def runtime_lab(nat_lab, tmp_path_factory):
+    processes: list[LabNode] = []
     try:
-        pub1 = LabProcess(prefix, "pub1", node_args(PUB1, "--serve-relay", str(RELAY_PORT)))
+        pub1, env = start_pub1(nat_lab[0], str(tmp_path_factory.mktemp("runtime-over-nat")), cpus=1)
         processes.append(pub1)
-        info = pub1.ready_line(60)
-        bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
-        relay = f"/ip4/{PUB1}/tcp/{RELAY_PORT}/p2p/{info['node_id']}"
-        yield {
-            "prefix": prefix,
-            "bootstrap": bootstrap,
-            "relay": relay,
-            "invite": info["invite"],
-            "processes": processes,
-        }
+        yield {**env, "processes": processes}
     finally:
         for process in processes:
             process.stop()
@@ -239,53 +166,21 @@ def runtime_lab(nat_lab):
 
 def start_worker(
     lab: dict, host: str, resource: str | None = None, port: int = QUIC_PORT, cpus: int = 1
-) -> tuple[LabProcess, dict]:
-    worker = LabProcess(
-        lab["prefix"],
-        host,
-        node_args(
-            HOST_IPS[host],
-            "--bootstrap",
-            lab["bootstrap"],
-            "--credential",
-            lab["invite"],
-            "--resources",
-            json.dumps({resource or f"on_{host}": 1}),
-            "--nat",
-            "--observer",
-            f"{PUB1}:{QUIC_PORT}",
-            "--relay",
-            lab["relay"],
-            port=port,
-            cpus=cpus,
-        ),
+) -> tuple[LabNode, dict]:
+    worker, info = start_lab_worker(
+        lab, host, {resource or f"on_{host}": 1}, cpus, name=f"{host}-{port}", port=port
     )
     lab["processes"].append(worker)
-    return worker, worker.ready_line(90)
+    return worker, info
 
 
 def run_driver(
     lab: dict, worker_host: str, script: str = DRIVER, *extra: str, resource: str | None = None
 ) -> dict:
-    driver = LabProcess(
-        lab["prefix"],
-        "hostA",
-        [
-            sys.executable,
-            "-c",
-            script,
-            lab["bootstrap"],
-            lab["invite"],
-            lab["relay"],
-            resource or f"on_{worker_host}",
-            f"/ip4/{HOST_IPS['hostA']}/udp/{QUIC_PORT + 10}/quic-v1",
-            *extra,
-        ],
-    )
+    driver = start_driver(lab, "hostA", script, resource or f"on_{worker_host}", *extra)
     try:
-        driver.proc.wait(240)
-        out = driver.proc.stdout.read()
-        assert driver.proc.returncode == 0, driver.proc.stderr.read()[-4000:]
+        out = driver.wait_output(240)
+        assert driver.proc.returncode == 0, driver.log_tail(4000)
         return json.loads(out.strip().splitlines()[-1])
     finally:
         driver.stop()

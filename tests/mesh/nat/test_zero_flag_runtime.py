@@ -12,12 +12,15 @@ way, sees the workers' print lines, and reads the path to each worker from the s
 """
 
 import json
-import subprocess
+import os
 import sys
 
 import pytest
 
-from .test_runtime_over_nat import PUB1, LabProcess
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from netlab_nodes import PUB1, LabNode  # noqa: E402
 
 pytestmark = pytest.mark.netlab
 
@@ -104,16 +107,18 @@ def _node_args(*extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def zero_flag_lab(nat_lab):
+def zero_flag_lab(nat_lab, tmp_path_factory):
     prefix = nat_lab[0]
-    processes: list[LabProcess] = []
+    logdir = tmp_path_factory.mktemp("zero-flag")
+    processes: list[LabNode] = []
     try:
-        pub1 = LabProcess(
+        pub1 = LabNode(
             prefix,
             "pub1",
             _node_args(
                 "--listen", f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1", "--serve-relay", str(RELAY_PORT)
             ),
+            str(logdir / "pub1.log"),
             env=LAB_ENV,
         )
         processes.append(pub1)
@@ -121,7 +126,7 @@ def zero_flag_lab(nat_lab):
         bootstrap = f"/ip4/{PUB1}/udp/{QUIC_PORT}/quic-v1/p2p/{info['node_id']}"
         workers = {}
         for host in ("hostB", "hostC"):
-            worker = LabProcess(
+            worker = LabNode(
                 prefix,
                 host,
                 _node_args(
@@ -132,6 +137,7 @@ def zero_flag_lab(nat_lab):
                     "--resources",
                     json.dumps({f"zf_{host}": 1}),
                 ),
+                str(logdir / f"{host}.log"),
                 env=LAB_ENV,
             )
             processes.append(worker)
@@ -141,6 +147,7 @@ def zero_flag_lab(nat_lab):
             "bootstrap": bootstrap,
             "invite": info["invite"],
             "workers": workers,
+            "logdir": logdir,
         }
     finally:
         for process in processes:
@@ -160,20 +167,17 @@ def test_workers_behind_nats_join_with_only_bootstrap_and_credential(zero_flag_l
 
 
 def test_driver_with_only_bootstrap_runs_tasks_actors_and_200mb_each_way(zero_flag_lab):
-    driver = LabProcess(
+    driver = LabNode(
         zero_flag_lab["prefix"],
         "hostA",
         [sys.executable, "-c", DRIVER, zero_flag_lab["bootstrap"], zero_flag_lab["invite"]],
+        str(zero_flag_lab["logdir"] / "driver.log"),
         env=LAB_ENV,
     )
     try:
-        try:
-            driver.proc.wait(400)
-        except subprocess.TimeoutExpired:
-            driver.stop()
-            raise AssertionError("the driver did not finish in 400 s") from None
-        out, err = driver.proc.stdout.read(), driver.proc.stderr.read()
-        assert driver.proc.returncode == 0, err[-4000:]
+        out = driver.wait_output(400)  # killed (exit -9) if it does not finish in 400 s
+        err = driver.log_text()
+        assert driver.proc.returncode == 0, (driver.proc.returncode, err[-4000:])
     finally:
         driver.stop()
     lines = out.splitlines()
