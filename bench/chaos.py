@@ -224,11 +224,11 @@ def probe(node, kind, since):
         try:
             if lattica.get(where.options(scheduling_strategy=strategy, **W).remote(),
                            timeout=10) == node:
-                emit("recovered", node=node, kind=kind, seconds=time.monotonic() - since)
+                emit("recovered", node=node, fault=kind, seconds=time.monotonic() - since)
                 return
         except Exception:
             time.sleep(0.2)
-    emit("recovered", node=node, kind=kind, seconds=None)
+    emit("recovered", node=node, fault=kind, seconds=None)
 
 def control_loop():
     for line in sys.stdin:
@@ -283,11 +283,11 @@ def partition(prefix: str, router: str) -> None:
         prefix,
         router,
         "table inet chaos_partition {\n"
-        "  chain fwd { type filter hook forward priority -200; policy accept;\n"
+        "  chain cut_forward { type filter hook forward priority -200; policy accept;\n"
         '    iifname "wan" drop\n    oifname "wan" drop\n  }\n'
-        "  chain inp { type filter hook input priority -200; policy accept;\n"
+        "  chain cut_input { type filter hook input priority -200; policy accept;\n"
         '    iifname "wan" drop\n  }\n'
-        "  chain outp { type filter hook output priority -200; policy accept;\n"
+        "  chain cut_output { type filter hook output priority -200; policy accept;\n"
         '    oifname "wan" drop\n  }\n'
         "}\n",
     )
@@ -336,6 +336,7 @@ class Chaos:
         self.memory_before: dict[str, float | None] = {}
         self.driver: LabNode | None = None
         self._restarts = 0
+        self._restarts_due: list[tuple[float, str, dict, float]] = []
 
     def start_worker(self, host: str) -> None:
         self._restarts += 1
@@ -412,17 +413,34 @@ class Chaos:
         while time.monotonic() - job_started < a.minutes * 60.0 and not self.driver_done():
             if not self.driver.alive():
                 break
+            self.restart_due()
             if time.monotonic() >= next_fault:
-                self.fault(kinds[k % len(kinds)])
+                try:
+                    self.fault(kinds[k % len(kinds)])
+                except (
+                    OSError,
+                    subprocess.SubprocessError,
+                ) as exc:  # a fault that could not be made
+                    self.faults.append({"kind": kinds[k % len(kinds)], "error": str(exc)[:300]})
                 k += 1
                 next_fault = time.monotonic() + a.fault_every
             time.sleep(0.5)
         wait_end = time.monotonic() + 1800
         while not self.driver_done() and self.driver.alive() and time.monotonic() < wait_end:
+            self.restart_due()
             time.sleep(1.0)
         time.sleep(2.0)
         memory_after = {host: node.rss_mb() for host, node in self.nodes.items()}
         return {"config": config, "memory_after": memory_after}
+
+    def restart_due(self) -> None:
+        """Restart the killed nodes whose time has come (in the main thread)."""
+        for item in [r for r in self._restarts_due if r[0] <= time.monotonic()]:
+            self._restarts_due.remove(item)
+            _, host, record, started = item
+            self.start_worker(host)
+            record["restarted_after"] = time.monotonic() - started
+            self.tell_driver({"kind": "restarted", "node": self.node_ids[host]})
 
     def fault(self, kind: str) -> None:
         a = self.args
@@ -437,13 +455,9 @@ class Chaos:
             record = {"kind": "kill", "host": host, "node": node_id, "at": started}
             self.faults.append(record)
 
-            def restart() -> None:
-                time.sleep(a.restart_after)
-                self.start_worker(host)
-                record["restarted_after"] = time.monotonic() - started
-                self.tell_driver({"kind": "restarted", "node": self.node_ids[host]})
-
-            threading.Thread(target=restart, daemon=True).start()
+            # restarted by the main thread (restart_due): a node started from a thread that then
+            # ends would be killed with it (PR_SET_PDEATHSIG follows the creating thread)
+            self._restarts_due.append((started + a.restart_after, host, record, started))
         else:
             router = self.rng.choice(PARTITION_ROUTERS)
             hosts = [h for h in WORKER_HOSTS if h.startswith("host" + router[-1])]
@@ -503,7 +517,7 @@ def summarize(chaos: Chaos, result: dict, wall: float, logdir: str) -> dict:
     recovered: dict[str, list] = {"restarted": [], "healed": []}
     for e in chaos.events:
         if e.get("event") == "recovered":
-            recovered.setdefault(e["kind"], []).append(e["seconds"])
+            recovered.setdefault(e["fault"], []).append(e["seconds"])
 
     def times(values: list) -> dict:
         ok = [v for v in values if v is not None]

@@ -216,7 +216,13 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--prefix", default=os.environ.get("NETLAB_PREFIX", "lossy"))
+    parser.add_argument(
+        "--quic-backend",
+        default="auto",
+        help="the QUIC backend of every node (LATTICARAY_QUIC_BACKEND): auto, qh3 or aioquic",
+    )
     args = parser.parse_args()
+    os.environ["LATTICARAY_QUIC_BACKEND"] = args.quic_backend
     if lab_unavailable():
         return 2
     settings = []

@@ -3,6 +3,7 @@
     python -m fuzz.run --list
     python -m fuzz.run TARGET [--seconds S | --runs N] [--seed K]     # one target, in-process
     python -m fuzz.run --all --seconds S [--seed K]                   # every target, a process each
+    python -m fuzz.run --all --runs N --only a,b                      # those targets, a process each
 
 Each target starts from a corpus seeded with valid encodings (:mod:`fuzz.targets`) kept under
 ``.fuzz/<target>/`` (it grows across runs). A crash is an exception the decoder does not declare
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", nargs="?")
     parser.add_argument("--all", action="store_true", help="every target, one process each")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--only", help="with --all: these targets (comma-separated)")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--runs", type=int)
     parser.add_argument("--seed", type=int, default=1)
@@ -161,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --seconds or --runs")
     if not args.all:
         parser.error("give a target or --all")
-    rows = run_all(sorted(TARGETS), args.seconds, args.runs, args.seed, args.timeout)
+    names = sorted(TARGETS) if not args.only else args.only.split(",")
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        parser.error(f"unknown targets {', '.join(unknown)}; known: {', '.join(sorted(TARGETS))}")
+    rows = run_all(names, args.seconds, args.runs, args.seed, args.timeout)
     print(f"{'target':12} {'executed':>10} {'per s':>7} {'cov':>6} {'crashes':>7} {'hangs':>5}")
     for r in rows:
         print(

@@ -134,3 +134,13 @@ def test_garbage_key_file_is_refused(tmp_path):
 def test_peer_id_from_non_bytes_is_a_peer_id_error(value):
     with pytest.raises(PeerIdError, match="must be bytes"):
         PeerId.from_bytes(value)
+
+
+def test_an_identity_peer_id_with_a_malformed_key_protobuf_is_a_peer_id_error():
+    """Found by fuzzing (the atom target): a protobuf field overrunning the inline key escaped
+    as the libp2p ProtobufError instead of PeerIdError."""
+    inline = bytes([0x72, 0x73, 0xA1, 0x6B]) + bytes(32)  # field 14 declares 115 bytes
+    with pytest.raises(PeerIdError):
+        PeerId.from_bytes(bytes([0x00, len(inline)]) + inline)
+    with pytest.raises(PeerIdError):
+        PeerId.from_key_protobuf(inline)

@@ -87,7 +87,7 @@ async def test_bad_client_signature_and_garbage_are_refused(server):
     alice_pk = alice.peer_id.public_key_protobuf
     writer.write(unix_mod.MAGIC + client_nonce + alice_pk)
     reply = await asyncio.wait_for(reader.readexactly(unix_mod.REPLY_LEN), 5)
-    transcript = unix_mod._transcript(client_nonce, reply[:32], alice_pk, reply[32:68])
+    transcript = unix_mod.auth_transcript(client_nonce, reply[:32], alice_pk, reply[32:68])
     writer.write(mallory.sign(b"client:" + transcript))
     assert await asyncio.wait_for(reader.read(1), 5) == b""
     writer.close()
@@ -110,7 +110,7 @@ async def test_impostor_server_is_refused(tmp_path):
         hello = await reader.readexactly(unix_mod.HELLO_LEN)
         server_nonce = os.urandom(32)
         bob_pk = bob.peer_id.public_key_protobuf
-        transcript = unix_mod._transcript(hello[4:36], server_nonce, hello[36:], bob_pk)
+        transcript = unix_mod.auth_transcript(hello[4:36], server_nonce, hello[36:], bob_pk)
         writer.write(server_nonce + bob_pk + mallory.sign(b"server:" + transcript))
         await writer.drain()
         await reader.read(100)

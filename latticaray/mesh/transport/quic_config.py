@@ -8,7 +8,8 @@ address. The error codes are the application codes this transport puts on the wi
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from ..multiaddr import Multiaddr
 
@@ -47,8 +48,9 @@ class QuicConfig:
 
     #: The QUIC library: "qh3" (Rust packet core, ~7x less CPU per packet), "aioquic" (pure
     #: Python; the transport's own congestion control and path MTU search), or "auto" (qh3
-    #: when installed, else aioquic). See :mod:`.quic_backend`.
-    backend: str = "auto"
+    #: when installed, else aioquic). See :mod:`.quic_backend`. The environment variable
+    #: ``LATTICARAY_QUIC_BACKEND`` sets the default (for the node processes a bench starts).
+    backend: str = field(default_factory=lambda: os.environ.get("LATTICARAY_QUIC_BACKEND", "auto"))
     #: qh3's core runs CUBIC, which random loss holds far below a path's rate (50 ms round
     #: trips, 0.5 % loss: 0.6 MB/s, aioquic with "bdp" 9-15 MB/s). With backend "auto", a qh3
     #: connection that has lost at least ``lossy_min_losses`` packets and ``lossy_loss_rate``

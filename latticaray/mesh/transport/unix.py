@@ -36,7 +36,7 @@ from ..multiaddr import Multiaddr
 from .streambase import OnChannel, StreamTransportBase
 from .streamchannel import StreamChannel
 
-__all__ = ["UnixTransport", "default_run_dir"]
+__all__ = ["UnixTransport", "auth_transcript", "default_run_dir", "read_hello", "read_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,24 @@ def _peer_from_pb(pb: bytes) -> PeerId:
         raise HandshakeError(f"unix handshake: unusable public key: {exc}") from None
 
 
-def _transcript(
+def read_hello(hello: bytes) -> tuple[bytes, bytes, PeerId]:
+    """The client's first message (``HELLO_LEN`` bytes): its nonce, key protobuf and peer ID."""
+    if len(hello) != HELLO_LEN or hello[: len(MAGIC)] != MAGIC:
+        raise HandshakeError("unix client did not speak the latticaray unix handshake")
+    client_pk = hello[len(MAGIC) + NONCE_LEN :]
+    return hello[len(MAGIC) : len(MAGIC) + NONCE_LEN], client_pk, _peer_from_pb(client_pk)
+
+
+def read_reply(reply: bytes) -> tuple[bytes, bytes, bytes, PeerId]:
+    """The server's answer (``REPLY_LEN`` bytes): its nonce, key protobuf, signature, peer ID."""
+    if len(reply) != REPLY_LEN:
+        raise HandshakeError(f"unix server reply of {len(reply)} bytes, not {REPLY_LEN}")
+    server_pk = reply[NONCE_LEN : NONCE_LEN + PUBKEY_PB_LEN]
+    sig_s = reply[NONCE_LEN + PUBKEY_PB_LEN :]
+    return reply[:NONCE_LEN], server_pk, sig_s, _peer_from_pb(server_pk)
+
+
+def auth_transcript(
     client_nonce: bytes, server_nonce: bytes, client_pk: bytes, server_pk: bytes
 ) -> bytes:
     return TRANSCRIPT_CONTEXT + client_nonce + server_nonce + client_pk + server_pk
@@ -168,14 +185,9 @@ class UnixTransport(StreamTransportBase):
             uid = _peer_uid(channel.get_extra_info("socket"))
             if uid is not None and uid != os.getuid():
                 raise HandshakeError(f"unix client runs as uid {uid}, not ours")
-        hello = await channel.read_exactly(HELLO_LEN)
-        if hello[: len(MAGIC)] != MAGIC:
-            raise HandshakeError("unix client did not speak the latticaray unix handshake")
-        client_nonce = hello[len(MAGIC) : len(MAGIC) + NONCE_LEN]
-        client_pk = hello[len(MAGIC) + NONCE_LEN :]
-        client = _peer_from_pb(client_pk)
+        client_nonce, client_pk, client = read_hello(await channel.read_exactly(HELLO_LEN))
         server_nonce = os.urandom(NONCE_LEN)
-        transcript = _transcript(client_nonce, server_nonce, client_pk, self._public_pb)
+        transcript = auth_transcript(client_nonce, server_nonce, client_pk, self._public_pb)
         channel.write(server_nonce + self._public_pb + self.key.sign(b"server:" + transcript))
         sig_c = await channel.read_exactly(SIG_LEN)
         if not client.verify(sig_c, b"client:" + transcript):
@@ -204,12 +216,8 @@ class UnixTransport(StreamTransportBase):
     async def _client_handshake(self, channel: StreamChannel, expected: PeerId | None) -> None:
         client_nonce = os.urandom(NONCE_LEN)
         channel.write(MAGIC + client_nonce + self._public_pb)
-        reply = await channel.read_exactly(REPLY_LEN)
-        server_nonce = reply[:NONCE_LEN]
-        server_pk = reply[NONCE_LEN : NONCE_LEN + PUBKEY_PB_LEN]
-        sig_s = reply[NONCE_LEN + PUBKEY_PB_LEN :]
-        server = _peer_from_pb(server_pk)
-        transcript = _transcript(client_nonce, server_nonce, self._public_pb, server_pk)
+        server_nonce, server_pk, sig_s, server = read_reply(await channel.read_exactly(REPLY_LEN))
+        transcript = auth_transcript(client_nonce, server_nonce, self._public_pb, server_pk)
         if not server.verify(sig_s, b"server:" + transcript):
             raise HandshakeError(f"unix server {server} failed to prove its key")
         if expected is not None and server != expected:
