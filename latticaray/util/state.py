@@ -12,6 +12,8 @@ or the node running this task), or any :class:`~latticaray.observe.model.StateSo
 
 When some member did not answer, ``raise_on_missing_output=True`` (Ray's default) raises
 :class:`StateApiError` naming them; with ``False`` the rows that could be had are returned.
+``detail`` changes nothing: every row always carries all its fields (what Ray returns only with
+``detail=True``); it is accepted so that Ray code runs unchanged.
 """
 
 from __future__ import annotations
