@@ -66,6 +66,13 @@ class NodeActivity:
     def retried(self, rec: Any) -> None:
         self._retried[task_kind(rec)].add()
 
+    def recently_ended(self, task_id: str) -> TaskRow | None:
+        """The row of a task that ended here lately (hex id), newest first; None if not kept."""
+        for row in reversed(self.recent):
+            if row.task_id == task_id:
+                return row
+        return None
+
     def ended(self, rec: Any, failed: bool, error_type: str | None, owner: str) -> None:
         """A task left the table; counted as run here unless it was placed on a peer."""
         tid = rec.tid

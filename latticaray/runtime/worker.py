@@ -111,6 +111,10 @@ class Worker:
         self.credit = StreamCredit()
         self.cancelled: set[bytes] = set()
         self.running_main: bytes | None = None
+        #: The main thread's latest task, kept after it returns: output below Python (os.write,
+        #: a subprocess) that the capture's pipe reader reads only after the task returned is
+        #: still that task's.
+        self.last_main: bytes | None = None
         self.actor = None
         self.actor_id: bytes | None = None
         self.actor_error: bytes | None = None
@@ -220,7 +224,7 @@ class Worker:
         if "gpus" in message:  # the node has GPUs: the task sees exactly its own
             gpus.apply_gpu_ids(message["gpus"])
         restore_env = runtime_env.apply_frame(message.get("renv"))
-        self.running_main = task_id
+        self.running_main = self.last_main = task_id
         try:
             fn = self._load(message["fn"], message.get("blob"))
             args, kwargs = decode_args(message["args"])
@@ -388,7 +392,7 @@ class Worker:
         token = context.current_task_id.set(task_id)
         on_main = threading.current_thread() is threading.main_thread()
         if on_main:
-            self.running_main = task_id
+            self.running_main = self.last_main = task_id
         try:
             method = self._actor_method(message)
             args, kwargs = decode_args(message["args"])
@@ -458,7 +462,9 @@ def _capture_output(conn: WorkerConnection, node_id: str, workers: list):
 
     def on_main_thread() -> LogContext | None:  # output below Python: the main thread's task
         worker = workers[0] if workers else None
-        return context_of(worker.running_main if worker is not None else None)
+        if worker is None:
+            return None
+        return context_of(worker.running_main or worker.last_main)
 
     def context_of(tid: bytes | None) -> LogContext | None:
         if tid is None:

@@ -65,6 +65,11 @@ class LogRouter:
             creator = actor.msg.get("owner")
             if isinstance(creator, str) and creator:
                 owner = creator
+        elif batch.task_id:  # read from a pipe after its task ended here: still its lines
+            ended = node.activity.recently_ended(batch.task_id)
+            if ended is not None:
+                name = ended.name
+                owner = ended.owner_node_id or owner
         batch = dataclasses.replace(batch, owner=owner, name=name[:256])
         caller: Any = rec.client if rec is not None else None
         if caller is not None and caller.kind == "remote" and not caller.closed:
