@@ -6,6 +6,8 @@ they run on the node holding their argument, against SPREAD placement in the sam
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import latticaray as lattica
@@ -48,11 +50,24 @@ def test_tasks_run_where_their_argument_lives(three_nodes):
             node == holder for (node, _), holder in zip(ran, holders[: len(refs)], strict=True)
         )
 
+    def holders_idle() -> None:
+        # the driver places by the views its peers push (every 0.3 s): a batch sent the moment
+        # the last one returned would see the holders still busy with it, and balance away
+        deadline = time.monotonic() + 20
+        while lattica.available_resources().get("CPU", 0) < 3:
+            assert time.monotonic() < deadline, lattica.available_resources()
+            time.sleep(0.05)
+
     # while the holders have room (one task per node at a time), every task runs by its data
-    local = sum(local_count([consume.remote(o) for o in objects[i : i + 3]]) for i in (0, 3, 6))
+    local = 0
+    for i in (0, 3, 6):
+        holders_idle()
+        local += local_count([consume.remote(o) for o in objects[i : i + 3]])
+    holders_idle()
     spread = local_count([consume.options(scheduling_strategy="SPREAD").remote(o) for o in objects])
     assert local >= 8, (local, spread)
     # a burst of all nine at once still favours the holders over SPREAD (the policy trades
     # locality for balance beyond 1.3 x the mean load; delay scheduling is not in this path)
+    holders_idle()
     burst = local_count([consume.remote(o) for o in objects])
     assert burst >= spread, (burst, spread)

@@ -486,6 +486,7 @@ class Caller:
         if rec is None or rec.done:
             return
         rec.remote_peer = None
+        self.remote.placer.task_ended(rec, peer.node_id)
         # as a local worker's `done` (local/tasks.py `complete`)
         done: dict[str, Any] = {"tid": tid}
         if message.err is not None:

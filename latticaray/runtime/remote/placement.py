@@ -37,6 +37,12 @@ class Placer:
         self.node_id = remote.node_id
         self.policy = PlacementPolicy()
 
+    def task_ended(self, rec: TaskRecord, node_id: str) -> None:
+        """A task placed on ``node_id`` ended there: the policy stops counting it against the
+        node (its anti-herding memory would otherwise hold it until a later view covers it, and
+        steer the next task away from an idle holder of its argument)."""
+        self.policy.forget(rec.tid.hex(), node_id)
+
     def place_task(self, rec: TaskRecord) -> Any:
         """A peer's id, None (run here), DEFERRED (waits for DHT capacity ads) or the
         TaskUnschedulableError to fail the task with."""
