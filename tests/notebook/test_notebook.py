@@ -154,7 +154,9 @@ def test_notebook_in_netlab_behind_nat(tmp_path):
     processes: list[LabNode] = []
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    with lab(LAB_PREFIX):
+    # a WAN with 20 ms round trips between sites, as between a laptop and the peers it joins
+    # (on a bare veth the 200 MB fetch could end within the progress bar's first poll)
+    with lab(LAB_PREFIX, "--wan-delay-ms", "10"):
         try:
             pub1 = LabNode(
                 LAB_PREFIX,
