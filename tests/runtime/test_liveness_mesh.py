@@ -14,12 +14,14 @@ import asyncio
 import os
 import signal
 import time
+import types
 
 import pytest
 from meshutil import NodeProcess, alive_nodes, driver_with_nodes, wait_for
 
 import latticaray as lattica
 from latticaray.runtime import api
+from latticaray.runtime.remote.wire import VIEW_PROTOCOL, RuntimeView
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +199,31 @@ def test_a_node_that_stops_cleanly_is_gone_at_once(mesh):
     assert stats["peers_lost"] == lost_before + 1
     report = on_loop(remote_runtime().membership.liveness_report)
     assert node.node_id not in report["members"]  # it said bye: not redialed
+
+
+def test_a_view_pushed_before_bye_that_arrives_after_it_does_not_bring_the_node_back(mesh):
+    # the view loop's pushes and the `bye` travel on different streams: one pushed just before
+    # the node stopped may be served after its `bye`; the same process stays gone, while a
+    # new one under the same peer id (a new incarnation) is admitted
+    node = join(mesh)
+    membership = remote_runtime().membership
+    peer = membership.peers[node.node_id]
+    old_inc = peer.incarnation
+    assert old_inc is not None
+    node.stop()
+    wait_for(lambda: node.node_id not in alive_nodes(), 10, "the node to be gone")
+    ctx = types.SimpleNamespace(peer_id=peer.peer_id, service=VIEW_PROTOCOL)
+
+    def late_view(inc):
+        payload = RuntimeView({"CPU": 8.0}, {"CPU": 8.0}, 0, 0, {}, [], inc, False).encode()
+        return asyncio.run_coroutine_threadsafe(
+            membership.serve_view(ctx, payload), api._runtime.loop
+        ).result(30)
+
+    ignored = remote_runtime().stats["late_views_ignored"]
+    late_view(old_inc)
+    assert remote_runtime().stats["late_views_ignored"] == ignored + 1
+    assert node.node_id not in alive_nodes()
+    late_view(os.urandom(8))  # a new process under the same key
+    assert node.node_id in alive_nodes()
+    on_loop(lambda: membership.peer_gone(node.node_id, "test: the new process is not real"))

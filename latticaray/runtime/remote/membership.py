@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError, RpcError
@@ -67,6 +68,7 @@ VIEW_INTERVAL = 0.3
 VIEW_TIMEOUT = 2.0  # a view push unanswered this long is a missed keepalive
 REDIAL_TIMEOUT = 10.0  # one redial of a member that lost its connection
 LEAVE_TIMEOUT = 0.5  # the `bye` views a stopping node sends
+MAX_LEFT = 4096  # departed processes remembered, so their late views are not taken as rejoins
 MAX_INTRODUCED_ADDRS = 8
 RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
 RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
@@ -105,6 +107,10 @@ class Membership:
         #: knows this node restarted (same peer id, nothing of its old work left).
         self.incarnation = os.urandom(8)
         self._redialing: set[str] = set()
+        #: Members that said `bye`, with the incarnation that said it: a view that process
+        #: pushed before its `bye` may arrive after it (another stream) and must not admit it
+        #: again; a new process under the same peer id (a new incarnation) is welcome.
+        self._left: OrderedDict[str, bytes | None] = OrderedDict()
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -555,10 +561,19 @@ class Membership:
         view = decode_view(payload)
         peer = self.peers.get(node_id)
         if view.bye:
+            self._left[node_id] = view.inc
+            self._left.move_to_end(node_id)
+            while len(self._left) > MAX_LEFT:
+                self._left.popitem(last=False)
             if peer is not None and peer.alive:
                 self.peer_gone(node_id, "left the mesh")
             self.liveness.unwatch(node_id)  # not redialed
             return b""
+        if node_id in self._left:
+            if self._left[node_id] == view.inc:
+                self.remote.stats["late_views_ignored"] += 1
+                return b""  # pushed before its `bye`, arrived after it: it stays gone
+            del self._left[node_id]  # a new process under the same peer id
         if (
             peer is not None
             and peer.alive
