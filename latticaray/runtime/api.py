@@ -421,6 +421,7 @@ class _EmbeddedRuntime:
         self.mesh_runtime: Any = None
         self.printer: Any = None  # LogPrinter of worker output (log_to_driver)
         self.dashboard: Any = None  # DashboardServer (init(dashboard=True))
+        self.timings: dict[str, float] = {}  # init()'s phases, seconds since start() began
 
     def start(self, make_node, start_mesh=None) -> None:
         loop: asyncio.AbstractEventLoop
@@ -440,14 +441,18 @@ class _EmbeddedRuntime:
 
         self.thread = threading.Thread(target=run, name="latticaray-node", daemon=True)
         self.thread.start()
+        began = time.monotonic()
         started.wait()
         self.node = make_node()
+        self.timings["node_made_s"] = time.monotonic() - began
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
+        self.timings["node_started_s"] = time.monotonic() - began
         if start_mesh is not None:
             try:
                 self.mesh_runtime = asyncio.run_coroutine_threadsafe(
                     start_mesh(self.node), loop
                 ).result()
+                self.timings["mesh_started_s"] = time.monotonic() - began
             except BaseException:
                 self.stop()  # the node and its loop thread do not outlive a failed init()
                 raise
@@ -532,6 +537,7 @@ def init(
     (`dashboard_host`:`dashboard_port`, 0 for any free port); its URL is in the returned info.
     """
     global _runtime
+    began = time.monotonic()
     with _init_lock:
         if _runtime is not None or _attached is not None:
             if ignore_reinit_error:
@@ -574,12 +580,14 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
 
+        prepared = time.monotonic() - began
         try:
             runtime.start(make_node, start_mesh)
         except BaseException:  # a refused credential: nothing of this node stays behind
             runtime.stop()
             raise
         _runtime = runtime
+        runtime.timings["prepared_s"] = prepared
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
         runtime.node.state_source.role = "driver"

@@ -314,6 +314,7 @@ class MeshRuntime:
         )
         self.mesh = MeshNode(config)
         await self.mesh.start()
+        self._mark("mesh_started", started)
         try:
             await self._start_services(runtime_node, started)
         except BaseException:
@@ -340,6 +341,7 @@ class MeshRuntime:
         self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
         if self.nat_settings is not None:
             await self._start_nat()
+            self._mark("nat_started", started)
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
         remote.sparse = self.peering == "sparse"
         remote.embedded = self.embedded
@@ -363,6 +365,7 @@ class MeshRuntime:
 
         revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
+        self._mark("state_started", started)
         remote.membership.attach_revocations(revocations)
         runtime_node.resources.attach(  # placement groups: sched/1, their records
             self.mesh, lambda peer: admission.allowed(peer), self.state
@@ -371,6 +374,7 @@ class MeshRuntime:
         remote.state = self.state
         if runtime_node.store_ready is not None:
             await runtime_node.store_ready
+            self._mark("store_ready", started)
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
 
@@ -387,6 +391,7 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+            self._mark("exchange_started", started)
         tried = []
         refusals = []
         for addr in self.bootstrap:
@@ -398,6 +403,7 @@ class MeshRuntime:
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
                 tried.append(f"{addr}: {type(exc).__name__}: {exc}")
+        self._mark("admitted", started)
         if refusals and not remote.membership.alive_peers():
             await self.stop()
             raise CredentialError(
@@ -421,6 +427,9 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
+
+    def _mark(self, phase: str, started: float) -> None:
+        self.timings[f"at_{phase}_s"] = time.monotonic() - started
 
     async def _admit_provider(self, peer_id) -> bool:
         """A provider the DHT names: admitted (both ways) before the exchange asks it."""
