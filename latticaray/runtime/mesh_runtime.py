@@ -256,6 +256,7 @@ class MeshRuntime:
         self.timings: dict[str, float | str] = {}
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
+        self._reachable: asyncio.Task | None = None  # an embedded node's background wait
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -416,7 +417,15 @@ class MeshRuntime:
                 + "\n  ".join(tried)
             )
         if self.nat is not None and self.nat.auto is not None and self.bootstrap:
-            await self._wait_reachable(started)
+            if self.embedded:
+                # a driver's node is a client: its work reaches peers over the connections it
+                # opens, so init() does not wait for AutoNAT's verdict and a relay reservation
+                # (their round trips to the relay); they settle in the background
+                self._reachable = asyncio.get_running_loop().create_task(
+                    self._wait_reachable(started)
+                )
+            else:  # a node that serves: reachable by the other members once `start` returns
+                await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -557,7 +566,8 @@ class MeshRuntime:
         return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
-        pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]
+        background = [*self._provide_tasks, self._dht_bootstrap, self._reachable]
+        pending = [t for t in background if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
