@@ -36,6 +36,7 @@ CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
 PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
+DIAL_TIMEOUT = 10.0  # connecting to a bootstrap peer
 REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
 LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 #: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
@@ -257,6 +258,7 @@ class MeshRuntime:
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
         self._reachable: asyncio.Task | None = None  # an embedded node's background wait
+        self._dials: dict[str, asyncio.Task] = {}  # bootstrap address -> its connection
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -340,9 +342,18 @@ class MeshRuntime:
             exempt=lambda peer: admission.allowed(str(peer)),
         )
         self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
-        if self.nat_settings is not None:
+        # the bootstrap dials (QUIC handshake, identify) run while the services below start;
+        # identify tells each peer the protocols registered when it is answered, so the DHT's
+        # are, and a node serving relay or AutoNAT dials once those offers are registered too
+        nat = self.nat_settings
+        serving = nat is not None and (nat.serve_relay or nat.serve_autonat)
+        if not serving:
+            self._dial_bootstrap()
+        if nat is not None:
             await self._start_nat()
             self._mark("nat_started", started)
+        if serving:
+            self._dial_bootstrap()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
         remote.sparse = self.peering == "sparse"
         remote.embedded = self.embedded
@@ -397,7 +408,7 @@ class MeshRuntime:
         refusals = []
         for addr in self.bootstrap:
             try:
-                await remote.membership.join(addr)
+                await remote.membership.join(addr, self._dials[addr])
             except CredentialError as exc:
                 refusals.append(str(exc))
                 tried.append(f"{addr}: refused: {exc}")
@@ -436,6 +447,13 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
+
+    def _dial_bootstrap(self) -> None:
+        """Start connecting to every bootstrap peer (awaited, and admitted, by the join)."""
+        assert self.mesh is not None
+        loop = asyncio.get_running_loop()
+        for addr in self.bootstrap:
+            self._dials[addr] = loop.create_task(self.mesh.connect(addr, timeout=DIAL_TIMEOUT))
 
     def _mark(self, phase: str, started: float) -> None:
         self.timings[f"at_{phase}_s"] = time.monotonic() - started
@@ -566,7 +584,12 @@ class MeshRuntime:
         return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
-        background = [*self._provide_tasks, self._dht_bootstrap, self._reachable]
+        background = [
+            *self._provide_tasks,
+            *self._dials.values(),
+            self._dht_bootstrap,
+            self._reachable,
+        ]
         pending = [t for t in background if t is not None]
         for task in pending:
             task.cancel()
