@@ -62,7 +62,8 @@ bootstrap, credential = sys.argv[1:3]
 t, cpu = time.monotonic(), time.process_time()
 if bootstrap == "-":  # the local baseline: the same init() without a mesh
     lattica.init(num_cpus=1)
-    print("RESULT " + json.dumps({"import_s": imported, "init_s": time.monotonic() - t}))
+    print("RESULT " + json.dumps({"import_s": imported, "init_s": time.monotonic() - t,
+                                  "package": lattica.__file__}))
     lattica.shutdown()
     sys.exit(0)
 lattica.init(bootstrap=[bootstrap], credential=credential, num_cpus=1)
@@ -82,7 +83,8 @@ for host in ("hostB", "hostC"):
 # read after the first tasks: what settles in the background (reachability) is in by then
 timings = dict(api._runtime.mesh_runtime.timings)
 print("RESULT " + json.dumps({"import_s": imported, "init_s": init_s, "timings": timings,
-                              "init_cpu_s": init_cpu_s, "phases": phases, "first_task_s": first}),
+                              "init_cpu_s": init_cpu_s, "phases": phases, "first_task_s": first,
+                              "package": lattica.__file__}),
       flush=True)
 lattica.shutdown()
 """
@@ -115,7 +117,7 @@ def run_driver(
     driver = LabNode(
         prefix,
         host,
-        [sys.executable, "-c", DRIVER, bootstrap, env["invite"]],
+        [sys.executable, "-P", "-c", DRIVER, bootstrap, env["invite"]],  # -P: not the cwd's tree
         os.path.join(logdir, f"driver-{host}-{'local-' if local else ''}{tag}.log"),
         env={"PYTHONPATH": os.pathsep.join([root, *(p for p in sys.path if p and p != ROOT)])},
     )
@@ -126,7 +128,10 @@ def run_driver(
     line = next((x for x in reversed(out.splitlines()) if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"driver {tag} on {host} gave no result: {driver.log_tail()}")
-    return json.loads(line[7:])
+    result = json.loads(line[7:])
+    if not result["package"].startswith(os.path.join(root, "")):
+        raise RuntimeError(f"driver {tag} ran {result['package']}, not the tree at {root}")
+    return result
 
 
 @contextlib.contextmanager
