@@ -1,0 +1,60 @@
+"""Share objects with IPFS peers (kubo, Helia, any libp2p Bitswap 1.2.0 node), opt-in.
+
+    import latticaray as lattica
+    from latticaray.util import ipfs
+
+    lattica.init(ipfs=True, listen=["/ip4/0.0.0.0/udp/4001/quic-v1", "/ip4/0.0.0.0/tcp/4001"])
+    ref = lattica.put(data)
+    cid = ipfs.share(ref)          # "bafyrei..." (or "bafkrei..." for a small value)
+    # an IPFS node connected to this one, or finding it in the DHT, fetches cid over Bitswap
+    ipfs.unshare(cid)
+
+Only a node started with ``latticaray.init(ipfs=True)`` or ``latticaray start --ipfs`` serves
+IPFS peers; elsewhere these calls raise :class:`RuntimeError`. Even then, only what ``share``
+named is served to non-members: every other object stays on the mesh's members-only paths. A
+shared object is pinned in the node's store (it outlives its refs) until ``unshare``.
+
+What an IPFS peer gets: a large value's payload (its serialized bytes: Arrow IPC for arrays and
+tables, pickle 5 otherwise) as raw blocks of at most 1 MiB under a DAG-CBOR manifest
+``{"v": 1, "size", "chunk", "blocks": [CID links], "sizes", "meta"}`` (the returned CID; read it
+with ``ipfs dag get``, a block with ``ipfs block get``); a small value as one raw block, its
+pickle bytes. Every block is named with sha2-256, which IPFS nodes verify (the runtime's own CIDs
+use BLAKE3, so a large value's IPFS CID differs from ``ref.cid``). The driver's node does the
+serving: a call from a task or an attached driver shares through the node it runs on.
+"""
+
+from __future__ import annotations
+
+from latticaray.runtime import context
+from latticaray.runtime.client import raise_error_value
+from latticaray.runtime.refs import ObjectRef
+
+__all__ = ["share", "shared", "unshare"]
+
+
+def _request(message: dict) -> dict:
+    reply = context.require_core().request({"op": "ipfs", **message})
+    if "error" in reply:
+        raise_error_value(reply["error"])
+    return reply
+
+
+def share(ref: ObjectRef) -> str:
+    """Serve the object of ``ref`` to IPFS peers over Bitswap 1.2.0 and announce it in the DHT;
+    the CID they fetch it by. Waits for the object if it is not ready yet, and copies it to
+    this node if another node holds it."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"share() takes an ObjectRef (from put() or a task), not {type(ref)}")
+    return str(_request({"do": "share", "oid": ref.id, "owner": ref.owner})["cid"])
+
+
+def unshare(cid: str) -> None:
+    """Stop serving ``cid`` (as ``share`` returned it) and announcing it; its store pin goes."""
+    if not isinstance(cid, str):
+        raise TypeError("unshare() takes the CID share() returned")
+    _request({"do": "unshare", "cid": cid})
+
+
+def shared() -> list[str]:
+    """The CIDs this node shares with IPFS peers."""
+    return list(_request({"do": "shared"})["cids"])
