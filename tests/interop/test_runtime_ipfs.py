@@ -1,0 +1,193 @@
+"""The product with Helia: a runtime node started with ``latticaray.init(ipfs=True)`` (or
+``latticaray start --ipfs``) puts objects, shares one with ``latticaray.util.ipfs.share``, and the
+js Helia peer fetches it by the returned CID over Bitswap 1.2.0 (the DAG-CBOR manifest, then
+every raw block, each verified by Helia against its sha2-256 CID) and finds the node as its
+provider in the DHT. What was not shared, large or small, is not served to Helia; nor is a shared
+object once unshared. Without ``ipfs=True`` the calls are refused."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import latticaray as lattica
+from latticaray.objectstore.cid import SHA2_256, Cid
+from latticaray.objectstore.ipfs import ipfs_view
+from latticaray.objectstore.manifest import Manifest
+from latticaray.objectstore.serialization import serialize
+from latticaray.runtime import serialization
+from latticaray.util import ipfs
+
+from .jspeer import JsPeerError
+
+MB = 1 << 20
+NOT_SERVED_MS = 2000  # how long Helia tries for a block the node must not serve
+
+
+def tcp_addr(addrs: list[str]) -> str:
+    return next(a for a in addrs if "/tcp/" in a)
+
+
+def helia_lacks(js_peer, cid: Cid | str) -> bool:
+    """Helia asked its peers for ``cid`` and got nothing within NOT_SERVED_MS."""
+    try:
+        js_peer.call_sync("blockGet", cid=str(cid), timeoutMs=NOT_SERVED_MS)
+    except JsPeerError:
+        return True
+    return False
+
+
+def helia_fetches_object(js_peer, cid: str, value: bytes) -> Manifest:
+    """Helia fetches the shared object ``cid``: the manifest, then every block; the bytes it
+    holds are ``value``'s payload. Returns the manifest."""
+    root = Cid.parse(cid)
+    assert root.hash_code == SHA2_256
+    got = js_peer.call_sync("blockGet", cid=cid)
+    manifest = Manifest.decode(root, base64.b64decode(got["data"]))  # verified against root
+    ser = serialize(value)
+    assert manifest.size == ser.nbytes and len(manifest.blocks) == -(-ser.nbytes // MB)
+    many = js_peer.call_sync("blockGetMany", cids=[str(c) for c in manifest.blocks])
+    assert many["bytes"] == manifest.size
+    assert many["sha256"] == hashlib.sha256(ser.to_bytes()).hexdigest()
+    return manifest
+
+
+@pytest.fixture
+def ipfs_runtime(js_peer):
+    """An embedded runtime node with ipfs=True (loopback QUIC and TCP), dialed by js."""
+    lattica.init(ipfs=True, num_cpus=1, _max_workers=1)
+    node_id = lattica.mesh_info()["node_id"]
+    try:
+        js_peer.call_sync("dial", addr=tcp_addr(lattica.mesh_info()["address"]))
+        yield node_id
+    finally:
+        try:
+            js_peer.call_sync("hangup", peer=node_id, timeout=10)
+        finally:
+            lattica.shutdown()
+
+
+def test_init_ipfs_shares_only_what_it_is_told(js_peer, ipfs_runtime):
+    node_id = ipfs_runtime
+    value = os.urandom(3 * MB + 12345)  # four blocks, the last one short
+    ref = lattica.put(value)
+    secret_value = os.urandom(2 * MB)
+    secret = lattica.put(secret_value)
+    small_secret = lattica.put(b"small secret " + os.urandom(8))
+
+    cid = ipfs.share(ref)
+    assert cid != ref.cid  # the runtime names it with BLAKE3, IPFS with sha2-256
+    assert ipfs.shared() == [cid]
+    manifest = helia_fetches_object(js_peer, cid, value)
+    # the manifest carries the serializer's metadata: the blocks read back as the value
+    payload = serialization.get_store().get_object(ref.cid).payload
+    assert manifest.meta == serialization.get_store().manifest(ref.cid).meta
+    assert bytes(payload) == serialize(value).to_bytes()
+    # an IPFS node that is not connected finds the node through the DHT
+    providers = js_peer.call_sync("kadFindProviders", cid=cid, limit=1)
+    assert [p["id"] for p in providers] == [node_id]
+
+    # a small value is one raw block, already named by a raw sha2-256 CID: its pickle bytes
+    small = lattica.put({"answer": 42})
+    small_cid = ipfs.share(small)
+    assert small_cid == small.cid and Cid.parse(small_cid).hash_code == SHA2_256
+    got = js_peer.call_sync("blockGet", cid=small_cid)
+    assert pickle.loads(base64.b64decode(got["data"])) == {"answer": 42}
+
+    # not shared, not served: a large object's IPFS view (root and a block) and a small value
+    secret_view = ipfs_view(serialization.get_store(), secret.cid)
+    assert helia_lacks(js_peer, secret_view.root)
+    assert helia_lacks(js_peer, secret_view.blocks[1])
+    assert helia_lacks(js_peer, small_secret.cid)
+    # nor once unshared (a block Helia has not fetched yet)
+    other = lattica.put(os.urandom(2 * MB + 1))
+    other_cid = ipfs.share(other)
+    other_view = ipfs_view(serialization.get_store(), other.cid)
+    assert str(other_view.root) == other_cid
+    ipfs.unshare(other_cid)
+    assert other_cid not in ipfs.shared()
+    assert helia_lacks(js_peer, other_view.blocks[0])
+    with pytest.raises(LookupError, match="not shared"):
+        ipfs.unshare(other_cid)
+    # a shared object outlives its ref: the node pins it until unshare
+    del ref
+    js_peer.call_sync("blockGetMany", cids=[str(c) for c in manifest.blocks])
+    assert ipfs.shared() == sorted([cid, small_cid])
+
+
+def test_sharing_is_refused_without_ipfs():
+    lattica.init(num_cpus=1, _max_workers=1, _mesh=True)
+    try:
+        ref = lattica.put(b"x" * (2 * MB))
+        with pytest.raises(RuntimeError, match=r"init\(ipfs=True\)"):
+            ipfs.share(ref)
+        with pytest.raises(TypeError, match="ObjectRef"):
+            ipfs.share(b"a value")  # type: ignore[arg-type]
+    finally:
+        lattica.shutdown()
+    with pytest.raises(ValueError, match="latticaray start --ipfs"):
+        lattica.init(address="unix:/nonexistent", ipfs=True)
+
+
+def start_node(*args: str, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    """A ``latticaray start`` process and its ready line (read within ``timeout``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latticaray", "start", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        line = reader.submit(proc.stdout.readline)  # type: ignore[union-attr]
+        try:
+            return proc, json.loads(line.result(timeout) or "{}")
+        except BaseException:
+            stop_node(proc)  # its stdout closes: the reader's readline returns
+            raise
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_latticaray_start_ipfs_process(js_peer, tmp_path):
+    """``latticaray start --ipfs``: a driver attached to it puts and shares, Helia fetches."""
+    proc, ready = start_node(
+        "--ipfs",
+        "--num-cpus",
+        "1",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--driver-socket",
+        str(tmp_path / "node.sock"),
+    )
+    try:
+        assert ready.get("node_id"), ready
+        js_peer.call_sync("dial", addr=tcp_addr(ready["addrs"]))
+        lattica.init(address=ready["driver_address"])
+        try:
+            value = os.urandom(MB + 7)
+            cid = ipfs.share(lattica.put(value))
+            helia_fetches_object(js_peer, cid, value)
+            assert helia_lacks(js_peer, lattica.put(b"kept " + os.urandom(8)).cid)
+        finally:
+            lattica.shutdown()
+            js_peer.call_sync("hangup", peer=ready["node_id"], timeout=10)
+    finally:
+        stop_node(proc)
