@@ -8,6 +8,7 @@ module is the opt-in door to the IPFS world, for public or explicitly shared con
                                               #   view.root: the object's CID for IPFS
     data = await ipfs.get_block(cid)          # a block an IPFS node holds, verified
     root = await ipfs.fetch_object(cid)       # a latticaray object whose blocks IPFS nodes hold
+    data = await ipfs.fetch_payload(cid)      # its bytes (or a raw block's), not stored
 
 A shared object is served as IPFS sees it: its manifest (a DAG-CBOR block) under the root CID
 and each raw block under its own CID. An index from block CID to (root, block index) answers
@@ -44,7 +45,7 @@ from latticaray.mesh.libp2p.bitswap import (
     BitswapService,
 )
 
-from .cid import RAW, SHA2_256, Cid, hash_digest
+from .cid import DAG_CBOR, RAW, SHA2_256, Cid, hash_digest
 from .errors import InvalidCid, ObjectNotFound
 from .manifest import Manifest, hash_pool, manifest_from_digests
 from .store import LocalStore
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Providers the DHT is asked for when no connected peer holds a block.
 DHT_PROVIDERS = 4
+#: How long a fetch waits for a just-connected peer's identify (does it speak Bitswap 1.2.0?).
+IDENTIFY_WAIT = 2.0
 #: The largest single block ``share_block`` keeps (in memory) and serves.
 MAX_SHARED_BLOCK = MAX_BLOCK
 
@@ -171,13 +174,26 @@ class IpfsBlocks:
             return None
 
     # -- fetching --------------------------------------------------------------------------------
-    def _bitswap_peers(self) -> list[PeerId]:
+    async def _bitswap_peers(self, timeout: float) -> list[PeerId]:
+        """Connected peers whose identify lists Bitswap 1.2.0; a peer connected so recently
+        that it is not identified yet is identified first (within ``timeout``)."""
+        connected = self.node.connected_peers()
+        known = self.node.identify_service.peer_info
+        unknown = [p for p in connected if p not in known]
+        if unknown:
+            await asyncio.gather(*(self._identify(p, timeout) for p in unknown))
         peers = []
-        for peer in self.node.connected_peers():
-            info = self.node.identify_service.peer_info.get(peer)
+        for peer in connected:
+            info = known.get(peer)
             if info is not None and BITSWAP_PROTOCOL in info.protocols:
                 peers.append(peer)
         return peers
+
+    async def _identify(self, peer: PeerId, timeout: float) -> None:
+        try:
+            await self.node.identify(peer, timeout)
+        except (TimeoutError, MeshError, OSError) as exc:
+            log.debug("identify of %s failed: %r", peer, exc)
 
     async def _from_peer(self, peer: PeerId, cids: list[bytes], timeout: float) -> list[bytes]:
         muxer = await self.node.muxer_to(peer, timeout)
@@ -210,7 +226,7 @@ class IpfsBlocks:
         local = [self._serve_block(c) for c in raw]
         if all(b is not None for b in local):
             return [b for b in local if b is not None]
-        peers = self._bitswap_peers()
+        peers = await self._bitswap_peers(min(IDENTIFY_WAIT, max(0.1, deadline - time.monotonic())))
         if peers:
             with contextlib.suppress(ObjectNotFound):
                 return await self._first(peers, raw, max(0.1, deadline - time.monotonic()))
@@ -251,3 +267,27 @@ class IpfsBlocks:
         except BaseException:
             writer.abort()
             raise
+
+    async def fetch_payload(
+        self, cid: Cid | str, timeout: float | None = None, max_bytes: int = 1 << 30
+    ) -> bytes:
+        """The content IPFS nodes hold under ``cid``, verified, in memory (not in the store, so
+        nothing from outside the mesh is ever read back as a stored value): a raw block's bytes,
+        or a latticaray object's payload (a DAG-CBOR manifest root: its blocks joined). An
+        object larger than ``max_bytes`` is refused before its blocks are fetched."""
+        root = Cid.parse(cid) if isinstance(cid, str) else cid
+        if root.codec not in (RAW, DAG_CBOR):
+            raise ValueError(f"{root}: only raw blocks and latticaray objects (dag-cbor) are read")
+        deadline = time.monotonic() + (timeout or self.timeout)
+        first = await self.get_block(root, timeout)
+        if root.codec == RAW:
+            return first
+        manifest = Manifest.decode(root, first)
+        if manifest.size > max_bytes:
+            raise ValueError(f"{root} holds {manifest.size} bytes, more than max_bytes={max_bytes}")
+        out = bytearray()
+        for start in range(0, len(manifest.blocks), MAX_ENTRIES):
+            batch = list(manifest.blocks[start : start + MAX_ENTRIES])
+            for data in await self.get_many(batch, max(0.1, deadline - time.monotonic())):
+                out += data
+        return bytes(out)

@@ -18,6 +18,11 @@ shareable:
 
 The returned CID is announced as provided in the DHT (libp2p Kademlia, re-announced while
 shared) so IPFS nodes that are not connected find this node. ``unshare`` ends both.
+
+``get`` is the other way: the bytes IPFS peers hold under a CID (a raw block, or a latticaray
+object's payload under its manifest), fetched from connected Bitswap peers or the providers the
+DHT names, verified block by block, and handed back as bytes: never unpickled and never put in
+the store, where a later ``latticaray.get(cid)`` would deserialize what a non-member wrote.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from latticaray.mesh.errors import MeshError
 from latticaray.objectstore.cid import Cid
+from latticaray.objectstore.errors import ObjectNotFound, ObjectStoreError
 from latticaray.objectstore.ipfs import IpfsBlocks, ipfs_view
 from latticaray.runtime import serialization
 from latticaray.runtime.local.records import OK
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 PROVIDE_TIMEOUT = 10.0
 #: How long ``share`` waits for an object another node holds to reach this node's store.
 FETCH_TIMEOUT = 120.0
+#: The most bytes ``get`` reads from IPFS peers unless told otherwise.
+MAX_GET_BYTES = 256 << 20
 
 NOT_ENABLED = (
     "IPFS sharing is off on this node: start it with latticaray.init(ipfs=True) or "
@@ -67,7 +76,9 @@ class IpfsSharing:
                 return self.unshare(str(message["cid"]))
             if what == "shared":
                 return {"cids": sorted(self.pinned)}
-        except (ValueError, LookupError, RuntimeError, OSError) as exc:
+            if what == "get":
+                return await self.fetch(message)
+        except (ValueError, LookupError, RuntimeError, OSError, ObjectStoreError) as exc:
             return {"error": error_blob(exc)}
         return {"error": error_blob(ValueError(f"unknown ipfs request {what!r}"))}
 
@@ -99,6 +110,17 @@ class IpfsSharing:
             self.pinned[cid] = store_cid
         self.blocks.share(store_cid, view=view)
         return {"cid": cid, "providers": await self._provide(cid)}
+
+    async def fetch(self, message: dict) -> dict:
+        """Content IPFS peers hold (``latticaray.util.ipfs.get``): bytes, never deserialized,
+        never stored (data from outside the mesh is not trusted like a member's)."""
+        timeout = min(float(message.get("timeout") or FETCH_TIMEOUT), 3600.0)
+        max_bytes = int(message.get("max_bytes", MAX_GET_BYTES))
+        try:
+            data = await self.blocks.fetch_payload(str(message["cid"]), timeout, max_bytes)
+        except (TimeoutError, MeshError, ObjectNotFound) as exc:
+            raise LookupError(f"no IPFS peer sent {message['cid']}: {exc!r}") from None
+        return {"data": data}
 
     async def _provide(self, cid: str) -> int:
         """Announce ``cid`` in the DHT; the peers that stored the record (0 if none could)."""

@@ -8,6 +8,7 @@
     cid = ipfs.share(ref)          # "bafyrei..." (or "bafkrei..." for a small value)
     # an IPFS node connected to this one, or finding it in the DHT, fetches cid over Bitswap
     ipfs.unshare(cid)
+    data = ipfs.get("bafkrei...")  # bytes IPFS peers hold (a raw block, or an object's payload)
 
 Only a node started with ``latticaray.init(ipfs=True)`` or ``latticaray start --ipfs`` serves
 IPFS peers; elsewhere these calls raise :class:`RuntimeError`. Even then, only what ``share``
@@ -21,6 +22,9 @@ with ``ipfs dag get``, a block with ``ipfs block get``); a small value as one ra
 pickle bytes. Every block is named with sha2-256, which IPFS nodes verify (the runtime's own CIDs
 use BLAKE3, so a large value's IPFS CID differs from ``ref.cid``). The driver's node does the
 serving: a call from a task or an attached driver shares through the node it runs on.
+
+``get`` reads content from IPFS peers as bytes, verified against its CID: it is never
+deserialized (unpickling what a non-member wrote would run its code) and never enters the store.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from latticaray.runtime import context
 from latticaray.runtime.client import raise_error_value
 from latticaray.runtime.refs import ObjectRef
 
-__all__ = ["share", "shared", "unshare"]
+__all__ = ["get", "share", "shared", "unshare"]
 
 
 def _request(message: dict) -> dict:
@@ -58,3 +62,17 @@ def unshare(cid: str) -> None:
 def shared() -> list[str]:
     """The CIDs this node shares with IPFS peers."""
     return list(_request({"do": "shared"})["cids"])
+
+
+def get(cid: str, *, timeout: float | None = None, max_bytes: int = 256 << 20) -> bytes:
+    """The bytes IPFS peers hold under ``cid``: a raw block's, or a latticaray object's payload
+    (a DAG-CBOR manifest root, e.g. a CID another node's ``share`` returned), every block
+    verified; from connected Bitswap peers, else from the providers the DHT names. Raises
+    :class:`LookupError` if none sent it within ``timeout`` (default 120 s), ValueError for an
+    object larger than ``max_bytes``."""
+    if not isinstance(cid, str):
+        raise TypeError("get() takes a CID string")
+    if max_bytes <= 0:
+        raise ValueError("max_bytes must be positive")
+    message = {"do": "get", "cid": cid, "timeout": timeout, "max_bytes": int(max_bytes)}
+    return bytes(_request(message)["data"])

@@ -21,7 +21,7 @@ import pytest
 import latticaray as lattica
 from latticaray.objectstore.cid import SHA2_256, Cid
 from latticaray.objectstore.ipfs import ipfs_view
-from latticaray.objectstore.manifest import Manifest
+from latticaray.objectstore.manifest import Manifest, block_spans, build_manifest
 from latticaray.objectstore.serialization import serialize
 from latticaray.runtime import serialization
 from latticaray.util import ipfs
@@ -70,9 +70,9 @@ def ipfs_runtime(js_peer):
         yield node_id
     finally:
         try:
-            js_peer.call_sync("hangup", peer=node_id, timeout=10)
+            lattica.shutdown()  # first: the node closes its connections before its loop ends
         finally:
-            lattica.shutdown()
+            js_peer.call_sync("hangup", peer=node_id, timeout=10)  # js forgets it
 
 
 def test_init_ipfs_shares_only_what_it_is_told(js_peer, ipfs_runtime):
@@ -121,6 +121,36 @@ def test_init_ipfs_shares_only_what_it_is_told(js_peer, ipfs_runtime):
     del ref
     js_peer.call_sync("blockGetMany", cids=[str(c) for c in manifest.blocks])
     assert ipfs.shared() == sorted([cid, small_cid])
+
+
+def test_get_reads_what_only_helia_holds(js_peer, ipfs_runtime):
+    """The other way: bytes only Helia holds, a raw block and a latticaray object's payload
+    (its manifest and blocks put into Helia), verified, returned as bytes (never unpickled)."""
+    data = b"held by helia only " + os.urandom(16)
+    raw = js_peer.call_sync("blockPut", data=base64.b64encode(data).decode())
+    assert ipfs.get(raw) == data
+
+    value = {"weights": os.urandom(MB + 3)}  # a pickled value: get must not unpickle it
+    ser = serialize(value)
+    manifest = build_manifest(ser.to_bytes(), ser.meta, hash_code=SHA2_256)
+    for block, (a, b) in zip(manifest.blocks, block_spans(manifest.size, manifest.chunk_size)):
+        put = js_peer.call_sync("blockPut", data=base64.b64encode(ser.to_bytes()[a:b]).decode())
+        assert put == str(block)
+    js_peer.call_sync(
+        "blockPutAs", cid=str(manifest.root), data=base64.b64encode(manifest.encoded).decode()
+    )
+    got = ipfs.get(str(manifest.root))
+    assert isinstance(got, bytes) and got == ser.to_bytes()
+    with pytest.raises(ValueError, match="max_bytes"):
+        ipfs.get(str(manifest.root), max_bytes=MB)
+
+    # what Helia lacks (it answers DONT_HAVE) and what it holds wrongly (fails verification)
+    with pytest.raises(LookupError):
+        ipfs.get(str(Cid.of(os.urandom(32))), timeout=10)
+    forged = Cid.of(b"the real bytes " + os.urandom(8))
+    js_peer.call_sync("blockPutAs", cid=str(forged), data=base64.b64encode(b"forged").decode())
+    with pytest.raises(LookupError):
+        ipfs.get(str(forged), timeout=3)
 
 
 def test_sharing_is_refused_without_ipfs():

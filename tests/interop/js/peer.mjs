@@ -168,6 +168,12 @@ const commands = {
     await helia.blockstore.put(cid, bytes)
     return cid.toString()
   },
+  // bytes under a CID the caller names (a DAG-CBOR node, or a wrong block for a test): the
+  // memory blockstore stores what it is given
+  async blockPutAs ({ cid, data }) {
+    await helia.blockstore.put(CID.parse(cid), fromB64(data))
+    return true
+  },
   async blockHas ({ cid }) {
     return await helia.blockstore.has(CID.parse(cid))
   },
