@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -117,10 +118,23 @@ def test_init_ipfs_shares_only_what_it_is_told(js_peer, ipfs_runtime):
     assert helia_lacks(js_peer, other_view.blocks[0])
     with pytest.raises(LookupError, match="not shared"):
         ipfs.unshare(other_cid)
-    # a shared object outlives its ref: the node pins it until unshare
-    del ref
-    js_peer.call_sync("blockGetMany", cids=[str(c) for c in manifest.blocks])
-    assert ipfs.shared() == sorted([cid, small_cid])
+    # a shared object outlives its refs (the node pins it until unshare); an unshared one not
+    kept_value, gone_value = os.urandom(MB + 11), os.urandom(MB + 13)
+    kept, gone = lattica.put(kept_value), lattica.put(gone_value)
+    kept_cid, kept_store_cid, gone_store_cid = ipfs.share(kept), kept.cid, gone.cid
+    store = serialization.get_store()
+    del kept, gone
+    deadline = time.monotonic() + 10
+    while store.contains(gone_store_cid):
+        assert time.monotonic() < deadline, "the released object stayed in the store"
+        time.sleep(0.05)
+    assert store.contains(kept_store_cid)
+    helia_fetches_object(js_peer, kept_cid, kept_value)  # blocks Helia had not fetched before
+    assert ipfs.shared() == sorted([cid, small_cid, kept_cid])
+    ipfs.unshare(kept_cid)  # its last pin: now it goes
+    while store.contains(kept_store_cid):
+        assert time.monotonic() < deadline, "an unshared object nothing holds stayed in the store"
+        time.sleep(0.05)
 
 
 def test_get_reads_what_only_helia_holds(js_peer, ipfs_runtime):
