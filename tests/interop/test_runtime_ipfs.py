@@ -235,3 +235,55 @@ def test_latticaray_start_ipfs_process(js_peer, tmp_path):
             js_peer.call_sync("hangup", peer=ready["node_id"], timeout=10)
     finally:
         stop_node(proc)
+
+
+@lattica.remote(resources={"far": 1})
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def test_sharing_an_object_another_member_holds(js_peer, tmp_path):
+    """The result of a task that ran on another member lives in that member's store: sharing
+    it from this node (ipfs=True) copies it here first, and Helia fetches it from this node."""
+    lattica.init(
+        ipfs=True,
+        num_cpus=1,
+        _max_workers=1,
+        listen=["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"],
+    )
+    node_id = lattica.mesh_info()["node_id"]
+    proc = None
+    try:
+        addrs = lattica.mesh_info()["address"]
+        quic = next(a for a in addrs if "/quic-v1/" in a)
+        proc, ready = start_node(
+            "--bootstrap",
+            quic,
+            "--credential",
+            lattica.invite(),
+            "--num-cpus",
+            "1",
+            "--resources",
+            json.dumps({"far": 1}),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--driver-socket",
+            str(tmp_path / "far.sock"),
+        )
+        assert ready.get("node_id"), ready
+        js_peer.call_sync("dial", addr=tcp_addr(addrs))
+        ref = random_bytes.remote(2 * MB + 1)
+        lattica.wait([ref], timeout=60)
+        store = serialization.get_store()
+        assert not store.contains(ref.cid)  # it is on the other member
+        cid = ipfs.share(ref)
+        assert store.contains(ref.cid)
+        value = lattica.get(ref)
+        helia_fetches_object(js_peer, cid, value)
+    finally:
+        try:
+            lattica.shutdown()
+        finally:
+            js_peer.call_sync("hangup", peer=node_id, timeout=10)
+            if proc is not None:
+                stop_node(proc)
