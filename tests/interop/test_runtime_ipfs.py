@@ -211,19 +211,21 @@ def stop_node(proc: subprocess.Popen) -> None:
 
 
 def test_latticaray_start_ipfs_process(js_peer, tmp_path):
-    """``latticaray start --ipfs``: a driver attached to it puts and shares, Helia fetches."""
+    """``latticaray start --ipfs``: a driver attached to it puts and shares, Helia fetches (over
+    QUIC here; the embedded node's tests go over TCP)."""
     proc, ready = start_node(
         "--ipfs",
         "--num-cpus",
         "1",
         "--listen",
-        "/ip4/127.0.0.1/tcp/0",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
         "--driver-socket",
         str(tmp_path / "node.sock"),
     )
     try:
         assert ready.get("node_id"), ready
-        js_peer.call_sync("dial", addr=tcp_addr(ready["addrs"]))
+        quic = next(a for a in ready["addrs"] if "/quic-v1/" in a)
+        assert js_peer.call_sync("dial", addr=quic)["remoteAddr"].startswith(quic.split("/p2p/")[0])
         lattica.init(address=ready["driver_address"])
         try:
             value = os.urandom(MB + 7)
