@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 PROVIDE_TIMEOUT = 10.0
 #: How long ``share`` waits for an object another node holds to reach this node's store.
 FETCH_TIMEOUT = 120.0
+#: How long ``connect`` waits for an IPFS peer to answer and identify itself.
+CONNECT_TIMEOUT = 15.0
 #: The most bytes ``get`` reads from IPFS peers unless told otherwise.
 MAX_GET_BYTES = 256 << 20
 
@@ -78,6 +80,8 @@ class IpfsSharing:
                 return {"cids": sorted(self.pinned)}
             if what == "get":
                 return await self.fetch(message)
+            if what == "connect":
+                return await self.connect(str(message["addr"]))
         except (ValueError, LookupError, RuntimeError, OSError, ObjectStoreError) as exc:
             return {"error": error_blob(exc)}
         return {"error": error_blob(ValueError(f"unknown ipfs request {what!r}"))}
@@ -121,6 +125,21 @@ class IpfsSharing:
         except (TimeoutError, MeshError, ObjectNotFound) as exc:
             raise LookupError(f"no IPFS peer sent {message['cid']}: {exc!r}") from None
         return {"data": data}
+
+    async def connect(self, addr: str) -> dict:
+        """Dial an IPFS peer (``/ip4/../tcp/../p2p/<id>``, QUIC too): Bitswap with it, and it
+        joins the DHT's routing table once identified (a Kademlia server)."""
+        from latticaray.mesh.multiaddr import Multiaddr
+
+        parsed = Multiaddr.parse(addr)  # ValueError for a bad one
+        if parsed.peer_id is None:
+            raise ValueError(f"{addr} names no peer: end it with /p2p/<peer id>")
+        try:
+            peer = await asyncio.wait_for(self.blocks.node.connect(parsed), CONNECT_TIMEOUT)
+            await self.blocks.node.identify(peer, CONNECT_TIMEOUT)
+        except (TimeoutError, MeshError) as exc:
+            raise ConnectionError(f"could not connect to {addr}: {exc!r}") from None
+        return {"peer": str(peer)}
 
     async def _provide(self, cid: str) -> int:
         """Announce ``cid`` in the DHT; the peers that stored the record (0 if none could)."""

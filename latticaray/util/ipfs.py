@@ -8,6 +8,7 @@
     cid = ipfs.share(ref)          # "bafyrei..." (or "bafkrei..." for a small value)
     # an IPFS node connected to this one, or finding it in the DHT, fetches cid over Bitswap
     ipfs.unshare(cid)
+    ipfs.connect("/ip4/198.51.100.7/tcp/4001/p2p/12D3KooW...")  # an IPFS peer to dial
     data = ipfs.get("bafkrei...")  # bytes IPFS peers hold (a raw block, or an object's payload)
 
 Only a node started with ``latticaray.init(ipfs=True)`` or ``latticaray start --ipfs`` serves
@@ -33,7 +34,7 @@ from latticaray.runtime import context
 from latticaray.runtime.client import raise_error_value
 from latticaray.runtime.refs import ObjectRef
 
-__all__ = ["get", "share", "shared", "unshare"]
+__all__ = ["connect", "get", "share", "shared", "unshare"]
 
 
 def _request(message: dict) -> dict:
@@ -76,3 +77,12 @@ def get(cid: str, *, timeout: float | None = None, max_bytes: int = 256 << 20) -
         raise ValueError("max_bytes must be positive")
     message = {"do": "get", "cid": cid, "timeout": timeout, "max_bytes": int(max_bytes)}
     return bytes(_request(message)["data"])
+
+
+def connect(addr: str) -> str:
+    """Dial the IPFS peer at ``addr`` (a multiaddr ending in ``/p2p/<peer id>``, TCP or QUIC)
+    from this node: it can then fetch what this node shares, ``get`` asks it, and it joins the
+    DHT's routing table if it is a Kademlia server. Its peer ID; ConnectionError if unreachable."""
+    if not isinstance(addr, str):
+        raise TypeError("connect() takes a multiaddr string")
+    return str(_request({"do": "connect", "addr": addr})["peer"])

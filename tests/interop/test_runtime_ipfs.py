@@ -167,12 +167,45 @@ def test_get_reads_what_only_helia_holds(js_peer, ipfs_runtime):
         ipfs.get(str(forged), timeout=3)
 
 
+def test_the_node_dials_an_ipfs_peer(js_peer):
+    """``ipfs.connect``: the node dials Helia (it did not know us), which then fetches what the
+    node shares and finds it as a provider; a bad address is refused clearly."""
+    lattica.init(ipfs=True, num_cpus=1, _max_workers=1)
+    node_id = lattica.mesh_info()["node_id"]
+    try:
+        js_addr = next(a for a in js_peer.addrs if "/tcp/" in a)
+        js_addr = js_addr if "/p2p/" in js_addr else f"{js_addr}/p2p/{js_peer.peer_id}"
+        assert ipfs.connect(js_addr) == js_peer.peer_id
+        mine = [c for c in js_peer.call_sync("connections") if c["remotePeer"] == node_id]
+        assert [c["direction"] for c in mine] == ["inbound"]
+        value = os.urandom(MB + 99)
+        cid = ipfs.share(lattica.put(value))
+        helia_fetches_object(js_peer, cid, value)
+        providers = js_peer.call_sync("kadFindProviders", cid=cid, limit=1)
+        assert [p["id"] for p in providers] == [node_id]
+        with pytest.raises(ValueError, match="/p2p/"):
+            ipfs.connect(js_addr.split("/p2p/")[0])
+        with pytest.raises(ValueError):
+            ipfs.connect("/not/a/multiaddr")
+    finally:
+        try:
+            lattica.shutdown()
+        finally:
+            js_peer.call_sync("hangup", peer=node_id, timeout=10)
+
+
 def test_sharing_is_refused_without_ipfs():
     lattica.init(num_cpus=1, _max_workers=1, _mesh=True)
     try:
         ref = lattica.put(b"x" * (2 * MB))
-        with pytest.raises(RuntimeError, match=r"init\(ipfs=True\)"):
-            ipfs.share(ref)
+        for call in (
+            lambda: ipfs.share(ref),
+            lambda: ipfs.get(str(Cid.of(b"x"))),
+            lambda: ipfs.connect("/ip4/127.0.0.1/tcp/1/p2p/" + lattica.mesh_info()["node_id"]),
+            ipfs.shared,
+        ):
+            with pytest.raises(RuntimeError, match=r"init\(ipfs=True\)"):
+                call()
         with pytest.raises(TypeError, match="ObjectRef"):
             ipfs.share(b"a value")  # type: ignore[arg-type]
     finally:
