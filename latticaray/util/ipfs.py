@@ -75,6 +75,8 @@ def get(cid: str, *, timeout: float | None = None, max_bytes: int = 256 << 20) -
         raise TypeError("get() takes a CID string")
     if max_bytes <= 0:
         raise ValueError("max_bytes must be positive")
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be positive (or None for the default, 120 s)")
     message = {"do": "get", "cid": cid, "timeout": timeout, "max_bytes": int(max_bytes)}
     return bytes(_request(message)["data"])
 

@@ -157,6 +157,8 @@ def test_get_reads_what_only_helia_holds(js_peer, ipfs_runtime):
     assert isinstance(got, bytes) and got == ser.to_bytes()
     with pytest.raises(ValueError, match="max_bytes"):
         ipfs.get(str(manifest.root), max_bytes=MB)
+    with pytest.raises(ValueError, match="timeout"):
+        ipfs.get(raw, timeout=0)
 
     # what Helia lacks (it answers DONT_HAVE) and what it holds wrongly (fails verification)
     with pytest.raises(LookupError):
