@@ -324,7 +324,7 @@ def main() -> int:
             f"{nat['init_s']['p90']:.2f} s (target <= 2 s: {'met' if nat_p50 <= 2.0 else 'NOT met'});"
             f" public {pub['init_s']['p50']:.2f} s; no mesh {figures[name]['local']['init_s']['p50']:.2f} s;"
             f" reachable (NAT discovery done) p50 "
-            f"{nat.get('reachable_s', {}).get('p50', float('nan')):.2f} s after init() began"
+            f"{nat.get('reachable_s', {}).get('p50', float('nan')):.2f} s after the mesh start"
         )  # fmt: skip
         print(f"{name}: phases behind the NAT, p50 s since the mesh start (at_*) or init() "
               f"({', '.join(f'{k} {v:.2f}' for k, v in nat['phases_p50'].items())})")  # fmt: skip
