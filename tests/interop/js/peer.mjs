@@ -24,7 +24,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { quic } from '@chainsafe/libp2p-quic'
 import { identify, identifyPush } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
-import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
+import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -42,7 +42,7 @@ const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
 
 const libp2p = await createLibp2p({
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1'] },
-  transports: [tcp(), quic()],
+  transports: [tcp(), quic(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   connectionGater: { denyDialMultiaddr: () => false },
@@ -103,11 +103,25 @@ const commands = {
       remoteAddr: c.remoteAddr.toString(),
       encryption: c.encryption,
       multiplexer: c.multiplexer,
-      direction: c.direction
+      direction: c.direction,
+      limited: c.limits != null,
+      status: c.status
     }))
   },
-  async ping ({ addr }) {
-    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal() })
+  // circuit relay v2 client: reserve a slot on the relay at addr (.../p2p/RELAY); returns this
+  // peer's circuit addresses once the reservation is held
+  async reserve ({ addr }) {
+    await libp2p.components.transportManager.listen([multiaddr(addr + '/p2p-circuit')])
+    return libp2p.getMultiaddrs().map(String).filter(a => a.includes('/p2p-circuit'))
+  },
+  // what the relay server carries now: reserved peers
+  async relayReservations () {
+    return [...libp2p.services.relay.reservations.keys()].map(String)
+  },
+  // force: a new connection to addr even if one to its peer exists (e.g. a relayed path
+  // beside a direct one)
+  async ping ({ addr, force }) {
+    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal(), force: force === true })
   },
   async identify ({ peer }) {
     const conn = libp2p.getConnections(peerIdFromString(peer))[0]
