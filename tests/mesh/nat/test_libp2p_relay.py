@@ -1,0 +1,178 @@
+"""Circuit relay v2 (libp2p's hop/stop) between MeshNodes: relay, target and dialer all ours.
+
+The js-libp2p side of both roles is in tests/interop/test_node_relay.py; these check what a js
+peer cannot show cheaply: the RPC path over a circuit, the data limit, members' limits, refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from latticaray.mesh.libp2p.relay import HopMessage, HopType, RelayLimit, RelayPeer, RelayStatus
+from latticaray.mesh.nat.errors import RelayRefused
+from latticaray.mesh.nat.libp2p_relay import Libp2pRelayConfig, Libp2pRelayService
+from latticaray.mesh.nat.relay import RelayConfig
+from latticaray.mesh.node import MeshConfig, MeshNode
+
+SINK = "/x/sink/1"
+
+
+async def _node() -> MeshNode:
+    node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/tcp/0"], transports=("tcp",)))
+    return await node.start()
+
+
+@pytest.fixture
+async def trio():
+    nodes = [await _node() for _ in range(3)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def _wait_closed(conn, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not conn.closed:
+        if loop.time() > deadline:
+            raise AssertionError("the relayed connection stayed open")
+        await asyncio.sleep(0.02)
+
+
+async def test_rpc_call_ping_and_identify_over_a_circuit(trio):
+    relay, target, dialer = trio
+    service = Libp2pRelayService(relay)
+    service.start()
+    try:
+        reservation = await target.circuits.reserve(relay.listen_addrs[0])
+        assert reservation.relay == relay.peer_id
+        assert reservation.limit == service.config.public_limit
+        assert reservation.circuit_addr in target.advertised_addrs
+
+        async def echo(_ctx, payload: bytes) -> bytes:
+            return b"echo:" + bytes(payload)
+
+        target.register_unary("/x/echo/1", echo)
+        peer = await dialer.connect(reservation.circuit_addr, timeout=10)
+        assert peer == target.peer_id
+        conn = dialer.connection_to(peer)
+        assert conn is not None and conn.transport == "relay" and conn.relayed
+        assert await dialer.call(peer, "/x/echo/1", b"hi", timeout=5) == b"echo:hi"
+        assert await dialer.ping(peer) >= 0
+        info = await dialer.identify(peer)
+        assert info.peer_id == target.peer_id
+    finally:
+        await service.stop()
+
+
+async def test_data_limit_closes_the_circuit(trio):
+    relay, target, dialer = trio
+    limit = RelayLimit(duration=60, data=64 * 1024)
+    service = Libp2pRelayService(relay, Libp2pRelayConfig(public_limit=limit))
+    service.start()
+    received = bytearray()
+
+    async def sink(stream) -> None:
+        while True:
+            chunk = await stream.read(65536, timeout=10)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    target.register_stream(SINK, sink)
+    try:
+        reservation = await target.circuits.reserve(relay.listen_addrs[0])
+        peer = await dialer.connect(reservation.circuit_addr, timeout=10)
+        conn = dialer.connection_to(peer)
+        assert conn is not None and conn.transport == "relay"
+        stream = await dialer.open_stream(peer, SINK, timeout=10)
+        with pytest.raises(Exception):  # the circuit is reset under the writer
+            for _ in range(64):
+                await stream.write(b"x" * 16384, timeout=5)
+                await asyncio.sleep(0)
+        await _wait_closed(conn)
+        assert len(received) < 64 * 1024
+        assert any("data limit of 65536 bytes" in line for line in service.closed_circuits)
+        assert not service.core.circuits
+    finally:
+        await service.stop()
+
+
+async def test_members_get_the_relays_own_limits_others_the_public_ones(trio):
+    relay, member, stranger = trio
+    config = Libp2pRelayConfig(
+        relay=RelayConfig(circuit_max_bytes=1 << 30, circuit_max_duration=3600.0)
+    )
+    service = Libp2pRelayService(relay, config, is_member=lambda peer: peer == member.peer_id)
+    service.start()
+    try:
+        mine = await member.circuits.reserve(relay.listen_addrs[0])
+        assert mine.limit == RelayLimit(3600, 1 << 30)
+        theirs = await stranger.circuits.reserve(relay.listen_addrs[0])
+        assert theirs.limit == config.public_limit
+    finally:
+        await service.stop()
+
+
+async def test_a_members_only_relay_refuses_strangers(trio):
+    relay, member, stranger = trio
+    config = Libp2pRelayConfig(public=False)
+    service = Libp2pRelayService(relay, config, is_member=lambda peer: peer == member.peer_id)
+    service.start()
+    try:
+        with pytest.raises(RelayRefused) as refused:
+            await stranger.circuits.reserve(relay.listen_addrs[0])
+        assert refused.value.code == "PERMISSION_DENIED"
+        reservation = await member.circuits.reserve(relay.listen_addrs[0])
+        with pytest.raises(RelayRefused) as refused:
+            await stranger.connect(reservation.circuit_addr, timeout=10)
+        assert refused.value.code == "PERMISSION_DENIED"
+    finally:
+        await service.stop()
+
+
+async def test_connect_without_reservation_and_bad_requests_are_refused(trio):
+    relay, _target, dialer = trio
+    service = Libp2pRelayService(relay)
+    service.start()
+    try:
+        nobody = MeshNode().peer_id
+        circuit = relay.listen_addrs[0].encapsulate(f"/p2p-circuit/p2p/{nobody}")
+        with pytest.raises(RelayRefused) as refused:
+            await dialer.connect(circuit, timeout=10)
+        assert refused.value.code == "NO_RESERVATION"
+        # a CONNECT naming no peer, and a STATUS sent as a request
+        for request, status in (
+            (HopMessage(HopType.CONNECT), RelayStatus.MALFORMED_MESSAGE),
+            (
+                HopMessage(HopType.CONNECT, peer=RelayPeer(b"\x00junk")),
+                RelayStatus.MALFORMED_MESSAGE,
+            ),
+            (HopMessage(HopType.STATUS), RelayStatus.UNEXPECTED_MESSAGE),
+        ):
+            stream = await dialer.open_stream(relay.peer_id, "/libp2p/circuit/relay/0.2.0/hop")
+            await stream.write_message(request.encode())
+            answer = HopMessage.decode(await stream.read_message(4096, timeout=5) or b"")
+            assert answer.status is status
+        assert not service.core.circuits
+    finally:
+        await service.stop()
+
+
+async def test_a_circuit_is_refused_from_a_relay_we_hold_no_reservation_on(trio):
+    relay, target, dialer = trio
+    service = Libp2pRelayService(relay)
+    service.start()
+    try:
+        reservation = await target.circuits.reserve(relay.listen_addrs[0])
+        target.circuits.cancel(relay.peer_id)
+        assert reservation.circuit_addr not in target.advertised_addrs
+        with pytest.raises(RelayRefused) as refused:
+            await dialer.connect(reservation.circuit_addr, timeout=10)
+        assert refused.value.code == "CONNECTION_FAILED"
+    finally:
+        await service.stop()
