@@ -176,3 +176,48 @@ async def test_a_circuit_is_refused_from_a_relay_we_hold_no_reservation_on(trio)
         assert refused.value.code == "CONNECTION_FAILED"
     finally:
         await service.stop()
+
+
+async def test_serve_relay_serves_the_hop_too_members_only_over_quic():
+    """``NatConfig(serve_relay=True)`` on a MeshNatService starts the libp2p relay beside the
+    mesh's own (``public_relay=False``: members only); circuits run over QUIC relay legs too."""
+    from latticaray.mesh.nat.addresses import AddressPolicy
+    from latticaray.mesh.nat.config import NatConfig
+    from latticaray.mesh.nat.mesh_service import MeshNatService
+
+    quic = ["/ip4/127.0.0.1/udp/0/quic-v1"]
+    relay = await MeshNode(MeshConfig(listen=quic, transports=("quic",))).start()
+    others = [await MeshNode(MeshConfig(listen=quic, transports=("quic",))).start() for _ in "abc"]
+    member, dialer, stranger = others
+    members = {member.peer_id, dialer.peer_id}
+    nat = MeshNatService(
+        relay,
+        NatConfig(
+            listen_host="127.0.0.1",
+            policy=AddressPolicy(allow_loopback=True),
+            serve_relay=True,
+            public_relay=False,
+            hole_punching=False,
+        ),
+        is_member=lambda peer: peer in members,
+    )
+    await nat.start()
+    try:
+        assert nat.libp2p_relay is not None
+        assert "/libp2p/circuit/relay/0.2.0/hop" in relay.streams.protocols
+        relay_addr = relay.listen_addrs[0]
+        assert relay_addr.transport == "quic"
+        with pytest.raises(RelayRefused) as refused:
+            await stranger.circuits.reserve(relay_addr)
+        assert refused.value.code == "PERMISSION_DENIED"
+        reservation = await member.circuits.reserve(relay_addr)
+        cfg = nat.config.relay_config
+        assert reservation.limit == RelayLimit(int(cfg.circuit_max_duration), cfg.circuit_max_bytes)
+        peer = await dialer.connect(reservation.circuit_addr, timeout=10)
+        assert peer == member.peer_id
+        assert await dialer.ping(peer) >= 0
+    finally:
+        await nat.stop()
+        assert "/libp2p/circuit/relay/0.2.0/hop" not in relay.streams.protocols
+        for node in (*others, relay):
+            await node.stop()
