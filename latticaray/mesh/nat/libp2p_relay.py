@@ -77,6 +77,7 @@ from .errors import (
     RESOURCE_LIMIT_EXCEEDED,
     RelayRefused,
 )
+from .libp2p_dcutr import Libp2pDcutr
 from .relay import RelayConfig, RelayCore
 
 if TYPE_CHECKING:
@@ -420,6 +421,8 @@ class Libp2pCircuits:
         self.identity = PrivateKey.from_keypair(node.key)
         self.reservations: dict[PeerId, Libp2pReservation] = {}
         self.adapter = Libp2pCircuitAdapter(self)
+        #: DCUtR over our relayed connections (started with the first reservation or circuit)
+        self.dcutr = Libp2pDcutr(node)
         self._serving_stop = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -459,6 +462,7 @@ class Libp2pCircuits:
         if not self._serving_stop:
             self._serving_stop = True
             self.node.register_stream(STOP_PROTOCOL, self._serve_stop)
+        self.dcutr.start()
         try:
             self.node.add_advertised_addrs([reservation.circuit_addr])
         except MeshError as exc:
@@ -553,6 +557,7 @@ class Libp2pCircuits:
             raise PeerUnreachable(f"circuit address {addr} names no relay or no target peer")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        self.dcutr.start()  # the peer we reach may upgrade the circuit to a direct connection
         relay = await self.node.connections.dial_addr(relay_addr, timeout)
         if relay.raw.muxer is None:
             raise PeerUnreachable(f"no libp2p connection to the relay {addr.relay_peer}")
@@ -593,6 +598,7 @@ class Libp2pCircuits:
         return raw
 
     async def close(self) -> None:
+        await self.dcutr.close()
         for task in list(self._tasks):
             task.cancel()
 

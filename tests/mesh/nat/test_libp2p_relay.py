@@ -26,7 +26,11 @@ async def _node() -> MeshNode:
 
 @pytest.fixture
 async def trio():
+    """Relay, target, dialer; DCUtR off (these tests need the circuit to stay the path) unless
+    a test turns it on."""
     nodes = [await _node() for _ in range(3)]
+    for node in nodes:
+        node.circuits.dcutr.enabled = False
     try:
         yield nodes
     finally:
@@ -221,3 +225,36 @@ async def test_serve_relay_serves_the_hop_too_members_only_over_quic():
         assert "/libp2p/circuit/relay/0.2.0/hop" not in relay.streams.protocols
         for node in (*others, relay):
             await node.stop()
+
+
+async def test_dcutr_upgrades_a_circuit_to_a_direct_connection(trio):
+    """Both DCUtR roles on loopback: the target (B) that accepted the circuit initiates and
+    times the RTT, the dialer (A) answers; after SYNC both dial and a direct TCP connection
+    becomes the primary path."""
+    from latticaray.mesh.libp2p.dcutr import DcutrRole
+
+    relay, target, dialer = trio
+    target.circuits.dcutr.enabled = True
+    service = Libp2pRelayService(relay)
+    service.start()
+    try:
+        reservation = await target.circuits.reserve(relay.listen_addrs[0])
+        peer = await dialer.connect(reservation.circuit_addr, timeout=10)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:
+            a = dialer.connection_to(peer)
+            b = target.connection_to(dialer.peer_id)
+            done = [u for u in target.circuits.dcutr.upgrades if u.direct]
+            if a and b and a.transport == "tcp" and b.transport == "tcp" and done:
+                break
+            assert loop.time() < deadline, (target.circuits.dcutr.upgrades, a, b)
+            await asyncio.sleep(0.05)
+        initiated = done[0]
+        assert initiated.role is DcutrRole.INITIATOR and initiated.peer == dialer.peer_id
+        assert initiated.rtt is not None and initiated.rtt > 0
+        answered = [u for u in dialer.circuits.dcutr.upgrades if u.peer == target.peer_id]
+        assert answered and answered[0].role is DcutrRole.RESPONDER and not answered[0].error
+        assert await dialer.ping(peer) >= 0
+    finally:
+        await service.stop()
