@@ -247,6 +247,8 @@ class Libp2pRelayService:
             await self._refuse(stream, exc)
             return
         self._reserved_over[str(peer)] = conn
+        for gone in [p for p in self._reserved_over if p not in self.core.reservations]:
+            del self._reserved_over[gone]  # expired or cancelled: bounded by the slots
         expire = int(time.time() + (reserved.expires - loop.time()))
         voucher = Voucher(self.node.peer_id.to_bytes(), conn.remote_peer_id, expire)
         answer = HopMessage(
@@ -425,6 +427,8 @@ class Libp2pCircuits:
         self.dcutr = Libp2pDcutr(node)
         self._serving_stop = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the relayed connections open now (closed with the node)
+        self._relayed: set[Libp2pConnection] = set()
 
     async def reserve(
         self, relay_addr: Multiaddr | str, timeout: float = HOP_TIMEOUT
@@ -517,6 +521,7 @@ class Libp2pCircuits:
         except BaseException:
             pipe.abort()
             raise
+        self._track(conn)
         self._adopt_inbound(conn)
 
     def _adopt_inbound(self, conn: Libp2pConnection) -> None:
@@ -590,6 +595,7 @@ class Libp2pCircuits:
         except BaseException:
             pipe.abort()
             raise
+        self._track(conn)
         channel = open_rpc_stream(conn.new_stream(), RELAYED_TRANSPORT, self.node.peer_id, conn)
         raw = _relayed_raw(conn, channel, self._close)
         conn.router = InboundStreams(
@@ -597,8 +603,15 @@ class Libp2pCircuits:
         )
         return raw
 
+    def _track(self, conn: Libp2pConnection) -> None:
+        self._relayed.add(conn)
+        conn.on_close(self._relayed.discard)
+
     async def close(self) -> None:
         await self.dcutr.close()
+        for conn in list(self._relayed):
+            with contextlib.suppress(Exception):
+                await conn.close()
         for task in list(self._tasks):
             task.cancel()
 
