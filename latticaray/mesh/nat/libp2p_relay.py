@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 CIRCUIT_TRANSPORT = "circuit"
 RELAYED_TRANSPORT = "relay"
 HOP_TIMEOUT = 10.0
+KEEP_BACKOFF_MAX = 30.0
 _SPLICE_CHUNK = 64 * 1024
 _M = TypeVar("_M", covariant=True)
 
@@ -427,19 +428,51 @@ class Libp2pCircuits:
         self.dcutr = Libp2pDcutr(node)
         self._serving_stop = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: relays whose reservation is renewed (``reserve(keep=True)``) -> the renewing task
+        self._keeping: dict[PeerId, asyncio.Task[None]] = {}
         #: the relayed connections open now (closed with the node)
         self._relayed: set[Libp2pConnection] = set()
 
     async def reserve(
-        self, relay_addr: Multiaddr | str, timeout: float = HOP_TIMEOUT
+        self, relay_addr: Multiaddr | str, timeout: float = HOP_TIMEOUT, *, keep: bool = False
     ) -> Libp2pReservation:
         """Reserve a slot on the relay at ``relay_addr`` (``.../p2p/RELAY``); from then on this
-        node accepts circuits from it and advertises its circuit address. Raises
-        :class:`RelayRefused` if the relay says no, :class:`EnvelopeError` on a bad voucher."""
+        node accepts circuits from it and advertises its circuit address. With ``keep`` the
+        reservation is renewed when three quarters of its time have passed (and retried, with
+        backoff, if a renewal fails) until :meth:`cancel`. Raises :class:`RelayRefused` if the
+        relay says no, :class:`EnvelopeError` on a bad voucher."""
         addr = Multiaddr.parse(relay_addr)
         relay = addr.peer_id
         if relay is None or addr.relay_peer is not None:
             raise PeerUnreachable(f"a relay address must end in /p2p/<relay>: {addr}")
+        reservation = await self._reserve_once(addr, relay, timeout)
+        if keep and relay not in self._keeping:
+            task = asyncio.get_running_loop().create_task(self._keep(addr, relay, timeout))
+            self._keeping[relay] = task
+            task.add_done_callback(lambda _t: self._keeping.pop(relay, None))
+        return reservation
+
+    async def _keep(self, addr: Multiaddr, relay: PeerId, timeout: float) -> None:
+        backoff = 1.0
+        while relay in self.reservations:
+            left = self.reservations[relay].expire - time.time()
+            await asyncio.sleep(max(0.5, left * 0.75))
+            if relay not in self.reservations:
+                return
+            try:
+                await self._reserve_once(addr, relay, timeout)
+                backoff = 1.0
+            except (MeshError, OSError, TimeoutError) as exc:
+                log.info("renewing the reservation on %s failed: %s", relay, exc)
+                held = self.reservations.get(relay)
+                if held is not None and held.expire <= time.time():  # lapsed: stop advertising
+                    self.node.remove_advertised_addrs([held.circuit_addr])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, KEEP_BACKOFF_MAX)
+
+    async def _reserve_once(
+        self, addr: Multiaddr, relay: PeerId, timeout: float
+    ) -> Libp2pReservation:
         conn = await self.node.connections.dial_addr(addr, timeout)
         muxer = conn.raw.muxer
         if muxer is None:
@@ -451,9 +484,7 @@ class Libp2pCircuits:
         voucher = open_voucher(answer.reservation.voucher, relay.to_bytes())
         if voucher.peer != self.node.peer_id.to_bytes():
             raise EnvelopeError("the relay's voucher names another peer")
-        relay_part = (conn.remote_addr or addr).without_peer()
-        if relay_part.relay_peer is not None or relay_part.transport not in ("tcp", "quic"):
-            relay_part = addr.without_peer()
+        relay_part = addr.without_peer()  # the address given (a connection may be inbound)
         circuit = relay_part.with_peer(relay).encapsulate("/p2p-circuit")
         reservation = Libp2pReservation(
             relay,
@@ -474,7 +505,11 @@ class Libp2pCircuits:
         return reservation
 
     def cancel(self, relay: PeerId) -> None:
-        """Forget the reservation on ``relay`` (circuits from it are refused from now on)."""
+        """Forget the reservation on ``relay`` (circuits from it are refused from now on, and
+        it is no longer renewed)."""
+        keeping = self._keeping.pop(relay, None)
+        if keeping is not None:
+            keeping.cancel()
         reservation = self.reservations.pop(relay, None)
         if reservation is not None:
             self.node.remove_advertised_addrs([reservation.circuit_addr])
@@ -608,6 +643,8 @@ class Libp2pCircuits:
         conn.on_close(self._relayed.discard)
 
     async def close(self) -> None:
+        for task in list(self._keeping.values()):
+            task.cancel()
         await self.dcutr.close()
         for conn in list(self._relayed):
             with contextlib.suppress(Exception):

@@ -7,6 +7,7 @@ peer cannot show cheaply: the RPC path over a circuit, the data limit, members' 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -256,5 +257,27 @@ async def test_dcutr_upgrades_a_circuit_to_a_direct_connection(trio):
         answered = [u for u in dialer.circuits.dcutr.upgrades if u.peer == target.peer_id]
         assert answered and answered[0].role is DcutrRole.RESPONDER and not answered[0].error
         assert await dialer.ping(peer) >= 0
+    finally:
+        await service.stop()
+
+
+async def test_a_kept_reservation_is_renewed_and_circuits_work_after_its_first_expiry(trio):
+    relay, target, dialer = trio
+    service = Libp2pRelayService(relay, Libp2pRelayConfig(relay=RelayConfig(reservation_ttl=2.0)))
+    service.start()
+    try:
+        first = await target.circuits.reserve(relay.listen_addrs[0], keep=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while target.circuits.reservations[relay.peer_id].expire <= first.expire + 1:
+            assert loop.time() < deadline, "the reservation was not renewed"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(max(0.0, first.expire + 0.5 - time.time()))
+        # past the first reservation's expiry: the relay (which drops expired reservations
+        # before every CONNECT) still takes a circuit to the target
+        peer = await dialer.connect(first.circuit_addr, timeout=10)
+        assert peer == target.peer_id and await dialer.ping(peer) >= 0
+        target.circuits.cancel(relay.peer_id)
+        assert relay.peer_id not in target.circuits.reservations
     finally:
         await service.stop()
