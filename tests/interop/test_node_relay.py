@@ -190,3 +190,31 @@ async def test_our_relay_closes_a_js_circuit_at_its_duration_limit(js_peer, js_p
         await _hang_up([js_peer, js_peer2], node)
         await service.stop()
         await node.stop()
+
+
+async def test_our_relay_closes_a_js_circuit_at_its_data_limit(js_peer):
+    """A js peer pings our node through our relay until the circuit's data limit (each way)
+    is reached: the relay resets it in the middle of a ping."""
+    node = await _tcp_node()
+    limit = RelayLimit(duration=120, data=16 * 1024)
+    service = Libp2pRelayService(node, Libp2pRelayConfig(public_limit=limit))
+    service.start()
+    # a target with no listener: reachable through the relay only (js would dial a direct
+    # address it learnt by identify rather than keep using a limited connection)
+    target = await MeshNode(MeshConfig(listen=[], transports=("tcp",))).start()
+    target.circuits.dcutr.enabled = False
+    try:
+        reservation = await target.circuits.reserve(node.listen_addrs[0])
+        result = await js_peer.call("pingMany", addr=str(reservation.circuit_addr), count=1000)
+        assert result["error"] is not None and 0 < result["done"] < 1000, result
+        assert any("data limit of 16384 bytes" in line for line in service.closed_circuits), (
+            result,
+            service.closed_circuits,
+            service.bytes_relayed,
+        )
+        assert service.bytes_relayed <= 2 * 16 * 1024
+    finally:
+        await _hang_up([js_peer], node, target)
+        await service.stop()
+        await node.stop()
+        await target.stop()

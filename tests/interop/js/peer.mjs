@@ -108,6 +108,39 @@ const commands = {
       status: c.status
     }))
   },
+  // dial addr, then ping its peer on one /ipfs/ping/1.0.0 stream of that connection (also
+  // when it is a limited, relayed one) up to count times; stops at the first failure
+  async pingMany ({ addr, count }) {
+    let done = 0
+    try {
+      const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
+      const stream = await conn.newStream('/ipfs/ping/1.0.0', { runOnLimitedConnection: true, signal: signal() })
+      const source = stream.source[Symbol.asyncIterator]()
+      let buffered = new Uint8Array(0)
+      const readN = async (n) => {
+        while (buffered.length < n) {
+          const { value, done: ended } = await source.next()
+          if (ended) throw new Error('ping stream ended')
+          buffered = Buffer.concat([buffered, value.subarray()])
+        }
+        const out = buffered.subarray(0, n)
+        buffered = buffered.subarray(n)
+        return out
+      }
+      await stream.sink((async function * () {
+        for (; done < count; done++) {
+          const data = crypto.getRandomValues(new Uint8Array(32))
+          yield data
+          const echo = await readN(32)
+          if (Buffer.compare(Buffer.from(echo), Buffer.from(data)) !== 0) throw new Error('bad ping echo')
+        }
+      })())
+      await stream.close()
+    } catch (err) {
+      return { done, error: `${err.name}: ${err.message}` }
+    }
+    return { done, error: null }
+  },
   // circuit relay v2 client: reserve a slot on the relay at addr (.../p2p/RELAY); returns this
   // peer's circuit addresses once the reservation is held
   async reserve ({ addr }) {
