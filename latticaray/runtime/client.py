@@ -181,7 +181,12 @@ class CoreClient:
         self.post({"op": "borrow", "refs": refs})
 
     def escape_ref(self, ref: ObjectRef) -> None:
-        self._escaped.add(ref.id)
+        self.escape_id(ref.id)
+
+    def escape_id(self, oid: bytes) -> None:
+        """A ref or actor handle pickled outside the runtime's serialization: it is never
+        released by this process (whatever holds the copy cannot be tracked)."""
+        self._escaped.add(oid)
 
     def flush_releases(self) -> None:
         with self._lock:
@@ -284,7 +289,10 @@ class CoreClient:
         nret: int,
         retries: int,
         name: str,
+        owner: str = "",
     ):
+        """Call an actor's method; ``owner``: the node counting the actor's handles (the call
+        holds the actor until it is done), "" for a detached actor."""
         task_id = ids.next_id()
         message = {
             "op": "actor_call",
@@ -297,6 +305,8 @@ class CoreClient:
             "name": name,
         }
         message["args"] = self.encode_args(args, kwargs, message)
+        if owner:
+            message.setdefault("inner", []).append([actor_id, owner])
         self.post(message)
         return self._returns(task_id, nret)
 
