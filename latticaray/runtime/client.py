@@ -483,6 +483,11 @@ class DriverCore(CoreClient):
                 message()
             else:
                 handle(message, self.client)
+        if self._release_queue:  # released refs ride along (after the posts made before)
+            with self._lock:
+                releases, self._release_queue = self._release_queue, []
+            if releases:
+                handle({"op": "release", "oids": releases}, self.client)
 
     def request(self, message: dict, timeout: float | None = None) -> dict:
         if self.loop.is_closed():
