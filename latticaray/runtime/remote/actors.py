@@ -404,6 +404,9 @@ class OwnedActors:
             if owned.dead_cause is not None:
                 return  # dead already
             owned.dead_cause = cause or "it was killed with kill()"
+            opts = owned.message["opts"]
+            if opts.get("name"):  # this node's claim on its name goes (the host's too)
+                self.remote.names.release(opts.get("namespace") or "default", opts["name"], aid)
             if host == self.node_id:  # never created: it was waiting for DHT capacity ads
                 self.fail_calls(aid, owned.dead_cause)
                 return

@@ -315,6 +315,7 @@ class NameService:
 
     def release(self, namespace: str, name: str, aid: bytes, arbiter: str | None = None) -> None:
         """Give the name back (the actor died, or its creation failed)."""
+        self.arbiter.forget(namespace, name, aid)  # a copy here would travel in views
         state = self.remote.state
         if state is not None:
             try:
