@@ -410,7 +410,8 @@ class ActorHandle:
             if core is not None:
                 try:
                     core.remove_ref(self._actor_id)
-                    core.flush_releases()  # the actor is reclaimed now, not at a later batch
+                    if core.prompt_releases:  # the actor is reclaimed now, not after a batch
+                        core.flush_releases()
                 except Exception:
                     pass
 

@@ -80,6 +80,8 @@ class CoreClient:
     namespace: str = "default"
     #: errors never raised by get(), printed when their last ref goes (drivers that can see them)
     unhandled: UnhandledErrors | None = None
+    #: a dropped actor handle's release is posted at once (a worker's go after its task)
+    prompt_releases = True
 
     def __init__(self):
         self._ref_counts: dict[bytes, int] = {}
@@ -306,7 +308,8 @@ class CoreClient:
         }
         message["args"] = self.encode_args(args, kwargs, message)
         if owner:
-            message.setdefault("inner", []).append([actor_id, owner])
+            inner = message.get("inner")
+            message["inner"] = [*(inner if isinstance(inner, list) else ()), [actor_id, owner]]
         self.post(message)
         return self._returns(task_id, nret)
 
@@ -589,6 +592,8 @@ class DriverCore(CoreClient):
 class WorkerCore(CoreClient):
     """A worker's client: requests travel to the node over the worker's socketpair."""
 
+    prompt_releases = False  # flushed after each task: never from a finalizer mid-send
+
     def __init__(self, conn, node_id: str, worker_id: str):
         super().__init__()
         self.conn = conn
@@ -610,6 +615,8 @@ class WorkerCore(CoreClient):
 
 class AttachedCore(WorkerCore):
     """A driver attached to a running node process over its Unix socket (`init(address=...)`)."""
+
+    prompt_releases = True  # a driver: no task end flushes them
 
     def __init__(self, path: str, namespace: str = "default"):
         import socket as socket_module

@@ -152,9 +152,7 @@ def test_a_copy_kept_by_an_actor_on_another_node_keeps_it(mesh):
 def test_named_dropped_is_gone_by_name_detached_stays(mesh):
     host = mesh["nodes"][0]
     named = Box.options(name="mesh-reclaim", scheduling_strategy=on(host)).remote()
-    kept = Box.options(
-        name="mesh-kept", lifetime="detached", scheduling_strategy=on(host)
-    ).remote()
+    kept = Box.options(name="mesh-kept", lifetime="detached", scheduling_strategy=on(host)).remote()
     named_pid, named_id = lattica.get(named.pid.remote(), timeout=DEADLINE), named.actor_id
     kept_pid = lattica.get(kept.pid.remote(), timeout=DEADLINE)
     del kept, named
@@ -179,7 +177,9 @@ def test_an_actor_owned_by_a_node_process_lives_while_the_driver_holds_it(mesh):
     """A node process owns (and hosts) the actor a task of it created; the driver borrows the
     handle that task returned."""
     creator = mesh["nodes"][0]
-    [box] = lattica.get(make_box.options(scheduling_strategy=on(creator)).remote(), timeout=DEADLINE)
+    [box] = lattica.get(
+        make_box.options(scheduling_strategy=on(creator)).remote(), timeout=DEADLINE
+    )
     pid, actor_id = lattica.get(box.pid.remote(), timeout=DEADLINE), box.actor_id
     assert lattica.get(box.node.remote(), timeout=DEADLINE) == creator.node_id
     # the creating task is over: the handle the driver got back is what keeps the actor

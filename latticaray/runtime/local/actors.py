@@ -382,6 +382,8 @@ class ActorHost:
             if self.node.remote is not None:
                 self.node.remote.actors.kill(message, cause)
             return
+        if actor.dead:
+            return  # its death cause stays
         if message.get("no_restart", True):
             actor.no_restart = True
             actor.death_cause = cause or "it was killed with kill()"

@@ -27,7 +27,6 @@ from latticaray.runtime.remote.wire import (
     NamesRequest,
 )
 
-
 #: released actors remembered so that a copy of their record a view still carries is not merged
 #: back (the oldest are forgotten first)
 RELEASED_MEMORY = 4096

@@ -37,7 +37,8 @@ def _ops(value: object) -> bool:
 @dataclass(slots=True, frozen=True)
 class RefOps(Message):
     """Borrow (`BORROW`) and unborrow (`UNBORROW`) registrations at an object's (or an actor
-    handle's: an actor id) owner, in the order the borrower made them (at most `MAX_REF_OPS`). The reply is empty (no bytes)."""
+    handle's: an actor id) owner, in the order the borrower made them (at most `MAX_REF_OPS`).
+    The reply is empty (no bytes)."""
 
     ops: list[list[Any]]
 

@@ -43,7 +43,6 @@ from .fields import (
     unpack_map,
 )
 
-
 #: the longest death cause a `kill` carries
 MAX_KILL_CAUSE: Final = 512
 
