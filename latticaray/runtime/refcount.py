@@ -147,7 +147,6 @@ class RefTable:
         for oid in oids:
             if oid in actors:
                 actors.discard(oid)
-                self.stats["actors_reclaimed"] += 1
                 self.node.actors.reclaim(oid)
             else:
                 objects.append(oid)

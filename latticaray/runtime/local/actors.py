@@ -392,7 +392,7 @@ class ActorHost:
             self.release_resources(actor)
         if actor.worker is not None:
             actor.worker.kill()
-        elif actor.no_restart and not actor.dead:  # its worker has not started yet
+        elif actor.no_restart:  # its worker has not started yet: it dies now
             self.on_worker_died(actor)
 
     def reclaim(self, aid: bytes) -> None:
