@@ -27,6 +27,7 @@ from latticaray.runtime.protocol import ERROR, OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
 
 RELEASE_BATCH = 64
+RELEASE_AGE = 0.05  # s: a driver's queued releases go with its next post once this old
 REF_MARK = b"_rebuild_ref"
 _NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
@@ -307,9 +308,12 @@ class CoreClient:
             "name": name,
         }
         message["args"] = self.encode_args(args, kwargs, message)
-        if owner:
+        if owner:  # the call holds its actor until done
             inner = message.get("inner")
-            message["inner"] = [*(inner if isinstance(inner, list) else ()), [actor_id, owner]]
+            if isinstance(inner, list):
+                inner.append([actor_id, owner])
+            else:
+                message["inner"] = [[actor_id, owner]]
         self.post(message)
         return self._returns(task_id, nret)
 
@@ -444,6 +448,7 @@ class DriverCore(CoreClient):
         self.client = node.local_client()
         self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
+        self._releases_flushed = 0.0  # when queued releases last rode along with posts
         self.unhandled = UnhandledErrors()
 
     def released_unhandled(self, oid: bytes) -> None:
@@ -486,15 +491,20 @@ class DriverCore(CoreClient):
                 message()
             else:
                 handle(message, self.client)
-        if self._release_queue:  # released refs ride along (after the posts made before)
-            with self._lock:
-                releases, self._release_queue = self._release_queue, []
-            if releases:
-                handle({"op": "release", "oids": releases}, self.client)
+        if self._release_queue:  # releases older than RELEASE_AGE ride along (after the
+            now = time.monotonic()  # posts made before), a busy driver's still in batches
+            if now - self._releases_flushed >= RELEASE_AGE:
+                self._releases_flushed = now
+                with self._lock:
+                    releases, self._release_queue = self._release_queue, []
+                if releases:
+                    handle({"op": "release", "oids": releases}, self.client)
 
     def request(self, message: dict, timeout: float | None = None) -> dict:
         if self.loop.is_closed():
             raise RuntimeError("latticaray has been shut down")
+        if self._release_queue:  # as a worker's requests do
+            self.flush_releases()
         future = asyncio.run_coroutine_threadsafe(
             self.node.handle_request(message, self.client), self.loop
         )
