@@ -54,6 +54,7 @@ from .libp2p.ping import PingService as Libp2pPingService
 from .libp2p.stream import MuxedConnection, MuxedStream, ProtocolRouter, StreamHandler
 from .liveness import LivenessChanged, LivenessConfig, LivenessService
 from .multiaddr import Multiaddr
+from .nat.libp2p_relay import Libp2pCircuits
 from .paths import (
     DEFAULT_TRANSPORT_PREFERENCE,
     expand_unspecified,
@@ -150,6 +151,9 @@ class MeshNode:
             on_identified=self._on_libp2p_identified,
         )
         self.libp2p_ping = Libp2pPingService(self.streams)
+        #: circuit relay v2 client: reservations on libp2p relays, circuits both ways (the
+        #: ``circuit`` transport); the relay role is :class:`~.nat.libp2p_relay.Libp2pRelayService`
+        self.circuits = Libp2pCircuits(self)
         self._push_scheduled = False
         #: peers an identify push is under way to -> whether another must follow it
         self._pushing: dict[MuxedConnection, bool] = {}
@@ -197,6 +201,7 @@ class MeshNode:
             # transports we did not listen on can still dial out
             for name in self.config.transports:
                 self._adapter_for(name)
+            self.connections.register_transport(self.circuits.adapter)
         except BaseException:
             await self.stop()
             raise

@@ -22,7 +22,7 @@ from latticaray.runtime import context, runtime_env, serialization
 from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collecting_refs
 from latticaray.scheduler.resources import normalize
 
 _TASK_OPTIONS = {
@@ -290,6 +290,12 @@ class ActorClass:
         core = context.require_core()
         options = self._options
         meta = self._shared["meta"]
+        lifetime = options.get("lifetime")
+        if lifetime not in (None, "detached", "non_detached"):
+            raise ValueError(
+                f"lifetime must be None, 'detached' or 'non_detached', got {lifetime!r}"
+            )
+        detached = lifetime == "detached"
         wire = {
             "resources": _demand(options, options.get("num_cpus", 0)),
             "max_restarts": int(options.get("max_restarts", 0)),
@@ -299,7 +305,7 @@ class ActorClass:
             "meta": meta,
             "name": options.get("name"),
             "namespace": options.get("namespace") or core.namespace,
-            "lifetime": options.get("lifetime"),
+            "lifetime": "detached" if detached else None,
             "get_if_exists": bool(options.get("get_if_exists")),
         }
         _set_strategy(wire, options.get("scheduling_strategy"))
@@ -310,11 +316,16 @@ class ActorClass:
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
+        if reply.get("existing"):  # get_if_exists found another creator's actor: a borrow
+            return _found_handle(reply, meta, wire["max_task_retries"])
+        # the creator's handle: its node owns the actor and counted this handle at creation
         return ActorHandle(
             reply.get("aid", actor_id),
             reply.get("node", core.node_id),
             meta,
             wire["max_task_retries"],
+            "" if detached else core.node_id,
+            _held=True,
         )
 
     def __call__(self, *args, **kwargs):
@@ -343,6 +354,7 @@ class ActorMethod:
             self._nret,
             handle._max_task_retries,
             self._name,
+            handle._owner,
         )
 
     def options(self, num_returns=None, **unsupported) -> ActorMethod:
@@ -359,13 +371,50 @@ class ActorMethod:
 
 
 class ActorHandle:
-    """A handle to a live actor; serializable, usable from any task or peer of the mesh."""
+    """A handle to a live actor; serializable, usable from any task or peer of the mesh.
 
-    def __init__(self, actor_id: bytes, node: str, meta: dict, max_task_retries: int = 0):
+    The handles of a non-detached actor are counted like ObjectRefs by the node that owns the
+    actor (``owner``, its creator's node; refcount.py): a copy passed to a task or an actor,
+    or put inside an object, counts as a borrow, and so does each call made through a handle
+    until it is done. When no handle is left and those calls are done, the actor is reclaimed
+    (killed for good), as in Ray. A detached actor's handles are not counted (``owner`` "").
+    """
+
+    _counted = False  # until __init__ counted it
+
+    def __init__(
+        self,
+        actor_id: bytes,
+        node: str,
+        meta: dict,
+        max_task_retries: int = 0,
+        owner: str = "",
+        _held: bool = False,
+    ):
         self._actor_id = actor_id
         self._node = node
         self._meta = meta
         self._max_task_retries = max_task_retries
+        self._owner = owner
+        if owner:
+            core = context.current_core()
+            if core is not None:
+                if _held:  # the creator's handle: its node counted it already
+                    core.add_ref(actor_id)
+                else:
+                    core.add_borrowed_ref(actor_id, owner)
+                self._counted = True
+
+    def __del__(self):
+        if self._counted:
+            core = context.current_core()
+            if core is not None:
+                try:
+                    core.remove_ref(self._actor_id)
+                    if core.prompt_releases:  # the actor is reclaimed now, not after a batch
+                        core.flush_releases()
+                except Exception:
+                    pass
 
     def __getattr__(self, name: str) -> ActorMethod:
         if name.startswith("_"):
@@ -382,7 +431,18 @@ class ActorHandle:
         return self._actor_id.hex()
 
     def __reduce__(self):
-        return (ActorHandle, (self._actor_id, self._node, self._meta, self._max_task_retries))
+        if self._owner:
+            found = collecting_refs()
+            if found is not None:  # the runtime counts it inside the value or task arguments
+                found.append([self._actor_id, self._owner])
+            else:  # pickled outside the runtime's serialization: untracked, it pins the actor
+                core = context.current_core()
+                if core is not None:
+                    core.escape_id(self._actor_id)
+        return (
+            ActorHandle,
+            (self._actor_id, self._node, self._meta, self._max_task_retries, self._owner),
+        )
 
     def __repr__(self) -> str:
         return f"Actor({self._meta['cname']}, {self._actor_id.hex()})"
@@ -817,7 +877,14 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     core = context.require_core()
     reply = core.get_actor(name, namespace or core.namespace)
     meta = reply.get("meta") or {"methods": {}, "is_async": False, "cname": name}
-    return ActorHandle(reply["aid"], reply["node"], meta, int(reply.get("max_task_retries", 0)))
+    return _found_handle(reply, meta, int(reply.get("max_task_retries", 0)))
+
+
+def _found_handle(reply: dict, meta: dict, max_task_retries: int) -> ActorHandle:
+    """A handle to an actor found by name: a borrow counted at its owner (unless detached, or
+    its owner is not known)."""
+    owner = "" if reply.get("detached") else str(reply.get("owner") or "")
+    return ActorHandle(reply["aid"], reply["node"], meta, max_task_retries, owner)
 
 
 def nodes() -> list[dict]:

@@ -77,7 +77,9 @@ class NatSettings:
     circuit addresses and hole-punches. `observers` (QUIC endpoints of public nodes, for NAT type
     and AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`) are hand-given overrides: with
     observers the node configures itself once from them at start instead. A public node may
-    `serve_relay` on `relay_port` and `serve_autonat`. `lab=True` (default: the environment's
+    `serve_relay` on `relay_port` (and libp2p's circuit relay v2 hop on its own listeners:
+    members get the relay's limits, other libp2p peers the small public ones unless
+    `public_relay=False`) and `serve_autonat`. `lab=True` (default: the environment's
     `LATTICARAY_LAB=1`) treats the netlab's 198.18.0.0/15 as public and turns off the same-host
     Unix-socket path (lab namespaces share one machine).
     """
@@ -86,6 +88,7 @@ class NatSettings:
     relays: tuple = ()
     serve_relay: bool = False
     relay_port: int = 0
+    public_relay: bool = True
     serve_autonat: bool = False
     hole_punching: bool = True
     lab: bool = dataclasses.field(default_factory=lambda: os.environ.get(LAB_ENV) == "1")
@@ -127,6 +130,7 @@ class NatSettings:
             policy=policy,
             serve_relay=self.serve_relay,
             relay_port=self.relay_port,
+            public_relay=self.public_relay,
             serve_autonat=self.serve_autonat,
             hole_punching=self.hole_punching,
             autonat_client=AutoNatClientConfig(
@@ -542,7 +546,10 @@ class MeshRuntime:
 
         settings = self.nat_settings
         assert settings is not None and self.mesh is not None
-        self.nat = MeshNatService(self.mesh, settings.config())
+        admission = self.admission
+        self.nat = MeshNatService(
+            self.mesh, settings.config(), is_member=lambda peer: admission.allowed(str(peer))
+        )
         await self.nat.start()
         self.nat.attach_dht(self.dht)
         if settings.auto:
