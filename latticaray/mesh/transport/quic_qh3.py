@@ -42,7 +42,9 @@ only); the transport's :mod:`.quic_congestion` and :mod:`.quic_pmtu` serve the a
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
+import operator
 import os
 from collections.abc import Callable
 from typing import Any
@@ -494,14 +496,11 @@ class MeshQh3Connection(QuicConnection):
         core = self._core
         if core is None or self._quic_logger is not None:
             return super().datagrams_to_send(now)
-        datagrams = []
-        poll = core.poll_transmit
-        try:
-            while (transmit := poll(now)) is not None:
-                datagrams.append((transmit[0], transmit[1]))
+        try:  # polled to exhaustion by a C-level loop, not a Python iteration per datagram
+            transmits = list(iter(functools.partial(core.poll_transmit, now), None))
         except RuntimeError as exc:
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
-        return datagrams
+        return list(zip(map(_datagram_of, transmits), map(_address_of, transmits)))
 
     # -- events and receive windows ----------------------------------------------------------
     def _drain_core(self) -> None:
@@ -623,6 +622,9 @@ class MeshQh3Connection(QuicConnection):
 
 
 _TRANSPORT_PARAMETERS = qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
+#: A transmit of the core is ``(datagram, address, ...)``.
+_datagram_of = operator.itemgetter(0)
+_address_of = operator.itemgetter(1)
 
 
 def _packet_end(data: bytes, offset: int, cid_length: int) -> int:
