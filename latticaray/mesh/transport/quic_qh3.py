@@ -496,11 +496,14 @@ class MeshQh3Connection(QuicConnection):
         core = self._core
         if core is None or self._quic_logger is not None:
             return super().datagrams_to_send(now)
-        try:  # polled to exhaustion by a C-level loop, not a Python iteration per datagram
-            transmits = list(iter(functools.partial(core.poll_transmit, now), None))
+        # polled to exhaustion by a C-level loop, not a Python iteration per datagram; each
+        # transmit is dropped as soon as its (datagram, address) is taken
+        try:
+            return list(
+                map(_datagram_and_address, iter(functools.partial(core.poll_transmit, now), None))
+            )
         except RuntimeError as exc:
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
-        return list(zip(map(_datagram_of, transmits), map(_address_of, transmits)))
 
     # -- events and receive windows ----------------------------------------------------------
     def _drain_core(self) -> None:
@@ -623,8 +626,7 @@ class MeshQh3Connection(QuicConnection):
 
 _TRANSPORT_PARAMETERS = qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
 #: A transmit of the core is ``(datagram, address, ...)``.
-_datagram_of = operator.itemgetter(0)
-_address_of = operator.itemgetter(1)
+_datagram_and_address = operator.itemgetter(0, 1)
 
 
 def _packet_end(data: bytes, offset: int, cid_length: int) -> int:
