@@ -32,9 +32,7 @@ def node_available() -> bool:
 
 
 class JsPeer:
-    def __init__(
-        self, *, env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
         """``wrap``: argv run in front of ``node peer.mjs``, e.g. ``ip netns exec NS`` (which
         execs node, so :attr:`proc` is the node process)."""
         if not (JS_DIR / "node_modules").is_dir():

@@ -45,7 +45,7 @@ from .jspeer import JsPeer, node_available
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netlab_util import NamespaceLoop, lab, netlab_available  # noqa: E402
+from netlab_util import NamespaceLoop, lab, netlab_available
 
 pytestmark = pytest.mark.netlab
 
@@ -187,23 +187,22 @@ def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_host
     assert js.call_sync("ping", addr=circuit) >= 0
 
     async def direct_up(timeout: float = 20.0):
+        """Our node's direct QUIC connection to js and the DCUtR record that saw it up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        peer = None
         while loop.time() < deadline:
+            upgrades = [u for u in node.circuits.dcutr.upgrades if u.direct]
             for conn in node.connections.connections():
-                if str(conn.peer_id) == js.peer_id and conn.transport == "quic":
-                    peer = conn.peer_id
-                    return conn, peer
+                if str(conn.peer_id) == js.peer_id and conn.transport == "quic" and upgrades:
+                    return conn, conn.peer_id, upgrades[0]
             await asyncio.sleep(0.05)
         raise AssertionError(
             f"no direct connection from js: upgrades {node.circuits.dcutr.upgrades}"
         )
 
-    conn, peer = ours.run(direct_up())
+    conn, peer, upgrade = ours.run(direct_up())
     # js dialed natB's mapping from its client socket: natA's mapping of that socket
     assert str(conn.remote_addr).startswith(f"/ip4/{NAT_A}/udp/{client_port}/quic-v1")
-    upgrade = next(u for u in node.circuits.dcutr.upgrades if u.direct)
     assert upgrade.role is DcutrRole.INITIATOR and upgrade.rtt is not None
 
     async def ping_direct():
@@ -217,3 +216,27 @@ def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_host
     assert direct and not direct[0]["limited"] and direct[0]["direction"] == "outbound", js_conns
     # js's ping picks the direct, unlimited connection
     assert js.call_sync("pingPeer", peer=str(node.peer_id)) >= 0
+
+
+def test_js_tcp_dial_leaves_from_a_port_it_never_announced(js_in_hostA, sides):
+    """Why the js cell is QUIC: a TCP punch needs the peer to dial from the port it announced
+    (port reuse); js's TCP dial to the public relay arrives from natA with another port, one
+    js's own addresses never name, so nobody behind a NAT could aim at it."""
+    relay, _ = sides
+    js = js_in_hostA
+    assert relay.node is not None
+    relay_addr = f"/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{relay.node.peer_id}"
+    assert js.call_sync("ping", addr=relay_addr) >= 0
+
+    async def js_tcp_port() -> int:
+        for conn in relay.node.connections.connections():
+            if str(conn.peer_id) == js.peer_id and conn.transport == "tcp":
+                addr = str(conn.remote_addr)
+                assert addr.startswith(f"/ip4/{NAT_A}/tcp/"), addr
+                return int(addr.split("/")[4])
+        raise AssertionError("the relay has no TCP connection from js")
+
+    port = relay.run(js_tcp_port())
+    announced = js.call_sync("info")["addrs"]
+    assert port != JS_PORT
+    assert not any(f"/tcp/{port}/" in a for a in announced), (port, announced)

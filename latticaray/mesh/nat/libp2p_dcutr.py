@@ -8,8 +8,9 @@ direct addresses, timing the answer; the peer that dialed through the relay (A,
 addresses after RTT/2; A dials B's as soon as SYNC arrives, so both dials meet (a TCP
 simultaneous open or QUIC hole punch behind NATs; on an open network either dial simply
 succeeds). Every address is dialed at once, so the packets to the one the peer dials from
-leave in time whatever else it sent. The first direct connection joins the connection manager, ranks before the relayed
-one and becomes the peer's primary path; B retries up to :data:`MAX_ATTEMPTS` times.
+leave in time whatever else it sent. The first direct connection joins the connection
+manager, ranks before the relayed one and becomes the peer's primary path; B retries up to
+:data:`MAX_ATTEMPTS` times.
 
 The addresses sent are the node's advertised direct TCP/QUIC addresses (never a circuit or Unix
 one); addresses received are bounded by the codec (32, 512 bytes each) and only TCP/QUIC ones
