@@ -165,7 +165,30 @@ def sides(dcutr_lab):
         relay.stop()
 
 
-def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_hostA, sides):
+async def _direct_up(node: MeshNode, js_peer: str, timeout: float = 30.0):
+    """Our node's direct QUIC connection to js and the DCUtR record that saw it up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        upgrades = [u for u in node.circuits.dcutr.upgrades if u.direct]
+        for conn in node.connections.connections():
+            if str(conn.peer_id) == js_peer and conn.transport == "quic" and upgrades:
+                return conn, conn.peer_id, upgrades[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no direct connection with js: upgrades {node.circuits.dcutr.upgrades}")
+
+
+def _js_client_addr(prefix: str, js: JsPeer) -> tuple[int, str]:
+    """natA's mapping of js's QUIC client socket (natA keeps the port), confirmed on js."""
+    client_ports = _js_udp_ports(prefix, js.proc.pid) - {JS_PORT}
+    assert len(client_ports) == 1, client_ports  # js's QUIC client socket
+    (client_port,) = client_ports
+    js_public = f"/ip4/{NAT_A}/udp/{client_port}/quic-v1"
+    assert any(js_public in a for a in js.call_sync("confirmAddr", addr=js_public))
+    return client_port, js_public
+
+
+def test_dcutr_js_dials_our_node_through_the_relay_then_direct(dcutr_lab, js_in_hostA, sides):
     prefix, _ = dcutr_lab
     relay, ours = sides
     js = js_in_hostA
@@ -173,11 +196,7 @@ def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_host
     assert node is not None and relay.node is not None
     # natB's mapping of our QUIC socket, in the form js takes as public
     node.add_advertised_addrs([f"/dns4/{B_NAME}/udp/{OUR_PORT}/quic-v1"])
-    client_ports = _js_udp_ports(prefix, js.proc.pid) - {JS_PORT}
-    assert len(client_ports) == 1, client_ports  # js's QUIC client socket
-    (client_port,) = client_ports
-    js_public = f"/ip4/{NAT_A}/udp/{client_port}/quic-v1"
-    assert any(js_public in a for a in js.call_sync("confirmAddr", addr=js_public))
+    client_port, _ = _js_client_addr(prefix, js)
 
     relay_addr = f"/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{relay.node.peer_id}"
     reservation = ours.run(node.circuits.reserve(relay_addr))
@@ -186,21 +205,7 @@ def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_host
     # DCUtR's B (initiator); js answers as A
     assert js.call_sync("ping", addr=circuit) >= 0
 
-    async def direct_up(timeout: float = 20.0):
-        """Our node's direct QUIC connection to js and the DCUtR record that saw it up."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            upgrades = [u for u in node.circuits.dcutr.upgrades if u.direct]
-            for conn in node.connections.connections():
-                if str(conn.peer_id) == js.peer_id and conn.transport == "quic" and upgrades:
-                    return conn, conn.peer_id, upgrades[0]
-            await asyncio.sleep(0.05)
-        raise AssertionError(
-            f"no direct connection from js: upgrades {node.circuits.dcutr.upgrades}"
-        )
-
-    conn, peer, upgrade = ours.run(direct_up())
+    conn, peer, upgrade = ours.run(_direct_up(node, js.peer_id))
     # js dialed natB's mapping from its client socket: natA's mapping of that socket
     assert str(conn.remote_addr).startswith(f"/ip4/{NAT_A}/udp/{client_port}/quic-v1")
     assert upgrade.role is DcutrRole.INITIATOR and upgrade.rtt is not None
@@ -216,6 +221,45 @@ def test_dcutr_js_behind_one_nat_our_node_behind_the_other(dcutr_lab, js_in_host
     assert direct and not direct[0]["limited"] and direct[0]["direction"] == "outbound", js_conns
     # js's ping picks the direct, unlimited connection
     assert js.call_sync("pingPeer", peer=str(node.peer_id)) >= 0
+
+
+def test_dcutr_our_node_dials_js_through_the_relay_then_direct(dcutr_lab, js_in_hostA, sides):
+    """The other roles: js reserves on our relay and accepts our node's relayed connection, so
+    js is B (it first tries our identify addresses alone, which natB drops, then runs
+    CONNECT/SYNC) and our node answers as A, dialing js's addresses as SYNC arrives."""
+    prefix, _ = dcutr_lab
+    relay, ours = sides
+    js = js_in_hostA
+    assert relay.node is not None
+    _, js_public = _js_client_addr(prefix, js)
+    relay_addr = f"/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{relay.node.peer_id}"
+    addrs = js.call_sync("reserve", addr=relay_addr)
+    assert any(str(relay.node.peer_id) in a for a in addrs), addrs
+    circuit = f"{relay_addr}/p2p-circuit/p2p/{js.peer_id}"
+    # a second node of ours in hostB on another port: natB holds no mapping for it yet
+    node = ours.run(_start_node(HOST_B, OUR_PORT + 10))
+    try:
+        node.add_advertised_addrs([f"/dns4/{B_NAME}/udp/{OUR_PORT + 10}/quic-v1"])
+        peer = ours.run(node.connect(circuit, timeout=15))
+        assert str(peer) == js.peer_id
+        conn, peer, upgrade = ours.run(_direct_up(node, js.peer_id))
+        assert upgrade.role is DcutrRole.RESPONDER
+        assert str(conn.remote_addr).startswith(js_public), conn.remote_addr
+
+        async def ping_direct():
+            primary = node.connection_to(peer)
+            assert primary is not None and primary.transport == "quic"
+            return await node.ping(peer)
+
+        assert ours.run(ping_direct()) >= 0
+        js_conns = [c for c in js.call_sync("connections") if c["remotePeer"] == str(node.peer_id)]
+        assert any("/p2p-circuit" not in c["remoteAddr"] and not c["limited"] for c in js_conns)
+        assert js.call_sync("pingPeer", peer=str(node.peer_id)) >= 0
+    finally:
+        try:
+            js.call_sync("hangup", peer=str(node.peer_id), timeout=10)
+        finally:
+            ours.run(node.stop())
 
 
 def test_js_tcp_dial_leaves_from_a_port_it_never_announced(js_in_hostA, sides):
