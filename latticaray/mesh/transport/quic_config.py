@@ -59,6 +59,16 @@ class QuicConfig:
     lossy_loss_rate: float = 0.002
     lossy_min_losses: int = 20
     lossy_path_ttl: float = 600.0
+    #: qh3: while a connection loses packets at random (at least ``redundancy_min_losses`` and
+    #: ``redundancy_loss_rate`` of a measurement window, at most ``redundancy_max_loss_rate``,
+    #: and no queue in its RTT), each 1-RTT datagram goes out twice, so CUBIC sees ~the square
+    #: of the path's loss rate; it stops ``redundancy_hold`` seconds after the last loss the
+    #: copies did not hide (:mod:`.quic_redundancy`). False: never.
+    loss_redundancy: bool = True
+    redundancy_loss_rate: float = 0.001
+    redundancy_min_losses: int = 3
+    redundancy_max_loss_rate: float = 0.1
+    redundancy_hold: float = 30.0
     #: Datagram size a connection to a non-loopback address starts with (the internet's safe
     #: size is ~1200-1452); path MTU discovery raises it to what the path carries.
     max_datagram_size: int = 1350

@@ -72,6 +72,7 @@ from ..tls import CertifiedKey
 from .quic_backend import EventTypes, LibraryBackend, pinned_version_check
 from .quic_config import QuicConfig
 from .quic_pmtu import PmtuSearch
+from .quic_redundancy import RedundancyCore
 
 __all__ = [
     "BACKEND",
@@ -408,8 +409,17 @@ class MeshQh3Connection(QuicConnection):
     backend = "qh3"
     events = EventTypes.of(qh3_events)
 
-    def __init__(self, *, configuration: QuicConfiguration, stream_window: int, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        stream_window: int,
+        redundancy: RedundancyCore | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(configuration=configuration, **kwargs)
+        #: Decides when 1-RTT datagrams go out twice (None: never).
+        self.redundancy = redundancy
         #: Events stay in the core (no credit for the peer) while a stream has this much
         #: delivered and not yet read.
         self._hold_at = max(1, stream_window // 2)
@@ -501,6 +511,11 @@ class MeshQh3Connection(QuicConnection):
                 datagrams.append((transmit[0], transmit[1]))
         except RuntimeError as exc:
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+        redundancy = self.redundancy
+        if redundancy is not None and datagrams and self._handshake_complete:
+            redundancy.sent(len(datagrams))
+            if redundancy.update(now, core.loss_total, core.smoothed_rtt):
+                return _with_copies(datagrams, redundancy)
         return datagrams
 
     # -- events and receive windows ----------------------------------------------------------
@@ -616,13 +631,34 @@ class MeshQh3Connection(QuicConnection):
         return int(core.loss_total), int(path[3]) // max(1, int(path[5]))
 
     def disable_pacing(self) -> None:
-        """qh3's core paces by itself (its pacer holds nothing back on a loopback RTT)."""
+        """qh3's core paces by itself (its pacer holds nothing back on a loopback RTT). A path
+        the transport does not pace (loopback: no bottleneck, no random loss) gets no
+        datagram copies either."""
+        self.redundancy = None
 
     def reset_datagram_size(self) -> None:
         """qh3's core keeps a path MTU per network path."""
 
 
 _TRANSPORT_PARAMETERS = qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
+
+
+def _with_copies(datagrams: list[tuple[bytes, Any]], redundancy: RedundancyCore) -> list:
+    """Each 1-RTT (short header) datagram twice, the copy right after the next original: if
+    the first copy is lost the second arrives before the packets that would have the sender
+    declare it lost (3 later packet numbers acknowledged, RFC 9002 6.1.1), and two adjacent
+    packets lost together (a burst) still leave one copy of each."""
+    out = []
+    pending = None
+    for datagram in datagrams:
+        out.append(datagram)
+        if pending is not None:
+            out.append(pending)
+        pending = None if datagram[0][0] & 0x80 else datagram
+    if pending is not None:
+        out.append(pending)
+    redundancy.copied(len(out) - len(datagrams))
+    return out
 
 
 def _packet_end(data: bytes, offset: int, cid_length: int) -> int:
@@ -677,9 +713,18 @@ class Qh3Backend(LibraryBackend[QuicConfiguration]):
         retry_scid: bytes | None,
         pmtu: PmtuSearch | None,
     ) -> MeshQh3Connection:
+        redundancy = None
+        if config.loss_redundancy:
+            redundancy = RedundancyCore(
+                on_rate=config.redundancy_loss_rate,
+                max_rate=config.redundancy_max_loss_rate,
+                min_losses=config.redundancy_min_losses,
+                hold=config.redundancy_hold,
+            )
         return MeshQh3Connection(
             configuration=configuration,
             stream_window=config.stream_receive_window,
+            redundancy=redundancy,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
         )

@@ -1,0 +1,145 @@
+"""When a QUIC connection sends each datagram twice: loss concealment for a congestion controller
+that reads every loss as congestion (qh3's CUBIC), on paths that lose packets at random.
+
+CUBIC shrinks its window at every loss event, so random loss holds a connection to the Mathis
+bound (~ datagram size / RTT x 1.22 / sqrt(loss rate)): 0.45-0.8 MB/s at 40-50 ms round trips and
+0.5 % loss, whatever the path could carry. qh3's congestion control lives in its Rust core with no
+setting or hook. What the transport can change is what reaches the wire: a 1-RTT datagram sent
+twice is lost only when both copies are, so independent loss at rate p looks like p**2 to the
+core (0.5 % -> 0.0025 %) and the window stays near what the path carries. Receivers drop the
+second copy of a packet number after decrypting it (RFC 9000 12.3; qh3 and aioquic alike),
+without acknowledging it again.
+
+Copies cost bytes on the wire, and on a path whose loss is congestion they would add load to the
+bottleneck and hide the signal that should slow the sender. :class:`RedundancyCore` therefore
+sends copies only while loss looks random:
+
+* a measurement window of at least :data:`WINDOW_PACKETS` original datagrams (and one round
+  trip) lost at least ``min_losses`` packets and a share of them between ``on_rate`` and
+  ``max_rate`` (heavier loss is read as an overflowing queue: no copies);
+* the smoothed RTT is within :data:`QUEUE_FACTOR` x the least seen (+ :data:`QUEUE_SLACK`):
+  no standing queue, the same reading of loss as the aioquic backend's ``bdp`` controller
+  (:mod:`.quic_congestion`). While a queue builds, copies stop and the core sees every loss;
+* once on, copies go on until ``hold`` seconds pass without the core declaring a loss (with
+  copies, the residual p**2 losses are rare; a quiet hold means the path recovered or the
+  connection went idle, and the next window decides again).
+
+Sans-I/O: fed ``now``, the core's loss count, its smoothed RTT and the datagrams sent.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QUEUE_FACTOR", "QUEUE_SLACK", "WINDOW_PACKETS", "RedundancyCore"]
+
+#: Original datagrams a measurement window holds at least before its loss rate is read.
+WINDOW_PACKETS = 400
+#: A smoothed RTT above this many times the least seen (plus :data:`QUEUE_SLACK`) is a queue.
+QUEUE_FACTOR = 1.5
+QUEUE_SLACK = 0.005
+#: Seconds the least RTT seen is remembered before a newer sample replaces it.
+MIN_RTT_WINDOW = 30.0
+#: Seconds between two readings of the core's counters.
+CHECK_INTERVAL = 0.05
+
+
+class RedundancyCore:
+    """Decides, per transmit, whether a connection's 1-RTT datagrams go out twice."""
+
+    __slots__ = (
+        "_hold",
+        "_last_loss_at",
+        "_lost_seen",
+        "_max_rate",
+        "_min_losses",
+        "_min_rtt",
+        "_min_rtt_at",
+        "_next_check",
+        "_on_rate",
+        "_queue",
+        "_sent",
+        "_window_lost",
+        "_window_sent",
+        "_window_start",
+        "copies_sent",
+        "on",
+        "turned_on",
+    )
+
+    def __init__(
+        self, *, on_rate: float, max_rate: float, min_losses: int, hold: float
+    ) -> None:
+        if not 0 < on_rate < max_rate <= 1:
+            raise ValueError(f"need 0 < on_rate < max_rate <= 1, got {on_rate}, {max_rate}")
+        if min_losses < 1 or hold <= 0:
+            raise ValueError(f"need min_losses >= 1 and hold > 0, got {min_losses}, {hold}")
+        self._on_rate = on_rate
+        self._max_rate = max_rate
+        self._min_losses = min_losses
+        self._hold = hold
+        #: Whether copies are wanted (loss looked random); sent only while no queue shows.
+        self.on = False
+        #: How often copies were turned on, and how many copies went out.
+        self.turned_on = 0
+        self.copies_sent = 0
+        self._queue = False
+        self._sent = 0
+        self._lost_seen = 0
+        self._last_loss_at = 0.0
+        self._window_start: float | None = None
+        self._window_sent = 0
+        self._window_lost = 0
+        self._min_rtt: float | None = None
+        self._min_rtt_at = 0.0
+        self._next_check = 0.0
+
+    @property
+    def duplicating(self) -> bool:
+        """Whether the datagrams of this transmit go out twice."""
+        return self.on and not self._queue
+
+    def sent(self, originals: int) -> None:
+        """``originals`` datagrams (not copies) left for the peer."""
+        self._sent += originals
+
+    def copied(self, copies: int) -> None:
+        self.copies_sent += copies
+
+    def update(self, now: float, lost_total: int, smoothed_rtt: float | None) -> bool:
+        """Read the core's counters (at most every :data:`CHECK_INTERVAL`); returns
+        :attr:`duplicating`."""
+        if now < self._next_check:
+            return self.on and not self._queue
+        self._next_check = now + CHECK_INTERVAL
+        if self._window_start is None:
+            self._window_start = now
+            self._window_sent = self._sent
+            self._window_lost = lost_total
+            self._lost_seen = lost_total
+        if lost_total > self._lost_seen:
+            self._lost_seen = lost_total
+            self._last_loss_at = now
+        rtt = smoothed_rtt
+        if rtt is not None and rtt > 0:
+            if (
+                self._min_rtt is None
+                or rtt <= self._min_rtt
+                or now - self._min_rtt_at > MIN_RTT_WINDOW
+            ):
+                self._min_rtt, self._min_rtt_at = rtt, now
+            self._queue = rtt > QUEUE_FACTOR * self._min_rtt + QUEUE_SLACK
+        sent = self._sent - self._window_sent
+        if sent >= WINDOW_PACKETS and now - self._window_start >= (rtt or 0.0):
+            lost = lost_total - self._window_lost
+            rate = lost / sent
+            if rate > self._max_rate:
+                self.on = False  # an overflowing queue, not random loss
+            elif not self.on and lost >= self._min_losses and rate >= self._on_rate:
+                self.on = True
+                self.turned_on += 1
+                self._last_loss_at = now
+            self._window_start = now
+            self._window_sent = self._sent
+            self._window_lost = lost_total
+        if self.on and now - self._last_loss_at > self._hold:
+            self.on = False
+        return self.on and not self._queue
