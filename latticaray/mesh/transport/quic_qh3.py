@@ -515,7 +515,7 @@ class MeshQh3Connection(QuicConnection):
         if redundancy is not None and datagrams and self._handshake_complete:
             redundancy.sent(len(datagrams))
             if redundancy.update(now, core.loss_total, core.smoothed_rtt):
-                return _with_copies(datagrams, redundancy)
+                return redundancy.with_copies(datagrams)
         return datagrams
 
     # -- events and receive windows ----------------------------------------------------------
@@ -642,23 +642,6 @@ class MeshQh3Connection(QuicConnection):
 
 _TRANSPORT_PARAMETERS = qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
 
-
-def _with_copies(datagrams: list[tuple[bytes, Any]], redundancy: RedundancyCore) -> list:
-    """Each 1-RTT (short header) datagram twice, the copy right after the next original: if
-    the first copy is lost the second arrives before the packets that would have the sender
-    declare it lost (3 later packet numbers acknowledged, RFC 9002 6.1.1), and two adjacent
-    packets lost together (a burst) still leave one copy of each."""
-    out = []
-    pending = None
-    for datagram in datagrams:
-        out.append(datagram)
-        if pending is not None:
-            out.append(pending)
-        pending = None if datagram[0][0] & 0x80 else datagram
-    if pending is not None:
-        out.append(pending)
-    redundancy.copied(len(out) - len(datagrams))
-    return out
 
 
 def _packet_end(data: bytes, offset: int, cid_length: int) -> int:

@@ -24,10 +24,13 @@ sends copies only while loss looks random:
   copies, the residual p**2 losses are rare; a quiet hold means the path recovered or the
   connection went idle, and the next window decides again).
 
-Sans-I/O: fed ``now``, the core's loss count, its smoothed RTT and the datagrams sent.
+Sans-I/O: fed ``now``, the core's loss count, its smoothed RTT and the datagrams sent;
+:meth:`RedundancyCore.with_copies` places the copies (each right after the next original).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["QUEUE_FACTOR", "QUEUE_SLACK", "WINDOW_PACKETS", "RedundancyCore"]
 
@@ -101,8 +104,23 @@ class RedundancyCore:
         """``originals`` datagrams (not copies) left for the peer."""
         self._sent += originals
 
-    def copied(self, copies: int) -> None:
-        self.copies_sent += copies
+    def with_copies(self, datagrams: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        """Each 1-RTT (short header) datagram twice, the copy right after the next original:
+        when the first is lost the copy arrives before the packets whose acknowledgement would
+        have the sender declare it lost (3 later packet numbers, RFC 9002 6.1.1), and two
+        adjacent packets lost together (a short burst) still leave one copy of each. Handshake
+        (long header) datagrams go once."""
+        out = []
+        pending = None
+        for datagram in datagrams:
+            out.append(datagram)
+            if pending is not None:
+                out.append(pending)
+            pending = None if datagram[0][0] & 0x80 else datagram
+        if pending is not None:
+            out.append(pending)
+        self.copies_sent += len(out) - len(datagrams)
+        return out
 
     def update(self, now: float, lost_total: int, smoothed_rtt: float | None) -> bool:
         """Read the core's counters (at most every :data:`CHECK_INTERVAL`); returns
