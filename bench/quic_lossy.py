@@ -43,6 +43,8 @@ def quic_config(backend: str):
 
     if backend == "qh3-plain":
         return QuicConfig(backend="qh3", loss_redundancy=False)
+    if backend == "qh3-primed":
+        return QuicConfig(backend="qh3", redundancy_from_start=True)
     return QuicConfig(backend=backend)
 
 
@@ -50,6 +52,7 @@ def quic_config(backend: str):
 async def sink_main(args) -> None:
     from latticaray.mesh.identity import KeyPair
     from latticaray.mesh.transport.quic import QuicTransport
+
     tasks: set[asyncio.Task] = set()
 
     async def serve_channel(channel) -> None:
@@ -86,6 +89,7 @@ async def sink_main(args) -> None:
 async def send_main(args) -> None:
     from latticaray.mesh.identity import KeyPair, PeerId
     from latticaray.mesh.transport.quic import QuicTransport
+
     transport = QuicTransport(KeyPair.generate(), quic_config(args.backend))
     await transport.listen("0.0.0.0", 0)
     conn = await transport.dial((args.host, args.port), PeerId.from_string(args.peer))

@@ -8,7 +8,8 @@ RTT = 0.04
 
 
 def core(**kw) -> RedundancyCore:
-    args = {"on_rate": 0.001, "max_rate": 0.1, "min_losses": 3, "hold": 30.0, **kw}
+    args = {"on_rate": 0.001, "max_rate": 0.1, "min_losses": 3, "hold": 30.0, "triple_rate": 0.01}
+    args.update(kw)
     return RedundancyCore(**args)
 
 
@@ -99,8 +100,46 @@ def test_copies_follow_the_next_original_and_handshake_datagrams_go_once():
         {"max_rate": 1.5},
         {"min_losses": 0},
         {"hold": 0.0},
+        {"triple_rate": 0.0},
     ],
 )
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match="need"):
         core(**kw)
+
+
+def test_one_percent_loss_gets_two_copies_and_losses_past_one_copy_add_the_second():
+    s = Sender(core())
+    assert s.window(lost=4) and s.r.extra == 2  # 1 %: p**2 would still cut CUBIC often
+    s = Sender(core())
+    assert s.window(lost=3) and s.r.extra == 1  # 0.75 %
+    s.window(lost=1)
+    s.window(lost=1)
+    assert s.r.extra == 1
+    s.window(lost=1)  # 3 losses in 1,200 got past one copy: ~(5 %)**2, the path is worse
+    assert s.r.extra == 2
+    s.window(lost=WINDOW_PACKETS // 5)
+    assert not s.r.on
+    for _ in range(200):  # 40 s quiet: off, and the next time starts again at one copy
+        s.window(lost=0)
+    assert s.window(lost=3) and s.r.extra == 1
+
+
+def test_a_connection_started_with_copies_sends_them_at_once_and_stops_when_quiet():
+    s = Sender(core(start_on=True, hold=1.0))
+    assert s.r.duplicating and s.r.turned_on == 1
+    assert s.window(lost=0)
+    for _ in range(5):
+        s.window(lost=0)
+    assert not s.r.on
+
+
+def test_two_copies_follow_the_next_two_originals():
+    r = core()
+    r.extra = 2
+    addr = ("198.18.0.11", 4001)
+    d = [(bytes([0x40, i]), addr) for i in range(4)]
+    out = r.with_copies(d)
+    assert out == [d[0], d[1], d[0], d[2], d[1], d[0], d[3], d[2], d[1], d[2], d[3], d[3]]
+    assert r.copies_sent == 8
+    assert r.with_copies([d[0]]) == [d[0], d[0], d[0]]
