@@ -516,6 +516,7 @@ def init(
     dashboard: bool = False,
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
+    ipfs: bool = False,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -530,6 +531,10 @@ def init(
     `log_to_driver` (default on): what tasks and actors print, on any node, shows here with a
     `(name pid=..., node=...)` prefix. `dashboard=True` serves the dashboard from this node
     (`dashboard_host`:`dashboard_port`, 0 for any free port); its URL is in the returned info.
+
+    `ipfs=True` (a mesh node; off by default) lets IPFS peers (kubo, Helia) fetch the objects
+    this node shares with `latticaray.util.ipfs.share(ref)` over Bitswap 1.2.0, announced in the
+    DHT; nothing that is not shared is served to non-members.
     """
     global _runtime
     with _init_lock:
@@ -544,8 +549,14 @@ def init(
             raise RuntimeError("init() cannot be called inside a task or actor")
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
+            if ipfs:
+                raise ValueError(
+                    "ipfs=True is an option of the node, not of a driver attaching to it: start "
+                    "that node with `latticaray start --ipfs`"
+                )
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
+        use_mesh = use_mesh or bool(ipfs)  # IPFS peers reach the node's mesh transports
         from latticaray.runtime.gpus import detect_gpus
 
         gpus = detect_gpus(num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or num_gpus declared
@@ -562,6 +573,7 @@ def init(
                 listen=listen,
                 key_path=mesh_key_path,
                 nat=nat,
+                ipfs=bool(ipfs),
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id

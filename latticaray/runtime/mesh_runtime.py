@@ -214,7 +214,9 @@ class MeshRuntime:
     Public services, each explicit: DHT routing is served to non-members unless
     `public_dht=False` (rate-limited per peer and per IP; members are not limited); relay and
     AutoNAT only when `nat` says `serve_relay` / `serve_autonat` (limits: mesh/nat/relay.py
-    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only.
+    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only,
+    except the objects explicitly shared with IPFS peers when `ipfs=True` (runtime/ipfsshare.py:
+    Bitswap 1.2.0 serves those, to anyone, and nothing else).
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class MeshRuntime:
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
+        ipfs: bool = False,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
@@ -235,6 +238,7 @@ class MeshRuntime:
         self.capacity_wait = capacity_wait
         self.same_host_path = same_host_path
         self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
+        self.ipfs_enabled = ipfs  # Bitswap 1.2.0 for IPFS peers, of shared objects only
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -253,6 +257,7 @@ class MeshRuntime:
         self.mesh_dht: Any = None  # latticaray.runtime.meshdht MeshDht: runtime keys in it
         self.nat: Any = None  # latticaray.mesh.nat.mesh_service MeshNatService
         self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
+        self.ipfs: Any = None  # latticaray.runtime.ipfsshare IpfsSharing (ipfs=True)
         self.timings: dict[str, float | str] = {}
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
@@ -272,6 +277,7 @@ class MeshRuntime:
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
+        ipfs: bool = False,
     ) -> MeshRuntime:
         """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
         nat = default_nat(nat, bootstrap)
@@ -297,6 +303,7 @@ class MeshRuntime:
             capacity_wait,
             same_host_path,
             public_dht,
+            ipfs,
         )
 
     async def start(self, runtime_node) -> MeshRuntime:
@@ -387,6 +394,8 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+        if self.ipfs_enabled:
+            self._start_ipfs(runtime_node)
         tried = []
         refusals = []
         for addr in self.bootstrap:
@@ -421,6 +430,17 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
+
+    def _start_ipfs(self, runtime_node) -> None:
+        """Bitswap 1.2.0 on the mesh node for IPFS peers, serving what ``share`` names only."""
+        from latticaray.objectstore.ipfs import IpfsBlocks
+        from latticaray.runtime.ipfsshare import IpfsSharing
+
+        if runtime_node.store is None:
+            raise RuntimeError("ipfs=True needs the node's object store, which did not start")
+        blocks = IpfsBlocks(self.mesh, runtime_node.store, dht=self.dht)
+        self.ipfs = IpfsSharing(runtime_node, blocks, self.dht)
+        runtime_node.ipfs = self.ipfs
 
     async def _admit_provider(self, peer_id) -> bool:
         """A provider the DHT names: admitted (both ways) before the exchange asks it."""
@@ -552,6 +572,8 @@ class MeshRuntime:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self.ipfs is not None:
+            self.ipfs.close()
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.remote is not None:

@@ -15,6 +15,7 @@ if (typeof Promise.withResolvers !== 'function') {
   }
 }
 
+import { createHash } from 'node:crypto'
 import { createInterface } from 'node:readline'
 import { createLibp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
@@ -167,12 +168,19 @@ const commands = {
     await helia.blockstore.put(cid, bytes)
     return cid.toString()
   },
+  // bytes under a CID the caller names (a DAG-CBOR node, or a wrong block for a test): the
+  // memory blockstore stores what it is given
+  async blockPutAs ({ cid, data }) {
+    await helia.blockstore.put(CID.parse(cid), fromB64(data))
+    return true
+  },
   async blockHas ({ cid }) {
     return await helia.blockstore.has(CID.parse(cid))
   },
-  async blockGet ({ cid }) {
+  async blockGet ({ cid, timeoutMs }) {
     const started = performance.now()
-    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: signal() })
+    const wait = timeoutMs ? AbortSignal.timeout(timeoutMs) : signal()
+    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: wait })
     return { data: b64(bytes), ms: performance.now() - started }
   },
   async blockGetSize ({ cid }) {
@@ -192,13 +200,20 @@ const commands = {
     }
     return cids
   },
+  // every block (Helia verifies each against its CID); sha256: the hex SHA-256 of the blocks
+  // concatenated in the order given (what a reader of the whole object would hold)
   async blockGetMany ({ cids }) {
     const started = performance.now()
-    const sizes = await Promise.all(cids.map(async (c) => {
-      const bytes = await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
-      return bytes.length
+    const blocks = await Promise.all(cids.map(async (c) => {
+      return await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
     }))
-    return { bytes: sizes.reduce((a, b) => a + b, 0), ms: performance.now() - started }
+    const hash = createHash('sha256')
+    for (const b of blocks) hash.update(b)
+    return {
+      bytes: blocks.reduce((a, b) => a + b.length, 0),
+      ms: performance.now() - started,
+      sha256: hash.digest('hex')
+    }
   },
   async quit () {
     setImmediate(shutdown)
