@@ -5,15 +5,17 @@ For each loss rate a fresh netlab lab (``--wan-delay-ms``, ``--wan-loss-pct``: t
 loss apply to each direction of every packet that crosses the lab's internet) and, one after the
 other in alternating order, each backend (``QuicConfig.backend`` names: qh3, aioquic, auto; and
 ``qh3-plain``: qh3 without datagram copies, as it was; ``qh3-primed``: qh3 sending copies from
-the first datagram, as a connection to a host already marked lossy does): a sink process on pub1 and a sender on pub2, both the transport alone (``QuicTransport``, one
-authenticated connection, one channel). The sender writes 1 MiB pieces for ``--seconds`` or until
+the first datagram, as a connection to a host already marked lossy does): a sink process on pub1
+and a sender on pub2, both the transport alone (``QuicTransport``, one authenticated connection,
+one channel). The sender writes 1 MiB pieces for ``--seconds`` or until
 ``--size-mb`` are written, whichever comes first, then closes its side; the sink answers with the
 byte count it read. MB/s = bytes read by the sink / seconds from the first write to that answer.
 Also reported: packets lost / sent (the library's count), copies sent, smoothed RTT, CPU seconds
 per side.
 
     sudo .venv/bin/python bench/quic_lossy.py                       # 0, 0.5, 1 % at 20 ms
-    sudo .venv/bin/python bench/quic_lossy.py --loss 0 0.5 1 2 --backends qh3-plain,qh3,qh3-primed,aioquic
+    sudo .venv/bin/python bench/quic_lossy.py --loss 0 0.5 1 2 \
+        --backends qh3-plain,qh3,qh3-primed,aioquic
     sudo .venv/bin/python bench/quic_lossy.py --loss 0.5 2 --delay-ms 25 --backends qh3
 
 Needs root (netlab). The last line of output is one JSON object with every figure, the machine
