@@ -877,7 +877,7 @@ async def test_a_qh3_connection_on_a_lossy_path_sends_its_datagrams_twice():
         assert again.backend == "qh3" and again.conceals_loss()
         await wait_for(lambda: len(b.conns) == 2, what="second inbound")
         await _send_and_check(again, b.conns[1], 4 << 20)
-        assert again.loss_stats()[0] <= 2
+        assert again.loss_stats()[0] <= 5  # of ~60 dropped (handshake datagrams go once)
 
 
 async def test_loopback_and_switched_off_qh3_connections_never_send_copies():

@@ -92,6 +92,14 @@ def test_copies_follow_the_next_original_and_handshake_datagrams_go_once():
     assert r.with_copies([]) == []
 
 
+def test_only_datagrams_to_the_validated_address_get_copies():
+    r = core()
+    r.path = ("198.18.0.11", 4001)
+    here = (b"\x40\x01", r.path)
+    moved = (b"\x40\x02", ("198.18.0.11", 5555))  # the peer's new, unvalidated address
+    assert r.with_copies([here, moved]) == [here, moved, here]
+
+
 @pytest.mark.parametrize(
     "kw",
     [

@@ -520,6 +520,8 @@ class MeshQh3Connection(QuicConnection):
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         redundancy = self.redundancy
         if redundancy is not None and datagrams and self._handshake_complete:
+            if redundancy.path is None:
+                redundancy.path = core.active_path[2]  # the address the handshake validated
             redundancy.sent(len(datagrams))
             if redundancy.update(now, core.loss_total, core.smoothed_rtt):
                 return redundancy.with_copies(datagrams)

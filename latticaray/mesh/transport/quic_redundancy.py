@@ -74,6 +74,7 @@ class RedundancyCore:
         "copies_sent",
         "extra",
         "on",
+        "path",
         "turned_on",
     )
 
@@ -110,6 +111,11 @@ class RedundancyCore:
         #: How often copies were turned on, and how many copies went out.
         self.turned_on = int(start_on)
         self.copies_sent = 0
+        #: The peer address whose datagrams get copies (None: every address). The connection
+        #: sets the one its handshake validated: a path the peer moves to is unvalidated until
+        #: it answers a challenge, and copies would multiply what the core sends there past the
+        #: 3x anti-amplification limit (RFC 9000 8, 9.3).
+        self.path: Any = None
         self._queue = False
         self._sent = 0
         self._lost_seen = 0
@@ -135,13 +141,15 @@ class RedundancyCore:
         the j-th original that follows it: when the first is lost a copy arrives before the
         packets whose acknowledgement would have the sender declare it lost (3 later packet
         numbers, RFC 9002 6.1.1), and a short burst of adjacent losses still leaves a copy of
-        each. Handshake (long header) datagrams go once."""
+        each. Handshake (long header) datagrams, and any to another address than :attr:`path`,
+        go once."""
         extra = self.extra
+        path = self.path
         out = []
         originals: list[tuple[bytes, Any]] = []
         for datagram in datagrams:
             out.append(datagram)
-            if datagram[0][0] & 0x80:
+            if datagram[0][0] & 0x80 or (path is not None and datagram[1] != path):
                 continue
             originals.append(datagram)
             last = len(originals) - 1
