@@ -1,5 +1,6 @@
-"""When a QUIC connection sends each datagram twice: loss concealment for a congestion controller
-that reads every loss as congestion (qh3's CUBIC), on paths that lose packets at random.
+"""When a QUIC connection sends each datagram twice or three times: loss concealment for a
+congestion controller that reads every loss as congestion (qh3's CUBIC), on paths that lose
+packets at random.
 
 CUBIC shrinks its window at every loss event, so random loss holds a connection to the Mathis
 bound (~ datagram size / RTT x 1.22 / sqrt(loss rate)): 0.45-0.8 MB/s at 40-50 ms round trips and
@@ -51,7 +52,7 @@ CHECK_INTERVAL = 0.05
 
 
 class RedundancyCore:
-    """Decides, per transmit, whether a connection's 1-RTT datagrams go out twice."""
+    """Decides, per transmit, whether a connection's 1-RTT datagrams go out more than once."""
 
     __slots__ = (
         "_hold",
@@ -129,7 +130,7 @@ class RedundancyCore:
 
     @property
     def duplicating(self) -> bool:
-        """Whether the datagrams of this transmit go out twice."""
+        """Whether the datagrams of the next transmit get copies."""
         return self.on and not self._queue
 
     def sent(self, originals: int) -> None:
