@@ -24,7 +24,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { quic } from '@chainsafe/libp2p-quic'
 import { identify, identifyPush } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
-import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
+import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -42,7 +42,7 @@ const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
 
 const libp2p = await createLibp2p({
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1'] },
-  transports: [tcp(), quic()],
+  transports: [tcp(), quic(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   connectionGater: { denyDialMultiaddr: () => false },
@@ -103,11 +103,58 @@ const commands = {
       remoteAddr: c.remoteAddr.toString(),
       encryption: c.encryption,
       multiplexer: c.multiplexer,
-      direction: c.direction
+      direction: c.direction,
+      limited: c.limits != null,
+      status: c.status
     }))
   },
-  async ping ({ addr }) {
-    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal() })
+  // dial addr, then ping its peer on one /ipfs/ping/1.0.0 stream of that connection (also
+  // when it is a limited, relayed one) up to count times; stops at the first failure
+  async pingMany ({ addr, count }) {
+    let done = 0
+    try {
+      const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
+      const stream = await conn.newStream('/ipfs/ping/1.0.0', { runOnLimitedConnection: true, signal: signal() })
+      const source = stream.source[Symbol.asyncIterator]()
+      let buffered = new Uint8Array(0)
+      const readN = async (n) => {
+        while (buffered.length < n) {
+          const { value, done: ended } = await source.next()
+          if (ended) throw new Error('ping stream ended')
+          buffered = Buffer.concat([buffered, value.subarray()])
+        }
+        const out = buffered.subarray(0, n)
+        buffered = buffered.subarray(n)
+        return out
+      }
+      await stream.sink((async function * () {
+        for (; done < count; done++) {
+          const data = crypto.getRandomValues(new Uint8Array(32))
+          yield data
+          const echo = await readN(32)
+          if (Buffer.compare(Buffer.from(echo), Buffer.from(data)) !== 0) throw new Error('bad ping echo')
+        }
+      })())
+      await stream.close()
+    } catch (err) {
+      return { done, error: `${err.name}: ${err.message}` }
+    }
+    return { done, error: null }
+  },
+  // circuit relay v2 client: reserve a slot on the relay at addr (.../p2p/RELAY); returns this
+  // peer's circuit addresses once the reservation is held
+  async reserve ({ addr }) {
+    await libp2p.components.transportManager.listen([multiaddr(addr + '/p2p-circuit')])
+    return libp2p.getMultiaddrs().map(String).filter(a => a.includes('/p2p-circuit'))
+  },
+  // what the relay server carries now: reserved peers
+  async relayReservations () {
+    return [...libp2p.services.relay.reservations.keys()].map(String)
+  },
+  // force: a new connection to addr even if one to its peer exists (e.g. a relayed path
+  // beside a direct one)
+  async ping ({ addr, force }) {
+    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal(), force: force === true })
   },
   async identify ({ peer }) {
     const conn = libp2p.getConnections(peerIdFromString(peer))[0]
