@@ -60,8 +60,13 @@ JS_PORT = 4103
 B_NAME = "b.lab"
 
 
-@pytest.fixture(scope="module")
-def dcutr_lab():
+@pytest.fixture(
+    scope="module",
+    params=[(), ("--wan-delay-ms", "25", "--wan-loss-pct", "0.5")],
+    ids=["ideal-wan", "wan-25ms-0.5pct-loss"],
+)
+def dcutr_lab(request):
+    """The lab, once with netlab's ideal WAN and once with 25 ms each way and 0.5% loss."""
     if not node_available():
         if os.environ.get("CI"):
             pytest.fail("node is not installed: the js-libp2p interop tests need it")
@@ -71,7 +76,7 @@ def dcutr_lab():
         if os.environ.get("CI"):
             pytest.fail(f"netlab cannot run here: {reason}")
         pytest.skip(reason)
-    with lab(LAB_PREFIX) as status:
+    with lab(LAB_PREFIX, *request.param) as status:
         yield LAB_PREFIX, status
 
 
