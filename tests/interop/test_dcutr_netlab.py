@@ -58,6 +58,8 @@ RELAY_PORT = 4101
 OUR_PORT = 4102  # natB keeps it (a cone NAT keeps free source ports)
 JS_PORT = 4103
 B_NAME = "b.lab"
+PUB2 = "198.18.0.12"
+PUB2_NAME = "pub2.lab"
 
 
 @pytest.fixture(
@@ -139,7 +141,7 @@ def js_in_hostA(dcutr_lab):
         env={
             "INTEROP_DCUTR": "1",
             "INTEROP_LISTEN": f"/ip4/0.0.0.0/tcp/{JS_PORT},/ip4/0.0.0.0/udp/{JS_PORT}/quic-v1",
-            "INTEROP_HOSTS": json.dumps({B_NAME: NAT_B}),
+            "INTEROP_HOSTS": json.dumps({B_NAME: NAT_B, PUB2_NAME: PUB2}),
         },
     )
     try:
@@ -265,6 +267,52 @@ def test_dcutr_our_node_dials_js_through_the_relay_then_direct(dcutr_lab, js_in_
             js.call_sync("hangup", peer=str(node.peer_id), timeout=10)
         finally:
             ours.run(node.stop())
+
+
+def test_dcutr_over_tcp_js_behind_a_nat_our_node_public(dcutr_lab, js_in_hostA, sides):
+    """What TCP can do with js: our node public (pub2), js behind natA. js reaches our node
+    through the relay, our node (B) runs DCUtR with its TCP address (as a /dns4/ name js takes
+    as public), and js's TCP dial after SYNC leaves natA like any outbound connection."""
+    prefix, _ = dcutr_lab
+    relay, _ = sides
+    js = js_in_hostA
+    assert relay.node is not None
+    public = _Side(prefix, "pub2")
+    try:
+        node = public.node = public.run(_start_node(PUB2, OUR_PORT))
+        node.add_advertised_addrs([f"/dns4/{PUB2_NAME}/tcp/{OUR_PORT}"])
+        relay_addr = f"/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{relay.node.peer_id}"
+        reservation = public.run(node.circuits.reserve(relay_addr))
+        assert js.call_sync("ping", addr=str(reservation.circuit_addr)) >= 0
+
+        async def direct_tcp(timeout: float = 30.0):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while loop.time() < deadline:
+                done = [u for u in node.circuits.dcutr.upgrades if u.direct]
+                for conn in node.connections.connections():
+                    if str(conn.peer_id) == js.peer_id and conn.transport == "tcp" and done:
+                        return conn, done[0]
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"no direct TCP connection: {node.circuits.dcutr.upgrades}")
+
+        conn, upgrade = public.run(direct_tcp())
+        assert upgrade.role is DcutrRole.INITIATOR and not conn.outbound
+        assert str(conn.remote_addr).startswith(f"/ip4/{NAT_A}/tcp/"), conn.remote_addr
+
+        async def ping_direct():
+            primary = node.connection_to(conn.peer_id)
+            assert primary is not None and primary.transport == "tcp"
+            return await node.ping(conn.peer_id)
+
+        assert public.run(ping_direct()) >= 0
+        assert js.call_sync("pingPeer", peer=str(node.peer_id)) >= 0
+    finally:
+        try:
+            if public.node is not None:
+                js.call_sync("hangup", peer=str(public.node.peer_id), timeout=10)
+        finally:
+            public.stop()
 
 
 def test_js_tcp_dial_leaves_from_a_port_it_never_announced(js_in_hostA, sides):
