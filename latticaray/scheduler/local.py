@@ -63,10 +63,13 @@ class FairQueue(Generic[T]):
             return len(self._queues.get(submitter, ())) < self.per_submitter_limit
         return True
 
-    def push(self, submitter: str, key: str, item: T) -> None:
-        if self._size >= self.limit:
+    def push(self, submitter: str, key: str, item: T, *, bounded: bool = True) -> None:
+        """Queue ``item`` behind ``submitter``'s earlier ones. ``bounded=False``: a submitter that
+        cannot go elsewhere (the node's own clients) queues past the limits; it still counts
+        toward them, so other submitters find the queue full sooner."""
+        if bounded and self._size >= self.limit:
             raise QueueFull(f"queue full ({self.limit} waiting)")
-        if not self.has_room(submitter):
+        if bounded and not self.has_room(submitter):
             raise QueueFull(f"submitter {submitter} already has {self.per_submitter_limit} waiting")
         self._queues.setdefault(submitter, deque()).append((key, item))
         self._keys[key] = (submitter, item)
@@ -228,8 +231,13 @@ class LocalScheduler:
         free = [lg for lg in fitting if lg.can_fit(request.resources, normalized=True)]
         return (free or fitting)[0], ""
 
-    def offer(self, request: PlacementRequest, now: float) -> QueueAdmission:
-        """Admit, queue or reject ``request`` (which a submitter placed here)."""
+    def offer(
+        self, request: PlacementRequest, now: float, *, bounded: bool = True
+    ) -> QueueAdmission:
+        """Admit, queue or reject ``request`` (which a submitter placed here). ``bounded=False``:
+        its submitter cannot be sent elsewhere (a client of this node, work bound to this node):
+        it queues past the queue's bound instead of being rejected for a full queue (it is still
+        rejected when the node can never run it)."""
         if request.task_id in self._running or request.task_id in self.queue:
             return QueueAdmission(
                 AdmissionKind.REJECTED,
@@ -269,9 +277,9 @@ class LocalScheduler:
                 reason="resources free",
                 allocation=allocation,
             )
-        if not self.queue.has_room(request.submitter):
+        if bounded and not self.queue.has_room(request.submitter):
             return self._reject(request, now, f"busy and queue full ({self.queued} waiting)")
-        self.queue.push(request.submitter, request.task_id, request)
+        self.queue.push(request.submitter, request.task_id, request, bounded=bounded)
         self._version += 1
         return QueueAdmission(
             AdmissionKind.QUEUED,
@@ -285,6 +293,11 @@ class LocalScheduler:
         self._running[request.task_id] = (request, ledger)
         self._version += 1
         return allocation
+
+    def allocation_of(self, task_id: str) -> Allocation | None:
+        """What a task running here holds (None when it is not running, or lent its share)."""
+        entry = self._running.get(task_id)
+        return None if entry is None else entry[1].allocation(task_id)
 
     def request_of(self, task_id: str) -> PlacementRequest | None:
         """The request of a task running here."""

@@ -1,9 +1,12 @@
 """What tasks and actors take from this node, and the placement groups it owns and holds.
 
-One role: a node's resources as its work consumes them. Tasks and actors acquire from the
-node's :class:`~latticaray.scheduler.resources.ResourceLedger`, or, when they run in a
-placement group, from the ledger of the group's bundle reserved here; either way the
-allocation says which GPU ids they get (the worker sets ``CUDA_VISIBLE_DEVICES`` to them).
+One role: a node's resources as its work consumes them. There is one
+:class:`~latticaray.scheduler.resources.ResourceLedger` per node: tasks are admitted against it
+(or against the ledger of their placement group's bundle reserved here) by the
+:class:`~latticaray.scheduler.core.SchedulerCore`'s
+:class:`~latticaray.scheduler.local.LocalScheduler` (tasks.py), actors acquire from it here;
+either way the allocation says which GPU ids they get (the worker sets
+``CUDA_VISIBLE_DEVICES`` to them).
 
 Placement groups go through the node's :class:`~latticaray.scheduler.core.SchedulerCore` (over
 the same ledger, so a reserved bundle is no longer free for other work) driven by a
@@ -27,9 +30,10 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from latticaray.scheduler.core import SchedulerCore
+from latticaray.scheduler.core import EndTasks, SchedulerCore, StartLocal
 from latticaray.scheduler.driver import SchedulerDriver
 from latticaray.scheduler.errors import InsufficientResources
+from latticaray.scheduler.local import AdmissionKind, QueueAdmission
 from latticaray.scheduler.placement_groups import (
     GroupCreated,
     GroupPending,
@@ -365,7 +369,23 @@ class NodeResources:
             self.driver.node_gone(node_id)
 
     def _on_action(self, action: Any) -> None:
-        if isinstance(action, GroupCreated):
+        if isinstance(action, StartLocal):  # a queued task started as a bundle changed
+            self.node.tasks.started_by_scheduler(
+                [
+                    QueueAdmission(
+                        AdmissionKind.STARTED,
+                        action.request.task_id,
+                        self.node_id,
+                        allocation=action.allocation,
+                    )
+                ]
+            )
+            self.node.tasks.dispatch()
+        elif isinstance(action, EndTasks):
+            # tasks running in a removed bundle finish (their resources were the bundle's);
+            # those queued for it cannot run
+            self.node.tasks.dropped_by_scheduler(action.dropped, action.reason)
+        elif isinstance(action, GroupCreated):
             self._publish(action.group_id)
             self._unpark(action.group_id)
         elif isinstance(action, GroupPending):
