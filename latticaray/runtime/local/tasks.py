@@ -489,10 +489,13 @@ class TaskTable:
             node.recovery.on_complete(rec, err is not None)
         rec.move(TaskEvent.COMPLETE if err is None else TaskEvent.FAIL)
         self.records.pop(tid, None)
-        if rec.worker is None and rec.actor is None and self.queued:
+        if rec.worker is None and rec.actor is None and (self.queued or self.allocations):
             key = tid.hex()
             if self.queued.pop(key, None) is not None:  # it ended while queued here
                 self.scheduler.cancel(key, time.monotonic())
+            elif key in self.allocations:  # started, no worker took it yet: resources back
+                self.release(key)
+                self.dispatch()
         client = rec.client
         node.activity.ended(
             rec,
