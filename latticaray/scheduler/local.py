@@ -289,7 +289,8 @@ class LocalScheduler:
         )
 
     def _start(self, request: PlacementRequest, ledger: ResourceLedger) -> Allocation:
-        allocation = ledger.acquire(request.task_id, request.resources)
+        # every caller checked can_fit on this ledger just before (offer, dispatch)
+        allocation = ledger.acquire(request.task_id, request.resources, fits=True)
         self._running[request.task_id] = (request, ledger)
         self._version += 1
         return allocation

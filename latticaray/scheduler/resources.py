@@ -224,15 +224,23 @@ class ResourceLedger:
 
     # acquire / release ------------------------------------------------------------------------
     def acquire(
-        self, allocation_id: str, demand: Mapping[str, float], owner: str | None = None
+        self,
+        allocation_id: str,
+        demand: Mapping[str, float],
+        owner: str | None = None,
+        *,
+        fits: bool = False,
     ) -> Allocation:
-        """Take ``demand`` for ``allocation_id`` or raise :class:`InsufficientResources`."""
+        """Take ``demand`` for ``allocation_id`` or raise :class:`InsufficientResources`.
+        ``fits=True``: the caller has just checked :meth:`can_fit` for this normalized demand
+        (the admission path), so it is not checked twice."""
         if allocation_id in self._allocations:
             raise ResourceError(f"allocation {allocation_id!r} already holds resources")
         demand = normalize(demand)
-        short = self.missing(demand)
-        if short:
-            raise InsufficientResources(short)
+        if not fits:
+            short = self.missing(demand)
+            if short:
+                raise InsufficientResources(short)
         shares: tuple[tuple[str, int], ...] = ()
         if demand.get(GPU):
             need = _units(demand[GPU])

@@ -58,7 +58,9 @@ def submitter_of(client: Any) -> str:
     if client.kind == "remote":
         return "node:" + client.node_id
     worker_id = getattr(client, "worker_id", None)
-    return f"worker:{worker_id}" if worker_id else f"{client.kind}:{id(client):x}"
+    if worker_id:
+        return "worker:" + worker_id
+    return f"{client.kind}:{id(client):x}"
 
 
 class TaskTable:
@@ -373,11 +375,18 @@ class TaskTable:
         if started:
             self.started_by_scheduler(started)
 
-    def dispatch(self) -> None:
-        """Start queued tasks the ledger has room for, and hand started ones to idle workers."""
+    def resources_freed(self) -> None:
+        """Resources went back to the ledger outside the LocalScheduler (an actor's): queued
+        tasks that now fit start, and go to workers."""
         started_now = self.scheduler.dispatch()
         if started_now:
             self.started_by_scheduler(started_now)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand the tasks the LocalScheduler started (their resources taken) to idle workers.
+        (Queued tasks start as the scheduler's `finish`/`lend` free resources: `release`,
+        `lend`; `resources_freed` after an actor's.)"""
         started = self.started
         node = self.node
         workers = node.workers
