@@ -436,12 +436,21 @@ class LocalScheduler:
         """Start queued requests that fit now (round-robin over submitters)."""
         started: list[QueueAdmission] = []
         picked: list[ResourceLedger] = []
+        # demands that did not fit a ledger in this call: dispatch only takes resources, so they
+        # still do not (the heads of many submitters often ask for the same thing)
+        short: set[tuple[int, tuple[tuple[str, float], ...]]] = set()
 
         def can_run(r: PlacementRequest) -> bool:
             ledger = self._ledger_of(r)
-            if ledger is not None and ledger.can_fit(r.resources, normalized=True):
+            if ledger is None:
+                return False
+            key = (id(ledger), tuple(r.resources.items()))
+            if key in short:
+                return False
+            if ledger.can_fit(r.resources, normalized=True):
                 picked.append(ledger)
                 return True
+            short.add(key)
             return False
 
         while len(self.queue):

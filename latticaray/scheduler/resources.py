@@ -210,17 +210,25 @@ class ResourceLedger:
         """What is short right now for ``demand`` (empty when :meth:`acquire` would succeed)."""
         if not normalized:
             demand = normalize(demand)
-        short = {
-            k: (_units(v) - self._free_units.get(k, 0)) / GRANULARITY
-            for k, v in demand.items()
-            if self._free_units.get(k, 0) < _units(v)
-        }
+        free = self._free_units
+        short: dict[str, float] = {}
+        for k, v in demand.items():
+            need = round(v * GRANULARITY)  # _units, inlined: the admission hot path
+            have = free.get(k, 0)
+            if have < need:
+                short[k] = (need - have) / GRANULARITY
         if not short and demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None:
             short[GPU] = demand[GPU]  # enough GPU in aggregate, but fragmented across devices
         return short
 
     def can_fit(self, demand: Mapping[str, float], *, normalized: bool = False) -> bool:
-        return not self.missing(demand, normalized=normalized)
+        if not normalized:
+            demand = normalize(demand)
+        free = self._free_units
+        for k, v in demand.items():
+            if free.get(k, 0) < round(v * GRANULARITY):
+                return False
+        return not (demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None)
 
     # acquire / release ------------------------------------------------------------------------
     def acquire(

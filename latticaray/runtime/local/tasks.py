@@ -40,7 +40,7 @@ from latticaray.runtime.serialization import error_blob
 from latticaray.runtime.states import TaskEvent, TaskState
 from latticaray.scheduler.local import AdmissionKind, FairQueue, LocalScheduler, QueueAdmission
 from latticaray.scheduler.policy import NodeView, PlacementRequest
-from latticaray.scheduler.resources import Allocation
+from latticaray.scheduler.resources import Allocation, Normalized, normalize
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
@@ -254,6 +254,8 @@ class TaskTable:
             return
         node = self.node
         demand = rec.demand
+        if not isinstance(demand, Normalized):  # once: the admission path reads it as is
+            demand = rec.demand = normalize(demand)
         remote = node.remote
         opts = rec.msg["opts"]
         if opts.get("pg") and not opts.get("placed"):
