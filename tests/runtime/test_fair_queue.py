@@ -77,6 +77,6 @@ def test_two_submitters_interleave_on_a_busy_node(two_cpu_node, tmp_path):
 
 
 def test_a_local_flood_is_never_rejected_by_the_queue_bound(two_cpu_node):
-    """The queue holds 2 (one per CPU) for peers; the node's own driver queues past it."""
+    """The queue holds 16 for peers; the node's own driver queues 300 past it."""
     refs = [record.options(num_cpus=1).remote(os.devnull, str(i)) for i in range(300)]
     assert lattica.get(refs, timeout=120) == [str(i) for i in range(300)]

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from latticaray.scheduler.core import EndTasks, SchedulerCore, StartLocal
+from latticaray.scheduler.core import EndTasks, SchedulerConfig, SchedulerCore, StartLocal
 from latticaray.scheduler.driver import SchedulerDriver
 from latticaray.scheduler.errors import InsufficientResources
 from latticaray.scheduler.local import AdmissionKind, QueueAdmission
@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 _GROUP_ID = re.compile(r"^pg[0-9a-f]{24}$")
 MAX_GROUPS = 10_000
 MAX_PARKED = 100_000
+#: the bound of the node's fair task queue for peers' tasks: this many waiting tasks per CPU, at
+#: least MIN_QUEUE. A caller learns of room a network round trip late (a `done`, a view every
+#: 0.3 s), so a node keeps about that long of short tasks waiting to stay busy; a deeper queue
+#: would only let stale views pile work on a few nodes (the rest waits at the submitters).
+QUEUE_PER_CPU = 8
+MIN_QUEUE = 16
 
 
 class _Wait:
@@ -72,7 +78,12 @@ class NodeResources:
         self.node = node
         self.node_id = node.node_id
         self.ledger = ledger
-        self.core = SchedulerCore(node.node_id, ledger)
+        cpus = ledger.total.get("CPU", 0.0)
+        self.core = SchedulerCore(
+            node.node_id,
+            ledger,
+            config=SchedulerConfig(queue_limit=max(MIN_QUEUE, int(QUEUE_PER_CPU * cpus))),
+        )
         self.core.local.bundles.on_drop = self._bundle_dropped
         self.driver: SchedulerDriver | None = None
         #: allocation id -> (ledger it came from, allocation, (group, index) or None)
