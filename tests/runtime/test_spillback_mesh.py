@@ -4,6 +4,7 @@ it again elsewhere (or waits for room) instead of piling it up there."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from latticaray.runtime import api
 
 @pytest.fixture(scope="module")
 def mesh():
-    with driver_with_nodes(1) as cluster:  # the driver's node (1 CPU) and one node (1 CPU)
+    # the driver's node (1 CPU) and one node (1 CPU, and one "slot" no other node has)
+    with driver_with_nodes(1, ("--resources", '{"slot": 1}')) as cluster:
         yield cluster
 
 
@@ -51,3 +53,35 @@ def test_default_flood_waits_for_room_and_finishes_everywhere(mesh):
     assert [square for _, square in results] == [i * i for i in range(120)]
     assert {node for node, _ in results} == {mesh["nodes"][0].node_id, mesh["driver"]}
     assert not remote_runtime().placer.waiting
+
+
+@lattica.remote(resources={"slot": 1})
+def hold_slot(started: str, go: str) -> str:
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return lattica.get_runtime_context().node_id
+
+
+def test_tasks_waiting_for_a_busy_resource_do_not_hold_back_others(mesh, tmp_path):
+    """Tasks no node has room for wait at the submitter per (owner, demand): CPU tasks submitted
+    after 40 tasks waiting for the one busy slot still run meanwhile."""
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    blocker = hold_slot.remote(started, go)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(started):
+        assert time.monotonic() < deadline, "the slot holder never started"
+        time.sleep(0.01)
+    slot_tasks = [hold_slot.remote(str(tmp_path / f"s{i}"), go) for i in range(40)]
+    try:
+        results = lattica.get([where.remote(i, 0.0) for i in range(20)], timeout=60)
+        assert [square for _, square in results] == [i * i for i in range(20)]
+        assert remote_runtime().placer.waiting  # the slot tasks still wait
+    finally:
+        with open(go, "w"):
+            pass
+    slot_node = mesh["nodes"][0].node_id
+    assert lattica.get(blocker, timeout=60) == slot_node
+    assert lattica.get(slot_tasks, timeout=120) == [slot_node] * 40

@@ -11,8 +11,10 @@ a bounded number of tasks fairly between submitters, and rejects a peer's task w
 and its queue has no room for that peer, answering with its fresh view (`rejected`). A rejected
 task is placed again over the corrected snapshot (spillback, at most MAX_SPILLS times before it
 is sent bound to its node). When every known node is busy with a full queue (this one
-included), a task waits here, in order, in the submitter-side backlog (`waiting`), and is placed
-again as room appears: a peer's view, a peer's `done`, a task of this node ending.
+included), a task waits here in the submitter-side backlog (`waiting`): FIFOs per (owner, demand
+and strategy), served round-robin as room appears (a peer's view, a peer's `done`, a task of this
+node ending), so one owner's tasks do not wait behind another's, nor CPU tasks behind a GPU task
+no node has room for.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from latticaray.runtime import serialization
 from latticaray.runtime.errors import TaskCancelledError, TaskUnschedulableError
 from latticaray.runtime.local.records import TaskRecord
+from latticaray.runtime.local.tasks import submitter_of
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.remote.wire import TaskRejected
 from latticaray.runtime.states import TaskEvent
@@ -64,10 +67,14 @@ class Placer:
         self.remote = remote
         self.node_id = remote.node_id
         self.policy = PlacementPolicy()
-        #: tasks no known node had room for: the submitter-side backlog (see the module)
-        self.waiting: collections.deque[TaskRecord] = collections.deque()
+        #: tasks no known node had room for: the submitter-side backlog (see the module), a FIFO
+        #: per (owner, demand and strategy) in round-robin order
+        self.waiting: collections.OrderedDict[str, collections.deque[TaskRecord]] = (
+            collections.OrderedDict()
+        )
         self._drain_due = False
         self._draining = False
+        self._parked: TaskRecord | None = None
 
     def task_ended(self, rec: TaskRecord, node_id: str) -> None:
         """A task placed on ``node_id`` ended there: the policy stops counting it against the
@@ -137,27 +144,54 @@ class Placer:
                 self._drain_due = True
                 loop.call_soon(self._drain)
 
+    @staticmethod
+    def waiting_key(rec: TaskRecord) -> str:
+        """The backlog FIFO a task waits in: its owner's, for its demand and strategy."""
+        strategy = rec.msg["opts"].get("strategy")
+        return f"{submitter_of(rec.client)}|{sorted(rec.demand.items())}|{strategy}"
+
     def _drain(self) -> None:
-        """Place waiting tasks again, oldest first, until one still finds no room."""
+        """Place waiting tasks again: the head of each FIFO in turn, until every FIFO's head
+        still finds no room (or MAX_DRAIN decisions were made: the rest in the next turn)."""
         self._drain_due = False
         waiting = self.waiting
         tasks = self.remote.node.tasks
-        for _ in range(MAX_DRAIN):
-            if not waiting:
+        tries = 0
+        blocked: set[str] = set()
+        while waiting and tries < MAX_DRAIN:
+            progressed = False
+            for key in list(waiting):
+                if key in blocked or key not in waiting:
+                    continue
+                queue = waiting[key]
+                rec = queue.popleft()
+                if not queue:
+                    del waiting[key]
+                if rec.done:
+                    progressed = True
+                    continue
+                tries += 1
+                self._parked = None
+                self._draining = True
+                try:
+                    tasks.place_again(rec)
+                finally:
+                    self._draining = False
+                if self._parked is rec:  # still no room: back to the head of its FIFO
+                    queue = waiting[key]
+                    queue.pop()
+                    queue.appendleft(rec)
+                    blocked.add(key)
+                else:
+                    progressed = True
+                if key in waiting:
+                    waiting.move_to_end(key)  # round-robin
+                if tries >= MAX_DRAIN:
+                    break
+            if not progressed:
                 return
-            rec = waiting.popleft()
-            if rec.done:
-                continue
-            left = len(waiting)
-            self._draining = True
-            try:
-                tasks.place_again(rec)
-            finally:
-                self._draining = False
-            if len(waiting) > left and waiting[-1] is rec:  # still no room: back to the front
-                waiting.appendleft(waiting.pop())
-                return
-        self.capacity_changed()  # more than one turn's worth: go on in the next turn
+        if waiting:
+            self.capacity_changed()  # more than one turn's worth: go on in the next turn
 
     def place_task(self, rec: TaskRecord) -> Any:
         """A peer's id, None (run here), DEFERRED (waits for DHT capacity ads) or the
@@ -175,17 +209,19 @@ class Placer:
         hard_affinity = isinstance(strategy, dict) and not strategy.get("soft")
         if isinstance(strategy, dict) and not hard_affinity and rec.spills:
             strategy = None  # its soft-affinity node rejected it: placed as any other task
-        if self.waiting and not self._draining and not hard_affinity:
-            target: Any = WAITING  # behind the tasks that wait already, in order
+        key = self.waiting_key(rec) if self.waiting and not hard_affinity else None
+        if key is not None and not self._draining and key in self.waiting:
+            target: Any = WAITING  # behind its owner's tasks like it that wait already
         else:
             target = self.place(
                 rec.tid.hex(), rec.demand, strategy, rec.excluded, self.arguments(rec), True
             )
         if target is WAITING:
-            self.waiting.append(rec)
-            self.remote.stats["tasks_waited"] += 1
-            self.capacity_changed()
-            return DEFERRED
+            self.waiting.setdefault(key or self.waiting_key(rec), collections.deque()).append(rec)
+            self._parked = rec
+            if not self._draining:  # (one placed again and still waiting is not counted twice)
+                self.remote.stats["tasks_waited"] += 1
+            return DEFERRED  # placed again on the next sign of room (capacity_changed)
         if (
             isinstance(target, TaskUnschedulableError)
             and capacity is not None
