@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..version import __version__
 from .adapters import RPC_PROTOCOL, QuicAdapter, TransportAdapter, make_stream_adapter
 from .connmgr import ConnectionManager, MeshConnection
 from .errors import (
@@ -53,6 +54,7 @@ from .libp2p.ping import PingService as Libp2pPingService
 from .libp2p.stream import MuxedConnection, MuxedStream, ProtocolRouter, StreamHandler
 from .liveness import LivenessChanged, LivenessConfig, LivenessService
 from .multiaddr import Multiaddr
+from .nat.libp2p_relay import Libp2pCircuits
 from .paths import (
     DEFAULT_TRANSPORT_PREFERENCE,
     expand_unspecified,
@@ -70,12 +72,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-try:
-    from importlib.metadata import version as _pkg_version
-
-    AGENT_VERSION = f"latticaray/{_pkg_version('latticaray')}"
-except Exception:
-    AGENT_VERSION = "latticaray/dev"
+#: identify's agent string (importlib.metadata would scan every installed distribution: 20-60 ms)
+AGENT_VERSION = f"latticaray/{__version__}"
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
 #: At most this many addresses may be added with ``add_advertised_addrs``.
@@ -153,6 +151,9 @@ class MeshNode:
             on_identified=self._on_libp2p_identified,
         )
         self.libp2p_ping = Libp2pPingService(self.streams)
+        #: circuit relay v2 client: reservations on libp2p relays, circuits both ways (the
+        #: ``circuit`` transport); the relay role is :class:`~.nat.libp2p_relay.Libp2pRelayService`
+        self.circuits = Libp2pCircuits(self)
         self._push_scheduled = False
         #: peers an identify push is under way to -> whether another must follow it
         self._pushing: dict[MuxedConnection, bool] = {}
@@ -200,6 +201,7 @@ class MeshNode:
             # transports we did not listen on can still dial out
             for name in self.config.transports:
                 self._adapter_for(name)
+            self.connections.register_transport(self.circuits.adapter)
         except BaseException:
             await self.stop()
             raise

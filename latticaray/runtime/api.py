@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import inspect
 import os
 import threading
@@ -21,7 +22,7 @@ from latticaray.runtime import context, runtime_env, serialization
 from latticaray.runtime.client import DriverCore, raise_error_value
 from latticaray.runtime.ids import ids
 from latticaray.runtime.protocol import STREAMING
-from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, collecting_refs
 from latticaray.scheduler.resources import normalize
 
 _TASK_OPTIONS = {
@@ -289,6 +290,12 @@ class ActorClass:
         core = context.require_core()
         options = self._options
         meta = self._shared["meta"]
+        lifetime = options.get("lifetime")
+        if lifetime not in (None, "detached", "non_detached"):
+            raise ValueError(
+                f"lifetime must be None, 'detached' or 'non_detached', got {lifetime!r}"
+            )
+        detached = lifetime == "detached"
         wire = {
             "resources": _demand(options, options.get("num_cpus", 0)),
             "max_restarts": int(options.get("max_restarts", 0)),
@@ -298,7 +305,7 @@ class ActorClass:
             "meta": meta,
             "name": options.get("name"),
             "namespace": options.get("namespace") or core.namespace,
-            "lifetime": options.get("lifetime"),
+            "lifetime": "detached" if detached else None,
             "get_if_exists": bool(options.get("get_if_exists")),
         }
         _set_strategy(wire, options.get("scheduling_strategy"))
@@ -309,11 +316,16 @@ class ActorClass:
         code_hash, blob = self._code()
         actor_id = ids.next_id()
         reply = core.create_actor(code_hash, blob, meta["cname"], args, kwargs, wire, actor_id)
+        if reply.get("existing"):  # get_if_exists found another creator's actor: a borrow
+            return _found_handle(reply, meta, wire["max_task_retries"])
+        # the creator's handle: its node owns the actor and counted this handle at creation
         return ActorHandle(
             reply.get("aid", actor_id),
             reply.get("node", core.node_id),
             meta,
             wire["max_task_retries"],
+            "" if detached else core.node_id,
+            _held=True,
         )
 
     def __call__(self, *args, **kwargs):
@@ -342,6 +354,7 @@ class ActorMethod:
             self._nret,
             handle._max_task_retries,
             self._name,
+            handle._owner,
         )
 
     def options(self, num_returns=None, **unsupported) -> ActorMethod:
@@ -358,13 +371,50 @@ class ActorMethod:
 
 
 class ActorHandle:
-    """A handle to a live actor; serializable, usable from any task or peer of the mesh."""
+    """A handle to a live actor; serializable, usable from any task or peer of the mesh.
 
-    def __init__(self, actor_id: bytes, node: str, meta: dict, max_task_retries: int = 0):
+    The handles of a non-detached actor are counted like ObjectRefs by the node that owns the
+    actor (``owner``, its creator's node; refcount.py): a copy passed to a task or an actor,
+    or put inside an object, counts as a borrow, and so does each call made through a handle
+    until it is done. When no handle is left and those calls are done, the actor is reclaimed
+    (killed for good), as in Ray. A detached actor's handles are not counted (``owner`` "").
+    """
+
+    _counted = False  # until __init__ counted it
+
+    def __init__(
+        self,
+        actor_id: bytes,
+        node: str,
+        meta: dict,
+        max_task_retries: int = 0,
+        owner: str = "",
+        _held: bool = False,
+    ):
         self._actor_id = actor_id
         self._node = node
         self._meta = meta
         self._max_task_retries = max_task_retries
+        self._owner = owner
+        if owner:
+            core = context.current_core()
+            if core is not None:
+                if _held:  # the creator's handle: its node counted it already
+                    core.add_ref(actor_id)
+                else:
+                    core.add_borrowed_ref(actor_id, owner)
+                self._counted = True
+
+    def __del__(self):
+        if self._counted:
+            core = context.current_core()
+            if core is not None:
+                try:
+                    core.remove_ref(self._actor_id)
+                    if core.prompt_releases:  # the actor is reclaimed now, not after a batch
+                        core.flush_releases()
+                except Exception:
+                    pass
 
     def __getattr__(self, name: str) -> ActorMethod:
         if name.startswith("_"):
@@ -381,7 +431,18 @@ class ActorHandle:
         return self._actor_id.hex()
 
     def __reduce__(self):
-        return (ActorHandle, (self._actor_id, self._node, self._meta, self._max_task_retries))
+        if self._owner:
+            found = collecting_refs()
+            if found is not None:  # the runtime counts it inside the value or task arguments
+                found.append([self._actor_id, self._owner])
+            else:  # pickled outside the runtime's serialization: untracked, it pins the actor
+                core = context.current_core()
+                if core is not None:
+                    core.escape_id(self._actor_id)
+        return (
+            ActorHandle,
+            (self._actor_id, self._node, self._meta, self._max_task_retries, self._owner),
+        )
 
     def __repr__(self) -> str:
         return f"Actor({self._meta['cname']}, {self._actor_id.hex()})"
@@ -421,6 +482,7 @@ class _EmbeddedRuntime:
         self.mesh_runtime: Any = None
         self.printer: Any = None  # LogPrinter of worker output (log_to_driver)
         self.dashboard: Any = None  # DashboardServer (init(dashboard=True))
+        self.timings: dict[str, float] = {}  # init()'s phases, seconds since start() began
 
     def start(self, make_node, start_mesh=None) -> None:
         loop: asyncio.AbstractEventLoop
@@ -440,14 +502,18 @@ class _EmbeddedRuntime:
 
         self.thread = threading.Thread(target=run, name="latticaray-node", daemon=True)
         self.thread.start()
+        began = time.monotonic()
         started.wait()
         self.node = make_node()
+        self.timings["node_made_s"] = time.monotonic() - began
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
+        self.timings["node_started_s"] = time.monotonic() - began
         if start_mesh is not None:
             try:
                 self.mesh_runtime = asyncio.run_coroutine_threadsafe(
                     start_mesh(self.node), loop
                 ).result()
+                self.timings["mesh_started_s"] = time.monotonic() - began
             except BaseException:
                 self.stop()  # the node and its loop thread do not outlive a failed init()
                 raise
@@ -499,6 +565,22 @@ def default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     return total
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector paused while init() runs, then as it was. init() imports the
+    mesh stack (hundreds of modules and classes, all long-lived) into a heap that already holds
+    numpy and pyarrow: the collections those allocations set off walk all of it and free nothing
+    (a full one ~20-30 ms of init()'s ~0.2 s of CPU here). The next collection runs after init()
+    returns; nothing is frozen (the process is the user's, see gcpolicy.py)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def init(
     address: str | None = None,
     *,
@@ -516,6 +598,7 @@ def init(
     dashboard: bool = False,
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
+    ipfs: bool = False,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -530,9 +613,14 @@ def init(
     `log_to_driver` (default on): what tasks and actors print, on any node, shows here with a
     `(name pid=..., node=...)` prefix. `dashboard=True` serves the dashboard from this node
     (`dashboard_host`:`dashboard_port`, 0 for any free port); its URL is in the returned info.
+
+    `ipfs=True` (a mesh node; off by default) lets IPFS peers (kubo, Helia) fetch the objects
+    this node shares with `latticaray.util.ipfs.share(ref)` over Bitswap 1.2.0, announced in the
+    DHT; nothing that is not shared is served to non-members.
     """
     global _runtime
-    with _init_lock:
+    began = time.monotonic()
+    with _init_lock, _collector_paused():
         if _runtime is not None or _attached is not None:
             if ignore_reinit_error:
                 return _runtime_info()
@@ -544,8 +632,14 @@ def init(
             raise RuntimeError("init() cannot be called inside a task or actor")
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
+            if ipfs:
+                raise ValueError(
+                    "ipfs=True is an option of the node, not of a driver attaching to it: start "
+                    "that node with `latticaray start --ipfs`"
+                )
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
+        use_mesh = use_mesh or bool(ipfs)  # IPFS peers reach the node's mesh transports
         from latticaray.runtime.gpus import detect_gpus
 
         gpus = detect_gpus(num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or num_gpus declared
@@ -562,6 +656,7 @@ def init(
                 listen=listen,
                 key_path=mesh_key_path,
                 nat=nat,
+                ipfs=bool(ipfs),
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id
@@ -574,12 +669,14 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
 
+        prepared = time.monotonic() - began
         try:
             runtime.start(make_node, start_mesh)
         except BaseException:  # a refused credential: nothing of this node stays behind
             runtime.stop()
             raise
         _runtime = runtime
+        runtime.timings["prepared_s"] = prepared
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
         runtime.node.state_source.role = "driver"
@@ -780,7 +877,14 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     core = context.require_core()
     reply = core.get_actor(name, namespace or core.namespace)
     meta = reply.get("meta") or {"methods": {}, "is_async": False, "cname": name}
-    return ActorHandle(reply["aid"], reply["node"], meta, int(reply.get("max_task_retries", 0)))
+    return _found_handle(reply, meta, int(reply.get("max_task_retries", 0)))
+
+
+def _found_handle(reply: dict, meta: dict, max_task_retries: int) -> ActorHandle:
+    """A handle to an actor found by name: a borrow counted at its owner (unless detached, or
+    its owner is not known)."""
+    owner = "" if reply.get("detached") else str(reply.get("owner") or "")
+    return ActorHandle(reply["aid"], reply["node"], meta, max_task_retries, owner)
 
 
 def nodes() -> list[dict]:

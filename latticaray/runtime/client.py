@@ -27,6 +27,7 @@ from latticaray.runtime.protocol import ERROR, OK
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator, borrowed_ref, collect_refs
 
 RELEASE_BATCH = 64
+RELEASE_AGE = 0.05  # s: a driver's queued releases go with its next post once this old
 REF_MARK = b"_rebuild_ref"
 _NO_REFS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 
@@ -80,6 +81,8 @@ class CoreClient:
     namespace: str = "default"
     #: errors never raised by get(), printed when their last ref goes (drivers that can see them)
     unhandled: UnhandledErrors | None = None
+    #: a dropped actor handle's release is posted at once (a worker's go after its task)
+    prompt_releases = True
 
     def __init__(self):
         self._ref_counts: dict[bytes, int] = {}
@@ -181,7 +184,12 @@ class CoreClient:
         self.post({"op": "borrow", "refs": refs})
 
     def escape_ref(self, ref: ObjectRef) -> None:
-        self._escaped.add(ref.id)
+        self.escape_id(ref.id)
+
+    def escape_id(self, oid: bytes) -> None:
+        """A ref or actor handle pickled outside the runtime's serialization: it is never
+        released by this process (whatever holds the copy cannot be tracked)."""
+        self._escaped.add(oid)
 
     def flush_releases(self) -> None:
         with self._lock:
@@ -284,7 +292,10 @@ class CoreClient:
         nret: int,
         retries: int,
         name: str,
+        owner: str = "",
     ):
+        """Call an actor's method; ``owner``: the node counting the actor's handles (the call
+        holds the actor until it is done), "" for a detached actor."""
         task_id = ids.next_id()
         message = {
             "op": "actor_call",
@@ -297,6 +308,12 @@ class CoreClient:
             "name": name,
         }
         message["args"] = self.encode_args(args, kwargs, message)
+        if owner:  # the call holds its actor until done
+            inner = message.get("inner")
+            if isinstance(inner, list):
+                inner.append([actor_id, owner])
+            else:
+                message["inner"] = [[actor_id, owner]]
         self.post(message)
         return self._returns(task_id, nret)
 
@@ -431,6 +448,7 @@ class DriverCore(CoreClient):
         self.client = node.local_client()
         self._outbox: list[dict | Callable[[], Any]] = []
         self._flush_scheduled = False
+        self._releases_flushed = 0.0  # when queued releases last rode along with posts
         self.unhandled = UnhandledErrors()
 
     def released_unhandled(self, oid: bytes) -> None:
@@ -473,10 +491,20 @@ class DriverCore(CoreClient):
                 message()
             else:
                 handle(message, self.client)
+        if self._release_queue:  # releases older than RELEASE_AGE ride along (after the
+            now = time.monotonic()  # posts made before), a busy driver's still in batches
+            if now - self._releases_flushed >= RELEASE_AGE:
+                self._releases_flushed = now
+                with self._lock:
+                    releases, self._release_queue = self._release_queue, []
+                if releases:
+                    handle({"op": "release", "oids": releases}, self.client)
 
     def request(self, message: dict, timeout: float | None = None) -> dict:
         if self.loop.is_closed():
             raise RuntimeError("latticaray has been shut down")
+        if self._release_queue:  # as a worker's requests do
+            self.flush_releases()
         future = asyncio.run_coroutine_threadsafe(
             self.node.handle_request(message, self.client), self.loop
         )
@@ -574,6 +602,8 @@ class DriverCore(CoreClient):
 class WorkerCore(CoreClient):
     """A worker's client: requests travel to the node over the worker's socketpair."""
 
+    prompt_releases = False  # flushed after each task: never from a finalizer mid-send
+
     def __init__(self, conn, node_id: str, worker_id: str):
         super().__init__()
         self.conn = conn
@@ -595,6 +625,8 @@ class WorkerCore(CoreClient):
 
 class AttachedCore(WorkerCore):
     """A driver attached to a running node process over its Unix socket (`init(address=...)`)."""
+
+    prompt_releases = True  # a driver: no task end flushes them
 
     def __init__(self, path: str, namespace: str = "default"):
         import socket as socket_module

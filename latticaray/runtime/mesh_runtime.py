@@ -36,6 +36,7 @@ CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
 PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
+DIAL_TIMEOUT = 10.0  # connecting to a bootstrap peer
 REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
 LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 #: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
@@ -76,7 +77,9 @@ class NatSettings:
     circuit addresses and hole-punches. `observers` (QUIC endpoints of public nodes, for NAT type
     and AutoNAT) and `relays` (`/ip4/../tcp/../p2p/<relay>`) are hand-given overrides: with
     observers the node configures itself once from them at start instead. A public node may
-    `serve_relay` on `relay_port` and `serve_autonat`. `lab=True` (default: the environment's
+    `serve_relay` on `relay_port` (and libp2p's circuit relay v2 hop on its own listeners:
+    members get the relay's limits, other libp2p peers the small public ones unless
+    `public_relay=False`) and `serve_autonat`. `lab=True` (default: the environment's
     `LATTICARAY_LAB=1`) treats the netlab's 198.18.0.0/15 as public and turns off the same-host
     Unix-socket path (lab namespaces share one machine).
     """
@@ -85,6 +88,7 @@ class NatSettings:
     relays: tuple = ()
     serve_relay: bool = False
     relay_port: int = 0
+    public_relay: bool = True
     serve_autonat: bool = False
     hole_punching: bool = True
     lab: bool = dataclasses.field(default_factory=lambda: os.environ.get(LAB_ENV) == "1")
@@ -126,6 +130,7 @@ class NatSettings:
             policy=policy,
             serve_relay=self.serve_relay,
             relay_port=self.relay_port,
+            public_relay=self.public_relay,
             serve_autonat=self.serve_autonat,
             hole_punching=self.hole_punching,
             autonat_client=AutoNatClientConfig(
@@ -214,7 +219,9 @@ class MeshRuntime:
     Public services, each explicit: DHT routing is served to non-members unless
     `public_dht=False` (rate-limited per peer and per IP; members are not limited); relay and
     AutoNAT only when `nat` says `serve_relay` / `serve_autonat` (limits: mesh/nat/relay.py
-    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only.
+    RelayConfig, mesh/nat/autonat.py AutoNatServerConfig). Data and work are members' only,
+    except the objects explicitly shared with IPFS peers when `ipfs=True` (runtime/ipfsshare.py:
+    Bitswap 1.2.0 serves those, to anyone, and nothing else).
     """
 
     def __init__(
@@ -228,6 +235,7 @@ class MeshRuntime:
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
+        ipfs: bool = False,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
@@ -235,6 +243,7 @@ class MeshRuntime:
         self.capacity_wait = capacity_wait
         self.same_host_path = same_host_path
         self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
+        self.ipfs_enabled = ipfs  # Bitswap 1.2.0 for IPFS peers, of shared objects only
         self.embedded = False  # set by init(): this node lives in a driver process
         self.key = key
         self.node_id = str(key.peer_id)
@@ -253,9 +262,12 @@ class MeshRuntime:
         self.mesh_dht: Any = None  # latticaray.runtime.meshdht MeshDht: runtime keys in it
         self.nat: Any = None  # latticaray.mesh.nat.mesh_service MeshNatService
         self.exchange: Any = None  # latticaray.objectstore.exchange ObjectExchange
+        self.ipfs: Any = None  # latticaray.runtime.ipfsshare IpfsSharing (ipfs=True)
         self.timings: dict[str, float | str] = {}
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
+        self._reachable: asyncio.Task | None = None  # an embedded node's background wait
+        self._dials: dict[str, asyncio.Task] = {}  # bootstrap address -> its connection
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -272,6 +284,7 @@ class MeshRuntime:
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
+        ipfs: bool = False,
     ) -> MeshRuntime:
         """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
         nat = default_nat(nat, bootstrap)
@@ -297,6 +310,7 @@ class MeshRuntime:
             capacity_wait,
             same_host_path,
             public_dht,
+            ipfs,
         )
 
     async def start(self, runtime_node) -> MeshRuntime:
@@ -314,6 +328,7 @@ class MeshRuntime:
         )
         self.mesh = MeshNode(config)
         await self.mesh.start()
+        self._mark("mesh_started", started)
         try:
             await self._start_services(runtime_node, started)
         except BaseException:
@@ -338,8 +353,19 @@ class MeshRuntime:
             exempt=lambda peer: admission.allowed(str(peer)),
         )
         self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
-        if self.nat_settings is not None:
+        # the bootstrap dials (QUIC handshake, identify) run while the services below start;
+        # identify tells each peer the protocols registered when it is answered, so the DHT's
+        # are; a node that offers relay or AutoNAT dials once those are registered, one that
+        # serves IPFS peers (Bitswap) once that is
+        nat = self.nat_settings
+        serving = nat is not None and (nat.serve_relay or nat.serve_autonat)
+        if not serving and not self.ipfs_enabled:
+            self._dial_bootstrap()
+        if nat is not None:
             await self._start_nat()
+            self._mark("nat_started", started)
+        if not self.ipfs_enabled:
+            self._dial_bootstrap()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
         remote.sparse = self.peering == "sparse"
         remote.embedded = self.embedded
@@ -363,6 +389,7 @@ class MeshRuntime:
 
         revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
+        self._mark("state_started", started)
         remote.membership.attach_revocations(revocations)
         runtime_node.resources.attach(  # placement groups: sched/1, their records
             self.mesh, lambda peer: admission.allowed(peer), self.state
@@ -371,6 +398,7 @@ class MeshRuntime:
         remote.state = self.state
         if runtime_node.store_ready is not None:
             await runtime_node.store_ready
+            self._mark("store_ready", started)
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
 
@@ -387,17 +415,22 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+            self._mark("exchange_started", started)
+        if self.ipfs_enabled:
+            self._start_ipfs(runtime_node)
+        self._dial_bootstrap()  # a node whose offers identify must carry dials only now
         tried = []
         refusals = []
         for addr in self.bootstrap:
             try:
-                await remote.membership.join(addr)
+                await remote.membership.join(addr, self._dials[addr])
             except CredentialError as exc:
                 refusals.append(str(exc))
                 tried.append(f"{addr}: refused: {exc}")
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
                 tried.append(f"{addr}: {type(exc).__name__}: {exc}")
+        self._mark("admitted", started)
         if refusals and not remote.membership.alive_peers():
             await self.stop()
             raise CredentialError(
@@ -410,7 +443,15 @@ class MeshRuntime:
                 + "\n  ".join(tried)
             )
         if self.nat is not None and self.nat.auto is not None and self.bootstrap:
-            await self._wait_reachable(started)
+            if self.embedded:
+                # a driver's node is a client: its work reaches peers over the connections it
+                # opens, so init() does not wait for AutoNAT's verdict and a relay reservation
+                # (their round trips to the relay); they settle in the background
+                self._reachable = asyncio.get_running_loop().create_task(
+                    self._wait_reachable(started)
+                )
+            else:  # a node that serves: reachable by the other members once `start` returns
+                await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -421,6 +462,29 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
+
+    def _dial_bootstrap(self) -> None:
+        """Start connecting to every bootstrap peer not dialled yet (awaited, and admitted, by
+        the join)."""
+        assert self.mesh is not None
+        loop = asyncio.get_running_loop()
+        for addr in self.bootstrap:
+            if addr not in self._dials:
+                self._dials[addr] = loop.create_task(self.mesh.connect(addr, timeout=DIAL_TIMEOUT))
+
+    def _mark(self, phase: str, started: float) -> None:
+        self.timings[f"at_{phase}_s"] = time.monotonic() - started
+
+    def _start_ipfs(self, runtime_node) -> None:
+        """Bitswap 1.2.0 on the mesh node for IPFS peers, serving what ``share`` names only."""
+        from latticaray.objectstore.ipfs import IpfsBlocks
+        from latticaray.runtime.ipfsshare import IpfsSharing
+
+        if runtime_node.store is None:
+            raise RuntimeError("ipfs=True needs the node's object store, which did not start")
+        blocks = IpfsBlocks(self.mesh, runtime_node.store, dht=self.dht)
+        self.ipfs = IpfsSharing(runtime_node, blocks, self.dht)
+        runtime_node.ipfs = self.ipfs
 
     async def _admit_provider(self, peer_id) -> bool:
         """A provider the DHT names: admitted (both ways) before the exchange asks it."""
@@ -482,7 +546,10 @@ class MeshRuntime:
 
         settings = self.nat_settings
         assert settings is not None and self.mesh is not None
-        self.nat = MeshNatService(self.mesh, settings.config())
+        admission = self.admission
+        self.nat = MeshNatService(
+            self.mesh, settings.config(), is_member=lambda peer: admission.allowed(str(peer))
+        )
         await self.nat.start()
         self.nat.attach_dht(self.dht)
         if settings.auto:
@@ -548,10 +615,18 @@ class MeshRuntime:
         return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
-        pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]
+        background = [
+            *self._provide_tasks,
+            *self._dials.values(),
+            self._dht_bootstrap,
+            self._reachable,
+        ]
+        pending = [t for t in background if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self.ipfs is not None:
+            self.ipfs.close()
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.remote is not None:

@@ -16,6 +16,7 @@ generator items with backpressure. It is composed of parts, one role each (local
   activity   NodeActivity   task counts and recent tasks (activity.py)
   logs       LogRouter      worker output to the driver that owns the task
   state_source NodeStateSource  this node as the state API sees it (statesource.py)
+  ipfs       IpfsSharing    objects shared with IPFS peers (ipfsshare.py; None unless opted in)
 
 When the node is part of a mesh, `remote` (remote/runtime.py `RemoteRuntime`) places work on
 peers and carries it there; it is None for a node on its own.
@@ -50,6 +51,7 @@ from latticaray.runtime.statesource import NodeStateSource
 from latticaray.scheduler.resources import ResourceLedger
 
 if TYPE_CHECKING:
+    from latticaray.runtime.ipfsshare import IpfsSharing
     from latticaray.runtime.remote.runtime import RemoteRuntime
 
 
@@ -80,6 +82,7 @@ class RuntimeNode:
         self.store_ready: asyncio.Future | None = None
         self.code: dict[bytes, bytes] = {}  # function and class blobs by code hash
         self.remote: RemoteRuntime | None = None  # set when this node is part of a mesh
+        self.ipfs: IpfsSharing | None = None  # set when its mesh node serves IPFS peers
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.stats: collections.Counter = collections.Counter()
@@ -212,6 +215,12 @@ class RuntimeNode:
                 return {"subjects": self.remote.membership.publish_revocation(message["text"])}
             except (CredentialError, ValueError, KeyError) as exc:
                 return {"error": error_blob(exc)}
+        if op == "ipfs":  # latticaray.util.ipfs: share with IPFS peers (init(ipfs=True))
+            if self.ipfs is None:
+                from latticaray.runtime.ipfsshare import NOT_ENABLED
+
+                return {"error": error_blob(RuntimeError(NOT_ENABLED))}
+            return await self.ipfs.handle(message)
         if op == "get_actor":
             return await self.actors.get_actor(message)
         if op == "nodes":

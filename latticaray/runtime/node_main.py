@@ -121,6 +121,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "service, rate-limited per peer and per IP for non-members)",
     )
     parser.add_argument(
+        "--ipfs",
+        action="store_true",
+        help="let IPFS peers (kubo, Helia) fetch the objects shared with "
+        "latticaray.util.ipfs.share() over Bitswap 1.2.0 (nothing else is served to them)",
+    )
+    parser.add_argument(
         "--lab", action="store_true", help="treat the netlab's 198.18.0.0/15 addresses as public"
     )
     parser.add_argument(
@@ -186,6 +192,7 @@ def _prepare(args: argparse.Namespace):
         capacity_wait=CAPACITY_WAIT if args.capacity_wait is None else args.capacity_wait,
         same_host_path=not args.no_same_host_path,
         public_dht=not args.dht_members_only,
+        ipfs=args.ipfs,
     )
 
 

@@ -25,8 +25,16 @@ while its count is positive. Registrations to one owner travel in order on one q
 finishes sending them before it reports a task done or acknowledges refs inside a result
 (`held`), so an owner never sees the last other holder leave before the new one arrives.
 
-Refs pickled outside the runtime's own serialization (user code calling pickle) cannot be
-tracked and pin their object for the node's lifetime, as before.
+Actor handles are counted the same way, under the actor's id (16 bytes, never an object's id):
+the node that creates a non-detached actor owns it and counts the creating process's handle
+(`create_actor`); a copy deserialized elsewhere is a borrow, a handle inside a task's arguments
+or an object is held like a ref, and so is every call made through a handle until the call is
+done (its pending calls keep it alive). When the count is zero and no borrower is left the
+actor is *reclaimed*: `node.actors.reclaim` ends it, instead of an object being freed.
+Detached actors are not counted (they live until killed).
+
+Refs and handles pickled outside the runtime's own serialization (user code calling pickle)
+cannot be tracked and pin their object (keep their actor alive) for the process's lifetime.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class RefTable:
         self.streamed: dict[bytes, tuple[object, set]] = {}  # streaming tid -> (submitter,
         #                                                       items no process took yet)
         self.dropped_streams: set[bytes] = set()  # generator dropped, task still yielding
+        self.actors: set[bytes] = set()  # owned actors reclaimed when nothing holds them
         self._queues: dict[str, list] = {}
         self._senders: dict[str, asyncio.Task] = {}
         self.stats = collections.Counter()
@@ -76,6 +85,12 @@ class RefTable:
         elif client.kind == "remote":
             return  # the caller node owns it; this node only runs the task
         self.counts[oid] = 1
+
+    def create_actor(self, aid: bytes, client) -> None:
+        """A non-detached actor this node owns, held by the handle of the process creating it:
+        reclaimed (`node.actors.reclaim`) once nothing holds it any more."""
+        self.actors.add(aid)
+        self.create(aid, client)
 
     def hold(self, oid: bytes, owner: str, client=None) -> bool:
         """One more hold; False if the object is already gone from its owner (this node)."""
@@ -120,7 +135,22 @@ class RefTable:
                 del counts[oid]  # the common case: an object only this process referenced
             free.append(oid)
         if free:
-            self.node.objects.free(free)
+            if self.actors:
+                free = self._reclaim_actors(free)
+            if free:
+                self.node.objects.free(free)
+
+    def _reclaim_actors(self, oids: list[bytes]) -> list[bytes]:
+        """Reclaim the actors among ``oids`` (nothing holds them); the objects are returned."""
+        actors = self.actors
+        objects = []
+        for oid in oids:
+            if oid in actors:
+                actors.discard(oid)
+                self.node.actors.reclaim(oid)
+            else:
+                objects.append(oid)
+        return objects
 
     def unhold(self, oid: bytes) -> None:
         counts = self.counts
@@ -144,6 +174,9 @@ class RefTable:
     def _free(self, oid: bytes) -> None:
         self.counts.pop(oid, None)
         self.borrowers.pop(oid, None)
+        if oid in self.actors:
+            self._reclaim_actors([oid])
+            return
         self.node.objects.free([oid])
         if self.contents:
             self.drop_contents(oid)

@@ -25,6 +25,11 @@ class collect_refs:
         _collecting.refs = self._outer
 
 
+def collecting_refs() -> list | None:
+    """The list refs pickled on this thread go to (inside `collect_refs`), else None."""
+    return getattr(_collecting, "refs", None)
+
+
 class ObjectRef:
     """A reference to a task's result or a put object.
 

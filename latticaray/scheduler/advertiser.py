@@ -310,6 +310,7 @@ class CapacityAdvertiser:
         self._task: asyncio.Task | None = None
         self.published = 0
         self.failures = 0
+        self._failing: set[bytes] = set()  # keys whose last put failed (warned once a streak)
 
     def notify_change(self) -> None:
         """Call after the local scheduler's state changed (optional: the timer catches it)."""
@@ -339,7 +340,20 @@ class CapacityAdvertiser:
             for key, result in zip(action.keys, results):
                 if isinstance(result, BaseException):
                     self.failures += 1
-                    log.warning("capacity ad put %r failed: %s", key, result)
+                    why = str(result) or type(result).__name__  # a timeout says nothing itself
+                    if key in self._failing:  # said once a streak: the rest is debug
+                        log.debug("capacity ad put %r failed again: %s", key, why)
+                    else:
+                        self._failing.add(key)
+                        log.warning(
+                            "capacity ad put %r failed: %s (retried each refresh; "
+                            "further failures are logged at debug level)",
+                            key,
+                            why,
+                        )
+                elif key in self._failing:
+                    self._failing.discard(key)
+                    log.info("capacity ad put %r succeeded again", key)
         if self.members is not None:
             try:
                 self.members.upsert_self(

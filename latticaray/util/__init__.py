@@ -1,5 +1,6 @@
 """Utilities beside the core API, named as Ray's ``ray.util`` (``latticaray.util.state``,
-``latticaray.util.placement_group``, ``latticaray.util.scheduling_strategies``)."""
+``latticaray.util.placement_group``, ``latticaray.util.scheduling_strategies``), and
+``latticaray.util.ipfs`` (sharing objects with IPFS peers, on a node started with ``ipfs=True``)."""
 
 from latticaray.util.placement_group import (
     PlacementGroup,

@@ -116,6 +116,11 @@ class JsPeer:
         """Send a command and await its answer without blocking the event loop."""
         return await asyncio.wait_for(asyncio.wrap_future(self._send(cmd, args)), timeout)
 
+    def call_sync(self, cmd: str, timeout: float = COMMAND_TIMEOUT, **args: Any) -> Any:
+        """Send a command and wait for its answer (for tests whose node runs on its own loop,
+        e.g. an embedded ``latticaray.init()`` runtime)."""
+        return self._send(cmd, args).result(timeout)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:

@@ -21,7 +21,7 @@ from latticaray.mesh.libp2p.bitswap import BITSWAP_PROTOCOL
 from latticaray.mesh.node import MeshNode
 from latticaray.objectstore.cid import BLAKE3, SHA2_256, Cid, blake3_available
 from latticaray.objectstore.errors import ObjectNotFound
-from latticaray.objectstore.ipfs import IpfsBlocks
+from latticaray.objectstore.ipfs import IpfsBlocks, ipfs_view
 from latticaray.objectstore.store import LocalStore
 
 from .test_node import drop_node, node_joined_to_js
@@ -155,15 +155,33 @@ async def test_a_block_found_through_the_dht(js_peer, make_node, make_store):
 
 
 @pytest.mark.skipif(not blake3_available(), reason="blake3 is not installed")
-def test_sharing_refuses_what_ipfs_cannot_verify(make_store):
+def test_a_blake3_object_is_shared_under_its_sha2_view(make_store):
+    """IPFS nodes verify sha2-256: an object the store named with BLAKE3 (as the runtime's
+    stores do) is served under the same blocks named with sha2-256, read from the stored one."""
     store = make_store("b3", hash_code=BLAKE3)
 
-    class _Node:  # only the stream router is used before share()
+    class _Node:  # only the stream router is used before a fetch
         from latticaray.mesh.libp2p.stream import ProtocolRouter
 
         streams = ProtocolRouter()
 
     ipfs = IpfsBlocks(_Node(), store)
-    root = store.put(b"blake3-hashed")
-    with pytest.raises(ValueError, match="sha2-256"):
-        ipfs.share(root)
+    value = os.urandom(2 * MB + 5)
+    root = store.put(value)
+    view = ipfs.share(root)
+    source = store.manifest(root)
+    assert root.hash_code == BLAKE3 and view.root.hash_code == SHA2_256
+    assert (view.size, view.sizes, view.meta) == (source.size, source.sizes, source.meta)
+    assert ipfs.shared(view.root) and not ipfs.shared(root)
+    assert ipfs.bitswap.get_block(bytes(view.root)) == view.encoded
+    payload = bytes(store.get_object(root).payload)
+    for i, block in enumerate(view.blocks):
+        data = ipfs.bitswap.get_block(bytes(block))
+        assert data is not None and block.verify(data)
+        assert data == payload[i * MB : (i + 1) * MB]
+    assert ipfs.bitswap.get_block(bytes(root)) is None  # its BLAKE3 names are not served
+    assert ipfs.bitswap.get_block(bytes(source.blocks[0])) is None
+    ipfs.unshare(view.root)
+    assert ipfs.bitswap.get_block(bytes(view.blocks[0])) is None
+    with pytest.raises(ValueError, match="does not describe"):
+        ipfs.share(root, view=ipfs_view(store, store.put(b"another object " * 10)))

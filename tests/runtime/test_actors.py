@@ -139,7 +139,7 @@ def test_async_actor_respects_max_concurrency(runtime):
 
 
 def test_named_actor_and_conflict(runtime):
-    Counter.options(name="shared", namespace="tests").remote(7)
+    creator = Counter.options(name="shared", namespace="tests").remote(7)  # kept: not reclaimed
     handle = lattica.get_actor("shared", namespace="tests")
     assert lattica.get(handle.get.remote()) == 7
     with pytest.raises(lattica.ActorNameTakenError, match="shared"):
@@ -148,6 +148,7 @@ def test_named_actor_and_conflict(runtime):
     assert lattica.get(same.get.remote()) == 7
     with pytest.raises(ValueError):
         lattica.get_actor("missing", namespace="tests")
+    del creator
 
 
 def test_kill_actor(runtime):

@@ -169,3 +169,24 @@ def test_detached_actor_without_a_strategy_leaves_the_drivers_embedded_node():
         lattica.shutdown()
         if node is not None:
             node.stop()
+
+
+def test_attached_driver_dropping_its_handle_reclaims_the_actor():
+    """The node process owns the actors its attached driver creates and counts their handles:
+    one whose handles the driver dropped ends while the driver stays connected."""
+    node = NodeProcess(None, None)
+    try:
+        lattica.init(address=node.info["driver_address"])
+        temp = Counter.remote()
+        kept = Counter.remote()
+        temp_pid = lattica.get(temp.pid.remote(), timeout=60)
+        kept_pid = lattica.get(kept.pid.remote(), timeout=60)
+        del temp
+        wait_for(lambda: not process_alive(temp_pid), 30, "the dropped actor to be reclaimed")
+        assert lattica.get(kept.add.remote(1), timeout=30) == 1
+        assert process_alive(kept_pid)
+        del kept
+        wait_for(lambda: not process_alive(kept_pid), 30, "the second one to be reclaimed")
+    finally:
+        lattica.shutdown()
+        node.stop()

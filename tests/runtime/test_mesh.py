@@ -166,7 +166,8 @@ def test_remote_error_carries_traceback(mesh):
 @lattica.remote
 def create_named(name):
     try:
-        Account.options(name=name).remote(0)
+        # detached: the actor outlives this task's handle (it would be reclaimed with it)
+        Account.options(name=name, lifetime="detached").remote(0)
         return "created"
     except lattica.ActorNameTakenError:
         return "taken"
@@ -182,13 +183,15 @@ def test_conflicting_names_one_wins_and_is_in_cluster_state(mesh):
         for node in mesh["nodes"]
     ]
     assert sorted(lattica.get(racers, timeout=60)) == ["created", "taken"]
-    assert lattica.get(lattica.get_actor("race").deposit.remote(7), timeout=30) == 7
+    winner = lattica.get_actor("race")
+    assert lattica.get(winner.deposit.remote(7), timeout=30) == 7
     state = api._runtime.mesh_runtime.state
     wait_for(
         lambda: state.actors.get("default/race") is not None,
         30,
         "the name's claim to reach the driver's CRDT replica",
     )
+    lattica.kill(winner)
 
 
 @lattica.remote

@@ -210,6 +210,10 @@ LEGACY_REQUESTS = {
     "held task": ({"k": "held", "tid": TID}, RefsHeld(TID)),
     "held item": ({"k": "held", "tid": OID}, RefsHeld(OID)),
     "kill": ({"k": "kill", "aid": AID, "no_restart": True}, KillActor(AID, True)),
+    "kill reclaimed": (
+        {"k": "kill", "aid": AID, "no_restart": True, "cause": "every handle to it went"},
+        KillActor(AID, True, "every handle to it went"),
+    ),
     "fetched": (
         {"k": "fetched", "cids": ["bafyone", "bafytwo"]},
         ResultsFetched(["bafyone", "bafytwo"]),
@@ -220,9 +224,14 @@ LEGACY_REQUESTS = {
 ERR = b"\x80\x05pickled exception"
 LEGACY_REPLIES = {
     # RemoteClient.on_task_complete: vals (one inline, one sent as parts), refs inside
-    "done vals": (
-        {"k": "done", "tid": TID, "vals": [b"v", None], "inner": [[[OID, CALLER]], []]},
-        TaskDone(TID, vals=[b"v", None], inner=[[[OID, CALLER]], []]),
+    "done vals": (  # the second ref inside the first result is an actor handle (actor id)
+        {
+            "k": "done",
+            "tid": TID,
+            "vals": [b"v", None],
+            "inner": [[[OID, CALLER], [AID, CALLER]], []],
+        },
+        TaskDone(TID, vals=[b"v", None], inner=[[[OID, CALLER], [AID, CALLER]], []]),
     ),
     # ... a task that raised (the worker's mro)
     "done err": (
@@ -516,10 +525,10 @@ def test_names_replies_match_the_maps_names_op_returns():
 
 
 def test_ref_ops():
-    ops = [[1, OID], [0, OID2]]  # RefTable._send queues [op, oid]; ref_call packs {"ops": ...}
-    assert RefOps(ops).encode() == _pack({"ops": ops})
+    ops = [[1, OID], [0, OID2], [1, AID]]  # RefTable._send queues [op, oid]; an actor id counts
+    assert RefOps(ops).encode() == _pack({"ops": ops})  # the handles of an actor (16 bytes)
     assert wire.decode_ref(_pack({"ops": ops})) == RefOps(ops)
-    for bad in ([[2, OID]], [[1, b"short"]], [[1]], "ops", [[True, OID]]):
+    for bad in ([[2, OID]], [[1, b"short"]], [[1, OID + b"x"]], [[1]], "ops", [[True, OID]]):
         with pytest.raises(WireError):
             wire.decode_ref(_pack({"ops": bad}))
     with pytest.raises(WireError):

@@ -247,3 +247,34 @@ def test_member_views_move_heartbeats_onto_the_local_clock():
 
     views = {v.node_id: v for v in member_views(Members(), wall_now=1001.0, local_now=50.0)}
     assert views["A"].ad_time == pytest.approx(49.0) and views["B"].ad_time == pytest.approx(46.5)
+
+
+async def test_a_failing_put_is_warned_once_per_streak_and_names_its_error(caplog):
+    class FlakyDht(FakeDht):
+        failing = True
+
+        async def put(self, key, value, expiration, subkey=None):
+            if self.failing:
+                raise TimeoutError()  # says nothing itself
+            await super().put(key, value, expiration, subkey)
+
+    dht = FlakyDht()
+    local = LocalScheduler("n", ResourceLedger({"CPU": 2}))
+    now = [0.0]
+    advertiser = CapacityAdvertiser(
+        local, "n", b"n", dht, core=AdvertiserCore("n", refresh_interval=1.0), clock=lambda: now[0]
+    )
+    caplog.set_level("DEBUG", logger="latticaray.scheduler.advertiser")
+    for _ in range(3):
+        assert await advertiser.publish_once() is not None
+        now[0] += 2.0
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "TimeoutError" in warnings[0].getMessage()
+    assert advertiser.failures == 3
+    dht.failing = False
+    assert await advertiser.publish_once() is not None
+    assert any("succeeded again" in r.getMessage() for r in caplog.records)
+    dht.failing = True
+    now[0] += 2.0
+    assert await advertiser.publish_once() is not None
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2  # a new streak

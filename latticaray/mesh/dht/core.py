@@ -196,6 +196,11 @@ class DhtCore:
             self, key, self.request(PUT_VALUE, records=list(records)), now, store_locally
         )
 
+    def stop_providing(self, key: bytes) -> None:
+        """No longer re-announce ``key``; forget our own provider record of it."""
+        self.provided.pop(key, None)
+        self.providers.remove(key, self.peer_id)
+
     def add_provider(self, key: bytes, now: float) -> StoreOp:
         """Announce ourselves as a provider of ``key`` to its k closest peers (re-announced every
         ``reprovide_interval``)."""

@@ -372,6 +372,11 @@ class ProviderStore:
         self._per_provider[provider.peer_id] = self._per_provider.get(provider.peer_id, 0) + 1
         self._count += 1
 
+    def remove(self, key: bytes, peer_id: bytes) -> None:
+        """Forget ``peer_id`` as a provider of ``key`` (nothing if it is not one)."""
+        if peer_id in self._providers.get(key, {}):
+            self._remove(key, peer_id)
+
     def _remove(self, key: bytes, peer_id: bytes) -> None:
         entries = self._providers[key]
         del entries[peer_id]

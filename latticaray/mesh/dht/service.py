@@ -281,6 +281,10 @@ class DhtService:
         op = await self._run(self.core.add_provider(provider_key(bytes(cid)), self.clock()))
         return op.result
 
+    def stop_providing(self, cid: bytes) -> None:
+        """No longer re-announce ``cid`` (records already stored expire with their TTL)."""
+        self.core.stop_providing(provider_key(bytes(cid)))
+
     async def find_providers(self, cid: bytes, count: int = 20) -> AsyncIterator[ProviderInfo]:
         """Providers of ``cid``, yielded as they are found (at most ``count``). Their addresses
         are also added to the node's peer store so they can be dialed at once."""

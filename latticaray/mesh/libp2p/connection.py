@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..errors import ConnectionClosed, HandshakeError, MultiaddrError, ProtocolViolation
 from ..identity import PeerId
@@ -52,6 +53,8 @@ from .yamux import (
 
 __all__ = [
     "DEFAULT_STREAM_TIMEOUT",
+    "ByteReader",
+    "ByteWriter",
     "Libp2pConnection",
     "Libp2pStream",
     "ProtocolRouter",
@@ -63,6 +66,25 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 _READ_CHUNK = 256 * 1024
+
+
+class ByteReader(Protocol):
+    """The read half of the byte pipe a connection is upgraded over (``asyncio.StreamReader``,
+    or a relayed stream: :class:`~latticaray.mesh.libp2p.pipe.StreamPipe`)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    """The write half of that pipe (``asyncio.StreamWriter`` or a ``StreamPipe``)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
 class Libp2pStream(MuxedStream):
@@ -197,14 +219,15 @@ class Libp2pConnection:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: ByteReader,
+        writer: ByteWriter,
         noise: NoiseCore,
         yamux: YamuxCore,
         remote: NoiseHandshakeDone,
         router: StreamRouter,
         *,
         initial: bytes = b"",
+        remote_multiaddr: Multiaddr | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -226,6 +249,8 @@ class Libp2pConnection:
         sock = writer.get_extra_info("sockname")
         self.remote_address: tuple[str, int] | None = tuple(peer[:2]) if peer else None
         self.local_address: tuple[str, int] | None = tuple(sock[:2]) if sock else None
+        #: set for a connection that is not a TCP socket of its own (a relayed circuit)
+        self._remote_multiaddr = remote_multiaddr
 
     # ---- identity
     @property
@@ -239,7 +264,10 @@ class Libp2pConnection:
 
     @property
     def remote_multiaddr(self) -> Multiaddr | None:
-        """``/ip4|ip6/<host>/tcp/<port>`` of the remote as this end sees it."""
+        """``/ip4|ip6/<host>/tcp/<port>`` of the remote as this end sees it (for a relayed
+        connection, its circuit address)."""
+        if self._remote_multiaddr is not None:
+            return self._remote_multiaddr
         return _tcp_multiaddr(self.remote_address)
 
     @property
@@ -514,7 +542,7 @@ def _tcp_multiaddr(address: tuple[str, int] | None) -> Multiaddr | None:
         return None
 
 
-async def _read_bounded(reader: asyncio.StreamReader, deadline: float) -> bytes:
+async def _read_bounded(reader: ByteReader, deadline: float) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError("libp2p upgrade timed out")
@@ -528,8 +556,8 @@ async def _read_bounded(reader: asyncio.StreamReader, deadline: float) -> bytes:
 
 
 async def upgrade(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: ByteReader,
+    writer: ByteWriter,
     identity: PrivateKey,
     router: StreamRouter,
     *,
@@ -538,8 +566,10 @@ async def upgrade(
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     stream_window: int | None = None,
     keepalive: float | None = None,
+    remote_multiaddr: Multiaddr | None = None,
 ) -> Libp2pConnection:
-    """multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0`` -> yamux session."""
+    """multistream ``/noise`` -> Noise XX -> multistream ``/yamux/1.0.0`` -> yamux session, over
+    a TCP socket or any byte pipe (a relayed stream, ``remote_multiaddr`` its circuit address)."""
     deadline = time.monotonic() + timeout
     role = MultistreamRole.INITIATOR if initiator else MultistreamRole.RESPONDER
     # 1. select the security protocol on the raw connection
@@ -591,7 +621,9 @@ async def upgrade(
         stream_window=stream_window or 256 * 1024,
         keepalive=keepalive,
     )
-    conn = Libp2pConnection(reader, writer, noise, yamux, remote, router)
+    conn = Libp2pConnection(
+        reader, writer, noise, yamux, remote, router, remote_multiaddr=remote_multiaddr
+    )
     if rest:
         for yamux_event in yamux.receive(rest, time.monotonic()):
             conn._dispatch(yamux_event)

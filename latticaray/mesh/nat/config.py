@@ -51,6 +51,9 @@ class NatConfig:
     observer_alt_port: int = 0  # AutoNAT servers answer obs_req here too (0: any port)
     serve_relay: bool = False
     relay_port: int = 0
+    #: with ``serve_relay``: peers outside the mesh may use the libp2p relay (hop) too, within
+    #: its public limits (``libp2p_relay.Libp2pRelayConfig``); off: members only
+    public_relay: bool = True
     relay_config: RelayConfig = field(default_factory=RelayConfig)
     relay_capture: bool = False
     serve_rendezvous: bool = False

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..connmgr import MeshConnection, QuicAdapter
@@ -43,6 +44,7 @@ from .addresses import Endpoint
 from .auto import AutoMode, ProviderDht
 from .circuit import CircuitAdapter, direct_connection, relayed_raw
 from .config import NatConfig, parse_relay_addr
+from .libp2p_relay import Libp2pCircuitAdapter, Libp2pRelayConfig, Libp2pRelayService
 from .links import PeerLink
 from .migration import RelayMigration
 from .offers import RELAY_PROVIDER_KEY
@@ -58,12 +60,22 @@ log = logging.getLogger(__name__)
 class MeshNatService(NatService):
     """NAT traversal for one MeshNode (see the module docstring)."""
 
-    def __init__(self, node: MeshNode, config: NatConfig | None = None) -> None:
+    def __init__(
+        self,
+        node: MeshNode,
+        config: NatConfig | None = None,
+        *,
+        is_member: Callable[[PeerId], bool] | None = None,
+    ) -> None:
         if node.quic is None or node.quic.local_address is None:
             raise RuntimeError("MeshNatService needs a started MeshNode that listens on QUIC")
         config = config or NatConfig()
         super().__init__(node.key, config, transport=node.quic, router=node.router)
         self.node = node
+        #: the mesh's members (full relay limits); others get the public ones, if any
+        self.is_member = is_member or (lambda _peer: False)
+        #: the libp2p relay (hop) beside the mesh's own, when ``serve_relay``
+        self.libp2p_relay: Libp2pRelayService | None = None
         self._advertised: set[str] = set()
         self.migration = RelayMigration(
             node.connections,
@@ -82,7 +94,19 @@ class MeshNatService(NatService):
 
     async def start(self) -> None:
         await super().start()
-        self.node.connections.register_transport(CircuitAdapter(self.relay_client))
+        native = CircuitAdapter(self.relay_client)
+        circuits = self.node.connections.adapters.get(native.name)
+        if isinstance(circuits, Libp2pCircuitAdapter):  # one circuit transport: ours, then hop
+            circuits.native = native
+        else:
+            self.node.connections.register_transport(native)
+        if self.config.serve_relay:
+            self.libp2p_relay = Libp2pRelayService(
+                self.node,
+                Libp2pRelayConfig(self.config.relay_config, public=self.config.public_relay),
+                is_member=self.is_member,
+            )
+            self.libp2p_relay.start()
         self.node.connections.on_connection_added(self.migration.on_connection_added)
         if self.auto is not None:
             self.auto.start()
@@ -131,6 +155,8 @@ class MeshNatService(NatService):
         await self.auto.wait_reachable(timeout)
 
     async def stop(self) -> None:
+        if self.libp2p_relay is not None:
+            await self.libp2p_relay.stop()
         await super().stop()
         if self._advertised:
             self.node.remove_advertised_addrs(sorted(self._advertised))

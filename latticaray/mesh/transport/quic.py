@@ -47,6 +47,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import (
@@ -56,7 +57,6 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
@@ -69,6 +69,9 @@ from .quic_conn import EndpointLink, QuicConn, now
 from .quic_loader import load_backend
 from .quic_pmtu import PmtuSearch
 from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
+
+if TYPE_CHECKING:
+    from aioquic.quic.retry import QuicRetryTokenHandler
 
 __all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
@@ -97,7 +100,7 @@ class QuicTransport:
         self._certified = certified or make_certified_key(key)
         #: The QUIC library the connections run on (:mod:`.quic_backend`).
         self.backend: QuicBackend = load_backend(self.config.backend)
-        self._retry = QuicRetryTokenHandler()
+        self._retry_handler: QuicRetryTokenHandler | None = None  # made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: EndpointLink | None = None
         self._udp: UdpSocket | None = None
@@ -233,6 +236,16 @@ class QuicTransport:
     def _background(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _retry(self) -> QuicRetryTokenHandler:
+        """The stateless Retry token handler, made the first time a Retry is sent or a token
+        checked (importing it costs ~0.1 s of CPU: aioquic's TLS module and its dependencies,
+        which a node on the qh3 backend that is never under handshake load does not need)."""
+        if self._retry_handler is None:
+            from aioquic.quic.retry import QuicRetryTokenHandler
+
+            self._retry_handler = QuicRetryTokenHandler()
+        return self._retry_handler
 
     def _make_connection(
         self,
@@ -387,7 +400,7 @@ class QuicTransport:
         original_dcid, retry_scid = dcid, None
         if header.token:
             try:
-                original_dcid = self._retry.validate_token(
+                original_dcid = self._retry().validate_token(
                     address=addr, destination_cid=dcid, token=header.token, now=now()
                 )
             except ValueError:
@@ -402,7 +415,7 @@ class QuicTransport:
                     source_cid=retry_cid,
                     destination_cid=header.source_cid,
                     original_destination_cid=dcid,
-                    retry_token=self._retry.create_token(
+                    retry_token=self._retry().create_token(
                         address=addr,
                         original_destination_connection_id=dcid,
                         retry_source_connection_id=retry_cid,

@@ -5,6 +5,10 @@ remote side places it on a peer (remote/actors.py keeps the actors this node own
 A hosted actor's constructor runs once its ref arguments are values; its calls queue in its
 outbox until their own arguments are, and go to its worker in order. When the worker dies the
 actor restarts while `max_restarts` allows, and calls in flight are retried while theirs do.
+
+A non-detached actor is counted like an object by the owner's RefTable (refcount.py): its
+handles and the calls made through them hold it, and when nothing does any more it is
+*reclaimed* (`reclaim`): killed for good, here or on its host. Detached actors live until killed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from latticaray.scheduler.errors import InsufficientResources
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
+
+
+#: the death cause of an actor reclaimed when its last handle went
+RECLAIMED = "every handle to it went out of scope (it is not detached)"
 
 
 def queued(rec: TaskRecord, pump: Callable[[], Any]) -> None:
@@ -74,8 +82,15 @@ class ActorHost:
             # the name's holder is another actor of this node)
             if "error" in reply and self.named.get((namespace, name)) is None:
                 remote.names.release(namespace, name, message["aid"])
-            return reply
-        return self.create(message, client)
+            return self.creator_told(reply, message, client)
+        return self.creator_told(self.create(message, client), message, client)
+
+    def creator_told(self, reply: dict, message: dict, client: Any) -> dict:
+        """The reply to a creator that asked (a named actor): a creation that failed leaves it
+        no handle, so the hold its handle would have had is given back."""
+        if "error" in reply and message["aid"] in self.node.refs.actors:
+            self.node.refs.release([message["aid"]], client)
+        return reply
 
     def create(self, message: dict, client: Any) -> dict:
         node = self.node
@@ -95,6 +110,7 @@ class ActorHost:
                         "node": node.node_id,
                         "existing": True,
                         "meta": record.opts.get("meta"),
+                        **self.ownership(record),
                     }
                 return {
                     "error": error_blob(
@@ -115,12 +131,15 @@ class ActorHost:
 
     def adopt(self, message: dict, client: Any) -> None:
         """This node owns the actor it creates: it keeps the refs in its creation arguments and,
-        unless the actor is detached, ends it when the attached driver that made it goes."""
+        unless the actor is detached, counts its handles (the creator's first: reclaimed when
+        none is left) and ends it when the attached driver that made it goes."""
         message.setdefault("owner", self.node.node_id)
         if "inner" in message:
             self.node.refs.pin_task(message["aid"], message.pop("inner"))
-        if isinstance(client, AttachedDriver) and message["opts"].get("lifetime") != "detached":
-            client.owned_actors.append(message["aid"])
+        if message["opts"].get("lifetime") != "detached":
+            self.node.refs.create_actor(message["aid"], client)
+            if isinstance(client, AttachedDriver):
+                client.owned_actors.append(message["aid"])
 
     def host(self, message: dict) -> dict:
         """Host the actor here: its resources are taken and its worker starts."""
@@ -354,21 +373,36 @@ class ActorHost:
         actor.outbox.extendleft(reversed(retry))
         self.start_worker(actor)
 
-    def kill(self, message: dict, client: Any) -> None:
+    def kill(self, message: dict, client: Any, cause: str | None = None) -> None:
+        """Kill an actor (``no_restart``: for good, ``cause`` its death cause); one hosted
+        elsewhere is killed by its host."""
         aid = message["aid"]
         actor = self.hosted.get(aid)
         if actor is None:
             if self.node.remote is not None:
-                self.node.remote.actors.kill(message)
+                self.node.remote.actors.kill(message, cause)
             return
+        if actor.dead:
+            return  # its death cause stays
         if message.get("no_restart", True):
             actor.no_restart = True
-            actor.death_cause = "it was killed with kill()"
+            actor.death_cause = cause or "it was killed with kill()"
             # its resources are free from now on (its worker is killed below), so an actor or
             # task created right after kill() gets them; the worker's death releases nothing more
             self.release_resources(actor)
         if actor.worker is not None:
             actor.worker.kill()
+        elif actor.no_restart:  # its worker has not started yet: it dies now
+            self.on_worker_died(actor)
+
+    def reclaim(self, aid: bytes) -> None:
+        """Nothing holds the actor this node owns any more (refcount.py): no handle is left
+        and every call made through one is done, so it ends for good, here or on its host."""
+        actor = self.hosted.get(aid)
+        if actor is not None and actor.dead:
+            return
+        self.node.stats["actors_reclaimed"] += 1
+        self.kill({"aid": aid, "no_restart": True}, None, RECLAIMED)
 
     def kill_orphans(self, owner: str) -> int:
         """Actors hosted here whose creator `owner` is gone die with it, unless detached."""
@@ -390,7 +424,12 @@ class ActorHost:
         aid = self.named.get(key)
         if aid is not None:
             actor = self.hosted[aid]
-            return {"aid": aid, "node": node.node_id, "meta": actor.opts.get("meta")}
+            return {
+                "aid": aid,
+                "node": node.node_id,
+                "meta": actor.opts.get("meta"),
+                **self.ownership(actor),
+            }
         if node.remote is not None:
             found = await node.remote.names.lookup(*key)
             if found is not None:
@@ -398,6 +437,14 @@ class ActorHost:
         return {
             "error": error_blob(ValueError(f"no actor named {key[1]!r} in namespace {key[0]!r}"))
         }
+
+    @staticmethod
+    def ownership(actor: HostedActor) -> dict:
+        """Who counts the handles of a hosted actor, for a handle found by name: its owner
+        node, or ``detached`` (not counted)."""
+        if actor.opts.get("lifetime") == "detached":
+            return {"detached": True}
+        return {"owner": actor.msg.get("owner", "")}
 
     def hosted_meta(self, namespace: str, name: str, aid: bytes) -> Any:
         """The method table of the named actor ``aid`` hosted here (None if it is not)."""

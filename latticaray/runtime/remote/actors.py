@@ -391,8 +391,9 @@ class OwnedActors:
         rec.remote_peer = None
         return False
 
-    def kill(self, message: dict) -> None:
-        """Kill an actor hosted elsewhere (its host is told; one still waiting dies here)."""
+    def kill(self, message: dict, cause: str | None = None) -> None:
+        """Kill an actor hosted elsewhere (its host is told; one still waiting dies here);
+        ``cause``: why, when not a kill() (an owned actor reclaimed: no handle is left)."""
         aid = message["aid"]
         no_restart = message.get("no_restart", True)
         if no_restart:
@@ -400,8 +401,13 @@ class OwnedActors:
         owned = self.owned.get(aid)
         host = self.location.get(aid) or message.get("anode")
         if owned is not None and no_restart:
-            owned.dead_cause = "it was killed with kill()"
+            if owned.dead_cause is not None:
+                return  # dead already
+            owned.dead_cause = cause or "it was killed with kill()"
+            opts = owned.message["opts"]
+            if opts.get("name"):  # this node's claim on its name goes (the host's too)
+                self.remote.names.release(opts.get("namespace") or "default", opts["name"], aid)
             if host == self.node_id:  # never created: it was waiting for DHT capacity ads
                 self.fail_calls(aid, owned.dead_cause)
                 return
-        self.remote.caller.send(host, KillActor(aid, bool(no_restart)))
+        self.remote.caller.send(host, KillActor(aid, bool(no_restart), cause))

@@ -7,6 +7,7 @@ the callables it is given. See names.py for who the arbiter of a name is and how
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +27,15 @@ from latticaray.runtime.remote.wire import (
     NamesRequest,
 )
 
+#: released actors remembered so that a copy of their record a view still carries is not merged
+#: back (the oldest are forgotten first)
+RELEASED_MEMORY = 4096
+
 
 class NameArbiterCore:
     """The records of the names this node arbitrates, by (namespace, name). A record whose
-    holder is gone is dropped when read. Requests in, replies out (`/latticaray/names/1`)."""
+    holder is gone is dropped when read; a released one is not taken back from a view that
+    still carries a copy of it. Requests in, replies out (`/latticaray/names/1`)."""
 
     def __init__(
         self,
@@ -41,6 +47,7 @@ class NameArbiterCore:
         self.is_alive = is_alive  # a peer's liveness; None for a node this one never met
         self.hosted_meta = hosted_meta  # (namespace, name, aid) -> method table hosted here
         self.records: dict[tuple[str, str], NameRecord] = {}
+        self.released: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def handle(self, request: NamesRequest, caller: str) -> NamesReply:
         """One request: claim, lookup, release, placed, moved, hosted."""
@@ -69,7 +76,7 @@ class NameArbiterCore:
             return NameHostedReply(self.hosted_meta(request.ns, request.name, request.aid))
         if record is not None and record.aid == request.aid:
             if isinstance(request, NameRelease):
-                del self.records[key]
+                self.forget(request.ns, request.name, request.aid)
             elif isinstance(request, NamePlaced):
                 self.records[key] = dataclasses.replace(record, node=request.node, pending=False)
             else:  # NameMoved
@@ -96,7 +103,18 @@ class NameArbiterCore:
     def merge(self, records: list[tuple[str, str, NameRecord]]) -> None:
         """Records a peer's view carried: kept where this node has none of its own."""
         for ns, name, rec in records:
-            self.records.setdefault((ns, name), rec)
+            if rec.aid not in self.released:
+                self.records.setdefault((ns, name), rec)
+
+    def forget(self, namespace: str, name: str, aid: bytes) -> None:
+        """The actor ``aid`` gave its name back: its record (this node's copy, if it is not
+        the arbiter) goes, and copies views still carry are not merged back."""
+        record = self.records.get((namespace, name))
+        if record is not None and record.aid == aid:
+            del self.records[(namespace, name)]
+        self.released[aid] = None
+        if len(self.released) > RELEASED_MEMORY:
+            self.released.popitem(last=False)
 
     def moved(self, namespace: str, name: str, aid: bytes, host: str) -> None:
         record = self.records.get((namespace, name))

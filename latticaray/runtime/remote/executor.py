@@ -388,7 +388,9 @@ class Executor:
                 seen.acked(message.tid, message.n)
             node.streams.consumed(message.tid, message.n)
         elif isinstance(message, KillActor):
-            node.actors.kill({"aid": message.aid, "no_restart": message.no_restart}, client)
+            node.actors.kill(
+                {"aid": message.aid, "no_restart": message.no_restart}, client, message.cause
+            )
         elif isinstance(message, RefsHeld):  # the caller counts the refs inside results now
             node.refs.held(message.tid, client.node_id)
         elif isinstance(message, ResultsFetched):  # the caller has its own copies now

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError, RpcError
@@ -127,10 +128,13 @@ class Membership:
         return peer if peer is not None and peer.alive else None
 
     # ------------------------------------------------------------------ admission
-    async def join(self, addr: str) -> None:
+    async def join(self, addr: str, connecting: Awaitable[Any] | None = None) -> None:
         """Connect to a bootstrap member and be admitted; a refused credential raises
-        CredentialError (an unreachable peer raises MeshError)."""
-        peer = await self.mesh.connect(addr, timeout=10.0)
+        CredentialError (an unreachable peer raises MeshError). ``connecting``: the dial to
+        ``addr`` already under way (it gives the peer ID), awaited instead of a new one."""
+        if connecting is None:
+            connecting = self.mesh.connect(addr, timeout=10.0)
+        peer = await connecting
         await self.admit_with(peer, refresh=True, refused=True)
 
     async def admit_with(self, peer_id: Any, refresh: bool = False, refused: bool = False) -> None:

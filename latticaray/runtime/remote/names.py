@@ -56,14 +56,20 @@ NAME_SETTLE_S = 5.0  # ... past its creator's wait by this much (for the news to
 
 
 def found_record(record: NameRecord) -> dict:
-    """A name's arbiter record as a lookup answers it."""
-    return {
+    """A name's arbiter record as a lookup answers it (``owner``: the node counting the
+    actor's handles, unless it is ``detached``)."""
+    found = {
         "aid": record.aid,
         "node": record.node,
         "meta": record.meta,
         "pending": record.pending,
         "wait_s": record.wait_s,
     }
+    if record.detached:
+        found["detached"] = True
+    else:
+        found["owner"] = record.owner
+    return found
 
 
 class NameService:
@@ -309,6 +315,7 @@ class NameService:
 
     def release(self, namespace: str, name: str, aid: bytes, arbiter: str | None = None) -> None:
         """Give the name back (the actor died, or its creation failed)."""
+        self.arbiter.forget(namespace, name, aid)  # a copy here would travel in views
         state = self.remote.state
         if state is not None:
             try:

@@ -15,6 +15,7 @@ if (typeof Promise.withResolvers !== 'function') {
   }
 }
 
+import { createHash } from 'node:crypto'
 import { createInterface } from 'node:readline'
 import { createLibp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
@@ -23,7 +24,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { quic } from '@chainsafe/libp2p-quic'
 import { identify, identifyPush } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
-import { circuitRelayServer } from '@libp2p/circuit-relay-v2'
+import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
 import { peerIdFromString } from '@libp2p/peer-id'
@@ -41,7 +42,7 @@ const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
 
 const libp2p = await createLibp2p({
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1'] },
-  transports: [tcp(), quic()],
+  transports: [tcp(), quic(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   connectionGater: { denyDialMultiaddr: () => false },
@@ -102,11 +103,58 @@ const commands = {
       remoteAddr: c.remoteAddr.toString(),
       encryption: c.encryption,
       multiplexer: c.multiplexer,
-      direction: c.direction
+      direction: c.direction,
+      limited: c.limits != null,
+      status: c.status
     }))
   },
-  async ping ({ addr }) {
-    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal() })
+  // dial addr, then ping its peer on one /ipfs/ping/1.0.0 stream of that connection (also
+  // when it is a limited, relayed one) up to count times; stops at the first failure
+  async pingMany ({ addr, count }) {
+    let done = 0
+    try {
+      const conn = await libp2p.dial(multiaddr(addr), { signal: signal() })
+      const stream = await conn.newStream('/ipfs/ping/1.0.0', { runOnLimitedConnection: true, signal: signal() })
+      const source = stream.source[Symbol.asyncIterator]()
+      let buffered = new Uint8Array(0)
+      const readN = async (n) => {
+        while (buffered.length < n) {
+          const { value, done: ended } = await source.next()
+          if (ended) throw new Error('ping stream ended')
+          buffered = Buffer.concat([buffered, value.subarray()])
+        }
+        const out = buffered.subarray(0, n)
+        buffered = buffered.subarray(n)
+        return out
+      }
+      await stream.sink((async function * () {
+        for (; done < count; done++) {
+          const data = crypto.getRandomValues(new Uint8Array(32))
+          yield data
+          const echo = await readN(32)
+          if (Buffer.compare(Buffer.from(echo), Buffer.from(data)) !== 0) throw new Error('bad ping echo')
+        }
+      })())
+      await stream.close()
+    } catch (err) {
+      return { done, error: `${err.name}: ${err.message}` }
+    }
+    return { done, error: null }
+  },
+  // circuit relay v2 client: reserve a slot on the relay at addr (.../p2p/RELAY); returns this
+  // peer's circuit addresses once the reservation is held
+  async reserve ({ addr }) {
+    await libp2p.components.transportManager.listen([multiaddr(addr + '/p2p-circuit')])
+    return libp2p.getMultiaddrs().map(String).filter(a => a.includes('/p2p-circuit'))
+  },
+  // what the relay server carries now: reserved peers
+  async relayReservations () {
+    return [...libp2p.services.relay.reservations.keys()].map(String)
+  },
+  // force: a new connection to addr even if one to its peer exists (e.g. a relayed path
+  // beside a direct one)
+  async ping ({ addr, force }) {
+    return await libp2p.services.ping.ping(multiaddr(addr), { signal: signal(), force: force === true })
   },
   async identify ({ peer }) {
     const conn = libp2p.getConnections(peerIdFromString(peer))[0]
@@ -167,12 +215,19 @@ const commands = {
     await helia.blockstore.put(cid, bytes)
     return cid.toString()
   },
+  // bytes under a CID the caller names (a DAG-CBOR node, or a wrong block for a test): the
+  // memory blockstore stores what it is given
+  async blockPutAs ({ cid, data }) {
+    await helia.blockstore.put(CID.parse(cid), fromB64(data))
+    return true
+  },
   async blockHas ({ cid }) {
     return await helia.blockstore.has(CID.parse(cid))
   },
-  async blockGet ({ cid }) {
+  async blockGet ({ cid, timeoutMs }) {
     const started = performance.now()
-    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: signal() })
+    const wait = timeoutMs ? AbortSignal.timeout(timeoutMs) : signal()
+    const bytes = await helia.blockstore.get(CID.parse(cid), { signal: wait })
     return { data: b64(bytes), ms: performance.now() - started }
   },
   async blockGetSize ({ cid }) {
@@ -192,13 +247,20 @@ const commands = {
     }
     return cids
   },
+  // every block (Helia verifies each against its CID); sha256: the hex SHA-256 of the blocks
+  // concatenated in the order given (what a reader of the whole object would hold)
   async blockGetMany ({ cids }) {
     const started = performance.now()
-    const sizes = await Promise.all(cids.map(async (c) => {
-      const bytes = await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
-      return bytes.length
+    const blocks = await Promise.all(cids.map(async (c) => {
+      return await helia.blockstore.get(CID.parse(c), { signal: AbortSignal.timeout(120000) })
     }))
-    return { bytes: sizes.reduce((a, b) => a + b, 0), ms: performance.now() - started }
+    const hash = createHash('sha256')
+    for (const b of blocks) hash.update(b)
+    return {
+      bytes: blocks.reduce((a, b) => a + b.length, 0),
+      ms: performance.now() - started,
+      sha256: hash.digest('hex')
+    }
   },
   async quit () {
     setImmediate(shutdown)

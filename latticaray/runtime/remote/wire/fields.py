@@ -205,12 +205,17 @@ def is_amounts(value: object) -> bool:
     )
 
 
+def is_counted_id(value: object) -> bool:
+    """What reference counts name: an object's id, or an actor's (its handles are counted)."""
+    return type(value) is bytes and (len(value) == OBJECT_ID_LEN or len(value) == TASK_ID_LEN)
+
+
 def is_ref(ref: object) -> bool:
+    """``[object or actor id, owner node]``: a ref, or an actor handle, inside a value."""
     return (
         type(ref) is list
         and len(ref) == 2
-        and type(ref[0]) is bytes
-        and len(ref[0]) == OBJECT_ID_LEN
+        and is_counted_id(ref[0])
         and type(ref[1]) is str
         and len(ref[1]) <= MAX_NODE_ID
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from latticaray.runtime.ids import OBJECT_ID_LEN
-
 from .fields import (
     BORROW,
     MAX_CONTROL_MESSAGE,
@@ -15,6 +13,7 @@ from .fields import (
     Message,
     WireError,
     checked,
+    is_counted_id,
     unpack_map,
 )
 
@@ -29,8 +28,7 @@ def _ops(value: object) -> bool:
             and len(op) == 2
             and (op[0] == BORROW or op[0] == UNBORROW)
             and type(op[0]) is int
-            and type(op[1]) is bytes
-            and len(op[1]) == OBJECT_ID_LEN
+            and is_counted_id(op[1])
             for op in value
         )
     )
@@ -38,8 +36,9 @@ def _ops(value: object) -> bool:
 
 @dataclass(slots=True, frozen=True)
 class RefOps(Message):
-    """Borrow (`BORROW`) and unborrow (`UNBORROW`) registrations at an object's owner, in the
-    order the borrower made them (at most `MAX_REF_OPS`). The reply is empty (no bytes)."""
+    """Borrow (`BORROW`) and unborrow (`UNBORROW`) registrations at an object's (or an actor
+    handle's: an actor id) owner, in the order the borrower made them (at most `MAX_REF_OPS`).
+    The reply is empty (no bytes)."""
 
     ops: list[list[Any]]
 
@@ -51,4 +50,4 @@ def decode_ref(data: bytes) -> RefOps:
     if len(data) > MAX_CONTROL_MESSAGE:
         raise WireError(f"reference update of {len(data)} bytes exceeds {MAX_CONTROL_MESSAGE}")
     m = unpack_map(data, "reference update")
-    return RefOps(checked(m, "ops", "reference update", _ops, "[[0|1, object id], ...]"))
+    return RefOps(checked(m, "ops", "reference update", _ops, "[[0|1, object or actor id], ...]"))

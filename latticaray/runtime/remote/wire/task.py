@@ -38,12 +38,16 @@ from .fields import (
     field_int,
     field_map,
     field_opt_bin,
+    field_opt_str,
     field_refs,
     field_str,
     is_amounts,
     is_ref,
     unpack_map,
 )
+
+#: the longest death cause a `kill` carries
+MAX_KILL_CAUSE: Final = 512
 
 
 # =========================================================================== /latticaray/task/1
@@ -287,18 +291,27 @@ class RefsHeld(Message):
 
 @dataclass(slots=True, frozen=True)
 class KillActor(Message):
-    """``kill``: kill a hosted actor (``no_restart``: for good)."""
+    """``kill``: kill a hosted actor (``no_restart``: for good; ``cause``: why, when it is not
+    a kill() call, e.g. its owner reclaimed it: no handle is left)."""
 
     KIND: ClassVar[str] = "kill"
     aid: bytes
     no_restart: bool
+    cause: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"k": "kill", "aid": self.aid, "no_restart": self.no_restart}
+        out: dict[str, Any] = {"k": "kill", "aid": self.aid, "no_restart": self.no_restart}
+        if self.cause is not None:
+            out["cause"] = self.cause
+        return out
 
     @classmethod
     def from_wire(cls, m: dict[Any, Any]) -> KillActor:
-        return cls(field_id(m, "aid", "kill"), field_flag(m, "no_restart", "kill", True))
+        return cls(
+            field_id(m, "aid", "kill"),
+            field_flag(m, "no_restart", "kill", True),
+            field_opt_str(m, "cause", "kill", MAX_KILL_CAUSE),
+        )
 
 
 def _cid_list(value: object) -> bool:
