@@ -204,7 +204,11 @@ class ResourceLedger:
         :func:`normalize` (as every ``PlacementRequest.resources`` has)."""
         if not normalized:
             demand = normalize(demand)
-        return all(self._total_units.get(k, 0) >= _units(v) for k, v in demand.items())
+        total = self._total_units
+        for k, v in demand.items():
+            if total.get(k, 0) < round(v * GRANULARITY):  # _units, inlined: a hot path
+                return False
+        return True
 
     def missing(self, demand: Mapping[str, float], *, normalized: bool = False) -> dict[str, float]:
         """What is short right now for ``demand`` (empty when :meth:`acquire` would succeed)."""
