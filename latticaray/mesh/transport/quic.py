@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -258,7 +259,7 @@ class QuicTransport:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
-        backend = self._backend_for(remote[0])
+        backend, primed = self._backend_for(remote[0])
         # the libraries only read their configuration: connections alike share one
         key = (backend.name, is_client, size)
         configuration = self._configurations.get(key)
@@ -268,7 +269,7 @@ class QuicTransport:
             )
         quic = backend.connection(
             configuration=configuration,
-            config=cfg,
+            config=dataclasses.replace(cfg, redundancy_from_start=True) if primed else cfg,
             original_dcid=original_dcid,
             retry_scid=retry_scid,
             pmtu=self._pmtu_search(remote, size),
@@ -277,33 +278,43 @@ class QuicTransport:
             quic.disable_pacing()
         return quic
 
-    def _backend_for(self, host: str) -> QuicBackend:
-        """aioquic for a host whose path lost packets lately (backend "auto"), else the
-        transport's backend."""
+    def _backend_for(self, host: str) -> tuple[QuicBackend, bool]:
+        """The backend of a new connection to ``host``, and whether it sends datagram copies
+        from its first datagram. A host whose path lost packets lately gets qh3 connections
+        that do (``loss_redundancy``) or, with copies switched off and backend "auto", aioquic
+        (its loss-tolerant "bdp" controller); other hosts the transport's backend."""
         until = self._lossy.get(host)
-        if until is not None:
-            if until > now():
-                try:
-                    return load_backend("aioquic")
-                except ImportError:
-                    pass
-            else:
-                del self._lossy[host]
-        return self.backend
+        if until is not None and until <= now():
+            del self._lossy[host]
+            until = None
+        if until is None:
+            return self.backend, False
+        if self.backend.name == "qh3" and self.config.loss_redundancy:
+            return self.backend, True
+        if self.config.backend == "auto":
+            try:
+                return load_backend("aioquic"), False
+            except ImportError:
+                pass
+        return self.backend, False
 
     def _note_path_loss(self, conn: QuicConn) -> None:
-        """Mark the peer's host lossy when this qh3 connection lost enough of its packets."""
+        """Mark the peer's host lossy when this qh3 connection lost enough of its packets or
+        sends copies of its datagrams (it measured random loss)."""
         cfg = self.config
         stats = conn.loss_stats()
-        if cfg.backend != "auto" or stats is None:
+        if stats is None:
             return
         lost, sent = stats
-        if lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent:
+        if conn.conceals_loss() or (
+            lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent
+        ):
             host = conn.addr[0]
             if host not in self._lossy:
                 self.stats["lossy_paths"] += 1
                 log.info(
-                    "QUIC: %d of ~%d packets to %s lost; its next connections use aioquic",
+                    "QUIC: %d of ~%d packets to %s lost; its next connections are made for a "
+                    "lossy path",
                     lost,
                     sent,
                     host,
