@@ -599,6 +599,7 @@ def init(
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
     ipfs: bool = False,
+    object_store_memory: int | None = None,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -617,6 +618,12 @@ def init(
     `ipfs=True` (a mesh node; off by default) lets IPFS peers (kubo, Helia) fetch the objects
     this node shares with `latticaray.util.ipfs.share(ref)` over Bitswap 1.2.0, announced in the
     DHT; nothing that is not shared is served to non-members.
+
+    `object_store_memory` (bytes, as in Ray): this node's object store capacity in memory (default:
+    a share of the machine's memory; `latticaray start --object-store-memory` for a node
+    process). Objects that do not fit beside the others are spilled to disk, least recently used
+    first; a single value larger than the whole store is kept in its owner's process memory
+    instead (no disk-backed fallback allocation yet).
     """
     global _runtime
     began = time.monotonic()
@@ -630,8 +637,21 @@ def init(
             )
         if context.current_core() is not None:
             raise RuntimeError("init() cannot be called inside a task or actor")
+        if object_store_memory is not None and (
+            isinstance(object_store_memory, bool)
+            or not isinstance(object_store_memory, int)
+            or object_store_memory <= 0
+        ):
+            raise ValueError(
+                f"object_store_memory is a positive number of bytes, not {object_store_memory!r}"
+            )
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address:
+            if object_store_memory is not None:
+                raise ValueError(
+                    "object_store_memory is an option of the node, not of a driver attaching to "
+                    "it: start that node with `latticaray start --object-store-memory BYTES`"
+                )
             if ipfs:
                 raise ValueError(
                     "ipfs=True is an option of the node, not of a driver attaching to it: start "
@@ -667,7 +687,13 @@ def init(
         from latticaray.runtime.node import RuntimeNode
 
         def make_node():
-            return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
+            return RuntimeNode(
+                node_id,
+                total,
+                max_workers=_max_workers,
+                gpu_ids=list(gpus.ids),
+                store_capacity=object_store_memory,
+            )
 
         prepared = time.monotonic() - began
         try:

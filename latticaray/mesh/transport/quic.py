@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import dataclasses
 import ipaddress
 import logging
 import operator
@@ -266,7 +267,7 @@ class QuicTransport:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
-        backend = self._backend_for(remote[0])
+        backend, primed = self._backend_for(remote[0])
         # the libraries only read their configuration: connections alike share one
         key = (backend.name, is_client, size)
         configuration = self._configurations.get(key)
@@ -276,7 +277,7 @@ class QuicTransport:
             )
         quic = backend.connection(
             configuration=configuration,
-            config=cfg,
+            config=dataclasses.replace(cfg, redundancy_from_start=True) if primed else cfg,
             original_dcid=original_dcid,
             retry_scid=retry_scid,
             pmtu=self._pmtu_search(remote, size),
@@ -285,33 +286,43 @@ class QuicTransport:
             quic.disable_pacing()
         return quic
 
-    def _backend_for(self, host: str) -> QuicBackend:
-        """aioquic for a host whose path lost packets lately (backend "auto"), else the
-        transport's backend."""
+    def _backend_for(self, host: str) -> tuple[QuicBackend, bool]:
+        """The backend of a new connection to ``host``, and whether it sends datagram copies
+        from its first datagram. A host whose path lost packets lately gets qh3 connections
+        that do (``loss_redundancy``) or, with copies switched off and backend "auto", aioquic
+        (its loss-tolerant "bdp" controller); other hosts the transport's backend."""
         until = self._lossy.get(host)
-        if until is not None:
-            if until > now():
-                try:
-                    return load_backend("aioquic")
-                except ImportError:
-                    pass
-            else:
-                del self._lossy[host]
-        return self.backend
+        if until is not None and until <= now():
+            del self._lossy[host]
+            until = None
+        if until is None:
+            return self.backend, False
+        if self.backend.name == "qh3" and self.config.loss_redundancy:
+            return self.backend, True
+        if self.config.backend == "auto":
+            try:
+                return load_backend("aioquic"), False
+            except ImportError:
+                pass
+        return self.backend, False
 
     def _note_path_loss(self, conn: QuicConn) -> None:
-        """Mark the peer's host lossy when this qh3 connection lost enough of its packets."""
+        """Mark the peer's host lossy when this qh3 connection lost enough of its packets or
+        sends copies of its datagrams (it measured random loss)."""
         cfg = self.config
         stats = conn.loss_stats()
-        if cfg.backend != "auto" or stats is None:
+        if stats is None:
             return
         lost, sent = stats
-        if lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent:
+        if conn.conceals_loss() or (
+            lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent
+        ):
             host = conn.addr[0]
             if host not in self._lossy:
                 self.stats["lossy_paths"] += 1
                 log.info(
-                    "QUIC: %d of ~%d packets to %s lost; its next connections use aioquic",
+                    "QUIC: %d of ~%d packets to %s lost; its next connections are made for a "
+                    "lossy path",
                     lost,
                     sent,
                     host,
@@ -423,16 +434,21 @@ class QuicTransport:
             return None
         dcid = header.destination_cid
         original_dcid, retry_scid = dcid, None
+        validated = False
         if header.token:
+            # a token we cannot validate is treated as no token (RFC 9000 8.1.3): it may be a
+            # NEW_TOKEN token another server gave the client; libp2p clients use one server
+            # name for every peer, so quinn (js-libp2p, rust-libp2p) offers another peer's
+            # tokens to us. Dropping such an Initial would fail every dial of theirs until
+            # their token store runs dry.
             try:
                 original_dcid = self._retry().validate_token(
                     address=addr, destination_cid=dcid, token=header.token, now=now()
                 )
+                retry_scid, validated = dcid, True
             except ValueError:
                 self.stats["retry_token_invalid"] += 1
-                return None
-            retry_scid = dcid
-        elif pending >= self.config.retry_when_pending_handshakes:
+        if not validated and pending >= self.config.retry_when_pending_handshakes:
             retry_cid = os.urandom(CONNECTION_ID_LENGTH)
             self._sendto(
                 encode_quic_retry(
