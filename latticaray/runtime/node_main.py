@@ -84,10 +84,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
-        default="full",
-        help="full: admit every member connected or introduced; sparse: admit "
-        "peers only through bootstrap, placement (DHT capacity ads) or "
-        "when they ask",
+        default="sparse",
+        help="sparse (the default): admit peers only through bootstrap, placement (DHT "
+        "capacity ads), objects and named actors, or when they ask, and keep live views of "
+        "at most a few dozen (the least recently used peer nothing depends on is evicted); "
+        "full: admit every member connected or introduced (idle cost grows with N^2)",
     )
     parser.add_argument(
         "--capacity-wait",

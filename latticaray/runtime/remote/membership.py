@@ -56,6 +56,7 @@ from latticaray.runtime.remote.wire import (
     decode_view,
 )
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
+from latticaray.state.members import Liveness
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.caller import PeerSessions
@@ -72,6 +73,15 @@ MAX_LEFT = 4096  # departed processes remembered, so their late views are not ta
 MAX_INTRODUCED_ADDRS = 8
 RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
 RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
+#: Sparse peering: the live views a node keeps (its neighbourhood) before it evicts the least
+#: recently used peer it has no stake in (see Membership.pinned).
+MAX_NEIGHBOURS = 32
+#: A view from a peer this node dropped that arrives this soon after was already on its way.
+DROP_GRACE = 2.0
+#: A peer that goes on pushing views after we dropped it needs us (its bootstrap, its actors'
+#: host, ...): it is kept this long before it may be evicted again.
+DROP_HOLD = 60.0
+MAX_DROPPED = 4096
 
 
 class Peer:
@@ -86,6 +96,8 @@ class Peer:
         #: a view came since it last lost its connection (it is the same process: work may go)
         self.confirmed = True
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
+        self.last_used = time.monotonic()  # admitted, or last picked for work (sparse eviction)
+        self.hold_until = 0.0  # not evicted before (it came back after we dropped it)
 
 
 class Membership:
@@ -111,6 +123,11 @@ class Membership:
         #: pushed before its `bye` may arrive after it (another stream) and must not admit it
         #: again; a new process under the same peer id (a new incarnation) is welcome.
         self._left: OrderedDict[str, bytes | None] = OrderedDict()
+        #: Sparse peering: at most this many live views kept (see `trim`); the bootstrap
+        #: peers this node joined through are never evicted; peers dropped, and when.
+        self.max_neighbours = MAX_NEIGHBOURS
+        self.bootstrap_ids: set[str] = set()
+        self._dropped: OrderedDict[str, float] = OrderedDict()
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -123,14 +140,20 @@ class Membership:
         return peer is not None and peer.alive
 
     def alive_peer(self, node_id: str | None) -> Peer | None:
+        """The live peer, if admitted; asking for it to use it (work, objects, refs) marks it
+        as recently used (the neighbourhood evicts the least recently used first)."""
         peer = self.peers.get(node_id) if node_id is not None else None
-        return peer if peer is not None and peer.alive else None
+        if peer is None or not peer.alive:
+            return None
+        peer.last_used = time.monotonic()
+        return peer
 
     # ------------------------------------------------------------------ admission
     async def join(self, addr: str) -> None:
         """Connect to a bootstrap member and be admitted; a refused credential raises
         CredentialError (an unreachable peer raises MeshError)."""
         peer = await self.mesh.connect(addr, timeout=10.0)
+        self.bootstrap_ids.add(str(peer))
         await self.admit_with(peer, refresh=True, refused=True)
 
     async def admit_with(self, peer_id: Any, refresh: bool = False, refused: bool = False) -> None:
@@ -353,7 +376,102 @@ class Membership:
                 node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
             )
             self.spawn(self._push_view(peer))
+            if self.remote.sparse:
+                self.trim(keep=node_id)
         return peer
+
+    # ------------------------------------------------------------------ the neighbourhood
+    def pinned(self, node_id: str) -> str | None:
+        """Why a live peer must stay in the neighbourhood (this node has a stake in its
+        liveness), or None: it is a bootstrap peer of ours, our task sessions to it carry work,
+        it runs work for us or we for it, it hosts our actors or we host its, it borrows our
+        objects or we its, it holds bundles of our placement groups, or it came back after we
+        dropped it (it needs us) less than DROP_HOLD s ago."""
+        if node_id in self.bootstrap_ids:
+            return "bootstrap"
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return None
+        if peer.hold_until > time.monotonic():
+            return "it needs us"
+        link = peer.link
+        if link is not None and (link.inflight or link.creating or link.held or link.suspended):
+            return "our work on it"
+        remote = self.remote
+        caller = remote.dedup.callers.get(node_id)
+        if caller is not None and caller.running:
+            return "its work here"
+        if any(actor.host == node_id for actor in remote.actors.owned.values()):
+            return "hosts our actors"
+        node = remote.node
+        if node.actors.hosts_for(node_id):
+            return "we host its actors"
+        refs = node.refs
+        if node_id in refs.owners.values() or any(node_id in b for b in refs.borrowers.values()):
+            return "shares objects with us"
+        if node_id in node.resources.nodes_in_use():
+            return "holds our placement groups' bundles"
+        return None
+
+    def trim(self, keep: str | None = None) -> None:
+        """Sparse peering: while more than `max_neighbours` peers are live, evict the least
+        recently used one this node has no stake in (`pinned`); ``keep`` (just admitted) stays.
+        Pinned peers may hold the neighbourhood above the bound: a node does not cut off a
+        peer its work depends on."""
+        alive = [p for p in self.peers.values() if p.alive]
+        excess = len(alive) - self.max_neighbours
+        if excess <= 0:
+            return
+        for peer in sorted(alive, key=lambda p: p.last_used):
+            if excess <= 0:
+                break
+            if peer.node_id == keep or self.pinned(peer.node_id) is not None:
+                continue
+            self.evict(peer)
+            excess -= 1
+        if excess > 0:
+            self.remote.stats["neighbourhood_over"] += 1
+
+    def evict(self, peer: Peer, notify: bool = True) -> None:
+        """Take a live peer out of the neighbourhood: no more views to it, no liveness watch
+        over it, out of the placement snapshot. It stays a member (nothing of its work is
+        settled as if it were gone) and is admitted again when needed. ``notify``: tell it
+        (a `drop` view), so it stops pushing views here unless it has a stake in us."""
+        node_id = peer.node_id
+        if self.peers.get(node_id) is not peer or not peer.alive:
+            return
+        del self.peers[node_id]
+        peer.alive = False
+        self.liveness.unwatch(node_id)
+        self.snapshot.remove_node(node_id)
+        if peer.link is not None:
+            peer.link.cancel_sessions()
+        self._dropped[node_id] = time.monotonic()
+        self._dropped.move_to_end(node_id)
+        while len(self._dropped) > MAX_DROPPED:
+            self._dropped.popitem(last=False)
+        self.remote.stats["peers_evicted"] += 1
+        log.debug("peer %s left this node's neighbourhood", node_id)
+        if notify and self.mesh.connection_to(peer.peer_id) is not None:
+            self.spawn(self._send_drop(peer))
+
+    async def _send_drop(self, peer: Peer) -> None:
+        try:
+            await self.mesh.call(
+                peer.peer_id, VIEW_PROTOCOL, self._view_payload(drop=True), timeout=VIEW_TIMEOUT
+            )
+        except (RpcError, MeshError) as exc:
+            log.debug("drop notice to %s: %s", peer.node_id, exc)
+
+    def neighbourhood(self) -> dict[str, Any]:
+        """The live peers, the bound, and why each pinned one is pinned (for state reports)."""
+        alive = self.alive_peers()
+        return {
+            "size": len(alive),
+            "max": self.max_neighbours if self.remote.sparse else None,
+            "pinned": {n: why for n in alive if (why := self.pinned(n)) is not None},
+            "evicted": self.remote.stats["peers_evicted"],
+        }
 
     # ------------------------------------------------------------------ views
     def node_view(self) -> NodeView:
@@ -368,7 +486,7 @@ class Membership:
             ad_time=time.monotonic(),
         )
 
-    def _view_payload(self, bye: bool = False) -> bytes:
+    def _view_payload(self, bye: bool = False, drop: bool = False) -> bytes:
         view = self.node_view()
         peers = {}
         for peer in self.peers.values():
@@ -383,6 +501,7 @@ class Membership:
             self.remote.names.shared_records(),
             self.incarnation,
             bye,
+            drop,
         ).encode()
 
     def _publish_member(self, now: float) -> None:
@@ -569,6 +688,18 @@ class Membership:
                 self.peer_gone(node_id, "left the mesh")
             self.liveness.unwatch(node_id)  # not redialed
             return b""
+        if view.drop:  # it took us out of its neighbourhood
+            if peer is not None and peer.alive and self.pinned(node_id) is None:
+                self.evict(peer, notify=False)
+            return b""  # else we keep it (and our views tell it we need it)
+        dropped_at = self._dropped.get(node_id)
+        if dropped_at is not None and (peer is None or not peer.alive):
+            if time.monotonic() - dropped_at < DROP_GRACE:
+                return b""  # pushed before it heard of the drop
+            del self._dropped[node_id]
+            # it goes on pushing views after we dropped it: it needs us; kept a while
+            peer = self.add_peer(node_id, ctx.peer_id)
+            peer.hold_until = time.monotonic() + DROP_HOLD
         if node_id in self._left:
             if self._left[node_id] == view.inc:
                 self.remote.stats["late_views_ignored"] += 1
@@ -660,8 +791,33 @@ class Membership:
         remote.caller.peer_gone(peer)
         remote.actors.peer_gone(node_id)
 
+    def beyond_neighbourhood(self) -> list[tuple[str, bool, dict, dict]]:
+        """The members this node keeps no peer entry for (a sparse node does not know everyone
+        first-hand), from the CRDT `members` collection: (node id, alive by its heartbeat
+        age, resources total, available as last published)."""
+        state = self.remote.state
+        if state is None:
+            return []
+        members = state.members
+        out = []
+        for info in members.all():
+            node_id = str(info.peer_id)
+            if node_id == self.node_id or node_id in self.peers:
+                continue
+            alive = members.liveness(node_id) is not Liveness.DEAD
+            out.append(
+                (
+                    node_id,
+                    alive,
+                    dict(info.resources_total),
+                    dict(info.resources_available) if alive else {},
+                )
+            )
+        return out
+
     def nodes(self) -> list[dict]:
-        """The `nodes()` table: this node and every peer whose view has arrived."""
+        """The `nodes()` table: this node, every peer whose view has arrived, and the other
+        members the CRDT `members` collection knows (beyond a sparse node's neighbourhood)."""
         out = [self.remote.node.local_view()]
         for node_id, peer in self.peers.items():
             view = peer.view
@@ -675,4 +831,6 @@ class Membership:
                     "Available": dict(view.avail) if peer.alive else {},
                 }
             )
+        for node_id, alive, total, avail in self.beyond_neighbourhood():
+            out.append({"NodeID": node_id, "Alive": alive, "Resources": total, "Available": avail})
         return out

@@ -112,7 +112,8 @@ class RuntimeView(Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
     and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
     ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
-    ``bye``: it is leaving the mesh (sent as it stops)."""
+    ``bye``: it is leaving the mesh (sent as it stops); ``drop``: it stays a member but takes the
+    receiver out of its neighbourhood (sparse peering: it stops pushing views to it)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -122,6 +123,7 @@ class RuntimeView(Message):
     names: list[tuple[str, str, NameRecord]]
     inc: bytes | None = None
     bye: bool = False
+    drop: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -136,6 +138,8 @@ class RuntimeView(Message):
             m["inc"] = self.inc
         if self.bye:
             m["bye"] = True
+        if self.drop:
+            m["drop"] = True
         return m
 
 
@@ -166,4 +170,5 @@ def decode_view(data: bytes) -> RuntimeView:
         records,
         field_opt_bin(m, "inc", where, MAX_INCARNATION),
         field_flag(m, "bye", where, False),
+        field_flag(m, "drop", where, False),
     )
