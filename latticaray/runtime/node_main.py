@@ -91,6 +91,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "full: admit every member connected or introduced (idle cost grows with N^2)",
     )
     parser.add_argument(
+        "--max-neighbours",
+        type=int,
+        default=None,
+        help="sparse peering: live peer views kept at most (default 32); past that the least "
+        "recently used peer nothing depends on is evicted",
+    )
+    parser.add_argument(
+        "--fill-neighbours",
+        type=int,
+        default=None,
+        help="sparse peering: below this many live peers, peers introduced in views are "
+        "admitted too (default 6; 0: only bootstrap, work and peers that ask)",
+    )
+    parser.add_argument(
         "--capacity-wait",
         type=float,
         default=None,
@@ -194,6 +208,8 @@ def _prepare(args: argparse.Namespace):
         same_host_path=not args.no_same_host_path,
         public_dht=not args.dht_members_only,
         ipfs=args.ipfs,
+        max_neighbours=args.max_neighbours,
+        fill_neighbours=args.fill_neighbours,
     )
 
 

@@ -1,9 +1,10 @@
 """Placement from the capacity nodes advertise in the DHT (`capacity/<resource>`).
 
-Three node processes: D (sparse peering: admits peers only through its bootstrap role, placement
-or when asked; the driver attaches to it), A (joins through D, full peering), and C (joins
-through A, sparse, the only node with "tpu"s). D never gets a pushed view of C, yet a task and an
-actor asking for a tpu land on C because C's DHT capacity ad names it; afterwards C feeds D's
+Three node processes: D (sparse peering with no fill: admits peers only through its bootstrap
+role, placement or when asked, not those introduced in views; the driver attaches to it), A
+(joins through D, full peering), and C (joins through A, sparse, no fill, the only node with
+"tpu"s). D never gets a pushed view of C, yet a task and an actor asking for a tpu land on C
+because C's DHT capacity ad names it; afterwards C feeds D's
 views. A request no node can take still fails with TaskUnschedulableError after the wait (an
 actor's calls with ActorDiedError saying why). A fourth node E (joins through A, sparse, the only
 one with "npu"s) is met by D only when a named actor asks for an npu: the actor is created there,
@@ -66,21 +67,23 @@ class Accelerated:
 def sparse_mesh():
     nodes = []
     try:
-        d = NodeProcess(None, None, extra_args=("--peering", "sparse", "--capacity-wait", "30"))
+        d = NodeProcess(None, None, extra_args=("--fill-neighbours", "0", "--capacity-wait", "30"))
         nodes.append(d)
         invite = d.info["invite"]
-        a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--capacity-wait", "3"))
+        a = NodeProcess(
+            d.info["addrs"][0], invite, extra_args=("--peering", "full", "--capacity-wait", "3")
+        )
         nodes.append(a)
         c = NodeProcess(
             a.info["addrs"][0],
             invite,
-            extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'),
+            extra_args=("--fill-neighbours", "0", "--resources", '{"tpu": 2}'),
         )
         nodes.append(c)
         e = NodeProcess(
             a.info["addrs"][0],
             invite,
-            extra_args=("--peering", "sparse", "--resources", '{"npu": 1}'),
+            extra_args=("--fill-neighbours", "0", "--resources", '{"npu": 1}'),
         )
         nodes.append(e)
         yield {"d": d, "a": a, "c": c, "e": e}
@@ -262,7 +265,7 @@ def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, a
         f = NodeProcess(
             a.info["addrs"][0],
             d.info["invite"],
-            extra_args=("--peering", "sparse", "--resources", '{"xpu": 1}'),
+            extra_args=("--fill-neighbours", "0", "--resources", '{"xpu": 1}'),
         )
         for thread in threads + [lookup]:
             thread.join(wait + 15)

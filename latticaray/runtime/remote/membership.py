@@ -11,6 +11,16 @@ Members push their view (resources, load, the peers they know, named-actor recor
 VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot placement
 reads (only for peers whose role lets them execute) and introduce peers not met yet.
 
+Peering. "full": every member connected or introduced is admitted and kept (views to all: idle
+cost grows with N^2). "sparse" (the default): a node admits its bootstrap peers, the peers its
+work needs (placement, DHT capacity ads, objects, named actors) and those that ask, plus peers
+introduced in views while it has fewer than FILL_NEIGHBOURS; it keeps live views of at most
+MAX_NEIGHBOURS (its neighbourhood): past that it evicts the least recently used peer it has no
+stake in (`pinned`: a bootstrap peer, work either way, actors either way, shared objects,
+placement-group bundles) and tells it with a `drop` view; the evicted peer stays a member and is
+admitted again when needed. Members beyond the neighbourhood are listed (`nodes()`, the state API)
+from the CRDT `members` collection.
+
 Liveness is judged by liveness.py's LivenessCore, which this module feeds (it is the core's
 shell): everything heard from a member (its views, the requests it makes here, the frames on our
 task sessions to it, the answers to our view pushes, and every QUIC packet of its connection, ACKs
@@ -76,6 +86,9 @@ RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling
 #: Sparse peering: the live views a node keeps (its neighbourhood) before it evicts the least
 #: recently used peer it has no stake in (see Membership.pinned).
 MAX_NEIGHBOURS = 32
+#: Sparse peering: below this many live peers a node also admits the peers its members
+#: introduce in their views (so a small mesh is fully connected and a large one is not).
+FILL_NEIGHBOURS = 6
 #: A view from a peer this node dropped that arrives this soon after was already on its way.
 DROP_GRACE = 2.0
 #: A peer that goes on pushing views after we dropped it needs us (its bootstrap, its actors'
@@ -126,6 +139,7 @@ class Membership:
         #: Sparse peering: at most this many live views kept (see `trim`); the bootstrap
         #: peers this node joined through are never evicted; peers dropped, and when.
         self.max_neighbours = MAX_NEIGHBOURS
+        self.fill_neighbours = FILL_NEIGHBOURS
         self.bootstrap_ids: set[str] = set()
         self._dropped: OrderedDict[str, float] = OrderedDict()
 
@@ -275,6 +289,8 @@ class Membership:
         else:
             current = admission.own_credential
             assert current is not None  # needs_renewal: this node is a member
+            if not self.issuers.intersection(self.alive_peers()):
+                await self._meet_issuers()
             errors = []
             for node_id in sorted(self.alive_peers(), key=lambda n: n not in self.issuers):
                 try:
@@ -301,6 +317,20 @@ class Membership:
             log.info("membership credential renewed until %.0f", admission.own.expires)
         for node_id in self.alive_peers():
             self.spawn(self.admit_with(self.peers[node_id].peer_id, refresh=True))
+
+    async def _meet_issuers(self, most: int = 4) -> None:
+        """Sparse peering: no peer we know holds the mesh key; meet (admit) up to ``most`` of
+        the peers our members' views name, whose admission replies say whether they hold it."""
+        tried = 0
+        for peer in list(self.peers.values()):
+            if not peer.alive or peer.view is None:
+                continue
+            for other, addrs in peer.view.peers.items():
+                if tried >= most or self.issuers.intersection(self.alive_peers()):
+                    return
+                if other != self.node_id and other not in self.peers and addrs:
+                    tried += 1
+                    await self._introduce(other, addrs)
 
     # ------------------------------------------------------------------ revocation
     def attach_revocations(self, revocations: Revocations) -> None:
@@ -371,6 +401,7 @@ class Membership:
         if peer is None or not peer.alive:
             peer = Peer(node_id, peer_id)
             self.peers[node_id] = peer
+            self._dropped.pop(node_id, None)  # admitted again
             self.liveness.unwatch(node_id)  # a member admitted again is judged afresh
             self.liveness.watch(
                 node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
@@ -700,6 +731,7 @@ class Membership:
             # it goes on pushing views after we dropped it: it needs us; kept a while
             peer = self.add_peer(node_id, ctx.peer_id)
             peer.hold_until = time.monotonic() + DROP_HOLD
+            self.remote.stats["neighbours_back"] += 1
         if node_id in self._left:
             if self._left[node_id] == view.inc:
                 self.remote.stats["late_views_ignored"] += 1
@@ -737,13 +769,19 @@ class Membership:
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
+        wanted = len(view.peers)
+        if self.remote.sparse:  # only while the neighbourhood is small
+            wanted = self.fill_neighbours - len(self.alive_peers()) - len(self._introducing)
         for other, addrs in view.peers.items():
+            if wanted <= 0:
+                break
             if (
                 other != self.node_id
                 and other not in self.peers
+                and other not in self._dropped
                 and addrs
-                and not self.remote.sparse
             ):
+                wanted -= 1
                 self.spawn(self._introduce(other, addrs))
         self.remote.names.merge_records(view.names)
         return b""
