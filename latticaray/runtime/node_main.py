@@ -102,7 +102,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="sparse peering: below this many live peers, peers introduced in views are "
-        "admitted too (default 6; 0: only bootstrap, work and peers that ask)",
+        "admitted too (default 4; 0: only bootstrap, work and peers that ask)",
     )
     parser.add_argument(
         "--capacity-wait",

@@ -88,7 +88,7 @@ RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling
 MAX_NEIGHBOURS = 32
 #: Sparse peering: below this many live peers a node also admits the peers its members
 #: introduce in their views (so a small mesh is fully connected and a large one is not).
-FILL_NEIGHBOURS = 6
+FILL_NEIGHBOURS = 4
 #: A view from a peer this node dropped that arrives this soon after was already on its way.
 DROP_GRACE = 2.0
 #: A peer that goes on pushing views after we dropped it needs us (its bootstrap, its actors'
