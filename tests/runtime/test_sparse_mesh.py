@@ -87,8 +87,8 @@ def test_evicted_peer_is_dropped_on_both_sides_and_met_again_when_used():
         # B stays a member: listed from the CRDT members collection, with its resources
         wait_for(lambda: b.node_id in alive_nodes(), 30, f"B listed: {lattica.nodes()}")
         # B took the `drop` (the driver is nothing to it) and stopped pushing views: the driver
-        # does not take it back as a peer that needs it (A, whose bootstrap it is, would be), well past the grace for views already
-        # on their way (the driver may meet it again through its capacity ads: that is use)
+        # does not take it back as a peer that needs it (A, whose bootstrap it is, would be),
+        # well past the grace for views already on their way
         deadline = time.monotonic() + 3 * DROP_GRACE
         while time.monotonic() < deadline:
             assert on_loop(lambda: membership().pinned(b.node_id)) != "it needs us"
