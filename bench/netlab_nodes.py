@@ -68,11 +68,11 @@ class LabNode:
         self.host = host
         self.args = args
         self.log_path = log_path
-        env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join([ROOT, *(p for p in sys.path if p)]),
-            **(env or {}),
-        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([ROOT, *(p for p in sys.path if p)]),
+            **(env or {}),  # may name another PYTHONPATH (bench/join_time.py --baseline)
+        }
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{prefix}-{host}", *args],

@@ -1,7 +1,5 @@
 """latticaray: a Ray-like task and actor runtime over a decentralized peer-to-peer mesh."""
 
-__version__ = "0.1.0"
-
 from latticaray.runtime.api import (
     ActorClass,
     ActorHandle,
@@ -45,6 +43,7 @@ from latticaray.runtime.errors import (
 )
 from latticaray.runtime.gpus import get_gpu_ids
 from latticaray.runtime.refs import ObjectRef, ObjectRefGenerator
+from latticaray.version import __version__
 
 __all__ = [
     "ActorClass",

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..version import __version__
 from .adapters import RPC_PROTOCOL, QuicAdapter, TransportAdapter, make_stream_adapter
 from .connmgr import ConnectionManager, MeshConnection
 from .errors import (
@@ -71,12 +72,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-try:
-    from importlib.metadata import version as _pkg_version
-
-    AGENT_VERSION = f"latticaray/{_pkg_version('latticaray')}"
-except Exception:
-    AGENT_VERSION = "latticaray/dev"
+#: identify's agent string (importlib.metadata would scan every installed distribution: 20-60 ms)
+AGENT_VERSION = f"latticaray/{__version__}"
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0")
 #: At most this many addresses may be added with ``add_advertised_addrs``.

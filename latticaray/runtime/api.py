@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import inspect
 import os
 import threading
@@ -481,6 +482,7 @@ class _EmbeddedRuntime:
         self.mesh_runtime: Any = None
         self.printer: Any = None  # LogPrinter of worker output (log_to_driver)
         self.dashboard: Any = None  # DashboardServer (init(dashboard=True))
+        self.timings: dict[str, float] = {}  # init()'s phases, seconds since start() began
 
     def start(self, make_node, start_mesh=None) -> None:
         loop: asyncio.AbstractEventLoop
@@ -500,14 +502,18 @@ class _EmbeddedRuntime:
 
         self.thread = threading.Thread(target=run, name="latticaray-node", daemon=True)
         self.thread.start()
+        began = time.monotonic()
         started.wait()
         self.node = make_node()
+        self.timings["node_made_s"] = time.monotonic() - began
         asyncio.run_coroutine_threadsafe(self.node.start(), loop).result()
+        self.timings["node_started_s"] = time.monotonic() - began
         if start_mesh is not None:
             try:
                 self.mesh_runtime = asyncio.run_coroutine_threadsafe(
                     start_mesh(self.node), loop
                 ).result()
+                self.timings["mesh_started_s"] = time.monotonic() - began
             except BaseException:
                 self.stop()  # the node and its loop thread do not outlive a failed init()
                 raise
@@ -559,6 +565,22 @@ def default_resources(num_cpus, num_gpus, resources, memory=None) -> dict:
     return total
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector paused while init() runs, then as it was. init() imports the
+    mesh stack (hundreds of modules and classes, all long-lived) into a heap that already holds
+    numpy and pyarrow: the collections those allocations set off walk all of it and free nothing
+    (a full one ~20-30 ms of init()'s ~0.2 s of CPU here). The next collection runs after init()
+    returns; nothing is frozen (the process is the user's, see gcpolicy.py)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def init(
     address: str | None = None,
     *,
@@ -602,7 +624,8 @@ def init(
     views of every member (idle cost grows with the square of the mesh's size).
     """
     global _runtime
-    with _init_lock:
+    began = time.monotonic()
+    with _init_lock, _collector_paused():
         if _runtime is not None or _attached is not None:
             if ignore_reinit_error:
                 return _runtime_info()
@@ -663,12 +686,14 @@ def init(
         def make_node():
             return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
 
+        prepared = time.monotonic() - began
         try:
             runtime.start(make_node, start_mesh)
         except BaseException:  # a refused credential: nothing of this node stays behind
             runtime.stop()
             raise
         _runtime = runtime
+        runtime.timings["prepared_s"] = prepared
         assert runtime.loop is not None
         context.set_core(DriverCore(runtime.node, runtime.loop, namespace))
         runtime.node.state_source.role = "driver"

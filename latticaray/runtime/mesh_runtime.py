@@ -36,6 +36,7 @@ CAPACITY_REFRESH = 5.0
 CAPACITY_MIN_INTERVAL = 2.0
 CAPACITY_WAIT = 10.0  # how long work no known node can take waits for DHT capacity ads
 PROVIDER_ADMIT_TIMEOUT = 10.0  # admitting a provider the DHT names, before fetching from it
+DIAL_TIMEOUT = 10.0  # connecting to a bootstrap peer
 REACHABLE_WAIT = 10.0  # how long a joining node behind a NAT waits to become reachable
 LOOPBACK_LISTEN = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
 #: a node joining a mesh beyond this host: every interface, an ephemeral UDP port (the same socket
@@ -281,6 +282,8 @@ class MeshRuntime:
         self.timings: dict[str, float | str] = {}
         self.advertiser: Any = None  # latticaray.scheduler.advertiser CapacityAdvertiser
         self._dht_bootstrap: asyncio.Task | None = None
+        self._reachable: asyncio.Task | None = None  # an embedded node's background wait
+        self._dials: dict[str, asyncio.Task] = {}  # bootstrap address -> its connection
         self._provide_tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -345,6 +348,7 @@ class MeshRuntime:
         )
         self.mesh = MeshNode(config)
         await self.mesh.start()
+        self._mark("mesh_started", started)
         try:
             await self._start_services(runtime_node, started)
         except BaseException:
@@ -369,8 +373,19 @@ class MeshRuntime:
             exempt=lambda peer: admission.allowed(str(peer)),
         )
         self.mesh_dht = MeshDht(self.dht, self.admission, admit=self._admit_provider)
-        if self.nat_settings is not None:
+        # the bootstrap dials (QUIC handshake, identify) run while the services below start;
+        # identify tells each peer the protocols registered when it is answered, so the DHT's
+        # are; a node that offers relay or AutoNAT dials once those are registered, one that
+        # serves IPFS peers (Bitswap) once that is
+        nat = self.nat_settings
+        serving = nat is not None and (nat.serve_relay or nat.serve_autonat)
+        if not serving and not self.ipfs_enabled:
+            self._dial_bootstrap()
+        if nat is not None:
             await self._start_nat()
+            self._mark("nat_started", started)
+        if not self.ipfs_enabled:
+            self._dial_bootstrap()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
         remote.sparse = self.peering == "sparse"
         if self.max_neighbours is not None:
@@ -398,6 +413,7 @@ class MeshRuntime:
 
         revocations = Revocations(self.state.replica, remote.membership.check_revocation)
         await self.state.start()
+        self._mark("state_started", started)
         remote.membership.attach_revocations(revocations)
         runtime_node.resources.attach(  # placement groups: sched/1, their records
             self.mesh, lambda peer: admission.allowed(peer), self.state
@@ -406,6 +422,7 @@ class MeshRuntime:
         remote.state = self.state
         if runtime_node.store_ready is not None:
             await runtime_node.store_ready
+            self._mark("store_ready", started)
         if runtime_node.store is not None:
             from latticaray.objectstore.exchange import ObjectExchange
 
@@ -422,19 +439,22 @@ class MeshRuntime:
             objects = runtime_node.objects
             objects.store_refs = _ProvidingRefs(objects.store_refs, self._provide)
             objects.on_cid_known = self._provide  # local puts: once their CID is known
+            self._mark("exchange_started", started)
         if self.ipfs_enabled:
             self._start_ipfs(runtime_node)
+        self._dial_bootstrap()  # a node whose offers identify must carry dials only now
         tried = []
         refusals = []
         for addr in self.bootstrap:
             try:
-                await remote.membership.join(addr)
+                await remote.membership.join(addr, self._dials[addr])
             except CredentialError as exc:
                 refusals.append(str(exc))
                 tried.append(f"{addr}: refused: {exc}")
             except (MeshError, ValueError, OSError) as exc:
                 log.warning("bootstrap peer %s unreachable: %s", addr, exc)
                 tried.append(f"{addr}: {type(exc).__name__}: {exc}")
+        self._mark("admitted", started)
         if refusals and not remote.membership.alive_peers():
             await self.stop()
             raise CredentialError(
@@ -447,7 +467,15 @@ class MeshRuntime:
                 + "\n  ".join(tried)
             )
         if self.nat is not None and self.nat.auto is not None and self.bootstrap:
-            await self._wait_reachable(started)
+            if self.embedded:
+                # a driver's node is a client: its work reaches peers over the connections it
+                # opens, so init() does not wait for AutoNAT's verdict and a relay reservation
+                # (their round trips to the relay); they settle in the background
+                self._reachable = asyncio.get_running_loop().create_task(
+                    self._wait_reachable(started)
+                )
+            else:  # a node that serves: reachable by the other members once `start` returns
+                await self._wait_reachable(started)
         self.timings["join_s"] = time.monotonic() - started
         if self.bootstrap:
             # in the background: lookups that meet departed peers wait out their timeouts, and
@@ -458,6 +486,18 @@ class MeshRuntime:
         else:
             self.dht.start()
         self._start_advertiser()
+
+    def _dial_bootstrap(self) -> None:
+        """Start connecting to every bootstrap peer not dialled yet (awaited, and admitted, by
+        the join)."""
+        assert self.mesh is not None
+        loop = asyncio.get_running_loop()
+        for addr in self.bootstrap:
+            if addr not in self._dials:
+                self._dials[addr] = loop.create_task(self.mesh.connect(addr, timeout=DIAL_TIMEOUT))
+
+    def _mark(self, phase: str, started: float) -> None:
+        self.timings[f"at_{phase}_s"] = time.monotonic() - started
 
     def _start_ipfs(self, runtime_node) -> None:
         """Bitswap 1.2.0 on the mesh node for IPFS peers, serving what ``share`` names only."""
@@ -599,7 +639,13 @@ class MeshRuntime:
         return self.admission.invite(peer_id, ttl, role)
 
     async def stop(self) -> None:
-        pending = [t for t in [*self._provide_tasks, self._dht_bootstrap] if t is not None]
+        background = [
+            *self._provide_tasks,
+            *self._dials.values(),
+            self._dht_bootstrap,
+            self._reachable,
+        ]
+        pending = [t for t in background if t is not None]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -819,11 +819,11 @@ async def test_qh3_clients_probe_to_1472_and_servers_keep_large_loopback_datagra
         await _send_and_check(conn, b.conns[0], 1 << 20)
 
 
-async def test_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
-    """qh3's CUBIC collapses on a path with random loss; the transport (backend "auto") marks a
-    host whose qh3 connection lost packets, and connects to it with aioquic's loss-tolerant
-    controller from then on."""
-    cfg = QuicConfig(lossy_min_losses=5, **_START_AT_1350)
+async def test_without_copies_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
+    """qh3's CUBIC collapses on a path with random loss; with datagram copies switched off, the
+    transport (backend "auto") marks a host whose qh3 connection lost packets, and connects to
+    it with aioquic's loss-tolerant controller from then on."""
+    cfg = QuicConfig(lossy_min_losses=5, loss_redundancy=False, **_START_AT_1350)
     async with Endpoint(cfg) as a, Endpoint(cfg) as b:
         udp = b.transport._udp
         deliver, seen = udp._on_datagram, [0]
@@ -843,6 +843,52 @@ async def test_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
         assert again.backend == "aioquic" and again.remote_peer == b.key.peer_id
         await wait_for(lambda: len(b.conns) == 2, what="second inbound")
         await _send_and_check(again, b.conns[1], 1 << 20)
+
+
+async def test_a_qh3_connection_on_a_lossy_path_sends_its_datagrams_twice():
+    """qh3's CUBIC shrinks its window at every loss; on a path with random loss the
+    connection sends each 1-RTT datagram twice (and right after the next one), so a datagram
+    the path drops still arrives and the core stops seeing losses."""
+    cfg = QuicConfig(backend="qh3", pace_loopback=True, pmtu_discovery=False, **_START_AT_1350)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        udp = b.transport._udp
+        deliver, seen = udp._on_datagram, [0]
+
+        def lossy(data, peer):  # b's socket drops every 50th datagram: 2 % of a's packets
+            seen[0] += 1
+            if seen[0] % 50:
+                deliver(data, peer)
+
+        udp._on_datagram = lossy
+        conn = await a.transport.dial(b.addr)
+        redundancy = conn._quic.redundancy
+        assert conn.backend == "qh3" and redundancy is not None and not redundancy.on
+        await wait_for(lambda: b.conns, what="inbound")
+        await _send_and_check(conn, b.conns[0], 2 << 20)
+        assert redundancy.on and redundancy.turned_on == 1
+        lost_when_on = conn.loss_stats()[0]
+        copies = redundancy.copies_sent
+        await _send_and_check(conn, b.conns[0], 8 << 20)  # intact, as every copy is
+        assert redundancy.copies_sent - copies > (8 << 20) // 1350
+        assert conn.loss_stats()[0] - lost_when_on <= 2  # ~130 of its datagrams were dropped
+        # the host is marked lossy: the next connection to it sends copies from the start
+        await wait_for(lambda: a.transport.stats["lossy_paths"] == 1, what="path marked lossy")
+        again = await a.transport.dial(b.addr)
+        assert again.backend == "qh3" and again.conceals_loss()
+        await wait_for(lambda: len(b.conns) == 2, what="second inbound")
+        await _send_and_check(again, b.conns[1], 4 << 20)
+        assert again.loss_stats()[0] <= 5  # of ~60 dropped (handshake datagrams go once)
+
+
+async def test_loopback_and_switched_off_qh3_connections_never_send_copies():
+    async with Endpoint(qcfg("qh3")) as a, Endpoint(qcfg("qh3", loss_redundancy=False)) as b:
+        conn = await a.transport.dial(b.addr)
+        assert conn._quic.redundancy is None  # a loopback path is not paced: no random loss
+        await wait_for(lambda: b.conns, what="inbound")
+        assert b.conns[0]._quic.redundancy is None
+    cfg = qcfg("qh3", pace_loopback=True, loss_redundancy=False)
+    async with Endpoint(cfg) as a, Endpoint(cfg) as b:
+        assert (await a.transport.dial(b.addr))._quic.redundancy is None
 
 
 async def test_a_write_after_qh3_closed_its_connection_raises_connection_closed():

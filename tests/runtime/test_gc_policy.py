@@ -5,6 +5,7 @@ gcpolicy changes process-wide collector state, so its own checks run in a child 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,25 @@ def test_policy_freezes_survivors_collects_new_cycles_and_frozen_ones_in_full_co
     )
     assert out.returncode == 0, out.stderr
     assert '"thresholds": [700, 10, 100]' in out.stdout
+
+
+def test_init_pauses_the_collector_only_while_it_runs_and_freezes_nothing():
+    script = textwrap.dedent("""
+        import gc, json
+        import latticaray as lattica
+        out = []
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            lattica.init(num_cpus=1)
+            out.append([enabled, gc.isenabled(), gc.get_freeze_count()])
+            lattica.shutdown()
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    # as the user left it, and nothing of the user's process moved to the permanent generation
+    assert rows == [[True, True, 0], [False, False, 0]], rows

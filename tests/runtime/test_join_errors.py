@@ -1,5 +1,6 @@
 """What init() says when it cannot join: every address tried, and why; nothing left running."""
 
+import gc
 import socket
 import threading
 
@@ -21,6 +22,7 @@ def test_init_with_an_unreachable_bootstrap_raises_naming_what_was_tried():
     assert addr in str(info.value), info.value
     assert isinstance(info.value, ConnectionError)
     assert not lattica.is_initialized()
+    assert gc.isenabled()  # init() paused the collector while it ran, and restored it
     assert "latticaray-node" not in {t.name for t in threading.enumerate()} - threads
     # a later init() works: nothing of the failed one is left behind
     lattica.init(num_cpus=1)

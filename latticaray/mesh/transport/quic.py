@@ -42,11 +42,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import dataclasses
 import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import (
@@ -56,7 +58,6 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.retry import QuicRetryTokenHandler
 
 from ..errors import ConnectionClosed, PeerUnreachable
 from ..identity import KeyPair, PeerId
@@ -69,6 +70,9 @@ from .quic_conn import EndpointLink, QuicConn, now
 from .quic_loader import load_backend
 from .quic_pmtu import PmtuSearch
 from .quic_udp import UdpSocket, open_udp_socket, route_max_payload
+
+if TYPE_CHECKING:
+    from aioquic.quic.retry import QuicRetryTokenHandler
 
 __all__ = ["QuicChannel", "QuicConfig", "QuicConn", "QuicTransport"]
 
@@ -97,7 +101,7 @@ class QuicTransport:
         self._certified = certified or make_certified_key(key)
         #: The QUIC library the connections run on (:mod:`.quic_backend`).
         self.backend: QuicBackend = load_backend(self.config.backend)
-        self._retry = QuicRetryTokenHandler()
+        self._retry_handler: QuicRetryTokenHandler | None = None  # made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: EndpointLink | None = None
         self._udp: UdpSocket | None = None
@@ -234,6 +238,16 @@ class QuicTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _retry(self) -> QuicRetryTokenHandler:
+        """The stateless Retry token handler, made the first time a Retry is sent or a token
+        checked (importing it costs ~0.1 s of CPU: aioquic's TLS module and its dependencies,
+        which a node on the qh3 backend that is never under handshake load does not need)."""
+        if self._retry_handler is None:
+            from aioquic.quic.retry import QuicRetryTokenHandler
+
+            self._retry_handler = QuicRetryTokenHandler()
+        return self._retry_handler
+
     def _make_connection(
         self,
         *,
@@ -245,7 +259,7 @@ class QuicTransport:
         cfg = self.config
         host = remote[0].removeprefix("::ffff:")
         size = cfg.datagram_size_for(host)
-        backend = self._backend_for(remote[0])
+        backend, primed = self._backend_for(remote[0])
         # the libraries only read their configuration: connections alike share one
         key = (backend.name, is_client, size)
         configuration = self._configurations.get(key)
@@ -255,7 +269,7 @@ class QuicTransport:
             )
         quic = backend.connection(
             configuration=configuration,
-            config=cfg,
+            config=dataclasses.replace(cfg, redundancy_from_start=True) if primed else cfg,
             original_dcid=original_dcid,
             retry_scid=retry_scid,
             pmtu=self._pmtu_search(remote, size),
@@ -264,33 +278,43 @@ class QuicTransport:
             quic.disable_pacing()
         return quic
 
-    def _backend_for(self, host: str) -> QuicBackend:
-        """aioquic for a host whose path lost packets lately (backend "auto"), else the
-        transport's backend."""
+    def _backend_for(self, host: str) -> tuple[QuicBackend, bool]:
+        """The backend of a new connection to ``host``, and whether it sends datagram copies
+        from its first datagram. A host whose path lost packets lately gets qh3 connections
+        that do (``loss_redundancy``) or, with copies switched off and backend "auto", aioquic
+        (its loss-tolerant "bdp" controller); other hosts the transport's backend."""
         until = self._lossy.get(host)
-        if until is not None:
-            if until > now():
-                try:
-                    return load_backend("aioquic")
-                except ImportError:
-                    pass
-            else:
-                del self._lossy[host]
-        return self.backend
+        if until is not None and until <= now():
+            del self._lossy[host]
+            until = None
+        if until is None:
+            return self.backend, False
+        if self.backend.name == "qh3" and self.config.loss_redundancy:
+            return self.backend, True
+        if self.config.backend == "auto":
+            try:
+                return load_backend("aioquic"), False
+            except ImportError:
+                pass
+        return self.backend, False
 
     def _note_path_loss(self, conn: QuicConn) -> None:
-        """Mark the peer's host lossy when this qh3 connection lost enough of its packets."""
+        """Mark the peer's host lossy when this qh3 connection lost enough of its packets or
+        sends copies of its datagrams (it measured random loss)."""
         cfg = self.config
         stats = conn.loss_stats()
-        if cfg.backend != "auto" or stats is None:
+        if stats is None:
             return
         lost, sent = stats
-        if lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent:
+        if conn.conceals_loss() or (
+            lost >= cfg.lossy_min_losses and lost >= cfg.lossy_loss_rate * sent
+        ):
             host = conn.addr[0]
             if host not in self._lossy:
                 self.stats["lossy_paths"] += 1
                 log.info(
-                    "QUIC: %d of ~%d packets to %s lost; its next connections use aioquic",
+                    "QUIC: %d of ~%d packets to %s lost; its next connections are made for a "
+                    "lossy path",
                     lost,
                     sent,
                     host,
@@ -387,7 +411,7 @@ class QuicTransport:
         original_dcid, retry_scid = dcid, None
         if header.token:
             try:
-                original_dcid = self._retry.validate_token(
+                original_dcid = self._retry().validate_token(
                     address=addr, destination_cid=dcid, token=header.token, now=now()
                 )
             except ValueError:
@@ -402,7 +426,7 @@ class QuicTransport:
                     source_cid=retry_cid,
                     destination_cid=header.source_cid,
                     original_destination_cid=dcid,
-                    retry_token=self._retry.create_token(
+                    retry_token=self._retry().create_token(
                         address=addr,
                         original_destination_connection_id=dcid,
                         retry_source_connection_id=retry_cid,

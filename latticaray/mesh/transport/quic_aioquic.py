@@ -286,6 +286,10 @@ class MeshQuicConnection(QuicConnection):
         """Not needed: aioquic connections run the loss-tolerant "bdp" controller."""
         return None
 
+    def conceals_loss(self) -> bool:
+        """Never: the "bdp" controller reads random loss for what it is."""
+        return False
+
     def consumed(self, stream_id: int, total: int, n: int) -> None:
         """The application has now read ``total`` bytes of the stream, ``n`` of them new."""
         self.stream_consumed[stream_id] = total

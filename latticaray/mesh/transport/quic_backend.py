@@ -5,7 +5,9 @@ QUIC connection: datagrams in, events and datagrams out. Two libraries provide o
 same interface (:class:`QuicEngine`):
 
 * ``qh3`` (:mod:`.quic_qh3`, the default when installed): aioquic's API over a Rust packet core,
-  about seven times less CPU per packet than aioquic's pure Python;
+  about seven times less CPU per packet than aioquic's pure Python. Its core's CUBIC (no
+  setting, no hook) reads random loss as congestion; on a path that loses packets at random the
+  connection sends each datagram twice or three times (:mod:`.quic_redundancy`);
 * ``aioquic`` (:mod:`.quic_aioquic`): the fallback, with the transport's own loss-tolerant
   congestion control and path MTU discovery past 1472 bytes.
 
@@ -136,6 +138,9 @@ class QuicEngine(Protocol):
 
     def loss_stats(self) -> tuple[int, int] | None:
         """(packets declared lost, about how many were sent), where the library says."""
+
+    def conceals_loss(self) -> bool:
+        """Whether the connection sends copies of its datagrams (:mod:`.quic_redundancy`)."""
 
 
 class QuicBackend(Protocol):

@@ -51,14 +51,32 @@ class QuicConfig:
     #: when installed, else aioquic). See :mod:`.quic_backend`. The environment variable
     #: ``LATTICARAY_QUIC_BACKEND`` sets the default (for the node processes a bench starts).
     backend: str = field(default_factory=lambda: os.environ.get("LATTICARAY_QUIC_BACKEND", "auto"))
-    #: qh3's core runs CUBIC, which random loss holds far below a path's rate (50 ms round
-    #: trips, 0.5 % loss: 0.6 MB/s, aioquic with "bdp" 9-15 MB/s). With backend "auto", a qh3
-    #: connection that has lost at least ``lossy_min_losses`` packets and ``lossy_loss_rate``
-    #: of those it sent marks its peer's host lossy: connections to and from that host made in
-    #: the next ``lossy_path_ttl`` seconds use aioquic.
+    #: qh3's core runs CUBIC, which random loss holds far below a path's rate (40 ms round
+    #: trips, 0.5 % loss: 0.8 MB/s; see ``loss_redundancy``). A qh3 connection that sends
+    #: datagram copies, or has lost at least ``lossy_min_losses`` packets and
+    #: ``lossy_loss_rate`` of those it sent, marks its peer's host lossy: connections to and
+    #: from that host made in the next ``lossy_path_ttl`` seconds send copies from their first
+    #: datagram (qh3 with ``loss_redundancy``) or, with copies off and backend "auto", use
+    #: aioquic (its loss-tolerant "bdp" controller).
     lossy_loss_rate: float = 0.002
     lossy_min_losses: int = 20
     lossy_path_ttl: float = 600.0
+    #: qh3 (off loopback): while a connection loses packets at random (at least
+    #: ``redundancy_min_losses`` and ``redundancy_loss_rate`` of a measurement window, at most
+    #: ``redundancy_max_loss_rate``, and no queue in its RTT), each 1-RTT datagram goes out
+    #: twice, so CUBIC sees ~the square of the path's loss rate; it stops ``redundancy_hold``
+    #: seconds after the last loss the copies did not hide (:mod:`.quic_redundancy`). False:
+    #: never (and a lossy host gets aioquic connections, see ``lossy_loss_rate``).
+    loss_redundancy: bool = True
+    redundancy_loss_rate: float = 0.001
+    redundancy_min_losses: int = 3
+    redundancy_max_loss_rate: float = 0.1
+    redundancy_hold: float = 30.0
+    #: From this loss rate on, each datagram goes out three times (~the cube of the rate).
+    redundancy_triple_rate: float = 0.01
+    #: Every qh3 connection sends copies from its first datagram (a path known to be lossy);
+    #: the transport sets it for the connections to a host marked lossy.
+    redundancy_from_start: bool = False
     #: Datagram size a connection to a non-loopback address starts with (the internet's safe
     #: size is ~1200-1452); path MTU discovery raises it to what the path carries.
     max_datagram_size: int = 1350

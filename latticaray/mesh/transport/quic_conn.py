@@ -199,6 +199,10 @@ class QuicConn:
         """(packets lost, about how many were sent) where the library reports them."""
         return self._quic.loss_stats()
 
+    def conceals_loss(self) -> bool:
+        """Whether this connection sends copies of its datagrams (its path loses packets)."""
+        return self._quic.conceals_loss()
+
     def on_close(self, callback: Callable[[QuicConn], None]) -> None:
         if self.is_closed:
             self._loop.call_soon(callback, self)

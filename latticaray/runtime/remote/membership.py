@@ -40,6 +40,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from latticaray.mesh.errors import MeshError, RpcError
@@ -163,10 +164,13 @@ class Membership:
         return peer
 
     # ------------------------------------------------------------------ admission
-    async def join(self, addr: str) -> None:
+    async def join(self, addr: str, connecting: Awaitable[Any] | None = None) -> None:
         """Connect to a bootstrap member and be admitted; a refused credential raises
-        CredentialError (an unreachable peer raises MeshError)."""
-        peer = await self.mesh.connect(addr, timeout=10.0)
+        CredentialError (an unreachable peer raises MeshError). ``connecting``: the dial to
+        ``addr`` already under way (it gives the peer ID), awaited instead of a new one."""
+        if connecting is None:
+            connecting = self.mesh.connect(addr, timeout=10.0)
+        peer = await connecting
         self.bootstrap_ids.add(str(peer))
         await self.admit_with(peer, refresh=True, refused=True)
 
