@@ -96,6 +96,9 @@ DROP_GRACE = 2.0
 #: host, ...): it is kept this long before it may be evicted again.
 DROP_HOLD = 60.0
 MAX_DROPPED = 4096
+#: Sparse peering: the `peers` map (introductions) travels in a node's first view to a peer and
+#: then at most this often; the other views carry an empty one (it is most of a view's bytes).
+PEERS_INTERVAL = 10.0
 
 
 class Peer:
@@ -112,6 +115,7 @@ class Peer:
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
         self.last_used = time.monotonic()  # admitted, or last picked for work (sparse eviction)
         self.hold_until = 0.0  # not evicted before (it came back after we dropped it)
+        self.introduced: dict[str, list[str]] = {}  # the last `peers` map its views carried
 
 
 class Membership:
@@ -143,6 +147,7 @@ class Membership:
         self.fill_neighbours = FILL_NEIGHBOURS
         self.bootstrap_ids: set[str] = set()
         self._dropped: OrderedDict[str, float] = OrderedDict()
+        self._peers_sent_at = 0.0
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -327,9 +332,9 @@ class Membership:
         the peers our members' views name, whose admission replies say whether they hold it."""
         tried = 0
         for peer in list(self.peers.values()):
-            if not peer.alive or peer.view is None:
+            if not peer.alive:
                 continue
-            for other, addrs in peer.view.peers.items():
+            for other, addrs in peer.introduced.items():
                 if tried >= most or self.issuers.intersection(self.alive_peers()):
                     return
                 if other != self.node_id and other not in self.peers and addrs:
@@ -493,7 +498,10 @@ class Membership:
     async def _send_drop(self, peer: Peer) -> None:
         try:
             await self.mesh.call(
-                peer.peer_id, VIEW_PROTOCOL, self._view_payload(drop=True), timeout=VIEW_TIMEOUT
+                peer.peer_id,
+                VIEW_PROTOCOL,
+                self._view_payload(drop=True, peers_too=False),
+                timeout=VIEW_TIMEOUT,
             )
         except (RpcError, MeshError) as exc:
             log.debug("drop notice to %s: %s", peer.node_id, exc)
@@ -521,10 +529,10 @@ class Membership:
             ad_time=time.monotonic(),
         )
 
-    def _view_payload(self, bye: bool = False, drop: bool = False) -> bytes:
+    def _view_payload(self, bye: bool = False, drop: bool = False, peers_too: bool = True) -> bytes:
         view = self.node_view()
         peers = {}
-        for peer in self.peers.values():
+        for peer in self.peers.values() if peers_too else ():
             if peer.alive:
                 peers[peer.node_id] = [str(a) for a in self.mesh.addrs_of(peer.peer_id)]
         return RuntimeView(
@@ -562,7 +570,10 @@ class Membership:
             await asyncio.sleep(VIEW_INTERVAL)
             now = time.monotonic()
             self._publish_member(now)
-            payload = self._view_payload()
+            peers_too = not self.remote.sparse or now - self._peers_sent_at >= PEERS_INTERVAL
+            if peers_too:
+                self._peers_sent_at = now
+            payload = self._view_payload(peers_too=peers_too)
             for peer in list(self.peers.values()):
                 if peer.alive and self.mesh.connection_to(peer.peer_id) is not None:
                     self.spawn(self._push_view(peer, payload))
@@ -701,7 +712,7 @@ class Membership:
     async def leave(self) -> None:
         """Tell every connected member this node is leaving (a `bye` view), so they settle
         its work at once instead of waiting for the liveness window."""
-        payload = self._view_payload(bye=True)
+        payload = self._view_payload(bye=True, peers_too=False)
         calls = [
             self.mesh.call(peer.peer_id, VIEW_PROTOCOL, payload, timeout=LEAVE_TIMEOUT)
             for peer in self.peers.values()
@@ -759,6 +770,8 @@ class Membership:
             self.remote.caller.peer_back(peer)
         first_view = peer.view is None
         peer.view = view
+        if view.peers:
+            peer.introduced = view.peers
         if self.may_host(node_id):  # a driver or an observer is sent no work
             node_view = NodeView(
                 node_id,
