@@ -96,8 +96,9 @@ DROP_GRACE = 2.0
 #: host, ...): it is kept this long before it may be evicted again.
 DROP_HOLD = 60.0
 MAX_DROPPED = 4096
-#: Sparse peering: the `peers` map (introductions) travels in a node's first view to a peer and
-#: then at most this often; the other views carry an empty one (it is most of a view's bytes).
+#: Sparse peering: the `peers` map (introductions) travels in a node's first view to a peer, in
+#: the views after it admitted a peer, and otherwise at most this often; the other views carry
+#: an empty one (it is most of a view's bytes).
 PEERS_INTERVAL = 10.0
 
 
@@ -411,6 +412,7 @@ class Membership:
             peer = Peer(node_id, peer_id)
             self.peers[node_id] = peer
             self._dropped.pop(node_id, None)  # admitted again
+            self._peers_sent_at = 0.0  # our next views introduce it to the others
             self.liveness.unwatch(node_id)  # a member admitted again is judged afresh
             self.liveness.watch(
                 node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
