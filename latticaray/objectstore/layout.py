@@ -212,29 +212,43 @@ def _spill_parent() -> str:
     return os.path.join(tempfile.gettempdir(), f"latticaray-spill-{os.getuid()}")
 
 
-def default_root(clean_dead: bool) -> str:
-    """A fresh default store directory; ``clean_dead``: first remove the default stores (and
-    their spill directories) of processes that died, which would otherwise leak shared memory."""
-    parent = os.path.join(
+def store_parent() -> str:
+    """The directory default stores live in (``/dev/shm/latticaray-<uid>`` where there is one)."""
+    return os.path.join(
         "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
         f"latticaray-{os.getuid()}",
     )
+
+
+def remove_dead_stores() -> int:
+    """Remove the default stores (and their spill directories) of processes that died without
+    removing them (``kill -9``, a crash), which would otherwise hold shared memory until reboot.
+    Returns how many directories were removed."""
+    removed = 0
+    for directory in (store_parent(), _spill_parent()):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            parts = name.split("-")
+            if (
+                len(parts) == 3
+                and parts[0] == "store"
+                and parts[1].isdigit()
+                and not pid_alive(int(parts[1]))
+            ):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def default_root(clean_dead: bool) -> str:
+    """A fresh default store directory's path; ``clean_dead``: first remove the default stores
+    of processes that died (:func:`remove_dead_stores`)."""
     if clean_dead:
-        for directory in (parent, _spill_parent()):
-            try:
-                names = os.listdir(directory)
-            except OSError:
-                continue
-            for name in names:
-                parts = name.split("-")
-                if (
-                    len(parts) == 3
-                    and parts[0] == "store"
-                    and parts[1].isdigit()
-                    and not pid_alive(int(parts[1]))
-                ):
-                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    return os.path.join(parent, f"store-{os.getpid()}-{secrets.token_hex(3)}")
+        remove_dead_stores()
+    return os.path.join(store_parent(), f"store-{os.getpid()}-{secrets.token_hex(3)}")
 
 
 def default_spill_dir(root: str) -> str:

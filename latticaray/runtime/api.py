@@ -600,6 +600,7 @@ def init(
     dashboard_port: int = 8265,
     ipfs: bool = False,
     peering: str = "sparse",
+    object_store_memory: int | None = None,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
 ):
@@ -622,6 +623,12 @@ def init(
     `peering` (a mesh node): "sparse" (the default) keeps live views of a bounded neighbourhood
     of peers (bootstrap, recently used, found through capacity ads); "full" admits and keeps
     views of every member (idle cost grows with the square of the mesh's size).
+
+    `object_store_memory` (bytes, as in Ray): this node's object store capacity in memory (default:
+    a share of the machine's memory; `latticaray start --object-store-memory` for a node
+    process). Objects that do not fit beside the others are spilled to disk, least recently used
+    first; a single value larger than the whole store is kept in its owner's process memory
+    instead (no disk-backed fallback allocation yet).
     """
     global _runtime
     began = time.monotonic()
@@ -637,6 +644,14 @@ def init(
             raise RuntimeError("init() cannot be called inside a task or actor")
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
+        if object_store_memory is not None and (
+            isinstance(object_store_memory, bool)
+            or not isinstance(object_store_memory, int)
+            or object_store_memory <= 0
+        ):
+            raise ValueError(
+                f"object_store_memory is a positive number of bytes, not {object_store_memory!r}"
+            )
         address = address or os.environ.get("LATTICARAY_ADDRESS")
         if address and peering != "sparse":
             raise ValueError(
@@ -644,6 +659,11 @@ def init(
                 "that node with `latticaray start --peering full`"
             )
         if address:
+            if object_store_memory is not None:
+                raise ValueError(
+                    "object_store_memory is an option of the node, not of a driver attaching to "
+                    "it: start that node with `latticaray start --object-store-memory BYTES`"
+                )
             if ipfs:
                 raise ValueError(
                     "ipfs=True is an option of the node, not of a driver attaching to it: start "
@@ -684,7 +704,13 @@ def init(
         from latticaray.runtime.node import RuntimeNode
 
         def make_node():
-            return RuntimeNode(node_id, total, max_workers=_max_workers, gpu_ids=list(gpus.ids))
+            return RuntimeNode(
+                node_id,
+                total,
+                max_workers=_max_workers,
+                gpu_ids=list(gpus.ids),
+                store_capacity=object_store_memory,
+            )
 
         prepared = time.monotonic() - began
         try:

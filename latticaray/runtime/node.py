@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
+import logging
 import shutil
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from latticaray.objectstore.layout import default_root
 from latticaray.observe.gather import encode_snapshot, gather
 from latticaray.observe.model import MAX_ROWS
 from latticaray.runtime import refcount, serialization
@@ -53,6 +54,8 @@ from latticaray.scheduler.resources import ResourceLedger
 if TYPE_CHECKING:
     from latticaray.runtime.ipfsshare import IpfsSharing
     from latticaray.runtime.remote.runtime import RemoteRuntime
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeNode:
@@ -123,11 +126,7 @@ class RuntimeNode:
         if self.store is None:
             # created off the loop (it imports pyarrow): init() returns before it is ready, and
             # until then large values simply travel inline
-            root = os.path.join(
-                "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
-                f"latticaray-{os.getuid()}",
-                f"store-{os.getpid()}-{os.urandom(3).hex()}",
-            )
+            root = default_root(clean_dead=False)  # the dead's stores go in _create_store
             self.worker_env[serialization.STORE_ROOT_ENV] = root
             self._own_store = True
             self.store_ready = self.loop.run_in_executor(None, self._create_store, root)
@@ -159,7 +158,14 @@ class RuntimeNode:
 
     def _create_store(self, root: str) -> None:
         from latticaray.objectstore.cid import BLAKE3
+        from latticaray.objectstore.layout import remove_dead_stores
         from latticaray.objectstore.store import LocalStore
+
+        # stores of node processes that were killed (kill -9, OOM) hold shared memory until
+        # someone removes them: a node starting on the host does
+        removed = remove_dead_stores()
+        if removed:
+            log.info("removed %d object stores left behind by processes that died", removed)
 
         # the runtime names store objects with BLAKE3 on every node (a dependency), so a value has
         # one CID mesh-wide; the store's config tells its other processes (workers, attached

@@ -75,6 +75,7 @@ class TaskEvent(enum.Enum):
     DISPATCH = "dispatch"  # handed to a local worker (task pool or actor)
     SEND = "send"  # sent to another node
     RESEND = "resend"  # sent again (`again`): the task session broke or moved
+    SPILL = "spill"  # the node it was sent to was full (`rejected`): placed again
     YIELD = "yield"  # a streamed item was sealed
     RETRY = "retry"  # worker/node died or a retryable error came back, retries are left
     CANCEL = "cancel"
@@ -113,6 +114,7 @@ TASK_TRANSITIONS: Final[Mapping[tuple[TaskState, TaskEvent], TaskState]] = {
     (_S.REMOTE, _E.RESEND): _S.REMOTE,
     (_S.REMOTE, _E.YIELD): _S.STREAMING,
     (_S.REMOTE, _E.RETRY): _S.SCHEDULING,  # placed again, the dead node excluded
+    (_S.REMOTE, _E.SPILL): _S.SCHEDULING,  # placed again with the rejecting node's fresh view
     (_S.REMOTE, _E.QUEUE): _S.QUEUED,  # no session after all; an actor call waits for its restart
     (_S.REMOTE, _E.COMPLETE): _S.FINISHED,
     # streaming: items went out, so it never runs again

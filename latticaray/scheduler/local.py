@@ -63,10 +63,13 @@ class FairQueue(Generic[T]):
             return len(self._queues.get(submitter, ())) < self.per_submitter_limit
         return True
 
-    def push(self, submitter: str, key: str, item: T) -> None:
-        if self._size >= self.limit:
+    def push(self, submitter: str, key: str, item: T, *, bounded: bool = True) -> None:
+        """Queue ``item`` behind ``submitter``'s earlier ones. ``bounded=False``: a submitter that
+        cannot go elsewhere (the node's own clients) queues past the limits; it still counts
+        toward them, so other submitters find the queue full sooner."""
+        if bounded and self._size >= self.limit:
             raise QueueFull(f"queue full ({self.limit} waiting)")
-        if not self.has_room(submitter):
+        if bounded and not self.has_room(submitter):
             raise QueueFull(f"submitter {submitter} already has {self.per_submitter_limit} waiting")
         self._queues.setdefault(submitter, deque()).append((key, item))
         self._keys[key] = (submitter, item)
@@ -228,8 +231,13 @@ class LocalScheduler:
         free = [lg for lg in fitting if lg.can_fit(request.resources, normalized=True)]
         return (free or fitting)[0], ""
 
-    def offer(self, request: PlacementRequest, now: float) -> QueueAdmission:
-        """Admit, queue or reject ``request`` (which a submitter placed here)."""
+    def offer(
+        self, request: PlacementRequest, now: float, *, bounded: bool = True
+    ) -> QueueAdmission:
+        """Admit, queue or reject ``request`` (which a submitter placed here). ``bounded=False``:
+        its submitter cannot be sent elsewhere (a client of this node, work bound to this node):
+        it queues past the queue's bound instead of being rejected for a full queue (it is still
+        rejected when the node can never run it)."""
         if request.task_id in self._running or request.task_id in self.queue:
             return QueueAdmission(
                 AdmissionKind.REJECTED,
@@ -269,9 +277,9 @@ class LocalScheduler:
                 reason="resources free",
                 allocation=allocation,
             )
-        if not self.queue.has_room(request.submitter):
+        if bounded and not self.queue.has_room(request.submitter):
             return self._reject(request, now, f"busy and queue full ({self.queued} waiting)")
-        self.queue.push(request.submitter, request.task_id, request)
+        self.queue.push(request.submitter, request.task_id, request, bounded=bounded)
         self._version += 1
         return QueueAdmission(
             AdmissionKind.QUEUED,
@@ -281,10 +289,16 @@ class LocalScheduler:
         )
 
     def _start(self, request: PlacementRequest, ledger: ResourceLedger) -> Allocation:
-        allocation = ledger.acquire(request.task_id, request.resources)
+        # every caller checked can_fit on this ledger just before (offer, dispatch)
+        allocation = ledger.acquire(request.task_id, request.resources, fits=True)
         self._running[request.task_id] = (request, ledger)
         self._version += 1
         return allocation
+
+    def allocation_of(self, task_id: str) -> Allocation | None:
+        """What a task running here holds (None when it is not running, or lent its share)."""
+        entry = self._running.get(task_id)
+        return None if entry is None else entry[1].allocation(task_id)
 
     def request_of(self, task_id: str) -> PlacementRequest | None:
         """The request of a task running here."""
@@ -422,12 +436,21 @@ class LocalScheduler:
         """Start queued requests that fit now (round-robin over submitters)."""
         started: list[QueueAdmission] = []
         picked: list[ResourceLedger] = []
+        # demands that did not fit a ledger in this call: dispatch only takes resources, so they
+        # still do not (the heads of many submitters often ask for the same thing)
+        short: set[tuple[int, tuple[tuple[str, float], ...]]] = set()
 
         def can_run(r: PlacementRequest) -> bool:
             ledger = self._ledger_of(r)
-            if ledger is not None and ledger.can_fit(r.resources, normalized=True):
+            if ledger is None:
+                return False
+            key = (id(ledger), tuple(r.resources.items()))
+            if key in short:
+                return False
+            if ledger.can_fit(r.resources, normalized=True):
                 picked.append(ledger)
                 return True
+            short.add(key)
             return False
 
         while len(self.queue):

@@ -204,35 +204,55 @@ class ResourceLedger:
         :func:`normalize` (as every ``PlacementRequest.resources`` has)."""
         if not normalized:
             demand = normalize(demand)
-        return all(self._total_units.get(k, 0) >= _units(v) for k, v in demand.items())
+        total = self._total_units
+        for k, v in demand.items():
+            if total.get(k, 0) < round(v * GRANULARITY):  # _units, inlined: a hot path
+                return False
+        return True
 
     def missing(self, demand: Mapping[str, float], *, normalized: bool = False) -> dict[str, float]:
         """What is short right now for ``demand`` (empty when :meth:`acquire` would succeed)."""
         if not normalized:
             demand = normalize(demand)
-        short = {
-            k: (_units(v) - self._free_units.get(k, 0)) / GRANULARITY
-            for k, v in demand.items()
-            if self._free_units.get(k, 0) < _units(v)
-        }
+        free = self._free_units
+        short: dict[str, float] = {}
+        for k, v in demand.items():
+            need = round(v * GRANULARITY)  # _units, inlined: the admission hot path
+            have = free.get(k, 0)
+            if have < need:
+                short[k] = (need - have) / GRANULARITY
         if not short and demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None:
             short[GPU] = demand[GPU]  # enough GPU in aggregate, but fragmented across devices
         return short
 
     def can_fit(self, demand: Mapping[str, float], *, normalized: bool = False) -> bool:
-        return not self.missing(demand, normalized=normalized)
+        if not normalized:
+            demand = normalize(demand)
+        free = self._free_units
+        for k, v in demand.items():
+            if free.get(k, 0) < round(v * GRANULARITY):
+                return False
+        return not (demand.get(GPU) and self._pick_devices(_units(demand[GPU])) is None)
 
     # acquire / release ------------------------------------------------------------------------
     def acquire(
-        self, allocation_id: str, demand: Mapping[str, float], owner: str | None = None
+        self,
+        allocation_id: str,
+        demand: Mapping[str, float],
+        owner: str | None = None,
+        *,
+        fits: bool = False,
     ) -> Allocation:
-        """Take ``demand`` for ``allocation_id`` or raise :class:`InsufficientResources`."""
+        """Take ``demand`` for ``allocation_id`` or raise :class:`InsufficientResources`.
+        ``fits=True``: the caller has just checked :meth:`can_fit` for this normalized demand
+        (the admission path), so it is not checked twice."""
         if allocation_id in self._allocations:
             raise ResourceError(f"allocation {allocation_id!r} already holds resources")
         demand = normalize(demand)
-        short = self.missing(demand)
-        if short:
-            raise InsufficientResources(short)
+        if not fits:
+            short = self.missing(demand)
+            if short:
+                raise InsufficientResources(short)
         shares: tuple[tuple[str, int], ...] = ()
         if demand.get(GPU):
             need = _units(demand[GPU])

@@ -32,7 +32,9 @@ def node_available() -> bool:
 
 
 class JsPeer:
-    def __init__(self, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
+        """``wrap``: argv run in front of ``node peer.mjs``, e.g. ``ip netns exec NS`` (which
+        execs node, so :attr:`proc` is the node process)."""
         if not (JS_DIR / "node_modules").is_dir():
             raise RuntimeError(
                 f"{JS_DIR}/node_modules is missing: run `make interop-deps` (npm ci) first"
@@ -43,7 +45,7 @@ class JsPeer:
         self._ready: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self.stderr_tail: list[str] = []
         self.proc = subprocess.Popen(
-            ["node", "peer.mjs"],
+            [*wrap, "node", "peer.mjs"],
             cwd=JS_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

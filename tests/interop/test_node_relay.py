@@ -218,3 +218,77 @@ async def test_our_relay_closes_a_js_circuit_at_its_data_limit(js_peer):
         await service.stop()
         await node.stop()
         await target.stop()
+
+
+async def _quic_node(**kw) -> MeshNode:
+    node = MeshNode(MeshConfig(listen=["/ip4/127.0.0.1/udp/0/quic-v1"], transports=("quic",), **kw))
+    return await node.start()
+
+
+async def test_js_dials_our_node_through_a_js_relay_over_quic(js_peer2):
+    """Both relay legs QUIC: our node reserves on the js relay over QUIC, a js peer dials the
+    circuit over QUIC to the relay and pings and identifies our node through it."""
+    # a js relay listening on QUIC only: no TCP connection to it can carry the circuit
+    js_relay = JsPeer(env={"INTEROP_LISTEN": "/ip4/127.0.0.1/udp/0/quic-v1"})
+    node = await _quic_node()
+    node.circuits.dcutr.enabled = False  # keep the relayed path (loopback would go direct)
+    try:
+        reservation = await node.circuits.reserve(js_relay.addr("quic-v1"))
+        assert "/quic-v1/" in str(reservation.circuit_addr)
+        relay_conn = node.connection_to(reservation.relay)
+        assert relay_conn is not None and relay_conn.transport == "quic"
+        assert await js_peer2.call("ping", addr=str(reservation.circuit_addr)) >= 0
+        conn = await _relayed_connection_to(js_peer2, str(node.peer_id))
+        assert conn is not None and "/quic-v1/" in conn["remoteAddr"] and conn["limited"]
+        legs = [
+            c["remoteAddr"]
+            for c in await js_peer2.call("connections")
+            if c["remotePeer"] == js_relay.peer_id and "/p2p-circuit" not in c["remoteAddr"]
+        ]
+        assert legs and all("/quic-v1" in a for a in legs), legs
+        assert conn["encryption"] == "/noise" and conn["multiplexer"] == "/yamux/1.0.0"
+        info = await js_peer2.call("identify", peer=str(node.peer_id))
+        assert info["agentVersion"].startswith("latticaray/")
+    finally:
+        try:
+            await _hang_up([js_peer2], node)
+        finally:
+            js_relay.stop()
+            await node.stop()
+
+
+async def test_our_relay_over_quic_both_roles_with_js(js_peer2):
+    """Our relay on QUIC only: a js peer reserves on it over QUIC and our node dials that js
+    peer through it over QUIC; our node reserves over QUIC and the js peer reaches it.
+
+    Runs after ``test_js_dials_our_node_through_a_js_relay_over_quic`` on purpose: there the
+    js peer's QUIC client got NEW_TOKEN tokens from the js relay (quinn keeps two per server
+    name, and libp2p uses one name for every peer), and it offers them to our relay. Our QUIC
+    endpoint takes a token it cannot validate as no token (RFC 9000 8.1.3); it used to drop
+    the Initial, so the js peer's next two QUIC dials to any of our nodes timed out."""
+    relay = await _quic_node()
+    service = Libp2pRelayService(relay)
+    service.start()
+    ours = await _quic_node()
+    ours.circuits.dcutr.enabled = False
+    relay_addr = str(relay.listen_addrs[0])
+    assert relay.quic is not None
+    try:
+        addrs = await js_peer2.call("reserve", addr=relay_addr)
+        assert relay.quic.stats["retry_token_invalid"] >= 1, relay.quic.stats  # a foreign token
+        assert any(str(relay.peer_id) in a and "/quic-v1/" in a for a in addrs), addrs
+        peer = await ours.connect(f"{relay_addr}/p2p-circuit/p2p/{js_peer2.peer_id}", timeout=15)
+        conn = ours.connection_to(peer)
+        assert conn is not None and conn.transport == "relay"
+        assert await ours.ping(peer) >= 0
+        reservation = await ours.circuits.reserve(relay_addr)
+        await _hang_up([js_peer2], ours)
+        assert await js_peer2.call("ping", addr=str(reservation.circuit_addr)) >= 0
+        seen = await _relayed_connection_to(js_peer2, str(ours.peer_id))
+        assert seen is not None and "/quic-v1/" in seen["remoteAddr"]
+        assert service.bytes_relayed > 0
+    finally:
+        await _hang_up([js_peer2], relay, ours)
+        await service.stop()
+        await ours.stop()
+        await relay.stop()

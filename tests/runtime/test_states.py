@@ -42,6 +42,7 @@ TASK_MOVES = {
     (S.REMOTE, E.RESEND): S.REMOTE,  # _resend after the session broke or moved
     (S.REMOTE, E.YIELD): S.STREAMING,  # _on_session_reply yield
     (S.REMOTE, E.RETRY): S.SCHEDULING,  # _peer_gone / done with a retryable error
+    (S.REMOTE, E.SPILL): S.SCHEDULING,  # Placer.rejected: the executor's queue was full
     (S.REMOTE, E.QUEUE): S.QUEUED,  # run_remote found no session; _actor_call_lost
     (S.REMOTE, E.COMPLETE): S.FINISHED,  # _complete_remote
     (S.STREAMING, E.YIELD): S.STREAMING,

@@ -10,6 +10,7 @@ random corruptions of valid messages through every decoder.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import msgpack
@@ -311,7 +312,15 @@ def test_dispatch_tables_and_match():
         "fetched",
         "fence",
     }
-    assert set(wire.TASK_REPLY_KINDS) == {"done", "yield", "part", "created", "fenced", "log"}
+    assert set(wire.TASK_REPLY_KINDS) == {
+        "done",
+        "rejected",
+        "yield",
+        "part",
+        "created",
+        "fenced",
+        "log",
+    }
     for kind, decode in wire.TASK_REQUEST_KINDS.items():
         assert decode.__self__.KIND == kind
     seen = []
@@ -327,6 +336,28 @@ def test_dispatch_tables_and_match():
                 pass
     assert ("cancel", TID, True) in seen and ("ack", TID, 5) in seen
     assert ("task", TID, True) in seen and ("task", TID, False) in seen
+
+
+def test_spillback_messages():
+    """`spill` on a task (the caller takes a rejection) and `rejected` with the executor's view;
+    both absent from what an old caller / executor sends."""
+    task = SubmitTask(TID, FN, "f", 1, ["b", b"args"], {"placed": True}, spill=True)
+    assert msgpack.unpackb(task.encode(), raw=False)["m"]["spill"] is True
+    assert wire.decode_task_request(task.encode()) == task
+    plain = SubmitTask(TID, FN, "f", 1, ["b", b"args"], {"placed": True})
+    assert "spill" not in msgpack.unpackb(plain.encode(), raw=False)["m"]
+    rejected = wire.TaskRejected(TID, "busy", {"CPU": 1.0}, {"CPU": 0.0}, 1, 1, 1)
+    assert wire.decode_task_reply(rejected.encode()) == rejected
+    unbounded = wire.TaskRejected(TID, "busy", {"CPU": 1.0}, {}, 0, 1)
+    assert "qlimit" not in msgpack.unpackb(unbounded.encode(), raw=False)
+    assert wire.decode_task_reply(unbounded.encode()) == unbounded
+    for bad in (
+        {"k": "rejected", "tid": TID, "why": "x", "total": {"CPU": "1"}, "avail": {}},
+        {"k": "rejected", "tid": TID, "why": 3, "total": {}, "avail": {}, "queued": 0},
+        {"k": "rejected", "tid": TID, "why": "x", "total": {}, "avail": {}, "queued": -1},
+    ):
+        with pytest.raises(wire.WireError):
+            wire.decode_task_reply(_pack(bad))
 
 
 def test_messages_are_frozen_and_slotted():
@@ -400,6 +431,8 @@ def test_view_with_the_records_the_arbiter_keeps():
     )
     assert typed.encode() == legacy
     assert wire.decode_view(legacy) == typed
+    bounded = dataclasses.replace(typed, qlimit=4)
+    assert wire.decode_view(bounded.encode()) == bounded
     pending = NameRecord(AID, None, CALLER, None, False, pending=True, wait_s=3.0)
     assert pending.to_wire() == names[("ns", "c")]
     # `drop` (sparse peering: the sender evicts the receiver from its neighbourhood) is a flag

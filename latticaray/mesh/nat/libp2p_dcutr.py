@@ -7,8 +7,10 @@ direct addresses, timing the answer; the peer that dialed through the relay (A,
 :attr:`DcutrRole.RESPONDER`) answers CONNECT with its own. B then sends SYNC and dials A's
 addresses after RTT/2; A dials B's as soon as SYNC arrives, so both dials meet (a TCP
 simultaneous open or QUIC hole punch behind NATs; on an open network either dial simply
-succeeds). The first direct connection joins the connection manager, ranks before the relayed
-one and becomes the peer's primary path; B retries up to :data:`MAX_ATTEMPTS` times.
+succeeds). Every address is dialed at once, so the packets to the one the peer dials from
+leave in time whatever else it sent. The first direct connection joins the connection
+manager, ranks before the relayed one and becomes the peer's primary path; B retries up to
+:data:`MAX_ATTEMPTS` times.
 
 The addresses sent are the node's advertised direct TCP/QUIC addresses (never a circuit or Unix
 one); addresses received are bounded by the codec (32, 512 bytes each) and only TCP/QUIC ones
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 DCUTR_TIMEOUT = 10.0
 MAX_ATTEMPTS = 3
 _MAX_RECORDS = 64
+#: how often a dial round checks for a direct connection the peer's own dial brought in
+_POLL = 0.1
 
 
 @dataclass
@@ -196,15 +200,36 @@ class Libp2pDcutr:
                 continue
             if addr.transport in ("tcp", "quic") and addr.relay_peer is None:
                 addrs.append(addr.without_peer().with_peer(peer))
-        for addr in addrs:
-            if self._direct(peer) is not None:
-                return True
-            try:
-                await self.node.connections.dial_addr(addr, self.dial_timeout, force_new=True)
-                return True
-            except (MeshError, OSError, TimeoutError) as exc:
-                log.debug("DCUtR dial of %s failed: %s", addr, exc)
+        if not addrs or self._direct(peer) is not None:
+            return self._direct(peer) is not None
+        # every address at once: a punch only works if our packets to the address the peer
+        # dials from leave while its own dials are still retrying, whatever else it sent
+        # (LAN addresses of its own, unreachable from here, fail on their own time)
+        tasks = {loop.create_task(self._dial_one(addr)) for addr in addrs}
+        deadline = loop.time() + self.dial_timeout
+        try:
+            pending = tasks
+            while pending and self._direct(peer) is None and loop.time() < deadline:
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=min(_POLL, max(0.0, deadline - loop.time())),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if any(t.result() for t in done):
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return self._direct(peer) is not None
+
+    async def _dial_one(self, addr: Multiaddr) -> bool:
+        try:
+            await self.node.connections.dial_addr(addr, self.dial_timeout, force_new=True)
+            return True
+        except (MeshError, OSError, TimeoutError) as exc:
+            log.debug("DCUtR dial of %s failed: %s", addr, exc)
+            return False
 
 
 async def _read(stream: MuxedStream) -> HolePunch:

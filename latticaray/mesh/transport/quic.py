@@ -409,16 +409,21 @@ class QuicTransport:
             return None
         dcid = header.destination_cid
         original_dcid, retry_scid = dcid, None
+        validated = False
         if header.token:
+            # a token we cannot validate is treated as no token (RFC 9000 8.1.3): it may be a
+            # NEW_TOKEN token another server gave the client; libp2p clients use one server
+            # name for every peer, so quinn (js-libp2p, rust-libp2p) offers another peer's
+            # tokens to us. Dropping such an Initial would fail every dial of theirs until
+            # their token store runs dry.
             try:
                 original_dcid = self._retry().validate_token(
                     address=addr, destination_cid=dcid, token=header.token, now=now()
                 )
+                retry_scid, validated = dcid, True
             except ValueError:
                 self.stats["retry_token_invalid"] += 1
-                return None
-            retry_scid = dcid
-        elif pending >= self.config.retry_when_pending_handshakes:
+        if not validated and pending >= self.config.retry_when_pending_handshakes:
             retry_cid = os.urandom(CONNECTION_ID_LENGTH)
             self._sendto(
                 encode_quic_retry(

@@ -249,7 +249,7 @@ class ActorHost:
     def release_resources(self, actor: HostedActor) -> None:
         """Give back what the actor took from the ledger (idempotent)."""
         if self.node.resources.release("actor-" + actor.aid.hex()):
-            self.node.tasks.dispatch()  # tasks waiting for them
+            self.node.tasks.resources_freed()  # tasks waiting for them
 
     def release_args(self, actor: HostedActor) -> None:
         while actor.pins:

@@ -105,6 +105,7 @@ class TaskRecord:
         "remote_peer",
         "retries_left",
         "retry_exc",
+        "spills",
         "state",
         "tid",
         "worker",
@@ -137,6 +138,7 @@ class TaskRecord:
         self.client: Any = None  # who submitted it (a client of the node)
         self.dep_error: bytes | None = None
         self.excluded: set[str] | None = None
+        self.spills = 0  # times a peer rejected it (busy, queue full) and it was placed again
         self.pins: list[str] | None = None  # store objects its arguments need until it is done
 
     @classmethod

@@ -1,9 +1,12 @@
 """What tasks and actors take from this node, and the placement groups it owns and holds.
 
-One role: a node's resources as its work consumes them. Tasks and actors acquire from the
-node's :class:`~latticaray.scheduler.resources.ResourceLedger`, or, when they run in a
-placement group, from the ledger of the group's bundle reserved here; either way the
-allocation says which GPU ids they get (the worker sets ``CUDA_VISIBLE_DEVICES`` to them).
+One role: a node's resources as its work consumes them. There is one
+:class:`~latticaray.scheduler.resources.ResourceLedger` per node: tasks are admitted against it
+(or against the ledger of their placement group's bundle reserved here) by the
+:class:`~latticaray.scheduler.core.SchedulerCore`'s
+:class:`~latticaray.scheduler.local.LocalScheduler` (tasks.py), actors acquire from it here;
+either way the allocation says which GPU ids they get (the worker sets
+``CUDA_VISIBLE_DEVICES`` to them).
 
 Placement groups go through the node's :class:`~latticaray.scheduler.core.SchedulerCore` (over
 the same ledger, so a reserved bundle is no longer free for other work) driven by a
@@ -27,9 +30,10 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from latticaray.scheduler.core import SchedulerCore
+from latticaray.scheduler.core import EndTasks, SchedulerConfig, SchedulerCore, StartLocal
 from latticaray.scheduler.driver import SchedulerDriver
 from latticaray.scheduler.errors import InsufficientResources
+from latticaray.scheduler.local import AdmissionKind, QueueAdmission
 from latticaray.scheduler.placement_groups import (
     GroupCreated,
     GroupPending,
@@ -50,6 +54,12 @@ log = logging.getLogger(__name__)
 _GROUP_ID = re.compile(r"^pg[0-9a-f]{24}$")
 MAX_GROUPS = 10_000
 MAX_PARKED = 100_000
+#: the bound of the node's fair task queue for peers' tasks: this many waiting tasks per CPU, at
+#: least MIN_QUEUE. A caller learns of room a network round trip late (a `done`, a view every
+#: 0.3 s), so a node keeps about that long of short tasks waiting to stay busy; a deeper queue
+#: would only let stale views pile work on a few nodes (the rest waits at the submitters).
+QUEUE_PER_CPU = 8
+MIN_QUEUE = 16
 
 
 class _Wait:
@@ -68,7 +78,12 @@ class NodeResources:
         self.node = node
         self.node_id = node.node_id
         self.ledger = ledger
-        self.core = SchedulerCore(node.node_id, ledger)
+        cpus = ledger.total.get("CPU", 0.0)
+        self.core = SchedulerCore(
+            node.node_id,
+            ledger,
+            config=SchedulerConfig(queue_limit=max(MIN_QUEUE, int(QUEUE_PER_CPU * cpus))),
+        )
         self.core.local.bundles.on_drop = self._bundle_dropped
         self.driver: SchedulerDriver | None = None
         #: allocation id -> (ledger it came from, allocation, (group, index) or None)
@@ -369,7 +384,23 @@ class NodeResources:
             self.driver.node_gone(node_id)
 
     def _on_action(self, action: Any) -> None:
-        if isinstance(action, GroupCreated):
+        if isinstance(action, StartLocal):  # a queued task started as a bundle changed
+            self.node.tasks.started_by_scheduler(
+                [
+                    QueueAdmission(
+                        AdmissionKind.STARTED,
+                        action.request.task_id,
+                        self.node_id,
+                        allocation=action.allocation,
+                    )
+                ]
+            )
+            self.node.tasks.dispatch()
+        elif isinstance(action, EndTasks):
+            # tasks running in a removed bundle finish (their resources were the bundle's);
+            # those queued for it cannot run
+            self.node.tasks.dropped_by_scheduler(action.dropped, action.reason)
+        elif isinstance(action, GroupCreated):
             self._publish(action.group_id)
             self._unpark(action.group_id)
         elif isinstance(action, GroupPending):

@@ -11,6 +11,7 @@ exception (`retry_exceptions`) or a lost runner spend `max_retries`.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,13 @@ from latticaray.runtime.local.records import (
     ObjectEntry,
     TaskRecord,
 )
-from latticaray.runtime.local.resources import WAIT, PlacementGroupError
+from latticaray.runtime.local.resources import WAIT
 from latticaray.runtime.remote.capacity import DEFERRED
 from latticaray.runtime.serialization import error_blob
 from latticaray.runtime.states import TaskEvent, TaskState
-from latticaray.scheduler.errors import InsufficientResources
+from latticaray.scheduler.local import AdmissionKind, FairQueue, LocalScheduler, QueueAdmission
+from latticaray.scheduler.policy import NodeView, PlacementRequest
+from latticaray.scheduler.resources import Allocation, Normalized, normalize
 
 if TYPE_CHECKING:
     from latticaray.runtime.node import RuntimeNode
@@ -47,13 +50,42 @@ if TYPE_CHECKING:
 RETRYABLE = (TaskState.RUNNING, TaskState.REMOTE)
 
 
+def submitter_of(client: Any) -> str:
+    """Whom a task's place in the fair queue is kept for: the peer node that sent it, or the
+    client of this node (a driver, a worker submitting nested tasks) that submitted it."""
+    if client is None:
+        return "node"
+    if client.kind == "remote":
+        return "node:" + client.node_id
+    worker_id = getattr(client, "worker_id", None)
+    if worker_id:
+        return "worker:" + worker_id
+    return f"{client.kind}:{id(client):x}"
+
+
 class TaskTable:
     """The node's task records (by task id) and its queue of tasks ready to run here."""
 
     def __init__(self, node: RuntimeNode):
         self.node = node
         self.records: dict[bytes, TaskRecord] = {}
-        self.ready_queue: collections.deque[TaskRecord] = collections.deque()
+        #: tasks the node's LocalScheduler queued (waiting for resources), by task id (hex)
+        self.queued: dict[str, TaskRecord] = {}
+        #: tasks the LocalScheduler started (their resources are held), waiting for a worker
+        self.started: collections.deque[TaskRecord] = collections.deque()
+        #: what each started or running task holds (GPU ids), by task id (hex)
+        self.allocations: dict[str, Allocation] = {}
+
+    @property
+    def scheduler(self) -> LocalScheduler:
+        """The node's admission control and fair queue (scheduler/local.py), over the node's
+        one ResourceLedger (the placement-group core's, so bundles and tasks share it)."""
+        return self.node.resources.core.local
+
+    @property
+    def ready_queue(self) -> FairQueue:
+        """Tasks waiting here for resources: per-submitter FIFOs served round-robin."""
+        return self.node.resources.core.local.queue
 
     # ------------------------------------------------------------------ submission
     def submit(self, message: dict, client: Any) -> None:
@@ -222,6 +254,8 @@ class TaskTable:
             return
         node = self.node
         demand = rec.demand
+        if not isinstance(demand, Normalized):  # once: the admission path reads it as is
+            demand = rec.demand = normalize(demand)
         remote = node.remote
         opts = rec.msg["opts"]
         if opts.get("pg") and not opts.get("placed"):
@@ -273,42 +307,114 @@ class TaskTable:
         """Queue a task to run on this node (its placement is done)."""
         self.node.activity.placed(rec, None)
         rec.move(TaskEvent.QUEUE)
-        self.ready_queue.append(rec)
+        self.admit(rec)
+        self.dispatch()
+
+    def admit(self, rec: TaskRecord) -> None:
+        """Offer a task placed here to the node's LocalScheduler: it starts (its resources are
+        taken; it waits for a worker), or queues fairly behind its submitter's earlier tasks.
+        It was placed here for good (a peer's was admitted on arrival, executor.py), so a full
+        queue does not reject it; a node that can never run it (its bundle is not here) fails
+        it."""
+        opts = rec.msg["opts"]
+        pg = opts.get("pg")
+        request = PlacementRequest(
+            rec.tid.hex(),
+            rec.demand,
+            submitter_of(rec.client),
+            bundle=(str(pg[0]), int(pg[1])) if pg else None,
+        )
+        admission = self.scheduler.offer(request, time.monotonic(), bounded=False)
+        if admission.kind is AdmissionKind.STARTED:
+            assert admission.allocation is not None
+            self.allocations[admission.task_id] = admission.allocation
+            self.started.append(rec)
+        elif admission.kind is AdmissionKind.QUEUED:
+            self.queued[admission.task_id] = rec
+        else:
+            self.fail(rec, TaskUnschedulableError(rec.tid.hex(), admission.reason))
+
+    def refusal(self, client: Any, tid: bytes, opts: dict) -> NodeView | None:
+        """Admission of a peer's task as it arrives: None when it may come in (resources are
+        free for it, or its submitter's share of the bounded queue has room), else this node's
+        fresh view, sent back with the rejection so the caller spills it elsewhere."""
+        scheduler = self.scheduler
+        request = PlacementRequest(tid.hex(), opts.get("res", {"CPU": 1.0}), submitter_of(client))
+        if scheduler.has_room(request):
+            return None
+        return scheduler.view(time.monotonic())
+
+    def started_by_scheduler(self, admissions: list[QueueAdmission]) -> None:
+        """Queued tasks the LocalScheduler started (resources freed): they wait for a worker."""
+        queued = self.queued
+        for admission in admissions:
+            rec = queued.pop(admission.task_id, None)
+            if admission.allocation is not None:
+                self.allocations[admission.task_id] = admission.allocation
+            if rec is not None:
+                self.started.append(rec)
+            else:  # not a task of this table (it ended meanwhile): give it back
+                self.release(admission.task_id)
+
+    def dropped_by_scheduler(self, task_ids: tuple[str, ...], reason: str) -> None:
+        """Queued tasks the LocalScheduler dropped (their placement group's bundle went away)."""
+        for task_id in task_ids:
+            rec = self.queued.pop(task_id, None)
+            if rec is not None:
+                self.fail(rec, TaskUnschedulableError(task_id, reason))
+
+    def release(self, task_id: str) -> None:
+        """A task here ended (or its worker died): its resources go back to the ledger and
+        queued tasks that now fit start. Idempotent."""
+        self.allocations.pop(task_id, None)
+        started = self.scheduler.finish(task_id, time.monotonic())
+        if started:
+            self.started_by_scheduler(started)
+
+    def lend(self, task_id: str) -> None:
+        """The task's worker blocks in a `get`: its resources go to other work meanwhile."""
+        started = self.scheduler.lend(task_id)
+        if started:
+            self.started_by_scheduler(started)
+
+    def resources_freed(self) -> None:
+        """Resources went back to the ledger outside the LocalScheduler (an actor's): queued
+        tasks that now fit start, and go to workers."""
+        started_now = self.scheduler.dispatch()
+        if started_now:
+            self.started_by_scheduler(started_now)
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Start queued tasks on idle task workers while the ledger has room for them."""
-        queue = self.ready_queue
+        """Hand the tasks the LocalScheduler started (their resources taken) to idle workers.
+        (Queued tasks start as the scheduler's `finish`/`lend` free resources: `release`,
+        `lend`; `resources_freed` after an actor's.)"""
+        started = self.started
         node = self.node
-        resources = node.resources
         workers = node.workers
         idle = workers.idle
-        while queue:
-            rec = queue[0]
-            if rec.done:
-                queue.popleft()
+        while started:
+            rec = started[0]
+            if rec.done:  # cancelled or failed before a worker took it
+                started.popleft()
+                self.release(rec.tid.hex())
                 continue
             if not idle:
-                workers.grow(len(queue))
-                return
-            try:
-                resources.acquire(rec.tid.hex(), rec.demand, rec.msg["opts"])
-            except InsufficientResources:
-                return
-            except PlacementGroupError as exc:  # its bundle is not (or no longer) here
-                queue.popleft()
-                self.fail(rec, TaskUnschedulableError(rec.tid.hex(), str(exc)))
-                continue
-            queue.popleft()
+                workers.grow(len(started))
+                break
+            started.popleft()
             worker = idle.pop()  # the most recently idle: warm caches
             self.run_on(worker, rec)
+        remote = node.remote
+        if remote is not None and remote.placer.waiting:
+            remote.placer.capacity_changed()
 
     def run_on(self, worker: WorkerHandle, rec: TaskRecord) -> None:
         fn = rec.msg["fn"]
         out = {"op": "task", "fn": fn}
-        gpus = self.node.resources.gpu_ids(rec.tid.hex())
-        if gpus is not None:
-            out["gpus"] = gpus
+        if self.node.ledger.total.get("GPU"):
+            allocation = self.allocations.get(rec.tid.hex())
+            out["gpus"] = [] if allocation is None else allocation.gpu_ids
         opts = rec.msg["opts"]
         if opts.get("pg"):
             out["pg"] = opts["pg"]
@@ -349,7 +455,7 @@ class TaskTable:
             if actor is not None:
                 actor.inflight.pop(tid, None)
         else:
-            node.resources.release(tid.hex())
+            self.release(tid.hex())
             if worker.alive:
                 node.workers.idle.append(worker)
         err = message.get("err")
@@ -364,7 +470,7 @@ class TaskTable:
             node.stats["retries"] += 1
             node.activity.retried(rec)
             if rec.actor is None:
-                self.ready_queue.append(rec)
+                self.admit(rec)
             else:
                 node.actors.send_call(rec.actor, rec)
             self.dispatch()
@@ -394,6 +500,13 @@ class TaskTable:
             node.recovery.on_complete(rec, err is not None)
         rec.move(TaskEvent.COMPLETE if err is None else TaskEvent.FAIL)
         self.records.pop(tid, None)
+        if rec.worker is None and rec.actor is None and (self.queued or self.allocations):
+            key = tid.hex()
+            if self.queued.pop(key, None) is not None:  # it ended while queued here
+                self.scheduler.cancel(key, time.monotonic())
+            elif key in self.allocations:  # started, no worker took it yet: resources back
+                self.release(key)
+                self.dispatch()
         client = rec.client
         node.activity.ended(
             rec,

@@ -198,7 +198,7 @@ class WorkerPool:
         """A task worker waits on objects: lend its CPU to other tasks meanwhile (as Ray does)."""
         worker.blocked += 1
         for tid in worker.tasks:
-            self.node.resources.release(tid.hex())
+            self.node.tasks.lend(tid.hex())
         self.node.tasks.dispatch()
         return True
 
@@ -232,7 +232,7 @@ class WorkerPool:
             pass
         tasks = node.tasks
         for tid, rec in list(worker.tasks.items()):
-            node.resources.release(tid.hex())
+            tasks.release(tid.hex())
             rec.worker = None
             may_retry = tasks.runner_lost(
                 rec,
@@ -245,7 +245,7 @@ class WorkerPool:
                 ),
             )
             if may_retry:
-                tasks.ready_queue.appendleft(rec)
+                tasks.admit(rec)
         worker.tasks.clear()
         tasks.dispatch()
 

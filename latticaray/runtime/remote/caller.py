@@ -38,6 +38,7 @@ from latticaray.runtime.remote.wire import (
     ResultsFetched,
     SubmitTask,
     TaskDone,
+    TaskRejected,
     TaskReply,
     TaskRequest,
     ValuePart,
@@ -196,6 +197,7 @@ class Caller:
             blob,
             again,
             None if stream is None else stream.count,
+            self.remote.placer.may_spill(rec),
         )
         rec.move(TaskEvent.SEND if rec.state is TaskState.SCHEDULING else TaskEvent.RESEND)
         rec.remote_peer = target
@@ -461,6 +463,11 @@ class Caller:
             self._on_item(peer, link, message)
         elif isinstance(message, TaskDone):
             self._on_done(peer, link, message)
+        elif isinstance(message, TaskRejected):
+            rec = link.inflight.pop(message.tid, None)
+            if rec is not None and not rec.done:
+                rec.remote_peer = None
+                self.remote.placer.rejected(rec, peer.node_id, message)
         elif isinstance(message, ActorCreated):
             link.creating.pop(message.aid, None)
             self.remote.actors.created(message.aid, message.error)

@@ -1,7 +1,9 @@
 """Executor side of `/latticaray/task/1`: running what a caller node sends, answering it.
 
-A caller's session is served as a `RemoteClient` of the RuntimeNode: its tasks are submitted
-(placed here, never re-placed), its actor creations and calls go to the ActorHost, in the order
+A caller's session is served as a `RemoteClient` of the RuntimeNode: its tasks are admitted by
+the node's LocalScheduler as they arrive (one the caller may place elsewhere is `rejected` with
+this node's fresh view when the node is busy and its fair queue has no room for that caller),
+then submitted (placed here, never re-placed), its actor creations and calls go to the ActorHost, in the order
 they came. Store arguments this node lacks are fetched first (objects.py). Results go back as
 `done` (store results by CID, large values as `part`s first), streamed items as `yield`, each
 reply held back until the borrow registrations made before it reached their owners; what went
@@ -37,6 +39,7 @@ from latticaray.runtime.remote.wire import (
     ResultsFetched,
     SubmitTask,
     TaskDone,
+    TaskRejected,
     TaskReply,
     ValuePart,
     YieldItem,
@@ -309,10 +312,30 @@ class Executor:
                 )
             )
             return
+        if message.spill and not message.again:
+            # admission: a node that is busy and whose queue has no room for this caller
+            # says so with its fresh view, and the caller places the task elsewhere
+            hint = node.tasks.refusal(client, message.tid, message.opts)
+            if hint is not None:
+                remote.stats["tasks_rejected"] += 1
+                client.send(
+                    TaskRejected(
+                        message.tid,
+                        f"node {remote.node_id} is busy and its task queue is full "
+                        f"({hint.queued} waiting)",
+                        dict(hint.total),
+                        dict(hint.available),
+                        hint.queued,
+                        hint.running,
+                        hint.queue_limit,
+                    )
+                )
+                return
         if remote.dedup.seen_before(client, message):
             return
         task.pop("again", None)
         task.pop("got", None)
+        task.pop("spill", None)
         task["opts"]["placed"] = True
         task["op"] = "submit"
         missing = remote.objects.missing_store_args(task["args"])

@@ -522,13 +522,15 @@ class Membership:
     def node_view(self) -> NodeView:
         """This node's capacity and load, as placement and capacity ads read them."""
         node = self.remote.node
+        queue = node.tasks.ready_queue
         return NodeView(
             self.node_id,
             dict(node.total_resources),
             node.ledger.available,
-            queued=len(node.tasks.ready_queue),
+            queued=len(queue),
             running=node.workers.running(),
             ad_time=time.monotonic(),
+            queue_limit=queue.limit,
         )
 
     def _view_payload(self, bye: bool = False, drop: bool = False, peers_too: bool = True) -> bytes:
@@ -546,7 +548,8 @@ class Membership:
             self.remote.names.shared_records(),
             self.incarnation,
             bye,
-            drop,
+            view.queue_limit,
+            drop=drop,
         ).encode()
 
     def _publish_member(self, now: float) -> None:
@@ -782,9 +785,11 @@ class Membership:
                 queued=view.queued,
                 running=view.running,
                 ad_time=time.monotonic(),
+                queue_limit=view.qlimit,
             )
             self.snapshot.update_node(node_view)
             self.remote.node.resources.on_view(node_view)  # placement groups being placed
+            self.remote.placer.capacity_changed()  # tasks waiting for room may fit there
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()

@@ -1,10 +1,16 @@
 // A long-lived js-libp2p + Helia peer driven by latticaray's interop tests.
 //
-// It listens on 127.0.0.1 only (TCP with Noise and yamux, QUIC-v1), prints one JSON line
+// It listens on 127.0.0.1 (TCP with Noise and yamux, QUIC-v1; INTEROP_LISTEN, comma-separated
+// multiaddrs, overrides that, e.g. inside a netlab namespace), prints one JSON line
 // {"ready": {...}} and then answers JSON-line commands on stdin, one reply line per command:
 //   {"id": 1, "cmd": "dial", "addr": "/ip4/127.0.0.1/tcp/4001/p2p/12D3..."}
 //   -> {"id": 1, "ok": true, "result": ...} or {"id": 1, "ok": false, "error": "..."}
 // It exits when stdin closes or on {"cmd": "quit"}.
+//
+// INTEROP_DCUTR=1 adds the DCUtR service. js-libp2p's DCUtR sends and dials only public
+// addresses (@libp2p/utils/private-ip counts netlab's 198.18.0.0/15 as private), but takes a
+// /dns4/ address as public: INTEROP_HOSTS='{"name": "198.18.0.102"}' resolves such names
+// (a static resolver given to the connection manager; no DNS server is asked).
 
 // node 20 lacks Promise.withResolvers, which recent libp2p modules use
 if (typeof Promise.withResolvers !== 'function') {
@@ -24,6 +30,7 @@ import { yamux } from '@chainsafe/libp2p-yamux'
 import { quic } from '@chainsafe/libp2p-quic'
 import { identify, identifyPush } from '@libp2p/identify'
 import { ping } from '@libp2p/ping'
+import { dcutr } from '@libp2p/dcutr'
 import { circuitRelayServer, circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { kadDHT, passthroughMapper } from '@libp2p/kad-dht'
 import { multiaddr } from '@multiformats/multiaddr'
@@ -39,9 +46,25 @@ import { sha256 } from 'multiformats/hashes/sha2'
 const kadProtocol = process.env.INTEROP_KAD_PROTOCOL || '/ipfs/kad/1.0.0'
 const kadClientMode = process.env.INTEROP_KAD_CLIENT === '1'
 const timeoutMs = Number(process.env.INTEROP_TIMEOUT_MS || 15000)
+const listen = process.env.INTEROP_LISTEN
+  ? process.env.INTEROP_LISTEN.split(',')
+  : ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1']
+const hosts = JSON.parse(process.env.INTEROP_HOSTS || '{}')
+
+// /dns4/NAME/... -> /ip4/IP/... for the names in INTEROP_HOSTS only
+const staticHosts = {
+  canResolve: (ma) => ma.getComponents().some(c => c.name === 'dns4' && hosts[c.value] != null),
+  async resolve (ma) {
+    return [multiaddr(ma.getComponents().map(c => {
+      if (c.name === 'dns4' && hosts[c.value] != null) return `/ip4/${hosts[c.value]}`
+      return c.value == null ? `/${c.name}` : `/${c.name}/${c.value}`
+    }).join(''))]
+  }
+}
+const extraServices = process.env.INTEROP_DCUTR === '1' ? { dcutr: dcutr() } : {}
 
 const libp2p = await createLibp2p({
-  addresses: { listen: ['/ip4/127.0.0.1/tcp/0', '/ip4/127.0.0.1/udp/0/quic-v1'] },
+  addresses: { listen },
   transports: [tcp(), quic(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
@@ -50,7 +73,8 @@ const libp2p = await createLibp2p({
   connectionManager: {
     allow: ['/ip4/127.0.0.1'],
     inboundConnectionThreshold: 1000,
-    maxIncomingPendingConnections: 100
+    maxIncomingPendingConnections: 100,
+    ...(Object.keys(hosts).length > 0 ? { resolvers: { dns4: staticHosts } } : {})
   },
   services: {
     identify: identify(),
@@ -64,7 +88,8 @@ const libp2p = await createLibp2p({
       allowQueryWithZeroPeers: true,
       validators: { latticaray: async () => {} },
       selectors: { latticaray: () => 0 }
-    })
+    }),
+    ...extraServices
   }
 })
 
@@ -140,6 +165,17 @@ const commands = {
       return { done, error: `${err.name}: ${err.message}` }
     }
     return { done, error: null }
+  },
+  // ping a connected peer on the connection js picks for it (direct before limited)
+  async pingPeer ({ peer }) {
+    return await libp2p.services.ping.ping(peerIdFromString(peer), { signal: signal() })
+  },
+  // take addr as one of our confirmed public addresses (what AutoNAT would confirm; identify
+  // drops observed addresses that js counts as private)
+  async confirmAddr ({ addr }) {
+    libp2p.components.addressManager.addObservedAddr(multiaddr(addr))
+    libp2p.components.addressManager.confirmObservedAddr(multiaddr(addr), { type: 'observed' })
+    return libp2p.getMultiaddrs().map(String)
   },
   // circuit relay v2 client: reserve a slot on the relay at addr (.../p2p/RELAY); returns this
   // peer's circuit addresses once the reservation is held

@@ -191,6 +191,20 @@ def body_of(message: dict[Any, Any], where: str) -> dict[Any, Any]:
     raise bad_field(message, "m", where, "a map")
 
 
+def is_amounts(value: object) -> bool:
+    """A map of resource name -> finite amount (a view's ``total`` / ``avail``)."""
+    return (
+        type(value) is dict
+        and len(value) <= MAX_RESOURCES
+        and all(
+            type(k) is str
+            and len(k) <= MAX_NAME
+            and (type(v) is int or (type(v) is float and math.isfinite(v)))
+            for k, v in value.items()
+        )
+    )
+
+
 def is_counted_id(value: object) -> bool:
     """What reference counts name: an object's id, or an actor's (its handles are counted)."""
     return type(value) is bytes and (len(value) == OBJECT_ID_LEN or len(value) == TASK_ID_LEN)

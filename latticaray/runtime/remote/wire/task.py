@@ -1,5 +1,5 @@
 """`/latticaray/task/1`: the task session between a caller node and an executor node (submit, actor
-create/call, cancel, acks, refs held, kill, fences; done, yield, part, created, fenced, log),
+create/call, cancel, acks, refs held, kill, fences; done, rejected, yield, part, created, fenced, log),
 and its decoders."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .fields import (
     MAX_NAME,
     MAX_NODE_ID,
     MAX_OPTS,
+    MAX_REASON,
     InnerRef,
     Message,
     Slot,
@@ -34,11 +35,13 @@ from .fields import (
     field_bin,
     field_flag,
     field_id,
+    field_int,
     field_map,
     field_opt_bin,
     field_opt_str,
     field_refs,
     field_str,
+    is_amounts,
     is_ref,
     unpack_map,
 )
@@ -54,7 +57,8 @@ class SubmitTask(Message):
     """``task``: run a task here. ``opts.placed`` is set (no re-placement); ``blob`` is the
     cloudpickled function the first time its hash goes to this peer; ``again``: sent again
     after the session broke or moved (deduplicated); ``got``: items a re-sent stream's caller
-    has already."""
+    has already; ``spill``: the caller may be answered `rejected` (its placement was free, not
+    bound to this node)."""
 
     KIND: ClassVar[str] = "task"
     tid: bytes
@@ -66,6 +70,7 @@ class SubmitTask(Message):
     blob: bytes | None = None
     again: bool = False
     got: int | None = None
+    spill: bool = False
 
     def body(self) -> dict[str, Any]:
         """The task's map (``m``), the form the node's submit path reads."""
@@ -83,6 +88,8 @@ class SubmitTask(Message):
             m["again"] = True
         if self.got is not None:
             m["got"] = self.got
+        if self.spill:
+            m["spill"] = True
         return m
 
     def to_wire(self) -> dict[str, Any]:
@@ -118,6 +125,7 @@ class SubmitTask(Message):
             blob,
             field_flag(m, "again", "task", False),
             got,
+            field_flag(m, "spill", "task", False),
         )
 
 
@@ -415,6 +423,51 @@ class TaskDone(Message):
 
 
 @dataclass(slots=True, frozen=True)
+class TaskRejected(Message):
+    """``rejected``: the answer to a `SubmitTask` marked ``spill`` that found this node full
+    (busy, and its caller's share of the bounded fair queue taken): it did not run and nothing
+    of it is kept here. ``why`` says so; ``total``, ``avail``, ``queued``, ``running`` and
+    ``qlimit`` are the node's view now, so the caller corrects its snapshot before it places the
+    task again (spillback)."""
+
+    KIND: ClassVar[str] = "rejected"
+    tid: bytes
+    why: str
+    total: dict[str, float]
+    avail: dict[str, float]
+    queued: int
+    running: int
+    qlimit: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "k": "rejected",
+            "tid": self.tid,
+            "why": self.why,
+            "total": self.total,
+            "avail": self.avail,
+            "queued": self.queued,
+            "running": self.running,
+        }
+        if self.qlimit is not None:
+            out["qlimit"] = self.qlimit
+        return out
+
+    @classmethod
+    def from_wire(cls, m: dict[Any, Any]) -> TaskRejected:
+        where = "rejected"
+        return cls(
+            field_id(m, "tid", where),
+            field_str(m, "why", where, MAX_REASON),
+            checked(m, "total", where, is_amounts, "a map of resource amounts"),
+            checked(m, "avail", where, is_amounts, "a map of resource amounts"),
+            field_int(m, "queued", where, 0, 2**63 - 1),
+            field_int(m, "running", where, 0, 2**63 - 1),
+            None if m.get("qlimit") is None else field_int(m, "qlimit", where, 0, 2**63 - 1),
+        )
+
+
+@dataclass(slots=True, frozen=True)
 class YieldItem(Message):
     """``yield``: item ``i`` of a streaming task (``d`` nil when it came as `part`s), with the
     refs pickled inside it (``inner``), held by the executor until `RefsHeld` of the item."""
@@ -544,7 +597,9 @@ TaskRequest: TypeAlias = (
     | ResultsFetched
     | Fence
 )
-TaskReply: TypeAlias = TaskDone | YieldItem | ValuePart | ActorCreated | Fenced | WorkerOutput
+TaskReply: TypeAlias = (
+    TaskDone | TaskRejected | YieldItem | ValuePart | ActorCreated | Fenced | WorkerOutput
+)
 
 #: The dispatch tables: kind -> decoder of a caller's message, and of an executor's.
 TASK_REQUEST_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskRequest]]] = {
@@ -560,6 +615,7 @@ TASK_REQUEST_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskRequest]]] = 
 }
 TASK_REPLY_KINDS: Final[dict[str, Callable[[dict[Any, Any]], TaskReply]]] = {
     "done": TaskDone.from_wire,
+    "rejected": TaskRejected.from_wire,
     "yield": YieldItem.from_wire,
     "part": ValuePart.from_wire,
     "created": ActorCreated.from_wire,

@@ -3,7 +3,6 @@ records, incarnation, leaving)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,6 @@ from .fields import (
     MAX_NAME,
     MAX_NODE_ID,
     MAX_OPTS,
-    MAX_RESOURCES,
     MAX_VIEW_NAMES,
     MAX_VIEW_PEERS,
     Message,
@@ -30,6 +28,7 @@ from .fields import (
     field_opt_map,
     field_opt_str,
     field_str,
+    is_amounts,
     unpack_map,
 )
 
@@ -79,19 +78,6 @@ class NameRecord(Message):
         )
 
 
-def _amounts(value: object) -> bool:
-    return (
-        type(value) is dict
-        and len(value) <= MAX_RESOURCES
-        and all(
-            type(k) is str
-            and len(k) <= MAX_NAME
-            and (type(v) is int or (type(v) is float and math.isfinite(v)))
-            for k, v in value.items()
-        )
-    )
-
-
 def _peer_addrs(value: object) -> bool:
     return (
         type(value) is dict
@@ -112,8 +98,10 @@ class RuntimeView(Message):
     """A node's resources and load, the members it knows (``peers``: node id -> multiaddrs)
     and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
     ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
-    ``bye``: it is leaving the mesh (sent as it stops); ``drop``: it stays a member but takes the
-    receiver out of its neighbourhood (sparse peering: it stops pushing views to it)."""
+    ``bye``: it is leaving the mesh (sent as it stops); ``qlimit``: the bound of its fair task
+    queue (a peer's task that finds it full is `rejected`; absent: unbounded); ``drop``: it stays
+    a member but takes the receiver out of its neighbourhood (sparse peering: it stops pushing
+    views to it)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -123,6 +111,8 @@ class RuntimeView(Message):
     names: list[tuple[str, str, NameRecord]]
     inc: bytes | None = None
     bye: bool = False
+    #: how many tasks its fair queue takes from peers before it rejects them (None: unbounded)
+    qlimit: int | None = None
     drop: bool = False
 
     def to_wire(self) -> dict[str, Any]:
@@ -138,6 +128,8 @@ class RuntimeView(Message):
             m["inc"] = self.inc
         if self.bye:
             m["bye"] = True
+        if self.qlimit is not None:
+            m["qlimit"] = self.qlimit
         if self.drop:
             m["drop"] = True
         return m
@@ -162,13 +154,14 @@ def decode_view(data: bytes) -> RuntimeView:
             raise WireError(f"{where}: names entries are [namespace, name, record]")
         records.append((entry[0], entry[1], NameRecord.from_wire(entry[2], where)))
     return RuntimeView(
-        checked(m, "total", where, _amounts, "a map of resource amounts"),
-        checked(m, "avail", where, _amounts, "a map of resource amounts"),
+        checked(m, "total", where, is_amounts, "a map of resource amounts"),
+        checked(m, "avail", where, is_amounts, "a map of resource amounts"),
         field_int(m, "queued", where, 0, 2**63 - 1),
         field_int(m, "running", where, 0, 2**63 - 1),
         checked(m, "peers", where, _peer_addrs, "a map of node id -> [multiaddr, ...]"),
         records,
         field_opt_bin(m, "inc", where, MAX_INCARNATION),
         field_flag(m, "bye", where, False),
+        None if m.get("qlimit") is None else field_int(m, "qlimit", where, 0, 2**63 - 1),
         field_flag(m, "drop", where, False),
     )
