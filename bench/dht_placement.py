@@ -4,9 +4,10 @@ node has takes, against the same first task sent to a node already known from pu
 Each trial starts three node processes on loopback: D (the driver attaches to it), A (joins
 through D) and C (joins through A; the only node with a "tpu"). Two meshes per trial:
 
-* ``dht``: D and C run ``--peering sparse``, so D has no view of C; the first tpu task waits
+* ``dht``: D and C run sparse peering with ``--fill-neighbours 0`` (they admit no peer introduced
+  in views), so D has no view of C; the first tpu task waits
   while D reads ``capacity/tpu``, admits C and places it there.
-* ``views`` (baseline): full peering; the driver waits until C's pushed view is at D, then sends
+* ``views`` (baseline): ``--peering full``; the driver waits until C's pushed view is at D, then sends
   the same first tpu task (a fresh task session and code shipped, as in the dht case).
 
 In both, a second tpu task then measures a warm known peer.
@@ -40,13 +41,13 @@ def whereami():
 
 
 def trial(sparse: bool) -> dict:
-    peering = ("--peering", "sparse") if sparse else ()
+    peering = ("--fill-neighbours", "0") if sparse else ("--peering", "full")
     nodes = []
     try:
         d = NodeProcess(None, None, extra_args=peering)
         nodes.append(d)
         invite = d.info["invite"]
-        a = NodeProcess(d.info["addrs"][0], invite)
+        a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--peering", "full"))
         nodes.append(a)
         c = NodeProcess(
             a.info["addrs"][0], invite, extra_args=(*peering, "--resources", '{"tpu": 1}')

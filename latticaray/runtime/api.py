@@ -599,6 +599,7 @@ def init(
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
     ipfs: bool = False,
+    peering: str = "sparse",
     object_store_memory: int | None = None,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
@@ -619,6 +620,10 @@ def init(
     this node shares with `latticaray.util.ipfs.share(ref)` over Bitswap 1.2.0, announced in the
     DHT; nothing that is not shared is served to non-members.
 
+    `peering` (a mesh node): "sparse" (the default) keeps live views of a bounded neighbourhood
+    of peers (bootstrap, recently used, found through capacity ads); "full" admits and keeps
+    views of every member (idle cost grows with the square of the mesh's size).
+
     `object_store_memory` (bytes, as in Ray): this node's object store capacity in memory (default:
     a share of the machine's memory; `latticaray start --object-store-memory` for a node
     process). Objects that do not fit beside the others are spilled to disk, least recently used
@@ -637,6 +642,8 @@ def init(
             )
         if context.current_core() is not None:
             raise RuntimeError("init() cannot be called inside a task or actor")
+        if peering not in ("full", "sparse"):
+            raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         if object_store_memory is not None and (
             isinstance(object_store_memory, bool)
             or not isinstance(object_store_memory, int)
@@ -646,6 +653,11 @@ def init(
                 f"object_store_memory is a positive number of bytes, not {object_store_memory!r}"
             )
         address = address or os.environ.get("LATTICARAY_ADDRESS")
+        if address and peering != "sparse":
+            raise ValueError(
+                "peering= is an option of the node, not of a driver attaching to it: start "
+                "that node with `latticaray start --peering full`"
+            )
         if address:
             if object_store_memory is not None:
                 raise ValueError(
@@ -660,6 +672,10 @@ def init(
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
         use_mesh = use_mesh or bool(ipfs)  # IPFS peers reach the node's mesh transports
+        if peering != "sparse" and not use_mesh:
+            raise ValueError(
+                f"peering={peering!r} applies to a mesh node: pass bootstrap=, listen= or nat="
+            )
         from latticaray.runtime.gpus import detect_gpus
 
         gpus = detect_gpus(num_gpus)  # CUDA_VISIBLE_DEVICES, NVML, or num_gpus declared
@@ -677,6 +693,7 @@ def init(
                 key_path=mesh_key_path,
                 nat=nat,
                 ipfs=bool(ipfs),
+                peering=peering,
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id

@@ -211,8 +211,12 @@ class MeshRuntime:
     into, and, when `nat` is given, MeshNatService (relay reservation, circuit address, hole punching).
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
-    `peering="sparse"` admits peers only through bootstrap, on demand (placement) or when they
-    ask, instead of every peer connected or introduced ("full"). `same_host_path=False` keeps
+    `peering="sparse"` (the default) admits peers only through bootstrap, on demand (placement,
+    objects, named actors) or when they ask, and keeps live views of at most `MAX_NEIGHBOURS`
+    of them (remote/membership.py: the least recently used peer it has no stake in is evicted);
+    "full" admits every peer connected or introduced and pushes views to all of them (idle cost
+    grows with N^2); `max_neighbours` and `fill_neighbours` change the bound and how many
+    peers introduced in views a sparse node admits. `same_host_path=False` keeps
     peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
     the Unix-socket path (to measure what two machines would see).
 
@@ -231,15 +235,27 @@ class MeshRuntime:
         admission: Admission,
         listen: list[str] | None,
         nat: NatSettings | None = None,
-        peering: str = "full",
+        peering: str = "sparse",
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
         ipfs: bool = False,
+        max_neighbours: int | None = None,
+        fill_neighbours: int | None = None,
     ):
         if peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
+        if peering == "full" and (max_neighbours is not None or fill_neighbours is not None):
+            raise ValueError("max_neighbours and fill_neighbours bound sparse peering only")
+        if max_neighbours is not None and (type(max_neighbours) is not int or max_neighbours < 1):
+            raise ValueError(f"max_neighbours is a positive integer, not {max_neighbours!r}")
+        if fill_neighbours is not None and (
+            type(fill_neighbours) is not int or fill_neighbours < 0
+        ):
+            raise ValueError(f"fill_neighbours is an integer >= 0, not {fill_neighbours!r}")
         self.peering = peering
+        self.max_neighbours = max_neighbours  # None: membership.MAX_NEIGHBOURS
+        self.fill_neighbours = fill_neighbours  # None: membership.FILL_NEIGHBOURS
         self.capacity_wait = capacity_wait
         self.same_host_path = same_host_path
         self.public_dht = public_dht  # DHT routing served to non-members (rate-limited) too
@@ -280,11 +296,13 @@ class MeshRuntime:
         key_path: str | None = None,
         mesh_key_path: str | None = None,
         nat: NatSettings | dict | bool | None = None,
-        peering: str = "full",
+        peering: str = "sparse",
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
         ipfs: bool = False,
+        max_neighbours: int | None = None,
+        fill_neighbours: int | None = None,
     ) -> MeshRuntime:
         """``nat``: None picks the default (:func:`default_nat`), False turns it off."""
         nat = default_nat(nat, bootstrap)
@@ -311,6 +329,8 @@ class MeshRuntime:
             same_host_path,
             public_dht,
             ipfs,
+            max_neighbours,
+            fill_neighbours,
         )
 
     async def start(self, runtime_node) -> MeshRuntime:
@@ -368,6 +388,10 @@ class MeshRuntime:
             self._dial_bootstrap()
         remote = self.remote = RemoteRuntime(runtime_node, self.mesh, self.admission)
         remote.sparse = self.peering == "sparse"
+        if self.max_neighbours is not None:
+            remote.membership.max_neighbours = self.max_neighbours
+        if self.fill_neighbours is not None:
+            remote.membership.fill_neighbours = self.fill_neighbours
         remote.embedded = self.embedded
         remote.register()
         runtime_node.state_source.mesh_runtime = self  # links, addresses, NAT, transfers

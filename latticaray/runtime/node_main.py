@@ -84,10 +84,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
-        default="full",
-        help="full: admit every member connected or introduced; sparse: admit "
-        "peers only through bootstrap, placement (DHT capacity ads) or "
-        "when they ask",
+        default="sparse",
+        help="sparse (the default): admit peers only through bootstrap, placement (DHT "
+        "capacity ads), objects and named actors, or when they ask, and keep live views of "
+        "at most a few dozen (the least recently used peer nothing depends on is evicted); "
+        "full: admit every member connected or introduced (idle cost grows with N^2)",
+    )
+    parser.add_argument(
+        "--max-neighbours",
+        type=int,
+        default=None,
+        help="sparse peering: live peer views kept at most (default 32); past that the least "
+        "recently used peer nothing depends on is evicted",
+    )
+    parser.add_argument(
+        "--fill-neighbours",
+        type=int,
+        default=None,
+        help="sparse peering: below this many live peers, peers introduced in views are "
+        "admitted too (default 4; 0: only bootstrap, work and peers that ask)",
     )
     parser.add_argument(
         "--capacity-wait",
@@ -193,6 +208,8 @@ def _prepare(args: argparse.Namespace):
         same_host_path=not args.no_same_host_path,
         public_dht=not args.dht_members_only,
         ipfs=args.ipfs,
+        max_neighbours=args.max_neighbours,
+        fill_neighbours=args.fill_neighbours,
     )
 
 

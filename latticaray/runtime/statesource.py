@@ -337,6 +337,16 @@ class NodeStateSource:
                     stale=True,
                 )
             )
+        for node_id, alive, total, avail in remote.membership.beyond_neighbourhood():
+            rows.append(
+                NodeRow(
+                    node_id=node_id,
+                    state="ALIVE" if alive else "DEAD",
+                    resources_total=total,
+                    resources_used={k: max(0.0, v - avail.get(k, 0.0)) for k, v in total.items()},
+                    stale=True,
+                )
+            )
         return rows
 
     async def remote_report(self, node_id: str, limit: int, timeout: float) -> NodeReport:

@@ -1,9 +1,10 @@
 """Placement from the capacity nodes advertise in the DHT (`capacity/<resource>`).
 
-Three node processes: D (sparse peering: admits peers only through its bootstrap role, placement
-or when asked; the driver attaches to it), A (joins through D, full peering), and C (joins
-through A, sparse, the only node with "tpu"s). D never gets a pushed view of C, yet a task and an
-actor asking for a tpu land on C because C's DHT capacity ad names it; afterwards C feeds D's
+Three node processes: D (sparse peering with no fill: admits peers only through its bootstrap
+role, placement or when asked, not those introduced in views; the driver attaches to it), A
+(joins through D, full peering), and C (joins through A, sparse, no fill, the only node with
+"tpu"s). D never gets a pushed view of C, yet a task and an actor asking for a tpu land on C
+because C's DHT capacity ad names it; afterwards C feeds D's
 views. A request no node can take still fails with TaskUnschedulableError after the wait (an
 actor's calls with ActorDiedError saying why). A fourth node E (joins through A, sparse, the only
 one with "npu"s) is met by D only when a named actor asks for an npu: the actor is created there,
@@ -30,6 +31,7 @@ from meshutil import NodeProcess, alive_nodes, start_child, stop_child, wait_for
 
 import latticaray as lattica
 from latticaray.mesh.identity import KeyPair
+from latticaray.runtime.admission import make_invite
 from latticaray.runtime.errors import TaskUnschedulableError
 from latticaray.runtime.local.actors import ActorHost
 from latticaray.runtime.remote.capacity import DEFERRED, CapacityDirectoryCore, DhtPlacement
@@ -62,28 +64,47 @@ class Accelerated:
         return lattica.get_runtime_context().node_id
 
 
+def bound_node(keys, bootstrap: str, *extra: str) -> NodeProcess:
+    """A sparse node (no fill) with a credential bound to its own key: it needs no renewal, so
+    it meets no node holding the mesh key (D) for one; D meets it only through its work."""
+    key_path = keys / f"node-{len(list(keys.iterdir()))}.key"
+    peer_id = str(KeyPair.load_or_create(key_path).peer_id)
+    credential = make_invite(str(keys / "mesh.key"), peer_id=peer_id)
+    return NodeProcess(
+        bootstrap,
+        credential,
+        extra_args=("--fill-neighbours", "0", "--key-path", str(key_path), *extra),
+    )
+
+
 @pytest.fixture(scope="module")
-def sparse_mesh():
+def sparse_mesh(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys")
     nodes = []
     try:
-        d = NodeProcess(None, None, extra_args=("--peering", "sparse", "--capacity-wait", "30"))
+        d = NodeProcess(
+            None,
+            None,
+            extra_args=(
+                "--fill-neighbours",
+                "0",
+                "--capacity-wait",
+                "30",
+                "--mesh-key-path",
+                str(keys / "mesh.key"),
+            ),
+        )
         nodes.append(d)
         invite = d.info["invite"]
-        a = NodeProcess(d.info["addrs"][0], invite, extra_args=("--capacity-wait", "3"))
+        a = NodeProcess(
+            d.info["addrs"][0], invite, extra_args=("--peering", "full", "--capacity-wait", "3")
+        )
         nodes.append(a)
-        c = NodeProcess(
-            a.info["addrs"][0],
-            invite,
-            extra_args=("--peering", "sparse", "--resources", '{"tpu": 2}'),
-        )
+        c = bound_node(keys, a.info["addrs"][0], "--resources", '{"tpu": 2}')
         nodes.append(c)
-        e = NodeProcess(
-            a.info["addrs"][0],
-            invite,
-            extra_args=("--peering", "sparse", "--resources", '{"npu": 1}'),
-        )
+        e = bound_node(keys, a.info["addrs"][0], "--resources", '{"npu": 1}')
         nodes.append(e)
-        yield {"d": d, "a": a, "c": c, "e": e}
+        yield {"d": d, "a": a, "c": c, "e": e, "keys": keys}
     finally:
         for node in nodes:
             node.stop()
@@ -259,11 +280,7 @@ def test_named_actor_claims_its_name_before_waiting_for_placement(sparse_mesh, a
         lookup = threading.Thread(target=look_up, daemon=True)
         lookup.start()
         assert winner not in outcomes and "get_actor" not in outcomes
-        f = NodeProcess(
-            a.info["addrs"][0],
-            d.info["invite"],
-            extra_args=("--peering", "sparse", "--resources", '{"xpu": 1}'),
-        )
+        f = bound_node(sparse_mesh["keys"], a.info["addrs"][0], "--resources", '{"xpu": 1}')
         for thread in threads + [lookup]:
             thread.join(wait + 15)
         handle, _ = outcomes[winner]

@@ -435,6 +435,14 @@ def test_view_with_the_records_the_arbiter_keeps():
     assert wire.decode_view(bounded.encode()) == bounded
     pending = NameRecord(AID, None, CALLER, None, False, pending=True, wait_s=3.0)
     assert pending.to_wire() == names[("ns", "c")]
+    # `drop` (sparse peering: the sender evicts the receiver from its neighbourhood) is a flag
+    # sent only when set; anything but a boolean (or an integer truth value) is refused
+    dropping = RuntimeView({}, {}, 0, 0, {}, [], b"inc", drop=True)
+    assert msgpack.unpackb(dropping.encode())["drop"] is True
+    assert "drop" not in msgpack.unpackb(typed.encode())
+    assert wire.decode_view(dropping.encode()) == dropping
+    with pytest.raises(WireError):
+        wire.decode_view(_pack({**msgpack.unpackb(dropping.encode()), "drop": "yes"}))
 
 
 def test_object_protocol():

@@ -404,6 +404,13 @@ class ActorHost:
         self.node.stats["actors_reclaimed"] += 1
         self.kill({"aid": aid, "no_restart": True}, None, RECLAIMED)
 
+    def hosts_for(self, owner: str) -> bool:
+        """Whether a live actor hosted here was created by node `owner`."""
+        return any(
+            not actor.dead and actor.msg.get("owner", self.node.node_id) == owner
+            for actor in self.hosted.values()
+        )
+
     def kill_orphans(self, owner: str) -> int:
         """Actors hosted here whose creator `owner` is gone die with it, unless detached."""
         killed = 0

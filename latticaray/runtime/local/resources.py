@@ -325,6 +325,10 @@ class NodeResources:
             return []
         return [group.nodes.get(i, "") for i in range(len(group.bundles))]
 
+    def nodes_in_use(self) -> set[str]:
+        """The nodes holding bundles of the groups this node owns."""
+        return {n for group_id in self.owned for n in self._nodes(group_id) if n}
+
     def table(self) -> dict:
         out = {}
         for group_id, rec in self.known.items():

@@ -11,6 +11,16 @@ Members push their view (resources, load, the peers they know, named-actor recor
 VIEW_INTERVAL s over `/latticaray/runtime-view/1`; the views fill the ClusterSnapshot placement
 reads (only for peers whose role lets them execute) and introduce peers not met yet.
 
+Peering. "full": every member connected or introduced is admitted and kept (views to all: idle
+cost grows with N^2). "sparse" (the default): a node admits its bootstrap peers, the peers its
+work needs (placement, DHT capacity ads, objects, named actors) and those that ask, plus peers
+introduced in views while it has fewer than FILL_NEIGHBOURS; it keeps live views of at most
+MAX_NEIGHBOURS (its neighbourhood): past that it evicts the least recently used peer it has no
+stake in (`pinned`: a bootstrap peer, work either way, actors either way, shared objects,
+placement-group bundles) and tells it with a `drop` view; the evicted peer stays a member and is
+admitted again when needed. Members beyond the neighbourhood are listed (`nodes()`, the state API)
+from the CRDT `members` collection.
+
 Liveness is judged by liveness.py's LivenessCore, which this module feeds (it is the core's
 shell): everything heard from a member (its views, the requests it makes here, the frames on our
 task sessions to it, the answers to our view pushes, and every QUIC packet of its connection, ACKs
@@ -57,6 +67,7 @@ from latticaray.runtime.remote.wire import (
     decode_view,
 )
 from latticaray.scheduler.policy import ClusterSnapshot, NodeView
+from latticaray.state.members import Liveness
 
 if TYPE_CHECKING:
     from latticaray.runtime.remote.caller import PeerSessions
@@ -73,6 +84,22 @@ MAX_LEFT = 4096  # departed processes remembered, so their late views are not ta
 MAX_INTRODUCED_ADDRS = 8
 RENEW_CHECK_INTERVAL = 30.0  # how often a node checks whether its credential needs renewal
 RENEW_RETRY = 1.0  # ... and how soon it tries again when it could not (doubling, up to that)
+#: Sparse peering: the live views a node keeps (its neighbourhood) before it evicts the least
+#: recently used peer it has no stake in (see Membership.pinned).
+MAX_NEIGHBOURS = 32
+#: Sparse peering: below this many live peers a node also admits the peers its members
+#: introduce in their views (so a small mesh is fully connected and a large one is not).
+FILL_NEIGHBOURS = 4
+#: A view from a peer this node dropped that arrives this soon after was already on its way.
+DROP_GRACE = 2.0
+#: A peer that goes on pushing views after we dropped it needs us (its bootstrap, its actors'
+#: host, ...): it is kept this long before it may be evicted again.
+DROP_HOLD = 60.0
+MAX_DROPPED = 4096
+#: Sparse peering: the `peers` map (introductions) travels in a node's first view to a peer, in
+#: the views after it admitted a peer, and otherwise at most this often; the other views carry
+#: an empty one (it is most of a view's bytes).
+PEERS_INTERVAL = 10.0
 
 
 class Peer:
@@ -87,6 +114,9 @@ class Peer:
         #: a view came since it last lost its connection (it is the same process: work may go)
         self.confirmed = True
         self.link: PeerSessions | None = None  # the task sessions to it (caller.py), once used
+        self.last_used = time.monotonic()  # admitted, or last picked for work (sparse eviction)
+        self.hold_until = 0.0  # not evicted before (it came back after we dropped it)
+        self.introduced: dict[str, list[str]] = {}  # the last `peers` map its views carried
 
 
 class Membership:
@@ -112,6 +142,13 @@ class Membership:
         #: pushed before its `bye` may arrive after it (another stream) and must not admit it
         #: again; a new process under the same peer id (a new incarnation) is welcome.
         self._left: OrderedDict[str, bytes | None] = OrderedDict()
+        #: Sparse peering: at most this many live views kept (see `trim`); the bootstrap
+        #: peers this node joined through are never evicted; peers dropped, and when.
+        self.max_neighbours = MAX_NEIGHBOURS
+        self.fill_neighbours = FILL_NEIGHBOURS
+        self.bootstrap_ids: set[str] = set()
+        self._dropped: OrderedDict[str, float] = OrderedDict()
+        self._peers_sent_at = 0.0
 
     def spawn(self, coro: Any) -> asyncio.Task:
         return self.remote.spawn(coro)
@@ -124,8 +161,13 @@ class Membership:
         return peer is not None and peer.alive
 
     def alive_peer(self, node_id: str | None) -> Peer | None:
+        """The live peer, if admitted; asking for it to use it (work, objects, refs) marks it
+        as recently used (the neighbourhood evicts the least recently used first)."""
         peer = self.peers.get(node_id) if node_id is not None else None
-        return peer if peer is not None and peer.alive else None
+        if peer is None or not peer.alive:
+            return None
+        peer.last_used = time.monotonic()
+        return peer
 
     # ------------------------------------------------------------------ admission
     async def join(self, addr: str, connecting: Awaitable[Any] | None = None) -> None:
@@ -135,6 +177,7 @@ class Membership:
         if connecting is None:
             connecting = self.mesh.connect(addr, timeout=10.0)
         peer = await connecting
+        self.bootstrap_ids.add(str(peer))
         await self.admit_with(peer, refresh=True, refused=True)
 
     async def admit_with(self, peer_id: Any, refresh: bool = False, refused: bool = False) -> None:
@@ -256,6 +299,8 @@ class Membership:
         else:
             current = admission.own_credential
             assert current is not None  # needs_renewal: this node is a member
+            if not self.issuers.intersection(self.alive_peers()):
+                await self._meet_issuers()
             errors = []
             for node_id in sorted(self.alive_peers(), key=lambda n: n not in self.issuers):
                 try:
@@ -282,6 +327,20 @@ class Membership:
             log.info("membership credential renewed until %.0f", admission.own.expires)
         for node_id in self.alive_peers():
             self.spawn(self.admit_with(self.peers[node_id].peer_id, refresh=True))
+
+    async def _meet_issuers(self, most: int = 4) -> None:
+        """Sparse peering: no peer we know holds the mesh key; meet (admit) up to ``most`` of
+        the peers our members' views name, whose admission replies say whether they hold it."""
+        tried = 0
+        for peer in list(self.peers.values()):
+            if not peer.alive:
+                continue
+            for other, addrs in peer.introduced.items():
+                if tried >= most or self.issuers.intersection(self.alive_peers()):
+                    return
+                if other != self.node_id and other not in self.peers and addrs:
+                    tried += 1
+                    await self._introduce(other, addrs)
 
     # ------------------------------------------------------------------ revocation
     def attach_revocations(self, revocations: Revocations) -> None:
@@ -352,12 +411,112 @@ class Membership:
         if peer is None or not peer.alive:
             peer = Peer(node_id, peer_id)
             self.peers[node_id] = peer
+            self._dropped.pop(node_id, None)  # admitted again
+            self._peers_sent_at = 0.0  # our next views introduce it to the others
             self.liveness.unwatch(node_id)  # a member admitted again is judged afresh
             self.liveness.watch(
                 node_id, time.monotonic(), connected=self.mesh.connection_to(peer_id) is not None
             )
             self.spawn(self._push_view(peer))
+            if self.remote.sparse:
+                self.trim(keep=node_id)
         return peer
+
+    # ------------------------------------------------------------------ the neighbourhood
+    def pinned(self, node_id: str) -> str | None:
+        """Why a live peer must stay in the neighbourhood (this node has a stake in its
+        liveness), or None: it is a bootstrap peer of ours, our task sessions to it carry work,
+        it runs work for us or we for it, it hosts our actors or we host its, it borrows our
+        objects or we its, it holds bundles of our placement groups, or it came back after we
+        dropped it (it needs us) less than DROP_HOLD s ago."""
+        if node_id in self.bootstrap_ids:
+            return "bootstrap"
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return None
+        if peer.hold_until > time.monotonic():
+            return "it needs us"
+        link = peer.link
+        if link is not None and (link.inflight or link.creating or link.held or link.suspended):
+            return "our work on it"
+        remote = self.remote
+        caller = remote.dedup.callers.get(node_id)
+        if caller is not None and caller.running:
+            return "its work here"
+        if any(actor.host == node_id for actor in remote.actors.owned.values()):
+            return "hosts our actors"
+        node = remote.node
+        if node.actors.hosts_for(node_id):
+            return "we host its actors"
+        refs = node.refs
+        if node_id in refs.owners.values() or any(node_id in b for b in refs.borrowers.values()):
+            return "shares objects with us"
+        if node_id in node.resources.nodes_in_use():
+            return "holds our placement groups' bundles"
+        return None
+
+    def trim(self, keep: str | None = None) -> None:
+        """Sparse peering: while more than `max_neighbours` peers are live, evict the least
+        recently used one this node has no stake in (`pinned`); ``keep`` (just admitted) stays.
+        Pinned peers may hold the neighbourhood above the bound: a node does not cut off a
+        peer its work depends on."""
+        alive = [p for p in self.peers.values() if p.alive]
+        excess = len(alive) - self.max_neighbours
+        if excess <= 0:
+            return
+        for peer in sorted(alive, key=lambda p: p.last_used):
+            if excess <= 0:
+                break
+            if peer.node_id == keep or self.pinned(peer.node_id) is not None:
+                continue
+            self.evict(peer)
+            excess -= 1
+        if excess > 0:
+            self.remote.stats["neighbourhood_over"] += 1
+
+    def evict(self, peer: Peer, notify: bool = True) -> None:
+        """Take a live peer out of the neighbourhood: no more views to it, no liveness watch
+        over it, out of the placement snapshot. It stays a member (nothing of its work is
+        settled as if it were gone) and is admitted again when needed. ``notify``: tell it
+        (a `drop` view), so it stops pushing views here unless it has a stake in us."""
+        node_id = peer.node_id
+        if self.peers.get(node_id) is not peer or not peer.alive:
+            return
+        del self.peers[node_id]
+        peer.alive = False
+        self.liveness.unwatch(node_id)
+        self.snapshot.remove_node(node_id)
+        if peer.link is not None:
+            peer.link.cancel_sessions()
+        self._dropped[node_id] = time.monotonic()
+        self._dropped.move_to_end(node_id)
+        while len(self._dropped) > MAX_DROPPED:
+            self._dropped.popitem(last=False)
+        self.remote.stats["peers_evicted"] += 1
+        log.debug("peer %s left this node's neighbourhood", node_id)
+        if notify and self.mesh.connection_to(peer.peer_id) is not None:
+            self.spawn(self._send_drop(peer))
+
+    async def _send_drop(self, peer: Peer) -> None:
+        try:
+            await self.mesh.call(
+                peer.peer_id,
+                VIEW_PROTOCOL,
+                self._view_payload(drop=True, peers_too=False),
+                timeout=VIEW_TIMEOUT,
+            )
+        except (RpcError, MeshError) as exc:
+            log.debug("drop notice to %s: %s", peer.node_id, exc)
+
+    def neighbourhood(self) -> dict[str, Any]:
+        """The live peers, the bound, and why each pinned one is pinned (for state reports)."""
+        alive = self.alive_peers()
+        return {
+            "size": len(alive),
+            "max": self.max_neighbours if self.remote.sparse else None,
+            "pinned": {n: why for n in alive if (why := self.pinned(n)) is not None},
+            "evicted": self.remote.stats["peers_evicted"],
+        }
 
     # ------------------------------------------------------------------ views
     def node_view(self) -> NodeView:
@@ -374,10 +533,10 @@ class Membership:
             queue_limit=queue.limit,
         )
 
-    def _view_payload(self, bye: bool = False) -> bytes:
+    def _view_payload(self, bye: bool = False, drop: bool = False, peers_too: bool = True) -> bytes:
         view = self.node_view()
         peers = {}
-        for peer in self.peers.values():
+        for peer in self.peers.values() if peers_too else ():
             if peer.alive:
                 peers[peer.node_id] = [str(a) for a in self.mesh.addrs_of(peer.peer_id)]
         return RuntimeView(
@@ -390,6 +549,7 @@ class Membership:
             self.incarnation,
             bye,
             view.queue_limit,
+            drop=drop,
         ).encode()
 
     def _publish_member(self, now: float) -> None:
@@ -415,7 +575,10 @@ class Membership:
             await asyncio.sleep(VIEW_INTERVAL)
             now = time.monotonic()
             self._publish_member(now)
-            payload = self._view_payload()
+            peers_too = not self.remote.sparse or now - self._peers_sent_at >= PEERS_INTERVAL
+            if peers_too:
+                self._peers_sent_at = now
+            payload = self._view_payload(peers_too=peers_too)
             for peer in list(self.peers.values()):
                 if peer.alive and self.mesh.connection_to(peer.peer_id) is not None:
                     self.spawn(self._push_view(peer, payload))
@@ -554,7 +717,7 @@ class Membership:
     async def leave(self) -> None:
         """Tell every connected member this node is leaving (a `bye` view), so they settle
         its work at once instead of waiting for the liveness window."""
-        payload = self._view_payload(bye=True)
+        payload = self._view_payload(bye=True, peers_too=False)
         calls = [
             self.mesh.call(peer.peer_id, VIEW_PROTOCOL, payload, timeout=LEAVE_TIMEOUT)
             for peer in self.peers.values()
@@ -576,6 +739,19 @@ class Membership:
                 self.peer_gone(node_id, "left the mesh")
             self.liveness.unwatch(node_id)  # not redialed
             return b""
+        if view.drop:  # it took us out of its neighbourhood
+            if peer is not None and peer.alive and self.pinned(node_id) is None:
+                self.evict(peer, notify=False)
+            return b""  # else we keep it (and our views tell it we need it)
+        dropped_at = self._dropped.get(node_id)
+        if dropped_at is not None and (peer is None or not peer.alive):
+            if time.monotonic() - dropped_at < DROP_GRACE:
+                return b""  # pushed before it heard of the drop
+            del self._dropped[node_id]
+            # it goes on pushing views after we dropped it: it needs us; kept a while
+            peer = self.add_peer(node_id, ctx.peer_id)
+            peer.hold_until = time.monotonic() + DROP_HOLD
+            self.remote.stats["neighbours_back"] += 1
         if node_id in self._left:
             if self._left[node_id] == view.inc:
                 self.remote.stats["late_views_ignored"] += 1
@@ -599,6 +775,8 @@ class Membership:
             self.remote.caller.peer_back(peer)
         first_view = peer.view is None
         peer.view = view
+        if view.peers:
+            peer.introduced = view.peers
         if self.may_host(node_id):  # a driver or an observer is sent no work
             node_view = NodeView(
                 node_id,
@@ -615,13 +793,19 @@ class Membership:
         capacity = self.remote.capacity
         if first_view and capacity is not None:
             capacity.peer_ready()
+        wanted = len(view.peers)
+        if self.remote.sparse:  # only while the neighbourhood is small
+            wanted = self.fill_neighbours - len(self.alive_peers()) - len(self._introducing)
         for other, addrs in view.peers.items():
+            if wanted <= 0:
+                break
             if (
                 other != self.node_id
                 and other not in self.peers
+                and other not in self._dropped
                 and addrs
-                and not self.remote.sparse
             ):
+                wanted -= 1
                 self.spawn(self._introduce(other, addrs))
         self.remote.names.merge_records(view.names)
         return b""
@@ -669,8 +853,33 @@ class Membership:
         remote.caller.peer_gone(peer)
         remote.actors.peer_gone(node_id)
 
+    def beyond_neighbourhood(self) -> list[tuple[str, bool, dict, dict]]:
+        """The members this node keeps no peer entry for (a sparse node does not know everyone
+        first-hand), from the CRDT `members` collection: (node id, alive by its heartbeat
+        age, resources total, available as last published)."""
+        state = self.remote.state
+        if state is None:
+            return []
+        members = state.members
+        out = []
+        for info in members.all():
+            node_id = str(info.peer_id)
+            if node_id == self.node_id or node_id in self.peers:
+                continue
+            alive = members.liveness(node_id) is not Liveness.DEAD
+            out.append(
+                (
+                    node_id,
+                    alive,
+                    dict(info.resources_total),
+                    dict(info.resources_available) if alive else {},
+                )
+            )
+        return out
+
     def nodes(self) -> list[dict]:
-        """The `nodes()` table: this node and every peer whose view has arrived."""
+        """The `nodes()` table: this node, every peer whose view has arrived, and the other
+        members the CRDT `members` collection knows (beyond a sparse node's neighbourhood)."""
         out = [self.remote.node.local_view()]
         for node_id, peer in self.peers.items():
             view = peer.view
@@ -684,4 +893,6 @@ class Membership:
                     "Available": dict(view.avail) if peer.alive else {},
                 }
             )
+        for node_id, alive, total, avail in self.beyond_neighbourhood():
+            out.append({"NodeID": node_id, "Alive": alive, "Resources": total, "Available": avail})
         return out

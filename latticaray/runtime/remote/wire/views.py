@@ -99,7 +99,9 @@ class RuntimeView(Message):
     and the named-actor records it arbitrates (pending ones left out), pushed every 0.3 s.
     ``inc``: the sending process's incarnation (a new one: it restarted under the same peer id);
     ``bye``: it is leaving the mesh (sent as it stops); ``qlimit``: the bound of its fair task
-    queue (a peer's task that finds it full is `rejected`; absent: unbounded)."""
+    queue (a peer's task that finds it full is `rejected`; absent: unbounded); ``drop``: it stays
+    a member but takes the receiver out of its neighbourhood (sparse peering: it stops pushing
+    views to it)."""
 
     total: dict[str, float]
     avail: dict[str, float]
@@ -111,6 +113,7 @@ class RuntimeView(Message):
     bye: bool = False
     #: how many tasks its fair queue takes from peers before it rejects them (None: unbounded)
     qlimit: int | None = None
+    drop: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         m: dict[str, Any] = {
@@ -127,6 +130,8 @@ class RuntimeView(Message):
             m["bye"] = True
         if self.qlimit is not None:
             m["qlimit"] = self.qlimit
+        if self.drop:
+            m["drop"] = True
         return m
 
 
@@ -158,4 +163,5 @@ def decode_view(data: bytes) -> RuntimeView:
         field_opt_bin(m, "inc", where, MAX_INCARNATION),
         field_flag(m, "bye", where, False),
         None if m.get("qlimit") is None else field_int(m, "qlimit", where, 0, 2**63 - 1),
+        field_flag(m, "drop", where, False),
     )
