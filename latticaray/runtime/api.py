@@ -599,7 +599,7 @@ def init(
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
     ipfs: bool = False,
-    peering: str = "sparse",
+    peering: str | None = None,
     object_store_memory: int | None = None,
     _mesh: bool | None = None,
     _max_workers: int | None = None,
@@ -620,9 +620,9 @@ def init(
     this node shares with `latticaray.util.ipfs.share(ref)` over Bitswap 1.2.0, announced in the
     DHT; nothing that is not shared is served to non-members.
 
-    `peering` (a mesh node): "sparse" (the default) keeps live views of a bounded neighbourhood
-    of peers (bootstrap, recently used, found through capacity ads); "full" admits and keeps
-    views of every member (idle cost grows with the square of the mesh's size).
+    `peering` (a mesh node): "full" (the default) admits and keeps views of every member (idle
+    cost grows with the square of the mesh's size); "sparse" keeps live views of a bounded
+    neighbourhood of peers (bootstrap, recently used, found through capacity ads).
 
     `object_store_memory` (bytes, as in Ray): this node's object store capacity in memory (default:
     a share of the machine's memory; `latticaray start --object-store-memory` for a node
@@ -642,7 +642,7 @@ def init(
             )
         if context.current_core() is not None:
             raise RuntimeError("init() cannot be called inside a task or actor")
-        if peering not in ("full", "sparse"):
+        if peering is not None and peering not in ("full", "sparse"):
             raise ValueError(f"peering is 'full' or 'sparse', not {peering!r}")
         if object_store_memory is not None and (
             isinstance(object_store_memory, bool)
@@ -653,10 +653,10 @@ def init(
                 f"object_store_memory is a positive number of bytes, not {object_store_memory!r}"
             )
         address = address or os.environ.get("LATTICARAY_ADDRESS")
-        if address and peering != "sparse":
+        if address and peering is not None:
             raise ValueError(
                 "peering= is an option of the node, not of a driver attaching to it: start "
-                "that node with `latticaray start --peering full`"
+                f"that node with `latticaray start --peering {peering}`"
             )
         if address:
             if object_store_memory is not None:
@@ -672,7 +672,7 @@ def init(
             return _attach(address, namespace)
         use_mesh = bool(bootstrap) or bool(listen) or bool(_mesh) or bool(nat)  # nat=False: off
         use_mesh = use_mesh or bool(ipfs)  # IPFS peers reach the node's mesh transports
-        if peering != "sparse" and not use_mesh:
+        if peering is not None and not use_mesh:
             raise ValueError(
                 f"peering={peering!r} applies to a mesh node: pass bootstrap=, listen= or nat="
             )
@@ -693,7 +693,7 @@ def init(
                 key_path=mesh_key_path,
                 nat=nat,
                 ipfs=bool(ipfs),
-                peering=peering,
+                peering=peering or "full",
             )
             mesh_runtime.embedded = True
             node_id = mesh_runtime.node_id

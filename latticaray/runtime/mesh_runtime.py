@@ -211,12 +211,13 @@ class MeshRuntime:
     into, and, when `nat` is given, MeshNatService (relay reservation, circuit address, hole punching).
     Placement also reads those ads (remote/capacity.py): work no admitted peer can take waits up
     to `capacity_wait` s for an advertiser of the demanded resources to be found and admitted.
-    `peering="sparse"` (the default) admits peers only through bootstrap, on demand (placement,
+    `peering="sparse"` admits peers only through bootstrap, on demand (placement,
     objects, named actors) or when they ask, and keeps live views of at most `MAX_NEIGHBOURS`
     of them (remote/membership.py: the least recently used peer it has no stake in is evicted);
-    "full" admits every peer connected or introduced and pushes views to all of them (idle cost
-    grows with N^2); `max_neighbours` and `fill_neighbours` change the bound and how many
-    peers introduced in views a sparse node admits. `same_host_path=False` keeps
+    "full" (the default) admits every peer connected or introduced and pushes views to all of
+    them (idle cost grows with N^2; named actors' arbiters agree mesh-wide); `max_neighbours`
+    and `fill_neighbours` change the bound and how many peers introduced in views a sparse node
+    admits. `same_host_path=False` keeps
     peers on the same host on the transport they dialled (QUIC, TCP) instead of moving them to
     the Unix-socket path (to measure what two machines would see).
 
@@ -235,7 +236,7 @@ class MeshRuntime:
         admission: Admission,
         listen: list[str] | None,
         nat: NatSettings | None = None,
-        peering: str = "sparse",
+        peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,
@@ -296,7 +297,7 @@ class MeshRuntime:
         key_path: str | None = None,
         mesh_key_path: str | None = None,
         nat: NatSettings | dict | bool | None = None,
-        peering: str = "sparse",
+        peering: str = "full",
         capacity_wait: float = CAPACITY_WAIT,
         same_host_path: bool = True,
         public_dht: bool = True,

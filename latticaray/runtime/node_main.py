@@ -84,11 +84,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peering",
         choices=("full", "sparse"),
-        default="sparse",
-        help="sparse (the default): admit peers only through bootstrap, placement (DHT "
+        default="full",
+        help="full (the default): admit every member connected or introduced (idle cost "
+        "grows with N^2); sparse: admit peers only through bootstrap, placement (DHT "
         "capacity ads), objects and named actors, or when they ask, and keep live views of "
-        "at most a few dozen (the least recently used peer nothing depends on is evicted); "
-        "full: admit every member connected or introduced (idle cost grows with N^2)",
+        "at most a few dozen (the least recently used peer nothing depends on is evicted)",
     )
     parser.add_argument(
         "--max-neighbours",

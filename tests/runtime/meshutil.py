@@ -99,10 +99,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def driver_with_nodes(count: int = 2, node_args: tuple[str, ...] = ()):
+def driver_with_nodes(count: int = 2, node_args: tuple[str, ...] = (), peering: str | None = None):
     """This process as the mesh's first node (embedded driver) plus ``count`` node processes
-    (started with ``node_args`` too)."""
-    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"])
+    (started with ``node_args`` too; ``peering``: every one of them, default the product's)."""
+    if peering is not None:
+        node_args = ("--peering", peering, *node_args)
+    lattica.init(_mesh=True, num_cpus=1, listen=["/ip4/127.0.0.1/udp/0/quic-v1"], peering=peering)
     nodes = []
     try:
         info = lattica.mesh_info()

@@ -73,7 +73,15 @@ def bound_node(keys, bootstrap: str, *extra: str) -> NodeProcess:
     return NodeProcess(
         bootstrap,
         credential,
-        extra_args=("--fill-neighbours", "0", "--key-path", str(key_path), *extra),
+        extra_args=(
+            "--peering",
+            "sparse",
+            "--fill-neighbours",
+            "0",
+            "--key-path",
+            str(key_path),
+            *extra,
+        ),
     )
 
 
@@ -86,6 +94,8 @@ def sparse_mesh(tmp_path_factory):
             None,
             None,
             extra_args=(
+                "--peering",
+                "sparse",
                 "--fill-neighbours",
                 "0",
                 "--capacity-wait",

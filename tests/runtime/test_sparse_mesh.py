@@ -1,4 +1,4 @@
-"""Sparse peering (the default): the bounded neighbourhood and what evicts a peer from it.
+"""Sparse peering (`peering="sparse"`): the bounded neighbourhood and what evicts a peer from it.
 
 The driver (this process, the mesh's first node) and node processes on loopback. A node keeps
 live views of at most `max_neighbours` peers; past that it evicts the least recently used one
@@ -47,20 +47,24 @@ def run_on(node_id: str) -> str:
     return lattica.get(whereami.options(scheduling_strategy=strategy).remote(), timeout=60)
 
 
-def test_sparse_is_the_default_and_full_is_an_option():
+def test_full_is_the_default_and_sparse_is_an_option():
     with pytest.raises(ValueError, match="peering is 'full' or 'sparse'"):
         lattica.init(_mesh=True, peering="ring")
     with pytest.raises(ValueError, match="applies to a mesh node"):
-        lattica.init(peering="full")
-    with driver_with_nodes(1):
+        lattica.init(peering="sparse")
+    with pytest.raises(ValueError, match="option of the node"):
+        lattica.init(address="unix:/nonexistent.sock", peering="sparse")
+    with driver_with_nodes(0):
+        assert on_loop(lambda: membership().remote.sparse) is False
+    with driver_with_nodes(1, peering="sparse"):
         assert on_loop(lambda: membership().remote.sparse) is True
 
 
 def test_evicted_peer_is_dropped_on_both_sides_and_met_again_when_used():
-    with driver_with_nodes(1) as cluster:
+    with driver_with_nodes(1, peering="sparse") as cluster:
         a = cluster["nodes"][0]
         # B joins through A: the driver is not its bootstrap, it meets B by introduction
-        b = NodeProcess(a.info["addrs"][0], cluster["invite"])
+        b = NodeProcess(a.info["addrs"][0], cluster["invite"], extra_args=("--peering", "sparse"))
         cluster["nodes"].append(b)
         wait_for(lambda: on_loop(lambda: membership().is_alive(b.node_id)), 30, "B introduced")
         # B swapped its invite for a credential bound to it (at the driver, the only node
@@ -99,7 +103,7 @@ def test_evicted_peer_is_dropped_on_both_sides_and_met_again_when_used():
 
 
 def test_a_peer_that_needs_us_is_kept():
-    with driver_with_nodes(2) as cluster:
+    with driver_with_nodes(2, peering="sparse") as cluster:
         nodes = cluster["nodes"]
         wait_for(
             lambda: on_loop(lambda: len(membership().alive_peers())) == 2, 30, "both nodes met"
