@@ -298,6 +298,11 @@ const commands = {
       sha256: hash.digest('hex')
     }
   },
+  // forget blocks (the long-lived peer's memory blockstore would keep every 100 MB run)
+  async blockDelete ({ cids }) {
+    for (const c of cids) await helia.blockstore.delete(CID.parse(c))
+    return cids.length
+  },
   async quit () {
     setImmediate(shutdown)
     return true
