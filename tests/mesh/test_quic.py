@@ -290,6 +290,32 @@ async def test_datagrams_waiting_together_are_read_in_one_wake_up(batched):
             assert marks == [16]
 
 
+async def test_a_read_of_one_connections_datagrams_reaches_it_whole_and_mixed_reads_one_by_one():
+    """A socket read that is a run of 1-RTT datagrams from one address to one connection is
+    routed as one piece (no Python call per datagram); a read that mixes addresses, unknown
+    connection IDs or long headers goes datagram by datagram, unknown ones to the handler."""
+    async with Endpoint() as a, Endpoint() as b:
+        conn = await a.transport.dial(b.addr)
+        cid = next(iter(conn.cids))
+        whole, single, unknown = [], [], []
+        conn.datagrams_received = lambda datas, addr: whole.append((list(datas), addr))
+        conn.datagram_received = lambda data, addr: single.append((data, addr))
+        a.transport.unknown_datagram_handler = lambda data, addr: unknown.append(data)
+        peer = ("127.0.0.1", 9)
+        run = [bytes([0x40 | i]) + cid + b"x" * 40 for i in range(5)]
+        a.transport._datagrams_received([(d, peer) for d in run])
+        assert whole == [(run, peer)] and not single
+        whole.clear()
+        stranger = b"\x41" + b"\x00" * 8 + b"y" * 40  # no connection has this ID
+        other = ("127.0.0.2", 9)
+        a.transport._datagrams_received(
+            [(run[0], peer), (stranger, peer), (run[1], other), (run[2], peer)]
+        )
+        assert not whole
+        assert single == [(run[0], peer), (run[1], other), (run[2], peer)]
+        assert unknown == [stranger]
+
+
 class _RecordingSocket:
     def __init__(self):
         self.calls = []

@@ -37,7 +37,6 @@ from .quic_config import (
     QuicConfig,
     udp_multiaddr,
 )
-from .quic_udp import address_runs
 
 __all__ = ["EndpointLink", "PeerStreams", "QuicConn", "now"]
 
@@ -155,8 +154,9 @@ class QuicConn:
         self._closing = False
         self._flush_waiter: asyncio.Future | None = None
         self.close_reason: str | None = None
-        #: Datagrams routed here in the current read batch (taken in by ``flush_received``).
-        self._rx: list[tuple[bytes, tuple]] = []
+        #: Datagrams routed here in the current read batch (taken in by ``flush_received``),
+        #: as runs from one address.
+        self._rx: list[tuple[list[bytes], tuple]] = []
         self._ready.add_done_callback(_consume_exception)
 
     # -- state ---------------------------------------------------------------------------------
@@ -355,9 +355,20 @@ class QuicConn:
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         """A datagram the endpoint routed to this connection (by its connection ID); it enters
         the QUIC library with the others of this read batch, in ``flush_received``."""
-        if not self._rx:
+        rx = self._rx
+        if not rx:
             self._link.received(self)
-        self._rx.append((data, addr))
+        elif rx[-1][1] == addr:
+            rx[-1][0].append(data)
+            return
+        rx.append(([data], addr))
+
+    def datagrams_received(self, datagrams: list[bytes], addr: tuple) -> None:
+        """Several datagrams from ``addr`` routed here at once (see ``datagram_received``)."""
+        rx = self._rx
+        if not rx:
+            self._link.received(self)
+        rx.append((datagrams, addr))
 
     def flush_received(self) -> None:
         """The socket's read batch is over: hand the library this batch's datagrams (a run from
@@ -369,11 +380,11 @@ class QuicConn:
         self._last_rx = at
         self._unanswered_since = None
         quic = self._quic
-        for i, j, addr in address_runs(received):
-            if j - i == 1:
-                quic.receive_datagram(received[i][0], addr, at)
+        for datagrams, addr in received:
+            if len(datagrams) == 1:
+                quic.receive_datagram(datagrams[0], addr, at)
             else:
-                quic.receive_datagrams([data for data, _ in received[i:j]], addr, at)
+                quic.receive_datagrams(datagrams, addr, at)
             if addr != self.addr and quic.active_path_addr() == addr:
                 self.addr = addr  # migrated: the new path's MTU is unknown
                 self.remote_addr = udp_multiaddr(addr)

@@ -49,7 +49,9 @@ only); the transport's :mod:`.quic_congestion` and :mod:`.quic_pmtu` serve the a
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
+import operator
 import os
 from collections.abc import Callable
 from typing import Any
@@ -511,11 +513,12 @@ class MeshQh3Connection(QuicConnection):
         core = self._core
         if core is None or self._quic_logger is not None:
             return super().datagrams_to_send(now)
-        datagrams = []
-        poll = core.poll_transmit
+        # polled to exhaustion by a C-level loop, not a Python iteration per datagram; each
+        # transmit is dropped as soon as its (datagram, address) is taken
         try:
-            while (transmit := poll(now)) is not None:
-                datagrams.append((transmit[0], transmit[1]))
+            datagrams = list(
+                map(_datagram_and_address, iter(functools.partial(core.poll_transmit, now), None))
+            )
         except RuntimeError as exc:
             raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         redundancy = self.redundancy
@@ -654,6 +657,8 @@ class MeshQh3Connection(QuicConnection):
 
 
 _TRANSPORT_PARAMETERS = qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
+#: A transmit of the core is ``(datagram, address, ...)``.
+_datagram_and_address = operator.itemgetter(0, 1)
 
 
 def _packet_end(data: bytes, offset: int, cid_length: int) -> int:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import errno
 import logging
+import operator
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,10 @@ _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
 _IP_MTU, _IPV6_MTU = 14, 24
 #: errnos by which a kernel or device refuses GSO (then: one datagram per send)
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+
+
+_data_of = operator.itemgetter(0)
+_address_of = operator.itemgetter(1)
 
 
 def address_runs(datagrams: list[tuple[bytes, tuple]]) -> Iterator[tuple[int, int, tuple]]:
@@ -130,10 +135,16 @@ class UdpSocket:
         max_queued: int,
         gso: bool = True,
         batched: bool = True,
+        on_datagrams: Callable[[list[tuple[bytes, tuple]]], None] | None = None,
     ) -> None:
         self._loop = loop
         self._sock = sock
         self._on_datagram = on_datagram
+        #: The batch form of ``on_datagram`` (a whole read of the batched path in one call);
+        #: used while ``_on_datagram`` is the one given here (a test's per-datagram hook that
+        #: replaces it sees every datagram).
+        self._on_datagrams = on_datagrams
+        self._given_on_datagram = on_datagram
         self._on_batch_end = on_batch_end
         self._batch = batch
         self._max_queued = max_queued
@@ -188,6 +199,7 @@ class UdpSocket:
 
     def _read_native(self, native: Any) -> None:
         deliver = self._on_datagram
+        deliver_many = self._on_datagrams if deliver is self._given_on_datagram else None
         budget = self._batch
         while budget > 0 and not self._closed:
             try:
@@ -201,6 +213,12 @@ class UdpSocket:
             if not received:
                 return
             budget -= len(received)
+            if deliver_many is not None:
+                try:
+                    deliver_many(received)
+                except Exception:
+                    log.exception("QUIC: error handling %d datagrams", len(received))
+                continue
             for data, addr in received:
                 if self._closed:
                     return
@@ -238,8 +256,14 @@ class UdpSocket:
 
     def _send_native(self, native: Any, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Runs of datagrams to one address, each run in as few system calls as GSO allows."""
-        for i, j, addr in address_runs(datagrams):
-            run = [data for data, _ in datagrams[i:j]]
+        if len(datagrams) > 1 and len(set(map(_address_of, datagrams))) == 1:
+            # one address (the common case): the run is taken apart by C-level maps, not by
+            # a Python loop per datagram
+            runs: Any = ((0, len(datagrams), datagrams[0][1]),)
+        else:
+            runs = address_runs(datagrams)
+        for i, j, addr in runs:
+            run = list(map(_data_of, datagrams[i:j]))
             try:
                 sent = native.send(run, addr)
             except (BlockingIOError, InterruptedError) as exc:
