@@ -3,12 +3,15 @@
 A shared latticaray object is fetched by Helia by CID: its root (the DAG-CBOR manifest) and each
 raw block, also a block asked for without its root; an object that was not shared is not served.
 The other way, the node gets a block only Helia holds, and a second node that never met the first
-fetches the whole object from Helia alone (latticaray -> IPFS -> latticaray)."""
+fetches the whole object from Helia alone (latticaray -> IPFS -> latticaray); a block is found
+by a DHT provider lookup routed through js; 1 MiB and 100 MiB go each way (MB/s printed). Every
+test runs over QUIC and TCP + Noise + yamux, with the node dialing js and js dialing the node."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import shutil
 import tempfile
@@ -45,10 +48,10 @@ def make_store():
 
     def make(name: str, **kwargs) -> LocalStore:
         kwargs.setdefault("hash_code", SHA2_256)
+        kwargs.setdefault("capacity_bytes", 64 * MB)
         store = LocalStore(
             os.path.join(shm, name),
             spill_dir=os.path.join(spill, name),
-            capacity_bytes=64 * MB,
             **kwargs,
         )
         made.append(store)
@@ -79,7 +82,8 @@ async def make_node(js_peer):
             await drop_node(js_peer, node)
 
 
-@pytest.mark.parametrize(("transport", "direction"), [("quic", "js-dials"), ("tcp", "we-dial")])
+@pytest.mark.parametrize("direction", ["we-dial", "js-dials"])
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
 async def test_object_goes_to_helia_and_back_to_another_node(
     js_peer, make_node, make_store, transport, direction
 ):
@@ -116,8 +120,16 @@ async def test_object_goes_to_helia_and_back_to_another_node(
     assert store_b.get(root) == value
 
 
-async def test_we_get_a_block_only_helia_holds(js_peer, make_node, make_store):
-    a = await make_node("tcp", "we-dial")
+BOTH_WAYS = pytest.mark.parametrize("direction", ["we-dial", "js-dials"])
+OVER_BOTH = pytest.mark.parametrize("transport", ["quic", "tcp"])
+
+
+@OVER_BOTH
+@BOTH_WAYS
+async def test_we_get_a_block_only_helia_holds(
+    js_peer, make_node, make_store, transport, direction
+):
+    a = await make_node(transport, direction)
     ipfs = IpfsBlocks(a, make_store("a"), timeout=10)
     data = b"held by helia only " + os.urandom(16)
     cid = Cid.parse(await js_peer.call("blockPut", data=base64.b64encode(data).decode()))
@@ -130,10 +142,12 @@ async def test_we_get_a_block_only_helia_holds(js_peer, make_node, make_store):
     assert time.monotonic() - started < 10.0
 
 
-async def test_a_block_found_through_the_dht(js_peer, make_node, make_store):
+@OVER_BOTH
+@BOTH_WAYS
+async def test_a_block_found_through_the_dht(js_peer, make_node, make_store, transport, direction):
     """c knows only js, which lacks the block (DONT_HAVE); the DHT, routed through js, names b
     as its provider, and c fetches it from b."""
-    b = await make_node("tcp", "we-dial")
+    b = await make_node(transport, direction)
     dht_b = DhtService(b)
     await dht_b.bootstrap([])
     store_b = make_store("b")
@@ -141,7 +155,7 @@ async def test_a_block_found_through_the_dht(js_peer, make_node, make_store):
     root = store_b.put(b"provided by b " + os.urandom(16))
     ipfs_b.share(root)
     assert await dht_b.provide(bytes(root)) >= 1
-    c = await make_node("tcp", "we-dial")
+    c = await make_node(transport, direction)
     dht_c = DhtService(c)
     ipfs_c = IpfsBlocks(c, make_store("c"), dht=dht_c, timeout=10)
     assert b.peer_id not in c.connected_peers()
@@ -152,6 +166,49 @@ async def test_a_block_found_through_the_dht(js_peer, make_node, make_store):
     finally:
         await dht_c.close()
         await dht_b.close()
+
+
+@OVER_BOTH
+@BOTH_WAYS
+async def test_one_and_a_hundred_megabytes_each_way(
+    js_peer, make_node, make_store, transport, direction
+):
+    """The node's Bitswap (IpfsBlocks over its libp2p connection to js), 1 MiB then 100 MiB each
+    way: Helia fetches the blocks of a shared object, the node fetches blocks only Helia holds.
+    Prints MB/s (the figures of docs/protocol/libp2p.md's matrix)."""
+    store = make_store("a", capacity_bytes=256 * MB)
+    a = await make_node(transport, direction)
+    ipfs = IpfsBlocks(a, store, timeout=120)
+    await wait_for_js_sees(js_peer, a, BITSWAP_PROTOCOL)
+    figures = []
+    for count in (1, 100):
+        value = os.urandom(count * MB - 64)  # pickled, it fills ``count`` blocks
+        root = store.put(value)
+        manifest = ipfs.share(root)
+        assert len(manifest.blocks) == count
+        got = await js_peer.call(
+            "blockGetMany", cids=[str(c) for c in manifest.blocks], timeout=150
+        )
+        assert got["bytes"] == manifest.size > (count - 1) * MB
+        payload = bytes(store.get_object(root).payload)
+        assert got["sha256"] == hashlib.sha256(payload).hexdigest()
+        helia_from_us = got["bytes"] / got["ms"] / 1000
+
+        theirs = [
+            Cid.parse(c) for c in await js_peer.call("blockMake", count=count, size=MB, timeout=120)
+        ]
+        started = time.monotonic()
+        blocks = await ipfs.get_many(theirs, timeout=120)
+        us_from_helia = count * MB / (time.monotonic() - started) / 1e6
+        assert [len(b) for b in blocks] == [MB] * count  # get_many verified each against its CID
+        figures.append(
+            f"{count} MiB: Helia from the node {helia_from_us:.1f} MB/s, "
+            f"the node from Helia {us_from_helia:.1f} MB/s"
+        )
+        ipfs.unshare(root)
+        store.delete(root)
+        await js_peer.call("blockDelete", cids=[str(c) for c in [*manifest.blocks, *theirs]])
+    print(f"\nnode bitswap over {transport}, {direction}: " + "; ".join(figures))
 
 
 @pytest.mark.skipif(not blake3_available(), reason="blake3 is not installed")

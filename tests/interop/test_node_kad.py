@@ -137,12 +137,18 @@ async def test_kad_through_js(js_peer, transport, direction):
         await _release(js_peer, made)
 
 
-async def test_lattica_protocol_id(lattica_js):
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+async def test_lattica_protocol_id(lattica_js, transport):
     """Configured with ``/lattica/1.0.0`` (Lattica's rust nodes), the node advertises and speaks
     that protocol ID only, and everything routes through a js node that speaks it too."""
-    made = await _nodes(lattica_js, "tcp", "we-dial", kad_protocol=LATTICA_KAD_PROTOCOL)
+    made = await _nodes(lattica_js, transport, "we-dial", kad_protocol=LATTICA_KAD_PROTOCOL)
     made += await _nodes(
-        lattica_js, "tcp", "we-dial", count=1, bootstrap=False, kad_protocol=LATTICA_KAD_PROTOCOL
+        lattica_js,
+        transport,
+        "js-dials",
+        count=1,
+        bootstrap=False,
+        kad_protocol=LATTICA_KAD_PROTOCOL,
     )
     (a, dht_a), (b, _), (_, dht_c) = made
     try:
@@ -163,12 +169,13 @@ async def test_lattica_protocol_id(lattica_js):
         await _release(lattica_js, made)
 
 
-async def test_client_mode_both_ways(js_peer, client_js):
+@pytest.mark.parametrize("transport", ["quic", "tcp"])
+async def test_client_mode_both_ways(js_peer, client_js, transport):
     """libp2p's client/server rule by identify: a node in client mode does not advertise the
     kad protocol, so js keeps it out of its routing table, yet its lookups run through js; a
     js client is kept out of ours, yet we answer its queries."""
-    made = await _nodes(js_peer, "tcp", "we-dial", count=1)
-    made += await _nodes(js_peer, "tcp", "we-dial", count=1, bootstrap=False, server=False)
+    made = await _nodes(js_peer, transport, "we-dial", count=1)
+    made += await _nodes(js_peer, transport, "we-dial", count=1, bootstrap=False, server=False)
     (a, dht_a), (c, dht_c) = made
     try:
         seen = await js_peer.call("identify", peer=str(c.peer_id))
@@ -183,7 +190,7 @@ async def test_client_mode_both_ways(js_peer, client_js):
     finally:
         await _release(js_peer, made)
 
-    made = await _nodes(client_js, "tcp", "js-dials", count=1, bootstrap=False, js_server=False)
+    made = await _nodes(client_js, transport, "js-dials", count=1, bootstrap=False, js_server=False)
     ((a, dht_a),) = made
     js = PeerId.from_string(client_js.peer_id)
     try:

@@ -52,10 +52,12 @@ async def _hang_up(peers, *nodes) -> None:
             await js.call("hangup", peer=str(n.peer_id), timeout=10)
 
 
-async def _relayed_connection_to(js: JsPeer, peer: str):
+async def _relayed_connection_to(js: JsPeer, peer: str, via=None):
+    """js's relayed connection to ``peer`` (through the relay ``via`` if given), or None."""
     for conn in await js.call("connections"):
         if conn["remotePeer"] == peer and "/p2p-circuit" in conn["remoteAddr"]:
-            return conn
+            if via is None or f"/p2p/{via}/p2p-circuit" in conn["remoteAddr"]:
+                return conn
     return None
 
 
@@ -179,10 +181,11 @@ async def test_our_relay_closes_a_js_circuit_at_its_duration_limit(js_peer, js_p
         await js_peer2.call("reserve", addr=relay_addr)
         circuit = f"{relay_addr}/p2p-circuit/p2p/{js_peer2.peer_id}"
         assert await js_peer.call("ping", addr=circuit, force=True) >= 0
-        assert await _relayed_connection_to(js_peer, js_peer2.peer_id) is not None
+        # the circuit through this relay (not one left by an earlier test through another)
+        assert await _relayed_connection_to(js_peer, js_peer2.peer_id, via=node.peer_id)
 
         async def gone():
-            return await _relayed_connection_to(js_peer, js_peer2.peer_id) is None
+            return await _relayed_connection_to(js_peer, js_peer2.peer_id, via=node.peer_id) is None
 
         await _until(gone, timeout=10, what="the relayed connection to close")
         assert any("duration limit" in line for line in service.closed_circuits)

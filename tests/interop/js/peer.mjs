@@ -79,7 +79,10 @@ const libp2p = await createLibp2p({
   services: {
     identify: identify(),
     identifyPush: identifyPush(),
-    ping: ping(),
+    // libp2p's connection monitor pings every connection every 10 s on the same protocol: with
+    // the default limit of one outbound ping stream per connection, a test's ping that meets a
+    // heartbeat fails with TooManyOutboundProtocolStreamsError (seen on netlab's lossy WAN)
+    ping: ping({ maxOutboundStreams: 4 }),
     relay: circuitRelayServer({ reservations: { maxReservations: 64 } }),
     dht: kadDHT({
       protocol: kadProtocol,
@@ -297,6 +300,11 @@ const commands = {
       ms: performance.now() - started,
       sha256: hash.digest('hex')
     }
+  },
+  // forget blocks (the long-lived peer's memory blockstore would keep every 100 MB run)
+  async blockDelete ({ cids }) {
+    for (const c of cids) await helia.blockstore.delete(CID.parse(c))
+    return cids.length
   },
   async quit () {
     setImmediate(shutdown)
