@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,6 +310,22 @@ class InboundStreams:
     async def serve(self, stream: MuxedStream) -> None:
         await serve_inbound(stream, self.protocols, self.handler, self.muxer.remote_peer_text)
 
+    async def close_if_silent(
+        self,
+        closed: Callable[[], Awaitable[object]],
+        timeout: float,
+        close: Callable[[], object],
+        what: str,
+    ) -> None:
+        """An inbound connection's guard (every adapter's): if it is not ``closed()`` within
+        ``timeout`` s and its peer negotiated no stream by then, ``close()`` it."""
+        try:
+            await asyncio.wait_for(closed(), timeout)
+        except TimeoutError:
+            if self.raw is None:
+                log.info("%s opened no stream", what)
+                close()
+
     def _ensure_registered(self, channel: object) -> bool:
         if self.raw is not None or self._refused:
             return not self._refused
@@ -421,17 +437,15 @@ class QuicAdapter(TransportAdapter):
 
         inbound = InboundStreams(muxer, self.streams, "quic", conn.local_peer, register)
         muxer.accept_loop(inbound.serve)
-        task = asyncio.get_running_loop().create_task(self._expire(conn, inbound))
+        expire = inbound.close_if_silent(
+            conn.wait_closed,
+            self._preamble_timeout,
+            lambda: conn.close("no stream negotiated in time"),
+            f"inbound QUIC connection from {conn.remote_peer}",
+        )
+        task = asyncio.get_running_loop().create_task(expire)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _expire(self, conn, inbound: InboundStreams) -> None:
-        try:
-            await asyncio.wait_for(conn.wait_closed(), self._preamble_timeout)
-        except TimeoutError:
-            if inbound.raw is None:
-                log.info("inbound QUIC connection from %s opened no stream", conn.remote_peer)
-                conn.close("no stream negotiated in time")
 
     async def close(self) -> None:
         for task in list(self._tasks):

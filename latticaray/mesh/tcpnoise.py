@@ -117,17 +117,15 @@ class Libp2pTcpAdapter(TransportAdapter):
 
         inbound = InboundStreams(conn, self.streams, "tcp", self.local_peer, register)
         conn.router = inbound
-        task = asyncio.get_running_loop().create_task(self._expire(conn, inbound))
+        expire = inbound.close_if_silent(
+            conn.wait_closed,
+            self._preamble_timeout,
+            lambda: self._close(conn),
+            f"inbound libp2p TCP connection from {conn}",
+        )
+        task = asyncio.get_running_loop().create_task(expire)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _expire(self, conn: Libp2pConnection, inbound: InboundStreams) -> None:
-        try:
-            await asyncio.wait_for(conn.wait_closed(), self._preamble_timeout)
-        except TimeoutError:
-            if inbound.raw is None:
-                log.info("inbound libp2p TCP connection from %s opened no stream", conn)
-                self._close(conn)
 
     async def close(self) -> None:
         for task in list(self._tasks):

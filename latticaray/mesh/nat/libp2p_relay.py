@@ -570,17 +570,15 @@ class Libp2pCircuits:
 
         inbound = InboundStreams(conn, self.node.streams, RELAYED_TRANSPORT, local, register)
         conn.router = inbound
-        task = asyncio.get_running_loop().create_task(self._expire(conn, inbound))
+        expire = inbound.close_if_silent(
+            conn.wait_closed,
+            HOP_TIMEOUT,
+            lambda: self._close(conn),
+            f"relayed connection from {conn.remote_peer_text}",
+        )
+        task = asyncio.get_running_loop().create_task(expire)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _expire(self, conn: Libp2pConnection, inbound: InboundStreams) -> None:
-        try:
-            await asyncio.wait_for(conn.wait_closed(), HOP_TIMEOUT)
-        except TimeoutError:
-            if inbound.raw is None:
-                log.info("relayed connection from %s opened no stream", conn.remote_peer_text)
-                self._close(conn)
 
     def _close(self, conn: Libp2pConnection) -> None:
         if conn.is_closed:
