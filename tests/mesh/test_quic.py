@@ -848,21 +848,26 @@ async def test_qh3_clients_probe_to_1472_and_servers_keep_large_loopback_datagra
         await _send_and_check(conn, b.conns[0], 1 << 20)
 
 
+def drop_every(endpoint, n: int) -> None:
+    """``endpoint``'s socket drops every ``n``-th datagram it receives (deterministic loss)."""
+    udp = endpoint.transport._udp
+    deliver, seen = udp._on_datagram, [0]
+
+    def lossy(data, peer):
+        seen[0] += 1
+        if seen[0] % n:
+            deliver(data, peer)
+
+    udp._on_datagram = lossy
+
+
 async def test_without_copies_a_lossy_path_makes_later_connections_to_that_host_use_aioquic():
     """qh3's CUBIC collapses on a path with random loss; with datagram copies switched off, the
     transport (backend "auto") marks a host whose qh3 connection lost packets, and connects to
     it with aioquic's loss-tolerant controller from then on."""
     cfg = QuicConfig(lossy_min_losses=5, loss_redundancy=False, **_START_AT_1350)
     async with Endpoint(cfg) as a, Endpoint(cfg) as b:
-        udp = b.transport._udp
-        deliver, seen = udp._on_datagram, [0]
-
-        def lossy(data, peer):  # b's socket drops every 50th datagram: 2 % of a's packets
-            seen[0] += 1
-            if seen[0] % 50:
-                deliver(data, peer)
-
-        udp._on_datagram = lossy
+        drop_every(b, 50)  # b's socket drops every 50th datagram: 2 % of a's packets
         conn = await a.transport.dial(b.addr)
         assert conn.backend == "qh3"
         await wait_for(lambda: b.conns, what="inbound")
@@ -880,15 +885,7 @@ async def test_a_qh3_connection_on_a_lossy_path_sends_its_datagrams_twice():
     the path drops still arrives and the core stops seeing losses."""
     cfg = QuicConfig(backend="qh3", pace_loopback=True, pmtu_discovery=False, **_START_AT_1350)
     async with Endpoint(cfg) as a, Endpoint(cfg) as b:
-        udp = b.transport._udp
-        deliver, seen = udp._on_datagram, [0]
-
-        def lossy(data, peer):  # b's socket drops every 50th datagram: 2 % of a's packets
-            seen[0] += 1
-            if seen[0] % 50:
-                deliver(data, peer)
-
-        udp._on_datagram = lossy
+        drop_every(b, 50)  # b's socket drops every 50th datagram: 2 % of a's packets
         conn = await a.transport.dial(b.addr)
         redundancy = conn._quic.redundancy
         assert conn.backend == "qh3" and redundancy is not None and not redundancy.on

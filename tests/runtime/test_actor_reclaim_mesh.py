@@ -8,18 +8,18 @@ name is freed; a detached one stays; an actor created by a task on a node proces
 there) and returned to the driver lives while the driver holds the returned handle.
 """
 
+import functools
 import gc
 import os
-import time
 
 import pytest
+import reclaimutil
 from meshutil import driver_with_nodes
+from reclaimutil import actor_row, process_alive
 
 import latticaray as lattica
-from latticaray.util.state import list_actors
 
 DEADLINE = 60.0
-RECLAIMED = "every handle to it went out of scope"
 
 
 @pytest.fixture(scope="module")
@@ -66,38 +66,9 @@ def make_box():
     return [box]
 
 
-def wait_path(path):
-    deadline = time.monotonic() + DEADLINE
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {DEADLINE} s waiting for {what}"
-        gc.collect()
-        time.sleep(0.05)
-
-
-def actor_row(actor_id: str):
-    rows = [row for row in list_actors(limit=10_000) if row.actor_id == actor_id]
-    return rows[0] if rows else None
-
-
-def assert_reclaimed(pid: int, actor_id: str) -> None:
-    wait_for(lambda: not process_alive(pid), "the actor's worker process to exit")
-    wait_for(lambda: getattr(actor_row(actor_id), "state", None) == "DEAD", "its DEAD row")
-    assert RECLAIMED in (actor_row(actor_id).death_cause or "")
+wait_path = functools.partial(reclaimutil.wait_path, deadline=DEADLINE)
+wait_for = functools.partial(reclaimutil.wait_for, deadline=DEADLINE)
+assert_reclaimed = functools.partial(reclaimutil.assert_reclaimed, deadline=DEADLINE)
 
 
 def on(node) -> lattica.NodeAffinitySchedulingStrategy:
